@@ -1,0 +1,1 @@
+//! Remora control plane: serves listener, route, cluster, endpoint and secret config over xDS.

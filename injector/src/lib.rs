@@ -1,0 +1,1 @@
+//! Remora sidecar injection: admission webhook, manual injection and install manifests.

@@ -1,0 +1,1 @@
+//! Remora data plane: the sidecar proxy, from listener to upstream.
