@@ -1,0 +1,381 @@
+//! The proto3 JSON mapping, in both directions, as Envoy's config files use it: `"@type"` inline
+//! in `Any`, durations as `"1.5s"`, wrapper types as plain values, enums by name, and field names
+//! in snake_case (camelCase is accepted on input too). YAML goes through the same mapping.
+//!
+//! Input is checked against the descriptors before decoding, so an unknown field (also inside an
+//! `Any`) is reported with its full path, e.g.
+//! `static_resources.listeners[0].filter_chains[0].filters[0].typed_config.stat_prefx`.
+
+use prost::{Message, Name};
+use prost_reflect::{
+    DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, ReflectMessage, SerializeOptions,
+};
+use serde_json::Value;
+
+use crate::descriptor_pool;
+
+/// A value that does not map onto the expected message: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{reason}", if path.is_empty() { String::new() } else { format!("at `{path}`: ") })]
+pub struct MappingError {
+    /// Dotted field path from the document root; empty for the root itself.
+    pub path: String,
+    /// What is wrong there.
+    pub reason: String,
+}
+
+impl MappingError {
+    fn at(path: &FieldPath, reason: impl Into<String>) -> Self {
+        MappingError {
+            path: path.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Field path being walked, rendered as `a.b[2].c`.
+#[derive(Default)]
+struct FieldPath(Vec<Segment>);
+
+enum Segment {
+    Field(String),
+    Index(usize),
+    Key(String),
+}
+
+impl std::fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                Segment::Field(name) if i == 0 => write!(f, "{name}")?,
+                Segment::Field(name) => write!(f, ".{name}")?,
+                Segment::Index(index) => write!(f, "[{index}]")?,
+                Segment::Key(key) => write!(f, "[{key:?}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The message descriptor for a full name such as `envoy.config.cluster.v3.Cluster`.
+pub fn descriptor(full_name: &str) -> Result<MessageDescriptor, MappingError> {
+    descriptor_pool()
+        .get_message_by_name(full_name)
+        .ok_or_else(|| MappingError {
+            path: String::new(),
+            reason: format!("unknown message type {full_name}"),
+        })
+}
+
+/// Decodes a JSON value into a reflective message of the given type.
+pub fn dynamic_from_value(
+    descriptor: &MessageDescriptor,
+    value: &Value,
+) -> Result<DynamicMessage, MappingError> {
+    check_message(descriptor, value, &mut FieldPath::default())?;
+    let options = DeserializeOptions::new().deny_unknown_fields(true);
+    let mut track = serde_path_to_error::Track::new();
+    let deserializer = serde_path_to_error::Deserializer::new(value, &mut track);
+    DynamicMessage::deserialize_with_options(descriptor.clone(), deserializer, &options).map_err(
+        |error| {
+            let path = track.path().to_string();
+            MappingError {
+                path: if path == "." { String::new() } else { path },
+                reason: error.to_string(),
+            }
+        },
+    )
+}
+
+/// Decodes a JSON value into a typed message.
+pub fn from_value<M: Message + Name + Default>(value: &Value) -> Result<M, MappingError> {
+    let dynamic = dynamic_from_value(&descriptor(&M::full_name())?, value)?;
+    dynamic.transcode_to::<M>().map_err(|error| MappingError {
+        path: String::new(),
+        reason: format!("cannot convert to {}: {error}", M::full_name()),
+    })
+}
+
+/// Decodes a JSON document into a typed message.
+pub fn from_json_str<M: Message + Name + Default>(text: &str) -> Result<M, MappingError> {
+    from_value(&parse_json(text)?)
+}
+
+/// Decodes a single YAML document into a typed message.
+pub fn from_yaml_str<M: Message + Name + Default>(text: &str) -> Result<M, MappingError> {
+    from_value(&parse_yaml(text)?)
+}
+
+/// Decodes a JSON or YAML document (JSON is YAML, so YAML parsing covers both).
+pub fn from_config_str<M: Message + Name + Default>(text: &str) -> Result<M, MappingError> {
+    from_yaml_str(text)
+}
+
+/// Parses JSON text into a value, reporting the line and column of a syntax error.
+pub fn parse_json(text: &str) -> Result<Value, MappingError> {
+    serde_json::from_str(text).map_err(|error| MappingError {
+        path: String::new(),
+        reason: format!("invalid JSON: {error}"),
+    })
+}
+
+/// Parses one YAML document into a JSON value.
+pub fn parse_yaml(text: &str) -> Result<Value, MappingError> {
+    serde_yaml::from_str(text).map_err(|error| MappingError {
+        path: String::new(),
+        reason: format!("invalid YAML: {error}"),
+    })
+}
+
+/// Parses a multi-document YAML stream (`---` separated), skipping empty documents.
+pub fn parse_yaml_documents(text: &str) -> Result<Vec<Value>, MappingError> {
+    let mut documents = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value: Value =
+            serde::Deserialize::deserialize(document).map_err(|error| MappingError {
+                path: String::new(),
+                reason: format!("invalid YAML in document {}: {error}", index + 1),
+            })?;
+        if !value.is_null() {
+            documents.push(value);
+        }
+    }
+    Ok(documents)
+}
+
+fn serialize_options() -> SerializeOptions {
+    SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(true)
+        .stringify_64_bit_integers(false)
+}
+
+/// Encodes a reflective message as JSON with Envoy's conventions (snake_case names, defaults
+/// left out, `Any` with inline `"@type"`).
+pub fn dynamic_to_value(message: &DynamicMessage) -> Result<Value, MappingError> {
+    message
+        .serialize_with_options(serde_json::value::Serializer, &serialize_options())
+        .map_err(|error| MappingError {
+            path: String::new(),
+            reason: format!(
+                "cannot encode {}: {error}",
+                message.descriptor().full_name()
+            ),
+        })
+}
+
+/// Encodes a typed message as a JSON value.
+pub fn to_value<M: Message + Name>(message: &M) -> Result<Value, MappingError> {
+    let descriptor = descriptor(&M::full_name())?;
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()).map_err(
+        |error| MappingError {
+            path: String::new(),
+            reason: format!("cannot re-read {}: {error}", M::full_name()),
+        },
+    )?;
+    dynamic_to_value(&dynamic)
+}
+
+/// Encodes a typed message as pretty JSON text.
+pub fn to_json_string<M: Message + Name>(message: &M) -> Result<String, MappingError> {
+    let value = to_value(message)?;
+    serde_json::to_string_pretty(&value).map_err(|error| MappingError {
+        path: String::new(),
+        reason: error.to_string(),
+    })
+}
+
+/// Encodes a typed message as YAML text.
+pub fn to_yaml_string<M: Message + Name>(message: &M) -> Result<String, MappingError> {
+    let value = to_value(message)?;
+    serde_yaml::to_string(&value).map_err(|error| MappingError {
+        path: String::new(),
+        reason: error.to_string(),
+    })
+}
+
+/// Well-known types whose JSON form is not an object of their fields.
+fn has_special_json_form(full_name: &str) -> bool {
+    full_name.starts_with("google.protobuf.") && full_name != "google.protobuf.Any"
+}
+
+fn check_message(
+    descriptor: &MessageDescriptor,
+    value: &Value,
+    path: &mut FieldPath,
+) -> Result<(), MappingError> {
+    let full_name = descriptor.full_name();
+    if has_special_json_form(full_name) || value.is_null() {
+        return Ok(());
+    }
+    let Value::Object(object) = value else {
+        return Err(MappingError::at(
+            path,
+            format!(
+                "expected an object for {full_name}, found {}",
+                kind_of(value)
+            ),
+        ));
+    };
+    if full_name == "google.protobuf.Any" {
+        return check_any(object, path);
+    }
+    for (key, field_value) in object {
+        let field = descriptor
+            .get_field_by_name(key)
+            .or_else(|| descriptor.get_field_by_json_name(key));
+        let Some(field) = field else {
+            path.0.push(Segment::Field(key.clone()));
+            let hint = closest_field(descriptor, key)
+                .map(|name| format!(" (did you mean `{name}`?)"))
+                .unwrap_or_default();
+            let error =
+                MappingError::at(path, format!("unknown field `{key}` in {full_name}{hint}"));
+            return Err(error);
+        };
+        path.0.push(Segment::Field(key.clone()));
+        check_field(&field, field_value, path)?;
+        path.0.pop();
+    }
+    Ok(())
+}
+
+fn check_field(
+    field: &prost_reflect::FieldDescriptor,
+    value: &Value,
+    path: &mut FieldPath,
+) -> Result<(), MappingError> {
+    if field.is_map() {
+        let Kind::Message(entry) = field.kind() else {
+            return Ok(());
+        };
+        let value_kind = entry.map_entry_value_field().kind();
+        if let (Kind::Message(value_descriptor), Value::Object(map)) = (value_kind, value) {
+            for (key, item) in map {
+                path.0.push(Segment::Key(key.clone()));
+                check_message(&value_descriptor, item, path)?;
+                path.0.pop();
+            }
+        }
+        return Ok(());
+    }
+    let Kind::Message(message) = field.kind() else {
+        return Ok(());
+    };
+    if field.is_list() {
+        if let Value::Array(items) = value {
+            for (index, item) in items.iter().enumerate() {
+                path.0.push(Segment::Index(index));
+                check_message(&message, item, path)?;
+                path.0.pop();
+            }
+        }
+        return Ok(());
+    }
+    check_message(&message, value, path)
+}
+
+fn check_any(
+    object: &serde_json::Map<String, Value>,
+    path: &mut FieldPath,
+) -> Result<(), MappingError> {
+    let Some(type_url) = object.get("@type") else {
+        return Err(MappingError::at(
+            path,
+            "an Any needs an \"@type\" naming its message type",
+        ));
+    };
+    let Some(type_url) = type_url.as_str() else {
+        return Err(MappingError::at(path, "\"@type\" must be a string"));
+    };
+    let name = crate::type_urls::message_name(type_url);
+    let Some(descriptor) = descriptor_pool().get_message_by_name(name) else {
+        return Err(MappingError::at(
+            path,
+            format!(
+                "unsupported type {type_url:?} in \"@type\": Remora does not know this message"
+            ),
+        ));
+    };
+    if has_special_json_form(descriptor.full_name()) {
+        return Ok(());
+    }
+    let mut fields = object.clone();
+    fields.remove("@type");
+    check_message(&descriptor, &Value::Object(fields), path)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The field name closest to a misspelt one, if any is within two edits.
+fn closest_field(descriptor: &MessageDescriptor, key: &str) -> Option<String> {
+    descriptor
+        .fields()
+        .map(|field| (edit_distance(field.name(), key), field.name().to_string()))
+        .filter(|(distance, _)| *distance <= 2)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, name)| name)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envoy::config::cluster::v3::Cluster;
+
+    #[test]
+    fn unknown_field_is_named_with_its_path_and_a_hint() {
+        let error = from_yaml_str::<Cluster>(
+            "name: a\nconnect_timeout: 1s\nload_assignment:\n  cluster_nme: a\n",
+        )
+        .unwrap_err();
+        assert_eq!(error.path, "load_assignment.cluster_nme");
+        assert!(
+            error.reason.contains("did you mean `cluster_name`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn durations_wrappers_and_enums_map_as_envoy_writes_them() {
+        let cluster: Cluster = from_yaml_str(
+            "name: a\nconnect_timeout: 1.5s\ntype: STRICT_DNS\nper_connection_buffer_limit_bytes: 32768\n",
+        )
+        .unwrap();
+        let timeout = cluster.connect_timeout.unwrap();
+        assert_eq!((timeout.seconds, timeout.nanos), (1, 500_000_000));
+        assert_eq!(cluster.per_connection_buffer_limit_bytes, Some(32768));
+        let back = to_value(&cluster).unwrap();
+        assert_eq!(back["connect_timeout"], "1.500s");
+        assert_eq!(back["type"], "STRICT_DNS");
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("cluster_name", "cluster_nme"), 1);
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
+}

@@ -1,0 +1,66 @@
+//! Type URLs of the xDS resource types, exactly as they appear in `DiscoveryRequest.type_url`
+//! and in each resource's `Any`.
+
+/// Prefix of every type URL Envoy uses.
+pub const PREFIX: &str = "type.googleapis.com/";
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_CONFIGURATION: &str =
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const CLUSTER_LOAD_ASSIGNMENT: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// Wrapper used in SotW responses only for clients advertising `xds.config.supports-resource-in-sotw`.
+pub const RESOURCE: &str = "type.googleapis.com/envoy.service.discovery.v3.Resource";
+
+pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+pub const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+pub const DOWNSTREAM_TLS_CONTEXT: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+pub const UPSTREAM_TLS_CONTEXT: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+pub const TLS_INSPECTOR: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+pub const ORIGINAL_DST: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+pub const UPSTREAM_HTTP_PROTOCOL_OPTIONS: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+/// Key of `Cluster.typed_extension_protocol_options` that holds the upstream HTTP options.
+pub const UPSTREAM_HTTP_PROTOCOL_OPTIONS_KEY: &str =
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+pub const OPENTELEMETRY_CONFIG: &str =
+    "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig";
+pub const STDOUT_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+pub const FILE_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
+
+/// The resource types a control plane serves, in make-before-break push order
+/// (clusters, endpoints, listeners, routes, then secrets).
+pub const PUSH_ORDER: [&str; 5] = [
+    CLUSTER,
+    CLUSTER_LOAD_ASSIGNMENT,
+    LISTENER,
+    ROUTE_CONFIGURATION,
+    SECRET,
+];
+
+/// The short xDS name of a resource type URL (`LDS`, `RDS`, ...), for logs and tables.
+pub fn short_name(type_url: &str) -> &'static str {
+    match type_url {
+        LISTENER => "LDS",
+        ROUTE_CONFIGURATION => "RDS",
+        CLUSTER => "CDS",
+        CLUSTER_LOAD_ASSIGNMENT => "EDS",
+        SECRET => "SDS",
+        _ => "unknown",
+    }
+}
+
+/// The message's full name from a type URL (everything after the last `/`).
+pub fn message_name(type_url: &str) -> &str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
+}
