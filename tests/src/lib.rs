@@ -1,1 +1,132 @@
-//! Shared helpers for the end-to-end tests: locating binaries, starting real processes, polling with deadlines.
+//! Shared helpers for Remora's end-to-end tests: finding the workspace's binaries, running real
+//! processes that are killed when the test ends, picking free loopback ports, polling with a
+//! deadline (never sleeping as synchronisation), starting a real Envoy, and an echo upstream that
+//! reports what reached it.
+
+pub mod echo;
+pub mod envoy;
+pub mod process;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Path of a binary built from this workspace (`target/<profile>/<name>`), located from the
+/// running test executable so a custom `CARGO_TARGET_DIR` works.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-binary>  →  target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "binary {} not found; build it first (cargo build --workspace, or run tests with --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+/// Calls `probe` until it returns `Some`, or panics with `what` once `timeout` has passed.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) {
+    wait_for(&format!("a listener on {addr}"), timeout, || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            .ok()
+            .map(|_| ())
+    });
+}
+
+/// A blocking HTTP/1.1 GET over a fresh connection; returns (status, headers, body).
+/// Deliberately minimal so tests can talk to admin endpoints without an async runtime.
+pub fn http_get(addr: SocketAddr, path_and_query: &str) -> std::io::Result<(u16, String, String)> {
+    http_request(addr, "GET", path_and_query, &[], "")
+}
+
+/// A blocking HTTP/1.1 request with `Connection: close`; returns (status, raw headers, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = format!("{method} {path_and_query} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {head:?}")))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        decode_chunked(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, head.to_string(), body))
+}
+
+fn decode_chunked(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size_line, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size_line.trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    body
+}
+
+/// Whether a program is on PATH (for tests that need a real peer such as `envoy` or `etcd`).
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}

@@ -1,0 +1,143 @@
+//! An upstream for tests and benchmarks: answers every request (HTTP/1.1 or HTTP/2 cleartext)
+//! with a JSON description of what reached it, so a test can assert the routing decision: which
+//! upstream answered, with which method, path, Host and headers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+async fn handle(
+    name: String,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    // `/status/NNN` answers with that status, for tests of error handling.
+    let status = request
+        .uri()
+        .path()
+        .strip_prefix("/status/")
+        .and_then(|code| code.parse::<u16>().ok())
+        .and_then(|code| hyper::StatusCode::from_u16(code).ok())
+        .unwrap_or(hyper::StatusCode::OK);
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    let request = Request::from_parts(parts, ());
+    let description = describe(&name, &request, &body);
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-upstream", name.as_str())
+        .body(Full::new(Bytes::from(description.to_string())))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+    Ok(response)
+}
+
+/// What the echo upstream saw, as returned in its JSON body.
+pub fn describe(name: &str, request: &Request<()>, body: &[u8]) -> serde_json::Value {
+    let headers: serde_json::Map<String, serde_json::Value> = request
+        .headers()
+        .iter()
+        .map(|(key, value)| {
+            (
+                key.as_str().to_string(),
+                serde_json::Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+            )
+        })
+        .collect();
+    let host = request
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| {
+            request
+                .uri()
+                .authority()
+                .map(|authority| authority.to_string())
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "upstream": name,
+        "method": request.method().as_str(),
+        "path": request.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/"),
+        "host": host,
+        "version": format!("{:?}", request.version()),
+        "headers": headers,
+        "body_len": body.len(),
+    })
+}
+
+/// Serves the echo upstream named `name` on `listener` until the task is dropped.
+pub async fn serve(name: String, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let name = name.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| handle(name.clone(), request));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// An echo upstream on its own thread and runtime, for synchronous tests. Stops on drop.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Starts an echo upstream called `name` on an ephemeral port of `ip` (e.g. "127.0.0.1").
+    pub fn start(name: &str, ip: &str) -> EchoServer {
+        let std_listener = std::net::TcpListener::bind((ip, 0)).expect("bind echo upstream");
+        std_listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let addr = std_listener.local_addr().expect("echo address");
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let name = name.to_string();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("echo runtime");
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).expect("tokio listener");
+                tokio::select! {
+                    _ = serve(name, listener) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        EchoServer {
+            addr,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

