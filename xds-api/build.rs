@@ -35,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut config = prost_build::Config::new();
     config.enable_type_names();
+    // Any type URLs on the wire are `type.googleapis.com/<full name>`, as Envoy expects.
+    config.type_name_domain(["."], "type.googleapis.com");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
