@@ -31,7 +31,11 @@ fn duration_nanos(text: &str) -> Option<i128> {
     if whole.is_empty() && fraction.is_empty() || fraction.len() > 9 {
         return None;
     }
-    let whole: i128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: i128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let fraction: i128 = if fraction.is_empty() {
         0
     } else {
@@ -86,7 +90,10 @@ fn missing_values(original: &Value, round_tripped: &Value, path: String, out: &m
 #[test]
 fn envoy_shaped_configs_round_trip_with_nothing_lost() {
     let names = fixture_names();
-    assert!(names.len() >= 5, "expected the fixture corpus, found {names:?}");
+    assert!(
+        names.len() >= 5,
+        "expected the fixture corpus, found {names:?}"
+    );
     for name in names {
         let text = std::fs::read_to_string(fixtures().join(&name)).expect("read fixture");
         let original = xds_api::json::parse_yaml(&text).expect("fixture is YAML");
@@ -95,8 +102,15 @@ fn envoy_shaped_configs_round_trip_with_nothing_lost() {
             .unwrap_or_else(|error| panic!("{name}: our types reject it: {error}"));
         let bytes = bootstrap.encode_to_vec();
         let decoded = Bootstrap::decode(bytes.as_slice()).expect("decode our own encoding");
-        assert_eq!(decoded, bootstrap, "{name}: binary round trip changed the message");
-        assert_eq!(decoded.encode_to_vec(), bytes, "{name}: re-encoding is not stable");
+        assert_eq!(
+            decoded, bootstrap,
+            "{name}: binary round trip changed the message"
+        );
+        assert_eq!(
+            decoded.encode_to_vec(),
+            bytes,
+            "{name}: re-encoding is not stable"
+        );
 
         // Serialise with defaults so a value equal to its default is not mistaken for a loss.
         let descriptor = xds_api::json::descriptor("envoy.config.bootstrap.v3.Bootstrap").unwrap();
@@ -110,12 +124,19 @@ fn envoy_shaped_configs_round_trip_with_nothing_lost() {
             .unwrap();
         let mut lost = Vec::new();
         missing_values(&original, &with_defaults, String::new(), &mut lost);
-        assert!(lost.is_empty(), "{name}: values lost in the round trip:\n{}", lost.join("\n"));
+        assert!(
+            lost.is_empty(),
+            "{name}: values lost in the round trip:\n{}",
+            lost.join("\n")
+        );
 
         // The compact form (what we write out) reads back to the same message.
         let compact = xds_api::json::to_value(&decoded).unwrap();
         let again: Bootstrap = xds_api::json::from_value(&compact).unwrap();
-        assert_eq!(again, bootstrap, "{name}: JSON output does not read back identically");
+        assert_eq!(
+            again, bootstrap,
+            "{name}: JSON output does not read back identically"
+        );
     }
 }
 
@@ -141,15 +162,24 @@ fn unknown_fields_inside_typed_config_are_named_with_their_path() {
         error.path,
         "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.stat_prefx"
     );
-    assert!(error.reason.contains("did you mean `stat_prefix`"), "{error}");
+    assert!(
+        error.reason.contains("did you mean `stat_prefix`"),
+        "{error}"
+    );
 }
 
 #[test]
 fn unknown_any_type_is_rejected_by_name() {
     let text = "static_resources:\n  listeners:\n  - name: l\n    filter_chains:\n    - filters:\n      - name: x\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy\n";
     let error = xds_api::json::from_yaml_str::<Bootstrap>(text).unwrap_err();
-    assert!(error.reason.contains("redis_proxy.v3.RedisProxy"), "{error}");
-    assert_eq!(error.path, "static_resources.listeners[0].filter_chains[0].filters[0].typed_config");
+    assert!(
+        error.reason.contains("redis_proxy.v3.RedisProxy"),
+        "{error}"
+    );
+    assert_eq!(
+        error.path,
+        "static_resources.listeners[0].filter_chains[0].filters[0].typed_config"
+    );
 }
 
 #[test]
@@ -164,8 +194,13 @@ fn any_packs_and_unpacks_by_type_url() {
     assert_eq!(any.type_url, xds_api::type_urls::CLUSTER);
     assert_eq!(xds_api::any::unpack::<Cluster>(&any).unwrap(), cluster);
     assert!(xds_api::any::unpack::<Listener>(&any).is_err());
-    assert!(xds_api::any::is_known(xds_api::type_urls::ROUTE_CONFIGURATION));
+    assert!(xds_api::any::is_known(
+        xds_api::type_urls::ROUTE_CONFIGURATION
+    ));
     assert!(!xds_api::any::is_known("type.googleapis.com/not.a.Type"));
     let dynamic = xds_api::any::unpack_dynamic(&any).unwrap();
-    assert_eq!(dynamic.descriptor().full_name(), "envoy.config.cluster.v3.Cluster");
+    assert_eq!(
+        dynamic.descriptor().full_name(),
+        "envoy.config.cluster.v3.Cluster"
+    );
 }
