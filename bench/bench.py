@@ -28,7 +28,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KB = 1024  # /proc/PID/status reports kB
+KB_PER_MB = 1024  # /proc/PID/status reports kB
 
 # Pinning (2-core machines): the proxy gets core 1 to itself; load tools and upstreams share
 # core 0. Same placement for both proxies, so the ratio is fair even when absolute numbers
@@ -78,11 +78,12 @@ def stop_all() -> None:
 
 def run(cmd: list[str], *, cpus: str | None, timeout: float) -> str:
     """Runs a load tool to completion (bounded by `timeout`) and returns its stdout."""
+    tool = Path(cmd[0]).name
     if cpus is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", cpus, *cmd]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{cmd[0] if cpus is None else cmd[3]} exited {result.returncode}: "
+        raise RuntimeError(f"{tool} exited {result.returncode}: "
                            f"{(result.stderr or result.stdout).strip()[-300:]}")
     return result.stdout
 
@@ -340,7 +341,7 @@ http {{
         v = subject.values
         try:
             time.sleep(self.args.settle)
-            v["idle_rss"] = status_kb(pid, "VmRSS") / PAGE_KB
+            v["idle_rss"] = status_kb(pid, "VmRSS") / KB_PER_MB
             # Warm-up (pools, caches, page faults); not measured.
             wrk(self.ports["HTTP_PORT"], 1, 50)
 
@@ -389,7 +390,7 @@ http {{
                 v["tcp_gbps"] = tcp["bits_per_second"] / 1e9
                 v["tcp_cpu_per_gib"] = cpu / (tcp["bytes"] / 2**30) if tcp["bytes"] else None
 
-            v["peak_rss"] = status_kb(pid, "VmHWM") / PAGE_KB
+            v["peak_rss"] = status_kb(pid, "VmHWM") / KB_PER_MB
         except (RuntimeError, subprocess.TimeoutExpired, AttributeError, OSError) as error:
             # AttributeError: a tool's output did not parse. Keep what was measured.
             subject.notes.append(f"stopped early: {error}")
@@ -406,7 +407,7 @@ http {{
         try:
             v["ready_1k"] = ready
             time.sleep(self.args.settle)
-            v["idle_rss_1k"] = status_kb(proc.pid, "VmRSS") / PAGE_KB
+            v["idle_rss_1k"] = status_kb(proc.pid, "VmRSS") / KB_PER_MB
         finally:
             stop(proc)
 
@@ -497,7 +498,7 @@ def table(envoy: Subject, remora: Subject) -> str:
             return "n/a"
         return fmt(value, unit)
 
-    rows = ["| figure | envoy | remora | remora/envoy | target | met? |",
+    rows = [f"| figure | envoy | {remora.name} | {remora.name}/envoy | target | met? |",
             "|---|---:|---:|---:|---|---|"]
     for fig in FIGURES:
         e, r = envoy.values.get(fig.key), remora.values.get(fig.key)
@@ -528,8 +529,8 @@ def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, 
         f"- load average (1/5/15 min) at end: {loadavg()}",
         f"- run time: {time.monotonic() - started:.0f}s",
         f"- envoy command: `{' '.join(envoy.command) if envoy.command else 'n/a'}`",
-        f"- remora command: `{' '.join(remora.command) if remora.command else 'n/a'}`"
-        + (f" (from REMORA_PROXY_BIN)" if os.environ.get("REMORA_PROXY_BIN") else ""),
+        f"- {remora.name} command: `{' '.join(remora.command) if remora.command else 'n/a'}`"
+        + (" (from REMORA_PROXY_BIN)" if os.environ.get("REMORA_PROXY_BIN") else ""),
         f"- upstream: {a.upstream} (HTTP), iperf3 -s (TCP); pinning: "
         + ("none" if a.no_pin else f"proxy on CPU {PROXY_CPUS}, load tools and upstreams on CPU "
            f"{LOAD_CPUS}"),
