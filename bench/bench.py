@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import string
 import subprocess
 import sys
@@ -223,8 +224,19 @@ class Subject:
     command: list[str] | None  # None: could not be built/found; reason says why
     reason: str = ""
     supports_bootstrap: bool = True  # False for the bare forwarder: no TCP, no 1k clusters
-    values: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)  # per figure: the median over rounds
+    samples: dict = field(default_factory=dict)  # per figure: one value per round
     notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def record(self, round_values: dict) -> None:
+        for key, value in round_values.items():
+            if value is not None:
+                self.samples.setdefault(key, []).append(value)
+        self.values = {key: statistics.median(vals) for key, vals in self.samples.items()}
 
 
 def fmt(value: float | None, unit: str) -> str:
@@ -332,13 +344,21 @@ http {{
         return proc, time.monotonic() - started
 
     def measure(self, subject: Subject) -> None:
+        """One round for one proxy; its figures join the subject's samples."""
+        v: dict = {}
+        try:
+            self._measure(subject, v)
+        finally:
+            subject.record(v)
+
+    def _measure(self, subject: Subject, v: dict) -> None:
         log(f"{subject.name}: start with the small bootstrap")
         proc, ready = self.start_proxy(subject, self.bootstrap_small, "small")
         if proc is None:
             subject.reason = f"failed to start: {ready}"
+            subject.note(subject.reason)
             return
         pid = proc.pid
-        v = subject.values
         try:
             time.sleep(self.args.settle)
             v["idle_rss"] = status_kb(pid, "VmRSS") / KB_PER_MB
@@ -353,12 +373,12 @@ http {{
             v["h1_cpu_util"] = cpu / wall
             v["cpu_per_100k"] = cpu / result["requests"] * 100_000 if result["requests"] else None
             if result["failed"]:
-                subject.notes.append(f"wrk: {result['failed']} failed/non-2xx responses")
+                subject.note(f"wrk: {result['failed']} failed/non-2xx responses")
             ceiling = self.baseline.get("h1_rps")
             if v["h1_cpu_util"] < 0.85 and (not ceiling or result["rps"] < 0.8 * ceiling):
                 # Neither the proxy's core nor the load side was saturated: something else
                 # (another process on the proxy's core) took the CPU. Say so next to the figure.
-                subject.notes.append(
+                subject.note(
                     f"got only {v['h1_cpu_util']:.2f} of a core during wrk while below the "
                     "load-side ceiling: the machine was busy, throughput figures are noisy")
 
@@ -374,13 +394,13 @@ http {{
                 v["cpu_per_100k_fixed"] = cpu / sent * 100_000
                 v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
                 if lat["errors"]:
-                    subject.notes.append(f"fixed-rate run: {lat['errors']} errors")
+                    subject.note(f"fixed-rate run: {lat['errors']} errors")
 
             log(f"{subject.name}: h2load {self.args.h2_requests} requests")
             h2 = h2load(self.ports["HTTP_PORT"], self.args.h2_requests, self.args.h2_timeout)
             v["h2_rps"] = h2["rps"]
             if h2["failed"]:
-                subject.notes.append(f"h2load: {h2['failed']} failed/non-2xx requests")
+                subject.note(f"h2load: {h2['failed']} failed/non-2xx requests")
 
             if subject.supports_bootstrap:
                 log(f"{subject.name}: iperf3 {self.args.tcp_seconds:g}s through tcp_proxy")
@@ -393,7 +413,7 @@ http {{
             v["peak_rss"] = status_kb(pid, "VmHWM") / KB_PER_MB
         except (RuntimeError, subprocess.TimeoutExpired, AttributeError, OSError) as error:
             # AttributeError: a tool's output did not parse. Keep what was measured.
-            subject.notes.append(f"stopped early: {error}")
+            subject.note(f"stopped early: {error}")
         finally:
             stop(proc)
 
@@ -402,7 +422,7 @@ http {{
         log(f"{subject.name}: start with the 1,000-cluster bootstrap")
         proc, ready = self.start_proxy(subject, self.bootstrap_1k, "1k")
         if proc is None:
-            subject.notes.append(f"1,000-cluster config: {ready}")
+            subject.note(f"1,000-cluster config: {ready}")
             return
         try:
             v["ready_1k"] = ready
@@ -534,6 +554,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, 
         f"- upstream: {a.upstream} (HTTP), iperf3 -s (TCP); pinning: "
         + ("none" if a.no_pin else f"proxy on CPU {PROXY_CPUS}, load tools and upstreams on CPU "
            f"{LOAD_CPUS}"),
+        f"- rounds: {a.repeat} (order envoy, remora, then alternating; each figure is the median)",
         f"- wrk {a.duration:g}s; fixed rate {a.rate} req/s over {a.latency_connections} "
         f"connections for {a.latency_duration:g}s (remora-loadgen, open loop); h2load "
         f"{a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
@@ -572,6 +593,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latency-duration", type=float, help="fixed-rate seconds (default 10, quick 3)")
     p.add_argument("--h2-requests", type=int, help="h2load -n (default 100000, quick 20000)")
     p.add_argument("--tcp-seconds", type=float, help="iperf3 -t (default 5, quick 2)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds, alternating which proxy goes first; each figure is the median")
     p.add_argument("--settle", type=float, default=1.0, help="seconds idle before reading idle RSS")
     p.add_argument("--ready-timeout", type=float, default=60.0)
     p.add_argument("--upstream", choices=["nginx", "echo"], default="nginx")
@@ -628,10 +651,14 @@ def main(argv: list[str]) -> int:
             bench.measure_baseline()
         if bench.loadgen_bin is None:
             note = "remora-loadgen not built; fixed-rate latency not measured"
-            envoy.notes.append(note)
-        bench.measure(envoy)
-        if remora.command is not None:
-            bench.measure(remora)
+            envoy.note(note)
+        for round_index in range(args.repeat):
+            # ABBA order: drift in the machine's background load hits both sides alike.
+            order = (envoy, remora) if round_index % 2 == 0 else (remora, envoy)
+            for subject in order:
+                if subject.command is not None and not subject.reason:
+                    log(f"round {round_index + 1}/{args.repeat}")
+                    bench.measure(subject)
         stop_all()
         text = report(bench, envoy, remora, info, argv, started)
 
