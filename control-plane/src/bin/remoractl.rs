@@ -1,0 +1,3 @@
+//! `remoractl`: command-line client of the remora-cp config API.
+
+fn main() {}
