@@ -70,6 +70,15 @@ pub fn eds_service_name(cluster: &Cluster) -> Option<&str> {
     })
 }
 
+/// Decodes an `Any` already known to hold an HttpConnectionManager. (`xds_api::any::unpack`
+/// compares against prost's default `/package.Message` URL, not Envoy's
+/// `type.googleapis.com/...`, so the type URL is checked by the caller.)
+fn decode_connection_manager(any: &prost_types::Any) -> Result<HttpConnectionManager, String> {
+    use prost::Message;
+    HttpConnectionManager::decode(any.value.as_slice())
+        .map_err(|error| format!("cannot decode the HttpConnectionManager: {error}"))
+}
+
 /// Decodes the HTTP connection managers of a listener, with the field path of each.
 fn connection_managers(
     listener: &Listener,
@@ -92,8 +101,7 @@ fn connection_managers(
                 && any.type_url == type_urls::HTTP_CONNECTION_MANAGER
             {
                 let path = format!("{chain_path}.filters[{index}].typed_config");
-                let decoded = xds_api::any::unpack::<HttpConnectionManager>(any)
-                    .map_err(|error| error.to_string());
+                let decoded = decode_connection_manager(any);
                 found.push((path, decoded));
             }
         }
@@ -104,8 +112,7 @@ fn connection_managers(
         .and_then(|api| api.api_listener.as_ref())
         && api_listener.type_url == type_urls::HTTP_CONNECTION_MANAGER
     {
-        let decoded = xds_api::any::unpack::<HttpConnectionManager>(api_listener)
-            .map_err(|error| error.to_string());
+        let decoded = decode_connection_manager(api_listener);
         found.push(("api_listener.api_listener".to_string(), decoded));
     }
     found
