@@ -249,3 +249,54 @@ pub fn envoy_or_skip() -> bool {
         false
     }
 }
+
+/// A single-member etcd on free loopback ports with a temporary data dir.
+pub struct Etcd {
+    pub process: ChildGuard,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd, or returns None (after printing why) when the binary is absent.
+    pub fn start() -> Option<Etcd> {
+        if !remora_tests::on_path("etcd") {
+            eprintln!("SKIPPED: etcd is not on PATH (apt-get install etcd-server)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("etcd data dir");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut command = Command::new("etcd");
+        command
+            .args(["--name", "remora-test", "--data-dir"])
+            .arg(dir.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("remora-test={peer_url}")])
+            .args(["--max-txn-ops", "10000"]);
+        let process = ChildGuard::spawn("etcd", command);
+        let address: SocketAddr = ([127, 0, 0, 1], client).into();
+        wait_for("etcd health", Duration::from_secs(30), || {
+            remora_tests::http_get(address, "/health")
+                .ok()
+                .filter(|(status, _, body)| *status == 200 && body.contains("true"))
+        });
+        Some(Etcd {
+            process,
+            endpoint,
+            _dir: dir,
+        })
+    }
+}
