@@ -27,6 +27,29 @@ pub struct Resource {
     /// Hex of the first 8 bytes of SHA-256 of the encoded resource.
     pub version: String,
     pub body: prost_types::Any,
+    /// For an EDS cluster: the ClusterLoadAssignment it takes its endpoints from.
+    pub eds_service: Option<String>,
+}
+
+impl Resource {
+    /// Wraps encoded bytes of a resource of `kind`.
+    pub fn new(kind: Kind, name: &str, bytes: &[u8]) -> Resource {
+        let eds_service = match (kind, Typed::decode(kind, bytes)) {
+            (Kind::Cluster, Ok(Typed::Cluster(cluster))) => {
+                eds_service_name(&cluster).map(str::to_string)
+            }
+            _ => None,
+        };
+        Resource {
+            name: name.to_string(),
+            version: resource_version(bytes),
+            body: prost_types::Any {
+                type_url: kind.type_url().to_string(),
+                value: bytes.to_vec(),
+            },
+            eds_service,
+        }
+    }
 }
 
 /// The per-resource version of encoded bytes.
@@ -96,7 +119,7 @@ type ResourceCache = HashMap<(Kind, Bytes), Arc<Resource>>;
 fn build(
     committed: &Committed,
     group: &str,
-    cache: &mut ResourceCache,
+    cache: &ResourceCache,
     next_cache: &mut ResourceCache,
 ) -> Snapshot {
     let state = &committed.state;
@@ -116,14 +139,7 @@ fn build(
             let cache_key = (key.kind, bytes.clone());
             let resource = match cache.get(&cache_key).or_else(|| next_cache.get(&cache_key)) {
                 Some(resource) if resource.name == key.name => resource.clone(),
-                _ => Arc::new(Resource {
-                    name: key.name.clone(),
-                    version: resource_version(bytes),
-                    body: prost_types::Any {
-                        type_url: key.kind.type_url().to_string(),
-                        value: bytes.to_vec(),
-                    },
-                }),
+                _ => Arc::new(Resource::new(key.kind, &key.name, bytes)),
             };
             next_cache.insert(cache_key, resource.clone());
             types[key.kind.index()].insert(key.name.clone(), resource);
@@ -132,15 +148,14 @@ fn build(
     // Hold back EDS clusters until their endpoints exist: Envoy would keep them warming.
     let endpoints = &types[Kind::Endpoint.index()];
     let waiting: Vec<String> = types[Kind::Cluster.index()]
-        .iter()
-        .filter(
-            |(_, resource)| match Typed::decode(Kind::Cluster, &resource.body.value) {
-                Ok(Typed::Cluster(cluster)) => eds_service_name(&cluster)
-                    .is_some_and(|service| !endpoints.contains_key(service)),
-                _ => false,
-            },
-        )
-        .map(|(name, _)| name.clone())
+        .values()
+        .filter(|cluster| {
+            cluster
+                .eds_service
+                .as_ref()
+                .is_some_and(|service| !endpoints.contains_key(service))
+        })
+        .map(|cluster| cluster.name.clone())
         .collect();
     for name in waiting {
         types[Kind::Cluster.index()].remove(&name);
@@ -168,20 +183,27 @@ impl SnapshotHub {
         })
     }
 
+    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Arc<Snapshot>>>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
     /// The snapshot channel of `group`, created from the latest config if new.
     pub fn subscribe(&self, group: &str) -> watch::Receiver<Arc<Snapshot>> {
-        let mut groups = self
-            .groups
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if let Some(sender) = groups.get(group) {
+        if let Some(sender) = self.groups().get(group) {
             return sender.subscribe();
         }
+        // Lock order everywhere: `latest`, then `groups`.
         let mut latest = self
             .latest
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         let (committed, cache) = &mut *latest;
+        let mut groups = self.groups();
+        if let Some(sender) = groups.get(group) {
+            return sender.subscribe();
+        }
         let mut next_cache = HashMap::new();
         let snapshot = build(committed, group, cache, &mut next_cache);
         cache.extend(next_cache);
@@ -191,30 +213,39 @@ impl SnapshotHub {
     }
 
     /// Rebuilds every group's snapshot from `committed` and publishes the ones that changed.
+    /// Streams subscribing meanwhile are not held up by the rebuild.
     pub fn publish(&self, committed: Committed) {
         let mut latest = self
             .latest
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        let mut groups = self
-            .groups
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        // Forget groups nobody follows any more.
-        groups.retain(|group, sender| group.is_empty() || sender.receiver_count() > 0);
+        let names: Vec<String> = {
+            let mut groups = self.groups();
+            // Forget groups nobody follows any more.
+            groups.retain(|group, sender| group.is_empty() || sender.receiver_count() > 0);
+            groups.keys().cloned().collect()
+        };
         let mut next_cache = HashMap::new();
-        let (_, cache) = &mut *latest;
-        for (group, sender) in groups.iter() {
-            let snapshot = build(&committed, group, cache, &mut next_cache);
-            sender.send_if_modified(|current| {
-                let changed = !current.same_content(&snapshot);
-                if changed {
-                    *current = Arc::new(snapshot);
-                }
-                changed
-            });
-        }
+        let built: Vec<(String, Snapshot)> = names
+            .into_iter()
+            .map(|group| {
+                let snapshot = build(&committed, &group, &latest.1, &mut next_cache);
+                (group, snapshot)
+            })
+            .collect();
         *latest = (committed, next_cache);
+        let groups = self.groups();
+        for (group, snapshot) in built {
+            if let Some(sender) = groups.get(&group) {
+                sender.send_if_modified(|current| {
+                    let changed = !current.same_content(&snapshot);
+                    if changed {
+                        *current = Arc::new(snapshot);
+                    }
+                    changed
+                });
+            }
+        }
     }
 
     /// Follows committed config versions; a burst of writes within the debounce window becomes

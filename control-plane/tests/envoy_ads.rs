@@ -55,6 +55,18 @@ fn envoy_follows_the_api(api_type: &str) {
         );
     }
 
+    // A changed EDS cluster is rebuilt by Envoy and must get its endpoints again to finish
+    // warming (well before Envoy's 15 s initial fetch timeout).
+    let changed = eds_cluster("beta").replace("connect_timeout: 1s", "connect_timeout: 2s");
+    let version = cp.put("clusters", "beta", &changed);
+    cp.wait_for_ack("envoy-1", "CDS", version);
+    wait_for(
+        "the changed cluster to finish warming",
+        Duration::from_secs(5),
+        || (envoy.stat("cluster_manager.warming_clusters") == Some(0)).then_some(()),
+    );
+    assert_eq!(upstream_behind(ingress).as_deref(), Some("beta"));
+
     let (status, body) = cp.call("DELETE", "/v1/listeners/ingress", "");
     assert_eq!(status, 200, "{body}");
     wait_for(

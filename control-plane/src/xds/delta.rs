@@ -110,6 +110,17 @@ impl DeltaStream {
         removed.dedup();
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
+        if kind == Kind::Cluster {
+            // Envoy rebuilds a changed cluster and waits for its endpoints without asking again,
+            // so they are sent again after it.
+            let endpoints = &mut self.types[Kind::Endpoint.index()];
+            for service in updates
+                .iter()
+                .filter_map(|cluster| cluster.eds_service.as_ref())
+            {
+                endpoints.known.remove(service);
+            }
+        }
         let state = &mut self.types[kind.index()];
         for resource in &updates {
             state
@@ -178,6 +189,14 @@ impl StreamProtocol for DeltaStream {
                 None => return Ok(None),
             },
         };
+        tracing::debug!(
+            type_url = %request.type_url,
+            subscribe = ?request.resource_names_subscribe,
+            unsubscribe = ?request.resource_names_unsubscribe,
+            nonce = %request.response_nonce,
+            error = request.error_detail.is_some(),
+            "delta request"
+        );
         let state = &mut self.types[kind.index()];
         let mut outcome = None;
         if !request.response_nonce.is_empty()
@@ -217,11 +236,19 @@ impl StreamProtocol for DeltaStream {
                 state.wildcard = true;
             }
         }
+        let first_request =
+            request.response_nonce.is_empty() && !request.initial_resource_versions.is_empty();
         for name in &request.resource_names_subscribe {
             if name == "*" {
                 state.wildcard = true;
             } else {
                 state.names.insert(name.clone());
+                // A client re-subscribing to a name (e.g. Envoy rebuilding a cluster) expects
+                // the resource again, unless it told us which version it holds.
+                if !first_request {
+                    state.known.remove(name);
+                    state.told_absent.remove(name);
+                }
             }
         }
         for name in &request.resource_names_unsubscribe {
@@ -241,12 +268,19 @@ impl StreamProtocol for DeltaStream {
     fn next_response(&mut self, snapshot: &Snapshot) -> Option<DeltaDiscoveryResponse> {
         let kinds = self.kinds();
         for allow_removals in [false, true] {
+            if allow_removals && self.types.iter().any(|state| state.pending.is_some()) {
+                // Removals only once everything sent is ACKed.
+                return None;
+            }
             for &kind in &kinds {
                 let state = &self.types[kind.index()];
-                if state.pending.is_some() {
-                    return None;
+                if state.pending.is_some() || !state.requested {
+                    continue;
                 }
-                if !state.requested {
+                let gated = crate::xds::prerequisites(kind)
+                    .iter()
+                    .any(|before| self.types[before.index()].pending.is_some());
+                if gated {
                     continue;
                 }
                 if let Some(response) = self.plan(kind, snapshot, allow_removals) {
@@ -285,6 +319,7 @@ mod tests {
                         type_url: kind.type_url().into(),
                         value: bytes,
                     },
+                    eds_service: None,
                 }),
             );
         }

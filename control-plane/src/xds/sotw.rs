@@ -235,6 +235,12 @@ impl StreamProtocol for SotwStream {
                 // Stale: the client has not seen our latest response yet.
                 return Ok(None);
             }
+            if state.pending.is_none() {
+                // Our latest response was already ACKed: this is a fresh request for the same
+                // nonce (Envoy re-adds a watch when it rebuilds a cluster or listener), so it
+                // gets an answer even if the names did not change.
+                state.needs_response = true;
+            }
             if let Some(pending) = state.pending.take() {
                 debug_assert_eq!(pending.nonce, request.response_nonce);
                 match &request.error_detail {
@@ -291,13 +297,19 @@ impl StreamProtocol for SotwStream {
     fn next_response(&mut self, snapshot: &Snapshot) -> Option<DiscoveryResponse> {
         let kinds = self.kinds();
         for allow_removals in [false, true] {
+            if allow_removals && self.types.iter().any(|state| state.pending.is_some()) {
+                // Removals only once everything sent is ACKed.
+                return None;
+            }
             for &kind in &kinds {
                 let state = &self.types[kind.index()];
-                if state.pending.is_some() {
-                    // Nothing after a type awaiting its ACK may go out (make before break).
-                    return None;
+                if state.pending.is_some() || !state.requested {
+                    continue;
                 }
-                if !state.requested {
+                let gated = crate::xds::prerequisites(kind)
+                    .iter()
+                    .any(|before| self.types[before.index()].pending.is_some());
+                if gated {
                     continue;
                 }
                 if let Some(response) = self.plan(kind, snapshot, allow_removals) {
@@ -335,6 +347,7 @@ mod tests {
                     type_url: kind.type_url().into(),
                     value: bytes,
                 },
+                eds_service: None,
             }),
         )
     }
@@ -559,6 +572,28 @@ mod tests {
             .expect("ack + subscribe");
         let third = stream.next_response(&update).expect("whole subscription");
         assert_eq!(names(&third), ["a=2", "b=1", "c=1"]);
+    }
+
+    #[test]
+    fn a_repeated_request_after_the_ack_is_answered_again() {
+        let snap = snapshot(1, &[(Kind::Endpoint, "a", "1")]);
+        let mut stream = SotwStream::single(Kind::Endpoint);
+        stream
+            .on_request(request(Kind::Endpoint, &["a"], ""))
+            .expect("ok");
+        let first = stream.next_response(&snap).expect("sent");
+        stream
+            .on_request(request(Kind::Endpoint, &["a"], &first.nonce))
+            .expect("ack");
+        assert!(
+            stream.next_response(&snap).is_none(),
+            "an ACK is not answered"
+        );
+        stream
+            .on_request(request(Kind::Endpoint, &["a"], &first.nonce))
+            .expect("re-request");
+        let again = stream.next_response(&snap).expect("answered");
+        assert_eq!(names(&again), ["a=1"]);
     }
 
     #[test]
