@@ -1,0 +1,88 @@
+//! `remora-cp`: the Remora control plane (xDS server + config API).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use remora_control_plane::server::{Options, StoreChoice, run};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StoreKind {
+    /// Embedded redb file under --data-dir.
+    Embedded,
+    /// etcd at --etcd-endpoints.
+    Etcd,
+}
+
+/// The Remora control plane: serves xDS to proxies and a config API to operators.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// gRPC address for xDS (ADS and the per-type services).
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    xds_addr: SocketAddr,
+    /// HTTP address for the config API.
+    #[arg(long, default_value = "127.0.0.1:19000")]
+    api_addr: SocketAddr,
+    /// Directory of the embedded store.
+    #[arg(long, default_value = "remora-cp-data")]
+    data_dir: PathBuf,
+    #[arg(long, value_enum, default_value = "embedded")]
+    store: StoreKind,
+    /// Comma-separated etcd endpoints (with --store etcd).
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Bearer token required on /v1 requests; required when --api-addr is not loopback.
+    #[arg(long, env = "REMORA_CP_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Debounce window for pushes, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    debounce_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let store = match args.store {
+        StoreKind::Embedded => StoreChoice::Embedded(args.data_dir),
+        StoreKind::Etcd if args.etcd_endpoints.is_empty() => {
+            eprintln!("remora-cp: --store etcd needs --etcd-endpoints URL[,URL...]");
+            return std::process::ExitCode::from(2);
+        }
+        StoreKind::Etcd => StoreChoice::Etcd(args.etcd_endpoints),
+    };
+    let options = Options {
+        xds_addr: args.xds_addr,
+        api_addr: args.api_addr,
+        store,
+        token: args.token.filter(|token| !token.is_empty()),
+        debounce: Duration::from_millis(args.debounce_ms),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        let _ = stop.send(true);
+    });
+    match run(options, stopped).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("remora-cp: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Wiring of one control-plane process: open the store, start the snapshot hub, serve xDS and
+//! the config API until shutdown. Used by the `remora-cp` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::sync::watch;
+
+use crate::api::{ApiState, router};
+use crate::config::ConfigService;
+use crate::metrics::Metrics;
+use crate::snapshot::SnapshotHub;
+use crate::store::ConfigStore;
+use crate::store::etcd_store::EtcdStore;
+use crate::store::redb_store::RedbStore;
+use crate::xds::XdsContext;
+use crate::xds::stream::ProxyRegistry;
+
+/// Where config is kept.
+#[derive(Clone, Debug)]
+pub enum StoreChoice {
+    /// Embedded redb file in this directory.
+    Embedded(PathBuf),
+    /// etcd cluster at these endpoints.
+    Etcd(Vec<String>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub xds_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub store: StoreChoice,
+    pub token: Option<String>,
+    /// Window in which a burst of writes becomes one push.
+    pub debounce: Duration,
+}
+
+/// Runs until `shutdown` becomes true.
+pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    if !options.api_addr.ip().is_loopback() && options.token.is_none() {
+        bail!(
+            "refusing to serve the config API on non-loopback {} without a bearer token (--token or REMORA_CP_TOKEN)",
+            options.api_addr
+        );
+    }
+    let store: Arc<dyn ConfigStore> = match &options.store {
+        StoreChoice::Embedded(dir) => Arc::new(
+            RedbStore::open(dir)
+                .with_context(|| format!("opening the store in {}", dir.display()))?,
+        ),
+        StoreChoice::Etcd(endpoints) => Arc::new(
+            EtcdStore::connect(endpoints)
+                .await
+                .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
+        ),
+    };
+    let config = ConfigService::open(store).await.context("loading config")?;
+    tracing::info!(
+        version = config.current().version,
+        resources = config.current().resources.len(),
+        "config loaded"
+    );
+    let hub = SnapshotHub::new(config.commits().borrow().clone(), options.debounce);
+    tokio::spawn(hub.clone().run(config.commits()));
+    tokio::spawn(config.clone().follow_store());
+    let registry = Arc::new(ProxyRegistry::default());
+    let metrics = Arc::new(Metrics::default());
+
+    let xds_listener = tokio::net::TcpListener::bind(options.xds_addr)
+        .await
+        .with_context(|| format!("binding xDS on {}", options.xds_addr))?;
+    let api_listener = tokio::net::TcpListener::bind(options.api_addr)
+        .await
+        .with_context(|| format!("binding the API on {}", options.api_addr))?;
+    tracing::info!(xds = %options.xds_addr, api = %options.api_addr, "remora-cp serving");
+
+    let xds = XdsContext {
+        hub,
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut xds_shutdown = shutdown.clone();
+    let xds_task = tokio::spawn(xds.serve(xds_listener, async move {
+        let _ = xds_shutdown.wait_for(|stop| *stop).await;
+    }));
+    let api = router(ApiState {
+        config,
+        registry,
+        metrics,
+        token: options.token.clone(),
+    });
+    axum::serve(api_listener, api)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+        .context("serving the API")?;
+    xds_task.await.context("xDS server task")??;
+    Ok(())
+}

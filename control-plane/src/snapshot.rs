@@ -1,0 +1,380 @@
+//! Immutable per-group snapshots of what proxies are served, and the hub that publishes them.
+//!
+//! A snapshot maps, per resource type, name → [`Resource`] (the encoded `Any` and its version,
+//! a hash of the encoded bytes). A proxy of group G sees the global resources plus G's (G's win
+//! on a name clash). EDS clusters whose endpoints do not exist yet are held back.
+//!
+//! Config changes reach the hub through [`SnapshotHub::run`], which debounces bursts of writes
+//! into one rebuild and publishes each group's snapshot on its own `watch` channel, only when that
+//! group's content changed. Each xDS stream task follows its group's channel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::resource::{Kind, Typed};
+use crate::store::ConfigState;
+use crate::validate::eds_service_name;
+
+/// One resource as sent on the wire.
+#[derive(Debug, PartialEq)]
+pub struct Resource {
+    pub name: String,
+    /// Hex of the first 8 bytes of SHA-256 of the encoded resource.
+    pub version: String,
+    pub body: prost_types::Any,
+    /// For an EDS cluster: the ClusterLoadAssignment it takes its endpoints from.
+    pub eds_service: Option<String>,
+}
+
+impl Resource {
+    /// Wraps encoded bytes of a resource of `kind`.
+    pub fn new(kind: Kind, name: &str, bytes: &[u8]) -> Resource {
+        let eds_service = match (kind, Typed::decode(kind, bytes)) {
+            (Kind::Cluster, Ok(Typed::Cluster(cluster))) => {
+                eds_service_name(&cluster).map(str::to_string)
+            }
+            _ => None,
+        };
+        Resource {
+            name: name.to_string(),
+            version: resource_version(bytes),
+            body: prost_types::Any {
+                type_url: kind.type_url().to_string(),
+                value: bytes.to_vec(),
+            },
+            eds_service,
+        }
+    }
+}
+
+/// The per-resource version of encoded bytes.
+pub fn resource_version(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Resources of one type, by name.
+pub type TypeMap = BTreeMap<String, Arc<Resource>>;
+
+/// Everything one group's proxies are served at one config version.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The global config version this snapshot was built from.
+    pub version: u64,
+    /// When that version was committed (for push latency).
+    pub committed_at: Instant,
+    /// Indexed by [`Kind::index`].
+    pub types: [Arc<TypeMap>; 5],
+}
+
+impl Snapshot {
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            version: 0,
+            committed_at: Instant::now(),
+            types: Default::default(),
+        }
+    }
+
+    pub fn of(&self, kind: Kind) -> &Arc<TypeMap> {
+        &self.types[kind.index()]
+    }
+
+    /// Same resources (names and versions) as `other`, whatever the config version.
+    fn same_content(&self, other: &Snapshot) -> bool {
+        self.types
+            .iter()
+            .zip(other.types.iter())
+            .all(|(mine, theirs)| {
+                mine.len() == theirs.len()
+                    && mine
+                        .iter()
+                        .zip(theirs.iter())
+                        .all(|((name, a), (other_name, b))| {
+                            name == other_name && a.version == b.version
+                        })
+            })
+    }
+}
+
+/// A config version as committed, handed from the writer to the hub.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub state: Arc<ConfigState>,
+    pub at: Instant,
+}
+
+/// Encoded resources reused between rebuilds, so unchanged bytes are not hashed again.
+type ResourceCache = HashMap<(Kind, Bytes), Arc<Resource>>;
+
+/// Builds the snapshot of one group from a config state.
+fn build(
+    committed: &Committed,
+    group: &str,
+    cache: &ResourceCache,
+    next_cache: &mut ResourceCache,
+) -> Snapshot {
+    let state = &committed.state;
+    let mut types: [TypeMap; 5] = Default::default();
+    // Global first, then the group's own: a group resource replaces a global one of that name.
+    let scopes: &[&str] = if group.is_empty() {
+        &[""]
+    } else {
+        &["", group]
+    };
+    for &pass_group in scopes {
+        for (key, bytes) in state
+            .resources
+            .iter()
+            .filter(|(key, _)| key.group == pass_group)
+        {
+            let cache_key = (key.kind, bytes.clone());
+            let resource = match cache.get(&cache_key).or_else(|| next_cache.get(&cache_key)) {
+                Some(resource) if resource.name == key.name => resource.clone(),
+                _ => Arc::new(Resource::new(key.kind, &key.name, bytes)),
+            };
+            next_cache.insert(cache_key, resource.clone());
+            types[key.kind.index()].insert(key.name.clone(), resource);
+        }
+    }
+    // Hold back EDS clusters until their endpoints exist: Envoy would keep them warming.
+    let endpoints = &types[Kind::Endpoint.index()];
+    let waiting: Vec<String> = types[Kind::Cluster.index()]
+        .values()
+        .filter(|cluster| {
+            cluster
+                .eds_service
+                .as_ref()
+                .is_some_and(|service| !endpoints.contains_key(service))
+        })
+        .map(|cluster| cluster.name.clone())
+        .collect();
+    for name in waiting {
+        types[Kind::Cluster.index()].remove(&name);
+    }
+    Snapshot {
+        version: state.version,
+        committed_at: committed.at,
+        types: types.map(Arc::new),
+    }
+}
+
+/// Publishes per-group snapshots to the xDS streams.
+pub struct SnapshotHub {
+    groups: Mutex<HashMap<String, watch::Sender<Arc<Snapshot>>>>,
+    latest: Mutex<(Committed, ResourceCache)>,
+    debounce: Duration,
+}
+
+impl SnapshotHub {
+    pub fn new(initial: Committed, debounce: Duration) -> Arc<SnapshotHub> {
+        Arc::new(SnapshotHub {
+            groups: Mutex::new(HashMap::new()),
+            latest: Mutex::new((initial, HashMap::new())),
+            debounce,
+        })
+    }
+
+    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Arc<Snapshot>>>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// The snapshot channel of `group`, created from the latest config if new.
+    pub fn subscribe(&self, group: &str) -> watch::Receiver<Arc<Snapshot>> {
+        if let Some(sender) = self.groups().get(group) {
+            return sender.subscribe();
+        }
+        // Lock order everywhere: `latest`, then `groups`.
+        let mut latest = self
+            .latest
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let (committed, cache) = &mut *latest;
+        let mut groups = self.groups();
+        if let Some(sender) = groups.get(group) {
+            return sender.subscribe();
+        }
+        let mut next_cache = HashMap::new();
+        let snapshot = build(committed, group, cache, &mut next_cache);
+        cache.extend(next_cache);
+        let (sender, receiver) = watch::channel(Arc::new(snapshot));
+        groups.insert(group.to_string(), sender);
+        receiver
+    }
+
+    /// Rebuilds every group's snapshot from `committed` and publishes the ones that changed.
+    /// Streams subscribing meanwhile are not held up by the rebuild.
+    pub fn publish(&self, committed: Committed) {
+        let mut latest = self
+            .latest
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let names: Vec<String> = {
+            let mut groups = self.groups();
+            // Forget groups nobody follows any more.
+            groups.retain(|group, sender| group.is_empty() || sender.receiver_count() > 0);
+            groups.keys().cloned().collect()
+        };
+        let mut next_cache = HashMap::new();
+        let built: Vec<(String, Snapshot)> = names
+            .into_iter()
+            .map(|group| {
+                let snapshot = build(&committed, &group, &latest.1, &mut next_cache);
+                (group, snapshot)
+            })
+            .collect();
+        *latest = (committed, next_cache);
+        let groups = self.groups();
+        for (group, snapshot) in built {
+            if let Some(sender) = groups.get(&group) {
+                sender.send_if_modified(|current| {
+                    let changed = !current.same_content(&snapshot);
+                    if changed {
+                        *current = Arc::new(snapshot);
+                    }
+                    changed
+                });
+            }
+        }
+    }
+
+    /// Follows committed config versions; a burst of writes within the debounce window becomes
+    /// one rebuild and one push.
+    pub async fn run(self: Arc<Self>, mut commits: watch::Receiver<Committed>) {
+        loop {
+            if commits.changed().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(self.debounce).await;
+            let committed = commits.borrow_and_update().clone();
+            let hub = self.clone();
+            // Building touches every resource: keep it off the async workers.
+            if tokio::task::spawn_blocking(move || hub.publish(committed))
+                .await
+                .is_err()
+            {
+                tracing::error!("snapshot rebuild panicked");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ResourceKey;
+
+    fn state(version: u64, entries: &[(Kind, &str, &str, &[u8])]) -> Committed {
+        let mut state = ConfigState {
+            version,
+            ..ConfigState::default()
+        };
+        for (kind, group, name, bytes) in entries {
+            state.resources.insert(
+                ResourceKey::new(*kind, group, name),
+                Bytes::copy_from_slice(bytes),
+            );
+        }
+        Committed {
+            state: Arc::new(state),
+            at: Instant::now(),
+        }
+    }
+
+    fn route(name: &str) -> Vec<u8> {
+        Typed::Route(xds_api::envoy::config::route::v3::RouteConfiguration {
+            name: name.into(),
+            ..Default::default()
+        })
+        .encode()
+    }
+
+    #[test]
+    fn groups_see_global_plus_their_own_and_override_by_name() {
+        let global = route("r");
+        let mut overridden = route("r");
+        overridden.extend_from_slice(&[0x18, 0x01]); // validate_clusters = true: different bytes
+        let other = route("only-team");
+        let hub = SnapshotHub::new(
+            state(
+                3,
+                &[
+                    (Kind::Route, "", "r", &global),
+                    (Kind::Route, "team", "r", &overridden),
+                    (Kind::Route, "team", "only-team", &other),
+                ],
+            ),
+            Duration::ZERO,
+        );
+        let global_view = hub.subscribe("").borrow().clone();
+        let team_view = hub.subscribe("team").borrow().clone();
+        assert_eq!(global_view.of(Kind::Route).len(), 1);
+        assert_eq!(team_view.of(Kind::Route).len(), 2);
+        assert_eq!(team_view.of(Kind::Route)["r"].body.value, overridden);
+        assert_eq!(global_view.of(Kind::Route)["r"].body.value, global);
+        assert_eq!(team_view.version, 3);
+    }
+
+    #[test]
+    fn only_groups_whose_content_changed_are_notified() {
+        let team_route = route("t");
+        let hub = SnapshotHub::new(
+            state(1, &[(Kind::Route, "team", "t", &team_route)]),
+            Duration::ZERO,
+        );
+        let mut global = hub.subscribe("");
+        let mut team = hub.subscribe("team");
+        global.mark_unchanged();
+        team.mark_unchanged();
+        let changed = route("t2");
+        hub.publish(state(
+            2,
+            &[
+                (Kind::Route, "team", "t", &team_route),
+                (Kind::Route, "team", "t2", &changed),
+            ],
+        ));
+        assert!(team.has_changed().unwrap_or(false));
+        assert!(!global.has_changed().unwrap_or(true));
+        assert_eq!(team.borrow().version, 2);
+    }
+
+    #[test]
+    fn eds_clusters_wait_for_their_endpoints() {
+        let cluster = Typed::from_json(Kind::Cluster, &serde_json::json!({"name": "c", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}})).expect("cluster").encode();
+        let hub = SnapshotHub::new(
+            state(1, &[(Kind::Cluster, "", "c", &cluster)]),
+            Duration::ZERO,
+        );
+        let mut view = hub.subscribe("");
+        assert!(view.borrow().of(Kind::Cluster).is_empty());
+        let endpoints = Typed::from_json(Kind::Endpoint, &serde_json::json!({"cluster_name": "c"}))
+            .expect("cla")
+            .encode();
+        hub.publish(state(
+            2,
+            &[
+                (Kind::Cluster, "", "c", &cluster),
+                (Kind::Endpoint, "", "c", &endpoints),
+            ],
+        ));
+        assert_eq!(view.borrow_and_update().of(Kind::Cluster).len(), 1);
+    }
+
+    #[test]
+    fn versions_are_content_hashes() {
+        assert_eq!(resource_version(b"a"), resource_version(b"a"));
+        assert_ne!(resource_version(b"a"), resource_version(b"b"));
+        assert_eq!(resource_version(b"a").len(), 16);
+    }
+}

@@ -1,0 +1,604 @@
+//! State-of-the-world xDS (`StreamAggregatedResources` and `Stream{Clusters,...}`).
+//!
+//! Per type the stream tracks the subscription (wildcard or names), the response awaiting an
+//! ACK, what the client holds (the view it last ACKed) and the last rejected view. Clusters and
+//! listeners are sent as full sets; endpoints, routes and secrets carry only what changed, or
+//! the whole subscription when it changes. A NACKed view is never sent again; the next
+//! different one is.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tonic::Status;
+use xds_api::envoy::config::core::v3::Node;
+use xds_api::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+use crate::resource::Kind;
+use crate::snapshot::{Resource, Snapshot, TypeMap};
+use crate::xds::stream::{NackRecord, Outcome, StreamProtocol, TypeStatus, rfc3339};
+
+/// A subset of one type's resources: everything in `source`, or only `names`.
+#[derive(Clone, Debug)]
+struct View {
+    source: Arc<TypeMap>,
+    names: Option<Arc<BTreeSet<String>>>,
+}
+
+impl View {
+    fn iter(&self) -> Box<dyn Iterator<Item = &Arc<Resource>> + '_> {
+        match &self.names {
+            None => Box::new(self.source.values()),
+            Some(names) => Box::new(names.iter().filter_map(|name| self.source.get(name))),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&Arc<Resource>> {
+        match &self.names {
+            Some(names) if !names.contains(name) => None,
+            _ => self.source.get(name),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Same names with the same versions.
+    fn same_as(&self, other: &View) -> bool {
+        if self.names.is_none() && other.names.is_none() && Arc::ptr_eq(&self.source, &other.source)
+        {
+            return true;
+        }
+        let mut mine = self.iter();
+        let mut theirs = other.iter();
+        loop {
+            match (mine.next(), theirs.next()) {
+                (None, None) => return true,
+                (Some(a), Some(b)) if a.name == b.name && a.version == b.version => {}
+                _ => return false,
+            }
+        }
+    }
+}
+
+/// What the client asked for.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Subscription {
+    wildcard: bool,
+    names: Arc<BTreeSet<String>>,
+}
+
+struct Pending {
+    nonce: String,
+    version: u64,
+    view: View,
+    committed_at: Instant,
+}
+
+#[derive(Default)]
+struct TypeState {
+    subscription: Subscription,
+    /// The client has sent a request for this type.
+    requested: bool,
+    /// The client has named resources at some point (an empty list then means "none").
+    named_before: bool,
+    /// A request is waiting for an answer even if nothing changed.
+    needs_response: bool,
+    last_nonce: Option<String>,
+    pending: Option<Pending>,
+    held: Option<View>,
+    acked_version: Option<String>,
+    rejected: Option<(u64, View)>,
+    last_nack: Option<NackRecord>,
+}
+
+/// One SotW stream (ADS, or a per-type service when `only` is set).
+pub struct SotwStream {
+    types: [TypeState; 5],
+    only: Option<Kind>,
+    next_nonce: u64,
+}
+
+impl SotwStream {
+    pub fn aggregated() -> SotwStream {
+        SotwStream {
+            types: Default::default(),
+            only: None,
+            next_nonce: 0,
+        }
+    }
+
+    pub fn single(kind: Kind) -> SotwStream {
+        SotwStream {
+            only: Some(kind),
+            ..SotwStream::aggregated()
+        }
+    }
+
+    fn kind_of(&self, type_url: &str) -> Result<Option<Kind>, Status> {
+        match (self.only, type_url) {
+            (Some(kind), "") => Ok(Some(kind)),
+            (Some(kind), url) if url == kind.type_url() => Ok(Some(kind)),
+            (Some(kind), url) => Err(Status::invalid_argument(format!(
+                "this service serves {}, not {url}",
+                kind.type_url()
+            ))),
+            (None, "") => Err(Status::invalid_argument("type_url is required on ADS")),
+            (None, url) => Ok(Kind::from_type_url(url)),
+        }
+    }
+
+    /// Plans the response for `kind`, if one is due.
+    fn plan(
+        &mut self,
+        kind: Kind,
+        snapshot: &Snapshot,
+        allow_removals: bool,
+    ) -> Option<DiscoveryResponse> {
+        let state = &self.types[kind.index()];
+        let desired = View {
+            source: snapshot.of(kind).clone(),
+            names: (!state.subscription.wildcard).then(|| state.subscription.names.clone()),
+        };
+        if !state.needs_response
+            && let Some((version, rejected)) = &state.rejected
+            && (*version == snapshot.version || rejected.same_as(&desired))
+        {
+            return None;
+        }
+        let (view, resources): (View, Vec<Arc<Resource>>) = if kind.is_full_state() {
+            let mut view = desired;
+            if !allow_removals && let Some(held) = &state.held {
+                // Make before break: keep what is being removed until the rest is in place.
+                let retained: Vec<_> = held
+                    .iter()
+                    .filter(|r| !view.contains(&r.name))
+                    .cloned()
+                    .collect();
+                if !retained.is_empty() {
+                    let mut merged: TypeMap =
+                        view.iter().map(|r| (r.name.clone(), r.clone())).collect();
+                    merged.extend(retained.into_iter().map(|r| (r.name.clone(), r)));
+                    view = View {
+                        source: Arc::new(merged),
+                        names: None,
+                    };
+                }
+            }
+            if !state.needs_response && state.held.as_ref().is_some_and(|held| held.same_as(&view))
+            {
+                return None;
+            }
+            let resources = view.iter().cloned().collect();
+            (view, resources)
+        } else {
+            let changed: Vec<_> = match (&state.held, state.needs_response) {
+                (Some(held), false) => desired
+                    .iter()
+                    .filter(|r| held.get(&r.name).is_none_or(|old| old.version != r.version))
+                    .cloned()
+                    .collect(),
+                _ => desired.iter().cloned().collect(),
+            };
+            if changed.is_empty() && !state.needs_response {
+                return None;
+            }
+            (desired, changed)
+        };
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        let state = &mut self.types[kind.index()];
+        state.needs_response = false;
+        state.last_nonce = Some(nonce.clone());
+        state.pending = Some(Pending {
+            nonce: nonce.clone(),
+            version: snapshot.version,
+            view,
+            committed_at: snapshot.committed_at,
+        });
+        Some(DiscoveryResponse {
+            version_info: snapshot.version.to_string(),
+            resources: resources.iter().map(|r| r.body.clone()).collect(),
+            type_url: kind.type_url().to_string(),
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    fn kinds(&self) -> Vec<Kind> {
+        match self.only {
+            Some(kind) => vec![kind],
+            None => Kind::ALL.to_vec(),
+        }
+    }
+}
+
+impl StreamProtocol for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const NAME: &'static str = "sotw";
+
+    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+
+    fn on_request(&mut self, request: DiscoveryRequest) -> Result<Option<Outcome>, Status> {
+        let Some(kind) = self.kind_of(&request.type_url)? else {
+            tracing::debug!(type_url = %request.type_url, "ignoring a request for a type this server does not serve");
+            return Ok(None);
+        };
+        let state = &mut self.types[kind.index()];
+        let mut outcome = None;
+        if !request.response_nonce.is_empty() {
+            if state.last_nonce.as_deref() != Some(request.response_nonce.as_str()) {
+                // Stale: the client has not seen our latest response yet.
+                return Ok(None);
+            }
+            if state.pending.is_none() {
+                // Our latest response was already ACKed: this is a fresh request for the same
+                // nonce (Envoy re-adds a watch when it rebuilds a cluster or listener), so it
+                // gets an answer even if the names did not change.
+                state.needs_response = true;
+            }
+            if let Some(pending) = state.pending.take() {
+                debug_assert_eq!(pending.nonce, request.response_nonce);
+                match &request.error_detail {
+                    Some(error) => {
+                        tracing::warn!(type_url = %request.type_url, version = pending.version, message = %error.message, "proxy rejected a push");
+                        state.last_nack = Some(NackRecord {
+                            version: pending.version.to_string(),
+                            message: error.message.clone(),
+                            time: rfc3339(SystemTime::now()),
+                        });
+                        state.rejected = Some((pending.version, pending.view));
+                        outcome = Some(Outcome::Nack);
+                    }
+                    None => {
+                        state.acked_version = Some(pending.version.to_string());
+                        state.held = Some(pending.view);
+                        outcome = Some(Outcome::Ack {
+                            latency: pending.committed_at.elapsed(),
+                        });
+                    }
+                }
+            }
+        }
+        let subscription = if request.resource_names.is_empty() {
+            Subscription {
+                wildcard: !state.named_before,
+                names: Arc::default(),
+            }
+        } else {
+            state.named_before = true;
+            Subscription {
+                wildcard: request.resource_names.iter().any(|name| name == "*"),
+                names: Arc::new(
+                    request
+                        .resource_names
+                        .iter()
+                        .filter(|name| *name != "*")
+                        .cloned()
+                        .collect(),
+                ),
+            }
+        };
+        if !state.requested
+            || request.response_nonce.is_empty()
+            || subscription != state.subscription
+        {
+            state.needs_response = true;
+        }
+        state.requested = true;
+        state.subscription = subscription;
+        Ok(outcome)
+    }
+
+    fn next_response(&mut self, snapshot: &Snapshot) -> Option<DiscoveryResponse> {
+        let kinds = self.kinds();
+        for allow_removals in [false, true] {
+            if allow_removals && self.types.iter().any(|state| state.pending.is_some()) {
+                // Removals only once everything sent is ACKed.
+                return None;
+            }
+            for &kind in &kinds {
+                let state = &self.types[kind.index()];
+                if state.pending.is_some() || !state.requested {
+                    continue;
+                }
+                let gated = crate::xds::prerequisites(kind)
+                    .iter()
+                    .any(|before| self.types[before.index()].pending.is_some());
+                if gated {
+                    continue;
+                }
+                if let Some(response) = self.plan(kind, snapshot, allow_removals) {
+                    return Some(response);
+                }
+            }
+        }
+        None
+    }
+
+    fn status(&self, kind: Kind) -> TypeStatus {
+        let state = &self.types[kind.index()];
+        TypeStatus {
+            acked_version: state.acked_version.clone(),
+            pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.clone()),
+            last_nack: state.last_nack.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::resource_version;
+    use xds_api::google::rpc::Status as RpcStatus;
+
+    fn resource(kind: Kind, name: &str, content: &str) -> (String, Arc<Resource>) {
+        let bytes = format!("{name}={content}").into_bytes();
+        (
+            name.to_string(),
+            Arc::new(Resource {
+                name: name.to_string(),
+                version: resource_version(&bytes),
+                body: prost_types::Any {
+                    type_url: kind.type_url().into(),
+                    value: bytes,
+                },
+                eds_service: None,
+            }),
+        )
+    }
+
+    fn snapshot(version: u64, entries: &[(Kind, &str, &str)]) -> Snapshot {
+        let mut types: [TypeMap; 5] = Default::default();
+        for (kind, name, content) in entries {
+            let (name, resource) = resource(*kind, name, content);
+            types[kind.index()].insert(name, resource);
+        }
+        Snapshot {
+            version,
+            committed_at: Instant::now(),
+            types: types.map(Arc::new),
+        }
+    }
+
+    fn request(kind: Kind, names: &[&str], nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: kind.type_url().into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn nack(kind: Kind, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            error_detail: Some(RpcStatus {
+                code: 3,
+                message: "bad".into(),
+                details: vec![],
+            }),
+            ..request(kind, &[], nonce)
+        }
+    }
+
+    fn names(response: &DiscoveryResponse) -> Vec<String> {
+        response
+            .resources
+            .iter()
+            .map(|any| String::from_utf8_lossy(&any.value).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn wildcard_clusters_then_named_endpoints_in_order() {
+        let snap = snapshot(
+            1,
+            &[
+                (Kind::Cluster, "a", "1"),
+                (Kind::Endpoint, "a", "1"),
+                (Kind::Listener, "l", "1"),
+            ],
+        );
+        let mut stream = SotwStream::aggregated();
+        stream
+            .on_request(request(Kind::Cluster, &[], ""))
+            .expect("ok");
+        stream
+            .on_request(request(Kind::Listener, &[], ""))
+            .expect("ok");
+        let cds = stream.next_response(&snap).expect("CDS first");
+        assert_eq!(cds.type_url, Kind::Cluster.type_url());
+        assert_eq!(names(&cds), ["a=1"]);
+        assert!(
+            stream.next_response(&snap).is_none(),
+            "LDS waits for the CDS ACK"
+        );
+        let outcome = stream
+            .on_request(request(Kind::Cluster, &[], &cds.nonce))
+            .expect("ok");
+        assert!(matches!(outcome, Some(Outcome::Ack { .. })));
+        stream
+            .on_request(request(Kind::Endpoint, &["a"], ""))
+            .expect("ok");
+        let eds = stream.next_response(&snap).expect("EDS next");
+        assert_eq!(eds.type_url, Kind::Endpoint.type_url());
+        stream
+            .on_request(request(Kind::Endpoint, &["a"], &eds.nonce))
+            .expect("ok");
+        let lds = stream.next_response(&snap).expect("then LDS");
+        assert_eq!(lds.type_url, Kind::Listener.type_url());
+        stream
+            .on_request(request(Kind::Listener, &[], &lds.nonce))
+            .expect("ok");
+        assert!(stream.next_response(&snap).is_none(), "nothing changed");
+        assert_eq!(
+            stream.status(Kind::Listener).acked_version.as_deref(),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn a_nacked_version_is_not_resent_but_the_next_one_is() {
+        let mut stream = SotwStream::single(Kind::Cluster);
+        stream
+            .on_request(request(Kind::Cluster, &[], ""))
+            .expect("ok");
+        let first = stream
+            .next_response(&snapshot(1, &[(Kind::Cluster, "a", "1")]))
+            .expect("sent");
+        stream
+            .on_request(request(Kind::Cluster, &[], &first.nonce))
+            .expect("ack");
+        let bad = snapshot(2, &[(Kind::Cluster, "a", "2")]);
+        let second = stream.next_response(&bad).expect("sent");
+        let outcome = stream
+            .on_request(nack(Kind::Cluster, &second.nonce))
+            .expect("nack");
+        assert_eq!(outcome, Some(Outcome::Nack));
+        assert!(
+            stream.next_response(&bad).is_none(),
+            "the rejected version is not resent"
+        );
+        // A new config version with the same rejected content is not resent either.
+        assert!(
+            stream
+                .next_response(&snapshot(3, &[(Kind::Cluster, "a", "2")]))
+                .is_none()
+        );
+        let status = stream.status(Kind::Cluster);
+        assert_eq!(status.acked_version.as_deref(), Some("1"));
+        assert_eq!(
+            status.last_nack.as_ref().map(|n| n.version.as_str()),
+            Some("2")
+        );
+        let fixed = stream
+            .next_response(&snapshot(4, &[(Kind::Cluster, "a", "3")]))
+            .expect("new version sent");
+        assert_eq!(names(&fixed), ["a=3"]);
+    }
+
+    #[test]
+    fn stale_nonces_are_ignored() {
+        let snap = snapshot(1, &[(Kind::Cluster, "a", "1")]);
+        let mut stream = SotwStream::aggregated();
+        stream
+            .on_request(request(Kind::Cluster, &[], ""))
+            .expect("ok");
+        let first = stream.next_response(&snap).expect("sent");
+        assert_eq!(
+            stream
+                .on_request(request(Kind::Cluster, &[], "999"))
+                .expect("ok"),
+            None
+        );
+        assert_eq!(
+            stream.status(Kind::Cluster).pending_nonce,
+            Some(first.nonce)
+        );
+    }
+
+    #[test]
+    fn removed_clusters_stay_until_the_rest_is_acked() {
+        let mut stream = SotwStream::aggregated();
+        stream
+            .on_request(request(Kind::Cluster, &[], ""))
+            .expect("ok");
+        stream
+            .on_request(request(Kind::Route, &["r"], ""))
+            .expect("ok");
+        let old = snapshot(
+            1,
+            &[(Kind::Cluster, "old", "1"), (Kind::Route, "r", "to-old")],
+        );
+        let cds = stream.next_response(&old).expect("cds");
+        stream
+            .on_request(request(Kind::Cluster, &[], &cds.nonce))
+            .expect("ack");
+        let rds = stream.next_response(&old).expect("rds");
+        stream
+            .on_request(request(Kind::Route, &["r"], &rds.nonce))
+            .expect("ack");
+        // The route moves to a new cluster and the old cluster goes away.
+        let new = snapshot(
+            2,
+            &[(Kind::Cluster, "new", "1"), (Kind::Route, "r", "to-new")],
+        );
+        let cds = stream.next_response(&new).expect("cds with both");
+        assert_eq!(names(&cds), ["new=1", "old=1"]);
+        stream
+            .on_request(request(Kind::Cluster, &[], &cds.nonce))
+            .expect("ack");
+        let rds = stream.next_response(&new).expect("rds");
+        assert_eq!(names(&rds), ["r=to-new"]);
+        stream
+            .on_request(request(Kind::Route, &["r"], &rds.nonce))
+            .expect("ack");
+        let cds = stream.next_response(&new).expect("removal last");
+        assert_eq!(names(&cds), ["new=1"]);
+    }
+
+    #[test]
+    fn named_types_send_only_what_changed_unless_the_subscription_changes() {
+        let mut stream = SotwStream::single(Kind::Endpoint);
+        stream
+            .on_request(request(Kind::Endpoint, &["a", "b"], ""))
+            .expect("ok");
+        let first = stream
+            .next_response(&snapshot(
+                1,
+                &[(Kind::Endpoint, "a", "1"), (Kind::Endpoint, "b", "1")],
+            ))
+            .expect("sent");
+        assert_eq!(first.resources.len(), 2);
+        stream
+            .on_request(request(Kind::Endpoint, &["a", "b"], &first.nonce))
+            .expect("ack");
+        let update = snapshot(
+            2,
+            &[
+                (Kind::Endpoint, "a", "2"),
+                (Kind::Endpoint, "b", "1"),
+                (Kind::Endpoint, "c", "1"),
+            ],
+        );
+        let second = stream.next_response(&update).expect("sent");
+        assert_eq!(names(&second), ["a=2"]);
+        stream
+            .on_request(request(Kind::Endpoint, &["a", "b", "c"], &second.nonce))
+            .expect("ack + subscribe");
+        let third = stream.next_response(&update).expect("whole subscription");
+        assert_eq!(names(&third), ["a=2", "b=1", "c=1"]);
+    }
+
+    #[test]
+    fn a_repeated_request_after_the_ack_is_answered_again() {
+        let snap = snapshot(1, &[(Kind::Endpoint, "a", "1")]);
+        let mut stream = SotwStream::single(Kind::Endpoint);
+        stream
+            .on_request(request(Kind::Endpoint, &["a"], ""))
+            .expect("ok");
+        let first = stream.next_response(&snap).expect("sent");
+        stream
+            .on_request(request(Kind::Endpoint, &["a"], &first.nonce))
+            .expect("ack");
+        assert!(
+            stream.next_response(&snap).is_none(),
+            "an ACK is not answered"
+        );
+        stream
+            .on_request(request(Kind::Endpoint, &["a"], &first.nonce))
+            .expect("re-request");
+        let again = stream.next_response(&snap).expect("answered");
+        assert_eq!(names(&again), ["a=1"]);
+    }
+
+    #[test]
+    fn ads_requires_a_type_url() {
+        let mut stream = SotwStream::aggregated();
+        assert!(stream.on_request(DiscoveryRequest::default()).is_err());
+    }
+}
