@@ -243,6 +243,31 @@ pub fn bootstrap(proto: &xds_api::envoy::config::bootstrap::v3::Bootstrap) -> R<
     // Every cluster a static listener names must exist, unless clusters come from CDS.
     if dynamic.as_ref().is_none_or(|d| d.cds.is_none()) {
         for (index, listener) in listeners.iter().enumerate() {
+            for chain in listener
+                .filter_chains
+                .iter()
+                .chain(listener.default_filter_chain.iter())
+            {
+                let NetworkFilter::Http(hcm) = &chain.filter else {
+                    continue;
+                };
+                let RouteSource::Inline(table) = &hcm.routes else {
+                    continue;
+                };
+                if table.validate_clusters == Some(false) {
+                    continue;
+                }
+                if let Some(name) = table
+                    .clusters
+                    .iter()
+                    .find(|name| !clusters.iter().any(|c| &c.name == *name))
+                {
+                    return err(
+                        format!("static_resources.listeners[{index}]"),
+                        format!("route: unknown cluster {name:?}"),
+                    );
+                }
+            }
             for name in listener_clusters(listener) {
                 if !clusters.iter().any(|c| c.name == name) {
                     return err(
@@ -824,6 +849,16 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
         protocol,
         thresholds,
         dns_refresh_rate: dns_refresh_rate.max(Duration::from_millis(1)),
+        dns_lookup_family: match cluster_pb::cluster::DnsLookupFamily::try_from(
+            proto.dns_lookup_family,
+        ) {
+            Ok(cluster_pb::cluster::DnsLookupFamily::Auto) => DnsLookupFamily::Auto,
+            Ok(cluster_pb::cluster::DnsLookupFamily::V4Only) => DnsLookupFamily::V4Only,
+            Ok(cluster_pb::cluster::DnsLookupFamily::V6Only) => DnsLookupFamily::V6Only,
+            Ok(cluster_pb::cluster::DnsLookupFamily::V4Preferred) => DnsLookupFamily::V4Preferred,
+            Ok(cluster_pb::cluster::DnsLookupFamily::All) => DnsLookupFamily::All,
+            Err(_) => return err(sub(path, "dns_lookup_family"), "unknown value"),
+        },
         tcp_keepalive: proto
             .upstream_connection_options
             .as_ref()

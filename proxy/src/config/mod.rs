@@ -316,6 +316,45 @@ impl Default for Thresholds {
     }
 }
 
+/// Which addresses a STRICT_DNS answer contributes (Envoy's `dns_lookup_family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsLookupFamily {
+    /// IPv6 if any, else IPv4.
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4 if any, else IPv6.
+    V4Preferred,
+    All,
+}
+
+impl DnsLookupFamily {
+    /// Filters resolved addresses as Envoy would.
+    pub fn select(self, addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let (v4, v6): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            addrs.into_iter().partition(SocketAddr::is_ipv4);
+        match self {
+            DnsLookupFamily::V4Only => v4,
+            DnsLookupFamily::V6Only => v6,
+            DnsLookupFamily::Auto => {
+                if v6.is_empty() {
+                    v4
+                } else {
+                    v6
+                }
+            }
+            DnsLookupFamily::V4Preferred => {
+                if v4.is_empty() {
+                    v6
+                } else {
+                    v4
+                }
+            }
+            DnsLookupFamily::All => v4.into_iter().chain(v6).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
     Http1,
@@ -331,6 +370,7 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     pub thresholds: Thresholds,
     pub dns_refresh_rate: Duration,
+    pub dns_lookup_family: DnsLookupFamily,
     pub tcp_keepalive: bool,
     pub version_hash: u64,
     pub raw: serde_json::Value,

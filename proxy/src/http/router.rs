@@ -37,6 +37,9 @@ pub struct RouteTable {
     pub most_specific_header_mutations_wins: bool,
     /// Cluster names the table refers to (for `validate_clusters` and warming).
     pub clusters: Vec<String>,
+    /// Whether unknown cluster names make the config invalid (`None`: Envoy's default, true
+    /// for inline route configs).
+    pub validate_clusters: Option<bool>,
     pub version_hash: u64,
     pub raw: serde_json::Value,
 }
@@ -410,6 +413,7 @@ impl RouteTable {
             )?,
             most_specific_header_mutations_wins: proto.most_specific_header_mutations_wins,
             clusters: Vec::new(),
+            validate_clusters: proto.validate_clusters,
             version_hash: {
                 use prost::Message;
                 use std::hash::{Hash, Hasher};
@@ -1005,7 +1009,7 @@ impl Redirect {
             }
         }
         let new_default = if new_scheme == "https" { "443" } else { "80" };
-        if port.as_deref() == Some(new_default) {
+        if self.port.is_none() && port.as_deref() == Some(new_default) {
             port = None;
         }
         let mut path = match &self.path {

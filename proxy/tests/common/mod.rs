@@ -164,3 +164,29 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     let _ = stream.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
 }
+
+impl Proxy {
+    /// Starts the proxy with an existing bootstrap file.
+    pub fn start_file(config: &std::path::Path, admin: SocketAddr, extra: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut command = Command::new(workspace_binary("remora-proxy"));
+        command
+            .arg("-c")
+            .arg(config)
+            .args(["--concurrency", "2", "--log-level", "debug"])
+            .args(extra);
+        let process = ChildGuard::spawn("remora-proxy", command);
+        wait_for("remora-proxy /ready", Duration::from_secs(20), || {
+            http_get(admin, "/ready")
+                .ok()
+                .filter(|(status, _, _)| *status == 200)
+                .map(|_| ())
+        });
+        Proxy {
+            process,
+            admin,
+            config: config.to_path_buf(),
+            _dir: dir,
+        }
+    }
+}
