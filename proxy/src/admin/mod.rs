@@ -1,0 +1,399 @@
+//! The admin endpoint on `admin.address`: readiness, server info, stats (text and Prometheus),
+//! config dump (with `?resource=` and `?mask=`), clusters, listeners, draining and quitting.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+use crate::server::{Server, State, Stop};
+
+/// Serves the admin API until the process exits.
+pub async fn serve(server: Arc<Server>, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request| handle(server.clone(), request));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
+    response
+}
+
+fn json_response(value: &Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(
+        serde_json::to_string_pretty(value).unwrap_or_default(),
+    )));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() && i + 2 < bytes.len() => {
+                match u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle(
+    server: Arc<Server>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path();
+    let query = request.uri().query().unwrap_or("");
+    let post = request.method() == Method::POST;
+    let response = match path {
+        "/ready" => match server.state() {
+            State::Live => text(StatusCode::OK, "LIVE\n"),
+            State::Initializing => text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n"),
+            State::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n"),
+        },
+        "/server_info" => json_response(&json!({
+            "version": format!("remora/{}", env!("CARGO_PKG_VERSION")),
+            "state": match server.state() { State::Live => "LIVE", State::Initializing => "INITIALIZING", State::Draining => "DRAINING" },
+            "uptime_current_epoch": format!("{}s", server.started.elapsed().as_secs()),
+            "node": {"id": server.node.id, "cluster": server.node.cluster},
+            "command_line_options": {"concurrency": server.workers.len(), "drain_time": format!("{}s", server.drain_time.as_secs())},
+        })),
+        "/stats" => {
+            let filter = query_param(query, "filter")
+                .map(percent_decode)
+                .and_then(|f| regex::Regex::new(&f).ok());
+            if query_param(query, "format") == Some("json") {
+                let stats: Vec<Value> = server
+                    .registry
+                    .snapshot()
+                    .into_iter()
+                    .filter(|(name, _, _)| filter.as_ref().is_none_or(|re| re.is_match(name)))
+                    .map(|(name, _, value)| json!({"name": name, "value": value}))
+                    .collect();
+                json_response(&json!({"stats": stats}))
+            } else {
+                text(StatusCode::OK, server.registry.render_text(filter.as_ref()))
+            }
+        }
+        "/stats/prometheus" => text(StatusCode::OK, server.registry.render_prometheus()),
+        "/config_dump" => {
+            let resource = query_param(query, "resource").map(percent_decode);
+            let mask = query_param(query, "mask").map(percent_decode);
+            json_response(&config_dump(&server, resource.as_deref(), mask.as_deref()))
+        }
+        "/clusters" => text(StatusCode::OK, clusters_text(&server)),
+        "/listeners" => {
+            let listeners: Vec<String> = server
+                .listeners
+                .list()
+                .iter()
+                .map(|l| format!("{}::{}\n", l.config.name, l.local_addr))
+                .collect();
+            text(StatusCode::OK, listeners.concat())
+        }
+        "/drain_listeners" if post => {
+            let graceful = query_param(query, "graceful").is_some()
+                || query.split('&').any(|p| p == "graceful");
+            let server2 = server.clone();
+            tokio::spawn(async move {
+                server2
+                    .listeners
+                    .drain_all(server2.drain_time, graceful)
+                    .await
+            });
+            text(StatusCode::OK, "OK\n")
+        }
+        "/quitquitquit" if post => {
+            server.request_stop(Stop::Quit);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/drain_listeners" | "/quitquitquit" => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This endpoint requires POST\n",
+        ),
+        "/" => text(
+            StatusCode::OK,
+            "admin commands: /ready /server_info /stats /stats/prometheus /config_dump /clusters /listeners /drain_listeners /quitquitquit\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "invalid path\n"),
+    };
+    Ok(response)
+}
+
+fn clusters_text(server: &Server) -> String {
+    let mut out = String::new();
+    let clusters = server.clusters.all();
+    let mut names: Vec<&String> = clusters.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(cluster) = clusters.get(name) else {
+            continue;
+        };
+        let thresholds = cluster.config.thresholds;
+        out.push_str(&format!(
+            "{name}::default_priority::max_connections::{}\n",
+            thresholds.max_connections
+        ));
+        out.push_str(&format!(
+            "{name}::default_priority::max_requests::{}\n",
+            thresholds.max_requests
+        ));
+        for host in cluster.endpoints.load().all_hosts() {
+            let prefix = format!("{name}::{}", host.addr);
+            out.push_str(&format!("{prefix}::hostname::{}\n", host.hostname));
+            out.push_str(&format!(
+                "{prefix}::health_flags::{}\n",
+                if host.health.usable() {
+                    "healthy".to_string()
+                } else {
+                    format!("/{}", host.health.name())
+                }
+            ));
+            out.push_str(&format!("{prefix}::weight::{}\n", host.weight));
+            out.push_str(&format!("{prefix}::priority::{}\n", host.priority));
+            out.push_str(&format!("{prefix}::rq_total::{}\n", host.rq_total.get()));
+            out.push_str(&format!("{prefix}::rq_error::{}\n", host.rq_error.get()));
+        }
+    }
+    out
+}
+
+/// One config dump section: its type and its named resource lists.
+type Section<'a> = (&'a str, Vec<(&'a str, Vec<Value>)>);
+
+/// Envoy-shaped config dump.
+pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) -> Value {
+    let xds = server.xds.snapshot();
+    let mut static_clusters = Vec::new();
+    let mut dynamic_active_clusters = Vec::new();
+    let clusters = server.clusters.all();
+    let mut names: Vec<&String> = clusters.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(cluster) = clusters.get(name) else {
+            continue;
+        };
+        if server.is_static_cluster(name) {
+            static_clusters.push(json!({"cluster": cluster.config.raw}));
+        } else {
+            let mut entry = json!({"version_info": xds.version(xds_api::type_urls::CLUSTER), "cluster": cluster.config.raw});
+            if let Some(error) = xds.error(xds_api::type_urls::CLUSTER, name) {
+                entry["error_state"] = error;
+            }
+            dynamic_active_clusters.push(entry);
+        }
+    }
+    let dynamic_warming_clusters: Vec<Value> = xds
+        .warming_clusters
+        .iter()
+        .map(|raw| json!({"cluster": raw}))
+        .collect();
+    let mut static_listeners = Vec::new();
+    let mut dynamic_listeners = Vec::new();
+    for listener in server.listeners.list() {
+        let name = &listener.config.name;
+        if server.is_static_listener(name) {
+            static_listeners.push(json!({"listener": listener.config.raw}));
+        } else {
+            let mut entry = json!({
+                "name": name,
+                "active_state": {"version_info": xds.version(xds_api::type_urls::LISTENER), "listener": listener.config.raw},
+            });
+            if let Some(error) = xds.error(xds_api::type_urls::LISTENER, name) {
+                entry["error_state"] = error;
+            }
+            dynamic_listeners.push(entry);
+        }
+    }
+    // Rejected resources that never became active still show their error.
+    for (type_url, name, error) in xds.errors() {
+        if type_url == xds_api::type_urls::LISTENER
+            && !dynamic_listeners.iter().any(|l| l["name"] == name.as_str())
+        {
+            dynamic_listeners.push(json!({"name": name, "error_state": error}));
+        }
+    }
+    let mut dynamic_route_configs = Vec::new();
+    for (name, table) in server.routes.load().iter() {
+        let mut entry = json!({"version_info": xds.version(xds_api::type_urls::ROUTE_CONFIGURATION), "route_config": table.raw});
+        if let Some(error) = xds.error(xds_api::type_urls::ROUTE_CONFIGURATION, name) {
+            entry["error_state"] = error;
+        }
+        dynamic_route_configs.push(entry);
+    }
+    let mut dynamic_endpoint_configs = Vec::new();
+    for (name, raw) in &xds.endpoints {
+        let mut entry = json!({"version_info": xds.version(xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT), "endpoint_config": raw});
+        if let Some(error) = xds.error(xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT, name) {
+            entry["error_state"] = error;
+        }
+        dynamic_endpoint_configs.push(entry);
+    }
+    let sections: Vec<Section> = vec![
+        (
+            "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+            vec![("bootstrap", vec![server.bootstrap.raw.clone()])],
+        ),
+        (
+            "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+            vec![
+                ("static_clusters", static_clusters),
+                ("dynamic_active_clusters", dynamic_active_clusters),
+                ("dynamic_warming_clusters", dynamic_warming_clusters),
+            ],
+        ),
+        (
+            "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+            vec![
+                ("static_listeners", static_listeners),
+                ("dynamic_listeners", dynamic_listeners),
+            ],
+        ),
+        (
+            "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+            vec![("dynamic_route_configs", dynamic_route_configs)],
+        ),
+        (
+            "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump",
+            vec![("dynamic_endpoint_configs", dynamic_endpoint_configs)],
+        ),
+    ];
+    let resource_type = |section: &str, field: &str| -> String {
+        let base = section.trim_end_matches("ConfigDump");
+        match field {
+            "bootstrap" => section.to_string(),
+            "static_clusters" => format!("{base}ConfigDump.StaticCluster"),
+            "dynamic_active_clusters" | "dynamic_warming_clusters" => {
+                format!("{base}ConfigDump.DynamicCluster")
+            }
+            "static_listeners" => format!("{base}ConfigDump.StaticListener"),
+            "dynamic_listeners" => format!("{base}ConfigDump.DynamicListener"),
+            "dynamic_route_configs" => format!("{base}ConfigDump.DynamicRouteConfig"),
+            _ => format!("{base}ConfigDump.DynamicEndpointConfig"),
+        }
+    };
+    let masks: Vec<Vec<&str>> = mask
+        .map(|m| m.split(',').map(|p| p.split('.').collect()).collect())
+        .unwrap_or_default();
+    let mut configs = Vec::new();
+    match resource {
+        Some(wanted) => {
+            for (section, fields) in &sections {
+                for (field, items) in fields {
+                    if *field == wanted {
+                        for item in items {
+                            let mut item = if *field == "bootstrap" {
+                                json!({"bootstrap": item})
+                            } else {
+                                item.clone()
+                            };
+                            apply_mask(&mut item, &masks);
+                            if let Value::Object(map) = &mut item {
+                                map.insert(
+                                    "@type".into(),
+                                    Value::String(resource_type(section, field)),
+                                );
+                            }
+                            configs.push(item);
+                        }
+                    }
+                }
+            }
+        }
+        None => {
+            for (section, fields) in sections {
+                let mut object = serde_json::Map::new();
+                object.insert("@type".into(), Value::String(section.to_string()));
+                for (field, items) in fields {
+                    if field == "bootstrap" {
+                        object.insert(
+                            field.into(),
+                            items.into_iter().next().unwrap_or(Value::Null),
+                        );
+                    } else {
+                        object.insert(field.into(), Value::Array(items));
+                    }
+                }
+                let mut value = Value::Object(object);
+                apply_mask(&mut value, &masks);
+                if let Value::Object(map) = &mut value {
+                    map.insert("@type".into(), Value::String(section.to_string()));
+                }
+                configs.push(value);
+            }
+        }
+    }
+    json!({"configs": configs})
+}
+
+/// Keeps only the masked field paths (Envoy's FieldMask semantics, applied through arrays).
+fn apply_mask(value: &mut Value, masks: &[Vec<&str>]) {
+    if masks.is_empty() {
+        return;
+    }
+    match value {
+        Value::Array(items) => items.iter_mut().for_each(|item| apply_mask(item, masks)),
+        Value::Object(map) => {
+            let keys: Vec<String> = map.keys().cloned().collect();
+            for key in keys {
+                let matching: Vec<Vec<&str>> = masks
+                    .iter()
+                    .filter(|m| m.first() == Some(&key.as_str()))
+                    .map(|m| m[1..].to_vec())
+                    .collect();
+                if matching.is_empty() {
+                    map.remove(&key);
+                } else if matching.iter().all(|rest| !rest.is_empty())
+                    && let Some(child) = map.get_mut(&key)
+                {
+                    apply_mask(child, &matching);
+                }
+            }
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,937 @@
+//! Proto → model conversion. Assumes [`super::strict`] has already rejected unsupported fields;
+//! here values are checked (required fields, enum values Remora implements, ranges) and every
+//! error names its path.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use xds_api::envoy::config::cluster::v3 as cluster_pb;
+use xds_api::envoy::config::core::v3 as core_pb;
+use xds_api::envoy::config::endpoint::v3 as endpoint_pb;
+use xds_api::envoy::config::listener::v3 as listener_pb;
+use xds_api::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
+use xds_api::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pb;
+use xds_api::type_urls;
+
+use super::*;
+use crate::http::router::RouteTable;
+
+type R<T> = ConfigResult<T>;
+
+fn err<T>(path: impl Into<String>, reason: impl Into<String>) -> R<T> {
+    Err(ConfigError::new(path, reason))
+}
+
+/// A protobuf duration as a std duration (negative → error).
+pub fn duration(value: &prost_types::Duration, path: &str) -> R<Duration> {
+    if value.seconds < 0 || value.nanos < 0 {
+        return err(path, "must not be negative");
+    }
+    Ok(Duration::new(value.seconds as u64, value.nanos as u32))
+}
+
+fn opt_duration(value: &Option<prost_types::Duration>, path: &str) -> R<Option<Duration>> {
+    value
+        .as_ref()
+        .map(|value| duration(value, path))
+        .transpose()
+}
+
+/// Envoy's convention: an explicit zero disables a timeout.
+fn timeout_or(
+    value: &Option<prost_types::Duration>,
+    path: &str,
+    default: Option<Duration>,
+) -> R<Option<Duration>> {
+    Ok(match opt_duration(value, path)? {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => default,
+    })
+}
+
+/// Unpacks an `Any` holding `M`, comparing against the `type.googleapis.com/` URL (prost's
+/// `Name::type_url()` has no host part, so `xds_api::any::unpack` rejects real Envoy Anys).
+pub fn unpack<M: Message + prost::Name + Default>(any: &prost_types::Any) -> Result<M, String> {
+    let expected = format!("{}{}", type_urls::PREFIX, M::full_name());
+    if any.type_url != expected {
+        return Err(format!("expected {expected} but found {}", any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {expected}: {e}"))
+}
+
+fn hash_of<M: Message>(message: &M) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    message.encode_to_vec().hash(&mut hasher);
+    hasher.finish()
+}
+
+fn raw_json<M: Message + prost::Name>(message: &M) -> serde_json::Value {
+    xds_api::json::to_value(message).unwrap_or(serde_json::Value::Null)
+}
+
+pub fn socket_address(address: &Option<core_pb::Address>, path: &str) -> R<SocketAddr> {
+    match resolve_address(address, path)? {
+        EndpointAddress::Ip(addr) => Ok(addr),
+        EndpointAddress::Dns { host, .. } => err(
+            format!("{path}.socket_address.address"),
+            format!("{host:?} is not an IP address"),
+        ),
+    }
+}
+
+fn resolve_address(address: &Option<core_pb::Address>, path: &str) -> R<EndpointAddress> {
+    let Some(address) = address else {
+        return err(path, "address is required");
+    };
+    let Some(core_pb::address::Address::SocketAddress(socket)) = &address.address else {
+        return err(path, "only socket_address is supported");
+    };
+    let sock_path = format!("{path}.socket_address");
+    if socket.protocol != core_pb::socket_address::Protocol::Tcp as i32 {
+        return err(format!("{sock_path}.protocol"), "only TCP is supported");
+    }
+    let port = match &socket.port_specifier {
+        Some(core_pb::socket_address::PortSpecifier::PortValue(port)) => *port,
+        Some(_) => {
+            return err(
+                format!("{sock_path}.named_port"),
+                "named ports are not supported",
+            );
+        }
+        None => 0,
+    };
+    let port = u16::try_from(port)
+        .map_err(|_| ConfigError::new(format!("{sock_path}.port_value"), "must be ≤ 65535"))?;
+    if socket.address.is_empty() {
+        return err(format!("{sock_path}.address"), "must not be empty");
+    }
+    Ok(match socket.address.parse::<IpAddr>() {
+        Ok(ip) => EndpointAddress::Ip(SocketAddr::new(ip, port)),
+        Err(_) => EndpointAddress::Dns {
+            host: socket.address.clone(),
+            port,
+        },
+    })
+}
+
+fn config_source(source: &Option<core_pb::ConfigSource>, path: &str) -> R<ConfigSource> {
+    let Some(source) = source else {
+        return err(path, "config source is required");
+    };
+    match &source.config_source_specifier {
+        Some(core_pb::config_source::ConfigSourceSpecifier::Ads(_)) => {}
+        _ => return err(path, "only `ads: {}` config sources are supported"),
+    }
+    let initial_fetch_timeout = match &source.initial_fetch_timeout {
+        Some(value) => duration(value, &format!("{path}.initial_fetch_timeout"))?,
+        None => Duration::from_secs(15),
+    };
+    Ok(ConfigSource {
+        initial_fetch_timeout,
+    })
+}
+
+// === Bootstrap ===
+
+pub fn bootstrap(proto: &xds_api::envoy::config::bootstrap::v3::Bootstrap) -> R<Bootstrap> {
+    super::strict::check(proto, "")?;
+    let node = proto
+        .node
+        .as_ref()
+        .map(|node| Node {
+            id: node.id.clone(),
+            cluster: node.cluster.clone(),
+        })
+        .unwrap_or_default();
+    let admin = match &proto.admin {
+        Some(admin) => Some(socket_address(&admin.address, "admin.address")?),
+        None => None,
+    };
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
+    if let Some(statics) = &proto.static_resources {
+        for (index, listener_proto) in statics.listeners.iter().enumerate() {
+            let path = format!("static_resources.listeners[{index}]");
+            let model = listener(listener_proto, &path)?;
+            if listeners
+                .iter()
+                .any(|other: &Arc<Listener>| other.name == model.name)
+            {
+                return err(
+                    format!("{path}.name"),
+                    format!("duplicate listener name {:?}", model.name),
+                );
+            }
+            listeners.push(Arc::new(model));
+        }
+        for (index, cluster_proto) in statics.clusters.iter().enumerate() {
+            let path = format!("static_resources.clusters[{index}]");
+            let model = cluster(cluster_proto, &path)?;
+            if clusters
+                .iter()
+                .any(|other: &Arc<Cluster>| other.name == model.name)
+            {
+                return err(
+                    format!("{path}.name"),
+                    format!("duplicate cluster name {:?}", model.name),
+                );
+            }
+            clusters.push(Arc::new(model));
+        }
+    }
+    let dynamic = match &proto.dynamic_resources {
+        Some(dynamic) => {
+            let Some(ads) = &dynamic.ads_config else {
+                return err(
+                    "dynamic_resources.ads_config",
+                    "required: only ADS is supported",
+                );
+            };
+            let flavor = match core_pb::api_config_source::ApiType::try_from(ads.api_type) {
+                Ok(core_pb::api_config_source::ApiType::Grpc) => AdsFlavor::StateOfTheWorld,
+                Ok(core_pb::api_config_source::ApiType::DeltaGrpc) => AdsFlavor::Delta,
+                _ => {
+                    return err(
+                        "dynamic_resources.ads_config.api_type",
+                        "only GRPC and DELTA_GRPC are supported",
+                    );
+                }
+            };
+            let [service] = ads.grpc_services.as_slice() else {
+                return err(
+                    "dynamic_resources.ads_config.grpc_services",
+                    "exactly one grpc service is required",
+                );
+            };
+            let Some(core_pb::grpc_service::TargetSpecifier::EnvoyGrpc(target)) =
+                &service.target_specifier
+            else {
+                return err(
+                    "dynamic_resources.ads_config.grpc_services[0]",
+                    "envoy_grpc is required",
+                );
+            };
+            if !clusters.iter().any(|c| c.name == target.cluster_name) {
+                return err(
+                    "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+                    format!("unknown static cluster {:?}", target.cluster_name),
+                );
+            }
+            let lds = dynamic
+                .lds_config
+                .as_ref()
+                .map(|_| config_source(&dynamic.lds_config, "dynamic_resources.lds_config"))
+                .transpose()?;
+            let cds = dynamic
+                .cds_config
+                .as_ref()
+                .map(|_| config_source(&dynamic.cds_config, "dynamic_resources.cds_config"))
+                .transpose()?;
+            Some(DynamicResources {
+                ads_cluster: target.cluster_name.clone(),
+                flavor,
+                lds,
+                cds,
+            })
+        }
+        None => None,
+    };
+    // Every cluster a static listener names must exist, unless clusters come from CDS.
+    if dynamic.as_ref().is_none_or(|d| d.cds.is_none()) {
+        for (index, listener) in listeners.iter().enumerate() {
+            for chain in listener
+                .filter_chains
+                .iter()
+                .chain(listener.default_filter_chain.iter())
+            {
+                let NetworkFilter::Http(hcm) = &chain.filter else {
+                    continue;
+                };
+                let RouteSource::Inline(table) = &hcm.routes else {
+                    continue;
+                };
+                if table.validate_clusters == Some(false) {
+                    continue;
+                }
+                if let Some(name) = table
+                    .clusters
+                    .iter()
+                    .find(|name| !clusters.iter().any(|c| &c.name == *name))
+                {
+                    return err(
+                        format!("static_resources.listeners[{index}]"),
+                        format!("route: unknown cluster {name:?}"),
+                    );
+                }
+            }
+            for name in listener_clusters(listener) {
+                if !clusters.iter().any(|c| c.name == name) {
+                    return err(
+                        format!("static_resources.listeners[{index}]"),
+                        format!("tcp_proxy names unknown cluster {name:?}"),
+                    );
+                }
+            }
+        }
+    }
+    Ok(Bootstrap {
+        node,
+        admin,
+        listeners,
+        clusters,
+        dynamic,
+        raw: raw_json(proto),
+    })
+}
+
+fn listener_clusters(listener: &Listener) -> Vec<String> {
+    let mut names = Vec::new();
+    for chain in listener
+        .filter_chains
+        .iter()
+        .chain(listener.default_filter_chain.iter())
+    {
+        if let NetworkFilter::TcpProxy(tcp) = &chain.filter {
+            match &tcp.clusters {
+                TcpClusters::One(name) => names.push(name.clone()),
+                TcpClusters::Weighted(list) => names.extend(list.iter().map(|w| w.name.clone())),
+            }
+        }
+    }
+    names
+}
+
+// === Listener ===
+
+/// Converts an xDS Listener resource (also checks supported fields).
+pub fn listener_resource(proto: &listener_pb::Listener) -> R<Listener> {
+    super::strict::check(proto, "")?;
+    listener(proto, "")
+}
+
+fn sub(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+pub fn listener(proto: &listener_pb::Listener, path: &str) -> R<Listener> {
+    if proto.name.is_empty() {
+        return err(sub(path, "name"), "must not be empty");
+    }
+    let address = socket_address(&proto.address, &sub(path, "address"))?;
+    let mut tls_inspector = false;
+    let mut original_dst = false;
+    for (index, filter) in proto.listener_filters.iter().enumerate() {
+        let fpath = format!("{}[{index}]", sub(path, "listener_filters"));
+        let type_url = match &filter.config_type {
+            Some(listener_pb::listener_filter::ConfigType::TypedConfig(any)) => {
+                any.type_url.as_str()
+            }
+            None => "",
+        };
+        match (type_url, filter.name.as_str()) {
+            (type_urls::TLS_INSPECTOR, _) | ("", "envoy.filters.listener.tls_inspector") => {
+                tls_inspector = true
+            }
+            (type_urls::ORIGINAL_DST, _) | ("", "envoy.filters.listener.original_dst") => {
+                original_dst = true
+            }
+            _ => {
+                return err(
+                    fpath,
+                    format!(
+                        "listener filter {:?} ({type_url}) is not supported",
+                        filter.name
+                    ),
+                );
+            }
+        }
+    }
+    let mut filter_chains = Vec::new();
+    for (index, chain) in proto.filter_chains.iter().enumerate() {
+        filter_chains.push(Arc::new(filter_chain(
+            chain,
+            &format!("{}[{index}]", sub(path, "filter_chains")),
+        )?));
+    }
+    let default_filter_chain = proto
+        .default_filter_chain
+        .as_ref()
+        .map(|chain| filter_chain(chain, &sub(path, "default_filter_chain")).map(Arc::new))
+        .transpose()?;
+    if filter_chains.is_empty() && default_filter_chain.is_none() {
+        return err(
+            sub(path, "filter_chains"),
+            "at least one filter chain is required",
+        );
+    }
+    // Envoy rejects two chains with identical matches.
+    for (i, a) in proto.filter_chains.iter().enumerate() {
+        for b in proto.filter_chains.iter().skip(i + 1) {
+            if a.filter_chain_match == b.filter_chain_match {
+                return err(
+                    format!("{}[{i}].filter_chain_match", sub(path, "filter_chains")),
+                    "multiple filter chains with the same matching rules",
+                );
+            }
+        }
+    }
+    let listener_filters_timeout = match &proto.listener_filters_timeout {
+        Some(value) => duration(value, &sub(path, "listener_filters_timeout"))?,
+        None => Duration::from_secs(15),
+    };
+    Ok(Listener {
+        name: proto.name.clone(),
+        address,
+        stat_prefix: if proto.stat_prefix.is_empty() {
+            address.to_string()
+        } else {
+            proto.stat_prefix.clone()
+        },
+        filter_chains,
+        default_filter_chain,
+        use_original_dst: proto.use_original_dst.unwrap_or(false) || original_dst,
+        tls_inspector,
+        listener_filters_timeout,
+        continue_on_listener_filters_timeout: proto.continue_on_listener_filters_timeout,
+        version_hash: hash_of(proto),
+        raw: raw_json(proto),
+    })
+}
+
+fn cidr(range: &core_pb::CidrRange, path: &str) -> R<CidrRange> {
+    let addr: IpAddr = range.address_prefix.parse().map_err(|_| {
+        ConfigError::new(
+            format!("{path}.address_prefix"),
+            format!("{:?} is not an IP address", range.address_prefix),
+        )
+    })?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = range.prefix_len.unwrap_or(max);
+    if len > max {
+        return err(format!("{path}.prefix_len"), format!("must be ≤ {max}"));
+    }
+    Ok(CidrRange {
+        addr,
+        len: len as u8,
+    })
+}
+
+fn cidrs(ranges: &[core_pb::CidrRange], path: &str) -> R<Vec<CidrRange>> {
+    ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| cidr(r, &format!("{path}[{i}]")))
+        .collect()
+}
+
+fn filter_chain(proto: &listener_pb::FilterChain, path: &str) -> R<FilterChain> {
+    let filter_match = match &proto.filter_chain_match {
+        Some(m) => {
+            let mpath = sub(path, "filter_chain_match");
+            let destination_port = match m.destination_port {
+                Some(port) if (1..=65535).contains(&port) => Some(port as u16),
+                Some(_) => return err(format!("{mpath}.destination_port"), "must be in 1..65535"),
+                None => None,
+            };
+            let source_type = match listener_pb::filter_chain_match::ConnectionSourceType::try_from(
+                m.source_type,
+            ) {
+                Ok(listener_pb::filter_chain_match::ConnectionSourceType::Any) => SourceType::Any,
+                Ok(listener_pb::filter_chain_match::ConnectionSourceType::SameIpOrLoopback) => {
+                    SourceType::SameIpOrLoopback
+                }
+                Ok(listener_pb::filter_chain_match::ConnectionSourceType::External) => {
+                    SourceType::External
+                }
+                Err(_) => return err(format!("{mpath}.source_type"), "unknown value"),
+            };
+            let source_ports = m
+                .source_ports
+                .iter()
+                .map(|p| {
+                    u16::try_from(*p).map_err(|_| {
+                        ConfigError::new(format!("{mpath}.source_ports"), "must be ≤ 65535")
+                    })
+                })
+                .collect::<R<Vec<_>>>()?;
+            FilterChainMatch {
+                destination_port,
+                prefix_ranges: cidrs(&m.prefix_ranges, &format!("{mpath}.prefix_ranges"))?,
+                direct_source_prefix_ranges: cidrs(
+                    &m.direct_source_prefix_ranges,
+                    &format!("{mpath}.direct_source_prefix_ranges"),
+                )?,
+                source_type,
+                source_prefix_ranges: cidrs(
+                    &m.source_prefix_ranges,
+                    &format!("{mpath}.source_prefix_ranges"),
+                )?,
+                source_ports,
+                server_names: m
+                    .server_names
+                    .iter()
+                    .map(|s| s.to_ascii_lowercase())
+                    .collect(),
+                transport_protocol: (!m.transport_protocol.is_empty())
+                    .then(|| m.transport_protocol.clone()),
+                application_protocols: m.application_protocols.clone(),
+            }
+        }
+        None => FilterChainMatch::default(),
+    };
+    let [filter] = proto.filters.as_slice() else {
+        return err(
+            sub(path, "filters"),
+            "exactly one network filter (tcp_proxy or http_connection_manager) is supported",
+        );
+    };
+    let fpath = format!("{}[0]", sub(path, "filters"));
+    let Some(listener_pb::filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+        return err(format!("{fpath}.typed_config"), "typed_config is required");
+    };
+    let tpath = format!("{fpath}.typed_config");
+    let filter = match any.type_url.as_str() {
+        type_urls::TCP_PROXY => {
+            let proto: tcp_pb::TcpProxy = unpack(any).map_err(|e| ConfigError::new(&tpath, e))?;
+            NetworkFilter::TcpProxy(Arc::new(tcp_proxy(&proto, &tpath)?))
+        }
+        type_urls::HTTP_CONNECTION_MANAGER => {
+            let proto: hcm_pb::HttpConnectionManager =
+                unpack(any).map_err(|e| ConfigError::new(&tpath, e))?;
+            NetworkFilter::Http(Arc::new(http_connection_manager(&proto, &tpath)?))
+        }
+        other => return err(tpath, format!("network filter {other:?} is not supported")),
+    };
+    Ok(FilterChain {
+        name: proto.name.clone(),
+        filter_match,
+        filter,
+    })
+}
+
+fn tcp_proxy(proto: &tcp_pb::TcpProxy, path: &str) -> R<TcpProxy> {
+    if proto.stat_prefix.is_empty() {
+        return err(format!("{path}.stat_prefix"), "must not be empty");
+    }
+    let clusters = match &proto.cluster_specifier {
+        Some(tcp_pb::tcp_proxy::ClusterSpecifier::Cluster(name)) => TcpClusters::One(name.clone()),
+        Some(tcp_pb::tcp_proxy::ClusterSpecifier::WeightedClusters(weighted)) => {
+            if weighted.clusters.is_empty() {
+                return err(
+                    format!("{path}.weighted_clusters.clusters"),
+                    "at least one cluster is required",
+                );
+            }
+            let mut list = Vec::new();
+            for (i, c) in weighted.clusters.iter().enumerate() {
+                if c.weight == 0 {
+                    return err(
+                        format!("{path}.weighted_clusters.clusters[{i}].weight"),
+                        "must be ≥ 1",
+                    );
+                }
+                list.push(WeightedName {
+                    name: c.name.clone(),
+                    weight: c.weight,
+                });
+            }
+            TcpClusters::Weighted(list)
+        }
+        None => return err(path, "cluster or weighted_clusters is required"),
+    };
+    Ok(TcpProxy {
+        stat_prefix: proto.stat_prefix.clone(),
+        clusters,
+        idle_timeout: timeout_or(
+            &proto.idle_timeout,
+            &format!("{path}.idle_timeout"),
+            Some(Duration::from_secs(3600)),
+        )?,
+        max_connect_attempts: proto.max_connect_attempts.unwrap_or(1).max(1),
+    })
+}
+
+fn http_connection_manager(
+    proto: &hcm_pb::HttpConnectionManager,
+    path: &str,
+) -> R<HttpConnectionManager> {
+    if proto.stat_prefix.is_empty() {
+        return err(format!("{path}.stat_prefix"), "must not be empty");
+    }
+    let codec = match hcm_pb::http_connection_manager::CodecType::try_from(proto.codec_type) {
+        Ok(hcm_pb::http_connection_manager::CodecType::Auto) => Codec::Auto,
+        Ok(hcm_pb::http_connection_manager::CodecType::Http1) => Codec::Http1,
+        Ok(hcm_pb::http_connection_manager::CodecType::Http2) => Codec::Http2,
+        _ => {
+            return err(
+                format!("{path}.codec_type"),
+                "only AUTO, HTTP1 and HTTP2 are supported",
+            );
+        }
+    };
+    let routes = match &proto.route_specifier {
+        Some(hcm_pb::http_connection_manager::RouteSpecifier::RouteConfig(config)) => {
+            RouteSource::Inline(Arc::new(RouteTable::compile(
+                config,
+                &format!("{path}.route_config"),
+            )?))
+        }
+        Some(hcm_pb::http_connection_manager::RouteSpecifier::Rds(rds)) => {
+            if rds.route_config_name.is_empty() {
+                return err(format!("{path}.rds.route_config_name"), "must not be empty");
+            }
+            RouteSource::Rds {
+                name: rds.route_config_name.clone(),
+                source: config_source(&rds.config_source, &format!("{path}.rds.config_source"))?,
+            }
+        }
+        #[allow(unreachable_patterns)]
+        _ => return err(path, "route_config or rds is required"),
+    };
+    // The filter list must be exactly the router (Remora has no other HTTP filters yet).
+    match proto.http_filters.as_slice() {
+        [router] => {
+            let ok = match &router.config_type {
+                Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) => {
+                    any.type_url == type_urls::ROUTER
+                }
+                _ => router.name == "envoy.filters.http.router",
+            };
+            if !ok {
+                return err(
+                    format!("{path}.http_filters[0]"),
+                    format!(
+                        "http filter {:?} is not supported (only the router)",
+                        router.name
+                    ),
+                );
+            }
+        }
+        [] => {
+            return err(
+                format!("{path}.http_filters"),
+                "the router filter is required",
+            );
+        }
+        [_, second, ..] => {
+            return err(
+                format!("{path}.http_filters[1]"),
+                format!(
+                    "http filter {:?} is not supported (only the router)",
+                    second.name
+                ),
+            );
+        }
+    }
+    let mut upgrades = Vec::new();
+    for upgrade in &proto.upgrade_configs {
+        if upgrade.enabled.unwrap_or(true) {
+            upgrades.push(upgrade.upgrade_type.to_ascii_lowercase());
+        }
+    }
+    let common = proto.common_http_protocol_options.unwrap_or_default();
+    Ok(HttpConnectionManager {
+        stat_prefix: proto.stat_prefix.clone(),
+        codec,
+        routes,
+        server_name: if proto.server_name.is_empty() {
+            "envoy".into()
+        } else {
+            proto.server_name.clone()
+        },
+        use_remote_address: proto.use_remote_address.unwrap_or(false),
+        skip_xff_append: proto.skip_xff_append,
+        xff_num_trusted_hops: proto.xff_num_trusted_hops,
+        generate_request_id: proto.generate_request_id.unwrap_or(true),
+        preserve_external_request_id: proto.preserve_external_request_id,
+        always_set_request_id_in_response: proto.always_set_request_id_in_response,
+        request_timeout: timeout_or(
+            &proto.request_timeout,
+            &format!("{path}.request_timeout"),
+            None,
+        )?,
+        stream_idle_timeout: timeout_or(
+            &proto.stream_idle_timeout,
+            &format!("{path}.stream_idle_timeout"),
+            Some(Duration::from_secs(300)),
+        )?,
+        idle_timeout: timeout_or(
+            &common.idle_timeout,
+            &format!("{path}.common_http_protocol_options.idle_timeout"),
+            Some(Duration::from_secs(3600)),
+        )?,
+        request_headers_timeout: timeout_or(
+            &proto.request_headers_timeout,
+            &format!("{path}.request_headers_timeout"),
+            None,
+        )?,
+        drain_timeout: opt_duration(&proto.drain_timeout, &format!("{path}.drain_timeout"))?
+            .unwrap_or(Duration::from_secs(5)),
+        max_request_headers_kb: match proto.max_request_headers_kb {
+            Some(kb) if (1..=8192).contains(&kb) => kb,
+            Some(_) => {
+                return err(
+                    format!("{path}.max_request_headers_kb"),
+                    "must be in 1..8192",
+                );
+            }
+            None => 60,
+        },
+        max_headers_count: common.max_headers_count.unwrap_or(100).max(1),
+        upgrades,
+        strip_any_host_port: matches!(
+            proto.strip_port_mode,
+            Some(hcm_pb::http_connection_manager::StripPortMode::StripAnyHostPort(true))
+        ),
+        strip_matching_host_port: proto.strip_matching_host_port,
+    })
+}
+
+// === Cluster ===
+
+/// Converts an xDS Cluster resource (also checks supported fields).
+pub fn cluster_resource(proto: &cluster_pb::Cluster) -> R<Cluster> {
+    super::strict::check(proto, "")?;
+    cluster(proto, "")
+}
+
+pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
+    if proto.name.is_empty() {
+        return err(sub(path, "name"), "must not be empty");
+    }
+    let kind = match &proto.cluster_discovery_type {
+        None => cluster_pb::cluster::DiscoveryType::Static,
+        Some(cluster_pb::cluster::ClusterDiscoveryType::Type(t)) => {
+            cluster_pb::cluster::DiscoveryType::try_from(*t)
+                .map_err(|_| ConfigError::new(sub(path, "type"), "unknown value"))?
+        }
+        Some(_) => {
+            return err(
+                sub(path, "cluster_type"),
+                "custom cluster types are not supported",
+            );
+        }
+    };
+    let discovery = match kind {
+        cluster_pb::cluster::DiscoveryType::Static => DiscoveryType::Static,
+        cluster_pb::cluster::DiscoveryType::StrictDns => DiscoveryType::StrictDns,
+        cluster_pb::cluster::DiscoveryType::OriginalDst => DiscoveryType::OriginalDst,
+        cluster_pb::cluster::DiscoveryType::Eds => {
+            let Some(eds) = &proto.eds_cluster_config else {
+                return err(sub(path, "eds_cluster_config"), "required for EDS clusters");
+            };
+            DiscoveryType::Eds {
+                service_name: if eds.service_name.is_empty() {
+                    proto.name.clone()
+                } else {
+                    eds.service_name.clone()
+                },
+                source: config_source(
+                    &eds.eds_config,
+                    &sub(path, "eds_cluster_config.eds_config"),
+                )?,
+            }
+        }
+        other => {
+            return err(
+                sub(path, "type"),
+                format!("{} is not supported", other.as_str_name()),
+            );
+        }
+    };
+    match cluster_pb::cluster::LbPolicy::try_from(proto.lb_policy) {
+        Ok(cluster_pb::cluster::LbPolicy::RoundRobin) => {}
+        Ok(cluster_pb::cluster::LbPolicy::ClusterProvided)
+            if discovery == DiscoveryType::OriginalDst => {}
+        Ok(other) => {
+            return err(
+                sub(path, "lb_policy"),
+                format!("{} is not supported", other.as_str_name()),
+            );
+        }
+        Err(_) => return err(sub(path, "lb_policy"), "unknown value"),
+    }
+    let connect_timeout = match &proto.connect_timeout {
+        Some(value) => duration(value, &sub(path, "connect_timeout"))?,
+        None => Duration::from_secs(5),
+    };
+    if connect_timeout.is_zero() {
+        return err(sub(path, "connect_timeout"), "must be greater than 0");
+    }
+    let load_assignment = match &proto.load_assignment {
+        Some(cla) => {
+            if matches!(
+                discovery,
+                DiscoveryType::Eds { .. } | DiscoveryType::OriginalDst
+            ) {
+                return err(
+                    sub(path, "load_assignment"),
+                    "not allowed for EDS and ORIGINAL_DST clusters",
+                );
+            }
+            load_assignment(
+                cla,
+                &sub(path, "load_assignment"),
+                discovery == DiscoveryType::StrictDns,
+            )?
+        }
+        None => LoadAssignment::default(),
+    };
+    let mut protocol = if proto.http2_protocol_options.is_some() {
+        UpstreamProtocol::Http2
+    } else {
+        UpstreamProtocol::Http1
+    };
+    for (key, any) in &proto.typed_extension_protocol_options {
+        let kpath = format!("{}[{key:?}]", sub(path, "typed_extension_protocol_options"));
+        if key != type_urls::UPSTREAM_HTTP_PROTOCOL_OPTIONS_KEY
+            && any.type_url != type_urls::UPSTREAM_HTTP_PROTOCOL_OPTIONS
+        {
+            return err(
+                kpath,
+                "only envoy.extensions.upstreams.http.v3.HttpProtocolOptions is supported",
+            );
+        }
+        let options: xds_api::envoy::extensions::upstreams::http::v3::HttpProtocolOptions =
+            unpack(any).map_err(|e| ConfigError::new(&kpath, e))?;
+        use xds_api::envoy::extensions::upstreams::http::v3::http_protocol_options as hpo;
+        match &options.upstream_protocol_options {
+            Some(hpo::UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => {
+                match &explicit.protocol_config {
+                    Some(hpo::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)) => {
+                        protocol = UpstreamProtocol::Http2
+                    }
+                    Some(hpo::explicit_http_config::ProtocolConfig::HttpProtocolOptions(_)) => {
+                        protocol = UpstreamProtocol::Http1
+                    }
+                    _ => {
+                        return err(
+                            format!("{kpath}.explicit_http_config"),
+                            "http_protocol_options or http2_protocol_options is required",
+                        );
+                    }
+                }
+            }
+            Some(_) => return err(kpath, "only explicit_http_config is supported"),
+            None => {}
+        }
+    }
+    let mut thresholds = Thresholds::default();
+    if let Some(breakers) = &proto.circuit_breakers {
+        for (i, t) in breakers.thresholds.iter().enumerate() {
+            if t.priority != 0 {
+                continue; // HIGH priority routing is not used by Remora's router; thresholds ignored
+            }
+            let _ = i;
+            thresholds = Thresholds {
+                max_connections: t.max_connections.unwrap_or(1024),
+                max_pending_requests: t.max_pending_requests.unwrap_or(1024),
+                max_requests: t.max_requests.unwrap_or(1024),
+                max_retries: t.max_retries.unwrap_or(3),
+            };
+        }
+    }
+    let dns_refresh_rate = opt_duration(&proto.dns_refresh_rate, &sub(path, "dns_refresh_rate"))?
+        .unwrap_or(Duration::from_secs(5));
+    Ok(Cluster {
+        name: proto.name.clone(),
+        discovery,
+        connect_timeout,
+        load_assignment,
+        protocol,
+        thresholds,
+        dns_refresh_rate: dns_refresh_rate.max(Duration::from_millis(1)),
+        dns_lookup_family: match cluster_pb::cluster::DnsLookupFamily::try_from(
+            proto.dns_lookup_family,
+        ) {
+            Ok(cluster_pb::cluster::DnsLookupFamily::Auto) => DnsLookupFamily::Auto,
+            Ok(cluster_pb::cluster::DnsLookupFamily::V4Only) => DnsLookupFamily::V4Only,
+            Ok(cluster_pb::cluster::DnsLookupFamily::V6Only) => DnsLookupFamily::V6Only,
+            Ok(cluster_pb::cluster::DnsLookupFamily::V4Preferred) => DnsLookupFamily::V4Preferred,
+            Ok(cluster_pb::cluster::DnsLookupFamily::All) => DnsLookupFamily::All,
+            Err(_) => return err(sub(path, "dns_lookup_family"), "unknown value"),
+        },
+        tcp_keepalive: proto
+            .upstream_connection_options
+            .as_ref()
+            .is_some_and(|o| o.tcp_keepalive.is_some()),
+        version_hash: hash_of(proto),
+        raw: raw_json(proto),
+    })
+}
+
+/// Converts an EDS ClusterLoadAssignment resource (also checks supported fields).
+pub fn load_assignment_resource(proto: &endpoint_pb::ClusterLoadAssignment) -> R<LoadAssignment> {
+    super::strict::check(proto, "")?;
+    if proto.cluster_name.is_empty() {
+        return err("cluster_name", "must not be empty");
+    }
+    load_assignment(proto, "", false)
+}
+
+pub fn load_assignment(
+    proto: &endpoint_pb::ClusterLoadAssignment,
+    path: &str,
+    allow_dns: bool,
+) -> R<LoadAssignment> {
+    let mut endpoints = Vec::new();
+    for (li, locality) in proto.endpoints.iter().enumerate() {
+        let lpath = format!("{}[{li}]", sub(path, "endpoints"));
+        if locality.priority > 128 {
+            return err(format!("{lpath}.priority"), "must be ≤ 128");
+        }
+        if locality.load_balancing_weight == Some(0) {
+            return err(format!("{lpath}.load_balancing_weight"), "must be ≥ 1");
+        }
+        for (ei, lb) in locality.lb_endpoints.iter().enumerate() {
+            let epath = format!("{lpath}.lb_endpoints[{ei}]");
+            let Some(endpoint_pb::lb_endpoint::HostIdentifier::Endpoint(endpoint)) =
+                &lb.host_identifier
+            else {
+                return err(format!("{epath}.endpoint"), "endpoint is required");
+            };
+            let address = resolve_address(&endpoint.address, &format!("{epath}.endpoint.address"))?;
+            if matches!(address, EndpointAddress::Dns { .. }) && !allow_dns {
+                return err(
+                    format!("{epath}.endpoint.address.socket_address.address"),
+                    "must be an IP address (names only in STRICT_DNS clusters)",
+                );
+            }
+            let weight = match lb.load_balancing_weight {
+                Some(0) => return err(format!("{epath}.load_balancing_weight"), "must be ≥ 1"),
+                Some(w) => w,
+                None => 1,
+            };
+            let health = match core_pb::HealthStatus::try_from(lb.health_status) {
+                Ok(core_pb::HealthStatus::Unknown) => HealthStatus::Unknown,
+                Ok(core_pb::HealthStatus::Healthy) => HealthStatus::Healthy,
+                Ok(core_pb::HealthStatus::Unhealthy) => HealthStatus::Unhealthy,
+                Ok(core_pb::HealthStatus::Draining) => HealthStatus::Draining,
+                Ok(core_pb::HealthStatus::Timeout) => HealthStatus::Timeout,
+                Ok(core_pb::HealthStatus::Degraded) => HealthStatus::Degraded,
+                Err(_) => return err(format!("{epath}.health_status"), "unknown value"),
+            };
+            let hostname = match (&address, endpoint.hostname.is_empty()) {
+                (_, false) => endpoint.hostname.clone(),
+                (EndpointAddress::Dns { host, .. }, true) => host.clone(),
+                _ => String::new(),
+            };
+            endpoints.push(LbEndpoint {
+                address,
+                hostname,
+                weight,
+                health,
+                priority: locality.priority,
+            });
+        }
+    }
+    Ok(LoadAssignment { endpoints })
+}

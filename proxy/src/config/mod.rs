@@ -1,0 +1,377 @@
+//! Configuration: Envoy's v3 bootstrap and xDS resources converted into a typed, validated model.
+//!
+//! The flow is proto → [`strict`] (every set field must be one Remora honours, else an error
+//! naming its path) → [`convert`] (typed model, values checked) → snapshot used by the data path.
+//! Nothing on the request path ever looks at a proto.
+
+pub mod bootstrap;
+pub mod convert;
+pub mod strict;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::http::router::RouteTable;
+
+/// A config that cannot be honoured: the field path and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type ConfigResult<T> = Result<T, ConfigError>;
+
+/// The whole bootstrap, validated.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub node: Node,
+    pub admin: Option<SocketAddr>,
+    pub listeners: Vec<Arc<Listener>>,
+    pub clusters: Vec<Arc<Cluster>>,
+    pub dynamic: Option<DynamicResources>,
+    /// The bootstrap as a JSON value, for `/config_dump`.
+    pub raw: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Node {
+    pub id: String,
+    pub cluster: String,
+}
+
+/// Which protocol variant the ADS stream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdsFlavor {
+    StateOfTheWorld,
+    Delta,
+}
+
+#[derive(Debug, Clone)]
+pub struct DynamicResources {
+    pub ads_cluster: String,
+    pub flavor: AdsFlavor,
+    pub lds: Option<ConfigSource>,
+    pub cds: Option<ConfigSource>,
+}
+
+/// An `ads: {}` config source with its initial fetch timeout (zero: wait forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigSource {
+    pub initial_fetch_timeout: Duration,
+}
+
+impl Default for ConfigSource {
+    fn default() -> Self {
+        ConfigSource {
+            initial_fetch_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+// === Listeners ===
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub stat_prefix: String,
+    pub filter_chains: Vec<Arc<FilterChain>>,
+    pub default_filter_chain: Option<Arc<FilterChain>>,
+    pub use_original_dst: bool,
+    pub tls_inspector: bool,
+    pub listener_filters_timeout: Duration,
+    pub continue_on_listener_filters_timeout: bool,
+    /// Stable hash of the source proto, to tell a real update from a resend.
+    pub version_hash: u64,
+    /// The resource as JSON, for `/config_dump`.
+    pub raw: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct CidrRange {
+    pub addr: std::net::IpAddr,
+    pub len: u8,
+}
+
+impl CidrRange {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.len))
+                };
+                (u32::from(net) & mask) == (u32::from(ip) & mask)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.len))
+                };
+                (u128::from(net) & mask) == (u128::from(ip) & mask)
+            }
+            (IpAddr::V6(net), IpAddr::V4(ip)) => net.to_ipv4_mapped().is_some_and(|net| {
+                self.len >= 96
+                    && CidrRange {
+                        addr: net.into(),
+                        len: self.len - 96,
+                    }
+                    .contains(ip.into())
+            }),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceType {
+    #[default]
+    Any,
+    SameIpOrLoopback,
+    External,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FilterChainMatch {
+    pub destination_port: Option<u16>,
+    pub prefix_ranges: Vec<CidrRange>,
+    pub direct_source_prefix_ranges: Vec<CidrRange>,
+    pub source_type: SourceType,
+    pub source_prefix_ranges: Vec<CidrRange>,
+    pub source_ports: Vec<u16>,
+    pub server_names: Vec<String>,
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FilterChain {
+    pub name: String,
+    pub filter_match: FilterChainMatch,
+    pub filter: NetworkFilter,
+}
+
+#[derive(Debug, Clone)]
+pub enum NetworkFilter {
+    TcpProxy(Arc<TcpProxy>),
+    Http(Arc<HttpConnectionManager>),
+}
+
+// === L4 ===
+
+#[derive(Debug, Clone)]
+pub struct WeightedName {
+    pub name: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum TcpClusters {
+    One(String),
+    Weighted(Vec<WeightedName>),
+}
+
+#[derive(Debug, Clone)]
+pub struct TcpProxy {
+    pub stat_prefix: String,
+    pub clusters: TcpClusters,
+    /// `None`: disabled (Envoy's 0s); default 1 h.
+    pub idle_timeout: Option<Duration>,
+    pub max_connect_attempts: u32,
+}
+
+// === L7 ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Auto,
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteSource {
+    Inline(Arc<RouteTable>),
+    Rds { name: String, source: ConfigSource },
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConnectionManager {
+    pub stat_prefix: String,
+    pub codec: Codec,
+    pub routes: RouteSource,
+    pub server_name: String,
+    pub use_remote_address: bool,
+    pub skip_xff_append: bool,
+    pub xff_num_trusted_hops: u32,
+    pub generate_request_id: bool,
+    pub preserve_external_request_id: bool,
+    pub always_set_request_id_in_response: bool,
+    pub request_timeout: Option<Duration>,
+    pub stream_idle_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub request_headers_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub max_request_headers_kb: u32,
+    pub max_headers_count: u32,
+    pub upgrades: Vec<String>,
+    pub strip_any_host_port: bool,
+    pub strip_matching_host_port: bool,
+}
+
+// === Clusters ===
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoveryType {
+    Static,
+    StrictDns,
+    Eds {
+        service_name: String,
+        source: ConfigSource,
+    },
+    OriginalDst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthStatus {
+    Unknown,
+    Healthy,
+    Unhealthy,
+    Draining,
+    Timeout,
+    Degraded,
+}
+
+impl HealthStatus {
+    pub fn usable(self) -> bool {
+        matches!(
+            self,
+            HealthStatus::Unknown | HealthStatus::Healthy | HealthStatus::Degraded
+        )
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            HealthStatus::Unknown => "UNKNOWN",
+            HealthStatus::Healthy => "HEALTHY",
+            HealthStatus::Unhealthy => "UNHEALTHY",
+            HealthStatus::Draining => "DRAINING",
+            HealthStatus::Timeout => "TIMEOUT",
+            HealthStatus::Degraded => "DEGRADED",
+        }
+    }
+}
+
+/// Where an endpoint lives: an IP, or a name to resolve (STRICT_DNS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddress {
+    Ip(SocketAddr),
+    Dns { host: String, port: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbEndpoint {
+    pub address: EndpointAddress,
+    pub hostname: String,
+    pub weight: u32,
+    pub health: HealthStatus,
+    pub priority: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadAssignment {
+    pub endpoints: Vec<LbEndpoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+/// Which addresses a STRICT_DNS answer contributes (Envoy's `dns_lookup_family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsLookupFamily {
+    /// IPv6 if any, else IPv4.
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4 if any, else IPv6.
+    V4Preferred,
+    All,
+}
+
+impl DnsLookupFamily {
+    /// Filters resolved addresses as Envoy would.
+    pub fn select(self, addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let (v4, v6): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            addrs.into_iter().partition(SocketAddr::is_ipv4);
+        match self {
+            DnsLookupFamily::V4Only => v4,
+            DnsLookupFamily::V6Only => v6,
+            DnsLookupFamily::Auto => {
+                if v6.is_empty() {
+                    v4
+                } else {
+                    v6
+                }
+            }
+            DnsLookupFamily::V4Preferred => {
+                if v4.is_empty() {
+                    v6
+                } else {
+                    v4
+                }
+            }
+            DnsLookupFamily::All => v4.into_iter().chain(v6).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub discovery: DiscoveryType,
+    pub connect_timeout: Duration,
+    pub load_assignment: LoadAssignment,
+    pub protocol: UpstreamProtocol,
+    pub thresholds: Thresholds,
+    pub dns_refresh_rate: Duration,
+    pub dns_lookup_family: DnsLookupFamily,
+    pub tcp_keepalive: bool,
+    pub version_hash: u64,
+    pub raw: serde_json::Value,
+}

@@ -1,0 +1,523 @@
+//! The HTTP connection manager: serves one downstream connection with hyper (HTTP/1.1 with
+//! keep-alive and pipelining, h2c, or auto-detect), and for each request looks up the current
+//! route table, applies the route's action, and forwards to the chosen cluster's pool.
+//!
+//! Header handling follows Envoy: `x-request-id`, `x-forwarded-for`/`-proto` per
+//! `use_remote_address`, `x-envoy-expected-rq-timeout-ms`, `x-envoy-upstream-service-time`,
+//! `server`; local replies carry Envoy's statuses (404 NR, 503 UH/UF/UO, 504 UT).
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::{Codec, HttpConnectionManager, RouteSource, UpstreamProtocol};
+use crate::drain::{Phase, Watch};
+use crate::error::{ProxyError, ResponseFlag};
+use crate::filter_chain::ConnectionInfo;
+use crate::http::body::{RequestBody, ResponseBody};
+use crate::http::router::{
+    Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
+};
+use crate::lb::LbContext;
+use crate::server::Server;
+use crate::stats::{GaugeGuard, HttpStats};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+static X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Per-connection state shared by its requests.
+struct Connection {
+    server: Arc<Server>,
+    hcm: Arc<HttpConnectionManager>,
+    stats: Arc<HttpStats>,
+    peer: SocketAddr,
+    destination: SocketAddr,
+    server_header: HeaderValue,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// Serves one downstream connection until it closes, idles out, or is drained.
+pub async fn serve(
+    server: Arc<Server>,
+    hcm: Arc<HttpConnectionManager>,
+    stats: Arc<HttpStats>,
+    stream: TcpStream,
+    info: ConnectionInfo,
+    mut watch: Watch,
+) {
+    stats.downstream_cx_total.inc();
+    let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let connection = Arc::new(Connection {
+        server_header: HeaderValue::from_str(&hcm.server_name)
+            .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
+        server,
+        hcm: hcm.clone(),
+        stats,
+        peer: info.source,
+        destination: info.destination,
+        requests: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+    });
+    let service_connection = connection.clone();
+    let service =
+        hyper::service::service_fn(move |request| handle(service_connection.clone(), request));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
+        .max_headers(hcm.max_headers_count as usize)
+        .header_read_timeout(hcm.request_headers_timeout)
+        .half_close(false)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(hcm.max_request_headers_kb * 1024)
+        .max_concurrent_streams(1024);
+    let builder = match hcm.codec {
+        Codec::Auto => builder,
+        Codec::Http1 => builder.http1_only(),
+        Codec::Http2 => builder.http2_only(),
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    let mut phase = Phase::Running;
+    let idle = hcm.idle_timeout;
+    let mut last_seen = 0;
+    let mut idle_tick = tokio::time::interval(idle.unwrap_or(Duration::from_secs(3600)));
+    idle_tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            next = watch.next(phase) => {
+                phase = next;
+                if phase == Phase::Closed {
+                    break;
+                }
+                if !draining {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            _ = idle_tick.tick(), if idle.is_some() && !draining => {
+                let seen = connection.requests.load(Ordering::Relaxed);
+                if seen == last_seen && connection.in_flight.load(Ordering::Relaxed) == 0 {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                last_seen = seen;
+            }
+        }
+    }
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle(
+    connection: Arc<Connection>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    connection.requests.fetch_add(1, Ordering::Relaxed);
+    connection.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(&connection.in_flight);
+    let stats = &connection.stats;
+    stats.downstream_rq_total.inc();
+    let _active = GaugeGuard::new(&stats.downstream_rq_active);
+    let response = match proxy(&connection, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::debug!(%error, "local reply");
+            local_reply(&connection, &error)
+        }
+    };
+    stats.response(response.status().as_u16());
+    Ok(response)
+}
+
+fn local_reply(connection: &Connection, error: &ProxyError) -> Response<ResponseBody> {
+    let (status, body) = error.flag.local_reply();
+    reply(connection, status, body.as_bytes().to_vec())
+}
+
+fn reply(connection: &Connection, status: u16, body: Vec<u8>) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::empty());
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let headers = response.headers_mut();
+    if !body.is_empty() {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(header::SERVER, connection.server_header.clone());
+    *response.body_mut() = ResponseBody::full(body);
+    response
+}
+
+fn request_id() -> HeaderValue {
+    let bits: u128 = rand::rng().random();
+    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The request's authority, lower-cased, with the port stripped if the HCM says so.
+fn host_of<'a>(connection: &Connection, request: &'a Request<Incoming>) -> Cow<'a, str> {
+    let raw = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let strip = connection.hcm.strip_any_host_port
+        || (connection.hcm.strip_matching_host_port
+            && raw.ends_with(&format!(":{}", connection.destination.port())));
+    let raw = if strip { strip_port(raw) } else { raw };
+    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(raw.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(raw)
+    }
+}
+
+fn apply_request_mutations(
+    table: &RouteTable,
+    vhost: &VirtualHost,
+    route: &Route,
+    headers: &mut HeaderMap,
+) {
+    if table.most_specific_header_mutations_wins {
+        table.request_headers.apply(headers);
+        vhost.request_headers.apply(headers);
+        route.request_headers.apply(headers);
+    } else {
+        route.request_headers.apply(headers);
+        vhost.request_headers.apply(headers);
+        table.request_headers.apply(headers);
+    }
+}
+
+fn apply_response_mutations(
+    table: &RouteTable,
+    vhost: &VirtualHost,
+    route: &Route,
+    headers: &mut HeaderMap,
+) {
+    if table.most_specific_header_mutations_wins {
+        table.response_headers.apply(headers);
+        vhost.response_headers.apply(headers);
+        route.response_headers.apply(headers);
+    } else {
+        route.response_headers.apply(headers);
+        vhost.response_headers.apply(headers);
+        table.response_headers.apply(headers);
+    }
+}
+
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn current_table(connection: &Connection) -> Option<Arc<RouteTable>> {
+    match &connection.hcm.routes {
+        RouteSource::Inline(table) => Some(table.clone()),
+        RouteSource::Rds { name, .. } => connection.server.routes.load().get(name).cloned(),
+    }
+}
+
+async fn proxy(
+    connection: &Connection,
+    mut request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let started = Instant::now();
+    let hcm = &connection.hcm;
+    let Some(table) = current_table(connection) else {
+        connection.stats.no_route.inc();
+        return Err(ProxyError::config(
+            ResponseFlag::NoRouteFound,
+            "route configuration not (yet) available",
+        ));
+    };
+    let host = host_of(connection, &request).into_owned();
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let Some((vhost, route)) = table.route(&host, &path_and_query, request.headers()) else {
+        connection.stats.no_route.inc();
+        return Err(ProxyError::config(
+            ResponseFlag::NoRouteFound,
+            format!("no route for {host}{path_and_query}"),
+        ));
+    };
+    let forward = match &route.action {
+        Action::Direct { status, body } => {
+            let mut response = reply(
+                connection,
+                *status,
+                body.as_ref().map(|b| b.to_vec()).unwrap_or_default(),
+            );
+            apply_response_mutations(&table, vhost, route, response.headers_mut());
+            return Ok(response);
+        }
+        Action::Redirect(redirect) => {
+            let scheme = request.uri().scheme_str().unwrap_or("http");
+            let location = redirect.location(route, scheme, &host, &path_and_query);
+            let mut response = reply(connection, redirect.status, Vec::new());
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
+            apply_response_mutations(&table, vhost, route, response.headers_mut());
+            return Ok(response);
+        }
+        Action::Forward(forward) => forward,
+    };
+    // Cluster.
+    let header_cluster;
+    let cluster_name: &str = match &forward.cluster {
+        ClusterSpec::Name(name) => name,
+        ClusterSpec::Header(name) => {
+            header_cluster = request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            &header_cluster
+        }
+        ClusterSpec::Weighted { clusters, total } => {
+            let mut ticket = rand::rng().random_range(0..*total);
+            let mut chosen = clusters.first().map(|(n, _)| n.as_str()).unwrap_or("");
+            for (name, weight) in clusters {
+                if ticket < u64::from(*weight) {
+                    chosen = name;
+                    break;
+                }
+                ticket -= u64::from(*weight);
+            }
+            chosen
+        }
+    };
+    let Some(cluster) = connection.server.clusters.get(cluster_name) else {
+        connection.stats.no_cluster.inc();
+        let status = forward.cluster_not_found_status;
+        return Ok(reply(connection, status, Vec::new()));
+    };
+    let Some(upstream_host) = cluster.choose(&LbContext {
+        original_dst: Some(connection.destination),
+    }) else {
+        cluster.stats.upstream_cx_none_healthy.inc();
+        return Err(ProxyError::upstream(
+            ResponseFlag::NoHealthyUpstream,
+            format!("no healthy host in {cluster_name}"),
+        ));
+    };
+    if cluster.stats.upstream_rq_active.get() >= u64::from(cluster.config.thresholds.max_requests) {
+        cluster.stats.upstream_rq_pending_overflow.inc();
+        return Err(ProxyError::upstream(
+            ResponseFlag::UpstreamOverflow,
+            "max_requests reached",
+        ));
+    }
+
+    // Upgrade (WebSocket etc.): only those the HCM allows.
+    let upgrade = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_ascii_lowercase());
+    let upgrading = match &upgrade {
+        Some(kind) if request.version() == Version::HTTP_11 => {
+            if !hcm.upgrades.iter().any(|allowed| allowed == kind) {
+                return Ok(reply(connection, 403, b"upgrade failed".to_vec()));
+            }
+            true
+        }
+        _ => false,
+    };
+    let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
+
+    // Build the upstream request.
+    let (mut parts, body) = request.into_parts();
+    let new_path = forward.rewrite_path(route, &path_and_query);
+    let upstream_path = new_path.as_deref().unwrap_or(&path_and_query);
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(upstream_host.authority.clone())
+        .path_and_query(upstream_path)
+        .build()
+        .map_err(|e| {
+            ProxyError::downstream(
+                ResponseFlag::NoRouteFound,
+                format!("bad rewritten path: {e}"),
+            )
+        })?;
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers, upgrading);
+    match &forward.host_rewrite {
+        HostRewrite::Literal(value) => {
+            headers.insert(header::HOST, value.clone());
+        }
+        HostRewrite::Auto if !upstream_host.hostname.is_empty() => {
+            if let Ok(value) = HeaderValue::from_str(&upstream_host.hostname) {
+                headers.insert(header::HOST, value);
+            }
+        }
+        _ => {
+            if !headers.contains_key(header::HOST)
+                && let Ok(value) = HeaderValue::from_str(&host)
+            {
+                headers.insert(header::HOST, value);
+            }
+        }
+    }
+    if hcm.use_remote_address {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        if !hcm.skip_xff_append {
+            let peer = connection.peer.ip().to_string();
+            let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(existing) => format!("{existing},{peer}"),
+                None => peer,
+            };
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(&X_FORWARDED_FOR, value);
+            }
+        }
+    } else if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if hcm.generate_request_id {
+        let external = headers.contains_key(&X_REQUEST_ID);
+        if !external || (hcm.use_remote_address && !hcm.preserve_external_request_id) {
+            headers.insert(&X_REQUEST_ID, request_id());
+        }
+    }
+    let request_id = headers.get(&X_REQUEST_ID).cloned();
+    if let Some(timeout) = forward.timeout {
+        headers.insert(
+            &X_EXPECTED_TIMEOUT,
+            HeaderValue::from(timeout.as_millis() as u64),
+        );
+    }
+    apply_request_mutations(&table, vhost, route, headers);
+    parts.version = match cluster.pools.protocol() {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let body_deadline = hcm.request_timeout.map(|t| started + t);
+    let upstream_request = Request::from_parts(
+        parts,
+        RequestBody::new(body, body_deadline, timed_out.clone()),
+    );
+
+    // Send.
+    cluster.stats.upstream_rq_total.inc();
+    upstream_host.rq_total.inc();
+    let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
+    let sending = cluster.pools.client().request(upstream_request);
+    let result = match forward.timeout.or(forward.idle_timeout) {
+        Some(timeout) => match tokio::time::timeout(timeout, sending).await {
+            Ok(result) => result,
+            Err(_) => {
+                cluster.stats.upstream_rq_timeout.inc();
+                upstream_host.rq_error.inc();
+                return Err(ProxyError::upstream(
+                    ResponseFlag::UpstreamRequestTimeout,
+                    "upstream request timeout",
+                ));
+            }
+        },
+        None => sending.await,
+    };
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            upstream_host.rq_error.inc();
+            if timed_out.load(Ordering::Acquire) {
+                connection.stats.downstream_rq_timeout.inc();
+                return Ok(reply(connection, 408, b"request timeout".to_vec()));
+            }
+            let flag = if crate::pool::is_overflow(&error) {
+                ResponseFlag::UpstreamOverflow
+            } else if error.is_connect() {
+                ResponseFlag::UpstreamConnectionFailure
+            } else {
+                ResponseFlag::UpstreamRemoteReset
+            };
+            return Err(ProxyError::upstream(flag, error.to_string()));
+        }
+    };
+    let status = response.status();
+    cluster.stats.response(status.as_u16());
+    if status == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(downstream_upgrade) = downstream_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(down), Ok(up)) = tokio::join!(downstream_upgrade, upstream_upgrade) {
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+        });
+    }
+    let headers = response.headers_mut();
+    remove_hop_by_hop(headers, status == StatusCode::SWITCHING_PROTOCOLS);
+    let elapsed = started.elapsed().as_millis() as u64;
+    headers.insert(&X_SERVICE_TIME, HeaderValue::from(elapsed));
+    headers.insert(header::SERVER, connection.server_header.clone());
+    if hcm.always_set_request_id_in_response
+        && let Some(id) = request_id
+    {
+        headers.insert(&X_REQUEST_ID, id);
+    }
+    apply_response_mutations(&table, vhost, route, headers);
+    Ok(response.map(ResponseBody::Upstream))
+}

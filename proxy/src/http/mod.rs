@@ -1,0 +1,6 @@
+//! L7: the HTTP connection manager (hyper server, HTTP/1.1 and HTTP/2, upgrades), the router's
+//! compiled route tables, and the body types that flow between downstream and upstream.
+
+pub mod body;
+pub mod conn_manager;
+pub mod router;

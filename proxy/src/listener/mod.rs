@@ -1,0 +1,379 @@
+//! Listeners: bind each configured address once (SO_REUSEPORT sockets shared by every worker's
+//! accept loop), run the listener filters (`original_dst`, `tls_inspector`), pick a filter chain
+//! and hand the connection to `tcp_proxy` or the HTTP connection manager.
+//!
+//! Listener updates reuse the bound socket and drain the old listener's connections; removals
+//! stop accepting and drain. Open connections are never cut before the drain time.
+
+pub mod tls_inspector;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::config::{FilterChain, Listener, NetworkFilter};
+use crate::drain::Drain;
+use crate::filter_chain::{self, ConnectionInfo};
+use crate::server::Server;
+use crate::stats::{GaugeGuard, HttpStats, ListenerStats, TcpStats};
+
+/// Per-chain state registered when the listener starts (stats handles).
+#[derive(Debug)]
+pub enum ChainRuntime {
+    Tcp(Arc<TcpStats>),
+    Http(Arc<HttpStats>),
+}
+
+/// A listener that is accepting (or draining).
+#[derive(Debug)]
+pub struct ActiveListener {
+    pub config: Arc<Listener>,
+    pub local_addr: SocketAddr,
+    pub drain: Drain,
+    pub stats: Arc<ListenerStats>,
+    sockets: Vec<Arc<std::net::TcpListener>>,
+    chains: Vec<(Arc<FilterChain>, ChainRuntime)>,
+    stop: watch::Sender<bool>,
+}
+
+impl ActiveListener {
+    fn chain_runtime(&self, chain: &Arc<FilterChain>) -> Option<&ChainRuntime> {
+        self.chains
+            .iter()
+            .find(|(c, _)| Arc::ptr_eq(c, chain))
+            .map(|(_, rt)| rt)
+    }
+
+    fn stop_accepting(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<Arc<std::net::TcpListener>>> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false).ok();
+        }
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        sockets.push(Arc::new(listener));
+    }
+    Ok(sockets)
+}
+
+/// Every listener by name, plus the ones still draining.
+#[derive(Debug, Default)]
+pub struct ListenerManager {
+    active: Mutex<BTreeMap<String, Arc<ActiveListener>>>,
+    draining: Mutex<Vec<Arc<ActiveListener>>>,
+}
+
+impl ListenerManager {
+    /// Starts or updates a listener. An unchanged listener is left alone.
+    pub fn add_or_update(
+        &self,
+        server: &Arc<Server>,
+        config: Arc<Listener>,
+    ) -> std::io::Result<SocketAddr> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let old = active.get(&config.name).cloned();
+        if let Some(old) = &old
+            && old.config.version_hash == config.version_hash
+        {
+            return Ok(old.local_addr);
+        }
+        // Reuse the old sockets when the address is unchanged, so no connection is refused.
+        let sockets = match &old {
+            Some(old) if old.config.address == config.address => old.sockets.clone(),
+            _ => bind(config.address, server.workers.len())?,
+        };
+        let local_addr = sockets
+            .first()
+            .map(|s| s.local_addr())
+            .transpose()?
+            .unwrap_or(config.address);
+        let stats_addr = if config.address.port() == 0 {
+            local_addr.to_string()
+        } else {
+            config.address.to_string()
+        };
+        let stats = Arc::new(ListenerStats::new(&server.registry, &stats_addr));
+        let mut chains = Vec::new();
+        for chain in config
+            .filter_chains
+            .iter()
+            .chain(config.default_filter_chain.iter())
+        {
+            let runtime = match &chain.filter {
+                NetworkFilter::TcpProxy(tcp) => {
+                    ChainRuntime::Tcp(Arc::new(TcpStats::new(&server.registry, &tcp.stat_prefix)))
+                }
+                NetworkFilter::Http(hcm) => {
+                    ChainRuntime::Http(Arc::new(HttpStats::new(&server.registry, &hcm.stat_prefix)))
+                }
+            };
+            chains.push((chain.clone(), runtime));
+        }
+        let (stop, _) = watch::channel(false);
+        let listener = Arc::new(ActiveListener {
+            config,
+            local_addr,
+            drain: Drain::new(),
+            stats,
+            sockets,
+            chains,
+            stop,
+        });
+        for (index, worker) in server.workers.iter().enumerate() {
+            let socket = listener.sockets[index % listener.sockets.len()].clone();
+            worker.spawn(accept_loop(server.clone(), listener.clone(), socket));
+        }
+        active.insert(listener.config.name.clone(), listener.clone());
+        drop(active);
+        tracing::info!(name = %listener.config.name, address = %local_addr, "listener started");
+        if let Some(old) = old {
+            self.retire(server, old);
+        }
+        Ok(local_addr)
+    }
+
+    /// Stops a listener and drains its connections.
+    pub fn remove(&self, server: &Arc<Server>, name: &str) {
+        let removed = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(old) = removed {
+            tracing::info!(name, "listener removed; draining");
+            self.retire(server, old);
+        }
+    }
+
+    fn retire(&self, server: &Arc<Server>, old: Arc<ActiveListener>) {
+        old.stop_accepting();
+        self.draining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(old.clone());
+        let deadline = server.drain_time;
+        let owner = server.clone();
+        server.main.spawn(async move {
+            old.drain.drain(deadline).await;
+            let mut draining = owner
+                .listeners
+                .draining
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            draining.retain(|l| !Arc::ptr_eq(l, &old));
+        });
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn list(&self) -> Vec<Arc<ActiveListener>> {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn draining_count(&self) -> usize {
+        self.draining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    fn by_address(&self, addr: SocketAddr) -> Option<Arc<ActiveListener>> {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active
+            .values()
+            .find(|l| l.config.address == addr)
+            .or_else(|| {
+                active.values().find(|l| {
+                    l.config.address.ip().is_unspecified() && l.config.address.port() == addr.port()
+                })
+            })
+            .cloned()
+    }
+
+    /// Stops accepting everywhere; with `graceful`, drains connections (up to the drain time).
+    pub async fn drain_all(&self, deadline: std::time::Duration, graceful: bool) {
+        let all: Vec<Arc<ActiveListener>> = self.list();
+        for listener in &all {
+            listener.stop_accepting();
+        }
+        if graceful {
+            futures::future::join_all(all.iter().map(|l| l.drain.drain(deadline))).await;
+        }
+    }
+}
+
+async fn accept_loop(
+    server: Arc<Server>,
+    listener: Arc<ActiveListener>,
+    socket: Arc<std::net::TcpListener>,
+) {
+    let std_listener = match socket.try_clone() {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot clone listening socket");
+            return;
+        }
+    };
+    let accepting = match tokio::net::TcpListener::from_std(std_listener) {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::error!(%error, "cannot register listening socket");
+            return;
+        }
+    };
+    let mut stop = listener.stop.subscribe();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            accepted = accepting.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve_connection(server.clone(), listener.clone(), stream, peer));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "accept failed");
+                    tokio::task::yield_now().await;
+                }
+            },
+        }
+    }
+    // Connections already queued on this socket go to the old config rather than being lost.
+    while let Some(Ok((stream, peer))) = accepting.accept().now_or_never() {
+        tokio::spawn(serve_connection(
+            server.clone(),
+            listener.clone(),
+            stream,
+            peer,
+        ));
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        let now = *stop.borrow_and_update();
+        if now {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let original = if local.is_ipv4() {
+        socket.original_dst_v4()
+    } else {
+        socket.original_dst_v6()
+    };
+    original.ok().and_then(|a| a.as_socket())
+}
+
+async fn serve_connection(
+    server: Arc<Server>,
+    listener: Arc<ActiveListener>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let mut destination = local;
+    let mut listener = listener;
+    if listener.config.use_original_dst
+        && let Some(original) = original_destination(&stream)
+    {
+        destination = original;
+        // Hand the connection to the listener for the original destination, if any.
+        if original != local
+            && let Some(target) = server.listeners.by_address(original)
+        {
+            listener = target;
+        }
+    }
+    let config = listener.config.clone();
+    listener.stats.downstream_cx_total.inc();
+    let _active = GaugeGuard::new(&listener.stats.downstream_cx_active);
+    let watch = listener.drain.watch();
+    let mut info = ConnectionInfo {
+        destination,
+        source: peer,
+        direct_source: peer,
+        server_name: None,
+        transport_protocol: "raw_buffer",
+        application_protocols: Vec::new(),
+    };
+    if config.tls_inspector {
+        match tls_inspector::inspect(&stream, config.listener_filters_timeout).await {
+            Some(hello) => {
+                if hello.tls {
+                    info.transport_protocol = "tls";
+                }
+                info.server_name = hello.server_name;
+                info.application_protocols = hello.alpn;
+            }
+            None if config.continue_on_listener_filters_timeout => {}
+            None => return,
+        }
+    }
+    let Some(chain) = filter_chain::select(&config, &info) else {
+        listener.stats.no_filter_chain_match.inc();
+        return;
+    };
+    let Some(runtime) = listener.chain_runtime(chain) else {
+        return;
+    };
+    match (&chain.filter, runtime) {
+        (NetworkFilter::TcpProxy(tcp), ChainRuntime::Tcp(stats)) => {
+            crate::tcp_proxy::serve(&server, tcp, stats, stream, &info, watch).await;
+        }
+        (NetworkFilter::Http(hcm), ChainRuntime::Http(stats)) => {
+            crate::http::conn_manager::serve(
+                server.clone(),
+                hcm.clone(),
+                stats.clone(),
+                stream,
+                info,
+                watch,
+            )
+            .await;
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,57 @@
+//! `remora-proxy`: parse the command line, load the bootstrap, run the proxy.
+
+use clap::Parser;
+use remora_proxy::cli::{Cli, Command, Mode};
+use remora_proxy::config::bootstrap::{self, Sources};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::WaitReady {
+        admin_port,
+        timeout_s,
+    }) = &cli.command
+    {
+        let ready =
+            remora_proxy::cli::wait_ready(*admin_port, std::time::Duration::from_secs(*timeout_s));
+        if !ready {
+            eprintln!(
+                "remora-proxy wait-ready: 127.0.0.1:{admin_port}/ready not 200 after {timeout_s}s"
+            );
+        }
+        return if ready { 0.into() } else { 1.into() };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(cli.tracing_filter()))
+        .with_writer(std::io::stderr)
+        .init();
+    let sources = Sources {
+        config_path: cli.config_path.clone(),
+        config_yaml: cli.config_yaml.clone(),
+        from_env: cli.bootstrap_from_env,
+        service_node: cli.service_node.clone(),
+        service_cluster: cli.service_cluster.clone(),
+    };
+    let bootstrap = match bootstrap::load(&sources) {
+        Ok(bootstrap) => bootstrap,
+        Err(error) => {
+            eprintln!("error: invalid bootstrap: {error}");
+            return 1.into();
+        }
+    };
+    if cli.mode == Mode::Validate {
+        println!("configuration is valid");
+        return 0.into();
+    }
+    let concurrency = cli.concurrency.filter(|n| *n > 0).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    match remora_proxy::server::run(bootstrap, concurrency, cli.drain_time()) {
+        Ok(()) => 0.into(),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            1.into()
+        }
+    }
+}

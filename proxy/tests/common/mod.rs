@@ -1,0 +1,192 @@
+//! Helpers shared by the proxy's end-to-end tests: start `remora-proxy` with a bootstrap,
+//! bootstrap snippets, and small raw-socket peers.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use remora_tests::process::ChildGuard;
+use remora_tests::{free_port, http_get, wait_for, workspace_binary};
+
+/// A running remora-proxy.
+pub struct Proxy {
+    pub process: ChildGuard,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bootstrap.yaml");
+    std::fs::write(&path, yaml).expect("write bootstrap");
+    (dir, path)
+}
+
+impl Proxy {
+    /// Starts the proxy with `yaml` (whose admin must be on `admin`) and waits for `/ready`.
+    pub fn start(yaml: &str, admin: SocketAddr, extra: &[&str]) -> Proxy {
+        let (dir, config) = write_config(yaml);
+        let mut command = Command::new(workspace_binary("remora-proxy"));
+        command
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "2", "--log-level", "debug"])
+            .args(extra);
+        let process = ChildGuard::spawn("remora-proxy", command);
+        wait_for("remora-proxy /ready", Duration::from_secs(20), || {
+            http_get(admin, "/ready")
+                .ok()
+                .filter(|(status, _, _)| *status == 200)
+                .map(|_| ())
+        });
+        Proxy {
+            process,
+            admin,
+            config,
+            _dir: dir,
+        }
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        let (_, _, body) = http_get(self.admin, "/stats").expect("admin /stats");
+        body.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// An admin block on a fresh port.
+pub fn admin_block() -> (SocketAddr, String) {
+    let port = free_port();
+    (
+        loopback(port),
+        format!(
+            "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n"
+        ),
+    )
+}
+
+/// A STATIC cluster with the given endpoints.
+pub fn static_cluster(name: &str, endpoints: &[SocketAddr]) -> String {
+    let mut lb = String::new();
+    for e in endpoints {
+        lb.push_str(&format!(
+            "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}\n",
+            e.ip(),
+            e.port()
+        ));
+    }
+    format!(
+        "  - name: {name}\n    connect_timeout: 0.5s\n    type: STATIC\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n{lb}"
+    )
+}
+
+/// A listener with an HCM whose inline route config is `routes_yaml` (the `virtual_hosts` list,
+/// indented by 12 spaces) and extra HCM fields.
+pub fn http_listener(name: &str, port: u16, hcm_extra: &str, virtual_hosts: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+{hcm_extra}          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            name: {name}_routes
+            virtual_hosts:
+{virtual_hosts}"#
+    )
+}
+
+pub fn tcp_listener(name: &str, port: u16, cluster: &str, extra: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}
+{extra}"#
+    )
+}
+
+/// Assembles a bootstrap.
+pub fn bootstrap(admin: &str, listeners: &[String], clusters: &[String]) -> String {
+    format!(
+        "{admin}static_resources:\n  listeners:\n{}  clusters:\n{}",
+        listeners.concat(),
+        clusters.concat()
+    )
+}
+
+/// Parses the echo upstream's JSON body.
+pub fn echo_json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not echo JSON ({e}): {body:?}"))
+}
+
+/// A TCP peer that accepts and never answers (for timeouts).
+pub fn silent_upstream() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+/// A port with nothing listening.
+pub fn closed_port() -> SocketAddr {
+    loopback(free_port())
+}
+
+/// Sends raw bytes and reads the whole answer until the peer closes (or 10 s).
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(bytes).expect("write");
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Proxy {
+    /// Starts the proxy with an existing bootstrap file.
+    pub fn start_file(config: &std::path::Path, admin: SocketAddr, extra: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut command = Command::new(workspace_binary("remora-proxy"));
+        command
+            .arg("-c")
+            .arg(config)
+            .args(["--concurrency", "2", "--log-level", "debug"])
+            .args(extra);
+        let process = ChildGuard::spawn("remora-proxy", command);
+        wait_for("remora-proxy /ready", Duration::from_secs(20), || {
+            http_get(admin, "/ready")
+                .ok()
+                .filter(|(status, _, _)| *status == 200)
+                .map(|_| ())
+        });
+        Proxy {
+            process,
+            admin,
+            config: config.to_path_buf(),
+            _dir: dir,
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! End-to-end: remora-proxy as a real process with static bootstraps, real echo upstreams,
+//! HTTP/1.1, h2c, TCP, WebSocket, local replies, bad input, admin and the CLI.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use remora_tests::echo::EchoServer;
+use remora_tests::{free_port, http_get, http_request, wait_for, workspace_binary};
+
+const ALL_ROUTES: &str = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: echo}
+"#;
+
+#[test]
+fn validate_mode_accepts_valid_and_names_unsupported_fields() {
+    let (_, admin) = admin_block();
+    let echo = loopback(free_port());
+    let good = bootstrap(
+        &admin,
+        &[http_listener("ingress", free_port(), "", ALL_ROUTES)],
+        &[static_cluster("echo", &[echo])],
+    );
+    let (_dir, path) = write_config(&good);
+    let output = Command::new(workspace_binary("remora-proxy"))
+        .args(["--mode", "validate", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let bad = good.replace(
+        "    type: STATIC\n",
+        "    type: STATIC\n    lb_policy: MAGLEV\n",
+    );
+    let (_dir2, path) = write_config(&bad);
+    let output = Command::new(workspace_binary("remora-proxy"))
+        .args(["--mode", "validate", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("static_resources.clusters[0].lb_policy: MAGLEV is not supported"),
+        "{stderr}"
+    );
+
+    let unsupported = good.replace(
+        "    type: STATIC\n",
+        "    type: STATIC\n    outlier_detection: {interval: 1s}\n",
+    );
+    let (_dir3, path) = write_config(&unsupported);
+    let output = Command::new(workspace_binary("remora-proxy"))
+        .args(["--mode", "validate", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("static_resources.clusters[0].outlier_detection: field is not supported"),
+        "{stderr}"
+    );
+
+    let typo = good.replace("stat_prefix: ingress", "stat_prefx: ingress");
+    let (_dir4, path) = write_config(&typo);
+    let output = Command::new(workspace_binary("remora-proxy"))
+        .args(["--mode", "validate", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("stat_prefx"));
+}
+
+#[test]
+fn http1_routing_rewrites_headers_and_stats() {
+    let a = EchoServer::start("a", "127.0.0.1");
+    let b = EchoServer::start("b", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let vhosts = r#"            - name: api
+              domains: ["api.example.com"]
+              request_headers_to_add:
+              - header: {key: x-vhost, value: "1"}
+              routes:
+              - match: {prefix: "/v1/"}
+                route: {cluster: b, prefix_rewrite: "/", host_rewrite_literal: backend.internal}
+              - match: {prefix: "/"}
+                route: {cluster: a}
+                response_headers_to_add:
+                - header: {key: x-route, value: root}
+"#;
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ingress",
+            port,
+            "          use_remote_address: true\n",
+            vhosts,
+        )],
+        &[
+            static_cluster("a", &[a.addr]),
+            static_cluster("b", &[b.addr]),
+        ],
+    );
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    let addr = loopback(port);
+
+    let (status, head, body) = http_request(
+        addr,
+        "GET",
+        "/v1/items?x=1",
+        &[("Host", "API.example.com")],
+        "",
+    )
+    .expect("request");
+    assert_eq!(status, 200, "{head}");
+    let json = echo_json(&body);
+    assert_eq!(json["upstream"], "b");
+    assert_eq!(json["path"], "/items?x=1");
+    assert_eq!(json["host"], "backend.internal");
+    assert_eq!(json["headers"]["x-vhost"], "1");
+    assert_eq!(json["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(json["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(json["headers"]["x-envoy-expected-rq-timeout-ms"], "15000");
+    assert_eq!(
+        json["headers"]["x-request-id"].as_str().map(str::len),
+        Some(36)
+    );
+    assert!(head.to_ascii_lowercase().contains("server: envoy"));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-envoy-upstream-service-time:")
+    );
+
+    let (status, head, body) = http_request(
+        addr,
+        "POST",
+        "/other",
+        &[("Host", "api.example.com")],
+        "hello",
+    )
+    .expect("request");
+    assert_eq!(status, 200);
+    assert!(head.contains("x-route: root"), "{head}");
+    let json = echo_json(&body);
+    assert_eq!(
+        (
+            json["upstream"].as_str(),
+            json["method"].as_str(),
+            json["body_len"].as_u64()
+        ),
+        (Some("a"), Some("POST"), Some(5))
+    );
+
+    // Unknown host: 404 (NR).
+    let (status, _, body) =
+        http_request(addr, "GET", "/", &[("Host", "nope")], "").expect("request");
+    assert_eq!((status, body.as_str()), (404, ""));
+
+    // Keep-alive: several requests on one connection reuse it.
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let request = "GET /ka HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+    stream
+        .write_all(format!("{request}{request}").as_bytes())
+        .expect("pipelined write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut seen = String::new();
+    let mut buf = [0u8; 8192];
+    while seen.matches("HTTP/1.1 200").count() < 2 {
+        let n = stream.read(&mut buf).expect("read pipelined responses");
+        assert!(n > 0, "connection closed early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+
+    wait_for("stats", Duration::from_secs(5), || {
+        (proxy.stat("http.ingress.downstream_rq_2xx") >= 4).then_some(())
+    });
+    assert_eq!(proxy.stat("cluster.b.upstream_rq_total"), 1);
+    assert!(proxy.stat("cluster.a.upstream_rq_total") >= 3);
+    assert_eq!(proxy.stat("http.ingress.downstream_rq_4xx"), 1);
+    assert!(proxy.stat(&format!("listener.127.0.0.1:{port}.downstream_cx_total")) >= 4);
+}
+
+#[test]
+fn http2_downstream_and_upstream() {
+    let echo = EchoServer::start("h2", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let h2_cluster = static_cluster("echo", &[echo.addr]).replace(
+        "    type: STATIC\n",
+        "    type: STATIC\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n",
+    );
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ingress",
+            port,
+            "          codec_type: AUTO\n",
+            ALL_ROUTES,
+        )],
+        &[h2_cluster],
+    );
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use http_body_util::BodyExt;
+        let stream = tokio::net::TcpStream::connect(loopback(port))
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        for i in 0..3 {
+            let request = http::Request::get(format!("http://svc.local/h2/{i}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let response = sender.send_request(request).await.expect("h2 response");
+            assert_eq!(response.status(), 200);
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            let json = echo_json(&String::from_utf8_lossy(&body));
+            assert_eq!(json["version"], "HTTP/2.0", "upstream must be HTTP/2");
+            assert_eq!(json["path"], format!("/h2/{i}"));
+            assert_eq!(json["host"], "svc.local");
+        }
+    });
+    // Three streams, multiplexed on one upstream connection.
+    assert_eq!(proxy.stat("cluster.echo.upstream_cx_total"), 1);
+    assert_eq!(proxy.stat("cluster.echo.upstream_rq_total"), 3);
+}
+
+#[test]
+fn local_replies_match_envoys_statuses() {
+    let (silent, silent_addr) = silent_upstream();
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let vhosts = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/down"}
+                route: {cluster: down}
+              - match: {prefix: "/slow"}
+                route: {cluster: slow, timeout: 0.3s}
+              - match: {prefix: "/empty"}
+                route: {cluster: empty}
+              - match: {prefix: "/direct"}
+                direct_response: {status: 418, body: {inline_string: "short and stout"}}
+              - match: {prefix: "/old"}
+                redirect: {path_redirect: "/new", response_code: PERMANENT_REDIRECT}
+              - match: {prefix: "/missing"}
+                route: {cluster: no_such_cluster}
+"#;
+    let empty = static_cluster("empty", &[])
+        .replace("      - lb_endpoints:\n", "      []\n")
+        .replace("      endpoints:\n      []\n", "      endpoints: []\n");
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", vhosts)],
+        &[
+            static_cluster("down", &[closed_port()]),
+            static_cluster("slow", &[silent_addr]),
+            empty,
+        ],
+    );
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    let addr = loopback(port);
+    let (status, _, body) = http_get(addr, "/down").expect("request");
+    assert_eq!(status, 503);
+    assert!(
+        body.starts_with("upstream connect error or disconnect/reset before headers"),
+        "{body}"
+    );
+    let (status, _, body) = http_get(addr, "/slow").expect("request");
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+    let (status, _, body) = http_get(addr, "/empty").expect("request");
+    assert_eq!((status, body.as_str()), (503, "no healthy upstream"));
+    let (status, _, body) = http_get(addr, "/direct").expect("request");
+    assert_eq!((status, body.as_str()), (418, "short and stout"));
+    let (status, head, _) = http_get(addr, "/old?q=1").expect("request");
+    assert_eq!(status, 308);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("location: http://127.0.0.1:{port}/new?q=1")),
+        "{head}"
+    );
+    let (status, _, _) = http_get(addr, "/missing").expect("request");
+    assert_eq!(status, 503);
+    assert_eq!(proxy.stat("cluster.down.upstream_cx_connect_fail"), 1);
+    assert_eq!(proxy.stat("cluster.slow.upstream_rq_timeout"), 1);
+    drop(silent);
+}
+
+#[test]
+fn tcp_proxy_passes_half_close_and_counts_bytes() {
+    // An upstream that reads until EOF, then answers with what it read, then closes.
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let Ok((mut stream, _)) = upstream.accept() else {
+                return;
+            };
+            let mut data = Vec::new();
+            stream.read_to_end(&mut data).expect("read to EOF");
+            stream.write_all(b"got:").expect("write");
+            stream.write_all(&data).expect("write");
+        }
+    });
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[tcp_listener("tcp", port, "up", "")],
+        &[static_cluster("up", &[upstream_addr])],
+    );
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(loopback(port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream.write_all(b"ping-pong").expect("write");
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .expect("read answer after half-close");
+        assert_eq!(answer, "got:ping-pong");
+    }
+    server.join().expect("upstream thread");
+    wait_for("byte stats", Duration::from_secs(5), || {
+        (proxy.stat("tcp.tcp.downstream_cx_rx_bytes_total") == 18).then_some(())
+    });
+    assert_eq!(proxy.stat("tcp.tcp.downstream_cx_tx_bytes_total"), 26);
+    assert_eq!(proxy.stat("cluster.up.upstream_cx_total"), 2);
+}
+
+#[test]
+fn tcp_proxy_retries_connect_failures_on_other_hosts() {
+    let echo = EchoServer::start("ok", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[tcp_listener(
+            "tcp",
+            port,
+            "mixed",
+            "          max_connect_attempts: 3\n",
+        )],
+        &[static_cluster("mixed", &[closed_port(), echo.addr])],
+    );
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    for _ in 0..4 {
+        let (status, _, body) =
+            http_get(loopback(port), "/through-tcp").expect("request through tcp_proxy");
+        assert_eq!(status, 200);
+        assert_eq!(echo_json(&body)["upstream"], "ok");
+    }
+    assert!(proxy.stat("cluster.mixed.upstream_cx_connect_fail") >= 1);
+}
+
+#[test]
+fn websocket_upgrade_is_spliced_when_enabled() {
+    // An upstream that accepts the upgrade and then echoes bytes.
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = upstream.accept() else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let _ = stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    });
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ws",
+            port,
+            "          upgrade_configs: [{upgrade_type: websocket}]\n",
+            ALL_ROUTES,
+        )],
+        &[static_cluster("echo", &[upstream_addr])],
+    );
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let mut stream = TcpStream::connect(loopback(port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: ws.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .expect("write upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).expect("read head"), 1);
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    stream.write_all(b"frame-bytes").expect("write frame");
+    let mut echoed = [0u8; 11];
+    stream.read_exact(&mut echoed).expect("echoed frame");
+    assert_eq!(&echoed, b"frame-bytes");
+
+    // Without upgrade_configs the upgrade is refused (403) as Envoy does.
+    let port2 = free_port();
+    let (admin2, admin_yaml2) = admin_block();
+    let yaml = bootstrap(
+        &admin_yaml2,
+        &[http_listener("plain", port2, "", ALL_ROUTES)],
+        &[static_cluster("echo", &[upstream_addr])],
+    );
+    let _proxy2 = Proxy::start(&yaml, admin2, &[]);
+    let (status, _, _) = http_request(
+        loopback(port2),
+        "GET",
+        "/chat",
+        &[("Upgrade", "websocket"), ("Connection", "upgrade")],
+        "",
+    )
+    .expect("request");
+    assert_eq!(status, 403);
+}
+
+#[test]
+fn bad_input_gets_the_right_status_and_proxy_keeps_serving() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ingress",
+            port,
+            "          max_request_headers_kb: 2\n          common_http_protocol_options: {max_headers_count: 20}\n",
+            ALL_ROUTES,
+        )],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let addr = loopback(port);
+    let garbage = raw_exchange(addr, b"\x16\x03garbage that is not http\r\n\r\n");
+    assert!(
+        garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
+        "{garbage}"
+    );
+    let big = "x".repeat(8 * 1024);
+    let answer = raw_exchange(
+        addr,
+        format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let answer = raw_exchange(
+        addr,
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let answer = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // And it still serves.
+    let (status, _, body) = http_get(addr, "/still-up").expect("request");
+    assert_eq!(status, 200);
+    assert_eq!(echo_json(&body)["path"], "/still-up");
+}
+
+#[test]
+fn admin_endpoints_and_quitquitquit() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", ALL_ROUTES)],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    let mut proxy = Proxy::start(&yaml, admin, &[]);
+    let (status, _, body) = http_get(admin, "/ready").expect("ready");
+    assert_eq!((status, body.trim()), (200, "LIVE"));
+    let (_, _, info) = http_get(admin, "/server_info").expect("server_info");
+    assert_eq!(echo_json(&info)["state"], "LIVE");
+    let (_, _, clusters) = http_get(admin, "/clusters").expect("clusters");
+    assert!(
+        clusters.contains(&format!("echo::{}::health_flags::healthy", echo.addr)),
+        "{clusters}"
+    );
+    let (_, _, listeners) = http_get(admin, "/listeners").expect("listeners");
+    assert!(
+        listeners.contains(&format!("ingress::127.0.0.1:{port}")),
+        "{listeners}"
+    );
+    let (_, _, dump) = http_get(
+        admin,
+        "/config_dump?resource=static_clusters&mask=cluster.name",
+    )
+    .expect("config_dump");
+    let dump = echo_json(&dump);
+    assert_eq!(
+        dump["configs"][0]["cluster"],
+        serde_json::json!({"name": "echo"})
+    );
+    assert_eq!(
+        dump["configs"][0]["@type"],
+        "type.googleapis.com/envoy.admin.v3.ClustersConfigDump.StaticCluster"
+    );
+    let (_, _, full) = http_get(admin, "/config_dump").expect("config_dump");
+    assert!(
+        echo_json(&full)["configs"]
+            .as_array()
+            .is_some_and(|c| c.len() == 5)
+    );
+    http_get(loopback(port), "/x").expect("request");
+    let (_, _, prom) = http_get(admin, "/stats/prometheus").expect("prometheus");
+    assert!(
+        prom.contains("# TYPE envoy_cluster_echo_upstream_rq_total counter"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("envoy_cluster_echo_upstream_rq_total 1"),
+        "{prom}"
+    );
+    let (status, _, _) = http_get(admin, "/quitquitquit").expect("GET quit");
+    assert_eq!(status, 405, "mutating endpoints need POST");
+    let (status, _, _) = http_request(admin, "POST", "/quitquitquit", &[], "").expect("quit");
+    assert_eq!(status, 200);
+    let exit = proxy
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .expect("exits after /quitquitquit");
+    assert!(exit.success());
+}
+
+#[test]
+fn wait_ready_and_bootstrap_from_env() {
+    let admin_port = free_port();
+    // Not up yet: wait-ready fails after its timeout.
+    let status = Command::new(workspace_binary("remora-proxy"))
+        .args([
+            "wait-ready",
+            "--admin-port",
+            &admin_port.to_string(),
+            "--timeout-s",
+            "1",
+        ])
+        .status()
+        .expect("run wait-ready");
+    assert_eq!(status.code(), Some(1));
+    // The injector's environment produces a bootstrap Envoy's format accepts.
+    let output = Command::new(workspace_binary("remora-proxy"))
+        .args(["--bootstrap-from-env", "--mode", "validate"])
+        .env(
+            "REMORA_NODE_ID",
+            "sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local",
+        )
+        .env("REMORA_NODE_CLUSTER", "pod")
+        .env("REMORA_XDS_ADDRESS", "127.0.0.1:15010")
+        .env("REMORA_ADMIN_PORT", admin_port.to_string())
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // With a static bootstrap the proxy becomes ready and wait-ready succeeds.
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let admin = loopback(admin_port);
+    let yaml = bootstrap(
+        &format!(
+            "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}\n"
+        ),
+        &[http_listener("ingress", free_port(), "", ALL_ROUTES)],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let status = Command::new(workspace_binary("remora-proxy"))
+        .args([
+            "wait-ready",
+            "--admin-port",
+            &admin_port.to_string(),
+            "--timeout-s",
+            "10",
+        ])
+        .status()
+        .expect("run wait-ready");
+    assert!(status.success());
+}
