@@ -301,8 +301,7 @@ impl StreamProtocol for SotwStream {
             }
         }
         let unchanged = if request.resource_names.is_empty() {
-            state.subscription.names.is_empty()
-                && state.subscription.wildcard != state.named_before
+            state.subscription.names.is_empty() && state.subscription.wildcard != state.named_before
         } else {
             let names: Vec<&String> = request
                 .resource_names
