@@ -100,6 +100,8 @@ struct TypeState {
     acked_version: Option<String>,
     rejected: Option<(u64, View)>,
     last_nack: Option<NackRecord>,
+    /// Hash of the last request's resource_names, in the order sent.
+    names_fingerprint: Option<u64>,
 }
 
 /// One SotW stream (ADS, or a per-type service when `only` is set).
@@ -300,7 +302,19 @@ impl StreamProtocol for SotwStream {
                 }
             }
         }
-        let unchanged = if request.resource_names.is_empty() {
+        // Envoy repeats the same list (often thousands of EDS names) on every ACK: a hash of the
+        // list as sent spares comparing it name by name.
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            request.resource_names.hash(&mut hasher);
+            hasher.finish()
+        };
+        let same_list = state.requested && state.names_fingerprint == Some(fingerprint);
+        state.names_fingerprint = Some(fingerprint);
+        let unchanged = if same_list {
+            true
+        } else if request.resource_names.is_empty() {
             state.subscription.names.is_empty() && state.subscription.wildcard != state.named_before
         } else {
             let names: Vec<&String> = request
