@@ -73,6 +73,57 @@ pub struct Snapshot {
     pub committed_at: Instant,
     /// Indexed by [`Kind::index`].
     pub types: [Arc<TypeMap>; 5],
+    /// Per type, how this snapshot differs from the group's previous one, so each stream
+    /// diffs only what changed instead of its whole subscription.
+    pub changes: [Option<TypeChange>; 5],
+}
+
+/// The names added, changed or removed in one type since the map `from`.
+#[derive(Debug)]
+pub struct TypeChange {
+    pub from: Arc<TypeMap>,
+    pub names: Vec<String>,
+}
+
+/// Names whose entry differs between two maps (both sorted by name).
+fn changed_names(old: &TypeMap, new: &TypeMap) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut old_entries = old.iter().peekable();
+    let mut new_entries = new.iter().peekable();
+    loop {
+        match (old_entries.peek(), new_entries.peek()) {
+            (None, None) => return names,
+            (Some((name, _)), None) => {
+                names.push((*name).clone());
+                old_entries.next();
+            }
+            (None, Some((name, _))) => {
+                names.push((*name).clone());
+                new_entries.next();
+            }
+            (Some((old_name, old_resource)), Some((new_name, new_resource))) => {
+                match old_name.cmp(new_name) {
+                    std::cmp::Ordering::Less => {
+                        names.push((*old_name).clone());
+                        old_entries.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        names.push((*new_name).clone());
+                        new_entries.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if !Arc::ptr_eq(old_resource, new_resource)
+                            && old_resource.version != new_resource.version
+                        {
+                            names.push((*new_name).clone());
+                        }
+                        old_entries.next();
+                        new_entries.next();
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Snapshot {
@@ -81,6 +132,7 @@ impl Snapshot {
             version: 0,
             committed_at: Instant::now(),
             types: Default::default(),
+            changes: Default::default(),
         }
     }
 
@@ -118,6 +170,7 @@ type ResourceCache = HashMap<(Kind, Bytes), Arc<Resource>>;
 /// Builds the snapshot of one group from a config state.
 fn build(
     committed: &Committed,
+    previous: Option<&Snapshot>,
     group: &str,
     cache: &ResourceCache,
     next_cache: &mut ResourceCache,
@@ -160,10 +213,33 @@ fn build(
     for name in waiting {
         types[Kind::Cluster.index()].remove(&name);
     }
+    // Unchanged types keep the previous map (cheap equality for every stream); changed ones
+    // record which names changed.
+    let mut changes: [Option<TypeChange>; 5] = Default::default();
+    let final_types: [Arc<TypeMap>; 5] = std::array::from_fn(|index| {
+        let map = std::mem::take(&mut types[index]);
+        match previous {
+            Some(previous) => {
+                let before = &previous.types[index];
+                let names = changed_names(before, &map);
+                if names.is_empty() {
+                    before.clone()
+                } else {
+                    changes[index] = Some(TypeChange {
+                        from: before.clone(),
+                        names,
+                    });
+                    Arc::new(map)
+                }
+            }
+            None => Arc::new(map),
+        }
+    });
     Snapshot {
         version: state.version,
         committed_at: committed.at,
-        types: types.map(Arc::new),
+        types: final_types,
+        changes,
     }
 }
 
@@ -205,7 +281,7 @@ impl SnapshotHub {
             return sender.subscribe();
         }
         let mut next_cache = HashMap::new();
-        let snapshot = build(committed, group, cache, &mut next_cache);
+        let snapshot = build(committed, None, group, cache, &mut next_cache);
         cache.extend(next_cache);
         let (sender, receiver) = watch::channel(Arc::new(snapshot));
         groups.insert(group.to_string(), sender);
@@ -229,7 +305,17 @@ impl SnapshotHub {
         let built: Vec<(String, Snapshot)> = names
             .into_iter()
             .map(|group| {
-                let snapshot = build(&committed, &group, &latest.1, &mut next_cache);
+                let previous = self
+                    .groups()
+                    .get(&group)
+                    .map(|sender| sender.borrow().clone());
+                let snapshot = build(
+                    &committed,
+                    previous.as_deref(),
+                    &group,
+                    &latest.1,
+                    &mut next_cache,
+                );
                 (group, snapshot)
             })
             .collect();
@@ -369,6 +455,44 @@ mod tests {
             ],
         ));
         assert_eq!(view.borrow_and_update().of(Kind::Cluster).len(), 1);
+    }
+
+    #[test]
+    fn unchanged_types_keep_their_map_and_changed_ones_name_their_changes() {
+        let (a, b, b2) = (route("a"), route("b"), route("b2"));
+        let hub = SnapshotHub::new(
+            state(1, &[(Kind::Route, "", "a", &a), (Kind::Route, "", "b", &b)]),
+            Duration::ZERO,
+        );
+        let mut view = hub.subscribe("");
+        let before = view.borrow_and_update().clone();
+        let cluster = Typed::from_json(Kind::Cluster, &serde_json::json!({"name": "c"}))
+            .expect("cluster")
+            .encode();
+        hub.publish(state(
+            2,
+            &[
+                (Kind::Route, "", "a", &a),
+                (Kind::Route, "", "b", &b2),
+                (Kind::Cluster, "", "c", &cluster),
+            ],
+        ));
+        let after = view.borrow_and_update().clone();
+        assert!(Arc::ptr_eq(
+            before.of(Kind::Listener),
+            after.of(Kind::Listener)
+        ));
+        let change = after.changes[Kind::Route.index()]
+            .as_ref()
+            .expect("routes changed");
+        assert!(Arc::ptr_eq(&change.from, before.of(Kind::Route)));
+        assert_eq!(change.names, ["b"]);
+        assert_eq!(
+            after.changes[Kind::Cluster.index()]
+                .as_ref()
+                .map(|c| c.names.clone()),
+            Some(vec!["c".to_string()])
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -54,6 +54,9 @@ const TYPES: [&str; 4] = [
     type_urls::LISTENER,
     type_urls::ROUTE_CONFIGURATION,
 ];
+
+/// Set once measuring is over: streams dropped by the stopping control plane are expected.
+static FINISHED: AtomicBool = AtomicBool::new(false);
 
 /// The latest version each client ACKed, per type.
 type AckTable = Arc<Vec<[AtomicU64; 4]>>;
@@ -317,7 +320,9 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             drop(permit);
-            if let Ok(Err(error)) = task.await {
+            if let Ok(Err(error)) = task.await
+                && !FINISHED.load(Ordering::Relaxed)
+            {
                 eprintln!("client {index}: {error:#}");
             }
         });
@@ -368,6 +373,7 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     let (rss, peak, cpu_after) = process_usage(pid);
+    FINISHED.store(true, Ordering::Relaxed);
     let cpu = (cpu_after - cpu_before) / measure_started.elapsed().as_secs_f64();
     println!();
     println!(

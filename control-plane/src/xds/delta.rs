@@ -327,6 +327,7 @@ mod tests {
             version,
             committed_at: Instant::now(),
             types: types.map(Arc::new),
+            changes: Default::default(),
         }
     }
 

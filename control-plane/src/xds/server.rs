@@ -1,40 +1,33 @@
-//! The tonic services: ADS and the five per-type discovery services, all on one gRPC port.
-//! Each RPC spawns one task per stream ([`crate::xds::stream::drive`]).
+//! The discovery services on one gRPC port: ADS and the five per-type services, each method
+//! (`Stream*` SotW, `Delta*` incremental) served by one task per stream
+//! ([`crate::xds::stream::drive`]).
+//!
+//! Responses are framed here rather than by tonic's generated servers: tonic's per-stream encode
+//! buffer keeps the capacity of the largest message ever sent (a full CDS or EDS set, hundreds of
+//! KiB), for the life of the stream. Each response is encoded into its own exactly-sized buffer
+//! that is freed once written, which keeps thousands of idle proxies cheap.
 
+use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use http_body::Frame;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-use xds_api::envoy::service::cluster::v3::cluster_discovery_service_server::{
-    ClusterDiscoveryService, ClusterDiscoveryServiceServer,
-};
-use xds_api::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use xds_api::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use xds_api::envoy::service::endpoint::v3::endpoint_discovery_service_server::{
-    EndpointDiscoveryService, EndpointDiscoveryServiceServer,
-};
-use xds_api::envoy::service::listener::v3::listener_discovery_service_server::{
-    ListenerDiscoveryService, ListenerDiscoveryServiceServer,
-};
-use xds_api::envoy::service::route::v3::route_discovery_service_server::{
-    RouteDiscoveryService, RouteDiscoveryServiceServer,
-};
-use xds_api::envoy::service::secret::v3::secret_discovery_service_server::{
-    SecretDiscoveryService, SecretDiscoveryServiceServer,
-};
+use tonic::Status;
+use tonic::server::NamedService;
+use tonic::transport::server::TcpConnectInfo;
+use xds_api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 
 use crate::metrics::Metrics;
 use crate::resource::Kind;
 use crate::snapshot::SnapshotHub;
 use crate::xds::delta::DeltaStream;
 use crate::xds::sotw::SotwStream;
-use crate::xds::stream::{ProxyRegistry, StreamProtocol, drive};
+use crate::xds::stream::{ProxyRegistry, drive};
 
 /// What every stream needs.
 #[derive(Clone)]
@@ -44,30 +37,198 @@ pub struct XdsContext {
     pub metrics: Arc<Metrics>,
 }
 
-/// Responses buffered per stream before its task waits for the client.
+/// Encoded responses buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 4;
+/// Largest request accepted (an EDS subscription can name many thousands of clusters).
+const MAX_REQUEST_BYTES: usize = 64 << 20;
 
-type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+/// One gRPC service name and the resource type it is fixed to (none for ADS).
+pub trait ServiceSpec: Send + Sync + 'static {
+    const NAME: &'static str;
+    const KIND: Option<Kind>;
+}
+
+macro_rules! service_spec {
+    ($type:ident, $name:literal, $kind:expr) => {
+        pub struct $type;
+        impl ServiceSpec for $type {
+            const NAME: &'static str = $name;
+            const KIND: Option<Kind> = $kind;
+        }
+    };
+}
+
+service_spec!(
+    Aggregated,
+    "envoy.service.discovery.v3.AggregatedDiscoveryService",
+    None
+);
+service_spec!(
+    Clusters,
+    "envoy.service.cluster.v3.ClusterDiscoveryService",
+    Some(Kind::Cluster)
+);
+service_spec!(
+    Endpoints,
+    "envoy.service.endpoint.v3.EndpointDiscoveryService",
+    Some(Kind::Endpoint)
+);
+service_spec!(
+    Listeners,
+    "envoy.service.listener.v3.ListenerDiscoveryService",
+    Some(Kind::Listener)
+);
+service_spec!(
+    Routes,
+    "envoy.service.route.v3.RouteDiscoveryService",
+    Some(Kind::Route)
+);
+service_spec!(
+    Secrets,
+    "envoy.service.secret.v3.SecretDiscoveryService",
+    Some(Kind::Secret)
+);
+
+/// A discovery service as a tower service over HTTP/2.
+pub struct DiscoveryService<S> {
+    context: XdsContext,
+    spec: PhantomData<S>,
+}
+
+impl<S> Clone for DiscoveryService<S> {
+    fn clone(&self) -> Self {
+        DiscoveryService {
+            context: self.context.clone(),
+            spec: PhantomData,
+        }
+    }
+}
+
+impl<S: ServiceSpec> NamedService for DiscoveryService<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
+    for DiscoveryService<S>
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let method = request
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let peer: Option<SocketAddr> = request
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(|info| info.remote_addr());
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let body = request.into_body();
+        let context = self.context.clone();
+        if method.starts_with("Stream") {
+            let requests = tonic::Streaming::<DiscoveryRequest>::new_request(
+                tonic_prost::ProstDecoder::default(),
+                body,
+                None,
+                Some(MAX_REQUEST_BYTES),
+            );
+            let protocol = S::KIND
+                .map(SotwStream::single)
+                .unwrap_or_else(SotwStream::aggregated);
+            tokio::spawn(drive(context, peer, requests, sender, protocol));
+        } else if method.starts_with("Delta") {
+            let requests = tonic::Streaming::<DeltaDiscoveryRequest>::new_request(
+                tonic_prost::ProstDecoder::default(),
+                body,
+                None,
+                Some(MAX_REQUEST_BYTES),
+            );
+            let protocol = S::KIND
+                .map(DeltaStream::single)
+                .unwrap_or_else(DeltaStream::aggregated);
+            tokio::spawn(drive(context, peer, requests, sender, protocol));
+        } else {
+            let status =
+                Status::unimplemented(format!("{method} is not served; use the streaming methods"));
+            return std::future::ready(Ok(status.into_http()));
+        }
+        let response = http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(tonic::body::Body::new(ResponseBody {
+                receiver,
+                finished: false,
+            }))
+            .unwrap_or_else(|_| Status::internal("cannot build the response").into_http());
+        std::future::ready(Ok(response))
+    }
+}
+
+/// Encodes one message as a gRPC frame (uncompressed flag, big-endian length, payload) in a
+/// buffer of exactly its size.
+pub fn grpc_frame<M: prost::Message>(message: &M) -> Bytes {
+    let length = message.encoded_len();
+    let mut frame = Vec::with_capacity(5 + length);
+    frame.push(0);
+    frame.extend_from_slice(&(length as u32).to_be_bytes());
+    message.encode_raw(&mut frame);
+    Bytes::from(frame)
+}
+
+/// The response body of one stream: framed messages from its task, then the gRPC status.
+struct ResponseBody {
+    receiver: mpsc::Receiver<Result<Bytes, Status>>,
+    finished: bool,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        match self.receiver.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(Frame::data(frame)))),
+            Poll::Ready(ending) => {
+                self.finished = true;
+                let status = match ending {
+                    Some(Err(status)) => status,
+                    _ => Status::ok(""),
+                };
+                let mut trailers = http::HeaderMap::new();
+                if let Err(status) = status.add_header(&mut trailers) {
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+}
 
 impl XdsContext {
-    fn start<P: StreamProtocol>(
-        &self,
-        request: Request<Streaming<P::Request>>,
-        protocol: P,
-    ) -> Response<ResponseStream<P::Response>>
-    where
-        Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
-    {
-        let peer = request.remote_addr();
-        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(drive(
-            self.clone(),
-            peer,
-            request.into_inner(),
-            sender,
-            protocol,
-        ));
-        Response::new(ReceiverStream::new(receiver))
+    fn service<S: ServiceSpec>(&self) -> DiscoveryService<S> {
+        DiscoveryService {
+            context: self.clone(),
+            spec: PhantomData,
+        }
     }
 
     /// Serves every discovery service on `listener` until `shutdown` resolves.
@@ -79,122 +240,14 @@ impl XdsContext {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .add_service(
-                AggregatedDiscoveryServiceServer::new(self.clone())
-                    .max_decoding_message_size(64 << 20),
-            )
-            .add_service(ClusterDiscoveryServiceServer::new(self.clone()))
-            .add_service(EndpointDiscoveryServiceServer::new(self.clone()))
-            .add_service(ListenerDiscoveryServiceServer::new(self.clone()))
-            .add_service(RouteDiscoveryServiceServer::new(self.clone()))
-            .add_service(SecretDiscoveryServiceServer::new(self))
+            .add_service(self.service::<Aggregated>())
+            .add_service(self.service::<Clusters>())
+            .add_service(self.service::<Endpoints>())
+            .add_service(self.service::<Listeners>())
+            .add_service(self.service::<Routes>())
+            .add_service(self.service::<Secrets>())
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
     }
 }
-
-/// The address a client connected from, for the proxies table.
-pub fn peer_of<T>(request: &Request<T>) -> Option<SocketAddr> {
-    request.remote_addr()
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for XdsContext {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(self.start(request, SotwStream::aggregated()))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(self.start(request, DeltaStream::aggregated()))
-    }
-}
-
-/// Implements one per-type discovery service over the shared stream machinery.
-macro_rules! per_type_service {
-    ($trait:ident, $kind:expr, $delta:ident, $delta_stream:ident, $stream:ident, $stream_stream:ident, $fetch:ident) => {
-        #[tonic::async_trait]
-        impl $trait for XdsContext {
-            type $delta_stream = ResponseStream<DeltaDiscoveryResponse>;
-            type $stream_stream = ResponseStream<DiscoveryResponse>;
-
-            async fn $delta(
-                &self,
-                request: Request<Streaming<DeltaDiscoveryRequest>>,
-            ) -> Result<Response<Self::$delta_stream>, Status> {
-                Ok(self.start(request, DeltaStream::single($kind)))
-            }
-
-            async fn $stream(
-                &self,
-                request: Request<Streaming<DiscoveryRequest>>,
-            ) -> Result<Response<Self::$stream_stream>, Status> {
-                Ok(self.start(request, SotwStream::single($kind)))
-            }
-
-            async fn $fetch(
-                &self,
-                _request: Request<DiscoveryRequest>,
-            ) -> Result<Response<DiscoveryResponse>, Status> {
-                Err(Status::unimplemented(
-                    "REST-style fetch is not served; use the streaming RPCs",
-                ))
-            }
-        }
-    };
-}
-
-per_type_service!(
-    ClusterDiscoveryService,
-    Kind::Cluster,
-    delta_clusters,
-    DeltaClustersStream,
-    stream_clusters,
-    StreamClustersStream,
-    fetch_clusters
-);
-per_type_service!(
-    EndpointDiscoveryService,
-    Kind::Endpoint,
-    delta_endpoints,
-    DeltaEndpointsStream,
-    stream_endpoints,
-    StreamEndpointsStream,
-    fetch_endpoints
-);
-per_type_service!(
-    ListenerDiscoveryService,
-    Kind::Listener,
-    delta_listeners,
-    DeltaListenersStream,
-    stream_listeners,
-    StreamListenersStream,
-    fetch_listeners
-);
-per_type_service!(
-    RouteDiscoveryService,
-    Kind::Route,
-    delta_routes,
-    DeltaRoutesStream,
-    stream_routes,
-    StreamRoutesStream,
-    fetch_routes
-);
-per_type_service!(
-    SecretDiscoveryService,
-    Kind::Secret,
-    delta_secrets,
-    DeltaSecretsStream,
-    stream_secrets,
-    StreamSecretsStream,
-    fetch_secrets
-);

@@ -44,10 +44,19 @@ impl View {
         self.get(name).is_some()
     }
 
+    /// The same map under the same subscription (a cheap, conservative equality).
+    fn identical(&self, other: &View) -> bool {
+        let same_names = match (&self.names, &other.names) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        };
+        same_names && Arc::ptr_eq(&self.source, &other.source)
+    }
+
     /// Same names with the same versions.
     fn same_as(&self, other: &View) -> bool {
-        if self.names.is_none() && other.names.is_none() && Arc::ptr_eq(&self.source, &other.source)
-        {
+        if self.identical(other) {
             return true;
         }
         let mut mine = self.iter();
@@ -91,6 +100,8 @@ struct TypeState {
     acked_version: Option<String>,
     rejected: Option<(u64, View)>,
     last_nack: Option<NackRecord>,
+    /// Hash of the last request's resource_names, in the order sent.
+    names_fingerprint: Option<u64>,
 }
 
 /// One SotW stream (ADS, or a per-type service when `only` is set).
@@ -142,6 +153,14 @@ impl SotwStream {
             names: (!state.subscription.wildcard).then(|| state.subscription.names.clone()),
         };
         if !state.needs_response
+            && state
+                .held
+                .as_ref()
+                .is_some_and(|held| held.identical(&desired))
+        {
+            return None;
+        }
+        if !state.needs_response
             && let Some((version, rejected)) = &state.rejected
             && (*version == snapshot.version || rejected.same_as(&desired))
         {
@@ -174,11 +193,30 @@ impl SotwStream {
             (view, resources)
         } else {
             let changed: Vec<_> = match (&state.held, state.needs_response) {
-                (Some(held), false) => desired
-                    .iter()
-                    .filter(|r| held.get(&r.name).is_none_or(|old| old.version != r.version))
-                    .cloned()
-                    .collect(),
+                (Some(held), false) => match &snapshot.changes[kind.index()] {
+                    // The client holds the previous snapshot under the same subscription: only
+                    // the names that changed since then need a look.
+                    Some(change)
+                        if Arc::ptr_eq(&change.from, &held.source)
+                            && (View {
+                                source: change.from.clone(),
+                                names: desired.names.clone(),
+                            })
+                            .identical(held) =>
+                    {
+                        change
+                            .names
+                            .iter()
+                            .filter_map(|name| desired.get(name))
+                            .cloned()
+                            .collect()
+                    }
+                    _ => desired
+                        .iter()
+                        .filter(|r| held.get(&r.name).is_none_or(|old| old.version != r.version))
+                        .cloned()
+                        .collect(),
+                },
                 _ => desired.iter().cloned().collect(),
             };
             if changed.is_empty() && !state.needs_response {
@@ -263,6 +301,38 @@ impl StreamProtocol for SotwStream {
                     }
                 }
             }
+        }
+        // Envoy repeats the same list (often thousands of EDS names) on every ACK: a hash of the
+        // list as sent spares comparing it name by name.
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            request.resource_names.hash(&mut hasher);
+            hasher.finish()
+        };
+        let same_list = state.requested && state.names_fingerprint == Some(fingerprint);
+        state.names_fingerprint = Some(fingerprint);
+        let unchanged = if same_list {
+            true
+        } else if request.resource_names.is_empty() {
+            state.subscription.names.is_empty() && state.subscription.wildcard != state.named_before
+        } else {
+            let names: Vec<&String> = request
+                .resource_names
+                .iter()
+                .filter(|name| *name != "*")
+                .collect();
+            state.subscription.wildcard == (names.len() != request.resource_names.len())
+                && names.len() == state.subscription.names.len()
+                && names
+                    .iter()
+                    .all(|name| state.subscription.names.contains(*name))
+        };
+        if unchanged && state.requested {
+            if request.response_nonce.is_empty() {
+                state.needs_response = true;
+            }
+            return Ok(outcome);
         }
         let subscription = if request.resource_names.is_empty() {
             Subscription {
@@ -362,6 +432,7 @@ mod tests {
             version,
             committed_at: Instant::now(),
             types: types.map(Arc::new),
+            changes: Default::default(),
         }
     }
 

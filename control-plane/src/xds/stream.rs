@@ -164,7 +164,7 @@ pub enum Outcome {
 /// The protocol-specific half of a stream: SotW or delta.
 pub trait StreamProtocol: Send + 'static {
     type Request: Send + 'static;
-    type Response: Send + 'static;
+    type Response: prost::Message + Send + 'static;
     const NAME: &'static str;
 
     fn node(request: &Self::Request) -> Option<&Node>;
@@ -181,7 +181,7 @@ pub async fn drive<P: StreamProtocol>(
     context: XdsContext,
     peer: Option<SocketAddr>,
     mut requests: Streaming<P::Request>,
-    responses: mpsc::Sender<Result<P::Response, Status>>,
+    responses: mpsc::Sender<Result<bytes::Bytes, Status>>,
     mut protocol: P,
 ) where
     Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
@@ -214,7 +214,11 @@ pub async fn drive<P: StreamProtocol>(
         while let Some(response) = protocol.next_response(&snapshot) {
             context.metrics.pushes.fetch_add(1, Ordering::Relaxed);
             update_status(&registration, &protocol);
-            if responses.send(Ok(response)).await.is_err() {
+            if responses
+                .send(Ok(crate::xds::server::grpc_frame(&response)))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
