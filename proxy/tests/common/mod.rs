@@ -16,7 +16,7 @@ pub struct Proxy {
     pub process: ChildGuard,
     pub admin: SocketAddr,
     pub config: PathBuf,
-    _dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
 }
 
 pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf) {
