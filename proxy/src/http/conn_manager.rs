@@ -462,16 +462,22 @@ async fn proxy(
     upstream_host.rq_total.inc();
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
     let sending = cluster.pools.client().request(upstream_request);
-    let result = match forward.timeout.or(forward.idle_timeout) {
+    // The route timeout bounds the wait for the response; the stream idle timeout (the
+    // route's, else the HCM's) bounds it too, since nothing moves while we wait.
+    let idle = forward.idle_timeout.or(hcm.stream_idle_timeout);
+    let (limit, flag) = match (forward.timeout, idle) {
+        (Some(t), Some(i)) if i < t => (Some(i), ResponseFlag::StreamIdleTimeout),
+        (Some(t), _) => (Some(t), ResponseFlag::UpstreamRequestTimeout),
+        (None, Some(i)) => (Some(i), ResponseFlag::StreamIdleTimeout),
+        (None, None) => (None, ResponseFlag::UpstreamRequestTimeout),
+    };
+    let result = match limit {
         Some(timeout) => match tokio::time::timeout(timeout, sending).await {
             Ok(result) => result,
             Err(_) => {
                 cluster.stats.upstream_rq_timeout.inc();
                 upstream_host.rq_error.inc();
-                return Err(ProxyError::upstream(
-                    ResponseFlag::UpstreamRequestTimeout,
-                    "upstream request timeout",
-                ));
+                return Err(ProxyError::upstream(flag, "upstream request timeout"));
             }
         },
         None => sending.await,

@@ -1,5 +1,6 @@
 //! A small ADS server for tests (SotW and delta): holds a versioned set of resources per type,
 //! pushes changes to every stream, records every request (ACKs and NACKs) for assertions.
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
