@@ -288,6 +288,11 @@ fn local_replies_match_envoys_statuses() {
             static_cluster("slow", &[silent_addr]),
             empty,
         ],
+    )
+    // Like Envoy, unknown clusters in an inline route config are an error unless told otherwise.
+    .replace(
+        "name: ingress_routes\n",
+        "name: ingress_routes\n            validate_clusters: false\n",
     );
     let proxy = Proxy::start(&yaml, admin, &[]);
     let addr = loopback(port);

@@ -257,6 +257,16 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
             dynamic_listeners.push(json!({"name": name, "error_state": error}));
         }
     }
+    let rejected = |type_url: &str, active: &dyn Fn(&str) -> bool| -> Vec<Value> {
+        xds.errors()
+            .into_iter()
+            .filter(|(t, name, _)| t == type_url && !active(name))
+            .map(|(_, name, error)| json!({"name": name, "error_state": error}))
+            .collect()
+    };
+    dynamic_active_clusters.extend(rejected(xds_api::type_urls::CLUSTER, &|name| {
+        clusters.contains_key(name)
+    }));
     let mut dynamic_route_configs = Vec::new();
     for (name, table) in server.routes.load().iter() {
         let mut entry = json!({"version_info": xds.version(xds_api::type_urls::ROUTE_CONFIGURATION), "route_config": table.raw});
@@ -265,6 +275,10 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
         }
         dynamic_route_configs.push(entry);
     }
+    let routes_now = server.routes.load_full();
+    dynamic_route_configs.extend(rejected(xds_api::type_urls::ROUTE_CONFIGURATION, &|name| {
+        routes_now.contains_key(name)
+    }));
     let mut dynamic_endpoint_configs = Vec::new();
     for (name, raw) in &xds.endpoints {
         let mut entry = json!({"version_info": xds.version(xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT), "endpoint_config": raw});
@@ -273,6 +287,10 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
         }
         dynamic_endpoint_configs.push(entry);
     }
+    dynamic_endpoint_configs.extend(rejected(
+        xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT,
+        &|name| xds.endpoints.contains_key(name),
+    ));
     let sections: Vec<Section> = vec![
         (
             "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",

@@ -145,6 +145,7 @@ pub fn bootstrap(proto: &xds_api::envoy::config::bootstrap::v3::Bootstrap) -> R<
         .map(|node| Node {
             id: node.id.clone(),
             cluster: node.cluster.clone(),
+            proto: node.clone(),
         })
         .unwrap_or_default();
     let admin = match &proto.admin {

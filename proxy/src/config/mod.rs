@@ -49,6 +49,8 @@ pub struct Bootstrap {
 pub struct Node {
     pub id: String,
     pub cluster: String,
+    /// The node as given (metadata, locality), sent to the control plane.
+    pub proto: xds_api::envoy::config::core::v3::Node,
 }
 
 /// Which protocol variant the ADS stream speaks.

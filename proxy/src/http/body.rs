@@ -67,14 +67,14 @@ pub struct RequestTimeout;
 pub struct RequestBody {
     inner: Incoming,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    timed_out: Arc<AtomicBool>,
+    timed_out: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
     pub fn new(
         inner: Incoming,
         deadline: Option<tokio::time::Instant>,
-        timed_out: Arc<AtomicBool>,
+        timed_out: Option<Arc<AtomicBool>>,
     ) -> Self {
         let deadline = if inner.is_end_stream() {
             None
@@ -107,7 +107,9 @@ impl Body for RequestBody {
         if let Some(deadline) = this.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
-            this.timed_out.store(true, Ordering::Release);
+            if let Some(flag) = &this.timed_out {
+                flag.store(true, Ordering::Release);
+            }
             return Poll::Ready(Some(Err(Box::new(RequestTimeout))));
         }
         Poll::Pending

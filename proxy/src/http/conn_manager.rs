@@ -179,28 +179,36 @@ fn reply(connection: &Connection, status: u16, body: Vec<u8>) -> Response<Respon
 }
 
 fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits: u128 = rand::rng().random();
+    // A version-4, variant-1 UUID, formatted without allocating.
     let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let hex = format!("{bits:032x}");
-    let id = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    );
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    let mut out = [0u8; 36];
+    let mut nibble = 0;
+    for (index, byte) in out.iter_mut().enumerate() {
+        if matches!(index, 8 | 13 | 18 | 23) {
+            *byte = b'-';
+            continue;
+        }
+        *byte = HEX[((bits >> (124 - 4 * nibble)) & 0xf) as usize];
+        nibble += 1;
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// The request's authority, lower-cased, with the port stripped if the HCM says so.
-fn host_of<'a>(connection: &Connection, request: &'a Request<Incoming>) -> Cow<'a, str> {
-    let raw = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("");
+/// The request's authority as a header value (cheap to clone: it shares the parsed buffer).
+fn authority_of(request: &Request<Incoming>) -> Option<HeaderValue> {
+    match request.headers().get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    }
+}
+
+/// The authority lower-cased, with the port stripped if the HCM says so.
+fn normalize_host<'a>(connection: &Connection, raw: &'a str) -> Cow<'a, str> {
     let strip = connection.hcm.strip_any_host_port
         || (connection.hcm.strip_matching_host_port
             && raw.ends_with(&format!(":{}", connection.destination.port())));
@@ -282,14 +290,22 @@ async fn proxy(
             "route configuration not (yet) available",
         ));
     };
-    let host = host_of(connection, &request).into_owned();
-    let path_and_query = request
+    let authority = authority_of(&request);
+    let host = normalize_host(
+        connection,
+        authority
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(""),
+    );
+    let host: &str = &host;
+    let original_pq = request
         .uri()
         .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .to_string();
-    let Some((vhost, route)) = table.route(&host, &path_and_query, request.headers()) else {
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path_and_query = original_pq.as_str();
+    let Some((vhost, route)) = table.route(host, path_and_query, request.headers()) else {
         connection.stats.no_route.inc();
         return Err(ProxyError::config(
             ResponseFlag::NoRouteFound,
@@ -308,7 +324,7 @@ async fn proxy(
         }
         Action::Redirect(redirect) => {
             let scheme = request.uri().scheme_str().unwrap_or("http");
-            let location = redirect.location(route, scheme, &host, &path_and_query);
+            let location = redirect.location(route, scheme, host, path_and_query);
             let mut response = reply(connection, redirect.status, Vec::new());
             if let Ok(value) = HeaderValue::from_str(&location) {
                 response.headers_mut().insert(header::LOCATION, value);
@@ -385,19 +401,22 @@ async fn proxy(
 
     // Build the upstream request.
     let (mut parts, body) = request.into_parts();
-    let new_path = forward.rewrite_path(route, &path_and_query);
-    let upstream_path = new_path.as_deref().unwrap_or(&path_and_query);
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(upstream_host.authority.clone())
-        .path_and_query(upstream_path)
-        .build()
-        .map_err(|e| {
+    let upstream_pq = match forward.rewrite_path(route, path_and_query) {
+        Some(rewritten) => http::uri::PathAndQuery::try_from(rewritten).map_err(|e| {
             ProxyError::downstream(
                 ResponseFlag::NoRouteFound,
                 format!("bad rewritten path: {e}"),
             )
-        })?;
+        })?,
+        None => original_pq.clone(),
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(upstream_host.authority.clone());
+    uri.path_and_query = Some(upstream_pq);
+    parts.uri = Uri::from_parts(uri).map_err(|e| {
+        ProxyError::downstream(ResponseFlag::NoRouteFound, format!("bad upstream uri: {e}"))
+    })?;
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers, upgrading);
     match &forward.host_rewrite {
@@ -411,7 +430,7 @@ async fn proxy(
         }
         _ => {
             if !headers.contains_key(header::HOST)
-                && let Ok(value) = HeaderValue::from_str(&host)
+                && let Some(value) = authority.clone()
             {
                 headers.insert(header::HOST, value);
             }
@@ -439,18 +458,17 @@ async fn proxy(
         }
     }
     let request_id = headers.get(&X_REQUEST_ID).cloned();
-    if let Some(timeout) = forward.timeout {
-        headers.insert(
-            &X_EXPECTED_TIMEOUT,
-            HeaderValue::from(timeout.as_millis() as u64),
-        );
+    if let Some(value) = &forward.timeout_header {
+        headers.insert(&X_EXPECTED_TIMEOUT, value.clone());
     }
     apply_request_mutations(&table, vhost, route, headers);
     parts.version = match cluster.pools.protocol() {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
-    let timed_out = Arc::new(AtomicBool::new(false));
+    let timed_out = hcm
+        .request_timeout
+        .map(|_| Arc::new(AtomicBool::new(false)));
     let body_deadline = hcm.request_timeout.map(|t| started + t);
     let upstream_request = Request::from_parts(
         parts,
@@ -462,16 +480,22 @@ async fn proxy(
     upstream_host.rq_total.inc();
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
     let sending = cluster.pools.client().request(upstream_request);
-    let result = match forward.timeout.or(forward.idle_timeout) {
+    // The route timeout bounds the wait for the response; the stream idle timeout (the
+    // route's, else the HCM's) bounds it too, since nothing moves while we wait.
+    let idle = forward.idle_timeout.or(hcm.stream_idle_timeout);
+    let (limit, flag) = match (forward.timeout, idle) {
+        (Some(t), Some(i)) if i < t => (Some(i), ResponseFlag::StreamIdleTimeout),
+        (Some(t), _) => (Some(t), ResponseFlag::UpstreamRequestTimeout),
+        (None, Some(i)) => (Some(i), ResponseFlag::StreamIdleTimeout),
+        (None, None) => (None, ResponseFlag::UpstreamRequestTimeout),
+    };
+    let result = match limit {
         Some(timeout) => match tokio::time::timeout(timeout, sending).await {
             Ok(result) => result,
             Err(_) => {
                 cluster.stats.upstream_rq_timeout.inc();
                 upstream_host.rq_error.inc();
-                return Err(ProxyError::upstream(
-                    ResponseFlag::UpstreamRequestTimeout,
-                    "upstream request timeout",
-                ));
+                return Err(ProxyError::upstream(flag, "upstream request timeout"));
             }
         },
         None => sending.await,
@@ -480,7 +504,10 @@ async fn proxy(
         Ok(response) => response,
         Err(error) => {
             upstream_host.rq_error.inc();
-            if timed_out.load(Ordering::Acquire) {
+            if timed_out
+                .as_ref()
+                .is_some_and(|t| t.load(Ordering::Acquire))
+            {
                 connection.stats.downstream_rq_timeout.inc();
                 return Ok(reply(connection, 408, b"request timeout".to_vec()));
             }

@@ -169,6 +169,8 @@ pub struct Forward {
     pub host_rewrite: HostRewrite,
     /// `None` = no timeout.
     pub timeout: Option<Duration>,
+    /// `x-envoy-expected-rq-timeout-ms`, rendered once.
+    pub timeout_header: Option<HeaderValue>,
     pub idle_timeout: Option<Duration>,
 }
 
@@ -785,6 +787,7 @@ fn compile_forward(
         }
     };
     Ok(Forward {
+        timeout_header: timeout.map(|t| HeaderValue::from(t.as_millis() as u64)),
         cluster,
         cluster_not_found_status,
         prefix_rewrite,

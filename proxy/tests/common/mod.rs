@@ -16,7 +16,7 @@ pub struct Proxy {
     pub process: ChildGuard,
     pub admin: SocketAddr,
     pub config: PathBuf,
-    _dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
 }
 
 pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf) {
@@ -36,13 +36,8 @@ impl Proxy {
             .arg(&config)
             .args(["--concurrency", "2", "--log-level", "debug"])
             .args(extra);
-        let process = ChildGuard::spawn("remora-proxy", command);
-        wait_for("remora-proxy /ready", Duration::from_secs(20), || {
-            http_get(admin, "/ready")
-                .ok()
-                .filter(|(status, _, _)| *status == 200)
-                .map(|_| ())
-        });
+        let mut process = ChildGuard::spawn("remora-proxy", command);
+        wait_ready(&mut process, admin);
         Proxy {
             process,
             admin,
@@ -175,13 +170,8 @@ impl Proxy {
             .arg(config)
             .args(["--concurrency", "2", "--log-level", "debug"])
             .args(extra);
-        let process = ChildGuard::spawn("remora-proxy", command);
-        wait_for("remora-proxy /ready", Duration::from_secs(20), || {
-            http_get(admin, "/ready")
-                .ok()
-                .filter(|(status, _, _)| *status == 200)
-                .map(|_| ())
-        });
+        let mut process = ChildGuard::spawn("remora-proxy", command);
+        wait_ready(&mut process, admin);
         Proxy {
             process,
             admin,
@@ -189,4 +179,17 @@ impl Proxy {
             _dir: dir,
         }
     }
+}
+
+/// Waits for `/ready`, failing at once (with the log) if the proxy exits instead.
+pub fn wait_ready(process: &mut ChildGuard, admin: SocketAddr) {
+    wait_for("remora-proxy /ready", Duration::from_secs(20), || {
+        if let Some(status) = process.try_wait() {
+            panic!("remora-proxy exited with {status}:\n{}", process.log());
+        }
+        http_get(admin, "/ready")
+            .ok()
+            .filter(|(status, _, _)| *status == 200)
+            .map(|_| ())
+    });
 }
