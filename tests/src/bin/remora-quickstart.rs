@@ -247,7 +247,9 @@ fn main() -> anyhow::Result<()> {
     println!("Remora mesh is up.");
     println!("  try:            curl -s http://{proxy}/hello");
     println!("  proxy admin:    http://{admin}/stats   http://{admin}/config_dump");
-    println!("  control plane:  http://{api}/v1/proxies   (remoractl --api http://{api} status)");
+    println!(
+        "  control plane:  http://{api}/v1/proxies   (remoractl --server http://{api} status)"
+    );
     println!("  bootstrap:      {}", bootstrap_path.display());
     println!("Press Ctrl-C to stop.");
 
