@@ -104,6 +104,11 @@ impl EchoServer {
     /// Starts an echo upstream called `name` on an ephemeral port of `ip` (e.g. "127.0.0.1").
     pub fn start(name: &str, ip: &str) -> EchoServer {
         let std_listener = std::net::TcpListener::bind((ip, 0)).expect("bind echo upstream");
+        EchoServer::start_on(name, std_listener)
+    }
+
+    /// Serves on an already bound listener (e.g. one bound inside a network namespace).
+    pub fn start_on(name: &str, std_listener: std::net::TcpListener) -> EchoServer {
         std_listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
