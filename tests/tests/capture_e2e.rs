@@ -6,6 +6,7 @@
 //!   destination, adds a header and forwards it there.
 //! - A request from the peer to the pod's app port (8080) is redirected to the proxy's inbound
 //!   listener (15006), which adds a header and forwards it to the app on 127.0.0.1:8080.
+//!
 //! Both show in the proxy's stats. Needs root, iproute2, iptables and util-linux (setpriv);
 //! skips with a message otherwise, and fails instead when `REMORA_REQUIRE_NETNS=1` (CI).
 
