@@ -167,9 +167,22 @@ pub fn objects(config: &ManifestConfig, ca_bundle_pem: Option<&[u8]>) -> Vec<Val
                     "metadata": {"labels": cp_labels},
                     "spec": {
                         "serviceAccountName": "remora-cp",
+                        // The embedded store; a restart of the pod starts empty unless this is
+                        // replaced by a PersistentVolumeClaim (or use --store etcd).
+                        "volumes": [{"name": "data", "emptyDir": {}}],
                         "containers": [{
                             "name": "control-plane",
                             "image": config.control_plane_image,
+                            // xDS on all interfaces so the Service reaches it; the config API
+                            // stays on loopback (reach it with `kubectl port-forward`), so it
+                            // needs no token.
+                            "command": ["remora-cp"],
+                            "args": [
+                                "--xds-addr", format!("0.0.0.0:{XDS_PORT}"),
+                                "--api-addr", "127.0.0.1:19000",
+                                "--data-dir", "/var/lib/remora-cp"
+                            ],
+                            "volumeMounts": [{"name": "data", "mountPath": "/var/lib/remora-cp"}],
                             "ports": [{"name": "grpc-xds", "containerPort": XDS_PORT, "protocol": "TCP"}],
                             "readinessProbe": {"tcpSocket": {"port": "grpc-xds"}, "periodSeconds": 5},
                             "resources": {
