@@ -293,10 +293,27 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// IPv4 peers on dual-stack sockets appear v4-mapped; match and connect with plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// The destination before an iptables REDIRECT (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST).
+/// IPv4 connections accepted on a dual-stack socket show a v4-mapped local address.
 fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
     let local = stream.local_addr().ok()?;
-    let original = if local.is_ipv4() {
+    let v4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let original = if v4 {
         socket.original_dst_v4()
     } else {
         socket.original_dst_v6()
@@ -311,13 +328,14 @@ async fn serve_connection(
     peer: SocketAddr,
 ) {
     let _ = stream.set_nodelay(true);
-    let Ok(local) = stream.local_addr() else {
+    let Ok(local) = stream.local_addr().map(canonical) else {
         return;
     };
+    let peer = canonical(peer);
     let mut destination = local;
     let mut listener = listener;
     if listener.config.use_original_dst
-        && let Some(original) = original_destination(&stream)
+        && let Some(original) = original_destination(&stream).map(canonical)
     {
         destination = original;
         // Hand the connection to the listener for the original destination, if any.
