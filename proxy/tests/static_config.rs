@@ -663,7 +663,7 @@ fn slow_clients_are_timed_out_and_circuit_breakers_overflow() {
         &[http_listener(
             "ingress",
             port,
-            "          request_timeout: 0.5s\n          request_headers_timeout: 0.5s\n",
+            "          request_timeout: 0.5s\n          request_headers_timeout: 0.5s\n          common_http_protocol_options: {idle_timeout: 0.5s}\n",
             vhosts,
         )],
         &[static_cluster("echo", &[echo.addr]), limited],
@@ -701,4 +701,30 @@ fn slow_clients_are_timed_out_and_circuit_breakers_overflow() {
     // Still serving.
     let (status, _, _) = http_get(addr, "/fine").expect("request");
     assert_eq!(status, 200);
+    // An idle keep-alive connection is closed after common_http_protocol_options.idle_timeout.
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .expect("the proxy closes the idle connection before the read timeout");
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
 }
