@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rand::Rng;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::{Codec, HttpConnectionManager, RouteSource, UpstreamProtocol};
@@ -55,14 +54,16 @@ struct Connection {
 }
 
 /// Serves one downstream connection until it closes, idles out, or is drained.
-pub async fn serve(
+pub async fn serve<S>(
     server: Arc<Server>,
     hcm: Arc<HttpConnectionManager>,
     stats: Arc<HttpStats>,
-    stream: TcpStream,
+    stream: S,
     info: ConnectionInfo,
     mut watch: Watch,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
     let connection = Arc::new(Connection {

@@ -377,9 +377,36 @@ async fn serve_connection(
     let Some(runtime) = listener.chain_runtime(chain) else {
         return;
     };
+    match &chain.tls {
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            let handshake =
+                tokio::time::timeout(config.listener_filters_timeout, acceptor.accept(stream))
+                    .await;
+            let Ok(Ok(stream)) = handshake else {
+                tracing::debug!("downstream TLS handshake failed");
+                return;
+            };
+            dispatch(&server, chain, runtime, stream, info, watch).await;
+        }
+        None => dispatch(&server, chain, runtime, stream, info, watch).await,
+    }
+}
+
+/// Hands a (possibly TLS-terminated) connection to its chain's network filter.
+async fn dispatch<S>(
+    server: &Arc<Server>,
+    chain: &FilterChain,
+    runtime: &ChainRuntime,
+    stream: S,
+    info: ConnectionInfo,
+    watch: crate::drain::Watch,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match (&chain.filter, runtime) {
         (NetworkFilter::TcpProxy(tcp), ChainRuntime::Tcp(stats)) => {
-            crate::tcp_proxy::serve(&server, tcp, stats, stream, &info, watch).await;
+            crate::tcp_proxy::serve(server, tcp, stats, stream, &info, watch).await;
         }
         (NetworkFilter::Http(hcm), ChainRuntime::Http(stats)) => {
             crate::http::conn_manager::serve(
