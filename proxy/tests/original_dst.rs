@@ -67,8 +67,20 @@ fn original_dst_listener_and_cluster_ipv4_and_ipv6() {
         eprintln!("SKIP: cannot create a network namespace");
         return;
     };
-    // Two echo upstreams the client will try to reach directly.
-    let echo = workspace_binary("remora-echo");
+    // Two echo upstreams the client will try to reach directly (the `remora-echo` binary runs
+    // inside the namespace; it is built by `cargo build --workspace`).
+    let Some(echo) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .map(|dir| dir.join("remora-echo"))
+        })
+        .filter(|path| path.exists())
+    else {
+        eprintln!("SKIP: remora-echo is not built (cargo build --workspace)");
+        return;
+    };
     let echo = echo.to_str().expect("path");
     let _v4 = ChildGuard::spawn(
         "echo-v4",

@@ -573,6 +573,13 @@ fn admin_endpoints_and_quitquitquit() {
         prom.contains("envoy_cluster_echo_upstream_rq_total 1"),
         "{prom}"
     );
+    // Graceful listener drain: the listener stops accepting, the admin keeps answering.
+    let (status, _, _) =
+        http_request(admin, "POST", "/drain_listeners?graceful", &[], "").expect("drain");
+    assert_eq!(status, 200);
+    wait_for("listener closed", Duration::from_secs(5), || {
+        TcpStream::connect(loopback(port)).is_err().then_some(())
+    });
     let (status, _, _) = http_get(admin, "/quitquitquit").expect("GET quit");
     assert_eq!(status, 405, "mutating endpoints need POST");
     let (status, _, _) = http_request(admin, "POST", "/quitquitquit", &[], "").expect("quit");

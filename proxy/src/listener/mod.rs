@@ -35,7 +35,9 @@ pub struct ActiveListener {
     pub local_addr: SocketAddr,
     pub drain: Drain,
     pub stats: Arc<ListenerStats>,
-    sockets: Vec<Arc<std::net::TcpListener>>,
+    /// The bound sockets; released when the listener stops accepting so the port closes
+    /// (an update on the same address keeps them open through its own references).
+    sockets: Mutex<Vec<Arc<std::net::TcpListener>>>,
     chains: Vec<(Arc<FilterChain>, ChainRuntime)>,
     stop: watch::Sender<bool>,
 }
@@ -50,6 +52,10 @@ impl ActiveListener {
 
     fn stop_accepting(&self) {
         self.stop.send_replace(true);
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -100,7 +106,11 @@ impl ListenerManager {
         }
         // Reuse the old sockets when the address is unchanged, so no connection is refused.
         let sockets = match &old {
-            Some(old) if old.config.address == config.address => old.sockets.clone(),
+            Some(old) if old.config.address == config.address => old
+                .sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             _ => bind(config.address, server.workers.len())?,
         };
         let local_addr = sockets
@@ -136,12 +146,12 @@ impl ListenerManager {
             local_addr,
             drain: Drain::new(),
             stats,
-            sockets,
+            sockets: Mutex::new(sockets.clone()),
             chains,
             stop,
         });
         for (index, worker) in server.workers.iter().enumerate() {
-            let socket = listener.sockets[index % listener.sockets.len()].clone();
+            let socket = sockets[index % sockets.len()].clone();
             worker.spawn(accept_loop(server.clone(), listener.clone(), socket));
         }
         active.insert(listener.config.name.clone(), listener.clone());
@@ -240,7 +250,9 @@ async fn accept_loop(
     listener: Arc<ActiveListener>,
     socket: Arc<std::net::TcpListener>,
 ) {
-    let std_listener = match socket.try_clone() {
+    let cloned = socket.try_clone();
+    drop(socket); // only the registered clone and the listener's list keep the port open
+    let std_listener = match cloned {
         Ok(s) => s,
         Err(error) => {
             tracing::error!(%error, "cannot clone listening socket");
