@@ -59,6 +59,7 @@ fn tls_chain(name: &str, server_name: &str, cert: &(String, String), cluster: &s
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {name}
+          use_remote_address: true
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
@@ -129,6 +130,11 @@ fn tls_origination_sni_chain_selection_and_termination() {
     let (status, _, body) = http_get(addr, "/backend/x").expect("request");
     assert_eq!(status, 200, "{body}");
     assert_eq!(echo_json(&body)["upstream"], "a");
+    assert_eq!(
+        echo_json(&body)["headers"]["x-forwarded-proto"],
+        "https",
+        "B saw a TLS connection"
+    );
     let (status, _, body) = http_get(addr, "/other/y").expect("request");
     assert_eq!(status, 200, "{body}");
     assert_eq!(echo_json(&body)["upstream"], "b");

@@ -48,6 +48,8 @@ struct Connection {
     stats: Arc<HttpStats>,
     peer: SocketAddr,
     destination: SocketAddr,
+    /// `https` on TLS-terminated connections, else `http`.
+    scheme: &'static str,
     server_header: HeaderValue,
     requests: AtomicU64,
     in_flight: AtomicUsize,
@@ -74,6 +76,11 @@ pub async fn serve<S>(
         stats,
         peer: info.source,
         destination: info.destination,
+        scheme: if info.transport_protocol == "tls" {
+            "https"
+        } else {
+            "http"
+        },
         requests: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
     });
@@ -324,7 +331,7 @@ async fn proxy(
             return Ok(response);
         }
         Action::Redirect(redirect) => {
-            let scheme = request.uri().scheme_str().unwrap_or("http");
+            let scheme = request.uri().scheme_str().unwrap_or(connection.scheme);
             let location = redirect.location(route, scheme, host, path_and_query);
             let mut response = reply(connection, redirect.status, Vec::new());
             if let Ok(value) = HeaderValue::from_str(&location) {
@@ -438,7 +445,10 @@ async fn proxy(
         }
     }
     if hcm.use_remote_address {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(connection.scheme),
+        );
         if !hcm.skip_xff_append {
             let peer = connection.peer.ip().to_string();
             let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -450,7 +460,10 @@ async fn proxy(
             }
         }
     } else if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(connection.scheme),
+        );
     }
     if hcm.generate_request_id {
         let external = headers.contains_key(&X_REQUEST_ID);

@@ -399,6 +399,8 @@ async fn serve_connection(
                 tracing::debug!("downstream TLS handshake failed");
                 return;
             };
+            let mut info = info;
+            info.transport_protocol = "tls";
             dispatch(&server, chain, runtime, stream, info, watch).await;
         }
         None => dispatch(&server, chain, runtime, stream, info, watch).await,
