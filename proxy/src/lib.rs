@@ -20,4 +20,5 @@ pub mod pool;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
+pub mod tls;
 pub mod xds;

@@ -49,7 +49,7 @@ fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
 
 #[test]
 fn sigterm_drains_in_flight_requests_then_exits_zero() {
-    let (slow, seen) = slow_upstream(Duration::from_millis(1500));
+    let (slow, seen) = slow_upstream(Duration::from_millis(3000));
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
     let routes = "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: \"/\"}\n                route: {cluster: slow}\n";
@@ -85,6 +85,10 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
     wait_for("listener closed", Duration::from_secs(5), || {
         std::net::TcpStream::connect(addr).is_err().then_some(())
     });
+    assert!(
+        requests.iter().all(|r| !r.is_finished()),
+        "the port closes while requests are still in flight"
+    );
     for request in requests {
         let (status, body) = request
             .join()

@@ -573,6 +573,13 @@ fn admin_endpoints_and_quitquitquit() {
         prom.contains("envoy_cluster_echo_upstream_rq_total 1"),
         "{prom}"
     );
+    // Graceful listener drain: the listener stops accepting, the admin keeps answering.
+    let (status, _, _) =
+        http_request(admin, "POST", "/drain_listeners?graceful", &[], "").expect("drain");
+    assert_eq!(status, 200);
+    wait_for("listener closed", Duration::from_secs(5), || {
+        TcpStream::connect(loopback(port)).is_err().then_some(())
+    });
     let (status, _, _) = http_get(admin, "/quitquitquit").expect("GET quit");
     assert_eq!(status, 405, "mutating endpoints need POST");
     let (status, _, _) = http_request(admin, "POST", "/quitquitquit", &[], "").expect("quit");
@@ -638,4 +645,93 @@ fn wait_ready_and_bootstrap_from_env() {
         .status()
         .expect("run wait-ready");
     assert!(status.success());
+}
+
+#[test]
+fn slow_clients_are_timed_out_and_circuit_breakers_overflow() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (silent, silent_addr) = silent_upstream();
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let vhosts = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/hang"}
+                route: {cluster: silent, timeout: 5s}
+              - match: {prefix: "/"}
+                route: {cluster: echo}
+"#;
+    let limited = static_cluster("silent", &[silent_addr]).replace(
+        "    type: STATIC\n",
+        "    type: STATIC\n    circuit_breakers: {thresholds: [{max_requests: 1}]}\n",
+    );
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ingress",
+            port,
+            "          request_timeout: 0.5s\n          request_headers_timeout: 0.5s\n          common_http_protocol_options: {idle_timeout: 0.5s}\n",
+            vhosts,
+        )],
+        &[static_cluster("echo", &[echo.addr]), limited],
+    );
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    let addr = loopback(port);
+    // A body that never finishes: 408 after request_timeout.
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(
+        addr,
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly-part",
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Headers that never finish: the connection is closed after request_headers_timeout.
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ");
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "slow headers hold the connection for {:?}",
+        started.elapsed()
+    );
+    // max_requests: 1 — a second concurrent request to the cluster overflows (503, UO).
+    let hanging = std::thread::spawn(move || http_get(addr, "/hang").map(|(s, _, _)| s));
+    wait_for("one request active", Duration::from_secs(5), || {
+        (proxy.stat("cluster.silent.upstream_rq_active") == 1).then_some(())
+    });
+    let (status, _, body) = http_get(addr, "/hang").expect("second request");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("overflow"), "{body}");
+    assert_eq!(proxy.stat("cluster.silent.upstream_rq_pending_overflow"), 1);
+    drop(silent);
+    let _ = hanging.join();
+    // Still serving.
+    let (status, _, _) = http_get(addr, "/fine").expect("request");
+    assert_eq!(status, 200);
+    // An idle keep-alive connection is closed after common_http_protocol_options.idle_timeout.
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .expect("the proxy closes the idle connection before the read timeout");
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
 }

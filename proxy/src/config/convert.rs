@@ -511,10 +511,24 @@ fn filter_chain(proto: &listener_pb::FilterChain, path: &str) -> R<FilterChain> 
         }
         other => return err(tpath, format!("network filter {other:?} is not supported")),
     };
+    let tls = match &proto.transport_socket {
+        Some(socket) => {
+            let spath = sub(path, "transport_socket");
+            let any = crate::tls::transport_socket(socket, crate::tls::DOWNSTREAM, &spath)?;
+            let context: xds_api::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext =
+                unpack(any).map_err(|e| ConfigError::new(format!("{spath}.typed_config"), e))?;
+            Some(crate::tls::server_config(
+                &context,
+                &format!("{spath}.typed_config"),
+            )?)
+        }
+        None => None,
+    };
     Ok(FilterChain {
         name: proto.name.clone(),
         filter_match,
         filter,
+        tls,
     })
 }
 
@@ -842,7 +856,21 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
     }
     let dns_refresh_rate = opt_duration(&proto.dns_refresh_rate, &sub(path, "dns_refresh_rate"))?
         .unwrap_or(Duration::from_secs(5));
+    let tls = match &proto.transport_socket {
+        Some(socket) => {
+            let spath = sub(path, "transport_socket");
+            let any = crate::tls::transport_socket(socket, crate::tls::UPSTREAM, &spath)?;
+            let context: xds_api::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext =
+                unpack(any).map_err(|e| ConfigError::new(format!("{spath}.typed_config"), e))?;
+            Some(crate::tls::client_config(
+                &context,
+                &format!("{spath}.typed_config"),
+            )?)
+        }
+        None => None,
+    };
     Ok(Cluster {
+        tls,
         name: proto.name.clone(),
         discovery,
         connect_timeout,

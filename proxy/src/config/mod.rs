@@ -166,6 +166,8 @@ pub struct FilterChain {
     pub name: String,
     pub filter_match: FilterChainMatch,
     pub filter: NetworkFilter,
+    /// TLS termination (`transport_socket` with a DownstreamTlsContext).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, Clone)]
@@ -374,6 +376,8 @@ pub struct Cluster {
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
     pub tcp_keepalive: bool,
+    /// TLS origination (`transport_socket` with an UpstreamTlsContext).
+    pub tls: Option<crate::tls::UpstreamTls>,
     pub version_hash: u64,
     pub raw: serde_json::Value,
 }

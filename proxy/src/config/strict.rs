@@ -13,6 +13,30 @@ use super::ConfigError;
 /// unsupported as a whole; `google.protobuf.*` messages are leaves.
 const SUPPORTED: &[(&str, &[&str])] = &[
     (
+        "envoy.config.core.v3.TransportSocket",
+        &["name", "typed_config"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        &["common_tls_context", "require_client_certificate"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        &["common_tls_context", "sni"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
+        &["tls_certificates", "validation_context", "alpn_protocols"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",
+        &["certificate_chain", "private_key"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
+        &["trusted_ca"],
+    ),
+    (
         "envoy.config.bootstrap.v3.Bootstrap",
         &["node", "static_resources", "dynamic_resources", "admin"],
     ),
@@ -115,7 +139,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.listener.v3.FilterChain",
-        &["filter_chain_match", "filters", "name"],
+        &["filter_chain_match", "filters", "name", "transport_socket"],
     ),
     (
         "envoy.config.listener.v3.FilterChainMatch",
@@ -345,6 +369,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "dns_refresh_rate",
             "dns_lookup_family",
             "upstream_connection_options",
+            "transport_socket",
         ],
     ),
     (

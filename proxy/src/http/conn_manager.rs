@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rand::Rng;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::{Codec, HttpConnectionManager, RouteSource, UpstreamProtocol};
@@ -49,20 +48,24 @@ struct Connection {
     stats: Arc<HttpStats>,
     peer: SocketAddr,
     destination: SocketAddr,
+    /// `https` on TLS-terminated connections, else `http`.
+    scheme: &'static str,
     server_header: HeaderValue,
     requests: AtomicU64,
     in_flight: AtomicUsize,
 }
 
 /// Serves one downstream connection until it closes, idles out, or is drained.
-pub async fn serve(
+pub async fn serve<S>(
     server: Arc<Server>,
     hcm: Arc<HttpConnectionManager>,
     stats: Arc<HttpStats>,
-    stream: TcpStream,
+    stream: S,
     info: ConnectionInfo,
     mut watch: Watch,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
     let connection = Arc::new(Connection {
@@ -73,6 +76,11 @@ pub async fn serve(
         stats,
         peer: info.source,
         destination: info.destination,
+        scheme: if info.transport_protocol == "tls" {
+            "https"
+        } else {
+            "http"
+        },
         requests: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
     });
@@ -323,7 +331,7 @@ async fn proxy(
             return Ok(response);
         }
         Action::Redirect(redirect) => {
-            let scheme = request.uri().scheme_str().unwrap_or("http");
+            let scheme = request.uri().scheme_str().unwrap_or(connection.scheme);
             let location = redirect.location(route, scheme, host, path_and_query);
             let mut response = reply(connection, redirect.status, Vec::new());
             if let Ok(value) = HeaderValue::from_str(&location) {
@@ -437,7 +445,10 @@ async fn proxy(
         }
     }
     if hcm.use_remote_address {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(connection.scheme),
+        );
         if !hcm.skip_xff_append {
             let peer = connection.peer.ip().to_string();
             let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -449,7 +460,10 @@ async fn proxy(
             }
         }
     } else if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(connection.scheme),
+        );
     }
     if hcm.generate_request_id {
         let external = headers.contains_key(&X_REQUEST_ID);

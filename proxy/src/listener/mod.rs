@@ -35,7 +35,9 @@ pub struct ActiveListener {
     pub local_addr: SocketAddr,
     pub drain: Drain,
     pub stats: Arc<ListenerStats>,
-    sockets: Vec<Arc<std::net::TcpListener>>,
+    /// The bound sockets; released when the listener stops accepting so the port closes
+    /// (an update on the same address keeps them open through its own references).
+    sockets: Mutex<Vec<Arc<std::net::TcpListener>>>,
     chains: Vec<(Arc<FilterChain>, ChainRuntime)>,
     stop: watch::Sender<bool>,
 }
@@ -50,6 +52,10 @@ impl ActiveListener {
 
     fn stop_accepting(&self) {
         self.stop.send_replace(true);
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -100,7 +106,11 @@ impl ListenerManager {
         }
         // Reuse the old sockets when the address is unchanged, so no connection is refused.
         let sockets = match &old {
-            Some(old) if old.config.address == config.address => old.sockets.clone(),
+            Some(old) if old.config.address == config.address => old
+                .sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             _ => bind(config.address, server.workers.len())?,
         };
         let local_addr = sockets
@@ -136,12 +146,12 @@ impl ListenerManager {
             local_addr,
             drain: Drain::new(),
             stats,
-            sockets,
+            sockets: Mutex::new(sockets.clone()),
             chains,
             stop,
         });
         for (index, worker) in server.workers.iter().enumerate() {
-            let socket = listener.sockets[index % listener.sockets.len()].clone();
+            let socket = sockets[index % sockets.len()].clone();
             worker.spawn(accept_loop(server.clone(), listener.clone(), socket));
         }
         active.insert(listener.config.name.clone(), listener.clone());
@@ -240,7 +250,9 @@ async fn accept_loop(
     listener: Arc<ActiveListener>,
     socket: Arc<std::net::TcpListener>,
 ) {
-    let std_listener = match socket.try_clone() {
+    let cloned = socket.try_clone();
+    drop(socket); // only the registered clone and the listener's list keep the port open
+    let std_listener = match cloned {
         Ok(s) => s,
         Err(error) => {
             tracing::error!(%error, "cannot clone listening socket");
@@ -293,10 +305,27 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// IPv4 peers on dual-stack sockets appear v4-mapped; match and connect with plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// The destination before an iptables REDIRECT (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST).
+/// IPv4 connections accepted on a dual-stack socket show a v4-mapped local address.
 fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
     let local = stream.local_addr().ok()?;
-    let original = if local.is_ipv4() {
+    let v4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let original = if v4 {
         socket.original_dst_v4()
     } else {
         socket.original_dst_v6()
@@ -311,13 +340,14 @@ async fn serve_connection(
     peer: SocketAddr,
 ) {
     let _ = stream.set_nodelay(true);
-    let Ok(local) = stream.local_addr() else {
+    let Ok(local) = stream.local_addr().map(canonical) else {
         return;
     };
+    let peer = canonical(peer);
     let mut destination = local;
     let mut listener = listener;
     if listener.config.use_original_dst
-        && let Some(original) = original_destination(&stream)
+        && let Some(original) = original_destination(&stream).map(canonical)
     {
         destination = original;
         // Hand the connection to the listener for the original destination, if any.
@@ -359,9 +389,38 @@ async fn serve_connection(
     let Some(runtime) = listener.chain_runtime(chain) else {
         return;
     };
+    match &chain.tls {
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            let handshake =
+                tokio::time::timeout(config.listener_filters_timeout, acceptor.accept(stream))
+                    .await;
+            let Ok(Ok(stream)) = handshake else {
+                tracing::debug!("downstream TLS handshake failed");
+                return;
+            };
+            let mut info = info;
+            info.transport_protocol = "tls";
+            dispatch(&server, chain, runtime, stream, info, watch).await;
+        }
+        None => dispatch(&server, chain, runtime, stream, info, watch).await,
+    }
+}
+
+/// Hands a (possibly TLS-terminated) connection to its chain's network filter.
+async fn dispatch<S>(
+    server: &Arc<Server>,
+    chain: &FilterChain,
+    runtime: &ChainRuntime,
+    stream: S,
+    info: ConnectionInfo,
+    watch: crate::drain::Watch,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match (&chain.filter, runtime) {
         (NetworkFilter::TcpProxy(tcp), ChainRuntime::Tcp(stats)) => {
-            crate::tcp_proxy::serve(&server, tcp, stats, stream, &info, watch).await;
+            crate::tcp_proxy::serve(server, tcp, stats, stream, &info, watch).await;
         }
         (NetworkFilter::Http(hcm), ChainRuntime::Http(stats)) => {
             crate::http::conn_manager::serve(

@@ -54,6 +54,7 @@ pub struct Connector {
     inner: HttpConnector,
     stats: Arc<ClusterStats>,
     limits: Arc<Limits>,
+    tls: Option<crate::tls::UpstreamTls>,
 }
 
 impl tower_service::Service<http::Uri> for Connector {
@@ -72,10 +73,31 @@ impl tower_service::Service<http::Uri> for Connector {
             stats.upstream_cx_overflow.inc();
             return Box::pin(async { Err(Box::new(ConnectionOverflow) as Self::Error) });
         }
+        let tls = self.tls.clone();
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             match connecting.await {
                 Ok(io) => {
+                    let io = match tls {
+                        None => Io::Plain(io),
+                        Some(tls) => {
+                            let tcp = io.into_inner();
+                            let name = match tls.sni.clone() {
+                                Some(name) => name,
+                                None => rustls::pki_types::ServerName::IpAddress(
+                                    tcp.peer_addr()?.ip().into(),
+                                ),
+                            };
+                            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                            match connector.connect(name, tcp).await {
+                                Ok(stream) => Io::Tls(Box::new(TokioIo::new(stream))),
+                                Err(error) => {
+                                    stats.upstream_cx_connect_fail.inc();
+                                    return Err(error.into());
+                                }
+                            }
+                        }
+                    };
                     stats.upstream_cx_total.inc();
                     stats.upstream_cx_active.inc();
                     limits.active.fetch_add(1, Ordering::Relaxed);
@@ -93,7 +115,7 @@ impl tower_service::Service<http::Uri> for Connector {
 /// An upstream connection that updates the cluster's stats.
 #[derive(Debug)]
 pub struct CountedIo {
-    io: TokioIo<TcpStream>,
+    io: Io,
     stats: Arc<ClusterStats>,
     limits: Arc<Limits>,
 }
@@ -105,10 +127,40 @@ impl Drop for CountedIo {
     }
 }
 
+/// A plain or TLS upstream connection.
+#[derive(Debug)]
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
 impl Connection for CountedIo {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match &self.io {
+            Io::Plain(io) => io.connected(),
+            Io::Tls(io) => {
+                let (tcp, session) = io.inner().get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
     }
+}
+
+macro_rules! with_io {
+    ($self:expr, $io:ident => $body:expr) => {
+        match &mut $self.io {
+            Io::Plain($io) => $body,
+            Io::Tls($io) => {
+                let $io = &mut **$io;
+                $body
+            }
+        }
+    };
 }
 
 impl Read for CountedIo {
@@ -117,7 +169,7 @@ impl Read for CountedIo {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        with_io!(self, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -128,20 +180,23 @@ impl Write for CountedIo {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        let result = with_io!(this, io => Pin::new(io).poll_write(cx, buf));
         if let Poll::Ready(Ok(n)) = result {
             this.stats.upstream_cx_tx_bytes_total.add(n as u64);
         }
         result
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        with_io!(self, io => Pin::new(io).poll_flush(cx))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        with_io!(self, io => Pin::new(io).poll_shutdown(cx))
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
@@ -149,7 +204,7 @@ impl Write for CountedIo {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        let result = with_io!(this, io => Pin::new(io).poll_write_vectored(cx, bufs));
         if let Poll::Ready(Ok(n)) = result {
             this.stats.upstream_cx_tx_bytes_total.add(n as u64);
         }
@@ -187,6 +242,7 @@ impl Pools {
                 inner,
                 stats,
                 limits,
+                tls: cluster.tls.clone(),
             },
             protocol: cluster.protocol,
         }

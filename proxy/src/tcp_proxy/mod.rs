@@ -37,14 +37,16 @@ fn pick_cluster(clusters: &TcpClusters) -> &str {
 }
 
 /// Proxies one downstream connection.
-pub async fn serve(
+pub async fn serve<D>(
     server: &Arc<Server>,
     config: &TcpProxy,
     stats: &Arc<TcpStats>,
-    downstream: TcpStream,
+    downstream: D,
     info: &ConnectionInfo,
     mut watch: Watch,
-) {
+) where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     stats.downstream_cx_total.inc();
     let name = pick_cluster(&config.clusters);
     let Some(cluster) = server.clusters.get(name) else {
@@ -68,13 +70,15 @@ pub async fn serve(
         .await
         {
             Ok(Ok(stream)) => {
-                upstream = Some(stream);
+                upstream = Some((stream, host.addr));
                 break;
             }
             _ => cluster.stats.upstream_cx_connect_fail.inc(),
         }
     }
-    let Some(upstream) = upstream else { return };
+    let Some((upstream, upstream_addr)) = upstream else {
+        return;
+    };
     let _ = upstream.set_nodelay(true);
     cluster.stats.upstream_cx_total.inc();
     let _active = GaugeGuard::new(&cluster.stats.upstream_cx_active);
@@ -83,8 +87,29 @@ pub async fn serve(
         base,
         nanos: AtomicU64::new(0),
     };
-    let (mut down_read, mut down_write) = downstream.into_split();
-    let (mut up_read, mut up_write) = upstream.into_split();
+    let upstream: Box<dyn Stream> = match &cluster.config.tls {
+        Some(tls) => {
+            let name = tls.sni.clone().unwrap_or_else(|| {
+                rustls::pki_types::ServerName::IpAddress(upstream_addr.ip().into())
+            });
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            match tokio::time::timeout(
+                cluster.config.connect_timeout,
+                connector.connect(name, upstream),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => Box::new(stream),
+                _ => {
+                    cluster.stats.upstream_cx_connect_fail.inc();
+                    return;
+                }
+            }
+        }
+        None => Box::new(upstream),
+    };
+    let (mut down_read, mut down_write) = tokio::io::split(downstream);
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
     let to_upstream = copy(
         &mut down_read,
         &mut up_write,
@@ -160,3 +185,7 @@ impl Activity {
         self.base + std::time::Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
     }
 }
+
+/// Either a plain or a TLS upstream stream.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}

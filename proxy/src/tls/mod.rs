@@ -1,0 +1,286 @@
+//! TLS with rustls: `DownstreamTlsContext` on filter chains (terminate) and `UpstreamTlsContext`
+//! on clusters (originate). Certificates and keys are read once at config time; the data path
+//! only sees ready `rustls` configs.
+
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use xds_api::envoy::config::core::v3 as core_pb;
+use xds_api::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
+
+use crate::config::{ConfigError, ConfigResult};
+
+fn err<T>(path: impl Into<String>, reason: impl Into<String>) -> ConfigResult<T> {
+    Err(ConfigError::new(path, reason))
+}
+
+/// The TLS type URLs and transport socket names Remora understands.
+pub const DOWNSTREAM: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+pub const UPSTREAM: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(source: &Option<core_pb::DataSource>, path: &str) -> ConfigResult<Vec<u8>> {
+    use core_pb::data_source::Specifier;
+    match source.as_ref().and_then(|s| s.specifier.as_ref()) {
+        Some(Specifier::Filename(file)) => std::fs::read(file).map_err(|e| {
+            ConfigError::new(
+                format!("{path}.filename"),
+                format!("cannot read {file:?}: {e}"),
+            )
+        }),
+        Some(Specifier::InlineString(text)) => Ok(text.clone().into_bytes()),
+        Some(Specifier::InlineBytes(bytes)) => Ok(bytes.clone()),
+        Some(_) => err(
+            path,
+            "only filename, inline_string and inline_bytes are supported",
+        ),
+        None => err(path, "required"),
+    }
+}
+
+fn certificates(pem: &[u8], path: &str) -> ConfigResult<Vec<CertificateDer<'static>>> {
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
+    let certs = certs.map_err(|e| ConfigError::new(path, format!("invalid PEM: {e}")))?;
+    if certs.is_empty() {
+        return err(path, "no certificate found");
+    }
+    Ok(certs)
+}
+
+fn private_key(pem: &[u8], path: &str) -> ConfigResult<PrivateKeyDer<'static>> {
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| ConfigError::new(path, format!("invalid PEM: {e}")))?
+        .ok_or_else(|| ConfigError::new(path, "no private key found"))
+}
+
+fn roots(
+    common: &tls_pb::CommonTlsContext,
+    path: &str,
+) -> ConfigResult<Option<rustls::RootCertStore>> {
+    use tls_pb::common_tls_context::ValidationContextType as V;
+    match &common.validation_context_type {
+        Some(V::ValidationContext(validation)) => {
+            let vpath = format!("{path}.validation_context.trusted_ca");
+            let mut store = rustls::RootCertStore::empty();
+            for cert in certificates(&read(&validation.trusted_ca, &vpath)?, &vpath)? {
+                store.add(cert).map_err(|e| {
+                    ConfigError::new(&vpath, format!("invalid CA certificate: {e}"))
+                })?;
+            }
+            Ok(Some(store))
+        }
+        Some(_) => err(path, "only an inline validation_context is supported"),
+        None => Ok(None),
+    }
+}
+
+/// A server config for a filter chain's `DownstreamTlsContext`.
+pub fn server_config(
+    context: &tls_pb::DownstreamTlsContext,
+    path: &str,
+) -> ConfigResult<Arc<rustls::ServerConfig>> {
+    let cpath = format!("{path}.common_tls_context");
+    let Some(common) = &context.common_tls_context else {
+        return err(cpath, "required");
+    };
+    let [certificate] = common.tls_certificates.as_slice() else {
+        return err(
+            format!("{cpath}.tls_certificates"),
+            "exactly one certificate is supported",
+        );
+    };
+    let tpath = format!("{cpath}.tls_certificates[0]");
+    let chain = certificates(
+        &read(
+            &certificate.certificate_chain,
+            &format!("{tpath}.certificate_chain"),
+        )?,
+        &format!("{tpath}.certificate_chain"),
+    )?;
+    let key = private_key(
+        &read(&certificate.private_key, &format!("{tpath}.private_key"))?,
+        &format!("{tpath}.private_key"),
+    )?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::new(&cpath, e.to_string()))?;
+    let builder = match roots(common, &cpath)? {
+        Some(store) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(store),
+                provider(),
+            );
+            let verifier = if context.require_client_certificate.unwrap_or(false) {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| ConfigError::new(&cpath, e.to_string()))?,
+            )
+        }
+        None if context.require_client_certificate.unwrap_or(false) => {
+            return err(
+                format!("{path}.require_client_certificate"),
+                "needs a validation_context",
+            );
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| ConfigError::new(&tpath, format!("certificate and key do not match: {e}")))?;
+    config.alpn_protocols = common
+        .alpn_protocols
+        .iter()
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    Ok(Arc::new(config))
+}
+
+/// A client config and SNI for a cluster's `UpstreamTlsContext`.
+pub fn client_config(
+    context: &tls_pb::UpstreamTlsContext,
+    path: &str,
+) -> ConfigResult<UpstreamTls> {
+    let cpath = format!("{path}.common_tls_context");
+    let common = context.common_tls_context.clone().unwrap_or_default();
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::new(&cpath, e.to_string()))?;
+    let builder = match roots(&common, &cpath)? {
+        Some(store) => builder.with_root_certificates(store),
+        // Envoy does not verify the upstream without a validation context.
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider()))),
+    };
+    let mut config = match common.tls_certificates.as_slice() {
+        [] => builder.with_no_client_auth(),
+        [certificate] => {
+            let tpath = format!("{cpath}.tls_certificates[0]");
+            let chain = certificates(
+                &read(
+                    &certificate.certificate_chain,
+                    &format!("{tpath}.certificate_chain"),
+                )?,
+                &tpath,
+            )?;
+            let key = private_key(
+                &read(&certificate.private_key, &format!("{tpath}.private_key"))?,
+                &tpath,
+            )?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ConfigError::new(&tpath, e.to_string()))?
+        }
+        _ => {
+            return err(
+                format!("{cpath}.tls_certificates"),
+                "at most one certificate is supported",
+            );
+        }
+    };
+    config.alpn_protocols = common
+        .alpn_protocols
+        .iter()
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    let sni = if context.sni.is_empty() {
+        None
+    } else {
+        Some(
+            ServerName::try_from(context.sni.clone())
+                .map_err(|_| ConfigError::new(format!("{path}.sni"), "not a valid server name"))?,
+        )
+    };
+    Ok(UpstreamTls {
+        config: Arc::new(config),
+        sni,
+    })
+}
+
+/// Upstream TLS as a cluster uses it.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub sni: Option<ServerName<'static>>,
+}
+
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Extracts a TLS context from a transport socket, or says why not.
+pub fn transport_socket<'a>(
+    socket: &'a core_pb::TransportSocket,
+    expected: &str,
+    path: &str,
+) -> ConfigResult<&'a prost_types::Any> {
+    match &socket.config_type {
+        Some(core_pb::transport_socket::ConfigType::TypedConfig(any))
+            if any.type_url == expected =>
+        {
+            Ok(any)
+        }
+        Some(core_pb::transport_socket::ConfigType::TypedConfig(any)) => err(
+            format!("{path}.typed_config"),
+            format!("transport socket {} is not supported", any.type_url),
+        ),
+        None if socket.name == "envoy.transport_sockets.raw_buffer" => {
+            err(path, "raw_buffer needs no transport_socket; remove it")
+        }
+        None => err(path, "typed_config is required"),
+    }
+}

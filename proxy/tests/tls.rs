@@ -1,0 +1,146 @@
+//! TLS end to end: proxy A originates TLS (UpstreamTlsContext with SNI and a trusted CA) to
+//! proxy B, which picks a filter chain by SNI (tls_inspector), terminates TLS with that chain's
+//! certificate and routes to an echo upstream.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use remora_tests::echo::EchoServer;
+use remora_tests::{envoy, free_port, http_get};
+
+struct Pki {
+    ca: String,
+    backend: (String, String),
+    other: (String, String),
+}
+
+fn pki(dir: &Path) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write pem");
+        path.display().to_string()
+    };
+    let leaf = |host: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("sign");
+        (
+            write(&format!("{host}.pem"), cert.pem()),
+            write(&format!("{host}.key"), key.serialize_pem()),
+        )
+    };
+    Pki {
+        backend: leaf("backend.local"),
+        other: leaf("other.local"),
+        ca: write("ca.pem", ca.pem()),
+    }
+}
+
+fn tls_chain(name: &str, server_name: &str, cert: &(String, String), cluster: &str) -> String {
+    format!(
+        r#"    - name: {name}
+      filter_chain_match: {{server_names: ["{server_name}"], transport_protocol: tls}}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificates: [{{certificate_chain: {{filename: "{cert}"}}, private_key: {{filename: "{key}"}}}}]
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          use_remote_address: true
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: {cluster}}}}}]}}]
+"#,
+        cert = cert.0,
+        key = cert.1,
+    )
+}
+
+fn tls_cluster(name: &str, target: std::net::SocketAddr, sni: &str, ca: &str) -> String {
+    static_cluster(name, &[target]).replace(
+        "    type: STATIC\n",
+        &format!(
+            "    type: STATIC\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: {sni}\n        common_tls_context:\n          validation_context: {{trusted_ca: {{filename: \"{ca}\"}}}}\n"
+        ),
+    )
+}
+
+#[test]
+fn tls_origination_sni_chain_selection_and_termination() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = pki(dir.path());
+    let a = EchoServer::start("a", "127.0.0.1");
+    let b = EchoServer::start("b", "127.0.0.1");
+
+    // Proxy B: TLS listener, one chain per server name.
+    let (admin_b, admin_b_yaml) = admin_block();
+    let port_b = free_port();
+    let listener_b = format!(
+        "  - name: tls_in\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port_b}}}}}\n    listener_filters:\n    - name: envoy.filters.listener.tls_inspector\n      typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}\n    filter_chains:\n{}{}",
+        tls_chain("backend", "backend.local", &pki.backend, "a"),
+        tls_chain("other", "other.local", &pki.other, "b"),
+    );
+    let yaml_b = bootstrap(
+        &admin_b_yaml,
+        &[listener_b],
+        &[
+            static_cluster("a", &[a.addr]),
+            static_cluster("b", &[b.addr]),
+        ],
+    );
+    if envoy::available() {
+        let (_d, path) = write_config(&yaml_b);
+        envoy::validate(&path).unwrap_or_else(|e| panic!("envoy rejects the TLS bootstrap: {e}"));
+    }
+    let proxy_b = Proxy::start(&yaml_b, admin_b, &[]);
+
+    // Proxy A: plaintext in, TLS out with SNI and CA verification.
+    let (admin_a, admin_a_yaml) = admin_block();
+    let port_a = free_port();
+    let routes = "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: \"/backend\"}\n                route: {cluster: to_backend}\n              - match: {prefix: \"/other\"}\n                route: {cluster: to_other}\n              - match: {prefix: \"/wrong-ca\"}\n                route: {cluster: wrong_name}\n";
+    let target = loopback(port_b);
+    let yaml_a = bootstrap(
+        &admin_a_yaml,
+        &[http_listener("plain_in", port_a, "", routes)],
+        &[
+            tls_cluster("to_backend", target, "backend.local", &pki.ca),
+            tls_cluster("to_other", target, "other.local", &pki.ca),
+            // SNI picks the `backend` chain, but the name does not match its certificate.
+            tls_cluster("wrong_name", target, "backend.local", &pki.ca)
+                .replace("sni: backend.local", "sni: nobody.local"),
+        ],
+    );
+    let _proxy_a = Proxy::start(&yaml_a, admin_a, &[]);
+    let addr = loopback(port_a);
+    let (status, _, body) = http_get(addr, "/backend/x").expect("request");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(echo_json(&body)["upstream"], "a");
+    assert_eq!(
+        echo_json(&body)["headers"]["x-forwarded-proto"],
+        "https",
+        "B saw a TLS connection"
+    );
+    let (status, _, body) = http_get(addr, "/other/y").expect("request");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(echo_json(&body)["upstream"], "b");
+    // No chain for this SNI at B, so the handshake fails: 503 at A.
+    let (status, _, _) = http_get(addr, "/wrong-ca").expect("request");
+    assert_eq!(status, 503);
+    assert_eq!(proxy_b.stat("http.backend.downstream_rq_2xx"), 1);
+    assert_eq!(proxy_b.stat("http.other.downstream_rq_2xx"), 1);
+}
