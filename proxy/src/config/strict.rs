@@ -226,7 +226,10 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
         &["upgrade_type", "enabled"],
     ),
-    ("envoy.extensions.filters.http.router.v3.Router", &[]),
+    (
+        "envoy.extensions.filters.http.router.v3.Router",
+        &["dynamic_stats"],
+    ),
     (
         "envoy.config.route.v3.RouteConfiguration",
         &[
@@ -485,9 +488,31 @@ fn check_dynamic(message: &DynamicMessage, path: &str) -> Result<(), ConfigError
         if !supported.contains(&field.name()) {
             return Err(ConfigError::new(field_path, "field is not supported"));
         }
+        if let Some(reason) = unsupported_value(full_name, field.name(), &value) {
+            return Err(ConfigError::new(field_path, reason));
+        }
         check_value(value, &field_path)?;
     }
     Ok(())
+}
+
+/// Fields accepted only at the value that matches what Remora does anyway.
+fn unsupported_value(message: &str, field: &str, value: &Value) -> Option<&'static str> {
+    let wrapped_bool = |value: &Value| {
+        value
+            .as_message()
+            .and_then(|inner| inner.get_field_by_name("value"))
+            .and_then(|inner| inner.as_bool())
+    };
+    match (message, field) {
+        // Remora never emits Envoy's per-request dynamic stats (zone, canary, virtual clusters).
+        ("envoy.extensions.filters.http.router.v3.Router", "dynamic_stats")
+            if wrapped_bool(value) != Some(false) =>
+        {
+            Some("only `false` is supported: Remora does not emit dynamic stats")
+        }
+        _ => None,
+    }
 }
 
 fn check_value(value: &Value, path: &str) -> Result<(), ConfigError> {
@@ -548,6 +573,44 @@ static_resources:
         .expect("valid proto yaml");
         let error = check(&bootstrap, "").expect_err("outlier_detection is not supported");
         assert_eq!(error.path, "static_resources.clusters[0].outlier_detection");
+    }
+
+    #[test]
+    fn router_dynamic_stats_is_accepted_only_when_off() {
+        let router = |value: bool| {
+            format!(
+                r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: x
+          route_config: {{}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              dynamic_stats: {value}
+"#
+            )
+        };
+        let off: Bootstrap =
+            xds_api::json::from_yaml_str(&router(false)).expect("valid proto yaml");
+        assert!(check(&off, "").is_ok());
+        let on: Bootstrap = xds_api::json::from_yaml_str(&router(true)).expect("valid proto yaml");
+        let error = check(&on, "").expect_err("dynamic stats are not emitted");
+        assert!(
+            error
+                .path
+                .ends_with("http_filters[0].typed_config.dynamic_stats"),
+            "{}",
+            error.path
+        );
     }
 
     #[test]
