@@ -488,7 +488,7 @@ fn check_dynamic(message: &DynamicMessage, path: &str) -> Result<(), ConfigError
         if !supported.contains(&field.name()) {
             return Err(ConfigError::new(field_path, "field is not supported"));
         }
-        if let Some(reason) = unsupported_value(full_name, field.name(), &value) {
+        if let Some(reason) = unsupported_value(full_name, field.name(), value) {
             return Err(ConfigError::new(field_path, reason));
         }
         check_value(value, &field_path)?;
