@@ -82,7 +82,7 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = exe.with_file_name(name);
     if !path.exists() {
         bail!(
-            "{} not found next to {}; build it with `cargo build --release --workspace`",
+            "{} not found next to {}; build everything first: `cargo build --release --workspace`",
             name,
             exe.display()
         );
