@@ -5,51 +5,15 @@
 mod ads;
 mod common;
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use remora_tests::{free_port, http_get, wait_for};
 
-/// An HTTP/1.1 upstream that answers each request after `delay`.
-fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen = Arc::new(AtomicU64::new(0));
-    let counter = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let counter = counter.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut head = Vec::new();
-                loop {
-                    let Ok(n) = stream.read(&mut buf) else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&buf[..n]);
-                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        head.clear();
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        std::thread::sleep(delay);
-                        let _ =
-                            stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone");
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[test]
 fn sigterm_drains_in_flight_requests_then_exits_zero() {
-    let (slow, seen) = slow_upstream(Duration::from_millis(3000));
+    let upstream = HeldUpstream::start("done");
+    let slow = upstream.addr;
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
     let routes = "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: \"/\"}\n                route: {cluster: slow}\n";
@@ -71,7 +35,7 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
     wait_for(
         "all requests at the upstream",
         Duration::from_secs(10),
-        || (seen.load(Ordering::SeqCst) == IN_FLIGHT).then_some(()),
+        || (upstream.arrived() == IN_FLIGHT).then_some(()),
     );
     let signalled = Instant::now();
     proxy.process.signal("TERM");
@@ -89,6 +53,7 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
         requests.iter().all(|r| !r.is_finished()),
         "the port closes while requests are still in flight"
     );
+    upstream.release();
     for request in requests {
         let (status, body) = request
             .join()

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ads::AdsServer;
-use common::{Proxy, echo_json, loopback};
+use common::{HeldUpstream, Proxy, echo_json, loopback};
 use remora_tests::echo::EchoServer;
 use remora_tests::{envoy, free_port, http_get, wait_for};
 use xds_api::type_urls::{CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION};
@@ -484,49 +484,10 @@ fn reconnects_with_backoff_and_keeps_serving_meanwhile() {
     assert!(ads.streams() >= 1);
 }
 
-/// An upstream that answers every request after `delay` (for in-flight tests).
-fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen = Arc::new(AtomicU64::new(0));
-    let counter = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let counter = counter.clone();
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut buf = [0u8; 4096];
-                let mut head = Vec::new();
-                loop {
-                    let Ok(n) = stream.read(&mut buf) else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&buf[..n]);
-                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        head.clear();
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        std::thread::sleep(delay);
-                        let body = "{\"upstream\":\"slow\",\"path\":\"/\"}";
-                        let _ = stream.write_all(
-                            format!(
-                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        );
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[test]
 fn listener_update_and_removal_drain_in_flight_requests() {
-    let (slow, seen) = slow_upstream(Duration::from_millis(1500));
+    let upstream = HeldUpstream::start("{\"upstream\":\"slow\",\"path\":\"/\"}");
+    let slow = upstream.addr;
     let ads = AdsServer::start();
     let port = free_port();
     ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
@@ -550,7 +511,7 @@ fn listener_update_and_removal_drain_in_flight_requests() {
     // A request in flight while the listener is updated...
     let in_flight = std::thread::spawn(move || http_get(addr, "/during-update").map(|(s, _, _)| s));
     wait_for("request at upstream", Duration::from_secs(10), || {
-        (seen.load(Ordering::SeqCst) >= 1).then_some(())
+        (upstream.arrived() >= 1).then_some(())
     });
     ads.set(
         LISTENER,
@@ -563,6 +524,7 @@ fn listener_update_and_removal_drain_in_flight_requests() {
             .map(|_| ())
     });
     // ...completes on the old listener, and new connections use the new one.
+    upstream.release();
     assert_eq!(in_flight.join().expect("thread").expect("request"), 200);
     assert_eq!(
         http_get(addr, "/after-update")
@@ -578,16 +540,18 @@ fn listener_update_and_removal_drain_in_flight_requests() {
     assert_eq!(proxy_stat(admin, "http.first.downstream_rq_2xx"), 1);
 
     // Removal: in flight completes, new connections are refused.
-    let before = seen.load(Ordering::SeqCst);
+    upstream.hold();
+    let before = upstream.arrived();
     let in_flight =
         std::thread::spawn(move || http_get(addr, "/during-removal").map(|(s, _, _)| s));
     wait_for("request at upstream", Duration::from_secs(10), || {
-        (seen.load(Ordering::SeqCst) > before).then_some(())
+        (upstream.arrived() > before).then_some(())
     });
     ads.set(LISTENER, vec![]);
     wait_for("listener removed", Duration::from_secs(10), || {
         std::net::TcpStream::connect(addr).is_err().then_some(())
     });
+    upstream.release();
     assert_eq!(in_flight.join().expect("thread").expect("request"), 200);
     drop(proxy);
 }

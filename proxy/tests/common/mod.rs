@@ -193,3 +193,84 @@ pub fn wait_ready(process: &mut ChildGuard, admin: SocketAddr) {
             .map(|_| ())
     });
 }
+
+/// An HTTP/1.1 upstream that holds every response until the test calls [`HeldUpstream::release`],
+/// so a test keeps requests in flight for exactly as long as it needs them, not for a guessed
+/// delay. [`HeldUpstream::hold`] re-arms it.
+pub struct HeldUpstream {
+    pub addr: SocketAddr,
+    arrived: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    released: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl HeldUpstream {
+    /// Starts it; each response is a 200 with `body`.
+    pub fn start(body: &str) -> HeldUpstream {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let arrived = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let released =
+            std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (counter, gate) = (arrived.clone(), released.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (counter, gate, response) = (counter.clone(), gate.clone(), response.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let mut head = Vec::new();
+                    loop {
+                        let Ok(n) = stream.read(&mut buf) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            head.clear();
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            let (lock, condvar) = &*gate;
+                            let open = lock.lock().unwrap_or_else(|p| p.into_inner());
+                            drop(
+                                condvar
+                                    .wait_while(open, |open| !*open)
+                                    .unwrap_or_else(|p| p.into_inner()),
+                            );
+                            let _ = stream.write_all(response.as_bytes());
+                        }
+                    }
+                });
+            }
+        });
+        HeldUpstream {
+            addr,
+            arrived,
+            released,
+        }
+    }
+
+    /// How many requests have reached it so far.
+    pub fn arrived(&self) -> u64 {
+        self.arrived.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Answers every held request, and answers new ones at once until [`HeldUpstream::hold`].
+    pub fn release(&self) {
+        self.set_open(true);
+    }
+
+    /// Holds new requests again.
+    pub fn hold(&self) {
+        self.set_open(false);
+    }
+
+    fn set_open(&self, open: bool) {
+        let (lock, condvar) = &*self.released;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = open;
+        condvar.notify_all();
+    }
+}
