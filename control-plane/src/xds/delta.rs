@@ -69,99 +69,6 @@ impl DeltaStream {
             ..DeltaStream::aggregated()
         }
     }
-
-    fn plan(
-        &mut self,
-        kind: Kind,
-        snapshot: &Snapshot,
-        allow_removals: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
-        let state = &self.types[kind.index()];
-        let all = snapshot.of(kind);
-        let updates: Vec<Arc<Resource>> = all
-            .values()
-            .filter(|r| state.wants(&r.name) && state.known.get(&r.name) != Some(&r.version))
-            .cloned()
-            .collect();
-        // Removals of clusters and endpoints wait until everything else is in place.
-        let defer_removals = !allow_removals && matches!(kind, Kind::Cluster | Kind::Endpoint);
-        let mut removed: Vec<String> = state
-            .known
-            .keys()
-            .filter(|name| !all.contains_key(*name) || !state.wants(name))
-            .filter(|_| !defer_removals)
-            .cloned()
-            .collect();
-        let absent: Vec<String> = state
-            .names
-            .iter()
-            .filter(|name| {
-                !all.contains_key(*name)
-                    && !state.known.contains_key(*name)
-                    && !state.told_absent.contains(*name)
-            })
-            .cloned()
-            .collect();
-        removed.extend(absent.iter().cloned());
-        if updates.is_empty() && removed.is_empty() && !state.needs_response {
-            return None;
-        }
-        removed.sort();
-        removed.dedup();
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        if kind == Kind::Cluster {
-            // Envoy rebuilds a changed cluster and waits for its endpoints without asking again,
-            // so they are sent again after it.
-            let endpoints = &mut self.types[Kind::Endpoint.index()];
-            for service in updates
-                .iter()
-                .filter_map(|cluster| cluster.eds_service.as_ref())
-            {
-                endpoints.known.remove(service);
-            }
-        }
-        let state = &mut self.types[kind.index()];
-        for resource in &updates {
-            state
-                .known
-                .insert(resource.name.clone(), resource.version.clone());
-        }
-        for name in &removed {
-            state.known.remove(name);
-        }
-        state.told_absent.extend(absent);
-        state.needs_response = false;
-        state.last_nonce = Some(nonce.clone());
-        state.pending = Some(Pending {
-            nonce: nonce.clone(),
-            version: snapshot.version,
-            committed_at: snapshot.committed_at,
-        });
-        Some(DeltaDiscoveryResponse {
-            system_version_info: snapshot.version.to_string(),
-            resources: updates
-                .iter()
-                .map(|r| WireResource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.body.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: kind.type_url().to_string(),
-            removed_resources: removed,
-            nonce,
-            ..Default::default()
-        })
-    }
-
-    fn kinds(&self) -> Vec<Kind> {
-        match self.only {
-            Some(kind) => vec![kind],
-            None => Kind::ALL.to_vec(),
-        }
-    }
 }
 
 impl StreamProtocol for DeltaStream {
@@ -266,29 +173,7 @@ impl StreamProtocol for DeltaStream {
     }
 
     fn next_response(&mut self, snapshot: &Snapshot) -> Option<DeltaDiscoveryResponse> {
-        let kinds = self.kinds();
-        for allow_removals in [false, true] {
-            if allow_removals && self.types.iter().any(|state| state.pending.is_some()) {
-                // Removals only once everything sent is ACKed.
-                return None;
-            }
-            for &kind in &kinds {
-                let state = &self.types[kind.index()];
-                if state.pending.is_some() || !state.requested {
-                    continue;
-                }
-                let gated = crate::xds::prerequisites(kind)
-                    .iter()
-                    .any(|before| self.types[before.index()].pending.is_some());
-                if gated {
-                    continue;
-                }
-                if let Some(response) = self.plan(kind, snapshot, allow_removals) {
-                    return Some(response);
-                }
-            }
-        }
-        None
+        crate::xds::next_in_order(self, snapshot)
     }
 
     fn status(&self, kind: Kind) -> TypeStatus {
@@ -298,6 +183,108 @@ impl StreamProtocol for DeltaStream {
             pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.clone()),
             last_nack: state.last_nack.clone(),
         }
+    }
+}
+
+impl crate::xds::TypeSchedule for DeltaStream {
+    type Response = DeltaDiscoveryResponse;
+
+    fn only(&self) -> Option<Kind> {
+        self.only
+    }
+
+    fn is_pending(&self, kind: Kind) -> bool {
+        self.types[kind.index()].pending.is_some()
+    }
+
+    fn is_requested(&self, kind: Kind) -> bool {
+        self.types[kind.index()].requested
+    }
+
+    fn plan(
+        &mut self,
+        kind: Kind,
+        snapshot: &Snapshot,
+        allow_removals: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let state = &self.types[kind.index()];
+        let all = snapshot.of(kind);
+        let updates: Vec<Arc<Resource>> = all
+            .values()
+            .filter(|r| state.wants(&r.name) && state.known.get(&r.name) != Some(&r.version))
+            .cloned()
+            .collect();
+        // Removals of clusters and endpoints wait until everything else is in place.
+        let defer_removals = !allow_removals && matches!(kind, Kind::Cluster | Kind::Endpoint);
+        let mut removed: Vec<String> = state
+            .known
+            .keys()
+            .filter(|name| !all.contains_key(*name) || !state.wants(name))
+            .filter(|_| !defer_removals)
+            .cloned()
+            .collect();
+        let absent: Vec<String> = state
+            .names
+            .iter()
+            .filter(|name| {
+                !all.contains_key(*name)
+                    && !state.known.contains_key(*name)
+                    && !state.told_absent.contains(*name)
+            })
+            .cloned()
+            .collect();
+        removed.extend(absent.iter().cloned());
+        if updates.is_empty() && removed.is_empty() && !state.needs_response {
+            return None;
+        }
+        removed.sort();
+        removed.dedup();
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        if kind == Kind::Cluster {
+            // Envoy rebuilds a changed cluster and waits for its endpoints without asking again,
+            // so they are sent again after it.
+            let endpoints = &mut self.types[Kind::Endpoint.index()];
+            for service in updates
+                .iter()
+                .filter_map(|cluster| cluster.eds_service.as_ref())
+            {
+                endpoints.known.remove(service);
+            }
+        }
+        let state = &mut self.types[kind.index()];
+        for resource in &updates {
+            state
+                .known
+                .insert(resource.name.clone(), resource.version.clone());
+        }
+        for name in &removed {
+            state.known.remove(name);
+        }
+        state.told_absent.extend(absent);
+        state.needs_response = false;
+        state.last_nonce = Some(nonce.clone());
+        state.pending = Some(Pending {
+            nonce: nonce.clone(),
+            version: snapshot.version,
+            committed_at: snapshot.committed_at,
+        });
+        Some(DeltaDiscoveryResponse {
+            system_version_info: snapshot.version.to_string(),
+            resources: updates
+                .iter()
+                .map(|r| WireResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: kind.type_url().to_string(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        })
     }
 }
 

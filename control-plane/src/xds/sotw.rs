@@ -139,117 +139,6 @@ impl SotwStream {
             (None, url) => Ok(Kind::from_type_url(url)),
         }
     }
-
-    /// Plans the response for `kind`, if one is due.
-    fn plan(
-        &mut self,
-        kind: Kind,
-        snapshot: &Snapshot,
-        allow_removals: bool,
-    ) -> Option<DiscoveryResponse> {
-        let state = &self.types[kind.index()];
-        let desired = View {
-            source: snapshot.of(kind).clone(),
-            names: (!state.subscription.wildcard).then(|| state.subscription.names.clone()),
-        };
-        if !state.needs_response
-            && state
-                .held
-                .as_ref()
-                .is_some_and(|held| held.identical(&desired))
-        {
-            return None;
-        }
-        if !state.needs_response
-            && let Some((version, rejected)) = &state.rejected
-            && (*version == snapshot.version || rejected.same_as(&desired))
-        {
-            return None;
-        }
-        let (view, resources): (View, Vec<Arc<Resource>>) = if kind.is_full_state() {
-            let mut view = desired;
-            if !allow_removals && let Some(held) = &state.held {
-                // Make before break: keep what is being removed until the rest is in place.
-                let retained: Vec<_> = held
-                    .iter()
-                    .filter(|r| !view.contains(&r.name))
-                    .cloned()
-                    .collect();
-                if !retained.is_empty() {
-                    let mut merged: TypeMap =
-                        view.iter().map(|r| (r.name.clone(), r.clone())).collect();
-                    merged.extend(retained.into_iter().map(|r| (r.name.clone(), r)));
-                    view = View {
-                        source: Arc::new(merged),
-                        names: None,
-                    };
-                }
-            }
-            if !state.needs_response && state.held.as_ref().is_some_and(|held| held.same_as(&view))
-            {
-                return None;
-            }
-            let resources = view.iter().cloned().collect();
-            (view, resources)
-        } else {
-            let changed: Vec<_> = match (&state.held, state.needs_response) {
-                (Some(held), false) => match &snapshot.changes[kind.index()] {
-                    // The client holds the previous snapshot under the same subscription: only
-                    // the names that changed since then need a look.
-                    Some(change)
-                        if Arc::ptr_eq(&change.from, &held.source)
-                            && (View {
-                                source: change.from.clone(),
-                                names: desired.names.clone(),
-                            })
-                            .identical(held) =>
-                    {
-                        change
-                            .names
-                            .iter()
-                            .filter_map(|name| desired.get(name))
-                            .cloned()
-                            .collect()
-                    }
-                    _ => desired
-                        .iter()
-                        .filter(|r| held.get(&r.name).is_none_or(|old| old.version != r.version))
-                        .cloned()
-                        .collect(),
-                },
-                _ => desired.iter().cloned().collect(),
-            };
-            if changed.is_empty() && !state.needs_response {
-                return None;
-            }
-            (desired, changed)
-        };
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        let state = &mut self.types[kind.index()];
-        state.needs_response = false;
-        state.last_nonce = Some(nonce.clone());
-        state.pending = Some(Pending {
-            nonce: nonce.clone(),
-            version: snapshot.version,
-            view,
-            committed_at: snapshot.committed_at,
-        });
-        Some(DiscoveryResponse {
-            version_info: snapshot.version.to_string(),
-            resources: resources.iter().map(|r| r.body.clone()).collect(),
-            type_url: kind.type_url().to_string(),
-            nonce,
-            ..Default::default()
-        })
-    }
-
-    fn kinds(&self) -> Vec<Kind> {
-        match self.only {
-            Some(kind) => vec![kind],
-            None => Kind::ALL.to_vec(),
-        }
-    }
 }
 
 impl StreamProtocol for SotwStream {
@@ -365,29 +254,7 @@ impl StreamProtocol for SotwStream {
     }
 
     fn next_response(&mut self, snapshot: &Snapshot) -> Option<DiscoveryResponse> {
-        let kinds = self.kinds();
-        for allow_removals in [false, true] {
-            if allow_removals && self.types.iter().any(|state| state.pending.is_some()) {
-                // Removals only once everything sent is ACKed.
-                return None;
-            }
-            for &kind in &kinds {
-                let state = &self.types[kind.index()];
-                if state.pending.is_some() || !state.requested {
-                    continue;
-                }
-                let gated = crate::xds::prerequisites(kind)
-                    .iter()
-                    .any(|before| self.types[before.index()].pending.is_some());
-                if gated {
-                    continue;
-                }
-                if let Some(response) = self.plan(kind, snapshot, allow_removals) {
-                    return Some(response);
-                }
-            }
-        }
-        None
+        crate::xds::next_in_order(self, snapshot)
     }
 
     fn status(&self, kind: Kind) -> TypeStatus {
@@ -397,6 +264,126 @@ impl StreamProtocol for SotwStream {
             pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.clone()),
             last_nack: state.last_nack.clone(),
         }
+    }
+}
+
+impl crate::xds::TypeSchedule for SotwStream {
+    type Response = DiscoveryResponse;
+
+    fn only(&self) -> Option<Kind> {
+        self.only
+    }
+
+    fn is_pending(&self, kind: Kind) -> bool {
+        self.types[kind.index()].pending.is_some()
+    }
+
+    fn is_requested(&self, kind: Kind) -> bool {
+        self.types[kind.index()].requested
+    }
+
+    /// Plans the response for `kind`, if one is due.
+    fn plan(
+        &mut self,
+        kind: Kind,
+        snapshot: &Snapshot,
+        allow_removals: bool,
+    ) -> Option<DiscoveryResponse> {
+        let state = &self.types[kind.index()];
+        let desired = View {
+            source: snapshot.of(kind).clone(),
+            names: (!state.subscription.wildcard).then(|| state.subscription.names.clone()),
+        };
+        if !state.needs_response
+            && state
+                .held
+                .as_ref()
+                .is_some_and(|held| held.identical(&desired))
+        {
+            return None;
+        }
+        if !state.needs_response
+            && let Some((version, rejected)) = &state.rejected
+            && (*version == snapshot.version || rejected.same_as(&desired))
+        {
+            return None;
+        }
+        let (view, resources): (View, Vec<Arc<Resource>>) = if kind.is_full_state() {
+            let mut view = desired;
+            if !allow_removals && let Some(held) = &state.held {
+                // Make before break: keep what is being removed until the rest is in place.
+                let retained: Vec<_> = held
+                    .iter()
+                    .filter(|r| !view.contains(&r.name))
+                    .cloned()
+                    .collect();
+                if !retained.is_empty() {
+                    let mut merged: TypeMap =
+                        view.iter().map(|r| (r.name.clone(), r.clone())).collect();
+                    merged.extend(retained.into_iter().map(|r| (r.name.clone(), r)));
+                    view = View {
+                        source: Arc::new(merged),
+                        names: None,
+                    };
+                }
+            }
+            if !state.needs_response && state.held.as_ref().is_some_and(|held| held.same_as(&view))
+            {
+                return None;
+            }
+            let resources = view.iter().cloned().collect();
+            (view, resources)
+        } else {
+            let changed: Vec<_> = match (&state.held, state.needs_response) {
+                (Some(held), false) => match &snapshot.changes[kind.index()] {
+                    // The client holds the previous snapshot under the same subscription: only
+                    // the names that changed since then need a look.
+                    Some(change)
+                        if Arc::ptr_eq(&change.from, &held.source)
+                            && (View {
+                                source: change.from.clone(),
+                                names: desired.names.clone(),
+                            })
+                            .identical(held) =>
+                    {
+                        change
+                            .names
+                            .iter()
+                            .filter_map(|name| desired.get(name))
+                            .cloned()
+                            .collect()
+                    }
+                    _ => desired
+                        .iter()
+                        .filter(|r| held.get(&r.name).is_none_or(|old| old.version != r.version))
+                        .cloned()
+                        .collect(),
+                },
+                _ => desired.iter().cloned().collect(),
+            };
+            if changed.is_empty() && !state.needs_response {
+                return None;
+            }
+            (desired, changed)
+        };
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        let state = &mut self.types[kind.index()];
+        state.needs_response = false;
+        state.last_nonce = Some(nonce.clone());
+        state.pending = Some(Pending {
+            nonce: nonce.clone(),
+            version: snapshot.version,
+            view,
+            committed_at: snapshot.committed_at,
+        });
+        Some(DiscoveryResponse {
+            version_info: snapshot.version.to_string(),
+            resources: resources.iter().map(|r| r.body.clone()).collect(),
+            type_url: kind.type_url().to_string(),
+            nonce,
+            ..Default::default()
+        })
     }
 }
 
