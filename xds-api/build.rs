@@ -28,9 +28,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let descriptor_set = protox::compile(&files, [&root])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Source info (comments, spans) feeds the generated docs only. The runtime copy drops it:
+    // every process that builds the reflection pool would otherwise hold it in memory.
+    let mut runtime_set = descriptor_set.clone();
+    for file in &mut runtime_set.file {
+        file.source_code_info = None;
+    }
     std::fs::write(
         out_dir.join("descriptor_set.bin"),
-        prost::Message::encode_to_vec(&descriptor_set),
+        prost::Message::encode_to_vec(&runtime_set),
     )?;
 
     let mut config = prost_build::Config::new();
