@@ -40,6 +40,7 @@ static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expecte
 static X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 
 /// Per-connection state shared by its requests.
 struct Connection {
@@ -169,7 +170,14 @@ async fn handle(
 
 fn local_reply(connection: &Connection, error: &ProxyError) -> Response<ResponseBody> {
     let (status, body) = error.flag.local_reply();
-    reply(connection, status, body.as_bytes().to_vec())
+    let mut response = reply(connection, status, body.as_bytes().to_vec());
+    // Envoy marks requests dropped by a circuit breaker.
+    if error.flag == ResponseFlag::UpstreamOverflow {
+        response
+            .headers_mut()
+            .insert(&X_OVERLOADED, HeaderValue::from_static("true"));
+    }
+    response
 }
 
 fn reply(connection: &Connection, status: u16, body: Vec<u8>) -> Response<ResponseBody> {
@@ -382,13 +390,17 @@ async fn proxy(
             format!("no healthy host in {cluster_name}"),
         ));
     };
-    if cluster.stats.upstream_rq_active.get() >= u64::from(cluster.config.thresholds.max_requests) {
-        cluster.stats.upstream_rq_pending_overflow.inc();
+    // `max_requests`: checked and taken in one step.
+    let Some(_rq_active) = GaugeGuard::try_acquire(
+        &cluster.stats.upstream_rq_active,
+        u64::from(cluster.config.thresholds.max_requests),
+    ) else {
+        cluster.stats.upstream_rq_active_overflow.inc();
         return Err(ProxyError::upstream(
             ResponseFlag::UpstreamOverflow,
             "max_requests reached",
         ));
-    }
+    };
 
     // Upgrade (WebSocket etc.): only those the HCM allows.
     let upgrade = request
@@ -492,7 +504,6 @@ async fn proxy(
     // Send.
     cluster.stats.upstream_rq_total.inc();
     upstream_host.rq_total.inc();
-    let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
     let sending = cluster.pools.client().request(upstream_request);
     // The route timeout bounds the wait for the response; the stream idle timeout (the
     // route's, else the HCM's) bounds it too, since nothing moves while we wait.

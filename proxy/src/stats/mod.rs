@@ -114,6 +114,7 @@ impl Registry {
 pub struct ClusterStats {
     pub upstream_rq_total: Arc<Stat>,
     pub upstream_rq_active: Arc<Stat>,
+    pub upstream_rq_active_overflow: Arc<Stat>,
     pub upstream_rq_2xx: Arc<Stat>,
     pub upstream_rq_3xx: Arc<Stat>,
     pub upstream_rq_4xx: Arc<Stat>,
@@ -138,6 +139,7 @@ impl ClusterStats {
         ClusterStats {
             upstream_rq_total: c("upstream_rq_total"),
             upstream_rq_active: g("upstream_rq_active"),
+            upstream_rq_active_overflow: c("upstream_rq_active_overflow"),
             upstream_rq_2xx: c("upstream_rq_2xx"),
             upstream_rq_3xx: c("upstream_rq_3xx"),
             upstream_rq_4xx: c("upstream_rq_4xx"),
@@ -266,6 +268,18 @@ impl GaugeGuard {
     pub fn new(gauge: &Arc<Stat>) -> Self {
         gauge.inc();
         GaugeGuard(gauge.clone())
+    }
+
+    /// Takes one unit of a gauge that doubles as a limit, unless it is already at `max`; one
+    /// atomic step, so concurrent callers on other workers cannot both slip under the limit.
+    pub fn try_acquire(gauge: &Arc<Stat>, max: u64) -> Option<Self> {
+        gauge
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| GaugeGuard(gauge.clone()))
     }
 }
 
