@@ -507,7 +507,7 @@ async fn proxy(
     let sending = cluster.pools.client().request(upstream_request);
     // The route timeout bounds the wait for the response; the stream idle timeout (the
     // route's, else the HCM's) bounds it too, since nothing moves while we wait.
-    let idle = forward.idle_timeout.or(hcm.stream_idle_timeout);
+    let idle = forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout);
     let (limit, flag) = match (forward.timeout, idle) {
         (Some(t), Some(i)) if i < t => (Some(i), ResponseFlag::StreamIdleTimeout),
         (Some(t), _) => (Some(t), ResponseFlag::UpstreamRequestTimeout),
