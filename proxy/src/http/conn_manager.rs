@@ -4,7 +4,9 @@
 //!
 //! Header handling follows Envoy: `x-request-id`, `x-forwarded-for`/`-proto` per
 //! `use_remote_address`, `x-envoy-expected-rq-timeout-ms`, `x-envoy-upstream-service-time`,
-//! `server`; local replies carry Envoy's statuses (404 NR, 503 UH/UF/UO, 504 UT).
+//! `server`; local replies carry Envoy's statuses (404 NR, 503 UH/UF/UO, 504 UT/SI). Once
+//! response headers are sent, the route timeout and stream idle timeout keep running in the
+//! response body (see [`crate::http::body`]).
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -25,7 +27,7 @@ use crate::config::{Codec, HttpConnectionManager, RouteSource, UpstreamProtocol}
 use crate::drain::{Phase, Watch};
 use crate::error::{ProxyError, ResponseFlag};
 use crate::filter_chain::ConnectionInfo;
-use crate::http::body::{RequestBody, ResponseBody};
+use crate::http::body::{RequestBody, ResponseBody, StreamTimer, UpstreamBody};
 use crate::http::router::{
     Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
 };
@@ -390,8 +392,8 @@ async fn proxy(
             format!("no healthy host in {cluster_name}"),
         ));
     };
-    // `max_requests`: checked and taken in one step.
-    let Some(_rq_active) = GaugeGuard::try_acquire(
+    // `max_requests`: the slot is held by the response body until it ends (as Envoy counts it).
+    let Some(rq_active) = GaugeGuard::try_acquire(
         &cluster.stats.upstream_rq_active,
         u64::from(cluster.config.thresholds.max_requests),
     ) else {
@@ -501,29 +503,32 @@ async fn proxy(
         RequestBody::new(body, body_deadline, timed_out.clone()),
     );
 
-    // Send.
+    // Send. The route timeout runs until the response body ends (see `StreamTimer`); the
+    // stream idle timeout (the route's, else the HCM's) bounds the wait for headers as well,
+    // since nothing moves meanwhile.
     cluster.stats.upstream_rq_total.inc();
     upstream_host.rq_total.inc();
     let sending = cluster.pools.client().request(upstream_request);
-    // The route timeout bounds the wait for the response; the stream idle timeout (the
-    // route's, else the HCM's) bounds it too, since nothing moves while we wait.
     let idle = forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout);
-    let (limit, flag) = match (forward.timeout, idle) {
-        (Some(t), Some(i)) if i < t => (Some(i), ResponseFlag::StreamIdleTimeout),
-        (Some(t), _) => (Some(t), ResponseFlag::UpstreamRequestTimeout),
+    let now = Instant::now();
+    let deadline = forward.timeout.map(|t| now + t);
+    let (limit, flag) = match (deadline, idle.map(|i| now + i)) {
+        (Some(d), Some(i)) if i < d => (Some(i), ResponseFlag::StreamIdleTimeout),
+        (Some(d), _) => (Some(d), ResponseFlag::UpstreamRequestTimeout),
         (None, Some(i)) => (Some(i), ResponseFlag::StreamIdleTimeout),
         (None, None) => (None, ResponseFlag::UpstreamRequestTimeout),
     };
-    let result = match limit {
-        Some(timeout) => match tokio::time::timeout(timeout, sending).await {
-            Ok(result) => result,
-            Err(_) => {
-                cluster.stats.upstream_rq_timeout.inc();
-                upstream_host.rq_error.inc();
-                return Err(ProxyError::upstream(flag, "upstream request timeout"));
-            }
-        },
-        None => sending.await,
+    let outcome = match limit {
+        Some(limit) => tokio::time::timeout_at(limit, sending).await.ok(),
+        None => Some(sending.await),
+    };
+    let Some(result) = outcome else {
+        match flag {
+            ResponseFlag::StreamIdleTimeout => connection.stats.downstream_rq_idle_timeout.inc(),
+            _ => cluster.stats.upstream_rq_timeout.inc(),
+        }
+        upstream_host.rq_error.inc();
+        return Err(ProxyError::upstream(flag, "upstream request timeout"));
     };
     let mut response = match result {
         Ok(response) => response,
@@ -571,5 +576,15 @@ async fn proxy(
         headers.insert(&X_REQUEST_ID, id);
     }
     apply_response_mutations(&table, vhost, route, headers);
-    Ok(response.map(ResponseBody::Upstream))
+    let timer = if http_body::Body::is_end_stream(response.body()) {
+        None
+    } else {
+        StreamTimer::new(
+            deadline,
+            idle,
+            &cluster.stats.upstream_rq_timeout,
+            &connection.stats.downstream_rq_idle_timeout,
+        )
+    };
+    Ok(response.map(|body| ResponseBody::Upstream(UpstreamBody::new(body, timer, rq_active))))
 }

@@ -181,6 +181,7 @@ pub struct HttpStats {
     pub downstream_cx_total: Arc<Stat>,
     pub downstream_cx_active: Arc<Stat>,
     pub downstream_rq_timeout: Arc<Stat>,
+    pub downstream_rq_idle_timeout: Arc<Stat>,
     pub no_route: Arc<Stat>,
     pub no_cluster: Arc<Stat>,
 }
@@ -200,6 +201,7 @@ impl HttpStats {
             downstream_cx_total: c("downstream_cx_total"),
             downstream_cx_active: g("downstream_cx_active"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
         }
