@@ -123,9 +123,10 @@ pub enum StreamTimeout {
     Idle,
 }
 
-/// The route deadline and the stream idle timeout of one response, as one timer: it is set to
-/// the earlier of the two and pushed out on every body frame (extending a tokio timer is an
-/// atomic store, no re-registration).
+/// The route deadline and the stream idle timeout of one request, as one timer that bounds the
+/// wait for response headers and then moves into the body: it is set to the earlier of the two
+/// and pushed out on every frame (extending a tokio timer is an atomic store, no
+/// re-registration).
 #[derive(Debug)]
 pub struct StreamTimer {
     sleep: Pin<Box<Sleep>>,
@@ -160,12 +161,18 @@ impl StreamTimer {
         }
     }
 
-    fn touch(&mut self) {
+    /// Restarts the idle timeout: something moved.
+    pub fn touch(&mut self) {
         if self.idle.is_some()
             && let Some(next) = Self::next(self.deadline, self.idle)
         {
             self.sleep.as_mut().reset(next);
         }
+    }
+
+    /// Resolves when either timeout fires (and counts it).
+    pub fn expired(&mut self) -> impl Future<Output = StreamTimeout> + '_ {
+        std::future::poll_fn(|cx| self.poll_expired(cx))
     }
 
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<StreamTimeout> {

@@ -27,7 +27,7 @@ use crate::config::{Codec, HttpConnectionManager, RouteSource, UpstreamProtocol}
 use crate::drain::{Phase, Watch};
 use crate::error::{ProxyError, ResponseFlag};
 use crate::filter_chain::ConnectionInfo;
-use crate::http::body::{RequestBody, ResponseBody, StreamTimer, UpstreamBody};
+use crate::http::body::{RequestBody, ResponseBody, StreamTimeout, StreamTimer, UpstreamBody};
 use crate::http::router::{
     Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
 };
@@ -503,37 +503,37 @@ async fn proxy(
         RequestBody::new(body, body_deadline, timed_out.clone()),
     );
 
-    // Send. The route timeout runs until the response body ends (see `StreamTimer`); the
-    // stream idle timeout (the route's, else the HCM's) bounds the wait for headers as well,
-    // since nothing moves meanwhile.
+    // Send. One timer per request: the route deadline and the stream idle timeout (the
+    // route's, else the HCM's) bound the wait for headers, then move into the response body.
     let sending = cluster.pools.client().request(upstream_request);
-    let idle = forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout);
-    let now = Instant::now();
-    let deadline = forward.timeout.map(|t| now + t);
-    let (limit, flag) = match (deadline, idle.map(|i| now + i)) {
-        (Some(d), Some(i)) if i < d => (Some(i), ResponseFlag::StreamIdleTimeout),
-        (Some(d), _) => (Some(d), ResponseFlag::UpstreamRequestTimeout),
-        (None, Some(i)) => (Some(i), ResponseFlag::StreamIdleTimeout),
-        (None, None) => (None, ResponseFlag::UpstreamRequestTimeout),
-    };
-    let outcome = match limit {
-        Some(limit) => tokio::time::timeout_at(limit, sending).await.ok(),
-        None => Some(sending.await),
+    let mut timer = StreamTimer::new(
+        forward.timeout.map(|t| Instant::now() + t),
+        forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
+        &cluster.stats.upstream_rq_timeout,
+        &connection.stats.downstream_rq_idle_timeout,
+    );
+    let outcome = match timer.as_mut() {
+        Some(timer) => tokio::select! {
+            biased;
+            result = sending => Ok(result),
+            timeout = timer.expired() => Err(timeout),
+        },
+        None => Ok(sending.await),
     };
     // Envoy counts a request upstream once the pool takes it: not when it overflowed.
-    let overflowed = matches!(&outcome, Some(Err(error)) if crate::pool::is_overflow(error));
+    let overflowed = matches!(&outcome, Ok(Err(error)) if crate::pool::is_overflow(error));
     if !overflowed {
         cluster.stats.upstream_rq_total.inc();
         upstream_host.rq_total.inc();
     }
-    let Some(result) = outcome else {
-        match flag {
-            ResponseFlag::StreamIdleTimeout => connection.stats.downstream_rq_idle_timeout.inc(),
-            _ => cluster.stats.upstream_rq_timeout.inc(),
-        }
+    let result = outcome.map_err(|timeout| {
         upstream_host.rq_error.inc();
-        return Err(ProxyError::upstream(flag, "upstream request timeout"));
-    };
+        let flag = match timeout {
+            StreamTimeout::Route => ResponseFlag::UpstreamRequestTimeout,
+            StreamTimeout::Idle => ResponseFlag::StreamIdleTimeout,
+        };
+        ProxyError::upstream(flag, timeout.to_string())
+    })?;
     let mut response = match result {
         Ok(response) => response,
         Err(error) if overflowed => {
@@ -584,15 +584,13 @@ async fn proxy(
         headers.insert(&X_REQUEST_ID, id);
     }
     apply_response_mutations(&table, vhost, route, headers);
-    let timer = if http_body::Body::is_end_stream(response.body()) {
-        None
-    } else {
-        StreamTimer::new(
-            deadline,
-            idle,
-            &cluster.stats.upstream_rq_timeout,
-            &connection.stats.downstream_rq_idle_timeout,
-        )
+    // Headers count as activity for the idle timeout; a complete response needs no timer.
+    let timer = match timer {
+        Some(mut timer) if !http_body::Body::is_end_stream(response.body()) => {
+            timer.touch();
+            Some(timer)
+        }
+        _ => None,
     };
     Ok(response.map(|body| ResponseBody::Upstream(UpstreamBody::new(body, timer, rq_active))))
 }
