@@ -179,6 +179,10 @@ fn clusters_text(server: &Server) -> String {
             thresholds.max_connections
         ));
         out.push_str(&format!(
+            "{name}::default_priority::max_pending_requests::{}\n",
+            thresholds.max_pending_requests
+        ));
+        out.push_str(&format!(
             "{name}::default_priority::max_requests::{}\n",
             thresholds.max_requests
         ));

@@ -301,6 +301,8 @@ pub struct LoadAssignment {
     pub endpoints: Vec<LbEndpoint>,
 }
 
+/// Circuit breakers (the DEFAULT priority's; Envoy's defaults). `max_connections` and
+/// `max_pending_requests` are enforced by the pool, `max_requests` by the connection manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Thresholds {
     pub max_connections: u32,

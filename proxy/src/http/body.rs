@@ -1,19 +1,26 @@
-//! Bodies on the proxy path: upstream bodies stream through untouched; local replies carry a
-//! fixed buffer; request bodies carry the HCM's `request_timeout` deadline.
+//! Bodies on the proxy path: upstream bodies stream through with the route timeout and stream
+//! idle timeout still running (Envoy's route timeout spans the whole response); local replies
+//! carry a fixed buffer; request bodies carry the HCM's `request_timeout` deadline.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::stats::{GaugeGuard, Stat};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body: streamed from upstream or generated locally.
 #[derive(Debug)]
 pub enum ResponseBody {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
@@ -29,30 +36,156 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match this {
+            ResponseBody::Upstream(body) => {
+                let polled = body.poll_frame(cx);
+                // Done or failed: drop the upstream stream and the active-request slot now.
+                if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+                    *this = ResponseBody::Full(None);
+                }
+                polled
+            }
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream(body) => body.is_end_stream(),
+            ResponseBody::Upstream(body) => body.inner.is_end_stream(),
             ResponseBody::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream(body) => body.size_hint(),
+            ResponseBody::Upstream(body) => body.inner.size_hint(),
             ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// An upstream response body on its way downstream. It holds the cluster's `upstream_rq_active`
+/// slot until it ends (as Envoy counts a request until its response is complete) and fails the
+/// stream when a [`StreamTimer`] fires, which resets it downstream (HTTP/2 RST_STREAM, HTTP/1.1
+/// connection closed mid-body), as Envoy does once headers are sent.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    timer: Option<StreamTimer>,
+    _active: GaugeGuard,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, timer: Option<StreamTimer>, active: GaugeGuard) -> Self {
+        UpstreamBody {
+            inner,
+            timer,
+            _active: active,
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(timer) = &mut self.timer {
+                    timer.touch();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Pending => match &mut self.timer {
+                Some(timer) => match timer.poll_expired(cx) {
+                    Poll::Ready(timeout) => Poll::Ready(Some(Err(Box::new(timeout)))),
+                    Poll::Pending => Poll::Pending,
+                },
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// Which timeout cut a response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamTimeout {
+    /// The route timeout (`upstream_rq_timeout`, flag UT).
+    #[error("upstream request timeout")]
+    Route,
+    /// The stream idle timeout (`downstream_rq_idle_timeout`, flag SI).
+    #[error("stream timeout")]
+    Idle,
+}
+
+/// The route deadline and the stream idle timeout of one request, as one timer that bounds the
+/// wait for response headers and then moves into the body: it is set to the earlier of the two
+/// and pushed out on every frame (extending a tokio timer is an atomic store, no
+/// re-registration).
+#[derive(Debug)]
+pub struct StreamTimer {
+    sleep: Pin<Box<Sleep>>,
+    deadline: Option<Instant>,
+    idle: Option<Duration>,
+    route_timeouts: Arc<Stat>,
+    idle_timeouts: Arc<Stat>,
+}
+
+impl StreamTimer {
+    /// `None` when neither timeout is set (no timer at all).
+    pub fn new(
+        deadline: Option<Instant>,
+        idle: Option<Duration>,
+        route_timeouts: &Arc<Stat>,
+        idle_timeouts: &Arc<Stat>,
+    ) -> Option<Self> {
+        let next = Self::next(deadline, idle)?;
+        Some(StreamTimer {
+            sleep: Box::pin(tokio::time::sleep_until(next)),
+            deadline,
+            idle,
+            route_timeouts: route_timeouts.clone(),
+            idle_timeouts: idle_timeouts.clone(),
+        })
+    }
+
+    fn next(deadline: Option<Instant>, idle: Option<Duration>) -> Option<Instant> {
+        match (deadline, idle.map(|i| Instant::now() + i)) {
+            (Some(d), Some(i)) => Some(d.min(i)),
+            (d, i) => d.or(i),
+        }
+    }
+
+    /// Restarts the idle timeout: something moved.
+    pub fn touch(&mut self) {
+        if self.idle.is_some()
+            && let Some(next) = Self::next(self.deadline, self.idle)
+        {
+            self.sleep.as_mut().reset(next);
+        }
+    }
+
+    /// Resolves when either timeout fires (and counts it).
+    pub fn expired(&mut self) -> impl Future<Output = StreamTimeout> + '_ {
+        std::future::poll_fn(|cx| self.poll_expired(cx))
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<StreamTimeout> {
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // The timer holds the earlier deadline, so it is the route's iff it reached it.
+        if self.deadline.is_some_and(|d| self.sleep.deadline() >= d) {
+            self.route_timeouts.inc();
+            Poll::Ready(StreamTimeout::Route)
+        } else {
+            self.idle_timeouts.inc();
+            Poll::Ready(StreamTimeout::Idle)
         }
     }
 }
@@ -91,7 +224,7 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -123,5 +256,3 @@ impl Body for RequestBody {
         self.inner.size_hint()
     }
 }
-
-use std::future::Future;

@@ -4,7 +4,9 @@
 //!
 //! Header handling follows Envoy: `x-request-id`, `x-forwarded-for`/`-proto` per
 //! `use_remote_address`, `x-envoy-expected-rq-timeout-ms`, `x-envoy-upstream-service-time`,
-//! `server`; local replies carry Envoy's statuses (404 NR, 503 UH/UF/UO, 504 UT).
+//! `server`; local replies carry Envoy's statuses (404 NR, 503 UH/UF/UO, 504 UT/SI). Once
+//! response headers are sent, the route timeout and stream idle timeout keep running in the
+//! response body (see [`crate::http::body`]).
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -25,7 +27,7 @@ use crate::config::{Codec, HttpConnectionManager, RouteSource, UpstreamProtocol}
 use crate::drain::{Phase, Watch};
 use crate::error::{ProxyError, ResponseFlag};
 use crate::filter_chain::ConnectionInfo;
-use crate::http::body::{RequestBody, ResponseBody};
+use crate::http::body::{RequestBody, ResponseBody, StreamTimeout, StreamTimer, UpstreamBody};
 use crate::http::router::{
     Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
 };
@@ -40,6 +42,7 @@ static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expecte
 static X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 
 /// Per-connection state shared by its requests.
 struct Connection {
@@ -169,7 +172,14 @@ async fn handle(
 
 fn local_reply(connection: &Connection, error: &ProxyError) -> Response<ResponseBody> {
     let (status, body) = error.flag.local_reply();
-    reply(connection, status, body.as_bytes().to_vec())
+    let mut response = reply(connection, status, body.as_bytes().to_vec());
+    // Envoy marks requests dropped by a circuit breaker.
+    if error.flag == ResponseFlag::UpstreamOverflow {
+        response
+            .headers_mut()
+            .insert(&X_OVERLOADED, HeaderValue::from_static("true"));
+    }
+    response
 }
 
 fn reply(connection: &Connection, status: u16, body: Vec<u8>) -> Response<ResponseBody> {
@@ -382,13 +392,17 @@ async fn proxy(
             format!("no healthy host in {cluster_name}"),
         ));
     };
-    if cluster.stats.upstream_rq_active.get() >= u64::from(cluster.config.thresholds.max_requests) {
-        cluster.stats.upstream_rq_pending_overflow.inc();
+    // `max_requests`: the slot is held by the response body until it ends (as Envoy counts it).
+    let Some(rq_active) = GaugeGuard::try_acquire(
+        &cluster.stats.upstream_rq_active,
+        u64::from(cluster.config.thresholds.max_requests),
+    ) else {
+        cluster.stats.upstream_rq_active_overflow.inc();
         return Err(ProxyError::upstream(
             ResponseFlag::UpstreamOverflow,
             "max_requests reached",
         ));
-    }
+    };
 
     // Upgrade (WebSocket etc.): only those the HCM allows.
     let upgrade = request
@@ -489,33 +503,45 @@ async fn proxy(
         RequestBody::new(body, body_deadline, timed_out.clone()),
     );
 
-    // Send.
-    cluster.stats.upstream_rq_total.inc();
-    upstream_host.rq_total.inc();
-    let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
+    // Send. One timer per request: the route deadline and the stream idle timeout (the
+    // route's, else the HCM's) bound the wait for headers, then move into the response body.
     let sending = cluster.pools.client().request(upstream_request);
-    // The route timeout bounds the wait for the response; the stream idle timeout (the
-    // route's, else the HCM's) bounds it too, since nothing moves while we wait.
-    let idle = forward.idle_timeout.or(hcm.stream_idle_timeout);
-    let (limit, flag) = match (forward.timeout, idle) {
-        (Some(t), Some(i)) if i < t => (Some(i), ResponseFlag::StreamIdleTimeout),
-        (Some(t), _) => (Some(t), ResponseFlag::UpstreamRequestTimeout),
-        (None, Some(i)) => (Some(i), ResponseFlag::StreamIdleTimeout),
-        (None, None) => (None, ResponseFlag::UpstreamRequestTimeout),
-    };
-    let result = match limit {
-        Some(timeout) => match tokio::time::timeout(timeout, sending).await {
-            Ok(result) => result,
-            Err(_) => {
-                cluster.stats.upstream_rq_timeout.inc();
-                upstream_host.rq_error.inc();
-                return Err(ProxyError::upstream(flag, "upstream request timeout"));
-            }
+    let mut timer = StreamTimer::new(
+        forward.timeout.map(|t| Instant::now() + t),
+        forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
+        &cluster.stats.upstream_rq_timeout,
+        &connection.stats.downstream_rq_idle_timeout,
+    );
+    let outcome = match timer.as_mut() {
+        Some(timer) => tokio::select! {
+            biased;
+            result = sending => Ok(result),
+            timeout = timer.expired() => Err(timeout),
         },
-        None => sending.await,
+        None => Ok(sending.await),
     };
+    // Envoy counts a request upstream once the pool takes it: not when it overflowed.
+    let overflowed = matches!(&outcome, Ok(Err(error)) if crate::pool::is_overflow(error));
+    if !overflowed {
+        cluster.stats.upstream_rq_total.inc();
+        upstream_host.rq_total.inc();
+    }
+    let result = outcome.map_err(|timeout| {
+        upstream_host.rq_error.inc();
+        let flag = match timeout {
+            StreamTimeout::Route => ResponseFlag::UpstreamRequestTimeout,
+            StreamTimeout::Idle => ResponseFlag::StreamIdleTimeout,
+        };
+        ProxyError::upstream(flag, timeout.to_string())
+    })?;
     let mut response = match result {
         Ok(response) => response,
+        Err(error) if overflowed => {
+            return Err(ProxyError::upstream(
+                ResponseFlag::UpstreamOverflow,
+                error.to_string(),
+            ));
+        }
         Err(error) => {
             upstream_host.rq_error.inc();
             if timed_out
@@ -525,9 +551,7 @@ async fn proxy(
                 connection.stats.downstream_rq_timeout.inc();
                 return Ok(reply(connection, 408, b"request timeout".to_vec()));
             }
-            let flag = if crate::pool::is_overflow(&error) {
-                ResponseFlag::UpstreamOverflow
-            } else if error.is_connect() {
+            let flag = if error.is_connect() {
                 ResponseFlag::UpstreamConnectionFailure
             } else {
                 ResponseFlag::UpstreamRemoteReset
@@ -560,5 +584,13 @@ async fn proxy(
         headers.insert(&X_REQUEST_ID, id);
     }
     apply_response_mutations(&table, vhost, route, headers);
-    Ok(response.map(ResponseBody::Upstream))
+    // Headers count as activity for the idle timeout; a complete response needs no timer.
+    let timer = match timer {
+        Some(mut timer) if !http_body::Body::is_end_stream(response.body()) => {
+            timer.touch();
+            Some(timer)
+        }
+        _ => None,
+    };
+    Ok(response.map(|body| ResponseBody::Upstream(UpstreamBody::new(body, timer, rq_active))))
 }

@@ -171,7 +171,9 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     /// `x-envoy-expected-rq-timeout-ms`, rendered once.
     pub timeout_header: Option<HeaderValue>,
-    pub idle_timeout: Option<Duration>,
+    /// `None`: the HCM's `stream_idle_timeout` applies; `Some(None)`: an explicit `0s`, which
+    /// disables the stream idle timeout for this route (HCM's included), as in Envoy.
+    pub idle_timeout: Option<Option<Duration>>,
 }
 
 #[derive(Debug)]
@@ -770,10 +772,8 @@ fn compile_forward(
         Some(d) => Some(d),
         None => Some(Duration::from_secs(15)),
     };
-    let idle_timeout = match duration(&action.idle_timeout, &format!("{path}.idle_timeout"))? {
-        Some(d) if d.is_zero() => None,
-        other => other,
-    };
+    let idle_timeout = duration(&action.idle_timeout, &format!("{path}.idle_timeout"))?
+        .map(|d| (!d.is_zero()).then_some(d));
     use route_pb::route_action::ClusterNotFoundResponseCode as N;
     let cluster_not_found_status = match N::try_from(action.cluster_not_found_response_code) {
         Ok(N::ServiceUnavailable) => 503,

@@ -114,11 +114,14 @@ impl Registry {
 pub struct ClusterStats {
     pub upstream_rq_total: Arc<Stat>,
     pub upstream_rq_active: Arc<Stat>,
+    pub upstream_rq_active_overflow: Arc<Stat>,
     pub upstream_rq_2xx: Arc<Stat>,
     pub upstream_rq_3xx: Arc<Stat>,
     pub upstream_rq_4xx: Arc<Stat>,
     pub upstream_rq_5xx: Arc<Stat>,
     pub upstream_rq_timeout: Arc<Stat>,
+    pub upstream_rq_pending_total: Arc<Stat>,
+    pub upstream_rq_pending_active: Arc<Stat>,
     pub upstream_rq_pending_overflow: Arc<Stat>,
     pub upstream_cx_total: Arc<Stat>,
     pub upstream_cx_active: Arc<Stat>,
@@ -138,11 +141,14 @@ impl ClusterStats {
         ClusterStats {
             upstream_rq_total: c("upstream_rq_total"),
             upstream_rq_active: g("upstream_rq_active"),
+            upstream_rq_active_overflow: c("upstream_rq_active_overflow"),
             upstream_rq_2xx: c("upstream_rq_2xx"),
             upstream_rq_3xx: c("upstream_rq_3xx"),
             upstream_rq_4xx: c("upstream_rq_4xx"),
             upstream_rq_5xx: c("upstream_rq_5xx"),
             upstream_rq_timeout: c("upstream_rq_timeout"),
+            upstream_rq_pending_total: c("upstream_rq_pending_total"),
+            upstream_rq_pending_active: g("upstream_rq_pending_active"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
             upstream_cx_total: c("upstream_cx_total"),
             upstream_cx_active: g("upstream_cx_active"),
@@ -179,6 +185,7 @@ pub struct HttpStats {
     pub downstream_cx_total: Arc<Stat>,
     pub downstream_cx_active: Arc<Stat>,
     pub downstream_rq_timeout: Arc<Stat>,
+    pub downstream_rq_idle_timeout: Arc<Stat>,
     pub no_route: Arc<Stat>,
     pub no_cluster: Arc<Stat>,
 }
@@ -198,6 +205,7 @@ impl HttpStats {
             downstream_cx_total: c("downstream_cx_total"),
             downstream_cx_active: g("downstream_cx_active"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
         }
@@ -266,6 +274,18 @@ impl GaugeGuard {
     pub fn new(gauge: &Arc<Stat>) -> Self {
         gauge.inc();
         GaugeGuard(gauge.clone())
+    }
+
+    /// Takes one unit of a gauge that doubles as a limit, unless it is already at `max`; one
+    /// atomic step, so concurrent callers on other workers cannot both slip under the limit.
+    pub fn try_acquire(gauge: &Arc<Stat>, max: u64) -> Option<Self> {
+        gauge
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| GaugeGuard(gauge.clone()))
     }
 }
 

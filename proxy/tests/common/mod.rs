@@ -34,7 +34,7 @@ impl Proxy {
         command
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", "2", "--log-level", "debug"])
+            .args(default_args(extra))
             .args(extra);
         let mut process = ChildGuard::spawn("remora-proxy", command);
         wait_ready(&mut process, admin);
@@ -168,7 +168,7 @@ impl Proxy {
         command
             .arg("-c")
             .arg(config)
-            .args(["--concurrency", "2", "--log-level", "debug"])
+            .args(default_args(extra))
             .args(extra);
         let mut process = ChildGuard::spawn("remora-proxy", command);
         wait_ready(&mut process, admin);
@@ -178,6 +178,15 @@ impl Proxy {
             config: config.to_path_buf(),
             _dir: dir,
         }
+    }
+}
+
+/// Two workers and debug logs, unless `extra` sets the worker count itself.
+fn default_args(extra: &[&str]) -> &'static [&'static str] {
+    if extra.contains(&"--concurrency") {
+        &["--log-level", "debug"]
+    } else {
+        &["--concurrency", "2", "--log-level", "debug"]
     }
 }
 
@@ -206,21 +215,46 @@ pub struct HeldUpstream {
 impl HeldUpstream {
     /// Starts it; each response is a 200 with `body`.
     pub fn start(body: &str) -> HeldUpstream {
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Self::spawn(String::new(), response, false)
+    }
+
+    /// Like [`HeldUpstream::start`], but each response says `connection: close` and the
+    /// upstream closes the connection after it.
+    pub fn start_closing(body: &str) -> HeldUpstream {
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Self::spawn(String::new(), response, true)
+    }
+
+    /// Sends the headers and `first` at once, and holds the rest of the body, `rest`, until
+    /// released: a response that stalls mid-body.
+    pub fn start_stalled_body(first: &str, rest: &str) -> HeldUpstream {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{first}",
+            first.len() + rest.len()
+        );
+        Self::spawn(head, rest.to_string(), false)
+    }
+
+    fn spawn(immediate: String, held: String, close: bool) -> HeldUpstream {
         use std::sync::atomic::Ordering;
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let arrived = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let released =
             std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
         let (counter, gate) = (arrived.clone(), released.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
-                let (counter, gate, response) = (counter.clone(), gate.clone(), response.clone());
+                let (counter, gate) = (counter.clone(), gate.clone());
+                let (immediate, held) = (immediate.clone(), held.clone());
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 4096];
                     let mut head = Vec::new();
@@ -232,6 +266,11 @@ impl HeldUpstream {
                         head.extend_from_slice(&buf[..n]);
                         if head.windows(4).any(|w| w == b"\r\n\r\n") {
                             head.clear();
+                            if !immediate.is_empty()
+                                && stream.write_all(immediate.as_bytes()).is_err()
+                            {
+                                return;
+                            }
                             counter.fetch_add(1, Ordering::SeqCst);
                             let (lock, condvar) = &*gate;
                             let open = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -240,7 +279,10 @@ impl HeldUpstream {
                                     .wait_while(open, |open| !*open)
                                     .unwrap_or_else(|p| p.into_inner()),
                             );
-                            let _ = stream.write_all(response.as_bytes());
+                            let _ = stream.write_all(held.as_bytes());
+                            if close {
+                                return;
+                            }
                         }
                     }
                 });
