@@ -5,7 +5,7 @@
 //!
 //! Needs root, `ip`, `iptables-restore`/`iptables-save` (and the ip6tables pair), `setpriv`
 //! and `bash`; without them the test prints why it is skipped, and fails instead when
-//! `REMORA_REQUIRE_NETNS=1` (as CI sets it). Also holds the `--dry-run` golden test, which
+//! `REMORA_REQUIRE_ALL=1` (as CI sets it). Also holds the `--dry-run` golden test, which
 //! needs none of that.
 
 mod common;
@@ -278,10 +278,7 @@ const V6: Family = Family {
 #[test]
 fn capture_redirects_app_traffic_but_not_the_proxy() {
     if let Some(reason) = missing_prerequisite() {
-        if std::env::var("REMORA_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
-            panic!("netns capture test required but cannot run: {reason}");
-        }
-        eprintln!("SKIPPED capture_redirects_app_traffic_but_not_the_proxy: {reason}");
+        remora_tests::skip("capture_redirects_app_traffic_but_not_the_proxy", &reason);
         return;
     }
     let ns = Namespaces::create();

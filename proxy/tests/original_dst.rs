@@ -60,11 +60,17 @@ fn available() -> bool {
 #[test]
 fn original_dst_listener_and_cluster_ipv4_and_ipv6() {
     if !available() {
-        eprintln!("SKIP: needs root, ip, iptables, ip6tables, runuser and curl");
+        remora_tests::skip(
+            "original_dst_listener_and_cluster_ipv4_and_ipv6",
+            "needs root, ip, iptables, ip6tables, runuser and curl",
+        );
         return;
     }
     let Some(ns) = Netns::create() else {
-        eprintln!("SKIP: cannot create a network namespace");
+        remora_tests::skip(
+            "original_dst_listener_and_cluster_ipv4_and_ipv6",
+            "cannot create a network namespace",
+        );
         return;
     };
     // Two echo upstreams the client will try to reach directly (the `remora-echo` binary runs
@@ -78,7 +84,10 @@ fn original_dst_listener_and_cluster_ipv4_and_ipv6() {
         })
         .filter(|path| path.exists())
     else {
-        eprintln!("SKIP: remora-echo is not built (cargo build --workspace)");
+        remora_tests::skip(
+            "original_dst_listener_and_cluster_ipv4_and_ipv6",
+            "remora-echo is not built (cargo build --workspace)",
+        );
         return;
     };
     let echo = echo.to_str().expect("path");
@@ -167,9 +176,12 @@ static_resources:
             "15001",
         ]);
         if !out.status.success() {
-            eprintln!(
-                "SKIP: {tool} nat REDIRECT unavailable: {}",
-                String::from_utf8_lossy(&out.stderr)
+            remora_tests::skip(
+                "original_dst_listener_and_cluster_ipv4_and_ipv6",
+                &format!(
+                    "{tool} nat REDIRECT unavailable: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             );
             return;
         }

