@@ -105,6 +105,7 @@ static_resources:
   listeners:
   - name: outbound
     address: {socket_address: {address: "::", port_value: 15001}}
+    use_original_dst: true
     listener_filters:
     - name: envoy.filters.listener.original_dst
       typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}
@@ -115,7 +116,25 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
           stat_prefix: outbound
           cluster: passthrough
+  # use_original_dst hands a connection for *:9090 to this wildcard listener.
+  - name: handover
+    address: {socket_address: {address: 0.0.0.0, port_value: 9090}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: handover
+          cluster: v6_only
   clusters:
+  - name: v6_only
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: v6_only
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: "::1", port_value: 8080}}}
   - name: passthrough
     type: ORIGINAL_DST
     lb_policy: CLUSTER_PROVIDED
@@ -153,7 +172,11 @@ static_resources:
         },
     );
     // Redirect the unprivileged client's traffic (not the proxy's own) to the proxy.
-    for (tool, dst) in [("iptables", "127.0.0.2"), ("ip6tables", "::1")] {
+    for (tool, dst, port) in [
+        ("iptables", "127.0.0.2", "8080"),
+        ("ip6tables", "::1", "8080"),
+        ("iptables", "127.0.0.9", "9090"),
+    ] {
         let out = ns.run(&[
             tool,
             "-t",
@@ -165,7 +188,7 @@ static_resources:
             "-d",
             dst,
             "--dport",
-            "8080",
+            port,
             "-m",
             "owner",
             "--uid-owner",
@@ -186,9 +209,13 @@ static_resources:
             return;
         }
     }
+    // The third destination is handed to the wildcard listener (its cluster is the v6 echo).
+    // Without the handover the outbound listener would forward it to *:9090 itself, which the
+    // stats below tell apart (the outbound listener would count 3 connections, not 2).
     for (url, upstream) in [
         ("http://127.0.0.2:8080/via-v4", "v4"),
         ("http://[::1]:8080/via-v6", "v6"),
+        ("http://127.0.0.9:9090/handed-over", "v6"),
     ] {
         let body = wait_for(
             &format!("{url} through the proxy"),
@@ -221,6 +248,10 @@ static_resources:
     );
     assert!(
         stats.contains("cluster.passthrough.upstream_cx_total: 2"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("tcp.handover.downstream_cx_total: 1"),
         "{stats}"
     );
 }

@@ -7,10 +7,11 @@
 
 pub mod tls_inspector;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use futures::FutureExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -87,6 +88,10 @@ fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<Arc<std::net::Tcp
 #[derive(Debug, Default)]
 pub struct ListenerManager {
     active: Mutex<BTreeMap<String, Arc<ActiveListener>>>,
+    /// The active listeners by configured address, for handing over connections redirected by
+    /// `use_original_dst`: rebuilt on add/update/remove (rare), read without a lock per
+    /// connection (a sidecar's capture listener does this for every connection).
+    by_address: ArcSwap<HashMap<SocketAddr, Arc<ActiveListener>>>,
     draining: Mutex<Vec<Arc<ActiveListener>>>,
 }
 
@@ -155,6 +160,7 @@ impl ListenerManager {
             worker.spawn(accept_loop(server.clone(), listener.clone(), socket));
         }
         active.insert(listener.config.name.clone(), listener.clone());
+        self.reindex(&active);
         drop(active);
         tracing::info!(name = %listener.config.name, address = %local_addr, "listener started");
         if let Some(old) = old {
@@ -165,11 +171,10 @@ impl ListenerManager {
 
     /// Stops a listener and drains its connections.
     pub fn remove(&self, server: &Arc<Server>, name: &str) {
-        let removed = self
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let removed = active.remove(name);
+        self.reindex(&active);
+        drop(active);
         if let Some(old) = removed {
             tracing::info!(name, "listener removed; draining");
             self.retire(server, old);
@@ -220,17 +225,26 @@ impl ListenerManager {
             .len()
     }
 
-    fn by_address(&self, addr: SocketAddr) -> Option<Arc<ActiveListener>> {
-        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        active
+    fn reindex(&self, active: &BTreeMap<String, Arc<ActiveListener>>) {
+        let index = active
             .values()
-            .find(|l| l.config.address == addr)
-            .or_else(|| {
-                active.values().find(|l| {
-                    l.config.address.ip().is_unspecified() && l.config.address.port() == addr.port()
-                })
-            })
-            .cloned()
+            .map(|l| (l.config.address, l.clone()))
+            .collect();
+        self.by_address.store(Arc::new(index));
+    }
+
+    /// The listener for a connection's original destination: one bound to exactly that
+    /// address, else a wildcard one on its port (same address family first).
+    fn by_address(&self, addr: SocketAddr) -> Option<Arc<ActiveListener>> {
+        let index = self.by_address.load();
+        let wildcards: [IpAddr; 2] = if addr.is_ipv4() {
+            [Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()]
+        } else {
+            [Ipv6Addr::UNSPECIFIED.into(), Ipv4Addr::UNSPECIFIED.into()]
+        };
+        std::iter::once(addr)
+            .chain(wildcards.map(|ip| SocketAddr::new(ip, addr.port())))
+            .find_map(|candidate| index.get(&candidate).cloned())
     }
 
     /// Stops accepting everywhere; with `graceful`, drains connections (up to the drain time).
