@@ -557,15 +557,7 @@ fn listener_update_and_removal_drain_in_flight_requests() {
 }
 
 fn proxy_stat(admin: SocketAddr, name: &str) -> u64 {
-    http_get(admin, "/stats")
-        .ok()
-        .and_then(|(_, _, body)| {
-            body.lines().find_map(|l| {
-                l.strip_prefix(&format!("{name}: "))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
+    remora_tests::admin_stat(admin, name).unwrap_or(0)
 }
 
 #[test]

@@ -77,9 +77,6 @@ impl Envoy {
 
     /// The value of one counter or gauge from `/stats`, if present.
     pub fn stat(&self, name: &str) -> Option<u64> {
-        let body = self.admin_get(&format!("/stats?filter=^{}$", name.replace('.', "\\.")));
-        body.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
-            .and_then(|value| value.trim().parse().ok())
+        crate::admin_stat(self.admin, name)
     }
 }

@@ -125,6 +125,17 @@ fn decode_chunked(mut rest: &str) -> String {
     body
 }
 
+/// One counter or gauge from an Envoy-style admin `/stats` (Envoy's or remora-proxy's), if
+/// the admin answers and has it.
+pub fn admin_stat(admin: SocketAddr, name: &str) -> Option<u64> {
+    // The regex `^name$` with dots escaped, percent-encoded: both admins decode the query.
+    let filter = format!("/stats?filter=%5E{}%24", name.replace('.', "%5C."));
+    let (_, _, body) = http_get(admin, &filter).ok()?;
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Whether a program is on PATH (for tests that need a real peer such as `envoy` or `etcd`).
 pub fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")

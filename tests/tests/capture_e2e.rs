@@ -127,11 +127,7 @@ fn body_json(response: &str) -> serde_json::Value {
 fn admin_stat(ns: &str, name: &str) -> Option<u64> {
     let name = name.to_string();
     in_namespace(ns, move || {
-        let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
-        let (_, _, body) = remora_tests::http_get(admin, "/stats").ok()?;
-        body.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
-            .and_then(|value| value.trim().parse().ok())
+        remora_tests::admin_stat("127.0.0.1:15000".parse().unwrap(), &name)
     })
 }
 

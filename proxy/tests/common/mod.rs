@@ -47,11 +47,7 @@ impl Proxy {
     }
 
     pub fn stat(&self, name: &str) -> u64 {
-        let (_, _, body) = http_get(self.admin, "/stats").expect("admin /stats");
-        body.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        remora_tests::admin_stat(self.admin, name).unwrap_or(0)
     }
 }
 
