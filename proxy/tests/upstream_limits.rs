@@ -110,6 +110,7 @@ fn route_timeout_cuts_a_stalled_body_after_headers() {
     );
     // Its request stays active until the body ends, so max_requests: 1 still applies.
     assert_eq!(proxy.stat("cluster.unbounded.upstream_rq_active"), 1);
+    assert_eq!(proxy.stat("http.ingress.downstream_rq_active"), 1);
     let (status, head, body) = http_get(addr, "/unbounded").expect("second request");
     assert_eq!(status, 503, "{head}{body}");
     assert!(head.contains("x-envoy-overloaded: true"), "{head}");
@@ -200,7 +201,9 @@ fn route_timeout_cuts_a_stalled_body_after_headers() {
         "{answer:?}"
     );
     wait_for("unbounded request inactive", Duration::from_secs(5), || {
-        (proxy.stat("cluster.unbounded.upstream_rq_active") == 0).then_some(())
+        (proxy.stat("cluster.unbounded.upstream_rq_active") == 0
+            && proxy.stat("http.ingress.downstream_rq_active") == 0)
+            .then_some(())
     });
     assert_eq!(proxy.stat("cluster.unbounded.upstream_rq_timeout"), 0);
     assert_eq!(proxy.stat("http.ingress.downstream_rq_idle_timeout"), 0);

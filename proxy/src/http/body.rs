@@ -28,6 +28,14 @@ impl ResponseBody {
     pub fn empty() -> Self {
         ResponseBody::Full(None)
     }
+    /// Keeps the downstream request's slots until the body ends; a local reply is complete
+    /// already, so they go now.
+    pub fn hold(&mut self, slots: DownstreamSlots) {
+        if let ResponseBody::Upstream(body) = self {
+            body.downstream = Some(slots);
+        }
+    }
+
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
         ResponseBody::Full(if bytes.is_empty() { None } else { Some(bytes) })
@@ -81,6 +89,15 @@ pub struct UpstreamBody {
     inner: Incoming,
     timer: Option<StreamTimer>,
     _active: GaugeGuard,
+    downstream: Option<DownstreamSlots>,
+}
+
+/// What a downstream request holds until its response ends: its place in
+/// `downstream_rq_active` and in the connection's in-flight count (the idle timeout's).
+#[derive(Debug)]
+pub struct DownstreamSlots {
+    pub active: GaugeGuard,
+    pub in_flight: GaugeGuard,
 }
 
 impl UpstreamBody {
@@ -89,6 +106,7 @@ impl UpstreamBody {
             inner,
             timer,
             _active: active,
+            downstream: None,
         }
     }
 

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -27,13 +27,15 @@ use crate::config::{Codec, HttpConnectionManager, RouteSource, UpstreamProtocol}
 use crate::drain::{Phase, Watch};
 use crate::error::{ProxyError, ResponseFlag};
 use crate::filter_chain::ConnectionInfo;
-use crate::http::body::{RequestBody, ResponseBody, StreamTimeout, StreamTimer, UpstreamBody};
+use crate::http::body::{
+    DownstreamSlots, RequestBody, ResponseBody, StreamTimeout, StreamTimer, UpstreamBody,
+};
 use crate::http::router::{
     Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
 };
 use crate::lb::LbContext;
 use crate::server::Server;
-use crate::stats::{GaugeGuard, HttpStats};
+use crate::stats::{GaugeGuard, HttpStats, Stat};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -55,7 +57,8 @@ struct Connection {
     scheme: &'static str,
     server_header: HeaderValue,
     requests: AtomicU64,
-    in_flight: AtomicUsize,
+    /// Requests whose response has not ended (the connection idle timeout waits for none).
+    in_flight: Arc<Stat>,
 }
 
 /// Serves one downstream connection until it closes, idles out, or is drained.
@@ -85,7 +88,7 @@ pub async fn serve<S>(
             "http"
         },
         requests: AtomicU64::new(0),
-        in_flight: AtomicUsize::new(0),
+        in_flight: Arc::default(),
     });
     let service_connection = connection.clone();
     let service =
@@ -132,7 +135,7 @@ pub async fn serve<S>(
             }
             _ = idle_tick.tick(), if idle.is_some() && !draining => {
                 let seen = connection.requests.load(Ordering::Relaxed);
-                if seen == last_seen && connection.in_flight.load(Ordering::Relaxed) == 0 {
+                if seen == last_seen && connection.in_flight.get() == 0 {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -142,24 +145,19 @@ pub async fn serve<S>(
     }
 }
 
-struct InFlight<'a>(&'a AtomicUsize);
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 async fn handle(
     connection: Arc<Connection>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     connection.requests.fetch_add(1, Ordering::Relaxed);
-    connection.in_flight.fetch_add(1, Ordering::Relaxed);
-    let _in_flight = InFlight(&connection.in_flight);
     let stats = &connection.stats;
     stats.downstream_rq_total.inc();
-    let _active = GaugeGuard::new(&stats.downstream_rq_active);
-    let response = match proxy(&connection, request).await {
+    // Held until the response body ends (a streamed body keeps the request active, as in Envoy).
+    let slots = DownstreamSlots {
+        active: GaugeGuard::new(&stats.downstream_rq_active),
+        in_flight: GaugeGuard::new(&connection.in_flight),
+    };
+    let mut response = match proxy(&connection, request).await {
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(%error, "local reply");
@@ -167,6 +165,7 @@ async fn handle(
         }
     };
     stats.response(response.status().as_u16());
+    response.body_mut().hold(slots);
     Ok(response)
 }
 
