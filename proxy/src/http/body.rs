@@ -179,6 +179,14 @@ impl StreamTimer {
         }
     }
 
+    /// Starts the route timeout now (it starts once the downstream request has ended).
+    pub fn start_route(&mut self, timeout: Duration) {
+        self.deadline = Some(Instant::now() + timeout);
+        if let Some(next) = Self::next(self.deadline, self.idle) {
+            self.sleep.as_mut().reset(next);
+        }
+    }
+
     /// Restarts the idle timeout: something moved.
     pub fn touch(&mut self) {
         if self.idle.is_some()
@@ -213,12 +221,36 @@ impl StreamTimer {
 #[error("downstream request timeout")]
 pub struct RequestTimeout;
 
+/// Signals that a downstream request body has been forwarded in full: Envoy's route timeout
+/// starts then, so a slow upload does not eat into it.
+#[derive(Debug, Default)]
+pub struct RequestEnd {
+    ended: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl RequestEnd {
+    fn signal(&self) {
+        if !self.ended.swap(true, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves once the body has ended.
+    pub async fn ended(&self) {
+        while !self.ended.load(Ordering::Acquire) {
+            self.notify.notified().await;
+        }
+    }
+}
+
 /// A downstream request body forwarded upstream, with an optional receive deadline.
 #[derive(Debug)]
 pub struct RequestBody {
     inner: Incoming,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     timed_out: Option<Arc<AtomicBool>>,
+    end: Option<Arc<RequestEnd>>,
 }
 
 impl RequestBody {
@@ -226,6 +258,7 @@ impl RequestBody {
         inner: Incoming,
         deadline: Option<tokio::time::Instant>,
         timed_out: Option<Arc<AtomicBool>>,
+        end: Option<Arc<RequestEnd>>,
     ) -> Self {
         let deadline = if inner.is_end_stream() {
             None
@@ -236,6 +269,7 @@ impl RequestBody {
             inner,
             deadline,
             timed_out,
+            end,
         }
     }
 }
@@ -252,6 +286,9 @@ impl Body for RequestBody {
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             if frame.is_none() || this.inner.is_end_stream() {
                 this.deadline = None;
+                if let Some(end) = this.end.take() {
+                    end.signal();
+                }
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }

@@ -28,7 +28,8 @@ use crate::drain::{Phase, Watch};
 use crate::error::{ProxyError, ResponseFlag};
 use crate::filter_chain::ConnectionInfo;
 use crate::http::body::{
-    DownstreamSlots, RequestBody, ResponseBody, StreamTimeout, StreamTimer, UpstreamBody,
+    DownstreamSlots, RequestBody, RequestEnd, ResponseBody, StreamTimeout, StreamTimer,
+    UpstreamBody,
 };
 use crate::http::router::{
     Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
@@ -287,6 +288,27 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Starts the route timeout on a request's timer, creating the timer if nothing needed one yet.
+fn start_route_timer(
+    timer: &mut Option<StreamTimer>,
+    timeout: Duration,
+    idle: Option<Duration>,
+    route_timeouts: &Arc<Stat>,
+    idle_timeouts: &Arc<Stat>,
+) {
+    match timer {
+        Some(timer) => timer.start_route(timeout),
+        None => {
+            *timer = StreamTimer::new(
+                Some(Instant::now() + timeout),
+                idle,
+                route_timeouts,
+                idle_timeouts,
+            )
+        }
+    }
+}
+
 fn current_table(connection: &Connection) -> Option<Arc<RouteTable>> {
     match &connection.hcm.routes {
         RouteSource::Inline(table) => Some(table.clone()),
@@ -497,28 +519,59 @@ async fn proxy(
         .request_timeout
         .map(|_| Arc::new(AtomicBool::new(false)));
     let body_deadline = hcm.request_timeout.map(|t| started + t);
+    // The route timeout starts once the request has been sent in full, as in Envoy: at once
+    // for a request without a body, else when its body ends.
+    let mut request_end = (forward.timeout.is_some() && !http_body::Body::is_end_stream(&body))
+        .then(|| Arc::new(RequestEnd::default()));
     let upstream_request = Request::from_parts(
         parts,
-        RequestBody::new(body, body_deadline, timed_out.clone()),
+        RequestBody::new(body, body_deadline, timed_out.clone(), request_end.clone()),
     );
 
     // Send. One timer per request: the route deadline and the stream idle timeout (the
     // route's, else the HCM's) bound the wait for headers, then move into the response body.
     let sending = cluster.pools.client().request(upstream_request);
-    let mut timer = StreamTimer::new(
-        forward.timeout.map(|t| Instant::now() + t),
-        forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
+    tokio::pin!(sending);
+    let idle = forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout);
+    let route_deadline = match request_end {
+        None => forward.timeout.map(|t| Instant::now() + t),
+        Some(_) => None,
+    };
+    let (route_timeouts, idle_timeouts) = (
         &cluster.stats.upstream_rq_timeout,
         &connection.stats.downstream_rq_idle_timeout,
     );
-    let outcome = match timer.as_mut() {
-        Some(timer) => tokio::select! {
+    let mut timer = StreamTimer::new(route_deadline, idle, route_timeouts, idle_timeouts);
+    let outcome = loop {
+        let expired = async {
+            match timer.as_mut() {
+                Some(timer) => timer.expired().await,
+                None => std::future::pending().await,
+            }
+        };
+        let ended = async {
+            match &request_end {
+                Some(end) => end.ended().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
             biased;
-            result = sending => Ok(result),
-            timeout = timer.expired() => Err(timeout),
-        },
-        None => Ok(sending.await),
+            result = &mut sending => break Ok(result),
+            timeout = expired => break Err(timeout),
+            () = ended => {
+                request_end = None;
+                let timeout = forward.timeout.unwrap_or_default();
+                start_route_timer(&mut timer, timeout, idle, route_timeouts, idle_timeouts);
+            }
+        }
     };
+    // A response that came before the request ended: its timeout starts now.
+    if request_end.is_some()
+        && let Some(timeout) = forward.timeout
+    {
+        start_route_timer(&mut timer, timeout, idle, route_timeouts, idle_timeouts);
+    }
     // Envoy counts a request upstream once the pool takes it: not when it overflowed.
     let overflowed = matches!(&outcome, Ok(Err(error)) if crate::pool::is_overflow(error));
     if !overflowed {
