@@ -540,6 +540,22 @@ def table(envoy: Subject, remora: Subject) -> str:
     return "\n".join(rows)
 
 
+def spread(envoy: Subject, remora: Subject) -> str:
+    """Each round's ratio for the figures with a target: how far one round can be trusted."""
+    parts = []
+    for fig in FIGURES:
+        if fig.check is None:
+            continue
+        es, rs = envoy.samples.get(fig.key, []), remora.samples.get(fig.key, [])
+        if fig.key == "idle_rss":
+            values = [fmt(r, fig.unit) for r in rs]
+            parts.append(f"{fig.label}: {', '.join(values)} {fig.unit}")
+        else:
+            ratios = [f"{r / e:.2f}x" for e, r in zip(es, rs) if e]
+            parts.append(f"{fig.label}: {', '.join(ratios)}")
+    return "Per round, remora/envoy: " + "; ".join(parts) + "."
+
+
 def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, str]],
            argv: list[str], started: float) -> str:
     a = bench.args
@@ -566,6 +582,8 @@ def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, 
         table(envoy, remora),
         "",
     ]
+    if a.repeat > 1:
+        lines += [spread(envoy, remora), ""]
     if bench.baseline:
         b = bench.baseline
         if "error" in b:
