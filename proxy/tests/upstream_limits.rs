@@ -62,6 +62,18 @@ fn assert_truncated(answer: &str, elapsed: Duration, at_least: Duration) {
     );
 }
 
+/// One virtual host whose only route sends everything to `cluster` with route `timeout`.
+fn catch_all(cluster: &str, timeout: &str) -> String {
+    format!(
+        r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: {cluster}, timeout: {timeout}}}
+"#
+    )
+}
+
 fn with_cluster_extra(cluster: String, extra: &str) -> String {
     cluster.replace("    type: STATIC\n", &format!("    type: STATIC\n{extra}"))
 }
@@ -541,15 +553,10 @@ fn a_worker_without_a_connection_opens_one_over_the_limit() {
     let echo = remora_tests::echo::EchoServer::start("e", "127.0.0.1");
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
-    let vhosts = r#"            - name: all
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/"}
-                route: {cluster: one, timeout: 2s}
-"#;
+    let vhosts = catch_all("one", "2s");
     let yaml = bootstrap(
         &admin_yaml,
-        &[http_listener("ingress", port, "", vhosts)],
+        &[http_listener("ingress", port, "", &vhosts)],
         &[with_cluster_extra(
             static_cluster("one", &[echo.addr]),
             "    circuit_breakers: {thresholds: [{max_connections: 1}]}\n",
@@ -610,15 +617,10 @@ fn route_timeout_starts_when_the_request_body_ends() {
     let echo = remora_tests::echo::EchoServer::start("echo", "127.0.0.1");
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
-    let vhosts = r#"            - name: all
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/"}
-                route: {cluster: echo, timeout: 1s}
-"#;
+    let vhosts = catch_all("echo", "1s");
     let yaml = bootstrap(
         &admin_yaml,
-        &[http_listener("ingress", port, "", vhosts)],
+        &[http_listener("ingress", port, "", &vhosts)],
         &[static_cluster("echo", &[echo.addr])],
     );
     let check = |answer: &str| {
