@@ -738,3 +738,63 @@ fn slow_clients_are_timed_out_and_circuit_breakers_overflow() {
         started.elapsed()
     );
 }
+
+#[test]
+fn dns_clusters_honour_dns_lookup_family() {
+    // `localhost` here has an IPv4 answer only (127.0.0.1). A V6_ONLY cluster therefore has no
+    // host and answers 503 no healthy upstream, as Envoy does; V4_ONLY and AUTO (IPv6 if any,
+    // else IPv4) reach the echo. LOGICAL_DNS resolves the same way, to one host.
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let cluster = |name: &str, kind: &str, family: &str| {
+        format!(
+            "  - name: {name}\n    connect_timeout: 0.5s\n    type: {kind}\n    dns_lookup_family: {family}\n    dns_refresh_rate: 60s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: localhost, port_value: {}}}}}}}\n",
+            echo.addr.port()
+        )
+    };
+    let mut routes = String::from(
+        "            - name: all\n              domains: [\"*\"]\n              routes:\n",
+    );
+    let clusters = [
+        ("v6only", "STRICT_DNS", "V6_ONLY"),
+        ("v4only", "STRICT_DNS", "V4_ONLY"),
+        ("auto", "STRICT_DNS", "AUTO"),
+        ("logical", "LOGICAL_DNS", "AUTO"),
+    ];
+    for (name, _, _) in clusters {
+        routes.push_str(&format!(
+            "              - match: {{prefix: \"/{name}\"}}\n                route: {{cluster: {name}}}\n"
+        ));
+    }
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", &routes)],
+        &clusters.map(|(name, kind, family)| cluster(name, kind, family)),
+    );
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let addr = loopback(port);
+    for name in ["v4only", "auto", "logical"] {
+        let status = wait_for(&format!("{name} resolved"), Duration::from_secs(10), || {
+            let (status, _, _) = http_get(addr, &format!("/{name}")).ok()?;
+            (status == 200).then_some(status)
+        });
+        assert_eq!(status, 200);
+    }
+    // Resolved (an answer with no IPv6 address), not merely not yet resolved.
+    wait_for("v6only resolved", Duration::from_secs(10), || {
+        (remora_tests::admin_stat(admin, "cluster.v6only.update_success")? >= 1).then_some(())
+    });
+    let (status, head, body) = http_get(addr, "/v6only").expect("v6only");
+    assert_eq!(status, 503, "{head}{body}");
+    assert_eq!(body, "no healthy upstream", "{head}");
+    let (_, _, clusters_text) = http_get(admin, "/clusters").expect("/clusters");
+    assert!(
+        !clusters_text.contains("v6only::127.0.0.1"),
+        "{clusters_text}"
+    );
+    assert!(
+        clusters_text.contains(&format!("logical::127.0.0.1:{}::", echo.addr.port())),
+        "{clusters_text}"
+    );
+}

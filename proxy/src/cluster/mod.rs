@@ -1,10 +1,9 @@
 //! Clusters: the live state behind each configured cluster (endpoints, load balancer, pools,
 //! stats), kept apart from config snapshots so it survives swaps. STATIC and EDS clusters get
-//! their endpoints from config; STRICT_DNS resolves in the background; ORIGINAL_DST uses the
-//! downstream connection's original destination.
+//! their endpoints from config; STRICT_DNS and LOGICAL_DNS resolve in the background (per
+//! `dns_lookup_family`); ORIGINAL_DST uses the downstream connection's original destination.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -127,18 +126,22 @@ impl ClusterRuntime {
         self.lb.choose(&self.endpoints.load(), context)
     }
 
-    /// Starts DNS resolution for STRICT_DNS clusters on the current runtime.
+    /// Starts DNS resolution for STRICT_DNS and LOGICAL_DNS clusters on the current runtime.
     pub fn start_background(self: &Arc<Self>) {
-        if self.config.discovery != DiscoveryType::StrictDns {
-            return;
-        }
+        let logical = match self.config.discovery {
+            DiscoveryType::StrictDns => false,
+            DiscoveryType::LogicalDns => true,
+            _ => return,
+        };
         let weak = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             loop {
                 let Some(cluster) = weak.upgrade() else {
                     return;
                 };
+                cluster.stats.update_attempt.inc();
                 let mut hosts = Vec::new();
+                let mut failed = false;
                 for endpoint in &cluster.config.load_assignment.endpoints {
                     match &endpoint.address {
                         EndpointAddress::Ip(addr) => {
@@ -147,23 +150,29 @@ impl ClusterRuntime {
                         EndpointAddress::Dns { host, port } => {
                             match tokio::net::lookup_host((host.as_str(), *port)).await {
                                 Ok(addrs) => {
-                                    let addrs: Vec<SocketAddr> = addrs.collect();
-                                    // Prefer IPv4 answers (Envoy's AUTO prefers v6 only when present
-                                    // and reachable; loopback tests expect v4).
-                                    let v4: Vec<SocketAddr> =
-                                        addrs.iter().copied().filter(SocketAddr::is_ipv4).collect();
-                                    for addr in if v4.is_empty() { addrs } else { v4 } {
+                                    let family = cluster.config.dns_lookup_family;
+                                    let addrs = family.select(addrs.collect());
+                                    // LOGICAL_DNS: one host, the answer's first address.
+                                    let keep = if logical { 1 } else { addrs.len() };
+                                    for addr in addrs.into_iter().take(keep) {
                                         hosts.push(Arc::new(Host::new(addr, endpoint)));
                                     }
                                 }
                                 Err(error) => {
-                                    tracing::warn!(cluster = %cluster.config.name, %host, %error, "DNS resolution failed")
+                                    failed = true;
+                                    tracing::warn!(cluster = %cluster.config.name, %host, %error, "DNS resolution failed; keeping the last answer")
                                 }
                             }
                         }
                     }
                 }
-                cluster.set_hosts(hosts);
+                // A failed lookup keeps the hosts of the last good round, as Envoy does.
+                if failed {
+                    cluster.stats.update_failure.inc();
+                } else {
+                    cluster.stats.update_success.inc();
+                    cluster.set_hosts(hosts);
+                }
                 let refresh = cluster.config.dns_refresh_rate;
                 drop(cluster);
                 tokio::time::sleep(refresh).await;

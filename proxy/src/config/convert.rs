@@ -738,6 +738,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
     let discovery = match kind {
         cluster_pb::cluster::DiscoveryType::Static => DiscoveryType::Static,
         cluster_pb::cluster::DiscoveryType::StrictDns => DiscoveryType::StrictDns,
+        cluster_pb::cluster::DiscoveryType::LogicalDns => DiscoveryType::LogicalDns,
         cluster_pb::cluster::DiscoveryType::OriginalDst => DiscoveryType::OriginalDst,
         cluster_pb::cluster::DiscoveryType::Eds => {
             let Some(eds) = &proto.eds_cluster_config else {
@@ -754,12 +755,6 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
                     &sub(path, "eds_cluster_config.eds_config"),
                 )?,
             }
-        }
-        other => {
-            return err(
-                sub(path, "type"),
-                format!("{} is not supported", other.as_str_name()),
-            );
         }
     };
     match cluster_pb::cluster::LbPolicy::try_from(proto.lb_policy) {
@@ -792,11 +787,22 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
                     "not allowed for EDS and ORIGINAL_DST clusters",
                 );
             }
-            load_assignment(
+            let resolved = load_assignment(
                 cla,
                 &sub(path, "load_assignment"),
-                discovery == DiscoveryType::StrictDns,
-            )?
+                matches!(
+                    discovery,
+                    DiscoveryType::StrictDns | DiscoveryType::LogicalDns
+                ),
+            )?;
+            if discovery == DiscoveryType::LogicalDns && resolved.endpoints.len() != 1 {
+                return err(
+                    sub(path, "load_assignment"),
+                    "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single \
+                     lb_endpoint",
+                );
+            }
+            resolved
         }
         None => LoadAssignment::default(),
     };
@@ -931,7 +937,7 @@ pub fn load_assignment(
             if matches!(address, EndpointAddress::Dns { .. }) && !allow_dns {
                 return err(
                     format!("{epath}.endpoint.address.socket_address.address"),
-                    "must be an IP address (names only in STRICT_DNS clusters)",
+                    "must be an IP address (names only in STRICT_DNS and LOGICAL_DNS clusters)",
                 );
             }
             let weight = match lb.load_balancing_weight {

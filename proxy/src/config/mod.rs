@@ -244,6 +244,9 @@ pub struct HttpConnectionManager {
 pub enum DiscoveryType {
     Static,
     StrictDns,
+    /// One logical host: its name is resolved in the background and new connections go to the
+    /// first address of the latest answer (Envoy's LOGICAL_DNS).
+    LogicalDns,
     Eds {
         service_name: String,
         source: ConfigSource,
@@ -280,7 +283,7 @@ impl HealthStatus {
     }
 }
 
-/// Where an endpoint lives: an IP, or a name to resolve (STRICT_DNS).
+/// Where an endpoint lives: an IP, or a name to resolve (STRICT_DNS, LOGICAL_DNS).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndpointAddress {
     Ip(SocketAddr),
@@ -322,7 +325,7 @@ impl Default for Thresholds {
     }
 }
 
-/// Which addresses a STRICT_DNS answer contributes (Envoy's `dns_lookup_family`).
+/// Which addresses a DNS answer contributes (Envoy's `dns_lookup_family`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DnsLookupFamily {
     /// IPv6 if any, else IPv4.

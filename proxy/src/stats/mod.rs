@@ -132,6 +132,10 @@ pub struct ClusterStats {
     pub upstream_cx_none_healthy: Arc<Stat>,
     pub membership_total: Arc<Stat>,
     pub membership_healthy: Arc<Stat>,
+    /// DNS clusters: resolution rounds, and those whose lookups all succeeded or not.
+    pub update_attempt: Arc<Stat>,
+    pub update_success: Arc<Stat>,
+    pub update_failure: Arc<Stat>,
 }
 
 impl ClusterStats {
@@ -159,6 +163,9 @@ impl ClusterStats {
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
+            update_attempt: c("update_attempt"),
+            update_success: c("update_success"),
+            update_failure: c("update_failure"),
         }
     }
 
