@@ -288,6 +288,59 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Waits for the upstream response headers under the request's timer, which it creates: the
+/// route timeout (started at once, or when `request_end` fires for a request with a body) and
+/// the stream idle timeout. Returns the outcome and the timer, which then moves into the
+/// response body.
+async fn send_upstream<F>(
+    sending: F,
+    route_timeout: Option<Duration>,
+    idle: Option<Duration>,
+    mut request_end: Option<Arc<RequestEnd>>,
+    (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
+) -> (Result<F::Output, StreamTimeout>, Option<StreamTimer>)
+where
+    F: Future,
+{
+    tokio::pin!(sending);
+    let route_deadline = match request_end {
+        None => route_timeout.map(|t| Instant::now() + t),
+        Some(_) => None,
+    };
+    let mut timer = StreamTimer::new(route_deadline, idle, route_timeouts, idle_timeouts);
+    let outcome = loop {
+        let expired = async {
+            match timer.as_mut() {
+                Some(timer) => timer.expired().await,
+                None => std::future::pending().await,
+            }
+        };
+        let ended = async {
+            match &request_end {
+                Some(end) => end.ended().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            result = &mut sending => break Ok(result),
+            timeout = expired => break Err(timeout),
+            () = ended => {
+                request_end = None;
+                let timeout = route_timeout.unwrap_or_default();
+                start_route_timer(&mut timer, timeout, idle, route_timeouts, idle_timeouts);
+            }
+        }
+    };
+    // A response that came before the request ended: its timeout starts now.
+    if request_end.is_some()
+        && let Some(timeout) = route_timeout
+    {
+        start_route_timer(&mut timer, timeout, idle, route_timeouts, idle_timeouts);
+    }
+    (outcome, timer)
+}
+
 /// Starts the route timeout on a request's timer, creating the timer if nothing needed one yet.
 fn start_route_timer(
     timer: &mut Option<StreamTimer>,
@@ -521,7 +574,7 @@ async fn proxy(
     let body_deadline = hcm.request_timeout.map(|t| started + t);
     // The route timeout starts once the request has been sent in full, as in Envoy: at once
     // for a request without a body, else when its body ends.
-    let mut request_end = (forward.timeout.is_some() && !http_body::Body::is_end_stream(&body))
+    let request_end = (forward.timeout.is_some() && !http_body::Body::is_end_stream(&body))
         .then(|| Arc::new(RequestEnd::default()));
     let upstream_request = Request::from_parts(
         parts,
@@ -530,48 +583,17 @@ async fn proxy(
 
     // Send. One timer per request: the route deadline and the stream idle timeout (the
     // route's, else the HCM's) bound the wait for headers, then move into the response body.
-    let sending = cluster.pools.client().request(upstream_request);
-    tokio::pin!(sending);
-    let idle = forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout);
-    let route_deadline = match request_end {
-        None => forward.timeout.map(|t| Instant::now() + t),
-        Some(_) => None,
-    };
-    let (route_timeouts, idle_timeouts) = (
-        &cluster.stats.upstream_rq_timeout,
-        &connection.stats.downstream_rq_idle_timeout,
-    );
-    let mut timer = StreamTimer::new(route_deadline, idle, route_timeouts, idle_timeouts);
-    let outcome = loop {
-        let expired = async {
-            match timer.as_mut() {
-                Some(timer) => timer.expired().await,
-                None => std::future::pending().await,
-            }
-        };
-        let ended = async {
-            match &request_end {
-                Some(end) => end.ended().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            biased;
-            result = &mut sending => break Ok(result),
-            timeout = expired => break Err(timeout),
-            () = ended => {
-                request_end = None;
-                let timeout = forward.timeout.unwrap_or_default();
-                start_route_timer(&mut timer, timeout, idle, route_timeouts, idle_timeouts);
-            }
-        }
-    };
-    // A response that came before the request ended: its timeout starts now.
-    if request_end.is_some()
-        && let Some(timeout) = forward.timeout
-    {
-        start_route_timer(&mut timer, timeout, idle, route_timeouts, idle_timeouts);
-    }
+    let (outcome, timer) = send_upstream(
+        cluster.pools.client().request(upstream_request),
+        forward.timeout,
+        forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
+        request_end,
+        (
+            &cluster.stats.upstream_rq_timeout,
+            &connection.stats.downstream_rq_idle_timeout,
+        ),
+    )
+    .await;
     // Envoy counts a request upstream once the pool takes it: not when it overflowed.
     let overflowed = matches!(&outcome, Ok(Err(error)) if crate::pool::is_overflow(error));
     if !overflowed {
