@@ -35,6 +35,8 @@ pub const OPENTELEMETRY_CONFIG: &str =
     "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig";
 pub const STDOUT_ACCESS_LOG: &str =
     "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+pub const STDERR_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
 pub const FILE_ACCESS_LOG: &str =
     "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
 

@@ -16,6 +16,7 @@ use xds_api::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pb;
 use xds_api::type_urls;
 
 use super::*;
+use crate::http::access_log::{AccessLogConfig, Target};
 use crate::http::router::RouteTable;
 
 type R<T> = ConfigResult<T>;
@@ -574,6 +575,96 @@ fn tcp_proxy(proto: &tcp_pb::TcpProxy, path: &str) -> R<TcpProxy> {
     })
 }
 
+/// One HCM `access_log` entry: the stdout, stderr or file logger with Envoy's default format or
+/// a text format.
+fn access_log(
+    proto: &xds_api::envoy::config::accesslog::v3::AccessLog,
+    path: &str,
+) -> R<AccessLogConfig> {
+    use xds_api::envoy::config::accesslog::v3::access_log::ConfigType;
+    use xds_api::envoy::extensions::access_loggers::{
+        file::v3 as file_pb, stream::v3 as stream_pb,
+    };
+    let Some(ConfigType::TypedConfig(any)) = &proto.config_type else {
+        return err(format!("{path}.typed_config"), "required");
+    };
+    let typed = format!("{path}.typed_config");
+    let (target, format) = match any.type_url.as_str() {
+        type_urls::STDOUT_ACCESS_LOG => {
+            let log: stream_pb::StdoutAccessLog =
+                unpack(any).map_err(|e| ConfigError::new(&typed, e))?;
+            let format = log.access_log_format.map(|f| match f {
+                stream_pb::stdout_access_log::AccessLogFormat::LogFormat(format) => format,
+            });
+            (Target::Stdout, format)
+        }
+        type_urls::STDERR_ACCESS_LOG => {
+            let log: stream_pb::StderrAccessLog =
+                unpack(any).map_err(|e| ConfigError::new(&typed, e))?;
+            let format = log.access_log_format.map(|f| match f {
+                stream_pb::stderr_access_log::AccessLogFormat::LogFormat(format) => format,
+            });
+            (Target::Stderr, format)
+        }
+        type_urls::FILE_ACCESS_LOG => {
+            let log: file_pb::FileAccessLog =
+                unpack(any).map_err(|e| ConfigError::new(&typed, e))?;
+            if log.path.is_empty() {
+                return err(format!("{typed}.path"), "must not be empty");
+            }
+            // Fail the config, not the first request, when the file cannot be written.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log.path)
+                .map_err(|e| {
+                    ConfigError::new(
+                        format!("{typed}.path"),
+                        format!("cannot open {}: {e}", log.path),
+                    )
+                })?;
+            let format = match log.access_log_format {
+                None => None,
+                Some(file_pb::file_access_log::AccessLogFormat::LogFormat(format)) => Some(format),
+                Some(_) => {
+                    return err(
+                        typed,
+                        "only log_format is supported (not format, json_format)",
+                    );
+                }
+            };
+            (Target::File(log.path.into()), format)
+        }
+        other => {
+            return err(typed, format!("access logger {other} is not supported"));
+        }
+    };
+    let text = match format.and_then(|f| f.format) {
+        None => crate::http::access_log::DEFAULT_FORMAT.to_string(),
+        Some(core_pb::substitution_format_string::Format::TextFormat(text)) => text,
+        Some(core_pb::substitution_format_string::Format::TextFormatSource(source)) => {
+            match source.specifier {
+                Some(core_pb::data_source::Specifier::InlineString(text)) => text,
+                _ => {
+                    return err(
+                        format!("{typed}.log_format.text_format_source"),
+                        "only inline_string is supported",
+                    );
+                }
+            }
+        }
+        Some(_) => {
+            return err(
+                format!("{typed}.log_format"),
+                "only text_format and text_format_source are supported",
+            );
+        }
+    };
+    let format = crate::http::access_log::parse_format(&text)
+        .map_err(|e| ConfigError::new(format!("{typed}.log_format"), e))?;
+    Ok(AccessLogConfig { target, format })
+}
+
 fn http_connection_manager(
     proto: &hcm_pb::HttpConnectionManager,
     path: &str,
@@ -653,7 +744,14 @@ fn http_connection_manager(
         }
     }
     let common = proto.common_http_protocol_options.unwrap_or_default();
+    let access_logs = proto
+        .access_log
+        .iter()
+        .enumerate()
+        .map(|(i, log)| access_log(log, &format!("{path}.access_log[{i}]")))
+        .collect::<R<Vec<_>>>()?;
     Ok(HttpConnectionManager {
+        access_logs,
         stat_prefix: proto.stat_prefix.clone(),
         codec,
         routes,

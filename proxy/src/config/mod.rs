@@ -236,6 +236,7 @@ pub struct HttpConnectionManager {
     pub upgrades: Vec<String>,
     pub strip_any_host_port: bool,
     pub strip_matching_host_port: bool,
+    pub access_logs: Vec<crate::http::access_log::AccessLogConfig>,
 }
 
 // === Clusters ===

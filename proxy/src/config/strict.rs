@@ -212,7 +212,28 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "upgrade_configs",
             "strip_matching_host_port",
             "strip_any_host_port",
+            "access_log",
         ],
+    ),
+    (
+        "envoy.config.accesslog.v3.AccessLog",
+        &["name", "typed_config"],
+    ),
+    (
+        "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+        &["log_format"],
+    ),
+    (
+        "envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
+        &["log_format"],
+    ),
+    (
+        "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        &["path", "log_format"],
+    ),
+    (
+        "envoy.config.core.v3.SubstitutionFormatString",
+        &["text_format", "text_format_source"],
     ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.Rds",

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::http::access_log::PendingLine;
 use crate::stats::{GaugeGuard, Stat};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -30,9 +31,14 @@ impl ResponseBody {
     }
     /// Keeps the downstream request's slots until the body ends; a local reply is complete
     /// already, so they go now.
-    pub fn hold(&mut self, slots: DownstreamSlots) {
-        if let ResponseBody::Upstream(body) = self {
-            body.downstream = Some(slots);
+    pub fn hold(&mut self, mut slots: DownstreamSlots) {
+        match self {
+            ResponseBody::Upstream(body) => body.downstream = Some(slots),
+            ResponseBody::Full(data) => {
+                if let Some(log) = slots.log.as_mut() {
+                    log.entry.bytes_sent = data.as_ref().map_or(0, |d| d.len() as u64);
+                }
+            }
         }
     }
 
@@ -93,11 +99,14 @@ pub struct UpstreamBody {
 }
 
 /// What a downstream request holds until its response ends: its place in
-/// `downstream_rq_active` and in the connection's in-flight count (the idle timeout's).
+/// `downstream_rq_active` and in the connection's in-flight count (the idle timeout's), and
+/// its access log line.
 #[derive(Debug)]
 pub struct DownstreamSlots {
     pub active: GaugeGuard,
     pub in_flight: GaugeGuard,
+    /// The access log line, written when this is dropped (boxed: only logged requests pay).
+    pub log: Option<Box<PendingLine>>,
 }
 
 impl UpstreamBody {
@@ -115,6 +124,11 @@ impl UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(timer) = &mut self.timer {
                     timer.touch();
+                }
+                if let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut())
+                    && let Some(data) = frame.data_ref()
+                {
+                    log.entry.bytes_sent += data.len() as u64;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -251,6 +265,8 @@ pub struct RequestBody {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     timed_out: Option<Arc<AtomicBool>>,
     end: Option<Arc<RequestEnd>>,
+    /// Body bytes received, for the access log's `%BYTES_RECEIVED%`.
+    received: Option<Arc<AtomicU64>>,
 }
 
 impl RequestBody {
@@ -259,6 +275,7 @@ impl RequestBody {
         deadline: Option<tokio::time::Instant>,
         timed_out: Option<Arc<AtomicBool>>,
         end: Option<Arc<RequestEnd>>,
+        received: Option<Arc<AtomicU64>>,
     ) -> Self {
         let deadline = if inner.is_end_stream() {
             None
@@ -270,6 +287,7 @@ impl RequestBody {
             deadline,
             timed_out,
             end,
+            received,
         }
     }
 }
@@ -284,6 +302,11 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if let (Some(received), Some(Ok(frame))) = (&this.received, &frame)
+                && let Some(data) = frame.data_ref()
+            {
+                received.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
             if frame.is_none() || this.inner.is_end_stream() {
                 this.deadline = None;
                 if let Some(end) = this.end.take() {

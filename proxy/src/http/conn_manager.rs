@@ -27,6 +27,7 @@ use crate::config::{Codec, HttpConnectionManager, RouteSource, UpstreamProtocol}
 use crate::drain::{Phase, Watch};
 use crate::error::{ProxyError, ResponseFlag};
 use crate::filter_chain::ConnectionInfo;
+use crate::http::access_log::{self, ActiveLog, Entry, PendingLine};
 use crate::http::body::{
     DownstreamSlots, RequestBody, RequestEnd, ResponseBody, StreamTimeout, StreamTimer,
     UpstreamBody,
@@ -60,6 +61,8 @@ struct Connection {
     requests: AtomicU64,
     /// Requests whose response has not ended (the connection idle timeout waits for none).
     in_flight: Arc<Stat>,
+    /// The HCM's access logs, bound to their writers (empty: nothing is recorded).
+    logs: Arc<[ActiveLog]>,
 }
 
 /// Serves one downstream connection until it closes, idles out, or is drained.
@@ -75,6 +78,14 @@ pub async fn serve<S>(
 {
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let logs = if hcm.access_logs.is_empty() {
+        Arc::from([])
+    } else {
+        let dropped = server
+            .registry
+            .counter("access_log.dropped_lines".to_string());
+        access_log::activate(&hcm.access_logs, &dropped)
+    };
     let connection = Arc::new(Connection {
         server_header: HeaderValue::from_str(&hcm.server_name)
             .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
@@ -90,6 +101,7 @@ pub async fn serve<S>(
         },
         requests: AtomicU64::new(0),
         in_flight: Arc::default(),
+        logs,
     });
     let service_connection = connection.clone();
     let service =
@@ -153,21 +165,64 @@ async fn handle(
     connection.requests.fetch_add(1, Ordering::Relaxed);
     let stats = &connection.stats;
     stats.downstream_rq_total.inc();
-    // Held until the response body ends (a streamed body keeps the request active, as in Envoy).
-    let slots = DownstreamSlots {
-        active: GaugeGuard::new(&stats.downstream_rq_active),
-        in_flight: GaugeGuard::new(&connection.in_flight),
-    };
-    let mut response = match proxy(&connection, request).await {
+    let active = GaugeGuard::new(&stats.downstream_rq_active);
+    let in_flight = GaugeGuard::new(&connection.in_flight);
+    let mut entry = (!connection.logs.is_empty()).then(|| log_entry(&connection, &request));
+    let mut response = match proxy(&connection, request, &mut entry).await {
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(%error, "local reply");
+            if let Some(entry) = entry.as_mut() {
+                entry.flag = Some(error.flag.code());
+            }
             local_reply(&connection, &error)
         }
     };
     stats.response(response.status().as_u16());
-    response.body_mut().hold(slots);
+    let log = entry.map(|mut entry| {
+        entry.status = response.status().as_u16();
+        entry.response = response.headers().clone();
+        Box::new(PendingLine {
+            entry,
+            logs: connection.logs.clone(),
+        })
+    });
+    // Held until the response body ends (a streamed body keeps the request active, as in Envoy,
+    // and its access log line waits for the last byte).
+    response.body_mut().hold(DownstreamSlots {
+        active,
+        in_flight,
+        log,
+    });
     Ok(response)
+}
+
+/// The access log record of a request, as it arrived.
+fn log_entry(connection: &Connection, request: &Request<Incoming>) -> Entry {
+    Entry {
+        started: std::time::Instant::now(),
+        start_time: std::time::SystemTime::now(),
+        version: request.version(),
+        request: request.headers().clone(),
+        method: request.method().to_string(),
+        path: request
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str().to_string())
+            .unwrap_or_else(|| "/".into()),
+        authority: authority_of(request)
+            .and_then(|a| a.to_str().ok().map(str::to_string))
+            .unwrap_or_default(),
+        status: 0,
+        flag: None,
+        response: HeaderMap::new(),
+        bytes_received: Arc::default(),
+        bytes_sent: 0,
+        upstream_host: None,
+        upstream_cluster: None,
+        peer: connection.peer,
+        local: connection.destination,
+    }
 }
 
 fn local_reply(connection: &Connection, error: &ProxyError) -> Response<ResponseBody> {
@@ -372,6 +427,7 @@ fn current_table(connection: &Connection) -> Option<Arc<RouteTable>> {
 async fn proxy(
     connection: &Connection,
     mut request: Request<Incoming>,
+    log: &mut Option<Entry>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let started = Instant::now();
     let hcm = &connection.hcm;
@@ -564,6 +620,12 @@ async fn proxy(
         headers.insert(&X_EXPECTED_TIMEOUT, value.clone());
     }
     apply_request_mutations(&table, vhost, route, headers);
+    // The access log shows the request as forwarded (generated x-request-id, appended XFF).
+    if let Some(entry) = log.as_mut() {
+        entry.request = headers.clone();
+        entry.upstream_host = Some(upstream_host.addr);
+        entry.upstream_cluster = Some(cluster_name.to_string());
+    }
     parts.version = match cluster.pools.protocol() {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -578,7 +640,13 @@ async fn proxy(
         .then(|| Arc::new(RequestEnd::default()));
     let upstream_request = Request::from_parts(
         parts,
-        RequestBody::new(body, body_deadline, timed_out.clone(), request_end.clone()),
+        RequestBody::new(
+            body,
+            body_deadline,
+            timed_out.clone(),
+            request_end.clone(),
+            log.as_ref().map(|entry| entry.bytes_received.clone()),
+        ),
     );
 
     // Send. One timer per request: the route deadline and the stream idle timeout (the

@@ -1,0 +1,423 @@
+//! HTTP access logs, as Envoy writes them: the HCM's `access_log` entries with the stdout,
+//! stderr and file loggers, in Envoy's default format or a `text_format` made of the command
+//! operators listed in [`Token`]. One line per request, written when its response has ended
+//! (so `%DURATION%` and `%BYTES_SENT%` cover the body).
+//!
+//! Workers never block on the log: lines go through a bounded queue to one writer thread per
+//! destination; when the queue is full (a stuck stdout), lines are dropped and counted in
+//! `access_log.dropped`, rather than stalling requests.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Instant, SystemTime};
+
+use http::{HeaderMap, HeaderName, Version};
+
+use crate::stats::Stat;
+
+/// Envoy's default access log format.
+pub const DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+/// Where lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+/// One configured access log: a destination and a parsed format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    pub target: Target,
+    pub format: Vec<Token>,
+}
+
+/// A piece of a format: literal text or a command operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    Text(String),
+    StartTime,
+    /// `%REQ(NAME?ALT):MAX%`; `:method`, `:path`, `:authority`, `:scheme` are pseudo-headers.
+    Request {
+        name: String,
+        alt: Option<String>,
+        max: Option<usize>,
+    },
+    Response {
+        name: String,
+        max: Option<usize>,
+    },
+    Protocol,
+    ResponseCode,
+    ResponseFlags,
+    BytesReceived,
+    BytesSent,
+    Duration,
+    UpstreamHost,
+    UpstreamCluster,
+    DownstreamRemoteAddress,
+    DownstreamLocalAddress,
+}
+
+/// Parses an Envoy format string; an unknown operator is an error naming it.
+pub fn parse_format(format: &str) -> Result<Vec<Token>, String> {
+    let mut tokens = Vec::new();
+    let mut rest = format;
+    while let Some(start) = rest.find('%') {
+        if start > 0 {
+            tokens.push(Token::Text(rest[..start].to_string()));
+        }
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('%') else {
+            return Err(format!("unterminated command operator in {format:?}"));
+        };
+        let operator = &after[..end];
+        tokens.push(match operator {
+            // `%%` is a literal percent sign.
+            "" => Token::Text("%".into()),
+            _ => parse_operator(operator)?,
+        });
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        tokens.push(Token::Text(rest.to_string()));
+    }
+    Ok(tokens)
+}
+
+fn parse_operator(operator: &str) -> Result<Token, String> {
+    let simple = match operator {
+        "START_TIME" => Some(Token::StartTime),
+        "PROTOCOL" => Some(Token::Protocol),
+        "RESPONSE_CODE" => Some(Token::ResponseCode),
+        "RESPONSE_FLAGS" => Some(Token::ResponseFlags),
+        "BYTES_RECEIVED" => Some(Token::BytesReceived),
+        "BYTES_SENT" => Some(Token::BytesSent),
+        "DURATION" => Some(Token::Duration),
+        "UPSTREAM_HOST" => Some(Token::UpstreamHost),
+        "UPSTREAM_CLUSTER" => Some(Token::UpstreamCluster),
+        "DOWNSTREAM_REMOTE_ADDRESS" => Some(Token::DownstreamRemoteAddress),
+        "DOWNSTREAM_LOCAL_ADDRESS" => Some(Token::DownstreamLocalAddress),
+        _ => None,
+    };
+    if let Some(token) = simple {
+        return Ok(token);
+    }
+    let header_operator = |prefix: &str| -> Option<(String, Option<String>, Option<usize>)> {
+        let inner = operator.strip_prefix(prefix)?;
+        let (args, max) = match inner.split_once(')') {
+            Some((args, "")) => (args, None),
+            Some((args, tail)) => (args, Some(tail.strip_prefix(':')?.parse().ok()?)),
+            None => return None,
+        };
+        let (name, alt) = match args.split_once('?') {
+            Some((name, alt)) => (name, Some(alt.to_ascii_lowercase())),
+            None => (args, None),
+        };
+        Some((name.to_ascii_lowercase(), alt, max))
+    };
+    if let Some((name, alt, max)) = header_operator("REQ(") {
+        return Ok(Token::Request { name, alt, max });
+    }
+    if let Some((name, None, max)) = header_operator("RESP(") {
+        return Ok(Token::Response { name, max });
+    }
+    Err(format!("command operator %{operator}% is not supported"))
+}
+
+/// What one request leaves for its access log line.
+#[derive(Debug)]
+pub struct Entry {
+    pub started: Instant,
+    pub start_time: SystemTime,
+    pub version: Version,
+    pub request: HeaderMap,
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub status: u16,
+    pub flag: Option<&'static str>,
+    pub response: HeaderMap,
+    pub bytes_received: Arc<std::sync::atomic::AtomicU64>,
+    pub bytes_sent: u64,
+    pub upstream_host: Option<SocketAddr>,
+    pub upstream_cluster: Option<String>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// A request's pending log line: written when dropped, i.e. when the response has ended.
+#[derive(Debug)]
+pub struct PendingLine {
+    pub entry: Entry,
+    pub logs: Arc<[ActiveLog]>,
+}
+
+impl Drop for PendingLine {
+    fn drop(&mut self) {
+        for log in self.logs.iter() {
+            log.sink.send(render(&log.format, &self.entry));
+        }
+    }
+}
+
+/// A configured log bound to its writer.
+#[derive(Debug)]
+pub struct ActiveLog {
+    format: Vec<Token>,
+    sink: Arc<Sink>,
+}
+
+/// Binds configured logs to writers (one writer thread per destination, shared).
+pub fn activate(configs: &[AccessLogConfig], dropped: &Arc<Stat>) -> Arc<[ActiveLog]> {
+    configs
+        .iter()
+        .map(|config| ActiveLog {
+            format: config.format.clone(),
+            sink: Sink::for_target(&config.target, dropped),
+        })
+        .collect()
+}
+
+/// A destination's queue; its writer thread ends when the last holder drops it.
+#[derive(Debug)]
+pub struct Sink {
+    queue: SyncSender<String>,
+    dropped: Arc<Stat>,
+}
+
+/// Lines queued per destination before new ones are dropped.
+const QUEUE_LINES: usize = 16 * 1024;
+
+impl Sink {
+    fn for_target(target: &Target, dropped: &Arc<Stat>) -> Arc<Sink> {
+        static SINKS: OnceLock<Mutex<HashMap<Target, Weak<Sink>>>> = OnceLock::new();
+        let mut sinks = SINKS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(sink) = sinks.get(target).and_then(Weak::upgrade) {
+            return sink;
+        }
+        let (queue, lines) = std::sync::mpsc::sync_channel::<String>(QUEUE_LINES);
+        let destination = target.clone();
+        let spawned = std::thread::Builder::new()
+            .name("remora-access-log".into())
+            .spawn(move || write_lines(&destination, &lines));
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the access log writer");
+        }
+        let sink = Arc::new(Sink {
+            queue,
+            dropped: dropped.clone(),
+        });
+        sinks.insert(target.clone(), Arc::downgrade(&sink));
+        sink
+    }
+
+    fn send(&self, line: String) {
+        match self.queue.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+fn write_lines(target: &Target, lines: &std::sync::mpsc::Receiver<String>) {
+    let mut out: Box<dyn std::io::Write> = match target {
+        Target::Stdout => Box::new(std::io::stdout()),
+        Target::Stderr => Box::new(std::io::stderr()),
+        Target::File(path) => {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(file) => Box::new(file),
+                Err(error) => {
+                    tracing::error!(path = %path.display(), %error, "cannot open the access log");
+                    return;
+                }
+            }
+        }
+    };
+    while let Ok(line) = lines.recv() {
+        // Batch what is already queued into one write.
+        let mut batch = line;
+        while let Ok(more) = lines.try_recv() {
+            batch.push_str(&more);
+        }
+        if out
+            .write_all(batch.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn render(format: &[Token], entry: &Entry) -> String {
+    let mut line = String::with_capacity(256);
+    for token in format {
+        match token {
+            Token::Text(text) => line.push_str(text),
+            Token::StartTime => push_time(&mut line, entry.start_time),
+            Token::Request { name, alt, max } => {
+                let value = request_value(entry, name)
+                    .or_else(|| alt.as_deref().and_then(|alt| request_value(entry, alt)));
+                push_value(&mut line, value, *max);
+            }
+            Token::Response { name, max } => {
+                let value = entry.response.get(name).and_then(|v| v.to_str().ok());
+                push_value(&mut line, value, *max);
+            }
+            Token::Protocol => line.push_str(match entry.version {
+                Version::HTTP_10 => "HTTP/1.0",
+                Version::HTTP_11 => "HTTP/1.1",
+                Version::HTTP_2 => "HTTP/2",
+                _ => "-",
+            }),
+            Token::ResponseCode => {
+                let _ = write!(line, "{}", entry.status);
+            }
+            Token::ResponseFlags => line.push_str(entry.flag.unwrap_or("-")),
+            Token::BytesReceived => {
+                let received = entry
+                    .bytes_received
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let _ = write!(line, "{received}");
+            }
+            Token::BytesSent => {
+                let _ = write!(line, "{}", entry.bytes_sent);
+            }
+            Token::Duration => {
+                let _ = write!(line, "{}", entry.started.elapsed().as_millis());
+            }
+            Token::UpstreamHost => match entry.upstream_host {
+                Some(host) => {
+                    let _ = write!(line, "{host}");
+                }
+                None => line.push('-'),
+            },
+            Token::UpstreamCluster => {
+                push_value(&mut line, entry.upstream_cluster.as_deref(), None)
+            }
+            Token::DownstreamRemoteAddress => {
+                let _ = write!(line, "{}", entry.peer);
+            }
+            Token::DownstreamLocalAddress => {
+                let _ = write!(line, "{}", entry.local);
+            }
+        }
+    }
+    line
+}
+
+fn request_value<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
+    match name {
+        ":method" => Some(entry.method.as_str()),
+        ":path" => Some(entry.path.as_str()),
+        ":authority" => Some(entry.authority.as_str()).filter(|a| !a.is_empty()),
+        _ => HeaderName::from_bytes(name.as_bytes())
+            .ok()
+            .and_then(|name| entry.request.get(name))
+            .and_then(|v| v.to_str().ok()),
+    }
+}
+
+fn push_value(line: &mut String, value: Option<&str>, max: Option<usize>) {
+    match value {
+        Some(value) => {
+            let value = match max {
+                Some(max) => value.get(..max.min(value.len())).unwrap_or(value),
+                None => value,
+            };
+            line.push_str(value);
+        }
+        None => line.push('-'),
+    }
+}
+
+/// `2026-11-25T18:40:00.123Z`, Envoy's default `%START_TIME%`.
+fn push_time(line: &mut String, time: SystemTime) {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since.as_secs();
+    let (days, second_of_day) = (seconds / 86_400, seconds % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    let _ = write!(
+        line,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+        since.subsec_millis()
+    );
+}
+
+/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_format_parses_and_unknown_operators_are_named() {
+        let tokens = parse_format(DEFAULT_FORMAT).expect("default format");
+        assert!(tokens.contains(&Token::Request {
+            name: "x-envoy-original-path".into(),
+            alt: Some(":path".into()),
+            max: None
+        }));
+        assert_eq!(
+            parse_format("%REQ(USER-AGENT):10% 100%%").unwrap(),
+            vec![
+                Token::Request {
+                    name: "user-agent".into(),
+                    alt: None,
+                    max: Some(10)
+                },
+                Token::Text(" 100".into()),
+                Token::Text("%".into()),
+            ]
+        );
+        let error = parse_format("%FILTER_STATE(x)%").unwrap_err();
+        assert!(error.contains("%FILTER_STATE(x)%"), "{error}");
+        assert!(parse_format("%START_TIME").is_err());
+    }
+
+    #[test]
+    fn start_time_is_rendered_as_envoy_does() {
+        let mut line = String::new();
+        let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_095_400_123);
+        push_time(&mut line, time);
+        assert_eq!(line, "2025-11-25T18:30:00.123Z");
+        line.clear();
+        push_time(
+            &mut line,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400),
+        );
+        assert_eq!(line, "2000-02-29T00:00:00.000Z");
+    }
+}

