@@ -13,7 +13,7 @@ mod common;
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sched::CloneFlags;
 
@@ -201,16 +201,15 @@ fn connect_as(ns: &str, uid: u32, to: SocketAddr, payload: &str) {
 /// What one listener got: the payload and the connection's SO_ORIGINAL_DST (`None` when
 /// the connection was not NATed: the kernel then has no original destination to report).
 fn accept_one(listener: &TcpListener, what: &str) -> (String, Option<SocketAddr>) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (mut stream, _) = loop {
-        match listener.accept() {
-            Ok(conn) => break conn,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5)); // pacing between polls only
-            }
-            Err(e) => panic!("{what}: nothing accepted: {e}"),
-        }
-    };
+    let (mut stream, _) = remora_tests::wait_for(
+        &format!("{what}: a connection"),
+        Duration::from_secs(10),
+        || match listener.accept() {
+            Ok(conn) => Some(conn),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => panic!("{what}: accept failed: {e}"),
+        },
+    );
     stream
         .set_nonblocking(false)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use http_body_util::{BodyExt, Full};
@@ -349,17 +349,13 @@ async fn serves_the_new_certificate_after_the_files_change() {
     write(&server.key_path, &key_pem);
     write(&server.cert_path, &cert_pem);
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let served = server.request("GET", "/healthz", vec![]).await.server_cert;
-        if served == new_der {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was never served"
-        );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(10)).await; // pacing between polls only
-    }
+    remora_tests::wait_for_async(
+        "the new certificate served",
+        Duration::from_secs(20),
+        || async {
+            let served = server.request("GET", "/healthz", vec![]).await.server_cert;
+            (served == new_der).then_some(())
+        },
+    )
+    .await;
 }

@@ -241,16 +241,10 @@ fn paced_upstream(chunks: usize, gap: Duration) -> SocketAddr {
                 if stream.write_all(head.as_bytes()).is_err() {
                     return;
                 }
-                for i in 0..chunks {
-                    // Pacing is the behaviour under test here, not synchronisation.
-                    std::thread::sleep(gap);
-                    if stream
-                        .write_all(format!("chunk-{i:02}").as_bytes())
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+                // Pacing is the behaviour under test here, not synchronisation.
+                let pieces: Vec<String> = (0..chunks).map(|i| format!("chunk-{i:02}")).collect();
+                let pieces: Vec<&[u8]> = pieces.iter().map(|p| p.as_bytes()).collect();
+                let _ = remora_tests::write_paced(&mut stream, &pieces, gap);
             });
         }
     });
@@ -597,10 +591,12 @@ fn slow_upload(addr: SocketAddr) -> String {
         )
         .expect("headers");
     let started = Instant::now();
-    for piece in [b"abcd", b"efgh", b"ijkl"] {
-        std::thread::sleep(Duration::from_millis(600));
-        stream.write_all(piece).expect("body piece");
-    }
+    remora_tests::write_paced(
+        &mut stream,
+        &[b"abcd", b"efgh", b"ijkl"],
+        Duration::from_millis(600),
+    )
+    .expect("body pieces");
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     assert!(

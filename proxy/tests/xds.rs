@@ -648,10 +648,8 @@ fn config_changes_under_load_fail_no_request() {
             )],
         );
         i += 1;
-        let next = start + Duration::from_millis(100 * u64::from(i));
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait); // pacing the change rate, not synchronisation
-        }
+        // 10 changes a second: the load shape under test.
+        remora_tests::pace_until(start + Duration::from_millis(100 * u64::from(i)));
     }
     stop.store(true, Ordering::Relaxed);
     for client in clients {

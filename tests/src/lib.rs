@@ -39,19 +39,68 @@ pub fn free_port() -> u16 {
 }
 
 /// Calls `probe` until it returns `Some`, or panics with `what` once `timeout` has passed.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, probe)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Calls `probe` until it returns `Some`, or gives `None` once `timeout` has passed. The one
+/// place the test harness waits between synchronous polls (backing off from 5 to 100 ms).
+pub fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {
         if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// [`wait_for`] for probes that are futures (inside a tokio test).
+pub async fn wait_for_async<T, F>(what: &str, timeout: Duration, mut probe: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = probe().await {
             return value;
         }
         if Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting for {what}");
         }
-        std::thread::sleep(pause);
+        tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
+}
+
+/// Waits until `at`. Only for shaping load in time (a change rate, a slow client), which is
+/// the behaviour under test there; never for synchronisation, which polls with [`wait_for`].
+pub fn pace_until(at: Instant) {
+    if let Some(wait) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+}
+
+/// Writes `pieces` one by one, `gap` before each: a slow peer, paced on a fixed schedule.
+pub fn write_paced(
+    out: &mut impl std::io::Write,
+    pieces: &[&[u8]],
+    gap: Duration,
+) -> std::io::Result<()> {
+    let start = Instant::now();
+    for (i, piece) in pieces.iter().enumerate() {
+        pace_until(start + gap * (i as u32 + 1));
+        out.write_all(piece)?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// Waits until something accepts TCP connections on `addr`.

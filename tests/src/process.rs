@@ -62,16 +62,7 @@ impl ChildGuard {
 
     /// Waits for exit up to `timeout`; `None` if it is still running then.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::poll_until(timeout, || self.try_wait())
     }
 
     /// Kills the process now.
