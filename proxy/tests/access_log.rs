@@ -35,33 +35,23 @@ fn access_logs(default_log: &Path, custom_log: &Path) -> String {
 
 /// Sends the same three requests; returns the lines of both logs once all 3 are there.
 fn exercise(listener: SocketAddr, default_log: &Path, custom_log: &Path) -> (String, String) {
-    let get = http_request(
-        listener,
-        "GET",
-        "/hello?x=1",
-        &[("user-agent", "tester/1"), ("x-request-id", "rid-1")],
-        "",
-    )
-    .expect("GET");
-    assert_eq!(get.0, 200, "{get:?}");
-    let post = http_request(
-        listener,
-        "POST",
-        "/upload",
-        &[("user-agent", "tester/2"), ("x-request-id", "rid-2")],
-        "12345",
-    )
-    .expect("POST");
-    assert_eq!(post.0, 200, "{post:?}");
-    let missing = http_request(
-        listener,
-        "GET",
-        "/nowhere",
-        &[("user-agent", "tester/3"), ("x-request-id", "rid-3")],
-        "",
-    )
-    .expect("GET /nowhere");
-    assert_eq!(missing.0, 404, "{missing:?}");
+    let requests = [
+        ("GET", "/hello?x=1", "1", "", 200),
+        ("POST", "/upload", "2", "12345", 200),
+        ("GET", "/nowhere", "3", "", 404),
+    ];
+    for (method, path, n, body, status) in requests {
+        let (ua, rid) = (format!("tester/{n}"), format!("rid-{n}"));
+        let answer = http_request(
+            listener,
+            method,
+            path,
+            &[("user-agent", ua.as_str()), ("x-request-id", rid.as_str())],
+            body,
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(answer.0, status, "{method} {path}: {answer:?}");
+    }
     // Envoy flushes its file logs about once a second.
     wait_for("3 lines in both logs", Duration::from_secs(15), || {
         let a = std::fs::read_to_string(default_log).ok()?;
