@@ -2,10 +2,11 @@
 //! honours. Anything else is an error naming its full path, e.g.
 //! `static_resources.clusters[0].outlier_detection: field is not supported`.
 //!
-//! The walk is reflective (prost-reflect over the descriptors `xds-api` builds), follows `Any`
-//! into its typed payload, and also rejects unknown field numbers on the wire.
+//! The walk reads wire bytes against the field tables `xds_api::schema` generates at build
+//! time (no reflection pool: this runs on every xDS update), follows `Any` into its typed
+//! payload, and also rejects unknown field numbers.
 
-use prost_reflect::{DynamicMessage, MapKey, ReflectMessage, Value};
+use xds_api::schema::{self, FieldKind, FieldSchema, MessageSchema, WireValue};
 
 use super::ConfigError;
 
@@ -455,24 +456,14 @@ fn supported_fields(message: &str) -> Option<&'static [&'static str]> {
 
 /// Checks a prost message of type `M` against the supported-field table; `root` prefixes paths.
 pub fn check<M: prost::Message + prost::Name>(message: &M, root: &str) -> Result<(), ConfigError> {
-    let descriptor = xds_api::descriptor_pool()
-        .get_message_by_name(&M::full_name())
-        .ok_or_else(|| {
-            ConfigError::new(root, format!("unknown message type {}", M::full_name()))
-        })?;
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
-        .map_err(|error| ConfigError::new(root, format!("cannot decode: {error}")))?;
-    check_dynamic(&dynamic, root)
+    check_bytes(&M::full_name(), &message.encode_to_vec(), root)
 }
 
 /// Checks wire bytes of the message `full_name` (e.g. an xDS resource payload).
 pub fn check_bytes(full_name: &str, bytes: &[u8], root: &str) -> Result<(), ConfigError> {
-    let descriptor = xds_api::descriptor_pool()
-        .get_message_by_name(full_name)
+    let schema = schema::message(full_name)
         .ok_or_else(|| ConfigError::new(root, format!("unknown message type {full_name}")))?;
-    let dynamic = DynamicMessage::decode(descriptor, bytes)
-        .map_err(|error| ConfigError::new(root, format!("cannot decode: {error}")))?;
-    check_dynamic(&dynamic, root)
+    check_message(schema, bytes, root)
 }
 
 fn join(path: &str, field: &str) -> String {
@@ -483,20 +474,79 @@ fn join(path: &str, field: &str) -> String {
     }
 }
 
-fn check_dynamic(message: &DynamicMessage, path: &str) -> Result<(), ConfigError> {
-    let descriptor = message.descriptor();
-    let full_name = descriptor.full_name();
+/// The fields of one message as read from the wire: declared fields with every occurrence in
+/// wire order, grouped by field number in ascending order.
+type Occurrences<'a> = Vec<(&'static FieldSchema, Vec<WireValue<'a>>)>;
+
+fn read_fields<'a>(
+    schema: &MessageSchema,
+    bytes: &'a [u8],
+    path: &str,
+) -> Result<Occurrences<'a>, ConfigError> {
+    let mut fields: Occurrences<'a> = Vec::new();
+    let mut unknown: Option<u32> = None;
+    for field in schema::fields(bytes) {
+        let field = field.map_err(|error| {
+            ConfigError::new(path, format!("cannot decode {}: {error}", schema.name))
+        })?;
+        let Some(declared) = schema.field(field.number) else {
+            unknown = Some(unknown.map_or(field.number, |lowest| lowest.min(field.number)));
+            continue;
+        };
+        match fields
+            .iter_mut()
+            .find(|(seen, _)| seen.number == field.number)
+        {
+            Some((_, values)) => values.push(field.value),
+            None => fields.push((declared, vec![field.value])),
+        }
+    }
+    if let Some(number) = unknown {
+        return Err(ConfigError::new(
+            path,
+            format!("field number {number} is not known to Remora"),
+        ));
+    }
+    fields.sort_by_key(|(field, _)| field.number);
+    Ok(fields)
+}
+
+/// Whether a field read from the wire counts as set, as proto3 defines presence: a singular
+/// scalar without explicit presence only when its last value is not the default.
+fn is_set(field: &FieldSchema, values: &[WireValue]) -> bool {
+    field.repeated || field.presence || values.last().is_some_and(|value| !value.is_default())
+}
+
+fn message_bytes<'a>(value: &WireValue<'a>, path: &str) -> Result<&'a [u8], ConfigError> {
+    match *value {
+        WireValue::Bytes(bytes) => Ok(bytes),
+        _ => Err(ConfigError::new(
+            path,
+            "cannot decode: a message field has a scalar wire type",
+        )),
+    }
+}
+
+/// The last value of field `number` in `bytes` as raw wire bytes (proto3: last one wins).
+fn last_bytes(bytes: &[u8], number: u32) -> Option<&[u8]> {
+    schema::fields(bytes)
+        .map_while(Result::ok)
+        .filter(|field| field.number == number)
+        .filter_map(|field| match field.value {
+            WireValue::Bytes(bytes) => Some(bytes),
+            _ => None,
+        })
+        .last()
+}
+
+fn check_message(schema: &MessageSchema, bytes: &[u8], path: &str) -> Result<(), ConfigError> {
+    let full_name = schema.name;
     if full_name.starts_with("google.protobuf.") && full_name != "google.protobuf.Any" {
         return Ok(());
     }
-    if let Some(unknown) = message.unknown_fields().next() {
-        return Err(ConfigError::new(
-            path,
-            format!("field number {} is not known to Remora", unknown.number()),
-        ));
-    }
+    let fields = read_fields(schema, bytes, path)?;
     if full_name == "google.protobuf.Any" {
-        return check_any(message, path);
+        return check_any(bytes, path);
     }
     let Some(supported) = supported_fields(full_name) else {
         return Err(ConfigError::new(
@@ -504,31 +554,66 @@ fn check_dynamic(message: &DynamicMessage, path: &str) -> Result<(), ConfigError
             format!("{full_name} is not supported"),
         ));
     };
-    for (field, value) in message.fields() {
-        let field_path = join(path, field.name());
-        if !supported.contains(&field.name()) {
+    for (field, values) in &fields {
+        if !is_set(field, values) {
+            continue;
+        }
+        let field_path = join(path, field.name);
+        if !supported.contains(&field.name) {
             return Err(ConfigError::new(field_path, "field is not supported"));
         }
-        if let Some(reason) = unsupported_value(full_name, field.name(), value) {
+        if let Some(reason) = unsupported_value(full_name, field.name, values) {
             return Err(ConfigError::new(field_path, reason));
         }
-        check_value(value, &field_path)?;
+        match field.kind {
+            FieldKind::Scalar => {}
+            FieldKind::Message(_) => {
+                let inner = field.kind.message().expect("message kind has a schema");
+                for (index, value) in values.iter().enumerate() {
+                    let item_path = if field.repeated {
+                        format!("{field_path}[{index}]")
+                    } else {
+                        field_path.clone()
+                    };
+                    check_message(inner, message_bytes(value, &item_path)?, &item_path)?;
+                }
+            }
+            FieldKind::Map { value } => {
+                let Some(value_schema) = value.map(|index| &schema::MESSAGES[index]) else {
+                    continue;
+                };
+                for entry in values {
+                    let entry = message_bytes(entry, &field_path)?;
+                    let key = last_bytes(entry, 1)
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or_default();
+                    let entry_path = format!("{field_path}[{key:?}]");
+                    let value = last_bytes(entry, 2).unwrap_or_default();
+                    check_message(value_schema, value, &entry_path)?;
+                }
+            }
+        }
     }
     Ok(())
 }
 
 /// Fields accepted only at the value that matches what Remora does anyway.
-fn unsupported_value(message: &str, field: &str, value: &Value) -> Option<&'static str> {
-    let wrapped_bool = |value: &Value| {
-        value
-            .as_message()
-            .and_then(|inner| inner.get_field_by_name("value"))
-            .and_then(|inner| inner.as_bool())
+fn unsupported_value(message: &str, field: &str, values: &[WireValue]) -> Option<&'static str> {
+    // A `google.protobuf.BoolValue`: its field 1, false when absent.
+    let wrapped_bool = |values: &[WireValue]| {
+        let Some(WireValue::Bytes(wrapper)) = values.last() else {
+            return false;
+        };
+        schema::fields(wrapper)
+            .map_while(Result::ok)
+            .filter(|inner| inner.number == 1)
+            .last()
+            .is_some_and(|inner| !inner.value.is_default())
     };
     match (message, field) {
         // Remora never emits Envoy's per-request dynamic stats (zone, canary, virtual clusters).
         ("envoy.extensions.filters.http.router.v3.Router", "dynamic_stats")
-            if wrapped_bool(value) != Some(false) =>
+            if wrapped_bool(values) =>
         {
             Some("only `false` is supported: Remora does not emit dynamic stats")
         }
@@ -536,43 +621,19 @@ fn unsupported_value(message: &str, field: &str, value: &Value) -> Option<&'stat
     }
 }
 
-fn check_value(value: &Value, path: &str) -> Result<(), ConfigError> {
-    match value {
-        Value::Message(inner) => check_dynamic(inner, path),
-        Value::List(items) => items
-            .iter()
-            .enumerate()
-            .try_for_each(|(index, item)| check_value(item, &format!("{path}[{index}]"))),
-        Value::Map(entries) => entries.iter().try_for_each(|(key, item)| {
-            let key = match key {
-                MapKey::String(text) => text.clone(),
-                other => format!("{other:?}"),
-            };
-            check_value(item, &format!("{path}[{key:?}]"))
-        }),
-        _ => Ok(()),
-    }
-}
-
-fn check_any(message: &DynamicMessage, path: &str) -> Result<(), ConfigError> {
-    let type_url = message
-        .get_field_by_name("type_url")
-        .and_then(|value| value.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let bytes = message
-        .get_field_by_name("value")
-        .and_then(|value| value.as_bytes().cloned())
+/// An `Any`: its payload is checked as the message its type URL names.
+fn check_any(bytes: &[u8], path: &str) -> Result<(), ConfigError> {
+    let type_url = last_bytes(bytes, 1)
+        .map(String::from_utf8_lossy)
         .unwrap_or_default();
     let name = xds_api::type_urls::message_name(&type_url);
-    let Some(descriptor) = xds_api::descriptor_pool().get_message_by_name(name) else {
+    let Some(schema) = schema::message(name) else {
         return Err(ConfigError::new(
             path,
             format!("unsupported type {type_url:?}"),
         ));
     };
-    let inner = DynamicMessage::decode(descriptor, bytes.as_ref())
-        .map_err(|error| ConfigError::new(path, format!("cannot decode {type_url}: {error}")))?;
-    check_dynamic(&inner, path)
+    check_message(schema, last_bytes(bytes, 2).unwrap_or_default(), path)
 }
 
 #[cfg(test)]
@@ -658,5 +719,75 @@ static_resources:
             error.path,
             "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.via"
         );
+    }
+
+    fn cluster_yaml(extra: &str) -> Bootstrap {
+        xds_api::json::from_yaml_str(&format!(
+            "static_resources:\n  clusters:\n  - name: a\n    connect_timeout: 1s\n{extra}"
+        ))
+        .expect("valid proto yaml")
+    }
+
+    #[test]
+    fn map_values_are_checked_under_their_key() {
+        let bootstrap = cluster_yaml(
+            r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        use_downstream_protocol_config: {}
+"#,
+        );
+        let error = check(&bootstrap, "").expect_err("use_downstream_protocol_config");
+        assert_eq!(
+            error.path,
+            "static_resources.clusters[0].typed_extension_protocol_options\
+             [\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].use_downstream_protocol_config"
+        );
+        let supported = cluster_yaml(
+            r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+"#,
+        );
+        assert!(check(&supported, "").is_ok());
+    }
+
+    #[test]
+    fn unknown_field_numbers_are_named() {
+        let cluster = xds_api::envoy::config::cluster::v3::Cluster {
+            name: "a".into(),
+            ..Default::default()
+        };
+        let mut bytes = prost::Message::encode_to_vec(&cluster);
+        // Field 999, varint 1: not declared by Cluster.
+        bytes.extend_from_slice(&[0xb8, 0x3e, 0x01]);
+        let error = check_bytes("envoy.config.cluster.v3.Cluster", &bytes, "cluster")
+            .expect_err("unknown field");
+        assert_eq!(error.path, "cluster");
+        assert!(error.to_string().contains("field number 999"), "{error}");
+        let error = check_bytes(
+            "envoy.config.cluster.v3.Cluster",
+            &bytes[..bytes.len() - 1],
+            "c",
+        )
+        .expect_err("truncated");
+        assert!(error.to_string().contains("cannot decode"), "{error}");
+    }
+
+    #[test]
+    fn scalars_at_their_default_are_not_set() {
+        // `ignore_health_on_host_removal` (field 32, bool) is unsupported, but an explicit
+        // `false` on the wire is proto3's "not set" and must pass; `true` must not.
+        let cluster = xds_api::envoy::config::cluster::v3::Cluster {
+            name: "a".into(),
+            ..Default::default()
+        };
+        let base = prost::Message::encode_to_vec(&cluster);
+        let with = |value: u8| [base.as_slice(), &[0x80, 0x02, value]].concat();
+        assert!(check_bytes("envoy.config.cluster.v3.Cluster", &with(0), "").is_ok());
+        let error =
+            check_bytes("envoy.config.cluster.v3.Cluster", &with(1), "").expect_err("true is set");
+        assert_eq!(error.path, "ignore_health_on_host_removal");
     }
 }
