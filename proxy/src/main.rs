@@ -42,6 +42,7 @@ fn main() -> std::process::ExitCode {
         println!("configuration is valid");
         return 0.into();
     }
+    remora_proxy::memory::release_config_memory();
     let concurrency = cli.concurrency.filter(|n| *n > 0).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

@@ -166,13 +166,16 @@ pub fn dynamic_to_value(message: &DynamicMessage) -> Result<Value, MappingError>
 
 /// Encodes a typed message as a JSON value.
 pub fn to_value<M: Message + Name>(message: &M) -> Result<Value, MappingError> {
-    let descriptor = descriptor(&M::full_name())?;
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()).map_err(
-        |error| MappingError {
+    encoded_to_value(&M::full_name(), &message.encode_to_vec())
+}
+
+/// Renders the wire bytes of message `full_name` as a JSON value.
+pub fn encoded_to_value(full_name: &str, bytes: &[u8]) -> Result<Value, MappingError> {
+    let dynamic =
+        DynamicMessage::decode(descriptor(full_name)?, bytes).map_err(|error| MappingError {
             path: String::new(),
-            reason: format!("cannot re-read {}: {error}", M::full_name()),
-        },
-    )?;
+            reason: format!("cannot re-read {full_name}: {error}"),
+        })?;
     dynamic_to_value(&dynamic)
 }
 

@@ -123,7 +123,9 @@ async fn handle(
         "/config_dump" => {
             let resource = query_param(query, "resource").map(percent_decode);
             let mask = query_param(query, "mask").map(percent_decode);
-            json_response(&config_dump(&server, resource.as_deref(), mask.as_deref()))
+            let dump = config_dump(&server, resource.as_deref(), mask.as_deref());
+            crate::memory::release_config_memory();
+            json_response(&dump)
         }
         "/clusters" => text(StatusCode::OK, clusters_text(&server)),
         "/listeners" => {
@@ -222,9 +224,9 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
             continue;
         };
         if server.is_static_cluster(name) {
-            static_clusters.push(json!({"cluster": cluster.config.raw}));
+            static_clusters.push(json!({"cluster": cluster.config.raw.to_json()}));
         } else {
-            let mut entry = json!({"version_info": xds.version(xds_api::type_urls::CLUSTER), "cluster": cluster.config.raw});
+            let mut entry = json!({"version_info": xds.version(xds_api::type_urls::CLUSTER), "cluster": cluster.config.raw.to_json()});
             if let Some(error) = xds.error(xds_api::type_urls::CLUSTER, name) {
                 entry["error_state"] = error;
             }
@@ -234,18 +236,18 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
     let dynamic_warming_clusters: Vec<Value> = xds
         .warming_clusters
         .iter()
-        .map(|raw| json!({"cluster": raw}))
+        .map(|raw| json!({"cluster": raw.to_json()}))
         .collect();
     let mut static_listeners = Vec::new();
     let mut dynamic_listeners = Vec::new();
     for listener in server.listeners.list() {
         let name = &listener.config.name;
         if server.is_static_listener(name) {
-            static_listeners.push(json!({"listener": listener.config.raw}));
+            static_listeners.push(json!({"listener": listener.config.raw.to_json()}));
         } else {
             let mut entry = json!({
                 "name": name,
-                "active_state": {"version_info": xds.version(xds_api::type_urls::LISTENER), "listener": listener.config.raw},
+                "active_state": {"version_info": xds.version(xds_api::type_urls::LISTENER), "listener": listener.config.raw.to_json()},
             });
             if let Some(error) = xds.error(xds_api::type_urls::LISTENER, name) {
                 entry["error_state"] = error;
@@ -273,7 +275,7 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
     }));
     let mut dynamic_route_configs = Vec::new();
     for (name, table) in server.routes.load().iter() {
-        let mut entry = json!({"version_info": xds.version(xds_api::type_urls::ROUTE_CONFIGURATION), "route_config": table.raw});
+        let mut entry = json!({"version_info": xds.version(xds_api::type_urls::ROUTE_CONFIGURATION), "route_config": table.raw.to_json()});
         if let Some(error) = xds.error(xds_api::type_urls::ROUTE_CONFIGURATION, name) {
             entry["error_state"] = error;
         }
@@ -285,7 +287,7 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
     }));
     let mut dynamic_endpoint_configs = Vec::new();
     for (name, raw) in &xds.endpoints {
-        let mut entry = json!({"version_info": xds.version(xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT), "endpoint_config": raw});
+        let mut entry = json!({"version_info": xds.version(xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT), "endpoint_config": raw.to_json()});
         if let Some(error) = xds.error(xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT, name) {
             entry["error_state"] = error;
         }
@@ -298,7 +300,7 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
     let sections: Vec<Section> = vec![
         (
             "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
-            vec![("bootstrap", vec![server.bootstrap.raw.clone()])],
+            vec![("bootstrap", vec![server.bootstrap.raw.to_json()])],
         ),
         (
             "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",

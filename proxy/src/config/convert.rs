@@ -70,10 +70,6 @@ fn hash_of<M: Message>(message: &M) -> u64 {
     hasher.finish()
 }
 
-fn raw_json<M: Message + prost::Name>(message: &M) -> serde_json::Value {
-    xds_api::json::to_value(message).unwrap_or(serde_json::Value::Null)
-}
-
 pub fn socket_address(address: &Option<core_pb::Address>, path: &str) -> R<SocketAddr> {
     match resolve_address(address, path)? {
         EndpointAddress::Ip(addr) => Ok(addr),
@@ -286,7 +282,7 @@ pub fn bootstrap(proto: &xds_api::envoy::config::bootstrap::v3::Bootstrap) -> R<
         listeners,
         clusters,
         dynamic,
-        raw: raw_json(proto),
+        raw: RawConfig::of(proto),
     })
 }
 
@@ -404,7 +400,7 @@ pub fn listener(proto: &listener_pb::Listener, path: &str) -> R<Listener> {
         listener_filters_timeout,
         continue_on_listener_filters_timeout: proto.continue_on_listener_filters_timeout,
         version_hash: hash_of(proto),
-        raw: raw_json(proto),
+        raw: RawConfig::of(proto),
     })
 }
 
@@ -997,7 +993,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
             .as_ref()
             .is_some_and(|o| o.tcp_keepalive.is_some()),
         version_hash: hash_of(proto),
-        raw: raw_json(proto),
+        raw: RawConfig::of(proto),
     })
 }
 

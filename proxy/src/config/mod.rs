@@ -33,6 +33,36 @@ impl ConfigError {
 
 pub type ConfigResult<T> = Result<T, ConfigError>;
 
+/// A resource as it was configured, kept encoded for `/config_dump`. Rendering it as JSON
+/// needs the reflection pool; keeping the bytes instead of a JSON tree lets the pool exist only
+/// while a dump is being rendered, and is several times smaller.
+#[derive(Clone)]
+pub struct RawConfig {
+    full_name: String,
+    bytes: bytes::Bytes,
+}
+
+impl RawConfig {
+    pub fn of<M: prost::Message + prost::Name>(message: &M) -> Self {
+        RawConfig {
+            full_name: M::full_name(),
+            bytes: message.encode_to_vec().into(),
+        }
+    }
+
+    /// Proto3 JSON with Envoy's conventions; `null` if it cannot be rendered.
+    pub fn to_json(&self) -> serde_json::Value {
+        xds_api::json::encoded_to_value(&self.full_name, &self.bytes)
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl std::fmt::Debug for RawConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} bytes)", self.full_name, self.bytes.len())
+    }
+}
+
 /// The whole bootstrap, validated.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -41,8 +71,8 @@ pub struct Bootstrap {
     pub listeners: Vec<Arc<Listener>>,
     pub clusters: Vec<Arc<Cluster>>,
     pub dynamic: Option<DynamicResources>,
-    /// The bootstrap as a JSON value, for `/config_dump`.
-    pub raw: serde_json::Value,
+    /// The bootstrap as loaded, for `/config_dump`.
+    pub raw: RawConfig,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -97,8 +127,8 @@ pub struct Listener {
     pub continue_on_listener_filters_timeout: bool,
     /// Stable hash of the source proto, to tell a real update from a resend.
     pub version_hash: u64,
-    /// The resource as JSON, for `/config_dump`.
-    pub raw: serde_json::Value,
+    /// The resource as received, for `/config_dump`.
+    pub raw: RawConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -385,5 +415,5 @@ pub struct Cluster {
     /// TLS origination (`transport_socket` with an UpstreamTlsContext).
     pub tls: Option<crate::tls::UpstreamTls>,
     pub version_hash: u64,
-    pub raw: serde_json::Value,
+    pub raw: RawConfig,
 }

@@ -41,7 +41,7 @@ pub struct RouteTable {
     /// for inline route configs).
     pub validate_clusters: Option<bool>,
     pub version_hash: u64,
-    pub raw: serde_json::Value,
+    pub raw: crate::config::RawConfig,
 }
 
 #[derive(Debug)]
@@ -425,7 +425,7 @@ impl RouteTable {
                 proto.encode_to_vec().hash(&mut h);
                 h.finish()
             },
-            raw: xds_api::json::to_value(proto).unwrap_or(serde_json::Value::Null),
+            raw: crate::config::RawConfig::of(proto),
         };
         for (vi, vh) in proto.virtual_hosts.iter().enumerate() {
             let vpath = format!("{pre}virtual_hosts[{vi}]");

@@ -35,7 +35,7 @@ use xds_api::type_urls::{
 
 use crate::cluster::ClusterRuntime;
 use crate::config::{
-    AdsFlavor, DiscoveryType, DynamicResources, Listener, LoadAssignment, NetworkFilter,
+    AdsFlavor, DiscoveryType, DynamicResources, Listener, LoadAssignment, NetworkFilter, RawConfig,
     RouteSource, convert,
 };
 use crate::http::router::RouteTable;
@@ -53,8 +53,9 @@ pub struct Status {
 pub struct StatusSnapshot {
     pub versions: BTreeMap<String, String>,
     pub errors: BTreeMap<(String, String), Value>,
-    pub endpoints: BTreeMap<String, Value>,
-    pub warming_clusters: Vec<Value>,
+    /// Each active ClusterLoadAssignment as received, for `/config_dump`.
+    pub endpoints: BTreeMap<String, RawConfig>,
+    pub warming_clusters: Vec<RawConfig>,
     pub connected: bool,
 }
 
@@ -794,7 +795,7 @@ impl Client {
         let proto =
             ClusterLoadAssignment::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
         let assignment = convert::load_assignment_resource(&proto).map_err(|e| e.to_string())?;
-        let raw = xds_api::json::to_value(&proto).unwrap_or(Value::Null);
+        let raw = RawConfig::of(&proto);
         self.server.xds.update(|s| {
             s.endpoints.insert(name.to_string(), raw);
         });
@@ -888,7 +889,7 @@ impl Client {
     }
 
     fn publish_warming(&self) {
-        let warming: Vec<Value> = self
+        let warming: Vec<RawConfig> = self
             .warming_clusters
             .values()
             .map(|c| c.config.raw.clone())
