@@ -456,19 +456,38 @@ def resolve_envoy(explicit: str | None) -> str | None:
 
 
 def cargo_build(target_dir: Path) -> str | None:
-    """Builds the release binaries; returns None on success, else a short reason."""
+    """Builds the release binaries; returns None on success, else a short reason.
+
+    The whole workspace, as the README's quick start does: symbol names depend on which
+    packages are built together, and proxy/link-order.txt is trained on this build and on
+    the proxy alone (bench/orderfile)."""
     if not shutil.which("cargo"):
         return "cargo not found"
-    log(f"cargo build --release -p remora-proxy -p remora-tests (target {target_dir})")
+    log(f"cargo build --release --workspace (target {target_dir})")
     env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
-    result = subprocess.run(["cargo", "build", "--release", "-p", "remora-proxy", "-p",
-                             "remora-tests"], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3600,
-                            check=False)
+    result = subprocess.run(["cargo", "build", "--release", "--workspace"], cwd=REPO, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            timeout=3600, check=False)
     if result.returncode != 0:
         errors = [line for line in result.stdout.splitlines() if line.startswith("error")]
         return "build failed: " + (errors[0] if errors else f"exit {result.returncode}")[:150]
     return None
+
+
+def link_order_coverage(binary: Path) -> str:
+    """How much of the code remora-proxy ran in bench/orderfile's training this binary still
+    lays out together: a low share means the file is stale (new toolchain or dependencies)."""
+    order_file = REPO / "proxy" / "link-order.txt"
+    if not binary.exists() or not order_file.exists() or not shutil.which("nm"):
+        return "?"
+    listed = {line.strip() for line in order_file.read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    out = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True,
+                         check=False).stdout
+    present = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    found = len(listed & present)
+    return f"{found} of {len(listed)} listed functions found (two builds are listed; " \
+           f"about half is normal, near 0 means rerun bench/orderfile)"
 
 
 def machine_info(envoy_bin: str | None) -> list[tuple[str, str]]:
@@ -654,6 +673,8 @@ def main(argv: list[str]) -> int:
     info = machine_info(envoy_bin)  # before any load, so the load average is the machine's own
     target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release"
     build_error = None if args.no_build else cargo_build(target.parent)
+    if not args.calibrate:
+        info.append(("link order of remora-proxy", link_order_coverage(target / "remora-proxy")))
 
     with tempfile.TemporaryDirectory(prefix="remora-bench-") as tmp:
         bench = Bench(args, Path(tmp))
