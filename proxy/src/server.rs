@@ -191,6 +191,15 @@ async fn serve(
         server.registry.gauge("server.live").set(1);
     }
 
+    // SIGUSR1: reopen access log files (log rotation), as Envoy does.
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            tracing::info!("SIGUSR1: reopening access log files");
+            crate::http::access_log::reopen_files();
+        }
+    });
+
     // Wait for a reason to stop.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -253,3 +253,83 @@ fn a_body_cut_by_the_route_timeout_is_logged_with_ut() {
     });
     assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
+
+#[test]
+fn sigusr1_reopens_log_files_for_rotation() {
+    // logrotate's way, which Envoy supports: move the file away, then SIGUSR1. Lines after the
+    // signal go to a fresh file at the configured path; the moved file keeps the earlier ones.
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let log = dir.path().join("access.log");
+    let hcm = format!(
+        r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format: "%REQ(:PATH)%\n"}}
+"#,
+        log.display()
+    );
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: echo}
+"#;
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, &hcm, routes)],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    let mut proxy = Proxy::start(&yaml, admin, &[]);
+    let get = |path: &str| {
+        let (status, _, _) =
+            http_request(loopback(port), "GET", path, &[], "").expect("request through proxy");
+        assert_eq!(status, 200, "{path}");
+    };
+    get("/before");
+    wait_for("the first line", Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text == "/before\n").then_some(())
+    });
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    proxy.process.signal("USR1");
+    // The signal is handled asynchronously: send until a line lands in the reopened file.
+    let mut sent = 0;
+    let fresh = wait_for(
+        "a line in the reopened file",
+        Duration::from_secs(15),
+        || {
+            sent += 1;
+            get(&format!("/after-{sent}"));
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|text| !text.is_empty())
+        },
+    );
+    assert!(
+        fresh.lines().all(|line| line.starts_with("/after-")),
+        "{fresh}"
+    );
+    let old = std::fs::read_to_string(&rotated).expect("rotated file");
+    assert!(old.starts_with("/before\n"), "{old}");
+    assert!(
+        proxy.process.try_wait().is_none(),
+        "SIGUSR1 must not stop the proxy"
+    );
+    // Every request above came on its own connection; they all share one writer thread (the
+    // kernel truncates thread names to 15 bytes).
+    let writers = std::fs::read_dir(format!("/proc/{}/task", proxy.process.id()))
+        .expect("proxy threads")
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.trim() == "remora-access-l")
+        })
+        .count();
+    assert_eq!(writers, 1, "one writer thread per log file");
+}

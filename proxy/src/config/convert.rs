@@ -748,6 +748,7 @@ fn http_connection_manager(
         .collect::<R<Vec<_>>>()?;
     Ok(HttpConnectionManager {
         access_logs,
+        active_logs: Default::default(),
         stat_prefix: proto.stat_prefix.clone(),
         codec,
         routes,

@@ -267,6 +267,10 @@ pub struct HttpConnectionManager {
     pub strip_any_host_port: bool,
     pub strip_matching_host_port: bool,
     pub access_logs: Vec<crate::http::access_log::AccessLogConfig>,
+    /// `access_logs` bound to their writer threads on the first connection, then shared by
+    /// every connection while this config is in use (a file is opened once, not per
+    /// connection).
+    pub active_logs: std::sync::OnceLock<Arc<[crate::http::access_log::ActiveLog]>>,
 }
 
 // === Clusters ===

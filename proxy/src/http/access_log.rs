@@ -6,12 +6,16 @@
 //! Workers never block on the log: lines go through a bounded queue to one writer thread per
 //! destination; when the queue is full (a stuck stdout), lines are dropped and counted in
 //! `access_log.dropped`, rather than stalling requests.
+//!
+//! SIGUSR1 reopens every log file, as Envoy does, so logrotate can move a file away: the line
+//! after the signal goes to a fresh file at the configured path.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Instant, SystemTime};
@@ -229,29 +233,51 @@ impl Sink {
     }
 }
 
+/// Bumped by [`reopen_files`]; each file writer compares it with the generation it opened.
+static REOPEN_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Makes every file writer reopen its path before its next line (SIGUSR1).
+pub fn reopen_files() {
+    REOPEN_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+fn open_log(path: &std::path::Path) -> Option<Box<dyn std::io::Write>> {
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        Ok(file) => Some(Box::new(file)),
+        Err(error) => {
+            tracing::error!(path = %path.display(), %error, "cannot open the access log");
+            None
+        }
+    }
+}
+
 fn write_lines(target: &Target, lines: &std::sync::mpsc::Receiver<String>) {
+    let mut opened = REOPEN_GENERATION.load(Ordering::Relaxed);
     let mut out: Box<dyn std::io::Write> = match target {
         Target::Stdout => Box::new(std::io::stdout()),
         Target::Stderr => Box::new(std::io::stderr()),
-        Target::File(path) => {
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-            {
-                Ok(file) => Box::new(file),
-                Err(error) => {
-                    tracing::error!(path = %path.display(), %error, "cannot open the access log");
-                    return;
-                }
-            }
-        }
+        Target::File(path) => match open_log(path) {
+            Some(file) => file,
+            None => return,
+        },
     };
     while let Ok(line) = lines.recv() {
         // Batch what is already queued into one write.
         let mut batch = line;
         while let Ok(more) = lines.try_recv() {
             batch.push_str(&more);
+        }
+        let generation = REOPEN_GENERATION.load(Ordering::Relaxed);
+        if let (Target::File(path), true) = (target, generation != opened) {
+            opened = generation;
+            // A path that cannot be opened now keeps the old file: no line is lost.
+            if let Some(file) = open_log(path) {
+                out = file;
+            }
         }
         if out
             .write_all(batch.as_bytes())

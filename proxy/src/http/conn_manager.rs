@@ -78,14 +78,18 @@ pub async fn serve<S>(
 {
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
-    let logs = if hcm.access_logs.is_empty() {
-        Arc::from([])
-    } else {
-        let dropped = server
-            .registry
-            .counter("access_log.dropped_lines".to_string());
-        access_log::activate(&hcm.access_logs, &dropped)
-    };
+    let logs = hcm
+        .active_logs
+        .get_or_init(|| {
+            if hcm.access_logs.is_empty() {
+                return Arc::from([]);
+            }
+            let dropped = server
+                .registry
+                .counter("access_log.dropped_lines".to_string());
+            access_log::activate(&hcm.access_logs, &dropped)
+        })
+        .clone();
     let connection = Arc::new(Connection {
         server_header: HeaderValue::from_str(&hcm.server_name)
             .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
