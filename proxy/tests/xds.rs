@@ -326,6 +326,18 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
                 "a NACK carries the last accepted version"
             );
         }
+        // A field our protos do not declare at all is NACKed too, not dropped by the decoder.
+        let mut unknown = ads::cluster("name: unknown-field\ntype: STATIC\nconnect_timeout: 1s\n");
+        unknown.value.extend_from_slice(&[0xf8, 0xf0, 0x04, 0x01]); // field 9999, varint 1
+        ads.set(CLUSTER, vec![eds_cluster("svc", "5s"), unknown]);
+        let nack = wait_for("unknown-field NACK", Duration::from_secs(20), || {
+            ads.nack_containing("Cluster unknown-field")
+        });
+        assert!(
+            nack.error
+                .unwrap_or_default()
+                .contains("field number 9999 is not known to Remora")
+        );
         // An unsupported field deep inside a listener's Any is named by its path.
         let mut bad_listener = rds_listener("bad-listener", free_port(), "x", "routes");
         let mut proto: xds_api::envoy::config::listener::v3::Listener =

@@ -16,7 +16,7 @@ pub use crate::http::router::RouteTable;
 
 /// A config that cannot be honoured: the field path and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {reason}")]
+#[error("{}{reason}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
 pub struct ConfigError {
     pub path: String,
     pub reason: String,

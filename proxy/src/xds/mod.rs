@@ -31,12 +31,13 @@ use xds_api::envoy::service::discovery::v3::{
 use xds_api::google::rpc::Status as RpcStatus;
 use xds_api::type_urls::{
     CLUSTER as CDS, CLUSTER_LOAD_ASSIGNMENT as EDS, LISTENER as LDS, ROUTE_CONFIGURATION as RDS,
+    message_name,
 };
 
 use crate::cluster::ClusterRuntime;
 use crate::config::{
     AdsFlavor, DiscoveryType, DynamicResources, Listener, LoadAssignment, NetworkFilter, RawConfig,
-    RouteSource, convert,
+    RouteSource, convert, strict,
 };
 use crate::http::router::RouteTable;
 use crate::server::{Server, State};
@@ -696,13 +697,17 @@ impl Client {
             if applied.get(name) == Some(&hash) {
                 continue;
             }
-            let result = match type_url {
+            // The gate also runs inside conversion, but on the decoded message, where prost has
+            // already dropped fields our protos do not declare: check the bytes as received.
+            let checked = strict::check_bytes(message_name(type_url), &any.value, "")
+                .map_err(|error| error.to_string());
+            let result = checked.and_then(|()| match type_url {
                 CDS => self.apply_cluster(name, any),
                 EDS => self.apply_endpoints(name, any),
                 LDS => self.apply_listener(name, any),
                 RDS => self.apply_route(name, any),
                 _ => Ok(()),
-            };
+            });
             match result {
                 Ok(()) => {
                     applied.insert(name.clone(), hash);
