@@ -33,6 +33,20 @@ fn access_logs(default_log: &Path, custom_log: &Path) -> String {
     )
 }
 
+/// The HCM fields adding one file logger with a text format (`format` as YAML escapes it).
+fn file_log_with_format(path: &Path, format: &str) -> String {
+    format!(
+        r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format: "{format}"}}
+"#,
+        path.display()
+    )
+}
+
 /// Sends the same three requests; returns the lines of both logs once all 3 are there.
 fn exercise(listener: SocketAddr, default_log: &Path, custom_log: &Path) -> (String, String) {
     let requests = [
@@ -163,16 +177,7 @@ fn an_unsupported_access_log_operator_is_named() {
     let dir = tempfile::tempdir().expect("dir");
     let (_, admin_yaml) = admin_block();
     let log = dir.path().join("a.log");
-    let hcm = format!(
-        r#"          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {}
-              log_format: {{text_format: "%RESPONSE_CODE% %FILTER_STATE(x)%\n"}}
-"#,
-        log.display()
-    );
+    let hcm = file_log_with_format(&log, r"%RESPONSE_CODE% %FILTER_STATE(x)%\n");
     let routes =
         "            - name: all\n              domains: [\"*\"]\n              routes: []\n";
     let yaml = bootstrap(
@@ -211,16 +216,7 @@ fn a_body_cut_by_the_route_timeout_is_logged_with_ut() {
 "#;
     let run = |tag: &str, start: &dyn Fn(&Path) -> Box<dyn std::any::Any>| {
         let log = dir.path().join(format!("{tag}.log"));
-        let hcm = format!(
-            r#"          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {}
-              log_format: {{text_format: "%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_SENT%\n"}}
-"#,
-            log.display()
-        );
+        let hcm = file_log_with_format(&log, r"%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_SENT%\n");
         let yaml = bootstrap(
             &admin_yaml,
             &[http_listener("ingress", port, &hcm, routes)],
@@ -263,16 +259,7 @@ fn sigusr1_reopens_log_files_for_rotation() {
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
     let log = dir.path().join("access.log");
-    let hcm = format!(
-        r#"          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {}
-              log_format: {{text_format: "%REQ(:PATH)%\n"}}
-"#,
-        log.display()
-    );
+    let hcm = file_log_with_format(&log, r"%REQ(:PATH)%\n");
     let routes = r#"            - name: all
               domains: ["*"]
               routes:
