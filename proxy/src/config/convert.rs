@@ -63,13 +63,6 @@ pub fn unpack<M: Message + prost::Name + Default>(any: &prost_types::Any) -> Res
     M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {expected}: {e}"))
 }
 
-fn hash_of<M: Message>(message: &M) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    message.encode_to_vec().hash(&mut hasher);
-    hasher.finish()
-}
-
 pub fn socket_address(address: &Option<core_pb::Address>, path: &str) -> R<SocketAddr> {
     match resolve_address(address, path)? {
         EndpointAddress::Ip(addr) => Ok(addr),
@@ -305,12 +298,6 @@ fn listener_clusters(listener: &Listener) -> Vec<String> {
 
 // === Listener ===
 
-/// Converts an xDS Listener resource (also checks supported fields).
-pub fn listener_resource(proto: &listener_pb::Listener) -> R<Listener> {
-    super::strict::check(proto, "")?;
-    listener(proto, "")
-}
-
 fn sub(path: &str, field: &str) -> String {
     if path.is_empty() {
         field.to_string()
@@ -399,7 +386,6 @@ pub fn listener(proto: &listener_pb::Listener, path: &str) -> R<Listener> {
         tls_inspector,
         listener_filters_timeout,
         continue_on_listener_filters_timeout: proto.continue_on_listener_filters_timeout,
-        version_hash: hash_of(proto),
         raw: RawConfig::of(proto),
     })
 }
@@ -807,12 +793,6 @@ fn http_connection_manager(
 
 // === Cluster ===
 
-/// Converts an xDS Cluster resource (also checks supported fields).
-pub fn cluster_resource(proto: &cluster_pb::Cluster) -> R<Cluster> {
-    super::strict::check(proto, "")?;
-    cluster(proto, "")
-}
-
 pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
     if proto.name.is_empty() {
         return err(sub(path, "name"), "must not be empty");
@@ -993,14 +973,13 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
             .upstream_connection_options
             .as_ref()
             .is_some_and(|o| o.tcp_keepalive.is_some()),
-        version_hash: hash_of(proto),
         raw: RawConfig::of(proto),
     })
 }
 
-/// Converts an EDS ClusterLoadAssignment resource (also checks supported fields).
+/// Converts an EDS ClusterLoadAssignment resource. Its supported fields are checked on the
+/// wire bytes before decoding (`strict::check_bytes` in `xds`).
 pub fn load_assignment_resource(proto: &endpoint_pb::ClusterLoadAssignment) -> R<LoadAssignment> {
-    super::strict::check(proto, "")?;
     if proto.cluster_name.is_empty() {
         return err("cluster_name", "must not be empty");
     }

@@ -36,7 +36,7 @@ pub type ConfigResult<T> = Result<T, ConfigError>;
 /// A resource as it was configured, kept encoded for `/config_dump`. Rendering it as JSON
 /// needs the reflection pool; keeping the bytes instead of a JSON tree lets the pool exist only
 /// while a dump is being rendered, and is several times smaller.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RawConfig {
     full_name: String,
     bytes: bytes::Bytes,
@@ -125,9 +125,7 @@ pub struct Listener {
     pub tls_inspector: bool,
     pub listener_filters_timeout: Duration,
     pub continue_on_listener_filters_timeout: bool,
-    /// Stable hash of the source proto, to tell a real update from a resend.
-    pub version_hash: u64,
-    /// The resource as received, for `/config_dump`.
+    /// The resource as received, for `/config_dump`; equal bytes tell a resend from an update.
     pub raw: RawConfig,
 }
 
@@ -418,6 +416,5 @@ pub struct Cluster {
     pub tcp_keepalive: bool,
     /// TLS origination (`transport_socket` with an UpstreamTlsContext).
     pub tls: Option<crate::tls::UpstreamTls>,
-    pub version_hash: u64,
     pub raw: RawConfig,
 }

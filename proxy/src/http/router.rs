@@ -40,7 +40,6 @@ pub struct RouteTable {
     /// Whether unknown cluster names make the config invalid (`None`: Envoy's default, true
     /// for inline route configs).
     pub validate_clusters: Option<bool>,
-    pub version_hash: u64,
     pub raw: crate::config::RawConfig,
 }
 
@@ -418,13 +417,6 @@ impl RouteTable {
             most_specific_header_mutations_wins: proto.most_specific_header_mutations_wins,
             clusters: Vec::new(),
             validate_clusters: proto.validate_clusters,
-            version_hash: {
-                use prost::Message;
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                proto.encode_to_vec().hash(&mut h);
-                h.finish()
-            },
             raw: crate::config::RawConfig::of(proto),
         };
         for (vi, vh) in proto.virtual_hosts.iter().enumerate() {

@@ -105,7 +105,7 @@ impl ListenerManager {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let old = active.get(&config.name).cloned();
         if let Some(old) = &old
-            && old.config.version_hash == config.version_hash
+            && old.config.raw == config.raw
         {
             return Ok(old.local_addr);
         }

@@ -697,8 +697,8 @@ impl Client {
             if applied.get(name) == Some(&hash) {
                 continue;
             }
-            // The gate also runs inside conversion, but on the decoded message, where prost has
-            // already dropped fields our protos do not declare: check the bytes as received.
+            // The strictness gate for every xDS resource, on the bytes as received: once decoded,
+            // prost has already dropped fields our protos do not declare.
             let checked = strict::check_bytes(message_name(type_url), &any.value, "")
                 .map_err(|error| error.to_string());
             let result = checked.and_then(|()| match type_url {
@@ -767,7 +767,7 @@ impl Client {
             return Err("a static cluster of that name exists".into());
         }
         let proto = ClusterProto::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
-        let model = convert::cluster_resource(&proto).map_err(|e| e.to_string())?;
+        let model = convert::cluster(&proto, "").map_err(|e| e.to_string())?;
         let runtime = self.server.clusters.build(Arc::new(model));
         self.warming_clusters.remove(name);
         match &runtime.config.discovery {
@@ -831,7 +831,7 @@ impl Client {
             return Err("a static listener of that name exists".into());
         }
         let proto = ListenerProto::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
-        let model = Arc::new(convert::listener_resource(&proto).map_err(|e| e.to_string())?);
+        let model = Arc::new(convert::listener(&proto, "").map_err(|e| e.to_string())?);
         self.warming_listeners.remove(name);
         let routes = self.server.routes.load();
         let missing = listener_route_names(&model)
@@ -858,7 +858,6 @@ impl Client {
 
     fn apply_route(&mut self, name: &str, any: &Any) -> Result<(), String> {
         let proto = RouteConfiguration::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
-        crate::config::strict::check(&proto, "").map_err(|e| e.to_string())?;
         let table = RouteTable::compile(&proto, "").map_err(|e| e.to_string())?;
         let mut routes = (**self.server.routes.load()).clone();
         routes.insert(name.to_string(), Arc::new(table));
