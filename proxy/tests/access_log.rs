@@ -208,18 +208,13 @@ fn a_body_cut_by_the_route_timeout_is_logged_with_ut() {
     let dir = tempfile::tempdir().expect("dir");
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
-    let routes = r#"            - name: all
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/"}
-                route: {cluster: stalled, timeout: 1s}
-"#;
+    let routes = catch_all("stalled", "1s");
     let run = |tag: &str, start: &dyn Fn(&Path) -> Box<dyn std::any::Any>| {
         let log = dir.path().join(format!("{tag}.log"));
         let hcm = file_log_with_format(&log, r"%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_SENT%\n");
         let yaml = bootstrap(
             &admin_yaml,
-            &[http_listener("ingress", port, &hcm, routes)],
+            &[http_listener("ingress", port, &hcm, &routes)],
             &[static_cluster("stalled", &[upstream.addr])],
         );
         let (_config_dir, file) = write_config(&yaml);
@@ -260,15 +255,11 @@ fn sigusr1_reopens_log_files_for_rotation() {
     let port = free_port();
     let log = dir.path().join("access.log");
     let hcm = file_log_with_format(&log, r"%REQ(:PATH)%\n");
-    let routes = r#"            - name: all
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/"}
-                route: {cluster: echo}
-"#;
+    // 15 s: Envoy's default route timeout.
+    let routes = catch_all("echo", "15s");
     let yaml = bootstrap(
         &admin_yaml,
-        &[http_listener("ingress", port, &hcm, routes)],
+        &[http_listener("ingress", port, &hcm, &routes)],
         &[static_cluster("echo", &[echo.addr])],
     );
     let mut proxy = Proxy::start(&yaml, admin, &[]);

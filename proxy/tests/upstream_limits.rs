@@ -62,18 +62,6 @@ fn assert_truncated(answer: &str, elapsed: Duration, at_least: Duration) {
     );
 }
 
-/// One virtual host whose only route sends everything to `cluster` with route `timeout`.
-fn catch_all(cluster: &str, timeout: &str) -> String {
-    format!(
-        r#"            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: {cluster}, timeout: {timeout}}}
-"#
-    )
-}
-
 fn with_cluster_extra(cluster: String, extra: &str) -> String {
     cluster.replace("    type: STATIC\n", &format!("    type: STATIC\n{extra}"))
 }

@@ -119,6 +119,18 @@ pub fn tcp_listener(name: &str, port: u16, cluster: &str, extra: &str) -> String
 }
 
 /// Assembles a bootstrap.
+/// One virtual host whose only route sends everything to `cluster` with route `timeout`.
+pub fn catch_all(cluster: &str, timeout: &str) -> String {
+    format!(
+        r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: {cluster}, timeout: {timeout}}}
+"#
+    )
+}
+
 pub fn bootstrap(admin: &str, listeners: &[String], clusters: &[String]) -> String {
     format!(
         "{admin}static_resources:\n  listeners:\n{}  clusters:\n{}",
