@@ -474,6 +474,32 @@ fn websocket_upgrade_is_spliced_when_enabled() {
 }
 
 #[test]
+fn default_header_count_limit_is_envoys_100() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", ALL_ROUTES)],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let addr = loopback(port);
+    let request = |extra: usize| {
+        let headers: String = (0..extra).map(|i| format!("X-H{i}: v\r\n")).collect();
+        raw_exchange(
+            addr,
+            format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{headers}\r\n").as_bytes(),
+        )
+    };
+    // Host and Connection plus 98 more make 100 headers: allowed; one more is refused.
+    let answer = request(98);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = request(99);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[test]
 fn bad_input_gets_the_right_status_and_proxy_keeps_serving() {
     let echo = EchoServer::start("e", "127.0.0.1");
     let (admin, admin_yaml) = admin_block();

@@ -86,7 +86,11 @@ pub async fn serve(name: String, listener: TcpListener) {
         let name = name.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| handle(name.clone(), request));
-            let _ = auto::Builder::new(TokioExecutor::new())
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // Like nginx, no count limit of its own to speak of: a proxy's limit is what a
+            // test of header counts measures, not the echo's.
+            builder.http1().max_headers(1000);
+            let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });

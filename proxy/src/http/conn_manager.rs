@@ -46,6 +46,8 @@ static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expecte
 static X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 
 /// Per-connection state shared by its requests.
@@ -115,10 +117,14 @@ pub async fn serve<S>(
         .http1()
         .timer(TokioTimer::new())
         .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
-        .max_headers(hcm.max_headers_count as usize)
         .header_read_timeout(hcm.request_headers_timeout)
         .half_close(false)
         .keep_alive(true);
+    // hyper parses into a stack array of its default size (100, Envoy's default count) unless
+    // given a limit; any explicit limit, even 100, costs it a filled vector per request.
+    if hcm.max_headers_count as usize != HYPER_DEFAULT_MAX_HEADERS {
+        builder.http1().max_headers(hcm.max_headers_count as usize);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -331,19 +337,39 @@ fn apply_response_mutations(
     }
 }
 
+/// Strips the hop-by-hop headers, as Envoy does: `connection` and `upgrade` stay on an upgrade,
+/// `te` stays when it is `trailers`.
 fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
+    let candidates: [&HeaderName; 6] = [
+        &header::CONNECTION,
+        &header::UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::TE,
+    ];
+    // One pass over the names instead of a hash lookup per candidate: most messages carry
+    // none or one of them, and this runs twice per request.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(index) = candidates.iter().position(|candidate| *candidate == name) {
+            present |= 1 << index;
+        }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    if headers
-        .get(header::TE)
-        .is_some_and(|te| te.as_bytes() != b"trailers")
-    {
-        headers.remove(header::TE);
+    for (index, name) in candidates.into_iter().enumerate() {
+        if present & (1 << index) == 0 {
+            continue;
+        }
+        let keep = if *name == header::TE {
+            headers
+                .get(name)
+                .is_some_and(|te| te.as_bytes() == b"trailers")
+        } else {
+            keep_upgrade && (*name == header::CONNECTION || *name == header::UPGRADE)
+        };
+        if !keep {
+            headers.remove(name);
+        }
     }
 }
 
@@ -739,4 +765,53 @@ async fn proxy(
         _ => None,
     };
     Ok(response.map(|body| ResponseBody::Upstream(UpstreamBody::new(body, timer, rq_active))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    /// The names left, sorted: removal does not keep the map's order.
+    fn names(map: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_the_rest_kept() {
+        let all = [
+            ("host", "a"),
+            ("connection", "keep-alive, upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("x-app", "1"),
+        ];
+        let mut map = headers(&all);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(names(&map), ["host", "x-app"]);
+
+        let mut map = headers(&all);
+        remove_hop_by_hop(&mut map, true);
+        assert_eq!(names(&map), ["connection", "host", "upgrade", "x-app"]);
+
+        let mut map = headers(&[("te", "trailers"), ("x-app", "1")]);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(names(&map), ["te", "x-app"]);
+
+        let mut map = headers(&[("x-app", "1"), ("x-app", "2")]);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(map.get_all("x-app").iter().count(), 2);
+    }
 }
