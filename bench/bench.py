@@ -227,6 +227,8 @@ class Subject:
     command: list[str] | None  # None: could not be built/found; reason says why
     reason: str = ""
     supports_bootstrap: bool = True  # False for the bare forwarder: no TCP, no 1k clusters
+    ports: dict = field(default_factory=dict)  # its own ADMIN_PORT, HTTP_PORT, TCP_PORT
+    bootstraps: dict = field(default_factory=dict)  # "small" and "1k": rendered for its ports
     values: dict = field(default_factory=dict)  # per figure: the median over rounds
     samples: dict = field(default_factory=dict)  # per figure: one value per round
     notes: list[str] = field(default_factory=list)
@@ -259,21 +261,36 @@ class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path):
         self.args = args
         self.workdir = workdir
-        self.ports = {name: free_port() for name in
-                      ("ADMIN_PORT", "HTTP_PORT", "TCP_PORT", "UPSTREAM_HTTP_PORT",
-                       "UPSTREAM_TCP_PORT")}
-        self.bootstrap_small = self.render_bootstrap("bootstrap-small.yaml", 0)
-        self.bootstrap_1k = self.render_bootstrap("bootstrap-1k.yaml", 1000)
+        # Shared by both proxies; each proxy has its own listener and admin ports, because both
+        # run at once (see measure_round).
+        self.ports = {name: free_port() for name in ("UPSTREAM_HTTP_PORT", "UPSTREAM_TCP_PORT")}
         self.loadgen_bin: Path | None = None
         self.baseline: dict = {}
 
-    def render_bootstrap(self, name: str, extra_clusters: int) -> Path:
+    def ports_for(self, name: str) -> dict:
+        """Listener and admin ports for one proxy (the same ones on every call)."""
+        key = f"proxy:{name}"
+        if key not in self.ports:
+            self.ports[key] = {port: free_port() for port in ("ADMIN_PORT", "HTTP_PORT", "TCP_PORT")}
+        return self.ports[key]
+
+    def prepare(self, subject: Subject) -> None:
+        """Gives the subject its ports and its copies of the bootstraps: the same template,
+        only the listener and admin ports differ."""
+        subject.ports = self.ports_for(subject.name)
+        for tag, extra_clusters in (("small", 0), ("1k", 1000)):
+            subject.bootstraps[tag] = self.render_bootstrap(
+                f"bootstrap-{tag}-{subject.name}.yaml", extra_clusters, subject.ports)
+
+    def render_bootstrap(self, name: str, extra_clusters: int, ports: dict) -> Path:
         main = string.Template((BENCH_DIR / "bootstraps/http-tcp.yaml.in").read_text())
         extra = string.Template((BENCH_DIR / "bootstraps/extra-cluster.yaml.in").read_text())
         clusters = "".join(extra.substitute(N=f"{i:04d}", PORT=self.ports["UPSTREAM_HTTP_PORT"])
                            for i in range(extra_clusters))
         path = self.workdir / name
-        path.write_text(main.substitute(**self.ports, EXTRA_CLUSTERS=clusters))
+        path.write_text(main.substitute(
+            **ports, UPSTREAM_HTTP_PORT=self.ports["UPSTREAM_HTTP_PORT"],
+            UPSTREAM_TCP_PORT=self.ports["UPSTREAM_TCP_PORT"], EXTRA_CLUSTERS=clusters))
         return path
 
     # upstreams -----------------------------------------------------------
@@ -333,12 +350,13 @@ http {{
 
     # one proxy ---------------------------------------------------------
 
-    def start_proxy(self, subject: Subject, bootstrap: Path, tag: str):
+    def start_proxy(self, subject: Subject, tag: str):
+        bootstrap = subject.bootstraps[tag]
         cmd = [part.replace("{BOOTSTRAP}", str(bootstrap)) for part in subject.command]
         started = time.monotonic()
         proc = spawn(cmd, cpus=None if self.args.no_pin else PROXY_CPUS,
                      logfile=self.workdir / f"{subject.name}-{tag}.log")
-        failure = wait_ready(proc, self.ports["ADMIN_PORT"], self.args.ready_timeout)
+        failure = wait_ready(proc, subject.ports["ADMIN_PORT"], self.args.ready_timeout)
         if failure:
             tail = (self.workdir / f"{subject.name}-{tag}.log").read_text(errors="replace")
             tail = " ".join(tail.strip().splitlines()[-2:])[-200:]
@@ -346,94 +364,116 @@ http {{
             return None, f"{failure}: {tail}" if tail else failure
         return proc, time.monotonic() - started
 
-    def measure(self, subject: Subject) -> None:
-        """One round for one proxy; its figures join the subject's samples."""
-        v: dict = {}
+    def measure_round(self, order: tuple[Subject, ...]) -> None:
+        """One round: both proxies run at once, idle on the proxy core but for the one under
+        load, and every load step runs for one and then at once for the other. Paired like
+        that, a stall of the machine lasting seconds hits both sides of a ratio alike, where
+        measuring one proxy's whole suite and then the other's let it hit only one."""
+        live: list[tuple[Subject, subprocess.Popen, dict]] = []
         try:
-            self._measure(subject, v)
-        finally:
-            subject.record(v)
-
-    def _measure(self, subject: Subject, v: dict) -> None:
-        log(f"{subject.name}: start with the small bootstrap")
-        proc, ready = self.start_proxy(subject, self.bootstrap_small, "small")
-        if proc is None:
-            subject.reason = f"failed to start: {ready}"
-            subject.note(subject.reason)
-            return
-        pid = proc.pid
-        try:
+            for subject in order:
+                log(f"{subject.name}: start with the small bootstrap")
+                proc, ready = self.start_proxy(subject, "small")
+                if proc is None:
+                    subject.reason = f"failed to start: {ready}"
+                    subject.note(subject.reason)
+                    continue
+                live.append((subject, proc, {}))
             time.sleep(self.args.settle)
-            v["idle_rss"] = status_kb(pid, "VmRSS") / KB_PER_MB
-            v["idle_rss_anon"] = status_kb(pid, "RssAnon") / KB_PER_MB
-            # Warm-up (pools, caches, page faults); not measured.
-            wrk(self.ports["HTTP_PORT"], 1, 50)
-
-            log(f"{subject.name}: wrk {self.args.duration:g}s")
-            cpu0, t0 = cpu_seconds(pid), time.monotonic()
-            result = wrk(self.ports["HTTP_PORT"], self.args.duration, 50)
-            cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
-            v["h1_rps"] = result["rps"]
-            v["h1_cpu_util"] = cpu / wall
-            v["cpu_per_100k"] = cpu / result["requests"] * 100_000 if result["requests"] else None
-            if result["failed"]:
-                subject.note(f"wrk: {result['failed']} failed/non-2xx responses")
-            ceiling = self.baseline.get("h1_rps")
-            if v["h1_cpu_util"] < 0.85 and (not ceiling or result["rps"] < 0.8 * ceiling):
-                # Neither the proxy's core nor the load side was saturated: something else
-                # (another process on the proxy's core) took the CPU. Say so next to the figure.
-                subject.note(
-                    f"got only {v['h1_cpu_util']:.2f} of a core during wrk while below the "
-                    "load-side ceiling: the machine was busy, throughput figures are noisy")
-
-            if self.loadgen_bin:
-                log(f"{subject.name}: fixed rate {self.args.rate}/s for "
-                    f"{self.args.latency_duration:g}s")
-                cpu0 = cpu_seconds(pid)
-                lat = loadgen(self.loadgen_bin, self.ports["HTTP_PORT"], self.args.rate,
-                              self.args.latency_connections, self.args.latency_duration)
-                cpu = cpu_seconds(pid) - cpu0
-                # Warm-up second included in the CPU window, so count its requests too.
-                sent = self.args.rate * (self.args.latency_duration + 1)
-                v["cpu_per_100k_fixed"] = cpu / sent * 100_000
-                v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
-                if lat["errors"]:
-                    subject.note(f"fixed-rate run: {lat['errors']} errors")
-
-            log(f"{subject.name}: h2load {self.args.h2_requests} requests")
-            h2 = h2load(self.ports["HTTP_PORT"], self.args.h2_requests, self.args.h2_timeout)
-            v["h2_rps"] = h2["rps"]
-            if h2["failed"]:
-                subject.note(f"h2load: {h2['failed']} failed/non-2xx requests")
-
-            if subject.supports_bootstrap:
-                log(f"{subject.name}: iperf3 {self.args.tcp_seconds:g}s through tcp_proxy")
-                cpu0 = cpu_seconds(pid)
-                tcp = iperf3(self.ports["TCP_PORT"], self.args.tcp_seconds)
-                cpu = cpu_seconds(pid) - cpu0
-                v["tcp_gbps"] = tcp["bits_per_second"] / 1e9
-                v["tcp_cpu_per_gib"] = cpu / (tcp["bytes"] / 2**30) if tcp["bytes"] else None
-
-            v["peak_rss"] = status_kb(pid, "VmHWM") / KB_PER_MB
-        except (RuntimeError, subprocess.TimeoutExpired, AttributeError, OSError) as error:
-            # AttributeError: a tool's output did not parse. Keep what was measured.
-            subject.note(f"stopped early: {error}")
+            for subject, proc, v in live:
+                v["idle_rss"] = status_kb(proc.pid, "VmRSS") / KB_PER_MB
+                v["idle_rss_anon"] = status_kb(proc.pid, "RssAnon") / KB_PER_MB
+            for subject, proc, v in live:
+                # Warm-up (pools, caches, page faults); not measured.
+                wrk(subject.ports["HTTP_PORT"], 1, 50)
+            steps = [self.step_wrk, self.step_latency, self.step_h2, self.step_tcp]
+            stopped: set[str] = set()
+            for step in steps:
+                for subject, proc, v in live:
+                    if subject.name in stopped:
+                        continue
+                    try:
+                        step(subject, proc.pid, v)
+                    except (RuntimeError, subprocess.TimeoutExpired, AttributeError,
+                            OSError) as error:
+                        # AttributeError: a tool's output did not parse. Keep what was measured.
+                        subject.note(f"stopped early: {error}")
+                        stopped.add(subject.name)
+            for subject, proc, v in live:
+                v["peak_rss"] = status_kb(proc.pid, "VmHWM") / KB_PER_MB
         finally:
-            stop(proc)
+            for subject, proc, v in live:
+                stop(proc)
+                subject.record(v)
+        # One at a time: start-up time is the figure, so nothing else may run meanwhile.
+        for subject, _, _ in live:
+            if subject.supports_bootstrap:
+                self.measure_1k(subject)
 
+    def step_wrk(self, subject: Subject, pid: int, v: dict) -> None:
+        log(f"{subject.name}: wrk {self.args.duration:g}s")
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        result = wrk(subject.ports["HTTP_PORT"], self.args.duration, 50)
+        cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
+        v["h1_rps"] = result["rps"]
+        v["h1_cpu_util"] = cpu / wall
+        v["cpu_per_100k"] = cpu / result["requests"] * 100_000 if result["requests"] else None
+        if result["failed"]:
+            subject.note(f"wrk: {result['failed']} failed/non-2xx responses")
+        ceiling = self.baseline.get("h1_rps")
+        if v["h1_cpu_util"] < 0.85 and (not ceiling or result["rps"] < 0.8 * ceiling):
+            # Neither the proxy's core nor the load side was saturated: something else
+            # (another process on the proxy's core) took the CPU. Say so next to the figure.
+            subject.note(
+                f"got only {v['h1_cpu_util']:.2f} of a core during wrk while below the "
+                "load-side ceiling: the machine was busy, throughput figures are noisy")
+
+    def step_latency(self, subject: Subject, pid: int, v: dict) -> None:
+        if not self.loadgen_bin:
+            return
+        log(f"{subject.name}: fixed rate {self.args.rate}/s for {self.args.latency_duration:g}s")
+        cpu0 = cpu_seconds(pid)
+        lat = loadgen(self.loadgen_bin, subject.ports["HTTP_PORT"], self.args.rate,
+                      self.args.latency_connections, self.args.latency_duration)
+        cpu = cpu_seconds(pid) - cpu0
+        # Warm-up second included in the CPU window, so count its requests too.
+        sent = self.args.rate * (self.args.latency_duration + 1)
+        v["cpu_per_100k_fixed"] = cpu / sent * 100_000
+        v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
+        if lat["errors"]:
+            subject.note(f"fixed-rate run: {lat['errors']} errors")
+
+    def step_h2(self, subject: Subject, pid: int, v: dict) -> None:
+        log(f"{subject.name}: h2load {self.args.h2_requests} requests")
+        h2 = h2load(subject.ports["HTTP_PORT"], self.args.h2_requests, self.args.h2_timeout)
+        v["h2_rps"] = h2["rps"]
+        if h2["failed"]:
+            subject.note(f"h2load: {h2['failed']} failed/non-2xx requests")
+
+    def step_tcp(self, subject: Subject, pid: int, v: dict) -> None:
         if not subject.supports_bootstrap:
             return
+        log(f"{subject.name}: iperf3 {self.args.tcp_seconds:g}s through tcp_proxy")
+        cpu0 = cpu_seconds(pid)
+        tcp = iperf3(subject.ports["TCP_PORT"], self.args.tcp_seconds)
+        cpu = cpu_seconds(pid) - cpu0
+        v["tcp_gbps"] = tcp["bits_per_second"] / 1e9
+        v["tcp_cpu_per_gib"] = cpu / (tcp["bytes"] / 2**30) if tcp["bytes"] else None
+
+    def measure_1k(self, subject: Subject) -> None:
         log(f"{subject.name}: start with the 1,000-cluster bootstrap")
-        proc, ready = self.start_proxy(subject, self.bootstrap_1k, "1k")
+        proc, ready = self.start_proxy(subject, "1k")
         if proc is None:
             subject.note(f"1,000-cluster config: {ready}")
             return
+        v: dict = {}
         try:
             v["ready_1k"] = ready
             time.sleep(self.args.settle)
             v["idle_rss_1k"] = status_kb(proc.pid, "VmRSS") / KB_PER_MB
         finally:
             stop(proc)
+            subject.record(v)
 
 
 # ---------------------------------------------------------------- setup
@@ -593,7 +633,9 @@ def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, 
         f"- upstream: {a.upstream} (HTTP), iperf3 -s (TCP); pinning: "
         + ("none" if a.no_pin else f"proxy on CPU {PROXY_CPUS}, load tools and upstreams on CPU "
            f"{LOAD_CPUS}"),
-        f"- rounds: {a.repeat} (order envoy, remora, then alternating; each figure is the median)",
+        f"- rounds: {a.repeat}; in each, both proxies run at once and every load step runs for "
+        "one and then the other (envoy first, then alternating by round); each figure is the "
+        "median over rounds",
         f"- wrk {a.duration:g}s; fixed rate {a.rate} req/s over {a.latency_connections} "
         f"connections for {a.latency_duration:g}s (remora-loadgen, open loop); h2load "
         f"{a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
@@ -634,8 +676,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latency-duration", type=float, help="fixed-rate seconds (default 10, quick 3)")
     p.add_argument("--h2-requests", type=int, help="h2load -n (default 100000, quick 20000)")
     p.add_argument("--tcp-seconds", type=float, help="iperf3 -t (default 5, quick 2)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="rounds, alternating which proxy goes first; each figure is the median")
+    p.add_argument("--repeat", type=int,
+                   help="rounds, alternating which proxy goes first; each figure is the median "
+                        "(default 5, quick 1)")
     p.add_argument("--settle", type=float, default=1.0, help="seconds idle before reading idle RSS")
     p.add_argument("--ready-timeout", type=float, default=60.0)
     p.add_argument("--upstream", choices=["nginx", "echo"], default="nginx")
@@ -647,6 +690,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="measure remora-bare-fwd (bare hyper forwarder) instead of remora-proxy")
     p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="'-' to write no file")
     args = p.parse_args(argv)
+    args.repeat = args.repeat or (1 if args.quick else 5)
     args.duration = args.duration or (3 if args.quick else 10)
     args.latency_duration = args.latency_duration or (3 if args.quick else 10)
     args.h2_requests = args.h2_requests or (20_000 if args.quick else 100_000)
@@ -695,13 +739,15 @@ def main(argv: list[str]) -> int:
         if bench.loadgen_bin is None:
             note = "remora-loadgen not built; fixed-rate latency not measured"
             envoy.note(note)
+        for subject in (envoy, remora):
+            bench.prepare(subject)
         for round_index in range(args.repeat):
-            # ABBA order: drift in the machine's background load hits both sides alike.
+            # ABBA order: which proxy goes first in each step alternates by round.
             order = (envoy, remora) if round_index % 2 == 0 else (remora, envoy)
-            for subject in order:
-                if subject.command is not None and not subject.reason:
-                    log(f"round {round_index + 1}/{args.repeat}")
-                    bench.measure(subject)
+            runnable = tuple(s for s in order if s.command is not None and not s.reason)
+            if runnable:
+                log(f"round {round_index + 1}/{args.repeat}")
+                bench.measure_round(runnable)
         stop_all()
         text = report(bench, envoy, remora, info, argv, started)
 
@@ -718,7 +764,7 @@ def remora_subject(args, target: Path, build_error: str | None, bench: Bench,
         binary = target / "remora-bare-fwd"
         if not binary.exists():
             return Subject("bare-fwd", None, reason=build_error or "remora-bare-fwd not built")
-        p = bench.ports
+        p = bench.ports_for("bare-fwd")
         return Subject("bare-fwd", [str(binary), "--listen", f"127.0.0.1:{p['HTTP_PORT']}",
                                     "--upstream", f"127.0.0.1:{p['UPSTREAM_HTTP_PORT']}",
                                     "--admin", f"127.0.0.1:{p['ADMIN_PORT']}"],
