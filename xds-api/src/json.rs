@@ -72,10 +72,11 @@ pub fn dynamic_from_value(
     descriptor: &MessageDescriptor,
     value: &Value,
 ) -> Result<DynamicMessage, MappingError> {
-    check_message(descriptor, value, &mut FieldPath::default())?;
+    let mut value = value.clone();
+    check_message(descriptor, &mut value, &mut FieldPath::default())?;
     let options = DeserializeOptions::new().deny_unknown_fields(true);
     let mut track = serde_path_to_error::Track::new();
-    let deserializer = serde_path_to_error::Deserializer::new(value, &mut track);
+    let deserializer = serde_path_to_error::Deserializer::new(&value, &mut track);
     DynamicMessage::deserialize_with_options(descriptor.clone(), deserializer, &options).map_err(
         |error| {
             let path = track.path().to_string();
@@ -202,36 +203,41 @@ fn has_special_json_form(full_name: &str) -> bool {
     full_name.starts_with("google.protobuf.") && full_name != "google.protobuf.Any"
 }
 
+/// Checks `value` against the message's fields (unknown names are errors) and rewrites the two
+/// spellings Envoy's parser accepts beyond strict proto3 JSON: an enum name in any letter case
+/// (`round_robin`), and a single value where a list is expected.
 fn check_message(
     descriptor: &MessageDescriptor,
-    value: &Value,
+    value: &mut Value,
     path: &mut FieldPath,
 ) -> Result<(), MappingError> {
     let full_name = descriptor.full_name();
     if has_special_json_form(full_name) || value.is_null() {
         return Ok(());
     }
+    let kind = kind_of(value);
     let Value::Object(object) = value else {
         return Err(MappingError::at(
             path,
-            format!(
-                "expected an object for {full_name}, found {}",
-                kind_of(value)
-            ),
+            format!("expected an object for {full_name}, found {kind}"),
         ));
     };
     if full_name == "google.protobuf.Any" {
         return check_any(object, path);
     }
-    for (key, field_value) in object {
+    for (key, field_value) in object.iter_mut() {
         let field = descriptor
             .get_field_by_name(key)
             .or_else(|| descriptor.get_field_by_json_name(key));
         let Some(field) = field else {
             path.0.push(Segment::Field(key.clone()));
+            // Our protos declare only what Remora reads, so an unknown name is either a typo or
+            // an Envoy field Remora does not support; say which is likelier.
             let hint = closest_field(descriptor, key)
                 .map(|name| format!(" (did you mean `{name}`?)"))
-                .unwrap_or_default();
+                .unwrap_or_else(|| {
+                    " (Remora does not support this field, or it is misspelt)".to_string()
+                });
             let error =
                 MappingError::at(path, format!("unknown field `{key}` in {full_name}{hint}"));
             return Err(error);
@@ -245,7 +251,7 @@ fn check_message(
 
 fn check_field(
     field: &prost_reflect::FieldDescriptor,
-    value: &Value,
+    value: &mut Value,
     path: &mut FieldPath,
 ) -> Result<(), MappingError> {
     if field.is_map() {
@@ -253,33 +259,52 @@ fn check_field(
             return Ok(());
         };
         let value_kind = entry.map_entry_value_field().kind();
-        if let (Kind::Message(value_descriptor), Value::Object(map)) = (value_kind, value) {
-            for (key, item) in map {
+        if let Value::Object(map) = value {
+            for (key, item) in map.iter_mut() {
                 path.0.push(Segment::Key(key.clone()));
-                check_message(&value_descriptor, item, path)?;
+                check_single(&value_kind, item, path)?;
                 path.0.pop();
             }
         }
         return Ok(());
     }
-    let Kind::Message(message) = field.kind() else {
-        return Ok(());
-    };
     if field.is_list() {
+        if !value.is_array() && !value.is_null() {
+            *value = Value::Array(vec![value.take()]);
+        }
         if let Value::Array(items) = value {
-            for (index, item) in items.iter().enumerate() {
+            for (index, item) in items.iter_mut().enumerate() {
                 path.0.push(Segment::Index(index));
-                check_message(&message, item, path)?;
+                check_single(&field.kind(), item, path)?;
                 path.0.pop();
             }
         }
         return Ok(());
     }
-    check_message(&message, value, path)
+    check_single(&field.kind(), value, path)
+}
+
+/// One value of a field's type (a list item, a map value, or a singular field).
+fn check_single(kind: &Kind, value: &mut Value, path: &mut FieldPath) -> Result<(), MappingError> {
+    match kind {
+        Kind::Message(message) => check_message(message, value, path),
+        Kind::Enum(enumeration) => {
+            if let Value::String(name) = value
+                && enumeration.get_value_by_name(name).is_none()
+                && let Some(known) = enumeration
+                    .values()
+                    .find(|known| known.name().eq_ignore_ascii_case(name))
+            {
+                *name = known.name().to_string();
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn check_any(
-    object: &serde_json::Map<String, Value>,
+    object: &mut serde_json::Map<String, Value>,
     path: &mut FieldPath,
 ) -> Result<(), MappingError> {
     let Some(type_url) = object.get("@type") else {
@@ -303,9 +328,15 @@ fn check_any(
     if has_special_json_form(descriptor.full_name()) {
         return Ok(());
     }
-    let mut fields = object.clone();
-    fields.remove("@type");
-    check_message(&descriptor, &Value::Object(fields), path)
+    let type_url = Value::String(type_url.to_string());
+    object.remove("@type");
+    let mut fields = Value::Object(std::mem::take(object));
+    let checked = check_message(&descriptor, &mut fields, path);
+    if let Value::Object(fields) = fields {
+        *object = fields;
+    }
+    object.insert("@type".to_string(), type_url);
+    checked
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -373,6 +404,32 @@ mod tests {
         let back = to_value(&cluster).unwrap();
         assert_eq!(back["connect_timeout"], "1.500s");
         assert_eq!(back["type"], "STRICT_DNS");
+    }
+
+    #[test]
+    fn lowercase_enums_and_a_single_value_for_a_list_are_read_as_envoy_reads_them() {
+        let cluster: Cluster = from_yaml_str(concat!(
+            "name: a\ntype: strict_dns\nlb_policy: least_request\n",
+            "load_assignment:\n  cluster_name: a\n  endpoints:\n    lb_endpoints:\n",
+            "      endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}\n",
+            "transport_socket:\n  name: tls\n  typed_config:\n",
+            "    \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n",
+            "    common_tls_context: {alpn_protocols: h2}\n",
+        ))
+        .unwrap();
+        let back = to_value(&cluster).unwrap();
+        assert_eq!(back["type"], "STRICT_DNS");
+        assert_eq!(back["lb_policy"], "LEAST_REQUEST");
+        let endpoints = &back["load_assignment"]["endpoints"];
+        assert_eq!(
+            endpoints[0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"],
+            1
+        );
+        let tls = &back["transport_socket"]["typed_config"];
+        assert_eq!(tls["common_tls_context"]["alpn_protocols"][0], "h2");
+
+        let error = from_yaml_str::<Cluster>("name: a\nlb_policy: round_robbin\n").unwrap_err();
+        assert_eq!(error.path, "lb_policy", "{error}");
     }
 
     #[test]
