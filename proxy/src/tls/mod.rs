@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use xds_api::envoy::config::core::v3 as core_pb;
 use xds_api::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
 
@@ -50,6 +51,105 @@ fn certificates(pem: &[u8], path: &str) -> ConfigResult<Vec<CertificateDer<'stat
         return err(path, "no certificate found");
     }
     Ok(certs)
+}
+
+/// The certificate chain and its key, checked to belong together. rustls checks through webpki,
+/// which reads only X.509 v3; Envoy (BoringSSL) also serves v1 certificates, which `openssl`
+/// older than 3.2 and Envoy's own examples make. For those the key is compared with the public
+/// key read straight from the certificate's DER.
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    path: &str,
+) -> ConfigResult<Arc<CertifiedKey>> {
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| ConfigError::new(format!("{path}.private_key"), e.to_string()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    let mismatch = || {
+        ConfigError::new(
+            path,
+            "certificate and key do not match: the private key is not the certificate's",
+        )
+    };
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(_)) => return Err(mismatch()),
+        Err(webpki_error) => {
+            let certificate = &certified.cert[0];
+            let Some(certificate_key) = der::subject_public_key_info(certificate) else {
+                return err(
+                    format!("{path}.certificate_chain"),
+                    format!("the certificate cannot be read: {webpki_error}"),
+                );
+            };
+            if let Some(key) = certified.key.public_key()
+                && key.as_ref() != certificate_key
+            {
+                return Err(mismatch());
+            }
+        }
+    }
+    Ok(Arc::new(certified))
+}
+
+/// Just enough DER to find a certificate's public key, whatever its X.509 version.
+mod der {
+    /// One DER element, read from the front of some bytes.
+    pub(super) struct Element<'a> {
+        pub tag: u8,
+        pub content: &'a [u8],
+        /// Tag, length and content.
+        pub whole: &'a [u8],
+        /// What follows the element.
+        pub rest: &'a [u8],
+    }
+
+    pub(super) fn element(input: &[u8]) -> Option<Element<'_>> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (length, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let count = usize::from(first & 0x7f);
+            if count == 0 || count > 4 || rest.len() < count {
+                return None;
+            }
+            let length = rest[..count]
+                .iter()
+                .fold(0usize, |length, &byte| (length << 8) | usize::from(byte));
+            (length, &rest[count..])
+        };
+        if rest.len() < length {
+            return None;
+        }
+        let header = input.len() - rest.len();
+        Some(Element {
+            tag,
+            content: &rest[..length],
+            whole: &input[..header + length],
+            rest: &rest[length..],
+        })
+    }
+
+    const SEQUENCE: u8 = 0x30;
+    const VERSION: u8 = 0xa0; // [0] EXPLICIT, absent in v1
+
+    /// The `subjectPublicKeyInfo` element (tag and all) of a DER certificate.
+    pub fn subject_public_key_info(certificate: &[u8]) -> Option<&[u8]> {
+        let sequence = |bytes| element(bytes).filter(|e| e.tag == SEQUENCE);
+        let certificate = sequence(certificate)?.content;
+        let mut tbs = sequence(certificate)?.content;
+        if tbs.first() == Some(&VERSION) {
+            tbs = element(tbs)?.rest;
+        }
+        // serialNumber, signature, issuer, validity, subject; then the key.
+        for _ in 0..5 {
+            tbs = element(tbs)?.rest;
+        }
+        Some(sequence(tbs)?.whole)
+    }
 }
 
 fn private_key(pem: &[u8], path: &str) -> ConfigResult<PrivateKeyDer<'static>> {
@@ -134,9 +234,8 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| ConfigError::new(&tpath, format!("certificate and key do not match: {e}")))?;
+    let certified = certified_key(chain, key, &tpath)?;
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = common
         .alpn_protocols
         .iter()
@@ -177,9 +276,8 @@ pub fn client_config(
                 &read(&certificate.private_key, &format!("{tpath}.private_key"))?,
                 &tpath,
             )?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| ConfigError::new(&tpath, e.to_string()))?
+            let certified = certified_key(chain, key, &tpath)?;
+            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
         }
         _ => {
             return err(
@@ -282,5 +380,73 @@ pub fn transport_socket<'a>(
             err(path, "raw_buffer needs no transport_socket; remove it")
         }
         None => err(path, "typed_config is required"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DER element from its tag and content.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        match content.len() {
+            n if n < 0x80 => out.push(n as u8),
+            n if n < 0x100 => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// The same certificate without its version field: what an X.509 v1 certificate looks
+    /// like (its signature no longer verifies, which loading a key pair does not check).
+    fn as_version_1(der_v3: &[u8]) -> Vec<u8> {
+        let certificate = der::element(der_v3).unwrap().content;
+        let tbs = der::element(certificate).unwrap();
+        assert_eq!(
+            tbs.content[0], 0xa0,
+            "a v3 certificate starts with its version"
+        );
+        let tbs_without_version = der::element(tbs.content).unwrap().rest;
+        let mut body = tlv(0x30, tbs_without_version);
+        body.extend_from_slice(tbs.rest);
+        tlv(0x30, &body)
+    }
+
+    fn key_pair() -> (rcgen::KeyPair, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (key, cert.der().to_vec())
+    }
+
+    fn load(certificate: &[u8], key: &rcgen::KeyPair) -> ConfigResult<Arc<CertifiedKey>> {
+        let key = private_key(key.serialize_pem().as_bytes(), "k")?;
+        certified_key(vec![CertificateDer::from(certificate.to_vec())], key, "t")
+    }
+
+    #[test]
+    fn a_certificate_loads_with_its_own_key_only_in_version_3_and_version_1() {
+        let (key, v3) = key_pair();
+        let (other_key, _) = key_pair();
+        let v1 = as_version_1(&v3);
+        assert_eq!(
+            der::subject_public_key_info(&v1),
+            der::subject_public_key_info(&v3)
+        );
+        assert!(der::subject_public_key_info(&v3).is_some());
+        for certificate in [&v3, &v1] {
+            load(certificate, &key).expect("own key");
+            let error = load(certificate, &other_key).unwrap_err();
+            assert!(error.to_string().contains("do not match"), "{error}");
+        }
+        let error = load(&v1[..v1.len() / 2], &key).unwrap_err();
+        assert!(
+            error.to_string().contains("certificate cannot be read"),
+            "{error}"
+        );
     }
 }
