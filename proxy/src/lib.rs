@@ -23,4 +23,5 @@ pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
 pub mod tls;
+pub mod uuid;
 pub mod xds;

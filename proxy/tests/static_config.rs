@@ -394,31 +394,67 @@ fn tcp_proxy_retries_connect_failures_on_other_hosts() {
     assert!(proxy.stat("cluster.mixed.upstream_cx_connect_fail") >= 1);
 }
 
-#[test]
-fn websocket_upgrade_is_spliced_when_enabled() {
-    // An upstream that accepts the upgrade and then echoes bytes.
+/// An upstream that accepts every upgrade and then echoes bytes.
+fn upgrade_echo_upstream() -> std::net::SocketAddr {
     let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
     let upstream_addr = upstream.local_addr().expect("addr");
     std::thread::spawn(move || {
-        let Ok((mut stream, _)) = upstream.accept() else {
-            return;
-        };
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if stream.read(&mut byte).unwrap_or(0) == 0 {
+        for stream in upstream.incoming() {
+            let Ok(mut stream) = stream else {
                 return;
-            }
-            head.push(byte[0]);
-        }
-        let _ = stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
-        let mut buf = [0u8; 1024];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                return;
-            }
+            };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
         }
     });
+    upstream_addr
+}
+
+/// Sends a WebSocket upgrade for `path`; on a 101, checks that bytes are spliced both ways.
+/// Returns the status line.
+fn websocket_through(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(loopback(port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: ws.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())
+        .expect("write upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).expect("read head"), 1);
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    if head.starts_with("http/1.1 101") {
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        stream.write_all(b"frame-bytes").expect("write frame");
+        let mut echoed = [0u8; 11];
+        stream.read_exact(&mut echoed).expect("echoed frame");
+        assert_eq!(&echoed, b"frame-bytes");
+    }
+    head.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn websocket_upgrade_is_spliced_when_enabled() {
+    let upstream_addr = upgrade_echo_upstream();
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
     let yaml = bootstrap(
@@ -432,26 +468,10 @@ fn websocket_upgrade_is_spliced_when_enabled() {
         &[static_cluster("echo", &[upstream_addr])],
     );
     let _proxy = Proxy::start(&yaml, admin, &[]);
-    let mut stream = TcpStream::connect(loopback(port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET /chat HTTP/1.1\r\nHost: ws.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-        .expect("write upgrade");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).expect("read head"), 1);
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
-    stream.write_all(b"frame-bytes").expect("write frame");
-    let mut echoed = [0u8; 11];
-    stream.read_exact(&mut echoed).expect("echoed frame");
-    assert_eq!(&echoed, b"frame-bytes");
+    assert_eq!(
+        websocket_through(port, "/chat"),
+        "http/1.1 101 switching protocols"
+    );
 
     // Without upgrade_configs the upgrade is refused (403) as Envoy does.
     let port2 = free_port();
@@ -462,15 +482,87 @@ fn websocket_upgrade_is_spliced_when_enabled() {
         &[static_cluster("echo", &[upstream_addr])],
     );
     let _proxy2 = Proxy::start(&yaml, admin2, &[]);
-    let (status, _, _) = http_request(
-        loopback(port2),
-        "GET",
-        "/chat",
-        &[("Upgrade", "websocket"), ("Connection", "upgrade")],
-        "",
-    )
-    .expect("request");
-    assert_eq!(status, 403);
+    assert_eq!(websocket_through(port2, "/chat"), "http/1.1 403 forbidden");
+}
+
+#[test]
+fn route_upgrade_configs_override_the_hcms() {
+    let upstream_addr = upgrade_echo_upstream();
+    let (admin, admin_yaml) = admin_block();
+    let (open, closed) = (free_port(), free_port());
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/on"}
+                route: {cluster: echo, upgrade_configs: [{upgrade_type: WebSocket}]}
+              - match: {prefix: "/off"}
+                route: {cluster: echo, upgrade_configs: [{upgrade_type: websocket, enabled: false}]}
+              - match: {prefix: "/"}
+                route: {cluster: echo}
+"#;
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[
+            // The HCM allows no upgrade: only the route that enables it lets one through.
+            http_listener("closed", closed, "", routes),
+            // The HCM allows WebSocket: the route that disables it refuses.
+            http_listener(
+                "open",
+                open,
+                "          upgrade_configs: [{upgrade_type: websocket}]\n",
+                routes,
+            ),
+        ],
+        &[static_cluster("echo", &[upstream_addr])],
+    );
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let switched = "http/1.1 101 switching protocols";
+    let forbidden = "http/1.1 403 forbidden";
+    assert_eq!(websocket_through(closed, "/on"), switched);
+    assert_eq!(websocket_through(closed, "/off"), forbidden);
+    assert_eq!(websocket_through(closed, "/other"), forbidden);
+    assert_eq!(websocket_through(open, "/on"), switched);
+    assert_eq!(websocket_through(open, "/off"), forbidden);
+    assert_eq!(websocket_through(open, "/other"), switched);
+}
+
+#[test]
+fn real_envoy_spellings_unnamed_listeners_lowercase_enums_and_a_single_value_for_a_list() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let listener = http_listener("ingress", port, "", ALL_ROUTES).replacen(
+        "  - name: ingress\n    address:",
+        "  - address:",
+        1,
+    );
+    // `endpoints` is a list; Envoy also reads one object there.
+    let cluster = static_cluster("echo", &[echo.addr])
+        .replacen(
+            "type: STATIC",
+            "type: static\n    lb_policy: round_robin",
+            1,
+        )
+        .replacen("      - lb_endpoints:", "        lb_endpoints:", 1);
+    assert!(!listener.contains("name: ingress\n"), "{listener}");
+    assert!(cluster.contains("type: static"), "{cluster}");
+    assert!(
+        cluster.contains("endpoints:\n        lb_endpoints:"),
+        "{cluster}"
+    );
+    let yaml = bootstrap(&admin_yaml, &[listener], &[cluster]);
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let (status, _, body) = http_get(loopback(port), "/named").expect("request");
+    assert_eq!(status, 200);
+    assert_eq!(echo_json(&body)["path"], "/named");
+    // Envoy names an unnamed listener with a random UUID.
+    let (_, _, listeners) = http_get(admin, "/listeners").expect("listeners");
+    let name = listeners
+        .lines()
+        .find_map(|line| line.strip_suffix(&format!("::127.0.0.1:{port}")))
+        .unwrap_or_else(|| panic!("no listener on {port}: {listeners}"));
+    assert_eq!(name.len(), 36, "{name}");
+    assert_eq!(name.matches('-').count(), 4, "{name}");
 }
 
 #[test]

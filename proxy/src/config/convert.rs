@@ -147,6 +147,17 @@ pub fn bootstrap(proto: &xds_api::envoy::config::bootstrap::v3::Bootstrap) -> R<
     if let Some(statics) = &proto.static_resources {
         for (index, listener_proto) in statics.listeners.iter().enumerate() {
             let path = format!("static_resources.listeners[{index}]");
+            let named;
+            let listener_proto = if listener_proto.name.is_empty() {
+                // As Envoy does: a static listener without a name gets a random UUID.
+                named = listener_pb::Listener {
+                    name: crate::uuid::v4_string(),
+                    ..listener_proto.clone()
+                };
+                &named
+            } else {
+                listener_proto
+            };
             let model = listener(listener_proto, &path)?;
             if listeners
                 .iter()

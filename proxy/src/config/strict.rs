@@ -302,7 +302,12 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "case_sensitive",
             "headers",
             "query_parameters",
+            "grpc",
         ],
+    ),
+    (
+        "envoy.config.route.v3.RouteMatch.GrpcRouteMatchOptions",
+        &[],
     ),
     (
         "envoy.config.route.v3.HeaderMatcher",
@@ -337,7 +342,12 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "auto_host_rewrite",
             "timeout",
             "idle_timeout",
+            "upgrade_configs",
         ],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.UpgradeConfig",
+        &["upgrade_type", "enabled"],
     ),
     ("envoy.config.route.v3.WeightedCluster", &["clusters"]),
     (

@@ -262,21 +262,7 @@ fn reply(connection: &Connection, status: u16, body: Vec<u8>) -> Response<Respon
 }
 
 fn request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits: u128 = rand::rng().random();
-    // A version-4, variant-1 UUID, formatted without allocating.
-    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let mut out = [0u8; 36];
-    let mut nibble = 0;
-    for (index, byte) in out.iter_mut().enumerate() {
-        if matches!(index, 8 | 13 | 18 | 23) {
-            *byte = b'-';
-            continue;
-        }
-        *byte = HEX[((bits >> (124 - 4 * nibble)) & 0xf) as usize];
-        nibble += 1;
-    }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    HeaderValue::from_bytes(&crate::uuid::v4()).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The request's authority as a header value (cheap to clone: it shares the parsed buffer).
@@ -564,7 +550,7 @@ async fn proxy(
         ));
     };
 
-    // Upgrade (WebSocket etc.): only those the HCM allows.
+    // Upgrade (WebSocket etc.): only those the route, or else the HCM, allows.
     let upgrade = request
         .headers()
         .get(header::UPGRADE)
@@ -572,7 +558,7 @@ async fn proxy(
         .map(|v| v.to_ascii_lowercase());
     let upgrading = match &upgrade {
         Some(kind) if request.version() == Version::HTTP_11 => {
-            if !hcm.upgrades.iter().any(|allowed| allowed == kind) {
+            if !forward.allows_upgrade(kind, &hcm.upgrades) {
                 return Ok(reply(connection, 403, b"upgrade failed".to_vec()));
             }
             true

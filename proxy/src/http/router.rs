@@ -74,6 +74,8 @@ struct RouteMatcher {
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
     query: Vec<QueryMatch>,
+    /// `grpc: {}`: only gRPC requests (by content type) match.
+    grpc: bool,
 }
 
 #[derive(Debug)]
@@ -173,6 +175,9 @@ pub struct Forward {
     /// `None`: the HCM's `stream_idle_timeout` applies; `Some(None)`: an explicit `0s`, which
     /// disables the stream idle timeout for this route (HCM's included), as in Envoy.
     pub idle_timeout: Option<Option<Duration>>,
+    /// Per-route `upgrade_configs`: (lowercase upgrade type, enabled). For a type listed here
+    /// they override the HCM's.
+    pub upgrades: Vec<(String, bool)>,
 }
 
 #[derive(Debug)]
@@ -638,6 +643,7 @@ fn compile_route(route: &route_pb::Route, path: &str) -> R<Route> {
         case_sensitive,
         headers,
         query,
+        grpc: m.grpc.is_some(),
     };
     use route_pb::route::Action as A;
     let action = match &route.action {
@@ -778,7 +784,18 @@ fn compile_forward(
             );
         }
     };
+    let upgrades = action
+        .upgrade_configs
+        .iter()
+        .map(|upgrade| {
+            (
+                upgrade.upgrade_type.to_ascii_lowercase(),
+                upgrade.enabled.unwrap_or(true),
+            )
+        })
+        .collect();
     Ok(Forward {
+        upgrades,
         timeout_header: timeout.map(|t| HeaderValue::from(t.as_millis() as u64)),
         cluster,
         cluster_not_found_status,
@@ -883,9 +900,23 @@ impl RouteMatcher {
             }
         };
         path_ok
+            && (!self.grpc || is_grpc(headers))
             && self.headers.iter().all(|h| h.matches(headers))
             && self.query.iter().all(|q| q.matches(query))
     }
+}
+
+/// A gRPC request as Envoy tells one: content type `application/grpc`, alone or followed by
+/// `+format` or `;parameters` (so not `application/grpc-web`).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    let Some(content_type) = headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    let value = content_type.as_bytes();
+    const GRPC: &[u8] = b"application/grpc";
+    value.len() >= GRPC.len()
+        && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+        && matches!(value.get(GRPC.len()), None | Some(b'+' | b';'))
 }
 
 impl HeaderMatch {
@@ -941,6 +972,15 @@ impl QueryMatch {
 // === rewrite ===
 
 impl Forward {
+    /// Whether an upgrade to `kind` (lowercase) may go through this route: the route's own
+    /// `upgrade_configs` decide for the types they list, the HCM's (`hcm_upgrades`) for others.
+    pub fn allows_upgrade(&self, kind: &str, hcm_upgrades: &[String]) -> bool {
+        match self.upgrades.iter().find(|(listed, _)| listed == kind) {
+            Some((_, enabled)) => *enabled,
+            None => hcm_upgrades.iter().any(|allowed| allowed == kind),
+        }
+    }
+
     /// The upstream path after prefix or regex rewrite; `None` when unchanged.
     pub fn rewrite_path(&self, route: &Route, path_and_query: &str) -> Option<String> {
         rewrite(
