@@ -27,7 +27,19 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
-        &["tls_certificates", "validation_context", "alpn_protocols"],
+        &[
+            "tls_certificates",
+            "validation_context",
+            "alpn_protocols",
+            "tls_params",
+        ],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
+        &[
+            "tls_minimum_protocol_version",
+            "tls_maximum_protocol_version",
+        ],
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",

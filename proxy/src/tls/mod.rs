@@ -53,6 +53,51 @@ fn certificates(pem: &[u8], path: &str) -> ConfigResult<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
+/// The TLS versions `tls_params` allow. Envoy's defaults (TLS_AUTO) are 1.2 to 1.3 on both
+/// sides, which is all rustls speaks; asking for 1.0 or 1.1 is an error, not a silent 1.2.
+fn protocol_versions(
+    common: &tls_pb::CommonTlsContext,
+    path: &str,
+) -> ConfigResult<&'static [&'static rustls::SupportedProtocolVersion]> {
+    use tls_pb::tls_parameters::TlsProtocol as P;
+    static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS12, &rustls::version::TLS13];
+    let Some(params) = &common.tls_params else {
+        return Ok(&BOTH);
+    };
+    let version = |value: i32, field: &str, auto: P| -> ConfigResult<P> {
+        let fpath = format!("{path}.tls_params.{field}");
+        match P::try_from(value) {
+            Ok(P::TlsAuto) => Ok(auto),
+            Ok(P::TlSv10 | P::TlSv11) => err(
+                fpath,
+                "TLS 1.0 and 1.1 are not supported (Remora speaks TLS 1.2 and 1.3)",
+            ),
+            Ok(version) => Ok(version),
+            Err(_) => err(fpath, format!("unknown TLS version {value}")),
+        }
+    };
+    let min = version(
+        params.tls_minimum_protocol_version,
+        "tls_minimum_protocol_version",
+        P::TlSv12,
+    )?;
+    let max = version(
+        params.tls_maximum_protocol_version,
+        "tls_maximum_protocol_version",
+        P::TlSv13,
+    )?;
+    match (min, max) {
+        (P::TlSv12, P::TlSv13) => Ok(&BOTH),
+        (P::TlSv12, P::TlSv12) => Ok(&BOTH[..1]),
+        (P::TlSv13, P::TlSv13) => Ok(&BOTH[1..]),
+        _ => err(
+            format!("{path}.tls_params"),
+            "tls_minimum_protocol_version is above tls_maximum_protocol_version",
+        ),
+    }
+}
+
 /// The certificate chain and its key, checked to belong together. rustls checks through webpki,
 /// which reads only X.509 v3; Envoy (BoringSSL) also serves v1 certificates, which `openssl`
 /// older than 3.2 and Envoy's own examples make. For those the key is compared with the public
@@ -207,7 +252,7 @@ pub fn server_config(
         &format!("{tpath}.private_key"),
     )?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(protocol_versions(common, &cpath)?)
         .map_err(|e| ConfigError::new(&cpath, e.to_string()))?;
     let builder = match roots(common, &cpath)? {
         Some(store) => {
@@ -252,7 +297,7 @@ pub fn client_config(
     let cpath = format!("{path}.common_tls_context");
     let common = context.common_tls_context.clone().unwrap_or_default();
     let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(protocol_versions(&common, &cpath)?)
         .map_err(|e| ConfigError::new(&cpath, e.to_string()))?;
     let builder = match roots(&common, &cpath)? {
         Some(store) => builder.with_root_certificates(store),
@@ -426,6 +471,40 @@ mod tests {
     fn load(certificate: &[u8], key: &rcgen::KeyPair) -> ConfigResult<Arc<CertifiedKey>> {
         let key = private_key(key.serialize_pem().as_bytes(), "k")?;
         certified_key(vec![CertificateDer::from(certificate.to_vec())], key, "t")
+    }
+
+    #[test]
+    fn tls_params_choose_the_versions_and_refuse_what_rustls_cannot_speak() {
+        use tls_pb::tls_parameters::TlsProtocol as P;
+        let context = |min: P, max: P| tls_pb::CommonTlsContext {
+            tls_params: Some(tls_pb::TlsParameters {
+                tls_minimum_protocol_version: min as i32,
+                tls_maximum_protocol_version: max as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let versions = |min, max| {
+            protocol_versions(&context(min, max), "c").map(|list| {
+                list.iter()
+                    .map(|v| format!("{:?}", v.version))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let both = ["TLSv1_2", "TLSv1_3"];
+        assert_eq!(versions(P::TlsAuto, P::TlsAuto).unwrap(), both);
+        assert_eq!(
+            protocol_versions(&tls_pb::CommonTlsContext::default(), "c")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(versions(P::TlSv13, P::TlsAuto).unwrap(), ["TLSv1_3"]);
+        assert_eq!(versions(P::TlsAuto, P::TlSv12).unwrap(), ["TLSv1_2"]);
+        let error = versions(P::TlSv10, P::TlsAuto).unwrap_err();
+        assert_eq!(error.path, "c.tls_params.tls_minimum_protocol_version");
+        let error = versions(P::TlSv13, P::TlSv12).unwrap_err();
+        assert!(error.to_string().contains("above"), "{error}");
     }
 
     #[test]
