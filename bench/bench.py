@@ -231,17 +231,33 @@ class Subject:
     bootstraps: dict = field(default_factory=dict)  # "small" and "1k": rendered for its ports
     values: dict = field(default_factory=dict)  # per figure: the median over rounds
     samples: dict = field(default_factory=dict)  # per figure: one value per round
+    rounds: dict = field(default_factory=dict)  # round index -> that round's figures
     notes: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
 
-    def record(self, round_values: dict) -> None:
+    def record(self, round_index: int, round_values: dict) -> None:
         for key, value in round_values.items():
             if value is not None:
                 self.samples.setdefault(key, []).append(value)
+                self.rounds.setdefault(round_index, {})[key] = value
         self.values = {key: statistics.median(vals) for key, vals in self.samples.items()}
+
+
+def round_ratios(envoy: Subject, remora: Subject, key: str) -> list[float]:
+    """remora/envoy for one figure in each round both measured it."""
+    return [remora.rounds[i][key] / envoy.rounds[i][key]
+            for i in sorted(set(envoy.rounds) & set(remora.rounds))
+            if envoy.rounds[i].get(key) and remora.rounds[i].get(key) is not None]
+
+
+def paired_ratio(envoy: Subject, remora: Subject, key: str) -> float | None:
+    """The median of the per-round ratios: each compares two runs made back to back, so a
+    stall of the machine that hit one round moves one ratio, not one side's median."""
+    ratios = round_ratios(envoy, remora, key)
+    return statistics.median(ratios) if ratios else None
 
 
 def fmt(value: float | None, unit: str) -> str:
@@ -364,7 +380,7 @@ http {{
             return None, f"{failure}: {tail}" if tail else failure
         return proc, time.monotonic() - started
 
-    def measure_round(self, order: tuple[Subject, ...]) -> None:
+    def measure_round(self, round_index: int, order: tuple[Subject, ...]) -> None:
         """One round: both proxies run at once, idle on the proxy core but for the one under
         load, and every load step runs for one and then at once for the other. Paired like
         that, a stall of the machine lasting seconds hits both sides of a ratio alike, where
@@ -404,11 +420,11 @@ http {{
         finally:
             for subject, proc, v in live:
                 stop(proc)
-                subject.record(v)
+                subject.record(round_index, v)
         # One at a time: start-up time is the figure, so nothing else may run meanwhile.
         for subject, _, _ in live:
             if subject.supports_bootstrap:
-                self.measure_1k(subject)
+                self.measure_1k(round_index, subject)
 
     def step_wrk(self, subject: Subject, pid: int, v: dict) -> None:
         log(f"{subject.name}: wrk {self.args.duration:g}s")
@@ -460,7 +476,7 @@ http {{
         v["tcp_gbps"] = tcp["bits_per_second"] / 1e9
         v["tcp_cpu_per_gib"] = cpu / (tcp["bytes"] / 2**30) if tcp["bytes"] else None
 
-    def measure_1k(self, subject: Subject) -> None:
+    def measure_1k(self, round_index: int, subject: Subject) -> None:
         log(f"{subject.name}: start with the 1,000-cluster bootstrap")
         proc, ready = self.start_proxy(subject, "1k")
         if proc is None:
@@ -473,7 +489,7 @@ http {{
             v["idle_rss_1k"] = status_kb(proc.pid, "VmRSS") / KB_PER_MB
         finally:
             stop(proc)
-            subject.record(v)
+            subject.record(round_index, v)
 
 
 # ---------------------------------------------------------------- setup
@@ -585,7 +601,7 @@ def table(envoy: Subject, remora: Subject) -> str:
             "|---|---:|---:|---:|---|---|"]
     for fig in FIGURES:
         e, r = envoy.values.get(fig.key), remora.values.get(fig.key)
-        ratio = r / e if (e and r is not None) else None
+        ratio = paired_ratio(envoy, remora, fig.key)
         met = ""
         if fig.check is not None:
             if r is None or (ratio is None and fig.key != "idle_rss"):
@@ -605,12 +621,11 @@ def spread(envoy: Subject, remora: Subject) -> str:
     for fig in FIGURES:
         if fig.check is None:
             continue
-        es, rs = envoy.samples.get(fig.key, []), remora.samples.get(fig.key, [])
         if fig.key == "idle_rss":
-            values = [fmt(r, fig.unit) for r in rs]
+            values = [fmt(r, fig.unit) for r in remora.samples.get(fig.key, [])]
             parts.append(f"{fig.label}: {', '.join(values)} {fig.unit}")
         else:
-            ratios = [f"{r / e:.2f}x" for e, r in zip(es, rs) if e]
+            ratios = [f"{ratio:.2f}x" for ratio in round_ratios(envoy, remora, fig.key)]
             parts.append(f"{fig.label}: {', '.join(ratios)}")
     return "Per round, remora/envoy: " + "; ".join(parts) + "."
 
@@ -635,7 +650,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, 
            f"{LOAD_CPUS}"),
         f"- rounds: {a.repeat}; in each, both proxies run at once and every load step runs for "
         "one and then the other (envoy first, then alternating by round); each figure is the "
-        "median over rounds",
+        "median over rounds, each ratio the median of the per-round ratios",
         f"- wrk {a.duration:g}s; fixed rate {a.rate} req/s over {a.latency_connections} "
         f"connections for {a.latency_duration:g}s (remora-loadgen, open loop); h2load "
         f"{a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
@@ -747,7 +762,7 @@ def main(argv: list[str]) -> int:
             runnable = tuple(s for s in order if s.command is not None and not s.reason)
             if runnable:
                 log(f"round {round_index + 1}/{args.repeat}")
-                bench.measure_round(runnable)
+                bench.measure_round(round_index, runnable)
         stop_all()
         text = report(bench, envoy, remora, info, argv, started)
 
