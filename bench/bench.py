@@ -155,11 +155,17 @@ def wrk(port: int, seconds: float, connections: int) -> dict:
     return {"requests": requests, "rps": rps, "failed": failed}
 
 
-def loadgen(binary: Path, port: int, rate: int, connections: int, seconds: float) -> dict:
-    out = run([str(binary), "--url", f"http://127.0.0.1:{port}/", "--rate", str(rate),
-               "--connections", str(connections), "--duration", f"{seconds:g}", "--warmup", "1"],
-              cpus=LOAD_CPUS, timeout=seconds + 30)
-    return json.loads(out.strip().splitlines()[-1])
+def loadgen(binary: Path, ports: list[int], rate: int, connections: int,
+            seconds: float) -> list[dict]:
+    """One summary per port. Several ports take turns in half-second slices (see
+    remora-loadgen), each for `seconds` in all."""
+    urls = [arg for port in ports for arg in ("--url", f"http://127.0.0.1:{port}/")]
+    total = seconds * len(ports)
+    out = run([str(binary), *urls, "--slice", "0.5", "--rate", str(rate),
+               "--connections", str(connections), "--duration", f"{total:g}", "--warmup", "1"],
+              cpus=LOAD_CPUS, timeout=total + 30)
+    summary = json.loads(out.strip().splitlines()[-1])
+    return summary["targets"] if "targets" in summary else [summary]
 
 
 def h2load(port: int, requests: int, timeout: float) -> dict:
@@ -358,8 +364,8 @@ http {{
         try:
             self.baseline["h1_rps"] = wrk(port, self.args.duration, 50)["rps"]
             if self.loadgen_bin:
-                lat = loadgen(self.loadgen_bin, port, self.args.rate, self.args.latency_connections,
-                              self.args.latency_duration)
+                lat = loadgen(self.loadgen_bin, [port], self.args.rate,
+                              self.args.latency_connections, self.args.latency_duration)[0]
                 self.baseline.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
         except (RuntimeError, subprocess.TimeoutExpired, AttributeError) as error:
             self.baseline["error"] = str(error)
@@ -382,9 +388,10 @@ http {{
 
     def measure_round(self, round_index: int, order: tuple[Subject, ...]) -> None:
         """One round: both proxies run at once, idle on the proxy core but for the one under
-        load, and every load step runs for one and then at once for the other. Paired like
-        that, a stall of the machine lasting seconds hits both sides of a ratio alike, where
-        measuring one proxy's whole suite and then the other's let it hit only one."""
+        load, and every load step runs for one and then at once for the other (the fixed-rate
+        run interleaves them finer, see step_latency). Paired like that, a stall of the machine
+        lasting seconds hits both sides of a ratio alike, where measuring one proxy's whole
+        suite and then the other's let it hit only one."""
         live: list[tuple[Subject, subprocess.Popen, dict]] = []
         try:
             for subject in order:
@@ -402,9 +409,18 @@ http {{
             for subject, proc, v in live:
                 # Warm-up (pools, caches, page faults); not measured.
                 wrk(subject.ports["HTTP_PORT"], 1, 50)
-            steps = [self.step_wrk, self.step_latency, self.step_h2, self.step_tcp]
+            steps = [self.step_wrk, "latency", self.step_h2, self.step_tcp]
             stopped: set[str] = set()
             for step in steps:
+                if step == "latency":
+                    running = [entry for entry in live if entry[0].name not in stopped]
+                    try:
+                        self.step_latency(running)
+                    except (RuntimeError, subprocess.TimeoutExpired, AttributeError, KeyError,
+                            OSError) as error:
+                        for subject, _, _ in running:
+                            subject.note(f"fixed-rate run failed: {error}")
+                    continue
                 for subject, proc, v in live:
                     if subject.name in stopped:
                         continue
@@ -444,20 +460,26 @@ http {{
                 f"got only {v['h1_cpu_util']:.2f} of a core during wrk while below the "
                 "load-side ceiling: the machine was busy, throughput figures are noisy")
 
-    def step_latency(self, subject: Subject, pid: int, v: dict) -> None:
-        if not self.loadgen_bin:
+    def step_latency(self, live: list[tuple[Subject, subprocess.Popen, dict]]) -> None:
+        """The fixed-rate run, for all proxies at once: remora-loadgen hands the schedule to
+        each in turn for half a second, so every stall of the machine longer than that lands
+        on both, and each gets `latency_duration` seconds in all."""
+        if not self.loadgen_bin or not live:
             return
-        log(f"{subject.name}: fixed rate {self.args.rate}/s for {self.args.latency_duration:g}s")
-        cpu0 = cpu_seconds(pid)
-        lat = loadgen(self.loadgen_bin, subject.ports["HTTP_PORT"], self.args.rate,
-                      self.args.latency_connections, self.args.latency_duration)
-        cpu = cpu_seconds(pid) - cpu0
-        # Warm-up second included in the CPU window, so count its requests too.
-        sent = self.args.rate * (self.args.latency_duration + 1)
-        v["cpu_per_100k_fixed"] = cpu / sent * 100_000
-        v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
-        if lat["errors"]:
-            subject.note(f"fixed-rate run: {lat['errors']} errors")
+        log(f"{' and '.join(s.name for s, _, _ in live)}, taking turns: fixed rate "
+            f"{self.args.rate}/s for {self.args.latency_duration:g}s each")
+        cpu0 = [cpu_seconds(proc.pid) for _, proc, _ in live]
+        summaries = loadgen(self.loadgen_bin, [s.ports["HTTP_PORT"] for s, _, _ in live],
+                            self.args.rate, self.args.latency_connections,
+                            self.args.latency_duration)
+        for (subject, proc, v), before, lat in zip(live, cpu0, summaries):
+            cpu = cpu_seconds(proc.pid) - before
+            # Each proxy gets its share of the schedule, warm-up second included.
+            sent = self.args.rate * (self.args.latency_duration * len(live) + 1) / len(live)
+            v["cpu_per_100k_fixed"] = cpu / sent * 100_000
+            v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
+            if lat["errors"]:
+                subject.note(f"fixed-rate run: {lat['errors']} errors")
 
     def step_h2(self, subject: Subject, pid: int, v: dict) -> None:
         log(f"{subject.name}: h2load {self.args.h2_requests} requests")

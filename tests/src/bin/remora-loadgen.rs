@@ -9,6 +9,11 @@
 //! the runtime's 1 ms timer granularity adds no false latency); a request whose connection was
 //! still busy at its scheduled time starts its clock at the scheduled time, so queueing behind
 //! a slow reply is counted, as wrk2 does.
+//!
+//! Several `--url`s interleave: time is cut into slices of `--slice` seconds, and slice *k*
+//! goes to target *k mod N*, each target with its own connections (so one target's slow reply
+//! never delays another's request). Comparing two proxies this way puts both under the same
+//! stretch of machine noise, down to the slice; the JSON line then holds one summary per URL.
 
 use std::time::{Duration, Instant};
 
@@ -22,16 +27,19 @@ use hyper_util::rt::TokioIo;
 #[derive(Parser)]
 #[command(about = "Open-loop fixed-rate HTTP/1.1 latency client (JSON summary on stdout)")]
 struct Args {
-    /// Target, `http://HOST:PORT/PATH` (plain HTTP/1.1 only).
-    #[arg(long)]
-    url: String,
+    /// Target, `http://HOST:PORT/PATH` (plain HTTP/1.1 only); repeat to interleave targets.
+    #[arg(long, required = true)]
+    url: Vec<String>,
+    /// With several URLs: seconds each target has the schedule before the next takes over.
+    #[arg(long, default_value_t = 0.5)]
+    slice: f64,
     /// Requests per second across all connections.
     #[arg(long, default_value_t = 1000)]
     rate: u32,
-    /// Keep-alive connections; the schedule is spread round-robin over them.
+    /// Keep-alive connections (per target); the schedule is spread round-robin over them.
     #[arg(long, default_value_t = 16)]
     connections: u32,
-    /// Measured seconds (after the warm-up).
+    /// Measured seconds (after the warm-up), shared by all targets.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
     /// Seconds sent at the same rate but not recorded (connection setup, pool warm-up).
@@ -47,6 +55,19 @@ struct Schedule {
     /// Requests due before this are warm-up and not recorded.
     record_from: Instant,
     end: Instant,
+    slice: Duration,
+    targets: u32,
+}
+
+impl Schedule {
+    /// Which target the request due at `due` goes to.
+    fn target_at(&self, due: Instant) -> u32 {
+        if self.targets == 1 {
+            return 0;
+        }
+        let slice = (due - self.start).as_secs_f64() / self.slice.as_secs_f64();
+        (slice as u64 % u64::from(self.targets)) as u32
+    }
 }
 
 /// What one connection task saw.
@@ -99,10 +120,12 @@ async fn one_request(
     Ok(())
 }
 
-/// Runs the requests `first, first + step, first + 2*step, ...` of the global schedule.
+/// Runs the requests `first, first + step, first + 2*step, ...` of the global schedule that
+/// fall in `target`'s slices.
 async fn connection_task(
     authority: String,
     path: String,
+    target: u32,
     first: u64,
     step: u64,
     schedule: Schedule,
@@ -116,6 +139,9 @@ async fn connection_task(
             break;
         }
         index += step;
+        if schedule.target_at(scheduled) != target {
+            continue;
+        }
         let clock_from = if scheduled > Instant::now() {
             tokio::time::sleep_until(scheduled.into()).await;
             Instant::now()
@@ -164,7 +190,14 @@ fn main() -> anyhow::Result<()> {
     if args.rate == 0 || args.connections == 0 {
         bail!("--rate and --connections must be positive");
     }
-    let (authority, path) = split_url(&args.url)?;
+    if !args.slice.is_finite() || args.slice <= 0.0 {
+        bail!("--slice must be positive");
+    }
+    let targets = args
+        .url
+        .iter()
+        .map(|url| split_url(url))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // One thread, like the proxy under test: the client should take one core at most.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -179,39 +212,55 @@ fn main() -> anyhow::Result<()> {
             start,
             record_from,
             end: record_from + Duration::from_secs_f64(args.duration),
+            slice: Duration::from_secs_f64(args.slice),
+            targets: targets.len() as u32,
         };
-        let tasks: Vec<_> = (0..args.connections)
-            .map(|connection| {
-                tokio::spawn(connection_task(
+        let mut tasks = Vec::new();
+        for (target, (authority, path)) in targets.iter().enumerate() {
+            for connection in 0..args.connections {
+                let task = tokio::spawn(connection_task(
                     authority.clone(),
                     path.clone(),
+                    target as u32,
                     u64::from(connection),
                     u64::from(args.connections),
                     schedule,
-                ))
-            })
-            .collect();
-        let mut tallies = Vec::new();
-        for task in tasks {
-            tallies.push(task.await?);
+                ));
+                tasks.push((target, task));
+            }
+        }
+        let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
+        for (target, task) in tasks {
+            let tally = task.await?;
+            tallies[target].errors += tally.errors;
+            tallies[target].latencies_us.extend(tally.latencies_us);
         }
         anyhow::Ok(tallies)
     })?;
-    let errors: u64 = tallies.iter().map(|tally| tally.errors).sum();
-    let mut latencies: Vec<u32> = tallies.into_iter().flat_map(|t| t.latencies_us).collect();
-    latencies.sort_unstable();
-    let summary = serde_json::json!({
-        "rate": args.rate,
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "recorded": latencies.len(),
-        "errors": errors,
-        "p50_us": percentile(&latencies, 0.50),
-        "p90_us": percentile(&latencies, 0.90),
-        "p99_us": percentile(&latencies, 0.99),
-        "p999_us": percentile(&latencies, 0.999),
-        "max_us": latencies.last().copied().unwrap_or(0),
-    });
-    println!("{summary}");
+    let summaries: Vec<serde_json::Value> = tallies
+        .into_iter()
+        .zip(&args.url)
+        .map(|(mut tally, url)| {
+            let latencies = &mut tally.latencies_us;
+            latencies.sort_unstable();
+            serde_json::json!({
+                "url": url,
+                "rate": args.rate,
+                "connections": args.connections,
+                "duration_s": args.duration,
+                "recorded": latencies.len(),
+                "errors": tally.errors,
+                "p50_us": percentile(latencies, 0.50),
+                "p90_us": percentile(latencies, 0.90),
+                "p99_us": percentile(latencies, 0.99),
+                "p999_us": percentile(latencies, 0.999),
+                "max_us": latencies.last().copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    match summaries.as_slice() {
+        [one] => println!("{one}"),
+        _ => println!("{}", serde_json::json!({ "targets": summaries })),
+    }
     Ok(())
 }
