@@ -404,13 +404,8 @@ fn upgrade_echo_upstream() -> std::net::SocketAddr {
                 return;
             };
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if read_head(&mut stream).is_none() {
+                    return;
                 }
                 let _ = stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
                 let mut buf = [0u8; 1024];
@@ -435,12 +430,7 @@ fn websocket_through(port: u16, path: &str) -> String {
     stream
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: ws.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())
         .expect("write upgrade");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).expect("read head"), 1);
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut stream).expect("a response head");
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     if head.starts_with("http/1.1 101") {
         assert!(head.contains("upgrade: websocket"), "{head}");
@@ -565,8 +555,9 @@ fn real_envoy_spellings_unnamed_listeners_lowercase_enums_and_a_single_value_for
     assert_eq!(name.matches('-').count(), 4, "{name}");
 }
 
-#[test]
-fn default_header_count_limit_is_envoys_100() {
+/// An echo upstream and a proxy with one listener (`ingress`, Envoy's defaults) routing all of
+/// it there: (echo, proxy, admin address, listener port).
+fn proxy_to_echo() -> (EchoServer, Proxy, std::net::SocketAddr, u16) {
     let echo = EchoServer::start("e", "127.0.0.1");
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
@@ -575,7 +566,13 @@ fn default_header_count_limit_is_envoys_100() {
         &[http_listener("ingress", port, "", ALL_ROUTES)],
         &[static_cluster("echo", &[echo.addr])],
     );
-    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    (echo, proxy, admin, port)
+}
+
+#[test]
+fn default_header_count_limit_is_envoys_100() {
+    let (_echo, _proxy, _, port) = proxy_to_echo();
     let addr = loopback(port);
     let request = |extra: usize| {
         let headers: String = (0..extra).map(|i| format!("X-H{i}: v\r\n")).collect();
@@ -638,15 +635,7 @@ fn bad_input_gets_the_right_status_and_proxy_keeps_serving() {
 
 #[test]
 fn admin_endpoints_and_quitquitquit() {
-    let echo = EchoServer::start("e", "127.0.0.1");
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
-    let yaml = bootstrap(
-        &admin_yaml,
-        &[http_listener("ingress", port, "", ALL_ROUTES)],
-        &[static_cluster("echo", &[echo.addr])],
-    );
-    let mut proxy = Proxy::start(&yaml, admin, &[]);
+    let (echo, mut proxy, admin, port) = proxy_to_echo();
     let (status, _, body) = http_get(admin, "/ready").expect("ready");
     assert_eq!((status, body.trim()), (200, "LIVE"));
     let (_, _, info) = http_get(admin, "/server_info").expect("server_info");

@@ -217,13 +217,8 @@ fn paced_upstream(chunks: usize, gap: Duration) -> SocketAddr {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if read_head(&mut stream).is_none() {
+                    return;
                 }
                 let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", chunks * 8);
                 if stream.write_all(head.as_bytes()).is_err() {

@@ -156,6 +156,20 @@ pub fn closed_port() -> SocketAddr {
     loopback(free_port())
 }
 
+/// Reads an HTTP/1 message head, through its blank line, a byte at a time (so nothing after
+/// it is consumed); `None` when the peer closes or fails first.
+pub fn read_head(stream: &mut impl Read) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}
+
 /// Sends raw bytes and reads the whole answer until the peer closes (or 10 s).
 pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).expect("connect");
