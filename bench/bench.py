@@ -235,8 +235,6 @@ class Subject:
     supports_bootstrap: bool = True  # False for the bare forwarder: no TCP, no 1k clusters
     ports: dict = field(default_factory=dict)  # its own ADMIN_PORT, HTTP_PORT, TCP_PORT
     bootstraps: dict = field(default_factory=dict)  # "small" and "1k": rendered for its ports
-    values: dict = field(default_factory=dict)  # per figure: the median over rounds
-    samples: dict = field(default_factory=dict)  # per figure: one value per round
     rounds: dict = field(default_factory=dict)  # round index -> that round's figures
     notes: list[str] = field(default_factory=list)
 
@@ -247,9 +245,16 @@ class Subject:
     def record(self, round_index: int, round_values: dict) -> None:
         for key, value in round_values.items():
             if value is not None:
-                self.samples.setdefault(key, []).append(value)
                 self.rounds.setdefault(round_index, {})[key] = value
-        self.values = {key: statistics.median(vals) for key, vals in self.samples.items()}
+
+    def samples(self, key: str) -> list[float]:
+        """One figure's values, round by round."""
+        return [figures[key] for _, figures in sorted(self.rounds.items()) if key in figures]
+
+    def value(self, key: str) -> float | None:
+        """One figure's median over the rounds."""
+        samples = self.samples(key)
+        return statistics.median(samples) if samples else None
 
 
 def round_ratios(envoy: Subject, remora: Subject, key: str) -> list[float]:
@@ -612,9 +617,9 @@ def status_like(path: str, key: str) -> int | None:
 
 def table(envoy: Subject, remora: Subject) -> str:
     def cell(subject: Subject, key: str, unit: str) -> str:
-        if subject.command is None or (not subject.values and subject.reason):
+        if subject.command is None or (not subject.rounds and subject.reason):
             return f"n/a ({subject.reason})"
-        value = subject.values.get(key)
+        value = subject.value(key)
         if value is None:
             return "n/a"
         return fmt(value, unit)
@@ -622,7 +627,7 @@ def table(envoy: Subject, remora: Subject) -> str:
     rows = [f"| figure | envoy | {remora.name} | {remora.name}/envoy | target | met? |",
             "|---|---:|---:|---:|---|---|"]
     for fig in FIGURES:
-        e, r = envoy.values.get(fig.key), remora.values.get(fig.key)
+        r = remora.value(fig.key)
         ratio = paired_ratio(envoy, remora, fig.key)
         met = ""
         if fig.check is not None:
@@ -644,7 +649,7 @@ def spread(envoy: Subject, remora: Subject) -> str:
         if fig.check is None:
             continue
         if fig.key == "idle_rss":
-            values = [fmt(r, fig.unit) for r in remora.samples.get(fig.key, [])]
+            values = [fmt(r, fig.unit) for r in remora.samples(fig.key)]
             parts.append(f"{fig.label}: {', '.join(values)} {fig.unit}")
         else:
             ratios = [f"{ratio:.2f}x" for ratio in round_ratios(envoy, remora, fig.key)]

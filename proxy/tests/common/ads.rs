@@ -175,6 +175,15 @@ impl AdsServer {
             .into_iter()
             .find(|r| r.error.as_deref().is_some_and(|e| e.contains(needle)))
     }
+
+    /// Waits (20 s at most) for the first NACK whose message contains `needle`.
+    pub fn wait_nack(&self, needle: &str) -> Recorded {
+        remora_tests::wait_for(
+            &format!("a NACK naming {needle:?}"),
+            std::time::Duration::from_secs(20),
+            || self.nack_containing(needle),
+        )
+    }
 }
 
 impl Drop for AdsServer {
