@@ -85,10 +85,7 @@ fn grpc_bidi_streaming_with_trailers_through_the_proxy() {
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
     let routes = "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: \"/envoy.service.discovery.v3.AggregatedDiscoveryService/\"}\n                route: {cluster: grpc}\n";
-    let cluster = static_cluster("grpc", &[upstream.addr]).replace(
-        "    type: STATIC\n",
-        "    type: STATIC\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n",
-    );
+    let cluster = http2_cluster("grpc", upstream.addr);
     let yaml = bootstrap(
         &admin_yaml,
         &[http_listener(

@@ -202,10 +202,7 @@ fn http2_downstream_and_upstream() {
     let echo = EchoServer::start("h2", "127.0.0.1");
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
-    let h2_cluster = static_cluster("echo", &[echo.addr]).replace(
-        "    type: STATIC\n",
-        "    type: STATIC\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n",
-    );
+    let h2_cluster = http2_cluster("echo", echo.addr);
     let yaml = bootstrap(
         &admin_yaml,
         &[http_listener(
@@ -248,12 +245,43 @@ fn http2_downstream_and_upstream() {
             let json = echo_json(&String::from_utf8_lossy(&body));
             assert_eq!(json["version"], "HTTP/2.0", "upstream must be HTTP/2");
             assert_eq!(json["path"], format!("/h2/{i}"));
-            assert_eq!(json["host"], "svc.local");
+            // As Envoy's codec: the Host travels as :authority, not as a header.
+            assert_eq!(json["authority"], "svc.local");
+            assert!(json["headers"].get("host").is_none(), "{json}");
         }
     });
     // Three streams, multiplexed on one upstream connection.
     assert_eq!(proxy.stat("cluster.echo.upstream_cx_total"), 1);
     assert_eq!(proxy.stat("cluster.echo.upstream_rq_total"), 3);
+}
+
+#[test]
+fn http2_upstream_requests_share_one_connect_and_count_as_pending_meanwhile() {
+    let echo = EchoServer::start("h2", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", &catch_all("echo", "5s"))],
+        &[http2_cluster("echo", echo.addr)],
+    );
+    let proxy = Proxy::start(&yaml, admin, &["--concurrency", "1"]);
+    // Eight requests at once on a pool with no connection yet: they all wait for one connect.
+    let addr = loopback(port);
+    let clients: Vec<_> = (0..8)
+        .map(|i| std::thread::spawn(move || http_get(addr, &format!("/burst/{i}"))))
+        .collect();
+    for client in clients {
+        let (status, _, body) = client.join().expect("client thread").expect("request");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(echo_json(&body)["version"], "HTTP/2.0");
+    }
+    assert_eq!(proxy.stat("cluster.echo.upstream_cx_total"), 1);
+    assert_eq!(proxy.stat("cluster.echo.upstream_rq_total"), 8);
+    // At least the request that opened the connection waited for it; none is left waiting.
+    let pending = proxy.stat("cluster.echo.upstream_rq_pending_total");
+    assert!((1..=8).contains(&pending), "{pending}");
+    assert_eq!(proxy.stat("cluster.echo.upstream_rq_pending_active"), 0);
 }
 
 #[test]

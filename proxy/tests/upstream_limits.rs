@@ -618,3 +618,59 @@ fn route_timeout_starts_when_the_request_body_ends() {
     check(&slow_upload(loopback(port)));
     assert_eq!(envoy.stat("cluster.echo.upstream_rq_timeout"), Some(0));
 }
+
+/// An upstream that answers each connection's first request with 200 and then closes it,
+/// without a `Connection: close` to warn the proxy. Returns its address and a count of the
+/// connections it accepted.
+fn upstream_closing_silently() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+            // Dropped: the connection closes.
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn a_pooled_connection_the_upstream_closed_is_not_reused() {
+    let (upstream, accepted) = upstream_closing_silently();
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ingress",
+            port,
+            "",
+            &catch_all("closing", "5s"),
+        )],
+        &[static_cluster("closing", &[upstream])],
+    );
+    let proxy = Proxy::start(&yaml, admin, &["--concurrency", "1"]);
+    let addr = loopback(port);
+    for i in 0..20 {
+        let (status, _, body) = http_get(addr, &format!("/again/{i}")).expect("request");
+        assert_eq!((status, body.as_str()), (200, "ok"), "request {i}");
+    }
+    // Every request needed a connection of its own, and none was lost to a dead one.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 20);
+    assert_eq!(proxy.stat("cluster.closing.upstream_cx_total"), 20);
+    assert_eq!(proxy.stat("cluster.closing.upstream_rq_total"), 20);
+    wait_for(
+        "closed connections leave the gauge",
+        Duration::from_secs(10),
+        || (proxy.stat("cluster.closing.upstream_cx_active") == 0).then_some(()),
+    );
+}

@@ -71,6 +71,7 @@ pub fn describe(name: &str, request: &Request<()>, body: &[u8]) -> serde_json::V
         "method": request.method().as_str(),
         "path": request.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/"),
         "host": host,
+        "authority": request.uri().authority().map(|a| a.to_string()),
         "version": format!("{:?}", request.version()),
         "headers": headers,
         "body_len": body.len(),

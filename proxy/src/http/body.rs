@@ -15,6 +15,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::ResponseFlag;
 use crate::http::access_log::PendingLine;
+use crate::pool::Lease;
 use crate::stats::{GaugeGuard, Stat};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -97,6 +98,8 @@ pub struct UpstreamBody {
     timer: Option<StreamTimer>,
     _active: GaugeGuard,
     downstream: Option<DownstreamSlots>,
+    /// The HTTP/1.1 connection the body arrives on, back to its pool once the body is in.
+    lease: Option<Lease>,
 }
 
 /// What a downstream request holds until its response ends: its place in
@@ -111,12 +114,18 @@ pub struct DownstreamSlots {
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, timer: Option<StreamTimer>, active: GaugeGuard) -> Self {
+    pub fn new(
+        inner: Incoming,
+        timer: Option<StreamTimer>,
+        active: GaugeGuard,
+        lease: Option<Lease>,
+    ) -> Self {
         UpstreamBody {
             inner,
             timer,
             _active: active,
             downstream: None,
+            lease,
         }
     }
 
@@ -133,7 +142,13 @@ impl UpstreamBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Ready(None) => {
+                if let Some(lease) = self.lease.take() {
+                    lease.release();
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
             Poll::Pending => match &mut self.timer {
                 Some(timer) => match timer.poll_expired(cx) {
                     Poll::Ready(timeout) => {
@@ -153,6 +168,18 @@ impl UpstreamBody {
                 },
                 None => Poll::Pending,
             },
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body that was complete from the start (no content) is never polled; one dropped
+        // part-way leaves its connection mid-response, so that connection closes instead.
+        if let Some(lease) = self.lease.take()
+            && self.inner.is_end_stream()
+        {
+            lease.release();
         }
     }
 }

@@ -36,6 +36,7 @@ use crate::http::router::{
     Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
 };
 use crate::lb::LbContext;
+use crate::pool::PoolError;
 use crate::server::Server;
 use crate::stats::{GaugeGuard, HttpStats, Stat};
 
@@ -578,13 +579,8 @@ async fn proxy(
         })?,
         None => original_pq.clone(),
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(upstream_host.authority.clone());
-    uri.path_and_query = Some(upstream_pq);
-    parts.uri = Uri::from_parts(uri).map_err(|e| {
-        ProxyError::downstream(ResponseFlag::NoRouteFound, format!("bad upstream uri: {e}"))
-    })?;
+    // Origin-form; the pool adds the authority where the protocol wants it (HTTP/2).
+    parts.uri = Uri::from(upstream_pq);
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers, upgrading);
     match &forward.host_rewrite {
@@ -668,7 +664,7 @@ async fn proxy(
     // Send. One timer per request: the route deadline and the stream idle timeout (the
     // route's, else the HCM's) bound the wait for headers, then move into the response body.
     let (outcome, timer) = send_upstream(
-        cluster.pools.client().request(upstream_request),
+        cluster.pools.send(upstream_host.addr, upstream_request),
         forward.timeout,
         forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
         request_end,
@@ -679,7 +675,7 @@ async fn proxy(
     )
     .await;
     // Envoy counts a request upstream once the pool takes it: not when it overflowed.
-    let overflowed = matches!(&outcome, Ok(Err(error)) if crate::pool::is_overflow(error));
+    let overflowed = matches!(&outcome, Ok(Err(PoolError::Overflow)));
     if !overflowed {
         cluster.stats.upstream_rq_total.inc();
         upstream_host.rq_total.inc();
@@ -692,8 +688,8 @@ async fn proxy(
         };
         ProxyError::upstream(flag, timeout.to_string())
     })?;
-    let mut response = match result {
-        Ok(response) => response,
+    let (mut response, lease) = match result {
+        Ok(sent) => sent,
         Err(error) if overflowed => {
             return Err(ProxyError::upstream(
                 ResponseFlag::UpstreamOverflow,
@@ -709,10 +705,9 @@ async fn proxy(
                 connection.stats.downstream_rq_timeout.inc();
                 return Ok(reply(connection, 408, b"request timeout".to_vec()));
             }
-            let flag = if error.is_connect() {
-                ResponseFlag::UpstreamConnectionFailure
-            } else {
-                ResponseFlag::UpstreamRemoteReset
+            let flag = match error {
+                PoolError::Connect(_) => ResponseFlag::UpstreamConnectionFailure,
+                _ => ResponseFlag::UpstreamRemoteReset,
             };
             return Err(ProxyError::upstream(flag, error.to_string()));
         }
@@ -750,7 +745,8 @@ async fn proxy(
         }
         _ => None,
     };
-    Ok(response.map(|body| ResponseBody::Upstream(UpstreamBody::new(body, timer, rq_active))))
+    Ok(response
+        .map(|body| ResponseBody::Upstream(UpstreamBody::new(body, timer, rq_active, lease))))
 }
 
 #[cfg(test)]

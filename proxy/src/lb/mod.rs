@@ -11,8 +11,6 @@ use crate::config::{HealthStatus, LbEndpoint};
 #[derive(Debug)]
 pub struct Host {
     pub addr: SocketAddr,
-    /// `ip:port`, ready to put in an upstream URI.
-    pub authority: http::uri::Authority,
     pub hostname: String,
     pub weight: u32,
     pub health: HealthStatus,
@@ -23,11 +21,8 @@ pub struct Host {
 
 impl Host {
     pub fn new(addr: SocketAddr, endpoint: &LbEndpoint) -> Self {
-        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
-            .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
         Host {
             addr,
-            authority,
             hostname: endpoint.hostname.clone(),
             weight: endpoint.weight,
             health: endpoint.health,

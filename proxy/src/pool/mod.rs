@@ -1,33 +1,45 @@
-//! Upstream connection pools: one hyper client per cluster per worker (no cross-worker locks),
-//! HTTP/1.1 with keep-alive reuse or HTTP/2 multiplexing as the cluster asks. The connector
-//! counts connections into the cluster's stats and enforces the circuit breakers as Envoy does:
-//! a request that finds no idle connection is pending (up to `max_pending_requests`, else it
-//! overflows) until it gets a connection, and a new connection waits for a slot under
-//! `max_connections`.
+//! Upstream connection pools: per cluster, one pool per worker (no cross-worker locks on the
+//! request path), keyed by endpoint address so that connections outlive EDS updates that keep
+//! the address.
 //!
-//! hyper-util races a pool checkout against the connector, and only calls the connector when no
-//! idle connection is there. So a pending request is a running connector call: it ends when a
-//! slot frees and the connection is made, or when the checkout wins (an idle connection came
-//! back; hyper-util then moves the connect to a background task, where it stops waiting), or
-//! when the request goes away (route timeout, downstream reset), which drops it.
+//! - HTTP/1.1: idle keep-alive connections wait in a per-address stack. A request takes the
+//!   most recently used one; its response body hands the connection back (a [`Lease`]) once the
+//!   response has been read in full, or drops it (the connection closes) if the body was cut.
+//! - HTTP/2: one multiplexed connection per address per worker. Requests that arrive while it
+//!   is being opened wait for that same connect instead of opening their own.
+//!
+//! Circuit breakers as Envoy enforces them: a request that finds no usable connection is
+//! *pending* (up to `max_pending_requests`, else it overflows) until it gets one, either a
+//! connection slot under `max_connections` (then it connects) or, for HTTP/1.1, an idle
+//! connection handed back meanwhile. A pending request that goes away (route timeout,
+//! downstream reset) takes its connect with it: nothing continues in the background.
+//!
+//! Written here rather than taken from hyper-util's pooled client: that client hashes its pool
+//! key on every checkout and return, and spawns a task per HTTP/1.1 request to return the
+//! connection, about a sixth of the proxy's per-request work; and it cannot count HTTP/2
+//! requests waiting for a connection as pending.
 
 use std::cell::Cell;
-use std::future::Future;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::Authority;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 
 use crate::config::{Cluster, UpstreamProtocol};
+use crate::http::body::RequestBody;
 use crate::stats::ClusterStats;
 
 thread_local! {
@@ -48,20 +60,32 @@ fn worker_index(slots: usize) -> usize {
     }
 }
 
-/// Error when a request would queue beyond `max_pending_requests`.
-#[derive(Debug, thiserror::Error)]
-#[error("upstream pending request limit reached")]
-pub struct PendingOverflow;
+/// Why a request got no response from the pool. Clone, because the requests waiting on one
+/// HTTP/2 connect all get its error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PoolError {
+    /// The request would have queued beyond `max_pending_requests` (flag UO).
+    #[error("upstream pending request limit reached")]
+    Overflow,
+    /// No connection could be made (flag UF).
+    #[error("upstream connect error: {0}")]
+    Connect(Arc<str>),
+    /// The connection failed while the request was on it (flag UR, or a downstream timeout).
+    #[error("upstream request failed: {0}")]
+    Request(Arc<hyper::Error>),
+}
 
-/// Error ending a connect that was waiting for a slot after its request took an idle pooled
-/// connection instead (hyper-util finishes such connects in the background).
-#[derive(Debug, thiserror::Error)]
-#[error("connect no longer wanted by its request")]
-struct NoLongerWanted;
+impl PoolError {
+    fn connect(reason: impl std::fmt::Display) -> Self {
+        PoolError::Connect(reason.to_string().into())
+    }
+}
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Http1Sender = http1::SendRequest<RequestBody>;
+type Http2Sender = http2::SendRequest<RequestBody>;
+type Http2Connect = Shared<BoxFuture<'static, Result<Http2Sender, PoolError>>>;
 
-/// A cluster's circuit breaker state, shared by every worker's client.
+/// A cluster's circuit breaker state, shared by every worker's pool.
 #[derive(Debug)]
 struct Limits {
     /// Connections open or being opened.
@@ -70,109 +94,167 @@ struct Limits {
     /// Requests waiting for a connection.
     pending: AtomicUsize,
     max_pending: usize,
-    /// Wakes pending connects when a connection slot frees.
+    /// Wakes pending requests when a connection slot frees.
     freed: Notify,
 }
 
-/// Connections (open or being opened) per upstream host in one worker's pool. Only touched
-/// when a connection opens or closes, never per request.
-#[derive(Debug, Default)]
-struct WorkerConnections(Mutex<Vec<(Authority, usize)>>);
+/// One worker's connections to one endpoint address.
+#[derive(Default)]
+struct HostConnections {
+    /// Connections open or being opened (Envoy lets a pool with none open one over the limit).
+    open: usize,
+    /// HTTP/1.1 connections ready for a request, most recently used last.
+    idle: Vec<Http1Sender>,
+    http2: Option<Http2Sender>,
+    /// The HTTP/2 connect in progress, shared by the requests waiting for it.
+    http2_connect: Option<Http2Connect>,
+}
 
-impl WorkerConnections {
-    fn count(&self, host: &Authority) -> usize {
-        let hosts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        hosts.iter().find(|(h, _)| h == host).map_or(0, |(_, n)| *n)
+/// One worker's connections to a cluster. Only that worker's thread touches it on the request
+/// path, so its lock is never contended; it is a lock at all because the pools are shared.
+#[derive(Default)]
+struct WorkerPool {
+    hosts: Mutex<HashMap<SocketAddr, HostConnections, foldhash::fast::RandomState>>,
+    /// Wakes this worker's pending HTTP/1.1 requests when a connection comes back idle.
+    released: Notify,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool").finish_non_exhaustive()
+    }
+}
+
+impl WorkerPool {
+    fn hosts(
+        &self,
+    ) -> MutexGuard<'_, HashMap<SocketAddr, HostConnections, foldhash::fast::RandomState>> {
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn add(&self, host: &Authority) {
-        let mut hosts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match hosts.iter_mut().find(|(h, _)| h == host) {
-            Some((_, n)) => *n += 1,
-            None => hosts.push((host.clone(), 1)),
-        }
-    }
-
-    fn remove(&self, host: &Authority) {
-        let mut hosts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(index) = hosts.iter().position(|(h, _)| h == host) {
-            hosts[index].1 -= 1;
-            if hosts[index].1 == 0 {
-                hosts.swap_remove(index);
+    /// An idle HTTP/1.1 connection to `addr`, dropping any that closed while idle.
+    fn take_idle(&self, addr: SocketAddr) -> Option<Http1Sender> {
+        let mut hosts = self.hosts();
+        let idle = &mut hosts.get_mut(&addr)?.idle;
+        while let Some(sender) = idle.pop() {
+            if sender.is_ready() {
+                return Some(sender);
             }
         }
+        None
     }
-}
 
-/// One request counted as pending (cluster-wide and in `upstream_rq_pending_active`).
-struct Pending {
-    limits: Arc<Limits>,
-    stats: Arc<ClusterStats>,
-}
-
-impl Pending {
-    fn try_new(limits: &Arc<Limits>, stats: &Arc<ClusterStats>) -> Option<Pending> {
-        limits
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < limits.max_pending).then_some(n + 1)
-            })
-            .ok()?;
-        stats.upstream_rq_pending_total.inc();
-        stats.upstream_rq_pending_active.inc();
-        Some(Pending {
-            limits: limits.clone(),
-            stats: stats.clone(),
-        })
+    fn put_idle(&self, addr: SocketAddr, sender: Http1Sender) {
+        // No entry: every connection to the address has closed, this one included.
+        if let Some(host) = self.hosts().get_mut(&addr) {
+            host.idle.push(sender);
+            self.released.notify_waiters();
+        }
     }
-}
 
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.limits.pending.fetch_sub(1, Ordering::Relaxed);
-        self.stats.upstream_rq_pending_active.dec();
+    fn open_connections(&self, addr: SocketAddr) -> usize {
+        self.hosts().get(&addr).map_or(0, |h| h.open)
     }
 }
 
 /// One connection slot under `max_connections`, held from before the connect until the
 /// connection closes (or the connect fails or is dropped).
-#[derive(Debug)]
 struct Slot {
-    limits: Arc<Limits>,
-    worker: Arc<WorkerConnections>,
-    host: Authority,
+    connector: Arc<Connector>,
+    worker: Arc<WorkerPool>,
+    addr: SocketAddr,
+}
+
+impl Slot {
+    fn new(connector: &Arc<Connector>, worker: &Arc<WorkerPool>, addr: SocketAddr) -> Slot {
+        worker.hosts().entry(addr).or_default().open += 1;
+        Slot {
+            connector: connector.clone(),
+            worker: worker.clone(),
+            addr,
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.limits.connections.fetch_sub(1, Ordering::Relaxed);
-        self.worker.remove(&self.host);
-        self.limits.freed.notify_waiters();
+        self.connector
+            .limits
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut hosts = self.worker.hosts();
+            if let Some(host) = hosts.get_mut(&self.addr) {
+                host.open -= 1;
+                // Nothing open: whatever senders are left belong to closed connections.
+                if host.open == 0 && host.http2_connect.is_none() {
+                    hosts.remove(&self.addr);
+                }
+            }
+        }
+        self.connector.limits.freed.notify_waiters();
     }
 }
 
-/// Counts connections and bytes, enforces the circuit breakers.
-#[derive(Clone, Debug)]
-pub struct Connector {
-    inner: HttpConnector,
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("addr", &self.addr).finish()
+    }
+}
+
+/// One request counted as pending (cluster-wide and in `upstream_rq_pending_active`).
+struct Pending<'a> {
+    connector: &'a Connector,
+}
+
+impl<'a> Pending<'a> {
+    fn try_new(connector: &'a Connector) -> Result<Pending<'a>, PoolError> {
+        let limits = &connector.limits;
+        let stats = &connector.stats;
+        if limits
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limits.max_pending).then_some(n + 1)
+            })
+            .is_err()
+        {
+            stats.upstream_rq_pending_overflow.inc();
+            return Err(PoolError::Overflow);
+        }
+        stats.upstream_rq_pending_total.inc();
+        stats.upstream_rq_pending_active.inc();
+        Ok(Pending { connector })
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.connector
+            .limits
+            .pending
+            .fetch_sub(1, Ordering::Relaxed);
+        self.connector.stats.upstream_rq_pending_active.dec();
+    }
+}
+
+/// What a pending HTTP/1.1 request got first.
+enum Got {
+    Slot(Slot),
+    Idle(Http1Sender),
+}
+
+/// Makes a cluster's connections: TCP (and TLS), counted in its stats and under its breakers.
+#[derive(Debug)]
+struct Connector {
     stats: Arc<ClusterStats>,
-    limits: Arc<Limits>,
-    /// This worker's connections; fresh per worker client.
-    worker: Arc<WorkerConnections>,
+    limits: Limits,
+    connect_timeout: Duration,
+    tcp_keepalive: bool,
     tls: Option<crate::tls::UpstreamTls>,
 }
 
 impl Connector {
-    fn slot(&self, host: &Authority) -> Slot {
-        self.worker.add(host);
-        Slot {
-            limits: self.limits.clone(),
-            worker: self.worker.clone(),
-            host: host.clone(),
-        }
-    }
-
-    fn try_slot(&self, host: &Authority) -> Option<Slot> {
+    fn try_slot(self: &Arc<Self>, worker: &Arc<WorkerPool>, addr: SocketAddr) -> Option<Slot> {
         let limits = &self.limits;
         limits
             .connections
@@ -180,24 +262,27 @@ impl Connector {
                 (n < limits.max_connections).then_some(n + 1)
             })
             .ok()?;
-        Some(self.slot(host))
+        Some(Slot::new(self, worker, addr))
     }
 
-    /// Waits for a connection slot. Fails with [`NoLongerWanted`] once polled from a task other
-    /// than `task`, the request's own: hyper-util moved the connect to the background because
-    /// the request took an idle connection.
+    /// Waits for a connection slot or, when `idle_too`, an HTTP/1.1 connection handed back to
+    /// this worker's pool, whichever comes first.
     async fn wait_for_slot(
-        &self,
-        host: &Authority,
-        task: Option<tokio::task::Id>,
-    ) -> Result<Slot, NoLongerWanted> {
+        self: &Arc<Self>,
+        worker: &Arc<WorkerPool>,
+        addr: SocketAddr,
+        idle_too: bool,
+    ) -> Got {
         let mut overflowed = false;
         loop {
-            // Registered before the check, so a slot freed in between still wakes us.
+            // Created before the checks, so a release in between still wakes us.
             let freed = self.limits.freed.notified();
-            tokio::pin!(freed);
-            if let Some(slot) = self.try_slot(host) {
-                return Ok(slot);
+            let released = worker.released.notified();
+            if let Some(slot) = self.try_slot(worker, addr) {
+                return Got::Slot(slot);
+            }
+            if idle_too && let Some(sender) = worker.take_idle(addr) {
+                return Got::Idle(sender);
             }
             if !overflowed {
                 overflowed = true;
@@ -205,87 +290,326 @@ impl Connector {
             }
             // Envoy's rule: a pool with no connection to the host gets one over the limit,
             // else requests queued here could wait on connections idle in another worker.
-            if self.worker.count(host) == 0 {
+            if worker.open_connections(addr) == 0 {
                 self.limits.connections.fetch_add(1, Ordering::Relaxed);
-                return Ok(self.slot(host));
+                return Got::Slot(Slot::new(self, worker, addr));
             }
-            std::future::poll_fn(|cx| {
-                if tokio::task::try_id() != task {
-                    return Poll::Ready(Err(NoLongerWanted));
+            tokio::select! {
+                () = freed => {}
+                () = released, if idle_too => {}
+            }
+        }
+    }
+
+    /// Opens a connection in `slot`: TCP within the connect timeout, then TLS if configured.
+    async fn connect(&self, slot: Slot) -> Result<CountedIo, PoolError> {
+        let stats = &self.stats;
+        let failed = |reason: String| {
+            stats.upstream_cx_connect_fail.inc();
+            PoolError::connect(reason)
+        };
+        let tcp = match tokio::time::timeout(
+            self.connect_timeout,
+            tcp_connect(slot.addr, self.tcp_keepalive),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(error)) => return Err(failed(format!("{}: {error}", slot.addr))),
+            Err(_) => return Err(failed(format!("{}: connect timeout", slot.addr))),
+        };
+        let io = match &self.tls {
+            None => Io::Plain(TokioIo::new(tcp)),
+            Some(tls) => {
+                let name = match tls.sni.clone() {
+                    Some(name) => name,
+                    None => rustls::pki_types::ServerName::IpAddress(slot.addr.ip().into()),
+                };
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                match connector.connect(name, tcp).await {
+                    Ok(stream) => Io::Tls(Box::new(TokioIo::new(stream))),
+                    Err(error) => return Err(failed(format!("{}: TLS: {error}", slot.addr))),
                 }
-                freed.as_mut().poll(cx).map(Ok)
-            })
-            .await?;
+            }
+        };
+        stats.upstream_cx_total.inc();
+        stats.upstream_cx_active.inc();
+        Ok(CountedIo {
+            io,
+            stats: stats.clone(),
+            _slot: slot,
+        })
+    }
+
+    /// A new HTTP/1.1 connection, or an idle one handed back while this request was pending.
+    async fn http1_connection(
+        self: &Arc<Self>,
+        worker: &Arc<WorkerPool>,
+        addr: SocketAddr,
+    ) -> Result<Http1Sender, PoolError> {
+        let pending = Pending::try_new(self)?;
+        let slot = match self.wait_for_slot(worker, addr, true).await {
+            Got::Slot(slot) => slot,
+            Got::Idle(sender) => return Ok(sender),
+        };
+        let io = self.connect(slot).await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(PoolError::connect)?;
+        // Upgrades: a 101 hands the connection to the WebSocket (or other) tunnel.
+        tokio::spawn(connection.with_upgrades());
+        drop(pending);
+        Ok(sender)
+    }
+
+    /// Opens the worker's HTTP/2 connection to `addr` and records it in the pool.
+    async fn http2_connection(
+        self: Arc<Self>,
+        worker: Arc<WorkerPool>,
+        addr: SocketAddr,
+    ) -> Result<Http2Sender, PoolError> {
+        let opened = async {
+            let Got::Slot(slot) = self.wait_for_slot(&worker, addr, false).await else {
+                unreachable!("an HTTP/2 connect waits for a slot only");
+            };
+            let io = self.connect(slot).await?;
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(PoolError::connect)?;
+            tokio::spawn(connection);
+            Ok(sender)
+        }
+        .await;
+        let mut hosts = worker.hosts();
+        let host = hosts.entry(addr).or_default();
+        host.http2_connect = None;
+        match opened {
+            Ok(sender) => {
+                host.http2 = Some(sender.clone());
+                Ok(sender)
+            }
+            Err(error) => {
+                if host.open == 0 {
+                    hosts.remove(&addr);
+                }
+                Err(error)
+            }
         }
     }
 }
 
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = CountedIo;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<CountedIo, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+async fn tcp_connect(addr: SocketAddr, keepalive: bool) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    if keepalive {
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive)?;
     }
+    socket.connect(addr).await
+}
 
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        // Called only when the pool had no idle connection: the request is pending.
-        let Some(pending) = Pending::try_new(&self.limits, &self.stats) else {
-            self.stats.upstream_rq_pending_overflow.inc();
-            return Box::pin(async { Err(Box::new(PendingOverflow) as Self::Error) });
-        };
-        let task = tokio::task::try_id();
-        let mut connector = self.clone();
-        Box::pin(async move {
-            let host = uri
-                .authority()
-                .cloned()
-                .ok_or("upstream uri without authority")?;
-            let slot = connector.wait_for_slot(&host, task).await?;
-            let stats = connector.stats.clone();
-            let io = match connector.inner.call(uri).await {
-                Ok(io) => io,
-                Err(error) => {
-                    stats.upstream_cx_connect_fail.inc();
-                    return Err(error.into());
-                }
-            };
-            let io = match connector.tls {
-                None => Io::Plain(io),
-                Some(tls) => {
-                    let tcp = io.into_inner();
-                    let name = match tls.sni.clone() {
-                        Some(name) => name,
-                        None => {
-                            rustls::pki_types::ServerName::IpAddress(tcp.peer_addr()?.ip().into())
-                        }
-                    };
-                    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                    match connector.connect(name, tcp).await {
-                        Ok(stream) => Io::Tls(Box::new(TokioIo::new(stream))),
-                        Err(error) => {
-                            stats.upstream_cx_connect_fail.inc();
-                            return Err(error.into());
-                        }
-                    }
-                }
-            };
-            drop(pending);
-            stats.upstream_cx_total.inc();
-            stats.upstream_cx_active.inc();
-            Ok(CountedIo {
-                io,
-                stats,
-                _slot: slot,
-            })
-        })
+/// An HTTP/1.1 connection on loan to one request. Give it back with [`Lease::release`] once
+/// the response has been read in full; dropping it instead closes the connection.
+pub struct Lease {
+    sender: Http1Sender,
+    worker: Arc<WorkerPool>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("addr", &self.addr).finish()
     }
 }
 
-/// An upstream connection that updates the cluster's stats.
+impl Lease {
+    /// Returns the connection to its pool. hyper marks it ready once it has finished both the
+    /// request and the response, which has nearly always happened by the time the response
+    /// body ends; if not (the request body is still going), a task waits for it.
+    pub fn release(self) {
+        let Lease {
+            mut sender,
+            worker,
+            addr,
+        } = self;
+        if sender.is_ready() {
+            worker.put_idle(addr, sender);
+        } else if !sender.is_closed()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if sender.ready().await.is_ok() {
+                    worker.put_idle(addr, sender);
+                }
+            });
+        }
+    }
+}
+
+/// A cluster's pools, one per worker plus one for the main thread.
 #[derive(Debug)]
-pub struct CountedIo {
+pub struct Pools {
+    /// Made on a worker's first request: most clusters see traffic from few workers, or none.
+    workers: Box<[OnceLock<Arc<WorkerPool>>]>,
+    connector: Arc<Connector>,
+    protocol: UpstreamProtocol,
+}
+
+impl Pools {
+    pub fn new(cluster: &Cluster, stats: Arc<ClusterStats>, workers: usize) -> Self {
+        Pools {
+            workers: (0..workers + 1).map(|_| OnceLock::new()).collect(),
+            connector: Arc::new(Connector {
+                stats,
+                limits: Limits {
+                    connections: AtomicUsize::new(0),
+                    max_connections: cluster.thresholds.max_connections as usize,
+                    pending: AtomicUsize::new(0),
+                    max_pending: cluster.thresholds.max_pending_requests as usize,
+                    freed: Notify::new(),
+                },
+                connect_timeout: cluster.connect_timeout,
+                tcp_keepalive: cluster.tcp_keepalive,
+                tls: cluster.tls.clone(),
+            }),
+            protocol: cluster.protocol,
+        }
+    }
+
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
+    }
+
+    /// Sends `request` (origin-form URI, `Host` header set) to the endpoint at `addr` on the
+    /// calling worker's pool. An HTTP/1.1 response comes with the [`Lease`] of its connection.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
+        let worker = self.workers[worker_index(self.workers.len())].get_or_init(Arc::default);
+        match self.protocol {
+            UpstreamProtocol::Http1 => self.send_http1(worker, addr, request).await,
+            UpstreamProtocol::Http2 => {
+                let response = self.send_http2(worker, addr, request).await?;
+                Ok((response, None))
+            }
+        }
+    }
+
+    async fn send_http1(
+        &self,
+        worker: &Arc<WorkerPool>,
+        addr: SocketAddr,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
+        loop {
+            let (mut sender, reused) = match worker.take_idle(addr) {
+                Some(sender) => (sender, true),
+                None => (self.connector.http1_connection(worker, addr).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let lease = Lease {
+                        sender,
+                        worker: worker.clone(),
+                        addr,
+                    };
+                    return Ok((response, Some(lease)));
+                }
+                Err(mut error) => match error.take_message() {
+                    // An idle connection the upstream closed before the request went out:
+                    // try the next one (each retry uses up an idle connection).
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(PoolError::Request(Arc::new(error.into_error()))),
+                },
+            }
+        }
+    }
+
+    async fn send_http2(
+        &self,
+        worker: &Arc<WorkerPool>,
+        addr: SocketAddr,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        to_http2_form(&mut request, addr);
+        let mut retried = false;
+        loop {
+            let mut sender = self.http2_sender(worker, addr).await?;
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    // The connection closed (GOAWAY) before the stream opened: once more on
+                    // a fresh one.
+                    Some(unsent) if !retried => {
+                        retried = true;
+                        request = unsent;
+                    }
+                    _ => return Err(PoolError::Request(Arc::new(error.into_error()))),
+                },
+            }
+        }
+    }
+
+    /// The worker's open HTTP/2 connection to `addr`, or the connect every request waits on.
+    async fn http2_sender(
+        &self,
+        worker: &Arc<WorkerPool>,
+        addr: SocketAddr,
+    ) -> Result<Http2Sender, PoolError> {
+        if let Some(host) = worker.hosts().get(&addr)
+            && let Some(sender) = &host.http2
+            && !sender.is_closed()
+        {
+            return Ok(sender.clone());
+        }
+        let _pending = Pending::try_new(&self.connector)?;
+        let connecting = worker
+            .hosts()
+            .entry(addr)
+            .or_default()
+            .http2_connect
+            .get_or_insert_with(|| {
+                self.connector
+                    .clone()
+                    .http2_connection(worker.clone(), addr)
+                    .boxed()
+                    .shared()
+            })
+            .clone();
+        connecting.await
+    }
+}
+
+/// HTTP/2 carries the host in `:authority`, taken from the URI: the request's `Host` becomes
+/// the authority (as Envoy's codec does), else the endpoint address.
+fn to_http2_form(request: &mut Request<RequestBody>, addr: SocketAddr) {
+    let host = request.headers_mut().remove(http::header::HOST);
+    let authority = host
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| http::uri::Authority::try_from(addr.to_string()).ok());
+    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = authority;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+}
+
+/// An upstream connection that updates the cluster's stats and holds its connection slot.
+#[derive(Debug)]
+struct CountedIo {
     io: Io,
     stats: Arc<ClusterStats>,
     _slot: Slot,
@@ -302,23 +626,6 @@ impl Drop for CountedIo {
 enum Io {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
-}
-
-impl Connection for CountedIo {
-    fn connected(&self) -> Connected {
-        match &self.io {
-            Io::Plain(io) => io.connected(),
-            Io::Tls(io) => {
-                let (tcp, session) = io.inner().get_ref();
-                let connected = tcp.connected();
-                if session.alpn_protocol() == Some(b"h2") {
-                    connected.negotiated_h2()
-                } else {
-                    connected
-                }
-            }
-        }
-    }
 }
 
 macro_rules! with_io {
@@ -380,82 +687,4 @@ impl Write for CountedIo {
         }
         result
     }
-}
-
-pub type UpstreamClient = Client<Connector, crate::http::body::RequestBody>;
-
-/// Per-worker clients of one cluster.
-#[derive(Debug)]
-pub struct Pools {
-    slots: Box<[std::sync::OnceLock<UpstreamClient>]>,
-    connector: Connector,
-    protocol: UpstreamProtocol,
-}
-
-impl Pools {
-    pub fn new(cluster: &Cluster, stats: Arc<ClusterStats>, workers: usize) -> Self {
-        let mut inner = HttpConnector::new();
-        inner.set_nodelay(true);
-        inner.set_connect_timeout(Some(cluster.connect_timeout));
-        if cluster.tcp_keepalive {
-            inner.set_keepalive(Some(Duration::from_secs(60)));
-        }
-        let limits = Arc::new(Limits {
-            connections: AtomicUsize::new(0),
-            max_connections: cluster.thresholds.max_connections as usize,
-            pending: AtomicUsize::new(0),
-            max_pending: cluster.thresholds.max_pending_requests as usize,
-            freed: Notify::new(),
-        });
-        Pools {
-            slots: (0..workers + 1)
-                .map(|_| std::sync::OnceLock::new())
-                .collect(),
-            connector: Connector {
-                inner,
-                stats,
-                limits,
-                worker: Arc::default(),
-                tls: cluster.tls.clone(),
-            },
-            protocol: cluster.protocol,
-        }
-    }
-
-    /// The calling worker's client.
-    pub fn client(&self) -> &UpstreamClient {
-        let slot = &self.slots[worker_index(self.slots.len())];
-        slot.get_or_init(|| {
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(60))
-                .set_host(false)
-                .retry_canceled_requests(true);
-            if self.protocol == UpstreamProtocol::Http2 {
-                builder.http2_only(true);
-            }
-            builder.build(Connector {
-                worker: Arc::default(),
-                ..self.connector.clone()
-            })
-        })
-    }
-
-    pub fn protocol(&self) -> UpstreamProtocol {
-        self.protocol
-    }
-}
-
-/// Whether an upstream error was a pending-request overflow.
-pub fn is_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if e.is::<PendingOverflow>() {
-            return true;
-        }
-        current = e.source();
-    }
-    false
 }

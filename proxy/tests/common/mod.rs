@@ -81,6 +81,14 @@ pub fn static_cluster(name: &str, endpoints: &[SocketAddr]) -> String {
     )
 }
 
+/// A STATIC cluster of one endpoint spoken to over HTTP/2 (h2c).
+pub fn http2_cluster(name: &str, endpoint: SocketAddr) -> String {
+    static_cluster(name, &[endpoint]).replace(
+        "    type: STATIC\n",
+        "    type: STATIC\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n",
+    )
+}
+
 /// A listener with an HCM whose inline route config is `routes_yaml` (the `virtual_hosts` list,
 /// indented by 12 spaces) and extra HCM fields.
 pub fn http_listener(name: &str, port: u16, hcm_extra: &str, virtual_hosts: &str) -> String {
