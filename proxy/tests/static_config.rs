@@ -83,6 +83,44 @@ fn validate_mode_accepts_valid_and_names_unsupported_fields() {
         .expect("run");
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("stat_prefx"));
+
+    // HTTP/2 options out of Envoy's bounds, or not honoured upstream, are named.
+    let cluster_h2 = |options: &str| {
+        good.replace(
+            "    type: STATIC\n",
+            &format!("    type: STATIC\n    http2_protocol_options: {{{options}}}\n"),
+        )
+    };
+    let hcm_h2 = |options: &str| {
+        good.replace(
+            "stat_prefix: ingress",
+            &format!("stat_prefix: ingress\n          http2_protocol_options: {{{options}}}"),
+        )
+    };
+    for (config, expected) in [
+        (
+            hcm_h2("initial_stream_window_size: 1000"),
+            "http2_protocol_options.initial_stream_window_size: must be in 65535..",
+        ),
+        (
+            hcm_h2("connection_keepalive: {interval: 1s}"),
+            "http2_protocol_options.connection_keepalive.timeout: is required",
+        ),
+        (
+            cluster_h2("max_concurrent_streams: 10"),
+            "static_resources.clusters[0].http2_protocol_options.max_concurrent_streams: is not supported on clusters",
+        ),
+    ] {
+        let (_dir, path) = write_config(&config);
+        let output = Command::new(workspace_binary("remora-proxy"))
+            .args(["--mode", "validate", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "want {expected:?} in {stderr}");
+    }
 }
 
 #[test]
@@ -932,4 +970,89 @@ fn dns_clusters_honour_dns_lookup_family() {
         clusters_text.contains(&format!("logical::127.0.0.1:{}::", echo.addr.port())),
         "{clusters_text}"
     );
+}
+
+/// SETTINGS and PING frame types, and the SETTINGS identifiers checked below.
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PING: u8 = 0x6;
+const FLAG_ACK: u8 = 0x1;
+const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const INITIAL_WINDOW_SIZE: u16 = 0x4;
+
+#[test]
+fn http2_protocol_options_reach_the_wire_both_ways() {
+    use std::io::Write;
+    // The upstream is a bare socket: it reads what the proxy's HTTP/2 client sends.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let keepalive = "connection_keepalive: {interval: 0.2s, timeout: 5s}";
+    let cluster = static_cluster("raw", &[upstream.local_addr().expect("addr")]).replace(
+        "    type: STATIC\n",
+        &format!("    type: STATIC\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {{http2_protocol_options: {{initial_stream_window_size: 200000, {keepalive}}}}}\n"),
+    );
+    let hcm = format!(
+        "          http2_protocol_options: {{max_concurrent_streams: 7, initial_stream_window_size: 100000, {keepalive}}}\n"
+    );
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ingress",
+            port,
+            &hcm,
+            &catch_all("raw", "3s"),
+        )],
+        &[cluster],
+    );
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+
+    // Downstream: the proxy's SETTINGS carry the HCM's options, and it pings an idle client.
+    let mut client = std::net::TcpStream::connect(loopback(port)).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    client.write_all(H2_PREFACE).expect("preface");
+    client.write_all(H2_EMPTY_SETTINGS).expect("settings");
+    let settings = read_h2_frame_until(&mut client, |kind, flags| {
+        kind == FRAME_SETTINGS && flags & FLAG_ACK == 0
+    })
+    .expect("server SETTINGS");
+    let settings = h2_settings(&settings);
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 7)),
+        "{settings:?}"
+    );
+    assert!(
+        settings.contains(&(INITIAL_WINDOW_SIZE, 100_000)),
+        "{settings:?}"
+    );
+    read_h2_frame_until(&mut client, |kind, flags| {
+        kind == FRAME_PING && flags & FLAG_ACK == 0
+    })
+    .expect("a keepalive PING from the proxy");
+
+    // Upstream: a request makes the pool connect; its SETTINGS carry the cluster's options.
+    let request = std::thread::spawn(move || http_get(loopback(port), "/to-raw"));
+    let (mut conn, _) = upstream.accept().expect("the proxy connects upstream");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut preface = [0u8; 24];
+    std::io::Read::read_exact(&mut conn, &mut preface).expect("preface");
+    assert_eq!(&preface[..], H2_PREFACE);
+    let settings = read_h2_frame_until(&mut conn, |kind, flags| {
+        kind == FRAME_SETTINGS && flags & FLAG_ACK == 0
+    })
+    .expect("client SETTINGS");
+    let settings = h2_settings(&settings);
+    assert!(
+        settings.contains(&(INITIAL_WINDOW_SIZE, 200_000)),
+        "{settings:?}"
+    );
+    conn.write_all(H2_EMPTY_SETTINGS).expect("settings");
+    read_h2_frame_until(&mut conn, |kind, flags| {
+        kind == FRAME_PING && flags & FLAG_ACK == 0
+    })
+    .expect("a keepalive PING from the pool");
+    drop(conn);
+    let _ = request.join();
 }

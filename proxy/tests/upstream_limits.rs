@@ -674,3 +674,55 @@ fn a_pooled_connection_the_upstream_closed_is_not_reused() {
         || (proxy.stat("cluster.closing.upstream_cx_active") == 0).then_some(()),
     );
 }
+
+#[test]
+fn idle_upstream_connections_close_after_the_clusters_idle_timeout_as_in_envoy() {
+    let echo = remora_tests::echo::EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let options = "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        common_http_protocol_options: {idle_timeout: 1s}\n        explicit_http_config: {http_protocol_options: {}}\n";
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", &catch_all("idle", "5s"))],
+        &[with_cluster_extra(
+            static_cluster("idle", &[echo.addr]),
+            options,
+        )],
+    );
+    let (_dir, file) = write_config(&yaml);
+    let addr = loopback(port);
+    // One request, the connection left idle until the timeout closes it, then another.
+    let run = |stat: &dyn Fn(&str) -> u64| {
+        let stat_of = |name: &str| stat(&format!("cluster.idle.{name}"));
+        let (status, _, _) = http_get(addr, "/first").expect("first request");
+        assert_eq!(status, 200);
+        assert_eq!(stat_of("upstream_cx_active"), 1);
+        wait_for(
+            "the idle connection to close",
+            Duration::from_secs(10),
+            || (stat_of("upstream_cx_active") == 0).then_some(()),
+        );
+        let (status, _, _) = http_get(addr, "/second").expect("second request");
+        assert_eq!(status, 200);
+        ["upstream_cx_total", "upstream_cx_idle_timeout"]
+            .map(|name| (name, stat_of(name)))
+            .to_vec()
+    };
+    let remora = {
+        let proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        run(&|name| proxy.stat(name))
+    };
+    assert_eq!(
+        remora,
+        [("upstream_cx_total", 2), ("upstream_cx_idle_timeout", 1)]
+    );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the idle timeout test") {
+        return;
+    }
+    let envoy = {
+        let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(addr, Duration::from_secs(20));
+        run(&|name| envoy.stat(name).unwrap_or(u64::MAX))
+    };
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+}

@@ -53,6 +53,56 @@ fn timeout_or(
     })
 }
 
+/// `Http2ProtocolOptions`, with Envoy's bounds.
+fn http2_options(proto: &Option<core_pb::Http2ProtocolOptions>, path: &str) -> R<Http2Options> {
+    let Some(proto) = proto else {
+        return Ok(Http2Options::default());
+    };
+    let bounded = |value: Option<u32>, field: &str, min: u32| -> R<Option<u32>> {
+        match value {
+            Some(v) if v < min || v > i32::MAX as u32 => err(
+                format!("{path}.{field}"),
+                format!("must be in {min}..{}", i32::MAX),
+            ),
+            other => Ok(other),
+        }
+    };
+    let keepalive = match &proto.connection_keepalive {
+        None => None,
+        Some(k) => {
+            let kpath = format!("{path}.connection_keepalive");
+            let timeout =
+                opt_duration(&k.timeout, &format!("{kpath}.timeout"))?.filter(|t| !t.is_zero());
+            let Some(timeout) = timeout else {
+                return err(
+                    format!("{kpath}.timeout"),
+                    "is required and must be positive",
+                );
+            };
+            // Envoy: without an interval, PINGs are sent only on connections idle that long;
+            // hyper pings on a fixed interval, so the timeout stands in for it.
+            let interval = opt_duration(&k.interval, &format!("{kpath}.interval"))?
+                .filter(|i| !i.is_zero())
+                .unwrap_or(timeout);
+            Some(Http2Keepalive { interval, timeout })
+        }
+    };
+    Ok(Http2Options {
+        max_concurrent_streams: bounded(proto.max_concurrent_streams, "max_concurrent_streams", 1)?,
+        initial_stream_window_size: bounded(
+            proto.initial_stream_window_size,
+            "initial_stream_window_size",
+            65535,
+        )?,
+        initial_connection_window_size: bounded(
+            proto.initial_connection_window_size,
+            "initial_connection_window_size",
+            65535,
+        )?,
+        keepalive,
+    })
+}
+
 /// Unpacks an `Any` holding `M`, comparing against the `type.googleapis.com/` URL (prost's
 /// `Name::type_url()` has no host part, so `xds_api::any::unpack` rejects real Envoy Anys).
 pub fn unpack<M: Message + prost::Name + Default>(any: &prost_types::Any) -> Result<M, String> {
@@ -795,6 +845,10 @@ fn http_connection_manager(
             None => 60,
         },
         max_headers_count: common.max_headers_count.unwrap_or(100).max(1),
+        http2: http2_options(
+            &proto.http2_protocol_options,
+            &format!("{path}.http2_protocol_options"),
+        )?,
         upgrades,
         strip_any_host_port: matches!(
             proto.strip_port_mode,
@@ -899,6 +953,9 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
     } else {
         UpstreamProtocol::Http1
     };
+    let mut http2_path = sub(path, "http2_protocol_options");
+    let mut http2 = http2_options(&proto.http2_protocol_options, &http2_path)?;
+    let mut common = core_pb::HttpProtocolOptions::default();
     for (key, any) in &proto.typed_extension_protocol_options {
         let kpath = format!("{}[{key:?}]", sub(path, "typed_extension_protocol_options"));
         if key != type_urls::UPSTREAM_HTTP_PROTOCOL_OPTIONS_KEY
@@ -915,8 +972,12 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
         match &options.upstream_protocol_options {
             Some(hpo::UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => {
                 match &explicit.protocol_config {
-                    Some(hpo::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)) => {
-                        protocol = UpstreamProtocol::Http2
+                    Some(hpo::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                        options,
+                    )) => {
+                        protocol = UpstreamProtocol::Http2;
+                        http2_path = format!("{kpath}.explicit_http_config.http2_protocol_options");
+                        http2 = http2_options(&Some(options.clone()), &http2_path)?;
                     }
                     Some(hpo::explicit_http_config::ProtocolConfig::HttpProtocolOptions(_)) => {
                         protocol = UpstreamProtocol::Http1
@@ -932,7 +993,24 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
             Some(_) => return err(kpath, "only explicit_http_config is supported"),
             None => {}
         }
+        if let Some(options) = &options.common_http_protocol_options {
+            common = *options;
+        }
     }
+    if http2.max_concurrent_streams.is_some() {
+        // Envoy opens another connection when one reaches the limit; Remora's pool keeps one
+        // HTTP/2 connection per endpoint and worker, so it cannot honour the field.
+        return err(
+            format!("{http2_path}.max_concurrent_streams"),
+            "is not supported on clusters (Remora keeps one HTTP/2 connection per endpoint and \
+             worker, bounded by the upstream's own SETTINGS_MAX_CONCURRENT_STREAMS)",
+        );
+    }
+    let common_path = format!(
+        "{}[{:?}].common_http_protocol_options",
+        sub(path, "typed_extension_protocol_options"),
+        type_urls::UPSTREAM_HTTP_PROTOCOL_OPTIONS_KEY
+    );
     let mut thresholds = Thresholds::default();
     if let Some(breakers) = &proto.circuit_breakers {
         for (i, t) in breakers.thresholds.iter().enumerate() {
@@ -986,6 +1064,13 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
             .upstream_connection_options
             .as_ref()
             .is_some_and(|o| o.tcp_keepalive.is_some()),
+        idle_timeout: timeout_or(
+            &common.idle_timeout,
+            &format!("{common_path}.idle_timeout"),
+            Some(Duration::from_secs(3600)),
+        )?,
+        max_headers_count: common.max_headers_count.unwrap_or(100).max(1),
+        http2,
         raw: RawConfig::of(proto),
     })
 }

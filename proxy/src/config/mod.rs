@@ -261,6 +261,7 @@ pub struct HttpConnectionManager {
     pub drain_timeout: Duration,
     pub max_request_headers_kb: u32,
     pub max_headers_count: u32,
+    pub http2: Http2Options,
     pub upgrades: Vec<String>,
     pub strip_any_host_port: bool,
     pub strip_matching_host_port: bool,
@@ -269,6 +270,23 @@ pub struct HttpConnectionManager {
     /// every connection while this config is in use (a file is opened once, not per
     /// connection).
     pub active_logs: std::sync::OnceLock<Arc<[crate::http::access_log::ActiveLog]>>,
+}
+
+/// The `Http2ProtocolOptions` Remora applies, downstream (HCM) and upstream (cluster). A
+/// window or stream limit left unset keeps hyper's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Http2Options {
+    pub max_concurrent_streams: Option<u32>,
+    pub initial_stream_window_size: Option<u32>,
+    pub initial_connection_window_size: Option<u32>,
+    /// `connection_keepalive`: PING every `interval`, close when none is answered in `timeout`.
+    pub keepalive: Option<Http2Keepalive>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 // === Clusters ===
@@ -414,6 +432,12 @@ pub struct Cluster {
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
     pub tcp_keepalive: bool,
+    /// `common_http_protocol_options.idle_timeout`: an upstream connection unused this long
+    /// is closed (Envoy's default 1 h; `None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_headers_count`, for upstream responses.
+    pub max_headers_count: u32,
+    pub http2: Http2Options,
     /// TLS origination (`transport_socket` with an UpstreamTlsContext).
     pub tls: Option<crate::tls::UpstreamTls>,
     pub raw: RawConfig,

@@ -47,8 +47,6 @@ static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expecte
 static X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-/// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`).
-const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 
 /// Per-connection state shared by its requests.
@@ -123,14 +121,21 @@ pub async fn serve<S>(
         .keep_alive(true);
     // hyper parses into a stack array of its default size (100, Envoy's default count) unless
     // given a limit; any explicit limit, even 100, costs it a filled vector per request.
-    if hcm.max_headers_count as usize != HYPER_DEFAULT_MAX_HEADERS {
+    if hcm.max_headers_count as usize != crate::http::HYPER_DEFAULT_MAX_HEADERS {
         builder.http1().max_headers(hcm.max_headers_count as usize);
     }
+    let http2 = &hcm.http2;
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(hcm.max_request_headers_kb * 1024)
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(http2.max_concurrent_streams.unwrap_or(1024))
+        .initial_stream_window_size(http2.initial_stream_window_size)
+        .initial_connection_window_size(http2.initial_connection_window_size)
+        .keep_alive_interval(http2.keepalive.map(|k| k.interval));
+    if let Some(keepalive) = http2.keepalive {
+        builder.http2().keep_alive_timeout(keepalive.timeout);
+    }
     let builder = match hcm.codec {
         Codec::Auto => builder,
         Codec::Http1 => builder.http1_only(),

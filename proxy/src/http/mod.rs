@@ -6,3 +6,7 @@ pub mod access_log;
 pub mod body;
 pub mod conn_manager;
 pub mod router;
+
+/// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`),
+/// which is also Envoy's default `max_headers_count`.
+pub const HYPER_DEFAULT_MAX_HEADERS: usize = 100;

@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -38,7 +38,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 
-use crate::config::{Cluster, UpstreamProtocol};
+use crate::config::{Cluster, Http2Options, UpstreamProtocol};
 use crate::http::body::RequestBody;
 use crate::stats::ClusterStats;
 
@@ -103,8 +103,9 @@ struct Limits {
 struct HostConnections {
     /// Connections open or being opened (Envoy lets a pool with none open one over the limit).
     open: usize,
-    /// HTTP/1.1 connections ready for a request, most recently used last.
-    idle: Vec<Http1Sender>,
+    /// HTTP/1.1 connections ready for a request, each with when it became idle, most
+    /// recently used last.
+    idle: Vec<(Http1Sender, Instant)>,
     http2: Option<Http2Sender>,
     /// The HTTP/2 connect in progress, shared by the requests waiting for it.
     http2_connect: Option<Http2Connect>,
@@ -126,6 +127,45 @@ impl std::fmt::Debug for WorkerPool {
 }
 
 impl WorkerPool {
+    /// A worker's pool, with a task on the worker that closes HTTP/1.1 connections idle for
+    /// longer than the cluster's `idle_timeout` (checked every half of it; `None`: kept until
+    /// the upstream closes them) and ends with the pool.
+    fn start(idle_timeout: Option<Duration>, stats: &Arc<ClusterStats>) -> Arc<WorkerPool> {
+        let pool = Arc::new(WorkerPool::default());
+        if let Some(timeout) = idle_timeout
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let pool = Arc::downgrade(&pool);
+            let stats = stats.clone();
+            runtime.spawn(async move {
+                let mut sweep = tokio::time::interval(timeout / 2);
+                sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                sweep.tick().await;
+                loop {
+                    sweep.tick().await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    let closed = pool.close_idle_since(Instant::now() - timeout);
+                    stats.upstream_cx_idle_timeout.add(closed as u64);
+                }
+            });
+        }
+        pool
+    }
+
+    /// Drops the HTTP/1.1 connections idle since before `cutoff` (hyper then closes them);
+    /// returns how many were still open.
+    fn close_idle_since(&self, cutoff: Instant) -> usize {
+        let mut closed = 0;
+        for host in self.hosts().values_mut() {
+            host.idle.retain(|(sender, since)| {
+                let expired = *since < cutoff;
+                closed += usize::from(expired && !sender.is_closed());
+                !expired
+            });
+        }
+        closed
+    }
+
     fn hosts(
         &self,
     ) -> MutexGuard<'_, HashMap<SocketAddr, HostConnections, foldhash::fast::RandomState>> {
@@ -136,7 +176,7 @@ impl WorkerPool {
     fn take_idle(&self, addr: SocketAddr) -> Option<Http1Sender> {
         let mut hosts = self.hosts();
         let idle = &mut hosts.get_mut(&addr)?.idle;
-        while let Some(sender) = idle.pop() {
+        while let Some((sender, _)) = idle.pop() {
             if sender.is_ready() {
                 return Some(sender);
             }
@@ -147,7 +187,7 @@ impl WorkerPool {
     fn put_idle(&self, addr: SocketAddr, sender: Http1Sender) {
         // No entry: every connection to the address has closed, this one included.
         if let Some(host) = self.hosts().get_mut(&addr) {
-            host.idle.push(sender);
+            host.idle.push((sender, Instant::now()));
             self.released.notify_waiters();
         }
     }
@@ -251,6 +291,8 @@ struct Connector {
     connect_timeout: Duration,
     tcp_keepalive: bool,
     tls: Option<crate::tls::UpstreamTls>,
+    max_headers_count: usize,
+    http2: Http2Options,
 }
 
 impl Connector {
@@ -353,10 +395,12 @@ impl Connector {
             Got::Idle(sender) => return Ok(sender),
         };
         let io = self.connect(slot).await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(PoolError::connect)?;
+        let mut builder = http1::Builder::new();
+        // As downstream: an explicit limit costs hyper a filled vector per response.
+        if self.max_headers_count != crate::http::HYPER_DEFAULT_MAX_HEADERS {
+            builder.max_headers(self.max_headers_count);
+        }
+        let (sender, connection) = builder.handshake(io).await.map_err(PoolError::connect)?;
         // Upgrades: a 101 hands the connection to the WebSocket (or other) tunnel.
         tokio::spawn(connection.with_upgrades());
         drop(pending);
@@ -374,11 +418,19 @@ impl Connector {
                 unreachable!("an HTTP/2 connect waits for a slot only");
             };
             let io = self.connect(slot).await?;
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            let options = &self.http2;
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
                 .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(PoolError::connect)?;
+                .initial_stream_window_size(options.initial_stream_window_size)
+                .initial_connection_window_size(options.initial_connection_window_size);
+            if let Some(keepalive) = options.keepalive {
+                builder
+                    .keep_alive_interval(keepalive.interval)
+                    .keep_alive_timeout(keepalive.timeout)
+                    .keep_alive_while_idle(true);
+            }
+            let (sender, connection) = builder.handshake(io).await.map_err(PoolError::connect)?;
             tokio::spawn(connection);
             Ok(sender)
         }
@@ -460,6 +512,7 @@ pub struct Pools {
     workers: Box<[OnceLock<Arc<WorkerPool>>]>,
     connector: Arc<Connector>,
     protocol: UpstreamProtocol,
+    idle_timeout: Option<Duration>,
 }
 
 impl Pools {
@@ -478,8 +531,11 @@ impl Pools {
                 connect_timeout: cluster.connect_timeout,
                 tcp_keepalive: cluster.tcp_keepalive,
                 tls: cluster.tls.clone(),
+                max_headers_count: cluster.max_headers_count as usize,
+                http2: cluster.http2,
             }),
             protocol: cluster.protocol,
+            idle_timeout: cluster.idle_timeout,
         }
     }
 
@@ -494,7 +550,8 @@ impl Pools {
         addr: SocketAddr,
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
-        let worker = self.workers[worker_index(self.workers.len())].get_or_init(Arc::default);
+        let worker = self.workers[worker_index(self.workers.len())]
+            .get_or_init(|| WorkerPool::start(self.idle_timeout, &self.connector.stats));
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_http1(worker, addr, request).await,
             UpstreamProtocol::Http2 => {

@@ -346,3 +346,39 @@ impl HeldUpstream {
         condvar.notify_all();
     }
 }
+
+/// What an HTTP/2 client writes first.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame.
+pub const H2_EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// Reads HTTP/2 frames off a raw connection until `wanted(type, flags)` holds; returns that
+/// frame's payload.
+pub fn read_h2_frame_until(
+    stream: &mut TcpStream,
+    wanted: impl Fn(u8, u8) -> bool,
+) -> std::io::Result<Vec<u8>> {
+    loop {
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        stream.read_exact(&mut payload)?;
+        if wanted(head[3], head[4]) {
+            return Ok(payload);
+        }
+    }
+}
+
+/// The (identifier, value) pairs of a SETTINGS payload.
+pub fn h2_settings(payload: &[u8]) -> Vec<(u16, u32)> {
+    payload
+        .chunks_exact(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect()
+}
