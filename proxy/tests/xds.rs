@@ -673,3 +673,58 @@ fn config_changes_under_load_fail_no_request() {
     );
     assert!(ads.requests().iter().all(|r| r.error.is_none()));
 }
+
+#[test]
+fn a_removed_clusters_idle_upstream_connections_close() {
+    use std::io::{Read, Write};
+    // The upstream answers one keep-alive request, then reports when the proxy hangs up.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    let (hung_up, closed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = upstream.accept() else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        // Blocks while the connection sits idle in the proxy's pool; 0 is its close.
+        let _ = hung_up.send(conn.read(&mut byte).ok());
+    });
+    let ads = AdsServer::start();
+    let port = free_port();
+    ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
+    ads.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        vec![endpoints_for("svc", &[upstream_addr])],
+    );
+    ads.set(
+        LISTENER,
+        vec![rds_listener("ingress", port, "ingress", "routes")],
+    );
+    ads.set(
+        ROUTE_CONFIGURATION,
+        vec![route_config("routes", "svc", None)],
+    );
+    let admin = loopback(free_port());
+    let _proxy = start(
+        Under::Remora,
+        &ads_bootstrap(admin, ads.addr, "GRPC", "5s"),
+        admin,
+        true,
+    );
+    let (status, _, body) = http_get(loopback(port), "/once").expect("request");
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert!(
+        closed.try_recv().is_err(),
+        "the connection stays pooled while the cluster exists"
+    );
+    ads.set(CLUSTER, vec![]);
+    let read = closed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the proxy closes the removed cluster's idle connection");
+    assert_eq!(read, Some(0), "a clean close");
+}

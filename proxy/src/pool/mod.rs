@@ -515,6 +515,17 @@ pub struct Pools {
     idle_timeout: Option<Duration>,
 }
 
+/// A removed or replaced cluster closes its idle connections at once (as Envoy drains them);
+/// connections still carrying a request close when it ends. Without this, each idle one would
+/// keep its worker pool alive through its slot until the idle timeout.
+impl Drop for Pools {
+    fn drop(&mut self) {
+        for worker in self.workers.iter().filter_map(OnceLock::get) {
+            worker.hosts().clear();
+        }
+    }
+}
+
 impl Pools {
     pub fn new(cluster: &Cluster, stats: Arc<ClusterStats>, workers: usize) -> Self {
         Pools {
