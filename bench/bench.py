@@ -659,7 +659,7 @@ def spread(envoy: Subject, remora: Subject) -> str:
         else:
             ratios = [f"{ratio:.2f}x" for ratio in round_ratios(envoy, remora, fig.key)]
             parts.append(f"{fig.label}: {', '.join(ratios)}")
-    return "Per round, remora/envoy: " + "; ".join(parts) + "."
+    return f"Per round, {remora.name}/envoy: " + "; ".join(parts) + "."
 
 
 def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, str]],
@@ -813,7 +813,7 @@ def remora_subject(args, target: Path, build_error: str | None, bench: Bench,
             return Subject("bare-fwd", None, reason=build_error or "remora-bare-fwd not built")
         p = bench.ports_for("bare-fwd")
         return Subject("bare-fwd", [str(binary), "--listen", f"127.0.0.1:{p['HTTP_PORT']}",
-                                    "--upstream", f"127.0.0.1:{p['UPSTREAM_HTTP_PORT']}",
+                                    "--upstream", f"127.0.0.1:{bench.ports['UPSTREAM_HTTP_PORT']}",
                                     "--admin", f"127.0.0.1:{p['ADMIN_PORT']}"],
                        supports_bootstrap=False,
                        notes=["bare forwarder: HTTP only, no bootstrap, so no TCP or "
