@@ -662,8 +662,30 @@ def spread(envoy: Subject, remora: Subject) -> str:
     return f"Per round, {remora.name}/envoy: " + "; ".join(parts) + "."
 
 
-def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, str]],
-           argv: list[str], started: float) -> str:
+def reference(envoy: Subject, remora: Subject, bare: Subject) -> list[str]:
+    """The bare forwarder measured in the same rounds: what "close to bare hyper" means on
+    this host during this run."""
+    if not bare.rounds:
+        return [f"Bare hyper forwarder in the same run: not measured ({bare.reason or 'failed'})."]
+    lines = ["In the same rounds, the bare hyper forwarder (`remora-bare-fwd`, the issue's "
+             "calibration reference):", ""]
+    for key in ("h1_rps", "cpu_per_100k", "p50", "p99", "p999", "h2_rps", "idle_rss"):
+        fig = next(f for f in FIGURES if f.key == key)
+        bare_envoy = paired_ratio(envoy, bare, key)
+        remora_bare = paired_ratio(bare, remora, key)
+        if bare_envoy is None:
+            continue
+        per_round = ", ".join(f"{r:.2f}x" for r in round_ratios(bare, remora, key))
+        lines.append(
+            f"- {fig.label}: bare-fwd {fmt(bare.value(key), fig.unit)} {fig.unit}, "
+            f"bare-fwd/envoy {bare_envoy:.2f}x; remora/bare-fwd "
+            f"{'n/a' if remora_bare is None else f'{remora_bare:.2f}x'}"
+            + (f" (per round {per_round})" if key == "p99" and per_round else ""))
+    return lines
+
+
+def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
+           info: list[tuple[str, str]], argv: list[str], started: float) -> str:
     a = bench.args
     lines = [
         "# Remora vs Envoy: proxy benchmark results",
@@ -680,9 +702,11 @@ def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, 
         f"- upstream: {a.upstream} (HTTP), iperf3 -s (TCP); pinning: "
         + ("none" if a.no_pin else f"proxy on CPU {PROXY_CPUS}, load tools and upstreams on CPU "
            f"{LOAD_CPUS}"),
-        f"- rounds: {a.repeat}; in each, both proxies run at once and every load step runs for "
-        "one and then the other (envoy first, then alternating by round); each figure is the "
-        "median over rounds, each ratio the median of the per-round ratios",
+        f"- rounds: {a.repeat}; in each, the proxies run at once and every load step runs for "
+        "one and then the other (envoy first, then alternating by round"
+        + (", the bare forwarder last" if bare is not None else "")
+        + "); each figure is the median over rounds, each ratio the median of the per-round "
+        "ratios",
         f"- wrk {a.duration:g}s; fixed rate {a.rate} req/s over {a.latency_connections} "
         f"connections for {a.latency_duration:g}s (remora-loadgen, open loop); h2load "
         f"{a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
@@ -692,6 +716,8 @@ def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, 
     ]
     if a.repeat > 1:
         lines += [spread(envoy, remora), ""]
+    if bare is not None:
+        lines += [*reference(envoy, remora, bare), ""]
     if bench.baseline:
         b = bench.baseline
         if "error" in b:
@@ -704,7 +730,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, info: list[tuple[str, 
                    if "p99" in b else "")
                 + ". A proxy's req/s near this figure is capped by the load side, not measured.")
         lines.append("")
-    for subject in (envoy, remora):
+    for subject in (envoy, remora, *([bare] if bare else [])):
         for note in subject.notes:
             lines.append(f"- {subject.name}: {note}")
     return "\n".join(lines).rstrip() + "\n"
@@ -733,6 +759,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-build", action="store_true", help="use the binaries already built")
     p.add_argument("--no-pin", action="store_true", help="no taskset pinning")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-proxy ceiling run")
+    p.add_argument("--no-bare", action="store_true",
+                   help="leave the bare hyper forwarder out of the rounds")
     p.add_argument("--calibrate", action="store_true",
                    help="measure remora-bare-fwd (bare hyper forwarder) instead of remora-proxy")
     p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="'-' to write no file")
@@ -778,6 +806,9 @@ def main(argv: list[str]) -> int:
                                   "--disable-hot-restart", "--base-id", str(base_id),
                                   "--log-level", "warn"])
         remora = remora_subject(args, target, build_error, bench, base_id + 1)
+        # The calibration reference in the same rounds, so that "close to bare hyper" is
+        # measured under the same noise as the ratios to Envoy.
+        bare = None if args.calibrate or args.no_bare else bare_subject(target, build_error, bench)
 
         bench.start_upstreams(echo_bin if echo_bin.exists() else None)
         if not args.no_baseline:
@@ -786,17 +817,18 @@ def main(argv: list[str]) -> int:
         if bench.loadgen_bin is None:
             note = "remora-loadgen not built; fixed-rate latency not measured"
             envoy.note(note)
-        for subject in (envoy, remora):
+        for subject in (envoy, remora, *([bare] if bare else [])):
             bench.prepare(subject)
         for round_index in range(args.repeat):
             # ABBA order: which proxy goes first in each step alternates by round.
             order = (envoy, remora) if round_index % 2 == 0 else (remora, envoy)
+            order += (bare,) if bare else ()
             runnable = tuple(s for s in order if s.command is not None and not s.reason)
             if runnable:
                 log(f"round {round_index + 1}/{args.repeat}")
                 bench.measure_round(round_index, runnable)
         stop_all()
-        text = report(bench, envoy, remora, info, argv, started)
+        text = report(bench, envoy, remora, bare, info, argv, started)
 
     print(text)
     if args.out != "-":
@@ -805,19 +837,25 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def bare_subject(target: Path, build_error: str | None, bench: Bench) -> Subject:
+    """remora-bare-fwd: the issue's calibration reference (one current-thread runtime, pooled
+    client, no routing, no stats)."""
+    binary = target / "remora-bare-fwd"
+    if not binary.exists():
+        return Subject("bare-fwd", None, reason=build_error or "remora-bare-fwd not built")
+    p = bench.ports_for("bare-fwd")
+    return Subject("bare-fwd", [str(binary), "--listen", f"127.0.0.1:{p['HTTP_PORT']}",
+                                "--upstream", f"127.0.0.1:{bench.ports['UPSTREAM_HTTP_PORT']}",
+                                "--admin", f"127.0.0.1:{p['ADMIN_PORT']}"],
+                   supports_bootstrap=False,
+                   notes=["bare forwarder: HTTP only, no bootstrap, so no TCP or "
+                          "1,000-cluster figures"])
+
+
 def remora_subject(args, target: Path, build_error: str | None, bench: Bench,
                    base_id: int) -> Subject:
     if args.calibrate:
-        binary = target / "remora-bare-fwd"
-        if not binary.exists():
-            return Subject("bare-fwd", None, reason=build_error or "remora-bare-fwd not built")
-        p = bench.ports_for("bare-fwd")
-        return Subject("bare-fwd", [str(binary), "--listen", f"127.0.0.1:{p['HTTP_PORT']}",
-                                    "--upstream", f"127.0.0.1:{bench.ports['UPSTREAM_HTTP_PORT']}",
-                                    "--admin", f"127.0.0.1:{p['ADMIN_PORT']}"],
-                       supports_bootstrap=False,
-                       notes=["bare forwarder: HTTP only, no bootstrap, so no TCP or "
-                              "1,000-cluster figures"])
+        return bare_subject(target, build_error, bench)
     override = os.environ.get("REMORA_PROXY_BIN")
     binary = Path(override) if override else target / "remora-proxy"
     if not override and not binary.exists():
