@@ -52,6 +52,8 @@ pub struct Server {
     pub started: Instant,
     state: AtomicU8,
     stop: watch::Sender<Stop>,
+    /// Downstream connections open on all listeners (`global_downstream_max_connections`).
+    pub downstream_connections: std::sync::atomic::AtomicU64,
 }
 
 impl Server {
@@ -156,6 +158,7 @@ async fn serve(
         started: Instant::now(),
         state: AtomicU8::new(State::Initializing as u8),
         stop,
+        downstream_connections: Default::default(),
         bootstrap,
     });
     server.registry.gauge("server.live");

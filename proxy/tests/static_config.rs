@@ -107,6 +107,18 @@ fn validate_mode_accepts_valid_and_names_unsupported_fields() {
             "http2_protocol_options.connection_keepalive.timeout: is required",
         ),
         (
+            format!(
+                "{good}layered_runtime: {{layers: [{{name: s, static_layer: {{re2.max_program_size.error_level: 1000}}}}]}}\n"
+            ),
+            "layered_runtime.layers[0].static_layer.re2.max_program_size.error_level: runtime key not supported",
+        ),
+        (
+            format!(
+                "{good}layered_runtime: {{layers: [{{name: s, static_layer: {{overload: {{global_downstream_max_connections: -1}}}}}}]}}\n"
+            ),
+            "global_downstream_max_connections: must be a non-negative integer",
+        ),
+        (
             cluster_h2("max_concurrent_streams: 10"),
             "static_resources.clusters[0].http2_protocol_options.max_concurrent_streams: is not supported on clusters",
         ),
@@ -232,7 +244,7 @@ fn http1_routing_rewrites_headers_and_stats() {
     assert_eq!(proxy.stat("cluster.b.upstream_rq_total"), 1);
     assert!(proxy.stat("cluster.a.upstream_rq_total") >= 3);
     assert_eq!(proxy.stat("http.ingress.downstream_rq_4xx"), 1);
-    assert!(proxy.stat(&format!("listener.127.0.0.1:{port}.downstream_cx_total")) >= 4);
+    assert!(proxy.stat(&format!("listener.127.0.0.1_{port}.downstream_cx_total")) >= 4);
 }
 
 #[test]
@@ -1055,4 +1067,109 @@ fn http2_protocol_options_reach_the_wire_both_ways() {
     .expect("a keepalive PING from the pool");
     drop(conn);
     let _ = request.join();
+}
+
+/// Whether the proxy closes a fresh connection without reading from it (within 5 s).
+fn closed_at_once(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// A connection that has been served a request, so the proxy has accepted and counted it.
+fn served_connection(port: u16) -> TcpStream {
+    let mut stream = TcpStream::connect(loopback(port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
+        .expect("write");
+    let head = read_head(&mut stream).expect("a response on the held connection");
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+#[test]
+fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let (limited, other) = (free_port(), free_port());
+    let runtime = "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy: {resource_limits: {listener: {limited: {connection_limit: 2}}}}\n      overload: {global_downstream_max_connections: 3}\n  - name: admin\n    admin_layer: {}\n";
+    let yaml = format!(
+        "{}{runtime}",
+        bootstrap(
+            &admin_yaml,
+            &[
+                http_listener("limited", limited, "", &catch_all("echo", "5s")),
+                http_listener("other", other, "", &catch_all("echo", "5s")),
+            ],
+            &[static_cluster("echo", &[echo.addr])],
+        )
+    );
+    let (_dir, file) = write_config(&yaml);
+    // Admin requests count towards the global limit too (as in Envoy), so the scenario reads
+    // stats only while under it, and asks for answered stats (`Some`) after.
+    let run = || {
+        let open = |port: u16| {
+            remora_tests::admin_stat(
+                admin,
+                &format!("listener.127.0.0.1_{port}.downstream_cx_active"),
+            )
+        };
+        // The readiness probe's connection may still count until the proxy sees it close.
+        wait_for("no connection open", Duration::from_secs(10), || {
+            (open(limited) == Some(0) && open(other) == Some(0)).then_some(())
+        });
+        let mut seen = Vec::new();
+        // Two connections fill the listener's limit; a third is closed at once.
+        let held = [served_connection(limited), served_connection(limited)];
+        let mut third = TcpStream::connect(loopback(limited)).expect("connect");
+        seen.push(("third on limited closed", closed_at_once(&mut third)));
+        // A third connection in all is within the global limit; a fourth is not, nor is an
+        // admin connection.
+        let other_held = served_connection(other);
+        let mut fourth = TcpStream::connect(loopback(other)).expect("connect");
+        seen.push(("fourth overall closed", closed_at_once(&mut fourth)));
+        let mut to_admin = TcpStream::connect(admin).expect("connect");
+        seen.push(("admin closed", closed_at_once(&mut to_admin)));
+        // Freed places are usable again.
+        drop((held, other_held));
+        wait_for("all closed", Duration::from_secs(10), || {
+            (open(limited) == Some(0) && open(other) == Some(0)).then_some(())
+        });
+        let (status, _, _) = http_get(loopback(limited), "/again").expect("request");
+        seen.push(("served after", status == 200));
+        let counts = [
+            format!("listener.127.0.0.1_{limited}.downstream_cx_overflow"),
+            format!("listener.127.0.0.1_{other}.downstream_global_cx_overflow"),
+        ]
+        .map(|name| remora_tests::admin_stat(admin, &name));
+        (seen, counts)
+    };
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        run()
+    };
+    assert!(remora.0.iter().all(|(_, ok)| *ok), "{:?}", remora.0);
+    assert_eq!(remora.1, [Some(1), Some(1)]);
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the connection limit test") {
+        return;
+    }
+    let envoy = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(limited), Duration::from_secs(20));
+        run()
+    };
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
 }

@@ -19,8 +19,17 @@ pub async fn serve(server: Arc<Server>, listener: tokio::net::TcpListener) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        let admitted = if server.bootstrap.admin_ignores_global_limit {
+            None
+        } else {
+            match crate::listener::Admitted::try_new(&server, None) {
+                Some(admitted) => Some(admitted),
+                None => continue, // over global_downstream_max_connections: closed
+            }
+        };
         let server = server.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let service =
                 hyper::service::service_fn(move |request| handle(server.clone(), request));
             let _ = hyper::server::conn::http1::Builder::new()

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use xds_api::envoy::config::bootstrap::v3 as bootstrap_pb;
 use xds_api::envoy::config::cluster::v3 as cluster_pb;
 use xds_api::envoy::config::core::v3 as core_pb;
 use xds_api::envoy::config::endpoint::v3 as endpoint_pb;
@@ -101,6 +102,84 @@ fn http2_options(proto: &Option<core_pb::Http2ProtocolOptions>, path: &str) -> R
         )?,
         keepalive,
     })
+}
+
+/// The bootstrap's `layered_runtime`: static layers merged in order; an admin layer is
+/// accepted and stays empty (Remora has no `/runtime_modify`). A key Remora does not act on is
+/// an error, not a setting that silently does nothing.
+fn runtime(proto: &Option<bootstrap_pb::LayeredRuntime>) -> R<Runtime> {
+    use bootstrap_pb::runtime_layer::LayerSpecifier;
+    let mut runtime = Runtime::default();
+    for (index, layer) in proto.iter().flat_map(|r| r.layers.iter()).enumerate() {
+        let path = format!("layered_runtime.layers[{index}]");
+        match &layer.layer_specifier {
+            Some(LayerSpecifier::StaticLayer(values)) => {
+                let mut flat = Vec::new();
+                flatten_struct(values, "", &mut flat);
+                for (key, value) in flat {
+                    set_runtime_key(&mut runtime, &key, value, &format!("{path}.static_layer"))?;
+                }
+            }
+            Some(LayerSpecifier::AdminLayer(_)) => {}
+            None => return err(path, "a static_layer or an admin_layer is required"),
+        }
+    }
+    Ok(runtime)
+}
+
+/// A Struct as Envoy's runtime sees it: dotted keys to leaf values.
+fn flatten_struct<'a>(
+    values: &'a prost_types::Struct,
+    prefix: &str,
+    out: &mut Vec<(String, &'a prost_types::Value)>,
+) {
+    for (name, value) in &values.fields {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match &value.kind {
+            Some(prost_types::value::Kind::StructValue(inner)) => flatten_struct(inner, &key, out),
+            _ => out.push((key, value)),
+        }
+    }
+}
+
+fn set_runtime_key(
+    runtime: &mut Runtime,
+    key: &str,
+    value: &prost_types::Value,
+    path: &str,
+) -> R<()> {
+    let count = || -> R<u64> {
+        match &value.kind {
+            Some(prost_types::value::Kind::NumberValue(n)) if *n >= 0.0 && n.fract() == 0.0 => {
+                Ok(*n as u64)
+            }
+            Some(prost_types::value::Kind::StringValue(s)) if s.parse::<u64>().is_ok() => {
+                Ok(s.parse().unwrap_or_default())
+            }
+            _ => err(format!("{path}.{key}"), "must be a non-negative integer"),
+        }
+    };
+    if key == "overload.global_downstream_max_connections" {
+        runtime.global_max_connections = Some(count()?);
+    } else if let Some(listener) = key
+        .strip_prefix("envoy.resource_limits.listener.")
+        .and_then(|rest| rest.strip_suffix(".connection_limit"))
+    {
+        runtime
+            .listener_connection_limits
+            .insert(listener.to_string(), count()?);
+    } else {
+        return err(
+            format!("{path}.{key}"),
+            "runtime key not supported (Remora acts on overload.global_downstream_max_connections \
+             and envoy.resource_limits.listener.NAME.connection_limit)",
+        );
+    }
+    Ok(())
 }
 
 /// Unpacks an `Any` holding `M`, comparing against the `type.googleapis.com/` URL (prost's
@@ -235,6 +314,7 @@ pub fn bootstrap(proto: &xds_api::envoy::config::bootstrap::v3::Bootstrap) -> R<
             clusters.push(Arc::new(model));
         }
     }
+    let runtime = runtime(&proto.layered_runtime)?;
     let dynamic = match &proto.dynamic_resources {
         Some(dynamic) => {
             let Some(ads) = &dynamic.ads_config else {
@@ -333,9 +413,14 @@ pub fn bootstrap(proto: &xds_api::envoy::config::bootstrap::v3::Bootstrap) -> R<
     Ok(Bootstrap {
         node,
         admin,
+        admin_ignores_global_limit: proto
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.ignore_global_conn_limit),
         listeners,
         clusters,
         dynamic,
+        runtime,
         raw: RawConfig::of(proto),
     })
 }

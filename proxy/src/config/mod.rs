@@ -68,11 +68,24 @@ impl std::fmt::Debug for RawConfig {
 pub struct Bootstrap {
     pub node: Node,
     pub admin: Option<SocketAddr>,
+    /// `admin.ignore_global_conn_limit`: admin connections neither count towards nor are
+    /// refused by `global_downstream_max_connections` (by default they do and are, as in Envoy).
+    pub admin_ignores_global_limit: bool,
     pub listeners: Vec<Arc<Listener>>,
     pub clusters: Vec<Arc<Cluster>>,
     pub dynamic: Option<DynamicResources>,
+    pub runtime: Runtime,
     /// The bootstrap as loaded, for `/config_dump`.
     pub raw: RawConfig,
+}
+
+/// The `layered_runtime` keys Remora acts on, after the layers are merged (later wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Runtime {
+    /// `envoy.resource_limits.listener.NAME.connection_limit`, by listener name.
+    pub listener_connection_limits: std::collections::HashMap<String, u64>,
+    /// `overload.global_downstream_max_connections`: across all listeners.
+    pub global_max_connections: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -51,8 +51,20 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.bootstrap.v3.Bootstrap",
-        &["node", "static_resources", "dynamic_resources", "admin"],
+        &[
+            "node",
+            "static_resources",
+            "dynamic_resources",
+            "admin",
+            "layered_runtime",
+        ],
     ),
+    ("envoy.config.bootstrap.v3.LayeredRuntime", &["layers"]),
+    (
+        "envoy.config.bootstrap.v3.RuntimeLayer",
+        &["name", "static_layer", "admin_layer"],
+    ),
+    ("envoy.config.bootstrap.v3.RuntimeLayer.AdminLayer", &[]),
     (
         "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
         &["listeners", "clusters"],
@@ -63,7 +75,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.bootstrap.v3.Admin",
-        &["address", "access_log_path"],
+        &["address", "access_log_path", "ignore_global_conn_limit"],
     ),
     (
         "envoy.config.core.v3.Node",

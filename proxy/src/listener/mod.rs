@@ -9,6 +9,7 @@ pub mod tls_inspector;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -41,6 +42,9 @@ pub struct ActiveListener {
     sockets: Mutex<Vec<Arc<std::net::TcpListener>>>,
     chains: Vec<(Arc<FilterChain>, ChainRuntime)>,
     stop: watch::Sender<bool>,
+    /// The runtime's `connection_limit` for this listener, and its open connections.
+    connection_limit: Option<u64>,
+    connections: AtomicU64,
 }
 
 impl ActiveListener {
@@ -146,6 +150,7 @@ impl ListenerManager {
             chains.push((chain.clone(), runtime));
         }
         let (stop, _) = watch::channel(false);
+        let config_name = config.name.clone();
         let listener = Arc::new(ActiveListener {
             config,
             local_addr,
@@ -154,6 +159,13 @@ impl ListenerManager {
             sockets: Mutex::new(sockets.clone()),
             chains,
             stop,
+            connection_limit: server
+                .bootstrap
+                .runtime
+                .listener_connection_limits
+                .get(&config_name)
+                .copied(),
+            connections: AtomicU64::new(0),
         });
         for (index, worker) in server.workers.iter().enumerate() {
             let socket = sockets[index % sockets.len()].clone();
@@ -347,12 +359,69 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     original.ok().and_then(|a| a.as_socket())
 }
 
+/// A downstream connection counted against the runtime's connection limits until it closes:
+/// `global_downstream_max_connections` across every listener (the admin's included, unless it
+/// ignores the limit, as in Envoy) and the listener's own `connection_limit`.
+pub struct Admitted {
+    server: Arc<Server>,
+    listener: Option<Arc<ActiveListener>>,
+}
+
+impl Admitted {
+    /// Counts a connection accepted on `listener` (`None`: the admin), or refuses it when a
+    /// limit is reached.
+    pub fn try_new(server: &Arc<Server>, listener: Option<&Arc<ActiveListener>>) -> Option<Self> {
+        fn within(count: &AtomicU64, limit: Option<u64>) -> bool {
+            count
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    limit.is_none_or(|limit| n < limit).then_some(n + 1)
+                })
+                .is_ok()
+        }
+        let global = server.bootstrap.runtime.global_max_connections;
+        if !within(&server.downstream_connections, global) {
+            if let Some(listener) = listener {
+                listener.stats.downstream_global_cx_overflow.inc();
+            }
+            return None;
+        }
+        if let Some(listener) = listener
+            && !within(&listener.connections, listener.connection_limit)
+        {
+            server
+                .downstream_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            listener.stats.downstream_cx_overflow.inc();
+            return None;
+        }
+        Some(Admitted {
+            server: server.clone(),
+            listener: listener.cloned(),
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.server
+            .downstream_connections
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Some(listener) = &self.listener {
+            listener.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 async fn serve_connection(
     server: Arc<Server>,
     listener: Arc<ActiveListener>,
     stream: TcpStream,
     peer: SocketAddr,
 ) {
+    // Over a connection limit: closed before anything is read, as Envoy does at accept.
+    let Some(_admitted) = Admitted::try_new(&server, Some(&listener)) else {
+        return;
+    };
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr().map(canonical) else {
         return;

@@ -237,15 +237,25 @@ pub struct ListenerStats {
     pub downstream_cx_total: Arc<Stat>,
     pub downstream_cx_active: Arc<Stat>,
     pub no_filter_chain_match: Arc<Stat>,
+    /// Connections closed at once: the listener's `connection_limit` was reached.
+    pub downstream_cx_overflow: Arc<Stat>,
+    /// Connections closed at once: `global_downstream_max_connections` was reached.
+    pub downstream_global_cx_overflow: Arc<Stat>,
 }
 
 impl ListenerStats {
     pub fn new(registry: &Registry, addr: &str) -> Self {
+        // Envoy's stat names have no ':' (it becomes '_'): `listener.127.0.0.1_15001.…`.
+        let addr = addr.replace(':', "_");
         ListenerStats {
             downstream_cx_total: registry.counter(format!("listener.{addr}.downstream_cx_total")),
             downstream_cx_active: registry.gauge(format!("listener.{addr}.downstream_cx_active")),
             no_filter_chain_match: registry
                 .counter(format!("listener.{addr}.no_filter_chain_match")),
+            downstream_cx_overflow: registry
+                .counter(format!("listener.{addr}.downstream_cx_overflow")),
+            downstream_global_cx_overflow: registry
+                .counter(format!("listener.{addr}.downstream_global_cx_overflow")),
         }
     }
 }
