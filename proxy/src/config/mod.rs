@@ -276,6 +276,8 @@ pub struct HttpConnectionManager {
     pub max_headers_count: u32,
     pub http2: Http2Options,
     pub upgrades: Vec<String>,
+    /// The CORS filter is in `http_filters` (before the router).
+    pub cors: bool,
     pub strip_any_host_port: bool,
     pub strip_matching_host_port: bool,
     pub access_logs: Vec<crate::http::access_log::AccessLogConfig>,

@@ -32,6 +32,7 @@ use crate::http::body::{
     DownstreamSlots, RequestBody, RequestEnd, ResponseBody, StreamTimeout, StreamTimer,
     UpstreamBody,
 };
+use crate::http::cors;
 use crate::http::router::{
     Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
 };
@@ -184,7 +185,8 @@ async fn handle(
     let active = GaugeGuard::new(&stats.downstream_rq_active);
     let in_flight = GaugeGuard::new(&connection.in_flight);
     let mut entry = (!connection.logs.is_empty()).then(|| log_entry(&connection, &request));
-    let mut response = match proxy(&connection, request, &mut entry).await {
+    let mut cors_headers = None;
+    let mut response = match proxy(&connection, request, &mut entry, &mut cors_headers).await {
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(%error, "local reply");
@@ -194,6 +196,10 @@ async fn handle(
             local_reply(&connection, &error)
         }
     };
+    // A CORS request from an allowed origin: its response says so, local replies included.
+    if let Some(cors_headers) = cors_headers {
+        response.headers_mut().extend(cors_headers);
+    }
     stats.response(response.status().as_u16());
     let log = entry.map(|mut entry| {
         entry.status = response.status().as_u16();
@@ -450,6 +456,7 @@ async fn proxy(
     connection: &Connection,
     mut request: Request<Incoming>,
     log: &mut Option<Entry>,
+    cors_headers: &mut Option<HeaderMap>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let started = Instant::now();
     let hcm = &connection.hcm;
@@ -504,6 +511,20 @@ async fn proxy(
         }
         Action::Forward(forward) => forward,
     };
+    // The CORS filter, before the router: it applies to routes that forward.
+    if hcm.cors {
+        let policies = cors::Policies::of(&route.cors, &vhost.cors, &table.cors);
+        match policies.on_request(request.method(), request.headers()) {
+            cors::Decision::Preflight(status, headers) => {
+                let mut response = reply(connection, status.as_u16(), Vec::new());
+                response.headers_mut().extend(headers);
+                return Ok(response);
+            }
+            cors::Decision::Forward(origin) => {
+                *cors_headers = origin.map(|origin| policies.response_headers(origin));
+            }
+        }
+    }
     // Cluster.
     let header_cluster;
     let cluster_name: &str = match &forward.cluster {

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod body;
 pub mod conn_manager;
+pub mod cors;
 pub mod router;
 
 /// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`),

@@ -13,6 +13,7 @@ use xds_api::envoy::config::route::v3 as route_pb;
 use xds_api::envoy::r#type::matcher::v3 as matcher_pb;
 
 use crate::config::{ConfigError, ConfigResult};
+use crate::http::cors::{self, CorsConfig};
 
 type R<T> = ConfigResult<T>;
 
@@ -35,6 +36,8 @@ pub struct RouteTable {
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
     pub most_specific_header_mutations_wins: bool,
+    /// The route configuration's CORS policy (`typed_per_filter_config`).
+    pub cors: CorsConfig,
     /// Cluster names the table refers to (for `validate_clusters` and warming).
     pub clusters: Vec<String>,
     /// Whether unknown cluster names make the config invalid (`None`: Envoy's default, true
@@ -49,6 +52,7 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
+    pub cors: CorsConfig,
 }
 
 #[derive(Debug)]
@@ -58,6 +62,7 @@ pub struct Route {
     pub action: Action,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
+    pub cors: CorsConfig,
 }
 
 #[derive(Debug)]
@@ -420,6 +425,10 @@ impl RouteTable {
                 "response_headers_to_remove",
             )?,
             most_specific_header_mutations_wins: proto.most_specific_header_mutations_wins,
+            cors: CorsConfig {
+                per_filter: cors::per_filter(&proto.typed_per_filter_config, path)?,
+                legacy: None,
+            },
             clusters: Vec::new(),
             validate_clusters: proto.validate_clusters,
             raw: crate::config::RawConfig::of(proto),
@@ -494,6 +503,10 @@ impl RouteTable {
                     "response_headers_to_add",
                     "response_headers_to_remove",
                 )?,
+                cors: CorsConfig {
+                    per_filter: cors::per_filter(&vh.typed_per_filter_config, &vpath)?,
+                    legacy: cors::legacy(&vh.cors, &format!("{vpath}.cors"))?,
+                },
             });
         }
         table.suffix.sort_by_key(|b| std::cmp::Reverse(b.0.len()));
@@ -693,6 +706,15 @@ fn compile_route(route: &route_pb::Route, path: &str) -> R<Route> {
             "response_headers_to_add",
             "response_headers_to_remove",
         )?,
+        cors: CorsConfig {
+            per_filter: cors::per_filter(&route.typed_per_filter_config, path)?,
+            legacy: match &route.action {
+                Some(A::Route(action)) => {
+                    cors::legacy(&action.cors, &format!("{path}.route.cors"))?
+                }
+                _ => None,
+            },
+        },
     })
 }
 
