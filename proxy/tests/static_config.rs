@@ -1194,3 +1194,59 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
     };
     assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
+
+#[test]
+fn cors_shadow_mode_counts_origins_without_enforcing_as_in_envoy() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let vhosts = r#"            - name: all
+              domains: ["*"]
+              typed_per_filter_config:
+                envoy.filters.http.cors:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+                  allow_origin_string_match: [{exact: "https://ok.example"}]
+                  filter_enabled: {default_value: {numerator: 0}}
+                  shadow_enabled: {default_value: {numerator: 100}}
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: echo}
+"#;
+    let yaml = bootstrap(&admin_yaml, &[http_listener("ingress", port, "", vhosts)], &[
+        static_cluster("echo", &[echo.addr]),
+    ])
+    .replace(
+        "          http_filters:\n",
+        "          http_filters:\n          - name: envoy.filters.http.cors\n            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}\n",
+    );
+    let (_dir, file) = write_config(&yaml);
+    let run = |stat: &dyn Fn(&str) -> u64| {
+        let mut seen = Vec::new();
+        for origin in ["https://ok.example", "https://other.example"] {
+            let (status, head, _) =
+                http_request(loopback(port), "GET", "/", &[("origin", origin)], "")
+                    .expect("request");
+            let cors = head
+                .to_ascii_lowercase()
+                .contains("access-control-allow-origin");
+            seen.push((status, cors));
+        }
+        let counts = ["cors.origin_valid", "cors.origin_invalid"]
+            .map(|name| stat(&format!("http.ingress.{name}")));
+        (seen, counts)
+    };
+    let remora = {
+        let proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        run(&|name| proxy.stat(name))
+    };
+    assert_eq!(remora, (vec![(200, false), (200, false)], [1, 1]));
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the CORS shadow test") {
+        return;
+    }
+    let envoy = {
+        let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        run(&|name| envoy.stat(name).unwrap_or(u64::MAX))
+    };
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+}

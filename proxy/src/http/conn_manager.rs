@@ -514,7 +514,7 @@ async fn proxy(
     // The CORS filter, before the router: it applies to routes that forward.
     if hcm.cors {
         let policies = cors::Policies::of(&route.cors, &vhost.cors, &table.cors);
-        match policies.on_request(request.method(), request.headers()) {
+        match policies.on_request(request.method(), request.headers(), &connection.stats) {
             cors::Decision::Preflight(status, headers) => {
                 let mut response = reply(connection, status.as_u16(), Vec::new());
                 response.headers_mut().extend(headers);

@@ -16,6 +16,7 @@ use xds_api::envoy::r#type::matcher::v3 as matcher_pb;
 
 use crate::config::{ConfigError, ConfigResult};
 use crate::http::router::{StringMatch, string_matcher};
+use crate::stats::HttpStats;
 
 static REQUEST_METHOD: HeaderName = HeaderName::from_static("access-control-request-method");
 static REQUEST_HEADERS: HeaderName = HeaderName::from_static("access-control-request-headers");
@@ -44,6 +45,8 @@ pub struct CorsPolicy {
     forward_not_matching_preflights: Option<bool>,
     /// `filter_enabled` as a share of requests, in millionths (default: all).
     enabled_per_million: u32,
+    /// `shadow_enabled`: origins checked and counted, nothing enforced (default: none).
+    shadow_per_million: u32,
 }
 
 /// The two places a policy can sit at one level of the route table.
@@ -64,6 +67,7 @@ struct Fields<'a> {
     max_age: &'a str,
     allow_credentials: Option<bool>,
     filter_enabled: Option<&'a core_pb::RuntimeFractionalPercent>,
+    shadow_enabled: Option<&'a core_pb::RuntimeFractionalPercent>,
     allow_private_network_access: Option<bool>,
     forward_not_matching_preflights: Option<bool>,
 }
@@ -80,24 +84,31 @@ fn compile(fields: Fields<'_>, path: &str) -> ConfigResult<CorsPolicy> {
             .map(|_| value.to_string())
             .map_err(|_| ConfigError::new(format!("{path}.{field}"), "not a valid header value"))
     };
-    let enabled_per_million = match fields.filter_enabled.and_then(|f| f.default_value.as_ref()) {
-        None => 1_000_000,
-        Some(fraction) => {
-            use xds_api::envoy::r#type::v3::fractional_percent::DenominatorType;
-            let scale = match DenominatorType::try_from(fraction.denominator) {
-                Ok(DenominatorType::Hundred) => 10_000,
-                Ok(DenominatorType::TenThousand) => 100,
-                Ok(DenominatorType::Million) => 1,
-                Err(_) => {
-                    return Err(ConfigError::new(
-                        format!("{path}.filter_enabled.default_value.denominator"),
-                        "unknown value",
-                    ));
-                }
-            };
-            fraction.numerator.saturating_mul(scale).min(1_000_000)
-        }
+    // A runtime key can only name a value Remora's runtime does not have, so the default holds.
+    let per_million = |fraction: Option<&core_pb::RuntimeFractionalPercent>,
+                       field: &str,
+                       absent: u32|
+     -> ConfigResult<u32> {
+        let Some(fraction) = fraction.and_then(|f| f.default_value.as_ref()) else {
+            return Ok(absent);
+        };
+        use xds_api::envoy::r#type::v3::fractional_percent::DenominatorType;
+        let scale = match DenominatorType::try_from(fraction.denominator) {
+            Ok(DenominatorType::Hundred) => 10_000,
+            Ok(DenominatorType::TenThousand) => 100,
+            Ok(DenominatorType::Million) => 1,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    format!("{path}.{field}.default_value.denominator"),
+                    "unknown value",
+                ));
+            }
+        };
+        Ok(fraction.numerator.saturating_mul(scale).min(1_000_000))
     };
+    // As Envoy: without filter_enabled a policy is enabled (shadow_enabled notwithstanding).
+    let enabled_per_million = per_million(fields.filter_enabled, "filter_enabled", 1_000_000)?;
+    let shadow_per_million = per_million(fields.shadow_enabled, "shadow_enabled", 0)?;
     Ok(CorsPolicy {
         allow_origins,
         allow_methods: header(fields.allow_methods, "allow_methods")?,
@@ -108,6 +119,7 @@ fn compile(fields: Fields<'_>, path: &str) -> ConfigResult<CorsPolicy> {
         allow_private_network_access: fields.allow_private_network_access,
         forward_not_matching_preflights: fields.forward_not_matching_preflights,
         enabled_per_million,
+        shadow_per_million,
     })
 }
 
@@ -130,6 +142,7 @@ pub fn legacy(
             max_age: &p.max_age,
             allow_credentials: p.allow_credentials,
             filter_enabled,
+            shadow_enabled: p.shadow_enabled.as_ref(),
             allow_private_network_access: p.allow_private_network_access,
             forward_not_matching_preflights: p.forward_not_matching_preflights,
         },
@@ -171,6 +184,7 @@ pub fn per_filter(
                 max_age: &p.max_age,
                 allow_credentials: p.allow_credentials,
                 filter_enabled: p.filter_enabled.as_ref(),
+                shadow_enabled: p.shadow_enabled.as_ref(),
                 allow_private_network_access: p.allow_private_network_access,
                 forward_not_matching_preflights: p.forward_not_matching_preflights,
             },
@@ -222,24 +236,35 @@ impl<'a> Policies<'a> {
         origins.is_some_and(|o| o.iter().any(|m| m.matches("*") || m.matches(origin)))
     }
 
-    fn enabled(&self) -> bool {
-        match self.0.first() {
-            None => false,
-            Some(p) if p.enabled_per_million >= 1_000_000 => true,
-            Some(p) => rand::random_range(0..1_000_000) < p.enabled_per_million,
+    /// Whether the most specific policy's share (`filter_enabled` or `shadow_enabled`) takes
+    /// this request.
+    fn sampled(&self, share: impl Fn(&CorsPolicy) -> u32) -> bool {
+        match self.0.first().map(|p| share(p)) {
+            None | Some(0) => false,
+            Some(n) if n >= 1_000_000 => true,
+            Some(n) => rand::random_range(0..1_000_000) < n,
         }
     }
 
     /// Decides on a request: answer it here (a preflight), or forward it, remembering the
     /// allowed origin for the response.
-    pub fn on_request(&self, method: &Method, headers: &HeaderMap) -> Decision {
-        if !self.enabled() {
+    pub fn on_request(&self, method: &Method, headers: &HeaderMap, stats: &HttpStats) -> Decision {
+        let enabled = self.sampled(|p| p.enabled_per_million);
+        if !enabled && !self.sampled(|p| p.shadow_per_million) {
             return Decision::Forward(None);
         }
         let Some(origin) = headers.get(http::header::ORIGIN).filter(|o| !o.is_empty()) else {
             return Decision::Forward(None);
         };
         let allowed = self.origin_allowed(origin.to_str().unwrap_or(""));
+        if allowed {
+            stats.cors_origin_valid.inc();
+        } else {
+            stats.cors_origin_invalid.inc();
+        }
+        if !enabled {
+            return Decision::Forward(None); // shadow mode: counted, not enforced
+        }
         let latched = allowed.then(|| origin.clone());
         let request_method = headers.get(&REQUEST_METHOD).filter(|m| !m.is_empty());
         let (true, Some(request_method)) = (method == Method::OPTIONS, request_method) else {

@@ -197,6 +197,9 @@ pub struct HttpStats {
     pub downstream_rq_idle_timeout: Arc<Stat>,
     pub no_route: Arc<Stat>,
     pub no_cluster: Arc<Stat>,
+    /// The CORS filter's origin checks (`http.PREFIX.cors.origin_valid|origin_invalid`).
+    pub cors_origin_valid: Arc<Stat>,
+    pub cors_origin_invalid: Arc<Stat>,
 }
 
 impl HttpStats {
@@ -217,6 +220,8 @@ impl HttpStats {
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
+            cors_origin_valid: c("cors.origin_valid"),
+            cors_origin_invalid: c("cors.origin_invalid"),
         }
     }
 
