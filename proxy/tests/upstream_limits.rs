@@ -631,11 +631,7 @@ fn upstream_closing_silently() -> (SocketAddr, std::sync::Arc<std::sync::atomic:
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
-                head.push(byte[0]);
-            }
+            let _ = read_head(&mut stream);
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
             // Dropped: the connection closes.
         }

@@ -164,6 +164,24 @@ fn start(under: Under, yaml: &str, admin: SocketAddr, wait_ready: bool) -> Runni
     }
 }
 
+/// The usual ADS config: EDS cluster `svc` with one endpoint, behind listener `ingress` on
+/// `port`, whose routes (RDS `routes`) send everything to `svc`.
+fn serve_svc(ads: &AdsServer, port: u16, endpoint: SocketAddr) {
+    ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
+    ads.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        vec![endpoints_for("svc", &[endpoint])],
+    );
+    ads.set(
+        LISTENER,
+        vec![rds_listener("ingress", port, "ingress", "routes")],
+    );
+    ads.set(
+        ROUTE_CONFIGURATION,
+        vec![route_config("routes", "svc", None)],
+    );
+}
+
 fn get_upstream(addr: SocketAddr, path: &str) -> Option<(String, String)> {
     let (status, _, body) = http_get(addr, path).ok()?;
     if status != 200 {
@@ -195,19 +213,7 @@ fn basic_flow(under: Under, api_type: &str) {
     let b = EchoServer::start("b", "127.0.0.1");
     let ads = AdsServer::start();
     let port = free_port();
-    ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
-    ads.set(
-        CLUSTER_LOAD_ASSIGNMENT,
-        vec![endpoints_for("svc", &[a.addr])],
-    );
-    ads.set(
-        LISTENER,
-        vec![rds_listener("ingress", port, "ingress", "routes")],
-    );
-    ads.set(
-        ROUTE_CONFIGURATION,
-        vec![route_config("routes", "svc", None)],
-    );
+    serve_svc(&ads, port, a.addr);
     let admin = loopback(free_port());
     let _proxy = start(
         under,
@@ -282,19 +288,7 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
         let a = EchoServer::start("a", "127.0.0.1");
         let ads = AdsServer::start();
         let port = free_port();
-        ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
-        ads.set(
-            CLUSTER_LOAD_ASSIGNMENT,
-            vec![endpoints_for("svc", &[a.addr])],
-        );
-        ads.set(
-            LISTENER,
-            vec![rds_listener("ingress", port, "ingress", "routes")],
-        );
-        ads.set(
-            ROUTE_CONFIGURATION,
-            vec![route_config("routes", "svc", None)],
-        );
+        serve_svc(&ads, port, a.addr);
         let admin = loopback(free_port());
         let proxy = start(
             Under::Remora,
@@ -685,30 +679,14 @@ fn a_removed_clusters_idle_upstream_connections_close() {
         let Ok((mut conn, _)) = upstream.accept() else {
             return;
         };
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
-            head.push(byte[0]);
-        }
+        let _ = common::read_head(&mut conn);
         let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
         // Blocks while the connection sits idle in the proxy's pool; 0 is its close.
-        let _ = hung_up.send(conn.read(&mut byte).ok());
+        let _ = hung_up.send(conn.read(&mut [0u8; 1]).ok());
     });
     let ads = AdsServer::start();
     let port = free_port();
-    ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
-    ads.set(
-        CLUSTER_LOAD_ASSIGNMENT,
-        vec![endpoints_for("svc", &[upstream_addr])],
-    );
-    ads.set(
-        LISTENER,
-        vec![rds_listener("ingress", port, "ingress", "routes")],
-    );
-    ads.set(
-        ROUTE_CONFIGURATION,
-        vec![route_config("routes", "svc", None)],
-    );
+    serve_svc(&ads, port, upstream_addr);
     let admin = loopback(free_port());
     let _proxy = start(
         Under::Remora,

@@ -379,21 +379,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "cors",
         ],
     ),
-    (
-        "envoy.config.route.v3.CorsPolicy",
-        &[
-            "allow_origin_string_match",
-            "allow_methods",
-            "allow_headers",
-            "expose_headers",
-            "max_age",
-            "allow_credentials",
-            "filter_enabled",
-            "shadow_enabled",
-            "allow_private_network_access",
-            "forward_not_matching_preflights",
-        ],
-    ),
+    ("envoy.config.route.v3.CorsPolicy", CORS_POLICY_FIELDS),
     ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
     (
         "envoy.config.core.v3.RuntimeFractionalPercent",
@@ -405,18 +391,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.filters.http.cors.v3.CorsPolicy",
-        &[
-            "allow_origin_string_match",
-            "allow_methods",
-            "allow_headers",
-            "expose_headers",
-            "max_age",
-            "allow_credentials",
-            "filter_enabled",
-            "shadow_enabled",
-            "allow_private_network_access",
-            "forward_not_matching_preflights",
-        ],
+        CORS_POLICY_FIELDS,
     ),
     (
         "envoy.config.route.v3.RouteAction.UpgradeConfig",
@@ -528,6 +503,20 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
         &["http_protocol_options", "http2_protocol_options"],
     ),
+];
+
+/// The two CorsPolicy messages (route-level and the filter's) carry the same settings.
+const CORS_POLICY_FIELDS: &[&str] = &[
+    "allow_origin_string_match",
+    "allow_methods",
+    "allow_headers",
+    "expose_headers",
+    "max_age",
+    "allow_credentials",
+    "filter_enabled",
+    "shadow_enabled",
+    "allow_private_network_access",
+    "forward_not_matching_preflights",
 ];
 
 fn supported_fields(message: &str) -> Option<&'static [&'static str]> {

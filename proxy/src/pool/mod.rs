@@ -7,6 +7,8 @@
 //!   response has been read in full, or drops it (the connection closes) if the body was cut.
 //! - HTTP/2: one multiplexed connection per address per worker. Requests that arrive while it
 //!   is being opened wait for that same connect instead of opening their own.
+//! - Idle HTTP/1.1 connections close after the cluster's `idle_timeout` (a sweep per worker
+//!   pool); a removed or replaced cluster closes its idle connections at once.
 //!
 //! Circuit breakers as Envoy enforces them: a request that finds no usable connection is
 //! *pending* (up to `max_pending_requests`, else it overflows) until it gets one, either a
