@@ -165,8 +165,8 @@ fn start(under: Under, yaml: &str, admin: SocketAddr, wait_ready: bool) -> Runni
 }
 
 /// The usual ADS config: EDS cluster `svc` with one endpoint, behind listener `ingress` on
-/// `port`, whose routes (RDS `routes`) send everything to `svc`.
-fn serve_svc(ads: &AdsServer, port: u16, endpoint: SocketAddr) {
+/// `port` (HCM stats under `stat_prefix`), whose routes (RDS `routes`) send everything to `svc`.
+fn serve_svc(ads: &AdsServer, port: u16, endpoint: SocketAddr, stat_prefix: &str) {
     ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
     ads.set(
         CLUSTER_LOAD_ASSIGNMENT,
@@ -174,7 +174,7 @@ fn serve_svc(ads: &AdsServer, port: u16, endpoint: SocketAddr) {
     );
     ads.set(
         LISTENER,
-        vec![rds_listener("ingress", port, "ingress", "routes")],
+        vec![rds_listener("ingress", port, stat_prefix, "routes")],
     );
     ads.set(
         ROUTE_CONFIGURATION,
@@ -213,7 +213,7 @@ fn basic_flow(under: Under, api_type: &str) {
     let b = EchoServer::start("b", "127.0.0.1");
     let ads = AdsServer::start();
     let port = free_port();
-    serve_svc(&ads, port, a.addr);
+    serve_svc(&ads, port, a.addr, "ingress");
     let admin = loopback(free_port());
     let _proxy = start(
         under,
@@ -288,7 +288,7 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
         let a = EchoServer::start("a", "127.0.0.1");
         let ads = AdsServer::start();
         let port = free_port();
-        serve_svc(&ads, port, a.addr);
+        serve_svc(&ads, port, a.addr, "ingress");
         let admin = loopback(free_port());
         let proxy = start(
             Under::Remora,
@@ -489,16 +489,7 @@ fn listener_update_and_removal_drain_in_flight_requests() {
     let slow = upstream.addr;
     let ads = AdsServer::start();
     let port = free_port();
-    ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
-    ads.set(CLUSTER_LOAD_ASSIGNMENT, vec![endpoints_for("svc", &[slow])]);
-    ads.set(
-        LISTENER,
-        vec![rds_listener("ingress", port, "first", "routes")],
-    );
-    ads.set(
-        ROUTE_CONFIGURATION,
-        vec![route_config("routes", "svc", None)],
-    );
+    serve_svc(&ads, port, slow, "first");
     let admin = loopback(free_port());
     let proxy = start(
         Under::Remora,
@@ -686,7 +677,7 @@ fn a_removed_clusters_idle_upstream_connections_close() {
     });
     let ads = AdsServer::start();
     let port = free_port();
-    serve_svc(&ads, port, upstream_addr);
+    serve_svc(&ads, port, upstream_addr, "ingress");
     let admin = loopback(free_port());
     let _proxy = start(
         Under::Remora,

@@ -842,13 +842,14 @@ fn http_connection_manager(
         },
     };
     let mut cors = false;
+    let mut router = false;
     let filters = &proto.http_filters;
     for (index, filter) in filters.iter().enumerate() {
         let fpath = format!("{path}.http_filters[{index}]");
         let kind = filter_type(filter);
         let last = index + 1 == filters.len();
         match kind.as_str() {
-            type_urls::ROUTER if last => {}
+            type_urls::ROUTER if last => router = true,
             type_urls::ROUTER => return err(fpath, "the router must be the last http filter"),
             type_urls::CORS if !cors => cors = true,
             type_urls::CORS => return err(fpath, "the CORS filter appears twice"),
@@ -864,7 +865,7 @@ fn http_connection_manager(
             }
         }
     }
-    if filters.is_empty() || filter_type(&filters[filters.len() - 1]) != type_urls::ROUTER {
+    if !router {
         return err(
             format!("{path}.http_filters"),
             "the router filter is required, last",

@@ -72,6 +72,25 @@ struct Fields<'a> {
     forward_not_matching_preflights: Option<bool>,
 }
 
+/// The two CorsPolicy messages name their settings alike (only `filter_enabled` sits in a
+/// oneof in the route-level one).
+macro_rules! fields_of {
+    ($p:expr, $filter_enabled:expr) => {
+        Fields {
+            allow_origin_string_match: &$p.allow_origin_string_match,
+            allow_methods: &$p.allow_methods,
+            allow_headers: &$p.allow_headers,
+            expose_headers: &$p.expose_headers,
+            max_age: &$p.max_age,
+            allow_credentials: $p.allow_credentials,
+            filter_enabled: $filter_enabled,
+            shadow_enabled: $p.shadow_enabled.as_ref(),
+            allow_private_network_access: $p.allow_private_network_access,
+            forward_not_matching_preflights: $p.forward_not_matching_preflights,
+        }
+    };
+}
+
 fn compile(fields: Fields<'_>, path: &str) -> ConfigResult<CorsPolicy> {
     let allow_origins = fields
         .allow_origin_string_match
@@ -133,22 +152,7 @@ pub fn legacy(
         .enabled_specifier
         .as_ref()
         .map(|route_pb::cors_policy::EnabledSpecifier::FilterEnabled(f)| f);
-    compile(
-        Fields {
-            allow_origin_string_match: &p.allow_origin_string_match,
-            allow_methods: &p.allow_methods,
-            allow_headers: &p.allow_headers,
-            expose_headers: &p.expose_headers,
-            max_age: &p.max_age,
-            allow_credentials: p.allow_credentials,
-            filter_enabled,
-            shadow_enabled: p.shadow_enabled.as_ref(),
-            allow_private_network_access: p.allow_private_network_access,
-            forward_not_matching_preflights: p.forward_not_matching_preflights,
-        },
-        path,
-    )
-    .map(Some)
+    compile(fields_of!(p, filter_enabled), path).map(Some)
 }
 
 /// A level's `typed_per_filter_config`: a CORS policy under any key; any other filter's
@@ -175,61 +179,39 @@ pub fn per_filter(
         }
         let p: cors_pb::CorsPolicy =
             crate::config::convert::unpack(any).map_err(|e| ConfigError::new(&kpath, e))?;
-        found = Some(compile(
-            Fields {
-                allow_origin_string_match: &p.allow_origin_string_match,
-                allow_methods: &p.allow_methods,
-                allow_headers: &p.allow_headers,
-                expose_headers: &p.expose_headers,
-                max_age: &p.max_age,
-                allow_credentials: p.allow_credentials,
-                filter_enabled: p.filter_enabled.as_ref(),
-                shadow_enabled: p.shadow_enabled.as_ref(),
-                allow_private_network_access: p.allow_private_network_access,
-                forward_not_matching_preflights: p.forward_not_matching_preflights,
-            },
-            &kpath,
-        )?);
+        found = Some(compile(fields_of!(p, p.filter_enabled.as_ref()), &kpath)?);
     }
     Ok(found)
 }
 
-/// The policies that apply to one request, most specific first.
-pub struct Policies<'a>(Vec<&'a CorsPolicy>);
+/// The policies that apply to one request, most specific first (at most three; held inline,
+/// as this is built for every request on a listener with the CORS filter).
+pub struct Policies<'a>([Option<&'a CorsPolicy>; 3]);
 
 impl<'a> Policies<'a> {
     /// Route, virtual host and route configuration, in Envoy's order of precedence.
     pub fn of(route: &'a CorsConfig, vhost: &'a CorsConfig, table: &'a CorsConfig) -> Self {
-        let per_filter: Vec<_> = [route, vhost, table]
-            .into_iter()
-            .filter_map(|c| c.per_filter.as_ref())
-            .collect();
-        if !per_filter.is_empty() {
+        let per_filter = [route, vhost, table].map(|c| c.per_filter.as_ref());
+        if per_filter.iter().any(Option::is_some) {
             return Policies(per_filter);
         }
-        Policies(
-            [route, vhost]
-                .into_iter()
-                .filter_map(|c| c.legacy.as_ref())
-                .collect(),
-        )
+        Policies([route.legacy.as_ref(), vhost.legacy.as_ref(), None])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &'a CorsPolicy> + '_ {
+        self.0.iter().flatten().copied()
     }
 
     fn first_str(&self, get: impl Fn(&CorsPolicy) -> &str) -> &'a str {
-        self.0
-            .iter()
-            .map(|p| get(p))
-            .find(|v| !v.is_empty())
-            .unwrap_or("")
+        self.iter().map(get).find(|v| !v.is_empty()).unwrap_or("")
     }
 
     fn first_bool(&self, get: impl Fn(&CorsPolicy) -> Option<bool>) -> Option<bool> {
-        self.0.iter().find_map(|p| get(p))
+        self.iter().find_map(get)
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
         let origins = self
-            .0
             .iter()
             .map(|p| &p.allow_origins)
             .find(|o| !o.is_empty());
@@ -239,7 +221,7 @@ impl<'a> Policies<'a> {
     /// Whether the most specific policy's share (`filter_enabled` or `shadow_enabled`) takes
     /// this request.
     fn sampled(&self, share: impl Fn(&CorsPolicy) -> u32) -> bool {
-        match self.0.first().map(|p| share(p)) {
+        match self.iter().next().map(share) {
             None | Some(0) => false,
             Some(n) if n >= 1_000_000 => true,
             Some(n) => rand::random_range(0..1_000_000) < n,

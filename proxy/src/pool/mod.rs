@@ -113,11 +113,14 @@ struct HostConnections {
     http2_connect: Option<Http2Connect>,
 }
 
+/// A worker's connections by endpoint address (foldhash: SipHash per request is measurable).
+type HostMap = HashMap<SocketAddr, HostConnections, foldhash::fast::RandomState>;
+
 /// One worker's connections to a cluster. Only that worker's thread touches it on the request
 /// path, so its lock is never contended; it is a lock at all because the pools are shared.
 #[derive(Default)]
 struct WorkerPool {
-    hosts: Mutex<HashMap<SocketAddr, HostConnections, foldhash::fast::RandomState>>,
+    hosts: Mutex<HostMap>,
     /// Wakes this worker's pending HTTP/1.1 requests when a connection comes back idle.
     released: Notify,
 }
@@ -168,9 +171,7 @@ impl WorkerPool {
         closed
     }
 
-    fn hosts(
-        &self,
-    ) -> MutexGuard<'_, HashMap<SocketAddr, HostConnections, foldhash::fast::RandomState>> {
+    fn hosts(&self) -> MutexGuard<'_, HostMap> {
         self.hosts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
