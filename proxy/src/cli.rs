@@ -71,17 +71,6 @@ impl Cli {
     pub fn drain_time(&self) -> Duration {
         Duration::from_secs(self.drain_time_s)
     }
-
-    pub fn tracing_filter(&self) -> &'static str {
-        match self.log_level.to_ascii_lowercase().as_str() {
-            "trace" => "trace",
-            "debug" => "debug",
-            "warning" | "warn" => "warn",
-            "error" | "critical" => "error",
-            "off" => "off",
-            _ => "info",
-        }
-    }
 }
 
 /// Polls the admin `/ready` endpoint until it answers 200 or the deadline passes.

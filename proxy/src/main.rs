@@ -1,6 +1,7 @@
 //! `remora-proxy`: parse the command line, load the bootstrap, run the proxy.
 
 use clap::Parser;
+use remora_proxy::admin::logging;
 use remora_proxy::cli::{Cli, Command, Mode};
 use remora_proxy::config::bootstrap::{self, Sources};
 
@@ -20,10 +21,14 @@ fn main() -> std::process::ExitCode {
         }
         return if ready { 0.into() } else { 1.into() };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(cli.tracing_filter()))
-        .with_writer(std::io::stderr)
-        .init();
+    if !logging::is_level(&cli.log_level) {
+        eprintln!(
+            "error: invalid log level specified {:?} (one of trace, debug, info, warning, error, critical, off)",
+            cli.log_level
+        );
+        return 1.into();
+    }
+    init_logging(&cli.log_level);
     let sources = Sources {
         config_path: cli.config_path.clone(),
         config_yaml: cli.config_yaml.clone(),
@@ -55,4 +60,23 @@ fn main() -> std::process::ExitCode {
             1.into()
         }
     }
+}
+
+/// Logs to stderr at `-l`'s level, through a filter that admin's `/logging` can swap.
+fn init_logging(level: &str) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, reload};
+    let initial = EnvFilter::new(logging::initial_filter(level));
+    let (filter, handle) = reload::Layer::new(initial);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    logging::install(
+        level,
+        Box::new(move |directives| {
+            let filter = EnvFilter::try_new(directives).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }),
+    );
 }

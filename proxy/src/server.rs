@@ -215,11 +215,17 @@ async fn serve(
     match reason {
         Stop::Drain => {
             tracing::info!(drain_time = ?server.drain_time, "SIGTERM: draining listeners");
-            server.listeners.drain_all(server.drain_time, true).await;
+            server
+                .listeners
+                .drain_all(server.drain_time, true, false)
+                .await;
         }
         _ => {
             tracing::info!("shutting down");
-            server.listeners.drain_all(Duration::ZERO, false).await;
+            server
+                .listeners
+                .drain_all(Duration::ZERO, false, false)
+                .await;
         }
     }
     Ok(())

@@ -234,6 +234,21 @@ fn basic_flow(under: Under, api_type: &str) {
         get_upstream(addr, "/x").filter(|(u, _)| u == "b")
     });
 
+    // A host an update keeps keeps its stats, as in Envoy: `rq_total` goes on counting.
+    for _ in 0..5 {
+        assert_eq!(get_upstream(addr, "/x").map(|(u, _)| u), Some("b".into()));
+    }
+    let served_by_b = host_stat(admin, "svc", b.addr, "rq_total");
+    assert!(served_by_b >= 6, "{served_by_b}");
+    ads.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        vec![endpoints_for("svc", &[b.addr, a.addr])],
+    );
+    wait_for("a back beside b", Duration::from_secs(20), || {
+        get_upstream(addr, "/x").filter(|(u, _)| u == "a")
+    });
+    assert!(host_stat(admin, "svc", b.addr, "rq_total") >= served_by_b);
+
     ads.set(
         ROUTE_CONFIGURATION,
         vec![route_config("routes", "svc", Some("/rewritten/"))],
@@ -544,6 +559,16 @@ fn listener_update_and_removal_drain_in_flight_requests() {
     upstream.release();
     assert_eq!(in_flight.join().expect("thread").expect("request"), 200);
     drop(proxy);
+}
+
+/// One host's stat from `/clusters` (`CLUSTER::ADDR::STAT::VALUE`).
+fn host_stat(admin: SocketAddr, cluster: &str, host: SocketAddr, stat: &str) -> u64 {
+    let (_, _, clusters) = http_get(admin, "/clusters").expect("/clusters");
+    let prefix = format!("{cluster}::{host}::{stat}::");
+    clusters
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in {clusters}"))
 }
 
 fn proxy_stat(admin: SocketAddr, name: &str) -> u64 {

@@ -1,5 +1,9 @@
-//! The admin endpoint on `admin.address`: readiness, server info, stats (text and Prometheus),
-//! config dump (with `?resource=` and `?mask=`), clusters, listeners, draining and quitting.
+//! The admin endpoint on `admin.address`: readiness, server info, stats (text, JSON and
+//! Prometheus), config dump (with `?resource=` and `?mask=`), clusters, listeners, log levels,
+//! draining and quitting, each answering as Envoy's does.
+
+mod clusters;
+pub mod logging;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use crate::server::{Server, State, Stop};
+use crate::stats::{Kind, StatValue};
 
 /// Serves the admin API until the process exits.
 pub async fn serve(server: Arc<Server>, listener: tokio::net::TcpListener) {
@@ -111,24 +116,23 @@ async fn handle(
             "node": {"id": server.node.id, "cluster": server.node.cluster},
             "command_line_options": {"concurrency": server.workers.len(), "drain_time": format!("{}s", server.drain_time.as_secs())},
         })),
-        "/stats" => {
-            let filter = query_param(query, "filter")
-                .map(percent_decode)
-                .and_then(|f| regex::Regex::new(&f).ok());
-            if query_param(query, "format") == Some("json") {
+        "/stats" | "/stats/prometheus" => match StatsQuery::parse(query) {
+            Ok(stats) if path == "/stats/prometheus" || stats.format == Some("prometheus") => text(
+                StatusCode::OK,
+                server.registry.render_prometheus(&stats.select()),
+            ),
+            Ok(stats) if stats.format == Some("json") => {
                 let stats: Vec<Value> = server
                     .registry
-                    .snapshot()
+                    .snapshot(&stats.select())
                     .into_iter()
-                    .filter(|(name, _, _)| filter.as_ref().is_none_or(|re| re.is_match(name)))
-                    .map(|(name, _, value)| json!({"name": name, "value": value}))
+                    .map(|stat| json!({"name": stat.name, "value": stat.value}))
                     .collect();
                 json_response(&json!({"stats": stats}))
-            } else {
-                text(StatusCode::OK, server.registry.render_text(filter.as_ref()))
             }
-        }
-        "/stats/prometheus" => text(StatusCode::OK, server.registry.render_prometheus()),
+            Ok(stats) => text(StatusCode::OK, server.registry.render_text(&stats.select())),
+            Err(error) => text(StatusCode::BAD_REQUEST, error),
+        },
         "/config_dump" => {
             let resource = query_param(query, "resource").map(percent_decode);
             let mask = query_param(query, "mask").map(percent_decode);
@@ -136,24 +140,26 @@ async fn handle(
             crate::memory::release_config_memory();
             json_response(&dump)
         }
-        "/clusters" => text(StatusCode::OK, clusters_text(&server)),
-        "/listeners" => {
-            let listeners: Vec<String> = server
-                .listeners
-                .list()
-                .iter()
-                .map(|l| format!("{}::{}\n", l.config.name, l.local_addr))
-                .collect();
-            text(StatusCode::OK, listeners.concat())
+        "/clusters" if query_param(query, "format") == Some("json") => {
+            json_response(&clusters::clusters_json(&server))
+        }
+        "/clusters" => text(StatusCode::OK, clusters::clusters_text(&server)),
+        "/listeners" if query_param(query, "format") == Some("json") => {
+            json_response(&clusters::listeners_json(&server))
+        }
+        "/listeners" => text(StatusCode::OK, clusters::listeners_text(&server)),
+        "/logging" if post => {
+            let (status, body) = logging::handle(query);
+            text(status, body)
         }
         "/drain_listeners" if post => {
-            let graceful = query_param(query, "graceful").is_some()
-                || query.split('&').any(|p| p == "graceful");
+            let flag = |name: &str| query.split('&').any(|p| p.split('=').next() == Some(name));
+            let (graceful, inbound_only) = (flag("graceful"), flag("inboundonly"));
             let server2 = server.clone();
             tokio::spawn(async move {
                 server2
                     .listeners
-                    .drain_all(server2.drain_time, graceful)
+                    .drain_all(server2.drain_time, graceful, inbound_only)
                     .await
             });
             text(StatusCode::OK, "OK\n")
@@ -162,59 +168,69 @@ async fn handle(
             server.request_stop(Stop::Quit);
             text(StatusCode::OK, "OK\n")
         }
-        "/drain_listeners" | "/quitquitquit" => text(
+        "/drain_listeners" | "/quitquitquit" | "/logging" => text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "This endpoint requires POST\n",
+            format!("Method {} not allowed, POST required.", request.method()),
         ),
         "/" => text(
             StatusCode::OK,
-            "admin commands: /ready /server_info /stats /stats/prometheus /config_dump /clusters /listeners /drain_listeners /quitquitquit\n",
+            "admin commands: /ready /server_info /stats /stats/prometheus /config_dump /clusters /listeners /logging /drain_listeners /quitquitquit\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "invalid path\n"),
     };
     Ok(response)
 }
 
-fn clusters_text(server: &Server) -> String {
-    let mut out = String::new();
-    let clusters = server.clusters.all();
-    let mut names: Vec<&String> = clusters.keys().collect();
-    names.sort();
-    for name in names {
-        let Some(cluster) = clusters.get(name) else {
-            continue;
+/// `/stats` query parameters, checked as Envoy checks them.
+struct StatsQuery<'a> {
+    filter: Option<regex::Regex>,
+    /// `?type=`: `None` for all, `Some(None)` for a type no stat here has.
+    kinds: Option<Option<Kind>>,
+    used_only: bool,
+    format: Option<&'a str>,
+}
+
+impl<'a> StatsQuery<'a> {
+    fn parse(query: &'a str) -> Result<Self, String> {
+        let filter = match query_param(query, "filter").map(percent_decode) {
+            Some(filter) => Some(regex::Regex::new(&filter).map_err(|error| {
+                // The regex crate's message spans lines; its last one names the problem.
+                let message = error.to_string();
+                let reason = message.lines().last().unwrap_or_default();
+                let reason = reason.trim().trim_start_matches("error: ");
+                format!("Invalid re2 regex: {reason}: {filter}")
+            })?),
+            None => None,
         };
-        let thresholds = cluster.config.thresholds;
-        out.push_str(&format!(
-            "{name}::default_priority::max_connections::{}\n",
-            thresholds.max_connections
-        ));
-        out.push_str(&format!(
-            "{name}::default_priority::max_pending_requests::{}\n",
-            thresholds.max_pending_requests
-        ));
-        out.push_str(&format!(
-            "{name}::default_priority::max_requests::{}\n",
-            thresholds.max_requests
-        ));
-        for host in cluster.endpoints.load().all_hosts() {
-            let prefix = format!("{name}::{}", host.addr);
-            out.push_str(&format!("{prefix}::hostname::{}\n", host.hostname));
-            out.push_str(&format!(
-                "{prefix}::health_flags::{}\n",
-                if host.health.usable() {
-                    "healthy".to_string()
-                } else {
-                    format!("/{}", host.health.name())
-                }
-            ));
-            out.push_str(&format!("{prefix}::weight::{}\n", host.weight));
-            out.push_str(&format!("{prefix}::priority::{}\n", host.priority));
-            out.push_str(&format!("{prefix}::rq_total::{}\n", host.rq_total.get()));
-            out.push_str(&format!("{prefix}::rq_error::{}\n", host.rq_error.get()));
+        let kinds = match query_param(query, "type") {
+            None | Some("All") => None,
+            Some("Counters") => Some(Some(Kind::Counter)),
+            Some("Gauges") => Some(Some(Kind::Gauge)),
+            // Histograms and text readouts: none are kept, so nothing matches.
+            Some("Histograms" | "TextReadouts") => Some(None),
+            Some(_) => return Err("invalid &type= param".into()),
+        };
+        Ok(StatsQuery {
+            filter,
+            kinds,
+            used_only: query
+                .split('&')
+                .any(|p| p.split('=').next() == Some("usedonly")),
+            format: query_param(query, "format"),
+        })
+    }
+
+    /// Whether a stat is shown.
+    fn select(&self) -> impl Fn(&StatValue) -> bool + '_ {
+        move |stat| {
+            self.kinds.is_none_or(|wanted| wanted == Some(stat.kind))
+                && (!self.used_only || stat.used)
+                && self
+                    .filter
+                    .as_ref()
+                    .is_none_or(|re| re.is_match(&stat.name))
         }
     }
-    out
 }
 
 /// One config dump section: its type and its named resource lists.

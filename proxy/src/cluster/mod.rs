@@ -77,7 +77,19 @@ impl ClusterRuntime {
         self.set_hosts(hosts_from(assignment));
     }
 
-    pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
+    pub fn set_hosts(&self, mut hosts: Vec<Arc<Host>>) {
+        // A host that keeps its address keeps its stats, as in Envoy: counters go on counting,
+        // and its open connections still count in its `cx_active`.
+        let previous = self.endpoints.load();
+        let kept: HashMap<_, _> = previous
+            .all_hosts()
+            .map(|host| (host.addr, &host.stats))
+            .collect();
+        for host in &mut hosts {
+            if let (Some(stats), Some(fresh)) = (kept.get(&host.addr), Arc::get_mut(host)) {
+                fresh.stats = Arc::clone(stats);
+            }
+        }
         let set = EndpointSet::new(hosts);
         self.stats
             .membership_total

@@ -532,6 +532,8 @@ pub fn listener(proto: &listener_pb::Listener, path: &str) -> R<Listener> {
         tls_inspector,
         listener_filters_timeout,
         continue_on_listener_filters_timeout: proto.continue_on_listener_filters_timeout,
+        // core.v3.TrafficDirection: 1 is INBOUND.
+        inbound: proto.traffic_direction == 1,
         raw: RawConfig::of(proto),
     })
 }
@@ -1101,19 +1103,21 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
         sub(path, "typed_extension_protocol_options"),
         type_urls::UPSTREAM_HTTP_PROTOCOL_OPTIONS_KEY
     );
-    let mut thresholds = Thresholds::default();
+    // HIGH priority thresholds are kept for `/clusters` only: no route asks for that priority.
+    let (mut thresholds, mut thresholds_high) = (Thresholds::default(), Thresholds::default());
     if let Some(breakers) = &proto.circuit_breakers {
-        for (i, t) in breakers.thresholds.iter().enumerate() {
-            if t.priority != 0 {
-                continue; // HIGH priority routing is not used by Remora's router; thresholds ignored
-            }
-            let _ = i;
-            thresholds = Thresholds {
+        for t in &breakers.thresholds {
+            let set = Thresholds {
                 max_connections: t.max_connections.unwrap_or(1024),
                 max_pending_requests: t.max_pending_requests.unwrap_or(1024),
                 max_requests: t.max_requests.unwrap_or(1024),
                 max_retries: t.max_retries.unwrap_or(3),
             };
+            if t.priority == 0 {
+                thresholds = set;
+            } else {
+                thresholds_high = set;
+            }
         }
     }
     let dns_refresh_rate = opt_duration(&proto.dns_refresh_rate, &sub(path, "dns_refresh_rate"))?
@@ -1139,6 +1143,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> R<Cluster> {
         load_assignment,
         protocol,
         thresholds,
+        thresholds_high,
         dns_refresh_rate: dns_refresh_rate.max(Duration::from_millis(1)),
         dns_lookup_family: match cluster_pb::cluster::DnsLookupFamily::try_from(
             proto.dns_lookup_family,

@@ -138,6 +138,8 @@ pub struct Listener {
     pub tls_inspector: bool,
     pub listener_filters_timeout: Duration,
     pub continue_on_listener_filters_timeout: bool,
+    /// `traffic_direction: INBOUND`: drained by `/drain_listeners?inboundonly`.
+    pub inbound: bool,
     /// The resource as received, for `/config_dump`; equal bytes tell a resend from an update.
     pub raw: RawConfig,
 }
@@ -444,6 +446,8 @@ pub struct Cluster {
     pub load_assignment: LoadAssignment,
     pub protocol: UpstreamProtocol,
     pub thresholds: Thresholds,
+    /// The HIGH priority circuit breakers, shown by `/clusters` (no route uses HIGH).
+    pub thresholds_high: Thresholds,
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
     pub tcp_keepalive: bool,

@@ -15,6 +15,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::ResponseFlag;
 use crate::http::access_log::PendingLine;
+use crate::lb::HostGauge;
 use crate::pool::Lease;
 use crate::stats::{GaugeGuard, Stat};
 
@@ -96,7 +97,7 @@ impl Body for ResponseBody {
 pub struct UpstreamBody {
     inner: Incoming,
     timer: Option<StreamTimer>,
-    _active: GaugeGuard,
+    _active: (GaugeGuard, HostGauge),
     downstream: Option<DownstreamSlots>,
     /// The HTTP/1.1 connection the body arrives on, back to its pool once the body is in.
     lease: Option<Lease>,
@@ -117,7 +118,7 @@ impl UpstreamBody {
     pub fn new(
         inner: Incoming,
         timer: Option<StreamTimer>,
-        active: GaugeGuard,
+        active: (GaugeGuard, HostGauge),
         lease: Option<Lease>,
     ) -> Self {
         UpstreamBody {

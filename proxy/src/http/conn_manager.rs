@@ -36,7 +36,7 @@ use crate::http::cors;
 use crate::http::router::{
     Action, ClusterSpec, HostRewrite, Route, RouteTable, VirtualHost, strip_port,
 };
-use crate::lb::LbContext;
+use crate::lb::{HostGauge, LbContext};
 use crate::pool::PoolError;
 use crate::server::Server;
 use crate::stats::{GaugeGuard, HttpStats, Stat};
@@ -689,8 +689,9 @@ async fn proxy(
 
     // Send. One timer per request: the route deadline and the stream idle timeout (the
     // route's, else the HCM's) bound the wait for headers, then move into the response body.
+    let host_active = HostGauge::new(&upstream_host.stats, |s| &s.rq_active);
     let (outcome, timer) = send_upstream(
-        cluster.pools.send(upstream_host.addr, upstream_request),
+        cluster.pools.send(&upstream_host, upstream_request),
         forward.timeout,
         forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
         request_end,
@@ -700,16 +701,20 @@ async fn proxy(
         ),
     )
     .await;
-    // Envoy counts a request upstream once the pool takes it: not when it overflowed.
+    // Envoy counts a request upstream once it has a connection: not when it overflowed or
+    // its connection could not be made.
     let overflowed = matches!(&outcome, Ok(Err(PoolError::Overflow)));
-    if !overflowed {
+    if !overflowed && !matches!(&outcome, Ok(Err(PoolError::Connect(_)))) {
         cluster.stats.upstream_rq_total.inc();
-        upstream_host.rq_total.inc();
+        upstream_host.stats.rq_total.inc();
     }
     let result = outcome.map_err(|timeout| {
-        upstream_host.rq_error.inc();
+        upstream_host.stats.rq_error.inc();
         let flag = match timeout {
-            StreamTimeout::Route => ResponseFlag::UpstreamRequestTimeout,
+            StreamTimeout::Route => {
+                upstream_host.stats.rq_timeout.inc();
+                ResponseFlag::UpstreamRequestTimeout
+            }
             StreamTimeout::Idle => ResponseFlag::StreamIdleTimeout,
         };
         ProxyError::upstream(flag, timeout.to_string())
@@ -723,7 +728,7 @@ async fn proxy(
             ));
         }
         Err(error) => {
-            upstream_host.rq_error.inc();
+            upstream_host.stats.rq_error.inc();
             if timed_out
                 .as_ref()
                 .is_some_and(|t| t.load(Ordering::Acquire))
@@ -740,6 +745,11 @@ async fn proxy(
     };
     let status = response.status();
     cluster.stats.response(status.as_u16());
+    if status.is_server_error() {
+        upstream_host.stats.rq_error.inc();
+    } else {
+        upstream_host.stats.rq_success.inc();
+    }
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(downstream_upgrade) = downstream_upgrade
     {
@@ -771,8 +781,14 @@ async fn proxy(
         }
         _ => None,
     };
-    Ok(response
-        .map(|body| ResponseBody::Upstream(UpstreamBody::new(body, timer, rq_active, lease))))
+    Ok(response.map(|body| {
+        ResponseBody::Upstream(UpstreamBody::new(
+            body,
+            timer,
+            (rq_active, host_active),
+            lease,
+        ))
+    }))
 }
 
 #[cfg(test)]

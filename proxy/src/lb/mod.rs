@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::{HealthStatus, LbEndpoint};
+use crate::stats::{Kind, Stat};
 
 /// One upstream host as the data path sees it.
 #[derive(Debug)]
@@ -15,8 +16,7 @@ pub struct Host {
     pub weight: u32,
     pub health: HealthStatus,
     pub priority: u32,
-    pub rq_total: crate::stats::Stat,
-    pub rq_error: crate::stats::Stat,
+    pub stats: Arc<HostStats>,
 }
 
 impl Host {
@@ -27,9 +27,71 @@ impl Host {
             weight: endpoint.weight,
             health: endpoint.health,
             priority: endpoint.priority,
-            rq_total: Default::default(),
-            rq_error: Default::default(),
+            stats: Default::default(),
         }
+    }
+}
+
+/// One host's counters and gauges: Envoy's per-host stats, as `/clusters` lists them. They
+/// outlive endpoint updates that keep the host's address (see `ClusterRuntime::set_hosts`).
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub cx_active: Stat,
+    pub cx_connect_fail: Stat,
+    pub cx_total: Stat,
+    pub rq_active: Stat,
+    /// Requests that got no response, or a 5xx.
+    pub rq_error: Stat,
+    pub rq_pending_active: Stat,
+    /// Requests that got a response below 500.
+    pub rq_success: Stat,
+    pub rq_timeout: Stat,
+    pub rq_total: Stat,
+}
+
+/// One unit of a host's gauge (`rq_active`, `cx_active`), given back when dropped.
+pub struct HostGauge {
+    stats: Arc<HostStats>,
+    gauge: fn(&HostStats) -> &Stat,
+}
+
+impl HostGauge {
+    pub fn new(stats: &Arc<HostStats>, gauge: fn(&HostStats) -> &Stat) -> Self {
+        gauge(stats).inc();
+        HostGauge {
+            stats: stats.clone(),
+            gauge,
+        }
+    }
+}
+
+impl Drop for HostGauge {
+    fn drop(&mut self) {
+        (self.gauge)(&self.stats).dec();
+    }
+}
+
+impl std::fmt::Debug for HostGauge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostGauge").finish_non_exhaustive()
+    }
+}
+
+impl HostStats {
+    /// Every stat with its name and kind, sorted by name as Envoy's `/clusters` prints them.
+    pub fn list(&self) -> [(&'static str, Kind, u64); 9] {
+        use Kind::{Counter, Gauge};
+        [
+            ("cx_active", Gauge, self.cx_active.get()),
+            ("cx_connect_fail", Counter, self.cx_connect_fail.get()),
+            ("cx_total", Counter, self.cx_total.get()),
+            ("rq_active", Gauge, self.rq_active.get()),
+            ("rq_error", Counter, self.rq_error.get()),
+            ("rq_pending_active", Gauge, self.rq_pending_active.get()),
+            ("rq_success", Counter, self.rq_success.get()),
+            ("rq_timeout", Counter, self.rq_timeout.get()),
+            ("rq_total", Counter, self.rq_total.get()),
+        ]
     }
 }
 

@@ -259,9 +259,19 @@ impl ListenerManager {
             .find_map(|candidate| index.get(&candidate).cloned())
     }
 
-    /// Stops accepting everywhere; with `graceful`, drains connections (up to the drain time).
-    pub async fn drain_all(&self, deadline: std::time::Duration, graceful: bool) {
-        let all: Vec<Arc<ActiveListener>> = self.list();
+    /// Stops the listeners accepting (only the `INBOUND` ones when `inbound_only`) and, when
+    /// `graceful`, waits for their connections to drain or the deadline.
+    pub async fn drain_all(
+        &self,
+        deadline: std::time::Duration,
+        graceful: bool,
+        inbound_only: bool,
+    ) {
+        let all: Vec<Arc<ActiveListener>> = self
+            .list()
+            .into_iter()
+            .filter(|listener| !inbound_only || listener.config.inbound)
+            .collect();
         for listener in &all {
             listener.stop_accepting();
         }

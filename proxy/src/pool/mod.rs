@@ -42,6 +42,7 @@ use tokio::sync::Notify;
 
 use crate::config::{Cluster, Http2Options, UpstreamProtocol};
 use crate::http::body::RequestBody;
+use crate::lb::{Host, HostStats};
 use crate::stats::ClusterStats;
 
 thread_local! {
@@ -206,15 +207,18 @@ struct Slot {
     connector: Arc<Connector>,
     worker: Arc<WorkerPool>,
     addr: SocketAddr,
+    /// The host's stats, which count the connection made in the slot.
+    host: Arc<HostStats>,
 }
 
 impl Slot {
-    fn new(connector: &Arc<Connector>, worker: &Arc<WorkerPool>, addr: SocketAddr) -> Slot {
-        worker.hosts().entry(addr).or_default().open += 1;
+    fn new(connector: &Arc<Connector>, worker: &Arc<WorkerPool>, host: &Host) -> Slot {
+        worker.hosts().entry(host.addr).or_default().open += 1;
         Slot {
             connector: connector.clone(),
             worker: worker.clone(),
-            addr,
+            addr: host.addr,
+            host: host.stats.clone(),
         }
     }
 }
@@ -245,13 +249,15 @@ impl std::fmt::Debug for Slot {
     }
 }
 
-/// One request counted as pending (cluster-wide and in `upstream_rq_pending_active`).
+/// One request counted as pending (cluster-wide, in `upstream_rq_pending_active` and in its
+/// host's `rq_pending_active`).
 struct Pending<'a> {
     connector: &'a Connector,
+    host: &'a HostStats,
 }
 
 impl<'a> Pending<'a> {
-    fn try_new(connector: &'a Connector) -> Result<Pending<'a>, PoolError> {
+    fn try_new(connector: &'a Connector, host: &'a HostStats) -> Result<Pending<'a>, PoolError> {
         let limits = &connector.limits;
         let stats = &connector.stats;
         if limits
@@ -266,7 +272,8 @@ impl<'a> Pending<'a> {
         }
         stats.upstream_rq_pending_total.inc();
         stats.upstream_rq_pending_active.inc();
-        Ok(Pending { connector })
+        host.rq_pending_active.inc();
+        Ok(Pending { connector, host })
     }
 }
 
@@ -277,6 +284,7 @@ impl Drop for Pending<'_> {
             .pending
             .fetch_sub(1, Ordering::Relaxed);
         self.connector.stats.upstream_rq_pending_active.dec();
+        self.host.rq_pending_active.dec();
     }
 }
 
@@ -299,7 +307,7 @@ struct Connector {
 }
 
 impl Connector {
-    fn try_slot(self: &Arc<Self>, worker: &Arc<WorkerPool>, addr: SocketAddr) -> Option<Slot> {
+    fn try_slot(self: &Arc<Self>, worker: &Arc<WorkerPool>, host: &Host) -> Option<Slot> {
         let limits = &self.limits;
         limits
             .connections
@@ -307,7 +315,7 @@ impl Connector {
                 (n < limits.max_connections).then_some(n + 1)
             })
             .ok()?;
-        Some(Slot::new(self, worker, addr))
+        Some(Slot::new(self, worker, host))
     }
 
     /// Waits for a connection slot or, when `idle_too`, an HTTP/1.1 connection handed back to
@@ -315,7 +323,7 @@ impl Connector {
     async fn wait_for_slot(
         self: &Arc<Self>,
         worker: &Arc<WorkerPool>,
-        addr: SocketAddr,
+        host: &Host,
         idle_too: bool,
     ) -> Got {
         let mut overflowed = false;
@@ -323,10 +331,10 @@ impl Connector {
             // Created before the checks, so a release in between still wakes us.
             let freed = self.limits.freed.notified();
             let released = worker.released.notified();
-            if let Some(slot) = self.try_slot(worker, addr) {
+            if let Some(slot) = self.try_slot(worker, host) {
                 return Got::Slot(slot);
             }
-            if idle_too && let Some(sender) = worker.take_idle(addr) {
+            if idle_too && let Some(sender) = worker.take_idle(host.addr) {
                 return Got::Idle(sender);
             }
             if !overflowed {
@@ -335,9 +343,9 @@ impl Connector {
             }
             // Envoy's rule: a pool with no connection to the host gets one over the limit,
             // else requests queued here could wait on connections idle in another worker.
-            if worker.open_connections(addr) == 0 {
+            if worker.open_connections(host.addr) == 0 {
                 self.limits.connections.fetch_add(1, Ordering::Relaxed);
-                return Got::Slot(Slot::new(self, worker, addr));
+                return Got::Slot(Slot::new(self, worker, host));
             }
             tokio::select! {
                 () = freed => {}
@@ -348,9 +356,17 @@ impl Connector {
 
     /// Opens a connection in `slot`: TCP within the connect timeout, then TLS if configured.
     async fn connect(&self, slot: Slot) -> Result<CountedIo, PoolError> {
+        // As Envoy, a connection counts in `cx_total` and `cx_active` from its first attempt.
         let stats = &self.stats;
+        stats.upstream_cx_total.inc();
+        stats.upstream_cx_active.inc();
+        slot.host.cx_total.inc();
+        slot.host.cx_active.inc();
         let failed = |reason: String| {
             stats.upstream_cx_connect_fail.inc();
+            stats.upstream_cx_active.dec();
+            slot.host.cx_connect_fail.inc();
+            slot.host.cx_active.dec();
             PoolError::connect(reason)
         };
         let tcp = match tokio::time::timeout(
@@ -377,12 +393,10 @@ impl Connector {
                 }
             }
         };
-        stats.upstream_cx_total.inc();
-        stats.upstream_cx_active.inc();
         Ok(CountedIo {
             io,
             stats: stats.clone(),
-            _slot: slot,
+            slot,
         })
     }
 
@@ -390,10 +404,10 @@ impl Connector {
     async fn http1_connection(
         self: &Arc<Self>,
         worker: &Arc<WorkerPool>,
-        addr: SocketAddr,
+        host: &Host,
     ) -> Result<Http1Sender, PoolError> {
-        let pending = Pending::try_new(self)?;
-        let slot = match self.wait_for_slot(worker, addr, true).await {
+        let pending = Pending::try_new(self, &host.stats)?;
+        let slot = match self.wait_for_slot(worker, host, true).await {
             Got::Slot(slot) => slot,
             Got::Idle(sender) => return Ok(sender),
         };
@@ -414,10 +428,11 @@ impl Connector {
     async fn http2_connection(
         self: Arc<Self>,
         worker: Arc<WorkerPool>,
-        addr: SocketAddr,
+        host: Arc<Host>,
     ) -> Result<Http2Sender, PoolError> {
+        let addr = host.addr;
         let opened = async {
-            let Got::Slot(slot) = self.wait_for_slot(&worker, addr, false).await else {
+            let Got::Slot(slot) = self.wait_for_slot(&worker, &host, false).await else {
                 unreachable!("an HTTP/2 connect waits for a slot only");
             };
             let io = self.connect(slot).await?;
@@ -561,15 +576,15 @@ impl Pools {
     /// calling worker's pool. An HTTP/1.1 response comes with the [`Lease`] of its connection.
     pub async fn send(
         &self,
-        addr: SocketAddr,
+        host: &Arc<Host>,
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let worker = self.workers[worker_index(self.workers.len())]
             .get_or_init(|| WorkerPool::start(self.idle_timeout, &self.connector.stats));
         match self.protocol {
-            UpstreamProtocol::Http1 => self.send_http1(worker, addr, request).await,
+            UpstreamProtocol::Http1 => self.send_http1(worker, host, request).await,
             UpstreamProtocol::Http2 => {
-                let response = self.send_http2(worker, addr, request).await?;
+                let response = self.send_http2(worker, host, request).await?;
                 Ok((response, None))
             }
         }
@@ -578,13 +593,14 @@ impl Pools {
     async fn send_http1(
         &self,
         worker: &Arc<WorkerPool>,
-        addr: SocketAddr,
+        host: &Host,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
+        let addr = host.addr;
         loop {
             let (mut sender, reused) = match worker.take_idle(addr) {
                 Some(sender) => (sender, true),
-                None => (self.connector.http1_connection(worker, addr).await?, false),
+                None => (self.connector.http1_connection(worker, host).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -608,13 +624,13 @@ impl Pools {
     async fn send_http2(
         &self,
         worker: &Arc<WorkerPool>,
-        addr: SocketAddr,
+        host: &Arc<Host>,
         mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, PoolError> {
-        to_http2_form(&mut request, addr);
+        to_http2_form(&mut request, host.addr);
         let mut retried = false;
         loop {
-            let mut sender = self.http2_sender(worker, addr).await?;
+            let mut sender = self.http2_sender(worker, host).await?;
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(response),
                 Err(mut error) => match error.take_message() {
@@ -634,24 +650,24 @@ impl Pools {
     async fn http2_sender(
         &self,
         worker: &Arc<WorkerPool>,
-        addr: SocketAddr,
+        host: &Arc<Host>,
     ) -> Result<Http2Sender, PoolError> {
-        if let Some(host) = worker.hosts().get(&addr)
-            && let Some(sender) = &host.http2
+        if let Some(open) = worker.hosts().get(&host.addr)
+            && let Some(sender) = &open.http2
             && !sender.is_closed()
         {
             return Ok(sender.clone());
         }
-        let _pending = Pending::try_new(&self.connector)?;
+        let _pending = Pending::try_new(&self.connector, &host.stats)?;
         let connecting = worker
             .hosts()
-            .entry(addr)
+            .entry(host.addr)
             .or_default()
             .http2_connect
             .get_or_insert_with(|| {
                 self.connector
                     .clone()
-                    .http2_connection(worker.clone(), addr)
+                    .http2_connection(worker.clone(), host.clone())
                     .boxed()
                     .shared()
             })
@@ -683,12 +699,13 @@ fn to_http2_form(request: &mut Request<RequestBody>, addr: SocketAddr) {
 struct CountedIo {
     io: Io,
     stats: Arc<ClusterStats>,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl Drop for CountedIo {
     fn drop(&mut self) {
         self.stats.upstream_cx_active.dec();
+        self.slot.host.cx_active.dec();
     }
 }
 

@@ -3,12 +3,17 @@
 //! get-or-create by name, so stats survive config swaps.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One counter or gauge.
 #[derive(Debug, Default)]
-pub struct Stat(AtomicU64);
+pub struct Stat(AtomicU64, Used);
+
+/// Whether a gauge was ever set, for `/stats?usedonly` (Envoy's "used" flag): a gauge back at
+/// zero was still used. A counter is used once it is not zero, so increments never touch this.
+#[derive(Debug, Default)]
+struct Used(AtomicBool);
 
 impl Stat {
     #[inline]
@@ -22,11 +27,30 @@ impl Stat {
     #[inline]
     pub fn dec(&self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        // Only a gauge taken from its value goes down, so it was used. Skipped when set: a
+        // store to a line other cores read would cost more than the load.
+        if !self.1.0.load(Ordering::Relaxed) {
+            self.1.0.store(true, Ordering::Relaxed);
+        }
     }
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Ever changed: a counter or gauge not at zero, or a gauge that went back to it.
+    pub fn used(&self) -> bool {
+        self.get() != 0 || self.1.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One stat as `/stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatValue {
+    pub name: String,
+    pub kind: Kind,
+    pub value: u64,
+    pub used: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,33 +86,40 @@ impl Registry {
         self.get(name.into(), Kind::Gauge)
     }
 
-    /// A copy of every stat, sorted by name.
-    pub fn snapshot(&self) -> Vec<(String, Kind, u64)> {
+    /// A copy of every stat `shown` selects, sorted by name.
+    pub fn snapshot(&self, shown: &dyn Fn(&StatValue) -> bool) -> Vec<StatValue> {
         let stats = self
             .stats
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         stats
             .iter()
-            .map(|(name, (kind, stat))| (name.clone(), *kind, stat.get()))
+            .map(|(name, (kind, stat))| StatValue {
+                name: name.clone(),
+                kind: *kind,
+                value: stat.get(),
+                used: stat.used(),
+            })
+            .filter(|stat| shown(stat))
             .collect()
     }
 
     /// Envoy's `/stats` text format: `name: value` per line.
-    pub fn render_text(&self, filter: Option<&regex::Regex>) -> String {
+    pub fn render_text(&self, shown: &dyn Fn(&StatValue) -> bool) -> String {
         let mut out = String::new();
-        for (name, _, value) in self.snapshot() {
-            if filter.is_none_or(|re| re.is_match(&name)) {
-                out.push_str(&format!("{name}: {value}\n"));
-            }
+        for StatValue { name, value, .. } in self.snapshot(shown) {
+            out.push_str(&format!("{name}: {value}\n"));
         }
         out
     }
 
     /// Prometheus text exposition, with Envoy's `envoy_` prefix and dots as underscores.
-    pub fn render_prometheus(&self) -> String {
+    pub fn render_prometheus(&self, shown: &dyn Fn(&StatValue) -> bool) -> String {
         let mut out = String::new();
-        for (name, kind, value) in self.snapshot() {
+        for StatValue {
+            name, kind, value, ..
+        } in self.snapshot(shown)
+        {
             let metric: String = format!("envoy_{name}")
                 .chars()
                 .map(|c| {
@@ -323,5 +354,6 @@ impl Stat {
     /// Sets a gauge to an absolute value.
     pub fn set(&self, value: u64) {
         self.0.store(value, Ordering::Relaxed);
+        self.1.0.store(true, Ordering::Relaxed);
     }
 }

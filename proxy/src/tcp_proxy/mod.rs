@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::config::{TcpClusters, TcpProxy};
 use crate::drain::{Phase, Watch};
 use crate::filter_chain::ConnectionInfo;
-use crate::lb::LbContext;
+use crate::lb::{HostGauge, LbContext};
 use crate::server::Server;
 use crate::stats::{GaugeGuard, Stat, TcpStats};
 
@@ -63,6 +63,13 @@ pub async fn serve<D>(
             cluster.stats.upstream_cx_none_healthy.inc();
             break;
         };
+        // As Envoy, a connection counts in `cx_total` and `cx_active` from its first attempt.
+        cluster.stats.upstream_cx_total.inc();
+        host.stats.cx_total.inc();
+        let active = (
+            GaugeGuard::new(&cluster.stats.upstream_cx_active),
+            HostGauge::new(&host.stats, |s| &s.cx_active),
+        );
         match tokio::time::timeout(
             cluster.config.connect_timeout,
             TcpStream::connect(host.addr),
@@ -70,18 +77,20 @@ pub async fn serve<D>(
         .await
         {
             Ok(Ok(stream)) => {
-                upstream = Some((stream, host.addr));
+                upstream = Some((stream, host, active));
                 break;
             }
-            _ => cluster.stats.upstream_cx_connect_fail.inc(),
+            _ => {
+                cluster.stats.upstream_cx_connect_fail.inc();
+                host.stats.cx_connect_fail.inc();
+            }
         }
     }
-    let Some((upstream, upstream_addr)) = upstream else {
+    let Some((upstream, host, _active)) = upstream else {
         return;
     };
+    let upstream_addr = host.addr;
     let _ = upstream.set_nodelay(true);
-    cluster.stats.upstream_cx_total.inc();
-    let _active = GaugeGuard::new(&cluster.stats.upstream_cx_active);
     let base = Instant::now();
     let last_activity = Activity {
         base,
@@ -102,6 +111,7 @@ pub async fn serve<D>(
                 Ok(Ok(stream)) => Box::new(stream),
                 _ => {
                     cluster.stats.upstream_cx_connect_fail.inc();
+                    host.stats.cx_connect_fail.inc();
                     return;
                 }
             }

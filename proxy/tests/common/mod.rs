@@ -212,12 +212,16 @@ impl Proxy {
 }
 
 /// Two workers and debug logs, unless `extra` sets the worker count itself.
-fn default_args(extra: &[&str]) -> &'static [&'static str] {
-    if extra.contains(&"--concurrency") {
-        &["--log-level", "debug"]
-    } else {
-        &["--concurrency", "2", "--log-level", "debug"]
+/// `--concurrency 2 --log-level debug`, each unless `extra` sets it.
+fn default_args(extra: &[&str]) -> Vec<&'static str> {
+    let mut args = Vec::new();
+    if !extra.contains(&"--concurrency") {
+        args.extend(["--concurrency", "2"]);
     }
+    if !extra.contains(&"--log-level") {
+        args.extend(["--log-level", "debug"]);
+    }
+    args
 }
 
 /// Waits for `/ready`, failing at once (with the log) if the proxy exits instead.

@@ -1,0 +1,241 @@
+//! The admin endpoints against Envoy's: one bootstrap and the same requests under both, then
+//! what `/clusters`, `/listeners`, `/stats`, `/logging` and `/drain_listeners` answer, compared.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use remora_tests::echo::EchoServer;
+use remora_tests::{free_port, http_get, http_request, wait_for};
+use serde_json::Value;
+
+/// Two listeners (one INBOUND), a cluster with per-host settings and breakers, one whose only
+/// host refuses connections, and one whose hosts carry every EDS health status.
+fn bootstrap_yaml(admin: &str, inbound: u16, outbound: u16, echo: SocketAddr) -> String {
+    let down = closed_port();
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/down"}
+                route: {cluster: down, timeout: 5s}
+              - match: {prefix: "/"}
+                route: {cluster: svc, timeout: 5s}
+"#;
+    let listener = |name: &str, port: u16, direction: &str| {
+        http_listener(name, port, "", routes).replacen(
+            "    filter_chains:\n",
+            &format!("    traffic_direction: {direction}\n    filter_chains:\n"),
+            1,
+        )
+    };
+    // One `lb_endpoints` entry; `extra` holds its further fields, one per line.
+    let endpoint = |port: u16, hostname: &str, extra: &[&str]| {
+        let mut entry = format!(
+            "        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}, hostname: '{hostname}'}}\n"
+        );
+        for field in extra {
+            entry.push_str(&format!("          {field}\n"));
+        }
+        entry
+    };
+    let svc = format!(
+        "  - name: svc\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{max_connections: 100, max_retries: 5}}\n      - {{priority: HIGH, max_requests: 7}}\n    load_assignment:\n      cluster_name: svc\n      endpoints:\n      - lb_endpoints:\n{}",
+        endpoint(
+            echo.port(),
+            "echo-1",
+            &["health_status: HEALTHY", "load_balancing_weight: 4"]
+        )
+    );
+    let mut mixed = String::from(
+        "  - name: mixed\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: mixed\n      endpoints:\n      - lb_endpoints:\n",
+    );
+    for (port, status) in [
+        (1, "UNHEALTHY"),
+        (2, "DRAINING"),
+        (3, "DEGRADED"),
+        (4, "TIMEOUT"),
+        (5, "UNKNOWN"),
+    ] {
+        mixed.push_str(&endpoint(port, "", &[&format!("health_status: {status}")]));
+    }
+    mixed.push_str(&format!(
+        "      - priority: 1\n        lb_endpoints:\n{}",
+        endpoint(6, "", &[])
+    ));
+    bootstrap(
+        admin,
+        &[
+            listener("inbound", inbound, "INBOUND"),
+            listener("outbound", outbound, "OUTBOUND"),
+        ],
+        &[svc, static_cluster("down", &[down]), mixed],
+    )
+}
+
+/// What one proxy's admin answered, with the order of its lists made canonical.
+#[derive(Debug, PartialEq)]
+struct Answers {
+    clusters_text: Vec<String>,
+    clusters_json: Value,
+    listeners_json: Value,
+    used_stats: String,
+    statuses: Vec<(String, u16, String)>,
+    after_inbound_drain: (bool, u16),
+}
+
+fn sorted_by_name(list: &Value, key: &str) -> Value {
+    let mut items = list[key].as_array().cloned().unwrap_or_default();
+    items.sort_by_key(|item| item["name"].as_str().unwrap_or_default().to_string());
+    serde_json::json!({ key: items })
+}
+
+/// The requests, then the admin's answers. Requests and admin calls are sequential, so both
+/// proxies (one worker each) see the same counts.
+fn exercise(admin: SocketAddr, inbound: u16, outbound: u16) -> Answers {
+    let send = |port: u16, path: &str| http_get(loopback(port), path).expect("request").0;
+    assert_eq!(send(inbound, "/ok"), 200);
+    assert_eq!(send(inbound, "/status/503"), 503);
+    assert_eq!(send(outbound, "/down"), 503);
+    let get = |path: &str| http_get(admin, path).expect("admin request");
+    let json = |path: &str| serde_json::from_str::<Value>(&get(path).2).expect("admin JSON");
+    // Grouped by cluster (Envoy lists clusters in no fixed order), in order within each.
+    let mut clusters_text: Vec<String> = get("/clusters").2.lines().map(str::to_string).collect();
+    clusters_text.sort_by_key(|line| line.split("::").next().unwrap_or_default().to_string());
+    let used_stats = get(
+        "/stats?usedonly&filter=%5Ecluster%5C.(svc%7Cdown%7Cmixed)%5C.upstream_(cx_total%7Ccx_active%7Crq_total%7Crq_pending_active)%24",
+    )
+    .2;
+    let mut statuses = Vec::new();
+    let mut record = |method: &str, path: &str| {
+        let (status, _, body) = http_request(admin, method, path, &[], "").expect("admin");
+        // The first line names the problem; usage lines and logger lists differ, and so do
+        // the two regex engines' words for what is wrong with a pattern.
+        let first = body.lines().next().unwrap_or_default();
+        let first = match first.split_once(": ") {
+            Some((kind @ "Invalid re2 regex", _)) => kind,
+            _ => first,
+        }
+        .to_string();
+        statuses.push((format!("{method} {path}"), status, first));
+    };
+    record("GET", "/stats?filter=(");
+    record("GET", "/stats?type=Bogus");
+    record(
+        "GET",
+        "/stats?type=Counters&filter=%5Ecluster%5C.svc%5C.upstream_rq_total%24",
+    );
+    record("GET", "/logging");
+    record("POST", "/logging?nosuch=debug");
+    record("POST", "/logging?level=verbose");
+    record("POST", "/logging?paths=http:bogus");
+    record("GET", "/drain_listeners");
+    let (status, _, body) =
+        http_request(admin, "POST", "/logging?http=debug", &[], "").expect("admin");
+    statuses.push((
+        "POST /logging?http=debug".into(),
+        status,
+        body.lines()
+            .find(|l| l.trim_start().starts_with("http:"))
+            .unwrap_or_default()
+            .to_string(),
+    ));
+    let answers = Answers {
+        clusters_text,
+        clusters_json: sorted_by_name(&json("/clusters?format=json"), "cluster_statuses"),
+        listeners_json: sorted_by_name(&json("/listeners?format=json"), "listener_statuses"),
+        used_stats,
+        statuses,
+        after_inbound_drain: (false, 0),
+    };
+    // Only the INBOUND listener stops accepting; the OUTBOUND one still serves.
+    let (status, _, _) =
+        http_request(admin, "POST", "/drain_listeners?inboundonly", &[], "").expect("drain");
+    assert_eq!(status, 200);
+    wait_for("inbound listener closed", Duration::from_secs(10), || {
+        TcpStream::connect(loopback(inbound)).is_err().then_some(())
+    });
+    Answers {
+        after_inbound_drain: (true, send(outbound, "/after")),
+        ..answers
+    }
+}
+
+#[test]
+fn admin_endpoints_answer_as_envoys_do() {
+    let echo = EchoServer::start("svc", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let (inbound, outbound) = (free_port(), free_port());
+    let (_dir, file) = write_config(&bootstrap_yaml(&admin_yaml, inbound, outbound, echo.addr));
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        exercise(admin, inbound, outbound)
+    };
+    // Checked on their own too, so the test says something without Envoy.
+    for line in [
+        format!("svc::{}::rq_total::2", echo.addr),
+        format!("svc::{}::rq_success::1", echo.addr),
+        format!("svc::{}::rq_error::1", echo.addr),
+        format!("svc::{}::cx_total::1", echo.addr),
+        format!("svc::{}::hostname::echo-1", echo.addr),
+        "svc::high_priority::max_requests::7".into(),
+        "mixed::127.0.0.1:2::health_flags::/eds_status_draining".into(),
+    ] {
+        assert!(
+            remora.clusters_text.contains(&line),
+            "{line} in {:#?}",
+            remora.clusters_text
+        );
+    }
+    assert_eq!(remora.statuses[0].1, 400, "{:?}", remora.statuses);
+    assert_eq!(remora.after_inbound_drain, (true, 200));
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the admin comparison") {
+        return;
+    }
+    let envoy = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(inbound), Duration::from_secs(20));
+        exercise(admin, inbound, outbound)
+    };
+    assert_eq!(
+        envoy.clusters_text, remora.clusters_text,
+        "left: envoy, right: remora"
+    );
+    assert_eq!(
+        envoy.clusters_json, remora.clusters_json,
+        "left: envoy, right: remora"
+    );
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+}
+
+#[test]
+fn logging_levels_change_what_the_proxy_logs() {
+    let echo = EchoServer::start("svc", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let (inbound, outbound) = (free_port(), free_port());
+    let yaml = bootstrap_yaml(&admin_yaml, inbound, outbound, echo.addr);
+    let proxy = Proxy::start(&yaml, admin, &["--log-level", "info"]);
+    // A failed connect makes a local reply, which the `http` logger reports at debug level.
+    let local_reply = || {
+        let (status, _, _) = http_get(loopback(inbound), "/down").expect("request");
+        assert_eq!(status, 503);
+    };
+    local_reply();
+    assert!(
+        !proxy.process.log().contains("local reply"),
+        "{}",
+        proxy.process.log()
+    );
+    let (status, _, body) =
+        http_request(admin, "POST", "/logging?http=debug", &[], "").expect("admin");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("  http: debug\n") && body.contains("  pool: info\n"),
+        "{body}"
+    );
+    local_reply();
+    wait_for("a debug line from http", Duration::from_secs(5), || {
+        proxy.process.log().contains("local reply").then_some(())
+    });
+}
