@@ -356,17 +356,12 @@ impl Connector {
 
     /// Opens a connection in `slot`: TCP within the connect timeout, then TLS if configured.
     async fn connect(&self, slot: Slot) -> Result<CountedIo, PoolError> {
-        // As Envoy, a connection counts in `cx_total` and `cx_active` from its first attempt.
         let stats = &self.stats;
-        stats.upstream_cx_total.inc();
-        stats.upstream_cx_active.inc();
-        slot.host.cx_total.inc();
-        slot.host.cx_active.inc();
+        let counted = CountedConnection::new(stats, slot);
+        let slot = &counted.slot;
         let failed = |reason: String| {
             stats.upstream_cx_connect_fail.inc();
-            stats.upstream_cx_active.dec();
             slot.host.cx_connect_fail.inc();
-            slot.host.cx_active.dec();
             PoolError::connect(reason)
         };
         let tcp = match tokio::time::timeout(
@@ -393,11 +388,7 @@ impl Connector {
                 }
             }
         };
-        Ok(CountedIo {
-            io,
-            stats: stats.clone(),
-            slot,
-        })
+        Ok(CountedIo { io, counted })
     }
 
     /// A new HTTP/1.1 connection, or an idle one handed back while this request was pending.
@@ -694,19 +685,40 @@ fn to_http2_form(request: &mut Request<RequestBody>, addr: SocketAddr) {
     }
 }
 
-/// An upstream connection that updates the cluster's stats and holds its connection slot.
+/// A connection in the cluster's and its host's `cx_total` and `cx_active` from its first
+/// attempt (as Envoy counts), holding its connection slot; leaves `cx_active` when dropped,
+/// whether the connect failed, was given up on or the connection closed.
 #[derive(Debug)]
-struct CountedIo {
-    io: Io,
+struct CountedConnection {
     stats: Arc<ClusterStats>,
     slot: Slot,
 }
 
-impl Drop for CountedIo {
+impl CountedConnection {
+    fn new(stats: &Arc<ClusterStats>, slot: Slot) -> Self {
+        stats.upstream_cx_total.inc();
+        stats.upstream_cx_active.inc();
+        slot.host.cx_total.inc();
+        slot.host.cx_active.inc();
+        CountedConnection {
+            stats: stats.clone(),
+            slot,
+        }
+    }
+}
+
+impl Drop for CountedConnection {
     fn drop(&mut self) {
         self.stats.upstream_cx_active.dec();
         self.slot.host.cx_active.dec();
     }
+}
+
+/// An open upstream connection that counts the bytes it sends.
+#[derive(Debug)]
+struct CountedIo {
+    io: Io,
+    counted: CountedConnection,
 }
 
 /// A plain or TLS upstream connection.
@@ -747,7 +759,7 @@ impl Write for CountedIo {
         let this = &mut *self;
         let result = with_io!(this, io => Pin::new(io).poll_write(cx, buf));
         if let Poll::Ready(Ok(n)) = result {
-            this.stats.upstream_cx_tx_bytes_total.add(n as u64);
+            this.counted.stats.upstream_cx_tx_bytes_total.add(n as u64);
         }
         result
     }
@@ -771,7 +783,7 @@ impl Write for CountedIo {
         let this = &mut *self;
         let result = with_io!(this, io => Pin::new(io).poll_write_vectored(cx, bufs));
         if let Poll::Ready(Ok(n)) = result {
-            this.stats.upstream_cx_tx_bytes_total.add(n as u64);
+            this.counted.stats.upstream_cx_tx_bytes_total.add(n as u64);
         }
         result
     }
