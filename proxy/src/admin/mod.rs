@@ -72,13 +72,20 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Whether the query names `name`, with or without a value (`?graceful`, `?usedonly=1`).
+fn has_param(query: &str, name: &str) -> bool {
+    query
+        .split('&')
+        .any(|pair| pair.split('=').next() == Some(name))
+}
+
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() && i + 2 < bytes.len() => {
+            b'%' if i + 2 < bytes.len() => {
                 match u8::from_str_radix(&text[i + 1..i + 3], 16) {
                     Ok(b) => {
                         out.push(b);
@@ -153,8 +160,10 @@ async fn handle(
             text(status, body)
         }
         "/drain_listeners" if post => {
-            let flag = |name: &str| query.split('&').any(|p| p.split('=').next() == Some(name));
-            let (graceful, inbound_only) = (flag("graceful"), flag("inboundonly"));
+            let (graceful, inbound_only) = (
+                has_param(query, "graceful"),
+                has_param(query, "inboundonly"),
+            );
             let server2 = server.clone();
             tokio::spawn(async move {
                 server2
@@ -213,9 +222,7 @@ impl<'a> StatsQuery<'a> {
         Ok(StatsQuery {
             filter,
             kinds,
-            used_only: query
-                .split('&')
-                .any(|p| p.split('=').next() == Some("usedonly")),
+            used_only: has_param(query, "usedonly"),
             format: query_param(query, "format"),
         })
     }
