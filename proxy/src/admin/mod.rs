@@ -85,15 +85,15 @@ fn percent_decode(text: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
+            // On bytes: a `%` before a multi-byte character must not split it.
+            b'%' if let Some(byte) = bytes
+                .get(i + 1..i + 3)
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok()) =>
+            {
+                out.push(byte);
+                i += 3;
+                continue;
             }
             b'+' => out.push(b' '),
             b => out.push(b),
@@ -451,5 +451,26 @@ fn apply_mask(value: &mut Value, masks: &[Vec<&str>]) {
             }
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding_keeps_bad_escapes_and_multi_byte_characters() {
+        assert_eq!(percent_decode("%5Ecluster%5C.a+b"), "^cluster\\.a b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        // Sliced as a string, `%aé` would split `é` and panic.
+        assert_eq!(percent_decode("%aé"), "%aé");
+    }
+
+    #[test]
+    fn flag_parameters_are_found_with_or_without_a_value() {
+        assert!(has_param("graceful&inboundonly", "inboundonly"));
+        assert!(has_param("usedonly=1", "usedonly"));
+        assert!(!has_param("filter=usedonly", "usedonly"));
     }
 }
