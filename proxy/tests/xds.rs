@@ -164,9 +164,19 @@ fn start(under: Under, yaml: &str, admin: SocketAddr, wait_ready: bool) -> Runni
     }
 }
 
-/// The usual ADS config: EDS cluster `svc` with one endpoint, behind listener `ingress` on
-/// `port` (HCM stats under `stat_prefix`), whose routes (RDS `routes`) send everything to `svc`.
-fn serve_svc(ads: &AdsServer, port: u16, endpoint: SocketAddr, stat_prefix: &str) {
+/// A proxy on ADS with the usual config: EDS cluster `svc` with one endpoint, behind listener
+/// `ingress` on `port` (HCM stats under `stat_prefix`), whose routes (RDS `routes`) send
+/// everything to `svc`.
+struct SvcMesh {
+    ads: AdsServer,
+    port: u16,
+    admin: SocketAddr,
+    proxy: Running,
+}
+
+fn start_svc(under: Under, api_type: &str, endpoint: SocketAddr, stat_prefix: &str) -> SvcMesh {
+    let ads = AdsServer::start();
+    let port = free_port();
     ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
     ads.set(
         CLUSTER_LOAD_ASSIGNMENT,
@@ -180,6 +190,19 @@ fn serve_svc(ads: &AdsServer, port: u16, endpoint: SocketAddr, stat_prefix: &str
         ROUTE_CONFIGURATION,
         vec![route_config("routes", "svc", None)],
     );
+    let admin = loopback(free_port());
+    let proxy = start(
+        under,
+        &ads_bootstrap(admin, ads.addr, api_type, "5s"),
+        admin,
+        true,
+    );
+    SvcMesh {
+        ads,
+        port,
+        admin,
+        proxy,
+    }
 }
 
 fn get_upstream(addr: SocketAddr, path: &str) -> Option<(String, String)> {
@@ -211,16 +234,12 @@ fn basic_flow(under: Under, api_type: &str) {
     }
     let a = EchoServer::start("a", "127.0.0.1");
     let b = EchoServer::start("b", "127.0.0.1");
-    let ads = AdsServer::start();
-    let port = free_port();
-    serve_svc(&ads, port, a.addr, "ingress");
-    let admin = loopback(free_port());
-    let _proxy = start(
-        under,
-        &ads_bootstrap(admin, ads.addr, api_type, "5s"),
+    let SvcMesh {
+        ads,
+        port,
         admin,
-        true,
-    );
+        proxy: _proxy,
+    } = start_svc(under, api_type, a.addr, "ingress");
     let addr = loopback(port);
     wait_for("traffic to a", Duration::from_secs(20), || {
         get_upstream(addr, "/x").filter(|(u, _)| u == "a")
@@ -301,16 +320,12 @@ fn delta_ads_reference_envoy() {
 fn nack_names_resource_and_field_and_proxy_keeps_serving() {
     for api_type in ["GRPC", "DELTA_GRPC"] {
         let a = EchoServer::start("a", "127.0.0.1");
-        let ads = AdsServer::start();
-        let port = free_port();
-        serve_svc(&ads, port, a.addr, "ingress");
-        let admin = loopback(free_port());
-        let proxy = start(
-            Under::Remora,
-            &ads_bootstrap(admin, ads.addr, api_type, "5s"),
-            admin,
-            true,
-        );
+        let SvcMesh {
+            ads,
+            port,
+            admin: _,
+            proxy,
+        } = start_svc(Under::Remora, api_type, a.addr, "ingress");
         let addr = loopback(port);
         wait_for("traffic", Duration::from_secs(20), || {
             get_upstream(addr, "/x")
@@ -502,16 +517,12 @@ fn reconnects_with_backoff_and_keeps_serving_meanwhile() {
 fn listener_update_and_removal_drain_in_flight_requests() {
     let upstream = HeldUpstream::start("{\"upstream\":\"slow\",\"path\":\"/\"}");
     let slow = upstream.addr;
-    let ads = AdsServer::start();
-    let port = free_port();
-    serve_svc(&ads, port, slow, "first");
-    let admin = loopback(free_port());
-    let proxy = start(
-        Under::Remora,
-        &ads_bootstrap(admin, ads.addr, "GRPC", "5s"),
+    let SvcMesh {
+        ads,
+        port,
         admin,
-        true,
-    );
+        proxy,
+    } = start_svc(Under::Remora, "GRPC", slow, "first");
     let addr = loopback(port);
     // A request in flight while the listener is updated...
     let in_flight = std::thread::spawn(move || http_get(addr, "/during-update").map(|(s, _, _)| s));
@@ -700,16 +711,12 @@ fn a_removed_clusters_idle_upstream_connections_close() {
         // Blocks while the connection sits idle in the proxy's pool; 0 is its close.
         let _ = hung_up.send(conn.read(&mut [0u8; 1]).ok());
     });
-    let ads = AdsServer::start();
-    let port = free_port();
-    serve_svc(&ads, port, upstream_addr, "ingress");
-    let admin = loopback(free_port());
-    let _proxy = start(
-        Under::Remora,
-        &ads_bootstrap(admin, ads.addr, "GRPC", "5s"),
-        admin,
-        true,
-    );
+    let SvcMesh {
+        ads,
+        port,
+        admin: _,
+        proxy: _proxy,
+    } = start_svc(Under::Remora, "GRPC", upstream_addr, "ingress");
     let (status, _, body) = http_get(loopback(port), "/once").expect("request");
     assert_eq!((status, body.as_str()), (200, "ok"));
     assert!(
