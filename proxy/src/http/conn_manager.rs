@@ -288,6 +288,7 @@ async fn handle(
     let (mut parts, body) = request.into_parts();
     let mut state = FilterState::default();
     let mut route: Option<Selected> = None;
+    let mut request_id = None;
     let outcome = async {
         check_framing(hcm, &mut parts)?;
         let upgrading =
@@ -299,6 +300,9 @@ async fn handle(
             connection.scheme,
             upgrading,
         );
+        if hcm.always_set_request_id_in_response {
+            request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
+        }
         let snapshot = manager.store.load();
         let Some(table) = manager.table(&snapshot) else {
             stats.no_route.inc();
@@ -381,6 +385,10 @@ async fn handle(
             response
         }
     };
+    // `always_set_request_id_in_response` covers local replies too, as in Envoy.
+    if let Some(id) = request_id {
+        response.headers_mut().insert(&headers::X_REQUEST_ID, id);
+    }
     // The filters' response phase, in reverse order, for every response.
     let mut body_filters = Vec::new();
     let mut completion = None;

@@ -40,35 +40,50 @@ pub struct Origin {
     /// The trusted client address: the direct peer, or what trusted proxies put in
     /// `x-forwarded-for`.
     pub client: SocketAddr,
-    /// The request came from inside the network (a single internal address).
-    pub internal: bool,
 }
 
-/// Envoy's internal addresses: RFC 1918, loopback, and IPv6 unique-local and loopback.
-fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_private() || v4.is_loopback(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.is_private() || v4.is_loopback(),
-            None => v6.is_loopback() || (v6.segments()[0] & 0xff00) == 0xfd00,
-        },
-    }
+/// The address Envoy calls the local address: the first non-loopback IPv4 address of the
+/// host's interfaces (else its IPv6 one, else loopback). A request from a loopback peer is
+/// recorded in `x-forwarded-for` under this address, as Envoy records it.
+pub fn local_address() -> IpAddr {
+    static LOCAL: std::sync::OnceLock<IpAddr> = std::sync::OnceLock::new();
+    *LOCAL.get_or_init(|| {
+        let addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+            .map(|interfaces| {
+                interfaces
+                    .filter_map(|interface| interface.address)
+                    .filter_map(|address| {
+                        address
+                            .as_sockaddr_in()
+                            .map(|v4| IpAddr::V4(v4.ip()))
+                            .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                    })
+                    .filter(|ip| !ip.is_loopback())
+                    .collect()
+            })
+            .unwrap_or_default();
+        addresses
+            .iter()
+            .find(|ip| ip.is_ipv4())
+            .or_else(|| addresses.first())
+            .copied()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    })
 }
 
-/// The address `hops` places from the right of `x-forwarded-for` (0: the last), and whether
-/// the header held a single address.
-fn xff_address(headers: &HeaderMap, hops: u32) -> (Option<IpAddr>, bool) {
-    let Some(value) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) else {
-        return (None, false);
-    };
+/// The address `hops` places from the right of `x-forwarded-for` (0: the last).
+fn xff_address(headers: &HeaderMap, hops: u32) -> Option<IpAddr> {
+    let value = headers.get(&X_FORWARDED_FOR)?.to_str().ok()?;
     let addresses: Vec<&str> = value.split(',').map(str::trim).collect();
-    let single = addresses.len() == 1;
-    let index = addresses.len().checked_sub(1 + hops as usize);
-    let ip = index.and_then(|i| addresses[i].parse::<IpAddr>().ok());
-    (ip, single)
+    let index = addresses.len().checked_sub(1 + hops as usize)?;
+    addresses[index].parse().ok()
 }
 
 /// The connection manager's request header handling, before filters and routing.
+///
+/// Envoy 1.40 treats no address as internal unless `internal_address_config` lists it (which
+/// Remora does not offer), so every request is external here: `x-envoy-internal` is never set
+/// and the request control headers are never trusted.
 pub fn on_request(
     hcm: &HttpConnectionManager,
     headers: &mut HeaderMap,
@@ -78,53 +93,54 @@ pub fn on_request(
 ) -> Origin {
     remove_hop_by_hop(headers, upgrading);
     headers.remove(&X_ENVOY_INTERNAL);
+    for name in CONTROL_HEADERS {
+        headers.remove(name);
+    }
     let trusted_hops = hcm.xff_num_trusted_hops;
-    let (client, single) = if hcm.use_remote_address {
-        let single = !headers.contains_key(&X_FORWARDED_FOR);
+    let client = if hcm.use_remote_address {
         // Trusted proxies in front: the client is the address they saw, before ours is added.
-        let client = match trusted_hops {
-            0 => None,
-            hops => xff_address(headers, hops - 1).0,
-        };
+        let client = trusted_hops
+            .checked_sub(1)
+            .and_then(|hops| xff_address(headers, hops))
+            .unwrap_or(peer.ip());
         if !hcm.skip_xff_append {
-            let peer_ip = peer.ip().to_string();
+            let recorded = if peer.ip().is_loopback() {
+                local_address()
+            } else {
+                peer.ip()
+            };
             let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(existing) => format!("{existing},{peer_ip}"),
-                None => peer_ip,
+                Some(existing) => format!("{existing},{recorded}"),
+                None => recorded.to_string(),
             };
             if let Ok(value) = HeaderValue::from_str(&value) {
                 headers.insert(&X_FORWARDED_FOR, value);
             }
         }
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
-        (client.map(|ip| SocketAddr::new(ip, 0)), single)
+        // The downstream's own x-forwarded-proto is kept only from a trusted proxy.
+        if trusted_hops == 0 {
+            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+        }
+        // The first hop into the trusted network says whom it trusted.
+        if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
+            headers.insert(&X_ENVOY_EXTERNAL_ADDRESS, value);
+        }
+        client
     } else {
-        let (ip, single) = xff_address(headers, trusted_hops);
-        (ip.map(|ip| SocketAddr::new(ip, 0)), single)
+        xff_address(headers, trusted_hops).unwrap_or(peer.ip())
     };
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     }
-    let client_ip = client.or(hcm.use_remote_address.then_some(peer));
-    let internal = single && client_ip.is_some_and(|c| is_internal(c.ip()));
-    let client = client_ip.unwrap_or(peer);
-    let edge = !internal && hcm.use_remote_address;
-    if internal {
-        headers.insert(&X_ENVOY_INTERNAL, HeaderValue::from_static("true"));
-    } else {
-        for name in CONTROL_HEADERS {
-            headers.remove(name);
-        }
-    }
-    if edge && let Ok(value) = HeaderValue::from_str(&client.ip().to_string()) {
-        headers.insert(&X_ENVOY_EXTERNAL_ADDRESS, value);
-    }
+    let edge = hcm.use_remote_address;
     if hcm.generate_request_id
         && ((edge && !hcm.preserve_external_request_id) || !headers.contains_key(&X_REQUEST_ID))
     {
         headers.insert(&X_REQUEST_ID, request_id());
     }
-    Origin { client, internal }
+    Origin {
+        client: SocketAddr::new(client, 0),
+    }
 }
 
 fn request_id() -> HeaderValue {

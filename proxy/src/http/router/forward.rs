@@ -29,6 +29,8 @@ use crate::upstream::{HostGauge, LbContext, Outcome};
 
 static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+static X_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+static X_ORIGINAL_HOST: HeaderName = HeaderName::from_static("x-envoy-original-host");
 
 /// The cluster a forward goes to.
 fn cluster_name<'a>(forward: &'a Forward, request: &'a http::request::Parts) -> &'a str {
@@ -117,8 +119,8 @@ pub(super) async fn forward(
     let upgrading = match &upgrade {
         Some(kind) if parts.version == Version::HTTP_11 => {
             if !forward.allows_upgrade(kind, &hcm.upgrades) {
-                let mut reply = LocalReply::new(StatusCode::FORBIDDEN).with_body("upgrade failed");
-                reply.details = format!("upgrade to {kind} not allowed").into();
+                let mut reply = LocalReply::new(StatusCode::FORBIDDEN);
+                reply.details = format!("upgrade_failed: {kind} not allowed").into();
                 return Err(reply);
             }
             true
@@ -133,27 +135,38 @@ pub(super) async fn forward(
     // The upstream request.
     let route_entry = route.route();
     let upstream_pq = match forward.rewrite_path(route_entry, path_and_query.as_str()) {
-        Some(rewritten) => http::uri::PathAndQuery::try_from(rewritten).map_err(|e| {
-            LocalReply::from(ProxyError::downstream(
-                ResponseFlag::NoRouteFound,
-                format!("bad rewritten path: {e}"),
-            ))
-        })?,
+        Some(rewritten) => {
+            // As Envoy: a rewritten path leaves the original in `x-envoy-original-path`.
+            if let Ok(original) = HeaderValue::from_str(path_and_query.as_str()) {
+                parts.headers.insert(&X_ORIGINAL_PATH, original);
+            }
+            http::uri::PathAndQuery::try_from(rewritten).map_err(|e| {
+                LocalReply::from(ProxyError::downstream(
+                    ResponseFlag::NoRouteFound,
+                    format!("bad rewritten path: {e}"),
+                ))
+            })?
+        }
         None => path_and_query.clone(),
     };
     // Origin-form; the pool adds the authority where the protocol wants it (HTTP/2).
     parts.uri = Uri::from(upstream_pq);
     let request_headers = &mut parts.headers;
-    match &forward.host_rewrite {
-        HostRewrite::Literal(value) => {
-            request_headers.insert(header::HOST, value.clone());
-        }
+    let rewritten_host = match &forward.host_rewrite {
+        HostRewrite::Literal(value) => Some(value.clone()),
         HostRewrite::Auto if !upstream_host.hostname.is_empty() => {
-            if let Ok(value) = HeaderValue::from_str(&upstream_host.hostname) {
-                request_headers.insert(header::HOST, value);
+            HeaderValue::from_str(&upstream_host.hostname).ok()
+        }
+        _ => None,
+    };
+    match rewritten_host {
+        // As Envoy: a rewritten host leaves the original in `x-envoy-original-host`.
+        Some(value) => {
+            if let Some(original) = request_headers.insert(header::HOST, value) {
+                request_headers.insert(&X_ORIGINAL_HOST, original);
             }
         }
-        _ => {
+        None => {
             if !request_headers.contains_key(header::HOST)
                 && let Some(value) = authority
             {
@@ -161,7 +174,6 @@ pub(super) async fn forward(
             }
         }
     }
-    let request_id = request_headers.get(&headers::X_REQUEST_ID).cloned();
     if let Some(value) = &forward.timeout_header {
         request_headers.insert(&X_EXPECTED_TIMEOUT, value.clone());
     }
@@ -299,11 +311,6 @@ pub(super) async fn forward(
     let elapsed = started.elapsed().as_millis() as u64;
     response_headers.insert(&X_SERVICE_TIME, HeaderValue::from(elapsed));
     response_headers.insert(header::SERVER, manager.server_header.clone());
-    if hcm.always_set_request_id_in_response
-        && let Some(id) = request_id
-    {
-        response_headers.insert(&headers::X_REQUEST_ID, id);
-    }
     headers::apply_levels(
         [
             &table.response_headers,
