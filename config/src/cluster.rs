@@ -11,7 +11,7 @@ use xds_api::envoy::extensions::upstreams::http::v3 as upstream_http_pb;
 use xds_api::type_urls;
 
 use crate::common::{
-    CommonHttpOptions, ConfigSource, Http2Options, TcpKeepalive, common_http_options,
+    CommonHttpOptions, ConfigSource, Http1Options, Http2Options, TcpKeepalive, common_http_options,
     config_source, duration, http1_options, http2_options, opt_duration, tcp_keepalive, unpack,
 };
 use crate::endpoint::{LoadAssignment, load_assignment};
@@ -303,9 +303,18 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
                     Some(ProtocolConfig::HttpProtocolOptions(options)) => {
                         let hpath = field(&epath, "http_protocol_options");
                         let options = http1_options(&options, &hpath)?;
-                        // `allow_chunked_length` concerns requests a server receives.
-                        let allow_chunked_length = options.allow_chunked_length;
-                        unsupported!(&hpath, allow_chunked_length);
+                        let Http1Options {
+                            allow_chunked_length,
+                            accept_http_10,
+                            default_host_for_http_10,
+                            allow_custom_methods,
+                        } = options;
+                        const SERVER_SIDE: &str =
+                            "applies to requests a listener receives, not to upstreams";
+                        crate::unsupported_because!(&hpath, allow_chunked_length, SERVER_SIDE);
+                        crate::unsupported_because!(&hpath, accept_http_10, SERVER_SIDE);
+                        crate::unsupported_because!(&hpath, default_host_for_http_10, SERVER_SIDE);
+                        crate::unsupported_because!(&hpath, allow_custom_methods, SERVER_SIDE);
                         protocol = UpstreamProtocol::Http1;
                     }
                     None => {

@@ -568,11 +568,17 @@ pub fn common_http_options(
 }
 
 /// The `Http1ProtocolOptions` Remora applies.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Http1Options {
     /// A request with both `Content-Length` and `Transfer-Encoding: chunked` is accepted (the
     /// length is dropped) instead of refused with 400.
     pub allow_chunked_length: bool,
+    /// HTTP/1.0 requests are served instead of refused with 426.
+    pub accept_http_10: bool,
+    /// The `Host` given to an HTTP/1.0 request that has none (empty: none is given).
+    pub default_host_for_http_10: String,
+    /// Methods outside the codec's known list are accepted.
+    pub allow_custom_methods: bool,
 }
 
 pub fn http1_options(
@@ -593,15 +599,18 @@ pub fn http1_options(
     } = proto;
     unsupported!(
         path,
-        accept_http_10,
-        default_host_for_http_10,
         header_key_format,
         enable_trailers,
         override_stream_error_on_invalid_http_message,
         send_fully_qualified_url,
-        allow_custom_methods,
         use_balsa_parser,
     );
+    if !default_host_for_http_10.is_empty() && !*accept_http_10 {
+        return err(
+            field(path, "default_host_for_http_10"),
+            "only applies with accept_http_10: true",
+        );
+    }
     // `allow_absolute_url` defaults to true in Envoy, and absolute URLs are what hyper accepts
     // too; turning it off is not supported.
     if *allow_absolute_url == Some(false) {
@@ -612,6 +621,9 @@ pub fn http1_options(
     }
     Ok(Http1Options {
         allow_chunked_length: *allow_chunked_length,
+        accept_http_10: *accept_http_10,
+        default_host_for_http_10: default_host_for_http_10.clone(),
+        allow_custom_methods: *allow_custom_methods,
     })
 }
 

@@ -56,6 +56,12 @@ fn observe(addr: std::net::SocketAddr, case: &Value) -> Observation {
         .collect();
     let (status, head, body) =
         http_request(addr, method, path, &header_refs, body).expect("request");
+    observation(status, &head, body)
+}
+
+/// Normalizes one response: varying header values by shape, echo answers to what the
+/// upstream saw.
+fn observation(status: u16, head: &str, body: String) -> Observation {
     let mut response_headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut location = None;
     for line in head.lines().skip(1) {
@@ -119,8 +125,68 @@ fn normalize_request_id(value: &str) -> String {
     }
 }
 
-fn run_all(addr: std::net::SocketAddr, cases: &[Value]) -> Vec<Observation> {
-    cases.iter().map(|case| observe(addr, case)).collect()
+/// A case with `raw` sends those bytes as they are (for codec edge cases) and observes every
+/// response on the connection until the proxy closes it: statuses, bodies, headers.
+fn observe_raw(addr: std::net::SocketAddr, raw: &str) -> Vec<Observation> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    // Bounds a case whose connection the proxy keeps open; raw cases close the connection.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    // Placeholders for what is too long to write in a corpus.
+    let many: Vec<String> = (0..99).map(|i| format!("x-h{i}: {i}")).collect();
+    let raw = raw
+        .replace("NINETYEIGHT", &many[..98].join("\r\n"))
+        .replace("LONGVALUE", &"a".repeat(8000))
+        .replace("HUGEVALUE", &"a".repeat(61 * 1024))
+        .replace("MANYHEADERS", &many.join("\r\n"));
+    stream.write_all(raw.as_bytes()).expect("write raw request");
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    let mut rest = String::from_utf8_lossy(&bytes).into_owned();
+    let mut responses = Vec::new();
+    while let Some((head, after)) = rest.split_once("\r\n\r\n") {
+        let head = head.to_string();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let lower = head.to_ascii_lowercase();
+        let length = lower.lines().find_map(|line| {
+            line.strip_prefix("content-length:")
+                .and_then(|n| n.trim().parse::<usize>().ok())
+        });
+        let (body, remaining) = if status == 100 {
+            (String::new(), after.to_string())
+        } else if lower.contains("transfer-encoding: chunked") {
+            let end = after.find("\r\n0\r\n\r\n").map_or(after.len(), |i| i + 7);
+            (
+                remora_tests::decode_chunked(&after[..end]),
+                after[end..].to_string(),
+            )
+        } else {
+            let end = length.unwrap_or(after.len()).min(after.len());
+            (after[..end].to_string(), after[end..].to_string())
+        };
+        responses.push(observation(status, &head, body));
+        rest = remaining;
+    }
+    if !rest.is_empty() {
+        responses.push(observation(0, "", format!("unparsed: {rest:?}")));
+    }
+    responses
+}
+
+fn run_all(addr: std::net::SocketAddr, cases: &[Value]) -> Vec<Vec<Observation>> {
+    cases
+        .iter()
+        .map(|case| match case["raw"].as_str() {
+            Some(raw) => observe_raw(addr, raw),
+            None => vec![observe(addr, case)],
+        })
+        .collect()
 }
 
 fn run_corpus(name: &str) {
@@ -231,4 +297,9 @@ fn forwarding_headers_facing_clients_directly_match_envoy() {
 #[test]
 fn forwarding_headers_inside_the_mesh_match_envoy() {
     run_corpus("forwarding_internal");
+}
+
+#[test]
+fn http1_codec_edge_cases_match_envoy() {
+    run_corpus("codec");
 }

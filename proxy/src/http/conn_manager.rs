@@ -1,7 +1,8 @@
 //! The HTTP connection manager: serves one downstream connection with hyper (HTTP/1.1 with
 //! keep-alive and pipelining, h2c, or auto-detect) and runs each request through its stages:
 //!
-//! 1. codec checks (a request with both `Content-Length` and chunked `Transfer-Encoding`),
+//! 1. codec checks: a head refused by [`crate::http::codec_guard`] gets its reply; the HTTP/1.0
+//!    policy and the one `Host` are settled,
 //! 2. request headers as Envoy's connection manager sets them ([`crate::http::headers`]),
 //! 3. the route, looked up in the route table of the config snapshot the request loaded,
 //! 4. the HTTP filters' request phase, in order ([`crate::http::filter`]),
@@ -37,6 +38,7 @@ use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::{self, ActiveLog, Entry, PendingLine};
 use crate::http::body::{DownstreamSlots, ResponseBody};
+use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules};
 use crate::http::filter::{FilterChain, FilterState, Selected, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
@@ -103,6 +105,8 @@ struct Connection {
     http2: AtomicBool,
     /// Requests whose response has not ended (the connection idle timeout waits for none).
     in_flight: Arc<Stat>,
+    /// A request head the codec guard refused, waiting for its reply.
+    refusals: Arc<Refusals>,
 }
 
 /// Serves one downstream connection until it closes, idles out, or is drained.
@@ -125,7 +129,20 @@ where
         requests: AtomicU64::new(0),
         http2: AtomicBool::new(false),
         in_flight: Arc::default(),
+        refusals: Arc::default(),
     });
+    let rules = Rules {
+        max_head_bytes: hcm.max_request_headers_kb as usize * 1024,
+        max_headers: hcm.max_headers_count as usize,
+        allow_chunked_length: hcm.http1.allow_chunked_length,
+        allow_custom_methods: hcm.http1.allow_custom_methods,
+    };
+    let stream = GuardedIo::new(
+        stream,
+        rules,
+        connection.refusals.clone(),
+        hcm.codec == Codec::Http2,
+    );
     let service_connection = connection.clone();
     let service =
         hyper::service::service_fn(move |request| handle(service_connection.clone(), request));
@@ -133,7 +150,8 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
+        // Room for any head the guard passes: it refuses larger ones itself.
+        .max_buf_size(rules.max_head_bytes + 16 * 1024)
         .header_read_timeout(hcm.request_headers_timeout)
         .half_close(false)
         .keep_alive(true);
@@ -238,29 +256,91 @@ fn normalize_host<'a>(
     }
 }
 
-/// HTTP/1.1 framing Envoy refuses: both `Content-Length` and `Transfer-Encoding`, unless
-/// `allow_chunked_length` (then the length is dropped and the chunks frame the body).
-fn check_framing(
+/// What Envoy's HTTP/1 codec and connection manager settle about a request before anything
+/// else reads it: the HTTP/1.0 policy, the one `Host`, an h2c upgrade (ignored), and an
+/// `expect: 100-continue` (answered here, so not forwarded).
+fn check_request(
     hcm: &HttpConnectionManager,
     parts: &mut http::request::Parts,
 ) -> Result<(), LocalReply> {
-    if parts.version != Version::HTTP_11
-        || !parts.headers.contains_key(header::CONTENT_LENGTH)
-        || !parts.headers.contains_key(header::TRANSFER_ENCODING)
+    if parts.version == Version::HTTP_2 {
+        headers::coalesce_inline(&mut parts.headers);
+        return Ok(());
+    }
+    if parts.version == Version::HTTP_10 {
+        if !hcm.http1.accept_http_10 {
+            return Err(codec_reply(
+                StatusCode::UPGRADE_REQUIRED,
+                "Upgrade Required",
+                "low_version",
+            ));
+        }
+        let default_host = &hcm.http1.default_host_for_http_10;
+        if !parts.headers.contains_key(header::HOST)
+            && parts.uri.authority().is_none()
+            && let Ok(host) = HeaderValue::from_str(default_host)
+            && !default_host.is_empty()
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    // An absolute-form target names the host (RFC 9112 section 3.2.2): it replaces any `Host`.
+    if let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
-        return Ok(());
+        parts.headers.insert(header::HOST, host);
     }
-    if hcm.http1.allow_chunked_length {
-        parts.headers.remove(header::CONTENT_LENGTH);
-        return Ok(());
+    headers::coalesce_inline(&mut parts.headers);
+    // Envoy serves an h2c upgrade request as the plain HTTP/1.1 request it also is.
+    if parts
+        .headers
+        .get(header::UPGRADE)
+        .is_some_and(|upgrade| upgrade.as_bytes().eq_ignore_ascii_case(b"h2c"))
+    {
+        parts.headers.remove(header::UPGRADE);
+        parts.headers.remove(&HTTP2_SETTINGS);
     }
-    let mut reply = LocalReply::new(StatusCode::BAD_REQUEST).with_body("Bad Request");
+    if !parts.headers.contains_key(header::UPGRADE)
+        && !headers::sanitize_connection(&mut parts.headers)
+    {
+        return Err(codec_reply(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "http1.connection_header_rejected",
+        ));
+    }
+    if !parts.headers.contains_key(header::HOST) {
+        let mut reply = LocalReply::new(StatusCode::BAD_REQUEST);
+        reply.flag = Some(ResponseFlag::DownstreamProtocolError);
+        reply.details = "missing_host_header".into();
+        return Err(reply);
+    }
+    if parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        parts.headers.remove(header::EXPECT);
+    }
+    Ok(())
+}
+
+static HTTP2_SETTINGS: http::HeaderName = http::HeaderName::from_static("http2-settings");
+
+/// Envoy's reply to a request its HTTP/1 codec refuses: the reason phrase as body, and the
+/// connection closed after it.
+fn codec_reply(status: StatusCode, body: &'static str, details: &'static str) -> LocalReply {
+    let mut reply = LocalReply::new(status).with_body(body);
     reply.flag = Some(ResponseFlag::DownstreamProtocolError);
-    reply.details = "http1.content_length_and_chunked_not_allowed".into();
+    reply.details = details.into();
     reply
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    Err(reply)
+    reply
+}
+
+fn refusal_reply(refusal: &Refusal) -> LocalReply {
+    codec_reply(refusal.status, refusal.body, refusal.details)
 }
 
 async fn handle(
@@ -268,7 +348,9 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
-    connection.requests.fetch_add(1, Ordering::Relaxed);
+    let index = connection.requests.fetch_add(1, Ordering::Relaxed);
+    // A head the codec guard refused reaches here as a stand-in; its refusal is the answer.
+    let refused = connection.refusals.take(index);
     if request.version() == Version::HTTP_2 {
         connection.http2.store(true, Ordering::Relaxed);
     }
@@ -285,12 +367,21 @@ async fn handle(
             connection.info.destination,
         )
     });
+    if let (Some(refusal), Some(entry)) = (&refused, log.as_mut()) {
+        entry.method.clone_from(&refusal.method);
+        entry.path.clone_from(&refusal.target);
+        entry.authority.clear();
+        entry.request.clear();
+    }
     let (mut parts, body) = request.into_parts();
     let mut state = FilterState::default();
     let mut route: Option<Selected> = None;
     let mut request_id = None;
     let outcome = async {
-        check_framing(hcm, &mut parts)?;
+        if let Some(refusal) = &refused {
+            return Err(refusal_reply(refusal));
+        }
+        check_request(hcm, &mut parts)?;
         let upgrading =
             parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
         headers::on_request(

@@ -14,6 +14,7 @@ use crate::config::HttpConnectionManager;
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
 pub static X_ENVOY_EXTERNAL_ADDRESS: HeaderName =
     HeaderName::from_static("x-envoy-external-address");
@@ -145,6 +146,137 @@ pub fn on_request(
 
 fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&crate::uuid::v4()).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Drops the headers a request's `Connection` names: they are hop-by-hop too (RFC 9110
+/// section 7.6.1), as Envoy's codec has it. `te` stays as `trailers` if it asks for them.
+/// Refused (`false`), as by Envoy: ten or more names, or a name whose removal would hide where
+/// the request came from (`x-forwarded-for`, `-host`, `-proto`) or a pseudo-header.
+#[must_use]
+pub fn sanitize_connection(headers: &mut HeaderMap) -> bool {
+    let mut nominated: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let tokens = value.as_bytes().split(|b| *b == b',');
+        if tokens.clone().count() >= 10 {
+            return false;
+        }
+        for token in tokens {
+            let token = token.trim_ascii();
+            let ordinary = [
+                &b"close"[..],
+                b"keep-alive",
+                b"upgrade",
+                b"http2-settings",
+                b"connection",
+                b"",
+            ]
+            .iter()
+            .any(|ordinary| token.eq_ignore_ascii_case(ordinary));
+            if ordinary {
+                continue;
+            }
+            if token.starts_with(b":") {
+                return false;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                if name == X_FORWARDED_FOR || name == X_FORWARDED_HOST || name == X_FORWARDED_PROTO
+                {
+                    return false;
+                }
+                nominated.push(name);
+            }
+        }
+    }
+    for name in nominated {
+        if name == header::TE {
+            let trailers = headers.get(&name).is_some_and(|te| {
+                te.as_bytes()
+                    .split(|b| *b == b',')
+                    .any(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+            });
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                continue;
+            }
+        }
+        headers.remove(name);
+    }
+    true
+}
+
+/// The request headers Envoy keeps as one value (its "inline" headers): repeated lines of
+/// these are joined with commas, where other headers keep each line.
+static INLINE_REQUEST_HEADERS: [&str; 42] = [
+    "connection",
+    "content-length",
+    "content-type",
+    "expect",
+    "grpc-timeout",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-status",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "user-agent",
+    "via",
+    "x-client-trace-id",
+    "x-envoy-attempt-count",
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-external-address",
+    "x-envoy-force-trace",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-internal",
+    "x-envoy-ip-tags",
+    "x-envoy-max-retries",
+    "x-envoy-original-path",
+    "x-envoy-original-url",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retry-on",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms",
+    "x-forwarded-client-cert",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
+/// Joins repeated lines of Envoy's inline request headers into one comma-separated value.
+pub fn coalesce_inline(headers: &mut HeaderMap) {
+    // Most requests repeat no header at all.
+    if headers.len() == headers.keys_len() {
+        return;
+    }
+    let repeated: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            INLINE_REQUEST_HEADERS.contains(&name.as_str())
+                && headers.get_all(*name).iter().nth(1).is_some()
+        })
+        .cloned()
+        .collect();
+    for name in repeated {
+        let mut joined = Vec::new();
+        for value in headers.get_all(&name) {
+            if !joined.is_empty() {
+                joined.push(b',');
+            }
+            joined.extend_from_slice(value.as_bytes());
+        }
+        if let Ok(value) = HeaderValue::from_bytes(&joined) {
+            headers.insert(name, value);
+        }
+    }
 }
 
 /// Strips the hop-by-hop headers, as Envoy does: `connection` and `upgrade` stay on an upgrade,
@@ -285,21 +417,40 @@ mod tests {
             "x-forwarded-for",
             "203.0.113.128, 203.0.113.10, 203.0.113.1",
         )]);
-        assert_eq!(
-            xff_address(&map, 0),
-            (Some("203.0.113.1".parse().unwrap()), false)
-        );
-        assert_eq!(
-            xff_address(&map, 1),
-            (Some("203.0.113.10".parse().unwrap()), false)
-        );
-        assert_eq!(xff_address(&map, 3), (None, false));
+        assert_eq!(xff_address(&map, 0), Some("203.0.113.1".parse().unwrap()));
+        assert_eq!(xff_address(&map, 1), Some("203.0.113.10".parse().unwrap()));
+        assert_eq!(xff_address(&map, 3), None);
         let single = headers(&[("x-forwarded-for", "10.0.0.1")]);
-        assert_eq!(
-            xff_address(&single, 0),
-            (Some("10.0.0.1".parse().unwrap()), true)
-        );
-        assert!(is_internal("192.168.1.1".parse().unwrap()));
-        assert!(!is_internal("203.0.113.1".parse().unwrap()));
+        assert_eq!(xff_address(&single, 0), Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn connection_nominated_headers_are_dropped_and_dangerous_nominations_refused() {
+        let mut map = headers(&[
+            ("connection", "close, x-hop, te"),
+            ("x-hop", "1"),
+            ("te", "gzip, trailers"),
+            ("x-app", "1"),
+        ]);
+        assert!(sanitize_connection(&mut map));
+        assert_eq!(names(&map), ["connection", "te", "x-app"]);
+        assert_eq!(map["te"], "trailers");
+        for refused in ["x-forwarded-for", ":path", "a,b,c,d,e,f,g,h,i,j"] {
+            let mut map = headers(&[("connection", refused)]);
+            assert!(!sanitize_connection(&mut map), "{refused}");
+        }
+    }
+
+    #[test]
+    fn repeated_inline_headers_are_joined_and_others_kept_apart() {
+        let mut map = headers(&[
+            ("user-agent", "a"),
+            ("x-app", "1"),
+            ("user-agent", "b"),
+            ("x-app", "2"),
+        ]);
+        coalesce_inline(&mut map);
+        assert_eq!(map["user-agent"], "a,b");
+        assert_eq!(map.get_all("x-app").iter().count(), 2);
     }
 }

@@ -54,11 +54,20 @@ impl LocalReply {
         .with_body(Bytes::from_static(body.as_bytes()));
         reply.flag = Some(error.flag);
         reply.details = Cow::Owned(error.to_string());
-        // Envoy marks requests dropped by a circuit breaker.
-        if error.flag == ResponseFlag::UpstreamOverflow {
-            reply
-                .headers
-                .insert(&X_OVERLOADED, HeaderValue::from_static("true"));
+        // Envoy marks requests dropped by a circuit breaker, and closes a connection whose
+        // request broke the protocol (what follows on it cannot be trusted).
+        match error.flag {
+            ResponseFlag::UpstreamOverflow => {
+                reply
+                    .headers
+                    .insert(&X_OVERLOADED, HeaderValue::from_static("true"));
+            }
+            ResponseFlag::DownstreamProtocolError => {
+                reply
+                    .headers
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         reply
     }

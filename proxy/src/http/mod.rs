@@ -1,6 +1,7 @@
 //! L7: the HTTP connection manager and what a request passes through in it.
 //!
-//! [`conn_manager`] serves connections (hyper, HTTP/1.1 and HTTP/2) and drives each request
+//! [`conn_manager`] serves connections (hyper, HTTP/1.1 and HTTP/2, HTTP/1 heads first judged
+//! by Envoy's codec rules in [`codec_guard`]) and drives each request
 //! through [`headers`] (what the connection manager sets), the [`filter`] chain ([`filters`]),
 //! the [`router`] (the terminal filter: direct responses, redirects, forwarding upstream) and
 //! back; [`local_reply`] makes Remora's own responses, [`body`] carries bodies with their
@@ -8,6 +9,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod codec_guard;
 pub mod conn_manager;
 pub mod filter;
 pub mod filters;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 use remora_config::route::{ClusterSpec, Forward, HostRewrite};
@@ -197,6 +197,21 @@ pub(super) async fn forward(
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
+    // Envoy's HTTP/1 encoder marks a bodiless request `content-length: 0` unless its method
+    // carries no body by definition.
+    if parts.version == Version::HTTP_11
+        && http_body::Body::is_end_stream(&body)
+        && !matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::TRACE | Method::CONNECT
+        )
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
     let timed_out = hcm
         .request_timeout
         .map(|_| Arc::new(AtomicBool::new(false)));
