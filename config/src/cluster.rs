@@ -46,12 +46,32 @@ pub enum LbPolicy {
 }
 
 /// Circuit breakers of one priority (Envoy's defaults).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Thresholds {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
     pub max_retries: u32,
+    /// Set: concurrent retries are bounded by a share of the active requests instead of
+    /// `max_retries`.
+    pub retry_budget: Option<RetryBudget>,
+    /// `circuit_breakers.*.remaining_*` gauges are kept.
+    pub track_remaining: bool,
+}
+
+/// A retry budget: retries in flight may be `percent` of the requests in flight (active and
+/// pending), and never fewer than `min_concurrency`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    pub percent: f64,
+    pub min_concurrency: u32,
+}
+
+impl RetryBudget {
+    /// The retries allowed in flight with `requests` in flight.
+    pub fn allowed(&self, requests: u64) -> u64 {
+        ((requests as f64 * self.percent / 100.0) as u64).max(u64::from(self.min_concurrency))
+    }
 }
 
 impl Default for Thresholds {
@@ -61,6 +81,8 @@ impl Default for Thresholds {
             max_pending_requests: 1024,
             max_requests: 1024,
             max_retries: 3,
+            retry_budget: None,
+            track_remaining: false,
         }
     }
 }
@@ -130,8 +152,10 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     /// The DEFAULT priority's circuit breakers.
     pub thresholds: Thresholds,
-    /// The HIGH priority circuit breakers, shown by `/clusters` (no route uses HIGH yet).
+    /// The HIGH priority circuit breakers, for routes with `priority: HIGH`.
     pub thresholds_high: Thresholds,
+    /// `per_host_thresholds.max_connections`: connections to any one host.
+    pub per_host_max_connections: Option<u32>,
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
     /// `common_http_protocol_options.idle_timeout`: an upstream connection unused this long
@@ -353,7 +377,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
              worker, bounded by the upstream's own SETTINGS_MAX_CONCURRENT_STREAMS)",
         );
     }
-    let (thresholds, thresholds_high) = breakers(circuit_breakers, path)?;
+    let (thresholds, thresholds_high, per_host_max_connections) = breakers(circuit_breakers, path)?;
     let dns_refresh_rate = opt_duration(dns_refresh_rate, &field(path, "dns_refresh_rate"))?
         .unwrap_or(Duration::from_secs(5));
     let tls = transport_socket
@@ -396,6 +420,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         protocol,
         thresholds,
         thresholds_high,
+        per_host_max_connections,
         dns_refresh_rate: dns_refresh_rate.max(Duration::from_millis(1)),
         dns_lookup_family,
         idle_timeout: common_options.idle_timeout,
@@ -453,21 +478,20 @@ fn discovery(
     })
 }
 
-/// The DEFAULT and HIGH thresholds.
+/// The DEFAULT and HIGH thresholds, and the per-host connection limit.
 fn breakers(
     proto: &Option<cluster_pb::CircuitBreakers>,
     path: &str,
-) -> ConfigResult<(Thresholds, Thresholds)> {
+) -> ConfigResult<(Thresholds, Thresholds, Option<u32>)> {
     let (mut default, mut high) = (Thresholds::default(), Thresholds::default());
     let Some(cluster_pb::CircuitBreakers {
         thresholds,
         per_host_thresholds,
     }) = proto
     else {
-        return Ok((default, high));
+        return Ok((default, high, None));
     };
     let bpath = field(path, "circuit_breakers");
-    unsupported!(&bpath, per_host_thresholds);
     for (index, t) in thresholds.iter().enumerate() {
         let tpath = crate::error::item(&bpath, "thresholds", index);
         let cluster_pb::circuit_breakers::Thresholds {
@@ -480,12 +504,33 @@ fn breakers(
             track_remaining,
             max_connection_pools,
         } = t;
-        unsupported!(&tpath, retry_budget, track_remaining, max_connection_pools);
+        unsupported!(&tpath, max_connection_pools);
+        let retry_budget = match retry_budget {
+            None => None,
+            Some(cluster_pb::circuit_breakers::thresholds::RetryBudget {
+                budget_percent,
+                min_retry_concurrency,
+            }) => {
+                let percent = budget_percent.as_ref().map_or(20.0, |p| p.value);
+                if !(0.0..=100.0).contains(&percent) {
+                    return err(
+                        field(&field(&tpath, "retry_budget"), "budget_percent"),
+                        "must be between 0 and 100",
+                    );
+                }
+                Some(RetryBudget {
+                    percent,
+                    min_concurrency: min_retry_concurrency.unwrap_or(3),
+                })
+            }
+        };
         let set = Thresholds {
             max_connections: max_connections.unwrap_or(1024),
             max_pending_requests: max_pending_requests.unwrap_or(1024),
             max_requests: max_requests.unwrap_or(1024),
             max_retries: max_retries.unwrap_or(3),
+            retry_budget,
+            track_remaining: *track_remaining,
         };
         match core_pb::RoutingPriority::try_from(*priority) {
             Ok(core_pb::RoutingPriority::Default) => default = set,
@@ -493,5 +538,45 @@ fn breakers(
             Err(_) => return err(field(&tpath, "priority"), "unknown value"),
         }
     }
-    Ok((default, high))
+    Ok((
+        default,
+        high,
+        per_host_max_connections(per_host_thresholds, &bpath)?,
+    ))
+}
+
+/// `per_host_thresholds`: as in Envoy, only `max_connections` applies per host.
+fn per_host_max_connections(
+    list: &[cluster_pb::circuit_breakers::Thresholds],
+    path: &str,
+) -> ConfigResult<Option<u32>> {
+    let mut limit = None;
+    for (index, t) in list.iter().enumerate() {
+        let tpath = crate::error::item(path, "per_host_thresholds", index);
+        let cluster_pb::circuit_breakers::Thresholds {
+            priority,
+            max_connections,
+            max_pending_requests,
+            max_requests,
+            max_retries,
+            retry_budget,
+            track_remaining,
+            max_connection_pools,
+        } = t;
+        const ONLY: &str = "only max_connections applies per host";
+        crate::unsupported_because!(&tpath, max_pending_requests, ONLY);
+        crate::unsupported_because!(&tpath, max_requests, ONLY);
+        crate::unsupported_because!(&tpath, max_retries, ONLY);
+        crate::unsupported_because!(&tpath, retry_budget, ONLY);
+        crate::unsupported_because!(&tpath, track_remaining, ONLY);
+        crate::unsupported_because!(&tpath, max_connection_pools, ONLY);
+        if *priority != core_pb::RoutingPriority::Default as i32 {
+            return err(
+                field(&tpath, "priority"),
+                "per-host limits apply to DEFAULT priority only",
+            );
+        }
+        limit = Some(max_connections.unwrap_or(1024));
+    }
+    Ok(limit)
 }

@@ -25,6 +25,7 @@ pub mod listener;
 pub mod matcher;
 pub mod raw;
 pub mod resource;
+pub mod retry;
 pub mod route;
 pub mod tcp_proxy;
 pub mod tls;

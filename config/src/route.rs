@@ -4,6 +4,7 @@
 //! nothing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,11 +14,13 @@ use xds_api::envoy::config::route::v3 as route_pb;
 
 use crate::common::{
     DataSource, HeaderMutations, data_source, header_mutations, header_name, opt_duration,
+    runtime_fraction,
 };
 use crate::error::{ConfigError, ConfigResult, err, field, item};
 use crate::filters::{PerFilterConfigs, cors, per_filter_configs};
 use crate::matcher::{RegexRewrite, StringMatch, regex_matcher, regex_rewrite, string_matcher};
 use crate::raw::RawConfig;
+use crate::retry::{self, RetryPolicy};
 use crate::unsupported;
 
 /// A level's request and response header mutations (`*_headers_to_add`, `*_to_remove`).
@@ -124,8 +127,9 @@ enum HeaderCheck {
     Range(i64, i64),
 }
 
+/// One header condition of a route match (or of a retry policy).
 #[derive(Debug)]
-struct HeaderMatch {
+pub struct HeaderMatch {
     name: HeaderName,
     check: HeaderCheck,
     invert: bool,
@@ -138,6 +142,8 @@ struct QueryMatch {
     check: Option<StringMatch>,
 }
 
+// Most routes forward: boxing the large variant would cost every request a pointer chase.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     Forward(Forward),
@@ -179,7 +185,94 @@ pub struct Forward {
     /// Per-route `upgrade_configs`: (lowercase upgrade type, enabled). For a type listed here
     /// they override the HCM's.
     pub upgrades: Vec<(String, bool)>,
+    /// The route's `retry_policy`, else its virtual host's.
+    pub retry: Option<Arc<RetryPolicy>>,
+    /// How much of a request body is kept for retries and mirrors
+    /// (`per_request_buffer_limit_bytes` of the route, else the virtual host, else 1 MiB).
+    pub buffer_limit: usize,
+    /// `x-envoy-attempt-count` on upstream requests / downstream responses (virtual host).
+    pub attempt_count_upstream: bool,
+    pub attempt_count_response: bool,
+    /// `x-envoy-is-timeout-retry` on retried requests (virtual host).
+    pub timeout_retry_header: bool,
+    /// `priority: HIGH`: the cluster's HIGH circuit breakers apply.
+    pub high_priority: bool,
+    /// The stream's duration bound and how a `grpc-timeout` header sets it.
+    pub stream_duration: StreamDuration,
+    /// Deprecated `max_grpc_timeout` / `grpc_timeout_offset`: how `grpc-timeout` sets the
+    /// route timeout.
+    pub grpc_route_timeout: Option<GrpcTimeout>,
+    /// `request_mirror_policies` of the route, else of its virtual host.
+    pub mirrors: Arc<[Mirror]>,
 }
+
+/// How a request's `grpc-timeout` header turns into a timeout: capped at `max` (zero: no
+/// cap), less `offset`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GrpcTimeout {
+    pub max: Duration,
+    pub offset: Duration,
+}
+
+impl GrpcTimeout {
+    /// The timeout for a request that asked for `requested`.
+    pub fn apply(&self, requested: Duration) -> Duration {
+        let capped = if !self.max.is_zero() && requested > self.max {
+            self.max
+        } else {
+            requested
+        };
+        if !self.offset.is_zero() && capped > self.offset {
+            capped - self.offset
+        } else {
+            capped
+        }
+    }
+}
+
+/// A route's `max_stream_duration`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamDuration {
+    /// `None`: the connection manager's; `Some(ZERO)`: no bound for this route.
+    pub max: Option<Duration>,
+    /// Set: a request's `grpc-timeout` sets the bound instead.
+    pub grpc: Option<GrpcTimeout>,
+}
+
+/// Where a mirror sends its copy.
+#[derive(Debug)]
+pub enum MirrorCluster {
+    Name(String),
+    /// The cluster named by this request header.
+    Header(HeaderName),
+}
+
+/// One `request_mirror_policies` entry: a copy of each request (a share of them) sent to
+/// another cluster, its answer dropped.
+#[derive(Debug)]
+pub struct Mirror {
+    pub cluster: MirrorCluster,
+    /// The share of requests mirrored, per million.
+    pub per_million: u32,
+    /// Whether `-shadow` is added to the copy's host.
+    pub shadow_suffix: bool,
+    pub host_rewrite: Option<HeaderValue>,
+}
+
+/// What a virtual host gives its routes unless they say otherwise.
+#[derive(Debug, Default, Clone)]
+struct VhostDefaults {
+    retry: Option<Arc<RetryPolicy>>,
+    buffer_limit: Option<u32>,
+    attempt_count_upstream: bool,
+    attempt_count_response: bool,
+    timeout_retry_header: bool,
+    mirrors: Arc<[Mirror]>,
+}
+
+/// Envoy's default `per_connection_buffer_limit_bytes`, which bounds a request's buffer when
+/// no `per_request_buffer_limit_bytes` is set.
+const DEFAULT_BUFFER_LIMIT: usize = 1024 * 1024;
 
 #[derive(Debug)]
 pub struct Redirect {
@@ -320,18 +413,21 @@ fn virtual_host(
         request_mirror_policies,
         metadata,
     } = proto;
-    unsupported!(
-        path,
-        require_tls,
-        include_request_attempt_count,
-        include_attempt_count_in_response,
-        retry_policy,
-        hedge_policy,
-        include_is_timeout_retry_header,
-        per_request_buffer_limit_bytes,
-        request_mirror_policies,
-        metadata,
-    );
+    unsupported!(path, require_tls, hedge_policy, metadata);
+    let defaults = VhostDefaults {
+        retry: retry_policy
+            .as_ref()
+            .map(|policy| retry::retry_policy(policy, &field(path, "retry_policy")).map(Arc::new))
+            .transpose()?,
+        buffer_limit: *per_request_buffer_limit_bytes,
+        attempt_count_upstream: *include_request_attempt_count,
+        attempt_count_response: *include_attempt_count_in_response,
+        timeout_retry_header: *include_is_timeout_retry_header,
+        mirrors: mirror_policies(
+            request_mirror_policies,
+            &field(path, "request_mirror_policies"),
+        )?,
+    };
     if name.is_empty() {
         return err(field(path, "name"), "must not be empty");
     }
@@ -341,7 +437,7 @@ fn virtual_host(
     let routes = routes
         .iter()
         .enumerate()
-        .map(|(ri, route)| compile_route(route, &item(path, "routes", ri), files))
+        .map(|(ri, route)| compile_route(route, &item(path, "routes", ri), files, &defaults))
         .collect::<ConfigResult<Vec<_>>>()?;
     let (request_headers, response_headers) = levels(
         (request_headers_to_add, request_headers_to_remove),
@@ -358,7 +454,12 @@ fn virtual_host(
     })
 }
 
-fn compile_route(route: &route_pb::Route, path: &str, files: Files) -> ConfigResult<Route> {
+fn compile_route(
+    route: &route_pb::Route,
+    path: &str,
+    files: Files,
+    defaults: &VhostDefaults,
+) -> ConfigResult<Route> {
     let route_pb::Route {
         name,
         metadata,
@@ -373,13 +474,7 @@ fn compile_route(route: &route_pb::Route, path: &str, files: Files) -> ConfigRes
         r#match,
         action,
     } = route;
-    unsupported!(
-        path,
-        metadata,
-        decorator,
-        per_request_buffer_limit_bytes,
-        stat_prefix
-    );
+    unsupported!(path, metadata, decorator, stat_prefix);
     let Some(m) = r#match else {
         return err(field(path, "match"), "required");
     };
@@ -390,7 +485,11 @@ fn compile_route(route: &route_pb::Route, path: &str, files: Files) -> ConfigRes
         Some(A::Route(action)) => {
             let rpath = field(path, "route");
             legacy_cors = cors::legacy(&action.cors, &field(&rpath, "cors"))?;
-            Action::Forward(compile_forward(action, &rpath, &matcher)?)
+            let defaults = VhostDefaults {
+                buffer_limit: per_request_buffer_limit_bytes.or(defaults.buffer_limit),
+                ..defaults.clone()
+            };
+            Action::Forward(compile_forward(action, &rpath, &matcher, &defaults)?)
         }
         Some(A::Redirect(redirect)) => Action::Redirect(compile_redirect(
             redirect,
@@ -491,44 +590,11 @@ fn route_matcher(m: &route_pb::RouteMatch, mpath: &str) -> ConfigResult<RouteMat
             );
         }
     };
-    let mut header_matches = Vec::new();
-    for (i, h) in headers.iter().enumerate() {
-        let hpath = item(mpath, "headers", i);
-        let route_pb::HeaderMatcher {
-            name,
-            invert_match,
-            treat_missing_header_as_empty,
-            header_match_specifier,
-        } = h;
-        use route_pb::header_matcher::HeaderMatchSpecifier as S;
-        let check = match header_match_specifier {
-            Some(S::ExactMatch(s)) => HeaderCheck::String(StringMatch::Exact(s.clone(), false)),
-            Some(S::PrefixMatch(s)) => HeaderCheck::String(StringMatch::Prefix(s.clone(), false)),
-            Some(S::SuffixMatch(s)) => HeaderCheck::String(StringMatch::Suffix(s.clone(), false)),
-            Some(S::ContainsMatch(s)) => {
-                HeaderCheck::String(StringMatch::Contains(s.clone(), false))
-            }
-            Some(S::SafeRegexMatch(r)) => HeaderCheck::String(StringMatch::Regex(regex_matcher(
-                r,
-                &field(&hpath, "safe_regex_match"),
-            )?)),
-            Some(S::StringMatch(s)) => {
-                HeaderCheck::String(string_matcher(s, &field(&hpath, "string_match"))?)
-            }
-            Some(S::PresentMatch(p)) => HeaderCheck::Present(*p),
-            Some(S::RangeMatch(r)) => {
-                let xds_api::envoy::r#type::v3::Int64Range { start, end } = r;
-                HeaderCheck::Range(*start, *end)
-            }
-            None => HeaderCheck::Present(true),
-        };
-        header_matches.push(HeaderMatch {
-            name: header_name(name, &field(&hpath, "name"))?,
-            check,
-            invert: *invert_match,
-            treat_missing_as_empty: *treat_missing_header_as_empty,
-        });
-    }
+    let header_matches = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| header_matcher(h, &item(mpath, "headers", i)))
+        .collect::<ConfigResult<Vec<_>>>()?;
     let mut query = Vec::new();
     for (i, q) in query_parameters.iter().enumerate() {
         let qpath = item(mpath, "query_parameters", i);
@@ -572,6 +638,7 @@ fn compile_forward(
     action: &route_pb::RouteAction,
     path: &str,
     matcher: &RouteMatcher,
+    defaults: &VhostDefaults,
 ) -> ConfigResult<Forward> {
     let route_pb::RouteAction {
         cluster_not_found_response_code,
@@ -598,15 +665,70 @@ fn compile_forward(
         path,
         metadata_match,
         append_x_forwarded_host,
-        retry_policy,
-        request_mirror_policies,
-        priority,
         hash_policy,
-        max_grpc_timeout,
-        grpc_timeout_offset,
         hedge_policy,
-        max_stream_duration,
     );
+    let retry = match retry_policy {
+        Some(policy) => Some(Arc::new(retry::retry_policy(
+            policy,
+            &field(path, "retry_policy"),
+        )?)),
+        None => defaults.retry.clone(),
+    };
+    let mirrors = if request_mirror_policies.is_empty() {
+        defaults.mirrors.clone()
+    } else {
+        mirror_policies(
+            request_mirror_policies,
+            &field(path, "request_mirror_policies"),
+        )?
+    };
+    let high_priority = match core_pb::RoutingPriority::try_from(*priority) {
+        Ok(core_pb::RoutingPriority::Default) => false,
+        Ok(core_pb::RoutingPriority::High) => true,
+        Err(_) => return err(field(path, "priority"), "unknown value"),
+    };
+    let stream_duration = match max_stream_duration {
+        None => StreamDuration::default(),
+        Some(route_pb::route_action::MaxStreamDuration {
+            max_stream_duration,
+            grpc_timeout_header_max,
+            grpc_timeout_header_offset,
+        }) => {
+            let mpath = field(path, "max_stream_duration");
+            let max = opt_duration(max_stream_duration, &field(&mpath, "max_stream_duration"))?;
+            let grpc_max = opt_duration(
+                grpc_timeout_header_max,
+                &field(&mpath, "grpc_timeout_header_max"),
+            )?;
+            let grpc_offset = opt_duration(
+                grpc_timeout_header_offset,
+                &field(&mpath, "grpc_timeout_header_offset"),
+            )?;
+            StreamDuration {
+                max,
+                grpc: grpc_max.map(|max| GrpcTimeout {
+                    max,
+                    offset: grpc_offset.unwrap_or_default(),
+                }),
+            }
+        }
+    };
+    let grpc_route_timeout = opt_duration(max_grpc_timeout, &field(path, "max_grpc_timeout"))?
+        .map(|max| -> ConfigResult<GrpcTimeout> {
+            Ok(GrpcTimeout {
+                max,
+                offset: opt_duration(grpc_timeout_offset, &field(path, "grpc_timeout_offset"))?
+                    .unwrap_or_default(),
+            })
+        })
+        .transpose()?;
+    if grpc_route_timeout.is_none() && grpc_timeout_offset.is_some() {
+        return err(
+            field(path, "grpc_timeout_offset"),
+            "only applies with max_grpc_timeout",
+        );
+    }
     use route_pb::route_action::{ClusterSpecifier as C, HostRewriteSpecifier as H};
     let cluster = match cluster_specifier {
         Some(C::Cluster(name)) if !name.is_empty() => ClusterSpec::Name(name.clone()),
@@ -687,9 +809,26 @@ fn compile_forward(
             enabled.unwrap_or(true),
         ));
     }
+    // The upstream is told the time it has: the per-try timeout when it is the shorter.
+    let expected = match (timeout, retry.as_ref().and_then(|r| r.per_try_timeout)) {
+        (Some(route), Some(per_try)) => Some(route.min(per_try)),
+        (None, Some(per_try)) => Some(per_try),
+        (route, None) => route,
+    };
     Ok(Forward {
         upgrades,
-        timeout_header: timeout.map(|t| HeaderValue::from(t.as_millis() as u64)),
+        retry,
+        buffer_limit: defaults
+            .buffer_limit
+            .map_or(DEFAULT_BUFFER_LIMIT, |limit| limit as usize),
+        attempt_count_upstream: defaults.attempt_count_upstream,
+        attempt_count_response: defaults.attempt_count_response,
+        timeout_retry_header: defaults.timeout_retry_header,
+        high_priority,
+        stream_duration,
+        grpc_route_timeout,
+        mirrors,
+        timeout_header: expected.map(|t| HeaderValue::from(t.as_millis() as u64)),
         cluster,
         cluster_not_found_status,
         prefix_rewrite,
@@ -698,6 +837,56 @@ fn compile_forward(
         timeout,
         idle_timeout,
     })
+}
+
+fn mirror_policies(
+    list: &[route_pb::route_action::RequestMirrorPolicy],
+    path: &str,
+) -> ConfigResult<Arc<[Mirror]>> {
+    let mut mirrors = Vec::with_capacity(list.len());
+    for (index, policy) in list.iter().enumerate() {
+        let mpath = format!("{path}[{index}]");
+        let route_pb::route_action::RequestMirrorPolicy {
+            cluster,
+            cluster_header,
+            runtime_fraction: fraction,
+            trace_sampled,
+            disable_shadow_host_suffix_append,
+            host_rewrite_literal,
+        } = policy;
+        unsupported!(&mpath, trace_sampled);
+        let cluster = match (cluster.is_empty(), cluster_header.is_empty()) {
+            (false, true) => MirrorCluster::Name(cluster.clone()),
+            (true, false) => MirrorCluster::Header(header_name(
+                cluster_header,
+                &field(&mpath, "cluster_header"),
+            )?),
+            _ => {
+                return err(
+                    mpath,
+                    "exactly one of cluster and cluster_header is required",
+                );
+            }
+        };
+        let host_rewrite = (!host_rewrite_literal.is_empty())
+            .then(|| {
+                HeaderValue::from_str(host_rewrite_literal).map_err(|_| {
+                    ConfigError::new(field(&mpath, "host_rewrite_literal"), "not a valid host")
+                })
+            })
+            .transpose()?;
+        mirrors.push(Mirror {
+            cluster,
+            per_million: runtime_fraction(
+                fraction.as_ref(),
+                &field(&mpath, "runtime_fraction"),
+                1_000_000,
+            )?,
+            shadow_suffix: !*disable_shadow_host_suffix_append,
+            host_rewrite,
+        });
+    }
+    Ok(mirrors.into())
 }
 
 /// An `upgrade_type`, lower-cased. CONNECT is a method rather than an upgrade and Remora does
@@ -974,8 +1163,45 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         && matches!(value.get(GRPC.len()), None | Some(b'+' | b';'))
 }
 
+/// A `HeaderMatcher` (routes, retriable headers).
+pub fn header_matcher(h: &route_pb::HeaderMatcher, hpath: &str) -> ConfigResult<HeaderMatch> {
+    let route_pb::HeaderMatcher {
+        name,
+        invert_match,
+        treat_missing_header_as_empty,
+        header_match_specifier,
+    } = h;
+    use route_pb::header_matcher::HeaderMatchSpecifier as S;
+    let check = match header_match_specifier {
+        Some(S::ExactMatch(s)) => HeaderCheck::String(StringMatch::Exact(s.clone(), false)),
+        Some(S::PrefixMatch(s)) => HeaderCheck::String(StringMatch::Prefix(s.clone(), false)),
+        Some(S::SuffixMatch(s)) => HeaderCheck::String(StringMatch::Suffix(s.clone(), false)),
+        Some(S::ContainsMatch(s)) => HeaderCheck::String(StringMatch::Contains(s.clone(), false)),
+        Some(S::SafeRegexMatch(r)) => HeaderCheck::String(StringMatch::Regex(regex_matcher(
+            r,
+            &field(hpath, "safe_regex_match"),
+        )?)),
+        Some(S::StringMatch(s)) => {
+            HeaderCheck::String(string_matcher(s, &field(hpath, "string_match"))?)
+        }
+        Some(S::PresentMatch(p)) => HeaderCheck::Present(*p),
+        Some(S::RangeMatch(r)) => {
+            let xds_api::envoy::r#type::v3::Int64Range { start, end } = r;
+            HeaderCheck::Range(*start, *end)
+        }
+        None => HeaderCheck::Present(true),
+    };
+    Ok(HeaderMatch {
+        name: header_name(name, &field(hpath, "name"))?,
+        check,
+        invert: *invert_match,
+        treat_missing_as_empty: *treat_missing_header_as_empty,
+    })
+}
+
 impl HeaderMatch {
-    fn matches(&self, headers: &HeaderMap) -> bool {
+    /// Whether `headers` match (several values of the header are joined with commas first).
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
         let mut values = headers.get_all(&self.name).iter();
         let joined;
         let value: &str = match values.next() {

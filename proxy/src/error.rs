@@ -14,29 +14,35 @@ pub enum Origin {
     Config,
 }
 
-/// Envoy's response flags (the subset Remora produces).
+/// Envoy's response flags (the subset Remora produces), declared in Envoy's order, which is
+/// the order access logs list several in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum ResponseFlag {
     /// No healthy upstream host.
     NoHealthyUpstream,
+    /// Upstream request timeout (the route's, or one attempt's).
+    UpstreamRequestTimeout,
+    /// The upstream reset the stream.
+    UpstreamRemoteReset,
     /// Upstream connection failure.
     UpstreamConnectionFailure,
     /// Upstream overflow (circuit breaker).
     UpstreamOverflow,
     /// No route configured.
     NoRouteFound,
-    /// Upstream retry limit exceeded / remote reset.
-    UpstreamRemoteReset,
-    /// Upstream request timeout.
-    UpstreamRequestTimeout,
     /// Downstream connection termination.
     DownstreamConnectionTermination,
-    /// Cluster not found.
-    NoClusterFound,
+    /// The request was retried as often as allowed and still failed.
+    UpstreamRetryLimitExceeded,
     /// Stream idle timeout.
     StreamIdleTimeout,
     /// The downstream broke the protocol (a malformed request or body).
     DownstreamProtocolError,
+    /// The stream's `max_stream_duration` ran out.
+    DurationTimeout,
+    /// Cluster not found.
+    NoClusterFound,
 }
 
 impl ResponseFlag {
@@ -44,17 +50,34 @@ impl ResponseFlag {
     pub fn code(self) -> &'static str {
         match self {
             ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamRequestTimeout => "UT",
+            ResponseFlag::UpstreamRemoteReset => "UR",
             ResponseFlag::UpstreamConnectionFailure => "UF",
             ResponseFlag::UpstreamOverflow => "UO",
             ResponseFlag::NoRouteFound => "NR",
-            ResponseFlag::UpstreamRemoteReset => "UR",
-            ResponseFlag::UpstreamRequestTimeout => "UT",
             ResponseFlag::DownstreamConnectionTermination => "DC",
-            ResponseFlag::NoClusterFound => "NC",
+            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
             ResponseFlag::StreamIdleTimeout => "SI",
             ResponseFlag::DownstreamProtocolError => "DPE",
+            ResponseFlag::DurationTimeout => "DT",
+            ResponseFlag::NoClusterFound => "NC",
         }
     }
+
+    const ALL: [ResponseFlag; 12] = [
+        ResponseFlag::NoHealthyUpstream,
+        ResponseFlag::UpstreamRequestTimeout,
+        ResponseFlag::UpstreamRemoteReset,
+        ResponseFlag::UpstreamConnectionFailure,
+        ResponseFlag::UpstreamOverflow,
+        ResponseFlag::NoRouteFound,
+        ResponseFlag::DownstreamConnectionTermination,
+        ResponseFlag::UpstreamRetryLimitExceeded,
+        ResponseFlag::StreamIdleTimeout,
+        ResponseFlag::DownstreamProtocolError,
+        ResponseFlag::DurationTimeout,
+        ResponseFlag::NoClusterFound,
+    ];
 
     /// The status and body Envoy sends as a local reply for this flag.
     pub fn local_reply(self) -> (u16, &'static str) {
@@ -69,7 +92,7 @@ impl ResponseFlag {
                 "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             ),
             ResponseFlag::NoRouteFound => (404, ""),
-            ResponseFlag::UpstreamRemoteReset => (
+            ResponseFlag::UpstreamRemoteReset | ResponseFlag::UpstreamRetryLimitExceeded => (
                 503,
                 "upstream connect error or disconnect/reset before headers. reset reason: remote reset",
             ),
@@ -78,12 +101,48 @@ impl ResponseFlag {
             ResponseFlag::NoClusterFound => (503, ""),
             ResponseFlag::StreamIdleTimeout => (504, "stream timeout"),
             ResponseFlag::DownstreamProtocolError => (400, "Bad Request"),
+            ResponseFlag::DurationTimeout => (408, "downstream duration timeout"),
         }
     }
+}
 
-    /// Whether a retry on this failure is safe (the request never reached an upstream).
-    pub fn retriable_connect(self) -> bool {
-        matches!(self, ResponseFlag::UpstreamConnectionFailure)
+/// The response flags one request collected (a failed last attempt and the exhausted retries
+/// before it, say), shown as Envoy shows them: `UF,URX`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResponseFlags(u32);
+
+impl ResponseFlags {
+    pub fn insert(&mut self, flag: ResponseFlag) {
+        self.0 |= 1 << flag as u8;
+    }
+
+    pub fn contains(self, flag: ResponseFlag) -> bool {
+        self.0 & (1 << flag as u8) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Comma-separated codes in Envoy's order; `None` when there are none.
+    pub fn render(self) -> Option<String> {
+        if self.is_empty() {
+            return None;
+        }
+        let codes: Vec<&str> = ResponseFlag::ALL
+            .iter()
+            .filter(|flag| self.contains(**flag))
+            .map(|flag| flag.code())
+            .collect();
+        Some(codes.join(","))
+    }
+}
+
+impl From<ResponseFlag> for ResponseFlags {
+    fn from(flag: ResponseFlag) -> Self {
+        let mut flags = ResponseFlags::default();
+        flags.insert(flag);
+        flags
     }
 }
 
@@ -134,3 +193,17 @@ impl fmt::Display for ProxyError {
 }
 
 impl std::error::Error for ProxyError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_flags_show_in_envoys_order() {
+        let mut flags = ResponseFlags::default();
+        assert_eq!(flags.render(), None);
+        flags.insert(ResponseFlag::UpstreamRetryLimitExceeded);
+        flags.insert(ResponseFlag::UpstreamConnectionFailure);
+        assert_eq!(flags.render().as_deref(), Some("UF,URX"));
+    }
+}

@@ -11,7 +11,8 @@ pub mod sources;
 pub use remora_config::access_log::{AccessLogConfig, LogFormat, Target, Token};
 pub use remora_config::bootstrap::{Admin, AdsFlavor, Bootstrap, DynamicResources, Node, Runtime};
 pub use remora_config::cluster::{
-    Cluster, ConnectOptions, DiscoveryType, DnsLookupFamily, LbPolicy, Thresholds, UpstreamProtocol,
+    Cluster, ConnectOptions, DiscoveryType, DnsLookupFamily, LbPolicy, RetryBudget, Thresholds,
+    UpstreamProtocol,
 };
 pub use remora_config::common::{
     CidrRange, ConfigSource, EndpointAddress, Http1Options, Http2Keepalive, Http2Options,

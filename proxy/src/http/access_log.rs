@@ -38,7 +38,7 @@ pub struct Entry {
     pub path: String,
     pub authority: String,
     pub status: u16,
-    pub flag: Option<&'static str>,
+    pub flags: crate::error::ResponseFlags,
     pub response: HeaderMap,
     pub bytes_received: Arc<std::sync::atomic::AtomicU64>,
     pub bytes_sent: u64,
@@ -69,7 +69,7 @@ impl Entry {
                 .or_else(|| request.uri().authority().map(|a| a.to_string()))
                 .unwrap_or_default(),
             status: 0,
-            flag: None,
+            flags: crate::error::ResponseFlags::default(),
             response: HeaderMap::new(),
             bytes_received: Arc::default(),
             bytes_sent: 0,
@@ -344,7 +344,10 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
             Token::ResponseCode => {
                 let _ = write!(line, "{}", entry.status);
             }
-            Token::ResponseFlags => line.push_str(entry.flag.unwrap_or("-")),
+            Token::ResponseFlags => match entry.flags.render() {
+                Some(flags) => line.push_str(&flags),
+                None => line.push('-'),
+            },
             Token::BytesReceived => {
                 let received = entry
                     .bytes_received

@@ -18,6 +18,7 @@ use crate::http::access_log::PendingLine;
 use crate::http::filter::{BodyFilter, FilterChain, FilterState};
 use crate::stats::{GaugeGuard, Stat};
 use crate::upstream::HostGauge;
+use crate::upstream::breakers::Held;
 use crate::upstream::pool::Lease;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -110,7 +111,8 @@ impl Body for ResponseBody {
 pub struct UpstreamBody {
     inner: Incoming,
     timer: Option<StreamTimer>,
-    _active: (GaugeGuard, HostGauge),
+    /// The request's `max_requests` place, `upstream_rq_active` and the host's `rq_active`.
+    _active: (Held, GaugeGuard, HostGauge),
     downstream: Option<DownstreamSlots>,
     /// The HTTP/1.1 connection the body arrives on, back to its pool once the body is in.
     lease: Option<Lease>,
@@ -144,7 +146,7 @@ impl UpstreamBody {
     pub fn new(
         inner: Incoming,
         timer: Option<StreamTimer>,
-        active: (GaugeGuard, HostGauge),
+        active: (Held, GaugeGuard, HostGauge),
         lease: Option<Lease>,
     ) -> Self {
         UpstreamBody {
@@ -186,13 +188,7 @@ impl UpstreamBody {
                     Poll::Ready(timeout) => {
                         // The access log shows why the body was cut, as Envoy's does.
                         if let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut()) {
-                            log.entry.flag = Some(
-                                match timeout {
-                                    StreamTimeout::Route => ResponseFlag::UpstreamRequestTimeout,
-                                    StreamTimeout::Idle => ResponseFlag::StreamIdleTimeout,
-                                }
-                                .code(),
-                            );
+                            log.entry.flags.insert(timeout.flag());
                         }
                         Poll::Ready(Some(Err(Box::new(timeout))))
                     }
@@ -225,12 +221,26 @@ pub enum StreamTimeout {
     /// The stream idle timeout (`downstream_rq_idle_timeout`, flag SI).
     #[error("stream timeout")]
     Idle,
+    /// The retry policy's per-try idle timeout (`upstream_rq_per_try_idle_timeout`, flag UT).
+    #[error("upstream per try idle timeout")]
+    PerTryIdle,
 }
 
-/// The route deadline and the stream idle timeout of one request, as one timer that bounds the
-/// wait for response headers and then moves into the body: it is set to the earlier of the two
-/// and pushed out on every frame (extending a tokio timer is an atomic store, no
-/// re-registration).
+impl StreamTimeout {
+    pub fn flag(self) -> ResponseFlag {
+        match self {
+            StreamTimeout::Route | StreamTimeout::PerTryIdle => {
+                ResponseFlag::UpstreamRequestTimeout
+            }
+            StreamTimeout::Idle => ResponseFlag::StreamIdleTimeout,
+        }
+    }
+}
+
+/// The route deadline and the idle timeouts of one request (the stream's, and the retry
+/// policy's per-try idle timeout), as one timer that bounds the wait for response headers and
+/// then moves into the body: it is set to the earliest and pushed out on every frame
+/// (extending a tokio timer is an atomic store, no re-registration).
 #[derive(Debug)]
 pub struct StreamTimer {
     sleep: Pin<Box<Sleep>>,
@@ -238,6 +248,8 @@ pub struct StreamTimer {
     idle: Option<Duration>,
     route_timeouts: Arc<Stat>,
     idle_timeouts: Arc<Stat>,
+    /// The per-try idle timeout and its counter, once the attempt that got headers runs on.
+    per_try_idle: Option<(Duration, Arc<Stat>)>,
 }
 
 impl StreamTimer {
@@ -255,6 +267,7 @@ impl StreamTimer {
             idle,
             route_timeouts: route_timeouts.clone(),
             idle_timeouts: idle_timeouts.clone(),
+            per_try_idle: None,
         })
     }
 
@@ -265,24 +278,54 @@ impl StreamTimer {
         }
     }
 
+    /// The idle timeout in force: the shorter of the stream's and the per-try one.
+    fn idle(&self) -> Option<Duration> {
+        match (self.idle, &self.per_try_idle) {
+            (Some(a), Some((b, _))) => Some(a.min(*b)),
+            (a, b) => a.or(b.as_ref().map(|(b, _)| *b)),
+        }
+    }
+
+    /// Adds the retry policy's per-try idle timeout for the body of the attempt that won,
+    /// making a timer for it if the request had none.
+    pub fn add_per_try_idle(
+        timer: Option<StreamTimer>,
+        idle: Duration,
+        counter: &Arc<Stat>,
+        (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
+    ) -> StreamTimer {
+        let mut timer = timer.unwrap_or_else(|| StreamTimer {
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            deadline: None,
+            idle: None,
+            route_timeouts: route_timeouts.clone(),
+            idle_timeouts: idle_timeouts.clone(),
+            per_try_idle: None,
+        });
+        timer.per_try_idle = Some((idle, counter.clone()));
+        timer.touch();
+        timer
+    }
+
     /// Starts the route timeout now (it starts once the downstream request has ended).
     pub fn start_route(&mut self, timeout: Duration) {
         self.deadline = Some(Instant::now() + timeout);
-        if let Some(next) = Self::next(self.deadline, self.idle) {
+        if let Some(next) = Self::next(self.deadline, self.idle()) {
             self.sleep.as_mut().reset(next);
         }
     }
 
     /// Restarts the idle timeout: something moved.
     pub fn touch(&mut self) {
-        if self.idle.is_some()
-            && let Some(next) = Self::next(self.deadline, self.idle)
+        let idle = self.idle();
+        if idle.is_some()
+            && let Some(next) = Self::next(self.deadline, idle)
         {
             self.sleep.as_mut().reset(next);
         }
     }
 
-    /// Resolves when either timeout fires (and counts it).
+    /// Resolves when a timeout fires (and counts it).
     pub fn expired(&mut self) -> impl Future<Output = StreamTimeout> + '_ {
         std::future::poll_fn(|cx| self.poll_expired(cx))
     }
@@ -291,13 +334,20 @@ impl StreamTimer {
         if self.sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        // The timer holds the earlier deadline, so it is the route's iff it reached it.
+        // The timer holds the earliest deadline, so it is the route's iff it reached it.
         if self.deadline.is_some_and(|d| self.sleep.deadline() >= d) {
             self.route_timeouts.inc();
-            Poll::Ready(StreamTimeout::Route)
-        } else {
-            self.idle_timeouts.inc();
-            Poll::Ready(StreamTimeout::Idle)
+            return Poll::Ready(StreamTimeout::Route);
+        }
+        match &self.per_try_idle {
+            Some((per_try, counter)) if self.idle.is_none_or(|idle| *per_try < idle) => {
+                counter.inc();
+                Poll::Ready(StreamTimeout::PerTryIdle)
+            }
+            _ => {
+                self.idle_timeouts.inc();
+                Poll::Ready(StreamTimeout::Idle)
+            }
         }
     }
 }
@@ -421,6 +471,47 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// What an upstream request carries: the downstream body itself, one reader of a body that
+/// retries and mirrors share, or nothing.
+#[derive(Debug)]
+pub enum OutgoingBody {
+    Direct(RequestBody),
+    Shared(crate::http::replay::SharedReader),
+    Empty,
+}
+
+impl Body for OutgoingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            OutgoingBody::Direct(body) => Pin::new(body).poll_frame(cx),
+            OutgoingBody::Shared(reader) => Pin::new(reader).poll_frame(cx),
+            OutgoingBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutgoingBody::Direct(body) => body.is_end_stream(),
+            OutgoingBody::Shared(reader) => reader.is_end_stream(),
+            OutgoingBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutgoingBody::Direct(body) => body.size_hint(),
+            OutgoingBody::Shared(reader) => reader.size_hint(),
+            OutgoingBody::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 

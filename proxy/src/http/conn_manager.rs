@@ -456,8 +456,8 @@ async fn handle(
         Ok(response) => response,
         Err(reply) => {
             tracing::debug!(status = %reply.status, details = %reply.details, "local reply");
-            if let Some(entry) = log.as_mut() {
-                entry.flag = reply.flag.map(ResponseFlag::code);
+            if let (Some(entry), Some(flag)) = (log.as_mut(), reply.flag) {
+                entry.flags.insert(flag);
             }
             let from_router = reply.from_router;
             let mut response = reply.into_response(&manager.server_header);

@@ -59,10 +59,22 @@ pub enum Kind {
     Gauge,
 }
 
+/// How a derived gauge is read.
+pub type ReadGauge = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// The registry (only touched at config time and by the admin endpoint).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Registry {
     stats: Mutex<BTreeMap<String, (Kind, Arc<Stat>)>>,
+    /// Gauges computed when shown, from state kept elsewhere (circuit breakers): nothing on the
+    /// request path updates them.
+    derived: Mutex<BTreeMap<String, ReadGauge>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
 }
 
 impl Registry {
@@ -86,22 +98,49 @@ impl Registry {
         self.get(name.into(), Kind::Gauge)
     }
 
+    /// Registers (or replaces) a gauge read by `read` whenever stats are shown.
+    pub fn derived_gauge(&self, name: impl Into<String>, read: ReadGauge) {
+        self.derived
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(name.into(), read);
+    }
+
     /// A copy of every stat `shown` selects, sorted by name.
     pub fn snapshot(&self, shown: &dyn Fn(&StatValue) -> bool) -> Vec<StatValue> {
-        let stats = self
-            .stats
+        let mut values: Vec<StatValue> = {
+            let stats = self
+                .stats
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            stats
+                .iter()
+                .map(|(name, (kind, stat))| StatValue {
+                    name: name.clone(),
+                    kind: *kind,
+                    value: stat.get(),
+                    used: stat.used(),
+                })
+                .collect()
+        };
+        let derived = self
+            .derived
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        stats
-            .iter()
-            .map(|(name, (kind, stat))| StatValue {
-                name: name.clone(),
-                kind: *kind,
-                value: stat.get(),
-                used: stat.used(),
-            })
-            .filter(|stat| shown(stat))
-            .collect()
+        if !derived.is_empty() {
+            values.extend(derived.iter().map(|(name, read)| {
+                let value = read();
+                StatValue {
+                    name: name.clone(),
+                    kind: Kind::Gauge,
+                    value,
+                    used: true,
+                }
+            }));
+            values.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        values.retain(|stat| shown(stat));
+        values
     }
 
     /// Envoy's `/stats` text format: `name: value` per line.
@@ -151,6 +190,16 @@ pub struct ClusterStats {
     pub upstream_rq_4xx: Arc<Stat>,
     pub upstream_rq_5xx: Arc<Stat>,
     pub upstream_rq_timeout: Arc<Stat>,
+    /// Retries: made, the requests that succeeded after one, refused by the retry breaker,
+    /// stopped at the limit, and back-offs waited.
+    pub upstream_rq_retry: Arc<Stat>,
+    pub upstream_rq_retry_success: Arc<Stat>,
+    pub upstream_rq_retry_overflow: Arc<Stat>,
+    pub upstream_rq_retry_limit_exceeded: Arc<Stat>,
+    pub upstream_rq_retry_backoff_exponential: Arc<Stat>,
+    /// Attempts cut by the per-try timeout or per-try idle timeout.
+    pub upstream_rq_per_try_timeout: Arc<Stat>,
+    pub upstream_rq_per_try_idle_timeout: Arc<Stat>,
     pub upstream_rq_pending_total: Arc<Stat>,
     pub upstream_rq_pending_active: Arc<Stat>,
     pub upstream_rq_pending_overflow: Arc<Stat>,
@@ -186,6 +235,13 @@ impl ClusterStats {
             upstream_rq_4xx: c("upstream_rq_4xx"),
             upstream_rq_5xx: c("upstream_rq_5xx"),
             upstream_rq_timeout: c("upstream_rq_timeout"),
+            upstream_rq_retry: c("upstream_rq_retry"),
+            upstream_rq_retry_success: c("upstream_rq_retry_success"),
+            upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
+            upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
+            upstream_rq_retry_backoff_exponential: c("upstream_rq_retry_backoff_exponential"),
+            upstream_rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
+            upstream_rq_per_try_idle_timeout: c("upstream_rq_per_try_idle_timeout"),
             upstream_rq_pending_total: c("upstream_rq_pending_total"),
             upstream_rq_pending_active: g("upstream_rq_pending_active"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),

@@ -10,11 +10,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
+use super::breakers::{Breakers, ConnectionReadings};
 use super::connect::Connector;
 use super::host::{Host, HostState};
 use super::lb::{LbContext, LoadBalancer};
@@ -143,6 +144,12 @@ pub struct Cluster {
     pub members: Arc<Members>,
     pub connector: Arc<Connector>,
     pub pools: Arc<Pools>,
+    /// Requests and retries in flight, against each priority's thresholds.
+    pub breakers: Arc<Breakers>,
+    /// The HIGH priority's own connections (Envoy keeps a pool per priority), made when a
+    /// `priority: HIGH` route first uses the cluster.
+    high: Arc<OnceLock<(Arc<Connector>, Arc<Pools>)>>,
+    workers: usize,
     background: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
@@ -163,6 +170,9 @@ fn same_connections(a: &config::Cluster, b: &config::Cluster) -> bool {
         && a.max_headers_count == b.max_headers_count
         && a.thresholds.max_connections == b.thresholds.max_connections
         && a.thresholds.max_pending_requests == b.thresholds.max_pending_requests
+        && a.thresholds_high.max_connections == b.thresholds_high.max_connections
+        && a.thresholds_high.max_pending_requests == b.thresholds_high.max_pending_requests
+        && a.per_host_max_connections == b.per_host_max_connections
 }
 
 /// What must be equal for a new cluster config to keep the old one's hosts.
@@ -188,20 +198,41 @@ impl Cluster {
             None => Arc::new(ClusterStats::new(registry, &config.name)),
         };
         let policy = super::lb::policy(&config);
-        let (connector, pools) = match previous {
-            Some(previous) if same_connections(&previous.config, &config) => {
-                (previous.connector.clone(), previous.pools.clone())
-            }
+        let (connector, pools, high) = match previous {
+            Some(previous) if same_connections(&previous.config, &config) => (
+                previous.connector.clone(),
+                previous.pools.clone(),
+                previous.high.clone(),
+            ),
             _ => {
                 let connector = Arc::new(Connector::new(
                     &config.connect,
                     config.thresholds.max_connections,
                     stats.clone(),
                 )?);
-                let pools = Arc::new(Pools::new(&config, connector.clone(), workers));
-                (connector, pools)
+                let pools = Arc::new(Pools::new(
+                    &config,
+                    &config.thresholds,
+                    connector.clone(),
+                    workers,
+                ));
+                (connector, pools, Arc::default())
             }
         };
+        let breakers = Breakers::new(config.thresholds, config.thresholds_high);
+        let default_readings: Arc<ConnectionReadings> = {
+            let (connector, pools) = (Arc::downgrade(&connector), Arc::downgrade(&pools));
+            Arc::new(move || Some((connector.upgrade()?.readings(), pools.upgrade()?.pending())))
+        };
+        let high_readings: Arc<ConnectionReadings> = {
+            let high = Arc::downgrade(&high);
+            Arc::new(move || {
+                let high = high.upgrade()?;
+                let (connector, pools) = high.get()?;
+                Some((connector.readings(), pools.pending()))
+            })
+        };
+        breakers.register_gauges(registry, &config.name, [default_readings, high_readings]);
         let members = match previous {
             Some(previous) if same_hosts(&previous.config, &config) => {
                 let members = previous.members.clone();
@@ -216,6 +247,9 @@ impl Cluster {
             members,
             connector,
             pools,
+            breakers,
+            high,
+            workers,
             background: Mutex::new(None),
         });
         match cluster.config.discovery {
@@ -254,6 +288,35 @@ impl Cluster {
             self.stats.lb_healthy_panic.inc();
         }
         Some(chosen.host.clone())
+    }
+
+    /// The connection pools of a priority (HIGH's are made on first use).
+    pub fn pools_for(&self, high: bool) -> &Arc<Pools> {
+        if !high {
+            return &self.pools;
+        }
+        let (_, pools) = self.high.get_or_init(|| {
+            // The TLS settings were read once already, so this cannot fail now; if it did,
+            // the DEFAULT connections serve.
+            match Connector::new(
+                &self.config.connect,
+                self.config.thresholds_high.max_connections,
+                self.stats.clone(),
+            ) {
+                Ok(connector) => {
+                    let connector = Arc::new(connector);
+                    let pools = Pools::new(
+                        &self.config,
+                        &self.config.thresholds_high,
+                        connector.clone(),
+                        self.workers,
+                    );
+                    (connector, Arc::new(pools))
+                }
+                Err(_) => (self.connector.clone(), self.pools.clone()),
+            }
+        });
+        pools
     }
 
     /// What happened with a host: the router and `tcp_proxy` report every attempt here.

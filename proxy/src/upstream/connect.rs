@@ -104,6 +104,14 @@ impl Connector {
         })
     }
 
+    /// Connections open or being opened, and the limit (for the circuit breaker gauges).
+    pub fn readings(&self) -> (u64, u64) {
+        (
+            self.limit.open.load(Ordering::Relaxed) as u64,
+            self.limit.max as u64,
+        )
+    }
+
     /// The ALPN protocols offered when TLS is on.
     pub fn tls(&self) -> Option<&ClientTls> {
         self.tls.as_ref()

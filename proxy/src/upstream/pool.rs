@@ -40,8 +40,8 @@ use tokio::sync::Notify;
 
 use super::connect::{Connector, LimitSlot, UpstreamIo};
 use super::host::{Host, HostStats};
-use crate::config::{Cluster, Http2Options, UpstreamProtocol};
-use crate::http::body::RequestBody;
+use crate::config::{Cluster, Http2Options, Thresholds, UpstreamProtocol};
+use crate::http::body::OutgoingBody;
 use crate::stats::ClusterStats;
 
 thread_local! {
@@ -83,8 +83,8 @@ impl PoolError {
     }
 }
 
-type Http1Sender = http1::SendRequest<RequestBody>;
-type Http2Sender = http2::SendRequest<RequestBody>;
+type Http1Sender = http1::SendRequest<OutgoingBody>;
+type Http2Sender = http2::SendRequest<OutgoingBody>;
 type Http2Connect = Shared<BoxFuture<'static, Result<Http2Sender, PoolError>>>;
 
 /// The pending-request breaker (`max_pending_requests`), shared by every worker's pool.
@@ -329,12 +329,20 @@ enum Got {
 struct Dialer {
     connector: Arc<Connector>,
     pending: PendingLimit,
+    /// `per_host_thresholds.max_connections`: connections to one host, across workers.
+    per_host_max_connections: Option<u64>,
     max_headers_count: usize,
     http2: Http2Options,
 }
 
 impl Dialer {
     fn try_slot(&self, worker: &Arc<WorkerPool>, host: &Host) -> Option<Slot> {
+        if self
+            .per_host_max_connections
+            .is_some_and(|max| host.stats().cx_active.get() >= max)
+        {
+            return None;
+        }
         let limit = self.connector.limit.try_acquire()?;
         Some(Slot::new(limit, worker, host))
     }
@@ -519,15 +527,22 @@ impl Drop for Pools {
 }
 
 impl Pools {
-    pub fn new(cluster: &Cluster, connector: Arc<Connector>, workers: usize) -> Self {
+    /// Pools for one routing priority of `cluster`, under that priority's `thresholds`.
+    pub fn new(
+        cluster: &Cluster,
+        thresholds: &Thresholds,
+        connector: Arc<Connector>,
+        workers: usize,
+    ) -> Self {
         Pools {
             workers: (0..workers + 1).map(|_| OnceLock::new()).collect(),
             dialer: Arc::new(Dialer {
                 connector,
                 pending: PendingLimit {
                     pending: AtomicUsize::new(0),
-                    max: cluster.thresholds.max_pending_requests as usize,
+                    max: thresholds.max_pending_requests as usize,
                 },
+                per_host_max_connections: cluster.per_host_max_connections.map(u64::from),
                 max_headers_count: cluster.max_headers_count as usize,
                 http2: cluster.http2,
             }),
@@ -540,12 +555,21 @@ impl Pools {
         self.protocol
     }
 
+    /// Requests waiting for a connection, and the limit (for the circuit breaker gauges).
+    pub fn pending(&self) -> (u64, u64) {
+        let limit = &self.dialer.pending;
+        (
+            limit.pending.load(Ordering::Relaxed) as u64,
+            limit.max as u64,
+        )
+    }
+
     /// Sends `request` (origin-form URI, `Host` header set) to the endpoint at `addr` on the
     /// calling worker's pool. An HTTP/1.1 response comes with the [`Lease`] of its connection.
     pub async fn send(
         &self,
         host: &Arc<Host>,
-        request: Request<RequestBody>,
+        request: Request<OutgoingBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let worker = self.workers[worker_index(self.workers.len())]
             .get_or_init(|| WorkerPool::start(self.idle_timeout, &self.dialer.connector.stats));
@@ -562,7 +586,7 @@ impl Pools {
         &self,
         worker: &Arc<WorkerPool>,
         host: &Host,
-        mut request: Request<RequestBody>,
+        mut request: Request<OutgoingBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let addr = host.addr;
         loop {
@@ -593,7 +617,7 @@ impl Pools {
         &self,
         worker: &Arc<WorkerPool>,
         host: &Arc<Host>,
-        mut request: Request<RequestBody>,
+        mut request: Request<OutgoingBody>,
     ) -> Result<Response<Incoming>, PoolError> {
         to_http2_form(&mut request, host.addr);
         let mut retried = false;
@@ -646,7 +670,7 @@ impl Pools {
 
 /// HTTP/2 carries the host in `:authority`, taken from the URI: the request's `Host` becomes
 /// the authority (as Envoy's codec does), else the endpoint address.
-fn to_http2_form(request: &mut Request<RequestBody>, addr: SocketAddr) {
+fn to_http2_form(request: &mut Request<OutgoingBody>, addr: SocketAddr) {
     let host = request.headers_mut().remove(http::header::HOST);
     let authority = host
         .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())

@@ -1,36 +1,47 @@
-//! Forwarding a request upstream: the cluster (named, from a header, or weighted), a host from
-//! its load balancer, the `max_requests` breaker, upgrades, the upstream request (rewrites,
-//! `Host`, route header mutations), sending it under the route and stream idle timeouts, and
-//! the upstream response on its way back. Every attempt is reported to the cluster's outcome
-//! hook.
+//! Forwarding a request upstream: the cluster (named, from a header, or weighted), the circuit
+//! breakers of the route's priority, upgrades, the upstream request (rewrites, `Host`, route
+//! header mutations), mirrors, then attempts: a host from the load balancer, the request sent
+//! under the route, idle and per-try timeouts, and — when the retry policy says so — another
+//! attempt after a back-off. Every attempt is reported to the cluster's outcome hook; the
+//! response of the last one goes back downstream.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 use remora_config::route::{ClusterSpec, Forward, HostRewrite};
 use tokio::time::Instant;
 
 use super::RouteRequest;
+use super::mirror;
+use super::retry::{NoRetry, Retries, Tried};
 use crate::config::UpstreamProtocol;
 use crate::error::{ProxyError, ResponseFlag};
 use crate::http::body::{
-    RequestBody, RequestEnd, ResponseBody, StreamTimeout, StreamTimer, UpstreamBody,
+    OutgoingBody, RequestBody, RequestEnd, ResponseBody, StreamTimeout, StreamTimer, UpstreamBody,
 };
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
+use crate::http::replay::SharedBody;
 use crate::stats::{GaugeGuard, Stat};
-use crate::upstream::pool::PoolError;
-use crate::upstream::{HostGauge, LbContext, Outcome};
+use crate::upstream::pool::{Lease, PoolError};
+use crate::upstream::{Cluster, Host, HostGauge, LbContext, Outcome};
 
 static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 static X_ORIGINAL_HOST: HeaderName = HeaderName::from_static("x-envoy-original-host");
+static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+static X_IS_TIMEOUT_RETRY: HeaderName = HeaderName::from_static("x-envoy-is-timeout-retry");
+static X_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
+static X_PER_TRY_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The cluster a forward goes to.
 fn cluster_name<'a>(forward: &'a Forward, request: &'a http::request::Parts) -> &'a str {
@@ -54,6 +65,31 @@ fn cluster_name<'a>(forward: &'a Forward, request: &'a http::request::Parts) -> 
             chosen
         }
     }
+}
+
+/// A `grpc-timeout` header's value (`1S`, `250m`, ...), as gRPC writes it.
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value * 3600),
+        "M" => Duration::from_secs(value * 60),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+/// A millisecond count from a request header (`x-envoy-upstream-rq-timeout-ms` and friends).
+fn header_ms(headers: &HeaderMap, name: &HeaderName) -> Option<Duration> {
+    let ms: u64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 /// Sends the request to the route's cluster and returns the upstream response.
@@ -87,10 +123,11 @@ pub(super) async fn forward(
         reply.from_router = true;
         return Err(reply);
     };
-    let Some(upstream_host) = cluster.choose(&LbContext {
+    let lb_context = LbContext {
         original_dst: Some(downstream.destination),
         ..LbContext::default()
-    }) else {
+    };
+    let Some(first_host) = cluster.choose(&lb_context) else {
         cluster.stats.upstream_cx_none_healthy.inc();
         return Err(ProxyError::upstream(
             ResponseFlag::NoHealthyUpstream,
@@ -98,17 +135,20 @@ pub(super) async fn forward(
         )
         .into_router_reply());
     };
-    // `max_requests`: the slot is held by the response body until it ends (as Envoy counts it).
-    let Some(rq_active) = GaugeGuard::try_acquire(
-        &cluster.stats.upstream_rq_active,
-        u64::from(cluster.config.thresholds.max_requests),
-    ) else {
+    // `max_requests` of the route's priority: the place is held by the response body until it
+    // ends (as Envoy counts it).
+    let limits = cluster.breakers.for_priority(forward.high_priority);
+    let Some(request_place) = limits.try_request() else {
         cluster.stats.upstream_rq_active_overflow.inc();
         return Err(
             ProxyError::upstream(ResponseFlag::UpstreamOverflow, "max_requests reached")
                 .into_router_reply(),
         );
     };
+    let rq_active = (
+        request_place,
+        GaugeGuard::new(&cluster.stats.upstream_rq_active),
+    );
 
     // Upgrade (WebSocket etc.): only those the route, or else the HCM, allows.
     let upgrade = parts
@@ -151,31 +191,48 @@ pub(super) async fn forward(
     };
     // Origin-form; the pool adds the authority where the protocol wants it (HTTP/2).
     parts.uri = Uri::from(upstream_pq);
-    let request_headers = &mut parts.headers;
-    let rewritten_host = match &forward.host_rewrite {
-        HostRewrite::Literal(value) => Some(value.clone()),
-        HostRewrite::Auto if !upstream_host.hostname.is_empty() => {
-            HeaderValue::from_str(&upstream_host.hostname).ok()
-        }
-        _ => None,
-    };
-    match rewritten_host {
-        // As Envoy: a rewritten host leaves the original in `x-envoy-original-host`.
-        Some(value) => {
-            if let Some(original) = request_headers.insert(header::HOST, value) {
-                request_headers.insert(&X_ORIGINAL_HOST, original);
-            }
-        }
-        None => {
-            if !request_headers.contains_key(header::HOST)
-                && let Some(value) = authority
-            {
-                request_headers.insert(header::HOST, value);
-            }
-        }
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(value) = authority
+    {
+        parts.headers.insert(header::HOST, value);
     }
-    if let Some(value) = &forward.timeout_header {
-        request_headers.insert(&X_EXPECTED_TIMEOUT, value.clone());
+    if let HostRewrite::Literal(value) = &forward.host_rewrite {
+        rewrite_host(&mut parts.headers, value.clone());
+    }
+
+    // Timeouts: the route's, unless the request asks (`x-envoy-upstream-rq-timeout-ms`, or a
+    // `grpc-timeout` where the route lets it), and the retry policy's per-try timeout.
+    let route_timeout = match header_ms(&parts.headers, &X_RQ_TIMEOUT_MS) {
+        Some(asked) => (!asked.is_zero()).then_some(asked),
+        None => match (&forward.grpc_route_timeout, grpc_timeout(&parts.headers)) {
+            (Some(policy), Some(asked)) => Some(policy.apply(asked)).filter(|t| !t.is_zero()),
+            _ => forward.timeout,
+        },
+    };
+    let mut retries = if upgrading {
+        None
+    } else {
+        Retries::new(forward.retry.as_deref(), &parts.headers)
+    };
+    let per_try_timeout = header_ms(&parts.headers, &X_PER_TRY_TIMEOUT_MS)
+        .or_else(|| retries.as_ref().and_then(|r| r.policy().per_try_timeout))
+        .filter(|t| !t.is_zero());
+    let per_try_idle = retries
+        .as_ref()
+        .and_then(|r| r.policy().per_try_idle_timeout);
+    let expected = match (route_timeout, per_try_timeout) {
+        (Some(route), Some(per_try)) => Some(route.min(per_try)),
+        (route, per_try) => route.or(per_try),
+    };
+    if expected == forward.timeout && forward.timeout_header.is_some() {
+        if let Some(value) = &forward.timeout_header {
+            parts.headers.insert(&X_EXPECTED_TIMEOUT, value.clone());
+        }
+    } else if let Some(expected) = expected {
+        parts.headers.insert(
+            &X_EXPECTED_TIMEOUT,
+            HeaderValue::from(expected.as_millis() as u64),
+        );
     }
     let table = &route.table;
     headers::apply_levels(
@@ -185,14 +242,8 @@ pub(super) async fn forward(
             &route_entry.request_headers,
         ],
         table.most_specific_header_mutations_wins,
-        request_headers,
+        &mut parts.headers,
     );
-    // The access log shows the request as forwarded (generated x-request-id, appended XFF).
-    if let Some(entry) = log.as_mut() {
-        entry.request = request_headers.clone();
-        entry.upstream_host = Some(upstream_host.addr);
-        entry.upstream_cluster = Some(name.clone());
-    }
     parts.version = match cluster.pools.protocol() {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -212,16 +263,20 @@ pub(super) async fn forward(
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     }
+
+    // The downstream body: read once, with the HCM's request timeout; shared when retries or
+    // mirrors may read it again.
     let timed_out = hcm
         .request_timeout
         .map(|_| Arc::new(AtomicBool::new(false)));
     let body_deadline = hcm.request_timeout.map(|t| started + t);
-    // The route timeout starts once the request has been sent in full, as in Envoy: at once
-    // for a request without a body, else when its body ends.
-    let request_end = (forward.timeout.is_some() && !http_body::Body::is_end_stream(&body))
+    // The route and per-try timeouts start once the request has been sent in full, as in
+    // Envoy: at once for a request without a body, else when its body ends.
+    let has_body = !http_body::Body::is_end_stream(&body);
+    let request_end = (has_body && (route_timeout.is_some() || per_try_timeout.is_some()))
         .then(|| Arc::new(RequestEnd::default()));
     let body_failed = Arc::new(AtomicBool::new(false));
-    let upstream_body = RequestBody::new(
+    let downstream_body = RequestBody::new(
         body,
         body_deadline,
         timed_out.clone(),
@@ -230,85 +285,196 @@ pub(super) async fn forward(
         log.as_ref().map(|entry| entry.bytes_received.clone()),
         body_filters,
     );
-    let upstream_request = Request::from_parts(parts, upstream_body);
+    let mirroring = !forward.mirrors.is_empty() && !upgrading;
+    let mut direct = None;
+    let shared = match has_body && (retries.is_some() || mirroring) {
+        true => Some(SharedBody::new(downstream_body, forward.buffer_limit)),
+        false => {
+            direct = Some(downstream_body);
+            None
+        }
+    };
+    if mirroring {
+        mirror::send(
+            &forward.mirrors,
+            snapshot,
+            mirror::Copy {
+                method: &parts.method,
+                uri: &parts.uri,
+                version: parts.version,
+                headers: &parts.headers,
+                body: shared.as_ref(),
+                timeout: route_timeout,
+            },
+        );
+    }
 
-    // Send. One timer per request: the route deadline and the stream idle timeout (the
-    // route's, else the HCM's) bound the wait for headers, then move into the response body.
-    let host_active = HostGauge::new(&upstream_host.state, |s| &s.rq_active);
-    let (sent, timer) = send_upstream(
-        cluster.pools.send(&upstream_host, upstream_request),
-        forward.timeout,
+    // Attempts.
+    let mut clock = Clock::new(
+        route_timeout,
         forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
         request_end,
         (
             &cluster.stats.upstream_rq_timeout,
             &manager.stats.downstream_rq_idle_timeout,
         ),
-    )
-    .await;
-    // Envoy counts a request upstream once it has a connection: not when it overflowed or
-    // its connection could not be made.
-    let overflowed = matches!(&sent, Ok(Err(PoolError::Overflow)));
-    if !overflowed && !matches!(&sent, Ok(Err(PoolError::Connect(_)))) {
-        cluster.stats.upstream_rq_total.inc();
-        upstream_host.stats().rq_total.inc();
-    }
-    let result = sent.map_err(|timeout| {
-        let flag = match timeout {
-            StreamTimeout::Route => {
-                cluster.record_outcome(&upstream_host, Outcome::Timeout { route: true });
-                ResponseFlag::UpstreamRequestTimeout
-            }
-            StreamTimeout::Idle => {
-                cluster.record_outcome(&upstream_host, Outcome::Timeout { route: false });
-                ResponseFlag::StreamIdleTimeout
-            }
+    );
+    let pools = cluster.pools_for(forward.high_priority);
+    let mut tried: Vec<Arc<Host>> = Vec::new();
+    let mut host = first_host;
+    let mut attempt: u32 = 1;
+    let mut after_timeout = false;
+    let mut parts = Some(parts);
+    let outcome = loop {
+        // This attempt's request: the last one takes the head, earlier ones a copy.
+        let base = parts
+            .as_ref()
+            .expect("the head is kept until the last attempt");
+        let mut headers = if retries.is_some() {
+            base.headers.clone()
+        } else {
+            HeaderMap::new()
         };
-        ProxyError::upstream(flag, timeout.to_string()).into_router_reply()
-    })?;
-    let (mut response, lease) = match result {
-        Ok(sent) => sent,
-        Err(error) if overflowed => {
-            return Err(
-                ProxyError::upstream(ResponseFlag::UpstreamOverflow, error.to_string())
-                    .into_router_reply(),
+        let (method, uri, version) = (base.method.clone(), base.uri.clone(), base.version);
+        let mut attempt_parts = match retries {
+            Some(_) => None,
+            None => parts.take(),
+        };
+        let headers_mut = match attempt_parts.as_mut() {
+            Some(last) => &mut last.headers,
+            None => &mut headers,
+        };
+        if let HostRewrite::Auto = forward.host_rewrite
+            && !host.hostname.is_empty()
+            && let Ok(value) = HeaderValue::from_str(&host.hostname)
+        {
+            rewrite_host(headers_mut, value);
+        }
+        if forward.attempt_count_upstream {
+            headers_mut.insert(&X_ATTEMPT_COUNT, HeaderValue::from(attempt));
+        }
+        if forward.timeout_retry_header && attempt > 1 {
+            headers_mut.insert(
+                &X_IS_TIMEOUT_RETRY,
+                HeaderValue::from_static(if after_timeout { "true" } else { "false" }),
             );
         }
-        Err(error) => {
-            // The downstream's own request failed first: its fault, not the upstream's.
-            if body_failed.load(Ordering::Acquire) {
-                cluster.record_outcome(&upstream_host, Outcome::Reset);
-                return Err(ProxyError::downstream(
-                    ResponseFlag::DownstreamProtocolError,
-                    "malformed request body",
+        // The access log shows the request as forwarded (generated x-request-id, appended XFF).
+        if let Some(entry) = log.as_mut() {
+            entry.request = headers_mut.clone();
+            entry.upstream_host = Some(host.addr);
+            entry.upstream_cluster = Some(name.clone());
+        }
+        let outgoing = match (&shared, direct.take()) {
+            (Some(shared), _) => OutgoingBody::Shared(shared.reader()),
+            (None, Some(body)) => OutgoingBody::Direct(body),
+            (None, None) => OutgoingBody::Empty,
+        };
+        let request = match attempt_parts {
+            Some(last) => Request::from_parts(last, outgoing),
+            None => {
+                let mut request = Request::new(outgoing);
+                *request.method_mut() = method;
+                *request.uri_mut() = uri;
+                *request.version_mut() = version;
+                *request.headers_mut() = headers;
+                request
+            }
+        };
+
+        let host_active = HostGauge::new(&host.state, |s| &s.rq_active);
+        let sent = clock
+            .run(pools.send(&host, request), per_try_timeout, per_try_idle)
+            .await;
+        // Envoy counts a request upstream once it has a connection: not when it overflowed or
+        // its connection could not be made.
+        if !matches!(&sent, Ok(Err(PoolError::Overflow | PoolError::Connect(_)))) {
+            cluster.stats.upstream_rq_total.inc();
+            host.stats().rq_total.inc();
+        }
+        let (considered, result) = classify(
+            sent,
+            cluster,
+            &host,
+            &manager.stats.downstream_rq_timeout,
+            &body_failed,
+            timed_out.as_deref(),
+        );
+        // No retry policy, nothing to reconsider, or a body that outgrew its buffer and
+        // cannot be sent again: this attempt's outcome is the request's.
+        let replayable = shared.as_ref().is_none_or(SharedBody::replayable);
+        let (Some(state), true) = (retries.as_mut(), replayable) else {
+            break result.map(|(response, lease)| (response, lease, host_active, host));
+        };
+        let view = match (&considered, &result) {
+            (Considered::Never, _) => {
+                break result.map(|(response, lease)| (response, lease, host_active, host));
+            }
+            (Considered::Response, Ok((response, _))) => Tried::Response {
+                status: response.status(),
+                headers: response.headers(),
+            },
+            (Considered::Failure(tried), _) => match tried {
+                Tried::ConnectFailure => Tried::ConnectFailure,
+                Tried::Overflow => Tried::Overflow,
+                Tried::Reset { sent, refused } => Tried::Reset {
+                    sent: *sent,
+                    refused: *refused,
+                },
+                Tried::Response { .. } => Tried::Overflow,
+            },
+            (Considered::Response, Err(_)) => Tried::Overflow,
+        };
+        let decision = state.decide(&view, limits, pools.pending().0, &cluster.stats);
+        let back_off = match decision {
+            Ok(back_off) => back_off,
+            Err(why) => {
+                if let Some(entry) = log.as_mut() {
+                    match why {
+                        NoRetry::LimitExceeded => {
+                            entry.flags.insert(ResponseFlag::UpstreamRetryLimitExceeded)
+                        }
+                        NoRetry::Overflow => entry.flags.insert(ResponseFlag::UpstreamOverflow),
+                        NoRetry::NotRetriable => {}
+                    }
+                }
+                break result.map(|(response, lease)| (response, lease, host_active, host));
+            }
+        };
+        after_timeout = matches!(&result, Err(reply) if reply.flag == Some(ResponseFlag::UpstreamRequestTimeout));
+        // Give up this attempt (its connection closes if the response was not read).
+        drop(result);
+        drop(host_active);
+        if let Err(expired) = clock.sleep(back_off).await {
+            break Err(clock.expired_reply(expired, cluster, &host));
+        }
+        tried.push(host.clone());
+        host = match choose_again(cluster, &lb_context, &tried, state.policy()) {
+            Some(next) => next,
+            None => {
+                cluster.stats.upstream_cx_none_healthy.inc();
+                break Err(ProxyError::upstream(
+                    ResponseFlag::NoHealthyUpstream,
+                    format!("no healthy host in {name}"),
                 )
-                .into());
+                .into_router_reply());
             }
-            if timed_out
-                .as_ref()
-                .is_some_and(|t| t.load(Ordering::Acquire))
-            {
-                cluster.record_outcome(&upstream_host, Outcome::Reset);
-                manager.stats.downstream_rq_timeout.inc();
-                let mut reply =
-                    LocalReply::new(StatusCode::REQUEST_TIMEOUT).with_body("request timeout");
-                reply.details = "downstream request timeout".into();
-                return Err(reply);
+        };
+        attempt += 1;
+    };
+    let (mut response, lease, host_active, _host) = match outcome {
+        Ok(done) => done,
+        Err(mut reply) => {
+            if forward.attempt_count_response {
+                reply
+                    .headers
+                    .insert(&X_ATTEMPT_COUNT, HeaderValue::from(attempt));
             }
-            let (outcome, flag) = match error {
-                PoolError::Connect(_) => (
-                    Outcome::ConnectFailed { http: true },
-                    ResponseFlag::UpstreamConnectionFailure,
-                ),
-                _ => (Outcome::Reset, ResponseFlag::UpstreamRemoteReset),
-            };
-            cluster.record_outcome(&upstream_host, outcome);
-            return Err(ProxyError::upstream(flag, error.to_string()).into_router_reply());
+            return Err(reply);
         }
     };
+
     let status = response.status();
-    cluster.stats.response(status.as_u16());
-    cluster.record_outcome(&upstream_host, Outcome::Status(status.as_u16()));
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(downstream_upgrade) = downstream_upgrade
     {
@@ -326,6 +492,9 @@ pub(super) async fn forward(
     let elapsed = started.elapsed().as_millis() as u64;
     response_headers.insert(&X_SERVICE_TIME, HeaderValue::from(elapsed));
     response_headers.insert(header::SERVER, manager.server_header.clone());
+    if forward.attempt_count_response {
+        response_headers.insert(&X_ATTEMPT_COUNT, HeaderValue::from(attempt));
+    }
     headers::apply_levels(
         [
             &table.response_headers,
@@ -335,94 +504,352 @@ pub(super) async fn forward(
         table.most_specific_header_mutations_wins,
         response_headers,
     );
-    // Headers count as activity for the idle timeout; a complete response needs no timer.
-    let timer = match timer {
-        Some(mut timer) if !http_body::Body::is_end_stream(response.body()) => {
-            timer.touch();
-            Some(timer)
-        }
-        _ => None,
+    // Headers count as activity for the idle timeouts; a complete response needs no timer.
+    let timer = match clock.into_timer() {
+        _ if http_body::Body::is_end_stream(response.body()) => None,
+        timer => match per_try_idle {
+            Some(idle) => Some(StreamTimer::add_per_try_idle(
+                timer,
+                idle,
+                &cluster.stats.upstream_rq_per_try_idle_timeout,
+                (
+                    &cluster.stats.upstream_rq_timeout,
+                    &manager.stats.downstream_rq_idle_timeout,
+                ),
+            )),
+            None => timer.map(|mut timer| {
+                timer.touch();
+                timer
+            }),
+        },
     };
     Ok(response.map(|body| {
         ResponseBody::Upstream(UpstreamBody::new(
             body,
             timer,
-            (rq_active, host_active),
+            (rq_active.0, rq_active.1, host_active),
             lease,
         ))
     }))
 }
 
-/// Waits for the upstream response headers under the request's timer, which it creates: the
-/// route timeout (started at once, or when `request_end` fires for a request with a body) and
-/// the stream idle timeout. Returns the outcome and the timer, which then moves into the
-/// response body.
-async fn send_upstream<F>(
-    sending: F,
-    route_timeout: Option<Duration>,
-    idle: Option<Duration>,
-    mut request_end: Option<Arc<RequestEnd>>,
-    (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
-) -> (Result<F::Output, StreamTimeout>, Option<StreamTimer>)
-where
-    F: Future,
-{
-    tokio::pin!(sending);
-    let route_deadline = match request_end {
-        None => route_timeout.map(|t| Instant::now() + t),
-        Some(_) => None,
-    };
-    let mut timer = StreamTimer::new(route_deadline, idle, route_timeouts, idle_timeouts);
-    let outcome = loop {
-        let expired = async {
-            match timer.as_mut() {
-                Some(timer) => timer.expired().await,
-                None => std::future::pending().await,
-            }
-        };
-        let ended = async {
-            match &request_end {
-                Some(end) => end.ended().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            biased;
-            result = &mut sending => break Ok(result),
-            timeout = expired => break Err(timeout),
-            () = ended => {
-                request_end = None;
-                let timeout = route_timeout.unwrap_or_default();
-                start_route_timer(&mut timer, timeout, idle, route_timeouts, idle_timeouts);
-            }
-        }
-    };
-    // A response that came before the request ended: its timeout starts now.
-    if request_end.is_some()
-        && let Some(timeout) = route_timeout
+/// Replaces `Host`, keeping the original in `x-envoy-original-host`, as Envoy does.
+fn rewrite_host(headers: &mut HeaderMap, value: HeaderValue) {
+    if let Some(original) = headers.insert(header::HOST, value)
+        && !headers.contains_key(&X_ORIGINAL_HOST)
     {
-        start_route_timer(&mut timer, timeout, idle, route_timeouts, idle_timeouts);
+        headers.insert(&X_ORIGINAL_HOST, original);
     }
-    (outcome, timer)
 }
 
-/// Starts the route timeout on a request's timer, creating the timer if nothing needed one yet.
-fn start_route_timer(
-    timer: &mut Option<StreamTimer>,
-    timeout: Duration,
-    idle: Option<Duration>,
-    route_timeouts: &Arc<Stat>,
-    idle_timeouts: &Arc<Stat>,
-) {
-    match timer {
-        Some(timer) => timer.start_route(timeout),
-        None => {
-            *timer = StreamTimer::new(
-                Some(Instant::now() + timeout),
-                idle,
-                route_timeouts,
-                idle_timeouts,
+/// A host for a retry: the policy's `previous_hosts` predicate asks the load balancer again
+/// (up to `host_selection_retry_max_attempts` times) while it picks a host already tried.
+fn choose_again(
+    cluster: &Cluster,
+    context: &LbContext<'_>,
+    tried: &[Arc<Host>],
+    policy: &remora_config::retry::RetryPolicy,
+) -> Option<Arc<Host>> {
+    let context = LbContext { tried, ..*context };
+    let mut host = cluster.choose(&context)?;
+    if policy.host_selection.avoid_previous_hosts {
+        for _ in 0..policy.host_selection.max_attempts {
+            if !tried.iter().any(|t| t.addr == host.addr) {
+                break;
+            }
+            host = cluster.choose(&context)?;
+        }
+    }
+    Some(host)
+}
+
+/// An upstream response with the HTTP/1.1 connection it arrived on.
+type Answer = (Response<Incoming>, Option<Lease>);
+type Sent = Result<Result<Answer, PoolError>, Expired>;
+
+/// How an attempt's outcome may lead to a retry.
+enum Considered {
+    /// Never: a downstream fault, or the route ran out of time.
+    Never,
+    /// As the response it got.
+    Response,
+    /// As this failure.
+    Failure(Tried<'static>),
+}
+
+/// What an attempt came to: for the retry decision, and as the response or local reply it
+/// would end the request with. Counts the outcome for the host.
+fn classify(
+    sent: Sent,
+    cluster: &Cluster,
+    host: &Host,
+    downstream_timeouts: &Stat,
+    body_failed: &AtomicBool,
+    timed_out: Option<&AtomicBool>,
+) -> (Considered, Result<Answer, LocalReply>) {
+    let fail = |flag: ResponseFlag, detail: String| {
+        Err(ProxyError::upstream(flag, detail).into_router_reply())
+    };
+    match sent {
+        Ok(Ok((response, lease))) => {
+            let status = response.status().as_u16();
+            cluster.stats.response(status);
+            cluster.record_outcome(host, Outcome::Status(status));
+            (Considered::Response, Ok((response, lease)))
+        }
+        Err(Expired::Stream(timeout)) => {
+            cluster.record_outcome(
+                host,
+                Outcome::Timeout {
+                    route: timeout != StreamTimeout::Idle,
+                },
+            );
+            (Considered::Never, fail(timeout.flag(), timeout.to_string()))
+        }
+        Err(Expired::PerTry { idle }) => {
+            if idle {
+                cluster.stats.upstream_rq_per_try_idle_timeout.inc();
+            } else {
+                cluster.stats.upstream_rq_per_try_timeout.inc();
+            }
+            host.stats().rq_timeout.inc();
+            cluster.record_outcome(host, Outcome::Timeout { route: true });
+            (
+                Considered::Failure(Tried::Reset {
+                    sent: true,
+                    refused: false,
+                }),
+                fail(
+                    ResponseFlag::UpstreamRequestTimeout,
+                    "upstream per try timeout".into(),
+                ),
             )
+        }
+        Ok(Err(PoolError::Overflow)) => (
+            Considered::Failure(Tried::Overflow),
+            fail(
+                ResponseFlag::UpstreamOverflow,
+                PoolError::Overflow.to_string(),
+            ),
+        ),
+        Ok(Err(error @ PoolError::Connect(_))) => {
+            cluster.record_outcome(host, Outcome::ConnectFailed { http: true });
+            (
+                Considered::Failure(Tried::ConnectFailure),
+                fail(ResponseFlag::UpstreamConnectionFailure, error.to_string()),
+            )
+        }
+        Ok(Err(PoolError::Request(error))) => {
+            cluster.record_outcome(host, Outcome::Reset);
+            // The downstream's own request failed first: its fault, not the upstream's.
+            if body_failed.load(Ordering::Acquire) {
+                return (
+                    Considered::Never,
+                    Err(ProxyError::downstream(
+                        ResponseFlag::DownstreamProtocolError,
+                        "malformed request body",
+                    )
+                    .into()),
+                );
+            }
+            if timed_out.is_some_and(|t| t.load(Ordering::Acquire)) {
+                downstream_timeouts.inc();
+                let mut reply =
+                    LocalReply::new(StatusCode::REQUEST_TIMEOUT).with_body("request timeout");
+                reply.details = "downstream request timeout".into();
+                return (Considered::Never, Err(reply));
+            }
+            let refused = refused_stream(&error);
+            (
+                Considered::Failure(Tried::Reset {
+                    sent: !error.is_canceled(),
+                    refused,
+                }),
+                fail(ResponseFlag::UpstreamRemoteReset, error.to_string()),
+            )
+        }
+    }
+}
+
+/// Whether an HTTP/2 upstream refused the stream (REFUSED_STREAM): it never processed it.
+fn refused_stream(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = current.source();
+    }
+    false
+}
+
+/// Which timer ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// The route timeout or the stream idle timeout: the request is over.
+    Stream(StreamTimeout),
+    /// This attempt's per-try timeout (`idle`: the per-try idle timeout, before headers).
+    PerTry { idle: bool },
+}
+
+/// The timers of one forwarded request across its attempts. The route timeout (from when the
+/// request has been received in full) and the stream idle timeout span all attempts and the
+/// back-offs between them; the per-try timeouts restart with each attempt.
+struct Clock<'s> {
+    timer: Option<StreamTimer>,
+    /// Set while the request body is still arriving: the route timeout starts when it ends.
+    request_end: Option<Arc<RequestEnd>>,
+    route_timeout: Option<Duration>,
+    idle: Option<Duration>,
+    stats: (&'s Arc<Stat>, &'s Arc<Stat>),
+}
+
+impl<'s> Clock<'s> {
+    fn new(
+        route_timeout: Option<Duration>,
+        idle: Option<Duration>,
+        request_end: Option<Arc<RequestEnd>>,
+        stats: (&'s Arc<Stat>, &'s Arc<Stat>),
+    ) -> Self {
+        let route_deadline = match request_end {
+            None => route_timeout.map(|t| Instant::now() + t),
+            Some(_) => None,
+        };
+        Clock {
+            timer: StreamTimer::new(route_deadline, idle, stats.0, stats.1),
+            request_end,
+            route_timeout,
+            idle,
+            stats,
+        }
+    }
+
+    /// The request has been received in full: the route timeout starts.
+    fn start_route(&mut self) {
+        self.request_end = None;
+        let Some(timeout) = self.route_timeout else {
+            return;
+        };
+        match &mut self.timer {
+            Some(timer) => timer.start_route(timeout),
+            None => {
+                self.timer = StreamTimer::new(
+                    Some(Instant::now() + timeout),
+                    self.idle,
+                    self.stats.0,
+                    self.stats.1,
+                )
+            }
+        }
+    }
+
+    /// Runs one attempt under the timers; the per-try timeouts start once the request has
+    /// been received in full.
+    async fn run<F: Future>(
+        &mut self,
+        attempt: F,
+        per_try: Option<Duration>,
+        per_try_idle: Option<Duration>,
+    ) -> Result<F::Output, Expired> {
+        tokio::pin!(attempt);
+        let per_try_limit = match (per_try, per_try_idle) {
+            (Some(a), Some(b)) => Some((a.min(b), b < a)),
+            (Some(a), None) => Some((a, false)),
+            (None, Some(b)) => Some((b, true)),
+            (None, None) => None,
+        };
+        let mut per_try_at = match (&self.request_end, per_try_limit) {
+            (None, Some((limit, _))) => Some(Instant::now() + limit),
+            _ => None,
+        };
+        loop {
+            let expired = async {
+                match self.timer.as_mut() {
+                    Some(timer) => timer.expired().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ended = async {
+                match &self.request_end {
+                    Some(end) => end.ended().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let per_try_expired = async {
+                match per_try_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                result = &mut attempt => return Ok(result),
+                timeout = expired => return Err(Expired::Stream(timeout)),
+                () = per_try_expired => {
+                    let idle = per_try_limit.is_some_and(|(_, idle)| idle);
+                    return Err(Expired::PerTry { idle });
+                }
+                () = ended => {
+                    self.start_route();
+                    if let Some((limit, _)) = per_try_limit {
+                        per_try_at = Some(Instant::now() + limit);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits out a back-off, unless the route runs out of time first.
+    async fn sleep(&mut self, back_off: Duration) -> Result<(), Expired> {
+        self.run(tokio::time::sleep(back_off), None, None).await
+    }
+
+    /// The local reply for a request whose timers ran out between attempts.
+    fn expired_reply(&self, expired: Expired, cluster: &Cluster, host: &Host) -> LocalReply {
+        let timeout = match expired {
+            Expired::Stream(timeout) => timeout,
+            Expired::PerTry { .. } => StreamTimeout::Route,
+        };
+        cluster.record_outcome(
+            host,
+            Outcome::Timeout {
+                route: timeout != StreamTimeout::Idle,
+            },
+        );
+        ProxyError::upstream(timeout.flag(), timeout.to_string()).into_router_reply()
+    }
+
+    /// The timer for the response body. A response that came before the request ended: its
+    /// route timeout starts now.
+    fn into_timer(mut self) -> Option<StreamTimer> {
+        if self.request_end.is_some() {
+            self.start_route();
+        }
+        self.timer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit() {
+        let mut headers = HeaderMap::new();
+        for (text, expected) in [
+            ("2S", Duration::from_secs(2)),
+            ("250m", Duration::from_millis(250)),
+            ("1M", Duration::from_secs(60)),
+            ("1H", Duration::from_secs(3600)),
+            ("7u", Duration::from_micros(7)),
+            ("9n", Duration::from_nanos(9)),
+        ] {
+            headers.insert(&GRPC_TIMEOUT, HeaderValue::from_static(text));
+            assert_eq!(grpc_timeout(&headers), Some(expected), "{text}");
+        }
+        for bad in ["", "S", "5", "123456789S", "5x"] {
+            headers.insert(&GRPC_TIMEOUT, HeaderValue::from_static(bad));
+            assert_eq!(grpc_timeout(&headers), None, "{bad}");
         }
     }
 }

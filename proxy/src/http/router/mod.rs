@@ -1,12 +1,15 @@
 //! The router: the terminal HTTP filter. It runs the chosen route's action — a direct
 //! response, a redirect, or forwarding upstream ([`forward`]) — and owns everything about the
-//! upstream call: cluster pick, rewrites, timeouts, upgrades.
+//! upstream call: cluster pick, rewrites, timeouts, upgrades, [`retry`] decisions and
+//! [`mirror`]ed copies.
 
 // A local reply is an error value that is also a response (headers included); it is built
 // only off the fast path, and boxing it would cost every such reply an allocation.
 #![allow(clippy::result_large_err)]
 
 mod forward;
+mod mirror;
+mod retry;
 
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;

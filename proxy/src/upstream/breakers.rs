@@ -1,0 +1,256 @@
+//! Circuit breakers: a cluster's limits on requests and retries in flight, one set per routing
+//! priority (a route with `priority: HIGH` counts against the HIGH thresholds, as in Envoy),
+//! and the `circuit_breakers.{default,high}.*` gauges Envoy shows for them. Connection and
+//! pending-request limits live with the connections ([`super::connect`], [`super::pool`]);
+//! the gauges read them there.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use crate::config::Thresholds;
+use crate::stats::Registry;
+
+/// A count in flight, held by [`Held`] slots.
+#[derive(Debug, Default)]
+struct InFlight(AtomicU64);
+
+impl InFlight {
+    fn try_take(self: &Arc<Self>, max: u64) -> Option<Held> {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Held(self.clone()))
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One request or retry in flight; gives its place back when dropped.
+#[derive(Debug)]
+pub struct Held(Arc<InFlight>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One priority's request and retry limits.
+#[derive(Debug)]
+pub struct Limits {
+    pub thresholds: Thresholds,
+    requests: Arc<InFlight>,
+    retries: Arc<InFlight>,
+}
+
+impl Limits {
+    fn new(thresholds: Thresholds) -> Self {
+        Limits {
+            thresholds,
+            requests: Arc::default(),
+            retries: Arc::default(),
+        }
+    }
+
+    /// A place under `max_requests`.
+    pub fn try_request(&self) -> Option<Held> {
+        self.requests
+            .try_take(u64::from(self.thresholds.max_requests))
+    }
+
+    /// A place for one retry: under the retry budget if there is one (a share of the requests
+    /// in flight, `pending` included), else under `max_retries`.
+    pub fn try_retry(&self, pending: u64) -> Option<Held> {
+        self.retries.try_take(self.max_retries(pending))
+    }
+
+    fn max_retries(&self, pending: u64) -> u64 {
+        match self.thresholds.retry_budget {
+            Some(budget) => budget.allowed(self.requests.get() + pending),
+            None => u64::from(self.thresholds.max_retries),
+        }
+    }
+}
+
+/// The cluster's limits for both priorities.
+#[derive(Debug)]
+pub struct Breakers {
+    pub default: Limits,
+    pub high: Limits,
+}
+
+/// What the connection side of one priority reports for the gauges: (open, max) connections
+/// and (pending, max) requests.
+pub type ConnectionReadings = dyn Fn() -> Option<((u64, u64), (u64, u64))> + Send + Sync;
+
+impl Breakers {
+    pub fn new(default: Thresholds, high: Thresholds) -> Arc<Self> {
+        Arc::new(Breakers {
+            default: Limits::new(default),
+            high: Limits::new(high),
+        })
+    }
+
+    pub fn for_priority(&self, high: bool) -> &Limits {
+        if high { &self.high } else { &self.default }
+    }
+
+    /// Registers `cluster.NAME.circuit_breakers.{default,high}.*`: the `*_open` gauges (1 while
+    /// a limit is reached) always, the `remaining_*` gauges when `track_remaining` is set, all
+    /// read when stats are shown (nothing is kept up to date per request).
+    pub fn register_gauges(
+        self: &Arc<Self>,
+        registry: &Registry,
+        cluster: &str,
+        connections: [Arc<ConnectionReadings>; 2],
+    ) {
+        for (high, name, readings) in [
+            (false, "default", connections[0].clone()),
+            (true, "high", connections[1].clone()),
+        ] {
+            let prefix = format!("cluster.{cluster}.circuit_breakers.{name}");
+            let breakers: Weak<Breakers> = Arc::downgrade(self);
+            let limits = move |read: &dyn Fn(&Limits, u64) -> u64| {
+                let breakers = breakers.upgrade()?;
+                let pending = readings().map_or(0, |(_, (pending, _))| pending);
+                Some(read(breakers.for_priority(high), pending))
+            };
+            let limits = Arc::new(limits);
+            let open = |at_limit: bool| u64::from(at_limit);
+            let gauge = |suffix: &str, read: Box<dyn Fn() -> u64 + Send + Sync>| {
+                registry.derived_gauge(format!("{prefix}.{suffix}"), read);
+            };
+            {
+                let limits = limits.clone();
+                gauge(
+                    "rq_open",
+                    Box::new(move || {
+                        limits(&|l, _| {
+                            open(l.requests.get() >= u64::from(l.thresholds.max_requests))
+                        })
+                        .unwrap_or(0)
+                    }),
+                );
+            }
+            {
+                let limits = limits.clone();
+                gauge(
+                    "rq_retry_open",
+                    Box::new(move || {
+                        limits(&|l, pending| open(l.retries.get() >= l.max_retries(pending)))
+                            .unwrap_or(0)
+                    }),
+                );
+            }
+            {
+                let readings = connections[usize::from(high)].clone();
+                gauge(
+                    "cx_open",
+                    Box::new(move || {
+                        readings().map_or(0, |((open_cx, max), _)| open(open_cx >= max))
+                    }),
+                );
+            }
+            {
+                let readings = connections[usize::from(high)].clone();
+                gauge(
+                    "rq_pending_open",
+                    Box::new(move || {
+                        readings().map_or(0, |(_, (pending, max))| open(pending >= max))
+                    }),
+                );
+            }
+            gauge("cx_pool_open", Box::new(|| 0));
+            let thresholds = self.for_priority(high).thresholds;
+            if !thresholds.track_remaining {
+                continue;
+            }
+            {
+                let limits = limits.clone();
+                gauge(
+                    "remaining_rq",
+                    Box::new(move || {
+                        limits(&|l, _| {
+                            u64::from(l.thresholds.max_requests).saturating_sub(l.requests.get())
+                        })
+                        .unwrap_or(0)
+                    }),
+                );
+            }
+            {
+                let limits = limits.clone();
+                gauge(
+                    "remaining_retries",
+                    Box::new(move || {
+                        limits(&|l, pending| l.max_retries(pending).saturating_sub(l.retries.get()))
+                            .unwrap_or(0)
+                    }),
+                );
+            }
+            {
+                let readings = connections[usize::from(high)].clone();
+                let max = u64::from(thresholds.max_connections);
+                gauge(
+                    "remaining_cx",
+                    Box::new(move || {
+                        readings().map_or(max, |((open_cx, max), _)| max.saturating_sub(open_cx))
+                    }),
+                );
+            }
+            {
+                let readings = connections[usize::from(high)].clone();
+                let max = u64::from(thresholds.max_pending_requests);
+                gauge(
+                    "remaining_pending",
+                    Box::new(move || {
+                        readings().map_or(max, |(_, (pending, max))| max.saturating_sub(pending))
+                    }),
+                );
+            }
+            gauge("remaining_cx_pools", Box::new(|| u64::from(u32::MAX)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryBudget;
+
+    #[test]
+    fn limits_admit_up_to_their_maximum_and_free_places_when_dropped() {
+        let limits = Limits::new(Thresholds {
+            max_requests: 2,
+            max_retries: 1,
+            ..Thresholds::default()
+        });
+        let a = limits.try_request().expect("first");
+        let _b = limits.try_request().expect("second");
+        assert!(limits.try_request().is_none(), "third is over");
+        drop(a);
+        assert!(limits.try_request().is_some(), "a place came back");
+        let _retry = limits.try_retry(0).expect("one retry");
+        assert!(limits.try_retry(0).is_none());
+    }
+
+    #[test]
+    fn a_retry_budget_scales_with_the_requests_in_flight() {
+        let limits = Limits::new(Thresholds {
+            retry_budget: Some(RetryBudget {
+                percent: 25.0,
+                min_concurrency: 1,
+            }),
+            ..Thresholds::default()
+        });
+        let _requests: Vec<Held> = (0..8).map(|_| limits.try_request().expect("rq")).collect();
+        // 25% of 8 in flight (plus 4 pending) = 3.
+        let _retries: Vec<Held> = (0..3)
+            .map(|_| limits.try_retry(4).expect("retry"))
+            .collect();
+        assert!(limits.try_retry(4).is_none());
+    }
+}
