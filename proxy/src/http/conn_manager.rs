@@ -374,6 +374,11 @@ async fn handle(
         entry.request.clear();
     }
     let (mut parts, body) = request.into_parts();
+    // A gRPC request gets local replies the gRPC way.
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
     let mut state = FilterState::default();
     let mut route: Option<Selected> = None;
     let mut request_id = None;
@@ -460,7 +465,11 @@ async fn handle(
                 entry.flags.insert(flag);
             }
             let from_router = reply.from_router;
-            let mut response = reply.into_response(&manager.server_header);
+            let mut response = if grpc {
+                reply.into_grpc_response(&manager.server_header)
+            } else {
+                reply.into_response(&manager.server_header)
+            };
             if from_router && let Some(selected) = &route {
                 let table = &selected.table;
                 headers::apply_levels(

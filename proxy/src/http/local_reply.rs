@@ -1,6 +1,7 @@
 //! Local replies: every response Remora makes itself (no route, no healthy upstream, timeouts,
 //! a filter's answer, a direct response or redirect) is a [`LocalReply`], turned into a
-//! response in one place, with Envoy's status, body, response flag and headers.
+//! response in one place, with Envoy's status, body, response flag and headers. A gRPC request
+//! gets it as gRPC does errors: a trailers-only answer with `grpc-status` and `grpc-message`.
 
 use std::borrow::Cow;
 
@@ -12,6 +13,8 @@ use crate::error::{ProxyError, ResponseFlag};
 use crate::http::body::ResponseBody;
 
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// A response made here rather than by an upstream.
 #[derive(Debug)]
@@ -26,6 +29,8 @@ pub struct LocalReply {
     pub headers: HeaderMap,
     /// Made by the router after a route was chosen: the route's response headers apply.
     pub from_router: bool,
+    /// The gRPC status a gRPC request gets, when not the one the HTTP status maps to.
+    pub grpc_status: Option<u32>,
 }
 
 impl LocalReply {
@@ -37,6 +42,7 @@ impl LocalReply {
             details: Cow::Borrowed(""),
             headers: HeaderMap::new(),
             from_router: false,
+            grpc_status: None,
         }
     }
 
@@ -72,6 +78,32 @@ impl LocalReply {
         reply
     }
 
+    /// The response for a gRPC request: 200, trailers-only, with the gRPC status (the HTTP
+    /// status mapped as gRPC maps it, unless the reply names one) and the body as message.
+    pub fn into_grpc_response(self, server: &HeaderValue) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let status = self
+            .grpc_status
+            .unwrap_or_else(|| grpc_status_for(self.status));
+        headers.insert(&GRPC_STATUS, HeaderValue::from(status));
+        if !self.body.is_empty() {
+            let text = String::from_utf8_lossy(&self.body);
+            if let Ok(message) = HeaderValue::from_str(&percent_encode(text.trim_end_matches('\n')))
+            {
+                headers.insert(&GRPC_MESSAGE, message);
+            }
+        }
+        headers.insert(header::SERVER, server.clone());
+        headers.extend(self.headers);
+        headers.remove(header::CONTENT_LENGTH);
+        response
+    }
+
     /// The response: the body as text, its length, the server header and the extra headers.
     pub fn into_response(self, server: &HeaderValue) -> Response<ResponseBody> {
         let mut response = Response::new(ResponseBody::full(self.body.clone()));
@@ -85,6 +117,31 @@ impl LocalReply {
         headers.extend(self.headers);
         response
     }
+}
+
+/// The gRPC status for an HTTP status, as the gRPC spec maps them.
+fn grpc_status_for(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII stays, except `%`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (b' '..=b'~').contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 impl From<ProxyError> for LocalReply {
