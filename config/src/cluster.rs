@@ -364,8 +364,14 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
             None => {}
         }
         if let Some(common) = common_http_protocol_options {
-            common_options =
-                common_http_options(&common, &field(&kpath, "common_http_protocol_options"))?;
+            let cpath = field(&kpath, "common_http_protocol_options");
+            common_options = common_http_options(&common, &cpath)?;
+            let max_stream_duration = common_options.max_stream_duration;
+            crate::unsupported_because!(
+                &cpath,
+                max_stream_duration,
+                "is not supported on clusters yet (the route's and the listener's are)"
+            );
         }
     }
     if http2.max_concurrent_streams.is_some() {

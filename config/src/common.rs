@@ -525,6 +525,8 @@ pub struct CommonHttpOptions {
     /// A connection unused this long is closed (Envoy's default 1 h; `None`: never).
     pub idle_timeout: Option<Duration>,
     pub max_headers_count: u32,
+    /// The longest a stream may last, response included (`None`: no bound).
+    pub max_stream_duration: Option<Duration>,
 }
 
 impl Default for CommonHttpOptions {
@@ -532,6 +534,7 @@ impl Default for CommonHttpOptions {
         CommonHttpOptions {
             idle_timeout: Some(Duration::from_secs(3600)),
             max_headers_count: 100,
+            max_stream_duration: None,
         }
     }
 }
@@ -553,7 +556,6 @@ pub fn common_http_options(
         path,
         max_connection_duration,
         max_response_headers_kb,
-        max_stream_duration,
         headers_with_underscores_action,
         max_requests_per_connection,
     );
@@ -564,6 +566,11 @@ pub fn common_http_options(
             Some(Duration::from_secs(3600)),
         )?,
         max_headers_count: max_headers_count.unwrap_or(100).max(1),
+        max_stream_duration: opt_duration(
+            max_stream_duration,
+            &field(path, "max_stream_duration"),
+        )?
+        .filter(|d| !d.is_zero()),
     })
 }
 

@@ -54,6 +54,8 @@ pub struct HttpConnectionManager {
     pub drain_timeout: Duration,
     pub max_request_headers_kb: u32,
     pub max_headers_count: u32,
+    /// `common_http_protocol_options.max_stream_duration`: how long a stream may last.
+    pub max_stream_duration: Option<Duration>,
     pub http1: Http1Options,
     pub http2: Http2Options,
     /// Upgrade types allowed by default (lower case).
@@ -238,6 +240,7 @@ pub fn http_connection_manager(
             None => 60,
         },
         max_headers_count: common.max_headers_count,
+        max_stream_duration: common.max_stream_duration,
         http1: http_protocol_options
             .as_ref()
             .map(|options| http1_options(options, &field(path, "http_protocol_options")))

@@ -14,10 +14,8 @@ pub enum Origin {
     Config,
 }
 
-/// Envoy's response flags (the subset Remora produces), declared in Envoy's order, which is
-/// the order access logs list several in.
+/// Envoy's response flags (the subset Remora produces).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum ResponseFlag {
     /// No healthy upstream host.
     NoHealthyUpstream,
@@ -27,6 +25,8 @@ pub enum ResponseFlag {
     UpstreamRemoteReset,
     /// Upstream connection failure.
     UpstreamConnectionFailure,
+    /// The upstream connection closed under the request.
+    UpstreamConnectionTermination,
     /// Upstream overflow (circuit breaker).
     UpstreamOverflow,
     /// No route configured.
@@ -53,6 +53,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamRequestTimeout => "UT",
             ResponseFlag::UpstreamRemoteReset => "UR",
             ResponseFlag::UpstreamConnectionFailure => "UF",
+            ResponseFlag::UpstreamConnectionTermination => "UC",
             ResponseFlag::UpstreamOverflow => "UO",
             ResponseFlag::NoRouteFound => "NR",
             ResponseFlag::DownstreamConnectionTermination => "DC",
@@ -64,34 +65,23 @@ impl ResponseFlag {
         }
     }
 
-    const ALL: [ResponseFlag; 12] = [
-        ResponseFlag::NoHealthyUpstream,
-        ResponseFlag::UpstreamRequestTimeout,
-        ResponseFlag::UpstreamRemoteReset,
-        ResponseFlag::UpstreamConnectionFailure,
-        ResponseFlag::UpstreamOverflow,
-        ResponseFlag::NoRouteFound,
-        ResponseFlag::DownstreamConnectionTermination,
-        ResponseFlag::UpstreamRetryLimitExceeded,
-        ResponseFlag::StreamIdleTimeout,
-        ResponseFlag::DownstreamProtocolError,
-        ResponseFlag::DurationTimeout,
-        ResponseFlag::NoClusterFound,
-    ];
-
     /// The status and body Envoy sends as a local reply for this flag.
     pub fn local_reply(self) -> (u16, &'static str) {
         match self {
             ResponseFlag::NoHealthyUpstream => (503, "no healthy upstream"),
             ResponseFlag::UpstreamConnectionFailure => (
                 503,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
             ),
             ResponseFlag::UpstreamOverflow => (
                 503,
                 "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             ),
             ResponseFlag::NoRouteFound => (404, ""),
+            ResponseFlag::UpstreamConnectionTermination => (
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            ),
             ResponseFlag::UpstreamRemoteReset | ResponseFlag::UpstreamRetryLimitExceeded => (
                 503,
                 "upstream connect error or disconnect/reset before headers. reset reason: remote reset",
@@ -106,34 +96,38 @@ impl ResponseFlag {
     }
 }
 
-/// The response flags one request collected (a failed last attempt and the exhausted retries
-/// before it, say), shown as Envoy shows them: `UF,URX`.
+/// The response flags one request collected (the retries it ran out of, then how its last
+/// attempt failed, say), shown as Envoy 1.40 shows them: in the order they were set (`URX,UF`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ResponseFlags(u32);
+pub struct ResponseFlags {
+    set: [Option<ResponseFlag>; 4],
+}
 
 impl ResponseFlags {
+    /// Adds a flag (once; beyond four, further ones are dropped).
     pub fn insert(&mut self, flag: ResponseFlag) {
-        self.0 |= 1 << flag as u8;
+        if self.contains(flag) {
+            return;
+        }
+        if let Some(slot) = self.set.iter_mut().find(|slot| slot.is_none()) {
+            *slot = Some(flag);
+        }
     }
 
     pub fn contains(self, flag: ResponseFlag) -> bool {
-        self.0 & (1 << flag as u8) != 0
+        self.set.contains(&Some(flag))
     }
 
     pub fn is_empty(self) -> bool {
-        self.0 == 0
+        self.set[0].is_none()
     }
 
-    /// Comma-separated codes in Envoy's order; `None` when there are none.
+    /// Comma-separated codes in the order set; `None` when there are none.
     pub fn render(self) -> Option<String> {
         if self.is_empty() {
             return None;
         }
-        let codes: Vec<&str> = ResponseFlag::ALL
-            .iter()
-            .filter(|flag| self.contains(**flag))
-            .map(|flag| flag.code())
-            .collect();
+        let codes: Vec<&str> = self.set.iter().flatten().map(|flag| flag.code()).collect();
         Some(codes.join(","))
     }
 }
@@ -199,11 +193,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn several_flags_show_in_envoys_order() {
+    fn several_flags_show_in_the_order_set() {
         let mut flags = ResponseFlags::default();
         assert_eq!(flags.render(), None);
         flags.insert(ResponseFlag::UpstreamRetryLimitExceeded);
         flags.insert(ResponseFlag::UpstreamConnectionFailure);
-        assert_eq!(flags.render().as_deref(), Some("UF,URX"));
+        flags.insert(ResponseFlag::UpstreamRetryLimitExceeded);
+        assert_eq!(flags.render().as_deref(), Some("URX,UF"));
     }
 }

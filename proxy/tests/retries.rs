@@ -42,9 +42,13 @@ struct Scenario {
     name: &'static str,
     route: &'static str,
     vhost: &'static str,
+    /// More YAML for the connection manager.
+    hcm: &'static str,
     cluster: &'static str,
     scripts: &'static [&'static [Step]],
     dead_hosts: usize,
+    /// Dead hosts in priority 0 and the scripted ones in priority 1 (else all in priority 0).
+    dead_in_priority_0: bool,
     mirror: Option<&'static [Step]>,
     requests: &'static [Req],
     stats: &'static [&'static str],
@@ -57,9 +61,11 @@ const BASE: Scenario = Scenario {
     name: "",
     route: "",
     vhost: "",
+    hcm: "",
     cluster: "",
     scripts: &[],
     dead_hosts: 0,
+    dead_in_priority_0: false,
     mirror: None,
     requests: &[GET],
     stats: &[
@@ -92,7 +98,15 @@ fn bootstrap(s: &Scenario, upstreams: &[u16], mirror: Option<u16>, dead: &[u16])
             "        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}\n"
         )
     };
-    let endpoints: String = upstreams.iter().chain(dead).map(endpoint).collect();
+    let endpoints: String = if s.dead_in_priority_0 {
+        format!(
+            "{}      - priority: 1\n        lb_endpoints:\n{}",
+            dead.iter().map(endpoint).collect::<String>(),
+            upstreams.iter().map(endpoint).collect::<String>()
+        )
+    } else {
+        upstreams.iter().chain(dead).map(endpoint).collect()
+    };
     let mirror_cluster = mirror
         .map(|port| {
             format!(
@@ -122,7 +136,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
-          access_log:
+{hcm}          access_log:
           - name: envoy.access_loggers.file
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
@@ -144,6 +158,7 @@ static_resources:
                   cluster: c
 {route}"#,
         cluster = s.cluster,
+        hcm = s.hcm,
         vhost = s.vhost,
         route = s.route,
     )
@@ -227,7 +242,14 @@ fn observe(
         stats: s
             .stats
             .iter()
-            .map(|name| (name.to_string(), stat(&format!("cluster.c.{name}"))))
+            .map(|name| {
+                let full = if name.contains('.') {
+                    name.to_string()
+                } else {
+                    format!("cluster.c.{name}")
+                };
+                (name.to_string(), stat(&full))
+            })
             .collect(),
     }
 }
@@ -497,6 +519,134 @@ fn grpc_timeout_sets_the_route_timeout_when_the_route_allows() {
             body: "",
         }],
         stats: &["upstream_rq_timeout"],
+        ..BASE
+    });
+}
+
+#[test]
+fn max_stream_duration_ends_the_stream_as_envoy_does() {
+    run(Scenario {
+        name: "connection manager max_stream_duration",
+        hcm: "          common_http_protocol_options: {max_stream_duration: 0.3s}\n",
+        scripts: &[&[SLOW]],
+        stats: &["http.ingress.downstream_rq_max_duration_reached"],
+        ..BASE
+    });
+    run(Scenario {
+        name: "route max_stream_duration overrides the connection manager's",
+        hcm: "          common_http_protocol_options: {max_stream_duration: 60s}\n",
+        route: "                  max_stream_duration: {max_stream_duration: 0.3s}\n",
+        scripts: &[&[SLOW]],
+        stats: &["http.ingress.downstream_rq_max_duration_reached"],
+        ..BASE
+    });
+    run(Scenario {
+        name: "grpc-timeout sets the stream's bound",
+        route: "                  max_stream_duration: {grpc_timeout_header_max: 0s}\n",
+        scripts: &[&[SLOW]],
+        requests: &[Req {
+            method: "POST",
+            path: "/pkg.Service/Method",
+            headers: &[
+                ("content-type", "application/grpc"),
+                ("grpc-timeout", "300m"),
+            ],
+            body: "",
+        }],
+        stats: &["http.ingress.downstream_rq_max_duration_reached"],
+        ..BASE
+    });
+}
+
+#[test]
+fn circuit_breaker_gauges_are_named_and_valued_as_envoys() {
+    if !envoy::available_or_skip("circuit breaker gauges") {
+        return;
+    }
+    let upstream = Scripted::start("u", &[Step::Status(200)]);
+    let s = Scenario {
+        cluster: "    circuit_breakers:\n      thresholds:\n      - {max_connections: 7, max_pending_requests: 5, max_requests: 9, max_retries: 2, track_remaining: true}\n      - {priority: HIGH, max_requests: 4, retry_budget: {budget_percent: {value: 25}, min_retry_concurrency: 1}, track_remaining: true}\n",
+        ..BASE
+    };
+    let template = bootstrap(&s, &[upstream.addr.port()], None, &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (admin_port, listener_port) = (free_port(), free_port());
+    let text = template
+        .replace("${ADMIN_PORT}", &admin_port.to_string())
+        .replace("${LISTENER_PORT}", &listener_port.to_string())
+        .replace("${LOG}", &dir.path().join("log").display().to_string());
+    let file = dir.path().join("bootstrap.yaml");
+    std::fs::write(&file, text).expect("write");
+    let admin = loopback(admin_port);
+    let gauges = |stats: String| -> Vec<String> {
+        let mut lines: Vec<String> = stats
+            .lines()
+            .filter(|line| line.starts_with("cluster.c.circuit_breakers."))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let from_envoy = {
+        let proxy = envoy::Envoy::start(&file, admin, &[]);
+        gauges(proxy.admin_get("/stats"))
+    };
+    let from_remora = {
+        let proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        gauges(
+            remora_tests::http_get(proxy.admin, "/stats")
+                .expect("stats")
+                .2,
+        )
+    };
+    assert!(!from_envoy.is_empty(), "Envoy shows circuit breaker gauges");
+    assert_eq!(from_remora, from_envoy);
+}
+
+#[test]
+fn previous_priorities_moves_a_retry_to_the_next_priority() {
+    let retry = |priority: &'static str| Scenario {
+        name: "previous_priorities",
+        route: priority,
+        scripts: &[&[Step::Status(200)]],
+        dead_hosts: 1,
+        dead_in_priority_0: true,
+        requests: &[GET, GET],
+        stats: &["upstream_rq_retry", "upstream_cx_connect_fail"],
+        ..BASE
+    };
+    // Without it, the retry goes back to the (dead) priority 0.
+    run(retry(
+        "                  retry_policy: {retry_on: connect-failure, num_retries: 1}\n",
+    ));
+    run(retry(
+        "                  retry_policy:\n                    retry_on: connect-failure\n                    num_retries: 1\n                    retry_priority: {name: envoy.retry_priorities.previous_priorities, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig, update_frequency: 1}}\n",
+    ));
+}
+
+#[test]
+fn failures_without_and_after_retries_read_as_envoys() {
+    run(Scenario {
+        name: "connect failure, no retry policy",
+        scripts: &[],
+        dead_hosts: 1,
+        ..BASE
+    });
+    run(Scenario {
+        name: "upstream closes the connection, no retry policy",
+        scripts: &[&[Step::Reset]],
+        ..BASE
+    });
+    run(Scenario {
+        name: "resets until the retries run out",
+        route: "                  retry_policy: {retry_on: reset, num_retries: 1}\n",
+        scripts: &[&[Step::Reset]],
+        ..BASE
+    });
+    run(Scenario {
+        name: "per-try timeouts until the retries run out",
+        route: "                  retry_policy: {retry_on: 5xx, num_retries: 1, per_try_timeout: 0.2s}\n",
+        scripts: &[&[SLOW]],
         ..BASE
     });
 }

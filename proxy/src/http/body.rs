@@ -224,6 +224,9 @@ pub enum StreamTimeout {
     /// The retry policy's per-try idle timeout (`upstream_rq_per_try_idle_timeout`, flag UT).
     #[error("upstream per try idle timeout")]
     PerTryIdle,
+    /// The stream's `max_stream_duration` (`downstream_rq_max_duration_reached`, flag DT).
+    #[error("downstream duration timeout")]
+    MaxDuration,
 }
 
 impl StreamTimeout {
@@ -233,6 +236,7 @@ impl StreamTimeout {
                 ResponseFlag::UpstreamRequestTimeout
             }
             StreamTimeout::Idle => ResponseFlag::StreamIdleTimeout,
+            StreamTimeout::MaxDuration => ResponseFlag::DurationTimeout,
         }
     }
 }
@@ -250,6 +254,8 @@ pub struct StreamTimer {
     idle_timeouts: Arc<Stat>,
     /// The per-try idle timeout and its counter, once the attempt that got headers runs on.
     per_try_idle: Option<(Duration, Arc<Stat>)>,
+    /// The end of the stream's `max_stream_duration`, and its counter.
+    max_duration: Option<(Instant, Arc<Stat>)>,
 }
 
 impl StreamTimer {
@@ -268,7 +274,47 @@ impl StreamTimer {
             route_timeouts: route_timeouts.clone(),
             idle_timeouts: idle_timeouts.clone(),
             per_try_idle: None,
+            max_duration: None,
         })
+    }
+
+    /// Bounds the stream by `max_stream_duration`, making a timer for it if the request had
+    /// none.
+    pub fn add_max_duration(
+        timer: Option<StreamTimer>,
+        end: Instant,
+        counter: &Arc<Stat>,
+        (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
+    ) -> StreamTimer {
+        let mut timer = timer.unwrap_or_else(|| StreamTimer {
+            sleep: Box::pin(tokio::time::sleep_until(end)),
+            deadline: None,
+            idle: None,
+            route_timeouts: route_timeouts.clone(),
+            idle_timeouts: idle_timeouts.clone(),
+            per_try_idle: None,
+            max_duration: None,
+        });
+        timer.max_duration = Some((end, counter.clone()));
+        timer.reset();
+        timer
+    }
+
+    /// The earliest of the route deadline and the stream's end.
+    fn hard_deadline(&self) -> Option<Instant> {
+        match (
+            self.deadline,
+            self.max_duration.as_ref().map(|(end, _)| *end),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Some(next) = Self::next(self.hard_deadline(), self.idle()) {
+            self.sleep.as_mut().reset(next);
+        }
     }
 
     fn next(deadline: Option<Instant>, idle: Option<Duration>) -> Option<Instant> {
@@ -301,6 +347,7 @@ impl StreamTimer {
             route_timeouts: route_timeouts.clone(),
             idle_timeouts: idle_timeouts.clone(),
             per_try_idle: None,
+            max_duration: None,
         });
         timer.per_try_idle = Some((idle, counter.clone()));
         timer.touch();
@@ -310,18 +357,13 @@ impl StreamTimer {
     /// Starts the route timeout now (it starts once the downstream request has ended).
     pub fn start_route(&mut self, timeout: Duration) {
         self.deadline = Some(Instant::now() + timeout);
-        if let Some(next) = Self::next(self.deadline, self.idle()) {
-            self.sleep.as_mut().reset(next);
-        }
+        self.reset();
     }
 
     /// Restarts the idle timeout: something moved.
     pub fn touch(&mut self) {
-        let idle = self.idle();
-        if idle.is_some()
-            && let Some(next) = Self::next(self.deadline, idle)
-        {
-            self.sleep.as_mut().reset(next);
+        if self.idle().is_some() {
+            self.reset();
         }
     }
 
@@ -334,8 +376,16 @@ impl StreamTimer {
         if self.sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        // The timer holds the earliest deadline, so it is the route's iff it reached it.
-        if self.deadline.is_some_and(|d| self.sleep.deadline() >= d) {
+        // The timer holds the earliest deadline, so it is the stream's or the route's iff it
+        // reached it.
+        let fired = self.sleep.deadline();
+        if let Some((end, counter)) = &self.max_duration
+            && fired >= *end
+        {
+            counter.inc();
+            return Poll::Ready(StreamTimeout::MaxDuration);
+        }
+        if self.deadline.is_some_and(|d| fired >= d) {
             self.route_timeouts.inc();
             return Poll::Ready(StreamTimeout::Route);
         }

@@ -4,7 +4,7 @@
 //! pending-request limits live with the connections ([`super::connect`], [`super::pool`]);
 //! the gauges read them there.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use crate::config::Thresholds;
@@ -45,6 +45,9 @@ pub struct Limits {
     pub thresholds: Thresholds,
     requests: Arc<InFlight>,
     retries: Arc<InFlight>,
+    /// A retry budget was consulted: Envoy's `remaining_retries` shows 0 from then on, since a
+    /// budget's room changes with every request.
+    budget_consulted: AtomicBool,
 }
 
 impl Limits {
@@ -53,6 +56,7 @@ impl Limits {
             thresholds,
             requests: Arc::default(),
             retries: Arc::default(),
+            budget_consulted: AtomicBool::new(false),
         }
     }
 
@@ -65,7 +69,19 @@ impl Limits {
     /// A place for one retry: under the retry budget if there is one (a share of the requests
     /// in flight, `pending` included), else under `max_retries`.
     pub fn try_retry(&self, pending: u64) -> Option<Held> {
+        if self.thresholds.retry_budget.is_some() {
+            self.budget_consulted.store(true, Ordering::Relaxed);
+        }
         self.retries.try_take(self.max_retries(pending))
+    }
+
+    /// `remaining_retries` as Envoy shows it.
+    fn remaining_retries(&self, pending: u64) -> u64 {
+        match self.thresholds.retry_budget {
+            Some(_) if self.budget_consulted.load(Ordering::Relaxed) => 0,
+            Some(_) => u64::from(self.thresholds.max_retries),
+            None => self.max_retries(pending).saturating_sub(self.retries.get()),
+        }
     }
 
     fn max_retries(&self, pending: u64) -> u64 {
@@ -186,8 +202,7 @@ impl Breakers {
                 gauge(
                     "remaining_retries",
                     Box::new(move || {
-                        limits(&|l, pending| l.max_retries(pending).saturating_sub(l.retries.get()))
-                            .unwrap_or(0)
+                        limits(&|l, pending| l.remaining_retries(pending)).unwrap_or(0)
                     }),
                 );
             }
@@ -211,7 +226,8 @@ impl Breakers {
                     }),
                 );
             }
-            gauge("remaining_cx_pools", Box::new(|| u64::from(u32::MAX)));
+            // `max_connection_pools` is unlimited: Envoy shows the largest counter value.
+            gauge("remaining_cx_pools", Box::new(|| u64::MAX));
         }
     }
 }

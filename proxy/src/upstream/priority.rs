@@ -60,6 +60,9 @@ pub struct PrioritySet {
     healthy_load: Vec<u32>,
     degraded_load: Vec<u32>,
     panic: Vec<bool>,
+    /// Each priority's availability (percent), kept for retries that leave priorities out.
+    healthy_availability: Vec<u32>,
+    degraded_availability: Vec<u32>,
 }
 
 /// What a pick found.
@@ -120,51 +123,33 @@ impl PrioritySet {
             healthy_load: vec![0; levels_count],
             degraded_load: vec![0; levels_count],
             panic,
+            healthy_availability,
+            degraded_availability,
         };
-        set.distribute(&healthy_availability, &degraded_availability);
+        set.distribute();
         set
     }
 
     /// Envoy's load split: healthy availability first, then degraded, normalised so the total
     /// is 100; no panic while the normalised total availability is 100; if every priority is
     /// in panic, load follows host counts.
-    fn distribute(&mut self, healthy: &[u32], degraded: &[u32]) {
+    fn distribute(&mut self) {
         let count = self.levels.len();
         if count == 0 {
             return;
         }
-        let total = healthy.iter().chain(degraded).sum::<u32>().min(100);
+        let total = self
+            .healthy_availability
+            .iter()
+            .chain(&self.degraded_availability)
+            .sum::<u32>()
+            .min(100);
         if total == 100 {
             self.panic.iter_mut().for_each(|p| *p = false);
         }
         if total > 0 {
-            let mut remaining = 100u32;
-            let mut first_healthy = None;
-            for (i, availability) in healthy.iter().enumerate() {
-                if first_healthy.is_none() && *availability > 0 {
-                    first_healthy = Some(i);
-                }
-                self.healthy_load[i] =
-                    remaining.min((availability * 100).checked_div(total).unwrap_or(0));
-                remaining -= self.healthy_load[i];
-            }
-            let mut first_degraded = None;
-            for (i, availability) in degraded.iter().enumerate() {
-                if first_degraded.is_none() && *availability > 0 {
-                    first_degraded = Some(i);
-                }
-                self.degraded_load[i] =
-                    remaining.min((availability * 100).checked_div(total).unwrap_or(0));
-                remaining -= self.degraded_load[i];
-            }
-            // Rounding leftovers go to the first healthy priority, else the first degraded one.
-            if remaining > 0 {
-                match (first_healthy, first_degraded) {
-                    (Some(i), _) => self.healthy_load[i] += remaining,
-                    (None, Some(i)) => self.degraded_load[i] += remaining,
-                    (None, None) => {}
-                }
-            }
+            (self.healthy_load, self.degraded_load) =
+                split_load(&self.healthy_availability, &self.degraded_availability);
         }
         if self.panic.iter().all(|p| *p) {
             // Total panic: load by host count, healthy or not.
@@ -203,6 +188,10 @@ impl PrioritySet {
         let (priority, source) = match self.levels.len() {
             0 => return None,
             1 if self.healthy_load[0] == 100 => (0, Source::Healthy),
+            _ if context.excluded_priorities != 0 => self.choose_priority_excluding(
+                context.excluded_priorities,
+                context.hash.unwrap_or_else(rand::random),
+            ),
             _ => self.choose_priority(context.hash.unwrap_or_else(rand::random)),
         };
         let level = &self.levels[priority];
@@ -220,22 +209,87 @@ impl PrioritySet {
     }
 
     fn choose_priority(&self, hash: u64) -> (usize, Source) {
-        let ticket = (hash % 100 + 1) as u32;
-        let mut acc = 0;
-        for (i, load) in self.healthy_load.iter().enumerate() {
-            acc += load;
-            if ticket <= acc {
-                return (i, Source::Healthy);
-            }
-        }
-        for (i, load) in self.degraded_load.iter().enumerate() {
-            acc += load;
-            if ticket <= acc {
-                return (i, Source::Degraded);
-            }
-        }
-        (0, Source::Healthy)
+        pick_priority(&self.healthy_load, &self.degraded_load, hash)
     }
+
+    /// A retry's priority when the priorities in `excluded` (a bit per priority) are left out:
+    /// their availability counts as none and the load is split again among the others (all
+    /// of them, if that leaves nothing), as Envoy's `previous_priorities` does.
+    fn choose_priority_excluding(&self, excluded: u64, hash: u64) -> (usize, Source) {
+        let without = |availability: &[u32]| -> Vec<u32> {
+            availability
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    if i < 64 && excluded & (1 << i) != 0 {
+                        0
+                    } else {
+                        *a
+                    }
+                })
+                .collect()
+        };
+        let healthy = without(&self.healthy_availability);
+        let degraded = without(&self.degraded_availability);
+        if healthy.iter().chain(&degraded).all(|a| *a == 0) {
+            return self.choose_priority(hash);
+        }
+        let (healthy_load, degraded_load) = split_load(&healthy, &degraded);
+        pick_priority(&healthy_load, &degraded_load, hash)
+    }
+}
+
+/// Splits 100% of the load over priorities by availability: healthy hosts first, highest
+/// priority first, then degraded ones; rounding leftovers go to the first healthy priority,
+/// else the first degraded one.
+fn split_load(healthy: &[u32], degraded: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let total = healthy.iter().chain(degraded).sum::<u32>().min(100);
+    let mut healthy_load = vec![0; healthy.len()];
+    let mut degraded_load = vec![0; degraded.len()];
+    let mut remaining = 100u32;
+    let mut first_healthy = None;
+    for (i, availability) in healthy.iter().enumerate() {
+        if first_healthy.is_none() && *availability > 0 {
+            first_healthy = Some(i);
+        }
+        healthy_load[i] = remaining.min((availability * 100).checked_div(total).unwrap_or(0));
+        remaining -= healthy_load[i];
+    }
+    let mut first_degraded = None;
+    for (i, availability) in degraded.iter().enumerate() {
+        if first_degraded.is_none() && *availability > 0 {
+            first_degraded = Some(i);
+        }
+        degraded_load[i] = remaining.min((availability * 100).checked_div(total).unwrap_or(0));
+        remaining -= degraded_load[i];
+    }
+    if remaining > 0 {
+        match (first_healthy, first_degraded) {
+            (Some(i), _) => healthy_load[i] += remaining,
+            (None, Some(i)) => degraded_load[i] += remaining,
+            (None, None) => {}
+        }
+    }
+    (healthy_load, degraded_load)
+}
+
+/// The priority a ticket (a hash, or random) falls on under the given load split.
+fn pick_priority(healthy_load: &[u32], degraded_load: &[u32], hash: u64) -> (usize, Source) {
+    let ticket = (hash % 100 + 1) as u32;
+    let mut acc = 0;
+    for (i, load) in healthy_load.iter().enumerate() {
+        acc += load;
+        if ticket <= acc {
+            return (i, Source::Healthy);
+        }
+    }
+    for (i, load) in degraded_load.iter().enumerate() {
+        acc += load;
+        if ticket <= acc {
+            return (i, Source::Degraded);
+        }
+    }
+    (0, Source::Healthy)
 }
 
 #[cfg(test)]

@@ -309,11 +309,28 @@ pub(super) async fn forward(
         );
     }
 
+    // The stream's bound: a `grpc-timeout` where the route lets it set the bound, else the
+    // route's `max_stream_duration`, else the connection manager's.
+    let max_duration = match (&forward.stream_duration.grpc, grpc_timeout(&parts.headers)) {
+        (Some(policy), Some(asked)) => Some(policy.apply(asked)),
+        _ => match forward.stream_duration.max {
+            Some(max) => Some(max),
+            None => hcm.max_stream_duration,
+        },
+    }
+    .filter(|d| !d.is_zero());
+
     // Attempts.
     let mut clock = Clock::new(
         route_timeout,
         forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
         request_end,
+        max_duration.map(|d| {
+            (
+                started + d,
+                &manager.stats.downstream_rq_max_duration_reached,
+            )
+        }),
         (
             &cluster.stats.upstream_rq_timeout,
             &manager.stats.downstream_rq_idle_timeout,
@@ -399,6 +416,7 @@ pub(super) async fn forward(
             &manager.stats.downstream_rq_timeout,
             &body_failed,
             timed_out.as_deref(),
+            attempt > 1,
         );
         // No retry policy, nothing to reconsider, or a body that outgrew its buffer and
         // cannot be sent again: this attempt's outcome is the request's.
@@ -465,7 +483,7 @@ pub(super) async fn forward(
     let (mut response, lease, host_active, _host) = match outcome {
         Ok(done) => done,
         Err(mut reply) => {
-            if forward.attempt_count_response {
+            if forward.attempt_count_response && reply.from_router {
                 reply
                     .headers
                     .insert(&X_ATTEMPT_COUNT, HeaderValue::from(attempt));
@@ -550,7 +568,22 @@ fn choose_again(
     tried: &[Arc<Host>],
     policy: &remora_config::retry::RetryPolicy,
 ) -> Option<Arc<Host>> {
-    let context = LbContext { tried, ..*context };
+    // `previous_priorities`: every `n` attempts, the priorities tried so far are left out.
+    let excluded_priorities = match policy.host_selection.previous_priorities_every {
+        Some(n) if n > 0 => {
+            let counted = tried.len() - tried.len() % n as usize;
+            tried[..counted]
+                .iter()
+                .filter(|host| host.priority < 64)
+                .fold(0u64, |mask, host| mask | 1 << host.priority)
+        }
+        _ => 0,
+    };
+    let context = LbContext {
+        tried,
+        excluded_priorities,
+        ..*context
+    };
     let mut host = cluster.choose(&context)?;
     if policy.host_selection.avoid_previous_hosts {
         for _ in 0..policy.host_selection.max_attempts {
@@ -586,16 +619,21 @@ fn classify(
     downstream_timeouts: &Stat,
     body_failed: &AtomicBool,
     timed_out: Option<&AtomicBool>,
+    retried: bool,
 ) -> (Considered, Result<Answer, LocalReply>) {
     let fail = |flag: ResponseFlag, detail: String| {
         Err(ProxyError::upstream(flag, detail).into_router_reply())
     };
+    let reset = |flag: ResponseFlag, reason: &str| Err(reset_reply(flag, reason, retried));
     match sent {
         Ok(Ok((response, lease))) => {
             let status = response.status().as_u16();
             cluster.stats.response(status);
             cluster.record_outcome(host, Outcome::Status(status));
             (Considered::Response, Ok((response, lease)))
+        }
+        Err(Expired::Stream(StreamTimeout::MaxDuration)) => {
+            (Considered::Never, Err(duration_timeout_reply()))
         }
         Err(Expired::Stream(timeout)) => {
             cluster.record_outcome(
@@ -627,16 +665,19 @@ fn classify(
         }
         Ok(Err(PoolError::Overflow)) => (
             Considered::Failure(Tried::Overflow),
-            fail(
-                ResponseFlag::UpstreamOverflow,
-                PoolError::Overflow.to_string(),
-            ),
+            reset(ResponseFlag::UpstreamOverflow, "overflow"),
         ),
-        Ok(Err(error @ PoolError::Connect(_))) => {
+        Ok(Err(PoolError::Connect(reason))) => {
             cluster.record_outcome(host, Outcome::ConnectFailed { http: true });
+            tracing::debug!(%reason, "upstream connect failed");
+            let reason = if reason.ends_with("connect timeout") {
+                "connection timeout"
+            } else {
+                "remote connection failure"
+            };
             (
                 Considered::Failure(Tried::ConnectFailure),
-                fail(ResponseFlag::UpstreamConnectionFailure, error.to_string()),
+                reset(ResponseFlag::UpstreamConnectionFailure, reason),
             )
         }
         Ok(Err(PoolError::Request(error))) => {
@@ -659,16 +700,76 @@ fn classify(
                 reply.details = "downstream request timeout".into();
                 return (Considered::Never, Err(reply));
             }
+            tracing::debug!(%error, "upstream request failed");
             let refused = refused_stream(&error);
+            // A stream the upstream reset (HTTP/2) is a remote reset; a connection that
+            // closed under the request, a connection termination (flag UC).
+            let (flag, reason) = match stream_reset(&error) {
+                Some(_) if refused => (
+                    ResponseFlag::UpstreamRemoteReset,
+                    "remote refused stream reset",
+                ),
+                Some(_) => (ResponseFlag::UpstreamRemoteReset, "remote reset"),
+                None => (
+                    ResponseFlag::UpstreamConnectionTermination,
+                    "connection termination",
+                ),
+            };
             (
                 Considered::Failure(Tried::Reset {
                     sent: !error.is_canceled(),
                     refused,
                 }),
-                fail(ResponseFlag::UpstreamRemoteReset, error.to_string()),
+                reset(flag, reason),
             )
         }
     }
+}
+
+/// Envoy 1.40's answer when a stream outlives its `max_stream_duration` before response
+/// headers: the connection manager's 504 (no route headers, no response flag in the access
+/// log), `DEADLINE_EXCEEDED` for gRPC.
+fn duration_timeout_reply() -> LocalReply {
+    let mut reply =
+        LocalReply::new(StatusCode::GATEWAY_TIMEOUT).with_body("downstream duration timeout");
+    reply.details = "max_duration_timeout".into();
+    reply.grpc_status = Some(4);
+    reply
+}
+
+/// Envoy's local reply when an attempt failed before response headers: 503 with the reset
+/// reason (after retries, "retried and the latest reset reason").
+fn reset_reply(flag: ResponseFlag, reason: &str, retried: bool) -> LocalReply {
+    let mut reply = LocalReply::new(StatusCode::SERVICE_UNAVAILABLE).with_body(format!(
+        "upstream connect error or disconnect/reset before headers. {}reset reason: {reason}",
+        if retried {
+            "retried and the latest "
+        } else {
+            ""
+        }
+    ));
+    reply.flag = Some(flag);
+    reply.details = format!("upstream_reset_before_response_started{{{reason}}}").into();
+    reply.from_router = true;
+    if flag == ResponseFlag::UpstreamOverflow {
+        reply.headers.insert(
+            HeaderName::from_static("x-envoy-overloaded"),
+            HeaderValue::from_static("true"),
+        );
+    }
+    reply
+}
+
+/// The HTTP/2 reset reason of a stream the upstream reset, if that is what failed.
+fn stream_reset(error: &hyper::Error) -> Option<h2::Reason> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            return h2.reason();
+        }
+        source = current.source();
+    }
+    None
 }
 
 /// Whether an HTTP/2 upstream refused the stream (REFUSED_STREAM): it never processed it.
@@ -709,14 +810,19 @@ impl<'s> Clock<'s> {
         route_timeout: Option<Duration>,
         idle: Option<Duration>,
         request_end: Option<Arc<RequestEnd>>,
+        max_duration: Option<(Instant, &Arc<Stat>)>,
         stats: (&'s Arc<Stat>, &'s Arc<Stat>),
     ) -> Self {
         let route_deadline = match request_end {
             None => route_timeout.map(|t| Instant::now() + t),
             Some(_) => None,
         };
+        let mut timer = StreamTimer::new(route_deadline, idle, stats.0, stats.1);
+        if let Some((end, counter)) = max_duration {
+            timer = Some(StreamTimer::add_max_duration(timer, end, counter, stats));
+        }
         Clock {
-            timer: StreamTimer::new(route_deadline, idle, stats.0, stats.1),
+            timer,
             request_end,
             route_timeout,
             idle,
@@ -807,6 +913,7 @@ impl<'s> Clock<'s> {
     /// The local reply for a request whose timers ran out between attempts.
     fn expired_reply(&self, expired: Expired, cluster: &Cluster, host: &Host) -> LocalReply {
         let timeout = match expired {
+            Expired::Stream(StreamTimeout::MaxDuration) => return duration_timeout_reply(),
             Expired::Stream(timeout) => timeout,
             Expired::PerTry { .. } => StreamTimeout::Route,
         };

@@ -23,6 +23,8 @@ pub struct LbContext<'a> {
     pub original_dst: Option<SocketAddr>,
     /// Hosts already tried for this request (retries avoid them when asked to).
     pub tried: &'a [Arc<Host>],
+    /// Priorities a retry leaves out (a bit per priority; `previous_priorities`).
+    pub excluded_priorities: u64,
 }
 
 /// A load-balancing policy: how to pick among a list of hosts.
