@@ -117,15 +117,16 @@ pub struct RouteMatcher {
     grpc: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum HeaderCheck {
     String(StringMatch),
     Present(bool),
     Range(i64, i64),
 }
 
-#[derive(Debug)]
-struct HeaderMatch {
+/// One `HeaderMatcher`, as routes and the fault filter use it.
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
     name: HeaderName,
     check: HeaderCheck,
     invert: bool,
@@ -452,6 +453,42 @@ fn compile_route(route: &route_pb::Route, path: &str, files: Files) -> ConfigRes
     })
 }
 
+/// One `HeaderMatcher` at `hpath`.
+pub fn header_matcher(h: &route_pb::HeaderMatcher, hpath: &str) -> ConfigResult<HeaderMatch> {
+    let route_pb::HeaderMatcher {
+        name,
+        invert_match,
+        treat_missing_header_as_empty,
+        header_match_specifier,
+    } = h;
+    use route_pb::header_matcher::HeaderMatchSpecifier as S;
+    let check = match header_match_specifier {
+        Some(S::ExactMatch(s)) => HeaderCheck::String(StringMatch::Exact(s.clone(), false)),
+        Some(S::PrefixMatch(s)) => HeaderCheck::String(StringMatch::Prefix(s.clone(), false)),
+        Some(S::SuffixMatch(s)) => HeaderCheck::String(StringMatch::Suffix(s.clone(), false)),
+        Some(S::ContainsMatch(s)) => HeaderCheck::String(StringMatch::Contains(s.clone(), false)),
+        Some(S::SafeRegexMatch(r)) => HeaderCheck::String(StringMatch::Regex(regex_matcher(
+            r,
+            &field(hpath, "safe_regex_match"),
+        )?)),
+        Some(S::StringMatch(s)) => {
+            HeaderCheck::String(string_matcher(s, &field(hpath, "string_match"))?)
+        }
+        Some(S::PresentMatch(p)) => HeaderCheck::Present(*p),
+        Some(S::RangeMatch(r)) => {
+            let xds_api::envoy::r#type::v3::Int64Range { start, end } = r;
+            HeaderCheck::Range(*start, *end)
+        }
+        None => HeaderCheck::Present(true),
+    };
+    Ok(HeaderMatch {
+        name: header_name(name, &field(hpath, "name"))?,
+        check,
+        invert: *invert_match,
+        treat_missing_as_empty: *treat_missing_header_as_empty,
+    })
+}
+
 fn route_matcher(m: &route_pb::RouteMatch, mpath: &str) -> ConfigResult<RouteMatcher> {
     let route_pb::RouteMatch {
         case_sensitive,
@@ -491,44 +528,11 @@ fn route_matcher(m: &route_pb::RouteMatch, mpath: &str) -> ConfigResult<RouteMat
             );
         }
     };
-    let mut header_matches = Vec::new();
-    for (i, h) in headers.iter().enumerate() {
-        let hpath = item(mpath, "headers", i);
-        let route_pb::HeaderMatcher {
-            name,
-            invert_match,
-            treat_missing_header_as_empty,
-            header_match_specifier,
-        } = h;
-        use route_pb::header_matcher::HeaderMatchSpecifier as S;
-        let check = match header_match_specifier {
-            Some(S::ExactMatch(s)) => HeaderCheck::String(StringMatch::Exact(s.clone(), false)),
-            Some(S::PrefixMatch(s)) => HeaderCheck::String(StringMatch::Prefix(s.clone(), false)),
-            Some(S::SuffixMatch(s)) => HeaderCheck::String(StringMatch::Suffix(s.clone(), false)),
-            Some(S::ContainsMatch(s)) => {
-                HeaderCheck::String(StringMatch::Contains(s.clone(), false))
-            }
-            Some(S::SafeRegexMatch(r)) => HeaderCheck::String(StringMatch::Regex(regex_matcher(
-                r,
-                &field(&hpath, "safe_regex_match"),
-            )?)),
-            Some(S::StringMatch(s)) => {
-                HeaderCheck::String(string_matcher(s, &field(&hpath, "string_match"))?)
-            }
-            Some(S::PresentMatch(p)) => HeaderCheck::Present(*p),
-            Some(S::RangeMatch(r)) => {
-                let xds_api::envoy::r#type::v3::Int64Range { start, end } = r;
-                HeaderCheck::Range(*start, *end)
-            }
-            None => HeaderCheck::Present(true),
-        };
-        header_matches.push(HeaderMatch {
-            name: header_name(name, &field(&hpath, "name"))?,
-            check,
-            invert: *invert_match,
-            treat_missing_as_empty: *treat_missing_header_as_empty,
-        });
-    }
+    let header_matches = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| header_matcher(h, &item(mpath, "headers", i)))
+        .collect::<ConfigResult<Vec<_>>>()?;
     let mut query = Vec::new();
     for (i, q) in query_parameters.iter().enumerate() {
         let qpath = item(mpath, "query_parameters", i);
@@ -975,7 +979,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 impl HeaderMatch {
-    fn matches(&self, headers: &HeaderMap) -> bool {
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
         let mut values = headers.get_all(&self.name).iter();
         let joined;
         let value: &str = match values.next() {

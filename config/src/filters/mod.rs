@@ -6,9 +6,13 @@
 //! its behaviour in the proxy's `http/filters/NAME.rs` with one line there.
 
 pub mod cors;
+pub mod fault;
+pub mod local_ratelimit;
 pub mod router;
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use xds_api::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
 
@@ -27,6 +31,8 @@ pub struct HttpFilter {
 #[derive(Debug, Clone)]
 pub enum FilterConfig {
     Cors(cors::CorsFilter),
+    Fault(Arc<fault::Fault>),
+    LocalRateLimit(Arc<local_ratelimit::LocalRateLimit>),
     Router(router::Router),
 }
 
@@ -34,16 +40,61 @@ pub enum FilterConfig {
 #[derive(Debug, Clone)]
 pub enum PerRouteConfig {
     Cors(cors::CorsPolicy),
+    Fault(Arc<fault::Fault>),
+    LocalRateLimit(Arc<local_ratelimit::LocalRateLimit>),
+}
+
+/// State the proxy attaches to a config at first use (a per-route token bucket and its
+/// stats). It lives as long as the config that holds it, a route table for a per-route config,
+/// as Envoy's per-route objects do; clones share it.
+#[derive(Clone, Default)]
+pub struct Attached(Arc<OnceLock<Box<dyn Any + Send + Sync>>>);
+
+impl Attached {
+    /// The attached value, made by `init` on first use; `None` if a value of another type is
+    /// attached.
+    pub fn get_or_init<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.0.get_or_init(|| Box::new(init())).downcast_ref::<T>()
+    }
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Attached(set)"
+        } else {
+            "Attached(unset)"
+        })
+    }
 }
 
 /// The per-route configs of one level (route, virtual host or route configuration), by filter
 /// name. Few per level, so a list.
 pub type PerFilterConfigs = Vec<(String, PerRouteConfig)>;
 
+/// The filter configs Remora reads, for error messages.
+const FILTER_TYPE_URLS: [&str; 4] = [
+    cors::TYPE_URL,
+    fault::TYPE_URL,
+    local_ratelimit::TYPE_URL,
+    router::TYPE_URL,
+];
+
+/// The per-route configs Remora reads, for error messages.
+const PER_ROUTE_TYPE_URLS: [&str; 3] = [
+    cors::POLICY_TYPE_URL,
+    fault::TYPE_URL,
+    local_ratelimit::TYPE_URL,
+];
+
 /// The catalog: a filter's config by its type URL; `None` for a type Remora does not know.
 fn catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<FilterConfig>> {
     Some(match any.type_url.as_str() {
         cors::TYPE_URL => cors::filter(any, path).map(FilterConfig::Cors),
+        fault::TYPE_URL => fault::fault(any, path).map(|f| FilterConfig::Fault(Arc::new(f))),
+        local_ratelimit::TYPE_URL => {
+            local_ratelimit::filter(any, path).map(|l| FilterConfig::LocalRateLimit(Arc::new(l)))
+        }
         router::TYPE_URL => router::router(any, path).map(FilterConfig::Router),
         _ => return None,
     })
@@ -53,6 +104,9 @@ fn catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<FilterConf
 fn per_route_catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<PerRouteConfig>> {
     Some(match any.type_url.as_str() {
         cors::POLICY_TYPE_URL => cors::per_route(any, path).map(PerRouteConfig::Cors),
+        fault::TYPE_URL => fault::fault(any, path).map(|f| PerRouteConfig::Fault(Arc::new(f))),
+        local_ratelimit::TYPE_URL => local_ratelimit::per_route(any, path)
+            .map(|l| PerRouteConfig::LocalRateLimit(Arc::new(l))),
         _ => return None,
     })
 }
@@ -62,6 +116,7 @@ fn implied_type_url(name: &str) -> Option<&'static str> {
     match name {
         "envoy.filters.http.router" => Some(router::TYPE_URL),
         "envoy.filters.http.cors" => Some(cors::TYPE_URL),
+        "envoy.filters.http.fault" => Some(fault::TYPE_URL),
         _ => None,
     }
 }
@@ -101,7 +156,7 @@ pub fn http_filters(filters: &[hcm_pb::HttpFilter], path: &str) -> ConfigResult<
                     fpath,
                     format!(
                         "http filter {name:?} is not supported ({type_url}; Remora has {})",
-                        [cors::TYPE_URL, router::TYPE_URL]
+                        FILTER_TYPE_URLS
                             .map(xds_api::type_urls::message_name)
                             .join(", ")
                     ),
@@ -155,7 +210,9 @@ pub fn per_filter_configs(
                     format!(
                         "per-route config of type {:?} is not supported (Remora reads: {})",
                         any.type_url,
-                        xds_api::type_urls::message_name(cors::POLICY_TYPE_URL)
+                        PER_ROUTE_TYPE_URLS
+                            .map(xds_api::type_urls::message_name)
+                            .join(", ")
                     ),
                 );
             }
