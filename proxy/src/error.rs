@@ -37,6 +37,12 @@ pub enum ResponseFlag {
     StreamIdleTimeout,
     /// The downstream broke the protocol (a malformed request or body).
     DownstreamProtocolError,
+    /// The fault filter delayed the request (it then went on, or was aborted).
+    DelayInjected,
+    /// The fault filter answered in place of the upstream.
+    FaultInjected,
+    /// The local rate limit filter refused the request.
+    RateLimited,
 }
 
 impl ResponseFlag {
@@ -53,6 +59,9 @@ impl ResponseFlag {
             ResponseFlag::NoClusterFound => "NC",
             ResponseFlag::StreamIdleTimeout => "SI",
             ResponseFlag::DownstreamProtocolError => "DPE",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::RateLimited => "RL",
         }
     }
 
@@ -78,6 +87,10 @@ impl ResponseFlag {
             ResponseFlag::NoClusterFound => (503, ""),
             ResponseFlag::StreamIdleTimeout => (504, "stream timeout"),
             ResponseFlag::DownstreamProtocolError => (400, "Bad Request"),
+            // A delay is no answer of its own; the filters make their replies themselves.
+            ResponseFlag::DelayInjected => (200, ""),
+            ResponseFlag::FaultInjected => (503, "fault filter abort"),
+            ResponseFlag::RateLimited => (429, "local_rate_limited"),
         }
     }
 

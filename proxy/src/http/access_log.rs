@@ -38,7 +38,10 @@ pub struct Entry {
     pub path: String,
     pub authority: String,
     pub status: u16,
+    /// The failure's response flag (a local reply's, or a timeout's).
     pub flag: Option<&'static str>,
+    /// Flags HTTP filters set before it (a fault delay), in the order set.
+    pub filter_flags: Vec<&'static str>,
     pub response: HeaderMap,
     pub bytes_received: Arc<std::sync::atomic::AtomicU64>,
     pub bytes_sent: u64,
@@ -70,6 +73,7 @@ impl Entry {
                 .unwrap_or_default(),
             status: 0,
             flag: None,
+            filter_flags: Vec::new(),
             response: HeaderMap::new(),
             bytes_received: Arc::default(),
             bytes_sent: 0,
@@ -320,6 +324,22 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
     }
 }
 
+/// `%RESPONSE_FLAGS%`: every flag in the order set, comma-separated, or `-`.
+fn push_flags(line: &mut String, entry: &Entry) {
+    let flags = entry.filter_flags.iter().copied().chain(entry.flag);
+    let mut any = false;
+    for flag in flags {
+        if any {
+            line.push(',');
+        }
+        line.push_str(flag);
+        any = true;
+    }
+    if !any {
+        line.push('-');
+    }
+}
+
 fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
     let mut line = String::with_capacity(256);
     for token in format {
@@ -344,7 +364,7 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
             Token::ResponseCode => {
                 let _ = write!(line, "{}", entry.status);
             }
-            Token::ResponseFlags => line.push_str(entry.flag.unwrap_or("-")),
+            Token::ResponseFlags => push_flags(&mut line, entry),
             Token::BytesReceived => {
                 let received = entry
                     .bytes_received

@@ -3,21 +3,136 @@
 //! terminal stage, in `http::router`.
 
 mod cors;
+mod fault;
+mod local_ratelimit;
 
 use std::sync::Arc;
 
-use remora_config::filters::{FilterConfig, HttpFilter as FilterSpec};
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use remora_config::filters::{FilterConfig, HttpFilter as FilterSpec, PerRouteConfig};
 
-use crate::http::filter::{FilterChain, HttpFilter};
+use crate::error::ResponseFlag;
+use crate::http::filter::{FilterChain, HttpFilter, Stream};
+use crate::http::local_reply::LocalReply;
+use crate::stats::Registry;
 
-/// The runtime filters of an HCM's `http_filters`, in order, without the router.
-pub fn build(specs: &[FilterSpec]) -> FilterChain {
+/// The runtime filters of an HCM's `http_filters`, in order, without the router. Filters
+/// register their stats in `registry`; `stat_prefix` is the HCM's.
+pub fn build(specs: &[FilterSpec], registry: &Arc<Registry>, stat_prefix: &str) -> FilterChain {
     let mut filters: Vec<Arc<dyn HttpFilter>> = Vec::new();
     for spec in specs {
         match &spec.config {
             FilterConfig::Cors(_) => filters.push(Arc::new(cors::Cors::new(&spec.name))),
+            FilterConfig::Fault(config) => filters.push(Arc::new(fault::Fault::new(
+                &spec.name,
+                config.clone(),
+                registry.clone(),
+                stat_prefix,
+            ))),
+            FilterConfig::LocalRateLimit(config) => filters.push(Arc::new(
+                local_ratelimit::LocalRateLimit::new(&spec.name, config.clone(), registry.clone()),
+            )),
             FilterConfig::Router(_) => {}
         }
     }
     FilterChain::new(filters)
+}
+
+/// The most specific per-route config of filter `name` (route, virtual host, route
+/// configuration) that `pick` accepts, as Envoy resolves a filter's per-route config.
+fn most_specific<'a, T>(
+    stream: &Stream<'a>,
+    name: &str,
+    pick: impl Fn(&'a PerRouteConfig) -> Option<&'a T>,
+) -> Option<&'a T> {
+    stream.per_route(name).into_iter().flatten().find_map(pick)
+}
+
+/// The first value of a request header as an unsigned number, read as Envoy reads its
+/// numeric control headers (spaces around it and a leading `+` allowed); `None` when absent or
+/// not a number.
+fn header_number(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
+    let value = headers.get(name)?.to_str().ok()?.trim_matches([' ', '\t']);
+    let digits = value.strip_prefix('+').unwrap_or(value);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Whether a share in millionths takes this request.
+fn sampled(per_million: u32) -> bool {
+    match per_million {
+        0 => false,
+        n if n >= 1_000_000 => true,
+        n => rand::random_range(0..1_000_000) < n,
+    }
+}
+
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// The gRPC status Envoy gives a local reply to a gRPC request for an HTTP status.
+fn grpc_status_for(status: StatusCode) -> u64 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// A filter's local reply as Envoy sends it: `body` as text, or, to a gRPC request, status
+/// 200 with `grpc-status` (`grpc_status`, else one mapped from `status`) and `grpc-message`.
+fn filter_reply(
+    status: StatusCode,
+    body: &'static str,
+    flag: ResponseFlag,
+    grpc_request: bool,
+    grpc_status: Option<u64>,
+) -> LocalReply {
+    let mut reply = if grpc_request {
+        let mut reply = LocalReply::new(StatusCode::OK);
+        let code = grpc_status.unwrap_or_else(|| grpc_status_for(status));
+        reply.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        reply.headers.insert(&GRPC_STATUS, HeaderValue::from(code));
+        reply
+            .headers
+            .insert(&GRPC_MESSAGE, HeaderValue::from_static(body));
+        reply
+    } else {
+        LocalReply::new(status).with_body(Bytes::from_static(body.as_bytes()))
+    };
+    reply.flag = Some(flag);
+    reply.details = body.into();
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_header_numbers_are_read_as_envoy_reads_them() {
+        let name = HeaderName::from_static("x-n");
+        let read = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(&name, HeaderValue::from_str(value).unwrap());
+            header_number(&headers, &name)
+        };
+        assert_eq!(read("250"), Some(250));
+        assert_eq!(read(" +7 "), Some(7));
+        assert_eq!(read("-1"), None);
+        assert_eq!(read("1.5"), None);
+        assert_eq!(read(""), None);
+        assert_eq!(read("99999999999999999999999"), None);
+        assert_eq!(header_number(&HeaderMap::new(), &name), None);
+    }
 }
