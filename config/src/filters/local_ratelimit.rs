@@ -256,6 +256,17 @@ local_rate_limit_per_downstream_connection: true
     }
 
     #[test]
+    fn route_rate_limit_actions_are_unknown_fields() {
+        // `rate_limits` (route RateLimit actions) is left out of our proto: the file's reader
+        // names it.
+        let error = xds_api::json::from_yaml_str::<lrl_pb::LocalRateLimit>(
+            "stat_prefix: s\nrate_limits: [{actions: [{remote_address: {}}]}]",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("rate_limits"), "{error}");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let bucket = "token_bucket: {max_tokens: 1, fill_interval: 1s}";
         let cases = [

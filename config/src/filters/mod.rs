@@ -116,7 +116,6 @@ fn implied_type_url(name: &str) -> Option<&'static str> {
     match name {
         "envoy.filters.http.router" => Some(router::TYPE_URL),
         "envoy.filters.http.cors" => Some(cors::TYPE_URL),
-        "envoy.filters.http.fault" => Some(fault::TYPE_URL),
         _ => None,
     }
 }
@@ -227,4 +226,75 @@ pub fn find<'a>(configs: &'a PerFilterConfigs, name: &str) -> Option<&'a PerRout
         .iter()
         .find(|(key, _)| key == name)
         .map(|(_, config)| config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(yaml: &str) -> ConfigResult<Vec<HttpFilter>> {
+        let hcm: hcm_pb::HttpConnectionManager = xds_api::json::from_yaml_str(yaml).expect("yaml");
+        http_filters(&hcm.http_filters, "hcm")
+    }
+
+    #[test]
+    fn fault_and_local_rate_limit_filters_join_the_chain() {
+        let filters = chain(
+            r#"
+http_filters:
+- name: envoy.filters.http.fault
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+    abort: {http_status: 503, percentage: {numerator: 1}}
+- name: envoy.filters.http.local_ratelimit
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+    stat_prefix: rl
+- name: envoy.filters.http.router
+  typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+"#,
+        )
+        .unwrap();
+        assert!(matches!(filters[0].config, FilterConfig::Fault(_)));
+        assert!(matches!(filters[1].config, FilterConfig::LocalRateLimit(_)));
+        // As Envoy 1.40: the fault filter needs its typed_config.
+        let error = chain(
+            "http_filters: [{name: envoy.filters.http.fault}, {name: envoy.filters.http.router}]",
+        )
+        .unwrap_err();
+        assert_eq!(error.path, "hcm.http_filters[0]");
+    }
+
+    #[test]
+    fn per_route_configs_are_read_and_their_errors_named() {
+        let any = |yaml: &str| -> prost_types::Any {
+            let value: xds_api::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit =
+                xds_api::json::from_yaml_str(yaml).expect("yaml");
+            xds_api::any::pack(&value)
+        };
+        let mut configs = HashMap::new();
+        configs.insert(
+            "rl".to_string(),
+            any("stat_prefix: r\ntoken_bucket: {max_tokens: 1, fill_interval: 1s}"),
+        );
+        let read = per_filter_configs(&configs, "route").unwrap();
+        assert!(matches!(
+            find(&read, "rl"),
+            Some(PerRouteConfig::LocalRateLimit(_))
+        ));
+        configs.insert("rl".to_string(), any("stat_prefix: r"));
+        let error = per_filter_configs(&configs, "route").unwrap_err();
+        assert_eq!(
+            error.path,
+            r#"route.typed_per_filter_config["rl"].token_bucket"#
+        );
+        configs.insert(
+            "rl".to_string(),
+            xds_api::any::pack(
+                &xds_api::envoy::extensions::filters::http::router::v3::Router::default(),
+            ),
+        );
+        let error = per_filter_configs(&configs, "route").unwrap_err();
+        assert!(error.reason.contains("HTTPFault"), "{error}");
+    }
 }
