@@ -1,7 +1,8 @@
 //! End-to-end: the fault and local rate limit filters where the differential corpora cannot
 //! reach, run under real Envoy and under remora-proxy with the same bootstrap: a client that
 //! goes away during an injected delay leaves nothing active behind, `max_active_faults` lets
-//! requests through once reached, and a rate limit bucket shared by all workers hands out
+//! requests through once reached (and a delay holds no worker: another request on the one
+//! worker is answered meanwhile), and a rate limit bucket shared by all workers hands out
 //! exactly its tokens to a concurrent burst.
 
 mod common;
@@ -52,11 +53,13 @@ static_resources:
     )
 }
 
-/// Runs `exercise` against the same bootstrap under Envoy, then under remora-proxy, and
-/// returns what each saw (Envoy's `None` when it is not installed and not required).
+/// Runs `exercise` against the same bootstrap under Envoy, then under remora-proxy with
+/// `workers` workers, and returns what each saw (Envoy's `None` when it is not installed and
+/// not required).
 fn under_both<T>(
     test: &str,
     http_filters: &str,
+    workers: &str,
     exercise: impl Fn(SocketAddr, SocketAddr) -> T,
 ) -> (Option<T>, T) {
     let upstream = EchoServer::start("a", "127.0.0.1");
@@ -71,7 +74,7 @@ fn under_both<T>(
         exercise(admin, listener)
     });
     let remora_saw = {
-        let _proxy = Proxy::start_file(&file, admin, &[]);
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", workers]);
         wait_for_port(listener, Duration::from_secs(20));
         exercise(admin, listener)
     };
@@ -111,6 +114,7 @@ fn a_client_gone_during_a_delay_leaves_no_active_fault_or_request() {
     let (envoy_saw, remora_saw) = under_both(
         "a_client_gone_during_a_delay_leaves_no_active_fault_or_request",
         HEADER_FAULTS,
+        "2",
         |admin, listener| {
             // A minute's delay: it must end with the client, long before the timer would.
             let held = send_and_hold(listener, "x-envoy-fault-delay-request: 60000\r\n");
@@ -137,6 +141,8 @@ fn max_active_faults_lets_requests_through_once_reached() {
     let (envoy_saw, remora_saw) = under_both(
         "max_active_faults_lets_requests_through_once_reached",
         HEADER_FAULTS,
+        // One worker: the request answered during the delay shows the delay holds none.
+        "1",
         |admin, listener| {
             let abort = [("x-envoy-fault-abort-request", "503")];
             let held = send_and_hold(listener, "x-envoy-fault-delay-request: 60000\r\n");
@@ -174,6 +180,7 @@ fn a_concurrent_burst_gets_exactly_the_buckets_tokens() {
     let (envoy_saw, remora_saw) = under_both(
         "a_concurrent_burst_gets_exactly_the_buckets_tokens",
         &filters,
+        "2",
         |admin, listener| {
             // Bounded: REQUESTS in all, spread over CLIENTS threads (and so over workers).
             let statuses: Vec<u16> = std::thread::scope(|scope| {
