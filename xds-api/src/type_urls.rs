@@ -21,6 +21,11 @@ pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.rout
 pub const CORS: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors";
 pub const CORS_POLICY: &str =
     "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
+/// The fault filter's config, also its per-route config.
+pub const FAULT: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+/// The local rate limit filter's config, also its per-route config.
+pub const LOCAL_RATE_LIMIT: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 pub const DOWNSTREAM_TLS_CONTEXT: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 pub const UPSTREAM_TLS_CONTEXT: &str =

@@ -6,9 +6,13 @@
 //! its behaviour in the proxy's `http/filters/NAME.rs` with one line there.
 
 pub mod cors;
+pub mod fault;
+pub mod local_ratelimit;
 pub mod router;
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use xds_api::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
 
@@ -27,6 +31,8 @@ pub struct HttpFilter {
 #[derive(Debug, Clone)]
 pub enum FilterConfig {
     Cors(cors::CorsFilter),
+    Fault(Arc<fault::Fault>),
+    LocalRateLimit(Arc<local_ratelimit::LocalRateLimit>),
     Router(router::Router),
 }
 
@@ -34,16 +40,61 @@ pub enum FilterConfig {
 #[derive(Debug, Clone)]
 pub enum PerRouteConfig {
     Cors(cors::CorsPolicy),
+    Fault(Arc<fault::Fault>),
+    LocalRateLimit(Arc<local_ratelimit::LocalRateLimit>),
+}
+
+/// State the proxy attaches to a config at first use (a per-route token bucket and its
+/// stats). It lives as long as the config that holds it, a route table for a per-route config,
+/// as Envoy's per-route objects do; clones share it.
+#[derive(Clone, Default)]
+pub struct Attached(Arc<OnceLock<Box<dyn Any + Send + Sync>>>);
+
+impl Attached {
+    /// The attached value, made by `init` on first use; `None` if a value of another type is
+    /// attached.
+    pub fn get_or_init<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.0.get_or_init(|| Box::new(init())).downcast_ref::<T>()
+    }
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Attached(set)"
+        } else {
+            "Attached(unset)"
+        })
+    }
 }
 
 /// The per-route configs of one level (route, virtual host or route configuration), by filter
 /// name. Few per level, so a list.
 pub type PerFilterConfigs = Vec<(String, PerRouteConfig)>;
 
+/// The filter configs Remora reads, for error messages.
+const FILTER_TYPE_URLS: [&str; 4] = [
+    cors::TYPE_URL,
+    fault::TYPE_URL,
+    local_ratelimit::TYPE_URL,
+    router::TYPE_URL,
+];
+
+/// The per-route configs Remora reads, for error messages.
+const PER_ROUTE_TYPE_URLS: [&str; 3] = [
+    cors::POLICY_TYPE_URL,
+    fault::TYPE_URL,
+    local_ratelimit::TYPE_URL,
+];
+
 /// The catalog: a filter's config by its type URL; `None` for a type Remora does not know.
 fn catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<FilterConfig>> {
     Some(match any.type_url.as_str() {
         cors::TYPE_URL => cors::filter(any, path).map(FilterConfig::Cors),
+        fault::TYPE_URL => fault::fault(any, path).map(|f| FilterConfig::Fault(Arc::new(f))),
+        local_ratelimit::TYPE_URL => {
+            local_ratelimit::filter(any, path).map(|l| FilterConfig::LocalRateLimit(Arc::new(l)))
+        }
         router::TYPE_URL => router::router(any, path).map(FilterConfig::Router),
         _ => return None,
     })
@@ -53,6 +104,9 @@ fn catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<FilterConf
 fn per_route_catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<PerRouteConfig>> {
     Some(match any.type_url.as_str() {
         cors::POLICY_TYPE_URL => cors::per_route(any, path).map(PerRouteConfig::Cors),
+        fault::TYPE_URL => fault::fault(any, path).map(|f| PerRouteConfig::Fault(Arc::new(f))),
+        local_ratelimit::TYPE_URL => local_ratelimit::per_route(any, path)
+            .map(|l| PerRouteConfig::LocalRateLimit(Arc::new(l))),
         _ => return None,
     })
 }
@@ -101,7 +155,7 @@ pub fn http_filters(filters: &[hcm_pb::HttpFilter], path: &str) -> ConfigResult<
                     fpath,
                     format!(
                         "http filter {name:?} is not supported ({type_url}; Remora has {})",
-                        [cors::TYPE_URL, router::TYPE_URL]
+                        FILTER_TYPE_URLS
                             .map(xds_api::type_urls::message_name)
                             .join(", ")
                     ),
@@ -155,7 +209,9 @@ pub fn per_filter_configs(
                     format!(
                         "per-route config of type {:?} is not supported (Remora reads: {})",
                         any.type_url,
-                        xds_api::type_urls::message_name(cors::POLICY_TYPE_URL)
+                        PER_ROUTE_TYPE_URLS
+                            .map(xds_api::type_urls::message_name)
+                            .join(", ")
                     ),
                 );
             }
@@ -170,4 +226,75 @@ pub fn find<'a>(configs: &'a PerFilterConfigs, name: &str) -> Option<&'a PerRout
         .iter()
         .find(|(key, _)| key == name)
         .map(|(_, config)| config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(yaml: &str) -> ConfigResult<Vec<HttpFilter>> {
+        let hcm: hcm_pb::HttpConnectionManager = xds_api::json::from_yaml_str(yaml).expect("yaml");
+        http_filters(&hcm.http_filters, "hcm")
+    }
+
+    #[test]
+    fn fault_and_local_rate_limit_filters_join_the_chain() {
+        let filters = chain(
+            r#"
+http_filters:
+- name: envoy.filters.http.fault
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+    abort: {http_status: 503, percentage: {numerator: 1}}
+- name: envoy.filters.http.local_ratelimit
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+    stat_prefix: rl
+- name: envoy.filters.http.router
+  typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+"#,
+        )
+        .unwrap();
+        assert!(matches!(filters[0].config, FilterConfig::Fault(_)));
+        assert!(matches!(filters[1].config, FilterConfig::LocalRateLimit(_)));
+        // As Envoy 1.40: the fault filter needs its typed_config.
+        let error = chain(
+            "http_filters: [{name: envoy.filters.http.fault}, {name: envoy.filters.http.router}]",
+        )
+        .unwrap_err();
+        assert_eq!(error.path, "hcm.http_filters[0]");
+    }
+
+    #[test]
+    fn per_route_configs_are_read_and_their_errors_named() {
+        let any = |yaml: &str| -> prost_types::Any {
+            let value: xds_api::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit =
+                xds_api::json::from_yaml_str(yaml).expect("yaml");
+            xds_api::any::pack(&value)
+        };
+        let mut configs = HashMap::new();
+        configs.insert(
+            "rl".to_string(),
+            any("stat_prefix: r\ntoken_bucket: {max_tokens: 1, fill_interval: 1s}"),
+        );
+        let read = per_filter_configs(&configs, "route").unwrap();
+        assert!(matches!(
+            find(&read, "rl"),
+            Some(PerRouteConfig::LocalRateLimit(_))
+        ));
+        configs.insert("rl".to_string(), any("stat_prefix: r"));
+        let error = per_filter_configs(&configs, "route").unwrap_err();
+        assert_eq!(
+            error.path,
+            r#"route.typed_per_filter_config["rl"].token_bucket"#
+        );
+        configs.insert(
+            "rl".to_string(),
+            xds_api::any::pack(
+                &xds_api::envoy::extensions::filters::http::router::v3::Router::default(),
+            ),
+        );
+        let error = per_filter_configs(&configs, "route").unwrap_err();
+        assert!(error.reason.contains("HTTPFault"), "{error}");
+    }
 }

@@ -39,7 +39,7 @@ use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::{self, ActiveLog, Entry, PendingLine};
 use crate::http::body::{DownstreamSlots, ResponseBody};
 use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules};
-use crate::http::filter::{FilterChain, FilterState, Selected, Stream};
+use crate::http::filter::{ConnectionState, FilterChain, FilterState, Selected, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
 use crate::http::router::{self, RouteRequest};
@@ -64,7 +64,7 @@ impl Manager {
     /// that cannot be written fails the config, not the first request).
     pub fn build(
         config: Arc<HttpConnectionManager>,
-        registry: &Registry,
+        registry: &Arc<Registry>,
         store: Arc<Store>,
         path: &str,
     ) -> ConfigResult<Arc<Self>> {
@@ -76,7 +76,7 @@ impl Manager {
         };
         Ok(Arc::new(Manager {
             stats: Arc::new(HttpStats::new(registry, &config.stat_prefix)),
-            filters: crate::http::filters::build(&config.filters),
+            filters: crate::http::filters::build(&config.filters, registry, &config.stat_prefix),
             server_header: HeaderValue::from_str(&config.server_name)
                 .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
             logs,
@@ -107,6 +107,8 @@ struct Connection {
     in_flight: Arc<Stat>,
     /// A request head the codec guard refused, waiting for its reply.
     refusals: Arc<Refusals>,
+    /// What the HTTP filters keep for the whole connection.
+    filter_state: ConnectionState,
 }
 
 /// Serves one downstream connection until it closes, idles out, or is drained.
@@ -118,6 +120,7 @@ where
     let stats = manager.stats.clone();
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let filter_state = ConnectionState::new(manager.filters.len());
     let connection = Arc::new(Connection {
         scheme: if info.transport_protocol == "tls" {
             "https"
@@ -130,6 +133,7 @@ where
         http2: AtomicBool::new(false),
         in_flight: Arc::default(),
         refusals: Arc::default(),
+        filter_state,
     });
     let rules = Rules {
         max_head_bytes: hcm.max_request_headers_kb as usize * 1024,
@@ -375,10 +379,7 @@ async fn handle(
     }
     let (mut parts, body) = request.into_parts();
     // A gRPC request gets local replies the gRPC way.
-    let grpc = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+    let grpc = remora_config::route::is_grpc(&parts.headers);
     let mut state = FilterState::default();
     let mut route: Option<Selected> = None;
     let mut request_id = None;
@@ -423,7 +424,13 @@ async fn handle(
         route = Selected::find(table, &host, path_and_query.as_str(), &parts.headers);
         let mut body_filters = Vec::new();
         if !manager.filters.is_empty() {
-            let mut stream = Stream::new(&mut parts, route.as_ref(), stats, &mut state);
+            let mut stream = Stream::new(
+                &mut parts,
+                route.as_ref(),
+                stats,
+                &mut state,
+                &connection.filter_state,
+            );
             if let Some(reply) = manager.filters.on_request(&mut stream).await {
                 return Err(reply);
             }
@@ -489,13 +496,29 @@ async fn handle(
     if let Some(id) = request_id {
         response.headers_mut().insert(&headers::X_REQUEST_ID, id);
     }
+    // Flags the filters set (a delay) come first in the access log, as they were set first.
+    if let Some(entry) = log.as_mut()
+        && !state.flags().is_empty()
+    {
+        let mut ordered = crate::error::ResponseFlags::default();
+        for flag in state.flags().iter().copied().chain(entry.flags.iter()) {
+            ordered.insert(flag);
+        }
+        entry.flags = ordered;
+    }
     // The filters' response phase, in reverse order, for every response.
     let mut body_filters = Vec::new();
     let mut completion = None;
     if !manager.filters.is_empty() {
         let (head, body) = response.into_parts();
         let mut head = Response::from_parts(head, ());
-        let mut stream = Stream::new(&mut parts, route.as_ref(), stats, &mut state);
+        let mut stream = Stream::new(
+            &mut parts,
+            route.as_ref(),
+            stats,
+            &mut state,
+            &connection.filter_state,
+        );
         manager.filters.on_response(&mut stream, &mut head);
         body_filters = manager.filters.response_body(&mut stream);
         let (head, ()) = head.into_parts();

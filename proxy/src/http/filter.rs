@@ -12,17 +12,21 @@
 //! 5. [`HttpFilter::on_complete`] — the stream has ended (logging, accounting).
 //!
 //! Per-route settings come from `typed_per_filter_config` under the filter's name, most
-//! specific first: route, virtual host, route configuration ([`Stream::per_route`]).
+//! specific first: route, virtual host, route configuration ([`Stream::per_route`]). A filter
+//! keeps per-stream state between phases ([`Stream::set_state`]), per-connection state across
+//! a connection's streams ([`Stream::connection_state`]), and marks the stream with response
+//! flags for the access log ([`Stream::add_flag`]).
 
 use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 
 use crate::config::RouteTable;
+use crate::error::ResponseFlag;
 use crate::http::local_reply::LocalReply;
 use crate::stats::HttpStats;
 use remora_config::filters::{PerRouteConfig, find};
@@ -135,13 +139,20 @@ impl Selected {
     }
 }
 
-/// Per-stream state filters keep between phases, one slot per filter.
+/// Per-stream state filters keep between phases, one slot per filter, and the response flags
+/// they set, in the order set (Envoy's order in `%RESPONSE_FLAGS%`).
 #[derive(Debug, Default)]
 pub struct FilterState {
     slots: Vec<Option<Box<dyn Any + Send + Sync>>>,
+    flags: Vec<ResponseFlag>,
 }
 
 impl FilterState {
+    /// The response flags filters set on the stream, in order.
+    pub fn flags(&self) -> &[ResponseFlag] {
+        &self.flags
+    }
+
     fn slot(&mut self, index: usize) -> &mut Option<Box<dyn Any + Send + Sync>> {
         if self.slots.len() <= index {
             self.slots.resize_with(index + 1, || None);
@@ -154,6 +165,33 @@ impl FilterState {
     }
 }
 
+/// State filters keep for one downstream connection, shared by its streams: one slot per
+/// filter, set once (a per-connection token bucket).
+#[derive(Default)]
+pub struct ConnectionState {
+    slots: Box<[OnceLock<Box<dyn Any + Send + Sync>>]>,
+}
+
+impl ConnectionState {
+    /// Slots for a chain of `filters` filters.
+    pub fn new(filters: usize) -> Self {
+        ConnectionState {
+            slots: (0..filters).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ConnectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self
+            .slots
+            .iter()
+            .filter(|slot| slot.get().is_some())
+            .count();
+        write!(f, "ConnectionState({set} of {} set)", self.slots.len())
+    }
+}
+
 /// One stream as a filter sees it.
 #[derive(Debug)]
 pub struct Stream<'a> {
@@ -161,6 +199,7 @@ pub struct Stream<'a> {
     pub route: Option<&'a Selected>,
     pub stats: &'a HttpStats,
     state: &'a mut FilterState,
+    connection: &'a ConnectionState,
     index: usize,
 }
 
@@ -170,14 +209,37 @@ impl<'a> Stream<'a> {
         route: Option<&'a Selected>,
         stats: &'a HttpStats,
         state: &'a mut FilterState,
+        connection: &'a ConnectionState,
     ) -> Self {
         Stream {
             request,
             route,
             stats,
             state,
+            connection,
             index: 0,
         }
+    }
+
+    /// Marks the stream with a response flag (once) for the access log.
+    pub fn add_flag(&mut self, flag: ResponseFlag) {
+        if !self.state.flags.contains(&flag) {
+            self.state.flags.push(flag);
+        }
+    }
+
+    /// This filter's state for the whole downstream connection, made by `init` for the
+    /// connection's first stream that asks; `None` if a value of another type is kept there.
+    pub fn connection_state<T: Any + Send + Sync>(
+        &self,
+        init: impl FnOnce() -> T,
+    ) -> Option<&'a T> {
+        let connection: &'a ConnectionState = self.connection;
+        connection
+            .slots
+            .get(self.index)?
+            .get_or_init(|| Box::new(init()))
+            .downcast_ref::<T>()
     }
 
     /// This filter's per-route configs, most specific first (route, virtual host, table).
@@ -216,6 +278,10 @@ impl FilterChain {
 
     pub fn is_empty(&self) -> bool {
         self.filters.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.filters.len()
     }
 
     /// Runs the request phase, in order; a reply from one filter ends it.

@@ -3,21 +3,107 @@
 //! terminal stage, in `http::router`.
 
 mod cors;
+mod fault;
+mod local_ratelimit;
 
 use std::sync::Arc;
 
-use remora_config::filters::{FilterConfig, HttpFilter as FilterSpec};
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::{HeaderMap, StatusCode};
+use remora_config::filters::{FilterConfig, HttpFilter as FilterSpec, PerRouteConfig};
 
-use crate::http::filter::{FilterChain, HttpFilter};
+use crate::error::ResponseFlag;
+use crate::http::filter::{FilterChain, HttpFilter, Stream};
+use crate::http::local_reply::LocalReply;
+use crate::stats::Registry;
 
-/// The runtime filters of an HCM's `http_filters`, in order, without the router.
-pub fn build(specs: &[FilterSpec]) -> FilterChain {
+/// The runtime filters of an HCM's `http_filters`, in order, without the router. Filters
+/// register their stats in `registry`; `stat_prefix` is the HCM's.
+pub fn build(specs: &[FilterSpec], registry: &Arc<Registry>, stat_prefix: &str) -> FilterChain {
     let mut filters: Vec<Arc<dyn HttpFilter>> = Vec::new();
     for spec in specs {
         match &spec.config {
             FilterConfig::Cors(_) => filters.push(Arc::new(cors::Cors::new(&spec.name))),
+            FilterConfig::Fault(config) => filters.push(Arc::new(fault::Fault::new(
+                &spec.name,
+                config.clone(),
+                registry.clone(),
+                stat_prefix,
+            ))),
+            FilterConfig::LocalRateLimit(config) => filters.push(Arc::new(
+                local_ratelimit::LocalRateLimit::new(&spec.name, config.clone(), registry.clone()),
+            )),
             FilterConfig::Router(_) => {}
         }
     }
     FilterChain::new(filters)
+}
+
+/// The most specific per-route config of filter `name` (route, virtual host, route
+/// configuration) that `pick` accepts, as Envoy resolves a filter's per-route config.
+fn most_specific<'a, T>(
+    stream: &Stream<'a>,
+    name: &str,
+    pick: impl Fn(&'a PerRouteConfig) -> Option<&'a T>,
+) -> Option<&'a T> {
+    stream.per_route(name).into_iter().flatten().find_map(pick)
+}
+
+/// The first value of a request header as an unsigned number, read as Envoy reads its
+/// numeric control headers (spaces around it and a leading `+` allowed); `None` when absent or
+/// not a number.
+fn header_number(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
+    let value = headers.get(name)?.to_str().ok()?.trim_matches([' ', '\t']);
+    let digits = value.strip_prefix('+').unwrap_or(value);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Whether a share in millionths takes this request.
+fn sampled(per_million: u32) -> bool {
+    match per_million {
+        0 => false,
+        n if n >= 1_000_000 => true,
+        n => rand::random_range(0..1_000_000) < n,
+    }
+}
+
+/// A filter's local reply as Envoy sends it: `body` as text. A gRPC request gets it the gRPC
+/// way (see [`crate::http::local_reply`]), with `grpc_status` if given.
+fn filter_reply(
+    status: StatusCode,
+    body: &'static str,
+    flag: ResponseFlag,
+    grpc_status: Option<u64>,
+) -> LocalReply {
+    let mut reply = LocalReply::new(status).with_body(Bytes::from_static(body.as_bytes()));
+    reply.grpc_status = grpc_status.and_then(|code| u32::try_from(code).ok());
+    reply.flag = Some(flag);
+    reply.details = body.into();
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_header_numbers_are_read_as_envoy_reads_them() {
+        let name = HeaderName::from_static("x-n");
+        let read = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(&name, http::HeaderValue::from_str(value).unwrap());
+            header_number(&headers, &name)
+        };
+        assert_eq!(read("250"), Some(250));
+        assert_eq!(read(" +7 "), Some(7));
+        assert_eq!(read("-1"), None);
+        assert_eq!(read("1.5"), None);
+        assert_eq!(read(""), None);
+        assert_eq!(read("99999999999999999999999"), None);
+        assert_eq!(header_number(&HeaderMap::new(), &name), None);
+    }
 }
