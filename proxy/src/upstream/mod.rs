@@ -6,12 +6,14 @@
 //! - [`host`]: a host as configured and its state as learnt (stats, health flags).
 //! - [`priority`]: priority and panic selection, once for every policy.
 //! - [`lb`]: load-balancing policies over one priority's usable hosts.
+//! - [`health`]: active health checks and outlier detection, on the main runtime.
 //! - [`connect`]: the one connect path (limits, TCP options, keepalive, TLS, stats).
 //! - [`pool`]: per-worker HTTP/1.1 and HTTP/2 connection pools.
 //! - [`outcome`]: what each attempt came to, reported by the router and `tcp_proxy`.
 
 pub mod cluster;
 pub mod connect;
+pub mod health;
 pub mod host;
 pub mod lb;
 pub mod outcome;

@@ -219,6 +219,8 @@ impl Applier {
             previous.as_deref(),
         )
         .map_err(|e| e.to_string())?;
+        // Health checks and DNS run on this (the main) runtime from now on, warming or not.
+        cluster.start_background();
         self.warming.remove_cluster(name);
         match &cluster.config.discovery {
             DiscoveryType::Eds {
@@ -235,10 +237,7 @@ impl Applier {
                     self.warming.add_cluster(cluster, timeout);
                 }
             }
-            _ => {
-                cluster.start_background();
-                self.activate_cluster(cluster);
-            }
+            _ => self.activate_cluster(cluster),
         }
         Ok(())
     }

@@ -31,6 +31,8 @@ static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expecte
 static X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 static X_ORIGINAL_HOST: HeaderName = HeaderName::from_static("x-envoy-original-host");
+static X_IMMEDIATE_HC_FAIL: HeaderName =
+    HeaderName::from_static("x-envoy-immediate-health-check-fail");
 
 /// The cluster a forward goes to.
 fn cluster_name<'a>(forward: &'a Forward, request: &'a http::request::Parts) -> &'a str {
@@ -309,6 +311,9 @@ pub(super) async fn forward(
     let status = response.status();
     cluster.stats.response(status.as_u16());
     cluster.record_outcome(&upstream_host, Outcome::Status(status.as_u16()));
+    if response.headers().contains_key(&X_IMMEDIATE_HC_FAIL) {
+        cluster.immediate_health_check_fail(&upstream_host);
+    }
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(downstream_upgrade) = downstream_upgrade
     {
