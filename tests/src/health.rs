@@ -108,7 +108,15 @@ pub struct ControlledUpstream {
     status: Arc<AtomicU16>,
     checks: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    headers: Arc<Mutex<ExtraHeaders>>,
     _server: Stopper,
+}
+
+/// Headers added to health check answers and to other answers.
+#[derive(Debug, Default, Clone)]
+struct ExtraHeaders {
+    checks: Vec<(String, String)>,
+    requests: Vec<(String, String)>,
 }
 
 impl ControlledUpstream {
@@ -130,17 +138,19 @@ impl ControlledUpstream {
         let status = Arc::new(AtomicU16::new(200));
         let checks = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
+        let headers = Arc::new(Mutex::new(ExtraHeaders::default()));
         let shared = (
             name.to_string(),
             health_path.to_string(),
             health_status.clone(),
             status.clone(),
-            checks.clone(),
-            requests.clone(),
+            (checks.clone(), requests.clone()),
+            headers.clone(),
         );
         let server = spawn_server(listener, move |listener| {
             accept_loop(listener, move |request: Request<Incoming>| {
-                let (name, health_path, health_status, status, checks, requests) = shared.clone();
+                let (name, health_path, health_status, status, (checks, requests), headers) =
+                    shared.clone();
                 async move {
                     let is_check = request.uri().path().starts_with(health_path.as_str());
                     let code = if is_check {
@@ -151,12 +161,23 @@ impl ControlledUpstream {
                         status.load(Ordering::SeqCst)
                     };
                     let _ = request.into_body().collect().await;
-                    let response = Response::builder()
+                    let extra = {
+                        let headers = headers.lock().unwrap_or_else(|p| p.into_inner());
+                        if is_check {
+                            headers.checks.clone()
+                        } else {
+                            headers.requests.clone()
+                        }
+                    };
+                    let mut response = Response::builder()
                         .status(code)
-                        .header("x-upstream", name.as_str())
+                        .header("x-upstream", name.as_str());
+                    for (key, value) in extra {
+                        response = response.header(key, value);
+                    }
+                    Ok(response
                         .body(body(vec![Frame::data(Bytes::from(name))]))
-                        .expect("response");
-                    Ok(response)
+                        .expect("response"))
                 }
             })
         });
@@ -167,8 +188,25 @@ impl ControlledUpstream {
             status,
             checks,
             requests,
+            headers,
             _server: server,
         }
+    }
+
+    /// Headers health check answers carry from now on.
+    pub fn set_check_headers(&self, headers: &[(&str, &str)]) {
+        self.headers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .checks = owned(headers);
+    }
+
+    /// Headers other answers carry from now on.
+    pub fn set_response_headers(&self, headers: &[(&str, &str)]) {
+        self.headers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .requests = owned(headers);
     }
 
     /// The status health checks get from now on.
@@ -190,6 +228,13 @@ impl ControlledUpstream {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
     }
+}
+
+fn owned(headers: &[(&str, &str)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// `grpc.health.v1` serving statuses.
