@@ -208,7 +208,11 @@ impl Members {
         {
             let mut control = lock(&self.health);
             let same_checker = match (&control.checker, &settings.checker) {
-                (Some(a), Some(b)) => a.config == b.config && a.cluster_name == b.cluster_name,
+                (Some(a), Some(b)) => {
+                    a.config == b.config
+                        && a.cluster_name == b.cluster_name
+                        && Arc::ptr_eq(&a.connector, &b.connector)
+                }
                 (None, None) => true,
                 _ => false,
             };
@@ -736,4 +740,124 @@ fn ip_endpoints(assignment: &LoadAssignment) -> Vec<(SocketAddr, LbEndpoint)> {
             EndpointAddress::Dns { .. } => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::lb::RoundRobin;
+
+    fn endpoint(port: u16) -> (SocketAddr, LbEndpoint) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        (
+            addr,
+            LbEndpoint {
+                address: EndpointAddress::Ip(addr),
+                hostname: String::new(),
+                weight: 1,
+                health: HealthStatus::Healthy,
+                priority: 0,
+                locality: Arc::default(),
+                locality_weight: None,
+                health_check: Default::default(),
+            },
+        )
+    }
+
+    fn checked_members(ignore_new_hosts: bool) -> Arc<Members> {
+        let registry = Registry::default();
+        let stats = Arc::new(ClusterStats::new(&registry, "c"));
+        let members = Members::new(stats.clone(), Arc::new(RoundRobin));
+        let check: crate::config::HealthCheck = remora_config::health_check::health_check(
+            &xds_api::json::from_yaml_str(
+                "{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, \
+                 tcp_health_check: {}}",
+            )
+            .expect("yaml"),
+            "",
+            false,
+        )
+        .expect("valid");
+        let connector = Arc::new(
+            Connector::new(
+                &crate::config::ConnectOptions {
+                    connect_timeout: std::time::Duration::from_secs(1),
+                    tcp_keepalive: None,
+                    tls: None,
+                },
+                1024,
+                stats.clone(),
+            )
+            .expect("connector"),
+        );
+        members.configure_health(HealthSettings {
+            checker: Some(Arc::new(Checker {
+                config: Arc::new(check),
+                cluster_name: "c".into(),
+                stats: Arc::new(HealthCheckStats::new(&registry, "c")),
+                cluster_stats: stats,
+                connector,
+            })),
+            outlier: None,
+            ignore_new_hosts,
+            ignore_health_on_removal: false,
+        });
+        members
+    }
+
+    fn flags(members: &Members) -> Vec<(u16, u32)> {
+        members
+            .set()
+            .hosts
+            .iter()
+            .map(|h| (h.addr.port(), h.state.flags()))
+            .collect()
+    }
+
+    #[test]
+    fn new_hosts_start_failed_and_excluded_until_their_first_check() {
+        let members = checked_members(true);
+        members.set_endpoints(vec![endpoint(1), endpoint(2)], 140);
+        let waiting = HostState::FAILED_ACTIVE_HC | HostState::PENDING_ACTIVE_HC;
+        assert_eq!(flags(&members), vec![(1, waiting), (2, waiting)]);
+        assert_eq!(members.stats.membership_excluded.get(), 2);
+        let first = members.set().hosts[0].state.clone();
+        super::super::health::active::on_success(&first, false, 3);
+        members.rebuild();
+        assert_eq!(flags(&members), vec![(1, 0), (2, waiting)]);
+        assert_eq!(
+            (
+                members.stats.membership_healthy.get(),
+                members.stats.membership_excluded.get()
+            ),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn removed_hosts_linger_while_their_checks_pass() {
+        let members = checked_members(false);
+        members.set_endpoints(vec![endpoint(1), endpoint(2), endpoint(3)], 140);
+        for host in &members.set().hosts[..2] {
+            host.state.set_flag(HostState::FAILED_ACTIVE_HC, false);
+        }
+        // 1 passes its checks and stays; 3 never passed and goes at once.
+        members.set_endpoints(vec![endpoint(2)], 140);
+        assert_eq!(
+            flags(&members),
+            vec![(2, 0), (1, HostState::PENDING_DYNAMIC_REMOVAL)]
+        );
+        // Back in the endpoints: no longer pending removal.
+        members.set_endpoints(vec![endpoint(1), endpoint(2)], 140);
+        assert_eq!(flags(&members), vec![(1, 0), (2, 0)]);
+        members.set_endpoints(vec![endpoint(2)], 140);
+        let lingering = members.set().hosts[1].state.clone();
+        super::super::health::active::on_failure(
+            &lingering,
+            super::super::health::active::Failure::Network,
+            1,
+        );
+        members.rebuild();
+        assert_eq!(flags(&members), vec![(2, 0)]);
+    }
 }
