@@ -766,3 +766,125 @@ fn fault_under_steady_load_with_health_checks_and_outlier_detection() {
         ratio(&remora)
     );
 }
+
+#[derive(Debug, PartialEq, Eq)]
+struct LocalOrigin {
+    closed_flags: String,
+    local_origin_enforced: u64,
+    consecutive_5xx_enforced: u64,
+    gateway_detected: u64,
+}
+
+#[test]
+fn connect_failures_are_local_origin_errors_when_split_like_envoy() {
+    let live = ControlledUpstream::start("live", "/never");
+    let closed = loopback(free_port());
+    let od = "    outlier_detection: {consecutive_5xx: 2, consecutive_gateway_failure: 2, \
+              enforcing_consecutive_gateway_failure: 100, split_external_local_origin_errors: true, \
+              consecutive_local_origin_failure: 3, interval: 0.2s, base_ejection_time: 60s, \
+              max_ejection_percent: 50}\n";
+    let yaml = bootstrap("split", od, &[live.addr, closed]);
+    let Some((envoy, remora)) = both(
+        "connect_failures_are_local_origin_errors_when_split_like_envoy",
+        &yaml,
+        || {},
+        |side| {
+            // Connection failures count as local-origin errors only: neither the 5xx nor the
+            // gateway-error runs see them.
+            wait_for("the closed port ejected", DEADLINE, || {
+                side.get("/");
+                (side.flags("split", closed) == "/failed_outlier_check").then_some(())
+            });
+            LocalOrigin {
+                closed_flags: side.flags("split", closed),
+                local_origin_enforced: side.stat(
+                    "cluster.split.outlier_detection.ejections_enforced_consecutive_local_origin_failure",
+                ),
+                consecutive_5xx_enforced: side
+                    .stat("cluster.split.outlier_detection.ejections_enforced_consecutive_5xx"),
+                gateway_detected: side.stat(
+                    "cluster.split.outlier_detection.ejections_detected_consecutive_gateway_failure",
+                ),
+            }
+        },
+    ) else {
+        return;
+    };
+    assert_eq!(remora, envoy);
+    assert_eq!(envoy.local_origin_enforced, 1);
+}
+
+#[test]
+fn connect_failures_are_gateway_errors_without_the_split_like_envoy() {
+    let live = ControlledUpstream::start("live", "/never");
+    let closed = loopback(free_port());
+    let od = "    outlier_detection: {consecutive_5xx: 3, consecutive_gateway_failure: 2, \
+              enforcing_consecutive_gateway_failure: 100, interval: 0.2s, \
+              base_ejection_time: 60s, max_ejection_percent: 50}\n";
+    let yaml = bootstrap("nosplit", od, &[live.addr, closed]);
+    let Some((envoy, remora)) = both(
+        "connect_failures_are_gateway_errors_without_the_split_like_envoy",
+        &yaml,
+        || {},
+        |side| {
+            // A failed connection is a 503 to the detector: the gateway-error run (2) ends
+            // first.
+            wait_for("the closed port ejected", DEADLINE, || {
+                side.get("/");
+                (side.flags("nosplit", closed) == "/failed_outlier_check").then_some(())
+            });
+            let stat = |kind: &str| side.stat(&format!("cluster.nosplit.outlier_detection.{kind}"));
+            (
+                stat("ejections_enforced_consecutive_gateway_failure"),
+                stat("ejections_enforced_consecutive_5xx"),
+                stat("ejections_enforced_consecutive_local_origin_failure"),
+            )
+        },
+    ) else {
+        return;
+    };
+    assert_eq!(remora, envoy);
+    assert_eq!(envoy, (1, 0, 0));
+}
+
+#[test]
+fn http2_checks_with_expected_and_retriable_statuses_like_envoy() {
+    let a = ControlledUpstream::start("a", "/ready");
+    let b = ControlledUpstream::start("b", "/ready");
+    let hc = format!(
+        "    health_checks:\n    - {{{FAST_CHECKS}, unhealthy_threshold: 3, healthy_threshold: 1, \
+         http_health_check: {{path: /ready, codec_client_type: HTTP2, \
+         expected_statuses: [{{start: 200, end: 300}}], retriable_statuses: [{{start: 429, end: 430}}], \
+         request_headers_to_add: [{{header: {{key: x-probe, value: remora}}}}]}}}}\n"
+    );
+    let yaml = bootstrap("h2", &hc, &[a.addr, b.addr]);
+    let Some((envoy, remora)) = both(
+        "http2_checks_with_expected_and_retriable_statuses_like_envoy",
+        &yaml,
+        || {
+            a.set_health_status(202);
+            b.set_health_status(200);
+        },
+        |side| {
+            // 202 is within [200, 300): healthy.
+            side.wait_flags("h2", a.addr, "healthy");
+            side.wait_flags("h2", b.addr, "healthy");
+            // A retriable status counts toward unhealthy_threshold; a 404 fails at once.
+            b.set_health_status(429);
+            side.wait_flags("h2", b.addr, "/failed_active_hc");
+            let checks_after_429 = b.checks();
+            b.set_health_status(200);
+            side.wait_flags("h2", b.addr, "healthy");
+            a.set_health_status(404);
+            side.wait_flags("h2", a.addr, "/failed_active_hc");
+            (
+                side.flags("h2", a.addr),
+                side.flags("h2", b.addr),
+                checks_after_429 > 0,
+            )
+        },
+    ) else {
+        return;
+    };
+    assert_eq!(remora, envoy);
+}
