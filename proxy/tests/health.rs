@@ -586,7 +586,7 @@ fn success_rate_ejection_with_enough_volume_like_envoy() {
     // Consecutive-error ejection is out of the way (a threshold never reached), so only the
     // success-rate statistics can eject.
     let od = "    outlier_detection: {consecutive_5xx: 100000, consecutive_gateway_failure: 100000, \
-              interval: 1s, base_ejection_time: 60s, max_ejection_percent: 50, \
+              interval: 2s, base_ejection_time: 60s, max_ejection_percent: 50, \
               success_rate_request_volume: 10, success_rate_minimum_hosts: 5}\n";
     let yaml = bootstrap("sr", od, &addrs);
     let bad = addrs[4];
@@ -597,7 +597,7 @@ fn success_rate_ejection_with_enough_volume_like_envoy() {
         |side| {
             // Steady traffic (bounded by the deadline) until the statistics eject the bad host.
             wait_for("success-rate ejection", DEADLINE, || {
-                for _ in 0..10 {
+                for _ in 0..25 {
                     side.get("/");
                 }
                 (side.flags("sr", bad) == "/failed_outlier_check").then_some(())
