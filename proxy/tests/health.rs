@@ -6,6 +6,8 @@
 //!
 //! Skipped (with a message) when `envoy` is not installed; CI installs it.
 
+#[path = "common/ads.rs"]
+mod ads;
 mod common;
 
 use std::collections::BTreeSet;
@@ -887,4 +889,130 @@ fn http2_checks_with_expected_and_retriable_statuses_like_envoy() {
         return;
     };
     assert_eq!(remora, envoy);
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Lingering {
+    removed_but_passing: String,
+    eds_unhealthy: String,
+    total_while_lingering: u64,
+    gone_once_failing: bool,
+}
+
+fn cla(hosts: &[(SocketAddr, &str)]) -> prost_types::Any {
+    let endpoints: String = hosts
+        .iter()
+        .map(|(addr, health)| {
+            format!(
+                "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}, \
+                 health_status: {health}}}, ",
+                addr.ip(),
+                addr.port()
+            )
+        })
+        .collect();
+    ads::endpoints(&format!(
+        "{{cluster_name: svc, endpoints: [{{lb_endpoints: [{endpoints}]}}]}}"
+    ))
+}
+
+#[test]
+fn eds_removals_wait_for_failing_checks_and_eds_health_combines_like_envoy() {
+    let a = ControlledUpstream::start("a", "/healthz");
+    let b = ControlledUpstream::start("b", "/healthz");
+    let c = ControlledUpstream::start("c", "/healthz");
+    let server = ads::AdsServer::start();
+    let yaml = format!(
+        r#"node: {{id: health-test, cluster: test}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: ${{ADMIN}}}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  listeners:
+  - name: front
+    address: {{socket_address: {{address: 127.0.0.1, port_value: ${{LISTENER}}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            validate_clusters: false
+            virtual_hosts:
+            - {{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: svc}}}}]}}
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]
+"#,
+        ads_port = server.addr.port()
+    );
+    server.set(
+        xds_api::type_urls::CLUSTER,
+        vec![ads::cluster(&format!(
+            "{{name: svc, type: EDS, connect_timeout: 1s, eds_cluster_config: {{eds_config: \
+             {{ads: {{}}, resource_api_version: V3}}}}, health_checks: [{{{FAST_CHECKS}, \
+             unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: {{path: /healthz}}}}]}}"
+        ))],
+    );
+    let Some((envoy, remora)) = both(
+        "eds_removals_wait_for_failing_checks_and_eds_health_combines_like_envoy",
+        &yaml,
+        || {
+            b.set_health_status(200);
+            server.set(
+                xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT,
+                vec![cla(&[
+                    (a.addr, "HEALTHY"),
+                    (b.addr, "HEALTHY"),
+                    (c.addr, "UNHEALTHY"),
+                ])],
+            );
+        },
+        |side| {
+            side.wait_flags("svc", a.addr, "healthy");
+            side.wait_flags("svc", b.addr, "healthy");
+            side.wait_flags("svc", c.addr, "/failed_eds_health");
+            // b leaves EDS while its checks pass: it stays, pending removal.
+            server.set(
+                xds_api::type_urls::CLUSTER_LOAD_ASSIGNMENT,
+                vec![cla(&[(a.addr, "HEALTHY"), (c.addr, "UNHEALTHY")])],
+            );
+            side.wait_flags("svc", b.addr, "/pending_dynamic_removal");
+            let removed_but_passing = side.flags("svc", b.addr);
+            let total_while_lingering = side.stat("cluster.svc.membership_total");
+            // Once its checks fail, it goes.
+            b.set_health_status(503);
+            let gone_once_failing = poll_until(DEADLINE, || {
+                (!side.clusters().contains(&format!("svc::{}::", b.addr))).then_some(())
+            })
+            .is_some();
+            Lingering {
+                removed_but_passing,
+                eds_unhealthy: side.flags("svc", c.addr),
+                total_while_lingering,
+                gone_once_failing,
+            }
+        },
+    ) else {
+        return;
+    };
+    assert_eq!(remora, envoy);
+    assert_eq!(envoy.total_while_lingering, 3);
+    assert!(envoy.gone_once_failing);
 }
