@@ -405,24 +405,26 @@ impl Members {
     pub async fn health_ready(&self) {
         loop {
             let notified = self.checked.notified();
-            let addrs: Vec<SocketAddr> = lock(&self.health).sessions.keys().copied().collect();
-            let done = {
-                let states = lock(&self.states);
-                addrs.iter().all(|addr| {
-                    states.get(addr).is_none_or(|state| {
-                        !state
-                            .active
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .first_check
-                    })
-                })
-            };
-            if done {
+            if self.first_checks_done() {
                 return;
             }
             notified.await;
         }
+    }
+
+    /// Every checked host has had its first health check.
+    pub fn first_checks_done(&self) -> bool {
+        let addrs: Vec<SocketAddr> = lock(&self.health).sessions.keys().copied().collect();
+        let states = lock(&self.states);
+        addrs.iter().all(|addr| {
+            states.get(addr).is_none_or(|state| {
+                !state
+                    .active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .first_check
+            })
+        })
     }
 
     /// Rebuilds the priority set from the endpoints and the hosts' current health.
