@@ -16,6 +16,8 @@ use crate::common::{
 };
 use crate::endpoint::{LoadAssignment, load_assignment};
 use crate::error::{ConfigResult, entry, err, field};
+use crate::health_check::{HealthCheck, health_checks as convert_health_checks};
+use crate::outlier::{OutlierDetection, outlier_detection as convert_outlier_detection};
 use crate::raw::RawConfig;
 use crate::tls::UpstreamTls;
 use crate::unsupported;
@@ -164,6 +166,15 @@ pub struct Cluster {
     /// `common_http_protocol_options.max_headers_count`, for upstream responses.
     pub max_headers_count: u32,
     pub http2: Http2Options,
+    /// Active health checking (at most one checker, as in Envoy).
+    pub health_check: Option<HealthCheck>,
+    pub outlier_detection: Option<OutlierDetection>,
+    /// `common_lb_config.ignore_new_hosts_until_first_hc`: a new host takes no traffic (and
+    /// counts in no availability) until its first health check.
+    pub ignore_new_hosts_until_first_hc: bool,
+    /// `ignore_health_on_host_removal`: a host EDS or DNS removes goes at once, even while its
+    /// health checks pass (by default such a host stays until they fail, as in Envoy).
+    pub ignore_health_on_host_removal: bool,
     pub raw: RawConfig,
 }
 
@@ -212,7 +223,6 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         transport_socket_matches,
         alt_stat_name,
         per_connection_buffer_limit_bytes,
-        health_checks,
         max_requests_per_connection,
         upstream_http_protocol_options,
         common_http_protocol_options,
@@ -223,14 +233,11 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         dns_resolvers,
         use_tcp_for_dns_lookups,
         wait_for_warm_on_init,
-        outlier_detection,
         cleanup_interval,
         upstream_bind_config,
-        common_lb_config,
         metadata,
         protocol_selection,
         close_connections_on_host_health_failure,
-        ignore_health_on_host_removal,
         connection_pool_per_downstream_connection,
         lb_config,
     );
@@ -413,6 +420,16 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         Ok(F::All) => DnsLookupFamily::All,
         Err(_) => return err(field(path, "dns_lookup_family"), "unknown value"),
     };
+    let health_check =
+        convert_health_checks(health_checks, path, protocol == UpstreamProtocol::Http2)?;
+    let outlier_detection = outlier_detection
+        .as_ref()
+        .map(|od| convert_outlier_detection(od, &field(path, "outlier_detection")))
+        .transpose()?;
+    let ignore_new_hosts_until_first_hc = match common_lb_config {
+        Some(config) => common_lb(config, &field(path, "common_lb_config"))?,
+        None => false,
+    };
     Ok(Cluster {
         name: name.clone(),
         discovery,
@@ -432,8 +449,34 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         idle_timeout: common_options.idle_timeout,
         max_headers_count: common_options.max_headers_count,
         http2,
+        // Envoy sets the hosts' warm-up flag only when there is a checker to clear it.
+        ignore_new_hosts_until_first_hc: ignore_new_hosts_until_first_hc && health_check.is_some(),
+        health_check,
+        outlier_detection,
+        ignore_health_on_host_removal: *ignore_health_on_host_removal,
         raw: RawConfig::of(proto),
     })
+}
+
+/// `common_lb_config`: only `ignore_new_hosts_until_first_hc` is read here.
+fn common_lb(proto: &cluster_pb::cluster::CommonLbConfig, path: &str) -> ConfigResult<bool> {
+    let cluster_pb::cluster::CommonLbConfig {
+        healthy_panic_threshold,
+        locality_config_specifier,
+        update_merge_window,
+        ignore_new_hosts_until_first_hc,
+        close_connections_on_host_set_change,
+        consistent_hashing_lb_config,
+    } = proto;
+    unsupported!(
+        path,
+        healthy_panic_threshold,
+        locality_config_specifier,
+        update_merge_window,
+        close_connections_on_host_set_change,
+        consistent_hashing_lb_config,
+    );
+    Ok(*ignore_new_hosts_until_first_hc)
 }
 
 fn discovery(
@@ -585,4 +628,83 @@ fn per_host_max_connections(
         limit = Some(max_connections.unwrap_or(1024));
     }
     Ok(limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn convert(extra: &str) -> ConfigResult<Cluster> {
+        let yaml = format!(
+            "{{name: c, type: STATIC, load_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: \
+             [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 80}}}}, \
+             health_check_config: {{port_value: 81, hostname: hc.local}}}}}}]}}]}}, {extra}}}"
+        );
+        let proto: cluster_pb::Cluster = xds_api::json::from_yaml_str(&yaml).expect("yaml");
+        cluster(&proto, "clusters[0]")
+    }
+
+    const HC: &str = "{timeout: 1s, interval: 1s, unhealthy_threshold: 2, healthy_threshold: 2, \
+                      http_health_check: {path: /hc}}";
+
+    #[test]
+    fn health_checks_outlier_detection_and_first_check_warmup_convert() {
+        let c = convert(&format!(
+            "health_checks: [{HC}], outlier_detection: {{consecutive_5xx: 2}}, \
+             common_lb_config: {{ignore_new_hosts_until_first_hc: true}}, \
+             ignore_health_on_host_removal: true"
+        ))
+        .expect("valid");
+        assert!(c.health_check.is_some());
+        assert_eq!(c.outlier_detection.expect("outlier").consecutive_5xx, 2);
+        assert!(c.ignore_new_hosts_until_first_hc && c.ignore_health_on_host_removal);
+        let endpoint = &c.load_assignment.endpoints[0];
+        assert_eq!(endpoint.health_check.port, Some(81));
+        assert_eq!(endpoint.health_check.hostname, "hc.local");
+        let addr: SocketAddr = "127.0.0.1:80".parse().expect("addr");
+        assert_eq!(endpoint.health_check.target(addr).port(), 81);
+        // Without a checker, Envoy never marks hosts as waiting for one.
+        let c =
+            convert("common_lb_config: {ignore_new_hosts_until_first_hc: true}").expect("valid");
+        assert!(!c.ignore_new_hosts_until_first_hc);
+    }
+
+    #[test]
+    fn refused_fields_are_named() {
+        for (extra, want) in [
+            (
+                format!("health_checks: [{HC}, {HC}]"),
+                "clusters[0].health_checks: multiple health checks are not supported",
+            ),
+            (
+                "health_checks: [{timeout: 1s, interval: 1s, unhealthy_threshold: 1, \
+                 healthy_threshold: 1, grpc_health_check: {}}]"
+                    .to_string(),
+                "clusters[0].health_checks[0].grpc_health_check: the cluster must support HTTP/2",
+            ),
+            (
+                "outlier_detection: {max_ejection_percent: 150}".to_string(),
+                "clusters[0].outlier_detection.max_ejection_percent: must be ≤ 100",
+            ),
+            (
+                "common_lb_config: {update_merge_window: 0s}".to_string(),
+                "clusters[0].common_lb_config.update_merge_window: field is not supported",
+            ),
+            (
+                "common_lb_config: {healthy_panic_threshold: {value: 10}}".to_string(),
+                "clusters[0].common_lb_config.healthy_panic_threshold: field is not supported",
+            ),
+        ] {
+            let error = convert(&extra).expect_err(&extra).to_string();
+            assert!(error.contains(want), "{extra}: {error}");
+        }
+        let http2 = convert(
+            "typed_extension_protocol_options: {envoy.extensions.upstreams.http.v3.HttpProtocolOptions: \
+             {\"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, \
+             explicit_http_config: {http2_protocol_options: {}}}}, health_checks: [{timeout: 1s, \
+             interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: \
+             {service_name: s}}]",
+        );
+        assert!(http2.is_ok(), "{http2:?}");
+    }
 }

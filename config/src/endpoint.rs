@@ -6,7 +6,7 @@ use std::sync::Arc;
 use xds_api::envoy::config::core::v3 as core_pb;
 use xds_api::envoy::config::endpoint::v3 as endpoint_pb;
 
-use crate::common::{EndpointAddress, endpoint_address};
+use crate::common::{EndpointAddress, endpoint_address, socket_address};
 use crate::error::{ConfigResult, err, field, item};
 use crate::unsupported;
 
@@ -72,6 +72,32 @@ pub struct LbEndpoint {
     /// balancing, which Remora does not offer yet (so it is kept for `/clusters` and config
     /// dumps only).
     pub locality_weight: Option<u32>,
+    /// `endpoint.health_check_config`.
+    pub health_check: EndpointHealthCheck,
+}
+
+/// Where and how active health checks reach one endpoint (`Endpoint.HealthCheckConfig`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointHealthCheck {
+    /// `port_value`: checks go to this port instead of the endpoint's.
+    pub port: Option<u16>,
+    /// `address`: checks go to this address instead of the endpoint's.
+    pub address: Option<std::net::SocketAddr>,
+    /// `hostname`: the `Host` (or gRPC `:authority`) of this endpoint's checks.
+    pub hostname: String,
+    /// `disable_active_health_check`: this endpoint is never probed.
+    pub disabled: bool,
+}
+
+impl EndpointHealthCheck {
+    /// The address checks go to, for an endpoint at `addr`.
+    pub fn target(&self, addr: std::net::SocketAddr) -> std::net::SocketAddr {
+        let mut target = self.address.unwrap_or(addr);
+        if let Some(port) = self.port {
+            target.set_port(port);
+        }
+        target
+    }
 }
 
 /// A cluster's endpoints.
@@ -178,7 +204,13 @@ pub fn load_assignment(
                 additional_addresses,
             } = endpoint;
             let endpoint_path = field(&epath, "endpoint");
-            unsupported!(&endpoint_path, health_check_config, additional_addresses);
+            unsupported!(&endpoint_path, additional_addresses);
+            let health_check = match health_check_config {
+                Some(config) => {
+                    endpoint_health_check(config, &field(&endpoint_path, "health_check_config"))?
+                }
+                None => EndpointHealthCheck::default(),
+            };
             let address = endpoint_address(address, &field(&endpoint_path, "address"))?;
             if matches!(address, EndpointAddress::Dns { .. }) && !allow_dns {
                 return err(
@@ -213,11 +245,44 @@ pub fn load_assignment(
                 priority: *priority,
                 locality: group_locality.clone(),
                 locality_weight: *load_balancing_weight,
+                health_check,
             });
         }
     }
     Ok(LoadAssignment {
         endpoints,
         overprovisioning,
+    })
+}
+
+fn endpoint_health_check(
+    proto: &endpoint_pb::endpoint::HealthCheckConfig,
+    path: &str,
+) -> ConfigResult<EndpointHealthCheck> {
+    let endpoint_pb::endpoint::HealthCheckConfig {
+        port_value,
+        hostname,
+        address,
+        disable_active_health_check,
+    } = proto;
+    let port =
+        match *port_value {
+            0 => None,
+            port => Some(u16::try_from(port).map_err(|_| {
+                crate::ConfigError::new(field(path, "port_value"), "must be ≤ 65535")
+            })?),
+        };
+    let address = address
+        .is_some()
+        .then(|| socket_address(address, &field(path, "address")))
+        .transpose()?;
+    if !hostname.is_empty() && http::HeaderValue::from_str(hostname).is_err() {
+        return err(field(path, "hostname"), "not a valid header value");
+    }
+    Ok(EndpointHealthCheck {
+        port,
+        address,
+        hostname: hostname.clone(),
+        disabled: *disable_active_health_check,
     })
 }

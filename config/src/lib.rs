@@ -8,8 +8,9 @@
 //! wire bytes for fields our protos do not declare.
 //!
 //! Areas, in the order a request meets them: [`bootstrap`], [`listener`] (filter chains),
-//! [`tcp_proxy`], [`hcm`] (with [`filters`] and [`access_log`]), [`route`], [`cluster`],
-//! [`endpoint`], [`tls`]; [`common`] and [`matcher`] hold what they share. [`resource`] reads
+//! [`tcp_proxy`], [`hcm`] (with [`filters`] and [`access_log`]), [`route`], [`cluster`] (with
+//! [`health_check`] and [`outlier`]), [`endpoint`], [`tls`]; [`common`] and [`matcher`] hold
+//! what they share. [`resource`] reads
 //! xDS resources from the wire and answers a control plane's "would a proxy accept this?".
 
 pub mod access_log;
@@ -21,8 +22,10 @@ pub mod error;
 pub mod filters;
 pub mod gate;
 pub mod hcm;
+pub mod health_check;
 pub mod listener;
 pub mod matcher;
+pub mod outlier;
 pub mod raw;
 pub mod resource;
 pub mod retry;

@@ -190,6 +190,11 @@ async fn serve(
             listener,
         ));
     }
+    // As Envoy, static listeners start once every static cluster's hosts had their first
+    // active health check (each bounded by the check's timeout).
+    for cluster in store.load().clusters.values() {
+        cluster.members.health_ready().await;
+    }
     for listener in &bootstrap.listeners {
         listeners
             .add_or_update(listener.clone())

@@ -59,7 +59,7 @@ fn validate_mode_accepts_valid_and_names_unsupported_fields() {
 
     let unsupported = good.replace(
         "    type: STATIC\n",
-        "    type: STATIC\n    outlier_detection: {interval: 1s}\n",
+        "    type: STATIC\n    cleanup_interval: 1s\n",
     );
     let (_dir3, path) = write_config(&unsupported);
     let output = Command::new(workspace_binary("remora-proxy"))
@@ -70,7 +70,7 @@ fn validate_mode_accepts_valid_and_names_unsupported_fields() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("static_resources.clusters[0].outlier_detection: field is not supported"),
+        stderr.contains("static_resources.clusters[0].cleanup_interval: field is not supported"),
         "{stderr}"
     );
 

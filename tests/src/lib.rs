@@ -1,11 +1,12 @@
 //! Shared helpers for Remora's end-to-end tests: finding the workspace's binaries, running real
 //! processes that are killed when the test ends, picking free loopback ports, polling with a
 //! deadline (never sleeping as synchronisation), starting a real Envoy, and an echo upstream that
-//! reports what reached it, and one that follows a script ([`scripted`]); a real Kubernetes
-//! control plane ([`kube`]).
+//! reports what reached it, one that follows a script ([`scripted`]), upstreams whose health a
+//! test controls ([`health`]); a real Kubernetes control plane ([`kube`]).
 
 pub mod echo;
 pub mod envoy;
+pub mod health;
 pub mod kube;
 pub mod netns;
 pub mod process;

@@ -24,27 +24,57 @@ fn sorted_clusters(server: &Context) -> Vec<(std::sync::Arc<Cluster>, bool)> {
     sorted
 }
 
-/// Envoy's `health_flags`: `healthy`, or one `/flag` per reason the host is not, in Envoy's
-/// order.
+/// Envoy's `health_flags`: `healthy`, or one `/flag` per reason the host is not, in the order
+/// of Envoy's flag bits.
 fn health_flags(host: &Host) -> String {
-    let mut flags = String::new();
     let runtime = host.state.flags();
-    if runtime & HostState::FAILED_ACTIVE_HC != 0 {
-        flags.push_str("/failed_active_hc");
+    let eds = host.eds_health;
+    let flags = [
+        (
+            runtime & HostState::FAILED_ACTIVE_HC != 0,
+            "/failed_active_hc",
+        ),
+        (
+            runtime & HostState::FAILED_OUTLIER_CHECK != 0,
+            "/failed_outlier_check",
+        ),
+        (
+            matches!(eds, HealthStatus::Unhealthy | HealthStatus::Timeout),
+            "/failed_eds_health",
+        ),
+        (
+            runtime & HostState::DEGRADED_ACTIVE_HC != 0,
+            "/degraded_active_hc",
+        ),
+        (eds == HealthStatus::Degraded, "/degraded_eds_health"),
+        (
+            runtime & HostState::PENDING_DYNAMIC_REMOVAL != 0,
+            "/pending_dynamic_removal",
+        ),
+        (
+            runtime & HostState::PENDING_ACTIVE_HC != 0,
+            "/pending_active_hc",
+        ),
+        (
+            runtime & HostState::EXCLUDED_VIA_IMMEDIATE_HC_FAIL != 0,
+            "/excluded_via_immediate_hc_fail",
+        ),
+        (
+            runtime & HostState::ACTIVE_HC_TIMEOUT != 0,
+            "/active_hc_timeout",
+        ),
+        (eds == HealthStatus::Draining, "/eds_status_draining"),
+    ];
+    let text: String = flags
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+    if text.is_empty() {
+        "healthy".to_string()
+    } else {
+        text
     }
-    if runtime & HostState::FAILED_OUTLIER_CHECK != 0 {
-        flags.push_str("/failed_outlier_check");
-    }
-    flags.push_str(match host.eds_health {
-        HealthStatus::Unknown | HealthStatus::Healthy => "",
-        HealthStatus::Unhealthy | HealthStatus::Timeout => "/failed_eds_health",
-        HealthStatus::Draining => "/eds_status_draining",
-        HealthStatus::Degraded => "/degraded_eds_health",
-    });
-    if flags.is_empty() {
-        flags.push_str("healthy");
-    }
-    flags
 }
 
 /// Envoy reports an endpoint without an EDS health status as HEALTHY, and TIMEOUT as the
@@ -62,6 +92,23 @@ pub fn clusters_text(server: &Context) -> String {
     for (cluster, added_via_api) in sorted_clusters(server) {
         let name = &cluster.config.name;
         let _ = writeln!(out, "{name}::observability_name::{name}");
+        if let Some(outlier) = cluster.outlier_stats() {
+            let (average, threshold) = outlier.rates(false);
+            let (local_average, local_threshold) = outlier.rates(true);
+            let _ = writeln!(out, "{name}::outlier::success_rate_average::{average}");
+            let _ = writeln!(
+                out,
+                "{name}::outlier::success_rate_ejection_threshold::{threshold}"
+            );
+            let _ = writeln!(
+                out,
+                "{name}::outlier::local_origin_success_rate_average::{local_average}"
+            );
+            let _ = writeln!(
+                out,
+                "{name}::outlier::local_origin_success_rate_ejection_threshold::{local_threshold}"
+            );
+        }
         for (priority, t) in [
             ("default_priority", &cluster.config.thresholds),
             ("high_priority", &cluster.config.thresholds_high),
@@ -94,9 +141,10 @@ pub fn clusters_text(server: &Context) -> String {
             let _ = writeln!(out, "{prefix}::sub_zone::{}", locality.sub_zone);
             let _ = writeln!(out, "{prefix}::canary::false");
             let _ = writeln!(out, "{prefix}::priority::{}", host.priority);
-            // No outlier detection yet: Envoy's "not computed" value.
-            let _ = writeln!(out, "{prefix}::success_rate::-1");
-            let _ = writeln!(out, "{prefix}::local_origin_success_rate::-1");
+            // -1: not computed (no outlier detection, or too few requests last interval).
+            let (external, local) = host.state.outlier.success_rates();
+            let _ = writeln!(out, "{prefix}::success_rate::{external}");
+            let _ = writeln!(out, "{prefix}::local_origin_success_rate::{local}");
         }
     }
     out
@@ -123,6 +171,17 @@ pub fn clusters_json(server: &Context) -> Value {
                     thresholds_json(&cluster.config.thresholds_high, Some("HIGH")),
                 ]},
             });
+            if let Some(outlier) = cluster.outlier_stats() {
+                let (_, threshold) = outlier.rates(false);
+                let (_, local_threshold) = outlier.rates(true);
+                if threshold >= 0.0 {
+                    status["success_rate_ejection_threshold"] = json!({ "value": threshold });
+                }
+                if local_threshold >= 0.0 {
+                    status["local_origin_success_rate_ejection_threshold"] =
+                        json!({ "value": local_threshold });
+                }
+            }
             // proto3 JSON leaves out false.
             if added_via_api {
                 status["added_via_api"] = Value::Bool(true);
@@ -179,6 +238,13 @@ fn host_json(host: &Host) -> Value {
     if host.priority != 0 {
         status["priority"] = Value::from(host.priority);
     }
+    let (external, local) = host.state.outlier.success_rates();
+    if external >= 0.0 {
+        status["success_rate"] = json!({ "value": external });
+    }
+    if local >= 0.0 {
+        status["local_origin_success_rate"] = json!({ "value": local });
+    }
     status
 }
 
@@ -186,11 +252,27 @@ fn host_json(host: &Host) -> Value {
 fn health_status_json(host: &Host) -> Value {
     let mut status = json!({"eds_health_status": eds_health_status(host.eds_health)});
     let runtime = host.state.flags();
-    if runtime & HostState::FAILED_ACTIVE_HC != 0 {
-        status["failed_active_health_check"] = Value::Bool(true);
-    }
-    if runtime & HostState::FAILED_OUTLIER_CHECK != 0 {
-        status["failed_outlier_check"] = Value::Bool(true);
+    for (flag, name) in [
+        (HostState::FAILED_ACTIVE_HC, "failed_active_health_check"),
+        (HostState::FAILED_OUTLIER_CHECK, "failed_outlier_check"),
+        (
+            HostState::DEGRADED_ACTIVE_HC,
+            "failed_active_degraded_check",
+        ),
+        (
+            HostState::PENDING_DYNAMIC_REMOVAL,
+            "pending_dynamic_removal",
+        ),
+        (HostState::PENDING_ACTIVE_HC, "pending_active_hc"),
+        (
+            HostState::EXCLUDED_VIA_IMMEDIATE_HC_FAIL,
+            "excluded_via_immediate_hc_fail",
+        ),
+        (HostState::ACTIVE_HC_TIMEOUT, "active_hc_timeout"),
+    ] {
+        if runtime & flag != 0 {
+            status[name] = Value::Bool(true);
+        }
     }
     status
 }

@@ -19,12 +19,17 @@ pub use remora_config::common::{
     TcpKeepalive,
 };
 pub use remora_config::endpoint::{
-    DEFAULT_OVERPROVISIONING, HealthStatus, LbEndpoint, LoadAssignment, Locality,
+    DEFAULT_OVERPROVISIONING, EndpointHealthCheck, HealthStatus, LbEndpoint, LoadAssignment,
+    Locality,
 };
 pub use remora_config::hcm::{Codec, HttpConnectionManager, RouteSource};
+pub use remora_config::health_check::{
+    GrpcProbe, HealthCheck, HttpProbe, Probe, ProbeProtocol, TcpProbe,
+};
 pub use remora_config::listener::{
     FilterChain, FilterChainMatch, Listener, NetworkFilter, SourceType,
 };
+pub use remora_config::outlier::OutlierDetection;
 pub use remora_config::route::{Files, RouteTable};
 pub use remora_config::tcp_proxy::{TcpClusters, TcpProxy, WeightedName};
 pub use remora_config::{ConfigError, ConfigResult, RawConfig, resource};

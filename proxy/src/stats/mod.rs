@@ -214,6 +214,9 @@ pub struct ClusterStats {
     pub membership_total: Arc<Stat>,
     pub membership_healthy: Arc<Stat>,
     pub membership_degraded: Arc<Stat>,
+    /// Hosts left out of availability (waiting for a first health check, or taken out by
+    /// `x-envoy-immediate-health-check-fail`).
+    pub membership_excluded: Arc<Stat>,
     /// Picks made from all hosts because too few were healthy (panic).
     pub lb_healthy_panic: Arc<Stat>,
     /// DNS clusters: resolution rounds, and those whose lookups all succeeded or not.
@@ -256,6 +259,7 @@ impl ClusterStats {
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
             membership_degraded: g("membership_degraded"),
+            membership_excluded: g("membership_excluded"),
             lb_healthy_panic: c("lb_healthy_panic"),
             update_attempt: c("update_attempt"),
             update_success: c("update_success"),
@@ -269,6 +273,111 @@ impl ClusterStats {
             300..=399 => self.upstream_rq_3xx.inc(),
             400..=499 => self.upstream_rq_4xx.inc(),
             _ => self.upstream_rq_5xx.inc(),
+        }
+    }
+}
+
+/// `cluster.NAME.health_check.*`: created only for clusters with an active checker, as in
+/// Envoy.
+#[derive(Debug)]
+pub struct HealthCheckStats {
+    pub attempt: Arc<Stat>,
+    pub success: Arc<Stat>,
+    pub failure: Arc<Stat>,
+    pub passive_failure: Arc<Stat>,
+    pub network_failure: Arc<Stat>,
+    pub verify_cluster: Arc<Stat>,
+    pub healthy: Arc<Stat>,
+    pub degraded: Arc<Stat>,
+}
+
+impl HealthCheckStats {
+    pub fn new(registry: &Registry, cluster: &str) -> Self {
+        let c = |n: &str| registry.counter(format!("cluster.{cluster}.health_check.{n}"));
+        let g = |n: &str| registry.gauge(format!("cluster.{cluster}.health_check.{n}"));
+        HealthCheckStats {
+            attempt: c("attempt"),
+            success: c("success"),
+            failure: c("failure"),
+            passive_failure: c("passive_failure"),
+            network_failure: c("network_failure"),
+            verify_cluster: c("verify_cluster"),
+            healthy: g("healthy"),
+            degraded: g("degraded"),
+        }
+    }
+}
+
+/// `cluster.NAME.outlier_detection.*`: created only for clusters with outlier detection.
+/// `ejections_total`, `ejections_consecutive_5xx` and `ejections_success_rate` are Envoy's
+/// deprecated counters, kept because Envoy still counts them.
+#[derive(Debug)]
+pub struct OutlierStats {
+    pub ejections_active: Arc<Stat>,
+    pub ejections_overflow: Arc<Stat>,
+    pub ejections_total: Arc<Stat>,
+    pub ejections_enforced_total: Arc<Stat>,
+    pub ejections_consecutive_5xx: Arc<Stat>,
+    pub ejections_success_rate: Arc<Stat>,
+    /// Detected and enforced ejections by kind, indexed by [`EjectionKind`] order:
+    /// consecutive_5xx, consecutive_gateway_failure, consecutive_local_origin_failure,
+    /// success_rate, local_origin_success_rate, failure_percentage,
+    /// local_origin_failure_percentage.
+    pub detected: [Arc<Stat>; 7],
+    pub enforced: [Arc<Stat>; 7],
+    /// Envoy 1.40 lists this counter too (for its degradation monitor extension, which Remora
+    /// does not have); it stays 0.
+    pub ejections_detected_degradation: Arc<Stat>,
+    /// The last interval's cluster success-rate averages and ejection thresholds (percent as
+    /// `f64` bits; negative: not computed), external then local origin, for `/clusters`.
+    pub rates: [AtomicU64; 4],
+}
+
+impl OutlierStats {
+    /// (average, ejection threshold) of the external (`local` false) or local-origin success
+    /// rates; -1 when not computed.
+    pub fn rates(&self, local: bool) -> (f64, f64) {
+        let i = if local { 2 } else { 0 };
+        (
+            f64::from_bits(self.rates[i].load(Ordering::Relaxed)),
+            f64::from_bits(self.rates[i + 1].load(Ordering::Relaxed)),
+        )
+    }
+
+    pub fn set_rates(&self, local: bool, average: f64, threshold: f64) {
+        let i = if local { 2 } else { 0 };
+        self.rates[i].store(average.to_bits(), Ordering::Relaxed);
+        self.rates[i + 1].store(threshold.to_bits(), Ordering::Relaxed);
+    }
+}
+
+/// Envoy's names for the kinds of ejection, as its stats spell them.
+pub const EJECTION_KINDS: [&str; 7] = [
+    "consecutive_5xx",
+    "consecutive_gateway_failure",
+    "consecutive_local_origin_failure",
+    "success_rate",
+    "local_origin_success_rate",
+    "failure_percentage",
+    "local_origin_failure_percentage",
+];
+
+impl OutlierStats {
+    pub fn new(registry: &Registry, cluster: &str) -> Self {
+        let c = |n: &str| registry.counter(format!("cluster.{cluster}.outlier_detection.{n}"));
+        OutlierStats {
+            ejections_active: registry.gauge(format!(
+                "cluster.{cluster}.outlier_detection.ejections_active"
+            )),
+            ejections_overflow: c("ejections_overflow"),
+            ejections_total: c("ejections_total"),
+            ejections_enforced_total: c("ejections_enforced_total"),
+            ejections_consecutive_5xx: c("ejections_consecutive_5xx"),
+            ejections_success_rate: c("ejections_success_rate"),
+            detected: EJECTION_KINDS.map(|kind| c(&format!("ejections_detected_{kind}"))),
+            enforced: EJECTION_KINDS.map(|kind| c(&format!("ejections_enforced_{kind}"))),
+            ejections_detected_degradation: c("ejections_detected_degradation"),
+            rates: std::array::from_fn(|_| AtomicU64::new((-1f64).to_bits())),
         }
     }
 }

@@ -10,48 +10,113 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::breakers::{Breakers, ConnectionReadings};
 use super::connect::Connector;
+use super::health::active::{Checker, Target, Transition};
+use super::health::outlier::{Detector, OutlierReporter};
+use super::health::{Event, OutlierSetup};
 use super::host::{Host, HostState};
 use super::lb::{LbContext, LoadBalancer};
 use super::outcome::Outcome;
 use super::pool::Pools;
 use super::priority::PrioritySet;
 use crate::config::{
-    self, ConfigResult, DiscoveryType, EndpointAddress, LbEndpoint, LoadAssignment,
+    self, ConfigResult, DiscoveryType, EndpointAddress, HealthStatus, LbEndpoint, LoadAssignment,
 };
-use crate::stats::{ClusterStats, Registry};
+use crate::stats::{ClusterStats, HealthCheckStats, OutlierStats, Registry};
 
-/// A cluster's hosts: their state by address and the current priority set. Shared by the
-/// cluster objects that follow one another through CDS updates.
+/// A cluster's hosts: their state by address and the current priority set, with the health
+/// machinery that moves their flags. Shared by the cluster objects that follow one another
+/// through CDS updates.
 #[derive(Debug)]
 pub struct Members {
+    me: Weak<Members>,
     stats: Arc<ClusterStats>,
     /// State by address, for the hosts of the current endpoints.
     states: Mutex<HashMap<SocketAddr, Arc<HostState>>>,
     /// The endpoints hosts are made from, kept to rebuild the set when health changes.
     endpoints: Mutex<Vec<(SocketAddr, LbEndpoint)>>,
+    /// Hosts discovery removed that stay while their health checks pass (Envoy's
+    /// `PENDING_DYNAMIC_REMOVAL`).
+    lingering: Mutex<Vec<(SocketAddr, LbEndpoint)>>,
     set: ArcSwap<PrioritySet>,
     policy: Mutex<(Arc<dyn LoadBalancer>, u32)>,
     initialized: AtomicBool,
     init: Notify,
+    health: Mutex<HealthControl>,
+    events: UnboundedSender<Event>,
+    /// Woken when a host's health check completes (for the first-check wait).
+    checked: Notify,
+}
+
+/// Active checking and outlier detection of one cluster (main runtime only).
+#[derive(Debug, Default)]
+struct HealthControl {
+    checker: Option<Arc<Checker>>,
+    outlier: Option<OutlierSetup>,
+    ignore_new_hosts: bool,
+    ignore_health_on_removal: bool,
+    /// One checker session per host address, with where it probes.
+    sessions: HashMap<SocketAddr, (Target, tokio::task::AbortHandle)>,
+    /// The main runtime, once the health task started.
+    runtime: Option<tokio::runtime::Handle>,
+    events: Option<UnboundedReceiver<Event>>,
+    supervisor: Option<tokio::task::AbortHandle>,
+}
+
+/// How a cluster config wants its hosts' health watched.
+#[derive(Debug, Default)]
+pub struct HealthSettings {
+    pub checker: Option<Arc<Checker>>,
+    pub outlier: Option<OutlierSetup>,
+    pub ignore_new_hosts: bool,
+    pub ignore_health_on_removal: bool,
+}
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        let control = self.health.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, (_, task)) in control.sessions.drain() {
+            task.abort();
+        }
+        if let Some(task) = control.supervisor.take() {
+            task.abort();
+        }
+    }
+}
+
+fn eds_failed(health: HealthStatus) -> bool {
+    matches!(
+        health,
+        HealthStatus::Unhealthy | HealthStatus::Draining | HealthStatus::Timeout
+    )
 }
 
 impl Members {
     fn new(stats: Arc<ClusterStats>, policy: Arc<dyn LoadBalancer>) -> Arc<Self> {
-        Arc::new(Members {
+        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        Arc::new_cyclic(|me| Members {
+            me: me.clone(),
             stats,
             states: Mutex::default(),
             endpoints: Mutex::default(),
+            lingering: Mutex::default(),
             set: ArcSwap::default(),
             policy: Mutex::new((policy, crate::config::DEFAULT_OVERPROVISIONING)),
             initialized: AtomicBool::new(false),
             init: Notify::new(),
+            health: Mutex::new(HealthControl {
+                events: Some(receiver),
+                ..HealthControl::default()
+            }),
+            events,
+            checked: Notify::new(),
         })
     }
 
@@ -61,13 +126,48 @@ impl Members {
     }
 
     /// Replaces the endpoints (an EDS update, a DNS answer or a new static config) and marks
-    /// the cluster warm. A host whose address stays keeps its state.
+    /// the cluster warm. A host whose address stays keeps its state. With active health
+    /// checks, a removed host whose checks pass stays until they fail, as in Envoy (unless
+    /// `ignore_health_on_host_removal`).
     pub fn set_endpoints(&self, endpoints: Vec<(SocketAddr, LbEndpoint)>, overprovisioning: u32) {
         {
             let mut policy = lock(&self.policy);
             policy.1 = overprovisioning;
         }
-        *lock(&self.endpoints) = endpoints;
+        let linger = {
+            let control = lock(&self.health);
+            control.checker.is_some() && !control.ignore_health_on_removal
+        };
+        {
+            let mut current = lock(&self.endpoints);
+            let mut lingering = lock(&self.lingering);
+            let states = lock(&self.states);
+            let kept = |addr: &SocketAddr| endpoints.iter().any(|(a, _)| a == addr);
+            let mut staying = Vec::new();
+            if linger {
+                for (addr, endpoint) in current.drain(..).chain(lingering.drain(..)) {
+                    if kept(&addr) || staying.iter().any(|(a, _): &(SocketAddr, _)| *a == addr) {
+                        continue;
+                    }
+                    if let Some(state) = states.get(&addr)
+                        && !state.has(HostState::FAILED_ACTIVE_HC)
+                        && !eds_failed(endpoint.health)
+                    {
+                        state.set_flag(HostState::PENDING_DYNAMIC_REMOVAL, true);
+                        staying.push((addr, endpoint));
+                    }
+                }
+            } else {
+                lingering.clear();
+            }
+            for (addr, _) in &endpoints {
+                if let Some(state) = states.get(addr) {
+                    state.set_flag(HostState::PENDING_DYNAMIC_REMOVAL, false);
+                }
+            }
+            *lingering = staying;
+            *current = endpoints;
+        }
         self.rebuild();
         if !self.initialized.swap(true, Ordering::AcqRel) {
             self.init.notify_waiters();
@@ -101,23 +201,276 @@ impl Members {
         self.rebuild();
     }
 
+    /// Installs a cluster config's health settings. A changed checker restarts the sessions
+    /// (hosts keep their flags); a removed one clears its flags; removed outlier detection
+    /// ends every ejection.
+    fn configure_health(&self, settings: HealthSettings) {
+        let mut cleared = 0;
+        {
+            let mut control = lock(&self.health);
+            let same_checker = match (&control.checker, &settings.checker) {
+                (Some(a), Some(b)) => {
+                    a.config == b.config
+                        && a.cluster_name == b.cluster_name
+                        && Arc::ptr_eq(&a.connector, &b.connector)
+                }
+                (None, None) => true,
+                _ => false,
+            };
+            if !same_checker {
+                for (_, (_, task)) in control.sessions.drain() {
+                    task.abort();
+                }
+                if settings.checker.is_none() {
+                    cleared |= HostState::ACTIVE_FLAGS;
+                }
+                control.checker = settings.checker;
+            }
+            if settings.outlier.is_none() && control.outlier.is_some() {
+                cleared |= HostState::FAILED_OUTLIER_CHECK;
+            }
+            control.outlier = settings.outlier;
+            control.ignore_new_hosts = settings.ignore_new_hosts;
+            control.ignore_health_on_removal = settings.ignore_health_on_removal;
+        }
+        if cleared != 0 {
+            for state in lock(&self.states).values() {
+                state.set_flag(cleared, false);
+            }
+            if cleared & HostState::PENDING_DYNAMIC_REMOVAL != 0 {
+                lock(&self.lingering).clear();
+            }
+        }
+    }
+
+    /// Starts the health task and the checker sessions on the current (main) runtime.
+    fn start_health(&self) {
+        {
+            let mut control = lock(&self.health);
+            control.runtime = Some(tokio::runtime::Handle::current());
+            if let Some(events) = control.events.take() {
+                let task = tokio::spawn(super::health::supervise(self.me.clone(), events));
+                control.supervisor = Some(task.abort_handle());
+            }
+        }
+        let hosts = self.set().hosts.clone();
+        self.sync_sessions(&hosts);
+    }
+
+    /// One session per checked host: new hosts get one, removed hosts lose theirs, a host
+    /// whose check address or name changed gets a new one.
+    fn sync_sessions(&self, hosts: &[Arc<Host>]) {
+        let mut control = lock(&self.health);
+        let (Some(checker), Some(runtime)) = (control.checker.clone(), control.runtime.clone())
+        else {
+            return;
+        };
+        let mut sessions = std::mem::take(&mut control.sessions);
+        let mut kept = HashMap::with_capacity(hosts.len());
+        for host in hosts {
+            if host.health_check.disabled || kept.contains_key(&host.addr) {
+                continue;
+            }
+            let target = Target {
+                addr: host.health_check.target(host.addr),
+                hostname: host.health_check.hostname.clone(),
+            };
+            match sessions.remove(&host.addr) {
+                Some((old, task)) if old == target => {
+                    kept.insert(host.addr, (old, task));
+                }
+                other => {
+                    if let Some((_, task)) = other {
+                        task.abort();
+                    }
+                    let task = runtime.spawn(super::health::active::run(
+                        self.me.clone(),
+                        checker.clone(),
+                        host.state.clone(),
+                        target.clone(),
+                    ));
+                    kept.insert(host.addr, (target, task.abort_handle()));
+                }
+            }
+        }
+        for (_, (_, task)) in sessions {
+            task.abort();
+        }
+        control.sessions = kept;
+        drop(control);
+        self.refresh_check_gauges();
+    }
+
+    /// `health_check.healthy` and `health_check.degraded`: the checked hosts that pass, and
+    /// those that pass degraded.
+    fn refresh_check_gauges(&self) {
+        let control = lock(&self.health);
+        let Some(checker) = &control.checker else {
+            return;
+        };
+        let set = self.set();
+        let checked = set
+            .hosts
+            .iter()
+            .filter(|h| control.sessions.contains_key(&h.addr));
+        let (mut healthy, mut degraded) = (0, 0);
+        for host in checked {
+            healthy += u64::from(!host.state.has(HostState::FAILED_ACTIVE_HC));
+            degraded += u64::from(host.state.has(HostState::DEGRADED_ACTIVE_HC));
+        }
+        checker.stats.healthy.set(healthy);
+        checker.stats.degraded.set(degraded);
+    }
+
+    /// A session finished a check: rebuild when the host's health moved, end an outlier
+    /// ejection on success when configured, and wake the first-check wait.
+    pub(super) fn after_check(&self, state: &Arc<HostState>, healthy: bool, changed: Transition) {
+        let mut rebuild = changed == Transition::Changed;
+        if healthy
+            && !state.has(HostState::FAILED_ACTIVE_HC)
+            && state.has(HostState::FAILED_OUTLIER_CHECK)
+        {
+            let outlier = lock(&self.health).outlier.clone();
+            if let Some(setup) = outlier
+                && setup.config.successful_active_health_check_uneject_host
+            {
+                let set = self.set();
+                Detector {
+                    config: &setup.config,
+                    stats: &setup.stats,
+                    hosts: &set.hosts,
+                }
+                .uneject(state);
+                rebuild = true;
+            }
+        }
+        if rebuild {
+            self.rebuild();
+        } else {
+            self.refresh_check_gauges();
+        }
+        self.checked.notify_waiters();
+    }
+
+    /// An event from the request path.
+    pub(super) fn on_event(&self, event: Event) {
+        let changed = match event {
+            Event::Consecutive(state, kind) => {
+                let outlier = lock(&self.health).outlier.clone();
+                let Some(setup) = outlier else { return };
+                let set = self.set();
+                Detector {
+                    config: &setup.config,
+                    stats: &setup.stats,
+                    hosts: &set.hosts,
+                }
+                .on_consecutive(&state, kind)
+            }
+            Event::ImmediateFail(state) => {
+                let checker = lock(&self.health).checker.clone();
+                let Some(checker) = checker else { return };
+                super::health::active::on_passive_failure(&checker, &state) == Transition::Changed
+            }
+        };
+        if changed {
+            self.rebuild();
+        }
+    }
+
+    pub(super) fn outlier_interval(&self) -> Option<std::time::Duration> {
+        lock(&self.health)
+            .outlier
+            .as_ref()
+            .map(|o| o.config.interval)
+    }
+
+    /// The outlier detector's interval.
+    pub(super) fn outlier_tick(&self) {
+        let outlier = lock(&self.health).outlier.clone();
+        let Some(setup) = outlier else { return };
+        let set = self.set();
+        let changed = Detector {
+            config: &setup.config,
+            stats: &setup.stats,
+            hosts: &set.hosts,
+        }
+        .interval();
+        drop(set);
+        if changed {
+            self.rebuild();
+        }
+    }
+
+    /// Waits until every checked host has had its first health check (at once without
+    /// active checks), as Envoy waits before a cluster is initialized.
+    pub async fn health_ready(&self) {
+        loop {
+            let notified = self.checked.notified();
+            if self.first_checks_done() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Every checked host has had its first health check.
+    pub fn first_checks_done(&self) -> bool {
+        let addrs: Vec<SocketAddr> = lock(&self.health).sessions.keys().copied().collect();
+        let states = lock(&self.states);
+        addrs.iter().all(|addr| {
+            states.get(addr).is_none_or(|state| {
+                !state
+                    .active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .first_check
+            })
+        })
+    }
+
     /// Rebuilds the priority set from the endpoints and the hosts' current health.
     pub fn rebuild(&self) {
+        let (checked, pending) = {
+            let control = lock(&self.health);
+            (control.checker.is_some(), control.ignore_new_hosts)
+        };
         let endpoints = lock(&self.endpoints);
+        let mut lingering = lock(&self.lingering);
         let mut states = lock(&self.states);
         let mut kept = HashMap::with_capacity(endpoints.len());
+        // A lingering host goes once its checks fail.
+        lingering.retain(|(addr, _)| {
+            states
+                .get(addr)
+                .is_some_and(|state| !state.has(HostState::FAILED_ACTIVE_HC))
+        });
         let hosts: Vec<Arc<Host>> = endpoints
             .iter()
+            .chain(lingering.iter())
             .map(|(addr, endpoint)| {
                 let state = kept
                     .entry(*addr)
-                    .or_insert_with(|| states.get(addr).cloned().unwrap_or_default())
+                    .or_insert_with(|| {
+                        states.get(addr).cloned().unwrap_or_else(|| {
+                            // A new host under active checks starts failed (and, when asked,
+                            // excluded) until its first check, as in Envoy.
+                            let state = Arc::new(HostState::default());
+                            if checked && !endpoint.health_check.disabled {
+                                state.set_flag(HostState::FAILED_ACTIVE_HC, true);
+                                if pending {
+                                    state.set_flag(HostState::PENDING_ACTIVE_HC, true);
+                                }
+                            }
+                            state
+                        })
+                    })
                     .clone();
                 Arc::new(Host::new(*addr, endpoint, state))
             })
             .collect();
         *states = kept;
         drop(states);
+        drop(lingering);
         drop(endpoints);
         let (policy, overprovisioning) = lock(&self.policy).clone();
         let set = PrioritySet::new(hosts, policy.as_ref(), overprovisioning);
@@ -128,7 +481,12 @@ impl Members {
         self.stats
             .membership_degraded
             .set(set.degraded_count() as u64);
+        self.stats
+            .membership_excluded
+            .set(set.hosts.iter().filter(|h| h.excluded()).count() as u64);
+        let hosts = set.hosts.clone();
         self.set.store(Arc::new(set));
+        self.sync_sessions(&hosts);
     }
 }
 
@@ -150,6 +508,8 @@ pub struct Cluster {
     /// `priority: HIGH` route first uses the cluster.
     high: Arc<OnceLock<(Arc<Connector>, Arc<Pools>)>>,
     workers: usize,
+    /// Outlier detection's counting on the request path, when configured.
+    outlier: Option<OutlierReporter>,
     background: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
@@ -241,6 +601,29 @@ impl Cluster {
             }
             _ => Members::new(stats.clone(), policy),
         };
+        let checker = config.health_check.as_ref().map(|check| {
+            Arc::new(Checker {
+                config: Arc::new(check.clone()),
+                cluster_name: config.name.clone(),
+                stats: Arc::new(HealthCheckStats::new(registry, &config.name)),
+                cluster_stats: stats.clone(),
+                connector: connector.clone(),
+            })
+        });
+        let outlier_setup = config.outlier_detection.as_ref().map(|od| OutlierSetup {
+            config: od.clone(),
+            stats: Arc::new(OutlierStats::new(registry, &config.name)),
+        });
+        let outlier = config
+            .outlier_detection
+            .as_ref()
+            .map(|od| OutlierReporter::new(od, members.events.clone()));
+        members.configure_health(HealthSettings {
+            checker,
+            outlier: outlier_setup,
+            ignore_new_hosts: config.ignore_new_hosts_until_first_hc,
+            ignore_health_on_removal: config.ignore_health_on_host_removal,
+        });
         let cluster = Arc::new(Cluster {
             config,
             stats,
@@ -250,6 +633,7 @@ impl Cluster {
             breakers,
             high,
             workers,
+            outlier,
             background: Mutex::new(None),
         });
         match cluster.config.discovery {
@@ -319,13 +703,41 @@ impl Cluster {
         pools
     }
 
-    /// What happened with a host: the router and `tcp_proxy` report every attempt here.
+    /// What happened with a host: the router and `tcp_proxy` report every attempt here. Only
+    /// atomics: the host's stats and, with outlier detection, its outlier counters.
+    #[inline]
     pub fn record_outcome(&self, host: &Host, outcome: Outcome) {
         outcome.count(host.stats());
+        if let Some(outlier) = &self.outlier {
+            outlier.report(&host.state, outcome);
+        }
     }
 
-    /// Starts DNS resolution for STRICT_DNS and LOGICAL_DNS clusters on the current runtime.
+    /// The outlier detector's stats, when the cluster has one.
+    pub fn outlier_stats(&self) -> Option<Arc<OutlierStats>> {
+        lock(&self.members.health)
+            .outlier
+            .as_ref()
+            .map(|setup| setup.stats.clone())
+    }
+
+    /// A response carried `x-envoy-immediate-health-check-fail`: with active health checks,
+    /// the host is excluded now and failed by the health task, as in Envoy.
+    pub fn immediate_health_check_fail(&self, host: &Host) {
+        if self.config.health_check.is_some() {
+            host.state
+                .set_flag(HostState::EXCLUDED_VIA_IMMEDIATE_HC_FAIL, true);
+            let _ = self
+                .members
+                .events
+                .send(Event::ImmediateFail(host.state.clone()));
+        }
+    }
+
+    /// Starts, on the current (main) runtime, the cluster's health task and checker sessions,
+    /// and DNS resolution for STRICT_DNS and LOGICAL_DNS clusters.
     pub fn start_background(self: &Arc<Self>) {
+        self.members.start_health();
         let logical = match self.config.discovery {
             DiscoveryType::StrictDns => false,
             DiscoveryType::LogicalDns => true,
@@ -393,4 +805,124 @@ fn ip_endpoints(assignment: &LoadAssignment) -> Vec<(SocketAddr, LbEndpoint)> {
             EndpointAddress::Dns { .. } => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::lb::RoundRobin;
+
+    fn endpoint(port: u16) -> (SocketAddr, LbEndpoint) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        (
+            addr,
+            LbEndpoint {
+                address: EndpointAddress::Ip(addr),
+                hostname: String::new(),
+                weight: 1,
+                health: HealthStatus::Healthy,
+                priority: 0,
+                locality: Arc::default(),
+                locality_weight: None,
+                health_check: Default::default(),
+            },
+        )
+    }
+
+    fn checked_members(ignore_new_hosts: bool) -> Arc<Members> {
+        let registry = Registry::default();
+        let stats = Arc::new(ClusterStats::new(&registry, "c"));
+        let members = Members::new(stats.clone(), Arc::new(RoundRobin));
+        let check: crate::config::HealthCheck = remora_config::health_check::health_check(
+            &xds_api::json::from_yaml_str(
+                "{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, \
+                 tcp_health_check: {}}",
+            )
+            .expect("yaml"),
+            "",
+            false,
+        )
+        .expect("valid");
+        let connector = Arc::new(
+            Connector::new(
+                &crate::config::ConnectOptions {
+                    connect_timeout: std::time::Duration::from_secs(1),
+                    tcp_keepalive: None,
+                    tls: None,
+                },
+                1024,
+                stats.clone(),
+            )
+            .expect("connector"),
+        );
+        members.configure_health(HealthSettings {
+            checker: Some(Arc::new(Checker {
+                config: Arc::new(check),
+                cluster_name: "c".into(),
+                stats: Arc::new(HealthCheckStats::new(&registry, "c")),
+                cluster_stats: stats,
+                connector,
+            })),
+            outlier: None,
+            ignore_new_hosts,
+            ignore_health_on_removal: false,
+        });
+        members
+    }
+
+    fn flags(members: &Members) -> Vec<(u16, u32)> {
+        members
+            .set()
+            .hosts
+            .iter()
+            .map(|h| (h.addr.port(), h.state.flags()))
+            .collect()
+    }
+
+    #[test]
+    fn new_hosts_start_failed_and_excluded_until_their_first_check() {
+        let members = checked_members(true);
+        members.set_endpoints(vec![endpoint(1), endpoint(2)], 140);
+        let waiting = HostState::FAILED_ACTIVE_HC | HostState::PENDING_ACTIVE_HC;
+        assert_eq!(flags(&members), vec![(1, waiting), (2, waiting)]);
+        assert_eq!(members.stats.membership_excluded.get(), 2);
+        let first = members.set().hosts[0].state.clone();
+        super::super::health::active::on_success(&first, false, 3);
+        members.rebuild();
+        assert_eq!(flags(&members), vec![(1, 0), (2, waiting)]);
+        assert_eq!(
+            (
+                members.stats.membership_healthy.get(),
+                members.stats.membership_excluded.get()
+            ),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn removed_hosts_linger_while_their_checks_pass() {
+        let members = checked_members(false);
+        members.set_endpoints(vec![endpoint(1), endpoint(2), endpoint(3)], 140);
+        for host in &members.set().hosts[..2] {
+            host.state.set_flag(HostState::FAILED_ACTIVE_HC, false);
+        }
+        // 1 passes its checks and stays; 3 never passed and goes at once.
+        members.set_endpoints(vec![endpoint(2)], 140);
+        assert_eq!(
+            flags(&members),
+            vec![(2, 0), (1, HostState::PENDING_DYNAMIC_REMOVAL)]
+        );
+        // Back in the endpoints: no longer pending removal.
+        members.set_endpoints(vec![endpoint(1), endpoint(2)], 140);
+        assert_eq!(flags(&members), vec![(1, 0), (2, 0)]);
+        members.set_endpoints(vec![endpoint(2)], 140);
+        let lingering = members.set().hosts[1].state.clone();
+        super::super::health::active::on_failure(
+            &lingering,
+            super::super::health::active::Failure::Network,
+            1,
+        );
+        members.rebuild();
+        assert_eq!(flags(&members), vec![(2, 0)]);
+    }
 }

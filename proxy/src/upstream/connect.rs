@@ -159,7 +159,32 @@ impl Connector {
                 }
             }
         };
-        Ok(UpstreamIo { stream, counted })
+        Ok(UpstreamIo {
+            stream,
+            counted: Some(counted),
+        })
+    }
+
+    /// A connection for an active health check: TCP (with the cluster's socket options) and
+    /// TLS as for traffic, but under no connection limit and in no stats, as Envoy's checker
+    /// connections; the caller's check timeout bounds it.
+    pub async fn connect_for_health_check(&self, addr: SocketAddr) -> std::io::Result<UpstreamIo> {
+        let tcp = tcp_connect(addr, self.keepalive).await?;
+        let stream = match &self.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let name = tls
+                    .sni
+                    .clone()
+                    .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                Stream::Tls(Box::new(connector.connect(name, tcp).await?))
+            }
+        };
+        Ok(UpstreamIo {
+            stream,
+            counted: None,
+        })
     }
 }
 
@@ -241,7 +266,8 @@ enum Stream {
 #[derive(Debug)]
 pub struct UpstreamIo {
     stream: Stream,
-    counted: Counted,
+    /// Absent for health check connections, which count nowhere.
+    counted: Option<Counted>,
 }
 
 impl UpstreamIo {
@@ -276,11 +302,10 @@ impl AsyncRead for UpstreamIo {
         let before = buf.filled().len();
         let result = with_stream!(this, io => Pin::new(io).poll_read(cx, buf));
         let read = buf.filled().len() - before;
-        if read > 0 {
-            this.counted
-                .stats
-                .upstream_cx_rx_bytes_total
-                .add(read as u64);
+        if read > 0
+            && let Some(counted) = &this.counted
+        {
+            counted.stats.upstream_cx_rx_bytes_total.add(read as u64);
         }
         result
     }
@@ -294,8 +319,8 @@ impl AsyncWrite for UpstreamIo {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         let result = with_stream!(this, io => Pin::new(io).poll_write(cx, buf));
-        if let Poll::Ready(Ok(n)) = result {
-            this.counted.stats.upstream_cx_tx_bytes_total.add(n as u64);
+        if let (Poll::Ready(Ok(n)), Some(counted)) = (&result, &this.counted) {
+            counted.stats.upstream_cx_tx_bytes_total.add(*n as u64);
         }
         result
     }
@@ -307,8 +332,8 @@ impl AsyncWrite for UpstreamIo {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         let result = with_stream!(this, io => Pin::new(io).poll_write_vectored(cx, bufs));
-        if let Poll::Ready(Ok(n)) = result {
-            this.counted.stats.upstream_cx_tx_bytes_total.add(n as u64);
+        if let (Poll::Ready(Ok(n)), Some(counted)) = (&result, &this.counted) {
+            counted.stats.upstream_cx_tx_bytes_total.add(*n as u64);
         }
         result
     }

@@ -5,10 +5,11 @@
 //! or CDS update that keeps a host keeps its state, and the pools keep its connections.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::config::{HealthStatus, LbEndpoint, Locality};
+use super::health::outlier::OutlierCounters;
+use crate::config::{EndpointHealthCheck, HealthStatus, LbEndpoint, Locality};
 use crate::stats::{Kind, Stat};
 
 /// One endpoint, as the config describes it now.
@@ -20,6 +21,8 @@ pub struct Host {
     pub priority: u32,
     pub locality: Arc<Locality>,
     pub eds_health: HealthStatus,
+    /// Where and how active health checks reach this host.
+    pub health_check: EndpointHealthCheck,
     pub state: Arc<HostState>,
 }
 
@@ -41,6 +44,7 @@ impl Host {
             priority: endpoint.priority,
             locality: endpoint.locality.clone(),
             eds_health: endpoint.health,
+            health_check: endpoint.health_check.clone(),
             state,
         }
     }
@@ -54,21 +58,39 @@ impl Host {
             priority: 0,
             locality: Arc::default(),
             eds_health: HealthStatus::Healthy,
+            health_check: EndpointHealthCheck::default(),
             state: Arc::default(),
         }
     }
 
+    /// As Envoy: any failure flag (active checks, outlier ejection, EDS) makes the host
+    /// unhealthy; otherwise a degraded flag (active checks, EDS) makes it degraded.
     pub fn health(&self) -> Health {
-        if self.state.flags() & HostState::FAILED_ANY != 0 {
+        let flags = self.state.flags();
+        if flags & HostState::FAILED_ANY != 0 {
             return Health::Unhealthy;
         }
         match self.eds_health {
-            HealthStatus::Unknown | HealthStatus::Healthy => Health::Healthy,
-            HealthStatus::Degraded => Health::Degraded,
             HealthStatus::Unhealthy | HealthStatus::Draining | HealthStatus::Timeout => {
                 Health::Unhealthy
             }
+            HealthStatus::Degraded => Health::Degraded,
+            HealthStatus::Unknown | HealthStatus::Healthy
+                if flags & HostState::DEGRADED_ACTIVE_HC != 0 =>
+            {
+                Health::Degraded
+            }
+            HealthStatus::Unknown | HealthStatus::Healthy => Health::Healthy,
         }
+    }
+
+    /// Left out of the load balancer's availability and panic sums, as Envoy's excluded hosts:
+    /// waiting for a first health check (`ignore_new_hosts_until_first_hc`), or taken out by
+    /// `x-envoy-immediate-health-check-fail`.
+    pub fn excluded(&self) -> bool {
+        self.state.flags()
+            & (HostState::PENDING_ACTIVE_HC | HostState::EXCLUDED_VIA_IMMEDIATE_HC_FAIL)
+            != 0
     }
 
     pub fn stats(&self) -> &HostStats {
@@ -81,16 +103,61 @@ impl Host {
 #[derive(Debug, Default)]
 pub struct HostState {
     pub stats: HostStats,
-    /// Health flags set at run time (active health checks, outlier detection).
+    /// Health flags set at run time (active health checks, outlier detection), with Envoy's
+    /// bit values (the EDS flags are the `Host`'s).
     flags: AtomicU32,
+    /// Outlier detection's counters, updated on the request path with atomics only.
+    pub outlier: OutlierCounters,
+    /// The active checker's counts; only the main runtime touches them.
+    pub active: Mutex<ActiveCounts>,
+}
+
+/// Where a host stands with its active checker (Envoy's per-session counters).
+#[derive(Debug, Clone, Copy)]
+pub struct ActiveCounts {
+    pub healthy: u32,
+    pub unhealthy: u32,
+    /// No check has completed yet.
+    pub first_check: bool,
+}
+
+impl Default for ActiveCounts {
+    fn default() -> Self {
+        ActiveCounts {
+            healthy: 0,
+            unhealthy: 0,
+            first_check: true,
+        }
+    }
 }
 
 impl HostState {
-    /// Failed an active health check.
-    pub const FAILED_ACTIVE_HC: u32 = 1;
+    /// Failed an active health check (or has not passed its first one yet).
+    pub const FAILED_ACTIVE_HC: u32 = 0x1;
     /// Ejected by outlier detection.
-    pub const FAILED_OUTLIER_CHECK: u32 = 1 << 1;
+    pub const FAILED_OUTLIER_CHECK: u32 = 0x2;
+    /// An active health check answered `x-envoy-degraded`.
+    pub const DEGRADED_ACTIVE_HC: u32 = 0x8;
+    /// Removed by discovery but kept while its health checks pass.
+    pub const PENDING_DYNAMIC_REMOVAL: u32 = 0x20;
+    /// New, and excluded until its first health check (`ignore_new_hosts_until_first_hc`).
+    pub const PENDING_ACTIVE_HC: u32 = 0x40;
+    /// Taken out by `x-envoy-immediate-health-check-fail` until a check passes.
+    pub const EXCLUDED_VIA_IMMEDIATE_HC_FAIL: u32 = 0x80;
+    /// Its last active health check failed by timing out.
+    pub const ACTIVE_HC_TIMEOUT: u32 = 0x100;
+    /// Every flag the active checker owns.
+    pub const ACTIVE_FLAGS: u32 = Self::FAILED_ACTIVE_HC
+        | Self::DEGRADED_ACTIVE_HC
+        | Self::PENDING_DYNAMIC_REMOVAL
+        | Self::PENDING_ACTIVE_HC
+        | Self::EXCLUDED_VIA_IMMEDIATE_HC_FAIL
+        | Self::ACTIVE_HC_TIMEOUT;
     const FAILED_ANY: u32 = Self::FAILED_ACTIVE_HC | Self::FAILED_OUTLIER_CHECK;
+
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags() & flag != 0
+    }
 
     pub fn flags(&self) -> u32 {
         self.flags.load(Ordering::Acquire)

@@ -7,6 +7,7 @@
 //! - [`priority`]: priority and panic selection, once for every policy.
 //! - [`lb`]: load-balancing policies over one priority's usable hosts.
 //! - [`breakers`]: requests and retries in flight per routing priority, and their gauges.
+//! - [`health`]: active health checks and outlier detection, on the main runtime.
 //! - [`connect`]: the one connect path (limits, TCP options, keepalive, TLS, stats).
 //! - [`pool`]: per-worker HTTP/1.1 and HTTP/2 connection pools.
 //! - [`outcome`]: what each attempt came to, reported by the router and `tcp_proxy`.
@@ -14,6 +15,7 @@
 pub mod breakers;
 pub mod cluster;
 pub mod connect;
+pub mod health;
 pub mod host;
 pub mod lb;
 pub mod outcome;

@@ -99,7 +99,8 @@ impl PrioritySet {
                 .filter(|h| h.health() == Health::Degraded)
                 .cloned()
                 .collect();
-            let total = all.len() as u64;
+            // Excluded hosts count in no availability, as in Envoy.
+            let total = all.iter().filter(|h| !h.excluded()).count() as u64;
             let share = |count: usize| {
                 (u64::from(overprovisioning) * count as u64)
                     .checked_div(total)
@@ -311,6 +312,7 @@ mod tests {
                 priority,
                 locality: Arc::default(),
                 locality_weight: None,
+                health_check: Default::default(),
             },
             Arc::default(),
         ))

@@ -219,6 +219,8 @@ impl Applier {
             previous.as_deref(),
         )
         .map_err(|e| e.to_string())?;
+        // Health checks and DNS run on this (the main) runtime from now on, warming or not.
+        cluster.start_background();
         self.warming.remove_cluster(name);
         match &cluster.config.discovery {
             DiscoveryType::Eds {
@@ -230,17 +232,25 @@ impl Applier {
                 }
                 let timeout = source.initial_fetch_timeout;
                 if cluster.members.is_initialized() {
-                    self.activate_cluster(cluster);
+                    self.activate_when_checked(cluster);
                 } else {
                     self.warming.add_cluster(cluster, timeout);
                 }
             }
-            _ => {
-                cluster.start_background();
-                self.activate_cluster(cluster);
-            }
+            _ => self.activate_when_checked(cluster),
         }
         Ok(())
+    }
+
+    /// Activates `cluster`, or keeps it warming until its hosts' first health checks when it
+    /// has active checks that have not all completed yet.
+    fn activate_when_checked(&mut self, cluster: Arc<Cluster>) {
+        if cluster.config.health_check.is_some() && !cluster.members.first_checks_done() {
+            self.warming.add_checked_cluster(cluster);
+            self.publish_warming();
+        } else {
+            self.activate_cluster(cluster);
+        }
     }
 
     fn activate_cluster(&self, cluster: Arc<Cluster>) {
@@ -271,7 +281,7 @@ impl Applier {
         }
         for cluster in self.warming.clusters_for(name) {
             cluster.set_assignment(&assignment);
-            self.activate_cluster(cluster);
+            self.activate_when_checked(cluster);
         }
         self.endpoints.insert(name.to_string(), assignment);
         Ok(())
@@ -386,6 +396,12 @@ impl Applier {
                 if let Some(listener) = self.warming.expired_listener(name, *digest) {
                     tracing::warn!(listener = %name, "xDS: routes did not arrive in time; starting the listener without them");
                     self.start_listener(listener);
+                }
+            }
+            Deadline::ClusterChecked { name, digest } => {
+                if let Some(cluster) = self.warming.expired_cluster(name, *digest) {
+                    self.activate_cluster(cluster);
+                    self.publish_warming();
                 }
             }
             Deadline::InitialFetch(_) => {}

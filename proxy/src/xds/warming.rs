@@ -1,5 +1,6 @@
 //! Warming: a new EDS cluster waits for its endpoints, a new listener for its route
-//! configurations, each until `initial_fetch_timeout`. Entries are keyed by resource name and
+//! configurations, each until `initial_fetch_timeout`; a cluster with active health checks
+//! then waits for its hosts' first checks. Entries are keyed by resource name and
 //! the digest of the config they came from, so a deadline set for one version never acts on
 //! the next.
 
@@ -21,6 +22,8 @@ pub enum Deadline {
     Cluster { name: String, digest: u64 },
     /// A warming listener's routes did not arrive in time.
     Listener { name: String, digest: u64 },
+    /// A warming cluster's hosts all had their first active health check.
+    ClusterChecked { name: String, digest: u64 },
 }
 
 /// What is warming, by name.
@@ -63,6 +66,24 @@ impl Warming {
                 digest,
             },
         );
+        self.clusters.insert(name, (digest, cluster));
+    }
+
+    /// Keeps `cluster` warming until every host had its first active health check, as
+    /// Envoy initializes a cluster (each check is bounded by its timeout).
+    pub fn add_checked_cluster(&mut self, cluster: Arc<Cluster>) {
+        let name = cluster.name().to_string();
+        let digest = cluster.config.raw.digest();
+        let deadlines = self.deadlines.clone();
+        let waiting = cluster.clone();
+        let deadline = Deadline::ClusterChecked {
+            name: name.clone(),
+            digest,
+        };
+        tokio::spawn(async move {
+            waiting.members.health_ready().await;
+            let _ = deadlines.send(deadline);
+        });
         self.clusters.insert(name, (digest, cluster));
     }
 

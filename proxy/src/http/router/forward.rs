@@ -42,6 +42,8 @@ static X_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-upstream-r
 static X_PER_TRY_TIMEOUT_MS: HeaderName =
     HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+static X_IMMEDIATE_HC_FAIL: HeaderName =
+    HeaderName::from_static("x-envoy-immediate-health-check-fail");
 
 /// The cluster a forward goes to.
 fn cluster_name<'a>(forward: &'a Forward, request: &'a http::request::Parts) -> &'a str {
@@ -630,6 +632,9 @@ fn classify(
             let status = response.status().as_u16();
             cluster.stats.response(status);
             cluster.record_outcome(host, Outcome::Status(status));
+            if response.headers().contains_key(&X_IMMEDIATE_HC_FAIL) {
+                cluster.immediate_health_check_fail(host);
+            }
             (Considered::Response, Ok((response, lease)))
         }
         Err(Expired::Stream(StreamTimeout::MaxDuration)) => {

@@ -1,0 +1,73 @@
+//! Health beyond EDS: [`active`] health checks (one session per host and cluster) and
+//! [`outlier`] detection. Both run on the main runtime, never on request workers: the request
+//! path only counts outcomes with atomics and, rarely, sends an [`Event`] to its cluster's
+//! health task. Their state lives in the cluster's [`super::cluster::Members`], so it survives
+//! CDS and EDS updates that keep a host.
+
+pub mod active;
+pub mod outlier;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant;
+
+use super::cluster::Members;
+use super::host::HostState;
+use crate::config::OutlierDetection;
+use crate::stats::OutlierStats;
+
+/// What the request path tells the cluster's health task.
+#[derive(Debug)]
+pub enum Event {
+    /// A run of errors reached its outlier threshold.
+    Consecutive(Arc<HostState>, outlier::EjectionKind),
+    /// A response carried `x-envoy-immediate-health-check-fail`.
+    ImmediateFail(Arc<HostState>),
+}
+
+/// The cluster's outlier settings and stats, as the health task uses them.
+#[derive(Debug, Clone)]
+pub struct OutlierSetup {
+    pub config: OutlierDetection,
+    pub stats: Arc<OutlierStats>,
+}
+
+/// The cluster's health task: handles events from the request path and runs the outlier
+/// detector's interval while outlier detection is configured.
+pub async fn supervise(members: Weak<Members>, mut events: UnboundedReceiver<Event>) {
+    let mut next_tick: Option<(Instant, Duration)> = None;
+    loop {
+        let interval = match members.upgrade() {
+            Some(owner) => owner.outlier_interval(),
+            None => return,
+        };
+        // A changed interval restarts the timer, as a new detector would.
+        next_tick = match (next_tick, interval) {
+            (Some((at, every)), Some(interval)) if every == interval => Some((at, every)),
+            (_, Some(interval)) => Some((Instant::now() + interval, interval)),
+            (_, None) => None,
+        };
+        let tick = async {
+            match next_tick {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return };
+                let Some(owner) = members.upgrade() else { return };
+                owner.on_event(event);
+            }
+            () = tick => {
+                let Some(owner) = members.upgrade() else { return };
+                owner.outlier_tick();
+                if let Some((_, every)) = next_tick {
+                    next_tick = Some((Instant::now() + every, every));
+                }
+            }
+        }
+    }
+}

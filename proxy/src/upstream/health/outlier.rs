@@ -1,0 +1,532 @@
+//! Outlier detection, as Envoy's detector: every attempt's outcome is counted per host on the
+//! request path with atomics only ([`OutlierCounters`], [`OutlierReporter::report`]); a run of
+//! errors reaching its threshold sends one event to the cluster's health task on the main
+//! runtime, which ejects the host. The same task runs the detector's interval: unejecting
+//! hosts whose ejection time is up, then success-rate and failure-percentage ejections over
+//! the interval's counts.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+
+use super::Event;
+use crate::config::OutlierDetection;
+use crate::stats::OutlierStats;
+use crate::upstream::host::{Host, HostState};
+use crate::upstream::outcome::Outcome;
+
+/// Why a host is ejected; the order of [`crate::stats::EJECTION_KINDS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EjectionKind {
+    Consecutive5xx = 0,
+    ConsecutiveGatewayFailure = 1,
+    ConsecutiveLocalOriginFailure = 2,
+    SuccessRate = 3,
+    LocalOriginSuccessRate = 4,
+    FailurePercentage = 5,
+    LocalOriginFailurePercentage = 6,
+}
+
+/// Requests and successes of one interval, in one word so the detector takes both at once:
+/// the high half counts requests, the low half successes.
+#[derive(Debug, Default)]
+pub struct Bucket(AtomicU64);
+
+impl Bucket {
+    const ONE_REQUEST: u64 = 1 << 32;
+
+    #[inline]
+    fn add(&self, success: bool) {
+        self.0
+            .fetch_add(Self::ONE_REQUEST | u64::from(success), Ordering::Relaxed);
+    }
+
+    /// The interval's (requests, successes), starting a new interval.
+    fn take(&self) -> (u64, u64) {
+        let word = self.0.swap(0, Ordering::Relaxed);
+        (word >> 32, word & 0xffff_ffff)
+    }
+}
+
+/// A host's outlier counters and what the detector last computed for it.
+#[derive(Debug)]
+pub struct OutlierCounters {
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway_failure: AtomicU32,
+    consecutive_local_origin_failure: AtomicU32,
+    external: Bucket,
+    local: Bucket,
+    /// Success rates of the last interval (percent, as `f64` bits; negative: not computed),
+    /// for `/clusters`.
+    success_rate: AtomicU64,
+    local_origin_success_rate: AtomicU64,
+    /// Ejection history; only the main runtime locks it.
+    pub record: std::sync::Mutex<EjectionRecord>,
+}
+
+impl Default for OutlierCounters {
+    fn default() -> Self {
+        OutlierCounters {
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_gateway_failure: AtomicU32::new(0),
+            consecutive_local_origin_failure: AtomicU32::new(0),
+            external: Bucket::default(),
+            local: Bucket::default(),
+            success_rate: AtomicU64::new((-1f64).to_bits()),
+            local_origin_success_rate: AtomicU64::new((-1f64).to_bits()),
+            record: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl OutlierCounters {
+    /// The last computed success rates (external, local origin); -1 when not computed.
+    pub fn success_rates(&self) -> (f64, f64) {
+        (
+            f64::from_bits(self.success_rate.load(Ordering::Relaxed)),
+            f64::from_bits(self.local_origin_success_rate.load(Ordering::Relaxed)),
+        )
+    }
+
+    fn reset_consecutive(&self) {
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gateway_failure.store(0, Ordering::Relaxed);
+        self.consecutive_local_origin_failure
+            .store(0, Ordering::Relaxed);
+    }
+}
+
+/// Clears a counter without writing a line other workers read when it is already zero.
+#[inline]
+fn clear(counter: &AtomicU32) {
+    if counter.load(Ordering::Relaxed) != 0 {
+        counter.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A host's ejections so far.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EjectionRecord {
+    pub ejections: u32,
+    pub last_ejection: Option<Instant>,
+    pub last_unejection: Option<Instant>,
+    /// Multiplies the base ejection time; grows with each ejection, shrinks while healthy.
+    pub backoff: u32,
+    pub jitter: Duration,
+}
+
+/// What the request path needs: thresholds and the way to the cluster's health task.
+#[derive(Debug)]
+pub struct OutlierReporter {
+    consecutive_5xx: u32,
+    consecutive_gateway_failure: u32,
+    consecutive_local_origin_failure: u32,
+    split: bool,
+    events: UnboundedSender<Event>,
+}
+
+impl OutlierReporter {
+    pub fn new(config: &OutlierDetection, events: UnboundedSender<Event>) -> Self {
+        OutlierReporter {
+            consecutive_5xx: config.consecutive_5xx,
+            consecutive_gateway_failure: config.consecutive_gateway_failure,
+            consecutive_local_origin_failure: config.consecutive_local_origin_failure,
+            split: config.split_external_local_origin_errors,
+            events,
+        }
+    }
+
+    /// Counts one attempt as Envoy's router and `tcp_proxy` report it: a request that got a
+    /// connection first counts a local-origin success, then its result (a status, a reset as
+    /// a failed connection, a route timeout as a 504); local-origin results count as 503/504/200
+    /// unless `split_external_local_origin_errors`.
+    #[inline]
+    pub fn report(&self, host: &Arc<HostState>, outcome: Outcome) {
+        match outcome {
+            Outcome::Status(status) => {
+                self.local_success(host);
+                self.status(host, status);
+            }
+            Outcome::Connected => {
+                if self.split {
+                    self.local_success(host);
+                } else {
+                    self.status(host, 200);
+                }
+            }
+            Outcome::ConnectFailed { .. } => self.local_failure(host, 503),
+            Outcome::Reset => {
+                self.local_success(host);
+                self.local_failure(host, 503);
+            }
+            Outcome::Timeout { route: true } => {
+                self.local_success(host);
+                self.local_failure(host, 504);
+            }
+            // The stream idle timeout is the connection manager's; Envoy's router reports
+            // nothing for it.
+            Outcome::Timeout { route: false } => self.local_success(host),
+        }
+    }
+
+    #[inline]
+    fn local_success(&self, host: &Arc<HostState>) {
+        if self.split {
+            let counters = &host.outlier;
+            counters.local.add(true);
+            clear(&counters.consecutive_local_origin_failure);
+        }
+    }
+
+    #[inline]
+    fn local_failure(&self, host: &Arc<HostState>, status: u16) {
+        if !self.split {
+            return self.status(host, status);
+        }
+        let counters = &host.outlier;
+        counters.local.add(false);
+        if counters
+            .consecutive_local_origin_failure
+            .fetch_add(1, Ordering::Relaxed)
+            + 1
+            == self.consecutive_local_origin_failure
+        {
+            self.send(host, EjectionKind::ConsecutiveLocalOriginFailure);
+        }
+    }
+
+    #[inline]
+    fn status(&self, host: &Arc<HostState>, status: u16) {
+        let counters = &host.outlier;
+        if status >= 500 {
+            counters.external.add(false);
+            if matches!(status, 502..=504) {
+                if counters
+                    .consecutive_gateway_failure
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1
+                    == self.consecutive_gateway_failure
+                {
+                    self.send(host, EjectionKind::ConsecutiveGatewayFailure);
+                }
+            } else {
+                clear(&counters.consecutive_gateway_failure);
+            }
+            if counters.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1 == self.consecutive_5xx
+            {
+                self.send(host, EjectionKind::Consecutive5xx);
+            }
+        } else {
+            counters.external.add(true);
+            clear(&counters.consecutive_5xx);
+            clear(&counters.consecutive_gateway_failure);
+        }
+    }
+
+    #[cold]
+    fn send(&self, host: &Arc<HostState>, kind: EjectionKind) {
+        let _ = self.events.send(Event::Consecutive(host.clone(), kind));
+    }
+}
+
+/// The detector's work on the main runtime, over the cluster's current hosts.
+pub struct Detector<'a> {
+    pub config: &'a OutlierDetection,
+    pub stats: &'a OutlierStats,
+    pub hosts: &'a [Arc<Host>],
+}
+
+fn lock(record: &std::sync::Mutex<EjectionRecord>) -> std::sync::MutexGuard<'_, EjectionRecord> {
+    record.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn enforced(percent: u32) -> bool {
+    percent >= 100 || (percent > 0 && rand::rng().random_range(0..100) < percent)
+}
+
+impl Detector<'_> {
+    fn ejected_count(&self) -> usize {
+        self.hosts
+            .iter()
+            .filter(|h| h.state.has(HostState::FAILED_OUTLIER_CHECK))
+            .count()
+    }
+
+    fn enforcing(&self, kind: EjectionKind) -> u32 {
+        let c = self.config;
+        match kind {
+            EjectionKind::Consecutive5xx => c.enforcing_consecutive_5xx,
+            EjectionKind::ConsecutiveGatewayFailure => c.enforcing_consecutive_gateway_failure,
+            EjectionKind::ConsecutiveLocalOriginFailure => {
+                c.enforcing_consecutive_local_origin_failure
+            }
+            EjectionKind::SuccessRate => c.enforcing_success_rate,
+            EjectionKind::LocalOriginSuccessRate => c.enforcing_local_origin_success_rate,
+            EjectionKind::FailurePercentage => c.enforcing_failure_percentage,
+            EjectionKind::LocalOriginFailurePercentage => {
+                c.enforcing_failure_percentage_local_origin
+            }
+        }
+    }
+
+    /// A run of errors reached its threshold on `state`: eject (unless already ejected, as
+    /// Envoy), then restart that run's count. Whether anything changed.
+    pub fn on_consecutive(&self, state: &Arc<HostState>, kind: EjectionKind) -> bool {
+        if !self.hosts.iter().any(|h| Arc::ptr_eq(&h.state, state))
+            || state.has(HostState::FAILED_OUTLIER_CHECK)
+        {
+            return false;
+        }
+        self.stats.detected[kind as usize].inc();
+        let changed = self.eject(state, kind);
+        let counters = &state.outlier;
+        match kind {
+            EjectionKind::Consecutive5xx => {
+                self.stats.ejections_consecutive_5xx.inc();
+                counters.consecutive_5xx.store(0, Ordering::Relaxed);
+            }
+            EjectionKind::ConsecutiveGatewayFailure => {
+                counters
+                    .consecutive_gateway_failure
+                    .store(0, Ordering::Relaxed);
+            }
+            _ => counters
+                .consecutive_local_origin_failure
+                .store(0, Ordering::Relaxed),
+        }
+        changed
+    }
+
+    /// Envoy's `ejectHost`: within `max_ejection_percent` (or the one host
+    /// `always_eject_one_host` allows), and when the kind's `enforcing_*` draw says so.
+    fn eject(&self, state: &Arc<HostState>, kind: EjectionKind) -> bool {
+        let active = self.ejected_count();
+        let percent = 100.0 * (active + 1) as f64 / self.hosts.len().max(1) as f64;
+        let mut allowed = percent <= f64::from(self.config.max_ejection_percent.min(100));
+        if self.config.always_eject_one_host {
+            allowed |= active == 0;
+        }
+        if !allowed {
+            self.stats.ejections_overflow.inc();
+            return false;
+        }
+        if matches!(
+            kind,
+            EjectionKind::Consecutive5xx | EjectionKind::SuccessRate
+        ) {
+            self.stats.ejections_total.inc();
+        }
+        if !enforced(self.enforcing(kind)) {
+            return false;
+        }
+        self.stats.ejections_enforced_total.inc();
+        self.stats.enforced[kind as usize].inc();
+        state.set_flag(HostState::FAILED_OUTLIER_CHECK, true);
+        let mut record = lock(&state.outlier.record);
+        record.ejections += 1;
+        record.last_ejection = Some(Instant::now());
+        let jitter_ms = self.config.max_ejection_time_jitter.as_millis() as u64;
+        record.jitter = Duration::from_millis(rand::rng().random_range(0..=jitter_ms));
+        let base = self.config.base_ejection_time;
+        if base * record.backoff < self.config.max_ejection_time + base {
+            record.backoff += 1;
+        }
+        drop(record);
+        self.stats.ejections_active.set(self.ejected_count() as u64);
+        true
+    }
+
+    /// Ends an ejection.
+    pub fn uneject(&self, state: &HostState) {
+        state.set_flag(HostState::FAILED_OUTLIER_CHECK, false);
+        state.outlier.reset_consecutive();
+        lock(&state.outlier.record).last_unejection = Some(Instant::now());
+        self.stats.ejections_active.set(self.ejected_count() as u64);
+    }
+
+    /// One interval: unejections that are due, success-rate and failure-percentage ejections,
+    /// and the backoff of hosts that stayed in. Whether any host's health changed.
+    pub fn interval(&self) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        let mut external = Vec::with_capacity(self.hosts.len());
+        let mut local = Vec::with_capacity(self.hosts.len());
+        for host in self.hosts {
+            let state = &host.state;
+            if state.has(HostState::FAILED_OUTLIER_CHECK) {
+                let record = *lock(&state.outlier.record);
+                let served = self
+                    .config
+                    .base_ejection_time
+                    .saturating_mul(record.backoff)
+                    .min(self.config.max_ejection_time)
+                    + record.jitter;
+                if record
+                    .last_ejection
+                    .is_none_or(|at| now.duration_since(at) >= served)
+                {
+                    self.uneject(state);
+                    changed = true;
+                }
+            }
+            let counters = &state.outlier;
+            external.push(counters.external.take());
+            local.push(counters.local.take());
+            counters
+                .success_rate
+                .store((-1f64).to_bits(), Ordering::Relaxed);
+            counters
+                .local_origin_success_rate
+                .store((-1f64).to_bits(), Ordering::Relaxed);
+        }
+        changed |= self.rates(&external, false);
+        changed |= self.rates(&local, true);
+        for host in self.hosts {
+            if host.state.has(HostState::FAILED_OUTLIER_CHECK) {
+                continue;
+            }
+            let mut record = lock(&host.state.outlier.record);
+            if record
+                .last_unejection
+                .is_some_and(|at| now.duration_since(at) >= self.config.interval)
+                && record.backoff > 0
+            {
+                record.backoff -= 1;
+            }
+        }
+        changed
+    }
+
+    /// Envoy's `processSuccessRateEjections` over the interval's (requests, successes).
+    fn rates(&self, counts: &[(u64, u64)], local: bool) -> bool {
+        let c = self.config;
+        self.stats.set_rates(local, -1.0, -1.0);
+        let hosts = self.hosts.len() as u64;
+        if hosts < u64::from(c.success_rate_minimum_hosts)
+            && hosts < u64::from(c.failure_percentage_minimum_hosts)
+        {
+            return false;
+        }
+        let sr_volume = u64::from(c.success_rate_request_volume);
+        let fp_volume = u64::from(c.failure_percentage_request_volume);
+        let mut sr_hosts = Vec::new();
+        let mut fp_hosts = Vec::new();
+        for (host, (total, success)) in self.hosts.iter().zip(counts) {
+            if host.state.has(HostState::FAILED_OUTLIER_CHECK) || *total == 0 {
+                continue;
+            }
+            let rate = *success as f64 * 100.0 / *total as f64;
+            if *total >= sr_volume.min(fp_volume) {
+                let slot = if local {
+                    &host.state.outlier.local_origin_success_rate
+                } else {
+                    &host.state.outlier.success_rate
+                };
+                slot.store(rate.to_bits(), Ordering::Relaxed);
+            }
+            if *total >= sr_volume {
+                sr_hosts.push((host, rate));
+            }
+            if *total >= fp_volume {
+                fp_hosts.push((host, rate));
+            }
+        }
+        let mut changed = false;
+        if !sr_hosts.is_empty() && sr_hosts.len() as u64 >= u64::from(c.success_rate_minimum_hosts)
+        {
+            let n = sr_hosts.len() as f64;
+            let mean = sr_hosts.iter().map(|(_, r)| r).sum::<f64>() / n;
+            let variance = sr_hosts
+                .iter()
+                .map(|(_, r)| (r - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            let threshold =
+                mean - f64::from(c.success_rate_stdev_factor) / 1000.0 * variance.sqrt();
+            self.stats.set_rates(local, mean, threshold);
+            let kind = if local {
+                EjectionKind::LocalOriginSuccessRate
+            } else {
+                EjectionKind::SuccessRate
+            };
+            for (host, rate) in &sr_hosts {
+                if *rate < threshold {
+                    self.stats.ejections_success_rate.inc();
+                    self.stats.detected[kind as usize].inc();
+                    changed |= self.eject(&host.state, kind);
+                }
+            }
+        }
+        if !fp_hosts.is_empty()
+            && fp_hosts.len() as u64 >= u64::from(c.failure_percentage_minimum_hosts)
+        {
+            let kind = if local {
+                EjectionKind::LocalOriginFailurePercentage
+            } else {
+                EjectionKind::FailurePercentage
+            };
+            for (host, rate) in &fp_hosts {
+                if 100.0 - rate >= f64::from(c.failure_percentage_threshold) {
+                    self.stats.detected[kind as usize].inc();
+                    changed |= self.eject(&host.state, kind);
+                }
+            }
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_take_requests_and_successes_together() {
+        let bucket = Bucket::default();
+        bucket.add(true);
+        bucket.add(false);
+        bucket.add(true);
+        assert_eq!(bucket.take(), (3, 2));
+        assert_eq!(bucket.take(), (0, 0));
+    }
+
+    #[test]
+    fn consecutive_errors_send_one_event_at_the_threshold() {
+        let config: OutlierDetection = remora_config::outlier::outlier_detection(
+            &xds_api::json::from_yaml_str("{consecutive_5xx: 3, consecutive_gateway_failure: 2}")
+                .expect("yaml"),
+            "",
+        )
+        .expect("valid");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let reporter = OutlierReporter::new(&config, tx);
+        let host = Arc::new(HostState::default());
+        reporter.report(&host, Outcome::Status(500));
+        reporter.report(&host, Outcome::Status(200));
+        reporter.report(&host, Outcome::Status(500));
+        reporter.report(&host, Outcome::Status(503));
+        assert!(rx.try_recv().is_err());
+        reporter.report(&host, Outcome::Reset);
+        let kinds: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|event| match event {
+                Event::Consecutive(_, kind) => kind,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // 503 then reset (a 503 without the split): two gateway errors; 500, 503, reset:
+        // three 5xx.
+        assert_eq!(
+            kinds,
+            vec![
+                EjectionKind::ConsecutiveGatewayFailure,
+                EjectionKind::Consecutive5xx
+            ]
+        );
+        reporter.report(&host, Outcome::Status(500));
+        assert!(rx.try_recv().is_err(), "past the threshold, no new event");
+    }
+}
