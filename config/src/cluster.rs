@@ -16,6 +16,7 @@ use crate::common::{
 };
 use crate::endpoint::{LoadAssignment, load_assignment};
 use crate::error::{ConfigResult, entry, err, field};
+use crate::load_balancing::{LbFields, LoadBalancing, load_balancing};
 use crate::raw::RawConfig;
 use crate::tls::UpstreamTls;
 use crate::unsupported;
@@ -34,15 +35,6 @@ pub enum DiscoveryType {
     },
     /// The downstream connection's original destination (before an iptables REDIRECT).
     OriginalDst,
-}
-
-/// How a host is picked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LbPolicy {
-    /// Weighted round robin.
-    RoundRobin,
-    /// The cluster picks (ORIGINAL_DST).
-    ClusterProvided,
 }
 
 /// Circuit breakers of one priority (Envoy's defaults).
@@ -124,7 +116,7 @@ pub struct ConnectOptions {
 pub struct Cluster {
     pub name: String,
     pub discovery: DiscoveryType,
-    pub lb_policy: LbPolicy,
+    pub load_balancing: LoadBalancing,
     pub load_assignment: LoadAssignment,
     pub connect: ConnectOptions,
     pub protocol: UpstreamProtocol,
@@ -182,6 +174,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         connection_pool_per_downstream_connection,
         cluster_discovery_type,
         lb_config,
+        load_balancing_policy,
     } = proto;
     unsupported!(
         path,
@@ -202,33 +195,26 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         outlier_detection,
         cleanup_interval,
         upstream_bind_config,
-        common_lb_config,
         metadata,
         protocol_selection,
         close_connections_on_host_health_failure,
         ignore_health_on_host_removal,
         connection_pool_per_downstream_connection,
-        lb_config,
     );
     if name.is_empty() {
         return err(field(path, "name"), "must not be empty");
     }
     let discovery = discovery(cluster_discovery_type, eds_cluster_config, name, path)?;
-    let lb_policy = match cluster_pb::cluster::LbPolicy::try_from(*lb_policy) {
-        Ok(cluster_pb::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
-        Ok(cluster_pb::cluster::LbPolicy::ClusterProvided)
-            if discovery == DiscoveryType::OriginalDst =>
-        {
-            LbPolicy::ClusterProvided
-        }
-        Ok(other) => {
-            return err(
-                field(path, "lb_policy"),
-                format!("{} is not supported", other.as_str_name()),
-            );
-        }
-        Err(_) => return err(field(path, "lb_policy"), "unknown value"),
-    };
+    let load_balancing = load_balancing(
+        LbFields {
+            lb_policy: *lb_policy,
+            lb_config,
+            common_lb_config,
+            load_balancing_policy,
+            original_dst: discovery == DiscoveryType::OriginalDst,
+        },
+        path,
+    )?;
     let connect_timeout = match connect_timeout {
         Some(value) => duration(value, &field(path, "connect_timeout"))?,
         None => Duration::from_secs(5),
@@ -377,7 +363,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
     Ok(Cluster {
         name: name.clone(),
         discovery,
-        lb_policy,
+        load_balancing,
         load_assignment,
         connect: ConnectOptions {
             connect_timeout,

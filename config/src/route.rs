@@ -16,6 +16,7 @@ use crate::common::{
 };
 use crate::error::{ConfigError, ConfigResult, err, field, item};
 use crate::filters::{PerFilterConfigs, cors, per_filter_configs};
+use crate::hash_policy::{HashPolicy, hash_policies};
 use crate::matcher::{RegexRewrite, StringMatch, regex_matcher, regex_rewrite, string_matcher};
 use crate::raw::RawConfig;
 use crate::unsupported;
@@ -179,6 +180,8 @@ pub struct Forward {
     /// Per-route `upgrade_configs`: (lowercase upgrade type, enabled). For a type listed here
     /// they override the HCM's.
     pub upgrades: Vec<(String, bool)>,
+    /// `hash_policy`: the request's hash key for consistent-hashing clusters.
+    pub hash_policies: Vec<HashPolicy>,
 }
 
 #[derive(Debug)]
@@ -601,7 +604,6 @@ fn compile_forward(
         retry_policy,
         request_mirror_policies,
         priority,
-        hash_policy,
         max_grpc_timeout,
         grpc_timeout_offset,
         hedge_policy,
@@ -688,6 +690,7 @@ fn compile_forward(
         ));
     }
     Ok(Forward {
+        hash_policies: hash_policies(hash_policy, &field(path, "hash_policy"))?,
         upgrades,
         timeout_header: timeout.map(|t| HeaderValue::from(t.as_millis() as u64)),
         cluster,

@@ -11,7 +11,7 @@ pub mod sources;
 pub use remora_config::access_log::{AccessLogConfig, LogFormat, Target, Token};
 pub use remora_config::bootstrap::{Admin, AdsFlavor, Bootstrap, DynamicResources, Node, Runtime};
 pub use remora_config::cluster::{
-    Cluster, ConnectOptions, DiscoveryType, DnsLookupFamily, LbPolicy, Thresholds, UpstreamProtocol,
+    Cluster, ConnectOptions, DiscoveryType, DnsLookupFamily, Thresholds, UpstreamProtocol,
 };
 pub use remora_config::common::{
     CidrRange, ConfigSource, EndpointAddress, Http1Options, Http2Keepalive, Http2Options,
@@ -20,9 +20,13 @@ pub use remora_config::common::{
 pub use remora_config::endpoint::{
     DEFAULT_OVERPROVISIONING, HealthStatus, LbEndpoint, LoadAssignment, Locality,
 };
+pub use remora_config::hash_policy::{CookieHash, HashPolicy, HashSource};
 pub use remora_config::hcm::{Codec, HttpConnectionManager, RouteSource};
 pub use remora_config::listener::{
     FilterChain, FilterChainMatch, Listener, NetworkFilter, SourceType,
+};
+pub use remora_config::load_balancing::{
+    HashFunction, LbPolicy, LeastRequest, LoadBalancing, Maglev, PeakEwma, RingHash, SlowStart,
 };
 pub use remora_config::route::{Files, RouteTable};
 pub use remora_config::tcp_proxy::{TcpClusters, TcpProxy, WeightedName};

@@ -292,13 +292,15 @@ async fn handle(
         check_framing(hcm, &mut parts)?;
         let upgrading =
             parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
-        headers::on_request(
+        let origin = headers::on_request(
             hcm,
             &mut parts.headers,
             connection.info.source,
             connection.scheme,
             upgrading,
         );
+        // Hash policies (source IP, generated cookies) hash the trusted client address.
+        parts.extensions.insert(origin);
         let snapshot = manager.store.load();
         let Some(table) = manager.table(&snapshot) else {
             stats.no_route.inc();

@@ -20,7 +20,7 @@ use super::host::{Host, HostState};
 use super::lb::{LbContext, LoadBalancer};
 use super::outcome::Outcome;
 use super::pool::Pools;
-use super::priority::PrioritySet;
+use super::priority::{PrioritySet, Settings};
 use crate::config::{
     self, ConfigResult, DiscoveryType, EndpointAddress, LbEndpoint, LoadAssignment,
 };
@@ -36,19 +36,23 @@ pub struct Members {
     /// The endpoints hosts are made from, kept to rebuild the set when health changes.
     endpoints: Mutex<Vec<(SocketAddr, LbEndpoint)>>,
     set: ArcSwap<PrioritySet>,
-    policy: Mutex<(Arc<dyn LoadBalancer>, u32)>,
+    policy: Mutex<(Arc<dyn LoadBalancer>, Settings)>,
     initialized: AtomicBool,
     init: Notify,
 }
 
 impl Members {
-    fn new(stats: Arc<ClusterStats>, policy: Arc<dyn LoadBalancer>) -> Arc<Self> {
+    fn new(
+        stats: Arc<ClusterStats>,
+        policy: Arc<dyn LoadBalancer>,
+        settings: Settings,
+    ) -> Arc<Self> {
         Arc::new(Members {
             stats,
             states: Mutex::default(),
             endpoints: Mutex::default(),
             set: ArcSwap::default(),
-            policy: Mutex::new((policy, crate::config::DEFAULT_OVERPROVISIONING)),
+            policy: Mutex::new((policy, settings)),
             initialized: AtomicBool::new(false),
             init: Notify::new(),
         })
@@ -64,7 +68,7 @@ impl Members {
     pub fn set_endpoints(&self, endpoints: Vec<(SocketAddr, LbEndpoint)>, overprovisioning: u32) {
         {
             let mut policy = lock(&self.policy);
-            policy.1 = overprovisioning;
+            policy.1.overprovisioning = overprovisioning;
         }
         *lock(&self.endpoints) = endpoints;
         self.rebuild();
@@ -95,8 +99,19 @@ impl Members {
         }
     }
 
-    fn set_policy(&self, policy: Arc<dyn LoadBalancer>) {
-        lock(&self.policy).0 = policy;
+    fn set_policy(&self, policy: Arc<dyn LoadBalancer>, settings: Settings) {
+        {
+            let mut current = lock(&self.policy);
+            // The overprovisioning factor comes with the endpoints.
+            let overprovisioning = current.1.overprovisioning;
+            *current = (
+                policy,
+                Settings {
+                    overprovisioning,
+                    ..settings
+                },
+            );
+        }
         self.rebuild();
     }
 
@@ -118,8 +133,8 @@ impl Members {
         *states = kept;
         drop(states);
         drop(endpoints);
-        let (policy, overprovisioning) = lock(&self.policy).clone();
-        let set = PrioritySet::new(hosts, policy.as_ref(), overprovisioning);
+        let (policy, settings) = lock(&self.policy).clone();
+        let set = PrioritySet::new(hosts, policy.as_ref(), settings);
         self.stats.membership_total.set(set.hosts.len() as u64);
         self.stats
             .membership_healthy
@@ -165,6 +180,18 @@ fn same_connections(a: &config::Cluster, b: &config::Cluster) -> bool {
         && a.thresholds.max_pending_requests == b.thresholds.max_pending_requests
 }
 
+/// The priority set's settings from a cluster's config (the overprovisioning factor comes with
+/// its endpoints).
+fn balancing_settings(config: &config::Cluster) -> Settings {
+    let balancing = &config.load_balancing;
+    Settings {
+        overprovisioning: config.load_assignment.overprovisioning,
+        panic_threshold: balancing.panic_threshold,
+        locality_weighted: balancing.locality_weighted,
+        fail_traffic_on_panic: balancing.fail_traffic_on_panic,
+    }
+}
+
 /// What must be equal for a new cluster config to keep the old one's hosts.
 fn same_hosts(a: &config::Cluster, b: &config::Cluster) -> bool {
     a.discovery == b.discovery
@@ -187,7 +214,8 @@ impl Cluster {
             Some(previous) => previous.stats.clone(),
             None => Arc::new(ClusterStats::new(registry, &config.name)),
         };
-        let policy = super::lb::policy(&config);
+        let policy = super::lb::policy(&config.load_balancing);
+        let settings = balancing_settings(&config);
         let (connector, pools) = match previous {
             Some(previous) if same_connections(&previous.config, &config) => {
                 (previous.connector.clone(), previous.pools.clone())
@@ -205,10 +233,10 @@ impl Cluster {
         let members = match previous {
             Some(previous) if same_hosts(&previous.config, &config) => {
                 let members = previous.members.clone();
-                members.set_policy(policy);
+                members.set_policy(policy, settings);
                 members
             }
-            _ => Members::new(stats.clone(), policy),
+            _ => Members::new(stats.clone(), policy, settings),
         };
         let cluster = Arc::new(Cluster {
             config,
@@ -259,6 +287,17 @@ impl Cluster {
     /// What happened with a host: the router and `tcp_proxy` report every attempt here.
     pub fn record_outcome(&self, host: &Host, outcome: Outcome) {
         outcome.count(host.stats());
+    }
+
+    /// How long a host took to answer a request (until its response headers): the router
+    /// reports it beside the outcome of every answered attempt. The peak-EWMA policy balances
+    /// on it; other policies do not keep it.
+    pub fn record_response_time(&self, host: &Host, elapsed: std::time::Duration) {
+        if let config::LbPolicy::PeakEwma(peak_ewma) = &self.config.load_balancing.policy {
+            host.state
+                .latency
+                .observe(elapsed, super::lb::clock::now_micros(), peak_ewma.decay);
+        }
     }
 
     /// Starts DNS resolution for STRICT_DNS and LOGICAL_DNS clusters on the current runtime.

@@ -2,16 +2,45 @@
 //! degraded availability (its share of healthy or degraded hosts times the overprovisioning
 //! factor, capped at 100%) decides how much load it takes, highest priority first; degraded
 //! hosts take only what healthy ones across all priorities leave; a priority whose healthy and
-//! degraded hosts are under the panic threshold (50%) is in panic and balances over all of its
-//! hosts. The chosen list is handed to the cluster's policy.
+//! degraded hosts are under the panic threshold (`healthy_panic_threshold`, 50% by default) is
+//! in panic and balances over all of its hosts. With locality weighted balancing, a locality
+//! of the chosen priority is picked next, by its weight times its share of usable hosts. The
+//! chosen list is handed to the cluster's policy.
+//!
+//! Consistent-hashing policies are run as Envoy runs them: the request's hash key also picks
+//! the priority, the policy folds locality weights into its ring or table, and it always
+//! balances over the priority's healthy hosts (all of them in panic).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::host::{Health, Host};
+use super::lb::edf::Edf;
 use super::lb::{LbContext, LoadBalancer, Picker};
+use crate::config::{DEFAULT_OVERPROVISIONING, Locality};
 
-/// Envoy's default `healthy_panic_threshold` (percent).
-pub const PANIC_THRESHOLD: u64 = 50;
+/// How a cluster's priority set balances around its policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// The load assignment's overprovisioning factor (percent).
+    pub overprovisioning: u32,
+    /// `healthy_panic_threshold` (percent; 0 turns panic off).
+    pub panic_threshold: u32,
+    /// Pick a locality by weight before a host.
+    pub locality_weighted: bool,
+    /// A priority in panic picks no host (`zone_aware_lb_config.fail_traffic_on_panic`).
+    pub fail_traffic_on_panic: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            overprovisioning: DEFAULT_OVERPROVISIONING,
+            panic_threshold: remora_config::load_balancing::DEFAULT_PANIC_THRESHOLD,
+            locality_weighted: false,
+            fail_traffic_on_panic: false,
+        }
+    }
+}
 
 /// A list of hosts with the policy's picker prepared for it.
 #[derive(Debug)]
@@ -39,6 +68,78 @@ struct Level {
     all: HostList,
     healthy: HostList,
     degraded: HostList,
+    /// Locality weighted balancing (not with consistent hashing).
+    localities: Option<Localities>,
+}
+
+/// A level's healthy and degraded hosts per locality, and the schedules that pick a locality.
+#[derive(Debug)]
+struct Localities {
+    healthy: Vec<HostList>,
+    degraded: Vec<HostList>,
+    /// `None` when no locality has an effective weight: then the level's whole list is used.
+    pick_healthy: Option<Mutex<Edf>>,
+    pick_degraded: Option<Mutex<Edf>>,
+    healthy_weights: Vec<f64>,
+    degraded_weights: Vec<f64>,
+}
+
+impl Localities {
+    /// Groups `all` by locality (localities in order: region, zone, sub-zone, as Envoy orders
+    /// them); a locality's effective weight is its weight times the share of its hosts that is
+    /// usable (times the overprovisioning factor, capped at 1), as Envoy's.
+    fn new(all: &[Arc<Host>], policy: &dyn LoadBalancer, overprovisioning: u32) -> Self {
+        let mut groups: std::collections::BTreeMap<&Locality, Vec<&Arc<Host>>> =
+            std::collections::BTreeMap::new();
+        for host in all {
+            groups.entry(&host.locality).or_default().push(host);
+        }
+        let mut out = Localities {
+            healthy: Vec::with_capacity(groups.len()),
+            degraded: Vec::with_capacity(groups.len()),
+            pick_healthy: None,
+            pick_degraded: None,
+            healthy_weights: Vec::new(),
+            degraded_weights: Vec::new(),
+        };
+        for members in groups.values() {
+            let weight = f64::from(members[0].locality_weight.unwrap_or(0));
+            let share = |health: Health| {
+                let usable: Vec<Arc<Host>> = members
+                    .iter()
+                    .filter(|h| h.health() == health)
+                    .map(|h| (*h).clone())
+                    .collect();
+                let ratio = usable.len() as f64 / members.len() as f64;
+                let effective = weight * (f64::from(overprovisioning) / 100.0 * ratio).min(1.0);
+                (HostList::new(usable, policy), effective)
+            };
+            let (healthy, healthy_weight) = share(Health::Healthy);
+            let (degraded, degraded_weight) = share(Health::Degraded);
+            out.healthy.push(healthy);
+            out.degraded.push(degraded);
+            out.healthy_weights.push(healthy_weight);
+            out.degraded_weights.push(degraded_weight);
+        }
+        let schedule = |weights: &[f64]| {
+            let edf = Edf::new(weights.iter().copied().enumerate());
+            (!edf.is_empty()).then(|| Mutex::new(edf))
+        };
+        out.pick_healthy = schedule(&out.healthy_weights);
+        out.pick_degraded = schedule(&out.degraded_weights);
+        out
+    }
+
+    /// The list of the locality whose turn it is, if any locality has a weight.
+    fn pick(&self, source: Source) -> Option<&HostList> {
+        let (schedule, weights, lists) = match source {
+            Source::Healthy => (&self.pick_healthy, &self.healthy_weights, &self.healthy),
+            Source::Degraded => (&self.pick_degraded, &self.degraded_weights, &self.degraded),
+        };
+        let mut edf = schedule.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+        let index = edf.pick_and_add(|index| weights[index])?;
+        lists.get(index)
+    }
 }
 
 /// Which list of the chosen priority a pick uses.
@@ -60,6 +161,8 @@ pub struct PrioritySet {
     healthy_load: Vec<u32>,
     degraded_load: Vec<u32>,
     panic: Vec<bool>,
+    consistent_hashing: bool,
+    fail_traffic_on_panic: bool,
 }
 
 /// What a pick found.
@@ -71,7 +174,9 @@ pub struct Chosen<'a> {
 }
 
 impl PrioritySet {
-    pub fn new(hosts: Vec<Arc<Host>>, policy: &dyn LoadBalancer, overprovisioning: u32) -> Self {
+    pub fn new(hosts: Vec<Arc<Host>>, policy: &dyn LoadBalancer, settings: Settings) -> Self {
+        let overprovisioning = settings.overprovisioning;
+        let consistent_hashing = policy.consistent_hashing();
         let levels_count = hosts
             .iter()
             .map(|h| h.priority as usize + 1)
@@ -107,11 +212,22 @@ impl PrioritySet {
             let usable_percent = (100 * (healthy.len() + degraded.len()) as u64)
                 .checked_div(total)
                 .unwrap_or(0);
-            panic.push(usable_percent < PANIC_THRESHOLD);
+            panic.push(usable_percent < u64::from(settings.panic_threshold.min(100)));
+            let localities = (settings.locality_weighted && !consistent_hashing)
+                .then(|| Localities::new(&all, policy, overprovisioning));
             levels.push(Level {
                 all: HostList::new(all, policy),
                 healthy: HostList::new(healthy, policy),
-                degraded: HostList::new(degraded, policy),
+                // Consistent hashing never uses degraded hosts on their own.
+                degraded: HostList::new(
+                    if consistent_hashing {
+                        Vec::new()
+                    } else {
+                        degraded
+                    },
+                    policy,
+                ),
+                localities,
             });
         }
         let mut set = PrioritySet {
@@ -120,11 +236,12 @@ impl PrioritySet {
             healthy_load: vec![0; levels_count],
             degraded_load: vec![0; levels_count],
             panic,
+            consistent_hashing,
+            fail_traffic_on_panic: settings.fail_traffic_on_panic && !consistent_hashing,
         };
         set.distribute(&healthy_availability, &degraded_availability);
         set
     }
-
     /// Envoy's load split: healthy availability first, then degraded, normalised so the total
     /// is 100; no panic while the normalised total availability is 100; if every priority is
     /// in panic, load follows host counts.
@@ -198,7 +315,8 @@ impl PrioritySet {
     }
 
     /// Chooses a priority (by the request's hash key if it has one, else at random), then a
-    /// host from that priority's healthy, degraded or — in panic — full list.
+    /// host from that priority's healthy, degraded or — in panic — full list (with locality
+    /// weighting, from the list of the locality whose turn it is).
     pub fn choose(&self, context: &LbContext<'_>) -> Option<Chosen<'_>> {
         let (priority, source) = match self.levels.len() {
             0 => return None,
@@ -207,14 +325,25 @@ impl PrioritySet {
         };
         let level = &self.levels[priority];
         if self.panic[priority] {
+            if self.fail_traffic_on_panic {
+                return None;
+            }
             return level
                 .all
                 .pick(context)
                 .map(|host| Chosen { host, panic: true });
         }
-        let list = match source {
-            Source::Healthy => &level.healthy,
-            Source::Degraded => &level.degraded,
+        let source = if self.consistent_hashing {
+            Source::Healthy
+        } else {
+            source
+        };
+        let list = match level.localities.as_ref().and_then(|l| l.pick(source)) {
+            Some(locality) => locality,
+            None => match source {
+                Source::Healthy => &level.healthy,
+                Source::Degraded => &level.degraded,
+            },
         };
         list.pick(context).map(|host| Chosen { host, panic: false })
     }
@@ -280,8 +409,8 @@ mod tests {
                 host(2, 1, Unknown, 0),
                 host(3, 5, Unhealthy, 0),
             ],
-            &RoundRobin,
-            140,
+            &RoundRobin::default(),
+            Settings::default(),
         );
         assert_eq!(picks(&set, 400), [0, 300, 100, 0, 0, 0, 0, 0]);
     }
@@ -291,8 +420,8 @@ mod tests {
         use HealthStatus::*;
         let set = PrioritySet::new(
             vec![host(1, 1, Unhealthy, 0), host(2, 1, Healthy, 1)],
-            &RoundRobin,
-            140,
+            &RoundRobin::default(),
+            Settings::default(),
         );
         assert_eq!(picks(&set, 10), [0, 0, 10, 0, 0, 0, 0, 0]);
         // One priority with one host of three healthy: under the 50% threshold, in panic, so
@@ -303,8 +432,8 @@ mod tests {
                 host(2, 1, Unhealthy, 0),
                 host(3, 1, Healthy, 0),
             ],
-            &RoundRobin,
-            140,
+            &RoundRobin::default(),
+            Settings::default(),
         );
         assert_eq!(picks(&panic, 30), [0, 10, 10, 10, 0, 0, 0, 0]);
         let chosen = panic.choose(&LbContext::default()).unwrap();
@@ -322,8 +451,8 @@ mod tests {
                 host(3, 1, Healthy, 0),
                 host(4, 1, Degraded, 0),
             ],
-            &RoundRobin,
-            140,
+            &RoundRobin::default(),
+            Settings::default(),
         );
         assert_eq!(picks(&set, 30), [0, 10, 10, 10, 0, 0, 0, 0]);
         // Two healthy of three: 2/3 × 140% is 93% (integer percent, as Envoy computes it), so
@@ -334,8 +463,8 @@ mod tests {
                 host(2, 1, Healthy, 0),
                 host(3, 1, Degraded, 0),
             ],
-            &RoundRobin,
-            140,
+            &RoundRobin::default(),
+            Settings::default(),
         );
         assert_eq!(
             (most.healthy_load.clone(), most.degraded_load.clone()),
@@ -348,8 +477,8 @@ mod tests {
                 host(2, 1, Degraded, 0),
                 host(3, 1, Degraded, 0),
             ],
-            &RoundRobin,
-            140,
+            &RoundRobin::default(),
+            Settings::default(),
         );
         assert_eq!(short.healthy_load, vec![46]);
         assert_eq!(short.degraded_load, vec![54]);
@@ -360,12 +489,12 @@ mod tests {
 
     #[test]
     fn no_hosts_no_pick() {
-        let set = PrioritySet::new(Vec::new(), &RoundRobin, 140);
+        let set = PrioritySet::new(Vec::new(), &RoundRobin::default(), Settings::default());
         assert!(set.choose(&LbContext::default()).is_none());
         let all_down = PrioritySet::new(
             vec![host(1, 1, HealthStatus::Unhealthy, 0)],
-            &RoundRobin,
-            140,
+            &RoundRobin::default(),
+            Settings::default(),
         );
         // Total panic: the one host is tried anyway, as Envoy does.
         assert_eq!(

@@ -16,6 +16,7 @@ use remora_config::route::{ClusterSpec, Forward, HostRewrite};
 use tokio::time::Instant;
 
 use super::RouteRequest;
+use super::hash_key::request_hash_key;
 use crate::config::UpstreamProtocol;
 use crate::error::{ProxyError, ResponseFlag};
 use crate::http::body::{
@@ -85,7 +86,16 @@ pub(super) async fn forward(
         reply.from_router = true;
         return Err(reply);
     };
+    let hash_key = request_hash_key(
+        cluster,
+        &forward.hash_policies,
+        &parts,
+        &path_and_query,
+        downstream.destination,
+        downstream.source,
+    );
     let Some(upstream_host) = cluster.choose(&LbContext {
+        hash: hash_key.hash,
         original_dst: Some(downstream.destination),
         ..LbContext::default()
     }) else {
@@ -208,6 +218,7 @@ pub(super) async fn forward(
     // Send. One timer per request: the route deadline and the stream idle timeout (the
     // route's, else the HCM's) bound the wait for headers, then move into the response body.
     let host_active = HostGauge::new(&upstream_host.state, |s| &s.rq_active);
+    let sent_at = Instant::now();
     let (sent, timer) = send_upstream(
         cluster.pools.send(&upstream_host, upstream_request),
         forward.timeout,
@@ -281,6 +292,7 @@ pub(super) async fn forward(
     };
     let status = response.status();
     cluster.stats.response(status.as_u16());
+    cluster.record_response_time(&upstream_host, sent_at.elapsed());
     cluster.record_outcome(&upstream_host, Outcome::Status(status.as_u16()));
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(downstream_upgrade) = downstream_upgrade
@@ -299,6 +311,7 @@ pub(super) async fn forward(
     let elapsed = started.elapsed().as_millis() as u64;
     response_headers.insert(&X_SERVICE_TIME, HeaderValue::from(elapsed));
     response_headers.insert(header::SERVER, manager.server_header.clone());
+    hash_key.set_cookies(response_headers);
     if hcm.always_set_request_id_in_response
         && let Some(id) = request_id
     {

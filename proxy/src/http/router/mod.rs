@@ -7,6 +7,7 @@
 #![allow(clippy::result_large_err)]
 
 mod forward;
+mod hash_key;
 
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;

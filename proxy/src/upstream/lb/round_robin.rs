@@ -1,21 +1,70 @@
 //! ROUND_ROBIN: weighted, smooth (each host's turns spread out over the cycle rather than in a
 //! run), as Envoy's weighted round robin sends 100/200/300/400 of 1,000 requests to hosts
-//! weighted 1, 2, 3 and 4.
+//! weighted 1, 2, 3 and 4. With slow start, weights change over time, so picks follow an
+//! earliest-deadline-first schedule that takes each host's weight as it is at its turn.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use super::{LbContext, LoadBalancer, Picker};
+use super::edf::Edf;
+use super::{LbContext, LoadBalancer, Picker, clock, slow_start};
+use crate::config::SlowStart;
 use crate::upstream::host::Host;
 
 #[derive(Debug, Default)]
-pub struct RoundRobin;
+pub struct RoundRobin {
+    slow_start: Option<SlowStart>,
+}
+
+impl RoundRobin {
+    pub fn new(slow_start: Option<SlowStart>) -> Self {
+        RoundRobin { slow_start }
+    }
+}
 
 impl LoadBalancer for RoundRobin {
     fn prepare(&self, hosts: &[Arc<Host>]) -> Box<dyn Picker> {
+        if let Some(config) = self.slow_start {
+            return Box::new(SlowStartSchedule::new(config, hosts));
+        }
         Box::new(Schedule {
             order: schedule(hosts),
             next: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// Round robin over weights scaled by slow start.
+#[derive(Debug)]
+struct SlowStartSchedule {
+    config: SlowStart,
+    edf: Mutex<Edf>,
+}
+
+impl SlowStartSchedule {
+    fn new(config: SlowStart, hosts: &[Arc<Host>]) -> Self {
+        let now = clock::now_micros();
+        let edf = Edf::new(hosts.iter().enumerate().map(|(index, host)| {
+            (
+                index,
+                f64::from(host.weight) * slow_start::factor(&config, host, now),
+            )
+        }));
+        SlowStartSchedule {
+            config,
+            edf: Mutex::new(edf),
+        }
+    }
+}
+
+impl Picker for SlowStartSchedule {
+    fn pick(&self, hosts: &[Arc<Host>], _context: &LbContext<'_>) -> Option<usize> {
+        let now = clock::now_micros();
+        let mut edf = self.edf.lock().unwrap_or_else(|p| p.into_inner());
+        edf.pick_and_add(|index| {
+            hosts.get(index).map_or(0.0, |host| {
+                f64::from(host.weight) * slow_start::factor(&self.config, host, now)
+            })
         })
     }
 }
