@@ -6,7 +6,8 @@
 //! Peak-sensitive: a response slower than the current average replaces it at once, so a host
 //! that slows down loses traffic on its next answer; faster responses pull the average down
 //! gradually. The average also decays towards zero while a host gets no answers, so a host
-//! that was shunned is tried again after a while. The router feeds the averages through
+//! that was shunned is tried again after a while; a host that never answered yet is tried
+//! first. The router feeds the averages through
 //! [`crate::upstream::Cluster::record_response_time`].
 
 use std::sync::Arc;
@@ -89,15 +90,16 @@ struct TwoChoices {
 }
 
 impl TwoChoices {
-    /// A host's cost now: its average (or the default before any response) times its requests
-    /// in flight plus one.
+    /// A host's cost now: its average times its requests in flight plus one. A host that has
+    /// not answered yet costs nothing while idle, so that a new host is tried at once (as
+    /// Finagle does), and the default response time while it has requests in flight.
     fn cost(&self, host: &Host, now: u64) -> f64 {
-        let latency = host
-            .state
-            .latency
-            .estimate(now, self.config.decay)
-            .unwrap_or(self.config.default_rtt.as_nanos() as f64);
-        latency * (active(host) + 1) as f64
+        let in_flight = active(host);
+        match host.state.latency.estimate(now, self.config.decay) {
+            Some(latency) => latency * (in_flight + 1) as f64,
+            None if in_flight == 0 => 0.0,
+            None => self.config.default_rtt.as_nanos() as f64 * (in_flight + 1) as f64,
+        }
     }
 }
 
