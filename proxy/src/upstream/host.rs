@@ -137,6 +137,12 @@ impl HostState {
     pub fn usable_since(&self) -> u64 {
         self.usable_since.load(Ordering::Acquire)
     }
+
+    /// Pretends the host became usable at `micros` (for tests of slow start).
+    #[cfg(test)]
+    pub fn set_usable_since(&self, micros: u64) {
+        self.usable_since.store(micros, Ordering::Release);
+    }
 }
 
 /// One host's counters and gauges: Envoy's per-host stats, as `/clusters` lists them.

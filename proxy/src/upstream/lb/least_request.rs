@@ -146,3 +146,58 @@ impl Picker for Weighted {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::lb::hashing::tests_support::hosts;
+
+    fn counts(picker: &dyn Picker, hosts: &[Arc<Host>], n: usize) -> Vec<usize> {
+        let mut counts = vec![0; hosts.len()];
+        for _ in 0..n {
+            counts[picker.pick(hosts, &LbContext::default()).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn equal_weights_pick_the_least_loaded_of_the_choices() {
+        let hosts = hosts(&[1, 1, 1]);
+        for _ in 0..3 {
+            hosts[0].stats().rq_active.inc();
+        }
+        // A full scan never picks the loaded host; two choices pick it only when both
+        // samples are it (1 in 9).
+        let full = LeastRequest::new(config::LeastRequest {
+            full_scan: true,
+            ..Default::default()
+        })
+        .prepare(&hosts);
+        assert_eq!(counts(full.as_ref(), &hosts, 300)[0], 0);
+        let two = LeastRequest::new(config::LeastRequest::default()).prepare(&hosts);
+        let loaded = counts(two.as_ref(), &hosts, 900)[0];
+        assert!((50..=150).contains(&loaded), "{loaded}");
+    }
+
+    #[test]
+    fn unequal_weights_follow_envoys_active_request_bias_formula() {
+        let hosts = hosts(&[2, 1]);
+        // Host 0 (weight 2) has 3 requests in flight: 2 / (3 + 1)^bias.
+        for _ in 0..3 {
+            hosts[0].stats().rq_active.inc();
+        }
+        let share = |bias: f64| {
+            let picker = LeastRequest::new(config::LeastRequest {
+                active_request_bias: bias,
+                ..Default::default()
+            })
+            .prepare(&hosts);
+            counts(picker.as_ref(), &hosts, 600)[0]
+        };
+        // bias 1: weights 0.5 and 1 → a third; bias 0: weights 2 and 1 → two thirds;
+        // bias 0.5: 2 / 2 = 1 and 1 → a half.
+        assert!((195..=205).contains(&share(1.0)), "{}", share(1.0));
+        assert!((395..=405).contains(&share(0.0)), "{}", share(0.0));
+        assert!((295..=305).contains(&share(0.5)), "{}", share(0.5));
+    }
+}

@@ -114,3 +114,47 @@ fn schedule(hosts: &[Arc<Host>]) -> Vec<usize> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::lb::hashing::tests_support::hosts;
+    use std::time::Duration;
+
+    fn counts(picker: &dyn Picker, hosts: &[Arc<Host>], n: usize) -> Vec<usize> {
+        let mut counts = vec![0; hosts.len()];
+        for _ in 0..n {
+            counts[picker.pick(hosts, &LbContext::default()).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn weights_share_exactly_over_a_cycle() {
+        let hosts = hosts(&[1, 2, 3, 4]);
+        let picker = RoundRobin::default().prepare(&hosts);
+        assert_eq!(counts(picker.as_ref(), &hosts, 1000), [100, 200, 300, 400]);
+    }
+
+    #[test]
+    fn a_host_in_slow_start_gets_its_ramped_share() {
+        let hosts = hosts(&[1, 1]);
+        let now = clock::now_micros();
+        // Host 0 has been there for long; host 1 joined a quarter of the window ago.
+        hosts[0].state.set_usable_since(0);
+        hosts[1].state.set_usable_since(now - 2_500_000);
+        let slow = SlowStart {
+            window: Duration::from_secs(10),
+            aggression: 1.0,
+            min_weight: 0.1,
+        };
+        let picker = RoundRobin::new(Some(slow)).prepare(&hosts);
+        let shares = counts(picker.as_ref(), &hosts, 500);
+        // Weights 1 and 0.25 (a little more as time passes): host 1 gets about a fifth.
+        assert!((95..=110).contains(&shares[1]), "{shares:?}");
+        // Out of its window it is an equal again.
+        hosts[1].state.set_usable_since(0);
+        let picker = RoundRobin::new(Some(slow)).prepare(&hosts);
+        assert_eq!(counts(picker.as_ref(), &hosts, 500), [250, 250]);
+    }
+}

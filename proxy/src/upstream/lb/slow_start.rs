@@ -13,14 +13,15 @@ pub fn factor(config: &SlowStart, host: &Host, now_micros: u64) -> f64 {
     ramp(config, now_micros.saturating_sub(host.state.usable_since()))
 }
 
-/// The factor `elapsed_micros` into the window.
+/// The factor `elapsed_micros` into the window (in whole milliseconds, as Envoy counts).
 pub fn ramp(config: &SlowStart, elapsed_micros: u64) -> f64 {
-    let window = config.window.as_micros() as u64;
-    if elapsed_micros >= window {
+    let window = config.window.as_millis() as u64;
+    let elapsed = elapsed_micros / 1000;
+    if elapsed >= window {
         return 1.0;
     }
-    // Envoy counts at least a millisecond.
-    let time = elapsed_micros.max(1000) as f64 / window as f64;
+    // At least a millisecond.
+    let time = elapsed.max(1) as f64 / window as f64;
     let shaped = if config.aggression == 1.0 {
         time
     } else {
@@ -61,5 +62,10 @@ mod tests {
             (ramp(&steep, 0) - (0.0001f64).sqrt()).abs() < 1e-9,
             "at least 1 ms"
         );
+        let tiny = SlowStart {
+            window: Duration::from_micros(900),
+            ..linear
+        };
+        assert_eq!(ramp(&tiny, 0), 1.0, "a window under a millisecond is none");
     }
 }
