@@ -112,21 +112,32 @@ impl Picker for TwoChoices {
                 let now = clock::now_micros();
                 let mut rng = rand::rng();
                 let choices = (self.config.choice_count as usize).min(len);
-                // Distinct samples (Floyd's algorithm keeps them without a shuffle).
-                let mut sampled: Vec<usize> = Vec::with_capacity(choices);
-                for upper in (len - choices)..len {
+                // Distinct samples by Floyd's algorithm; on the stack for up to 8 choices.
+                let mut stack = [0usize; 8];
+                let mut heap = Vec::new();
+                let sampled: &mut [usize] = if choices <= stack.len() {
+                    &mut stack[..choices]
+                } else {
+                    heap.resize(choices, 0);
+                    &mut heap
+                };
+                for (taken, upper) in ((len - choices)..len).enumerate() {
                     let candidate = rng.random_range(0..=upper);
-                    let pick = if sampled.contains(&candidate) {
+                    sampled[taken] = if sampled[..taken].contains(&candidate) {
                         upper
                     } else {
                         candidate
                     };
-                    sampled.push(pick);
                 }
-                sampled.into_iter().min_by(|a, b| {
-                    self.cost(&hosts[*a], now)
-                        .total_cmp(&self.cost(&hosts[*b], now))
-                })
+                let mut best = sampled[0];
+                let mut best_cost = self.cost(&hosts[best], now);
+                for index in sampled[1..].iter().copied() {
+                    let cost = self.cost(&hosts[index], now);
+                    if cost < best_cost {
+                        (best, best_cost) = (index, cost);
+                    }
+                }
+                Some(best)
             }
         }
     }
