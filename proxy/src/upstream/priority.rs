@@ -218,15 +218,7 @@ impl PrioritySet {
             levels.push(Level {
                 all: HostList::new(all, policy),
                 healthy: HostList::new(healthy, policy),
-                // Consistent hashing never uses degraded hosts on their own.
-                degraded: HostList::new(
-                    if consistent_hashing {
-                        Vec::new()
-                    } else {
-                        degraded
-                    },
-                    policy,
-                ),
+                degraded: HostList::new(degraded, policy),
                 localities,
             });
         }
@@ -485,6 +477,107 @@ mod tests {
         let counts = picks(&short, 2000);
         assert!(counts[2] > 0 && counts[3] > 0, "{counts:?}");
         assert!((800..1050).contains(&counts[1]), "{counts:?}");
+    }
+
+    #[test]
+    fn consistent_hashing_uses_healthy_hosts_only_as_envoy_does() {
+        use HealthStatus::*;
+        let ring = crate::upstream::lb::RingHash::new(
+            &crate::config::RingHash {
+                minimum_ring_size: 64,
+                maximum_ring_size: 1024,
+                hash_function: crate::config::HashFunction::XxHash,
+                hash_policies: Vec::new(),
+            },
+            false,
+        );
+        let set = PrioritySet::new(
+            vec![
+                host(1, 1, Healthy, 0),
+                host(2, 1, Degraded, 0),
+                host(3, 1, Degraded, 0),
+            ],
+            &ring,
+            Settings::default(),
+        );
+        // 46% healthy and 54% degraded load, but the ring is built over the healthy host.
+        assert_eq!(set.degraded_count(), 2);
+        for hash in 0..200u64 {
+            let context = LbContext {
+                hash: Some(hash.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                ..LbContext::default()
+            };
+            assert_eq!(set.choose(&context).unwrap().host.addr.port(), 1);
+        }
+    }
+
+    #[test]
+    fn the_panic_threshold_and_fail_traffic_on_panic_are_the_clusters() {
+        use HealthStatus::*;
+        let hosts = || {
+            vec![
+                host(1, 1, Healthy, 0),
+                host(2, 1, Unhealthy, 0),
+                host(3, 1, Unhealthy, 0),
+            ]
+        };
+        let with = |panic_threshold, fail_traffic_on_panic| {
+            PrioritySet::new(
+                hosts(),
+                &RoundRobin::default(),
+                Settings {
+                    panic_threshold,
+                    fail_traffic_on_panic,
+                    ..Settings::default()
+                },
+            )
+        };
+        // A third healthy: in panic under 50% (everyone), not under 33% (the healthy one).
+        assert_eq!(picks(&with(50, false), 30), [0, 10, 10, 10, 0, 0, 0, 0]);
+        assert_eq!(picks(&with(33, false), 30), [0, 30, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(picks(&with(0, false), 30), [0, 30, 0, 0, 0, 0, 0, 0]);
+        assert!(with(50, true).choose(&LbContext::default()).is_none());
+    }
+
+    #[test]
+    fn localities_are_picked_by_weight_times_usable_share() {
+        use HealthStatus::*;
+        let located = |port, health, zone: &str, weight| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            Arc::new(Host::new(
+                addr,
+                &LbEndpoint {
+                    address: EndpointAddress::Ip(addr),
+                    hostname: String::new(),
+                    weight: 1,
+                    health,
+                    priority: 0,
+                    locality: Arc::new(crate::config::Locality {
+                        zone: zone.into(),
+                        ..Default::default()
+                    }),
+                    locality_weight: Some(weight),
+                },
+                Arc::default(),
+            ))
+        };
+        // Zone a (weight 1): one host. Zone b (weight 2): two hosts, one of them down, so its
+        // usable share is 1/2 × 140% = 70%: effective weights 1 and 1.4.
+        let set = PrioritySet::new(
+            vec![
+                located(1, Healthy, "a", 1),
+                located(2, Healthy, "b", 2),
+                located(3, Unhealthy, "b", 2),
+            ],
+            &RoundRobin::default(),
+            Settings {
+                locality_weighted: true,
+                ..Settings::default()
+            },
+        );
+        let counts = picks(&set, 1200);
+        assert_eq!(counts[3], 0);
+        assert_eq!((counts[1], counts[2]), (500, 700));
     }
 
     #[test]
