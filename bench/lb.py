@@ -65,6 +65,8 @@ POLICIES = {
           typed_config:
             "@type": type.googleapis.com/remora.extensions.load_balancing_policies.peak_ewma.v1.PeakEwma""",
 }
+# The same with a 1 s decay time instead of the default 10 s (Linkerd's).
+POLICIES["ewma1s"] = POLICIES["ewma"] + "\n            decay_time: 1s"
 
 
 def bootstrap(admin_port: int, listeners: dict[str, int], upstream_ports: list[int]) -> str:
@@ -151,13 +153,15 @@ end
 """
 
 
-def wrk_rps(port: int, seconds: float, script: Path) -> float:
+def wrk_run(port: int, seconds: float, script: Path) -> tuple[float, int]:
+    """req/s and requests completed."""
     out = b.run(["wrk", "-t1", "-c50", f"-d{seconds:g}s", "-s", str(script),
                  f"http://127.0.0.1:{port}/"], cpus=b.LOAD_CPUS, timeout=seconds + 30)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if bad:
         raise RuntimeError(f"wrk saw {bad.group(1)} non-2xx responses")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return (float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            int(re.search(r"(\d+) requests in", out).group(1)))
 
 
 def nginx(workdir: Path, ports: list[int]) -> subprocess.Popen:
@@ -206,18 +210,20 @@ def throughput(args, workdir: Path, commands: dict[str, list[str]]) -> dict:
             proxy.start(b.PROXY_CPUS)
         for proxy in proxies:  # warm-up: pools, caches
             for policy in policies:
-                wrk_rps(proxy.listeners[policy], 1, script)
+                wrk_run(proxy.listeners[policy], 1, script)
         for round_index in range(args.rounds):
             figures: dict = {}
             # Rotate which policy goes first, so a slow stretch of the machine does not always
             # fall on the same one.
             order = policies[round_index % 3:] + policies[:round_index % 3]
+            b.log(f"round {round_index + 1}/{args.rounds}: wrk {args.duration:g}s per policy")
             for proxy in proxies:
                 for policy in order:
-                    b.log(f"round {round_index + 1}/{args.rounds}: {proxy.name} {policy} "
-                          f"wrk {args.duration:g}s")
-                    figures[(proxy.name, policy)] = wrk_rps(proxy.listeners[policy],
-                                                            args.duration, script)
+                    cpu0 = b.cpu_seconds(proxy.proc.pid)
+                    rps, requests = wrk_run(proxy.listeners[policy], args.duration, script)
+                    cpu = b.cpu_seconds(proxy.proc.pid) - cpu0
+                    figures[(proxy.name, policy)] = {
+                        "rps": rps, "cpu_us": cpu / requests * 1e6 if requests else None}
             rounds.append(figures)
     finally:
         for proxy in proxies:
@@ -242,12 +248,14 @@ def latency(args, workdir: Path, commands: dict[str, list[str]], target: Path) -
             cpus=None, logfile=workdir / f"echo-{port}.log"))
         if not b.wait_tcp(port, 10):
             raise SystemExit(f"remora-echo did not listen on {port}")
-    scenarios = [("remora", "ewma"), ("remora", "lr"), ("remora", "rr"), ("envoy", "lr")]
+    scenarios = [("remora", "ewma"), ("remora", "ewma1s"), ("remora", "lr"), ("remora", "rr"),
+                 ("envoy", "lr")]
     results: list[dict] = []
     try:
         for round_index in range(args.latency_rounds):
             proxies = {
-                "remora": Proxy("remora", commands["remora"], workdir, ["ewma", "lr", "rr"], ports),
+                "remora": Proxy("remora", commands["remora"], workdir,
+                                ["ewma", "ewma1s", "lr", "rr"], ports),
                 "envoy": Proxy("envoy", commands["envoy"], workdir, ["lr"], ports),
             }
             try:
@@ -304,23 +312,33 @@ def section(args, argv, info, picks, through, lat) -> str:
                   "(policies in rotating order), three nginx endpoints, a different `x-key` per "
                   "request (the ring hash key; a Lua script for every policy alike). Proxy on CPU 1, "
                   "load and upstream on CPU 0. Figures are medians over the rounds; ratios are "
-                  "medians of the per-round ratios to ROUND_ROBIN.", "",
-                  "| proxy | policy | req/s | ratio to ROUND_ROBIN | per round |",
-                  "|---|---|---:|---:|---|"]
+                  "medians of the per-round ratios to ROUND_ROBIN (same proxy, same round). CPU per "
+                  "request is the proxy's CPU time over the requests wrk completed: the policy's "
+                  "cost with less of the machine's noise than req/s.", "",
+                  "| proxy | policy | req/s | req/s ratio to ROUND_ROBIN | per round "
+                  "| CPU µs per request | CPU ratio to ROUND_ROBIN |",
+                  "|---|---|---:|---:|---|---:|---:|"]
         for proxy in through["proxies"]:
             for policy in through["policies"]:
-                values = [r[(proxy, policy)] for r in rounds]
-                ratios = [r[(proxy, policy)] / r[(proxy, "rr")] for r in rounds]
-                lines.append(f"| {proxy} | {policy.upper()} | {statistics.median(values):,.0f} | "
-                             f"{statistics.median(ratios):.3f}x | "
-                             f"{', '.join(f'{x:.3f}' for x in ratios)} |")
+                this = [r[(proxy, policy)] for r in rounds]
+                rr = [r[(proxy, "rr")] for r in rounds]
+                ratios = [x["rps"] / y["rps"] for x, y in zip(this, rr)]
+                cpu_ratios = [x["cpu_us"] / y["cpu_us"] for x, y in zip(this, rr)
+                              if x["cpu_us"] and y["cpu_us"]]
+                lines.append(
+                    f"| {proxy} | {policy.upper()} | "
+                    f"{statistics.median(x['rps'] for x in this):,.0f} | "
+                    f"{statistics.median(ratios):.3f}x | {', '.join(f'{x:.2f}' for x in ratios)} | "
+                    f"{statistics.median(x['cpu_us'] for x in this if x['cpu_us']):.1f} | "
+                    f"{statistics.median(cpu_ratios):.3f}x |")
         lines.append("")
     if lat is not None:
-        names = {"ewma": "peak EWMA (P2C)", "lr": "LEAST_REQUEST", "rr": "ROUND_ROBIN"}
+        names = {"ewma": "peak EWMA (P2C)", "ewma1s": "peak EWMA, decay_time 1s",
+                 "lr": "LEAST_REQUEST", "rr": "ROUND_ROBIN"}
         lines += ["### Latency with one slow endpoint", "",
                   f"Three `remora-echo` endpoints, one answering {args.delay_ms} ms late; "
                   f"remora-loadgen at {args.rate} req/s over {args.connections} connections, "
-                  f"{args.latency_duration:g}s per scenario, the four scenarios taking turns in "
+                  f"{args.latency_duration:g}s per scenario, the scenarios taking turns in "
                   f"5 ms slices (one run, so the machine's noise falls on all alike); "
                   f"{len(lat['rounds'])} rounds with fresh proxies, median of the rounds. "
                   "Every process free on both cores. Share: requests the slow endpoint got, from "
@@ -355,11 +373,11 @@ def write_section(path: Path, text: str) -> None:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/lb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="*", choices=["pick", "throughput", "latency"],
+    p.add_argument("parts", nargs="*", metavar="pick|throughput|latency",
                    help="what to run (default: all three)")
     p.add_argument("--quick", action="store_true", help="short runs, one round")
-    p.add_argument("--rounds", type=int, help="throughput rounds (default 5, quick 1)")
-    p.add_argument("--duration", type=float, help="wrk seconds per policy (default 10, quick 3)")
+    p.add_argument("--rounds", type=int, help="throughput rounds (default 15, quick 2)")
+    p.add_argument("--duration", type=float, help="wrk seconds per policy (default 3, quick 2)")
     p.add_argument("--rate", type=int, default=500, help="fixed-rate req/s (default 500)")
     p.add_argument("--connections", type=int, default=32, help="loadgen connections (default 32)")
     p.add_argument("--latency-duration", type=float,
@@ -370,8 +388,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=str(b.BENCH_DIR / "RESULTS.md"), help="'-' to write no file")
     args = p.parse_args(argv)
     parts = set(args.parts or ["pick", "throughput", "latency"])
-    args.rounds = args.rounds or (1 if args.quick else 5)
-    args.duration = args.duration or (3 if args.quick else 10)
+    if parts - {"pick", "throughput", "latency"}:
+        p.error(f"unknown part(s): {', '.join(sorted(parts - {'pick', 'throughput', 'latency'}))}")
+    args.rounds = args.rounds or (2 if args.quick else 15)
+    args.duration = args.duration or (2 if args.quick else 3)
     args.latency_duration = args.latency_duration or (4 if args.quick else 15)
     args.latency_rounds = args.latency_rounds or (1 if args.quick else 3)
 
