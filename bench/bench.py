@@ -51,6 +51,9 @@ LATENCY_SLICE_S = 0.005
 
 _children: list[subprocess.Popen] = []
 
+# Where sections written by other scripts (bench/lb) begin in RESULTS.md; kept on rewrite.
+OTHER_SECTIONS = "<!-- bench/lb: begin -->"
+
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -893,7 +896,11 @@ def main(argv: list[str]) -> int:
 
     print(text)
     if args.out != "-":
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        # Other scripts' sections (bench/lb) stay as they are.
+        old = out.read_text() if out.exists() else ""
+        kept = old[old.index(OTHER_SECTIONS):] if OTHER_SECTIONS in old else ""
+        out.write_text(text + ("\n" + kept if kept else ""))
         log(f"wrote {args.out}")
     return 0
 

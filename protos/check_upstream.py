@@ -89,6 +89,8 @@ def main():
     for name, (kind, members) in sorted(ours.items()):
         if name.startswith("google."):
             continue  # google.rpc.Status is checked by hand: {code=1, message=2, details=3}
+        if name.startswith("remora."):
+            continue  # our own messages (protos/remora/): no upstream to check against
         if name not in upstream:
             problems.append(f"{name}: not found upstream")
             continue

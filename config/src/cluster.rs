@@ -17,6 +17,7 @@ use crate::common::{
 use crate::endpoint::{LoadAssignment, load_assignment};
 use crate::error::{ConfigResult, entry, err, field};
 use crate::health_check::{HealthCheck, health_checks as convert_health_checks};
+use crate::load_balancing::{LbFields, LoadBalancing, load_balancing};
 use crate::outlier::{OutlierDetection, outlier_detection as convert_outlier_detection};
 use crate::raw::RawConfig;
 use crate::tls::UpstreamTls;
@@ -36,15 +37,6 @@ pub enum DiscoveryType {
     },
     /// The downstream connection's original destination (before an iptables REDIRECT).
     OriginalDst,
-}
-
-/// How a host is picked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LbPolicy {
-    /// Weighted round robin.
-    RoundRobin,
-    /// The cluster picks (ORIGINAL_DST).
-    ClusterProvided,
 }
 
 /// Circuit breakers of one priority (Envoy's defaults).
@@ -148,7 +140,7 @@ pub struct ConnectOptions {
 pub struct Cluster {
     pub name: String,
     pub discovery: DiscoveryType,
-    pub lb_policy: LbPolicy,
+    pub load_balancing: LoadBalancing,
     pub load_assignment: LoadAssignment,
     pub connect: ConnectOptions,
     pub protocol: UpstreamProtocol,
@@ -217,6 +209,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         connection_pool_per_downstream_connection,
         cluster_discovery_type,
         lb_config,
+        load_balancing_policy,
     } = proto;
     unsupported!(
         path,
@@ -239,27 +232,21 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         protocol_selection,
         close_connections_on_host_health_failure,
         connection_pool_per_downstream_connection,
-        lb_config,
     );
     if name.is_empty() {
         return err(field(path, "name"), "must not be empty");
     }
     let discovery = discovery(cluster_discovery_type, eds_cluster_config, name, path)?;
-    let lb_policy = match cluster_pb::cluster::LbPolicy::try_from(*lb_policy) {
-        Ok(cluster_pb::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
-        Ok(cluster_pb::cluster::LbPolicy::ClusterProvided)
-            if discovery == DiscoveryType::OriginalDst =>
-        {
-            LbPolicy::ClusterProvided
-        }
-        Ok(other) => {
-            return err(
-                field(path, "lb_policy"),
-                format!("{} is not supported", other.as_str_name()),
-            );
-        }
-        Err(_) => return err(field(path, "lb_policy"), "unknown value"),
-    };
+    let load_balancing = load_balancing(
+        LbFields {
+            lb_policy: *lb_policy,
+            lb_config,
+            common_lb_config,
+            load_balancing_policy,
+            original_dst: discovery == DiscoveryType::OriginalDst,
+        },
+        path,
+    )?;
     let connect_timeout = match connect_timeout {
         Some(value) => duration(value, &field(path, "connect_timeout"))?,
         None => Duration::from_secs(5),
@@ -426,14 +413,14 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         .as_ref()
         .map(|od| convert_outlier_detection(od, &field(path, "outlier_detection")))
         .transpose()?;
-    let ignore_new_hosts_until_first_hc = match common_lb_config {
-        Some(config) => common_lb(config, &field(path, "common_lb_config"))?,
-        None => false,
-    };
+    // The rest of `common_lb_config` is read with the load-balancing policy.
+    let ignore_new_hosts_until_first_hc = common_lb_config
+        .as_ref()
+        .is_some_and(|config| config.ignore_new_hosts_until_first_hc);
     Ok(Cluster {
         name: name.clone(),
         discovery,
-        lb_policy,
+        load_balancing,
         load_assignment,
         connect: ConnectOptions {
             connect_timeout,
@@ -456,27 +443,6 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         ignore_health_on_host_removal: *ignore_health_on_host_removal,
         raw: RawConfig::of(proto),
     })
-}
-
-/// `common_lb_config`: only `ignore_new_hosts_until_first_hc` is read here.
-fn common_lb(proto: &cluster_pb::cluster::CommonLbConfig, path: &str) -> ConfigResult<bool> {
-    let cluster_pb::cluster::CommonLbConfig {
-        healthy_panic_threshold,
-        locality_config_specifier,
-        update_merge_window,
-        ignore_new_hosts_until_first_hc,
-        close_connections_on_host_set_change,
-        consistent_hashing_lb_config,
-    } = proto;
-    unsupported!(
-        path,
-        healthy_panic_threshold,
-        locality_config_specifier,
-        update_merge_window,
-        close_connections_on_host_set_change,
-        consistent_hashing_lb_config,
-    );
-    Ok(*ignore_new_hosts_until_first_hc)
 }
 
 fn discovery(
@@ -687,12 +653,13 @@ mod tests {
                 "clusters[0].outlier_detection.max_ejection_percent: must be ≤ 100",
             ),
             (
-                "common_lb_config: {update_merge_window: 0s}".to_string(),
-                "clusters[0].common_lb_config.update_merge_window: field is not supported",
+                "common_lb_config: {update_merge_window: 1s}".to_string(),
+                "clusters[0].common_lb_config.update_merge_window: only 0s is supported",
             ),
             (
-                "common_lb_config: {healthy_panic_threshold: {value: 10}}".to_string(),
-                "clusters[0].common_lb_config.healthy_panic_threshold: field is not supported",
+                "common_lb_config: {close_connections_on_host_set_change: true}".to_string(),
+                "clusters[0].common_lb_config.close_connections_on_host_set_change: field is not \
+                 supported",
             ),
         ] {
             let error = convert(&extra).expect_err(&extra).to_string();

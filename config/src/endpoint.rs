@@ -68,9 +68,8 @@ pub struct LbEndpoint {
     pub health: HealthStatus,
     pub priority: u32,
     pub locality: Arc<Locality>,
-    /// The locality's `load_balancing_weight`; Envoy uses it only with locality-weighted
-    /// balancing, which Remora does not offer yet (so it is kept for `/clusters` and config
-    /// dumps only).
+    /// The locality's `load_balancing_weight`; used only with locality weighted balancing
+    /// (`locality_weighted_lb_config`), as in Envoy.
     pub locality_weight: Option<u32>,
     /// `endpoint.health_check_config`.
     pub health_check: EndpointHealthCheck,

@@ -8,9 +8,9 @@
 //! wire bytes for fields our protos do not declare.
 //!
 //! Areas, in the order a request meets them: [`bootstrap`], [`listener`] (filter chains),
-//! [`tcp_proxy`], [`hcm`] (with [`filters`] and [`access_log`]), [`route`], [`cluster`] (with
-//! [`health_check`] and [`outlier`]), [`endpoint`], [`tls`]; [`common`] and [`matcher`] hold
-//! what they share. [`resource`] reads
+//! [`tcp_proxy`], [`hcm`] (with [`filters`] and [`access_log`]), [`route`] (with [`retry`] and
+//! [`hash_policy`]), [`cluster`] (with [`load_balancing`], [`health_check`] and [`outlier`]),
+//! [`endpoint`], [`tls`]; [`common`] and [`matcher`] hold what they share. [`resource`] reads
 //! xDS resources from the wire and answers a control plane's "would a proxy accept this?".
 
 pub mod access_log;
@@ -21,9 +21,11 @@ pub mod endpoint;
 pub mod error;
 pub mod filters;
 pub mod gate;
+pub mod hash_policy;
 pub mod hcm;
 pub mod health_check;
 pub mod listener;
+pub mod load_balancing;
 pub mod matcher;
 pub mod outlier;
 pub mod raw;

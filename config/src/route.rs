@@ -18,6 +18,7 @@ use crate::common::{
 };
 use crate::error::{ConfigError, ConfigResult, err, field, item};
 use crate::filters::{PerFilterConfigs, cors, per_filter_configs};
+use crate::hash_policy::{HashPolicy, hash_policies};
 use crate::matcher::{RegexRewrite, StringMatch, regex_matcher, regex_rewrite, string_matcher};
 use crate::raw::RawConfig;
 use crate::retry::{self, RetryPolicy};
@@ -204,6 +205,8 @@ pub struct Forward {
     pub grpc_route_timeout: Option<GrpcTimeout>,
     /// `request_mirror_policies` of the route, else of its virtual host.
     pub mirrors: Arc<[Mirror]>,
+    /// `hash_policy`: the request's hash key for consistent-hashing clusters.
+    pub hash_policies: Vec<HashPolicy>,
 }
 
 /// How a request's `grpc-timeout` header turns into a timeout: capped at `max` (zero: no
@@ -697,13 +700,7 @@ fn compile_forward(
         cluster_specifier,
         host_rewrite_specifier,
     } = action;
-    unsupported!(
-        path,
-        metadata_match,
-        append_x_forwarded_host,
-        hash_policy,
-        hedge_policy,
-    );
+    unsupported!(path, metadata_match, append_x_forwarded_host, hedge_policy,);
     let retry = match retry_policy {
         Some(policy) => Some(Arc::new(retry::retry_policy(
             policy,
@@ -852,6 +849,7 @@ fn compile_forward(
         (route, None) => route,
     };
     Ok(Forward {
+        hash_policies: hash_policies(hash_policy, &field(path, "hash_policy"))?,
         upgrades,
         retry,
         buffer_limit: defaults

@@ -100,6 +100,23 @@ impl Side {
 
     /// Sends requests until `n` in a row are answered by upstreams in `allowed` only; the set
     /// of upstreams that answered those `n`.
+    /// Requests until each of `wanted` has answered one (the flags in `/clusters` can show a
+    /// host healthy a moment before balancing uses it, in both proxies); the upstreams seen.
+    fn all_serve(&self, path: &str, wanted: &[&str]) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        wait_for(
+            &format!("{}: each of {wanted:?} serving", self.name),
+            DEADLINE,
+            || {
+                if let (200, Some(name)) = self.get(path) {
+                    seen.insert(name);
+                }
+                wanted.iter().all(|w| seen.contains(*w)).then_some(())
+            },
+        );
+        seen
+    }
+
     fn settle_on(&self, path: &str, allowed: &[&str], n: usize) -> BTreeSet<String> {
         let mut run = BTreeSet::new();
         let mut streak = 0;
@@ -267,7 +284,7 @@ fn http_check_flips_a_host_unhealthy_and_back_like_envoy() {
                 membership_healthy_while_failed,
                 enough_checks_to_recover,
                 recovered_flags: side.flags("web", b.addr),
-                served_after: side.settle_on("/", &["a", "b"], 6),
+                served_after: side.all_serve("/", &["a", "b"]),
                 failures_counted: side.stat("cluster.web.health_check.failure") > 0
                     && side.stat("cluster.web.health_check.attempt")
                         > side.stat("cluster.web.health_check.failure"),

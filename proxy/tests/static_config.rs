@@ -42,7 +42,7 @@ fn validate_mode_accepts_valid_and_names_unsupported_fields() {
 
     let bad = good.replace(
         "    type: STATIC\n",
-        "    type: STATIC\n    lb_policy: MAGLEV\n",
+        "    type: STATIC\n    lb_policy: CLUSTER_PROVIDED\n",
     );
     let (_dir2, path) = write_config(&bad);
     let output = Command::new(workspace_binary("remora-proxy"))
@@ -53,7 +53,7 @@ fn validate_mode_accepts_valid_and_names_unsupported_fields() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("static_resources.clusters[0].lb_policy: MAGLEV is not supported"),
+        stderr.contains("static_resources.clusters[0].lb_policy: CLUSTER_PROVIDED is only for ORIGINAL_DST clusters"),
         "{stderr}"
     );
 

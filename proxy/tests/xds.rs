@@ -354,12 +354,14 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
             get_upstream(addr, "/x")
         });
 
-        let bad = ads::cluster("name: bad\ntype: STATIC\nconnect_timeout: 1s\nlb_policy: MAGLEV\n");
+        let bad = ads::cluster(
+            "name: bad\ntype: STATIC\nconnect_timeout: 1s\nlb_policy: CLUSTER_PROVIDED\n",
+        );
         ads.set(CLUSTER, vec![eds_cluster("svc", "5s"), bad]);
         let nack = ads.wait_nack("Cluster bad");
         let message = nack.error.unwrap_or_default();
         assert!(
-            message.contains("lb_policy: MAGLEV is not supported"),
+            message.contains("lb_policy: CLUSTER_PROVIDED is only for ORIGINAL_DST clusters"),
             "{message}"
         );
         assert_eq!(nack.type_url, CLUSTER);
@@ -408,7 +410,7 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
         let dump = echo_json(&dump);
         assert!(
             dump.to_string()
-                .contains("lb_policy: MAGLEV is not supported")
+                .contains("lb_policy: CLUSTER_PROVIDED is only for ORIGINAL_DST clusters")
         );
     }
 }

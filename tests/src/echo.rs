@@ -15,8 +15,12 @@ use tokio::net::TcpListener;
 
 async fn handle(
     name: String,
+    delay: std::time::Duration,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     // `/status/NNN` answers with that status, for tests of error handling.
     let status = request
         .uri()
@@ -90,13 +94,19 @@ pub fn describe(name: &str, request: &Request<()>, body: &[u8]) -> serde_json::V
 
 /// Serves the echo upstream named `name` on `listener` until the task is dropped.
 pub async fn serve(name: String, listener: TcpListener) {
+    serve_delayed(name, listener, std::time::Duration::ZERO).await
+}
+
+/// Like [`serve`], but every answer waits `delay` first (a slow upstream, for benchmarks).
+pub async fn serve_delayed(name: String, listener: TcpListener, delay: std::time::Duration) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let name = name.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| handle(name.clone(), request));
+            let service =
+                hyper::service::service_fn(move |request| handle(name.clone(), delay, request));
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // Like nginx, no count limit of its own to speak of: a proxy's limit is what a
             // test of header counts measures, not the echo's.

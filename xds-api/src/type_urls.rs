@@ -48,6 +48,21 @@ pub const STDERR_ACCESS_LOG: &str =
 pub const FILE_ACCESS_LOG: &str =
     "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
 
+/// `Cluster.load_balancing_policy` extensions: Envoy's built-in policies and Remora's own.
+pub const LB_ROUND_ROBIN: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin";
+pub const LB_LEAST_REQUEST: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest";
+pub const LB_RANDOM: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.random.v3.Random";
+pub const LB_RING_HASH: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash";
+pub const LB_MAGLEV: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev";
+pub const LB_CLUSTER_PROVIDED: &str = "type.googleapis.com/envoy.extensions.load_balancing_policies.cluster_provided.v3.ClusterProvided";
+pub const LB_PEAK_EWMA: &str =
+    "type.googleapis.com/remora.extensions.load_balancing_policies.peak_ewma.v1.PeakEwma";
+
 /// The resource types a control plane serves, in make-before-break push order
 /// (clusters, endpoints, listeners, routes, then secrets).
 pub const PUSH_ORDER: [&str; 5] = [

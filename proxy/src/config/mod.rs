@@ -11,7 +11,7 @@ pub mod sources;
 pub use remora_config::access_log::{AccessLogConfig, LogFormat, Target, Token};
 pub use remora_config::bootstrap::{Admin, AdsFlavor, Bootstrap, DynamicResources, Node, Runtime};
 pub use remora_config::cluster::{
-    Cluster, ConnectOptions, DiscoveryType, DnsLookupFamily, LbPolicy, RetryBudget, Thresholds,
+    Cluster, ConnectOptions, DiscoveryType, DnsLookupFamily, RetryBudget, Thresholds,
     UpstreamProtocol,
 };
 pub use remora_config::common::{
@@ -22,12 +22,16 @@ pub use remora_config::endpoint::{
     DEFAULT_OVERPROVISIONING, EndpointHealthCheck, HealthStatus, LbEndpoint, LoadAssignment,
     Locality,
 };
+pub use remora_config::hash_policy::{CookieHash, HashPolicy, HashSource};
 pub use remora_config::hcm::{Codec, HttpConnectionManager, RouteSource};
 pub use remora_config::health_check::{
     GrpcProbe, HealthCheck, HttpProbe, Probe, ProbeProtocol, TcpProbe,
 };
 pub use remora_config::listener::{
     FilterChain, FilterChainMatch, Listener, NetworkFilter, SourceType,
+};
+pub use remora_config::load_balancing::{
+    HashFunction, LbPolicy, LeastRequest, LoadBalancing, Maglev, PeakEwma, RingHash, SlowStart,
 };
 pub use remora_config::outlier::OutlierDetection;
 pub use remora_config::route::{Files, RouteTable};

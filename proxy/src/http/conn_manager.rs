@@ -390,7 +390,7 @@ async fn handle(
         check_request(hcm, &mut parts)?;
         let upgrading =
             parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
-        headers::on_request(
+        let origin = headers::on_request(
             hcm,
             &mut parts.headers,
             connection.info.source,
@@ -400,6 +400,8 @@ async fn handle(
         if hcm.always_set_request_id_in_response {
             request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
         }
+        // Hash policies (source IP, generated cookies) hash the trusted client address.
+        parts.extensions.insert(origin);
         let snapshot = manager.store.load();
         let Some(table) = manager.table(&snapshot) else {
             stats.no_route.inc();

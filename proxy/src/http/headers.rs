@@ -115,12 +115,12 @@ pub fn on_request(
         headers.remove(name);
     }
     let trusted_hops = hcm.xff_num_trusted_hops;
+    // An address from x-forwarded-for has no port; the direct peer keeps its own, as in Envoy.
     let client = if hcm.use_remote_address {
         // Trusted proxies in front: the client is the address they saw, before ours is added.
         let client = trusted_hops
             .checked_sub(1)
-            .and_then(|hops| xff_address(headers, hops))
-            .unwrap_or(peer.ip());
+            .and_then(|hops| xff_address(headers, hops));
         if !hcm.skip_xff_append {
             append_xff(headers, peer);
         }
@@ -129,12 +129,13 @@ pub fn on_request(
             headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
         }
         // The first hop into the trusted network says whom it trusted.
-        if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
+        let external = client.unwrap_or(peer.ip());
+        if let Ok(value) = HeaderValue::from_str(&external.to_string()) {
             headers.insert(&X_ENVOY_EXTERNAL_ADDRESS, value);
         }
         client
     } else {
-        xff_address(headers, trusted_hops).unwrap_or(peer.ip())
+        xff_address(headers, trusted_hops)
     };
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
@@ -146,7 +147,7 @@ pub fn on_request(
         headers.insert(&X_REQUEST_ID, request_id());
     }
     Origin {
-        client: SocketAddr::new(client, 0),
+        client: client.map_or(peer, |ip| SocketAddr::new(ip, 0)),
     }
 }
 

@@ -25,7 +25,7 @@ use super::host::{Host, HostState};
 use super::lb::{LbContext, LoadBalancer};
 use super::outcome::Outcome;
 use super::pool::Pools;
-use super::priority::PrioritySet;
+use super::priority::{PrioritySet, Settings};
 use crate::config::{
     self, ConfigResult, DiscoveryType, EndpointAddress, HealthStatus, LbEndpoint, LoadAssignment,
 };
@@ -46,7 +46,7 @@ pub struct Members {
     /// `PENDING_DYNAMIC_REMOVAL`).
     lingering: Mutex<Vec<(SocketAddr, LbEndpoint)>>,
     set: ArcSwap<PrioritySet>,
-    policy: Mutex<(Arc<dyn LoadBalancer>, u32)>,
+    policy: Mutex<(Arc<dyn LoadBalancer>, Settings)>,
     initialized: AtomicBool,
     init: Notify,
     health: Mutex<HealthControl>,
@@ -99,7 +99,11 @@ fn eds_failed(health: HealthStatus) -> bool {
 }
 
 impl Members {
-    fn new(stats: Arc<ClusterStats>, policy: Arc<dyn LoadBalancer>) -> Arc<Self> {
+    fn new(
+        stats: Arc<ClusterStats>,
+        policy: Arc<dyn LoadBalancer>,
+        settings: Settings,
+    ) -> Arc<Self> {
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
         Arc::new_cyclic(|me| Members {
             me: me.clone(),
@@ -108,7 +112,7 @@ impl Members {
             endpoints: Mutex::default(),
             lingering: Mutex::default(),
             set: ArcSwap::default(),
-            policy: Mutex::new((policy, crate::config::DEFAULT_OVERPROVISIONING)),
+            policy: Mutex::new((policy, settings)),
             initialized: AtomicBool::new(false),
             init: Notify::new(),
             health: Mutex::new(HealthControl {
@@ -132,7 +136,7 @@ impl Members {
     pub fn set_endpoints(&self, endpoints: Vec<(SocketAddr, LbEndpoint)>, overprovisioning: u32) {
         {
             let mut policy = lock(&self.policy);
-            policy.1 = overprovisioning;
+            policy.1.overprovisioning = overprovisioning;
         }
         let linger = {
             let control = lock(&self.health);
@@ -196,8 +200,19 @@ impl Members {
         }
     }
 
-    fn set_policy(&self, policy: Arc<dyn LoadBalancer>) {
-        lock(&self.policy).0 = policy;
+    fn set_policy(&self, policy: Arc<dyn LoadBalancer>, settings: Settings) {
+        {
+            let mut current = lock(&self.policy);
+            // The overprovisioning factor comes with the endpoints.
+            let overprovisioning = current.1.overprovisioning;
+            *current = (
+                policy,
+                Settings {
+                    overprovisioning,
+                    ..settings
+                },
+            );
+        }
         self.rebuild();
     }
 
@@ -472,8 +487,8 @@ impl Members {
         drop(states);
         drop(lingering);
         drop(endpoints);
-        let (policy, overprovisioning) = lock(&self.policy).clone();
-        let set = PrioritySet::new(hosts, policy.as_ref(), overprovisioning);
+        let (policy, settings) = lock(&self.policy).clone();
+        let set = PrioritySet::new(hosts, policy.as_ref(), settings);
         self.stats.membership_total.set(set.hosts.len() as u64);
         self.stats
             .membership_healthy
@@ -535,6 +550,18 @@ fn same_connections(a: &config::Cluster, b: &config::Cluster) -> bool {
         && a.per_host_max_connections == b.per_host_max_connections
 }
 
+/// The priority set's settings from a cluster's config (the overprovisioning factor comes with
+/// its endpoints).
+fn balancing_settings(config: &config::Cluster) -> Settings {
+    let balancing = &config.load_balancing;
+    Settings {
+        overprovisioning: config.load_assignment.overprovisioning,
+        panic_threshold: balancing.panic_threshold,
+        locality_weighted: balancing.locality_weighted,
+        fail_traffic_on_panic: balancing.fail_traffic_on_panic,
+    }
+}
+
 /// What must be equal for a new cluster config to keep the old one's hosts.
 fn same_hosts(a: &config::Cluster, b: &config::Cluster) -> bool {
     a.discovery == b.discovery
@@ -557,7 +584,8 @@ impl Cluster {
             Some(previous) => previous.stats.clone(),
             None => Arc::new(ClusterStats::new(registry, &config.name)),
         };
-        let policy = super::lb::policy(&config);
+        let policy = super::lb::policy(&config.load_balancing);
+        let settings = balancing_settings(&config);
         let (connector, pools, high) = match previous {
             Some(previous) if same_connections(&previous.config, &config) => (
                 previous.connector.clone(),
@@ -596,10 +624,10 @@ impl Cluster {
         let members = match previous {
             Some(previous) if same_hosts(&previous.config, &config) => {
                 let members = previous.members.clone();
-                members.set_policy(policy);
+                members.set_policy(policy, settings);
                 members
             }
-            _ => Members::new(stats.clone(), policy),
+            _ => Members::new(stats.clone(), policy, settings),
         };
         let checker = config.health_check.as_ref().map(|check| {
             Arc::new(Checker {
@@ -734,6 +762,17 @@ impl Cluster {
         }
     }
 
+    /// How long a host took to answer a request (until its response headers): the router
+    /// reports it beside the outcome of every answered attempt. The peak-EWMA policy balances
+    /// on it; other policies do not keep it.
+    pub fn record_response_time(&self, host: &Host, elapsed: std::time::Duration) {
+        if let config::LbPolicy::PeakEwma(peak_ewma) = &self.config.load_balancing.policy {
+            host.state
+                .latency
+                .observe(elapsed, super::lb::clock::now_micros(), peak_ewma.decay);
+        }
+    }
+
     /// Starts, on the current (main) runtime, the cluster's health task and checker sessions,
     /// and DNS resolution for STRICT_DNS and LOGICAL_DNS clusters.
     pub fn start_background(self: &Arc<Self>) {
@@ -832,7 +871,11 @@ mod tests {
     fn checked_members(ignore_new_hosts: bool) -> Arc<Members> {
         let registry = Registry::default();
         let stats = Arc::new(ClusterStats::new(&registry, "c"));
-        let members = Members::new(stats.clone(), Arc::new(RoundRobin));
+        let members = Members::new(
+            stats.clone(),
+            Arc::new(RoundRobin::default()),
+            Settings::default(),
+        );
         let check: crate::config::HealthCheck = remora_config::health_check::health_check(
             &xds_api::json::from_yaml_str(
                 "{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, \

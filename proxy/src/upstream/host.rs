@@ -1,14 +1,15 @@
 //! Upstream hosts. A [`Host`] is one endpoint as the current config describes it (address,
 //! host name, weight, priority, locality, EDS health); its [`HostState`] is what Remora knows
 //! about the host from running (stats, in-flight counts, health flags from active checks and
-//! outlier detection). The state lives in the cluster's registry keyed by address, so an EDS
+//! outlier detection, when it became usable, its response-time estimate). The state lives in the cluster's registry keyed by address, so an EDS
 //! or CDS update that keeps a host keeps its state, and the pools keep its connections.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::health::outlier::OutlierCounters;
+use super::lb::{Latency, clock};
 use crate::config::{EndpointHealthCheck, HealthStatus, LbEndpoint, Locality};
 use crate::stats::{Kind, Stat};
 
@@ -20,6 +21,8 @@ pub struct Host {
     pub weight: u32,
     pub priority: u32,
     pub locality: Arc<Locality>,
+    /// The locality's `load_balancing_weight` (locality weighted balancing).
+    pub locality_weight: Option<u32>,
     pub eds_health: HealthStatus,
     /// Where and how active health checks reach this host.
     pub health_check: EndpointHealthCheck,
@@ -43,6 +46,7 @@ impl Host {
             weight: endpoint.weight.max(1),
             priority: endpoint.priority,
             locality: endpoint.locality.clone(),
+            locality_weight: endpoint.locality_weight,
             eds_health: endpoint.health,
             health_check: endpoint.health_check.clone(),
             state,
@@ -57,6 +61,7 @@ impl Host {
             weight: 1,
             priority: 0,
             locality: Arc::default(),
+            locality_weight: None,
             eds_health: HealthStatus::Healthy,
             health_check: EndpointHealthCheck::default(),
             state: Arc::default(),
@@ -100,7 +105,7 @@ impl Host {
 
 /// What Remora learns about a host while running it; outlives config updates that keep the
 /// host's address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HostState {
     pub stats: HostStats,
     /// Health flags set at run time (active health checks, outlier detection), with Envoy's
@@ -110,6 +115,25 @@ pub struct HostState {
     pub outlier: OutlierCounters,
     /// The active checker's counts; only the main runtime touches them.
     pub active: Mutex<ActiveCounts>,
+    /// When the host became usable ([`clock`] microseconds): when it joined, or when it passed
+    /// an active health check after failing one. Slow start counts from here, as Envoy counts
+    /// from the host's creation or last health check pass.
+    usable_since: AtomicU64,
+    /// Response-time estimate (the peak-EWMA policy).
+    pub latency: Latency,
+}
+
+impl Default for HostState {
+    fn default() -> Self {
+        HostState {
+            stats: HostStats::default(),
+            flags: AtomicU32::new(0),
+            outlier: OutlierCounters::default(),
+            active: Mutex::default(),
+            usable_since: AtomicU64::new(clock::now_micros()),
+            latency: Latency::default(),
+        }
+    }
 }
 
 /// Where a host stands with its active checker (Envoy's per-session counters).
@@ -170,7 +194,23 @@ impl HostState {
         } else {
             self.flags.fetch_and(!flag, Ordering::AcqRel)
         };
-        (before & flag != 0) != on
+        let changed = (before & flag != 0) != on;
+        if changed && !on && flag == Self::FAILED_ACTIVE_HC {
+            self.usable_since
+                .store(clock::now_micros(), Ordering::Release);
+        }
+        changed
+    }
+
+    /// When the host became usable (see the field), in [`clock`] microseconds.
+    pub fn usable_since(&self) -> u64 {
+        self.usable_since.load(Ordering::Acquire)
+    }
+
+    /// Pretends the host became usable at `micros` (for tests of slow start).
+    #[cfg(test)]
+    pub fn set_usable_since(&self, micros: u64) {
+        self.usable_since.store(micros, Ordering::Release);
     }
 }
 

@@ -11,6 +11,9 @@ struct Args {
     /// Name reported in the `upstream` field and the `x-upstream` header.
     #[arg(long, default_value = "echo")]
     name: String,
+    /// Milliseconds every answer waits before it is sent (a slow upstream).
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -22,6 +25,7 @@ async fn main() -> anyhow::Result<()> {
         args.name,
         listener.local_addr()?
     );
-    remora_tests::echo::serve(args.name, listener).await;
+    let delay = std::time::Duration::from_millis(args.delay_ms);
+    remora_tests::echo::serve_delayed(args.name, listener, delay).await;
     Ok(())
 }

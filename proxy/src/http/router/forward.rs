@@ -18,6 +18,7 @@ use remora_config::route::{ClusterSpec, Forward, HostRewrite};
 use tokio::time::Instant;
 
 use super::RouteRequest;
+use super::hash_key::request_hash_key;
 use super::mirror;
 use super::retry::{NoRetry, Retries, Tried};
 use crate::config::UpstreamProtocol;
@@ -125,7 +126,16 @@ pub(super) async fn forward(
         reply.from_router = true;
         return Err(reply);
     };
+    let hash_key = request_hash_key(
+        cluster,
+        &forward.hash_policies,
+        &parts,
+        &path_and_query,
+        downstream.destination,
+        downstream.source,
+    );
     let lb_context = LbContext {
+        hash: hash_key.hash,
         original_dst: Some(downstream.destination),
         ..LbContext::default()
     };
@@ -402,9 +412,13 @@ pub(super) async fn forward(
         };
 
         let host_active = HostGauge::new(&host.state, |s| &s.rq_active);
+        let sent_at = Instant::now();
         let sent = clock
             .run(pools.send(&host, request), per_try_timeout, per_try_idle)
             .await;
+        if let Ok(Ok(_)) = &sent {
+            cluster.record_response_time(&host, sent_at.elapsed());
+        }
         // Envoy counts a request upstream once it has a connection: not when it overflowed or
         // its connection could not be made.
         if !matches!(&sent, Ok(Err(PoolError::Overflow | PoolError::Connect(_)))) {
@@ -512,6 +526,7 @@ pub(super) async fn forward(
     let elapsed = started.elapsed().as_millis() as u64;
     response_headers.insert(&X_SERVICE_TIME, HeaderValue::from(elapsed));
     response_headers.insert(header::SERVER, manager.server_header.clone());
+    hash_key.set_cookies(response_headers);
     if forward.attempt_count_response {
         response_headers.insert(&X_ATTEMPT_COUNT, HeaderValue::from(attempt));
     }

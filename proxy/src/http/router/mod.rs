@@ -8,6 +8,7 @@
 #![allow(clippy::result_large_err)]
 
 mod forward;
+mod hash_key;
 mod mirror;
 mod retry;
 

@@ -1,18 +1,38 @@
 //! Load-balancing policies. A policy sees only usable hosts of the priority chosen for a pick
 //! (healthy ones, degraded ones when healthy ones fall short, or all of them in panic):
-//! priority selection, panic and overprovisioning live once, in [`super::priority`].
+//! priority selection, locality weighting, panic and overprovisioning live once, in
+//! [`super::priority`].
 //!
 //! A policy prepares a [`Picker`] for each host list when the list changes (a schedule, a
-//! ring, a table); a pick is then cheap and takes no lock.
+//! ring, a table); a pick is then cheap. One file per policy, as Envoy names them:
+//! [`round_robin`], [`least_request`], [`random`], [`ring_hash`], [`maglev`], and Remora's own
+//! [`peak_ewma`]. Shared parts: [`edf`] (earliest-deadline-first scheduling for dynamic
+//! weights), [`slow_start`], [`hashing`] (host keys, weights and hash functions of the
+//! consistent-hashing policies) and [`clock`].
 
-mod round_robin;
+pub mod clock;
+pub mod edf;
+pub mod hashing;
+pub mod least_request;
+pub mod maglev;
+pub mod peak_ewma;
+pub mod random;
+pub mod ring_hash;
+pub mod round_robin;
+pub mod slow_start;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub use least_request::LeastRequest;
+pub use maglev::Maglev;
+pub use peak_ewma::{Latency, PeakEwma};
+pub use random::Random;
+pub use ring_hash::RingHash;
 pub use round_robin::RoundRobin;
 
 use super::host::Host;
+use crate::config::{LbPolicy, LoadBalancing};
 
 /// What a pick may use besides the hosts.
 #[derive(Debug, Default, Clone, Copy)]
@@ -31,6 +51,14 @@ pub struct LbContext<'a> {
 pub trait LoadBalancer: Send + Sync + std::fmt::Debug {
     /// Prepares picking over `hosts` (called when the list changes).
     fn prepare(&self, hosts: &[Arc<Host>]) -> Box<dyn Picker>;
+
+    /// A consistent-hashing policy, which Envoy runs differently from the others: it weighs
+    /// localities inside its ring or table instead of having a locality chosen first, and it
+    /// always uses the chosen priority's healthy hosts (all of them in panic), never the
+    /// degraded ones.
+    fn consistent_hashing(&self) -> bool {
+        false
+    }
 }
 
 /// Picks from the host list it was prepared for.
@@ -40,11 +68,15 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
 }
 
 /// The policy a cluster's config asks for.
-pub fn policy(config: &crate::config::Cluster) -> Arc<dyn LoadBalancer> {
-    match config.lb_policy {
+pub fn policy(config: &LoadBalancing) -> Arc<dyn LoadBalancer> {
+    match &config.policy {
+        LbPolicy::RoundRobin(round_robin) => Arc::new(RoundRobin::new(round_robin.slow_start)),
         // ORIGINAL_DST picks by the connection; its (empty) host lists need a policy all the same.
-        crate::config::LbPolicy::RoundRobin | crate::config::LbPolicy::ClusterProvided => {
-            Arc::new(RoundRobin)
-        }
+        LbPolicy::ClusterProvided => Arc::new(RoundRobin::default()),
+        LbPolicy::LeastRequest(least_request) => Arc::new(LeastRequest::new(*least_request)),
+        LbPolicy::Random => Arc::new(Random),
+        LbPolicy::RingHash(ring) => Arc::new(RingHash::new(ring, config.locality_weighted)),
+        LbPolicy::Maglev(maglev) => Arc::new(Maglev::new(maglev, config.locality_weighted)),
+        LbPolicy::PeakEwma(peak_ewma) => Arc::new(PeakEwma::new(*peak_ewma)),
     }
 }
