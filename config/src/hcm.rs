@@ -15,6 +15,7 @@ use crate::common::{
 use crate::error::{ConfigResult, err, field, item};
 use crate::filters::{HttpFilter, http_filters};
 use crate::route::{Files, RouteTable, route_table, upgrade_kind};
+use crate::tracing::Tracing;
 use crate::unsupported;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +62,8 @@ pub struct HttpConnectionManager {
     pub strip_any_host_port: bool,
     pub strip_matching_host_port: bool,
     pub access_logs: Vec<AccessLogConfig>,
+    /// `tracing`: spans and the sampling decision (absent: no tracing at all).
+    pub tracing: Option<Tracing>,
 }
 
 impl HttpConnectionManager {
@@ -123,7 +126,6 @@ pub fn http_connection_manager(
     unsupported!(
         path,
         add_user_agent,
-        tracing,
         http1_safe_max_connection_duration,
         server_header_transformation,
         delayed_close_timeout,
@@ -201,7 +203,12 @@ pub fn http_connection_manager(
         .enumerate()
         .map(|(i, log)| access_log(log, &item(path, "access_log", i)))
         .collect::<ConfigResult<Vec<_>>>()?;
+    let tracing = tracing
+        .as_ref()
+        .map(|tracing| crate::tracing::tracing(tracing, &field(path, "tracing")))
+        .transpose()?;
     Ok(HttpConnectionManager {
+        tracing,
         access_logs,
         stat_prefix: stat_prefix.clone(),
         codec,
