@@ -51,8 +51,12 @@ impl ResponseBody {
                     }
                     filter.on_end();
                 }
+                let sent = data.as_ref().map_or(0, |d| d.len() as u64);
                 if let Some(log) = slots.log.as_mut() {
-                    log.entry.bytes_sent = data.as_ref().map_or(0, |d| d.len() as u64);
+                    log.entry.bytes_sent = sent;
+                }
+                if let Some(trace) = slots.trace.as_mut() {
+                    trace.add_sent(sent);
                 }
             }
         }
@@ -129,6 +133,8 @@ pub struct DownstreamSlots {
     pub log: Option<Box<PendingLine>>,
     /// The filters and their stream state, told when this is dropped.
     pub completion: Option<Box<(FilterChain, FilterState)>>,
+    /// A sampled request's spans, finished when this is dropped.
+    pub trace: Option<crate::http::tracing::Completion>,
 }
 
 impl Drop for DownstreamSlots {
@@ -164,10 +170,15 @@ impl UpstreamBody {
                     timer.touch();
                 }
                 filter_frame(&mut self.filters, &mut frame);
-                if let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut())
+                if let Some(downstream) = self.downstream.as_mut()
                     && let Some(data) = frame.data_ref()
                 {
-                    log.entry.bytes_sent += data.len() as u64;
+                    if let Some(log) = downstream.log.as_mut() {
+                        log.entry.bytes_sent += data.len() as u64;
+                    }
+                    if let Some(trace) = downstream.trace.as_mut() {
+                        trace.add_sent(data.len() as u64);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -41,6 +41,7 @@ use crate::http::filter::{FilterChain, FilterState, Selected, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
 use crate::http::router::{self, RouteRequest};
+use crate::http::tracing::{ActiveTrace, Tracer, TracingContext};
 use crate::stats::{GaugeGuard, HttpStats, Registry, Stat};
 use crate::store::Store;
 
@@ -55,6 +56,8 @@ pub struct Manager {
     logs: Arc<[ActiveLog]>,
     pub server_header: HeaderValue,
     store: Arc<Store>,
+    /// The HCM's tracer (`tracing` with a provider).
+    pub tracer: Option<Arc<Tracer>>,
 }
 
 impl Manager {
@@ -64,8 +67,14 @@ impl Manager {
         config: Arc<HttpConnectionManager>,
         registry: &Registry,
         store: Arc<Store>,
+        tracing: (&TracingContext, bool),
         path: &str,
     ) -> ConfigResult<Arc<Self>> {
+        let (tracing_context, egress) = tracing;
+        let tracer = config
+            .tracing
+            .as_ref()
+            .and_then(|t| Tracer::build(t, egress, tracing_context, registry));
         let logs = if config.access_logs.is_empty() {
             Arc::from([])
         } else {
@@ -79,6 +88,7 @@ impl Manager {
                 .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
             logs,
             store,
+            tracer,
             config,
         }))
     }
@@ -288,6 +298,7 @@ async fn handle(
     let (mut parts, body) = request.into_parts();
     let mut state = FilterState::default();
     let mut route: Option<Selected> = None;
+    let mut trace: Option<ActiveTrace> = None;
     let outcome = async {
         check_framing(hcm, &mut parts)?;
         let upgrading =
@@ -321,6 +332,19 @@ async fn handle(
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         route = Selected::find(table, &host, path_and_query.as_str(), &parts.headers);
+        if let Some(tracer) = &manager.tracer {
+            let active = tracer.start(
+                &mut parts,
+                route.as_ref(),
+                connection.info.source,
+                connection.scheme,
+                log.as_ref().map(|entry| entry.bytes_received.clone()),
+            );
+            if let Some(entry) = log.as_mut() {
+                entry.trace_id = Some(active.trace_id_hex());
+            }
+            trace = Some(active);
+        }
         let mut body_filters = Vec::new();
         if !manager.filters.is_empty() {
             let mut stream = Stream::new(&mut parts, route.as_ref(), stats, &mut state);
@@ -349,6 +373,7 @@ async fn handle(
             downstream: &connection.info,
             scheme: connection.scheme,
             log: &mut log,
+            trace: trace.as_mut(),
             started,
             authority,
             host: &host,
@@ -357,12 +382,14 @@ async fn handle(
         .await
     }
     .await;
+    let mut flag = None;
     let mut response = match outcome {
         Ok(response) => response,
         Err(reply) => {
             tracing::debug!(status = %reply.status, details = %reply.details, "local reply");
+            flag = reply.flag.map(ResponseFlag::code);
             if let Some(entry) = log.as_mut() {
-                entry.flag = reply.flag.map(ResponseFlag::code);
+                entry.flag = flag;
             }
             let from_router = reply.from_router;
             let mut response = reply.into_response(&manager.server_header);
@@ -395,6 +422,11 @@ async fn handle(
         completion = Some(Box::new((manager.filters.clone(), state)));
     }
     stats.response(response.status().as_u16());
+    let status = response.status().as_u16();
+    let trace = trace.and_then(|mut trace| {
+        trace.on_response(response.headers_mut(), status, flag);
+        trace.into_completion()
+    });
     let line = log.map(|mut entry| {
         entry.status = response.status().as_u16();
         entry.response = response.headers().clone();
@@ -411,6 +443,7 @@ async fn handle(
             in_flight,
             log: line,
             completion,
+            trace,
         },
         body_filters,
     );

@@ -3,7 +3,7 @@
 //! [`conn_manager`] serves connections (hyper, HTTP/1.1 and HTTP/2) and drives each request
 //! through [`headers`] (what the connection manager sets), the [`filter`] chain ([`filters`]),
 //! the [`router`] (the terminal filter: direct responses, redirects, forwarding upstream) and
-//! back; [`local_reply`] makes Remora's own responses, [`body`] carries bodies with their
+//! back; [`tracing`] makes the request's spans and passes its trace context on; [`local_reply`] makes Remora's own responses, [`body`] carries bodies with their
 //! timers and slots, and [`access_log`] writes a line when a response ends.
 
 pub mod access_log;
@@ -14,6 +14,7 @@ pub mod filters;
 pub mod headers;
 pub mod local_reply;
 pub mod router;
+pub mod tracing;
 
 /// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`),
 /// which is also Envoy's default `max_headers_count`.

@@ -68,6 +68,7 @@ pub(super) async fn forward(
         snapshot,
         downstream,
         log,
+        trace,
         started,
         authority,
         path_and_query,
@@ -175,16 +176,26 @@ pub(super) async fn forward(
         table.most_specific_header_mutations_wins,
         request_headers,
     );
+    let upstream_version = match cluster.pools.protocol() {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    // The trace context goes upstream (the upstream span's, with spawn_upstream_span).
+    let bytes_received = log
+        .as_ref()
+        .map(|entry| entry.bytes_received.clone())
+        .or_else(|| trace.as_ref().and_then(|t| t.bytes_received()));
+    if let Some(trace) = trace {
+        trace.on_upstream(request_headers, &name, upstream_host.addr, upstream_version);
+    }
     // The access log shows the request as forwarded (generated x-request-id, appended XFF).
     if let Some(entry) = log.as_mut() {
         entry.request = request_headers.clone();
         entry.upstream_host = Some(upstream_host.addr);
         entry.upstream_cluster = Some(name.clone());
+        entry.upstream_request_attempt_count = 1;
     }
-    parts.version = match cluster.pools.protocol() {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::Http2 => Version::HTTP_2,
-    };
+    parts.version = upstream_version;
     let timed_out = hcm
         .request_timeout
         .map(|_| Arc::new(AtomicBool::new(false)));
@@ -200,7 +211,7 @@ pub(super) async fn forward(
         timed_out.clone(),
         request_end.clone(),
         body_failed.clone(),
-        log.as_ref().map(|entry| entry.bytes_received.clone()),
+        bytes_received,
         body_filters,
     );
     let upstream_request = Request::from_parts(parts, upstream_body);

@@ -1,0 +1,776 @@
+//! Tracing, as Envoy's HTTP connection manager does it: the sampling decision (kept in
+//! `x-request-id`, [`request_id`]), the trace context read from the request and passed upstream
+//! ([`propagation`]), one span per request (SERVER for ingress, CLIENT for egress) and, with
+//! `spawn_upstream_span`, one CLIENT span per upstream request, tagged with Envoy's tags; and
+//! the spans' way out ([`export`]: a bounded queue per tracer, batched, sent off the workers by
+//! the OpenTelemetry ([`otlp`]) or Zipkin ([`zipkin`]) exporter through a cluster).
+//!
+//! Where a request meets it: the connection manager starts a trace once the route is chosen
+//! ([`Tracer::start`]), the router stamps the upstream request ([`ActiveTrace::on_upstream`]),
+//! the connection manager records the response ([`ActiveTrace::on_response`]), and the span is
+//! finished when the response body ends ([`Completion`], held with the stream's other slots).
+//! Only sampled requests allocate; an unsampled one still passes its context on.
+
+pub mod export;
+pub mod otlp;
+pub mod propagation;
+pub mod request_id;
+pub mod zipkin;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Version};
+use remora_config::tracing::{CustomTag, MetadataKind, Provider, TagValue, Tracing};
+
+use crate::http::filter::Selected;
+use crate::http::headers::X_REQUEST_ID;
+use export::Exporter;
+use propagation::Format;
+use request_id::{Reason, Sampling, X_CLIENT_TRACE_ID};
+
+pub static X_ENVOY_DECORATOR_OPERATION: HeaderName =
+    HeaderName::from_static("x-envoy-decorator-operation");
+static X_ENVOY_DOWNSTREAM_SERVICE_CLUSTER: HeaderName =
+    HeaderName::from_static("x-envoy-downstream-service-cluster");
+
+/// What every tracer of the process shares: who this proxy is, and where exports run.
+#[derive(Debug, Clone)]
+pub struct TracingContext {
+    pub node_id: Arc<str>,
+    pub node_cluster: Arc<str>,
+    pub zone: Arc<str>,
+    /// The address Zipkin's `localEndpoint` names (the host's first non-loopback IPv4).
+    pub local_ip: Option<IpAddr>,
+    /// `remora.tracing.propagate_w3c_and_b3`.
+    pub propagate_both: bool,
+    pub store: Arc<crate::store::Store>,
+}
+
+impl TracingContext {
+    pub fn new(
+        node: &remora_config::bootstrap::Node,
+        propagate_both: bool,
+        store: Arc<crate::store::Store>,
+    ) -> Self {
+        TracingContext {
+            node_id: node.id.as_str().into(),
+            node_cluster: node.cluster.as_str().into(),
+            zone: node
+                .proto
+                .locality
+                .as_ref()
+                .map_or("", |locality| locality.zone.as_str())
+                .into(),
+            local_ip: local_ipv4(),
+            propagate_both,
+            store,
+        }
+    }
+}
+
+/// The host's first non-loopback IPv4 address, from the kernel's routing table (what Envoy
+/// puts in Zipkin's `localEndpoint`).
+fn local_ipv4() -> Option<IpAddr> {
+    let trie = std::fs::read_to_string("/proc/net/fib_trie").ok()?;
+    let mut last: Option<IpAddr> = None;
+    for line in trie.lines() {
+        let line = line.trim();
+        if let Some(address) = line.strip_prefix("|-- ") {
+            last = address.parse().ok();
+        } else if line.contains("/32 host LOCAL")
+            && let Some(ip) = last
+            && !ip.is_loopback()
+        {
+            return Some(ip);
+        }
+    }
+    None
+}
+
+/// Which tracer makes the spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    OpenTelemetry {
+        always_on: bool,
+    },
+    Zipkin {
+        shared_span_context: bool,
+        trace_id_128bit: bool,
+    },
+}
+
+/// A span's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Server,
+    Client,
+}
+
+/// A connection manager's tracer, built with it.
+#[derive(Debug)]
+pub struct Tracer {
+    config: Tracing,
+    driver: Driver,
+    /// Contexts read: W3C and/or B3, in order of preference.
+    read_w3c: bool,
+    read_b3: bool,
+    write_w3c: bool,
+    write_b3: bool,
+    /// An OUTBOUND listener's: spans are CLIENT, named `egress HOST`.
+    egress: bool,
+    pub context: TracingContext,
+    /// Node, zone and the literal and environment tags (resolved when built, as Envoy reads
+    /// the environment once), handed to the exporter with each span.
+    tags: Arc<ExportTags>,
+    exporter: Arc<Exporter>,
+}
+
+impl Tracer {
+    /// The tracer of a connection manager with `tracing`, or `None` without a provider (Envoy
+    /// then still writes the decision into `x-request-id`, which [`decide`] does alone).
+    pub fn build(
+        config: &Tracing,
+        egress: bool,
+        context: &TracingContext,
+        registry: &crate::stats::Registry,
+    ) -> Option<Arc<Tracer>> {
+        let provider = config.provider.as_ref()?;
+        let (driver, w3c_first) = match provider {
+            Provider::OpenTelemetry(otel) => (
+                Driver::OpenTelemetry {
+                    always_on: otel.always_on_sampler,
+                },
+                true,
+            ),
+            Provider::Zipkin(zipkin) => (
+                Driver::Zipkin {
+                    shared_span_context: zipkin.shared_span_context,
+                    trace_id_128bit: zipkin.trace_id_128bit,
+                },
+                false,
+            ),
+        };
+        let zipkin_w3c = matches!(provider, Provider::Zipkin(z) if z.w3c_propagation);
+        let both = context.propagate_both || zipkin_w3c;
+        let fixed = config
+            .custom_tags
+            .iter()
+            .filter_map(|tag| {
+                let value = match &tag.value {
+                    TagValue::Literal(value) => value.clone(),
+                    TagValue::Environment { name, default } => {
+                        std::env::var(name).unwrap_or_else(|_| default.clone())
+                    }
+                    _ => return None,
+                };
+                (!value.is_empty()).then(|| (tag.tag.as_str().into(), value.as_str().into()))
+            })
+            .collect();
+        Some(Arc::new(Tracer {
+            config: config.clone(),
+            driver,
+            read_w3c: w3c_first || both,
+            read_b3: !w3c_first || both,
+            write_w3c: w3c_first || both,
+            write_b3: !w3c_first || both,
+            egress,
+            context: context.clone(),
+            tags: Arc::new(ExportTags {
+                node_id: context.node_id.clone(),
+                zone: context.zone.clone(),
+                fixed,
+            }),
+            exporter: Exporter::for_provider(provider, context, registry),
+        }))
+    }
+
+    fn sampling(&self, route: Option<&Selected>) -> Sampling {
+        let overrides = route.and_then(|selected| selected.route().tracing.as_ref());
+        Sampling {
+            client: overrides
+                .and_then(|o| o.client_sampling)
+                .unwrap_or(self.config.client_sampling),
+            random: overrides
+                .and_then(|o| o.random_sampling)
+                .unwrap_or(self.config.random_sampling),
+            overall: overrides
+                .and_then(|o| o.overall_sampling)
+                .unwrap_or(self.config.overall_sampling),
+        }
+    }
+
+    /// Starts the request's trace: decides (writing `x-request-id`), reads the incoming
+    /// context, and makes the proxy's span context. Never fails: a context that does not parse
+    /// starts a new trace.
+    pub fn start(
+        self: &Arc<Self>,
+        request: &mut http::request::Parts,
+        route: Option<&Selected>,
+        peer: SocketAddr,
+        scheme: &'static str,
+        bytes_received: Option<Arc<AtomicU64>>,
+    ) -> ActiveTrace {
+        let reason = request_id::decide(&mut request.headers, self.sampling(route));
+        let headers = &request.headers;
+        let w3c = self
+            .read_w3c
+            .then(|| propagation::read_w3c(headers))
+            .flatten();
+        let b3 = self
+            .read_b3
+            .then(|| propagation::read_b3(headers))
+            .flatten();
+        let incoming = match self.driver {
+            Driver::OpenTelemetry { .. } => w3c.or_else(|| b3.and_then(|b3| b3.context())),
+            Driver::Zipkin { .. } => b3.and_then(|b3| b3.context()).or(w3c),
+        };
+        // B3 may carry a decision without ids.
+        let caller_decision = incoming
+            .as_ref()
+            .and_then(|c| c.sampled)
+            .or_else(|| b3.and_then(|b3| b3.sampled()));
+        let mut sampled = caller_decision.unwrap_or(reason.traced());
+        if let Driver::OpenTelemetry { always_on: true } = self.driver {
+            sampled = true;
+        }
+        let kind = if self.egress {
+            Kind::Client
+        } else {
+            Kind::Server
+        };
+        let (trace_id, span_id, parent_id, shared, trace_id_128) = match (&incoming, self.driver) {
+            (
+                Some(context),
+                Driver::Zipkin {
+                    shared_span_context: true,
+                    ..
+                },
+            ) if kind == Kind::Server => (
+                context.trace_id,
+                context.span_id,
+                context.parent_id,
+                true,
+                context.trace_id_128,
+            ),
+            (Some(context), _) => (
+                context.trace_id,
+                random_id(),
+                Some(context.span_id),
+                false,
+                context.trace_id_128,
+            ),
+            (
+                None,
+                Driver::Zipkin {
+                    shared_span_context,
+                    trace_id_128bit,
+                },
+            ) => {
+                let trace_id = if trace_id_128bit {
+                    rand::random::<u128>() | 1
+                } else {
+                    u128::from(random_id())
+                };
+                // Envoy's Zipkin root span takes the trace id's low half as its id.
+                (
+                    trace_id,
+                    trace_id as u64,
+                    None,
+                    shared_span_context && kind == Kind::Server,
+                    trace_id_128bit,
+                )
+            }
+            (None, Driver::OpenTelemetry { .. }) => {
+                (rand::random::<u128>() | 1, random_id(), None, false, true)
+            }
+        };
+        let inject_b3 = match incoming.as_ref().map(|c| c.format) {
+            Some(Format::B3Single) => Format::B3Single,
+            _ => Format::B3Multi,
+        };
+        let decorator = route.and_then(|selected| selected.route().decorator.as_ref());
+        let record = sampled.then(|| {
+            let name = self.span_name(request, decorator);
+            Box::new(Record::new(
+                self,
+                request,
+                route,
+                peer,
+                scheme,
+                reason,
+                name,
+                kind,
+                bytes_received,
+            ))
+        });
+        ActiveTrace {
+            tracer: self.clone(),
+            trace_id,
+            span_id,
+            parent_id,
+            sampled,
+            shared,
+            trace_id_128,
+            tracestate: propagation::read_tracestate(&request.headers),
+            inject_b3,
+            decorator: decorator
+                .filter(|d| d.propagate)
+                .map(|d| d.operation.clone()),
+            record,
+        }
+    }
+
+    /// The span's name: the route decorator's operation (on ingress, an operation the caller
+    /// passed in `x-envoy-decorator-operation` wins), else `ingress` / `egress HOST` for the
+    /// OpenTelemetry tracer and the host for Zipkin, as Envoy names them.
+    fn span_name(
+        &self,
+        request: &http::request::Parts,
+        decorator: Option<&remora_config::tracing::Decorator>,
+    ) -> String {
+        if !self.egress
+            && let Some(operation) = request
+                .headers
+                .get(&X_ENVOY_DECORATOR_OPERATION)
+                .and_then(|v| v.to_str().ok())
+        {
+            return operation.to_string();
+        }
+        if let Some(decorator) = decorator {
+            return decorator.operation.clone();
+        }
+        let host = request
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        match self.driver {
+            Driver::Zipkin { .. } => host.to_string(),
+            Driver::OpenTelemetry { .. } if self.egress => format!("egress {host}"),
+            Driver::OpenTelemetry { .. } => "ingress".into(),
+        }
+    }
+}
+
+/// A random non-zero span id.
+fn random_id() -> u64 {
+    rand::random::<u64>() | 1
+}
+
+/// The trace of one request while it is in the proxy.
+#[derive(Debug)]
+pub struct ActiveTrace {
+    tracer: Arc<Tracer>,
+    pub trace_id: u128,
+    pub span_id: u64,
+    parent_id: Option<u64>,
+    pub sampled: bool,
+    shared: bool,
+    trace_id_128: bool,
+    tracestate: Option<HeaderValue>,
+    inject_b3: Format,
+    /// The decorator's operation, when it is propagated.
+    decorator: Option<String>,
+    /// What a sampled request's span will say (none when not sampled).
+    record: Option<Box<Record>>,
+}
+
+impl ActiveTrace {
+    /// The body byte counter the span reads `request_size` from, for the request body.
+    pub fn bytes_received(&self) -> Option<Arc<AtomicU64>> {
+        self.record.as_ref().map(|r| r.bytes_received.clone())
+    }
+
+    /// Stamps the upstream request: the trace context (of the upstream span when
+    /// `spawn_upstream_span`, else of the proxy's span) and, on egress, the decorator.
+    pub fn on_upstream(
+        &mut self,
+        headers: &mut HeaderMap,
+        cluster: &str,
+        address: SocketAddr,
+        protocol: Version,
+    ) {
+        let tracer = self.tracer.clone();
+        let mut span_id = self.span_id;
+        let mut parent_id = self.parent_id;
+        if tracer.config.spawn_upstream_span {
+            let upstream_span = random_id();
+            parent_id = Some(self.span_id);
+            span_id = upstream_span;
+            if let Some(record) = self.record.as_mut() {
+                record.upstream_span = Some((upstream_span, SystemTime::now()));
+            }
+        }
+        if let Some(record) = self.record.as_mut() {
+            record.upstream = Some(Upstream {
+                cluster: cluster.into(),
+                address,
+                protocol,
+            });
+        }
+        if tracer.write_w3c {
+            headers.insert(
+                &propagation::TRACEPARENT,
+                propagation::traceparent(self.trace_id, span_id, self.sampled),
+            );
+            headers.insert(
+                &propagation::TRACESTATE,
+                self.tracestate
+                    .clone()
+                    .unwrap_or_else(|| HeaderValue::from_static("")),
+            );
+        }
+        if tracer.write_b3 {
+            let wide = self.trace_id_128;
+            let parent = match tracer.driver {
+                // Zipkin passes the span's own parent; a span shared with the caller has the
+                // caller's.
+                Driver::Zipkin { .. } => parent_id,
+                Driver::OpenTelemetry { .. } => {
+                    Some(self.span_id).filter(|_| span_id != self.span_id)
+                }
+            };
+            match self.inject_b3 {
+                Format::B3Single => propagation::write_b3_single(
+                    headers,
+                    self.trace_id,
+                    wide,
+                    span_id,
+                    parent,
+                    self.sampled,
+                ),
+                _ => propagation::write_b3_multi(
+                    headers,
+                    self.trace_id,
+                    wide,
+                    span_id,
+                    parent,
+                    self.sampled,
+                ),
+            }
+        }
+        if tracer.egress
+            && let Some(operation) = &self.decorator
+            && let Ok(value) = HeaderValue::from_str(operation)
+        {
+            headers.insert(&X_ENVOY_DECORATOR_OPERATION, value);
+        }
+    }
+
+    /// The response is on its way: on ingress, the decorator's operation goes back to the
+    /// caller; the span learns the status and response flag.
+    pub fn on_response(
+        &mut self,
+        headers: &mut HeaderMap,
+        status: u16,
+        flag: Option<&'static str>,
+    ) {
+        if !self.tracer.egress
+            && let Some(operation) = &self.decorator
+            && let Ok(value) = HeaderValue::from_str(operation)
+        {
+            headers.insert(&X_ENVOY_DECORATOR_OPERATION, value);
+        }
+        if let Some(record) = self.record.as_mut() {
+            record.status = status;
+            record.flag = flag;
+        }
+    }
+
+    /// The trace id as `%TRACE_ID%` prints it.
+    pub fn trace_id_hex(&self) -> String {
+        if self.trace_id_128 {
+            format!("{:032x}", self.trace_id)
+        } else {
+            format!("{:016x}", self.trace_id as u64)
+        }
+    }
+
+    /// What finishes the span when the response ends (nothing for an unsampled request).
+    pub fn into_completion(self) -> Option<Completion> {
+        let ActiveTrace {
+            tracer,
+            trace_id,
+            span_id,
+            parent_id,
+            shared,
+            tracestate,
+            record,
+            ..
+        } = self;
+        let mut record = record?;
+        record.ids = Ids {
+            trace_id,
+            span_id,
+            parent_id,
+            shared,
+            tracestate,
+        };
+        Some(Completion {
+            tracer,
+            record: Some(record),
+        })
+    }
+}
+
+/// Ids of a finished span.
+#[derive(Debug, Default, Clone)]
+pub struct Ids {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub parent_id: Option<u64>,
+    pub shared: bool,
+    pub tracestate: Option<HeaderValue>,
+}
+
+/// Where the request went upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub cluster: Arc<str>,
+    pub address: SocketAddr,
+    pub protocol: Version,
+}
+
+/// What a sampled request's spans say, gathered as it goes; turned into the exporter's format
+/// off the worker.
+#[derive(Debug)]
+pub struct Record {
+    pub ids: Ids,
+    pub name: String,
+    pub kind: Kind,
+    pub start: SystemTime,
+    pub started: std::time::Instant,
+    pub duration: Duration,
+    pub method: Method,
+    pub url: String,
+    pub version: Version,
+    pub user_agent: Option<HeaderValue>,
+    pub request_id: Option<HeaderValue>,
+    pub client_trace_id: Option<HeaderValue>,
+    pub downstream_cluster: Option<HeaderValue>,
+    pub peer: IpAddr,
+    /// Custom tags, resolved (fixed ones come from the tracer).
+    pub tags: Vec<(Arc<str>, String)>,
+    pub status: u16,
+    pub flag: Option<&'static str>,
+    pub bytes_received: Arc<AtomicU64>,
+    pub bytes_sent: u64,
+    pub upstream: Option<Upstream>,
+    /// The upstream span's id and start, with `spawn_upstream_span`.
+    pub upstream_span: Option<(u64, SystemTime)>,
+    pub reason: Reason,
+}
+
+impl Record {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        tracer: &Tracer,
+        request: &http::request::Parts,
+        route: Option<&Selected>,
+        peer: SocketAddr,
+        scheme: &'static str,
+        reason: Reason,
+        name: String,
+        kind: Kind,
+        bytes_received: Option<Arc<AtomicU64>>,
+    ) -> Self {
+        let headers = &request.headers;
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let path = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut url = format!("{scheme}://{host}{path}");
+        let max = tracer.config.max_path_tag_length;
+        if url.len() > max {
+            let mut cut = max;
+            while !url.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            url.truncate(cut);
+        }
+        let route_tags = route
+            .and_then(|selected| selected.route().tracing.as_ref())
+            .map(|t| t.custom_tags.as_slice())
+            .unwrap_or_default();
+        let mut tags = Vec::new();
+        for tag in tracer.config.custom_tags.iter().chain(route_tags) {
+            if let Some(value) = dynamic_tag(tag, request, route) {
+                tags.push((tag.tag.as_str().into(), value));
+            }
+        }
+        Record {
+            ids: Ids::default(),
+            name,
+            kind,
+            start: SystemTime::now(),
+            started: std::time::Instant::now(),
+            duration: Duration::ZERO,
+            method: request.method.clone(),
+            url,
+            version: request.version,
+            user_agent: headers.get(header::USER_AGENT).cloned(),
+            request_id: headers.get(&X_REQUEST_ID).cloned(),
+            client_trace_id: headers.get(&X_CLIENT_TRACE_ID).cloned(),
+            downstream_cluster: headers.get(&X_ENVOY_DOWNSTREAM_SERVICE_CLUSTER).cloned(),
+            peer: peer.ip(),
+            tags,
+            status: 0,
+            flag: None,
+            bytes_received: bytes_received.unwrap_or_default(),
+            bytes_sent: 0,
+            upstream: None,
+            upstream_span: None,
+            reason,
+        }
+    }
+}
+
+/// A custom tag whose value depends on the request (literal and environment tags are the
+/// tracer's); `None` when it has no value and no default.
+fn dynamic_tag(
+    tag: &CustomTag,
+    request: &http::request::Parts,
+    route: Option<&Selected>,
+) -> Option<String> {
+    let value = match &tag.value {
+        TagValue::Literal(_) | TagValue::Environment { .. } => return None,
+        TagValue::RequestHeader { name, default } => {
+            let value = match name.as_str() {
+                ":path" => request
+                    .uri
+                    .path_and_query()
+                    .map(|pq| pq.as_str().to_string()),
+                ":method" => Some(request.method.to_string()),
+                ":authority" => request
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string),
+                ":scheme" => request.uri.scheme_str().map(str::to_string),
+                other => request
+                    .headers
+                    .get(other)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            };
+            value.unwrap_or_else(|| default.clone())
+        }
+        // Remora keeps no dynamic, route, cluster or host metadata yet: the default applies.
+        TagValue::Metadata { kind, default, .. } => {
+            let _ = (kind == &MetadataKind::Route, route);
+            default.clone()
+        }
+    };
+    (!value.is_empty()).then_some(value)
+}
+
+/// Finishes a sampled request's spans when dropped: with the stream's other slots, when the
+/// response body has ended (or the stream was reset).
+#[derive(Debug)]
+pub struct Completion {
+    tracer: Arc<Tracer>,
+    record: Option<Box<Record>>,
+}
+
+impl Completion {
+    /// Response body bytes, for `response_size`.
+    pub fn add_sent(&mut self, bytes: u64) {
+        if let Some(record) = self.record.as_mut() {
+            record.bytes_sent += bytes;
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.duration = record.started.elapsed();
+            self.tracer.exporter.push(self.tracer.tags.clone(), record);
+        }
+    }
+}
+
+/// Envoy's tags for a finished request: the server (or egress client) span's, then the
+/// upstream span's when there is one. Shared by both exporters.
+pub fn span_tags(tracer_tags: &ExportTags, record: &Record) -> Vec<(&'static str, String)> {
+    let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(20);
+    let text = |value: &Option<HeaderValue>| {
+        value
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string()
+    };
+    tags.push(("component", "proxy".into()));
+    tags.push(("node_id", tracer_tags.node_id.to_string()));
+    tags.push(("zone", tracer_tags.zone.to_string()));
+    if let Some(id) = &record.request_id {
+        tags.push(("guid:x-request-id", text(&Some(id.clone()))));
+    }
+    if let Some(id) = &record.client_trace_id {
+        tags.push(("guid:x-client-trace-id", text(&Some(id.clone()))));
+    }
+    tags.push(("http.url", record.url.clone()));
+    tags.push(("http.method", record.method.to_string()));
+    tags.push(("downstream_cluster", text(&record.downstream_cluster)));
+    tags.push(("user_agent", text(&record.user_agent)));
+    tags.push(("http.protocol", protocol(record.version).into()));
+    tags.push(("peer.address", record.peer.to_string()));
+    tags.push((
+        "request_size",
+        record.bytes_received.load(Ordering::Relaxed).to_string(),
+    ));
+    tags.push(("response_size", record.bytes_sent.to_string()));
+    if let Some(upstream) = &record.upstream {
+        tags.push(("upstream_cluster", upstream.cluster.to_string()));
+        tags.push(("upstream_cluster.name", upstream.cluster.to_string()));
+    }
+    tags.push(("http.status_code", record.status.to_string()));
+    if record.status >= 500 {
+        tags.push(("error", "true".into()));
+    }
+    tags.push(("response_flags", record.flag.unwrap_or("-").into()));
+    tags
+}
+
+/// The upstream span's tags (`spawn_upstream_span`).
+pub fn upstream_span_tags(record: &Record, upstream: &Upstream) -> Vec<(&'static str, String)> {
+    let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(10);
+    tags.push(("component", "proxy".into()));
+    tags.push(("http.protocol", protocol(upstream.protocol).into()));
+    tags.push(("upstream_address", upstream.address.to_string()));
+    tags.push(("peer.address", upstream.address.to_string()));
+    tags.push(("upstream_cluster", upstream.cluster.to_string()));
+    tags.push(("upstream_cluster.name", upstream.cluster.to_string()));
+    tags.push(("http.status_code", record.status.to_string()));
+    if record.status >= 500 {
+        tags.push(("error", "true".into()));
+    }
+    tags.push(("response_flags", record.flag.unwrap_or("-").into()));
+    tags
+}
+
+/// What exporters need of the tracer that made a span.
+#[derive(Debug, Clone)]
+pub struct ExportTags {
+    pub node_id: Arc<str>,
+    pub zone: Arc<str>,
+    pub fixed: Vec<(Arc<str>, Arc<str>)>,
+}
+
+pub fn protocol(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "-",
+    }
+}
