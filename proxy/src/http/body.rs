@@ -120,6 +120,9 @@ pub struct UpstreamBody {
     lease: Option<Lease>,
     /// HTTP filters looking at the body (usually none).
     filters: Vec<Box<dyn BodyFilter>>,
+    /// The cluster's `upstream_rq_time` and when the request went out, recorded at the end.
+    rq_time: Option<(Arc<crate::stats::Histogram>, Instant)>,
+    ended: bool,
 }
 
 /// What a downstream request holds until its response ends: its place in
@@ -135,10 +138,13 @@ pub struct DownstreamSlots {
     pub completion: Option<Box<(FilterChain, FilterState)>>,
     /// A sampled request's spans, finished when this is dropped.
     pub trace: Option<crate::http::tracing::Completion>,
+    /// The connection manager's `downstream_rq_time` and when the request began.
+    pub rq_time: (Arc<crate::stats::Histogram>, Instant),
 }
 
 impl Drop for DownstreamSlots {
     fn drop(&mut self) {
+        self.rq_time.0.record_duration(self.rq_time.1.elapsed());
         if let Some(completion) = self.completion.take() {
             let (chain, state) = *completion;
             chain.on_complete(&state);
@@ -160,7 +166,15 @@ impl UpstreamBody {
             downstream: None,
             lease,
             filters: Vec::new(),
+            rq_time: None,
+            ended: false,
         }
+    }
+
+    /// Records `upstream_rq_time` (from `sent`) when the body ends.
+    pub fn with_rq_time(mut self, histogram: &Arc<crate::stats::Histogram>, sent: Instant) -> Self {
+        self.rq_time = Some((histogram.clone(), sent));
+        self
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -183,6 +197,7 @@ impl UpstreamBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
+                self.ended = true;
                 for filter in &mut self.filters {
                     filter.on_end();
                 }
@@ -217,6 +232,11 @@ impl UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
+        if let Some((histogram, sent)) = &self.rq_time
+            && (self.ended || self.inner.is_end_stream())
+        {
+            histogram.record_duration(sent.elapsed());
+        }
         // A body that was complete from the start (no content) is never polled; one dropped
         // part-way leaves its connection mid-response, so that connection closes instead.
         if let Some(lease) = self.lease.take()

@@ -122,6 +122,7 @@ where
 {
     let hcm = manager.config.clone();
     let stats = manager.stats.clone();
+    let opened = Instant::now();
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
     let connection = Arc::new(Connection {
@@ -215,6 +216,9 @@ where
             }
         }
     }
+    stats
+        .downstream_cx_length_ms
+        .record_duration(opened.elapsed());
 }
 
 /// The request's authority as a header value (cheap to clone: it shares the parsed buffer).
@@ -339,6 +343,7 @@ async fn handle(
                 connection.info.source,
                 connection.scheme,
                 log.as_ref().map(|entry| entry.bytes_received.clone()),
+                stats,
             );
             if let Some(entry) = log.as_mut() {
                 entry.trace_id = Some(active.trace_id_hex());
@@ -444,6 +449,7 @@ async fn handle(
             log: line,
             completion,
             trace,
+            rq_time: (stats.downstream_rq_time.clone(), started),
         },
         body_filters,
     );

@@ -151,6 +151,9 @@ impl Connector {
                 }
             }
         };
+        self.stats
+            .upstream_cx_connect_ms
+            .record_duration(counted.opened.elapsed());
         Ok(UpstreamIo { stream, counted })
     }
 }
@@ -200,6 +203,8 @@ struct Counted {
     stats: Arc<ClusterStats>,
     host: Arc<HostState>,
     _slot: LimitSlot,
+    /// For `upstream_cx_length_ms`.
+    opened: std::time::Instant,
 }
 
 impl Counted {
@@ -212,6 +217,7 @@ impl Counted {
             stats: stats.clone(),
             host: host.clone(),
             _slot: slot,
+            opened: std::time::Instant::now(),
         }
     }
 }
@@ -220,6 +226,9 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.stats.upstream_cx_active.dec();
         self.host.stats.cx_active.dec();
+        self.stats
+            .upstream_cx_length_ms
+            .record_duration(self.opened.elapsed());
     }
 }
 

@@ -219,6 +219,7 @@ pub(super) async fn forward(
     // Send. One timer per request: the route deadline and the stream idle timeout (the
     // route's, else the HCM's) bound the wait for headers, then move into the response body.
     let host_active = HostGauge::new(&upstream_host.state, |s| &s.rq_active);
+    let sent_at = Instant::now();
     let (sent, timer) = send_upstream(
         cluster.pools.send(&upstream_host, upstream_request),
         forward.timeout,
@@ -333,12 +334,10 @@ pub(super) async fn forward(
         _ => None,
     };
     Ok(response.map(|body| {
-        ResponseBody::Upstream(UpstreamBody::new(
-            body,
-            timer,
-            (rq_active, host_active),
-            lease,
-        ))
+        ResponseBody::Upstream(
+            UpstreamBody::new(body, timer, (rq_active, host_active), lease)
+                .with_rq_time(&cluster.stats.upstream_rq_time, sent_at),
+        )
     }))
 }
 

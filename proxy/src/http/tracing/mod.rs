@@ -213,8 +213,15 @@ impl Tracer {
         peer: SocketAddr,
         scheme: &'static str,
         bytes_received: Option<Arc<AtomicU64>>,
+        stats: &crate::stats::HttpStats,
     ) -> ActiveTrace {
         let reason = request_id::decide(&mut request.headers, self.sampling(route));
+        match reason {
+            Reason::Sampling => stats.tracing_random_sampling.inc(),
+            Reason::ServiceForced => stats.tracing_service_forced.inc(),
+            Reason::ClientForced => stats.tracing_client_enabled.inc(),
+            Reason::NotTraceable => stats.tracing_not_traceable.inc(),
+        }
         let headers = &request.headers;
         let w3c = self
             .read_w3c
