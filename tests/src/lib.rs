@@ -5,6 +5,7 @@
 
 pub mod echo;
 pub mod envoy;
+pub mod jaeger;
 pub mod netns;
 pub mod process;
 
