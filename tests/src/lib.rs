@@ -7,6 +7,7 @@ pub mod echo;
 pub mod envoy;
 pub mod jaeger;
 pub mod netns;
+pub mod otlp;
 pub mod process;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -240,10 +240,15 @@ impl Tracer {
             .as_ref()
             .and_then(|c| c.sampled)
             .or_else(|| b3.and_then(|b3| b3.sampled()));
-        let mut sampled = caller_decision.unwrap_or(reason.traced());
-        if let Driver::OpenTelemetry { always_on: true } = self.driver {
-            sampled = true;
-        }
+        // Envoy's OpenTelemetry tracer samples only what both the caller and the decision
+        // sample; its Zipkin tracer lets the caller's decision stand.
+        let sampled = match self.driver {
+            Driver::OpenTelemetry { always_on: true } => true,
+            Driver::OpenTelemetry { always_on: false } => {
+                reason.traced() && caller_decision.unwrap_or(true)
+            }
+            Driver::Zipkin { .. } => caller_decision.unwrap_or(reason.traced()),
+        };
         let kind = if self.egress {
             Kind::Client
         } else {
@@ -434,14 +439,8 @@ impl ActiveTrace {
         }
         if tracer.write_b3 {
             let wide = self.trace_id_128;
-            let parent = match tracer.driver {
-                // Zipkin passes the span's own parent; a span shared with the caller has the
-                // caller's.
-                Driver::Zipkin { .. } => parent_id,
-                Driver::OpenTelemetry { .. } => {
-                    Some(self.span_id).filter(|_| span_id != self.span_id)
-                }
-            };
+            // B3 names the injected span and that span's own parent.
+            let parent = parent_id;
             match self.inject_b3 {
                 Format::B3Single => propagation::write_b3_single(
                     headers,
