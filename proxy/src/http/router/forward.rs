@@ -185,8 +185,16 @@ pub(super) async fn forward(
         .as_ref()
         .map(|entry| entry.bytes_received.clone())
         .or_else(|| trace.as_ref().and_then(|t| t.bytes_received()));
-    if let Some(trace) = trace {
-        trace.on_upstream(request_headers, &name, upstream_host.addr, upstream_version);
+    let mut trace = trace;
+    if let Some(trace) = trace.as_deref_mut() {
+        let body_empty = http_body::Body::is_end_stream(&body);
+        trace.on_upstream(
+            request_headers,
+            &name,
+            upstream_host.addr,
+            upstream_version,
+            body_empty,
+        );
     }
     // The access log shows the request as forwarded (generated x-request-id, appended XFF).
     if let Some(entry) = log.as_mut() {
@@ -291,6 +299,9 @@ pub(super) async fn forward(
             return Err(ProxyError::upstream(flag, error.to_string()).into_router_reply());
         }
     };
+    if let Some(trace) = trace {
+        trace.on_upstream_response();
+    }
     let status = response.status();
     cluster.stats.response(status.as_u16());
     cluster.record_outcome(&upstream_host, Outcome::Status(status.as_u16()));

@@ -406,8 +406,16 @@ impl ActiveTrace {
         cluster: &str,
         address: SocketAddr,
         protocol: Version,
+        body_empty: bool,
     ) {
         let tracer = self.tracer.clone();
+        // Without a request body, the request is in and goes out now (with one, when its body
+        // ends: not recorded).
+        if body_empty && let Some(record) = self.record.as_mut() {
+            record.event(event::LAST_DOWNSTREAM_RX);
+            record.event(event::FIRST_UPSTREAM_TX);
+            record.event(event::LAST_UPSTREAM_TX);
+        }
         let mut span_id = self.span_id;
         let mut parent_id = self.parent_id;
         if tracer.config.spawn_upstream_span {
@@ -468,6 +476,13 @@ impl ActiveTrace {
         }
     }
 
+    /// The upstream's response headers arrived.
+    pub fn on_upstream_response(&mut self) {
+        if let Some(record) = self.record.as_mut() {
+            record.event(event::FIRST_UPSTREAM_RX);
+        }
+    }
+
     /// The response is on its way: on ingress, the decorator's operation goes back to the
     /// caller; the span learns the status and response flag.
     pub fn on_response(
@@ -485,6 +500,7 @@ impl ActiveTrace {
         if let Some(record) = self.record.as_mut() {
             record.status = status;
             record.flag = flag;
+            record.event(event::FIRST_DOWNSTREAM_TX);
         }
     }
 
@@ -570,6 +586,44 @@ pub struct Record {
     /// The upstream span's id and start, with `spawn_upstream_span`.
     pub upstream_span: Option<(u64, SystemTime)>,
     pub reason: Reason,
+    /// `verbose`: timing events (Envoy's names), in the order they happened.
+    pub events: Option<Vec<(&'static str, SystemTime)>>,
+}
+
+/// The timing events `verbose` adds, as Envoy names them.
+pub mod event {
+    pub const LAST_DOWNSTREAM_RX: &str = "last_downstream_rx_byte_received";
+    pub const FIRST_UPSTREAM_TX: &str = "first_upstream_tx_byte_sent";
+    pub const LAST_UPSTREAM_TX: &str = "last_upstream_tx_byte_sent";
+    pub const FIRST_UPSTREAM_RX: &str = "first_upstream_rx_byte_received";
+    pub const LAST_UPSTREAM_RX: &str = "last_upstream_rx_byte_received";
+    pub const FIRST_DOWNSTREAM_TX: &str = "first_downstream_tx_byte_sent";
+    pub const LAST_DOWNSTREAM_TX: &str = "last_downstream_tx_byte_sent";
+    /// Envoy's order of the events on a span (by kind, not by time).
+    pub const ORDER: [&str; 7] = [
+        LAST_DOWNSTREAM_RX,
+        FIRST_UPSTREAM_TX,
+        LAST_UPSTREAM_TX,
+        FIRST_UPSTREAM_RX,
+        LAST_UPSTREAM_RX,
+        FIRST_DOWNSTREAM_TX,
+        LAST_DOWNSTREAM_TX,
+    ];
+    /// Those that belong on the upstream span too.
+    pub const UPSTREAM: [&str; 4] = [
+        FIRST_UPSTREAM_TX,
+        LAST_UPSTREAM_TX,
+        FIRST_UPSTREAM_RX,
+        LAST_UPSTREAM_RX,
+    ];
+}
+
+impl Record {
+    fn event(&mut self, name: &'static str) {
+        if let Some(events) = self.events.as_mut() {
+            events.push((name, SystemTime::now()));
+        }
+    }
 }
 
 impl Record {
@@ -634,6 +688,7 @@ impl Record {
             upstream: None,
             upstream_span: None,
             reason,
+            events: tracer.config.verbose.then(Vec::new),
         }
     }
 }
@@ -697,6 +752,13 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         if let Some(mut record) = self.record.take() {
+            if record.upstream.is_some() {
+                record.event(event::LAST_UPSTREAM_RX);
+            }
+            record.event(event::LAST_DOWNSTREAM_TX);
+            if let Some(events) = record.events.as_mut() {
+                events.sort_by_key(|(name, _)| event::ORDER.iter().position(|n| n == name));
+            }
             record.duration = record.started.elapsed();
             self.tracer.exporter.push(self.tracer.tags.clone(), record);
         }

@@ -108,6 +108,20 @@ pub fn spans(queued: Queued, scope: &InstrumentationScope) -> impl Iterator<Item
         )
         .collect();
     attributes.extend(custom.iter().cloned());
+    let events = |only_upstream: bool| {
+        let mut events = SpanEvents::default();
+        for (name, time) in record.events.iter().flatten() {
+            if !only_upstream || super::event::UPSTREAM.contains(name) {
+                events.events.push(opentelemetry::trace::Event::new(
+                    *name,
+                    *time,
+                    Vec::new(),
+                    0,
+                ));
+            }
+        }
+        events
+    };
     let main = SpanData {
         span_context: context(ids.span_id),
         parent_span_id: ids.parent_id.map_or(SpanId::INVALID, SpanId::from),
@@ -121,7 +135,7 @@ pub fn spans(queued: Queued, scope: &InstrumentationScope) -> impl Iterator<Item
         end_time: end,
         attributes,
         dropped_attributes_count: 0,
-        events: SpanEvents::default(),
+        events: events(false),
         links: SpanLinks::default(),
         status: status.clone(),
         instrumentation_scope: scope.clone(),
@@ -140,7 +154,7 @@ pub fn spans(queued: Queued, scope: &InstrumentationScope) -> impl Iterator<Item
                 end_time: end,
                 attributes,
                 dropped_attributes_count: 0,
-                events: SpanEvents::default(),
+                events: events(true),
                 links: SpanLinks::default(),
                 status,
                 instrumentation_scope: scope.clone(),

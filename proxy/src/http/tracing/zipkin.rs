@@ -87,6 +87,8 @@ pub struct ZipkinSpan {
     pub duration: u64,
     pub shared: bool,
     pub tags: Vec<(String, String)>,
+    /// `verbose` timing annotations before the closing `ss`/`cr` (microseconds, name).
+    pub annotations: Vec<(u64, &'static str)>,
 }
 
 fn micros(time: SystemTime) -> u64 {
@@ -105,6 +107,15 @@ pub fn spans(queued: &Queued, wide: bool) -> Vec<ZipkinSpan> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .chain(record.tags.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let end = record.start + record.duration;
+    let annotations = |only_upstream: bool| -> Vec<(u64, &'static str)> {
+        record
+            .events
+            .iter()
+            .flatten()
+            .filter(|(name, _)| !only_upstream || super::event::UPSTREAM.contains(name))
+            .map(|(name, time)| (micros(*time), *name))
+            .collect()
+    };
     let mut out = vec![ZipkinSpan {
         trace_id: ids.trace_id,
         wide: wide || ids.trace_id > u128::from(u64::MAX),
@@ -120,6 +131,7 @@ pub fn spans(queued: &Queued, wide: bool) -> Vec<ZipkinSpan> {
             .map(|(k, v)| (k.to_string(), v))
             .chain(custom.clone())
             .collect(),
+        annotations: annotations(false),
     }];
     if let (Some(upstream), Some((span_id, start))) = (&record.upstream, record.upstream_span) {
         out.push(ZipkinSpan {
@@ -140,6 +152,7 @@ pub fn spans(queued: &Queued, wide: bool) -> Vec<ZipkinSpan> {
                 .map(|(k, v)| (k.to_string(), v))
                 .chain(custom)
                 .collect(),
+            annotations: annotations(true),
         });
     }
     out
@@ -203,10 +216,15 @@ pub fn encode_json(spans: &[ZipkinSpan], local: &LocalEndpoint) -> Vec<u8> {
             object.insert("duration".into(), json!(span.duration));
             object.insert("localEndpoint".into(), Value::Object(endpoint.clone()));
             let (value, timestamp) = annotation(span);
-            object.insert(
-                "annotations".into(),
-                json!([{"timestamp": timestamp, "value": value}]),
-            );
+            let annotations: Vec<Value> = span
+                .annotations
+                .iter()
+                .map(|(timestamp, value)| json!({"timestamp": timestamp, "value": value}))
+                .chain(std::iter::once(
+                    json!({"timestamp": timestamp, "value": value}),
+                ))
+                .collect();
+            object.insert("annotations".into(), Value::Array(annotations));
             let tags: Map<String, Value> = span
                 .tags
                 .iter()
@@ -260,10 +278,16 @@ pub fn encode_proto(spans: &[ZipkinSpan], local: &LocalEndpoint) -> Vec<u8> {
                     timestamp: span.timestamp,
                     duration: span.duration,
                     local_endpoint: Some(endpoint.clone()),
-                    annotations: vec![proto::Annotation {
-                        timestamp,
-                        value: value.into(),
-                    }],
+                    annotations: span
+                        .annotations
+                        .iter()
+                        .map(|(timestamp, value)| (*timestamp, *value))
+                        .chain(std::iter::once((timestamp, value)))
+                        .map(|(timestamp, value)| proto::Annotation {
+                            timestamp,
+                            value: value.into(),
+                        })
+                        .collect(),
                     tags: span.tags.iter().cloned().collect(),
                     shared: span.shared,
                 }
@@ -346,6 +370,7 @@ mod tests {
             duration: 20,
             shared: true,
             tags: vec![("component".into(), "proxy".into())],
+            annotations: vec![],
         }
     }
 
