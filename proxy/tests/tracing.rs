@@ -1,6 +1,6 @@
 //! Tracing end to end with a real Jaeger: client → outbound sidecar → inbound sidecar → app,
-//! each sidecar exporting its spans (one over OTLP/gRPC, one as Zipkin JSON to Jaeger's 9411
-//! receiver), and Jaeger's query API must show one trace with both services and the inbound span
+//! each sidecar exporting its spans (one over OTLP/gRPC, one as Zipkin protobuf to Jaeger's
+//! Zipkin receiver), and Jaeger's query API must show one trace with both services and the inbound span
 //! a child of the outbound one. The same with real Envoy as the outbound sidecar. And a
 //! collector that is down: requests are unaffected, failures are counted.
 
@@ -118,7 +118,7 @@ fn jaeger_shows_one_trace_through_two_remora_sidecars() {
     let app = EchoServer::start("app", "127.0.0.1");
     let (inbound_port, outbound_port) = (free_port(), free_port());
 
-    // Inbound: Zipkin JSON to Jaeger's Zipkin receiver.
+    // Inbound: Zipkin protobuf to Jaeger's Zipkin receiver (the Envoy test below sends JSON).
     let (in_admin, in_admin_yaml) = admin_block();
     let inbound = Proxy::start(
         &format!(
@@ -130,7 +130,7 @@ fn jaeger_shows_one_trace_through_two_remora_sidecars() {
                     "inbound",
                     inbound_port,
                     "INBOUND",
-                    &zipkin_tracing("jaeger_zipkin", "HTTP_JSON"),
+                    &zipkin_tracing("jaeger_zipkin", "HTTP_PROTO"),
                     "app",
                 )],
                 &[
