@@ -893,7 +893,13 @@ def main(argv: list[str]) -> int:
 
     print(text)
     if args.out != "-":
-        Path(args.out).write_text(text)
+        # bench/tracing's section (between its markers) is its own run's: keep it.
+        path = Path(args.out)
+        old = path.read_text() if path.exists() else ""
+        start = old.find("<!-- tracing overhead:")
+        if start >= 0:
+            text = text.rstrip() + "\n\n" + old[start:]
+        path.write_text(text)
         log(f"wrote {args.out}")
     return 0
 

@@ -35,13 +35,34 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// A queued span: the tracer's tags and what the request recorded.
 pub type Queued = (Arc<ExportTags>, Box<Record>);
 
+/// Why a batch did not make it.
+#[derive(Debug)]
+pub enum SendError {
+    /// The collector answered, and not with success.
+    Rejected(String),
+    /// No answer: no host, no connection, a timeout.
+    Failed(String),
+    /// The collector cluster does not exist (Zipkin counts these apart).
+    NoCluster(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Rejected(why) | SendError::Failed(why) | SendError::NoCluster(why) => {
+                f.write_str(why)
+            }
+        }
+    }
+}
+
 /// A batch's way to its collector.
 pub trait Sink: Send + Sync + 'static {
-    /// Sends one batch; `Err` carries why it failed (counted, logged at debug).
+    /// Sends one batch (counted by the caller, failures logged at debug).
     fn send(
         &self,
         batch: Vec<Queued>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + '_>>;
 }
 
 /// Counters under Envoy's names: `tracing.opentelemetry.*` or `tracing.zipkin.*`.
@@ -51,30 +72,48 @@ pub struct ExportStats {
     /// Spans lost to a full queue (Envoy's OpenTelemetry `spans_dropped`).
     pub spans_dropped: Arc<Stat>,
     pub timer_flushed: Arc<Stat>,
-    /// Batches sent, and those the collector accepted or not (Envoy's `http_reports_*` for
-    /// OpenTelemetry, `reports_*` for Zipkin).
-    pub reports_sent: Arc<Stat>,
-    pub reports_success: Arc<Stat>,
-    pub reports_failed: Arc<Stat>,
-    /// Zipkin: batches not sent because the collector cluster does not exist.
-    pub reports_skipped_no_cluster: Arc<Stat>,
+    /// Batches attempted (OpenTelemetry `http_reports_sent`; Zipkin has no such counter).
+    pub attempted: Option<Arc<Stat>>,
+    /// Batches the collector accepted (`http_reports_success`; Zipkin `reports_sent`).
+    pub accepted: Arc<Stat>,
+    /// Batches it answered with an error (`http_reports_failed`; Zipkin `reports_dropped`).
+    pub rejected: Arc<Stat>,
+    /// Batches that got no answer (`http_reports_failed`; Zipkin `reports_failed`).
+    pub failed: Arc<Stat>,
+    /// Batches not sent: the collector cluster does not exist (Zipkin
+    /// `reports_skipped_no_cluster`; OpenTelemetry counts them failed).
+    pub skipped_no_cluster: Arc<Stat>,
 }
 
 impl ExportStats {
     fn new(registry: &Registry, provider: &Provider) -> Self {
-        let (prefix, reports) = match provider {
-            Provider::OpenTelemetry(_) => ("tracing.opentelemetry", "http_reports"),
-            Provider::Zipkin(_) => ("tracing.zipkin", "reports"),
-        };
-        let c = |name: &str| registry.counter(format!("{prefix}.{name}"));
-        ExportStats {
-            spans_sent: c("spans_sent"),
-            spans_dropped: c("spans_dropped"),
-            timer_flushed: c("timer_flushed"),
-            reports_sent: c(&format!("{reports}_sent")),
-            reports_success: c(&format!("{reports}_success")),
-            reports_failed: c(&format!("{reports}_failed")),
-            reports_skipped_no_cluster: c("reports_skipped_no_cluster"),
+        match provider {
+            Provider::OpenTelemetry(_) => {
+                let c = |name: &str| registry.counter(format!("tracing.opentelemetry.{name}"));
+                ExportStats {
+                    spans_sent: c("spans_sent"),
+                    spans_dropped: c("spans_dropped"),
+                    timer_flushed: c("timer_flushed"),
+                    attempted: Some(c("http_reports_sent")),
+                    accepted: c("http_reports_success"),
+                    rejected: c("http_reports_failed"),
+                    failed: c("http_reports_failed"),
+                    skipped_no_cluster: c("http_reports_failed"),
+                }
+            }
+            Provider::Zipkin(_) => {
+                let c = |name: &str| registry.counter(format!("tracing.zipkin.{name}"));
+                ExportStats {
+                    spans_sent: c("spans_sent"),
+                    spans_dropped: c("spans_dropped"),
+                    timer_flushed: c("timer_flushed"),
+                    attempted: None,
+                    accepted: c("reports_sent"),
+                    rejected: c("reports_dropped"),
+                    failed: c("reports_failed"),
+                    skipped_no_cluster: c("reports_skipped_no_cluster"),
+                }
+            }
         }
     }
 }
@@ -149,7 +188,7 @@ impl Exporter {
         runtime().spawn(async move {
             let sink: Box<dyn Sink> = match &provider_config {
                 Provider::OpenTelemetry(otel) => super::otlp::sink(otel, &context),
-                Provider::Zipkin(zipkin) => super::zipkin::sink(zipkin, &context, &task.stats),
+                Provider::Zipkin(zipkin) => super::zipkin::sink(zipkin, &context),
             };
             task.run(sink).await;
         });
@@ -208,14 +247,20 @@ impl Drain {
                 let full = batch.len() == self.batch;
                 if !batch.is_empty() {
                     let spans = batch.len() as u64;
-                    self.stats.reports_sent.inc();
+                    if let Some(attempted) = &self.stats.attempted {
+                        attempted.inc();
+                    }
                     match sink.send(batch).await {
                         Ok(()) => {
-                            self.stats.reports_success.inc();
+                            self.stats.accepted.inc();
                             self.stats.spans_sent.add(spans);
                         }
                         Err(error) => {
-                            self.stats.reports_failed.inc();
+                            match &error {
+                                SendError::Rejected(_) => self.stats.rejected.inc(),
+                                SendError::Failed(_) => self.stats.failed.inc(),
+                                SendError::NoCluster(_) => self.stats.skipped_no_cluster.inc(),
+                            }
                             ::tracing::debug!(%error, spans, "span export failed");
                         }
                     }
@@ -408,11 +453,11 @@ impl CollectorClient {
 }
 
 /// A successful collector answer, or why not.
-pub fn check_status(status: StatusCode) -> Result<(), String> {
+pub fn check_status(status: StatusCode) -> Result<(), SendError> {
     if status.is_success() {
         Ok(())
     } else {
-        Err(format!("collector answered {status}"))
+        Err(SendError::Rejected(format!("collector answered {status}")))
     }
 }
 

@@ -20,7 +20,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use remora_config::tracing::{OpenTelemetry, OtlpExporter};
 
-use super::export::{ClusterConnector, CollectorClient, Queued, Sink};
+use super::export::{ClusterConnector, CollectorClient, Queued, SendError, Sink};
 use super::{Kind, Record, TracingContext, span_tags, upstream_span_tags};
 
 /// The resource every span of this tracer carries.
@@ -175,16 +175,21 @@ impl Sink for OtlpSink {
     fn send(
         &self,
         batch: Vec<Queued>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + '_>> {
         Box::pin(async move {
             let Some(exporter) = &self.exporter else {
-                return Err("the OTLP exporter could not be built".into());
+                return Err(SendError::Failed(
+                    "the OTLP exporter could not be built".into(),
+                ));
             };
             let spans: Vec<SpanData> = batch
                 .into_iter()
                 .flat_map(|queued| spans(queued, &self.scope))
                 .collect();
-            exporter.export(spans).await.map_err(|e| e.to_string())
+            exporter
+                .export(spans)
+                .await
+                .map_err(|e| SendError::Failed(e.to_string()))
         })
     }
 }

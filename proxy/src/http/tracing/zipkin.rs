@@ -7,14 +7,13 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use remora_config::tracing::{Zipkin, ZipkinEncoding};
 use serde_json::{Map, Value, json};
 
-use super::export::{CollectorClient, ExportStats, Queued, Sink, check_status};
+use super::export::{CollectorClient, Queued, SendError, Sink, check_status};
 use super::{Kind, Record, TracingContext, span_tags, upstream_span_tags};
 
 /// `zipkin.proto3` messages (field numbers from openzipkin's zipkin.proto).
@@ -302,14 +301,13 @@ struct ZipkinSink {
     encoding: ZipkinEncoding,
     wide: bool,
     local: LocalEndpoint,
-    stats: Arc<ExportStats>,
 }
 
 impl Sink for ZipkinSink {
     fn send(
         &self,
         batch: Vec<Queued>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + '_>> {
         Box::pin(async move {
             if self
                 .client
@@ -318,11 +316,10 @@ impl Sink for ZipkinSink {
                 .cluster(&self.client.collector.cluster)
                 .is_none()
             {
-                self.stats.reports_skipped_no_cluster.inc();
-                return Err(format!(
+                return Err(SendError::NoCluster(format!(
                     "collector cluster {:?} does not exist",
                     self.client.collector.cluster
-                ));
+                )));
             }
             let spans: Vec<ZipkinSpan> = batch.iter().flat_map(|q| spans(q, self.wide)).collect();
             let (body, content_type) = match self.encoding {
@@ -334,14 +331,14 @@ impl Sink for ZipkinSink {
             let request = http::Request::post(self.client.collector.path.as_str())
                 .header(http::header::CONTENT_TYPE, content_type)
                 .body(Bytes::from(body))
-                .map_err(|e| e.to_string())?;
-            let response = self.client.send(request).await?;
+                .map_err(|e| SendError::Failed(e.to_string()))?;
+            let response = self.client.send(request).await.map_err(SendError::Failed)?;
             check_status(response.status())
         })
     }
 }
 
-pub fn sink(config: &Zipkin, context: &TracingContext, stats: &Arc<ExportStats>) -> Box<dyn Sink> {
+pub fn sink(config: &Zipkin, context: &TracingContext) -> Box<dyn Sink> {
     Box::new(ZipkinSink {
         client: CollectorClient::new(context.store.clone(), config.collector.clone()),
         encoding: config.encoding,
@@ -350,7 +347,6 @@ pub fn sink(config: &Zipkin, context: &TracingContext, stats: &Arc<ExportStats>)
             service_name: context.node_cluster.to_string(),
             ip: context.local_ip,
         },
-        stats: stats.clone(),
     })
 }
 
