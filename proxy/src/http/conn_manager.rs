@@ -349,6 +349,8 @@ async fn handle(
                 entry.trace_id = Some(active.trace_id_hex());
             }
             trace = Some(active);
+        } else if let Some(tracing) = &hcm.tracing {
+            crate::http::tracing::decide_only(tracing, &mut parts, route.as_ref());
         }
         let mut body_filters = Vec::new();
         if !manager.filters.is_empty() {

@@ -189,18 +189,7 @@ impl Tracer {
     }
 
     fn sampling(&self, route: Option<&Selected>) -> Sampling {
-        let overrides = route.and_then(|selected| selected.route().tracing.as_ref());
-        Sampling {
-            client: overrides
-                .and_then(|o| o.client_sampling)
-                .unwrap_or(self.config.client_sampling),
-            random: overrides
-                .and_then(|o| o.random_sampling)
-                .unwrap_or(self.config.random_sampling),
-            overall: overrides
-                .and_then(|o| o.overall_sampling)
-                .unwrap_or(self.config.overall_sampling),
-        }
+        sampling(&self.config, route)
     }
 
     /// Starts the request's trace: decides (writing `x-request-id`), reads the incoming
@@ -367,6 +356,28 @@ impl Tracer {
             Driver::OpenTelemetry { .. } => "ingress".into(),
         }
     }
+}
+
+/// The sampling shares for a request: the route's `tracing` overrides, else the HCM's.
+fn sampling(config: &Tracing, route: Option<&Selected>) -> Sampling {
+    let overrides = route.and_then(|selected| selected.route().tracing.as_ref());
+    Sampling {
+        client: overrides
+            .and_then(|o| o.client_sampling)
+            .unwrap_or(config.client_sampling),
+        random: overrides
+            .and_then(|o| o.random_sampling)
+            .unwrap_or(config.random_sampling),
+        overall: overrides
+            .and_then(|o| o.overall_sampling)
+            .unwrap_or(config.overall_sampling),
+    }
+}
+
+/// A connection manager with `tracing` but no provider: Envoy still writes the decision into
+/// `x-request-id` (and makes no span).
+pub fn decide_only(config: &Tracing, request: &mut http::request::Parts, route: Option<&Selected>) {
+    request_id::decide(&mut request.headers, sampling(config, route));
 }
 
 /// A random non-zero span id.
