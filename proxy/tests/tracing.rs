@@ -320,3 +320,42 @@ fn a_collector_that_is_down_fails_no_request_and_its_failures_are_counted() {
     assert_eq!(proxy.stat("tracing.opentelemetry.spans_sent"), 0);
     assert_eq!(proxy.stat("http.edge.tracing.random_sampling"), 50);
 }
+
+#[test]
+fn a_collector_that_never_answers_costs_a_bounded_queue_and_drops_are_counted() {
+    let app = EchoServer::start("app", "127.0.0.1");
+    let port = free_port();
+    let (admin, admin_yaml) = admin_block();
+    // Accepts connections and never answers: every export waits for its timeout.
+    let (_silent, silent) = common::silent_upstream();
+    let proxy = Proxy::start(
+        &bootstrap(
+            &admin_yaml,
+            &[traced_listener(
+                "edge",
+                port,
+                "INBOUND",
+                &format!(
+                    "{}\n                max_cache_size: 10",
+                    otlp_grpc_tracing("collector", "edge")
+                ),
+                "app",
+            )],
+            &[
+                static_cluster("app", &[app.addr]),
+                http2_cluster("collector", silent),
+            ],
+        ),
+        admin,
+        &[],
+    );
+    // The queue holds 4 × max_cache_size spans and one batch is in flight: of 200 requests'
+    // spans, at least 150 cannot be kept. Every request is still served.
+    for _ in 0..200 {
+        send(loopback(port), "/");
+    }
+    wait_for("dropped spans counted", Duration::from_secs(30), || {
+        (proxy.stat("tracing.opentelemetry.spans_dropped") >= 150).then_some(())
+    });
+    assert_eq!(proxy.stat("tracing.opentelemetry.spans_sent"), 0);
+}

@@ -122,6 +122,9 @@ pub struct Tracer {
     write_b3: bool,
     /// An OUTBOUND listener's: spans are CLIENT, named `egress HOST`.
     egress: bool,
+    /// A span per upstream request: `spawn_upstream_span`, or Zipkin's
+    /// `split_spans_for_request` (its older name for the same split).
+    spawn_upstream: bool,
     pub context: TracingContext,
     /// Node, zone and the literal and environment tags (resolved when built, as Envoy reads
     /// the environment once), handed to the exporter with each span.
@@ -178,6 +181,8 @@ impl Tracer {
             write_w3c: w3c_first || both,
             write_b3: !w3c_first || both,
             egress,
+            spawn_upstream: config.spawn_upstream_span
+                || matches!(provider, Provider::Zipkin(z) if z.split_spans_for_request),
             context: context.clone(),
             tags: Arc::new(ExportTags {
                 node_id: context.node_id.clone(),
@@ -429,7 +434,7 @@ impl ActiveTrace {
         }
         let mut span_id = self.span_id;
         let mut parent_id = self.parent_id;
-        if tracer.config.spawn_upstream_span {
+        if tracer.spawn_upstream {
             let upstream_span = random_id();
             parent_id = Some(self.span_id);
             span_id = upstream_span;
