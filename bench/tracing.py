@@ -108,34 +108,14 @@ def render(workdir: Path, name: str, ports: dict, percent: int | None) -> Path:
     return path
 
 
-def measure(command: list[str], bootstrap: Path, ports: dict, args, workdir: Path,
-            name: str, sink_stats: int) -> dict:
-    cmd = [part.replace("{BOOTSTRAP}", str(bootstrap)) for part in command]
-    proc = b.spawn(cmd, cpus=None if args.no_pin else b.PROXY_CPUS,
-                   logfile=workdir / f"{name}.log")
-    try:
-        failure = b.wait_ready(proc, ports["ADMIN_PORT"], 60)
-        if failure:
-            raise RuntimeError(f"{name}: {failure}")
-        b.wrk(ports["HTTP_PORT"], 1, 50)  # warm-up: connections, pools, first exports
-        spans0 = spans_received(sink_stats)
-        cpu0, t0 = b.cpu_seconds(proc.pid), time.monotonic()
-        result = b.wrk(ports["HTTP_PORT"], args.duration, 50)
-        cpu, wall = b.cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
-        # Spans still queued arrive within a flush interval (5 s) after the load.
-        time.sleep(6)
-        spans = spans_received(sink_stats) - spans0
-        return {"rps": result["rps"], "cpu_per_100k": cpu / result["requests"] * 100_000,
-                "requests": result["requests"], "spans": spans, "failed": result["failed"],
-                "cpu_util": cpu / wall}
-    finally:
-        b.stop(proc)
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/tracing", description=__doc__)
-    p.add_argument("--duration", type=float, default=10, help="wrk seconds per step")
+    p.add_argument("--duration", type=float, default=10,
+                   help="seconds of wrk per proxy and mode, in slices (default 10)")
+    p.add_argument("--slice", type=float, default=2, help="seconds per wrk slice (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="rounds (each figure is the median)")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=BINARY",
+                   help="another remora-proxy build to measure in the same rounds")
     p.add_argument("--no-build", action="store_true")
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--nginx", default="nginx")
@@ -154,37 +134,29 @@ def main(argv: list[str]) -> int:
     if not args.no_build:
         b.log("cargo build --release -p remora-proxy -p remora-tests")
         subprocess.run(["cargo", "build", "--release", "-p", "remora-proxy", "-p",
-                          "remora-tests", "--bin", "remora-proxy", "--bin", "remora-otlp-sink"],
-                         cwd=b.REPO, check=True, timeout=3600)
-    remora_bin, sink_bin = target / "remora-proxy", target / "remora-otlp-sink"
+                        "remora-tests", "--bin", "remora-proxy", "--bin", "remora-otlp-sink"],
+                       cwd=b.REPO, check=True, timeout=3600)
+    sink_bin = target / "remora-otlp-sink"
     base_id = os.getpid() % 1000 * 10 + 5
     commands = {
         "envoy": [envoy_bin, "-c", "{BOOTSTRAP}", "--concurrency", "1", "--disable-hot-restart",
-                  "--base-id", str(base_id), "--log-level", "warn"],
-        "remora": [str(remora_bin), "-c", "{BOOTSTRAP}", "--concurrency", "1"],
+                  "--base-id", "{BASE_ID}", "--log-level", "warn"],
+        "remora": [str(target / "remora-proxy"), "-c", "{BOOTSTRAP}", "--concurrency", "1"],
     }
+    for also in args.also:
+        name, _, binary = also.partition("=")
+        commands[name] = [binary, "-c", "{BOOTSTRAP}", "--concurrency", "1"]
     results: dict = {name: {mode: [] for mode, _ in MODES} for name in commands}
     with tempfile.TemporaryDirectory(prefix="remora-bench-tracing-") as tmp:
         workdir = Path(tmp)
         upstream = b.Bench(argparse.Namespace(upstream="nginx", nginx=args.nginx), workdir)
         upstream.start_upstreams(None)
-        sink_port, sink_stats = b.free_port(), b.free_port()
-        b.spawn([str(sink_bin), "--listen", f"127.0.0.1:{sink_port}", "--stats",
-                 f"127.0.0.1:{sink_stats}"], cpus=b.LOAD_CPUS, logfile=workdir / "sink.log")
-        if not b.wait_tcp(sink_stats, 10):
-            raise SystemExit("remora-otlp-sink did not start")
         for round_index in range(args.repeat):
-            order = ("envoy", "remora") if round_index % 2 == 0 else ("remora", "envoy")
-            for mode, percent in MODES:
-                for name in order:
-                    ports = {"ADMIN_PORT": b.free_port(), "HTTP_PORT": b.free_port(),
-                             "UPSTREAM_HTTP_PORT": upstream.ports["UPSTREAM_HTTP_PORT"],
-                             "SINK_PORT": sink_port}
-                    bootstrap = render(workdir, name, ports, percent)
-                    b.log(f"round {round_index + 1}/{args.repeat}: {name}, {mode}")
-                    results[name][mode].append(
-                        measure(commands[name], bootstrap, ports, args, workdir,
-                                f"{name}-{mode}-{round_index}", sink_stats))
+            b.log(f"round {round_index + 1}/{args.repeat}")
+            measured = run_round(commands, upstream.ports["UPSTREAM_HTTP_PORT"], sink_bin,
+                                 base_id + round_index * 10, args, workdir, round_index)
+            for (name, mode), figures in measured.items():
+                results[name][mode].append(figures)
         b.stop_all()
     text = report(results, info, argv, started, args)
     print(text)
@@ -201,54 +173,123 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def run_round(commands: dict, upstream_port: int, sink_bin: Path, base_id: int, args,
+              workdir: Path, round_index: int) -> dict:
+    """Starts every proxy in every mode at once (each with its own OTLP sink), then runs wrk
+    on them in turn, one slice each, until each has had its duration: slow drifts of a busy
+    machine fall on every variant alike."""
+    variants = {}
+    procs = []
+    for index, name in enumerate(commands):
+        for mode, percent in MODES:
+            sink_port, sink_stats = b.free_port(), b.free_port()
+            procs.append(b.spawn([str(sink_bin), "--listen", f"127.0.0.1:{sink_port}",
+                                  "--stats", f"127.0.0.1:{sink_stats}"], cpus=b.LOAD_CPUS,
+                                 logfile=workdir / f"sink-{name}-{mode}.log"))
+            ports = {"ADMIN_PORT": b.free_port(), "HTTP_PORT": b.free_port(),
+                     "UPSTREAM_HTTP_PORT": upstream_port, "SINK_PORT": sink_port}
+            bootstrap = render(workdir, f"{name}-{round_index}", ports, percent)
+            cmd = [part.replace("{BOOTSTRAP}", str(bootstrap))
+                   .replace("{BASE_ID}", str(base_id + index * 3 + len(variants) % 3))
+                   for part in commands[name]]
+            proc = b.spawn(cmd, cpus=None if args.no_pin else b.PROXY_CPUS,
+                           logfile=workdir / f"{name}-{mode}-{round_index}.log")
+            procs.append(proc)
+            variants[(name, mode)] = {"proc": proc, "ports": ports, "sink_stats": sink_stats,
+                                      "requests": 0, "cpu": 0.0, "wall": 0.0, "failed": 0}
+    try:
+        for (name, mode), v in variants.items():
+            if not b.wait_tcp(v["sink_stats"], 10):
+                raise SystemExit("remora-otlp-sink did not start")
+            failure = b.wait_ready(v["proc"], v["ports"]["ADMIN_PORT"], 60)
+            if failure:
+                raise RuntimeError(f"{name} {mode}: {failure}")
+            b.wrk(v["ports"]["HTTP_PORT"], 1, 50)  # warm-up: connections, pools, exports
+            v["spans0"] = spans_received(v["sink_stats"])
+        slices = max(1, round(args.duration / args.slice))
+        order = list(variants)
+        for index in range(slices):
+            # Alternate the order too, so no variant always follows the same one.
+            for key in (order if index % 2 == 0 else order[::-1]):
+                v = variants[key]
+                pid = v["proc"].pid
+                cpu0, t0 = b.cpu_seconds(pid), time.monotonic()
+                result = b.wrk(v["ports"]["HTTP_PORT"], args.slice, 50)
+                v["cpu"] += b.cpu_seconds(pid) - cpu0
+                v["wall"] += time.monotonic() - t0
+                v["requests"] += result["requests"]
+                v["failed"] += result["failed"]
+        # Spans still queued arrive within a flush interval (5 s) after the load.
+        time.sleep(6)
+        out = {}
+        for key, v in variants.items():
+            out[key] = {"rps": v["requests"] / v["wall"],
+                        "cpu_per_100k": v["cpu"] / v["requests"] * 100_000,
+                        "requests": v["requests"], "failed": v["failed"],
+                        "spans": spans_received(v["sink_stats"]) - v["spans0"]}
+        return out
+    finally:
+        for proc in procs:
+            b.stop(proc)
+
+
 def report(results: dict, info: list, argv: list[str], started: float, args) -> str:
+    names = list(results)
+
     def med(name: str, mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name][mode])
 
-    def ratio(name: str, mode: str) -> float:
-        # Per round: traced over untraced, made minutes apart on the same machine; the median.
-        return statistics.median(t["rps"] / u["rps"] for t, u in
+    def ratio(name: str, mode: str, key: str = "rps") -> float:
+        # Per round: traced over untraced, measured in interleaved slices; the median.
+        return statistics.median(t[key] / u[key] for t, u in
                                  zip(results[name][mode], results[name]["untraced"]))
 
+    def row(label: str, cell) -> str:
+        return f"| {label} | " + " | ".join(cell(n) for n in names) + " |"
+
     lines = [MARK_START, "## Tracing overhead", "",
-             f"Produced by `bench/tracing {' '.join(argv)}`; see bench/README.md. "
-             f"{args.repeat} rounds of `wrk -t1 -c50 -d{args.duration:g}s` per proxy and mode "
-             "(after a 1 s warm-up), each proxy on CPU 1, load, nginx and the OTLP receiver "
-             "(`remora-otlp-sink`, counts and drops) on CPU 0; same bootstrap for both proxies "
-             "(request ids on in every mode, the OpenTelemetry tracer over OTLP/gRPC). Each "
-             "figure is the median over rounds; each ratio the median of the per-round ratios "
-             "of a proxy to itself untraced.", "",
+             f"Produced by `bench/tracing {' '.join(argv)}`; see bench/README.md. In each of "
+             f"{args.repeat} rounds every proxy runs untraced, at 1% and at 100% sampling (all "
+             "at once, each on CPU 1; wrk, nginx and one OTLP receiver per variant, "
+             "`remora-otlp-sink`, which counts and drops, on CPU 0), and `wrk -t1 -c50` goes "
+             f"to each in turn in {args.slice:g} s slices until each had {args.duration:g} s, "
+             "so that a busy machine's drifts fall on every variant alike. Same bootstrap for "
+             "every proxy (request ids on in every mode; the OpenTelemetry tracer over "
+             "OTLP/gRPC). Each figure is the median over rounds, each ratio the median of the "
+             "per-round ratios of a proxy to itself untraced.", "",
              *[f"- {k}: {v}" for k, v in info],
              f"- run time: {time.monotonic() - started:.0f}s", "",
-             "| figure | envoy | remora |", "|---|---:|---:|"]
+             "| figure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for mode, _ in MODES:
-        lines.append(f"| req/s, {mode} | {med('envoy', mode, 'rps'):,.0f} | "
-                     f"{med('remora', mode, 'rps'):,.0f} |")
+        lines.append(row(f"req/s, {mode}", lambda n, m=mode: f"{med(n, m, 'rps'):,.0f}"))
     for mode, _ in MODES:
-        lines.append(f"| CPU s per 100k req, {mode} | {med('envoy', mode, 'cpu_per_100k'):.3f} | "
-                     f"{med('remora', mode, 'cpu_per_100k'):.3f} |")
+        lines.append(row(f"CPU s per 100k req, {mode}",
+                         lambda n, m=mode: f"{med(n, m, 'cpu_per_100k'):.3f}"))
     for mode, _ in MODES[1:]:
-        lines.append(f"| req/s {mode} / untraced (↑) | {ratio('envoy', mode):.3f}x | "
-                     f"{ratio('remora', mode):.3f}x |")
+        lines.append(row(f"req/s {mode} / untraced (↑)",
+                         lambda n, m=mode: f"{ratio(n, m):.3f}x"))
     for mode, _ in MODES[1:]:
-        spans = {n: med(n, mode, "spans") / med(n, mode, "requests") for n in results}
-        lines.append(f"| spans received per request, {mode} | {spans['envoy']:.3f} | "
-                     f"{spans['remora']:.3f} |")
+        lines.append(row(f"CPU per request {mode} / untraced (↓)",
+                         lambda n, m=mode: f"{ratio(n, m, 'cpu_per_100k'):.3f}x"))
+    for mode, _ in MODES[1:]:
+        lines.append(row(f"spans received per request, {mode}",
+                         lambda n, m=mode: f"{med(n, m, 'spans') / med(n, m, 'requests'):.3f}"))
     one, full = ratio("remora", "1%"), ratio("remora", "100%")
+    e_one, e_full = ratio("envoy", "1%"), ratio("envoy", "100%")
     lines += ["", "Targets: at 1% remora keeps at least 0.97x of its untraced req/s "
               f"({one:.3f}x: {'met' if one >= 0.97 else 'not met'}), at 100% at least 0.85x "
               f"({full:.3f}x: {'met' if full >= 0.85 else 'not met'}), and its ratio stays ahead "
-              f"of Envoy's (1%: {one:.3f}x vs {ratio('envoy', '1%'):.3f}x, 100%: {full:.3f}x vs "
-              f"{ratio('envoy', '100%'):.3f}x: "
-              f"{'met' if one >= ratio('envoy', '1%') and full >= ratio('envoy', '100%') else 'not met'}).",
+              f"of Envoy's (1%: {one:.3f}x vs {e_one:.3f}x, 100%: {full:.3f}x vs {e_full:.3f}x: "
+              f"{'met' if one >= e_one and full >= e_full else 'not met'}).",
               "", "Per round, traced/untraced req/s: "
               + "; ".join(f"{n} {m}: " + ", ".join(f"{t['rps'] / u['rps']:.3f}" for t, u in
                                                     zip(results[n][m], results[n]['untraced']))
-                          for n in results for m, _ in MODES[1:]) + ".", MARK_END, ""]
+                          for n in names for m, _ in MODES[1:]) + "."]
     notes = [f"- {n} {m}: {sum(r['failed'] for r in results[n][m])} failed responses"
-             for n in results for m, _ in MODES if any(r["failed"] for r in results[n][m])]
+             for n in names for m, _ in MODES if any(r["failed"] for r in results[n][m])]
     if notes:
-        lines[-2:-2] = ["", *notes]
+        lines += ["", *notes]
+    lines += [MARK_END, ""]
     return "\n".join(lines)
 
 
