@@ -308,7 +308,7 @@ impl Tracer {
                 peer,
                 scheme,
                 reason,
-                name,
+                &name,
                 kind,
                 bytes_received,
             ))
@@ -333,21 +333,21 @@ impl Tracer {
     /// The span's name: the route decorator's operation (on ingress, an operation the caller
     /// passed in `x-envoy-decorator-operation` wins), else `ingress` / `egress HOST` for the
     /// OpenTelemetry tracer and the host for Zipkin, as Envoy names them.
-    fn span_name(
+    fn span_name<'a>(
         &self,
-        request: &http::request::Parts,
-        decorator: Option<&remora_config::tracing::Decorator>,
-    ) -> String {
+        request: &'a http::request::Parts,
+        decorator: Option<&'a remora_config::tracing::Decorator>,
+    ) -> std::borrow::Cow<'a, str> {
         if !self.egress
             && let Some(operation) = request
                 .headers
                 .get(&X_ENVOY_DECORATOR_OPERATION)
                 .and_then(|v| v.to_str().ok())
         {
-            return operation.to_string();
+            return operation.into();
         }
         if let Some(decorator) = decorator {
-            return decorator.operation.clone();
+            return decorator.operation.as_str().into();
         }
         let host = request
             .headers
@@ -356,8 +356,8 @@ impl Tracer {
             .or_else(|| request.uri.authority().map(|a| a.as_str()))
             .unwrap_or("");
         match self.driver {
-            Driver::Zipkin { .. } => host.to_string(),
-            Driver::OpenTelemetry { .. } if self.egress => format!("egress {host}"),
+            Driver::Zipkin { .. } => host.into(),
+            Driver::OpenTelemetry { .. } if self.egress => format!("egress {host}").into(),
             Driver::OpenTelemetry { .. } => "ingress".into(),
         }
     }
@@ -443,8 +443,9 @@ impl ActiveTrace {
             }
         }
         if let Some(record) = self.record.as_mut() {
+            let cluster = record.keep(cluster);
             record.upstream = Some(Upstream {
-                cluster: cluster.into(),
+                cluster,
                 address,
                 protocol,
             });
@@ -537,7 +538,6 @@ impl ActiveTrace {
             span_id,
             parent_id,
             shared,
-            tracestate,
             record,
             ..
         } = self;
@@ -547,7 +547,6 @@ impl ActiveTrace {
             span_id,
             parent_id,
             shared,
-            tracestate,
         };
         Some(Completion {
             tracer,
@@ -557,43 +556,52 @@ impl ActiveTrace {
 }
 
 /// Ids of a finished span.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Ids {
     pub trace_id: u128,
     pub span_id: u64,
     pub parent_id: Option<u64>,
     pub shared: bool,
-    pub tracestate: Option<HeaderValue>,
 }
+
+/// Where a piece of text is in [`Record::text`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Piece(u32, u32);
 
 /// Where the request went upstream.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    pub cluster: Arc<str>,
+    pub cluster: Piece,
     pub address: SocketAddr,
     pub protocol: Version,
 }
 
 /// What a sampled request's spans say, gathered as it goes; turned into the exporter's format
-/// off the worker.
+/// off the worker. Its text (name, URL, header values, custom tag values) lives in one
+/// string, so a sampled request costs the worker three allocations (this, its text, the body
+/// byte counter) and keeps no reference to the connection's buffers while it waits in the
+/// export queue.
 #[derive(Debug)]
 pub struct Record {
     pub ids: Ids,
-    pub name: String,
     pub kind: Kind,
     pub start: SystemTime,
     pub started: std::time::Instant,
     pub duration: Duration,
     pub method: Method,
-    pub url: String,
     pub version: Version,
-    pub user_agent: Option<HeaderValue>,
-    pub request_id: Option<HeaderValue>,
-    pub client_trace_id: Option<HeaderValue>,
-    pub downstream_cluster: Option<HeaderValue>,
     pub peer: IpAddr,
-    /// Custom tags, resolved (fixed ones come from the tracer).
-    pub tags: Vec<(Arc<str>, String)>,
+    text: String,
+    name: Piece,
+    url: Piece,
+    user_agent: Option<Piece>,
+    request_id: Option<Piece>,
+    client_trace_id: Option<Piece>,
+    downstream_cluster: Option<Piece>,
+    tracestate: Option<Piece>,
+    /// Custom tags whose value comes from the request (literal and environment ones are the
+    /// tracer's).
+    pub tags: Vec<(Arc<str>, Piece)>,
     pub status: u16,
     pub flag: Option<&'static str>,
     pub bytes_received: Arc<AtomicU64>,
@@ -604,6 +612,90 @@ pub struct Record {
     pub reason: Reason,
     /// `verbose`: timing events (Envoy's names), in the order they happened.
     pub events: Option<Vec<(&'static str, SystemTime)>>,
+}
+
+impl Record {
+    /// Keeps `value` in the record's text.
+    fn keep(&mut self, value: &str) -> Piece {
+        let start = self.text.len() as u32;
+        self.text.push_str(value);
+        Piece(start, self.text.len() as u32)
+    }
+
+    fn keep_header(&mut self, value: Option<&HeaderValue>) -> Option<Piece> {
+        let value = value?.to_str().ok()?;
+        Some(self.keep(value))
+    }
+
+    /// A piece of the record's text.
+    pub fn text(&self, piece: Piece) -> &str {
+        self.text
+            .get(piece.0 as usize..piece.1 as usize)
+            .unwrap_or("")
+    }
+
+    pub fn name(&self) -> &str {
+        self.text(self.name)
+    }
+
+    pub fn url(&self) -> &str {
+        self.text(self.url)
+    }
+
+    /// The incoming `tracestate` ("" when none came).
+    pub fn tracestate(&self) -> &str {
+        self.tracestate.map_or("", |piece| self.text(piece))
+    }
+
+    /// The upstream cluster's name, when the request went upstream.
+    pub fn cluster(&self) -> Option<&str> {
+        self.upstream.as_ref().map(|u| self.text(u.cluster))
+    }
+
+    /// Where the request went upstream.
+    pub fn set_upstream(&mut self, cluster: &str, address: SocketAddr) {
+        let cluster = self.keep(cluster);
+        self.upstream = Some(Upstream {
+            cluster,
+            address,
+            protocol: Version::HTTP_11,
+        });
+    }
+
+    /// A record with a name and URL and nothing else, for the exporters' tests.
+    #[cfg(test)]
+    pub fn for_test(name: &str, url: &str) -> Self {
+        let mut record = Record {
+            ids: Ids::default(),
+            kind: Kind::Server,
+            start: SystemTime::UNIX_EPOCH,
+            started: std::time::Instant::now(),
+            duration: Duration::ZERO,
+            method: Method::GET,
+            version: Version::HTTP_11,
+            peer: IpAddr::from([127, 0, 0, 1]),
+            text: String::new(),
+            name: Piece::default(),
+            url: Piece::default(),
+            user_agent: None,
+            request_id: None,
+            client_trace_id: None,
+            downstream_cluster: None,
+            tracestate: None,
+            tags: Vec::new(),
+            status: 200,
+            flag: None,
+            bytes_received: Arc::default(),
+            bytes_sent: 0,
+            upstream: None,
+            upstream_span: None,
+            reason: Reason::Sampling,
+            events: None,
+        };
+        record.name = record.keep(name);
+        record.url = record.keep(url);
+        record
+    }
 }
 
 /// The timing events `verbose` adds, as Envoy names them.
@@ -651,7 +743,7 @@ impl Record {
         peer: SocketAddr,
         scheme: &'static str,
         reason: Reason,
-        name: String,
+        name: &str,
         kind: Kind,
         bytes_received: Option<Arc<AtomicU64>>,
     ) -> Self {
@@ -662,41 +754,40 @@ impl Record {
             .or_else(|| request.uri.authority().map(|a| a.as_str()))
             .unwrap_or("");
         let path = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut url = format!("{scheme}://{host}{path}");
-        let max = tracer.config.max_path_tag_length;
-        if url.len() > max {
-            let mut cut = max;
-            while !url.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            url.truncate(cut);
-        }
-        let route_tags = route
-            .and_then(|selected| selected.route().tracing.as_ref())
-            .map(|t| t.custom_tags.as_slice())
-            .unwrap_or_default();
-        let mut tags = Vec::new();
-        for tag in tracer.config.custom_tags.iter().chain(route_tags) {
-            if let Some(value) = dynamic_tag(tag, request, route) {
-                tags.push((tag.tag.as_str().into(), value));
-            }
-        }
-        Record {
+        let header = |name: &HeaderName| headers.get(name);
+        let wanted = [
+            header(&header::USER_AGENT),
+            header(&X_REQUEST_ID),
+            header(&X_CLIENT_TRACE_ID),
+            header(&X_ENVOY_DOWNSTREAM_SERVICE_CLUSTER),
+            header(&propagation::TRACESTATE),
+        ];
+        // Room for everything, and a cluster name, so the text grows once.
+        let capacity = name.len()
+            + scheme.len()
+            + 3
+            + host.len()
+            + path.len()
+            + wanted.iter().flatten().map(|v| v.len()).sum::<usize>()
+            + 48;
+        let mut record = Record {
             ids: Ids::default(),
-            name,
             kind,
             start: SystemTime::now(),
             started: std::time::Instant::now(),
             duration: Duration::ZERO,
             method: request.method.clone(),
-            url,
             version: request.version,
-            user_agent: headers.get(header::USER_AGENT).cloned(),
-            request_id: headers.get(&X_REQUEST_ID).cloned(),
-            client_trace_id: headers.get(&X_CLIENT_TRACE_ID).cloned(),
-            downstream_cluster: headers.get(&X_ENVOY_DOWNSTREAM_SERVICE_CLUSTER).cloned(),
             peer: peer.ip(),
-            tags,
+            text: String::with_capacity(capacity),
+            name: Piece::default(),
+            url: Piece::default(),
+            user_agent: None,
+            request_id: None,
+            client_trace_id: None,
+            downstream_cluster: None,
+            tracestate: None,
+            tags: Vec::new(),
             status: 0,
             flag: None,
             bytes_received: bytes_received.unwrap_or_default(),
@@ -705,7 +796,46 @@ impl Record {
             upstream_span: None,
             reason,
             events: tracer.config.verbose.then(Vec::new),
+        };
+        record.name = record.keep(name);
+        let start = record.text.len();
+        record.text.push_str(scheme);
+        record.text.push_str("://");
+        record.text.push_str(host);
+        record.text.push_str(path);
+        // `http.url` is cut to `max_path_tag_length`, on a character boundary.
+        let mut end = record
+            .text
+            .len()
+            .min(start + tracer.config.max_path_tag_length);
+        while !record.text.is_char_boundary(end) {
+            end -= 1;
         }
+        record.text.truncate(end);
+        record.url = Piece(start as u32, end as u32);
+        let [
+            user_agent,
+            request_id,
+            client_trace_id,
+            downstream_cluster,
+            tracestate,
+        ] = wanted;
+        record.user_agent = record.keep_header(user_agent);
+        record.request_id = record.keep_header(request_id);
+        record.client_trace_id = record.keep_header(client_trace_id);
+        record.downstream_cluster = record.keep_header(downstream_cluster);
+        record.tracestate = record.keep_header(tracestate);
+        let route_tags = route
+            .and_then(|selected| selected.route().tracing.as_ref())
+            .map(|t| t.custom_tags.as_slice())
+            .unwrap_or_default();
+        for tag in tracer.config.custom_tags.iter().chain(route_tags) {
+            if let Some(value) = dynamic_tag(tag, request, route) {
+                let piece = record.keep(&value);
+                record.tags.push((tag.tag.as_str().into(), piece));
+            }
+        }
+        record
     }
 }
 
@@ -781,64 +911,119 @@ impl Drop for Completion {
     }
 }
 
-/// Envoy's tags for a finished request: the server (or egress client) span's, then the
-/// upstream span's when there is one. Shared by both exporters.
-pub fn span_tags(tracer_tags: &ExportTags, record: &Record) -> Vec<(&'static str, String)> {
-    let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(20);
-    let text = |value: &Option<HeaderValue>| {
-        value
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string()
-    };
-    tags.push(("component", "proxy".into()));
-    tags.push(("node_id", tracer_tags.node_id.to_string()));
-    tags.push(("zone", tracer_tags.zone.to_string()));
-    if let Some(id) = &record.request_id {
-        tags.push(("guid:x-request-id", text(&Some(id.clone()))));
+/// A number as text, without allocating.
+struct Decimal([u8; 20], usize);
+
+impl Decimal {
+    fn new(mut value: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        Decimal(digits, at)
     }
-    if let Some(id) = &record.client_trace_id {
-        tags.push(("guid:x-client-trace-id", text(&Some(id.clone()))));
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0[self.1..]).unwrap_or("0")
     }
-    tags.push(("http.url", record.url.clone()));
-    tags.push(("http.method", record.method.to_string()));
-    tags.push(("downstream_cluster", text(&record.downstream_cluster)));
-    tags.push(("user_agent", text(&record.user_agent)));
-    tags.push(("http.protocol", protocol(record.version).into()));
-    tags.push(("peer.address", record.peer.to_string()));
-    tags.push((
-        "request_size",
-        record.bytes_received.load(Ordering::Relaxed).to_string(),
-    ));
-    tags.push(("response_size", record.bytes_sent.to_string()));
-    if let Some(upstream) = &record.upstream {
-        tags.push(("upstream_cluster", upstream.cluster.to_string()));
-        tags.push(("upstream_cluster.name", upstream.cluster.to_string()));
-    }
-    tags.push(("http.status_code", record.status.to_string()));
-    if record.status >= 500 {
-        tags.push(("error", "true".into()));
-    }
-    tags.push(("response_flags", record.flag.unwrap_or("-").into()));
-    tags
 }
 
-/// The upstream span's tags (`spawn_upstream_span`).
-pub fn upstream_span_tags(record: &Record, upstream: &Upstream) -> Vec<(&'static str, String)> {
-    let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(10);
-    tags.push(("component", "proxy".into()));
-    tags.push(("http.protocol", protocol(upstream.protocol).into()));
-    tags.push(("upstream_address", upstream.address.to_string()));
-    tags.push(("peer.address", upstream.address.to_string()));
-    tags.push(("upstream_cluster", upstream.cluster.to_string()));
-    tags.push(("upstream_cluster.name", upstream.cluster.to_string()));
-    tags.push(("http.status_code", record.status.to_string()));
-    if record.status >= 500 {
-        tags.push(("error", "true".into()));
+/// An address as text, without allocating.
+struct Address([u8; 64], usize);
+
+impl Address {
+    fn new(address: impl std::fmt::Display) -> Self {
+        use std::io::Write as _;
+        let mut buffer = [0u8; 64];
+        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+        let _ = write!(cursor, "{address}");
+        let length = cursor.position() as usize;
+        Address(buffer, length)
     }
-    tags.push(("response_flags", record.flag.unwrap_or("-").into()));
-    tags
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0[..self.1]).unwrap_or("")
+    }
+}
+
+/// Envoy's tags for the proxy's span of a finished request (custom tags last), given one by
+/// one to `tag`: both exporters write them without collecting them first.
+pub fn span_tags(tracer_tags: &ExportTags, record: &Record, tag: &mut dyn FnMut(&str, &str)) {
+    let or_dash = |piece: Option<Piece>| piece.map_or("-", |p| record.text(p));
+    tag("component", "proxy");
+    tag("node_id", &tracer_tags.node_id);
+    tag("zone", &tracer_tags.zone);
+    if let Some(id) = record.request_id {
+        tag("guid:x-request-id", record.text(id));
+    }
+    if let Some(id) = record.client_trace_id {
+        tag("guid:x-client-trace-id", record.text(id));
+    }
+    tag("http.url", record.url());
+    tag("http.method", record.method.as_str());
+    tag("downstream_cluster", or_dash(record.downstream_cluster));
+    tag("user_agent", or_dash(record.user_agent));
+    tag("http.protocol", protocol(record.version));
+    tag("peer.address", Address::new(record.peer).as_str());
+    tag(
+        "request_size",
+        Decimal::new(record.bytes_received.load(Ordering::Relaxed)).as_str(),
+    );
+    tag("response_size", Decimal::new(record.bytes_sent).as_str());
+    if let Some(cluster) = record.cluster() {
+        tag("upstream_cluster", cluster);
+        tag("upstream_cluster.name", cluster);
+    }
+    tag(
+        "http.status_code",
+        Decimal::new(u64::from(record.status)).as_str(),
+    );
+    if record.status >= 500 {
+        tag("error", "true");
+    }
+    tag("response_flags", record.flag.unwrap_or("-"));
+    custom_tags(tracer_tags, record, tag);
+}
+
+/// The upstream span's tags (`spawn_upstream_span`), custom tags last.
+pub fn upstream_span_tags(
+    tracer_tags: &ExportTags,
+    record: &Record,
+    upstream: &Upstream,
+    tag: &mut dyn FnMut(&str, &str),
+) {
+    let address = Address::new(upstream.address);
+    let cluster = record.text(upstream.cluster);
+    tag("component", "proxy");
+    tag("http.protocol", protocol(upstream.protocol));
+    tag("upstream_address", address.as_str());
+    tag("peer.address", address.as_str());
+    tag("upstream_cluster", cluster);
+    tag("upstream_cluster.name", cluster);
+    tag(
+        "http.status_code",
+        Decimal::new(u64::from(record.status)).as_str(),
+    );
+    if record.status >= 500 {
+        tag("error", "true");
+    }
+    tag("response_flags", record.flag.unwrap_or("-"));
+    custom_tags(tracer_tags, record, tag);
+}
+
+fn custom_tags(tracer_tags: &ExportTags, record: &Record, tag: &mut dyn FnMut(&str, &str)) {
+    for (key, value) in &tracer_tags.fixed {
+        tag(key, value);
+    }
+    for (key, value) in &record.tags {
+        tag(key, record.text(*value));
+    }
 }
 
 /// What exporters need of the tracer that made a span.

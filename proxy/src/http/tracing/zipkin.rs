@@ -14,7 +14,7 @@ use remora_config::tracing::{Zipkin, ZipkinEncoding};
 use serde_json::{Map, Value, json};
 
 use super::export::{CollectorClient, Queued, SendError, Sink, check_status};
-use super::{Kind, Record, TracingContext, span_tags, upstream_span_tags};
+use super::{Kind, TracingContext, span_tags, upstream_span_tags};
 
 /// `zipkin.proto3` messages (field numbers from openzipkin's zipkin.proto).
 pub mod proto {
@@ -99,12 +99,7 @@ fn micros(time: SystemTime) -> u64 {
 /// A finished request as Zipkin spans.
 pub fn spans(queued: &Queued, wide: bool) -> Vec<ZipkinSpan> {
     let (tags, record) = queued;
-    let Record { ids, .. } = &**record;
-    let custom = tags
-        .fixed
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .chain(record.tags.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let ids = record.ids;
     let end = record.start + record.duration;
     let annotations = |only_upstream: bool| -> Vec<(u64, &'static str)> {
         record
@@ -115,42 +110,42 @@ pub fn spans(queued: &Queued, wide: bool) -> Vec<ZipkinSpan> {
             .map(|(name, time)| (micros(*time), *name))
             .collect()
     };
+    let mut span_tags_list = Vec::with_capacity(24);
+    span_tags(tags, record, &mut |key, value| {
+        span_tags_list.push((key.to_string(), value.to_string()))
+    });
     let mut out = vec![ZipkinSpan {
         trace_id: ids.trace_id,
         wide: wide || ids.trace_id > u128::from(u64::MAX),
         id: ids.span_id,
         parent_id: ids.parent_id,
         kind: record.kind,
-        name: record.name.clone(),
+        name: record.name().to_string(),
         timestamp: micros(record.start),
         duration: record.duration.as_micros() as u64,
         shared: ids.shared,
-        tags: span_tags(tags, record)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .chain(custom.clone())
-            .collect(),
+        tags: span_tags_list,
         annotations: annotations(false),
     }];
     if let (Some(upstream), Some((span_id, start))) = (&record.upstream, record.upstream_span) {
+        let mut upstream_tags = Vec::with_capacity(12);
+        upstream_span_tags(tags, record, upstream, &mut |key, value| {
+            upstream_tags.push((key.to_string(), value.to_string()))
+        });
         out.push(ZipkinSpan {
             trace_id: ids.trace_id,
             wide: out[0].wide,
             id: span_id,
             parent_id: Some(ids.span_id),
             kind: Kind::Client,
-            name: format!("router {} egress", upstream.cluster),
+            name: format!("router {} egress", record.text(upstream.cluster)),
             timestamp: micros(start),
             duration: end
                 .duration_since(start)
                 .unwrap_or(Duration::ZERO)
                 .as_micros() as u64,
             shared: false,
-            tags: upstream_span_tags(record, upstream)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .chain(custom)
-                .collect(),
+            tags: upstream_tags,
             annotations: annotations(true),
         });
     }
