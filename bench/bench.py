@@ -52,7 +52,7 @@ LATENCY_SLICE_S = 0.005
 _children: list[subprocess.Popen] = []
 
 # Where sections written by other scripts (bench/lb) begin in RESULTS.md; kept on rewrite.
-OTHER_SECTIONS = "<!-- bench/lb: begin -->"
+OTHER_SECTIONS = ("<!-- bench/lb: begin -->", "<!-- tracing overhead:")
 
 
 def log(message: str) -> None:
@@ -896,11 +896,14 @@ def main(argv: list[str]) -> int:
 
     print(text)
     if args.out != "-":
+        # Other scripts' sections (bench/lb, bench/tracing) stay as they are.
         out = Path(args.out)
-        # Other scripts' sections (bench/lb) stay as they are.
         old = out.read_text() if out.exists() else ""
-        kept = old[old.index(OTHER_SECTIONS):] if OTHER_SECTIONS in old else ""
-        out.write_text(text + ("\n" + kept if kept else ""))
+        starts = [old.find(marker) for marker in OTHER_SECTIONS]
+        starts = [start for start in starts if start >= 0]
+        kept = old[min(starts):] if starts else ""
+        out.write_text(text + ("
+" + kept if kept else ""))
         log(f"wrote {args.out}")
     return 0
 

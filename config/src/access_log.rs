@@ -133,6 +133,10 @@ pub enum Token {
     UpstreamCluster,
     DownstreamRemoteAddress,
     DownstreamLocalAddress,
+    /// The request's trace id (`-` when not traced).
+    TraceId,
+    /// How many times the router sent the request upstream (retries included).
+    UpstreamRequestAttemptCount,
 }
 
 /// Parses an Envoy format string; an unknown operator is an error naming it.
@@ -174,6 +178,8 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "UPSTREAM_CLUSTER" => Some(Token::UpstreamCluster),
         "DOWNSTREAM_REMOTE_ADDRESS" => Some(Token::DownstreamRemoteAddress),
         "DOWNSTREAM_LOCAL_ADDRESS" => Some(Token::DownstreamLocalAddress),
+        "TRACE_ID" => Some(Token::TraceId),
+        "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Some(Token::UpstreamRequestAttemptCount),
         _ => None,
     };
     if let Some(token) = simple {

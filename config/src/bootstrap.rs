@@ -61,6 +61,9 @@ pub struct Runtime {
     pub listener_connection_limits: HashMap<String, u64>,
     /// `overload.global_downstream_max_connections`: across all listeners.
     pub global_max_connections: Option<u64>,
+    /// `remora.tracing.propagate_w3c_and_b3` (Remora's own key, which Envoy ignores): every
+    /// tracer reads W3C `traceparent` or B3 and writes both.
+    pub propagate_w3c_and_b3: bool,
 }
 
 /// Which protocol variant the ADS stream speaks.
@@ -427,6 +430,14 @@ fn set_runtime_key(
     };
     if key == "overload.global_downstream_max_connections" {
         runtime.global_max_connections = Some(count()?);
+    } else if key == crate::tracing::PROPAGATE_BOTH_RUNTIME_KEY {
+        runtime.propagate_w3c_and_b3 = match &value.kind {
+            Some(prost_types::value::Kind::BoolValue(on)) => *on,
+            Some(prost_types::value::Kind::StringValue(s)) if s == "true" || s == "false" => {
+                s == "true"
+            }
+            _ => return err(field(path, key), "must be true or false"),
+        };
     } else if let Some(listener) = key
         .strip_prefix("envoy.resource_limits.listener.")
         .and_then(|rest| rest.strip_suffix(".connection_limit"))
@@ -437,8 +448,9 @@ fn set_runtime_key(
     } else {
         return err(
             field(path, key),
-            "runtime key not supported (Remora acts on overload.global_downstream_max_connections \
-             and envoy.resource_limits.listener.NAME.connection_limit)",
+            "runtime key not supported (Remora acts on overload.global_downstream_max_connections, \
+             envoy.resource_limits.listener.NAME.connection_limit and \
+             remora.tracing.propagate_w3c_and_b3)",
         );
     }
     Ok(())

@@ -9,12 +9,13 @@ use xds_api::envoy::extensions::filters::network::http_connection_manager::v3 as
 
 use crate::access_log::{AccessLogConfig, access_log};
 use crate::common::{
-    ConfigSource, Http1Options, Http2Options, common_http_options, config_source, http1_options,
-    http2_options, opt_duration, timeout_or,
+    CidrRange, ConfigSource, Http1Options, Http2Options, cidrs, common_http_options, config_source,
+    http1_options, http2_options, opt_duration, timeout_or,
 };
 use crate::error::{ConfigResult, err, field, item};
 use crate::filters::{HttpFilter, http_filters};
 use crate::route::{Files, RouteTable, route_table, upgrade_kind};
+use crate::tracing::Tracing;
 use crate::unsupported;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,9 @@ pub struct HttpConnectionManager {
     /// How many of the rightmost `x-forwarded-for` addresses come from trusted proxies: the
     /// client is the next one to the left (Envoy's algorithm).
     pub xff_num_trusted_hops: u32,
+    /// `internal_address_config.cidr_ranges`: a request whose one client address is in these
+    /// is internal (Envoy 1.40 counts no address internal without them).
+    pub internal_addresses: Vec<CidrRange>,
     pub generate_request_id: bool,
     pub preserve_external_request_id: bool,
     pub always_set_request_id_in_response: bool,
@@ -63,6 +67,8 @@ pub struct HttpConnectionManager {
     pub strip_any_host_port: bool,
     pub strip_matching_host_port: bool,
     pub access_logs: Vec<AccessLogConfig>,
+    /// `tracing`: spans and the sampling decision (absent: no tracing at all).
+    pub tracing: Option<Tracing>,
 }
 
 impl HttpConnectionManager {
@@ -125,11 +131,9 @@ pub fn http_connection_manager(
     unsupported!(
         path,
         add_user_agent,
-        tracing,
         http1_safe_max_connection_duration,
         server_header_transformation,
         delayed_close_timeout,
-        internal_address_config,
         via,
         forward_client_cert_details,
         proxy_100_continue,
@@ -179,6 +183,18 @@ pub fn http_connection_manager(
             None => return err(path, "route_config or rds is required"),
         };
     let filters = http_filters(filters, path)?;
+    let internal_addresses = match internal_address_config {
+        None => Vec::new(),
+        Some(hcm_pb::http_connection_manager::InternalAddressConfig {
+            unix_sockets,
+            cidr_ranges,
+        }) => {
+            let ipath = field(path, "internal_address_config");
+            // Remora listens on no unix sockets, so there is nothing this could apply to.
+            unsupported!(&ipath, unix_sockets);
+            cidrs(cidr_ranges, &ipath, "cidr_ranges")?
+        }
+    };
     let mut upgrades = Vec::new();
     for (index, upgrade) in upgrade_configs.iter().enumerate() {
         let upath = item(path, "upgrade_configs", index);
@@ -203,7 +219,12 @@ pub fn http_connection_manager(
         .enumerate()
         .map(|(i, log)| access_log(log, &item(path, "access_log", i)))
         .collect::<ConfigResult<Vec<_>>>()?;
+    let tracing = tracing
+        .as_ref()
+        .map(|tracing| crate::tracing::tracing(tracing, &field(path, "tracing")))
+        .transpose()?;
     Ok(HttpConnectionManager {
+        tracing,
         access_logs,
         stat_prefix: stat_prefix.clone(),
         codec,
@@ -217,6 +238,7 @@ pub fn http_connection_manager(
         use_remote_address: use_remote_address.unwrap_or(false),
         skip_xff_append: *skip_xff_append,
         xff_num_trusted_hops: *xff_num_trusted_hops,
+        internal_addresses,
         generate_request_id: generate_request_id.unwrap_or(true),
         preserve_external_request_id: *preserve_external_request_id,
         always_set_request_id_in_response: *always_set_request_id_in_response,

@@ -10,7 +10,8 @@
 //! Areas, in the order a request meets them: [`bootstrap`], [`listener`] (filter chains),
 //! [`tcp_proxy`], [`hcm`] (with [`filters`] and [`access_log`]), [`route`] (with [`retry`] and
 //! [`hash_policy`]), [`cluster`] (with [`load_balancing`], [`health_check`] and [`outlier`]),
-//! [`endpoint`], [`tls`]; [`common`] and [`matcher`] hold what they share. [`resource`] reads
+//! [`endpoint`], [`tls`], [`tracing`]; [`common`] and [`matcher`] hold what they share.
+//! [`resource`] reads
 //! xDS resources from the wire and answers a control plane's "would a proxy accept this?".
 
 pub mod access_log;
@@ -34,6 +35,7 @@ pub mod retry;
 pub mod route;
 pub mod tcp_proxy;
 pub mod tls;
+pub mod tracing;
 
 pub use error::{ConfigError, ConfigResult};
 pub use raw::RawConfig;

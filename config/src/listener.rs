@@ -31,6 +31,8 @@ pub struct Listener {
     pub continue_on_listener_filters_timeout: bool,
     /// `traffic_direction: INBOUND`: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// `traffic_direction: OUTBOUND`: its spans are named `egress HOST`, not `ingress`.
+    pub outbound: bool,
     /// The resource as received, for `/config_dump`; equal bytes tell a resend from an update.
     pub raw: RawConfig,
 }
@@ -227,10 +229,11 @@ pub fn listener(proto: &listener_pb::Listener, path: &str, files: Files) -> Conf
         Some(value) => duration(value, &field(path, "listener_filters_timeout"))?,
         None => Duration::from_secs(15),
     };
-    let inbound = match core_pb::TrafficDirection::try_from(*traffic_direction) {
-        Ok(direction) => direction == core_pb::TrafficDirection::Inbound,
-        Err(_) => return err(field(path, "traffic_direction"), "unknown value"),
+    let Ok(direction) = core_pb::TrafficDirection::try_from(*traffic_direction) else {
+        return err(field(path, "traffic_direction"), "unknown value");
     };
+    let inbound = direction == core_pb::TrafficDirection::Inbound;
+    let outbound = direction == core_pb::TrafficDirection::Outbound;
     Ok(Listener {
         name: name.clone(),
         address,
@@ -246,6 +249,7 @@ pub fn listener(proto: &listener_pb::Listener, path: &str, files: Files) -> Conf
         listener_filters_timeout,
         continue_on_listener_filters_timeout: *continue_on_listener_filters_timeout,
         inbound,
+        outbound,
         raw: RawConfig::of(proto),
     })
 }

@@ -101,6 +101,10 @@ pub struct Route {
     pub per_filter: PerFilterConfigs,
     /// The route action's deprecated `cors` field.
     pub cors: Option<cors::CorsPolicy>,
+    /// `decorator`: the span's operation name.
+    pub decorator: Option<crate::tracing::Decorator>,
+    /// `tracing`: overrides of the connection manager's sampling, and more tags.
+    pub tracing: Option<crate::tracing::RouteTracing>,
 }
 
 #[derive(Debug)]
@@ -467,6 +471,7 @@ fn compile_route(
         name,
         metadata,
         decorator,
+        tracing,
         typed_per_filter_config,
         request_headers_to_add,
         request_headers_to_remove,
@@ -477,7 +482,9 @@ fn compile_route(
         r#match,
         action,
     } = route;
-    unsupported!(path, metadata, decorator, stat_prefix);
+    unsupported!(path, metadata, stat_prefix);
+    let decorator = crate::tracing::decorator(decorator, &field(path, "decorator"))?;
+    let tracing = crate::tracing::route_tracing(tracing, &field(path, "tracing"))?;
     let Some(m) = r#match else {
         return err(field(path, "match"), "required");
     };
@@ -551,6 +558,8 @@ fn compile_route(
         response_headers,
         per_filter: per_filter_configs(typed_per_filter_config, path)?,
         cors: legacy_cors,
+        decorator,
+        tracing,
     })
 }
 

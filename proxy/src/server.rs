@@ -159,6 +159,11 @@ async fn serve(
         registry: registry.clone(),
         store: store.clone(),
         limits,
+        tracing: crate::http::tracing::TracingContext::new(
+            &bootstrap.node,
+            bootstrap.runtime.propagate_w3c_and_b3,
+            store.clone(),
+        ),
     });
     // Static clusters, then admin, then static listeners.
     for config in &bootstrap.clusters {

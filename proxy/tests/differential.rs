@@ -440,6 +440,16 @@ fn forwarding_headers_inside_the_mesh_match_envoy() {
 }
 
 #[test]
+fn forwarding_headers_from_configured_internal_addresses_at_the_edge_match_envoy() {
+    run_corpus("forwarding_trusted_edge");
+}
+
+#[test]
+fn forwarding_headers_from_configured_internal_addresses_inside_the_mesh_match_envoy() {
+    run_corpus("forwarding_trusted_mesh");
+}
+
+#[test]
 fn http1_codec_edge_cases_match_envoy() {
     run_corpus("codec");
 }

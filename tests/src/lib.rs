@@ -7,8 +7,10 @@
 pub mod echo;
 pub mod envoy;
 pub mod health;
+pub mod jaeger;
 pub mod kube;
 pub mod netns;
+pub mod otlp;
 pub mod process;
 pub mod scripted;
 

@@ -7,18 +7,15 @@ use std::time::Duration;
 
 use remora_tests::{free_port, workspace_binary};
 
-#[test]
-fn quickstart_serves_a_request_and_stops_cleanly_on_ctrl_c() {
-    assert!(
-        remora_tests::on_path("kill"),
-        "kill(1) is needed to send Ctrl-C"
-    );
-    let proxy_port = free_port();
+/// Starts the quick start with `extra` arguments and returns it with what it printed up to
+/// "Press Ctrl-C".
+fn start(proxy_port: u16, extra: &[&str]) -> (std::process::Child, Vec<String>) {
     let mut child = Command::new(workspace_binary("remora-quickstart"))
         .args(["--proxy-port", &proxy_port.to_string()])
         .args(["--admin-port", &free_port().to_string()])
         .args(["--xds-port", &free_port().to_string()])
         .args(["--api-port", &free_port().to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -26,10 +23,10 @@ fn quickstart_serves_a_request_and_stops_cleanly_on_ctrl_c() {
     let stdout = child.stdout.take().unwrap();
     let (lines_tx, lines_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Read to the end even when nobody listens any more: a closed pipe would make the
+        // quick start's last lines fail.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
+            let _ = lines_tx.send(line);
         }
     });
     let mut printed = Vec::new();
@@ -50,6 +47,17 @@ fn quickstart_serves_a_request_and_stops_cleanly_on_ctrl_c() {
             }
         }
     }
+    (child, printed)
+}
+
+#[test]
+fn quickstart_serves_a_request_and_stops_cleanly_on_ctrl_c() {
+    assert!(
+        remora_tests::on_path("kill"),
+        "kill(1) is needed to send Ctrl-C"
+    );
+    let proxy_port = free_port();
+    let (mut child, printed) = start(proxy_port, &["--no-jaeger"]);
     let curl = printed
         .iter()
         .find(|line| line.contains("curl"))
@@ -74,4 +82,55 @@ fn quickstart_serves_a_request_and_stops_cleanly_on_ctrl_c() {
         std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(300)).is_err(),
         "the proxy still listens after Ctrl-C"
     );
+}
+
+#[test]
+fn quickstart_with_jaeger_sends_every_request_span_there() {
+    let Some(jaeger) = remora_tests::jaeger::binary() else {
+        remora_tests::skip(
+            "quickstart_with_jaeger_sends_every_request_span_there",
+            "no jaeger binary (run .ci/build-jaeger)",
+        );
+        return;
+    };
+    let proxy_port = free_port();
+    let ui_port = free_port();
+    let (mut child, printed) = start(
+        proxy_port,
+        &[
+            "--jaeger",
+            jaeger.to_str().unwrap(),
+            "--jaeger-ui-port",
+            &ui_port.to_string(),
+            "--jaeger-otlp-port",
+            &free_port().to_string(),
+        ],
+    );
+    let traces_line = printed
+        .iter()
+        .find(|line| line.contains("traces:"))
+        .expect("a traces line");
+    assert!(
+        traces_line.contains(&format!("http://127.0.0.1:{ui_port}/")),
+        "{traces_line}"
+    );
+    let proxy = ([127, 0, 0, 1], proxy_port).into();
+    let (status, _, body) = remora_tests::http_get(proxy, "/traced").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ui = ([127, 0, 0, 1], ui_port).into();
+    remora_tests::wait_for(
+        "the request's trace in Jaeger",
+        Duration::from_secs(60),
+        || {
+            let (_, _, body) =
+                remora_tests::http_get(ui, "/api/traces?service=quickstart-proxy").ok()?;
+            body.contains("/traced").then_some(())
+        },
+    );
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    remora_tests::wait_for("quickstart to exit", Duration::from_secs(30), || {
+        child.try_wait().ok().flatten()
+    });
 }

@@ -186,20 +186,60 @@ async fn handle(
             "command_line_options": {"concurrency": server.concurrency, "drain_time": format!("{}s", server.drain_time.as_secs())},
         })),
         "/stats" | "/stats/prometheus" => match StatsQuery::parse(query) {
-            Ok(stats) if path == "/stats/prometheus" || stats.format == Some("prometheus") => text(
-                StatusCode::OK,
-                server.registry.render_prometheus(&stats.select()),
-            ),
+            Ok(stats) if path == "/stats/prometheus" || stats.format == Some("prometheus") => {
+                let mut body = server.registry.render_prometheus(&stats.select());
+                if stats.histograms {
+                    body.push_str(
+                        &server
+                            .registry
+                            .render_histograms_prometheus(&stats.select_histogram()),
+                    );
+                }
+                text(StatusCode::OK, body)
+            }
             Ok(stats) if stats.format == Some("json") => {
-                let stats: Vec<Value> = server
+                let mut list: Vec<Value> = server
                     .registry
                     .snapshot(&stats.select())
                     .into_iter()
                     .map(|stat| json!({"name": stat.name, "value": stat.value}))
                     .collect();
-                json_response(&json!({"stats": stats}))
+                if stats.histograms {
+                    let computed: Vec<Value> = server
+                        .registry
+                        .histogram_snapshots(&stats.select_histogram())
+                        .into_iter()
+                        .map(|(name, snapshot)| {
+                            let values: Vec<Value> = crate::stats::histogram::QUANTILES
+                                .iter()
+                                .map(|q| {
+                                    let value = snapshot.quantile(*q);
+                                    json!({"interval": value, "cumulative": value})
+                                })
+                                .collect();
+                            json!({"name": name, "values": values})
+                        })
+                        .collect();
+                    if !computed.is_empty() {
+                        list.push(json!({"histograms": {
+                            "supported_quantiles": crate::stats::histogram::QUANTILES,
+                            "computed_quantiles": computed,
+                        }}));
+                    }
+                }
+                json_response(&json!({"stats": list}))
             }
-            Ok(stats) => text(StatusCode::OK, server.registry.render_text(&stats.select())),
+            Ok(stats) => {
+                let mut body = server.registry.render_text(&stats.select());
+                if stats.histograms {
+                    body.push_str(
+                        &server
+                            .registry
+                            .render_histograms_text(&stats.select_histogram()),
+                    );
+                }
+                text(StatusCode::OK, body)
+            }
             Err(error) => text(StatusCode::BAD_REQUEST, error),
         },
         "/config_dump" => {
@@ -255,8 +295,10 @@ async fn handle(
 /// `/stats` query parameters, checked as Envoy checks them.
 struct StatsQuery<'a> {
     filter: Option<regex::Regex>,
-    /// `?type=`: `None` for all, `Some(None)` for a type no stat here has.
+    /// `?type=`: `None` for all, `Some(None)` for histograms or text readouts only.
     kinds: Option<Option<Kind>>,
+    /// Histograms are shown (`type` absent, `All` or `Histograms`).
+    histograms: bool,
     used_only: bool,
     format: Option<&'a str>,
 }
@@ -277,16 +319,28 @@ impl<'a> StatsQuery<'a> {
             None | Some("All") => None,
             Some("Counters") => Some(Some(Kind::Counter)),
             Some("Gauges") => Some(Some(Kind::Gauge)),
-            // Histograms and text readouts: none are kept, so nothing matches.
+            // Histograms (shown apart) and text readouts (none are kept).
             Some("Histograms" | "TextReadouts") => Some(None),
             Some(_) => return Err("invalid &type= param".into()),
         };
+        let histograms = matches!(
+            query_param(query, "type"),
+            None | Some("All" | "Histograms")
+        );
         Ok(StatsQuery {
             filter,
             kinds,
+            histograms,
             used_only: has_param(query, "usedonly"),
             format: query_param(query, "format"),
         })
+    }
+
+    /// Whether a histogram is shown (by name, and whether it has values).
+    fn select_histogram(&self) -> impl Fn(&str, bool) -> bool + '_ {
+        move |name, used| {
+            (!self.used_only || used) && self.filter.as_ref().is_none_or(|re| re.is_match(name))
+        }
     }
 
     /// Whether a stat is shown.

@@ -46,6 +46,10 @@ pub struct Entry {
     pub upstream_cluster: Option<String>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// `%TRACE_ID%`: the request's trace id, when the connection manager traces.
+    pub trace_id: Option<String>,
+    /// `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`: upstream attempts made (the router counts them).
+    pub upstream_request_attempt_count: u32,
 }
 
 impl Entry {
@@ -77,6 +81,8 @@ impl Entry {
             upstream_cluster: None,
             peer,
             local,
+            trace_id: None,
+            upstream_request_attempt_count: 0,
         }
     }
 }
@@ -316,6 +322,8 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             .upstream_host
             .map_or(Value::Null, |host| Value::String(host.to_string())),
         Token::UpstreamCluster => text(entry.upstream_cluster.as_deref(), None),
+        Token::TraceId => text(entry.trace_id.as_deref(), None),
+        Token::UpstreamRequestAttemptCount => Value::from(entry.upstream_request_attempt_count),
         other => Value::String(render(std::slice::from_ref(other), entry, false)),
     }
 }
@@ -378,6 +386,12 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
             }
             Token::DownstreamLocalAddress => {
                 let _ = write!(line, "{}", entry.local);
+            }
+            Token::TraceId => {
+                push_value(&mut line, entry.trace_id.as_deref(), None, omit_empty);
+            }
+            Token::UpstreamRequestAttemptCount => {
+                let _ = write!(line, "{}", entry.upstream_request_attempt_count);
             }
         }
     }

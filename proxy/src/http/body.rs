@@ -52,8 +52,12 @@ impl ResponseBody {
                     }
                     filter.on_end();
                 }
+                let sent = data.as_ref().map_or(0, |d| d.len() as u64);
                 if let Some(log) = slots.log.as_mut() {
-                    log.entry.bytes_sent = data.as_ref().map_or(0, |d| d.len() as u64);
+                    log.entry.bytes_sent = sent;
+                }
+                if let Some(trace) = slots.trace.as_mut() {
+                    trace.add_sent(sent);
                 }
             }
         }
@@ -118,6 +122,9 @@ pub struct UpstreamBody {
     lease: Option<Lease>,
     /// HTTP filters looking at the body (usually none).
     filters: Vec<Box<dyn BodyFilter>>,
+    /// The cluster's `upstream_rq_time` and when the request went out, recorded at the end.
+    rq_time: Option<(Arc<crate::stats::Histogram>, Instant)>,
+    ended: bool,
 }
 
 /// What a downstream request holds until its response ends: its place in
@@ -131,10 +138,15 @@ pub struct DownstreamSlots {
     pub log: Option<Box<PendingLine>>,
     /// The filters and their stream state, told when this is dropped.
     pub completion: Option<Box<(FilterChain, FilterState)>>,
+    /// A sampled request's spans, finished when this is dropped.
+    pub trace: Option<crate::http::tracing::Completion>,
+    /// The connection manager's `downstream_rq_time` and when the request began.
+    pub rq_time: (Arc<crate::stats::Histogram>, Instant),
 }
 
 impl Drop for DownstreamSlots {
     fn drop(&mut self) {
+        self.rq_time.0.record_duration(self.rq_time.1.elapsed());
         if let Some(completion) = self.completion.take() {
             let (chain, state) = *completion;
             chain.on_complete(&state);
@@ -156,7 +168,15 @@ impl UpstreamBody {
             downstream: None,
             lease,
             filters: Vec::new(),
+            rq_time: None,
+            ended: false,
         }
+    }
+
+    /// Records `upstream_rq_time` (from `sent`) when the body ends.
+    pub fn with_rq_time(mut self, histogram: &Arc<crate::stats::Histogram>, sent: Instant) -> Self {
+        self.rq_time = Some((histogram.clone(), sent));
+        self
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -166,14 +186,20 @@ impl UpstreamBody {
                     timer.touch();
                 }
                 filter_frame(&mut self.filters, &mut frame);
-                if let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut())
+                if let Some(downstream) = self.downstream.as_mut()
                     && let Some(data) = frame.data_ref()
                 {
-                    log.entry.bytes_sent += data.len() as u64;
+                    if let Some(log) = downstream.log.as_mut() {
+                        log.entry.bytes_sent += data.len() as u64;
+                    }
+                    if let Some(trace) = downstream.trace.as_mut() {
+                        trace.add_sent(data.len() as u64);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
+                self.ended = true;
                 for filter in &mut self.filters {
                     filter.on_end();
                 }
@@ -202,6 +228,11 @@ impl UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
+        if let Some((histogram, sent)) = &self.rq_time
+            && (self.ended || self.inner.is_end_stream())
+        {
+            histogram.record_duration(sent.elapsed());
+        }
         // A body that was complete from the start (no content) is never polled; one dropped
         // part-way leaves its connection mid-response, so that connection closes instead.
         if let Some(lease) = self.lease.take()

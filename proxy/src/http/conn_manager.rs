@@ -43,6 +43,7 @@ use crate::http::filter::{ConnectionState, FilterChain, FilterState, Selected, S
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
 use crate::http::router::{self, RouteRequest};
+use crate::http::tracing::{ActiveTrace, Tracer, TracingContext};
 use crate::stats::{GaugeGuard, HttpStats, Registry, Stat};
 use crate::store::Store;
 
@@ -57,6 +58,8 @@ pub struct Manager {
     logs: Arc<[ActiveLog]>,
     pub server_header: HeaderValue,
     store: Arc<Store>,
+    /// The HCM's tracer (`tracing` with a provider).
+    pub tracer: Option<Arc<Tracer>>,
 }
 
 impl Manager {
@@ -66,8 +69,14 @@ impl Manager {
         config: Arc<HttpConnectionManager>,
         registry: &Arc<Registry>,
         store: Arc<Store>,
+        tracing: (&TracingContext, bool),
         path: &str,
     ) -> ConfigResult<Arc<Self>> {
+        let (tracing_context, egress) = tracing;
+        let tracer = config
+            .tracing
+            .as_ref()
+            .and_then(|t| Tracer::build(t, egress, tracing_context, registry));
         let logs = if config.access_logs.is_empty() {
             Arc::from([])
         } else {
@@ -81,6 +90,7 @@ impl Manager {
                 .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
             logs,
             store,
+            tracer,
             config,
         }))
     }
@@ -118,6 +128,7 @@ where
 {
     let hcm = manager.config.clone();
     let stats = manager.stats.clone();
+    let opened = Instant::now();
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
     let filter_state = ConnectionState::new(manager.filters.len());
@@ -227,6 +238,9 @@ where
             }
         }
     }
+    stats
+        .downstream_cx_length_ms
+        .record_duration(opened.elapsed());
 }
 
 /// The request's authority as a header value (cheap to clone: it shares the parsed buffer).
@@ -383,6 +397,7 @@ async fn handle(
     let mut state = FilterState::default();
     let mut route: Option<Selected> = None;
     let mut request_id = None;
+    let mut trace: Option<ActiveTrace> = None;
     let outcome = async {
         if let Some(refusal) = &refused {
             return Err(refusal_reply(refusal));
@@ -397,7 +412,8 @@ async fn handle(
             connection.scheme,
             upgrading,
         );
-        if hcm.always_set_request_id_in_response {
+        let force_trace = parts.headers.contains_key(&headers::X_ENVOY_FORCE_TRACE);
+        if hcm.always_set_request_id_in_response || force_trace {
             request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
         }
         // Hash policies (source IP, generated cookies) hash the trusted client address.
@@ -424,6 +440,27 @@ async fn handle(
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         route = Selected::find(table, &host, path_and_query.as_str(), &parts.headers);
+        if let Some(tracer) = &manager.tracer {
+            let active = tracer.start(
+                &mut parts,
+                route.as_ref(),
+                connection.info.source,
+                connection.scheme,
+                log.as_ref().map(|entry| entry.bytes_received.clone()),
+                stats,
+            );
+            if let Some(entry) = log.as_mut() {
+                entry.trace_id = Some(active.trace_id_hex());
+            }
+            trace = Some(active);
+        } else if let Some(tracing) = &hcm.tracing {
+            crate::http::tracing::decide_only(tracing, &mut parts, route.as_ref());
+        }
+        // The id goes back as the tracing decision left it (Envoy also answers with the id of
+        // a request it was told to trace).
+        if request_id.is_some() {
+            request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
+        }
         let mut body_filters = Vec::new();
         if !manager.filters.is_empty() {
             let mut stream = Stream::new(
@@ -458,6 +495,7 @@ async fn handle(
             downstream: &connection.info,
             scheme: connection.scheme,
             log: &mut log,
+            trace: trace.as_mut(),
             started,
             authority,
             host: &host,
@@ -466,12 +504,16 @@ async fn handle(
         .await
     }
     .await;
+    let mut flags = crate::error::ResponseFlags::default();
     let mut response = match outcome {
         Ok(response) => response,
         Err(reply) => {
             tracing::debug!(status = %reply.status, details = %reply.details, "local reply");
-            if let (Some(entry), Some(flag)) = (log.as_mut(), reply.flag) {
-                entry.flags.insert(flag);
+            if let Some(flag) = reply.flag {
+                flags.insert(flag);
+                if let Some(entry) = log.as_mut() {
+                    entry.flags.insert(flag);
+                }
             }
             let from_router = reply.from_router;
             let mut response = if grpc {
@@ -494,18 +536,19 @@ async fn handle(
             response
         }
     };
-    // `always_set_request_id_in_response` covers local replies too, as in Envoy.
+    // `always_set_request_id_in_response` (or a forced trace) covers local replies too, as in
+    // Envoy.
     if let Some(id) = request_id {
         response.headers_mut().insert(&headers::X_REQUEST_ID, id);
     }
-    // Flags the filters set (a delay) come first in the access log, as they were set first.
-    if let Some(entry) = log.as_mut()
-        && !state.flags().is_empty()
-    {
-        let mut ordered = crate::error::ResponseFlags::default();
-        for flag in state.flags().iter().copied().chain(entry.flags.iter()) {
-            ordered.insert(flag);
-        }
+    // Flags the filters set (a delay) come first, as they were set first. The access log
+    // entry also has the router's (a retry overflow beside the final failure).
+    let so_far = log.as_ref().map_or(flags, |entry| entry.flags);
+    let mut ordered = crate::error::ResponseFlags::default();
+    for flag in state.flags().iter().copied().chain(so_far.iter()) {
+        ordered.insert(flag);
+    }
+    if let Some(entry) = log.as_mut() {
         entry.flags = ordered;
     }
     // The filters' response phase, in reverse order, for every response.
@@ -528,6 +571,11 @@ async fn handle(
         completion = Some(Box::new((manager.filters.clone(), state)));
     }
     stats.response(response.status().as_u16());
+    let status = response.status().as_u16();
+    let trace = trace.and_then(|mut trace| {
+        trace.on_response(response.headers_mut(), status, ordered);
+        trace.into_completion()
+    });
     let line = log.map(|mut entry| {
         entry.status = response.status().as_u16();
         entry.response = response.headers().clone();
@@ -544,6 +592,8 @@ async fn handle(
             in_flight,
             log: line,
             completion,
+            trace,
+            rq_time: (stats.downstream_rq_time.clone(), started),
         },
         body_filters,
     );

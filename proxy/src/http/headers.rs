@@ -15,14 +15,19 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_ENVOY_FORCE_TRACE: HeaderName = HeaderName::from_static("x-envoy-force-trace");
 pub static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
 pub static X_ENVOY_EXTERNAL_ADDRESS: HeaderName =
     HeaderName::from_static("x-envoy-external-address");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Envoy's request control headers, honoured only from trusted (internal) downstreams.
-const CONTROL_HEADERS: [&str; 10] = [
+/// Envoy's request control headers, honoured only from internal downstreams.
+const CONTROL_HEADERS: [&str; 14] = [
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
     "x-envoy-retry-on",
     "x-envoy-retry-grpc-on",
     "x-envoy-max-retries",
@@ -33,6 +38,13 @@ const CONTROL_HEADERS: [&str; 10] = [
     "x-envoy-expected-rq-timeout-ms",
     "x-envoy-force-trace",
     "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// What only an edge proxy may set: removed from requests that come from outside.
+const EDGE_ONLY_HEADERS: [&str; 3] = [
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
 ];
 
 /// What the connection manager learnt about a request's origin.
@@ -97,11 +109,12 @@ pub fn append_xff(headers: &mut HeaderMap, peer: SocketAddr) {
     }
 }
 
-/// The connection manager's request header handling, before filters and routing.
-///
-/// Envoy 1.40 treats no address as internal unless `internal_address_config` lists it (which
-/// Remora does not offer), so every request is external here: `x-envoy-internal` is never set
-/// and the request control headers are never trusted.
+/// The connection manager's request header handling, before filters and routing, in Envoy's
+/// order. A request is internal when, after `x-forwarded-for` handling, it names one client
+/// address and that address is in `internal_address_config` (Envoy 1.40 counts no address as
+/// internal without it): internal requests get `x-envoy-internal` and keep Envoy's request
+/// control headers; the others lose them, and at the edge (`use_remote_address`) get
+/// `x-envoy-external-address`.
 pub fn on_request(
     hcm: &HttpConnectionManager,
     headers: &mut HeaderMap,
@@ -111,16 +124,15 @@ pub fn on_request(
 ) -> Origin {
     remove_hop_by_hop(headers, upgrading);
     headers.remove(&X_ENVOY_INTERNAL);
-    for name in CONTROL_HEADERS {
-        headers.remove(name);
-    }
     let trusted_hops = hcm.xff_num_trusted_hops;
     // An address from x-forwarded-for has no port; the direct peer keeps its own, as in Envoy.
-    let client = if hcm.use_remote_address {
+    let (client, single) = if hcm.use_remote_address {
+        let single = !headers.contains_key(&X_FORWARDED_FOR);
         // Trusted proxies in front: the client is the address they saw, before ours is added.
         let client = trusted_hops
             .checked_sub(1)
-            .and_then(|hops| xff_address(headers, hops));
+            .and_then(|hops| xff_address(headers, hops))
+            .map_or(peer, |ip| SocketAddr::new(ip, 0));
         if !hcm.skip_xff_append {
             append_xff(headers, peer);
         }
@@ -128,27 +140,50 @@ pub fn on_request(
         if trusted_hops == 0 {
             headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
         }
-        // The first hop into the trusted network says whom it trusted.
-        let external = client.unwrap_or(peer.ip());
-        if let Ok(value) = HeaderValue::from_str(&external.to_string()) {
-            headers.insert(&X_ENVOY_EXTERNAL_ADDRESS, value);
-        }
-        client
+        (Some(client), single)
     } else {
-        xff_address(headers, trusted_hops)
+        let client = xff_address(headers, trusted_hops).map(|ip| SocketAddr::new(ip, 0));
+        (client, single_xff_address(headers))
     };
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     }
-    let edge = hcm.use_remote_address;
+    let internal = single
+        && client.is_some_and(|client| {
+            hcm.internal_addresses
+                .iter()
+                .any(|range| range.contains(client.ip()))
+        });
+    let client = client.unwrap_or(peer);
+    let edge = !internal && hcm.use_remote_address;
+    if internal {
+        headers.insert(&X_ENVOY_INTERNAL, HeaderValue::from_static("true"));
+    } else {
+        if edge {
+            for name in EDGE_ONLY_HEADERS {
+                headers.remove(name);
+            }
+        }
+        for name in CONTROL_HEADERS {
+            headers.remove(name);
+        }
+    }
+    // The first hop into the trusted network says whom it trusted.
+    if edge && let Ok(value) = HeaderValue::from_str(&client.ip().to_string()) {
+        headers.insert(&X_ENVOY_EXTERNAL_ADDRESS, value);
+    }
     if hcm.generate_request_id
         && ((edge && !hcm.preserve_external_request_id) || !headers.contains_key(&X_REQUEST_ID))
     {
         headers.insert(&X_REQUEST_ID, request_id());
     }
-    Origin {
-        client: client.map_or(peer, |ip| SocketAddr::new(ip, 0)),
-    }
+    Origin { client }
+}
+
+/// Whether `x-forwarded-for` holds exactly one address (one header, no comma).
+fn single_xff_address(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(&X_FORWARDED_FOR).iter();
+    matches!((values.next(), values.next()), (Some(value), None) if !value.as_bytes().contains(&b','))
 }
 
 fn request_id() -> HeaderValue {

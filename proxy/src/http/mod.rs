@@ -4,9 +4,10 @@
 //! by Envoy's codec rules in [`codec_guard`]) and drives each request through [`headers`]
 //! (what the connection manager sets), the [`filter`] chain ([`filters`]), the [`router`] (the
 //! terminal filter: direct responses, redirects, forwarding upstream with retries and mirrors)
-//! and back; [`local_reply`] makes Remora's own responses, [`body`] carries bodies with their
-//! timers and slots, [`replay`] shares a request body between retries and mirrors, and
-//! [`access_log`] writes a line when a response ends.
+//! and back; [`tracing`] makes the request's spans and passes its trace context on;
+//! [`local_reply`] makes Remora's own responses, [`body`] carries bodies with their timers and
+//! slots, [`replay`] shares a request body between retries and mirrors, and [`access_log`]
+//! writes a line when a response ends.
 
 pub mod access_log;
 pub mod body;
@@ -18,6 +19,7 @@ pub mod headers;
 pub mod local_reply;
 pub mod replay;
 pub mod router;
+pub mod tracing;
 
 /// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`),
 /// which is also Envoy's default `max_headers_count`.

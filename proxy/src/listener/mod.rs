@@ -47,6 +47,7 @@ impl BuiltChain {
     fn build(
         chain: &Arc<FilterChain>,
         context: &ListenerContext,
+        egress: bool,
     ) -> Result<BuiltChain, ConfigError> {
         let filter_path = format!("{}.filters[0].typed_config", chain.path);
         let runtime = match &chain.filter {
@@ -59,6 +60,7 @@ impl BuiltChain {
                 hcm.clone(),
                 &context.registry,
                 context.store.clone(),
+                (&context.tracing, egress),
                 &filter_path,
             )?),
         };
@@ -93,6 +95,8 @@ pub struct ListenerContext {
     pub registry: Arc<Registry>,
     pub store: Arc<Store>,
     pub limits: Arc<ConnectionLimits>,
+    /// Node identity and settings every tracer shares.
+    pub tracing: crate::http::tracing::TracingContext,
 }
 
 /// Downstream connection limits from the runtime: across all listeners and per listener.
@@ -219,7 +223,7 @@ impl ListenerManager {
         }
         let chains = config
             .chains()
-            .map(|chain| BuiltChain::build(chain, context))
+            .map(|chain| BuiltChain::build(chain, context, config.outbound))
             .collect::<Result<Vec<_>, _>>()?;
         // Reuse the old sockets when the address is unchanged, so no connection is refused.
         let sockets = match &old {

@@ -1,6 +1,10 @@
-//! Stats: counters and gauges registered at config time under Envoy's names and updated on the
-//! hot path through `Arc<AtomicU64>` handles (no string lookups per request). Handles are
+//! Stats: counters, gauges and [`histogram`]s registered at config time under Envoy's names and
+//! updated on the hot path through `Arc` handles (no string lookups per request). Handles are
 //! get-or-create by name, so stats survive config swaps.
+
+pub mod histogram;
+
+pub use histogram::Histogram;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -66,6 +70,7 @@ pub type ReadGauge = Box<dyn Fn() -> u64 + Send + Sync>;
 #[derive(Default)]
 pub struct Registry {
     stats: Mutex<BTreeMap<String, (Kind, Arc<Stat>)>>,
+    histograms: Mutex<BTreeMap<String, Arc<Histogram>>>,
     /// Gauges computed when shown, from state kept elsewhere (circuit breakers): nothing on the
     /// request path updates them.
     derived: Mutex<BTreeMap<String, ReadGauge>>,
@@ -104,6 +109,61 @@ impl Registry {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(name.into(), read);
+    }
+
+    pub fn histogram(&self, name: impl Into<String>) -> Arc<Histogram> {
+        self.histograms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(name.into())
+            .or_default()
+            .clone()
+    }
+
+    /// Every histogram whose name `shown` selects (with whether it has values), merged.
+    pub fn histogram_snapshots(
+        &self,
+        shown: &dyn Fn(&str, bool) -> bool,
+    ) -> Vec<(String, histogram::Snapshot)> {
+        let histograms = self
+            .histograms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        histograms
+            .iter()
+            .map(|(name, histogram)| (name, histogram.snapshot()))
+            .filter(|(name, snapshot)| shown(name, snapshot.count() > 0))
+            .map(|(name, snapshot)| (name.clone(), snapshot))
+            .collect()
+    }
+
+    /// Histograms as Envoy's `/stats` prints them, after the counters and gauges.
+    pub fn render_histograms_text(&self, shown: &dyn Fn(&str, bool) -> bool) -> String {
+        let mut out = String::new();
+        for (name, snapshot) in self.histogram_snapshots(shown) {
+            out.push_str(&format!("{name}: {}\n", snapshot.summary()));
+        }
+        out
+    }
+
+    /// Histograms in Prometheus' exposition: `_bucket` per Envoy bound and `+Inf`, `_sum`,
+    /// `_count`.
+    pub fn render_histograms_prometheus(&self, shown: &dyn Fn(&str, bool) -> bool) -> String {
+        let mut out = String::new();
+        for (name, snapshot) in self.histogram_snapshots(shown) {
+            let metric = prometheus_name(&name);
+            out.push_str(&format!("# TYPE {metric} histogram\n"));
+            let cumulative = snapshot.cumulative();
+            for (index, total) in cumulative.iter().enumerate() {
+                let le = histogram::BOUNDS
+                    .get(index)
+                    .map_or_else(|| "+Inf".to_string(), |b| histogram::format_value(*b));
+                out.push_str(&format!("{metric}_bucket{{le=\"{le}\"}} {total}\n"));
+            }
+            out.push_str(&format!("{metric}_sum {}\n", snapshot.sum));
+            out.push_str(&format!("{metric}_count {}\n", snapshot.count()));
+        }
+        out
     }
 
     /// A copy of every stat `shown` selects, sorted by name.
@@ -159,16 +219,7 @@ impl Registry {
             name, kind, value, ..
         } in self.snapshot(shown)
         {
-            let metric: String = format!("envoy_{name}")
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
+            let metric = prometheus_name(&name);
             let kind = match kind {
                 Kind::Counter => "counter",
                 Kind::Gauge => "gauge",
@@ -177,6 +228,20 @@ impl Registry {
         }
         out
     }
+}
+
+/// Envoy's Prometheus name: `envoy_` and the stat name, other characters as `_`.
+fn prometheus_name(name: &str) -> String {
+    format!("envoy_{name}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `cluster.NAME.*`
@@ -223,6 +288,12 @@ pub struct ClusterStats {
     pub update_attempt: Arc<Stat>,
     pub update_success: Arc<Stat>,
     pub update_failure: Arc<Stat>,
+    /// Upstream request start to the end of the response (ms).
+    pub upstream_rq_time: Arc<Histogram>,
+    /// Connect, TLS included (ms).
+    pub upstream_cx_connect_ms: Arc<Histogram>,
+    /// Connection lifetime (ms).
+    pub upstream_cx_length_ms: Arc<Histogram>,
 }
 
 impl ClusterStats {
@@ -264,6 +335,11 @@ impl ClusterStats {
             update_attempt: c("update_attempt"),
             update_success: c("update_success"),
             update_failure: c("update_failure"),
+            upstream_rq_time: registry.histogram(format!("cluster.{cluster}.upstream_rq_time")),
+            upstream_cx_connect_ms: registry
+                .histogram(format!("cluster.{cluster}.upstream_cx_connect_ms")),
+            upstream_cx_length_ms: registry
+                .histogram(format!("cluster.{cluster}.upstream_cx_length_ms")),
         }
     }
 
@@ -402,6 +478,16 @@ pub struct HttpStats {
     /// The CORS filter's origin checks (`http.PREFIX.cors.origin_valid|origin_invalid`).
     pub cors_origin_valid: Arc<Stat>,
     pub cors_origin_invalid: Arc<Stat>,
+    /// Request start to the end of the response (ms).
+    pub downstream_rq_time: Arc<Histogram>,
+    /// Connection lifetime (ms).
+    pub downstream_cx_length_ms: Arc<Histogram>,
+    /// Tracing decisions (`http.PREFIX.tracing.*`), as Envoy counts them.
+    pub tracing_random_sampling: Arc<Stat>,
+    pub tracing_service_forced: Arc<Stat>,
+    pub tracing_client_enabled: Arc<Stat>,
+    pub tracing_not_traceable: Arc<Stat>,
+    pub tracing_health_check: Arc<Stat>,
 }
 
 impl HttpStats {
@@ -425,6 +511,14 @@ impl HttpStats {
             no_cluster: c("no_cluster"),
             cors_origin_valid: c("cors.origin_valid"),
             cors_origin_invalid: c("cors.origin_invalid"),
+            downstream_rq_time: registry.histogram(format!("http.{prefix}.downstream_rq_time")),
+            downstream_cx_length_ms: registry
+                .histogram(format!("http.{prefix}.downstream_cx_length_ms")),
+            tracing_random_sampling: c("tracing.random_sampling"),
+            tracing_service_forced: c("tracing.service_forced"),
+            tracing_client_enabled: c("tracing.client_enabled"),
+            tracing_not_traceable: c("tracing.not_traceable"),
+            tracing_health_check: c("tracing.health_check"),
         }
     }
 

@@ -159,6 +159,9 @@ impl Connector {
                 }
             }
         };
+        self.stats
+            .upstream_cx_connect_ms
+            .record_duration(counted.opened.elapsed());
         Ok(UpstreamIo {
             stream,
             counted: Some(counted),
@@ -233,6 +236,8 @@ struct Counted {
     stats: Arc<ClusterStats>,
     host: Arc<HostState>,
     _slot: LimitSlot,
+    /// For `upstream_cx_length_ms`.
+    opened: std::time::Instant,
 }
 
 impl Counted {
@@ -245,6 +250,7 @@ impl Counted {
             stats: stats.clone(),
             host: host.clone(),
             _slot: slot,
+            opened: std::time::Instant::now(),
         }
     }
 }
@@ -253,6 +259,9 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.stats.upstream_cx_active.dec();
         self.host.stats.cx_active.dec();
+        self.stats
+            .upstream_cx_length_ms
+            .record_duration(self.opened.elapsed());
     }
 }
 

@@ -1,7 +1,9 @@
 //! `remora-quickstart`: a working mesh on this machine in one command. Starts the control plane
 //! with its embedded store, a sample upstream, and one proxy bootstrapped to the control plane
 //! over ADS; applies sample config through the API; prints what to try; stops everything on
-//! Ctrl-C (or SIGTERM).
+//! Ctrl-C (or SIGTERM). With Jaeger (a `jaeger` binary on PATH, or `--jaeger PATH`) it starts it
+//! too, the proxy sends every request's span there over OTLP/gRPC, and the Jaeger UI address is
+//! printed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +31,69 @@ struct Args {
     /// Directory for the control plane's store (default: a temporary directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The Jaeger binary to start (default: `jaeger` on PATH, if there is one).
+    #[arg(long)]
+    jaeger: Option<PathBuf>,
+    /// Run without Jaeger even when one is found.
+    #[arg(long)]
+    no_jaeger: bool,
+    /// Jaeger UI and query API port.
+    #[arg(long, default_value_t = 16686)]
+    jaeger_ui_port: u16,
+    /// Jaeger OTLP/gRPC port (the proxy sends its spans there).
+    #[arg(long, default_value_t = 4317)]
+    jaeger_otlp_port: u16,
+}
+
+/// The `jaeger` to start: the one given, else the first on PATH.
+fn jaeger_binary(args: &Args) -> Option<PathBuf> {
+    if args.no_jaeger {
+        return None;
+    }
+    args.jaeger.clone().or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("jaeger"))
+                .find(|path| path.is_file())
+        })
+    })
+}
+
+/// The listener's tracing block and the collector cluster, when Jaeger runs.
+fn tracing_config(otlp: Option<SocketAddr>) -> (String, String) {
+    let Some(otlp) = otlp else {
+        return (String::new(), String::new());
+    };
+    (
+        r#"      tracing:
+        provider:
+          name: envoy.tracers.opentelemetry
+          typed_config:
+            "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+            grpc_service: { envoy_grpc: { cluster_name: jaeger }, timeout: 1s }
+            service_name: quickstart-proxy
+"#
+        .to_string(),
+        format!(
+            r#"---
+"@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+name: jaeger
+type: STATIC
+connect_timeout: 1s
+typed_extension_protocol_options:
+  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+    explicit_http_config: {{ http2_protocol_options: {{}} }}
+load_assignment:
+  cluster_name: jaeger
+  endpoints:
+  - lb_endpoints:
+    - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
+"#,
+            ip = otlp.ip(),
+            port = otlp.port()
+        ),
+    )
 }
 
 /// Kills (SIGTERM, then SIGKILL after a grace period) the processes it owns, in reverse order.
@@ -125,7 +190,8 @@ admin:
     )
 }
 
-fn sample_config(args: &Args, upstream: SocketAddr) -> String {
+fn sample_config(args: &Args, upstream: SocketAddr, otlp: Option<SocketAddr>) -> String {
+    let (tracing, collector) = tracing_config(otlp);
     format!(
         r#""@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
 name: echo
@@ -148,7 +214,7 @@ filter_chains:
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
       stat_prefix: http
-      rds:
+{tracing}      rds:
         route_config_name: local
         config_source: {{ ads: {{}}, resource_api_version: V3 }}
       http_filters:
@@ -164,7 +230,7 @@ virtual_hosts:
   routes:
   - match: {{ prefix: "/" }}
     route: {{ cluster: echo }}
-"#,
+{collector}"#,
         ip = upstream.ip(),
         port = upstream.port(),
         proxy = args.proxy_port
@@ -191,6 +257,28 @@ fn main() -> anyhow::Result<()> {
 
     let upstream = remora_tests::echo::EchoServer::start("echo-1", "127.0.0.1");
     let mut children = Children(Vec::new());
+    // Jaeger first, so the proxy's first spans have somewhere to go.
+    let jaeger_ui: SocketAddr = ([127, 0, 0, 1], args.jaeger_ui_port).into();
+    let otlp = match jaeger_binary(&args) {
+        Some(binary) => {
+            let config = work.path().join("jaeger.yaml");
+            std::fs::write(
+                &config,
+                // Only the UI and OTLP/gRPC ports matter here; the others take free ones.
+                remora_tests::jaeger::config(
+                    args.jaeger_otlp_port,
+                    remora_tests::free_port(),
+                    remora_tests::free_port(),
+                    args.jaeger_ui_port,
+                    remora_tests::free_port(),
+                ),
+            )?;
+            children.spawn("jaeger", Command::new(&binary).arg("--config").arg(&config))?;
+            remora_tests::wait_for_port(jaeger_ui, Duration::from_secs(60));
+            Some(SocketAddr::from(([127, 0, 0, 1], args.jaeger_otlp_port)))
+        }
+        None => None,
+    };
     children.spawn(
         "remora-cp",
         Command::new(sibling_binary("remora-cp")?)
@@ -208,7 +296,7 @@ fn main() -> anyhow::Result<()> {
         "POST",
         "/v1/apply",
         &[("content-type", "application/yaml")],
-        &sample_config(&args, upstream.addr),
+        &sample_config(&args, upstream.addr, otlp),
     )
     .context("apply the sample config")?;
     if applied.0 != 200 {
@@ -251,6 +339,15 @@ fn main() -> anyhow::Result<()> {
         "  control plane:  http://{api}/v1/proxies   (remoractl --server http://{api} status)"
     );
     println!("  bootstrap:      {}", bootstrap_path.display());
+    if otlp.is_some() {
+        println!(
+            "  traces:         http://{jaeger_ui}/search?service=quickstart-proxy   (Jaeger UI; every request is traced)"
+        );
+    } else {
+        println!(
+            "  traces:         off (no jaeger found; give --jaeger PATH, see README \"See traces in Jaeger\")"
+        );
+    }
     println!("Press Ctrl-C to stop.");
 
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {

@@ -42,6 +42,20 @@ static X_IS_TIMEOUT_RETRY: HeaderName = HeaderName::from_static("x-envoy-is-time
 static X_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
 static X_PER_TRY_TIMEOUT_MS: HeaderName =
     HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+/// Request headers the router reads and removes, as Envoy's does (retry state, timeouts, the
+/// alternative stat name); `x-envoy-expected-rq-timeout-ms` is set anew.
+const CONSUMED_HEADERS: [&str; 10] = [
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-alt-stat-name",
+];
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 static X_IMMEDIATE_HC_FAIL: HeaderName =
     HeaderName::from_static("x-envoy-immediate-health-check-fail");
@@ -109,6 +123,7 @@ pub(super) async fn forward(
         snapshot,
         downstream,
         log,
+        trace,
         started,
         authority,
         path_and_query,
@@ -232,6 +247,10 @@ pub(super) async fn forward(
     let per_try_idle = retries
         .as_ref()
         .and_then(|r| r.policy().per_try_idle_timeout);
+    // The router consumes its control headers: they do not go upstream.
+    for name in CONSUMED_HEADERS {
+        parts.headers.remove(name);
+    }
     let expected = match (route_timeout, per_try_timeout) {
         (Some(route), Some(per_try)) => Some(route.min(per_try)),
         (route, per_try) => route.or(per_try),
@@ -256,6 +275,12 @@ pub(super) async fn forward(
         table.most_specific_header_mutations_wins,
         &mut parts.headers,
     );
+    // What the body reader counts, for the access log or else the span.
+    let bytes_received = log
+        .as_ref()
+        .map(|entry| entry.bytes_received.clone())
+        .or_else(|| trace.as_ref().and_then(|t| t.bytes_received()));
+    let mut trace = trace;
     parts.version = match cluster.pools.protocol() {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -294,7 +319,7 @@ pub(super) async fn forward(
         timed_out.clone(),
         request_end.clone(),
         body_failed.clone(),
-        log.as_ref().map(|entry| entry.bytes_received.clone()),
+        bytes_received,
         body_filters,
     );
     let mirroring = !forward.mirrors.is_empty() && !upgrading;
@@ -354,6 +379,7 @@ pub(super) async fn forward(
     let mut attempt: u32 = 1;
     let mut after_timeout = false;
     let mut parts = Some(parts);
+    let mut sent_at;
     let outcome = loop {
         // This attempt's request: the last one takes the head, earlier ones a copy.
         let base = parts
@@ -388,11 +414,18 @@ pub(super) async fn forward(
                 HeaderValue::from_static(if after_timeout { "true" } else { "false" }),
             );
         }
+        // The trace context goes upstream (the upstream span's, with spawn_upstream_span: one
+        // for the last attempt).
+        if let Some(trace) = trace.as_deref_mut() {
+            let body_empty = attempt == 1 && !has_body;
+            trace.on_upstream(headers_mut, &name, host.addr, version, body_empty);
+        }
         // The access log shows the request as forwarded (generated x-request-id, appended XFF).
         if let Some(entry) = log.as_mut() {
             entry.request = headers_mut.clone();
             entry.upstream_host = Some(host.addr);
             entry.upstream_cluster = Some(name.clone());
+            entry.upstream_request_attempt_count = attempt;
         }
         let outgoing = match (&shared, direct.take()) {
             (Some(shared), _) => OutgoingBody::Shared(shared.reader()),
@@ -412,7 +445,7 @@ pub(super) async fn forward(
         };
 
         let host_active = HostGauge::new(&host.state, |s| &s.rq_active);
-        let sent_at = Instant::now();
+        sent_at = Instant::now();
         let sent = clock
             .run(pools.send(&host, request), per_try_timeout, per_try_idle)
             .await;
@@ -507,7 +540,9 @@ pub(super) async fn forward(
             return Err(reply);
         }
     };
-
+    if let Some(trace) = trace {
+        trace.on_upstream_response();
+    }
     let status = response.status();
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(downstream_upgrade) = downstream_upgrade
@@ -559,12 +594,10 @@ pub(super) async fn forward(
         },
     };
     Ok(response.map(|body| {
-        ResponseBody::Upstream(UpstreamBody::new(
-            body,
-            timer,
-            (rq_active.0, rq_active.1, host_active),
-            lease,
-        ))
+        ResponseBody::Upstream(
+            UpstreamBody::new(body, timer, (rq_active.0, rq_active.1, host_active), lease)
+                .with_rq_time(&cluster.stats.upstream_rq_time, sent_at),
+        )
     }))
 }
 

@@ -40,6 +40,8 @@ pub struct RouteRequest<'a> {
     /// `http` or `https`: the downstream connection's scheme.
     pub scheme: &'static str,
     pub log: &'a mut Option<Entry>,
+    /// The request's trace, when the HCM traces: the router stamps the upstream request.
+    pub trace: Option<&'a mut crate::http::tracing::ActiveTrace>,
     pub started: Instant,
     /// The request's authority (`Host`, else the URI's).
     pub authority: Option<HeaderValue>,

@@ -1,0 +1,238 @@
+//! Histograms under Envoy's names and bucket bounds (`upstream_rq_time`, `downstream_rq_time`,
+//! `upstream_cx_connect_ms`, `upstream_cx_length_ms`, `downstream_cx_length_ms`, in
+//! milliseconds). Recording is lock-free: each thread counts into a shard of its own (made on
+//! its first value), and a read merges the shards. The admin endpoint shows them as Envoy does:
+//! a `P0(..) .. P100(..)` line in `/stats`, `computed_quantiles` in JSON, and `_bucket`, `_sum`
+//! and `_count` in Prometheus.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Envoy's default bucket bounds (`supported_buckets`).
+pub const BOUNDS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// The quantiles `/stats` shows, in percent.
+pub const QUANTILES: [f64; 10] = [0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 100.0];
+
+/// Shards per histogram: threads beyond this share (still lock-free, just contended).
+const SHARDS: usize = 16;
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    SHARD.with(|shard| {
+        let mut index = shard.get();
+        if index == usize::MAX {
+            index = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            shard.set(index);
+        }
+        index
+    })
+}
+
+#[derive(Debug)]
+struct Shard {
+    /// One count per bound, then the overflow bucket.
+    counts: [AtomicU64; BOUNDS.len() + 1],
+    sum: AtomicU64,
+    /// The smallest and largest values seen (quantiles 0 and 100 are exact).
+    min: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum: AtomicU64::new(0),
+            min: AtomicU64::new(u64::MAX),
+            max: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One histogram of millisecond values.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    shards: [OnceLock<Box<Shard>>; SHARDS],
+}
+
+impl Histogram {
+    /// Records one value (milliseconds).
+    pub fn record(&self, value: u64) {
+        let shard = self.shards[shard_index()].get_or_init(Default::default);
+        let bucket = BOUNDS.partition_point(|bound| (value as f64) > *bound);
+        shard.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        shard.sum.fetch_add(value, Ordering::Relaxed);
+        shard.min.fetch_min(value, Ordering::Relaxed);
+        shard.max.fetch_max(value, Ordering::Relaxed);
+    }
+
+    /// Records a duration in milliseconds.
+    pub fn record_duration(&self, elapsed: std::time::Duration) {
+        self.record(elapsed.as_millis() as u64);
+    }
+
+    /// The shards merged.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut out = Snapshot {
+            counts: [0; BOUNDS.len() + 1],
+            sum: 0,
+            min: u64::MAX,
+            max: 0,
+        };
+        for shard in self.shards.iter().filter_map(OnceLock::get) {
+            for (total, count) in out.counts.iter_mut().zip(&shard.counts) {
+                *total += count.load(Ordering::Relaxed);
+            }
+            out.sum += shard.sum.load(Ordering::Relaxed);
+            out.min = out.min.min(shard.min.load(Ordering::Relaxed));
+            out.max = out.max.max(shard.max.load(Ordering::Relaxed));
+        }
+        out
+    }
+}
+
+/// A histogram's merged counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub counts: [u64; BOUNDS.len() + 1],
+    pub sum: u64,
+    pub min: u64,
+    pub max: u64,
+}
+
+impl Snapshot {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Cumulative counts per bound (Prometheus `_bucket`), the last for `+Inf`.
+    pub fn cumulative(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .scan(0, |total, count| {
+                *total += count;
+                Some(*total)
+            })
+            .collect()
+    }
+
+    /// The value at `percent`: exact at 0 and 100, else interpolated within its bucket
+    /// (clamped to the values seen).
+    pub fn quantile(&self, percent: f64) -> Option<f64> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let (min, max) = (self.min as f64, self.max as f64);
+        if percent <= 0.0 {
+            return Some(min);
+        }
+        if percent >= 100.0 {
+            return Some(max);
+        }
+        let rank = percent / 100.0 * count as f64;
+        let mut below = 0u64;
+        for (index, bucket) in self.counts.iter().enumerate() {
+            if *bucket == 0 {
+                continue;
+            }
+            if (below + bucket) as f64 >= rank {
+                let low = if index == 0 { 0.0 } else { BOUNDS[index - 1] };
+                let high = BOUNDS.get(index).copied().unwrap_or(max);
+                let low = low.max(min);
+                let high = high.min(max).max(low);
+                let within = (rank - below as f64) / *bucket as f64;
+                return Some(low + (high - low) * within);
+            }
+            below += bucket;
+        }
+        Some(max)
+    }
+
+    /// Envoy's `/stats` line: `P0(interval,cumulative) .. P100(..)`, or `No recorded values`.
+    /// Remora keeps no flush intervals: the interval value is the cumulative one.
+    pub fn summary(&self) -> String {
+        if self.count() == 0 {
+            return "No recorded values".into();
+        }
+        QUANTILES
+            .iter()
+            .map(|q| {
+                let value = format_value(self.quantile(*q).unwrap_or(0.0));
+                format!("P{}({value},{value})", format_value(*q))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// A number as Envoy prints it: no trailing `.0`, at most a few decimals.
+pub fn format_value(value: f64) -> String {
+    let rounded = (value * 1000.0).round() / 1000.0;
+    if rounded.fract() == 0.0 {
+        format!("{}", rounded as i64)
+    } else {
+        format!("{rounded}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_land_in_envoys_buckets_and_merge_across_threads() {
+        let histogram = std::sync::Arc::new(Histogram::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let histogram = histogram.clone();
+                std::thread::spawn(move || {
+                    for value in [0, 1, 7, 25, 26, 4_000_000] {
+                        histogram.record(value);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.count(), 24);
+        // 0 → ≤0.5; 1 → ≤1; 7 → ≤10; 25 → ≤25; 26 → ≤50; 4e6 → +Inf.
+        assert_eq!(snapshot.counts[0], 4);
+        assert_eq!(snapshot.counts[1], 4);
+        assert_eq!(snapshot.counts[3], 4);
+        assert_eq!(snapshot.counts[4], 4);
+        assert_eq!(snapshot.counts[5], 4);
+        assert_eq!(snapshot.counts[19], 4);
+        assert_eq!(*snapshot.cumulative().last().unwrap(), 24);
+        assert_eq!(snapshot.sum, 4 * (1 + 7 + 25 + 26 + 4_000_000));
+        assert_eq!(snapshot.quantile(0.0), Some(0.0));
+        assert_eq!(snapshot.quantile(100.0), Some(4_000_000.0));
+    }
+
+    #[test]
+    fn the_summary_line_is_envoys() {
+        let histogram = Histogram::default();
+        assert_eq!(histogram.snapshot().summary(), "No recorded values");
+        for value in [10, 20] {
+            histogram.record(value);
+        }
+        let summary = histogram.snapshot().summary();
+        assert!(summary.starts_with("P0(10,10) P25("), "{summary}");
+        assert!(
+            summary.ends_with("P99.9(20,20) P100(20,20)") || summary.contains("P100(20,20)"),
+            "{summary}"
+        );
+        assert_eq!(summary.split(' ').count(), 10);
+    }
+}

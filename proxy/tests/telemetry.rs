@@ -1,0 +1,212 @@
+//! Telemetry a user reads from the admin endpoint and the access log: the latency histograms
+//! (`/stats` P-lines, JSON `computed_quantiles`, Prometheus buckets) under the same names and
+//! bucket bounds as real Envoy's for the same bootstrap and traffic, and the tracing access-log
+//! operators (`%TRACE_ID%`, `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Proxy, admin_block, bootstrap, catch_all, loopback, static_cluster};
+use remora_tests::echo::EchoServer;
+use remora_tests::{free_port, http_get, wait_for};
+
+const HISTOGRAMS: [&str; 5] = [
+    "cluster.app.upstream_rq_time",
+    "cluster.app.upstream_cx_connect_ms",
+    "cluster.app.upstream_cx_length_ms",
+    "http.edge.downstream_rq_time",
+    "http.edge.downstream_cx_length_ms",
+];
+
+/// Upstream connections closed after 0.2 s idle, so `upstream_cx_length_ms` gets values.
+const IDLE_CLOSE: &str = "    type: STATIC\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        common_http_protocol_options: {idle_timeout: 0.2s}\n        explicit_http_config: {http_protocol_options: {}}\n";
+
+fn edge_bootstrap(admin_yaml: &str, port: u16, app: std::net::SocketAddr, extra: &str) -> String {
+    bootstrap(
+        admin_yaml,
+        &[common::http_listener(
+            "edge",
+            port,
+            extra,
+            &catch_all("app", "5s"),
+        )],
+        &[static_cluster("app", &[app])],
+    )
+}
+
+/// The histogram lines of `/stats` (name → summary).
+fn histogram_lines(admin: std::net::SocketAddr) -> Vec<(String, String)> {
+    let (_, _, body) = http_get(admin, "/stats?type=Histograms").expect("stats");
+    body.lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(": ")?;
+            HISTOGRAMS
+                .contains(&name)
+                .then(|| (name.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// Every `le` bound Prometheus shows for `metric`.
+fn buckets(admin: std::net::SocketAddr, metric: &str) -> Vec<String> {
+    let (_, _, body) = http_get(admin, "/stats/prometheus").expect("prometheus");
+    body.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&format!("{metric}_bucket"))?;
+            let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+            Some(le.to_string())
+        })
+        .collect()
+}
+
+/// Sends requests over fresh connections (so connection histograms get values too) and waits
+/// until the connection-length histograms have theirs.
+fn traffic(port: u16, admin: std::net::SocketAddr) {
+    for _ in 0..3 {
+        let (status, _, _) = http_get(loopback(port), "/").expect("request");
+        assert_eq!(status, 200);
+    }
+    wait_for("every histogram recorded", Duration::from_secs(30), || {
+        let lines = histogram_lines(admin);
+        (lines.len() == HISTOGRAMS.len() && lines.iter().all(|(_, v)| v.starts_with("P0(")))
+            .then_some(())
+    });
+}
+
+#[test]
+fn latency_histograms_have_envoys_names_buckets_and_formats() {
+    let app = EchoServer::start("app", "127.0.0.1");
+    let port = free_port();
+    let (admin, admin_yaml) = admin_block();
+    // A short idle timeout closes the upstream connections, for upstream_cx_length_ms.
+    let yaml =
+        edge_bootstrap(&admin_yaml, port, app.addr, "").replace("    type: STATIC\n", IDLE_CLOSE);
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    traffic(port, admin);
+
+    let lines = histogram_lines(proxy.admin);
+    for (name, summary) in &lines {
+        let quantiles: Vec<&str> = summary
+            .split(' ')
+            .map(|q| q.split('(').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            quantiles,
+            [
+                "P0", "P25", "P50", "P75", "P90", "P95", "P99", "P99.5", "P99.9", "P100"
+            ],
+            "{name}: {summary}"
+        );
+    }
+    let (_, _, json) = http_get(admin, "/stats?format=json&filter=upstream_rq_time").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let histograms = json["stats"]
+        .as_array()
+        .and_then(|stats| stats.iter().find_map(|s| s.get("histograms")))
+        .expect("a histograms entry");
+    assert_eq!(
+        histograms["supported_quantiles"],
+        serde_json::json!([0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 100.0])
+    );
+    assert_eq!(
+        histograms["computed_quantiles"][0]["name"],
+        "cluster.app.upstream_rq_time"
+    );
+    assert_eq!(
+        histograms["computed_quantiles"][0]["values"]
+            .as_array()
+            .map(Vec::len),
+        Some(10)
+    );
+    let (_, _, prometheus) = http_get(admin, "/stats/prometheus").unwrap();
+    assert!(prometheus.contains("# TYPE envoy_cluster_app_upstream_rq_time histogram\n"));
+    assert!(prometheus.contains("envoy_cluster_app_upstream_rq_time_bucket{le=\"+Inf\"} 3\n"));
+    assert!(prometheus.contains("envoy_cluster_app_upstream_rq_time_count 3\n"));
+    assert!(prometheus.contains("envoy_cluster_app_upstream_rq_time_sum "));
+    // Filters and types apply to histograms as to other stats.
+    let (_, _, counters) = http_get(admin, "/stats?type=Counters").unwrap();
+    assert!(!counters.contains("upstream_rq_time:"));
+}
+
+#[test]
+fn histogram_names_and_buckets_match_envoys() {
+    if !remora_tests::envoy::available_or_skip("histogram_names_and_buckets_match_envoys") {
+        return;
+    }
+    let app = EchoServer::start("app", "127.0.0.1");
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        let yaml = edge_bootstrap(&admin_yaml, port, app.addr, "")
+            .replace("    type: STATIC\n", IDLE_CLOSE);
+        let (_dir, file) = common::write_config(&yaml);
+        let _proxy: Box<dyn std::any::Any> = if envoy {
+            let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+            wait_for("envoy listener", Duration::from_secs(30), || {
+                std::net::TcpStream::connect(loopback(port)).ok()
+            });
+            Box::new(envoy)
+        } else {
+            Box::new(Proxy::start(&yaml, admin, &[]))
+        };
+        traffic(port, admin);
+        let names: BTreeSet<String> = histogram_lines(admin).into_iter().map(|(n, _)| n).collect();
+        let bounds = buckets(admin, "envoy_cluster_upstream_rq_time");
+        let bounds = if bounds.is_empty() {
+            // Remora names Prometheus metrics without Envoy's tag extraction.
+            buckets(admin, "envoy_cluster_app_upstream_rq_time")
+        } else {
+            bounds
+        };
+        seen.push((names, bounds));
+    }
+    assert_eq!(seen[0].0, seen[1].0, "histogram names (envoy, remora)");
+    assert_eq!(
+        seen[0].1, seen[1].1,
+        "upstream_rq_time bucket bounds (envoy, remora)"
+    );
+    assert_eq!(seen[0].1.len(), 20);
+}
+
+#[test]
+fn access_log_prints_the_trace_id_and_the_attempt_count() {
+    let app = EchoServer::start("app", "127.0.0.1");
+    let port = free_port();
+    let (admin, admin_yaml) = admin_block();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!(
+        r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format_source: {{inline_string: "%TRACE_ID% %UPSTREAM_REQUEST_ATTEMPT_COUNT%\n"}}}}
+          tracing:
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {{envoy_grpc: {{cluster_name: app}}}}
+"#,
+        log.display()
+    );
+    let _proxy = Proxy::start(
+        &edge_bootstrap(&admin_yaml, port, app.addr, &extra),
+        admin,
+        &[],
+    );
+    let (_, _, body) = http_get(loopback(port), "/").unwrap();
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let traceparent = seen["headers"]["traceparent"].as_str().unwrap().to_string();
+    let trace_id = traceparent.split('-').nth(1).unwrap().to_string();
+    let line = wait_for("the access log line", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    });
+    assert_eq!(line, format!("{trace_id} 1\n"));
+}
