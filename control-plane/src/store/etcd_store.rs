@@ -4,13 +4,12 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{Change, CommitOutcome, ConfigState, ConfigStore, decode_key, encode_key};
+use super::{Change, CommitOutcome, ConfigState, ConfigStore, load_entry};
 
 const PREFIX: &str = "/remora/";
 const RESOURCE_PREFIX: &str = "/remora/res/";
@@ -74,14 +73,7 @@ impl ConfigStore for EtcdStore {
                 if key == VERSION_KEY {
                     state.version = kv.value_str()?.parse()?;
                 } else if let Some(rest) = key.strip_prefix(RESOURCE_PREFIX) {
-                    match decode_key(rest) {
-                        Some(key) => {
-                            state
-                                .resources
-                                .insert(key, Bytes::copy_from_slice(kv.value()));
-                        }
-                        None => tracing::warn!(key, "ignoring unreadable key in etcd"),
-                    }
+                    load_entry(&mut state, rest, kv.value());
                 }
             }
             Ok(state)
@@ -104,10 +96,10 @@ impl ConfigStore for EtcdStore {
             let next = expected_version + 1;
             let mut operations = vec![TxnOp::put(VERSION_KEY, next.to_string(), None)];
             for change in &changes {
-                let key = format!("{RESOURCE_PREFIX}{}", encode_key(change.key()));
-                operations.push(match change {
-                    Change::Put(_, bytes) => TxnOp::put(key, bytes.to_vec(), None),
-                    Change::Delete(_) => TxnOp::delete(key, None),
+                let key = format!("{RESOURCE_PREFIX}{}", change.encoded_key());
+                operations.push(match change.bytes() {
+                    Some(bytes) => TxnOp::put(key, bytes.to_vec(), None),
+                    None => TxnOp::delete(key, None),
                 });
             }
             let response = client
