@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 use xds_api::envoy::config::core::v3::Node;
 
+use crate::mesh::sidecar::Sidecar;
 use crate::resource::Kind;
 use crate::snapshot::Snapshot;
 use crate::xds::XdsContext;
@@ -175,7 +176,10 @@ pub async fn drive<P: StreamProtocol>(
     let node = P::node(&first).cloned().unwrap_or_default();
     let registration = context.registry.register(&node, peer, P::NAME);
     tracing::info!(node = %node.id, group = %node.cluster, protocol = P::NAME, "xDS stream opened");
-    let mut snapshots = context.hub.subscribe(&node.cluster);
+    let mut snapshots = match (&context.mesh, Sidecar::from_node(&node)) {
+        (Some(mesh), Some(sidecar)) => mesh.subscribe(sidecar).await,
+        _ => context.hub.subscribe(&node.cluster),
+    };
     let mut snapshot = snapshots.borrow_and_update().clone();
     let mut pending_request = Some(first);
     loop {
