@@ -547,7 +547,8 @@ impl Generator {
                 &cluster::service_cluster(&name, &host, port.protocol, &effective),
             );
             let mut split_targets = Vec::new();
-            let routes = port.protocol.is_http().then(|| {
+            // A headless service has no chain to use a route configuration.
+            let routes = (port.protocol.is_http() && service.vip.is_some()).then(|| {
                 let split_cluster = |target: &str| {
                     let target_key = ObjectKey::new(&key.namespace, target);
                     let target_service = self.inputs.service(&target_key)?;
