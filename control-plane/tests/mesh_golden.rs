@@ -13,7 +13,7 @@ use std::sync::Arc;
 use remora_control_plane::mesh::generate::Generator;
 use remora_control_plane::mesh::model::{
     EndpointAddress, EndpointHealth, EndpointSet, NamespaceSettings, ObjectKey, PolicyObject,
-    Protocol, Service, ServicePort, Source, Workload,
+    Protocol, Service, ServicePort, Source, TargetPort, Workload,
 };
 use remora_control_plane::mesh::sidecar::Sidecar;
 use remora_control_plane::mesh::translate::{MeshSettings, OutboundLayout};
@@ -26,12 +26,17 @@ fn key(namespace: &str, name: &str) -> ObjectKey {
     ObjectKey::new(namespace, name)
 }
 
-fn port(name: &str, number: u16, protocol: Protocol) -> ServicePort {
+fn port(name: &str, number: u16, protocol: Protocol, target: u16) -> ServicePort {
     ServicePort {
         name: name.into(),
         port: number,
         protocol,
+        target_port: Some(TargetPort::Number(target)),
     }
+}
+
+fn labels(app: &str) -> std::collections::BTreeMap<String, String> {
+    [("app".to_string(), app.to_string())].into()
 }
 
 fn endpoint(ip: &str, zone: &str, health: EndpointHealth, pod: Option<&str>) -> EndpointAddress {
@@ -70,34 +75,34 @@ fn mesh(settings: MeshSettings, with_policies: bool) -> Generator {
             key("shop", "b"),
             Some("198.19.0.10"),
             vec![
-                port("http", 80, Protocol::Http),
-                port("grpc", 9090, Protocol::Http2),
+                port("http", 80, Protocol::Http, 8080),
+                port("grpc", 9090, Protocol::Http2, 9091),
             ],
         ),
         (
             key("shop", "b-canary"),
             Some("198.19.0.12"),
-            vec![port("http", 80, Protocol::Http)],
+            vec![port("http", 80, Protocol::Http, 8080)],
         ),
         (
             key("shop", "db"),
             Some("198.19.0.11"),
-            vec![port("postgres", 5432, Protocol::Tcp)],
+            vec![port("postgres", 5432, Protocol::Tcp, 5432)],
         ),
         (
             key("shop", "h"),
             None,
-            vec![port("http", 80, Protocol::Http)],
+            vec![port("http", 80, Protocol::Http, 8080)],
         ),
         (
             key("web", "a"),
             Some("198.19.0.20"),
-            vec![port("http", 80, Protocol::Http)],
+            vec![port("http", 80, Protocol::Http, 8080)],
         ),
         (
             key("ops", "tools"),
             Some("198.19.0.30"),
-            vec![port("http", 80, Protocol::Http)],
+            vec![port("http", 80, Protocol::Http, 8080)],
         ),
     ];
     for (service_key, vip, ports) in services {
@@ -105,6 +110,7 @@ fn mesh(settings: MeshSettings, with_policies: bool) -> Generator {
             K8S,
             service_key.clone(),
             Some(Service {
+                selector: Some(labels(&service_key.name)),
                 key: service_key,
                 vip: vip.map(|ip| ip.parse().unwrap()),
                 ports,
@@ -171,6 +177,7 @@ fn mesh(settings: MeshSettings, with_policies: bool) -> Generator {
             key: key("shop", "b-1"),
             ip: Some("198.18.1.1".parse().unwrap()),
             service_account: "b".into(),
+            labels: labels("b"),
             ports: vec![("http".into(), 8080), ("metrics".into(), 9100)],
         }),
     );
@@ -181,6 +188,7 @@ fn mesh(settings: MeshSettings, with_policies: bool) -> Generator {
             key: key("web", "a-1"),
             ip: Some("198.18.2.1".parse().unwrap()),
             service_account: "a".into(),
+            labels: labels("a"),
             ports: vec![("http".into(), 8080)],
         }),
     );
@@ -482,4 +490,25 @@ fn removing_a_service_removes_its_resources_and_a_policy_names_what_is_wrong() {
     assert_eq!(reason("bad-port").as_deref(), Some("Invalid"));
     assert_eq!(reason("b-a"), None);
     assert_eq!(reason("b-b").as_deref(), Some("Conflicted"));
+}
+
+#[test]
+fn a_pod_gets_its_inbound_chains_from_service_selectors_before_any_endpoint() {
+    let mut generator = mesh(MeshSettings::default(), false);
+    generator.set_workload(
+        K8S,
+        key("shop", "b-4"),
+        Some(Workload {
+            key: key("shop", "b-4"),
+            ip: None,
+            service_account: "b".into(),
+            labels: labels("b"),
+            ports: Vec::new(),
+        }),
+    );
+    generator.rebuild(2);
+    let config = render(&mut generator, &sidecar("shop", "b-4"));
+    // Both of b's target ports, from the selector alone.
+    assert!(config.contains("name: inbound:8080"), "{config}");
+    assert!(config.contains("name: inbound:9091:h2"), "{config}");
 }

@@ -5,7 +5,9 @@
 
 pub mod echo;
 pub mod envoy;
+pub mod mesh;
 pub mod netns;
+pub mod pods;
 pub mod process;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

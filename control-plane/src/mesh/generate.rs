@@ -21,7 +21,7 @@ use xds_api::envoy::config::listener::v3::FilterChain;
 
 use crate::mesh::model::{
     EndpointSet, Inputs, NamespaceSettings, ObjectKey, PolicyObject, Protocol, Service, Source,
-    Workload,
+    TargetPort, Workload,
 };
 use crate::mesh::names;
 use crate::mesh::policy::{Effective, MtlsMode, mesh_defaults};
@@ -192,6 +192,8 @@ struct Dirty {
     /// Every view (a service's visibility or a namespace's reach changed).
     all_views: bool,
     views: BTreeSet<String>,
+    /// Namespaces whose workloads a changed service selector may concern.
+    selector_namespaces: BTreeSet<String>,
 }
 
 /// The generated parts of one sidecar's snapshot.
@@ -275,6 +277,8 @@ impl Generator {
             if let Some(sources) = self.split_sources.get(&key) {
                 self.dirty.services.extend(sources.iter().cloned());
             }
+            // Its selector may pick (or stop picking) pods of its namespace.
+            self.dirty.selector_namespaces.insert(key.namespace.clone());
         }
     }
 
@@ -387,7 +391,8 @@ impl Generator {
             && dirty.workloads.is_empty()
             && dirty.policies.is_empty()
             && !dirty.all_views
-            && dirty.views.is_empty())
+            && dirty.views.is_empty()
+            && dirty.selector_namespaces.is_empty())
     }
 
     // ---- rebuilding ----
@@ -401,6 +406,17 @@ impl Generator {
         self.dirty.all_views = dirty.all_views;
         let mut endpoint_services = dirty.endpoints;
         let mut workloads = dirty.workloads;
+        for namespace in &dirty.selector_namespaces {
+            for layer in &self.inputs.layers {
+                workloads.extend(
+                    layer
+                        .workloads
+                        .keys()
+                        .filter(|key| key.namespace == *namespace)
+                        .cloned(),
+                );
+            }
+        }
 
         for key in &dirty.services {
             let kinds = self.rebuild_service(key);
@@ -766,11 +782,43 @@ impl Generator {
         (upserts, removals)
     }
 
-    /// The app ports of a workload: where services' endpoints send traffic, and its declared
-    /// container ports.
+    /// The app ports of a workload: the target ports of the services that select it, where
+    /// services' endpoints send traffic, and its declared container ports.
     fn inbound_ports(&self, key: &ObjectKey) -> Vec<InboundPort> {
         let mut ports: BTreeMap<u16, InboundPort> = BTreeMap::new();
         let mut modes: BTreeMap<u16, Vec<MtlsMode>> = BTreeMap::new();
+        if let Some(workload) = self.inputs.workload(key) {
+            for (service_key, service) in self.inputs.services() {
+                if service_key.namespace != key.namespace || !service.selects(&workload.labels) {
+                    continue;
+                }
+                let Some(output) = self.services.get(service_key) else {
+                    continue;
+                };
+                for (port, generated) in service.ports.iter().zip(&output.ports) {
+                    let number = match &port.target_port {
+                        Some(TargetPort::Number(number)) => Some(*number),
+                        Some(TargetPort::Name(name)) => workload
+                            .ports
+                            .iter()
+                            .find(|(port_name, _)| port_name == name)
+                            .map(|(_, number)| *number),
+                        None => None,
+                    };
+                    if let Some(number) = number {
+                        ports.entry(number).or_insert(InboundPort {
+                            port: number,
+                            protocol: port.protocol,
+                            mtls: MtlsMode::Disable,
+                        });
+                        modes
+                            .entry(number)
+                            .or_default()
+                            .push(generated.effective.mtls);
+                    }
+                }
+            }
+        }
         for service in self.workload_services.get(key).into_iter().flatten() {
             let Some(output) = self.services.get(service) else {
                 continue;

@@ -312,6 +312,7 @@ impl MeshHub {
                 .iter()
                 .zip(previous.types.iter())
                 .all(|(now, before)| Arc::ptr_eq(now, before));
+            tracing::debug!(node = %entry.sidecar.node_id, version, raw_changed, generated_changed, unchanged, "mesh publish");
             if !unchanged {
                 entry.sender.send_replace(Arc::new(snapshot));
                 published = true;
@@ -503,4 +504,144 @@ fn rest_diff(seen: &BTreeMap<MeshKey, Bytes>, now: &BTreeMap<MeshKey, Bytes>) ->
         }
     }
     updates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::model::{EndpointAddress, EndpointHealth, Protocol, ServicePort};
+    use crate::snapshot::Committed;
+    use crate::store::ConfigState;
+    use crate::xds::sotw::SotwStream;
+    use crate::xds::stream::{Outcome, StreamProtocol};
+    use xds_api::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+    fn raw_hub() -> Arc<SnapshotHub> {
+        SnapshotHub::new(
+            Committed {
+                state: Arc::new(ConfigState::default()),
+                at: Instant::now(),
+            },
+            Duration::ZERO,
+        )
+    }
+
+    fn service_b() -> Vec<MeshUpdate> {
+        let key = ObjectKey::new("shop", "b");
+        vec![
+            MeshUpdate::Service(
+                Source::Rest,
+                key.clone(),
+                Some(Service {
+                    key: key.clone(),
+                    vip: Some("198.19.0.10".parse().unwrap()),
+                    ports: vec![ServicePort {
+                        name: "http".into(),
+                        port: 80,
+                        protocol: Protocol::Http,
+                        target_port: None,
+                    }],
+                    selector: None,
+                }),
+            ),
+            MeshUpdate::Endpoints(
+                Source::Rest,
+                key.clone(),
+                "rest".into(),
+                Some(EndpointSet {
+                    service: key,
+                    ports: [("http".to_string(), 8080)].into(),
+                    endpoints: vec![EndpointAddress {
+                        address: "198.18.2.1".parse().unwrap(),
+                        zone: None,
+                        health: EndpointHealth::Healthy,
+                        workload: Some(ObjectKey::new("shop", "b-1")),
+                    }],
+                }),
+            ),
+        ]
+    }
+
+    fn sidecar(pod: &str) -> Sidecar {
+        Sidecar {
+            node_id: format!("{pod}.shop"),
+            group: pod.into(),
+            workload: ObjectKey::new("shop", pod),
+            inbound_port: Some(15006),
+            outbound_port: Some(15001),
+        }
+    }
+
+    fn request(kind: Kind, names: &[String], nonce: &str, version: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: kind.type_url().into(),
+            resource_names: names.to_vec(),
+            response_nonce: nonce.into(),
+            version_info: version.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Answers everything the stream sends with an ACK until it has nothing more to send;
+    /// the responses sent.
+    fn ack_all(stream: &mut SotwStream, snapshot: &Snapshot) -> Vec<DiscoveryResponse> {
+        let mut sent = Vec::new();
+        while let Some(response) = stream.next_response(snapshot) {
+            let kind = Kind::from_type_url(&response.type_url).expect("a kind");
+            let outcome = stream
+                .on_request(request(kind, &[], &response.nonce, &response.version_info))
+                .expect("ack");
+            assert!(matches!(outcome, Some(Outcome::Ack { .. })));
+            sent.push(response);
+        }
+        sent
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_reaches_every_sidecar_of_the_namespace() {
+        let hub = MeshHub::new(MeshSettings::default(), raw_hub(), 0, Duration::ZERO);
+        hub.update(service_b());
+        hub.publish();
+        let mut receivers = Vec::new();
+        let mut streams = Vec::new();
+        for pod in ["b-1", "a-1"] {
+            let receiver = hub.subscribe(sidecar(pod)).await;
+            let mut stream = SotwStream::aggregated();
+            stream
+                .on_request(request(Kind::Cluster, &[], "", ""))
+                .expect("cds");
+            stream
+                .on_request(request(Kind::Listener, &[], "", ""))
+                .expect("lds");
+            let snapshot = receiver.borrow().clone();
+            let sent = ack_all(&mut stream, &snapshot);
+            assert!(sent.len() >= 2, "{pod}: {sent:?}");
+            receivers.push(receiver);
+            streams.push(stream);
+        }
+        let key = ObjectKey::new("shop", "b");
+        hub.update([MeshUpdate::Policy(
+            Source::Rest,
+            key.clone(),
+            Some(PolicyObject {
+                key,
+                generation: 1,
+                spec: serde_json::from_value(
+                    serde_json::json!({"service": "b", "connectTimeout": "2s"}),
+                )
+                .expect("spec"),
+            }),
+        )]);
+        hub.publish();
+        for (receiver, stream) in receivers.iter_mut().zip(streams.iter_mut()) {
+            assert!(receiver.has_changed().expect("open"));
+            let snapshot = receiver.borrow_and_update().clone();
+            let sent = ack_all(stream, &snapshot);
+            assert!(
+                sent.iter()
+                    .any(|response| response.type_url == Kind::Cluster.type_url()),
+                "no CDS push: {sent:?}"
+            );
+        }
+    }
 }

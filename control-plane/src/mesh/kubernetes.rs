@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -26,7 +27,7 @@ use serde::de::DeserializeOwned;
 use crate::mesh::hub::{MeshHub, MeshUpdate};
 use crate::mesh::model::{
     EndpointAddress, EndpointHealth, EndpointSet, NamespaceSettings, ObjectKey, PolicyObject,
-    Protocol, REACH_ANNOTATION, Service, ServicePort, Source, Workload,
+    Protocol, REACH_ANNOTATION, Service, ServicePort, Source, TargetPort, Workload,
 };
 use crate::mesh::policy::TrafficPolicy;
 use crate::xds::stream::ProxyRegistry;
@@ -108,10 +109,17 @@ pub fn service_model(service: &KubeService) -> Option<Service> {
         .filter(|port| port.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .filter_map(|port| {
             let name = port.name.clone().unwrap_or_default();
+            let number = u16::try_from(port.port).ok()?;
+            let target_port = match &port.target_port {
+                None => TargetPort::Number(number),
+                Some(IntOrString::Int(target)) => TargetPort::Number(u16::try_from(*target).ok()?),
+                Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
+            };
             Some(ServicePort {
                 protocol: Protocol::detect(port.app_protocol.as_deref(), &name),
                 name,
-                port: u16::try_from(port.port).ok()?,
+                port: number,
+                target_port: Some(target_port),
             })
         })
         .collect();
@@ -119,6 +127,10 @@ pub fn service_model(service: &KubeService) -> Option<Service> {
         key: key_of(service),
         vip,
         ports,
+        selector: spec
+            .selector
+            .clone()
+            .filter(|selector| !selector.is_empty()),
     })
 }
 
@@ -144,8 +156,8 @@ fn slice_service(slice: &EndpointSlice) -> Option<ObjectKey> {
     ))
 }
 
-/// An EndpointSlice as an endpoint set: its TCP ports and the endpoints that may get
-/// traffic, with health from their conditions and the pod behind each.
+/// An EndpointSlice as an endpoint set: its TCP ports and its endpoints, with health from
+/// their conditions and the pod behind each.
 pub fn endpoint_set(slice: &EndpointSlice) -> Option<EndpointSet> {
     let service = slice_service(slice)?;
     if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
@@ -172,7 +184,7 @@ pub fn endpoint_set(slice: &EndpointSlice) -> Option<EndpointSet> {
                 conditions.and_then(|c| c.ready),
                 conditions.and_then(|c| c.serving),
                 conditions.and_then(|c| c.terminating),
-            )?;
+            );
             // Every address of an endpoint is the same backend; the first one is used.
             let address = endpoint.addresses.first()?.parse::<IpAddr>().ok()?;
             let workload = endpoint
@@ -233,6 +245,7 @@ pub fn workload_model(pod: &Pod) -> Workload {
         service_account: spec
             .and_then(|spec| spec.service_account_name.clone())
             .unwrap_or_else(|| "default".to_string()),
+        labels: pod.labels().clone(),
         ports,
     }
 }
@@ -427,7 +440,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoint_slices_keep_only_endpoints_that_may_get_traffic() {
+    fn endpoint_slices_give_health_by_conditions_and_the_pod_behind() {
         let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "b-x1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "b"}},
             "addressType": "IPv4",
@@ -442,7 +455,8 @@ mod tests {
         let set = endpoint_set(&slice).expect("a set");
         assert_eq!(set.service, ObjectKey::new("shop", "b"));
         assert_eq!(set.ports, BTreeMap::from([("http".to_string(), 8080)]));
-        assert_eq!(set.endpoints.len(), 2);
+        assert_eq!(set.endpoints.len(), 3);
+        assert_eq!(set.endpoints[2].health, EndpointHealth::Unready);
         assert_eq!(set.endpoints[0].health, EndpointHealth::Healthy);
         assert_eq!(set.endpoints[0].zone.as_deref(), Some("z1"));
         assert_eq!(
@@ -465,6 +479,8 @@ mod tests {
         .expect("a service");
         let model = service_model(&service).expect("modelled");
         assert_eq!(model.vip, Some("198.19.0.10".parse().unwrap()));
+        assert_eq!(model.ports[0].target_port, Some(TargetPort::Number(8080)));
+        assert_eq!(model.ports[1].target_port, Some(TargetPort::Number(9090)));
         assert_eq!(
             model
                 .ports

@@ -71,6 +71,14 @@ impl Protocol {
     }
 }
 
+/// Where a service port's traffic goes on a selected pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port's name.
+    Name(String),
+}
+
 /// One port of a service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePort {
@@ -78,6 +86,8 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// On the pods its selector picks; `None` when the service has no selector.
+    pub target_port: Option<TargetPort>,
 }
 
 /// A service: a stable virtual IP (none for headless services) and its ports.
@@ -86,6 +96,21 @@ pub struct Service {
     pub key: ObjectKey,
     pub vip: Option<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// The labels of the pods behind it (Kubernetes); `None` when endpoints are managed
+    /// directly. Lets a pod's sidecar know its app ports before the endpoints list it.
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+impl Service {
+    /// Whether the selector picks a pod with `labels`.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.as_ref().is_some_and(|selector| {
+            !selector.is_empty()
+                && selector
+                    .iter()
+                    .all(|(key, value)| labels.get(key) == Some(value))
+        })
+    }
 }
 
 /// Whether an endpoint takes new traffic.
@@ -97,26 +122,28 @@ pub enum EndpointHealth {
     /// Terminating but still serving: finishes what it has, gets new requests only when no
     /// healthy endpoint is left.
     Draining,
+    /// Not ready (starting, failing its readiness probe, or terminated): gets no traffic,
+    /// but its pod's sidecar already gets its inbound listener.
+    Unready,
 }
 
 impl EndpointHealth {
-    /// EndpointSlice conditions → health, or `None` for an endpoint that must not get traffic.
-    /// Unset conditions mean ready (Kubernetes' rule for consumers); `serving` defaults to
-    /// `ready`.
+    /// EndpointSlice conditions → health. Unset conditions mean ready (Kubernetes' rule for
+    /// consumers); `serving` defaults to `ready`.
     pub fn from_conditions(
         ready: Option<bool>,
         serving: Option<bool>,
         terminating: Option<bool>,
-    ) -> Option<EndpointHealth> {
+    ) -> EndpointHealth {
         let ready = ready.unwrap_or(true);
         let serving = serving.unwrap_or(ready);
         let terminating = terminating.unwrap_or(false);
         if ready && !terminating {
-            Some(EndpointHealth::Healthy)
+            EndpointHealth::Healthy
         } else if serving && terminating {
-            Some(EndpointHealth::Draining)
+            EndpointHealth::Draining
         } else {
-            None
+            EndpointHealth::Unready
         }
     }
 }
@@ -132,7 +159,7 @@ pub struct EndpointAddress {
 }
 
 /// A group of endpoints sharing one set of ports: one EndpointSlice, or one REST endpoints
-/// object. Endpoints that must get no traffic are already left out.
+/// object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSet {
     pub service: ObjectKey,
@@ -147,6 +174,7 @@ pub struct Workload {
     pub key: ObjectKey,
     pub ip: Option<IpAddr>,
     pub service_account: String,
+    pub labels: BTreeMap<String, String>,
     /// Declared container ports (name, number); the app listens on them.
     pub ports: Vec<(String, u16)>,
 }
@@ -301,13 +329,13 @@ mod tests {
     fn endpoint_conditions_map_to_health() {
         use EndpointHealth::*;
         let health = EndpointHealth::from_conditions;
-        assert_eq!(health(Some(true), Some(true), Some(false)), Some(Healthy));
-        assert_eq!(health(None, None, None), Some(Healthy));
-        assert_eq!(health(Some(false), Some(true), Some(true)), Some(Draining));
-        assert_eq!(health(Some(false), Some(false), Some(true)), None);
-        assert_eq!(health(Some(false), None, None), None);
+        assert_eq!(health(Some(true), Some(true), Some(false)), Healthy);
+        assert_eq!(health(None, None, None), Healthy);
+        assert_eq!(health(Some(false), Some(true), Some(true)), Draining);
+        assert_eq!(health(Some(false), Some(false), Some(true)), Unready);
+        assert_eq!(health(Some(false), None, None), Unready);
         // Not ready and not terminating (e.g. failing its readiness probe): no traffic.
-        assert_eq!(health(Some(false), Some(true), Some(false)), None);
+        assert_eq!(health(Some(false), Some(true), Some(false)), Unready);
     }
 
     #[test]

@@ -135,8 +135,10 @@ pub fn to_update(key: &MeshKey, bytes: Option<&[u8]>) -> Result<MeshUpdate, Stri
                                 protocol: port
                                     .protocol
                                     .unwrap_or_else(|| Protocol::detect(None, &port.name)),
+                                target_port: None,
                             })
                             .collect(),
+                        selector: None,
                     })
                 }
                 None => None,
@@ -154,21 +156,18 @@ pub fn to_update(key: &MeshKey, bytes: Option<&[u8]>) -> Result<MeshUpdate, Stri
                         endpoints: body
                             .endpoints
                             .iter()
-                            .filter_map(|endpoint| {
-                                let health = EndpointHealth::from_conditions(
+                            .map(|endpoint| EndpointAddress {
+                                address: endpoint.address,
+                                zone: endpoint.zone.clone(),
+                                health: EndpointHealth::from_conditions(
                                     endpoint.ready,
                                     endpoint.serving,
                                     endpoint.terminating,
-                                )?;
-                                Some(EndpointAddress {
-                                    address: endpoint.address,
-                                    zone: endpoint.zone.clone(),
-                                    health,
-                                    workload: endpoint
-                                        .workload
-                                        .as_ref()
-                                        .map(|name| ObjectKey::new(&key.namespace, name)),
-                                })
+                                ),
+                                workload: endpoint
+                                    .workload
+                                    .as_ref()
+                                    .map(|name| ObjectKey::new(&key.namespace, name)),
                             })
                             .collect(),
                     })

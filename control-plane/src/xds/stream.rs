@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 use xds_api::envoy::config::core::v3::Node;
 
 use crate::mesh::sidecar::Sidecar;
@@ -164,7 +165,7 @@ pub async fn drive<P: StreamProtocol>(
     peer: Option<SocketAddr>,
     mut requests: Streaming<P::Request>,
     responses: mpsc::Sender<Result<bytes::Bytes, Status>>,
-    mut protocol: P,
+    protocol: P,
 ) where
     Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
 {
@@ -174,6 +175,24 @@ pub async fn drive<P: StreamProtocol>(
         _ => return,
     };
     let node = P::node(&first).cloned().unwrap_or_default();
+    let span = tracing::debug_span!("xds", node = %node.id);
+    serve::<P>(context, peer, requests, responses, protocol, first, node)
+        .instrument(span)
+        .await
+}
+
+/// The rest of [`drive`], once the node is known (its logs carry the node id).
+async fn serve<P: StreamProtocol>(
+    context: XdsContext,
+    peer: Option<SocketAddr>,
+    mut requests: Streaming<P::Request>,
+    responses: mpsc::Sender<Result<bytes::Bytes, Status>>,
+    mut protocol: P,
+    first: P::Request,
+    node: Node,
+) where
+    Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
+{
     let registration = context.registry.register(&node, peer, P::NAME);
     tracing::info!(node = %node.id, group = %node.cluster, protocol = P::NAME, "xDS stream opened");
     let mut snapshots = match (&context.mesh, Sidecar::from_node(&node)) {

@@ -1,6 +1,6 @@
 //! Endpoints: the ClusterLoadAssignment of one service port from its endpoint sets
-//! (EndpointSlices). Ready endpoints are HEALTHY, serving-but-terminating ones DRAINING (the
-//! sources already left out the rest); one locality per zone.
+//! (EndpointSlices). Ready endpoints are HEALTHY, serving-but-terminating ones DRAINING, the
+//! rest left out; one locality per zone.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -28,6 +28,9 @@ pub fn load_assignment(
             continue;
         };
         for endpoint in &set.endpoints {
+            if endpoint.health == EndpointHealth::Unready {
+                continue;
+            }
             let entry = (endpoint.health, endpoint.zone.as_deref());
             hosts
                 .entry((endpoint.address, port))
@@ -44,7 +47,7 @@ pub fn load_assignment(
         zones.entry(zone).or_default().push(LbEndpoint {
             health_status: match health {
                 EndpointHealth::Healthy => HealthStatus::Healthy,
-                EndpointHealth::Draining => HealthStatus::Draining,
+                EndpointHealth::Draining | EndpointHealth::Unready => HealthStatus::Draining,
             } as i32,
             host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
                 address: Some(socket_address(&address.to_string(), port)),
