@@ -1,10 +1,11 @@
 //! Shared helpers for Remora's end-to-end tests: finding the workspace's binaries, running real
 //! processes that are killed when the test ends, picking free loopback ports, polling with a
 //! deadline (never sleeping as synchronisation), starting a real Envoy, and an echo upstream that
-//! reports what reached it.
+//! reports what reached it; a real Kubernetes control plane ([`kube`]).
 
 pub mod echo;
 pub mod envoy;
+pub mod kube;
 pub mod mesh;
 pub mod netns;
 pub mod pods;

@@ -1,9 +1,15 @@
 //! Network namespaces for tests that need a real network path (traffic capture): creating
-//! them with a veth pair between them, deleting them however the test ends, and running code
-//! or commands inside one. Only ever configures addresses inside namespaces the test made.
+//! them with a veth pair between them, deleting them however the test ends, running code or
+//! commands inside one, and forwarding a loopback port into one. Only ever configures
+//! addresses inside namespaces the test made.
 
-use std::net::{SocketAddr, TcpListener};
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Why namespace tests cannot run on this machine, if they cannot.
 pub fn missing_prerequisite(tools: &[&str]) -> Option<String> {
@@ -111,4 +117,104 @@ pub fn listen_in(ns: &str, addr: SocketAddr) -> TcpListener {
     in_namespace(ns, move || {
         TcpListener::bind(addr).unwrap_or_else(|error| panic!("bind {addr}: {error}"))
     })
+}
+
+/// A loopback port of the test's own namespace whose connections are relayed, byte for byte,
+/// to `target` inside namespace `ns`: how the test process reaches a server living in a
+/// namespace that has no route out (TLS passes through untouched). Stops on drop, closing the
+/// connections it relays.
+pub struct PortForward {
+    local: SocketAddr,
+    stop: Arc<AtomicBool>,
+    open: Arc<Mutex<HashMap<u64, [TcpStream; 2]>>>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl PortForward {
+    pub fn start(ns: &str, target: SocketAddr) -> PortForward {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port to forward");
+        let local = listener.local_addr().expect("forward's local address");
+        let path = format!("/run/netns/{ns}");
+        let netns =
+            Arc::new(std::fs::File::open(&path).unwrap_or_else(|error| panic!("{path}: {error}")));
+        let stop = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(HashMap::new()));
+        let acceptor = {
+            let (stop, open) = (stop.clone(), open.clone());
+            std::thread::spawn(move || {
+                let ids = AtomicU64::new(0);
+                for inbound in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(inbound) = inbound else { continue };
+                    let id = ids.fetch_add(1, Ordering::Relaxed);
+                    let (netns, open) = (netns.clone(), open.clone());
+                    std::thread::spawn(move || relay(id, inbound, &netns, target, &open));
+                }
+            })
+        };
+        PortForward {
+            local,
+            stop,
+            open,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// The loopback address to connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// Connects to `target` from inside `netns` and copies both ways until both sides are done.
+fn relay(
+    id: u64,
+    inbound: TcpStream,
+    netns: &std::fs::File,
+    target: SocketAddr,
+    open: &Mutex<HashMap<u64, [TcpStream; 2]>>,
+) {
+    // This thread is ours alone: entering the namespace affects only the sockets it creates.
+    if nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+        return;
+    }
+    let Ok(outbound) = TcpStream::connect_timeout(&target, Duration::from_secs(10)) else {
+        return;
+    };
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    let (Ok(inbound_copy), Ok(outbound_copy)) = (inbound.try_clone(), outbound.try_clone()) else {
+        return;
+    };
+    if let (Ok(a), Ok(b)) = (inbound.try_clone(), outbound.try_clone()) {
+        open.lock().expect("forward registry").insert(id, [a, b]);
+    }
+    let upstream = std::thread::spawn(move || pipe(inbound_copy, outbound_copy));
+    pipe(outbound, inbound);
+    let _ = upstream.join();
+    open.lock().expect("forward registry").remove(&id);
+}
+
+/// Copies `from` to `to` until `from` ends, then ends `to`'s sending side.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the acceptor, which then sees `stop`.
+        let _ = TcpStream::connect_timeout(&self.local, Duration::from_secs(1));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for streams in self.open.lock().expect("forward registry").values() {
+            for stream in streams {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
 }
