@@ -3,10 +3,11 @@
 //! the way the kubelet would (a command as a given user), and a relay that lets sidecars reach
 //! the control plane on the host's loopback.
 //!
-//! Network safety: every address lives in 198.18.0.0/15 inside namespaces this module
-//! creates. Pods get 198.18.x.y/16 and a route for service addresses (198.19.0.0/16) to the
-//! node, which blackholes them: a connection that escapes capture dies there. No namespace has
-//! a route to the machine's own interfaces or a default route. Namespaces are deleted on drop.
+//! Network safety: every address lives in 198.18.0.0/15 inside namespaces this module (or the
+//! Kubernetes fixture) creates. Pods get 198.18.x.y/16 and one more route: service addresses
+//! (198.19.0.0/16) via a "sink" namespace on the bridge whose routing table blackholes them, so
+//! a connection that escapes capture dies there. No namespace has a route to the machine's own
+//! interfaces or a default route. Namespaces created here are deleted on drop.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -21,7 +22,9 @@ use crate::process::ChildGuard;
 
 /// The node's address on the pod bridge.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-/// Where service virtual IPs come from (routed to the node, which drops them).
+/// The sink's address on the pod bridge: pods route service addresses to it.
+pub const SINK_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Where service virtual IPs come from (blackholed by the sink).
 pub const SERVICE_RANGE: &str = "198.19.0.0/16";
 
 /// One pod's network namespace.
@@ -36,7 +39,10 @@ pub struct PodNet {
 pub struct Node {
     pub netns: String,
     prefix: String,
-    pods: Mutex<Vec<String>>,
+    /// Whether this module created the node namespace (and deletes it).
+    owns_node: bool,
+    /// Namespaces to delete on drop: the sink and the pods.
+    owned: Mutex<Vec<String>>,
     next_link: AtomicU32,
 }
 
@@ -46,14 +52,25 @@ impl Node {
         let netns = format!("{prefix}-node");
         let _ = Command::new("ip").args(["netns", "del", &netns]).output();
         run(&["ip", "netns", "add", &netns]);
+        run(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        Node::with_bridge(netns, prefix, true)
+    }
+
+    /// Puts the pod bridge into an existing node namespace (the Kubernetes fixture's), which
+    /// is left in place on drop.
+    pub fn attach(netns: &str, prefix: &str) -> Node {
+        Node::with_bridge(netns.to_string(), prefix, false)
+    }
+
+    fn with_bridge(netns: String, prefix: &str, owns_node: bool) -> Node {
         let node = Node {
             netns,
             prefix: prefix.to_string(),
-            pods: Mutex::new(Vec::new()),
+            owns_node,
+            owned: Mutex::new(Vec::new()),
             next_link: AtomicU32::new(1),
         };
         let ns = node.netns.as_str();
-        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         run(&["ip", "-n", ns, "link", "add", "br0", "type", "bridge"]);
         run(&[
             "ip",
@@ -66,16 +83,46 @@ impl Node {
             "br0",
         ]);
         run(&["ip", "-n", ns, "link", "set", "br0", "up"]);
-        run(&["ip", "-n", ns, "route", "add", "blackhole", SERVICE_RANGE]);
+        // The sink: where service addresses that escape capture end, in a blackhole.
+        let sink = node.add_netns("sink", SINK_IP);
+        run(&[
+            "ip",
+            "-n",
+            &sink,
+            "route",
+            "add",
+            "blackhole",
+            SERVICE_RANGE,
+        ]);
         node
     }
 
     /// Adds a pod namespace `<prefix>-<name>` with `ip`/16 on its `eth0`.
     pub fn add_pod(&self, name: &str, ip: Ipv4Addr) -> PodNet {
+        let netns = self.add_netns(name, ip);
+        run(&[
+            "ip",
+            "-n",
+            &netns,
+            "route",
+            "add",
+            SERVICE_RANGE,
+            "via",
+            &SINK_IP.to_string(),
+        ]);
+        PodNet {
+            name: name.to_string(),
+            netns,
+            ip,
+        }
+    }
+
+    /// A namespace on the bridge with `ip`/16 on its `eth0`.
+    fn add_netns(&self, name: &str, ip: Ipv4Addr) -> String {
         let netns = format!("{}-{name}", self.prefix);
         let _ = Command::new("ip").args(["netns", "del", &netns]).output();
         run(&["ip", "netns", "add", &netns]);
-        self.pods
+        self.owned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(netns.clone());
@@ -118,21 +165,7 @@ impl Node {
             "eth0",
         ]);
         run(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &netns,
-            "route",
-            "add",
-            SERVICE_RANGE,
-            "via",
-            &NODE_IP.to_string(),
-        ]);
-        PodNet {
-            name: name.to_string(),
-            netns,
-            ip,
-        }
+        netns
     }
 
     /// Deletes a pod's namespace (its processes must be gone).
@@ -140,7 +173,7 @@ impl Node {
         let _ = Command::new("ip")
             .args(["netns", "del", &pod.netns])
             .output();
-        self.pods
+        self.owned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|netns| *netns != pod.netns);
@@ -149,9 +182,18 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let pods = std::mem::take(&mut *self.pods.lock().unwrap_or_else(|p| p.into_inner()));
-        for netns in pods.iter().chain(std::iter::once(&self.netns)) {
+        let owned = std::mem::take(&mut *self.owned.lock().unwrap_or_else(|p| p.into_inner()));
+        for netns in &owned {
             let _ = Command::new("ip").args(["netns", "del", netns]).output();
+        }
+        if self.owns_node {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns])
+                .output();
+        } else {
+            let _ = Command::new("ip")
+                .args(["-n", &self.netns, "link", "del", "br0"])
+                .output();
         }
     }
 }
