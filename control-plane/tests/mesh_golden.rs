@@ -512,3 +512,30 @@ fn a_pod_gets_its_inbound_chains_from_service_selectors_before_any_endpoint() {
     assert!(config.contains("name: inbound:8080"), "{config}");
     assert!(config.contains("name: inbound:9091:h2"), "{config}");
 }
+
+#[test]
+fn a_policy_that_narrows_export_takes_the_service_out_of_other_views() {
+    let mut generator = mesh(MeshSettings::default(), false);
+    let web = sidecar("web", "a-1");
+    assert!(render(&mut generator, &web).contains("b.shop.svc.cluster.local:80"));
+    generator.set_policy(
+        K8S,
+        key("shop", "b-private"),
+        Some(policy(
+            "shop",
+            "b-private",
+            json!({"service": "b", "exportTo": ["."]}),
+        )),
+    );
+    let rebuilt = generator.rebuild(2);
+    assert!(rebuilt.views_changed.contains("web"), "{rebuilt:?}");
+    let after = render(&mut generator, &web);
+    let leftover: Vec<&str> = after
+        .lines()
+        .filter(|line| line.contains(" b.shop.svc.cluster.local") || line.contains("- b.shop"))
+        .collect();
+    assert!(leftover.is_empty(), "{leftover:?}");
+    assert!(
+        render(&mut generator, &sidecar("shop", "b-1")).contains("b.shop.svc.cluster.local:80")
+    );
+}

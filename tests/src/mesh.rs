@@ -187,7 +187,7 @@ pub fn start_sidecar(pod: &PodNet, spec: &SidecarSpec) -> ChildGuard {
 }
 
 /// A real Envoy as the sidecar of `pod`, with the bootstrap `remora-proxy --bootstrap-from-env`
-/// builds (same node id and metadata), as uid 1337.
+/// builds (same node id and metadata) but incremental (delta) ADS, as uid 1337.
 pub fn start_envoy_sidecar(pod: &PodNet, namespace: &str, dir: &Path) -> ChildGuard {
     use std::os::unix::fs::PermissionsExt;
     let spec = SidecarSpec::injected(&pod.name, namespace, &pod.name);
@@ -200,7 +200,7 @@ pub fn start_envoy_sidecar(pod: &PodNet, namespace: &str, dir: &Path) -> ChildGu
         },
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
         "dynamic_resources": {
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}]},
+            "ads_config": {"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}]},
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"}
         },

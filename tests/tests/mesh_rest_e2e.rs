@@ -8,8 +8,9 @@
 //!   under load with no failed request; a TrafficPolicy's route timeout and traffic split
 //!   change what A sees, and its status shows A's sidecar ACKed it.
 //! - `envoy_sidecars_take_the_same_config_and_honour_retries_and_ring_hash`: a real Envoy as
-//!   A's sidecar gets the same generated config; a retry policy and RING_HASH on a header
-//!   change what happens to its requests.
+//!   A's sidecar (on delta xDS) gets the same generated config; a retry policy and RING_HASH on
+//!   a header change what happens to its requests, and the policy's status shows Envoy's ACK
+//!   and the NACKs of B's Remora sidecars, which do not support those fields yet.
 //!
 //! Needs root, iproute2, iptables, util-linux; the second test also Envoy.
 
@@ -230,6 +231,39 @@ fn remora_sidecars_carry_service_traffic_and_follow_changes() {
     let inbound = sidecar_stat(&b1.pod, "http.inbound.downstream_rq_total").unwrap_or(0)
         + sidecar_stat(&b2.pod, "http.inbound.downstream_rq_total").unwrap_or(0);
     assert!(inbound >= 7, "B's sidecars saw {inbound} inbound requests");
+
+    // A destination the mesh does not know (a pod's own address) goes through the passthrough
+    // to where it was headed, captured inbound there.
+    let (status, _, body) = request_from(
+        &a,
+        SocketAddr::from((b2.pod.ip, 8080)),
+        "GET",
+        "/direct",
+        &[],
+    )
+    .expect("a direct request");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"upstream\":\"b-2\""), "{body}");
+    assert!(sidecar_stat(&a, "tcp.passthrough.downstream_cx_total").unwrap_or(0) >= 1);
+    // What escapes capture (the proxy's own uid is never captured) dies in the blackhole.
+    let mut escape = remora_tests::pods::spawn_in_pod(
+        "escape",
+        &a,
+        &[
+            "bash".into(),
+            "-c".into(),
+            format!("exec 3<>/dev/tcp/{VIP_B}/80"),
+        ],
+        &[],
+        1337,
+        1337,
+    );
+    assert!(
+        escape
+            .wait_timeout(Duration::from_secs(5))
+            .is_none_or(|status| !status.success()),
+        "a connection past capture reached something"
+    );
 
     // Scale up under load: a third pod; A uses it once its endpoint is registered.
     let load = Load::start(&a);
@@ -461,4 +495,26 @@ fn envoy_sidecars_take_the_same_config_and_honour_retries_and_ring_hash() {
             .or_default() += 1;
     }
     eprintln!("users per pod under RING_HASH: {users_per_pod:?}");
+    // The policy's status: Envoy (A) ACKed it; B's Remora sidecars, which also receive service
+    // b, NACKed it naming the field they do not support yet.
+    wait_for("the policy status", Duration::from_secs(30), || {
+        let (_, policy) = cp.call("GET", "/v1/mesh/trafficpolicies/shop/b", &Value::Null);
+        let status = &policy["status"];
+        let acked = status["ackedProxies"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let nacked = status["nackedProxies"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        (acked.iter().any(|node| node == "a-1.shop")
+            && nacked.len() == 2
+            && nacked.iter().all(|nack| {
+                nack["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("not supported"))
+            }))
+        .then_some(())
+    });
 }

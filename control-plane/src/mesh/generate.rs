@@ -192,8 +192,6 @@ struct Dirty {
     /// Every view (a service's visibility or a namespace's reach changed).
     all_views: bool,
     views: BTreeSet<String>,
-    /// Namespaces whose workloads a changed service selector may concern.
-    selector_namespaces: BTreeSet<String>,
 }
 
 /// The generated parts of one sidecar's snapshot.
@@ -277,8 +275,6 @@ impl Generator {
             if let Some(sources) = self.split_sources.get(&key) {
                 self.dirty.services.extend(sources.iter().cloned());
             }
-            // Its selector may pick (or stop picking) pods of its namespace.
-            self.dirty.selector_namespaces.insert(key.namespace.clone());
         }
     }
 
@@ -391,8 +387,7 @@ impl Generator {
             && dirty.workloads.is_empty()
             && dirty.policies.is_empty()
             && !dirty.all_views
-            && dirty.views.is_empty()
-            && dirty.selector_namespaces.is_empty())
+            && dirty.views.is_empty())
     }
 
     // ---- rebuilding ----
@@ -406,7 +401,11 @@ impl Generator {
         self.dirty.all_views = dirty.all_views;
         let mut endpoint_services = dirty.endpoints;
         let mut workloads = dirty.workloads;
-        for namespace in &dirty.selector_namespaces {
+        // A changed service (or its policy) may select other pods, or change their ports'
+        // protocol or mTLS mode: every workload of its namespace is looked at again.
+        let namespaces: BTreeSet<&String> =
+            dirty.services.iter().map(|key| &key.namespace).collect();
+        for namespace in namespaces {
             for layer in &self.inputs.layers {
                 workloads.extend(
                     layer
@@ -419,12 +418,12 @@ impl Generator {
         }
 
         for key in &dirty.services {
-            let kinds = self.rebuild_service(key);
+            let (kinds, visibility_changed) = self.rebuild_service(key);
             endpoint_services.insert(key.clone());
             if let Some(referenced) = self.service_workloads.get(key) {
                 workloads.extend(referenced.iter().cloned());
             }
-            if !kinds.is_empty() {
+            if !kinds.is_empty() || visibility_changed {
                 self.dirty.all_views = true;
             }
             self.update_policy_states(key, &dirty.policies, &kinds, version);
@@ -537,8 +536,9 @@ impl Generator {
         (effective, verdicts)
     }
 
-    /// Recomputes one service's outputs; returns the kinds whose resources changed.
-    fn rebuild_service(&mut self, key: &ObjectKey) -> BTreeSet<Kind> {
+    /// Recomputes one service's outputs; returns the kinds whose resources changed, and
+    /// whether who may see it changed.
+    fn rebuild_service(&mut self, key: &ObjectKey) -> (BTreeSet<Kind>, bool) {
         let mut kinds = BTreeSet::new();
         let old = self.services.remove(key);
         for targets in self.split_sources.values_mut() {
@@ -550,7 +550,7 @@ impl Generator {
             {
                 kinds.extend([Kind::Cluster, Kind::Route, Kind::Listener]);
             }
-            return kinds;
+            return (kinds, false);
         };
         let (effective, _) = self.effective(&service);
         let domain = self.settings.cluster_domain.clone();
@@ -634,8 +634,16 @@ impl Generator {
             }
         }
         kinds.extend(compare_outputs(old.as_ref(), &ports));
+        let exports = |ports: &[PortOutput]| -> Vec<Option<Vec<String>>> {
+            ports
+                .iter()
+                .map(|port| port.effective.export_to.clone())
+                .collect()
+        };
+        let visibility_changed =
+            old.as_ref().map(|old| exports(&old.ports)) != Some(exports(&ports));
         self.services.insert(key.clone(), ServiceOutput { ports });
-        kinds
+        (kinds, visibility_changed)
     }
 
     fn update_policy_states(

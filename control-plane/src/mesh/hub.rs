@@ -367,103 +367,119 @@ impl MeshHub {
         key: &ObjectKey,
         registry: &ProxyRegistry,
     ) -> Option<TrafficPolicyStatus> {
+        self.policy_statuses(std::slice::from_ref(key), registry)
+            .remove(key)
+    }
+
+    /// [`Self::policy_status`] of several policies, from one look at the connected proxies.
+    pub fn policy_statuses(
+        &self,
+        keys: &[ObjectKey],
+        registry: &ProxyRegistry,
+    ) -> BTreeMap<ObjectKey, TrafficPolicyStatus> {
+        let listed = registry.list();
         let state = lock(&self.state);
-        let policy = state.generator.policy_states().get(key)?.clone();
-        let mut status = TrafficPolicyStatus {
-            observed_generation: Some(policy.generation),
-            ..Default::default()
-        };
-        let mut condition = PolicyCondition {
-            kind: "Accepted".into(),
-            status: "True".into(),
-            reason: "Accepted".into(),
-            message: policy.warnings.join("; "),
-        };
-        if let Some((reason, message)) = &policy.rejected {
-            condition.status = "False".into();
-            condition.reason = reason.clone();
-            condition.message = message.clone();
-            status.conditions.push(condition);
-            return Some(status);
+        // The newest stream of each sidecar node, with the sidecar's namespace.
+        let mut streams: HashMap<&str, &crate::xds::stream::ProxyStatus> = HashMap::new();
+        for proxy in &listed {
+            let newer = streams
+                .get(proxy.node_id.as_str())
+                .is_none_or(|known| known.stream_id < proxy.stream_id);
+            if newer {
+                streams.insert(proxy.node_id.as_str(), proxy);
+            }
         }
-        status.conditions.push(condition);
-        status.config_version = Some(policy.applied_version.to_string());
-        // Sidecars whose view holds the service, by node id.
-        let audience: BTreeSet<&str> = state
+        let namespaces: HashMap<&str, &str> = state
             .sidecars
             .iter()
-            .filter(|entry| {
-                state
-                    .generator
-                    .view(entry.sidecar.namespace())
-                    .is_some_and(|view| view.visible.contains(&policy.service))
-            })
-            .map(|entry| entry.sidecar.node_id.as_str())
+            .map(|entry| (entry.sidecar.node_id.as_str(), entry.sidecar.namespace()))
             .collect();
-        // The newest stream of each node.
-        let mut streams: HashMap<&str, crate::xds::stream::ProxyStatus> = HashMap::new();
-        let listed = registry.list();
-        for proxy in &listed {
-            if audience.contains(proxy.node_id.as_str()) {
-                let newer = streams
-                    .get(proxy.node_id.as_str())
-                    .is_none_or(|known| known.stream_id < proxy.stream_id);
-                if newer {
-                    streams.insert(proxy.node_id.as_str(), proxy.clone());
-                }
+        let mut statuses = BTreeMap::new();
+        for key in keys {
+            let Some(policy) = state.generator.policy_states().get(key) else {
+                continue;
+            };
+            let mut status = TrafficPolicyStatus {
+                observed_generation: Some(policy.generation),
+                ..Default::default()
+            };
+            let mut condition = PolicyCondition {
+                kind: "Accepted".into(),
+                status: "True".into(),
+                reason: "Accepted".into(),
+                message: policy.warnings.join("; "),
+            };
+            if let Some((reason, message)) = &policy.rejected {
+                condition.status = "False".into();
+                condition.reason = reason.clone();
+                condition.message = message.clone();
+                status.conditions.push(condition);
+                statuses.insert(key.clone(), status);
+                continue;
             }
-        }
-        let mut counts = ProxyCounts::default();
-        for (node, proxy) in streams {
-            counts.total += 1;
-            let mut acked = true;
-            let mut nack = None;
-            for kind in &policy.kinds {
-                let type_status = proxy
-                    .types
-                    .get(kind.xds_name())
-                    .cloned()
-                    .unwrap_or_default();
-                let acked_version = type_status
-                    .acked_version
-                    .as_deref()
-                    .and_then(|version| version.parse::<u64>().ok())
-                    .unwrap_or(0);
-                if acked_version >= policy.applied_version {
+            status.conditions.push(condition);
+            status.config_version = Some(policy.applied_version.to_string());
+            let mut counts = ProxyCounts::default();
+            for (node, proxy) in &streams {
+                // Only sidecars whose view holds the service.
+                let receives = namespaces.get(node).is_some_and(|namespace| {
+                    state
+                        .generator
+                        .view(namespace)
+                        .is_some_and(|view| view.visible.contains(&policy.service))
+                });
+                if !receives {
                     continue;
                 }
-                acked = false;
-                if let Some(record) = type_status.last_nack
-                    && record
-                        .version
-                        .parse::<u64>()
-                        .is_ok_and(|version| version >= policy.applied_version)
-                {
-                    nack = Some(record);
+                counts.total += 1;
+                let mut acked = true;
+                let mut nack = None;
+                for kind in &policy.kinds {
+                    let type_status = proxy
+                        .types
+                        .get(kind.xds_name())
+                        .cloned()
+                        .unwrap_or_default();
+                    let acked_version = type_status
+                        .acked_version
+                        .as_deref()
+                        .and_then(|version| version.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    if acked_version >= policy.applied_version {
+                        continue;
+                    }
+                    acked = false;
+                    if let Some(record) = type_status.last_nack
+                        && record
+                            .version
+                            .parse::<u64>()
+                            .is_ok_and(|version| version >= policy.applied_version)
+                    {
+                        nack = Some(record);
+                    }
                 }
-            }
-            if acked {
-                counts.acked += 1;
-                if status.acked_proxies.len() < 50 {
+                if acked {
+                    counts.acked += 1;
                     status.acked_proxies.push(node.to_string());
-                }
-            } else if let Some(record) = nack {
-                counts.nacked += 1;
-                if status.nacked_proxies.len() < 50 {
+                } else if let Some(record) = nack {
+                    counts.nacked += 1;
                     status.nacked_proxies.push(NackedProxy {
                         proxy: node.to_string(),
                         version: record.version,
                         message: record.message,
                     });
+                } else {
+                    counts.pending += 1;
                 }
-            } else {
-                counts.pending += 1;
             }
+            status.acked_proxies.sort();
+            status.acked_proxies.truncate(50);
+            status.nacked_proxies.sort_by(|a, b| a.proxy.cmp(&b.proxy));
+            status.nacked_proxies.truncate(50);
+            status.proxies = Some(counts);
+            statuses.insert(key.clone(), status);
         }
-        status.acked_proxies.sort();
-        status.nacked_proxies.sort_by(|a, b| a.proxy.cmp(&b.proxy));
-        status.proxies = Some(counts);
-        Some(status)
+        statuses
     }
 
     /// Keys of every policy the generator knows, with their source.

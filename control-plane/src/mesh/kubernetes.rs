@@ -415,16 +415,36 @@ async fn write_statuses(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         ticker.tick().await;
-        for policy in policies.state() {
+        let stored = policies.state();
+        let keys: Vec<ObjectKey> = stored
+            .iter()
+            .map(|policy| key_of(policy.as_ref()))
+            .collect();
+        let statuses = hub.policy_statuses(&keys, &registry);
+        for policy in stored {
             let key = key_of(policy.as_ref());
-            let Some(status) = hub.policy_status(&key, &registry) else {
+            let Some(status) = statuses.get(&key) else {
                 continue;
             };
-            if policy.status.as_ref() == Some(&status) {
+            if policy.status.as_ref() == Some(status) {
                 continue;
             }
             let api: Api<TrafficPolicy> = Api::namespaced(client.clone(), &key.namespace);
-            let patch = serde_json::json!({"status": status});
+            // A merge patch keeps fields it does not name: name the empty ones as null.
+            let mut fields = serde_json::to_value(status).unwrap_or_default();
+            if let Some(object) = fields.as_object_mut() {
+                for field in [
+                    "observedGeneration",
+                    "conditions",
+                    "configVersion",
+                    "proxies",
+                    "ackedProxies",
+                    "nackedProxies",
+                ] {
+                    object.entry(field).or_insert(serde_json::Value::Null);
+                }
+            }
+            let patch = serde_json::json!({"status": fields});
             if let Err(error) = api
                 .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await

@@ -237,10 +237,8 @@ async fn sidecar(
             && shared.seen[index].load(Ordering::Acquire) < probe.id
             && holds_probe(&response.resources, probe)
         {
-            shared.latency_us[index].store(
-                probe.sent.elapsed().as_micros() as u64,
-                Ordering::Release,
-            );
+            shared.latency_us[index]
+                .store(probe.sent.elapsed().as_micros() as u64, Ordering::Release);
             shared.seen[index].store(probe.id, Ordering::Release);
         }
         acked.insert(response.type_url.clone());
@@ -348,7 +346,10 @@ fn main() -> anyhow::Result<()> {
     cluster.apply(&manifests(binary.clone())?);
     let injector = binary.with_file_name("remora-injector");
     cluster.apply(&manifests(injector)?);
-    cluster.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}).to_string());
+    cluster.apply(
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+            .to_string(),
+    );
     let written = Instant::now();
     let mut objects = Vec::new();
     for service in 0..args.services {
@@ -380,7 +381,13 @@ fn main() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let mut command = Command::new(&binary);
     command
-        .args(["--api-addr", &api.to_string(), "--xds-addr", &xds.to_string(), "--kubernetes"])
+        .args([
+            "--api-addr",
+            &api.to_string(),
+            "--xds-addr",
+            &xds.to_string(),
+            "--kubernetes",
+        ])
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .arg("--data-dir")
@@ -399,7 +406,12 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-async fn measure(args: &Args, cluster: &KubeCluster, xds: SocketAddr, pid: u32) -> anyhow::Result<()> {
+async fn measure(
+    args: &Args,
+    cluster: &KubeCluster,
+    xds: SocketAddr,
+    pid: u32,
+) -> anyhow::Result<()> {
     let slices: Api<EndpointSlice> = Api::namespaced(cluster.client().await, NAMESPACE);
     // The control plane is up once its xDS port answers.
     let deadline = Instant::now() + Duration::from_secs(120);
