@@ -1,8 +1,9 @@
 //! The mesh on a real Kubernetes API server, with the test acting as the node's kubelet.
 //!
 //! The cluster (`remora_tests::kube`: etcd, kube-apiserver, kube-controller-manager) gets
-//! Remora's manifests (`remora-injector manifests`, with the webhook's CA) and the
-//! TrafficPolicy CRD (`remora-cp manifests`); the injector and `remora-cp --kubernetes` run in
+//! Remora's manifests (`remora-injector manifests`, with the webhook's CA), and the
+//! TrafficPolicy CRD (`remora-cp manifests`) only later, while the mesh already runs: the
+//! control plane serves without it and picks it up; the injector and `remora-cp --kubernetes` run in
 //! the node, the control plane with exactly its ServiceAccount's token (the manifest's
 //! ClusterRole). Pods are created through the API server, mutated by the webhook, and then
 //! run as their stored spec says: each in its own network namespace on the node's bridge
@@ -65,14 +66,8 @@ struct Mesh {
 impl Mesh {
     fn install(cluster: KubeCluster) -> Mesh {
         cluster.add_node(NODE_NAME, Some("z1"));
-        // The CRD first, then Remora's manifests with the webhook's CA (docs/injection.md).
-        cluster.apply(&manifests("remora-cp", &[]));
-        cluster.kubectl_ok(&[
-            "wait",
-            "--for=condition=established",
-            "--timeout=60s",
-            "crd/trafficpolicies.remora.io",
-        ]);
+        // Remora's manifests with the webhook's CA (docs/injection.md); the TrafficPolicy CRD
+        // only once the control plane runs (`install_crd`), which must not wait for it.
         let tls = cluster.dir().join("webhook-tls");
         std::fs::create_dir_all(&tls).expect("tls dir");
         let ca = CertificateAuthority::generate("remora-webhook-ca");
@@ -150,6 +145,16 @@ impl Mesh {
                 .map(|_| ())
         });
         mesh
+    }
+
+    fn install_crd(&self) {
+        self.cluster.apply(&manifests("remora-cp", &[]));
+        self.cluster.kubectl_ok(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/trafficpolicies.remora.io",
+        ]);
     }
 
     fn proxies(&self) -> Vec<Value> {
@@ -644,8 +649,9 @@ fn a_mesh_on_a_real_api_server_carries_traffic_and_follows_pods_and_policies() {
         failures.len()
     );
 
-    // A TrafficPolicy: a slow request now times out at A's sidecar; the policy's status names
-    // A's sidecar among those that ACKed it.
+    // The CRD, installed while the mesh runs, and a TrafficPolicy: a slow request now times
+    // out at A's sidecar; the policy's status names A's sidecar among those that ACKed it.
+    mesh.install_crd();
     assert_eq!(call(&a.net, vip, "/delay/1500", None).0, 200);
     mesh.cluster.apply(
         &json!({

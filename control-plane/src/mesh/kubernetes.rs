@@ -327,7 +327,20 @@ async fn follow<K>(
                 }
             }
             Err(error) => {
-                tracing::warn!(kind = %K::kind(&()), %error, "Kubernetes watch failed; retrying")
+                // A kind the API server does not serve (the TrafficPolicy CRD not installed)
+                // counts as listed and empty, so the rest of the mesh is served; the watcher
+                // keeps trying and picks it up once installed.
+                let not_served = matches!(
+                    &error,
+                    watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404
+                );
+                if not_served && first_list {
+                    tracing::warn!(kind = %K::kind(&()), "the API server does not serve this kind (for TrafficPolicy: install the CRD, `remora-cp manifests | kubectl apply -f -`); going on without it");
+                    first_list = false;
+                    let _ = listed.send(()).await;
+                } else {
+                    tracing::warn!(kind = %K::kind(&()), %error, "Kubernetes watch failed; retrying");
+                }
             }
         }
     }

@@ -460,6 +460,8 @@ async fn measure(
     let (_, cpu_before) = process_usage(pid);
     let measuring = Instant::now();
     let mut samples = Vec::new();
+    let mut first_acks = Vec::new();
+    let mut writes = Vec::new();
     let mut peak_rss = rss_synced;
     for change in 1..=args.changes {
         let service = (change * 7919) % args.services;
@@ -480,10 +482,12 @@ async fn measure(
         });
         let name = format!("svc-{service}-bench");
         let patch = json!({"endpoints": slice(service, &addresses)["endpoints"]});
+        let write = Instant::now();
         slices
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .with_context(|| format!("patching EndpointSlice {name}"))?;
+        writes.push(write.elapsed());
         let deadline = Instant::now() + Duration::from_secs(60);
         while shared
             .seen
@@ -500,18 +504,24 @@ async fn measure(
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let slowest = shared
+        let latencies: Vec<u64> = shared
             .latency_us
             .iter()
             .map(|latency| latency.load(Ordering::Acquire))
-            .max()
-            .unwrap_or(0);
-        samples.push(Duration::from_micros(slowest));
+            .collect();
+        samples.push(Duration::from_micros(
+            latencies.iter().copied().max().unwrap_or(0),
+        ));
+        first_acks.push(Duration::from_micros(
+            latencies.iter().copied().min().unwrap_or(0),
+        ));
         peak_rss = peak_rss.max(process_usage(pid).0);
     }
     let (rss_after, cpu_after) = process_usage(pid);
     let elapsed = measuring.elapsed().as_secs_f64();
     samples.sort();
+    first_acks.sort();
+    writes.sort();
     println!(
         "services={} endpoints={} sidecars={} changes={}",
         args.services,
@@ -526,6 +536,13 @@ async fn measure(
         percentile(&samples, 0.90),
         percentile(&samples, 0.99),
         samples.last().copied().unwrap_or_default()
+    );
+    println!(
+        "of which: API write answered p50 {:?} p99 {:?}; first sidecar ACKed p50 {:?} p99 {:?}",
+        percentile(&writes, 0.50),
+        percentile(&writes, 0.99),
+        percentile(&first_acks, 0.50),
+        percentile(&first_acks, 0.99)
     );
     println!(
         "remora-cp RSS: {} MiB in sync, {} MiB peak while changing, {} MiB after; CPU {:.0}% of a core while changing",
