@@ -46,6 +46,14 @@ struct Scope {
     group: Option<String>,
 }
 
+#[derive(Debug, Default, serde::Deserialize)]
+struct ApplyOptions {
+    group: Option<String>,
+    /// Validate only: report what would be refused, waiting, or refused by Remora proxies.
+    #[serde(default)]
+    dry_run: bool,
+}
+
 /// An error answer: status plus JSON body.
 struct ApiError(StatusCode, Value);
 
@@ -202,8 +210,13 @@ fn decode_resource(kind: Kind, group: &str, label: &str, value: &Value) -> Resul
 }
 
 fn written(outcome: crate::config::WriteOutcome, applied: Vec<String>) -> Response {
-    axum::Json(json!({"version": outcome.version, "applied": applied, "waiting": outcome.waiting}))
-        .into_response()
+    axum::Json(json!({
+        "version": outcome.version,
+        "applied": applied,
+        "waiting": outcome.waiting,
+        "remora_rejects": outcome.remora,
+    }))
+    .into_response()
 }
 
 async fn put_resource(
@@ -262,11 +275,13 @@ async fn delete_resource(
 
 async fn apply(
     State(state): State<ApiState>,
-    Query(scope): Query<Scope>,
+    Query(options): Query<ApplyOptions>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let group = group_of(&scope)?;
+    let group = group_of(&Scope {
+        group: options.group,
+    })?;
     let documents = parse_documents(&headers, &body)?;
     if documents.is_empty() {
         return Err(ApiError::simple(
@@ -327,6 +342,17 @@ async fn apply(
     }
     if !problems.is_empty() {
         return Err(ApiError::bad_request(problems));
+    }
+    if options.dry_run {
+        let outcome = state.config.check(changes).await?;
+        return Ok(axum::Json(json!({
+            "dry_run": true,
+            "version": outcome.version,
+            "would_apply": applied,
+            "waiting": outcome.waiting,
+            "remora_rejects": outcome.remora,
+        }))
+        .into_response());
     }
     let outcome = state.config.write(changes).await?;
     state

@@ -30,6 +30,8 @@ pub struct WriteOutcome {
     /// Written resources that are stored but held back from proxies (e.g. EDS clusters
     /// without endpoints).
     pub waiting: Vec<Problem>,
+    /// Written resources a Remora proxy would refuse (see `Findings::remora`).
+    pub remora: Vec<Problem>,
 }
 
 pub struct ConfigService {
@@ -68,6 +70,19 @@ impl ConfigService {
     /// Validates and stores `changes` as one new version. Deleting something absent is
     /// `NotFound`.
     pub async fn write(&self, changes: Vec<Change>) -> Result<WriteOutcome, WriteError> {
+        self.write_or_check(changes, false).await
+    }
+
+    /// Validates `changes` as `write` would, and stores nothing (the version is the current).
+    pub async fn check(&self, changes: Vec<Change>) -> Result<WriteOutcome, WriteError> {
+        self.write_or_check(changes, true).await
+    }
+
+    async fn write_or_check(
+        &self,
+        changes: Vec<Change>,
+        dry_run: bool,
+    ) -> Result<WriteOutcome, WriteError> {
         let _writer = self.writer.lock().await;
         for _ in 0..COMMIT_ATTEMPTS {
             let base = self.current();
@@ -92,6 +107,13 @@ impl ConfigService {
             if !findings.errors.is_empty() {
                 return Err(WriteError::Invalid(findings));
             }
+            if dry_run {
+                return Ok(WriteOutcome {
+                    version: base.version,
+                    waiting: findings.waiting,
+                    remora: findings.remora,
+                });
+            }
             match self.store.commit(base.version, changes.clone()).await? {
                 CommitOutcome::Committed(version) => {
                     next.version = version;
@@ -106,6 +128,7 @@ impl ConfigService {
                     return Ok(WriteOutcome {
                         version,
                         waiting: findings.waiting,
+                        remora: findings.remora,
                     });
                 }
                 CommitOutcome::Conflict => self.reload_locked().await?,

@@ -47,6 +47,9 @@ pub struct Problem {
 pub struct Findings {
     pub errors: Vec<Problem>,
     pub waiting: Vec<Problem>,
+    /// Written resources a Remora proxy would refuse (an Envoy may take them): stored and
+    /// served all the same, with this warning, since the fleet may be Envoy.
+    pub remora: Vec<Problem>,
 }
 
 /// The EDS service name of a cluster of type EDS (`service_name`, or the cluster's name).
@@ -530,6 +533,15 @@ pub fn check_state(state: &ConfigState, changed: &BTreeSet<ResourceKey>) -> Find
             Ok(typed) => {
                 if changed.contains(key) {
                     checker.check(&typed);
+                    // The proxy's own conversion: what a Remora proxy would NACK.
+                    if let Err(error) = remora_config::resource::check(key.kind.type_url(), bytes) {
+                        findings.remora.push(Problem {
+                            resource: format!("{}/{}", key.kind, key.name),
+                            group: key.group.clone(),
+                            field: error.path,
+                            reason: error.reason,
+                        });
+                    }
                 }
                 decoded.insert(key.clone(), typed);
             }

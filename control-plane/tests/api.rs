@@ -1,6 +1,6 @@
 //! The config API and `remoractl` against a real `remora-cp` process: validation with field
-//! paths, all-or-nothing apply, groups, 404s, authentication, metrics, and refusing to expose
-//! the API without a token.
+//! paths, all-or-nothing apply, dry runs, warnings about what Remora proxies would reject,
+//! groups, 404s, authentication, metrics, and refusing to expose the API without a token.
 
 mod common;
 
@@ -167,4 +167,47 @@ fn the_api_is_not_exposed_beyond_loopback_without_a_token() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("without a bearer token"), "{stderr}");
     let _ = Duration::ZERO;
+}
+
+#[test]
+fn a_dry_run_stores_nothing_and_names_what_remora_proxies_would_reject() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cp = ControlPlane::start(&dir.path().join("data"));
+    // Valid for Envoy; a Remora proxy refuses `upstream_bind_config` (it would NACK it).
+    let bound = "\"@type\": Cluster\nname: bound\nconnect_timeout: 1s\n\
+        upstream_bind_config: {source_address: {address: 127.0.0.2, port_value: 0}}\n";
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, documents(&[bound.to_string(), eds_cluster("web")])).expect("write");
+    let path = file.display().to_string();
+
+    let (ok, output) = remoractl(&cp, &["apply", "--dry-run", "-f", &path]);
+    assert!(ok, "{output}");
+    assert!(output.contains("dry run"), "{output}");
+    assert!(
+        output.contains("Remora proxies would reject clusters/bound at upstream_bind_config"),
+        "{output}"
+    );
+    assert!(output.contains("waiting: clusters/web"), "{output}");
+    let (status, _) = cp.call("GET", "/v1/clusters/bound", "");
+    assert_eq!(status, 404, "a dry run stores nothing");
+
+    // The same write for real is stored (an Envoy fleet takes it) and carries the warning.
+    let (ok, output) = remoractl(&cp, &["apply", "-f", &path]);
+    assert!(ok, "{output}");
+    assert!(
+        output.contains("warning: Remora proxies would reject clusters/bound"),
+        "{output}"
+    );
+    let (status, _) = cp.call("GET", "/v1/clusters/bound", "");
+    assert_eq!(status, 200);
+
+    // A dry run of what is refused fails like the write would.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, route("r", "nowhere")).expect("write");
+    let (ok, output) = remoractl(
+        &cp,
+        &["apply", "--dry-run", "-f", &bad.display().to_string()],
+    );
+    assert!(!ok, "{output}");
+    assert!(output.contains("route.cluster"), "{output}");
 }

@@ -360,6 +360,14 @@ fn policies_become_cluster_route_and_listener_fields() {
     assert!(!web.contains("db.shop"));
     let states = generator.policy_states();
     assert_eq!(states[&key("shop", "b-http")].rejected, None);
+    // The Remora proxy's own conversion says what it would reject, before any NACK.
+    let rejects = &states[&key("shop", "b-http")].remora_rejects;
+    assert!(
+        rejects
+            .iter()
+            .any(|reject| reject.starts_with("CDS b.shop.svc.cluster.local:80: ")),
+        "{rejects:?}"
+    );
     assert!(
         states[&key("shop", "b-http")].warnings[0].contains("gone"),
         "{:?}",
@@ -489,6 +497,11 @@ fn removing_a_service_removes_its_resources_and_a_policy_names_what_is_wrong() {
     assert_eq!(reason("lost").as_deref(), Some("ServiceNotFound"));
     assert_eq!(reason("bad-port").as_deref(), Some("Invalid"));
     assert_eq!(reason("b-a"), None);
+    // A timeout is something the Remora proxy takes.
+    assert_eq!(
+        states[&key("shop", "b-a")].remora_rejects,
+        Vec::<String>::new()
+    );
     assert_eq!(reason("b-b").as_deref(), Some("Conflicted"));
 }
 

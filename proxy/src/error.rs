@@ -35,6 +35,8 @@ pub enum ResponseFlag {
     NoClusterFound,
     /// Stream idle timeout.
     StreamIdleTimeout,
+    /// The downstream broke the protocol (a malformed request or body).
+    DownstreamProtocolError,
 }
 
 impl ResponseFlag {
@@ -50,6 +52,7 @@ impl ResponseFlag {
             ResponseFlag::DownstreamConnectionTermination => "DC",
             ResponseFlag::NoClusterFound => "NC",
             ResponseFlag::StreamIdleTimeout => "SI",
+            ResponseFlag::DownstreamProtocolError => "DPE",
         }
     }
 
@@ -74,6 +77,7 @@ impl ResponseFlag {
             ResponseFlag::DownstreamConnectionTermination => (499, ""),
             ResponseFlag::NoClusterFound => (503, ""),
             ResponseFlag::StreamIdleTimeout => (504, "stream timeout"),
+            ResponseFlag::DownstreamProtocolError => (400, "Bad Request"),
         }
     }
 

@@ -2,26 +2,27 @@
 //!
 //! Modules follow the path a byte travels:
 //! [`listener`] (accept, listener filters) → [`filter_chain`] (pick a chain) →
-//! [`tcp_proxy`] or [`http::conn_manager`] → [`http::router`] → [`cluster`] → [`lb`] →
-//! [`pool`] → upstream. Config arrives through [`config`] (bootstrap) and [`xds`] (ADS) and is
-//! published as immutable snapshots; [`admin`] and [`stats`] observe it all. [`memory`] hands
-//! back what reading config needed once.
+//! [`tcp_proxy`] or [`http::conn_manager`] → [`http::filter`] chain → [`http::router`] →
+//! [`upstream`] (cluster, priority, load balancer, connect path, pool) → upstream.
+//! Config arrives through [`config`] (the bootstrap, converted by the `remora-config` crate) and
+//! [`xds`] (ADS); routes and clusters are published as one immutable snapshot in [`store`];
+//! [`admin`] and [`stats`] observe it all; [`server`] wires the parts together. [`memory`]
+//! hands back what reading config needed once.
 
 pub mod admin;
 pub mod cli;
-pub mod cluster;
 pub mod config;
 pub mod drain;
 pub mod error;
 pub mod filter_chain;
 pub mod http;
-pub mod lb;
 pub mod listener;
 pub mod memory;
-pub mod pool;
 pub mod server;
 pub mod stats;
+pub mod store;
 pub mod tcp_proxy;
 pub mod tls;
+pub mod upstream;
 pub mod uuid;
 pub mod xds;

@@ -3,7 +3,7 @@
 use clap::Parser;
 use remora_proxy::admin::logging;
 use remora_proxy::cli::{Cli, Command, Mode};
-use remora_proxy::config::bootstrap::{self, Sources};
+use remora_proxy::config::sources::{self, Sources};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -29,14 +29,14 @@ fn main() -> std::process::ExitCode {
         return 1.into();
     }
     init_logging(&cli.log_level);
-    let sources = Sources {
+    let given = Sources {
         config_path: cli.config_path.clone(),
         config_yaml: cli.config_yaml.clone(),
         from_env: cli.bootstrap_from_env,
         service_node: cli.service_node.clone(),
         service_cluster: cli.service_cluster.clone(),
     };
-    let bootstrap = match bootstrap::load(&sources) {
+    let bootstrap = match sources::load(&given) {
         Ok(bootstrap) => bootstrap,
         Err(error) => {
             eprintln!("error: invalid bootstrap: {error}");

@@ -1,20 +1,21 @@
 //! The process: worker threads (one current-thread runtime each, as Envoy's workers), the main
 //! runtime (admin, xDS, DNS, signals), startup from the bootstrap, and graceful shutdown.
+//!
+//! This is wiring only: it builds the shared pieces — the stats [`Registry`], the config
+//! [`Store`], the [`ListenerManager`], the [`Lifecycle`] — and hands each part the few it needs.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use arc_swap::ArcSwap;
+use anyhow::Context as _;
 use tokio::sync::watch;
 
-use crate::cluster::ClusterManager;
-use crate::config::{Bootstrap, Node};
-use crate::http::router::RouteTable;
-use crate::listener::ListenerManager;
+use crate::config::Bootstrap;
+use crate::listener::{ConnectionLimits, ListenerContext, ListenerManager};
 use crate::stats::Registry;
+use crate::store::Store;
+use crate::upstream::Cluster;
 
 /// Server state as `/ready` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,28 +36,27 @@ pub enum Stop {
     Quit,
 }
 
-/// Everything shared by the main thread and the workers.
+/// The server's state and the way to ask it to stop.
 #[derive(Debug)]
-pub struct Server {
-    pub node: Node,
-    pub bootstrap: Bootstrap,
-    pub registry: Arc<Registry>,
-    pub clusters: ClusterManager,
-    /// RDS route tables by name.
-    pub routes: ArcSwap<HashMap<String, Arc<RouteTable>>>,
-    pub listeners: ListenerManager,
-    pub workers: Vec<tokio::runtime::Handle>,
-    pub main: tokio::runtime::Handle,
-    pub drain_time: Duration,
-    pub xds: crate::xds::Status,
-    pub started: Instant,
+pub struct Lifecycle {
     state: AtomicU8,
     stop: watch::Sender<Stop>,
-    /// Downstream connections open on all listeners (`global_downstream_max_connections`).
-    pub downstream_connections: std::sync::atomic::AtomicU64,
+    pub started: Instant,
+    live: Arc<crate::stats::Stat>,
 }
 
-impl Server {
+impl Lifecycle {
+    fn new(registry: &Registry) -> (Arc<Self>, watch::Receiver<Stop>) {
+        let (stop, stopped) = watch::channel(Stop::Running);
+        let lifecycle = Arc::new(Lifecycle {
+            state: AtomicU8::new(State::Initializing as u8),
+            stop,
+            started: Instant::now(),
+            live: registry.gauge("server.live"),
+        });
+        (lifecycle, stopped)
+    }
+
     pub fn state(&self) -> State {
         match self.state.load(Ordering::Acquire) {
             1 => State::Live,
@@ -65,20 +65,18 @@ impl Server {
         }
     }
 
-    pub fn set_state(&self, state: State) {
-        self.state.store(state as u8, Ordering::Release);
+    /// The initial configuration is in: `/ready` answers 200 and `server.live` is 1.
+    pub fn set_live(&self) {
+        self.state.store(State::Live as u8, Ordering::Release);
+        self.live.set(1);
+    }
+
+    fn set_draining(&self) {
+        self.state.store(State::Draining as u8, Ordering::Release);
     }
 
     pub fn request_stop(&self, stop: Stop) {
         self.stop.send_replace(stop);
-    }
-
-    pub fn is_static_cluster(&self, name: &str) -> bool {
-        self.bootstrap.clusters.iter().any(|c| c.name == name)
-    }
-
-    pub fn is_static_listener(&self, name: &str) -> bool {
-        self.bootstrap.listeners.iter().any(|l| l.name == name)
     }
 }
 
@@ -100,7 +98,7 @@ pub fn run(bootstrap: Bootstrap, concurrency: usize, drain_time: Duration) -> an
         let thread = std::thread::Builder::new()
             .name(format!("remora-worker-{index}"))
             .spawn(move || {
-                crate::pool::set_worker_index(index);
+                crate::upstream::pool::set_worker_index(index);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -129,8 +127,8 @@ pub fn run(bootstrap: Bootstrap, concurrency: usize, drain_time: Duration) -> an
     let main = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    crate::pool::set_worker_index(concurrency);
-    let result = main.block_on(serve(bootstrap, workers, drain_time));
+    crate::upstream::pool::set_worker_index(concurrency);
+    let result = main.block_on(serve(Arc::new(bootstrap), workers, drain_time));
     park_tx.send_replace(true);
     for thread in threads {
         let _ = thread.join();
@@ -139,59 +137,78 @@ pub fn run(bootstrap: Bootstrap, concurrency: usize, drain_time: Duration) -> an
 }
 
 async fn serve(
-    bootstrap: Bootstrap,
+    bootstrap: Arc<Bootstrap>,
     workers: Vec<tokio::runtime::Handle>,
     drain_time: Duration,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
-    let (stop, mut stopped) = watch::channel(Stop::Running);
-    let server = Arc::new(Server {
-        node: bootstrap.node.clone(),
-        clusters: ClusterManager::new(registry.clone(), workers.len()),
-        registry,
-        routes: ArcSwap::from_pointee(HashMap::new()),
-        listeners: ListenerManager::default(),
-        main: tokio::runtime::Handle::current(),
+    let store = Arc::new(Store::default());
+    let (lifecycle, mut stopped) = Lifecycle::new(&registry);
+    let concurrency = workers.len();
+    let limits = Arc::new(ConnectionLimits::new(
+        &bootstrap.runtime,
+        bootstrap
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.ignores_global_limit),
+    ));
+    let listeners = ListenerManager::new(ListenerContext {
         workers,
+        main: tokio::runtime::Handle::current(),
         drain_time,
-        xds: Default::default(),
-        started: Instant::now(),
-        state: AtomicU8::new(State::Initializing as u8),
-        stop,
-        downstream_connections: Default::default(),
-        bootstrap,
+        registry: registry.clone(),
+        store: store.clone(),
+        limits,
     });
-    server.registry.gauge("server.live");
-    // Static clusters, then static listeners.
-    let clusters: Vec<_> = server
-        .bootstrap
-        .clusters
-        .iter()
-        .map(|c| server.clusters.build(c.clone()))
-        .collect();
-    for cluster in &clusters {
+    // Static clusters, then admin, then static listeners.
+    for config in &bootstrap.clusters {
+        let cluster = Cluster::new(config.clone(), &registry, concurrency, None)
+            .with_context(|| format!("cluster {}", config.name))?;
         cluster.start_background();
+        store.update(|snapshot| snapshot.clusters.insert(config.name.clone(), cluster));
     }
-    server.clusters.insert_all(clusters);
-    if let Some(admin) = server.bootstrap.admin {
-        let listener = tokio::net::TcpListener::bind(admin)
+    let xds_status = Arc::new(crate::xds::Status::default());
+    if let Some(admin) = &bootstrap.admin {
+        let listener = tokio::net::TcpListener::bind(admin.address)
             .await
-            .with_context(|| format!("cannot bind admin address {admin}"))?;
+            .with_context(|| format!("cannot bind admin address {}", admin.address))?;
         tracing::info!(address = %listener.local_addr()?, "admin listening");
-        tokio::spawn(crate::admin::serve(server.clone(), listener));
+        let dropped = registry.counter("access_log.dropped_lines");
+        let logs = crate::http::access_log::activate(&admin.access_logs, &dropped, "admin")?;
+        tokio::spawn(crate::admin::serve(
+            Arc::new(crate::admin::Context {
+                lifecycle: lifecycle.clone(),
+                bootstrap: bootstrap.clone(),
+                registry: registry.clone(),
+                store: store.clone(),
+                listeners: listeners.clone(),
+                xds: xds_status.clone(),
+                concurrency,
+                drain_time,
+                logs,
+            }),
+            listener,
+        ));
     }
-    for listener in server.bootstrap.listeners.clone() {
-        let name = listener.name.clone();
-        server
-            .listeners
-            .add_or_update(&server, listener)
-            .with_context(|| format!("cannot bind listener {name}"))?;
+    for listener in &bootstrap.listeners {
+        listeners
+            .add_or_update(listener.clone())
+            .with_context(|| format!("cannot start listener {}", listener.name))?;
     }
-    if server.bootstrap.dynamic.is_some() {
-        crate::xds::start(server.clone());
-    } else {
-        server.set_state(State::Live);
-        server.registry.gauge("server.live").set(1);
+    match &bootstrap.dynamic {
+        Some(dynamic) => crate::xds::start(crate::xds::XdsContext {
+            config: dynamic.clone(),
+            node: bootstrap.node.proto.clone(),
+            static_clusters: bootstrap.clusters.iter().map(|c| c.name.clone()).collect(),
+            static_listeners: bootstrap.listeners.iter().map(|l| l.name.clone()).collect(),
+            registry: registry.clone(),
+            store: store.clone(),
+            listeners: listeners.clone(),
+            lifecycle: lifecycle.clone(),
+            status: xds_status,
+            concurrency,
+        }),
+        None => lifecycle.set_live(),
     }
 
     // SIGUSR1: reopen access log files (log rotation), as Envoy does.
@@ -211,21 +228,15 @@ async fn serve(
         _ = int.recv() => Stop::Quit,
         stop = wait_stop(&mut stopped) => stop,
     };
-    server.set_state(State::Draining);
+    lifecycle.set_draining();
     match reason {
         Stop::Drain => {
-            tracing::info!(drain_time = ?server.drain_time, "SIGTERM: draining listeners");
-            server
-                .listeners
-                .drain_all(server.drain_time, true, false)
-                .await;
+            tracing::info!(drain_time = ?drain_time, "SIGTERM: draining listeners");
+            listeners.drain_all(drain_time, true, false).await;
         }
         _ => {
             tracing::info!("shutting down");
-            server
-                .listeners
-                .drain_all(Duration::ZERO, false, false)
-                .await;
+            listeners.drain_all(Duration::ZERO, false, false).await;
         }
     }
     Ok(())

@@ -52,8 +52,17 @@ async fn handle(
     Ok(response)
 }
 
-/// What the echo upstream saw, as returned in its JSON body.
+/// What the echo upstream saw, as returned in its JSON body. `headers` maps each name to its
+/// last value (handy for single-valued checks); `header_list` keeps every value of every
+/// header, in the order they arrived, so appending and overwriting can be told apart.
 pub fn describe(name: &str, request: &Request<()>, body: &[u8]) -> serde_json::Value {
+    let header_list: Vec<serde_json::Value> = request
+        .headers()
+        .iter()
+        .map(|(key, value)| {
+            serde_json::json!([key.as_str(), String::from_utf8_lossy(value.as_bytes())])
+        })
+        .collect();
     let headers: serde_json::Map<String, serde_json::Value> = request
         .headers()
         .iter()
@@ -84,6 +93,7 @@ pub fn describe(name: &str, request: &Request<()>, body: &[u8]) -> serde_json::V
         "authority": request.uri().authority().map(|a| a.to_string()),
         "version": format!("{:?}", request.version()),
         "headers": headers,
+        "header_list": header_list,
         "body_len": body.len(),
     })
 }

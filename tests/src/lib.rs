@@ -35,10 +35,21 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind an ephemeral loopback port")
+    // Not from the kernel's ephemeral range (32768 and up by default): a port from there can be
+    // handed to some process's outgoing connection between this probe and the bind that
+    // follows. Below it, only another test could take it; tests are spread out by process id.
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (LOW + (start + step * 7) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// Calls `probe` until it returns `Some`, or panics with `what` once `timeout` has passed.
@@ -164,7 +175,8 @@ pub fn http_request(
     Ok((status, head.to_string(), body))
 }
 
-fn decode_chunked(mut rest: &str) -> String {
+/// The body of a chunked message (trailers dropped); stops at the last chunk or at bad framing.
+pub fn decode_chunked(mut rest: &str) -> String {
     let mut body = String::new();
     while let Some((size_line, after)) = rest.split_once("\r\n") {
         let size = usize::from_str_radix(size_line.trim(), 16).unwrap_or(0);

@@ -383,6 +383,8 @@ fn remora_sidecars_carry_service_traffic_and_follow_changes() {
             .cloned()
             .unwrap_or_default();
         (policy["status"]["conditions"][0]["status"] == "True"
+            && policy["status"]["conditions"][1]["type"] == "RemoraProxyCompatible"
+            && policy["status"]["conditions"][1]["status"] == "True"
             && acked.iter().any(|node| node == "a-1.shop")
             && policy["status"]["proxies"]["nacked"] == 0)
             .then_some(())
@@ -496,7 +498,7 @@ fn envoy_sidecars_take_the_same_config_and_honour_retries_and_ring_hash() {
     }
     eprintln!("users per pod under RING_HASH: {users_per_pod:?}");
     // The policy's status: Envoy (A) ACKed it; B's Remora sidecars, which also receive service
-    // b, NACKed it naming the field they do not support yet.
+    // b, NACKed it with their error (RING_HASH and retries are not supported there yet).
     wait_for("the policy status", Duration::from_secs(30), || {
         let (_, policy) = cp.call("GET", "/v1/mesh/trafficpolicies/shop/b", &Value::Null);
         let status = &policy["status"];
@@ -509,11 +511,13 @@ fn envoy_sidecars_take_the_same_config_and_honour_retries_and_ring_hash() {
             .cloned()
             .unwrap_or_default();
         (acked.iter().any(|node| node == "a-1.shop")
+            && status["conditions"][1]["status"] == "False"
             && nacked.len() == 2
             && nacked.iter().all(|nack| {
+                // The proxy's error names the resource it rejected.
                 nack["message"]
                     .as_str()
-                    .is_some_and(|m| m.contains("not supported"))
+                    .is_some_and(|m| m.contains("b.shop.svc.cluster.local:80"))
             }))
         .then_some(())
     });

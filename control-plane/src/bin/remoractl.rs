@@ -40,6 +40,10 @@ enum Command {
         file: String,
         #[arg(long)]
         group: Option<String>,
+        /// Validate only, store nothing: what would be refused, held back, or refused by
+        /// Remora proxies (exit status 1 if anything would be refused).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show resources of a kind (listeners, routes, clusters, endpoints, secrets), or one.
     Get {
@@ -80,7 +84,11 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<(), Failure> {
     match &args.command {
-        Command::Apply { file, group } => {
+        Command::Apply {
+            file,
+            group,
+            dry_run,
+        } => {
             let mut body = String::new();
             let read = if file == "-" {
                 std::io::stdin().read_to_string(&mut body)
@@ -93,13 +101,12 @@ fn run(args: &Args) -> Result<(), Failure> {
             } else {
                 "application/yaml"
             };
-            let answer = request(
-                args,
-                "POST",
-                &with_group("/v1/apply", group),
-                content_type,
-                &body,
-            )?;
+            let mut path = with_group("/v1/apply", group);
+            if *dry_run {
+                path.push_str(if group.is_some() { "&" } else { "?" });
+                path.push_str("dry_run=true");
+            }
+            let answer = request(args, "POST", &path, content_type, &body)?;
             report_write(&answer);
         }
         Command::Get {
@@ -164,11 +171,35 @@ fn with_group(path: &str, group: &Option<String>) -> String {
 }
 
 fn report_write(answer: &Value) {
-    let applied: Vec<&str> = answer["applied"]
-        .as_array()
-        .map(|items| items.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    println!("version {}: {}", answer["version"], applied.join(", "));
+    let names = |field: &str| -> Vec<&str> {
+        answer[field]
+            .as_array()
+            .map(|items| items.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    };
+    if answer["dry_run"] == true {
+        println!(
+            "dry run (nothing stored; current version {}): would apply {}",
+            answer["version"],
+            names("would_apply").join(", ")
+        );
+    } else {
+        println!(
+            "version {}: {}",
+            answer["version"],
+            names("applied").join(", ")
+        );
+    }
+    for rejected in answer["remora_rejects"].as_array().into_iter().flatten() {
+        let field = rejected["field"].as_str().unwrap_or("");
+        println!(
+            "warning: Remora proxies would reject {}{}{}: {} (Envoy proxies may accept it)",
+            rejected["resource"].as_str().unwrap_or("?"),
+            if field.is_empty() { "" } else { " at " },
+            field,
+            rejected["reason"].as_str().unwrap_or("")
+        );
+    }
     for waiting in answer["waiting"].as_array().into_iter().flatten() {
         println!(
             "waiting: {}: {}",

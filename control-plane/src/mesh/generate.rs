@@ -164,6 +164,9 @@ pub struct PolicyState {
     pub applied_version: u64,
     /// The resource types that version changed for it.
     pub kinds: BTreeSet<Kind>,
+    /// What a Remora proxy would reject in the service's generated resources (its own config
+    /// conversion's verdict), so the status says so before any NACK.
+    pub remora_rejects: Vec<String>,
 }
 
 /// What [`Generator::rebuild`] changed.
@@ -670,6 +673,7 @@ impl Generator {
                 })
                 .collect(),
         };
+        let remora_rejects = self.remora_rejects(service);
         for (key, problem) in verdicts {
             let generation = self
                 .inputs
@@ -693,6 +697,7 @@ impl Generator {
             state.service = service.clone();
             state.generation = generation;
             state.warnings = warnings;
+            state.remora_rejects.clone_from(&remora_rejects);
             if fresh || !kinds.is_empty() {
                 state.applied_version = version;
                 state.kinds = if rejected.is_some() {
@@ -703,6 +708,38 @@ impl Generator {
             }
             state.rejected = rejected;
         }
+    }
+
+    /// The Remora proxy's verdict on a service's generated clusters and routes.
+    fn remora_rejects(&self, service: &ObjectKey) -> Vec<String> {
+        let Some(output) = self.services.get(service) else {
+            return Vec::new();
+        };
+        let mut rejects = Vec::new();
+        for port in &output.ports {
+            let resources = std::iter::once((Kind::Cluster, &port.cluster)).chain(
+                port.routes
+                    .iter()
+                    .flat_map(|(local, remote)| [(Kind::Route, local), (Kind::Route, remote)]),
+            );
+            for (kind, resource) in resources {
+                if let Err(error) =
+                    remora_config::resource::check(kind.type_url(), &resource.body.value)
+                {
+                    let reject = format!(
+                        "{} {}: {}: {}",
+                        kind.xds_name(),
+                        resource.name,
+                        error.path,
+                        error.reason
+                    );
+                    if !rejects.contains(&reject) {
+                        rejects.push(reject);
+                    }
+                }
+            }
+        }
+        rejects
     }
 
     fn missing_split_targets(&self, policy: &ObjectKey) -> Vec<String> {

@@ -418,6 +418,22 @@ impl MeshHub {
                 continue;
             }
             status.conditions.push(condition);
+            status.conditions.push(PolicyCondition {
+                kind: "RemoraProxyCompatible".into(),
+                status: if policy.remora_rejects.is_empty() {
+                    "True"
+                } else {
+                    "False"
+                }
+                .into(),
+                reason: if policy.remora_rejects.is_empty() {
+                    "Supported"
+                } else {
+                    "Unsupported"
+                }
+                .into(),
+                message: policy.remora_rejects.join("; "),
+            });
             status.config_version = Some(policy.applied_version.to_string());
             let mut counts = ProxyCounts::default();
             for (node, proxy) in &streams {

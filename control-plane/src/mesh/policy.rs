@@ -399,7 +399,8 @@ pub struct TrafficPolicyStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Accepted`: the policy is valid and in effect (or why not).
+    /// `Accepted`: the policy is valid and in effect (or why not); `RemoraProxyCompatible`:
+    /// whether Remora proxies take the config it generates (Envoy sidecars may take more).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<PolicyCondition>,
     /// The xDS config version that first carries this policy.

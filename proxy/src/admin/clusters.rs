@@ -7,15 +7,15 @@ use std::net::SocketAddr;
 
 use serde_json::{Map, Value, json};
 
-use crate::cluster::ClusterRuntime;
+use super::Context;
 use crate::config::{HealthStatus, Thresholds};
-use crate::lb::Host;
-use crate::server::Server;
 use crate::stats::Kind;
+use crate::upstream::{Cluster, Host, HostState};
 
 /// The clusters sorted by name, each with whether it came over xDS.
-fn sorted_clusters(server: &Server) -> Vec<(std::sync::Arc<ClusterRuntime>, bool)> {
-    let clusters = server.clusters.all();
+fn sorted_clusters(server: &Context) -> Vec<(std::sync::Arc<Cluster>, bool)> {
+    let snapshot = server.store.load();
+    let clusters = &snapshot.clusters;
     let mut sorted: Vec<_> = clusters
         .iter()
         .map(|(name, cluster)| (cluster.clone(), !server.is_static_cluster(name)))
@@ -24,14 +24,27 @@ fn sorted_clusters(server: &Server) -> Vec<(std::sync::Arc<ClusterRuntime>, bool
     sorted
 }
 
-/// Envoy's `health_flags`: `healthy`, or one `/flag` per reason the host is not.
-fn health_flags(health: HealthStatus) -> &'static str {
-    match health {
-        HealthStatus::Unknown | HealthStatus::Healthy => "healthy",
+/// Envoy's `health_flags`: `healthy`, or one `/flag` per reason the host is not, in Envoy's
+/// order.
+fn health_flags(host: &Host) -> String {
+    let mut flags = String::new();
+    let runtime = host.state.flags();
+    if runtime & HostState::FAILED_ACTIVE_HC != 0 {
+        flags.push_str("/failed_active_hc");
+    }
+    if runtime & HostState::FAILED_OUTLIER_CHECK != 0 {
+        flags.push_str("/failed_outlier_check");
+    }
+    flags.push_str(match host.eds_health {
+        HealthStatus::Unknown | HealthStatus::Healthy => "",
         HealthStatus::Unhealthy | HealthStatus::Timeout => "/failed_eds_health",
         HealthStatus::Draining => "/eds_status_draining",
         HealthStatus::Degraded => "/degraded_eds_health",
+    });
+    if flags.is_empty() {
+        flags.push_str("healthy");
     }
+    flags
 }
 
 /// Envoy reports an endpoint without an EDS health status as HEALTHY, and TIMEOUT as the
@@ -44,7 +57,7 @@ fn eds_health_status(health: HealthStatus) -> &'static str {
     }
 }
 
-pub fn clusters_text(server: &Server) -> String {
+pub fn clusters_text(server: &Context) -> String {
     let mut out = String::new();
     for (cluster, added_via_api) in sorted_clusters(server) {
         let name = &cluster.config.name;
@@ -67,18 +80,18 @@ pub fn clusters_text(server: &Server) -> String {
             let _ = writeln!(out, "{name}::{priority}::max_retries::{}", t.max_retries);
         }
         let _ = writeln!(out, "{name}::added_via_api::{added_via_api}");
-        for host in cluster.endpoints.load().all_hosts() {
+        for host in &cluster.members.set().hosts {
             let prefix = format!("{name}::{}", host.addr);
-            for (stat, _, value) in host.stats.list() {
+            for (stat, _, value) in host.stats().list() {
                 let _ = writeln!(out, "{prefix}::{stat}::{value}");
             }
             let _ = writeln!(out, "{prefix}::hostname::{}", host.hostname);
-            let _ = writeln!(out, "{prefix}::health_flags::{}", health_flags(host.health));
+            let _ = writeln!(out, "{prefix}::health_flags::{}", health_flags(host));
             let _ = writeln!(out, "{prefix}::weight::{}", host.weight);
-            // No localities yet: Envoy prints them empty for endpoints without one.
-            for field in ["region", "zone", "sub_zone"] {
-                let _ = writeln!(out, "{prefix}::{field}::");
-            }
+            let locality = &host.locality;
+            let _ = writeln!(out, "{prefix}::region::{}", locality.region);
+            let _ = writeln!(out, "{prefix}::zone::{}", locality.zone);
+            let _ = writeln!(out, "{prefix}::sub_zone::{}", locality.sub_zone);
             let _ = writeln!(out, "{prefix}::canary::false");
             let _ = writeln!(out, "{prefix}::priority::{}", host.priority);
             // No outlier detection yet: Envoy's "not computed" value.
@@ -89,15 +102,16 @@ pub fn clusters_text(server: &Server) -> String {
     out
 }
 
-pub fn clusters_json(server: &Server) -> Value {
+pub fn clusters_json(server: &Context) -> Value {
     let statuses: Vec<Value> = sorted_clusters(server)
         .into_iter()
         .map(|(cluster, added_via_api)| {
             let name = &cluster.config.name;
             let hosts: Vec<Value> = cluster
-                .endpoints
-                .load()
-                .all_hosts()
+                .members
+                .set()
+                .hosts
+                .iter()
                 .map(|host| host_json(host))
                 .collect();
             let mut status = json!({
@@ -135,7 +149,7 @@ fn thresholds_json(t: &Thresholds, priority: Option<&str>) -> Value {
 /// One `HostStatus`: its stats are counters first, then gauges (typed), a zero value left
 /// out as proto3 JSON does.
 fn host_json(host: &Host) -> Value {
-    let listed = host.stats.list();
+    let listed = host.stats().list();
     let stats: Vec<Value> = [Kind::Counter, Kind::Gauge]
         .iter()
         .flat_map(|wanted| listed.iter().filter(move |(_, kind, _)| kind == wanted))
@@ -155,9 +169,9 @@ fn host_json(host: &Host) -> Value {
     let mut status = json!({
         "address": socket_address_json(host.addr),
         "stats": stats,
-        "health_status": {"eds_health_status": eds_health_status(host.health)},
+        "health_status": health_status_json(host),
         "weight": host.weight,
-        "locality": {},
+        "locality": locality_json(&host.locality),
     });
     if !host.hostname.is_empty() {
         status["hostname"] = Value::from(host.hostname.as_str());
@@ -168,11 +182,39 @@ fn host_json(host: &Host) -> Value {
     status
 }
 
+/// `HostHealthStatus` as proto3 JSON: the EDS status, and the runtime failures when set.
+fn health_status_json(host: &Host) -> Value {
+    let mut status = json!({"eds_health_status": eds_health_status(host.eds_health)});
+    let runtime = host.state.flags();
+    if runtime & HostState::FAILED_ACTIVE_HC != 0 {
+        status["failed_active_health_check"] = Value::Bool(true);
+    }
+    if runtime & HostState::FAILED_OUTLIER_CHECK != 0 {
+        status["failed_outlier_check"] = Value::Bool(true);
+    }
+    status
+}
+
+/// A `Locality` as proto3 JSON (empty fields left out).
+fn locality_json(locality: &crate::config::Locality) -> Value {
+    let mut value = Map::new();
+    for (key, field) in [
+        ("region", &locality.region),
+        ("zone", &locality.zone),
+        ("sub_zone", &locality.sub_zone),
+    ] {
+        if !field.is_empty() {
+            value.insert(key.into(), Value::from(field.as_str()));
+        }
+    }
+    Value::Object(value)
+}
+
 fn socket_address_json(addr: SocketAddr) -> Value {
     json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}})
 }
 
-pub fn listeners_text(server: &Server) -> String {
+pub fn listeners_text(server: &Context) -> String {
     server
         .listeners
         .list()
@@ -181,7 +223,7 @@ pub fn listeners_text(server: &Server) -> String {
         .collect()
 }
 
-pub fn listeners_json(server: &Server) -> Value {
+pub fn listeners_json(server: &Context) -> Value {
     let statuses: Vec<Value> = server
         .listeners
         .list()

@@ -15,33 +15,91 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
-use crate::server::{Server, State, Stop};
+use crate::config::Bootstrap;
+use crate::http::access_log::ActiveLog;
+use crate::listener::ListenerManager;
+use crate::server::{Lifecycle, State, Stop};
+use crate::stats::Registry;
 use crate::stats::{Kind, StatValue};
+use crate::store::Store;
+
+/// What the admin endpoint reads and acts on.
+#[derive(Debug)]
+pub struct Context {
+    pub lifecycle: Arc<Lifecycle>,
+    pub bootstrap: Arc<Bootstrap>,
+    pub registry: Arc<Registry>,
+    pub store: Arc<Store>,
+    pub listeners: Arc<ListenerManager>,
+    pub xds: Arc<crate::xds::Status>,
+    pub concurrency: usize,
+    pub drain_time: std::time::Duration,
+    /// The admin's own access logs (`access_log_path`, `access_log`).
+    pub logs: Arc<[ActiveLog]>,
+}
+
+impl Context {
+    pub fn is_static_cluster(&self, name: &str) -> bool {
+        self.bootstrap.clusters.iter().any(|c| c.name == name)
+    }
+
+    pub fn is_static_listener(&self, name: &str) -> bool {
+        self.bootstrap.listeners.iter().any(|l| l.name == name)
+    }
+}
 
 /// Serves the admin API until the process exits.
-pub async fn serve(server: Arc<Server>, listener: tokio::net::TcpListener) {
+pub async fn serve(server: Arc<Context>, listener: tokio::net::TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
-        let admitted = if server.bootstrap.admin_ignores_global_limit {
+        let limits = server.listeners.limits().clone();
+        let admitted = if limits.admin_ignores_global() {
             None
         } else {
-            match crate::listener::Admitted::try_new(&server, None) {
+            match crate::listener::Admitted::try_new(&limits, None) {
                 Some(admitted) => Some(admitted),
                 None => continue, // over global_downstream_max_connections: closed
             }
         };
+        let local = stream.local_addr().unwrap_or(peer);
         let server = server.clone();
         tokio::spawn(async move {
             let _admitted = admitted;
-            let service =
-                hyper::service::service_fn(move |request| handle(server.clone(), request));
+            let service = hyper::service::service_fn(move |request| {
+                logged(server.clone(), request, peer, local)
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
+}
+
+/// Answers an admin request and writes its access log line (`access_log_path`,
+/// `access_log`), as Envoy logs admin requests.
+async fn logged(
+    server: Arc<Context>,
+    request: Request<Incoming>,
+    peer: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if server.logs.is_empty() {
+        return handle(server, request).await;
+    }
+    let mut entry = crate::http::access_log::Entry::new(&request, peer, local);
+    let response = handle(server.clone(), request).await?;
+    entry.status = response.status().as_u16();
+    entry.response = response.headers().clone();
+    entry.bytes_sent = http_body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or(0);
+    drop(crate::http::access_log::PendingLine {
+        entry,
+        logs: server.logs.clone(),
+    });
+    Ok(response)
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -104,24 +162,24 @@ fn percent_decode(text: &str) -> String {
 }
 
 async fn handle(
-    server: Arc<Server>,
+    server: Arc<Context>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path();
     let query = request.uri().query().unwrap_or("");
     let post = request.method() == Method::POST;
     let response = match path {
-        "/ready" => match server.state() {
+        "/ready" => match server.lifecycle.state() {
             State::Live => text(StatusCode::OK, "LIVE\n"),
             State::Initializing => text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n"),
             State::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n"),
         },
         "/server_info" => json_response(&json!({
             "version": format!("remora/{}", env!("CARGO_PKG_VERSION")),
-            "state": match server.state() { State::Live => "LIVE", State::Initializing => "INITIALIZING", State::Draining => "DRAINING" },
-            "uptime_current_epoch": format!("{}s", server.started.elapsed().as_secs()),
-            "node": {"id": server.node.id, "cluster": server.node.cluster},
-            "command_line_options": {"concurrency": server.workers.len(), "drain_time": format!("{}s", server.drain_time.as_secs())},
+            "state": match server.lifecycle.state() { State::Live => "LIVE", State::Initializing => "INITIALIZING", State::Draining => "DRAINING" },
+            "uptime_current_epoch": format!("{}s", server.lifecycle.started.elapsed().as_secs()),
+            "node": {"id": server.bootstrap.node.id, "cluster": server.bootstrap.node.cluster},
+            "command_line_options": {"concurrency": server.concurrency, "drain_time": format!("{}s", server.drain_time.as_secs())},
         })),
         "/stats" | "/stats/prometheus" => match StatsQuery::parse(query) {
             Ok(stats) if path == "/stats/prometheus" || stats.format == Some("prometheus") => text(
@@ -174,7 +232,7 @@ async fn handle(
             text(StatusCode::OK, "OK\n")
         }
         "/quitquitquit" if post => {
-            server.request_stop(Stop::Quit);
+            server.lifecycle.request_stop(Stop::Quit);
             text(StatusCode::OK, "OK\n")
         }
         "/drain_listeners" | "/quitquitquit" | "/logging" => text(
@@ -244,11 +302,12 @@ impl<'a> StatsQuery<'a> {
 type Section<'a> = (&'a str, Vec<(&'a str, Vec<Value>)>);
 
 /// Envoy-shaped config dump.
-pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) -> Value {
+pub fn config_dump(server: &Context, resource: Option<&str>, mask: Option<&str>) -> Value {
     let xds = server.xds.snapshot();
     let mut static_clusters = Vec::new();
     let mut dynamic_active_clusters = Vec::new();
-    let clusters = server.clusters.all();
+    let snapshot = server.store.load();
+    let clusters = &snapshot.clusters;
     let mut names: Vec<&String> = clusters.keys().collect();
     names.sort();
     for name in names {
@@ -306,16 +365,15 @@ pub fn config_dump(server: &Server, resource: Option<&str>, mask: Option<&str>) 
         clusters.contains_key(name)
     }));
     let mut dynamic_route_configs = Vec::new();
-    for (name, table) in server.routes.load().iter() {
+    for (name, table) in snapshot.routes.iter() {
         let mut entry = json!({"version_info": xds.version(xds_api::type_urls::ROUTE_CONFIGURATION), "route_config": table.raw.to_json()});
         if let Some(error) = xds.error(xds_api::type_urls::ROUTE_CONFIGURATION, name) {
             entry["error_state"] = error;
         }
         dynamic_route_configs.push(entry);
     }
-    let routes_now = server.routes.load_full();
     dynamic_route_configs.extend(rejected(xds_api::type_urls::ROUTE_CONFIGURATION, &|name| {
-        routes_now.contains_key(name)
+        snapshot.routes.contains_key(name)
     }));
     let mut dynamic_endpoint_configs = Vec::new();
     for (name, raw) in &xds.endpoints {

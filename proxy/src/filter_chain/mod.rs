@@ -149,7 +149,8 @@ mod tests {
     fn listener(yaml: &str) -> Listener {
         let proto: xds_api::envoy::config::listener::v3::Listener =
             xds_api::json::from_yaml_str(yaml).expect("listener yaml");
-        crate::config::convert::listener(&proto, "").expect("valid listener")
+        remora_config::listener::listener(&proto, "", crate::config::Files::Read)
+            .expect("valid listener")
     }
 
     const TCP: &str = r#"filters: [{name: t, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c}}]"#;

@@ -4,7 +4,8 @@
 //! typed values as Envoy renders them). One line per request, written when its response has
 //! ended (so `%DURATION%` and `%BYTES_SENT%` cover the body).
 //!
-//! Workers never block on the log: lines go through a bounded queue to one writer thread per
+//! Formats come parsed from the config (`remora_config::access_log`); this module renders and
+//! writes them. Workers never block on the log: lines go through a bounded queue to one writer thread per
 //! destination; when the queue is full (a stuck stdout), lines are dropped and counted in
 //! `access_log.dropped`, rather than stalling requests.
 //!
@@ -15,203 +16,16 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Instant, SystemTime};
 
 use http::{HeaderMap, HeaderName, Version};
+use remora_config::access_log::{AccessLogConfig, JsonField, JsonObject, LogFormat, Target, Token};
 
+use crate::config::{ConfigError, ConfigResult};
 use crate::stats::Stat;
-
-/// Envoy's default access log format.
-pub const DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
-
-/// Where lines go.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
-    Stdout,
-    Stderr,
-    File(PathBuf),
-}
-
-/// One configured access log: a destination and a parsed format.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AccessLogConfig {
-    pub target: Target,
-    pub format: LogFormat,
-}
-
-/// A parsed `log_format`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum LogFormat {
-    /// Text; `omit_empty` writes nothing, instead of `-`, for a value that is not there.
-    Text {
-        tokens: Vec<Token>,
-        omit_empty: bool,
-    },
-    /// `json_format`; `omit_empty` leaves out null values and objects left empty.
-    Json {
-        fields: JsonObject,
-        omit_empty: bool,
-    },
-}
-
-/// A `json_format` object: keys in order (sorted, as Envoy writes them) and their formats.
-pub type JsonObject = Vec<(String, JsonField)>;
-
-/// One value of a `json_format` object.
-#[derive(Debug, Clone, PartialEq)]
-pub enum JsonField {
-    /// A format string. Made of one operator alone, it renders as that operator's own type
-    /// (a number for `%RESPONSE_CODE%`, null when a header is absent); otherwise as a string.
-    Format(Vec<Token>),
-    /// A number, boolean or null written as is.
-    Literal(serde_json::Value),
-    Object(JsonObject),
-    List(Vec<JsonField>),
-}
-
-/// Reads a `json_format` struct: strings are formats, structs and lists nest, other values
-/// are literals.
-pub fn parse_json_format(
-    fields: &std::collections::BTreeMap<String, prost_types::Value>,
-) -> Result<JsonObject, String> {
-    fields
-        .iter()
-        .map(|(key, value)| {
-            let field = parse_json_value(value).map_err(|error| format!("{key}{error}"))?;
-            Ok((key.clone(), field))
-        })
-        .collect()
-}
-
-/// One value; an error starts with where it is below this value (`.key`, `[i]`, or `: `).
-fn parse_json_value(value: &prost_types::Value) -> Result<JsonField, String> {
-    use prost_types::value::Kind;
-    Ok(match &value.kind {
-        Some(Kind::StringValue(format)) => {
-            JsonField::Format(parse_format(format).map_err(|error| format!(": {error}"))?)
-        }
-        Some(Kind::StructValue(nested)) => JsonField::Object(
-            parse_json_format(&nested.fields).map_err(|error| format!(".{error}"))?,
-        ),
-        Some(Kind::ListValue(list)) => JsonField::List(
-            list.values
-                .iter()
-                .enumerate()
-                .map(|(index, item)| {
-                    parse_json_value(item).map_err(|error| format!("[{index}]{error}"))
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        Some(Kind::NumberValue(number)) => JsonField::Literal(
-            // Whole numbers print without a fraction, as Envoy prints them.
-            if number.fract() == 0.0 && number.abs() < 9.0e15 {
-                serde_json::Value::from(*number as i64)
-            } else {
-                serde_json::Number::from_f64(*number)
-                    .map_or(serde_json::Value::Null, serde_json::Value::Number)
-            },
-        ),
-        Some(Kind::BoolValue(flag)) => JsonField::Literal(serde_json::Value::Bool(*flag)),
-        Some(Kind::NullValue(_)) | None => JsonField::Literal(serde_json::Value::Null),
-    })
-}
-
-/// A piece of a format: literal text or a command operator.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Token {
-    Text(String),
-    StartTime,
-    /// `%REQ(NAME?ALT):MAX%`; `:method`, `:path`, `:authority`, `:scheme` are pseudo-headers.
-    Request {
-        name: String,
-        alt: Option<String>,
-        max: Option<usize>,
-    },
-    Response {
-        name: String,
-        max: Option<usize>,
-    },
-    Protocol,
-    ResponseCode,
-    ResponseFlags,
-    BytesReceived,
-    BytesSent,
-    Duration,
-    UpstreamHost,
-    UpstreamCluster,
-    DownstreamRemoteAddress,
-    DownstreamLocalAddress,
-}
-
-/// Parses an Envoy format string; an unknown operator is an error naming it.
-pub fn parse_format(format: &str) -> Result<Vec<Token>, String> {
-    let mut tokens = Vec::new();
-    let mut rest = format;
-    while let Some(start) = rest.find('%') {
-        if start > 0 {
-            tokens.push(Token::Text(rest[..start].to_string()));
-        }
-        let after = &rest[start + 1..];
-        let Some(end) = after.find('%') else {
-            return Err(format!("unterminated command operator in {format:?}"));
-        };
-        let operator = &after[..end];
-        tokens.push(match operator {
-            // `%%` is a literal percent sign.
-            "" => Token::Text("%".into()),
-            _ => parse_operator(operator)?,
-        });
-        rest = &after[end + 1..];
-    }
-    if !rest.is_empty() {
-        tokens.push(Token::Text(rest.to_string()));
-    }
-    Ok(tokens)
-}
-
-fn parse_operator(operator: &str) -> Result<Token, String> {
-    let simple = match operator {
-        "START_TIME" => Some(Token::StartTime),
-        "PROTOCOL" => Some(Token::Protocol),
-        "RESPONSE_CODE" => Some(Token::ResponseCode),
-        "RESPONSE_FLAGS" => Some(Token::ResponseFlags),
-        "BYTES_RECEIVED" => Some(Token::BytesReceived),
-        "BYTES_SENT" => Some(Token::BytesSent),
-        "DURATION" => Some(Token::Duration),
-        "UPSTREAM_HOST" => Some(Token::UpstreamHost),
-        "UPSTREAM_CLUSTER" => Some(Token::UpstreamCluster),
-        "DOWNSTREAM_REMOTE_ADDRESS" => Some(Token::DownstreamRemoteAddress),
-        "DOWNSTREAM_LOCAL_ADDRESS" => Some(Token::DownstreamLocalAddress),
-        _ => None,
-    };
-    if let Some(token) = simple {
-        return Ok(token);
-    }
-    let header_operator = |prefix: &str| -> Option<(String, Option<String>, Option<usize>)> {
-        let inner = operator.strip_prefix(prefix)?;
-        let (args, max) = match inner.split_once(')') {
-            Some((args, "")) => (args, None),
-            Some((args, tail)) => (args, Some(tail.strip_prefix(':')?.parse().ok()?)),
-            None => return None,
-        };
-        let (name, alt) = match args.split_once('?') {
-            Some((name, alt)) => (name, Some(alt.to_ascii_lowercase())),
-            None => (args, None),
-        };
-        Some((name.to_ascii_lowercase(), alt, max))
-    };
-    if let Some((name, alt, max)) = header_operator("REQ(") {
-        return Ok(Token::Request { name, alt, max });
-    }
-    if let Some((name, None, max)) = header_operator("RESP(") {
-        return Ok(Token::Response { name, max });
-    }
-    Err(format!("command operator %{operator}% is not supported"))
-}
 
 /// What one request leaves for its access log line.
 #[derive(Debug)]
@@ -232,6 +46,39 @@ pub struct Entry {
     pub upstream_cluster: Option<String>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+}
+
+impl Entry {
+    /// The record of a request as it arrived.
+    pub fn new<B>(request: &http::Request<B>, peer: SocketAddr, local: SocketAddr) -> Self {
+        Entry {
+            started: Instant::now(),
+            start_time: SystemTime::now(),
+            version: request.version(),
+            request: request.headers().clone(),
+            method: request.method().to_string(),
+            path: request
+                .uri()
+                .path_and_query()
+                .map(|pq| pq.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
+            authority: request
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|a| a.to_str().ok().map(str::to_string))
+                .or_else(|| request.uri().authority().map(|a| a.to_string()))
+                .unwrap_or_default(),
+            status: 0,
+            flag: None,
+            response: HeaderMap::new(),
+            bytes_received: Arc::default(),
+            bytes_sent: 0,
+            upstream_host: None,
+            upstream_cluster: None,
+            peer,
+            local,
+        }
+    }
 }
 
 /// A request's pending log line: written when dropped, i.e. when the response has ended.
@@ -256,15 +103,34 @@ pub struct ActiveLog {
     sink: Arc<Sink>,
 }
 
-/// Binds configured logs to writers (one writer thread per destination, shared).
-pub fn activate(configs: &[AccessLogConfig], dropped: &Arc<Stat>) -> Arc<[ActiveLog]> {
-    configs
+/// Binds configured logs to writers (one writer thread per destination, shared). A file that
+/// cannot be opened for appending is an error naming the log (`path` is its owner's).
+pub fn activate(
+    configs: &[AccessLogConfig],
+    dropped: &Arc<Stat>,
+    path: &str,
+) -> ConfigResult<Arc<[ActiveLog]>> {
+    for (index, config) in configs.iter().enumerate() {
+        if let Target::File(file) = &config.target {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .map_err(|e| {
+                    ConfigError::new(
+                        format!("{path}.access_log[{index}].typed_config.path"),
+                        format!("cannot open {}: {e}", file.display()),
+                    )
+                })?;
+        }
+    }
+    Ok(configs
         .iter()
         .map(|config| ActiveLog {
             format: config.format.clone(),
             sink: Sink::for_target(&config.target, dropped),
         })
-        .collect()
+        .collect())
 }
 
 /// A destination's queue; its writer thread ends when the last holder drops it.
@@ -556,82 +422,6 @@ fn push_time(line: &mut String, time: SystemTime) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_format_parses_and_unknown_operators_are_named() {
-        let tokens = parse_format(DEFAULT_FORMAT).expect("default format");
-        assert!(tokens.contains(&Token::Request {
-            name: "x-envoy-original-path".into(),
-            alt: Some(":path".into()),
-            max: None
-        }));
-        assert_eq!(
-            parse_format("%REQ(USER-AGENT):10% 100%%").unwrap(),
-            vec![
-                Token::Request {
-                    name: "user-agent".into(),
-                    alt: None,
-                    max: Some(10)
-                },
-                Token::Text(" 100".into()),
-                Token::Text("%".into()),
-            ]
-        );
-        let error = parse_format("%FILTER_STATE(x)%").unwrap_err();
-        assert!(error.contains("%FILTER_STATE(x)%"), "{error}");
-        assert!(parse_format("%START_TIME").is_err());
-    }
-
-    #[test]
-    fn json_format_keeps_literals_and_nesting_and_names_a_bad_operator_by_its_place() {
-        use prost_types::value::Kind;
-        let value = |kind| prost_types::Value { kind: Some(kind) };
-        let mut nested = std::collections::BTreeMap::new();
-        nested.insert(
-            "code".to_string(),
-            value(Kind::StringValue("%RESPONSE_CODE%".into())),
-        );
-        let mut fields = std::collections::BTreeMap::new();
-        fields.insert("whole".to_string(), value(Kind::NumberValue(7.0)));
-        fields.insert("half".to_string(), value(Kind::NumberValue(0.5)));
-        fields.insert(
-            "inner".to_string(),
-            value(Kind::StructValue(prost_types::Struct { fields: nested })),
-        );
-        let object = parse_json_format(&fields).expect("valid");
-        assert_eq!(
-            object,
-            vec![
-                (
-                    "half".to_string(),
-                    JsonField::Literal(serde_json::json!(0.5))
-                ),
-                (
-                    "inner".to_string(),
-                    JsonField::Object(vec![(
-                        "code".to_string(),
-                        JsonField::Format(vec![Token::ResponseCode])
-                    )])
-                ),
-                (
-                    "whole".to_string(),
-                    JsonField::Literal(serde_json::json!(7))
-                ),
-            ]
-        );
-        let list = |values| value(Kind::ListValue(prost_types::ListValue { values }));
-        let mut bad = std::collections::BTreeMap::new();
-        bad.insert(
-            "x".to_string(),
-            list(vec![
-                value(Kind::BoolValue(true)),
-                value(Kind::StringValue("%NOPE%".into())),
-            ]),
-        );
-        let error = parse_json_format(&bad).unwrap_err();
-        assert!(error.starts_with("x[1]: "), "{error}");
-        assert!(error.contains("%NOPE%"), "{error}");
-    }
 
     #[test]
     fn start_time_is_rendered_as_envoy_does() {

@@ -15,13 +15,17 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::ResponseFlag;
 use crate::http::access_log::PendingLine;
-use crate::lb::HostGauge;
-use crate::pool::Lease;
+use crate::http::filter::{BodyFilter, FilterChain, FilterState};
 use crate::stats::{GaugeGuard, Stat};
+use crate::upstream::HostGauge;
+use crate::upstream::pool::Lease;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body: streamed from upstream or generated locally.
+// Unboxed on purpose: the upstream body is the common case, and a box would cost an allocation
+// per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ResponseBody {
     Upstream(UpstreamBody),
@@ -33,11 +37,20 @@ impl ResponseBody {
         ResponseBody::Full(None)
     }
     /// Keeps the downstream request's slots until the body ends; a local reply is complete
-    /// already, so they go now.
-    pub fn hold(&mut self, mut slots: DownstreamSlots) {
+    /// already, so they go now. Body filters see the body on its way.
+    pub fn hold(&mut self, mut slots: DownstreamSlots, mut filters: Vec<Box<dyn BodyFilter>>) {
         match self {
-            ResponseBody::Upstream(body) => body.downstream = Some(slots),
+            ResponseBody::Upstream(body) => {
+                body.downstream = Some(slots);
+                body.filters = filters;
+            }
             ResponseBody::Full(data) => {
+                for filter in &mut filters {
+                    if let Some(data) = data.as_mut() {
+                        filter.on_data(data);
+                    }
+                    filter.on_end();
+                }
                 if let Some(log) = slots.log.as_mut() {
                     log.entry.bytes_sent = data.as_ref().map_or(0, |d| d.len() as u64);
                 }
@@ -101,17 +114,30 @@ pub struct UpstreamBody {
     downstream: Option<DownstreamSlots>,
     /// The HTTP/1.1 connection the body arrives on, back to its pool once the body is in.
     lease: Option<Lease>,
+    /// HTTP filters looking at the body (usually none).
+    filters: Vec<Box<dyn BodyFilter>>,
 }
 
 /// What a downstream request holds until its response ends: its place in
-/// `downstream_rq_active` and in the connection's in-flight count (the idle timeout's), and
-/// its access log line.
+/// `downstream_rq_active` and in the connection's in-flight count (the idle timeout's), its
+/// access log line, and its filters' completion phase.
 #[derive(Debug)]
 pub struct DownstreamSlots {
     pub active: GaugeGuard,
     pub in_flight: GaugeGuard,
     /// The access log line, written when this is dropped (boxed: only logged requests pay).
     pub log: Option<Box<PendingLine>>,
+    /// The filters and their stream state, told when this is dropped.
+    pub completion: Option<Box<(FilterChain, FilterState)>>,
+}
+
+impl Drop for DownstreamSlots {
+    fn drop(&mut self) {
+        if let Some(completion) = self.completion.take() {
+            let (chain, state) = *completion;
+            chain.on_complete(&state);
+        }
+    }
 }
 
 impl UpstreamBody {
@@ -127,15 +153,17 @@ impl UpstreamBody {
             _active: active,
             downstream: None,
             lease,
+            filters: Vec::new(),
         }
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(timer) = &mut self.timer {
                     timer.touch();
                 }
+                filter_frame(&mut self.filters, &mut frame);
                 if let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut())
                     && let Some(data) = frame.data_ref()
                 {
@@ -144,6 +172,9 @@ impl UpstreamBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
+                for filter in &mut self.filters {
+                    filter.on_end();
+                }
                 if let Some(lease) = self.lease.take() {
                     lease.release();
                 }
@@ -306,8 +337,13 @@ pub struct RequestBody {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     timed_out: Option<Arc<AtomicBool>>,
     end: Option<Arc<RequestEnd>>,
+    /// Set when the downstream sent a malformed body (broken chunked framing, a reset): the
+    /// failure is the client's, not the upstream's.
+    failed: Arc<AtomicBool>,
     /// Body bytes received, for the access log's `%BYTES_RECEIVED%`.
     received: Option<Arc<AtomicU64>>,
+    /// HTTP filters looking at the body (usually none).
+    filters: Vec<Box<dyn BodyFilter>>,
 }
 
 impl RequestBody {
@@ -316,7 +352,9 @@ impl RequestBody {
         deadline: Option<tokio::time::Instant>,
         timed_out: Option<Arc<AtomicBool>>,
         end: Option<Arc<RequestEnd>>,
+        failed: Arc<AtomicBool>,
         received: Option<Arc<AtomicU64>>,
+        filters: Vec<Box<dyn BodyFilter>>,
     ) -> Self {
         let deadline = if inner.is_end_stream() {
             None
@@ -328,7 +366,9 @@ impl RequestBody {
             deadline,
             timed_out,
             end,
+            failed,
             received,
+            filters,
         }
     }
 }
@@ -342,14 +382,22 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            if let (Some(received), Some(Ok(frame))) = (&this.received, &frame)
-                && let Some(data) = frame.data_ref()
-            {
-                received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Poll::Ready(mut frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            match &mut frame {
+                Some(Ok(frame)) => {
+                    if let (Some(received), Some(data)) = (&this.received, frame.data_ref()) {
+                        received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    filter_frame(&mut this.filters, frame);
+                }
+                Some(Err(_)) => this.failed.store(true, Ordering::Release),
+                None => {}
             }
             if frame.is_none() || this.inner.is_end_stream() {
                 this.deadline = None;
+                for filter in &mut this.filters {
+                    filter.on_end();
+                }
                 if let Some(end) = this.end.take() {
                     end.signal();
                 }
@@ -373,5 +421,21 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Shows a data or trailers frame to the body filters, in order.
+fn filter_frame(filters: &mut [Box<dyn BodyFilter>], frame: &mut Frame<Bytes>) {
+    if filters.is_empty() {
+        return;
+    }
+    if let Some(data) = frame.data_mut() {
+        for filter in filters.iter_mut() {
+            filter.on_data(data);
+        }
+    } else if let Some(trailers) = frame.trailers_mut() {
+        for filter in filters.iter_mut() {
+            filter.on_trailers(trailers);
+        }
     }
 }

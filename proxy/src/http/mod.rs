@@ -1,11 +1,20 @@
-//! L7: the HTTP connection manager (hyper server, HTTP/1.1 and HTTP/2, upgrades), the router's
-//! compiled route tables, the body types that flow between downstream and upstream, and the
-//! access logs written when a response ends.
+//! L7: the HTTP connection manager and what a request passes through in it.
+//!
+//! [`conn_manager`] serves connections (hyper, HTTP/1.1 and HTTP/2, HTTP/1 heads first judged
+//! by Envoy's codec rules in [`codec_guard`]) and drives each request
+//! through [`headers`] (what the connection manager sets), the [`filter`] chain ([`filters`]),
+//! the [`router`] (the terminal filter: direct responses, redirects, forwarding upstream) and
+//! back; [`local_reply`] makes Remora's own responses, [`body`] carries bodies with their
+//! timers and slots, and [`access_log`] writes a line when a response ends.
 
 pub mod access_log;
 pub mod body;
+pub mod codec_guard;
 pub mod conn_manager;
-pub mod cors;
+pub mod filter;
+pub mod filters;
+pub mod headers;
+pub mod local_reply;
 pub mod router;
 
 /// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`),

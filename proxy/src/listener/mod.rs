@@ -2,8 +2,11 @@
 //! accept loop), run the listener filters (`original_dst`, `tls_inspector`), pick a filter chain
 //! and hand the connection to `tcp_proxy` or the HTTP connection manager.
 //!
-//! Listener updates reuse the bound socket and drain the old listener's connections; removals
-//! stop accepting and drain. Open connections are never cut before the drain time.
+//! Starting a listener builds each filter chain's runtime (rustls config, connection manager
+//! with its filters and access logs, `tcp_proxy` stats); an error there names the field and the
+//! listener is not started. Listener updates reuse the bound socket and drain the old
+//! listener's connections; removals stop accepting and drain. Open connections are never cut
+//! before the drain time.
 
 pub mod tls_inspector;
 
@@ -17,17 +20,105 @@ use futures::FutureExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::{FilterChain, Listener, NetworkFilter};
+use crate::config::{ConfigError, FilterChain, Listener, NetworkFilter, Runtime};
 use crate::drain::Drain;
 use crate::filter_chain::{self, ConnectionInfo};
-use crate::server::Server;
-use crate::stats::{GaugeGuard, HttpStats, ListenerStats, TcpStats};
+use crate::http::conn_manager::Manager;
+use crate::stats::{GaugeGuard, ListenerStats, Registry, TcpStats};
+use crate::store::Store;
+use crate::tcp_proxy::TcpProxyRuntime;
 
-/// Per-chain state registered when the listener starts (stats handles).
+/// A filter chain's runtime, built when its listener starts.
 #[derive(Debug)]
 pub enum ChainRuntime {
-    Tcp(Arc<TcpStats>),
-    Http(Arc<HttpStats>),
+    Tcp(Arc<TcpProxyRuntime>),
+    Http(Arc<Manager>),
+}
+
+/// A chain's runtime and its TLS termination.
+#[derive(Debug)]
+struct BuiltChain {
+    config: Arc<FilterChain>,
+    runtime: ChainRuntime,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl BuiltChain {
+    fn build(
+        chain: &Arc<FilterChain>,
+        context: &ListenerContext,
+    ) -> Result<BuiltChain, ConfigError> {
+        let filter_path = format!("{}.filters[0].typed_config", chain.path);
+        let runtime = match &chain.filter {
+            NetworkFilter::TcpProxy(tcp) => ChainRuntime::Tcp(Arc::new(TcpProxyRuntime {
+                config: tcp.clone(),
+                stats: Arc::new(TcpStats::new(&context.registry, &tcp.stat_prefix)),
+                store: context.store.clone(),
+            })),
+            NetworkFilter::Http(hcm) => ChainRuntime::Http(Manager::build(
+                hcm.clone(),
+                &context.registry,
+                context.store.clone(),
+                &filter_path,
+            )?),
+        };
+        let tls = chain
+            .tls
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()?;
+        Ok(BuiltChain {
+            config: chain.clone(),
+            runtime,
+            tls,
+        })
+    }
+}
+
+/// Why a listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot bind: {0}")]
+    Bind(#[from] std::io::Error),
+}
+
+/// What listeners need from the rest of the proxy.
+#[derive(Debug)]
+pub struct ListenerContext {
+    pub workers: Vec<tokio::runtime::Handle>,
+    pub main: tokio::runtime::Handle,
+    pub drain_time: std::time::Duration,
+    pub registry: Arc<Registry>,
+    pub store: Arc<Store>,
+    pub limits: Arc<ConnectionLimits>,
+}
+
+/// Downstream connection limits from the runtime: across all listeners and per listener.
+#[derive(Debug, Default)]
+pub struct ConnectionLimits {
+    /// Downstream connections open on all listeners (`global_downstream_max_connections`).
+    open: AtomicU64,
+    global_max: Option<u64>,
+    per_listener: HashMap<String, u64>,
+    /// Admin connections neither count towards nor are refused by the global limit.
+    admin_ignores_global: bool,
+}
+
+impl ConnectionLimits {
+    pub fn new(runtime: &Runtime, admin_ignores_global: bool) -> Self {
+        ConnectionLimits {
+            open: AtomicU64::new(0),
+            global_max: runtime.global_max_connections,
+            per_listener: runtime.listener_connection_limits.clone(),
+            admin_ignores_global,
+        }
+    }
+
+    pub fn admin_ignores_global(&self) -> bool {
+        self.admin_ignores_global
+    }
 }
 
 /// A listener that is accepting (or draining).
@@ -40,7 +131,7 @@ pub struct ActiveListener {
     /// The bound sockets; released when the listener stops accepting so the port closes
     /// (an update on the same address keeps them open through its own references).
     sockets: Mutex<Vec<Arc<std::net::TcpListener>>>,
-    chains: Vec<(Arc<FilterChain>, ChainRuntime)>,
+    chains: Vec<BuiltChain>,
     stop: watch::Sender<bool>,
     /// The runtime's `connection_limit` for this listener, and its open connections.
     connection_limit: Option<u64>,
@@ -48,11 +139,10 @@ pub struct ActiveListener {
 }
 
 impl ActiveListener {
-    fn chain_runtime(&self, chain: &Arc<FilterChain>) -> Option<&ChainRuntime> {
+    fn built(&self, chain: &Arc<FilterChain>) -> Option<&BuiltChain> {
         self.chains
             .iter()
-            .find(|(c, _)| Arc::ptr_eq(c, chain))
-            .map(|(_, rt)| rt)
+            .find(|built| Arc::ptr_eq(&built.config, chain))
     }
 
     fn stop_accepting(&self) {
@@ -89,8 +179,9 @@ fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<Arc<std::net::Tcp
 }
 
 /// Every listener by name, plus the ones still draining.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ListenerManager {
+    context: ListenerContext,
     active: Mutex<BTreeMap<String, Arc<ActiveListener>>>,
     /// The active listeners by configured address, for handing over connections redirected by
     /// `use_original_dst`: rebuilt on add/update/remove (rare), read without a lock per
@@ -100,12 +191,25 @@ pub struct ListenerManager {
 }
 
 impl ListenerManager {
+    pub fn new(context: ListenerContext) -> Arc<Self> {
+        Arc::new(ListenerManager {
+            context,
+            active: Mutex::default(),
+            by_address: ArcSwap::default(),
+            draining: Mutex::default(),
+        })
+    }
+
+    pub fn limits(&self) -> &Arc<ConnectionLimits> {
+        &self.context.limits
+    }
+
     /// Starts or updates a listener. An unchanged listener is left alone.
     pub fn add_or_update(
-        &self,
-        server: &Arc<Server>,
+        self: &Arc<Self>,
         config: Arc<Listener>,
-    ) -> std::io::Result<SocketAddr> {
+    ) -> Result<SocketAddr, StartError> {
+        let context = &self.context;
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let old = active.get(&config.name).cloned();
         if let Some(old) = &old
@@ -113,6 +217,10 @@ impl ListenerManager {
         {
             return Ok(old.local_addr);
         }
+        let chains = config
+            .chains()
+            .map(|chain| BuiltChain::build(chain, context))
+            .collect::<Result<Vec<_>, _>>()?;
         // Reuse the old sockets when the address is unchanged, so no connection is refused.
         let sockets = match &old {
             Some(old) if old.config.address == config.address => old
@@ -120,7 +228,7 @@ impl ListenerManager {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-            _ => bind(config.address, server.workers.len())?,
+            _ => bind(config.address, context.workers.len())?,
         };
         let local_addr = sockets
             .first()
@@ -132,26 +240,10 @@ impl ListenerManager {
         } else {
             config.address.to_string()
         };
-        let stats = Arc::new(ListenerStats::new(&server.registry, &stats_addr));
-        let mut chains = Vec::new();
-        for chain in config
-            .filter_chains
-            .iter()
-            .chain(config.default_filter_chain.iter())
-        {
-            let runtime = match &chain.filter {
-                NetworkFilter::TcpProxy(tcp) => {
-                    ChainRuntime::Tcp(Arc::new(TcpStats::new(&server.registry, &tcp.stat_prefix)))
-                }
-                NetworkFilter::Http(hcm) => {
-                    ChainRuntime::Http(Arc::new(HttpStats::new(&server.registry, &hcm.stat_prefix)))
-                }
-            };
-            chains.push((chain.clone(), runtime));
-        }
+        let stats = Arc::new(ListenerStats::new(&context.registry, &stats_addr));
         let (stop, _) = watch::channel(false);
-        let config_name = config.name.clone();
         let listener = Arc::new(ActiveListener {
+            connection_limit: context.limits.per_listener.get(&config.name).copied(),
             config,
             local_addr,
             drain: Drain::new(),
@@ -159,55 +251,45 @@ impl ListenerManager {
             sockets: Mutex::new(sockets.clone()),
             chains,
             stop,
-            connection_limit: server
-                .bootstrap
-                .runtime
-                .listener_connection_limits
-                .get(&config_name)
-                .copied(),
             connections: AtomicU64::new(0),
         });
-        for (index, worker) in server.workers.iter().enumerate() {
+        for (index, worker) in context.workers.iter().enumerate() {
             let socket = sockets[index % sockets.len()].clone();
-            worker.spawn(accept_loop(server.clone(), listener.clone(), socket));
+            worker.spawn(accept_loop(self.clone(), listener.clone(), socket));
         }
         active.insert(listener.config.name.clone(), listener.clone());
         self.reindex(&active);
         drop(active);
         tracing::info!(name = %listener.config.name, address = %local_addr, "listener started");
         if let Some(old) = old {
-            self.retire(server, old);
+            self.retire(old);
         }
         Ok(local_addr)
     }
 
     /// Stops a listener and drains its connections.
-    pub fn remove(&self, server: &Arc<Server>, name: &str) {
+    pub fn remove(self: &Arc<Self>, name: &str) {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let removed = active.remove(name);
         self.reindex(&active);
         drop(active);
         if let Some(old) = removed {
             tracing::info!(name, "listener removed; draining");
-            self.retire(server, old);
+            self.retire(old);
         }
     }
 
-    fn retire(&self, server: &Arc<Server>, old: Arc<ActiveListener>) {
+    fn retire(self: &Arc<Self>, old: Arc<ActiveListener>) {
         old.stop_accepting();
         self.draining
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(old.clone());
-        let deadline = server.drain_time;
-        let owner = server.clone();
-        server.main.spawn(async move {
+        let deadline = self.context.drain_time;
+        let owner = self.clone();
+        self.context.main.spawn(async move {
             old.drain.drain(deadline).await;
-            let mut draining = owner
-                .listeners
-                .draining
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut draining = owner.draining.lock().unwrap_or_else(|p| p.into_inner());
             draining.retain(|l| !Arc::ptr_eq(l, &old));
         });
     }
@@ -282,7 +364,7 @@ impl ListenerManager {
 }
 
 async fn accept_loop(
-    server: Arc<Server>,
+    manager: Arc<ListenerManager>,
     listener: Arc<ActiveListener>,
     socket: Arc<std::net::TcpListener>,
 ) {
@@ -309,7 +391,7 @@ async fn accept_loop(
             _ = stopped(&mut stop) => break,
             accepted = accepting.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(serve_connection(server.clone(), listener.clone(), stream, peer));
+                    tokio::spawn(serve_connection(manager.clone(), listener.clone(), stream, peer));
                 }
                 Err(error) => {
                     tracing::debug!(%error, "accept failed");
@@ -321,7 +403,7 @@ async fn accept_loop(
     // Connections already queued on this socket go to the old config rather than being lost.
     while let Some(Ok((stream, peer))) = accepting.accept().now_or_never() {
         tokio::spawn(serve_connection(
-            server.clone(),
+            manager.clone(),
             listener.clone(),
             stream,
             peer,
@@ -373,14 +455,17 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
 /// `global_downstream_max_connections` across every listener (the admin's included, unless it
 /// ignores the limit, as in Envoy) and the listener's own `connection_limit`.
 pub struct Admitted {
-    server: Arc<Server>,
+    limits: Arc<ConnectionLimits>,
     listener: Option<Arc<ActiveListener>>,
 }
 
 impl Admitted {
     /// Counts a connection accepted on `listener` (`None`: the admin), or refuses it when a
     /// limit is reached.
-    pub fn try_new(server: &Arc<Server>, listener: Option<&Arc<ActiveListener>>) -> Option<Self> {
+    pub fn try_new(
+        limits: &Arc<ConnectionLimits>,
+        listener: Option<&Arc<ActiveListener>>,
+    ) -> Option<Self> {
         fn within(count: &AtomicU64, limit: Option<u64>) -> bool {
             count
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -388,8 +473,7 @@ impl Admitted {
                 })
                 .is_ok()
         }
-        let global = server.bootstrap.runtime.global_max_connections;
-        if !within(&server.downstream_connections, global) {
+        if !within(&limits.open, limits.global_max) {
             if let Some(listener) = listener {
                 listener.stats.downstream_global_cx_overflow.inc();
             }
@@ -398,14 +482,12 @@ impl Admitted {
         if let Some(listener) = listener
             && !within(&listener.connections, listener.connection_limit)
         {
-            server
-                .downstream_connections
-                .fetch_sub(1, Ordering::Relaxed);
+            limits.open.fetch_sub(1, Ordering::Relaxed);
             listener.stats.downstream_cx_overflow.inc();
             return None;
         }
         Some(Admitted {
-            server: server.clone(),
+            limits: limits.clone(),
             listener: listener.cloned(),
         })
     }
@@ -413,9 +495,7 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.server
-            .downstream_connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
         if let Some(listener) = &self.listener {
             listener.connections.fetch_sub(1, Ordering::Relaxed);
         }
@@ -423,13 +503,13 @@ impl Drop for Admitted {
 }
 
 async fn serve_connection(
-    server: Arc<Server>,
+    manager: Arc<ListenerManager>,
     listener: Arc<ActiveListener>,
     stream: TcpStream,
     peer: SocketAddr,
 ) {
     // Over a connection limit: closed before anything is read, as Envoy does at accept.
-    let Some(_admitted) = Admitted::try_new(&server, Some(&listener)) else {
+    let Some(_admitted) = Admitted::try_new(&manager.context.limits, Some(&listener)) else {
         return;
     };
     let _ = stream.set_nodelay(true);
@@ -445,7 +525,7 @@ async fn serve_connection(
         destination = original;
         // Hand the connection to the listener for the original destination, if any.
         if original != local
-            && let Some(target) = server.listeners.by_address(original)
+            && let Some(target) = manager.by_address(original)
         {
             listener = target;
         }
@@ -479,10 +559,10 @@ async fn serve_connection(
         listener.stats.no_filter_chain_match.inc();
         return;
     };
-    let Some(runtime) = listener.chain_runtime(chain) else {
+    let Some(built) = listener.built(chain) else {
         return;
     };
-    match &chain.tls {
+    match &built.tls {
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
             let handshake =
@@ -494,16 +574,14 @@ async fn serve_connection(
             };
             let mut info = info;
             info.transport_protocol = "tls";
-            dispatch(&server, chain, runtime, stream, info, watch).await;
+            dispatch(&built.runtime, stream, info, watch).await;
         }
-        None => dispatch(&server, chain, runtime, stream, info, watch).await,
+        None => dispatch(&built.runtime, stream, info, watch).await,
     }
 }
 
 /// Hands a (possibly TLS-terminated) connection to its chain's network filter.
 async fn dispatch<S>(
-    server: &Arc<Server>,
-    chain: &FilterChain,
     runtime: &ChainRuntime,
     stream: S,
     info: ConnectionInfo,
@@ -511,21 +589,10 @@ async fn dispatch<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    match (&chain.filter, runtime) {
-        (NetworkFilter::TcpProxy(tcp), ChainRuntime::Tcp(stats)) => {
-            crate::tcp_proxy::serve(server, tcp, stats, stream, &info, watch).await;
+    match runtime {
+        ChainRuntime::Tcp(tcp) => crate::tcp_proxy::serve(tcp, stream, &info, watch).await,
+        ChainRuntime::Http(manager) => {
+            crate::http::conn_manager::serve(manager.clone(), stream, info, watch).await
         }
-        (NetworkFilter::Http(hcm), ChainRuntime::Http(stats)) => {
-            crate::http::conn_manager::serve(
-                server.clone(),
-                hcm.clone(),
-                stats.clone(),
-                stream,
-                info,
-                watch,
-            )
-            .await;
-        }
-        _ => {}
     }
 }

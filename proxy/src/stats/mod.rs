@@ -164,6 +164,9 @@ pub struct ClusterStats {
     pub upstream_cx_none_healthy: Arc<Stat>,
     pub membership_total: Arc<Stat>,
     pub membership_healthy: Arc<Stat>,
+    pub membership_degraded: Arc<Stat>,
+    /// Picks made from all hosts because too few were healthy (panic).
+    pub lb_healthy_panic: Arc<Stat>,
     /// DNS clusters: resolution rounds, and those whose lookups all succeeded or not.
     pub update_attempt: Arc<Stat>,
     pub update_success: Arc<Stat>,
@@ -196,6 +199,8 @@ impl ClusterStats {
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
+            membership_degraded: g("membership_degraded"),
+            lb_healthy_panic: c("lb_healthy_panic"),
             update_attempt: c("update_attempt"),
             update_success: c("update_success"),
             update_failure: c("update_failure"),

@@ -1,23 +1,31 @@
-//! `tcp_proxy`: L4 forwarding. Picks a cluster (or a weighted one), connects with the cluster's
-//! connect timeout and retries other hosts on connect failure, then copies bytes both ways with
-//! half-close passed through, an idle timeout, and byte counts in stats.
+//! `tcp_proxy`: L4 forwarding. Picks a cluster (or a weighted one), connects through the
+//! cluster's connect path (its `max_connections`, connect timeout, keepalive and TLS), trying
+//! other hosts on connect failure, then copies bytes both ways with half-close passed through,
+//! an idle timeout, and byte counts in stats.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::{TcpClusters, TcpProxy};
 use crate::drain::{Phase, Watch};
 use crate::filter_chain::ConnectionInfo;
-use crate::lb::{HostGauge, LbContext};
-use crate::server::Server;
-use crate::stats::{GaugeGuard, Stat, TcpStats};
+use crate::stats::{Stat, TcpStats};
+use crate::store::Store;
+use crate::upstream::{LbContext, Outcome};
 
 const BUFFER: usize = 64 * 1024;
+
+/// A `tcp_proxy` filter built from its config.
+#[derive(Debug)]
+pub struct TcpProxyRuntime {
+    pub config: Arc<TcpProxy>,
+    pub stats: Arc<TcpStats>,
+    pub store: Arc<Store>,
+}
 
 fn pick_cluster(clusters: &TcpClusters) -> &str {
     match clusters {
@@ -38,24 +46,27 @@ fn pick_cluster(clusters: &TcpClusters) -> &str {
 
 /// Proxies one downstream connection.
 pub async fn serve<D>(
-    server: &Arc<Server>,
-    config: &TcpProxy,
-    stats: &Arc<TcpStats>,
+    proxy: &TcpProxyRuntime,
     downstream: D,
     info: &ConnectionInfo,
     mut watch: Watch,
 ) where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let stats = &proxy.stats;
+    let config = &proxy.config;
     stats.downstream_cx_total.inc();
     let name = pick_cluster(&config.clusters);
-    let Some(cluster) = server.clusters.get(name) else {
+    let snapshot = proxy.store.load();
+    let Some(cluster) = snapshot.cluster(name).cloned() else {
         stats.downstream_cx_no_route.inc();
         tracing::debug!(cluster = name, "tcp_proxy: unknown cluster");
         return;
     };
+    drop(snapshot);
     let context = LbContext {
         original_dst: Some(info.destination),
+        ..LbContext::default()
     };
     let mut upstream = None;
     for _ in 0..config.max_connect_attempts {
@@ -63,60 +74,33 @@ pub async fn serve<D>(
             cluster.stats.upstream_cx_none_healthy.inc();
             break;
         };
-        // As Envoy, a connection counts in `cx_total` and `cx_active` from its first attempt.
-        cluster.stats.upstream_cx_total.inc();
-        host.stats.cx_total.inc();
-        let active = (
-            GaugeGuard::new(&cluster.stats.upstream_cx_active),
-            HostGauge::new(&host.stats, |s| &s.cx_active),
-        );
-        match tokio::time::timeout(
-            cluster.config.connect_timeout,
-            TcpStream::connect(host.addr),
-        )
-        .await
+        let Some(slot) = cluster.connector.limit.try_acquire() else {
+            cluster.stats.upstream_cx_overflow.inc();
+            break;
+        };
+        match cluster
+            .connector
+            .connect(host.addr, &host.state, slot)
+            .await
         {
-            Ok(Ok(stream)) => {
-                upstream = Some((stream, host, active));
+            Ok(io) => {
+                cluster.record_outcome(&host, Outcome::Connected);
+                upstream = Some(io);
                 break;
             }
-            _ => {
-                cluster.stats.upstream_cx_connect_fail.inc();
-                host.stats.cx_connect_fail.inc();
+            Err(error) => {
+                tracing::debug!(%error, "tcp_proxy: connect failed");
+                cluster.record_outcome(&host, Outcome::ConnectFailed { http: false });
             }
         }
     }
-    let Some((upstream, host, _active)) = upstream else {
+    let Some(upstream) = upstream else {
         return;
     };
-    let upstream_addr = host.addr;
-    let _ = upstream.set_nodelay(true);
     let base = Instant::now();
     let last_activity = Activity {
         base,
         nanos: AtomicU64::new(0),
-    };
-    let upstream: Box<dyn Stream> = match &cluster.config.tls {
-        Some(tls) => {
-            let name = tls.sni.clone().unwrap_or_else(|| {
-                rustls::pki_types::ServerName::IpAddress(upstream_addr.ip().into())
-            });
-            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-            match tokio::time::timeout(
-                cluster.config.connect_timeout,
-                connector.connect(name, upstream),
-            )
-            .await
-            {
-                Ok(Ok(stream)) => Box::new(stream),
-                _ => {
-                    cluster.stats.upstream_cx_connect_fail.inc();
-                    host.stats.cx_connect_fail.inc();
-                    return;
-                }
-            }
-        }
-        None => Box::new(upstream),
     };
     let (mut down_read, mut down_write) = tokio::io::split(downstream);
     let (mut up_read, mut up_write) = tokio::io::split(upstream);
@@ -124,14 +108,12 @@ pub async fn serve<D>(
         &mut down_read,
         &mut up_write,
         &stats.downstream_cx_rx_bytes_total,
-        &cluster.stats.upstream_cx_tx_bytes_total,
         &last_activity,
     );
     let to_downstream = copy(
         &mut up_read,
         &mut down_write,
         &stats.downstream_cx_tx_bytes_total,
-        &cluster.stats.upstream_cx_rx_bytes_total,
         &last_activity,
     );
     let idle = async {
@@ -154,11 +136,11 @@ pub async fn serve<D>(
     }
 }
 
+/// Copies one direction; the upstream side's bytes are counted by its connection.
 async fn copy<R, W>(
     reader: &mut R,
     writer: &mut W,
     counted: &Stat,
-    counted_upstream: &Stat,
     activity: &Activity,
 ) -> std::io::Result<()>
 where
@@ -175,7 +157,6 @@ where
         }
         writer.write_all(&buf[..n]).await?;
         counted.add(n as u64);
-        counted_upstream.add(n as u64);
         activity.touch();
     }
 }
@@ -195,7 +176,3 @@ impl Activity {
         self.base + std::time::Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
     }
 }
-
-/// Either a plain or a TLS upstream stream.
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}

@@ -1,13 +1,13 @@
-//! TLS with rustls: `DownstreamTlsContext` on filter chains (terminate) and `UpstreamTlsContext`
-//! on clusters (originate). Certificates and keys are read once at config time; the data path
-//! only sees ready `rustls` configs.
+//! TLS with rustls: the model's TLS settings built into rustls configs, for filter chains
+//! (terminate) and cluster connections (originate). Certificates and keys are read when the
+//! config is applied (an error names the field); the data path only sees ready configs.
 
 use std::sync::Arc;
 
+use remora_config::common::DataSource;
+use remora_config::tls::{Certificate, CommonTls, DownstreamTls, TlsVersion, UpstreamTls};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
-use xds_api::envoy::config::core::v3 as core_pb;
-use xds_api::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
 
 use crate::config::{ConfigError, ConfigResult};
 
@@ -15,33 +15,18 @@ fn err<T>(path: impl Into<String>, reason: impl Into<String>) -> ConfigResult<T>
     Err(ConfigError::new(path, reason))
 }
 
-/// The TLS type URLs and transport socket names Remora understands.
-pub const DOWNSTREAM: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
-pub const UPSTREAM: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
-
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(source: &Option<core_pb::DataSource>, path: &str) -> ConfigResult<Vec<u8>> {
-    use core_pb::data_source::Specifier;
-    match source.as_ref().and_then(|s| s.specifier.as_ref()) {
-        Some(Specifier::Filename(file)) => std::fs::read(file).map_err(|e| {
-            ConfigError::new(
-                format!("{path}.filename"),
-                format!("cannot read {file:?}: {e}"),
-            )
-        }),
-        Some(Specifier::InlineString(text)) => Ok(text.clone().into_bytes()),
-        Some(Specifier::InlineBytes(bytes)) => Ok(bytes.clone()),
-        Some(_) => err(
-            path,
-            "only filename, inline_string and inline_bytes are supported",
+fn read(source: &DataSource, path: &str) -> ConfigResult<Vec<u8>> {
+    source.read().map_err(|e| match source {
+        DataSource::File(file) => ConfigError::new(
+            format!("{path}.filename"),
+            format!("cannot read {}: {e}", file.display()),
         ),
-        None => err(path, "required"),
-    }
+        DataSource::Inline(_) => ConfigError::new(path, e.to_string()),
+    })
 }
 
 fn certificates(pem: &[u8], path: &str) -> ConfigResult<Vec<CertificateDer<'static>>> {
@@ -53,48 +38,14 @@ fn certificates(pem: &[u8], path: &str) -> ConfigResult<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
-/// The TLS versions `tls_params` allow. Envoy's defaults (TLS_AUTO) are 1.2 to 1.3 on both
-/// sides, which is all rustls speaks; asking for 1.0 or 1.1 is an error, not a silent 1.2.
-fn protocol_versions(
-    common: &tls_pb::CommonTlsContext,
-    path: &str,
-) -> ConfigResult<&'static [&'static rustls::SupportedProtocolVersion]> {
-    use tls_pb::tls_parameters::TlsProtocol as P;
+/// The rustls versions between the configured minimum and maximum.
+fn protocol_versions(common: &CommonTls) -> &'static [&'static rustls::SupportedProtocolVersion] {
     static BOTH: [&rustls::SupportedProtocolVersion; 2] =
         [&rustls::version::TLS12, &rustls::version::TLS13];
-    let Some(params) = &common.tls_params else {
-        return Ok(&BOTH);
-    };
-    let version = |value: i32, field: &str, auto: P| -> ConfigResult<P> {
-        let fpath = format!("{path}.tls_params.{field}");
-        match P::try_from(value) {
-            Ok(P::TlsAuto) => Ok(auto),
-            Ok(P::TlSv10 | P::TlSv11) => err(
-                fpath,
-                "TLS 1.0 and 1.1 are not supported (Remora speaks TLS 1.2 and 1.3)",
-            ),
-            Ok(version) => Ok(version),
-            Err(_) => err(fpath, format!("unknown TLS version {value}")),
-        }
-    };
-    let min = version(
-        params.tls_minimum_protocol_version,
-        "tls_minimum_protocol_version",
-        P::TlSv12,
-    )?;
-    let max = version(
-        params.tls_maximum_protocol_version,
-        "tls_maximum_protocol_version",
-        P::TlSv13,
-    )?;
-    match (min, max) {
-        (P::TlSv12, P::TlSv13) => Ok(&BOTH),
-        (P::TlSv12, P::TlSv12) => Ok(&BOTH[..1]),
-        (P::TlSv13, P::TlSv13) => Ok(&BOTH[1..]),
-        _ => err(
-            format!("{path}.tls_params"),
-            "tls_minimum_protocol_version is above tls_maximum_protocol_version",
-        ),
+    match (common.min_version, common.max_version) {
+        (TlsVersion::V1_2, TlsVersion::V1_3) => &BOTH,
+        (TlsVersion::V1_2, TlsVersion::V1_2) => &BOTH[..1],
+        _ => &BOTH[1..],
     }
 }
 
@@ -203,64 +154,44 @@ fn private_key(pem: &[u8], path: &str) -> ConfigResult<PrivateKeyDer<'static>> {
         .ok_or_else(|| ConfigError::new(path, "no private key found"))
 }
 
-fn roots(
-    common: &tls_pb::CommonTlsContext,
-    path: &str,
-) -> ConfigResult<Option<rustls::RootCertStore>> {
-    use tls_pb::common_tls_context::ValidationContextType as V;
-    match &common.validation_context_type {
-        Some(V::ValidationContext(validation)) => {
-            let vpath = format!("{path}.validation_context.trusted_ca");
-            let mut store = rustls::RootCertStore::empty();
-            for cert in certificates(&read(&validation.trusted_ca, &vpath)?, &vpath)? {
-                store.add(cert).map_err(|e| {
-                    ConfigError::new(&vpath, format!("invalid CA certificate: {e}"))
-                })?;
-            }
-            Ok(Some(store))
-        }
-        Some(_) => err(path, "only an inline validation_context is supported"),
-        None => Ok(None),
+fn roots(common: &CommonTls) -> ConfigResult<Option<rustls::RootCertStore>> {
+    let Some(validation) = &common.validation else {
+        return Ok(None);
+    };
+    let vpath = &validation.path;
+    let mut store = rustls::RootCertStore::empty();
+    for cert in certificates(&read(&validation.trusted_ca, vpath)?, vpath)? {
+        store
+            .add(cert)
+            .map_err(|e| ConfigError::new(vpath, format!("invalid CA certificate: {e}")))?;
     }
+    Ok(Some(store))
 }
 
-/// A server config for a filter chain's `DownstreamTlsContext`.
-pub fn server_config(
-    context: &tls_pb::DownstreamTlsContext,
-    path: &str,
-) -> ConfigResult<Arc<rustls::ServerConfig>> {
-    let cpath = format!("{path}.common_tls_context");
-    let Some(common) = &context.common_tls_context else {
-        return err(cpath, "required");
-    };
-    let [certificate] = common.tls_certificates.as_slice() else {
-        return err(
-            format!("{cpath}.tls_certificates"),
-            "exactly one certificate is supported",
-        );
-    };
-    let tpath = format!("{cpath}.tls_certificates[0]");
-    let chain = certificates(
-        &read(
-            &certificate.certificate_chain,
-            &format!("{tpath}.certificate_chain"),
-        )?,
-        &format!("{tpath}.certificate_chain"),
-    )?;
-    let key = private_key(
-        &read(&certificate.private_key, &format!("{tpath}.private_key"))?,
-        &format!("{tpath}.private_key"),
-    )?;
+/// A certificate's chain and key, read and checked to belong together.
+fn load_certificate(certificate: &Certificate) -> ConfigResult<Arc<CertifiedKey>> {
+    let path = &certificate.path;
+    let chain_path = format!("{path}.certificate_chain");
+    let key_path = format!("{path}.private_key");
+    let chain = certificates(&read(&certificate.chain, &chain_path)?, &chain_path)?;
+    let key = private_key(&read(&certificate.key, &key_path)?, &key_path)?;
+    certified_key(chain, key, path)
+}
+
+/// A server config for a filter chain's TLS termination.
+pub fn server_config(tls: &DownstreamTls) -> ConfigResult<Arc<rustls::ServerConfig>> {
+    let common = &tls.common;
+    let cpath = &common.path;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(protocol_versions(common, &cpath)?)
-        .map_err(|e| ConfigError::new(&cpath, e.to_string()))?;
-    let builder = match roots(common, &cpath)? {
+        .with_protocol_versions(protocol_versions(common))
+        .map_err(|e| ConfigError::new(cpath, e.to_string()))?;
+    let builder = match roots(common)? {
         Some(store) => {
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(store),
                 provider(),
             );
-            let verifier = if context.require_client_certificate.unwrap_or(false) {
+            let verifier = if tls.require_client_certificate {
                 verifier
             } else {
                 verifier.allow_unauthenticated()
@@ -268,91 +199,63 @@ pub fn server_config(
             builder.with_client_cert_verifier(
                 verifier
                     .build()
-                    .map_err(|e| ConfigError::new(&cpath, e.to_string()))?,
+                    .map_err(|e| ConfigError::new(cpath, e.to_string()))?,
             )
-        }
-        None if context.require_client_certificate.unwrap_or(false) => {
-            return err(
-                format!("{path}.require_client_certificate"),
-                "needs a validation_context",
-            );
         }
         None => builder.with_no_client_auth(),
     };
-    let certified = certified_key(chain, key, &tpath)?;
+    let Some(certificate) = common.certificates.first() else {
+        return err(
+            format!("{cpath}.tls_certificates"),
+            "exactly one certificate is required",
+        );
+    };
+    let certified = load_certificate(certificate)?;
     let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
-    config.alpn_protocols = common
-        .alpn_protocols
-        .iter()
-        .map(|p| p.as_bytes().to_vec())
-        .collect();
+    config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(Arc::new(config))
 }
 
-/// A client config and SNI for a cluster's `UpstreamTlsContext`.
-pub fn client_config(
-    context: &tls_pb::UpstreamTlsContext,
-    path: &str,
-) -> ConfigResult<UpstreamTls> {
-    let cpath = format!("{path}.common_tls_context");
-    let common = context.common_tls_context.clone().unwrap_or_default();
+/// A client config and SNI for a cluster's TLS origination.
+pub fn client_config(tls: &UpstreamTls) -> ConfigResult<ClientTls> {
+    let common = &tls.common;
+    let cpath = &common.path;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(protocol_versions(&common, &cpath)?)
-        .map_err(|e| ConfigError::new(&cpath, e.to_string()))?;
-    let builder = match roots(&common, &cpath)? {
+        .with_protocol_versions(protocol_versions(common))
+        .map_err(|e| ConfigError::new(cpath, e.to_string()))?;
+    let builder = match roots(common)? {
         Some(store) => builder.with_root_certificates(store),
         // Envoy does not verify the upstream without a validation context.
         None => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider()))),
     };
-    let mut config = match common.tls_certificates.as_slice() {
-        [] => builder.with_no_client_auth(),
-        [certificate] => {
-            let tpath = format!("{cpath}.tls_certificates[0]");
-            let chain = certificates(
-                &read(
-                    &certificate.certificate_chain,
-                    &format!("{tpath}.certificate_chain"),
-                )?,
-                &tpath,
-            )?;
-            let key = private_key(
-                &read(&certificate.private_key, &format!("{tpath}.private_key"))?,
-                &tpath,
-            )?;
-            let certified = certified_key(chain, key, &tpath)?;
+    let mut config = match common.certificates.first() {
+        None => builder.with_no_client_auth(),
+        Some(certificate) => {
+            let certified = load_certificate(certificate)?;
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
         }
-        _ => {
-            return err(
-                format!("{cpath}.tls_certificates"),
-                "at most one certificate is supported",
-            );
-        }
     };
-    config.alpn_protocols = common
-        .alpn_protocols
-        .iter()
-        .map(|p| p.as_bytes().to_vec())
-        .collect();
-    let sni = if context.sni.is_empty() {
-        None
-    } else {
-        Some(
-            ServerName::try_from(context.sni.clone())
-                .map_err(|_| ConfigError::new(format!("{path}.sni"), "not a valid server name"))?,
-        )
+    config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let sni = match &tls.sni {
+        Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
+            ConfigError::new(
+                format!("{}.sni", cpath.trim_end_matches(".common_tls_context")),
+                "not a valid server name",
+            )
+        })?),
+        None => None,
     };
-    Ok(UpstreamTls {
+    Ok(ClientTls {
         config: Arc::new(config),
         sni,
     })
 }
 
-/// Upstream TLS as a cluster uses it.
+/// TLS origination as a connection uses it.
 #[derive(Debug, Clone)]
-pub struct UpstreamTls {
+pub struct ClientTls {
     pub config: Arc<rustls::ClientConfig>,
     pub sni: Option<ServerName<'static>>,
 }
@@ -405,29 +308,6 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
     }
 }
 
-/// Extracts a TLS context from a transport socket, or says why not.
-pub fn transport_socket<'a>(
-    socket: &'a core_pb::TransportSocket,
-    expected: &str,
-    path: &str,
-) -> ConfigResult<&'a prost_types::Any> {
-    match &socket.config_type {
-        Some(core_pb::transport_socket::ConfigType::TypedConfig(any))
-            if any.type_url == expected =>
-        {
-            Ok(any)
-        }
-        Some(core_pb::transport_socket::ConfigType::TypedConfig(any)) => err(
-            format!("{path}.typed_config"),
-            format!("transport socket {} is not supported", any.type_url),
-        ),
-        None if socket.name == "envoy.transport_sockets.raw_buffer" => {
-            err(path, "raw_buffer needs no transport_socket; remove it")
-        }
-        None => err(path, "typed_config is required"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,40 +351,6 @@ mod tests {
     fn load(certificate: &[u8], key: &rcgen::KeyPair) -> ConfigResult<Arc<CertifiedKey>> {
         let key = private_key(key.serialize_pem().as_bytes(), "k")?;
         certified_key(vec![CertificateDer::from(certificate.to_vec())], key, "t")
-    }
-
-    #[test]
-    fn tls_params_choose_the_versions_and_refuse_what_rustls_cannot_speak() {
-        use tls_pb::tls_parameters::TlsProtocol as P;
-        let context = |min: P, max: P| tls_pb::CommonTlsContext {
-            tls_params: Some(tls_pb::TlsParameters {
-                tls_minimum_protocol_version: min as i32,
-                tls_maximum_protocol_version: max as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let versions = |min, max| {
-            protocol_versions(&context(min, max), "c").map(|list| {
-                list.iter()
-                    .map(|v| format!("{:?}", v.version))
-                    .collect::<Vec<_>>()
-            })
-        };
-        let both = ["TLSv1_2", "TLSv1_3"];
-        assert_eq!(versions(P::TlsAuto, P::TlsAuto).unwrap(), both);
-        assert_eq!(
-            protocol_versions(&tls_pb::CommonTlsContext::default(), "c")
-                .unwrap()
-                .len(),
-            2
-        );
-        assert_eq!(versions(P::TlSv13, P::TlsAuto).unwrap(), ["TLSv1_3"]);
-        assert_eq!(versions(P::TlsAuto, P::TlSv12).unwrap(), ["TLSv1_2"]);
-        let error = versions(P::TlSv10, P::TlsAuto).unwrap_err();
-        assert_eq!(error.path, "c.tls_params.tls_minimum_protocol_version");
-        let error = versions(P::TlSv13, P::TlSv12).unwrap_err();
-        assert!(error.to_string().contains("above"), "{error}");
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn load(sources: &Sources) -> Result<Bootstrap, ConfigError> {
             node.cluster = cluster.clone();
         }
     }
-    super::convert::bootstrap(&proto)
+    remora_config::bootstrap::bootstrap(&proto)
 }
 
 fn env(name: &str) -> Result<String, ConfigError> {

@@ -10,6 +10,8 @@
 //! - Idle HTTP/1.1 connections close after the cluster's `idle_timeout` (a sweep per worker
 //!   pool); a removed or replaced cluster closes its idle connections at once.
 //!
+//! Connections come from the cluster's [`Connector`] (one connect path with `tcp_proxy`).
+//!
 //! Circuit breakers as Envoy enforces them: a request that finds no usable connection is
 //! *pending* (up to `max_pending_requests`, else it overflows) until it gets one, either a
 //! connection slot under `max_connections` (then it connects) or, for HTTP/1.1, an idle
@@ -24,10 +26,8 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -35,14 +35,13 @@ use futures::future::{BoxFuture, Shared};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 
+use super::connect::{Connector, LimitSlot, UpstreamIo};
+use super::host::{Host, HostStats};
 use crate::config::{Cluster, Http2Options, UpstreamProtocol};
 use crate::http::body::RequestBody;
-use crate::lb::{Host, HostStats};
 use crate::stats::ClusterStats;
 
 thread_local! {
@@ -88,17 +87,11 @@ type Http1Sender = http1::SendRequest<RequestBody>;
 type Http2Sender = http2::SendRequest<RequestBody>;
 type Http2Connect = Shared<BoxFuture<'static, Result<Http2Sender, PoolError>>>;
 
-/// A cluster's circuit breaker state, shared by every worker's pool.
+/// The pending-request breaker (`max_pending_requests`), shared by every worker's pool.
 #[derive(Debug)]
-struct Limits {
-    /// Connections open or being opened.
-    connections: AtomicUsize,
-    max_connections: usize,
-    /// Requests waiting for a connection.
+struct PendingLimit {
     pending: AtomicUsize,
-    max_pending: usize,
-    /// Wakes pending requests when a connection slot frees.
-    freed: Notify,
+    max: usize,
 }
 
 /// One worker's connections to one endpoint address.
@@ -201,69 +194,108 @@ impl WorkerPool {
     }
 }
 
-/// One connection slot under `max_connections`, held from before the connect until the
-/// connection closes (or the connect fails or is dropped).
+/// One connection slot: a place under `max_connections` and this worker's count of its
+/// connections to the host, both held from before the connect until the connection closes.
 struct Slot {
-    connector: Arc<Connector>,
-    worker: Arc<WorkerPool>,
-    addr: SocketAddr,
-    /// The host's stats, which count the connection made in the slot.
-    host: Arc<HostStats>,
+    limit: LimitSlot,
+    worker: WorkerSlot,
 }
 
 impl Slot {
-    fn new(connector: &Arc<Connector>, worker: &Arc<WorkerPool>, host: &Host) -> Slot {
+    fn new(limit: LimitSlot, worker: &Arc<WorkerPool>, host: &Host) -> Slot {
         worker.hosts().entry(host.addr).or_default().open += 1;
         Slot {
-            connector: connector.clone(),
-            worker: worker.clone(),
-            addr: host.addr,
-            host: host.stats.clone(),
+            limit,
+            worker: WorkerSlot {
+                worker: worker.clone(),
+                addr: host.addr,
+            },
         }
     }
 }
 
-impl Drop for Slot {
+/// A connection counted in its worker's `open` for its host.
+struct WorkerSlot {
+    worker: Arc<WorkerPool>,
+    addr: SocketAddr,
+}
+
+impl Drop for WorkerSlot {
     fn drop(&mut self) {
-        self.connector
-            .limits
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
-        {
-            let mut hosts = self.worker.hosts();
-            if let Some(host) = hosts.get_mut(&self.addr) {
-                host.open -= 1;
-                // Nothing open: whatever senders are left belong to closed connections.
-                if host.open == 0 && host.http2_connect.is_none() {
-                    hosts.remove(&self.addr);
-                }
+        let mut hosts = self.worker.hosts();
+        if let Some(host) = hosts.get_mut(&self.addr) {
+            host.open -= 1;
+            // Nothing open: whatever senders are left belong to closed connections.
+            if host.open == 0 && host.http2_connect.is_none() {
+                hosts.remove(&self.addr);
             }
         }
-        self.connector.limits.freed.notify_waiters();
     }
 }
 
-impl std::fmt::Debug for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot").field("addr", &self.addr).finish()
+/// A pooled connection's transport: the counted upstream connection and its worker's count.
+struct PooledIo {
+    io: TokioIo<UpstreamIo>,
+    _worker: WorkerSlot,
+}
+
+impl hyper::rt::Read for PooledIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PooledIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
 /// One request counted as pending (cluster-wide, in `upstream_rq_pending_active` and in its
 /// host's `rq_pending_active`).
 struct Pending<'a> {
-    connector: &'a Connector,
+    dialer: &'a Dialer,
     host: &'a HostStats,
 }
 
 impl<'a> Pending<'a> {
-    fn try_new(connector: &'a Connector, host: &'a HostStats) -> Result<Pending<'a>, PoolError> {
-        let limits = &connector.limits;
-        let stats = &connector.stats;
-        if limits
+    fn try_new(dialer: &'a Dialer, host: &'a HostStats) -> Result<Pending<'a>, PoolError> {
+        let limit = &dialer.pending;
+        let stats = &dialer.connector.stats;
+        if limit
             .pending
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < limits.max_pending).then_some(n + 1)
+                (n < limit.max).then_some(n + 1)
             })
             .is_err()
         {
@@ -273,17 +305,14 @@ impl<'a> Pending<'a> {
         stats.upstream_rq_pending_total.inc();
         stats.upstream_rq_pending_active.inc();
         host.rq_pending_active.inc();
-        Ok(Pending { connector, host })
+        Ok(Pending { dialer, host })
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.connector
-            .limits
-            .pending
-            .fetch_sub(1, Ordering::Relaxed);
-        self.connector.stats.upstream_rq_pending_active.dec();
+        self.dialer.pending.pending.fetch_sub(1, Ordering::Relaxed);
+        self.dialer.connector.stats.upstream_rq_pending_active.dec();
         self.host.rq_pending_active.dec();
     }
 }
@@ -294,42 +323,29 @@ enum Got {
     Idle(Http1Sender),
 }
 
-/// Makes a cluster's connections: TCP (and TLS), counted in its stats and under its breakers.
+/// Opens connections for the pools: the cluster's connector, the pending-request breaker and
+/// the HTTP settings of its connections.
 #[derive(Debug)]
-struct Connector {
-    stats: Arc<ClusterStats>,
-    limits: Limits,
-    connect_timeout: Duration,
-    tcp_keepalive: bool,
-    tls: Option<crate::tls::UpstreamTls>,
+struct Dialer {
+    connector: Arc<Connector>,
+    pending: PendingLimit,
     max_headers_count: usize,
     http2: Http2Options,
 }
 
-impl Connector {
-    fn try_slot(self: &Arc<Self>, worker: &Arc<WorkerPool>, host: &Host) -> Option<Slot> {
-        let limits = &self.limits;
-        limits
-            .connections
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < limits.max_connections).then_some(n + 1)
-            })
-            .ok()?;
-        Some(Slot::new(self, worker, host))
+impl Dialer {
+    fn try_slot(&self, worker: &Arc<WorkerPool>, host: &Host) -> Option<Slot> {
+        let limit = self.connector.limit.try_acquire()?;
+        Some(Slot::new(limit, worker, host))
     }
 
     /// Waits for a connection slot or, when `idle_too`, an HTTP/1.1 connection handed back to
     /// this worker's pool, whichever comes first.
-    async fn wait_for_slot(
-        self: &Arc<Self>,
-        worker: &Arc<WorkerPool>,
-        host: &Host,
-        idle_too: bool,
-    ) -> Got {
+    async fn wait_for_slot(&self, worker: &Arc<WorkerPool>, host: &Host, idle_too: bool) -> Got {
         let mut overflowed = false;
         loop {
             // Created before the checks, so a release in between still wakes us.
-            let freed = self.limits.freed.notified();
+            let freed = self.connector.limit.freed.notified();
             let released = worker.released.notified();
             if let Some(slot) = self.try_slot(worker, host) {
                 return Got::Slot(slot);
@@ -339,13 +355,12 @@ impl Connector {
             }
             if !overflowed {
                 overflowed = true;
-                self.stats.upstream_cx_overflow.inc();
+                self.connector.stats.upstream_cx_overflow.inc();
             }
             // Envoy's rule: a pool with no connection to the host gets one over the limit,
             // else requests queued here could wait on connections idle in another worker.
             if worker.open_connections(host.addr) == 0 {
-                self.limits.connections.fetch_add(1, Ordering::Relaxed);
-                return Got::Slot(Slot::new(self, worker, host));
+                return Got::Slot(Slot::new(self.connector.limit.acquire_over(), worker, host));
             }
             tokio::select! {
                 () = freed => {}
@@ -354,55 +369,33 @@ impl Connector {
         }
     }
 
-    /// Opens a connection in `slot`: TCP within the connect timeout, then TLS if configured.
-    async fn connect(&self, slot: Slot) -> Result<CountedIo, PoolError> {
-        let stats = &self.stats;
-        let counted = CountedConnection::new(stats, slot);
-        let slot = &counted.slot;
-        let failed = |reason: String| {
-            stats.upstream_cx_connect_fail.inc();
-            slot.host.cx_connect_fail.inc();
-            PoolError::connect(reason)
-        };
-        let tcp = match tokio::time::timeout(
-            self.connect_timeout,
-            tcp_connect(slot.addr, self.tcp_keepalive),
-        )
-        .await
-        {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(error)) => return Err(failed(format!("{}: {error}", slot.addr))),
-            Err(_) => return Err(failed(format!("{}: connect timeout", slot.addr))),
-        };
-        let io = match &self.tls {
-            None => Io::Plain(TokioIo::new(tcp)),
-            Some(tls) => {
-                let name = match tls.sni.clone() {
-                    Some(name) => name,
-                    None => rustls::pki_types::ServerName::IpAddress(slot.addr.ip().into()),
-                };
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                match connector.connect(name, tcp).await {
-                    Ok(stream) => Io::Tls(Box::new(TokioIo::new(stream))),
-                    Err(error) => return Err(failed(format!("{}: TLS: {error}", slot.addr))),
-                }
-            }
-        };
-        Ok(CountedIo { io, counted })
+    /// Opens a connection in `slot` through the cluster's connector; the worker's count of
+    /// it travels with the connection.
+    async fn connect(&self, host: &Host, slot: Slot) -> Result<PooledIo, PoolError> {
+        let Slot { limit, worker } = slot;
+        let io = self
+            .connector
+            .connect(host.addr, &host.state, limit)
+            .await
+            .map_err(|error| PoolError::Connect(error.to_string().into()))?;
+        Ok(PooledIo {
+            io: TokioIo::new(io),
+            _worker: worker,
+        })
     }
 
     /// A new HTTP/1.1 connection, or an idle one handed back while this request was pending.
     async fn http1_connection(
-        self: &Arc<Self>,
+        &self,
         worker: &Arc<WorkerPool>,
         host: &Host,
     ) -> Result<Http1Sender, PoolError> {
-        let pending = Pending::try_new(self, &host.stats)?;
+        let pending = Pending::try_new(self, host.stats())?;
         let slot = match self.wait_for_slot(worker, host, true).await {
             Got::Slot(slot) => slot,
             Got::Idle(sender) => return Ok(sender),
         };
-        let io = self.connect(slot).await?;
+        let io = self.connect(host, slot).await?;
         let mut builder = http1::Builder::new();
         // As downstream: an explicit limit costs hyper a filled vector per response.
         if self.max_headers_count != crate::http::HYPER_DEFAULT_MAX_HEADERS {
@@ -415,7 +408,7 @@ impl Connector {
         Ok(sender)
     }
 
-    /// Opens the worker's HTTP/2 connection to `addr` and records it in the pool.
+    /// Opens the worker's HTTP/2 connection to the host and records it in the pool.
     async fn http2_connection(
         self: Arc<Self>,
         worker: Arc<WorkerPool>,
@@ -423,10 +416,14 @@ impl Connector {
     ) -> Result<Http2Sender, PoolError> {
         let addr = host.addr;
         let opened = async {
-            let Got::Slot(slot) = self.wait_for_slot(&worker, &host, false).await else {
-                unreachable!("an HTTP/2 connect waits for a slot only");
+            let slot = match self.wait_for_slot(&worker, &host, false).await {
+                Got::Slot(slot) => slot,
+                // Only HTTP/1.1 waits take idle connections.
+                Got::Idle(_) => {
+                    return Err(PoolError::connect("unexpected idle HTTP/1.1 connection"));
+                }
             };
-            let io = self.connect(slot).await?;
+            let io = self.connect(&host, slot).await?;
             let options = &self.http2;
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
@@ -445,35 +442,21 @@ impl Connector {
         }
         .await;
         let mut hosts = worker.hosts();
-        let host = hosts.entry(addr).or_default();
-        host.http2_connect = None;
+        let entry = hosts.entry(addr).or_default();
+        entry.http2_connect = None;
         match opened {
             Ok(sender) => {
-                host.http2 = Some(sender.clone());
+                entry.http2 = Some(sender.clone());
                 Ok(sender)
             }
             Err(error) => {
-                if host.open == 0 {
+                if entry.open == 0 {
                     hosts.remove(&addr);
                 }
                 Err(error)
             }
         }
     }
-}
-
-async fn tcp_connect(addr: SocketAddr, keepalive: bool) -> std::io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_nodelay(true)?;
-    if keepalive {
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-        socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive)?;
-    }
-    socket.connect(addr).await
 }
 
 /// An HTTP/1.1 connection on loan to one request. Give it back with [`Lease::release`] once
@@ -519,7 +502,7 @@ impl Lease {
 pub struct Pools {
     /// Made on a worker's first request: most clusters see traffic from few workers, or none.
     workers: Box<[OnceLock<Arc<WorkerPool>>]>,
-    connector: Arc<Connector>,
+    dialer: Arc<Dialer>,
     protocol: UpstreamProtocol,
     idle_timeout: Option<Duration>,
 }
@@ -536,21 +519,15 @@ impl Drop for Pools {
 }
 
 impl Pools {
-    pub fn new(cluster: &Cluster, stats: Arc<ClusterStats>, workers: usize) -> Self {
+    pub fn new(cluster: &Cluster, connector: Arc<Connector>, workers: usize) -> Self {
         Pools {
             workers: (0..workers + 1).map(|_| OnceLock::new()).collect(),
-            connector: Arc::new(Connector {
-                stats,
-                limits: Limits {
-                    connections: AtomicUsize::new(0),
-                    max_connections: cluster.thresholds.max_connections as usize,
+            dialer: Arc::new(Dialer {
+                connector,
+                pending: PendingLimit {
                     pending: AtomicUsize::new(0),
-                    max_pending: cluster.thresholds.max_pending_requests as usize,
-                    freed: Notify::new(),
+                    max: cluster.thresholds.max_pending_requests as usize,
                 },
-                connect_timeout: cluster.connect_timeout,
-                tcp_keepalive: cluster.tcp_keepalive,
-                tls: cluster.tls.clone(),
                 max_headers_count: cluster.max_headers_count as usize,
                 http2: cluster.http2,
             }),
@@ -571,7 +548,7 @@ impl Pools {
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let worker = self.workers[worker_index(self.workers.len())]
-            .get_or_init(|| WorkerPool::start(self.idle_timeout, &self.connector.stats));
+            .get_or_init(|| WorkerPool::start(self.idle_timeout, &self.dialer.connector.stats));
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_http1(worker, host, request).await,
             UpstreamProtocol::Http2 => {
@@ -591,7 +568,7 @@ impl Pools {
         loop {
             let (mut sender, reused) = match worker.take_idle(addr) {
                 Some(sender) => (sender, true),
-                None => (self.connector.http1_connection(worker, host).await?, false),
+                None => (self.dialer.http1_connection(worker, host).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -649,14 +626,14 @@ impl Pools {
         {
             return Ok(sender.clone());
         }
-        let _pending = Pending::try_new(&self.connector, &host.stats)?;
+        let _pending = Pending::try_new(&self.dialer, host.stats())?;
         let connecting = worker
             .hosts()
             .entry(host.addr)
             .or_default()
             .http2_connect
             .get_or_insert_with(|| {
-                self.connector
+                self.dialer
                     .clone()
                     .http2_connection(worker.clone(), host.clone())
                     .boxed()
@@ -682,109 +659,5 @@ fn to_http2_form(request: &mut Request<RequestBody>, addr: SocketAddr) {
     }
     if let Ok(uri) = Uri::from_parts(parts) {
         *request.uri_mut() = uri;
-    }
-}
-
-/// A connection in the cluster's and its host's `cx_total` and `cx_active` from its first
-/// attempt (as Envoy counts), holding its connection slot; leaves `cx_active` when dropped,
-/// whether the connect failed, was given up on or the connection closed.
-#[derive(Debug)]
-struct CountedConnection {
-    stats: Arc<ClusterStats>,
-    slot: Slot,
-}
-
-impl CountedConnection {
-    fn new(stats: &Arc<ClusterStats>, slot: Slot) -> Self {
-        stats.upstream_cx_total.inc();
-        stats.upstream_cx_active.inc();
-        slot.host.cx_total.inc();
-        slot.host.cx_active.inc();
-        CountedConnection {
-            stats: stats.clone(),
-            slot,
-        }
-    }
-}
-
-impl Drop for CountedConnection {
-    fn drop(&mut self) {
-        self.stats.upstream_cx_active.dec();
-        self.slot.host.cx_active.dec();
-    }
-}
-
-/// An open upstream connection that counts the bytes it sends.
-#[derive(Debug)]
-struct CountedIo {
-    io: Io,
-    counted: CountedConnection,
-}
-
-/// A plain or TLS upstream connection.
-#[derive(Debug)]
-enum Io {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
-}
-
-macro_rules! with_io {
-    ($self:expr, $io:ident => $body:expr) => {
-        match &mut $self.io {
-            Io::Plain($io) => $body,
-            Io::Tls($io) => {
-                let $io = &mut **$io;
-                $body
-            }
-        }
-    };
-}
-
-impl Read for CountedIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        with_io!(self, io => Pin::new(io).poll_read(cx, buf))
-    }
-}
-
-impl Write for CountedIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let result = with_io!(this, io => Pin::new(io).poll_write(cx, buf));
-        if let Poll::Ready(Ok(n)) = result {
-            this.counted.stats.upstream_cx_tx_bytes_total.add(n as u64);
-        }
-        result
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        with_io!(self, io => Pin::new(io).poll_flush(cx))
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        with_io!(self, io => Pin::new(io).poll_shutdown(cx))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Plain(io) => io.is_write_vectored(),
-            Io::Tls(io) => io.is_write_vectored(),
-        }
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let result = with_io!(this, io => Pin::new(io).poll_write_vectored(cx, bufs));
-        if let Poll::Ready(Ok(n)) = result {
-            this.counted.stats.upstream_cx_tx_bytes_total.add(n as u64);
-        }
-        result
     }
 }

@@ -1,0 +1,383 @@
+//! Access log config: where lines go (stdout, stderr, a file) and their format, Envoy's
+//! default, a `text_format` of the command operators in [`Token`], or a `json_format`. The
+//! proxy's `http::access_log` renders and writes the lines.
+
+use std::path::PathBuf;
+
+use xds_api::envoy::config::accesslog::v3 as accesslog_pb;
+use xds_api::envoy::config::core::v3 as core_pb;
+use xds_api::envoy::extensions::access_loggers::{file::v3 as file_pb, stream::v3 as stream_pb};
+use xds_api::type_urls;
+
+use crate::common::unpack;
+use crate::error::{ConfigError, ConfigResult, err, field};
+use crate::unsupported;
+
+/// Envoy's default access log format.
+pub const DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+/// Where lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+/// One configured access log: a destination and a parsed format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    pub target: Target,
+    pub format: LogFormat,
+}
+
+/// A parsed `log_format`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogFormat {
+    /// Text; `omit_empty` writes nothing, instead of `-`, for a value that is not there.
+    Text {
+        tokens: Vec<Token>,
+        omit_empty: bool,
+    },
+    /// `json_format`; `omit_empty` leaves out null values and objects left empty.
+    Json {
+        fields: JsonObject,
+        omit_empty: bool,
+    },
+}
+
+/// A `json_format` object: keys in order (sorted, as Envoy writes them) and their formats.
+pub type JsonObject = Vec<(String, JsonField)>;
+
+/// One value of a `json_format` object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JsonField {
+    /// A format string. Made of one operator alone, it renders as that operator's own type
+    /// (a number for `%RESPONSE_CODE%`, null when a header is absent); otherwise as a string.
+    Format(Vec<Token>),
+    /// A number, boolean or null written as is.
+    Literal(serde_json::Value),
+    Object(JsonObject),
+    List(Vec<JsonField>),
+}
+
+/// Reads a `json_format` struct: strings are formats, structs and lists nest, other values
+/// are literals.
+pub fn parse_json_format(
+    fields: &std::collections::BTreeMap<String, prost_types::Value>,
+) -> Result<JsonObject, String> {
+    fields
+        .iter()
+        .map(|(key, value)| {
+            let field = parse_json_value(value).map_err(|error| format!("{key}{error}"))?;
+            Ok((key.clone(), field))
+        })
+        .collect()
+}
+
+/// One value; an error starts with where it is below this value (`.key`, `[i]`, or `: `).
+fn parse_json_value(value: &prost_types::Value) -> Result<JsonField, String> {
+    use prost_types::value::Kind;
+    Ok(match &value.kind {
+        Some(Kind::StringValue(format)) => {
+            JsonField::Format(parse_format(format).map_err(|error| format!(": {error}"))?)
+        }
+        Some(Kind::StructValue(nested)) => JsonField::Object(
+            parse_json_format(&nested.fields).map_err(|error| format!(".{error}"))?,
+        ),
+        Some(Kind::ListValue(list)) => JsonField::List(
+            list.values
+                .iter()
+                .enumerate()
+                .map(|(index, item)| {
+                    parse_json_value(item).map_err(|error| format!("[{index}]{error}"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(Kind::NumberValue(number)) => JsonField::Literal(
+            // Whole numbers print without a fraction, as Envoy prints them.
+            if number.fract() == 0.0 && number.abs() < 9.0e15 {
+                serde_json::Value::from(*number as i64)
+            } else {
+                serde_json::Number::from_f64(*number)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number)
+            },
+        ),
+        Some(Kind::BoolValue(flag)) => JsonField::Literal(serde_json::Value::Bool(*flag)),
+        Some(Kind::NullValue(_)) | None => JsonField::Literal(serde_json::Value::Null),
+    })
+}
+
+/// A piece of a format: literal text or a command operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    Text(String),
+    StartTime,
+    /// `%REQ(NAME?ALT):MAX%`; `:method`, `:path`, `:authority`, `:scheme` are pseudo-headers.
+    Request {
+        name: String,
+        alt: Option<String>,
+        max: Option<usize>,
+    },
+    Response {
+        name: String,
+        max: Option<usize>,
+    },
+    Protocol,
+    ResponseCode,
+    ResponseFlags,
+    BytesReceived,
+    BytesSent,
+    Duration,
+    UpstreamHost,
+    UpstreamCluster,
+    DownstreamRemoteAddress,
+    DownstreamLocalAddress,
+}
+
+/// Parses an Envoy format string; an unknown operator is an error naming it.
+pub fn parse_format(format: &str) -> Result<Vec<Token>, String> {
+    let mut tokens = Vec::new();
+    let mut rest = format;
+    while let Some(start) = rest.find('%') {
+        if start > 0 {
+            tokens.push(Token::Text(rest[..start].to_string()));
+        }
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('%') else {
+            return Err(format!("unterminated command operator in {format:?}"));
+        };
+        let operator = &after[..end];
+        tokens.push(match operator {
+            // `%%` is a literal percent sign.
+            "" => Token::Text("%".into()),
+            _ => parse_operator(operator)?,
+        });
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        tokens.push(Token::Text(rest.to_string()));
+    }
+    Ok(tokens)
+}
+
+fn parse_operator(operator: &str) -> Result<Token, String> {
+    let simple = match operator {
+        "START_TIME" => Some(Token::StartTime),
+        "PROTOCOL" => Some(Token::Protocol),
+        "RESPONSE_CODE" => Some(Token::ResponseCode),
+        "RESPONSE_FLAGS" => Some(Token::ResponseFlags),
+        "BYTES_RECEIVED" => Some(Token::BytesReceived),
+        "BYTES_SENT" => Some(Token::BytesSent),
+        "DURATION" => Some(Token::Duration),
+        "UPSTREAM_HOST" => Some(Token::UpstreamHost),
+        "UPSTREAM_CLUSTER" => Some(Token::UpstreamCluster),
+        "DOWNSTREAM_REMOTE_ADDRESS" => Some(Token::DownstreamRemoteAddress),
+        "DOWNSTREAM_LOCAL_ADDRESS" => Some(Token::DownstreamLocalAddress),
+        _ => None,
+    };
+    if let Some(token) = simple {
+        return Ok(token);
+    }
+    let header_operator = |prefix: &str| -> Option<(String, Option<String>, Option<usize>)> {
+        let inner = operator.strip_prefix(prefix)?;
+        let (args, max) = match inner.split_once(')') {
+            Some((args, "")) => (args, None),
+            Some((args, tail)) => (args, Some(tail.strip_prefix(':')?.parse().ok()?)),
+            None => return None,
+        };
+        let (name, alt) = match args.split_once('?') {
+            Some((name, alt)) => (name, Some(alt.to_ascii_lowercase())),
+            None => (args, None),
+        };
+        Some((name.to_ascii_lowercase(), alt, max))
+    };
+    if let Some((name, alt, max)) = header_operator("REQ(") {
+        return Ok(Token::Request { name, alt, max });
+    }
+    if let Some((name, None, max)) = header_operator("RESP(") {
+        return Ok(Token::Response { name, max });
+    }
+    Err(format!("command operator %{operator}% is not supported"))
+}
+
+/// One `access_log` entry: the stdout, stderr or file logger with Envoy's default format, a
+/// text format or a JSON format. A file is opened by the proxy when the config is built.
+pub fn access_log(proto: &accesslog_pb::AccessLog, path: &str) -> ConfigResult<AccessLogConfig> {
+    use accesslog_pb::access_log::ConfigType;
+    let accesslog_pb::AccessLog {
+        name: _,
+        filter,
+        config_type,
+    } = proto;
+    unsupported!(path, filter);
+    let Some(ConfigType::TypedConfig(any)) = config_type else {
+        return err(field(path, "typed_config"), "required");
+    };
+    let typed = field(path, "typed_config");
+    let (target, format) = match any.type_url.as_str() {
+        type_urls::STDOUT_ACCESS_LOG => {
+            let stream_pb::StdoutAccessLog { access_log_format } = unpack(any, &typed)?;
+            let format = access_log_format.map(|f| match f {
+                stream_pb::stdout_access_log::AccessLogFormat::LogFormat(format) => format,
+            });
+            (Target::Stdout, format)
+        }
+        type_urls::STDERR_ACCESS_LOG => {
+            let stream_pb::StderrAccessLog { access_log_format } = unpack(any, &typed)?;
+            let format = access_log_format.map(|f| match f {
+                stream_pb::stderr_access_log::AccessLogFormat::LogFormat(format) => format,
+            });
+            (Target::Stderr, format)
+        }
+        type_urls::FILE_ACCESS_LOG => {
+            let file_pb::FileAccessLog {
+                path: file,
+                access_log_format,
+            } = unpack(any, &typed)?;
+            if file.is_empty() {
+                return err(field(&typed, "path"), "must not be empty");
+            }
+            use file_pb::file_access_log::AccessLogFormat as F;
+            let format = match access_log_format {
+                None => None,
+                Some(F::LogFormat(format)) => Some(format),
+                Some(F::Format(_) | F::JsonFormat(_) | F::TypedJsonFormat(_)) => {
+                    return err(
+                        &typed,
+                        "only log_format is supported (not the deprecated format, json_format, typed_json_format)",
+                    );
+                }
+            };
+            (Target::File(file.into()), format)
+        }
+        other => return err(typed, format!("access logger {other} is not supported")),
+    };
+    let format = log_format(format, &field(&typed, "log_format"))?;
+    Ok(AccessLogConfig { target, format })
+}
+
+/// A `SubstitutionFormatString` (absent: Envoy's default format).
+pub fn log_format(
+    format: Option<core_pb::SubstitutionFormatString>,
+    path: &str,
+) -> ConfigResult<LogFormat> {
+    use core_pb::substitution_format_string::Format;
+    let Some(core_pb::SubstitutionFormatString {
+        omit_empty_values,
+        content_type,
+        json_format_options,
+        format,
+    }) = format
+    else {
+        return Ok(LogFormat::Text {
+            tokens: parse_format(DEFAULT_FORMAT).map_err(|e| ConfigError::new(path, e))?,
+            omit_empty: false,
+        });
+    };
+    unsupported!(path, content_type, json_format_options);
+    let omit_empty = omit_empty_values;
+    let text = match format {
+        None => DEFAULT_FORMAT.to_string(),
+        Some(Format::TextFormat(text)) => text,
+        Some(Format::TextFormatSource(source)) => {
+            let spath = field(path, "text_format_source");
+            match crate::common::data_source(&source, &spath)? {
+                crate::common::DataSource::Inline(bytes) => {
+                    String::from_utf8(bytes).map_err(|_| ConfigError::new(&spath, "not UTF-8"))?
+                }
+                crate::common::DataSource::File(_) => {
+                    return err(spath, "only inline_string and inline_bytes are supported");
+                }
+            }
+        }
+        Some(Format::JsonFormat(object)) => {
+            let fields = parse_json_format(&object.fields)
+                .map_err(|e| ConfigError::new(field(path, "json_format"), e))?;
+            return Ok(LogFormat::Json { fields, omit_empty });
+        }
+    };
+    let tokens = parse_format(&text).map_err(|e| ConfigError::new(path, e))?;
+    Ok(LogFormat::Text { tokens, omit_empty })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_format_parses_and_unknown_operators_are_named() {
+        let tokens = parse_format(DEFAULT_FORMAT).expect("default format");
+        assert!(tokens.contains(&Token::Request {
+            name: "x-envoy-original-path".into(),
+            alt: Some(":path".into()),
+            max: None
+        }));
+        assert_eq!(
+            parse_format("%REQ(USER-AGENT):10% 100%%").unwrap(),
+            vec![
+                Token::Request {
+                    name: "user-agent".into(),
+                    alt: None,
+                    max: Some(10)
+                },
+                Token::Text(" 100".into()),
+                Token::Text("%".into()),
+            ]
+        );
+        let error = parse_format("%FILTER_STATE(x)%").unwrap_err();
+        assert!(error.contains("%FILTER_STATE(x)%"), "{error}");
+        assert!(parse_format("%START_TIME").is_err());
+    }
+
+    #[test]
+    fn json_format_keeps_literals_and_nesting_and_names_a_bad_operator_by_its_place() {
+        use prost_types::value::Kind;
+        let value = |kind| prost_types::Value { kind: Some(kind) };
+        let mut nested = std::collections::BTreeMap::new();
+        nested.insert(
+            "code".to_string(),
+            value(Kind::StringValue("%RESPONSE_CODE%".into())),
+        );
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("whole".to_string(), value(Kind::NumberValue(7.0)));
+        fields.insert("half".to_string(), value(Kind::NumberValue(0.5)));
+        fields.insert(
+            "inner".to_string(),
+            value(Kind::StructValue(prost_types::Struct { fields: nested })),
+        );
+        let object = parse_json_format(&fields).expect("valid");
+        assert_eq!(
+            object,
+            vec![
+                (
+                    "half".to_string(),
+                    JsonField::Literal(serde_json::json!(0.5))
+                ),
+                (
+                    "inner".to_string(),
+                    JsonField::Object(vec![(
+                        "code".to_string(),
+                        JsonField::Format(vec![Token::ResponseCode])
+                    )])
+                ),
+                (
+                    "whole".to_string(),
+                    JsonField::Literal(serde_json::json!(7))
+                ),
+            ]
+        );
+        let list = |values| value(Kind::ListValue(prost_types::ListValue { values }));
+        let mut bad = std::collections::BTreeMap::new();
+        bad.insert(
+            "x".to_string(),
+            list(vec![
+                value(Kind::BoolValue(true)),
+                value(Kind::StringValue("%NOPE%".into())),
+            ]),
+        );
+        let error = parse_json_format(&bad).unwrap_err();
+        assert!(error.starts_with("x[1]: "), "{error}");
+        assert!(error.contains("%NOPE%"), "{error}");
+    }
+}

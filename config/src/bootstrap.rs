@@ -1,0 +1,445 @@
+//! The bootstrap: node identity, admin, static listeners and clusters, the ADS config source
+//! and the `layered_runtime` keys Remora acts on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use xds_api::envoy::config::bootstrap::v3 as bootstrap_pb;
+use xds_api::envoy::config::core::v3 as core_pb;
+use xds_api::envoy::config::listener::v3 as listener_pb;
+
+use crate::access_log::{
+    AccessLogConfig, DEFAULT_FORMAT, LogFormat, Target, access_log, parse_format,
+};
+use crate::cluster::{Cluster, cluster};
+use crate::common::{ConfigSource, api_version, config_source, duration, socket_address};
+use crate::error::{ConfigError, ConfigResult, err, field, item};
+use crate::hcm::RouteSource;
+use crate::listener::{Listener, listener};
+use crate::raw::RawConfig;
+use crate::route::Files;
+use crate::unsupported;
+
+/// The whole bootstrap, validated.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub node: Node,
+    pub admin: Option<Admin>,
+    pub listeners: Vec<Arc<Listener>>,
+    pub clusters: Vec<Arc<Cluster>>,
+    pub dynamic: Option<DynamicResources>,
+    pub runtime: Runtime,
+    /// The bootstrap as loaded, for `/config_dump`.
+    pub raw: RawConfig,
+}
+
+/// The admin endpoint.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub address: SocketAddr,
+    /// `ignore_global_conn_limit`: admin connections neither count towards nor are refused by
+    /// `global_downstream_max_connections` (by default they do and are, as in Envoy).
+    pub ignores_global_limit: bool,
+    /// Lines for admin requests (`access_log_path` and `access_log`).
+    pub access_logs: Vec<AccessLogConfig>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Node {
+    pub id: String,
+    pub cluster: String,
+    /// The node as given (metadata, locality), sent to the control plane.
+    pub proto: core_pb::Node,
+}
+
+/// The `layered_runtime` keys Remora acts on, after the layers are merged (later wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Runtime {
+    /// `envoy.resource_limits.listener.NAME.connection_limit`, by listener name.
+    pub listener_connection_limits: HashMap<String, u64>,
+    /// `overload.global_downstream_max_connections`: across all listeners.
+    pub global_max_connections: Option<u64>,
+}
+
+/// Which protocol variant the ADS stream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdsFlavor {
+    StateOfTheWorld,
+    Delta,
+}
+
+#[derive(Debug, Clone)]
+pub struct DynamicResources {
+    /// The static cluster the ADS stream goes to (its TLS settings apply to the stream).
+    pub ads_cluster: String,
+    pub flavor: AdsFlavor,
+    /// Send the node only in a stream's first request.
+    pub node_on_first_message_only: bool,
+    /// `GrpcService.timeout`: how long establishing a stream may take (unset: the cluster's
+    /// connect timeout, then no limit for the response headers).
+    pub stream_timeout: Option<Duration>,
+    pub lds: Option<ConfigSource>,
+    pub cds: Option<ConfigSource>,
+}
+
+pub fn bootstrap(proto: &bootstrap_pb::Bootstrap) -> ConfigResult<Bootstrap> {
+    crate::gate::check(proto, "")?;
+    let bootstrap_pb::Bootstrap {
+        node,
+        static_resources,
+        dynamic_resources,
+        cluster_manager,
+        stats_flush_interval,
+        layered_runtime,
+        admin,
+        enable_dispatcher_stats,
+        header_prefix,
+    } = proto;
+    unsupported!(
+        "",
+        cluster_manager,
+        stats_flush_interval,
+        enable_dispatcher_stats,
+        header_prefix
+    );
+    let node = node
+        .as_ref()
+        .map(|n| read_node(n, "node"))
+        .transpose()?
+        .unwrap_or_default();
+    let admin = admin.as_ref().map(|a| read_admin(a, "admin")).transpose()?;
+    let mut listeners: Vec<Arc<Listener>> = Vec::new();
+    let mut clusters: Vec<Arc<Cluster>> = Vec::new();
+    if let Some(bootstrap_pb::bootstrap::StaticResources {
+        listeners: listener_protos,
+        clusters: cluster_protos,
+        secrets,
+    }) = static_resources
+    {
+        let spath = "static_resources";
+        unsupported!(spath, secrets);
+        for (index, listener_proto) in listener_protos.iter().enumerate() {
+            let path = item(spath, "listeners", index);
+            let named;
+            let listener_proto = if listener_proto.name.is_empty() {
+                // As Envoy does: a static listener without a name gets a random UUID.
+                named = listener_pb::Listener {
+                    name: crate::uuid_v4(),
+                    ..listener_proto.clone()
+                };
+                &named
+            } else {
+                listener_proto
+            };
+            let model = listener(listener_proto, &path, Files::Read)?;
+            if listeners.iter().any(|other| other.name == model.name) {
+                return err(
+                    field(&path, "name"),
+                    format!("duplicate listener name {:?}", model.name),
+                );
+            }
+            listeners.push(Arc::new(model));
+        }
+        for (index, cluster_proto) in cluster_protos.iter().enumerate() {
+            let path = item(spath, "clusters", index);
+            let model = cluster(cluster_proto, &path)?;
+            if clusters.iter().any(|other| other.name == model.name) {
+                return err(
+                    field(&path, "name"),
+                    format!("duplicate cluster name {:?}", model.name),
+                );
+            }
+            clusters.push(Arc::new(model));
+        }
+    }
+    let runtime = runtime(layered_runtime)?;
+    let dynamic = dynamic_resources
+        .as_ref()
+        .map(|d| read_dynamic(d, &clusters))
+        .transpose()?;
+    // Every cluster a static listener names must exist, unless clusters come from CDS.
+    if dynamic.as_ref().is_none_or(|d| d.cds.is_none()) {
+        let known = |name: &str| clusters.iter().any(|c| c.name == name);
+        for (index, listener) in listeners.iter().enumerate() {
+            let path = item("static_resources", "listeners", index);
+            for hcm in listener.connection_managers() {
+                let RouteSource::Inline(table) = &hcm.routes else {
+                    continue;
+                };
+                if table.validate_clusters == Some(false) {
+                    continue;
+                }
+                if let Some(name) = table.clusters.iter().find(|name| !known(name)) {
+                    return err(path, format!("route: unknown cluster {name:?}"));
+                }
+            }
+            if let Some(name) = listener
+                .tcp_clusters()
+                .into_iter()
+                .find(|name| !known(name))
+            {
+                return err(path, format!("tcp_proxy names unknown cluster {name:?}"));
+            }
+        }
+    }
+    Ok(Bootstrap {
+        node,
+        admin,
+        listeners,
+        clusters,
+        dynamic,
+        runtime,
+        raw: RawConfig::of(proto),
+    })
+}
+
+fn read_node(proto: &core_pb::Node, path: &str) -> ConfigResult<Node> {
+    let core_pb::Node {
+        id,
+        cluster,
+        metadata: _,
+        locality: _,
+        user_agent_name: _,
+        extensions,
+        client_features,
+        listening_addresses,
+        user_agent_version_type,
+    } = proto;
+    unsupported!(
+        path,
+        extensions,
+        client_features,
+        listening_addresses,
+        user_agent_version_type
+    );
+    Ok(Node {
+        id: id.clone(),
+        cluster: cluster.clone(),
+        proto: proto.clone(),
+    })
+}
+
+fn read_admin(proto: &bootstrap_pb::Admin, path: &str) -> ConfigResult<Admin> {
+    let bootstrap_pb::Admin {
+        access_log,
+        access_log_path,
+        profile_path,
+        address,
+        ignore_global_conn_limit,
+    } = proto;
+    unsupported!(path, profile_path);
+    let mut access_logs = access_log
+        .iter()
+        .enumerate()
+        .map(|(i, log)| self::access_log(log, &item(path, "access_log", i)))
+        .collect::<ConfigResult<Vec<_>>>()?;
+    // The deprecated path: a file logger in Envoy's default format. `/dev/null` is what
+    // Envoy's own examples write for "no admin log".
+    if !access_log_path.is_empty() && access_log_path != "/dev/null" {
+        access_logs.push(AccessLogConfig {
+            target: Target::File(access_log_path.into()),
+            format: LogFormat::Text {
+                tokens: parse_format(DEFAULT_FORMAT)
+                    .map_err(|e| ConfigError::new(field(path, "access_log_path"), e))?,
+                omit_empty: false,
+            },
+        });
+    }
+    Ok(Admin {
+        address: socket_address(address, &field(path, "address"))?,
+        ignores_global_limit: *ignore_global_conn_limit,
+        access_logs,
+    })
+}
+
+fn read_dynamic(
+    proto: &bootstrap_pb::bootstrap::DynamicResources,
+    clusters: &[Arc<Cluster>],
+) -> ConfigResult<DynamicResources> {
+    let path = "dynamic_resources";
+    let bootstrap_pb::bootstrap::DynamicResources {
+        lds_config,
+        cds_config,
+        ads_config,
+    } = proto;
+    let Some(core_pb::ApiConfigSource {
+        api_type,
+        transport_api_version,
+        cluster_names,
+        grpc_services,
+        refresh_delay,
+        request_timeout,
+        rate_limit_settings,
+        set_node_on_first_message_only,
+        config_validators,
+    }) = ads_config
+    else {
+        return err(field(path, "ads_config"), "required: only ADS is supported");
+    };
+    let apath = field(path, "ads_config");
+    unsupported!(
+        &apath,
+        cluster_names,
+        refresh_delay,
+        request_timeout,
+        rate_limit_settings,
+        config_validators
+    );
+    use core_pb::api_config_source::ApiType;
+    let flavor = match ApiType::try_from(*api_type) {
+        Ok(ApiType::Grpc) => AdsFlavor::StateOfTheWorld,
+        Ok(ApiType::DeltaGrpc) => AdsFlavor::Delta,
+        _ => {
+            return err(
+                field(&apath, "api_type"),
+                "only GRPC and DELTA_GRPC are supported",
+            );
+        }
+    };
+    api_version(
+        *transport_api_version,
+        &field(&apath, "transport_api_version"),
+    )?;
+    let [service] = grpc_services.as_slice() else {
+        return err(
+            field(&apath, "grpc_services"),
+            "exactly one grpc service is required",
+        );
+    };
+    let gpath = item(&apath, "grpc_services", 0);
+    let core_pb::GrpcService {
+        timeout,
+        initial_metadata,
+        target_specifier,
+    } = service;
+    unsupported!(&gpath, initial_metadata);
+    let Some(core_pb::grpc_service::TargetSpecifier::EnvoyGrpc(core_pb::grpc_service::EnvoyGrpc {
+        cluster_name,
+        authority,
+        max_receive_message_length,
+        skip_envoy_headers,
+    })) = target_specifier
+    else {
+        return err(gpath, "envoy_grpc is required");
+    };
+    let epath = field(&gpath, "envoy_grpc");
+    unsupported!(
+        &epath,
+        authority,
+        max_receive_message_length,
+        skip_envoy_headers
+    );
+    if !clusters.iter().any(|c| c.name == *cluster_name) {
+        return err(
+            field(&epath, "cluster_name"),
+            format!("unknown static cluster {cluster_name:?}"),
+        );
+    }
+    let stream_timeout = match timeout {
+        Some(value) => Some(duration(value, &field(&gpath, "timeout"))?).filter(|t| !t.is_zero()),
+        None => None,
+    };
+    let lds = lds_config
+        .as_ref()
+        .map(|_| config_source(lds_config, &field(path, "lds_config")))
+        .transpose()?;
+    let cds = cds_config
+        .as_ref()
+        .map(|_| config_source(cds_config, &field(path, "cds_config")))
+        .transpose()?;
+    Ok(DynamicResources {
+        ads_cluster: cluster_name.clone(),
+        flavor,
+        node_on_first_message_only: *set_node_on_first_message_only,
+        stream_timeout,
+        lds,
+        cds,
+    })
+}
+
+/// The bootstrap's `layered_runtime`: static layers merged in order; an admin layer is
+/// accepted and stays empty (Remora has no `/runtime_modify`). A key Remora does not act on is
+/// an error, not a setting that silently does nothing.
+fn runtime(proto: &Option<bootstrap_pb::LayeredRuntime>) -> ConfigResult<Runtime> {
+    use bootstrap_pb::runtime_layer::LayerSpecifier;
+    let mut runtime = Runtime::default();
+    let Some(bootstrap_pb::LayeredRuntime { layers }) = proto else {
+        return Ok(runtime);
+    };
+    for (index, layer) in layers.iter().enumerate() {
+        let path = item("layered_runtime", "layers", index);
+        let bootstrap_pb::RuntimeLayer {
+            name: _,
+            layer_specifier,
+        } = layer;
+        match layer_specifier {
+            Some(LayerSpecifier::StaticLayer(values)) => {
+                let mut flat = Vec::new();
+                flatten_struct(values, "", &mut flat);
+                for (key, value) in flat {
+                    set_runtime_key(&mut runtime, &key, value, &field(&path, "static_layer"))?;
+                }
+            }
+            Some(LayerSpecifier::AdminLayer(bootstrap_pb::runtime_layer::AdminLayer {})) => {}
+            None => return err(path, "a static_layer or an admin_layer is required"),
+        }
+    }
+    Ok(runtime)
+}
+
+/// A Struct as Envoy's runtime sees it: dotted keys to leaf values.
+fn flatten_struct<'a>(
+    values: &'a prost_types::Struct,
+    prefix: &str,
+    out: &mut Vec<(String, &'a prost_types::Value)>,
+) {
+    for (name, value) in &values.fields {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match &value.kind {
+            Some(prost_types::value::Kind::StructValue(inner)) => flatten_struct(inner, &key, out),
+            _ => out.push((key, value)),
+        }
+    }
+}
+
+fn set_runtime_key(
+    runtime: &mut Runtime,
+    key: &str,
+    value: &prost_types::Value,
+    path: &str,
+) -> ConfigResult<()> {
+    let count = || -> ConfigResult<u64> {
+        match &value.kind {
+            Some(prost_types::value::Kind::NumberValue(n)) if *n >= 0.0 && n.fract() == 0.0 => {
+                Ok(*n as u64)
+            }
+            Some(prost_types::value::Kind::StringValue(s)) => s
+                .parse::<u64>()
+                .or_else(|_| err(field(path, key), "must be a non-negative integer")),
+            _ => err(field(path, key), "must be a non-negative integer"),
+        }
+    };
+    if key == "overload.global_downstream_max_connections" {
+        runtime.global_max_connections = Some(count()?);
+    } else if let Some(listener) = key
+        .strip_prefix("envoy.resource_limits.listener.")
+        .and_then(|rest| rest.strip_suffix(".connection_limit"))
+    {
+        runtime
+            .listener_connection_limits
+            .insert(listener.to_string(), count()?);
+    } else {
+        return err(
+            field(path, key),
+            "runtime key not supported (Remora acts on overload.global_downstream_max_connections \
+             and envoy.resource_limits.listener.NAME.connection_limit)",
+        );
+    }
+    Ok(())
+}

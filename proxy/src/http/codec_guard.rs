@@ -1,0 +1,883 @@
+//! Envoy's HTTP/1.1 codec rules, applied to the raw bytes before hyper parses them.
+//!
+//! hyper quietly repairs some requests Envoy refuses (it drops `Content-Length` beside chunked
+//! framing, strips a `#fragment`, takes any method token) and refuses some Envoy accepts
+//! (obs-folded header lines, runs of spaces in the request line) with a bare 400 of its own.
+//! [`GuardedIo`] sits between the downstream socket and hyper and reads each request head
+//! first:
+//! - a head Envoy accepts goes to hyper unchanged, or normalized where hyper would refuse it;
+//! - a head Envoy refuses goes to hyper as a stand-in head, and the refusal waits in
+//!   [`Refusals`] for the request handler, which answers with Envoy's local reply. Nothing after
+//!   a refused head reaches hyper: the reply closes the connection.
+//!
+//! Bodies pass through untouched; the guard follows their framing (length, chunks) only to find
+//! the next head. Where it cannot follow (an upgrade, an HTTP/2 preface, framing it cannot
+//! read) it steps aside for the rest of the connection and hyper alone judges.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The connection manager's limits the guard enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// `max_request_headers_kb` in bytes. Envoy holds both the raw head and the sum of the
+    /// request target and every header name and value to it.
+    pub max_head_bytes: usize,
+    /// `max_headers_count`.
+    pub max_headers: usize,
+    /// `allow_chunked_length`: chunked framing with a `Content-Length` is accepted.
+    pub allow_chunked_length: bool,
+    /// `allow_custom_methods`: any method token is accepted, not only the codec's list.
+    pub allow_custom_methods: bool,
+}
+
+/// A request head Envoy's codec refuses, with the local reply it gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    /// The reply body: the reason phrase for codec errors, empty for the connection manager's.
+    pub body: &'static str,
+    /// Envoy's response code details, e.g. `http1.codec_error`.
+    pub details: &'static str,
+    /// The method and target as sent, for the access log.
+    pub method: String,
+    pub target: String,
+}
+
+/// The one refusal a connection can hold (the guard stops at it), keyed by the 0-based index
+/// of the request it replaces.
+#[derive(Debug, Default)]
+pub struct Refusals(OnceLock<(u64, Refusal)>);
+
+impl Refusals {
+    /// The refusal for the connection's `index`th request, if its head was refused.
+    pub fn take(&self, index: u64) -> Option<Refusal> {
+        self.0
+            .get()
+            .filter(|(at, _)| *at == index)
+            .map(|(_, refusal)| refusal.clone())
+    }
+}
+
+/// What hyper parses in place of a refused head: a valid request without a body, whose reply
+/// (with `connection: close`) ends the connection.
+const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nhost: refused.invalid\r\n\r\n";
+
+/// Where the guard is in the byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Expecting a request head (empty lines before it are skipped, as parsers do).
+    Head,
+    /// This many body bytes to go.
+    Length(u64),
+    Chunked(Chunk),
+    /// Not following: everything passes to hyper as it comes.
+    Aside,
+    /// A head was refused: nothing more reaches hyper.
+    Refused,
+}
+
+/// Position inside a chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// In a chunk-size line: the size so far and its digit count.
+    Size { size: u64, digits: u8 },
+    /// In a chunk extension, up to the line end.
+    Extension { size: u64 },
+    /// Chunk data still to come.
+    Data(u64),
+    /// The line end after chunk data.
+    DataEnd,
+    /// In the trailer section; `empty` while the current line has no bytes yet.
+    Trailer { empty: bool },
+}
+
+/// The judgement on one complete head.
+#[derive(Debug, PartialEq, Eq)]
+enum Judgement {
+    /// Passes unchanged; the body framing that follows.
+    Pass(Framing),
+    /// Passes as these bytes instead (Envoy reads it so; hyper would not).
+    Rewrite(Vec<u8>, Framing),
+    Refuse(Refusal),
+}
+
+/// The outcome of scanning bytes that arrived.
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    /// All bytes may pass as they are.
+    Clean,
+    /// Bytes from this offset on start a head that is incomplete, or must be rewritten or
+    /// refused: they must not reach hyper as they are.
+    Stop(usize),
+}
+
+/// The guard's reading of the request stream.
+#[derive(Debug)]
+struct Scanner {
+    rules: Rules,
+    framing: Framing,
+    /// Heads passed to hyper so far: the index of the next request.
+    heads: u64,
+}
+
+impl Scanner {
+    /// Follows `bytes` from the current position; stops at a head that cannot pass as is.
+    fn scan(&mut self, bytes: &[u8]) -> Scan {
+        let mut at = 0;
+        while at < bytes.len() {
+            match self.framing {
+                Framing::Aside | Framing::Refused => return Scan::Clean,
+                Framing::Head => {
+                    if matches!(bytes[at], b'\r' | b'\n') {
+                        at += 1;
+                        continue;
+                    }
+                    match judge(&bytes[at..], &self.rules) {
+                        Some((len, Judgement::Pass(next))) => {
+                            self.framing = next;
+                            self.heads += 1;
+                            at += len;
+                        }
+                        _ => return Scan::Stop(at),
+                    }
+                }
+                Framing::Length(left) => {
+                    let take = left.min((bytes.len() - at) as u64);
+                    at += take as usize;
+                    self.framing = match left - take {
+                        0 => Framing::Head,
+                        left => Framing::Length(left),
+                    };
+                }
+                Framing::Chunked(Chunk::Data(left)) => {
+                    let take = left.min((bytes.len() - at) as u64);
+                    at += take as usize;
+                    self.framing = Framing::Chunked(match left - take {
+                        0 => Chunk::DataEnd,
+                        left => Chunk::Data(left),
+                    });
+                }
+                Framing::Chunked(chunk) => {
+                    self.framing = chunk_step(chunk, bytes[at]);
+                    at += 1;
+                }
+            }
+        }
+        Scan::Clean
+    }
+}
+
+/// One byte of chunk framing outside chunk data. Anything unexpected leaves the body to hyper
+/// (which refuses it) and the guard steps aside.
+fn chunk_step(chunk: Chunk, byte: u8) -> Framing {
+    let next = match (chunk, byte) {
+        (Chunk::Size { size, digits }, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') if digits < 15 => {
+            let digit = (byte as char).to_digit(16).unwrap_or(0) as u64;
+            Chunk::Size {
+                size: size * 16 + digit,
+                digits: digits + 1,
+            }
+        }
+        (Chunk::Size { size, digits }, b';' | b' ' | b'\t') if digits > 0 => {
+            Chunk::Extension { size }
+        }
+        (Chunk::Size { digits, .. }, b'\r') if digits > 0 => chunk,
+        (Chunk::Size { size, digits }, b'\n') if digits > 0 => end_of_size_line(size),
+        (Chunk::Extension { size }, b'\n') => end_of_size_line(size),
+        (Chunk::Extension { .. }, _) => chunk,
+        (Chunk::DataEnd, b'\r') => chunk,
+        (Chunk::DataEnd, b'\n') => Chunk::Size { size: 0, digits: 0 },
+        (Chunk::Trailer { empty: true }, b'\n') => return Framing::Head,
+        (Chunk::Trailer { .. }, b'\n') => Chunk::Trailer { empty: true },
+        (Chunk::Trailer { empty }, b'\r') => Chunk::Trailer { empty },
+        (Chunk::Trailer { .. }, _) => Chunk::Trailer { empty: false },
+        _ => return Framing::Aside,
+    };
+    Framing::Chunked(next)
+}
+
+fn end_of_size_line(size: u64) -> Chunk {
+    match size {
+        0 => Chunk::Trailer { empty: true },
+        size => Chunk::Data(size),
+    }
+}
+
+/// The length of the head at the start of `bytes` (through its empty line), if complete.
+fn head_len(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(offset) = memchr::memchr(b'\n', &bytes[from..]) {
+        let at = from + offset;
+        match (bytes.get(at + 1), bytes.get(at + 2)) {
+            (Some(b'\n'), _) => return Some(at + 2),
+            (Some(b'\r'), Some(b'\n')) => return Some(at + 3),
+            (None, _) | (Some(b'\r'), None) => return None,
+            _ => from = at + 1,
+        }
+    }
+    None
+}
+
+/// Methods Envoy's codec knows (http-parser's list); any other is refused.
+const METHODS: [&[u8]; 34] = [
+    b"ACL",
+    b"BIND",
+    b"CHECKOUT",
+    b"CONNECT",
+    b"COPY",
+    b"DELETE",
+    b"GET",
+    b"HEAD",
+    b"LINK",
+    b"LOCK",
+    b"MERGE",
+    b"MKACTIVITY",
+    b"MKCALENDAR",
+    b"MKCOL",
+    b"MOVE",
+    b"MSEARCH",
+    b"NOTIFY",
+    b"OPTIONS",
+    b"PATCH",
+    b"POST",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"PURGE",
+    b"PUT",
+    b"REBIND",
+    b"REPORT",
+    b"SEARCH",
+    b"SOURCE",
+    b"SUBSCRIBE",
+    b"TRACE",
+    b"UNBIND",
+    b"UNLINK",
+    b"UNLOCK",
+    b"UNSUBSCRIBE",
+];
+
+/// A header-name character (RFC 9110 `tchar`).
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// A header-value character: visible ASCII, space, tab, or obs-text.
+fn is_value_char(byte: u8) -> bool {
+    matches!(byte, b'\t' | b' '..=b'~' | 0x80..=0xff)
+}
+
+/// A request-target character outside the authority (http-parser's set).
+fn is_target_char(byte: u8) -> bool {
+    matches!(byte, 9 | 12 | b'!'..=b'~')
+}
+
+/// http-parser's test of a request target: origin-form (or `*`), or absolute-form.
+fn target_is_valid(target: &[u8], connect: bool) -> bool {
+    let Some(first) = target.first() else {
+        return false;
+    };
+    if matches!(first, b'/' | b'*') {
+        return target[1..].iter().all(|b| is_target_char(*b));
+    }
+    let mut rest = target;
+    if !connect {
+        let scheme = rest.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+        if scheme == 0 || !rest[scheme..].starts_with(b"://") {
+            return false;
+        }
+        rest = &rest[scheme + 3..];
+    }
+    let host_end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?'))
+        .unwrap_or(rest.len());
+    let (host, path) = rest.split_at(host_end);
+    host.iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"!$%&'()*+,-.:;=@[]_~".contains(b))
+        && !host.windows(2).any(|w| w == b"@@")
+        && path.iter().all(|b| is_target_char(*b))
+}
+
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn trim_ows(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
+}
+
+/// Judges the complete head at the start of `bytes`: its length and judgement, or `None` while
+/// it is incomplete.
+fn judge(bytes: &[u8], rules: &Rules) -> Option<(usize, Judgement)> {
+    let len = head_len(bytes)?;
+    Some((len, judge_head(&bytes[..len], rules)))
+}
+
+fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
+    let mut lines = head.split(|b| *b == b'\n').map(strip_cr);
+    let request_line = lines.next().unwrap_or_default();
+    if request_line == b"PRI * HTTP/2.0" {
+        return Judgement::Pass(Framing::Aside);
+    }
+    let mut words = request_line
+        .split(|b| matches!(b, b' ' | b'\t'))
+        .filter(|word| !word.is_empty());
+    let method = words.next().unwrap_or_default();
+    let target = words.next().unwrap_or_default();
+    let version = words.next();
+    let extra_word = words.next().is_some();
+    let refuse = |status: StatusCode, body: &'static str, details: &'static str| {
+        Judgement::Refuse(Refusal {
+            status,
+            body,
+            details,
+            method: String::from_utf8_lossy(method).into_owned(),
+            target: String::from_utf8_lossy(target).into_owned(),
+        })
+    };
+    let bad_request = || refuse(StatusCode::BAD_REQUEST, "Bad Request", "http1.codec_error");
+    let invalid_characters = || {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "http1.invalid_characters",
+        )
+    };
+    let low_version = || {
+        refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "Upgrade Required",
+            "low_version",
+        )
+    };
+    let too_large = |details| {
+        refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request Header Fields Too Large",
+            details,
+        )
+    };
+    if head.len() > rules.max_head_bytes {
+        return too_large("http1.headers_too_large");
+    }
+    let known_method = METHODS.contains(&method)
+        || (rules.allow_custom_methods
+            && !method.is_empty()
+            && method.iter().all(|b| is_tchar(*b)));
+    if request_line.contains(&b'\r') || !known_method || extra_word {
+        return bad_request();
+    }
+    let connect = method == b"CONNECT";
+    if !target_is_valid(target, connect) {
+        return bad_request();
+    }
+    if target[0] == b'*' && method != b"OPTIONS" {
+        return refuse(StatusCode::BAD_REQUEST, "Bad Request", "http1.invalid_url");
+    }
+    // Envoy reads words separated by any run of blanks; hyper wants single spaces.
+    let single_spaced = method.len() + target.len() + version.map_or(0, |v| v.len() + 1) + 1;
+    let mut rewrite = request_line.len() != single_spaced || request_line.contains(&b'\t');
+
+    // One pass over the header lines, allocating nothing: limits, characters, framing.
+    let mut count = 0;
+    let mut counted = target.len();
+    let mut chunked = false;
+    let mut bad_coding = false;
+    let mut length: Option<u64> = None;
+    let mut upgrade = false;
+    for line in lines.clone().take_while(|line| !line.is_empty()) {
+        if matches!(line[0], b' ' | b'\t') {
+            // obs-fold: Envoy joins the continuation to its line with one space.
+            let more = trim_ows(line);
+            if count == 0 {
+                return bad_request();
+            }
+            if !more.iter().all(|b| is_value_char(*b)) {
+                return invalid_characters();
+            }
+            counted += more.len() + usize::from(!more.is_empty());
+            rewrite = true;
+            continue;
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            return bad_request();
+        };
+        let name = &line[..colon];
+        if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
+            return bad_request();
+        }
+        let value = trim_ows(&line[colon + 1..]);
+        if !value.iter().all(|b| is_value_char(*b) || *b == b'\r') {
+            return invalid_characters();
+        }
+        // A bare CR inside a value is dropped, as Envoy's parser does; hyper would refuse it.
+        rewrite |= value.contains(&b'\r');
+        count += 1;
+        counted += name.len() + value.len();
+        if count > rules.max_headers {
+            return too_large("http1.too_many_headers");
+        }
+        if counted > rules.max_head_bytes {
+            return too_large("http1.headers_too_large");
+        }
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Only `chunked`, once, is a transfer coding Envoy decodes.
+            bad_coding |= chunked || !value.eq_ignore_ascii_case(b"chunked");
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let parsed = std::str::from_utf8(value)
+                .ok()
+                .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|text| text.parse::<u64>().ok());
+            // One length, once: a repeated line is refused even when it agrees.
+            match (parsed, length) {
+                (Some(new), None) => length = Some(new),
+                _ => return bad_request(),
+            }
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            // An h2c upgrade is served as plain HTTP/1.1, as Envoy does.
+            upgrade |= !value.eq_ignore_ascii_case(b"h2c");
+        }
+    }
+    if bad_coding {
+        return refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "Not Implemented",
+            "http1.invalid_transfer_encoding",
+        );
+    }
+    match version {
+        Some(b"HTTP/1.1" | b"HTTP/1.0") => {}
+        // HTTP/0.9 (no version) and other HTTP versions: Envoy asks for an upgrade.
+        None => return low_version(),
+        Some(other) if other.starts_with(b"HTTP/") => return low_version(),
+        Some(_) => return bad_request(),
+    }
+    if chunked && length.is_some() && !rules.allow_chunked_length {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "http1.content_length_and_chunked_not_allowed",
+        );
+    }
+    // The connection manager refuses a fragment (Envoy's default); hyper would strip it.
+    if target.contains(&b'#') {
+        return refuse(StatusCode::BAD_REQUEST, "", "path_normalization_failed");
+    }
+
+    let next = if upgrade || connect {
+        // Whether the upstream accepts is not known here: the rest is hyper's to read.
+        Framing::Aside
+    } else if chunked {
+        Framing::Chunked(Chunk::Size { size: 0, digits: 0 })
+    } else {
+        match length {
+            Some(n) if n > 0 => Framing::Length(n),
+            _ => Framing::Head,
+        }
+    };
+    if !rewrite {
+        return Judgement::Pass(next);
+    }
+    let mut normalized = Vec::with_capacity(head.len());
+    for (i, word) in [Some(method), Some(target), version]
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if i > 0 {
+            normalized.push(b' ');
+        }
+        normalized.extend_from_slice(word);
+    }
+    normalized.extend_from_slice(b"\r\n");
+    for line in lines.take_while(|line| !line.is_empty()) {
+        if matches!(line[0], b' ' | b'\t') {
+            let more = trim_ows(line);
+            if !more.is_empty() {
+                normalized.truncate(normalized.len() - 2);
+                normalized.push(b' ');
+                normalized.extend_from_slice(more);
+                normalized.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        let colon = line.iter().position(|b| *b == b':').unwrap_or(0);
+        normalized.extend_from_slice(&line[..colon]);
+        normalized.extend_from_slice(b": ");
+        normalized.extend(trim_ows(&line[colon + 1..]).iter().filter(|b| **b != b'\r'));
+        normalized.extend_from_slice(b"\r\n");
+    }
+    normalized.extend_from_slice(b"\r\n");
+    Judgement::Rewrite(normalized, next)
+}
+
+/// A downstream connection read through the guard.
+pub struct GuardedIo<S> {
+    inner: S,
+    scanner: Scanner,
+    /// Judged bytes waiting for hyper (a rewritten head and what followed it).
+    ready: BytesMut,
+    /// Unjudged bytes: a head still arriving.
+    held: BytesMut,
+    refusals: Arc<Refusals>,
+}
+
+impl<S> GuardedIo<S> {
+    /// Guards `inner` by `rules`; refusals are left in `refusals`. `aside`: the connection
+    /// speaks HTTP/2 only, and the guard has nothing to judge.
+    pub fn new(inner: S, rules: Rules, refusals: Arc<Refusals>, aside: bool) -> Self {
+        GuardedIo {
+            inner,
+            scanner: Scanner {
+                rules,
+                framing: if aside { Framing::Aside } else { Framing::Head },
+                heads: 0,
+            },
+            ready: BytesMut::new(),
+            held: BytesMut::new(),
+            refusals,
+        }
+    }
+
+    /// Judges what is held: passes what it can to `ready`, keeps an incomplete head.
+    fn judge_held(&mut self) {
+        while !self.held.is_empty() {
+            let at = match self.scanner.scan(&self.held) {
+                Scan::Clean => {
+                    let all = self.held.split();
+                    self.ready.unsplit(all);
+                    return;
+                }
+                Scan::Stop(at) => at,
+            };
+            self.ready.extend_from_slice(&self.held[..at]);
+            self.held.advance(at);
+            match judge(&self.held, &self.scanner.rules) {
+                None => {
+                    if self.held.len() > self.scanner.rules.max_head_bytes {
+                        let method_end = self
+                            .held
+                            .iter()
+                            .position(|b| *b == b' ')
+                            .unwrap_or(0)
+                            .min(32);
+                        self.refuse(Refusal {
+                            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            body: "Request Header Fields Too Large",
+                            details: "http1.headers_too_large",
+                            method: String::from_utf8_lossy(&self.held[..method_end]).into_owned(),
+                            target: String::new(),
+                        });
+                    }
+                    return;
+                }
+                Some((len, Judgement::Pass(next))) => {
+                    let head = self.held.split_to(len);
+                    self.ready.extend_from_slice(&head);
+                    self.scanner.framing = next;
+                    self.scanner.heads += 1;
+                }
+                Some((len, Judgement::Rewrite(bytes, next))) => {
+                    self.held.advance(len);
+                    self.ready.extend_from_slice(&bytes);
+                    self.scanner.framing = next;
+                    self.scanner.heads += 1;
+                }
+                Some((_, Judgement::Refuse(refusal))) => {
+                    self.refuse(refusal);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, refusal: Refusal) {
+        let _ = self.refusals.0.set((self.scanner.heads, refusal));
+        self.ready.extend_from_slice(STAND_IN);
+        self.held.clear();
+        self.scanner.framing = Framing::Refused;
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for GuardedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match this.scanner.framing {
+                // Nothing after a refused head is read: the reply closes the connection.
+                Framing::Refused => return Poll::Pending,
+                Framing::Aside if this.held.is_empty() => {
+                    return Pin::new(&mut this.inner).poll_read(cx, buf);
+                }
+                _ => {}
+            }
+            if this.held.is_empty() {
+                // The common case: read straight into hyper's buffer and judge it there.
+                let start = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                let filled = buf.filled().len();
+                if filled == start {
+                    return Poll::Ready(Ok(()));
+                }
+                match this.scanner.scan(&buf.filled()[start..]) {
+                    Scan::Clean => return Poll::Ready(Ok(())),
+                    Scan::Stop(at) => {
+                        this.held.extend_from_slice(&buf.filled()[start + at..]);
+                        buf.set_filled(start + at);
+                        this.judge_held();
+                        if at > 0 {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+            } else {
+                // A head is still arriving (rare: most heads come in one read): read more
+                // behind it.
+                let mut chunk = [0u8; 4096];
+                let mut more = ReadBuf::new(&mut chunk);
+                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut more))?;
+                if more.filled().is_empty() {
+                    // The peer stopped mid-head: hyper sees what came, then the end.
+                    let held = this.held.split();
+                    this.ready.unsplit(held);
+                    this.scanner.framing = Framing::Aside;
+                    if this.ready.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    continue;
+                }
+                this.held.extend_from_slice(more.filled());
+                this.judge_held();
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for GuardedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Delivers `data` in pieces of the given sizes (cycled), then the end of the stream.
+    struct Pieces {
+        data: Vec<u8>,
+        sizes: Vec<usize>,
+        turn: usize,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let size = self.sizes[self.turn % self.sizes.len()];
+            self.turn += 1;
+            let n = size.min(self.data.len()).min(buf.remaining());
+            let piece: Vec<u8> = self.data.drain(..n).collect();
+            buf.put_slice(&piece);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    const RULES: Rules = Rules {
+        max_head_bytes: 1024,
+        max_headers: 10,
+        allow_chunked_length: false,
+        allow_custom_methods: false,
+    };
+
+    /// What hyper would read through the guard, for `input` arriving in pieces of `sizes`,
+    /// read into buffers of `buffer` bytes; and the refusal left, if any.
+    /// Also: how many heads passed, and whether the guard still follows the stream.
+    fn through(input: &[u8], sizes: &[usize], buffer: usize) -> Outcome {
+        let refusals = Arc::new(Refusals::default());
+        let pieces = Pieces {
+            data: input.to_vec(),
+            sizes: sizes.to_vec(),
+            turn: 0,
+        };
+        let mut guard = GuardedIo::new(pieces, RULES, refusals.clone(), false);
+        let mut out = Vec::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        loop {
+            let mut space = vec![0u8; buffer];
+            let mut buf = ReadBuf::new(&mut space);
+            match Pin::new(&mut guard).poll_read(&mut cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => out.extend_from_slice(buf.filled()),
+                Poll::Ready(Err(error)) => panic!("read failed: {error}"),
+                // Only a refusal stops the stream short of its end.
+                Poll::Pending => break,
+            }
+        }
+        let refusal = refusals.0.get().map(|(_, refusal)| refusal.clone());
+        let following = guard.scanner.framing == Framing::Head;
+        (out, refusal, guard.scanner.heads, following)
+    }
+
+    type Outcome = (Vec<u8>, Option<Refusal>, u64, bool);
+
+    /// Every way `input` can be cut up arrives the same.
+    fn all_cuts(input: &[u8]) -> Outcome {
+        let whole = through(input, &[input.len().max(1)], 64 * 1024);
+        for sizes in [&[1][..], &[2], &[3, 1], &[7], &[64], &[5, 100, 1]] {
+            for buffer in [1, 16, 4096] {
+                assert_eq!(
+                    through(input, sizes, buffer),
+                    whole,
+                    "pieces {sizes:?}, buffer {buffer}"
+                );
+            }
+        }
+        whole
+    }
+
+    #[test]
+    fn valid_pipelined_requests_pass_unchanged_however_they_arrive() {
+        let input: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n\
+            GET /inside-a-body HTTP/1.1\r\n\r\n\
+            POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+            4;ext=1\r\nGET \r\n19\r\n/also-inside HTTP/1.1\r\n\r\n\r\n0\r\nx-trailer: 1\r\n\r\n\
+            \r\nGET /c HTTP/1.1\nHost: x\n\n\
+            GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (out, refusal, heads, following) = all_cuts(input);
+        assert_eq!(refusal, None);
+        assert_eq!(out, input);
+        assert_eq!(heads, 4, "the bodies' insides are not heads");
+        assert!(following, "the guard kept its place to the end");
+    }
+
+    #[test]
+    fn a_refused_head_becomes_the_stand_in_and_nothing_after_it_passes() {
+        let first: &[u8] = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n";
+        let input = [
+            first,
+            b"get /second HTTP/1.1\r\nHost: x\r\n\r\nGET /third HTTP/1.1\r\n\r\n",
+        ]
+        .concat();
+        let (out, refusal, heads, _) = all_cuts(&input);
+        assert_eq!(out, [first, STAND_IN].concat());
+        assert_eq!(heads, 1);
+        let refusal = refusal.expect("refused");
+        assert_eq!(refusal.status, StatusCode::BAD_REQUEST);
+        assert_eq!(refusal.details, "http1.codec_error");
+        assert_eq!(
+            (refusal.method.as_str(), refusal.target.as_str()),
+            ("get", "/second")
+        );
+    }
+
+    #[test]
+    fn heads_are_judged_as_envoy_judges_them() {
+        type Expected = Option<(u16, &'static str)>;
+        let cases: [(&[u8], Expected); 14] = [
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", Some((400, "http1.content_length_and_chunked_not_allowed"))),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n", Some((400, "http1.content_length_and_chunked_not_allowed"))),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Some((501, "http1.invalid_transfer_encoding"))),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", Some((400, "http1.codec_error"))),
+            (b"GET / HTTP/1.2\r\n\r\n", Some((426, "low_version"))),
+            (b"GET /\r\n\r\n", Some((426, "low_version"))),
+            (b"GET / http/1.1\r\n\r\n", Some((400, "http1.codec_error"))),
+            (b"FOO / HTTP/1.1\r\n\r\n", Some((400, "http1.codec_error"))),
+            (b"GET noslash HTTP/1.1\r\n\r\n", Some((400, "http1.codec_error"))),
+            (b"GET /a#b HTTP/1.1\r\n\r\n", Some((400, "path_normalization_failed"))),
+            (b"GET / HTTP/1.1\r\nx-a: \x01\r\n\r\n", Some((400, "http1.invalid_characters"))),
+            (b"GET / HTTP/1.1\r\nbad name: 1\r\n\r\n", Some((400, "http1.codec_error"))),
+            (b"GET / HTTP/1.1\r\na:1\r\nb:1\r\nc:1\r\nd:1\r\ne:1\r\nf:1\r\ng:1\r\nh:1\r\ni:1\r\nj:1\r\nk:1\r\n\r\n", Some((431, "http1.too_many_headers"))),
+            (b"PURGE /a?q=1 HTTP/1.0\r\nHost: x\r\n\r\n", None),
+        ];
+        for (head, expected) in cases {
+            let (out, refusal, _, _) = all_cuts(head);
+            let got = refusal.as_ref().map(|r| (r.status.as_u16(), r.details));
+            assert_eq!(got, expected, "{}", String::from_utf8_lossy(head));
+            if expected.is_none() {
+                assert_eq!(out, head);
+            }
+        }
+    }
+
+    #[test]
+    fn what_envoy_accepts_and_hyper_would_not_is_normalized() {
+        let (out, refusal, heads, _) = all_cuts(b"GET\t/a  HTTP/1.1\r\nx-fold: a\r\n  b\r\nx-cr: 1\r2\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
+        assert_eq!((refusal, heads), (None, 2));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "GET /a HTTP/1.1\r\nx-fold: a b\r\nx-cr: 12\r\n\r\nGET /next HTTP/1.1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused_before_it_ends() {
+        let mut input = b"GET / HTTP/1.1\r\nx-big: ".to_vec();
+        input.extend(std::iter::repeat_n(b'a', 2 * RULES.max_head_bytes));
+        let (out, refusal, _, _) = through(&input, &[100], 4096);
+        assert_eq!(out, STAND_IN);
+        assert_eq!(
+            refusal.map(|r| r.status),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+    }
+
+    #[test]
+    fn http2_and_upgrades_are_left_to_hyper() {
+        let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0, b'g', b'e', b't', b' ', 0xff]);
+        assert_eq!(all_cuts(&h2), (h2.clone(), None, 1, false));
+        let upgrade: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello get / HTTP/1.1\r\n\r\n";
+        assert_eq!(all_cuts(upgrade), (upgrade.to_vec(), None, 1, false));
+    }
+}

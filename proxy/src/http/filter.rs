@@ -1,0 +1,271 @@
+//! The HTTP filter chain: the HCM's `http_filters`, run in configured order on the request
+//! and in reverse order on the response, the router last (see `docs/ARCHITECTURE.md` for the
+//! phase order).
+//!
+//! A filter sees each stream in up to five phases:
+//! 1. [`HttpFilter::on_request`] — request headers, after the route was chosen. It can let the
+//!    request go on, answer it with a [`LocalReply`], or pause for async work ([`Flow::Pause`]).
+//! 2. request body and trailers, through the [`BodyFilter`] it returns from
+//!    [`HttpFilter::request_body`] (none by default: bodies stream untouched);
+//! 3. [`HttpFilter::on_response`] — response headers, whether from upstream or a local reply;
+//! 4. response body and trailers, through [`HttpFilter::response_body`];
+//! 5. [`HttpFilter::on_complete`] — the stream has ended (logging, accounting).
+//!
+//! Per-route settings come from `typed_per_filter_config` under the filter's name, most
+//! specific first: route, virtual host, route configuration ([`Stream::per_route`]).
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Response};
+
+use crate::config::RouteTable;
+use crate::http::local_reply::LocalReply;
+use crate::stats::HttpStats;
+use remora_config::filters::{PerRouteConfig, find};
+use remora_config::route::{Route, VirtualHost};
+
+/// What a filter decides about a request.
+pub enum Flow {
+    /// On to the next filter (the router, at the end).
+    Continue,
+    /// Answer here; later filters and the router do not run.
+    Reply(LocalReply),
+    /// Finish some async work first, then decide.
+    Pause(Pin<Box<dyn Future<Output = Flow> + Send>>),
+}
+
+impl std::fmt::Debug for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Flow::Continue => f.write_str("Continue"),
+            Flow::Reply(reply) => f.debug_tuple("Reply").field(&reply.status).finish(),
+            Flow::Pause(_) => f.write_str("Pause"),
+        }
+    }
+}
+
+/// One HTTP filter of a connection manager, built from its config; shared by every stream.
+pub trait HttpFilter: Send + Sync + std::fmt::Debug {
+    /// Request headers arrived and the route was chosen.
+    fn on_request(&self, stream: &mut Stream<'_>) -> Flow {
+        let _ = stream;
+        Flow::Continue
+    }
+
+    /// A body filter for this stream's request, if the filter wants to see the body.
+    fn request_body(&self, stream: &Stream<'_>) -> Option<Box<dyn BodyFilter>> {
+        let _ = stream;
+        None
+    }
+
+    /// Response headers, on their way back (also for local replies).
+    fn on_response(&self, stream: &mut Stream<'_>, response: &mut Response<()>) {
+        let _ = (stream, response);
+    }
+
+    /// A body filter for this stream's response.
+    fn response_body(&self, stream: &Stream<'_>) -> Option<Box<dyn BodyFilter>> {
+        let _ = stream;
+        None
+    }
+
+    /// The stream ended: the response was sent in full, or the stream was reset.
+    fn on_complete(&self, state: Option<&(dyn Any + Send + Sync)>) {
+        let _ = state;
+    }
+}
+
+/// Sees a body's data and trailers as they pass.
+pub trait BodyFilter: Send + std::fmt::Debug {
+    /// A data frame; it may be changed in place.
+    fn on_data(&mut self, data: &mut Bytes) {
+        let _ = data;
+    }
+    /// The trailers, if the body has them.
+    fn on_trailers(&mut self, trailers: &mut HeaderMap) {
+        let _ = trailers;
+    }
+    /// The body ended.
+    fn on_end(&mut self) {}
+}
+
+/// The route a request was matched to: indexes into a table the stream holds.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    pub table: Arc<RouteTable>,
+    vhost: usize,
+    route: usize,
+}
+
+impl Selected {
+    /// The first route matching the request, if any.
+    pub fn find(
+        table: Arc<RouteTable>,
+        host: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Option<Selected> {
+        let (vhost, route) = table.find(host, path_and_query, headers)?;
+        Some(Selected {
+            table,
+            vhost,
+            route,
+        })
+    }
+
+    pub fn vhost(&self) -> &VirtualHost {
+        &self.table.vhosts[self.vhost]
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.vhost().routes[self.route]
+    }
+
+    /// The per-route configs of filter `name`: route, virtual host, route configuration.
+    pub fn per_route(&self, name: &str) -> [Option<&PerRouteConfig>; 3] {
+        [
+            find(&self.route().per_filter, name),
+            find(&self.vhost().per_filter, name),
+            find(&self.table.per_filter, name),
+        ]
+    }
+}
+
+/// Per-stream state filters keep between phases, one slot per filter.
+#[derive(Debug, Default)]
+pub struct FilterState {
+    slots: Vec<Option<Box<dyn Any + Send + Sync>>>,
+}
+
+impl FilterState {
+    fn slot(&mut self, index: usize) -> &mut Option<Box<dyn Any + Send + Sync>> {
+        if self.slots.len() <= index {
+            self.slots.resize_with(index + 1, || None);
+        }
+        &mut self.slots[index]
+    }
+
+    pub fn get(&self, index: usize) -> Option<&(dyn Any + Send + Sync)> {
+        self.slots.get(index).and_then(|slot| slot.as_deref())
+    }
+}
+
+/// One stream as a filter sees it.
+#[derive(Debug)]
+pub struct Stream<'a> {
+    pub request: &'a mut http::request::Parts,
+    pub route: Option<&'a Selected>,
+    pub stats: &'a HttpStats,
+    state: &'a mut FilterState,
+    index: usize,
+}
+
+impl<'a> Stream<'a> {
+    pub fn new(
+        request: &'a mut http::request::Parts,
+        route: Option<&'a Selected>,
+        stats: &'a HttpStats,
+        state: &'a mut FilterState,
+    ) -> Self {
+        Stream {
+            request,
+            route,
+            stats,
+            state,
+            index: 0,
+        }
+    }
+
+    /// This filter's per-route configs, most specific first (route, virtual host, table).
+    pub fn per_route(&self, name: &str) -> [Option<&'a PerRouteConfig>; 3] {
+        match self.route {
+            Some(selected) => selected.per_route(name),
+            None => [None; 3],
+        }
+    }
+
+    /// Keeps a value for this filter's later phases of the stream.
+    pub fn set_state<T: Any + Send + Sync>(&mut self, value: T) {
+        *self.state.slot(self.index) = Some(Box::new(value));
+    }
+
+    /// What this filter kept earlier in the stream.
+    pub fn state<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.state
+            .get(self.index)
+            .and_then(|state| state.downcast_ref::<T>())
+    }
+}
+
+/// The filters of one connection manager, router excluded, in configured order.
+#[derive(Debug, Clone, Default)]
+pub struct FilterChain {
+    filters: Arc<[Arc<dyn HttpFilter>]>,
+}
+
+impl FilterChain {
+    pub fn new(filters: Vec<Arc<dyn HttpFilter>>) -> Self {
+        FilterChain {
+            filters: filters.into(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Runs the request phase, in order; a reply from one filter ends it.
+    pub async fn on_request(&self, stream: &mut Stream<'_>) -> Option<LocalReply> {
+        for (index, filter) in self.filters.iter().enumerate() {
+            stream.index = index;
+            let mut flow = filter.on_request(stream);
+            loop {
+                match flow {
+                    Flow::Continue => break,
+                    Flow::Reply(reply) => return Some(reply),
+                    Flow::Pause(work) => flow = work.await,
+                }
+            }
+        }
+        None
+    }
+
+    /// Body filters for the request, in order (empty unless a filter asks).
+    pub fn request_body(&self, stream: &mut Stream<'_>) -> Vec<Box<dyn BodyFilter>> {
+        let mut out = Vec::new();
+        for (index, filter) in self.filters.iter().enumerate() {
+            stream.index = index;
+            out.extend(filter.request_body(stream));
+        }
+        out
+    }
+
+    /// Runs the response phase, in reverse order.
+    pub fn on_response(&self, stream: &mut Stream<'_>, response: &mut Response<()>) {
+        for (index, filter) in self.filters.iter().enumerate().rev() {
+            stream.index = index;
+            filter.on_response(stream, response);
+        }
+    }
+
+    /// Body filters for the response, in the response's order (reverse).
+    pub fn response_body(&self, stream: &mut Stream<'_>) -> Vec<Box<dyn BodyFilter>> {
+        let mut out = Vec::new();
+        for (index, filter) in self.filters.iter().enumerate().rev() {
+            stream.index = index;
+            out.extend(filter.response_body(stream));
+        }
+        out
+    }
+
+    /// Tells every filter the stream ended.
+    pub fn on_complete(&self, state: &FilterState) {
+        for (index, filter) in self.filters.iter().enumerate() {
+            filter.on_complete(state.get(index));
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! Header handling the connection manager and router do for every request, as Envoy does it:
+//! hop-by-hop headers stripped, `x-forwarded-for` / `-proto`, the trusted client address
+//! (`use_remote_address`, `xff_num_trusted_hops`), `x-envoy-internal` and
+//! `x-envoy-external-address`, Envoy's request control headers removed from untrusted
+//! requests, `x-request-id`; and the route table's header mutations.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use remora_config::common::{AppendAction, HeaderMutations};
+
+use crate::config::HttpConnectionManager;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
+pub static X_ENVOY_EXTERNAL_ADDRESS: HeaderName =
+    HeaderName::from_static("x-envoy-external-address");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Envoy's request control headers, honoured only from trusted (internal) downstreams.
+const CONTROL_HEADERS: [&str; 10] = [
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// What the connection manager learnt about a request's origin.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    /// The trusted client address: the direct peer, or what trusted proxies put in
+    /// `x-forwarded-for`.
+    pub client: SocketAddr,
+}
+
+/// The address Envoy calls the local address: the first non-loopback IPv4 address of the
+/// host's interfaces (else its IPv6 one, else loopback). A request from a loopback peer is
+/// recorded in `x-forwarded-for` under this address, as Envoy records it.
+pub fn local_address() -> IpAddr {
+    static LOCAL: std::sync::OnceLock<IpAddr> = std::sync::OnceLock::new();
+    *LOCAL.get_or_init(|| {
+        let addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+            .map(|interfaces| {
+                interfaces
+                    .filter_map(|interface| interface.address)
+                    .filter_map(|address| {
+                        address
+                            .as_sockaddr_in()
+                            .map(|v4| IpAddr::V4(v4.ip()))
+                            .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                    })
+                    .filter(|ip| !ip.is_loopback())
+                    .collect()
+            })
+            .unwrap_or_default();
+        addresses
+            .iter()
+            .find(|ip| ip.is_ipv4())
+            .or_else(|| addresses.first())
+            .copied()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    })
+}
+
+/// The address `hops` places from the right of `x-forwarded-for` (0: the last).
+fn xff_address(headers: &HeaderMap, hops: u32) -> Option<IpAddr> {
+    let value = headers.get(&X_FORWARDED_FOR)?.to_str().ok()?;
+    let addresses: Vec<&str> = value.split(',').map(str::trim).collect();
+    let index = addresses.len().checked_sub(1 + hops as usize)?;
+    addresses[index].parse().ok()
+}
+
+/// The connection manager's request header handling, before filters and routing.
+///
+/// Envoy 1.40 treats no address as internal unless `internal_address_config` lists it (which
+/// Remora does not offer), so every request is external here: `x-envoy-internal` is never set
+/// and the request control headers are never trusted.
+pub fn on_request(
+    hcm: &HttpConnectionManager,
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    scheme: &'static str,
+    upgrading: bool,
+) -> Origin {
+    remove_hop_by_hop(headers, upgrading);
+    headers.remove(&X_ENVOY_INTERNAL);
+    for name in CONTROL_HEADERS {
+        headers.remove(name);
+    }
+    let trusted_hops = hcm.xff_num_trusted_hops;
+    let client = if hcm.use_remote_address {
+        // Trusted proxies in front: the client is the address they saw, before ours is added.
+        let client = trusted_hops
+            .checked_sub(1)
+            .and_then(|hops| xff_address(headers, hops))
+            .unwrap_or(peer.ip());
+        if !hcm.skip_xff_append {
+            let recorded = if peer.ip().is_loopback() {
+                local_address()
+            } else {
+                peer.ip()
+            };
+            let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(existing) => format!("{existing},{recorded}"),
+                None => recorded.to_string(),
+            };
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(&X_FORWARDED_FOR, value);
+            }
+        }
+        // The downstream's own x-forwarded-proto is kept only from a trusted proxy.
+        if trusted_hops == 0 {
+            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+        }
+        // The first hop into the trusted network says whom it trusted.
+        if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
+            headers.insert(&X_ENVOY_EXTERNAL_ADDRESS, value);
+        }
+        client
+    } else {
+        xff_address(headers, trusted_hops).unwrap_or(peer.ip())
+    };
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    }
+    let edge = hcm.use_remote_address;
+    if hcm.generate_request_id
+        && ((edge && !hcm.preserve_external_request_id) || !headers.contains_key(&X_REQUEST_ID))
+    {
+        headers.insert(&X_REQUEST_ID, request_id());
+    }
+    Origin {
+        client: SocketAddr::new(client, 0),
+    }
+}
+
+fn request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&crate::uuid::v4()).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Drops the headers a request's `Connection` names: they are hop-by-hop too (RFC 9110
+/// section 7.6.1), as Envoy's codec has it. `te` stays as `trailers` if it asks for them.
+/// Refused (`false`), as by Envoy: ten or more names, or a name whose removal would hide where
+/// the request came from (`x-forwarded-for`, `-host`, `-proto`) or a pseudo-header.
+#[must_use]
+pub fn sanitize_connection(headers: &mut HeaderMap) -> bool {
+    let mut nominated: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let tokens = value.as_bytes().split(|b| *b == b',');
+        if tokens.clone().count() >= 10 {
+            return false;
+        }
+        for token in tokens {
+            let token = token.trim_ascii();
+            let ordinary = [
+                &b"close"[..],
+                b"keep-alive",
+                b"upgrade",
+                b"http2-settings",
+                b"connection",
+                b"",
+            ]
+            .iter()
+            .any(|ordinary| token.eq_ignore_ascii_case(ordinary));
+            if ordinary {
+                continue;
+            }
+            if token.starts_with(b":") {
+                return false;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                if name == X_FORWARDED_FOR || name == X_FORWARDED_HOST || name == X_FORWARDED_PROTO
+                {
+                    return false;
+                }
+                nominated.push(name);
+            }
+        }
+    }
+    for name in nominated {
+        if name == header::TE {
+            let trailers = headers.get(&name).is_some_and(|te| {
+                te.as_bytes()
+                    .split(|b| *b == b',')
+                    .any(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+            });
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                continue;
+            }
+        }
+        headers.remove(name);
+    }
+    true
+}
+
+/// The request headers Envoy keeps as one value (its "inline" headers): repeated lines of
+/// these are joined with commas, where other headers keep each line.
+static INLINE_REQUEST_HEADERS: [&str; 42] = [
+    "connection",
+    "content-length",
+    "content-type",
+    "expect",
+    "grpc-timeout",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-status",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "user-agent",
+    "via",
+    "x-client-trace-id",
+    "x-envoy-attempt-count",
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-external-address",
+    "x-envoy-force-trace",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-internal",
+    "x-envoy-ip-tags",
+    "x-envoy-max-retries",
+    "x-envoy-original-path",
+    "x-envoy-original-url",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retry-on",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms",
+    "x-forwarded-client-cert",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
+/// Joins repeated lines of Envoy's inline request headers into one comma-separated value.
+pub fn coalesce_inline(headers: &mut HeaderMap) {
+    // Most requests repeat no header at all.
+    if headers.len() == headers.keys_len() {
+        return;
+    }
+    let repeated: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            INLINE_REQUEST_HEADERS.contains(&name.as_str())
+                && headers.get_all(*name).iter().nth(1).is_some()
+        })
+        .cloned()
+        .collect();
+    for name in repeated {
+        let mut joined = Vec::new();
+        for value in headers.get_all(&name) {
+            if !joined.is_empty() {
+                joined.push(b',');
+            }
+            joined.extend_from_slice(value.as_bytes());
+        }
+        if let Ok(value) = HeaderValue::from_bytes(&joined) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// Strips the hop-by-hop headers, as Envoy does: `connection` and `upgrade` stay on an upgrade,
+/// `te` stays when it is `trailers`.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let candidates: [&HeaderName; 6] = [
+        &header::CONNECTION,
+        &header::UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::TE,
+    ];
+    // One pass over the names instead of a hash lookup per candidate: most messages carry
+    // none or one of them, and this runs twice per request.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(index) = candidates.iter().position(|candidate| *candidate == name) {
+            present |= 1 << index;
+        }
+    }
+    for (index, name) in candidates.into_iter().enumerate() {
+        if present & (1 << index) == 0 {
+            continue;
+        }
+        let keep = if *name == header::TE {
+            headers
+                .get(name)
+                .is_some_and(|te| te.as_bytes() == b"trailers")
+        } else {
+            keep_upgrade && (*name == header::CONNECTION || *name == header::UPGRADE)
+        };
+        if !keep {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Applies one level's header mutations: removals, then additions.
+pub fn apply(mutations: &HeaderMutations, headers: &mut HeaderMap) {
+    for name in &mutations.remove {
+        headers.remove(name);
+    }
+    for add in &mutations.add {
+        if add.value.is_empty() && !add.keep_empty {
+            continue;
+        }
+        match add.action {
+            AppendAction::AppendIfExistsOrAdd => {
+                headers.append(add.name.clone(), add.value.clone());
+            }
+            AppendAction::AddIfAbsent => {
+                if !headers.contains_key(&add.name) {
+                    headers.insert(add.name.clone(), add.value.clone());
+                }
+            }
+            AppendAction::OverwriteIfExistsOrAdd => {
+                headers.insert(add.name.clone(), add.value.clone());
+            }
+            AppendAction::OverwriteIfExists => {
+                if headers.contains_key(&add.name) {
+                    headers.insert(add.name.clone(), add.value.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The three levels' mutations in Envoy's order: most specific last when
+/// `most_specific_header_mutations_wins`, else first (so the route configuration's win).
+pub fn apply_levels(
+    levels: [&HeaderMutations; 3],
+    most_specific_wins: bool,
+    headers: &mut HeaderMap,
+) {
+    let [table, vhost, route] = levels;
+    let order = if most_specific_wins {
+        [table, vhost, route]
+    } else {
+        [route, vhost, table]
+    };
+    for mutations in order {
+        apply(mutations, headers);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    /// The names left, sorted: removal does not keep the map's order.
+    fn names(map: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_the_rest_kept() {
+        let all = [
+            ("host", "a"),
+            ("connection", "keep-alive, upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("x-app", "1"),
+        ];
+        let mut map = headers(&all);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(names(&map), ["host", "x-app"]);
+
+        let mut map = headers(&all);
+        remove_hop_by_hop(&mut map, true);
+        assert_eq!(names(&map), ["connection", "host", "upgrade", "x-app"]);
+
+        let mut map = headers(&[("te", "trailers"), ("x-app", "1")]);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(names(&map), ["te", "x-app"]);
+
+        let mut map = headers(&[("x-app", "1"), ("x-app", "2")]);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(map.get_all("x-app").iter().count(), 2);
+    }
+
+    #[test]
+    fn xff_addresses_are_counted_from_the_right() {
+        let map = headers(&[(
+            "x-forwarded-for",
+            "203.0.113.128, 203.0.113.10, 203.0.113.1",
+        )]);
+        assert_eq!(xff_address(&map, 0), Some("203.0.113.1".parse().unwrap()));
+        assert_eq!(xff_address(&map, 1), Some("203.0.113.10".parse().unwrap()));
+        assert_eq!(xff_address(&map, 3), None);
+        let single = headers(&[("x-forwarded-for", "10.0.0.1")]);
+        assert_eq!(xff_address(&single, 0), Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn connection_nominated_headers_are_dropped_and_dangerous_nominations_refused() {
+        let mut map = headers(&[
+            ("connection", "close, x-hop, te"),
+            ("x-hop", "1"),
+            ("te", "gzip, trailers"),
+            ("x-app", "1"),
+        ]);
+        assert!(sanitize_connection(&mut map));
+        assert_eq!(names(&map), ["connection", "te", "x-app"]);
+        assert_eq!(map["te"], "trailers");
+        for refused in ["x-forwarded-for", ":path", "a,b,c,d,e,f,g,h,i,j"] {
+            let mut map = headers(&[("connection", refused)]);
+            assert!(!sanitize_connection(&mut map), "{refused}");
+        }
+    }
+
+    #[test]
+    fn repeated_inline_headers_are_joined_and_others_kept_apart() {
+        let mut map = headers(&[
+            ("user-agent", "a"),
+            ("x-app", "1"),
+            ("user-agent", "b"),
+            ("x-app", "2"),
+        ]);
+        coalesce_inline(&mut map);
+        assert_eq!(map["user-agent"], "a,b");
+        assert_eq!(map.get_all("x-app").iter().count(), 2);
+    }
+}

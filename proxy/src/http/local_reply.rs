@@ -1,0 +1,104 @@
+//! Local replies: every response Remora makes itself (no route, no healthy upstream, timeouts,
+//! a filter's answer, a direct response or redirect) is a [`LocalReply`], turned into a
+//! response in one place, with Envoy's status, body, response flag and headers.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::error::{ProxyError, ResponseFlag};
+use crate::http::body::ResponseBody;
+
+static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+
+/// A response made here rather than by an upstream.
+#[derive(Debug)]
+pub struct LocalReply {
+    pub status: StatusCode,
+    pub body: Bytes,
+    /// Why, for access logs (`%RESPONSE_FLAGS%`); `None` for an answer that is no failure.
+    pub flag: Option<ResponseFlag>,
+    /// Why, in words, for debug logs.
+    pub details: Cow<'static, str>,
+    /// Extra headers (a redirect's `location`, CORS preflight headers).
+    pub headers: HeaderMap,
+    /// Made by the router after a route was chosen: the route's response headers apply.
+    pub from_router: bool,
+}
+
+impl LocalReply {
+    pub fn new(status: StatusCode) -> Self {
+        LocalReply {
+            status,
+            body: Bytes::new(),
+            flag: None,
+            details: Cow::Borrowed(""),
+            headers: HeaderMap::new(),
+            from_router: false,
+        }
+    }
+
+    pub fn with_body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// The reply Envoy gives for a request-path failure.
+    pub fn from_error(error: &ProxyError) -> Self {
+        let (status, body) = error.flag.local_reply();
+        let mut reply = LocalReply::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        )
+        .with_body(Bytes::from_static(body.as_bytes()));
+        reply.flag = Some(error.flag);
+        reply.details = Cow::Owned(error.to_string());
+        // Envoy marks requests dropped by a circuit breaker, and closes a connection whose
+        // request broke the protocol (what follows on it cannot be trusted).
+        match error.flag {
+            ResponseFlag::UpstreamOverflow => {
+                reply
+                    .headers
+                    .insert(&X_OVERLOADED, HeaderValue::from_static("true"));
+            }
+            ResponseFlag::DownstreamProtocolError => {
+                reply
+                    .headers
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        reply
+    }
+
+    /// The response: the body as text, its length, the server header and the extra headers.
+    pub fn into_response(self, server: &HeaderValue) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::full(self.body.clone()));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        if !self.body.is_empty() {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        headers.insert(header::SERVER, server.clone());
+        headers.extend(self.headers);
+        response
+    }
+}
+
+impl From<ProxyError> for LocalReply {
+    fn from(error: ProxyError) -> Self {
+        LocalReply::from_error(&error)
+    }
+}
+
+impl ProxyError {
+    /// The local reply for a failure the router met after choosing a route: the route's
+    /// response headers apply to it, as Envoy's router applies them.
+    pub fn into_router_reply(self) -> LocalReply {
+        let mut reply = LocalReply::from_error(&self);
+        reply.from_router = true;
+        reply
+    }
+}

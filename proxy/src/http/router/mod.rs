@@ -1,0 +1,77 @@
+//! The router: the terminal HTTP filter. It runs the chosen route's action — a direct
+//! response, a redirect, or forwarding upstream ([`forward`]) — and owns everything about the
+//! upstream call: cluster pick, rewrites, timeouts, upgrades.
+
+// A local reply is an error value that is also a response (headers included); it is built
+// only off the fast path, and boxing it would cost every such reply an allocation.
+#![allow(clippy::result_large_err)]
+
+mod forward;
+
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Response, StatusCode};
+use hyper::body::Incoming;
+use remora_config::route::Action;
+use tokio::time::Instant;
+
+use crate::filter_chain::ConnectionInfo;
+use crate::http::access_log::Entry;
+use crate::http::body::ResponseBody;
+use crate::http::conn_manager::Manager;
+use crate::http::filter::{BodyFilter, Selected};
+use crate::http::local_reply::LocalReply;
+use crate::store::Snapshot;
+
+/// A request as it reaches the router.
+pub struct RouteRequest<'a> {
+    pub manager: &'a Manager,
+    pub parts: http::request::Parts,
+    pub body: Incoming,
+    /// Filters that look at the request body (usually none).
+    pub body_filters: Vec<Box<dyn BodyFilter>>,
+    pub route: &'a Selected,
+    pub snapshot: &'a Snapshot,
+    pub downstream: &'a ConnectionInfo,
+    /// `http` or `https`: the downstream connection's scheme.
+    pub scheme: &'static str,
+    pub log: &'a mut Option<Entry>,
+    pub started: Instant,
+    /// The request's authority (`Host`, else the URI's).
+    pub authority: Option<HeaderValue>,
+    /// The authority as routing saw it (lower case, port stripped as configured).
+    pub host: &'a str,
+    pub path_and_query: PathAndQuery,
+}
+
+/// Runs the route's action.
+pub async fn route(request: RouteRequest<'_>) -> Result<Response<ResponseBody>, LocalReply> {
+    let selected = request.route;
+    let route = selected.route();
+    match &route.action {
+        Action::Direct { status, body } => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            let mut reply = LocalReply::new(status);
+            if let Some(body) = body {
+                reply = reply.with_body(body.clone());
+            }
+            reply.from_router = true;
+            reply.details = "direct response".into();
+            Err(reply)
+        }
+        Action::Redirect(redirect) => {
+            let scheme = request.parts.uri.scheme_str().unwrap_or(request.scheme);
+            let location =
+                redirect.location(route, scheme, request.host, request.path_and_query.as_str());
+            let mut reply =
+                LocalReply::new(StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND));
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                reply.headers.insert(header::LOCATION, value);
+            }
+            reply.from_router = true;
+            reply.details = "redirect".into();
+            Err(reply)
+        }
+        Action::Forward(forward) => forward::forward(request, forward).await,
+    }
+}

@@ -1,0 +1,368 @@
+//! The one way Remora opens a connection to an upstream host, for the HTTP pools and for
+//! `tcp_proxy` alike: a slot under the cluster's `max_connections`, TCP with the cluster's
+//! connect timeout, `TCP_NODELAY` and keepalive settings, then TLS if configured; the
+//! connection counted in the cluster's and the host's stats from its first attempt to its
+//! close, and its bytes in both directions.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Notify;
+
+use super::host::HostState;
+use crate::config::{ConfigResult, ConnectOptions, TcpKeepalive};
+use crate::stats::ClusterStats;
+use crate::tls::ClientTls;
+
+/// The cluster's `max_connections`: connections open or being opened, across workers.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    open: AtomicUsize,
+    max: usize,
+    /// Wakes requests waiting for a slot when one frees.
+    pub freed: Notify,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: u32) -> Self {
+        ConnectionLimit {
+            open: AtomicUsize::new(0),
+            max: max as usize,
+            freed: Notify::new(),
+        }
+    }
+
+    /// A slot if one is free.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<LimitSlot> {
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(LimitSlot(self.clone()))
+    }
+
+    /// A slot over the limit (Envoy lets a pool with no connection to a host open one).
+    pub fn acquire_over(self: &Arc<Self>) -> LimitSlot {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        LimitSlot(self.clone())
+    }
+}
+
+/// One place under `max_connections`, held until the connection closes.
+#[derive(Debug)]
+pub struct LimitSlot(Arc<ConnectionLimit>);
+
+impl Drop for LimitSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.freed.notify_waiters();
+    }
+}
+
+/// Why no connection could be made.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{addr}: {reason}")]
+pub struct ConnectError {
+    pub addr: SocketAddr,
+    pub reason: Arc<str>,
+}
+
+/// Makes a cluster's connections.
+#[derive(Debug)]
+pub struct Connector {
+    pub stats: Arc<ClusterStats>,
+    pub limit: Arc<ConnectionLimit>,
+    connect_timeout: Duration,
+    keepalive: Option<TcpKeepalive>,
+    tls: Option<ClientTls>,
+}
+
+impl Connector {
+    /// Builds the connector (reading TLS certificates now, so errors name their field).
+    pub fn new(
+        options: &ConnectOptions,
+        max_connections: u32,
+        stats: Arc<ClusterStats>,
+    ) -> ConfigResult<Self> {
+        Ok(Connector {
+            stats,
+            limit: Arc::new(ConnectionLimit::new(max_connections)),
+            connect_timeout: options.connect_timeout,
+            keepalive: options.tcp_keepalive,
+            tls: options
+                .tls
+                .as_ref()
+                .map(crate::tls::client_config)
+                .transpose()?,
+        })
+    }
+
+    /// The ALPN protocols offered when TLS is on.
+    pub fn tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref()
+    }
+
+    /// Opens a connection to `addr` in `slot`: TCP within the connect timeout, then TLS.
+    /// Counted in `cx_total` and `cx_active` from this attempt on, as Envoy counts.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        host: &Arc<HostState>,
+        slot: LimitSlot,
+    ) -> Result<UpstreamIo, ConnectError> {
+        let counted = Counted::new(&self.stats, host, slot);
+        let failed = |reason: String| {
+            self.stats.upstream_cx_connect_fail.inc();
+            host.stats.cx_connect_fail.inc();
+            ConnectError {
+                addr,
+                reason: reason.into(),
+            }
+        };
+        let tcp =
+            match tokio::time::timeout(self.connect_timeout, tcp_connect(addr, self.keepalive))
+                .await
+            {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(error)) => return Err(failed(error.to_string())),
+                Err(_) => return Err(failed("connect timeout".into())),
+            };
+        let stream = match &self.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let name = tls
+                    .sni
+                    .clone()
+                    .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                // The handshake shares the connect timeout, as Envoy's transport socket does.
+                match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await
+                {
+                    Ok(Ok(stream)) => Stream::Tls(Box::new(stream)),
+                    Ok(Err(error)) => return Err(failed(format!("TLS: {error}"))),
+                    Err(_) => return Err(failed("TLS handshake timeout".into())),
+                }
+            }
+        };
+        Ok(UpstreamIo { stream, counted })
+    }
+}
+
+/// A TCP connection with Remora's socket options.
+pub async fn tcp_connect(
+    addr: SocketAddr,
+    keepalive: Option<TcpKeepalive>,
+) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    if let Some(keepalive) = keepalive {
+        set_keepalive(&socket2::SockRef::from(&socket), keepalive)?;
+    }
+    socket.connect(addr).await
+}
+
+/// Turns keepalive on with the given probes, time and interval; an unset value keeps the
+/// operating system's default, as in Envoy.
+pub fn set_keepalive(
+    socket: &socket2::SockRef<'_>,
+    keepalive: TcpKeepalive,
+) -> std::io::Result<()> {
+    socket.set_keepalive(true)?;
+    let mut params = socket2::TcpKeepalive::new();
+    if let Some(time) = keepalive.time {
+        params = params.with_time(time);
+    }
+    if let Some(interval) = keepalive.interval {
+        params = params.with_interval(interval);
+    }
+    if let Some(probes) = keepalive.probes {
+        params = params.with_retries(probes);
+    }
+    socket.set_tcp_keepalive(&params)
+}
+
+/// A connection in the cluster's and its host's `cx_total` and `cx_active` from its first
+/// attempt, holding its connection slot; leaves `cx_active` when dropped, whether the connect
+/// failed, was given up on or the connection closed.
+#[derive(Debug)]
+struct Counted {
+    stats: Arc<ClusterStats>,
+    host: Arc<HostState>,
+    _slot: LimitSlot,
+}
+
+impl Counted {
+    fn new(stats: &Arc<ClusterStats>, host: &Arc<HostState>, slot: LimitSlot) -> Self {
+        stats.upstream_cx_total.inc();
+        stats.upstream_cx_active.inc();
+        host.stats.cx_total.inc();
+        host.stats.cx_active.inc();
+        Counted {
+            stats: stats.clone(),
+            host: host.clone(),
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.stats.upstream_cx_active.dec();
+        self.host.stats.cx_active.dec();
+    }
+}
+
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// An open upstream connection, plain or TLS, counting the bytes it moves.
+#[derive(Debug)]
+pub struct UpstreamIo {
+    stream: Stream,
+    counted: Counted,
+}
+
+impl UpstreamIo {
+    /// The negotiated ALPN protocol, if TLS.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match &self.stream {
+            Stream::Plain(_) => None,
+            Stream::Tls(tls) => tls.get_ref().1.alpn_protocol(),
+        }
+    }
+}
+
+macro_rules! with_stream {
+    ($self:expr, $io:ident => $body:expr) => {
+        match &mut $self.stream {
+            Stream::Plain($io) => $body,
+            Stream::Tls($io) => {
+                let $io = &mut **$io;
+                $body
+            }
+        }
+    };
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let result = with_stream!(this, io => Pin::new(io).poll_read(cx, buf));
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            this.counted
+                .stats
+                .upstream_cx_rx_bytes_total
+                .add(read as u64);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let result = with_stream!(this, io => Pin::new(io).poll_write(cx, buf));
+        if let Poll::Ready(Ok(n)) = result {
+            this.counted.stats.upstream_cx_tx_bytes_total.add(n as u64);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let result = with_stream!(this, io => Pin::new(io).poll_write_vectored(cx, bufs));
+        if let Poll::Ready(Ok(n)) = result {
+            this.counted.stats.upstream_cx_tx_bytes_total.add(n as u64);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            Stream::Plain(io) => io.is_write_vectored(),
+            Stream::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        with_stream!(self, io => Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        with_stream!(self, io => Pin::new(io).poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_settings_reach_the_socket_and_unset_ones_keep_the_default() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let keepalive = TcpKeepalive {
+            probes: Some(4),
+            time: Some(Duration::from_secs(33)),
+            interval: None,
+        };
+        let stream = tcp_connect(addr, Some(keepalive)).await.unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(33)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
+        let plain = tcp_connect(addr, None).await.unwrap();
+        let plain = socket2::SockRef::from(&plain);
+        assert!(!plain.keepalive().unwrap());
+        // Linux's default interval (75 s) is kept when the config leaves it unset.
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            plain.tcp_keepalive_interval().unwrap()
+        );
+        assert!(
+            plain.tcp_nodelay().unwrap(),
+            "every upstream socket has TCP_NODELAY"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_limit_admits_up_to_max_and_frees_on_drop() {
+        let limit = Arc::new(ConnectionLimit::new(2));
+        let a = limit.try_acquire().expect("first");
+        let _b = limit.try_acquire().expect("second");
+        assert!(limit.try_acquire().is_none());
+        drop(a);
+        assert!(limit.try_acquire().is_some());
+    }
+}

@@ -1,0 +1,394 @@
+//! Applying what arrived: received resources are merged into the desired set of their type,
+//! then each new or changed resource is converted (through the config gate), built and put in
+//! place — clusters and route tables into the config store, listeners into the listener
+//! manager. What does not convert keeps its last good version and is reported with its name
+//! and field; that message becomes the NACK.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use prost_types::Any;
+use serde_json::json;
+use xds_api::type_urls::{
+    CLUSTER as CDS, CLUSTER_LOAD_ASSIGNMENT as EDS, LISTENER as LDS, ROUTE_CONFIGURATION as RDS,
+};
+
+use super::warming::{Deadline, Warming};
+use super::{Received, XdsContext, short};
+use crate::config::{
+    DiscoveryType, Files, Listener, LoadAssignment, RawConfig, RouteSource, resource,
+};
+use crate::upstream::Cluster;
+
+/// The desired resources of one type: name → (version, payload).
+type Desired = BTreeMap<String, (String, Any)>;
+
+pub struct Applier {
+    pub context: XdsContext,
+    desired: HashMap<&'static str, Desired>,
+    /// The digest of the payload applied, per type and name.
+    applied: HashMap<&'static str, BTreeMap<String, u64>>,
+    /// Endpoints by EDS service name, for clusters that arrive after their endpoints.
+    endpoints: BTreeMap<String, LoadAssignment>,
+    pub warming: Warming,
+}
+
+fn digest(any: &Any) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    any.value.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{secs}s")
+}
+
+/// The RDS route configurations a listener needs.
+pub fn route_names(listener: &Listener) -> Vec<String> {
+    listener
+        .connection_managers()
+        .filter_map(|hcm| hcm.rds_name().map(str::to_string))
+        .collect()
+}
+
+impl Applier {
+    pub fn new(context: XdsContext, warming: Warming) -> Self {
+        Applier {
+            context,
+            desired: HashMap::new(),
+            applied: HashMap::new(),
+            endpoints: BTreeMap::new(),
+            warming,
+        }
+    }
+
+    /// Merges a received update and applies its type; returns the NACK messages.
+    pub fn receive(&mut self, received: &Received) -> Vec<String> {
+        if !received.errors.is_empty() {
+            return received.errors.clone();
+        }
+        let desired = self.desired.entry(received.type_url).or_default();
+        if received.replace {
+            desired.clear();
+        }
+        for resource in &received.upserts {
+            desired.insert(
+                resource.name.clone(),
+                (resource.version.clone(), resource.payload.clone()),
+            );
+        }
+        for name in &received.removals {
+            desired.remove(name);
+        }
+        self.apply(received.type_url)
+    }
+
+    /// Forgets resources no longer subscribed to (named types).
+    pub fn forget(&mut self, type_url: &'static str, names: &[String]) {
+        if let Some(desired) = self.desired.get_mut(type_url) {
+            for name in names {
+                desired.remove(name);
+            }
+        }
+        if let Some(applied) = self.applied.get_mut(type_url) {
+            for name in names {
+                applied.remove(name);
+            }
+        }
+        if type_url == RDS {
+            self.context.store.update(|snapshot| {
+                for name in names {
+                    snapshot.routes.remove(name);
+                }
+            });
+        }
+    }
+
+    fn record_error(&self, type_url: &str, name: &str, message: &str) {
+        let entry = json!({"details": message, "last_update_attempt": now()});
+        self.context.status.update(|s| {
+            s.errors
+                .insert((type_url.to_string(), name.to_string()), entry);
+        });
+    }
+
+    fn clear_error(&self, type_url: &str, name: &str) {
+        self.context.status.update(|s| {
+            s.errors.remove(&(type_url.to_string(), name.to_string()));
+        });
+    }
+
+    /// Applies the desired set of one type; returns NACK messages.
+    fn apply(&mut self, type_url: &'static str) -> Vec<String> {
+        let desired = self.desired.get(type_url).cloned().unwrap_or_default();
+        let mut applied = self.applied.remove(type_url).unwrap_or_default();
+        let mut errors = Vec::new();
+        let mut changed = Vec::new();
+        for (name, (_, any)) in &desired {
+            let hash = digest(any);
+            if applied.get(name) == Some(&hash) {
+                continue;
+            }
+            let result = match type_url {
+                CDS => self.apply_cluster(name, any),
+                EDS => self.apply_endpoints(name, any),
+                LDS => self.apply_listener(name, any),
+                _ => self.apply_route(name, any),
+            };
+            match result {
+                Ok(()) => {
+                    applied.insert(name.clone(), hash);
+                    self.clear_error(type_url, name);
+                    changed.push(name.clone());
+                }
+                Err(message) => {
+                    let message = format!("{} {name}: {message}", short(type_url));
+                    self.record_error(type_url, name, &message);
+                    errors.push(message);
+                }
+            }
+        }
+        let removed: Vec<String> = applied
+            .keys()
+            .filter(|name| !desired.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            applied.remove(name);
+            self.clear_error(type_url, name);
+            self.remove(type_url, name);
+        }
+        self.applied.insert(type_url, applied);
+        if type_url == RDS {
+            self.promote_listeners();
+        }
+        self.publish_warming();
+        if !changed.is_empty() || !removed.is_empty() {
+            tracing::info!(type_url, changed = ?changed, removed = ?removed, "xDS: applied");
+        }
+        errors
+    }
+
+    fn remove(&mut self, type_url: &str, name: &str) {
+        let context = &self.context;
+        match type_url {
+            CDS => {
+                self.warming.remove_cluster(name);
+                context
+                    .store
+                    .update(|snapshot| snapshot.clusters.remove(name));
+            }
+            LDS => {
+                self.warming.remove_listener(name);
+                context.listeners.remove(name);
+            }
+            RDS => {
+                context
+                    .store
+                    .update(|snapshot| snapshot.routes.remove(name));
+            }
+            _ => {
+                self.endpoints.remove(name);
+                context.status.update(|s| {
+                    s.endpoints.remove(name);
+                });
+            }
+        }
+    }
+
+    fn apply_cluster(&mut self, name: &str, any: &Any) -> Result<(), String> {
+        if self.context.static_clusters.iter().any(|n| n == name) {
+            return Err("a static cluster of that name exists".into());
+        }
+        let config = Arc::new(resource::cluster(&any.value).map_err(|e| e.to_string())?);
+        let snapshot = self.context.store.load();
+        let previous = self
+            .warming
+            .cluster(name)
+            .cloned()
+            .or_else(|| snapshot.cluster(name).cloned());
+        let cluster = Cluster::new(
+            config,
+            &self.context.registry,
+            self.context.concurrency,
+            previous.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.warming.remove_cluster(name);
+        match &cluster.config.discovery {
+            DiscoveryType::Eds {
+                service_name,
+                source,
+            } => {
+                if let Some(assignment) = self.endpoints.get(service_name) {
+                    cluster.set_assignment(assignment);
+                }
+                let timeout = source.initial_fetch_timeout;
+                if cluster.members.is_initialized() {
+                    self.activate_cluster(cluster);
+                } else {
+                    self.warming.add_cluster(cluster, timeout);
+                }
+            }
+            _ => {
+                cluster.start_background();
+                self.activate_cluster(cluster);
+            }
+        }
+        Ok(())
+    }
+
+    fn activate_cluster(&self, cluster: Arc<Cluster>) {
+        let name = cluster.name().to_string();
+        self.context
+            .store
+            .update(|snapshot| snapshot.clusters.insert(name, cluster));
+    }
+
+    fn apply_endpoints(&mut self, name: &str, any: &Any) -> Result<(), String> {
+        let (_, assignment) = resource::load_assignment(&any.value).map_err(|e| e.to_string())?;
+        if let Ok(proto) =
+            <xds_api::envoy::config::endpoint::v3::ClusterLoadAssignment as prost::Message>::decode(
+                any.value.as_slice(),
+            )
+        {
+            let raw = RawConfig::of(&proto);
+            self.context.status.update(|s| {
+                s.endpoints.insert(name.to_string(), raw);
+            });
+        }
+        let snapshot = self.context.store.load();
+        for cluster in snapshot.clusters.values() {
+            if matches!(&cluster.config.discovery, DiscoveryType::Eds { service_name, .. } if service_name == name)
+            {
+                cluster.set_assignment(&assignment);
+            }
+        }
+        for cluster in self.warming.clusters_for(name) {
+            cluster.set_assignment(&assignment);
+            self.activate_cluster(cluster);
+        }
+        self.endpoints.insert(name.to_string(), assignment);
+        Ok(())
+    }
+
+    /// Every cluster a route table names must exist (active or warming) when it asks for it.
+    fn check_clusters(&self, names: &[String], validate: bool) -> Result<(), String> {
+        if !validate {
+            return Ok(());
+        }
+        let snapshot = self.context.store.load();
+        match names
+            .iter()
+            .find(|name| snapshot.cluster(name).is_none() && self.warming.cluster(name).is_none())
+        {
+            Some(name) => Err(format!(
+                "route: unknown cluster {name:?} (validate_clusters)"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn apply_listener(&mut self, name: &str, any: &Any) -> Result<(), String> {
+        if self.context.static_listeners.iter().any(|n| n == name) {
+            return Err("a static listener of that name exists".into());
+        }
+        let listener =
+            Arc::new(resource::listener(&any.value, Files::Read).map_err(|e| e.to_string())?);
+        // Route configurations inline in a listener are validated by default, as in Envoy.
+        for hcm in listener.connection_managers() {
+            if let RouteSource::Inline(table) = &hcm.routes {
+                self.check_clusters(&table.clusters, table.validate_clusters != Some(false))?;
+            }
+        }
+        self.warming.remove_listener(name);
+        let routes = self.context.store.load();
+        let missing = route_names(&listener)
+            .iter()
+            .any(|r| !routes.routes.contains_key(r));
+        if missing {
+            let timeout = listener
+                .connection_managers()
+                .filter_map(|hcm| match &hcm.routes {
+                    RouteSource::Rds { source, .. } => Some(source.initial_fetch_timeout),
+                    RouteSource::Inline(_) => None,
+                })
+                .max()
+                .unwrap_or_default();
+            self.warming.add_listener(listener, timeout);
+            Ok(())
+        } else {
+            self.context
+                .listeners
+                .add_or_update(listener)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    fn apply_route(&mut self, name: &str, any: &Any) -> Result<(), String> {
+        let table = resource::route_table(&any.value, Files::Read).map_err(|e| e.to_string())?;
+        // RDS route configurations are validated only when they ask (Envoy's default: false).
+        self.check_clusters(&table.clusters, table.validate_clusters == Some(true))?;
+        let table = Arc::new(table);
+        self.context
+            .store
+            .update(|snapshot| snapshot.routes.insert(name.to_string(), table));
+        Ok(())
+    }
+
+    /// Starts the warming listeners whose route configurations have all arrived.
+    fn promote_listeners(&mut self) {
+        let routes = self.context.store.load();
+        let ready = self
+            .warming
+            .ready_listeners(|l| route_names(l).iter().all(|r| routes.routes.contains_key(r)));
+        for listener in ready {
+            self.start_listener(listener);
+        }
+    }
+
+    fn start_listener(&self, listener: Arc<Listener>) {
+        let name = listener.name.clone();
+        if let Err(error) = self.context.listeners.add_or_update(listener) {
+            let message = format!("Listener {name}: {error}");
+            tracing::warn!(%message);
+            self.record_error(LDS, &name, &message);
+        }
+    }
+
+    fn publish_warming(&self) {
+        let warming: Vec<RawConfig> = self
+            .warming
+            .clusters()
+            .map(|c| c.config.raw.clone())
+            .collect();
+        self.context.status.update(|s| s.warming_clusters = warming);
+    }
+
+    /// A warming deadline passed: the cluster or listener goes live without what it waited for.
+    pub fn expire(&mut self, deadline: &Deadline) {
+        match deadline {
+            Deadline::Cluster { name, digest } => {
+                if let Some(cluster) = self.warming.expired_cluster(name, *digest) {
+                    tracing::warn!(cluster = %name, "xDS: endpoints did not arrive in time; activating without endpoints");
+                    cluster.members.mark_initialized();
+                    self.activate_cluster(cluster);
+                    self.publish_warming();
+                }
+            }
+            Deadline::Listener { name, digest } => {
+                if let Some(listener) = self.warming.expired_listener(name, *digest) {
+                    tracing::warn!(listener = %name, "xDS: routes did not arrive in time; starting the listener without them");
+                    self.start_listener(listener);
+                }
+            }
+            Deadline::InitialFetch(_) => {}
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The ADS stream's transport: a connection to a host of the bootstrap's ADS cluster through
+//! that cluster's connect path (so its `transport_socket` TLS applies, and its keepalive and
+//! connect timeout), HTTP/2 for gRPC on top; and the reconnect backoff.
+
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+
+use super::XdsContext;
+use crate::upstream::LbContext;
+
+/// Opens a gRPC channel to the ADS cluster.
+pub async fn connect(context: &XdsContext) -> anyhow::Result<tonic::transport::Channel> {
+    let name = &context.config.ads_cluster;
+    let cluster = context
+        .store
+        .load()
+        .cluster(name)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("ADS cluster {name} is not defined"))?;
+    tokio::time::timeout(Duration::from_secs(5), cluster.members.initialized())
+        .await
+        .ok();
+    let host = cluster
+        .choose(&LbContext::default())
+        .ok_or_else(|| anyhow::anyhow!("no healthy host in ADS cluster {name}"))?;
+    let slot = cluster.connector.limit.acquire_over();
+    let io = cluster
+        .connector
+        .connect(host.addr, &host.state, slot)
+        .await?;
+    let scheme = if cluster.connector.tls().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    // The connection is made already; the connector hands it to the channel once.
+    let io = std::sync::Mutex::new(Some(io));
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let io = io.lock().unwrap_or_else(|p| p.into_inner()).take();
+        async move {
+            io.map(TokioIo::new)
+                .ok_or_else(|| std::io::Error::other("the ADS connection was used already"))
+        }
+    });
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", host.addr))?
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_with_connector(connector).await?)
+}
+
+/// Jittered exponential backoff: 0.5 s doubling up to 30 s, full jitter in the upper half.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// The wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = Duration::from_millis(500)
+            .saturating_mul(1 << self.attempt.min(6))
+            .min(Duration::from_secs(30));
+        self.attempt = self.attempt.saturating_add(1);
+        let millis = ceiling.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+    }
+
+    /// A stream that got a response: start over from the shortest wait.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_resets() {
+        let mut backoff = Backoff::default();
+        let first = backoff.next_delay();
+        assert!((Duration::from_millis(250)..=Duration::from_millis(500)).contains(&first));
+        for _ in 0..20 {
+            assert!(backoff.next_delay() <= Duration::from_secs(30));
+        }
+        assert!(backoff.next_delay() >= Duration::from_secs(15));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(500));
+    }
+}
