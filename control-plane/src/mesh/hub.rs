@@ -676,4 +676,44 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test]
+    async fn a_raw_resource_of_the_sidecars_group_replaces_the_generated_one() {
+        use crate::resource::Typed;
+        use crate::store::ResourceKey;
+        let name = "b.shop.svc.cluster.local:80";
+        let raw_route = Typed::from_json(
+            Kind::Route,
+            &serde_json::json!({"name": name, "virtual_hosts": [{"name": "mine", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 418}}]}]}),
+        )
+        .expect("a route")
+        .encode();
+        let mut state = ConfigState {
+            version: 1,
+            ..ConfigState::default()
+        };
+        state.resources.insert(
+            ResourceKey::new(Kind::Route, "a", name),
+            bytes::Bytes::from(raw_route.clone()),
+        );
+        let raw = SnapshotHub::new(
+            Committed {
+                state: Arc::new(state),
+                at: Instant::now(),
+            },
+            Duration::ZERO,
+        );
+        let hub = MeshHub::new(MeshSettings::default(), raw, 0, Duration::ZERO);
+        hub.update(service_b());
+        hub.publish();
+        // Group "a" holds the raw route; group "b" does not.
+        let overridden = hub.subscribe(sidecar("a")).await.borrow().clone();
+        assert_eq!(overridden.of(Kind::Route)[name].body.value, raw_route);
+        assert!(
+            overridden.of(Kind::Cluster).contains_key(name),
+            "generated clusters stay"
+        );
+        let generated = hub.subscribe(sidecar("b")).await.borrow().clone();
+        assert_ne!(generated.of(Kind::Route)[name].body.value, raw_route);
+    }
 }
