@@ -239,3 +239,194 @@ fn logging_levels_change_what_the_proxy_logs() {
         proxy.process.log().contains("local reply").then_some(())
     });
 }
+
+/// A cluster whose endpoints sit in localities (region, zone, sub-zone; locality and endpoint
+/// weights) across two priorities, with health statuses and a hostname; nothing is sent to it.
+fn located_cluster() -> String {
+    let host = |port: u16, extra: &str| {
+        format!(
+            "        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}{extra}}}\n"
+        )
+    };
+    format!(
+        "  - name: located\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: located\n      endpoints:\n      - locality: {{region: eu-west, zone: eu-west-1a, sub_zone: rack-7}}\n        load_balancing_weight: 3\n        lb_endpoints:\n{}          load_balancing_weight: 2\n{}          health_status: DEGRADED\n      - locality: {{region: eu-west, zone: eu-west-1b}}\n        load_balancing_weight: 1\n        lb_endpoints:\n{}      - locality: {{region: us-east}}\n        priority: 1\n        lb_endpoints:\n{}          health_status: UNHEALTHY\n{}",
+        host(1, ""),
+        host(2, ""),
+        host(3, ""),
+        host(4, ", hostname: backup"),
+        host(5, ""),
+    )
+}
+
+#[test]
+fn clusters_show_localities_and_priorities_as_envoy_does() {
+    let (admin, admin_yaml) = admin_block();
+    let yaml = bootstrap(&admin_yaml, &[], &[located_cluster()]).replace(
+        "static_resources:\n  listeners:\n  clusters:\n",
+        "static_resources:\n  clusters:\n",
+    );
+    let (_dir, file) = write_config(&yaml);
+    let answers = || {
+        let text: Vec<String> = http_get(admin, "/clusters")
+            .expect("/clusters")
+            .2
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let json: Value =
+            serde_json::from_str(&http_get(admin, "/clusters?format=json").expect("json").2)
+                .expect("/clusters JSON");
+        (text, json)
+    };
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        answers()
+    };
+    for line in [
+        "located::127.0.0.1:1::region::eu-west",
+        "located::127.0.0.1:1::zone::eu-west-1a",
+        "located::127.0.0.1:1::sub_zone::rack-7",
+        "located::127.0.0.1:1::weight::2",
+        "located::127.0.0.1:1::priority::0",
+        "located::127.0.0.1:2::health_flags::/degraded_eds_health",
+        "located::127.0.0.1:3::zone::eu-west-1b",
+        "located::127.0.0.1:3::sub_zone::",
+        "located::127.0.0.1:4::hostname::backup",
+        "located::127.0.0.1:4::region::us-east",
+        "located::127.0.0.1:4::zone::",
+        "located::127.0.0.1:4::priority::1",
+        "located::127.0.0.1:4::canary::false",
+        "located::127.0.0.1:4::health_flags::/failed_eds_health",
+        "located::127.0.0.1:5::health_flags::healthy",
+    ] {
+        assert!(
+            remora.0.iter().any(|l| l == line),
+            "{line} in {:#?}",
+            remora.0
+        );
+    }
+    let hosts = &remora.1["cluster_statuses"][0]["host_statuses"];
+    assert_eq!(
+        hosts[0]["locality"],
+        serde_json::json!({"region": "eu-west", "zone": "eu-west-1a", "sub_zone": "rack-7"})
+    );
+    assert_eq!(hosts[3]["priority"], 1);
+    if !remora_tests::envoy::available_or_skip("the Envoy half of /clusters localities") {
+        return;
+    }
+    let envoy = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        answers()
+    };
+    assert_eq!(envoy.0, remora.0, "left: envoy, right: remora");
+    assert_eq!(envoy.1, remora.1, "left: envoy, right: remora");
+}
+
+/// Sends admin requests (with a user agent, one with a request id) and returns the lines of
+/// both admin access logs once all of them are there.
+fn admin_log_lines(admin: SocketAddr, logs: &[&std::path::Path; 2]) -> (Vec<String>, Vec<String>) {
+    let requests = [
+        ("GET", "/ready?probe=1", "tester/1", ""),
+        ("GET", "/stats?filter=(", "tester/2", "rid-2"),
+        ("POST", "/logging", "tester/3", ""),
+    ];
+    for (method, path, agent, request_id) in requests {
+        let mut headers = vec![("user-agent", agent)];
+        if !request_id.is_empty() {
+            headers.push(("x-request-id", request_id));
+        }
+        http_request(admin, method, path, &headers, "").expect("admin request");
+    }
+    // Envoy flushes its file logs about once a second.
+    wait_for(
+        "3 lines in both admin logs",
+        Duration::from_secs(15),
+        || {
+            let read = |path: &std::path::Path| -> Option<Vec<String>> {
+                let lines: Vec<String> = std::fs::read_to_string(path)
+                    .ok()?
+                    .lines()
+                    .filter(|l| l.contains("tester/"))
+                    .map(str::to_string)
+                    .collect();
+                (lines.len() == 3).then_some(lines)
+            };
+            Some((read(logs[0])?, read(logs[1])?))
+        },
+    )
+}
+
+/// An admin access log line with what differs by run masked: the start time and the
+/// duration (and the bytes sent, for the answers whose bodies are worded differently).
+fn masked_admin_line(line: &str) -> String {
+    let (_, rest) = line.split_once("] ").expect("[START_TIME] first");
+    let mut fields: Vec<String> = rest.split(' ').map(str::to_string).collect();
+    // "METHOD PATH PROTOCOL" CODE FLAGS RECEIVED SENT DURATION ...
+    fields[7] = "N".into();
+    if !fields[1].starts_with("/ready") {
+        fields[6] = "N".into();
+    }
+    format!("[T] {}", fields.join(" "))
+}
+
+#[test]
+fn admin_access_logs_write_envoys_lines() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (new_log, old_log) = (
+        dir.path().join("admin.log"),
+        dir.path().join("admin-path.log"),
+    );
+    let (admin, admin_yaml) = admin_block();
+    // `access_log` (a FileAccessLog) and the deprecated `access_log_path`, side by side.
+    let admin_yaml = format!(
+        "{admin_yaml}  access_log_path: {}\n  access_log:\n  - name: envoy.access_loggers.file\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n      path: {}\n",
+        old_log.display(),
+        new_log.display()
+    );
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[],
+        &[static_cluster("unused", &[closed_port()])],
+    )
+    .replace(
+        "static_resources:\n  listeners:\n  clusters:\n",
+        "static_resources:\n  clusters:\n",
+    );
+    let (_conf, file) = write_config(&yaml);
+    let logs = [new_log.as_path(), old_log.as_path()];
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        admin_log_lines(admin, &logs)
+    };
+    assert_eq!(remora.0, remora.1, "both loggers write the same lines");
+    let masked =
+        |lines: &[String]| -> Vec<String> { lines.iter().map(|l| masked_admin_line(l)).collect() };
+    let remora = masked(&remora.0);
+    assert!(
+        remora[0].starts_with("[T] \"GET /ready?probe=1 HTTP/1.1\" 200 - 0 5 N "),
+        "{remora:?}"
+    );
+    assert!(
+        remora[1].contains(" 400 ") && remora[1].contains("\"rid-2\""),
+        "{remora:?}"
+    );
+    // The admin records its peer in x-forwarded-for as an edge proxy does.
+    let xff = remora[0]
+        .split(' ')
+        .nth(10)
+        .unwrap_or_default()
+        .trim_matches('"');
+    assert!(xff.parse::<std::net::IpAddr>().is_ok(), "{remora:?}");
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the admin access log") {
+        return;
+    }
+    for log in logs {
+        std::fs::remove_file(log).expect("start the logs afresh");
+    }
+    let envoy = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        admin_log_lines(admin, &logs)
+    };
+    assert_eq!(envoy.0, envoy.1);
+    assert_eq!(masked(&envoy.0), remora, "left: envoy, right: remora");
+}

@@ -1258,3 +1258,253 @@ fn cors_shadow_mode_counts_origins_without_enforcing_as_in_envoy() {
     };
     assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
+
+#[test]
+fn tcp_proxy_listener_connection_limit_closes_extra_connections_as_in_envoy() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let runtime = "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy: {resource_limits: {listener: {tcp_in: {connection_limit: 2}}}}\n";
+    let yaml = format!(
+        "{}{runtime}",
+        bootstrap(
+            &admin_yaml,
+            &[tcp_listener("tcp_in", port, "echo", "")],
+            &[static_cluster("echo", &[echo.addr])],
+        )
+    );
+    let (_dir, file) = write_config(&yaml);
+    let stat = |name: &str| remora_tests::admin_stat(admin, name);
+    let run = || {
+        // The probe is a proxied connection too (counted below).
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        let open = || stat(&format!("listener.127.0.0.1_{port}.downstream_cx_active"));
+        wait_for("no connection open", Duration::from_secs(10), || {
+            (open() == Some(0)).then_some(())
+        });
+        let mut seen = Vec::new();
+        // Two proxied connections (each has carried a request to the echo) fill the limit; a
+        // third is closed at accept, before anything reaches the upstream.
+        let held = [served_connection(port), served_connection(port)];
+        let mut third = TcpStream::connect(loopback(port)).expect("connect");
+        seen.push(("third closed", closed_at_once(&mut third)));
+        drop(held);
+        wait_for("all closed", Duration::from_secs(10), || {
+            (open() == Some(0)).then_some(())
+        });
+        // A freed place is usable again (served_connection checks the answer).
+        drop(served_connection(port));
+        wait_for("closed again", Duration::from_secs(10), || {
+            (open() == Some(0)).then_some(())
+        });
+        let counts = [
+            format!("listener.127.0.0.1_{port}.downstream_cx_overflow"),
+            format!("listener.127.0.0.1_{port}.downstream_cx_total"),
+            "tcp.tcp_in.downstream_cx_total".to_string(),
+            "cluster.echo.upstream_cx_total".to_string(),
+        ]
+        .map(|name| (name.clone(), stat(&name)));
+        (seen, counts)
+    };
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        run()
+    };
+    assert!(remora.0.iter().all(|(_, ok)| *ok), "{:?}", remora.0);
+    // Four proxied connections (the probe's, two held, one after); the one closed at accept
+    // counts as overflow only.
+    let counts: Vec<Option<u64>> = remora.1.iter().map(|(_, v)| *v).collect();
+    assert_eq!(
+        counts,
+        [Some(1), Some(4), Some(4), Some(4)],
+        "{:?}",
+        remora.1
+    );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the tcp_proxy connection limit") {
+        return;
+    }
+    let envoy = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        run()
+    };
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+}
+
+/// A keep-alive HTTP/1.1 GET on `stream`; the name of the echo upstream that answered
+/// (its `x-upstream` header), after reading the whole response.
+fn answered_by(stream: &mut TcpStream, path: &str) -> String {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: lb\r\n\r\n").as_bytes())
+        .expect("write request");
+    let head = String::from_utf8(read_head(stream).expect("a response")).expect("utf-8 head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let header = |name: &str| {
+        head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    };
+    let length: usize = header("content-length")
+        .and_then(|l| l.parse().ok())
+        .expect("a content-length");
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).expect("body");
+    header("x-upstream").expect("the echo names itself")
+}
+
+/// Envoy's priority load split, per cluster: the share of requests each echo upstream should
+/// get, from the healthy and degraded availability of each priority (share of such hosts ×
+/// the overprovisioning factor 1.4, capped at 100%) and the panic threshold (50%).
+const PRIORITY_SCENARIOS: [(&str, &[(&str, f64)]); 4] = [
+    // Everything healthy: priority 0 takes all, split by round robin.
+    ("all_healthy", &[("e0", 0.5), ("e1", 0.5)]),
+    // Half of priority 0 unhealthy: it is 70% available, priority 1 takes the other 30%.
+    (
+        "p0_half_unhealthy",
+        &[("e0", 0.7), ("e2", 0.15), ("e3", 0.15)],
+    ),
+    // Priority 0 all degraded, priority 1 half healthy (70%): degraded hosts take only what
+    // healthy ones leave, 30%.
+    ("p0_degraded", &[("e2", 0.7), ("e0", 0.15), ("e1", 0.15)]),
+    // Both priorities under the panic threshold (1 of 3 healthy, 0 of 2): total panic, load by
+    // host count (3/5, 2/5) over all hosts, healthy or not.
+    (
+        "panic",
+        &[
+            ("e0", 0.2),
+            ("e1", 0.2),
+            ("e4", 0.2),
+            ("e2", 0.2),
+            ("e3", 0.2),
+        ],
+    ),
+];
+
+#[test]
+fn priority_load_split_degraded_and_panic_match_envoy() {
+    const REQUESTS: usize = 1000;
+    let echoes: Vec<EchoServer> = (0..5)
+        .map(|i| EchoServer::start(&format!("e{i}"), "127.0.0.1"))
+        .collect();
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    // `hosts`: (echo index, health status) per priority.
+    let cluster = |name: &str, hosts: &[&[(usize, &str)]]| {
+        let mut yaml = format!(
+            "  - name: {name}\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n"
+        );
+        for (priority, level) in hosts.iter().enumerate() {
+            yaml.push_str(&format!(
+                "      - priority: {priority}\n        lb_endpoints:\n"
+            ));
+            for (echo, health) in level.iter() {
+                yaml.push_str(&format!(
+                    "        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}\n          health_status: {health}\n",
+                    echoes[*echo].addr.port()
+                ));
+            }
+        }
+        yaml
+    };
+    let clusters = [
+        cluster(
+            "all_healthy",
+            &[
+                &[(0, "HEALTHY"), (1, "HEALTHY")],
+                &[(2, "HEALTHY"), (3, "HEALTHY")],
+            ],
+        ),
+        cluster(
+            "p0_half_unhealthy",
+            &[
+                &[(0, "HEALTHY"), (1, "UNHEALTHY")],
+                &[(2, "HEALTHY"), (3, "HEALTHY")],
+            ],
+        ),
+        cluster(
+            "p0_degraded",
+            &[
+                &[(0, "DEGRADED"), (1, "DEGRADED")],
+                &[(2, "HEALTHY"), (3, "UNHEALTHY")],
+            ],
+        ),
+        cluster(
+            "panic",
+            &[
+                &[(0, "HEALTHY"), (1, "UNHEALTHY"), (4, "UNHEALTHY")],
+                &[(2, "UNHEALTHY"), (3, "UNHEALTHY")],
+            ],
+        ),
+    ];
+    let mut routes = String::from(
+        "            - name: all\n              domains: [\"*\"]\n              routes:\n",
+    );
+    for (name, _) in PRIORITY_SCENARIOS {
+        routes.push_str(&format!(
+            "              - match: {{prefix: \"/{name}\"}}\n                route: {{cluster: {name}}}\n"
+        ));
+    }
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("lb", port, "", &routes)],
+        &clusters,
+    );
+    let (_dir, file) = write_config(&yaml);
+    // Which upstream answered, per scenario, over one keep-alive connection.
+    let run = || -> Vec<std::collections::BTreeMap<String, usize>> {
+        let mut stream = TcpStream::connect(loopback(port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        PRIORITY_SCENARIOS
+            .iter()
+            .map(|(name, _)| {
+                let mut counts = std::collections::BTreeMap::new();
+                for _ in 0..REQUESTS {
+                    *counts
+                        .entry(answered_by(&mut stream, &format!("/{name}")))
+                        .or_insert(0) += 1;
+                }
+                counts
+            })
+            .collect()
+    };
+    // Priorities are chosen at random per request (as Envoy does), so each count is binomial:
+    // within 5 standard deviations of its expectation (a false alarm about once in 10^6 per
+    // count), and exactly zero where the share is zero.
+    let check = |proxy: &str, seen: &[std::collections::BTreeMap<String, usize>]| {
+        eprintln!("{proxy}: {seen:?}");
+        for ((scenario, shares), counts) in PRIORITY_SCENARIOS.iter().zip(seen) {
+            for (host, count) in counts {
+                assert!(
+                    shares.iter().any(|(h, _)| h == host),
+                    "{proxy} {scenario}: {host} got {count} requests, expected none: {counts:?}"
+                );
+            }
+            for (host, share) in shares.iter() {
+                let count = counts.get(*host).copied().unwrap_or(0) as f64;
+                let n = REQUESTS as f64;
+                let tolerance = 5.0 * (n * share * (1.0 - share)).sqrt();
+                assert!(
+                    (count - n * share).abs() <= tolerance,
+                    "{proxy} {scenario}: {host} got {count} of {n}, expected {share} ± {tolerance}: {counts:?}"
+                );
+            }
+        }
+    };
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        run()
+    };
+    check("remora", &remora);
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the priority load split") {
+        return;
+    }
+    let envoy = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        run()
+    };
+    check("envoy", &envoy);
+}

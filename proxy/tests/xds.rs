@@ -7,6 +7,7 @@ mod ads;
 mod common;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,6 +118,17 @@ struct Running {
     admin: SocketAddr,
 }
 
+impl Running {
+    /// What the proxy has logged so far.
+    fn log(&self) -> String {
+        match (&self._remora, &self._envoy) {
+            (Some(remora), _) => remora.process.log(),
+            (None, Some(envoy)) => envoy.process.log(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
 fn start(under: Under, yaml: &str, admin: SocketAddr, wait_ready: bool) -> Running {
     let (dir, path) = common::write_config(yaml);
     match under {
@@ -175,6 +187,17 @@ struct SvcMesh {
 }
 
 fn start_svc(under: Under, api_type: &str, endpoint: SocketAddr, stat_prefix: &str) -> SvcMesh {
+    start_svc_with(under, api_type, endpoint, stat_prefix, |yaml| yaml)
+}
+
+/// [`start_svc`] with the bootstrap changed by `edit` first.
+fn start_svc_with(
+    under: Under,
+    api_type: &str,
+    endpoint: SocketAddr,
+    stat_prefix: &str,
+    edit: impl FnOnce(String) -> String,
+) -> SvcMesh {
     let ads = AdsServer::start();
     let port = free_port();
     ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
@@ -193,7 +216,7 @@ fn start_svc(under: Under, api_type: &str, endpoint: SocketAddr, stat_prefix: &s
     let admin = loopback(free_port());
     let proxy = start(
         under,
-        &ads_bootstrap(admin, ads.addr, api_type, "5s"),
+        &edit(ads_bootstrap(admin, ads.addr, api_type, "5s")),
         admin,
         true,
     );
@@ -728,4 +751,600 @@ fn a_removed_clusters_idle_upstream_connections_close() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the proxy closes the removed cluster's idle connection");
     assert_eq!(read, Some(0), "a clean close");
+}
+
+/// A CA and a server certificate for `host` signed by it, as PEM files in `dir`:
+/// (CA, certificate, key).
+fn test_pki(dir: &std::path::Path, label: &str, host: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{label} test CA"));
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("sign");
+    let write = |name: &str, text: String| {
+        let path = dir.join(format!("{label}-{name}"));
+        std::fs::write(&path, text).expect("write pem");
+        path
+    };
+    (
+        write("ca.pem", ca.pem()),
+        write("cert.pem", cert.pem()),
+        write("key.pem", key.serialize_pem()),
+    )
+}
+
+/// The bootstrap's ADS cluster speaks TLS: it trusts `ca` and asks for `sni`.
+fn with_ads_tls(yaml: String, ca: &std::path::Path, sni: &str) -> String {
+    yaml.replacen(
+        "  - name: xds\n    type: STATIC\n",
+        &format!(
+            "  - name: xds\n    type: STATIC\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: {sni}\n        common_tls_context:\n          validation_context: {{trusted_ca: {{filename: \"{}\"}}}}\n",
+            ca.display()
+        ),
+        1,
+    )
+}
+
+/// Loads the usual `svc` resources (EDS cluster, endpoint, RDS listener on `port`, routes).
+fn load_svc(ads: &AdsServer, endpoint: SocketAddr, port: u16) {
+    ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
+    ads.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        vec![endpoints_for("svc", &[endpoint])],
+    );
+    ads.set(
+        LISTENER,
+        vec![rds_listener("ingress", port, "ingress", "routes")],
+    );
+    ads.set(
+        ROUTE_CONFIGURATION,
+        vec![route_config("routes", "svc", None)],
+    );
+}
+
+/// ADS to a control plane behind TLS, under Remora or Envoy: with the right CA the resources
+/// arrive over a handshake that asked for the configured SNI, and are ACKed; with a CA that did
+/// not sign the server's certificate every handshake fails and no request reaches the server.
+/// Returns the proxy's log from the wrong-CA run.
+fn ads_over_tls(under: Under) -> String {
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca, cert, key) = test_pki(dir.path(), "right", "xds.local");
+    let (other_ca, _, _) = test_pki(dir.path(), "other", "xds.local");
+    let a = EchoServer::start("a", "127.0.0.1");
+
+    let ads = AdsServer::start();
+    let front = ads::TlsFront::start(ads.addr, &cert, &key);
+    let port = free_port();
+    load_svc(&ads, a.addr, port);
+    let admin = loopback(free_port());
+    let yaml = with_ads_tls(
+        ads_bootstrap(admin, front.addr, "GRPC", "5s"),
+        &ca,
+        "xds.local",
+    );
+    let proxy = start(under, &yaml, admin, true);
+    wait_for(
+        "traffic to a over TLS-fed config",
+        Duration::from_secs(20),
+        || get_upstream(loopback(port), "/x").filter(|(u, _)| u == "a"),
+    );
+    for type_url in [
+        CLUSTER,
+        CLUSTER_LOAD_ASSIGNMENT,
+        LISTENER,
+        ROUTE_CONFIGURATION,
+    ] {
+        wait_for(
+            &format!("ACK of {type_url}"),
+            Duration::from_secs(20),
+            || acked(&ads, type_url).then_some(()),
+        );
+    }
+    assert!(ads.requests().iter().all(|r| r.error.is_none()));
+    let names = front.server_names();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.as_deref() == Some("xds.local")),
+        "every handshake asked for the configured SNI: {names:?}"
+    );
+    assert!(front.failures().is_empty(), "{:?}", front.failures());
+    drop(proxy);
+
+    // The same control plane, but the proxy trusts another CA.
+    let ads = AdsServer::start();
+    let front = ads::TlsFront::start(ads.addr, &cert, &key);
+    load_svc(&ads, a.addr, free_port());
+    let admin = loopback(free_port());
+    let yaml = with_ads_tls(
+        ads_bootstrap(admin, front.addr, "GRPC", "5s"),
+        &other_ca,
+        "xds.local",
+    );
+    let proxy = start(under, &yaml, admin, false);
+    // At least two attempts: it retries, and each one fails at the handshake.
+    wait_for("two failed handshakes", Duration::from_secs(60), || {
+        (front.failures().len() >= 2).then_some(())
+    });
+    assert!(
+        front.server_names().is_empty(),
+        "no handshake completed: {:?}",
+        front.server_names()
+    );
+    assert!(
+        ads.requests().is_empty(),
+        "nothing reached the server: {:?}",
+        ads.requests()
+    );
+    proxy.log()
+}
+
+#[test]
+fn ads_over_tls_verifies_the_control_plane_as_envoy_does() {
+    let log = ads_over_tls(Under::Remora);
+    // Remora says why it cannot reach the control plane.
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot open the ADS stream"))
+        .unwrap_or_else(|| panic!("no ADS error in the log:\n{log}"));
+    assert!(
+        line.to_lowercase().contains("certificate") || line.contains("UnknownIssuer"),
+        "{line}"
+    );
+    if envoy::available_or_skip("the Envoy half of ADS over TLS") {
+        ads_over_tls(Under::Envoy);
+    }
+}
+
+/// A listener whose HCM carries its route table inline, sending everything to `cluster`.
+fn inline_routes_listener(name: &str, port: u16, cluster: &str) -> prost_types::Any {
+    ads::listener(&format!(
+        r#"name: {name}
+address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: inline
+      route_config:
+        name: inline
+        virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: {cluster}}}}}]}}]
+      http_filters:
+      - name: envoy.filters.http.router
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    ))
+}
+
+/// Waits for the ACK of `type_url` at the server's current version.
+fn wait_acked(ads: &AdsServer, type_url: &str) {
+    let version = ads.version();
+    wait_for(
+        &format!("ACK of {type_url} version {version}"),
+        Duration::from_secs(20),
+        || {
+            ads.requests()
+                .iter()
+                .any(|r| r.type_url == type_url && r.error.is_none() && r.version_info == version)
+                .then_some(())
+        },
+    );
+}
+
+/// Route tables naming a cluster nobody defined, under Remora or Envoy: inline in a listener
+/// (validated by default) and over RDS with `validate_clusters: true` they are NACKed while the
+/// last good config keeps serving; over RDS without the field the table is taken. Returns the
+/// two NACK messages and the status a request to the missing cluster then gets.
+fn routes_to_unknown_clusters(under: Under) -> (String, String, u16) {
+    let a = EchoServer::start("a", "127.0.0.1");
+    let SvcMesh {
+        ads,
+        port,
+        admin: _,
+        proxy: _proxy,
+    } = start_svc(under, "GRPC", a.addr, "ingress");
+    let addr = loopback(port);
+    wait_for("traffic to a", Duration::from_secs(20), || {
+        get_upstream(addr, "/x").filter(|(u, _)| u == "a")
+    });
+
+    ads.set(
+        LISTENER,
+        vec![inline_routes_listener("ingress", port, "nope")],
+    );
+    let inline = ads.wait_nack("nope");
+    assert_eq!(inline.type_url, LISTENER);
+    assert_eq!(
+        get_upstream(addr, "/x"),
+        Some(("a".into(), "/x".into())),
+        "the RDS listener keeps serving"
+    );
+    ads.set(
+        LISTENER,
+        vec![rds_listener("ingress", port, "ingress", "routes")],
+    );
+    wait_acked(&ads, LISTENER);
+
+    ads.set(
+        ROUTE_CONFIGURATION,
+        vec![ads::routes(
+            "name: routes\nvalidate_clusters: true\nvirtual_hosts:\n- name: all\n  domains: [\"*\"]\n  routes:\n  - match: {prefix: \"/\"}\n    route: {cluster: nope2, prefix_rewrite: \"/new/\"}\n",
+        )],
+    );
+    let validated = ads.wait_nack("nope2");
+    assert_eq!(validated.type_url, ROUTE_CONFIGURATION);
+    assert_eq!(
+        get_upstream(addr, "/x"),
+        Some(("a".into(), "/x".into())),
+        "the last good routes keep serving"
+    );
+
+    // Without `validate_clusters`, RDS takes a table that names a missing cluster.
+    ads.set(
+        ROUTE_CONFIGURATION,
+        vec![route_config("routes", "nope3", None)],
+    );
+    wait_acked(&ads, ROUTE_CONFIGURATION);
+    let (status, _, _) = http_get(addr, "/x").expect("request");
+    assert_eq!(ads.streams(), 1, "one stream throughout");
+    (
+        inline.error.unwrap_or_default(),
+        validated.error.unwrap_or_default(),
+        status,
+    )
+}
+
+#[test]
+fn routes_naming_unknown_clusters_are_nacked_as_envoy_does() {
+    let remora = routes_to_unknown_clusters(Under::Remora);
+    assert!(
+        remora.0.contains("Listener ingress")
+            && remora.0.contains("unknown cluster \"nope\"")
+            && remora.0.contains("validate_clusters"),
+        "{}",
+        remora.0
+    );
+    assert!(
+        remora.1.contains("RouteConfiguration routes")
+            && remora.1.contains("unknown cluster \"nope2\"")
+            && remora.1.contains("validate_clusters"),
+        "{}",
+        remora.1
+    );
+    assert_eq!(remora.2, 503);
+    if !envoy::available_or_skip("the Envoy half of validate_clusters") {
+        return;
+    }
+    let envoy = routes_to_unknown_clusters(Under::Envoy);
+    for (message, cluster) in [(&envoy.0, "nope"), (&envoy.1, "nope2")] {
+        assert!(
+            message.contains("unknown cluster") && message.contains(cluster),
+            "Envoy's NACK: {message}"
+        );
+    }
+    assert_eq!(envoy.2, remora.2, "left: envoy, right: remora");
+}
+
+/// A type nobody subscribes to (Envoy knows it: SDS secrets) and one nobody knows.
+const UNASKED_TYPES: [&str; 2] = [
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+    "type.googleapis.com/remora.test.v1.Nothing",
+];
+
+/// Pushes a response of each of [`UNASKED_TYPES`] (nonces `raw-0`, `raw-1`), then an endpoint
+/// change, under Remora or Envoy. The stream stays up and the endpoint change is applied and
+/// ACKed; returns the requests that answered the pushed responses (by nonce).
+fn responses_of_unasked_types(under: Under, api_type: &str) -> Vec<ads::Recorded> {
+    let a = EchoServer::start("a", "127.0.0.1");
+    let b = EchoServer::start("b", "127.0.0.1");
+    let SvcMesh {
+        ads,
+        port,
+        admin: _,
+        proxy: _proxy,
+    } = start_svc(under, api_type, a.addr, "ingress");
+    let addr = loopback(port);
+    wait_for("traffic to a", Duration::from_secs(20), || {
+        get_upstream(addr, "/x").filter(|(u, _)| u == "a")
+    });
+    for (i, type_url) in UNASKED_TYPES.iter().enumerate() {
+        let resource = prost_types::Any {
+            type_url: type_url.to_string(),
+            value: vec![0x0a, 0x01, b'x'], // field 1 (a name in both): "x"
+        };
+        let nonce = format!("raw-{i}");
+        if api_type == "GRPC" {
+            ads.push_raw(xds_api::envoy::service::discovery::v3::DiscoveryResponse {
+                version_info: "7".into(),
+                resources: vec![resource],
+                type_url: type_url.to_string(),
+                nonce,
+                ..Default::default()
+            });
+        } else {
+            ads.push_raw_delta(
+                xds_api::envoy::service::discovery::v3::DeltaDiscoveryResponse {
+                    system_version_info: "7".into(),
+                    resources: vec![xds_api::envoy::service::discovery::v3::Resource {
+                        name: "x".into(),
+                        version: "7".into(),
+                        resource: Some(resource),
+                        ..Default::default()
+                    }],
+                    type_url: type_url.to_string(),
+                    nonce,
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    // Other types keep working on the same stream; responses are read in order, so by the
+    // time this change is ACKed the pushed ones have been dealt with.
+    ads.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        vec![endpoints_for("svc", &[b.addr])],
+    );
+    wait_for("endpoint change to b", Duration::from_secs(20), || {
+        get_upstream(addr, "/x").filter(|(u, _)| u == "b")
+    });
+    if api_type == "GRPC" {
+        wait_acked(&ads, CLUSTER_LOAD_ASSIGNMENT);
+    } else {
+        wait_for("delta ACK of the change", Duration::from_secs(20), || {
+            ads.requests()
+                .iter()
+                .rev()
+                .find(|r| r.type_url == CLUSTER_LOAD_ASSIGNMENT && !r.nonce.is_empty())
+                .filter(|r| r.error.is_none() && !r.nonce.starts_with("raw-"))
+                .map(|_| ())
+        });
+    }
+    assert_eq!(ads.streams(), 1, "the stream stayed up");
+    ads.requests()
+        .into_iter()
+        .filter(|r| r.nonce.starts_with("raw-"))
+        .collect()
+}
+
+#[test]
+fn responses_of_unknown_types_are_nacked_and_the_stream_goes_on() {
+    for api_type in ["GRPC", "DELTA_GRPC"] {
+        let answers = responses_of_unasked_types(Under::Remora, api_type);
+        assert_eq!(answers.len(), 2, "{api_type}: {answers:?}");
+        for (i, type_url) in UNASKED_TYPES.iter().enumerate() {
+            let answer = &answers[i];
+            assert_eq!(answer.nonce, format!("raw-{i}"), "{api_type}: {answer:?}");
+            assert_eq!(answer.type_url, *type_url, "{api_type}: {answer:?}");
+            let error = answer.error.as_deref().unwrap_or_default();
+            assert!(
+                error.contains(type_url) && error.contains("does not take"),
+                "{api_type}: a NACK naming the type: {answer:?}"
+            );
+        }
+    }
+    // Envoy lets such a response pass without a NACK (a warning in its log); Remora NACKs it
+    // so the control plane sees the mistake. Both keep the stream and apply the other types.
+    if envoy::available_or_skip("the Envoy half of unknown ADS types") {
+        let answers = responses_of_unasked_types(Under::Envoy, "GRPC");
+        assert!(
+            answers.iter().all(|a| a.error.is_none()),
+            "Envoy NACKed: {answers:?}"
+        );
+    }
+}
+
+/// Under `set_node_on_first_message_only`, the requests of each stream: only the first carries
+/// the node; after the server cuts the stream, the new one's first request carries it again.
+fn node_on_first_message_only(under: Under, api_type: &str) {
+    let a = EchoServer::start("a", "127.0.0.1");
+    let b = EchoServer::start("b", "127.0.0.1");
+    let SvcMesh {
+        ads,
+        port,
+        admin: _,
+        proxy: _proxy,
+    } = start_svc_with(under, api_type, a.addr, "ingress", |yaml| {
+        yaml.replacen(
+            "    transport_api_version: V3\n",
+            "    transport_api_version: V3\n    set_node_on_first_message_only: true\n",
+            1,
+        )
+    });
+    let addr = loopback(port);
+    wait_for("traffic to a", Duration::from_secs(20), || {
+        get_upstream(addr, "/x").filter(|(u, _)| u == "a")
+    });
+    let on_stream = |stream: usize| -> Vec<ads::Recorded> {
+        ads.requests()
+            .into_iter()
+            .filter(|r| r.stream == stream)
+            .collect()
+    };
+    // Subscriptions to all four types, and at least one ACK, on the first stream.
+    wait_for(
+        "four types and an ACK on stream 1",
+        Duration::from_secs(20),
+        || {
+            let requests = on_stream(1);
+            let types: std::collections::BTreeSet<_> =
+                requests.iter().map(|r| r.type_url.clone()).collect();
+            (types.len() == 4 && requests.iter().any(|r| !r.nonce.is_empty())).then_some(())
+        },
+    );
+    ads.disconnect_streams();
+    wait_for("a second stream", Duration::from_secs(30), || {
+        (ads.streams() >= 2).then_some(())
+    });
+    // A change on the second stream: its ACK is a later request there.
+    ads.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        vec![endpoints_for("svc", &[b.addr])],
+    );
+    wait_for("endpoint change to b", Duration::from_secs(20), || {
+        get_upstream(addr, "/x").filter(|(u, _)| u == "b")
+    });
+    wait_for("an ACK on stream 2", Duration::from_secs(20), || {
+        on_stream(2)
+            .iter()
+            .any(|r| r.type_url == CLUSTER_LOAD_ASSIGNMENT && !r.nonce.is_empty())
+            .then_some(())
+    });
+    for stream in [1, 2] {
+        let requests = on_stream(stream);
+        assert!(requests.len() >= 2, "stream {stream}: {requests:?}");
+        let with_node: Vec<bool> = requests.iter().map(|r| r.has_node).collect();
+        assert!(
+            with_node[0] && with_node[1..].iter().all(|has| !has),
+            "stream {stream}: the node in the first request only: {with_node:?}"
+        );
+        assert_eq!(requests[0].node_id, "test-node");
+    }
+}
+
+#[test]
+fn node_is_sent_once_per_stream_when_asked_as_in_envoy() {
+    for api_type in ["GRPC", "DELTA_GRPC"] {
+        node_on_first_message_only(Under::Remora, api_type);
+    }
+    if envoy::available_or_skip("the Envoy half of set_node_on_first_message_only") {
+        for api_type in ["GRPC", "DELTA_GRPC"] {
+            node_on_first_message_only(Under::Envoy, api_type);
+        }
+    }
+}
+
+/// When a connection was accepted, and when the peer closed it.
+type Lifetime = (Instant, Option<Instant>);
+
+/// A control plane that accepts TCP and never says a word: a thread per connection reads until
+/// the proxy hangs up, recording when each connection was accepted and closed.
+struct SilentServer {
+    addr: SocketAddr,
+    connections: Arc<std::sync::Mutex<Vec<Lifetime>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentServer {
+    fn start() -> SilentServer {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen, stopping) = (connections.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                // Stopping wakes the loop with a connection of its own.
+                if stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let mut all = seen.lock().expect("connections");
+                let index = all.len();
+                all.push((Instant::now(), None));
+                drop(all);
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut sink = [0u8; 4096];
+                    while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+                    seen.lock().expect("connections")[index].1 = Some(Instant::now());
+                });
+            }
+        });
+        SilentServer {
+            addr,
+            connections,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (accepted, closed) of each connection so far.
+    fn connections(&self) -> Vec<Lifetime> {
+        self.connections.lock().expect("connections").clone()
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn grpc_service_timeout_bounds_stream_establishment() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let a = EchoServer::start("a", "127.0.0.1");
+    let b = EchoServer::start("b", "127.0.0.1");
+    let silent = SilentServer::start();
+    let ads_addr = silent.addr;
+    let admin = loopback(free_port());
+    let yaml = ads_bootstrap(admin, ads_addr, "GRPC", "5s").replacen(
+        "grpc_services: [{envoy_grpc: {cluster_name: xds}}]",
+        "grpc_services: [{envoy_grpc: {cluster_name: xds}, timeout: 2s}]",
+        1,
+    );
+    let proxy = start(Under::Remora, &yaml, admin, false);
+    // The proxy gives up on each silent connection and tries again.
+    let connections = wait_for(
+        "three connections, two given up",
+        Duration::from_secs(90),
+        || {
+            let connections = silent.connections();
+            let closed = connections.iter().filter(|c| c.1.is_some()).count();
+            (connections.len() >= 3 && closed >= 2).then_some(connections)
+        },
+    );
+    for (accepted, closed) in connections
+        .iter()
+        .filter_map(|(a, c)| Some((a, c.as_ref()?)))
+    {
+        // Not at once: it waited for the timeout (less what connecting took, with room for a
+        // loaded machine's scheduling on this side).
+        assert!(
+            closed.duration_since(*accepted) >= TIMEOUT / 2,
+            "given up after {:?}",
+            closed.duration_since(*accepted)
+        );
+    }
+    assert!(
+        proxy
+            .log()
+            .contains("no ADS stream within the grpc_service timeout"),
+        "{}",
+        proxy.log()
+    );
+    drop(silent);
+
+    // A control plane that answers, on the same address: the stream is made within the
+    // timeout, and lives on well past it.
+    let ads =
+        AdsServer::start_on(std::net::TcpListener::bind(ads_addr).expect("rebind the ADS port"));
+    let port = free_port();
+    load_svc(&ads, a.addr, port);
+    wait_for("traffic to a", Duration::from_secs(60), || {
+        get_upstream(loopback(port), "/x").filter(|(u, _)| u == "a")
+    });
+    let established = Instant::now();
+    // How long the stream lives is the behaviour under test: three timeouts.
+    remora_tests::pace_until(established + 3 * TIMEOUT);
+    ads.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        vec![endpoints_for("svc", &[b.addr])],
+    );
+    wait_for("endpoint change to b", Duration::from_secs(20), || {
+        get_upstream(loopback(port), "/x").filter(|(u, _)| u == "b")
+    });
+    assert_eq!(ads.streams(), 1, "the established stream was not timed out");
 }

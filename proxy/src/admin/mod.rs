@@ -88,6 +88,10 @@ async fn logged(
     if server.logs.is_empty() {
         return handle(server, request).await;
     }
+    // Envoy's admin connection manager uses the remote address, so its log lines show the
+    // peer in `x-forwarded-for`.
+    let mut request = request;
+    crate::http::headers::append_xff(request.headers_mut(), peer);
     let mut entry = crate::http::access_log::Entry::new(&request, peer, local);
     let response = handle(server.clone(), request).await?;
     entry.status = response.status().as_u16();

@@ -80,6 +80,23 @@ fn xff_address(headers: &HeaderMap, hops: u32) -> Option<IpAddr> {
     addresses[index].parse().ok()
 }
 
+/// Appends the peer to `x-forwarded-for` as an edge proxy does (a loopback peer under the
+/// host's [`local_address`]).
+pub fn append_xff(headers: &mut HeaderMap, peer: SocketAddr) {
+    let recorded = if peer.ip().is_loopback() {
+        local_address()
+    } else {
+        peer.ip()
+    };
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing},{recorded}"),
+        None => recorded.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(&X_FORWARDED_FOR, value);
+    }
+}
+
 /// The connection manager's request header handling, before filters and routing.
 ///
 /// Envoy 1.40 treats no address as internal unless `internal_address_config` lists it (which
@@ -105,18 +122,7 @@ pub fn on_request(
             .and_then(|hops| xff_address(headers, hops))
             .unwrap_or(peer.ip());
         if !hcm.skip_xff_append {
-            let recorded = if peer.ip().is_loopback() {
-                local_address()
-            } else {
-                peer.ip()
-            };
-            let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(existing) => format!("{existing},{recorded}"),
-                None => recorded.to_string(),
-            };
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.insert(&X_FORWARDED_FOR, value);
-            }
+            append_xff(headers, peer);
         }
         // The downstream's own x-forwarded-proto is kept only from a trusted proxy.
         if trusted_hops == 0 {

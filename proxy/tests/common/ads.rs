@@ -1,5 +1,7 @@
 //! A small ADS server for tests (SotW and delta): holds a versioned set of resources per type,
-//! pushes changes to every stream, records every request (ACKs and NACKs) for assertions.
+//! pushes changes to every stream, records every request (ACKs and NACKs) for assertions. A test
+//! can also cut every open stream, push a hand-made response (say, of a type nobody asked for),
+//! and put a TLS terminator in front of it ([`TlsFront`]).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,6 +32,17 @@ pub struct Recorded {
     pub names: Vec<String>,
     pub error: Option<String>,
     pub node_id: String,
+    /// This request itself carried the node (not only an earlier one on its stream).
+    pub has_node: bool,
+    /// Which stream it came on: 1 for the server's first, counting up.
+    pub stream: usize,
+}
+
+/// A response a test wrote by hand, sent as is on every open stream of its flavour.
+#[derive(Debug, Clone)]
+enum Raw {
+    Sotw(DiscoveryResponse),
+    Delta(DeltaDiscoveryResponse),
 }
 
 #[derive(Default)]
@@ -50,6 +63,9 @@ pub struct AdsServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     changed: watch::Sender<u64>,
+    /// Bumped to cut every open stream.
+    kick: watch::Sender<u64>,
+    raw: tokio::sync::broadcast::Sender<Raw>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -109,10 +125,14 @@ impl AdsServer {
         let addr = listener.local_addr().expect("addr");
         let shared = Arc::new(Shared::default());
         let (changed, _) = watch::channel(0u64);
+        let (kick, _) = watch::channel(0u64);
+        let (raw, _) = tokio::sync::broadcast::channel(16);
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = Service {
             shared: shared.clone(),
             changed: changed.clone(),
+            kick: kick.clone(),
+            raw: raw.clone(),
         };
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -135,6 +155,8 @@ impl AdsServer {
             addr,
             shared,
             changed,
+            kick,
+            raw,
             shutdown: Some(shutdown),
             thread: Some(thread),
         }
@@ -167,6 +189,22 @@ impl AdsServer {
 
     pub fn streams(&self) -> usize {
         *self.shared.streams.lock().expect("streams")
+    }
+
+    /// Ends every open stream (cleanly, with status OK), as a control plane that sheds its
+    /// clients does; the server keeps listening.
+    pub fn disconnect_streams(&self) {
+        self.kick.send_modify(|generation| *generation += 1);
+    }
+
+    /// Sends `response` as it is on every open state-of-the-world stream.
+    pub fn push_raw(&self, response: DiscoveryResponse) {
+        let _ = self.raw.send(Raw::Sotw(response));
+    }
+
+    /// Sends `response` as it is on every open delta stream.
+    pub fn push_raw_delta(&self, response: DeltaDiscoveryResponse) {
+        let _ = self.raw.send(Raw::Delta(response));
     }
 
     /// The first NACK whose message contains `needle`.
@@ -219,12 +257,21 @@ fn wildcard(type_url: &str) -> bool {
 struct Service {
     shared: Arc<Shared>,
     changed: watch::Sender<u64>,
+    kick: watch::Sender<u64>,
+    raw: tokio::sync::broadcast::Sender<Raw>,
 }
 
 type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
 impl Service {
+    /// Counts a new stream; its number.
+    fn new_stream(&self) -> usize {
+        let mut streams = self.shared.streams.lock().expect("streams");
+        *streams += 1;
+        *streams
+    }
+
     fn record(&self, recorded: Recorded) {
         self.shared
             .requests
@@ -257,12 +304,14 @@ impl AggregatedDiscoveryService for Service {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
-        *self.shared.streams.lock().expect("streams") += 1;
+        let stream = self.new_stream();
         let service = self.clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut changed = service.changed.subscribe();
+            let mut kick = service.kick.subscribe();
+            let mut raw = service.raw.subscribe();
             // type → (names, last nonce sent, version sent)
             let mut state: HashMap<String, (Vec<String>, String, String)> = HashMap::new();
             let mut nonce = 0u64;
@@ -280,6 +329,8 @@ impl AggregatedDiscoveryService for Service {
                             names: request.resource_names.clone(),
                             error: request.error_detail.as_ref().map(|e| e.message.clone()),
                             node_id: node_id.clone(),
+                            has_node: request.node.is_some(),
+                            stream,
                         });
                         let entry = state.entry(request.type_url.clone()).or_insert_with(|| (Vec::new(), String::new(), String::new()));
                         let names_changed = entry.0 != request.resource_names;
@@ -295,6 +346,14 @@ impl AggregatedDiscoveryService for Service {
                     result = changed.changed() => {
                         if result.is_err() { return; }
                         to_send.extend(state.keys().cloned());
+                    }
+                    _ = kick.changed() => return,
+                    Ok(response) = raw.recv() => {
+                        if let Raw::Sotw(response) = response
+                            && tx.send(Ok(response)).await.is_err()
+                        {
+                            return;
+                        }
                     }
                 }
                 for type_url in to_send {
@@ -328,12 +387,14 @@ impl AggregatedDiscoveryService for Service {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        *self.shared.streams.lock().expect("streams") += 1;
+        let stream = self.new_stream();
         let service = self.clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut changed = service.changed.subscribe();
+            let mut kick = service.kick.subscribe();
+            let mut raw = service.raw.subscribe();
             // type → (wildcard, names, what the client has: name → version)
             let mut state: HashMap<String, (bool, Vec<String>, BTreeMap<String, String>)> =
                 HashMap::new();
@@ -352,6 +413,8 @@ impl AggregatedDiscoveryService for Service {
                             names: request.resource_names_subscribe.clone(),
                             error: request.error_detail.as_ref().map(|e| e.message.clone()),
                             node_id: node_id.clone(),
+                            has_node: request.node.is_some(),
+                            stream,
                         });
                         let first = !state.contains_key(&request.type_url);
                         let entry = state.entry(request.type_url.clone()).or_insert_with(|| (false, Vec::new(), BTreeMap::new()));
@@ -369,6 +432,14 @@ impl AggregatedDiscoveryService for Service {
                     result = changed.changed() => {
                         if result.is_err() { return; }
                         to_send.extend(state.keys().cloned());
+                    }
+                    _ = kick.changed() => return,
+                    Ok(response) = raw.recv() => {
+                        if let Raw::Delta(response) = response
+                            && tx.send(Ok(response)).await.is_err()
+                        {
+                            return;
+                        }
                     }
                 }
                 for type_url in to_send {
@@ -422,5 +493,125 @@ impl AggregatedDiscoveryService for Service {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A TLS terminator in front of a plaintext server (the ADS server, for a proxy whose ADS
+/// cluster speaks TLS): it completes each handshake with its certificate, records the server
+/// name the client asked for and why failed handshakes failed, and pipes the decrypted bytes to
+/// `backend`. Stops on drop.
+pub struct TlsFront {
+    pub addr: SocketAddr,
+    shared: Arc<FrontShared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct FrontShared {
+    /// The SNI of each completed handshake.
+    server_names: Mutex<Vec<Option<String>>>,
+    /// Why each failed handshake failed.
+    failures: Mutex<Vec<String>>,
+}
+
+impl TlsFront {
+    /// Serves TLS with the certificate chain and key in `cert_pem` and `key_pem` files.
+    pub fn start(
+        backend: SocketAddr,
+        cert_pem: &std::path::Path,
+        key_pem: &std::path::Path,
+    ) -> TlsFront {
+        let read = |path: &std::path::Path| std::fs::read(path).expect("read pem");
+        let certs = rustls_pemfile::certs(&mut read(cert_pem).as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificates");
+        let key = rustls_pemfile::private_key(&mut read(key_pem).as_slice())
+            .expect("key pem")
+            .expect("a private key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server certificate");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tls front");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let shared = Arc::new(FrontShared::default());
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let state = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let serve = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let (acceptor, state) = (acceptor.clone(), state.clone());
+                        tokio::spawn(async move {
+                            let mut tls = match acceptor.accept(stream).await {
+                                Ok(tls) => tls,
+                                Err(error) => {
+                                    state
+                                        .failures
+                                        .lock()
+                                        .expect("failures")
+                                        .push(error.to_string());
+                                    return;
+                                }
+                            };
+                            let sni = tls.get_ref().1.server_name().map(str::to_string);
+                            state.server_names.lock().expect("names").push(sni);
+                            let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await
+                            else {
+                                return;
+                            };
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        TlsFront {
+            addr,
+            shared,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    /// The server name (SNI) of each handshake that completed, in order.
+    pub fn server_names(&self) -> Vec<Option<String>> {
+        self.shared.server_names.lock().expect("names").clone()
+    }
+
+    /// Why each failed handshake failed, in order.
+    pub fn failures(&self) -> Vec<String> {
+        self.shared.failures.lock().expect("failures").clone()
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
