@@ -135,10 +135,31 @@ enum HeaderCheck {
 /// One `HeaderMatcher`, as routes, retry policies and the fault filter use it.
 #[derive(Debug, Clone)]
 pub struct HeaderMatch {
-    name: HeaderName,
+    name: HeaderKey,
     check: HeaderCheck,
     invert: bool,
     treat_missing_as_empty: bool,
+}
+
+/// What a header matcher reads: a header, or one of the pseudo-headers Envoy lets routes
+/// match on.
+#[derive(Debug, Clone)]
+enum HeaderKey {
+    Header(HeaderName),
+    Method,
+    Path,
+    Authority,
+    Scheme,
+}
+
+/// A request's pseudo-headers, for header matchers that name them (`:method`, `:path`,
+/// `:authority`, `:scheme`). Empty values count as absent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PseudoHeaders<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub scheme: &'a str,
 }
 
 #[derive(Debug)]
@@ -591,8 +612,21 @@ pub fn header_matcher(h: &route_pb::HeaderMatcher, hpath: &str) -> ConfigResult<
         }
         None => HeaderCheck::Present(true),
     };
+    let name = match name.to_ascii_lowercase().as_str() {
+        ":method" => HeaderKey::Method,
+        ":path" => HeaderKey::Path,
+        ":authority" => HeaderKey::Authority,
+        ":scheme" => HeaderKey::Scheme,
+        pseudo if pseudo.starts_with(':') => {
+            return err(
+                field(hpath, "name"),
+                format!("{name:?}: only :method, :path, :authority and :scheme can be matched"),
+            );
+        }
+        _ => HeaderKey::Header(header_name(name, &field(hpath, "name"))?),
+    };
     Ok(HeaderMatch {
-        name: header_name(name, &field(hpath, "name"))?,
+        name,
         check,
         invert: *invert_match,
         treat_missing_as_empty: *treat_missing_header_as_empty,
@@ -1121,11 +1155,28 @@ impl RouteTable {
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> Option<(usize, usize)> {
+        let pseudo = PseudoHeaders {
+            path: path_and_query,
+            authority: host,
+            ..PseudoHeaders::default()
+        };
+        self.find_request(host, path_and_query, &pseudo, headers)
+    }
+
+    /// [`RouteTable::find`] with the request's pseudo-headers, for `:method` and `:scheme`
+    /// matchers.
+    pub fn find_request(
+        &self,
+        host: &str,
+        path_and_query: &str,
+        pseudo: &PseudoHeaders<'_>,
+        headers: &HeaderMap,
+    ) -> Option<(usize, usize)> {
         let vhost = self.virtual_host_index(host)?;
         let route = self.vhosts[vhost]
             .routes
             .iter()
-            .position(|route| route.matcher.matches(path_and_query, headers))?;
+            .position(|route| route.matcher.matches(path_and_query, pseudo, headers))?;
         Some((vhost, route))
     }
 }
@@ -1162,7 +1213,12 @@ fn starts_with(value: &str, prefix: &str, case_sensitive: bool) -> bool {
 }
 
 impl RouteMatcher {
-    pub fn matches(&self, path_and_query: &str, headers: &HeaderMap) -> bool {
+    pub fn matches(
+        &self,
+        path_and_query: &str,
+        pseudo: &PseudoHeaders<'_>,
+        headers: &HeaderMap,
+    ) -> bool {
         let (path, query) = split_query(path_and_query);
         let path_ok = match &self.path {
             PathMatch::Prefix(prefix) => starts_with(path, prefix, self.case_sensitive),
@@ -1177,7 +1233,10 @@ impl RouteMatcher {
         };
         path_ok
             && (!self.grpc || is_grpc(headers))
-            && self.headers.iter().all(|h| h.matches(headers))
+            && self
+                .headers
+                .iter()
+                .all(|h| h.matches_request(pseudo, headers))
             && self.query.iter().all(|q| q.matches(query))
     }
 
@@ -1207,9 +1266,22 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 impl HeaderMatch {
-    /// Whether `headers` match (several values of the header are joined with commas first).
+    /// Whether `headers` match (several values of the header are joined with commas first);
+    /// a pseudo-header counts as absent.
     pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter();
+        self.matches_request(&PseudoHeaders::default(), headers)
+    }
+
+    /// Whether a request with these pseudo-headers and `headers` matches.
+    pub fn matches_request(&self, pseudo: &PseudoHeaders<'_>, headers: &HeaderMap) -> bool {
+        let name = match &self.name {
+            HeaderKey::Header(name) => name,
+            HeaderKey::Method => return self.matches_value(Some(pseudo.method)),
+            HeaderKey::Path => return self.matches_value(Some(pseudo.path)),
+            HeaderKey::Authority => return self.matches_value(Some(pseudo.authority)),
+            HeaderKey::Scheme => return self.matches_value(Some(pseudo.scheme)),
+        };
+        let mut values = headers.get_all(name).iter();
         let joined;
         let value: &str = match values.next() {
             None if self.treat_missing_as_empty => "",
@@ -1223,7 +1295,7 @@ impl HeaderMatch {
                 },
                 Some(_) => {
                     joined = headers
-                        .get_all(&self.name)
+                        .get_all(name)
                         .iter()
                         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                         .collect::<Vec<_>>()
@@ -1232,6 +1304,19 @@ impl HeaderMatch {
                 }
             },
         };
+        self.check_value(value)
+    }
+
+    /// A pseudo-header's value (empty: absent).
+    fn matches_value(&self, value: Option<&str>) -> bool {
+        match value.filter(|v| !v.is_empty()) {
+            Some(value) => self.check_value(value),
+            None if self.treat_missing_as_empty => self.check_value(""),
+            None => matches!(self.check, HeaderCheck::Present(present) if present == self.invert),
+        }
+    }
+
+    fn check_value(&self, value: &str) -> bool {
         let matched = match &self.check {
             HeaderCheck::String(m) => m.matches(value),
             HeaderCheck::Present(present) => *present,

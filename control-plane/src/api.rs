@@ -3,6 +3,8 @@
 //! - `PUT|GET|DELETE /v1/{kind}/{name}`, `GET /v1/{kind}`, `?group=NAME` scopes writes and reads
 //! - `POST /v1/apply`: a multi-document YAML or a JSON array, all-or-nothing as one version
 //! - `GET /v1/proxies`: connected proxies with per-type ACK / pending / NACK state
+//! - `/v1/mesh/...`: services, endpoints, traffic policies and namespaces for generated
+//!   config (see [`crate::mesh::rest`])
 //! - `GET /healthz`, `GET /metrics` (Prometheus text)
 //!
 //! Validation errors are 400 with `{"error", "problems": [{resource, group, field, reason}]}`.
@@ -22,6 +24,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::config::{ConfigService, WriteError};
+use crate::mesh::hub::MeshHub;
 use crate::metrics::Metrics;
 use crate::resource::{Kind, Typed, stored_to_json};
 use crate::store::{Change, ResourceKey};
@@ -34,6 +37,8 @@ pub struct ApiState {
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
     pub token: Option<String>,
+    /// Mesh generation, when on (`/v1/mesh/...`).
+    pub mesh: Option<Arc<MeshHub>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -88,6 +93,7 @@ impl From<WriteError> for ApiError {
 
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
+        .merge(crate::mesh::rest::router())
         .route("/v1/proxies", get(list_proxies))
         .route("/v1/apply", post(apply))
         .route("/v1/{kind}", get(list_resources))

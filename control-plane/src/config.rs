@@ -87,14 +87,22 @@ impl ConfigService {
         for _ in 0..COMMIT_ATTEMPTS {
             let base = self.current();
             for change in &changes {
-                if let Change::Delete(key) = change
-                    && !base.resources.contains_key(key)
-                {
-                    return Err(WriteError::NotFound(key.label()));
+                match change {
+                    Change::Delete(key) if !base.resources.contains_key(key) => {
+                        return Err(WriteError::NotFound(key.label()));
+                    }
+                    Change::DeleteMesh(key) if !base.mesh.contains_key(key) => {
+                        return Err(WriteError::NotFound(key.label()));
+                    }
+                    _ => {}
                 }
             }
             let mut next = base.with_changes(&changes);
-            let changed: BTreeSet<_> = changes.iter().map(|change| change.key().clone()).collect();
+            let changed: BTreeSet<_> = changes
+                .iter()
+                .filter_map(Change::resource_key)
+                .cloned()
+                .collect();
             let mut findings = check_state(&next, &changed);
             if !findings.errors.is_empty() {
                 return Err(WriteError::Invalid(findings));

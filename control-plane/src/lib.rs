@@ -3,9 +3,14 @@
 //! Config flows: HTTP API ([`api`]) → validation ([`validate`]) → store ([`store`], redb or
 //! etcd) via the single write path ([`config`]) → debounced per-group snapshots ([`snapshot`])
 //! → one task per xDS stream ([`xds`]), SotW or delta, pushing make-before-break.
+//!
+//! With mesh generation on ([`mesh`]), sidecars also get config generated from services,
+//! endpoints, pods and traffic policies (Kubernetes, or the REST API), merged with their
+//! group's raw resources into a snapshot per sidecar.
 
 pub mod api;
 pub mod config;
+pub mod mesh;
 pub mod metrics;
 pub mod resource;
 pub mod server;

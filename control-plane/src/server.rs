@@ -11,6 +11,8 @@ use tokio::sync::watch;
 
 use crate::api::{ApiState, router};
 use crate::config::ConfigService;
+use crate::mesh::hub::MeshHub;
+use crate::mesh::translate::MeshSettings;
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotHub;
 use crate::store::ConfigStore;
@@ -36,6 +38,17 @@ pub struct Options {
     pub token: Option<String>,
     /// Window in which a burst of writes becomes one push.
     pub debounce: Duration,
+    /// Generated config for mesh sidecars; `None` serves raw resources only.
+    pub mesh: Option<MeshOptions>,
+}
+
+/// Mesh generation settings.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    pub settings: MeshSettings,
+    /// Follow a Kubernetes API server (with this kubeconfig, or the usual places when
+    /// `None`); without it the mesh comes from the REST API only.
+    pub kubernetes: Option<Option<PathBuf>>,
 }
 
 /// Runs until `shutdown` becomes true.
@@ -68,6 +81,30 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
     tokio::spawn(config.clone().follow_store());
     let registry = Arc::new(ProxyRegistry::default());
     let metrics = Arc::new(Metrics::default());
+    let mesh = match &options.mesh {
+        None => None,
+        Some(mesh_options) => {
+            let sources = usize::from(mesh_options.kubernetes.is_some());
+            let mesh = MeshHub::new(
+                mesh_options.settings.clone(),
+                hub.clone(),
+                sources,
+                options.debounce,
+            );
+            tokio::spawn(mesh.clone().run());
+            if let Some(kubeconfig) = &mesh_options.kubernetes {
+                let client = crate::mesh::kubernetes::client(kubeconfig.as_ref())
+                    .await
+                    .context("connecting to the Kubernetes API server")?;
+                tokio::spawn(crate::mesh::kubernetes::run(
+                    client,
+                    mesh.clone(),
+                    registry.clone(),
+                ));
+            }
+            Some(mesh)
+        }
+    };
 
     let xds_listener = tokio::net::TcpListener::bind(options.xds_addr)
         .await
@@ -79,6 +116,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
 
     let xds = XdsContext {
         hub,
+        mesh: mesh.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
     };
@@ -91,6 +129,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
         registry,
         metrics,
         token: options.token.clone(),
+        mesh,
     });
     axum::serve(api_listener, api)
         .with_graceful_shutdown(async move {

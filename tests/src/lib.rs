@@ -9,8 +9,10 @@ pub mod envoy;
 pub mod health;
 pub mod jaeger;
 pub mod kube;
+pub mod mesh;
 pub mod netns;
 pub mod otlp;
+pub mod pods;
 pub mod process;
 pub mod scripted;
 

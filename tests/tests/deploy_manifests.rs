@@ -57,11 +57,22 @@ fn control_plane_deployment_command_line_serves_xds_on_its_container_port() {
         "198.18.9.2/24",
     );
     let pod = namespaces.left.clone();
+    // `--kubernetes` uses the pod's ServiceAccount in a cluster; here, a kubeconfig for an API
+    // server that is not there: xDS is served while the Kubernetes source keeps retrying.
+    let kubeconfig = data.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: none, cluster: {server: \"https://127.0.0.1:1\"}}]\n\
+         users: [{name: none, user: {token: none}}]\n\
+         contexts: [{name: none, context: {cluster: none, user: none}}]\ncurrent-context: none\n",
+    )
+    .unwrap();
     let mut command = Command::new("ip");
     command
         .args(["netns", "exec", &pod])
         .arg(workspace_binary("remora-cp"))
-        .args(&args);
+        .args(&args)
+        .env("KUBECONFIG", &kubeconfig);
     let mut control_plane = ChildGuard::spawn("remora-cp", command);
     // Reachable on the pod's own address, as the Service would reach it.
     let pod_addr: SocketAddr = format!("198.18.9.1:{port}").parse().unwrap();

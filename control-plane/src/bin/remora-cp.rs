@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use remora_control_plane::server::{Options, StoreChoice, run};
+use clap::{Parser, Subcommand, ValueEnum};
+use remora_control_plane::mesh::translate::{MeshSettings, OutboundLayout};
+use remora_control_plane::server::{MeshOptions, Options, StoreChoice, run};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
@@ -39,6 +40,37 @@ struct Args {
     /// Debounce window for pushes, in milliseconds.
     #[arg(long, default_value_t = 50)]
     debounce_ms: u64,
+    /// Generate sidecar config from services, endpoints and traffic policies registered
+    /// through the REST API (/v1/mesh/...).
+    #[arg(long)]
+    mesh: bool,
+    /// Generate sidecar config from a Kubernetes API server (implies --mesh): in the cluster
+    /// with the pod's service account, else from --kubeconfig or $KUBECONFIG.
+    #[arg(long)]
+    kubernetes: bool,
+    /// kubeconfig file for --kubernetes.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The cluster's DNS domain, for service host names.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Turn off the mesh defaults (retries of idempotent failures with a retry budget,
+    /// outlier detection, lifted circuit breakers; docs/mesh.md): services then start from
+    /// Envoy's bare defaults.
+    #[arg(long)]
+    no_mesh_defaults: bool,
+    /// How sidecars receive service ports: chains in the capture listener (Remora and
+    /// Envoy), or a bind_to_port=false listener per VIP:port (Envoy only, for now).
+    #[arg(long, value_enum, default_value = "capture-chains")]
+    outbound_layout: OutboundLayout,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the TrafficPolicy CustomResourceDefinition (YAML) and exit.
+    Manifests,
 }
 
 #[tokio::main]
@@ -50,6 +82,10 @@ async fn main() -> std::process::ExitCode {
         )
         .init();
     let args = Args::parse();
+    if let Some(Command::Manifests) = args.command {
+        print!("{}", remora_control_plane::mesh::policy::crd_manifest());
+        return std::process::ExitCode::SUCCESS;
+    }
     let store = match args.store {
         StoreKind::Embedded => StoreChoice::Embedded(args.data_dir),
         StoreKind::Etcd if args.etcd_endpoints.is_empty() => {
@@ -64,6 +100,14 @@ async fn main() -> std::process::ExitCode {
         store,
         token: args.token.filter(|token| !token.is_empty()),
         debounce: Duration::from_millis(args.debounce_ms),
+        mesh: (args.mesh || args.kubernetes).then(|| MeshOptions {
+            settings: MeshSettings {
+                cluster_domain: args.cluster_domain.clone(),
+                mesh_defaults: !args.no_mesh_defaults,
+                outbound_layout: args.outbound_layout,
+            },
+            kubernetes: args.kubernetes.then(|| args.kubeconfig.clone()),
+        }),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -8,13 +8,12 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Change, CommitOutcome, ConfigState, ConfigStore, decode_key, encode_key};
+use super::{Change, CommitOutcome, ConfigState, ConfigStore, load_entry};
 
 /// The generated etcd v3 messages and clients.
 #[allow(clippy::all, missing_docs)]
@@ -172,12 +171,7 @@ impl ConfigStore for EtcdStore {
                             format!("{VERSION_KEY} holds {:?}, not a number", kv.value)
                         })?;
                 } else if let Some(rest) = key.strip_prefix(RESOURCE_PREFIX) {
-                    match decode_key(rest) {
-                        Some(key) => {
-                            state.resources.insert(key, Bytes::from(kv.value));
-                        }
-                        None => tracing::warn!(key, "ignoring unreadable key in etcd"),
-                    }
+                    load_entry(&mut state, rest, &kv.value);
                 }
             }
             Ok(state)
@@ -214,10 +208,10 @@ impl ConfigStore for EtcdStore {
             let next = expected_version + 1;
             let mut operations = vec![put(VERSION_KEY.to_string(), next.to_string().into_bytes())];
             for change in &changes {
-                let key = format!("{RESOURCE_PREFIX}{}", encode_key(change.key()));
-                operations.push(match change {
-                    Change::Put(_, bytes) => put(key, bytes.to_vec()),
-                    Change::Delete(_) => RequestOp {
+                let key = format!("{RESOURCE_PREFIX}{}", change.encoded_key());
+                operations.push(match change.bytes() {
+                    Some(bytes) => put(key, bytes.to_vec()),
+                    None => RequestOp {
                         request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
                             key: key.into_bytes(),
                             ..Default::default()

@@ -43,12 +43,80 @@ impl ResourceKey {
     }
 }
 
+/// The kinds of mesh object the REST API registers (the Kubernetes source's counterparts).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum MeshKind {
+    Namespace,
+    Service,
+    Endpoints,
+    TrafficPolicy,
+}
+
+impl MeshKind {
+    pub const ALL: [MeshKind; 4] = [
+        MeshKind::Namespace,
+        MeshKind::Service,
+        MeshKind::Endpoints,
+        MeshKind::TrafficPolicy,
+    ];
+
+    /// The path segment of the API (`/v1/mesh/{collection}`).
+    pub fn collection(self) -> &'static str {
+        match self {
+            MeshKind::Namespace => "namespaces",
+            MeshKind::Service => "services",
+            MeshKind::Endpoints => "endpoints",
+            MeshKind::TrafficPolicy => "trafficpolicies",
+        }
+    }
+
+    pub fn from_collection(text: &str) -> Option<MeshKind> {
+        MeshKind::ALL
+            .into_iter()
+            .find(|kind| kind.collection() == text)
+    }
+}
+
+/// Where a mesh object lives. Namespaces have an empty `namespace` and their name in `name`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct MeshKey {
+    pub kind: MeshKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl MeshKey {
+    pub fn new(kind: MeshKind, namespace: &str, name: &str) -> MeshKey {
+        MeshKey {
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// `kind/namespace/name`, for messages.
+    pub fn label(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{}/{}", self.kind.collection(), self.name)
+        } else {
+            format!(
+                "{}/{}/{}",
+                self.kind.collection(),
+                self.namespace,
+                self.name
+            )
+        }
+    }
+}
+
 /// All stored resources at one version.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigState {
     pub version: u64,
     /// Encoded protobuf of each resource.
     pub resources: BTreeMap<ResourceKey, Bytes>,
+    /// JSON of each mesh object registered through the REST API.
+    pub mesh: BTreeMap<MeshKey, Bytes>,
 }
 
 impl ConfigState {
@@ -62,6 +130,12 @@ impl ConfigState {
                 }
                 Change::Delete(key) => {
                     next.resources.remove(key);
+                }
+                Change::PutMesh(key, bytes) => {
+                    next.mesh.insert(key.clone(), bytes.clone());
+                }
+                Change::DeleteMesh(key) => {
+                    next.mesh.remove(key);
                 }
             }
         }
@@ -83,12 +157,32 @@ impl ConfigState {
 pub enum Change {
     Put(ResourceKey, Bytes),
     Delete(ResourceKey),
+    PutMesh(MeshKey, Bytes),
+    DeleteMesh(MeshKey),
 }
 
 impl Change {
-    pub fn key(&self) -> &ResourceKey {
+    /// The xDS resource written, if this change writes one.
+    pub fn resource_key(&self) -> Option<&ResourceKey> {
         match self {
-            Change::Put(key, _) | Change::Delete(key) => key,
+            Change::Put(key, _) | Change::Delete(key) => Some(key),
+            Change::PutMesh(..) | Change::DeleteMesh(_) => None,
+        }
+    }
+
+    /// The key text both stores use.
+    pub(crate) fn encoded_key(&self) -> String {
+        match self {
+            Change::Put(key, _) | Change::Delete(key) => encode_key(key),
+            Change::PutMesh(key, _) | Change::DeleteMesh(key) => encode_mesh_key(key),
+        }
+    }
+
+    /// The bytes stored, or `None` for a deletion.
+    pub(crate) fn bytes(&self) -> Option<&Bytes> {
+        match self {
+            Change::Put(_, bytes) | Change::PutMesh(_, bytes) => Some(bytes),
+            Change::Delete(_) | Change::DeleteMesh(_) => None,
         }
     }
 }
@@ -131,6 +225,37 @@ pub(crate) fn encode_key(key: &ResourceKey) -> String {
     format!("{}/{}/{}", key.kind.collection(), scope, key.name)
 }
 
+/// Mesh objects: `mesh/{collection}/{namespace}/{name}` (namespace `-` for namespaces).
+pub(crate) fn encode_mesh_key(key: &MeshKey) -> String {
+    let namespace = if key.namespace.is_empty() {
+        "-"
+    } else {
+        &key.namespace
+    };
+    format!("mesh/{}/{namespace}/{}", key.kind.collection(), key.name)
+}
+
+pub(crate) fn decode_mesh_key(text: &str) -> Option<MeshKey> {
+    let mut parts = text.strip_prefix("mesh/")?.splitn(3, '/');
+    let kind = MeshKind::from_collection(parts.next()?)?;
+    let namespace = match parts.next()? {
+        "-" => "",
+        namespace => namespace,
+    };
+    Some(MeshKey::new(kind, namespace, parts.next()?))
+}
+
+/// Puts one stored entry into a state being loaded.
+pub(crate) fn load_entry(state: &mut ConfigState, key: &str, bytes: &[u8]) {
+    if let Some(key) = decode_mesh_key(key) {
+        state.mesh.insert(key, Bytes::copy_from_slice(bytes));
+    } else if let Some(key) = decode_key(key) {
+        state.resources.insert(key, Bytes::copy_from_slice(bytes));
+    } else {
+        tracing::warn!(key, "ignoring unreadable key in store");
+    }
+}
+
 pub(crate) fn decode_key(text: &str) -> Option<ResourceKey> {
     let mut parts = text.splitn(3, '/');
     let kind = Kind::from_collection(parts.next()?)?;
@@ -161,5 +286,11 @@ mod tests {
             assert_eq!(decode_key(&encode_key(&key)), Some(key));
         }
         assert_eq!(decode_key("nonsense"), None);
+        for key in [
+            MeshKey::new(MeshKind::Service, "shop", "b"),
+            MeshKey::new(MeshKind::Namespace, "", "shop"),
+        ] {
+            assert_eq!(decode_mesh_key(&encode_mesh_key(&key)), Some(key));
+        }
     }
 }

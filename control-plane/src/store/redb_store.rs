@@ -4,12 +4,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use redb::{Database, ReadableTable, TableDefinition};
 
-use super::{Change, CommitOutcome, ConfigState, ConfigStore, decode_key, encode_key};
+use super::{Change, CommitOutcome, ConfigState, ConfigStore, load_entry};
 
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -47,14 +46,7 @@ impl RedbStore {
         };
         for entry in table.iter()? {
             let (key, value) = entry?;
-            match decode_key(key.value()) {
-                Some(key) => {
-                    state
-                        .resources
-                        .insert(key, Bytes::copy_from_slice(value.value()));
-                }
-                None => tracing::warn!(key = key.value(), "ignoring unreadable key in store"),
-            }
+            load_entry(&mut state, key.value(), value.value());
         }
         Ok(state)
     }
@@ -78,12 +70,12 @@ impl RedbStore {
             meta.insert(VERSION_KEY, next)?;
             let mut table = transaction.open_table(RESOURCES)?;
             for change in changes {
-                let key = encode_key(change.key());
-                match change {
-                    Change::Put(_, bytes) => {
+                let key = change.encoded_key();
+                match change.bytes() {
+                    Some(bytes) => {
                         table.insert(key.as_str(), bytes.as_ref())?;
                     }
-                    Change::Delete(_) => {
+                    None => {
                         table.remove(key.as_str())?;
                     }
                 }
@@ -123,6 +115,7 @@ mod tests {
     use super::*;
     use crate::resource::Kind;
     use crate::store::ResourceKey;
+    use bytes::Bytes;
 
     #[tokio::test]
     async fn commits_survive_reopening_and_versions_increase() {

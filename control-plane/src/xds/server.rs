@@ -22,6 +22,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
 use xds_api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 
+use crate::mesh::hub::MeshHub;
 use crate::metrics::Metrics;
 use crate::resource::Kind;
 use crate::snapshot::SnapshotHub;
@@ -33,6 +34,8 @@ use crate::xds::stream::{ProxyRegistry, drive};
 #[derive(Clone)]
 pub struct XdsContext {
     pub hub: Arc<SnapshotHub>,
+    /// Generated config for mesh sidecars, when mesh generation is on.
+    pub mesh: Option<Arc<MeshHub>>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
 }

@@ -155,6 +155,14 @@ impl StreamProtocol for SotwStream {
             tracing::debug!(type_url = %request.type_url, "ignoring a request for a type this server does not serve");
             return Ok(None);
         };
+        tracing::debug!(
+            type_url = %request.type_url,
+            names = request.resource_names.len(),
+            nonce = %request.response_nonce,
+            version = %request.version_info,
+            error = request.error_detail.is_some(),
+            "sotw request"
+        );
         let state = &mut self.types[kind.index()];
         let mut outcome = None;
         if !request.response_nonce.is_empty() {
@@ -368,6 +376,13 @@ impl crate::xds::TypeSchedule for SotwStream {
         };
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
+        tracing::debug!(
+            type_url = %kind.type_url(),
+            %nonce,
+            version = snapshot.version,
+            resources = resources.len(),
+            "sotw response"
+        );
         let state = &mut self.types[kind.index()];
         state.needs_response = false;
         state.last_nonce = Some(nonce.clone());

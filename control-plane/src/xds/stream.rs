@@ -12,8 +12,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 use xds_api::envoy::config::core::v3::Node;
 
+use crate::mesh::sidecar::Sidecar;
 use crate::resource::Kind;
 use crate::snapshot::Snapshot;
 use crate::xds::XdsContext;
@@ -163,7 +165,7 @@ pub async fn drive<P: StreamProtocol>(
     peer: Option<SocketAddr>,
     mut requests: Streaming<P::Request>,
     responses: mpsc::Sender<Result<bytes::Bytes, Status>>,
-    mut protocol: P,
+    protocol: P,
 ) where
     Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
 {
@@ -173,9 +175,30 @@ pub async fn drive<P: StreamProtocol>(
         _ => return,
     };
     let node = P::node(&first).cloned().unwrap_or_default();
+    let span = tracing::debug_span!("xds", node = %node.id);
+    serve::<P>(context, peer, requests, responses, protocol, first, node)
+        .instrument(span)
+        .await
+}
+
+/// The rest of [`drive`], once the node is known (its logs carry the node id).
+async fn serve<P: StreamProtocol>(
+    context: XdsContext,
+    peer: Option<SocketAddr>,
+    mut requests: Streaming<P::Request>,
+    responses: mpsc::Sender<Result<bytes::Bytes, Status>>,
+    mut protocol: P,
+    first: P::Request,
+    node: Node,
+) where
+    Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
+{
     let registration = context.registry.register(&node, peer, P::NAME);
     tracing::info!(node = %node.id, group = %node.cluster, protocol = P::NAME, "xDS stream opened");
-    let mut snapshots = context.hub.subscribe(&node.cluster);
+    let mut snapshots = match (&context.mesh, Sidecar::from_node(&node)) {
+        (Some(mesh), Some(sidecar)) => mesh.subscribe(sidecar).await,
+        _ => context.hub.subscribe(&node.cluster),
+    };
     let mut snapshot = snapshots.borrow_and_update().clone();
     let mut pending_request = Some(first);
     loop {

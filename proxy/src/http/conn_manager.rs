@@ -18,6 +18,7 @@
 // only off the fast path, and boxing it would cost every such reply an allocation.
 #![allow(clippy::result_large_err)]
 
+use remora_config::route::PseudoHeaders;
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -439,7 +440,25 @@ async fn handle(
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        route = Selected::find(table, &host, path_and_query.as_str(), &parts.headers);
+        // Envoy's `:scheme` follows x-forwarded-proto (as the connection manager left it).
+        let scheme = match parts.headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
+            Some(b"https") => "https",
+            Some(b"http") => "http",
+            _ => connection.scheme,
+        };
+        let pseudo = PseudoHeaders {
+            method: parts.method.as_str(),
+            path: path_and_query.as_str(),
+            authority: raw_host,
+            scheme,
+        };
+        route = Selected::find(
+            table,
+            &host,
+            path_and_query.as_str(),
+            &pseudo,
+            &parts.headers,
+        );
         if let Some(tracer) = &manager.tracer {
             let active = tracer.start(
                 &mut parts,

@@ -30,7 +30,7 @@ use crate::error::ResponseFlag;
 use crate::http::local_reply::LocalReply;
 use crate::stats::HttpStats;
 use remora_config::filters::{PerRouteConfig, find};
-use remora_config::route::{Route, VirtualHost};
+use remora_config::route::{PseudoHeaders, Route, VirtualHost};
 
 /// What a filter decides about a request.
 pub enum Flow {
@@ -111,9 +111,10 @@ impl Selected {
         table: Arc<RouteTable>,
         host: &str,
         path_and_query: &str,
+        pseudo: &PseudoHeaders<'_>,
         headers: &HeaderMap,
     ) -> Option<Selected> {
-        let (vhost, route) = table.find(host, path_and_query, headers)?;
+        let (vhost, route) = table.find_request(host, path_and_query, pseudo, headers)?;
         Some(Selected {
             table,
             vhost,

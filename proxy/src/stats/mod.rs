@@ -66,6 +66,16 @@ pub enum Kind {
 /// How a derived gauge is read.
 pub type ReadGauge = Box<dyn Fn() -> u64 + Send + Sync>;
 
+/// A name as it appears inside a stat name: Envoy writes `:` as `_` (so cluster
+/// `b.shop.svc.cluster.local:80` counts under `cluster.b.shop.svc.cluster.local_80.`).
+pub fn stat_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains(':') {
+        std::borrow::Cow::Owned(name.replace(':', "_"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
 /// The registry (only touched at config time and by the admin endpoint).
 #[derive(Default)]
 pub struct Registry {
@@ -298,6 +308,7 @@ pub struct ClusterStats {
 
 impl ClusterStats {
     pub fn new(registry: &Registry, cluster: &str) -> Self {
+        let cluster = &stat_name(cluster);
         let c = |n: &str| registry.counter(format!("cluster.{cluster}.{n}"));
         let g = |n: &str| registry.gauge(format!("cluster.{cluster}.{n}"));
         ClusterStats {
@@ -369,6 +380,7 @@ pub struct HealthCheckStats {
 
 impl HealthCheckStats {
     pub fn new(registry: &Registry, cluster: &str) -> Self {
+        let cluster = &stat_name(cluster);
         let c = |n: &str| registry.counter(format!("cluster.{cluster}.health_check.{n}"));
         let g = |n: &str| registry.gauge(format!("cluster.{cluster}.health_check.{n}"));
         HealthCheckStats {
@@ -440,6 +452,7 @@ pub const EJECTION_KINDS: [&str; 7] = [
 
 impl OutlierStats {
     pub fn new(registry: &Registry, cluster: &str) -> Self {
+        let cluster = &stat_name(cluster);
         let c = |n: &str| registry.counter(format!("cluster.{cluster}.outlier_detection.{n}"));
         OutlierStats {
             ejections_active: registry.gauge(format!(

@@ -128,7 +128,10 @@ impl Breakers {
             (false, "default", connections[0].clone()),
             (true, "high", connections[1].clone()),
         ] {
-            let prefix = format!("cluster.{cluster}.circuit_breakers.{name}");
+            let prefix = format!(
+                "cluster.{}.circuit_breakers.{name}",
+                crate::stats::stat_name(cluster)
+            );
             let breakers: Weak<Breakers> = Arc::downgrade(self);
             let limits = move |read: &dyn Fn(&Limits, u64) -> u64| {
                 let breakers = breakers.upgrade()?;

@@ -1,0 +1,719 @@
+//! The mesh hub: feeds source updates to the [`Generator`], and publishes each connected
+//! sidecar's snapshot — its generated resources merged with the raw resources of its group
+//! (raw wins on a name clash, so an operator can override one generated resource) — on the
+//! sidecar's own `watch` channel, which its xDS stream follows like a group's.
+//!
+//! Sources queue updates and wake the hub; the hub waits the debounce window, applies the
+//! queue, rebuilds what changed and republishes only the sidecars whose inputs changed. Maps
+//! shared by many sidecars keep their `Arc` and carry the names that changed, so each stream
+//! diffs only those. Sidecars are served nothing until every source has synced once: a
+//! restarted control plane must not push a half-known mesh to proxies that hold a whole one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, watch};
+
+use crate::mesh::generate::{Generator, Rebuilt, Shared, SidecarParts};
+use crate::mesh::model::{
+    EndpointSet, NamespaceSettings, ObjectKey, PolicyObject, Service, Source, Workload,
+};
+use crate::mesh::policy::{NackedProxy, PolicyCondition, ProxyCounts, TrafficPolicyStatus};
+use crate::mesh::sidecar::Sidecar;
+use crate::mesh::translate::MeshSettings;
+use crate::resource::Kind;
+use crate::snapshot::{Snapshot, SnapshotHub, TypeChange, TypeMap, changed_names};
+use crate::store::MeshKey;
+use crate::xds::stream::ProxyRegistry;
+
+/// One change from a source.
+// Updates are short-lived (queued, applied, dropped), so the size spread does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum MeshUpdate {
+    Service(Source, ObjectKey, Option<Service>),
+    /// The endpoint set `.2` of service `.1`.
+    Endpoints(Source, ObjectKey, String, Option<EndpointSet>),
+    Workload(Source, ObjectKey, Option<Workload>),
+    Namespace(Source, String, Option<NamespaceSettings>),
+    Policy(Source, ObjectKey, Option<PolicyObject>),
+}
+
+impl MeshUpdate {
+    fn apply(self, generator: &mut Generator) {
+        match self {
+            MeshUpdate::Service(source, key, value) => generator.set_service(source, key, value),
+            MeshUpdate::Endpoints(source, service, name, value) => {
+                generator.set_endpoints(source, service, &name, value)
+            }
+            MeshUpdate::Workload(source, key, value) => generator.set_workload(source, key, value),
+            MeshUpdate::Namespace(source, name, value) => {
+                generator.set_namespace(source, &name, value)
+            }
+            MeshUpdate::Policy(source, key, value) => generator.set_policy(source, key, value),
+        }
+    }
+}
+
+struct SidecarEntry {
+    sidecar: Sidecar,
+    sender: watch::Sender<Arc<Snapshot>>,
+    /// The sidecar's group in the raw hub (held so the raw hub keeps publishing it).
+    raw: watch::Receiver<Arc<Snapshot>>,
+    /// The raw snapshot its current snapshot was built from.
+    raw_seen: Arc<Snapshot>,
+}
+
+struct HubState {
+    generator: Generator,
+    /// The version of the last publish.
+    version: u64,
+    sidecars: Vec<SidecarEntry>,
+    /// REST mesh objects as last applied, and the store version they came from.
+    rest_seen: BTreeMap<MeshKey, Bytes>,
+}
+
+struct Queue {
+    updates: Vec<MeshUpdate>,
+    since: Option<Instant>,
+}
+
+pub struct MeshHub {
+    raw: Arc<SnapshotHub>,
+    queue: Mutex<Queue>,
+    wake: Notify,
+    state: Mutex<HubState>,
+    /// Sources still to finish their first sync.
+    pending_sources: Mutex<usize>,
+    sync_requested: AtomicBool,
+    synced: watch::Sender<bool>,
+    debounce: Duration,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// `raw` and `generated` as one map; raw wins on a name clash. When the raw map is empty the
+/// generated one is used as it is, with its recorded change.
+fn merge(raw: &Arc<TypeMap>, generated: &Shared) -> (Arc<TypeMap>, Option<Arc<TypeChange>>) {
+    if raw.is_empty() {
+        return (generated.map.clone(), generated.change.clone());
+    }
+    if generated.map.is_empty() {
+        return (raw.clone(), None);
+    }
+    let mut merged = (*generated.map).clone();
+    merged.extend(
+        raw.iter()
+            .map(|(name, resource)| (name.clone(), resource.clone())),
+    );
+    (Arc::new(merged), None)
+}
+
+/// A sidecar's snapshot from its group's raw snapshot and its generated parts. Types equal to
+/// the previous snapshot's keep its map.
+fn compose(
+    raw: &Snapshot,
+    parts: &SidecarParts,
+    previous: Option<&Snapshot>,
+    version: u64,
+    committed_at: Instant,
+) -> Snapshot {
+    let listeners = Shared {
+        map: parts.listeners.clone(),
+        change: None,
+    };
+    let merged = [
+        merge(raw.of(Kind::Cluster), &parts.clusters),
+        merge(raw.of(Kind::Endpoint), &parts.endpoints),
+        merge(raw.of(Kind::Listener), &listeners),
+        merge(raw.of(Kind::Route), &parts.routes),
+        (raw.of(Kind::Secret).clone(), None),
+    ];
+    let mut types: [Arc<TypeMap>; 5] = Default::default();
+    let mut changes: [Option<Arc<TypeChange>>; 5] = Default::default();
+    for (index, (map, known)) in merged.into_iter().enumerate() {
+        let Some(previous) = previous else {
+            types[index] = map;
+            continue;
+        };
+        let before = &previous.types[index];
+        if Arc::ptr_eq(before, &map) {
+            types[index] = map;
+            continue;
+        }
+        match known {
+            Some(change) if Arc::ptr_eq(&change.from, before) => {
+                types[index] = map;
+                changes[index] = Some(change);
+            }
+            _ => {
+                let names = changed_names(before, &map);
+                if names.is_empty() {
+                    types[index] = before.clone();
+                } else {
+                    types[index] = map;
+                    changes[index] = Some(Arc::new(TypeChange {
+                        from: before.clone(),
+                        names,
+                    }));
+                }
+            }
+        }
+    }
+    Snapshot {
+        version,
+        committed_at,
+        types,
+        changes,
+    }
+}
+
+impl MeshHub {
+    /// A hub waiting for `sources` sources to sync (0: serve at once).
+    pub fn new(
+        settings: MeshSettings,
+        raw: Arc<SnapshotHub>,
+        sources: usize,
+        debounce: Duration,
+    ) -> Arc<MeshHub> {
+        let (synced, _) = watch::channel(sources == 0);
+        Arc::new(MeshHub {
+            raw,
+            queue: Mutex::new(Queue {
+                updates: Vec::new(),
+                since: None,
+            }),
+            wake: Notify::new(),
+            state: Mutex::new(HubState {
+                generator: Generator::new(settings),
+                version: 0,
+                sidecars: Vec::new(),
+                rest_seen: BTreeMap::new(),
+            }),
+            pending_sources: Mutex::new(sources),
+            sync_requested: AtomicBool::new(false),
+            synced,
+            debounce,
+        })
+    }
+
+    /// Queues updates from a source.
+    pub fn update(&self, updates: impl IntoIterator<Item = MeshUpdate>) {
+        let mut queue = lock(&self.queue);
+        let before = queue.updates.len();
+        queue.updates.extend(updates);
+        if queue.updates.len() > before {
+            queue.since.get_or_insert_with(Instant::now);
+            drop(queue);
+            self.wake.notify_one();
+        }
+    }
+
+    /// A source has delivered everything it knows once.
+    pub fn source_synced(&self) {
+        let mut pending = lock(&self.pending_sources);
+        if *pending > 0 {
+            *pending -= 1;
+            if *pending == 0 {
+                // Served once the queued updates are applied.
+                self.sync_requested.store(true, Ordering::SeqCst);
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Whether sidecars are being served.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
+    }
+
+    /// The snapshot channel of one sidecar (after the sources have synced).
+    pub async fn subscribe(self: &Arc<Self>, sidecar: Sidecar) -> watch::Receiver<Arc<Snapshot>> {
+        let mut synced = self.synced.subscribe();
+        let _ = synced.wait_for(|synced| *synced).await;
+        let raw = self.raw.subscribe(&sidecar.group);
+        let hub = self.clone();
+        let subscribe = move || {
+            let raw_seen = raw.borrow().clone();
+            let mut state = lock(&hub.state);
+            let parts = state.generator.sidecar_parts(&sidecar);
+            let version = state.version;
+            let snapshot = compose(&raw_seen, &parts, None, version, Instant::now());
+            let (sender, receiver) = watch::channel(Arc::new(snapshot));
+            state.sidecars.push(SidecarEntry {
+                sidecar,
+                sender,
+                raw,
+                raw_seen,
+            });
+            receiver
+        };
+        match tokio::task::spawn_blocking(subscribe).await {
+            Ok(receiver) => receiver,
+            Err(_) => watch::channel(Arc::new(Snapshot::empty())).1,
+        }
+    }
+
+    /// Applies queued updates and the REST objects of the latest commit, and republishes what
+    /// changed. Blocking: runs on a blocking thread.
+    pub fn publish(&self) {
+        let (updates, since) = {
+            let mut queue = lock(&self.queue);
+            (std::mem::take(&mut queue.updates), queue.since.take())
+        };
+        let committed = self.raw.committed();
+        let mut state = lock(&self.state);
+        let state = &mut *state;
+        let rest_updates = rest_diff(&state.rest_seen, &committed.state.mesh);
+        if !rest_updates.is_empty() {
+            state.rest_seen = committed.state.mesh.clone();
+        }
+        for update in updates.into_iter().chain(rest_updates) {
+            update.apply(&mut state.generator);
+        }
+        let version = state.version + 1;
+        // Forget sidecars whose streams ended, and views no sidecar needs.
+        state
+            .sidecars
+            .retain(|entry| entry.sender.receiver_count() > 0);
+        let live: BTreeSet<String> = state
+            .sidecars
+            .iter()
+            .map(|entry| entry.sidecar.namespace().to_string())
+            .collect();
+        state.generator.retain_views(&live);
+        let rebuilt = if state.generator.is_dirty() {
+            state.generator.rebuild(version)
+        } else {
+            Rebuilt::default()
+        };
+        let committed_at = since.unwrap_or(committed.at);
+        let mut published = false;
+        for entry in &mut state.sidecars {
+            let raw_now = entry.raw.borrow().clone();
+            let raw_changed = !Arc::ptr_eq(&raw_now, &entry.raw_seen);
+            let generated_changed = rebuilt.endpoints_changed
+                || rebuilt.views_changed.contains(entry.sidecar.namespace())
+                || rebuilt.workloads_changed.contains(&entry.sidecar.workload);
+            if !raw_changed && !generated_changed {
+                continue;
+            }
+            let parts = state.generator.sidecar_parts(&entry.sidecar);
+            let previous = entry.sender.borrow().clone();
+            let snapshot = compose(&raw_now, &parts, Some(&previous), version, committed_at);
+            entry.raw_seen = raw_now;
+            let unchanged = snapshot
+                .types
+                .iter()
+                .zip(previous.types.iter())
+                .all(|(now, before)| Arc::ptr_eq(now, before));
+            tracing::debug!(node = %entry.sidecar.node_id, version, raw_changed, generated_changed, unchanged, "mesh publish");
+            if !unchanged {
+                entry.sender.send_replace(Arc::new(snapshot));
+                published = true;
+            }
+        }
+        if published || !rebuilt.is_empty() {
+            state.version = version;
+        }
+        if self.sync_requested.swap(false, Ordering::SeqCst) {
+            self.synced.send_replace(true);
+        }
+    }
+
+    /// Follows source updates and raw commits until the process ends; first takes in the
+    /// REST objects already stored.
+    pub async fn run(self: Arc<Self>) {
+        let mut raw_published = self.raw.published();
+        self.wake.notify_one();
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                changed = raw_published.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(self.debounce).await;
+            let hub = self.clone();
+            if tokio::task::spawn_blocking(move || hub.publish())
+                .await
+                .is_err()
+            {
+                tracing::error!("mesh publish panicked");
+            }
+        }
+    }
+
+    /// The generated resources a sidecar would get now, for the API (`remoractl`-style
+    /// inspection): name → resource per kind.
+    pub fn sidecar_config(&self, sidecar: &Sidecar) -> [Arc<TypeMap>; 5] {
+        let raw = self.raw.subscribe(&sidecar.group).borrow().clone();
+        let mut state = lock(&self.state);
+        let parts = state.generator.sidecar_parts(sidecar);
+        compose(&raw, &parts, None, 0, Instant::now()).types
+    }
+
+    /// What to report about a policy: whether it is in effect and which sidecars that
+    /// receive its service ACKed or NACKed the version that carries it.
+    pub fn policy_status(
+        &self,
+        key: &ObjectKey,
+        registry: &ProxyRegistry,
+    ) -> Option<TrafficPolicyStatus> {
+        self.policy_statuses(std::slice::from_ref(key), registry)
+            .remove(key)
+    }
+
+    /// [`Self::policy_status`] of several policies, from one look at the connected proxies.
+    pub fn policy_statuses(
+        &self,
+        keys: &[ObjectKey],
+        registry: &ProxyRegistry,
+    ) -> BTreeMap<ObjectKey, TrafficPolicyStatus> {
+        let listed = registry.list();
+        let state = lock(&self.state);
+        // The newest stream of each sidecar node, with the sidecar's namespace.
+        let mut streams: HashMap<&str, &crate::xds::stream::ProxyStatus> = HashMap::new();
+        for proxy in &listed {
+            let newer = streams
+                .get(proxy.node_id.as_str())
+                .is_none_or(|known| known.stream_id < proxy.stream_id);
+            if newer {
+                streams.insert(proxy.node_id.as_str(), proxy);
+            }
+        }
+        let namespaces: HashMap<&str, &str> = state
+            .sidecars
+            .iter()
+            .map(|entry| (entry.sidecar.node_id.as_str(), entry.sidecar.namespace()))
+            .collect();
+        let mut statuses = BTreeMap::new();
+        for key in keys {
+            let Some(policy) = state.generator.policy_states().get(key) else {
+                continue;
+            };
+            let mut status = TrafficPolicyStatus {
+                observed_generation: Some(policy.generation),
+                ..Default::default()
+            };
+            let mut condition = PolicyCondition {
+                kind: "Accepted".into(),
+                status: "True".into(),
+                reason: "Accepted".into(),
+                message: policy.warnings.join("; "),
+            };
+            if let Some((reason, message)) = &policy.rejected {
+                condition.status = "False".into();
+                condition.reason = reason.clone();
+                condition.message = message.clone();
+                status.conditions.push(condition);
+                statuses.insert(key.clone(), status);
+                continue;
+            }
+            status.conditions.push(condition);
+            status.conditions.push(PolicyCondition {
+                kind: "RemoraProxyCompatible".into(),
+                status: if policy.remora_rejects.is_empty() {
+                    "True"
+                } else {
+                    "False"
+                }
+                .into(),
+                reason: if policy.remora_rejects.is_empty() {
+                    "Supported"
+                } else {
+                    "Unsupported"
+                }
+                .into(),
+                message: policy.remora_rejects.join("; "),
+            });
+            status.config_version = Some(policy.applied_version.to_string());
+            let mut counts = ProxyCounts::default();
+            for (node, proxy) in &streams {
+                // Only sidecars whose view holds the service.
+                let receives = namespaces.get(node).is_some_and(|namespace| {
+                    state
+                        .generator
+                        .view(namespace)
+                        .is_some_and(|view| view.visible.contains(&policy.service))
+                });
+                if !receives {
+                    continue;
+                }
+                counts.total += 1;
+                let mut acked = true;
+                let mut nack = None;
+                for kind in &policy.kinds {
+                    let type_status = proxy
+                        .types
+                        .get(kind.xds_name())
+                        .cloned()
+                        .unwrap_or_default();
+                    let acked_version = type_status
+                        .acked_version
+                        .as_deref()
+                        .and_then(|version| version.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    if acked_version >= policy.applied_version {
+                        continue;
+                    }
+                    acked = false;
+                    if let Some(record) = type_status.last_nack
+                        && record
+                            .version
+                            .parse::<u64>()
+                            .is_ok_and(|version| version >= policy.applied_version)
+                    {
+                        nack = Some(record);
+                    }
+                }
+                if acked {
+                    counts.acked += 1;
+                    status.acked_proxies.push(node.to_string());
+                } else if let Some(record) = nack {
+                    counts.nacked += 1;
+                    status.nacked_proxies.push(NackedProxy {
+                        proxy: node.to_string(),
+                        version: record.version,
+                        message: record.message,
+                    });
+                } else {
+                    counts.pending += 1;
+                }
+            }
+            status.acked_proxies.sort();
+            status.acked_proxies.truncate(50);
+            status.nacked_proxies.sort_by(|a, b| a.proxy.cmp(&b.proxy));
+            status.nacked_proxies.truncate(50);
+            status.proxies = Some(counts);
+            statuses.insert(key.clone(), status);
+        }
+        statuses
+    }
+
+    /// Keys of every policy the generator knows, with their source.
+    pub fn policies(&self) -> Vec<(Source, ObjectKey)> {
+        let state = lock(&self.state);
+        let inputs = state.generator.inputs();
+        let mut keys = Vec::new();
+        for (index, source) in [Source::Kubernetes, Source::Rest].into_iter().enumerate() {
+            keys.extend(
+                inputs.layers[index]
+                    .policies
+                    .keys()
+                    .map(|key| (source, key.clone())),
+            );
+        }
+        keys
+    }
+}
+
+/// Updates that turn the REST objects `seen` into `now`.
+fn rest_diff(seen: &BTreeMap<MeshKey, Bytes>, now: &BTreeMap<MeshKey, Bytes>) -> Vec<MeshUpdate> {
+    let mut updates = Vec::new();
+    for (key, bytes) in now {
+        if seen.get(key) != Some(bytes) {
+            match crate::mesh::rest::to_update(key, Some(bytes)) {
+                Ok(update) => updates.push(update),
+                Err(error) => {
+                    tracing::warn!(object = %key.label(), %error, "ignoring unreadable mesh object")
+                }
+            }
+        }
+    }
+    for key in seen.keys() {
+        if !now.contains_key(key)
+            && let Ok(update) = crate::mesh::rest::to_update(key, None)
+        {
+            updates.push(update);
+        }
+    }
+    updates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::model::{EndpointAddress, EndpointHealth, Protocol, ServicePort};
+    use crate::snapshot::Committed;
+    use crate::store::ConfigState;
+    use crate::xds::sotw::SotwStream;
+    use crate::xds::stream::{Outcome, StreamProtocol};
+    use xds_api::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+    fn raw_hub() -> Arc<SnapshotHub> {
+        SnapshotHub::new(
+            Committed {
+                state: Arc::new(ConfigState::default()),
+                at: Instant::now(),
+            },
+            Duration::ZERO,
+        )
+    }
+
+    fn service_b() -> Vec<MeshUpdate> {
+        let key = ObjectKey::new("shop", "b");
+        vec![
+            MeshUpdate::Service(
+                Source::Rest,
+                key.clone(),
+                Some(Service {
+                    key: key.clone(),
+                    vip: Some("198.19.0.10".parse().unwrap()),
+                    ports: vec![ServicePort {
+                        name: "http".into(),
+                        port: 80,
+                        protocol: Protocol::Http,
+                        target_port: None,
+                    }],
+                    selector: None,
+                }),
+            ),
+            MeshUpdate::Endpoints(
+                Source::Rest,
+                key.clone(),
+                "rest".into(),
+                Some(EndpointSet {
+                    service: key,
+                    ports: [("http".to_string(), 8080)].into(),
+                    endpoints: vec![EndpointAddress {
+                        address: "198.18.2.1".parse().unwrap(),
+                        zone: None,
+                        health: EndpointHealth::Healthy,
+                        workload: Some(ObjectKey::new("shop", "b-1")),
+                    }],
+                }),
+            ),
+        ]
+    }
+
+    fn sidecar(pod: &str) -> Sidecar {
+        Sidecar {
+            node_id: format!("{pod}.shop"),
+            group: pod.into(),
+            workload: ObjectKey::new("shop", pod),
+            inbound_port: Some(15006),
+            outbound_port: Some(15001),
+        }
+    }
+
+    fn request(kind: Kind, names: &[String], nonce: &str, version: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: kind.type_url().into(),
+            resource_names: names.to_vec(),
+            response_nonce: nonce.into(),
+            version_info: version.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Answers everything the stream sends with an ACK until it has nothing more to send;
+    /// the responses sent.
+    fn ack_all(stream: &mut SotwStream, snapshot: &Snapshot) -> Vec<DiscoveryResponse> {
+        let mut sent = Vec::new();
+        while let Some(response) = stream.next_response(snapshot) {
+            let kind = Kind::from_type_url(&response.type_url).expect("a kind");
+            let outcome = stream
+                .on_request(request(kind, &[], &response.nonce, &response.version_info))
+                .expect("ack");
+            assert!(matches!(outcome, Some(Outcome::Ack { .. })));
+            sent.push(response);
+        }
+        sent
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_reaches_every_sidecar_of_the_namespace() {
+        let hub = MeshHub::new(MeshSettings::default(), raw_hub(), 0, Duration::ZERO);
+        hub.update(service_b());
+        hub.publish();
+        let mut receivers = Vec::new();
+        let mut streams = Vec::new();
+        for pod in ["b-1", "a-1"] {
+            let receiver = hub.subscribe(sidecar(pod)).await;
+            let mut stream = SotwStream::aggregated();
+            stream
+                .on_request(request(Kind::Cluster, &[], "", ""))
+                .expect("cds");
+            stream
+                .on_request(request(Kind::Listener, &[], "", ""))
+                .expect("lds");
+            let snapshot = receiver.borrow().clone();
+            let sent = ack_all(&mut stream, &snapshot);
+            assert!(sent.len() >= 2, "{pod}: {sent:?}");
+            receivers.push(receiver);
+            streams.push(stream);
+        }
+        let key = ObjectKey::new("shop", "b");
+        hub.update([MeshUpdate::Policy(
+            Source::Rest,
+            key.clone(),
+            Some(PolicyObject {
+                key,
+                generation: 1,
+                spec: serde_json::from_value(
+                    serde_json::json!({"service": "b", "connectTimeout": "2s"}),
+                )
+                .expect("spec"),
+            }),
+        )]);
+        hub.publish();
+        for (receiver, stream) in receivers.iter_mut().zip(streams.iter_mut()) {
+            assert!(receiver.has_changed().expect("open"));
+            let snapshot = receiver.borrow_and_update().clone();
+            let sent = ack_all(stream, &snapshot);
+            assert!(
+                sent.iter()
+                    .any(|response| response.type_url == Kind::Cluster.type_url()),
+                "no CDS push: {sent:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_raw_resource_of_the_sidecars_group_replaces_the_generated_one() {
+        use crate::resource::Typed;
+        use crate::store::ResourceKey;
+        let name = "b.shop.svc.cluster.local:80";
+        let raw_route = Typed::from_json(
+            Kind::Route,
+            &serde_json::json!({"name": name, "virtual_hosts": [{"name": "mine", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 418}}]}]}),
+        )
+        .expect("a route")
+        .encode();
+        let mut state = ConfigState {
+            version: 1,
+            ..ConfigState::default()
+        };
+        state.resources.insert(
+            ResourceKey::new(Kind::Route, "a", name),
+            bytes::Bytes::from(raw_route.clone()),
+        );
+        let raw = SnapshotHub::new(
+            Committed {
+                state: Arc::new(state),
+                at: Instant::now(),
+            },
+            Duration::ZERO,
+        );
+        let hub = MeshHub::new(MeshSettings::default(), raw, 0, Duration::ZERO);
+        hub.update(service_b());
+        hub.publish();
+        // Group "a" holds the raw route; group "b" does not.
+        let overridden = hub.subscribe(sidecar("a")).await.borrow().clone();
+        assert_eq!(overridden.of(Kind::Route)[name].body.value, raw_route);
+        assert!(
+            overridden.of(Kind::Cluster).contains_key(name),
+            "generated clusters stay"
+        );
+        let generated = hub.subscribe(sidecar("b")).await.borrow().clone();
+        assert_ne!(generated.of(Kind::Route)[name].body.value, raw_route);
+    }
+}
