@@ -166,7 +166,7 @@ fn http1_routing_rewrites_headers_and_stats() {
     }
 
     wait_for("stats", Duration::from_secs(5), || {
-        (proxy.stat("http.ingress.downstream_rq_2xx") >= 4).then_some(())
+        (proxy.stat_or_none("http.ingress.downstream_rq_2xx")? >= 4).then_some(())
     });
     assert_eq!(proxy.stat("cluster.b.upstream_rq_total"), 1);
     assert!(proxy.stat("cluster.a.upstream_rq_total") >= 3);
@@ -368,7 +368,7 @@ fn tcp_proxy_passes_half_close_and_counts_bytes() {
     }
     server.join().expect("upstream thread");
     wait_for("byte stats", Duration::from_secs(5), || {
-        (proxy.stat("tcp.tcp.downstream_cx_rx_bytes_total") == 18).then_some(())
+        (proxy.stat_or_none("tcp.tcp.downstream_cx_rx_bytes_total")? == 18).then_some(())
     });
     assert_eq!(proxy.stat("tcp.tcp.downstream_cx_tx_bytes_total"), 26);
     assert_eq!(proxy.stat("cluster.up.upstream_cx_total"), 2);
@@ -770,7 +770,7 @@ fn slow_clients_are_timed_out_and_circuit_breakers_overflow() {
     // max_requests: 1 — a second concurrent request to the cluster overflows (503, UO).
     let hanging = std::thread::spawn(move || http_get(addr, "/hang").map(|(s, _, _)| s));
     wait_for("one request active", Duration::from_secs(5), || {
-        (proxy.stat("cluster.silent.upstream_rq_active") == 1).then_some(())
+        (proxy.stat_or_none("cluster.silent.upstream_rq_active")? == 1).then_some(())
     });
     let (status, head, body) = http_get(addr, "/hang").expect("second request");
     assert_eq!(status, 503, "{body}");

@@ -551,7 +551,7 @@ fn listener_update_and_removal_drain_in_flight_requests() {
     wait_for(
         "counted on the new listener",
         Duration::from_secs(5),
-        || (proxy_stat(admin, "http.second.downstream_rq_2xx") >= 1).then_some(()),
+        || (remora_tests::admin_stat(admin, "http.second.downstream_rq_2xx")? >= 1).then_some(()),
     );
     assert_eq!(proxy_stat(admin, "http.first.downstream_rq_2xx"), 1);
 
@@ -582,8 +582,9 @@ fn host_stat(admin: SocketAddr, cluster: &str, host: SocketAddr, stat: &str) -> 
         .unwrap_or_else(|| panic!("no {prefix} in {clusters}"))
 }
 
+/// A stat's value; one the proxy does not have fails the test.
 fn proxy_stat(admin: SocketAddr, name: &str) -> u64 {
-    remora_tests::admin_stat(admin, name).unwrap_or(0)
+    remora_tests::admin_stat(admin, name).unwrap_or_else(|| panic!("no stat {name}"))
 }
 
 #[test]
