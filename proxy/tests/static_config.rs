@@ -957,10 +957,11 @@ fn http2_protocol_options_reach_the_wire_both_ways() {
     let _ = request.join();
 }
 
-/// Whether the proxy closes a fresh connection without reading from it (within 5 s).
+/// Whether the proxy closes a fresh connection without reading from it.
 fn closed_at_once(stream: &mut TcpStream) -> bool {
+    // Generous: only a proxy that fails the check waits this long.
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let mut byte = [0u8; 1];
     match stream.read(&mut byte) {
@@ -970,22 +971,82 @@ fn closed_at_once(stream: &mut TcpStream) -> bool {
     }
 }
 
-/// A connection that has been served a request, so the proxy has accepted and counted it.
-fn served_connection(port: u16) -> TcpStream {
+/// A connection that has been served a request, so the proxy has accepted and counted it;
+/// `None` when the proxy closes it instead.
+fn try_served_connection(port: u16) -> Option<TcpStream> {
     let mut stream = TcpStream::connect(loopback(port)).expect("connect");
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     stream
         .write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
         .expect("write");
-    let head = read_head(&mut stream).expect("a response on the held connection");
+    let head = read_head(&mut stream)?;
     assert!(
         head.starts_with(b"HTTP/1.1 200"),
         "{}",
         String::from_utf8_lossy(&head)
     );
-    stream
+    Some(stream)
+}
+
+fn served_connection(port: u16) -> TcpStream {
+    try_served_connection(port).expect("a response on the held connection")
+}
+
+/// One keep-alive connection to the admin, for reading stats without opening (and leaving
+/// behind) a connection per read: a closed connection counts against
+/// `global_downstream_max_connections` until the proxy has seen the close, which Envoy's
+/// admin, closing half-way and waiting for the client, may see late.
+struct AdminSession {
+    runtime: tokio::runtime::Runtime,
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+impl AdminSession {
+    fn open(admin: std::net::SocketAddr) -> AdminSession {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let sender = runtime.block_on(async {
+            let stream = tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect to admin");
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .expect("admin handshake");
+            tokio::spawn(connection);
+            sender
+        });
+        AdminSession { runtime, sender }
+    }
+
+    /// The stat's value; `None` when the proxy does not have it.
+    fn stat(&mut self, name: &str) -> Option<u64> {
+        use http_body_util::BodyExt;
+        let path = format!("/stats?filter=%5E{}%24", name.replace('.', "%5C."));
+        let sender = &mut self.sender;
+        let body = self.runtime.block_on(async {
+            sender.ready().await.expect("admin connection open");
+            let request = http::Request::get(path)
+                .header("host", "admin")
+                .body(http_body_util::Empty::new())
+                .expect("request");
+            let response = sender.send_request(request).await.expect("admin answer");
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+        });
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+            .and_then(|value| value.trim().parse().ok())
+    }
 }
 
 #[test]
@@ -993,7 +1054,8 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
     let echo = EchoServer::start("e", "127.0.0.1");
     let (admin, admin_yaml) = admin_block();
     let (limited, other) = (free_port(), free_port());
-    let runtime = "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy: {resource_limits: {listener: {limited: {connection_limit: 2}}}}\n      overload: {global_downstream_max_connections: 3}\n  - name: admin\n    admin_layer: {}\n";
+    // A global limit of 4: the admin session, and 3 connections to the listeners.
+    let runtime = "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy: {resource_limits: {listener: {limited: {connection_limit: 2}}}}\n      overload: {global_downstream_max_connections: 4}\n  - name: admin\n    admin_layer: {}\n";
     let yaml = format!(
         "{}{runtime}",
         bootstrap(
@@ -1006,26 +1068,45 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
         )
     );
     let (_dir, file) = write_config(&yaml);
-    // Admin requests count towards the global limit too (as in Envoy), so the scenario reads
-    // stats only while under it, and asks for answered stats (`Some`) after.
+    let overflows = [
+        format!("listener.127.0.0.1_{limited}.downstream_cx_overflow"),
+        format!("listener.127.0.0.1_{other}.downstream_global_cx_overflow"),
+    ];
+    // Admin connections count towards the global limit too (as in Envoy): every stat is read
+    // on one admin connection held open throughout.
     let run = || {
-        let open = |port: u16| {
-            remora_tests::admin_stat(
-                admin,
-                &format!("listener.127.0.0.1_{port}.downstream_cx_active"),
-            )
+        let mut session = AdminSession::open(admin);
+        let listeners_idle = |session: &mut AdminSession| {
+            [limited, other].iter().all(|port| {
+                session.stat(&format!("listener.127.0.0.1_{port}.downstream_cx_active")) == Some(0)
+            })
         };
-        // The readiness probe's connection may still count until the proxy sees it close.
-        wait_for("no connection open", Duration::from_secs(10), || {
-            (open(limited) == Some(0) && open(other) == Some(0)).then_some(())
-        });
+        // Connections from before (readiness probes, admin requests) count until the proxy
+        // has seen them close. Settled means three probes beside the session are all served:
+        // nothing else counts. A refused probe counts an overflow, so overflows are measured
+        // from here.
+        wait_for(
+            "earlier connections released",
+            Duration::from_secs(60),
+            || {
+                let probes: Vec<Option<TcpStream>> =
+                    (0..3).map(|_| try_served_connection(other)).collect();
+                let settled = probes.iter().all(Option::is_some);
+                drop(probes);
+                wait_for("probes closed", Duration::from_secs(30), || {
+                    listeners_idle(&mut session).then_some(())
+                });
+                settled.then_some(())
+            },
+        );
+        let before = overflows.clone().map(|name| session.stat(&name));
         let mut seen = Vec::new();
         // Two connections fill the listener's limit; a third is closed at once.
         let held = [served_connection(limited), served_connection(limited)];
         let mut third = TcpStream::connect(loopback(limited)).expect("connect");
         seen.push(("third on limited closed", closed_at_once(&mut third)));
-        // A third connection in all is within the global limit; a fourth is not, nor is an
-        // admin connection.
+        // A third listener connection in all (the fourth with the session) is within the
+        // global limit; one more is not, nor is another admin connection.
         let other_held = served_connection(other);
         let mut fourth = TcpStream::connect(loopback(other)).expect("connect");
         seen.push(("fourth overall closed", closed_at_once(&mut fourth)));
@@ -1033,17 +1114,18 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
         seen.push(("admin closed", closed_at_once(&mut to_admin)));
         // Freed places are usable again.
         drop((held, other_held));
-        wait_for("all closed", Duration::from_secs(10), || {
-            (open(limited) == Some(0) && open(other) == Some(0)).then_some(())
+        wait_for("all closed", Duration::from_secs(30), || {
+            listeners_idle(&mut session).then_some(())
         });
         let (status, _, _) = http_get(loopback(limited), "/again").expect("request");
         seen.push(("served after", status == 200));
-        let counts = [
-            format!("listener.127.0.0.1_{limited}.downstream_cx_overflow"),
-            format!("listener.127.0.0.1_{other}.downstream_global_cx_overflow"),
-        ]
-        .map(|name| remora_tests::admin_stat(admin, &name));
-        (seen, counts)
+        let after = overflows.clone().map(|name| session.stat(&name));
+        let counted: Vec<Option<u64>> = after
+            .iter()
+            .zip(before)
+            .map(|(after, before)| Some(after.as_ref()? - before?))
+            .collect();
+        (seen, counted)
     };
     let remora = {
         let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
