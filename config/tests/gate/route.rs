@@ -8,7 +8,9 @@ use std::time::Duration;
 use http::HeaderMap;
 use remora_config::common::AppendAction;
 use remora_config::hcm::RouteSource;
-use remora_config::route::{Action, ClusterSpec, Forward, HostRewrite, PathMatch, RouteTable};
+use remora_config::route::{
+    Action, ClusterSpec, Files, Forward, HostRewrite, PathMatch, RouteTable,
+};
 
 use crate::hcm::hcm;
 use crate::support::*;
@@ -419,6 +421,7 @@ fn weighted_clusters_are_refused_by_path() {
                 UNSUPPORTED,
             ),
             (
+                // A oneof member set is named by its oneof (what `unsupported!` sees).
                 &weighted("[{name: echo, weight: 1, host_rewrite_literal: h}]", ""),
                 &format!("{w}.clusters[0].host_rewrite_specifier"),
                 UNSUPPORTED,
@@ -717,6 +720,21 @@ fn redirects_and_direct_responses_reach_the_model() {
     assert!(matches!(
         &table.vhosts[0].routes[0].action,
         Action::Direct { status: 200, body: Some(body) } if body == "from a file"
+    ));
+    // A check that must not touch the machine's files (a fuzzer, a control plane) skips it.
+    let document = patched(
+        ROUTE,
+        "{route: null, direct_response: {status: 200, body: {filename: /nonexistent/remora-body}}}",
+    );
+    let proto = xds_api::json::from_value(&document).expect("maps");
+    let bootstrap = remora_config::bootstrap::bootstrap_files(&proto, Files::Skip)
+        .expect("the file is not read");
+    assert!(matches!(
+        &routes(&bootstrap).vhosts[0].routes[0].action,
+        Action::Direct {
+            status: 200,
+            body: None
+        }
     ));
 }
 
