@@ -87,7 +87,14 @@ pub struct DynamicResources {
     pub cds: Option<ConfigSource>,
 }
 
+/// The bootstrap, reading the files it names (a direct response's body) as the proxy does.
 pub fn bootstrap(proto: &bootstrap_pb::Bootstrap) -> ConfigResult<Bootstrap> {
+    bootstrap_files(proto, Files::Read)
+}
+
+/// [`bootstrap`], reading the files it names or not: a check that must not touch the files
+/// of the machine it runs on (a fuzzer, a control plane) passes [`Files::Skip`].
+pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigResult<Bootstrap> {
     crate::gate::check(proto, "")?;
     let bootstrap_pb::Bootstrap {
         node,
@@ -136,7 +143,7 @@ pub fn bootstrap(proto: &bootstrap_pb::Bootstrap) -> ConfigResult<Bootstrap> {
             } else {
                 listener_proto
             };
-            let model = listener(listener_proto, &path, Files::Read)?;
+            let model = listener(listener_proto, &path, files)?;
             if listeners.iter().any(|other| other.name == model.name) {
                 return err(
                     field(&path, "name"),

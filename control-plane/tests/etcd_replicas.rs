@@ -1,5 +1,5 @@
-//! Two remora-cp replicas sharing one etcd: a write to one is seen by the other within a second
-//! and reaches a real Envoy connected to the other.
+//! Two remora-cp replicas sharing one etcd: a write to one is seen by the other and reaches a
+//! real Envoy connected to the other. (How fast is for benchmarks, not for a test's deadline.)
 
 mod common;
 
@@ -42,7 +42,7 @@ fn a_write_to_one_replica_reaches_envoy_on_the_other() {
     ]));
     wait_for(
         "the other replica to see the write",
-        Duration::from_secs(1),
+        Duration::from_secs(30),
         || {
             let (status, body) = server.call("GET", "/v1/routes", "");
             (status == 200 && body["version"].as_u64() == Some(version)).then_some(())

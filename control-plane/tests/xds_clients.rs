@@ -1,5 +1,6 @@
 //! xDS clients of our own against a real `remora-cp`: group scoping, per-type services, delta
-//! removals for names that do not exist, and a proxy that never reads not holding up others.
+//! removals for names that do not exist, and a proxy that never reads (its flow control
+//! exhausted many times over) not holding up others.
 
 mod common;
 
@@ -29,6 +30,25 @@ fn cluster_yaml(name: &str) -> String {
     format!("\"@type\": Cluster\nname: {name}\nconnect_timeout: 1s\n")
 }
 
+/// A cluster whose metadata carries `padding` bytes, so a few of them make a response many
+/// times larger than an HTTP/2 window.
+fn padded_cluster_yaml(name: &str, padding: usize) -> String {
+    format!(
+        "{}metadata: {{filter_metadata: {{test: {{padding: {}}}}}}}\n",
+        cluster_yaml(name),
+        "x".repeat(padding)
+    )
+}
+
+/// Whose HTTP/2 flow-control windows a client advertises (stream and connection alike).
+#[derive(Clone, Copy)]
+enum Windows {
+    /// hyper's defaults.
+    Default,
+    /// This many bytes: the peer may send no more until the client reads.
+    Bytes(u32),
+}
+
 /// An ADS SotW client subscribed to clusters (wildcard) that ACKs what it gets.
 struct AdsClient {
     requests: mpsc::Sender<DiscoveryRequest>,
@@ -37,9 +57,21 @@ struct AdsClient {
 
 impl AdsClient {
     async fn connect(cp: &ControlPlane, id: &str, group: &str) -> AdsClient {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds))
-            .await
-            .expect("connect");
+        Self::connect_with(cp, id, group, Windows::Default).await
+    }
+
+    async fn connect_with(cp: &ControlPlane, id: &str, group: &str, windows: Windows) -> AdsClient {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.xds))
+            .expect("endpoint");
+        if let Windows::Bytes(size) = windows {
+            endpoint = endpoint
+                .initial_stream_window_size(size)
+                .initial_connection_window_size(size);
+        }
+        let channel = endpoint.connect().await.expect("connect");
+        // Responses here can be many MiB (padded clusters).
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
         let (requests, outgoing) = mpsc::channel(8);
         requests
             .send(DiscoveryRequest {
@@ -62,7 +94,7 @@ impl AdsClient {
 
     /// Reads responses (ACKing each) until the cluster names equal `expected`.
     async fn wait_for_clusters(&mut self, expected: &[&str]) -> DiscoveryResponse {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let response = tokio::time::timeout_at(deadline, self.responses.next())
                 .await
@@ -117,19 +149,56 @@ async fn groups_scope_what_each_proxy_sees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_never_reads_does_not_hold_up_the_others() {
+    /// The stuck client's stream and connection windows: the control plane may send it no
+    /// more than this until it reads.
+    const WINDOW: u32 = 64 << 10;
+    const PADDED: usize = 4;
     let dir = tempfile::tempdir().expect("temp dir");
-    let cp = tokio::task::block_in_place(|| ControlPlane::start(&dir.path().join("data")));
-    // The stuck proxy subscribes and then never reads or ACKs.
-    let _stuck = AdsClient::connect(&cp, "stuck", "edge").await;
+    let cp = tokio::task::block_in_place(|| {
+        let cp = ControlPlane::start(&dir.path().join("data"));
+        for i in 0..PADDED {
+            let name = format!("big{i}");
+            cp.put("clusters", &name, &padded_cluster_yaml(&name, 1 << 20));
+        }
+        cp
+    });
+    let big: Vec<String> = (0..PADDED).map(|i| format!("big{i}")).collect();
+    let names = |extra: usize| -> Vec<String> {
+        let mut names = big.clone();
+        names.extend((0..extra).map(|i| format!("c{i}")));
+        names.sort();
+        names
+    };
+    // The stuck proxy subscribes and then neither reads nor ACKs: its first response (all
+    // padded clusters, some 4 MiB) is over fifty times its windows, so the control plane's
+    // send to it stops at flow control.
+    let mut stuck = AdsClient::connect_with(&cp, "stuck", "edge", Windows::Bytes(WINDOW)).await;
     let mut healthy = AdsClient::connect(&cp, "healthy", "edge").await;
-    healthy.wait_for_clusters(&[]).await;
+    let first = healthy.wait_for_clusters(&as_strs(&names(0))).await;
+    let size = prost::Message::encoded_len(&first);
+    assert!(
+        size > 50 * WINDOW as usize,
+        "the response ({size} bytes) must dwarf the stuck client's windows"
+    );
+    // Every change still reaches the healthy proxy, each time all of the clusters again.
     for round in 0..5 {
         let name = format!("c{round}");
         tokio::task::block_in_place(|| cp.put("clusters", &name, &cluster_yaml(&name)));
-        let expected: Vec<String> = (0..=round).map(|i| format!("c{i}")).collect();
-        let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
-        healthy.wait_for_clusters(&expected).await;
+        healthy.wait_for_clusters(&as_strs(&names(round + 1))).await;
     }
+    // The stuck stream was held, not dropped: the control plane still lists it, its first
+    // response unacknowledged; once it reads, it gets that response and, after its ACK, the
+    // current state.
+    let stuck_status = tokio::task::block_in_place(|| cp.proxy("stuck")).expect("stuck listed");
+    assert_eq!(
+        stuck_status["types"]["CDS"]["pending_nonce"], "1",
+        "{stuck_status}"
+    );
+    assert!(
+        stuck_status["types"]["CDS"]["acked_version"].is_null(),
+        "{stuck_status}"
+    );
+    stuck.wait_for_clusters(&as_strs(&names(5))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,4 +303,8 @@ async fn per_type_services_serve_sotw_and_delta() {
         ghost_reported,
         "a name that does not exist is reported removed"
     );
+}
+
+fn as_strs(names: &[String]) -> Vec<&str> {
+    names.iter().map(String::as_str).collect()
 }

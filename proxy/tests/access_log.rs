@@ -317,34 +317,6 @@ fn json_access_logs_match_envoys() {
 }
 
 #[test]
-fn an_unsupported_access_log_operator_is_named() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (_, admin_yaml) = admin_block();
-    let log = dir.path().join("a.log");
-    let hcm = file_log_with_format(&log, r"%RESPONSE_CODE% %FILTER_STATE(x)%\n");
-    let routes =
-        "            - name: all\n              domains: [\"*\"]\n              routes: []\n";
-    let yaml = bootstrap(
-        &admin_yaml,
-        &[http_listener("ingress", free_port(), &hcm, routes)],
-        &[static_cluster("unused", &[loopback(free_port())])],
-    );
-    let (_d, file) = write_config(&yaml);
-    let output = std::process::Command::new(remora_tests::workspace_binary("remora-proxy"))
-        .args(["--mode", "validate", "-c"])
-        .arg(&file)
-        .output()
-        .expect("run remora-proxy");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("access_log[0].typed_config.log_format")
-            && stderr.contains("%FILTER_STATE(x)%"),
-        "{stderr}"
-    );
-}
-
-#[test]
 fn a_body_cut_by_the_route_timeout_is_logged_with_ut() {
     // Headers and 7 bytes of a 20-byte body, then the upstream stalls past the 1 s route
     // timeout: the stream is cut, and the line says 200 UT with the 7 bytes sent, as Envoy's.

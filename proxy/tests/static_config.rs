@@ -19,141 +19,47 @@ const ALL_ROUTES: &str = r#"            - name: all
                 route: {cluster: echo}
 "#;
 
-#[test]
-fn validate_mode_accepts_valid_and_names_unsupported_fields() {
+/// `remora-proxy --mode validate -c FILE` on a bootstrap of one listener and one cluster, with
+/// extra HCM fields and extra cluster fields: (exit code, stderr).
+fn validate(hcm_extra: &str, cluster_extra: &str) -> (Option<i32>, String) {
     let (_, admin) = admin_block();
-    let echo = loopback(free_port());
-    let good = bootstrap(
+    let yaml = bootstrap(
         &admin,
-        &[http_listener("ingress", free_port(), "", ALL_ROUTES)],
-        &[static_cluster("echo", &[echo])],
+        &[http_listener("ingress", free_port(), hcm_extra, ALL_ROUTES)],
+        &[static_cluster("echo", &[loopback(free_port())]) + cluster_extra],
     );
-    let (_dir, path) = write_config(&good);
+    let (_dir, path) = write_config(&yaml);
     let output = Command::new(workspace_binary("remora-proxy"))
         .args(["--mode", "validate", "-c"])
         .arg(&path)
         .output()
         .expect("run");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
 
-    let bad = good.replace(
-        "    type: STATIC\n",
-        "    type: STATIC\n    lb_policy: CLUSTER_PROVIDED\n",
-    );
-    let (_dir2, path) = write_config(&bad);
-    let output = Command::new(workspace_binary("remora-proxy"))
-        .args(["--mode", "validate", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("static_resources.clusters[0].lb_policy: CLUSTER_PROVIDED is only for ORIGINAL_DST clusters"),
-        "{stderr}"
-    );
-
-    let unsupported = good.replace(
-        "    type: STATIC\n",
-        "    type: STATIC\n    cleanup_interval: 1s\n",
-    );
-    let (_dir3, path) = write_config(&unsupported);
-    let output = Command::new(workspace_binary("remora-proxy"))
-        .args(["--mode", "validate", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+/// The CLI end of the config gate (its cases are unit tests in `config/tests/gate`): the exit
+/// code says the verdict and stderr names the field.
+#[test]
+fn validate_mode_exits_by_verdict_and_names_the_field() {
+    let (code, stderr) = validate("", "");
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = validate("", "    cleanup_interval: 1s\n");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("static_resources.clusters[0].cleanup_interval: field is not supported"),
         "{stderr}"
     );
-
-    let typo = good.replace("stat_prefix: ingress", "stat_prefx: ingress");
-    let (_dir4, path) = write_config(&typo);
-    let output = Command::new(workspace_binary("remora-proxy"))
-        .args(["--mode", "validate", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("stat_prefx"));
-
-    // HTTP/2 options out of Envoy's bounds, or not honoured upstream, are named.
-    let cluster_h2 = |options: &str| {
-        good.replace(
-            "    type: STATIC\n",
-            &format!("    type: STATIC\n    http2_protocol_options: {{{options}}}\n"),
-        )
-    };
-    let hcm_h2 = |options: &str| {
-        good.replace(
-            "stat_prefix: ingress",
-            &format!("stat_prefix: ingress\n          http2_protocol_options: {{{options}}}"),
-        )
-    };
-    for (config, expected) in [
-        (
-            hcm_h2("initial_stream_window_size: 1000"),
-            "http2_protocol_options.initial_stream_window_size: must be in 65535..",
+    let (code, stderr) = validate("          stat_prefx: typo\n", "");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.stat_prefx"
         ),
-        (
-            hcm_h2("connection_keepalive: {interval: 1s}"),
-            "http2_protocol_options.connection_keepalive.timeout: is required",
-        ),
-        (
-            format!(
-                "{good}layered_runtime: {{layers: [{{name: s, static_layer: {{re2.max_program_size.error_level: 1000}}}}]}}\n"
-            ),
-            "layered_runtime.layers[0].static_layer.re2.max_program_size.error_level: runtime key not supported",
-        ),
-        (
-            format!(
-                "{good}layered_runtime: {{layers: [{{name: s, static_layer: {{overload: {{global_downstream_max_connections: -1}}}}}}]}}\n"
-            ),
-            "global_downstream_max_connections: must be a non-negative integer",
-        ),
-        (
-            good.replace(
-                "          http_filters:\n",
-                "          http_filters:\n          - name: envoy.filters.http.lua\n",
-            ),
-            "http_filters[0]: http filter \"envoy.filters.http.lua\" is not supported",
-        ),
-        (
-            good.replace(
-                "          route_config:\n",
-                "          - name: envoy.filters.http.cors\n          route_config:\n",
-            ),
-            "http_filters[0]: the router must be the last http filter",
-        ),
-        (
-            good.replace(
-                "            name: ingress_routes\n",
-                "            name: ingress_routes\n            typed_per_filter_config: {x: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}\n",
-            ),
-            "typed_per_filter_config[\"x\"]: per-route config of type",
-        ),
-        (
-            cluster_h2("max_concurrent_streams: 10"),
-            "static_resources.clusters[0].http2_protocol_options.max_concurrent_streams: is not supported on clusters",
-        ),
-    ] {
-        let (_dir, path) = write_config(&config);
-        let output = Command::new(workspace_binary("remora-proxy"))
-            .args(["--mode", "validate", "-c"])
-            .arg(&path)
-            .output()
-            .expect("run");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{stderr}");
-        assert!(stderr.contains(expected), "want {expected:?} in {stderr}");
-    }
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -257,7 +163,7 @@ fn http1_routing_rewrites_headers_and_stats() {
         .write_all(format!("{request}{request}").as_bytes())
         .expect("pipelined write");
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let mut seen = String::new();
     let mut buf = [0u8; 8192];
@@ -267,8 +173,8 @@ fn http1_routing_rewrites_headers_and_stats() {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
 
-    wait_for("stats", Duration::from_secs(5), || {
-        (proxy.stat("http.ingress.downstream_rq_2xx") >= 4).then_some(())
+    wait_for("stats", Duration::from_secs(30), || {
+        (proxy.stat_or_none("http.ingress.downstream_rq_2xx")? >= 4).then_some(())
     });
     assert_eq!(proxy.stat("cluster.b.upstream_rq_total"), 1);
     assert!(proxy.stat("cluster.a.upstream_rq_total") >= 3);
@@ -456,7 +362,7 @@ fn tcp_proxy_passes_half_close_and_counts_bytes() {
     for _ in 0..2 {
         let mut stream = TcpStream::connect(loopback(port)).expect("connect");
         stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
         stream.write_all(b"ping-pong").expect("write");
         stream
@@ -469,8 +375,8 @@ fn tcp_proxy_passes_half_close_and_counts_bytes() {
         assert_eq!(answer, "got:ping-pong");
     }
     server.join().expect("upstream thread");
-    wait_for("byte stats", Duration::from_secs(5), || {
-        (proxy.stat("tcp.tcp.downstream_cx_rx_bytes_total") == 18).then_some(())
+    wait_for("byte stats", Duration::from_secs(30), || {
+        (proxy.stat_or_none("tcp.tcp.downstream_cx_rx_bytes_total")? == 18).then_some(())
     });
     assert_eq!(proxy.stat("tcp.tcp.downstream_cx_tx_bytes_total"), 26);
     assert_eq!(proxy.stat("cluster.up.upstream_cx_total"), 2);
@@ -532,7 +438,7 @@ fn upgrade_echo_upstream() -> std::net::SocketAddr {
 fn websocket_through(port: u16, path: &str) -> String {
     let mut stream = TcpStream::connect(loopback(port)).expect("connect");
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     stream
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: ws.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())
@@ -621,45 +527,6 @@ fn route_upgrade_configs_override_the_hcms() {
     assert_eq!(websocket_through(open, "/on"), switched);
     assert_eq!(websocket_through(open, "/off"), forbidden);
     assert_eq!(websocket_through(open, "/other"), switched);
-}
-
-#[test]
-fn real_envoy_spellings_unnamed_listeners_lowercase_enums_and_a_single_value_for_a_list() {
-    let echo = EchoServer::start("e", "127.0.0.1");
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
-    let listener = http_listener("ingress", port, "", ALL_ROUTES).replacen(
-        "  - name: ingress\n    address:",
-        "  - address:",
-        1,
-    );
-    // `endpoints` is a list; Envoy also reads one object there.
-    let cluster = static_cluster("echo", &[echo.addr])
-        .replacen(
-            "type: STATIC",
-            "type: static\n    lb_policy: round_robin",
-            1,
-        )
-        .replacen("      - lb_endpoints:", "        lb_endpoints:", 1);
-    assert!(!listener.contains("name: ingress\n"), "{listener}");
-    assert!(cluster.contains("type: static"), "{cluster}");
-    assert!(
-        cluster.contains("endpoints:\n        lb_endpoints:"),
-        "{cluster}"
-    );
-    let yaml = bootstrap(&admin_yaml, &[listener], &[cluster]);
-    let _proxy = Proxy::start(&yaml, admin, &[]);
-    let (status, _, body) = http_get(loopback(port), "/named").expect("request");
-    assert_eq!(status, 200);
-    assert_eq!(echo_json(&body)["path"], "/named");
-    // Envoy names an unnamed listener with a random UUID.
-    let (_, _, listeners) = http_get(admin, "/listeners").expect("listeners");
-    let name = listeners
-        .lines()
-        .find_map(|line| line.strip_suffix(&format!("::127.0.0.1:{port}")))
-        .unwrap_or_else(|| panic!("no listener on {port}: {listeners}"));
-    assert_eq!(name.len(), 36, "{name}");
-    assert_eq!(name.matches('-').count(), 4, "{name}");
 }
 
 /// An echo upstream and a proxy with one listener (`ingress`, Envoy's defaults) routing all of
@@ -791,7 +658,7 @@ fn admin_endpoints_and_quitquitquit() {
     let (status, _, _) =
         http_request(admin, "POST", "/drain_listeners?graceful", &[], "").expect("drain");
     assert_eq!(status, 200);
-    wait_for("listener closed", Duration::from_secs(5), || {
+    wait_for("listener closed", Duration::from_secs(30), || {
         TcpStream::connect(loopback(port)).is_err().then_some(())
     });
     let (status, _, _) = http_get(admin, "/quitquitquit").expect("GET quit");
@@ -871,7 +738,7 @@ fn slow_clients_are_timed_out_and_circuit_breakers_overflow() {
               domains: ["*"]
               routes:
               - match: {prefix: "/hang"}
-                route: {cluster: silent, timeout: 5s}
+                route: {cluster: silent, timeout: 120s}
               - match: {prefix: "/"}
                 route: {cluster: echo}
 "#;
@@ -893,25 +760,29 @@ fn slow_clients_are_timed_out_and_circuit_breakers_overflow() {
     let addr = loopback(port);
     // A body that never finishes: 408 after request_timeout.
     let started = std::time::Instant::now();
-    let answer = raw_exchange(
+    let (answer, _) = exchange_until_closed(
         addr,
         b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly-part",
     );
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(5));
-    // Headers that never finish: the connection is closed after request_headers_timeout.
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "not before the timeout"
+    );
+    // Headers that never finish: the proxy closes the connection after
+    // request_headers_timeout (the client would wait a minute).
     let started = std::time::Instant::now();
-    let answer = raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ");
+    let (answer, closed) = exchange_until_closed(addr, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ");
+    assert!(closed, "slow headers hold the connection: {answer}");
     assert!(!answer.contains("200 OK"), "{answer}");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "slow headers hold the connection for {:?}",
-        started.elapsed()
+        started.elapsed() >= Duration::from_millis(500),
+        "not before the timeout"
     );
     // max_requests: 1 — a second concurrent request to the cluster overflows (503, UO).
     let hanging = std::thread::spawn(move || http_get(addr, "/hang").map(|(s, _, _)| s));
-    wait_for("one request active", Duration::from_secs(5), || {
-        (proxy.stat("cluster.silent.upstream_rq_active") == 1).then_some(())
+    wait_for("one request active", Duration::from_secs(30), || {
+        (proxy.stat_or_none("cluster.silent.upstream_rq_active")? == 1).then_some(())
     });
     let (status, head, body) = http_get(addr, "/hang").expect("second request");
     assert_eq!(status, 503, "{body}");
@@ -925,58 +796,92 @@ fn slow_clients_are_timed_out_and_circuit_breakers_overflow() {
     // Still serving.
     let (status, _, _) = http_get(addr, "/fine").expect("request");
     assert_eq!(status, 200);
-    // An idle keep-alive connection is closed after common_http_protocol_options.idle_timeout.
+    // An idle keep-alive connection is closed after common_http_protocol_options.idle_timeout
+    // (0.5 s; the defaults would keep it an hour, the client waits a minute).
+    let started = std::time::Instant::now();
+    let (answer, closed) = exchange_until_closed(addr, b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(closed, "the proxy closes the idle connection");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "not before the timeout"
+    );
+}
+
+/// Sends raw bytes and reads until the peer closes, or a minute passes: (what was read, whether
+/// the peer closed).
+fn exchange_until_closed(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, bool) {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
-    stream
-        .write_all(b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n")
-        .expect("write");
-    let started = std::time::Instant::now();
+    stream.write_all(bytes).expect("write");
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .expect("the proxy closes the idle connection before the read timeout");
-        if n == 0 {
-            break;
+    let closed = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
         }
-        seen.extend_from_slice(&buf[..n]);
-    }
-    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "closed after {:?}",
-        started.elapsed()
-    );
+    };
+    (String::from_utf8_lossy(&seen).into_owned(), closed)
+}
+
+/// The hosts `/clusters` lists for `cluster` (lines `CLUSTER::ADDRESS::health_flags::...`),
+/// sorted.
+fn cluster_hosts(clusters_text: &str, cluster: &str) -> Vec<String> {
+    let prefix = format!("{cluster}::");
+    let mut hosts: Vec<String> = clusters_text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (address, _) = rest.split_once("::health_flags::")?;
+            Some(address.to_string())
+        })
+        .collect();
+    hosts.sort();
+    hosts
 }
 
 #[test]
 fn dns_clusters_honour_dns_lookup_family() {
-    // `localhost` here has an IPv4 answer only (127.0.0.1). A V6_ONLY cluster therefore has no
-    // host and answers 503 no healthy upstream, as Envoy does; V4_ONLY and AUTO (IPv6 if any,
-    // else IPv4) reach the echo. LOGICAL_DNS resolves the same way, to one host.
+    // Each cluster keeps its family's share of what the system resolver answers for
+    // `localhost`: 127.0.0.1, and ::1 too where /etc/hosts has it (stock Debian does). V4_ONLY
+    // takes the IPv4 addresses, V6_ONLY the IPv6 ones (none: no host, 503 no healthy upstream,
+    // as Envoy), AUTO the IPv6 ones if any, else the IPv4 ones. LOGICAL_DNS resolves the same
+    // way, to one host: the first address.
+    use std::net::ToSocketAddrs;
     let echo = EchoServer::start("echo", "127.0.0.1");
+    let echo_port = echo.addr.port();
+    let mut answer: Vec<std::net::SocketAddr> = ("localhost", echo_port)
+        .to_socket_addrs()
+        .expect("resolve localhost")
+        .collect();
+    answer.dedup();
+    let (v4, v6): (Vec<_>, Vec<_>) = answer.iter().copied().partition(|a| a.is_ipv4());
+    let auto = if v6.is_empty() {
+        v4.clone()
+    } else {
+        v6.clone()
+    };
+    let clusters = [
+        ("v6only", "STRICT_DNS", "V6_ONLY", v6.clone()),
+        ("v4only", "STRICT_DNS", "V4_ONLY", v4.clone()),
+        ("auto", "STRICT_DNS", "AUTO", auto.clone()),
+        ("logical", "LOGICAL_DNS", "AUTO", auto[..1].to_vec()),
+    ];
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
     let cluster = |name: &str, kind: &str, family: &str| {
         format!(
-            "  - name: {name}\n    connect_timeout: 0.5s\n    type: {kind}\n    dns_lookup_family: {family}\n    dns_refresh_rate: 60s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: localhost, port_value: {}}}}}}}\n",
-            echo.addr.port()
+            "  - name: {name}\n    connect_timeout: 0.5s\n    type: {kind}\n    dns_lookup_family: {family}\n    dns_refresh_rate: 60s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: localhost, port_value: {echo_port}}}}}}}\n"
         )
     };
     let mut routes = String::from(
         "            - name: all\n              domains: [\"*\"]\n              routes:\n",
     );
-    let clusters = [
-        ("v6only", "STRICT_DNS", "V6_ONLY"),
-        ("v4only", "STRICT_DNS", "V4_ONLY"),
-        ("auto", "STRICT_DNS", "AUTO"),
-        ("logical", "LOGICAL_DNS", "AUTO"),
-    ];
-    for (name, _, _) in clusters {
+    for (name, _, _, _) in &clusters {
         routes.push_str(&format!(
             "              - match: {{prefix: \"/{name}\"}}\n                route: {{cluster: {name}}}\n"
         ));
@@ -984,33 +889,41 @@ fn dns_clusters_honour_dns_lookup_family() {
     let yaml = bootstrap(
         &admin_yaml,
         &[http_listener("ingress", port, "", &routes)],
-        &clusters.map(|(name, kind, family)| cluster(name, kind, family)),
+        &clusters
+            .iter()
+            .map(|(name, kind, family, _)| cluster(name, kind, family))
+            .collect::<Vec<_>>(),
     );
-    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let proxy = Proxy::start(&yaml, admin, &[]);
     let addr = loopback(port);
-    for name in ["v4only", "auto", "logical"] {
-        let status = wait_for(&format!("{name} resolved"), Duration::from_secs(10), || {
-            let (status, _, _) = http_get(addr, &format!("/{name}")).ok()?;
-            (status == 200).then_some(status)
-        });
-        assert_eq!(status, 200);
+    for (name, _, family, expected) in &clusters {
+        let mut expected: Vec<String> = expected.iter().map(|a| a.to_string()).collect();
+        expected.sort();
+        // Resolved (the answer taken in), not merely not yet resolved.
+        wait_for(
+            &format!("{name} ({family}) resolved to {expected:?}"),
+            Duration::from_secs(20),
+            || {
+                (proxy.stat_or_none(&format!("cluster.{name}.update_success"))? >= 1)
+                    .then_some(())?;
+                let (_, _, text) = http_get(admin, "/clusters").ok()?;
+                (cluster_hosts(&text, name) == expected).then_some(())
+            },
+        );
+        let (status, head, body) = http_get(addr, &format!("/{name}")).expect("request");
+        if expected.is_empty() {
+            assert_eq!(
+                (status, body.as_str()),
+                (503, "no healthy upstream"),
+                "{name}: {head}"
+            );
+        } else if expected.iter().all(|host| host.starts_with("127.")) {
+            assert_eq!(status, 200, "{name}: {head}{body}");
+            assert_eq!(echo_json(&body)["upstream"], "echo");
+        }
+        // An IPv6 host: nothing listens on ::1 (tests bind to 127.0.0.0/8 only), so its
+        // place in /clusters is what shows the family was honoured.
     }
-    // Resolved (an answer with no IPv6 address), not merely not yet resolved.
-    wait_for("v6only resolved", Duration::from_secs(10), || {
-        (remora_tests::admin_stat(admin, "cluster.v6only.update_success")? >= 1).then_some(())
-    });
-    let (status, head, body) = http_get(addr, "/v6only").expect("v6only");
-    assert_eq!(status, 503, "{head}{body}");
-    assert_eq!(body, "no healthy upstream", "{head}");
-    let (_, _, clusters_text) = http_get(admin, "/clusters").expect("/clusters");
-    assert!(
-        !clusters_text.contains("v6only::127.0.0.1"),
-        "{clusters_text}"
-    );
-    assert!(
-        clusters_text.contains(&format!("logical::127.0.0.1:{}::", echo.addr.port())),
-        "{clusters_text}"
-    );
 }
 
 /// SETTINGS and PING frame types, and the SETTINGS identifiers checked below.
@@ -1050,7 +963,7 @@ fn http2_protocol_options_reach_the_wire_both_ways() {
     // Downstream: the proxy's SETTINGS carry the HCM's options, and it pings an idle client.
     let mut client = std::net::TcpStream::connect(loopback(port)).expect("connect");
     client
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     client.write_all(H2_PREFACE).expect("preface");
     client.write_all(H2_EMPTY_SETTINGS).expect("settings");
@@ -1075,7 +988,7 @@ fn http2_protocol_options_reach_the_wire_both_ways() {
     // Upstream: a request makes the pool connect; its SETTINGS carry the cluster's options.
     let request = std::thread::spawn(move || http_get(loopback(port), "/to-raw"));
     let (mut conn, _) = upstream.accept().expect("the proxy connects upstream");
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let mut preface = [0u8; 24];
     std::io::Read::read_exact(&mut conn, &mut preface).expect("preface");
@@ -1098,10 +1011,11 @@ fn http2_protocol_options_reach_the_wire_both_ways() {
     let _ = request.join();
 }
 
-/// Whether the proxy closes a fresh connection without reading from it (within 5 s).
+/// Whether the proxy closes a fresh connection without reading from it.
 fn closed_at_once(stream: &mut TcpStream) -> bool {
+    // Generous: only a proxy that fails the check waits this long.
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let mut byte = [0u8; 1];
     match stream.read(&mut byte) {
@@ -1111,22 +1025,82 @@ fn closed_at_once(stream: &mut TcpStream) -> bool {
     }
 }
 
-/// A connection that has been served a request, so the proxy has accepted and counted it.
-fn served_connection(port: u16) -> TcpStream {
+/// A connection that has been served a request, so the proxy has accepted and counted it;
+/// `None` when the proxy closes it instead.
+fn try_served_connection(port: u16) -> Option<TcpStream> {
     let mut stream = TcpStream::connect(loopback(port)).expect("connect");
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     stream
         .write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
         .expect("write");
-    let head = read_head(&mut stream).expect("a response on the held connection");
+    let head = read_head(&mut stream)?;
     assert!(
         head.starts_with(b"HTTP/1.1 200"),
         "{}",
         String::from_utf8_lossy(&head)
     );
-    stream
+    Some(stream)
+}
+
+fn served_connection(port: u16) -> TcpStream {
+    try_served_connection(port).expect("a response on the held connection")
+}
+
+/// One keep-alive connection to the admin, for reading stats without opening (and leaving
+/// behind) a connection per read: a closed connection counts against
+/// `global_downstream_max_connections` until the proxy has seen the close, which Envoy's
+/// admin, closing half-way and waiting for the client, may see late.
+struct AdminSession {
+    runtime: tokio::runtime::Runtime,
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+impl AdminSession {
+    fn open(admin: std::net::SocketAddr) -> AdminSession {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let sender = runtime.block_on(async {
+            let stream = tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect to admin");
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .expect("admin handshake");
+            tokio::spawn(connection);
+            sender
+        });
+        AdminSession { runtime, sender }
+    }
+
+    /// The stat's value; `None` when the proxy does not have it.
+    fn stat(&mut self, name: &str) -> Option<u64> {
+        use http_body_util::BodyExt;
+        let path = format!("/stats?filter=%5E{}%24", name.replace('.', "%5C."));
+        let sender = &mut self.sender;
+        let body = self.runtime.block_on(async {
+            sender.ready().await.expect("admin connection open");
+            let request = http::Request::get(path)
+                .header("host", "admin")
+                .body(http_body_util::Empty::new())
+                .expect("request");
+            let response = sender.send_request(request).await.expect("admin answer");
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+        });
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+            .and_then(|value| value.trim().parse().ok())
+    }
 }
 
 #[test]
@@ -1134,7 +1108,8 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
     let echo = EchoServer::start("e", "127.0.0.1");
     let (admin, admin_yaml) = admin_block();
     let (limited, other) = (free_port(), free_port());
-    let runtime = "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy: {resource_limits: {listener: {limited: {connection_limit: 2}}}}\n      overload: {global_downstream_max_connections: 3}\n  - name: admin\n    admin_layer: {}\n";
+    // A global limit of 4: the admin session, and 3 connections to the listeners.
+    let runtime = "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy: {resource_limits: {listener: {limited: {connection_limit: 2}}}}\n      overload: {global_downstream_max_connections: 4}\n  - name: admin\n    admin_layer: {}\n";
     let yaml = format!(
         "{}{runtime}",
         bootstrap(
@@ -1147,26 +1122,45 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
         )
     );
     let (_dir, file) = write_config(&yaml);
-    // Admin requests count towards the global limit too (as in Envoy), so the scenario reads
-    // stats only while under it, and asks for answered stats (`Some`) after.
+    let overflows = [
+        format!("listener.127.0.0.1_{limited}.downstream_cx_overflow"),
+        format!("listener.127.0.0.1_{other}.downstream_global_cx_overflow"),
+    ];
+    // Admin connections count towards the global limit too (as in Envoy): every stat is read
+    // on one admin connection held open throughout.
     let run = || {
-        let open = |port: u16| {
-            remora_tests::admin_stat(
-                admin,
-                &format!("listener.127.0.0.1_{port}.downstream_cx_active"),
-            )
+        let mut session = AdminSession::open(admin);
+        let listeners_idle = |session: &mut AdminSession| {
+            [limited, other].iter().all(|port| {
+                session.stat(&format!("listener.127.0.0.1_{port}.downstream_cx_active")) == Some(0)
+            })
         };
-        // The readiness probe's connection may still count until the proxy sees it close.
-        wait_for("no connection open", Duration::from_secs(10), || {
-            (open(limited) == Some(0) && open(other) == Some(0)).then_some(())
-        });
+        // Connections from before (readiness probes, admin requests) count until the proxy
+        // has seen them close. Settled means three probes beside the session are all served:
+        // nothing else counts. A refused probe counts an overflow, so overflows are measured
+        // from here.
+        wait_for(
+            "earlier connections released",
+            Duration::from_secs(60),
+            || {
+                let probes: Vec<Option<TcpStream>> =
+                    (0..3).map(|_| try_served_connection(other)).collect();
+                let settled = probes.iter().all(Option::is_some);
+                drop(probes);
+                wait_for("probes closed", Duration::from_secs(30), || {
+                    listeners_idle(&mut session).then_some(())
+                });
+                settled.then_some(())
+            },
+        );
+        let before = overflows.clone().map(|name| session.stat(&name));
         let mut seen = Vec::new();
         // Two connections fill the listener's limit; a third is closed at once.
         let held = [served_connection(limited), served_connection(limited)];
         let mut third = TcpStream::connect(loopback(limited)).expect("connect");
         seen.push(("third on limited closed", closed_at_once(&mut third)));
-        // A third connection in all is within the global limit; a fourth is not, nor is an
-        // admin connection.
+        // A third listener connection in all (the fourth with the session) is within the
+        // global limit; one more is not, nor is another admin connection.
         let other_held = served_connection(other);
         let mut fourth = TcpStream::connect(loopback(other)).expect("connect");
         seen.push(("fourth overall closed", closed_at_once(&mut fourth)));
@@ -1174,17 +1168,18 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
         seen.push(("admin closed", closed_at_once(&mut to_admin)));
         // Freed places are usable again.
         drop((held, other_held));
-        wait_for("all closed", Duration::from_secs(10), || {
-            (open(limited) == Some(0) && open(other) == Some(0)).then_some(())
+        wait_for("all closed", Duration::from_secs(30), || {
+            listeners_idle(&mut session).then_some(())
         });
         let (status, _, _) = http_get(loopback(limited), "/again").expect("request");
         seen.push(("served after", status == 200));
-        let counts = [
-            format!("listener.127.0.0.1_{limited}.downstream_cx_overflow"),
-            format!("listener.127.0.0.1_{other}.downstream_global_cx_overflow"),
-        ]
-        .map(|name| remora_tests::admin_stat(admin, &name));
-        (seen, counts)
+        let after = overflows.clone().map(|name| session.stat(&name));
+        let counted: Vec<Option<u64>> = after
+            .iter()
+            .zip(before)
+            .map(|(after, before)| Some(after.as_ref()? - before?))
+            .collect();
+        (seen, counted)
     };
     let remora = {
         let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);

@@ -488,9 +488,7 @@ pub fn config_dump(server: &Context, resource: Option<&str>, mask: Option<&str>)
             _ => format!("{base}ConfigDump.DynamicEndpointConfig"),
         }
     };
-    let masks: Vec<Vec<&str>> = mask
-        .map(|m| m.split(',').map(|p| p.split('.').collect()).collect())
-        .unwrap_or_default();
+    let masks = mask.map(parse_masks).unwrap_or_default();
     let mut configs = Vec::new();
     match resource {
         Some(wanted) => {
@@ -542,6 +540,13 @@ pub fn config_dump(server: &Context, resource: Option<&str>, mask: Option<&str>)
     json!({"configs": configs})
 }
 
+/// A `mask` parameter: comma-separated field paths, each dot-separated.
+fn parse_masks(mask: &str) -> Vec<Vec<&str>> {
+    mask.split(',')
+        .map(|path| path.split('.').collect())
+        .collect()
+}
+
 /// Keeps only the masked field paths (Envoy's FieldMask semantics, applied through arrays).
 fn apply_mask(value: &mut Value, masks: &[Vec<&str>]) {
     if masks.is_empty() {
@@ -570,6 +575,41 @@ fn apply_mask(value: &mut Value, masks: &[Vec<&str>]) {
     }
 }
 
+/// The admin's parsing of what a client sends, for the fuzz targets in `proxy/fuzz`.
+#[doc(hidden)]
+pub mod fuzzing {
+    use serde_json::Value;
+
+    /// A `/stats` query parsed and applied to `stats`, as `/stats` does: the names shown, or
+    /// the error answered.
+    pub fn stats(query: &str, stats: &[crate::stats::StatValue]) -> Result<Vec<String>, String> {
+        let query = super::StatsQuery::parse(query)?;
+        let select = query.select();
+        Ok(stats
+            .iter()
+            .filter(|stat| select(stat))
+            .map(|stat| stat.name.clone())
+            .collect())
+    }
+
+    /// A `/config_dump` query's `resource` (decoded) and its `mask` applied to `dump`.
+    pub fn config_dump(query: &str, dump: &mut Value) -> Option<String> {
+        let resource = super::query_param(query, "resource").map(super::percent_decode);
+        if let Some(mask) = super::query_param(query, "mask").map(super::percent_decode) {
+            super::apply_mask(dump, &super::parse_masks(&mask));
+        }
+        resource
+    }
+
+    /// The flag parameters `/drain_listeners` reads.
+    pub fn drain_flags(query: &str) -> (bool, bool) {
+        (
+            super::has_param(query, "graceful"),
+            super::has_param(query, "inboundonly"),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,6 +621,37 @@ mod tests {
         assert_eq!(percent_decode("%zz"), "%zz");
         // Sliced as a string, `%aé` would split `é` and panic.
         assert_eq!(percent_decode("%aé"), "%aé");
+    }
+
+    #[test]
+    fn the_fuzzing_entry_points_parse_as_the_admin_does() {
+        let stat = |name: &str, kind| StatValue {
+            name: name.into(),
+            kind,
+            value: 1,
+            used: true,
+        };
+        let stats = [stat("a.b", Kind::Counter), stat("a.c", Kind::Gauge)];
+        assert_eq!(
+            fuzzing::stats("filter=%5Ea%5C.%24|b&type=Counters", &stats),
+            Ok(vec!["a.b".to_string()])
+        );
+        assert_eq!(
+            fuzzing::stats("type=Gauges", &stats),
+            Ok(vec!["a.c".into()])
+        );
+        assert!(fuzzing::stats("type=Nope", &stats).is_err());
+        let error = fuzzing::stats("filter=(", &stats).unwrap_err();
+        assert!(error.starts_with("Invalid re2 regex"), "{error}");
+        let mut dump = json!({"cluster": {"name": "a", "type": "STATIC"}, "other": [1]});
+        let resource =
+            fuzzing::config_dump("resource=static%5Fclusters&mask=cluster.name", &mut dump);
+        assert_eq!(resource.as_deref(), Some("static_clusters"));
+        assert_eq!(dump, json!({"cluster": {"name": "a"}}));
+        assert_eq!(
+            fuzzing::drain_flags("graceful&x=inboundonly"),
+            (true, false)
+        );
     }
 
     #[test]

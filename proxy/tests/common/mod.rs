@@ -46,8 +46,17 @@ impl Proxy {
         }
     }
 
+    /// The value of the counter or gauge `name`; a stat the proxy does not have fails the test
+    /// (so a misspelt name cannot pass for a zero).
     pub fn stat(&self, name: &str) -> u64 {
-        remora_tests::admin_stat(self.admin, name).unwrap_or(0)
+        self.stat_or_none(name)
+            .unwrap_or_else(|| panic!("the proxy at {} has no stat {name}", self.admin))
+    }
+
+    /// The value of `name`, or `None` when the proxy does not have it (or the admin did not
+    /// answer): for the few checks that ask whether a stat exists.
+    pub fn stat_or_none(&self, name: &str) -> Option<u64> {
+        remora_tests::admin_stat(self.admin, name)
     }
 }
 

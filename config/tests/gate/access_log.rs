@@ -1,0 +1,168 @@
+//! Access logs on the HCM: the stdout, stderr and file loggers, text and JSON formats, and the
+//! command operators Remora renders.
+
+use remora_config::access_log::{
+    DEFAULT_FORMAT, JsonField, LogFormat, Target, Token, parse_format,
+};
+
+use crate::hcm::hcm;
+use crate::support::*;
+
+fn file_log(format: &str) -> String {
+    format!(
+        "access_log: [{{name: envoy.access_loggers.file, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: /var/log/a.log{format}}}}}]"
+    )
+}
+
+const TYPED: &str = "access_log[0].typed_config";
+
+#[test]
+fn access_log_fields_are_refused_by_path() {
+    let format = format!("{TYPED}.log_format");
+    check_rejections(
+        HCM,
+        &[
+            (
+                "access_log: [{name: a, filter: {}, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog}}]",
+                "access_log[0].filter",
+                UNSUPPORTED,
+            ),
+            ("access_log: [{name: a}]", TYPED, "required"),
+            (
+                "access_log: [{name: a, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog}}]",
+                &format!("{TYPED}.path"),
+                "must not be empty",
+            ),
+            (
+                "access_log: [{name: a, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]",
+                TYPED,
+                "access logger type.googleapis.com/envoy.extensions.filters.http.router.v3.Router is not supported",
+            ),
+            (
+                &file_log(", format: \"%START_TIME%\""),
+                TYPED,
+                "only log_format is supported",
+            ),
+            (
+                &file_log(", json_format: {a: b}"),
+                TYPED,
+                "only log_format is supported",
+            ),
+            (
+                &file_log(", log_format: {text_format: \"%RESPONSE_CODE% %FILTER_STATE(x)%\\n\"}"),
+                &format,
+                "command operator %FILTER_STATE(x)% is not supported",
+            ),
+            (
+                &file_log(", log_format: {text_format: \"%START_TIME\"}"),
+                &format,
+                "unterminated command operator",
+            ),
+            (
+                &file_log(", log_format: {text_format: \"%REQ(x-a):big%\"}"),
+                &format,
+                "command operator %REQ(x-a):big% is not supported",
+            ),
+            (
+                &file_log(", log_format: {text_format: \"%RESP(a?b)%\"}"),
+                &format,
+                "command operator %RESP(a?b)% is not supported",
+            ),
+            (
+                &file_log(", log_format: {text_format: x, content_type: text/html}"),
+                &format!("{format}.content_type"),
+                UNSUPPORTED,
+            ),
+            (
+                &file_log(
+                    ", log_format: {text_format: x, json_format_options: {sort_properties: true}}",
+                ),
+                &format!("{format}.json_format_options"),
+                UNSUPPORTED,
+            ),
+            (
+                &file_log(", log_format: {text_format_source: {filename: /etc/format}}"),
+                &format!("{format}.text_format_source"),
+                "only inline_string and inline_bytes are supported",
+            ),
+            (
+                &file_log(", log_format: {json_format: {outer: {inner: \"%NOPE%\"}}}"),
+                &format!("{format}.json_format"),
+                "outer.inner: command operator %NOPE% is not supported",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn access_logs_reach_the_model() {
+    let default_tokens = parse_format(DEFAULT_FORMAT).expect("the default format parses");
+    let hcm = hcm(&accepted(
+        HCM,
+        r#"
+access_log:
+- name: out
+  typed_config: {"@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog}
+- name: err
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog
+    log_format: {text_format_source: {inline_string: "%RESPONSE_CODE% %REQ(:PATH?X-PATH):10%\n"}, omit_empty_values: true}
+- name: file
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+    path: /var/log/a.log
+    log_format:
+      json_format: {status: "%RESPONSE_CODE%", nested: {path: "%REQ(:PATH)%", n: 1}, list: ["%PROTOCOL%", true]}
+"#,
+    ));
+    let logs = &hcm.access_logs;
+    assert_eq!(logs[0].target, Target::Stdout);
+    assert_eq!(
+        logs[0].format,
+        LogFormat::Text {
+            tokens: default_tokens,
+            omit_empty: false
+        }
+    );
+    assert_eq!(logs[1].target, Target::Stderr);
+    assert_eq!(
+        logs[1].format,
+        LogFormat::Text {
+            tokens: vec![
+                Token::ResponseCode,
+                Token::Text(" ".into()),
+                Token::Request {
+                    name: ":path".into(),
+                    alt: Some("x-path".into()),
+                    max: Some(10)
+                },
+                Token::Text("\n".into()),
+            ],
+            omit_empty: true
+        }
+    );
+    assert_eq!(logs[2].target, Target::File("/var/log/a.log".into()));
+    let LogFormat::Json { fields, omit_empty } = &logs[2].format else {
+        panic!("a JSON format")
+    };
+    assert!(!omit_empty);
+    let keys: Vec<&str> = fields.iter().map(|(key, _)| key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["list", "nested", "status"],
+        "sorted, as Envoy writes them"
+    );
+    assert_eq!(fields[2].1, JsonField::Format(vec![Token::ResponseCode]));
+    assert!(matches!(&fields[1].1, JsonField::Object(inner) if inner.len() == 2));
+    assert!(matches!(&fields[0].1, JsonField::List(items) if items.len() == 2));
+    // `%%` is a literal percent sign.
+    assert_eq!(
+        parse_format("100%% %PROTOCOL%").unwrap(),
+        [
+            Token::Text("100".into()),
+            Token::Text("%".into()),
+            Token::Text(" ".into()),
+            Token::Protocol
+        ]
+    );
+}

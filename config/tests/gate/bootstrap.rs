@@ -1,0 +1,393 @@
+//! The bootstrap itself: node, admin, static resources and their cross-references, the
+//! `layered_runtime` keys Remora acts on, and `dynamic_resources` (ADS only, v3 only).
+
+use std::time::Duration;
+
+use remora_config::access_log::Target;
+use remora_config::bootstrap::AdsFlavor;
+
+use crate::support::*;
+
+/// ADS to the static cluster `echo`, with CDS and LDS over it.
+const DYNAMIC: &str = r#"
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{envoy_grpc: {cluster_name: echo}}]
+  cds_config: {ads: {}, resource_api_version: V3}
+  lds_config: {ads: {}, resource_api_version: V3}
+"#;
+
+#[test]
+fn the_base_bootstrap_is_accepted_as_written() {
+    let bootstrap = accepted(ROOT, "");
+    assert_eq!(bootstrap.node.id, "node-1");
+    assert_eq!(bootstrap.node.cluster, "mesh");
+    let admin = bootstrap.admin.expect("admin");
+    assert_eq!(admin.address, "127.0.0.1:9901".parse().unwrap());
+    assert!(!admin.ignores_global_limit);
+    assert!(admin.access_logs.is_empty());
+    let names: Vec<&str> = bootstrap
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(names, ["ingress", "tcp"]);
+    assert_eq!(bootstrap.clusters[0].name, "echo");
+    assert!(bootstrap.dynamic.is_none());
+    assert_eq!(bootstrap.runtime, Default::default());
+}
+
+#[test]
+fn bootstrap_fields_are_refused_by_path() {
+    check_rejections(
+        ROOT,
+        &[
+            (
+                "stats_flush_interval: 5s",
+                "stats_flush_interval",
+                UNSUPPORTED,
+            ),
+            ("header_prefix: x-acme", "header_prefix", UNSUPPORTED),
+            (
+                "enable_dispatcher_stats: true",
+                "enable_dispatcher_stats",
+                UNSUPPORTED,
+            ),
+            (
+                "node: {client_features: [a]}",
+                "node.client_features",
+                UNSUPPORTED,
+            ),
+            (
+                "admin: {profile_path: /tmp/prof}",
+                "admin.profile_path",
+                UNSUPPORTED,
+            ),
+            (
+                "admin: {address: {socket_address: {address: localhost}}}",
+                "admin.address.socket_address.address",
+                "\"localhost\" is not an IP address",
+            ),
+            (
+                "admin: {address: {socket_address: {port_value: 70000}}}",
+                "admin.address.socket_address.port_value",
+                "must be ≤ 65535",
+            ),
+            (
+                "admin: {address!: {pipe: {path: /tmp/admin.sock}}}",
+                "admin.address.pipe",
+                "pipes are not supported",
+            ),
+            (
+                "static_resources: {secrets: [{name: s}]}",
+                "static_resources.secrets",
+                UNSUPPORTED,
+            ),
+            (
+                "static_resources: {listeners: [{}, {name: ingress}]}",
+                "static_resources.listeners[1].name",
+                "duplicate listener name \"ingress\"",
+            ),
+            (
+                "static_resources: {clusters: [{}, {name: echo}]}",
+                "static_resources.clusters[1].name",
+                "duplicate cluster name \"echo\"",
+            ),
+            // The JSON mapping names a misspelt field, also inside an Any.
+            (
+                "static_resources: {clusters: [{conect_timeout: 1s}]}",
+                "static_resources.clusters[0].conect_timeout",
+                "unknown field",
+            ),
+        ],
+    );
+    check_rejections(
+        HCM,
+        &[("stat_prefx: x", "stat_prefx", "unknown field `stat_prefx`")],
+    );
+}
+
+#[test]
+fn static_listeners_must_name_known_clusters_unless_told_otherwise() {
+    check_rejections(
+        ROUTE,
+        &[(
+            "route: {cluster: nowhere}",
+            // Named at the listener, as Envoy's error is.
+            "/static_resources.listeners[0]",
+            "route: unknown cluster \"nowhere\"",
+        )],
+    );
+    check_rejections(
+        TCP,
+        &[(
+            "cluster: nowhere",
+            "/static_resources.listeners[1]",
+            "tcp_proxy names unknown cluster \"nowhere\"",
+        )],
+    );
+    // validate_clusters: false, or clusters from CDS, lift the check.
+    accepted_all(&[
+        (ROUTES, "validate_clusters: false"),
+        (ROUTE, "route: {cluster: nowhere}"),
+    ]);
+    accepted_all(&[
+        (ROOT, DYNAMIC),
+        (ROUTE, "route: {cluster: nowhere}"),
+        (TCP, "cluster: nowhere"),
+    ]);
+}
+
+#[test]
+fn envoys_spellings_are_read_as_envoy_reads_them() {
+    // Lower-case enum names, one object where a list is expected, an unnamed listener.
+    let bootstrap = accepted_all(&[
+        (CLUSTER, "{type: static, lb_policy: round_robin}"),
+        (
+            CLUSTER,
+            "load_assignment: {endpoints!: {lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.2, port_value: 81}}}}]}}",
+        ),
+        (LISTENER, "name: null"),
+    ]);
+    let cluster = &bootstrap.clusters[0];
+    assert_eq!(
+        cluster.discovery,
+        remora_config::cluster::DiscoveryType::Static
+    );
+    assert!(matches!(
+        cluster.load_balancing.policy,
+        remora_config::load_balancing::LbPolicy::RoundRobin(_)
+    ));
+    assert_eq!(
+        cluster.load_assignment.endpoints[0].address,
+        remora_config::common::EndpointAddress::Ip("127.0.0.2:81".parse().unwrap())
+    );
+    // As Envoy: a static listener without a name is named with a random UUID.
+    let name = &bootstrap.listeners[0].name;
+    assert_eq!(name.len(), 36, "{name}");
+    assert_eq!(name.matches('-').count(), 4, "{name}");
+    assert_ne!(name, &accepted(LISTENER, "name: null").listeners[0].name);
+}
+
+#[test]
+fn admin_settings_reach_the_model() {
+    let admin = accepted(
+        ROOT,
+        "admin: {ignore_global_conn_limit: true, access_log_path: /dev/null}",
+    )
+    .admin
+    .expect("admin");
+    assert!(admin.ignores_global_limit);
+    assert!(admin.access_logs.is_empty(), "/dev/null is no log");
+    let admin = accepted(ROOT, "admin: {access_log_path: /var/log/admin.log}")
+        .admin
+        .expect("admin");
+    assert_eq!(
+        admin.access_logs[0].target,
+        Target::File("/var/log/admin.log".into())
+    );
+    let admin = accepted(
+        ROOT,
+        "admin: {access_log: [{name: a, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog}}]}",
+    )
+    .admin
+    .expect("admin");
+    assert_eq!(admin.access_logs[0].target, Target::Stdout);
+    assert!(accepted(ROOT, "admin: null").admin.is_none());
+}
+
+#[test]
+fn layered_runtime_accepts_the_keys_remora_acts_on_and_names_others() {
+    check_rejections(
+        ROOT,
+        &[
+            (
+                "layered_runtime: {layers: [{name: s, static_layer: {re2.max_program_size.error_level: 1000}}]}",
+                "layered_runtime.layers[0].static_layer.re2.max_program_size.error_level",
+                "runtime key not supported",
+            ),
+            (
+                "layered_runtime: {layers: [{name: s, static_layer: {overload: {global_downstream_max_connections: -1}}}]}",
+                "layered_runtime.layers[0].static_layer.overload.global_downstream_max_connections",
+                "must be a non-negative integer",
+            ),
+            (
+                "layered_runtime: {layers: [{name: s, static_layer: {overload.global_downstream_max_connections: 1.5}}]}",
+                "layered_runtime.layers[0].static_layer.overload.global_downstream_max_connections",
+                "must be a non-negative integer",
+            ),
+            (
+                "layered_runtime: {layers: [{name: a, admin_layer: {}}, {name: s, static_layer: {envoy.resource_limits.listener.ingress.connection_limit: many}}]}",
+                "layered_runtime.layers[1].static_layer.envoy.resource_limits.listener.ingress.connection_limit",
+                "must be a non-negative integer",
+            ),
+            (
+                "layered_runtime: {layers: [{name: empty}]}",
+                "layered_runtime.layers[0]",
+                "a static_layer or an admin_layer is required",
+            ),
+        ],
+    );
+    // Nested and dotted keys, numbers as strings, later layers win, an admin layer is fine.
+    let runtime = accepted(
+        ROOT,
+        r#"
+layered_runtime:
+  layers:
+  - name: base
+    static_layer:
+      envoy: {resource_limits: {listener: {ingress: {connection_limit: 2}, tcp: {connection_limit: 9}}}}
+      overload.global_downstream_max_connections: "100"
+  - name: override
+    static_layer: {envoy.resource_limits.listener.ingress.connection_limit: 5}
+  - name: admin
+    admin_layer: {}
+"#,
+    )
+    .runtime;
+    assert_eq!(runtime.global_max_connections, Some(100));
+    assert_eq!(runtime.listener_connection_limits["ingress"], 5);
+    assert_eq!(runtime.listener_connection_limits["tcp"], 9);
+}
+
+#[test]
+fn dynamic_resources_are_ads_over_v3_only() {
+    check_rejections_given(
+        &[(ROOT, DYNAMIC)],
+        ROOT,
+        &[
+            (
+                "dynamic_resources: {ads_config: {transport_api_version: V2}}",
+                "dynamic_resources.ads_config.transport_api_version",
+                "V2 is not supported: Remora speaks xDS v3 only",
+            ),
+            (
+                "dynamic_resources: {cds_config: {resource_api_version: V2}}",
+                "dynamic_resources.cds_config.resource_api_version",
+                "V2 is not supported",
+            ),
+            (
+                "dynamic_resources: {lds_config: {resource_api_version: V2}}",
+                "dynamic_resources.lds_config.resource_api_version",
+                "V2 is not supported",
+            ),
+            (
+                "dynamic_resources: {ads_config: null}",
+                "dynamic_resources.ads_config",
+                "required: only ADS is supported",
+            ),
+            (
+                "dynamic_resources: {ads_config: {api_type: REST}}",
+                "dynamic_resources.ads_config.api_type",
+                "only GRPC and DELTA_GRPC are supported",
+            ),
+            (
+                "dynamic_resources: {ads_config: {refresh_delay: 1s}}",
+                "dynamic_resources.ads_config.refresh_delay",
+                UNSUPPORTED,
+            ),
+            (
+                "dynamic_resources: {ads_config: {rate_limit_settings: {}}}",
+                "dynamic_resources.ads_config.rate_limit_settings",
+                UNSUPPORTED,
+            ),
+            (
+                "dynamic_resources: {ads_config: {grpc_services: [{}, {envoy_grpc: {cluster_name: echo}}]}}",
+                "dynamic_resources.ads_config.grpc_services",
+                "exactly one grpc service is required",
+            ),
+            (
+                "dynamic_resources: {ads_config: {grpc_services!: [{timeout: 1s}]}}",
+                "dynamic_resources.ads_config.grpc_services[0]",
+                "envoy_grpc is required",
+            ),
+            (
+                "dynamic_resources: {ads_config: {grpc_services: [{initial_metadata: [{key: a, value: b}]}]}}",
+                "dynamic_resources.ads_config.grpc_services[0].initial_metadata",
+                UNSUPPORTED,
+            ),
+            (
+                "dynamic_resources: {ads_config: {grpc_services: [{timeout: -1s}]}}",
+                "dynamic_resources.ads_config.grpc_services[0].timeout",
+                "must not be negative",
+            ),
+            (
+                "dynamic_resources: {ads_config: {grpc_services: [{envoy_grpc: {cluster_name: nowhere}}]}}",
+                "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+                "unknown static cluster \"nowhere\"",
+            ),
+            (
+                "dynamic_resources: {ads_config: {grpc_services: [{envoy_grpc: {authority: cp.example}}]}}",
+                "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.authority",
+                UNSUPPORTED,
+            ),
+            (
+                "dynamic_resources: {ads_config: {grpc_services: [{envoy_grpc: {skip_envoy_headers: true}}]}}",
+                "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.skip_envoy_headers",
+                UNSUPPORTED,
+            ),
+            (
+                "dynamic_resources: {cds_config!: {path: /etc/cds.yaml}}",
+                "dynamic_resources.cds_config",
+                "only `ads: {}` config sources are supported",
+            ),
+            (
+                "dynamic_resources: {lds_config: {initial_fetch_timeout: -2s}}",
+                "dynamic_resources.lds_config.initial_fetch_timeout",
+                "must not be negative",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn dynamic_resources_settings_reach_the_model() {
+    let dynamic = accepted(ROOT, DYNAMIC).dynamic.expect("dynamic");
+    assert_eq!(dynamic.ads_cluster, "echo");
+    assert_eq!(dynamic.flavor, AdsFlavor::StateOfTheWorld);
+    assert!(!dynamic.node_on_first_message_only);
+    assert_eq!(dynamic.stream_timeout, None);
+    assert_eq!(
+        dynamic.cds.expect("cds").initial_fetch_timeout,
+        Duration::from_secs(15)
+    );
+    let dynamic = accepted_all(&[
+        (ROOT, DYNAMIC),
+        (
+            ROOT,
+            r#"
+dynamic_resources:
+  ads_config:
+    api_type: DELTA_GRPC
+    transport_api_version: AUTO
+    set_node_on_first_message_only: true
+    grpc_services: [{timeout: 2.5s}]
+  cds_config: null
+  lds_config: {initial_fetch_timeout: 0s, resource_api_version: AUTO}
+"#,
+        ),
+    ])
+    .dynamic
+    .expect("dynamic");
+    assert_eq!(dynamic.flavor, AdsFlavor::Delta);
+    assert!(dynamic.node_on_first_message_only);
+    assert_eq!(dynamic.stream_timeout, Some(Duration::from_millis(2500)));
+    assert!(dynamic.cds.is_none());
+    assert_eq!(
+        dynamic.lds.expect("lds").initial_fetch_timeout,
+        Duration::ZERO
+    );
+    // A zero GrpcService.timeout is no timeout, as in Envoy.
+    let dynamic = accepted_all(&[
+        (ROOT, DYNAMIC),
+        (
+            ROOT,
+            "dynamic_resources: {ads_config: {grpc_services: [{timeout: 0s}]}}",
+        ),
+    ])
+    .dynamic
+    .expect("dynamic");
+    assert_eq!(dynamic.stream_timeout, None);
+}

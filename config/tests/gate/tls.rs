@@ -1,0 +1,288 @@
+//! TLS: termination on a filter chain (`DownstreamTlsContext`) and origination to a cluster
+//! (`UpstreamTlsContext`). The model keeps where certificates come from; files are read by the
+//! proxy when it builds the listener or cluster.
+
+use remora_config::common::DataSource;
+use remora_config::tls::TlsVersion;
+
+use crate::support::*;
+
+const DOWNSTREAM: &str = r#"
+transport_socket:
+  name: envoy.transport_sockets.tls
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+    common_tls_context:
+      tls_certificates:
+      - certificate_chain: {filename: /etc/remora/cert.pem}
+        private_key: {filename: /etc/remora/key.pem}
+"#;
+
+const UPSTREAM: &str = r#"
+transport_socket:
+  name: envoy.transport_sockets.tls
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+    sni: backend.example
+"#;
+
+/// The context under a `transport_socket` patched into [`DOWNSTREAM`] or [`UPSTREAM`].
+fn context(inner: &str) -> String {
+    format!("transport_socket: {{typed_config: {inner}}}")
+}
+
+const CTX: &str = "transport_socket.typed_config";
+const COMMON: &str = "transport_socket.typed_config.common_tls_context";
+
+#[test]
+fn downstream_tls_fields_are_refused_by_path() {
+    let cert = format!("{COMMON}.tls_certificates[0]");
+    check_rejections_given(
+        &[(CHAIN, DOWNSTREAM)],
+        CHAIN,
+        &[
+            (
+                &context("{require_sni: true}"),
+                &format!("{CTX}.require_sni"),
+                UNSUPPORTED,
+            ),
+            (
+                &context("{session_timeout: 60s}"),
+                &format!("{CTX}.session_timeout"),
+                UNSUPPORTED,
+            ),
+            (
+                &context("{prefer_client_ciphers: true}"),
+                &format!("{CTX}.prefer_client_ciphers"),
+                UNSUPPORTED,
+            ),
+            (&context("{common_tls_context: null}"), COMMON, "required"),
+            (
+                &context("{common_tls_context: {tls_certificates!: []}}"),
+                &format!("{COMMON}.tls_certificates"),
+                "exactly one certificate is supported",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates: [{}, {certificate_chain: {filename: a}, private_key: {filename: b}}]}}",
+                ),
+                &format!("{COMMON}.tls_certificates"),
+                "exactly one certificate is supported",
+            ),
+            (
+                &context("{common_tls_context: {tls_certificates: [{private_key: null}]}}"),
+                &format!("{cert}.private_key"),
+                "required",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates: [{password: {inline_string: x}}]}}",
+                ),
+                &format!("{cert}.password"),
+                UNSUPPORTED,
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates: [{watched_directory: {path: /etc}}]}}",
+                ),
+                &format!("{cert}.watched_directory"),
+                UNSUPPORTED,
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates: [{certificate_chain!: {environment_variable: CERT}}]}}",
+                ),
+                &format!("{cert}.certificate_chain.environment_variable"),
+                "is not supported",
+            ),
+            (
+                &context("{common_tls_context: {tls_certificate_sds_secret_configs: [{name: s}]}}"),
+                &format!("{COMMON}.tls_certificate_sds_secret_configs"),
+                UNSUPPORTED,
+            ),
+            (
+                &context("{require_client_certificate: true}"),
+                &format!("{CTX}.require_client_certificate"),
+                "needs a validation_context",
+            ),
+            (
+                &context("{common_tls_context: {validation_context: {}}}"),
+                &format!("{COMMON}.validation_context.trusted_ca"),
+                "required",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_subject_alt_names: [{exact: a}]}}}",
+                ),
+                &format!("{COMMON}.validation_context.match_subject_alt_names"),
+                UNSUPPORTED,
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, crl: {filename: crl.pem}}}}",
+                ),
+                &format!("{COMMON}.validation_context.crl"),
+                UNSUPPORTED,
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context_sds_secret_config: {name: ca}}}",
+                ),
+                &format!("{COMMON}.validation_context_sds_secret_config"),
+                "SDS is not supported; use an inline validation_context",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {combined_validation_context: {default_validation_context: {}}}}",
+                ),
+                &format!("{COMMON}.combined_validation_context"),
+                "is not supported; use an inline validation_context",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_params: {tls_minimum_protocol_version: TLSv1_1}}}",
+                ),
+                &format!("{COMMON}.tls_params.tls_minimum_protocol_version"),
+                "TLS 1.0 and 1.1 are not supported",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_params: {tls_maximum_protocol_version: TLSv1_0}}}",
+                ),
+                &format!("{COMMON}.tls_params.tls_maximum_protocol_version"),
+                "TLS 1.0 and 1.1 are not supported",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_params: {tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_2}}}",
+                ),
+                &format!("{COMMON}.tls_params"),
+                "tls_minimum_protocol_version is above tls_maximum_protocol_version",
+            ),
+            (
+                &context("{common_tls_context: {tls_params: {cipher_suites: [AES128-SHA]}}}"),
+                &format!("{COMMON}.tls_params.cipher_suites"),
+                UNSUPPORTED,
+            ),
+            (
+                "transport_socket!: {name: envoy.transport_sockets.raw_buffer}",
+                "transport_socket",
+                "raw_buffer needs no transport_socket; remove it",
+            ),
+            (
+                "transport_socket!: {name: tls}",
+                "transport_socket",
+                "typed_config is required",
+            ),
+            (
+                "transport_socket!: {name: tls, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext}}",
+                CTX,
+                "transport socket type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext is not supported",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn upstream_tls_fields_are_refused_by_path() {
+    check_rejections_given(
+        &[(CLUSTER, UPSTREAM)],
+        CLUSTER,
+        &[
+            (
+                &context("{sni: \"bad sni!\"}"),
+                &format!("{CTX}.sni"),
+                "not a valid server name",
+            ),
+            (
+                &context("{auto_host_sni: true}"),
+                &format!("{CTX}.auto_host_sni"),
+                UNSUPPORTED,
+            ),
+            (
+                &context("{allow_renegotiation: true}"),
+                &format!("{CTX}.allow_renegotiation"),
+                UNSUPPORTED,
+            ),
+            (
+                &context("{max_session_keys: 0}"),
+                &format!("{CTX}.max_session_keys"),
+                UNSUPPORTED,
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates: [{certificate_chain: {filename: a}, private_key: {filename: b}}, {certificate_chain: {filename: c}, private_key: {filename: d}}]}}",
+                ),
+                &format!("{COMMON}.tls_certificates"),
+                "at most one certificate is supported",
+            ),
+            (
+                "transport_socket!: {name: tls, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext}}",
+                CTX,
+                "is not supported",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn tls_settings_reach_the_model() {
+    let bootstrap = accepted_all(&[
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{require_client_certificate: true, common_tls_context: {alpn_protocols: [h2, http/1.1], validation_context: {trusted_ca: {inline_string: CA}}, tls_params: {tls_minimum_protocol_version: TLSv1_3}}}",
+            ),
+        ),
+    ]);
+    let tls = bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .clone()
+        .expect("downstream TLS");
+    assert!(tls.require_client_certificate);
+    let common = &tls.common;
+    assert_eq!(common.path, format!("{CHAIN}.{COMMON}"));
+    assert_eq!(
+        common.certificates[0].chain,
+        DataSource::File("/etc/remora/cert.pem".into())
+    );
+    assert_eq!(
+        common.certificates[0].key,
+        DataSource::File("/etc/remora/key.pem".into())
+    );
+    assert_eq!(
+        common.certificates[0].path,
+        format!("{CHAIN}.{COMMON}.tls_certificates[0]")
+    );
+    assert_eq!(
+        common.validation.as_ref().unwrap().trusted_ca,
+        DataSource::Inline(b"CA".to_vec())
+    );
+    assert_eq!(common.alpn, ["h2", "http/1.1"]);
+    assert_eq!(
+        (common.min_version, common.max_version),
+        (TlsVersion::V1_3, TlsVersion::V1_3)
+    );
+
+    let tls = accepted(CLUSTER, UPSTREAM).clusters[0]
+        .connect
+        .tls
+        .clone()
+        .expect("upstream TLS");
+    assert_eq!(tls.sni.as_deref(), Some("backend.example"));
+    assert!(tls.common.certificates.is_empty() && tls.common.validation.is_none());
+    assert_eq!(
+        (tls.common.min_version, tls.common.max_version),
+        (TlsVersion::V1_2, TlsVersion::V1_3)
+    );
+    let tls = accepted_all(&[(CLUSTER, UPSTREAM), (CLUSTER, &context("{sni: \"\", common_tls_context: {tls_params: {tls_maximum_protocol_version: TLSv1_2}}}"))])
+        .clusters[0]
+        .connect
+        .tls
+        .clone()
+        .expect("upstream TLS");
+    assert_eq!(tls.sni, None, "no SNI unless configured, as Envoy");
+    assert_eq!(tls.common.max_version, TlsVersion::V1_2);
+    assert!(accepted(CLUSTER, "").clusters[0].connect.tls.is_none());
+}
