@@ -902,8 +902,7 @@ def main(argv: list[str]) -> int:
         starts = [old.find(marker) for marker in OTHER_SECTIONS]
         starts = [start for start in starts if start >= 0]
         kept = old[min(starts):] if starts else ""
-        out.write_text(text + ("
-" + kept if kept else ""))
+        out.write_text(text + ("\n" + kept if kept else ""))
         log(f"wrote {args.out}")
     return 0
 

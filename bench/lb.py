@@ -65,6 +65,12 @@ POLICIES = {
           typed_config:
             "@type": type.googleapis.com/remora.extensions.load_balancing_policies.peak_ewma.v1.PeakEwma""",
 }
+# Round robin with outlier detection counting every response (nothing is ejected: the
+# upstreams answer 200), and the three together: what the counting costs per request.
+POLICIES["rr_od"] = ("lb_policy: ROUND_ROBIN\n    outlier_detection: { consecutive_5xx: 5, "
+                     "consecutive_gateway_failure: 5, interval: 1s }")
+POLICIES["ring_od"] = ("lb_policy: RING_HASH\n    outlier_detection: { consecutive_5xx: 5, "
+                       "consecutive_gateway_failure: 5, interval: 1s }")
 # The same with a 1 s decay time instead of the default 10 s (Linkerd's).
 POLICIES["ewma1s"] = POLICIES["ewma"] + "\n            decay_time: 1s"
 
@@ -75,7 +81,8 @@ def bootstrap(admin_port: int, listeners: dict[str, int], upstream_ports: list[i
     out = [f"admin:\n  address:\n    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}\n",
            "static_resources:\n  listeners:\n"]
     for name, port in listeners.items():
-        hash_policy = ", hash_policy: [{ header: { header_name: x-key } }]" if name == "ring" else ""
+        hashing = name.startswith("ring")
+        hash_policy = ", hash_policy: [{ header: { header_name: x-key } }]" if hashing else ""
         out.append(f"  - name: {name}\n    address:\n      socket_address: {{ address: 127.0.0.1, "
                    f"port_value: {port} }}\n    filter_chains:\n    - filters:\n")
         out.append(HCM.format(name=name, hash=hash_policy))
@@ -201,7 +208,7 @@ def throughput(args, workdir: Path, commands: dict[str, list[str]]) -> dict:
     upstream = nginx(workdir, upstream_ports)
     script = workdir / "key.lua"
     script.write_text(WRK_SCRIPT)
-    policies = ["rr", "lr", "ring"]
+    policies = ["rr", "lr", "ring", "rr_od", "ring_od"]
     proxies = [Proxy(name, command, workdir, policies, upstream_ports)
                for name, command in commands.items()]
     rounds: list[dict] = []
@@ -215,7 +222,8 @@ def throughput(args, workdir: Path, commands: dict[str, list[str]]) -> dict:
             figures: dict = {}
             # Rotate which policy goes first, so a slow stretch of the machine does not always
             # fall on the same one.
-            order = policies[round_index % 3:] + policies[:round_index % 3]
+            turn = round_index % len(policies)
+            order = policies[turn:] + policies[:turn]
             b.log(f"round {round_index + 1}/{args.rounds}: wrk {args.duration:g}s per policy")
             for proxy in proxies:
                 for policy in order:
@@ -326,7 +334,7 @@ def section(args, argv, info, picks, through, lat) -> str:
                 cpu_ratios = [x["cpu_us"] / y["cpu_us"] for x, y in zip(this, rr)
                               if x["cpu_us"] and y["cpu_us"]]
                 lines.append(
-                    f"| {proxy} | {policy.upper()} | "
+                    f"| {proxy} | {policy.upper().replace('_OD', ' + outlier detection')} | "
                     f"{statistics.median(x['rps'] for x in this):,.0f} | "
                     f"{statistics.median(ratios):.3f}x | {', '.join(f'{x:.2f}' for x in ratios)} | "
                     f"{statistics.median(x['cpu_us'] for x in this if x['cpu_us']):.1f} | "
