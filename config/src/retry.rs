@@ -9,7 +9,7 @@ use xds_api::envoy::config::route::v3 as route_pb;
 
 use crate::common::opt_duration;
 use crate::error::{ConfigResult, err, field, item};
-use crate::route::{HeaderMatch, header_matcher};
+use crate::matcher::{HeaderMatch, header_matcher};
 use crate::unsupported;
 
 /// The conditions a retry policy retries on (Envoy's `retry_on` words), as bits.

@@ -19,6 +19,7 @@ use crate::common::{
 use crate::error::{ConfigError, ConfigResult, err, field, item};
 use crate::filters::{PerFilterConfigs, cors, per_filter_configs};
 use crate::hash_policy::{HashPolicy, hash_policies};
+pub use crate::matcher::{HeaderMatch, PseudoHeaders, header_matcher};
 use crate::matcher::{RegexRewrite, StringMatch, regex_matcher, regex_rewrite, string_matcher};
 use crate::raw::RawConfig;
 use crate::retry::{self, RetryPolicy};
@@ -123,43 +124,6 @@ pub struct RouteMatcher {
     query: Vec<QueryMatch>,
     /// `grpc: {}`: only gRPC requests (by content type) match.
     grpc: bool,
-}
-
-#[derive(Debug, Clone)]
-enum HeaderCheck {
-    String(StringMatch),
-    Present(bool),
-    Range(i64, i64),
-}
-
-/// One `HeaderMatcher`, as routes, retry policies and the fault filter use it.
-#[derive(Debug, Clone)]
-pub struct HeaderMatch {
-    name: HeaderKey,
-    check: HeaderCheck,
-    invert: bool,
-    treat_missing_as_empty: bool,
-}
-
-/// What a header matcher reads: a header, or one of the pseudo-headers Envoy lets routes
-/// match on.
-#[derive(Debug, Clone)]
-enum HeaderKey {
-    Header(HeaderName),
-    Method,
-    Path,
-    Authority,
-    Scheme,
-}
-
-/// A request's pseudo-headers, for header matchers that name them (`:method`, `:path`,
-/// `:authority`, `:scheme`). Empty values count as absent.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PseudoHeaders<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub authority: &'a str,
-    pub scheme: &'a str,
 }
 
 #[derive(Debug)]
@@ -581,55 +545,6 @@ fn compile_route(
         cors: legacy_cors,
         decorator,
         tracing,
-    })
-}
-
-/// One `HeaderMatcher` at `hpath`.
-pub fn header_matcher(h: &route_pb::HeaderMatcher, hpath: &str) -> ConfigResult<HeaderMatch> {
-    let route_pb::HeaderMatcher {
-        name,
-        invert_match,
-        treat_missing_header_as_empty,
-        header_match_specifier,
-    } = h;
-    use route_pb::header_matcher::HeaderMatchSpecifier as S;
-    let check = match header_match_specifier {
-        Some(S::ExactMatch(s)) => HeaderCheck::String(StringMatch::Exact(s.clone(), false)),
-        Some(S::PrefixMatch(s)) => HeaderCheck::String(StringMatch::Prefix(s.clone(), false)),
-        Some(S::SuffixMatch(s)) => HeaderCheck::String(StringMatch::Suffix(s.clone(), false)),
-        Some(S::ContainsMatch(s)) => HeaderCheck::String(StringMatch::Contains(s.clone(), false)),
-        Some(S::SafeRegexMatch(r)) => HeaderCheck::String(StringMatch::Regex(regex_matcher(
-            r,
-            &field(hpath, "safe_regex_match"),
-        )?)),
-        Some(S::StringMatch(s)) => {
-            HeaderCheck::String(string_matcher(s, &field(hpath, "string_match"))?)
-        }
-        Some(S::PresentMatch(p)) => HeaderCheck::Present(*p),
-        Some(S::RangeMatch(r)) => {
-            let xds_api::envoy::r#type::v3::Int64Range { start, end } = r;
-            HeaderCheck::Range(*start, *end)
-        }
-        None => HeaderCheck::Present(true),
-    };
-    let name = match name.to_ascii_lowercase().as_str() {
-        ":method" => HeaderKey::Method,
-        ":path" => HeaderKey::Path,
-        ":authority" => HeaderKey::Authority,
-        ":scheme" => HeaderKey::Scheme,
-        pseudo if pseudo.starts_with(':') => {
-            return err(
-                field(hpath, "name"),
-                format!("{name:?}: only :method, :path, :authority and :scheme can be matched"),
-            );
-        }
-        _ => HeaderKey::Header(header_name(name, &field(hpath, "name"))?),
-    };
-    Ok(HeaderMatch {
-        name,
-        check,
-        invert: *invert_match,
-        treat_missing_as_empty: *treat_missing_header_as_empty,
     })
 }
 
@@ -1263,69 +1178,6 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     value.len() >= GRPC.len()
         && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
         && matches!(value.get(GRPC.len()), None | Some(b'+' | b';'))
-}
-
-impl HeaderMatch {
-    /// Whether `headers` match (several values of the header are joined with commas first);
-    /// a pseudo-header counts as absent.
-    pub fn matches(&self, headers: &HeaderMap) -> bool {
-        self.matches_request(&PseudoHeaders::default(), headers)
-    }
-
-    /// Whether a request with these pseudo-headers and `headers` matches.
-    pub fn matches_request(&self, pseudo: &PseudoHeaders<'_>, headers: &HeaderMap) -> bool {
-        let name = match &self.name {
-            HeaderKey::Header(name) => name,
-            HeaderKey::Method => return self.matches_value(Some(pseudo.method)),
-            HeaderKey::Path => return self.matches_value(Some(pseudo.path)),
-            HeaderKey::Authority => return self.matches_value(Some(pseudo.authority)),
-            HeaderKey::Scheme => return self.matches_value(Some(pseudo.scheme)),
-        };
-        let mut values = headers.get_all(name).iter();
-        let joined;
-        let value: &str = match values.next() {
-            None if self.treat_missing_as_empty => "",
-            None => {
-                return matches!(self.check, HeaderCheck::Present(present) if present == self.invert);
-            }
-            Some(first) => match values.next() {
-                None => match first.to_str() {
-                    Ok(v) => v,
-                    Err(_) => return self.invert,
-                },
-                Some(_) => {
-                    joined = headers
-                        .get_all(name)
-                        .iter()
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    &joined
-                }
-            },
-        };
-        self.check_value(value)
-    }
-
-    /// A pseudo-header's value (empty: absent).
-    fn matches_value(&self, value: Option<&str>) -> bool {
-        match value.filter(|v| !v.is_empty()) {
-            Some(value) => self.check_value(value),
-            None if self.treat_missing_as_empty => self.check_value(""),
-            None => matches!(self.check, HeaderCheck::Present(present) if present == self.invert),
-        }
-    }
-
-    fn check_value(&self, value: &str) -> bool {
-        let matched = match &self.check {
-            HeaderCheck::String(m) => m.matches(value),
-            HeaderCheck::Present(present) => *present,
-            HeaderCheck::Range(start, end) => {
-                value.parse::<i64>().is_ok_and(|v| v >= *start && v < *end)
-            }
-        };
-        matched != self.invert
-    }
 }
 
 impl QueryMatch {

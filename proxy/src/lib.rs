@@ -6,7 +6,8 @@
 //! [`upstream`] (cluster, priority, load balancer, connect path, pool) → upstream.
 //! Config arrives through [`config`] (the bootstrap, converted by the `remora-config` crate) and
 //! [`xds`] (ADS); routes and clusters are published as one immutable snapshot in [`store`];
-//! [`admin`] and [`stats`] observe it all; [`server`] wires the parts together. [`memory`]
+//! [`admin`] and [`stats`] observe it all; [`server`] wires the parts together, and
+//! [`lifecycle`] says where the server stands. [`memory`]
 //! hands back what reading config needed once.
 
 pub mod admin;
@@ -16,6 +17,7 @@ pub mod drain;
 pub mod error;
 pub mod filter_chain;
 pub mod http;
+pub mod lifecycle;
 pub mod listener;
 pub mod memory;
 pub mod server;

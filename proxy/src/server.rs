@@ -5,80 +5,17 @@
 //! [`Store`], the [`ListenerManager`], the [`Lifecycle`] — and hands each part the few it needs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::config::Bootstrap;
+use crate::lifecycle::{Lifecycle, Stop};
 use crate::listener::{ConnectionLimits, ListenerContext, ListenerManager};
 use crate::stats::Registry;
 use crate::store::Store;
 use crate::upstream::Cluster;
-
-/// Server state as `/ready` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum State {
-    Initializing = 0,
-    Live = 1,
-    Draining = 2,
-}
-
-/// Why the server is stopping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    Running,
-    /// SIGTERM: drain, then exit.
-    Drain,
-    /// `/quitquitquit` or SIGINT: exit now.
-    Quit,
-}
-
-/// The server's state and the way to ask it to stop.
-#[derive(Debug)]
-pub struct Lifecycle {
-    state: AtomicU8,
-    stop: watch::Sender<Stop>,
-    pub started: Instant,
-    live: Arc<crate::stats::Stat>,
-}
-
-impl Lifecycle {
-    fn new(registry: &Registry) -> (Arc<Self>, watch::Receiver<Stop>) {
-        let (stop, stopped) = watch::channel(Stop::Running);
-        let lifecycle = Arc::new(Lifecycle {
-            state: AtomicU8::new(State::Initializing as u8),
-            stop,
-            started: Instant::now(),
-            live: registry.gauge("server.live"),
-        });
-        (lifecycle, stopped)
-    }
-
-    pub fn state(&self) -> State {
-        match self.state.load(Ordering::Acquire) {
-            1 => State::Live,
-            2 => State::Draining,
-            _ => State::Initializing,
-        }
-    }
-
-    /// The initial configuration is in: `/ready` answers 200 and `server.live` is 1.
-    pub fn set_live(&self) {
-        self.state.store(State::Live as u8, Ordering::Release);
-        self.live.set(1);
-    }
-
-    fn set_draining(&self) {
-        self.state.store(State::Draining as u8, Ordering::Release);
-    }
-
-    pub fn request_stop(&self, stop: Stop) {
-        self.stop.send_replace(stop);
-    }
-}
 
 /// Period of a do-nothing timer on every worker. Tokio wakes its own driver (an eventfd write
 /// plus an extra `epoll_wait`) whenever a new timer is due before every registered one; without

@@ -11,7 +11,7 @@ use xds_api::envoy::r#type::v3 as type_pb;
 
 use crate::common::{duration, unpack};
 use crate::error::{ConfigResult, err, field, item};
-use crate::route::{HeaderMatch, header_matcher};
+use crate::matcher::{HeaderMatch, header_matcher};
 use crate::unsupported;
 
 pub const TYPE_URL: &str = xds_api::type_urls::FAULT;

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 
 use crate::config::Bootstrap;
 use crate::http::access_log::ActiveLog;
+use crate::lifecycle::{Lifecycle, State, Stop};
 use crate::listener::ListenerManager;
-use crate::server::{Lifecycle, State, Stop};
 use crate::stats::Registry;
 use crate::stats::{Kind, StatValue};
 use crate::store::Store;

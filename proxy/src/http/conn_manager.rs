@@ -18,7 +18,6 @@
 // only off the fast path, and boxing it would cost every such reply an allocation.
 #![allow(clippy::result_large_err)]
 
-use remora_config::route::PseudoHeaders;
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,77 +32,22 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::time::Instant;
 
-use crate::config::{Codec, ConfigResult, HttpConnectionManager, RouteSource, RouteTable};
+use crate::config::{Codec, HttpConnectionManager};
 use crate::drain::{Phase, Watch};
 use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
-use crate::http::access_log::{self, ActiveLog, Entry, PendingLine};
+use crate::http::access_log::{Entry, PendingLine};
 use crate::http::body::{DownstreamSlots, ResponseBody};
 use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules};
-use crate::http::filter::{ConnectionState, FilterChain, FilterState, Selected, Stream};
+use crate::http::filter::{ConnectionState, FilterState, Selected, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
 use crate::http::router::{self, RouteRequest};
-use crate::http::tracing::{ActiveTrace, Tracer, TracingContext};
-use crate::stats::{GaugeGuard, HttpStats, Registry, Stat};
-use crate::store::Store;
+use crate::http::tracing::ActiveTrace;
+use crate::stats::{GaugeGuard, Stat};
+use remora_config::route::PseudoHeaders;
 
-/// A connection manager built from its config: what every connection and request of one filter
-/// chain shares.
-#[derive(Debug)]
-pub struct Manager {
-    pub config: Arc<HttpConnectionManager>,
-    pub stats: Arc<HttpStats>,
-    pub filters: FilterChain,
-    /// The access logs, bound to their writers (empty: nothing is recorded).
-    logs: Arc<[ActiveLog]>,
-    pub server_header: HeaderValue,
-    store: Arc<Store>,
-    /// The HCM's tracer (`tracing` with a provider).
-    pub tracer: Option<Arc<Tracer>>,
-}
-
-impl Manager {
-    /// Builds the manager: filters, stats, and access logs (a file is opened now, so a path
-    /// that cannot be written fails the config, not the first request).
-    pub fn build(
-        config: Arc<HttpConnectionManager>,
-        registry: &Arc<Registry>,
-        store: Arc<Store>,
-        tracing: (&TracingContext, bool),
-        path: &str,
-    ) -> ConfigResult<Arc<Self>> {
-        let (tracing_context, egress) = tracing;
-        let tracer = config
-            .tracing
-            .as_ref()
-            .and_then(|t| Tracer::build(t, egress, tracing_context, registry));
-        let logs = if config.access_logs.is_empty() {
-            Arc::from([])
-        } else {
-            let dropped = registry.counter("access_log.dropped_lines".to_string());
-            access_log::activate(&config.access_logs, &dropped, path)?
-        };
-        Ok(Arc::new(Manager {
-            stats: Arc::new(HttpStats::new(registry, &config.stat_prefix)),
-            filters: crate::http::filters::build(&config.filters, registry, &config.stat_prefix),
-            server_header: HeaderValue::from_str(&config.server_name)
-                .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
-            logs,
-            store,
-            tracer,
-            config,
-        }))
-    }
-
-    /// The route table a request uses: inline, or the named RDS table of `snapshot`.
-    fn table(&self, snapshot: &crate::store::Snapshot) -> Option<Arc<RouteTable>> {
-        match &self.config.routes {
-            RouteSource::Inline(table) => Some(table.clone()),
-            RouteSource::Rds { name, .. } => snapshot.routes.get(name).cloned(),
-        }
-    }
-}
+use super::manager::Manager;
 
 /// Per-connection state shared by its requests.
 struct Connection {

@@ -1,6 +1,6 @@
 //! L7: the HTTP connection manager and what a request passes through in it.
 //!
-//! [`conn_manager`] serves connections (hyper, HTTP/1.1 and HTTP/2, HTTP/1 heads first judged
+//! A [`manager`] is one configured connection manager; [`conn_manager`] serves connections (hyper, HTTP/1.1 and HTTP/2, HTTP/1 heads first judged
 //! by Envoy's codec rules in [`codec_guard`]) and drives each request through [`headers`]
 //! (what the connection manager sets), the [`filter`] chain ([`filters`]), the [`router`] (the
 //! terminal filter: direct responses, redirects, forwarding upstream with retries and mirrors)
@@ -17,6 +17,7 @@ pub mod filter;
 pub mod filters;
 pub mod headers;
 pub mod local_reply;
+pub mod manager;
 pub mod replay;
 pub mod router;
 pub mod tracing;

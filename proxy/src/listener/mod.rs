@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::config::{ConfigError, FilterChain, Listener, NetworkFilter, Runtime};
 use crate::drain::Drain;
 use crate::filter_chain::{self, ConnectionInfo};
-use crate::http::conn_manager::Manager;
+use crate::http::manager::Manager;
 use crate::stats::{GaugeGuard, ListenerStats, Registry, TcpStats};
 use crate::store::Store;
 use crate::tcp_proxy::TcpProxyRuntime;

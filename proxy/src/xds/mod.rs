@@ -41,8 +41,8 @@ pub use status::{Status, StatusSnapshot};
 use self::apply::Applier;
 use self::warming::{Deadline, Warming};
 use crate::config::{AdsFlavor, DynamicResources};
+use crate::lifecycle::Lifecycle;
 use crate::listener::ListenerManager;
-use crate::server::Lifecycle;
 use crate::stats::Registry;
 use crate::store::Store;
 
@@ -396,7 +396,7 @@ impl<V: Variant> Client<V> {
 
     fn check_ready(&self) {
         let lifecycle = &self.context().lifecycle;
-        if lifecycle.state() != crate::server::State::Initializing {
+        if lifecycle.state() != crate::lifecycle::State::Initializing {
             return;
         }
         let initial = self

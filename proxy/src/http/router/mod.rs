@@ -22,9 +22,9 @@ use tokio::time::Instant;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::Entry;
 use crate::http::body::ResponseBody;
-use crate::http::conn_manager::Manager;
 use crate::http::filter::{BodyFilter, Selected};
 use crate::http::local_reply::LocalReply;
+use crate::http::manager::Manager;
 use crate::store::Snapshot;
 
 /// A request as it reaches the router.

@@ -1,0 +1,71 @@
+//! The connection manager as configured: what every connection and request of one HCM
+//! shares (config, stats, filters, access logs, the config store, the tracer). The connection
+//! manager serves connections with it; the router reads it.
+
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+
+use crate::config::{ConfigResult, HttpConnectionManager, RouteSource, RouteTable};
+use crate::http::access_log::{self, ActiveLog};
+use crate::http::filter::FilterChain;
+use crate::http::tracing::{Tracer, TracingContext};
+use crate::stats::{HttpStats, Registry};
+use crate::store::Store;
+
+/// A connection manager built from its config: what every connection and request of one filter
+/// chain shares.
+#[derive(Debug)]
+pub struct Manager {
+    pub config: Arc<HttpConnectionManager>,
+    pub stats: Arc<HttpStats>,
+    pub filters: FilterChain,
+    /// The access logs, bound to their writers (empty: nothing is recorded).
+    pub(super) logs: Arc<[ActiveLog]>,
+    pub server_header: HeaderValue,
+    pub(super) store: Arc<Store>,
+    /// The HCM's tracer (`tracing` with a provider).
+    pub tracer: Option<Arc<Tracer>>,
+}
+
+impl Manager {
+    /// Builds the manager: filters, stats, and access logs (a file is opened now, so a path
+    /// that cannot be written fails the config, not the first request).
+    pub fn build(
+        config: Arc<HttpConnectionManager>,
+        registry: &Arc<Registry>,
+        store: Arc<Store>,
+        tracing: (&TracingContext, bool),
+        path: &str,
+    ) -> ConfigResult<Arc<Self>> {
+        let (tracing_context, egress) = tracing;
+        let tracer = config
+            .tracing
+            .as_ref()
+            .and_then(|t| Tracer::build(t, egress, tracing_context, registry));
+        let logs = if config.access_logs.is_empty() {
+            Arc::from([])
+        } else {
+            let dropped = registry.counter("access_log.dropped_lines".to_string());
+            access_log::activate(&config.access_logs, &dropped, path)?
+        };
+        Ok(Arc::new(Manager {
+            stats: Arc::new(HttpStats::new(registry, &config.stat_prefix)),
+            filters: crate::http::filters::build(&config.filters, registry, &config.stat_prefix),
+            server_header: HeaderValue::from_str(&config.server_name)
+                .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
+            logs,
+            store,
+            tracer,
+            config,
+        }))
+    }
+
+    /// The route table a request uses: inline, or the named RDS table of `snapshot`.
+    pub(super) fn table(&self, snapshot: &crate::store::Snapshot) -> Option<Arc<RouteTable>> {
+        match &self.config.routes {
+            RouteSource::Inline(table) => Some(table.clone()),
+            RouteSource::Rds { name, .. } => snapshot.routes.get(name).cloned(),
+        }
+    }
+}
