@@ -385,7 +385,11 @@ async fn handle(
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         // Envoy's `:scheme` follows x-forwarded-proto (as the connection manager left it).
-        let scheme = match parts.headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
+        let scheme = match parts
+            .headers
+            .get(&headers::X_FORWARDED_PROTO)
+            .map(|v| v.as_bytes())
+        {
             Some(b"https") => "https",
             Some(b"http") => "http",
             _ => connection.scheme,

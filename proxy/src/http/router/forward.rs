@@ -229,27 +229,38 @@ pub(super) async fn forward(
 
     // Timeouts: the route's, unless the request asks (`x-envoy-upstream-rq-timeout-ms`, or a
     // `grpc-timeout` where the route lets it), and the retry policy's per-try timeout.
-    let route_timeout = match header_ms(&parts.headers, &X_RQ_TIMEOUT_MS) {
+    // Control headers survive only from internal requests; most requests have none, and then
+    // none is looked up.
+    let control = headers::has_envoy_headers(&parts.headers);
+    let asked_timeout = control
+        .then(|| header_ms(&parts.headers, &X_RQ_TIMEOUT_MS))
+        .flatten();
+    let route_timeout = match asked_timeout {
         Some(asked) => (!asked.is_zero()).then_some(asked),
-        None => match (&forward.grpc_route_timeout, grpc_timeout(&parts.headers)) {
-            (Some(policy), Some(asked)) => Some(policy.apply(asked)).filter(|t| !t.is_zero()),
-            _ => forward.timeout,
+        None => match &forward.grpc_route_timeout {
+            Some(policy) => match grpc_timeout(&parts.headers) {
+                Some(asked) => Some(policy.apply(asked)).filter(|t| !t.is_zero()),
+                None => forward.timeout,
+            },
+            None => forward.timeout,
         },
     };
     let mut retries = if upgrading {
         None
     } else {
-        Retries::new(forward.retry.as_deref(), &parts.headers)
+        Retries::new(forward.retry.as_deref(), &parts.headers, control)
     };
-    let per_try_timeout = header_ms(&parts.headers, &X_PER_TRY_TIMEOUT_MS)
+    let per_try_timeout = control
+        .then(|| header_ms(&parts.headers, &X_PER_TRY_TIMEOUT_MS))
+        .flatten()
         .or_else(|| retries.as_ref().and_then(|r| r.policy().per_try_timeout))
         .filter(|t| !t.is_zero());
     let per_try_idle = retries
         .as_ref()
         .and_then(|r| r.policy().per_try_idle_timeout);
     // The router consumes its control headers: they do not go upstream.
-    for name in CONSUMED_HEADERS {
-        parts.headers.remove(name);
+    if control {
+        headers::remove_envoy_headers(&mut parts.headers, &CONSUMED_HEADERS);
     }
     let expected = match (route_timeout, per_try_timeout) {
         (Some(route), Some(per_try)) => Some(route.min(per_try)),
@@ -348,14 +359,14 @@ pub(super) async fn forward(
 
     // The stream's bound: a `grpc-timeout` where the route lets it set the bound, else the
     // route's `max_stream_duration`, else the connection manager's.
-    let max_duration = match (&forward.stream_duration.grpc, grpc_timeout(&parts.headers)) {
-        (Some(policy), Some(asked)) => Some(policy.apply(asked)),
-        _ => match forward.stream_duration.max {
-            Some(max) => Some(max),
-            None => hcm.max_stream_duration,
-        },
-    }
-    .filter(|d| !d.is_zero());
+    let asked_duration = match &forward.stream_duration.grpc {
+        Some(policy) => grpc_timeout(&parts.headers).map(|asked| policy.apply(asked)),
+        None => None,
+    };
+    let max_duration = asked_duration
+        .or(forward.stream_duration.max)
+        .or(hcm.max_stream_duration)
+        .filter(|d| !d.is_zero());
 
     // Attempts.
     let mut clock = Clock::new(

@@ -70,20 +70,30 @@ pub struct Retries<'a> {
 impl<'a> Retries<'a> {
     /// The retry state for a request under `policy` (if any) and its headers; `None` when
     /// nothing would be retried.
-    pub fn new(policy: Option<&'a RetryPolicy>, request: &HeaderMap) -> Option<Self> {
+    /// `control`: the request has `x-envoy-*` headers (else the retry headers are not looked
+    /// up).
+    pub fn new(
+        policy: Option<&'a RetryPolicy>,
+        request: &HeaderMap,
+        control: bool,
+    ) -> Option<Self> {
         static NONE: std::sync::OnceLock<RetryPolicy> = std::sync::OnceLock::new();
-        let header_on = request
-            .get(&X_RETRY_ON)
-            .and_then(|v| v.to_str().ok())
-            .map(RetryOn::from_http_header)
-            .unwrap_or_default()
-            .union(
-                request
-                    .get(&X_RETRY_GRPC_ON)
-                    .and_then(|v| v.to_str().ok())
-                    .map(RetryOn::from_grpc_header)
-                    .unwrap_or_default(),
-            );
+        let header_on = if !control {
+            RetryOn::empty()
+        } else {
+            request
+                .get(&X_RETRY_ON)
+                .and_then(|v| v.to_str().ok())
+                .map(RetryOn::from_http_header)
+                .unwrap_or_default()
+                .union(
+                    request
+                        .get(&X_RETRY_GRPC_ON)
+                        .and_then(|v| v.to_str().ok())
+                        .map(RetryOn::from_grpc_header)
+                        .unwrap_or_default(),
+                )
+        };
         if policy.is_none() && header_on.is_empty() {
             return None;
         }
@@ -305,7 +315,7 @@ mod tests {
     fn conditions_match_envoys() {
         let none = HeaderMap::new();
         let five = policy("5xx", 1);
-        let retries = Retries::new(Some(&five), &none).expect("enabled");
+        let retries = Retries::new(Some(&five), &none, false).expect("enabled");
         assert!(retries.retries(&status(500, &none)));
         assert!(retries.retries(&Tried::ConnectFailure));
         assert!(retries.retries(&Tried::Reset {
@@ -316,19 +326,19 @@ mod tests {
         assert!(!retries.retries(&Tried::Overflow));
 
         let gateway = policy("gateway-error", 1);
-        let retries = Retries::new(Some(&gateway), &none).expect("enabled");
+        let retries = Retries::new(Some(&gateway), &none, false).expect("enabled");
         assert!(retries.retries(&status(503, &none)));
         assert!(!retries.retries(&status(500, &none)));
 
         let codes = policy("retriable-status-codes,retriable-4xx", 1);
-        let retries = Retries::new(Some(&codes), &none).expect("enabled");
+        let retries = Retries::new(Some(&codes), &none, false).expect("enabled");
         assert!(retries.retries(&status(418, &none)));
         assert!(retries.retries(&status(409, &none)));
         assert!(!retries.retries(&status(503, &none)));
         assert!(!retries.retries(&Tried::ConnectFailure));
 
         let before = policy("reset-before-request", 1);
-        let retries = Retries::new(Some(&before), &none).expect("enabled");
+        let retries = Retries::new(Some(&before), &none, false).expect("enabled");
         assert!(retries.retries(&Tried::Reset {
             sent: false,
             refused: false
@@ -340,14 +350,14 @@ mod tests {
 
         let mut ratelimited = HeaderMap::new();
         ratelimited.insert(&X_RATELIMITED, "true".parse().expect("value"));
-        let retries = Retries::new(Some(&five), &none).expect("enabled");
+        let retries = Retries::new(Some(&five), &none, false).expect("enabled");
         assert!(
             !retries.retries(&status(503, &ratelimited)),
             "asked for by name only"
         );
 
         let grpc = policy("unavailable", 1);
-        let retries = Retries::new(Some(&grpc), &none).expect("enabled");
+        let retries = Retries::new(Some(&grpc), &none, false).expect("enabled");
         let mut trailers_only = HeaderMap::new();
         trailers_only.insert(&GRPC_STATUS, "14".parse().expect("value"));
         assert!(retries.retries(&status(200, &trailers_only)));
@@ -359,12 +369,12 @@ mod tests {
     fn request_headers_widen_the_policy_and_set_the_count() {
         let mut request = HeaderMap::new();
         assert!(
-            Retries::new(None, &request).is_none(),
+            Retries::new(None, &request, true).is_none(),
             "nothing to retry on"
         );
         request.insert(&X_RETRY_ON, "connect-failure".parse().expect("value"));
         request.insert(&X_MAX_RETRIES, "4".parse().expect("value"));
-        let retries = Retries::new(None, &request).expect("the header enables retries");
+        let retries = Retries::new(None, &request, true).expect("the header enables retries");
         assert_eq!(retries.remaining, 4);
         assert!(retries.retries(&Tried::ConnectFailure));
         assert!(!retries.retries(&status(503, &HeaderMap::new())));
@@ -384,7 +394,7 @@ mod tests {
         let limits = breakers.for_priority(false);
         let five = policy("5xx", 2);
         let none = HeaderMap::new();
-        let mut retries = Retries::new(Some(&five), &none).expect("enabled");
+        let mut retries = Retries::new(Some(&five), &none, false).expect("enabled");
         let back_off = retries
             .decide(&status(503, &none), limits, 0, &stats)
             .expect("first retry");
@@ -393,7 +403,7 @@ mod tests {
             "below the base at first"
         );
         // Another request holds the only retry place meanwhile.
-        let mut other = Retries::new(Some(&five), &none).expect("enabled");
+        let mut other = Retries::new(Some(&five), &none, false).expect("enabled");
         assert_eq!(
             other.decide(&status(503, &none), limits, 0, &stats),
             Err(NoRetry::Overflow)
@@ -411,7 +421,7 @@ mod tests {
         assert_eq!(stats.upstream_rq_retry_overflow.get(), 1);
         assert_eq!(stats.upstream_rq_retry_limit_exceeded.get(), 1);
 
-        let mut third = Retries::new(Some(&five), &none).expect("enabled");
+        let mut third = Retries::new(Some(&five), &none, false).expect("enabled");
         assert!(third.decide(&status(503, &none), limits, 0, &stats).is_ok());
         assert_eq!(
             third.decide(&status(200, &none), limits, 0, &stats),
@@ -424,7 +434,7 @@ mod tests {
     fn back_off_bounds_double_up_to_the_maximum() {
         let five = policy("5xx", 10);
         let none = HeaderMap::new();
-        let mut retries = Retries::new(Some(&five), &none).expect("enabled");
+        let mut retries = Retries::new(Some(&five), &none, false).expect("enabled");
         let bounds: Vec<Duration> = (0..4)
             .map(|_| {
                 let bound = retries.next_back_off;
