@@ -362,3 +362,22 @@ pub fn sidecar_admin(pod: &PodNet, path: &str) -> Option<String> {
             .map(|(_, _, body)| body)
     })
 }
+
+/// GET `path` on `vip:80` through the caller's sidecar (with `host` as Host if given); the
+/// status and the echo upstream that answered.
+pub fn call(from: &PodNet, vip: Ipv4Addr, path: &str, host: Option<&str>) -> (u16, String) {
+    let host = host.map(|host| ("Host", host));
+    let (status, _, body) = request_from(
+        from,
+        SocketAddr::from((vip, 80)),
+        "GET",
+        path,
+        host.as_slice(),
+    )
+    .unwrap_or_else(|error| panic!("GET {vip}{path}: {error}"));
+    let upstream = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["upstream"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (status, upstream)
+}

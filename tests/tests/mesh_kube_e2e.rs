@@ -27,7 +27,7 @@ use remora_tests::kube::{self, CertificateAuthority, KubeCluster, NODE_NAME};
 use remora_tests::mesh::{XDS_PORT, cluster_hosts, pod_ip};
 use remora_tests::netns::{PortForward, in_namespace, listen_in};
 use remora_tests::pods::{
-    NODE_IP, Node, PodNet, request_from, run_in_pod, sidecar_stat, spawn_in_pod,
+    NODE_IP, Node, PodNet, call, request_from, run_in_pod, sidecar_stat, spawn_in_pod,
 };
 use remora_tests::process::ChildGuard;
 use remora_tests::{http_request, wait_for, workspace_binary};
@@ -390,23 +390,6 @@ fn container_probe(container: &Value) -> Vec<String> {
 fn probe_passes(pod: &PodNet, probe: &[String], user: u32) -> bool {
     let mut probe_process = spawn_in_pod("probe", pod, probe, &[], user, user);
     matches!(probe_process.wait_timeout(Duration::from_secs(10)), Some(status) if status.success())
-}
-
-fn call(from: &PodNet, vip: Ipv4Addr, path: &str, host: Option<&str>) -> (u16, String) {
-    let host = host.map(|host| ("Host", host));
-    let (status, _, body) = request_from(
-        from,
-        SocketAddr::from((vip, 80)),
-        "GET",
-        path,
-        host.as_slice(),
-    )
-    .unwrap_or_else(|error| panic!("GET {vip}{path}: {error}"));
-    let upstream = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|v| v["upstream"].as_str().map(str::to_string))
-        .unwrap_or_default();
-    (status, upstream)
 }
 
 /// Requests from a pod to `vip` in a loop until stopped (at most 100,000), counting

@@ -24,7 +24,7 @@ use remora_tests::mesh::{
     ControlPlane, SidecarSpec, cluster_hosts, pod_ip, start_envoy_sidecar, start_sidecar,
 };
 use remora_tests::netns::{listen_in, missing_prerequisite};
-use remora_tests::pods::{Node, PodNet, request_from, sidecar_admin, sidecar_stat};
+use remora_tests::pods::{Node, PodNet, call, request_from, sidecar_admin, sidecar_stat};
 use remora_tests::process::ChildGuard;
 use remora_tests::wait_for;
 use serde_json::{Value, json};
@@ -76,24 +76,6 @@ fn set_b_endpoints(cp: &ControlPlane, endpoints: Vec<Value>) {
         "/v1/mesh/endpoints/shop/b",
         json!({"ports": {"http": 8080}, "endpoints": endpoints}),
     );
-}
-
-/// GET through the caller's sidecar; (status, answering upstream).
-fn call(from: &PodNet, vip: Ipv4Addr, path: &str, host: Option<&str>) -> (u16, String) {
-    let host = host.map(|host| ("Host", host));
-    let (status, _, body) = request_from(
-        from,
-        SocketAddr::from((vip, 80)),
-        "GET",
-        path,
-        host.as_slice(),
-    )
-    .unwrap_or_else(|error| panic!("GET {vip}{path}: {error}"));
-    let upstream = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|v| v["upstream"].as_str().map(str::to_string))
-        .unwrap_or_default();
-    (status, upstream)
 }
 
 fn register_b(cp: &ControlPlane) {

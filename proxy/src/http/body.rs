@@ -309,6 +309,22 @@ impl StreamTimer {
         })
     }
 
+    /// A timer with no bound yet, first due at `first`: the caller adds the one it needs.
+    fn without_bounds(
+        first: Instant,
+        (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
+    ) -> StreamTimer {
+        StreamTimer {
+            sleep: Box::pin(tokio::time::sleep_until(first)),
+            deadline: None,
+            idle: None,
+            route_timeouts: route_timeouts.clone(),
+            idle_timeouts: idle_timeouts.clone(),
+            per_try_idle: None,
+            max_duration: None,
+        }
+    }
+
     /// Bounds the stream by `max_stream_duration`, making a timer for it if the request had
     /// none.
     pub fn add_max_duration(
@@ -317,15 +333,8 @@ impl StreamTimer {
         counter: &Arc<Stat>,
         (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
     ) -> StreamTimer {
-        let mut timer = timer.unwrap_or_else(|| StreamTimer {
-            sleep: Box::pin(tokio::time::sleep_until(end)),
-            deadline: None,
-            idle: None,
-            route_timeouts: route_timeouts.clone(),
-            idle_timeouts: idle_timeouts.clone(),
-            per_try_idle: None,
-            max_duration: None,
-        });
+        let mut timer =
+            timer.unwrap_or_else(|| Self::without_bounds(end, (route_timeouts, idle_timeouts)));
         timer.max_duration = Some((end, counter.clone()));
         timer.reset();
         timer
@@ -333,13 +342,10 @@ impl StreamTimer {
 
     /// The earliest of the route deadline and the stream's end.
     fn hard_deadline(&self) -> Option<Instant> {
-        match (
+        earliest(
             self.deadline,
             self.max_duration.as_ref().map(|(end, _)| *end),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        )
     }
 
     fn reset(&mut self) {
@@ -349,18 +355,12 @@ impl StreamTimer {
     }
 
     fn next(deadline: Option<Instant>, idle: Option<Duration>) -> Option<Instant> {
-        match (deadline, idle.map(|i| Instant::now() + i)) {
-            (Some(d), Some(i)) => Some(d.min(i)),
-            (d, i) => d.or(i),
-        }
+        earliest(deadline, idle.map(|i| Instant::now() + i))
     }
 
     /// The idle timeout in force: the shorter of the stream's and the per-try one.
     fn idle(&self) -> Option<Duration> {
-        match (self.idle, &self.per_try_idle) {
-            (Some(a), Some((b, _))) => Some(a.min(*b)),
-            (a, b) => a.or(b.as_ref().map(|(b, _)| *b)),
-        }
+        earliest(self.idle, self.per_try_idle.as_ref().map(|(idle, _)| *idle))
     }
 
     /// Adds the retry policy's per-try idle timeout for the body of the attempt that won,
@@ -371,14 +371,8 @@ impl StreamTimer {
         counter: &Arc<Stat>,
         (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
     ) -> StreamTimer {
-        let mut timer = timer.unwrap_or_else(|| StreamTimer {
-            sleep: Box::pin(tokio::time::sleep(idle)),
-            deadline: None,
-            idle: None,
-            route_timeouts: route_timeouts.clone(),
-            idle_timeouts: idle_timeouts.clone(),
-            per_try_idle: None,
-            max_duration: None,
+        let mut timer = timer.unwrap_or_else(|| {
+            Self::without_bounds(Instant::now() + idle, (route_timeouts, idle_timeouts))
         });
         timer.per_try_idle = Some((idle, counter.clone()));
         timer.touch();
@@ -609,5 +603,13 @@ fn filter_frame(filters: &mut [Box<dyn BodyFilter>], frame: &mut Frame<Bytes>) {
         for filter in filters.iter_mut() {
             filter.on_trailers(trailers);
         }
+    }
+}
+
+/// The smaller of two optional bounds (either alone if the other is absent).
+fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -401,7 +401,7 @@ pub(super) async fn forward(
         } else {
             HeaderMap::new()
         };
-        let (method, uri, version) = (base.method.clone(), base.uri.clone(), base.version);
+        let version = base.version;
         let mut attempt_parts = match retries {
             Some(_) => None,
             None => parts.take(),
@@ -446,9 +446,13 @@ pub(super) async fn forward(
         let request = match attempt_parts {
             Some(last) => Request::from_parts(last, outgoing),
             None => {
+                // A copy for an attempt that may be retried: the head stays for the next one.
+                let base = parts
+                    .as_ref()
+                    .expect("the head is kept until the last attempt");
                 let mut request = Request::new(outgoing);
-                *request.method_mut() = method;
-                *request.uri_mut() = uri;
+                *request.method_mut() = base.method.clone();
+                *request.uri_mut() = base.uri.clone();
                 *request.version_mut() = version;
                 *request.headers_mut() = headers;
                 request
