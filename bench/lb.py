@@ -160,10 +160,18 @@ end
 """
 
 
+# `--no-pin`: every process free on both cores, as a sidecar and its app are in a pod.
+PINNED = True
+
+
+def cpus(pinned_to: str) -> str | None:
+    return pinned_to if PINNED else None
+
+
 def wrk_run(port: int, seconds: float, script: Path) -> tuple[float, int]:
     """req/s and requests completed."""
     out = b.run(["wrk", "-t1", "-c50", f"-d{seconds:g}s", "-s", str(script),
-                 f"http://127.0.0.1:{port}/"], cpus=b.LOAD_CPUS, timeout=seconds + 30)
+                 f"http://127.0.0.1:{port}/"], cpus=cpus(b.LOAD_CPUS), timeout=seconds + 30)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if bad:
         raise RuntimeError(f"wrk saw {bad.group(1)} non-2xx responses")
@@ -195,7 +203,7 @@ http {{
   }}
 }}
 """)
-    proc = b.spawn(["nginx", "-c", str(conf), "-e", str(temp / "error.log")], cpus=b.LOAD_CPUS,
+    proc = b.spawn(["nginx", "-c", str(conf), "-e", str(temp / "error.log")], cpus=cpus(b.LOAD_CPUS),
                    logfile=workdir / "nginx.log")
     for port in ports:
         if not b.wait_tcp(port, 10):
@@ -214,7 +222,7 @@ def throughput(args, workdir: Path, commands: dict[str, list[str]]) -> dict:
     rounds: list[dict] = []
     try:
         for proxy in proxies:
-            proxy.start(b.PROXY_CPUS)
+            proxy.start(cpus(b.PROXY_CPUS))
         for proxy in proxies:  # warm-up: pools, caches
             for policy in policies:
                 wrk_run(proxy.listeners[policy], 1, script)
@@ -318,8 +326,10 @@ def section(args, argv, info, picks, through, lat) -> str:
         lines += ["### Requests/s by policy", "",
                   f"wrk -t1 -c50 for {args.duration:g}s per policy and proxy, {len(rounds)} rounds "
                   "(policies in rotating order), three nginx endpoints, a different `x-key` per "
-                  "request (the ring hash key; a Lua script for every policy alike). Proxy on CPU 1, "
-                  "load and upstream on CPU 0. Figures are medians over the rounds; ratios are "
+                  "request (the ring hash key; a Lua script for every policy alike). "
+                  + ("Proxy on CPU 1, load and upstream on CPU 0. " if PINNED
+                     else "No pinning: every process free on both cores. ")
+                  + "Figures are medians over the rounds; ratios are "
                   "medians of the per-round ratios to ROUND_ROBIN (same proxy, same round). CPU per "
                   "request is the proxy's CPU time over the requests wrk completed: the policy's "
                   "cost with less of the machine's noise than req/s.", "",
@@ -393,8 +403,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--latency-rounds", type=int, help="latency rounds (default 3, quick 1)")
     p.add_argument("--delay-ms", type=int, default=20, help="the slow endpoint's delay (20)")
     p.add_argument("--no-build", action="store_true", help="use the binaries already built")
+    p.add_argument("--no-pin", action="store_true",
+                   help="no taskset pinning (the setup a user has)")
     p.add_argument("--out", default=str(b.BENCH_DIR / "RESULTS.md"), help="'-' to write no file")
     args = p.parse_args(argv)
+    global PINNED
+    PINNED = not args.no_pin
     parts = set(args.parts or ["pick", "throughput", "latency"])
     if parts - {"pick", "throughput", "latency"}:
         p.error(f"unknown part(s): {', '.join(sorted(parts - {'pick', 'throughput', 'latency'}))}")
