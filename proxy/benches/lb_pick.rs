@@ -15,7 +15,8 @@ use remora_config::load_balancing::{
     HashFunction, LbPolicy, LeastRequest, LoadBalancing, Maglev, PeakEwma, RingHash, RoundRobin,
 };
 use remora_proxy::config::{EndpointAddress, HealthStatus, LbEndpoint};
-use remora_proxy::upstream::lb::{LbContext, clock, policy};
+use remora_proxy::upstream::clock;
+use remora_proxy::upstream::lb::{LbContext, policy};
 use remora_proxy::upstream::priority::{PrioritySet, Settings};
 use remora_proxy::upstream::{Host, HostState};
 

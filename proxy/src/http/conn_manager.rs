@@ -37,12 +37,13 @@ use crate::drain::{Phase, Watch};
 use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::{Entry, PendingLine};
-use crate::http::body::{DownstreamSlots, ResponseBody};
+use crate::http::body::response::{DownstreamSlots, ResponseBody};
 use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules};
-use crate::http::filter::{ConnectionState, FilterState, Selected, Stream};
+use crate::http::filter::{ConnectionState, FilterState, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
 use crate::http::router::{self, RouteRequest};
+use crate::http::selected::Selected;
 use crate::http::tracing::ActiveTrace;
 use crate::stats::{GaugeGuard, Stat};
 use remora_config::route::PseudoHeaders;
@@ -535,7 +536,7 @@ async fn handle(
         body_filters = manager.filters.response_body(&mut stream);
         let (head, ()) = head.into_parts();
         response = Response::from_parts(head, body);
-        completion = Some(Box::new((manager.filters.clone(), state)));
+        completion = Some(manager.filters.completion(state));
     }
     stats.response(response.status().as_u16());
     let status = response.status().as_u16();

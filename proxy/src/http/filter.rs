@@ -22,15 +22,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
-use http::{HeaderMap, Response};
+use http::Response;
+use remora_config::filters::PerRouteConfig;
 
-use crate::config::RouteTable;
 use crate::error::ResponseFlag;
+use crate::http::body::response::StreamEnd;
+use crate::http::body_filter::BodyFilter;
 use crate::http::local_reply::LocalReply;
+use crate::http::selected::Selected;
 use crate::stats::HttpStats;
-use remora_config::filters::{PerRouteConfig, find};
-use remora_config::route::{PseudoHeaders, Route, VirtualHost};
 
 /// What a filter decides about a request.
 pub enum Flow {
@@ -80,63 +80,6 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
     /// The stream ended: the response was sent in full, or the stream was reset.
     fn on_complete(&self, state: Option<&(dyn Any + Send + Sync)>) {
         let _ = state;
-    }
-}
-
-/// Sees a body's data and trailers as they pass.
-pub trait BodyFilter: Send + std::fmt::Debug {
-    /// A data frame; it may be changed in place.
-    fn on_data(&mut self, data: &mut Bytes) {
-        let _ = data;
-    }
-    /// The trailers, if the body has them.
-    fn on_trailers(&mut self, trailers: &mut HeaderMap) {
-        let _ = trailers;
-    }
-    /// The body ended.
-    fn on_end(&mut self) {}
-}
-
-/// The route a request was matched to: indexes into a table the stream holds.
-#[derive(Debug, Clone)]
-pub struct Selected {
-    pub table: Arc<RouteTable>,
-    vhost: usize,
-    route: usize,
-}
-
-impl Selected {
-    /// The first route matching the request, if any.
-    pub fn find(
-        table: Arc<RouteTable>,
-        host: &str,
-        path_and_query: &str,
-        pseudo: &PseudoHeaders<'_>,
-        headers: &HeaderMap,
-    ) -> Option<Selected> {
-        let (vhost, route) = table.find_request(host, path_and_query, pseudo, headers)?;
-        Some(Selected {
-            table,
-            vhost,
-            route,
-        })
-    }
-
-    pub fn vhost(&self) -> &VirtualHost {
-        &self.table.vhosts[self.vhost]
-    }
-
-    pub fn route(&self) -> &Route {
-        &self.vhost().routes[self.route]
-    }
-
-    /// The per-route configs of filter `name`: route, virtual host, route configuration.
-    pub fn per_route(&self, name: &str) -> [Option<&PerRouteConfig>; 3] {
-        [
-            find(&self.route().per_filter, name),
-            find(&self.vhost().per_filter, name),
-            find(&self.table.per_filter, name),
-        ]
     }
 }
 
@@ -334,5 +277,26 @@ impl FilterChain {
         for (index, filter) in self.filters.iter().enumerate() {
             filter.on_complete(state.get(index));
         }
+    }
+
+    /// The completion phase of a stream with `state`, for its response body to run at the end.
+    pub fn completion(&self, state: FilterState) -> Box<dyn StreamEnd> {
+        Box::new(Completion {
+            chain: self.clone(),
+            state,
+        })
+    }
+}
+
+/// A stream's filters and their state, waiting for the stream to end.
+#[derive(Debug)]
+struct Completion {
+    chain: FilterChain,
+    state: FilterState,
+}
+
+impl StreamEnd for Completion {
+    fn stream_ended(self: Box<Self>) {
+        self.chain.on_complete(&self.state);
     }
 }

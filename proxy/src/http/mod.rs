@@ -6,11 +6,13 @@
 //! terminal filter: direct responses, redirects, forwarding upstream with retries and mirrors)
 //! and back; [`tracing`] makes the request's spans and passes its trace context on;
 //! [`local_reply`] makes Remora's own responses, [`body`] carries bodies with their timers and
-//! slots, [`replay`] shares a request body between retries and mirrors, and [`access_log`]
+//! slots (and [`body_filter`] lets filters see them), [`selected`] is the route a request
+//! matched, [`replay`] shares a request body between retries and mirrors, and [`access_log`]
 //! writes a line when a response ends.
 
 pub mod access_log;
 pub mod body;
+pub mod body_filter;
 pub mod codec_guard;
 pub mod conn_manager;
 pub mod filter;
@@ -20,6 +22,7 @@ pub mod local_reply;
 pub mod manager;
 pub mod replay;
 pub mod router;
+pub mod selected;
 pub mod tracing;
 
 /// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`),

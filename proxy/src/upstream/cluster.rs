@@ -20,7 +20,7 @@ use super::breakers::{Breakers, ConnectionReadings};
 use super::connect::Connector;
 use super::health::active::{Checker, Target, Transition};
 use super::health::outlier::{Detector, OutlierReporter};
-use super::health::{Event, OutlierSetup};
+use super::health::{Event, OutlierSetup, Watched};
 use super::host::{Host, HostState};
 use super::lb::{LbContext, LoadBalancer};
 use super::outcome::Outcome;
@@ -337,85 +337,6 @@ impl Members {
         checker.stats.degraded.set(degraded);
     }
 
-    /// A session finished a check: rebuild when the host's health moved, end an outlier
-    /// ejection on success when configured, and wake the first-check wait.
-    pub(super) fn after_check(&self, state: &Arc<HostState>, healthy: bool, changed: Transition) {
-        let mut rebuild = changed == Transition::Changed;
-        if healthy
-            && !state.has(HostState::FAILED_ACTIVE_HC)
-            && state.has(HostState::FAILED_OUTLIER_CHECK)
-        {
-            let outlier = lock(&self.health).outlier.clone();
-            if let Some(setup) = outlier
-                && setup.config.successful_active_health_check_uneject_host
-            {
-                let set = self.set();
-                Detector {
-                    config: &setup.config,
-                    stats: &setup.stats,
-                    hosts: &set.hosts,
-                }
-                .uneject(state);
-                rebuild = true;
-            }
-        }
-        if rebuild {
-            self.rebuild();
-        } else {
-            self.refresh_check_gauges();
-        }
-        self.checked.notify_waiters();
-    }
-
-    /// An event from the request path.
-    pub(super) fn on_event(&self, event: Event) {
-        let changed = match event {
-            Event::Consecutive(state, kind) => {
-                let outlier = lock(&self.health).outlier.clone();
-                let Some(setup) = outlier else { return };
-                let set = self.set();
-                Detector {
-                    config: &setup.config,
-                    stats: &setup.stats,
-                    hosts: &set.hosts,
-                }
-                .on_consecutive(&state, kind)
-            }
-            Event::ImmediateFail(state) => {
-                let checker = lock(&self.health).checker.clone();
-                let Some(checker) = checker else { return };
-                super::health::active::on_passive_failure(&checker, &state) == Transition::Changed
-            }
-        };
-        if changed {
-            self.rebuild();
-        }
-    }
-
-    pub(super) fn outlier_interval(&self) -> Option<std::time::Duration> {
-        lock(&self.health)
-            .outlier
-            .as_ref()
-            .map(|o| o.config.interval)
-    }
-
-    /// The outlier detector's interval.
-    pub(super) fn outlier_tick(&self) {
-        let outlier = lock(&self.health).outlier.clone();
-        let Some(setup) = outlier else { return };
-        let set = self.set();
-        let changed = Detector {
-            config: &setup.config,
-            stats: &setup.stats,
-            hosts: &set.hosts,
-        }
-        .interval();
-        drop(set);
-        if changed {
-            self.rebuild();
-        }
-    }
-
     /// Waits until every checked host has had its first health check (at once without
     /// active checks), as Envoy waits before a cluster is initialized.
     pub async fn health_ready(&self) {
@@ -502,6 +423,87 @@ impl Members {
         let hosts = set.hosts.clone();
         self.set.store(Arc::new(set));
         self.sync_sessions(&hosts);
+    }
+}
+
+impl Watched for Members {
+    /// A session finished a check: rebuild when the host's health moved, end an outlier
+    /// ejection on success when configured, and wake the first-check wait.
+    fn after_check(&self, state: &Arc<HostState>, healthy: bool, changed: Transition) {
+        let mut rebuild = changed == Transition::Changed;
+        if healthy
+            && !state.has(HostState::FAILED_ACTIVE_HC)
+            && state.has(HostState::FAILED_OUTLIER_CHECK)
+        {
+            let outlier = lock(&self.health).outlier.clone();
+            if let Some(setup) = outlier
+                && setup.config.successful_active_health_check_uneject_host
+            {
+                let set = self.set();
+                Detector {
+                    config: &setup.config,
+                    stats: &setup.stats,
+                    hosts: &set.hosts,
+                }
+                .uneject(state);
+                rebuild = true;
+            }
+        }
+        if rebuild {
+            self.rebuild();
+        } else {
+            self.refresh_check_gauges();
+        }
+        self.checked.notify_waiters();
+    }
+
+    /// An event from the request path.
+    fn on_event(&self, event: Event) {
+        let changed = match event {
+            Event::Consecutive(state, kind) => {
+                let outlier = lock(&self.health).outlier.clone();
+                let Some(setup) = outlier else { return };
+                let set = self.set();
+                Detector {
+                    config: &setup.config,
+                    stats: &setup.stats,
+                    hosts: &set.hosts,
+                }
+                .on_consecutive(&state, kind)
+            }
+            Event::ImmediateFail(state) => {
+                let checker = lock(&self.health).checker.clone();
+                let Some(checker) = checker else { return };
+                super::health::active::on_passive_failure(&checker, &state) == Transition::Changed
+            }
+        };
+        if changed {
+            self.rebuild();
+        }
+    }
+
+    fn outlier_interval(&self) -> Option<std::time::Duration> {
+        lock(&self.health)
+            .outlier
+            .as_ref()
+            .map(|o| o.config.interval)
+    }
+
+    /// The outlier detector's interval.
+    fn outlier_tick(&self) {
+        let outlier = lock(&self.health).outlier.clone();
+        let Some(setup) = outlier else { return };
+        let set = self.set();
+        let changed = Detector {
+            config: &setup.config,
+            stats: &setup.stats,
+            hosts: &set.hosts,
+        }
+        .interval();
+        drop(set);
+        if changed {
+            self.rebuild();
+        }
     }
 }
 
@@ -769,7 +771,7 @@ impl Cluster {
         if let config::LbPolicy::PeakEwma(peak_ewma) = &self.config.load_balancing.policy {
             host.state
                 .latency
-                .observe(elapsed, super::lb::clock::now_micros(), peak_ewma.decay);
+                .observe(elapsed, super::clock::now_micros(), peak_ewma.decay);
         }
     }
 

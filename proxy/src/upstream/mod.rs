@@ -3,7 +3,9 @@
 //!
 //! - [`cluster`]: a cluster at run time, its [`cluster::Members`] (hosts by priority) and pools,
 //!   carried across CDS and EDS updates.
-//! - [`host`]: a host as configured and its state as learnt (stats, health flags).
+//! - [`host`]: a host as configured and its state as learnt (stats, health flags, outlier
+//!   counters, response-time estimate).
+//! - [`clock`]: the monotonic microseconds host states and balancers store in atomics.
 //! - [`priority`]: priority and panic selection, once for every policy.
 //! - [`lb`]: load-balancing policies over one priority's usable hosts.
 //! - [`breakers`]: requests and retries in flight per routing priority, and their gauges.
@@ -13,6 +15,7 @@
 //! - [`outcome`]: what each attempt came to, reported by the router and `tcp_proxy`.
 
 pub mod breakers;
+pub mod clock;
 pub mod cluster;
 pub mod connect;
 pub mod health;

@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 use super::connect::{Connector, LimitSlot, UpstreamIo};
 use super::host::{Host, HostStats};
 use crate::config::{Cluster, Http2Options, Thresholds, UpstreamProtocol};
-use crate::http::body::OutgoingBody;
+use crate::http::body::outgoing::OutgoingBody;
 use crate::stats::ClusterStats;
 
 thread_local! {

@@ -13,8 +13,9 @@ use http::{Method, Response, StatusCode};
 use remora_config::filters::PerRouteConfig;
 use remora_config::filters::cors::CorsPolicy;
 
-use crate::http::filter::{Flow, HttpFilter, Selected, Stream};
+use crate::http::filter::{Flow, HttpFilter, Stream};
 use crate::http::local_reply::LocalReply;
+use crate::http::selected::Selected;
 use crate::stats::HttpStats;
 
 static REQUEST_METHOD: HeaderName = HeaderName::from_static("access-control-request-method");

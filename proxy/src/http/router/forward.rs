@@ -23,9 +23,10 @@ use super::mirror;
 use super::retry::{NoRetry, Retries, Tried};
 use crate::config::UpstreamProtocol;
 use crate::error::{ProxyError, ResponseFlag};
-use crate::http::body::{
-    OutgoingBody, RequestBody, RequestEnd, ResponseBody, StreamTimeout, StreamTimer, UpstreamBody,
-};
+use crate::http::body::outgoing::OutgoingBody;
+use crate::http::body::request::{RequestBody, RequestEnd};
+use crate::http::body::response::{ResponseBody, UpstreamBody};
+use crate::http::body::timer::{StreamTimeout, StreamTimer};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
 use crate::http::replay::SharedBody;

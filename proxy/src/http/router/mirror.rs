@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use rand::Rng;
 use remora_config::route::{Mirror, MirrorCluster};
 
-use crate::http::body::OutgoingBody;
+use crate::http::body::outgoing::OutgoingBody;
 use crate::http::replay::SharedBody;
 use crate::store::Snapshot;
 use crate::upstream::{LbContext, Outcome};

@@ -21,10 +21,11 @@ use tokio::time::Instant;
 
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::Entry;
-use crate::http::body::ResponseBody;
-use crate::http::filter::{BodyFilter, Selected};
+use crate::http::body::response::ResponseBody;
+use crate::http::body_filter::BodyFilter;
 use crate::http::local_reply::LocalReply;
 use crate::http::manager::Manager;
+use crate::http::selected::Selected;
 use crate::store::Snapshot;
 
 /// A request as it reaches the router.

@@ -143,11 +143,13 @@ const QUEUED_BATCHES: usize = 4;
 
 impl Exporter {
     /// The exporter for a provider: shared by every connection manager with the same provider
-    /// config (as Envoy shares a tracer driver), made on first use.
+    /// config (as Envoy shares a tracer driver), made on first use. `sink` makes the
+    /// provider's wire format, once, on the export runtime.
     pub fn for_provider(
         provider: &Provider,
         context: &TracingContext,
         registry: &Registry,
+        sink: fn(&Provider, &TracingContext) -> Box<dyn Sink>,
     ) -> Arc<Exporter> {
         static EXPORTERS: OnceLock<Mutex<Vec<Shared>>> = OnceLock::new();
         let mut exporters = EXPORTERS
@@ -186,11 +188,7 @@ impl Exporter {
         let provider_config = provider.clone();
         let context = context.clone();
         runtime().spawn(async move {
-            let sink: Box<dyn Sink> = match &provider_config {
-                Provider::OpenTelemetry(otel) => super::otlp::sink(otel, &context),
-                Provider::Zipkin(zipkin) => super::zipkin::sink(zipkin, &context),
-            };
-            task.run(sink).await;
+            task.run(sink(&provider_config, &context)).await;
         });
         exporters.push((provider.clone(), Arc::downgrade(&exporter)));
         exporter

@@ -27,8 +27,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 use remora_config::tracing::{CustomTag, MetadataKind, Provider, TagValue, Tracing};
 
-use crate::http::filter::Selected;
 use crate::http::headers::X_REQUEST_ID;
+use crate::http::selected::Selected;
 use export::Exporter;
 use propagation::Format;
 use request_id::{Reason, Sampling, X_CLIENT_TRACE_ID};
@@ -190,7 +190,7 @@ impl Tracer {
                 zone: context.zone.clone(),
                 fixed,
             }),
-            exporter: Exporter::for_provider(provider, context, registry),
+            exporter: Exporter::for_provider(provider, context, registry, sink),
         }))
     }
 
@@ -365,6 +365,14 @@ impl Tracer {
 }
 
 /// The sampling shares for a request: the route's `tracing` overrides, else the HCM's.
+/// The provider's wire format: OTLP or Zipkin.
+fn sink(provider: &Provider, context: &TracingContext) -> Box<dyn export::Sink> {
+    match provider {
+        Provider::OpenTelemetry(otel) => otlp::sink(otel, context),
+        Provider::Zipkin(zipkin) => zipkin::sink(zipkin, context),
+    }
+}
+
 fn sampling(config: &Tracing, route: Option<&Selected>) -> Sampling {
     let overrides = route.and_then(|selected| selected.route().tracing.as_ref());
     Sampling {

@@ -19,7 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{GrpcProbe, HealthCheck, HttpProbe, Probe, ProbeProtocol, TcpProbe};
 use crate::stats::{ClusterStats, HealthCheckStats};
-use crate::upstream::cluster::Members;
 use crate::upstream::connect::{Connector, UpstreamIo};
 use crate::upstream::host::HostState;
 
@@ -220,7 +219,7 @@ impl Conn {
 
 /// One host's session: probes until the task is aborted or the cluster's members are gone.
 pub async fn run(
-    members: Weak<Members>,
+    members: Weak<dyn super::Watched>,
     checker: Arc<Checker>,
     state: Arc<HostState>,
     target: Target,

@@ -1,8 +1,8 @@
 //! Health beyond EDS: [`active`] health checks (one session per host and cluster) and
 //! [`outlier`] detection. Both run on the main runtime, never on request workers: the request
 //! path only counts outcomes with atomics and, rarely, sends an [`Event`] to its cluster's
-//! health task. Their state lives in the cluster's [`super::cluster::Members`], so it survives
-//! CDS and EDS updates that keep a host.
+//! health task. Their state lives in the cluster's members (the [`Watched`] hosts), so it
+//! survives CDS and EDS updates that keep a host.
 
 pub mod active;
 pub mod outlier;
@@ -13,7 +13,6 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
-use super::cluster::Members;
 use super::host::HostState;
 use crate::config::OutlierDetection;
 use crate::stats::OutlierStats;
@@ -34,9 +33,23 @@ pub struct OutlierSetup {
     pub stats: Arc<OutlierStats>,
 }
 
+/// What the health tasks report to: the cluster's members, which own the hosts and rebuild
+/// the usable sets when a host's health moves. A trait, so the health machinery needs nothing
+/// from the cluster that runs it.
+pub trait Watched: Send + Sync {
+    /// The outlier detector's interval, while outlier detection is configured.
+    fn outlier_interval(&self) -> Option<Duration>;
+    /// The detector's work at each interval.
+    fn outlier_tick(&self);
+    /// An event from the request path.
+    fn on_event(&self, event: Event);
+    /// A session finished a check on `state`.
+    fn after_check(&self, state: &Arc<HostState>, healthy: bool, changed: active::Transition);
+}
+
 /// The cluster's health task: handles events from the request path and runs the outlier
 /// detector's interval while outlier detection is configured.
-pub async fn supervise(members: Weak<Members>, mut events: UnboundedReceiver<Event>) {
+pub async fn supervise(members: Weak<dyn Watched>, mut events: UnboundedReceiver<Event>) {
     let mut next_tick: Option<(Instant, Duration)> = None;
     loop {
         let interval = match members.upgrade() {

@@ -1,12 +1,12 @@
 //! Outlier detection, as Envoy's detector: every attempt's outcome is counted per host on the
-//! request path with atomics only ([`OutlierCounters`], [`OutlierReporter::report`]); a run of
+//! request path with atomics only ([`OutlierReporter::report`] into the host's
+//! [`crate::upstream::host::OutlierCounters`]); a run of
 //! errors reaching its threshold sends one event to the cluster's health task on the main
 //! runtime, which ejects the host. The same task runs the detector's interval: unejecting
 //! hosts whose ejection time is up, then success-rate and failure-percentage ejections over
 //! the interval's counts.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::Event;
 use crate::config::OutlierDetection;
 use crate::stats::OutlierStats;
-use crate::upstream::host::{Host, HostState};
+use crate::upstream::host::{Host, HostState, Run};
 use crate::upstream::outcome::Outcome;
 
 /// Why a host is ejected; the order of [`crate::stats::EJECTION_KINDS`].
@@ -29,94 +29,6 @@ pub enum EjectionKind {
     LocalOriginSuccessRate = 4,
     FailurePercentage = 5,
     LocalOriginFailurePercentage = 6,
-}
-
-/// Requests and successes of one interval, in one word so the detector takes both at once:
-/// the high half counts requests, the low half successes.
-#[derive(Debug, Default)]
-pub struct Bucket(AtomicU64);
-
-impl Bucket {
-    const ONE_REQUEST: u64 = 1 << 32;
-
-    #[inline]
-    fn add(&self, success: bool) {
-        self.0
-            .fetch_add(Self::ONE_REQUEST | u64::from(success), Ordering::Relaxed);
-    }
-
-    /// The interval's (requests, successes), starting a new interval.
-    fn take(&self) -> (u64, u64) {
-        let word = self.0.swap(0, Ordering::Relaxed);
-        (word >> 32, word & 0xffff_ffff)
-    }
-}
-
-/// A host's outlier counters and what the detector last computed for it.
-#[derive(Debug)]
-pub struct OutlierCounters {
-    consecutive_5xx: AtomicU32,
-    consecutive_gateway_failure: AtomicU32,
-    consecutive_local_origin_failure: AtomicU32,
-    external: Bucket,
-    local: Bucket,
-    /// Success rates of the last interval (percent, as `f64` bits; negative: not computed),
-    /// for `/clusters`.
-    success_rate: AtomicU64,
-    local_origin_success_rate: AtomicU64,
-    /// Ejection history; only the main runtime locks it.
-    pub record: std::sync::Mutex<EjectionRecord>,
-}
-
-impl Default for OutlierCounters {
-    fn default() -> Self {
-        OutlierCounters {
-            consecutive_5xx: AtomicU32::new(0),
-            consecutive_gateway_failure: AtomicU32::new(0),
-            consecutive_local_origin_failure: AtomicU32::new(0),
-            external: Bucket::default(),
-            local: Bucket::default(),
-            success_rate: AtomicU64::new((-1f64).to_bits()),
-            local_origin_success_rate: AtomicU64::new((-1f64).to_bits()),
-            record: std::sync::Mutex::default(),
-        }
-    }
-}
-
-impl OutlierCounters {
-    /// The last computed success rates (external, local origin); -1 when not computed.
-    pub fn success_rates(&self) -> (f64, f64) {
-        (
-            f64::from_bits(self.success_rate.load(Ordering::Relaxed)),
-            f64::from_bits(self.local_origin_success_rate.load(Ordering::Relaxed)),
-        )
-    }
-
-    fn reset_consecutive(&self) {
-        self.consecutive_5xx.store(0, Ordering::Relaxed);
-        self.consecutive_gateway_failure.store(0, Ordering::Relaxed);
-        self.consecutive_local_origin_failure
-            .store(0, Ordering::Relaxed);
-    }
-}
-
-/// Clears a counter without writing a line other workers read when it is already zero.
-#[inline]
-fn clear(counter: &AtomicU32) {
-    if counter.load(Ordering::Relaxed) != 0 {
-        counter.store(0, Ordering::Relaxed);
-    }
-}
-
-/// A host's ejections so far.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct EjectionRecord {
-    pub ejections: u32,
-    pub last_ejection: Option<Instant>,
-    pub last_unejection: Option<Instant>,
-    /// Multiplies the base ejection time; grows with each ejection, shrinks while healthy.
-    pub backoff: u32,
-    pub jitter: Duration,
 }
 
 /// What the request path needs: thresholds and the way to the cluster's health task.
@@ -176,9 +88,7 @@ impl OutlierReporter {
     #[inline]
     fn local_success(&self, host: &Arc<HostState>) {
         if self.split {
-            let counters = &host.outlier;
-            counters.local.add(true);
-            clear(&counters.consecutive_local_origin_failure);
+            host.outlier.count_local_success();
         }
     }
 
@@ -187,43 +97,20 @@ impl OutlierReporter {
         if !self.split {
             return self.status(host, status);
         }
-        let counters = &host.outlier;
-        counters.local.add(false);
-        if counters
-            .consecutive_local_origin_failure
-            .fetch_add(1, Ordering::Relaxed)
-            + 1
-            == self.consecutive_local_origin_failure
-        {
+        if host.outlier.count_local_failure() == self.consecutive_local_origin_failure {
             self.send(host, EjectionKind::ConsecutiveLocalOriginFailure);
         }
     }
 
     #[inline]
     fn status(&self, host: &Arc<HostState>, status: u16) {
-        let counters = &host.outlier;
-        if status >= 500 {
-            counters.external.add(false);
-            if matches!(status, 502..=504) {
-                if counters
-                    .consecutive_gateway_failure
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1
-                    == self.consecutive_gateway_failure
-                {
-                    self.send(host, EjectionKind::ConsecutiveGatewayFailure);
-                }
-            } else {
-                clear(&counters.consecutive_gateway_failure);
-            }
-            if counters.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1 == self.consecutive_5xx
-            {
-                self.send(host, EjectionKind::Consecutive5xx);
-            }
-        } else {
-            counters.external.add(true);
-            clear(&counters.consecutive_5xx);
-            clear(&counters.consecutive_gateway_failure);
+        let runs = host.outlier.count_status(status);
+        // Exactly at the threshold, so a run past it sends nothing more.
+        if runs.consecutive_gateway_failure == self.consecutive_gateway_failure {
+            self.send(host, EjectionKind::ConsecutiveGatewayFailure);
+        }
+        if runs.consecutive_5xx == self.consecutive_5xx {
+            self.send(host, EjectionKind::Consecutive5xx);
         }
     }
 
@@ -238,10 +125,6 @@ pub struct Detector<'a> {
     pub config: &'a OutlierDetection,
     pub stats: &'a OutlierStats,
     pub hosts: &'a [Arc<Host>],
-}
-
-fn lock(record: &std::sync::Mutex<EjectionRecord>) -> std::sync::MutexGuard<'_, EjectionRecord> {
-    record.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn enforced(percent: u32) -> bool {
@@ -283,21 +166,15 @@ impl Detector<'_> {
         }
         self.stats.detected[kind as usize].inc();
         let changed = self.eject(state, kind);
-        let counters = &state.outlier;
-        match kind {
+        let run = match kind {
             EjectionKind::Consecutive5xx => {
                 self.stats.ejections_consecutive_5xx.inc();
-                counters.consecutive_5xx.store(0, Ordering::Relaxed);
+                Run::Consecutive5xx
             }
-            EjectionKind::ConsecutiveGatewayFailure => {
-                counters
-                    .consecutive_gateway_failure
-                    .store(0, Ordering::Relaxed);
-            }
-            _ => counters
-                .consecutive_local_origin_failure
-                .store(0, Ordering::Relaxed),
-        }
+            EjectionKind::ConsecutiveGatewayFailure => Run::ConsecutiveGatewayFailure,
+            _ => Run::ConsecutiveLocalOriginFailure,
+        };
+        state.outlier.restart(run);
         changed
     }
 
@@ -326,7 +203,7 @@ impl Detector<'_> {
         self.stats.ejections_enforced_total.inc();
         self.stats.enforced[kind as usize].inc();
         state.set_flag(HostState::FAILED_OUTLIER_CHECK, true);
-        let mut record = lock(&state.outlier.record);
+        let mut record = state.outlier.record();
         record.ejections += 1;
         record.last_ejection = Some(Instant::now());
         let jitter_ms = self.config.max_ejection_time_jitter.as_millis() as u64;
@@ -344,7 +221,7 @@ impl Detector<'_> {
     pub fn uneject(&self, state: &HostState) {
         state.set_flag(HostState::FAILED_OUTLIER_CHECK, false);
         state.outlier.reset_consecutive();
-        lock(&state.outlier.record).last_unejection = Some(Instant::now());
+        state.outlier.record().last_unejection = Some(Instant::now());
         self.stats.ejections_active.set(self.ejected_count() as u64);
     }
 
@@ -358,7 +235,7 @@ impl Detector<'_> {
         for host in self.hosts {
             let state = &host.state;
             if state.has(HostState::FAILED_OUTLIER_CHECK) {
-                let record = *lock(&state.outlier.record);
+                let record = *state.outlier.record();
                 let served = self
                     .config
                     .base_ejection_time
@@ -373,15 +250,9 @@ impl Detector<'_> {
                     changed = true;
                 }
             }
-            let counters = &state.outlier;
-            external.push(counters.external.take());
-            local.push(counters.local.take());
-            counters
-                .success_rate
-                .store((-1f64).to_bits(), Ordering::Relaxed);
-            counters
-                .local_origin_success_rate
-                .store((-1f64).to_bits(), Ordering::Relaxed);
+            let (external_counts, local_counts) = state.outlier.take_interval();
+            external.push(external_counts);
+            local.push(local_counts);
         }
         changed |= self.rates(&external, false);
         changed |= self.rates(&local, true);
@@ -389,7 +260,7 @@ impl Detector<'_> {
             if host.state.has(HostState::FAILED_OUTLIER_CHECK) {
                 continue;
             }
-            let mut record = lock(&host.state.outlier.record);
+            let mut record = host.state.outlier.record();
             if record
                 .last_unejection
                 .is_some_and(|at| now.duration_since(at) >= self.config.interval)
@@ -421,12 +292,7 @@ impl Detector<'_> {
             }
             let rate = *success as f64 * 100.0 / *total as f64;
             if *total >= sr_volume.min(fp_volume) {
-                let slot = if local {
-                    &host.state.outlier.local_origin_success_rate
-                } else {
-                    &host.state.outlier.success_rate
-                };
-                slot.store(rate.to_bits(), Ordering::Relaxed);
+                host.state.outlier.set_success_rate(local, rate);
             }
             if *total >= sr_volume {
                 sr_hosts.push((host, rate));
@@ -483,16 +349,6 @@ impl Detector<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_take_requests_and_successes_together() {
-        let bucket = Bucket::default();
-        bucket.add(true);
-        bucket.add(false);
-        bucket.add(true);
-        assert_eq!(bucket.take(), (3, 2));
-        assert_eq!(bucket.take(), (0, 0));
-    }
 
     #[test]
     fn consecutive_errors_send_one_event_at_the_threshold() {

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use rand::Rng;
 
 use super::edf::Edf;
-use super::{LbContext, LoadBalancer, Picker, clock, slow_start};
+use super::{LbContext, LoadBalancer, Picker, slow_start};
 use crate::config;
+use crate::upstream::clock;
 use crate::upstream::host::Host;
 
 #[derive(Debug)]

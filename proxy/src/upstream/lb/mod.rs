@@ -8,9 +8,8 @@
 //! [`round_robin`], [`least_request`], [`random`], [`ring_hash`], [`maglev`], and Remora's own
 //! [`peak_ewma`]. Shared parts: [`edf`] (earliest-deadline-first scheduling for dynamic
 //! weights), [`slow_start`], [`hashing`] (host keys, weights and hash functions of the
-//! consistent-hashing policies) and [`clock`].
+//! consistent-hashing policies) and the clock ([`super::clock`]).
 
-pub mod clock;
 pub mod edf;
 pub mod hashing;
 pub mod least_request;
@@ -26,7 +25,7 @@ use std::sync::Arc;
 
 pub use least_request::LeastRequest;
 pub use maglev::Maglev;
-pub use peak_ewma::{Latency, PeakEwma};
+pub use peak_ewma::PeakEwma;
 pub use random::Random;
 pub use ring_hash::RingHash;
 pub use round_robin::RoundRobin;

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::edf::Edf;
-use super::{LbContext, LoadBalancer, Picker, clock, slow_start};
+use super::{LbContext, LoadBalancer, Picker, slow_start};
 use crate::config::SlowStart;
+use crate::upstream::clock;
 use crate::upstream::host::Host;
 
 #[derive(Debug, Default)]

@@ -4,12 +4,17 @@
 //! outlier detection, when it became usable, its response-time estimate). The state lives in the cluster's registry keyed by address, so an EDS
 //! or CDS update that keeps a host keeps its state, and the pools keep its connections.
 
+mod latency;
+mod outlier_counters;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::health::outlier::OutlierCounters;
-use super::lb::{Latency, clock};
+pub use latency::Latency;
+pub use outlier_counters::{EjectionRecord, OutlierCounters, Run, Runs};
+
+use super::clock;
 use crate::config::{EndpointHealthCheck, HealthStatus, LbEndpoint, Locality};
 use crate::stats::{Kind, Stat};
 

@@ -1,0 +1,245 @@
+//! Response bodies: an upstream body on its way downstream, holding the request's slots until
+//! it ends, or a local reply's fixed buffer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::BoxError;
+use super::timer::StreamTimer;
+use crate::http::access_log::PendingLine;
+use crate::http::body_filter::{BodyFilter, filter_frame};
+use crate::stats::GaugeGuard;
+use crate::upstream::HostGauge;
+use crate::upstream::breakers::Held;
+use crate::upstream::pool::Lease;
+
+/// A response body: streamed from upstream or generated locally.
+// Unboxed on purpose: the upstream body is the common case, and a box would cost an allocation
+// per request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum ResponseBody {
+    Upstream(UpstreamBody),
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn empty() -> Self {
+        ResponseBody::Full(None)
+    }
+    /// Keeps the downstream request's slots until the body ends; a local reply is complete
+    /// already, so they go now. Body filters see the body on its way.
+    pub fn hold(&mut self, mut slots: DownstreamSlots, mut filters: Vec<Box<dyn BodyFilter>>) {
+        match self {
+            ResponseBody::Upstream(body) => {
+                body.downstream = Some(slots);
+                body.filters = filters;
+            }
+            ResponseBody::Full(data) => {
+                for filter in &mut filters {
+                    if let Some(data) = data.as_mut() {
+                        filter.on_data(data);
+                    }
+                    filter.on_end();
+                }
+                let sent = data.as_ref().map_or(0, |d| d.len() as u64);
+                if let Some(log) = slots.log.as_mut() {
+                    log.entry.bytes_sent = sent;
+                }
+                if let Some(trace) = slots.trace.as_mut() {
+                    trace.add_sent(sent);
+                }
+            }
+        }
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        ResponseBody::Full(if bytes.is_empty() { None } else { Some(bytes) })
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match this {
+            ResponseBody::Upstream(body) => {
+                let polled = body.poll_frame(cx);
+                // Done or failed: drop the upstream stream and the active-request slot now.
+                if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+                    *this = ResponseBody::Full(None);
+                }
+                polled
+            }
+            ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream(body) => body.inner.is_end_stream(),
+            ResponseBody::Full(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream(body) => body.inner.size_hint(),
+            ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// An upstream response body on its way downstream. It holds the cluster's `upstream_rq_active`
+/// slot until it ends (as Envoy counts a request until its response is complete) and fails the
+/// stream when a [`StreamTimer`] fires, which resets it downstream (HTTP/2 RST_STREAM, HTTP/1.1
+/// connection closed mid-body), as Envoy does once headers are sent.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    timer: Option<StreamTimer>,
+    /// The request's `max_requests` place, `upstream_rq_active` and the host's `rq_active`.
+    _active: (Held, GaugeGuard, HostGauge),
+    downstream: Option<DownstreamSlots>,
+    /// The HTTP/1.1 connection the body arrives on, back to its pool once the body is in.
+    lease: Option<Lease>,
+    /// HTTP filters looking at the body (usually none).
+    filters: Vec<Box<dyn BodyFilter>>,
+    /// The cluster's `upstream_rq_time` and when the request went out, recorded at the end.
+    rq_time: Option<(Arc<crate::stats::Histogram>, Instant)>,
+    ended: bool,
+}
+
+/// Work that waits for a downstream stream to end (the filter chain's completion phase); a
+/// trait so that bodies need nothing from the filter chain.
+pub trait StreamEnd: Send + std::fmt::Debug {
+    fn stream_ended(self: Box<Self>);
+}
+
+/// What a downstream request holds until its response ends: its place in
+/// `downstream_rq_active` and in the connection's in-flight count (the idle timeout's), its
+/// access log line, and its filters' completion phase.
+#[derive(Debug)]
+pub struct DownstreamSlots {
+    pub active: GaugeGuard,
+    pub in_flight: GaugeGuard,
+    /// The access log line, written when this is dropped (boxed: only logged requests pay).
+    pub log: Option<Box<PendingLine>>,
+    /// The filters' completion phase, run when this is dropped.
+    pub completion: Option<Box<dyn StreamEnd>>,
+    /// A sampled request's spans, finished when this is dropped.
+    pub trace: Option<crate::http::tracing::Completion>,
+    /// The connection manager's `downstream_rq_time` and when the request began.
+    pub rq_time: (Arc<crate::stats::Histogram>, Instant),
+}
+
+impl Drop for DownstreamSlots {
+    fn drop(&mut self) {
+        self.rq_time.0.record_duration(self.rq_time.1.elapsed());
+        if let Some(completion) = self.completion.take() {
+            completion.stream_ended();
+        }
+    }
+}
+
+impl UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        timer: Option<StreamTimer>,
+        active: (Held, GaugeGuard, HostGauge),
+        lease: Option<Lease>,
+    ) -> Self {
+        UpstreamBody {
+            inner,
+            timer,
+            _active: active,
+            downstream: None,
+            lease,
+            filters: Vec::new(),
+            rq_time: None,
+            ended: false,
+        }
+    }
+
+    /// Records `upstream_rq_time` (from `sent`) when the body ends.
+    pub fn with_rq_time(mut self, histogram: &Arc<crate::stats::Histogram>, sent: Instant) -> Self {
+        self.rq_time = Some((histogram.clone(), sent));
+        self
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(timer) = &mut self.timer {
+                    timer.touch();
+                }
+                filter_frame(&mut self.filters, &mut frame);
+                if let Some(downstream) = self.downstream.as_mut()
+                    && let Some(data) = frame.data_ref()
+                {
+                    if let Some(log) = downstream.log.as_mut() {
+                        log.entry.bytes_sent += data.len() as u64;
+                    }
+                    if let Some(trace) = downstream.trace.as_mut() {
+                        trace.add_sent(data.len() as u64);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                for filter in &mut self.filters {
+                    filter.on_end();
+                }
+                if let Some(lease) = self.lease.take() {
+                    lease.release();
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Pending => match &mut self.timer {
+                Some(timer) => match timer.poll_expired(cx) {
+                    Poll::Ready(timeout) => {
+                        // The access log shows why the body was cut, as Envoy's does.
+                        if let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut()) {
+                            log.entry.flags.insert(timeout.flag());
+                        }
+                        Poll::Ready(Some(Err(Box::new(timeout))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                },
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some((histogram, sent)) = &self.rq_time
+            && (self.ended || self.inner.is_end_stream())
+        {
+            histogram.record_duration(sent.elapsed());
+        }
+        // A body that was complete from the start (no content) is never polled; one dropped
+        // part-way leaves its connection mid-response, so that connection closes instead.
+        if let Some(lease) = self.lease.take()
+            && self.inner.is_end_stream()
+        {
+            lease.release();
+        }
+    }
+}
