@@ -25,11 +25,12 @@ use serde_json::{Value, json};
 
 use crate::config::{ConfigService, WriteError};
 use crate::mesh::hub::MeshHub;
+use crate::mesh::rest::MeshApiState;
 use crate::metrics::Metrics;
+use crate::registry::ProxyRegistry;
 use crate::resource::{Kind, Typed, stored_to_json};
 use crate::store::{Change, ResourceKey};
 use crate::validate::{Findings, Problem};
-use crate::xds::stream::ProxyRegistry;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -92,8 +93,13 @@ impl From<WriteError> for ApiError {
 }
 
 pub fn router(state: ApiState) -> Router {
+    let mesh = MeshApiState {
+        config: state.config.clone(),
+        mesh: state.mesh.clone(),
+        registry: state.registry.clone(),
+    };
     let v1 = Router::new()
-        .merge(crate::mesh::rest::router())
+        .merge(crate::mesh::rest::router(mesh))
         .route("/v1/proxies", get(list_proxies))
         .route("/v1/apply", post(apply))
         .route("/v1/{kind}", get(list_resources))

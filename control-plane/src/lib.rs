@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod mesh;
 pub mod metrics;
+pub mod registry;
 pub mod resource;
 pub mod server;
 pub mod snapshot;

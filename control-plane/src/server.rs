@@ -14,12 +14,12 @@ use crate::config::ConfigService;
 use crate::mesh::hub::MeshHub;
 use crate::mesh::translate::MeshSettings;
 use crate::metrics::Metrics;
+use crate::registry::ProxyRegistry;
 use crate::snapshot::SnapshotHub;
 use crate::store::ConfigStore;
 use crate::store::etcd_store::EtcdStore;
 use crate::store::redb_store::RedbStore;
 use crate::xds::XdsContext;
-use crate::xds::stream::ProxyRegistry;
 
 /// Where config is kept.
 #[derive(Clone, Debug)]

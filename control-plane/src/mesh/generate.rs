@@ -20,8 +20,8 @@ use prost::Message;
 use xds_api::envoy::config::listener::v3::FilterChain;
 
 use crate::mesh::model::{
-    EndpointSet, Inputs, NamespaceSettings, ObjectKey, PolicyObject, Protocol, Service, Source,
-    TargetPort, Workload,
+    EndpointSet, Inputs, MeshUpdate, NamespaceSettings, ObjectKey, PolicyObject, Protocol, Service,
+    Source, TargetPort, Workload,
 };
 use crate::mesh::names;
 use crate::mesh::policy::{Effective, MtlsMode, mesh_defaults};
@@ -259,6 +259,19 @@ impl Generator {
     }
 
     // ---- input changes: each marks what it touches ----
+
+    /// Takes in one change from a source.
+    pub fn apply(&mut self, update: MeshUpdate) {
+        match update {
+            MeshUpdate::Service(source, key, value) => self.set_service(source, key, value),
+            MeshUpdate::Endpoints(source, service, name, value) => {
+                self.set_endpoints(source, service, &name, value)
+            }
+            MeshUpdate::Workload(source, key, value) => self.set_workload(source, key, value),
+            MeshUpdate::Namespace(source, name, value) => self.set_namespace(source, &name, value),
+            MeshUpdate::Policy(source, key, value) => self.set_policy(source, key, value),
+        }
+    }
 
     pub fn set_service(&mut self, source: Source, key: ObjectKey, service: Option<Service>) {
         let layer = self.inputs.layer_mut(source);

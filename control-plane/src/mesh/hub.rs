@@ -18,45 +18,15 @@ use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 
 use crate::mesh::generate::{Generator, Rebuilt, Shared, SidecarParts};
-use crate::mesh::model::{
-    EndpointSet, NamespaceSettings, ObjectKey, PolicyObject, Service, Source, Workload,
-};
+use crate::mesh::model::{MeshUpdate, ObjectKey, Source};
 use crate::mesh::policy::{NackedProxy, PolicyCondition, ProxyCounts, TrafficPolicyStatus};
 use crate::mesh::sidecar::Sidecar;
+use crate::mesh::stored::to_update;
 use crate::mesh::translate::MeshSettings;
+use crate::registry::{ProxyRegistry, ProxyStatus};
 use crate::resource::Kind;
 use crate::snapshot::{Snapshot, SnapshotHub, TypeChange, TypeMap, changed_names};
 use crate::store::MeshKey;
-use crate::xds::stream::ProxyRegistry;
-
-/// One change from a source.
-// Updates are short-lived (queued, applied, dropped), so the size spread does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug)]
-pub enum MeshUpdate {
-    Service(Source, ObjectKey, Option<Service>),
-    /// The endpoint set `.2` of service `.1`.
-    Endpoints(Source, ObjectKey, String, Option<EndpointSet>),
-    Workload(Source, ObjectKey, Option<Workload>),
-    Namespace(Source, String, Option<NamespaceSettings>),
-    Policy(Source, ObjectKey, Option<PolicyObject>),
-}
-
-impl MeshUpdate {
-    fn apply(self, generator: &mut Generator) {
-        match self {
-            MeshUpdate::Service(source, key, value) => generator.set_service(source, key, value),
-            MeshUpdate::Endpoints(source, service, name, value) => {
-                generator.set_endpoints(source, service, &name, value)
-            }
-            MeshUpdate::Workload(source, key, value) => generator.set_workload(source, key, value),
-            MeshUpdate::Namespace(source, name, value) => {
-                generator.set_namespace(source, &name, value)
-            }
-            MeshUpdate::Policy(source, key, value) => generator.set_policy(source, key, value),
-        }
-    }
-}
 
 struct SidecarEntry {
     sidecar: Sidecar,
@@ -274,7 +244,7 @@ impl MeshHub {
             state.rest_seen = committed.state.mesh.clone();
         }
         for update in updates.into_iter().chain(rest_updates) {
-            update.apply(&mut state.generator);
+            state.generator.apply(update);
         }
         let version = state.version + 1;
         // Forget sidecars whose streams ended, and views no sidecar needs.
@@ -380,7 +350,7 @@ impl MeshHub {
         let listed = registry.list();
         let state = lock(&self.state);
         // The newest stream of each sidecar node, with the sidecar's namespace.
-        let mut streams: HashMap<&str, &crate::xds::stream::ProxyStatus> = HashMap::new();
+        let mut streams: HashMap<&str, &ProxyStatus> = HashMap::new();
         for proxy in &listed {
             let newer = streams
                 .get(proxy.node_id.as_str())
@@ -520,7 +490,7 @@ fn rest_diff(seen: &BTreeMap<MeshKey, Bytes>, now: &BTreeMap<MeshKey, Bytes>) ->
     let mut updates = Vec::new();
     for (key, bytes) in now {
         if seen.get(key) != Some(bytes) {
-            match crate::mesh::rest::to_update(key, Some(bytes)) {
+            match to_update(key, Some(bytes)) {
                 Ok(update) => updates.push(update),
                 Err(error) => {
                     tracing::warn!(object = %key.label(), %error, "ignoring unreadable mesh object")
@@ -530,7 +500,7 @@ fn rest_diff(seen: &BTreeMap<MeshKey, Bytes>, now: &BTreeMap<MeshKey, Bytes>) ->
     }
     for key in seen.keys() {
         if !now.contains_key(key)
-            && let Ok(update) = crate::mesh::rest::to_update(key, None)
+            && let Ok(update) = to_update(key, None)
         {
             updates.push(update);
         }
@@ -541,7 +511,9 @@ fn rest_diff(seen: &BTreeMap<MeshKey, Bytes>, now: &BTreeMap<MeshKey, Bytes>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::model::{EndpointAddress, EndpointHealth, Protocol, ServicePort};
+    use crate::mesh::model::{
+        EndpointAddress, EndpointHealth, EndpointSet, PolicyObject, Protocol, Service, ServicePort,
+    };
     use crate::snapshot::Committed;
     use crate::store::ConfigState;
     use crate::xds::sotw::SotwStream;

@@ -24,13 +24,13 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use crate::mesh::hub::{MeshHub, MeshUpdate};
+use crate::mesh::hub::MeshHub;
 use crate::mesh::model::{
-    EndpointAddress, EndpointHealth, EndpointSet, NamespaceSettings, ObjectKey, PolicyObject,
-    Protocol, REACH_ANNOTATION, Service, ServicePort, Source, TargetPort, Workload,
+    EndpointAddress, EndpointHealth, EndpointSet, MeshUpdate, NamespaceSettings, ObjectKey,
+    PolicyObject, Protocol, REACH_ANNOTATION, Service, ServicePort, Source, TargetPort, Workload,
 };
 use crate::mesh::policy::TrafficPolicy;
-use crate::xds::stream::ProxyRegistry;
+use crate::registry::ProxyRegistry;
 
 /// Every API permission the control plane uses: (API group, resource, verbs).
 pub const ACCESS: &[(&str, &str, &[&str])] = &[

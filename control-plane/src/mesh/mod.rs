@@ -14,6 +14,7 @@
 //! - [`hub`]: per-sidecar snapshots and policy status;
 //! - [`sidecar`]: which sidecar a connecting node is;
 //! - [`kubernetes`]: the Kubernetes source; [`rest`]: the REST API for mesh objects;
+//!   [`stored`]: those objects as stored, and the updates they stand for;
 //! - [`names`]: names of generated resources.
 
 pub mod generate;
@@ -24,4 +25,5 @@ pub mod names;
 pub mod policy;
 pub mod rest;
 pub mod sidecar;
+pub mod stored;
 pub mod translate;

@@ -1,7 +1,7 @@
 //! The mesh as the generator sees it, whatever it came from (the Kubernetes source or the
 //! REST API): namespaces, services and their ports, the endpoints behind them, workloads (the
-//! pods a sidecar runs in) and traffic policies. Plain data; the sources fill it, the
-//! translation reads it.
+//! pods a sidecar runs in) and traffic policies. Plain data; the sources fill it (one
+//! [`MeshUpdate`] at a time), the translation reads it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -233,6 +233,19 @@ pub struct Layer {
 pub enum Source {
     Kubernetes = 0,
     Rest = 1,
+}
+
+/// One change from a source.
+// Updates are short-lived (queued, applied, dropped), so the size spread does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum MeshUpdate {
+    Service(Source, ObjectKey, Option<Service>),
+    /// The endpoint set `.2` of service `.1`.
+    Endpoints(Source, ObjectKey, String, Option<EndpointSet>),
+    Workload(Source, ObjectKey, Option<Workload>),
+    Namespace(Source, String, Option<NamespaceSettings>),
+    Policy(Source, ObjectKey, Option<PolicyObject>),
 }
 
 /// The inputs of both sources.

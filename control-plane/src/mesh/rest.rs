@@ -12,11 +12,11 @@
 //! - `GET /v1/mesh/sidecars/{namespace}/{pod}`: the resources that sidecar gets (`?group=`,
 //!   `?inbound_port=`, `?outbound_port=`, default 15006 and 15001)
 //!
-//! Objects are stored (redb or etcd) like raw resources and reach the generator with the next
-//! commit; the generated config is the same as for Kubernetes objects.
+//! Objects are stored (redb or etcd) like raw resources, in the form [`crate::mesh::stored`]
+//! defines, and reach the generator with the next commit; the generated config is the same as
+//! for Kubernetes objects.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -24,174 +24,27 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::ApiState;
-use crate::config::WriteError;
-use crate::mesh::hub::MeshUpdate;
-use crate::mesh::model::{
-    EndpointAddress, EndpointHealth, EndpointSet, NamespaceSettings, ObjectKey, PolicyObject,
-    Protocol, Service, ServicePort, Source,
-};
+use crate::config::{ConfigService, WriteError};
+use crate::mesh::hub::MeshHub;
+use crate::mesh::model::ObjectKey;
 use crate::mesh::policy::TrafficPolicySpec;
 use crate::mesh::sidecar::Sidecar;
+use crate::mesh::stored::{EndpointsBody, NamespaceBody, ServiceBody, StoredPolicy};
+use crate::registry::ProxyRegistry;
 use crate::resource::{Kind, stored_to_json};
 use crate::store::{Change, MeshKey, MeshKind};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServiceBody {
-    /// The virtual IP callers use; none for a service reached only by its endpoints.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vip: Option<IpAddr>,
-    pub ports: Vec<ServicePortBody>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServicePortBody {
-    #[serde(default)]
-    pub name: String,
-    pub port: u16,
-    /// http, http2 or tcp; from the port name's prefix when left out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<Protocol>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EndpointsBody {
-    /// Service port name → port number on the endpoints.
-    pub ports: BTreeMap<String, u16>,
-    pub endpoints: Vec<EndpointBody>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EndpointBody {
-    pub address: IpAddr,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zone: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ready: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serving: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub terminating: Option<bool>,
-    /// The pod (sidecar) serving it, in the service's namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NamespaceBody {
-    /// Namespaces whose services this namespace's sidecars receive (besides their own);
-    /// unset: all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reach: Option<Vec<String>>,
-}
-
-/// A TrafficPolicy as stored: its spec and a generation counted per write.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct StoredPolicy {
-    generation: i64,
-    spec: TrafficPolicySpec,
-}
-
-/// The model update a stored REST object stands for (`None`: it was deleted).
-pub fn to_update(key: &MeshKey, bytes: Option<&[u8]>) -> Result<MeshUpdate, String> {
-    let object = ObjectKey::new(&key.namespace, &key.name);
-    let read = |bytes: &[u8]| serde_json::from_slice::<Value>(bytes).map_err(|e| e.to_string());
-    Ok(match key.kind {
-        MeshKind::Namespace => {
-            let settings = match bytes {
-                Some(bytes) => {
-                    let body: NamespaceBody =
-                        serde_json::from_value(read(bytes)?).map_err(|e| e.to_string())?;
-                    Some(NamespaceSettings {
-                        reach: body.reach.map(|list| list.into_iter().collect()),
-                    })
-                }
-                None => None,
-            };
-            MeshUpdate::Namespace(Source::Rest, key.name.clone(), settings)
-        }
-        MeshKind::Service => {
-            let service = match bytes {
-                Some(bytes) => {
-                    let body: ServiceBody =
-                        serde_json::from_value(read(bytes)?).map_err(|e| e.to_string())?;
-                    Some(Service {
-                        key: object.clone(),
-                        vip: body.vip,
-                        ports: body
-                            .ports
-                            .iter()
-                            .map(|port| ServicePort {
-                                name: port.name.clone(),
-                                port: port.port,
-                                protocol: port
-                                    .protocol
-                                    .unwrap_or_else(|| Protocol::detect(None, &port.name)),
-                                target_port: None,
-                            })
-                            .collect(),
-                        selector: None,
-                    })
-                }
-                None => None,
-            };
-            MeshUpdate::Service(Source::Rest, object, service)
-        }
-        MeshKind::Endpoints => {
-            let set = match bytes {
-                Some(bytes) => {
-                    let body: EndpointsBody =
-                        serde_json::from_value(read(bytes)?).map_err(|e| e.to_string())?;
-                    Some(EndpointSet {
-                        service: object.clone(),
-                        ports: body.ports,
-                        endpoints: body
-                            .endpoints
-                            .iter()
-                            .map(|endpoint| EndpointAddress {
-                                address: endpoint.address,
-                                zone: endpoint.zone.clone(),
-                                health: EndpointHealth::from_conditions(
-                                    endpoint.ready,
-                                    endpoint.serving,
-                                    endpoint.terminating,
-                                ),
-                                workload: endpoint
-                                    .workload
-                                    .as_ref()
-                                    .map(|name| ObjectKey::new(&key.namespace, name)),
-                            })
-                            .collect(),
-                    })
-                }
-                None => None,
-            };
-            MeshUpdate::Endpoints(Source::Rest, object, "rest".to_string(), set)
-        }
-        MeshKind::TrafficPolicy => {
-            let policy = match bytes {
-                Some(bytes) => {
-                    let stored: StoredPolicy =
-                        serde_json::from_value(read(bytes)?).map_err(|e| e.to_string())?;
-                    Some(PolicyObject {
-                        key: object.clone(),
-                        generation: stored.generation,
-                        spec: stored.spec,
-                    })
-                }
-                None => None,
-            };
-            MeshUpdate::Policy(Source::Rest, object, policy)
-        }
-    })
+/// What the mesh endpoints need; the config API builds it from its own state.
+#[derive(Clone)]
+pub struct MeshApiState {
+    pub config: Arc<ConfigService>,
+    /// Mesh generation, when on; every endpoint answers 404 without it.
+    pub mesh: Option<Arc<MeshHub>>,
+    /// The connected proxies, for a policy's ACK/NACK status.
+    pub registry: Arc<ProxyRegistry>,
 }
 
 /// An error answer.
@@ -235,7 +88,7 @@ impl From<WriteError> for MeshError {
     }
 }
 
-fn mesh_hub(state: &ApiState) -> Result<&std::sync::Arc<crate::mesh::hub::MeshHub>, MeshError> {
+fn mesh_hub(state: &MeshApiState) -> Result<&Arc<MeshHub>, MeshError> {
     state.mesh.as_ref().ok_or_else(|| {
         error(
             StatusCode::NOT_FOUND,
@@ -365,7 +218,7 @@ fn stored_form(
 }
 
 /// The object as the API shows it.
-fn shown(state: &ApiState, key: &MeshKey, bytes: &[u8]) -> Value {
+fn shown(state: &MeshApiState, key: &MeshKey, bytes: &[u8]) -> Value {
     let stored: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
     if key.kind != MeshKind::TrafficPolicy {
         return stored;
@@ -384,7 +237,8 @@ fn shown(state: &ApiState, key: &MeshKey, bytes: &[u8]) -> Value {
     })
 }
 
-pub fn router() -> Router<ApiState> {
+/// The `/v1/mesh/...` routes, their state given, to merge into the config API's router.
+pub fn router<S: Clone + Send + Sync + 'static>(state: MeshApiState) -> Router<S> {
     Router::new()
         .route("/v1/mesh/sidecars/{namespace}/{name}", get(sidecar_config))
         .route(
@@ -398,10 +252,11 @@ pub fn router() -> Router<ApiState> {
             "/v1/mesh/{kind}/{namespace}/{name}",
             get(get_object).put(put_object).delete(delete_object),
         )
+        .with_state(state)
 }
 
 async fn list(
-    State(state): State<ApiState>,
+    State(state): State<MeshApiState>,
     Path(kind): Path<String>,
 ) -> Result<Response, MeshError> {
     mesh_hub(&state)?;
@@ -419,7 +274,7 @@ async fn list(
 }
 
 async fn get_object(
-    State(state): State<ApiState>,
+    State(state): State<MeshApiState>,
     Path((kind, namespace, name)): Path<(String, String, String)>,
 ) -> Result<Response, MeshError> {
     mesh_hub(&state)?;
@@ -427,7 +282,7 @@ async fn get_object(
     read(&state, &key)
 }
 
-fn read(state: &ApiState, key: &MeshKey) -> Result<Response, MeshError> {
+fn read(state: &MeshApiState, key: &MeshKey) -> Result<Response, MeshError> {
     let current = state.config.current();
     let bytes = current.mesh.get(key).ok_or_else(|| {
         error(
@@ -439,7 +294,7 @@ fn read(state: &ApiState, key: &MeshKey) -> Result<Response, MeshError> {
 }
 
 async fn put_object(
-    State(state): State<ApiState>,
+    State(state): State<MeshApiState>,
     Path((kind, namespace, name)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Bytes,
@@ -458,7 +313,7 @@ async fn put_object(
 }
 
 async fn write(
-    state: &ApiState,
+    state: &MeshApiState,
     key: MeshKey,
     headers: &HeaderMap,
     body: &[u8],
@@ -483,7 +338,7 @@ async fn write(
 }
 
 async fn delete_object(
-    State(state): State<ApiState>,
+    State(state): State<MeshApiState>,
     Path((kind, namespace, name)): Path<(String, String, String)>,
 ) -> Result<Response, MeshError> {
     mesh_hub(&state)?;
@@ -491,14 +346,14 @@ async fn delete_object(
     remove(&state, key).await
 }
 
-async fn remove(state: &ApiState, key: MeshKey) -> Result<Response, MeshError> {
+async fn remove(state: &MeshApiState, key: MeshKey) -> Result<Response, MeshError> {
     let label = key.label();
     let outcome = state.config.write(vec![Change::DeleteMesh(key)]).await?;
     Ok(axum::Json(json!({"version": outcome.version, "applied": [label]})).into_response())
 }
 
 async fn get_namespace(
-    State(state): State<ApiState>,
+    State(state): State<MeshApiState>,
     Path(name): Path<String>,
 ) -> Result<Response, MeshError> {
     mesh_hub(&state)?;
@@ -506,7 +361,7 @@ async fn get_namespace(
 }
 
 async fn put_namespace(
-    State(state): State<ApiState>,
+    State(state): State<MeshApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -523,7 +378,7 @@ async fn put_namespace(
 }
 
 async fn delete_namespace(
-    State(state): State<ApiState>,
+    State(state): State<MeshApiState>,
     Path(name): Path<String>,
 ) -> Result<Response, MeshError> {
     mesh_hub(&state)?;
@@ -538,7 +393,7 @@ struct SidecarQuery {
 }
 
 async fn sidecar_config(
-    State(state): State<ApiState>,
+    State(state): State<MeshApiState>,
     Path((namespace, name)): Path<(String, String)>,
     Query(query): Query<SidecarQuery>,
 ) -> Result<Response, MeshError> {

@@ -15,9 +15,10 @@ use xds_api::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
 };
 
+use crate::registry::{NackRecord, TypeStatus, rfc3339};
 use crate::resource::Kind;
 use crate::snapshot::{Resource, Snapshot};
-use crate::xds::stream::{NackRecord, Outcome, StreamProtocol, TypeStatus, rfc3339};
+use crate::xds::stream::{Outcome, StreamProtocol};
 
 struct Pending {
     nonce: String,

@@ -1,5 +1,6 @@
 //! The xDS server: ADS and the per-type discovery services, in both state-of-the-world
 //! ([`sotw`]) and incremental ([`delta`]) variants, sharing one stream driver ([`stream`]).
+//! Streams report to the [`crate::registry`] of connected proxies.
 //!
 //! Every stream runs in its own task and follows its group's snapshot channel, so a slow proxy
 //! only delays itself. Within a stream, types are pushed make-before-break: responses go out in
@@ -9,11 +10,12 @@
 //! wait until everything else is in sync.
 
 pub mod delta;
+pub mod frame;
 pub mod server;
 pub mod sotw;
 pub mod stream;
 
-pub use server::XdsContext;
+pub use stream::XdsContext;
 
 use crate::resource::Kind;
 use crate::snapshot::Snapshot;

@@ -1,44 +1,23 @@
 //! The discovery services on one gRPC port: ADS and the five per-type services, each method
 //! (`Stream*` SotW, `Delta*` incremental) served by one task per stream
-//! ([`crate::xds::stream::drive`]).
-//!
-//! Responses are framed here rather than by tonic's generated servers: tonic's per-stream encode
-//! buffer keeps the capacity of the largest message ever sent (a full CDS or EDS set, hundreds of
-//! KiB), for the life of the stream. Each response is encoded into its own exactly-sized buffer
-//! that is freed once written, which keeps thousands of idle proxies cheap.
+//! ([`crate::xds::stream::drive`]), its responses framed by hand ([`crate::xds::frame`]).
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http_body::Frame;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
 use xds_api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 
-use crate::mesh::hub::MeshHub;
-use crate::metrics::Metrics;
 use crate::resource::Kind;
-use crate::snapshot::SnapshotHub;
 use crate::xds::delta::DeltaStream;
+use crate::xds::frame::ResponseBody;
 use crate::xds::sotw::SotwStream;
-use crate::xds::stream::{ProxyRegistry, drive};
-
-/// What every stream needs.
-#[derive(Clone)]
-pub struct XdsContext {
-    pub hub: Arc<SnapshotHub>,
-    /// Generated config for mesh sidecars, when mesh generation is on.
-    pub mesh: Option<Arc<MeshHub>>,
-    pub registry: Arc<ProxyRegistry>,
-    pub metrics: Arc<Metrics>,
-}
+use crate::xds::stream::{XdsContext, drive};
 
 /// Encoded responses buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 4;
@@ -166,63 +145,9 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
         }
         let response = http::Response::builder()
             .header(http::header::CONTENT_TYPE, "application/grpc")
-            .body(tonic::body::Body::new(ResponseBody {
-                receiver,
-                finished: false,
-            }))
+            .body(tonic::body::Body::new(ResponseBody::new(receiver)))
             .unwrap_or_else(|_| Status::internal("cannot build the response").into_http());
         std::future::ready(Ok(response))
-    }
-}
-
-/// Encodes one message as a gRPC frame (uncompressed flag, big-endian length, payload) in a
-/// buffer of exactly its size.
-pub fn grpc_frame<M: prost::Message>(message: &M) -> Bytes {
-    let length = message.encoded_len();
-    let mut frame = Vec::with_capacity(5 + length);
-    frame.push(0);
-    frame.extend_from_slice(&(length as u32).to_be_bytes());
-    message.encode_raw(&mut frame);
-    Bytes::from(frame)
-}
-
-/// The response body of one stream: framed messages from its task, then the gRPC status.
-struct ResponseBody {
-    receiver: mpsc::Receiver<Result<Bytes, Status>>,
-    finished: bool,
-}
-
-impl http_body::Body for ResponseBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if self.finished {
-            return Poll::Ready(None);
-        }
-        match self.receiver.poll_recv(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(Frame::data(frame)))),
-            Poll::Ready(ending) => {
-                self.finished = true;
-                let status = match ending {
-                    Some(Err(status)) => status,
-                    _ => Status::ok(""),
-                };
-                let mut trailers = http::HeaderMap::new();
-                if let Err(status) = status.add_header(&mut trailers) {
-                    return Poll::Ready(Some(Err(status)));
-                }
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.finished
     }
 }
 

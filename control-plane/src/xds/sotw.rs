@@ -14,9 +14,10 @@ use tonic::Status;
 use xds_api::envoy::config::core::v3::Node;
 use xds_api::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
+use crate::registry::{NackRecord, TypeStatus, rfc3339};
 use crate::resource::Kind;
 use crate::snapshot::{Resource, Snapshot, TypeMap};
-use crate::xds::stream::{NackRecord, Outcome, StreamProtocol, TypeStatus, rfc3339};
+use crate::xds::stream::{Outcome, StreamProtocol};
 
 /// A subset of one type's resources: everything in `source`, or only `names`.
 #[derive(Clone, Debug)]

@@ -1,140 +1,34 @@
-//! What every xDS stream shares: the registry of connected proxies shown by `GET /v1/proxies`,
-//! the per-type status each stream reports there, and the driver loop that reads requests,
-//! follows snapshots and writes responses for one stream.
+//! What every xDS stream shares: the context it runs in, and the driver loop that reads
+//! requests, follows snapshots, writes responses and reports each type's status to the
+//! [`ProxyRegistry`] for one stream.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 use xds_api::envoy::config::core::v3::Node;
 
+use crate::mesh::hub::MeshHub;
 use crate::mesh::sidecar::Sidecar;
+use crate::metrics::Metrics;
+use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus};
 use crate::resource::Kind;
-use crate::snapshot::Snapshot;
-use crate::xds::XdsContext;
+use crate::snapshot::{Snapshot, SnapshotHub};
+use crate::xds::frame::grpc_frame;
 
-/// A rejected push.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct NackRecord {
-    /// The config version the proxy rejected.
-    pub version: String,
-    pub message: String,
-    /// RFC 3339, UTC.
-    pub time: String,
-}
-
-/// Where one resource type stands with one proxy.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct TypeStatus {
-    pub acked_version: Option<String>,
-    pub pending_nonce: Option<String>,
-    pub last_nack: Option<NackRecord>,
-}
-
-/// One connected stream, as listed by the API.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProxyStatus {
-    pub stream_id: u64,
-    pub node_id: String,
-    pub group: String,
-    pub peer: Option<String>,
-    pub connected_since: String,
-    /// `sotw` or `delta`.
-    pub protocol: &'static str,
-    /// Keyed by xDS short name (CDS, EDS, LDS, RDS, SDS).
-    pub types: BTreeMap<&'static str, TypeStatus>,
-}
-
-/// Every open xDS stream.
-#[derive(Default)]
-pub struct ProxyRegistry {
-    next_id: AtomicU64,
-    streams: Mutex<BTreeMap<u64, ProxyStatus>>,
-}
-
-impl ProxyRegistry {
-    pub fn register(
-        self: &Arc<Self>,
-        node: &Node,
-        peer: Option<SocketAddr>,
-        protocol: &'static str,
-    ) -> RegisteredStream {
-        let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let status = ProxyStatus {
-            stream_id,
-            node_id: node.id.clone(),
-            group: node.cluster.clone(),
-            peer: peer.map(|addr| addr.to_string()),
-            connected_since: rfc3339(SystemTime::now()),
-            protocol,
-            types: BTreeMap::new(),
-        };
-        self.lock().insert(stream_id, status);
-        RegisteredStream {
-            registry: self.clone(),
-            stream_id,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ProxyStatus>> {
-        self.streams
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-    }
-
-    pub fn list(&self) -> Vec<ProxyStatus> {
-        self.lock().values().cloned().collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// A stream's entry in the registry; removed when dropped.
-pub struct RegisteredStream {
-    registry: Arc<ProxyRegistry>,
-    stream_id: u64,
-}
-
-impl RegisteredStream {
-    pub fn set_type_status(&self, kind: Kind, status: TypeStatus) {
-        if let Some(entry) = self.registry.lock().get_mut(&self.stream_id) {
-            if status == TypeStatus::default() {
-                entry.types.remove(kind.xds_name());
-            } else {
-                entry.types.insert(kind.xds_name(), status);
-            }
-        }
-    }
-}
-
-impl Drop for RegisteredStream {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.stream_id);
-    }
-}
-
-/// Formats a time as RFC 3339 in UTC with second precision.
-pub fn rfc3339(time: SystemTime) -> String {
-    let seconds = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    jiff::Timestamp::from_second(seconds as i64)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
+/// What every stream needs.
+#[derive(Clone)]
+pub struct XdsContext {
+    pub hub: Arc<SnapshotHub>,
+    /// Generated config for mesh sidecars, when mesh generation is on.
+    pub mesh: Option<Arc<MeshHub>>,
+    pub registry: Arc<ProxyRegistry>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Something a request told the stream, for metrics.
@@ -218,11 +112,7 @@ async fn serve<P: StreamProtocol>(
         while let Some(response) = protocol.next_response(&snapshot) {
             context.metrics.pushes.fetch_add(1, Ordering::Relaxed);
             update_status(&registration, &protocol);
-            if responses
-                .send(Ok(crate::xds::server::grpc_frame(&response)))
-                .await
-                .is_err()
-            {
+            if responses.send(Ok(grpc_frame(&response))).await.is_err() {
                 return;
             }
         }
@@ -252,18 +142,5 @@ async fn serve<P: StreamProtocol>(
 fn update_status<P: StreamProtocol>(registration: &RegisteredStream, protocol: &P) {
     for kind in Kind::ALL {
         registration.set_type_status(kind, protocol.status(kind));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        let at = |seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds);
-        assert_eq!(rfc3339(at(0)), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(at(1_798_761_599)), "2026-12-31T23:59:59Z");
     }
 }

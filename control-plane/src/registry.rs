@@ -1,0 +1,147 @@
+//! The registry of connected proxies shown by `GET /v1/proxies`: one entry per open xDS stream
+//! with the ACK, pending and NACK state of each resource type. Streams write it; the API, the
+//! mesh hub (policy status) and the Kubernetes source read it. It sits below all of them, so it
+//! imports none of them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use xds_api::envoy::config::core::v3::Node;
+
+use crate::resource::Kind;
+
+/// A rejected push.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct NackRecord {
+    /// The config version the proxy rejected.
+    pub version: String,
+    pub message: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+}
+
+/// Where one resource type stands with one proxy.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct TypeStatus {
+    pub acked_version: Option<String>,
+    pub pending_nonce: Option<String>,
+    pub last_nack: Option<NackRecord>,
+}
+
+/// One connected stream, as listed by the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyStatus {
+    pub stream_id: u64,
+    pub node_id: String,
+    pub group: String,
+    pub peer: Option<String>,
+    pub connected_since: String,
+    /// `sotw` or `delta`.
+    pub protocol: &'static str,
+    /// Keyed by xDS short name (CDS, EDS, LDS, RDS, SDS).
+    pub types: BTreeMap<&'static str, TypeStatus>,
+}
+
+/// Every open xDS stream.
+#[derive(Default)]
+pub struct ProxyRegistry {
+    next_id: AtomicU64,
+    streams: Mutex<BTreeMap<u64, ProxyStatus>>,
+}
+
+impl ProxyRegistry {
+    pub fn register(
+        self: &Arc<Self>,
+        node: &Node,
+        peer: Option<SocketAddr>,
+        protocol: &'static str,
+    ) -> RegisteredStream {
+        let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let status = ProxyStatus {
+            stream_id,
+            node_id: node.id.clone(),
+            group: node.cluster.clone(),
+            peer: peer.map(|addr| addr.to_string()),
+            connected_since: rfc3339(SystemTime::now()),
+            protocol,
+            types: BTreeMap::new(),
+        };
+        self.lock().insert(stream_id, status);
+        RegisteredStream {
+            registry: self.clone(),
+            stream_id,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ProxyStatus>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    pub fn list(&self) -> Vec<ProxyStatus> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A stream's entry in the registry; removed when dropped.
+pub struct RegisteredStream {
+    registry: Arc<ProxyRegistry>,
+    stream_id: u64,
+}
+
+impl RegisteredStream {
+    pub fn set_type_status(&self, kind: Kind, status: TypeStatus) {
+        if let Some(entry) = self.registry.lock().get_mut(&self.stream_id) {
+            if status == TypeStatus::default() {
+                entry.types.remove(kind.xds_name());
+            } else {
+                entry.types.insert(kind.xds_name(), status);
+            }
+        }
+    }
+}
+
+impl Drop for RegisteredStream {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.stream_id);
+    }
+}
+
+/// Formats a time as RFC 3339 in UTC with second precision.
+pub fn rfc3339(time: SystemTime) -> String {
+    let seconds = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    jiff::Timestamp::from_second(seconds as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        let at = |seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds);
+        assert_eq!(rfc3339(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(at(1_798_761_599)), "2026-12-31T23:59:59Z");
+    }
+}
