@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use prost::Message;
 use xds_api::envoy::config::core::v3 as core_pb;
 use xds_api::envoy::r#type::v3 as type_pb;
@@ -240,6 +240,36 @@ pub struct HeaderMutations {
 impl HeaderMutations {
     pub fn is_empty(&self) -> bool {
         self.remove.is_empty() && self.add.is_empty()
+    }
+
+    /// Applies one level's header mutations: removals, then additions.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for add in &self.add {
+            if add.value.is_empty() && !add.keep_empty {
+                continue;
+            }
+            match add.action {
+                AppendAction::AppendIfExistsOrAdd => {
+                    headers.append(add.name.clone(), add.value.clone());
+                }
+                AppendAction::AddIfAbsent => {
+                    if !headers.contains_key(&add.name) {
+                        headers.insert(add.name.clone(), add.value.clone());
+                    }
+                }
+                AppendAction::OverwriteIfExistsOrAdd => {
+                    headers.insert(add.name.clone(), add.value.clone());
+                }
+                AppendAction::OverwriteIfExists => {
+                    if headers.contains_key(&add.name) {
+                        headers.insert(add.name.clone(), add.value.clone());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -518,6 +548,10 @@ pub fn http2_options(
     })
 }
 
+/// Envoy's default `max_headers_count`, which is also hyper's HTTP/1 header limit when none is
+/// set (the proxy leaves hyper's default alone then: an explicit limit costs a vector per head).
+pub const DEFAULT_MAX_HEADERS_COUNT: u32 = 100;
+
 /// The `HttpProtocolOptions` Remora applies, for downstream (HCM) and upstream (cluster)
 /// connections alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -533,7 +567,7 @@ impl Default for CommonHttpOptions {
     fn default() -> Self {
         CommonHttpOptions {
             idle_timeout: Some(Duration::from_secs(3600)),
-            max_headers_count: 100,
+            max_headers_count: DEFAULT_MAX_HEADERS_COUNT,
             max_stream_duration: None,
         }
     }
@@ -565,7 +599,9 @@ pub fn common_http_options(
             &field(path, "idle_timeout"),
             Some(Duration::from_secs(3600)),
         )?,
-        max_headers_count: max_headers_count.unwrap_or(100).max(1),
+        max_headers_count: max_headers_count
+            .unwrap_or(DEFAULT_MAX_HEADERS_COUNT)
+            .max(1),
         max_stream_duration: opt_duration(
             max_stream_duration,
             &field(path, "max_stream_duration"),

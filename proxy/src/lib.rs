@@ -3,7 +3,8 @@
 //! Modules follow the path a byte travels:
 //! [`listener`] (accept, listener filters) → [`filter_chain`] (pick a chain) →
 //! [`tcp_proxy`] or [`http::conn_manager`] → [`http::filter`] chain → [`http::router`] →
-//! [`upstream`] (cluster, priority, load balancer, connect path, pool) → upstream.
+//! [`upstream`] (cluster, priority, load balancer, connect path, pool) → upstream; request
+//! [`body`]s travel the same way, below both wings.
 //! Config arrives through [`config`] (the bootstrap, converted by the `remora-config` crate) and
 //! [`xds`] (ADS); routes and clusters are published as one immutable snapshot in [`store`];
 //! [`admin`] and [`stats`] observe it all; [`server`] wires the parts together, and
@@ -11,6 +12,7 @@
 //! hands back what reading config needed once.
 
 pub mod admin;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod drain;

@@ -37,11 +37,11 @@ use crate::drain::{Phase, Watch};
 use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::{Entry, PendingLine};
-use crate::http::body::response::{DownstreamSlots, ResponseBody};
 use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules};
 use crate::http::filter::{ConnectionState, FilterState, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
+use crate::http::response_body::{DownstreamSlots, ResponseBody};
 use crate::http::router::{self, RouteRequest};
 use crate::http::selected::Selected;
 use crate::http::tracing::ActiveTrace;
@@ -118,7 +118,7 @@ where
         .keep_alive(true);
     // hyper parses into a stack array of its default size (100, Envoy's default count) unless
     // given a limit; any explicit limit, even 100, costs it a filled vector per request.
-    if hcm.max_headers_count as usize != crate::http::HYPER_DEFAULT_MAX_HEADERS {
+    if hcm.max_headers_count != remora_config::common::DEFAULT_MAX_HEADERS_COUNT {
         builder.http1().max_headers(hcm.max_headers_count as usize);
     }
     let http2 = &hcm.http2;

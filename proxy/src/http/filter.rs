@@ -25,10 +25,10 @@ use std::sync::{Arc, OnceLock};
 use http::Response;
 use remora_config::filters::PerRouteConfig;
 
+use crate::body::filter::BodyFilter;
 use crate::error::ResponseFlag;
-use crate::http::body::response::StreamEnd;
-use crate::http::body_filter::BodyFilter;
 use crate::http::local_reply::LocalReply;
+use crate::http::response_body::StreamEnd;
 use crate::http::selected::Selected;
 use crate::stats::HttpStats;
 

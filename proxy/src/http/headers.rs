@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use remora_config::common::{AppendAction, HeaderMutations};
+use remora_config::common::HeaderMutations;
 
 use crate::config::HttpConnectionManager;
 
@@ -372,36 +372,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Applies one level's header mutations: removals, then additions.
-pub fn apply(mutations: &HeaderMutations, headers: &mut HeaderMap) {
-    for name in &mutations.remove {
-        headers.remove(name);
-    }
-    for add in &mutations.add {
-        if add.value.is_empty() && !add.keep_empty {
-            continue;
-        }
-        match add.action {
-            AppendAction::AppendIfExistsOrAdd => {
-                headers.append(add.name.clone(), add.value.clone());
-            }
-            AppendAction::AddIfAbsent => {
-                if !headers.contains_key(&add.name) {
-                    headers.insert(add.name.clone(), add.value.clone());
-                }
-            }
-            AppendAction::OverwriteIfExistsOrAdd => {
-                headers.insert(add.name.clone(), add.value.clone());
-            }
-            AppendAction::OverwriteIfExists => {
-                if headers.contains_key(&add.name) {
-                    headers.insert(add.name.clone(), add.value.clone());
-                }
-            }
-        }
-    }
-}
-
 /// The three levels' mutations in Envoy's order: most specific last when
 /// `most_specific_header_mutations_wins`, else first (so the route configuration's win).
 pub fn apply_levels(
@@ -416,7 +386,7 @@ pub fn apply_levels(
         [route, vhost, table]
     };
     for mutations in order {
-        apply(mutations, headers);
+        mutations.apply(headers);
     }
 }
 

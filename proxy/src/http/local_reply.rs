@@ -10,7 +10,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::error::{ProxyError, ResponseFlag};
-use crate::http::body::response::ResponseBody;
+use crate::http::response_body::ResponseBody;
 
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");

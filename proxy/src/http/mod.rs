@@ -5,14 +5,13 @@
 //! (what the connection manager sets), the [`filter`] chain ([`filters`]), the [`router`] (the
 //! terminal filter: direct responses, redirects, forwarding upstream with retries and mirrors)
 //! and back; [`tracing`] makes the request's spans and passes its trace context on;
-//! [`local_reply`] makes Remora's own responses, [`body`] carries bodies with their timers and
-//! slots (and [`body_filter`] lets filters see them), [`selected`] is the route a request
-//! matched, [`replay`] shares a request body between retries and mirrors, and [`access_log`]
-//! writes a line when a response ends.
+//! [`local_reply`] makes Remora's own responses, [`response_body`] carries response bodies with
+//! the request's slots until they end, [`stream_timer`] holds a stream's route and idle
+//! timeouts, [`selected`] is the route a request matched, and [`access_log`] writes a line when
+//! a response ends. Request bodies live below this module, in [`crate::body`], since the
+//! upstream pools send them too.
 
 pub mod access_log;
-pub mod body;
-pub mod body_filter;
 pub mod codec_guard;
 pub mod conn_manager;
 pub mod filter;
@@ -20,11 +19,8 @@ pub mod filters;
 pub mod headers;
 pub mod local_reply;
 pub mod manager;
-pub mod replay;
+pub mod response_body;
 pub mod router;
 pub mod selected;
+pub mod stream_timer;
 pub mod tracing;
-
-/// hyper's HTTP/1 header count limit when none is set (`proto::h1::role::DEFAULT_MAX_HEADERS`),
-/// which is also Envoy's default `max_headers_count`.
-pub const HYPER_DEFAULT_MAX_HEADERS: usize = 100;

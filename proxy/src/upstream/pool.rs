@@ -40,8 +40,8 @@ use tokio::sync::Notify;
 
 use super::connect::{Connector, LimitSlot, UpstreamIo};
 use super::host::{Host, HostStats};
+use crate::body::outgoing::OutgoingBody;
 use crate::config::{Cluster, Http2Options, Thresholds, UpstreamProtocol};
-use crate::http::body::outgoing::OutgoingBody;
 use crate::stats::ClusterStats;
 
 thread_local! {
@@ -406,7 +406,7 @@ impl Dialer {
         let io = self.connect(host, slot).await?;
         let mut builder = http1::Builder::new();
         // As downstream: an explicit limit costs hyper a filled vector per response.
-        if self.max_headers_count != crate::http::HYPER_DEFAULT_MAX_HEADERS {
+        if self.max_headers_count != remora_config::common::DEFAULT_MAX_HEADERS_COUNT as usize {
             builder.max_headers(self.max_headers_count);
         }
         let (sender, connection) = builder.handshake(io).await.map_err(PoolError::connect)?;

@@ -22,7 +22,6 @@ use remora_config::filters::local_ratelimit::{LocalRateLimit as Config, TokenBuc
 use super::{filter_reply, most_specific, sampled};
 use crate::error::ResponseFlag;
 use crate::http::filter::{Flow, HttpFilter, Stream};
-use crate::http::headers;
 use crate::stats::{Registry, Stat};
 
 static LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -219,10 +218,9 @@ impl HttpFilter for LocalRateLimit {
         }
         limiter.stats.rate_limited.inc();
         if !sampled(config.enforced_per_million) {
-            headers::apply(
-                &config.request_headers_when_not_enforced,
-                &mut stream.request.headers,
-            );
+            config
+                .request_headers_when_not_enforced
+                .apply(&mut stream.request.headers);
             return Flow::Continue;
         }
         limiter.stats.enforced.inc();
@@ -233,7 +231,7 @@ impl HttpFilter for LocalRateLimit {
             ResponseFlag::RateLimited,
             config.grpc_resource_exhausted.then_some(8),
         );
-        headers::apply(&config.response_headers, &mut reply.headers);
+        config.response_headers.apply(&mut reply.headers);
         Flow::Reply(reply)
     }
 

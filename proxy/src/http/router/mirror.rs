@@ -12,8 +12,8 @@ use http_body_util::BodyExt;
 use rand::Rng;
 use remora_config::route::{Mirror, MirrorCluster};
 
-use crate::http::body::outgoing::OutgoingBody;
-use crate::http::replay::SharedBody;
+use crate::body::outgoing::OutgoingBody;
+use crate::body::replay::SharedBody;
 use crate::store::Snapshot;
 use crate::upstream::{LbContext, Outcome};
 

@@ -19,12 +19,12 @@ use hyper::body::Incoming;
 use remora_config::route::Action;
 use tokio::time::Instant;
 
+use crate::body::filter::BodyFilter;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::Entry;
-use crate::http::body::response::ResponseBody;
-use crate::http::body_filter::BodyFilter;
 use crate::http::local_reply::LocalReply;
 use crate::http::manager::Manager;
+use crate::http::response_body::ResponseBody;
 use crate::http::selected::Selected;
 use crate::store::Snapshot;
 

@@ -398,7 +398,7 @@ async fn http_probe(
     let Ok(mut request) = builder.body(Full::new(Bytes::from(http.send.clone()))) else {
         return network;
     };
-    crate::http::headers::apply(&http.headers, request.headers_mut());
+    http.headers.apply(request.headers_mut());
     let Some(response) = send(conn, request).await else {
         *conn = None;
         return network;
@@ -638,7 +638,7 @@ async fn grpc_probe(
     else {
         return network;
     };
-    crate::http::headers::apply(&grpc.metadata, request.headers_mut());
+    grpc.metadata.apply(request.headers_mut());
     let Some(response) = send(conn, request).await else {
         *conn = None;
         return network;

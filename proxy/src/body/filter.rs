@@ -1,5 +1,5 @@
 //! Body filters: what an HTTP filter installs to see a request's or response's data and
-//! trailers as they stream through (phases 2 and 4 of the chain in [`super::filter`]).
+//! trailers as they stream through (phases 2 and 4 of the chain in [`crate::http::filter`]).
 
 use bytes::Bytes;
 use http::HeaderMap;

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::http::body::request::RequestBody;
+use super::request::RequestBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

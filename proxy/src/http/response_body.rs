@@ -10,10 +10,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::BoxError;
-use super::timer::StreamTimer;
+use crate::body::BoxError;
+use crate::body::filter::{BodyFilter, filter_frame};
 use crate::http::access_log::PendingLine;
-use crate::http::body_filter::{BodyFilter, filter_frame};
+use crate::http::stream_timer::StreamTimer;
 use crate::stats::GaugeGuard;
 use crate::upstream::HostGauge;
 use crate::upstream::breakers::Held;

@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::BoxError;
-use crate::http::body_filter::{BodyFilter, filter_frame};
+use super::filter::{BodyFilter, filter_frame};
 
 /// Error when the downstream took longer than `request_timeout` to send its request.
 #[derive(Debug, thiserror::Error)]

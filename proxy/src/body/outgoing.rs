@@ -7,8 +7,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::BoxError;
+use super::replay::SharedReader;
 use super::request::RequestBody;
-use crate::http::replay::SharedReader;
 
 /// What an upstream request carries: the downstream body itself, one reader of a body that
 /// retries and mirrors share, or nothing.
