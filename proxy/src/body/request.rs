@@ -50,7 +50,7 @@ pub struct RequestBody {
     end: Option<Arc<RequestEnd>>,
     /// Set when the downstream sent a malformed body (broken chunked framing, a reset): the
     /// failure is the client's, not the upstream's.
-    failed: Arc<AtomicBool>,
+    failed: Option<Arc<AtomicBool>>,
     /// Body bytes received, for the access log's `%BYTES_RECEIVED%`.
     received: Option<Arc<AtomicU64>>,
     /// HTTP filters looking at the body (usually none).
@@ -63,7 +63,7 @@ impl RequestBody {
         deadline: Option<tokio::time::Instant>,
         timed_out: Option<Arc<AtomicBool>>,
         end: Option<Arc<RequestEnd>>,
-        failed: Arc<AtomicBool>,
+        failed: Option<Arc<AtomicBool>>,
         received: Option<Arc<AtomicU64>>,
         filters: Vec<Box<dyn BodyFilter>>,
     ) -> Self {
@@ -101,7 +101,11 @@ impl Body for RequestBody {
                     }
                     filter_frame(&mut this.filters, frame);
                 }
-                Some(Err(_)) => this.failed.store(true, Ordering::Release),
+                Some(Err(_)) => {
+                    if let Some(failed) = &this.failed {
+                        failed.store(true, Ordering::Release);
+                    }
+                }
                 None => {}
             }
             if frame.is_none() || this.inner.is_end_stream() {

@@ -362,8 +362,6 @@ async fn handle(
         if hcm.always_set_request_id_in_response || force_trace {
             request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
         }
-        // Hash policies (source IP, generated cookies) hash the trusted client address.
-        parts.extensions.insert(origin);
         let snapshot = manager.store.load();
         let Some(table) = manager.table(&snapshot) else {
             stats.no_route.inc();
@@ -379,7 +377,7 @@ async fn handle(
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
-        let host = normalize_host(hcm, connection.info.destination, raw_host).into_owned();
+        let host = normalize_host(hcm, connection.info.destination, raw_host);
         let path_and_query = parts
             .uri
             .path_and_query()
@@ -465,8 +463,10 @@ async fn handle(
             log: &mut log,
             trace: trace.as_mut(),
             started,
-            authority,
+            authority: authority.as_ref(),
             host: &host,
+            // Hash policies (source IP, generated cookies) hash the trusted client address.
+            client: origin.client,
             path_and_query,
         })
         .await

@@ -68,11 +68,23 @@ impl Histogram {
     /// Records one value (milliseconds).
     pub fn record(&self, value: u64) {
         let shard = self.shards[shard_index()].get_or_init(Default::default);
-        let bucket = BOUNDS.partition_point(|bound| (value as f64) > *bound);
+        // Most requests take under a millisecond: bucket 0, nothing to add to the sum.
+        let bucket = match value {
+            0 => 0,
+            _ => BOUNDS.partition_point(|bound| (value as f64) > *bound),
+        };
         shard.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        shard.sum.fetch_add(value, Ordering::Relaxed);
-        shard.min.fetch_min(value, Ordering::Relaxed);
-        shard.max.fetch_max(value, Ordering::Relaxed);
+        if value != 0 {
+            shard.sum.fetch_add(value, Ordering::Relaxed);
+        }
+        // A plain load first: a value that is no new extreme (the common case) then costs no
+        // locked read-modify-write.
+        if value < shard.min.load(Ordering::Relaxed) {
+            shard.min.fetch_min(value, Ordering::Relaxed);
+        }
+        if value > shard.max.load(Ordering::Relaxed) {
+            shard.max.fetch_max(value, Ordering::Relaxed);
+        }
     }
 
     /// Records a duration in milliseconds.

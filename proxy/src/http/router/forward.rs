@@ -5,6 +5,7 @@
 //! attempt after a back-off. Every attempt is reported to the cluster's outcome hook; the
 //! response of the last one goes back downstream.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -62,14 +63,18 @@ static X_IMMEDIATE_HC_FAIL: HeaderName =
     HeaderName::from_static("x-envoy-immediate-health-check-fail");
 
 /// The cluster a forward goes to.
-fn cluster_name<'a>(forward: &'a Forward, request: &'a http::request::Parts) -> &'a str {
+fn cluster_name<'a>(forward: &'a Forward, request: &http::request::Parts) -> Cow<'a, str> {
     match &forward.cluster {
-        ClusterSpec::Name(name) => name,
-        ClusterSpec::Header(name) => request
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
+        ClusterSpec::Name(name) => Cow::Borrowed(name),
+        // Copied: the request's headers change before the name is last used.
+        ClusterSpec::Header(name) => Cow::Owned(
+            request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+        ),
         ClusterSpec::Weighted { clusters, total } => {
             let mut ticket = rand::rng().random_range(0..*total);
             let mut chosen = clusters.first().map(|(n, _)| n.as_str()).unwrap_or("");
@@ -80,7 +85,7 @@ fn cluster_name<'a>(forward: &'a Forward, request: &'a http::request::Parts) -> 
                 }
                 ticket -= u64::from(*weight);
             }
-            chosen
+            Cow::Borrowed(chosen)
         }
     }
 }
@@ -127,11 +132,12 @@ pub(super) async fn forward(
         trace,
         started,
         authority,
+        client,
         path_and_query,
         ..
     } = request;
     let hcm = &manager.config;
-    let name = cluster_name(forward, &parts).to_string();
+    let name = cluster_name(forward, &parts);
     let Some(cluster) = snapshot.cluster(&name) else {
         manager.stats.no_cluster.inc();
         let status = StatusCode::from_u16(forward.cluster_not_found_status)
@@ -148,7 +154,7 @@ pub(super) async fn forward(
         &parts,
         &path_and_query,
         downstream.destination,
-        downstream.source,
+        client,
     );
     let lb_context = LbContext {
         hash: hash_key.hash,
@@ -222,7 +228,7 @@ pub(super) async fn forward(
     if !parts.headers.contains_key(header::HOST)
         && let Some(value) = authority
     {
-        parts.headers.insert(header::HOST, value);
+        parts.headers.insert(header::HOST, value.clone());
     }
     if let HostRewrite::Literal(value) = &forward.host_rewrite {
         rewrite_host(&mut parts.headers, value.clone());
@@ -324,7 +330,8 @@ pub(super) async fn forward(
     let has_body = !http_body::Body::is_end_stream(&body);
     let request_end = (has_body && (route_timeout.is_some() || per_try_timeout.is_some()))
         .then(|| Arc::new(RequestEnd::default()));
-    let body_failed = Arc::new(AtomicBool::new(false));
+    // Only a body can fail on the client's side.
+    let body_failed = has_body.then(|| Arc::new(AtomicBool::new(false)));
     let downstream_body = RequestBody::new(
         body,
         body_deadline,
@@ -436,7 +443,7 @@ pub(super) async fn forward(
         if let Some(entry) = log.as_mut() {
             entry.request = headers_mut.clone();
             entry.upstream_host = Some(host.addr);
-            entry.upstream_cluster = Some(name.clone());
+            entry.upstream_cluster = Some(name.to_string());
             entry.upstream_request_attempt_count = attempt;
         }
         let outgoing = match (&shared, direct.take()) {
@@ -479,7 +486,7 @@ pub(super) async fn forward(
             cluster,
             &host,
             &manager.stats.downstream_rq_timeout,
-            &body_failed,
+            body_failed.as_deref(),
             timed_out.as_deref(),
             attempt > 1,
         );
@@ -683,7 +690,7 @@ fn classify(
     cluster: &Cluster,
     host: &Host,
     downstream_timeouts: &Stat,
-    body_failed: &AtomicBool,
+    body_failed: Option<&AtomicBool>,
     timed_out: Option<&AtomicBool>,
     retried: bool,
 ) -> (Considered, Result<Answer, LocalReply>) {
@@ -752,7 +759,7 @@ fn classify(
         Ok(Err(PoolError::Request(error))) => {
             cluster.record_outcome(host, Outcome::Reset);
             // The downstream's own request failed first: its fault, not the upstream's.
-            if body_failed.load(Ordering::Acquire) {
+            if body_failed.is_some_and(|failed| failed.load(Ordering::Acquire)) {
                 return (
                     Considered::Never,
                     Err(ProxyError::downstream(

@@ -21,7 +21,6 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 
 use crate::config::{CookieHash, HashPolicy, HashSource, LbPolicy};
-use crate::http::headers::Origin;
 use crate::upstream::Cluster;
 use crate::upstream::lb::hashing::xxhash64;
 
@@ -41,14 +40,15 @@ impl HashKey {
     }
 }
 
-/// The hash key of a request to `cluster` (none unless the cluster hashes).
+/// The hash key of a request to `cluster` (none unless the cluster hashes); `client` is the
+/// trusted client address (`x-forwarded-for` considered), as the connection manager found it.
 pub fn request_hash_key(
     cluster: &Cluster,
     route_policies: &[HashPolicy],
     request: &http::request::Parts,
     path_and_query: &PathAndQuery,
     local: SocketAddr,
-    peer: SocketAddr,
+    client: SocketAddr,
 ) -> HashKey {
     let balancing = &cluster.config.load_balancing.policy;
     if !matches!(balancing, LbPolicy::RingHash(_) | LbPolicy::Maglev(_)) {
@@ -56,12 +56,6 @@ pub fn request_hash_key(
     }
     let own = balancing.hash_policies();
     let policies = if own.is_empty() { route_policies } else { own };
-    // The trusted client address (x-forwarded-for considered), as the connection manager
-    // found it.
-    let client = request
-        .extensions
-        .get::<Origin>()
-        .map_or(peer, |origin| origin.client);
     compute(policies, &request.headers, path_and_query, client, local)
 }
 

@@ -45,9 +45,11 @@ pub struct RouteRequest<'a> {
     pub trace: Option<&'a mut crate::http::tracing::ActiveTrace>,
     pub started: Instant,
     /// The request's authority (`Host`, else the URI's).
-    pub authority: Option<HeaderValue>,
+    pub authority: Option<&'a HeaderValue>,
     /// The authority as routing saw it (lower case, port stripped as configured).
     pub host: &'a str,
+    /// The trusted client address: the peer, or what trusted proxies put in `x-forwarded-for`.
+    pub client: std::net::SocketAddr,
     pub path_and_query: PathAndQuery,
 }
 
