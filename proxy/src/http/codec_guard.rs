@@ -263,20 +263,79 @@ const METHODS: [&[u8]; 34] = [
     b"UNSUBSCRIBE",
 ];
 
-/// A header-name character (RFC 9110 `tchar`).
-fn is_tchar(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+/// A byte class as a table: one load per byte on the request path, where a head's every byte
+/// is tested.
+struct ByteClass([bool; 256]);
+
+impl ByteClass {
+    #[inline]
+    fn has(&self, byte: u8) -> bool {
+        self.0[byte as usize]
+    }
+
+    #[inline]
+    fn all(&self, bytes: &[u8]) -> bool {
+        bytes.iter().all(|b| self.has(*b))
+    }
 }
 
-/// A header-value character: visible ASCII, space, tab, or obs-text.
-fn is_value_char(byte: u8) -> bool {
-    matches!(byte, b'\t' | b' '..=b'~' | 0x80..=0xff)
-}
+/// Header-name characters (RFC 9110 `tchar`).
+const TCHAR: ByteClass = ByteClass({
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        byte += 1;
+    }
+    table
+});
 
-/// A request-target character outside the authority (http-parser's set).
-fn is_target_char(byte: u8) -> bool {
-    matches!(byte, 9 | 12 | b'!'..=b'~')
-}
+/// Header-value characters: visible ASCII, space, tab, or obs-text.
+const VALUE_CHAR: ByteClass = ByteClass({
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        table[byte] = matches!(byte as u8, b'\t' | b' '..=b'~' | 0x80..=0xff);
+        byte += 1;
+    }
+    table
+});
+
+/// Header-value characters and a bare CR (which Envoy's parser drops).
+const VALUE_CHAR_OR_CR: ByteClass = ByteClass({
+    let mut table = VALUE_CHAR.0;
+    table[b'\r' as usize] = true;
+    table
+});
+
+/// Request-target characters outside the authority (http-parser's set).
+const TARGET_CHAR: ByteClass = ByteClass({
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        table[byte] = matches!(byte as u8, 9 | 12 | b'!'..=b'~');
+        byte += 1;
+    }
+    table
+});
 
 /// http-parser's test of a request target: origin-form (or `*`), or absolute-form.
 fn target_is_valid(target: &[u8], connect: bool) -> bool {
@@ -284,7 +343,7 @@ fn target_is_valid(target: &[u8], connect: bool) -> bool {
         return false;
     };
     if matches!(first, b'/' | b'*') {
-        return target[1..].iter().all(|b| is_target_char(*b));
+        return TARGET_CHAR.all(&target[1..]);
     }
     let mut rest = target;
     if !connect {
@@ -302,7 +361,7 @@ fn target_is_valid(target: &[u8], connect: bool) -> bool {
     host.iter()
         .all(|b| b.is_ascii_alphanumeric() || b"!$%&'()*+,-.:;=@[]_~".contains(b))
         && !host.windows(2).any(|w| w == b"@@")
-        && path.iter().all(|b| is_target_char(*b))
+        && TARGET_CHAR.all(path)
 }
 
 fn strip_cr(line: &[u8]) -> &[u8] {
@@ -374,9 +433,7 @@ fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
         return too_large("http1.headers_too_large");
     }
     let known_method = METHODS.contains(&method)
-        || (rules.allow_custom_methods
-            && !method.is_empty()
-            && method.iter().all(|b| is_tchar(*b)));
+        || (rules.allow_custom_methods && !method.is_empty() && TCHAR.all(method));
     if request_line.contains(&b'\r') || !known_method || extra_word {
         return bad_request();
     }
@@ -405,26 +462,26 @@ fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
             if count == 0 {
                 return bad_request();
             }
-            if !more.iter().all(|b| is_value_char(*b)) {
+            if !VALUE_CHAR.all(more) {
                 return invalid_characters();
             }
             counted += more.len() + usize::from(!more.is_empty());
             rewrite = true;
             continue;
         }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             return bad_request();
         };
         let name = &line[..colon];
-        if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
+        if name.is_empty() || !TCHAR.all(name) {
             return bad_request();
         }
         let value = trim_ows(&line[colon + 1..]);
-        if !value.iter().all(|b| is_value_char(*b) || *b == b'\r') {
+        if !VALUE_CHAR_OR_CR.all(value) {
             return invalid_characters();
         }
         // A bare CR inside a value is dropped, as Envoy's parser does; hyper would refuse it.
-        rewrite |= value.contains(&b'\r');
+        rewrite |= memchr::memchr(b'\r', value).is_some();
         count += 1;
         counted += name.len() + value.len();
         if count > rules.max_headers {

@@ -764,14 +764,17 @@ impl Cluster {
         }
     }
 
-    /// How long a host took to answer a request (until its response headers): the router
-    /// reports it beside the outcome of every answered attempt. The peak-EWMA policy balances
-    /// on it; other policies do not keep it.
-    pub fn record_response_time(&self, host: &Host, elapsed: std::time::Duration) {
+    /// How long a host took to answer a request sent at `sent_at` (until its response headers):
+    /// the router reports it beside the outcome of every answered attempt. The peak-EWMA policy
+    /// balances on it; other policies do not keep it.
+    pub fn record_response_time(&self, host: &Host, sent_at: tokio::time::Instant) {
+        // Only the peak-EWMA policy reads it: other clusters skip the clock read.
         if let config::LbPolicy::PeakEwma(peak_ewma) = &self.config.load_balancing.policy {
-            host.state
-                .latency
-                .observe(elapsed, super::clock::now_micros(), peak_ewma.decay);
+            host.state.latency.observe(
+                sent_at.elapsed(),
+                super::clock::now_micros(),
+                peak_ewma.decay,
+            );
         }
     }
 
