@@ -592,7 +592,12 @@ impl Pools {
         loop {
             let (mut sender, reused) = match worker.take_idle(addr) {
                 Some(sender) => (sender, true),
-                None => (self.dialer.http1_connection(worker, host).await?, false),
+                // Boxed: a connect is rare, and its state would otherwise widen every
+                // request's future (moved whole at each hop).
+                None => (
+                    Box::pin(self.dialer.http1_connection(worker, host)).await?,
+                    false,
+                ),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {

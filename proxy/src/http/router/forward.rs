@@ -6,6 +6,7 @@
 //! response of the last one goes back downstream.
 
 use std::borrow::Cow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -470,10 +471,14 @@ pub(super) async fn forward(
         let host_active = HostGauge::new(&host.state, |s| &s.rq_active);
         sent_at = Instant::now();
         let sent = clock
-            .run(pools.send(&host, request), per_try_timeout, per_try_idle)
+            .run(
+                std::pin::pin!(pools.send(&host, request)),
+                per_try_timeout,
+                per_try_idle,
+            )
             .await;
         if let Ok(Ok(_)) = &sent {
-            cluster.record_response_time(&host, sent_at.elapsed());
+            cluster.record_response_time(&host, sent_at);
         }
         // Envoy counts a request upstream once it has a connection: not when it overflowed or
         // its connection could not be made.
@@ -926,14 +931,14 @@ impl<'s> Clock<'s> {
     }
 
     /// Runs one attempt under the timers; the per-try timeouts start once the request has
-    /// been received in full.
+    /// been received in full. The caller pins `attempt`, so it is stored once, in the
+    /// caller's frame.
     async fn run<F: Future>(
         &mut self,
-        attempt: F,
+        mut attempt: Pin<&mut F>,
         per_try: Option<Duration>,
         per_try_idle: Option<Duration>,
     ) -> Result<F::Output, Expired> {
-        tokio::pin!(attempt);
         let per_try_limit = match (per_try, per_try_idle) {
             (Some(a), Some(b)) => Some((a.min(b), b < a)),
             (Some(a), None) => Some((a, false)),
@@ -983,7 +988,8 @@ impl<'s> Clock<'s> {
 
     /// Waits out a back-off, unless the route runs out of time first.
     async fn sleep(&mut self, back_off: Duration) -> Result<(), Expired> {
-        self.run(tokio::time::sleep(back_off), None, None).await
+        self.run(std::pin::pin!(tokio::time::sleep(back_off)), None, None)
+            .await
     }
 
     /// The local reply for a request whose timers ran out between attempts.
