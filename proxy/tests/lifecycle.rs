@@ -361,7 +361,10 @@ fn h2_drain(
     DrainSeen {
         grace_stream,
         held_stream,
-        goaway_after_the_timeout: last.at - drain_requested >= DRAIN_TIMEOUT,
+        // Within a tenth: a proxy's timer may fire a little before this clock says the timeout
+        // is up (Envoy's was seen to, twice in full-suite runs on two cores); a GOAWAY sent at
+        // once would still be 9 s early.
+        goaway_after_the_timeout: last.at - drain_requested >= DRAIN_TIMEOUT * 9 / 10,
         last_stream: goaway_last_stream(&last),
         closed,
     }

@@ -679,11 +679,20 @@ fn round_robin_random_and_least_request_share_hosts_as_envoy_does() {
     }) else {
         return;
     };
-    // Weighted round robin: exactly 100/200/300/400, in both.
+    // Weighted round robin: 100/200/300/400, in both, within one pick per host: Envoy starts
+    // its weighted schedule a seeded number of picks in (so that proxies do not move in step),
+    // which can end 1,000 picks one off (seen: 100/200/299/401).
     for (who, run) in [("envoy", &envoy), ("remora", &remora)] {
         for path in ["/rr", "/typed-rr"] {
             let counts: Vec<usize> = (1..=4).map(|i| run[path][&format!("h{i}")]).collect();
-            assert_eq!(counts, [100, 200, 300, 400], "{who} {path}");
+            let off_by_at_most_one = counts
+                .iter()
+                .zip([100, 200, 300, 400])
+                .all(|(count, share)| count.abs_diff(share) <= 1);
+            assert!(
+                off_by_at_most_one && counts.iter().sum::<usize>() == 1000,
+                "{who} {path}: {counts:?}"
+            );
         }
     }
     let quarter = [("h1", 0.25), ("h2", 0.25), ("h3", 0.25), ("h4", 0.25)];
