@@ -358,7 +358,8 @@ async fn handle(
             connection.scheme,
             upgrading,
         );
-        let force_trace = parts.headers.contains_key(&headers::X_ENVOY_FORCE_TRACE);
+        let force_trace = headers::has_envoy_headers(&parts.headers)
+            && parts.headers.contains_key(&headers::X_ENVOY_FORCE_TRACE);
         if hcm.always_set_request_id_in_response || force_trace {
             request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
         }
@@ -384,15 +385,7 @@ async fn handle(
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         // Envoy's `:scheme` follows x-forwarded-proto (as the connection manager left it).
-        let scheme = match parts
-            .headers
-            .get(&headers::X_FORWARDED_PROTO)
-            .map(|v| v.as_bytes())
-        {
-            Some(b"https") => "https",
-            Some(b"http") => "http",
-            _ => connection.scheme,
-        };
+        let scheme = origin.forwarded_proto;
         let pseudo = PseudoHeaders {
             method: parts.method.as_str(),
             path: path_and_query.as_str(),

@@ -72,6 +72,8 @@ pub struct Origin {
     /// The trusted client address: the direct peer, or what trusted proxies put in
     /// `x-forwarded-for`.
     pub client: SocketAddr,
+    /// `http` or `https`, as `x-forwarded-proto` now says (Envoy's `:scheme` follows it).
+    pub forwarded_proto: &'static str,
 }
 
 /// The address Envoy calls the local address: the first non-loopback IPv4 address of the
@@ -142,15 +144,15 @@ pub fn on_request(
     upgrading: bool,
 ) -> Origin {
     remove_hop_by_hop(headers, upgrading);
-    // Most requests carry no x-envoy-* header: one pass over the names spares the lookups.
-    let envoy_headers = has_envoy_headers(headers);
-    if envoy_headers {
+    let present = Present::scan(headers);
+    if present.envoy {
         headers.remove(&X_ENVOY_INTERNAL);
     }
     let trusted_hops = hcm.xff_num_trusted_hops;
+    let mut keep_proto = present.forwarded_proto;
     // An address from x-forwarded-for has no port; the direct peer keeps its own, as in Envoy.
     let (client, single) = if hcm.use_remote_address {
-        let single = !headers.contains_key(&X_FORWARDED_FOR);
+        let single = !present.forwarded_for;
         // Trusted proxies in front: the client is the address they saw, before ours is added.
         let client = trusted_hops
             .checked_sub(1)
@@ -160,17 +162,26 @@ pub fn on_request(
             append_xff(headers, peer);
         }
         // The downstream's own x-forwarded-proto is kept only from a trusted proxy.
-        if trusted_hops == 0 {
-            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
-        }
+        keep_proto &= trusted_hops > 0;
         (Some(client), single)
-    } else {
+    } else if present.forwarded_for {
         let client = xff_address(headers, trusted_hops).map(|ip| SocketAddr::new(ip, 0));
         (client, single_xff_address(headers))
+    } else {
+        (None, false)
     };
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    // What the request says its scheme is, for `:scheme` route matches: our own value unless
+    // a (trusted) downstream's is kept.
+    let forwarded_proto = if keep_proto {
+        match headers.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+            Some(b"https") => "https",
+            Some(b"http") => "http",
+            _ => scheme,
+        }
+    } else {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
-    }
+        scheme
+    };
     let internal = single
         && client.is_some_and(|client| {
             hcm.internal_addresses
@@ -181,7 +192,7 @@ pub fn on_request(
     let edge = !internal && hcm.use_remote_address;
     if internal {
         headers.insert(&X_ENVOY_INTERNAL, HeaderValue::from_static("true"));
-    } else if envoy_headers {
+    } else if present.envoy {
         let edge_only: &[&str] = if edge { &EDGE_ONLY_HEADERS } else { &[] };
         for name in edge_only.iter().chain(&CONTROL_HEADERS) {
             headers.remove(*name);
@@ -192,11 +203,44 @@ pub fn on_request(
         headers.insert(&X_ENVOY_EXTERNAL_ADDRESS, value);
     }
     if hcm.generate_request_id
-        && ((edge && !hcm.preserve_external_request_id) || !headers.contains_key(&X_REQUEST_ID))
+        && ((edge && !hcm.preserve_external_request_id) || !present.request_id)
     {
         headers.insert(&X_REQUEST_ID, request_id());
     }
-    Origin { client }
+    Origin {
+        client,
+        forwarded_proto,
+    }
+}
+
+/// Which of the headers the connection manager reads or rewrites a request has: found in one
+/// pass over the names, since a lookup hashes a long custom name each time and most requests
+/// carry none of them.
+#[derive(Debug, Default)]
+struct Present {
+    forwarded_for: bool,
+    forwarded_proto: bool,
+    request_id: bool,
+    /// Any `x-envoy-*` header.
+    envoy: bool,
+}
+
+impl Present {
+    fn scan(headers: &HeaderMap) -> Present {
+        let mut present = Present::default();
+        for name in headers.keys() {
+            if *name == X_FORWARDED_FOR {
+                present.forwarded_for = true;
+            } else if *name == X_FORWARDED_PROTO {
+                present.forwarded_proto = true;
+            } else if *name == X_REQUEST_ID {
+                present.request_id = true;
+            } else if name.as_str().starts_with("x-envoy-") {
+                present.envoy = true;
+            }
+        }
+        present
+    }
 }
 
 /// Whether `x-forwarded-for` holds exactly one address (one header, no comma).

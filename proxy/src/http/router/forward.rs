@@ -708,7 +708,11 @@ fn classify(
             let status = response.status().as_u16();
             cluster.stats.response(status);
             cluster.record_outcome(host, Outcome::Status(status));
-            if response.headers().contains_key(&X_IMMEDIATE_HC_FAIL) {
+            // A scan of the names first: most responses carry no x-envoy-* header, and a
+            // lookup by this long name hashes it every time.
+            if headers::has_envoy_headers(response.headers())
+                && response.headers().contains_key(&X_IMMEDIATE_HC_FAIL)
+            {
                 cluster.immediate_health_check_fail(host);
             }
             (Considered::Response, Ok((response, lease)))
