@@ -15,9 +15,8 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
+use super::BoxError;
 use super::request::RequestBody;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A frame as kept for later readers.
 #[derive(Debug, Clone)]

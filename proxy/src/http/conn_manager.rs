@@ -358,8 +358,7 @@ async fn handle(
             connection.scheme,
             upgrading,
         );
-        let force_trace = headers::has_envoy_headers(&parts.headers)
-            && parts.headers.contains_key(&headers::X_ENVOY_FORCE_TRACE);
+        let force_trace = headers::contains_by_scan(&parts.headers, &headers::X_ENVOY_FORCE_TRACE);
         if hcm.always_set_request_id_in_response || force_trace {
             request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
         }

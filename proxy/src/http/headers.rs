@@ -52,6 +52,12 @@ pub fn remove_envoy_headers(headers: &mut HeaderMap, names: &[&str]) {
     }
 }
 
+/// Whether `name` is present, found by comparing names rather than by a lookup: a lookup by a
+/// long custom name hashes it each time, and a request or response has few headers.
+pub fn contains_by_scan(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.keys().any(|present| present == name)
+}
+
 /// Whether any `x-envoy-*` header is present (one pass over the names, no lookups).
 pub fn has_envoy_headers(headers: &HeaderMap) -> bool {
     headers

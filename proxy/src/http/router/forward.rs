@@ -6,7 +6,7 @@
 //! response of the last one goes back downstream.
 
 use std::borrow::Cow;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -472,7 +472,7 @@ pub(super) async fn forward(
         sent_at = Instant::now();
         let sent = clock
             .run(
-                std::pin::pin!(pools.send(&host, request)),
+                pin!(pools.send(&host, request)),
                 per_try_timeout,
                 per_try_idle,
             )
@@ -708,11 +708,7 @@ fn classify(
             let status = response.status().as_u16();
             cluster.stats.response(status);
             cluster.record_outcome(host, Outcome::Status(status));
-            // A scan of the names first: most responses carry no x-envoy-* header, and a
-            // lookup by this long name hashes it every time.
-            if headers::has_envoy_headers(response.headers())
-                && response.headers().contains_key(&X_IMMEDIATE_HC_FAIL)
-            {
+            if headers::contains_by_scan(response.headers(), &X_IMMEDIATE_HC_FAIL) {
                 cluster.immediate_health_check_fail(host);
             }
             (Considered::Response, Ok((response, lease)))
@@ -992,7 +988,7 @@ impl<'s> Clock<'s> {
 
     /// Waits out a back-off, unless the route runs out of time first.
     async fn sleep(&mut self, back_off: Duration) -> Result<(), Expired> {
-        self.run(std::pin::pin!(tokio::time::sleep(back_off)), None, None)
+        self.run(pin!(tokio::time::sleep(back_off)), None, None)
             .await
     }
 
