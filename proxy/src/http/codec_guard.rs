@@ -225,43 +225,49 @@ fn head_len(bytes: &[u8]) -> Option<usize> {
     None
 }
 
-/// Methods Envoy's codec knows (http-parser's list); any other is refused.
-const METHODS: [&[u8]; 34] = [
-    b"ACL",
-    b"BIND",
-    b"CHECKOUT",
-    b"CONNECT",
-    b"COPY",
-    b"DELETE",
-    b"GET",
-    b"HEAD",
-    b"LINK",
-    b"LOCK",
-    b"MERGE",
-    b"MKACTIVITY",
-    b"MKCALENDAR",
-    b"MKCOL",
-    b"MOVE",
-    b"MSEARCH",
-    b"NOTIFY",
-    b"OPTIONS",
-    b"PATCH",
-    b"POST",
-    b"PROPFIND",
-    b"PROPPATCH",
-    b"PURGE",
-    b"PUT",
-    b"REBIND",
-    b"REPORT",
-    b"SEARCH",
-    b"SOURCE",
-    b"SUBSCRIBE",
-    b"TRACE",
-    b"UNBIND",
-    b"UNLINK",
-    b"UNLOCK",
-    b"UNSUBSCRIBE",
-];
+/// The longest method [`is_known_method`] knows.
+const MAX_METHOD_LEN: usize = 11;
+
+/// Whether Envoy's codec knows `method` (http-parser's list); any other is refused.
+fn is_known_method(method: &[u8]) -> bool {
+    matches!(
+        method,
+        b"ACL"
+            | b"BIND"
+            | b"CHECKOUT"
+            | b"CONNECT"
+            | b"COPY"
+            | b"DELETE"
+            | b"GET"
+            | b"HEAD"
+            | b"LINK"
+            | b"LOCK"
+            | b"MERGE"
+            | b"MKACTIVITY"
+            | b"MKCALENDAR"
+            | b"MKCOL"
+            | b"MOVE"
+            | b"MSEARCH"
+            | b"NOTIFY"
+            | b"OPTIONS"
+            | b"PATCH"
+            | b"POST"
+            | b"PROPFIND"
+            | b"PROPPATCH"
+            | b"PURGE"
+            | b"PUT"
+            | b"REBIND"
+            | b"REPORT"
+            | b"SEARCH"
+            | b"SOURCE"
+            | b"SUBSCRIBE"
+            | b"TRACE"
+            | b"UNBIND"
+            | b"UNLINK"
+            | b"UNLOCK"
+            | b"UNSUBSCRIBE"
+    )
+}
 
 /// A byte class as a table: one load per byte on the request path, where a head's every byte
 /// is tested.
@@ -277,6 +283,33 @@ impl ByteClass {
     fn all(&self, bytes: &[u8]) -> bool {
         bytes.iter().all(|b| self.has(*b))
     }
+
+    /// How many bytes at the start of `bytes` are in the class.
+    #[inline]
+    fn run(&self, bytes: &[u8]) -> usize {
+        bytes.iter().take_while(|b| self.has(**b)).count()
+    }
+}
+
+/// How many bytes at the start of `bytes` are header-value characters ([`VALUE_CHAR`]):
+/// eight at a time while none is a control character (a value's bytes, the bulk of a head,
+/// are tested with a few instructions per word), then byte by byte.
+fn value_run(bytes: &[u8]) -> usize {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH_BITS: u64 = ONES * 0x80;
+    let mut at = 0;
+    while let Some(word) = bytes.get(at..at + 8) {
+        let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        // A byte below 0x20 (tab included: the byte loop takes it), or 0x7f (DEL).
+        let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH_BITS;
+        let del = word ^ (ONES * 0x7f);
+        let is_del = del.wrapping_sub(ONES) & !del & HIGH_BITS;
+        if below_space | is_del != 0 {
+            break;
+        }
+        at += 8;
+    }
+    at + VALUE_CHAR.run(&bytes[at..])
 }
 
 /// Header-name characters (RFC 9110 `tchar`).
@@ -337,6 +370,16 @@ const TARGET_CHAR: ByteClass = ByteClass({
     table
 });
 
+/// What [`plain_head`] takes in a target: [`TARGET_CHAR`] without the blanks (word separators
+/// in a request line) and `#` (a fragment, refused).
+const PLAIN_TARGET_CHAR: ByteClass = ByteClass({
+    let mut table = TARGET_CHAR.0;
+    table[b'\t' as usize] = false;
+    table[12] = false;
+    table[b'#' as usize] = false;
+    table
+});
+
 /// http-parser's test of a request target: origin-form (or `*`), or absolute-form.
 fn target_is_valid(target: &[u8], connect: bool) -> bool {
     let Some(first) = target.first() else {
@@ -381,8 +424,131 @@ fn trim_ows(mut value: &[u8]) -> &[u8] {
 /// Judges the complete head at the start of `bytes`: its length and judgement, or `None` while
 /// it is incomplete.
 fn judge(bytes: &[u8], rules: &Rules) -> Option<(usize, Judgement)> {
+    match plain_head(bytes, rules) {
+        Plain::Pass(len, next) => return Some((len, Judgement::Pass(next))),
+        Plain::Incomplete => return None,
+        Plain::Unsure => {}
+    }
     let len = head_len(bytes)?;
     Some((len, judge_head(&bytes[..len], rules)))
+}
+
+/// What [`plain_head`] made of the bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum Plain {
+    /// A plain head of this length that passes unchanged, and the framing after it.
+    Pass(usize, Framing),
+    /// Plain so far, and not complete.
+    Incomplete,
+    /// Not plain: the full judgement decides.
+    Unsure,
+}
+
+/// The common head, recognized in one pass over its bytes: a known method other than
+/// `CONNECT`, an origin-form target, `HTTP/1.1` or `HTTP/1.0`, single spaces, CRLF line ends,
+/// header lines with valid names and values, within the limits, at most one
+/// `Content-Length`, no `Transfer-Encoding` or `Upgrade`. Such a head passes unchanged;
+/// [`judge_head`] would say the same, only slower (it splits lines and words first). Anything
+/// else, refusals and rewrites included, is left to it.
+fn plain_head(bytes: &[u8], rules: &Rules) -> Plain {
+    let Some(space) = memchr::memchr(b' ', &bytes[..bytes.len().min(MAX_METHOD_LEN + 1)]) else {
+        return match bytes.len() > MAX_METHOD_LEN || !TCHAR.all(bytes) {
+            true => Plain::Unsure,
+            false => Plain::Incomplete,
+        };
+    };
+    let method = &bytes[..space];
+    if !is_known_method(method) || method == b"CONNECT" {
+        return Plain::Unsure;
+    }
+    let mut at = space + 1;
+    let target_start = at;
+    if bytes.get(at).is_some_and(|b| *b != b'/') {
+        return Plain::Unsure;
+    }
+    at += PLAIN_TARGET_CHAR.run(&bytes[at..]);
+    let mut counted = at - target_start;
+    match bytes.get(at) {
+        None => return Plain::Incomplete,
+        Some(b' ') if counted > 0 => at += 1,
+        Some(_) => return Plain::Unsure,
+    }
+    let version = &bytes[at..bytes.len().min(at + 10)];
+    let (full_11, full_10) = (b"HTTP/1.1\r\n", b"HTTP/1.0\r\n");
+    if version.len() < 10 {
+        let prefix = |full: &[u8]| full.starts_with(version);
+        return match prefix(full_11) || prefix(full_10) {
+            true => Plain::Incomplete,
+            false => Plain::Unsure,
+        };
+    }
+    if version != full_11 && version != full_10 {
+        return Plain::Unsure;
+    }
+    at += 10;
+
+    let mut count = 0;
+    let mut length: Option<u64> = None;
+    loop {
+        if at > rules.max_head_bytes {
+            return Plain::Unsure;
+        }
+        match bytes.get(at) {
+            None => return Plain::Incomplete,
+            Some(b'\r') => {
+                return match bytes.get(at + 1) {
+                    None => Plain::Incomplete,
+                    Some(b'\n') if at + 2 <= rules.max_head_bytes => {
+                        let next = match length {
+                            Some(n) if n > 0 => Framing::Length(n),
+                            _ => Framing::Head,
+                        };
+                        Plain::Pass(at + 2, next)
+                    }
+                    Some(_) => Plain::Unsure,
+                };
+            }
+            Some(_) => {}
+        }
+        let name_start = at;
+        at += TCHAR.run(&bytes[at..]);
+        let name = &bytes[name_start..at];
+        match bytes.get(at) {
+            None => return Plain::Incomplete,
+            Some(b':') if !name.is_empty() => at += 1,
+            Some(_) => return Plain::Unsure,
+        }
+        while bytes.get(at).is_some_and(|b| matches!(b, b' ' | b'\t')) {
+            at += 1;
+        }
+        let value_start = at;
+        at += value_run(&bytes[at..]);
+        let value = trim_ows(&bytes[value_start..at]);
+        match (bytes.get(at), bytes.get(at + 1)) {
+            (None, _) | (Some(b'\r'), None) => return Plain::Incomplete,
+            (Some(b'\r'), Some(b'\n')) => at += 2,
+            _ => return Plain::Unsure,
+        }
+        count += 1;
+        counted += name.len() + value.len();
+        if count > rules.max_headers || counted > rules.max_head_bytes {
+            return Plain::Unsure;
+        }
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                let digits = value.len() <= 19 && value.iter().all(u8::is_ascii_digit);
+                match (length, digits && !value.is_empty()) {
+                    (None, true) => {
+                        length = Some(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+                    }
+                    _ => return Plain::Unsure,
+                }
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => return Plain::Unsure,
+            7 if name.eq_ignore_ascii_case(b"upgrade") => return Plain::Unsure,
+            _ => {}
+        }
+    }
 }
 
 fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
@@ -432,7 +598,7 @@ fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
     if head.len() > rules.max_head_bytes {
         return too_large("http1.headers_too_large");
     }
-    let known_method = METHODS.contains(&method)
+    let known_method = is_known_method(method)
         || (rules.allow_custom_methods && !method.is_empty() && TCHAR.all(method));
     if request_line.contains(&b'\r') || !known_method || extra_word {
         return bad_request();
@@ -926,6 +1092,88 @@ mod tests {
         assert_eq!(
             refusal.map(|r| r.status),
             Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+    }
+
+    #[test]
+    fn value_runs_stop_at_the_first_control_character() {
+        for length in 0..40 {
+            for stop in [b'\r', b'\n', 0x00, 0x1f, 0x7f] {
+                let mut bytes = vec![b'v'; length];
+                bytes.extend_from_slice(b"\t\x80 ~");
+                let run = bytes.len();
+                assert_eq!(value_run(&bytes), run);
+                bytes.push(stop);
+                bytes.extend_from_slice(b"after");
+                assert_eq!(value_run(&bytes), run, "length {length}, stop {stop:#x}");
+            }
+        }
+    }
+
+    /// The one-pass recognizer of plain heads never disagrees with the full judgement: on
+    /// every prefix of thousands of mutated heads, what it passes the full judgement passes
+    /// alike (same length, same framing), and what it calls incomplete has no end yet.
+    #[test]
+    fn plain_heads_are_judged_as_the_full_judgement_judges_them() {
+        let seeds: [&[u8]; 6] = [
+            b"GET /a?b=c HTTP/1.1\r\nHost: example.com\r\nUser-Agent: x/1\r\n\r\n",
+            b"POST /upload HTTP/1.0\r\nhost: x\r\ncontent-length: 12\r\naccept: */*\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nContent-Length:  0 \r\nx-a:\t\xc3\xa9\r\n\r\n",
+            b"UNSUBSCRIBE /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
+        ];
+        let alphabet = b" \t\r\n:/#*?x0A\x01\x7f\xff-";
+        let rules = Rules {
+            max_head_bytes: 70,
+            max_headers: 3,
+            ..RULES
+        };
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let (mut passed, mut unsure) = (0, 0);
+        for round in 0..4000 {
+            let mut head = seeds[round % seeds.len()].to_vec();
+            for _ in 0..(round % 4) {
+                let at = (next() as usize) % head.len();
+                let byte = alphabet[(next() as usize) % alphabet.len()];
+                match next() % 3 {
+                    0 => head[at] = byte,
+                    1 => head.insert(at, byte),
+                    _ => drop(head.remove(at)),
+                }
+            }
+            for end in 1..=head.len() {
+                let bytes = &head[..end];
+                if matches!(bytes[0], b'\r' | b'\n') {
+                    continue;
+                }
+                let full = head_len(bytes).map(|len| (len, judge_head(&bytes[..len], &rules)));
+                match plain_head(bytes, &rules) {
+                    Plain::Pass(len, framing) => {
+                        passed += 1;
+                        assert_eq!(
+                            full,
+                            Some((len, Judgement::Pass(framing))),
+                            "{:?}",
+                            String::from_utf8_lossy(bytes)
+                        );
+                    }
+                    Plain::Incomplete => {
+                        assert_eq!(full, None, "{:?}", String::from_utf8_lossy(bytes))
+                    }
+                    Plain::Unsure => unsure += 1,
+                }
+            }
+        }
+        assert!(
+            passed > 1000 && unsure > 1000,
+            "{passed} passed, {unsure} unsure"
         );
     }
 
