@@ -220,17 +220,47 @@ fn normalize_host<'a>(
     }
 }
 
+/// Which of the headers [`check_request`] settles a request carries: found in one pass over
+/// the names (cheap comparisons of standard names) instead of a hashed lookup for each.
+#[derive(Debug, Default)]
+struct Carried {
+    host: bool,
+    upgrade: bool,
+    connection: bool,
+    expect: bool,
+}
+
+impl Carried {
+    fn scan(headers: &http::HeaderMap) -> Carried {
+        let mut carried = Carried::default();
+        for name in headers.keys() {
+            if name == header::HOST {
+                carried.host = true;
+            } else if name == header::UPGRADE {
+                carried.upgrade = true;
+            } else if name == header::CONNECTION {
+                carried.connection = true;
+            } else if name == header::EXPECT {
+                carried.expect = true;
+            }
+        }
+        carried
+    }
+}
+
 /// What Envoy's HTTP/1 codec and connection manager settle about a request before anything
 /// else reads it: the HTTP/1.0 policy, the one `Host`, an h2c upgrade (ignored), and an
-/// `expect: 100-continue` (answered here, so not forwarded).
+/// `expect: 100-continue` (answered here, so not forwarded). Returns whether the request asks
+/// to upgrade the connection.
 fn check_request(
     hcm: &HttpConnectionManager,
     parts: &mut http::request::Parts,
-) -> Result<(), LocalReply> {
+) -> Result<bool, LocalReply> {
     if parts.version == Version::HTTP_2 {
         headers::coalesce_inline(&mut parts.headers);
-        return Ok(());
+        return Ok(false);
     }
+    let mut carried = Carried::scan(&parts.headers);
     if parts.version == Version::HTTP_10 {
         if !hcm.http1.accept_http_10 {
             return Err(codec_reply(
@@ -240,12 +270,13 @@ fn check_request(
             ));
         }
         let default_host = &hcm.http1.default_host_for_http_10;
-        if !parts.headers.contains_key(header::HOST)
+        if !carried.host
             && parts.uri.authority().is_none()
             && let Ok(host) = HeaderValue::from_str(default_host)
             && !default_host.is_empty()
         {
             parts.headers.insert(header::HOST, host);
+            carried.host = true;
         }
     }
     // An absolute-form target names the host (RFC 9112 section 3.2.2): it replaces any `Host`.
@@ -253,40 +284,46 @@ fn check_request(
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         parts.headers.insert(header::HOST, host);
+        carried.host = true;
     }
     headers::coalesce_inline(&mut parts.headers);
     // Envoy serves an h2c upgrade request as the plain HTTP/1.1 request it also is.
-    if parts
-        .headers
-        .get(header::UPGRADE)
-        .is_some_and(|upgrade| upgrade.as_bytes().eq_ignore_ascii_case(b"h2c"))
+    if carried.upgrade
+        && parts
+            .headers
+            .get(header::UPGRADE)
+            .is_some_and(|upgrade| upgrade.as_bytes().eq_ignore_ascii_case(b"h2c"))
     {
         parts.headers.remove(header::UPGRADE);
         parts.headers.remove(&HTTP2_SETTINGS);
+        carried.upgrade = false;
     }
-    if !parts.headers.contains_key(header::UPGRADE)
-        && !headers::sanitize_connection(&mut parts.headers)
-    {
-        return Err(codec_reply(
-            StatusCode::BAD_REQUEST,
-            "Bad Request",
-            "http1.connection_header_rejected",
-        ));
+    if !carried.upgrade && carried.connection {
+        if !headers::sanitize_connection(&mut parts.headers) {
+            return Err(codec_reply(
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "http1.connection_header_rejected",
+            ));
+        }
+        // `Connection` may have named `Host` (and so removed it).
+        carried.host = parts.headers.contains_key(header::HOST);
     }
-    if !parts.headers.contains_key(header::HOST) {
+    if !carried.host {
         let mut reply = LocalReply::new(StatusCode::BAD_REQUEST);
         reply.flag = Some(ResponseFlag::DownstreamProtocolError);
         reply.details = "missing_host_header".into();
         return Err(reply);
     }
-    if parts
-        .headers
-        .get(header::EXPECT)
-        .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    if carried.expect
+        && parts
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"))
     {
         parts.headers.remove(header::EXPECT);
     }
-    Ok(())
+    Ok(carried.upgrade && parts.version == Version::HTTP_11)
 }
 
 static HTTP2_SETTINGS: http::HeaderName = http::HeaderName::from_static("http2-settings");
@@ -348,9 +385,7 @@ async fn handle(
         if let Some(refusal) = &refused {
             return Err(refusal_reply(refusal));
         }
-        check_request(hcm, &mut parts)?;
-        let upgrading =
-            parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
+        let upgrading = check_request(hcm, &mut parts)?;
         let origin = headers::on_request(
             hcm,
             &mut parts.headers,
