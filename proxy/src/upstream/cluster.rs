@@ -50,7 +50,10 @@ pub struct Members {
     initialized: AtomicBool,
     init: Notify,
     health: Mutex<HealthControl>,
-    events: UnboundedSender<Event>,
+    /// Where the request path reports to the health task. Made, with the task, only for a
+    /// cluster that needs one (outlier detection, or an immediate health-check failure):
+    /// most clusters have neither, and a channel and a task each cost about 1.5 KB.
+    events: OnceLock<UnboundedSender<Event>>,
     /// Woken when a host's health check completes (for the first-check wait).
     checked: Notify,
 }
@@ -64,8 +67,9 @@ struct HealthControl {
     ignore_health_on_removal: bool,
     /// One checker session per host address, with where it probes.
     sessions: HashMap<SocketAddr, (Target, tokio::task::AbortHandle)>,
-    /// The main runtime, once the health task started.
+    /// The main runtime, once the cluster's background work started.
     runtime: Option<tokio::runtime::Handle>,
+    /// The health task's end of the events channel, until the task starts.
     events: Option<UnboundedReceiver<Event>>,
     supervisor: Option<tokio::task::AbortHandle>,
 }
@@ -104,7 +108,6 @@ impl Members {
         policy: Arc<dyn LoadBalancer>,
         settings: Settings,
     ) -> Arc<Self> {
-        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
         Arc::new_cyclic(|me| Members {
             me: me.clone(),
             stats,
@@ -115,11 +118,8 @@ impl Members {
             policy: Mutex::new((policy, settings)),
             initialized: AtomicBool::new(false),
             init: Notify::new(),
-            health: Mutex::new(HealthControl {
-                events: Some(receiver),
-                ..HealthControl::default()
-            }),
-            events,
+            health: Mutex::default(),
+            events: OnceLock::new(),
             checked: Notify::new(),
         })
     }
@@ -258,18 +258,40 @@ impl Members {
         }
     }
 
-    /// Starts the health task and the checker sessions on the current (main) runtime.
+    /// Starts the checker sessions, and the health task if it has events to read, on the
+    /// current (main) runtime.
     fn start_health(&self) {
         {
             let mut control = lock(&self.health);
             control.runtime = Some(tokio::runtime::Handle::current());
-            if let Some(events) = control.events.take() {
-                let task = tokio::spawn(super::health::supervise(self.me.clone(), events));
-                control.supervisor = Some(task.abort_handle());
-            }
+            self.spawn_supervisor(&mut control);
         }
         let hosts = self.set().hosts.clone();
         self.sync_sessions(&hosts);
+    }
+
+    /// Where the request path reports to the health task; the first call makes the channel
+    /// (and starts the task, once the main runtime is known).
+    fn events(&self) -> UnboundedSender<Event> {
+        self.events
+            .get_or_init(|| {
+                let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+                let mut control = lock(&self.health);
+                control.events = Some(receiver);
+                self.spawn_supervisor(&mut control);
+                sender
+            })
+            .clone()
+    }
+
+    /// Starts the health task on the main runtime, once that is known and events can come.
+    fn spawn_supervisor(&self, control: &mut HealthControl) {
+        if let Some(runtime) = &control.runtime
+            && let Some(events) = control.events.take()
+        {
+            let task = runtime.spawn(super::health::supervise(self.me.clone(), events));
+            control.supervisor = Some(task.abort_handle());
+        }
     }
 
     /// One session per checked host: new hosts get one, removed hosts lose theirs, a host
@@ -647,7 +669,7 @@ impl Cluster {
         let outlier = config
             .outlier_detection
             .as_ref()
-            .map(|od| OutlierReporter::new(od, members.events.clone()));
+            .map(|od| OutlierReporter::new(od, members.events()));
         members.configure_health(HealthSettings {
             checker,
             outlier: outlier_setup,
@@ -759,7 +781,7 @@ impl Cluster {
                 .set_flag(HostState::EXCLUDED_VIA_IMMEDIATE_HC_FAIL, true);
             let _ = self
                 .members
-                .events
+                .events()
                 .send(Event::ImmediateFail(host.state.clone()));
         }
     }
