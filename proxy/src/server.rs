@@ -102,13 +102,16 @@ async fn serve(
             store.clone(),
         ),
     });
-    // Static clusters, then admin, then static listeners.
+    // Static clusters, then admin, then static listeners. The clusters go into the store in
+    // one change: a change copies the snapshot, and one per cluster made startup quadratic.
+    let mut clusters = Vec::with_capacity(bootstrap.clusters.len());
     for config in &bootstrap.clusters {
         let cluster = Cluster::new(config.clone(), &registry, concurrency, None)
             .with_context(|| format!("cluster {}", config.name))?;
         cluster.start_background();
-        store.update(|snapshot| snapshot.clusters.insert(config.name.clone(), cluster));
+        clusters.push((config.name.clone(), cluster));
     }
+    store.update(|snapshot| snapshot.clusters.extend(clusters));
     let xds_status = Arc::new(crate::xds::Status::default());
     if let Some(admin) = &bootstrap.admin {
         let listener = tokio::net::TcpListener::bind(admin.address)

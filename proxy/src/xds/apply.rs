@@ -31,6 +31,9 @@ pub struct Applier {
     /// Endpoints by EDS service name, for clusters that arrive after their endpoints.
     endpoints: BTreeMap<String, LoadAssignment>,
     pub warming: Warming,
+    /// Clusters made ready while applying one response, put in the store together: each
+    /// store change copies the snapshot, so one per cluster made a large CDS update quadratic.
+    ready: Vec<Arc<Cluster>>,
 }
 
 fn digest(any: &Any) -> u64 {
@@ -64,6 +67,7 @@ impl Applier {
             applied: HashMap::new(),
             endpoints: BTreeMap::new(),
             warming,
+            ready: Vec::new(),
         }
     }
 
@@ -164,6 +168,7 @@ impl Applier {
             self.remove(type_url, name);
         }
         self.applied.insert(type_url, applied);
+        self.activate_ready();
         if type_url == RDS {
             self.promote_listeners();
         }
@@ -253,11 +258,24 @@ impl Applier {
         }
     }
 
-    fn activate_cluster(&self, cluster: Arc<Cluster>) {
-        let name = cluster.name().to_string();
-        self.context
-            .store
-            .update(|snapshot| snapshot.clusters.insert(name, cluster));
+    /// Queues `cluster` for the store; [`Applier::activate_ready`] puts it there.
+    fn activate_cluster(&mut self, cluster: Arc<Cluster>) {
+        self.ready.push(cluster);
+    }
+
+    /// Puts the clusters made ready in the store, in one change.
+    fn activate_ready(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let ready = std::mem::take(&mut self.ready);
+        self.context.store.update(|snapshot| {
+            for cluster in ready {
+                snapshot
+                    .clusters
+                    .insert(cluster.name().to_string(), cluster);
+            }
+        });
     }
 
     fn apply_endpoints(&mut self, name: &str, any: &Any) -> Result<(), String> {
@@ -389,6 +407,7 @@ impl Applier {
                     tracing::warn!(cluster = %name, "xDS: endpoints did not arrive in time; activating without endpoints");
                     cluster.members.mark_initialized();
                     self.activate_cluster(cluster);
+                    self.activate_ready();
                     self.publish_warming();
                 }
             }
@@ -401,6 +420,7 @@ impl Applier {
             Deadline::ClusterChecked { name, digest } => {
                 if let Some(cluster) = self.warming.expired_cluster(name, *digest) {
                     self.activate_cluster(cluster);
+                    self.activate_ready();
                     self.publish_warming();
                 }
             }
