@@ -20,12 +20,12 @@ use crate::upstream::breakers::Held;
 use crate::upstream::pool::Lease;
 
 /// A response body: streamed from upstream or generated locally.
-// Unboxed on purpose: the upstream body is the common case, and a box would cost an allocation
-// per request.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ResponseBody {
-    Upstream(UpstreamBody),
+    /// Boxed: a response moves several times on its way out (router, connection manager,
+    /// hyper), and copying the upstream body's 376 bytes each time cost more than the
+    /// allocation does (about 1,000 instructions per request against some 100).
+    Upstream(Box<UpstreamBody>),
     Full(Option<Bytes>),
 }
 

@@ -622,10 +622,10 @@ pub(super) async fn forward(
         },
     };
     Ok(response.map(|body| {
-        ResponseBody::Upstream(
+        ResponseBody::Upstream(Box::new(
             UpstreamBody::new(body, timer, (rq_active.0, rq_active.1, host_active), lease)
                 .with_rq_time(&cluster.stats.upstream_rq_time, sent_at),
-        )
+        ))
     }))
 }
 
