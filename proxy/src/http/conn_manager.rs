@@ -220,47 +220,19 @@ fn normalize_host<'a>(
     }
 }
 
-/// Which of the headers [`check_request`] settles a request carries: found in one pass over
-/// the names (cheap comparisons of standard names) instead of a hashed lookup for each.
-#[derive(Debug, Default)]
-struct Carried {
-    host: bool,
-    upgrade: bool,
-    connection: bool,
-    expect: bool,
-}
-
-impl Carried {
-    fn scan(headers: &http::HeaderMap) -> Carried {
-        let mut carried = Carried::default();
-        for name in headers.keys() {
-            if name == header::HOST {
-                carried.host = true;
-            } else if name == header::UPGRADE {
-                carried.upgrade = true;
-            } else if name == header::CONNECTION {
-                carried.connection = true;
-            } else if name == header::EXPECT {
-                carried.expect = true;
-            }
-        }
-        carried
-    }
-}
-
 /// What Envoy's HTTP/1 codec and connection manager settle about a request before anything
 /// else reads it: the HTTP/1.0 policy, the one `Host`, an h2c upgrade (ignored), and an
-/// `expect: 100-continue` (answered here, so not forwarded). Returns whether the request asks
-/// to upgrade the connection.
+/// `expect: 100-continue` (answered here, so not forwarded). `carried` is kept true to the
+/// headers. Returns whether the request asks to upgrade the connection.
 fn check_request(
     hcm: &HttpConnectionManager,
     parts: &mut http::request::Parts,
+    carried: &mut headers::Present,
 ) -> Result<bool, LocalReply> {
     if parts.version == Version::HTTP_2 {
         headers::coalesce_inline(&mut parts.headers);
         return Ok(false);
     }
-    let mut carried = Carried::scan(&parts.headers);
     if parts.version == Version::HTTP_10 {
         if !hcm.http1.accept_http_10 {
             return Err(codec_reply(
@@ -306,8 +278,8 @@ fn check_request(
                 "http1.connection_header_rejected",
             ));
         }
-        // `Connection` may have named `Host` (and so removed it).
-        carried.host = parts.headers.contains_key(header::HOST);
+        // `Connection` may have named any header (Host, x-request-id, ...) and so removed it.
+        *carried = headers::Present::scan(&parts.headers);
     }
     if !carried.host {
         let mut reply = LocalReply::new(StatusCode::BAD_REQUEST);
@@ -385,15 +357,19 @@ async fn handle(
         if let Some(refusal) = &refused {
             return Err(refusal_reply(refusal));
         }
-        let upgrading = check_request(hcm, &mut parts)?;
+        let mut present = headers::Present::scan(&parts.headers);
+        let upgrading = check_request(hcm, &mut parts, &mut present)?;
         let origin = headers::on_request(
             hcm,
             &mut parts.headers,
+            &present,
             connection.info.source,
             connection.scheme,
             upgrading,
         );
-        let force_trace = headers::contains_by_scan(&parts.headers, &headers::X_ENVOY_FORCE_TRACE);
+        // Never added here: a request without `x-envoy-*` headers has none to look for.
+        let force_trace = present.envoy
+            && headers::contains_by_scan(&parts.headers, &headers::X_ENVOY_FORCE_TRACE);
         if hcm.always_set_request_id_in_response || force_trace {
             request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
         }

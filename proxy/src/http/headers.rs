@@ -141,16 +141,17 @@ pub fn append_xff(headers: &mut HeaderMap, peer: SocketAddr) {
 /// address and that address is in `internal_address_config` (Envoy 1.40 counts no address as
 /// internal without it): internal requests get `x-envoy-internal` and keep Envoy's request
 /// control headers; the others lose them, and at the edge (`use_remote_address`) get
-/// `x-envoy-external-address`.
+/// `x-envoy-external-address`. `present` says which headers the request carries (hop-by-hop
+/// headers aside: they are removed here).
 pub fn on_request(
     hcm: &HttpConnectionManager,
     headers: &mut HeaderMap,
+    present: &Present,
     peer: SocketAddr,
     scheme: &'static str,
     upgrading: bool,
 ) -> Origin {
     remove_hop_by_hop(headers, upgrading);
-    let present = Present::scan(headers);
     if present.envoy {
         headers.remove(&X_ENVOY_INTERNAL);
     }
@@ -219,23 +220,37 @@ pub fn on_request(
     }
 }
 
-/// Which of the headers the connection manager reads or rewrites a request has: found in one
-/// pass over the names, since a lookup hashes a long custom name each time and most requests
-/// carry none of them.
+/// Which of the headers the connection manager settles, reads or rewrites a request has:
+/// found in one pass over the names per request, since a lookup hashes the name each time
+/// (a long custom one in full) and most requests carry few of them. The connection manager's
+/// checks keep it true to the headers; [`on_request`] then adds headers without recording
+/// them, so afterwards a flag only gates a lookup (`envoy`: no `x-envoy-*` header came in).
 #[derive(Debug, Default)]
-struct Present {
-    forwarded_for: bool,
-    forwarded_proto: bool,
-    request_id: bool,
+pub struct Present {
+    pub host: bool,
+    pub upgrade: bool,
+    pub connection: bool,
+    pub expect: bool,
+    pub forwarded_for: bool,
+    pub forwarded_proto: bool,
+    pub request_id: bool,
     /// Any `x-envoy-*` header.
-    envoy: bool,
+    pub envoy: bool,
 }
 
 impl Present {
-    fn scan(headers: &HeaderMap) -> Present {
+    pub fn scan(headers: &HeaderMap) -> Present {
         let mut present = Present::default();
         for name in headers.keys() {
-            if *name == X_FORWARDED_FOR {
+            if name == header::HOST {
+                present.host = true;
+            } else if name == header::UPGRADE {
+                present.upgrade = true;
+            } else if name == header::CONNECTION {
+                present.connection = true;
+            } else if name == header::EXPECT {
+                present.expect = true;
+            } else if *name == X_FORWARDED_FOR {
                 present.forwarded_for = true;
             } else if *name == X_FORWARDED_PROTO {
                 present.forwarded_proto = true;
