@@ -1,8 +1,9 @@
 //! `remora-cp-bench`: load tool for the control plane. Starts a `remora-cp` (release build next
 //! to this binary), loads C clusters of E endpoints each, opens N simulated ADS clients (each its
 //! own gRPC connection and stream, subscribing and ACKing like Envoy: CDS wildcard, EDS by name,
-//! LDS wildcard, RDS by name) and measures, per API write, the time until all N clients have
-//! ACKed the new version, plus remora-cp's RSS and CPU.
+//! LDS wildcard, RDS by name; state-of-the-world, or delta with `--delta`) and measures, per API
+//! write, the time until all N clients have ACKed the new version, plus remora-cp's RSS and CPU
+//! and the machine's load average.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,8 +20,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use xds_api::envoy::config::core::v3::Node;
-use xds_api::envoy::service::discovery::v3::DiscoveryRequest;
-use xds_api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use xds_api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use xds_api::type_urls;
 
 #[derive(Parser, Debug)]
@@ -38,6 +38,9 @@ struct Args {
     /// Clients connecting at once while ramping up.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
+    /// Speak incremental (delta) ADS instead of state-of-the-world.
+    #[arg(long)]
+    delta: bool,
     /// remora-cp binary (default: next to this one).
     #[arg(long)]
     cp_binary: Option<PathBuf>,
@@ -160,71 +163,210 @@ fn initial_config(args: &Args) -> Value {
     Value::Array(resources)
 }
 
-/// One simulated Envoy: subscribes like Envoy does and ACKs every response.
-async fn client(
-    index: usize,
+/// The parts of a (delta) discovery response the simulated Envoy reads: both messages number
+/// these fields alike. Resources are skipped undecoded, so the load tool's own cost stays small
+/// beside the control plane it shares the cores with (a real Envoy decodes in its own process).
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResponseHead {
+    /// `version_info` (SotW) or `system_version_info` (delta).
+    #[prost(string, tag = "1")]
+    version: String,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+}
+
+/// A request whose repeated name field was encoded once up front: Envoy repeats its whole EDS
+/// list on every SotW ACK, and cloning 1,000 strings per ACK would load the tool, not the server.
+#[derive(Debug, Default, Clone)]
+struct WithNames<M> {
+    message: M,
+    /// Encoded entries of the message's name field (key, length, bytes per name).
+    names: bytes::Bytes,
+}
+
+impl<M: prost::Message + Default> prost::Message for WithNames<M> {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        self.message.encode_raw(buf);
+        buf.put_slice(&self.names);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        self.message.merge_field(tag, wire_type, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.message.encoded_len() + self.names.len()
+    }
+
+    fn clear(&mut self) {
+        self.message.clear();
+        self.names.clear();
+    }
+}
+
+/// `names` encoded as repeated string field `tag`.
+fn encode_names(tag: u32, names: &[String]) -> bytes::Bytes {
+    let mut buf = Vec::new();
+    prost::encoding::string::encode_repeated(tag, names, &mut buf);
+    buf.into()
+}
+
+/// What every simulated client shares.
+struct ClientSetup {
     xds: SocketAddr,
-    cluster_names: Arc<Vec<String>>,
+    delta: bool,
     acks: AckTable,
-) -> anyhow::Result<()> {
-    let mut grpc = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
-        .await?
-        .max_decoding_message_size(256 << 20);
-    let (requests, outgoing) = mpsc::channel::<DiscoveryRequest>(8);
+    /// Per type: the names subscribed (EDS: every cluster; RDS: the one route), encoded as the
+    /// SotW request's field 3, which is also the delta request's `resource_names_subscribe`.
+    names: [bytes::Bytes; 4],
+}
+
+/// A request of either protocol, sent on the one stream.
+#[derive(Debug, Clone)]
+enum Outgoing {
+    Sotw(WithNames<DiscoveryRequest>),
+    Delta(WithNames<DeltaDiscoveryRequest>),
+}
+
+impl Default for Outgoing {
+    fn default() -> Self {
+        Outgoing::Sotw(WithNames::default())
+    }
+}
+
+impl prost::Message for Outgoing {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        match self {
+            Outgoing::Sotw(request) => request.encode_raw(buf),
+            Outgoing::Delta(request) => request.encode_raw(buf),
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        match self {
+            Outgoing::Sotw(request) => request.merge_field(tag, wire_type, buf, ctx),
+            Outgoing::Delta(request) => request.merge_field(tag, wire_type, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match self {
+            Outgoing::Sotw(request) => request.encoded_len(),
+            Outgoing::Delta(request) => request.encoded_len(),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Outgoing::default();
+    }
+}
+
+/// One simulated Envoy: subscribes like Envoy does (CDS, then EDS, LDS, RDS, each once the
+/// previous type answered) and ACKs every response, over SotW or delta ADS.
+async fn client(index: usize, setup: Arc<ClientSetup>) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::new(format!("http://{}", setup.xds))?
+        .connect()
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 << 20);
+    grpc.ready().await?;
     let node = Node {
         id: format!("bench-{index}"),
         cluster: "bench".into(),
         ..Default::default()
     };
-    requests
-        .send(DiscoveryRequest {
-            node: Some(node),
-            type_url: TYPES[CDS].into(),
-            ..Default::default()
-        })
-        .await?;
+    let (requests, outgoing) = mpsc::channel::<Outgoing>(8);
+    requests.send(subscribe(&setup, CDS, Some(node))).await?;
+    let path = if setup.delta {
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+    } else {
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+    };
     let mut responses = grpc
-        .stream_aggregated_resources(ReceiverStream::new(outgoing))
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(outgoing)),
+            http::uri::PathAndQuery::from_static(path),
+            tonic_prost::ProstCodec::<Outgoing, ResponseHead>::default(),
+        )
         .await?
         .into_inner();
-    let names = |kind: usize| -> Vec<String> {
-        match kind {
-            EDS => cluster_names.as_ref().clone(),
-            RDS => vec!["bench_route".into()],
-            _ => Vec::new(),
-        }
-    };
     let mut requested = [true, false, false, false];
     while let Some(response) = responses.next().await {
         let response = response?;
         let Some(kind) = TYPES.iter().position(|url| *url == response.type_url) else {
             continue;
         };
-        requests
-            .send(DiscoveryRequest {
-                version_info: response.version_info.clone(),
-                resource_names: names(kind),
-                type_url: response.type_url.clone(),
-                response_nonce: response.nonce.clone(),
-                ..Default::default()
-            })
-            .await?;
-        if let Ok(version) = response.version_info.parse::<u64>() {
-            acks[index][kind].store(version, Ordering::Release);
+        requests.send(ack(&setup, kind, &response)).await?;
+        if let Ok(version) = response.version.parse::<u64>() {
+            setup.acks[index][kind].store(version, Ordering::Release);
         }
         // Envoy's order: clusters, then their endpoints, then listeners, then their routes.
         if kind + 1 < TYPES.len() && !requested[kind + 1] {
             requested[kind + 1] = true;
-            requests
-                .send(DiscoveryRequest {
-                    resource_names: names(kind + 1),
-                    type_url: TYPES[kind + 1].into(),
-                    ..Default::default()
-                })
-                .await?;
+            requests.send(subscribe(&setup, kind + 1, None)).await?;
         }
     }
     Ok(())
+}
+
+/// The first request for type `kind`.
+fn subscribe(setup: &ClientSetup, kind: usize, node: Option<Node>) -> Outgoing {
+    if setup.delta {
+        Outgoing::Delta(WithNames {
+            message: DeltaDiscoveryRequest {
+                node,
+                type_url: TYPES[kind].into(),
+                ..Default::default()
+            },
+            names: setup.names[kind].clone(),
+        })
+    } else {
+        Outgoing::Sotw(WithNames {
+            message: DiscoveryRequest {
+                node,
+                type_url: TYPES[kind].into(),
+                ..Default::default()
+            },
+            names: setup.names[kind].clone(),
+        })
+    }
+}
+
+/// The ACK of `response`: SotW repeats the subscription, delta names only the nonce.
+fn ack(setup: &ClientSetup, kind: usize, response: &ResponseHead) -> Outgoing {
+    if setup.delta {
+        Outgoing::Delta(WithNames {
+            message: DeltaDiscoveryRequest {
+                type_url: response.type_url.clone(),
+                response_nonce: response.nonce.clone(),
+                ..Default::default()
+            },
+            names: bytes::Bytes::new(),
+        })
+    } else {
+        Outgoing::Sotw(WithNames {
+            message: DiscoveryRequest {
+                version_info: response.version.clone(),
+                type_url: response.type_url.clone(),
+                response_nonce: response.nonce.clone(),
+                ..Default::default()
+            },
+            names: setup.names[kind].clone(),
+        })
+    }
 }
 
 /// Resident set size (kB) and CPU seconds of a process, from /proc.
@@ -245,6 +387,14 @@ fn process_usage(pid: u32) -> (u64, u64, f64) {
     let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     (field("VmRSS:"), field("VmHWM:"), ticks as f64 / 100.0)
+}
+
+/// The machine's one-minute load average, as `/proc/loadavg` prints it.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Waits until every client has ACKed `version` (or later) of `kind`; the time it took.
@@ -305,16 +455,26 @@ async fn main() -> anyhow::Result<()> {
     let (idle_rss, _, _) = process_usage(pid);
 
     let acks: AckTable = Arc::new((0..args.clients).map(|_| Default::default()).collect());
-    let names: Arc<Vec<String>> =
-        Arc::new((0..args.clusters).map(|i| format!("cluster-{i}")).collect());
+    let cluster_names: Vec<String> = (0..args.clusters).map(|i| format!("cluster-{i}")).collect();
+    // Field 3 is SotW's `resource_names` and delta's `resource_names_subscribe`.
+    let setup = Arc::new(ClientSetup {
+        xds: cp.xds,
+        delta: args.delta,
+        acks: acks.clone(),
+        names: [
+            bytes::Bytes::new(),
+            encode_names(3, &cluster_names),
+            bytes::Bytes::new(),
+            encode_names(3, &["bench_route".to_string()]),
+        ],
+    });
     let ramp = Instant::now();
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
     for index in 0..args.clients {
         let permit = gate.clone().acquire_owned().await?;
-        let (acks, names, xds) = (acks.clone(), names.clone(), cp.xds);
+        let (waiter, setup) = (acks.clone(), setup.clone());
         tokio::spawn(async move {
-            let waiter = acks.clone();
-            let task = tokio::spawn(client(index, xds, names, acks));
+            let task = tokio::spawn(client(index, setup));
             // Hold the permit until this client is in sync, so ramp-up stays bounded.
             while waiter[index][RDS].load(Ordering::Acquire) == 0 && !task.is_finished() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -339,6 +499,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut results = Vec::new();
+    let load_before = load_average();
     let measure_started = Instant::now();
     for (label, kind) in [
         ("endpoint change (EDS)", EDS),
@@ -373,16 +534,18 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     let (rss, peak, cpu_after) = process_usage(pid);
+    let load_after = load_average();
     FINISHED.store(true, Ordering::Relaxed);
     let cpu = (cpu_after - cpu_before) / measure_started.elapsed().as_secs_f64();
     println!();
     println!(
-        "| clients | clusters x endpoints | change | all ACKed p50 | p99 | max | cp RSS (MiB) | cp peak RSS (MiB) | cp CPU during changes | ramp-up |"
+        "| clients | protocol | clusters x endpoints | change | all ACKed p50 | p99 | max | cp RSS (MiB) | cp peak RSS (MiB) | cp CPU during changes | ramp-up | load average (1 min) before → after |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let protocol = if args.delta { "delta" } else { "SotW" };
     for (label, p50, p99, max) in results {
         println!(
-            "| {} | {} x {} | {label} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {:.0}% of a core | {:.1} s |",
+            "| {} | {protocol} | {} x {} | {label} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {:.0}% of a core | {:.1} s | {load_before} → {load_after} |",
             args.clients,
             args.clusters,
             args.endpoints,
