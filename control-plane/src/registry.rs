@@ -103,12 +103,15 @@ pub struct RegisteredStream {
 }
 
 impl RegisteredStream {
-    pub fn set_type_status(&self, kind: Kind, status: TypeStatus) {
+    /// Records several types' status under one lock of the registry all streams share.
+    pub fn set_type_statuses(&self, statuses: impl IntoIterator<Item = (Kind, TypeStatus)>) {
         if let Some(entry) = self.registry.lock().get_mut(&self.stream_id) {
-            if status == TypeStatus::default() {
-                entry.types.remove(kind.xds_name());
-            } else {
-                entry.types.insert(kind.xds_name(), status);
+            for (kind, status) in statuses {
+                if status == TypeStatus::default() {
+                    entry.types.remove(kind.xds_name());
+                } else {
+                    entry.types.insert(kind.xds_name(), status);
+                }
             }
         }
     }

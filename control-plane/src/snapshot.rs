@@ -8,8 +8,8 @@
 //! into one rebuild and publishes each group's snapshot on its own `watch` channel, only when that
 //! group's content changed. Each xDS stream task follows its group's channel.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -86,6 +86,68 @@ pub struct Snapshot {
     /// Per type, how this snapshot differs from the group's previous one, so each stream
     /// diffs only what changed instead of its whole subscription.
     pub changes: [Option<Arc<TypeChange>>; 5],
+    /// Response bodies encoded for this snapshot, shared by every stream that sends the same
+    /// selection of it.
+    pub bodies: SharedBodies,
+}
+
+/// Which of a snapshot's resources of one type a response carries: all it holds under a
+/// subscription, or only the [`TypeChange`]'s names under it.
+#[derive(Clone, Debug)]
+pub struct BodyKey {
+    pub kind: Kind,
+    pub changed_only: bool,
+    /// The subscribed names (one shared set per distinct list), or `None` for a wildcard.
+    /// Compared by address: holding the set in the key keeps the address from being reused.
+    pub names: Option<Arc<BTreeSet<String>>>,
+}
+
+impl BodyKey {
+    fn names_address(&self) -> usize {
+        self.names
+            .as_ref()
+            .map_or(0, |names| Arc::as_ptr(names) as usize)
+    }
+}
+
+impl PartialEq for BodyKey {
+    fn eq(&self, other: &BodyKey) -> bool {
+        self.kind == other.kind
+            && self.changed_only == other.changed_only
+            && self.names_address() == other.names_address()
+    }
+}
+
+impl Eq for BodyKey {}
+
+impl std::hash::Hash for BodyKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.kind.hash(state);
+        self.changed_only.hash(state);
+        self.names_address().hash(state);
+    }
+}
+
+/// Encoded response bodies of one snapshot by [`BodyKey`]: ten thousand proxies of a group that
+/// get the same thousand clusters share one encoding instead of ten thousand.
+#[derive(Debug, Default)]
+pub struct SharedBodies {
+    bodies: Mutex<HashMap<BodyKey, Arc<OnceLock<Bytes>>>>,
+}
+
+impl SharedBodies {
+    /// The body for `key`, encoded by `encode` on first use. Streams asking meanwhile wait for
+    /// that one encoding rather than repeating it.
+    pub fn get_or_encode(&self, key: BodyKey, encode: impl FnOnce() -> Bytes) -> Bytes {
+        let cell = self
+            .bodies
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        cell.get_or_init(encode).clone()
+    }
 }
 
 /// The names added, changed or removed in one type since the map `from`.
@@ -143,6 +205,7 @@ impl Snapshot {
             committed_at: Instant::now(),
             types: Default::default(),
             changes: Default::default(),
+            bodies: SharedBodies::default(),
         }
     }
 
@@ -250,6 +313,7 @@ fn build(
         committed_at: committed.at,
         types: final_types,
         changes,
+        bodies: SharedBodies::default(),
     }
 }
 

@@ -140,6 +140,7 @@ fn compose(
         committed_at,
         types,
         changes,
+        bodies: Default::default(),
     }
 }
 
@@ -516,6 +517,7 @@ mod tests {
     };
     use crate::snapshot::Committed;
     use crate::store::ConfigState;
+    use crate::xds::names::SotwRequest;
     use crate::xds::sotw::SotwStream;
     use crate::xds::stream::{Outcome, StreamProtocol};
     use xds_api::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -576,7 +578,7 @@ mod tests {
         }
     }
 
-    fn request(kind: Kind, names: &[String], nonce: &str, version: &str) -> DiscoveryRequest {
+    fn request(kind: Kind, names: &[String], nonce: &str, version: &str) -> SotwRequest {
         DiscoveryRequest {
             type_url: kind.type_url().into(),
             resource_names: names.to_vec(),
@@ -584,6 +586,7 @@ mod tests {
             version_info: version.into(),
             ..Default::default()
         }
+        .into()
     }
 
     /// Answers everything the stream sends with an ACK until it has nothing more to send;
@@ -591,6 +594,7 @@ mod tests {
     fn ack_all(stream: &mut SotwStream, snapshot: &Snapshot) -> Vec<DiscoveryResponse> {
         let mut sent = Vec::new();
         while let Some(response) = stream.next_response(snapshot) {
+            let response = response.to_message();
             let kind = Kind::from_type_url(&response.type_url).expect("a kind");
             let outcome = stream
                 .on_request(request(kind, &[], &response.nonce, &response.version_info))

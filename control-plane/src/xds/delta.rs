@@ -18,6 +18,7 @@ use xds_api::envoy::service::discovery::v3::{
 use crate::registry::{NackRecord, TypeStatus, rfc3339};
 use crate::resource::Kind;
 use crate::snapshot::{Resource, Snapshot};
+use crate::xds::frame::{Frame, grpc_frame};
 use crate::xds::stream::{Outcome, StreamProtocol};
 
 struct Pending {
@@ -76,6 +77,10 @@ impl StreamProtocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
     type Response = DeltaDiscoveryResponse;
     const NAME: &'static str = "delta";
+
+    fn frame(response: DeltaDiscoveryResponse) -> Frame {
+        grpc_frame(&response)
+    }
 
     fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
@@ -316,6 +321,7 @@ mod tests {
             committed_at: Instant::now(),
             types: types.map(Arc::new),
             changes: Default::default(),
+            bodies: Default::default(),
         }
     }
 

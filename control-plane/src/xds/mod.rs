@@ -1,5 +1,7 @@
 //! The xDS server: ADS and the per-type discovery services, in both state-of-the-world
 //! ([`sotw`]) and incremental ([`delta`]) variants, sharing one stream driver ([`stream`]).
+//! Responses are framed by hand ([`frame`]); SotW request names stay encoded until needed and
+//! equal subscriptions share one name set ([`names`]).
 //! Streams report to the [`crate::registry`] of connected proxies.
 //!
 //! Every stream runs in its own task and follows its group's snapshot channel, so a slow proxy
@@ -11,6 +13,7 @@
 
 pub mod delta;
 pub mod frame;
+pub mod names;
 pub mod server;
 pub mod sotw;
 pub mod stream;

@@ -11,11 +11,12 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
-use xds_api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use xds_api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::resource::Kind;
 use crate::xds::delta::DeltaStream;
 use crate::xds::frame::ResponseBody;
+use crate::xds::names::{SotwDecoder, SotwRequest};
 use crate::xds::sotw::SotwStream;
 use crate::xds::stream::{XdsContext, drive};
 
@@ -117,8 +118,8 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
         let body = request.into_body();
         let context = self.context.clone();
         if method.starts_with("Stream") {
-            let requests = tonic::Streaming::<DiscoveryRequest>::new_request(
-                tonic_prost::ProstDecoder::default(),
+            let requests = tonic::Streaming::<SotwRequest>::new_request(
+                SotwDecoder,
                 body,
                 None,
                 Some(MAX_REQUEST_BYTES),

@@ -10,13 +10,17 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
+use prost::Message;
 use tonic::Status;
 use xds_api::envoy::config::core::v3::Node;
-use xds_api::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use xds_api::envoy::service::discovery::v3::DiscoveryResponse;
 
 use crate::registry::{NackRecord, TypeStatus, rfc3339};
 use crate::resource::Kind;
-use crate::snapshot::{Resource, Snapshot, TypeMap};
+use crate::snapshot::{BodyKey, Resource, Snapshot, TypeMap};
+use crate::xds::frame::Frame;
+use crate::xds::names::{SotwRequest, intern};
 use crate::xds::stream::{Outcome, StreamProtocol};
 
 /// A subset of one type's resources: everything in `source`, or only `names`.
@@ -47,12 +51,16 @@ impl View {
 
     /// The same map under the same subscription (a cheap, conservative equality).
     fn identical(&self, other: &View) -> bool {
-        let same_names = match (&self.names, &other.names) {
+        self.same_names(other) && Arc::ptr_eq(&self.source, &other.source)
+    }
+
+    /// The same subscription.
+    fn same_names(&self, other: &View) -> bool {
+        match (&self.names, &other.names) {
             (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
             _ => false,
-        };
-        same_names && Arc::ptr_eq(&self.source, &other.source)
+        }
     }
 
     /// Same names with the same versions.
@@ -143,22 +151,29 @@ impl SotwStream {
 }
 
 impl StreamProtocol for SotwStream {
-    type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
+    type Request = SotwRequest;
+    type Response = SotwResponse;
     const NAME: &'static str = "sotw";
 
-    fn node(request: &DiscoveryRequest) -> Option<&Node> {
-        request.node.as_ref()
+    fn frame(response: SotwResponse) -> Frame {
+        response.frame()
     }
 
-    fn on_request(&mut self, request: DiscoveryRequest) -> Result<Option<Outcome>, Status> {
+    fn node(request: &SotwRequest) -> Option<&Node> {
+        request.request.node.as_ref()
+    }
+
+    fn on_request(&mut self, request: SotwRequest) -> Result<Option<Outcome>, Status> {
+        let SotwRequest {
+            request,
+            names: encoded_names,
+        } = request;
         let Some(kind) = self.kind_of(&request.type_url)? else {
             tracing::debug!(type_url = %request.type_url, "ignoring a request for a type this server does not serve");
             return Ok(None);
         };
         tracing::debug!(
             type_url = %request.type_url,
-            names = request.resource_names.len(),
             nonce = %request.response_nonce,
             version = %request.version_info,
             error = request.error_detail.is_some(),
@@ -201,26 +216,21 @@ impl StreamProtocol for SotwStream {
             }
         }
         // Envoy repeats the same list (often thousands of EDS names) on every ACK: a hash of the
-        // list as sent spares comparing it name by name.
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            request.resource_names.hash(&mut hasher);
-            hasher.finish()
-        };
-        let same_list = state.requested && state.names_fingerprint == Some(fingerprint);
+        // list as sent tells without decoding it.
+        let fingerprint = encoded_names.fingerprint();
+        if state.requested && state.names_fingerprint == Some(fingerprint) {
+            if request.response_nonce.is_empty() {
+                state.needs_response = true;
+            }
+            return Ok(outcome);
+        }
+        let resource_names = encoded_names.decode()?;
         state.names_fingerprint = Some(fingerprint);
-        let unchanged = if same_list {
-            true
-        } else if request.resource_names.is_empty() {
+        let unchanged = if resource_names.is_empty() {
             state.subscription.names.is_empty() && state.subscription.wildcard != state.named_before
         } else {
-            let names: Vec<&String> = request
-                .resource_names
-                .iter()
-                .filter(|name| *name != "*")
-                .collect();
-            state.subscription.wildcard == (names.len() != request.resource_names.len())
+            let names: Vec<&String> = resource_names.iter().filter(|name| *name != "*").collect();
+            state.subscription.wildcard == (names.len() != resource_names.len())
                 && names.len() == state.subscription.names.len()
                 && names
                     .iter()
@@ -232,21 +242,20 @@ impl StreamProtocol for SotwStream {
             }
             return Ok(outcome);
         }
-        let subscription = if request.resource_names.is_empty() {
+        let subscription = if resource_names.is_empty() {
             Subscription {
                 wildcard: !state.named_before,
                 names: Arc::default(),
             }
         } else {
             state.named_before = true;
+            let wildcard = resource_names.iter().any(|name| name == "*");
             Subscription {
-                wildcard: request.resource_names.iter().any(|name| name == "*"),
-                names: Arc::new(
-                    request
-                        .resource_names
-                        .iter()
-                        .filter(|name| *name != "*")
-                        .cloned()
+                wildcard,
+                names: intern(
+                    resource_names
+                        .into_iter()
+                        .filter(|name| name != "*")
                         .collect(),
                 ),
             }
@@ -262,7 +271,7 @@ impl StreamProtocol for SotwStream {
         Ok(outcome)
     }
 
-    fn next_response(&mut self, snapshot: &Snapshot) -> Option<DiscoveryResponse> {
+    fn next_response(&mut self, snapshot: &Snapshot) -> Option<SotwResponse> {
         crate::xds::next_in_order(self, snapshot)
     }
 
@@ -277,7 +286,7 @@ impl StreamProtocol for SotwStream {
 }
 
 impl crate::xds::TypeSchedule for SotwStream {
-    type Response = DiscoveryResponse;
+    type Response = SotwResponse;
 
     fn only(&self) -> Option<Kind> {
         self.only
@@ -297,7 +306,7 @@ impl crate::xds::TypeSchedule for SotwStream {
         kind: Kind,
         snapshot: &Snapshot,
         allow_removals: bool,
-    ) -> Option<DiscoveryResponse> {
+    ) -> Option<SotwResponse> {
         let state = &self.types[kind.index()];
         let desired = View {
             source: snapshot.of(kind).clone(),
@@ -317,15 +326,35 @@ impl crate::xds::TypeSchedule for SotwStream {
         {
             return None;
         }
-        let (view, resources): (View, Vec<Arc<Resource>>) = if kind.is_full_state() {
+        // Everything the subscription selects: the same bytes for every stream so subscribed.
+        let everything = BodyKey {
+            kind,
+            changed_only: false,
+            names: desired.names.clone(),
+        };
+        // When the client holds the group's previous snapshot under the same subscription, the
+        // snapshot's record of changed names says what differs without comparing every name.
+        let change = state.held.as_ref().and_then(|held| {
+            snapshot.changes[kind.index()].as_ref().filter(|change| {
+                Arc::ptr_eq(&change.from, &held.source) && held.same_names(&desired)
+            })
+        });
+        let (view, selection) = if kind.is_full_state() {
             let mut view = desired;
+            let mut selection = Selection::Shared(everything);
             if !allow_removals && let Some(held) = &state.held {
                 // Make before break: keep what is being removed until the rest is in place.
-                let retained: Vec<_> = held
-                    .iter()
-                    .filter(|r| !view.contains(&r.name))
-                    .cloned()
-                    .collect();
+                let removed = |r: &&Arc<Resource>| !view.contains(&r.name);
+                let retained: Vec<_> = match change {
+                    Some(change) => change
+                        .names
+                        .iter()
+                        .filter_map(|name| held.get(name))
+                        .filter(removed)
+                        .cloned()
+                        .collect(),
+                    None => held.iter().filter(removed).cloned().collect(),
+                };
                 if !retained.is_empty() {
                     let mut merged: TypeMap =
                         view.iter().map(|r| (r.name.clone(), r.clone())).collect();
@@ -334,46 +363,69 @@ impl crate::xds::TypeSchedule for SotwStream {
                         source: Arc::new(merged),
                         names: None,
                     };
+                    selection = Selection::Own(view.iter().cloned().collect());
                 }
             }
-            if !state.needs_response && state.held.as_ref().is_some_and(|held| held.same_as(&view))
-            {
-                return None;
-            }
-            let resources = view.iter().cloned().collect();
-            (view, resources)
-        } else {
-            let changed: Vec<_> = match (&state.held, state.needs_response) {
-                (Some(held), false) => match &snapshot.changes[kind.index()] {
-                    // The client holds the previous snapshot under the same subscription: only
-                    // the names that changed since then need a look.
-                    Some(change)
-                        if Arc::ptr_eq(&change.from, &held.source)
-                            && (View {
-                                source: change.from.clone(),
-                                names: desired.names.clone(),
-                            })
-                            .identical(held) =>
-                    {
-                        change
-                            .names
-                            .iter()
-                            .filter_map(|name| desired.get(name))
-                            .cloned()
-                            .collect()
-                    }
-                    _ => desired
-                        .iter()
-                        .filter(|r| held.get(&r.name).is_none_or(|old| old.version != r.version))
-                        .cloned()
-                        .collect(),
-                },
-                _ => desired.iter().cloned().collect(),
+            let unchanged = match (&state.held, change, &selection) {
+                (Some(held), Some(change), Selection::Shared(_)) => !change
+                    .names
+                    .iter()
+                    .any(|name| held.contains(name) || view.contains(name)),
+                (Some(held), _, _) => held.same_as(&view),
+                (None, _, _) => false,
             };
-            if changed.is_empty() && !state.needs_response {
+            if !state.needs_response && unchanged {
                 return None;
             }
-            (desired, changed)
+            (view, selection)
+        } else {
+            let selection = match (&state.held, state.needs_response) {
+                (Some(held), false) => match change {
+                    // Only the changed names need a look, and every stream so placed sends the
+                    // same.
+                    Some(change) => {
+                        if !change.names.iter().any(|name| desired.contains(name)) {
+                            return None;
+                        }
+                        Selection::Shared(BodyKey {
+                            changed_only: true,
+                            ..everything
+                        })
+                    }
+                    _ => {
+                        let changed: Vec<_> = desired
+                            .iter()
+                            .filter(|r| {
+                                held.get(&r.name).is_none_or(|old| old.version != r.version)
+                            })
+                            .cloned()
+                            .collect();
+                        if changed.is_empty() {
+                            return None;
+                        }
+                        Selection::Own(changed)
+                    }
+                },
+                _ => Selection::Shared(everything),
+            };
+            (desired, selection)
+        };
+        let body = match selection {
+            Selection::Shared(key) => snapshot.bodies.get_or_encode(key.clone(), || {
+                let view = View {
+                    source: snapshot.of(kind).clone(),
+                    names: key.names.clone(),
+                };
+                match (&snapshot.changes[kind.index()], key.changed_only) {
+                    (Some(change), true) => encode_body(
+                        kind,
+                        snapshot.version,
+                        change.names.iter().filter_map(|name| view.get(name)),
+                    ),
+                    _ => encode_body(kind, snapshot.version, view.iter()),
+                }
+            }),
+            Selection::Own(resources) => encode_body(kind, snapshot.version, resources.iter()),
         };
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
@@ -381,7 +433,7 @@ impl crate::xds::TypeSchedule for SotwStream {
             type_url = %kind.type_url(),
             %nonce,
             version = snapshot.version,
-            resources = resources.len(),
+            bytes = body.len(),
             "sotw response"
         );
         let state = &mut self.types[kind.index()];
@@ -393,13 +445,66 @@ impl crate::xds::TypeSchedule for SotwStream {
             view,
             committed_at: snapshot.committed_at,
         });
-        Some(DiscoveryResponse {
-            version_info: snapshot.version.to_string(),
-            resources: resources.iter().map(|r| r.body.clone()).collect(),
-            type_url: kind.type_url().to_string(),
-            nonce,
-            ..Default::default()
-        })
+        Some(SotwResponse { nonce, body })
+    }
+}
+
+/// Where a response's resources come from.
+enum Selection {
+    /// A selection of the snapshot every stream in the same place shares.
+    Shared(BodyKey),
+    /// This stream's own list.
+    Own(Vec<Arc<Resource>>),
+}
+
+/// The fields of a response every stream sending these resources at this version shares:
+/// `version_info`, `resources`, `type_url`.
+fn encode_body<'a>(
+    kind: Kind,
+    version: u64,
+    resources: impl Iterator<Item = &'a Arc<Resource>>,
+) -> Bytes {
+    let resources: Vec<&Arc<Resource>> = resources.collect();
+    let version = version.to_string();
+    let length = prost::encoding::string::encoded_len(1, &version)
+        + resources
+            .iter()
+            .map(|resource| prost::encoding::message::encoded_len(2, &resource.body))
+            .sum::<usize>()
+        + prost::encoding::string::encoded_len(4, &kind.type_url().to_string());
+    let mut body = Vec::with_capacity(length);
+    prost::encoding::string::encode(1, &version, &mut body);
+    for resource in resources {
+        prost::encoding::message::encode(2, &resource.body, &mut body);
+    }
+    prost::encoding::string::encode(4, &kind.type_url().to_string(), &mut body);
+    debug_assert_eq!(body.len(), length);
+    body.into()
+}
+
+/// A planned response: the stream's nonce and the body it may share with other streams.
+#[derive(Debug)]
+pub struct SotwResponse {
+    pub nonce: String,
+    body: Bytes,
+}
+
+impl SotwResponse {
+    /// The gRPC frame: the nonce (field 5) first, then the shared fields.
+    pub fn frame(self) -> Frame {
+        let own_len = prost::encoding::string::encoded_len(5, &self.nonce);
+        Frame::with_shared(
+            |buf| prost::encoding::string::encode(5, &self.nonce, buf),
+            own_len,
+            self.body,
+        )
+    }
+
+    /// The response as a message (for tests and tools; streams send [`SotwResponse::frame`]).
+    pub fn to_message(&self) -> DiscoveryResponse {
+        let mut message = DiscoveryResponse::decode(&self.body[..]).unwrap_or_default();
+        message.nonce = self.nonce.clone();
+        message
     }
 }
 
@@ -407,6 +512,7 @@ impl crate::xds::TypeSchedule for SotwStream {
 mod tests {
     use super::*;
     use crate::snapshot::resource_version;
+    use xds_api::envoy::service::discovery::v3::DiscoveryRequest;
     use xds_api::google::rpc::Status as RpcStatus;
 
     fn resource(kind: Kind, name: &str, content: &str) -> (String, Arc<Resource>) {
@@ -436,10 +542,11 @@ mod tests {
             committed_at: Instant::now(),
             types: types.map(Arc::new),
             changes: Default::default(),
+            bodies: Default::default(),
         }
     }
 
-    fn request(kind: Kind, names: &[&str], nonce: &str) -> DiscoveryRequest {
+    fn message(kind: Kind, names: &[&str], nonce: &str) -> DiscoveryRequest {
         DiscoveryRequest {
             type_url: kind.type_url().into(),
             resource_names: names.iter().map(|n| n.to_string()).collect(),
@@ -448,19 +555,25 @@ mod tests {
         }
     }
 
-    fn nack(kind: Kind, nonce: &str) -> DiscoveryRequest {
+    fn request(kind: Kind, names: &[&str], nonce: &str) -> SotwRequest {
+        message(kind, names, nonce).into()
+    }
+
+    fn nack(kind: Kind, nonce: &str) -> SotwRequest {
         DiscoveryRequest {
             error_detail: Some(RpcStatus {
                 code: 3,
                 message: "bad".into(),
                 details: vec![],
             }),
-            ..request(kind, &[], nonce)
+            ..message(kind, &[], nonce)
         }
+        .into()
     }
 
-    fn names(response: &DiscoveryResponse) -> Vec<String> {
+    fn names(response: &SotwResponse) -> Vec<String> {
         response
+            .to_message()
             .resources
             .iter()
             .map(|any| String::from_utf8_lossy(&any.value).into_owned())
@@ -485,7 +598,7 @@ mod tests {
             .on_request(request(Kind::Listener, &[], ""))
             .expect("ok");
         let cds = stream.next_response(&snap).expect("CDS first");
-        assert_eq!(cds.type_url, Kind::Cluster.type_url());
+        assert_eq!(cds.to_message().type_url, Kind::Cluster.type_url());
         assert_eq!(names(&cds), ["a=1"]);
         assert!(
             stream.next_response(&snap).is_none(),
@@ -499,12 +612,12 @@ mod tests {
             .on_request(request(Kind::Endpoint, &["a"], ""))
             .expect("ok");
         let eds = stream.next_response(&snap).expect("EDS next");
-        assert_eq!(eds.type_url, Kind::Endpoint.type_url());
+        assert_eq!(eds.to_message().type_url, Kind::Endpoint.type_url());
         stream
             .on_request(request(Kind::Endpoint, &["a"], &eds.nonce))
             .expect("ok");
         let lds = stream.next_response(&snap).expect("then LDS");
-        assert_eq!(lds.type_url, Kind::Listener.type_url());
+        assert_eq!(lds.to_message().type_url, Kind::Listener.type_url());
         stream
             .on_request(request(Kind::Listener, &[], &lds.nonce))
             .expect("ok");
@@ -627,7 +740,7 @@ mod tests {
                 &[(Kind::Endpoint, "a", "1"), (Kind::Endpoint, "b", "1")],
             ))
             .expect("sent");
-        assert_eq!(first.resources.len(), 2);
+        assert_eq!(first.to_message().resources.len(), 2);
         stream
             .on_request(request(Kind::Endpoint, &["a", "b"], &first.nonce))
             .expect("ack");
@@ -673,6 +786,96 @@ mod tests {
     #[test]
     fn ads_requires_a_type_url() {
         let mut stream = SotwStream::aggregated();
-        assert!(stream.on_request(DiscoveryRequest::default()).is_err());
+        assert!(stream.on_request(SotwRequest::default()).is_err());
+    }
+
+    /// Decodes a whole gRPC frame as written on the wire.
+    fn unframe(frame: Frame) -> DiscoveryResponse {
+        let bytes = frame.to_bytes();
+        assert_eq!(bytes[0], 0, "uncompressed");
+        let length = u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes")) as usize;
+        assert_eq!(
+            length,
+            bytes.len() - 5,
+            "the header gives the message length"
+        );
+        DiscoveryResponse::decode(&bytes[5..]).expect("a response")
+    }
+
+    #[test]
+    fn streams_in_the_same_place_share_one_encoded_body() {
+        let first = snapshot(
+            1,
+            &[
+                (Kind::Cluster, "a", "1"),
+                (Kind::Cluster, "b", "1"),
+                (Kind::Endpoint, "a", "1"),
+                (Kind::Endpoint, "b", "1"),
+            ],
+        );
+        let mut streams = [SotwStream::aggregated(), SotwStream::aggregated()];
+        let mut sent = Vec::new();
+        for stream in &mut streams {
+            stream
+                .on_request(request(Kind::Cluster, &[], ""))
+                .expect("cds");
+            let cds = stream.next_response(&first).expect("cds");
+            stream
+                .on_request(request(Kind::Cluster, &[], &cds.nonce))
+                .expect("ack");
+            stream
+                .on_request(request(Kind::Endpoint, &["b", "a"], ""))
+                .expect("eds");
+            let eds = stream.next_response(&first).expect("eds");
+            stream
+                .on_request(request(Kind::Endpoint, &["b", "a"], &eds.nonce))
+                .expect("ack");
+            sent.push((cds, eds));
+        }
+        assert_eq!(
+            sent[0].0.body.as_ptr(),
+            sent[1].0.body.as_ptr(),
+            "one CDS body"
+        );
+        assert_eq!(
+            sent[0].1.body.as_ptr(),
+            sent[1].1.body.as_ptr(),
+            "one EDS body"
+        );
+        let (cds, eds) = sent.pop().expect("two");
+        let nonce = cds.nonce.clone();
+        let cds = unframe(SotwStream::frame(cds));
+        assert_eq!(
+            (
+                cds.version_info.as_str(),
+                cds.nonce.as_str(),
+                cds.type_url.as_str()
+            ),
+            ("1", nonce.as_str(), Kind::Cluster.type_url())
+        );
+        assert_eq!(cds.resources.len(), 2);
+        assert_eq!(unframe(SotwStream::frame(eds)).resources.len(), 2);
+
+        // Endpoint "a" changes: both streams send only it, from one shared body.
+        let (_, changed) = resource(Kind::Endpoint, "a", "2");
+        let mut endpoints = (**first.of(Kind::Endpoint)).clone();
+        endpoints.insert("a".into(), changed);
+        let mut second = snapshot(2, &[]);
+        second.types = first.types.clone();
+        second.types[Kind::Endpoint.index()] = Arc::new(endpoints);
+        second.changes[Kind::Endpoint.index()] = Some(Arc::new(crate::snapshot::TypeChange {
+            from: first.of(Kind::Endpoint).clone(),
+            names: vec!["a".into()],
+        }));
+        let updates: Vec<SotwResponse> = streams
+            .iter_mut()
+            .map(|stream| stream.next_response(&second).expect("the change"))
+            .collect();
+        assert_eq!(updates[0].body.as_ptr(), updates[1].body.as_ptr());
+        assert_eq!(names(&updates[0]), ["a=2"]);
+        assert_ne!(
+            updates[0].nonce, "",
+            "each stream numbers its own responses"
+        );
     }
 }

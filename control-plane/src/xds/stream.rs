@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus};
 use crate::resource::Kind;
 use crate::snapshot::{Snapshot, SnapshotHub};
-use crate::xds::frame::grpc_frame;
+use crate::xds::frame::Frame;
 
 /// What every stream needs.
 #[derive(Clone)]
@@ -41,15 +41,17 @@ pub enum Outcome {
 /// The protocol-specific half of a stream: SotW or delta.
 pub trait StreamProtocol: Send + 'static {
     type Request: Send + 'static;
-    type Response: prost::Message + Send + 'static;
+    type Response: Send + 'static;
     const NAME: &'static str;
 
+    /// The gRPC frame that carries `response`.
+    fn frame(response: Self::Response) -> Frame;
     fn node(request: &Self::Request) -> Option<&Node>;
     /// Takes in one request; an error ends the stream with that status.
     fn on_request(&mut self, request: Self::Request) -> Result<Option<Outcome>, Status>;
     /// The next response the stream may send now, if any.
     fn next_response(&mut self, snapshot: &Snapshot) -> Option<Self::Response>;
-    /// The types whose status changed since the last call, with their status.
+    /// The status of `kind` as the registry of connected proxies shows it.
     fn status(&self, kind: Kind) -> TypeStatus;
 }
 
@@ -58,7 +60,7 @@ pub async fn drive<P: StreamProtocol>(
     context: XdsContext,
     peer: Option<SocketAddr>,
     mut requests: Streaming<P::Request>,
-    responses: mpsc::Sender<Result<bytes::Bytes, Status>>,
+    responses: mpsc::Sender<Result<Frame, Status>>,
     protocol: P,
 ) where
     Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
@@ -80,7 +82,7 @@ async fn serve<P: StreamProtocol>(
     context: XdsContext,
     peer: Option<SocketAddr>,
     mut requests: Streaming<P::Request>,
-    responses: mpsc::Sender<Result<bytes::Bytes, Status>>,
+    responses: mpsc::Sender<Result<Frame, Status>>,
     mut protocol: P,
     first: P::Request,
     node: Node,
@@ -94,6 +96,7 @@ async fn serve<P: StreamProtocol>(
         _ => context.hub.subscribe(&node.cluster),
     };
     let mut snapshot = snapshots.borrow_and_update().clone();
+    let mut reported: [TypeStatus; 5] = Default::default();
     let mut pending_request = Some(first);
     loop {
         if let Some(request) = pending_request.take() {
@@ -111,12 +114,12 @@ async fn serve<P: StreamProtocol>(
         }
         while let Some(response) = protocol.next_response(&snapshot) {
             context.metrics.pushes.fetch_add(1, Ordering::Relaxed);
-            update_status(&registration, &protocol);
-            if responses.send(Ok(grpc_frame(&response))).await.is_err() {
+            update_status(&registration, &protocol, &mut reported);
+            if responses.send(Ok(P::frame(response))).await.is_err() {
                 return;
             }
         }
-        update_status(&registration, &protocol);
+        update_status(&registration, &protocol, &mut reported);
         tokio::select! {
             message = requests.next() => match message {
                 Some(Ok(request)) => pending_request = Some(request),
@@ -139,8 +142,22 @@ async fn serve<P: StreamProtocol>(
     }
 }
 
-fn update_status<P: StreamProtocol>(registration: &RegisteredStream, protocol: &P) {
+/// Reports the types whose status changed since `reported`: the registry is one lock for all
+/// streams, so an ACK that changed nothing does not take it.
+fn update_status<P: StreamProtocol>(
+    registration: &RegisteredStream,
+    protocol: &P,
+    reported: &mut [TypeStatus; 5],
+) {
+    let mut changed = Vec::new();
     for kind in Kind::ALL {
-        registration.set_type_status(kind, protocol.status(kind));
+        let status = protocol.status(kind);
+        if status != reported[kind.index()] {
+            reported[kind.index()] = status.clone();
+            changed.push((kind, status));
+        }
+    }
+    if !changed.is_empty() {
+        registration.set_type_statuses(changed);
     }
 }
