@@ -17,8 +17,9 @@ use xds_api::envoy::service::discovery::v3::{
 
 use crate::registry::{NackRecord, TypeStatus, rfc3339};
 use crate::resource::Kind;
-use crate::snapshot::{Resource, Snapshot};
+use crate::snapshot::{Resource, Snapshot, TypeMap};
 use crate::xds::frame::{Frame, grpc_frame};
+use crate::xds::names::intern;
 use crate::xds::stream::{Outcome, StreamProtocol};
 
 struct Pending {
@@ -27,14 +28,33 @@ struct Pending {
     committed_at: Instant,
 }
 
+/// What the client holds of one type, as far as we know.
+enum Held {
+    /// Exactly what the subscription selects of this snapshot map: ten thousand clients in
+    /// line with their group's snapshot keep no copy of its names and versions.
+    InLine(Arc<TypeMap>),
+    /// Name → version, while that differs from every snapshot (a reconnect with
+    /// `initial_resource_versions`, a subscription change, removals held back).
+    Listed(HashMap<String, String>),
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held::Listed(HashMap::new())
+    }
+}
+
 #[derive(Default)]
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<String>,
+    /// Subscribed names; equal subscriptions share one set.
+    names: Arc<BTreeSet<String>>,
     requested: bool,
     needs_response: bool,
-    /// Name → version the client holds, as far as we know.
-    known: HashMap<String, String>,
+    held: Held,
+    /// Names to send again though held (Envoy rebuilding a cluster waits for its endpoints
+    /// without asking): treated as not held until sent.
+    resend: BTreeSet<String>,
     /// Subscribed names already reported as not existing.
     told_absent: HashSet<String>,
     last_nonce: Option<String>,
@@ -46,6 +66,49 @@ struct TypeState {
 impl TypeState {
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
+    }
+
+    /// The version of `name` the client holds.
+    fn held_version(&self, name: &str) -> Option<&str> {
+        if self.resend.contains(name) {
+            return None;
+        }
+        match &self.held {
+            Held::InLine(map) if self.wants(name) => map.get(name).map(|r| r.version.as_str()),
+            Held::InLine(_) => None,
+            Held::Listed(versions) => versions.get(name).map(String::as_str),
+        }
+    }
+
+    /// The names the client holds.
+    fn held_names(&self) -> Vec<&String> {
+        let names: Vec<&String> = match &self.held {
+            Held::InLine(map) => map.keys().filter(|name| self.wants(name)).collect(),
+            Held::Listed(versions) => versions.keys().collect(),
+        };
+        names
+            .into_iter()
+            .filter(|name| !self.resend.contains(*name))
+            .collect()
+    }
+
+    /// What the client holds as a list, to be edited.
+    fn listed(&mut self) -> &mut HashMap<String, String> {
+        if let Held::InLine(map) = &self.held {
+            let versions = map
+                .values()
+                .filter(|r| self.wants(&r.name))
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect();
+            self.held = Held::Listed(versions);
+        }
+        let Held::Listed(versions) = &mut self.held else {
+            unreachable!("made a list above")
+        };
+        for name in std::mem::take(&mut self.resend) {
+            versions.remove(&name);
+        }
+        versions
     }
 }
 
@@ -134,15 +197,24 @@ impl StreamProtocol for DeltaStream {
                 }
             }
         }
+        let resubscribing = !request.resource_names_subscribe.is_empty()
+            || !request.resource_names_unsubscribe.is_empty();
+        if resubscribing {
+            // What the client holds stays as it was, whatever the subscription now selects.
+            state.listed();
+        }
         // Subscription changes count even on a stale nonce.
         if !state.requested {
             state.requested = true;
             state.needs_response = true;
-            state.known = request
-                .initial_resource_versions
-                .clone()
-                .into_iter()
-                .collect();
+            state.resend.clear();
+            state.held = Held::Listed(
+                request
+                    .initial_resource_versions
+                    .clone()
+                    .into_iter()
+                    .collect(),
+            );
             if request.resource_names_subscribe.is_empty()
                 && request.resource_names_unsubscribe.is_empty()
             {
@@ -151,15 +223,19 @@ impl StreamProtocol for DeltaStream {
         }
         let first_request =
             request.response_nonce.is_empty() && !request.initial_resource_versions.is_empty();
+        if !resubscribing {
+            return Ok(outcome);
+        }
+        let mut names = Arc::unwrap_or_clone(std::mem::take(&mut state.names));
         for name in &request.resource_names_subscribe {
             if name == "*" {
                 state.wildcard = true;
             } else {
-                state.names.insert(name.clone());
+                names.insert(name.clone());
                 // A client re-subscribing to a name (e.g. Envoy rebuilding a cluster) expects
                 // the resource again, unless it told us which version it holds.
                 if !first_request {
-                    state.known.remove(name);
+                    state.listed().remove(name);
                     state.told_absent.remove(name);
                 }
             }
@@ -168,13 +244,14 @@ impl StreamProtocol for DeltaStream {
             if name == "*" {
                 state.wildcard = false;
             } else {
-                state.names.remove(name);
+                names.remove(name);
                 state.told_absent.remove(name);
             }
-            if !state.wants(name) {
-                state.known.remove(name);
+            if !state.wildcard && !names.contains(name) {
+                state.listed().remove(name);
             }
         }
+        state.names = intern(names);
         Ok(outcome)
     }
 
@@ -215,32 +292,78 @@ impl crate::xds::TypeSchedule for DeltaStream {
     ) -> Option<DeltaDiscoveryResponse> {
         let state = &self.types[kind.index()];
         let all = snapshot.of(kind);
-        let updates: Vec<Arc<Resource>> = all
-            .values()
-            .filter(|r| state.wants(&r.name) && state.known.get(&r.name) != Some(&r.version))
-            .cloned()
+        // A client in line with the previous snapshot can differ from this one only on the
+        // names it changed (and those to send again); otherwise every name is looked at.
+        let candidates: Option<BTreeSet<&String>> = match (&state.held, state.needs_response) {
+            (Held::InLine(held), false) if Arc::ptr_eq(held, all) => {
+                Some(state.resend.iter().collect())
+            }
+            (Held::InLine(held), false) => snapshot.changes[kind.index()]
+                .as_ref()
+                .filter(|change| Arc::ptr_eq(&change.from, held))
+                .map(|change| change.names.iter().chain(&state.resend).collect()),
+            _ => None,
+        };
+        let updates: Vec<Arc<Resource>> = match &candidates {
+            Some(names) => names
+                .iter()
+                .filter_map(|name| all.get(*name))
+                .cloned()
+                .collect(),
+            None => all.values().cloned().collect(),
+        };
+        let updates: Vec<Arc<Resource>> = updates
+            .into_iter()
+            .filter(|r| {
+                state.wants(&r.name) && state.held_version(&r.name) != Some(r.version.as_str())
+            })
             .collect();
+        let gone = |name: &&String| !all.contains_key(*name) || !state.wants(name);
+        let removable: Vec<String> = match &candidates {
+            Some(names) => names
+                .iter()
+                .copied()
+                .filter(|name| state.held_version(name).is_some())
+                .filter(gone)
+                .cloned()
+                .collect(),
+            None => state
+                .held_names()
+                .into_iter()
+                .filter(gone)
+                .cloned()
+                .collect(),
+        };
         // Removals of clusters and endpoints wait until everything else is in place.
         let defer_removals = !allow_removals && matches!(kind, Kind::Cluster | Kind::Endpoint);
-        let mut removed: Vec<String> = state
-            .known
-            .keys()
-            .filter(|name| !all.contains_key(*name) || !state.wants(name))
-            .filter(|_| !defer_removals)
-            .cloned()
-            .collect();
-        let absent: Vec<String> = state
-            .names
-            .iter()
-            .filter(|name| {
-                !all.contains_key(*name)
-                    && !state.known.contains_key(*name)
-                    && !state.told_absent.contains(*name)
-            })
-            .cloned()
-            .collect();
+        let in_line = !defer_removals || removable.is_empty();
+        let mut removed = if defer_removals {
+            Vec::new()
+        } else {
+            removable
+        };
+        let is_absent = |name: &&String| {
+            !all.contains_key(*name)
+                && state.held_version(name).is_none()
+                && !state.told_absent.contains(*name)
+        };
+        let absent: Vec<String> = match &candidates {
+            Some(names) => names
+                .iter()
+                .copied()
+                .filter(|name| state.names.contains(*name))
+                .filter(is_absent)
+                .cloned()
+                .collect(),
+            None => state.names.iter().filter(is_absent).cloned().collect(),
+        };
         removed.extend(absent.iter().cloned());
         if updates.is_empty() && removed.is_empty() && !state.needs_response {
+            if in_line {
+                let state = &mut self.types[kind.index()];
+                state.held = Held::InLine(all.clone());
+                state.resend.clear();
+            }
             return None;
         }
         removed.sort();
@@ -251,23 +374,32 @@ impl crate::xds::TypeSchedule for DeltaStream {
             // Envoy rebuilds a changed cluster and waits for its endpoints without asking again,
             // so they are sent again after it.
             let endpoints = &mut self.types[Kind::Endpoint.index()];
-            for service in updates
-                .iter()
-                .filter_map(|cluster| cluster.eds_service.as_ref())
-            {
-                endpoints.known.remove(service);
-            }
+            endpoints.resend.extend(
+                updates
+                    .iter()
+                    .filter_map(|cluster| cluster.eds_service.clone()),
+            );
         }
         let state = &mut self.types[kind.index()];
-        for resource in &updates {
-            state
-                .known
-                .insert(resource.name.clone(), resource.version.clone());
-        }
         for name in &removed {
-            state.known.remove(name);
+            // A removed name the client still asks for is now reported absent.
+            if state.names.contains(name) {
+                state.told_absent.insert(name.clone());
+            }
         }
         state.told_absent.extend(absent);
+        if in_line {
+            state.held = Held::InLine(all.clone());
+            state.resend.clear();
+        } else {
+            let held = state.listed();
+            for resource in &updates {
+                held.insert(resource.name.clone(), resource.version.clone());
+            }
+            for name in &removed {
+                held.remove(name);
+            }
+        }
         state.needs_response = false;
         state.last_nonce = Some(nonce.clone());
         state.pending = Some(Pending {
@@ -298,6 +430,7 @@ impl crate::xds::TypeSchedule for DeltaStream {
 mod tests {
     use super::*;
     use crate::snapshot::{TypeMap, resource_version};
+    use std::collections::BTreeMap;
 
     fn snapshot(version: u64, entries: &[(Kind, &str, &str)]) -> Snapshot {
         let mut types: [TypeMap; 5] = Default::default();
@@ -427,5 +560,118 @@ mod tests {
             stream.status(Kind::Listener).last_nack.map(|n| n.version),
             Some("3".into())
         );
+    }
+
+    /// The next snapshot of a chain: `entries` for `kind`, recording what changed since `from`
+    /// as the hub does.
+    fn next_snapshot(from: &Snapshot, kind: Kind, entries: &[(String, String)]) -> Snapshot {
+        let refs: Vec<(Kind, &str, &str)> = entries
+            .iter()
+            .map(|(name, content)| (kind, name.as_str(), content.as_str()))
+            .collect();
+        let mut next = snapshot(from.version + 1, &refs);
+        let before = from.of(kind);
+        let names = crate::snapshot::changed_names(before, next.of(kind));
+        if names.is_empty() {
+            next.types[kind.index()] = before.clone();
+        } else {
+            next.changes[kind.index()] = Some(Arc::new(crate::snapshot::TypeChange {
+                from: before.clone(),
+                names,
+            }));
+        }
+        next
+    }
+
+    #[test]
+    fn comparing_only_changed_names_sends_what_a_full_comparison_sends() {
+        let cases = [
+            (Kind::Endpoint, vec!["n0", "n1", "n2", "n4", "ghost"]),
+            (Kind::Cluster, vec!["*"]),
+        ];
+        for ((kind, subscribe), first_seed) in cases
+            .into_iter()
+            .flat_map(|case| [7u64, 11, 23, 99].map(|seed| (case.clone(), seed)))
+        {
+            // `fast` may use the snapshots' change records; `full` is made to compare everything.
+            let mut fast = DeltaStream::single(kind);
+            let mut full = DeltaStream::single(kind);
+            for stream in [&mut fast, &mut full] {
+                stream
+                    .on_request(request(kind, &subscribe, &[], ""))
+                    .expect("subscribe");
+            }
+            let mut seed = first_seed;
+            let mut random = move |below: u64| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) % below
+            };
+            let mut contents: BTreeMap<String, String> = BTreeMap::new();
+            let mut current = snapshot(1, &[]);
+            let mut sent = 0;
+            let mut compared_changes_only = 0;
+            for step in 0..60 {
+                let name = format!("n{}", random(6));
+                match random(3) {
+                    0 => {
+                        contents.remove(&name);
+                    }
+                    _ => {
+                        contents.insert(name, step.to_string());
+                    }
+                }
+                let (subscribe, unsubscribe) = match random(8) {
+                    0 => (vec![], vec![format!("n{}", random(6))]),
+                    1 => (vec![format!("n{}", random(6))], vec![]),
+                    _ => (vec![], vec![]),
+                };
+                if !subscribe.is_empty() || !unsubscribe.is_empty() {
+                    fn names(list: &[String]) -> Vec<&str> {
+                        list.iter().map(String::as_str).collect()
+                    }
+                    for stream in [&mut fast, &mut full] {
+                        stream
+                            .on_request(request(kind, &names(&subscribe), &names(&unsubscribe), ""))
+                            .expect("subscription change");
+                    }
+                }
+                let entries: Vec<(String, String)> = contents.clone().into_iter().collect();
+                current = next_snapshot(&current, kind, &entries);
+                if matches!(fast.types[kind.index()].held, Held::InLine(_)) {
+                    compared_changes_only += 1;
+                }
+                loop {
+                    full.types[kind.index()].listed();
+                    let (a, b) = (fast.next_response(&current), full.next_response(&current));
+                    let view = |response: &Option<DeltaDiscoveryResponse>| {
+                        response.as_ref().map(|response| {
+                            let updated: Vec<(String, String)> = response
+                                .resources
+                                .iter()
+                                .map(|r| (r.name.clone(), r.version.clone()))
+                                .collect();
+                            (updated, response.removed_resources.clone())
+                        })
+                    };
+                    assert_eq!(view(&a), view(&b), "{kind:?} seed {first_seed} step {step}");
+                    let (Some(a), Some(b)) = (a, b) else { break };
+                    sent += 1;
+                    fast.on_request(request(kind, &[], &[], &a.nonce))
+                        .expect("ack");
+                    full.on_request(request(kind, &[], &[], &b.nonce))
+                        .expect("ack");
+                }
+            }
+            assert!(
+                sent > 20,
+                "{kind:?}: the sequence exercised pushes ({sent})"
+            );
+            assert!(
+                compared_changes_only > 20,
+                "{kind:?}: the change records were used ({compared_changes_only})"
+            );
+        }
     }
 }
