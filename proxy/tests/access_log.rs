@@ -275,12 +275,15 @@ fn json_access_logs_match_envoys() {
         let omitting_log = rig.log_path(&format!("{tag}-omitting.log"));
         let text_log = rig.log_path(&format!("{tag}-text.log"));
         let logs = json_access_logs(&plain_log, &omitting_log, &text_log);
-        let (plain, omitting) = rig.serve(&logs, envoy, |addr| {
-            exercise(addr, &plain_log, &omitting_log)
-        });
-        let text = wait_for("3 lines in the text log", Duration::from_secs(15), || {
-            let text = std::fs::read_to_string(&text_log).ok()?;
-            (text.lines().count() == 3).then_some(text)
+        // The text log is read while the proxy still runs: its writer may lag the other two,
+        // and a stopped proxy writes nothing more.
+        let ((plain, omitting), text) = rig.serve(&logs, envoy, |addr| {
+            let json = exercise(addr, &plain_log, &omitting_log);
+            let text = wait_for("3 lines in the text log", Duration::from_secs(15), || {
+                let text = std::fs::read_to_string(&text_log).ok()?;
+                (text.lines().count() == 3).then_some(text)
+            });
+            (json, text)
         });
         let parse = |text: String| text.lines().map(masked_json).collect::<Vec<_>>();
         (parse(plain), parse(omitting), text)
