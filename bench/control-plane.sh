@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Control-plane load benchmark: N simulated ADS clients against a release remora-cp with
-# 1,000 clusters of 10 endpoints; prints one markdown table per N.
+# 1,000 clusters of 10 endpoints; prints one markdown table per N and protocol.
 # Usage: bench/control-plane.sh [N ...]   (default: 100 1000 10000)
+# PROTOCOLS="sotw delta" (the default) picks state-of-the-world and/or delta clients.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
@@ -13,6 +14,11 @@ sizes=("$@")
 for n in "${sizes[@]}"; do
   changes=20
   [ "$n" -ge 10000 ] && changes=10
-  echo "== N=$n"
-  "$target/release/remora-cp-bench" --clients "$n" --clusters 1000 --endpoints 10 --changes "$changes"
+  for protocol in ${PROTOCOLS:-sotw delta}; do
+    flags=()
+    [ "$protocol" = delta ] && flags=(--delta)
+    echo "== N=$n $protocol"
+    "$target/release/remora-cp-bench" --clients "$n" --clusters 1000 --endpoints 10 \
+      --changes "$changes" "${flags[@]}"
+  done
 done

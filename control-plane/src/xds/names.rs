@@ -2,7 +2,7 @@
 //!
 //! Envoy repeats its whole subscription (often thousands of EDS names) on every ACK, and ten
 //! thousand Envoys of a group usually name the same resources. So a request's names stay
-//! encoded ([`SotwRequest`], decoded by [`SotwDecoder`]) until the list differs from the last
+//! encoded ([`SotwRequest`], read by [`decode_request`]) until the list differs from the last
 //! one, which a hash of the encoded bytes tells; and equal subscriptions share one set
 //! ([`intern`]), which also lets their streams share encoded responses.
 
@@ -14,7 +14,6 @@ use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
 use prost::encoding::{WireType, decode_key, decode_varint};
 use tonic::Status;
-use tonic::codec::{DecodeBuf, Decoder};
 use xds_api::envoy::service::discovery::v3::DiscoveryRequest;
 
 /// `DiscoveryRequest.resource_names`.
@@ -90,19 +89,6 @@ fn field_length(buf: &mut Bytes) -> Result<usize, Status> {
     Ok(length)
 }
 
-/// Decodes [`SotwRequest`]s: the names are set aside as bytes, the rest is decoded as usual.
-#[derive(Debug, Default)]
-pub struct SotwDecoder;
-
-impl Decoder for SotwDecoder {
-    type Item = SotwRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SotwRequest>, Status> {
-        decode_request(src.copy_to_bytes(src.remaining())).map(Some)
-    }
-}
-
 /// One encoded `DiscoveryRequest` as a [`SotwRequest`].
 pub fn decode_request(message: Bytes) -> Result<SotwRequest, Status> {
     let malformed = |what: String| Status::invalid_argument(format!("malformed request: {what}"));
@@ -116,13 +102,20 @@ pub fn decode_request(message: Bytes) -> Result<SotwRequest, Status> {
         let start = message.len() - remaining.len();
         let (tag, wire_type) =
             decode_key(&mut remaining).map_err(|error| malformed(error.to_string()))?;
-        prost::encoding::skip_field(
-            wire_type,
-            tag,
-            &mut remaining,
-            prost::encoding::DecodeContext::default(),
-        )
-        .map_err(|error| malformed(format!("field {tag}: {error}")))?;
+        if tag == RESOURCE_NAMES && wire_type == WireType::LengthDelimited {
+            // Thousands of names in a row: walked here, not field by field through prost.
+            remaining = skip_names(remaining).ok_or_else(|| {
+                malformed("field 3 (resource_names) runs past the message".into())
+            })?;
+        } else {
+            prost::encoding::skip_field(
+                wire_type,
+                tag,
+                &mut remaining,
+                prost::encoding::DecodeContext::default(),
+            )
+            .map_err(|error| malformed(format!("field {tag}: {error}")))?;
+        }
         let end = message.len() - remaining.len();
         if tag != RESOURCE_NAMES {
             rest.put_slice(&message[start..end]);
@@ -157,6 +150,34 @@ pub fn decode_request(message: Bytes) -> Result<SotwRequest, Status> {
 
 /// A set of subscribed names.
 type NameSet = BTreeSet<String>;
+
+/// Skips the body of the name entry whose key was just read (`rest` starts at its length),
+/// and every name entry right after it; what follows them, or `None` if one runs past the end.
+fn skip_names(mut rest: &[u8]) -> Option<&[u8]> {
+    /// The one-byte key of field 3, length-delimited.
+    const NAME_KEY: u8 = (RESOURCE_NAMES as u8) << 3 | 2;
+    loop {
+        let mut length: usize = 0;
+        let mut shift = 0;
+        loop {
+            let (&byte, tail) = rest.split_first()?;
+            rest = tail;
+            length |= usize::from(byte & 0x7f).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 35 {
+                return None;
+            }
+        }
+        rest = rest.get(length..)?;
+        match rest.first() {
+            Some(&NAME_KEY) => rest = &rest[1..],
+            _ => return Some(rest),
+        }
+    }
+}
 
 /// Live name sets by content hash.
 static NAME_SETS: LazyLock<Mutex<HashMap<u64, Vec<Weak<NameSet>>>>> =
@@ -209,7 +230,13 @@ mod tests {
                 id: "n".into(),
                 ..Default::default()
             }),
-            resource_names: vec!["b".into(), "a".into(), String::new(), "é".into()],
+            resource_names: vec![
+                "b".into(),
+                "a".into(),
+                String::new(),
+                "é".into(),
+                "long".repeat(100),
+            ],
             type_url: "t".into(),
             response_nonce: "3".into(),
             ..Default::default()
@@ -270,7 +297,10 @@ mod tests {
     fn malformed_requests_are_refused_with_what_is_wrong() {
         // resource_names claiming 10 bytes with 1 left.
         let error = decode_request(Bytes::from_static(&[0x1a, 10, b'a'])).expect_err("refused");
-        assert!(error.message().contains("field 3"), "{error:?}");
+        assert!(error.message().contains("resource_names"), "{error:?}");
+        let error =
+            decode_request(Bytes::from_static(&[0x1a, 1, b'a', 0x1a, 0x80])).expect_err("refused");
+        assert!(error.message().contains("resource_names"), "{error:?}");
         // resource_names as a number.
         let error = decode_request(Bytes::from_static(&[0x18, 1])).expect_err("refused");
         assert!(error.message().contains("resource_names"), "{error:?}");

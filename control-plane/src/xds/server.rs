@@ -1,6 +1,7 @@
 //! The discovery services on one gRPC port: ADS and the five per-type services, each method
 //! (`Stream*` SotW, `Delta*` incremental) served by one task per stream
-//! ([`crate::xds::stream::drive`]), its responses framed by hand ([`crate::xds::frame`]).
+//! ([`crate::xds::stream::drive`]), its requests and responses framed by hand
+//! ([`crate::xds::frame`]).
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -15,8 +16,8 @@ use xds_api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::resource::Kind;
 use crate::xds::delta::DeltaStream;
-use crate::xds::frame::ResponseBody;
-use crate::xds::names::{SotwDecoder, SotwRequest};
+use crate::xds::frame::{RequestStream, ResponseBody};
+use crate::xds::names::decode_request;
 use crate::xds::sotw::SotwStream;
 use crate::xds::stream::{XdsContext, drive};
 
@@ -118,23 +119,13 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
         let body = request.into_body();
         let context = self.context.clone();
         if method.starts_with("Stream") {
-            let requests = tonic::Streaming::<SotwRequest>::new_request(
-                SotwDecoder,
-                body,
-                None,
-                Some(MAX_REQUEST_BYTES),
-            );
+            let requests = RequestStream::new(body, decode_request, MAX_REQUEST_BYTES);
             let protocol = S::KIND
                 .map(SotwStream::single)
                 .unwrap_or_else(SotwStream::aggregated);
             tokio::spawn(drive(context, peer, requests, sender, protocol));
         } else if method.starts_with("Delta") {
-            let requests = tonic::Streaming::<DeltaDiscoveryRequest>::new_request(
-                tonic_prost::ProstDecoder::default(),
-                body,
-                None,
-                Some(MAX_REQUEST_BYTES),
-            );
+            let requests = RequestStream::new(body, decode_delta_request, MAX_REQUEST_BYTES);
             let protocol = S::KIND
                 .map(DeltaStream::single)
                 .unwrap_or_else(DeltaStream::aggregated);
@@ -150,6 +141,13 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
             .unwrap_or_else(|_| Status::internal("cannot build the response").into_http());
         std::future::ready(Ok(response))
     }
+}
+
+/// One encoded `DeltaDiscoveryRequest`.
+fn decode_delta_request(message: bytes::Bytes) -> Result<DeltaDiscoveryRequest, Status> {
+    use prost::Message;
+    DeltaDiscoveryRequest::decode(message)
+        .map_err(|error| Status::invalid_argument(format!("malformed request: {error}")))
 }
 
 impl XdsContext {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tonic::{Status, Streaming};
+use tonic::Status;
 use tracing::Instrument;
 use xds_api::envoy::config::core::v3::Node;
 
@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus};
 use crate::resource::Kind;
 use crate::snapshot::{Snapshot, SnapshotHub};
-use crate::xds::frame::Frame;
+use crate::xds::frame::{Frame, RequestStream};
 
 /// What every stream needs.
 #[derive(Clone)]
@@ -59,12 +59,10 @@ pub trait StreamProtocol: Send + 'static {
 pub async fn drive<P: StreamProtocol>(
     context: XdsContext,
     peer: Option<SocketAddr>,
-    mut requests: Streaming<P::Request>,
+    mut requests: RequestStream<P::Request>,
     responses: mpsc::Sender<Result<Frame, Status>>,
     protocol: P,
-) where
-    Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
-{
+) {
     // The node is only guaranteed on the first request.
     let first = match requests.next().await {
         Some(Ok(request)) => request,
@@ -81,14 +79,12 @@ pub async fn drive<P: StreamProtocol>(
 async fn serve<P: StreamProtocol>(
     context: XdsContext,
     peer: Option<SocketAddr>,
-    mut requests: Streaming<P::Request>,
+    mut requests: RequestStream<P::Request>,
     responses: mpsc::Sender<Result<Frame, Status>>,
     mut protocol: P,
     first: P::Request,
     node: Node,
-) where
-    Streaming<P::Request>: tokio_stream::Stream<Item = Result<P::Request, Status>>,
-{
+) {
     let registration = context.registry.register(&node, peer, P::NAME);
     tracing::info!(node = %node.id, group = %node.cluster, protocol = P::NAME, "xDS stream opened");
     let mut snapshots = match (&context.mesh, Sidecar::from_node(&node)) {
