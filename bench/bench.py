@@ -857,7 +857,11 @@ def main(argv: list[str]) -> int:
     target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release"
     build_error = None if args.no_build else cargo_build(target.parent)
     if not args.calibrate:
-        info.append(("link order of remora-proxy", link_order_coverage(target / "remora-proxy")))
+        # The binary measured: REMORA_PROXY_BIN when set, as remora_subject runs it.
+        measured = Path(os.environ.get("REMORA_PROXY_BIN") or target / "remora-proxy")
+        if not measured.exists() and shutil.which(str(measured)):
+            measured = Path(shutil.which(str(measured)))
+        info.append(("link order of remora-proxy", link_order_coverage(measured)))
 
     with tempfile.TemporaryDirectory(prefix="remora-bench-") as tmp:
         bench = Bench(args, Path(tmp))

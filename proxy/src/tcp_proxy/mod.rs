@@ -1,13 +1,17 @@
 //! `tcp_proxy`: L4 forwarding. Picks a cluster (or a weighted one), connects through the
 //! cluster's connect path (its `max_connections`, connect timeout, keepalive and TLS), trying
-//! other hosts on connect failure, then copies bytes both ways with half-close passed through,
-//! an idle timeout, and byte counts in stats.
+//! other hosts on connect failure, then moves bytes both ways with half-close passed through,
+//! an idle timeout, and byte counts in stats: with [`splice`] when both sides are plain TCP,
+//! else by copying.
+
+mod splice;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::{TcpClusters, TcpProxy};
@@ -97,32 +101,60 @@ pub async fn serve<D>(
     let Some(upstream) = upstream else {
         return;
     };
-    let base = Instant::now();
-    let last_activity = Activity {
-        base,
-        nanos: AtomicU64::new(0),
-    };
+    let activity = Activity::new();
+    // Plain TCP on both sides: the kernel moves the bytes (splice); otherwise they are copied.
+    if let (Some(down), Some(up)) = (
+        (&downstream as &dyn std::any::Any).downcast_ref::<TcpStream>(),
+        upstream.plain_socket(),
+    ) && let (Ok(pipe_up), Ok(pipe_down)) = (splice::Pipe::new(), splice::Pipe::new())
+    {
+        let to_upstream = splice::forward(down, up, &pipe_up, |n| {
+            stats.downstream_cx_rx_bytes_total.add(n as u64);
+            upstream.count_sent(n as u64);
+            activity.touch();
+        });
+        let to_downstream = splice::forward(up, down, &pipe_down, |n| {
+            stats.downstream_cx_tx_bytes_total.add(n as u64);
+            upstream.count_received(n as u64);
+            activity.touch();
+        });
+        let both = async { tokio::try_join!(to_upstream, to_downstream).map(drop) };
+        relay(both, proxy, &activity, &mut watch).await;
+        return;
+    }
     let (mut down_read, mut down_write) = tokio::io::split(downstream);
     let (mut up_read, mut up_write) = tokio::io::split(upstream);
     let to_upstream = copy(
         &mut down_read,
         &mut up_write,
         &stats.downstream_cx_rx_bytes_total,
-        &last_activity,
+        &activity,
     );
     let to_downstream = copy(
         &mut up_read,
         &mut down_write,
         &stats.downstream_cx_tx_bytes_total,
-        &last_activity,
+        &activity,
     );
+    let both = async { tokio::try_join!(to_upstream, to_downstream).map(drop) };
+    relay(both, proxy, &activity, &mut watch).await;
+}
+
+/// Runs `transfer` (both directions) until it ends, the connection has been idle for the idle
+/// timeout, or the listener drains.
+async fn relay(
+    transfer: impl Future<Output = std::io::Result<()>>,
+    proxy: &TcpProxyRuntime,
+    activity: &Activity,
+    watch: &mut Watch,
+) {
     let idle = async {
-        match config.idle_timeout {
+        match proxy.config.idle_timeout {
             Some(timeout) => loop {
-                let deadline = last_activity.get() + timeout;
+                let deadline = activity.get() + timeout;
                 tokio::time::sleep_until(deadline).await;
-                if last_activity.get() + timeout <= Instant::now() {
-                    stats.idle_timeout.inc();
+                if activity.get() + timeout <= Instant::now() {
+                    proxy.stats.idle_timeout.inc();
                     return;
                 }
             },
@@ -130,7 +162,7 @@ pub async fn serve<D>(
         }
     };
     tokio::select! {
-        _ = async { tokio::try_join!(to_upstream, to_downstream) } => {}
+        _ = transfer => {}
         _ = idle => {}
         _ = watch.reached(Phase::Closed) => {}
     }
@@ -168,6 +200,13 @@ struct Activity {
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            base: Instant::now(),
+            nanos: AtomicU64::new(0),
+        }
+    }
+
     fn touch(&self) {
         self.nanos
             .store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
