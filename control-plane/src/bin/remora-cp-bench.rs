@@ -177,19 +177,24 @@ struct ResponseHead {
     nonce: String,
 }
 
-/// A request whose repeated name field was encoded once up front: Envoy repeats its whole EDS
-/// list on every SotW ACK, and cloning 1,000 strings per ACK would load the tool, not the server.
+/// A request already encoded. Its repeated name field is encoded once up front and appended:
+/// Envoy repeats its whole EDS list on every SotW ACK, and cloning 1,000 strings per ACK would
+/// load the tool, not the server.
 #[derive(Debug, Default, Clone)]
-struct WithNames<M> {
-    message: M,
-    /// Encoded entries of the message's name field (key, length, bytes per name).
-    names: bytes::Bytes,
+struct Outgoing(bytes::Bytes);
+
+impl Outgoing {
+    /// `message` followed by `names`, encoded entries of one of its repeated fields.
+    fn new(message: impl prost::Message, names: &bytes::Bytes) -> Outgoing {
+        let mut bytes = message.encode_to_vec();
+        bytes.extend_from_slice(names);
+        Outgoing(bytes.into())
+    }
 }
 
-impl<M: prost::Message + Default> prost::Message for WithNames<M> {
+impl prost::Message for Outgoing {
     fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        self.message.encode_raw(buf);
-        buf.put_slice(&self.names);
+        buf.put_slice(&self.0);
     }
 
     fn merge_field(
@@ -199,16 +204,15 @@ impl<M: prost::Message + Default> prost::Message for WithNames<M> {
         buf: &mut impl bytes::Buf,
         ctx: prost::encoding::DecodeContext,
     ) -> Result<(), prost::DecodeError> {
-        self.message.merge_field(tag, wire_type, buf, ctx)
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
     }
 
     fn encoded_len(&self) -> usize {
-        self.message.encoded_len() + self.names.len()
+        self.0.len()
     }
 
     fn clear(&mut self) {
-        self.message.clear();
-        self.names.clear();
+        self.0.clear();
     }
 }
 
@@ -227,52 +231,6 @@ struct ClientSetup {
     /// Per type: the names subscribed (EDS: every cluster; RDS: the one route), encoded as the
     /// SotW request's field 3, which is also the delta request's `resource_names_subscribe`.
     names: [bytes::Bytes; 4],
-}
-
-/// A request of either protocol, sent on the one stream.
-#[derive(Debug, Clone)]
-enum Outgoing {
-    Sotw(WithNames<DiscoveryRequest>),
-    Delta(WithNames<DeltaDiscoveryRequest>),
-}
-
-impl Default for Outgoing {
-    fn default() -> Self {
-        Outgoing::Sotw(WithNames::default())
-    }
-}
-
-impl prost::Message for Outgoing {
-    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        match self {
-            Outgoing::Sotw(request) => request.encode_raw(buf),
-            Outgoing::Delta(request) => request.encode_raw(buf),
-        }
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        match self {
-            Outgoing::Sotw(request) => request.merge_field(tag, wire_type, buf, ctx),
-            Outgoing::Delta(request) => request.merge_field(tag, wire_type, buf, ctx),
-        }
-    }
-
-    fn encoded_len(&self) -> usize {
-        match self {
-            Outgoing::Sotw(request) => request.encoded_len(),
-            Outgoing::Delta(request) => request.encoded_len(),
-        }
-    }
-
-    fn clear(&mut self) {
-        *self = Outgoing::default();
-    }
 }
 
 /// One simulated Envoy: subscribes like Envoy does (CDS, then EDS, LDS, RDS, each once the
@@ -324,48 +282,42 @@ async fn client(index: usize, setup: Arc<ClientSetup>) -> anyhow::Result<()> {
 
 /// The first request for type `kind`.
 fn subscribe(setup: &ClientSetup, kind: usize, node: Option<Node>) -> Outgoing {
+    let type_url = TYPES[kind].to_string();
+    let names = &setup.names[kind];
     if setup.delta {
-        Outgoing::Delta(WithNames {
-            message: DeltaDiscoveryRequest {
-                node,
-                type_url: TYPES[kind].into(),
-                ..Default::default()
-            },
-            names: setup.names[kind].clone(),
-        })
+        let request = DeltaDiscoveryRequest {
+            node,
+            type_url,
+            ..Default::default()
+        };
+        Outgoing::new(request, names)
     } else {
-        Outgoing::Sotw(WithNames {
-            message: DiscoveryRequest {
-                node,
-                type_url: TYPES[kind].into(),
-                ..Default::default()
-            },
-            names: setup.names[kind].clone(),
-        })
+        let request = DiscoveryRequest {
+            node,
+            type_url,
+            ..Default::default()
+        };
+        Outgoing::new(request, names)
     }
 }
 
 /// The ACK of `response`: SotW repeats the subscription, delta names only the nonce.
 fn ack(setup: &ClientSetup, kind: usize, response: &ResponseHead) -> Outgoing {
     if setup.delta {
-        Outgoing::Delta(WithNames {
-            message: DeltaDiscoveryRequest {
-                type_url: response.type_url.clone(),
-                response_nonce: response.nonce.clone(),
-                ..Default::default()
-            },
-            names: bytes::Bytes::new(),
-        })
+        let request = DeltaDiscoveryRequest {
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            ..Default::default()
+        };
+        Outgoing::new(request, &bytes::Bytes::new())
     } else {
-        Outgoing::Sotw(WithNames {
-            message: DiscoveryRequest {
-                version_info: response.version.clone(),
-                type_url: response.type_url.clone(),
-                response_nonce: response.nonce.clone(),
-                ..Default::default()
-            },
-            names: setup.names[kind].clone(),
-        })
+        let request = DiscoveryRequest {
+            version_info: response.version.clone(),
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            ..Default::default()
+        };
+        Outgoing::new(request, &setup.names[kind])
     }
 }
 
