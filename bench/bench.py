@@ -408,6 +408,9 @@ http {{
                                   self.args.latency_connections, self.args.latency_duration,
                                   cpus=None)[0]
                 self.baseline.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
+            # A direct loopback copy: what an L4 proxy's bulk throughput is held against.
+            direct = iperf3(self.ports["UPSTREAM_TCP_PORT"], self.args.tcp_seconds)
+            self.baseline["tcp_gbps"] = direct["bits_per_second"] / 1e9
         except (RuntimeError, subprocess.TimeoutExpired, AttributeError) as error:
             self.baseline["error"] = str(error)
 
@@ -793,6 +796,14 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
                 + (f"; fixed-rate p50/p99/p99.9 {b['p50']}/{b['p99']}/{b['p999']} µs"
                    if "p99" in b else "")
                 + ". A proxy's req/s near this figure is capped by the load side, not measured.")
+            if b.get("tcp_gbps"):
+                shares = "; ".join(
+                    f"{subject.name} {subject.value('tcp_gbps') / b['tcp_gbps']:.2f} of it"
+                    for subject in (envoy, remora) if subject.value("tcp_gbps"))
+                lines.append(
+                    f"TCP bulk straight from iperf3 to iperf3 (no proxy, measured once before "
+                    f"the rounds): {b['tcp_gbps']:.1f} Gbit/s" + (f"; {shares}" if shares else "")
+                    + ".")
         lines.append("")
     for subject in (envoy, remora, *([bare] if bare else [])):
         for note in subject.notes:
