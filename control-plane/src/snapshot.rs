@@ -157,6 +157,26 @@ pub struct TypeChange {
     pub names: Vec<String>,
 }
 
+impl TypeChange {
+    /// The map a snapshot following one with `before` keeps for a type now holding `map`:
+    /// `before` itself when nothing changed (streams then tell by pointer that nothing did),
+    /// else `map` with the names that changed.
+    pub fn follow(
+        before: &Arc<TypeMap>,
+        map: Arc<TypeMap>,
+    ) -> (Arc<TypeMap>, Option<Arc<TypeChange>>) {
+        let names = changed_names(before, &map);
+        if names.is_empty() {
+            return (before.clone(), None);
+        }
+        let change = TypeChange {
+            from: before.clone(),
+            names,
+        };
+        (map, Some(Arc::new(change)))
+    }
+}
+
 /// Names whose entry differs between two maps (both sorted by name).
 pub fn changed_names(old: &TypeMap, new: &TypeMap) -> Vec<String> {
     let mut names = Vec::new();
@@ -293,17 +313,9 @@ fn build(
         let map = std::mem::take(&mut types[index]);
         match previous {
             Some(previous) => {
-                let before = &previous.types[index];
-                let names = changed_names(before, &map);
-                if names.is_empty() {
-                    before.clone()
-                } else {
-                    changes[index] = Some(Arc::new(TypeChange {
-                        from: before.clone(),
-                        names,
-                    }));
-                    Arc::new(map)
-                }
+                let (map, change) = TypeChange::follow(&previous.types[index], Arc::new(map));
+                changes[index] = change;
+                map
             }
             None => Arc::new(map),
         }

@@ -25,7 +25,7 @@ use crate::mesh::stored::to_update;
 use crate::mesh::translate::MeshSettings;
 use crate::registry::{ProxyRegistry, ProxyStatus};
 use crate::resource::Kind;
-use crate::snapshot::{Snapshot, SnapshotHub, TypeChange, TypeMap, changed_names};
+use crate::snapshot::{Snapshot, SnapshotHub, TypeChange, TypeMap};
 use crate::store::MeshKey;
 
 struct SidecarEntry {
@@ -121,18 +121,7 @@ fn compose(
                 types[index] = map;
                 changes[index] = Some(change);
             }
-            _ => {
-                let names = changed_names(before, &map);
-                if names.is_empty() {
-                    types[index] = before.clone();
-                } else {
-                    types[index] = map;
-                    changes[index] = Some(Arc::new(TypeChange {
-                        from: before.clone(),
-                        names,
-                    }));
-                }
-            }
+            _ => (types[index], changes[index]) = TypeChange::follow(before, map),
         }
     }
     Snapshot {

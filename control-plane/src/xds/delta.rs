@@ -82,14 +82,15 @@ impl TypeState {
 
     /// The names the client holds.
     fn held_names(&self) -> Vec<&String> {
-        let names: Vec<&String> = match &self.held {
-            Held::InLine(map) => map.keys().filter(|name| self.wants(name)).collect(),
-            Held::Listed(versions) => versions.keys().collect(),
-        };
-        names
-            .into_iter()
-            .filter(|name| !self.resend.contains(*name))
-            .collect()
+        let not_resent = |name: &&String| !self.resend.contains(*name);
+        match &self.held {
+            Held::InLine(map) => map
+                .keys()
+                .filter(|name| self.wants(name))
+                .filter(not_resent)
+                .collect(),
+            Held::Listed(versions) => versions.keys().filter(not_resent).collect(),
+        }
     }
 
     /// What the client holds as a list, to be edited.
@@ -304,20 +305,18 @@ impl crate::xds::TypeSchedule for DeltaStream {
                 .map(|change| change.names.iter().chain(&state.resend).collect()),
             _ => None,
         };
+        let outdated = |r: &&Arc<Resource>| {
+            state.wants(&r.name) && state.held_version(&r.name) != Some(r.version.as_str())
+        };
         let updates: Vec<Arc<Resource>> = match &candidates {
             Some(names) => names
                 .iter()
                 .filter_map(|name| all.get(*name))
+                .filter(outdated)
                 .cloned()
                 .collect(),
-            None => all.values().cloned().collect(),
+            None => all.values().filter(outdated).cloned().collect(),
         };
-        let updates: Vec<Arc<Resource>> = updates
-            .into_iter()
-            .filter(|r| {
-                state.wants(&r.name) && state.held_version(&r.name) != Some(r.version.as_str())
-            })
-            .collect();
         let gone = |name: &&String| !all.contains_key(*name) || !state.wants(name);
         let removable: Vec<String> = match &candidates {
             Some(names) => names
@@ -357,7 +356,7 @@ impl crate::xds::TypeSchedule for DeltaStream {
                 .collect(),
             None => state.names.iter().filter(is_absent).cloned().collect(),
         };
-        removed.extend(absent.iter().cloned());
+        removed.extend(absent);
         if updates.is_empty() && removed.is_empty() && !state.needs_response {
             if in_line {
                 let state = &mut self.types[kind.index()];
@@ -382,12 +381,12 @@ impl crate::xds::TypeSchedule for DeltaStream {
         }
         let state = &mut self.types[kind.index()];
         for name in &removed {
-            // A removed name the client still asks for is now reported absent.
+            // A removed name the client still asks for (the absent ones among them) is now
+            // reported absent.
             if state.names.contains(name) {
                 state.told_absent.insert(name.clone());
             }
         }
-        state.told_absent.extend(absent);
         if in_line {
             state.held = Held::InLine(all.clone());
             state.resend.clear();
@@ -570,16 +569,9 @@ mod tests {
             .map(|(name, content)| (kind, name.as_str(), content.as_str()))
             .collect();
         let mut next = snapshot(from.version + 1, &refs);
-        let before = from.of(kind);
-        let names = crate::snapshot::changed_names(before, next.of(kind));
-        if names.is_empty() {
-            next.types[kind.index()] = before.clone();
-        } else {
-            next.changes[kind.index()] = Some(Arc::new(crate::snapshot::TypeChange {
-                from: before.clone(),
-                names,
-            }));
-        }
+        let index = kind.index();
+        (next.types[index], next.changes[index]) =
+            crate::snapshot::TypeChange::follow(from.of(kind), next.types[index].clone());
         next
     }
 
