@@ -4,7 +4,8 @@
 //! [`listener`] (accept, listener filters) → [`filter_chain`] (pick a chain) →
 //! [`tcp_proxy`] or [`http::conn_manager`] → [`http::filter`] chain → [`http::router`] →
 //! [`upstream`] (cluster, priority, load balancer, connect path, pool) → upstream; request
-//! [`body`]s travel the same way, below both wings.
+//! [`body`]s travel the same way, below both wings, and [`tunnel`] moves the bytes of
+//! `tcp_proxy` and of upgraded HTTP/1.1 streams.
 //! Config arrives through [`config`] (the bootstrap, converted by the `remora-config` crate) and
 //! [`xds`] (ADS); routes and clusters are published as one immutable snapshot in [`store`];
 //! [`admin`] and [`stats`] observe it all; [`server`] wires the parts together, and
@@ -27,6 +28,7 @@ pub mod stats;
 pub mod store;
 pub mod tcp_proxy;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 pub mod uuid;
 pub mod xds;

@@ -407,32 +407,6 @@ fn tcp_proxy_retries_connect_failures_on_other_hosts() {
     assert!(proxy.stat("cluster.mixed.upstream_cx_connect_fail") >= 1);
 }
 
-/// An upstream that accepts every upgrade and then echoes bytes.
-fn upgrade_echo_upstream() -> std::net::SocketAddr {
-    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let upstream_addr = upstream.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in upstream.incoming() {
-            let Ok(mut stream) = stream else {
-                return;
-            };
-            std::thread::spawn(move || {
-                if read_head(&mut stream).is_none() {
-                    return;
-                }
-                let _ = stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    upstream_addr
-}
-
 /// Sends a WebSocket upgrade for `path`; on a 101, checks that bytes are spliced both ways.
 /// Returns the status line.
 fn websocket_through(port: u16, path: &str) -> String {
@@ -486,6 +460,73 @@ fn websocket_upgrade_is_spliced_when_enabled() {
     );
     let _proxy2 = Proxy::start(&yaml, admin2, &[]);
     assert_eq!(websocket_through(port2, "/chat"), "http/1.1 403 forbidden");
+}
+
+/// The tunnel after a 101: bytes sent behind either head arrive first and in order, megabytes
+/// pass whole both ways, a half-close passes through and the upstream's answer to it comes
+/// back, and the cluster counts the bytes (the plain path moves them with splice, unseen).
+#[test]
+fn websocket_tunnel_carries_early_bytes_bulk_and_half_close() {
+    let upstream_addr = upgrade_greeting_echo_upstream(b"upstream-first");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ws",
+            port,
+            "          upgrade_configs: [{upgrade_type: websocket}]\n",
+            ALL_ROUTES,
+        )],
+        &[static_cluster("echo", &[upstream_addr])],
+    );
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    let sent = tunnel_round_trip(loopback(port), 4_000_000);
+    wait_for("tunnel byte stats", Duration::from_secs(30), || {
+        (proxy.stat("cluster.echo.upstream_cx_tx_bytes_total") >= sent
+            && proxy.stat("cluster.echo.upstream_cx_rx_bytes_total") >= sent)
+            .then_some(())
+    });
+}
+
+/// An upgraded stream no byte crosses for the stream idle timeout is closed, as Envoy closes
+/// an idle WebSocket, and counted as an idle timeout.
+#[test]
+fn idle_websocket_tunnel_is_closed_after_the_stream_idle_timeout() {
+    let upstream_addr = upgrade_echo_upstream();
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ws",
+            port,
+            "          stream_idle_timeout: 0.5s\n          upgrade_configs: [{upgrade_type: websocket}]\n",
+            ALL_ROUTES,
+        )],
+        &[static_cluster("echo", &[upstream_addr])],
+    );
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    assert_eq!(
+        websocket_through(port, "/chat"),
+        "http/1.1 101 switching protocols"
+    );
+    let mut stream = TcpStream::connect(loopback(port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream
+        .write_all(UPGRADE_HEAD.as_bytes())
+        .expect("write upgrade");
+    read_head(&mut stream).expect("a response head");
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("closed by the proxy before the read timeout");
+    assert!(rest.is_empty(), "nothing but the close");
+    wait_for("the idle timeout counted", Duration::from_secs(30), || {
+        (proxy.stat("http.ws.downstream_rq_idle_timeout") >= 1).then_some(())
+    });
 }
 
 #[test]

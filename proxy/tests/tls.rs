@@ -1,6 +1,6 @@
 //! TLS end to end: proxy A originates TLS (UpstreamTlsContext with SNI and a trusted CA) to
 //! proxy B, which picks a filter chain by SNI (tls_inspector), terminates TLS with that chain's
-//! certificate and routes to an echo upstream.
+//! certificate and routes to an echo upstream; a WebSocket tunnel crosses the same TLS hop.
 
 mod common;
 
@@ -143,4 +143,59 @@ fn tls_origination_sni_chain_selection_and_termination() {
     assert_eq!(status, 503);
     assert_eq!(proxy_b.stat("http.backend.downstream_rq_2xx"), 1);
     assert_eq!(proxy_b.stat("http.other.downstream_rq_2xx"), 1);
+}
+
+/// A WebSocket tunnel through a TLS hop: A's tunnel has a plain client and a TLS upstream, B's
+/// a TLS client and a plain upstream, so both copy rather than splice, with the same behaviour.
+#[test]
+fn websocket_tunnel_crosses_a_tls_hop() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = pki(dir.path());
+    let upstream = upgrade_greeting_echo_upstream(b"upstream-first");
+    let upgrades = "          upgrade_configs: [{upgrade_type: websocket}]\n";
+
+    let (admin_b, admin_b_yaml) = admin_block();
+    let port_b = free_port();
+    let listener_b = format!(
+        "  - name: tls_in\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port_b}}}}}\n    listener_filters:\n    - name: envoy.filters.listener.tls_inspector\n      typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}\n    filter_chains:\n{}",
+        tls_chain("backend", "backend.local", &pki.backend, "ws").replace(
+            "          use_remote_address: true\n",
+            &format!("          use_remote_address: true\n{upgrades}"),
+        ),
+    );
+    let yaml_b = bootstrap(
+        &admin_b_yaml,
+        &[listener_b],
+        &[static_cluster("ws", &[upstream])],
+    );
+    let proxy_b = Proxy::start(&yaml_b, admin_b, &[]);
+
+    let (admin_a, admin_a_yaml) = admin_block();
+    let port_a = free_port();
+    let yaml_a = bootstrap(
+        &admin_a_yaml,
+        &[http_listener(
+            "plain_in",
+            port_a,
+            upgrades,
+            &catch_all("to_backend", "15s"),
+        )],
+        &[tls_cluster(
+            "to_backend",
+            loopback(port_b),
+            "backend.local",
+            &pki.ca,
+        )],
+    );
+    let proxy_a = Proxy::start(&yaml_a, admin_a, &[]);
+    let sent = tunnel_round_trip(loopback(port_a), 1_000_000);
+    remora_tests::wait_for(
+        "byte stats on both hops",
+        std::time::Duration::from_secs(30),
+        || {
+            (proxy_a.stat("cluster.to_backend.upstream_cx_tx_bytes_total") >= sent
+                && proxy_b.stat("cluster.ws.upstream_cx_rx_bytes_total") >= sent)
+                .then_some(())
+        },
+    );
 }

@@ -748,6 +748,10 @@ fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
     Judgement::Rewrite(normalized, next)
 }
 
+/// What hyper serves a downstream connection through: the guard over the connection `S`.
+/// An upgrade hands this type back (see `hyper_util`'s `auto::upgrade::downcast`).
+pub type ServedIo<S> = hyper_util::rt::TokioIo<GuardedIo<S>>;
+
 /// A downstream connection read through the guard.
 pub struct GuardedIo<S> {
     inner: S,
@@ -826,6 +830,14 @@ impl<S> GuardedIo<S> {
                 }
             }
         }
+    }
+
+    /// The connection and what the guard read from it that hyper has not yet: after an upgrade,
+    /// bytes the tunnel must pass on before any it reads itself.
+    pub fn into_parts(self) -> (S, BytesMut) {
+        let mut unread = self.ready;
+        unread.unsplit(self.held);
+        (self.inner, unread)
     }
 
     fn refuse(&mut self, refusal: Refusal) {

@@ -37,7 +37,7 @@ use crate::drain::{Phase, Watch};
 use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::{Entry, PendingLine};
-use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules};
+use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules, ServedIo};
 use crate::http::filter::{ConnectionState, FilterState, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
@@ -138,7 +138,8 @@ where
         Codec::Http1 => builder.http1_only(),
         Codec::Http2 => builder.http2_only(),
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let io: ServedIo<S> = TokioIo::new(stream);
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     // Draining: HTTP/1.1 finishes the request in hand and closes; HTTP/2 keeps taking streams
     // for `drain_timeout` (Envoy's grace for streams racing the GOAWAY), then sends GOAWAY.

@@ -1,27 +1,21 @@
 //! `tcp_proxy`: L4 forwarding. Picks a cluster (or a weighted one), connects through the
 //! cluster's connect path (its `max_connections`, connect timeout, keepalive and TLS), trying
 //! other hosts on connect failure, then moves bytes both ways with half-close passed through,
-//! an idle timeout, and byte counts in stats: with [`splice`] when both sides are plain TCP,
-//! else by copying.
-
-mod splice;
+//! an idle timeout, and byte counts in stats, through [`crate::tunnel`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::Rng;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::config::{TcpClusters, TcpProxy};
 use crate::drain::{Phase, Watch};
 use crate::filter_chain::ConnectionInfo;
-use crate::stats::{Stat, TcpStats};
+use crate::stats::TcpStats;
 use crate::store::Store;
+use crate::tunnel::{self, Activity};
 use crate::upstream::{LbContext, Outcome};
-
-const BUFFER: usize = 64 * 1024;
 
 /// A `tcp_proxy` filter built from its config.
 #[derive(Debug)]
@@ -101,117 +95,53 @@ pub async fn serve<D>(
     let Some(upstream) = upstream else {
         return;
     };
-    let activity = Activity::new();
-    // Plain TCP on both sides: the kernel moves the bytes (splice); otherwise they are copied.
-    if let (Some(down), Some(up)) = (
-        (&downstream as &dyn std::any::Any).downcast_ref::<TcpStream>(),
-        upstream.plain_socket(),
-    ) && let (Ok(pipe_up), Ok(pipe_down)) = (splice::Pipe::new(), splice::Pipe::new())
-    {
-        let to_upstream = splice::forward(down, up, &pipe_up, |n| {
-            stats.downstream_cx_rx_bytes_total.add(n as u64);
-            upstream.count_sent(n as u64);
-            activity.touch();
-        });
-        let to_downstream = splice::forward(up, down, &pipe_down, |n| {
-            stats.downstream_cx_tx_bytes_total.add(n as u64);
-            upstream.count_received(n as u64);
-            activity.touch();
-        });
-        let both = async { tokio::try_join!(to_upstream, to_downstream).map(drop) };
-        relay(both, proxy, &activity, &mut watch).await;
-        return;
-    }
-    let (mut down_read, mut down_write) = tokio::io::split(downstream);
-    let (mut up_read, mut up_write) = tokio::io::split(upstream);
-    let to_upstream = copy(
-        &mut down_read,
-        &mut up_write,
-        &stats.downstream_cx_rx_bytes_total,
-        &activity,
-    );
-    let to_downstream = copy(
-        &mut up_read,
-        &mut down_write,
-        &stats.downstream_cx_tx_bytes_total,
-        &activity,
-    );
-    let both = async { tokio::try_join!(to_upstream, to_downstream).map(drop) };
-    relay(both, proxy, &activity, &mut watch).await;
-}
-
-/// Runs `transfer` (both directions) until it ends, the connection has been idle for the idle
-/// timeout, or the listener drains.
-async fn relay(
-    transfer: impl Future<Output = std::io::Result<()>>,
-    proxy: &TcpProxyRuntime,
-    activity: &Activity,
-    watch: &mut Watch,
-) {
-    let idle = async {
-        match proxy.config.idle_timeout {
-            Some(timeout) => loop {
-                let deadline = activity.get() + timeout;
-                tokio::time::sleep_until(deadline).await;
-                if activity.get() + timeout <= Instant::now() {
-                    proxy.stats.idle_timeout.inc();
-                    return;
-                }
-            },
-            None => std::future::pending().await,
-        }
+    let activity = Activity::default();
+    let to_upstream = |n: usize| {
+        stats.downstream_cx_rx_bytes_total.add(n as u64);
+        activity.touch();
     };
+    let to_downstream = |n: usize| {
+        stats.downstream_cx_tx_bytes_total.add(n as u64);
+        activity.touch();
+    };
+    let idle = async {
+        tunnel::idle(&activity, config.idle_timeout).await;
+        stats.idle_timeout.inc();
+    };
+    // Plain TCP on both sides: the kernel moves the bytes; the upstream connection, which sees
+    // none of them, is told how many went each way.
+    {
+        let plain = (&downstream as &dyn std::any::Any)
+            .downcast_ref::<TcpStream>()
+            .zip(upstream.plain_socket())
+            .and_then(|(down, up)| {
+                tunnel::splice_both_ways(
+                    down,
+                    up,
+                    |n| {
+                        upstream.count_sent(n as u64);
+                        to_upstream(n);
+                    },
+                    |n| {
+                        upstream.count_received(n as u64);
+                        to_downstream(n);
+                    },
+                )
+            });
+        if let Some(transfer) = plain {
+            tokio::select! {
+                _ = transfer => {}
+                _ = idle => {}
+                _ = watch.reached(Phase::Closed) => {}
+            }
+            return;
+        }
+    }
+    // Otherwise copied; the upstream connection counts what passes through it.
+    let transfer = tunnel::copy_both_ways(downstream, upstream, to_upstream, to_downstream);
     tokio::select! {
         _ = transfer => {}
         _ = idle => {}
         _ = watch.reached(Phase::Closed) => {}
-    }
-}
-
-/// Copies one direction; the upstream side's bytes are counted by its connection.
-async fn copy<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    counted: &Stat,
-    activity: &Activity,
-) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER];
-    loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            // Half-close: pass the FIN on and keep the other direction open.
-            let _ = writer.shutdown().await;
-            return Ok(());
-        }
-        writer.write_all(&buf[..n]).await?;
-        counted.add(n as u64);
-        activity.touch();
-    }
-}
-
-/// When bytes last moved, shared by both copy directions.
-struct Activity {
-    base: Instant,
-    nanos: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            base: Instant::now(),
-            nanos: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        self.nanos
-            .store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    }
-    fn get(&self) -> Instant {
-        self.base + std::time::Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
     }
 }

@@ -233,6 +233,28 @@ impl Drop for WorkerSlot {
     }
 }
 
+/// An upstream connection handed back by hyper after a `101 Switching Protocols`: it leaves
+/// the pool for good and carries a tunnel.
+pub struct UpgradedUpstream {
+    /// The connection; it counts what passes through it and holds its `max_connections` slot.
+    pub io: UpstreamIo,
+    /// What hyper read past the response head: the tunnel passes it on first.
+    pub early: bytes::Bytes,
+    _worker: WorkerSlot,
+}
+
+impl UpgradedUpstream {
+    /// Takes the connection back from hyper; every HTTP/1.1 connection of the pool is one.
+    pub fn take(upgraded: hyper::upgrade::Upgraded) -> Result<Self, hyper::upgrade::Upgraded> {
+        let parts = upgraded.downcast::<PooledIo>()?;
+        Ok(UpgradedUpstream {
+            io: parts.io.io.into_inner(),
+            early: parts.read_buf,
+            _worker: parts.io._worker,
+        })
+    }
+}
+
 /// A pooled connection's transport: the counted upstream connection and its worker's count.
 struct PooledIo {
     io: TokioIo<UpstreamIo>,

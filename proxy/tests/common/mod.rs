@@ -395,3 +395,82 @@ pub fn h2_settings(payload: &[u8]) -> Vec<(u16, u32)> {
         })
         .collect()
 }
+
+/// A WebSocket upgrade request for `/chat`.
+pub const UPGRADE_HEAD: &str = "GET /chat HTTP/1.1\r\nHost: ws.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// An upstream that accepts every upgrade and then echoes bytes.
+pub fn upgrade_echo_upstream() -> std::net::SocketAddr {
+    upgrade_greeting_echo_upstream(b"")
+}
+
+/// An upstream that accepts every upgrade with `greeting` in the same write as its 101, then
+/// echoes bytes until the client ends its side, and then ends its own.
+pub fn upgrade_greeting_echo_upstream(greeting: &'static [u8]) -> std::net::SocketAddr {
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in upstream.incoming() {
+            let Ok(mut stream) = stream else {
+                return;
+            };
+            std::thread::spawn(move || {
+                if read_head(&mut stream).is_none() {
+                    return;
+                }
+                let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n".to_vec();
+                answer.extend_from_slice(greeting);
+                let _ = stream.write_all(&answer);
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    upstream_addr
+}
+
+/// Upgrades a connection to `addr` whose far end is [`upgrade_greeting_echo_upstream`] with
+/// greeting `upstream-first`, sending `client-first` in the same write as the request; checks
+/// the bytes behind both heads arrive first and in order, that `bulk` bytes come back whole,
+/// and that a half-close passes through (the upstream then closes and so does the tunnel).
+/// Returns what the client sent after its head.
+pub fn tunnel_round_trip(addr: SocketAddr, bulk: usize) -> u64 {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream
+        .write_all(format!("{UPGRADE_HEAD}client-first").as_bytes())
+        .expect("write upgrade");
+    let head = read_head(&mut stream).expect("a response head");
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut first = [0u8; 26];
+    stream.read_exact(&mut first).expect("early bytes");
+    assert_eq!(&first, b"upstream-firstclient-first");
+
+    let data: Vec<u8> = (0..bulk as u32).map(|i| (i * 31 + i / 509) as u8).collect();
+    let mut writer = stream.try_clone().expect("clone");
+    let sent = data.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&sent).expect("write bulk");
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    });
+    let mut echoed = Vec::new();
+    stream
+        .read_to_end(&mut echoed)
+        .expect("echo until the upstream closes");
+    sender.join().expect("sender");
+    assert_eq!(echoed.len(), data.len());
+    assert!(echoed == data, "the same bytes in the same order");
+    (bulk + "client-first".len()) as u64
+}

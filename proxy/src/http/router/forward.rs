@@ -14,7 +14,6 @@ use std::time::Duration;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use rand::Rng;
 use remora_config::route::{ClusterSpec, Forward, HostRewrite};
 use tokio::time::Instant;
@@ -575,14 +574,12 @@ pub(super) async fn forward(
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(downstream_upgrade) = downstream_upgrade
     {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            if let (Ok(down), Ok(up)) = tokio::join!(downstream_upgrade, upstream_upgrade) {
-                let mut down = TokioIo::new(down);
-                let mut up = TokioIo::new(up);
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-            }
-        });
+        super::upgrade::spawn(
+            downstream_upgrade,
+            hyper::upgrade::on(&mut response),
+            forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
+            manager.stats.downstream_rq_idle_timeout.clone(),
+        );
     }
     let response_headers = response.headers_mut();
     headers::remove_hop_by_hop(response_headers, status == StatusCode::SWITCHING_PROTOCOLS);

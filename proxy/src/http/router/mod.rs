@@ -11,6 +11,7 @@ mod forward;
 mod hash_key;
 mod mirror;
 mod retry;
+mod upgrade;
 
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
