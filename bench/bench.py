@@ -257,6 +257,23 @@ FIGURES = [
     Figure("ready_1k", "start to /ready, 1,000-cluster config", "s", "lower"),
 ]
 
+# The setup a new user has (issue 18, part 1): the bootstrap as a simple HTTP proxy is written,
+# with request ids generated, dynamic stats on and default circuit breakers, and every process
+# free to use every core. Its own table; the bare forwarder is the reference it is held to.
+DEFAULT_FIGURES = [
+    Figure("h1_rps_default", "HTTP/1.1 req/s (wrk -t1 -c50), default config, any core", "req/s",
+           "higher", "≥ 0.95x bare-fwd", lambda v, r: r >= 0.95),
+    Figure("cpu_per_100k_default", "CPU s per 100k req (wrk), default config, any core", "s",
+           "lower", "≤ 1.1x bare-fwd", lambda v, r: r <= 1.1),
+]
+# What the default bootstrap leaves out of the tuned one (bootstraps/http-tcp.yaml.in).
+TUNED_ONLY = (
+    "          generate_request_id: false\n",
+    "              dynamic_stats: false\n",
+    "    circuit_breakers:\n      thresholds:\n      - { max_connections: 1000000, "
+    "max_pending_requests: 1000000, max_requests: 1000000, max_retries: 1000000 }\n",
+)
+
 
 @dataclass
 class Subject:
@@ -339,12 +356,20 @@ class Bench:
         """Gives the subject its ports and its copies of the bootstraps: the same template,
         only the listener and admin ports differ."""
         subject.ports = self.ports_for(subject.name)
-        for tag, extra_clusters in (("small", 0), ("1k", 1000)):
+        for tag, extra_clusters, tuned in (("small", 0, True), ("1k", 1000, True),
+                                           ("default", 0, False)):
             subject.bootstraps[tag] = self.render_bootstrap(
-                f"bootstrap-{tag}-{subject.name}.yaml", extra_clusters, subject.ports)
+                f"bootstrap-{tag}-{subject.name}.yaml", extra_clusters, subject.ports, tuned)
 
-    def render_bootstrap(self, name: str, extra_clusters: int, ports: dict) -> Path:
-        main = string.Template((BENCH_DIR / "bootstraps/http-tcp.yaml.in").read_text())
+    def render_bootstrap(self, name: str, extra_clusters: int, ports: dict,
+                         tuned: bool = True) -> Path:
+        text = (BENCH_DIR / "bootstraps/http-tcp.yaml.in").read_text()
+        if not tuned:
+            for line in TUNED_ONLY:
+                if line not in text:
+                    raise SystemExit(f"bench: the bootstrap template no longer has {line!r}")
+                text = text.replace(line, "")
+        main = string.Template(text)
         extra = string.Template((BENCH_DIR / "bootstraps/extra-cluster.yaml.in").read_text())
         clusters = "".join(extra.substitute(N=f"{i:04d}", PORT=self.ports["UPSTREAM_HTTP_PORT"])
                            for i in range(extra_clusters))
@@ -416,11 +441,11 @@ http {{
 
     # one proxy ---------------------------------------------------------
 
-    def start_proxy(self, subject: Subject, tag: str):
+    def start_proxy(self, subject: Subject, tag: str, free: bool = False):
         bootstrap = subject.bootstraps[tag]
         cmd = [part.replace("{BOOTSTRAP}", str(bootstrap)) for part in subject.command]
         started = time.monotonic()
-        proc = spawn(cmd, cpus=None if self.args.no_pin else PROXY_CPUS,
+        proc = spawn(cmd, cpus=None if self.args.no_pin or free else PROXY_CPUS,
                      logfile=self.workdir / f"{subject.name}-{tag}.log")
         failure = wait_ready(proc, subject.ports["ADMIN_PORT"], self.args.ready_timeout)
         if failure:
@@ -485,6 +510,40 @@ http {{
         for subject, _, _ in live:
             if subject.supports_bootstrap:
                 self.measure_1k(round_index, subject)
+        self.measure_default(round_index, order)
+
+    def measure_default(self, round_index: int, order: tuple[Subject, ...]) -> None:
+        """The default-config setup (see DEFAULT_FIGURES): all proxies at once again, this
+        time with the untuned bootstrap, every process (upstream and load tools too) free to
+        use every core, and wrk at each in turn."""
+        live: list[tuple[Subject, subprocess.Popen, dict]] = []
+        try:
+            for subject in order:
+                proc, ready = self.start_proxy(subject, "default", free=True)
+                if proc is None:
+                    subject.note(f"default config: failed to start: {ready}")
+                    continue
+                live.append((subject, proc, {}))
+            with self.placed_freely([]):
+                for subject, _, _ in live:
+                    wrk(subject.ports["HTTP_PORT"], 1, 50)  # warm-up, not measured
+                for subject, proc, v in live:
+                    log(f"{subject.name}: wrk {self.args.duration:g}s, default config, any core")
+                    cpu0 = cpu_seconds(proc.pid)
+                    result = wrk(subject.ports["HTTP_PORT"], self.args.duration, 50)
+                    cpu = cpu_seconds(proc.pid) - cpu0
+                    v["h1_rps_default"] = result["rps"]
+                    if result["requests"]:
+                        v["cpu_per_100k_default"] = cpu / result["requests"] * 100_000
+                    if result["failed"]:
+                        subject.note(f"wrk, default config: {result['failed']} failed/non-2xx")
+        except (RuntimeError, subprocess.TimeoutExpired, AttributeError, OSError) as error:
+            for subject, _, _ in live:
+                subject.note(f"default-config run failed: {error}")
+        finally:
+            for subject, proc, v in live:
+                stop(proc)
+                subject.record(round_index, v)
 
     def step_wrk(self, subject: Subject, pid: int, v: dict) -> None:
         log(f"{subject.name}: wrk {self.args.duration:g}s")
@@ -727,6 +786,37 @@ def spread(envoy: Subject, remora: Subject) -> str:
     return f"Per round, {remora.name}/envoy: " + "; ".join(parts) + "."
 
 
+def default_table(envoy: Subject, remora: Subject, bare: Subject | None) -> list[str]:
+    """The default-config setup: the three side by side, the targets held against bare-fwd."""
+    subjects = [envoy, remora, *([bare] if bare is not None and bare.rounds else [])]
+    has_bare = len(subjects) == 3
+    lines = ["Default config, any core: the bootstrap above without its tuning (request ids "
+             "generated, dynamic stats on, default circuit breakers), every process free to "
+             "use both cores, the rounds as above.", ""]
+    head = "| figure | " + " | ".join(s.name for s in subjects) + " | remora/envoy |"
+    rule = "|---|" + "---:|" * (len(subjects) + 1)
+    if has_bare:
+        head += " remora/bare-fwd | target | met? |"
+        rule += "---:|---|---|"
+    lines += [head, rule]
+    for fig in DEFAULT_FIGURES:
+        arrow = "↑" if fig.better == "higher" else "↓"
+        cells = [fmt(s.value(fig.key), fig.unit) if s.value(fig.key) is not None else "n/a"
+                 for s in subjects]
+        to_envoy = paired_ratio(envoy, remora, fig.key)
+        row = (f"| {fig.label} ({fig.unit}, {arrow} better) | " + " | ".join(cells)
+               + f" | {'n/a' if to_envoy is None else f'{to_envoy:.2f}x'} |")
+        if has_bare:
+            to_bare = paired_ratio(bare, remora, fig.key)
+            met = "n/a" if to_bare is None else ("yes" if fig.check(None, to_bare) else "**no**")
+            per_round = ", ".join(f"{r:.2f}x" for r in round_ratios(bare, remora, fig.key))
+            row += (f" {'n/a' if to_bare is None else f'{to_bare:.2f}x'}"
+                    + (f" ({per_round})" if len(round_ratios(bare, remora, fig.key)) > 1 else "")
+                    + f" | {fig.target} | {met} |")
+        lines.append(row)
+    return lines
+
+
 def reference(envoy: Subject, remora: Subject, bare: Subject) -> list[str]:
     """The bare forwarder measured in the same rounds: what "close to bare hyper" means on
     this host during this run."""
@@ -783,6 +873,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
     ]
     if a.repeat > 1:
         lines += [spread(envoy, remora), ""]
+    lines += [*default_table(envoy, remora, bare), ""]
     if bare is not None:
         lines += [*reference(envoy, remora, bare), ""]
     if bench.baseline:
