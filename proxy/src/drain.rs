@@ -128,6 +128,28 @@ impl Watch {
     pub fn is_draining(&self) -> bool {
         *self.rx.borrow() >= Phase::Draining
     }
+
+    /// A cheap check for a phase change, for a loop that polls [`Watch::next`] only once told.
+    pub fn probe(&self) -> Probe {
+        let mut rx = self.rx.clone();
+        rx.mark_unchanged();
+        Probe(rx)
+    }
+}
+
+/// See [`Watch::probe`].
+#[derive(Debug)]
+pub struct Probe(watch::Receiver<Phase>);
+
+impl Probe {
+    /// Whether the phase changed since the last call (one atomic load when it did not).
+    pub fn moved(&mut self) -> bool {
+        let moved = self.0.has_changed().unwrap_or(false);
+        if moved {
+            self.0.mark_unchanged();
+        }
+        moved
+    }
 }
 
 impl Drop for Watch {

@@ -11,12 +11,16 @@ use arc_swap::ArcSwap;
 use crate::config::RouteTable;
 use crate::upstream::Cluster;
 
+/// A map by config name, looked up on every request: foldhash, as SipHash costs more than the
+/// lookup's other work. The keys come from config, so a request cannot grow colliding ones.
+pub type ByName<T> = HashMap<String, T, foldhash::fast::RandomState>;
+
 /// The route tables and clusters in use at one moment.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     /// RDS route configurations by name (inline ones live in their listener's config).
-    pub routes: HashMap<String, Arc<RouteTable>>,
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub routes: ByName<Arc<RouteTable>>,
+    pub clusters: ByName<Arc<Cluster>>,
 }
 
 impl Snapshot {

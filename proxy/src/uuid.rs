@@ -6,17 +6,18 @@ use rand::Rng;
 /// A fresh version-4, variant-1 UUID such as `9b2c4f1e-0d3a-4c5b-8e6f-112233445566`.
 pub fn v4() -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits: u128 = rand::rng().random();
-    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let mut out = [0u8; 36];
-    let mut nibble = 0;
-    for (index, byte) in out.iter_mut().enumerate() {
-        if matches!(index, 8 | 13 | 18 | 23) {
-            *byte = b'-';
-            continue;
-        }
-        *byte = HEX[((bits >> (124 - 4 * nibble)) & 0xf) as usize];
-        nibble += 1;
+    let random: u128 = rand::rng().random();
+    let mut bytes = random.to_be_bytes();
+    bytes[6] = bytes[6] & 0x0f | 0x40; // version 4
+    bytes[8] = bytes[8] & 0x3f | 0x80; // variant 1 (RFC 9562)
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (index, byte) in bytes.into_iter().enumerate() {
+        // The dashes before the 5th, 7th, 9th and 11th bytes.
+        at += usize::from(matches!(index, 4 | 6 | 8 | 10));
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
+        at += 2;
     }
     out
 }
@@ -32,13 +33,17 @@ mod tests {
     fn uuids_are_version_4_variant_1_and_differ() {
         let (a, b) = (super::v4_string(), super::v4_string());
         assert_ne!(a, b);
-        let parts: Vec<&str> = a.split('-').collect();
-        assert_eq!(
-            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            [8, 4, 4, 4, 12]
-        );
-        assert!(parts[2].starts_with('4'), "{a}");
-        assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"), "{a}");
-        assert!(a.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        // Every one: the fixed digits sit where the random ones around them could hide a slip.
+        for _ in 0..256 {
+            let uuid = super::v4_string();
+            let parts: Vec<&str> = uuid.split('-').collect();
+            assert_eq!(
+                parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12]
+            );
+            assert!(parts[2].starts_with('4'), "{uuid}");
+            assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"), "{uuid}");
+            assert!(uuid.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        }
     }
 }

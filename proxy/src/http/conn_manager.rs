@@ -23,6 +23,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -44,6 +45,7 @@ use crate::http::local_reply::LocalReply;
 use crate::http::response_body::{DownstreamSlots, ResponseBody};
 use crate::http::router::{self, RouteRequest};
 use crate::http::selected::Selected;
+use crate::http::stream_timer::SpareSleeps;
 use crate::http::tracing::ActiveTrace;
 use crate::stats::{GaugeGuard, Stat};
 use remora_config::route::PseudoHeaders;
@@ -65,6 +67,25 @@ struct Connection {
     refusals: Arc<Refusals>,
     /// What the HTTP filters keep for the whole connection.
     filter_state: ConnectionState,
+    /// Timers of finished requests, kept for the next ones.
+    sleeps: Arc<SpareSleeps>,
+}
+
+/// Polls `future` outside tokio's budget: a poll that must leave the task's waker behind
+/// cannot be one the budget turns into a no-op.
+fn poll_unconstrained<F: Future + ?Sized>(
+    future: std::pin::Pin<&mut F>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<F::Output> {
+    std::pin::pin!(tokio::task::unconstrained(future)).poll(cx)
+}
+
+/// What ends one wait of a connection's loop.
+enum ConnectionEvent {
+    Ended,
+    Phase(Phase),
+    IdleTick,
+    GraceOver,
 }
 
 /// Serves one downstream connection until it closes, idles out, or is drained.
@@ -91,6 +112,7 @@ where
         in_flight: Arc::default(),
         refusals: Arc::default(),
         filter_state,
+        sleeps: Arc::default(),
     });
     let rules = Rules {
         max_head_bytes: hcm.max_request_headers_kb as usize * 1024,
@@ -149,26 +171,60 @@ where
     tokio::pin!(grace);
     let mut phase = Phase::Running;
     let idle = hcm.idle_timeout;
+    let idle_period = idle.unwrap_or(Duration::from_secs(3600));
     let mut last_seen = 0;
-    let mut idle_tick = tokio::time::interval(idle.unwrap_or(Duration::from_secs(3600)));
-    idle_tick.tick().await;
+    let idle_tick = tokio::time::sleep(idle_period);
+    tokio::pin!(idle_tick);
+    let mut drain_probe = watch.probe();
     loop {
-        let start_drain = tokio::select! {
-            _ = conn.as_mut() => break,
-            next = watch.next(phase) => {
+        let event = {
+            // The drain signal and the idle tick wake this task when they fire, so they are
+            // polled once, to leave the task's waker with them, and then only once they say
+            // they fired, not on each of the many wakes (reads, writes) of a busy connection.
+            let next_phase = watch.next(phase);
+            tokio::pin!(next_phase);
+            let mut armed = false;
+            std::future::poll_fn(|cx| {
+                if conn.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(ConnectionEvent::Ended);
+                }
+                if (!armed || drain_probe.moved())
+                    && let Poll::Ready(next) = poll_unconstrained(next_phase.as_mut(), cx)
+                {
+                    return Poll::Ready(ConnectionEvent::Phase(next));
+                }
+                if idle.is_some()
+                    && drain_started.is_none()
+                    && (!armed || idle_tick.is_elapsed())
+                    && poll_unconstrained(idle_tick.as_mut(), cx).is_ready()
+                {
+                    return Poll::Ready(ConnectionEvent::IdleTick);
+                }
+                armed = true;
+                if drain_started.is_some() && !shut_down && grace.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(ConnectionEvent::GraceOver);
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        let start_drain = match event {
+            ConnectionEvent::Ended => break,
+            ConnectionEvent::Phase(next) => {
                 phase = next;
                 if phase == Phase::Closed {
                     break;
                 }
                 true
             }
-            _ = idle_tick.tick(), if idle.is_some() && drain_started.is_none() => {
+            ConnectionEvent::IdleTick => {
+                idle_tick.as_mut().reset(Instant::now() + idle_period);
                 let seen = connection.requests.load(Ordering::Relaxed);
                 let idle_now = seen == last_seen && connection.in_flight.get() == 0;
                 last_seen = seen;
                 idle_now
             }
-            () = &mut grace, if drain_started.is_some() && !shut_down => {
+            ConnectionEvent::GraceOver => {
                 shut_down = true;
                 conn.as_mut().graceful_shutdown();
                 false
@@ -472,6 +528,7 @@ async fn handle(
             log: &mut log,
             trace: trace.as_mut(),
             started,
+            sleeps: &connection.sleeps,
             authority: authority.as_ref(),
             host: &host,
             // Hash policies (source IP, generated cookies) hash the trusted client address.

@@ -1,8 +1,9 @@
 //! The timer of one stream: the route deadline, the stream's and the per-try idle timeouts and
-//! `max_stream_duration` in one tokio sleep, set to the earliest bound.
+//! `max_stream_duration` in one tokio sleep, set to the earliest bound. A connection keeps the
+//! sleeps of its finished streams for its next ones ([`SpareSleeps`]).
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,15 +41,53 @@ impl StreamTimeout {
     }
 }
 
+/// The sleeps of a connection's finished streams, still registered with the worker's timer.
+/// The connection's next stream takes one and moves its deadline: later than the old one, that
+/// is an atomic store in tokio, where a new sleep costs an allocation, an insertion into the
+/// timer wheel and a removal when the stream ends (together about a tenth of the proxy's own
+/// CPU per request). A connection's streams all run on its worker, so a sleep never changes
+/// timers. A spare that fires while kept wakes the task that last used it, once, to no effect.
+#[derive(Debug, Default)]
+pub struct SpareSleeps(Mutex<Vec<Pin<Box<Sleep>>>>);
+
+/// Spares kept per connection: HTTP/1.1 needs one, HTTP/2 a few for its concurrent streams.
+const SPARES_KEPT: usize = 8;
+
+impl SpareSleeps {
+    /// A sleep due at `at`: a spare if there is one, else a new one.
+    fn take(self: &Arc<Self>, at: Instant) -> Pin<Box<Sleep>> {
+        let spare = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match spare {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(at);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+
+    fn put(&self, sleep: Pin<Box<Sleep>>) {
+        let mut spares = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if spares.len() < SPARES_KEPT {
+            spares.push(sleep);
+        }
+    }
+}
+
 /// The route deadline and the idle timeouts of one request (the stream's, and the retry
 /// policy's per-try idle timeout), as one timer that bounds the wait for response headers and
-/// then moves into the body: it is set to the earliest and pushed out on every frame
-/// (extending a tokio timer is an atomic store, no re-registration).
+/// then moves into the body. It is set to the earliest bound; a frame only notes the time, and
+/// when the sleep fires early for an idle timeout that activity since pushed out, it is set
+/// again (one reset per idle period, not one per frame).
 #[derive(Debug)]
 pub struct StreamTimer {
-    sleep: Pin<Box<Sleep>>,
+    /// Always present; taken only when the timer is dropped, to go back to `spares`.
+    sleep: Option<Pin<Box<Sleep>>>,
+    spares: Arc<SpareSleeps>,
     deadline: Option<Instant>,
     idle: Option<Duration>,
+    /// When something last moved: the idle timeouts run from here.
+    active_at: Instant,
     route_timeouts: Arc<Stat>,
     idle_timeouts: Arc<Stat>,
     /// The per-try idle timeout and its counter, once the attempt that got headers runs on.
@@ -58,18 +97,23 @@ pub struct StreamTimer {
 }
 
 impl StreamTimer {
-    /// `None` when neither timeout is set (no timer at all).
+    /// `None` when neither timeout is set (no timer at all). The idle timeout runs from `now`,
+    /// the caller's last clock read (one read serves several uses on the request path).
     pub fn new(
+        now: Instant,
         deadline: Option<Instant>,
         idle: Option<Duration>,
         route_timeouts: &Arc<Stat>,
         idle_timeouts: &Arc<Stat>,
+        spares: &Arc<SpareSleeps>,
     ) -> Option<Self> {
-        let next = Self::next(deadline, idle)?;
+        let next = earliest(deadline, idle.map(|i| now + i))?;
         Some(StreamTimer {
-            sleep: Box::pin(tokio::time::sleep_until(next)),
+            sleep: Some(spares.take(next)),
+            spares: spares.clone(),
             deadline,
             idle,
+            active_at: now,
             route_timeouts: route_timeouts.clone(),
             idle_timeouts: idle_timeouts.clone(),
             per_try_idle: None,
@@ -79,13 +123,17 @@ impl StreamTimer {
 
     /// A timer with no bound yet, first due at `first`: the caller adds the one it needs.
     fn without_bounds(
+        now: Instant,
         first: Instant,
         (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
+        spares: &Arc<SpareSleeps>,
     ) -> StreamTimer {
         StreamTimer {
-            sleep: Box::pin(tokio::time::sleep_until(first)),
+            sleep: Some(spares.take(first)),
+            spares: spares.clone(),
             deadline: None,
             idle: None,
+            active_at: now,
             route_timeouts: route_timeouts.clone(),
             idle_timeouts: idle_timeouts.clone(),
             per_try_idle: None,
@@ -99,12 +147,13 @@ impl StreamTimer {
         timer: Option<StreamTimer>,
         end: Instant,
         counter: &Arc<Stat>,
-        (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
+        stats: (&Arc<Stat>, &Arc<Stat>),
+        spares: &Arc<SpareSleeps>,
     ) -> StreamTimer {
-        let mut timer =
-            timer.unwrap_or_else(|| Self::without_bounds(end, (route_timeouts, idle_timeouts)));
+        let now = Instant::now();
+        let mut timer = timer.unwrap_or_else(|| Self::without_bounds(now, end, stats, spares));
         timer.max_duration = Some((end, counter.clone()));
-        timer.reset();
+        timer.reset(now);
         timer
     }
 
@@ -116,14 +165,18 @@ impl StreamTimer {
         )
     }
 
-    fn reset(&mut self) {
-        if let Some(next) = Self::next(self.hard_deadline(), self.idle()) {
-            self.sleep.as_mut().reset(next);
-        }
+    /// Sets the timer to the earliest bound, the idle timeouts running from `now`.
+    fn reset(&mut self, now: Instant) {
+        self.active_at = now;
+        self.arm();
     }
 
-    fn next(deadline: Option<Instant>, idle: Option<Duration>) -> Option<Instant> {
-        earliest(deadline, idle.map(|i| Instant::now() + i))
+    /// Sets the sleep to the earliest bound, the idle timeouts running from `active_at`.
+    fn arm(&mut self) {
+        let idle_end = self.idle().map(|i| self.active_at + i);
+        if let Some(next) = earliest(self.hard_deadline(), idle_end) {
+            self.sleep().reset(next);
+        }
     }
 
     /// The idle timeout in force: the shorter of the stream's and the per-try one.
@@ -132,32 +185,40 @@ impl StreamTimer {
     }
 
     /// Adds the retry policy's per-try idle timeout for the body of the attempt that won,
-    /// making a timer for it if the request had none.
+    /// making a timer for it if the request had none; it runs from `now`.
     pub fn add_per_try_idle(
+        now: Instant,
         timer: Option<StreamTimer>,
         idle: Duration,
         counter: &Arc<Stat>,
-        (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
+        stats: (&Arc<Stat>, &Arc<Stat>),
+        spares: &Arc<SpareSleeps>,
     ) -> StreamTimer {
-        let mut timer = timer.unwrap_or_else(|| {
-            Self::without_bounds(Instant::now() + idle, (route_timeouts, idle_timeouts))
-        });
+        let mut timer =
+            timer.unwrap_or_else(|| Self::without_bounds(now, now + idle, stats, spares));
         timer.per_try_idle = Some((idle, counter.clone()));
-        timer.touch();
+        // It may be shorter than what the sleep waits for: set it again.
+        timer.reset(now);
         timer
     }
 
     /// Starts the route timeout now (it starts once the downstream request has ended).
     pub fn start_route(&mut self, timeout: Duration) {
-        self.deadline = Some(Instant::now() + timeout);
-        self.reset();
+        let now = Instant::now();
+        self.deadline = Some(now + timeout);
+        self.reset(now);
     }
 
     /// Restarts the idle timeout: something moved.
     pub fn touch(&mut self) {
         if self.idle().is_some() {
-            self.reset();
+            self.active_at = Instant::now();
         }
+    }
+
+    /// [`StreamTimer::touch`] with the caller's clock read.
+    pub fn touch_at(&mut self, now: Instant) {
+        self.active_at = now;
     }
 
     /// Resolves when a timeout fires (and counts it).
@@ -167,12 +228,23 @@ impl StreamTimer {
 
     /// Polls for a timeout (counting it when it fires), as a body does between frames.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<StreamTimeout> {
-        if self.sleep.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
+        let fired = loop {
+            let mut sleep = self.sleep();
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let fired = sleep.deadline();
+            // Early for an idle timeout that activity since pushed out: catch up.
+            let idle_end = self.idle().map(|idle| self.active_at + idle);
+            let hard_reached = self.hard_deadline().is_some_and(|hard| fired >= hard);
+            if !hard_reached && idle_end.is_some_and(|end| end > fired) {
+                self.arm();
+                continue;
+            }
+            break fired;
+        };
         // The timer holds the earliest deadline, so it is the stream's or the route's iff it
         // reached it.
-        let fired = self.sleep.deadline();
         if let Some((end, counter)) = &self.max_duration
             && fired >= *end
         {
@@ -196,10 +268,129 @@ impl StreamTimer {
     }
 }
 
+impl StreamTimer {
+    fn sleep(&mut self) -> Pin<&mut Sleep> {
+        self.sleep
+            .as_mut()
+            .expect("the sleep is taken only on drop")
+            .as_mut()
+    }
+}
+
+impl Drop for StreamTimer {
+    fn drop(&mut self) {
+        if let Some(sleep) = self.sleep.take() {
+            self.spares.put(sleep);
+        }
+    }
+}
+
 /// The smaller of two optional bounds (either alone if the other is absent).
 fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::time::advance;
+
+    fn stats() -> (Arc<Stat>, Arc<Stat>) {
+        (Arc::new(Stat::default()), Arc::new(Stat::default()))
+    }
+
+    /// Whether the timer has fired by now, and with what.
+    async fn fired(timer: &mut StreamTimer) -> Option<StreamTimeout> {
+        match poll_fn(|cx| Poll::Ready(timer.poll_expired(cx))).await {
+            Poll::Ready(timeout) => Some(timeout),
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_pushes_the_idle_timeout_out_from_the_last_frame() {
+        let (route, idle) = stats();
+        let spares = Arc::new(SpareSleeps::default());
+        let start = Instant::now();
+        let mut timer = StreamTimer::new(
+            start,
+            None,
+            Some(Duration::from_millis(100)),
+            &route,
+            &idle,
+            &spares,
+        )
+        .expect("an idle timeout makes a timer");
+        advance(Duration::from_millis(60)).await;
+        timer.touch();
+        // The sleep was set for 100 ms: it fires, finds the activity and waits on.
+        advance(Duration::from_millis(50)).await;
+        assert_eq!(fired(&mut timer).await, None, "60 + 100 ms not reached");
+        advance(Duration::from_millis(51)).await;
+        assert_eq!(fired(&mut timer).await, Some(StreamTimeout::Idle));
+        assert_eq!(idle.get(), 1);
+        assert_eq!(route.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_route_deadline_is_not_pushed_out_by_activity() {
+        let (route, idle) = stats();
+        let spares = Arc::new(SpareSleeps::default());
+        let start = Instant::now();
+        let mut timer = StreamTimer::new(
+            start,
+            Some(start + Duration::from_millis(150)),
+            Some(Duration::from_millis(100)),
+            &route,
+            &idle,
+            &spares,
+        )
+        .expect("timer");
+        // Activity every 50 ms keeps the 100 ms idle timeout away, up to 149 ms...
+        for step in [50, 50, 49] {
+            advance(Duration::from_millis(step)).await;
+            timer.touch();
+            assert_eq!(fired(&mut timer).await, None);
+        }
+        // ...and the 150 ms route deadline comes anyway.
+        advance(Duration::from_millis(2)).await;
+        assert_eq!(fired(&mut timer).await, Some(StreamTimeout::Route));
+        assert_eq!((route.get(), idle.get()), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spare_sleep_serves_the_next_stream_with_its_own_deadline() {
+        let (route, idle) = stats();
+        let spares = Arc::new(SpareSleeps::default());
+        let first = StreamTimer::new(
+            Instant::now(),
+            None,
+            Some(Duration::from_millis(100)),
+            &route,
+            &idle,
+            &spares,
+        );
+        drop(first);
+        assert_eq!(spares.0.lock().expect("lock").len(), 1, "kept for the next");
+        // The next stream's bound is earlier than the spare's: it must still fire on time.
+        let mut second = StreamTimer::new(
+            Instant::now(),
+            Some(Instant::now() + Duration::from_millis(20)),
+            None,
+            &route,
+            &idle,
+            &spares,
+        )
+        .expect("timer");
+        assert!(
+            spares.0.lock().expect("lock").is_empty(),
+            "the spare was taken"
+        );
+        advance(Duration::from_millis(21)).await;
+        assert_eq!(fired(&mut second).await, Some(StreamTimeout::Route));
     }
 }

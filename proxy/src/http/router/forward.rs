@@ -30,7 +30,7 @@ use crate::error::{ProxyError, ResponseFlag};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
 use crate::http::response_body::{ResponseBody, UpstreamBody};
-use crate::http::stream_timer::{StreamTimeout, StreamTimer};
+use crate::http::stream_timer::{SpareSleeps, StreamTimeout, StreamTimer};
 use crate::stats::{GaugeGuard, Stat};
 use crate::upstream::pool::{Lease, PoolError};
 use crate::upstream::{Cluster, Host, HostGauge, LbContext, Outcome};
@@ -134,6 +134,7 @@ pub(super) async fn forward(
         authority,
         client,
         path_and_query,
+        sleeps,
         ..
     } = request;
     let hcm = &manager.config;
@@ -391,6 +392,7 @@ pub(super) async fn forward(
             &cluster.stats.upstream_rq_timeout,
             &manager.stats.downstream_rq_idle_timeout,
         ),
+        sleeps,
     );
     let pools = cluster.pools_for(forward.high_priority);
     let mut tried: Vec<Arc<Host>> = Vec::new();
@@ -583,7 +585,9 @@ pub(super) async fn forward(
     }
     let response_headers = response.headers_mut();
     headers::remove_hop_by_hop(response_headers, status == StatusCode::SWITCHING_PROTOCOLS);
-    let elapsed = started.elapsed().as_millis() as u64;
+    // One clock read for the service time and the idle timeouts, which restart here.
+    let now = Instant::now();
+    let elapsed = now.saturating_duration_since(started).as_millis() as u64;
     response_headers.insert(&X_SERVICE_TIME, HeaderValue::from(elapsed));
     response_headers.insert(header::SERVER, manager.server_header.clone());
     hash_key.set_cookies(response_headers);
@@ -604,6 +608,7 @@ pub(super) async fn forward(
         _ if http_body::Body::is_end_stream(response.body()) => None,
         timer => match per_try_idle {
             Some(idle) => Some(StreamTimer::add_per_try_idle(
+                now,
                 timer,
                 idle,
                 &cluster.stats.upstream_rq_per_try_idle_timeout,
@@ -611,9 +616,10 @@ pub(super) async fn forward(
                     &cluster.stats.upstream_rq_timeout,
                     &manager.stats.downstream_rq_idle_timeout,
                 ),
+                sleeps,
             )),
             None => timer.map(|mut timer| {
-                timer.touch();
+                timer.touch_at(now);
                 timer
             }),
         },
@@ -881,6 +887,7 @@ struct Clock<'s> {
     route_timeout: Option<Duration>,
     idle: Option<Duration>,
     stats: (&'s Arc<Stat>, &'s Arc<Stat>),
+    sleeps: &'s Arc<SpareSleeps>,
 }
 
 impl<'s> Clock<'s> {
@@ -890,14 +897,18 @@ impl<'s> Clock<'s> {
         request_end: Option<Arc<RequestEnd>>,
         max_duration: Option<(Instant, &Arc<Stat>)>,
         stats: (&'s Arc<Stat>, &'s Arc<Stat>),
+        sleeps: &'s Arc<SpareSleeps>,
     ) -> Self {
+        let now = Instant::now();
         let route_deadline = match request_end {
-            None => route_timeout.map(|t| Instant::now() + t),
+            None => route_timeout.map(|t| now + t),
             Some(_) => None,
         };
-        let mut timer = StreamTimer::new(route_deadline, idle, stats.0, stats.1);
+        let mut timer = StreamTimer::new(now, route_deadline, idle, stats.0, stats.1, sleeps);
         if let Some((end, counter)) = max_duration {
-            timer = Some(StreamTimer::add_max_duration(timer, end, counter, stats));
+            timer = Some(StreamTimer::add_max_duration(
+                timer, end, counter, stats, sleeps,
+            ));
         }
         Clock {
             timer,
@@ -905,6 +916,7 @@ impl<'s> Clock<'s> {
             route_timeout,
             idle,
             stats,
+            sleeps,
         }
     }
 
@@ -917,11 +929,14 @@ impl<'s> Clock<'s> {
         match &mut self.timer {
             Some(timer) => timer.start_route(timeout),
             None => {
+                let now = Instant::now();
                 self.timer = StreamTimer::new(
-                    Some(Instant::now() + timeout),
+                    now,
+                    Some(now + timeout),
                     self.idle,
                     self.stats.0,
                     self.stats.1,
+                    self.sleeps,
                 )
             }
         }

@@ -27,6 +27,7 @@ use crate::http::local_reply::LocalReply;
 use crate::http::manager::Manager;
 use crate::http::response_body::ResponseBody;
 use crate::http::selected::Selected;
+use crate::http::stream_timer::SpareSleeps;
 use crate::store::Snapshot;
 
 /// A request as it reaches the router.
@@ -52,6 +53,8 @@ pub struct RouteRequest<'a> {
     /// The trusted client address: the peer, or what trusted proxies put in `x-forwarded-for`.
     pub client: std::net::SocketAddr,
     pub path_and_query: PathAndQuery,
+    /// The connection's spare timers, for this request's.
+    pub sleeps: &'a std::sync::Arc<SpareSleeps>,
 }
 
 /// Runs the route's action.
