@@ -44,9 +44,9 @@ impl StreamTimeout {
 /// The sleeps of a connection's finished streams, still registered with the worker's timer.
 /// The connection's next stream takes one and moves its deadline: later than the old one, that
 /// is an atomic store in tokio, where a new sleep costs an allocation, an insertion into the
-/// timer wheel and a removal when the stream ends (together about a tenth of the proxy's own
-/// CPU per request). A connection's streams all run on its worker, so a sleep never changes
-/// timers. A spare that fires while kept wakes the task that last used it, once, to no effect.
+/// timer wheel and a removal when the stream ends (about 800 of a request's 39,000
+/// instructions, by callgrind). A connection's streams all run on its worker, so a sleep never
+/// changes timers. A spare that fires while kept wakes the task that last used it, once, to no effect.
 #[derive(Debug, Default)]
 pub struct SpareSleeps(Mutex<Vec<Pin<Box<Sleep>>>>);
 
