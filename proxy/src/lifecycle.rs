@@ -59,8 +59,12 @@ impl Lifecycle {
 
     /// The initial configuration is in: `/ready` answers 200 and `server.live` is 1.
     pub fn set_live(&self) {
-        self.state.store(State::Live as u8, Ordering::Release);
+        let before = self.state.swap(State::Live as u8, Ordering::AcqRel);
         self.live.set(1);
+        if before == State::Initializing as u8 {
+            // Start-up is over: its code need not stay resident.
+            crate::memory::page_out_startup_code();
+        }
     }
 
     pub(crate) fn set_draining(&self) {

@@ -1,7 +1,8 @@
 //! Giving startup memory back. Reading the bootstrap (YAML through the reflection pool) and
 //! rendering `/config_dump` need over a megabyte of short-lived heap. glibc keeps freed memory
 //! that sits between live allocations resident for good, so after those moments the pool is
-//! dropped and glibc is asked to return free pages to the kernel.
+//! dropped and glibc is asked to return free pages to the kernel. Start-up also runs much code
+//! that serving never does; once the proxy is live, those pages leave its resident set too.
 
 /// Drops the cached reflection pool and returns free heap pages to the kernel. Call it at a
 /// quiet moment: glibc locks each arena in turn while it trims.
@@ -18,6 +19,50 @@ fn trim_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// Takes the pages of the proxy's own code and read-only data out of its resident set, once
+/// start-up is over: reading config runs code (YAML, descriptors, conversion) that serving never
+/// does. The pages stay in the page cache, shared with every proxy started from the same file;
+/// what serving needs comes back on first use, as minor faults.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn page_out_startup_code() {
+    let (Ok(exe), Ok(maps)) = (
+        std::fs::read_link("/proc/self/exe"),
+        std::fs::read_to_string("/proc/self/maps"),
+    ) else {
+        return;
+    };
+    for line in maps.lines() {
+        // `start-end perms offset device inode path`
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms), Some(path)) = (fields.next(), fields.next(), fields.nth(3))
+        else {
+            continue;
+        };
+        // Written pages are the process's own: only the file's clean, read-only ones go.
+        if perms.contains('w') || std::path::Path::new(path) != exe {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        // SAFETY: the range is one of this process's own read-only file mappings, as the kernel
+        // lists it; paging it out changes what is resident, not what the memory holds.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn page_out_startup_code() {}
 
 /// Other allocators (musl, jemalloc, macOS) have no such call or return memory on their own.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
