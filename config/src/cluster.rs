@@ -158,8 +158,9 @@ pub struct Cluster {
     /// `common_http_protocol_options.max_headers_count`, for upstream responses.
     pub max_headers_count: u32,
     pub http2: Http2Options,
-    /// Active health checking (at most one checker, as in Envoy).
-    pub health_check: Option<HealthCheck>,
+    /// Active health checking (at most one checker, as in Envoy). Boxed: it is nearly a
+    /// kilobyte, and most clusters of a large config have none.
+    pub health_check: Option<Box<HealthCheck>>,
     pub outlier_detection: Option<OutlierDetection>,
     /// `common_lb_config.ignore_new_hosts_until_first_hc`: a new host takes no traffic (and
     /// counts in no availability) until its first health check.
@@ -408,7 +409,8 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         Err(_) => return err(field(path, "dns_lookup_family"), "unknown value"),
     };
     let health_check =
-        convert_health_checks(health_checks, path, protocol == UpstreamProtocol::Http2)?;
+        convert_health_checks(health_checks, path, protocol == UpstreamProtocol::Http2)?
+            .map(Box::new);
     let outlier_detection = outlier_detection
         .as_ref()
         .map(|od| convert_outlier_detection(od, &field(path, "outlier_detection")))

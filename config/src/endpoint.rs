@@ -248,6 +248,8 @@ pub fn load_assignment(
             });
         }
     }
+    // Kept for the cluster's life: no spare capacity (one endpoint would hold room for four).
+    endpoints.shrink_to_fit();
     Ok(LoadAssignment {
         endpoints,
         overprovisioning,

@@ -58,16 +58,20 @@ impl Default for Shard {
     }
 }
 
-/// One histogram of millisecond values.
+/// One histogram of millisecond values. The shard table is made on the first value: most of a
+/// large config's clusters never record one, and an empty table is 256 bytes each.
 #[derive(Debug, Default)]
 pub struct Histogram {
-    shards: [OnceLock<Box<Shard>>; SHARDS],
+    shards: OnceLock<Box<[OnceLock<Box<Shard>>; SHARDS]>>,
 }
 
 impl Histogram {
     /// Records one value (milliseconds).
     pub fn record(&self, value: u64) {
-        let shard = self.shards[shard_index()].get_or_init(Default::default);
+        let shards = self
+            .shards
+            .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        let shard = shards[shard_index()].get_or_init(Default::default);
         // Most requests take under a millisecond: bucket 0, nothing to add to the sum.
         let bucket = match value {
             0 => 0,
@@ -100,7 +104,8 @@ impl Histogram {
             min: u64::MAX,
             max: 0,
         };
-        for shard in self.shards.iter().filter_map(OnceLock::get) {
+        let shards = self.shards.get().map_or(&[][..], |shards| &shards[..]);
+        for shard in shards.iter().filter_map(OnceLock::get) {
             for (total, count) in out.counts.iter_mut().zip(&shard.counts) {
                 *total += count.load(Ordering::Relaxed);
             }

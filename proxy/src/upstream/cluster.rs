@@ -655,7 +655,7 @@ impl Cluster {
         };
         let checker = config.health_check.as_ref().map(|check| {
             Arc::new(Checker {
-                config: Arc::new(check.clone()),
+                config: Arc::new(crate::config::HealthCheck::clone(check)),
                 cluster_name: config.name.clone(),
                 stats: Arc::new(HealthCheckStats::new(registry, &config.name)),
                 cluster_stats: stats.clone(),
@@ -863,14 +863,17 @@ impl Cluster {
 
 /// The endpoints with an IP address (names are resolved in the background).
 fn ip_endpoints(assignment: &LoadAssignment) -> Vec<(SocketAddr, LbEndpoint)> {
-    assignment
+    let mut endpoints: Vec<_> = assignment
         .endpoints
         .iter()
         .filter_map(|endpoint| match endpoint.address {
             EndpointAddress::Ip(addr) => Some((addr, endpoint.clone())),
             EndpointAddress::Dns { .. } => None,
         })
-        .collect()
+        .collect();
+    // Kept until the next update: no spare capacity.
+    endpoints.shrink_to_fit();
+    endpoints
 }
 
 #[cfg(test)]
