@@ -119,7 +119,7 @@ pub struct UpstreamBody {
     /// HTTP filters looking at the body (usually none).
     filters: Vec<Box<dyn BodyFilter>>,
     /// The cluster's `upstream_rq_time` and when the request went out, recorded at the end.
-    rq_time: Option<(Arc<crate::stats::Histogram>, Instant)>,
+    rq_time: Option<(Arc<crate::stats::ClusterStats>, Instant)>,
     ended: bool,
 }
 
@@ -175,8 +175,12 @@ impl UpstreamBody {
     }
 
     /// Records `upstream_rq_time` (from `sent`) when the body ends.
-    pub fn with_rq_time(mut self, histogram: &Arc<crate::stats::Histogram>, sent: Instant) -> Self {
-        self.rq_time = Some((histogram.clone(), sent));
+    pub fn with_rq_time(
+        mut self,
+        cluster: &Arc<crate::stats::ClusterStats>,
+        sent: Instant,
+    ) -> Self {
+        self.rq_time = Some((cluster.clone(), sent));
         self
     }
 
@@ -229,10 +233,10 @@ impl UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if let Some((histogram, sent)) = &self.rq_time
+        if let Some((cluster, sent)) = &self.rq_time
             && (self.ended || self.inner.is_end_stream())
         {
-            histogram.record_duration(sent.elapsed());
+            cluster.upstream_rq_time.record_duration(sent.elapsed());
         }
         // A body that was complete from the start (no content) is never polled; one dropped
         // part-way leaves its connection mid-response, so that connection closes instead.

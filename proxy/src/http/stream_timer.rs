@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ResponseFlag;
-use crate::stats::Stat;
+use crate::stats::{ClusterStats, Stat};
 
 /// Which timeout cut a response body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -88,10 +88,11 @@ pub struct StreamTimer {
     idle: Option<Duration>,
     /// When something last moved: the idle timeouts run from here.
     active_at: Instant,
-    route_timeouts: Arc<Stat>,
+    /// The cluster's stats: `upstream_rq_timeout` and `upstream_rq_per_try_idle_timeout`.
+    cluster: Arc<ClusterStats>,
     idle_timeouts: Arc<Stat>,
-    /// The per-try idle timeout and its counter, once the attempt that got headers runs on.
-    per_try_idle: Option<(Duration, Arc<Stat>)>,
+    /// The per-try idle timeout, once the attempt that got headers runs on.
+    per_try_idle: Option<Duration>,
     /// The end of the stream's `max_stream_duration`, and its counter.
     max_duration: Option<(Instant, Arc<Stat>)>,
 }
@@ -103,7 +104,7 @@ impl StreamTimer {
         now: Instant,
         deadline: Option<Instant>,
         idle: Option<Duration>,
-        route_timeouts: &Arc<Stat>,
+        cluster: &Arc<ClusterStats>,
         idle_timeouts: &Arc<Stat>,
         spares: &Arc<SpareSleeps>,
     ) -> Option<Self> {
@@ -114,7 +115,7 @@ impl StreamTimer {
             deadline,
             idle,
             active_at: now,
-            route_timeouts: route_timeouts.clone(),
+            cluster: cluster.clone(),
             idle_timeouts: idle_timeouts.clone(),
             per_try_idle: None,
             max_duration: None,
@@ -125,7 +126,7 @@ impl StreamTimer {
     fn without_bounds(
         now: Instant,
         first: Instant,
-        (route_timeouts, idle_timeouts): (&Arc<Stat>, &Arc<Stat>),
+        (cluster, idle_timeouts): (&Arc<ClusterStats>, &Arc<Stat>),
         spares: &Arc<SpareSleeps>,
     ) -> StreamTimer {
         StreamTimer {
@@ -134,7 +135,7 @@ impl StreamTimer {
             deadline: None,
             idle: None,
             active_at: now,
-            route_timeouts: route_timeouts.clone(),
+            cluster: cluster.clone(),
             idle_timeouts: idle_timeouts.clone(),
             per_try_idle: None,
             max_duration: None,
@@ -147,7 +148,7 @@ impl StreamTimer {
         timer: Option<StreamTimer>,
         end: Instant,
         counter: &Arc<Stat>,
-        stats: (&Arc<Stat>, &Arc<Stat>),
+        stats: (&Arc<ClusterStats>, &Arc<Stat>),
         spares: &Arc<SpareSleeps>,
     ) -> StreamTimer {
         let now = Instant::now();
@@ -181,7 +182,7 @@ impl StreamTimer {
 
     /// The idle timeout in force: the shorter of the stream's and the per-try one.
     fn idle(&self) -> Option<Duration> {
-        earliest(self.idle, self.per_try_idle.as_ref().map(|(idle, _)| *idle))
+        earliest(self.idle, self.per_try_idle)
     }
 
     /// Adds the retry policy's per-try idle timeout for the body of the attempt that won,
@@ -190,13 +191,12 @@ impl StreamTimer {
         now: Instant,
         timer: Option<StreamTimer>,
         idle: Duration,
-        counter: &Arc<Stat>,
-        stats: (&Arc<Stat>, &Arc<Stat>),
+        stats: (&Arc<ClusterStats>, &Arc<Stat>),
         spares: &Arc<SpareSleeps>,
     ) -> StreamTimer {
         let mut timer =
             timer.unwrap_or_else(|| Self::without_bounds(now, now + idle, stats, spares));
-        timer.per_try_idle = Some((idle, counter.clone()));
+        timer.per_try_idle = Some(idle);
         // It may be shorter than what the sleep waits for: set it again.
         timer.reset(now);
         timer
@@ -252,12 +252,12 @@ impl StreamTimer {
             return Poll::Ready(StreamTimeout::MaxDuration);
         }
         if self.deadline.is_some_and(|d| fired >= d) {
-            self.route_timeouts.inc();
+            self.cluster.upstream_rq_timeout.inc();
             return Poll::Ready(StreamTimeout::Route);
         }
-        match &self.per_try_idle {
-            Some((per_try, counter)) if self.idle.is_none_or(|idle| *per_try < idle) => {
-                counter.inc();
+        match self.per_try_idle {
+            Some(per_try) if self.idle.is_none_or(|idle| per_try < idle) => {
+                self.cluster.upstream_rq_per_try_idle_timeout.inc();
                 Poll::Ready(StreamTimeout::PerTryIdle)
             }
             _ => {
@@ -299,8 +299,8 @@ mod tests {
     use std::future::poll_fn;
     use tokio::time::advance;
 
-    fn stats() -> (Arc<Stat>, Arc<Stat>) {
-        (Arc::new(Stat::default()), Arc::new(Stat::default()))
+    fn stats() -> (Arc<ClusterStats>, Arc<Stat>) {
+        (Arc::default(), Arc::new(Stat::default()))
     }
 
     /// Whether the timer has fired by now, and with what.
@@ -333,7 +333,7 @@ mod tests {
         advance(Duration::from_millis(51)).await;
         assert_eq!(fired(&mut timer).await, Some(StreamTimeout::Idle));
         assert_eq!(idle.get(), 1);
-        assert_eq!(route.get(), 0);
+        assert_eq!(route.upstream_rq_timeout.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -359,7 +359,7 @@ mod tests {
         // ...and the 150 ms route deadline comes anyway.
         advance(Duration::from_millis(2)).await;
         assert_eq!(fired(&mut timer).await, Some(StreamTimeout::Route));
-        assert_eq!((route.get(), idle.get()), (1, 0));
+        assert_eq!((route.upstream_rq_timeout.get(), idle.get()), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]

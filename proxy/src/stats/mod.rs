@@ -63,8 +63,9 @@ pub enum Kind {
     Gauge,
 }
 
-/// How a derived gauge is read.
-pub type ReadGauge = Box<dyn Fn() -> u64 + Send + Sync>;
+/// How a set of derived gauges is read: it hands each gauge's name (under the set's prefix) and
+/// value to the callback.
+pub type ReadGauges = Box<dyn Fn(&mut dyn FnMut(&'static str, u64)) + Send + Sync>;
 
 /// A name as it appears inside a stat name: Envoy writes `:` as `_` (so cluster
 /// `b.shop.svc.cluster.local:80` counts under `cluster.b.shop.svc.cluster.local_80.`).
@@ -76,14 +77,75 @@ pub fn stat_name(name: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Stats that live together under one name prefix (a cluster's `cluster.NAME.*`): one
+/// allocation for all of them, named only when shown. At a thousand clusters a stat each with
+/// its own allocation, name and map entry cost about 5 KB per cluster.
+pub trait StatBlock: Default + Send + Sync + 'static {
+    /// Every counter and gauge, by its name under the prefix.
+    fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat));
+    /// Every histogram, likewise.
+    fn each_histogram(&self, each: &mut dyn FnMut(&'static str, &Histogram));
+}
+
+/// Defines a struct of stats and histograms and its [`StatBlock`] from one list, so a field and
+/// the name it is shown under cannot drift apart.
+macro_rules! stat_block {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            stats { $( $(#[$stat_meta:meta])* $stat:ident: $kind:ident, )* }
+            histograms { $( $(#[$hist_meta:meta])* $hist:ident, )* }
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $( $(#[$stat_meta])* pub $stat: Stat, )*
+            $( $(#[$hist_meta])* pub $hist: Histogram, )*
+        }
+
+        impl StatBlock for $name {
+            fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat)) {
+                $( each(stringify!($stat), Kind::$kind, &self.$stat); )*
+            }
+            fn each_histogram(&self, each: &mut dyn FnMut(&'static str, &Histogram)) {
+                $( each(stringify!($hist), &self.$hist); )*
+            }
+        }
+    };
+}
+
+/// A registered [`StatBlock`], typed (to hand the same block out again) and not (to show it).
+struct Block {
+    typed: Arc<dyn std::any::Any + Send + Sync>,
+    shown: Arc<dyn ShownBlock>,
+}
+
+/// [`StatBlock`] without its `Default` bound, so that blocks of any kind share one map.
+trait ShownBlock: Send + Sync {
+    fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat));
+    fn each_histogram(&self, each: &mut dyn FnMut(&'static str, &Histogram));
+}
+
+impl<T: StatBlock> ShownBlock for T {
+    fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat)) {
+        StatBlock::each_stat(self, each)
+    }
+    fn each_histogram(&self, each: &mut dyn FnMut(&'static str, &Histogram)) {
+        StatBlock::each_histogram(self, each)
+    }
+}
+
 /// The registry (only touched at config time and by the admin endpoint).
 #[derive(Default)]
 pub struct Registry {
     stats: Mutex<BTreeMap<String, (Kind, Arc<Stat>)>>,
+    /// Blocks by prefix (`cluster.NAME`); their stats show as `PREFIX.FIELD`.
+    blocks: Mutex<BTreeMap<String, Block>>,
     histograms: Mutex<BTreeMap<String, Arc<Histogram>>>,
     /// Gauges computed when shown, from state kept elsewhere (circuit breakers): nothing on the
-    /// request path updates them.
-    derived: Mutex<BTreeMap<String, ReadGauge>>,
+    /// request path updates them. By prefix; each entry reads the whole set.
+    derived: Mutex<BTreeMap<String, ReadGauges>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -113,12 +175,36 @@ impl Registry {
         self.get(name.into(), Kind::Gauge)
     }
 
-    /// Registers (or replaces) a gauge read by `read` whenever stats are shown.
-    pub fn derived_gauge(&self, name: impl Into<String>, read: ReadGauge) {
+    /// Registers (or replaces) the gauges under `prefix` that `read` computes whenever stats
+    /// are shown.
+    pub fn derived_gauges(&self, prefix: String, read: ReadGauges) {
         self.derived
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(name.into(), read);
+            .insert(prefix, read);
+    }
+
+    /// The block registered under `prefix`, made if there is none (get-or-create, as single
+    /// stats are, so a block outlives the config that made it).
+    pub fn block<T: StatBlock>(&self, prefix: String) -> Arc<T> {
+        let mut blocks = self
+            .blocks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(block) = blocks.get(&prefix)
+            && let Ok(typed) = block.typed.clone().downcast::<T>()
+        {
+            return typed;
+        }
+        let made = Arc::new(T::default());
+        blocks.insert(
+            prefix,
+            Block {
+                typed: made.clone(),
+                shown: made.clone(),
+            },
+        );
+        made
     }
 
     pub fn histogram(&self, name: impl Into<String>) -> Arc<Histogram> {
@@ -135,16 +221,34 @@ impl Registry {
         &self,
         shown: &dyn Fn(&str, bool) -> bool,
     ) -> Vec<(String, histogram::Snapshot)> {
-        let histograms = self
-            .histograms
+        let mut out: Vec<(String, histogram::Snapshot)> = {
+            let histograms = self
+                .histograms
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            histograms
+                .iter()
+                .map(|(name, histogram)| (name, histogram.snapshot()))
+                .filter(|(name, snapshot)| shown(name, snapshot.count() > 0))
+                .map(|(name, snapshot)| (name.clone(), snapshot))
+                .collect()
+        };
+        let blocks = self
+            .blocks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        histograms
-            .iter()
-            .map(|(name, histogram)| (name, histogram.snapshot()))
-            .filter(|(name, snapshot)| shown(name, snapshot.count() > 0))
-            .map(|(name, snapshot)| (name.clone(), snapshot))
-            .collect()
+        for (prefix, block) in blocks.iter() {
+            block.shown.each_histogram(&mut |field, histogram| {
+                let name = format!("{prefix}.{field}");
+                let snapshot = histogram.snapshot();
+                if shown(&name, snapshot.count() > 0) {
+                    out.push((name, snapshot));
+                }
+            });
+        }
+        drop(blocks);
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Histograms as Envoy's `/stats` prints them, after the counters and gauges.
@@ -193,20 +297,37 @@ impl Registry {
                 })
                 .collect()
         };
+        let blocks = self
+            .blocks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (prefix, block) in blocks.iter() {
+            block.shown.each_stat(&mut |field, kind, stat| {
+                values.push(StatValue {
+                    name: format!("{prefix}.{field}"),
+                    kind,
+                    value: stat.get(),
+                    used: stat.used(),
+                });
+            });
+        }
+        let blocks_shown = !blocks.is_empty();
+        drop(blocks);
         let derived = self
             .derived
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !derived.is_empty() {
-            values.extend(derived.iter().map(|(name, read)| {
-                let value = read();
-                StatValue {
-                    name: name.clone(),
-                    kind: Kind::Gauge,
-                    value,
-                    used: true,
-                }
-            }));
+        if !derived.is_empty() || blocks_shown {
+            for (prefix, read) in derived.iter() {
+                read(&mut |name, value| {
+                    values.push(StatValue {
+                        name: format!("{prefix}.{name}"),
+                        kind: Kind::Gauge,
+                        value,
+                        used: true,
+                    })
+                });
+            }
             values.sort_by(|a, b| a.name.cmp(&b.name));
         }
         values.retain(|stat| shown(stat));
@@ -254,104 +375,68 @@ fn prometheus_name(name: &str) -> String {
         .collect()
 }
 
-/// `cluster.NAME.*`
-#[derive(Debug)]
-pub struct ClusterStats {
-    pub upstream_rq_total: Arc<Stat>,
-    pub upstream_rq_active: Arc<Stat>,
-    pub upstream_rq_active_overflow: Arc<Stat>,
-    pub upstream_rq_2xx: Arc<Stat>,
-    pub upstream_rq_3xx: Arc<Stat>,
-    pub upstream_rq_4xx: Arc<Stat>,
-    pub upstream_rq_5xx: Arc<Stat>,
-    pub upstream_rq_timeout: Arc<Stat>,
-    /// Retries: made, the requests that succeeded after one, refused by the retry breaker,
-    /// stopped at the limit, and back-offs waited.
-    pub upstream_rq_retry: Arc<Stat>,
-    pub upstream_rq_retry_success: Arc<Stat>,
-    pub upstream_rq_retry_overflow: Arc<Stat>,
-    pub upstream_rq_retry_limit_exceeded: Arc<Stat>,
-    pub upstream_rq_retry_backoff_exponential: Arc<Stat>,
-    /// Attempts cut by the per-try timeout or per-try idle timeout.
-    pub upstream_rq_per_try_timeout: Arc<Stat>,
-    pub upstream_rq_per_try_idle_timeout: Arc<Stat>,
-    pub upstream_rq_pending_total: Arc<Stat>,
-    pub upstream_rq_pending_active: Arc<Stat>,
-    pub upstream_rq_pending_overflow: Arc<Stat>,
-    pub upstream_cx_total: Arc<Stat>,
-    pub upstream_cx_active: Arc<Stat>,
-    pub upstream_cx_connect_fail: Arc<Stat>,
-    pub upstream_cx_overflow: Arc<Stat>,
-    pub upstream_cx_idle_timeout: Arc<Stat>,
-    pub upstream_cx_tx_bytes_total: Arc<Stat>,
-    pub upstream_cx_rx_bytes_total: Arc<Stat>,
-    pub upstream_cx_none_healthy: Arc<Stat>,
-    pub membership_total: Arc<Stat>,
-    pub membership_healthy: Arc<Stat>,
-    pub membership_degraded: Arc<Stat>,
-    /// Hosts left out of availability (waiting for a first health check, or taken out by
-    /// `x-envoy-immediate-health-check-fail`).
-    pub membership_excluded: Arc<Stat>,
-    /// Picks made from all hosts because too few were healthy (panic).
-    pub lb_healthy_panic: Arc<Stat>,
-    /// DNS clusters: resolution rounds, and those whose lookups all succeeded or not.
-    pub update_attempt: Arc<Stat>,
-    pub update_success: Arc<Stat>,
-    pub update_failure: Arc<Stat>,
-    /// Upstream request start to the end of the response (ms).
-    pub upstream_rq_time: Arc<Histogram>,
-    /// Connect, TLS included (ms).
-    pub upstream_cx_connect_ms: Arc<Histogram>,
-    /// Connection lifetime (ms).
-    pub upstream_cx_length_ms: Arc<Histogram>,
+stat_block! {
+    /// `cluster.NAME.*`, one block per cluster (see [`StatBlock`]).
+    pub struct ClusterStats {
+        stats {
+            upstream_rq_total: Counter,
+            upstream_rq_active: Gauge,
+            upstream_rq_active_overflow: Counter,
+            upstream_rq_2xx: Counter,
+            upstream_rq_3xx: Counter,
+            upstream_rq_4xx: Counter,
+            upstream_rq_5xx: Counter,
+            upstream_rq_timeout: Counter,
+            /// Retries: made, the requests that succeeded after one, refused by the retry breaker,
+            /// stopped at the limit, and back-offs waited.
+            upstream_rq_retry: Counter,
+            upstream_rq_retry_success: Counter,
+            upstream_rq_retry_overflow: Counter,
+            upstream_rq_retry_limit_exceeded: Counter,
+            upstream_rq_retry_backoff_exponential: Counter,
+            /// Attempts cut by the per-try timeout or per-try idle timeout.
+            upstream_rq_per_try_timeout: Counter,
+            upstream_rq_per_try_idle_timeout: Counter,
+            upstream_rq_pending_total: Counter,
+            upstream_rq_pending_active: Gauge,
+            upstream_rq_pending_overflow: Counter,
+            upstream_cx_total: Counter,
+            upstream_cx_active: Gauge,
+            upstream_cx_connect_fail: Counter,
+            upstream_cx_overflow: Counter,
+            upstream_cx_idle_timeout: Counter,
+            upstream_cx_tx_bytes_total: Counter,
+            upstream_cx_rx_bytes_total: Counter,
+            upstream_cx_none_healthy: Counter,
+            membership_total: Gauge,
+            membership_healthy: Gauge,
+            membership_degraded: Gauge,
+            /// Hosts left out of availability (waiting for a first health check, or taken out by
+            /// `x-envoy-immediate-health-check-fail`).
+            membership_excluded: Gauge,
+            /// Picks made from all hosts because too few were healthy (panic).
+            lb_healthy_panic: Counter,
+            /// DNS clusters: resolution rounds, and those whose lookups all succeeded or not.
+            update_attempt: Counter,
+            update_success: Counter,
+            update_failure: Counter,
+        }
+        histograms {
+            /// Upstream request start to the end of the response (ms).
+            upstream_rq_time,
+            /// Connect, TLS included (ms).
+            upstream_cx_connect_ms,
+            /// Connection lifetime (ms).
+            upstream_cx_length_ms,
+        }
+    }
 }
 
 impl ClusterStats {
-    pub fn new(registry: &Registry, cluster: &str) -> Self {
-        let cluster = &stat_name(cluster);
-        let c = |n: &str| registry.counter(format!("cluster.{cluster}.{n}"));
-        let g = |n: &str| registry.gauge(format!("cluster.{cluster}.{n}"));
-        ClusterStats {
-            upstream_rq_total: c("upstream_rq_total"),
-            upstream_rq_active: g("upstream_rq_active"),
-            upstream_rq_active_overflow: c("upstream_rq_active_overflow"),
-            upstream_rq_2xx: c("upstream_rq_2xx"),
-            upstream_rq_3xx: c("upstream_rq_3xx"),
-            upstream_rq_4xx: c("upstream_rq_4xx"),
-            upstream_rq_5xx: c("upstream_rq_5xx"),
-            upstream_rq_timeout: c("upstream_rq_timeout"),
-            upstream_rq_retry: c("upstream_rq_retry"),
-            upstream_rq_retry_success: c("upstream_rq_retry_success"),
-            upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
-            upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
-            upstream_rq_retry_backoff_exponential: c("upstream_rq_retry_backoff_exponential"),
-            upstream_rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
-            upstream_rq_per_try_idle_timeout: c("upstream_rq_per_try_idle_timeout"),
-            upstream_rq_pending_total: c("upstream_rq_pending_total"),
-            upstream_rq_pending_active: g("upstream_rq_pending_active"),
-            upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
-            upstream_cx_total: c("upstream_cx_total"),
-            upstream_cx_active: g("upstream_cx_active"),
-            upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
-            upstream_cx_overflow: c("upstream_cx_overflow"),
-            upstream_cx_idle_timeout: c("upstream_cx_idle_timeout"),
-            upstream_cx_tx_bytes_total: c("upstream_cx_tx_bytes_total"),
-            upstream_cx_rx_bytes_total: c("upstream_cx_rx_bytes_total"),
-            upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
-            membership_total: g("membership_total"),
-            membership_healthy: g("membership_healthy"),
-            membership_degraded: g("membership_degraded"),
-            membership_excluded: g("membership_excluded"),
-            lb_healthy_panic: c("lb_healthy_panic"),
-            update_attempt: c("update_attempt"),
-            update_success: c("update_success"),
-            update_failure: c("update_failure"),
-            upstream_rq_time: registry.histogram(format!("cluster.{cluster}.upstream_rq_time")),
-            upstream_cx_connect_ms: registry
-                .histogram(format!("cluster.{cluster}.upstream_cx_connect_ms")),
-            upstream_cx_length_ms: registry
-                .histogram(format!("cluster.{cluster}.upstream_cx_length_ms")),
-        }
+    /// The stats of cluster `cluster`: the same block for as long as the registry lives, so
+    /// they outlive the cluster's updates and its removal.
+    pub fn new(registry: &Registry, cluster: &str) -> Arc<Self> {
+        registry.block(format!("cluster.{}", stat_name(cluster)))
     }
 
     pub fn response(&self, status: u16) {
@@ -602,12 +687,25 @@ impl TcpStats {
 
 /// Decrements a gauge when dropped.
 #[derive(Debug)]
-pub struct GaugeGuard(Arc<Stat>);
+pub struct GaugeGuard(Held);
+
+/// The gauge a [`GaugeGuard`] holds up: a stat of its own, or one in a cluster's block.
+#[derive(Debug)]
+enum Held {
+    Stat(Arc<Stat>),
+    Cluster(Arc<ClusterStats>, fn(&ClusterStats) -> &Stat),
+}
 
 impl GaugeGuard {
     pub fn new(gauge: &Arc<Stat>) -> Self {
         gauge.inc();
-        GaugeGuard(gauge.clone())
+        GaugeGuard(Held::Stat(gauge.clone()))
+    }
+
+    /// Holds up the gauge `field` picks in a cluster's stats.
+    pub fn cluster(stats: &Arc<ClusterStats>, field: fn(&ClusterStats) -> &Stat) -> Self {
+        field(stats).inc();
+        GaugeGuard(Held::Cluster(stats.clone(), field))
     }
 
     /// Takes one unit of a gauge that doubles as a limit, unless it is already at `max`; one
@@ -619,13 +717,16 @@ impl GaugeGuard {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| GaugeGuard(gauge.clone()))
+            .map(|_| GaugeGuard(Held::Stat(gauge.clone())))
     }
 }
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        match &self.0 {
+            Held::Stat(gauge) => gauge.dec(),
+            Held::Cluster(stats, field) => field(stats).dec(),
+        }
     }
 }
 
@@ -634,5 +735,58 @@ impl Stat {
     pub fn set(&self, value: u64) {
         self.0.store(value, Ordering::Relaxed);
         self.1.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_shows_under_its_prefix_sorted_among_single_stats() {
+        let registry = Registry::default();
+        let first = ClusterStats::new(&registry, "b:80");
+        first.upstream_rq_total.add(3);
+        first.upstream_rq_time.record(7);
+        registry.counter("cluster.b_80.zz_single").inc();
+        registry.counter("cluster.a.single").inc();
+        // The same cluster name gets the same block: counts survive an update of the cluster.
+        let again = ClusterStats::new(&registry, "b:80");
+        assert!(Arc::ptr_eq(&first, &again));
+
+        let names: Vec<String> = registry
+            .snapshot(&|_| true)
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "one sorted list");
+        assert_eq!(names.first().map(String::as_str), Some("cluster.a.single"));
+        assert_eq!(
+            names.last().map(String::as_str),
+            Some("cluster.b_80.zz_single")
+        );
+        let total = registry
+            .snapshot(&|s| s.name == "cluster.b_80.upstream_rq_total")
+            .pop()
+            .expect("the block's counter, by its Envoy name");
+        assert_eq!((total.value, total.kind), (3, Kind::Counter));
+        let active = registry
+            .snapshot(&|s| s.name == "cluster.b_80.upstream_rq_active")
+            .pop()
+            .expect("a gauge of the block");
+        assert_eq!(active.kind, Kind::Gauge);
+        let histograms = registry.histogram_snapshots(&|name, _| name.starts_with("cluster.b_80"));
+        let names: Vec<&str> = histograms.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cluster.b_80.upstream_cx_connect_ms",
+                "cluster.b_80.upstream_cx_length_ms",
+                "cluster.b_80.upstream_rq_time",
+            ]
+        );
+        assert_eq!(histograms[2].1.count(), 1);
     }
 }

@@ -133,104 +133,64 @@ impl Breakers {
                 crate::stats::stat_name(cluster)
             );
             let breakers: Weak<Breakers> = Arc::downgrade(self);
-            let limits = move |read: &dyn Fn(&Limits, u64) -> u64| {
-                let breakers = breakers.upgrade()?;
-                let pending = readings().map_or(0, |(_, (pending, _))| pending);
-                Some(read(breakers.for_priority(high), pending))
-            };
-            let limits = Arc::new(limits);
-            let open = |at_limit: bool| u64::from(at_limit);
-            let gauge = |suffix: &str, read: Box<dyn Fn() -> u64 + Send + Sync>| {
-                registry.derived_gauge(format!("{prefix}.{suffix}"), read);
-            };
-            {
-                let limits = limits.clone();
+            let thresholds = self.for_priority(high).thresholds;
+            let read = move |gauge: &mut dyn FnMut(&'static str, u64)| {
+                let open = |at_limit: bool| u64::from(at_limit);
+                let readings = readings();
+                let pending = readings.map_or(0, |(_, (pending, _))| pending);
+                // The request-side gauges read 0 once the breakers are gone.
+                let breakers = breakers.upgrade();
+                let limits = |read: &dyn Fn(&Limits) -> u64| {
+                    breakers.as_ref().map_or(0, |b| read(b.for_priority(high)))
+                };
                 gauge(
                     "rq_open",
-                    Box::new(move || {
-                        limits(&|l, _| {
-                            open(l.requests.get() >= u64::from(l.thresholds.max_requests))
-                        })
-                        .unwrap_or(0)
-                    }),
+                    limits(&|l| open(l.requests.get() >= u64::from(l.thresholds.max_requests))),
                 );
-            }
-            {
-                let limits = limits.clone();
                 gauge(
                     "rq_retry_open",
-                    Box::new(move || {
-                        limits(&|l, pending| open(l.retries.get() >= l.max_retries(pending)))
-                            .unwrap_or(0)
-                    }),
+                    limits(&|l| open(l.retries.get() >= l.max_retries(pending))),
                 );
-            }
-            {
-                let readings = connections[usize::from(high)].clone();
                 gauge(
                     "cx_open",
-                    Box::new(move || {
-                        readings().map_or(0, |((open_cx, max), _)| open(open_cx >= max))
-                    }),
+                    readings.map_or(0, |((open_cx, max), _)| open(open_cx >= max)),
                 );
-            }
-            {
-                let readings = connections[usize::from(high)].clone();
                 gauge(
                     "rq_pending_open",
-                    Box::new(move || {
-                        readings().map_or(0, |(_, (pending, max))| open(pending >= max))
-                    }),
+                    readings.map_or(0, |(_, (pending, max))| open(pending >= max)),
                 );
-            }
-            gauge("cx_pool_open", Box::new(|| 0));
-            let thresholds = self.for_priority(high).thresholds;
-            if !thresholds.track_remaining {
-                continue;
-            }
-            {
-                let limits = limits.clone();
+                gauge("cx_pool_open", 0);
+                if !thresholds.track_remaining {
+                    return;
+                }
                 gauge(
                     "remaining_rq",
-                    Box::new(move || {
-                        limits(&|l, _| {
-                            u64::from(l.thresholds.max_requests).saturating_sub(l.requests.get())
-                        })
-                        .unwrap_or(0)
+                    limits(&|l| {
+                        u64::from(l.thresholds.max_requests).saturating_sub(l.requests.get())
                     }),
                 );
-            }
-            {
-                let limits = limits.clone();
                 gauge(
                     "remaining_retries",
-                    Box::new(move || {
-                        limits(&|l, pending| l.remaining_retries(pending)).unwrap_or(0)
-                    }),
+                    limits(&|l| l.remaining_retries(pending)),
                 );
-            }
-            {
-                let readings = connections[usize::from(high)].clone();
-                let max = u64::from(thresholds.max_connections);
                 gauge(
                     "remaining_cx",
-                    Box::new(move || {
-                        readings().map_or(max, |((open_cx, max), _)| max.saturating_sub(open_cx))
-                    }),
+                    readings.map_or(
+                        u64::from(thresholds.max_connections),
+                        |((open_cx, max), _)| max.saturating_sub(open_cx),
+                    ),
                 );
-            }
-            {
-                let readings = connections[usize::from(high)].clone();
-                let max = u64::from(thresholds.max_pending_requests);
                 gauge(
                     "remaining_pending",
-                    Box::new(move || {
-                        readings().map_or(max, |(_, (pending, max))| max.saturating_sub(pending))
-                    }),
+                    readings.map_or(
+                        u64::from(thresholds.max_pending_requests),
+                        |(_, (pending, max))| max.saturating_sub(pending),
+                    ),
                 );
-            }
-            // `max_connection_pools` is unlimited: Envoy shows the largest counter value.
-            gauge("remaining_cx_pools", Box::new(|| u64::MAX));
+                // `max_connection_pools` is unlimited: Envoy shows the largest counter value.
+                gauge("remaining_cx_pools", u64::MAX);
+            };
+            registry.derived_gauges(prefix, Box::new(read));
         }
     }
 }

@@ -606,7 +606,7 @@ impl Cluster {
     ) -> ConfigResult<Arc<Self>> {
         let stats = match previous {
             Some(previous) => previous.stats.clone(),
-            None => Arc::new(ClusterStats::new(registry, &config.name)),
+            None => ClusterStats::new(registry, &config.name),
         };
         let policy = super::lb::policy(&config.load_balancing);
         let settings = balancing_settings(&config);
@@ -900,7 +900,7 @@ mod tests {
 
     fn checked_members(ignore_new_hosts: bool) -> Arc<Members> {
         let registry = Registry::default();
-        let stats = Arc::new(ClusterStats::new(&registry, "c"));
+        let stats = ClusterStats::new(&registry, "c");
         let members = Members::new(
             stats.clone(),
             Arc::new(RoundRobin::default()),

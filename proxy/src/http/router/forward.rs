@@ -31,7 +31,7 @@ use crate::http::headers;
 use crate::http::local_reply::LocalReply;
 use crate::http::response_body::{ResponseBody, UpstreamBody};
 use crate::http::stream_timer::{SpareSleeps, StreamTimeout, StreamTimer};
-use crate::stats::{GaugeGuard, Stat};
+use crate::stats::{ClusterStats, GaugeGuard, Stat};
 use crate::upstream::pool::{Lease, PoolError};
 use crate::upstream::{Cluster, Host, HostGauge, LbContext, Outcome};
 
@@ -182,7 +182,7 @@ pub(super) async fn forward(
     };
     let rq_active = (
         request_place,
-        GaugeGuard::new(&cluster.stats.upstream_rq_active),
+        GaugeGuard::cluster(&cluster.stats, |stats| &stats.upstream_rq_active),
     );
 
     // Upgrade (WebSocket etc.): only those the route, or else the HCM, allows.
@@ -388,10 +388,7 @@ pub(super) async fn forward(
                 &manager.stats.downstream_rq_max_duration_reached,
             )
         }),
-        (
-            &cluster.stats.upstream_rq_timeout,
-            &manager.stats.downstream_rq_idle_timeout,
-        ),
+        (&cluster.stats, &manager.stats.downstream_rq_idle_timeout),
         sleeps,
     );
     let pools = cluster.pools_for(forward.high_priority);
@@ -611,11 +608,7 @@ pub(super) async fn forward(
                 now,
                 timer,
                 idle,
-                &cluster.stats.upstream_rq_per_try_idle_timeout,
-                (
-                    &cluster.stats.upstream_rq_timeout,
-                    &manager.stats.downstream_rq_idle_timeout,
-                ),
+                (&cluster.stats, &manager.stats.downstream_rq_idle_timeout),
                 sleeps,
             )),
             None => timer.map(|mut timer| {
@@ -627,7 +620,7 @@ pub(super) async fn forward(
     Ok(response.map(|body| {
         ResponseBody::Upstream(Box::new(
             UpstreamBody::new(body, timer, (rq_active.0, rq_active.1, host_active), lease)
-                .with_rq_time(&cluster.stats.upstream_rq_time, sent_at),
+                .with_rq_time(&cluster.stats, sent_at),
         ))
     }))
 }
@@ -886,7 +879,7 @@ struct Clock<'s> {
     request_end: Option<Arc<RequestEnd>>,
     route_timeout: Option<Duration>,
     idle: Option<Duration>,
-    stats: (&'s Arc<Stat>, &'s Arc<Stat>),
+    stats: (&'s Arc<ClusterStats>, &'s Arc<Stat>),
     sleeps: &'s Arc<SpareSleeps>,
 }
 
@@ -896,7 +889,7 @@ impl<'s> Clock<'s> {
         idle: Option<Duration>,
         request_end: Option<Arc<RequestEnd>>,
         max_duration: Option<(Instant, &Arc<Stat>)>,
-        stats: (&'s Arc<Stat>, &'s Arc<Stat>),
+        stats: (&'s Arc<ClusterStats>, &'s Arc<Stat>),
         sleeps: &'s Arc<SpareSleeps>,
     ) -> Self {
         let now = Instant::now();
