@@ -429,36 +429,32 @@ fn websocket_through(port: u16, path: &str) -> String {
     head.lines().next().unwrap_or_default().to_string()
 }
 
-#[test]
-fn websocket_upgrade_is_spliced_when_enabled() {
-    let upstream_addr = upgrade_echo_upstream();
+/// A proxy with listener `ws` (HCM settings `hcm_extra`) routing everything to cluster `echo`
+/// at `upstream`; and the listener's port.
+fn websocket_proxy(upstream: std::net::SocketAddr, hcm_extra: &str) -> (Proxy, u16) {
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
     let yaml = bootstrap(
         &admin_yaml,
-        &[http_listener(
-            "ws",
-            port,
-            "          upgrade_configs: [{upgrade_type: websocket}]\n",
-            ALL_ROUTES,
-        )],
-        &[static_cluster("echo", &[upstream_addr])],
+        &[http_listener("ws", port, hcm_extra, ALL_ROUTES)],
+        &[static_cluster("echo", &[upstream])],
     );
-    let _proxy = Proxy::start(&yaml, admin, &[]);
+    (Proxy::start(&yaml, admin, &[]), port)
+}
+
+const WEBSOCKET: &str = "          upgrade_configs: [{upgrade_type: websocket}]\n";
+
+#[test]
+fn websocket_upgrade_is_spliced_when_enabled() {
+    let upstream_addr = upgrade_echo_upstream();
+    let (_proxy, port) = websocket_proxy(upstream_addr, WEBSOCKET);
     assert_eq!(
         websocket_through(port, "/chat"),
         "http/1.1 101 switching protocols"
     );
 
     // Without upgrade_configs the upgrade is refused (403) as Envoy does.
-    let port2 = free_port();
-    let (admin2, admin_yaml2) = admin_block();
-    let yaml = bootstrap(
-        &admin_yaml2,
-        &[http_listener("plain", port2, "", ALL_ROUTES)],
-        &[static_cluster("echo", &[upstream_addr])],
-    );
-    let _proxy2 = Proxy::start(&yaml, admin2, &[]);
+    let (_proxy2, port2) = websocket_proxy(upstream_addr, "");
     assert_eq!(websocket_through(port2, "/chat"), "http/1.1 403 forbidden");
 }
 
@@ -468,19 +464,7 @@ fn websocket_upgrade_is_spliced_when_enabled() {
 #[test]
 fn websocket_tunnel_carries_early_bytes_bulk_and_half_close() {
     let upstream_addr = upgrade_greeting_echo_upstream(b"upstream-first");
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
-    let yaml = bootstrap(
-        &admin_yaml,
-        &[http_listener(
-            "ws",
-            port,
-            "          upgrade_configs: [{upgrade_type: websocket}]\n",
-            ALL_ROUTES,
-        )],
-        &[static_cluster("echo", &[upstream_addr])],
-    );
-    let proxy = Proxy::start(&yaml, admin, &[]);
+    let (proxy, port) = websocket_proxy(upstream_addr, WEBSOCKET);
     let sent = tunnel_round_trip(loopback(port), 4_000_000);
     wait_for("tunnel byte stats", Duration::from_secs(30), || {
         (proxy.stat("cluster.echo.upstream_cx_tx_bytes_total") >= sent
@@ -494,19 +478,10 @@ fn websocket_tunnel_carries_early_bytes_bulk_and_half_close() {
 #[test]
 fn idle_websocket_tunnel_is_closed_after_the_stream_idle_timeout() {
     let upstream_addr = upgrade_echo_upstream();
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
-    let yaml = bootstrap(
-        &admin_yaml,
-        &[http_listener(
-            "ws",
-            port,
-            "          stream_idle_timeout: 0.5s\n          upgrade_configs: [{upgrade_type: websocket}]\n",
-            ALL_ROUTES,
-        )],
-        &[static_cluster("echo", &[upstream_addr])],
+    let (proxy, port) = websocket_proxy(
+        upstream_addr,
+        &format!("          stream_idle_timeout: 0.5s\n{WEBSOCKET}"),
     );
-    let proxy = Proxy::start(&yaml, admin, &[]);
     assert_eq!(
         websocket_through(port, "/chat"),
         "http/1.1 101 switching protocols"
@@ -550,12 +525,7 @@ fn route_upgrade_configs_override_the_hcms() {
             // The HCM allows no upgrade: only the route that enables it lets one through.
             http_listener("closed", closed, "", routes),
             // The HCM allows WebSocket: the route that disables it refuses.
-            http_listener(
-                "open",
-                open,
-                "          upgrade_configs: [{upgrade_type: websocket}]\n",
-                routes,
-            ),
+            http_listener("open", open, WEBSOCKET, routes),
         ],
         &[static_cluster("echo", &[upstream_addr])],
     );

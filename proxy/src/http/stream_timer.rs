@@ -313,14 +313,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn activity_pushes_the_idle_timeout_out_from_the_last_frame() {
-        let (route, idle) = stats();
+        let (cluster, idle) = stats();
         let spares = Arc::new(SpareSleeps::default());
         let start = Instant::now();
         let mut timer = StreamTimer::new(
             start,
             None,
             Some(Duration::from_millis(100)),
-            &route,
+            &cluster,
             &idle,
             &spares,
         )
@@ -333,19 +333,19 @@ mod tests {
         advance(Duration::from_millis(51)).await;
         assert_eq!(fired(&mut timer).await, Some(StreamTimeout::Idle));
         assert_eq!(idle.get(), 1);
-        assert_eq!(route.upstream_rq_timeout.get(), 0);
+        assert_eq!(cluster.upstream_rq_timeout.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_route_deadline_is_not_pushed_out_by_activity() {
-        let (route, idle) = stats();
+        let (cluster, idle) = stats();
         let spares = Arc::new(SpareSleeps::default());
         let start = Instant::now();
         let mut timer = StreamTimer::new(
             start,
             Some(start + Duration::from_millis(150)),
             Some(Duration::from_millis(100)),
-            &route,
+            &cluster,
             &idle,
             &spares,
         )
@@ -359,18 +359,18 @@ mod tests {
         // ...and the 150 ms route deadline comes anyway.
         advance(Duration::from_millis(2)).await;
         assert_eq!(fired(&mut timer).await, Some(StreamTimeout::Route));
-        assert_eq!((route.upstream_rq_timeout.get(), idle.get()), (1, 0));
+        assert_eq!((cluster.upstream_rq_timeout.get(), idle.get()), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_spare_sleep_serves_the_next_stream_with_its_own_deadline() {
-        let (route, idle) = stats();
+        let (cluster, idle) = stats();
         let spares = Arc::new(SpareSleeps::default());
         let first = StreamTimer::new(
             Instant::now(),
             None,
             Some(Duration::from_millis(100)),
-            &route,
+            &cluster,
             &idle,
             &spares,
         );
@@ -381,7 +381,7 @@ mod tests {
             Instant::now(),
             Some(Instant::now() + Duration::from_millis(20)),
             None,
-            &route,
+            &cluster,
             &idle,
             &spares,
         )
