@@ -46,7 +46,8 @@ impl StreamTimeout {
 /// is an atomic store in tokio, where a new sleep costs an allocation, an insertion into the
 /// timer wheel and a removal when the stream ends (about 800 of a request's 39,000
 /// instructions, by callgrind). A connection's streams all run on its worker, so a sleep never
-/// changes timers. A spare that fires while kept wakes the task that last used it, once, to no effect.
+/// changes timers. A spare that fires while kept wakes the task that last used it, once, to no
+/// effect.
 #[derive(Debug, Default)]
 pub struct SpareSleeps(Mutex<Vec<Pin<Box<Sleep>>>>);
 
@@ -55,7 +56,7 @@ const SPARES_KEPT: usize = 8;
 
 impl SpareSleeps {
     /// A sleep due at `at`: a spare if there is one, else a new one.
-    fn take(self: &Arc<Self>, at: Instant) -> Pin<Box<Sleep>> {
+    fn take(&self, at: Instant) -> Pin<Box<Sleep>> {
         let spare = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
         match spare {
             Some(mut sleep) => {
@@ -109,17 +110,10 @@ impl StreamTimer {
         spares: &Arc<SpareSleeps>,
     ) -> Option<Self> {
         let next = earliest(deadline, idle.map(|i| now + i))?;
-        Some(StreamTimer {
-            sleep: Some(spares.take(next)),
-            spares: spares.clone(),
-            deadline,
-            idle,
-            active_at: now,
-            cluster: cluster.clone(),
-            idle_timeouts: idle_timeouts.clone(),
-            per_try_idle: None,
-            max_duration: None,
-        })
+        let mut timer = Self::without_bounds(now, next, (cluster, idle_timeouts), spares);
+        timer.deadline = deadline;
+        timer.idle = idle;
+        Some(timer)
     }
 
     /// A timer with no bound yet, first due at `first`: the caller adds the one it needs.
@@ -174,10 +168,14 @@ impl StreamTimer {
 
     /// Sets the sleep to the earliest bound, the idle timeouts running from `active_at`.
     fn arm(&mut self) {
-        let idle_end = self.idle().map(|i| self.active_at + i);
-        if let Some(next) = earliest(self.hard_deadline(), idle_end) {
+        if let Some(next) = earliest(self.hard_deadline(), self.idle_end()) {
             self.sleep().reset(next);
         }
+    }
+
+    /// When the idle timeout in force ends, counted from the last activity.
+    fn idle_end(&self) -> Option<Instant> {
+        self.idle().map(|idle| self.active_at + idle)
     }
 
     /// The idle timeout in force: the shorter of the stream's and the per-try one.
@@ -211,8 +209,9 @@ impl StreamTimer {
 
     /// Restarts the idle timeout: something moved.
     pub fn touch(&mut self) {
+        // No clock read for a timer with no idle timeout.
         if self.idle().is_some() {
-            self.active_at = Instant::now();
+            self.touch_at(Instant::now());
         }
     }
 
@@ -235,9 +234,8 @@ impl StreamTimer {
             }
             let fired = sleep.deadline();
             // Early for an idle timeout that activity since pushed out: catch up.
-            let idle_end = self.idle().map(|idle| self.active_at + idle);
             let hard_reached = self.hard_deadline().is_some_and(|hard| fired >= hard);
-            if !hard_reached && idle_end.is_some_and(|end| end > fired) {
+            if !hard_reached && self.idle_end().is_some_and(|end| end > fired) {
                 self.arm();
                 continue;
             }
@@ -266,9 +264,7 @@ impl StreamTimer {
             }
         }
     }
-}
 
-impl StreamTimer {
     fn sleep(&mut self) -> Pin<&mut Sleep> {
         self.sleep
             .as_mut()
@@ -299,8 +295,27 @@ mod tests {
     use std::future::poll_fn;
     use tokio::time::advance;
 
-    fn stats() -> (Arc<ClusterStats>, Arc<Stat>) {
-        (Arc::default(), Arc::new(Stat::default()))
+    /// What a connection and a cluster give a stream's timer.
+    #[derive(Default)]
+    struct Fixture {
+        cluster: Arc<ClusterStats>,
+        idle: Arc<Stat>,
+        spares: Arc<SpareSleeps>,
+    }
+
+    impl Fixture {
+        /// A timer starting now, with a route deadline and an idle timeout in milliseconds.
+        fn timer(&self, route_ms: Option<u64>, idle_ms: Option<u64>) -> Option<StreamTimer> {
+            let now = Instant::now();
+            StreamTimer::new(
+                now,
+                route_ms.map(|ms| now + Duration::from_millis(ms)),
+                idle_ms.map(Duration::from_millis),
+                &self.cluster,
+                &self.idle,
+                &self.spares,
+            )
+        }
     }
 
     /// Whether the timer has fired by now, and with what.
@@ -313,18 +328,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn activity_pushes_the_idle_timeout_out_from_the_last_frame() {
-        let (cluster, idle) = stats();
-        let spares = Arc::new(SpareSleeps::default());
-        let start = Instant::now();
-        let mut timer = StreamTimer::new(
-            start,
-            None,
-            Some(Duration::from_millis(100)),
-            &cluster,
-            &idle,
-            &spares,
-        )
-        .expect("an idle timeout makes a timer");
+        let f = Fixture::default();
+        let mut timer = f
+            .timer(None, Some(100))
+            .expect("an idle timeout makes a timer");
         advance(Duration::from_millis(60)).await;
         timer.touch();
         // The sleep was set for 100 ms: it fires, finds the activity and waits on.
@@ -332,24 +339,14 @@ mod tests {
         assert_eq!(fired(&mut timer).await, None, "60 + 100 ms not reached");
         advance(Duration::from_millis(51)).await;
         assert_eq!(fired(&mut timer).await, Some(StreamTimeout::Idle));
-        assert_eq!(idle.get(), 1);
-        assert_eq!(cluster.upstream_rq_timeout.get(), 0);
+        assert_eq!(f.idle.get(), 1);
+        assert_eq!(f.cluster.upstream_rq_timeout.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_route_deadline_is_not_pushed_out_by_activity() {
-        let (cluster, idle) = stats();
-        let spares = Arc::new(SpareSleeps::default());
-        let start = Instant::now();
-        let mut timer = StreamTimer::new(
-            start,
-            Some(start + Duration::from_millis(150)),
-            Some(Duration::from_millis(100)),
-            &cluster,
-            &idle,
-            &spares,
-        )
-        .expect("timer");
+        let f = Fixture::default();
+        let mut timer = f.timer(Some(150), Some(100)).expect("timer");
         // Activity every 50 ms keeps the 100 ms idle timeout away, up to 149 ms...
         for step in [50, 50, 49] {
             advance(Duration::from_millis(step)).await;
@@ -359,35 +356,22 @@ mod tests {
         // ...and the 150 ms route deadline comes anyway.
         advance(Duration::from_millis(2)).await;
         assert_eq!(fired(&mut timer).await, Some(StreamTimeout::Route));
-        assert_eq!((cluster.upstream_rq_timeout.get(), idle.get()), (1, 0));
+        assert_eq!((f.cluster.upstream_rq_timeout.get(), f.idle.get()), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_spare_sleep_serves_the_next_stream_with_its_own_deadline() {
-        let (cluster, idle) = stats();
-        let spares = Arc::new(SpareSleeps::default());
-        let first = StreamTimer::new(
-            Instant::now(),
-            None,
-            Some(Duration::from_millis(100)),
-            &cluster,
-            &idle,
-            &spares,
+        let f = Fixture::default();
+        drop(f.timer(None, Some(100)));
+        assert_eq!(
+            f.spares.0.lock().expect("lock").len(),
+            1,
+            "kept for the next"
         );
-        drop(first);
-        assert_eq!(spares.0.lock().expect("lock").len(), 1, "kept for the next");
         // The next stream's bound is earlier than the spare's: it must still fire on time.
-        let mut second = StreamTimer::new(
-            Instant::now(),
-            Some(Instant::now() + Duration::from_millis(20)),
-            None,
-            &cluster,
-            &idle,
-            &spares,
-        )
-        .expect("timer");
+        let mut second = f.timer(Some(20), None).expect("timer");
         assert!(
-            spares.0.lock().expect("lock").is_empty(),
+            f.spares.0.lock().expect("lock").is_empty(),
             "the spare was taken"
         );
         advance(Duration::from_millis(21)).await;

@@ -7,14 +7,13 @@ use std::sync::Arc;
 
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use crate::config::{TcpClusters, TcpProxy};
 use crate::drain::{Phase, Watch};
 use crate::filter_chain::ConnectionInfo;
 use crate::stats::TcpStats;
 use crate::store::Store;
-use crate::tunnel::{self, Activity};
+use crate::tunnel::{self, Activity, Direction};
 use crate::upstream::{LbContext, Outcome};
 
 /// A `tcp_proxy` filter built from its config.
@@ -96,49 +95,17 @@ pub async fn serve<D>(
         return;
     };
     let activity = Activity::default();
-    let to_upstream = |n: usize| {
-        stats.downstream_cx_rx_bytes_total.add(n as u64);
+    let transfer = tunnel::both_ways(downstream, upstream, |direction, n| {
+        match direction {
+            Direction::ToUpstream => stats.downstream_cx_rx_bytes_total.add(n as u64),
+            Direction::ToDownstream => stats.downstream_cx_tx_bytes_total.add(n as u64),
+        }
         activity.touch();
-    };
-    let to_downstream = |n: usize| {
-        stats.downstream_cx_tx_bytes_total.add(n as u64);
-        activity.touch();
-    };
+    });
     let idle = async {
         tunnel::idle(&activity, config.idle_timeout).await;
         stats.idle_timeout.inc();
     };
-    // Plain TCP on both sides: the kernel moves the bytes; the upstream connection, which sees
-    // none of them, is told how many went each way.
-    {
-        let plain = (&downstream as &dyn std::any::Any)
-            .downcast_ref::<TcpStream>()
-            .zip(upstream.plain_socket())
-            .and_then(|(down, up)| {
-                tunnel::splice_both_ways(
-                    down,
-                    up,
-                    |n| {
-                        upstream.count_sent(n as u64);
-                        to_upstream(n);
-                    },
-                    |n| {
-                        upstream.count_received(n as u64);
-                        to_downstream(n);
-                    },
-                )
-            });
-        if let Some(transfer) = plain {
-            tokio::select! {
-                _ = transfer => {}
-                _ = idle => {}
-                _ = watch.reached(Phase::Closed) => {}
-            }
-            return;
-        }
-    }
-    // Otherwise copied; the upstream connection counts what passes through it.
-    let transfer = tunnel::copy_both_ways(downstream, upstream, to_upstream, to_downstream);
     tokio::select! {
         _ = transfer => {}
         _ = idle => {}

@@ -17,32 +17,67 @@ use tokio::time::Instant;
 /// What one read of the copy loop takes at most.
 const BUFFER: usize = 64 * 1024;
 
-/// Moves bytes both ways between two plain sockets with `splice(2)`; `a_to_b` and `b_to_a` hear
-/// of every chunk delivered. `None` when the pipes cannot be made (out of descriptors): the
-/// caller copies instead.
-pub fn splice_both_ways<'a>(
-    a: &'a TcpStream,
-    b: &'a TcpStream,
-    a_to_b: impl FnMut(usize) + 'a,
-    b_to_a: impl FnMut(usize) + 'a,
-) -> Option<impl Future<Output = io::Result<()>> + 'a> {
-    let (Ok(pipe_ab), Ok(pipe_ba)) = (splice::Pipe::new(), splice::Pipe::new()) else {
-        return None;
-    };
-    Some(async move {
-        let forward = splice::forward(a, b, &pipe_ab, a_to_b);
-        let back = splice::forward(b, a, &pipe_ba, b_to_a);
-        tokio::try_join!(forward, back).map(drop)
-    })
+/// The upstream end of a tunnel: it counts its own bytes as they pass through it, and those a
+/// splice moves past it when told.
+pub trait UpstreamEnd {
+    /// The socket, when the connection is plain TCP (not TLS).
+    fn plain_socket(&self) -> Option<&TcpStream>;
+    /// Counts bytes sent to the upstream other than through `AsyncWrite`.
+    fn count_sent(&self, bytes: u64);
+    /// Counts bytes received from the upstream other than through `AsyncRead`.
+    fn count_received(&self, bytes: u64);
+}
+
+/// Which way a chunk went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ToUpstream,
+    ToDownstream,
+}
+
+/// Moves bytes both ways between `downstream` and `upstream` until both directions have ended
+/// (or one fails): spliced when both are plain TCP, else copied. `moved` hears of every chunk
+/// delivered.
+pub async fn both_ways<D, U>(
+    downstream: D,
+    upstream: U,
+    moved: impl Fn(Direction, usize),
+) -> io::Result<()>
+where
+    D: AsyncRead + AsyncWrite + Unpin + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + UpstreamEnd,
+{
+    if let (Some(down), Some(up)) = (
+        (&downstream as &dyn std::any::Any).downcast_ref::<TcpStream>(),
+        upstream.plain_socket(),
+    ) && let (Ok(pipe_up), Ok(pipe_down)) = (splice::Pipe::new(), splice::Pipe::new())
+    {
+        let sent = splice::forward(down, up, &pipe_up, |n| {
+            upstream.count_sent(n as u64);
+            moved(Direction::ToUpstream, n);
+        });
+        let received = splice::forward(up, down, &pipe_down, |n| {
+            upstream.count_received(n as u64);
+            moved(Direction::ToDownstream, n);
+        });
+        return tokio::try_join!(sent, received).map(drop);
+    }
+    // TLS on a side, or no descriptors left for the pipes: copied. The upstream end counts
+    // what passes through it.
+    let (mut down_read, mut down_write) = tokio::io::split(downstream);
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
+    let sent = copy(&mut down_read, &mut up_write, |n| {
+        moved(Direction::ToUpstream, n)
+    });
+    let received = copy(&mut up_read, &mut down_write, |n| {
+        moved(Direction::ToDownstream, n)
+    });
+    tokio::try_join!(sent, received).map(drop)
 }
 
 /// Copies one direction until `reader` ends, then ends `writer`'s sending side (a half-close:
 /// the other direction stays open); `moved` hears of every chunk written.
-pub async fn copy<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    mut moved: impl FnMut(usize),
-) -> io::Result<()>
+async fn copy<R, W>(reader: &mut R, writer: &mut W, mut moved: impl FnMut(usize)) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -57,24 +92,6 @@ where
         writer.write_all(&buf[..n]).await?;
         moved(n);
     }
-}
-
-/// Copies both ways between `a` and `b` (see [`copy`]).
-pub async fn copy_both_ways<A, B>(
-    a: A,
-    b: B,
-    a_to_b: impl FnMut(usize),
-    b_to_a: impl FnMut(usize),
-) -> io::Result<()>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut a_read, mut a_write) = tokio::io::split(a);
-    let (mut b_read, mut b_write) = tokio::io::split(b);
-    let forward = copy(&mut a_read, &mut b_write, a_to_b);
-    let back = copy(&mut b_read, &mut a_write, b_to_a);
-    tokio::try_join!(forward, back).map(drop)
 }
 
 /// When bytes last moved, shared by both directions.

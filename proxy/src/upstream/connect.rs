@@ -279,31 +279,30 @@ pub struct UpstreamIo {
     counted: Option<Counted>,
 }
 
-impl UpstreamIo {
-    /// The socket of a plain (not TLS) connection, for moving bytes without reading them
-    /// (`tcp_proxy`'s splice); whoever moves them counts them with [`UpstreamIo::count_sent`]
-    /// and [`UpstreamIo::count_received`].
-    pub fn plain_socket(&self) -> Option<&TcpStream> {
+/// A tunnel splices a plain connection's bytes past its `AsyncRead`/`AsyncWrite`, and counts
+/// them here instead.
+impl crate::tunnel::UpstreamEnd for UpstreamIo {
+    fn plain_socket(&self) -> Option<&TcpStream> {
         match &self.stream {
             Stream::Plain(stream) => Some(stream),
             Stream::Tls(_) => None,
         }
     }
 
-    /// Counts bytes sent on this connection other than through `AsyncWrite`.
-    pub fn count_sent(&self, bytes: u64) {
+    fn count_sent(&self, bytes: u64) {
         if let Some(counted) = &self.counted {
             counted.stats.upstream_cx_tx_bytes_total.add(bytes);
         }
     }
 
-    /// Counts bytes received on this connection other than through `AsyncRead`.
-    pub fn count_received(&self, bytes: u64) {
+    fn count_received(&self, bytes: u64) {
         if let Some(counted) = &self.counted {
             counted.stats.upstream_cx_rx_bytes_total.add(bytes);
         }
     }
+}
 
+impl UpstreamIo {
     /// The negotiated ALPN protocol, if TLS.
     pub fn alpn(&self) -> Option<&[u8]> {
         match &self.stream {

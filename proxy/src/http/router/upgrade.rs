@@ -43,15 +43,12 @@ pub fn spawn(
 
 /// Moves bytes until both directions have ended (or one fails).
 async fn run(downstream: Upgraded, upstream: Upgraded, activity: &Activity) -> std::io::Result<()> {
-    let touch = |_: usize| activity.touch();
-    let mut upstream = match UpgradedUpstream::take(upstream) {
-        Ok(upstream) => upstream,
-        Err(other) => {
-            // Not one of the pool's connections (none is): copy through hyper's wrappers.
-            tracing::debug!("upgraded upstream connection of an unknown type; copying");
-            let (down, up) = (TokioIo::new(downstream), TokioIo::new(other));
-            return tunnel::copy_both_ways(down, up, touch, touch).await;
-        }
+    // Every HTTP/1.1 connection of the pool is one; anything else is a bug, and ends the tunnel.
+    let Ok(mut upstream) = UpgradedUpstream::take(upstream) else {
+        tracing::warn!("an upgraded upstream connection that is not the pool's; tunnel closed");
+        return Err(std::io::Error::other(
+            "upstream connection of an unknown type",
+        ));
     };
     let (mut downstream, early) = match take_plain_downstream(downstream) {
         Ok((socket, early)) => (Side::Plain(socket), early),
@@ -67,30 +64,10 @@ async fn run(downstream: Upgraded, upstream: Upgraded, activity: &Activity) -> s
     if !(early.is_empty() && up_early.is_empty()) {
         activity.touch();
     }
-    {
-        let io = &upstream.io;
-        let spliced = match (&downstream, io.plain_socket()) {
-            (Side::Plain(down), Some(up)) => tunnel::splice_both_ways(
-                down,
-                up,
-                |n| {
-                    io.count_sent(n as u64);
-                    activity.touch();
-                },
-                |n| {
-                    io.count_received(n as u64);
-                    activity.touch();
-                },
-            ),
-            _ => None,
-        };
-        if let Some(transfer) = spliced {
-            return transfer.await;
-        }
-    }
+    let touch = |_, _| activity.touch();
     match downstream {
-        Side::Plain(socket) => tunnel::copy_both_ways(socket, upstream.io, touch, touch).await,
-        Side::Other(other) => tunnel::copy_both_ways(other, upstream.io, touch, touch).await,
+        Side::Plain(socket) => tunnel::both_ways(socket, upstream.io, touch).await,
+        Side::Other(other) => tunnel::both_ways(other, upstream.io, touch).await,
     }
 }
 
