@@ -8,7 +8,7 @@ pub use histogram::Histogram;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One counter or gauge.
 #[derive(Debug, Default)]
@@ -80,7 +80,7 @@ pub fn stat_name(name: &str) -> std::borrow::Cow<'_, str> {
 /// Stats that live together under one name prefix (a cluster's `cluster.NAME.*`): one
 /// allocation for all of them, named only when shown. At a thousand clusters a stat each with
 /// its own allocation, name and map entry cost about 5 KB per cluster.
-pub trait StatBlock: Default + Send + Sync + 'static {
+pub trait StatBlock: Send + Sync + 'static {
     /// Every counter and gauge, by its name under the prefix.
     fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat));
     /// Every histogram, likewise.
@@ -118,22 +118,7 @@ macro_rules! stat_block {
 /// A registered [`StatBlock`], typed (to hand the same block out again) and not (to show it).
 struct Block {
     typed: Arc<dyn std::any::Any + Send + Sync>,
-    shown: Arc<dyn ShownBlock>,
-}
-
-/// [`StatBlock`] without its `Default` bound, so that blocks of any kind share one map.
-trait ShownBlock: Send + Sync {
-    fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat));
-    fn each_histogram(&self, each: &mut dyn FnMut(&'static str, &Histogram));
-}
-
-impl<T: StatBlock> ShownBlock for T {
-    fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat)) {
-        StatBlock::each_stat(self, each)
-    }
-    fn each_histogram(&self, each: &mut dyn FnMut(&'static str, &Histogram)) {
-        StatBlock::each_histogram(self, each)
-    }
+    shown: Arc<dyn StatBlock>,
 }
 
 /// The registry (only touched at config time and by the admin endpoint).
@@ -156,10 +141,7 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     fn get(&self, name: String, kind: Kind) -> Arc<Stat> {
-        let mut stats = self
-            .stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut stats = lock(&self.stats);
         stats
             .entry(name)
             .or_insert_with(|| (kind, Arc::new(Stat::default())))
@@ -178,19 +160,13 @@ impl Registry {
     /// Registers (or replaces) the gauges under `prefix` that `read` computes whenever stats
     /// are shown.
     pub fn derived_gauges(&self, prefix: String, read: ReadGauges) {
-        self.derived
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(prefix, read);
+        lock(&self.derived).insert(prefix, read);
     }
 
     /// The block registered under `prefix`, made if there is none (get-or-create, as single
     /// stats are, so a block outlives the config that made it).
-    pub fn block<T: StatBlock>(&self, prefix: String) -> Arc<T> {
-        let mut blocks = self
-            .blocks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub fn block<T: StatBlock + Default>(&self, prefix: String) -> Arc<T> {
+        let mut blocks = lock(&self.blocks);
         if let Some(block) = blocks.get(&prefix)
             && let Ok(typed) = block.typed.clone().downcast::<T>()
         {
@@ -208,9 +184,7 @@ impl Registry {
     }
 
     pub fn histogram(&self, name: impl Into<String>) -> Arc<Histogram> {
-        self.histograms
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.histograms)
             .entry(name.into())
             .or_default()
             .clone()
@@ -222,10 +196,7 @@ impl Registry {
         shown: &dyn Fn(&str, bool) -> bool,
     ) -> Vec<(String, histogram::Snapshot)> {
         let mut out: Vec<(String, histogram::Snapshot)> = {
-            let histograms = self
-                .histograms
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let histograms = lock(&self.histograms);
             histograms
                 .iter()
                 .map(|(name, histogram)| (name, histogram.snapshot()))
@@ -233,11 +204,7 @@ impl Registry {
                 .map(|(name, snapshot)| (name.clone(), snapshot))
                 .collect()
         };
-        let blocks = self
-            .blocks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (prefix, block) in blocks.iter() {
+        for (prefix, block) in lock(&self.blocks).iter() {
             block.shown.each_histogram(&mut |field, histogram| {
                 let name = format!("{prefix}.{field}");
                 let snapshot = histogram.snapshot();
@@ -246,7 +213,6 @@ impl Registry {
                 }
             });
         }
-        drop(blocks);
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
@@ -283,10 +249,7 @@ impl Registry {
     /// A copy of every stat `shown` selects, sorted by name.
     pub fn snapshot(&self, shown: &dyn Fn(&StatValue) -> bool) -> Vec<StatValue> {
         let mut values: Vec<StatValue> = {
-            let stats = self
-                .stats
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let stats = lock(&self.stats);
             stats
                 .iter()
                 .map(|(name, (kind, stat))| StatValue {
@@ -297,11 +260,7 @@ impl Registry {
                 })
                 .collect()
         };
-        let blocks = self
-            .blocks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (prefix, block) in blocks.iter() {
+        for (prefix, block) in lock(&self.blocks).iter() {
             block.shown.each_stat(&mut |field, kind, stat| {
                 values.push(StatValue {
                     name: format!("{prefix}.{field}"),
@@ -311,25 +270,18 @@ impl Registry {
                 });
             });
         }
-        let blocks_shown = !blocks.is_empty();
-        drop(blocks);
-        let derived = self
-            .derived
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !derived.is_empty() || blocks_shown {
-            for (prefix, read) in derived.iter() {
-                read(&mut |name, value| {
-                    values.push(StatValue {
-                        name: format!("{prefix}.{name}"),
-                        kind: Kind::Gauge,
-                        value,
-                        used: true,
-                    })
-                });
-            }
-            values.sort_by(|a, b| a.name.cmp(&b.name));
+        for (prefix, read) in lock(&self.derived).iter() {
+            read(&mut |name, value| {
+                values.push(StatValue {
+                    name: format!("{prefix}.{name}"),
+                    kind: Kind::Gauge,
+                    value,
+                    used: true,
+                })
+            });
         }
+        // Single stats come sorted; the blocks' and derived ones join them here.
+        values.sort_by(|a, b| a.name.cmp(&b.name));
         values.retain(|stat| shown(stat));
         values
     }
@@ -359,6 +311,13 @@ impl Registry {
         }
         out
     }
+}
+
+/// A registry lock: a panic elsewhere leaves the maps intact, so a poisoned one is used as is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Envoy's Prometheus name: `envoy_` and the stat name, other characters as `_`.
