@@ -80,6 +80,8 @@ pub enum AdsFlavor {
 pub struct DynamicResources {
     /// The static cluster the ADS stream goes to (its TLS settings apply to the stream).
     pub ads_cluster: String,
+    /// `initial_metadata`: headers on the stream (a bootstrap token, say).
+    pub initial_metadata: Vec<(http::HeaderName, http::HeaderValue)>,
     pub flavor: AdsFlavor,
     /// Send the node only in a stream's first request.
     pub node_on_first_message_only: bool,
@@ -360,7 +362,6 @@ fn read_dynamic(
         initial_metadata,
         target_specifier,
     } = service;
-    unsupported!(&gpath, initial_metadata);
     let Some(core_pb::grpc_service::TargetSpecifier::EnvoyGrpc(core_pb::grpc_service::EnvoyGrpc {
         cluster_name,
         authority,
@@ -396,6 +397,7 @@ fn read_dynamic(
         .map(|_| config_source(cds_config, &field(path, "cds_config")))
         .transpose()?;
     Ok(DynamicResources {
+        initial_metadata: crate::common::initial_metadata(initial_metadata, &gpath)?,
         ads_cluster: cluster_name.clone(),
         flavor,
         node_on_first_message_only: *set_node_on_first_message_only,

@@ -670,6 +670,34 @@ pub fn http1_options(
     })
 }
 
+/// A gRPC service's `initial_metadata`: headers sent with every call (text values only).
+pub fn initial_metadata(
+    metadata: &[core_pb::HeaderValue],
+    path: &str,
+) -> ConfigResult<Vec<(HeaderName, http::HeaderValue)>> {
+    let mut headers = Vec::new();
+    for (index, header) in metadata.iter().enumerate() {
+        let hpath = item(path, "initial_metadata", index);
+        let core_pb::HeaderValue {
+            key,
+            value,
+            raw_value,
+        } = header;
+        crate::unsupported!(&hpath, raw_value);
+        let name = header_name(key, &field(&hpath, "key"))?;
+        if name.as_str().ends_with("-bin") {
+            return err(
+                field(&hpath, "key"),
+                "binary metadata (-bin) is not supported",
+            );
+        }
+        let value = http::HeaderValue::from_str(value)
+            .map_err(|_| ConfigError::new(field(&hpath, "value"), "not a valid header value"))?;
+        headers.push((name, value));
+    }
+    Ok(headers)
+}
+
 /// An `ads: {}` config source with its initial fetch timeout (zero: wait forever).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConfigSource {
@@ -735,6 +763,24 @@ mod tests {
         assert!(range("0.0.0.0", 0).contains("1.2.3.4".parse().unwrap()));
         assert!(range("::ffff:10.0.0.0", 104).contains("10.9.9.9".parse().unwrap()));
         assert!(!range("::1", 128).contains("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn initial_metadata_is_text_headers() {
+        let header = |key: &str, value: &str| core_pb::HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        };
+        let headers =
+            initial_metadata(&[header("Authorization", "Bearer t")], "g").expect("accepted");
+        assert_eq!(headers[0].0.as_str(), "authorization");
+        assert_eq!(headers[0].1, "Bearer t");
+        let error = initial_metadata(&[header("x", "ok"), header("trace-bin", "AAAA")], "g")
+            .expect_err("binary");
+        assert_eq!(error.path, "g.initial_metadata[1].key");
+        let error = initial_metadata(&[header("x", "line\nbreak")], "g").expect_err("value");
+        assert_eq!(error.path, "g.initial_metadata[0].value");
     }
 
     #[test]

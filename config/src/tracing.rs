@@ -357,21 +357,7 @@ fn grpc_exporter(proto: &core_pb::GrpcService, path: &str) -> ConfigResult<OtlpE
     if cluster_name.is_empty() {
         return err(field(&gpath, "cluster_name"), "must not be empty");
     }
-    let mut headers = Vec::new();
-    for (index, header) in initial_metadata.iter().enumerate() {
-        let hpath = item(path, "initial_metadata", index);
-        let core_pb::HeaderValue {
-            key,
-            value,
-            raw_value,
-        } = header;
-        unsupported!(&hpath, raw_value);
-        let name = header_name(key, &field(&hpath, "key"))?;
-        let value = HeaderValue::from_str(value).map_err(|_| {
-            crate::ConfigError::new(field(&hpath, "value"), "not a valid header value")
-        })?;
-        headers.push((name, value));
-    }
+    let headers = crate::common::initial_metadata(initial_metadata, path)?;
     Ok(OtlpExporter::Grpc {
         authority: if authority.is_empty() {
             cluster_name.clone()

@@ -1389,3 +1389,39 @@ fn grpc_service_timeout_bounds_stream_establishment() {
     });
     assert_eq!(ads.streams(), 1, "the established stream was not timed out");
 }
+
+/// `initial_metadata` of the ADS gRPC service goes on the stream (how a bootstrap token
+/// reaches a control plane that authenticates its streams), under Remora as under Envoy.
+#[test]
+fn ads_initial_metadata_reaches_the_server() {
+    for under in [Under::Remora, Under::Envoy] {
+        if under == Under::Envoy && !envoy::available_or_skip("initial_metadata under envoy") {
+            continue;
+        }
+        let a = EchoServer::start("a", "127.0.0.1");
+        let SvcMesh {
+            ads,
+            port,
+            admin: _,
+            proxy: _proxy,
+        } = start_svc_with(under, "GRPC", a.addr, "ingress", |yaml| {
+            yaml.replacen(
+                "grpc_services: [{envoy_grpc: {cluster_name: xds}}]",
+                "grpc_services: [{envoy_grpc: {cluster_name: xds}, initial_metadata: [{key: authorization, value: \"Bearer group-a.s3cret\"}]}]",
+                1,
+            )
+        });
+        wait_for("traffic", Duration::from_secs(20), || {
+            get_upstream(loopback(port), "/x")
+        });
+        let requests = ads.requests();
+        assert!(!requests.is_empty());
+        for request in requests {
+            assert_eq!(
+                request.authorization.as_deref(),
+                Some("Bearer group-a.s3cret"),
+                "{request:?}"
+            );
+        }
+    }
+}

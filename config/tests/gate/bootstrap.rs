@@ -314,8 +314,8 @@ fn dynamic_resources_are_ads_over_v3_only() {
                 "envoy_grpc is required",
             ),
             (
-                "dynamic_resources: {ads_config: {grpc_services: [{initial_metadata: [{key: a, value: b}]}]}}",
-                "dynamic_resources.ads_config.grpc_services[0].initial_metadata",
+                "dynamic_resources: {ads_config: {grpc_services: [{initial_metadata: [{key: a, raw_value: Yg==}]}]}}",
+                "dynamic_resources.ads_config.grpc_services[0].initial_metadata[0].raw_value",
                 UNSUPPORTED,
             ),
             (

@@ -147,7 +147,7 @@ trait Variant: Send + 'static {
     /// Opens the stream.
     fn open(
         client: &mut AdsClient,
-        requests: ReceiverStream<Self::Request>,
+        requests: tonic::Request<ReceiverStream<Self::Request>>,
     ) -> impl std::future::Future<
         Output = Result<tonic::codec::Streaming<Self::Response>, tonic::Status>,
     > + Send;
@@ -175,7 +175,7 @@ impl Variant for sotw::Sotw {
     }
     async fn open(
         client: &mut AdsClient,
-        requests: ReceiverStream<DiscoveryRequest>,
+        requests: tonic::Request<ReceiverStream<DiscoveryRequest>>,
     ) -> Result<tonic::codec::Streaming<DiscoveryResponse>, tonic::Status> {
         Ok(client
             .stream_aggregated_resources(requests)
@@ -209,7 +209,7 @@ impl Variant for delta::Delta {
     }
     async fn open(
         client: &mut AdsClient,
-        requests: ReceiverStream<DeltaDiscoveryRequest>,
+        requests: tonic::Request<ReceiverStream<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::codec::Streaming<DeltaDiscoveryResponse>, tonic::Status> {
         Ok(client
             .delta_aggregated_resources(requests)
@@ -311,7 +311,13 @@ impl<V: Variant> Client<V> {
         let open = async {
             let channel = transport::connect(context).await?;
             let mut client = AggregatedDiscoveryServiceClient::new(channel);
-            anyhow::Ok(V::open(&mut client, ReceiverStream::new(rx)).await?)
+            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            for (name, value) in &context.config.initial_metadata {
+                let key = tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes())?;
+                let value = tonic::metadata::MetadataValue::try_from(value.as_bytes())?;
+                request.metadata_mut().insert(key, value);
+            }
+            anyhow::Ok(V::open(&mut client, request).await?)
         };
         let mut inbound = match timeout {
             Some(timeout) => tokio::time::timeout(timeout, open).await.map_err(|_| {

@@ -36,6 +36,8 @@ pub struct Recorded {
     pub has_node: bool,
     /// Which stream it came on: 1 for the server's first, counting up.
     pub stream: usize,
+    /// The stream's `authorization` metadata, if it had one.
+    pub authorization: Option<String>,
 }
 
 /// A response a test wrote by hand, sent as is on every open stream of its flavour.
@@ -296,6 +298,11 @@ impl AggregatedDiscoveryService for Service {
     ) -> Result<Response<SotwStream>, Status> {
         let stream = self.new_stream();
         let service = self.clone();
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -321,6 +328,7 @@ impl AggregatedDiscoveryService for Service {
                             node_id: node_id.clone(),
                             has_node: request.node.is_some(),
                             stream,
+                            authorization: authorization.clone(),
                         });
                         let entry = state.entry(request.type_url.clone()).or_insert_with(|| (Vec::new(), String::new(), String::new()));
                         let names_changed = entry.0 != request.resource_names;
@@ -379,6 +387,11 @@ impl AggregatedDiscoveryService for Service {
     ) -> Result<Response<DeltaStream>, Status> {
         let stream = self.new_stream();
         let service = self.clone();
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -405,6 +418,7 @@ impl AggregatedDiscoveryService for Service {
                             node_id: node_id.clone(),
                             has_node: request.node.is_some(),
                             stream,
+                            authorization: authorization.clone(),
                         });
                         let first = !state.contains_key(&request.type_url);
                         let entry = state.entry(request.type_url.clone()).or_insert_with(|| (false, Vec::new(), BTreeMap::new()));
