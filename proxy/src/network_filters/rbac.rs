@@ -1,0 +1,246 @@
+//! The RBAC network filter (`envoy.filters.network.rbac`) and what it shares with the RBAC
+//! HTTP filter: the facts a rule reads from a connection ([`access_request`]) and the stats of
+//! one filter ([`RbacStats`]).
+//!
+//! As Envoy with `ONE_TIME_ON_FIRST_BYTE`: a connection is decided once, when its first bytes
+//! arrive; a denied client's connect succeeded, and the connection is closed then (after
+//! `delay_deny`, reading stopped meanwhile), its bytes never passed on. Shadow rules are
+//! evaluated and counted at the same moment. Stats:
+//! `PREFIX.rbac.{allowed,denied}` and `PREFIX.rbac.SHADOW_PREFIX{shadow_allowed,shadow_denied}`.
+
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use remora_config::rbac::{AccessRequest, NetworkRbac, Rbac, RequestHead};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::filter_chain::ConnectionInfo;
+use crate::stats::{Registry, Stat};
+
+/// The facts RBAC rules read about a connection: `remote` is the client the HTTP connection
+/// manager trusts (the connection's peer on the network filter); `http` the request head.
+pub fn access_request<'a>(
+    info: &'a ConnectionInfo,
+    remote: IpAddr,
+    http: Option<RequestHead<'a>>,
+) -> AccessRequest<'a> {
+    AccessRequest {
+        source: info.source.ip(),
+        direct_remote: info.direct_source.ip(),
+        remote,
+        destination: info.destination,
+        server_name: info.server_name.as_deref().unwrap_or(""),
+        // Filled once downstream TLS hands the peer's certificate on.
+        tls: None,
+        http,
+    }
+}
+
+/// Envoy's `statPrefixJoin`: `prefix.rest`, without doubling a trailing dot.
+fn join(prefix: &str, rest: &str) -> String {
+    match prefix {
+        "" => rest.to_string(),
+        p if p.ends_with('.') => format!("{p}{rest}"),
+        p => format!("{p}.{rest}"),
+    }
+}
+
+/// One RBAC filter's counters, network or HTTP.
+#[derive(Debug)]
+pub struct RbacStats {
+    pub allowed: Arc<Stat>,
+    pub denied: Arc<Stat>,
+    pub shadow_allowed: Arc<Stat>,
+    pub shadow_denied: Arc<Stat>,
+}
+
+impl RbacStats {
+    /// `PREFIX.rbac.RULES_PREFIX{allowed,denied}` and
+    /// `PREFIX.rbac.SHADOW_PREFIX{shadow_allowed,shadow_denied}`, registered at once as Envoy
+    /// does (they show as 0 before any traffic).
+    pub fn new(registry: &Registry, prefix: &str, rules_prefix: &str, shadow_prefix: &str) -> Self {
+        let base = join(prefix, "rbac.");
+        RbacStats {
+            allowed: registry.counter(format!("{base}{rules_prefix}allowed")),
+            denied: registry.counter(format!("{base}{rules_prefix}denied")),
+            shadow_allowed: registry.counter(format!("{base}{shadow_prefix}shadow_allowed")),
+            shadow_denied: registry.counter(format!("{base}{shadow_prefix}shadow_denied")),
+        }
+    }
+
+    /// Evaluates the shadow rules (counted only) and then the enforced ones (counted); whether
+    /// the request or connection may go on. No rules: allowed, uncounted.
+    pub fn decide(
+        &self,
+        rules: Option<&Rbac>,
+        shadow_rules: Option<&Rbac>,
+        request: &AccessRequest<'_>,
+    ) -> bool {
+        if let Some(shadow) = shadow_rules {
+            let decision = shadow.decide(request);
+            tracing::debug!(allowed = decision.allowed, policy = ?decision.policy, "rbac shadow");
+            match decision.allowed {
+                true => self.shadow_allowed.inc(),
+                false => self.shadow_denied.inc(),
+            }
+        }
+        let Some(rules) = rules else {
+            return true;
+        };
+        let decision = rules.decide(request);
+        tracing::debug!(allowed = decision.allowed, policy = ?decision.policy, "rbac enforced");
+        match decision.allowed {
+            true => self.allowed.inc(),
+            false => self.denied.inc(),
+        }
+        decision.allowed
+    }
+}
+
+/// One RBAC network filter of a filter chain, built when its listener starts.
+#[derive(Debug)]
+pub struct NetworkRbacRuntime {
+    config: Arc<NetworkRbac>,
+    stats: RbacStats,
+}
+
+impl NetworkRbacRuntime {
+    pub fn new(config: Arc<NetworkRbac>, registry: &Registry) -> Self {
+        let stats = RbacStats::new(
+            registry,
+            &config.stat_prefix,
+            "",
+            &config.shadow_rules_stat_prefix,
+        );
+        NetworkRbacRuntime { config, stats }
+    }
+
+    fn allows(&self, info: &ConnectionInfo) -> bool {
+        let request = access_request(info, info.source.ip(), None);
+        self.stats.decide(
+            self.config.rules.as_ref(),
+            self.config.shadow_rules.as_ref(),
+            &request,
+        )
+    }
+}
+
+enum Gate {
+    /// Waiting for the first bytes.
+    Undecided {
+        filters: Arc<[NetworkRbacRuntime]>,
+        info: ConnectionInfo,
+    },
+    Allowed,
+    /// Denied with `delay_deny`: reading stopped until the delay is over.
+    Delaying(Pin<Box<tokio::time::Sleep>>),
+    Denied,
+}
+
+/// A downstream stream that passes nothing on until the chain's RBAC filters, in order, allow
+/// the connection on its first bytes; a denial fails every later read and write, which closes
+/// the connection through the terminal filter.
+pub struct FirstByteGate<S> {
+    inner: S,
+    gate: Gate,
+}
+
+impl<S> FirstByteGate<S> {
+    pub fn new(inner: S, filters: Arc<[NetworkRbacRuntime]>, info: ConnectionInfo) -> Self {
+        FirstByteGate {
+            inner,
+            gate: Gate::Undecided { filters, info },
+        }
+    }
+}
+
+fn denied() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "rbac_deny_close")
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstByteGate<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.gate {
+                Gate::Allowed => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                Gate::Denied => return Poll::Ready(Err(denied())),
+                Gate::Delaying(sleep) => {
+                    ready!(sleep.as_mut().poll(cx));
+                    this.gate = Gate::Denied;
+                }
+                Gate::Undecided { filters, info } => {
+                    let before = buf.filled().len();
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                    if buf.filled().len() == before {
+                        // The peer ended without sending anything: nothing to decide on.
+                        return Poll::Ready(Ok(()));
+                    }
+                    let denying = filters.iter().find(|filter| !filter.allows(info));
+                    match denying {
+                        None => {
+                            this.gate = Gate::Allowed;
+                            return Poll::Ready(Ok(()));
+                        }
+                        Some(filter) => {
+                            // The bytes that woke the check are not passed on.
+                            buf.set_filled(before);
+                            let delay = filter.config.delay_deny;
+                            this.gate = if delay.is_zero() {
+                                Gate::Denied
+                            } else {
+                                Gate::Delaying(Box::pin(tokio::time::sleep(delay)))
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByteGate<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match this.gate {
+            Gate::Denied | Gate::Delaying(_) => Poll::Ready(Err(denied())),
+            _ => Pin::new(&mut this.inner).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match this.gate {
+            Gate::Denied | Gate::Delaying(_) => Poll::Ready(Err(denied())),
+            _ => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
