@@ -5,8 +5,8 @@
 //! As Envoy with `ONE_TIME_ON_FIRST_BYTE`: a connection is decided once, when its first bytes
 //! arrive; a denied client's connect succeeded, and the connection is closed then (after
 //! `delay_deny`, reading stopped meanwhile), its bytes never passed on. Shadow rules are
-//! evaluated and counted at the same moment. Stats:
-//! `PREFIX.rbac.{allowed,denied}` and `PREFIX.rbac.SHADOW_PREFIX{shadow_allowed,shadow_denied}`.
+//! evaluated and counted at the same moment. Stats: `PREFIX.rbac.{allowed,denied}` and
+//! `PREFIX.rbac.SHADOW_PREFIX.{shadow_allowed,shadow_denied}`.
 
 use std::future::Future;
 use std::io;
@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use remora_config::rbac::{AccessRequest, NetworkRbac, Rbac, RequestHead};
+use remora_config::rbac::{AccessRequest, Decision, NetworkRbac, Rbac, RequestHead};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::filter_chain::ConnectionInfo;
@@ -59,27 +59,31 @@ pub struct RbacStats {
 }
 
 impl RbacStats {
-    /// `PREFIX.rbac.RULES_PREFIX{allowed,denied}` and
-    /// `PREFIX.rbac.SHADOW_PREFIX{shadow_allowed,shadow_denied}`, registered at once as Envoy
-    /// does (they show as 0 before any traffic).
+    /// `PREFIX.rbac.RULES_PREFIX.{allowed,denied}` and
+    /// `PREFIX.rbac.SHADOW_PREFIX.{shadow_allowed,shadow_denied}` (Envoy 1.40 joins each
+    /// non-empty prefix with a dot, unless it ends with one), registered at once as Envoy does:
+    /// they show as 0 before any traffic.
     pub fn new(registry: &Registry, prefix: &str, rules_prefix: &str, shadow_prefix: &str) -> Self {
         let base = join(prefix, "rbac.");
+        let rules = format!("{base}{rules_prefix}");
+        let shadow = format!("{base}{shadow_prefix}");
         RbacStats {
-            allowed: registry.counter(format!("{base}{rules_prefix}allowed")),
-            denied: registry.counter(format!("{base}{rules_prefix}denied")),
-            shadow_allowed: registry.counter(format!("{base}{shadow_prefix}shadow_allowed")),
-            shadow_denied: registry.counter(format!("{base}{shadow_prefix}shadow_denied")),
+            allowed: registry.counter(join(&rules, "allowed")),
+            denied: registry.counter(join(&rules, "denied")),
+            shadow_allowed: registry.counter(join(&shadow, "shadow_allowed")),
+            shadow_denied: registry.counter(join(&shadow, "shadow_denied")),
         }
     }
 
-    /// Evaluates the shadow rules (counted only) and then the enforced ones (counted); whether
-    /// the request or connection may go on. No rules: allowed, uncounted.
-    pub fn decide(
+    /// Evaluates the shadow rules (counted only) and then the enforced ones (counted): whether
+    /// the request or connection may go on, and the enforced policy that matched. No rules:
+    /// allowed, uncounted.
+    pub fn decide<'r>(
         &self,
-        rules: Option<&Rbac>,
+        rules: Option<&'r Rbac>,
         shadow_rules: Option<&Rbac>,
         request: &AccessRequest<'_>,
-    ) -> bool {
+    ) -> Decision<'r> {
         if let Some(shadow) = shadow_rules {
             let decision = shadow.decide(request);
             tracing::debug!(allowed = decision.allowed, policy = ?decision.policy, "rbac shadow");
@@ -89,7 +93,10 @@ impl RbacStats {
             }
         }
         let Some(rules) = rules else {
-            return true;
+            return Decision {
+                allowed: true,
+                policy: None,
+            };
         };
         let decision = rules.decide(request);
         tracing::debug!(allowed = decision.allowed, policy = ?decision.policy, "rbac enforced");
@@ -97,7 +104,7 @@ impl RbacStats {
             true => self.allowed.inc(),
             false => self.denied.inc(),
         }
-        decision.allowed
+        decision
     }
 }
 
@@ -121,11 +128,13 @@ impl NetworkRbacRuntime {
 
     fn allows(&self, info: &ConnectionInfo) -> bool {
         let request = access_request(info, info.source.ip(), None);
-        self.stats.decide(
-            self.config.rules.as_ref(),
-            self.config.shadow_rules.as_ref(),
-            &request,
-        )
+        self.stats
+            .decide(
+                self.config.rules.as_ref(),
+                self.config.shadow_rules.as_ref(),
+                &request,
+            )
+            .allowed
     }
 }
 
@@ -242,5 +251,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByteGate<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_names_join_prefixes_as_envoy_does() {
+        let registry = Registry::default();
+        RbacStats::new(&registry, "http.ingress.", "enforced_", "");
+        RbacStats::new(&registry, "tcp", "", "audit.");
+        let names: Vec<String> = registry
+            .snapshot(&|_| true)
+            .into_iter()
+            .map(|stat| stat.name)
+            .collect();
+        for name in [
+            "http.ingress.rbac.enforced_.allowed",
+            "http.ingress.rbac.enforced_.denied",
+            "http.ingress.rbac.shadow_allowed",
+            "tcp.rbac.allowed",
+            "tcp.rbac.audit.shadow_denied",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! denied request is answered 403 `RBAC: access denied` (no response flag, as Envoy 1.40 logs
 //! it). A route's `RBACPerRoute` (most specific wins) replaces both rule sets; one without
 //! `rbac` turns the filter off for the route. Stats keep the filter's own names:
-//! `http.PREFIX.rbac.RULES_PREFIX{allowed,denied}` and
-//! `http.PREFIX.rbac.SHADOW_PREFIX{shadow_allowed,shadow_denied}`.
+//! `http.PREFIX.rbac.RULES_PREFIX.{allowed,denied}` and
+//! `http.PREFIX.rbac.SHADOW_PREFIX.{shadow_allowed,shadow_denied}` (no dot after an empty
+//! prefix).
 
 use std::sync::Arc;
 
@@ -74,14 +75,19 @@ impl HttpFilter for Rbac {
             headers: &request.headers,
         };
         let facts = access_request(stream.downstream, stream.client, Some(head));
-        let allowed =
+        let decision =
             self.stats
                 .decide(config.rules.as_ref(), config.shadow_rules.as_ref(), &facts);
-        if allowed {
+        if decision.allowed {
             return Flow::Continue;
         }
         let mut reply = LocalReply::new(StatusCode::FORBIDDEN).with_body(DENIED_BODY);
-        reply.details = "rbac_access_denied".into();
+        // Envoy's response code details.
+        reply.details = format!(
+            "rbac_access_denied_matched_policy[{}]",
+            decision.policy.unwrap_or("none")
+        )
+        .into();
         Flow::Reply(reply)
     }
 }
