@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::config::{CidrRange, FilterChain, Listener, SourceType};
+use crate::tls::PeerCertificate;
 
 /// What is known about a connection when a chain is chosen.
 #[derive(Debug, Clone)]
@@ -18,6 +19,8 @@ pub struct ConnectionInfo {
     pub server_name: Option<String>,
     pub transport_protocol: &'static str,
     pub application_protocols: Vec<String>,
+    /// The downstream's TLS certificate, once a handshake on this connection verified one.
+    pub peer_certificate: Option<Arc<PeerCertificate>>,
 }
 
 /// Narrows `candidates` to those with the best score; `None` scores mean "does not match";
@@ -163,6 +166,7 @@ mod tests {
             server_name: sni.map(str::to_string),
             transport_protocol: if sni.is_some() { "tls" } else { "raw_buffer" },
             application_protocols: Vec::new(),
+            peer_certificate: None,
         }
     }
 

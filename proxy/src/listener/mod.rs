@@ -29,6 +29,7 @@ use crate::network_filters::rbac::{FirstByteGate, NetworkRbacRuntime};
 use crate::stats::{GaugeGuard, ListenerStats, Registry, TcpStats};
 use crate::store::Store;
 use crate::tcp_proxy::TcpProxyRuntime;
+use crate::tls::PeerCertificate;
 
 /// A filter chain's runtime, built when its listener starts.
 #[derive(Debug)]
@@ -555,6 +556,7 @@ async fn serve_connection(
         server_name: None,
         transport_protocol: "raw_buffer",
         application_protocols: Vec::new(),
+        peer_certificate: None,
     };
     if config.tls_inspector {
         match tls_inspector::inspect(&stream, config.listener_filters_timeout).await {
@@ -588,6 +590,13 @@ async fn serve_connection(
             };
             let mut info = info;
             info.transport_protocol = "tls";
+            info.peer_certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| PeerCertificate::parse(leaf))
+                .map(Arc::new);
             dispatch(built, stream, info, watch).await;
         }
         None => dispatch(built, stream, info, watch).await,

@@ -11,6 +11,10 @@ use rustls::sign::{CertifiedKey, SingleCertAndKey};
 
 use crate::config::{ConfigError, ConfigResult};
 
+mod peer;
+
+pub use peer::PeerCertificate;
+
 fn err<T>(path: impl Into<String>, reason: impl Into<String>) -> ConfigResult<T> {
     Err(ConfigError::new(path, reason))
 }

@@ -1,0 +1,191 @@
+//! What a TLS peer's certificate says about it, read once after the handshake: its subject
+//! alternative names by type, subject, serial and validity. SAN matchers, RBAC's
+//! `authenticated` principal, access-log operators (`%DOWNSTREAM_PEER_URI_SAN%`, ...) and
+//! `/certs` all read this one parse.
+
+use std::net::IpAddr;
+
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Name};
+
+/// The names and facts of one certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCertificate {
+    subject: String,
+    issuer: String,
+    uri_sans: Vec<String>,
+    dns_sans: Vec<String>,
+    ip_sans: Vec<String>,
+    email_sans: Vec<String>,
+    serial: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+impl PeerCertificate {
+    /// Reads a DER certificate; `None` if it is not one.
+    pub fn parse(der: &[u8]) -> Option<PeerCertificate> {
+        let (_, certificate) = X509Certificate::from_der(der).ok()?;
+        let mut peer = PeerCertificate {
+            subject: rfc2253(certificate.subject()),
+            issuer: rfc2253(certificate.issuer()),
+            serial: certificate
+                .raw_serial()
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect(),
+            not_before: certificate.validity().not_before.timestamp(),
+            not_after: certificate.validity().not_after.timestamp(),
+            ..PeerCertificate::default()
+        };
+        if let Ok(Some(names)) = certificate.subject_alternative_name() {
+            for name in &names.value.general_names {
+                match name {
+                    GeneralName::URI(uri) => peer.uri_sans.push((*uri).to_string()),
+                    GeneralName::DNSName(dns) => peer.dns_sans.push((*dns).to_string()),
+                    GeneralName::RFC822Name(email) => peer.email_sans.push((*email).to_string()),
+                    GeneralName::IPAddress(bytes) => {
+                        if let Some(ip) = ip_address(bytes) {
+                            peer.ip_sans.push(ip.to_string());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some(peer)
+    }
+
+    /// The subject as RFC 2253 prints it (last RDN first), as Envoy prints it.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The issuer, printed as the subject is.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn uri_sans(&self) -> &[String] {
+        &self.uri_sans
+    }
+
+    pub fn dns_sans(&self) -> &[String] {
+        &self.dns_sans
+    }
+
+    /// IP SANs in their text form (`10.0.0.1`, `::1`).
+    pub fn ip_sans(&self) -> &[String] {
+        &self.ip_sans
+    }
+
+    pub fn email_sans(&self) -> &[String] {
+        &self.email_sans
+    }
+
+    /// The serial number in lowercase hex, as Envoy prints it.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// Validity start and end, in seconds since the Unix epoch.
+    pub fn validity(&self) -> (i64, i64) {
+        (self.not_before, self.not_after)
+    }
+}
+
+fn ip_address(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
+/// A distinguished name as RFC 2253 (and OpenSSL's `XN_FLAG_RFC2253`) prints it: the RDNs in
+/// reverse order, joined by `,`; attributes of one RDN joined by `+`; special characters
+/// escaped.
+fn rfc2253(name: &X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    for (index, rdn) in name
+        .iter_rdn()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .enumerate()
+    {
+        if index > 0 {
+            out.push(',');
+        }
+        for (position, attribute) in rdn.iter().enumerate() {
+            if position > 0 {
+                out.push('+');
+            }
+            let oid = attribute.attr_type();
+            match x509_parser::objects::oid2abbrev(oid, registry) {
+                Ok(short) => out.push_str(short),
+                Err(_) => out.push_str(&oid.to_id_string()),
+            }
+            out.push('=');
+            match attribute.as_str() {
+                Ok(value) => escape_into(&mut out, value),
+                // A value that is not a string prints as `#` and its DER in hex.
+                Err(_) => {
+                    out.push('#');
+                    for byte in attribute.attr_value().data.iter() {
+                        out.push_str(&format!("{byte:02X}"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn escape_into(out: &mut String, value: &str) {
+    let last = value.chars().count().saturating_sub(1);
+    for (index, c) in value.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (index == 0 && (c == '#' || c == ' '))
+            || (index == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+
+    #[test]
+    fn sans_and_subject_read_as_envoy_prints_them() {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![
+            SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap()),
+            SanType::DnsName("b.a.svc".try_into().unwrap()),
+            SanType::IpAddress("10.1.2.3".parse().unwrap()),
+            SanType::Rfc822Name("ops@example.com".try_into().unwrap()),
+        ];
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CountryName, "US");
+        name.push(DnType::OrganizationName, "Acme, Inc");
+        name.push(DnType::CommonName, "client");
+        params.distinguished_name = name;
+        params.serial_number = Some(vec![0x0a, 0xbc].into());
+        let certificate = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let peer = PeerCertificate::parse(certificate.der()).unwrap();
+        assert_eq!(peer.uri_sans(), ["spiffe://cluster.local/ns/a/sa/b"]);
+        assert_eq!(peer.dns_sans(), ["b.a.svc"]);
+        assert_eq!(peer.ip_sans(), ["10.1.2.3"]);
+        assert_eq!(peer.email_sans(), ["ops@example.com"]);
+        assert_eq!(peer.subject(), r"CN=client,O=Acme\, Inc,C=US");
+        assert_eq!(peer.issuer(), peer.subject());
+        assert_eq!(peer.serial(), "0abc");
+        let (start, end) = peer.validity();
+        assert!(start < end);
+        assert_eq!(PeerCertificate::parse(b"not a certificate"), None);
+    }
+}
