@@ -557,6 +557,7 @@ async fn serve_connection(
         transport_protocol: "raw_buffer",
         application_protocols: Vec::new(),
         peer_certificate: None,
+        tls_terminated: false,
     };
     if config.tls_inspector {
         match tls_inspector::inspect(&stream, config.listener_filters_timeout).await {
@@ -590,6 +591,7 @@ async fn serve_connection(
             };
             let mut info = info;
             info.transport_protocol = "tls";
+            info.tls_terminated = true;
             info.peer_certificate = stream
                 .get_ref()
                 .1

@@ -15,7 +15,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use remora_config::rbac::{AccessRequest, Decision, NetworkRbac, Rbac, RequestHead};
+use remora_config::rbac::{
+    AccessRequest, Decision, NetworkRbac, PeerIdentity, Rbac, RequestHead,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::filter_chain::ConnectionInfo;
@@ -34,8 +36,16 @@ pub fn access_request<'a>(
         remote,
         destination: info.destination,
         server_name: info.server_name.as_deref().unwrap_or(""),
-        // Filled once downstream TLS hands the peer's certificate on.
-        tls: None,
+        // As Envoy's `connection.ssl()`: any TLS this proxy terminated, a certificate or not.
+        tls: match (&info.peer_certificate, info.tls_terminated) {
+            (Some(cert), _) => Some(PeerIdentity {
+                uri_sans: cert.uri_sans(),
+                dns_sans: cert.dns_sans(),
+                subject: cert.subject(),
+            }),
+            (None, true) => Some(PeerIdentity::default()),
+            (None, false) => None,
+        },
         http,
     }
 }
