@@ -280,6 +280,19 @@ fn read_policies(
     Ok(out)
 }
 
+/// A CIDR range as RBAC reads it: Envoy takes an unset `prefix_len` as 0, so a bare address
+/// matches every address of its family (seen with Envoy 1.40; filter chain matches differ).
+fn rbac_cidr(
+    range: &xds_api::envoy::config::core::v3::CidrRange,
+    path: &str,
+) -> ConfigResult<CidrRange> {
+    let mut read = cidr(range, path)?;
+    if range.prefix_len.is_none() {
+        read.len = 0;
+    }
+    Ok(read)
+}
+
 fn path_matcher(proto: &matcher_pb::PathMatcher, path: &str) -> ConfigResult<StringMatch> {
     let matcher_pb::PathMatcher { rule } = proto;
     match rule {
@@ -341,7 +354,7 @@ fn permission(proto: &rbac_pb::Permission, path: &str, layer: Layer) -> ConfigRe
         }
         Some(Rule::UrlPath(m)) => Permission::UrlPath(path_matcher(m, &field(path, "url_path"))?),
         Some(Rule::DestinationIp(range)) => {
-            Permission::DestinationIp(cidr(range, &field(path, "destination_ip"))?)
+            Permission::DestinationIp(rbac_cidr(range, &field(path, "destination_ip"))?)
         }
         Some(Rule::DestinationPort(port)) => match u16::try_from(*port) {
             Ok(port) => Permission::DestinationPort(port),
@@ -412,13 +425,13 @@ fn principal(proto: &rbac_pb::Principal, path: &str, layer: Layer) -> ConfigResu
             )
         }
         Some(Identifier::SourceIp(range)) => {
-            Principal::SourceIp(cidr(range, &field(path, "source_ip"))?)
+            Principal::SourceIp(rbac_cidr(range, &field(path, "source_ip"))?)
         }
         Some(Identifier::DirectRemoteIp(range)) => {
-            Principal::DirectRemoteIp(cidr(range, &field(path, "direct_remote_ip"))?)
+            Principal::DirectRemoteIp(rbac_cidr(range, &field(path, "direct_remote_ip"))?)
         }
         Some(Identifier::RemoteIp(range)) => {
-            Principal::RemoteIp(cidr(range, &field(path, "remote_ip"))?)
+            Principal::RemoteIp(rbac_cidr(range, &field(path, "remote_ip"))?)
         }
         Some(Identifier::Header(header)) => {
             Principal::Header(header_rule(header, &field(path, "header"), layer)?)
@@ -592,7 +605,16 @@ policies:
         ));
         assert!(!policy(
             "{any: true}",
+            "{direct_remote_ip: {address_prefix: 192.168.1.9, prefix_len: 32}}"
+        ));
+        // As Envoy: without prefix_len a range is /0, every address of its family.
+        assert!(policy(
+            "{any: true}",
             "{direct_remote_ip: {address_prefix: 192.168.1.9}}"
+        ));
+        assert!(!policy(
+            "{any: true}",
+            "{direct_remote_ip: {address_prefix: '::1'}}"
         ));
         assert!(policy(
             "{and_rules: {rules: [{destination_port: 8080}, {not_rule: {destination_port: 1}}]}}",

@@ -15,9 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use remora_config::rbac::{
-    AccessRequest, Decision, NetworkRbac, PeerIdentity, Rbac, RequestHead,
-};
+use remora_config::rbac::{AccessRequest, Decision, NetworkRbac, PeerIdentity, Rbac, RequestHead};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::filter_chain::ConnectionInfo;
@@ -199,10 +197,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstByteGate<S> {
                 Gate::Undecided { filters, info } => {
                     let before = buf.filled().len();
                     ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-                    if buf.filled().len() == before {
-                        // The peer ended without sending anything: nothing to decide on.
-                        return Poll::Ready(Ok(()));
-                    }
+                    // The first bytes, or the end of a connection that sent none: Envoy's
+                    // filter decides on either (and counts it).
                     let denying = filters.iter().find(|filter| !filter.allows(info));
                     match denying {
                         None => {
