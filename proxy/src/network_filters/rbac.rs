@@ -263,6 +263,88 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByteGate<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn info(source: &str) -> ConnectionInfo {
+        let source = source.parse().unwrap();
+        ConnectionInfo {
+            destination: "127.0.0.1:9000".parse().unwrap(),
+            source,
+            direct_source: source,
+            server_name: None,
+            transport_protocol: "raw_buffer",
+            application_protocols: Vec::new(),
+            peer_certificate: None,
+            tls_terminated: false,
+        }
+    }
+
+    /// One filter allowing only 10.0.0.1, with `delay_deny`.
+    fn filters(registry: &Registry, delay_deny: &str) -> Arc<[NetworkRbacRuntime]> {
+        let proto: xds_api::envoy::extensions::filters::network::rbac::v3::Rbac =
+            xds_api::json::from_yaml_str(&format!(
+                "stat_prefix: t\ndelay_deny: {delay_deny}\nrules: {{policies: {{p: {{permissions: [{{any: true}}], principals: [{{source_ip: {{address_prefix: 10.0.0.1, prefix_len: 32}}}}]}}}}}}"
+            ))
+            .unwrap();
+        let config = remora_config::rbac::network_rbac(&xds_api::any::pack(&proto), "n").unwrap();
+        Arc::from(vec![NetworkRbacRuntime::new(Arc::new(config), registry)])
+    }
+
+    #[tokio::test]
+    async fn an_allowed_connection_passes_its_bytes_and_is_counted_once() {
+        let registry = Registry::default();
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut gated = FirstByteGate::new(server, filters(&registry, "0s"), info("10.0.0.1:5"));
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        gated.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        client.write_all(b"again").await.unwrap();
+        gated.read_exact(&mut buf).await.unwrap();
+        gated.write_all(b"back").await.unwrap();
+        assert_eq!(registry.counter("t.rbac.allowed").get(), 1);
+        assert_eq!(registry.counter("t.rbac.denied").get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_denied_connection_passes_nothing_on() {
+        let registry = Registry::default();
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut gated = FirstByteGate::new(server, filters(&registry, "0s"), info("10.0.0.2:5"));
+        // Before any byte arrives, nothing is decided: writes still go through.
+        gated.write_all(b"banner").await.unwrap();
+        client.write_all(b"secret").await.unwrap();
+        let mut buf = [0u8; 16];
+        let error = gated.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(gated.write_all(b"x").await.is_err());
+        assert!(gated.read(&mut buf).await.is_err());
+        assert_eq!(registry.counter("t.rbac.denied").get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delay_deny_holds_the_connection_first() {
+        let registry = Registry::default();
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut gated = FirstByteGate::new(server, filters(&registry, "2s"), info("10.0.0.2:5"));
+        client.write_all(b"x").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 4];
+        assert!(gated.read(&mut buf).await.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_sending_is_decided_too() {
+        let registry = Registry::default();
+        let (client, server) = tokio::io::duplex(64);
+        drop(client);
+        let mut gated = FirstByteGate::new(server, filters(&registry, "0s"), info("10.0.0.1:5"));
+        let mut buf = [0u8; 4];
+        assert_eq!(gated.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(registry.counter("t.rbac.allowed").get(), 1);
+    }
 
     #[test]
     fn stat_names_join_prefixes_as_envoy_does() {
