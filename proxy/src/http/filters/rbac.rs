@@ -70,7 +70,13 @@ impl HttpFilter for Rbac {
                 method: request.method.as_str(),
                 path,
                 authority,
-                scheme: request.uri.scheme_str().unwrap_or("http"),
+                // An HTTP/1 request carries no scheme: the connection's.
+                scheme: request.uri.scheme_str().unwrap_or(
+                    match stream.downstream.tls_terminated {
+                        true => "https",
+                        false => "http",
+                    },
+                ),
             },
             headers: &request.headers,
         };
