@@ -3,7 +3,9 @@
 //! bound to different loopback addresses. For every client both proxies must show the same:
 //! whether the upstream was connected before the client sent anything, whether the connection
 //! stayed open until then, and what the first bytes got (an echo, or the connection closed).
-//! The `rbac` stats must be equal too. The HTTP filter's differential corpus is `corpus/rbac`.
+//! The `rbac` stats must be equal too. Also against Envoy: the HTTP filter's address principals
+//! from clients on different addresses, and `authenticated` principals and the requested server
+//! name over mTLS. The HTTP filter's request corpus is `corpus/rbac` (`differential.rs`).
 //!
 //! Skipped (with a message) when `envoy` is not installed.
 
@@ -544,4 +546,110 @@ fn rbac_authenticated_principals_match_envoy() {
         ]
     );
     eprintln!("{}", remora_run.1);
+}
+
+/// The status line's code of a request sent from `source`, with `x-forwarded-for` if given.
+fn http_status_from(source: IpAddr, target: SocketAddr, xff: Option<&str>) -> String {
+    let mut stream = connect_from(source, target);
+    let xff = xff.map_or(String::new(), |v| format!("x-forwarded-for: {v}\r\n"));
+    let request = format!("GET /who HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{xff}\r\n");
+    stream.write_all(request.as_bytes()).expect("write request");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("none")
+        .to_string()
+}
+
+#[test]
+fn rbac_http_addresses_match_envoy() {
+    if !envoy::available_or_skip("rbac_http_addresses_match_envoy") {
+        return;
+    }
+    let upstream = remora_tests::echo::EchoServer::start("echo", "127.0.0.1");
+    let (admin_port, port) = (free_port(), free_port());
+    let text = format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+static_resources:
+  clusters:
+  - name: echo
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: echo
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {up}}}}}}}}}]}}]
+  listeners:
+  - name: edge
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: edge
+          # The peer is the client: x-forwarded-for names nobody RBAC trusts.
+          use_remote_address: true
+          http_filters:
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: DENY
+                policies:
+                  two-directly: {{permissions: [{{any: true}}], principals: [{{direct_remote_ip: {{address_prefix: 127.0.0.2, prefix_len: 32}}}}]}}
+                  three-as-client: {{permissions: [{{any: true}}], principals: [{{remote_ip: {{address_prefix: 127.0.0.3, prefix_len: 32}}}}]}}
+              shadow_rules:
+                action: ALLOW
+                policies:
+                  one: {{permissions: [{{any: true}}], principals: [{{source_ip: {{address_prefix: 127.0.0.1, prefix_len: 32}}}}]}}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: echo}}}}]
+"#,
+        up = upstream.addr.port(),
+    );
+    let (_dir, file) = common::write_config(&text);
+    envoy::validate(&file).unwrap_or_else(|e| panic!("envoy rejects the bootstrap: {e}"));
+    let admin = loopback(admin_port);
+    let target = loopback(port);
+    let ip = |last: u8| IpAddr::from([127, 0, 0, last]);
+    let cases = [
+        (ip(1), None),
+        (ip(2), None),
+        (ip(3), None),
+        (ip(1), Some("127.0.0.3")),
+        (ip(4), Some("127.0.0.2")),
+    ];
+    let run = || {
+        let statuses: Vec<String> = cases
+            .iter()
+            .map(|(source, xff)| http_status_from(*source, target, *xff))
+            .collect();
+        let stats = remora_tests::http_get(admin, "/stats?filter=%5C.rbac%5C.")
+            .map(|(_, _, body)| body)
+            .expect("stats");
+        (statuses, stats)
+    };
+    let envoy_run = {
+        let _envoy = envoy::Envoy::start(&file, admin, &[]);
+        wait_for_port(target, Duration::from_secs(20));
+        run()
+    };
+    let remora_run = {
+        let _proxy = Proxy::start_file(&file, admin, &[]);
+        wait_for_port(target, Duration::from_secs(20));
+        run()
+    };
+    assert_eq!(
+        envoy_run, remora_run,
+        "envoy (left) and remora (right) differ"
+    );
+    assert_eq!(remora_run.0, ["200", "403", "403", "200", "200"]);
 }
