@@ -20,7 +20,7 @@ use xds_api::envoy::r#type::matcher::v3 as matcher_pb;
 use crate::common::{CidrRange, cidr, duration, unpack};
 use crate::error::{ConfigResult, entry, err, field, item};
 use crate::matcher::{HeaderMatch, PseudoHeaders, StringMatch, header_matcher, string_matcher};
-use crate::{unsupported, unsupported_because};
+use crate::unsupported;
 
 pub const NETWORK_TYPE_URL: &str = xds_api::type_urls::NETWORK_RBAC;
 
@@ -478,12 +478,10 @@ pub fn network_rbac(any: &prost_types::Any, path: &str) -> ConfigResult<NetworkR
     match network_pb::rbac::EnforcementType::try_from(enforcement_type) {
         Ok(network_pb::rbac::EnforcementType::OneTimeOnFirstByte) => {}
         Ok(network_pb::rbac::EnforcementType::Continuous) => {
-            let enforcement_type = true;
-            unsupported_because!(
-                path,
-                enforcement_type,
+            return err(
+                field(path, "enforcement_type"),
                 "only ONE_TIME_ON_FIRST_BYTE is supported: Remora's rules read nothing that \
-                 changes during a connection"
+                 changes during a connection",
             );
         }
         Err(_) => return err(field(path, "enforcement_type"), "unknown value"),
