@@ -137,6 +137,22 @@ pub enum Token {
     TraceId,
     /// How many times the router sent the request upstream (retries included).
     UpstreamRequestAttemptCount,
+    /// `%DOWNSTREAM_PEER_*%`: what the downstream's TLS certificate says (`-` without one).
+    DownstreamPeer(PeerField),
+}
+
+/// A fact of the downstream's certificate, for `%DOWNSTREAM_PEER_*%`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerField {
+    UriSan,
+    DnsSan,
+    IpSan,
+    EmailSan,
+    Subject,
+    Issuer,
+    Serial,
+    ValidFrom,
+    ValidUntil,
 }
 
 /// Parses an Envoy format string; an unknown operator is an error naming it.
@@ -180,6 +196,15 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "DOWNSTREAM_LOCAL_ADDRESS" => Some(Token::DownstreamLocalAddress),
         "TRACE_ID" => Some(Token::TraceId),
         "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Some(Token::UpstreamRequestAttemptCount),
+        "DOWNSTREAM_PEER_URI_SAN" => Some(Token::DownstreamPeer(PeerField::UriSan)),
+        "DOWNSTREAM_PEER_DNS_SAN" => Some(Token::DownstreamPeer(PeerField::DnsSan)),
+        "DOWNSTREAM_PEER_IP_SAN" => Some(Token::DownstreamPeer(PeerField::IpSan)),
+        "DOWNSTREAM_PEER_EMAIL_SAN" => Some(Token::DownstreamPeer(PeerField::EmailSan)),
+        "DOWNSTREAM_PEER_SUBJECT" => Some(Token::DownstreamPeer(PeerField::Subject)),
+        "DOWNSTREAM_PEER_ISSUER" => Some(Token::DownstreamPeer(PeerField::Issuer)),
+        "DOWNSTREAM_PEER_SERIAL" => Some(Token::DownstreamPeer(PeerField::Serial)),
+        "DOWNSTREAM_PEER_CERT_V_START" => Some(Token::DownstreamPeer(PeerField::ValidFrom)),
+        "DOWNSTREAM_PEER_CERT_V_END" => Some(Token::DownstreamPeer(PeerField::ValidUntil)),
         _ => None,
     };
     if let Some(token) = simple {

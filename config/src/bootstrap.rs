@@ -20,6 +20,7 @@ use crate::hcm::RouteSource;
 use crate::listener::{Listener, listener};
 use crate::raw::RawConfig;
 use crate::route::Files;
+use crate::tls::Secret;
 use crate::unsupported;
 
 /// The whole bootstrap, validated.
@@ -29,6 +30,8 @@ pub struct Bootstrap {
     pub admin: Option<Admin>,
     pub listeners: Vec<Arc<Listener>>,
     pub clusters: Vec<Arc<Cluster>>,
+    /// `static_resources.secrets`: what SDS references without `sds_config` name.
+    pub secrets: Vec<Secret>,
     pub dynamic: Option<DynamicResources>,
     pub runtime: Runtime,
     /// The bootstrap as loaded, for `/config_dump`.
@@ -122,14 +125,28 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
     let admin = admin.as_ref().map(|a| read_admin(a, "admin")).transpose()?;
     let mut listeners: Vec<Arc<Listener>> = Vec::new();
     let mut clusters: Vec<Arc<Cluster>> = Vec::new();
+    let mut secrets: Vec<Secret> = Vec::new();
     if let Some(bootstrap_pb::bootstrap::StaticResources {
         listeners: listener_protos,
         clusters: cluster_protos,
-        secrets,
+        secrets: secret_protos,
     }) = static_resources
     {
         let spath = "static_resources";
-        unsupported!(spath, secrets);
+        for (index, proto) in secret_protos.iter().enumerate() {
+            let path = item(spath, "secrets", index);
+            let secret = crate::tls::secret(proto, &path)?;
+            if secrets
+                .iter()
+                .any(|other: &Secret| other.name == secret.name)
+            {
+                return err(
+                    field(&path, "name"),
+                    format!("duplicate secret name {:?}", secret.name),
+                );
+            }
+            secrets.push(secret);
+        }
         for (index, listener_proto) in listener_protos.iter().enumerate() {
             let path = item(spath, "listeners", index);
             let named;
@@ -162,6 +179,24 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
                 );
             }
             clusters.push(Arc::new(model));
+        }
+    }
+    // A secret named without `sds_config` must be among the static ones, as Envoy checks.
+    let named = listeners
+        .iter()
+        .flat_map(|l| l.sds_secrets())
+        .chain(clusters.iter().flat_map(|c| c.connect.sds_secrets()));
+    for sds in named {
+        if sds.source == crate::tls::SecretSource::Static
+            && !secrets.iter().any(|s| s.name == sds.name)
+        {
+            return err(
+                field(&sds.path, "name"),
+                format!(
+                    "unknown static secret {:?}: add it to static_resources.secrets or set sds_config",
+                    sds.name
+                ),
+            );
         }
     }
     let runtime = runtime(layered_runtime)?;
@@ -199,6 +234,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         admin,
         listeners,
         clusters,
+        secrets,
         dynamic,
         runtime,
         raw: RawConfig::of(proto),

@@ -136,6 +136,13 @@ pub struct ConnectOptions {
     pub tls: Option<UpstreamTls>,
 }
 
+impl ConnectOptions {
+    /// The SDS secrets its TLS context names.
+    pub fn sds_secrets(&self) -> impl Iterator<Item = &crate::tls::SdsSecret> {
+        self.tls.iter().flat_map(|tls| tls.common.sds_secrets())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,

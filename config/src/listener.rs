@@ -47,6 +47,13 @@ impl Listener {
             .chain(self.default_filter_chain.iter())
     }
 
+    /// The SDS secrets its chains' TLS contexts name.
+    pub fn sds_secrets(&self) -> impl Iterator<Item = &crate::tls::SdsSecret> {
+        self.chains()
+            .filter_map(|chain| chain.tls.as_ref())
+            .flat_map(|tls| tls.common.sds_secrets())
+    }
+
     /// The HTTP connection managers of its chains.
     pub fn connection_managers(&self) -> impl Iterator<Item = &Arc<HttpConnectionManager>> {
         self.chains().filter_map(|chain| match &chain.filter {

@@ -20,6 +20,23 @@ pub enum StringMatch {
     Regex(Regex),
 }
 
+/// Equal when configured alike (a regex by its pattern), so a config change can be told apart.
+impl PartialEq for StringMatch {
+    fn eq(&self, other: &StringMatch) -> bool {
+        use StringMatch::*;
+        match (self, other) {
+            (Exact(a, x), Exact(b, y))
+            | (Prefix(a, x), Prefix(b, y))
+            | (Suffix(a, x), Suffix(b, y))
+            | (Contains(a, x), Contains(b, y)) => a == b && x == y,
+            (Regex(a), Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for StringMatch {}
+
 impl StringMatch {
     pub fn matches(&self, value: &str) -> bool {
         fn lower_eq(a: &str, b: &str) -> bool {

@@ -8,6 +8,7 @@ use xds_api::envoy::config::cluster::v3 as cluster_pb;
 use xds_api::envoy::config::endpoint::v3 as endpoint_pb;
 use xds_api::envoy::config::listener::v3 as listener_pb;
 use xds_api::envoy::config::route::v3 as route_pb;
+use xds_api::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
 use xds_api::type_urls;
 
 use crate::error::{ConfigError, ConfigResult, err};
@@ -39,6 +40,10 @@ pub fn load_assignment(bytes: &[u8]) -> ConfigResult<(String, crate::endpoint::L
     ))
 }
 
+pub fn secret(bytes: &[u8]) -> ConfigResult<crate::tls::Secret> {
+    crate::tls::secret(&decode::<tls_pb::Secret>(bytes)?, "")
+}
+
 /// The name a resource of `type_url` carries (decoding only what is needed to find it).
 pub fn name(type_url: &str, bytes: &[u8]) -> Result<String, String> {
     let decoded = match type_url {
@@ -50,6 +55,7 @@ pub fn name(type_url: &str, bytes: &[u8]) -> Result<String, String> {
         type_urls::ROUTE_CONFIGURATION => {
             route_pb::RouteConfiguration::decode(bytes).map(|r| r.name)
         }
+        type_urls::SECRET => tls_pb::Secret::decode(bytes).map(|s| s.name),
         _ => return Err(format!("Remora does not take resources of type {type_url}")),
     };
     decoded.map_err(|e| format!("cannot decode {}: {e}", type_urls::message_name(type_url)))
@@ -63,6 +69,7 @@ pub fn check(type_url: &str, bytes: &[u8]) -> ConfigResult<()> {
         type_urls::CLUSTER => cluster(bytes).map(drop),
         type_urls::ROUTE_CONFIGURATION => route_table(bytes, Files::Skip).map(drop),
         type_urls::CLUSTER_LOAD_ASSIGNMENT => load_assignment(bytes).map(drop),
+        type_urls::SECRET => secret(bytes).map(drop),
         other => err(
             "",
             format!("Remora does not take resources of type {other}"),

@@ -7,8 +7,11 @@ use xds_api::envoy::config::core::v3 as core_pb;
 use xds_api::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
 use xds_api::type_urls;
 
-use crate::common::{DataSource, data_source, unpack};
+use std::path::PathBuf;
+
+use crate::common::{DataSource, api_version, data_source, duration, unpack};
 use crate::error::{ConfigResult, err, field, item};
+use crate::matcher::{StringMatch, string_matcher};
 use crate::unsupported;
 
 /// A TLS protocol version rustls speaks.
@@ -27,22 +30,167 @@ pub struct Certificate {
     pub path: String,
 }
 
-/// How the peer's certificate is checked.
+/// A subject alternative name type a matcher looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SanType {
+    Dns,
+    Uri,
+    Ip,
+    Email,
+}
+
+/// One `match_typed_subject_alt_names` entry: the peer's SANs of `san_type` are matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SanMatcher {
+    pub san_type: SanType,
+    pub matcher: StringMatch,
+}
+
+impl SanMatcher {
+    /// Whether one SAN of this matcher's type matches. A DNS SAN with a wildcard label
+    /// (`*.example.com`) stands for the names it covers, as Envoy reads it for exact matchers.
+    pub fn matches(&self, san: &str) -> bool {
+        if self.matcher.matches(san) {
+            return true;
+        }
+        match (&self.matcher, self.san_type) {
+            (StringMatch::Exact(want, _), SanType::Dns) => dns_wildcard_covers(san, want),
+            _ => false,
+        }
+    }
+}
+
+/// Whether `pattern` (`*.example.com`) covers `name` (`api.example.com`, one label only).
+fn dns_wildcard_covers(pattern: &str, name: &str) -> bool {
+    let Some(suffix) = pattern.strip_prefix('*') else {
+        return false;
+    };
+    suffix.starts_with('.')
+        && name.len() > suffix.len()
+        && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        && !name[..name.len() - suffix.len()].contains('.')
+}
+
+/// How the peer's certificate is checked (`CertificateValidationContext`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validation {
-    pub trusted_ca: DataSource,
+    /// The CA certificates a peer's chain must lead to. Absent only in a combined context's
+    /// default, whose SDS secret brings them.
+    pub trusted_ca: Option<DataSource>,
+    /// Any one matching is enough; none: any certificate from a trusted CA is accepted.
+    pub san_matchers: Vec<SanMatcher>,
     pub path: String,
+}
+
+impl Validation {
+    /// The combined context's rule: the SDS secret's fields over the default's (a message
+    /// replaces, a list adds on).
+    pub fn merged(&self, dynamic: &Validation) -> Validation {
+        Validation {
+            trusted_ca: dynamic
+                .trusted_ca
+                .clone()
+                .or_else(|| self.trusted_ca.clone()),
+            san_matchers: self
+                .san_matchers
+                .iter()
+                .chain(&dynamic.san_matchers)
+                .cloned()
+                .collect(),
+            path: dynamic.path.clone(),
+        }
+    }
+}
+
+/// Where a secret named by `*_sds_secret_config(s)` comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SecretSource {
+    /// No `sds_config`: `static_resources.secrets`.
+    Static,
+    /// The ADS stream.
+    Ads,
+    /// A file holding a `DiscoveryResponse` with the secret, reloaded when it changes.
+    File(PathBuf),
+}
+
+/// A secret by name and source (`SdsSecretConfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdsSecret {
+    pub name: String,
+    pub source: SecretSource,
+    pub path: String,
+}
+
+/// Where a TLS context's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertificateSource {
+    Inline(Certificate),
+    Sds(SdsSecret),
+}
+
+/// Where a TLS context's validation comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidationSource {
+    Inline(Validation),
+    Sds(SdsSecret),
+    /// `combined_validation_context`: the secret's validation merged over `default`.
+    Combined {
+        default: Validation,
+        secret: SdsSecret,
+    },
+}
+
+impl ValidationSource {
+    /// Whether SAN matchers known from the config alone are set.
+    pub fn has_san_matchers(&self) -> bool {
+        match self {
+            ValidationSource::Inline(v) | ValidationSource::Combined { default: v, .. } => {
+                !v.san_matchers.is_empty()
+            }
+            ValidationSource::Sds(_) => false,
+        }
+    }
+}
+
+/// A secret resource (`Secret`): a certificate with its key, or a validation context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    pub name: String,
+    pub kind: SecretKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretKind {
+    Certificate(Certificate),
+    Validation(Validation),
 }
 
 /// What both directions share (`CommonTlsContext`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommonTls {
-    pub certificates: Vec<Certificate>,
-    pub validation: Option<Validation>,
+    pub certificates: Vec<CertificateSource>,
+    pub validation: Option<ValidationSource>,
     pub alpn: Vec<String>,
     pub min_version: TlsVersion,
     pub max_version: TlsVersion,
     pub path: String,
+}
+
+impl CommonTls {
+    /// The SDS secrets this context names: its certificate's and its validation's.
+    pub fn sds_secrets(&self) -> impl Iterator<Item = &SdsSecret> {
+        let certificates = self.certificates.iter().filter_map(|c| match c {
+            CertificateSource::Sds(sds) => Some(sds),
+            CertificateSource::Inline(_) => None,
+        });
+        let validation = self.validation.iter().filter_map(|v| match v {
+            ValidationSource::Sds(sds) | ValidationSource::Combined { secret: sds, .. } => {
+                Some(sds)
+            }
+            ValidationSource::Inline(_) => None,
+        });
+        certificates.chain(validation)
+    }
 }
 
 /// TLS termination on a filter chain.
@@ -115,7 +263,7 @@ pub fn downstream(socket: &core_pb::TransportSocket, path: &str) -> ConfigResult
     if common.certificates.len() != 1 {
         return err(
             field(&cpath, "tls_certificates"),
-            "exactly one certificate is supported",
+            "exactly one certificate is supported (inline or by SDS)",
         );
     }
     let require_client_certificate = require_client_certificate.unwrap_or(false);
@@ -182,47 +330,61 @@ fn common_tls(common: &tls_pb::CommonTlsContext, path: &str) -> ConfigResult<Com
         alpn_protocols,
         validation_context_type,
     } = common;
-    unsupported!(path, tls_certificate_sds_secret_configs);
     let (min_version, max_version) = match tls_params {
         Some(params) => versions(params, &field(path, "tls_params"))?,
         None => (TlsVersion::V1_2, TlsVersion::V1_3),
     };
+    if !tls_certificates.is_empty() && !tls_certificate_sds_secret_configs.is_empty() {
+        return err(
+            field(path, "tls_certificate_sds_secret_configs"),
+            "set tls_certificates or tls_certificate_sds_secret_configs, not both",
+        );
+    }
     let mut certificates = Vec::new();
     for (index, certificate) in tls_certificates.iter().enumerate() {
         let cpath = item(path, "tls_certificates", index);
-        let tls_pb::TlsCertificate {
-            certificate_chain,
-            private_key,
-            watched_directory,
-            password,
-        } = certificate;
-        unsupported!(&cpath, watched_directory, password);
-        let required = |source: &Option<core_pb::DataSource>, name: &str| match source {
-            Some(source) => data_source(source, &field(&cpath, name)),
-            None => err(field(&cpath, name), "required"),
-        };
-        certificates.push(Certificate {
-            chain: required(certificate_chain, "certificate_chain")?,
-            key: required(private_key, "private_key")?,
-            path: cpath.clone(),
-        });
+        certificates.push(CertificateSource::Inline(tls_certificate(
+            certificate,
+            &cpath,
+        )?));
+    }
+    for (index, sds) in tls_certificate_sds_secret_configs.iter().enumerate() {
+        let spath = item(path, "tls_certificate_sds_secret_configs", index);
+        certificates.push(CertificateSource::Sds(sds_secret(sds, &spath)?));
     }
     use tls_pb::common_tls_context::ValidationContextType as V;
     let validation = match validation_context_type {
-        Some(V::ValidationContext(context)) => {
-            Some(validation(context, &field(path, "validation_context"))?)
-        }
-        Some(V::ValidationContextSdsSecretConfig(_)) => {
-            return err(
-                field(path, "validation_context_sds_secret_config"),
-                "SDS is not supported; use an inline validation_context",
-            );
-        }
-        Some(V::CombinedValidationContext(_)) => {
-            return err(
-                field(path, "combined_validation_context"),
-                "is not supported; use an inline validation_context",
-            );
+        Some(V::ValidationContext(context)) => Some(ValidationSource::Inline(validation(
+            context,
+            &field(path, "validation_context"),
+            true,
+        )?)),
+        Some(V::ValidationContextSdsSecretConfig(sds)) => Some(ValidationSource::Sds(sds_secret(
+            sds,
+            &field(path, "validation_context_sds_secret_config"),
+        )?)),
+        Some(V::CombinedValidationContext(combined)) => {
+            let cpath = field(path, "combined_validation_context");
+            let tls_pb::common_tls_context::CombinedCertificateValidationContext {
+                default_validation_context,
+                validation_context_sds_secret_config,
+            } = combined;
+            let Some(sds) = validation_context_sds_secret_config else {
+                return err(
+                    field(&cpath, "validation_context_sds_secret_config"),
+                    "required",
+                );
+            };
+            let default = match default_validation_context {
+                Some(context) => {
+                    validation(context, &field(&cpath, "default_validation_context"), false)?
+                }
+                None => return err(field(&cpath, "default_validation_context"), "required"),
+            };
+            Some(ValidationSource::Combined {
+                default,
+                secret: sds_secret(sds, &field(&cpath, "validation_context_sds_secret_config"))?,
+            })
         }
         None => None,
     };
@@ -236,9 +398,111 @@ fn common_tls(common: &tls_pb::CommonTlsContext, path: &str) -> ConfigResult<Com
     })
 }
 
+fn tls_certificate(certificate: &tls_pb::TlsCertificate, path: &str) -> ConfigResult<Certificate> {
+    let tls_pb::TlsCertificate {
+        certificate_chain,
+        private_key,
+        watched_directory,
+        password,
+    } = certificate;
+    unsupported!(path, watched_directory, password);
+    let required = |source: &Option<core_pb::DataSource>, name: &str| match source {
+        Some(source) => data_source(source, &field(path, name)),
+        None => err(field(path, name), "required"),
+    };
+    Ok(Certificate {
+        chain: required(certificate_chain, "certificate_chain")?,
+        key: required(private_key, "private_key")?,
+        path: path.to_string(),
+    })
+}
+
+/// An `SdsSecretConfig`: the secret's name and where it comes from.
+fn sds_secret(sds: &tls_pb::SdsSecretConfig, path: &str) -> ConfigResult<SdsSecret> {
+    let tls_pb::SdsSecretConfig { name, sds_config } = sds;
+    if name.is_empty() {
+        return err(field(path, "name"), "required");
+    }
+    let source = match sds_config {
+        None => SecretSource::Static,
+        Some(config) => secret_source(config, &field(path, "sds_config"))?,
+    };
+    Ok(SdsSecret {
+        name: name.clone(),
+        source,
+        path: path.to_string(),
+    })
+}
+
+fn secret_source(config: &core_pb::ConfigSource, path: &str) -> ConfigResult<SecretSource> {
+    let core_pb::ConfigSource {
+        config_source_specifier,
+        initial_fetch_timeout,
+        resource_api_version,
+    } = config;
+    api_version(*resource_api_version, &field(path, "resource_api_version"))?;
+    if let Some(timeout) = initial_fetch_timeout {
+        // Read for its errors; a listener or cluster waits for its secrets as Envoy's do.
+        duration(timeout, &field(path, "initial_fetch_timeout"))?;
+    }
+    use core_pb::config_source::ConfigSourceSpecifier as S;
+    match config_source_specifier {
+        Some(S::Ads(core_pb::AggregatedConfigSource {})) => Ok(SecretSource::Ads),
+        Some(S::Path(file)) if !file.is_empty() => Ok(SecretSource::File(PathBuf::from(file))),
+        Some(S::PathConfigSource(core_pb::PathConfigSource {
+            path: file,
+            watched_directory: _,
+        })) if !file.is_empty() => Ok(SecretSource::File(PathBuf::from(file))),
+        Some(S::Path(_) | S::PathConfigSource(_)) => {
+            err(path, "the secret file's path is required")
+        }
+        _ => err(
+            path,
+            "secrets come from `ads: {}` or a file (`path_config_source`); other sources are not supported",
+        ),
+    }
+}
+
+/// A `Secret` resource (static, over ADS or from a file). Session ticket keys and generic
+/// secrets are not supported.
+pub fn secret(proto: &tls_pb::Secret, path: &str) -> ConfigResult<Secret> {
+    let tls_pb::Secret { name, r#type } = proto;
+    if name.is_empty() {
+        return err(field(path, "name"), "required");
+    }
+    use tls_pb::secret::Type;
+    let kind = match r#type {
+        Some(Type::TlsCertificate(certificate)) => SecretKind::Certificate(tls_certificate(
+            certificate,
+            &field(path, "tls_certificate"),
+        )?),
+        Some(Type::ValidationContext(context)) => SecretKind::Validation(validation(
+            context,
+            &field(path, "validation_context"),
+            true,
+        )?),
+        Some(Type::SessionTicketKeys(_)) => {
+            return err(field(path, "session_ticket_keys"), "is not supported");
+        }
+        Some(Type::GenericSecret(_)) => {
+            return err(field(path, "generic_secret"), "is not supported");
+        }
+        None => {
+            return err(path, "a secret needs tls_certificate or validation_context");
+        }
+    };
+    Ok(Secret {
+        name: name.clone(),
+        kind,
+    })
+}
+
+/// A `CertificateValidationContext`; `needs_ca`: false only for a combined context's
+/// default, whose SDS secret brings the CA.
 fn validation(
     context: &tls_pb::CertificateValidationContext,
     path: &str,
+    needs_ca: bool,
 ) -> ConfigResult<Validation> {
     let tls_pb::CertificateValidationContext {
         trusted_ca,
@@ -258,20 +522,64 @@ fn validation(
         watched_directory,
         verify_certificate_spki,
         verify_certificate_hash,
-        match_typed_subject_alt_names,
-        match_subject_alt_names,
         crl,
         allow_expired_certificate,
         trust_chain_verification,
         only_verify_leaf_cert_crl,
         max_verify_depth,
     );
-    let Some(trusted_ca) = trusted_ca else {
-        return err(field(path, "trusted_ca"), "required");
+    let trusted_ca = match trusted_ca {
+        Some(ca) => Some(data_source(ca, &field(path, "trusted_ca"))?),
+        None if needs_ca => return err(field(path, "trusted_ca"), "required"),
+        None => None,
     };
+    let mut san_matchers = Vec::new();
+    for (index, typed) in match_typed_subject_alt_names.iter().enumerate() {
+        let mpath = item(path, "match_typed_subject_alt_names", index);
+        san_matchers.push(san_matcher(typed, &mpath)?);
+    }
+    // The deprecated form matches any SAN of the four types, as Envoy expands it.
+    for (index, matcher) in match_subject_alt_names.iter().enumerate() {
+        let matcher = string_matcher(matcher, &item(path, "match_subject_alt_names", index))?;
+        for san_type in [SanType::Dns, SanType::Uri, SanType::Email, SanType::Ip] {
+            san_matchers.push(SanMatcher {
+                san_type,
+                matcher: matcher.clone(),
+            });
+        }
+    }
     Ok(Validation {
-        trusted_ca: data_source(trusted_ca, &field(path, "trusted_ca"))?,
-        path: field(path, "trusted_ca"),
+        trusted_ca,
+        san_matchers,
+        path: path.to_string(),
+    })
+}
+
+fn san_matcher(typed: &tls_pb::SubjectAltNameMatcher, path: &str) -> ConfigResult<SanMatcher> {
+    let tls_pb::SubjectAltNameMatcher {
+        san_type,
+        matcher,
+        oid,
+    } = typed;
+    use tls_pb::subject_alt_name_matcher::SanType as T;
+    let san_type = match T::try_from(*san_type) {
+        Ok(T::Dns) => SanType::Dns,
+        Ok(T::Uri) => SanType::Uri,
+        Ok(T::IpAddress) => SanType::Ip,
+        Ok(T::Email) => SanType::Email,
+        Ok(T::OtherName) => {
+            return err(field(path, "san_type"), "OTHER_NAME is not supported");
+        }
+        Ok(T::Unspecified) => return err(field(path, "san_type"), "required"),
+        Err(_) => return err(field(path, "san_type"), format!("unknown value {san_type}")),
+    };
+    unsupported!(path, oid);
+    let Some(matcher) = matcher else {
+        return err(field(path, "matcher"), "required");
+    };
+    Ok(SanMatcher {
+        san_type,
+        matcher: string_matcher(matcher, &field(path, "matcher"))?,
     })
 }
 

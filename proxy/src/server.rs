@@ -80,6 +80,12 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
     let store = Arc::new(Store::default());
+    let secrets = crate::tls::Secrets::new(tokio::runtime::Handle::current());
+    for secret in &bootstrap.secrets {
+        secrets
+            .set(&crate::config::SecretSource::Static, secret)
+            .with_context(|| format!("static secret {}", secret.name))?;
+    }
     let (lifecycle, mut stopped) = Lifecycle::new(&registry);
     let concurrency = workers.len();
     let limits = Arc::new(ConnectionLimits::new(
@@ -101,12 +107,13 @@ async fn serve(
             bootstrap.runtime.propagate_w3c_and_b3,
             store.clone(),
         ),
+        secrets: secrets.clone(),
     });
     // Static clusters, then admin, then static listeners. The clusters go into the store in
     // one change: a change copies the snapshot, and one per cluster made startup quadratic.
     let mut clusters = Vec::with_capacity(bootstrap.clusters.len());
     for config in &bootstrap.clusters {
-        let cluster = Cluster::new(config.clone(), &registry, concurrency, None)
+        let cluster = Cluster::new(config.clone(), &registry, concurrency, None, &secrets)
             .with_context(|| format!("cluster {}", config.name))?;
         cluster.start_background();
         clusters.push((config.name.clone(), cluster));
@@ -128,6 +135,7 @@ async fn serve(
                 store: store.clone(),
                 listeners: listeners.clone(),
                 xds: xds_status.clone(),
+                secrets: secrets.clone(),
                 concurrency,
                 drain_time,
                 logs,
@@ -156,6 +164,7 @@ async fn serve(
             listeners: listeners.clone(),
             lifecycle: lifecycle.clone(),
             status: xds_status,
+            secrets,
             concurrency,
         }),
         None => lifecycle.set_live(),

@@ -1062,9 +1062,9 @@ fn routes_naming_unknown_clusters_are_nacked_as_envoy_does() {
     assert_eq!(envoy.2, remora.2, "left: envoy, right: remora");
 }
 
-/// A type nobody subscribes to (Envoy knows it: SDS secrets) and one nobody knows.
+/// A type nobody subscribes to (Envoy knows it: ECDS extension configs) and one nobody knows.
 const UNASKED_TYPES: [&str; 2] = [
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+    "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
     "type.googleapis.com/remora.test.v1.Nothing",
 ];
 

@@ -82,8 +82,18 @@ fn bootstrap_fields_are_refused_by_path() {
             ),
             (
                 "static_resources: {secrets: [{name: s}]}",
-                "static_resources.secrets",
-                UNSUPPORTED,
+                "static_resources.secrets[0]",
+                "a secret needs tls_certificate or validation_context",
+            ),
+            (
+                "static_resources: {secrets: [{name: s, session_ticket_keys: {}}]}",
+                "static_resources.secrets[0].session_ticket_keys",
+                "is not supported",
+            ),
+            (
+                "static_resources: {secrets: [{name: s, validation_context: {trusted_ca: {inline_string: a}}}, {name: s, validation_context: {trusted_ca: {inline_string: b}}}]}",
+                "static_resources.secrets[1].name",
+                "duplicate secret name",
             ),
             (
                 "static_resources: {listeners: [{}, {name: ingress}]}",

@@ -159,7 +159,10 @@ fn the_wire_gate_names_what_our_protos_do_not_declare() {
     assert_eq!(error.path, "filter_chains[0].filters[0].typed_config");
     assert!(error.reason.contains("field number 9999"), "{error}");
 
-    let error = resource::check(type_urls::SECRET, &[]).expect_err("not a type Remora takes");
+    let error = resource::check(type_urls::SECRET, &[]).expect_err("a secret without a name");
+    assert_eq!(error.path, "name");
+    let error = resource::check("type.googleapis.com/envoy.config.core.v3.Node", &[])
+        .expect_err("not a type Remora takes");
     assert!(
         error
             .reason
@@ -170,5 +173,6 @@ fn the_wire_gate_names_what_our_protos_do_not_declare() {
         resource::name(type_urls::CLUSTER, &cluster[..cluster.len() - 4]).unwrap(),
         "c"
     );
-    assert!(resource::name(type_urls::SECRET, &[]).is_err());
+    assert_eq!(resource::name(type_urls::SECRET, &[]).unwrap(), "");
+    assert!(resource::name("type.googleapis.com/envoy.config.core.v3.Node", &[]).is_err());
 }

@@ -3,7 +3,9 @@
 //! proxy when it builds the listener or cluster.
 
 use remora_config::common::DataSource;
-use remora_config::tls::TlsVersion;
+use remora_config::tls::{
+    CertificateSource, SanType, SecretKind, SecretSource, TlsVersion, ValidationSource,
+};
 
 use crate::support::*;
 
@@ -98,7 +100,28 @@ fn downstream_tls_fields_are_refused_by_path() {
             (
                 &context("{common_tls_context: {tls_certificate_sds_secret_configs: [{name: s}]}}"),
                 &format!("{COMMON}.tls_certificate_sds_secret_configs"),
-                UNSUPPORTED,
+                "set tls_certificates or tls_certificate_sds_secret_configs, not both",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: s}]}}",
+                ),
+                &format!("{COMMON}.tls_certificate_sds_secret_configs[0].name"),
+                "unknown static secret \"s\"",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: s, sds_config: {api_config_source: {api_type: GRPC}}}]}}",
+                ),
+                &format!("{COMMON}.tls_certificate_sds_secret_configs[0].sds_config"),
+                "other sources are not supported",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{sds_config: {ads: {}}}]}}",
+                ),
+                &format!("{COMMON}.tls_certificate_sds_secret_configs[0].name"),
+                "required",
             ),
             (
                 &context("{require_client_certificate: true}"),
@@ -112,10 +135,24 @@ fn downstream_tls_fields_are_refused_by_path() {
             ),
             (
                 &context(
-                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_subject_alt_names: [{exact: a}]}}}",
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, matcher: {exact: a}}]}}}",
                 ),
-                &format!("{COMMON}.validation_context.match_subject_alt_names"),
-                UNSUPPORTED,
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].san_type"),
+                "OTHER_NAME is not supported",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{matcher: {exact: a}}]}}}",
+                ),
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].san_type"),
+                "required",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{san_type: URI}]}}}",
+                ),
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].matcher"),
+                "required",
             ),
             (
                 &context(
@@ -128,15 +165,17 @@ fn downstream_tls_fields_are_refused_by_path() {
                 &context(
                     "{common_tls_context: {validation_context_sds_secret_config: {name: ca}}}",
                 ),
-                &format!("{COMMON}.validation_context_sds_secret_config"),
-                "SDS is not supported; use an inline validation_context",
+                &format!("{COMMON}.validation_context_sds_secret_config.name"),
+                "unknown static secret \"ca\"",
             ),
             (
                 &context(
                     "{common_tls_context: {combined_validation_context: {default_validation_context: {}}}}",
                 ),
-                &format!("{COMMON}.combined_validation_context"),
-                "is not supported; use an inline validation_context",
+                &format!(
+                    "{COMMON}.combined_validation_context.validation_context_sds_secret_config"
+                ),
+                "required",
             ),
             (
                 &context(
@@ -243,22 +282,29 @@ fn tls_settings_reach_the_model() {
     assert!(tls.require_client_certificate);
     let common = &tls.common;
     assert_eq!(common.path, format!("{CHAIN}.{COMMON}"));
+    let CertificateSource::Inline(certificate) = &common.certificates[0] else {
+        panic!("an inline certificate: {:?}", common.certificates);
+    };
     assert_eq!(
-        common.certificates[0].chain,
+        certificate.chain,
         DataSource::File("/etc/remora/cert.pem".into())
     );
     assert_eq!(
-        common.certificates[0].key,
+        certificate.key,
         DataSource::File("/etc/remora/key.pem".into())
     );
     assert_eq!(
-        common.certificates[0].path,
+        certificate.path,
         format!("{CHAIN}.{COMMON}.tls_certificates[0]")
     );
+    let Some(ValidationSource::Inline(validation)) = &common.validation else {
+        panic!("an inline validation: {:?}", common.validation);
+    };
     assert_eq!(
-        common.validation.as_ref().unwrap().trusted_ca,
-        DataSource::Inline(b"CA".to_vec())
+        validation.trusted_ca,
+        Some(DataSource::Inline(b"CA".to_vec()))
     );
+    assert!(validation.san_matchers.is_empty());
     assert_eq!(common.alpn, ["h2", "http/1.1"]);
     assert_eq!(
         (common.min_version, common.max_version),
@@ -285,4 +331,109 @@ fn tls_settings_reach_the_model() {
     assert_eq!(tls.sni, None, "no SNI unless configured, as Envoy");
     assert_eq!(tls.common.max_version, TlsVersion::V1_2);
     assert!(accepted(CLUSTER, "").clusters[0].connect.tls.is_none());
+}
+
+#[test]
+fn sds_secrets_and_san_matchers_reach_the_model() {
+    const SECRETS: &str = "static_resources";
+    let bootstrap = accepted_all(&[
+        (
+            SECRETS,
+            "{secrets: [{name: bundle, validation_context: {trusted_ca: {inline_string: CA}, match_typed_subject_alt_names: [{san_type: DNS, matcher: {suffix: .svc}}]}}]}",
+        ),
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: cert, sds_config: {ads: {}}}], combined_validation_context: {default_validation_context: {match_typed_subject_alt_names: [{san_type: URI, matcher: {prefix: \"spiffe://td/\"}}], match_subject_alt_names: [{exact: legacy}]}, validation_context_sds_secret_config: {name: bundle}}}}",
+            ),
+        ),
+        (CLUSTER, UPSTREAM),
+        (
+            CLUSTER,
+            &context(
+                "{common_tls_context: {validation_context_sds_secret_config: {name: ca, sds_config: {path_config_source: {path: /etc/remora/ca.yaml}}}}}",
+            ),
+        ),
+    ]);
+    let [secret] = bootstrap.secrets.as_slice() else {
+        panic!("one static secret: {:?}", bootstrap.secrets);
+    };
+    assert_eq!(secret.name, "bundle");
+    let SecretKind::Validation(validation) = &secret.kind else {
+        panic!("a validation context");
+    };
+    assert_eq!(validation.san_matchers.len(), 1);
+    assert!(validation.san_matchers[0].matches("b.a.svc"));
+
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let CertificateSource::Sds(sds) = &common.certificates[0] else {
+        panic!("an SDS certificate");
+    };
+    assert_eq!(
+        (sds.name.as_str(), &sds.source),
+        ("cert", &SecretSource::Ads)
+    );
+    let Some(ValidationSource::Combined { default, secret }) = &common.validation else {
+        panic!("a combined validation: {:?}", common.validation);
+    };
+    assert_eq!(
+        (secret.name.as_str(), &secret.source),
+        ("bundle", &SecretSource::Static)
+    );
+    assert_eq!(default.trusted_ca, None);
+    // One typed matcher, and the legacy one for each of the four SAN types.
+    let types: Vec<SanType> = default.san_matchers.iter().map(|m| m.san_type).collect();
+    assert_eq!(
+        types,
+        [
+            SanType::Uri,
+            SanType::Dns,
+            SanType::Uri,
+            SanType::Email,
+            SanType::Ip
+        ]
+    );
+    assert!(default.san_matchers[0].matches("spiffe://td/ns/a/sa/b"));
+    assert!(!default.san_matchers[0].matches("spiffe://other/ns/a/sa/b"));
+
+    let tls = bootstrap.clusters[0]
+        .connect
+        .tls
+        .as_ref()
+        .expect("upstream TLS");
+    let Some(ValidationSource::Sds(sds)) = &tls.common.validation else {
+        panic!("an SDS validation");
+    };
+    assert_eq!(sds.source, SecretSource::File("/etc/remora/ca.yaml".into()));
+}
+
+#[test]
+fn an_exact_dns_matcher_is_covered_by_a_wildcard_san() {
+    let bootstrap = accepted_all(&[
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {validation_context: {trusted_ca: {inline_string: CA}, match_typed_subject_alt_names: [{san_type: DNS, matcher: {exact: api.example.com}}]}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .unwrap()
+        .common;
+    let Some(ValidationSource::Inline(validation)) = &common.validation else {
+        panic!("inline");
+    };
+    let matcher = &validation.san_matchers[0];
+    assert!(matcher.matches("api.example.com"));
+    assert!(matcher.matches("*.example.com"));
+    assert!(!matcher.matches("*.api.example.com"));
+    assert!(!matcher.matches("*.other.com"));
 }

@@ -1,7 +1,8 @@
 //! The admin endpoint on `admin.address`: readiness, server info, stats (text, JSON and
 //! Prometheus), config dump (with `?resource=` and `?mask=`), clusters, listeners, log levels,
-//! draining and quitting, each answering as Envoy's does.
+//! draining and quitting, TLS certificates (`/certs`), each answering as Envoy's does.
 
+mod certs;
 mod clusters;
 pub mod logging;
 
@@ -32,6 +33,8 @@ pub struct Context {
     pub store: Arc<Store>,
     pub listeners: Arc<ListenerManager>,
     pub xds: Arc<crate::xds::Status>,
+    /// SDS and static secrets, for `/certs`.
+    pub secrets: Arc<crate::tls::Secrets>,
     pub concurrency: usize,
     pub drain_time: std::time::Duration,
     /// The admin's own access logs (`access_log_path`, `access_log`).
@@ -178,6 +181,7 @@ async fn handle(
             State::Initializing => text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n"),
             State::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n"),
         },
+        "/certs" => json_response(&certs::render(&server)),
         "/server_info" => json_response(&json!({
             "version": format!("remora/{}", env!("CARGO_PKG_VERSION")),
             "state": match server.lifecycle.state() { State::Live => "LIVE", State::Initializing => "INITIALIZING", State::Draining => "DRAINING" },

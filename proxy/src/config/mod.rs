@@ -36,4 +36,5 @@ pub use remora_config::load_balancing::{
 pub use remora_config::outlier::OutlierDetection;
 pub use remora_config::route::{Files, RouteTable};
 pub use remora_config::tcp_proxy::{TcpClusters, TcpProxy, WeightedName};
+pub use remora_config::tls::SecretSource;
 pub use remora_config::{ConfigError, ConfigResult, RawConfig, resource};

@@ -19,10 +19,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, Version};
-use remora_config::access_log::{AccessLogConfig, JsonField, JsonObject, LogFormat, Target, Token};
+use remora_config::access_log::{
+    AccessLogConfig, JsonField, JsonObject, LogFormat, PeerField, Target, Token,
+};
 
 use crate::config::{ConfigError, ConfigResult};
 use crate::stats::Stat;
@@ -50,6 +52,8 @@ pub struct Entry {
     pub trace_id: Option<String>,
     /// `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`: upstream attempts made (the router counts them).
     pub upstream_request_attempt_count: u32,
+    /// `%DOWNSTREAM_PEER_*%`: the downstream's TLS certificate, if it presented one.
+    pub peer_certificate: Option<Arc<crate::tls::PeerCertificate>>,
 }
 
 impl Entry {
@@ -83,6 +87,7 @@ impl Entry {
             local,
             trace_id: None,
             upstream_request_attempt_count: 0,
+            peer_certificate: None,
         }
     }
 }
@@ -387,6 +392,14 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
             Token::DownstreamLocalAddress => {
                 let _ = write!(line, "{}", entry.local);
             }
+            Token::DownstreamPeer(field) => {
+                push_peer(
+                    &mut line,
+                    entry.peer_certificate.as_deref(),
+                    *field,
+                    omit_empty,
+                );
+            }
             Token::TraceId => {
                 push_value(&mut line, entry.trace_id.as_deref(), None, omit_empty);
             }
@@ -411,6 +424,44 @@ fn request_value<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
 }
 
 /// A value, cut to `max` bytes; `-` when there is none (nothing with `omit_empty`).
+/// A fact of the downstream's certificate; several SANs are joined with `,`, as Envoy does.
+fn push_peer(
+    line: &mut String,
+    peer: Option<&crate::tls::PeerCertificate>,
+    field: PeerField,
+    omit_empty: bool,
+) {
+    let Some(peer) = peer else {
+        return push_value(line, None, None, omit_empty);
+    };
+    let joined = |values: &[String]| (!values.is_empty()).then(|| values.join(","));
+    let time = |seconds: i64| {
+        UNIX_EPOCH.checked_add(std::time::Duration::from_secs(u64::try_from(seconds).ok()?))
+    };
+    let value = match field {
+        PeerField::UriSan => joined(peer.uri_sans()),
+        PeerField::DnsSan => joined(peer.dns_sans()),
+        PeerField::IpSan => joined(peer.ip_sans()),
+        PeerField::EmailSan => joined(peer.email_sans()),
+        PeerField::Subject => Some(peer.subject().to_string()),
+        PeerField::Issuer => Some(peer.issuer().to_string()),
+        PeerField::Serial => Some(peer.serial().to_string()),
+        PeerField::ValidFrom | PeerField::ValidUntil => {
+            let (start, end) = peer.validity();
+            let at = if field == PeerField::ValidFrom {
+                start
+            } else {
+                end
+            };
+            match time(at) {
+                Some(at) => return push_time(line, at),
+                None => None,
+            }
+        }
+    };
+    push_value(line, value.as_deref(), None, omit_empty);
+}
+
 fn push_value(line: &mut String, value: Option<&str>, max: Option<usize>, omit_empty: bool) {
     match value {
         Some(value) => {

@@ -391,11 +391,15 @@ async fn handle(
     let active = GaugeGuard::new(&stats.downstream_rq_active);
     let in_flight = GaugeGuard::new(&connection.in_flight);
     let mut log = (!manager.logs.is_empty()).then(|| {
-        Entry::new(
+        let mut entry = Entry::new(
             &request,
             connection.info.source,
             connection.info.destination,
-        )
+        );
+        entry
+            .peer_certificate
+            .clone_from(&connection.info.peer_certificate);
+        entry
     });
     if let (Some(refusal), Some(entry)) = (&refused, log.as_mut()) {
         entry.method.clone_from(&refusal.method);

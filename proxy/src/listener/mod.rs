@@ -26,7 +26,7 @@ use crate::drain::Drain;
 use crate::filter_chain::{self, ConnectionInfo};
 use crate::http::manager::Manager;
 use crate::network_filters::rbac::{FirstByteGate, NetworkRbacRuntime};
-use crate::stats::{GaugeGuard, ListenerStats, Registry, TcpStats};
+use crate::stats::{GaugeGuard, ListenerStats, Registry, SslStats, TcpStats};
 use crate::store::Store;
 use crate::tcp_proxy::TcpProxyRuntime;
 use crate::tls::PeerCertificate;
@@ -45,14 +45,23 @@ struct BuiltChain {
     /// The chain's RBAC network filters, in order (empty: none).
     rbac: Arc<[NetworkRbacRuntime]>,
     runtime: ChainRuntime,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Termination>,
+}
+
+/// TLS termination: the rustls config and the listener's `ssl.*` stats.
+#[derive(Debug)]
+struct Termination {
+    config: Arc<rustls::ServerConfig>,
+    stats: Arc<SslStats>,
 }
 
 impl BuiltChain {
+    /// Builds a chain of the listener whose stats are `listener.STATS_ADDR.*`.
     fn build(
         chain: &Arc<FilterChain>,
         context: &ListenerContext,
         egress: bool,
+        stats_addr: &str,
     ) -> Result<BuiltChain, ConfigError> {
         let filter_path = format!("{}.filters[{}].typed_config", chain.path, chain.rbac.len());
         let runtime = match &chain.filter {
@@ -72,7 +81,11 @@ impl BuiltChain {
         let tls = chain
             .tls
             .as_ref()
-            .map(crate::tls::server_config)
+            .map(|tls| {
+                let stats = SslStats::new(&context.registry, &format!("listener.{stats_addr}"));
+                crate::tls::server_config(tls, &context.secrets, &stats)
+                    .map(|config| Termination { config, stats })
+            })
             .transpose()?;
         let rbac = chain
             .rbac
@@ -108,6 +121,8 @@ pub struct ListenerContext {
     pub limits: Arc<ConnectionLimits>,
     /// Node identity and settings every tracer shares.
     pub tracing: crate::http::tracing::TracingContext,
+    /// SDS secrets that TLS contexts name.
+    pub secrets: Arc<crate::tls::Secrets>,
 }
 
 /// Downstream connection limits from the runtime: across all listeners and per listener.
@@ -232,10 +247,6 @@ impl ListenerManager {
         {
             return Ok(old.local_addr);
         }
-        let chains = config
-            .chains()
-            .map(|chain| BuiltChain::build(chain, context, config.outbound))
-            .collect::<Result<Vec<_>, _>>()?;
         // Reuse the old sockets when the address is unchanged, so no connection is refused.
         let sockets = match &old {
             Some(old) if old.config.address == config.address => old
@@ -255,6 +266,17 @@ impl ListenerManager {
         } else {
             config.address.to_string()
         };
+        let chains = config
+            .chains()
+            .map(|chain| {
+                BuiltChain::build(
+                    chain,
+                    context,
+                    config.outbound,
+                    &stats_addr.replace(':', "_"),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let stats = Arc::new(ListenerStats::new(&context.registry, &stats_addr));
         let (stop, _) = watch::channel(false);
         let listener = Arc::new(ActiveListener {
@@ -581,14 +603,31 @@ async fn serve_connection(
     };
     match &built.tls {
         Some(tls) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
             let handshake =
                 tokio::time::timeout(config.listener_filters_timeout, acceptor.accept(stream))
                     .await;
-            let Ok(Ok(stream)) = handshake else {
-                tracing::debug!("downstream TLS handshake failed");
-                return;
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tls.stats.failed(&error);
+                    tracing::debug!(%error, "downstream TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tls.stats.connection_error.inc();
+                    tracing::debug!("downstream TLS handshake timed out");
+                    return;
+                }
             };
+            let session = stream.get_ref().1;
+            tls.stats.handshake.inc();
+            if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                tls.stats.session_reused.inc();
+            }
+            if session.peer_certificates().is_none() {
+                tls.stats.no_certificate.inc();
+            }
             let mut info = info;
             info.transport_protocol = "tls";
             info.tls_terminated = true;

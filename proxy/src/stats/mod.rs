@@ -108,6 +108,7 @@ macro_rules! stat_block {
             fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat)) {
                 $( each(stringify!($stat), Kind::$kind, &self.$stat); )*
             }
+            #[allow(unused_variables)] // a block without histograms
             fn each_histogram(&self, each: &mut dyn FnMut(&'static str, &Histogram)) {
                 $( each(stringify!($hist), &self.$hist); )*
             }
@@ -404,6 +405,48 @@ impl ClusterStats {
             300..=399 => self.upstream_rq_3xx.inc(),
             400..=499 => self.upstream_rq_4xx.inc(),
             _ => self.upstream_rq_5xx.inc(),
+        }
+    }
+}
+
+stat_block! {
+    /// `PREFIX.ssl.*` of a TLS-terminating listener (`listener.ADDR`) or a TLS-originating
+    /// cluster (`cluster.NAME`), counted as Envoy counts them.
+    pub struct SslStats {
+        stats {
+            /// Handshakes that completed.
+            handshake: Counter,
+            /// Handshakes that failed, for any reason.
+            connection_error: Counter,
+            /// The peer's chain does not lead to a trusted CA (or is expired or malformed).
+            fail_verify_error: Counter,
+            /// The peer's certificate has no SAN that the matchers accept.
+            fail_verify_san: Counter,
+            /// A client certificate was required and none was presented.
+            fail_verify_no_cert: Counter,
+            /// Handshakes that completed without a client certificate.
+            no_certificate: Counter,
+            /// Handshakes that resumed a session.
+            session_reused: Counter,
+        }
+        histograms {}
+    }
+}
+
+impl SslStats {
+    /// The block under `PREFIX.ssl` (`listener.ADDR` or `cluster.NAME`, already a stat name).
+    pub fn new(registry: &Registry, prefix: &str) -> Arc<Self> {
+        registry.block(format!("{prefix}.ssl"))
+    }
+
+    /// Counts a failed handshake, and why when the reason is one Envoy counts.
+    pub fn failed(&self, error: &std::io::Error) {
+        self.connection_error.inc();
+        let reason = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::NoCertificatesPresented) = reason {
+            self.fail_verify_no_cert.inc();
         }
     }
 }

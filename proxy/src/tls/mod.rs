@@ -1,26 +1,39 @@
 //! TLS with rustls: the model's TLS settings built into rustls configs, for filter chains
-//! (terminate) and cluster connections (originate). Certificates and keys are read when the
-//! config is applied (an error names the field); the data path only sees ready configs.
+//! (terminate) and cluster connections (originate). Inline certificates and keys are read when
+//! the config is applied (an error names the field); SDS secrets when they arrive
+//! ([`secrets`]). A handshake reads the certificate and validation in force when it starts
+//! ([`verify`]), so rotation needs no new config.
 
 use std::sync::Arc;
 
 use remora_config::common::DataSource;
-use remora_config::tls::{Certificate, CommonTls, DownstreamTls, TlsVersion, UpstreamTls};
+use remora_config::tls::{
+    Certificate, CertificateSource, CommonTls, DownstreamTls, TlsVersion, UpstreamTls,
+    ValidationSource,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::sign::CertifiedKey;
 
 use crate::config::{ConfigError, ConfigResult};
+use crate::stats::SslStats;
 
 mod peer;
+pub mod secrets;
+mod verify;
 
 pub use peer::PeerCertificate;
+pub use secrets::Secrets;
+pub use verify::LoadedValidation;
+use verify::{DownstreamVerifier, NoVerification, UpstreamVerifier, ValidationMaterial};
 
 fn err<T>(path: impl Into<String>, reason: impl Into<String>) -> ConfigResult<T> {
     Err(ConfigError::new(path, reason))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::LazyLock<Arc<rustls::crypto::CryptoProvider>> =
+        std::sync::LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
 }
 
 fn read(source: &DataSource, path: &str) -> ConfigResult<Vec<u8>> {
@@ -158,18 +171,67 @@ fn private_key(pem: &[u8], path: &str) -> ConfigResult<PrivateKeyDer<'static>> {
         .ok_or_else(|| ConfigError::new(path, "no private key found"))
 }
 
-fn roots(common: &CommonTls) -> ConfigResult<Option<rustls::RootCertStore>> {
-    let Some(validation) = &common.validation else {
-        return Ok(None);
-    };
-    let vpath = &validation.path;
-    let mut store = rustls::RootCertStore::empty();
-    for cert in certificates(&read(&validation.trusted_ca, vpath)?, vpath)? {
-        store
-            .add(cert)
-            .map_err(|e| ConfigError::new(vpath, format!("invalid CA certificate: {e}")))?;
+/// Where a data source's bytes come from, as `/certs` names it.
+fn source_name(source: &DataSource) -> String {
+    match source {
+        DataSource::File(path) => path.display().to_string(),
+        DataSource::Inline(_) => "<inline>".to_string(),
     }
-    Ok(Some(store))
+}
+
+/// The certificates of one TLS context as `/certs` shows them: its CA certificates and its
+/// own certificate, each with where it came from. Inline config is read again; SDS secrets
+/// are shown as they are in force (nothing while a secret has not arrived).
+#[derive(Debug, Default)]
+pub struct ContextCertificates {
+    pub ca: Vec<(String, CertificateDer<'static>)>,
+    pub chain: Vec<(String, CertificateDer<'static>)>,
+}
+
+pub fn context_certificates(common: &CommonTls, secrets: &Secrets) -> ContextCertificates {
+    let mut shown = ContextCertificates::default();
+    let validation = match &common.validation {
+        Some(ValidationSource::Inline(validation)) => {
+            LoadedValidation::load(validation).ok().map(Arc::new)
+        }
+        Some(ValidationSource::Sds(sds) | ValidationSource::Combined { secret: sds, .. }) => {
+            secrets.peek(sds).and_then(|value| match &value.loaded {
+                secrets::LoadedSecret::Validation(loaded) => Some(loaded.clone()),
+                secrets::LoadedSecret::Certificate { .. } => None,
+            })
+        }
+        None => None,
+    };
+    if let Some(loaded) = validation {
+        let source = &loaded.ca_source;
+        shown.ca = loaded
+            .ca_certificates
+            .iter()
+            .map(|c| (source.clone(), c.clone()))
+            .collect();
+    }
+    for certificate in &common.certificates {
+        let leaf = match certificate {
+            CertificateSource::Inline(certificate) => {
+                let path = format!("{}.certificate_chain", certificate.path);
+                read(&certificate.chain, &path)
+                    .and_then(|pem| certificates(&pem, &path))
+                    .ok()
+                    .and_then(|chain| chain.into_iter().next())
+                    .map(|leaf| (source_name(&certificate.chain), leaf))
+            }
+            CertificateSource::Sds(sds) => {
+                secrets.peek(sds).and_then(|value| match &value.loaded {
+                    secrets::LoadedSecret::Certificate { key, source } => {
+                        key.cert.first().map(|leaf| (source.clone(), leaf.clone()))
+                    }
+                    secrets::LoadedSecret::Validation(_) => None,
+                })
+            }
+        };
+        shown.chain.extend(leaf);
+    }
+    shown
 }
 
 /// A certificate's chain and key, read and checked to belong together.
@@ -182,30 +244,89 @@ fn load_certificate(certificate: &Certificate) -> ConfigResult<Arc<CertifiedKey>
     certified_key(chain, key, path)
 }
 
+/// A TLS context's certificate at handshake time: read once, or an SDS secret's current one.
+#[derive(Debug)]
+enum CertificateMaterial {
+    Fixed(Arc<CertifiedKey>),
+    Secret(Arc<secrets::SecretSlot>),
+}
+
+impl CertificateMaterial {
+    fn new(source: &CertificateSource, secrets: &Arc<Secrets>) -> ConfigResult<Self> {
+        Ok(match source {
+            CertificateSource::Inline(certificate) => {
+                CertificateMaterial::Fixed(load_certificate(certificate)?)
+            }
+            CertificateSource::Sds(sds) => CertificateMaterial::Secret(secrets.slot(sds)),
+        })
+    }
+
+    /// The certificate in force; `None` while its secret has not arrived.
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        match self {
+            CertificateMaterial::Fixed(key) => Some(key.clone()),
+            CertificateMaterial::Secret(slot) => match &slot.current()?.loaded {
+                secrets::LoadedSecret::Certificate { key, .. } => Some(key.clone()),
+                secrets::LoadedSecret::Validation(_) => None,
+            },
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertificateMaterial {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertificateMaterial {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn validation_material(
+    source: &ValidationSource,
+    secrets: &Arc<Secrets>,
+) -> ConfigResult<ValidationMaterial> {
+    Ok(match source {
+        ValidationSource::Inline(validation) => {
+            ValidationMaterial::Fixed(Arc::new(LoadedValidation::load(validation)?))
+        }
+        ValidationSource::Sds(sds) => ValidationMaterial::Secret(secrets.slot(sds)),
+        ValidationSource::Combined { default, secret } => ValidationMaterial::Combined {
+            default: default.san_matchers.clone(),
+            secret: secrets.slot(secret),
+            merged: Default::default(),
+        },
+    })
+}
+
 /// A server config for a filter chain's TLS termination.
-pub fn server_config(tls: &DownstreamTls) -> ConfigResult<Arc<rustls::ServerConfig>> {
+pub fn server_config(
+    tls: &DownstreamTls,
+    secrets: &Arc<Secrets>,
+    stats: &Arc<SslStats>,
+) -> ConfigResult<Arc<rustls::ServerConfig>> {
     let common = &tls.common;
     let cpath = &common.path;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(protocol_versions(common))
         .map_err(|e| ConfigError::new(cpath, e.to_string()))?;
-    let builder = match roots(common)? {
-        Some(store) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(store),
-                provider(),
-            );
-            let verifier = if tls.require_client_certificate {
-                verifier
-            } else {
-                verifier.allow_unauthenticated()
-            };
-            builder.with_client_cert_verifier(
-                verifier
-                    .build()
-                    .map_err(|e| ConfigError::new(cpath, e.to_string()))?,
-            )
-        }
+    let builder = match &common.validation {
+        Some(source) => builder.with_client_cert_verifier(Arc::new(DownstreamVerifier {
+            material: validation_material(source, secrets)?,
+            require_client_certificate: tls.require_client_certificate,
+            stats: stats.clone(),
+        })),
         None => builder.with_no_client_auth(),
     };
     let Some(certificate) = common.certificates.first() else {
@@ -214,32 +335,39 @@ pub fn server_config(tls: &DownstreamTls) -> ConfigResult<Arc<rustls::ServerConf
             "exactly one certificate is required",
         );
     };
-    let certified = load_certificate(certificate)?;
-    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    let mut config =
+        builder.with_cert_resolver(Arc::new(CertificateMaterial::new(certificate, secrets)?));
     config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(Arc::new(config))
 }
 
 /// A client config and SNI for a cluster's TLS origination.
-pub fn client_config(tls: &UpstreamTls) -> ConfigResult<ClientTls> {
+pub fn client_config(
+    tls: &UpstreamTls,
+    secrets: &Arc<Secrets>,
+    stats: Arc<SslStats>,
+) -> ConfigResult<ClientTls> {
     let common = &tls.common;
     let cpath = &common.path;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(protocol_versions(common))
         .map_err(|e| ConfigError::new(cpath, e.to_string()))?;
-    let builder = match roots(common)? {
-        Some(store) => builder.with_root_certificates(store),
+    let builder = match &common.validation {
+        Some(source) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(UpstreamVerifier {
+                material: validation_material(source, secrets)?,
+                stats: stats.clone(),
+            })),
         // Envoy does not verify the upstream without a validation context.
         None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider()))),
+            .with_custom_certificate_verifier(Arc::new(NoVerification)),
     };
     let mut config = match common.certificates.first() {
         None => builder.with_no_client_auth(),
-        Some(certificate) => {
-            let certified = load_certificate(certificate)?;
-            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
-        }
+        Some(certificate) => builder
+            .with_client_cert_resolver(Arc::new(CertificateMaterial::new(certificate, secrets)?)),
     };
     config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let sni = match &tls.sni {
@@ -254,6 +382,7 @@ pub fn client_config(tls: &UpstreamTls) -> ConfigResult<ClientTls> {
     Ok(ClientTls {
         config: Arc::new(config),
         sni,
+        stats,
     })
 }
 
@@ -262,54 +391,8 @@ pub fn client_config(tls: &UpstreamTls) -> ConfigResult<ClientTls> {
 pub struct ClientTls {
     pub config: Arc<rustls::ClientConfig>,
     pub sni: Option<ServerName<'static>>,
-}
-
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    /// `cluster.NAME.ssl.*`.
+    pub stats: Arc<SslStats>,
 }
 
 #[cfg(test)]

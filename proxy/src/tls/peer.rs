@@ -28,11 +28,7 @@ impl PeerCertificate {
         let mut peer = PeerCertificate {
             subject: rfc2253(certificate.subject()),
             issuer: rfc2253(certificate.issuer()),
-            serial: certificate
-                .raw_serial()
-                .iter()
-                .map(|byte| format!("{byte:02x}"))
-                .collect(),
+            serial: serial_hex(certificate.raw_serial()),
             not_before: certificate.validity().not_before.timestamp(),
             not_after: certificate.validity().not_after.timestamp(),
             ..PeerCertificate::default()
@@ -91,6 +87,19 @@ impl PeerCertificate {
     pub fn validity(&self) -> (i64, i64) {
         (self.not_before, self.not_after)
     }
+}
+
+/// A serial number in lowercase hex without leading zero bytes (DER adds one to keep a
+/// number positive), as OpenSSL prints it for Envoy.
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 fn ip_address(bytes: &[u8]) -> Option<IpAddr> {

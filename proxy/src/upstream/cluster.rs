@@ -603,6 +603,7 @@ impl Cluster {
         registry: &Registry,
         workers: usize,
         previous: Option<&Cluster>,
+        secrets: &Arc<crate::tls::Secrets>,
     ) -> ConfigResult<Arc<Self>> {
         let stats = match previous {
             Some(previous) => previous.stats.clone(),
@@ -617,11 +618,24 @@ impl Cluster {
                 previous.high.clone(),
             ),
             _ => {
+                let tls = config
+                    .connect
+                    .tls
+                    .as_ref()
+                    .map(|tls| {
+                        let stats = crate::stats::SslStats::new(
+                            registry,
+                            &format!("cluster.{}", crate::stats::stat_name(&config.name)),
+                        );
+                        crate::tls::client_config(tls, secrets, stats)
+                    })
+                    .transpose()?;
                 let connector = Arc::new(Connector::new(
                     &config.connect,
                     config.thresholds.max_connections,
                     stats.clone(),
-                )?);
+                    tls,
+                ));
                 let pools = Arc::new(Pools::new(
                     &config,
                     &config.thresholds,
@@ -732,25 +746,20 @@ impl Cluster {
             return &self.pools;
         }
         let (_, pools) = self.high.get_or_init(|| {
-            // The TLS settings were read once already, so this cannot fail now; if it did,
-            // the DEFAULT connections serve.
-            match Connector::new(
+            // The same TLS origination as DEFAULT's, under HIGH's connection limit.
+            let connector = Arc::new(Connector::new(
                 &self.config.connect,
                 self.config.thresholds_high.max_connections,
                 self.stats.clone(),
-            ) {
-                Ok(connector) => {
-                    let connector = Arc::new(connector);
-                    let pools = Pools::new(
-                        &self.config,
-                        &self.config.thresholds_high,
-                        connector.clone(),
-                        self.workers,
-                    );
-                    (connector, Arc::new(pools))
-                }
-                Err(_) => (self.connector.clone(), self.pools.clone()),
-            }
+                self.connector.tls().cloned(),
+            ));
+            let pools = Pools::new(
+                &self.config,
+                &self.config.thresholds_high,
+                connector.clone(),
+                self.workers,
+            );
+            (connector, Arc::new(pools))
         });
         pools
     }
@@ -916,18 +925,16 @@ mod tests {
             false,
         )
         .expect("valid");
-        let connector = Arc::new(
-            Connector::new(
-                &crate::config::ConnectOptions {
-                    connect_timeout: std::time::Duration::from_secs(1),
-                    tcp_keepalive: None,
-                    tls: None,
-                },
-                1024,
-                stats.clone(),
-            )
-            .expect("connector"),
-        );
+        let connector = Arc::new(Connector::new(
+            &crate::config::ConnectOptions {
+                connect_timeout: std::time::Duration::from_secs(1),
+                tcp_keepalive: None,
+                tls: None,
+            },
+            1024,
+            stats.clone(),
+            None,
+        ));
         members.configure_health(HealthSettings {
             checker: Some(Arc::new(Checker {
                 config: Arc::new(check),

@@ -16,7 +16,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 
 use super::host::HostState;
-use crate::config::{ConfigResult, ConnectOptions, TcpKeepalive};
+use crate::config::{ConnectOptions, TcpKeepalive};
 use crate::stats::ClusterStats;
 use crate::tls::ClientTls;
 
@@ -85,23 +85,20 @@ pub struct Connector {
 }
 
 impl Connector {
-    /// Builds the connector (reading TLS certificates now, so errors name their field).
+    /// Builds the connector; `tls` is the cluster's TLS origination, built once per cluster.
     pub fn new(
         options: &ConnectOptions,
         max_connections: u32,
         stats: Arc<ClusterStats>,
-    ) -> ConfigResult<Self> {
-        Ok(Connector {
+        tls: Option<ClientTls>,
+    ) -> Self {
+        Connector {
             stats,
             limit: Arc::new(ConnectionLimit::new(max_connections)),
             connect_timeout: options.connect_timeout,
             keepalive: options.tcp_keepalive,
-            tls: options
-                .tls
-                .as_ref()
-                .map(crate::tls::client_config)
-                .transpose()?,
-        })
+            tls,
+        }
     }
 
     /// Connections open or being opened, and the limit (for the circuit breaker gauges).
@@ -153,9 +150,23 @@ impl Connector {
                 // The handshake shares the connect timeout, as Envoy's transport socket does.
                 match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await
                 {
-                    Ok(Ok(stream)) => Stream::Tls(Box::new(stream)),
-                    Ok(Err(error)) => return Err(failed(format!("TLS: {error}"))),
-                    Err(_) => return Err(failed("TLS handshake timeout".into())),
+                    Ok(Ok(stream)) => {
+                        tls.stats.handshake.inc();
+                        if stream.get_ref().1.handshake_kind()
+                            == Some(rustls::HandshakeKind::Resumed)
+                        {
+                            tls.stats.session_reused.inc();
+                        }
+                        Stream::Tls(Box::new(stream))
+                    }
+                    Ok(Err(error)) => {
+                        tls.stats.failed(&error);
+                        return Err(failed(format!("TLS: {error}")));
+                    }
+                    Err(_) => {
+                        tls.stats.connection_error.inc();
+                        return Err(failed("TLS handshake timeout".into()));
+                    }
                 }
             }
         };

@@ -11,14 +11,19 @@ use prost_types::Any;
 use serde_json::json;
 use xds_api::type_urls::{
     CLUSTER as CDS, CLUSTER_LOAD_ASSIGNMENT as EDS, LISTENER as LDS, ROUTE_CONFIGURATION as RDS,
+    SECRET as SDS,
 };
 
 use super::warming::{Deadline, Warming};
 use super::{Received, XdsContext, short};
 use crate::config::{
-    DiscoveryType, Files, Listener, LoadAssignment, RawConfig, RouteSource, resource,
+    DiscoveryType, Files, Listener, LoadAssignment, RawConfig, RouteSource, SecretSource, resource,
 };
 use crate::upstream::Cluster;
+
+/// How long a listener or cluster waits for its secrets (Envoy's default initial fetch
+/// timeout); then it goes live without them, and its handshakes fail until they arrive.
+const SECRET_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The desired resources of one type: name → (version, payload).
 type Desired = BTreeMap<String, (String, Any)>;
@@ -142,6 +147,7 @@ impl Applier {
                 CDS => self.apply_cluster(name, any),
                 EDS => self.apply_endpoints(name, any),
                 LDS => self.apply_listener(name, any),
+                SDS => self.apply_secret(name, any),
                 _ => self.apply_route(name, any),
             };
             match result {
@@ -168,8 +174,11 @@ impl Applier {
             self.remove(type_url, name);
         }
         self.applied.insert(type_url, applied);
+        if type_url == SDS {
+            self.promote_clusters_with_secrets();
+        }
         self.activate_ready();
-        if type_url == RDS {
+        if type_url == RDS || type_url == SDS {
             self.promote_listeners();
         }
         self.publish_warming();
@@ -222,6 +231,7 @@ impl Applier {
             &self.context.registry,
             self.context.concurrency,
             previous.as_deref(),
+            &self.context.secrets,
         )
         .map_err(|e| e.to_string())?;
         // Health checks and DNS run on this (the main) runtime from now on, warming or not.
@@ -250,12 +260,50 @@ impl Applier {
     /// Activates `cluster`, or keeps it warming until its hosts' first health checks when it
     /// has active checks that have not all completed yet.
     fn activate_when_checked(&mut self, cluster: Arc<Cluster>) {
+        if !self.has_secrets(&cluster) {
+            // Warms until its secrets arrive, as Envoy's clusters do.
+            self.warming.add_cluster(cluster, SECRET_FETCH_TIMEOUT);
+            self.publish_warming();
+            return;
+        }
         if cluster.config.health_check.is_some() && !cluster.members.first_checks_done() {
             self.warming.add_checked_cluster(cluster);
             self.publish_warming();
         } else {
             self.activate_cluster(cluster);
         }
+    }
+
+    fn has_secrets(&self, cluster: &Cluster) -> bool {
+        self.context
+            .secrets
+            .all_ready(cluster.config.connect.sds_secrets())
+    }
+
+    /// Activates the warming clusters that waited only for secrets that are in now.
+    fn promote_clusters_with_secrets(&mut self) {
+        let ready: Vec<String> = self
+            .warming
+            .clusters()
+            .filter(|c| c.members.is_initialized() && self.has_secrets(c))
+            .map(|c| c.name().to_string())
+            .collect();
+        for name in ready {
+            if let Some(cluster) = self.warming.remove_cluster(&name) {
+                self.activate_when_checked(cluster);
+            }
+        }
+    }
+
+    fn apply_secret(&mut self, name: &str, any: &Any) -> Result<(), String> {
+        let secret = resource::secret(&any.value).map_err(|e| e.to_string())?;
+        if secret.name != name {
+            return Err(format!("the secret is named {:?}", secret.name));
+        }
+        self.context
+            .secrets
+            .set(&SecretSource::Ads, &secret)
+            .map_err(|e| e.to_string())
     }
 
     /// Queues `cluster` for the store; [`Applier::activate_ready`] puts it there.
@@ -338,9 +386,10 @@ impl Applier {
         let routes = self.context.store.load();
         let missing = route_names(&listener)
             .iter()
-            .any(|r| !routes.routes.contains_key(r));
+            .any(|r| !routes.routes.contains_key(r))
+            || !self.context.secrets.all_ready(listener.sds_secrets());
         if missing {
-            let timeout = listener
+            let route_timeout = listener
                 .connection_managers()
                 .filter_map(|hcm| match &hcm.routes {
                     RouteSource::Rds { source, .. } => Some(source.initial_fetch_timeout),
@@ -348,6 +397,11 @@ impl Applier {
                 })
                 .max()
                 .unwrap_or_default();
+            let timeout = if listener.sds_secrets().next().is_some() {
+                route_timeout.max(SECRET_FETCH_TIMEOUT)
+            } else {
+                route_timeout
+            };
             self.warming.add_listener(listener, timeout);
             Ok(())
         } else {
@@ -373,9 +427,11 @@ impl Applier {
     /// Starts the warming listeners whose route configurations have all arrived.
     fn promote_listeners(&mut self) {
         let routes = self.context.store.load();
-        let ready = self
-            .warming
-            .ready_listeners(|l| route_names(l).iter().all(|r| routes.routes.contains_key(r)));
+        let secrets = &self.context.secrets;
+        let ready = self.warming.ready_listeners(|l| {
+            route_names(l).iter().all(|r| routes.routes.contains_key(r))
+                && secrets.all_ready(l.sds_secrets())
+        });
         for listener in ready {
             self.start_listener(listener);
         }

@@ -1,5 +1,5 @@
 //! The xDS client: one ADS stream (state-of-the-world `GRPC` or incremental `DELTA_GRPC`) to the
-//! bootstrap's `ads_config` cluster carrying CDS, EDS, LDS and RDS. In parts:
+//! bootstrap's `ads_config` cluster carrying CDS, EDS, LDS, RDS and SDS. In parts:
 //!
 //! - [`transport`]: the connection (through the ADS cluster's connect path, TLS included) and
 //!   the reconnect backoff;
@@ -34,6 +34,7 @@ use xds_api::envoy::service::discovery::v3::{
 };
 use xds_api::type_urls::{
     CLUSTER as CDS, CLUSTER_LOAD_ASSIGNMENT as EDS, LISTENER as LDS, ROUTE_CONFIGURATION as RDS,
+    SECRET as SDS,
 };
 
 pub use status::{Status, StatusSnapshot};
@@ -58,6 +59,8 @@ pub struct XdsContext {
     pub listeners: Arc<ListenerManager>,
     pub lifecycle: Arc<Lifecycle>,
     pub status: Arc<Status>,
+    /// Where secrets arriving over ADS go.
+    pub secrets: Arc<crate::tls::Secrets>,
     /// Worker count (clusters keep one pool per worker).
     pub concurrency: usize,
 }
@@ -87,7 +90,9 @@ pub struct Received {
 
 /// The resource types Remora takes.
 pub fn known_type(type_url: &str) -> Option<&'static str> {
-    [CDS, EDS, LDS, RDS].into_iter().find(|t| *t == type_url)
+    [CDS, EDS, LDS, RDS, SDS]
+        .into_iter()
+        .find(|t| *t == type_url)
 }
 
 /// A type's resource name, for messages.
@@ -97,6 +102,7 @@ pub fn short(type_url: &str) -> &'static str {
         EDS => "ClusterLoadAssignment",
         LDS => "Listener",
         RDS => "RouteConfiguration",
+        SDS => "Secret",
         _ => "resource",
     }
 }
@@ -382,6 +388,7 @@ impl<V: Variant> Client<V> {
         for (type_url, names, before) in [
             (EDS, &wanted.endpoints, &self.subscribed.endpoints),
             (RDS, &wanted.routes, &self.subscribed.routes),
+            (SDS, &wanted.secrets, &self.subscribed.secrets),
         ] {
             let dropped: Vec<String> = before.difference(names).cloned().collect();
             self.applier.forget(type_url, &dropped);

@@ -1,35 +1,52 @@
 //! Which named resources the proxy needs: the EDS service names of its EDS clusters (active
-//! and warming) and the RDS route configurations of its listeners (active and warming).
+//! and warming), the RDS route configurations of its listeners (active and warming), and the
+//! SDS secrets over ADS that either names.
 
 use std::collections::BTreeSet;
 
 use super::apply::{Applier, route_names};
-use crate::config::DiscoveryType;
+use crate::config::{DiscoveryType, SecretSource};
 
 /// The names wanted now, per named type.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Wanted {
     pub endpoints: BTreeSet<String>,
     pub routes: BTreeSet<String>,
+    pub secrets: BTreeSet<String>,
 }
 
 pub fn wanted(applier: &Applier) -> Wanted {
     let snapshot = applier.context.store.load();
-    let endpoints = snapshot
-        .clusters
-        .values()
-        .chain(applier.warming.clusters())
+    let clusters = || snapshot.clusters.values().chain(applier.warming.clusters());
+    let mut secrets: BTreeSet<String> = clusters()
+        .flat_map(|cluster| cluster.config.connect.sds_secrets())
+        .filter(|sds| sds.source == SecretSource::Ads)
+        .map(|sds| sds.name.clone())
+        .collect();
+    let endpoints = clusters()
         .filter_map(|cluster| match &cluster.config.discovery {
             DiscoveryType::Eds { service_name, .. } => Some(service_name.clone()),
             _ => None,
         })
         .collect();
     let mut routes = BTreeSet::new();
-    for listener in applier.context.listeners.list() {
-        routes.extend(route_names(&listener.config));
-    }
-    for listener in applier.warming.listeners() {
+    let active = applier.context.listeners.list();
+    let listeners = active
+        .iter()
+        .map(|l| &*l.config)
+        .chain(applier.warming.listeners().map(|l| &**l));
+    for listener in listeners {
         routes.extend(route_names(listener));
+        secrets.extend(
+            listener
+                .sds_secrets()
+                .filter(|sds| sds.source == SecretSource::Ads)
+                .map(|sds| sds.name.clone()),
+        );
     }
-    Wanted { endpoints, routes }
+    Wanted {
+        endpoints,
+        routes,
+        secrets,
+    }
 }

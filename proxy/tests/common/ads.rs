@@ -236,17 +236,7 @@ impl Drop for AdsServer {
 }
 
 fn name_of(type_url: &str, any: &Any) -> String {
-    use xds_api::envoy::config;
-    let bytes = any.value.as_slice();
-    match type_url {
-        type_urls::CLUSTER => config::cluster::v3::Cluster::decode(bytes).map(|c| c.name),
-        type_urls::CLUSTER_LOAD_ASSIGNMENT => {
-            config::endpoint::v3::ClusterLoadAssignment::decode(bytes).map(|c| c.cluster_name)
-        }
-        type_urls::LISTENER => config::listener::v3::Listener::decode(bytes).map(|l| l.name),
-        _ => config::route::v3::RouteConfiguration::decode(bytes).map(|r| r.name),
-    }
-    .unwrap_or_default()
+    remora_config::resource::name(type_url, &any.value).unwrap_or_default()
 }
 
 fn wildcard(type_url: &str) -> bool {

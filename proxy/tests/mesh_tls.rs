@@ -1,0 +1,704 @@
+//! Mesh mTLS end to end: SPIFFE certificates (a URI SAN and nothing else) checked by SAN
+//! matchers, against real Envoy in both directions; secrets from static resources, from a
+//! watched file and over ADS, rotated under load without a failed request.
+
+#[path = "common/ads.rs"]
+mod ads;
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use remora_tests::echo::EchoServer;
+use remora_tests::{envoy, free_port, http_get, wait_for};
+
+const TRUST_DOMAIN: &str = "spiffe://mesh.test";
+
+/// A CA and what it signs.
+struct Ca {
+    key: rcgen::KeyPair,
+    certificate: rcgen::Certificate,
+}
+
+/// A leaf certificate and its key, in PEM.
+#[derive(Clone)]
+struct Leaf {
+    certificate: String,
+    key: String,
+    serial: u64,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let certificate = params.self_signed(&key).expect("ca");
+        Ca { key, certificate }
+    }
+
+    fn pem(&self) -> String {
+        self.certificate.pem()
+    }
+
+    /// A workload certificate whose only name is `spiffe://mesh.test/ns/NS/sa/SA`.
+    fn workload(&self, namespace: &str, account: &str, serial: u64) -> Leaf {
+        self.leaf(namespace, account, serial, &[])
+    }
+
+    /// A server certificate for the tests' own TLS client, which checks the host name
+    /// `server.mesh.test` (as a browser would) besides the workload's URI.
+    fn server(&self, serial: u64) -> Leaf {
+        self.leaf("backend", "server", serial, &["server.mesh.test"])
+    }
+
+    fn leaf(&self, namespace: &str, account: &str, serial: u64, dns: &[&str]) -> Leaf {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        let uri = format!("{TRUST_DOMAIN}/ns/{namespace}/sa/{account}");
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().expect("uri"))];
+        for name in dns {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::DnsName((*name).try_into().expect("dns")));
+        }
+        params.serial_number = Some(serial.to_be_bytes().to_vec().into());
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let certificate = params
+            .signed_by(&key, &self.certificate, &self.key)
+            .expect("sign");
+        Leaf {
+            certificate: certificate.pem(),
+            key: key.serialize_pem(),
+            serial,
+        }
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path.display().to_string()
+}
+
+/// A YAML flow string holding `text` (PEM has newlines).
+fn quoted(text: &str) -> String {
+    serde_json::to_string(text).expect("json string")
+}
+
+fn uri_matcher(kind: &str, value: &str) -> String {
+    format!("{{san_type: URI, matcher: {{{kind}: \"{value}\"}}}}")
+}
+
+/// A listener terminating mTLS: client certificate required, its URI SAN matched.
+fn mtls_listener(name: &str, port: u16, leaf: &(String, String), ca: &str, san: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates: [{{certificate_chain: {{filename: "{cert}"}}, private_key: {{filename: "{key}"}}}}]
+            validation_context:
+              trusted_ca: {{filename: "{ca}"}}
+              match_typed_subject_alt_names: [{san}]
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]
+"#,
+        cert = leaf.0,
+        key = leaf.1,
+    )
+}
+
+/// A cluster originating mTLS with a client certificate, checking the server's URI SAN.
+fn mtls_cluster(
+    name: &str,
+    target: SocketAddr,
+    leaf: &(String, String),
+    ca: &str,
+    san: &str,
+) -> String {
+    static_cluster(name, &[target]).replace(
+        "    type: STATIC\n",
+        &format!(
+            r#"    type: STATIC
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: server.mesh.test
+        common_tls_context:
+          tls_certificates: [{{certificate_chain: {{filename: "{cert}"}}, private_key: {{filename: "{key}"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{ca}"}}
+            match_typed_subject_alt_names: [{san}]
+"#,
+            cert = leaf.0,
+            key = leaf.1,
+        ),
+    )
+}
+
+/// Either proxy, running one bootstrap.
+enum Running {
+    Remora(Proxy),
+    Envoy(envoy::Envoy, #[allow(dead_code)] tempfile::TempDir),
+}
+
+impl Running {
+    fn admin(&self) -> SocketAddr {
+        match self {
+            Running::Remora(proxy) => proxy.admin,
+            Running::Envoy(envoy, _) => envoy.admin,
+        }
+    }
+
+    fn stat(&self, name: &str) -> Option<u64> {
+        remora_tests::admin_stat(self.admin(), name)
+    }
+
+    /// `/certs`, its contexts in a fixed order (the two proxies list them in their own).
+    fn certs(&self) -> Vec<serde_json::Value> {
+        let (status, _, body) = http_get(self.admin(), "/certs").expect("admin");
+        assert_eq!(status, 200, "{body}");
+        let mut contexts = echo_json(&body)["certificates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        contexts.sort_by_key(|c| c.to_string());
+        contexts
+    }
+}
+
+fn run(remora: bool, yaml: &str, admin: SocketAddr) -> Running {
+    if remora {
+        Running::Remora(Proxy::start(yaml, admin, &[]))
+    } else {
+        let (dir, path) = write_config(yaml);
+        envoy::validate(&path).unwrap_or_else(|e| panic!("envoy rejects the bootstrap: {e}"));
+        Running::Envoy(envoy::Envoy::start(&path, admin, &[]), dir)
+    }
+}
+
+fn name(remora: bool) -> &'static str {
+    if remora { "remora" } else { "envoy" }
+}
+
+/// Client sidecar (originates mTLS) → server sidecar (terminates mTLS) → app, with the two
+/// sidecars Remora and Envoy in every pairing. A SAN the peer does not have fails the
+/// connection the same way whichever side checks it and whichever proxy that is.
+#[test]
+fn spiffe_mtls_between_remora_and_envoy_in_both_directions() {
+    if !envoy::available_or_skip("Envoy interop over SPIFFE mTLS") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Ca::new();
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
+    let files = |leaf: Leaf, stem: &str| {
+        (
+            write(dir.path(), &format!("{stem}.pem"), &leaf.certificate),
+            write(dir.path(), &format!("{stem}.key"), &leaf.key),
+        )
+    };
+    let server_leaf = files(ca.workload("backend", "server", 1), "server");
+    let client_leaf = files(ca.workload("frontend", "client", 2), "client");
+    let app = EchoServer::start("app", "127.0.0.1");
+    let log_path = dir.path().join("inbound.log");
+    // `/certs` of each role, by proxy: the same bootstrap shows the same certificates.
+    let mut certs: std::collections::BTreeMap<(&str, &str), Vec<serde_json::Value>> =
+        Default::default();
+
+    for (client_is_remora, server_is_remora) in [(true, false), (false, true), (true, true)] {
+        let pairing = format!("{} → {}", name(client_is_remora), name(server_is_remora));
+        // The server sidecar: one listener admitting the frontend namespace, one admitting
+        // only a namespace the client is not in.
+        let (server_admin, server_admin_yaml) = admin_block();
+        let (open_port, strict_port) = (free_port(), free_port());
+        let server_yaml = bootstrap(
+            &server_admin_yaml,
+            &[
+                mtls_listener(
+                    "inbound",
+                    open_port,
+                    &server_leaf,
+                    &ca_path,
+                    &uri_matcher("prefix", &format!("{TRUST_DOMAIN}/ns/frontend/")),
+                ),
+                mtls_listener(
+                    "inbound_strict",
+                    strict_port,
+                    &server_leaf,
+                    &ca_path,
+                    &uri_matcher("exact", &format!("{TRUST_DOMAIN}/ns/admin/sa/ops")),
+                ),
+            ],
+            &[static_cluster("app", &[app.addr])],
+        );
+        // Remora's inbound listener also logs who called, from the client's certificate.
+        let server_yaml = if server_is_remora {
+            server_yaml.replacen(
+                "          stat_prefix: inbound\n",
+                &format!(
+                    "          stat_prefix: inbound\n          access_log: [{{name: file, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{}\", log_format: {{text_format_source: {{inline_string: \"%DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_PEER_DNS_SAN% %DOWNSTREAM_PEER_SERIAL%\\n\"}}}}}}}}]\n",
+                    log_path.display()
+                ),
+                1,
+            )
+        } else {
+            server_yaml
+        };
+        let server = run(server_is_remora, &server_yaml, server_admin);
+
+        let (client_admin, client_admin_yaml) = admin_block();
+        let client_port = free_port();
+        let routes = "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: \"/ok\"}\n                route: {cluster: to_server}\n              - match: {prefix: \"/wrong-server\"}\n                route: {cluster: expects_other_server}\n              - match: {prefix: \"/strict\"}\n                route: {cluster: to_strict}\n";
+        let server_identity = format!("{TRUST_DOMAIN}/ns/backend/sa/server");
+        let client_yaml = bootstrap(
+            &client_admin_yaml,
+            &[http_listener("outbound", client_port, "", routes)],
+            &[
+                mtls_cluster(
+                    "to_server",
+                    loopback(open_port),
+                    &client_leaf,
+                    &ca_path,
+                    &uri_matcher("exact", &server_identity),
+                ),
+                mtls_cluster(
+                    "expects_other_server",
+                    loopback(open_port),
+                    &client_leaf,
+                    &ca_path,
+                    &uri_matcher("exact", &format!("{TRUST_DOMAIN}/ns/backend/sa/other")),
+                ),
+                mtls_cluster(
+                    "to_strict",
+                    loopback(strict_port),
+                    &client_leaf,
+                    &ca_path,
+                    &uri_matcher("exact", &server_identity),
+                ),
+            ],
+        );
+        let client_proxy = run(client_is_remora, &client_yaml, client_admin);
+        let client = loopback(client_port);
+
+        let (status, _, body) = http_get(client, "/ok").expect("request");
+        assert_eq!(status, 200, "{pairing}: {body}");
+        assert_eq!(echo_json(&body)["upstream"], "app", "{pairing}");
+        let (status, _, _) = http_get(client, "/wrong-server").expect("request");
+        assert_eq!(
+            status, 503,
+            "{pairing}: the client refuses the server's SAN"
+        );
+        let (status, _, _) = http_get(client, "/strict").expect("request");
+        assert_eq!(
+            status, 503,
+            "{pairing}: the server refuses the client's SAN"
+        );
+        // And the good route still works after the refusals.
+        let (status, _, _) = http_get(client, "/ok").expect("request");
+        assert_eq!(status, 200, "{pairing}");
+        // Both proxies count the refusals where they happened, under Envoy's names.
+        let counted = |running: &Running, stat: &str| {
+            wait_for(
+                &format!("{pairing}: {stat}"),
+                Duration::from_secs(10),
+                || running.stat(stat).filter(|n| *n >= 1),
+            )
+        };
+        counted(
+            &client_proxy,
+            "cluster.expects_other_server.ssl.fail_verify_san",
+        );
+        counted(
+            &server,
+            &format!("listener.127.0.0.1_{strict_port}.ssl.fail_verify_san"),
+        );
+        assert!(counted(&client_proxy, "cluster.to_server.ssl.handshake") >= 1);
+        certs.insert(("client", name(client_is_remora)), client_proxy.certs());
+        certs.insert(("server", name(server_is_remora)), server.certs());
+    }
+    for role in ["client", "server"] {
+        let remora = &certs[&(role, "remora")];
+        assert_eq!(
+            remora.len(),
+            if role == "client" { 3 } else { 2 },
+            "{remora:?}"
+        );
+        assert_eq!(
+            remora,
+            &certs[&(role, "envoy")],
+            "/certs of the {role} sidecar"
+        );
+    }
+    let log = wait_for("the inbound access log", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log_path)
+            .ok()
+            .filter(|log| log.lines().count() >= 2)
+    });
+    for line in log.lines() {
+        assert_eq!(line, format!("{TRUST_DOMAIN}/ns/frontend/sa/client - 02"));
+    }
+}
+
+/// A TLS client for the tests: rustls, trusting `ca`, presenting no certificate, never
+/// resuming a session.
+fn tls_client(ca: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls_pemfile::certs(&mut ca.as_bytes()) {
+        roots.add(certificate.expect("pem")).expect("ca");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // Every request a full handshake: a resumed session shows the certificate it began with.
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
+}
+
+/// One request on a new TLS connection: the status and the serial of the certificate the
+/// server presented; `None` if the handshake or request failed.
+fn tls_request(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> Option<(u16, u64)> {
+    let name = rustls::pki_types::ServerName::try_from("server.mesh.test").expect("name");
+    let connection = rustls::ClientConnection::new(config.clone(), name).ok()?;
+    let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    socket.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut stream = rustls::StreamOwned::new(connection, socket);
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: server.mesh.test\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let head = String::from_utf8_lossy(&response);
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let serial = stream
+        .conn
+        .peer_certificates()?
+        .first()
+        .map(|der| serial_of(der))?;
+    Some((status, serial))
+}
+
+/// The serial number of a DER certificate, as the number the test gave rcgen.
+fn serial_of(der: &[u8]) -> u64 {
+    let (_, certificate) =
+        x509_parser::parse_x509_certificate(der).expect("a certificate from the proxy");
+    certificate
+        .raw_serial()
+        .iter()
+        .fold(0u64, |serial, byte| (serial << 8) | u64::from(*byte))
+}
+
+/// A `DiscoveryResponse` file with one TLS certificate secret, as Envoy's file-based SDS reads.
+fn certificate_secret_file(name: &str, leaf: &Leaf) -> String {
+    format!(
+        "resources:\n- \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n  name: {name}\n  tls_certificate:\n    certificate_chain: {{inline_string: {}}}\n    private_key: {{inline_string: {}}}\n",
+        quoted(&leaf.certificate),
+        quoted(&leaf.key),
+    )
+}
+
+/// Replaces `path` in one step (write aside, rename), as a Kubernetes secret volume does.
+fn replace_file(path: &Path, text: &str) {
+    let aside = path.with_extension("next");
+    std::fs::write(&aside, text).expect("write");
+    std::fs::rename(&aside, path).expect("rename");
+}
+
+fn tls_listener_with_sds(port: u16, sds: &str) -> String {
+    format!(
+        r#"  - name: tls_in
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificate_sds_secret_configs: [{sds}]
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: tls_in
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]
+"#
+    )
+}
+
+/// The certificate of a TLS listener comes from a watched SDS file. It is rotated every two
+/// seconds for 30 s while clients make a new TLS connection per request and one kept-alive
+/// connection sends request after request: no request fails, the kept-alive connection is
+/// never cut, and after each rotation new handshakes get the new certificate.
+#[test]
+fn file_sds_rotation_under_load_fails_no_request() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Ca::new();
+    let secret_path = dir.path().join("server-cert.yaml");
+    let first = ca.server(100);
+    std::fs::write(&secret_path, certificate_secret_file("server-cert", &first)).expect("write");
+    let app = EchoServer::start("app", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    // Envoy needs a node to use SDS, files included.
+    let node = "node: {id: sds-file, cluster: test}\n";
+    let yaml = bootstrap(
+        &format!("{node}{admin_yaml}"),
+        &[tls_listener_with_sds(
+            port,
+            &format!(
+                "{{name: server-cert, sds_config: {{path_config_source: {{path: \"{}\"}}}}}}",
+                secret_path.display()
+            ),
+        )],
+        &[static_cluster("app", &[app.addr])],
+    );
+    if envoy::available() {
+        let (_d, path) = write_config(&yaml);
+        envoy::validate(&path).unwrap_or_else(|e| panic!("envoy rejects the SDS bootstrap: {e}"));
+    }
+    let proxy = Proxy::start(&yaml, admin, &[]);
+    let addr = loopback(port);
+    let client = tls_client(&ca.pem());
+    assert_eq!(tls_request(addr, &client), Some((200, 100)));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let (stop, ok, failed, client) = (stop.clone(), ok.clone(), failed.clone(), client.clone());
+        load.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match tls_request(addr, &client) {
+                    Some((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    // One connection kept alive through every rotation.
+    let kept = {
+        let (stop, client) = (stop.clone(), client.clone());
+        std::thread::spawn(move || {
+            let name = rustls::pki_types::ServerName::try_from("server.mesh.test").expect("name");
+            let connection = rustls::ClientConnection::new(client, name).expect("client");
+            let socket = TcpStream::connect(addr).expect("connect");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut stream = rustls::StreamOwned::new(connection, socket);
+            let mut served = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                stream
+                    .write_all(b"GET /kept HTTP/1.1\r\nhost: server.mesh.test\r\n\r\n")
+                    .expect("the kept-alive connection stays open");
+                let head = read_head(&mut stream).expect("a response on the kept connection");
+                let head = String::from_utf8_lossy(&head).to_string();
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().expect("length"))
+                    })
+                    .expect("content-length");
+                let mut body = vec![0; length];
+                stream.read_exact(&mut body).expect("body");
+                served += 1;
+            }
+            served
+        })
+    };
+
+    let started = Instant::now();
+    let mut serial = 100;
+    while started.elapsed() < Duration::from_secs(30) {
+        serial += 1;
+        let next = ca.server(serial);
+        replace_file(&secret_path, &certificate_secret_file("server-cert", &next));
+        // The next handshakes get the new certificate once the file is seen (about a second).
+        wait_for(
+            &format!("handshakes with certificate {serial}"),
+            Duration::from_secs(10),
+            || (tls_request(addr, &client)? == (200, serial)).then_some(()),
+        );
+        std::thread::sleep(Duration::from_secs(1)); // pacing of the rotation, not a sync
+    }
+    stop.store(true, Ordering::Relaxed);
+    for thread in load {
+        thread.join().expect("load thread");
+    }
+    let kept_served = kept
+        .join()
+        .expect("the kept-alive connection served throughout");
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "rotations: {}, new-connection requests: {ok} ok / {failed} failed, kept-alive requests: {kept_served}",
+        serial - 100
+    );
+    assert_eq!(failed, 0, "{ok} requests passed");
+    assert!(ok > 0 && kept_served > 0);
+    assert!(serial - 100 >= 5, "rotated {} times", serial - 100);
+    // A file that no longer reads leaves the last good certificate serving.
+    replace_file(&secret_path, "resources: [{\"@type\": nonsense}]");
+    wait_for(
+        "the bad file to be reported",
+        Duration::from_secs(10),
+        || {
+            proxy
+                .process
+                .log()
+                .contains("secret file: keeping the last good version")
+                .then_some(())
+        },
+    );
+    assert_eq!(tls_request(addr, &client), Some((200, serial)));
+}
+
+/// Secrets over ADS: a listener whose certificate and a cluster whose trust bundle come by
+/// SDS warm until those arrive; a new certificate serves the next handshake; a certificate
+/// whose key does not belong to it is NACKed by name and the last good one keeps serving.
+#[test]
+fn ads_secrets_warm_rotate_and_nack() {
+    use xds_api::type_urls::{CLUSTER, LISTENER, SECRET};
+    let ca = Ca::new();
+    let app = EchoServer::start("app", "127.0.0.1");
+    let ads_server = ads::AdsServer::start();
+    let (admin, _) = admin_block();
+    let port = free_port();
+    let yaml = format!(
+        r#"node: {{id: sds-node, cluster: test}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+{app}
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]
+"#,
+        admin_port = admin.port(),
+        ads_port = ads_server.addr.port(),
+        app = static_cluster("app", &[app.addr]).trim_end(),
+    );
+    let listener_yaml = tls_listener_with_sds(port, "{name: server-cert, sds_config: {ads: {}}}");
+    // The same listener as a resource of its own: one level less indented.
+    let listener_yaml = listener_yaml
+        .replacen("  - name: tls_in", "    name: tls_in", 1)
+        .lines()
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n");
+    ads_server.set(LISTENER, vec![ads::listener(&listener_yaml)]);
+    ads_server.set(CLUSTER, vec![]);
+    let (_dir, path) = write_config(&yaml);
+    let mut command = std::process::Command::new(remora_tests::workspace_binary("remora-proxy"));
+    command.arg("-c").arg(&path).args(["--log-level", "debug"]);
+    let mut proxy = remora_tests::process::ChildGuard::spawn("remora-proxy", command);
+
+    // The listener waits for its certificate: the server is not live and nothing listens.
+    wait_for(
+        "the proxy to ask for the secret",
+        Duration::from_secs(20),
+        || {
+            ads_server
+                .requests()
+                .into_iter()
+                .find(|r| r.type_url == SECRET && r.names.contains(&"server-cert".to_string()))
+        },
+    );
+    assert!(proxy.try_wait().is_none(), "{}", proxy.log());
+    let (status, _, _) = http_get(admin, "/ready").expect("admin");
+    assert_eq!(status, 503, "not live while the listener warms");
+    assert!(
+        TcpStream::connect(loopback(port)).is_err(),
+        "the warming listener is not bound"
+    );
+
+    let secret = |leaf: &Leaf| {
+        ads::pack(
+            SECRET,
+            &xds_api::json::from_yaml_str::<
+                xds_api::envoy::extensions::transport_sockets::tls::v3::Secret,
+            >(&format!(
+                "name: server-cert\ntls_certificate: {{certificate_chain: {{inline_string: {}}}, private_key: {{inline_string: {}}}}}",
+                quoted(&leaf.certificate),
+                quoted(&leaf.key)
+            ))
+            .expect("secret"),
+        )
+    };
+    let first = ca.server(7);
+    ads_server.set(SECRET, vec![secret(&first)]);
+    wait_ready(&mut proxy, admin);
+    let client = tls_client(&ca.pem());
+    let addr = loopback(port);
+    wait_for(
+        "TLS with the first certificate",
+        Duration::from_secs(10),
+        || (tls_request(addr, &client)? == (200, 7)).then_some(()),
+    );
+
+    // Rotation: the very next handshake after the ACK has the new certificate.
+    let second = ca.server(8);
+    ads_server.set(SECRET, vec![secret(&second)]);
+    wait_for(
+        "TLS with the second certificate",
+        Duration::from_secs(10),
+        || (tls_request(addr, &client)? == (200, 8)).then_some(()),
+    );
+
+    // A key that is not the certificate's: NACKed with the resource and the reason.
+    let mut mismatched = ca.server(9);
+    mismatched.key = ca.server(10).key;
+    ads_server.set(SECRET, vec![secret(&mismatched)]);
+    let nack = ads_server.wait_nack("Secret server-cert");
+    let message = nack.error.unwrap_or_default();
+    assert!(
+        message.contains("tls_certificate") && message.contains("do not match"),
+        "{message}"
+    );
+    assert_eq!(tls_request(addr, &client), Some((200, second.serial)));
+    drop(proxy);
+}
