@@ -8,7 +8,7 @@
 //! wire bytes for fields our protos do not declare.
 //!
 //! Areas, in the order a request meets them: [`bootstrap`], [`listener`] (filter chains),
-//! [`tcp_proxy`], [`hcm`] (with [`filters`] and [`access_log`]), [`route`] (with [`retry`] and
+//! [`rbac`] (network and HTTP), [`tcp_proxy`], [`hcm`] (with [`filters`] and [`access_log`]), [`route`] (with [`retry`] and
 //! [`hash_policy`]), [`cluster`] (with [`load_balancing`], [`health_check`] and [`outlier`]),
 //! [`endpoint`], [`tls`], [`tracing`]; [`common`] and [`matcher`] hold what they share.
 //! [`resource`] reads
@@ -30,6 +30,7 @@ pub mod load_balancing;
 pub mod matcher;
 pub mod outlier;
 pub mod raw;
+pub mod rbac;
 pub mod resource;
 pub mod retry;
 pub mod route;

@@ -1,5 +1,6 @@
 //! Listeners: the address, listener filters (`tls_inspector`, `original_dst`), filter chains
-//! with their match, TLS and one network filter (`tcp_proxy` or the HTTP connection manager).
+//! with their match, TLS, any RBAC network filters and one terminal network filter (`tcp_proxy`
+//! or the HTTP connection manager).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use crate::common::{CidrRange, cidrs, duration, socket_address, unpack};
 use crate::error::{ConfigResult, err, field, item};
 use crate::hcm::{HttpConnectionManager, http_connection_manager};
 use crate::raw::RawConfig;
+use crate::rbac::{NetworkRbac, network_rbac};
 use crate::route::Files;
 use crate::tcp_proxy::{TcpProxy, tcp_proxy};
 use crate::tls::DownstreamTls;
@@ -97,6 +99,8 @@ pub struct FilterChainMatch {
 pub struct FilterChain {
     pub name: String,
     pub filter_match: FilterChainMatch,
+    /// `envoy.filters.network.rbac` filters, in order, before the terminal filter.
+    pub rbac: Vec<Arc<NetworkRbac>>,
     pub filter: NetworkFilter,
     /// TLS termination (`transport_socket` with a DownstreamTlsContext).
     pub tls: Option<DownstreamTls>,
@@ -339,30 +343,7 @@ fn filter_chain(
         Some(m) => chain_match(m, &field(path, "filter_chain_match"))?,
         None => FilterChainMatch::default(),
     };
-    let [filter] = filters.as_slice() else {
-        return err(
-            field(path, "filters"),
-            "exactly one network filter (tcp_proxy or http_connection_manager) is supported",
-        );
-    };
-    let fpath = item(path, "filters", 0);
-    let listener_pb::Filter {
-        name: _,
-        config_type,
-    } = filter;
-    let Some(listener_pb::filter::ConfigType::TypedConfig(any)) = config_type else {
-        return err(field(&fpath, "typed_config"), "typed_config is required");
-    };
-    let tpath = field(&fpath, "typed_config");
-    let filter = match any.type_url.as_str() {
-        type_urls::TCP_PROXY => {
-            NetworkFilter::TcpProxy(Arc::new(tcp_proxy(&unpack(any, &tpath)?, &tpath)?))
-        }
-        type_urls::HTTP_CONNECTION_MANAGER => NetworkFilter::Http(Arc::new(
-            http_connection_manager(&unpack(any, &tpath)?, &tpath, files)?,
-        )),
-        other => return err(tpath, format!("network filter {other:?} is not supported")),
-    };
+    let (rbac, filter) = network_filters(filters, path, files)?;
     let tls = transport_socket
         .as_ref()
         .map(|socket| crate::tls::downstream(socket, &field(path, "transport_socket")))
@@ -370,8 +351,58 @@ fn filter_chain(
     Ok(FilterChain {
         name: name.clone(),
         filter_match,
+        rbac,
         filter,
         tls,
         path: path.to_string(),
     })
+}
+
+/// A chain's `filters`: any RBAC filters, then exactly one terminal filter (`tcp_proxy` or the
+/// HTTP connection manager), last.
+fn network_filters(
+    filters: &[listener_pb::Filter],
+    path: &str,
+    files: Files,
+) -> ConfigResult<(Vec<Arc<NetworkRbac>>, NetworkFilter)> {
+    const SHAPE: &str = "network filters must be zero or more envoy.filters.network.rbac followed \
+                         by exactly one tcp_proxy or http_connection_manager";
+    let mut rbac = Vec::new();
+    for (index, filter) in filters.iter().enumerate() {
+        let fpath = item(path, "filters", index);
+        let listener_pb::Filter {
+            name: _,
+            config_type,
+        } = filter;
+        let Some(listener_pb::filter::ConfigType::TypedConfig(any)) = config_type else {
+            return err(field(&fpath, "typed_config"), "typed_config is required");
+        };
+        let tpath = field(&fpath, "typed_config");
+        let last = index + 1 == filters.len();
+        let terminal = match any.type_url.as_str() {
+            crate::rbac::NETWORK_TYPE_URL if !last => {
+                rbac.push(Arc::new(network_rbac(any, &tpath)?));
+                continue;
+            }
+            type_urls::TCP_PROXY if last => {
+                NetworkFilter::TcpProxy(Arc::new(tcp_proxy(&unpack(any, &tpath)?, &tpath)?))
+            }
+            type_urls::HTTP_CONNECTION_MANAGER if last => NetworkFilter::Http(Arc::new(
+                http_connection_manager(&unpack(any, &tpath)?, &tpath, files)?,
+            )),
+            crate::rbac::NETWORK_TYPE_URL
+            | type_urls::TCP_PROXY
+            | type_urls::HTTP_CONNECTION_MANAGER => {
+                return err(fpath, SHAPE);
+            }
+            other => {
+                return err(
+                    tpath,
+                    format!("network filter {other:?} is not supported ({SHAPE})"),
+                );
+            }
+        };
+        return Ok((rbac, terminal));
+    }
+    err(field(path, "filters"), SHAPE)
 }

@@ -2,10 +2,10 @@
 //!
 //! Modules follow the path a byte travels:
 //! [`listener`] (accept, listener filters) → [`filter_chain`] (pick a chain) →
-//! [`tcp_proxy`] or [`http::conn_manager`] → [`http::filter`] chain → [`http::router`] →
-//! [`upstream`] (cluster, priority, load balancer, connect path, pool) → upstream; request
-//! [`body`]s travel the same way, below both wings, and [`tunnel`] moves the bytes of
-//! `tcp_proxy` and of upgraded HTTP/1.1 streams.
+//! [`network_filters`] (RBAC) → [`tcp_proxy`] or [`http::conn_manager`] → [`http::filter`]
+//! chain → [`http::router`] → [`upstream`] (cluster, priority, load balancer, connect path,
+//! pool) → upstream; request [`body`]s travel the same way, below both wings, and [`tunnel`]
+//! moves the bytes of `tcp_proxy` and of upgraded HTTP/1.1 streams.
 //! Config arrives through [`config`] (the bootstrap, converted by the `remora-config` crate) and
 //! [`xds`] (ADS); routes and clusters are published as one immutable snapshot in [`store`];
 //! [`admin`] and [`stats`] observe it all; [`server`] wires the parts together, and
@@ -23,6 +23,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod listener;
 pub mod memory;
+pub mod network_filters;
 pub mod server;
 pub mod stats;
 pub mod store;

@@ -425,6 +425,11 @@ fn local_rate_limits_match_envoy() {
 }
 
 #[test]
+fn rbac_http_filter_matches_envoy() {
+    run_corpus_and_stats("rbac", Some("%5C.rbac%5C."));
+}
+
+#[test]
 fn forwarding_headers_at_the_edge_match_envoy() {
     run_corpus("forwarding_edge");
 }

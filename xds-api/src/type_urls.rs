@@ -26,6 +26,12 @@ pub const FAULT: &str = "type.googleapis.com/envoy.extensions.filters.http.fault
 /// The local rate limit filter's config, also its per-route config.
 pub const LOCAL_RATE_LIMIT: &str =
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+/// The RBAC HTTP filter's config, and its per-route config.
+pub const HTTP_RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+pub const HTTP_RBAC_PER_ROUTE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute";
+/// The RBAC network filter's config.
+pub const NETWORK_RBAC: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
 pub const DOWNSTREAM_TLS_CONTEXT: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 pub const UPSTREAM_TLS_CONTEXT: &str =

@@ -8,6 +8,7 @@
 pub mod cors;
 pub mod fault;
 pub mod local_ratelimit;
+pub mod rbac;
 pub mod router;
 
 use std::any::Any;
@@ -33,6 +34,7 @@ pub enum FilterConfig {
     Cors(cors::CorsFilter),
     Fault(Arc<fault::Fault>),
     LocalRateLimit(Arc<local_ratelimit::LocalRateLimit>),
+    Rbac(Arc<rbac::HttpRbac>),
     Router(router::Router),
 }
 
@@ -42,6 +44,7 @@ pub enum PerRouteConfig {
     Cors(cors::CorsPolicy),
     Fault(Arc<fault::Fault>),
     LocalRateLimit(Arc<local_ratelimit::LocalRateLimit>),
+    Rbac(Arc<rbac::HttpRbac>),
 }
 
 /// State the proxy attaches to a config at first use (a per-route token bucket and its
@@ -73,18 +76,20 @@ impl std::fmt::Debug for Attached {
 pub type PerFilterConfigs = Vec<(String, PerRouteConfig)>;
 
 /// The filter configs Remora reads, for error messages.
-const FILTER_TYPE_URLS: [&str; 4] = [
+const FILTER_TYPE_URLS: [&str; 5] = [
     cors::TYPE_URL,
     fault::TYPE_URL,
     local_ratelimit::TYPE_URL,
+    rbac::TYPE_URL,
     router::TYPE_URL,
 ];
 
 /// The per-route configs Remora reads, for error messages.
-const PER_ROUTE_TYPE_URLS: [&str; 3] = [
+const PER_ROUTE_TYPE_URLS: [&str; 4] = [
     cors::POLICY_TYPE_URL,
     fault::TYPE_URL,
     local_ratelimit::TYPE_URL,
+    rbac::PER_ROUTE_TYPE_URL,
 ];
 
 /// The catalog: a filter's config by its type URL; `None` for a type Remora does not know.
@@ -95,6 +100,7 @@ fn catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<FilterConf
         local_ratelimit::TYPE_URL => {
             local_ratelimit::filter(any, path).map(|l| FilterConfig::LocalRateLimit(Arc::new(l)))
         }
+        rbac::TYPE_URL => rbac::filter(any, path).map(|r| FilterConfig::Rbac(Arc::new(r))),
         router::TYPE_URL => router::router(any, path).map(FilterConfig::Router),
         _ => return None,
     })
@@ -107,6 +113,9 @@ fn per_route_catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<
         fault::TYPE_URL => fault::fault(any, path).map(|f| PerRouteConfig::Fault(Arc::new(f))),
         local_ratelimit::TYPE_URL => local_ratelimit::per_route(any, path)
             .map(|l| PerRouteConfig::LocalRateLimit(Arc::new(l))),
+        rbac::PER_ROUTE_TYPE_URL => {
+            rbac::per_route(any, path).map(|r| PerRouteConfig::Rbac(Arc::new(r)))
+        }
         _ => return None,
     })
 }

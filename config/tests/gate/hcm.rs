@@ -376,7 +376,7 @@ fn http_filter_chains_end_with_the_router() {
             (
                 &format!("http_filters!: [{{name: envoy.filters.http.lua}}, {ROUTER}]"),
                 "http_filters[0]",
-                "http filter \"envoy.filters.http.lua\" is not supported (no typed_config; Remora has envoy.extensions.filters.http.cors.v3.Cors, envoy.extensions.filters.http.fault.v3.HTTPFault, envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, envoy.extensions.filters.http.router.v3.Router)",
+                "http filter \"envoy.filters.http.lua\" is not supported (no typed_config; Remora has envoy.extensions.filters.http.cors.v3.Cors, envoy.extensions.filters.http.fault.v3.HTTPFault, envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, envoy.extensions.filters.http.rbac.v3.RBAC, envoy.extensions.filters.http.router.v3.Router)",
             ),
             (
                 &format!("http_filters!: [{ROUTER}, {CORS}]"),
@@ -491,7 +491,7 @@ fn per_filter_configs_are_read_at_every_level() {
         &[(
             "typed_per_filter_config: {x: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}",
             "typed_per_filter_config[\"x\"]",
-            "per-route config of type \"type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\" is not supported (Remora reads: envoy.extensions.filters.http.cors.v3.CorsPolicy, envoy.extensions.filters.http.fault.v3.HTTPFault, envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit)",
+            "per-route config of type \"type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\" is not supported (Remora reads: envoy.extensions.filters.http.cors.v3.CorsPolicy, envoy.extensions.filters.http.fault.v3.HTTPFault, envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, envoy.extensions.filters.http.rbac.v3.RBACPerRoute)",
         )],
     );
     check_rejections(

@@ -9,6 +9,25 @@ use crate::support::*;
 
 const TCP_FILTER: &str = r#"{name: t, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: echo}}"#;
 
+const RBAC_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+const RBAC_FILTER: &str = r#"{name: envoy.filters.network.rbac, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC, stat_prefix: r}}"#;
+
+#[test]
+fn rbac_filters_go_before_the_terminal_filter() {
+    let bootstrap = accepted(
+        CHAIN,
+        &format!("filters!: [{RBAC_FILTER}, {RBAC_FILTER}, {TCP_FILTER}]"),
+    );
+    let chain = &bootstrap.listeners[0].filter_chains[0];
+    assert_eq!(chain.rbac.len(), 2);
+    assert!(matches!(chain.filter, NetworkFilter::TcpProxy(_)));
+    assert!(
+        accepted(CHAIN, "").listeners[0].filter_chains[0]
+            .rbac
+            .is_empty()
+    );
+}
+
 #[test]
 fn listener_fields_are_refused_by_path() {
     check_rejections(
@@ -108,7 +127,7 @@ fn listener_fields_are_refused_by_path() {
             (
                 "default_filter_chain: {filters: []}",
                 "default_filter_chain.filters",
-                "exactly one network filter",
+                "zero or more envoy.filters.network.rbac followed by exactly one tcp_proxy",
             ),
         ],
     );
@@ -131,9 +150,26 @@ fn filter_chain_fields_are_refused_by_path() {
                 UNSUPPORTED,
             ),
             (
-                &format!("filters: [{{}}, {TCP_FILTER}]"),
-                "filters",
-                "exactly one network filter (tcp_proxy or http_connection_manager) is supported",
+                &format!("filters!: [{TCP_FILTER}, {TCP_FILTER}]"),
+                "filters[0]",
+                "zero or more envoy.filters.network.rbac followed by exactly one tcp_proxy",
+            ),
+            (
+                &format!("filters!: [{RBAC_FILTER}]"),
+                "filters[0]",
+                "zero or more envoy.filters.network.rbac followed by exactly one tcp_proxy",
+            ),
+            (
+                &format!("filters!: [{TCP_FILTER}, {RBAC_FILTER}]"),
+                "filters[0]",
+                "zero or more envoy.filters.network.rbac followed by exactly one tcp_proxy",
+            ),
+            (
+                &format!(
+                    "filters!: [{{name: r, typed_config: {{\"@type\": {RBAC_URL}, stat_prefix: r, rules: {{policies: {{p: {{permissions: [{{header: {{name: a}}}}], principals: [{{any: true}}]}}}}}}}}}}, {TCP_FILTER}]"
+                ),
+                r#"filters[0].typed_config.rules.policies["p"].permissions[0].header"#,
+                "header rules are not supported by the RBAC network filter",
             ),
             (
                 "filters!: [{name: x}]",

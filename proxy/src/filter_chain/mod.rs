@@ -21,6 +21,9 @@ pub struct ConnectionInfo {
     pub application_protocols: Vec<String>,
     /// The downstream's TLS certificate, once a handshake on this connection verified one.
     pub peer_certificate: Option<Arc<PeerCertificate>>,
+    /// This proxy terminated TLS on the connection (with or without a client certificate);
+    /// `transport_protocol` alone also says `tls` for TLS passed through.
+    pub tls_terminated: bool,
 }
 
 /// Narrows `candidates` to those with the best score; `None` scores mean "does not match";
@@ -167,6 +170,7 @@ mod tests {
             transport_protocol: if sni.is_some() { "tls" } else { "raw_buffer" },
             application_protocols: Vec::new(),
             peer_certificate: None,
+            tls_terminated: false,
         }
     }
 

@@ -414,6 +414,8 @@ async fn handle(
     let mut route: Option<Selected> = None;
     let mut request_id = None;
     let mut trace: Option<ActiveTrace> = None;
+    // The trusted client, once headers are read (until then, the connection's peer).
+    let mut client = connection.info.source.ip();
     let outcome = async {
         if let Some(refusal) = &refused {
             return Err(refusal_reply(refusal));
@@ -428,6 +430,7 @@ async fn handle(
             connection.scheme,
             upgrading,
         );
+        client = origin.client.ip();
         // Never added here: a request without `x-envoy-*` headers has none to look for.
         let force_trace = present.envoy
             && headers::contains_by_scan(&parts.headers, &headers::X_ENVOY_FORCE_TRACE);
@@ -497,6 +500,7 @@ async fn handle(
                 &mut parts,
                 route.as_ref(),
                 stats,
+                (&connection.info, client),
                 &mut state,
                 &connection.filter_state,
             );
@@ -599,6 +603,7 @@ async fn handle(
             &mut parts,
             route.as_ref(),
             stats,
+            (&connection.info, client),
             &mut state,
             &connection.filter_state,
         );

@@ -19,6 +19,7 @@
 
 use std::any::Any;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
@@ -27,6 +28,7 @@ use remora_config::filters::PerRouteConfig;
 
 use crate::body::filter::BodyFilter;
 use crate::error::ResponseFlag;
+use crate::filter_chain::ConnectionInfo;
 use crate::http::local_reply::LocalReply;
 use crate::http::response_body::StreamEnd;
 use crate::http::selected::Selected;
@@ -142,6 +144,10 @@ pub struct Stream<'a> {
     pub request: &'a mut http::request::Parts,
     pub route: Option<&'a Selected>,
     pub stats: &'a HttpStats,
+    /// The downstream connection the request came on.
+    pub downstream: &'a ConnectionInfo,
+    /// The client address the connection manager trusts (`x-forwarded-for` handling).
+    pub client: IpAddr,
     state: &'a mut FilterState,
     connection: &'a ConnectionState,
     index: usize,
@@ -152,6 +158,7 @@ impl<'a> Stream<'a> {
         request: &'a mut http::request::Parts,
         route: Option<&'a Selected>,
         stats: &'a HttpStats,
+        (downstream, client): (&'a ConnectionInfo, IpAddr),
         state: &'a mut FilterState,
         connection: &'a ConnectionState,
     ) -> Self {
@@ -159,6 +166,8 @@ impl<'a> Stream<'a> {
             request,
             route,
             stats,
+            downstream,
+            client,
             state,
             connection,
             index: 0,

@@ -1,6 +1,7 @@
 //! Listeners: bind each configured address once (SO_REUSEPORT sockets shared by every worker's
 //! accept loop), run the listener filters (`original_dst`, `tls_inspector`), pick a filter chain
-//! and hand the connection to `tcp_proxy` or the HTTP connection manager.
+//! and hand the connection to its network filters: the RBAC filters (`network_filters`), then
+//! `tcp_proxy` or the HTTP connection manager.
 //!
 //! Starting a listener builds each filter chain's runtime (rustls config, connection manager
 //! with its filters and access logs, `tcp_proxy` stats); an error there names the field and the
@@ -24,6 +25,7 @@ use crate::config::{ConfigError, FilterChain, Listener, NetworkFilter, Runtime};
 use crate::drain::Drain;
 use crate::filter_chain::{self, ConnectionInfo};
 use crate::http::manager::Manager;
+use crate::network_filters::rbac::{FirstByteGate, NetworkRbacRuntime};
 use crate::stats::{GaugeGuard, ListenerStats, Registry, SslStats, TcpStats};
 use crate::store::Store;
 use crate::tcp_proxy::TcpProxyRuntime;
@@ -40,6 +42,8 @@ pub enum ChainRuntime {
 #[derive(Debug)]
 struct BuiltChain {
     config: Arc<FilterChain>,
+    /// The chain's RBAC network filters, in order (empty: none).
+    rbac: Arc<[NetworkRbacRuntime]>,
     runtime: ChainRuntime,
     tls: Option<Termination>,
 }
@@ -59,7 +63,7 @@ impl BuiltChain {
         egress: bool,
         stats_addr: &str,
     ) -> Result<BuiltChain, ConfigError> {
-        let filter_path = format!("{}.filters[0].typed_config", chain.path);
+        let filter_path = format!("{}.filters[{}].typed_config", chain.path, chain.rbac.len());
         let runtime = match &chain.filter {
             NetworkFilter::TcpProxy(tcp) => ChainRuntime::Tcp(Arc::new(TcpProxyRuntime {
                 config: tcp.clone(),
@@ -83,8 +87,14 @@ impl BuiltChain {
                     .map(|config| Termination { config, stats })
             })
             .transpose()?;
+        let rbac = chain
+            .rbac
+            .iter()
+            .map(|config| NetworkRbacRuntime::new(config.clone(), &context.registry))
+            .collect();
         Ok(BuiltChain {
             config: chain.clone(),
+            rbac,
             runtime,
             tls,
         })
@@ -569,6 +579,7 @@ async fn serve_connection(
         transport_protocol: "raw_buffer",
         application_protocols: Vec::new(),
         peer_certificate: None,
+        tls_terminated: false,
     };
     if config.tls_inspector {
         match tls_inspector::inspect(&stream, config.listener_filters_timeout).await {
@@ -619,6 +630,7 @@ async fn serve_connection(
             }
             let mut info = info;
             info.transport_protocol = "tls";
+            info.tls_terminated = true;
             info.peer_certificate = stream
                 .get_ref()
                 .1
@@ -626,14 +638,32 @@ async fn serve_connection(
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| PeerCertificate::parse(leaf))
                 .map(Arc::new);
-            dispatch(&built.runtime, stream, info, watch).await;
+            dispatch(built, stream, info, watch).await;
         }
-        None => dispatch(&built.runtime, stream, info, watch).await,
+        None => dispatch(built, stream, info, watch).await,
     }
 }
 
-/// Hands a (possibly TLS-terminated) connection to its chain's network filter.
+/// Hands a (possibly TLS-terminated) connection to its chain's network filters: the RBAC
+/// filters, if any, guard the stream the terminal filter gets.
 async fn dispatch<S>(
+    chain: &BuiltChain,
+    stream: S,
+    info: ConnectionInfo,
+    watch: crate::drain::Watch,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if chain.rbac.is_empty() {
+        terminal(&chain.runtime, stream, info, watch).await;
+    } else {
+        let gated = FirstByteGate::new(stream, chain.rbac.clone(), info.clone());
+        terminal(&chain.runtime, gated, info, watch).await;
+    }
+}
+
+/// Hands a connection to its chain's terminal filter.
+async fn terminal<S>(
     runtime: &ChainRuntime,
     stream: S,
     info: ConnectionInfo,

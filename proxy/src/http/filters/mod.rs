@@ -5,6 +5,7 @@
 mod cors;
 mod fault;
 mod local_ratelimit;
+mod rbac;
 
 use std::sync::Arc;
 
@@ -34,6 +35,12 @@ pub fn build(specs: &[FilterSpec], registry: &Arc<Registry>, stat_prefix: &str) 
             FilterConfig::LocalRateLimit(config) => filters.push(Arc::new(
                 local_ratelimit::LocalRateLimit::new(&spec.name, config.clone(), registry.clone()),
             )),
+            FilterConfig::Rbac(config) => filters.push(Arc::new(rbac::Rbac::new(
+                &spec.name,
+                config.clone(),
+                registry,
+                stat_prefix,
+            ))),
             FilterConfig::Router(_) => {}
         }
     }
