@@ -46,6 +46,16 @@ pub struct Cli {
     /// Accepted for Envoy compatibility; Remora has no shared memory.
     #[arg(long = "base-id")]
     pub base_id: Option<u32>,
+    /// A file holding the credential for the xDS server (a Kubernetes projected service
+    /// account token, or a bootstrap token), sent as `authorization: Bearer ...` on every ADS
+    /// stream and certificate request; read again for each, so a rotated token is picked up.
+    #[arg(long = "xds-token-file", env = "REMORA_XDS_TOKEN_FILE")]
+    pub xds_token_file: Option<PathBuf>,
+    /// Make the certificate secret of this name here instead of receiving it by SDS: a key
+    /// generated in this process and a certificate request signed by the control plane's
+    /// remora.ca.v1.CertificateService on the ADS cluster, renewed at half life.
+    #[arg(long = "csr-secret", env = "REMORA_CSR_SECRET")]
+    pub csr_secret: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -71,6 +81,23 @@ impl Cli {
     pub fn drain_time(&self) -> Duration {
         Duration::from_secs(self.drain_time_s)
     }
+
+    /// How this proxy identifies itself to the xDS server.
+    pub fn xds_identity(&self) -> XdsIdentity {
+        XdsIdentity {
+            token_file: self.xds_token_file.clone(),
+            csr_secret: self.csr_secret.clone(),
+        }
+    }
+}
+
+/// How the proxy identifies itself to the xDS server beyond the bootstrap (Remora's own).
+#[derive(Debug, Clone, Default)]
+pub struct XdsIdentity {
+    /// `--xds-token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--csr-secret`.
+    pub csr_secret: Option<String>,
 }
 
 /// Polls the admin `/ready` endpoint until it answers 200 or the deadline passes.

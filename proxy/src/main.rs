@@ -44,6 +44,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     if cli.mode == Mode::Validate {
+        if let Err(error) = remora_proxy::tls::check_files(&bootstrap) {
+            eprintln!("error: invalid bootstrap: {error}");
+            return 1.into();
+        }
         println!("configuration is valid");
         return 0.into();
     }
@@ -53,7 +57,7 @@ fn main() -> std::process::ExitCode {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    match remora_proxy::server::run(bootstrap, concurrency, cli.drain_time()) {
+    match remora_proxy::server::run(bootstrap, concurrency, cli.drain_time(), cli.xds_identity()) {
         Ok(()) => 0.into(),
         Err(error) => {
             eprintln!("error: {error:#}");

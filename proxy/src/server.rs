@@ -24,7 +24,12 @@ use crate::upstream::Cluster;
 const TIMER_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Runs the proxy until it is told to stop.
-pub fn run(bootstrap: Bootstrap, concurrency: usize, drain_time: Duration) -> anyhow::Result<()> {
+pub fn run(
+    bootstrap: Bootstrap,
+    concurrency: usize,
+    drain_time: Duration,
+    identity: crate::cli::XdsIdentity,
+) -> anyhow::Result<()> {
     // Workers.
     let (park_tx, park_rx) = watch::channel(false);
     let mut threads = Vec::new();
@@ -65,7 +70,7 @@ pub fn run(bootstrap: Bootstrap, concurrency: usize, drain_time: Duration) -> an
         .enable_all()
         .build()?;
     crate::upstream::pool::set_worker_index(concurrency);
-    let result = main.block_on(serve(Arc::new(bootstrap), workers, drain_time));
+    let result = main.block_on(serve(Arc::new(bootstrap), workers, drain_time, identity));
     park_tx.send_replace(true);
     for thread in threads {
         let _ = thread.join();
@@ -77,6 +82,7 @@ async fn serve(
     bootstrap: Arc<Bootstrap>,
     workers: Vec<tokio::runtime::Handle>,
     drain_time: Duration,
+    identity: crate::cli::XdsIdentity,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
     let store = Arc::new(Store::default());
@@ -165,6 +171,7 @@ async fn serve(
             lifecycle: lifecycle.clone(),
             status: xds_status,
             secrets,
+            identity,
             concurrency,
         }),
         None => lifecycle.set_live(),

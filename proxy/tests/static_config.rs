@@ -715,6 +715,40 @@ fn wait_ready_and_bootstrap_from_env() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // With REMORA_XDS_CA the stream is TLS checked against that bundle (read when the
+    // cluster is built: a missing file is an error naming the field and the file).
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = dir.path().join("ca.pem");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&ca, params.self_signed(&key).expect("ca").pem()).expect("write");
+    let with_ca = |ca: &std::path::Path| {
+        Command::new(workspace_binary("remora-proxy"))
+            .args(["--bootstrap-from-env", "--mode", "validate"])
+            .env(
+                "REMORA_NODE_ID",
+                "sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local",
+            )
+            .env("REMORA_XDS_ADDRESS", "remora-cp.remora-system.svc:15010")
+            .env("REMORA_XDS_CA", ca)
+            .env(
+                "REMORA_XDS_SAN",
+                "spiffe://cluster.local/ns/remora-system/sa/remora-cp",
+            )
+            .output()
+            .expect("run")
+    };
+    let output = with_ca(&ca);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = with_ca(&dir.path().join("missing.pem"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("missing.pem"), "{stderr}");
     // With a static bootstrap the proxy becomes ready and wait-ready succeeds.
     let echo = EchoServer::start("e", "127.0.0.1");
     let admin = loopback(admin_port);

@@ -75,8 +75,10 @@ fn env(name: &str) -> Result<String, ConfigError> {
 }
 
 /// The bootstrap the injector's environment describes: node identity, admin on loopback, and
-/// ADS to REMORA_XDS_ADDRESS. The redirect ports travel in node metadata so the control plane
-/// can build the inbound and outbound listeners.
+/// ADS to REMORA_XDS_ADDRESS, over TLS checked against the CA bundle in the file
+/// REMORA_XDS_CA when set (and the server's SAN against REMORA_XDS_SAN: a `spiffe://` URI or a
+/// DNS name). The redirect ports travel in node metadata so the control plane can build the
+/// inbound and outbound listeners.
 pub fn from_env() -> Result<String, ConfigError> {
     let node_id = env("REMORA_NODE_ID")?;
     let node_cluster = std::env::var("REMORA_NODE_CLUSTER").unwrap_or_default();
@@ -102,7 +104,7 @@ pub fn from_env() -> Result<String, ConfigError> {
     } else {
         "STRICT_DNS"
     };
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "node": {
             "id": node_id,
             "cluster": node_cluster,
@@ -136,5 +138,26 @@ pub fn from_env() -> Result<String, ConfigError> {
             }],
         },
     });
+    if let Ok(ca) = std::env::var("REMORA_XDS_CA") {
+        let mut validation = serde_json::json!({"trusted_ca": {"filename": ca}});
+        if let Ok(san) = std::env::var("REMORA_XDS_SAN") {
+            let san_type = if san.starts_with("spiffe://") {
+                "URI"
+            } else {
+                "DNS"
+            };
+            validation["match_typed_subject_alt_names"] =
+                serde_json::json!([{"san_type": san_type, "matcher": {"exact": san}}]);
+        }
+        let mut context = serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {"validation_context": validation},
+        });
+        if cluster_type == "STRICT_DNS" {
+            context["sni"] = serde_json::Value::String(xds_host.clone());
+        }
+        value["static_resources"]["clusters"][0]["transport_socket"] =
+            serde_json::json!({"name": "envoy.transport_sockets.tls", "typed_config": context});
+    }
     Ok(value.to_string())
 }

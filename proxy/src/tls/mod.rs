@@ -171,6 +171,43 @@ fn private_key(pem: &[u8], path: &str) -> ConfigResult<PrivateKeyDer<'static>> {
         .ok_or_else(|| ConfigError::new(path, "no private key found"))
 }
 
+/// Reads every certificate, key and CA file the bootstrap names itself (static listeners,
+/// clusters and secrets), as `--mode validate` does in Envoy: an unreadable or mismatched
+/// file is an error naming its field.
+pub fn check_files(bootstrap: &crate::config::Bootstrap) -> ConfigResult<()> {
+    let contexts = bootstrap
+        .listeners
+        .iter()
+        .flat_map(|l| l.chains().filter_map(|c| c.tls.as_ref().map(|t| &t.common)))
+        .chain(
+            bootstrap
+                .clusters
+                .iter()
+                .filter_map(|c| c.connect.tls.as_ref().map(|t| &t.common)),
+        );
+    for common in contexts {
+        for certificate in &common.certificates {
+            if let CertificateSource::Inline(certificate) = certificate {
+                load_certificate(certificate)?;
+            }
+        }
+        if let Some(ValidationSource::Inline(validation)) = &common.validation {
+            LoadedValidation::load(validation)?;
+        }
+    }
+    for secret in &bootstrap.secrets {
+        match &secret.kind {
+            remora_config::tls::SecretKind::Certificate(certificate) => {
+                load_certificate(certificate)?;
+            }
+            remora_config::tls::SecretKind::Validation(validation) => {
+                LoadedValidation::load(validation)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where a data source's bytes come from, as `/certs` names it.
 fn source_name(source: &DataSource) -> String {
     match source {

@@ -480,6 +480,12 @@ impl Applier {
                     self.publish_warming();
                 }
             }
+            Deadline::SecretChanged => {
+                self.promote_clusters_with_secrets();
+                self.activate_ready();
+                self.promote_listeners();
+                self.publish_warming();
+            }
             Deadline::InitialFetch(_) => {}
         }
     }

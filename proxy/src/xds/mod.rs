@@ -14,6 +14,7 @@
 //! disconnected, so the last good config keeps serving.
 
 mod apply;
+mod csr;
 mod delta;
 mod sotw;
 mod status;
@@ -48,7 +49,7 @@ use crate::stats::Registry;
 use crate::store::Store;
 
 /// What the xDS client needs from the rest of the proxy.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct XdsContext {
     pub config: DynamicResources,
     pub node: Node,
@@ -61,6 +62,8 @@ pub struct XdsContext {
     pub status: Arc<Status>,
     /// Where secrets arriving over ADS go.
     pub secrets: Arc<crate::tls::Secrets>,
+    /// The token file and the secret made by certificate request, if any.
+    pub identity: crate::cli::XdsIdentity,
     /// Worker count (clusters keep one pool per worker).
     pub concurrency: usize,
 }
@@ -114,13 +117,27 @@ pub fn start(context: XdsContext) {
         node.user_agent_name = "remora".into();
     }
     let node_once = context.config.node_on_first_message_only;
-    match context.config.flavor {
+    let csr = context
+        .identity
+        .csr_secret
+        .clone()
+        .map(|name| (Arc::new(context.clone()), name));
+    let changed = match context.config.flavor {
         AdsFlavor::StateOfTheWorld => {
-            tokio::spawn(Client::new(context, sotw::Sotw::new(node, node_once)).run());
+            let client = Client::new(context, sotw::Sotw::new(node, node_once));
+            let changed = client.applier.warming.sender();
+            tokio::spawn(client.run());
+            changed
         }
         AdsFlavor::Delta => {
-            tokio::spawn(Client::new(context, delta::Delta::new(node, node_once)).run());
+            let client = Client::new(context, delta::Delta::new(node, node_once));
+            let changed = client.applier.warming.sender();
+            tokio::spawn(client.run());
+            changed
         }
+    };
+    if let Some((context, name)) = csr {
+        tokio::spawn(csr::keep_signed(context, name, changed));
     }
 }
 
@@ -312,11 +329,7 @@ impl<V: Variant> Client<V> {
             let channel = transport::connect(context).await?;
             let mut client = AggregatedDiscoveryServiceClient::new(channel);
             let mut request = tonic::Request::new(ReceiverStream::new(rx));
-            for (name, value) in &context.config.initial_metadata {
-                let key = tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes())?;
-                let value = tonic::metadata::MetadataValue::try_from(value.as_bytes())?;
-                request.metadata_mut().insert(key, value);
-            }
+            transport::add_credentials(context, request.metadata_mut())?;
             anyhow::Ok(V::open(&mut client, request).await?)
         };
         let mut inbound = match timeout {

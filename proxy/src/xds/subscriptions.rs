@@ -44,6 +44,10 @@ pub fn wanted(applier: &Applier) -> Wanted {
                 .map(|sds| sds.name.clone()),
         );
     }
+    // A secret made here by certificate request is not asked of SDS.
+    if let Some(made_here) = &applier.context.identity.csr_secret {
+        secrets.remove(made_here);
+    }
     Wanted {
         endpoints,
         routes,

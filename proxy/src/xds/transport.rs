@@ -50,6 +50,27 @@ pub async fn connect(context: &XdsContext) -> anyhow::Result<tonic::transport::C
     Ok(endpoint.connect_with_connector(connector).await?)
 }
 
+/// The bootstrap's `initial_metadata`, then the token of `--xds-token-file` (read now, so a
+/// rotated token serves the next stream) as `authorization: Bearer TOKEN`.
+pub fn add_credentials(
+    context: &XdsContext,
+    metadata: &mut tonic::metadata::MetadataMap,
+) -> anyhow::Result<()> {
+    use tonic::metadata::{MetadataKey, MetadataValue};
+    for (name, value) in &context.config.initial_metadata {
+        let key = MetadataKey::from_bytes(name.as_str().as_bytes())?;
+        metadata.insert(key, MetadataValue::try_from(value.as_bytes())?);
+    }
+    if let Some(path) = &context.identity.token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read the xDS token {}: {e}", path.display()))?;
+        let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| anyhow::anyhow!("the xDS token in {} is not text", path.display()))?;
+        metadata.insert("authorization", value);
+    }
+    Ok(())
+}
+
 /// Jittered exponential backoff: 0.5 s doubling up to 30 s, full jitter in the upper half.
 #[derive(Debug, Default)]
 pub struct Backoff {

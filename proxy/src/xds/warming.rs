@@ -24,6 +24,8 @@ pub enum Deadline {
     Listener { name: String, digest: u64 },
     /// A warming cluster's hosts all had their first active health check.
     ClusterChecked { name: String, digest: u64 },
+    /// A secret arrived other than over ADS (a signed certificate request).
+    SecretChanged,
 }
 
 /// What is warming, by name.
@@ -41,6 +43,11 @@ impl Warming {
             listeners: BTreeMap::new(),
             deadlines,
         }
+    }
+
+    /// A handle for telling the client loop about changes from elsewhere.
+    pub fn sender(&self) -> mpsc::UnboundedSender<Deadline> {
+        self.deadlines.clone()
     }
 
     /// Sends `deadline` back to the client loop after `after` (zero: never, as Envoy's
