@@ -3,6 +3,7 @@
 //! - `PUT|GET|DELETE /v1/{kind}/{name}`, `GET /v1/{kind}`, `?group=NAME` scopes writes and reads
 //! - `POST /v1/apply`: a multi-document YAML or a JSON array, all-or-nothing as one version
 //! - `GET /v1/proxies`: connected proxies with per-type ACK / pending / NACK state
+//! - `GET /v1/ca/bundle`: the mesh CA's trust bundle (PEM), what peers are verified against
 //! - `/v1/mesh/...`: services, endpoints, traffic policies and namespaces for generated
 //!   config (see [`crate::mesh::rest`])
 //! - `GET /healthz`, `GET /metrics` (Prometheus text)
@@ -23,6 +24,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::ca::Ca;
 use crate::config::{ConfigService, WriteError};
 use crate::mesh::hub::MeshHub;
 use crate::mesh::rest::MeshApiState;
@@ -40,6 +42,8 @@ pub struct ApiState {
     pub token: Option<String>,
     /// Mesh generation, when on (`/v1/mesh/...`).
     pub mesh: Option<Arc<MeshHub>>,
+    /// The mesh CA (`/v1/ca/bundle`).
+    pub ca: Arc<Ca>,
 }
 
 #[derive(Deserialize, Default)]
@@ -101,6 +105,7 @@ pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .merge(crate::mesh::rest::router(mesh))
         .route("/v1/proxies", get(list_proxies))
+        .route("/v1/ca/bundle", get(ca_bundle))
         .route("/v1/apply", post(apply))
         .route("/v1/{kind}", get(list_resources))
         .route(
@@ -113,6 +118,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .merge(v1)
         .with_state(state)
+}
+
+async fn ca_bundle(State(state): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        state.ca.bundle_pem().to_string(),
+    )
+        .into_response()
 }
 
 async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {

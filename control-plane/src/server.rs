@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use tokio::sync::watch;
 
 use crate::api::{ApiState, router};
+use crate::ca::{Ca, CaOptions};
 use crate::config::ConfigService;
 use crate::mesh::hub::MeshHub;
 use crate::mesh::translate::MeshSettings;
@@ -40,6 +41,8 @@ pub struct Options {
     pub debounce: Duration,
     /// Generated config for mesh sidecars; `None` serves raw resources only.
     pub mesh: Option<MeshOptions>,
+    /// The mesh CA: trust domain, workload certificate lifetime, root files.
+    pub ca: CaOptions,
 }
 
 /// Mesh generation settings.
@@ -70,6 +73,9 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
                 .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
         ),
     };
+    let ca = Ca::open(store.as_ref(), &options.ca)
+        .await
+        .context("setting up the mesh CA")?;
     let config = ConfigService::open(store).await.context("loading config")?;
     tracing::info!(
         version = config.current().version,
@@ -130,6 +136,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
         metrics,
         token: options.token.clone(),
         mesh,
+        ca,
     });
     axum::serve(api_listener, api)
         .with_graceful_shutdown(async move {

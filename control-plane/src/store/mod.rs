@@ -117,6 +117,29 @@ pub struct ConfigState {
     pub resources: BTreeMap<ResourceKey, Bytes>,
     /// JSON of each mesh object registered through the REST API.
     pub mesh: BTreeMap<MeshKey, Bytes>,
+    /// The control plane's own records (the CA root): never served, never listed by the API.
+    pub private: PrivateEntries,
+}
+
+/// Records of the control plane itself, by name; their bytes stay out of `Debug` output
+/// because they hold keys.
+#[derive(Clone, Default, PartialEq)]
+pub struct PrivateEntries(BTreeMap<String, Bytes>);
+
+impl PrivateEntries {
+    pub fn get(&self, name: &str) -> Option<&Bytes> {
+        self.0.get(name)
+    }
+
+    pub fn insert(&mut self, name: String, bytes: Bytes) {
+        self.0.insert(name, bytes);
+    }
+}
+
+impl std::fmt::Debug for PrivateEntries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
 }
 
 impl ConfigState {
@@ -136,6 +159,9 @@ impl ConfigState {
                 }
                 Change::DeleteMesh(key) => {
                     next.mesh.remove(key);
+                }
+                Change::PutPrivate(name, bytes) => {
+                    next.private.insert(name.clone(), bytes.clone());
                 }
             }
         }
@@ -159,6 +185,8 @@ pub enum Change {
     Delete(ResourceKey),
     PutMesh(MeshKey, Bytes),
     DeleteMesh(MeshKey),
+    /// A record of the control plane itself (see [`ConfigState::private`]).
+    PutPrivate(String, Bytes),
 }
 
 impl Change {
@@ -166,7 +194,7 @@ impl Change {
     pub fn resource_key(&self) -> Option<&ResourceKey> {
         match self {
             Change::Put(key, _) | Change::Delete(key) => Some(key),
-            Change::PutMesh(..) | Change::DeleteMesh(_) => None,
+            Change::PutMesh(..) | Change::DeleteMesh(_) | Change::PutPrivate(..) => None,
         }
     }
 
@@ -175,13 +203,16 @@ impl Change {
         match self {
             Change::Put(key, _) | Change::Delete(key) => encode_key(key),
             Change::PutMesh(key, _) | Change::DeleteMesh(key) => encode_mesh_key(key),
+            Change::PutPrivate(name, _) => format!("{PRIVATE_PREFIX}{name}"),
         }
     }
 
     /// The bytes stored, or `None` for a deletion.
     pub(crate) fn bytes(&self) -> Option<&Bytes> {
         match self {
-            Change::Put(_, bytes) | Change::PutMesh(_, bytes) => Some(bytes),
+            Change::Put(_, bytes) | Change::PutMesh(_, bytes) | Change::PutPrivate(_, bytes) => {
+                Some(bytes)
+            }
             Change::Delete(_) | Change::DeleteMesh(_) => None,
         }
     }
@@ -215,6 +246,9 @@ pub trait ConfigStore: Send + Sync + 'static {
     }
 }
 
+/// The key text of private records: `private/{name}`.
+const PRIVATE_PREFIX: &str = "private/";
+
 /// Key text shared by both stores: `{collection}/{global|g.GROUP}/{name}`.
 pub(crate) fn encode_key(key: &ResourceKey) -> String {
     let scope = if key.group.is_empty() {
@@ -247,7 +281,11 @@ pub(crate) fn decode_mesh_key(text: &str) -> Option<MeshKey> {
 
 /// Puts one stored entry into a state being loaded.
 pub(crate) fn load_entry(state: &mut ConfigState, key: &str, bytes: &[u8]) {
-    if let Some(key) = decode_mesh_key(key) {
+    if let Some(name) = key.strip_prefix(PRIVATE_PREFIX) {
+        state
+            .private
+            .insert(name.to_string(), Bytes::copy_from_slice(bytes));
+    } else if let Some(key) = decode_mesh_key(key) {
         state.mesh.insert(key, Bytes::copy_from_slice(bytes));
     } else if let Some(key) = decode_key(key) {
         state.resources.insert(key, Bytes::copy_from_slice(bytes));
