@@ -327,7 +327,11 @@ pub fn generate_root(trust_domain: &str) -> anyhow::Result<(String, String)> {
 /// The first certificate of a PEM file, re-encoded (drops anything else in the file).
 fn first_pem_certificate(pem_text: &str) -> anyhow::Result<String> {
     let der = first_certificate_der(pem_text)?;
-    Ok(pem::encode(&pem::Pem::new("CERTIFICATE", der)))
+    let unix_lines = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    Ok(pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der),
+        unix_lines,
+    ))
 }
 
 fn first_certificate_der(pem_text: &str) -> anyhow::Result<Vec<u8>> {

@@ -96,6 +96,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
                 hub.clone(),
                 sources,
                 options.debounce,
+                Some(ca.clone()),
             );
             tokio::spawn(mesh.clone().run());
             if let Some(kubeconfig) = &mesh_options.kubernetes {
