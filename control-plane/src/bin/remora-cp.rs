@@ -139,6 +139,7 @@ async fn main() -> std::process::ExitCode {
                 cluster_domain: args.cluster_domain.clone(),
                 mesh_defaults: !args.no_mesh_defaults,
                 outbound_layout: args.outbound_layout,
+                trust_domain: args.trust_domain.clone(),
             },
             kubernetes: args.kubernetes.then(|| args.kubeconfig.clone()),
         }),
