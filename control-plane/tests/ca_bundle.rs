@@ -108,3 +108,38 @@ fn a_root_from_files_is_the_bundle_and_a_foreign_key_is_refused() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn replicas_on_one_etcd_share_one_root() {
+    let Some(etcd) = Etcd::start() else {
+        return;
+    };
+    let endpoint = etcd.endpoint.clone();
+    // Two replicas starting at once, each finding no root: one root is stored, both use it.
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            std::thread::spawn(move || {
+                ControlPlane::start_with(
+                    free_port(),
+                    free_port(),
+                    &["--store", "etcd", "--etcd-endpoints", &endpoint],
+                )
+            })
+        })
+        .collect();
+    let replicas: Vec<ControlPlane> = starts
+        .into_iter()
+        .map(|start| start.join().expect("a replica started"))
+        .collect();
+    let first = bundle(&replicas[0]);
+    assert_eq!(bundle(&replicas[1]), first);
+    drop(replicas);
+    let later = ControlPlane::start_with(
+        free_port(),
+        free_port(),
+        &["--store", "etcd", "--etcd-endpoints", &endpoint],
+    );
+    assert_eq!(bundle(&later), first);
+    drop(etcd);
+}
