@@ -84,6 +84,8 @@ pub struct MeshHub {
     raw: Arc<SnapshotHub>,
     queue: Mutex<Queue>,
     wake: Notify,
+    /// A certificate was issued: the next renewal may be sooner than the one waited for.
+    reschedule: Notify,
     state: Mutex<HubState>,
     /// Sources still to finish their first sync.
     pending_sources: Mutex<usize>,
@@ -185,6 +187,7 @@ impl MeshHub {
                 since: None,
             }),
             wake: Notify::new(),
+            reschedule: Notify::new(),
             state: Mutex::new(HubState {
                 generator: Generator::new(settings),
                 version: 0,
@@ -259,10 +262,12 @@ impl MeshHub {
             });
             receiver
         };
-        match tokio::task::spawn_blocking(subscribe).await {
+        let receiver = match tokio::task::spawn_blocking(subscribe).await {
             Ok(receiver) => receiver,
             Err(_) => watch::channel(Arc::new(Snapshot::empty())).1,
-        }
+        };
+        self.reschedule.notify_one();
+        receiver
     }
 
     /// Applies queued updates and the REST objects of the latest commit, and republishes what
@@ -386,6 +391,8 @@ impl MeshHub {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = renewal => {}
+                // Only to wait for the new next renewal.
+                _ = self.reschedule.notified() => continue,
                 changed = raw_published.changed() => {
                     if changed.is_err() {
                         return;
@@ -928,6 +935,39 @@ mod tests {
                     .and_then(WorkloadSecrets::next_renewal),
                 Some(issued_at + LIFETIME)
             );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_running_hub_renews_without_being_asked() {
+            let hub = hub_with_ca();
+            hub.update([workload("a-1", "buyer")]);
+            tokio::spawn(hub.clone().run());
+            // The hub settles with nothing to renew before the sidecar connects.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut receiver = hub.subscribe(sidecar("a-1")).await;
+            let mut previous = workload_certificate(&receiver.borrow_and_update()).0;
+            let started = tokio::time::Instant::now();
+            // Paused time jumps to the next timer: the renewal, if the hub waits for it.
+            for renewal in 1..=2u32 {
+                tokio::time::timeout(LIFETIME * 10, async {
+                    loop {
+                        receiver.changed().await.expect("open");
+                        let now = workload_certificate(&receiver.borrow_and_update()).0;
+                        if now != previous {
+                            previous = now;
+                            break;
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("renewal {renewal} never came"));
+                let elapsed = started.elapsed();
+                assert!(
+                    elapsed >= LIFETIME / 2 * renewal
+                        && elapsed < LIFETIME / 2 * renewal + Duration::from_secs(1),
+                    "renewal {renewal} after {elapsed:?}"
+                );
+            }
         }
 
         #[tokio::test]
