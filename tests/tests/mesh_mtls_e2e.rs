@@ -195,13 +195,13 @@ fn envoy_sidecars_talk_mtls_with_certificates_from_the_control_plane_ca() {
 
     // A → A's Envoy → mTLS → B's Envoy (client certificate required) → B.
     let upstream = wait_for("a request over mTLS", Duration::from_secs(30), || {
-        let (status, upstream) = call(&a, VIP_B, "/", Some("b.shop"));
+        let (status, upstream) = call(a, VIP_B, "/", Some("b.shop"));
         (status == 200).then_some(upstream)
     });
     assert_eq!(upstream, "b-1");
     let cluster_stat = |name: &str| {
         sidecar_stat(
-            &a,
+            a,
             &format!("cluster.b.shop.svc.cluster.local_80.ssl.{name}"),
         )
         .unwrap_or(0)
@@ -212,17 +212,17 @@ fn envoy_sidecars_talk_mtls_with_certificates_from_the_control_plane_ca() {
     );
     assert_eq!(cluster_stat("fail_verify_san"), 0);
     assert!(
-        sidecar_stat(&b, "listener.0.0.0.0_15006.ssl.handshake").unwrap_or(0) >= 1,
+        sidecar_stat(b, "listener.0.0.0.0_15006.ssl.handshake").unwrap_or(0) >= 1,
         "B's Envoy took no TLS handshake"
     );
     assert_eq!(
-        sidecar_stat(&b, "listener.0.0.0.0_15006.ssl.no_certificate").unwrap_or(0),
+        sidecar_stat(b, "listener.0.0.0.0_15006.ssl.no_certificate").unwrap_or(0),
         0,
         "A's Envoy presented its certificate"
     );
 
     // A's Envoy holds its own identity and the root the API serves.
-    let certs = sidecar_admin(&a, "/certs").unwrap_or_default();
+    let certs = sidecar_admin(a, "/certs").unwrap_or_default();
     assert!(
         certs.contains("spiffe://cluster.local/ns/shop/sa/default"),
         "{certs}"
@@ -267,15 +267,15 @@ fn envoy_sidecars_talk_mtls_with_certificates_from_the_control_plane_ca() {
     );
     let probe = SocketAddr::from(([127, 0, 0, 1], PROBE_PORT));
     let status = wait_for("the probe listener", Duration::from_secs(30), || {
-        request_from(&a, probe, "GET", "/", &[])
+        request_from(a, probe, "GET", "/", &[])
             .ok()
             .map(|(status, _, _)| status)
     });
     assert_eq!(status, 200, "B's own identity is accepted");
-    let (status, _, body) = request_from(&a, probe, "GET", "/wrong", &[]).expect("request");
+    let (status, _, body) = request_from(a, probe, "GET", "/wrong", &[]).expect("request");
     assert_eq!(status, 503, "{body}");
     assert!(
-        sidecar_stat(&a, "cluster.b-as-someone-else.ssl.fail_verify_san").unwrap_or(0) >= 1,
+        sidecar_stat(a, "cluster.b-as-someone-else.ssl.fail_verify_san").unwrap_or(0) >= 1,
         "refused for its SAN"
     );
     wait_for("the access log line", Duration::from_secs(10), || {
