@@ -21,6 +21,7 @@ use crate::store::ConfigStore;
 use crate::store::etcd_store::EtcdStore;
 use crate::store::redb_store::RedbStore;
 use crate::xds::XdsContext;
+use crate::xds::auth::XdsAuth;
 
 /// Where config is kept.
 #[derive(Clone, Debug)]
@@ -43,6 +44,18 @@ pub struct Options {
     pub mesh: Option<MeshOptions>,
     /// The mesh CA: trust domain, workload certificate lifetime, root files.
     pub ca: CaOptions,
+    /// Whether xDS streams must present a bootstrap token.
+    pub xds_auth: XdsAuthMode,
+}
+
+/// How xDS streams are authenticated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsAuthMode {
+    /// None: a stream gets what its node names (trusted networks only).
+    #[default]
+    None,
+    /// A bootstrap token from `POST /v1/xds-tokens` in the `authorization` metadata.
+    Token,
 }
 
 /// Mesh generation settings.
@@ -126,6 +139,10 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
         mesh: mesh.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
+        auth: match options.xds_auth {
+            XdsAuthMode::None => XdsAuth::Open,
+            XdsAuthMode::Token => XdsAuth::Tokens(config.clone()),
+        },
     };
     let mut xds_shutdown = shutdown.clone();
     let xds_task = tokio::spawn(xds.serve(xds_listener, async move {

@@ -246,6 +246,7 @@ fn sidecar(namespace: &str, pod: &str) -> Sidecar {
         workload: key(namespace, pod),
         inbound_port: Some(15006),
         outbound_port: Some(15001),
+        service_account: None,
     }
 }
 

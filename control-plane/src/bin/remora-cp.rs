@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use remora_control_plane::ca::CaOptions;
 use remora_control_plane::mesh::translate::{MeshSettings, OutboundLayout};
-use remora_control_plane::server::{MeshOptions, Options, StoreChoice, run};
+use remora_control_plane::server::{MeshOptions, Options, StoreChoice, XdsAuthMode, run};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
@@ -78,6 +78,11 @@ struct Args {
     /// Lifetime of workload certificates (e.g. 24h, 90m, 30s); renewed at half life.
     #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
     workload_cert_lifetime: Duration,
+    /// How xDS streams are authenticated: `none` (a stream gets what its node names), or
+    /// `token` (a bootstrap token from POST /v1/xds-tokens in the `authorization` metadata
+    /// decides its group and a sidecar's identity).
+    #[arg(long, value_enum, default_value = "none")]
+    xds_auth: XdsAuthMode,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -148,6 +153,7 @@ async fn main() -> std::process::ExitCode {
             workload_lifetime: args.workload_cert_lifetime,
             root_files: args.ca_cert.clone().zip(args.ca_key.clone()),
         },
+        xds_auth: args.xds_auth,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::ca::{Ca, SpiffeId};
 use crate::mesh::generate::{Generator, Rebuilt, Shared, SidecarParts};
-use crate::mesh::identity::{WorkloadSecrets, workload_identity};
+use crate::mesh::identity::{WorkloadSecrets, sidecar_identity};
 use crate::mesh::model::{MeshUpdate, ObjectKey, Source};
 use crate::mesh::policy::{NackedProxy, PolicyCondition, ProxyCounts, TrafficPolicyStatus};
 use crate::mesh::sidecar::Sidecar;
@@ -65,11 +65,7 @@ impl HubState {
         let Some(secrets) = self.secrets.as_mut() else {
             return (None, None);
         };
-        let identity = workload_identity(
-            self.generator.inputs(),
-            &sidecar.workload,
-            secrets.trust_domain(),
-        );
+        let identity = sidecar_identity(self.generator.inputs(), sidecar, secrets.trust_domain());
         let map = secrets.secrets(&identity);
         (Some(identity), Some(map))
     }
@@ -317,9 +313,9 @@ impl MeshHub {
                 || rebuilt.views_changed.contains(entry.sidecar.namespace())
                 || rebuilt.workloads_changed.contains(&entry.sidecar.workload);
             let identity_now = state.secrets.as_ref().map(|secrets| {
-                workload_identity(
+                sidecar_identity(
                     state.generator.inputs(),
-                    &entry.sidecar.workload,
+                    &entry.sidecar,
                     secrets.trust_domain(),
                 )
             });
@@ -664,6 +660,7 @@ mod tests {
             workload: ObjectKey::new("shop", pod),
             inbound_port: Some(15006),
             outbound_port: Some(15001),
+            service_account: None,
         }
     }
 
@@ -896,6 +893,16 @@ mod tests {
                 workload_certificate(&snapshot).0
             );
             assert!(!receiver.has_changed().expect("open"));
+            // A credential's service account wins over the workload's.
+            let proven = Sidecar {
+                service_account: Some("auditor".into()),
+                ..sidecar("a-3")
+            };
+            let proven_receiver = hub.subscribe(proven).await;
+            assert_eq!(
+                workload_certificate(&proven_receiver.borrow()).1,
+                ["spiffe://cluster.local/ns/shop/sa/auditor"]
+            );
             // Inspection through the API shows no keys.
             assert!(hub.sidecar_config(&sidecar("a-1"))[4].is_empty());
         }

@@ -25,6 +25,7 @@ use xds_api::envoy::extensions::transport_sockets::tls::v3::{
 use crate::ca::{Ca, IssuedCertificate, SpiffeId};
 use crate::mesh::model::{Inputs, ObjectKey};
 use crate::mesh::names;
+use crate::mesh::sidecar::Sidecar;
 use crate::resource::Kind;
 use crate::snapshot::{Resource, TypeMap};
 
@@ -46,6 +47,15 @@ pub fn known_service_account<'a>(inputs: &'a Inputs, workload: &ObjectKey) -> Op
 pub fn workload_identity(inputs: &Inputs, workload: &ObjectKey, trust_domain: &str) -> SpiffeId {
     let account = known_service_account(inputs, workload).unwrap_or(DEFAULT_SERVICE_ACCOUNT);
     SpiffeId::new(trust_domain, &workload.namespace, account)
+}
+
+/// The identity of a connected sidecar: the service account its credential proves, else its
+/// workload's.
+pub fn sidecar_identity(inputs: &Inputs, sidecar: &Sidecar, trust_domain: &str) -> SpiffeId {
+    match &sidecar.service_account {
+        Some(account) => SpiffeId::new(trust_domain, sidecar.namespace(), account),
+        None => workload_identity(inputs, &sidecar.workload, trust_domain),
+    }
 }
 
 fn inline(text: &str) -> Option<DataSource> {

@@ -134,6 +134,24 @@ impl PrivateEntries {
     pub fn insert(&mut self, name: String, bytes: Bytes) {
         self.0.insert(name, bytes);
     }
+
+    pub fn remove(&mut self, name: &str) {
+        self.0.remove(name);
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    /// The records whose names start with `prefix`, with the rest of their names.
+    pub fn with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Bytes)> {
+        self.0
+            .range(prefix.to_string()..)
+            .map_while(move |(name, bytes)| Some((name.strip_prefix(prefix)?, bytes)))
+    }
 }
 
 impl std::fmt::Debug for PrivateEntries {
@@ -163,6 +181,7 @@ impl ConfigState {
                 Change::PutPrivate(name, bytes) => {
                     next.private.insert(name.clone(), bytes.clone());
                 }
+                Change::DeletePrivate(name) => next.private.remove(name),
             }
         }
         next
@@ -187,6 +206,7 @@ pub enum Change {
     DeleteMesh(MeshKey),
     /// A record of the control plane itself (see [`ConfigState::private`]).
     PutPrivate(String, Bytes),
+    DeletePrivate(String),
 }
 
 impl Change {
@@ -194,7 +214,10 @@ impl Change {
     pub fn resource_key(&self) -> Option<&ResourceKey> {
         match self {
             Change::Put(key, _) | Change::Delete(key) => Some(key),
-            Change::PutMesh(..) | Change::DeleteMesh(_) | Change::PutPrivate(..) => None,
+            Change::PutMesh(..)
+            | Change::DeleteMesh(_)
+            | Change::PutPrivate(..)
+            | Change::DeletePrivate(_) => None,
         }
     }
 
@@ -203,7 +226,9 @@ impl Change {
         match self {
             Change::Put(key, _) | Change::Delete(key) => encode_key(key),
             Change::PutMesh(key, _) | Change::DeleteMesh(key) => encode_mesh_key(key),
-            Change::PutPrivate(name, _) => format!("{PRIVATE_PREFIX}{name}"),
+            Change::PutPrivate(name, _) | Change::DeletePrivate(name) => {
+                format!("{PRIVATE_PREFIX}{name}")
+            }
         }
     }
 
@@ -213,7 +238,7 @@ impl Change {
             Change::Put(_, bytes) | Change::PutMesh(_, bytes) | Change::PutPrivate(_, bytes) => {
                 Some(bytes)
             }
-            Change::Delete(_) | Change::DeleteMesh(_) => None,
+            Change::Delete(_) | Change::DeleteMesh(_) | Change::DeletePrivate(_) => None,
         }
     }
 }
