@@ -11,6 +11,8 @@
 //!   B's real identity it passes.
 //! - With 6 s certificates, renewed every 3 s, A's Envoy takes two renewals while requests
 //!   keep passing, none failed.
+//! - With `--xds-auth token`, each sidecar presents a bootstrap token for its own identity and
+//!   gets that identity's certificate; the request still passes.
 //!
 //! Needs root, iproute2, iptables, util-linux and Envoy.
 
@@ -19,7 +21,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use remora_tests::echo::EchoServer;
-use remora_tests::mesh::{ControlPlane, pod_ip, start_envoy_sidecar};
+use remora_tests::mesh::{ControlPlane, pod_ip, start_envoy_sidecar_with_token};
 use remora_tests::netns::{listen_in, missing_prerequisite};
 use remora_tests::pods::{Node, PodNet, call, request_from, sidecar_admin, sidecar_stat};
 use remora_tests::process::ChildGuard;
@@ -118,8 +120,29 @@ struct MeshPair {
 
 impl MeshPair {
     fn start(prefix: &str, cp_args: &[&str]) -> MeshPair {
+        Self::start_with_tokens(prefix, cp_args, None)
+    }
+
+    /// With `accounts`: `remora-cp` was started with `--xds-auth token`, and each sidecar
+    /// presents a token for its own group and namespace `shop` with service account
+    /// `accounts.0` (A) or `accounts.1` (B).
+    fn start_with_tokens(
+        prefix: &str,
+        cp_args: &[&str],
+        accounts: Option<(&str, &str)>,
+    ) -> MeshPair {
         let node = Node::create(&format!("{prefix}{}", std::process::id()));
         let cp = ControlPlane::start(&node.netns, cp_args, &[]);
+        let token = |pod: &str, account: &str| {
+            let (status, answer) = cp.call(
+                "POST",
+                "/v1/xds-tokens",
+                &json!({"group": pod, "namespace": "shop", "serviceAccount": account}),
+            );
+            assert_eq!(status, 200, "{answer}");
+            answer["token"].as_str().expect("a token").to_string()
+        };
+        let tokens = accounts.map(|(a, b)| (token("a-1", a), token("b-1", b)));
         cp.put(
             "/v1/mesh/services/shop/b",
             json!({"vip": VIP_B.to_string(), "ports": [{"name": "http", "port": 80}]}),
@@ -140,9 +163,19 @@ impl MeshPair {
             tempfile::tempdir().expect("dir"),
             tempfile::tempdir().expect("dir"),
         ];
-        let b_envoy = start_envoy_sidecar(&b, "shop", dirs[0].path());
+        let b_envoy = start_envoy_sidecar_with_token(
+            &b,
+            "shop",
+            dirs[0].path(),
+            tokens.as_ref().map(|(_, b)| b.as_str()),
+        );
         let a = node.add_pod("a-1", pod_ip(1, 1));
-        let a_envoy = start_envoy_sidecar(&a, "shop", dirs[1].path());
+        let a_envoy = start_envoy_sidecar_with_token(
+            &a,
+            "shop",
+            dirs[1].path(),
+            tokens.as_ref().map(|(a, _)| a.as_str()),
+        );
         for node_id in ["a-1.shop", "b-1.shop"] {
             wait_for(
                 &format!("{node_id} in sync"),
@@ -322,4 +355,39 @@ fn envoy_sidecars_take_renewed_certificates_without_a_failed_request() {
     // B's Envoy took the TLS connections A's opened (pooled ones are kept across renewals).
     assert!(sidecar_stat(&pair.b, "listener.0.0.0.0_15006.ssl.handshake").unwrap_or(0) >= 1);
     eprintln!("{requests} requests across {} certificates", seen.len());
+}
+
+#[test]
+fn sidecars_with_bootstrap_tokens_get_the_identity_their_token_proves() {
+    let test = "sidecars_with_bootstrap_tokens_get_the_identity_their_token_proves";
+    if !prerequisites(test) {
+        return;
+    }
+    let pair = MeshPair::start_with_tokens(
+        "ma",
+        &["--mesh", "--xds-auth", "token"],
+        Some(("buyer", "seller")),
+    );
+    let status = wait_for("a request over mTLS", Duration::from_secs(30), || {
+        let (status, _) = call(&pair.a, VIP_B, "/", Some("b.shop"));
+        (status == 200).then_some(status)
+    });
+    assert_eq!(status, 200);
+    for (pod, identity) in [
+        (&pair.a, "spiffe://cluster.local/ns/shop/sa/buyer"),
+        (&pair.b, "spiffe://cluster.local/ns/shop/sa/seller"),
+    ] {
+        let certs = sidecar_admin(pod, "/certs").unwrap_or_default();
+        assert!(certs.contains(identity), "{}: {certs}", pod.name);
+    }
+    // The proxies table shows each stream under its token's group.
+    let proxies = pair.cp.proxies();
+    for (node_id, group) in [("a-1.shop", "a-1"), ("b-1.shop", "b-1")] {
+        assert!(
+            proxies
+                .iter()
+                .any(|proxy| proxy["node_id"] == node_id && proxy["group"] == group),
+            "{node_id} in group {group}: {proxies:?}"
+        );
+    }
 }
