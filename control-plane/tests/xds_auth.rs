@@ -213,3 +213,79 @@ fn envoy_with_its_token_in_initial_metadata_gets_its_groups_config() {
     );
     assert!(!envoy.admin_get("/clusters").contains("only-a::"));
 }
+
+/// `remoractl ARGS` against `cp`: success, standard output, standard error.
+fn remoractl(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_remoractl"))
+        .args(["--server", &format!("http://{}", cp.api)])
+        .args(args)
+        .env("REMORA_CP_TOKEN", TOKEN)
+        .output()
+        .expect("run remoractl");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn remoractl_issues_lists_and_revokes_tokens_and_prints_the_bundle() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cp = start(dir.path());
+    let (ok, token, stderr) = remoractl(
+        &cp,
+        &[
+            "xds-token",
+            "issue",
+            "--group",
+            "b-1",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "seller",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let token = token.trim();
+    assert_eq!(token.len(), 64, "{token}");
+    let id = stderr
+        .split_whitespace()
+        .nth(1)
+        .expect("the id on standard error")
+        .to_string();
+    let (ok, listed, _) = remoractl(&cp, &["xds-token", "list"]);
+    assert!(ok);
+    assert!(
+        listed.lines().any(|line| line.starts_with(&id)
+            && line.contains("b-1")
+            && line.contains("shop")
+            && line.contains("seller")),
+        "{listed}"
+    );
+    assert!(!listed.contains(token));
+    let (ok, _, stderr) = remoractl(
+        &cp,
+        &[
+            "xds-token",
+            "issue",
+            "--group",
+            "b-1",
+            "--namespace",
+            "shop",
+        ],
+    );
+    assert!(!ok && stderr.contains("--service-account"), "{stderr}");
+    let (ok, revoked, stderr) = remoractl(&cp, &["xds-token", "revoke", &id]);
+    assert!(ok, "{stderr}");
+    assert!(revoked.contains(&id));
+    let (ok, _, stderr) = remoractl(&cp, &["xds-token", "revoke", &id]);
+    assert!(!ok && stderr.contains("no xDS token"), "{stderr}");
+
+    let (ok, bundle, stderr) = remoractl(&cp, &["ca-bundle"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        bundle.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{bundle}"
+    );
+}
