@@ -29,6 +29,8 @@ const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Workload certificates start this long before they are issued, so a peer whose clock is a
 /// little behind does not refuse a fresh one.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// The longest workload certificate lifetime accepted: they are meant to be short-lived.
+const MAX_WORKLOAD_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 /// How many times a first start retries storing its root when another replica stored first.
 const STORE_ATTEMPTS: usize = 8;
 
@@ -138,9 +140,11 @@ impl Ca {
     /// A CA signing with the root `cert_pem` (the first certificate in it) and its key.
     pub fn from_pem(cert_pem: &str, key_pem: &str, options: &CaOptions) -> anyhow::Result<Ca> {
         check_trust_domain(&options.trust_domain)?;
-        if options.workload_lifetime < Duration::from_secs(2) {
+        if options.workload_lifetime < Duration::from_secs(2)
+            || options.workload_lifetime > MAX_WORKLOAD_LIFETIME
+        {
             bail!(
-                "the workload certificate lifetime must be at least 2s, not {:?}",
+                "the workload certificate lifetime must be between 2s and 366 days, not {:?}",
                 options.workload_lifetime
             );
         }
@@ -484,11 +488,14 @@ mod tests {
             let error = Ca::from_pem(&cert, &key, &options).expect_err(domain);
             assert!(error.to_string().contains("trust domain"), "{error}");
         }
-        let options = CaOptions {
-            workload_lifetime: Duration::from_secs(1),
-            ..options()
-        };
-        assert!(Ca::from_pem(&cert, &key, &options).is_err());
+        for lifetime in [Duration::from_secs(1), Duration::from_secs(400 * 24 * 3600)] {
+            let options = CaOptions {
+                workload_lifetime: lifetime,
+                ..options()
+            };
+            let error = Ca::from_pem(&cert, &key, &options).expect_err("refused");
+            assert!(error.to_string().contains("lifetime"), "{error}");
+        }
     }
 
     #[tokio::test]

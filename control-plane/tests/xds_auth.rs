@@ -48,8 +48,8 @@ fn issue(cp: &ControlPlane, grant: &str) -> Value {
     body
 }
 
-/// Opens an ADS stream as node `id` of `group` with `token` (if any) and returns its first
-/// CDS response's cluster names, or the status the stream ended with.
+/// Opens an ADS stream as a node of `group` with `token` (if any) and returns the cluster
+/// names of its first CDS response that has any, or the status the stream ended with.
 async fn first_clusters(
     cp: &ControlPlane,
     group: &str,
@@ -85,22 +85,37 @@ async fn first_clusters(
         .stream_aggregated_resources(request)
         .await?
         .into_inner();
-    let response: DiscoveryResponse =
-        tokio::time::timeout(Duration::from_secs(30), responses.next())
+    // The first answer may come before the group's clusters are published: ACK and read on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let names = loop {
+        let response: DiscoveryResponse = tokio::time::timeout_at(deadline, responses.next())
             .await
-            .expect("an answer in time")
+            .expect("clusters in time")
             .expect("stream open")?;
-    let mut names: Vec<String> = response
-        .resources
-        .iter()
-        .map(|any| {
-            use prost::Message;
-            xds_api::envoy::config::cluster::v3::Cluster::decode(any.value.as_slice())
-                .expect("cluster")
-                .name
-        })
-        .collect();
-    names.sort();
+        let mut names: Vec<String> = response
+            .resources
+            .iter()
+            .map(|any| {
+                use prost::Message;
+                xds_api::envoy::config::cluster::v3::Cluster::decode(any.value.as_slice())
+                    .expect("cluster")
+                    .name
+            })
+            .collect();
+        if !names.is_empty() {
+            names.sort();
+            break names;
+        }
+        requests
+            .send(DiscoveryRequest {
+                version_info: response.version_info.clone(),
+                type_url: response.type_url.clone(),
+                response_nonce: response.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("ack");
+    };
     drop(requests);
     Ok(names)
 }
