@@ -3,6 +3,10 @@
 //! - `PUT|GET|DELETE /v1/{kind}/{name}`, `GET /v1/{kind}`, `?group=NAME` scopes writes and reads
 //! - `POST /v1/apply`: a multi-document YAML or a JSON array, all-or-nothing as one version
 //! - `GET /v1/proxies`: connected proxies with per-type ACK / pending / NACK state
+//! - `GET /v1/ca/bundle`: the mesh CA's trust bundle (PEM), what peers are verified against
+//! - `POST /v1/xds-tokens` (`{group, namespace?, serviceAccount?}`): a bootstrap token for
+//!   authenticated xDS, shown once; `GET /v1/xds-tokens` lists grants by id,
+//!   `DELETE /v1/xds-tokens/{id}` revokes one
 //! - `/v1/mesh/...`: services, endpoints, traffic policies and namespaces for generated
 //!   config (see [`crate::mesh::rest`])
 //! - `GET /healthz`, `GET /metrics` (Prometheus text)
@@ -23,6 +27,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::ca::Ca;
 use crate::config::{ConfigService, WriteError};
 use crate::mesh::hub::MeshHub;
 use crate::mesh::rest::MeshApiState;
@@ -31,6 +36,7 @@ use crate::registry::ProxyRegistry;
 use crate::resource::{Kind, Typed, stored_to_json};
 use crate::store::{Change, ResourceKey};
 use crate::validate::{Findings, Problem};
+use crate::xds::auth::{Grant, TOKEN_RECORD_PREFIX, id_of, new_token, record_name};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -40,6 +46,8 @@ pub struct ApiState {
     pub token: Option<String>,
     /// Mesh generation, when on (`/v1/mesh/...`).
     pub mesh: Option<Arc<MeshHub>>,
+    /// The mesh CA (`/v1/ca/bundle`).
+    pub ca: Arc<Ca>,
 }
 
 #[derive(Deserialize, Default)]
@@ -101,6 +109,12 @@ pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .merge(crate::mesh::rest::router(mesh))
         .route("/v1/proxies", get(list_proxies))
+        .route("/v1/ca/bundle", get(ca_bundle))
+        .route("/v1/xds-tokens", get(list_xds_tokens).post(issue_xds_token))
+        .route(
+            "/v1/xds-tokens/{id}",
+            axum::routing::delete(revoke_xds_token),
+        )
         .route("/v1/apply", post(apply))
         .route("/v1/{kind}", get(list_resources))
         .route(
@@ -113,6 +127,79 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .merge(v1)
         .with_state(state)
+}
+
+async fn ca_bundle(State(state): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        state.ca.bundle_pem().to_string(),
+    )
+        .into_response()
+}
+
+async fn issue_xds_token(State(state): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
+    let grant: Grant = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::simple(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"group\", \"namespace\"?, \"serviceAccount\"?}}: {error}"),
+        )
+    })?;
+    if let Some(problem) = grant.problem() {
+        return Err(ApiError::simple(StatusCode::BAD_REQUEST, problem));
+    }
+    let token = new_token()
+        .map_err(|error| ApiError::simple(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    let record = record_name(&token);
+    let stored = serde_json::to_vec(&grant)
+        .map_err(|error| ApiError::simple(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    let outcome = state
+        .config
+        .write(vec![Change::PutPrivate(record.clone(), stored.into())])
+        .await?;
+    let id = id_of(record.trim_start_matches(TOKEN_RECORD_PREFIX));
+    let mut answer = serde_json::to_value(&grant).unwrap_or_default();
+    answer["id"] = json!(id);
+    answer["token"] = json!(token);
+    answer["version"] = json!(outcome.version);
+    Ok(axum::Json(answer).into_response())
+}
+
+async fn list_xds_tokens(State(state): State<ApiState>) -> Response {
+    let current = state.config.current();
+    let tokens: Vec<Value> = current
+        .private
+        .with_prefix(TOKEN_RECORD_PREFIX)
+        .map(|(hash, bytes)| {
+            let mut grant = serde_json::from_slice::<Value>(bytes).unwrap_or(Value::Null);
+            grant["id"] = json!(id_of(hash));
+            grant
+        })
+        .collect();
+    axum::Json(json!({"version": current.version, "tokens": tokens})).into_response()
+}
+
+async fn revoke_xds_token(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let current = state.config.current();
+    let matching: Vec<String> = current
+        .private
+        .with_prefix(TOKEN_RECORD_PREFIX)
+        .filter(|(hash, _)| id_of(hash) == id)
+        .map(|(hash, _)| format!("{TOKEN_RECORD_PREFIX}{hash}"))
+        .collect();
+    let [record] = matching.as_slice() else {
+        return Err(ApiError::simple(
+            StatusCode::NOT_FOUND,
+            format!("no xDS token with id {id:?}"),
+        ));
+    };
+    let outcome = state
+        .config
+        .write(vec![Change::DeletePrivate(record.clone())])
+        .await?;
+    Ok(axum::Json(json!({"version": outcome.version, "revoked": id})).into_response())
 }
 
 async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {

@@ -94,6 +94,9 @@ impl ConfigService {
                     Change::DeleteMesh(key) if !base.mesh.contains_key(key) => {
                         return Err(WriteError::NotFound(key.label()));
                     }
+                    Change::DeletePrivate(name) if !base.private.contains(name) => {
+                        return Err(WriteError::NotFound(name.clone()));
+                    }
                     _ => {}
                 }
             }

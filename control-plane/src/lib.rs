@@ -6,9 +6,11 @@
 //!
 //! With mesh generation on ([`mesh`]), sidecars also get config generated from services,
 //! endpoints, pods and traffic policies (Kubernetes, or the REST API), merged with their
-//! group's raw resources into a snapshot per sidecar.
+//! group's raw resources into a snapshot per sidecar. The mesh CA ([`ca`]) signs each
+//! sidecar's workload certificate, served with the trust bundle as SDS secrets.
 
 pub mod api;
+pub mod ca;
 pub mod config;
 pub mod mesh;
 pub mod metrics;

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use tokio::sync::watch;
 
 use crate::api::{ApiState, router};
+use crate::ca::{Ca, CaOptions};
 use crate::config::ConfigService;
 use crate::mesh::hub::MeshHub;
 use crate::mesh::translate::MeshSettings;
@@ -20,6 +21,7 @@ use crate::store::ConfigStore;
 use crate::store::etcd_store::EtcdStore;
 use crate::store::redb_store::RedbStore;
 use crate::xds::XdsContext;
+use crate::xds::auth::XdsAuth;
 
 /// Where config is kept.
 #[derive(Clone, Debug)]
@@ -40,6 +42,20 @@ pub struct Options {
     pub debounce: Duration,
     /// Generated config for mesh sidecars; `None` serves raw resources only.
     pub mesh: Option<MeshOptions>,
+    /// The mesh CA: trust domain, workload certificate lifetime, root files.
+    pub ca: CaOptions,
+    /// Whether xDS streams must present a bootstrap token.
+    pub xds_auth: XdsAuthMode,
+}
+
+/// How xDS streams are authenticated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsAuthMode {
+    /// None: a stream gets what its node names (trusted networks only).
+    #[default]
+    None,
+    /// A bootstrap token from `POST /v1/xds-tokens` in the `authorization` metadata.
+    Token,
 }
 
 /// Mesh generation settings.
@@ -70,6 +86,9 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
                 .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
         ),
     };
+    let ca = Ca::open(store.as_ref(), &options.ca)
+        .await
+        .context("setting up the mesh CA")?;
     let config = ConfigService::open(store).await.context("loading config")?;
     tracing::info!(
         version = config.current().version,
@@ -90,6 +109,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
                 hub.clone(),
                 sources,
                 options.debounce,
+                Some(ca.clone()),
             );
             tokio::spawn(mesh.clone().run());
             if let Some(kubeconfig) = &mesh_options.kubernetes {
@@ -119,6 +139,10 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
         mesh: mesh.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
+        auth: match options.xds_auth {
+            XdsAuthMode::None => XdsAuth::Open,
+            XdsAuthMode::Token => XdsAuth::Tokens(config.clone()),
+        },
     };
     let mut xds_shutdown = shutdown.clone();
     let xds_task = tokio::spawn(xds.serve(xds_listener, async move {
@@ -130,6 +154,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
         metrics,
         token: options.token.clone(),
         mesh,
+        ca,
     });
     axum::serve(api_listener, api)
         .with_graceful_shutdown(async move {

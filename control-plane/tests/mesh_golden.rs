@@ -246,6 +246,7 @@ fn sidecar(namespace: &str, pod: &str) -> Sidecar {
         workload: key(namespace, pod),
         inbound_port: Some(15006),
         outbound_port: Some(15001),
+        service_account: None,
     }
 }
 
@@ -579,5 +580,107 @@ fn a_policy_that_narrows_export_takes_the_service_out_of_other_views() {
     assert!(leftover.is_empty(), "{leftover:?}");
     assert!(
         render(&mut generator, &sidecar("shop", "b-1")).contains("b.shop.svc.cluster.local:80")
+    );
+}
+
+/// The SAN matchers of the mTLS cluster `name` as the sidecar gets it: (kind, value) pairs.
+fn san_matchers(generator: &mut Generator, sidecar: &Sidecar, name: &str) -> Vec<(String, String)> {
+    let parts = generator.sidecar_parts(sidecar);
+    let cluster =
+        stored_to_json(Kind::Cluster, &parts.clusters.map[name].body.value).expect("decodes");
+    let context = &cluster["transport_socket"]["typed_config"]["common_tls_context"];
+    assert_eq!(
+        context["combined_validation_context"]["validation_context_sds_secret_config"]["name"],
+        "remora-trust-bundle"
+    );
+    context["combined_validation_context"]["default_validation_context"]
+        ["match_typed_subject_alt_names"]
+        .as_array()
+        .expect("matchers")
+        .iter()
+        .map(|matcher| {
+            assert_eq!(matcher["san_type"], "URI");
+            let (kind, value) = matcher["matcher"]
+                .as_object()
+                .and_then(|object| object.iter().next())
+                .expect("one pattern");
+            (kind.clone(), value.as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+fn pod(name: &str, service_account: &str) -> Option<Workload> {
+    Some(Workload {
+        key: key("shop", name),
+        ip: None,
+        service_account: service_account.into(),
+        labels: labels("b"),
+        ports: Vec::new(),
+    })
+}
+
+#[test]
+fn an_mtls_cluster_accepts_exactly_the_service_accounts_behind_it() {
+    let mut generator = mesh(MeshSettings::default(), true);
+    let caller = sidecar("web", "a-1");
+    let cluster = "b.shop.svc.cluster.local:80";
+    // b-2 and b-3 are not known yet: any identity of the trust domain.
+    assert_eq!(
+        san_matchers(&mut generator, &caller, cluster),
+        [("prefix".to_string(), "spiffe://cluster.local/".to_string())]
+    );
+    generator.set_workload(K8S, key("shop", "b-2"), pod("b-2", "b"));
+    generator.set_workload(K8S, key("shop", "b-3"), pod("b-3", "b-batch"));
+    let rebuilt = generator.rebuild(2);
+    assert!(rebuilt.views_changed.contains("web"), "{rebuilt:?}");
+    assert_eq!(
+        san_matchers(&mut generator, &caller, cluster),
+        [
+            (
+                "exact".to_string(),
+                "spiffe://cluster.local/ns/shop/sa/b".to_string()
+            ),
+            (
+                "exact".to_string(),
+                "spiffe://cluster.local/ns/shop/sa/b-batch".to_string()
+            ),
+        ]
+    );
+    // A pod's service account changes: so does the matcher.
+    generator.set_workload(K8S, key("shop", "b-3"), pod("b-3", "b"));
+    generator.rebuild(3);
+    assert_eq!(
+        san_matchers(&mut generator, &caller, cluster),
+        [(
+            "exact".to_string(),
+            "spiffe://cluster.local/ns/shop/sa/b".to_string()
+        )]
+    );
+    // A pod that changes nothing about who answers rebuilds no view.
+    generator.set_workload(K8S, key("shop", "b-3"), pod("b-3", "b"));
+    let rebuilt = generator.rebuild(4);
+    assert!(!rebuilt.views_changed.contains("web"), "{rebuilt:?}");
+    // One endpoint's pod gone from the mesh: back to the trust domain.
+    generator.set_workload(K8S, key("shop", "b-2"), None);
+    generator.rebuild(5);
+    assert_eq!(
+        san_matchers(&mut generator, &caller, cluster),
+        [("prefix".to_string(), "spiffe://cluster.local/".to_string())]
+    );
+
+    let settings = MeshSettings {
+        trust_domain: "example.org".into(),
+        ..MeshSettings::default()
+    };
+    let mut generator = mesh(settings, true);
+    generator.set_workload(K8S, key("shop", "b-2"), pod("b-2", "b"));
+    generator.set_workload(K8S, key("shop", "b-3"), pod("b-3", "b"));
+    generator.rebuild(2);
+    assert_eq!(
+        san_matchers(&mut generator, &caller, cluster),
+        [(
+            "exact".to_string(),
+            "spiffe://example.org/ns/shop/sa/b".to_string()
+        )]
     );
 }

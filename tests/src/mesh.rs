@@ -189,9 +189,24 @@ pub fn start_sidecar(pod: &PodNet, spec: &SidecarSpec) -> ChildGuard {
 /// A real Envoy as the sidecar of `pod`, with the bootstrap `remora-proxy --bootstrap-from-env`
 /// builds (same node id and metadata) but incremental (delta) ADS, as uid 1337.
 pub fn start_envoy_sidecar(pod: &PodNet, namespace: &str, dir: &Path) -> ChildGuard {
+    start_envoy_sidecar_with_token(pod, namespace, dir, None)
+}
+
+/// [`start_envoy_sidecar`], presenting `token` (an xDS bootstrap token) on its xDS stream.
+pub fn start_envoy_sidecar_with_token(
+    pod: &PodNet,
+    namespace: &str,
+    dir: &Path,
+    token: Option<&str>,
+) -> ChildGuard {
     use std::os::unix::fs::PermissionsExt;
     let spec = SidecarSpec::injected(&pod.name, namespace, &pod.name);
     run_in_pod(pod, &spec.init_command);
+    let mut grpc_service = serde_json::json!({"envoy_grpc": {"cluster_name": "xds_cluster"}});
+    if let Some(token) = token {
+        grpc_service["initial_metadata"] =
+            serde_json::json!([{"key": "authorization", "value": format!("Bearer {token}")}]);
+    }
     let bootstrap = serde_json::json!({
         "node": {
             "id": format!("{}.{namespace}", pod.name),
@@ -200,7 +215,7 @@ pub fn start_envoy_sidecar(pod: &PodNet, namespace: &str, dir: &Path) -> ChildGu
         },
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
         "dynamic_resources": {
-            "ads_config": {"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}]},
+            "ads_config": {"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": [grpc_service]},
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"}
         },

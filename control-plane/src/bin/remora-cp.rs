@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use remora_control_plane::ca::CaOptions;
 use remora_control_plane::mesh::translate::{MeshSettings, OutboundLayout};
-use remora_control_plane::server::{MeshOptions, Options, StoreChoice, run};
+use remora_control_plane::server::{MeshOptions, Options, StoreChoice, XdsAuthMode, run};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
@@ -63,8 +64,46 @@ struct Args {
     /// Envoy), or a bind_to_port=false listener per VIP:port (Envoy only, for now).
     #[arg(long, value_enum, default_value = "capture-chains")]
     outbound_layout: OutboundLayout,
+    /// The mesh CA's root certificate (PEM); with --ca-key. Without both, a root is generated
+    /// on first start and kept in the store (shared by replicas on one etcd).
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The private key of --ca-cert (PEM, PKCS#8).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The SPIFFE trust domain of workload identities
+    /// (spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of workload certificates (e.g. 24h, 90m, 30s); renewed at half life.
+    #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
+    workload_cert_lifetime: Duration,
+    /// How xDS streams are authenticated: `none` (a stream gets what its node names), or
+    /// `token` (a bootstrap token from POST /v1/xds-tokens in the `authorization` metadata
+    /// decides its group and a sidecar's identity).
+    #[arg(long, value_enum, default_value = "none")]
+    xds_auth: XdsAuthMode,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// `24h`, `90m`, `30s` or a bare number of seconds.
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(split) => text.split_at(split),
+        None => (text, "s"),
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with h, m or s (e.g. 24h)"))?;
+    let seconds = match unit {
+        "h" => number.checked_mul(3600),
+        "m" => number.checked_mul(60),
+        "s" => Some(number),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{text:?}: expected a number with h, m or s (e.g. 24h)"))?;
+    Ok(Duration::from_secs(seconds))
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,9 +144,16 @@ async fn main() -> std::process::ExitCode {
                 cluster_domain: args.cluster_domain.clone(),
                 mesh_defaults: !args.no_mesh_defaults,
                 outbound_layout: args.outbound_layout,
+                trust_domain: args.trust_domain.clone(),
             },
             kubernetes: args.kubernetes.then(|| args.kubeconfig.clone()),
         }),
+        ca: CaOptions {
+            trust_domain: args.trust_domain.clone(),
+            workload_lifetime: args.workload_cert_lifetime,
+            root_files: args.ca_cert.clone().zip(args.ca_key.clone()),
+        },
+        xds_auth: args.xds_auth,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

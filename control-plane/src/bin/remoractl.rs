@@ -1,7 +1,9 @@
 //! `remoractl`: command-line client of the remora-cp config API.
 //!
 //! `apply -f FILE`, `get KIND [NAME]`, `delete KIND NAME`, `status` (the proxies table, NACKs
-//! highlighted). Exits non-zero with the server's explanation when a request fails.
+//! highlighted), `ca-bundle` (the mesh CA's root), `xds-token issue|list|revoke` (bootstrap
+//! tokens for authenticated xDS). Exits non-zero with the server's explanation when a request
+//! fails.
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -66,6 +68,31 @@ enum Command {
         #[arg(short, long)]
         json: bool,
     },
+    /// Print the mesh CA's trust bundle (PEM).
+    CaBundle,
+    /// Bootstrap tokens for authenticated xDS (`remora-cp --xds-auth token`).
+    XdsToken {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenAction {
+    /// Issue a token for a group (and, for mesh sidecars, a workload identity); the token is
+    /// printed once.
+    Issue {
+        #[arg(long)]
+        group: String,
+        #[arg(long, requires = "service_account")]
+        namespace: Option<String>,
+        #[arg(long, requires = "namespace")]
+        service_account: Option<String>,
+    },
+    /// The grants, by id (never the tokens).
+    List,
+    /// Revoke a token by id: new streams with it are refused.
+    Revoke { id: String },
 }
 
 /// A failed command: what to tell the user.
@@ -148,6 +175,11 @@ fn run(args: &Args) -> Result<(), Failure> {
             )?;
             report_write(&answer);
         }
+        Command::CaBundle => {
+            let answer = request(args, "GET", "/v1/ca/bundle", "", "")?;
+            print!("{}", answer.as_str().unwrap_or_default());
+        }
+        Command::XdsToken { action } => token_command(args, action)?,
         Command::Status { json } => {
             let answer = request(args, "GET", "/v1/proxies", "", "")?;
             if *json {
@@ -158,6 +190,55 @@ fn run(args: &Args) -> Result<(), Failure> {
             } else {
                 print_status(&answer);
             }
+        }
+    }
+    Ok(())
+}
+
+fn token_command(args: &Args, action: &TokenAction) -> Result<(), Failure> {
+    match action {
+        TokenAction::Issue {
+            group,
+            namespace,
+            service_account,
+        } => {
+            let mut grant = serde_json::json!({"group": group});
+            if let (Some(namespace), Some(account)) = (namespace, service_account) {
+                grant["namespace"] = Value::from(namespace.as_str());
+                grant["serviceAccount"] = Value::from(account.as_str());
+            }
+            let answer = request(
+                args,
+                "POST",
+                "/v1/xds-tokens",
+                "application/json",
+                &grant.to_string(),
+            )?;
+            println!("{}", answer["token"].as_str().unwrap_or_default());
+            eprintln!(
+                "id {} (shown by `remoractl xds-token list`; the token is not shown again)",
+                answer["id"].as_str().unwrap_or("?")
+            );
+        }
+        TokenAction::List => {
+            let answer = request(args, "GET", "/v1/xds-tokens", "", "")?;
+            println!(
+                "{:<18} {:<20} {:<16} SERVICE ACCOUNT",
+                "ID", "GROUP", "NAMESPACE"
+            );
+            for grant in answer["tokens"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<18} {:<20} {:<16} {}",
+                    grant["id"].as_str().unwrap_or("?"),
+                    grant["group"].as_str().unwrap_or(""),
+                    grant["namespace"].as_str().unwrap_or("-"),
+                    grant["serviceAccount"].as_str().unwrap_or("-")
+                );
+            }
+        }
+        TokenAction::Revoke { id } => {
+            let answer = request(args, "DELETE", &format!("/v1/xds-tokens/{id}"), "", "")?;
+            println!("version {}: revoked {id}", answer["version"]);
         }
     }
     Ok(())

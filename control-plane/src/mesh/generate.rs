@@ -19,6 +19,8 @@ use std::sync::Arc;
 use prost::Message;
 use xds_api::envoy::config::listener::v3::FilterChain;
 
+use crate::ca::SpiffeId;
+use crate::mesh::identity::known_service_account;
 use crate::mesh::model::{
     EndpointSet, Inputs, MeshUpdate, NamespaceSettings, ObjectKey, PolicyObject, Protocol, Service,
     Source, TargetPort, Workload,
@@ -26,6 +28,7 @@ use crate::mesh::model::{
 use crate::mesh::names;
 use crate::mesh::policy::{Effective, MtlsMode, mesh_defaults};
 use crate::mesh::sidecar::Sidecar;
+use crate::mesh::translate::cluster::PeerIdentities;
 use crate::mesh::translate::listener::InboundPort;
 use crate::mesh::translate::route::RouteInputs;
 use crate::mesh::translate::{MeshSettings, OutboundLayout, cluster, endpoints, listener, route};
@@ -217,6 +220,8 @@ pub struct Generator {
     service_workloads: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// Target → services whose routes split traffic to it.
     split_sources: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Who may answer for each service, as its clusters were last built with.
+    service_peers: HashMap<ObjectKey, PeerIdentities>,
     inbound: HashMap<ObjectKey, Arc<Vec<InboundPort>>>,
     inbound_listeners: HashMap<(ObjectKey, u16), Arc<Resource>>,
     inbound_clusters: HashMap<(u16, Protocol), Arc<Resource>>,
@@ -236,6 +241,7 @@ impl Generator {
             workload_services: HashMap::new(),
             service_workloads: HashMap::new(),
             split_sources: HashMap::new(),
+            service_peers: HashMap::new(),
             inbound: HashMap::new(),
             inbound_listeners: HashMap::new(),
             inbound_clusters: HashMap::new(),
@@ -412,7 +418,23 @@ impl Generator {
     /// will be published as (recorded for policy status).
     pub fn rebuild(&mut self, version: u64) -> Rebuilt {
         let mut rebuilt = Rebuilt::default();
-        let dirty = std::mem::take(&mut self.dirty);
+        let mut dirty = std::mem::take(&mut self.dirty);
+        // Endpoints or pods that changed may change who answers for a service, which its
+        // clusters check: such services are rebuilt too.
+        let mut peers_may_change: BTreeSet<ObjectKey> = dirty.endpoints.clone();
+        for workload in &dirty.workloads {
+            if let Some(services) = self.workload_services.get(workload) {
+                peers_may_change.extend(services.iter().cloned());
+            }
+        }
+        for key in peers_may_change {
+            if !dirty.services.contains(&key)
+                && self.services.contains_key(&key)
+                && self.service_peers.get(&key) != Some(&self.peer_identities(&key))
+            {
+                dirty.services.insert(key);
+            }
+        }
         self.dirty.views = dirty.views;
         self.dirty.all_views = dirty.all_views;
         let mut endpoint_services = dirty.endpoints;
@@ -561,6 +583,7 @@ impl Generator {
             targets.remove(key);
         }
         let Some(service) = self.inputs.service(key).cloned() else {
+            self.service_peers.remove(key);
             if let Some(old) = old
                 && !old.ports.is_empty()
             {
@@ -571,12 +594,13 @@ impl Generator {
         let (effective, _) = self.effective(&service);
         let domain = self.settings.cluster_domain.clone();
         let host = names::service_host(key, &domain);
+        let peers = self.peer_identities(key);
         let mut ports = Vec::new();
         for (port, effective) in service.ports.iter().zip(effective) {
             let name = names::outbound(key, port.port, &domain);
             let cluster_resource = eds_cluster(
                 &name,
-                &cluster::service_cluster(&name, &host, port.protocol, &effective),
+                &cluster::service_cluster(&name, &host, port.protocol, &effective, &peers),
             );
             let mut split_targets = Vec::new();
             // A headless service has no chain to use a route configuration.
@@ -659,7 +683,32 @@ impl Generator {
         let visibility_changed =
             old.as_ref().map(|old| exports(&old.ports)) != Some(exports(&ports));
         self.services.insert(key.clone(), ServiceOutput { ports });
+        self.service_peers.insert(key.clone(), peers);
         (kinds, visibility_changed)
+    }
+
+    /// Who may answer for `service`: the identities of its endpoints' workloads, or any of
+    /// the trust domain while one of them (or every one: no endpoints yet) is unknown.
+    fn peer_identities(&self, service: &ObjectKey) -> PeerIdentities {
+        let trust_domain = &self.settings.trust_domain;
+        let anyone = || PeerIdentities::TrustDomain(SpiffeId::trust_domain_prefix(trust_domain));
+        let mut ids = BTreeSet::new();
+        for set in self.inputs.endpoint_sets(service) {
+            for endpoint in &set.endpoints {
+                let Some(workload) = &endpoint.workload else {
+                    return anyone();
+                };
+                let Some(account) = known_service_account(&self.inputs, workload) else {
+                    return anyone();
+                };
+                ids.insert(SpiffeId::new(trust_domain, &workload.namespace, account).to_string());
+            }
+        }
+        if ids.is_empty() {
+            anyone()
+        } else {
+            PeerIdentities::Known(ids)
+        }
     }
 
     fn update_policy_states(

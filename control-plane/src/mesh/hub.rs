@@ -8,6 +8,10 @@
 //! shared by many sidecars keep their `Arc` and carry the names that changed, so each stream
 //! diffs only those. Sidecars are served nothing until every source has synced once: a
 //! restarted control plane must not push a half-known mesh to proxies that hold a whole one.
+//!
+//! With a CA, each sidecar also gets its identity's secrets ([`WorkloadSecrets`]); the hub
+//! wakes when the next certificate is due for renewal and republishes the sidecars of the
+//! identities renewed, and of those whose identity changed (a pod's service account).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +21,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 
+use crate::ca::{Ca, SpiffeId};
 use crate::mesh::generate::{Generator, Rebuilt, Shared, SidecarParts};
+use crate::mesh::identity::{WorkloadSecrets, sidecar_identity};
 use crate::mesh::model::{MeshUpdate, ObjectKey, Source};
 use crate::mesh::policy::{NackedProxy, PolicyCondition, ProxyCounts, TrafficPolicyStatus};
 use crate::mesh::sidecar::Sidecar;
@@ -35,6 +41,8 @@ struct SidecarEntry {
     raw: watch::Receiver<Arc<Snapshot>>,
     /// The raw snapshot its current snapshot was built from.
     raw_seen: Arc<Snapshot>,
+    /// Its identity as last published (with a CA).
+    identity: Option<SpiffeId>,
 }
 
 struct HubState {
@@ -44,6 +52,23 @@ struct HubState {
     sidecars: Vec<SidecarEntry>,
     /// REST mesh objects as last applied, and the store version they came from.
     rest_seen: BTreeMap<MeshKey, Bytes>,
+    /// Workload certificates and the trust bundle; `None` without a CA.
+    secrets: Option<WorkloadSecrets>,
+}
+
+impl HubState {
+    /// A sidecar's identity and its secrets (issued if new), with a CA.
+    fn identity_and_secrets(
+        &mut self,
+        sidecar: &Sidecar,
+    ) -> (Option<SpiffeId>, Option<Arc<TypeMap>>) {
+        let Some(secrets) = self.secrets.as_mut() else {
+            return (None, None);
+        };
+        let identity = sidecar_identity(self.generator.inputs(), sidecar, secrets.trust_domain());
+        let map = secrets.secrets(&identity);
+        (Some(identity), Some(map))
+    }
 }
 
 struct Queue {
@@ -55,6 +80,8 @@ pub struct MeshHub {
     raw: Arc<SnapshotHub>,
     queue: Mutex<Queue>,
     wake: Notify,
+    /// A certificate was issued: the next renewal may be sooner than the one waited for.
+    reschedule: Notify,
     state: Mutex<HubState>,
     /// Sources still to finish their first sync.
     pending_sources: Mutex<usize>,
@@ -89,6 +116,7 @@ fn merge(raw: &Arc<TypeMap>, generated: &Shared) -> (Arc<TypeMap>, Option<Arc<Ty
 fn compose(
     raw: &Snapshot,
     parts: &SidecarParts,
+    secrets: Option<&Arc<TypeMap>>,
     previous: Option<&Snapshot>,
     version: u64,
     committed_at: Instant,
@@ -97,12 +125,16 @@ fn compose(
         map: parts.listeners.clone(),
         change: None,
     };
+    let secrets = Shared {
+        map: secrets.cloned().unwrap_or_default(),
+        change: None,
+    };
     let merged = [
         merge(raw.of(Kind::Cluster), &parts.clusters),
         merge(raw.of(Kind::Endpoint), &parts.endpoints),
         merge(raw.of(Kind::Listener), &listeners),
         merge(raw.of(Kind::Route), &parts.routes),
-        (raw.of(Kind::Secret).clone(), None),
+        merge(raw.of(Kind::Secret), &secrets),
     ];
     let mut types: [Arc<TypeMap>; 5] = Default::default();
     let mut changes: [Option<Arc<TypeChange>>; 5] = Default::default();
@@ -135,11 +167,13 @@ fn compose(
 
 impl MeshHub {
     /// A hub waiting for `sources` sources to sync (0: serve at once).
+    /// With `ca`, sidecars also get their workload certificate and the trust bundle.
     pub fn new(
         settings: MeshSettings,
         raw: Arc<SnapshotHub>,
         sources: usize,
         debounce: Duration,
+        ca: Option<Arc<Ca>>,
     ) -> Arc<MeshHub> {
         let (synced, _) = watch::channel(sources == 0);
         Arc::new(MeshHub {
@@ -149,11 +183,13 @@ impl MeshHub {
                 since: None,
             }),
             wake: Notify::new(),
+            reschedule: Notify::new(),
             state: Mutex::new(HubState {
                 generator: Generator::new(settings),
                 version: 0,
                 sidecars: Vec::new(),
                 rest_seen: BTreeMap::new(),
+                secrets: ca.map(WorkloadSecrets::new),
             }),
             pending_sources: Mutex::new(sources),
             sync_requested: AtomicBool::new(false),
@@ -202,21 +238,32 @@ impl MeshHub {
             let raw_seen = raw.borrow().clone();
             let mut state = lock(&hub.state);
             let parts = state.generator.sidecar_parts(&sidecar);
+            let (identity, secrets) = state.identity_and_secrets(&sidecar);
             let version = state.version;
-            let snapshot = compose(&raw_seen, &parts, None, version, Instant::now());
+            let snapshot = compose(
+                &raw_seen,
+                &parts,
+                secrets.as_ref(),
+                None,
+                version,
+                Instant::now(),
+            );
             let (sender, receiver) = watch::channel(Arc::new(snapshot));
             state.sidecars.push(SidecarEntry {
                 sidecar,
                 sender,
                 raw,
                 raw_seen,
+                identity,
             });
             receiver
         };
-        match tokio::task::spawn_blocking(subscribe).await {
+        let receiver = match tokio::task::spawn_blocking(subscribe).await {
             Ok(receiver) => receiver,
             Err(_) => watch::channel(Arc::new(Snapshot::empty())).1,
-        }
+        };
+        self.reschedule.notify_one();
+        receiver
     }
 
     /// Applies queued updates and the REST objects of the latest commit, and republishes what
@@ -253,19 +300,45 @@ impl MeshHub {
             Rebuilt::default()
         };
         let committed_at = since.unwrap_or(committed.at);
+        let renewed = match state.secrets.as_mut() {
+            Some(secrets) => secrets.renew_due(tokio::time::Instant::now()),
+            None => BTreeSet::new(),
+        };
         let mut published = false;
-        for entry in &mut state.sidecars {
+        let mut sidecars = std::mem::take(&mut state.sidecars);
+        for entry in &mut sidecars {
             let raw_now = entry.raw.borrow().clone();
             let raw_changed = !Arc::ptr_eq(&raw_now, &entry.raw_seen);
             let generated_changed = rebuilt.endpoints_changed
                 || rebuilt.views_changed.contains(entry.sidecar.namespace())
                 || rebuilt.workloads_changed.contains(&entry.sidecar.workload);
-            if !raw_changed && !generated_changed {
+            let identity_now = state.secrets.as_ref().map(|secrets| {
+                sidecar_identity(
+                    state.generator.inputs(),
+                    &entry.sidecar,
+                    secrets.trust_domain(),
+                )
+            });
+            let secrets_changed = identity_now != entry.identity
+                || entry
+                    .identity
+                    .as_ref()
+                    .is_some_and(|identity| renewed.contains(identity));
+            if !raw_changed && !generated_changed && !secrets_changed {
                 continue;
             }
             let parts = state.generator.sidecar_parts(&entry.sidecar);
+            let (identity, secrets) = state.identity_and_secrets(&entry.sidecar);
+            entry.identity = identity;
             let previous = entry.sender.borrow().clone();
-            let snapshot = compose(&raw_now, &parts, Some(&previous), version, committed_at);
+            let snapshot = compose(
+                &raw_now,
+                &parts,
+                secrets.as_ref(),
+                Some(&previous),
+                version,
+                committed_at,
+            );
             entry.raw_seen = raw_now;
             let unchanged = snapshot
                 .types
@@ -277,6 +350,15 @@ impl MeshHub {
                 entry.sender.send_replace(Arc::new(snapshot));
                 published = true;
             }
+        }
+        state.sidecars = sidecars;
+        if let Some(secrets) = state.secrets.as_mut() {
+            let live: BTreeSet<SpiffeId> = state
+                .sidecars
+                .iter()
+                .filter_map(|entry| entry.identity.clone())
+                .collect();
+            secrets.retain(&live);
         }
         if published || !rebuilt.is_empty() {
             state.version = version;
@@ -292,8 +374,21 @@ impl MeshHub {
         let mut raw_published = self.raw.published();
         self.wake.notify_one();
         loop {
+            let next_renewal = lock(&self.state)
+                .secrets
+                .as_ref()
+                .and_then(WorkloadSecrets::next_renewal);
+            let renewal = async {
+                match next_renewal {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.wake.notified() => {}
+                _ = renewal => {}
+                // Only to wait for the new next renewal.
+                _ = self.reschedule.notified() => continue,
                 changed = raw_published.changed() => {
                     if changed.is_err() {
                         return;
@@ -317,7 +412,8 @@ impl MeshHub {
         let raw = self.raw.subscribe(&sidecar.group).borrow().clone();
         let mut state = lock(&self.state);
         let parts = state.generator.sidecar_parts(sidecar);
-        compose(&raw, &parts, None, 0, Instant::now()).types
+        // Inspection shows no private keys and issues no certificate.
+        compose(&raw, &parts, None, None, 0, Instant::now()).types
     }
 
     /// What to report about a policy: whether it is in effect and which sidecars that
@@ -564,6 +660,7 @@ mod tests {
             workload: ObjectKey::new("shop", pod),
             inbound_port: Some(15006),
             outbound_port: Some(15001),
+            service_account: None,
         }
     }
 
@@ -596,7 +693,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_policy_change_reaches_every_sidecar_of_the_namespace() {
-        let hub = MeshHub::new(MeshSettings::default(), raw_hub(), 0, Duration::ZERO);
+        let hub = MeshHub::new(MeshSettings::default(), raw_hub(), 0, Duration::ZERO, None);
         hub.update(service_b());
         hub.publish();
         let mut receivers = Vec::new();
@@ -668,7 +765,7 @@ mod tests {
             },
             Duration::ZERO,
         );
-        let hub = MeshHub::new(MeshSettings::default(), raw, 0, Duration::ZERO);
+        let hub = MeshHub::new(MeshSettings::default(), raw, 0, Duration::ZERO, None);
         hub.update(service_b());
         hub.publish();
         // Group "a" holds the raw route; group "b" does not.
@@ -680,5 +777,231 @@ mod tests {
         );
         let generated = hub.subscribe(sidecar("b")).await.borrow().clone();
         assert_ne!(generated.of(Kind::Route)[name].body.value, raw_route);
+    }
+
+    mod secrets {
+        use super::*;
+        use crate::ca::{CaOptions, generate_root};
+        use crate::mesh::model::Workload;
+        use crate::mesh::names;
+        use prost::Message;
+        use xds_api::envoy::extensions::transport_sockets::tls::v3::Secret;
+        use xds_api::envoy::extensions::transport_sockets::tls::v3::secret::Type as SecretType;
+
+        const LIFETIME: Duration = Duration::from_secs(3600);
+
+        fn hub_with_ca() -> Arc<MeshHub> {
+            let (cert, key) = generate_root("cluster.local").expect("root");
+            let options = CaOptions {
+                workload_lifetime: LIFETIME,
+                ..CaOptions::default()
+            };
+            let ca = Arc::new(Ca::from_pem(&cert, &key, &options).expect("ca"));
+            MeshHub::new(
+                MeshSettings::default(),
+                raw_hub(),
+                0,
+                Duration::ZERO,
+                Some(ca),
+            )
+        }
+
+        fn workload(pod: &str, service_account: &str) -> MeshUpdate {
+            let key = ObjectKey::new("shop", pod);
+            MeshUpdate::Workload(
+                Source::Kubernetes,
+                key.clone(),
+                Some(Workload {
+                    key,
+                    ip: None,
+                    service_account: service_account.into(),
+                    labels: BTreeMap::new(),
+                    ports: Vec::new(),
+                }),
+            )
+        }
+
+        fn secret(snapshot: &Snapshot, name: &str) -> Secret {
+            let resource = snapshot
+                .of(Kind::Secret)
+                .get(name)
+                .unwrap_or_else(|| panic!("no secret {name}"));
+            Secret::decode(resource.body.value.as_slice()).expect("a Secret")
+        }
+
+        /// The certificate chain of the workload secret, and the URI SANs of its leaf.
+        fn workload_certificate(snapshot: &Snapshot) -> (String, Vec<String>) {
+            let Some(SecretType::TlsCertificate(tls)) =
+                secret(snapshot, names::WORKLOAD_CERT_SECRET).r#type
+            else {
+                panic!("not a tls_certificate");
+            };
+            let text = |source: Option<xds_api::envoy::config::core::v3::DataSource>| match source
+                .and_then(|source| source.specifier)
+            {
+                Some(xds_api::envoy::config::core::v3::data_source::Specifier::InlineString(
+                    text,
+                )) => text,
+                other => panic!("not inline: {other:?}"),
+            };
+            let chain = text(tls.certificate_chain);
+            assert!(text(tls.private_key).contains("PRIVATE KEY"));
+            let leaf = pem::parse_many(&chain).expect("pem").remove(0);
+            let (_, parsed) = x509_parser::parse_x509_certificate(leaf.contents()).expect("leaf");
+            let uris = parsed
+                .subject_alternative_name()
+                .expect("SAN")
+                .expect("present")
+                .value
+                .general_names
+                .iter()
+                .map(|name| match name {
+                    x509_parser::extensions::GeneralName::URI(uri) => uri.to_string(),
+                    other => panic!("a SAN that is not a URI: {other:?}"),
+                })
+                .collect();
+            (chain, uris)
+        }
+
+        #[tokio::test]
+        async fn a_sidecar_gets_its_service_accounts_certificate_and_the_bundle() {
+            let hub = hub_with_ca();
+            hub.update([workload("a-1", "buyer")]);
+            hub.publish();
+            let receiver = hub.subscribe(sidecar("a-1")).await;
+            let snapshot = receiver.borrow().clone();
+            let (_, uris) = workload_certificate(&snapshot);
+            assert_eq!(uris, ["spiffe://cluster.local/ns/shop/sa/buyer"]);
+            let bundle = secret(&snapshot, names::TRUST_BUNDLE_SECRET);
+            assert!(
+                matches!(bundle.r#type, Some(SecretType::ValidationContext(ref context)) if context.trusted_ca.is_some())
+            );
+            // A pod the mesh does not know runs as `default`.
+            let unknown_receiver = hub.subscribe(sidecar("z-9")).await;
+            let unknown = unknown_receiver.borrow().clone();
+            assert_eq!(
+                workload_certificate(&unknown).1,
+                ["spiffe://cluster.local/ns/shop/sa/default"]
+            );
+            // Two sidecars of one identity share its certificate.
+            hub.update([workload("a-2", "buyer")]);
+            hub.publish();
+            let twin_receiver = hub.subscribe(sidecar("a-2")).await;
+            let twin = twin_receiver.borrow().clone();
+            assert_eq!(
+                workload_certificate(&twin).0,
+                workload_certificate(&snapshot).0
+            );
+            assert!(!receiver.has_changed().expect("open"));
+            // A credential's service account wins over the workload's.
+            let proven = Sidecar {
+                service_account: Some("auditor".into()),
+                ..sidecar("a-3")
+            };
+            let proven_receiver = hub.subscribe(proven).await;
+            assert_eq!(
+                workload_certificate(&proven_receiver.borrow()).1,
+                ["spiffe://cluster.local/ns/shop/sa/auditor"]
+            );
+            // Inspection through the API shows no keys.
+            assert!(hub.sidecar_config(&sidecar("a-1"))[4].is_empty());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn certificates_are_renewed_at_half_life() {
+            let hub = hub_with_ca();
+            hub.update([workload("a-1", "buyer")]);
+            hub.publish();
+            let mut receiver = hub.subscribe(sidecar("a-1")).await;
+            let first = workload_certificate(&receiver.borrow_and_update()).0;
+            let issued_at = tokio::time::Instant::now();
+            assert_eq!(
+                lock(&hub.state)
+                    .secrets
+                    .as_ref()
+                    .and_then(WorkloadSecrets::next_renewal),
+                Some(issued_at + LIFETIME / 2)
+            );
+            tokio::time::advance(LIFETIME / 2 - Duration::from_secs(1)).await;
+            hub.publish();
+            assert!(!receiver.has_changed().expect("open"), "renewed too early");
+            tokio::time::advance(Duration::from_secs(1)).await;
+            hub.publish();
+            assert!(
+                receiver.has_changed().expect("open"),
+                "not renewed at half life"
+            );
+            let renewed = receiver.borrow_and_update().clone();
+            let (second, uris) = workload_certificate(&renewed);
+            assert_ne!(second, first);
+            assert_eq!(uris, ["spiffe://cluster.local/ns/shop/sa/buyer"]);
+            assert_eq!(
+                lock(&hub.state)
+                    .secrets
+                    .as_ref()
+                    .and_then(WorkloadSecrets::next_renewal),
+                Some(issued_at + LIFETIME)
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_running_hub_renews_without_being_asked() {
+            let hub = hub_with_ca();
+            hub.update([workload("a-1", "buyer")]);
+            tokio::spawn(hub.clone().run());
+            // The hub settles with nothing to renew before the sidecar connects.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut receiver = hub.subscribe(sidecar("a-1")).await;
+            let mut previous = workload_certificate(&receiver.borrow_and_update()).0;
+            let started = tokio::time::Instant::now();
+            // Paused time jumps to the next timer: the renewal, if the hub waits for it.
+            for renewal in 1..=2u32 {
+                tokio::time::timeout(LIFETIME * 10, async {
+                    loop {
+                        receiver.changed().await.expect("open");
+                        let now = workload_certificate(&receiver.borrow_and_update()).0;
+                        if now != previous {
+                            previous = now;
+                            break;
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("renewal {renewal} never came"));
+                let elapsed = started.elapsed();
+                assert!(
+                    elapsed >= LIFETIME / 2 * renewal
+                        && elapsed < LIFETIME / 2 * renewal + Duration::from_secs(1),
+                    "renewal {renewal} after {elapsed:?}"
+                );
+            }
+        }
+
+        #[tokio::test]
+        async fn a_new_service_account_means_a_new_certificate_and_gone_sidecars_are_forgotten() {
+            let hub = hub_with_ca();
+            hub.update([workload("a-1", "buyer")]);
+            hub.publish();
+            let mut receiver = hub.subscribe(sidecar("a-1")).await;
+            receiver.borrow_and_update();
+            hub.update([workload("a-1", "seller")]);
+            hub.publish();
+            assert!(receiver.has_changed().expect("open"));
+            let snapshot = receiver.borrow_and_update().clone();
+            assert_eq!(
+                workload_certificate(&snapshot).1,
+                ["spiffe://cluster.local/ns/shop/sa/seller"]
+            );
+            drop(receiver);
+            hub.publish();
+            assert_eq!(
+                lock(&hub.state)
+                    .secrets
+                    .as_ref()
+                    .and_then(WorkloadSecrets::next_renewal),
+                None,
+                "no sidecar, no certificate to renew"
+            );
+        }
     }
 }

@@ -12,13 +12,15 @@
 //! - [`translate`]: pure functions from model to Envoy resources;
 //! - [`generate`]: what is derived, kept up to date incrementally;
 //! - [`hub`]: per-sidecar snapshots and policy status;
-//! - [`sidecar`]: which sidecar a connecting node is;
+//! - [`sidecar`]: which sidecar a connecting node is; [`identity`]: its SPIFFE identity and
+//!   the SDS secrets (workload certificate, trust bundle) that prove it;
 //! - [`kubernetes`]: the Kubernetes source; [`rest`]: the REST API for mesh objects;
 //!   [`stored`]: those objects as stored, and the updates they stand for;
 //! - [`names`]: names of generated resources.
 
 pub mod generate;
 pub mod hub;
+pub mod identity;
 pub mod kubernetes;
 pub mod model;
 pub mod names;

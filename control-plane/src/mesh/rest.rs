@@ -404,6 +404,7 @@ async fn sidecar_config(
         workload: ObjectKey::new(&namespace, &name),
         inbound_port: Some(query.inbound_port.unwrap_or(15006)),
         outbound_port: Some(query.outbound_port.unwrap_or(15001)),
+        service_account: None,
     };
     let types = tokio::task::spawn_blocking(move || hub.sidecar_config(&sidecar))
         .await

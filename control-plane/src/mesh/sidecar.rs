@@ -23,6 +23,9 @@ pub struct Sidecar {
     pub workload: ObjectKey,
     pub inbound_port: Option<u16>,
     pub outbound_port: Option<u16>,
+    /// The service account its stream's credential proves (authenticated xDS); `None`: the
+    /// workload's, as the mesh knows it.
+    pub service_account: Option<String>,
 }
 
 fn metadata_text(node: &Node, key: &str) -> Option<String> {
@@ -68,6 +71,7 @@ impl Sidecar {
             workload,
             inbound_port,
             outbound_port,
+            service_account: None,
         })
     }
 

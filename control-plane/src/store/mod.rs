@@ -117,6 +117,47 @@ pub struct ConfigState {
     pub resources: BTreeMap<ResourceKey, Bytes>,
     /// JSON of each mesh object registered through the REST API.
     pub mesh: BTreeMap<MeshKey, Bytes>,
+    /// The control plane's own records (the CA root): never served, never listed by the API.
+    pub private: PrivateEntries,
+}
+
+/// Records of the control plane itself, by name; their bytes stay out of `Debug` output
+/// because they hold keys.
+#[derive(Clone, Default, PartialEq)]
+pub struct PrivateEntries(BTreeMap<String, Bytes>);
+
+impl PrivateEntries {
+    pub fn get(&self, name: &str) -> Option<&Bytes> {
+        self.0.get(name)
+    }
+
+    pub fn insert(&mut self, name: String, bytes: Bytes) {
+        self.0.insert(name, bytes);
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.0.remove(name);
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    /// The records whose names start with `prefix`, with the rest of their names.
+    pub fn with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Bytes)> {
+        self.0
+            .range(prefix.to_string()..)
+            .map_while(move |(name, bytes)| Some((name.strip_prefix(prefix)?, bytes)))
+    }
+}
+
+impl std::fmt::Debug for PrivateEntries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
 }
 
 impl ConfigState {
@@ -137,6 +178,10 @@ impl ConfigState {
                 Change::DeleteMesh(key) => {
                     next.mesh.remove(key);
                 }
+                Change::PutPrivate(name, bytes) => {
+                    next.private.insert(name.clone(), bytes.clone());
+                }
+                Change::DeletePrivate(name) => next.private.remove(name),
             }
         }
         next
@@ -159,6 +204,9 @@ pub enum Change {
     Delete(ResourceKey),
     PutMesh(MeshKey, Bytes),
     DeleteMesh(MeshKey),
+    /// A record of the control plane itself (see [`ConfigState::private`]).
+    PutPrivate(String, Bytes),
+    DeletePrivate(String),
 }
 
 impl Change {
@@ -166,7 +214,10 @@ impl Change {
     pub fn resource_key(&self) -> Option<&ResourceKey> {
         match self {
             Change::Put(key, _) | Change::Delete(key) => Some(key),
-            Change::PutMesh(..) | Change::DeleteMesh(_) => None,
+            Change::PutMesh(..)
+            | Change::DeleteMesh(_)
+            | Change::PutPrivate(..)
+            | Change::DeletePrivate(_) => None,
         }
     }
 
@@ -175,14 +226,19 @@ impl Change {
         match self {
             Change::Put(key, _) | Change::Delete(key) => encode_key(key),
             Change::PutMesh(key, _) | Change::DeleteMesh(key) => encode_mesh_key(key),
+            Change::PutPrivate(name, _) | Change::DeletePrivate(name) => {
+                format!("{PRIVATE_PREFIX}{name}")
+            }
         }
     }
 
     /// The bytes stored, or `None` for a deletion.
     pub(crate) fn bytes(&self) -> Option<&Bytes> {
         match self {
-            Change::Put(_, bytes) | Change::PutMesh(_, bytes) => Some(bytes),
-            Change::Delete(_) | Change::DeleteMesh(_) => None,
+            Change::Put(_, bytes) | Change::PutMesh(_, bytes) | Change::PutPrivate(_, bytes) => {
+                Some(bytes)
+            }
+            Change::Delete(_) | Change::DeleteMesh(_) | Change::DeletePrivate(_) => None,
         }
     }
 }
@@ -214,6 +270,9 @@ pub trait ConfigStore: Send + Sync + 'static {
         None
     }
 }
+
+/// The key text of private records: `private/{name}`.
+const PRIVATE_PREFIX: &str = "private/";
 
 /// Key text shared by both stores: `{collection}/{global|g.GROUP}/{name}`.
 pub(crate) fn encode_key(key: &ResourceKey) -> String {
@@ -247,7 +306,11 @@ pub(crate) fn decode_mesh_key(text: &str) -> Option<MeshKey> {
 
 /// Puts one stored entry into a state being loaded.
 pub(crate) fn load_entry(state: &mut ConfigState, key: &str, bytes: &[u8]) {
-    if let Some(key) = decode_mesh_key(key) {
+    if let Some(name) = key.strip_prefix(PRIVATE_PREFIX) {
+        state
+            .private
+            .insert(name.to_string(), Bytes::copy_from_slice(bytes));
+    } else if let Some(key) = decode_mesh_key(key) {
         state.mesh.insert(key, Bytes::copy_from_slice(bytes));
     } else if let Some(key) = decode_key(key) {
         state.resources.insert(key, Bytes::copy_from_slice(bytes));

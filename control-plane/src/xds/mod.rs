@@ -11,6 +11,7 @@
 //! new clusters have warmed, i.e. received their endpoints); removals of clusters and endpoints
 //! wait until everything else is in sync.
 
+pub mod auth;
 pub mod delta;
 pub mod frame;
 pub mod names;

@@ -115,6 +115,13 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
             .extensions()
             .get::<TcpConnectInfo>()
             .and_then(|info| info.remote_addr());
+        let grant = match self.context.auth.authenticate(request.headers()) {
+            Ok(grant) => grant,
+            Err(status) => {
+                tracing::info!(?peer, %status, "xDS stream refused");
+                return std::future::ready(Ok(status.into_http()));
+            }
+        };
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let body = request.into_body();
         let context = self.context.clone();
@@ -123,13 +130,13 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
             let protocol = S::KIND
                 .map(SotwStream::single)
                 .unwrap_or_else(SotwStream::aggregated);
-            tokio::spawn(drive(context, peer, requests, sender, protocol));
+            tokio::spawn(drive(context, peer, requests, sender, protocol, grant));
         } else if method.starts_with("Delta") {
             let requests = RequestStream::new(body, decode_delta_request, MAX_REQUEST_BYTES);
             let protocol = S::KIND
                 .map(DeltaStream::single)
                 .unwrap_or_else(DeltaStream::aggregated);
-            tokio::spawn(drive(context, peer, requests, sender, protocol));
+            tokio::spawn(drive(context, peer, requests, sender, protocol, grant));
         } else {
             let status =
                 Status::unimplemented(format!("{method} is not served; use the streaming methods"));

@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus};
 use crate::resource::Kind;
 use crate::snapshot::{Snapshot, SnapshotHub};
+use crate::xds::auth::{Grant, XdsAuth, authorize};
 use crate::xds::frame::{Frame, RequestStream};
 
 /// What every stream needs.
@@ -29,6 +30,8 @@ pub struct XdsContext {
     pub mesh: Option<Arc<MeshHub>>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
+    /// Whether streams must present a credential, and what it grants.
+    pub auth: XdsAuth,
 }
 
 /// Something a request told the stream, for metrics.
@@ -55,27 +58,40 @@ pub trait StreamProtocol: Send + 'static {
     fn status(&self, kind: Kind) -> TypeStatus;
 }
 
-/// Runs one stream until the client goes away.
+/// Runs one stream until the client goes away. `grant` is what its credential allows (with
+/// authenticated xDS): it decides the stream's group and a sidecar's identity.
 pub async fn drive<P: StreamProtocol>(
     context: XdsContext,
     peer: Option<SocketAddr>,
     mut requests: RequestStream<P::Request>,
     responses: mpsc::Sender<Result<Frame, Status>>,
     protocol: P,
+    grant: Option<Grant>,
 ) {
     // The node is only guaranteed on the first request.
     let first = match requests.next().await {
         Some(Ok(request)) => request,
         _ => return,
     };
-    let node = P::node(&first).cloned().unwrap_or_default();
+    let mut node = P::node(&first).cloned().unwrap_or_default();
+    let mut sidecar = Sidecar::from_node(&node);
+    if let Some(grant) = &grant
+        && let Err(status) = authorize(grant, &mut node, sidecar.as_mut())
+    {
+        tracing::info!(node = %node.id, %status, "xDS stream refused");
+        let _ = responses.send(Err(status)).await;
+        return;
+    }
     let span = tracing::debug_span!("xds", node = %node.id);
-    serve::<P>(context, peer, requests, responses, protocol, first, node)
-        .instrument(span)
-        .await
+    serve::<P>(
+        context, peer, requests, responses, protocol, first, node, sidecar,
+    )
+    .instrument(span)
+    .await
 }
 
 /// The rest of [`drive`], once the node is known (its logs carry the node id).
+#[allow(clippy::too_many_arguments)]
 async fn serve<P: StreamProtocol>(
     context: XdsContext,
     peer: Option<SocketAddr>,
@@ -84,10 +100,11 @@ async fn serve<P: StreamProtocol>(
     mut protocol: P,
     first: P::Request,
     node: Node,
+    sidecar: Option<Sidecar>,
 ) {
     let registration = context.registry.register(&node, peer, P::NAME);
     tracing::info!(node = %node.id, group = %node.cluster, protocol = P::NAME, "xDS stream opened");
-    let mut snapshots = match (&context.mesh, Sidecar::from_node(&node)) {
+    let mut snapshots = match (&context.mesh, sidecar) {
         (Some(mesh), Some(sidecar)) => mesh.subscribe(sidecar).await,
         _ => context.hub.subscribe(&node.cluster),
     };

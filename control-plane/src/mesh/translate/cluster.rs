@@ -1,8 +1,12 @@
 //! Clusters: one EDS cluster per service port (load balancing, circuit breakers, outlier
 //! detection, mTLS and upstream HTTP/2 from the effective policy), the passthrough cluster for
 //! unknown destinations, and the inbound clusters that reach the app on localhost.
+//!
+//! Mesh mTLS checks who answers, as Istio does: a service port's cluster accepts only the
+//! SPIFFE ids of the service accounts behind the service (URI SAN, exact), or, while some
+//! endpoint's workload is unknown, any identity of the trust domain (prefix).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use xds_api::envoy::config::cluster::v3::circuit_breakers::Thresholds;
 use xds_api::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget;
@@ -15,15 +19,20 @@ use xds_api::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use xds_api::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
-use xds_api::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+use xds_api::envoy::extensions::transport_sockets::tls::v3::common_tls_context::{
+    CombinedCertificateValidationContext, ValidationContextType,
+};
+use xds_api::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType;
 use xds_api::envoy::extensions::transport_sockets::tls::v3::{
-    CommonTlsContext, UpstreamTlsContext,
+    CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext,
 };
 use xds_api::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use xds_api::envoy::extensions::upstreams::http::v3::http_protocol_options::explicit_http_config::ProtocolConfig;
 use xds_api::envoy::extensions::upstreams::http::v3::http_protocol_options::{
     ExplicitHttpConfig, UpstreamProtocolOptions,
 };
+use xds_api::envoy::r#type::matcher::v3::StringMatcher;
+use xds_api::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use xds_api::envoy::r#type::v3::Percent;
 use xds_api::type_urls;
 
@@ -54,8 +63,44 @@ fn http2_upstream() -> HashMap<String, prost_types::Any> {
     )])
 }
 
-/// The EDS cluster of one service port.
-pub fn service_cluster(name: &str, host: &str, protocol: Protocol, policy: &Effective) -> Cluster {
+/// Who may answer for a service, as their certificates' URI SANs say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerIdentities {
+    /// Exactly these SPIFFE ids: the service accounts of every endpoint's workload.
+    Known(BTreeSet<String>),
+    /// Any identity under this prefix (`spiffe://TRUST_DOMAIN/`): some endpoint's workload,
+    /// and so its service account, is not known.
+    TrustDomain(String),
+}
+
+impl PeerIdentities {
+    fn matchers(&self) -> Vec<SubjectAltNameMatcher> {
+        let uri = |pattern: MatchPattern| SubjectAltNameMatcher {
+            san_type: SanType::Uri as i32,
+            matcher: Some(StringMatcher {
+                match_pattern: Some(pattern),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        match self {
+            PeerIdentities::Known(ids) => ids
+                .iter()
+                .map(|id| uri(MatchPattern::Exact(id.clone())))
+                .collect(),
+            PeerIdentities::TrustDomain(prefix) => vec![uri(MatchPattern::Prefix(prefix.clone()))],
+        }
+    }
+}
+
+/// The EDS cluster of one service port; `peers` are who may answer it over mTLS.
+pub fn service_cluster(
+    name: &str,
+    host: &str,
+    protocol: Protocol,
+    policy: &Effective,
+    peers: &PeerIdentities,
+) -> Cluster {
     let mut cluster = Cluster {
         name: name.to_string(),
         cluster_discovery_type: discovery(DiscoveryType::Eds),
@@ -130,7 +175,7 @@ pub fn service_cluster(name: &str, host: &str, protocol: Protocol, policy: &Effe
     }
     if policy.mtls != MtlsMode::Disable {
         cluster.transport_socket = Some(tls_socket(&UpstreamTlsContext {
-            common_tls_context: Some(mesh_tls_context()),
+            common_tls_context: Some(upstream_mesh_tls_context(peers)),
             sni: host.to_string(),
             ..Default::default()
         }));
@@ -138,13 +183,31 @@ pub fn service_cluster(name: &str, host: &str, protocol: Protocol, policy: &Effe
     cluster
 }
 
-/// Certificates for mesh mTLS, both sides: the workload's certificate and the trust bundle,
-/// both over SDS.
+/// The server side of mesh mTLS: the workload's certificate and the trust bundle, both over
+/// SDS. Any identity the bundle vouches for may connect; who may call what is policy's job.
 pub fn mesh_tls_context() -> CommonTlsContext {
     CommonTlsContext {
         tls_certificate_sds_secret_configs: vec![sds(names::WORKLOAD_CERT_SECRET)],
         validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(
             sds(names::TRUST_BUNDLE_SECRET),
+        )),
+        ..Default::default()
+    }
+}
+
+/// The client side of mesh mTLS: the workload's certificate, and the trust bundle (over SDS)
+/// combined with SAN matchers for the identities that may answer.
+pub fn upstream_mesh_tls_context(peers: &PeerIdentities) -> CommonTlsContext {
+    CommonTlsContext {
+        tls_certificate_sds_secret_configs: vec![sds(names::WORKLOAD_CERT_SECRET)],
+        validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+            CombinedCertificateValidationContext {
+                default_validation_context: Some(CertificateValidationContext {
+                    match_typed_subject_alt_names: peers.matchers(),
+                    ..Default::default()
+                }),
+                validation_context_sds_secret_config: Some(sds(names::TRUST_BUNDLE_SECRET)),
+            },
         )),
         ..Default::default()
     }

@@ -50,6 +50,8 @@ pub struct MeshSettings {
     /// see docs/mesh.md); on unless `--no-mesh-defaults`.
     pub mesh_defaults: bool,
     pub outbound_layout: OutboundLayout,
+    /// The SPIFFE trust domain of workload identities (`cluster.local`).
+    pub trust_domain: String,
 }
 
 impl Default for MeshSettings {
@@ -58,6 +60,7 @@ impl Default for MeshSettings {
             cluster_domain: "cluster.local".to_string(),
             mesh_defaults: true,
             outbound_layout: OutboundLayout::CaptureChains,
+            trust_domain: "cluster.local".to_string(),
         }
     }
 }

@@ -1,0 +1,528 @@
+//! The mesh's certificate authority: one root that signs every workload certificate, whose
+//! certificate is the trust bundle proxies verify peers against (`GET /v1/ca/bundle`, and the
+//! `remora-trust-bundle` SDS secret).
+//!
+//! The root comes from files (`--ca-cert`, `--ca-key`) or is generated on first start and kept
+//! in the config store, so every replica on one etcd signs with the same root. Workload
+//! certificates carry one URI SAN, the workload's SPIFFE id
+//! (`spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`), and are short-lived; the mesh hub
+//! renews them at half life.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Change, CommitOutcome, ConfigStore};
+
+/// Where a generated root is kept in the store (never served to proxies).
+pub const STORED_ROOT: &str = "ca/root";
+/// How long a generated root is valid.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Workload certificates start this long before they are issued, so a peer whose clock is a
+/// little behind does not refuse a fresh one.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// The longest workload certificate lifetime accepted: they are meant to be short-lived.
+const MAX_WORKLOAD_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+/// How many times a first start retries storing its root when another replica stored first.
+const STORE_ATTEMPTS: usize = 8;
+
+/// A workload's identity: `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl SpiffeId {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> SpiffeId {
+        SpiffeId {
+            trust_domain: trust_domain.to_string(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+        }
+    }
+
+    /// `spiffe://TRUST_DOMAIN/`: what every identity of the trust domain starts with.
+    pub fn trust_domain_prefix(trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/")
+    }
+}
+
+impl std::fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+/// A signed workload certificate and its key, PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// The leaf, then the root (the chain a peer is sent).
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for IssuedCertificate {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCertificate")
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A root as stored: its certificate and key, PEM.
+#[derive(Clone, Serialize, Deserialize)]
+struct StoredRoot {
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// The certificate authority.
+pub struct Ca {
+    /// The root certificate as proxies get it (the trust bundle).
+    root_pem: String,
+    /// The root as rcgen signs with it: parsed from `root_pem`, so issued certificates name
+    /// the root's subject and key identifier exactly.
+    issuer: rcgen::Certificate,
+    issuer_key: KeyPair,
+    trust_domain: String,
+    workload_lifetime: Duration,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("workload_lifetime", &self.workload_lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the CA is set up.
+#[derive(Clone, Debug)]
+pub struct CaOptions {
+    /// The SPIFFE trust domain (`cluster.local`).
+    pub trust_domain: String,
+    /// Lifetime of workload certificates.
+    pub workload_lifetime: Duration,
+    /// Root certificate and key files; `None`: generated once and kept in the store.
+    pub root_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl Default for CaOptions {
+    fn default() -> Self {
+        CaOptions {
+            trust_domain: "cluster.local".to_string(),
+            workload_lifetime: Duration::from_secs(24 * 3600),
+            root_files: None,
+        }
+    }
+}
+
+impl Ca {
+    /// A CA signing with the root `cert_pem` (the first certificate in it) and its key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, options: &CaOptions) -> anyhow::Result<Ca> {
+        check_trust_domain(&options.trust_domain)?;
+        if options.workload_lifetime < Duration::from_secs(2)
+            || options.workload_lifetime > MAX_WORKLOAD_LIFETIME
+        {
+            bail!(
+                "the workload certificate lifetime must be between 2s and 366 days, not {:?}",
+                options.workload_lifetime
+            );
+        }
+        let issuer_key = KeyPair::from_pem(key_pem)
+            .context("the CA key is not a PEM private key rcgen can sign with (PKCS#8 ECDSA P-256/P-384, Ed25519 or RSA)")?;
+        let params = CertificateParams::from_ca_cert_pem(cert_pem)
+            .context("the CA certificate is not a PEM X.509 certificate")?;
+        if !matches!(params.is_ca, IsCa::Ca(_)) {
+            bail!("the CA certificate is not a CA (basicConstraints CA:TRUE is missing)");
+        }
+        // Re-signing the parsed root with the given key gives the issuer rcgen needs; it only
+        // lends its subject and key identifier to the certificates issued.
+        let issuer = params
+            .self_signed(&issuer_key)
+            .context("signing with the CA key")?;
+        if !same_public_key(cert_pem, &issuer_key)? {
+            bail!("the CA key does not belong to the CA certificate");
+        }
+        Ok(Ca {
+            root_pem: first_pem_certificate(cert_pem)?,
+            issuer,
+            issuer_key,
+            trust_domain: options.trust_domain.clone(),
+            workload_lifetime: options.workload_lifetime,
+        })
+    }
+
+    /// Reads the root from `cert_path` and `key_path`.
+    pub fn from_files(
+        cert_path: &Path,
+        key_path: &Path,
+        options: &CaOptions,
+    ) -> anyhow::Result<Ca> {
+        let cert = std::fs::read_to_string(cert_path)
+            .with_context(|| format!("reading the CA certificate {}", cert_path.display()))?;
+        let key = std::fs::read_to_string(key_path)
+            .with_context(|| format!("reading the CA key {}", key_path.display()))?;
+        Ca::from_pem(&cert, &key, options)
+            .with_context(|| format!("CA from {} and {}", cert_path.display(), key_path.display()))
+    }
+
+    /// The root in `store`, or a new one stored there; replicas starting together agree on
+    /// the first stored.
+    pub async fn from_store(store: &dyn ConfigStore, options: &CaOptions) -> anyhow::Result<Ca> {
+        for _ in 0..STORE_ATTEMPTS {
+            let state = store.load().await.context("reading the store")?;
+            if let Some(bytes) = state.private.get(STORED_ROOT) {
+                let root: StoredRoot = serde_json::from_slice(bytes)
+                    .with_context(|| format!("the stored CA root ({STORED_ROOT}) is unreadable"))?;
+                return Ca::from_pem(&root.cert_pem, &root.key_pem, options)
+                    .context("the stored CA root");
+            }
+            let (cert_pem, key_pem) = generate_root(&options.trust_domain)?;
+            let stored = serde_json::to_vec(&StoredRoot {
+                cert_pem: cert_pem.clone(),
+                key_pem: key_pem.clone(),
+            })?;
+            let change = Change::PutPrivate(STORED_ROOT.to_string(), Bytes::from(stored));
+            match store.commit(state.version, vec![change]).await? {
+                CommitOutcome::Committed(_) => {
+                    tracing::info!(trust_domain = %options.trust_domain, "generated and stored a new CA root");
+                    return Ca::from_pem(&cert_pem, &key_pem, options);
+                }
+                // Another replica wrote first: take its root (or retry if it wrote something else).
+                CommitOutcome::Conflict => continue,
+            }
+        }
+        bail!("could not store a CA root: the store kept changing ({STORE_ATTEMPTS} attempts)")
+    }
+
+    /// The CA the options describe: from files if given, else from the store.
+    pub async fn open(store: &dyn ConfigStore, options: &CaOptions) -> anyhow::Result<Arc<Ca>> {
+        let ca = match &options.root_files {
+            Some((cert, key)) => Ca::from_files(cert, key, options)?,
+            None => Ca::from_store(store, options).await?,
+        };
+        Ok(Arc::new(ca))
+    }
+
+    /// The trust bundle: the root certificate, PEM.
+    pub fn bundle_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn workload_lifetime(&self) -> Duration {
+        self.workload_lifetime
+    }
+
+    /// The identity of `service_account` in `namespace` in this CA's trust domain.
+    pub fn identity(&self, namespace: &str, service_account: &str) -> SpiffeId {
+        SpiffeId::new(&self.trust_domain, namespace, service_account)
+    }
+
+    /// A new key and a certificate for `identity`, valid from `now` (less a little clock
+    /// skew) for the workload lifetime.
+    pub fn issue(&self, identity: &SpiffeId, now: SystemTime) -> anyhow::Result<IssuedCertificate> {
+        let key = KeyPair::generate().context("generating a workload key")?;
+        let uri = rcgen::Ia5String::try_from(identity.to_string())
+            .with_context(|| format!("{identity} is not an IA5 string"))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, self.trust_domain.clone());
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now);
+        let not_after = now + self.workload_lifetime;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let leaf = params
+            .signed_by(&key, &self.issuer, &self.issuer_key)
+            .with_context(|| format!("signing a certificate for {identity}"))?;
+        Ok(IssuedCertificate {
+            chain_pem: format!("{}{}", leaf.pem(), self.root_pem),
+            key_pem: key.serialize_pem(),
+            // What the certificate says (X.509 times have whole seconds).
+            not_before: truncate_to_seconds(not_before),
+            not_after: truncate_to_seconds(not_after),
+        })
+    }
+}
+
+fn truncate_to_seconds(time: SystemTime) -> SystemTime {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs()),
+        Err(_) => time,
+    }
+}
+
+/// A trust domain is a DNS-like name: lowercase letters, digits, `.`, `-`, `_`.
+fn check_trust_domain(trust_domain: &str) -> anyhow::Result<()> {
+    let valid = !trust_domain.is_empty()
+        && trust_domain.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || b".-_".contains(&byte)
+        });
+    if !valid {
+        bail!(
+            "trust domain {trust_domain:?}: only lowercase letters, digits, '.', '-' and '_' are allowed (SPIFFE)"
+        );
+    }
+    Ok(())
+}
+
+/// A new self-signed root for `trust_domain`: (certificate PEM, key PEM).
+pub fn generate_root(trust_domain: &str) -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate().context("generating the CA key")?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain.to_string());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Remora mesh CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    params.not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now).into();
+    params.not_after = (now + ROOT_LIFETIME).into();
+    let cert = params
+        .self_signed(&key)
+        .context("self-signing the CA root")?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The first certificate of a PEM file, re-encoded (drops anything else in the file).
+fn first_pem_certificate(pem_text: &str) -> anyhow::Result<String> {
+    let der = first_certificate_der(pem_text)?;
+    let unix_lines = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    Ok(pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der),
+        unix_lines,
+    ))
+}
+
+fn first_certificate_der(pem_text: &str) -> anyhow::Result<Vec<u8>> {
+    let blocks = pem::parse_many(pem_text).context("reading the CA certificate PEM")?;
+    blocks
+        .into_iter()
+        .find(|block| block.tag() == "CERTIFICATE")
+        .map(|block| block.into_contents())
+        .context("no CERTIFICATE block in the CA certificate PEM")
+}
+
+/// Whether `key` is the key of the certificate in `cert_pem`.
+fn same_public_key(cert_pem: &str, key: &KeyPair) -> anyhow::Result<bool> {
+    let der = first_certificate_der(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|error| anyhow::anyhow!("parsing the CA certificate: {error}"))?;
+    Ok(cert.public_key().raw == key.public_key_der().as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redb_store::RedbStore;
+    use x509_parser::extensions::GeneralName;
+
+    fn options() -> CaOptions {
+        CaOptions {
+            workload_lifetime: Duration::from_secs(3600),
+            ..CaOptions::default()
+        }
+    }
+
+    fn generated() -> Ca {
+        let (cert, key) = generate_root("cluster.local").expect("root");
+        Ca::from_pem(&cert, &key, &options()).expect("ca")
+    }
+
+    /// The DER of every certificate in a PEM text.
+    fn ders(text: &str) -> Vec<Vec<u8>> {
+        pem::parse_many(text)
+            .expect("pem")
+            .into_iter()
+            .map(|block| block.into_contents())
+            .collect()
+    }
+
+    #[test]
+    fn a_workload_certificate_names_only_its_spiffe_id_and_lives_the_configured_time() {
+        let ca = generated();
+        let identity = ca.identity("shop", "buyer");
+        assert_eq!(
+            identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/buyer"
+        );
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let issued = ca.issue(&identity, now).expect("issue");
+        let chain = ders(&issued.chain_pem);
+        assert_eq!(chain.len(), 2, "leaf then root");
+        assert_eq!(chain[1], ders(ca.bundle_pem())[0]);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("leaf");
+        let sans = leaf
+            .subject_alternative_name()
+            .expect("SAN extension")
+            .expect("present")
+            .value
+            .general_names
+            .clone();
+        assert_eq!(
+            sans,
+            vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/buyer")]
+        );
+        let not_before = leaf.validity().not_before.timestamp();
+        let not_after = leaf.validity().not_after.timestamp();
+        assert_eq!(not_after, 1_800_000_000 + 3600);
+        assert_eq!(not_before, 1_800_000_000 - CLOCK_SKEW.as_secs() as i64);
+        assert_eq!(
+            issued.not_after,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_003_600)
+        );
+        assert!(!leaf.is_ca());
+        // Signed by the root in the bundle.
+        let (_, root) = x509_parser::parse_x509_certificate(&chain[1]).expect("root");
+        leaf.verify_signature(Some(root.public_key()))
+            .expect("the root signed the leaf");
+        assert_eq!(leaf.issuer(), root.subject());
+        // The key is the leaf's.
+        let key = KeyPair::from_pem(&issued.key_pem).expect("key");
+        assert_eq!(leaf.public_key().raw, key.public_key_der().as_slice());
+    }
+
+    #[test]
+    fn a_root_from_files_signs_and_is_the_bundle_as_written() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (cert, key) = generate_root("example.org").expect("root");
+        let cert_path = dir.path().join("ca.crt");
+        let key_path = dir.path().join("ca.key");
+        std::fs::write(&cert_path, &cert).expect("write");
+        std::fs::write(&key_path, &key).expect("write");
+        let options = CaOptions {
+            trust_domain: "example.org".into(),
+            ..options()
+        };
+        let ca = Ca::from_files(&cert_path, &key_path, &options).expect("ca");
+        assert_eq!(ders(ca.bundle_pem()), ders(&cert));
+        let issued = ca
+            .issue(&ca.identity("a", "b"), SystemTime::now())
+            .expect("issue");
+        let chain = ders(&issued.chain_pem);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("leaf");
+        let root_der = ders(&cert).remove(0);
+        let (_, root) = x509_parser::parse_x509_certificate(&root_der).expect("root");
+        leaf.verify_signature(Some(root.public_key()))
+            .expect("the file's root signed the leaf");
+
+        // A key of another root is refused, naming the files.
+        let (_, other_key) = generate_root("example.org").expect("root");
+        std::fs::write(&key_path, &other_key).expect("write");
+        let error = format!(
+            "{:#}",
+            Ca::from_files(&cert_path, &key_path, &options).expect_err("mismatch")
+        );
+        assert!(error.contains("does not belong"), "{error}");
+        assert!(error.contains("ca.key"), "{error}");
+        let error = format!(
+            "{:#}",
+            Ca::from_files(&dir.path().join("absent"), &key_path, &options).expect_err("absent")
+        );
+        assert!(error.contains("reading the CA certificate"), "{error}");
+        // A leaf is not a CA.
+        let leaf_pem = issued
+            .chain_pem
+            .split_inclusive("-----END CERTIFICATE-----")
+            .next();
+        let error = format!(
+            "{:#}",
+            Ca::from_pem(leaf_pem.unwrap_or_default(), &issued.key_pem, &options)
+                .expect_err("leaf")
+        );
+        assert!(error.contains("not a CA"), "{error}");
+    }
+
+    #[test]
+    fn bad_trust_domains_and_lifetimes_are_refused() {
+        let (cert, key) = generate_root("cluster.local").expect("root");
+        for domain in ["", "Cluster.Local", "a/b"] {
+            let options = CaOptions {
+                trust_domain: domain.into(),
+                ..options()
+            };
+            let error = Ca::from_pem(&cert, &key, &options).expect_err(domain);
+            assert!(error.to_string().contains("trust domain"), "{error}");
+        }
+        for lifetime in [Duration::from_secs(1), Duration::from_secs(400 * 24 * 3600)] {
+            let options = CaOptions {
+                workload_lifetime: lifetime,
+                ..options()
+            };
+            let error = Ca::from_pem(&cert, &key, &options).expect_err("refused");
+            assert!(error.to_string().contains("lifetime"), "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_generated_root_is_stored_once_and_shared() {
+        let dir = tempfile::tempdir().expect("dir");
+        let bundle = {
+            let store = Arc::new(RedbStore::open(dir.path()).expect("store"));
+            // Two replicas starting at once agree on one root.
+            let options = options();
+            let (first, second) = tokio::join!(
+                Ca::from_store(store.as_ref(), &options),
+                Ca::from_store(store.as_ref(), &options)
+            );
+            let (first, second) = (first.expect("first"), second.expect("second"));
+            assert_eq!(first.bundle_pem(), second.bundle_pem());
+            first.bundle_pem().to_string()
+        };
+        // A restart reads it back.
+        let store = RedbStore::open(dir.path()).expect("reopen");
+        let again = Ca::open(&store, &options()).await.expect("reopened");
+        assert_eq!(again.bundle_pem(), bundle);
+        let state = store.load().await.expect("load");
+        assert!(state.private.get(STORED_ROOT).is_some());
+        assert!(
+            state.resources.is_empty(),
+            "the root is no servable resource"
+        );
+        assert!(!format!("{state:?}").contains("PRIVATE KEY"));
+    }
+}

@@ -1,0 +1,255 @@
+//! Who an xDS stream is. With `--xds-auth token`, every stream presents a bootstrap token in
+//! its initial metadata (`authorization: Bearer TOKEN`; Envoy sets it with the gRPC service's
+//! `initial_metadata`). Tokens are issued through the config API (`POST /v1/xds-tokens`) for
+//! one group and, for mesh sidecars, one workload identity (namespace and service account);
+//! the store keeps only their SHA-256, so replicas on one etcd accept the same tokens and a
+//! leaked store does not leak them.
+//!
+//! The credential, not the node, decides: a stream gets the group its token names (a node
+//! naming another group in `node.cluster` is refused), and a sidecar gets the certificate of
+//! the token's identity (a sidecar in another namespace is refused). Without a token, or with
+//! an unknown one, the stream ends at once with `UNAUTHENTICATED`.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tonic::Status;
+use xds_api::envoy::config::core::v3::Node;
+
+use crate::config::ConfigService;
+use crate::mesh::sidecar::Sidecar;
+
+/// Where token grants are kept among the store's private records: `xds-token/SHA256HEX`.
+pub const TOKEN_RECORD_PREFIX: &str = "xds-token/";
+/// How many hex digits of a token's hash name it in the API.
+const ID_DIGITS: usize = 16;
+
+/// What a token allows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Grant {
+    /// The group whose resources the stream receives.
+    pub group: String,
+    /// For mesh sidecars: the namespace and service account whose certificate they get.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+impl Grant {
+    /// What is wrong with a grant asked for, if anything.
+    pub fn problem(&self) -> Option<String> {
+        let name_ok = |text: &str| {
+            !text.is_empty()
+                && text
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"-._".contains(&byte))
+        };
+        if !name_ok(&self.group) {
+            return Some(format!(
+                "group {:?}: a non-empty name of letters, digits, '-', '.', '_'",
+                self.group
+            ));
+        }
+        match (&self.namespace, &self.service_account) {
+            (None, None) => None,
+            (Some(namespace), Some(account)) if name_ok(namespace) && name_ok(account) => None,
+            (Some(_), Some(_)) => {
+                Some("namespace and serviceAccount: names of letters, digits, '-', '.', '_'".into())
+            }
+            _ => Some("namespace and serviceAccount go together (a workload identity)".into()),
+        }
+    }
+}
+
+/// A new token: 32 random bytes, hex.
+pub fn new_token() -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("no randomness for a token"))?;
+    Ok(hex(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The private record name of a token.
+pub fn record_name(token: &str) -> String {
+    format!(
+        "{TOKEN_RECORD_PREFIX}{}",
+        hex(&Sha256::digest(token.as_bytes()))
+    )
+}
+
+/// The id the API shows for a token record (`xds-token/HASH` → the hash's first digits).
+pub fn id_of(record_hash: &str) -> &str {
+    record_hash.get(..ID_DIGITS).unwrap_or(record_hash)
+}
+
+/// How streams are authenticated.
+#[derive(Clone, Default)]
+pub enum XdsAuth {
+    /// Any stream is served what its node asks for (trusted networks only).
+    #[default]
+    Open,
+    /// Streams must present a token issued through the config API.
+    Tokens(Arc<ConfigService>),
+}
+
+impl XdsAuth {
+    /// The grant of the token in `headers`, `None` when authentication is off, or the status
+    /// that ends the stream.
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Grant>, Status> {
+        let XdsAuth::Tokens(config) = self else {
+            return Ok(None);
+        };
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Err(Status::unauthenticated(
+                "this xDS server requires a bootstrap token: send 'authorization: Bearer TOKEN' in the stream's initial metadata (tokens come from POST /v1/xds-tokens)",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|text| text.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization metadata is not 'Bearer TOKEN'")
+            })?;
+        let state = config.current();
+        let record = state
+            .private
+            .get(&record_name(token))
+            .ok_or_else(|| Status::unauthenticated("unknown or revoked bootstrap token"))?;
+        serde_json::from_slice(record)
+            .map(Some)
+            .map_err(|_| Status::internal("the stored grant of this token is unreadable"))
+    }
+}
+
+/// Applies `grant` to the stream's node: the node's group becomes the grant's (a different
+/// group named by the node is refused); a sidecar must be in the grant's namespace and takes
+/// its service account.
+pub fn authorize(
+    grant: &Grant,
+    node: &mut Node,
+    sidecar: Option<&mut Sidecar>,
+) -> Result<(), Status> {
+    if !node.cluster.is_empty() && node.cluster != grant.group {
+        return Err(Status::permission_denied(format!(
+            "node.cluster is {:?} but the token is for group {:?}",
+            node.cluster, grant.group
+        )));
+    }
+    node.cluster = grant.group.clone();
+    let Some(sidecar) = sidecar else {
+        return Ok(());
+    };
+    sidecar.group = grant.group.clone();
+    let (Some(namespace), Some(account)) = (&grant.namespace, &grant.service_account) else {
+        return Err(Status::permission_denied(format!(
+            "mesh sidecar {} needs a token with a workload identity (namespace and serviceAccount); this one is for group {:?} only",
+            sidecar.node_id, grant.group
+        )));
+    };
+    if sidecar.namespace() != namespace {
+        return Err(Status::permission_denied(format!(
+            "sidecar {} is in namespace {:?} but the token is for namespace {namespace:?}",
+            sidecar.node_id,
+            sidecar.namespace()
+        )));
+    }
+    sidecar.service_account = Some(account.clone());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::model::ObjectKey;
+
+    fn sidecar(namespace: &str) -> Sidecar {
+        Sidecar {
+            node_id: format!("p.{namespace}"),
+            group: String::new(),
+            workload: ObjectKey::new(namespace, "p"),
+            inbound_port: Some(15006),
+            outbound_port: None,
+            service_account: None,
+        }
+    }
+
+    #[test]
+    fn the_grant_decides_group_and_identity() {
+        let grant = Grant {
+            group: "web".into(),
+            namespace: Some("shop".into()),
+            service_account: Some("buyer".into()),
+        };
+        let mut node = Node::default();
+        let mut mesh = sidecar("shop");
+        authorize(&grant, &mut node, Some(&mut mesh)).expect("allowed");
+        assert_eq!(node.cluster, "web");
+        assert_eq!(mesh.group, "web");
+        assert_eq!(mesh.service_account.as_deref(), Some("buyer"));
+
+        let mut other_group = Node {
+            cluster: "db".into(),
+            ..Node::default()
+        };
+        let status = authorize(&grant, &mut other_group, None).expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(status.message().contains("\"db\""), "{}", status.message());
+
+        let status = authorize(&grant, &mut Node::default(), Some(&mut sidecar("pay")))
+            .expect_err("other namespace");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+
+        let group_only = Grant {
+            group: "web".into(),
+            namespace: None,
+            service_account: None,
+        };
+        authorize(&group_only, &mut Node::default(), None).expect("a plain proxy");
+        let status = authorize(
+            &group_only,
+            &mut Node::default(),
+            Some(&mut sidecar("shop")),
+        )
+        .expect_err("a sidecar needs an identity");
+        assert!(status.message().contains("workload identity"));
+    }
+
+    #[test]
+    fn grants_are_checked_and_tokens_are_stored_hashed() {
+        let token = new_token().expect("token");
+        assert_eq!(token.len(), 64);
+        assert_ne!(new_token().expect("token"), token);
+        let record = record_name(&token);
+        assert!(!record.contains(&token));
+        assert_eq!(
+            id_of(record.trim_start_matches(TOKEN_RECORD_PREFIX)).len(),
+            16
+        );
+        let bad = |json: serde_json::Value| {
+            serde_json::from_value::<Grant>(json)
+                .map(|grant| grant.problem())
+                .unwrap_or_else(|error| Some(error.to_string()))
+        };
+        assert_eq!(bad(serde_json::json!({"group": "web"})), None);
+        assert_eq!(
+            bad(serde_json::json!({"group": "web", "namespace": "shop", "serviceAccount": "b"})),
+            None
+        );
+        assert!(bad(serde_json::json!({"group": ""})).is_some());
+        assert!(bad(serde_json::json!({"group": "a/b"})).is_some());
+        assert!(bad(serde_json::json!({"group": "web", "namespace": "shop"})).is_some());
+        assert!(bad(serde_json::json!({"group": "web", "nodeCluster": "x"})).is_some());
+    }
+}
