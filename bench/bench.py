@@ -52,7 +52,7 @@ LATENCY_SLICE_S = 0.005
 _children: list[subprocess.Popen] = []
 
 # Where sections written by other scripts (bench/lb) begin in RESULTS.md; kept on rewrite.
-OTHER_SECTIONS = ("<!-- bench/lb: begin -->", "<!-- tracing overhead:")
+OTHER_SECTIONS = ("<!-- bench/lb: begin -->", "<!-- tracing overhead:", "<!-- mtls sidecars:")
 
 
 def log(message: str) -> None:
