@@ -206,6 +206,8 @@ pub struct UpstreamTls {
     pub common: CommonTls,
     /// Sent as SNI; unset: none (Envoy sends none either).
     pub sni: Option<String>,
+    /// Resume TLS sessions (`max_session_keys` other than 0).
+    pub session_resumption: bool,
 }
 
 /// The TLS context inside a `TransportSocket`, whose type must be `expected`.
@@ -297,7 +299,6 @@ pub fn upstream(socket: &core_pb::TransportSocket, path: &str) -> ConfigResult<U
         auto_host_sni,
         auto_sni_san_validation,
         allow_renegotiation,
-        max_session_keys,
         enforce_rsa_key_usage,
     );
     let cpath = field(&path, "common_tls_context");
@@ -319,6 +320,8 @@ pub fn upstream(socket: &core_pb::TransportSocket, path: &str) -> ConfigResult<U
     Ok(UpstreamTls {
         common,
         sni: (!sni.is_empty()).then_some(sni),
+        // Envoy's default is 1 (one session kept per server); 0 turns resumption off.
+        session_resumption: max_session_keys.is_none_or(|keys| keys > 0),
     })
 }
 

@@ -702,3 +702,110 @@ static_resources:
     assert_eq!(tls_request(addr, &client), Some((200, second.serial)));
     drop(proxy);
 }
+
+/// Sidecar to sidecar, a new connection each time (tcp_proxy on the client side): the server
+/// sidecar resumes the client's sessions, whichever proxy the client is (Remora resumes with
+/// TLS 1.3 tickets, Envoy with TLS 1.2 ones), and `max_session_keys: 0` makes every handshake
+/// a full one, as in Envoy.
+#[test]
+fn mtls_sessions_resume_between_sidecars_unless_turned_off() {
+    if !envoy::available_or_skip("session resumption with an Envoy client") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Ca::new();
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
+    let files = |leaf: Leaf, stem: &str| {
+        (
+            write(dir.path(), &format!("{stem}.pem"), &leaf.certificate),
+            write(dir.path(), &format!("{stem}.key"), &leaf.key),
+        )
+    };
+    let server_leaf = files(ca.workload("backend", "server", 1), "server");
+    let client_leaf = files(ca.workload("frontend", "client", 2), "client");
+    let app = EchoServer::start("app", "127.0.0.1");
+    let (server_admin, server_admin_yaml) = admin_block();
+    let server_port = free_port();
+    let server = Proxy::start(
+        &bootstrap(
+            &server_admin_yaml,
+            &[mtls_listener(
+                "inbound",
+                server_port,
+                &server_leaf,
+                &ca_path,
+                &uri_matcher("prefix", &format!("{TRUST_DOMAIN}/ns/frontend/")),
+            )],
+            &[static_cluster("app", &[app.addr])],
+        ),
+        server_admin,
+        &[],
+    );
+    let server_stat =
+        |name: &str| server.stat(&format!("listener.127.0.0.1_{server_port}.ssl.{name}"));
+    let identity = uri_matcher("exact", &format!("{TRUST_DOMAIN}/ns/backend/sa/server"));
+    for (client_is_remora, resume) in [(true, true), (true, false), (false, true)] {
+        let (client_admin, client_admin_yaml) = admin_block();
+        let client_port = free_port();
+        let mut cluster = mtls_cluster(
+            "to_server",
+            loopback(server_port),
+            &client_leaf,
+            &ca_path,
+            &identity,
+        );
+        if !resume {
+            cluster = cluster.replacen(
+                "        sni: server.mesh.test\n",
+                "        sni: server.mesh.test\n        max_session_keys: 0\n",
+                1,
+            );
+        }
+        let _client = run(
+            client_is_remora,
+            &bootstrap(
+                &client_admin_yaml,
+                &[tcp_listener("outbound", client_port, "to_server", "")],
+                &[cluster],
+            ),
+            client_admin,
+        );
+        let (handshakes, resumed) = (server_stat("handshake"), server_stat("session_reused"));
+        for _ in 0..20 {
+            let (status, _, body) = http_get(loopback(client_port), "/").expect("request");
+            assert_eq!(status, 200, "{body}");
+        }
+        let (handshakes, resumed) = (
+            server_stat("handshake") - handshakes,
+            server_stat("session_reused") - resumed,
+        );
+        let client = name(client_is_remora);
+        assert!(handshakes >= 20, "{client}: {handshakes} handshakes");
+        if resume {
+            assert!(resumed >= 18, "{client}: {resumed} of {handshakes} resumed");
+        } else {
+            assert_eq!(resumed, 0, "{client} with max_session_keys: 0");
+        }
+        if client_is_remora && resume {
+            // Many connections at once, as a busy pool opens them: each takes a ticket of its
+            // own, so a client needs more than the eight rustls keeps by default.
+            for _ in 0..3 {
+                let (handshakes, resumed) =
+                    (server_stat("handshake"), server_stat("session_reused"));
+                let wave: Vec<_> = (0..40)
+                    .map(|_| std::thread::spawn(move || http_get(loopback(client_port), "/")))
+                    .collect();
+                for request in wave {
+                    let (status, _, _) = request.join().expect("thread").expect("request");
+                    assert_eq!(status, 200);
+                }
+                let handshakes = server_stat("handshake") - handshakes;
+                let resumed = server_stat("session_reused") - resumed;
+                assert!(
+                    resumed * 10 >= handshakes * 9,
+                    "{resumed} of {handshakes} concurrent handshakes resumed"
+                );
+            }
+        }
+    }
+}

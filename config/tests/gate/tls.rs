@@ -244,11 +244,6 @@ fn upstream_tls_fields_are_refused_by_path() {
                 UNSUPPORTED,
             ),
             (
-                &context("{max_session_keys: 0}"),
-                &format!("{CTX}.max_session_keys"),
-                UNSUPPORTED,
-            ),
-            (
                 &context(
                     "{common_tls_context: {tls_certificates: [{certificate_chain: {filename: a}, private_key: {filename: b}}, {certificate_chain: {filename: c}, private_key: {filename: d}}]}}",
                 ),
@@ -329,7 +324,24 @@ fn tls_settings_reach_the_model() {
         .clone()
         .expect("upstream TLS");
     assert_eq!(tls.sni, None, "no SNI unless configured, as Envoy");
+    assert!(
+        tls.session_resumption,
+        "sessions resume by default, as in Envoy"
+    );
     assert_eq!(tls.common.max_version, TlsVersion::V1_2);
+    let tls = accepted_all(&[
+        (CLUSTER, UPSTREAM),
+        (CLUSTER, &context("{max_session_keys: 0}")),
+    ])
+    .clusters[0]
+        .connect
+        .tls
+        .clone()
+        .expect("upstream TLS");
+    assert!(
+        !tls.session_resumption,
+        "max_session_keys: 0 turns resumption off"
+    );
     assert!(accepted(CLUSTER, "").clusters[0].connect.tls.is_none());
 }
 

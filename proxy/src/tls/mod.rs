@@ -18,6 +18,7 @@ use crate::config::{ConfigError, ConfigResult};
 use crate::stats::SslStats;
 
 mod peer;
+mod resumption;
 pub mod secrets;
 mod verify;
 
@@ -375,6 +376,9 @@ pub fn server_config(
     let mut config =
         builder.with_cert_resolver(Arc::new(CertificateMaterial::new(certificate, secrets)?));
     config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // Stateless session tickets with keys made at start, as Envoy's default is.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| ConfigError::new(cpath, format!("cannot make session ticket keys: {e}")))?;
     Ok(Arc::new(config))
 }
 
@@ -407,6 +411,11 @@ pub fn client_config(
             .with_client_cert_resolver(Arc::new(CertificateMaterial::new(certificate, secrets)?)),
     };
     config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config.resumption = if tls.session_resumption {
+        rustls::client::Resumption::store(Arc::new(resumption::SessionCache::default()))
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     let sni = match &tls.sni {
         Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
             ConfigError::new(
