@@ -55,6 +55,22 @@ _children: list[subprocess.Popen] = []
 OTHER_SECTIONS = ("<!-- bench/lb: begin -->", "<!-- tracing overhead:", "<!-- mtls sidecars:")
 
 
+def write_section(out: str, text: str, start: str, end: str) -> None:
+    """Puts `text` (which begins with marker `start` and ends with `end`) into the file `out`,
+    in place of the section the same markers delimit there, or at its end."""
+    if out == "-":
+        return
+    path = Path(out)
+    old = path.read_text() if path.exists() else ""
+    if start in old:
+        before = old[:old.index(start)]
+        after = old[old.index(end) + len(end):] if end in old else ""
+    else:
+        before, after = old.rstrip() + "\n\n", ""
+    path.write_text(before + text + after.lstrip("\n"))
+    log(f"updated {path}")
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

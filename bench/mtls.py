@@ -233,16 +233,7 @@ def main(argv: list[str]) -> int:
         b.stop_all()
     text = report(results, info, argv, started, args)
     print(text)
-    if args.out != "-":
-        path = Path(args.out)
-        old = path.read_text() if path.exists() else ""
-        if MARK_START in old:
-            before = old[:old.index(MARK_START)]
-            after = old[old.index(MARK_END) + len(MARK_END):] if MARK_END in old else ""
-        else:
-            before, after = old.rstrip() + "\n\n", ""
-        path.write_text(before + text + after.lstrip("\n"))
-        b.log(f"updated {path}")
+    b.write_section(args.out, text, MARK_START, MARK_END)
     return 0
 
 

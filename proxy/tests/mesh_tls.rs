@@ -80,6 +80,22 @@ impl Ca {
     }
 }
 
+/// The CA's file and two workloads' certificate and key files: `backend/server` (serial 1)
+/// and `frontend/client` (serial 2).
+fn workload_files(dir: &Path, ca: &Ca) -> (String, (String, String), (String, String)) {
+    let files = |leaf: Leaf, stem: &str| {
+        (
+            write(dir, &format!("{stem}.pem"), &leaf.certificate),
+            write(dir, &format!("{stem}.key"), &leaf.key),
+        )
+    };
+    (
+        write(dir, "ca.pem", &ca.pem()),
+        files(ca.workload("backend", "server", 1), "server"),
+        files(ca.workload("frontend", "client", 2), "client"),
+    )
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
@@ -211,15 +227,7 @@ fn spiffe_mtls_between_remora_and_envoy_in_both_directions() {
     }
     let dir = tempfile::tempdir().expect("dir");
     let ca = Ca::new();
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let files = |leaf: Leaf, stem: &str| {
-        (
-            write(dir.path(), &format!("{stem}.pem"), &leaf.certificate),
-            write(dir.path(), &format!("{stem}.key"), &leaf.key),
-        )
-    };
-    let server_leaf = files(ca.workload("backend", "server", 1), "server");
-    let client_leaf = files(ca.workload("frontend", "client", 2), "client");
+    let (ca_path, server_leaf, client_leaf) = workload_files(dir.path(), &ca);
     let app = EchoServer::start("app", "127.0.0.1");
     let log_path = dir.path().join("inbound.log");
     // `/certs` of each role, by proxy: the same bootstrap shows the same certificates.
@@ -714,15 +722,7 @@ fn mtls_sessions_resume_between_sidecars_unless_turned_off() {
     }
     let dir = tempfile::tempdir().expect("dir");
     let ca = Ca::new();
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let files = |leaf: Leaf, stem: &str| {
-        (
-            write(dir.path(), &format!("{stem}.pem"), &leaf.certificate),
-            write(dir.path(), &format!("{stem}.key"), &leaf.key),
-        )
-    };
-    let server_leaf = files(ca.workload("backend", "server", 1), "server");
-    let client_leaf = files(ca.workload("frontend", "client", 2), "client");
+    let (ca_path, server_leaf, client_leaf) = workload_files(dir.path(), &ca);
     let app = EchoServer::start("app", "127.0.0.1");
     let (server_admin, server_admin_yaml) = admin_block();
     let server_port = free_port();
@@ -788,8 +788,10 @@ fn mtls_sessions_resume_between_sidecars_unless_turned_off() {
         }
         if client_is_remora && resume {
             // Many connections at once, as a busy pool opens them: each takes a ticket of its
-            // own, so a client needs more than the eight rustls keeps by default.
-            for _ in 0..3 {
+            // own, so a client needs more than the eight rustls keeps by default. The first
+            // wave finds only the tickets the sequential requests left (about 20); it brings
+            // two per connection, so the next waves find enough.
+            for round in 0..3 {
                 let (handshakes, resumed) =
                     (server_stat("handshake"), server_stat("session_reused"));
                 let wave: Vec<_> = (0..40)
@@ -802,8 +804,8 @@ fn mtls_sessions_resume_between_sidecars_unless_turned_off() {
                 let handshakes = server_stat("handshake") - handshakes;
                 let resumed = server_stat("session_reused") - resumed;
                 assert!(
-                    resumed * 10 >= handshakes * 9,
-                    "{resumed} of {handshakes} concurrent handshakes resumed"
+                    round == 0 || resumed * 10 >= handshakes * 9,
+                    "wave {round}: {resumed} of {handshakes} concurrent handshakes resumed"
                 );
             }
         }
