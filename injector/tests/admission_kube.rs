@@ -250,8 +250,21 @@ fn pods_are_injected_through_the_api_server_as_the_selectors_and_opt_outs_say() 
         let spec = stored.spec.as_ref().unwrap();
         let init = &spec.init_containers.as_ref().unwrap()[0];
         let init_args = init.args.clone().unwrap_or_default().join(" ");
-        // The app's probe port is excluded from inbound capture (docs/injection.md, Probes).
-        assert!(init_args.contains("8080"), "{init_args}");
+        // The app's probe is rewritten to the proxy's probe port, which alone is left out
+        // of inbound capture (docs/injection.md, Probes); the API server accepted the result.
+        assert!(
+            init_args.contains("--exclude-inbound-ports 15021"),
+            "{init_args}"
+        );
+        assert!(!init_args.contains("8080"), "{init_args}");
+        let app_probe = spec.containers[0]
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref());
+        assert_eq!(
+            app_probe.map(|g| g.path.as_deref()),
+            Some(Some("/app-health/app/readyz"))
+        );
         let proxy = &spec.init_containers.as_ref().unwrap()[1];
         assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
         assert_eq!(proxy.image.as_deref(), Some("remora/proxy:latest"));
