@@ -545,6 +545,121 @@ mod tests {
         assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
     }
 
+    /// A one-request HTTP/1.1 server on 127.0.0.1 answering `status`, over TLS with a
+    /// self-signed certificate when `tls`; hands back its port and the request head it got.
+    async fn one_shot_server(
+        status: u16,
+        tls: bool,
+    ) -> (u16, tokio::sync::oneshot::Receiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind((APP_HOST, 0))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let acceptor = tls.then(|| {
+            let certified = rcgen::generate_simple_self_signed(vec!["app".to_string()])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let key =
+                rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .and_then(|b| {
+                b.with_no_client_auth()
+                    .with_single_cert(vec![certified.cert.der().clone()], key)
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
+        let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut stream: Box<dyn Io> = match acceptor {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls) => Box::new(tls),
+                    Err(_) => return,
+                },
+                None => Box::new(stream),
+            };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let _ = head_tx.send(String::from_utf8_lossy(&head).into_owned());
+            let reply =
+                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+        (port, head_rx)
+    }
+
+    trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+    impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+    fn http_probe(port: u16, tls: bool, headers: Vec<(HeaderName, HeaderValue)>) -> AppProbe {
+        AppProbe {
+            check: Check::Http {
+                tls,
+                port,
+                path: "/health?deep=1".into(),
+                headers,
+            },
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_probes_pass_on_2xx_and_3xx_and_send_the_probe_headers() {
+        let (port, head) = one_shot_server(302, false).await;
+        let host = (http::header::HOST, HeaderValue::from_static("web.example"));
+        assert_eq!(run(&http_probe(port, false, vec![host])).await, Ok(()));
+        let head = head.await.unwrap_or_default().to_ascii_lowercase();
+        assert!(
+            head.starts_with("get /health?deep=1 http/1.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("host: web.example\r\n"), "{head}");
+        assert_eq!(head.matches("host:").count(), 1, "{head}");
+        assert!(head.contains("user-agent: kube-probe/remora"), "{head}");
+
+        let (port, _) = one_shot_server(404, false).await;
+        let error = run(&http_probe(port, false, vec![]))
+            .await
+            .err()
+            .unwrap_or_default();
+        assert!(error.contains("404"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn https_probes_do_not_check_the_certificate() {
+        let (port, head) = one_shot_server(200, true).await;
+        assert_eq!(run(&http_probe(port, true, vec![])).await, Ok(()));
+        assert!(head.await.unwrap_or_default().starts_with("GET /health"));
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_gets_no_answer_fails_at_its_timeout() {
+        let listener = tokio::net::TcpListener::bind((APP_HOST, 0))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let mut probe = http_probe(port, false, vec![]);
+        probe.timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let error = run(&probe).await.err().unwrap_or_default();
+        assert!(error.contains("timed out"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(listener);
+    }
+
     #[tokio::test]
     async fn unknown_paths_are_404_and_only_get_is_served() {
         let probes = HashMap::new();

@@ -547,3 +547,29 @@ fn kubelet_probes_pass_through_the_sidecar_while_the_app_port_requires_mtls() {
     );
     drop(proxy);
 }
+
+#[test]
+fn a_malformed_probe_list_stops_the_proxy_with_an_error_naming_it() {
+    let validate = |probes: &str| {
+        Command::new(workspace_binary("remora-proxy"))
+            .args(["--bootstrap-from-env", "--mode", "validate"])
+            .env("REMORA_NODE_ID", "probed.shop")
+            .env("REMORA_XDS_ADDRESS", "127.0.0.1:18000")
+            .env("REMORA_APP_PROBES", probes)
+            .output()
+            .expect("run remora-proxy")
+    };
+    let good = validate(r#"{"/app-health/web/livez": {"tcpSocket": {"port": 8080}}}"#);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let bad = validate(r#"{"/app-health/web/livez": {"tcpSocket": {"port": "http"}}}"#);
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("REMORA_APP_PROBES: /app-health/web/livez: tcpSocket.port"),
+        "{stderr}"
+    );
+}
