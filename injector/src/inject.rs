@@ -46,7 +46,8 @@ pub const PROXY_CPU_ANNOTATION: &str = "sidecar.remora.io/proxyCPU";
 pub const PROXY_MEMORY_ANNOTATION: &str = "sidecar.remora.io/proxyMemory";
 pub const PROXY_CPU_LIMIT_ANNOTATION: &str = "sidecar.remora.io/proxyCPULimit";
 pub const PROXY_MEMORY_LIMIT_ANNOTATION: &str = "sidecar.remora.io/proxyMemoryLimit";
-/// Annotation that, when `"false"`, keeps app probe ports captured (see docs/injection.md).
+/// Annotation that, when `"false"`, keeps the ports of probes that are not rewritten
+/// captured (see docs/injection.md, "Probes").
 pub const EXCLUDE_PROBE_PORTS_ANNOTATION: &str = "sidecar.remora.io/excludeProbePorts";
 /// Annotations that, `"true"` or `"false"`, override `--xds-auth` and `--xds-tls` per pod.
 pub const XDS_AUTH_ANNOTATION: &str = "sidecar.remora.io/xdsAuth";
@@ -579,7 +580,7 @@ impl Plan {
         };
         // Order matters: REMORA_NODE_ID expands $(POD_NAME) and $(POD_NAMESPACE), which
         // Kubernetes resolves only from variables defined earlier in the list.
-        let env = vec![
+        let mut env = vec![
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("POD_IP", "status.podIP"),
@@ -591,7 +592,6 @@ impl Plan {
             value_env("REMORA_INBOUND_PORT", &ports::INBOUND.to_string()),
             value_env("REMORA_OUTBOUND_PORT", &ports::OUTBOUND.to_string()),
         ];
-        let mut env = env;
         let mut mounts = Vec::new();
         if self.xds_auth {
             env.push(value_env(

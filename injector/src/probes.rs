@@ -10,7 +10,7 @@
 //! injection has been stripped. The originals from that earlier injection are passed in, so
 //! probes it rewrote keep their original: re-injection yields the same pod.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
@@ -261,19 +261,6 @@ pub fn previous_originals(pod: &Value, proxy_container: &str) -> BTreeMap<String
         .unwrap_or_default()
 }
 
-/// Ports of `originals` (for tests and docs: the ports no longer excluded from capture).
-pub fn original_ports(originals: &BTreeMap<String, Value>) -> BTreeSet<u16> {
-    originals
-        .values()
-        .filter_map(|o| {
-            ["httpGet", "tcpSocket", "grpc"]
-                .into_iter()
-                .find_map(|h| o.get(h)?.get("port")?.as_u64())
-        })
-        .filter_map(|p| u16::try_from(p).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,10 +306,6 @@ mod tests {
         assert_eq!(
             result.originals["/app-health/web/startupz"],
             json!({"grpc": {"port": 9091, "service": "web"}, "timeoutSeconds": 1})
-        );
-        assert_eq!(
-            original_ports(&result.originals),
-            BTreeSet::from([8080, 9090, 9091])
         );
     }
 

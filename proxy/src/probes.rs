@@ -7,7 +7,8 @@
 //! `GET /app-health/CONTAINER/livez|readyz|startupz` on this server's port (excluded from
 //! capture) and hands the originals over in `REMORA_APP_PROBES`. Each request here runs the
 //! original against the app on 127.0.0.1, as the kubelet would have: HTTP(S) GET with its
-//! path and headers (certificates unchecked, as the kubelet does; 200–399 passes), TCP
+//! path and headers (certificates unchecked, as the kubelet does; 200–399 passes, redirects
+//! not followed), TCP
 //! connect, or `grpc.health.v1.Health/Check` (SERVING passes), all within the probe's
 //! timeout. It answers 200 when the probe passes, 503 with the reason when it fails.
 //!
@@ -192,7 +193,7 @@ fn parse_probe(probe: &Value) -> Result<AppProbe, String> {
 /// Binds the port now (so a clash fails startup) and serves on a thread of its own until
 /// the process ends.
 pub fn spawn(config: ProbeConfig) -> std::io::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind(config.listen)?;
+    let listener = bind(config.listen)?;
     listener.set_nonblocking(true)?;
     let address = listener.local_addr()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -210,6 +211,27 @@ pub fn spawn(config: ProbeConfig) -> std::io::Result<SocketAddr> {
         })?;
     tracing::info!(%address, "probe server listening");
     Ok(address)
+}
+
+/// An unspecified IPv4 address is bound dual-stack (`[::]`, v4-mapped included) where the
+/// host has IPv6, so IPv6 and dual-stack pods are probed too; IPv4 alone otherwise.
+fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    if listen.ip() == std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+        let dual_stack = || -> std::io::Result<std::net::TcpListener> {
+            let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+            socket.set_only_v6(false)?;
+            socket.set_reuse_address(true)?;
+            let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, listen.port()));
+            socket.bind(&any.into())?;
+            socket.listen(128)?;
+            Ok(socket.into())
+        };
+        if let Ok(listener) = dual_stack() {
+            return Ok(listener);
+        }
+    }
+    std::net::TcpListener::bind(listen)
 }
 
 async fn serve(listener: tokio::net::TcpListener, probes: Arc<HashMap<String, AppProbe>>) {
@@ -658,6 +680,24 @@ mod tests {
         assert!(error.contains("timed out"), "{error}");
         assert!(started.elapsed() < Duration::from_secs(3));
         drop(listener);
+    }
+
+    #[test]
+    fn listens_on_ipv4_and_on_ipv6_where_the_host_has_it() {
+        let listener =
+            bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).unwrap_or_else(|e| panic!("{e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let connects = |ip: std::net::IpAddr| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((ip, port)),
+                Duration::from_secs(2),
+            )
+            .is_ok()
+        };
+        assert!(connects(APP_HOST.into()));
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            assert!(connects(std::net::Ipv6Addr::LOCALHOST.into()));
+        }
     }
 
     #[tokio::test]
