@@ -274,20 +274,21 @@ fn take_array(spec: &mut Map<String, Value>, key: &str) -> Vec<Value> {
     }
 }
 
-fn container_name(c: &Value) -> Option<&str> {
+/// The `name` of a container or volume (JSON).
+fn item_name(c: &Value) -> Option<&str> {
     c.get("name").and_then(Value::as_str)
 }
 
 /// Removes what an earlier injection added (per its status annotation), refuses pods that
-/// carry our container names otherwise, and returns the stripped pod, typed.
-fn strip_previous(out: &mut Value, previous: &InjectionStatus) -> Result<Pod, InjectError> {
+/// carry our container or volume names otherwise.
+fn strip_previous(out: &mut Value, previous: &InjectionStatus) -> Result<(), InjectError> {
     if let Some(spec) = out.get_mut("spec").and_then(Value::as_object_mut) {
         for (key, names) in [
             ("initContainers", &previous.init_containers),
             ("containers", &previous.containers),
         ] {
             if let Some(Value::Array(items)) = spec.get_mut(key) {
-                items.retain(|c| !container_name(c).is_some_and(|n| names.iter().any(|x| x == n)));
+                items.retain(|c| !item_name(c).is_some_and(|n| names.iter().any(|x| x == n)));
             }
             if spec
                 .get(key)
@@ -299,9 +300,8 @@ fn strip_previous(out: &mut Value, previous: &InjectionStatus) -> Result<Pod, In
             }
         }
         if let Some(Value::Array(items)) = spec.get_mut("volumes") {
-            items.retain(|v| {
-                !container_name(v).is_some_and(|n| previous.volumes.iter().any(|x| x == n))
-            });
+            items
+                .retain(|v| !item_name(v).is_some_and(|n| previous.volumes.iter().any(|x| x == n)));
             if items.is_empty() {
                 spec.remove("volumes");
             }
@@ -325,7 +325,7 @@ fn strip_previous(out: &mut Value, previous: &InjectionStatus) -> Result<Pod, In
             return Err(InjectError::VolumeConflict(volume.name.clone()));
         }
     }
-    Ok(pod)
+    Ok(())
 }
 
 /// Everything decided about one pod before containers are built.
@@ -378,18 +378,11 @@ impl Plan {
     ) -> Result<Self, InjectError> {
         let get = |key: &str| annotations.get(key).map(|v| v.trim());
 
-        let native_sidecar = match get(NATIVE_SIDECAR_ANNOTATION) {
-            None => !config.legacy_sidecar,
-            Some("true") => true,
-            Some("false") => false,
-            Some(other) => {
-                return Err(invalid(
-                    NATIVE_SIDECAR_ANNOTATION,
-                    other,
-                    "expected true or false",
-                ));
-            }
-        };
+        let native_sidecar = bool_annotation(
+            annotations,
+            NATIVE_SIDECAR_ANNOTATION,
+            !config.legacy_sidecar,
+        )?;
 
         let proxy_image = match get(PROXY_IMAGE_ANNOTATION) {
             Some("") => return Err(invalid(PROXY_IMAGE_ANNOTATION, "", "empty image")),
