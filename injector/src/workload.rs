@@ -45,7 +45,7 @@ pub fn inject_object(object: &Value, config: &InjectConfig) -> Result<Value, Inj
         return Ok(
             match inject::inject_pod(object, namespace.as_deref(), config)? {
                 Outcome::Injected { pod, warnings } => {
-                    log_warnings(&warnings);
+                    log_warnings(object, &warnings);
                     pod
                 }
                 Outcome::Skipped(_) => object.clone(),
@@ -67,7 +67,7 @@ pub fn inject_object(object: &Value, config: &InjectConfig) -> Result<Value, Inj
     });
     let injected = match inject::inject_pod(&pod, namespace.as_deref(), config)? {
         Outcome::Injected { pod, warnings } => {
-            log_warnings(&warnings);
+            log_warnings(object, &warnings);
             pod
         }
         Outcome::Skipped(_) => return Ok(object.clone()),
@@ -115,9 +115,18 @@ pub fn inject_yaml(input: &str, config: &InjectConfig) -> Result<String, Workloa
     Ok(rendered.join("---\n"))
 }
 
-/// Manual injection has no admission warnings to return; it says them on stderr.
-fn log_warnings(warnings: &[String]) {
+/// Manual injection has no admission warnings to return; it says them on stderr, naming
+/// the object.
+fn log_warnings(object: &Value, warnings: &[String]) {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("object");
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     for warning in warnings {
-        tracing::warn!("{warning}");
+        tracing::warn!("{kind} {name}: {warning}");
     }
 }
