@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::Value;
 
 /// Environment variable with the original probes, by rewritten path (JSON).
@@ -37,6 +37,8 @@ pub const DEFAULT_PORT: u16 = 15021;
 const APP_HOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 /// Kubernetes' default probe timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a client may take to send its request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most of a gRPC health response we read; a real one is a few bytes.
 const MAX_GRPC_RESPONSE: usize = 64 * 1024;
 
@@ -253,7 +255,11 @@ async fn serve(listener: tokio::net::TcpListener, probes: Arc<HashMap<String, Ap
                     async move { Ok::<_, std::convert::Infallible>(answer(&probes, &request).await) }
                 },
             );
+            // The port is outside capture, so anyone who reaches the pod can connect: a
+            // client that never finishes its request does not keep a connection forever.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
