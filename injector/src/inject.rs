@@ -618,7 +618,7 @@ impl Plan {
             ));
             env.push(value_env(
                 probes::APP_PROBES_ENV,
-                &serde_json::to_string(&self.app_probes).unwrap_or_default(),
+                &probes::env_value(&self.app_probes),
             ));
         }
 

@@ -241,6 +241,15 @@ fn original_of(
     Ok(None)
 }
 
+/// [`APP_PROBES_ENV`]'s value: the originals as JSON, every `$` doubled. Kubernetes expands
+/// `$(NAME)` in an env value and turns `$$` into `$`, so a probe path or header holding
+/// `$(...)` reaches the proxy as written.
+pub fn env_value(originals: &BTreeMap<String, Value>) -> String {
+    serde_json::to_string(originals)
+        .unwrap_or_default()
+        .replace('$', "$$")
+}
+
 /// The originals an earlier injection recorded in the proxy container it added.
 pub fn previous_originals(pod: &Value, proxy_container: &str) -> BTreeMap<String, Value> {
     let containers = ["initContainers", "containers"]
@@ -256,7 +265,9 @@ pub fn previous_originals(pod: &Value, proxy_container: &str) -> BTreeMap<String
         .flatten()
         .filter(|var| var.get("name").and_then(Value::as_str) == Some(APP_PROBES_ENV))
         .filter_map(|var| var.get("value").and_then(Value::as_str))
-        .filter_map(|text| serde_json::from_str::<BTreeMap<String, Value>>(text).ok())
+        .filter_map(|text| {
+            serde_json::from_str::<BTreeMap<String, Value>>(&text.replace("$$", "$")).ok()
+        })
         .next()
         .unwrap_or_default()
 }
@@ -358,6 +369,30 @@ mod tests {
         let off = rewrite(&mut restored, &first.originals, false);
         assert_eq!(restored, original);
         assert!(off.originals.is_empty());
+    }
+
+    #[test]
+    fn dollars_in_probes_survive_kubernetes_env_expansion_and_reinjection() {
+        let mut p = pod(
+            json!([{"name": "web", "readinessProbe": {"httpGet": {"path": "/h?v=$(HOME)$x", "port": 80}}}]),
+        );
+        let result = rewrite(&mut p, &BTreeMap::new(), true);
+        let value = env_value(&result.originals);
+        assert!(value.contains("/h?v=$$(HOME)$$x"), "{value}");
+        // What the kubelet hands the proxy: `$$` becomes `$`, and nothing is left to expand.
+        let expanded = value.replace("$$", "$");
+        let seen: BTreeMap<String, Value> = serde_json::from_str(&expanded).unwrap_or_default();
+        assert_eq!(
+            seen["/app-health/web/readyz"]["httpGet"]["path"],
+            "/h?v=$(HOME)$x"
+        );
+        // Re-injection reads the escaped value back to the same originals.
+        let injected = json!({"spec": {"initContainers": [{"name": "remora-proxy",
+            "env": [{"name": APP_PROBES_ENV, "value": value}]}]}});
+        assert_eq!(
+            previous_originals(&injected, "remora-proxy"),
+            result.originals
+        );
     }
 
     #[test]
