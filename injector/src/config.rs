@@ -1,5 +1,6 @@
 //! Injection settings shared by the webhook (`serve`) and manual injection (`inject`):
-//! images, the control plane's address, proxy resources and the sidecar mode. Each has a
+//! images, the control plane's address and how the proxy authenticates to it, proxy
+//! resources, the sidecar mode and the probe rewrite. Each has a
 //! command-line flag; per-pod annotations override some of them (see [`crate::inject`]).
 
 /// Default proxy image.
@@ -8,6 +9,10 @@ pub const DEFAULT_PROXY_IMAGE: &str = "remora/proxy:latest";
 pub const DEFAULT_INIT_IMAGE: &str = "remora/init:latest";
 /// Default xDS address of the control plane, as the install manifests name it.
 pub const DEFAULT_XDS_ADDRESS: &str = "remora-cp.remora-system.svc:18000";
+/// Audience of the projected ServiceAccount token the control plane's TokenReview expects.
+pub const DEFAULT_XDS_TOKEN_AUDIENCE: &str = "remora";
+/// Lifetime asked for the projected token; the kubelet renews it at 80% of that.
+pub const DEFAULT_XDS_TOKEN_EXPIRATION_S: u32 = 3600;
 
 /// How injected pods are built.
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
@@ -45,6 +50,34 @@ pub struct InjectConfig {
     /// imagePullPolicy of the injected containers.
     #[arg(long, default_value = "IfNotPresent")]
     pub image_pull_policy: String,
+    /// Authenticate the proxy to the control plane: mount a projected ServiceAccount token
+    /// (audience `--xds-token-audience`) for the xDS stream, and have the proxy make its own
+    /// key and get its workload certificate signed (`REMORA_CSR_SECRET`). Off by default, for
+    /// control planes without authentication; annotation `sidecar.remora.io/xdsAuth`
+    /// decides per pod.
+    #[arg(long)]
+    pub xds_auth: bool,
+    /// Audience of the projected token (`--xds-auth`).
+    #[arg(long, default_value = DEFAULT_XDS_TOKEN_AUDIENCE)]
+    pub xds_token_audience: String,
+    /// Requested lifetime of the projected token in seconds (Kubernetes' minimum is 600).
+    #[arg(long, default_value_t = DEFAULT_XDS_TOKEN_EXPIRATION_S,
+          value_parser = clap::value_parser!(u32).range(600..))]
+    pub xds_token_expiration_s: u32,
+    /// Speak xDS over TLS, verified against the mesh's trust bundle: mount the ConfigMap
+    /// `remora-ca-root-cert` the control plane publishes. Off by default; annotation
+    /// `sidecar.remora.io/xdsTLS` decides per pod.
+    #[arg(long)]
+    pub xds_tls: bool,
+    /// Subject alternative name the control plane's certificate must carry (`--xds-tls`):
+    /// a `spiffe://` URI or a DNS name. Unset: the chain is checked, and the name the proxy
+    /// connects to is sent as SNI.
+    #[arg(long)]
+    pub xds_san: Option<String>,
+    /// Rewrite the app's HTTP, TCP and gRPC probes to the proxy's probe port (annotation
+    /// `sidecar.remora.io/rewriteAppHTTPProbers` decides per pod).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub rewrite_app_probes: bool,
 }
 
 impl Default for InjectConfig {
@@ -60,6 +93,12 @@ impl Default for InjectConfig {
             legacy_sidecar: false,
             ready_timeout_s: 120,
             image_pull_policy: "IfNotPresent".to_string(),
+            xds_auth: false,
+            xds_token_audience: DEFAULT_XDS_TOKEN_AUDIENCE.to_string(),
+            xds_token_expiration_s: DEFAULT_XDS_TOKEN_EXPIRATION_S,
+            xds_tls: false,
+            xds_san: None,
+            rewrite_app_probes: true,
         }
     }
 }

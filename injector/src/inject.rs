@@ -1,5 +1,7 @@
 //! The injection itself: decide whether a Pod gets the sidecar, then add the capture init
-//! container and the proxy.
+//! container and the proxy (with, when asked, the token and trust bundle it needs to talk
+//! to the control plane), and rewrite the app's probes to the proxy's probe port
+//! ([`crate::probes`]).
 //!
 //! Works on the Pod as JSON so that fields this build of k8s-openapi does not know survive
 //! untouched (the webhook's patch is a diff of that JSON); the typed Pod is used to read
@@ -10,8 +12,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, ExecAction, Lifecycle, LifecycleHandler,
-    ObjectFieldSelector, Pod, Probe, ResourceRequirements, SecurityContext,
+    Capabilities, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, ExecAction, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -21,6 +24,7 @@ use serde_json::{Map, Value, json};
 use crate::capture;
 use crate::config::InjectConfig;
 use crate::ports;
+use crate::probes;
 
 /// Name of the injected proxy container.
 pub const PROXY_CONTAINER: &str = "remora-proxy";
@@ -42,14 +46,31 @@ pub const PROXY_CPU_ANNOTATION: &str = "sidecar.remora.io/proxyCPU";
 pub const PROXY_MEMORY_ANNOTATION: &str = "sidecar.remora.io/proxyMemory";
 pub const PROXY_CPU_LIMIT_ANNOTATION: &str = "sidecar.remora.io/proxyCPULimit";
 pub const PROXY_MEMORY_LIMIT_ANNOTATION: &str = "sidecar.remora.io/proxyMemoryLimit";
-/// Annotation that, when `"false"`, keeps app probe ports captured (see docs/injection.md).
+/// Annotation that, when `"false"`, keeps the ports of probes that are not rewritten
+/// captured (see docs/injection.md, "Probes").
 pub const EXCLUDE_PROBE_PORTS_ANNOTATION: &str = "sidecar.remora.io/excludeProbePorts";
+/// Annotations that, `"true"` or `"false"`, override `--xds-auth` and `--xds-tls` per pod.
+pub const XDS_AUTH_ANNOTATION: &str = "sidecar.remora.io/xdsAuth";
+pub const XDS_TLS_ANNOTATION: &str = "sidecar.remora.io/xdsTLS";
 /// Capture annotations, passed to `remora-init` as flags.
 pub const INCLUDE_INBOUND_PORTS_ANNOTATION: &str = "traffic.remora.io/includeInboundPorts";
 pub const EXCLUDE_INBOUND_PORTS_ANNOTATION: &str = "traffic.remora.io/excludeInboundPorts";
 pub const EXCLUDE_OUTBOUND_PORTS_ANNOTATION: &str = "traffic.remora.io/excludeOutboundPorts";
 pub const INCLUDE_OUTBOUND_RANGES_ANNOTATION: &str = "traffic.remora.io/includeOutboundIPRanges";
 pub const EXCLUDE_OUTBOUND_RANGES_ANNOTATION: &str = "traffic.remora.io/excludeOutboundIPRanges";
+
+/// The projected ServiceAccount token the proxy authenticates to the control plane with.
+pub const TOKEN_VOLUME: &str = "remora-xds-token";
+pub const TOKEN_DIR: &str = "/var/run/secrets/remora/tokens";
+pub const TOKEN_FILE: &str = "xds-token";
+/// The trust bundle the control plane publishes into each injected namespace, and where
+/// the proxy finds it.
+pub const CA_VOLUME: &str = "remora-ca-root-cert";
+pub const CA_CONFIG_MAP: &str = "remora-ca-root-cert";
+pub const CA_DIR: &str = "/var/run/secrets/remora/ca";
+pub const CA_FILE: &str = "root-cert.pem";
+/// Name of the certificate secret the proxy makes itself by CSR (`--csr-secret`).
+pub const CSR_SECRET: &str = "remora-workload-cert";
 
 /// Namespaces that never get a sidecar.
 pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
@@ -67,13 +88,16 @@ pub enum InjectError {
     },
     #[error("pod already has a container named {0:?} that remora did not inject")]
     NameConflict(String),
+    #[error("pod already has a volume named {0:?} that remora did not inject")]
+    VolumeConflict(String),
 }
 
 /// The result of injecting one pod.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The pod as it should be created (identical to the input if it was injected already).
-    Injected(Value),
+    /// The pod as it should be created (identical to the input if it was injected already),
+    /// and what was left undone in it, and why (a probe that could not be rewritten).
+    Injected { pod: Value, warnings: Vec<String> },
     /// The pod is left alone, for the given reason.
     Skipped(String),
 }
@@ -85,6 +109,8 @@ struct InjectionStatus {
     init_containers: Vec<String>,
     containers: Vec<String>,
     native_sidecar: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    volumes: Vec<String>,
 }
 
 fn lookup<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
@@ -136,18 +162,45 @@ pub fn inject_pod(
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or_default();
 
+    let previous_probes = if previous
+        .init_containers
+        .iter()
+        .chain(&previous.containers)
+        .any(|c| c == PROXY_CONTAINER)
+    {
+        probes::previous_originals(raw, PROXY_CONTAINER)
+    } else {
+        BTreeMap::new()
+    };
     let mut out = raw.clone();
-    let stripped_pod = strip_previous(&mut out, &previous)?;
+    strip_previous(&mut out, &previous)?;
 
-    let plan = Plan::from_pod(&stripped_pod, &annotations, config)?;
+    let rewrite_probes = bool_annotation(
+        &annotations,
+        probes::REWRITE_PROBES_ANNOTATION,
+        config.rewrite_app_probes,
+    )?;
+    let rewritten = probes::rewrite(&mut out, &previous_probes, rewrite_probes);
+    let rewritten_pod: Pod =
+        serde_json::from_value(out.clone()).map_err(|e| InjectError::InvalidPod(e.to_string()))?;
+
+    let plan = Plan::from_pod(&rewritten_pod, &annotations, config, rewritten.originals)?;
     let init = plan.init_container(config);
     let proxy = plan.proxy_container(config);
     let to_json = |c: &Container| serde_json::to_value(c).unwrap_or(Value::Null);
+    let to_json_volume = |v: &Volume| serde_json::to_value(v).unwrap_or(Value::Null);
 
     let spec = out
         .get_mut("spec")
         .and_then(Value::as_object_mut)
         .ok_or_else(|| InjectError::InvalidPod("spec is not an object".to_string()))?;
+    let volumes = plan.volumes(config);
+    let volume_names: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
+    if !volumes.is_empty() {
+        let mut all = take_array(spec, "volumes");
+        all.extend(volumes.iter().map(to_json_volume));
+        spec.insert("volumes".to_string(), Value::Array(all));
+    }
     let user_inits = take_array(spec, "initContainers");
     let app_containers = take_array(spec, "containers");
     let status = if plan.native_sidecar {
@@ -161,6 +214,7 @@ pub fn inject_pod(
             init_containers: vec![INIT_CONTAINER.to_string(), PROXY_CONTAINER.to_string()],
             containers: vec![],
             native_sidecar: true,
+            volumes: volume_names,
         }
     } else {
         // Capture goes last among init containers, so the user's run before the redirect
@@ -176,6 +230,7 @@ pub fn inject_pod(
             init_containers: vec![INIT_CONTAINER.to_string()],
             containers: vec![PROXY_CONTAINER.to_string()],
             native_sidecar: false,
+            volumes: volume_names,
         }
     };
 
@@ -192,7 +247,24 @@ pub fn inject_pod(
     if let Some(map) = annotations.as_object_mut() {
         map.insert(STATUS_ANNOTATION.to_string(), Value::String(status_text));
     }
-    Ok(Outcome::Injected(out))
+    Ok(Outcome::Injected {
+        pod: out,
+        warnings: rewritten.warnings,
+    })
+}
+
+/// A `"true"`/`"false"` annotation, `default` when absent.
+fn bool_annotation(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+    default: bool,
+) -> Result<bool, InjectError> {
+    match annotations.get(key).map(|v| v.trim()) {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(invalid(key, other, "expected true or false")),
+    }
 }
 
 fn take_array(spec: &mut Map<String, Value>, key: &str) -> Vec<Value> {
@@ -202,20 +274,21 @@ fn take_array(spec: &mut Map<String, Value>, key: &str) -> Vec<Value> {
     }
 }
 
-fn container_name(c: &Value) -> Option<&str> {
+/// The `name` of a container or volume (JSON).
+fn item_name(c: &Value) -> Option<&str> {
     c.get("name").and_then(Value::as_str)
 }
 
 /// Removes what an earlier injection added (per its status annotation), refuses pods that
-/// carry our container names otherwise, and returns the stripped pod, typed.
-fn strip_previous(out: &mut Value, previous: &InjectionStatus) -> Result<Pod, InjectError> {
+/// carry our container or volume names otherwise.
+fn strip_previous(out: &mut Value, previous: &InjectionStatus) -> Result<(), InjectError> {
     if let Some(spec) = out.get_mut("spec").and_then(Value::as_object_mut) {
         for (key, names) in [
             ("initContainers", &previous.init_containers),
             ("containers", &previous.containers),
         ] {
             if let Some(Value::Array(items)) = spec.get_mut(key) {
-                items.retain(|c| !container_name(c).is_some_and(|n| names.iter().any(|x| x == n)));
+                items.retain(|c| !item_name(c).is_some_and(|n| names.iter().any(|x| x == n)));
             }
             if spec
                 .get(key)
@@ -224,6 +297,13 @@ fn strip_previous(out: &mut Value, previous: &InjectionStatus) -> Result<Pod, In
                 && key == "initContainers"
             {
                 spec.remove(key);
+            }
+        }
+        if let Some(Value::Array(items)) = spec.get_mut("volumes") {
+            items
+                .retain(|v| !item_name(v).is_some_and(|n| previous.volumes.iter().any(|x| x == n)));
+            if items.is_empty() {
+                spec.remove("volumes");
             }
         }
     }
@@ -240,7 +320,12 @@ fn strip_previous(out: &mut Value, previous: &InjectionStatus) -> Result<Pod, In
             return Err(InjectError::NameConflict(c.name.clone()));
         }
     }
-    Ok(pod)
+    for volume in spec.into_iter().flat_map(|s| s.volumes.iter().flatten()) {
+        if volume.name == TOKEN_VOLUME || volume.name == CA_VOLUME {
+            return Err(InjectError::VolumeConflict(volume.name.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// Everything decided about one pod before containers are built.
@@ -251,6 +336,10 @@ struct Plan {
     limits: BTreeMap<String, Quantity>,
     node_cluster: String,
     init_args: Vec<String>,
+    xds_auth: bool,
+    xds_tls: bool,
+    /// The app's original probes by rewritten path; empty when none was rewritten.
+    app_probes: BTreeMap<String, Value>,
 }
 
 fn invalid(key: &str, value: &str, reason: impl ToString) -> InjectError {
@@ -285,21 +374,15 @@ impl Plan {
         pod: &Pod,
         annotations: &BTreeMap<String, String>,
         config: &InjectConfig,
+        app_probes: BTreeMap<String, Value>,
     ) -> Result<Self, InjectError> {
         let get = |key: &str| annotations.get(key).map(|v| v.trim());
 
-        let native_sidecar = match get(NATIVE_SIDECAR_ANNOTATION) {
-            None => !config.legacy_sidecar,
-            Some("true") => true,
-            Some("false") => false,
-            Some(other) => {
-                return Err(invalid(
-                    NATIVE_SIDECAR_ANNOTATION,
-                    other,
-                    "expected true or false",
-                ));
-            }
-        };
+        let native_sidecar = bool_annotation(
+            annotations,
+            NATIVE_SIDECAR_ANNOTATION,
+            !config.legacy_sidecar,
+        )?;
 
         let proxy_image = match get(PROXY_IMAGE_ANNOTATION) {
             Some("") => return Err(invalid(PROXY_IMAGE_ANNOTATION, "", "empty image")),
@@ -346,7 +429,9 @@ impl Plan {
             .cloned()
             .unwrap_or_else(|| "default".to_string());
 
-        let init_args = Self::init_args(pod, &get)?;
+        let init_args = Self::init_args(pod, &get, !app_probes.is_empty())?;
+        let xds_auth = bool_annotation(annotations, XDS_AUTH_ANNOTATION, config.xds_auth)?;
+        let xds_tls = bool_annotation(annotations, XDS_TLS_ANNOTATION, config.xds_tls)?;
 
         Ok(Self {
             native_sidecar,
@@ -355,14 +440,20 @@ impl Plan {
             limits,
             node_cluster,
             init_args,
+            xds_auth,
+            xds_tls,
+            app_probes,
         })
     }
 
     /// `remora-init` flags from the capture annotations, validated here so a bad value
-    /// fails the injection instead of crash-looping the pod's init container.
+    /// fails the injection instead of crash-looping the pod's init container. `pod` has its
+    /// probes rewritten already, so the probe ports it shows are the ones still probed
+    /// directly; `probes_rewritten` says the probe port must be reachable.
     fn init_args<'a>(
         pod: &Pod,
         get: &impl Fn(&str) -> Option<&'a str>,
+        probes_rewritten: bool,
     ) -> Result<Vec<String>, InjectError> {
         let mut args = vec![
             "--inbound-port".to_string(),
@@ -400,6 +491,9 @@ impl Plan {
         };
         if exclude_probes {
             excluded_inbound.extend(probe_ports(pod));
+        }
+        if probes_rewritten {
+            excluded_inbound.insert(ports::PROBES);
         }
         if !excluded_inbound.is_empty() {
             let list: Vec<u16> = excluded_inbound.into_iter().collect();
@@ -479,7 +573,7 @@ impl Plan {
         };
         // Order matters: REMORA_NODE_ID expands $(POD_NAME) and $(POD_NAMESPACE), which
         // Kubernetes resolves only from variables defined earlier in the list.
-        let env = vec![
+        let mut env = vec![
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("POD_IP", "status.podIP"),
@@ -491,6 +585,42 @@ impl Plan {
             value_env("REMORA_INBOUND_PORT", &ports::INBOUND.to_string()),
             value_env("REMORA_OUTBOUND_PORT", &ports::OUTBOUND.to_string()),
         ];
+        let mut mounts = Vec::new();
+        if self.xds_auth {
+            env.push(value_env(
+                "REMORA_XDS_TOKEN_FILE",
+                &format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+            ));
+            env.push(value_env("REMORA_CSR_SECRET", CSR_SECRET));
+            mounts.push(VolumeMount {
+                name: TOKEN_VOLUME.to_string(),
+                mount_path: TOKEN_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+        if self.xds_tls {
+            env.push(value_env("REMORA_XDS_CA", &format!("{CA_DIR}/{CA_FILE}")));
+            if let Some(san) = &config.xds_san {
+                env.push(value_env("REMORA_XDS_SAN", san));
+            }
+            mounts.push(VolumeMount {
+                name: CA_VOLUME.to_string(),
+                mount_path: CA_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+        if !self.app_probes.is_empty() {
+            env.push(value_env(
+                probes::PROBE_PORT_ENV,
+                &ports::PROBES.to_string(),
+            ));
+            env.push(value_env(
+                probes::APP_PROBES_ENV,
+                &probes::env_value(&self.app_probes),
+            ));
+        }
 
         // The admin listener is on 127.0.0.1, which kubelet's httpGet cannot reach, so
         // readiness is checked from inside the container. Each probe attempt is short;
@@ -523,6 +653,7 @@ impl Plan {
                 "--bootstrap-from-env".to_string(),
             ]),
             env: Some(env),
+            volume_mounts: (!mounts.is_empty()).then_some(mounts),
             resources: Some(ResourceRequirements {
                 requests: Some(self.requests.clone()),
                 limits: Some(self.limits.clone()),
@@ -558,6 +689,46 @@ impl Plan {
             });
         }
         container
+    }
+
+    /// The volumes the proxy mounts: the projected token (`xds_auth`) and the trust bundle
+    /// (`xds_tls`).
+    ///
+    /// The bundle's ConfigMap is not optional, as in Istio: without it the proxy cannot
+    /// verify the control plane and would only crash-loop, so the pod waits at volume setup
+    /// with an event naming the missing ConfigMap, and starts by itself once the control
+    /// plane has published it. The token always exists (the kubelet requests it).
+    fn volumes(&self, config: &InjectConfig) -> Vec<Volume> {
+        let mut volumes = Vec::new();
+        if self.xds_auth {
+            volumes.push(Volume {
+                name: TOKEN_VOLUME.to_string(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(vec![VolumeProjection {
+                        service_account_token: Some(ServiceAccountTokenProjection {
+                            audience: Some(config.xds_token_audience.clone()),
+                            expiration_seconds: Some(i64::from(config.xds_token_expiration_s)),
+                            path: TOKEN_FILE.to_string(),
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        if self.xds_tls {
+            volumes.push(Volume {
+                name: CA_VOLUME.to_string(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: CA_CONFIG_MAP.to_string(),
+                    optional: Some(false),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        volumes
     }
 
     fn init_container(&self, config: &InjectConfig) -> Container {
@@ -596,8 +767,9 @@ impl Plan {
 }
 
 /// Ports kubelet probes in the app's containers (httpGet, tcpSocket and gRPC probes, and
-/// httpGet/tcpSocket lifecycle hooks), with named ports resolved. Unresolvable names are
-/// left out: the API server rejects such a pod anyway.
+/// httpGet/tcpSocket lifecycle hooks), with named ports resolved; probes the injector
+/// rewrote show up as the probe port. Unresolvable names are left out: there is no
+/// port to exclude.
 pub fn probe_ports(pod: &Pod) -> BTreeSet<u16> {
     let mut found = BTreeSet::new();
     let Some(spec) = pod.spec.as_ref() else {
@@ -625,11 +797,13 @@ pub fn probe_ports(pod: &Pod) -> BTreeSet<u16> {
             &container.readiness_probe,
             &container.startup_probe,
         ];
+        // A probe of another host never reaches this pod: nothing to exclude for it.
+        let local = |host: &Option<String>| host.as_deref().is_none_or(str::is_empty);
         for probe in probes.into_iter().flatten() {
-            if let Some(h) = &probe.http_get {
+            if let Some(h) = probe.http_get.as_ref().filter(|h| local(&h.host)) {
                 found.extend(resolve(&h.port));
             }
-            if let Some(t) = &probe.tcp_socket {
+            if let Some(t) = probe.tcp_socket.as_ref().filter(|t| local(&t.host)) {
                 found.extend(resolve(&t.port));
             }
             if let Some(g) = &probe.grpc {

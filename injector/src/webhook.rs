@@ -77,13 +77,30 @@ fn respond(request: &AdmissionRequest<DynamicObject>, config: &WebhookConfig) ->
         .or_else(|| object.metadata.generate_name.clone())
         .unwrap_or_default();
     match inject::inject_pod(&original, request.namespace.as_deref(), &config.inject) {
-        Ok(Outcome::Injected(mutated)) => {
+        Ok(Outcome::Injected {
+            pod: mutated,
+            warnings,
+        }) => {
             let patch = json_patch::diff(&original, &mutated);
             tracing::info!(uid = %request.uid, pod = %name, ops = patch.0.len(), "injected");
-            match allowed.clone().with_patch(patch) {
+            let mut response = match allowed.clone().with_patch(patch) {
                 Ok(r) => r,
-                Err(e) => cannot_handle(allowed, config, format!("encoding patch: {e}")),
+                Err(e) => return cannot_handle(allowed, config, format!("encoding patch: {e}")),
+            };
+            // A probe left unrewritten still works unless its port requires mTLS; the
+            // user hears why from kubectl rather than from a failing probe.
+            if !warnings.is_empty() {
+                for warning in &warnings {
+                    tracing::warn!(uid = %request.uid, pod = %name, %warning);
+                }
+                response.warnings = Some(
+                    warnings
+                        .into_iter()
+                        .map(|w| format!("remora: {w}"))
+                        .collect(),
+                );
             }
+            response
         }
         Ok(Outcome::Skipped(reason)) => {
             tracing::debug!(uid = %request.uid, pod = %name, %reason, "not injected");

@@ -44,7 +44,10 @@ pub fn inject_object(object: &Value, config: &InjectConfig) -> Result<Value, Inj
     if kind == "Pod" {
         return Ok(
             match inject::inject_pod(object, namespace.as_deref(), config)? {
-                Outcome::Injected(pod) => pod,
+                Outcome::Injected { pod, warnings } => {
+                    log_warnings(object, &warnings);
+                    pod
+                }
                 Outcome::Skipped(_) => object.clone(),
             },
         );
@@ -63,7 +66,10 @@ pub fn inject_object(object: &Value, config: &InjectConfig) -> Result<Value, Inj
         "spec": template.get("spec").cloned().unwrap_or(Value::Null),
     });
     let injected = match inject::inject_pod(&pod, namespace.as_deref(), config)? {
-        Outcome::Injected(pod) => pod,
+        Outcome::Injected { pod, warnings } => {
+            log_warnings(object, &warnings);
+            pod
+        }
         Outcome::Skipped(_) => return Ok(object.clone()),
     };
     let mut out = object.clone();
@@ -107,4 +113,20 @@ pub fn inject_yaml(input: &str, config: &InjectConfig) -> Result<String, Workloa
         rendered.push(text);
     }
     Ok(rendered.join("---\n"))
+}
+
+/// Manual injection has no admission warnings to return; it says them on stderr, naming
+/// the object.
+fn log_warnings(object: &Value, warnings: &[String]) {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("object");
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    for warning in warnings {
+        tracing::warn!("{kind} {name}: {warning}");
+    }
 }

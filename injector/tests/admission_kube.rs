@@ -250,8 +250,21 @@ fn pods_are_injected_through_the_api_server_as_the_selectors_and_opt_outs_say() 
         let spec = stored.spec.as_ref().unwrap();
         let init = &spec.init_containers.as_ref().unwrap()[0];
         let init_args = init.args.clone().unwrap_or_default().join(" ");
-        // The app's probe port is excluded from inbound capture (docs/injection.md, Probes).
-        assert!(init_args.contains("8080"), "{init_args}");
+        // The app's probe is rewritten to the proxy's probe port, which alone is left out
+        // of inbound capture (docs/injection.md, Probes); the API server accepted the result.
+        assert!(
+            init_args.contains("--exclude-inbound-ports 15021"),
+            "{init_args}"
+        );
+        assert!(!init_args.contains("8080"), "{init_args}");
+        let app_probe = spec.containers[0]
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref());
+        assert_eq!(
+            app_probe.map(|g| g.path.as_deref()),
+            Some(Some("/app-health/app/readyz"))
+        );
         let proxy = &spec.init_containers.as_ref().unwrap()[1];
         assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
         assert_eq!(proxy.image.as_deref(), Some("remora/proxy:latest"));
@@ -294,6 +307,52 @@ fn pods_are_injected_through_the_api_server_as_the_selectors_and_opt_outs_say() 
         )
         .await;
         assert!(!injected(&stored), "the opt-out annotation was ignored");
+
+        // Authenticated xDS over TLS by annotation: the API server accepts the projected
+        // token and the trust bundle's ConfigMap volume, mounted in the proxy.
+        let stored = create(
+            &client,
+            "shop",
+            &pod(
+                "secure",
+                json!({}),
+                json!({"sidecar.remora.io/xdsAuth": "true", "sidecar.remora.io/xdsTLS": "true"}),
+            ),
+        )
+        .await;
+        assert!(injected(&stored));
+        let spec = stored.spec.as_ref().unwrap();
+        let volumes: Vec<_> = spec.volumes.iter().flatten().collect();
+        let token = volumes
+            .iter()
+            .find(|v| v.name == "remora-xds-token")
+            .and_then(|v| v.projected.as_ref())
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s.first())
+            .and_then(|s| s.service_account_token.as_ref())
+            .expect("the projected token volume");
+        assert_eq!(token.audience.as_deref(), Some("remora"));
+        assert_eq!(token.expiration_seconds, Some(3600));
+        let bundle = volumes
+            .iter()
+            .find(|v| v.name == "remora-ca-root-cert")
+            .and_then(|v| v.config_map.as_ref())
+            .expect("the trust bundle volume");
+        assert_eq!(bundle.name, "remora-ca-root-cert");
+        let proxy = &spec.init_containers.as_ref().unwrap()[1];
+        let mounts: Vec<_> = proxy
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("remora-xds-token", "/var/run/secrets/remora/tokens"),
+                ("remora-ca-root-cert", "/var/run/secrets/remora/ca")
+            ]
+        );
 
         // Dry run: the webhook is called (sideEffects: None allows it) and nothing is stored.
         let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");

@@ -244,3 +244,27 @@ fn inject_reports_bad_input_without_output() {
     );
     assert!(!ok && stderr.contains("not valid YAML"), "{stderr}");
 }
+
+#[test]
+fn inject_injects_a_pod_whose_probe_it_cannot_rewrite_and_says_so_on_stderr() {
+    let pod = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  template:\n    spec:\n      containers:\n      - name: a\n        readinessProbe:\n          httpGet: {path: /, port: nope}\n";
+    let (ok, printed, stderr) = run(
+        {
+            let mut c = injector();
+            c.arg("inject");
+            c
+        },
+        Some(pod),
+    );
+    assert!(ok, "{stderr}");
+    assert!(printed.contains("remora-proxy"), "{printed}");
+    assert!(
+        printed.contains("port: nope"),
+        "the probe must be left as it was: {printed}"
+    );
+    assert!(
+        stderr.contains("Deployment web: readinessProbe of container \"a\" not rewritten")
+            && stderr.contains("\"nope\""),
+        "{stderr}"
+    );
+}

@@ -261,11 +261,22 @@ async fn injects_a_pod_over_https() {
     assert!(pod["metadata"]["annotations"]["sidecar.remora.io/status"].is_string());
     let args = inits[0]["args"].as_array().cloned().unwrap_or_default();
     let i = args.iter().position(|a| a == "--exclude-inbound-ports");
+    // The app's probe now goes to the proxy's probe port, the only port left out of capture.
     assert_eq!(
         i.and_then(|i| args.get(i + 1)),
-        Some(&json!("8080")),
+        Some(&json!("15021")),
         "{args:?}"
     );
+    let probe = pod["spec"]["containers"][0]
+        .as_object()
+        .and_then(|c| {
+            ["readinessProbe", "livenessProbe", "startupProbe"]
+                .iter()
+                .find_map(|k| c.get(*k))
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(probe["httpGet"]["port"], 15021, "{probe}");
 }
 
 #[tokio::test]

@@ -10,7 +10,8 @@
 //! [`xds`] (ADS); routes and clusters are published as one immutable snapshot in [`store`];
 //! [`admin`] and [`stats`] observe it all; [`server`] wires the parts together, and
 //! [`lifecycle`] says where the server stands. [`memory`]
-//! hands back what reading config needed once.
+//! hands back what reading config needed once. Beside the path, [`probes`] answers the
+//! kubelet's probes that the injector rewrote.
 
 pub mod admin;
 pub mod body;
@@ -24,6 +25,7 @@ pub mod lifecycle;
 pub mod listener;
 pub mod memory;
 pub mod network_filters;
+pub mod probes;
 pub mod server;
 pub mod stats;
 pub mod store;

@@ -43,6 +43,18 @@ fn main() -> std::process::ExitCode {
             return 1.into();
         }
     };
+    // The app's probes the injector rewrote: checked in both modes, served in `serve`.
+    let app_probes = if cli.bootstrap_from_env {
+        match remora_proxy::probes::from_env() {
+            Ok(probes) => probes,
+            Err(error) => {
+                eprintln!("error: invalid bootstrap: {error}");
+                return 1.into();
+            }
+        }
+    } else {
+        None
+    };
     if cli.mode == Mode::Validate {
         if let Err(error) = remora_proxy::tls::check_files(&bootstrap) {
             eprintln!("error: invalid bootstrap: {error}");
@@ -50,6 +62,13 @@ fn main() -> std::process::ExitCode {
         }
         println!("configuration is valid");
         return 0.into();
+    }
+    if let Some(probes) = app_probes {
+        let listen = probes.listen;
+        if let Err(error) = remora_proxy::probes::spawn(probes) {
+            eprintln!("error: probe server cannot listen on {listen}: {error}");
+            return 1.into();
+        }
     }
     remora_proxy::memory::release_config_memory();
     let concurrency = cli.concurrency.filter(|n| *n > 0).unwrap_or_else(|| {

@@ -278,7 +278,7 @@ fn images_hold_runnable_binaries_with_the_tags_users_and_entrypoints_the_manifes
     for expected in [
         "-A PREROUTING -p tcp -j REMORA_INBOUND",
         "-A OUTPUT -p tcp -j REMORA_OUTPUT",
-        "-A REMORA_INBOUND -p tcp -m tcp --dport 8080 -j RETURN",
+        "-A REMORA_INBOUND -p tcp -m tcp --dport 15021 -j RETURN",
         "-j REDIRECT --to-ports 15006",
         "-j REDIRECT --to-ports 15001",
         "-m owner --uid-owner 1337 -j RETURN",
@@ -289,7 +289,8 @@ fn images_hold_runnable_binaries_with_the_tags_users_and_entrypoints_the_manifes
     assert!(rules6.contains("-j REDIRECT --to-ports 15001"), "{rules6}");
 }
 
-/// The `remora-init` container the injector adds to a pod whose app probes port 8080.
+/// The `remora-init` container the injector adds to a pod whose app probes port 8080 (a
+/// probe it rewrites to the proxy's probe port, 15021, which capture then leaves alone).
 fn injected_init_container() -> Value {
     let pod = r#"
 apiVersion: v1
