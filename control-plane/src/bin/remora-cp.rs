@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use remora_control_plane::ca::CaOptions;
 use remora_control_plane::mesh::translate::{MeshSettings, OutboundLayout};
-use remora_control_plane::server::{MeshOptions, Options, StoreChoice, XdsAuthMode, run};
+use remora_control_plane::server::{
+    MeshOptions, Options, StoreChoice, XdsAuthMode, XdsTlsOptions, run,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
@@ -83,6 +85,21 @@ struct Args {
     /// decides its group and a sidecar's identity).
     #[arg(long, value_enum, default_value = "none")]
     xds_auth: XdsAuthMode,
+    /// Serve the xDS port (ADS, and the certificate service) over TLS, with a certificate
+    /// the mesh CA issues to the control plane: its SPIFFE id
+    /// (spiffe://TRUST_DOMAIN/ns/--xds-tls-namespace/sa/--xds-tls-service-account) and each
+    /// --xds-tls-dns-name; renewed at half life. Proxies verify it with the trust bundle.
+    #[arg(long)]
+    xds_tls: bool,
+    /// A DNS name proxies reach the xDS port by, in its certificate (repeat for more).
+    #[arg(long = "xds-tls-dns-name", requires = "xds_tls")]
+    xds_tls_dns_names: Vec<String>,
+    /// The namespace of the control plane's own SPIFFE id.
+    #[arg(long, default_value = "remora-system", env = "POD_NAMESPACE")]
+    xds_tls_namespace: String,
+    /// The service account of the control plane's own SPIFFE id.
+    #[arg(long, default_value = "remora-cp")]
+    xds_tls_service_account: String,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -154,6 +171,11 @@ async fn main() -> std::process::ExitCode {
             root_files: args.ca_cert.clone().zip(args.ca_key.clone()),
         },
         xds_auth: args.xds_auth,
+        xds_tls: args.xds_tls.then(|| XdsTlsOptions {
+            namespace: args.xds_tls_namespace.clone(),
+            service_account: args.xds_tls_service_account.clone(),
+            dns_names: args.xds_tls_dns_names.clone(),
+        }),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -101,61 +101,102 @@ pub enum XdsAuth {
     Tokens(Arc<ConfigService>),
 }
 
+/// Who an authenticated stream or certificate request is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The grant of a bootstrap token.
+    Token(Grant),
+}
+
+impl Caller {
+    /// The group whose resources the caller may receive.
+    pub fn group(&self) -> &str {
+        match self {
+            Caller::Token(grant) => &grant.group,
+        }
+    }
+
+    /// The workload identity (namespace, service account) the credential proves, if any.
+    pub fn workload(&self) -> Option<(&str, &str)> {
+        match self {
+            Caller::Token(grant) => grant
+                .namespace
+                .as_deref()
+                .zip(grant.service_account.as_deref()),
+        }
+    }
+
+    /// Whether the caller may speak as node `node_id` (a bootstrap token is not bound to
+    /// one node).
+    pub fn check_node_id(&self, _node_id: &str) -> Result<(), Status> {
+        match self {
+            Caller::Token(_) => Ok(()),
+        }
+    }
+}
+
 impl XdsAuth {
-    /// The grant of the token in `headers`, `None` when authentication is off, or the status
-    /// that ends the stream.
-    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Grant>, Status> {
+    /// Who the credential in `headers` is, `None` when authentication is off, or the status
+    /// that ends the stream or request.
+    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Caller>, Status> {
         let XdsAuth::Tokens(config) = self else {
             return Ok(None);
         };
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Err(Status::unauthenticated(
-                "this xDS server requires a bootstrap token: send 'authorization: Bearer TOKEN' in the stream's initial metadata (tokens come from POST /v1/xds-tokens)",
-            ));
-        };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|text| text.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization metadata is not 'Bearer TOKEN'")
-            })?;
+        let token = bearer_token(headers).map_err(|problem| {
+            Status::unauthenticated(format!(
+                "{problem}: this xDS server requires a bootstrap token in the initial metadata, 'authorization: Bearer TOKEN' (tokens come from POST /v1/xds-tokens)"
+            ))
+        })?;
         let state = config.current();
         let record = state
             .private
             .get(&record_name(token))
             .ok_or_else(|| Status::unauthenticated("unknown or revoked bootstrap token"))?;
         serde_json::from_slice(record)
-            .map(Some)
+            .map(|grant| Some(Caller::Token(grant)))
             .map_err(|_| Status::internal("the stored grant of this token is unreadable"))
     }
+}
+
+/// The token of `authorization: Bearer TOKEN`, or what is wrong with the header.
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, &'static str> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or("no authorization metadata")?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or("the authorization metadata is not 'Bearer TOKEN'")
 }
 
 /// Applies `grant` to the stream's node: the node's group becomes the grant's (a different
 /// group named by the node is refused); a sidecar must be in the grant's namespace and takes
 /// its service account.
 pub fn authorize(
-    grant: &Grant,
+    caller: &Caller,
     node: &mut Node,
     sidecar: Option<&mut Sidecar>,
 ) -> Result<(), Status> {
-    if !node.cluster.is_empty() && node.cluster != grant.group {
+    caller.check_node_id(&node.id)?;
+    let group = caller.group();
+    if !node.cluster.is_empty() && node.cluster != group {
         return Err(Status::permission_denied(format!(
-            "node.cluster is {:?} but the token is for group {:?}",
-            node.cluster, grant.group
+            "node.cluster is {:?} but the credential is for group {group:?}",
+            node.cluster
         )));
     }
-    node.cluster = grant.group.clone();
+    node.cluster = group.to_string();
     let Some(sidecar) = sidecar else {
         return Ok(());
     };
-    sidecar.group = grant.group.clone();
-    let (Some(namespace), Some(account)) = (&grant.namespace, &grant.service_account) else {
+    sidecar.group = group.to_string();
+    let Some((namespace, account)) = caller.workload() else {
         return Err(Status::permission_denied(format!(
-            "mesh sidecar {} needs a token with a workload identity (namespace and serviceAccount); this one is for group {:?} only",
-            sidecar.node_id, grant.group
+            "mesh sidecar {} needs a credential with a workload identity (namespace and service account); this one is for group {group:?} only",
+            sidecar.node_id
         )));
     };
     if sidecar.namespace() != namespace {
@@ -165,7 +206,7 @@ pub fn authorize(
             sidecar.namespace()
         )));
     }
-    sidecar.service_account = Some(account.clone());
+    sidecar.service_account = Some(account.to_string());
     Ok(())
 }
 
@@ -187,11 +228,11 @@ mod tests {
 
     #[test]
     fn the_grant_decides_group_and_identity() {
-        let grant = Grant {
+        let grant = Caller::Token(Grant {
             group: "web".into(),
             namespace: Some("shop".into()),
             service_account: Some("buyer".into()),
-        };
+        });
         let mut node = Node::default();
         let mut mesh = sidecar("shop");
         authorize(&grant, &mut node, Some(&mut mesh)).expect("allowed");
@@ -211,11 +252,11 @@ mod tests {
             .expect_err("other namespace");
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
 
-        let group_only = Grant {
+        let group_only = Caller::Token(Grant {
             group: "web".into(),
             namespace: None,
             service_account: None,
-        };
+        });
         authorize(&group_only, &mut Node::default(), None).expect("a plain proxy");
         let status = authorize(
             &group_only,
