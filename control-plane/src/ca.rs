@@ -285,9 +285,13 @@ impl Ca {
         let leaf = params
             .signed_by(&public_key, &self.issuer, &self.issuer_key)
             .map_err(|error| CsrError::Signing(format!("signing for {identity}: {error}")))?;
+        let serial = x509_parser::parse_x509_certificate(leaf.der())
+            .map(|(_, parsed)| serial_hex(parsed.raw_serial()))
+            .map_err(|error| CsrError::Signing(format!("reading back the signed leaf: {error}")))?;
         Ok(SignedRequest {
             chain_pem: format!("{}{}", leaf.pem(), self.root_pem),
             not_after,
+            serial,
         })
     }
 
@@ -341,6 +345,21 @@ pub struct SignedRequest {
     /// The leaf, then the root.
     pub chain_pem: String,
     pub not_after: SystemTime,
+    /// The leaf's serial number as Envoy's `/certs` prints it (lowercase hex, no leading
+    /// zero bytes), to tell which certificate a proxy serves.
+    pub serial: String,
+}
+
+/// A serial number in lowercase hex without the leading zero bytes DER may add.
+fn serial_hex(raw: &[u8]) -> String {
+    let significant = raw
+        .iter()
+        .position(|&byte| byte != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[significant..]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// Why a certificate request was not signed.
@@ -563,6 +582,8 @@ mod tests {
         assert_eq!(chain.len(), 2, "leaf then root");
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("leaf");
         assert_eq!(leaf.public_key().raw, key.public_key_der().as_slice());
+        assert_eq!(signed.serial, serial_hex(leaf.raw_serial()));
+        assert!(!signed.serial.starts_with("00"));
         let sans = leaf
             .subject_alternative_name()
             .expect("SAN extension")

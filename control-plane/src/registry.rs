@@ -41,6 +41,8 @@ pub struct TypeStatus {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct SignedCertificate {
     pub spiffe_id: String,
+    /// Its serial number, as the proxy's `/certs` prints it.
+    pub serial: String,
     /// RFC 3339, UTC.
     pub signed_at: String,
     /// RFC 3339, UTC.
@@ -127,6 +129,7 @@ impl ProxyRegistry {
         &self,
         node_id: &str,
         spiffe_id: &str,
+        serial: &str,
         not_after: SystemTime,
         peer: Option<SocketAddr>,
     ) {
@@ -140,6 +143,7 @@ impl ProxyRegistry {
             node_id.to_string(),
             SignedCertificate {
                 spiffe_id: spiffe_id.to_string(),
+                serial: serial.to_string(),
                 signed_at: rfc3339(now),
                 not_after: rfc3339(not_after),
                 peer: peer.map(|addr| addr.to_string()),

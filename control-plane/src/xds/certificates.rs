@@ -113,10 +113,11 @@ impl CertificateService for CertificateSigner {
             .duration_since(UNIX_EPOCH)
             .map(|since| since.as_secs() as i64)
             .unwrap_or(0);
-        tracing::info!(node = %request.node_id, %identity, not_after, "signed a certificate request");
+        tracing::info!(node = %request.node_id, %identity, serial = %signed.serial, not_after, "signed a certificate request");
         self.registry.record_signed(
             &request.node_id,
             &identity.to_string(),
+            &signed.serial,
             signed.not_after,
             peer,
         );
