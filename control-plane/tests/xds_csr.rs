@@ -350,6 +350,115 @@ async fn xds_over_tls_names_the_control_plane_and_serves_signing() {
         .expect("stopped");
 }
 
+/// The serial (DER bytes) of the certificate a new TLS connection to `xds` is served.
+async fn served_serial(xds: SocketAddr, bundle_pem: &str) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(xds).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from(CP_DNS_NAME)
+        .expect("name")
+        .to_owned();
+    let tls = tls_connector(bundle_pem)
+        .connect(name, tcp)
+        .await
+        .expect("the handshake verifies against the bundle");
+    let served = tls.get_ref().1.peer_certificates().expect("a certificate");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&served[0]).expect("leaf");
+    leaf.raw_serial().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_serving_certificate_is_renewed_without_dropping_streams() {
+    use tokio_stream::StreamExt;
+    use xds_api::envoy::config::core::v3::Node;
+    use xds_api::envoy::service::discovery::v3::DiscoveryRequest;
+    use xds_api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+
+    // 4 s certificates: renewed every 2 s.
+    let (cp, _dir) = start(args(&[
+        "--xds-tls",
+        "--xds-tls-dns-name",
+        CP_DNS_NAME,
+        "--workload-cert-lifetime",
+        "4s",
+    ]))
+    .await;
+    let cluster = |name: &str| format!("\"@type\": Cluster\nname: {name}\nconnect_timeout: 1s\n");
+    cp.put("clusters", "first?group=g", &cluster("first"));
+    let bundle_pem = bundle(&cp);
+    let first_serial = served_serial(cp.xds, &bundle_pem).await;
+
+    // One ADS stream over TLS, held across the renewal.
+    let channel = tls_channel(cp.xds, &bundle_pem).await;
+    let (requests, outgoing) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(DiscoveryRequest {
+            node: Some(Node {
+                id: "renewal".into(),
+                cluster: "g".into(),
+                ..Default::default()
+            }),
+            type_url: xds_api::type_urls::CLUSTER.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .expect("stream")
+        .into_inner();
+    // Reads (and ACKs) responses until one holds cluster `name`.
+    let mut until_cluster = async |name: &str| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = tokio::time::timeout_at(deadline, responses.next())
+                .await
+                .unwrap_or_else(|_| panic!("cluster {name} in time"))
+                .expect("the stream is open")
+                .expect("a response");
+            requests
+                .send(DiscoveryRequest {
+                    version_info: response.version_info.clone(),
+                    type_url: response.type_url.clone(),
+                    response_nonce: response.nonce.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("ack");
+            let names: Vec<String> = response
+                .resources
+                .iter()
+                .map(|any| {
+                    use prost::Message;
+                    xds_api::envoy::config::cluster::v3::Cluster::decode(any.value.as_slice())
+                        .expect("cluster")
+                        .name
+                })
+                .collect();
+            if names.iter().any(|held| held == name) {
+                return;
+            }
+        }
+    };
+    until_cluster("first").await;
+
+    // New handshakes get a new certificate...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while served_serial(cp.xds, &bundle_pem).await == first_serial {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the serving certificate was not renewed in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ...and the stream opened before still gets updates.
+    cp.put("clusters", "second?group=g", &cluster("second"));
+    until_cluster("second").await;
+
+    tokio::task::spawn_blocking(move || drop(cp))
+        .await
+        .expect("stopped");
+}
+
 /// Rewrites an Envoy bootstrap from [`envoy_bootstrap`] so its ADS cluster speaks TLS to the
 /// control plane, verified against `bundle` with a SAN matcher on `identity`, and sends `token`.
 fn over_tls(bootstrap: &std::path::Path, bundle: &std::path::Path, identity: &str, token: &str) {
