@@ -23,6 +23,7 @@ use crate::store::redb_store::RedbStore;
 use crate::xds::XdsContext;
 use crate::xds::auth::XdsAuth;
 use crate::xds::certificates::CertificateSigner;
+use crate::xds::kube_auth::KubeAuth;
 use crate::xds::tls::{ServingIdentity, XdsTls};
 
 /// Where config is kept.
@@ -71,6 +72,9 @@ pub enum XdsAuthMode {
     None,
     /// A bootstrap token from `POST /v1/xds-tokens` in the `authorization` metadata.
     Token,
+    /// A projected ServiceAccount token (audience `remora`) in the `authorization` metadata,
+    /// checked by the API server's TokenReview (needs the Kubernetes source).
+    Kubernetes,
 }
 
 /// Mesh generation settings.
@@ -115,6 +119,15 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
     tokio::spawn(config.clone().follow_store());
     let registry = Arc::new(ProxyRegistry::default());
     let metrics = Arc::new(Metrics::default());
+    if options.xds_auth == XdsAuthMode::Kubernetes
+        && options
+            .mesh
+            .as_ref()
+            .is_none_or(|mesh| mesh.kubernetes.is_none())
+    {
+        bail!("--xds-auth kubernetes needs the Kubernetes source (--kubernetes)");
+    }
+    let mut kube_client = None;
     let mesh = match &options.mesh {
         None => None,
         Some(mesh_options) => {
@@ -132,10 +145,15 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
                     .await
                     .context("connecting to the Kubernetes API server")?;
                 tokio::spawn(crate::mesh::kubernetes::run(
-                    client,
+                    client.clone(),
                     mesh.clone(),
                     registry.clone(),
                 ));
+                tokio::spawn(crate::mesh::trust_bundle::publish(
+                    client.clone(),
+                    ca.bundle_pem().to_string(),
+                ));
+                kube_client = Some(client);
             }
             Some(mesh)
         }
@@ -162,9 +180,15 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
         .with_context(|| format!("binding the API on {}", options.api_addr))?;
     tracing::info!(xds = %options.xds_addr, api = %options.api_addr, "remora-cp serving");
 
-    let auth = match options.xds_auth {
-        XdsAuthMode::None => XdsAuth::Open,
-        XdsAuthMode::Token => XdsAuth::Tokens(config.clone()),
+    let auth = match (options.xds_auth, kube_client, &mesh) {
+        (XdsAuthMode::None, _, _) => XdsAuth::Open,
+        (XdsAuthMode::Token, _, _) => XdsAuth::Tokens(config.clone()),
+        (XdsAuthMode::Kubernetes, Some(client), Some(mesh)) => {
+            XdsAuth::Kubernetes(Arc::new(KubeAuth::new(client, mesh.clone())))
+        }
+        (XdsAuthMode::Kubernetes, _, _) => {
+            bail!("--xds-auth kubernetes needs the Kubernetes source (--kubernetes)")
+        }
     };
     let signer = CertificateSigner {
         ca: ca.clone(),

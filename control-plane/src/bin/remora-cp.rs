@@ -80,9 +80,11 @@ struct Args {
     /// Lifetime of workload certificates (e.g. 24h, 90m, 30s); renewed at half life.
     #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
     workload_cert_lifetime: Duration,
-    /// How xDS streams are authenticated: `none` (a stream gets what its node names), or
-    /// `token` (a bootstrap token from POST /v1/xds-tokens in the `authorization` metadata
-    /// decides its group and a sidecar's identity).
+    /// How xDS streams and certificate requests are authenticated: `none` (a stream gets
+    /// what its node names), `token` (a bootstrap token from POST /v1/xds-tokens in the
+    /// `authorization` metadata decides its group and a sidecar's identity), or `kubernetes`
+    /// (a projected service account token with audience `remora`, checked by TokenReview:
+    /// its service account is the identity, its pod decides the group; needs --kubernetes).
     #[arg(long, value_enum, default_value = "none")]
     xds_auth: XdsAuthMode,
     /// Serve the xDS port (ADS, and the certificate service) over TLS, with a certificate

@@ -406,6 +406,21 @@ impl MeshHub {
         }
     }
 
+    /// The group the injector gives the sidecar of pod `key` (its `app` label, else its
+    /// service account, else `default`; `injector/src/inject.rs`), if the mesh knows the pod.
+    pub fn injected_group(&self, key: &ObjectKey) -> Option<String> {
+        let state = lock(&self.state);
+        let workload = state.generator.inputs().workload(key)?;
+        let group = workload
+            .labels
+            .get("app")
+            .filter(|app| !app.is_empty())
+            .cloned()
+            .or_else(|| Some(workload.service_account.clone()).filter(|sa| !sa.is_empty()))
+            .unwrap_or_else(|| crate::mesh::identity::DEFAULT_SERVICE_ACCOUNT.to_string());
+        Some(group)
+    }
+
     /// The identity the mesh gives the sidecar with `node_id`, trusting the id (no xDS
     /// authentication): a connected sidecar's identity as last published, else that of the
     /// pod the id names (`POD.NAMESPACE`), with its service account when the mesh knows the

@@ -18,7 +18,9 @@ use tonic::Status;
 use xds_api::envoy::config::core::v3::Node;
 
 use crate::config::ConfigService;
+use crate::mesh::model::ObjectKey;
 use crate::mesh::sidecar::Sidecar;
+use crate::xds::kube_auth::{AUDIENCE, KubeAuth, ServiceAccountToken};
 
 /// Where token grants are kept among the store's private records: `xds-token/SHA256HEX`.
 pub const TOKEN_RECORD_PREFIX: &str = "xds-token/";
@@ -99,6 +101,9 @@ pub enum XdsAuth {
     Open,
     /// Streams must present a token issued through the config API.
     Tokens(Arc<ConfigService>),
+    /// Streams must present a projected ServiceAccount token (audience `remora`), checked by
+    /// the API server's TokenReview.
+    Kubernetes(Arc<KubeAuth>),
 }
 
 /// Who an authenticated stream or certificate request is.
@@ -106,13 +111,19 @@ pub enum XdsAuth {
 pub enum Caller {
     /// The grant of a bootstrap token.
     Token(Grant),
+    /// A Kubernetes service account; with a pod-bound token, its pod and that pod's group.
+    ServiceAccount {
+        account: ServiceAccountToken,
+        group: Option<String>,
+    },
 }
 
 impl Caller {
-    /// The group whose resources the caller may receive.
-    pub fn group(&self) -> &str {
+    /// The group whose resources the caller may receive; `None`: the node's own.
+    pub fn group(&self) -> Option<&str> {
         match self {
-            Caller::Token(grant) => &grant.group,
+            Caller::Token(grant) => Some(&grant.group),
+            Caller::ServiceAccount { group, .. } => group.as_deref(),
         }
     }
 
@@ -123,14 +134,34 @@ impl Caller {
                 .namespace
                 .as_deref()
                 .zip(grant.service_account.as_deref()),
+            Caller::ServiceAccount { account, .. } => {
+                Some((&account.namespace, &account.service_account))
+            }
         }
     }
 
-    /// Whether the caller may speak as node `node_id` (a bootstrap token is not bound to
-    /// one node).
-    pub fn check_node_id(&self, _node_id: &str) -> Result<(), Status> {
+    /// The pod a credential is bound to (a projected service account token).
+    pub fn pod(&self) -> Option<ObjectKey> {
         match self {
-            Caller::Token(_) => Ok(()),
+            Caller::Token(_) => None,
+            Caller::ServiceAccount { account, .. } => account
+                .pod
+                .as_ref()
+                .map(|pod| ObjectKey::new(&account.namespace, pod)),
+        }
+    }
+
+    /// Whether the caller may speak as node `node_id`: a pod-bound credential only as
+    /// `POD.NAMESPACE` of its pod (a bootstrap token is bound to no node).
+    pub fn check_node_id(&self, node_id: &str) -> Result<(), Status> {
+        match self.pod() {
+            Some(pod) if node_id != format!("{}.{}", pod.name, pod.namespace) => {
+                Err(Status::permission_denied(format!(
+                    "node {node_id:?} is not the pod the token is bound to ({}.{})",
+                    pod.name, pod.namespace
+                )))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -139,8 +170,18 @@ impl XdsAuth {
     /// Who the credential in `headers` is, `None` when authentication is off, or the status
     /// that ends the stream or request.
     pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Caller>, Status> {
-        let XdsAuth::Tokens(config) = self else {
-            return Ok(None);
+        let config = match self {
+            XdsAuth::Open => return Ok(None),
+            XdsAuth::Tokens(config) => config,
+            XdsAuth::Kubernetes(kube) => {
+                let token = bearer_token(headers).map_err(|problem| {
+                    Status::unauthenticated(format!(
+                        "{problem}: this xDS server requires a projected service account token with audience {AUDIENCE:?} in the initial metadata, 'authorization: Bearer TOKEN'"
+                    ))
+                })?;
+                let (account, group) = kube.authenticate(token).await?;
+                return Ok(Some(Caller::ServiceAccount { account, group }));
+            }
         };
         let token = bearer_token(headers).map_err(|problem| {
             Status::unauthenticated(format!(
@@ -181,18 +222,32 @@ pub fn authorize(
     sidecar: Option<&mut Sidecar>,
 ) -> Result<(), Status> {
     caller.check_node_id(&node.id)?;
-    let group = caller.group();
-    if !node.cluster.is_empty() && node.cluster != group {
-        return Err(Status::permission_denied(format!(
-            "node.cluster is {:?} but the credential is for group {group:?}",
-            node.cluster
-        )));
+    if let Some(group) = caller.group() {
+        if !node.cluster.is_empty() && node.cluster != group {
+            return Err(Status::permission_denied(format!(
+                "node.cluster is {:?} but the credential is for group {group:?}",
+                node.cluster
+            )));
+        }
+        node.cluster = group.to_string();
     }
-    node.cluster = group.to_string();
+    let group = node.cluster.clone();
     let Some(sidecar) = sidecar else {
         return Ok(());
     };
-    sidecar.group = group.to_string();
+    if let Some(pod) = caller.pod()
+        && sidecar.workload != pod
+    {
+        return Err(Status::permission_denied(format!(
+            "sidecar {} says it is pod {}/{} but the token is bound to pod {}/{}",
+            sidecar.node_id,
+            sidecar.workload.namespace,
+            sidecar.workload.name,
+            pod.namespace,
+            pod.name
+        )));
+    }
+    sidecar.group = group.clone();
     let Some((namespace, account)) = caller.workload() else {
         return Err(Status::permission_denied(format!(
             "mesh sidecar {} needs a credential with a workload identity (namespace and service account); this one is for group {group:?} only",

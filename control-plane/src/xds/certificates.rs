@@ -69,7 +69,7 @@ fn caller_identity(ca: &Ca, caller: &Caller, node_id: &str) -> Result<SpiffeId, 
         Some((namespace, account)) => Ok(ca.identity(namespace, account)),
         None => Err(Status::permission_denied(format!(
             "this credential is for group {:?} only and names no workload identity (namespace and service account): nothing to sign",
-            caller.group()
+            caller.group().unwrap_or_default()
         ))),
     }
 }

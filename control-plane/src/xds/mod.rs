@@ -16,6 +16,7 @@ pub mod auth;
 pub mod certificates;
 pub mod delta;
 pub mod frame;
+pub mod kube_auth;
 pub mod names;
 pub mod server;
 pub mod sotw;
