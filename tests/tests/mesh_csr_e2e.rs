@@ -5,7 +5,8 @@
 //! verified against the bundle of `GET /v1/ca/bundle` and the control plane's SPIFFE id
 //! (`REMORA_XDS_CA`, `REMORA_XDS_SAN`).
 //!
-//! - A → A's sidecar → mTLS (B requires it) → B's sidecar → B: the request passes.
+//! - A → A's sidecar → mTLS (B requires it) → B's sidecar → B: the request passes, and B's
+//!   sidecar counts the TLS handshake with a client certificate.
 //! - Each sidecar holds a certificate naming its token's identity whose serial is the one the
 //!   control plane signed for its certificate request, and the control plane never sent it
 //!   `remora-workload-cert` (its SDS subscription names only the trust bundle): the key was
@@ -23,7 +24,7 @@ use std::time::Duration;
 use remora_tests::echo::EchoServer;
 use remora_tests::mesh::{ControlPlane, SidecarSpec, pod_ip, start_sidecar};
 use remora_tests::netns::{listen_in, missing_prerequisite};
-use remora_tests::pods::{Node, PodNet, call, sidecar_admin, spawn_in_pod};
+use remora_tests::pods::{Node, PodNet, call, sidecar_admin, sidecar_stat, spawn_in_pod};
 use remora_tests::wait_for;
 use serde_json::{Value, json};
 
@@ -158,6 +159,16 @@ fn remora_sidecars_with_their_own_keys_talk_mtls_over_an_authenticated_tls_contr
         (status == 200).then_some(upstream)
     });
     assert_eq!(upstream, "b-1");
+    // Over mTLS: B's inbound listener took a handshake with A's certificate.
+    assert!(
+        sidecar_stat(&b, "listener.0.0.0.0_15006.ssl.handshake").unwrap_or(0) >= 1,
+        "B's sidecar took no TLS handshake"
+    );
+    assert_eq!(
+        sidecar_stat(&b, "listener.0.0.0.0_15006.ssl.no_certificate").unwrap_or(0),
+        0,
+        "A's sidecar presented its certificate"
+    );
 
     // Each sidecar serves the certificate signed for its own request, for its token's
     // identity; the control plane never sent it a workload certificate.
