@@ -323,6 +323,61 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_bound_service_account_pins_node_pod_and_group() {
+        let caller = |pod: Option<&str>, group: Option<&str>| Caller::ServiceAccount {
+            account: ServiceAccountToken {
+                namespace: "shop".into(),
+                service_account: "buyer".into(),
+                pod: pod.map(str::to_string),
+            },
+            group: group.map(str::to_string),
+        };
+        let bound = caller(Some("p"), Some("web"));
+        let mut node = Node {
+            id: "p.shop".into(),
+            ..Node::default()
+        };
+        let mut mesh = sidecar("shop");
+        authorize(&bound, &mut node, Some(&mut mesh)).expect("its own pod");
+        assert_eq!(mesh.group, "web");
+        assert_eq!(mesh.service_account.as_deref(), Some("buyer"));
+
+        // Another node id, or the right id with metadata naming another pod.
+        let mut other = Node {
+            id: "q.shop".into(),
+            ..Node::default()
+        };
+        let status = authorize(&bound, &mut other, None).expect_err("another node");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(status.message().contains("p.shop"), "{}", status.message());
+        let mut impostor = sidecar("shop");
+        impostor.workload = ObjectKey::new("shop", "q");
+        let status = authorize(
+            &bound,
+            &mut Node {
+                id: "p.shop".into(),
+                ..Node::default()
+            },
+            Some(&mut impostor),
+        )
+        .expect_err("metadata naming another pod");
+        assert!(status.message().contains("shop/q"), "{}", status.message());
+
+        // Unbound: the node keeps its group, within the account's namespace.
+        let unbound = caller(None, None);
+        let mut node = Node {
+            id: "p.shop".into(),
+            cluster: "anything".into(),
+            ..Node::default()
+        };
+        let mut mesh = sidecar("shop");
+        authorize(&unbound, &mut node, Some(&mut mesh)).expect("unbound");
+        assert_eq!(mesh.group, "anything");
+        authorize(&unbound, &mut Node::default(), Some(&mut sidecar("pay")))
+            .expect_err("another namespace");
+    }
+
+    #[test]
     fn grants_are_checked_and_tokens_are_stored_hashed() {
         let token = new_token().expect("token");
         assert_eq!(token.len(), 64);
