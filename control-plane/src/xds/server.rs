@@ -1,7 +1,8 @@
 //! The discovery services on one gRPC port: ADS and the five per-type services, each method
 //! (`Stream*` SotW, `Delta*` incremental) served by one task per stream
 //! ([`crate::xds::stream::drive`]), its requests and responses framed by hand
-//! ([`crate::xds::frame`]).
+//! ([`crate::xds::frame`]); beside them Remora's certificate service, and TLS when configured.
+//! A stream is authenticated before it starts (a Kubernetes token review is awaited there).
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -13,6 +14,7 @@ use tonic::Status;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
 use xds_api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use xds_api::remora::ca::v1::certificate_service_server::CertificateServiceServer;
 
 use crate::resource::Kind;
 use crate::xds::certificates::CertificateSigner;
@@ -22,7 +24,6 @@ use crate::xds::names::decode_request;
 use crate::xds::sotw::SotwStream;
 use crate::xds::stream::{XdsContext, drive};
 use crate::xds::tls::XdsTls;
-use xds_api::remora::ca::v1::certificate_service_server::CertificateServiceServer;
 
 /// Encoded responses buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 4;
