@@ -245,7 +245,65 @@ impl Ca {
     /// A new key and a certificate for `identity`, valid from `now` (less a little clock
     /// skew) for the workload lifetime.
     pub fn issue(&self, identity: &SpiffeId, now: SystemTime) -> anyhow::Result<IssuedCertificate> {
+        self.issue_with_dns_names(identity, &[], now)
+    }
+
+    /// [`Ca::issue`], naming `dns_names` besides the SPIFFE id: the control plane's own
+    /// serving certificate, which clients may check by DNS name or by identity.
+    pub fn issue_with_dns_names(
+        &self,
+        identity: &SpiffeId,
+        dns_names: &[String],
+        now: SystemTime,
+    ) -> anyhow::Result<IssuedCertificate> {
         let key = KeyPair::generate().context("generating a workload key")?;
+        let (params, not_before, not_after) = self.leaf_params(identity, dns_names, now)?;
+        let leaf = params
+            .signed_by(&key, &self.issuer, &self.issuer_key)
+            .with_context(|| format!("signing a certificate for {identity}"))?;
+        Ok(IssuedCertificate {
+            chain_pem: format!("{}{}", leaf.pem(), self.root_pem),
+            key_pem: key.serialize_pem(),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// A certificate for `identity` on the public key of the PKCS#10 request `csr_pem`, valid
+    /// as [`Ca::issue`]'s. The request's self-signature must verify (its sender holds the key);
+    /// the names and extensions it asks for are ignored: the identity is the caller's.
+    pub fn sign_request(
+        &self,
+        identity: &SpiffeId,
+        csr_pem: &str,
+        now: SystemTime,
+    ) -> Result<SignedRequest, CsrError> {
+        let public_key = requested_public_key(csr_pem)?;
+        let (params, _, not_after) = self
+            .leaf_params(identity, &[], now)
+            .map_err(|error| CsrError::Signing(format!("{error:#}")))?;
+        let leaf = params
+            .signed_by(&public_key, &self.issuer, &self.issuer_key)
+            .map_err(|error| CsrError::Signing(format!("signing for {identity}: {error}")))?;
+        let serial = x509_parser::parse_x509_certificate(leaf.der())
+            .map(|(_, parsed)| serial_hex(parsed.raw_serial()))
+            .map_err(|error| CsrError::Signing(format!("reading back the signed leaf: {error}")))?;
+        Ok(SignedRequest {
+            chain_pem: format!("{}{}", leaf.pem(), self.root_pem),
+            not_after,
+            serial,
+        })
+    }
+
+    /// What every leaf this CA signs says: the SPIFFE id (and `dns_names`) as SANs, usable
+    /// as client and server, valid for the workload lifetime. Also the validity it names,
+    /// in whole seconds as X.509 keeps it.
+    fn leaf_params(
+        &self,
+        identity: &SpiffeId,
+        dns_names: &[String],
+        now: SystemTime,
+    ) -> anyhow::Result<(CertificateParams, SystemTime, SystemTime)> {
         let uri = rcgen::Ia5String::try_from(identity.to_string())
             .with_context(|| format!("{identity} is not an IA5 string"))?;
         let mut params = CertificateParams::default();
@@ -254,6 +312,11 @@ impl Ca {
             .distinguished_name
             .push(DnType::OrganizationName, self.trust_domain.clone());
         params.subject_alt_names = vec![SanType::URI(uri)];
+        for name in dns_names {
+            let dns = rcgen::Ia5String::try_from(name.as_str())
+                .with_context(|| format!("DNS name {name:?} is not an IA5 string"))?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -268,17 +331,83 @@ impl Ca {
         let not_after = now + self.workload_lifetime;
         params.not_before = not_before.into();
         params.not_after = not_after.into();
-        let leaf = params
-            .signed_by(&key, &self.issuer, &self.issuer_key)
-            .with_context(|| format!("signing a certificate for {identity}"))?;
-        Ok(IssuedCertificate {
-            chain_pem: format!("{}{}", leaf.pem(), self.root_pem),
-            key_pem: key.serialize_pem(),
-            // What the certificate says (X.509 times have whole seconds).
-            not_before: truncate_to_seconds(not_before),
-            not_after: truncate_to_seconds(not_after),
-        })
+        Ok((
+            params,
+            truncate_to_seconds(not_before),
+            truncate_to_seconds(not_after),
+        ))
     }
+}
+
+/// A certificate signed for a certificate request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedRequest {
+    /// The leaf, then the root.
+    pub chain_pem: String,
+    pub not_after: SystemTime,
+    /// The leaf's serial number as Envoy's `/certs` prints it (lowercase hex, no leading
+    /// zero bytes), to tell which certificate a proxy serves.
+    pub serial: String,
+}
+
+/// A serial number in lowercase hex without the leading zero bytes DER may add.
+fn serial_hex(raw: &[u8]) -> String {
+    let significant = raw
+        .iter()
+        .position(|&byte| byte != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[significant..]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Why a certificate request was not signed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CsrError {
+    /// The request itself is wrong (the caller's fault): what is wrong with it.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Signing failed (ours).
+    #[error("{0}")]
+    Signing(String),
+}
+
+/// The public key of the PKCS#10 request in `csr_pem`, once its self-signature verifies.
+fn requested_public_key(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, CsrError> {
+    use x509_parser::prelude::FromDer;
+    let bad = |text: String| CsrError::BadRequest(text);
+    let block = pem::parse(csr_pem).map_err(|error| bad(format!("csr_pem is not PEM: {error}")))?;
+    if !matches!(
+        block.tag(),
+        "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"
+    ) {
+        return Err(bad(format!(
+            "csr_pem holds a {:?} PEM block, not a CERTIFICATE REQUEST",
+            block.tag()
+        )));
+    }
+    let (rest, request) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(block.contents())
+            .map_err(|error| {
+                bad(format!(
+                    "csr_pem is not a PKCS#10 certificate request: {error}"
+                ))
+            })?;
+    if !rest.is_empty() {
+        return Err(bad(
+            "csr_pem has bytes after the certificate request".to_string()
+        ));
+    }
+    request.verify_signature().map_err(|_| {
+        bad("the certificate request's signature does not verify with the key it carries (it must be signed by its own key)".to_string())
+    })?;
+    rcgen::SubjectPublicKeyInfo::from_der(request.certification_request_info.subject_pki.raw)
+        .map_err(|error| {
+            bad(format!(
+                "the certificate request's key is of a kind this CA does not sign (ECDSA P-256/P-384, Ed25519 or RSA): {error}"
+            ))
+        })
 }
 
 fn truncate_to_seconds(time: SystemTime) -> SystemTime {
@@ -424,6 +553,82 @@ mod tests {
         // The key is the leaf's.
         let key = KeyPair::from_pem(&issued.key_pem).expect("key");
         assert_eq!(leaf.public_key().raw, key.public_key_der().as_slice());
+    }
+
+    #[test]
+    fn a_certificate_request_is_signed_for_the_callers_identity_on_its_own_key() {
+        let ca = generated();
+        let key = KeyPair::generate().expect("key");
+        // The request asks for other names, among them another identity: ignored.
+        let mut asked = CertificateParams::new(vec!["admin.example".to_string()]).expect("params");
+        asked.subject_alt_names.push(SanType::URI(
+            rcgen::Ia5String::try_from("spiffe://cluster.local/ns/kube-system/sa/admin")
+                .expect("uri"),
+        ));
+        let csr = asked
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let signed = ca
+            .sign_request(&ca.identity("shop", "buyer"), &csr, now)
+            .expect("signed");
+        assert_eq!(
+            signed.not_after,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_003_600)
+        );
+        let chain = ders(&signed.chain_pem);
+        assert_eq!(chain.len(), 2, "leaf then root");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("leaf");
+        assert_eq!(leaf.public_key().raw, key.public_key_der().as_slice());
+        assert_eq!(signed.serial, serial_hex(leaf.raw_serial()));
+        assert!(!signed.serial.starts_with("00"));
+        let sans = leaf
+            .subject_alternative_name()
+            .expect("SAN extension")
+            .expect("present")
+            .value
+            .general_names
+            .clone();
+        assert_eq!(
+            sans,
+            vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/buyer")]
+        );
+        assert!(!leaf.is_ca());
+        let (_, root) = x509_parser::parse_x509_certificate(&chain[1]).expect("root");
+        leaf.verify_signature(Some(root.public_key()))
+            .expect("the root signed the leaf");
+    }
+
+    #[test]
+    fn bad_certificate_requests_are_refused_saying_why() {
+        let ca = generated();
+        let identity = ca.identity("shop", "buyer");
+        let now = SystemTime::now();
+        let refused = |csr: &str| match ca.sign_request(&identity, csr, now) {
+            Err(CsrError::BadRequest(message)) => message,
+            other => panic!("expected a bad request, got {other:?}"),
+        };
+        assert!(refused("hello").contains("not PEM"));
+        let issued = ca.issue(&identity, now).expect("issue");
+        assert!(refused(&issued.chain_pem).contains("not a CERTIFICATE REQUEST"));
+        let garbage = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", vec![1, 2, 3]));
+        assert!(refused(&garbage).contains("not a PKCS#10"));
+        // A request whose signature was made by another key than the one it carries.
+        let key = KeyPair::generate().expect("key");
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr");
+        let mut der = csr.der().to_vec();
+        let last = der.len() - 1;
+        der[last] ^= 0x55;
+        let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+        assert!(
+            refused(&tampered).contains("signature does not verify"),
+            "{}",
+            refused(&tampered)
+        );
     }
 
     #[test]

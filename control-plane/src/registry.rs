@@ -30,6 +30,26 @@ pub struct TypeStatus {
     pub acked_version: Option<String>,
     pub pending_nonce: Option<String>,
     pub last_nack: Option<NackRecord>,
+    /// For SDS only: the secret names the stream subscribed to (`*` for a wildcard); the
+    /// control plane sends no other secret on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_names: Option<Vec<String>>,
+}
+
+/// A certificate signed for a proxy's own key (`remora.ca.v1.CertificateService`), as the
+/// proxies table shows it beside the proxy's streams.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SignedCertificate {
+    pub spiffe_id: String,
+    /// Its serial number, as the proxy's `/certs` prints it.
+    pub serial: String,
+    /// RFC 3339, UTC.
+    pub signed_at: String,
+    /// RFC 3339, UTC.
+    pub not_after: String,
+    pub peer: Option<String>,
+    #[serde(skip)]
+    expires: SystemTime,
 }
 
 /// One connected stream, as listed by the API.
@@ -44,6 +64,10 @@ pub struct ProxyStatus {
     pub protocol: &'static str,
     /// Keyed by xDS short name (CDS, EDS, LDS, RDS, SDS).
     pub types: BTreeMap<&'static str, TypeStatus>,
+    /// The last certificate signed for this node's own key, while it is valid: the proxy
+    /// makes its key itself (CSR) rather than receiving one over SDS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_certificate: Option<SignedCertificate>,
 }
 
 /// Every open xDS stream.
@@ -51,6 +75,8 @@ pub struct ProxyStatus {
 pub struct ProxyRegistry {
     next_id: AtomicU64,
     streams: Mutex<BTreeMap<u64, ProxyStatus>>,
+    /// By node id: the last certificate signed for each node's own key.
+    signed: Mutex<BTreeMap<String, SignedCertificate>>,
 }
 
 impl ProxyRegistry {
@@ -69,6 +95,7 @@ impl ProxyRegistry {
             connected_since: rfc3339(SystemTime::now()),
             protocol,
             types: BTreeMap::new(),
+            signed_certificate: None,
         };
         self.lock().insert(stream_id, status);
         RegisteredStream {
@@ -84,7 +111,45 @@ impl ProxyRegistry {
     }
 
     pub fn list(&self) -> Vec<ProxyStatus> {
-        self.lock().values().cloned().collect()
+        let signed = self
+            .signed
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone();
+        let mut list: Vec<ProxyStatus> = self.lock().values().cloned().collect();
+        for proxy in &mut list {
+            proxy.signed_certificate = signed.get(&proxy.node_id).cloned();
+        }
+        list
+    }
+
+    /// Records that a certificate for `spiffe_id`, valid until `not_after`, was signed for
+    /// the key of node `node_id`; forgets records that have expired.
+    pub fn record_signed(
+        &self,
+        node_id: &str,
+        spiffe_id: &str,
+        serial: &str,
+        not_after: SystemTime,
+        peer: Option<SocketAddr>,
+    ) {
+        let now = SystemTime::now();
+        let mut signed = self
+            .signed
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        signed.retain(|_, record| record.expires > now);
+        signed.insert(
+            node_id.to_string(),
+            SignedCertificate {
+                spiffe_id: spiffe_id.to_string(),
+                serial: serial.to_string(),
+                signed_at: rfc3339(now),
+                not_after: rfc3339(not_after),
+                peer: peer.map(|addr| addr.to_string()),
+                expires: not_after,
+            },
+        );
     }
 
     pub fn len(&self) -> usize {

@@ -22,6 +22,9 @@ use crate::store::etcd_store::EtcdStore;
 use crate::store::redb_store::RedbStore;
 use crate::xds::XdsContext;
 use crate::xds::auth::XdsAuth;
+use crate::xds::certificates::CertificateSigner;
+use crate::xds::kube_auth::KubeAuth;
+use crate::xds::tls::{ServingIdentity, XdsTls};
 
 /// Where config is kept.
 #[derive(Clone, Debug)]
@@ -46,6 +49,19 @@ pub struct Options {
     pub ca: CaOptions,
     /// Whether xDS streams must present a bootstrap token.
     pub xds_auth: XdsAuthMode,
+    /// Serve the xDS port over TLS with a certificate from the mesh CA naming this identity
+    /// and these DNS names; `None`: plaintext.
+    pub xds_tls: Option<XdsTlsOptions>,
+}
+
+/// The control plane's own identity on its xDS port (`--xds-tls`).
+#[derive(Clone, Debug)]
+pub struct XdsTlsOptions {
+    /// The namespace and service account of its SPIFFE id.
+    pub namespace: String,
+    pub service_account: String,
+    /// DNS names proxies reach it by (e.g. `remora-cp.remora-system.svc`).
+    pub dns_names: Vec<String>,
 }
 
 /// How xDS streams are authenticated.
@@ -56,6 +72,9 @@ pub enum XdsAuthMode {
     None,
     /// A bootstrap token from `POST /v1/xds-tokens` in the `authorization` metadata.
     Token,
+    /// A projected ServiceAccount token (audience `remora`) in the `authorization` metadata,
+    /// checked by the API server's TokenReview (needs the Kubernetes source).
+    Kubernetes,
 }
 
 /// Mesh generation settings.
@@ -100,6 +119,15 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
     tokio::spawn(config.clone().follow_store());
     let registry = Arc::new(ProxyRegistry::default());
     let metrics = Arc::new(Metrics::default());
+    if options.xds_auth == XdsAuthMode::Kubernetes
+        && options
+            .mesh
+            .as_ref()
+            .is_none_or(|mesh| mesh.kubernetes.is_none())
+    {
+        bail!("--xds-auth kubernetes needs the Kubernetes source (--kubernetes)");
+    }
+    let mut kube_client = None;
     let mesh = match &options.mesh {
         None => None,
         Some(mesh_options) => {
@@ -117,15 +145,33 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
                     .await
                     .context("connecting to the Kubernetes API server")?;
                 tokio::spawn(crate::mesh::kubernetes::run(
-                    client,
+                    client.clone(),
                     mesh.clone(),
                     registry.clone(),
                 ));
+                tokio::spawn(crate::mesh::trust_bundle::publish(
+                    client.clone(),
+                    ca.bundle_pem().to_string(),
+                ));
+                kube_client = Some(client);
             }
             Some(mesh)
         }
     };
 
+    let xds_tls = match &options.xds_tls {
+        None => None,
+        Some(tls) => {
+            let serving = ServingIdentity {
+                identity: ca.identity(&tls.namespace, &tls.service_account),
+                dns_names: tls.dns_names.clone(),
+            };
+            tracing::info!(identity = %serving.identity, dns_names = ?serving.dns_names, "xDS over TLS");
+            let xds_tls = XdsTls::new(ca.clone(), serving).context("xDS over TLS")?;
+            tokio::spawn(xds_tls.clone().keep_renewed());
+            Some(xds_tls)
+        }
+    };
     let xds_listener = tokio::net::TcpListener::bind(options.xds_addr)
         .await
         .with_context(|| format!("binding xDS on {}", options.xds_addr))?;
@@ -134,18 +180,31 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
         .with_context(|| format!("binding the API on {}", options.api_addr))?;
     tracing::info!(xds = %options.xds_addr, api = %options.api_addr, "remora-cp serving");
 
+    let auth = match (options.xds_auth, kube_client, &mesh) {
+        (XdsAuthMode::None, _, _) => XdsAuth::Open,
+        (XdsAuthMode::Token, _, _) => XdsAuth::Tokens(config.clone()),
+        (XdsAuthMode::Kubernetes, Some(client), Some(mesh)) => {
+            XdsAuth::Kubernetes(Arc::new(KubeAuth::new(client, mesh.clone())))
+        }
+        (XdsAuthMode::Kubernetes, _, _) => {
+            bail!("--xds-auth kubernetes needs the Kubernetes source (--kubernetes)")
+        }
+    };
+    let signer = CertificateSigner {
+        ca: ca.clone(),
+        auth: auth.clone(),
+        mesh: mesh.clone(),
+        registry: registry.clone(),
+    };
     let xds = XdsContext {
         hub,
         mesh: mesh.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
-        auth: match options.xds_auth {
-            XdsAuthMode::None => XdsAuth::Open,
-            XdsAuthMode::Token => XdsAuth::Tokens(config.clone()),
-        },
+        auth,
     };
     let mut xds_shutdown = shutdown.clone();
-    let xds_task = tokio::spawn(xds.serve(xds_listener, async move {
+    let xds_task = tokio::spawn(xds.serve(xds_listener, xds_tls, Some(signer), async move {
         let _ = xds_shutdown.wait_for(|stop| *stop).await;
     }));
     let api = router(ApiState {

@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use remora_control_plane::ca::CaOptions;
 use remora_control_plane::mesh::translate::{MeshSettings, OutboundLayout};
-use remora_control_plane::server::{MeshOptions, Options, StoreChoice, XdsAuthMode, run};
+use remora_control_plane::server::{
+    MeshOptions, Options, StoreChoice, XdsAuthMode, XdsTlsOptions, run,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
@@ -78,11 +80,28 @@ struct Args {
     /// Lifetime of workload certificates (e.g. 24h, 90m, 30s); renewed at half life.
     #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
     workload_cert_lifetime: Duration,
-    /// How xDS streams are authenticated: `none` (a stream gets what its node names), or
-    /// `token` (a bootstrap token from POST /v1/xds-tokens in the `authorization` metadata
-    /// decides its group and a sidecar's identity).
+    /// How xDS streams and certificate requests are authenticated: `none` (a stream gets
+    /// what its node names), `token` (a bootstrap token from POST /v1/xds-tokens in the
+    /// `authorization` metadata decides its group and a sidecar's identity), or `kubernetes`
+    /// (a projected service account token with audience `remora`, checked by TokenReview:
+    /// its service account is the identity, its pod decides the group; needs --kubernetes).
     #[arg(long, value_enum, default_value = "none")]
     xds_auth: XdsAuthMode,
+    /// Serve the xDS port (ADS, and the certificate service) over TLS, with a certificate
+    /// the mesh CA issues to the control plane: its SPIFFE id
+    /// (spiffe://TRUST_DOMAIN/ns/--xds-tls-namespace/sa/--xds-tls-service-account) and each
+    /// --xds-tls-dns-name; renewed at half life. Proxies verify it with the trust bundle.
+    #[arg(long)]
+    xds_tls: bool,
+    /// A DNS name proxies reach the xDS port by, in its certificate (repeat for more).
+    #[arg(long = "xds-tls-dns-name", requires = "xds_tls")]
+    xds_tls_dns_names: Vec<String>,
+    /// The namespace of the control plane's own SPIFFE id.
+    #[arg(long, default_value = "remora-system", env = "POD_NAMESPACE")]
+    xds_tls_namespace: String,
+    /// The service account of the control plane's own SPIFFE id.
+    #[arg(long, default_value = "remora-cp")]
+    xds_tls_service_account: String,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -154,6 +173,11 @@ async fn main() -> std::process::ExitCode {
             root_files: args.ca_cert.clone().zip(args.ca_key.clone()),
         },
         xds_auth: args.xds_auth,
+        xds_tls: args.xds_tls.then(|| XdsTlsOptions {
+            namespace: args.xds_tls_namespace.clone(),
+            service_account: args.xds_tls_service_account.clone(),
+            dns_names: args.xds_tls_dns_names.clone(),
+        }),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -406,6 +406,47 @@ impl MeshHub {
         }
     }
 
+    /// The group the injector gives the sidecar of pod `key` (its `app` label, else its
+    /// service account, else `default`; `injector/src/inject.rs`), if the mesh knows the pod.
+    pub fn injected_group(&self, key: &ObjectKey) -> Option<String> {
+        let state = lock(&self.state);
+        let workload = state.generator.inputs().workload(key)?;
+        let group = workload
+            .labels
+            .get("app")
+            .filter(|app| !app.is_empty())
+            .cloned()
+            .or_else(|| Some(workload.service_account.clone()).filter(|sa| !sa.is_empty()))
+            .unwrap_or_else(|| crate::mesh::identity::DEFAULT_SERVICE_ACCOUNT.to_string());
+        Some(group)
+    }
+
+    /// The identity the mesh gives the sidecar with `node_id`, trusting the id (no xDS
+    /// authentication): a connected sidecar's identity as last published, else that of the
+    /// pod the id names (`POD.NAMESPACE`), with its service account when the mesh knows the
+    /// pod. `None` for an id that names no pod, or without a CA.
+    pub fn identity_of_node(&self, node_id: &str) -> Option<SpiffeId> {
+        let state = lock(&self.state);
+        let trust_domain = state.secrets.as_ref()?.trust_domain().to_string();
+        if let Some(identity) = state
+            .sidecars
+            .iter()
+            .find(|entry| entry.sidecar.node_id == node_id)
+            .and_then(|entry| entry.identity.clone())
+        {
+            return Some(identity);
+        }
+        let (pod, namespace) = node_id.rsplit_once('.')?;
+        if pod.is_empty() || namespace.is_empty() {
+            return None;
+        }
+        Some(crate::mesh::identity::workload_identity(
+            state.generator.inputs(),
+            &ObjectKey::new(namespace, pod),
+            &trust_domain,
+        ))
+    }
+
     /// The generated resources a sidecar would get now, for the API (`remoractl`-style
     /// inspection): name → resource per kind.
     pub fn sidecar_config(&self, sidecar: &Sidecar) -> [Arc<TypeMap>; 5] {

@@ -15,7 +15,8 @@
 //! - [`sidecar`]: which sidecar a connecting node is; [`identity`]: its SPIFFE identity and
 //!   the SDS secrets (workload certificate, trust bundle) that prove it;
 //! - [`kubernetes`]: the Kubernetes source; [`rest`]: the REST API for mesh objects;
-//!   [`stored`]: those objects as stored, and the updates they stand for;
+//!   [`stored`]: those objects as stored, and the updates they stand for; [`trust_bundle`]:
+//!   the trust bundle ConfigMap in injected namespaces;
 //! - [`names`]: names of generated resources.
 
 pub mod generate;
@@ -29,3 +30,4 @@ pub mod rest;
 pub mod sidecar;
 pub mod stored;
 pub mod translate;
+pub mod trust_bundle;

@@ -18,7 +18,9 @@ use tonic::Status;
 use xds_api::envoy::config::core::v3::Node;
 
 use crate::config::ConfigService;
+use crate::mesh::model::ObjectKey;
 use crate::mesh::sidecar::Sidecar;
+use crate::xds::kube_auth::{AUDIENCE, KubeAuth, ServiceAccountToken};
 
 /// Where token grants are kept among the store's private records: `xds-token/SHA256HEX`.
 pub const TOKEN_RECORD_PREFIX: &str = "xds-token/";
@@ -99,63 +101,157 @@ pub enum XdsAuth {
     Open,
     /// Streams must present a token issued through the config API.
     Tokens(Arc<ConfigService>),
+    /// Streams must present a projected ServiceAccount token (audience `remora`), checked by
+    /// the API server's TokenReview.
+    Kubernetes(Arc<KubeAuth>),
+}
+
+/// Who an authenticated stream or certificate request is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The grant of a bootstrap token.
+    Token(Grant),
+    /// A Kubernetes service account; with a pod-bound token, its pod and that pod's group.
+    ServiceAccount {
+        account: ServiceAccountToken,
+        group: Option<String>,
+    },
+}
+
+impl Caller {
+    /// The group whose resources the caller may receive; `None`: the node's own.
+    pub fn group(&self) -> Option<&str> {
+        match self {
+            Caller::Token(grant) => Some(&grant.group),
+            Caller::ServiceAccount { group, .. } => group.as_deref(),
+        }
+    }
+
+    /// The workload identity (namespace, service account) the credential proves, if any.
+    pub fn workload(&self) -> Option<(&str, &str)> {
+        match self {
+            Caller::Token(grant) => grant
+                .namespace
+                .as_deref()
+                .zip(grant.service_account.as_deref()),
+            Caller::ServiceAccount { account, .. } => {
+                Some((&account.namespace, &account.service_account))
+            }
+        }
+    }
+
+    /// The pod a credential is bound to (a projected service account token).
+    pub fn pod(&self) -> Option<ObjectKey> {
+        match self {
+            Caller::Token(_) => None,
+            Caller::ServiceAccount { account, .. } => account
+                .pod
+                .as_ref()
+                .map(|pod| ObjectKey::new(&account.namespace, pod)),
+        }
+    }
+
+    /// Whether the caller may speak as node `node_id`: a pod-bound credential only as
+    /// `POD.NAMESPACE` of its pod (a bootstrap token is bound to no node).
+    pub fn check_node_id(&self, node_id: &str) -> Result<(), Status> {
+        match self.pod() {
+            Some(pod) if node_id != format!("{}.{}", pod.name, pod.namespace) => {
+                Err(Status::permission_denied(format!(
+                    "node {node_id:?} is not the pod the token is bound to ({}.{})",
+                    pod.name, pod.namespace
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl XdsAuth {
-    /// The grant of the token in `headers`, `None` when authentication is off, or the status
-    /// that ends the stream.
-    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Grant>, Status> {
-        let XdsAuth::Tokens(config) = self else {
-            return Ok(None);
+    /// Who the credential in `headers` is, `None` when authentication is off, or the status
+    /// that ends the stream or request.
+    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Caller>, Status> {
+        let config = match self {
+            XdsAuth::Open => return Ok(None),
+            XdsAuth::Tokens(config) => config,
+            XdsAuth::Kubernetes(kube) => {
+                let token = bearer_token(headers).map_err(|problem| {
+                    Status::unauthenticated(format!(
+                        "{problem}: this xDS server requires a projected service account token with audience {AUDIENCE:?} in the initial metadata, 'authorization: Bearer TOKEN'"
+                    ))
+                })?;
+                let (account, group) = kube.authenticate(token).await?;
+                return Ok(Some(Caller::ServiceAccount { account, group }));
+            }
         };
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Err(Status::unauthenticated(
-                "this xDS server requires a bootstrap token: send 'authorization: Bearer TOKEN' in the stream's initial metadata (tokens come from POST /v1/xds-tokens)",
-            ));
-        };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|text| text.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization metadata is not 'Bearer TOKEN'")
-            })?;
+        let token = bearer_token(headers).map_err(|problem| {
+            Status::unauthenticated(format!(
+                "{problem}: this xDS server requires a bootstrap token in the initial metadata, 'authorization: Bearer TOKEN' (tokens come from POST /v1/xds-tokens)"
+            ))
+        })?;
         let state = config.current();
         let record = state
             .private
             .get(&record_name(token))
             .ok_or_else(|| Status::unauthenticated("unknown or revoked bootstrap token"))?;
         serde_json::from_slice(record)
-            .map(Some)
+            .map(|grant| Some(Caller::Token(grant)))
             .map_err(|_| Status::internal("the stored grant of this token is unreadable"))
     }
+}
+
+/// The token of `authorization: Bearer TOKEN`, or what is wrong with the header.
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, &'static str> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or("no authorization metadata")?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or("the authorization metadata is not 'Bearer TOKEN'")
 }
 
 /// Applies `grant` to the stream's node: the node's group becomes the grant's (a different
 /// group named by the node is refused); a sidecar must be in the grant's namespace and takes
 /// its service account.
 pub fn authorize(
-    grant: &Grant,
+    caller: &Caller,
     node: &mut Node,
     sidecar: Option<&mut Sidecar>,
 ) -> Result<(), Status> {
-    if !node.cluster.is_empty() && node.cluster != grant.group {
-        return Err(Status::permission_denied(format!(
-            "node.cluster is {:?} but the token is for group {:?}",
-            node.cluster, grant.group
-        )));
+    caller.check_node_id(&node.id)?;
+    if let Some(group) = caller.group() {
+        if !node.cluster.is_empty() && node.cluster != group {
+            return Err(Status::permission_denied(format!(
+                "node.cluster is {:?} but the credential is for group {group:?}",
+                node.cluster
+            )));
+        }
+        node.cluster = group.to_string();
     }
-    node.cluster = grant.group.clone();
+    let group = node.cluster.clone();
     let Some(sidecar) = sidecar else {
         return Ok(());
     };
-    sidecar.group = grant.group.clone();
-    let (Some(namespace), Some(account)) = (&grant.namespace, &grant.service_account) else {
+    if let Some(pod) = caller.pod()
+        && sidecar.workload != pod
+    {
         return Err(Status::permission_denied(format!(
-            "mesh sidecar {} needs a token with a workload identity (namespace and serviceAccount); this one is for group {:?} only",
-            sidecar.node_id, grant.group
+            "sidecar {} says it is pod {}/{} but the token is bound to pod {}/{}",
+            sidecar.node_id,
+            sidecar.workload.namespace,
+            sidecar.workload.name,
+            pod.namespace,
+            pod.name
+        )));
+    }
+    sidecar.group = group.clone();
+    let Some((namespace, account)) = caller.workload() else {
+        return Err(Status::permission_denied(format!(
+            "mesh sidecar {} needs a credential with a workload identity (namespace and service account); this one is for group {group:?} only",
+            sidecar.node_id
         )));
     };
     if sidecar.namespace() != namespace {
@@ -165,7 +261,7 @@ pub fn authorize(
             sidecar.namespace()
         )));
     }
-    sidecar.service_account = Some(account.clone());
+    sidecar.service_account = Some(account.to_string());
     Ok(())
 }
 
@@ -187,11 +283,11 @@ mod tests {
 
     #[test]
     fn the_grant_decides_group_and_identity() {
-        let grant = Grant {
+        let grant = Caller::Token(Grant {
             group: "web".into(),
             namespace: Some("shop".into()),
             service_account: Some("buyer".into()),
-        };
+        });
         let mut node = Node::default();
         let mut mesh = sidecar("shop");
         authorize(&grant, &mut node, Some(&mut mesh)).expect("allowed");
@@ -211,11 +307,11 @@ mod tests {
             .expect_err("other namespace");
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
 
-        let group_only = Grant {
+        let group_only = Caller::Token(Grant {
             group: "web".into(),
             namespace: None,
             service_account: None,
-        };
+        });
         authorize(&group_only, &mut Node::default(), None).expect("a plain proxy");
         let status = authorize(
             &group_only,
@@ -224,6 +320,61 @@ mod tests {
         )
         .expect_err("a sidecar needs an identity");
         assert!(status.message().contains("workload identity"));
+    }
+
+    #[test]
+    fn a_pod_bound_service_account_pins_node_pod_and_group() {
+        let caller = |pod: Option<&str>, group: Option<&str>| Caller::ServiceAccount {
+            account: ServiceAccountToken {
+                namespace: "shop".into(),
+                service_account: "buyer".into(),
+                pod: pod.map(str::to_string),
+            },
+            group: group.map(str::to_string),
+        };
+        let bound = caller(Some("p"), Some("web"));
+        let mut node = Node {
+            id: "p.shop".into(),
+            ..Node::default()
+        };
+        let mut mesh = sidecar("shop");
+        authorize(&bound, &mut node, Some(&mut mesh)).expect("its own pod");
+        assert_eq!(mesh.group, "web");
+        assert_eq!(mesh.service_account.as_deref(), Some("buyer"));
+
+        // Another node id, or the right id with metadata naming another pod.
+        let mut other = Node {
+            id: "q.shop".into(),
+            ..Node::default()
+        };
+        let status = authorize(&bound, &mut other, None).expect_err("another node");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(status.message().contains("p.shop"), "{}", status.message());
+        let mut impostor = sidecar("shop");
+        impostor.workload = ObjectKey::new("shop", "q");
+        let status = authorize(
+            &bound,
+            &mut Node {
+                id: "p.shop".into(),
+                ..Node::default()
+            },
+            Some(&mut impostor),
+        )
+        .expect_err("metadata naming another pod");
+        assert!(status.message().contains("shop/q"), "{}", status.message());
+
+        // Unbound: the node keeps its group, within the account's namespace.
+        let unbound = caller(None, None);
+        let mut node = Node {
+            id: "p.shop".into(),
+            cluster: "anything".into(),
+            ..Node::default()
+        };
+        let mut mesh = sidecar("shop");
+        authorize(&unbound, &mut node, Some(&mut mesh)).expect("unbound");
+        assert_eq!(mesh.group, "anything");
+        authorize(&unbound, &mut Node::default(), Some(&mut sidecar("pay")))
+            .expect_err("another namespace");
     }
 
     #[test]

@@ -266,6 +266,8 @@ impl StreamProtocol for DeltaStream {
             acked_version: state.acked_version.clone(),
             pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.clone()),
             last_nack: state.last_nack.clone(),
+            secret_names: (kind == Kind::Secret && state.requested)
+                .then(|| crate::xds::sotw::secret_names(state.wildcard, &state.names)),
         }
     }
 }

@@ -2,7 +2,8 @@
 //! ([`sotw`]) and incremental ([`delta`]) variants, sharing one stream driver ([`stream`]).
 //! Responses are framed by hand ([`frame`]); SotW request names stay encoded until needed and
 //! equal subscriptions share one name set ([`names`]).
-//! Streams report to the [`crate::registry`] of connected proxies.
+//! Streams report to the [`crate::registry`] of connected proxies. The same port serves
+//! Remora's certificate service ([`certificates`]), and TLS with `--xds-tls` ([`tls`]).
 //!
 //! Every stream runs in its own task and follows its group's snapshot channel, so a slow proxy
 //! only delays itself. Within a stream, types are pushed make-before-break: responses go out in
@@ -12,12 +13,15 @@
 //! wait until everything else is in sync.
 
 pub mod auth;
+pub mod certificates;
 pub mod delta;
 pub mod frame;
+pub mod kube_auth;
 pub mod names;
 pub mod server;
 pub mod sotw;
 pub mod stream;
+pub mod tls;
 
 pub use stream::XdsContext;
 

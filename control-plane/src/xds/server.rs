@@ -1,7 +1,8 @@
 //! The discovery services on one gRPC port: ADS and the five per-type services, each method
 //! (`Stream*` SotW, `Delta*` incremental) served by one task per stream
 //! ([`crate::xds::stream::drive`]), its requests and responses framed by hand
-//! ([`crate::xds::frame`]).
+//! ([`crate::xds::frame`]); beside them Remora's certificate service, and TLS when configured.
+//! A stream is authenticated before it starts (a Kubernetes token review is awaited there).
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -13,13 +14,16 @@ use tonic::Status;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
 use xds_api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use xds_api::remora::ca::v1::certificate_service_server::CertificateServiceServer;
 
 use crate::resource::Kind;
+use crate::xds::certificates::CertificateSigner;
 use crate::xds::delta::DeltaStream;
 use crate::xds::frame::{RequestStream, ResponseBody};
 use crate::xds::names::decode_request;
 use crate::xds::sotw::SotwStream;
 use crate::xds::stream::{XdsContext, drive};
+use crate::xds::tls::XdsTls;
 
 /// Encoded responses buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 4;
@@ -97,7 +101,9 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+    >;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -115,38 +121,40 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
             .extensions()
             .get::<TcpConnectInfo>()
             .and_then(|info| info.remote_addr());
-        let grant = match self.context.auth.authenticate(request.headers()) {
-            Ok(grant) => grant,
-            Err(status) => {
-                tracing::info!(?peer, %status, "xDS stream refused");
-                return std::future::ready(Ok(status.into_http()));
-            }
-        };
-        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
-        let body = request.into_body();
         let context = self.context.clone();
-        if method.starts_with("Stream") {
-            let requests = RequestStream::new(body, decode_request, MAX_REQUEST_BYTES);
-            let protocol = S::KIND
-                .map(SotwStream::single)
-                .unwrap_or_else(SotwStream::aggregated);
-            tokio::spawn(drive(context, peer, requests, sender, protocol, grant));
-        } else if method.starts_with("Delta") {
-            let requests = RequestStream::new(body, decode_delta_request, MAX_REQUEST_BYTES);
-            let protocol = S::KIND
-                .map(DeltaStream::single)
-                .unwrap_or_else(DeltaStream::aggregated);
-            tokio::spawn(drive(context, peer, requests, sender, protocol, grant));
-        } else {
-            let status =
-                Status::unimplemented(format!("{method} is not served; use the streaming methods"));
-            return std::future::ready(Ok(status.into_http()));
-        }
-        let response = http::Response::builder()
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .body(tonic::body::Body::new(ResponseBody::new(receiver)))
-            .unwrap_or_else(|_| Status::internal("cannot build the response").into_http());
-        std::future::ready(Ok(response))
+        Box::pin(async move {
+            let caller = match context.auth.authenticate(request.headers()).await {
+                Ok(caller) => caller,
+                Err(status) => {
+                    tracing::info!(?peer, %status, "xDS stream refused");
+                    return Ok(status.into_http());
+                }
+            };
+            let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+            let body = request.into_body();
+            if method.starts_with("Stream") {
+                let requests = RequestStream::new(body, decode_request, MAX_REQUEST_BYTES);
+                let protocol = S::KIND
+                    .map(SotwStream::single)
+                    .unwrap_or_else(SotwStream::aggregated);
+                tokio::spawn(drive(context, peer, requests, sender, protocol, caller));
+            } else if method.starts_with("Delta") {
+                let requests = RequestStream::new(body, decode_delta_request, MAX_REQUEST_BYTES);
+                let protocol = S::KIND
+                    .map(DeltaStream::single)
+                    .unwrap_or_else(DeltaStream::aggregated);
+                tokio::spawn(drive(context, peer, requests, sender, protocol, caller));
+            } else {
+                let status = Status::unimplemented(format!(
+                    "{method} is not served; use the streaming methods"
+                ));
+                return Ok(status.into_http());
+            }
+            Ok(http::Response::builder()
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .body(tonic::body::Body::new(ResponseBody::new(receiver)))
+                .unwrap_or_else(|_| Status::internal("cannot build the response").into_http()))
+        })
     }
 }
 
@@ -165,14 +173,16 @@ impl XdsContext {
         }
     }
 
-    /// Serves every discovery service on `listener` until `shutdown` resolves.
+    /// Serves every discovery service, and the certificate service when `signer` is given,
+    /// on `listener` (over TLS with `tls`) until `shutdown` resolves.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        tls: Option<XdsTls>,
+        signer: Option<CertificateSigner>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(self.service::<Aggregated>())
             .add_service(self.service::<Clusters>())
@@ -180,8 +190,20 @@ impl XdsContext {
             .add_service(self.service::<Listeners>())
             .add_service(self.service::<Routes>())
             .add_service(self.service::<Secrets>())
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
+            .add_optional_service(signer.map(CertificateServiceServer::new));
+        match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                    .await?
+            }
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await?
+            }
+        }
         Ok(())
     }
 }

@@ -281,8 +281,19 @@ impl StreamProtocol for SotwStream {
             acked_version: state.acked_version.clone(),
             pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.clone()),
             last_nack: state.last_nack.clone(),
+            secret_names: (kind == Kind::Secret && state.requested)
+                .then(|| secret_names(state.subscription.wildcard, &state.subscription.names)),
         }
     }
+}
+
+/// The SDS subscription as the registry shows it: `*` for a wildcard, then the names.
+pub(crate) fn secret_names(wildcard: bool, names: &BTreeSet<String>) -> Vec<String> {
+    wildcard
+        .then(|| "*".to_string())
+        .into_iter()
+        .chain(names.iter().cloned())
+        .collect()
 }
 
 impl crate::xds::TypeSchedule for SotwStream {

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus};
 use crate::resource::Kind;
 use crate::snapshot::{Snapshot, SnapshotHub};
-use crate::xds::auth::{Grant, XdsAuth, authorize};
+use crate::xds::auth::{Caller, XdsAuth, authorize};
 use crate::xds::frame::{Frame, RequestStream};
 
 /// What every stream needs.
@@ -58,7 +58,7 @@ pub trait StreamProtocol: Send + 'static {
     fn status(&self, kind: Kind) -> TypeStatus;
 }
 
-/// Runs one stream until the client goes away. `grant` is what its credential allows (with
+/// Runs one stream until the client goes away. `caller` is who its credential proves (with
 /// authenticated xDS): it decides the stream's group and a sidecar's identity.
 pub async fn drive<P: StreamProtocol>(
     context: XdsContext,
@@ -66,7 +66,7 @@ pub async fn drive<P: StreamProtocol>(
     mut requests: RequestStream<P::Request>,
     responses: mpsc::Sender<Result<Frame, Status>>,
     protocol: P,
-    grant: Option<Grant>,
+    caller: Option<Caller>,
 ) {
     // The node is only guaranteed on the first request.
     let first = match requests.next().await {
@@ -75,8 +75,8 @@ pub async fn drive<P: StreamProtocol>(
     };
     let mut node = P::node(&first).cloned().unwrap_or_default();
     let mut sidecar = Sidecar::from_node(&node);
-    if let Some(grant) = &grant
-        && let Err(status) = authorize(grant, &mut node, sidecar.as_mut())
+    if let Some(caller) = &caller
+        && let Err(status) = authorize(caller, &mut node, sidecar.as_mut())
     {
         tracing::info!(node = %node.id, %status, "xDS stream refused");
         let _ = responses.send(Err(status)).await;
