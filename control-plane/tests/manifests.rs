@@ -1,6 +1,7 @@
 //! What the control plane ships for Kubernetes stays true to the code: `deploy/trafficpolicy-crd.yaml`
 //! is exactly `remora-cp manifests`, and the ClusterRole in `deploy/remora.yaml` grants exactly
-//! the permissions the Kubernetes source declares it uses (`mesh::kubernetes::ACCESS`) — no
+//! the permissions it declares it uses with `--kubernetes` (the `ACCESS` lists of the Kubernetes
+//! source, of `--xds-auth kubernetes` and of the trust bundle ConfigMaps) — no
 //! fewer, so it works (the mesh end-to-end test runs it with that role), and no more.
 
 use std::collections::BTreeSet;
@@ -67,6 +68,8 @@ fn the_cluster_role_grants_exactly_what_the_kubernetes_source_uses() {
     }
     let used: BTreeSet<(String, String, String)> = ACCESS
         .iter()
+        .chain(remora_control_plane::xds::kube_auth::ACCESS)
+        .chain(remora_control_plane::mesh::trust_bundle::ACCESS)
         .flat_map(|(group, resource, verbs)| {
             verbs
                 .iter()

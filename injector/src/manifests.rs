@@ -144,14 +144,17 @@ pub fn objects(config: &ManifestConfig, ca_bundle_pem: Option<&[u8]>) -> Vec<Val
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": {"name": "remora-cp", "labels": cp_labels},
-            // Exactly what the control plane's Kubernetes source uses (its `ACCESS`; the mesh
-            // end-to-end test runs it with this role): watchers list and watch, and it writes
-            // TrafficPolicy status.
+            // Exactly what the control plane uses with `--kubernetes` (the `ACCESS` lists of its
+            // Kubernetes source, of `--xds-auth kubernetes` and of the trust bundle ConfigMaps;
+            // the mesh end-to-end test runs it with this role): watchers list and watch, it
+            // writes TrafficPolicy status, reviews sidecars' tokens and publishes the bundle.
             "rules": [
                 {"apiGroups": [""], "resources": ["namespaces", "services", "pods"], "verbs": ["list", "watch"]},
                 {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
                 {"apiGroups": ["remora.io"], "resources": ["trafficpolicies"], "verbs": ["list", "watch"]},
-                {"apiGroups": ["remora.io"], "resources": ["trafficpolicies/status"], "verbs": ["patch"]}
+                {"apiGroups": ["remora.io"], "resources": ["trafficpolicies/status"], "verbs": ["patch"]},
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]}
             ]
         }),
         json!({
