@@ -96,6 +96,37 @@ fn workload_files(dir: &Path, ca: &Ca) -> (String, (String, String), (String, St
     )
 }
 
+/// The same files, issued by the control plane's mesh CA (`remora-cp`'s own code): what
+/// sidecars of a Remora mesh present.
+fn mesh_ca_workload_files(dir: &Path) -> (String, (String, String), (String, String)) {
+    use remora_control_plane::ca::{CaOptions, SpiffeId};
+    let trust_domain = TRUST_DOMAIN.trim_start_matches("spiffe://");
+    let (root, root_key) =
+        remora_control_plane::ca::generate_root(trust_domain).expect("mesh CA root");
+    let options = CaOptions {
+        trust_domain: trust_domain.to_string(),
+        ..CaOptions::default()
+    };
+    let ca = remora_control_plane::ca::Ca::from_pem(&root, &root_key, &options).expect("CA");
+    let files = |namespace: &str, account: &str| {
+        let issued = ca
+            .issue(
+                &SpiffeId::new(trust_domain, namespace, account),
+                std::time::SystemTime::now(),
+            )
+            .expect("issue");
+        (
+            write(dir, &format!("{account}.pem"), &issued.chain_pem),
+            write(dir, &format!("{account}.key"), &issued.key_pem),
+        )
+    };
+    (
+        write(dir, "ca.pem", &root),
+        files("backend", "server"),
+        files("frontend", "client"),
+    )
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
@@ -191,6 +222,9 @@ impl Running {
     }
 
     /// `/certs`, its contexts in a fixed order (the two proxies list them in their own).
+    /// `days_until_expiration` is checked against the expiration time and left out: a mesh
+    /// certificate lives a whole number of days, so a second's difference between two reads
+    /// moves it by one.
     fn certs(&self) -> Vec<serde_json::Value> {
         let (status, _, body) = http_get(self.admin(), "/certs").expect("admin");
         assert_eq!(status, 200, "{body}");
@@ -198,6 +232,27 @@ impl Running {
             .as_array()
             .cloned()
             .unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        for context in &mut contexts {
+            for list in ["ca_cert", "cert_chain"] {
+                for certificate in context[list].as_array_mut().into_iter().flatten() {
+                    let days: i64 = certificate["days_until_expiration"]
+                        .as_str()
+                        .and_then(|d| d.parse().ok())
+                        .expect("days_until_expiration");
+                    let expires = certificate["expiration_time"].as_str().expect("time");
+                    let expires: jiff::Timestamp = expires.parse().expect("RFC 3339");
+                    let left = (expires.as_second() - now) / 86_400;
+                    assert!((days - left).abs() <= 1, "{days} days, {left} by the clock");
+                    if let Some(fields) = certificate.as_object_mut() {
+                        fields.remove("days_until_expiration");
+                    }
+                }
+            }
+        }
         contexts.sort_by_key(|c| c.to_string());
         contexts
     }
@@ -226,8 +281,7 @@ fn spiffe_mtls_between_remora_and_envoy_in_both_directions() {
         return;
     }
     let dir = tempfile::tempdir().expect("dir");
-    let ca = Ca::new();
-    let (ca_path, server_leaf, client_leaf) = workload_files(dir.path(), &ca);
+    let (ca_path, server_leaf, client_leaf) = mesh_ca_workload_files(dir.path());
     let app = EchoServer::start("app", "127.0.0.1");
     let log_path = dir.path().join("inbound.log");
     // `/certs` of each role, by proxy: the same bootstrap shows the same certificates.
@@ -265,7 +319,7 @@ fn spiffe_mtls_between_remora_and_envoy_in_both_directions() {
             server_yaml.replacen(
                 "          stat_prefix: inbound\n",
                 &format!(
-                    "          stat_prefix: inbound\n          access_log: [{{name: file, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{}\", log_format: {{text_format_source: {{inline_string: \"%DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_PEER_DNS_SAN% %DOWNSTREAM_PEER_SERIAL%\\n\"}}}}}}}}]\n",
+                    "          stat_prefix: inbound\n          access_log: [{{name: file, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{}\", log_format: {{text_format_source: {{inline_string: \"%DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_PEER_DNS_SAN% %DOWNSTREAM_PEER_SERIAL% %DOWNSTREAM_PEER_ISSUER%\\n\"}}}}}}}}]\n",
                     log_path.display()
                 ),
                 1,
@@ -363,8 +417,40 @@ fn spiffe_mtls_between_remora_and_envoy_in_both_directions() {
             .ok()
             .filter(|log| log.lines().count() >= 2)
     });
+    // The serial as OpenSSL prints it (lowercase hex, no leading zero byte) and the issuer
+    // the way RFC 2253 writes the mesh CA's subject.
+    let client_der =
+        rustls_pemfile::certs(&mut std::fs::read(&client_leaf.0).expect("pem").as_slice())
+            .next()
+            .expect("a certificate")
+            .expect("pem");
+    let (_, client) = x509_parser::parse_x509_certificate(&client_der).expect("x509");
+    let serial: String = client
+        .raw_serial()
+        .iter()
+        .skip_while(|byte| **byte == 0)
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let issuer = client.issuer().to_string();
     for line in log.lines() {
-        assert_eq!(line, format!("{TRUST_DOMAIN}/ns/frontend/sa/client - 02"));
+        let fields: Vec<&str> = line.splitn(4, ' ').collect();
+        assert_eq!(
+            fields[..3],
+            [
+                &format!("{TRUST_DOMAIN}/ns/frontend/sa/client"),
+                "-",
+                serial.as_str()
+            ],
+            "{line}"
+        );
+        // x509-parser prints "O=a, CN=b" in order; RFC 2253 reverses it and drops the spaces.
+        let reversed: Vec<&str> = issuer
+            .split(", ")
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        assert_eq!(fields[3], reversed.join(","), "{line}");
     }
 }
 
