@@ -331,8 +331,9 @@ def report(results: dict, info: list, argv: list[str], started: float, args) -> 
              f"{args.repeat} rounds. Kept-alive: through the client's HTTP listener (pooled "
              "upstream mTLS connections). Handshakes: `Connection: close` through the client's "
              "tcp_proxy listener, so each request is a new mTLS handshake between the sidecars "
-             "(counted on the server sidecar's `ssl.handshake`). Defaults otherwise: Envoy as a "
-             "TLS client negotiates TLS 1.2, rustls 1.3. CPU is both sidecars' together. Each "
+             "(counted on the server sidecar's `ssl.handshake`). Defaults otherwise: both clients "
+             "negotiate TLS 1.2 (Envoy's client default, which Remora follows) and resume "
+             "sessions. CPU is both sidecars' together. Each "
              "figure is the median over rounds, each ratio the median of per-round ratios.", "",
              *[f"- {k}: {v}" for k, v in info],
              f"- run time: {time.monotonic() - started:.0f}s", "",

@@ -261,7 +261,7 @@ pub fn downstream(socket: &core_pb::TransportSocket, path: &str) -> ConfigResult
     let Some(common) = common_tls_context else {
         return err(cpath, "required");
     };
-    let common = common_tls(&common, &cpath)?;
+    let common = common_tls(&common, &cpath, Side::Server)?;
     if common.certificates.len() != 1 {
         return err(
             field(&cpath, "tls_certificates"),
@@ -302,7 +302,11 @@ pub fn upstream(socket: &core_pb::TransportSocket, path: &str) -> ConfigResult<U
         enforce_rsa_key_usage,
     );
     let cpath = field(&path, "common_tls_context");
-    let common = common_tls(&common_tls_context.unwrap_or_default(), &cpath)?;
+    let common = common_tls(
+        &common_tls_context.unwrap_or_default(),
+        &cpath,
+        Side::Client,
+    )?;
     if common.certificates.len() > 1 {
         return err(
             field(&cpath, "tls_certificates"),
@@ -325,7 +329,18 @@ pub fn upstream(socket: &core_pb::TransportSocket, path: &str) -> ConfigResult<U
     })
 }
 
-fn common_tls(common: &tls_pb::CommonTlsContext, path: &str) -> ConfigResult<CommonTls> {
+/// Which end of the handshake a context is: their `TLS_AUTO` maximum versions differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Server,
+    Client,
+}
+
+fn common_tls(
+    common: &tls_pb::CommonTlsContext,
+    path: &str,
+    side: Side,
+) -> ConfigResult<CommonTls> {
     let tls_pb::CommonTlsContext {
         tls_params,
         tls_certificates,
@@ -334,8 +349,8 @@ fn common_tls(common: &tls_pb::CommonTlsContext, path: &str) -> ConfigResult<Com
         validation_context_type,
     } = common;
     let (min_version, max_version) = match tls_params {
-        Some(params) => versions(params, &field(path, "tls_params"))?,
-        None => (TlsVersion::V1_2, TlsVersion::V1_3),
+        Some(params) => versions(params, &field(path, "tls_params"), side)?,
+        None => versions(&Default::default(), "", side)?,
     };
     if !tls_certificates.is_empty() && !tls_certificate_sds_secret_configs.is_empty() {
         return err(
@@ -586,9 +601,15 @@ fn san_matcher(typed: &tls_pb::SubjectAltNameMatcher, path: &str) -> ConfigResul
     })
 }
 
-/// The TLS versions `tls_params` allow. Envoy's defaults (TLS_AUTO) are 1.2 to 1.3 on both
-/// sides, which is all rustls speaks; asking for 1.0 or 1.1 is an error, not a silent 1.2.
-fn versions(params: &tls_pb::TlsParameters, path: &str) -> ConfigResult<(TlsVersion, TlsVersion)> {
+/// The TLS versions `tls_params` allow. Envoy's defaults (TLS_AUTO): at least 1.2 on both
+/// sides; at most 1.3 as a server and 1.2 as a client (so sidecars resume sessions without a
+/// new key exchange, as TLS 1.2 tickets allow). Asking for 1.0 or 1.1 is an error, not a
+/// silent 1.2: rustls speaks 1.2 and 1.3 only.
+fn versions(
+    params: &tls_pb::TlsParameters,
+    path: &str,
+    side: Side,
+) -> ConfigResult<(TlsVersion, TlsVersion)> {
     use tls_pb::tls_parameters::TlsProtocol as P;
     let tls_pb::TlsParameters {
         tls_minimum_protocol_version,
@@ -614,10 +635,15 @@ fn versions(params: &tls_pb::TlsParameters, path: &str) -> ConfigResult<(TlsVers
         "tls_minimum_protocol_version",
         TlsVersion::V1_2,
     )?;
+    // A client's automatic maximum never falls below a minimum set above it.
+    let auto_max = match side {
+        Side::Server => TlsVersion::V1_3,
+        Side::Client => TlsVersion::V1_2.max(min),
+    };
     let max = version(
         *tls_maximum_protocol_version,
         "tls_maximum_protocol_version",
-        TlsVersion::V1_3,
+        auto_max,
     )?;
     if min > max {
         return err(
@@ -640,11 +666,16 @@ mod tests {
             tls_maximum_protocol_version: max as i32,
             ..Default::default()
         };
-        let get = |min, max| versions(&params(min, max), "c.tls_params");
+        let get = |min, max| versions(&params(min, max), "c.tls_params", Side::Server);
+        let client = |min, max| versions(&params(min, max), "c.tls_params", Side::Client);
         use TlsVersion::*;
         assert_eq!(get(P::TlsAuto, P::TlsAuto).unwrap(), (V1_2, V1_3));
         assert_eq!(get(P::TlSv13, P::TlsAuto).unwrap(), (V1_3, V1_3));
         assert_eq!(get(P::TlsAuto, P::TlSv12).unwrap(), (V1_2, V1_2));
+        // A client's TLS_AUTO maximum is 1.2, as Envoy's, unless the minimum is above it.
+        assert_eq!(client(P::TlsAuto, P::TlsAuto).unwrap(), (V1_2, V1_2));
+        assert_eq!(client(P::TlsAuto, P::TlSv13).unwrap(), (V1_2, V1_3));
+        assert_eq!(client(P::TlSv13, P::TlsAuto).unwrap(), (V1_3, V1_3));
         let error = get(P::TlSv10, P::TlsAuto).unwrap_err();
         assert_eq!(error.path, "c.tls_params.tls_minimum_protocol_version");
         let error = get(P::TlSv13, P::TlSv12).unwrap_err();

@@ -798,9 +798,10 @@ static_resources:
 }
 
 /// Sidecar to sidecar, a new connection each time (tcp_proxy on the client side): the server
-/// sidecar resumes the client's sessions, whichever proxy the client is (Remora resumes with
-/// TLS 1.3 tickets, Envoy with TLS 1.2 ones), and `max_session_keys: 0` makes every handshake
-/// a full one, as in Envoy.
+/// sidecar resumes the client's sessions, whichever proxy the client is and whichever version
+/// it speaks (TLS 1.2 by default as a client, as Envoy; TLS 1.3 when asked, whose tickets
+/// serve one handshake each), and `max_session_keys: 0` makes every handshake a full one, as
+/// in Envoy.
 #[test]
 fn mtls_sessions_resume_between_sidecars_unless_turned_off() {
     if !envoy::available_or_skip("session resumption with an Envoy client") {
@@ -830,7 +831,14 @@ fn mtls_sessions_resume_between_sidecars_unless_turned_off() {
     let server_stat =
         |name: &str| server.stat(&format!("listener.127.0.0.1_{server_port}.ssl.{name}"));
     let identity = uri_matcher("exact", &format!("{TRUST_DOMAIN}/ns/backend/sa/server"));
-    for (client_is_remora, resume) in [(true, true), (true, false), (false, true)] {
+    let cases = [
+        // (client is Remora, resume, TLS 1.3 asked for)
+        (true, true, false),
+        (true, true, true),
+        (true, false, true),
+        (false, true, false),
+    ];
+    for (client_is_remora, resume, tls13) in cases {
         let (client_admin, client_admin_yaml) = admin_block();
         let client_port = free_port();
         let mut cluster = mtls_cluster(
@@ -844,6 +852,13 @@ fn mtls_sessions_resume_between_sidecars_unless_turned_off() {
             cluster = cluster.replacen(
                 "        sni: server.mesh.test\n",
                 "        sni: server.mesh.test\n        max_session_keys: 0\n",
+                1,
+            );
+        }
+        if tls13 {
+            cluster = cluster.replacen(
+                "        common_tls_context:\n",
+                "        common_tls_context:\n          tls_params: {tls_maximum_protocol_version: TLSv1_3}\n",
                 1,
             );
         }
@@ -865,14 +880,14 @@ fn mtls_sessions_resume_between_sidecars_unless_turned_off() {
             server_stat("handshake") - handshakes,
             server_stat("session_reused") - resumed,
         );
-        let client = name(client_is_remora);
+        let client = format!("{} (TLS 1.3 asked: {tls13})", name(client_is_remora));
         assert!(handshakes >= 20, "{client}: {handshakes} handshakes");
         if resume {
             assert!(resumed >= 18, "{client}: {resumed} of {handshakes} resumed");
         } else {
             assert_eq!(resumed, 0, "{client} with max_session_keys: 0");
         }
-        if client_is_remora && resume {
+        if client_is_remora && resume && tls13 {
             // Many connections at once, as a busy pool opens them: each takes a ticket of its
             // own, so a client needs more than the eight rustls keeps by default. The first
             // wave finds only the tickets the sequential requests left (about 20); it brings

@@ -315,7 +315,8 @@ fn tls_settings_reach_the_model() {
     assert!(tls.common.certificates.is_empty() && tls.common.validation.is_none());
     assert_eq!(
         (tls.common.min_version, tls.common.max_version),
-        (TlsVersion::V1_2, TlsVersion::V1_3)
+        (TlsVersion::V1_2, TlsVersion::V1_2),
+        "a client speaks TLS 1.2 at most unless told otherwise, as Envoy's"
     );
     let tls = accepted_all(&[(CLUSTER, UPSTREAM), (CLUSTER, &context("{sni: \"\", common_tls_context: {tls_params: {tls_maximum_protocol_version: TLSv1_2}}}"))])
         .clusters[0]
