@@ -33,9 +33,27 @@ fn err<T>(path: impl Into<String>, reason: impl Into<String>) -> ConfigResult<T>
     Err(ConfigError::new(path, reason))
 }
 
+/// ring's suites, AES-128 before AES-256 as BoringSSL (Envoy) orders them: the SHA-384 of the
+/// AES-256 suites' key schedule was a tenth of a resumed handshake's CPU.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: std::sync::LazyLock<Arc<rustls::crypto::CryptoProvider>> =
-        std::sync::LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+        std::sync::LazyLock::new(|| {
+            use rustls::crypto::ring::cipher_suite as suite;
+            Arc::new(rustls::crypto::CryptoProvider {
+                cipher_suites: vec![
+                    suite::TLS13_AES_128_GCM_SHA256,
+                    suite::TLS13_AES_256_GCM_SHA384,
+                    suite::TLS13_CHACHA20_POLY1305_SHA256,
+                    suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                    suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                    suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                    suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                    suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                    suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+                ],
+                ..rustls::crypto::ring::default_provider()
+            })
+        });
     PROVIDER.clone()
 }
 
