@@ -197,17 +197,18 @@ async fn service_account_tokens_name_the_identity_and_their_pod_decides_the_grou
     let default_audience = token(&cluster, &[]);
 
     // Signed for the token's service account, once the control plane knows the pod.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let spiffe_id = loop {
-        match sign(&cp, "a-1.shop", Some(&bound)).await {
-            Ok(spiffe_id) => break spiffe_id,
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                assert!(tokio::time::Instant::now() < deadline, "{status:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let spiffe_id = remora_tests::wait_for_async(
+        "the control plane to know pod a-1",
+        Duration::from_secs(30),
+        || async {
+            match sign(&cp, "a-1.shop", Some(&bound)).await {
+                Ok(spiffe_id) => Some(spiffe_id),
+                Err(status) if status.code() == tonic::Code::Unavailable => None,
+                Err(status) => panic!("refused: {status:?}"),
             }
-            Err(status) => panic!("refused: {status:?}"),
-        }
-    };
+        },
+    )
+    .await;
     assert_eq!(spiffe_id, "spiffe://cluster.local/ns/shop/sa/buyer");
     let refused = sign(&cp, "b-1.shop", Some(&bound))
         .await

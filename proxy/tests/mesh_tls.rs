@@ -643,7 +643,13 @@ fn file_sds_rotation_under_load_fails_no_request() {
             Duration::from_secs(10),
             || (tls_request(addr, &client)? == (200, serial)).then_some(()),
         );
-        std::thread::sleep(Duration::from_secs(1)); // pacing of the rotation, not a sync
+        // The next rotation once the load has run through this certificate for a while.
+        let served = ok.load(Ordering::Relaxed);
+        wait_for(
+            "load on the new certificate",
+            Duration::from_secs(10),
+            || (ok.load(Ordering::Relaxed) >= served + 300).then_some(()),
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for thread in load {
