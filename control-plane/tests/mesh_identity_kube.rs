@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use prost::Message;
-use remora_tests::kube::{self, KubeCluster, NODE_NAME};
+use remora_tests::kube::{self, NODE_NAME};
 use remora_tests::{free_port, wait_for};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -26,45 +26,6 @@ use xds_api::envoy::service::discovery::v3::aggregated_discovery_service_client:
 use xds_api::type_urls;
 
 const NAMESPACE: &str = "shop";
-
-/// A pod of `app` running as `service_account`, Ready at `ip` (written as a kubelet would).
-fn run_pod(cluster: &KubeCluster, name: &str, app: &str, service_account: &str, ip: Ipv4Addr) {
-    cluster.apply(
-        &json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": app}},
-            "spec": {
-                "nodeName": NODE_NAME,
-                "serviceAccountName": service_account,
-                "containers": [{"name": "app", "image": "example.invalid/echo:1",
-                                "ports": [{"name": "http", "containerPort": 8080}]}]
-            }
-        })
-        .to_string(),
-    );
-    cluster.kubectl_ok(&[
-        "patch",
-        "pod",
-        name,
-        "-n",
-        NAMESPACE,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &json!({"status": {
-            "phase": "Running",
-            "podIP": ip.to_string(),
-            "podIPs": [{"ip": ip.to_string()}],
-            "hostIP": kube::NODE_ADDRESS.to_string(),
-            "conditions": [
-                {"type": "Initialized", "status": "True"},
-                {"type": "ContainersReady", "status": "True"},
-                {"type": "Ready", "status": "True"}
-            ]
-        }})
-        .to_string(),
-    ]);
-}
 
 /// The URI SAN matchers of cluster `name` in sidecar `pod`'s generated config, as
 /// `kind:value`.
@@ -209,8 +170,14 @@ fn sidecars_get_their_pods_service_account_and_clusters_check_the_peers() {
         r#"{"spec": {"service": "b", "mtls": {"mode": "Strict"}}}"#,
     );
     assert_eq!(status, 200, "{body}");
-    run_pod(&cluster, "a-1", "a", "buyer", Ipv4Addr::new(198, 18, 1, 1));
-    run_pod(&cluster, "b-1", "b", "seller", Ipv4Addr::new(198, 18, 2, 1));
+    cluster.run_pod(NAMESPACE, "a-1", "a", "buyer", Ipv4Addr::new(198, 18, 1, 1));
+    cluster.run_pod(
+        NAMESPACE,
+        "b-1",
+        "b",
+        "seller",
+        Ipv4Addr::new(198, 18, 2, 1),
+    );
 
     let cluster_b = "b.shop.svc.cluster.local:80";
     wait_for(
@@ -233,8 +200,8 @@ fn sidecars_get_their_pods_service_account_and_clusters_check_the_peers() {
     );
 
     // A pod of b with another account joins: both are accepted.
-    run_pod(
-        &cluster,
+    cluster.run_pod(
+        NAMESPACE,
         "b-2",
         "b",
         "seller-batch",

@@ -501,6 +501,53 @@ impl KubeCluster {
         ip
     }
 
+    /// A pod of `app` (label `app`) running as `service_account` on the node, Running and
+    /// Ready at `ip`: created, then its status written as a kubelet writes it.
+    pub fn run_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        app: &str,
+        service_account: &str,
+        ip: Ipv4Addr,
+    ) {
+        self.apply(
+            &serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
+                "spec": {
+                    "nodeName": NODE_NAME,
+                    "serviceAccountName": service_account,
+                    "containers": [{"name": "app", "image": "example.invalid/echo:1",
+                                    "ports": [{"name": "http", "containerPort": 8080}]}]
+                }
+            })
+            .to_string(),
+        );
+        self.kubectl_ok(&[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &serde_json::json!({"status": {
+                "phase": "Running",
+                "podIP": ip.to_string(),
+                "podIPs": [{"ip": ip.to_string()}],
+                "hostIP": NODE_ADDRESS.to_string(),
+                "conditions": [
+                    {"type": "Initialized", "status": "True"},
+                    {"type": "ContainersReady", "status": "True"},
+                    {"type": "Ready", "status": "True"}
+                ]
+            }})
+            .to_string(),
+        ]);
+    }
+
     /// Calls `probe` with the cluster until it returns `Some`; panics with the components' logs
     /// after `timeout`.
     pub fn wait_until<T>(

@@ -11,7 +11,6 @@
 //!
 //! Needs root, iproute2, iptables, util-linux and the Kubernetes binaries.
 
-use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,40 +29,6 @@ const CP_IDENTITY: &str = "spiffe://cluster.local/ns/remora-system/sa/remora-cp"
 
 fn apply(cluster: &KubeCluster, object: Value) {
     cluster.apply(&object.to_string());
-}
-
-/// A pod of `app` as `account`, Running and Ready at `ip` (status written as a kubelet does).
-fn run_pod(cluster: &KubeCluster, name: &str, app: &str, account: &str, ip: Ipv4Addr) {
-    apply(
-        cluster,
-        json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": app}},
-               "spec": {"nodeName": NODE_NAME, "serviceAccountName": account,
-                        "containers": [{"name": "app", "image": "example.invalid/echo:1",
-                                        "ports": [{"name": "http", "containerPort": 8080}]}]}}),
-    );
-    cluster.kubectl_ok(&[
-        "patch",
-        "pod",
-        name,
-        "-n",
-        NAMESPACE,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &json!({"status": {
-            "phase": "Running",
-            "podIP": ip.to_string(),
-            "podIPs": [{"ip": ip.to_string()}],
-            "hostIP": kube::NODE_ADDRESS.to_string(),
-            "conditions": [
-                {"type": "Initialized", "status": "True"},
-                {"type": "ContainersReady", "status": "True"},
-                {"type": "Ready", "status": "True"}
-            ]
-        }})
-        .to_string(),
-    ]);
 }
 
 /// Writes `text` to `dir/name`, readable by the sidecar's user.
@@ -207,10 +172,10 @@ fn kubernetes_sidecars_with_projected_tokens_and_their_own_keys_talk_mtls() {
         readable_file(files.path(), &format!("{pod}.token"), token.trim())
     };
 
-    run_pod(&cluster, "b-1", "b", "seller", pod_ip(2, 1));
+    cluster.run_pod(NAMESPACE, "b-1", "b", "seller", pod_ip(2, 1));
     let b = node.add_pod("b-1", pod_ip(2, 1));
     let _echo = EchoServer::start_on("b-1", listen_in(&b.netns, "0.0.0.0:8080".parse().unwrap()));
-    run_pod(&cluster, "a-1", "web", "buyer", pod_ip(1, 1));
+    cluster.run_pod(NAMESPACE, "a-1", "web", "buyer", pod_ip(1, 1));
     let a = node.add_pod("a-1", pod_ip(1, 1));
     // B's sidecar names a group of its own choosing in its node: the pod's ("b") is what
     // counts, and naming another is refused, so it names none.
