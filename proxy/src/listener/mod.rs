@@ -631,13 +631,10 @@ async fn serve_connection(
             let mut info = info;
             info.transport_protocol = "tls";
             info.tls_terminated = true;
-            info.peer_certificate = stream
-                .get_ref()
-                .1
+            info.peer_certificate = session
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|leaf| PeerCertificate::parse(leaf))
-                .map(Arc::new);
+                .map(|leaf| Arc::new(PeerCertificate::lazy(leaf.clone())));
             dispatch(built, stream, info, watch).await;
         }
         None => dispatch(built, stream, info, watch).await,

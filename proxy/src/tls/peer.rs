@@ -1,15 +1,26 @@
-//! What a TLS peer's certificate says about it, read once after the handshake: its subject
-//! alternative names by type, subject, serial and validity. SAN matchers, RBAC's
-//! `authenticated` principal, access-log operators (`%DOWNSTREAM_PEER_URI_SAN%`, ...) and
-//! `/certs` all read this one parse.
+//! What a TLS peer's certificate says about it: its subject alternative names by type,
+//! subject, serial and validity. SAN matchers, RBAC's `authenticated` principal, access-log
+//! operators (`%DOWNSTREAM_PEER_URI_SAN%`, ...) and `/certs` all read this one parse. A
+//! downstream connection's certificate is parsed when something first asks (most connections
+//! are never asked: a resumed handshake skips the verifier, and a chain without RBAC or peer
+//! log fields reads nothing), not in the accept path.
 
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
+use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Name};
 
-/// The names and facts of one certificate.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One certificate, and its names and facts once read.
+#[derive(Debug)]
 pub struct PeerCertificate {
+    der: CertificateDer<'static>,
+    facts: OnceLock<Facts>,
+}
+
+/// What [`PeerCertificate`]'s accessors return, read from the DER.
+#[derive(Debug, Default)]
+struct Facts {
     subject: String,
     issuer: String,
     uri_sans: Vec<String>,
@@ -22,16 +33,77 @@ pub struct PeerCertificate {
 }
 
 impl PeerCertificate {
-    /// Reads a DER certificate; `None` if it is not one.
+    /// Reads a DER certificate now; `None` if it is not one.
     pub fn parse(der: &[u8]) -> Option<PeerCertificate> {
+        let facts = Facts::read(der)?;
+        Some(PeerCertificate {
+            der: CertificateDer::from(der.to_vec()),
+            facts: OnceLock::from(facts),
+        })
+    }
+
+    /// Keeps a certificate rustls has already checked, to read when first asked. (One that
+    /// does not parse reads as having no names.)
+    pub fn lazy(der: CertificateDer<'static>) -> PeerCertificate {
+        PeerCertificate {
+            der,
+            facts: OnceLock::new(),
+        }
+    }
+
+    fn facts(&self) -> &Facts {
+        self.facts
+            .get_or_init(|| Facts::read(&self.der).unwrap_or_default())
+    }
+
+    /// The subject as RFC 2253 prints it (last RDN first), as Envoy prints it.
+    pub fn subject(&self) -> &str {
+        &self.facts().subject
+    }
+
+    /// The issuer, printed as the subject is.
+    pub fn issuer(&self) -> &str {
+        &self.facts().issuer
+    }
+
+    pub fn uri_sans(&self) -> &[String] {
+        &self.facts().uri_sans
+    }
+
+    pub fn dns_sans(&self) -> &[String] {
+        &self.facts().dns_sans
+    }
+
+    /// IP SANs in their text form (`10.0.0.1`, `::1`).
+    pub fn ip_sans(&self) -> &[String] {
+        &self.facts().ip_sans
+    }
+
+    pub fn email_sans(&self) -> &[String] {
+        &self.facts().email_sans
+    }
+
+    /// The serial number in lowercase hex, as Envoy prints it.
+    pub fn serial(&self) -> &str {
+        &self.facts().serial
+    }
+
+    /// Validity start and end, in seconds since the Unix epoch.
+    pub fn validity(&self) -> (i64, i64) {
+        (self.facts().not_before, self.facts().not_after)
+    }
+}
+
+impl Facts {
+    fn read(der: &[u8]) -> Option<Facts> {
         let (_, certificate) = X509Certificate::from_der(der).ok()?;
-        let mut peer = PeerCertificate {
+        let mut peer = Facts {
             subject: rfc2253(certificate.subject()),
             issuer: rfc2253(certificate.issuer()),
             serial: serial_hex(certificate.raw_serial()),
             not_before: certificate.validity().not_before.timestamp(),
             not_after: certificate.validity().not_after.timestamp(),
-            ..PeerCertificate::default()
+            ..Facts::default()
         };
         if let Ok(Some(names)) = certificate.subject_alternative_name() {
             for name in &names.value.general_names {
@@ -49,43 +121,6 @@ impl PeerCertificate {
             }
         }
         Some(peer)
-    }
-
-    /// The subject as RFC 2253 prints it (last RDN first), as Envoy prints it.
-    pub fn subject(&self) -> &str {
-        &self.subject
-    }
-
-    /// The issuer, printed as the subject is.
-    pub fn issuer(&self) -> &str {
-        &self.issuer
-    }
-
-    pub fn uri_sans(&self) -> &[String] {
-        &self.uri_sans
-    }
-
-    pub fn dns_sans(&self) -> &[String] {
-        &self.dns_sans
-    }
-
-    /// IP SANs in their text form (`10.0.0.1`, `::1`).
-    pub fn ip_sans(&self) -> &[String] {
-        &self.ip_sans
-    }
-
-    pub fn email_sans(&self) -> &[String] {
-        &self.email_sans
-    }
-
-    /// The serial number in lowercase hex, as Envoy prints it.
-    pub fn serial(&self) -> &str {
-        &self.serial
-    }
-
-    /// Validity start and end, in seconds since the Unix epoch.
-    pub fn validity(&self) -> (i64, i64) {
-        (self.not_before, self.not_after)
     }
 }
 
@@ -195,6 +230,11 @@ mod tests {
         assert_eq!(peer.serial(), "0abc");
         let (start, end) = peer.validity();
         assert!(start < end);
-        assert_eq!(PeerCertificate::parse(b"not a certificate"), None);
+        assert!(PeerCertificate::parse(b"not a certificate").is_none());
+        let lazy = PeerCertificate::lazy(certificate.der().clone());
+        assert_eq!(lazy.uri_sans(), peer.uri_sans());
+        assert_eq!(lazy.subject(), peer.subject());
+        let garbage = PeerCertificate::lazy(CertificateDer::from(b"not a certificate".to_vec()));
+        assert!(garbage.uri_sans().is_empty());
     }
 }

@@ -82,14 +82,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUFFER];
+    // Read into spare capacity: a zeroed 64 KiB per direction cost a memset per connection.
+    let mut buf = Vec::with_capacity(BUFFER);
     loop {
-        let n = reader.read(&mut buf).await?;
+        buf.clear();
+        let n = reader.read_buf(&mut buf).await?;
         if n == 0 {
             let _ = writer.shutdown().await;
             return Ok(());
         }
-        writer.write_all(&buf[..n]).await?;
+        writer.write_all(&buf).await?;
         moved(n);
     }
 }
