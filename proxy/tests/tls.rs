@@ -199,3 +199,58 @@ fn websocket_tunnel_crosses_a_tls_hop() {
         },
     );
 }
+
+/// `tcp_proxy` to a TLS cluster: what the client sends at once goes out with the handshake's
+/// last flight (read before the handshake). Nothing is lost or counted twice whichever way the
+/// first bytes went: the upgrade head, the bytes behind it and a megabyte arrive whole, a
+/// half-close passes, and both byte counters hold exactly what the client sent.
+#[test]
+fn tcp_proxy_to_a_tls_cluster_sends_early_bytes_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = pki(dir.path());
+    let upstream = upgrade_greeting_echo_upstream(b"upstream-first");
+    let (admin_b, admin_b_yaml) = admin_block();
+    let port_b = free_port();
+    let listener_b = format!(
+        "  - name: tls_in\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port_b}}}}}\n    filter_chains:\n{}",
+        tls_chain("backend", "backend.local", &pki.backend, "ws")
+            .replace("      filter_chain_match: {server_names: [\"backend.local\"], transport_protocol: tls}\n", "")
+            .replace(
+                "          use_remote_address: true\n",
+                "          use_remote_address: true\n          upgrade_configs: [{upgrade_type: websocket}]\n",
+            ),
+    );
+    let yaml_b = bootstrap(
+        &admin_b_yaml,
+        &[listener_b],
+        &[static_cluster("ws", &[upstream])],
+    );
+    let _proxy_b = Proxy::start(&yaml_b, admin_b, &[]);
+
+    let (admin_a, admin_a_yaml) = admin_block();
+    let port_a = free_port();
+    let yaml_a = bootstrap(
+        &admin_a_yaml,
+        &[tcp_listener("l4", port_a, "to_backend", "")],
+        &[tls_cluster(
+            "to_backend",
+            loopback(port_b),
+            "backend.local",
+            &pki.ca,
+        )],
+    );
+    let proxy_a = Proxy::start(&yaml_a, admin_a, &[]);
+    let expected: u64 = [100_000, 0, 1_000_000]
+        .into_iter()
+        .map(|bulk| UPGRADE_HEAD.len() as u64 + tunnel_round_trip(loopback(port_a), bulk))
+        .sum();
+    remora_tests::wait_for(
+        "byte counters on the client side",
+        std::time::Duration::from_secs(30),
+        || {
+            let rx = proxy_a.stat("tcp.l4.downstream_cx_rx_bytes_total");
+            let tx = proxy_a.stat("cluster.to_backend.upstream_cx_tx_bytes_total");
+            (rx == expected && tx == expected).then_some(())
+        },
+    );
+}

@@ -13,7 +13,8 @@ use crate::drain::{Phase, Watch};
 use crate::filter_chain::ConnectionInfo;
 use crate::stats::TcpStats;
 use crate::store::Store;
-use crate::tunnel::{self, Activity, Direction};
+use crate::tunnel::{self, Activity, Direction, UpstreamEnd};
+use crate::upstream::connect::EarlyBytes;
 use crate::upstream::{LbContext, Outcome};
 
 /// A `tcp_proxy` filter built from its config.
@@ -50,6 +51,7 @@ pub async fn serve<D>(
 ) where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut downstream = downstream;
     let stats = &proxy.stats;
     let config = &proxy.config;
     stats.downstream_cx_total.inc();
@@ -66,6 +68,7 @@ pub async fn serve<D>(
         ..LbContext::default()
     };
     let mut upstream = None;
+    let mut early = EarlyBytes::new(&mut downstream);
     for _ in 0..config.max_connect_attempts {
         let Some(host) = cluster.choose(&context) else {
             cluster.stats.upstream_cx_none_healthy.inc();
@@ -77,7 +80,7 @@ pub async fn serve<D>(
         };
         match cluster
             .connector
-            .connect(host.addr, &host.state, slot)
+            .connect_sending(host.addr, &host.state, slot, Some(&mut early))
             .await
         {
             Ok(io) => {
@@ -95,6 +98,12 @@ pub async fn serve<D>(
         return;
     };
     let activity = Activity::default();
+    let sent_early = early.bytes().len() as u64;
+    if sent_early > 0 {
+        stats.downstream_cx_rx_bytes_total.add(sent_early);
+        upstream.count_sent(sent_early);
+        activity.touch();
+    }
     let transfer = tunnel::both_ways(downstream, upstream, |direction, n| {
         match direction {
             Direction::ToUpstream => stats.downstream_cx_rx_bytes_total.add(n as u64),

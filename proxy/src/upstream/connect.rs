@@ -122,6 +122,20 @@ impl Connector {
         host: &Arc<HostState>,
         slot: LimitSlot,
     ) -> Result<UpstreamIo, ConnectError> {
+        self.connect_sending(addr, host, slot, None).await
+    }
+
+    /// As [`Connector::connect`]; over TLS, what `early`'s downstream has already sent when
+    /// TCP is up goes to the session before the handshake, so rustls sends it right behind
+    /// the client's last handshake flight, in the same write (sparing both sides a round of
+    /// reads and wakeups per connection). Nothing is sent before the server is verified.
+    pub async fn connect_sending(
+        &self,
+        addr: SocketAddr,
+        host: &Arc<HostState>,
+        slot: LimitSlot,
+        early: Option<&mut EarlyBytes<'_>>,
+    ) -> Result<UpstreamIo, ConnectError> {
         let counted = Counted::new(&self.stats, host, slot);
         let failed = |reason: String| {
             self.stats.upstream_cx_connect_fail.inc();
@@ -147,9 +161,17 @@ impl Connector {
                     .clone()
                     .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
                 let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let first: &[u8] = match early {
+                    Some(early) => early.read_ready().await,
+                    None => &[],
+                };
+                let handshake = connector.connect_with(name, tcp, |session| {
+                    // Buffered until the handshake is done; less than rustls's default
+                    // limit (64 KiB), so all of it is taken.
+                    let _ = std::io::Write::write(&mut session.writer(), first);
+                });
                 // The handshake shares the connect timeout, as Envoy's transport socket does.
-                match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await
-                {
+                match tokio::time::timeout(self.connect_timeout, handshake).await {
                     Ok(Ok(stream)) => {
                         tls.stats.handshake.inc();
                         if stream.get_ref().1.handshake_kind()
@@ -199,6 +221,48 @@ impl Connector {
             stream,
             counted: None,
         })
+    }
+}
+
+/// The most [`EarlyBytes`] reads.
+const EARLY_MAX: usize = 16 * 1024;
+
+/// What a `tcp_proxy` downstream has sent by the time its upstream's TCP connect is done, read
+/// without waiting, once; later calls give the same bytes. Once the connection is up the caller
+/// counts them as sent and reads the downstream on from where this stopped.
+pub struct EarlyBytes<'a> {
+    downstream: &'a mut (dyn AsyncRead + Unpin + Send),
+    bytes: Vec<u8>,
+    read: bool,
+}
+
+impl<'a> EarlyBytes<'a> {
+    pub fn new(downstream: &'a mut (dyn AsyncRead + Unpin + Send)) -> Self {
+        EarlyBytes {
+            downstream,
+            bytes: Vec::new(),
+            read: false,
+        }
+    }
+
+    /// The bytes read (none before [`EarlyBytes::read_ready`]).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    async fn read_ready(&mut self) -> &[u8] {
+        if !self.read {
+            self.read = true;
+            self.bytes.reserve_exact(EARLY_MAX);
+            let mut read = std::pin::pin!(tokio::io::AsyncReadExt::read_buf(
+                &mut self.downstream,
+                &mut self.bytes
+            ));
+            // One poll: nothing there yet (or an end or error, which the tunnel's own read
+            // meets again) means nothing to send early.
+            let _ = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        }
+        &self.bytes
     }
 }
 
