@@ -11,6 +11,8 @@
 //!   control plane signed for its certificate request, and the control plane never sent it
 //!   `remora-workload-cert` (its SDS subscription names only the trust bundle): the key was
 //!   made in the sidecar.
+//! - The control plane signed no workload certificate of its own for them: it issues one only
+//!   when a stream subscribes to `remora-workload-cert`.
 //! - An ADS stream with no token or a bad one is refused with `UNAUTHENTICATED` over the same
 //!   TLS port, and the sidecar says so in its log.
 //!
@@ -206,6 +208,14 @@ fn remora_sidecars_with_their_own_keys_talk_mtls_over_an_authenticated_tls_contr
             "{node_id} asked SDS for {subscribed:?}"
         );
     }
+
+    // Nor did it make a key and certificate for their identities that no one would get.
+    let log = cp.process.log();
+    assert!(
+        log.contains("signed a certificate request")
+            && !log.contains("issued a workload certificate"),
+        "the control plane issued an SDS certificate no sidecar asked for:\n{log}"
+    );
 
     // Without a token, or with a bad one, the same TLS port refuses the stream.
     for (pod, token) in [("c-1", None), ("d-1", Some("not-a-token"))] {
