@@ -21,7 +21,7 @@ use crate::store::ConfigStore;
 use crate::store::etcd_store::EtcdStore;
 use crate::store::redb_store::RedbStore;
 use crate::xds::XdsContext;
-use crate::xds::auth::XdsAuth;
+use crate::xds::auth::{TokenAuth, XdsAuth};
 use crate::xds::certificates::CertificateSigner;
 use crate::xds::kube_auth::KubeAuth;
 use crate::xds::tls::{ServingIdentity, XdsTls};
@@ -182,7 +182,11 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
 
     let auth = match (options.xds_auth, kube_client, &mesh) {
         (XdsAuthMode::None, _, _) => XdsAuth::Open,
-        (XdsAuthMode::Token, _, _) => XdsAuth::Tokens(config.clone()),
+        (XdsAuthMode::Token, _, _) => {
+            let tokens = TokenAuth::new(config.clone());
+            tokio::spawn(tokens.clone().follow_revocations());
+            XdsAuth::Tokens(tokens)
+        }
         (XdsAuthMode::Kubernetes, Some(client), Some(mesh)) => {
             XdsAuth::Kubernetes(Arc::new(KubeAuth::new(client, mesh.clone())))
         }

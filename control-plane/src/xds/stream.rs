@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus};
 use crate::resource::Kind;
 use crate::snapshot::{Snapshot, SnapshotHub};
-use crate::xds::auth::{Caller, XdsAuth, authorize};
+use crate::xds::auth::{Caller, Revocation, XdsAuth, authorize};
 use crate::xds::frame::{Frame, RequestStream};
 
 /// What every stream needs.
@@ -85,9 +85,13 @@ pub async fn drive<P: StreamProtocol>(
         let _ = responses.send(Err(status)).await;
         return;
     }
+    // Revoking the credential ends the stream.
+    let revocation = caller
+        .as_ref()
+        .and_then(|caller| context.auth.follow(caller));
     let span = tracing::debug_span!("xds", node = %node.id);
     serve::<P>(
-        context, peer, requests, responses, protocol, first, node, sidecar,
+        context, peer, requests, responses, protocol, first, node, sidecar, revocation,
     )
     .instrument(span)
     .await
@@ -104,6 +108,7 @@ async fn serve<P: StreamProtocol>(
     first: P::Request,
     node: Node,
     sidecar: Option<Sidecar>,
+    mut revocation: Option<Revocation>,
 ) {
     let registration = context.registry.register(&node, peer, P::NAME);
     tracing::info!(node = %node.id, group = %node.cluster, protocol = P::NAME, "xDS stream opened");
@@ -166,7 +171,20 @@ async fn serve<P: StreamProtocol>(
                 }
                 snapshot = snapshots.borrow_and_update().clone();
             }
+            status = revoked(&mut revocation) => {
+                tracing::info!(node = %node.id, %status, "xDS stream closed: its credential was revoked");
+                let _ = responses.send(Err(status)).await;
+                return;
+            }
         }
+    }
+}
+
+/// The status to end the stream with once its credential is revoked; never, without one.
+async fn revoked(revocation: &mut Option<Revocation>) -> Status {
+    match revocation {
+        Some(revocation) => revocation.revoked().await,
+        None => std::future::pending().await,
     }
 }
 
