@@ -15,6 +15,12 @@
 //! keeps the open streams of each token); the proxy's reconnect is then refused, naming the
 //! revocation while this process remembers it. Certificate requests are single calls, checked
 //! when made.
+//!
+//! With `--xds-tls-client-auth`, a client certificate of the mesh CA is a credential too, in any
+//! mode: a caller with no bearer token whose certificate names
+//! `spiffe://TD/ns/NAMESPACE/sa/SERVICE_ACCOUNT` is that service account, with the rules of a
+//! Kubernetes token bound to no pod (the node keeps its group; a sidecar must be in that
+//! namespace and gets that identity). A bearer token, when sent, decides instead.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,10 +32,12 @@ use tokio::sync::oneshot;
 use tonic::Status;
 use xds_api::envoy::config::core::v3::Node;
 
+use crate::ca::SpiffeId;
 use crate::config::ConfigService;
 use crate::mesh::model::ObjectKey;
 use crate::mesh::sidecar::Sidecar;
 use crate::xds::kube_auth::{AUDIENCE, KubeAuth, ServiceAccountToken};
+use crate::xds::tls::ClientCertificate;
 
 /// Where token grants are kept among the store's private records: `xds-token/SHA256HEX`.
 pub const TOKEN_RECORD_PREFIX: &str = "xds-token/";
@@ -127,14 +135,26 @@ pub enum Caller {
         account: ServiceAccountToken,
         group: Option<String>,
     },
+    /// A client certificate of the mesh CA naming this workload identity.
+    Certificate(SpiffeId),
 }
 
 impl Caller {
+    /// What kind of credential it is, for messages.
+    pub fn credential(&self) -> &'static str {
+        match self {
+            Caller::Token { .. } => "bootstrap token",
+            Caller::ServiceAccount { .. } => "service account token",
+            Caller::Certificate(_) => "client certificate",
+        }
+    }
+
     /// The group whose resources the caller may receive; `None`: the node's own.
     pub fn group(&self) -> Option<&str> {
         match self {
             Caller::Token { grant, .. } => Some(&grant.group),
             Caller::ServiceAccount { group, .. } => group.as_deref(),
+            Caller::Certificate(_) => None,
         }
     }
 
@@ -148,13 +168,14 @@ impl Caller {
             Caller::ServiceAccount { account, .. } => {
                 Some((&account.namespace, &account.service_account))
             }
+            Caller::Certificate(identity) => Some((&identity.namespace, &identity.service_account)),
         }
     }
 
     /// The pod a credential is bound to (a projected service account token).
     pub fn pod(&self) -> Option<ObjectKey> {
         match self {
-            Caller::Token { .. } => None,
+            Caller::Token { .. } | Caller::Certificate(_) => None,
             Caller::ServiceAccount { account, .. } => account
                 .pod
                 .as_ref()
@@ -178,9 +199,25 @@ impl Caller {
 }
 
 impl XdsAuth {
-    /// Who the credential in `headers` is, `None` when authentication is off, or the status
+    /// Who the credential in `headers` (else the connection's `client` certificate) is,
+    /// `None` when authentication is off and no certificate names the caller, or the status
     /// that ends the stream or request.
-    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Caller>, Status> {
+    pub async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        client: &ClientCertificate,
+    ) -> Result<Option<Caller>, Status> {
+        if !headers.contains_key(http::header::AUTHORIZATION) {
+            match client {
+                ClientCertificate::Identity(identity) => {
+                    return Ok(Some(Caller::Certificate(identity.clone())));
+                }
+                ClientCertificate::Unusable(problem) => {
+                    return Err(Status::unauthenticated(problem.clone()));
+                }
+                ClientCertificate::Absent => {}
+            }
+        }
         let tokens = match self {
             XdsAuth::Open => return Ok(None),
             XdsAuth::Tokens(tokens) => tokens,
@@ -440,9 +477,10 @@ pub fn authorize(
     };
     if sidecar.namespace() != namespace {
         return Err(Status::permission_denied(format!(
-            "sidecar {} is in namespace {:?} but the token is for namespace {namespace:?}",
+            "sidecar {} is in namespace {:?} but the {} is for namespace {namespace:?}",
             sidecar.node_id,
-            sidecar.namespace()
+            sidecar.namespace(),
+            caller.credential()
         )));
     }
     sidecar.service_account = Some(account.to_string());
