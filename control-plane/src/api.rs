@@ -6,7 +6,7 @@
 //! - `GET /v1/ca/bundle`: the mesh CA's trust bundle (PEM), what peers are verified against
 //! - `POST /v1/xds-tokens` (`{group, namespace?, serviceAccount?}`): a bootstrap token for
 //!   authenticated xDS, shown once; `GET /v1/xds-tokens` lists grants by id,
-//!   `DELETE /v1/xds-tokens/{id}` revokes one
+//!   `DELETE /v1/xds-tokens/{id}` revokes one (its open xDS streams end: [`crate::xds::auth`])
 //! - `/v1/mesh/...`: services, endpoints, traffic policies and namespaces for generated
 //!   config (see [`crate::mesh::rest`])
 //! - `GET /healthz`, `GET /metrics` (Prometheus text)

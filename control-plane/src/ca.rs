@@ -51,6 +51,21 @@ impl SpiffeId {
         }
     }
 
+    /// `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`, each part non-empty.
+    pub fn parse(uri: &str) -> Option<SpiffeId> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let (trust_domain, path) = rest.split_once('/')?;
+        let (namespace, service_account) = path.strip_prefix("ns/")?.split_once("/sa/")?;
+        let parts = [trust_domain, namespace, service_account];
+        if parts
+            .iter()
+            .any(|part| part.is_empty() || part.contains('/'))
+        {
+            return None;
+        }
+        Some(SpiffeId::new(trust_domain, namespace, service_account))
+    }
+
     /// `spiffe://TRUST_DOMAIN/`: what every identity of the trust domain starts with.
     pub fn trust_domain_prefix(trust_domain: &str) -> String {
         format!("spiffe://{trust_domain}/")
@@ -240,6 +255,43 @@ impl Ca {
     /// The identity of `service_account` in `namespace` in this CA's trust domain.
     pub fn identity(&self, namespace: &str, service_account: &str) -> SpiffeId {
         SpiffeId::new(&self.trust_domain, namespace, service_account)
+    }
+
+    /// The workload identity a certificate of this CA's (DER, already verified against the
+    /// bundle) names: its URI SAN `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`, in
+    /// this trust domain. Else what is wrong with it.
+    pub fn identity_of_certificate(&self, der: &[u8]) -> Result<SpiffeId, String> {
+        let (_, certificate) = x509_parser::parse_x509_certificate(der)
+            .map_err(|error| format!("the client certificate is not X.509: {error}"))?;
+        let uris: Vec<&str> = certificate
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match name {
+                        x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let [uri] = uris.as_slice() else {
+            return Err(format!(
+                "the client certificate must name one workload identity (a URI SAN spiffe://{}/ns/NAMESPACE/sa/SERVICE_ACCOUNT), not {uris:?}",
+                self.trust_domain
+            ));
+        };
+        SpiffeId::parse(uri)
+            .filter(|identity| identity.trust_domain == self.trust_domain)
+            .ok_or_else(|| {
+                format!(
+                    "the client certificate's identity {uri:?} is not a workload of trust domain {:?} (spiffe://{}/ns/NAMESPACE/sa/SERVICE_ACCOUNT)",
+                    self.trust_domain, self.trust_domain
+                )
+            })
     }
 
     /// A new key and a certificate for `identity`, valid from `now` (less a little clock
@@ -599,6 +651,56 @@ mod tests {
         let (_, root) = x509_parser::parse_x509_certificate(&chain[1]).expect("root");
         leaf.verify_signature(Some(root.public_key()))
             .expect("the root signed the leaf");
+    }
+
+    #[test]
+    fn a_certificate_names_its_identity_and_other_uris_are_refused() {
+        let ca = generated();
+        let now = SystemTime::now();
+        let identity = ca.identity("shop", "buyer");
+        let issued = ca.issue(&identity, now).expect("issue");
+        let der = ders(&issued.chain_pem).remove(0);
+        assert_eq!(ca.identity_of_certificate(&der), Ok(identity.clone()));
+        assert_eq!(SpiffeId::parse(&identity.to_string()), Some(identity));
+        for bad in [
+            "spiffe://cluster.local/ns/shop",
+            "spiffe://cluster.local/ns//sa/b",
+            "spiffe://cluster.local/ns/a/sa/b/c",
+            "https://cluster.local/ns/a/sa/b",
+        ] {
+            assert_eq!(SpiffeId::parse(bad), None, "{bad}");
+        }
+        // The control plane's own certificate (a DNS name too) still names one identity.
+        let serving = ca
+            .issue_with_dns_names(
+                &ca.identity("remora-system", "remora-cp"),
+                &["cp.svc".into()],
+                now,
+            )
+            .expect("issue");
+        assert!(
+            ca.identity_of_certificate(&ders(&serving.chain_pem)[0])
+                .is_ok()
+        );
+        // Another trust domain's identity is refused, naming what is expected.
+        let (cert, key) = generate_root("example.org").expect("root");
+        let foreign = Ca::from_pem(
+            &cert,
+            &key,
+            &CaOptions {
+                trust_domain: "example.org".into(),
+                ..options()
+            },
+        )
+        .expect("ca");
+        let foreign_leaf = foreign
+            .issue(&foreign.identity("shop", "buyer"), now)
+            .expect("issue");
+        let error = ca
+            .identity_of_certificate(&ders(&foreign_leaf.chain_pem)[0])
+            .expect_err("another trust domain");
+        assert!(error.contains("\"cluster.local\""), "{error}");
+        assert!(ca.identity_of_certificate(b"junk").is_err());
     }
 
     #[test]

@@ -21,10 +21,10 @@ use crate::store::ConfigStore;
 use crate::store::etcd_store::EtcdStore;
 use crate::store::redb_store::RedbStore;
 use crate::xds::XdsContext;
-use crate::xds::auth::XdsAuth;
+use crate::xds::auth::{TokenAuth, XdsAuth};
 use crate::xds::certificates::CertificateSigner;
 use crate::xds::kube_auth::KubeAuth;
-use crate::xds::tls::{ServingIdentity, XdsTls};
+use crate::xds::tls::{ClientAuth, ServingIdentity, XdsTls};
 
 /// Where config is kept.
 #[derive(Clone, Debug)]
@@ -62,6 +62,8 @@ pub struct XdsTlsOptions {
     pub service_account: String,
     /// DNS names proxies reach it by (e.g. `remora-cp.remora-system.svc`).
     pub dns_names: Vec<String>,
+    /// Whether clients are asked for certificates of the mesh CA (`--xds-tls-client-auth`).
+    pub client_auth: ClientAuth,
 }
 
 /// How xDS streams are authenticated.
@@ -167,7 +169,9 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
                 dns_names: tls.dns_names.clone(),
             };
             tracing::info!(identity = %serving.identity, dns_names = ?serving.dns_names, "xDS over TLS");
-            let xds_tls = XdsTls::new(ca.clone(), serving).context("xDS over TLS")?;
+            tracing::info!(client_auth = ?tls.client_auth, "xDS client certificates");
+            let xds_tls =
+                XdsTls::new(ca.clone(), serving, tls.client_auth).context("xDS over TLS")?;
             tokio::spawn(xds_tls.clone().keep_renewed());
             Some(xds_tls)
         }
@@ -182,7 +186,11 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> anyho
 
     let auth = match (options.xds_auth, kube_client, &mesh) {
         (XdsAuthMode::None, _, _) => XdsAuth::Open,
-        (XdsAuthMode::Token, _, _) => XdsAuth::Tokens(config.clone()),
+        (XdsAuthMode::Token, _, _) => {
+            let tokens = TokenAuth::new(config.clone());
+            tokio::spawn(tokens.clone().follow_revocations());
+            XdsAuth::Tokens(tokens)
+        }
         (XdsAuthMode::Kubernetes, Some(client), Some(mesh)) => {
             XdsAuth::Kubernetes(Arc::new(KubeAuth::new(client, mesh.clone())))
         }

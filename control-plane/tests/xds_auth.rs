@@ -2,7 +2,8 @@
 //! through the config API decide which group a stream gets; a stream with no token, an unknown
 //! one or a revoked one is refused with `UNAUTHENTICATED`, one whose node names another group
 //! with `PERMISSION_DENIED`; a real Envoy with its token in `initial_metadata` gets its group's
-//! config.
+//! config. Revoking a token ends the streams open with it (`UNAUTHENTICATED`, `token revoked`)
+//! and refuses their reconnects, for a gRPC client and a real Envoy alike.
 
 mod common;
 
@@ -48,6 +49,12 @@ fn issue(cp: &ControlPlane, grant: &str) -> Value {
     body
 }
 
+/// An open ADS stream: its requests and responses.
+struct AdsStream {
+    requests: mpsc::Sender<DiscoveryRequest>,
+    responses: tonic::Streaming<DiscoveryResponse>,
+}
+
 /// Opens an ADS stream as a node of `group` with `token` (if any) and returns the cluster
 /// names of its first CDS response that has any, or the status the stream ended with.
 async fn first_clusters(
@@ -55,6 +62,17 @@ async fn first_clusters(
     group: &str,
     token: Option<&str>,
 ) -> Result<Vec<String>, tonic::Status> {
+    let (names, stream) = open_with_clusters(cp, group, token).await?;
+    drop(stream);
+    Ok(names)
+}
+
+/// [`first_clusters`], and the stream, still open.
+async fn open_with_clusters(
+    cp: &ControlPlane,
+    group: &str,
+    token: Option<&str>,
+) -> Result<(Vec<String>, AdsStream), tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.xds))
         .expect("endpoint")
         .connect()
@@ -102,10 +120,7 @@ async fn first_clusters(
                     .name
             })
             .collect();
-        if !names.is_empty() {
-            names.sort();
-            break names;
-        }
+        // ACKed, so the next change is pushed.
         requests
             .send(DiscoveryRequest {
                 version_info: response.version_info.clone(),
@@ -115,9 +130,18 @@ async fn first_clusters(
             })
             .await
             .expect("ack");
+        if !names.is_empty() {
+            names.sort();
+            break names;
+        }
     };
-    drop(requests);
-    Ok(names)
+    Ok((
+        names,
+        AdsStream {
+            requests,
+            responses,
+        },
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -203,19 +227,7 @@ fn envoy_with_its_token_in_initial_metadata_gets_its_groups_config() {
         .expect("token")
         .to_string();
     let dir = tempfile::tempdir().expect("temp dir");
-    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let bootstrap = envoy_bootstrap(dir.path(), "envoy-b", "b", cp.xds, admin, "GRPC");
-    // The token goes with every xDS stream Envoy opens.
-    let text = std::fs::read_to_string(&bootstrap).expect("bootstrap");
-    let text = text.replace(
-        "grpc_services: [{envoy_grpc: {cluster_name: xds_cluster}}]",
-        &format!(
-            "grpc_services: [{{envoy_grpc: {{cluster_name: xds_cluster}}, initial_metadata: [{{key: authorization, value: \"Bearer {token}\"}}]}}]"
-        ),
-    );
-    assert!(text.contains("initial_metadata"), "{text}");
-    std::fs::write(&bootstrap, text).expect("write");
-    let envoy = Envoy::start(&bootstrap, admin, &[]);
+    let envoy = envoy_with_token(&cp, dir.path(), &token);
     wait_for(
         "Envoy to get group b's cluster",
         Duration::from_secs(30),
@@ -227,6 +239,192 @@ fn envoy_with_its_token_in_initial_metadata_gets_its_groups_config() {
         },
     );
     assert!(!envoy.admin_get("/clusters").contains("only-a::"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_token_ends_its_open_streams_and_refuses_their_reconnects() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().to_path_buf();
+    let cp = tokio::task::spawn_blocking(move || start(&data))
+        .await
+        .expect("started");
+    let revoked = issue(&cp, r#"{"group": "a"}"#);
+    let revoked_token = revoked["token"].as_str().expect("a token").to_string();
+    let kept_token = issue(&cp, r#"{"group": "b"}"#)["token"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    // Two streams of the token to revoke, one of another token.
+    let (_, mut first) = open_with_clusters(&cp, "a", Some(&revoked_token))
+        .await
+        .expect("served");
+    let (_, mut second) = open_with_clusters(&cp, "a", Some(&revoked_token))
+        .await
+        .expect("served");
+    let (_, mut other) = open_with_clusters(&cp, "b", Some(&kept_token))
+        .await
+        .expect("served");
+    let id = revoked["id"].as_str().expect("id").to_string();
+    let (status, body) = cp.call("DELETE", &format!("/v1/xds-tokens/{id}"), "");
+    assert_eq!(status, 200, "{body}");
+
+    // Both streams of the revoked token end with the reason.
+    for stream in [&mut first, &mut second] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let ended = loop {
+            match tokio::time::timeout_at(deadline, stream.responses.next())
+                .await
+                .expect("the stream to end in time")
+            {
+                // A push that was on its way: the end follows.
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => break status,
+                None => panic!("the stream ended without a status"),
+            }
+        };
+        assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+        assert!(ended.message().contains("token revoked"), "{ended:?}");
+        assert!(ended.message().contains(&id), "{ended:?}");
+    }
+    // The control plane lists none of them, logs why, and refuses the token from now on.
+    let api = cp.api;
+    tokio::task::spawn_blocking(move || {
+        wait_for(
+            "the revoked streams to leave /v1/proxies",
+            Duration::from_secs(30),
+            || {
+                let auth = format!("Bearer {TOKEN}");
+                let (_, _, body) = remora_tests::http_request(
+                    api,
+                    "GET",
+                    "/v1/proxies",
+                    &[("Authorization", &auth)],
+                    "",
+                )
+                .ok()?;
+                let proxies: Value = serde_json::from_str(&body).ok()?;
+                let groups: Vec<&str> = proxies["proxies"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|proxy| proxy["group"].as_str())
+                    .collect();
+                (groups == ["b"]).then_some(())
+            },
+        )
+    })
+    .await
+    .expect("listed");
+    let refused = first_clusters(&cp, "a", Some(&revoked_token))
+        .await
+        .expect_err("reconnecting with a revoked token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("token revoked"), "{refused:?}");
+    let log = cp.process.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("closed: its credential was revoked")
+                && line.contains("token revoked")),
+        "{log}"
+    );
+
+    // The other token's stream goes on: a new cluster of its group still reaches it.
+    let (status, body) = cp.call(
+        "PUT",
+        "/v1/clusters/more-b?group=b",
+        "\"@type\": Cluster\nname: more-b\nconnect_timeout: 1s\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let response = tokio::time::timeout(Duration::from_secs(30), other.responses.next())
+        .await
+        .expect("a push in time")
+        .expect("open")
+        .expect("a response");
+    assert_eq!(response.type_url, type_urls::CLUSTER);
+    drop(other.requests);
+    tokio::task::spawn_blocking(move || drop(cp))
+        .await
+        .expect("stopped");
+}
+
+/// An Envoy of group `b` with ADS at `cp`, presenting `token` on its xDS stream.
+fn envoy_with_token(cp: &ControlPlane, dir: &std::path::Path, token: &str) -> Envoy {
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let bootstrap = envoy_bootstrap(dir, "envoy-b", "b", cp.xds, admin, "GRPC");
+    // The token goes with every xDS stream Envoy opens.
+    let text = std::fs::read_to_string(&bootstrap).expect("bootstrap");
+    let text = text.replace(
+        "grpc_services: [{envoy_grpc: {cluster_name: xds_cluster}}]",
+        &format!(
+            "grpc_services: [{{envoy_grpc: {{cluster_name: xds_cluster}}, initial_metadata: [{{key: authorization, value: \"Bearer {token}\"}}]}}]"
+        ),
+    );
+    assert!(text.contains("initial_metadata"), "{text}");
+    std::fs::write(&bootstrap, text).expect("write");
+    Envoy::start(&bootstrap, admin, &[])
+}
+
+#[test]
+fn envoy_is_disconnected_when_its_token_is_revoked_and_cannot_reconnect() {
+    if !envoy_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cp = start(&dir.path().join("data"));
+    let issued = issue(&cp, r#"{"group": "b"}"#);
+    let token = issued["token"].as_str().expect("token");
+    let id = issued["id"].as_str().expect("id");
+    let envoy = envoy_with_token(&cp, dir.path(), token);
+    wait_for(
+        "Envoy connected with its token",
+        Duration::from_secs(30),
+        || {
+            (envoy.stat("control_plane.connected_state") == Some(1)
+                && envoy.admin_get("/clusters").contains("only-b::")
+                && cp.proxy("envoy-b").is_some())
+            .then_some(())
+        },
+    );
+    let refusals_before = cp.process.log().matches("xDS stream refused").count();
+
+    let (status, body) = cp.call("DELETE", &format!("/v1/xds-tokens/{id}"), "");
+    assert_eq!(status, 200, "{body}");
+    // Envoy's stream ends: it says it is not connected, and the control plane lists it no more.
+    wait_for(
+        "Envoy to lose its xDS stream",
+        Duration::from_secs(30),
+        || {
+            (envoy.stat("control_plane.connected_state") == Some(0)
+                && cp.proxy("envoy-b").is_none())
+            .then_some(())
+        },
+    );
+    // It reconnects (Envoy retries with backoff) and is refused, the control plane saying why.
+    let refusal = wait_for(
+        "Envoy's reconnect to be refused",
+        Duration::from_secs(30),
+        || {
+            let log = cp.process.log();
+            let refusals: Vec<&str> = log
+                .lines()
+                .filter(|line| line.contains("xDS stream refused"))
+                .collect();
+            refusals
+                .get(refusals_before..)
+                .and_then(|new| new.iter().find(|line| line.contains("token revoked")))
+                .map(|line| line.to_string())
+        },
+    );
+    assert!(refusal.contains(id), "{refusal}");
+    assert_eq!(envoy.stat("control_plane.connected_state"), Some(0));
+    assert!(cp.proxy("envoy-b").is_none());
+    let log = cp.process.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("closed: its credential was revoked")
+                && line.contains("envoy-b")
+                && line.contains("token revoked")),
+        "{log}"
+    );
 }
 
 /// `remoractl ARGS` against `cp`: success, standard output, standard error.

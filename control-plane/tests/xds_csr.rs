@@ -8,6 +8,11 @@
 //! - With `--xds-tls` the port serves TLS with a certificate from the mesh CA naming the
 //!   control plane's SPIFFE id and DNS names; the certificate service answers over
 //!   it, and a real Envoy verifying it (trusted_ca + SAN matcher) gets its group's config.
+//! - With `--xds-tls-client-auth`, a client certificate of the mesh CA is a credential: a
+//!   caller holding a workload certificate renews it with no token, and a real Envoy
+//!   presenting one gets its group's config; a sidecar stream in another namespace is refused
+//!   naming the certificate's; a certificate of another CA, or none under `require`, is
+//!   refused at the handshake.
 
 mod common;
 
@@ -246,23 +251,53 @@ async fn without_xds_authentication_the_node_id_names_the_identity() {
 /// A TLS client that trusts `bundle_pem` and checks the server's name against
 /// `CP_DNS_NAME`, speaking HTTP/2.
 fn tls_connector(bundle_pem: &str) -> tokio_rustls::TlsConnector {
+    tls_connector_with(bundle_pem, None)
+}
+
+/// [`tls_connector`], presenting `client` (certificate chain PEM, key PEM) when given.
+fn tls_connector_with(
+    bundle_pem: &str,
+    client: Option<(&str, &str)>,
+) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut bundle_pem.as_bytes()) {
         roots.add(cert.expect("bundle cert")).expect("root");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((chain_pem, key_pem)) => {
+            let chain = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("chain");
+            let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+                .expect("key")
+                .expect("a key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client certificate")
+        }
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 /// A gRPC channel to `xds` over TLS verified against `bundle_pem`.
 async fn tls_channel(xds: SocketAddr, bundle_pem: &str) -> Channel {
-    let connector = tls_connector(bundle_pem);
+    tls_channel_with(xds, bundle_pem, None).await
+}
+
+/// [`tls_channel`], presenting `client` (certificate chain PEM, key PEM) when given.
+async fn tls_channel_with(
+    xds: SocketAddr,
+    bundle_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Channel {
+    let connector = tls_connector_with(bundle_pem, client);
     tonic::transport::Endpoint::from_static("http://remora-cp")
         .connect_with_connector(tower::service_fn(move |_| {
             let connector = connector.clone();
@@ -557,4 +592,363 @@ fn envoy_verifies_the_control_plane_over_xds_tls() {
     );
     assert!(cp.proxy("envoy-wrong").is_none());
     assert!(!wrong.admin_get("/clusters").contains("only-b::"));
+}
+
+/// The control plane's log line for a handshake refused over the client's certificate.
+fn handshake_refusal(log: &str) -> Option<()> {
+    log.lines()
+        .any(|line| {
+            line.contains("xDS TLS handshake failed")
+                && line.to_ascii_lowercase().contains("certificate")
+        })
+        .then_some(())
+}
+
+/// A key and a certificate for `shop/buyer`, signed for a certificate request made with the
+/// token `buyer` over `channel`: (chain PEM, key PEM).
+async fn workload_certificate(channel: Channel, buyer: &str) -> (String, String) {
+    let (key, csr) = new_request();
+    let signed = sign(channel, "a-1.shop", &csr, Some(buyer))
+        .await
+        .expect("signed");
+    (signed.certificate_chain_pem, key.serialize_pem())
+}
+
+/// The first response of an ADS stream for clusters as `node` over `channel`, or the status
+/// the stream ended with.
+async fn first_ads_response(
+    channel: Channel,
+    node: xds_api::envoy::config::core::v3::Node,
+) -> Result<xds_api::envoy::service::discovery::v3::DiscoveryResponse, tonic::Status> {
+    use tokio_stream::StreamExt;
+    use xds_api::envoy::service::discovery::v3::DiscoveryRequest;
+    use xds_api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let (requests, outgoing) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(DiscoveryRequest {
+            node: Some(node),
+            type_url: xds_api::type_urls::CLUSTER.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    let response = tokio::time::timeout(Duration::from_secs(20), responses.next())
+        .await
+        .expect("an answer in time")
+        .expect("an answer")?;
+    drop(requests);
+    Ok(response)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_of_the_mesh_ca_is_a_credential_without_a_token() {
+    use xds_api::envoy::config::core::v3::Node;
+    let (cp, _dir) = start(args(&[
+        "--mesh",
+        "--xds-auth",
+        "token",
+        "--xds-tls",
+        "--xds-tls-dns-name",
+        CP_DNS_NAME,
+        "--xds-tls-client-auth",
+        "optional",
+    ]))
+    .await;
+    let bundle_pem = bundle(&cp);
+    let buyer = token(
+        &cp,
+        r#"{"group": "a-1", "namespace": "shop", "serviceAccount": "buyer"}"#,
+    );
+    // The first certificate takes the token; a client without a certificate still may come.
+    let (chain, key) = workload_certificate(tls_channel(cp.xds, &bundle_pem).await, &buyer).await;
+    let mtls = tls_channel_with(cp.xds, &bundle_pem, Some((&chain, &key))).await;
+
+    // Renewal over mTLS: no token, the certificate's identity.
+    let (renewed_key, csr) = new_request();
+    let renewed = sign(mtls.clone(), "a-1.shop", &csr, None)
+        .await
+        .expect("renewed with the certificate alone");
+    assert_eq!(renewed.spiffe_id, "spiffe://cluster.local/ns/shop/sa/buyer");
+    let (names, public_key) = leaf_names_and_key(&renewed.certificate_chain_pem);
+    assert_eq!(names, ["spiffe://cluster.local/ns/shop/sa/buyer"]);
+    assert_eq!(public_key, renewed_key.public_key_der());
+    // Without a certificate or a token, as before.
+    let refused = sign(
+        tls_channel(cp.xds, &bundle_pem).await,
+        "a-1.shop",
+        &csr,
+        None,
+    )
+    .await
+    .expect_err("no credential");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    // xDS with the certificate: a plain proxy keeps its node's group, as with a Kubernetes
+    // token bound to no pod...
+    cp.put(
+        "clusters",
+        "only-g?group=g",
+        "\"@type\": Cluster\nname: only-g\nconnect_timeout: 1s\n",
+    );
+    let served = first_ads_response(
+        mtls.clone(),
+        Node {
+            id: "plain".into(),
+            cluster: "g".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("served with the certificate");
+    assert_eq!(served.type_url, xds_api::type_urls::CLUSTER);
+    // ...and a sidecar must be in the certificate's namespace.
+    let mut metadata = prost_types::Struct::default();
+    metadata.fields.insert(
+        "REMORA_INBOUND_PORT".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue("15006".into())),
+        },
+    );
+    let refused = first_ads_response(
+        mtls.clone(),
+        Node {
+            id: "p-1.pay".into(),
+            cluster: "p-1".into(),
+            metadata: Some(metadata),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("another namespace");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("client certificate is for namespace \"shop\""),
+        "{refused:?}"
+    );
+
+    // A certificate of another CA is refused at the handshake.
+    let (other_root, other_key) =
+        remora_control_plane::ca::generate_root("cluster.local").expect("root");
+    let other = remora_control_plane::ca::Ca::from_pem(
+        &other_root,
+        &other_key,
+        &remora_control_plane::ca::CaOptions::default(),
+    )
+    .expect("another CA");
+    let forged = other
+        .issue(&other.identity("shop", "buyer"), SystemTime::now())
+        .expect("issued");
+    let forged_channel = tokio::time::timeout(Duration::from_secs(10), async {
+        let connector = tls_connector_with(&bundle_pem, Some((&forged.chain_pem, &forged.key_pem)));
+        let channel = try_tls_channel(cp.xds, connector).await.ok()?;
+        Some(sign(channel, "a-1.shop", &csr, None).await)
+    })
+    .await
+    .expect("an answer in time");
+    if let Some(answer) = forged_channel {
+        let status = answer.expect_err("a forged certificate");
+        assert_ne!(status.code(), tonic::Code::Ok);
+    }
+    let log_path = cp.process.log_path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        wait_for("the refusal in the log", Duration::from_secs(10), || {
+            handshake_refusal(&std::fs::read_to_string(&log_path).ok()?)
+        })
+    })
+    .await
+    .expect("logged");
+    tokio::task::spawn_blocking(move || drop(cp))
+        .await
+        .expect("stopped");
+}
+
+/// A gRPC channel over TLS to `xds` whose connection attempt (and first call) may fail.
+async fn try_tls_channel(
+    xds: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+) -> Result<Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_static("http://remora-cp")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(xds).await?;
+                let name = rustls::pki_types::ServerName::try_from(CP_DNS_NAME)
+                    .expect("name")
+                    .to_owned();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn required_client_certificates_refuse_connections_without_one() {
+    use remora_control_plane::ca::{Ca, CaOptions, generate_root};
+    // The root from files, so the test holds a certificate of the mesh CA from the start, as
+    // a proxy would from an earlier request.
+    let files = tempfile::tempdir().expect("dir");
+    let (root, root_key) = generate_root("cluster.local").expect("root");
+    let (cert_path, key_path) = (files.path().join("ca.crt"), files.path().join("ca.key"));
+    std::fs::write(&cert_path, &root).expect("write");
+    std::fs::write(&key_path, &root_key).expect("write");
+    let ca = Ca::from_pem(&root, &root_key, &CaOptions::default()).expect("ca");
+    let held = ca
+        .issue(&ca.identity("shop", "buyer"), SystemTime::now())
+        .expect("issued");
+    let (cp, _dir) = start(args(&[
+        "--xds-auth",
+        "token",
+        "--xds-tls",
+        "--xds-tls-dns-name",
+        CP_DNS_NAME,
+        "--xds-tls-client-auth",
+        "require",
+        "--ca-cert",
+        &cert_path.display().to_string(),
+        "--ca-key",
+        &key_path.display().to_string(),
+    ]))
+    .await;
+    let bundle_pem = bundle(&cp);
+    let buyer = token(
+        &cp,
+        r#"{"group": "a-1", "namespace": "shop", "serviceAccount": "buyer"}"#,
+    );
+    let (_, csr) = new_request();
+    // Without a certificate, even with a token, the connection is refused.
+    let attempt = tokio::time::timeout(Duration::from_secs(10), async {
+        let channel = try_tls_channel(cp.xds, tls_connector(&bundle_pem))
+            .await
+            .ok()?;
+        Some(sign(channel, "a-1.shop", &csr, Some(&buyer)).await)
+    })
+    .await
+    .expect("an answer in time");
+    if let Some(answer) = attempt {
+        answer.expect_err("no client certificate");
+    }
+    let log_path = cp.process.log_path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        wait_for("the refusal in the log", Duration::from_secs(10), || {
+            handshake_refusal(&std::fs::read_to_string(&log_path).ok()?)
+        })
+    })
+    .await
+    .expect("logged");
+    // With the certificate, and no token, the request is signed for its identity.
+    let channel =
+        tls_channel_with(cp.xds, &bundle_pem, Some((&held.chain_pem, &held.key_pem))).await;
+    let signed = sign(channel, "a-1.shop", &csr, None)
+        .await
+        .expect("signed with the certificate alone");
+    assert_eq!(signed.spiffe_id, "spiffe://cluster.local/ns/shop/sa/buyer");
+    tokio::task::spawn_blocking(move || drop(cp))
+        .await
+        .expect("stopped");
+}
+
+/// Rewrites an Envoy bootstrap from [`envoy_bootstrap`] so its ADS cluster speaks mTLS to the
+/// control plane: verified against `bundle` as the control plane's identity, presenting the
+/// certificate in `cert` with its key in `key`, and no token.
+fn over_mtls(
+    bootstrap: &std::path::Path,
+    bundle: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) {
+    let text = std::fs::read_to_string(bootstrap).expect("bootstrap");
+    let transport_socket = format!(
+        r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {CP_DNS_NAME}
+        common_tls_context:
+          alpn_protocols: [h2]
+          tls_certificates: [{{certificate_chain: {{filename: {cert}}}, private_key: {{filename: {key}}}}}]
+          validation_context:
+            trusted_ca: {{filename: {bundle}}}
+            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{CP_IDENTITY}"}}}}]
+"#,
+        bundle = bundle.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let text = format!("{}{transport_socket}", text.trim_end());
+    std::fs::write(bootstrap, text).expect("write");
+}
+
+#[test]
+fn envoy_with_a_workload_certificate_needs_no_token() {
+    if !envoy_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data").display().to_string();
+    let cp = ControlPlane::start_with(
+        free_port(),
+        free_port(),
+        &[
+            "--data-dir",
+            &data,
+            "--xds-auth",
+            "token",
+            "--xds-tls",
+            "--xds-tls-dns-name",
+            CP_DNS_NAME,
+            "--xds-tls-client-auth",
+            "optional",
+        ],
+    );
+    let (status, body) = cp.call(
+        "PUT",
+        "/v1/clusters/only-b?group=b",
+        "\"@type\": Cluster\nname: only-b\nconnect_timeout: 1s\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let bundle_pem = self::bundle(&cp);
+    let buyer = token(
+        &cp,
+        r#"{"group": "b", "namespace": "shop", "serviceAccount": "buyer"}"#,
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (chain, key) = runtime.block_on(async {
+        workload_certificate(tls_channel(cp.xds, &bundle_pem).await, &buyer).await
+    });
+    let bundle = dir.path().join("bundle.pem");
+    let cert = dir.path().join("cert.pem");
+    let key_file = dir.path().join("key.pem");
+    std::fs::write(&bundle, &bundle_pem).expect("write");
+    std::fs::write(&cert, &chain).expect("write");
+    std::fs::write(&key_file, &key).expect("write");
+
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let bootstrap = envoy_bootstrap(dir.path(), "envoy-b", "b", cp.xds, admin, "GRPC");
+    over_mtls(&bootstrap, &bundle, &cert, &key_file);
+    assert!(
+        !std::fs::read_to_string(&bootstrap)
+            .expect("bootstrap")
+            .contains("authorization")
+    );
+    let envoy = Envoy::start(&bootstrap, admin, &[]);
+    wait_for(
+        "Envoy with its certificate to get group b's cluster",
+        Duration::from_secs(30),
+        || {
+            envoy
+                .admin_get("/clusters")
+                .contains("only-b::")
+                .then_some(())
+        },
+    );
+    let proxy: Value = cp.proxy("envoy-b").expect("listed");
+    assert_eq!(proxy["group"], "b");
 }

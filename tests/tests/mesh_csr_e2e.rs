@@ -11,6 +11,10 @@
 //!   control plane signed for its certificate request, and the control plane never sent it
 //!   `remora-workload-cert` (its SDS subscription names only the trust bundle): the key was
 //!   made in the sidecar.
+//! - The control plane signed no workload certificate of its own for them: it issues one only
+//!   when a stream subscribes to `remora-workload-cert`.
+//! - Revoking A's token ends its sidecar's stream (the control plane lists it no more) and its
+//!   reconnects are refused, the sidecar's log saying `token revoked`.
 //! - An ADS stream with no token or a bad one is refused with `UNAUTHENTICATED` over the same
 //!   TLS port, and the sidecar says so in its log.
 //!
@@ -120,7 +124,11 @@ fn remora_sidecars_with_their_own_keys_talk_mtls_over_an_authenticated_tls_contr
         );
         assert_eq!(status, 200, "{answer}");
         let token = answer["token"].as_str().expect("a token");
-        readable_file(files.path(), &format!("{pod}.token"), token)
+        let id = answer["id"].as_str().expect("an id").to_string();
+        (
+            readable_file(files.path(), &format!("{pod}.token"), token),
+            id,
+        )
     };
     cp.put(
         "/v1/mesh/services/shop/b",
@@ -138,13 +146,11 @@ fn remora_sidecars_with_their_own_keys_talk_mtls_over_an_authenticated_tls_contr
     );
     let _b_sidecar = start_sidecar(
         &b,
-        &csr_sidecar("b-1", &bundle, &token_file("b-1", "seller")),
+        &csr_sidecar("b-1", &bundle, &token_file("b-1", "seller").0),
     );
     let a = node.add_pod("a-1", pod_ip(1, 1));
-    let _a_sidecar = start_sidecar(
-        &a,
-        &csr_sidecar("a-1", &bundle, &token_file("a-1", "buyer")),
-    );
+    let (a_token, a_token_id) = token_file("a-1", "buyer");
+    let a_sidecar = start_sidecar(&a, &csr_sidecar("a-1", &bundle, &a_token));
     for node_id in ["a-1.shop", "b-1.shop"] {
         wait_for(
             &format!("{node_id} in sync"),
@@ -207,6 +213,14 @@ fn remora_sidecars_with_their_own_keys_talk_mtls_over_an_authenticated_tls_contr
         );
     }
 
+    // Nor did it make a key and certificate for their identities that no one would get.
+    let log = cp.process.log();
+    assert!(
+        log.contains("signed a certificate request")
+            && !log.contains("issued a workload certificate"),
+        "the control plane issued an SDS certificate no sidecar asked for:\n{log}"
+    );
+
     // Without a token, or with a bad one, the same TLS port refuses the stream.
     for (pod, token) in [("c-1", None), ("d-1", Some("not-a-token"))] {
         let refused = node.add_pod(pod, pod_ip(3, if token.is_none() { 1 } else { 2 }));
@@ -250,4 +264,40 @@ fn remora_sidecars_with_their_own_keys_talk_mtls_over_an_authenticated_tls_contr
             "{pod} has no stream"
         );
     }
+
+    // Revoking A's token ends its sidecar's stream; its reconnects are refused, saying why.
+    let (status, answer) = cp.call(
+        "DELETE",
+        &format!("/v1/xds-tokens/{a_token_id}"),
+        &Value::Null,
+    );
+    assert_eq!(status, 200, "{answer}");
+    wait_for(
+        "a-1's stream to end and its reconnect to be refused",
+        Duration::from_secs(30),
+        || {
+            let listed = cp
+                .proxies()
+                .iter()
+                .any(|proxy| proxy["node_id"] == "a-1.shop");
+            let log = a_sidecar.log();
+            (!listed
+                && log.contains(tonic::Code::Unauthenticated.description())
+                && log.contains("token revoked"))
+            .then_some(())
+        },
+    );
+    assert!(
+        cp.proxies()
+            .iter()
+            .any(|proxy| proxy["node_id"] == "b-1.shop"),
+        "b-1's token still holds"
+    );
+    let log = cp.process.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("closed: its credential was revoked")
+                && line.contains("a-1.shop")),
+        "{log}"
+    );
 }

@@ -10,6 +10,7 @@ use remora_control_plane::mesh::translate::{MeshSettings, OutboundLayout};
 use remora_control_plane::server::{
     MeshOptions, Options, StoreChoice, XdsAuthMode, XdsTlsOptions, run,
 };
+use remora_control_plane::xds::tls::ClientAuth;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
@@ -102,6 +103,13 @@ struct Args {
     /// The service account of the control plane's own SPIFFE id.
     #[arg(long, default_value = "remora-cp")]
     xds_tls_service_account: String,
+    /// Ask xDS clients for a certificate of the mesh CA (with --xds-tls): `none`, `optional`
+    /// (a client presenting none authenticates as --xds-auth says), or `require`. A client
+    /// certificate naming spiffe://TRUST_DOMAIN/ns/NS/sa/SA identifies the caller as that
+    /// service account, as a Kubernetes token of it would, when it sends no bearer token: a
+    /// proxy holding a workload certificate renews it without a token.
+    #[arg(long, value_enum, default_value = "none", requires = "xds_tls")]
+    xds_tls_client_auth: ClientAuth,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -177,6 +185,7 @@ async fn main() -> std::process::ExitCode {
             namespace: args.xds_tls_namespace.clone(),
             service_account: args.xds_tls_service_account.clone(),
             dns_names: args.xds_tls_dns_names.clone(),
+            client_auth: args.xds_tls_client_auth,
         }),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -91,7 +91,7 @@ enum TokenAction {
     },
     /// The grants, by id (never the tokens).
     List,
-    /// Revoke a token by id: new streams with it are refused.
+    /// Revoke a token by id: its open streams end, new ones are refused.
     Revoke { id: String },
 }
 

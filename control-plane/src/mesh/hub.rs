@@ -9,9 +9,12 @@
 //! diffs only those. Sidecars are served nothing until every source has synced once: a
 //! restarted control plane must not push a half-known mesh to proxies that hold a whole one.
 //!
-//! With a CA, each sidecar also gets its identity's secrets ([`WorkloadSecrets`]); the hub
-//! wakes when the next certificate is due for renewal and republishes the sidecars of the
-//! identities renewed, and of those whose identity changed (a pod's service account).
+//! With a CA, each sidecar also gets the trust bundle, and its identity's certificate once its
+//! stream subscribes to it ([`SidecarLease::want_certificate`]: issued then, while the
+//! stream waits, so an Envoy's first SDS answer carries it); the hub wakes when the next
+//! certificate is due for renewal and republishes the sidecars of the identities renewed, and
+//! of those whose identity changed (a pod's service account). A certificate no stream
+//! subscribes to any more is dropped and not renewed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,13 +46,17 @@ struct SidecarEntry {
     raw_seen: Arc<Snapshot>,
     /// Its identity as last published (with a CA).
     identity: Option<SpiffeId>,
+    /// Its stream subscribes to the workload certificate (so its snapshot carries it).
+    wants_certificate: bool,
 }
 
 struct HubState {
     generator: Generator,
     /// The version of the last publish.
     version: u64,
-    sidecars: Vec<SidecarEntry>,
+    /// By subscription id.
+    sidecars: BTreeMap<u64, SidecarEntry>,
+    next_id: u64,
     /// REST mesh objects as last applied, and the store version they came from.
     rest_seen: BTreeMap<MeshKey, Bytes>,
     /// Workload certificates and the trust bundle; `None` without a CA.
@@ -57,17 +64,86 @@ struct HubState {
 }
 
 impl HubState {
-    /// A sidecar's identity and its secrets (issued if new), with a CA.
+    /// A sidecar's identity and its secrets, with a CA: the trust bundle, and with
+    /// `certificate` the identity's certificate (issued if new).
     fn identity_and_secrets(
         &mut self,
         sidecar: &Sidecar,
+        certificate: bool,
     ) -> (Option<SpiffeId>, Option<Arc<TypeMap>>) {
         let Some(secrets) = self.secrets.as_mut() else {
             return (None, None);
         };
         let identity = sidecar_identity(self.generator.inputs(), sidecar, secrets.trust_domain());
-        let map = secrets.secrets(&identity);
+        let map = secrets.secrets(&identity, certificate);
         (Some(identity), Some(map))
+    }
+
+    /// Drops the certificates of identities no sidecar stream subscribes to.
+    fn retain_wanted_certificates(&mut self) {
+        let Some(secrets) = self.secrets.as_mut() else {
+            return;
+        };
+        let wanted: BTreeSet<SpiffeId> = self
+            .sidecars
+            .values()
+            .filter(|entry| entry.wants_certificate)
+            .filter_map(|entry| entry.identity.clone())
+            .collect();
+        secrets.retain(&wanted);
+    }
+}
+
+/// One sidecar stream's place in the hub: the snapshots it follows, and its say in which
+/// secrets are made for it.
+pub struct MeshSubscription {
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub lease: SidecarLease,
+}
+
+/// A sidecar stream's hold on the hub. Dropping it (the stream ended) lets the hub forget the
+/// sidecar and, if no other stream of its identity wants it, its certificate.
+pub struct SidecarLease {
+    hub: Arc<MeshHub>,
+    id: u64,
+    wants_certificate: bool,
+}
+
+impl SidecarLease {
+    pub fn wants_certificate(&self) -> bool {
+        self.wants_certificate
+    }
+
+    /// Whether the stream subscribes to the workload certificate now. The first time it does,
+    /// the identity's certificate is issued (unless another stream of the identity holds one)
+    /// and the sidecar's snapshot republished with it before this returns; when it stops, the
+    /// certificate leaves its snapshot, and is dropped once no stream of the identity wants it.
+    pub async fn want_certificate(&mut self, wanted: bool) {
+        if self.wants_certificate == wanted {
+            return;
+        }
+        self.wants_certificate = wanted;
+        let hub = self.hub.clone();
+        let id = self.id;
+        if tokio::task::spawn_blocking(move || hub.set_certificate_wanted(id, wanted))
+            .await
+            .is_err()
+        {
+            tracing::error!("updating a sidecar's certificate subscription panicked");
+        }
+        // The next renewal may now be sooner (or later) than the one the hub waits for.
+        self.hub.reschedule.notify_one();
+    }
+}
+
+impl Drop for SidecarLease {
+    fn drop(&mut self) {
+        lock(&self.hub.released).push(self.id);
+        // A certificate no one else wants goes at the next publish; otherwise there is no
+        // hurry to forget the sidecar.
+        if self.wants_certificate {
+            self.hub.wake.notify_one();
+        }
     }
 }
 
@@ -83,6 +159,8 @@ pub struct MeshHub {
     /// A certificate was issued: the next renewal may be sooner than the one waited for.
     reschedule: Notify,
     state: Mutex<HubState>,
+    /// Subscriptions whose streams ended, to forget at the next publish.
+    released: Mutex<Vec<u64>>,
     /// Sources still to finish their first sync.
     pending_sources: Mutex<usize>,
     sync_requested: AtomicBool,
@@ -187,10 +265,12 @@ impl MeshHub {
             state: Mutex::new(HubState {
                 generator: Generator::new(settings),
                 version: 0,
-                sidecars: Vec::new(),
+                sidecars: BTreeMap::new(),
+                next_id: 0,
                 rest_seen: BTreeMap::new(),
                 secrets: ca.map(WorkloadSecrets::new),
             }),
+            released: Mutex::new(Vec::new()),
             pending_sources: Mutex::new(sources),
             sync_requested: AtomicBool::new(false),
             synced,
@@ -228,8 +308,10 @@ impl MeshHub {
         self.synced.subscribe()
     }
 
-    /// The snapshot channel of one sidecar (after the sources have synced).
-    pub async fn subscribe(self: &Arc<Self>, sidecar: Sidecar) -> watch::Receiver<Arc<Snapshot>> {
+    /// The snapshot channel of one sidecar (after the sources have synced). Its secrets are
+    /// the trust bundle until the stream wants its certificate
+    /// ([`SidecarLease::want_certificate`]).
+    pub async fn subscribe(self: &Arc<Self>, sidecar: Sidecar) -> MeshSubscription {
         let mut synced = self.synced.subscribe();
         let _ = synced.wait_for(|synced| *synced).await;
         let raw = self.raw.subscribe(&sidecar.group);
@@ -238,7 +320,7 @@ impl MeshHub {
             let raw_seen = raw.borrow().clone();
             let mut state = lock(&hub.state);
             let parts = state.generator.sidecar_parts(&sidecar);
-            let (identity, secrets) = state.identity_and_secrets(&sidecar);
+            let (identity, secrets) = state.identity_and_secrets(&sidecar, false);
             let version = state.version;
             let snapshot = compose(
                 &raw_seen,
@@ -249,21 +331,74 @@ impl MeshHub {
                 Instant::now(),
             );
             let (sender, receiver) = watch::channel(Arc::new(snapshot));
-            state.sidecars.push(SidecarEntry {
-                sidecar,
-                sender,
-                raw,
-                raw_seen,
-                identity,
-            });
-            receiver
+            state.next_id += 1;
+            let id = state.next_id;
+            state.sidecars.insert(
+                id,
+                SidecarEntry {
+                    sidecar,
+                    sender,
+                    raw,
+                    raw_seen,
+                    identity,
+                    wants_certificate: false,
+                },
+            );
+            (id, receiver)
         };
-        let receiver = match tokio::task::spawn_blocking(subscribe).await {
-            Ok(receiver) => receiver,
-            Err(_) => watch::channel(Arc::new(Snapshot::empty())).1,
+        let (id, snapshots) = match tokio::task::spawn_blocking(subscribe).await {
+            Ok(subscribed) => subscribed,
+            Err(_) => (0, watch::channel(Arc::new(Snapshot::empty())).1),
         };
-        self.reschedule.notify_one();
-        receiver
+        MeshSubscription {
+            snapshots,
+            lease: SidecarLease {
+                hub: self.clone(),
+                id,
+                wants_certificate: false,
+            },
+        }
+    }
+
+    /// Puts the workload certificate into the snapshot of subscription `id`, or takes it out,
+    /// and republishes it at once. Blocking (it may sign): runs on a blocking thread.
+    fn set_certificate_wanted(&self, id: u64, wanted: bool) {
+        let mut state = lock(&self.state);
+        let state = &mut *state;
+        let Some(entry) = state.sidecars.get_mut(&id) else {
+            return;
+        };
+        entry.wants_certificate = wanted;
+        let sidecar = entry.sidecar.clone();
+        let (identity, secrets) = state.identity_and_secrets(&sidecar, wanted);
+        let Some(secrets) = secrets else {
+            return;
+        };
+        let version = state.version + 1;
+        let Some(entry) = state.sidecars.get_mut(&id) else {
+            return;
+        };
+        tracing::debug!(node = %entry.sidecar.node_id, identity = ?identity, wanted, "workload certificate subscription");
+        entry.identity = identity;
+        let previous = entry.sender.borrow().clone();
+        let index = Kind::Secret.index();
+        if !Arc::ptr_eq(&previous.types[index], &secrets) {
+            // The other types stay as they were, with their records of what changed.
+            let mut types = previous.types.clone();
+            let mut changes = previous.changes.clone();
+            (types[index], changes[index]) = TypeChange::follow(&previous.types[index], secrets);
+            entry.sender.send_replace(Arc::new(Snapshot {
+                version,
+                committed_at: Instant::now(),
+                types,
+                changes,
+                bodies: Default::default(),
+            }));
+            state.version = version;
+        }
+        if !wanted {
+            state.retain_wanted_certificates();
+        }
     }
 
     /// Applies queued updates and the REST objects of the latest commit, and republishes what
@@ -285,12 +420,17 @@ impl MeshHub {
         }
         let version = state.version + 1;
         // Forget sidecars whose streams ended, and views no sidecar needs.
+        for id in std::mem::take(&mut *lock(&self.released)) {
+            state.sidecars.remove(&id);
+        }
         state
             .sidecars
-            .retain(|entry| entry.sender.receiver_count() > 0);
+            .retain(|_, entry| entry.sender.receiver_count() > 0);
+        // Nor certificates no stream wants, which are not worth renewing.
+        state.retain_wanted_certificates();
         let live: BTreeSet<String> = state
             .sidecars
-            .iter()
+            .values()
             .map(|entry| entry.sidecar.namespace().to_string())
             .collect();
         state.generator.retain_views(&live);
@@ -306,7 +446,7 @@ impl MeshHub {
         };
         let mut published = false;
         let mut sidecars = std::mem::take(&mut state.sidecars);
-        for entry in &mut sidecars {
+        for entry in sidecars.values_mut() {
             let raw_now = entry.raw.borrow().clone();
             let raw_changed = !Arc::ptr_eq(&raw_now, &entry.raw_seen);
             let generated_changed = rebuilt.endpoints_changed
@@ -320,15 +460,17 @@ impl MeshHub {
                 )
             });
             let secrets_changed = identity_now != entry.identity
-                || entry
-                    .identity
-                    .as_ref()
-                    .is_some_and(|identity| renewed.contains(identity));
+                || (entry.wants_certificate
+                    && entry
+                        .identity
+                        .as_ref()
+                        .is_some_and(|identity| renewed.contains(identity)));
             if !raw_changed && !generated_changed && !secrets_changed {
                 continue;
             }
             let parts = state.generator.sidecar_parts(&entry.sidecar);
-            let (identity, secrets) = state.identity_and_secrets(&entry.sidecar);
+            let (identity, secrets) =
+                state.identity_and_secrets(&entry.sidecar, entry.wants_certificate);
             entry.identity = identity;
             let previous = entry.sender.borrow().clone();
             let snapshot = compose(
@@ -352,14 +494,8 @@ impl MeshHub {
             }
         }
         state.sidecars = sidecars;
-        if let Some(secrets) = state.secrets.as_mut() {
-            let live: BTreeSet<SpiffeId> = state
-                .sidecars
-                .iter()
-                .filter_map(|entry| entry.identity.clone())
-                .collect();
-            secrets.retain(&live);
-        }
+        // A sidecar whose identity changed left its old one's certificate.
+        state.retain_wanted_certificates();
         if published || !rebuilt.is_empty() {
             state.version = version;
         }
@@ -430,7 +566,7 @@ impl MeshHub {
         let trust_domain = state.secrets.as_ref()?.trust_domain().to_string();
         if let Some(identity) = state
             .sidecars
-            .iter()
+            .values()
             .find(|entry| entry.sidecar.node_id == node_id)
             .and_then(|entry| entry.identity.clone())
         {
@@ -488,7 +624,7 @@ impl MeshHub {
         }
         let namespaces: HashMap<&str, &str> = state
             .sidecars
-            .iter()
+            .values()
             .map(|entry| (entry.sidecar.node_id.as_str(), entry.sidecar.namespace()))
             .collect();
         let mut statuses = BTreeMap::new();
@@ -740,7 +876,7 @@ mod tests {
         let mut receivers = Vec::new();
         let mut streams = Vec::new();
         for pod in ["b-1", "a-1"] {
-            let receiver = hub.subscribe(sidecar(pod)).await;
+            let subscription = hub.subscribe(sidecar(pod)).await;
             let mut stream = SotwStream::aggregated();
             stream
                 .on_request(request(Kind::Cluster, &[], "", ""))
@@ -748,10 +884,10 @@ mod tests {
             stream
                 .on_request(request(Kind::Listener, &[], "", ""))
                 .expect("lds");
-            let snapshot = receiver.borrow().clone();
+            let snapshot = subscription.snapshots.borrow().clone();
             let sent = ack_all(&mut stream, &snapshot);
             assert!(sent.len() >= 2, "{pod}: {sent:?}");
-            receivers.push(receiver);
+            receivers.push(subscription);
             streams.push(stream);
         }
         let key = ObjectKey::new("shop", "b");
@@ -768,7 +904,8 @@ mod tests {
             }),
         )]);
         hub.publish();
-        for (receiver, stream) in receivers.iter_mut().zip(streams.iter_mut()) {
+        for (subscription, stream) in receivers.iter_mut().zip(streams.iter_mut()) {
+            let receiver = &mut subscription.snapshots;
             assert!(receiver.has_changed().expect("open"));
             let snapshot = receiver.borrow_and_update().clone();
             let sent = ack_all(stream, &snapshot);
@@ -810,13 +947,13 @@ mod tests {
         hub.update(service_b());
         hub.publish();
         // Group "a" holds the raw route; group "b" does not.
-        let overridden = hub.subscribe(sidecar("a")).await.borrow().clone();
+        let overridden = hub.subscribe(sidecar("a")).await.snapshots.borrow().clone();
         assert_eq!(overridden.of(Kind::Route)[name].body.value, raw_route);
         assert!(
             overridden.of(Kind::Cluster).contains_key(name),
             "generated clusters stay"
         );
-        let generated = hub.subscribe(sidecar("b")).await.borrow().clone();
+        let generated = hub.subscribe(sidecar("b")).await.snapshots.borrow().clone();
         assert_ne!(generated.of(Kind::Route)[name].body.value, raw_route);
     }
 
@@ -904,13 +1041,27 @@ mod tests {
             (chain, uris)
         }
 
+        /// A sidecar's subscription whose stream has asked for its workload certificate.
+        async fn with_certificate(hub: &Arc<MeshHub>, sidecar: Sidecar) -> MeshSubscription {
+            let mut subscription = hub.subscribe(sidecar).await;
+            subscription.lease.want_certificate(true).await;
+            subscription
+        }
+
+        fn holds(hub: &MeshHub, account: &str) -> bool {
+            lock(&hub.state).secrets.as_ref().is_some_and(|secrets| {
+                secrets.holds(&SpiffeId::new("cluster.local", "shop", account))
+            })
+        }
+
         #[tokio::test]
         async fn a_sidecar_gets_its_service_accounts_certificate_and_the_bundle() {
             let hub = hub_with_ca();
             hub.update([workload("a-1", "buyer")]);
             hub.publish();
-            let receiver = hub.subscribe(sidecar("a-1")).await;
-            let snapshot = receiver.borrow().clone();
+            let mut subscription = with_certificate(&hub, sidecar("a-1")).await;
+            let receiver = &mut subscription.snapshots;
+            let snapshot = receiver.borrow_and_update().clone();
             let (_, uris) = workload_certificate(&snapshot);
             assert_eq!(uris, ["spiffe://cluster.local/ns/shop/sa/buyer"]);
             let bundle = secret(&snapshot, names::TRUST_BUNDLE_SECRET);
@@ -918,19 +1069,17 @@ mod tests {
                 matches!(bundle.r#type, Some(SecretType::ValidationContext(ref context)) if context.trusted_ca.is_some())
             );
             // A pod the mesh does not know runs as `default`.
-            let unknown_receiver = hub.subscribe(sidecar("z-9")).await;
-            let unknown = unknown_receiver.borrow().clone();
+            let unknown = with_certificate(&hub, sidecar("z-9")).await;
             assert_eq!(
-                workload_certificate(&unknown).1,
+                workload_certificate(&unknown.snapshots.borrow()).1,
                 ["spiffe://cluster.local/ns/shop/sa/default"]
             );
             // Two sidecars of one identity share its certificate.
             hub.update([workload("a-2", "buyer")]);
             hub.publish();
-            let twin_receiver = hub.subscribe(sidecar("a-2")).await;
-            let twin = twin_receiver.borrow().clone();
+            let twin = with_certificate(&hub, sidecar("a-2")).await;
             assert_eq!(
-                workload_certificate(&twin).0,
+                workload_certificate(&twin.snapshots.borrow()).0,
                 workload_certificate(&snapshot).0
             );
             assert!(!receiver.has_changed().expect("open"));
@@ -939,13 +1088,82 @@ mod tests {
                 service_account: Some("auditor".into()),
                 ..sidecar("a-3")
             };
-            let proven_receiver = hub.subscribe(proven).await;
+            let proven = with_certificate(&hub, proven).await;
             assert_eq!(
-                workload_certificate(&proven_receiver.borrow()).1,
+                workload_certificate(&proven.snapshots.borrow()).1,
                 ["spiffe://cluster.local/ns/shop/sa/auditor"]
             );
             // Inspection through the API shows no keys.
             assert!(hub.sidecar_config(&sidecar("a-1"))[4].is_empty());
+        }
+
+        #[tokio::test]
+        async fn a_certificate_is_issued_when_subscribed_to_and_dropped_when_no_stream_wants_it() {
+            let hub = hub_with_ca();
+            hub.update([workload("a-1", "buyer"), workload("a-2", "buyer")]);
+            hub.publish();
+            // A sidecar that makes its own key never subscribes: the bundle only, nothing issued.
+            let mut first = hub.subscribe(sidecar("a-1")).await;
+            let snapshot = first.snapshots.borrow_and_update().clone();
+            assert!(
+                snapshot
+                    .of(Kind::Secret)
+                    .contains_key(names::TRUST_BUNDLE_SECRET)
+            );
+            assert!(
+                !snapshot
+                    .of(Kind::Secret)
+                    .contains_key(names::WORKLOAD_CERT_SECRET)
+            );
+            hub.publish();
+            assert!(
+                !holds(&hub, "buyer"),
+                "issued for a sidecar that never asked"
+            );
+            assert!(!first.snapshots.has_changed().expect("open"));
+
+            // Subscribing republishes the snapshot with the certificate before it returns.
+            first.lease.want_certificate(true).await;
+            assert!(first.snapshots.has_changed().expect("open"));
+            let with = first.snapshots.borrow_and_update().clone();
+            let (chain, _) = workload_certificate(&with);
+            assert!(with.version > snapshot.version);
+            assert!(
+                Arc::ptr_eq(with.of(Kind::Cluster), snapshot.of(Kind::Cluster)),
+                "only the secrets change"
+            );
+            assert!(holds(&hub, "buyer"));
+
+            // A second stream of the identity shares it; the first unsubscribing keeps it.
+            let second = with_certificate(&hub, sidecar("a-2")).await;
+            assert_eq!(workload_certificate(&second.snapshots.borrow()).0, chain);
+            first.lease.want_certificate(false).await;
+            let without = first.snapshots.borrow_and_update().clone();
+            assert!(
+                !without
+                    .of(Kind::Secret)
+                    .contains_key(names::WORKLOAD_CERT_SECRET)
+            );
+            assert!(holds(&hub, "buyer"), "the second stream still wants it");
+
+            // The last stream that wanted it ends: dropped at the next publish, not renewed.
+            drop(second);
+            hub.publish();
+            assert!(!holds(&hub, "buyer"));
+            assert_eq!(
+                lock(&hub.state)
+                    .secrets
+                    .as_ref()
+                    .and_then(WorkloadSecrets::next_renewal),
+                None
+            );
+            // Subscribing again issues a new one.
+            first.lease.want_certificate(true).await;
+            let again = first.snapshots.borrow_and_update().clone();
+            assert_ne!(workload_certificate(&again).0, chain);
+            // Unsubscribing as the only one drops it at once.
+            first.lease.want_certificate(false).await;
+            assert!(!holds(&hub, "buyer"));
         }
 
         #[tokio::test(start_paused = true)]
@@ -953,7 +1171,8 @@ mod tests {
             let hub = hub_with_ca();
             hub.update([workload("a-1", "buyer")]);
             hub.publish();
-            let mut receiver = hub.subscribe(sidecar("a-1")).await;
+            let mut subscription = with_certificate(&hub, sidecar("a-1")).await;
+            let receiver = &mut subscription.snapshots;
             let first = workload_certificate(&receiver.borrow_and_update()).0;
             let issued_at = tokio::time::Instant::now();
             assert_eq!(
@@ -992,7 +1211,8 @@ mod tests {
             tokio::spawn(hub.clone().run());
             // The hub settles with nothing to renew before the sidecar connects.
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let mut receiver = hub.subscribe(sidecar("a-1")).await;
+            let mut subscription = with_certificate(&hub, sidecar("a-1")).await;
+            let receiver = &mut subscription.snapshots;
             let mut previous = workload_certificate(&receiver.borrow_and_update()).0;
             let started = tokio::time::Instant::now();
             // Paused time jumps to the next timer: the renewal, if the hub waits for it.
@@ -1023,17 +1243,21 @@ mod tests {
             let hub = hub_with_ca();
             hub.update([workload("a-1", "buyer")]);
             hub.publish();
-            let mut receiver = hub.subscribe(sidecar("a-1")).await;
-            receiver.borrow_and_update();
+            let mut subscription = with_certificate(&hub, sidecar("a-1")).await;
+            subscription.snapshots.borrow_and_update();
             hub.update([workload("a-1", "seller")]);
             hub.publish();
-            assert!(receiver.has_changed().expect("open"));
-            let snapshot = receiver.borrow_and_update().clone();
+            assert!(subscription.snapshots.has_changed().expect("open"));
+            let snapshot = subscription.snapshots.borrow_and_update().clone();
             assert_eq!(
                 workload_certificate(&snapshot).1,
                 ["spiffe://cluster.local/ns/shop/sa/seller"]
             );
-            drop(receiver);
+            assert!(
+                !holds(&hub, "buyer"),
+                "the old identity's certificate is dropped"
+            );
+            drop(subscription);
             hub.publish();
             assert_eq!(
                 lock(&hub.state)

@@ -6,8 +6,10 @@
 //! with the service account from the workload (a pod's `spec.serviceAccountName`), or
 //! `default` while the workload is unknown (the REST source has no workloads; Kubernetes gives
 //! a pod without one `default` too). Sidecars of one identity share one certificate, issued
-//! when the first of them connects and re-issued at half its life; identities no connected
-//! sidecar has are forgotten.
+//! when the first of their xDS streams subscribes to `remora-workload-cert` (an Envoy sidecar
+//! over SDS; a Remora sidecar that makes its own key asks the certificate service instead and
+//! never subscribes, so none is made for it), re-issued at half its life while a stream of the
+//! identity still subscribes, and forgotten when none does.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -105,10 +107,12 @@ struct Issued {
     renew_at: Instant,
 }
 
-/// The secrets of every identity a connected sidecar has.
+/// The secrets of every identity whose certificate a connected sidecar subscribes to.
 pub struct WorkloadSecrets {
     ca: Arc<Ca>,
     bundle: Arc<Resource>,
+    /// The trust bundle alone: what a sidecar that wants no certificate gets (one map for all).
+    bundle_only: Arc<TypeMap>,
     issued: HashMap<SpiffeId, Issued>,
 }
 
@@ -123,9 +127,11 @@ impl std::fmt::Debug for WorkloadSecrets {
 impl WorkloadSecrets {
     pub fn new(ca: Arc<Ca>) -> WorkloadSecrets {
         let bundle = secret_resource(&trust_bundle_secret(ca.bundle_pem()));
+        let bundle_only = Arc::new(TypeMap::from([(bundle.name.clone(), bundle.clone())]));
         WorkloadSecrets {
             ca,
             bundle,
+            bundle_only,
             issued: HashMap::new(),
         }
     }
@@ -135,7 +141,7 @@ impl WorkloadSecrets {
     }
 
     /// Signs a new certificate for `identity`; `None` (logged) if signing failed, so the
-    /// sidecar gets the bundle alone and the next publish tries again.
+    /// sidecar gets the bundle alone until its identity changes or it subscribes again.
     fn issue(&self, identity: &SpiffeId, now: Instant) -> Option<Issued> {
         let issued = match self.ca.issue(identity, SystemTime::now()) {
             Ok(issued) => issued,
@@ -156,8 +162,12 @@ impl WorkloadSecrets {
         })
     }
 
-    /// The secrets of `identity`, issuing its certificate if it has none yet.
-    pub fn secrets(&mut self, identity: &SpiffeId) -> Arc<TypeMap> {
+    /// The secrets of a sidecar of `identity`: the trust bundle, and with `certificate` the
+    /// identity's certificate too, issued if it has none yet.
+    pub fn secrets(&mut self, identity: &SpiffeId, certificate: bool) -> Arc<TypeMap> {
+        if !certificate {
+            return self.bundle_only.clone();
+        }
         if let Some(issued) = self.issued.get(identity) {
             return issued.secrets.clone();
         }
@@ -167,11 +177,13 @@ impl WorkloadSecrets {
                 self.issued.insert(identity.clone(), issued);
                 secrets
             }
-            None => Arc::new(TypeMap::from([(
-                self.bundle.name.clone(),
-                self.bundle.clone(),
-            )])),
+            None => self.bundle_only.clone(),
         }
+    }
+
+    /// Whether a certificate of `identity` is held (for tests and logs).
+    pub fn holds(&self, identity: &SpiffeId) -> bool {
+        self.issued.contains_key(identity)
     }
 
     /// Re-issues every certificate at or past half its life; the identities renewed.
@@ -206,8 +218,14 @@ impl WorkloadSecrets {
         self.issued.values().map(|issued| issued.renew_at).min()
     }
 
-    /// Forgets the identities no connected sidecar has.
-    pub fn retain(&mut self, live: &BTreeSet<SpiffeId>) {
-        self.issued.retain(|identity, _| live.contains(identity));
+    /// Forgets the certificates of identities not in `wanted` (no stream subscribes to them).
+    pub fn retain(&mut self, wanted: &BTreeSet<SpiffeId>) {
+        self.issued.retain(|identity, _| {
+            let keep = wanted.contains(identity);
+            if !keep {
+                tracing::debug!(%identity, "no stream subscribes to the workload certificate any more: dropped");
+            }
+            keep
+        });
     }
 }

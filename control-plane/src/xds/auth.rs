@@ -9,23 +9,42 @@
 //! naming another group in `node.cluster` is refused), and a sidecar gets the certificate of
 //! the token's identity (a sidecar in another namespace is refused). Without a token, or with
 //! an unknown one, the stream ends at once with `UNAUTHENTICATED`.
+//!
+//! Revoking a token (`DELETE /v1/xds-tokens/ID`, on any replica: each follows the store) also
+//! ends the streams open with it, with `UNAUTHENTICATED` and `token revoked` ([`TokenAuth`]
+//! keeps the open streams of each token); the proxy's reconnect is then refused, naming the
+//! revocation while this process remembers it. Certificate requests are single calls, checked
+//! when made.
+//!
+//! With `--xds-tls-client-auth`, a client certificate of the mesh CA is a credential too, in any
+//! mode: a caller with no bearer token whose certificate names
+//! `spiffe://TD/ns/NAMESPACE/sa/SERVICE_ACCOUNT` is that service account, with the rules of a
+//! Kubernetes token bound to no pod (the node keeps its group; a sidecar must be in that
+//! namespace and gets that identity). A bearer token, when sent, decides instead.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
 use tonic::Status;
 use xds_api::envoy::config::core::v3::Node;
 
+use crate::ca::SpiffeId;
 use crate::config::ConfigService;
 use crate::mesh::model::ObjectKey;
 use crate::mesh::sidecar::Sidecar;
 use crate::xds::kube_auth::{AUDIENCE, KubeAuth, ServiceAccountToken};
+use crate::xds::tls::ClientCertificate;
 
 /// Where token grants are kept among the store's private records: `xds-token/SHA256HEX`.
 pub const TOKEN_RECORD_PREFIX: &str = "xds-token/";
 /// How many hex digits of a token's hash name it in the API.
 const ID_DIGITS: usize = 16;
+/// How many revoked tokens a process remembers, to tell a reconnect why it is refused.
+const REMEMBERED_REVOCATIONS: usize = 4096;
 
 /// What a token allows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +119,7 @@ pub enum XdsAuth {
     #[default]
     Open,
     /// Streams must present a token issued through the config API.
-    Tokens(Arc<ConfigService>),
+    Tokens(Arc<TokenAuth>),
     /// Streams must present a projected ServiceAccount token (audience `remora`), checked by
     /// the API server's TokenReview.
     Kubernetes(Arc<KubeAuth>),
@@ -109,41 +128,54 @@ pub enum XdsAuth {
 /// Who an authenticated stream or certificate request is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
-    /// The grant of a bootstrap token.
-    Token(Grant),
+    /// The grant of a bootstrap token, and the token's record hash (`xds-token/HASH`).
+    Token { hash: String, grant: Grant },
     /// A Kubernetes service account; with a pod-bound token, its pod and that pod's group.
     ServiceAccount {
         account: ServiceAccountToken,
         group: Option<String>,
     },
+    /// A client certificate of the mesh CA naming this workload identity.
+    Certificate(SpiffeId),
 }
 
 impl Caller {
+    /// What kind of credential it is, for messages.
+    pub fn credential(&self) -> &'static str {
+        match self {
+            Caller::Token { .. } => "bootstrap token",
+            Caller::ServiceAccount { .. } => "service account token",
+            Caller::Certificate(_) => "client certificate",
+        }
+    }
+
     /// The group whose resources the caller may receive; `None`: the node's own.
     pub fn group(&self) -> Option<&str> {
         match self {
-            Caller::Token(grant) => Some(&grant.group),
+            Caller::Token { grant, .. } => Some(&grant.group),
             Caller::ServiceAccount { group, .. } => group.as_deref(),
+            Caller::Certificate(_) => None,
         }
     }
 
     /// The workload identity (namespace, service account) the credential proves, if any.
     pub fn workload(&self) -> Option<(&str, &str)> {
         match self {
-            Caller::Token(grant) => grant
+            Caller::Token { grant, .. } => grant
                 .namespace
                 .as_deref()
                 .zip(grant.service_account.as_deref()),
             Caller::ServiceAccount { account, .. } => {
                 Some((&account.namespace, &account.service_account))
             }
+            Caller::Certificate(identity) => Some((&identity.namespace, &identity.service_account)),
         }
     }
 
     /// The pod a credential is bound to (a projected service account token).
     pub fn pod(&self) -> Option<ObjectKey> {
         match self {
-            Caller::Token(_) => None,
+            Caller::Token { .. } | Caller::Certificate(_) => None,
             Caller::ServiceAccount { account, .. } => account
                 .pod
                 .as_ref()
@@ -167,12 +199,28 @@ impl Caller {
 }
 
 impl XdsAuth {
-    /// Who the credential in `headers` is, `None` when authentication is off, or the status
+    /// Who the credential in `headers` (else the connection's `client` certificate) is,
+    /// `None` when authentication is off and no certificate names the caller, or the status
     /// that ends the stream or request.
-    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Caller>, Status> {
-        let config = match self {
+    pub async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        client: &ClientCertificate,
+    ) -> Result<Option<Caller>, Status> {
+        if !headers.contains_key(http::header::AUTHORIZATION) {
+            match client {
+                ClientCertificate::Identity(identity) => {
+                    return Ok(Some(Caller::Certificate(identity.clone())));
+                }
+                ClientCertificate::Unusable(problem) => {
+                    return Err(Status::unauthenticated(problem.clone()));
+                }
+                ClientCertificate::Absent => {}
+            }
+        }
+        let tokens = match self {
             XdsAuth::Open => return Ok(None),
-            XdsAuth::Tokens(config) => config,
+            XdsAuth::Tokens(tokens) => tokens,
             XdsAuth::Kubernetes(kube) => {
                 let token = bearer_token(headers).map_err(|problem| {
                     Status::unauthenticated(format!(
@@ -188,14 +236,187 @@ impl XdsAuth {
                 "{problem}: this xDS server requires a bootstrap token in the initial metadata, 'authorization: Bearer TOKEN' (tokens come from POST /v1/xds-tokens)"
             ))
         })?;
-        let state = config.current();
-        let record = state
-            .private
-            .get(&record_name(token))
-            .ok_or_else(|| Status::unauthenticated("unknown or revoked bootstrap token"))?;
+        tokens.authenticate(token).map(Some)
+    }
+
+    /// Follows the credential `caller` authenticated with, for a stream that lives on: the
+    /// [`Revocation`] resolves when it is withdrawn. `None` for credentials never withdrawn
+    /// while a stream is open (no authentication, Kubernetes tokens).
+    pub fn follow(&self, caller: &Caller) -> Option<Revocation> {
+        match (self, caller) {
+            (XdsAuth::Tokens(tokens), Caller::Token { hash, .. }) => Some(tokens.follow(hash)),
+            _ => None,
+        }
+    }
+}
+
+/// `--xds-auth token`: bootstrap tokens checked against the store, and the streams open with
+/// each, closed when it is revoked.
+pub struct TokenAuth {
+    config: Arc<ConfigService>,
+    next_stream: AtomicU64,
+    /// Open streams by token record hash: each one's way to be told to end.
+    streams: Mutex<HashMap<String, HashMap<u64, oneshot::Sender<Status>>>>,
+    /// Token record hashes seen revoked by this process, oldest first (bounded).
+    revoked: Mutex<VecDeque<String>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// The status that ends a stream of a revoked token, or refuses the token again.
+fn revoked_status(hash: &str) -> Status {
+    let id = id_of(hash);
+    Status::unauthenticated(format!(
+        "token revoked: the bootstrap token {id} was revoked (DELETE /v1/xds-tokens/{id}); issue a new one with POST /v1/xds-tokens"
+    ))
+}
+
+impl TokenAuth {
+    pub fn new(config: Arc<ConfigService>) -> Arc<TokenAuth> {
+        Arc::new(TokenAuth {
+            config,
+            next_stream: AtomicU64::new(0),
+            streams: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The grant of `token`, or why it is refused.
+    fn authenticate(&self, token: &str) -> Result<Caller, Status> {
+        let name = record_name(token);
+        let hash = name.trim_start_matches(TOKEN_RECORD_PREFIX);
+        let state = self.config.current();
+        let Some(record) = state.private.get(&name) else {
+            if lock(&self.revoked).iter().any(|revoked| revoked == hash) {
+                return Err(revoked_status(hash));
+            }
+            return Err(Status::unauthenticated(
+                "unknown or revoked bootstrap token",
+            ));
+        };
         serde_json::from_slice(record)
-            .map(|grant| Some(Caller::Token(grant)))
+            .map(|grant| Caller::Token {
+                hash: hash.to_string(),
+                grant,
+            })
             .map_err(|_| Status::internal("the stored grant of this token is unreadable"))
+    }
+
+    /// Registers a stream of the token with record hash `hash`.
+    fn follow(self: &Arc<Self>, hash: &str) -> Revocation {
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        lock(&self.streams)
+            .entry(hash.to_string())
+            .or_default()
+            .insert(stream, sender);
+        let revocation = Revocation {
+            receiver,
+            registered: Some((self.clone(), hash.to_string(), stream)),
+        };
+        // Revoked between the stream's authentication and now: the follower may have looked
+        // before this stream was registered.
+        let name = format!("{TOKEN_RECORD_PREFIX}{hash}");
+        if !self.config.current().private.contains(&name) {
+            self.close(hash);
+        }
+        revocation
+    }
+
+    /// Ends every stream of the token with record hash `hash`.
+    fn close(&self, hash: &str) {
+        let streams = lock(&self.streams).remove(hash).unwrap_or_default();
+        if !streams.is_empty() {
+            tracing::info!(
+                token = id_of(hash),
+                streams = streams.len(),
+                "token revoked: closing its xDS streams"
+            );
+        }
+        for (_, sender) in streams {
+            let _ = sender.send(revoked_status(hash));
+        }
+    }
+
+    /// Follows the config's commits (local writes and other replicas' alike): remembers the
+    /// tokens that went away and ends their streams. Runs until the config service is gone.
+    pub async fn follow_revocations(self: Arc<Self>) {
+        let mut commits = self.config.commits();
+        let mut known = token_hashes(&commits.borrow_and_update().state.private);
+        while commits.changed().await.is_ok() {
+            let state = commits.borrow_and_update().state.clone();
+            let now = token_hashes(&state.private);
+            let gone: Vec<String> = known.difference(&now).cloned().collect();
+            known = now;
+            if !gone.is_empty() {
+                let mut revoked = lock(&self.revoked);
+                for hash in &gone {
+                    revoked.push_back(hash.clone());
+                }
+                while revoked.len() > REMEMBERED_REVOCATIONS {
+                    revoked.pop_front();
+                }
+            }
+            // Every followed token that is gone, not only those seen going: a stream may have
+            // registered with a token revoked just before.
+            let followed: Vec<String> = lock(&self.streams)
+                .keys()
+                .filter(|hash| {
+                    !state
+                        .private
+                        .contains(&format!("{TOKEN_RECORD_PREFIX}{hash}"))
+                })
+                .cloned()
+                .collect();
+            for hash in followed {
+                self.close(&hash);
+            }
+        }
+    }
+
+    fn forget(&self, hash: &str, stream: u64) {
+        let mut streams = lock(&self.streams);
+        if let Some(open) = streams.get_mut(hash) {
+            open.remove(&stream);
+            if open.is_empty() {
+                streams.remove(hash);
+            }
+        }
+    }
+}
+
+fn token_hashes(private: &crate::store::PrivateEntries) -> BTreeSet<String> {
+    private
+        .with_prefix(TOKEN_RECORD_PREFIX)
+        .map(|(hash, _)| hash.to_string())
+        .collect()
+}
+
+/// One stream's watch on its credential: [`Revocation::revoked`] gives the status to end the
+/// stream with once the credential is withdrawn. Dropped with the stream, it stops following.
+pub struct Revocation {
+    receiver: oneshot::Receiver<Status>,
+    registered: Option<(Arc<TokenAuth>, String, u64)>,
+}
+
+impl Revocation {
+    /// Resolves with the status to end the stream with, once the credential is revoked.
+    pub async fn revoked(&mut self) -> Status {
+        match (&mut self.receiver).await {
+            Ok(status) => status,
+            // The registry went away (the server is stopping): nothing will revoke it.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Revocation {
+    fn drop(&mut self) {
+        if let Some((tokens, hash, stream)) = self.registered.take() {
+            tokens.forget(&hash, stream);
+        }
     }
 }
 
@@ -256,9 +477,10 @@ pub fn authorize(
     };
     if sidecar.namespace() != namespace {
         return Err(Status::permission_denied(format!(
-            "sidecar {} is in namespace {:?} but the token is for namespace {namespace:?}",
+            "sidecar {} is in namespace {:?} but the {} is for namespace {namespace:?}",
             sidecar.node_id,
-            sidecar.namespace()
+            sidecar.namespace(),
+            caller.credential()
         )));
     }
     sidecar.service_account = Some(account.to_string());
@@ -283,11 +505,14 @@ mod tests {
 
     #[test]
     fn the_grant_decides_group_and_identity() {
-        let grant = Caller::Token(Grant {
-            group: "web".into(),
-            namespace: Some("shop".into()),
-            service_account: Some("buyer".into()),
-        });
+        let grant = Caller::Token {
+            hash: "00".into(),
+            grant: Grant {
+                group: "web".into(),
+                namespace: Some("shop".into()),
+                service_account: Some("buyer".into()),
+            },
+        };
         let mut node = Node::default();
         let mut mesh = sidecar("shop");
         authorize(&grant, &mut node, Some(&mut mesh)).expect("allowed");
@@ -307,11 +532,14 @@ mod tests {
             .expect_err("other namespace");
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
 
-        let group_only = Caller::Token(Grant {
-            group: "web".into(),
-            namespace: None,
-            service_account: None,
-        });
+        let group_only = Caller::Token {
+            hash: "00".into(),
+            grant: Grant {
+                group: "web".into(),
+                namespace: None,
+                service_account: None,
+            },
+        };
         authorize(&group_only, &mut Node::default(), None).expect("a plain proxy");
         let status = authorize(
             &group_only,
@@ -375,6 +603,82 @@ mod tests {
         assert_eq!(mesh.group, "anything");
         authorize(&unbound, &mut Node::default(), Some(&mut sidecar("pay")))
             .expect_err("another namespace");
+    }
+
+    #[tokio::test]
+    async fn revoking_a_token_ends_its_streams_and_is_named_when_it_is_tried_again() {
+        use crate::store::Change;
+        use crate::store::redb_store::RedbStore;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(RedbStore::open(dir.path()).expect("store"));
+        let config = ConfigService::open(store).await.expect("config");
+        let tokens = TokenAuth::new(config.clone());
+        tokio::spawn(tokens.clone().follow_revocations());
+        let auth = XdsAuth::Tokens(tokens.clone());
+        let grant = Grant {
+            group: "web".into(),
+            namespace: None,
+            service_account: None,
+        };
+        let token = new_token().expect("token");
+        let record = record_name(&token);
+        let other = new_token().expect("token");
+        for name in [&record, &record_name(&other)] {
+            let stored = serde_json::to_vec(&grant).expect("json");
+            config
+                .write(vec![Change::PutPrivate(name.clone(), stored.into())])
+                .await
+                .expect("stored");
+        }
+        let caller = tokens.authenticate(&token).expect("known");
+        let mut streams = [
+            auth.follow(&caller).expect("followed"),
+            auth.follow(&caller).expect("followed"),
+        ];
+        let mut unrelated = auth
+            .follow(&tokens.authenticate(&other).expect("known"))
+            .expect("followed");
+
+        config
+            .write(vec![Change::DeletePrivate(record.clone())])
+            .await
+            .expect("revoked");
+        let id = id_of(record.trim_start_matches(TOKEN_RECORD_PREFIX)).to_string();
+        for stream in &mut streams {
+            let status = tokio::time::timeout(Duration::from_secs(10), stream.revoked())
+                .await
+                .expect("ended");
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+            assert!(status.message().contains("token revoked"), "{status:?}");
+            assert!(status.message().contains(&id), "{status:?}");
+        }
+        // Trying the token again is refused, naming the revocation; an unknown one is not.
+        let refused = tokens.authenticate(&token).expect_err("revoked");
+        assert!(refused.message().contains("token revoked"), "{refused:?}");
+        let unknown = tokens.authenticate("nonsense").expect_err("unknown");
+        assert!(
+            unknown.message().contains("unknown or revoked"),
+            "{unknown:?}"
+        );
+        // A stream that authenticated just before the revocation and follows just after
+        // ends at once.
+        let mut late = auth.follow(&caller).expect("followed");
+        let status = tokio::time::timeout(Duration::from_secs(10), late.revoked())
+            .await
+            .expect("ended at once");
+        assert!(status.message().contains("token revoked"), "{status:?}");
+        // The other token's stream goes on; streams that end are forgotten.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), unrelated.revoked())
+                .await
+                .is_err()
+        );
+        drop(streams);
+        drop(late);
+        assert_eq!(lock(&tokens.streams).len(), 1);
+        drop(unrelated);
+        assert!(lock(&tokens.streams).is_empty());
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! the request carries, as it trusts a stream's node for SDS: the identity of the connected
 //! sidecar with that id, else of the pod the id names (`POD.NAMESPACE`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,6 +19,7 @@ use crate::ca::{Ca, CsrError, SpiffeId};
 use crate::mesh::hub::MeshHub;
 use crate::registry::ProxyRegistry;
 use crate::xds::auth::{Caller, XdsAuth};
+use crate::xds::tls::connection_of;
 
 /// Largest certificate request accepted: a PEM request is well under 4 KiB.
 const MAX_CSR_BYTES: usize = 64 << 10;
@@ -41,7 +41,12 @@ impl CertificateSigner {
         request: &Request<SignCertificateRequest>,
     ) -> Result<SpiffeId, Status> {
         let node_id = &request.get_ref().node_id;
-        match self.auth.authenticate(request.metadata().as_ref()).await? {
+        let (_, client) = connection_of(request.extensions());
+        match self
+            .auth
+            .authenticate(request.metadata().as_ref(), &client)
+            .await?
+        {
             Some(caller) => caller_identity(&self.ca, &caller, node_id),
             None => {
                 if node_id.is_empty() {
@@ -80,7 +85,7 @@ impl CertificateService for CertificateSigner {
         &self,
         request: Request<SignCertificateRequest>,
     ) -> Result<Response<SignCertificateResponse>, Status> {
-        let peer: Option<SocketAddr> = request.remote_addr();
+        let (peer, _) = connection_of(request.extensions());
         let identity = match self.identity(&request).await {
             Ok(identity) => identity,
             Err(status) => {

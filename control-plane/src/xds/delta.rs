@@ -270,6 +270,11 @@ impl StreamProtocol for DeltaStream {
                 .then(|| crate::xds::sotw::secret_names(state.wildcard, &state.names)),
         }
     }
+
+    fn subscribes_to(&self, kind: Kind, name: &str) -> bool {
+        let state = &self.types[kind.index()];
+        state.requested && state.wants(name)
+    }
 }
 
 impl crate::xds::TypeSchedule for DeltaStream {

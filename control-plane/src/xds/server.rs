@@ -6,13 +6,11 @@
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
-use std::net::SocketAddr;
 use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpConnectInfo;
 use xds_api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use xds_api::remora::ca::v1::certificate_service_server::CertificateServiceServer;
 
@@ -23,7 +21,7 @@ use crate::xds::frame::{RequestStream, ResponseBody};
 use crate::xds::names::decode_request;
 use crate::xds::sotw::SotwStream;
 use crate::xds::stream::{XdsContext, drive};
-use crate::xds::tls::XdsTls;
+use crate::xds::tls::{XdsTls, connection_of};
 
 /// Encoded responses buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 4;
@@ -117,13 +115,10 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
             .next()
             .unwrap_or_default()
             .to_string();
-        let peer: Option<SocketAddr> = request
-            .extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(|info| info.remote_addr());
+        let (peer, client) = connection_of(request.extensions());
         let context = self.context.clone();
         Box::pin(async move {
-            let caller = match context.auth.authenticate(request.headers()).await {
+            let caller = match context.auth.authenticate(request.headers(), &client).await {
                 Ok(caller) => caller,
                 Err(status) => {
                     tracing::info!(?peer, %status, "xDS stream refused");

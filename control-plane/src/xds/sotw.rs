@@ -285,6 +285,11 @@ impl StreamProtocol for SotwStream {
                 .then(|| secret_names(state.subscription.wildcard, &state.subscription.names)),
         }
     }
+
+    fn subscribes_to(&self, kind: Kind, name: &str) -> bool {
+        let state = &self.types[kind.index()];
+        state.requested && (state.subscription.wildcard || state.subscription.names.contains(name))
+    }
 }
 
 /// The SDS subscription as the registry shows it: `*` for a wildcard, then the names.

@@ -13,13 +13,14 @@ use tonic::Status;
 use tracing::Instrument;
 use xds_api::envoy::config::core::v3::Node;
 
-use crate::mesh::hub::MeshHub;
+use crate::mesh::hub::{MeshHub, MeshSubscription};
+use crate::mesh::names::WORKLOAD_CERT_SECRET;
 use crate::mesh::sidecar::Sidecar;
 use crate::metrics::Metrics;
 use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus};
 use crate::resource::Kind;
 use crate::snapshot::{Snapshot, SnapshotHub};
-use crate::xds::auth::{Caller, XdsAuth, authorize};
+use crate::xds::auth::{Caller, Revocation, XdsAuth, authorize};
 use crate::xds::frame::{Frame, RequestStream};
 
 /// What every stream needs.
@@ -56,6 +57,8 @@ pub trait StreamProtocol: Send + 'static {
     fn next_response(&mut self, snapshot: &Snapshot) -> Option<Self::Response>;
     /// The status of `kind` as the registry of connected proxies shows it.
     fn status(&self, kind: Kind) -> TypeStatus;
+    /// Whether the client subscribes to resource `name` of `kind` now, by name or wildcard.
+    fn subscribes_to(&self, kind: Kind, name: &str) -> bool;
 }
 
 /// Runs one stream until the client goes away. `caller` is who its credential proves (with
@@ -82,9 +85,13 @@ pub async fn drive<P: StreamProtocol>(
         let _ = responses.send(Err(status)).await;
         return;
     }
+    // Revoking the credential ends the stream.
+    let revocation = caller
+        .as_ref()
+        .and_then(|caller| context.auth.follow(caller));
     let span = tracing::debug_span!("xds", node = %node.id);
     serve::<P>(
-        context, peer, requests, responses, protocol, first, node, sidecar,
+        context, peer, requests, responses, protocol, first, node, sidecar, revocation,
     )
     .instrument(span)
     .await
@@ -101,12 +108,17 @@ async fn serve<P: StreamProtocol>(
     first: P::Request,
     node: Node,
     sidecar: Option<Sidecar>,
+    mut revocation: Option<Revocation>,
 ) {
     let registration = context.registry.register(&node, peer, P::NAME);
     tracing::info!(node = %node.id, group = %node.cluster, protocol = P::NAME, "xDS stream opened");
-    let mut snapshots = match (&context.mesh, sidecar) {
-        (Some(mesh), Some(sidecar)) => mesh.subscribe(sidecar).await,
-        _ => context.hub.subscribe(&node.cluster),
+    // A mesh sidecar's lease says whether its stream wants the workload certificate.
+    let (mut snapshots, mut lease) = match (&context.mesh, sidecar) {
+        (Some(mesh), Some(sidecar)) => {
+            let MeshSubscription { snapshots, lease } = mesh.subscribe(sidecar).await;
+            (snapshots, Some(lease))
+        }
+        _ => (context.hub.subscribe(&node.cluster), None),
     };
     let mut snapshot = snapshots.borrow_and_update().clone();
     let mut reported: [TypeStatus; 5] = Default::default();
@@ -122,6 +134,14 @@ async fn serve<P: StreamProtocol>(
                 Err(status) => {
                     let _ = responses.send(Err(status)).await;
                     return;
+                }
+            }
+            // The certificate is issued when first subscribed to, before the answer is planned.
+            if let Some(lease) = lease.as_mut() {
+                let wanted = protocol.subscribes_to(Kind::Secret, WORKLOAD_CERT_SECRET);
+                if wanted != lease.wants_certificate() {
+                    lease.want_certificate(wanted).await;
+                    snapshot = snapshots.borrow_and_update().clone();
                 }
             }
         }
@@ -151,7 +171,20 @@ async fn serve<P: StreamProtocol>(
                 }
                 snapshot = snapshots.borrow_and_update().clone();
             }
+            status = revoked(&mut revocation) => {
+                tracing::info!(node = %node.id, %status, "xDS stream closed: its credential was revoked");
+                let _ = responses.send(Err(status)).await;
+                return;
+            }
         }
+    }
+}
+
+/// The status to end the stream with once its credential is revoked; never, without one.
+async fn revoked(revocation: &mut Option<Revocation>) -> Status {
+    match revocation {
+        Some(revocation) => revocation.revoked().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -7,6 +7,13 @@
 //! The certificate is as short-lived as workload certificates and renewed at half life. The
 //! TLS config asks a resolver for it on every handshake, so a renewal takes effect for the next
 //! connection and open streams are not dropped.
+//!
+//! With `--xds-tls-client-auth optional|require` the port also asks for a client certificate,
+//! verified against the mesh CA's bundle. One naming a workload identity
+//! (`spiffe://TD/ns/NAMESPACE/sa/SERVICE_ACCOUNT`) is a credential of its own
+//! ([`ClientCertificate`], carried to each request in [`XdsConnectInfo`]): the caller is that
+//! service account, as a Kubernetes token of it would say (see [`crate::xds::auth`]), so a
+//! proxy holding a workload certificate renews it, and follows its config, without a token.
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,6 +39,50 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 /// Connections handshaken and not yet taken by the gRPC server.
 const ACCEPT_BACKLOG: usize = 64;
+
+/// Whether the xDS port asks clients for certificates (`--xds-tls-client-auth`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientAuth {
+    /// Clients are not asked for certificates.
+    #[default]
+    None,
+    /// Asked for: one presented must be the mesh CA's; a client presenting none authenticates
+    /// as `--xds-auth` says (a token).
+    Optional,
+    /// Every connection must present a certificate the mesh CA issued.
+    Require,
+}
+
+/// What a connection's client certificate proves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientCertificate {
+    /// None presented (or not asked for; or plain text).
+    Absent,
+    /// Verified against the bundle, naming this workload identity.
+    Identity(SpiffeId),
+    /// Verified against the bundle but naming no workload identity of the trust domain: why.
+    Unusable(String),
+}
+
+/// The connection an xDS request came over: the TCP addresses and, over TLS, what the client's
+/// certificate proves. The gRPC server puts it into every request's extensions.
+#[derive(Clone, Debug)]
+pub struct XdsConnectInfo {
+    pub tcp: TcpConnectInfo,
+    pub client: ClientCertificate,
+}
+
+/// The peer address and client certificate of the connection a request came over (TLS or
+/// plain text).
+pub fn connection_of(extensions: &http::Extensions) -> (Option<SocketAddr>, ClientCertificate) {
+    if let Some(info) = extensions.get::<XdsConnectInfo>() {
+        return (info.tcp.remote_addr(), info.client.clone());
+    }
+    let peer = extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr);
+    (peer, ClientCertificate::Absent)
+}
 
 /// Who the control plane is on its xDS port.
 #[derive(Clone, Debug)]
@@ -64,20 +115,47 @@ pub struct XdsTls {
     current: Arc<CurrentCertificate>,
     ca: Arc<Ca>,
     serving: ServingIdentity,
+    client_auth: ClientAuth,
 }
 
 impl XdsTls {
-    /// Issues the first serving certificate; clients must speak HTTP/2 (ALPN `h2`).
-    pub fn new(ca: Arc<Ca>, serving: ServingIdentity) -> anyhow::Result<XdsTls> {
+    /// Issues the first serving certificate; clients must speak HTTP/2 (ALPN `h2`), and
+    /// present a certificate of the mesh CA as `client_auth` says.
+    pub fn new(
+        ca: Arc<Ca>,
+        serving: ServingIdentity,
+        client_auth: ClientAuth,
+    ) -> anyhow::Result<XdsTls> {
         let (key, _) = issue(&ca, &serving)?;
         let current = Arc::new(CurrentCertificate {
             key: RwLock::new(key),
         });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = match client_auth {
+            ClientAuth::None => WebPkiClientVerifier::no_client_auth(),
+            ClientAuth::Optional | ClientAuth::Require => {
+                let mut roots = rustls::RootCertStore::empty();
+                for certificate in rustls_pemfile::certs(&mut ca.bundle_pem().as_bytes()) {
+                    roots
+                        .add(certificate.context("reading the trust bundle")?)
+                        .context("the trust bundle as a root for client certificates")?;
+                }
+                let builder =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+                let builder = if client_auth == ClientAuth::Optional {
+                    builder.allow_unauthenticated()
+                } else {
+                    builder
+                };
+                builder
+                    .build()
+                    .context("verifying client certificates against the trust bundle")?
+            }
+        };
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .context("TLS versions for the xDS port")?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_cert_resolver(current.clone());
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(XdsTls {
@@ -85,6 +163,7 @@ impl XdsTls {
             current,
             ca,
             serving,
+            client_auth,
         })
     }
 
@@ -126,6 +205,8 @@ impl XdsTls {
     ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConnection>> {
         let (sender, receiver) = mpsc::channel(ACCEPT_BACKLOG);
         let acceptor = self.acceptor.clone();
+        let ca = self.ca.clone();
+        let client_auth = self.client_auth;
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -144,13 +225,15 @@ impl XdsTls {
                 };
                 let acceptor = acceptor.clone();
                 let sender = sender.clone();
+                let ca = ca.clone();
                 tokio::spawn(async move {
-                    match handshake(&acceptor, tcp, peer).await {
+                    match handshake(&acceptor, &ca, tcp, peer).await {
                         Ok(connection) => {
                             let _ = sender.send(Ok(connection)).await;
                         }
                         Err(error) => {
-                            tracing::info!(%peer, %error, "xDS TLS handshake failed");
+                            // `client_auth` tells whether a client certificate was asked for.
+                            tracing::info!(%peer, %error, ?client_auth, "xDS TLS handshake failed");
                         }
                     }
                 });
@@ -162,6 +245,7 @@ impl XdsTls {
 
 async fn handshake(
     acceptor: &tokio_rustls::TlsAcceptor,
+    ca: &Ca,
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> io::Result<TlsConnection> {
@@ -175,7 +259,26 @@ async fn handshake(
                 format!("{peer} did not finish its handshake"),
             )
         })??;
-    Ok(TlsConnection { stream, info })
+    // The verifier has checked the chain; what remains is whom it names.
+    let client = match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+    {
+        None => ClientCertificate::Absent,
+        Some(leaf) => match ca.identity_of_certificate(leaf) {
+            Ok(identity) => ClientCertificate::Identity(identity),
+            Err(problem) => {
+                tracing::info!(%peer, %problem, "xDS client certificate names no workload identity");
+                ClientCertificate::Unusable(problem)
+            }
+        },
+    };
+    Ok(TlsConnection {
+        stream,
+        info: XdsConnectInfo { tcp: info, client },
+    })
 }
 
 /// A new serving certificate as rustls serves it, and as issued.
@@ -198,16 +301,16 @@ fn issue(
 }
 
 /// A TLS connection to the xDS port; the gRPC server sees its TCP addresses (the discovery
-/// services log and list proxies by them).
+/// services log and list proxies by them) and its client certificate's identity.
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
-    info: TcpConnectInfo,
+    info: XdsConnectInfo,
 }
 
 impl Connected for TlsConnection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = XdsConnectInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
+    fn connect_info(&self) -> XdsConnectInfo {
         self.info.clone()
     }
 }
