@@ -1155,6 +1155,15 @@ fn static_listeners_wait_for_their_ads_secrets_as_in_envoy() {
         );
         assert_eq!(tls_probe(setup.tls_in, &client), Seen::Refused, "{who}");
         assert!(refused(setup.out), "{who}: no static listener listens yet");
+        if let Running::Remora(proxy) = &proxy {
+            let log = proxy.process.log();
+            assert!(
+                log.lines().any(|line| line.contains("waiting for a secret")
+                    && line.contains("server-cert")
+                    && line.contains("listener tls_in")),
+                "the log says which secret the listener waits for:\n{log}"
+            );
+        }
         ads_server.set(
             SECRET,
             vec![certificate_secret("server-cert", &ca.server(21))],
@@ -1183,6 +1192,16 @@ fn static_listeners_wait_for_their_ads_secrets_as_in_envoy() {
             Some(1),
             "{who}"
         );
+        if let Running::Remora(proxy) = &proxy {
+            let log = proxy.process.log();
+            assert!(
+                log.lines()
+                    .any(|line| line.contains("did not arrive in time")
+                        && line.contains("server-cert")
+                        && line.contains("listener tls_in")),
+                "the log says which secret never came:\n{log}"
+            );
+        }
         assert_eq!(
             tls_probe(setup.tls_in, &client),
             Seen::HandshakeFailed,
