@@ -724,13 +724,7 @@ static_resources:
         app = static_cluster("app", &[app.addr]).trim_end(),
     );
     let listener_yaml = tls_listener_with_sds(port, "{name: server-cert, sds_config: {ads: {}}}");
-    // The same listener as a resource of its own: one level less indented.
-    let listener_yaml = listener_yaml
-        .replacen("  - name: tls_in", "    name: tls_in", 1)
-        .lines()
-        .map(|line| line.strip_prefix("    ").unwrap_or(line))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let listener_yaml = as_resource(&listener_yaml);
     ads_server.set(LISTENER, vec![ads::listener(&listener_yaml)]);
     ads_server.set(CLUSTER, vec![]);
     let (_dir, path) = write_config(&yaml);
@@ -1273,4 +1267,67 @@ fn static_cluster_waits_for_its_ads_trust_bundle() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(echo_json(&body)["path"], "/through");
     drop(proxy);
+}
+
+/// A listener of a bootstrap's `listeners:` list as a resource of its own (one level less
+/// indented).
+fn as_resource(listener_yaml: &str) -> String {
+    listener_yaml
+        .replacen("  - name:", "    name:", 1)
+        .lines()
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A listener that comes over LDS waits for its ADS certificate as long as the secret's
+/// `initial_fetch_timeout` (here 1 s, not the default 15 s), in Remora as in Envoy: then the
+/// server is live, the listener listens and fails handshakes, and the secret serves the next
+/// handshake when it comes.
+#[test]
+fn a_dynamic_listener_waits_for_its_secret_as_long_as_its_initial_fetch_timeout() {
+    use xds_api::type_urls::{CLUSTER, LISTENER, SECRET};
+    let ca = Ca::new();
+    let client = tls_client(&ca.pem());
+    let app = EchoServer::start("app", "127.0.0.1");
+    let proxies: &[bool] = if envoy::available_or_skip("Envoy's SDS initial fetch timeout") {
+        &[true, false]
+    } else {
+        &[true]
+    };
+    for &remora in proxies {
+        let who = name(remora);
+        let ads_server = ads::AdsServer::start();
+        let mut setup = StaticSds::new(ads_server.addr, app.addr, "1s", false, true);
+        let sds = "{name: server-cert, sds_config: {ads: {}, resource_api_version: V3, initial_fetch_timeout: 1s}}";
+        let listener = tls_listener_with_sds(setup.tls_in.port(), sds);
+        assert!(setup.yaml.contains(&listener));
+        setup.yaml = setup.yaml.replace(&listener, "");
+        ads_server.set(CLUSTER, vec![]);
+        ads_server.set(LISTENER, vec![ads::listener(&as_resource(&listener))]);
+        let started = Instant::now();
+        let proxy = setup.start(remora);
+        setup.wait_asked(&ads_server, &["server-cert"]);
+        setup.wait_live();
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_secs(10),
+            "{who}: live after {waited:?}"
+        );
+        assert_eq!(
+            tls_probe(setup.tls_in, &client),
+            Seen::HandshakeFailed,
+            "{who}"
+        );
+        ads_server.set(
+            SECRET,
+            vec![certificate_secret("server-cert", &ca.server(41))],
+        );
+        wait_for(
+            "TLS once the late secret is in",
+            Duration::from_secs(20),
+            || (tls_probe(setup.tls_in, &client) == Seen::Status(200, 41)).then_some(()),
+        );
+        drop(proxy);
+    }
 }
