@@ -49,6 +49,7 @@ pub struct Lifecycle {
     state: AtomicU8,
     stop: watch::Sender<Stop>,
     pub started: Instant,
+    /// `server.live`: 1 unless draining, initializing included, as in Envoy.
     live: Arc<crate::stats::Stat>,
     /// `server.state` as Envoy numbers it: 0 live, 1 draining, 3 initializing.
     state_gauge: Arc<crate::stats::Stat>,
@@ -71,6 +72,7 @@ impl Lifecycle {
             state_gauge: registry.gauge("server.state"),
             waiting: AtomicU8::new(parts.iter().fold(0, |bits, part| bits | *part as u8)),
         });
+        lifecycle.live.set(1);
         lifecycle.state_gauge.set(3);
         (lifecycle, stopped)
     }
@@ -105,7 +107,7 @@ impl Lifecycle {
         }
     }
 
-    /// The initial configuration is in: `/ready` answers 200 and `server.live` is 1.
+    /// The initial configuration is in: `/ready` answers 200 and `server.state` is 0.
     fn set_live(&self) {
         let went_live = self
             .state
@@ -117,7 +119,6 @@ impl Lifecycle {
             )
             .is_ok();
         if went_live {
-            self.live.set(1);
             self.state_gauge.set(0);
             // Start-up is over: its code need not stay resident.
             crate::memory::page_out_startup_code();
@@ -126,6 +127,7 @@ impl Lifecycle {
 
     pub(crate) fn set_draining(&self) {
         self.state.store(State::Draining as u8, Ordering::Release);
+        self.live.set(0);
         self.state_gauge.set(1);
     }
 
@@ -143,14 +145,16 @@ mod tests {
         let registry = Registry::default();
         let (lifecycle, _) = Lifecycle::new(&registry, &[InitPart::Static, InitPart::Xds]);
         let state = registry.gauge("server.state");
+        let live = registry.gauge("server.live");
         assert_eq!((lifecycle.state(), state.get()), (State::Initializing, 3));
+        assert_eq!(live.get(), 1, "not draining");
         lifecycle.init_done(InitPart::Xds);
         lifecycle.init_done(InitPart::Xds);
         assert!(!lifecycle.waiting_for(InitPart::Xds));
         assert_eq!((lifecycle.state(), state.get()), (State::Initializing, 3));
         lifecycle.init_done(InitPart::Static);
         assert_eq!((lifecycle.state(), state.get()), (State::Live, 0));
-        assert_eq!(registry.gauge("server.live").get(), 1);
+        assert_eq!(live.get(), 1);
     }
 
     #[test]
@@ -160,5 +164,7 @@ mod tests {
         lifecycle.set_draining();
         lifecycle.init_done(InitPart::Static);
         assert_eq!(lifecycle.state(), State::Draining);
+        assert_eq!(registry.gauge("server.live").get(), 0);
+        assert_eq!(registry.gauge("server.state").get(), 1);
     }
 }

@@ -1150,6 +1150,9 @@ fn static_listeners_wait_for_their_ads_secrets_as_in_envoy() {
         assert_eq!(tls_probe(setup.tls_in, &client), Seen::Refused, "{who}");
         assert!(refused(setup.out), "{who}: no static listener listens yet");
         if let Running::Remora(proxy) = &proxy {
+            // Envoy's gauges, the same numbers, change only at its stats flush (every 5 s).
+            assert_eq!(proxy.stat("server.state"), 3, "INITIALIZING");
+            assert_eq!(proxy.stat("server.live"), 1, "not draining");
             let log = proxy.process.log();
             assert!(
                 log.lines().any(|line| line.contains("waiting for a secret")
@@ -1163,6 +1166,9 @@ fn static_listeners_wait_for_their_ads_secrets_as_in_envoy() {
             vec![certificate_secret("server-cert", &ca.server(21))],
         );
         setup.wait_live();
+        if let Running::Remora(proxy) = &proxy {
+            assert_eq!(proxy.stat("server.state"), 0, "LIVE");
+        }
         assert_eq!(
             tls_probe(setup.tls_in, &client),
             Seen::Status(200, 21),
