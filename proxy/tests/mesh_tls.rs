@@ -1337,3 +1337,49 @@ fn a_dynamic_listener_waits_for_its_secret_as_long_as_its_initial_fetch_timeout(
         drop(proxy);
     }
 }
+
+/// A static listener whose certificate comes from a secret file waits for the file to hold
+/// it, as for a secret over ADS (here without any xDS at all). Envoy does not wait here: it
+/// refuses a bootstrap naming a missing file, and a file without the secret is a rejected
+/// update that lets initialization go on with the listener failing handshakes.
+#[test]
+fn a_static_listener_waits_for_its_secret_file_to_hold_the_secret() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Ca::new();
+    let client = tls_client(&ca.pem());
+    let app = EchoServer::start("app", "127.0.0.1");
+    let secret_path = dir.path().join("server-cert.yaml");
+    std::fs::write(&secret_path, "resources: []\n").expect("write");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let sds = format!(
+        "{{name: server-cert, sds_config: {{path_config_source: {{path: {}}}, resource_api_version: V3}}}}",
+        secret_path.display()
+    );
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[tls_listener_with_sds(port, &sds)],
+        &[static_cluster("app", &[app.addr])],
+    );
+    let (_config_dir, path) = write_config(&yaml);
+    let mut command = std::process::Command::new(remora_tests::workspace_binary("remora-proxy"));
+    command.arg("-c").arg(&path).args(["--log-level", "debug"]);
+    let proxy = remora_tests::process::ChildGuard::spawn("remora-proxy", command);
+    wait_for("the admin endpoint", Duration::from_secs(20), || {
+        http_get(admin, "/ready").ok()
+    });
+    assert_eq!(
+        server_state(admin),
+        (503, "INITIALIZING\n".into(), "INITIALIZING".into())
+    );
+    assert_eq!(tls_probe(loopback(port), &client), Seen::Refused);
+    replace_file(
+        &secret_path,
+        &certificate_secret_file("server-cert", &ca.server(51)),
+    );
+    wait_for("/ready to answer LIVE", Duration::from_secs(20), || {
+        (server_state(admin).0 == 200).then_some(())
+    });
+    assert_eq!(tls_probe(loopback(port), &client), Seen::Status(200, 51));
+    drop(proxy);
+}
