@@ -118,6 +118,9 @@ pub enum SecretSource {
 pub struct SdsSecret {
     pub name: String,
     pub source: SecretSource,
+    /// How long a listener or cluster naming the secret waits for it before it starts without
+    /// it (`sds_config.initial_fetch_timeout`, 15 s by default; zero: for ever).
+    pub initial_fetch_timeout: std::time::Duration,
     pub path: String,
 }
 
@@ -441,44 +444,52 @@ fn sds_secret(sds: &tls_pb::SdsSecretConfig, path: &str) -> ConfigResult<SdsSecr
     if name.is_empty() {
         return err(field(path, "name"), "required");
     }
-    let source = match sds_config {
-        None => SecretSource::Static,
+    let (source, initial_fetch_timeout) = match sds_config {
+        None => (SecretSource::Static, std::time::Duration::ZERO),
         Some(config) => secret_source(config, &field(path, "sds_config"))?,
     };
     Ok(SdsSecret {
         name: name.clone(),
         source,
+        initial_fetch_timeout,
         path: path.to_string(),
     })
 }
 
-fn secret_source(config: &core_pb::ConfigSource, path: &str) -> ConfigResult<SecretSource> {
+/// Where a secret comes from, and how long what names it waits for it.
+fn secret_source(
+    config: &core_pb::ConfigSource,
+    path: &str,
+) -> ConfigResult<(SecretSource, std::time::Duration)> {
     let core_pb::ConfigSource {
         config_source_specifier,
         initial_fetch_timeout,
         resource_api_version,
     } = config;
     api_version(*resource_api_version, &field(path, "resource_api_version"))?;
-    if let Some(timeout) = initial_fetch_timeout {
-        // Read for its errors; a listener or cluster waits for its secrets as Envoy's do.
-        duration(timeout, &field(path, "initial_fetch_timeout"))?;
-    }
+    let timeout = match initial_fetch_timeout {
+        Some(timeout) => duration(timeout, &field(path, "initial_fetch_timeout"))?,
+        None => std::time::Duration::from_secs(15),
+    };
     use core_pb::config_source::ConfigSourceSpecifier as S;
-    match config_source_specifier {
-        Some(S::Ads(core_pb::AggregatedConfigSource {})) => Ok(SecretSource::Ads),
-        Some(S::Path(file)) if !file.is_empty() => Ok(SecretSource::File(PathBuf::from(file))),
+    let source = match config_source_specifier {
+        Some(S::Ads(core_pb::AggregatedConfigSource {})) => SecretSource::Ads,
+        Some(S::Path(file)) if !file.is_empty() => SecretSource::File(PathBuf::from(file)),
         Some(S::PathConfigSource(core_pb::PathConfigSource {
             path: file,
             watched_directory: _,
-        })) if !file.is_empty() => Ok(SecretSource::File(PathBuf::from(file))),
+        })) if !file.is_empty() => SecretSource::File(PathBuf::from(file)),
         Some(S::Path(_) | S::PathConfigSource(_)) => {
-            err(path, "the secret file's path is required")
+            return err(path, "the secret file's path is required");
         }
-        _ => err(
-            path,
-            "secrets come from `ads: {}` or a file (`path_config_source`); other sources are not supported",
-        ),
-    }
+        _ => {
+            return err(
+                path,
+                "secrets come from `ads: {}` or a file (`path_config_source`); other sources are not supported",
+            );
+        }
+    };
+    Ok((source, timeout))
 }
 
 /// A `Secret` resource (static, over ADS or from a file). Session ticket keys and generic

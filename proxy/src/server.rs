@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::config::Bootstrap;
-use crate::lifecycle::{Lifecycle, Stop};
+use crate::lifecycle::{InitPart, Lifecycle, Stop};
 use crate::listener::{ConnectionLimits, ListenerContext, ListenerManager};
 use crate::stats::Registry;
 use crate::store::Store;
@@ -92,7 +92,11 @@ async fn serve(
             .set(&crate::config::SecretSource::Static, secret)
             .with_context(|| format!("static secret {}", secret.name))?;
     }
-    let (lifecycle, mut stopped) = Lifecycle::new(&registry);
+    let parts: &[InitPart] = match &bootstrap.dynamic {
+        Some(_) => &[InitPart::Static, InitPart::Xds],
+        None => &[InitPart::Static],
+    };
+    let (lifecycle, mut stopped) = Lifecycle::new(&registry, parts);
     let concurrency = workers.len();
     let limits = Arc::new(ConnectionLimits::new(
         &bootstrap.runtime,
@@ -149,18 +153,16 @@ async fn serve(
             listener,
         ));
     }
-    // As Envoy, static listeners start once every static cluster's hosts had their first
-    // active health check (each bounded by the check's timeout).
-    for cluster in store.load().clusters.values() {
-        cluster.members.health_ready().await;
-    }
-    for listener in &bootstrap.listeners {
-        listeners
-            .add_or_update(listener.clone())
-            .with_context(|| format!("cannot start listener {}", listener.name))?;
-    }
-    match &bootstrap.dynamic {
-        Some(dynamic) => crate::xds::start(crate::xds::XdsContext {
+    // The xDS client starts now: the secrets static listeners and clusters name may come
+    // over ADS, as Envoy starts ADS once its static clusters are loaded.
+    let awaited = static_secrets(&bootstrap);
+    if let Some(dynamic) = &bootstrap.dynamic {
+        crate::xds::start(crate::xds::XdsContext {
+            static_secrets: awaited
+                .iter()
+                .filter(|a| a.secret.source == crate::config::SecretSource::Ads)
+                .map(|a| a.secret.name.clone())
+                .collect(),
             config: dynamic.clone(),
             node: bootstrap.node.proto.clone(),
             static_clusters: bootstrap.clusters.iter().map(|c| c.name.clone()).collect(),
@@ -170,12 +172,39 @@ async fn serve(
             listeners: listeners.clone(),
             lifecycle: lifecycle.clone(),
             status: xds_status,
-            secrets,
+            secrets: secrets.clone(),
             identity,
             concurrency,
-        }),
-        None => lifecycle.set_live(),
+        });
     }
+    // As Envoy, static listeners start once every static cluster's hosts had their first
+    // active health check (each bounded by the check's timeout) and every secret that static
+    // listeners and clusters name has arrived or timed out; until then nothing listens on
+    // their ports and the server is initializing. Stopping meanwhile stops at once.
+    // The secrets' timeouts count from now, while the health checks run.
+    let static_init = async {
+        let checked = async {
+            for cluster in store.load().clusters.values() {
+                cluster.members.health_ready().await;
+            }
+        };
+        tokio::join!(checked, secrets.wait_initial(awaited, &registry));
+    };
+    tokio::select! {
+        () = static_init => {}
+        stop = wait_stop(&mut stopped) => {
+            tracing::info!(?stop, "stopping while initializing");
+            lifecycle.set_draining();
+            listeners.drain_all(Duration::ZERO, false, false).await;
+            return Ok(());
+        }
+    }
+    for listener in &bootstrap.listeners {
+        listeners
+            .add_or_update(listener.clone())
+            .with_context(|| format!("cannot start listener {}", listener.name))?;
+    }
+    lifecycle.init_done(InitPart::Static);
 
     // SIGUSR1: reopen access log files (log rotation), as Envoy does.
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
@@ -206,6 +235,26 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// The secrets, not static ones, that static listeners and clusters name.
+fn static_secrets(bootstrap: &Bootstrap) -> Vec<crate::tls::secrets::Awaited> {
+    let listeners = bootstrap.listeners.iter().flat_map(|listener| {
+        listener
+            .sds_secrets()
+            .map(|sds| (format!("listener {}", listener.name), sds))
+    });
+    let clusters = bootstrap.clusters.iter().flat_map(|cluster| {
+        cluster
+            .connect
+            .sds_secrets()
+            .map(|sds| (format!("cluster {}", cluster.name), sds))
+    });
+    crate::tls::secrets::Awaited::collect(
+        listeners
+            .chain(clusters)
+            .filter(|(_, sds)| sds.source != crate::config::SecretSource::Static),
+    )
 }
 
 async fn wait_stop(stopped: &mut watch::Receiver<Stop>) -> Stop {

@@ -7,6 +7,10 @@
 //! Envoy's do. It is read when a context first names it, then checked every second for a new
 //! modification time, size or inode (a Kubernetes secret volume swaps a symlink); a version
 //! that does not read leaves the last good one in place, with a warning.
+//!
+//! Static listeners and clusters that name secrets not yet in are part of the server's
+//! initialization, as Envoy's SDS init targets: [`Secrets::wait_initial`] waits until each has
+//! arrived or its `initial_fetch_timeout` has passed, and says which never came.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,9 +20,11 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use remora_config::tls::{SdsSecret, Secret, SecretKind, SecretSource};
 use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
 
 use super::LoadedValidation;
 use crate::config::ConfigResult;
+use crate::stats::Registry;
 
 /// A secret's content, read and checked (PEM parsed, key matched to certificate, CAs loaded).
 #[derive(Debug)]
@@ -67,6 +73,48 @@ pub struct Secrets {
     files: Mutex<BTreeSet<PathBuf>>,
     /// Where file watchers run (the main runtime).
     runtime: tokio::runtime::Handle,
+    /// The latest generation stored: what [`Secrets::wait_initial`] wakes on.
+    changed: watch::Sender<u64>,
+}
+
+/// A secret that initialization waits for, and what names it (`listener NAME`,
+/// `cluster NAME`), for the logs.
+#[derive(Debug, Clone)]
+pub struct Awaited {
+    pub secret: SdsSecret,
+    pub users: Vec<String>,
+}
+
+impl Awaited {
+    /// The secrets `users` name, one entry per secret. A secret named with different
+    /// timeouts waits for the longest (zero, for ever, is the longest).
+    pub fn collect<'a>(users: impl IntoIterator<Item = (String, &'a SdsSecret)>) -> Vec<Awaited> {
+        let mut awaited: Vec<Awaited> = Vec::new();
+        for (user, sds) in users {
+            match awaited
+                .iter_mut()
+                .find(|a| a.secret.source == sds.source && a.secret.name == sds.name)
+            {
+                Some(entry) => {
+                    let (old, new) = (
+                        entry.secret.initial_fetch_timeout,
+                        sds.initial_fetch_timeout,
+                    );
+                    if !old.is_zero() && (new.is_zero() || new > old) {
+                        entry.secret.initial_fetch_timeout = new;
+                    }
+                    if !entry.users.contains(&user) {
+                        entry.users.push(user);
+                    }
+                }
+                None => awaited.push(Awaited {
+                    secret: sds.clone(),
+                    users: vec![user],
+                }),
+            }
+        }
+        awaited
+    }
 }
 
 impl Secrets {
@@ -76,6 +124,7 @@ impl Secrets {
             generations: Default::default(),
             files: Mutex::default(),
             runtime,
+            changed: watch::Sender::new(0),
         })
     }
 
@@ -171,7 +220,73 @@ impl Secrets {
                 generation,
                 updated: SystemTime::now(),
             })));
+        self.changed.send_replace(generation);
         Ok(())
+    }
+
+    /// Waits until every secret of `awaited` has a value or its initial fetch timeout has
+    /// passed (counted from now), as Envoy's server initialization waits for the SDS secrets
+    /// of static listeners and clusters. Logs each secret waited for and who names it, each
+    /// arrival, and each secret that never came (counted in `sds.NAME.init_fetch_timeout`).
+    pub async fn wait_initial(self: &Arc<Self>, awaited: Vec<Awaited>, registry: &Registry) {
+        let start = tokio::time::Instant::now();
+        let mut changed = self.changed.subscribe();
+        let mut pending: Vec<Awaited> = awaited
+            .into_iter()
+            .filter(|a| !self.slot(&a.secret).is_ready())
+            .collect();
+        for a in &pending {
+            tracing::info!(
+                secret = %a.secret.name,
+                source = %source_name(&a.secret.source),
+                named_by = %a.users.join(", "),
+                initial_fetch_timeout = ?a.secret.initial_fetch_timeout,
+                "initializing: waiting for a secret before starting what names it"
+            );
+        }
+        loop {
+            let now = tokio::time::Instant::now();
+            pending.retain(|a| {
+                let timeout = a.secret.initial_fetch_timeout;
+                if self.slot(&a.secret).is_ready() {
+                    tracing::info!(secret = %a.secret.name, named_by = %a.users.join(", "), "initializing: secret arrived");
+                    false
+                } else if !timeout.is_zero() && now >= start + timeout {
+                    tracing::warn!(
+                        secret = %a.secret.name,
+                        source = %source_name(&a.secret.source),
+                        named_by = %a.users.join(", "),
+                        initial_fetch_timeout = ?timeout,
+                        "initializing: secret did not arrive in time; starting without it (its TLS handshakes fail until it arrives)"
+                    );
+                    registry
+                        .counter(format!("sds.{}.init_fetch_timeout", a.secret.name))
+                        .inc();
+                    false
+                } else {
+                    true
+                }
+            });
+            if pending.is_empty() {
+                return;
+            }
+            let next = pending
+                .iter()
+                .map(|a| a.secret.initial_fetch_timeout)
+                .filter(|t| !t.is_zero())
+                .min()
+                .map(|t| start + t);
+            let deadline = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = changed.changed() => if result.is_err() { return },
+                () = deadline => {}
+            }
+        }
     }
 
     /// The current value of a secret, if it has one (no slot is made, no file watched).
@@ -191,6 +306,15 @@ impl Secrets {
     pub fn filled(&self) -> Vec<Arc<SecretSlot>> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.values().filter(|s| s.is_ready()).cloned().collect()
+    }
+}
+
+/// A secret source, for logs.
+fn source_name(source: &SecretSource) -> String {
+    match source {
+        SecretSource::Static => "static".into(),
+        SecretSource::Ads => "ADS".into(),
+        SecretSource::File(path) => format!("file {}", path.display()),
     }
 }
 
@@ -222,4 +346,106 @@ fn read_secret_file(path: &Path) -> Result<Vec<Secret>, String> {
                 .map_err(|e| format!("resources[{index}]: {e}"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use remora_config::common::DataSource;
+    use remora_config::tls::Certificate;
+
+    use super::*;
+
+    fn ads(name: &str, timeout: u64) -> SdsSecret {
+        SdsSecret {
+            name: name.into(),
+            source: SecretSource::Ads,
+            initial_fetch_timeout: Duration::from_secs(timeout),
+            path: "t".into(),
+        }
+    }
+
+    fn certificate(name: &str) -> Secret {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        Secret {
+            name: name.into(),
+            kind: SecretKind::Certificate(Certificate {
+                chain: DataSource::Inline(cert.pem().into_bytes()),
+                key: DataSource::Inline(key.serialize_pem().into_bytes()),
+                path: "t".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_secret_named_twice_is_awaited_once_for_the_longest_timeout() {
+        let (a5, a9, b0, b3) = (ads("a", 5), ads("a", 9), ads("b", 0), ads("b", 3));
+        let awaited = Awaited::collect([
+            ("listener l".to_string(), &a5),
+            ("cluster c".to_string(), &a9),
+            ("listener l".to_string(), &a9),
+            ("listener l".to_string(), &b0),
+            ("cluster c".to_string(), &b3),
+        ]);
+        let summary: Vec<(&str, Duration, Vec<String>)> = awaited
+            .iter()
+            .map(|a| {
+                (
+                    a.secret.name.as_str(),
+                    a.secret.initial_fetch_timeout,
+                    a.users.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "a",
+                    Duration::from_secs(9),
+                    vec!["listener l".to_string(), "cluster c".to_string()]
+                ),
+                (
+                    "b",
+                    Duration::ZERO,
+                    vec!["listener l".to_string(), "cluster c".to_string()]
+                ),
+            ]
+        );
+    }
+
+    /// A secret that arrives ends the wait at once; one that does not ends it at its
+    /// timeout, counted in `sds.NAME.init_fetch_timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn initialization_waits_for_secrets_until_each_timeout() {
+        let secrets = Secrets::new(tokio::runtime::Handle::current());
+        let registry = Registry::default();
+        let start = tokio::time::Instant::now();
+        let arriving = secrets.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            arriving
+                .set(&SecretSource::Ads, &certificate("early"))
+                .unwrap();
+        });
+        let awaited = Awaited::collect([("listener l".to_string(), &ads("early", 10))]);
+        secrets.wait_initial(awaited, &registry).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert_eq!(registry.counter("sds.early.init_fetch_timeout").get(), 0);
+
+        let start = tokio::time::Instant::now();
+        let (never, early) = (ads("never", 5), ads("early", 10));
+        let awaited = Awaited::collect([
+            ("listener l".to_string(), &never),
+            ("cluster c".to_string(), &early),
+        ]);
+        secrets.wait_initial(awaited, &registry).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert_eq!(registry.counter("sds.never.init_fetch_timeout").get(), 1);
+    }
 }

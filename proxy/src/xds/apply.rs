@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use prost_types::Any;
 use serde_json::json;
@@ -20,10 +21,32 @@ use crate::config::{
     DiscoveryType, Files, Listener, LoadAssignment, RawConfig, RouteSource, SecretSource, resource,
 };
 use crate::upstream::Cluster;
+use remora_config::tls::SdsSecret;
 
-/// How long a listener or cluster waits for its secrets (Envoy's default initial fetch
-/// timeout); then it goes live without them, and its handshakes fail until they arrive.
-const SECRET_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// The longest of `timeouts`, zero (wait for ever) being longest of all.
+fn longest(timeouts: impl IntoIterator<Item = Duration>) -> Duration {
+    timeouts
+        .into_iter()
+        .try_fold(Duration::ZERO, |longest, t| {
+            if t.is_zero() {
+                None
+            } else {
+                Some(longest.max(t))
+            }
+        })
+        .unwrap_or(Duration::ZERO)
+}
+
+/// The names of the secrets of `named` that have not arrived, for logs.
+fn missing_secrets<'a>(
+    secrets: &crate::tls::Secrets,
+    named: impl Iterator<Item = &'a SdsSecret>,
+) -> Vec<String> {
+    named
+        .filter(|sds| secrets.peek(sds).is_none())
+        .map(|sds| sds.name.clone())
+        .collect()
+}
 
 /// The desired resources of one type: name → (version, payload).
 type Desired = BTreeMap<String, (String, Any)>;
@@ -261,8 +284,11 @@ impl Applier {
     /// has active checks that have not all completed yet.
     fn activate_when_checked(&mut self, cluster: Arc<Cluster>) {
         if !self.has_secrets(&cluster) {
-            // Warms until its secrets arrive, as Envoy's clusters do.
-            self.warming.add_cluster(cluster, SECRET_FETCH_TIMEOUT);
+            // Warms until its secrets arrive, as Envoy's clusters do, for as long as their
+            // `initial_fetch_timeout`.
+            let timeout = self.secret_timeout(cluster.config.connect.sds_secrets());
+            tracing::info!(cluster = %cluster.name(), secrets = ?missing_secrets(&self.context.secrets, cluster.config.connect.sds_secrets()), ?timeout, "xDS: cluster warming until its secrets arrive");
+            self.warming.add_cluster(cluster, timeout);
             self.publish_warming();
             return;
         }
@@ -272,6 +298,17 @@ impl Applier {
         } else {
             self.activate_cluster(cluster);
         }
+    }
+
+    /// How long what names `named` waits for those of them not in yet: the longest of their
+    /// `initial_fetch_timeout`s.
+    fn secret_timeout<'a>(&self, named: impl Iterator<Item = &'a SdsSecret>) -> Duration {
+        let secrets = &self.context.secrets;
+        longest(
+            named
+                .filter(|sds| secrets.peek(sds).is_none())
+                .map(|sds| sds.initial_fetch_timeout),
+        )
     }
 
     fn has_secrets(&self, cluster: &Cluster) -> bool {
@@ -397,10 +434,16 @@ impl Applier {
                 })
                 .max()
                 .unwrap_or_default();
-            let timeout = if listener.sds_secrets().next().is_some() {
-                route_timeout.max(SECRET_FETCH_TIMEOUT)
-            } else {
+            let timeout = if self.context.secrets.all_ready(listener.sds_secrets()) {
                 route_timeout
+            } else {
+                tracing::info!(listener = %listener.name, secrets = ?missing_secrets(&self.context.secrets, listener.sds_secrets()), "xDS: listener warming until its secrets arrive");
+                let secret_timeout = self.secret_timeout(listener.sds_secrets());
+                if route_names(&listener).is_empty() {
+                    secret_timeout
+                } else {
+                    longest([route_timeout, secret_timeout])
+                }
             };
             self.warming.add_listener(listener, timeout);
             Ok(())
@@ -460,7 +503,15 @@ impl Applier {
         match deadline {
             Deadline::Cluster { name, digest } => {
                 if let Some(cluster) = self.warming.expired_cluster(name, *digest) {
-                    tracing::warn!(cluster = %name, "xDS: endpoints did not arrive in time; activating without endpoints");
+                    let missing = missing_secrets(
+                        &self.context.secrets,
+                        cluster.config.connect.sds_secrets(),
+                    );
+                    if missing.is_empty() {
+                        tracing::warn!(cluster = %name, "xDS: endpoints did not arrive in time; activating without endpoints");
+                    } else {
+                        tracing::warn!(cluster = %name, secrets = ?missing, "xDS: secrets did not arrive in time; activating without them (its TLS connections fail until they arrive)");
+                    }
                     cluster.members.mark_initialized();
                     self.activate_cluster(cluster);
                     self.activate_ready();
@@ -469,7 +520,12 @@ impl Applier {
             }
             Deadline::Listener { name, digest } => {
                 if let Some(listener) = self.warming.expired_listener(name, *digest) {
-                    tracing::warn!(listener = %name, "xDS: routes did not arrive in time; starting the listener without them");
+                    let missing = missing_secrets(&self.context.secrets, listener.sds_secrets());
+                    if missing.is_empty() {
+                        tracing::warn!(listener = %name, "xDS: routes did not arrive in time; starting the listener without them");
+                    } else {
+                        tracing::warn!(listener = %name, secrets = ?missing, "xDS: routes or secrets did not arrive in time; starting the listener without them (its TLS handshakes fail until the secrets arrive)");
+                    }
                     self.start_listener(listener);
                 }
             }

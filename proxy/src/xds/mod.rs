@@ -43,7 +43,7 @@ pub use status::{Status, StatusSnapshot};
 use self::apply::Applier;
 use self::warming::{Deadline, Warming};
 use crate::config::{AdsFlavor, DynamicResources};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{InitPart, Lifecycle};
 use crate::listener::ListenerManager;
 use crate::stats::Registry;
 use crate::store::Store;
@@ -66,6 +66,9 @@ pub struct XdsContext {
     pub identity: crate::cli::XdsIdentity,
     /// Worker count (clusters keep one pool per worker).
     pub concurrency: usize,
+    /// The ADS secrets static listeners and clusters name: asked for from the first request
+    /// on, as static listeners start only once they are in (or timed out).
+    pub static_secrets: std::collections::BTreeSet<String>,
 }
 
 /// One resource as received.
@@ -324,6 +327,8 @@ impl<V: Variant> Client<V> {
         for request in self.protocol.start(&self.wildcard_types()) {
             let _ = tx.send(request).await;
         }
+        // Names wanted before any response (the secrets of static listeners and clusters).
+        self.resubscribe(Some(&tx)).await;
         let context = self.context();
         let open = async {
             let channel = transport::connect(context).await?;
@@ -422,7 +427,7 @@ impl<V: Variant> Client<V> {
 
     fn check_ready(&self) {
         let lifecycle = &self.context().lifecycle;
-        if lifecycle.state() != crate::lifecycle::State::Initializing {
+        if !lifecycle.waiting_for(InitPart::Xds) {
             return;
         }
         let initial = self
@@ -430,8 +435,8 @@ impl<V: Variant> Client<V> {
             .iter()
             .all(|t| self.initial_done.contains(t));
         if initial && self.applier.warming.is_empty() {
-            tracing::info!("xDS: initial configuration applied; server is live");
-            lifecycle.set_live();
+            tracing::info!("xDS: initial configuration applied");
+            lifecycle.init_done(InitPart::Xds);
         }
     }
 }

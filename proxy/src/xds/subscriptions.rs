@@ -1,6 +1,6 @@
 //! Which named resources the proxy needs: the EDS service names of its EDS clusters (active
 //! and warming), the RDS route configurations of its listeners (active and warming), and the
-//! SDS secrets over ADS that either names.
+//! SDS secrets over ADS that either names or a static listener or cluster names.
 
 use std::collections::BTreeSet;
 
@@ -22,6 +22,7 @@ pub fn wanted(applier: &Applier) -> Wanted {
         .flat_map(|cluster| cluster.config.connect.sds_secrets())
         .filter(|sds| sds.source == SecretSource::Ads)
         .map(|sds| sds.name.clone())
+        .chain(applier.context.static_secrets.iter().cloned())
         .collect();
     let endpoints = clusters()
         .filter_map(|cluster| match &cluster.config.discovery {
