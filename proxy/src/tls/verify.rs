@@ -65,8 +65,14 @@ pub struct LoadedValidation {
     /// The CA certificates as configured, and where they were read from, for `/certs`.
     pub ca_certificates: Vec<CertificateDer<'static>>,
     pub ca_source: String,
-    /// Checks a client's chain against `roots` (built once per validation, not per handshake).
-    client_chain: Arc<dyn ClientCertVerifier>,
+}
+
+/// Which end of the handshake presented the certificate: its extended key usage, if it has
+/// one, must allow that role.
+#[derive(Debug, Clone, Copy)]
+enum PeerRole {
+    Server,
+    Client,
 }
 
 impl LoadedValidation {
@@ -81,38 +87,17 @@ impl LoadedValidation {
         };
         let ca_path = format!("{path}.trusted_ca");
         let ca_certificates = super::certificates(&super::read(trusted_ca, &ca_path)?, &ca_path)?;
-        Self::from_parts(
-            ca_certificates,
-            super::source_name(trusted_ca),
-            validation.san_matchers.clone(),
-            &ca_path,
-        )
-    }
-
-    fn from_parts(
-        ca_certificates: Vec<CertificateDer<'static>>,
-        ca_source: String,
-        san_matchers: Vec<SanMatcher>,
-        path: &str,
-    ) -> crate::config::ConfigResult<LoadedValidation> {
         let mut store = rustls::RootCertStore::empty();
         for certificate in &ca_certificates {
             store.add(certificate.clone()).map_err(|e| {
-                crate::config::ConfigError::new(path, format!("invalid CA certificate: {e}"))
+                crate::config::ConfigError::new(&ca_path, format!("invalid CA certificate: {e}"))
             })?;
         }
-        let roots = Arc::new(store);
-        let client_chain =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| crate::config::ConfigError::new(path, e.to_string()))?;
         Ok(LoadedValidation {
-            roots,
-            san_matchers,
+            roots: Arc::new(store),
+            san_matchers: validation.san_matchers.clone(),
             ca_certificates,
-            ca_source,
-            client_chain,
+            ca_source: super::source_name(trusted_ca),
         })
     }
 
@@ -123,8 +108,55 @@ impl LoadedValidation {
             san_matchers: first.iter().chain(&self.san_matchers).cloned().collect(),
             ca_certificates: self.ca_certificates.clone(),
             ca_source: self.ca_source.clone(),
-            client_chain: self.client_chain.clone(),
         }
+    }
+
+    /// Everything Envoy checks of a peer's certificate, in its order, each failure counted
+    /// under Envoy's name: the chain, then the SANs.
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: PeerRole,
+        stats: &SslStats,
+    ) -> Result<(), rustls::Error> {
+        if let Err(error) = self.verify_chain(end_entity, intermediates, now, role) {
+            stats.fail_verify_error.inc();
+            return Err(error);
+        }
+        if !self.sans_match(end_entity) {
+            stats.fail_verify_san.inc();
+            return Err(san_mismatch());
+        }
+        Ok(())
+    }
+
+    /// Whether the chain leads to a trusted CA, through webpki as rustls's own verifiers do.
+    fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: PeerRole,
+    ) -> Result<(), rustls::Error> {
+        let certificate = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let usage = match role {
+            PeerRole::Server => webpki::KeyUsage::server_auth(),
+            PeerRole::Client => webpki::KeyUsage::client_auth(),
+        };
+        certificate
+            .verify_for_usage(
+                provider().signature_verification_algorithms.all,
+                &self.roots.roots,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map(|_| ())
+            .map_err(pki_error)
     }
 
     /// Whether the peer's SANs satisfy the matchers (no matchers: any certificate).
@@ -145,6 +177,29 @@ impl LoadedValidation {
             sans.iter().any(|san| matcher.matches(san))
         })
     }
+}
+
+/// A webpki error as the rustls error (and so the TLS alert) rustls's own verifiers give it.
+fn pki_error(error: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    let certificate = match error {
+        E::BadDer | E::BadDerTime | E::TrailingData(_) => CertificateError::BadEncoding,
+        E::CertNotValidYet { time, not_before } => {
+            CertificateError::NotValidYetContext { time, not_before }
+        }
+        E::CertExpired { time, not_after } => CertificateError::ExpiredContext { time, not_after },
+        E::InvalidCertValidity => CertificateError::Expired,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::CertRevoked => CertificateError::Revoked,
+        E::UnknownRevocationStatus => CertificateError::UnknownRevocationStatus,
+        E::CrlExpired { time, next_update } => {
+            CertificateError::ExpiredRevocationListContext { time, next_update }
+        }
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        E::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(certificate)
 }
 
 /// Where a TLS context's validation comes from at handshake time.
@@ -228,23 +283,13 @@ impl ServerCertVerifier for UpstreamVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let validation = self.material.current().ok_or_else(no_validation_yet)?;
-        let chain = rustls::server::ParsedCertificate::try_from(end_entity).and_then(|parsed| {
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &parsed,
-                &validation.roots,
-                intermediates,
-                now,
-                provider().signature_verification_algorithms.all,
-            )
-        });
-        if let Err(error) = chain {
-            self.stats.fail_verify_error.inc();
-            return Err(error);
-        }
-        if !validation.sans_match(end_entity) {
-            self.stats.fail_verify_san.inc();
-            return Err(san_mismatch());
-        }
+        validation.verify(
+            end_entity,
+            intermediates,
+            now,
+            PeerRole::Server,
+            &self.stats,
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -282,18 +327,13 @@ impl ClientCertVerifier for DownstreamVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let validation = self.material.current().ok_or_else(no_validation_yet)?;
-        if let Err(error) =
-            validation
-                .client_chain
-                .verify_client_cert(end_entity, intermediates, now)
-        {
-            self.stats.fail_verify_error.inc();
-            return Err(error);
-        }
-        if !validation.sans_match(end_entity) {
-            self.stats.fail_verify_san.inc();
-            return Err(san_mismatch());
-        }
+        validation.verify(
+            end_entity,
+            intermediates,
+            now,
+            PeerRole::Client,
+            &self.stats,
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
