@@ -77,20 +77,29 @@ pub struct Validation {
     /// The CA certificates a peer's chain must lead to. Absent only in a combined context's
     /// default, whose SDS secret brings them.
     pub trusted_ca: Option<DataSource>,
+    /// Certificate revocation lists (PEM, one or more). When set, or when `trusted_ca` holds
+    /// CRLs too, every certificate of the peer's chain must be covered by a CRL of its issuer
+    /// and not be listed in it (Envoy's `X509_V_FLAG_CRL_CHECK_ALL`), trust anchor included.
+    pub crl: Option<DataSource>,
+    /// Only the peer's own certificate is checked against the CRLs (`X509_V_FLAG_CRL_CHECK`).
+    pub only_verify_leaf_cert_crl: bool,
     /// Any one matching is enough; none: any certificate from a trusted CA is accepted.
     pub san_matchers: Vec<SanMatcher>,
     pub path: String,
 }
 
 impl Validation {
-    /// The combined context's rule: the SDS secret's fields over the default's (a message
-    /// replaces, a list adds on).
+    /// The combined context's rule, protobuf's merge: the SDS secret's fields over the
+    /// default's (a message replaces, a list adds on, a `true` stays).
     pub fn merged(&self, dynamic: &Validation) -> Validation {
         Validation {
             trusted_ca: dynamic
                 .trusted_ca
                 .clone()
                 .or_else(|| self.trusted_ca.clone()),
+            crl: dynamic.crl.clone().or_else(|| self.crl.clone()),
+            only_verify_leaf_cert_crl: self.only_verify_leaf_cert_crl
+                || dynamic.only_verify_leaf_cert_crl,
             san_matchers: self
                 .san_matchers
                 .iter()
@@ -540,15 +549,17 @@ fn validation(
         watched_directory,
         verify_certificate_spki,
         verify_certificate_hash,
-        crl,
         allow_expired_certificate,
         trust_chain_verification,
-        only_verify_leaf_cert_crl,
         max_verify_depth,
     );
     let trusted_ca = match trusted_ca {
         Some(ca) => Some(data_source(ca, &field(path, "trusted_ca"))?),
         None if needs_ca => return err(field(path, "trusted_ca"), "required"),
+        None => None,
+    };
+    let crl = match crl {
+        Some(crl) => Some(data_source(crl, &field(path, "crl"))?),
         None => None,
     };
     let mut san_matchers = Vec::new();
@@ -568,6 +579,8 @@ fn validation(
     }
     Ok(Validation {
         trusted_ca,
+        crl,
+        only_verify_leaf_cert_crl: *only_verify_leaf_cert_crl,
         san_matchers,
         path: path.to_string(),
     })

@@ -156,10 +156,10 @@ fn downstream_tls_fields_are_refused_by_path() {
             ),
             (
                 &context(
-                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, crl: {filename: crl.pem}}}}",
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, crl: {environment_variable: CRL}}}}",
                 ),
-                &format!("{COMMON}.validation_context.crl"),
-                UNSUPPORTED,
+                &format!("{COMMON}.validation_context.crl.environment_variable"),
+                "is not supported",
             ),
             (
                 &context(
@@ -449,4 +449,69 @@ fn an_exact_dns_matcher_is_covered_by_a_wildcard_san() {
     assert!(matcher.matches("*.example.com"));
     assert!(!matcher.matches("*.api.example.com"));
     assert!(!matcher.matches("*.other.com"));
+}
+
+#[test]
+fn crls_reach_the_model_and_merge_in_a_combined_context() {
+    const SECRETS: &str = "static_resources";
+    let bootstrap = accepted_all(&[
+        (
+            SECRETS,
+            "{secrets: [{name: bundle, validation_context: {trusted_ca: {inline_string: CA}, crl: {filename: /etc/remora/secret-crl.pem}}}]}",
+        ),
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {validation_context: {trusted_ca: {inline_string: CA}, crl: {filename: /etc/remora/crl.pem}, only_verify_leaf_cert_crl: true}}}",
+            ),
+        ),
+        (CLUSTER, UPSTREAM),
+        (
+            CLUSTER,
+            &context(
+                "{common_tls_context: {combined_validation_context: {default_validation_context: {crl: {inline_string: DEFAULT}, only_verify_leaf_cert_crl: true}, validation_context_sds_secret_config: {name: bundle}}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let Some(ValidationSource::Inline(validation)) = &common.validation else {
+        panic!("an inline validation: {:?}", common.validation);
+    };
+    assert_eq!(
+        validation.crl,
+        Some(DataSource::File("/etc/remora/crl.pem".into()))
+    );
+    assert!(validation.only_verify_leaf_cert_crl);
+
+    let SecretKind::Validation(secret) = &bootstrap.secrets[0].kind else {
+        panic!("a validation context");
+    };
+    assert!(
+        !secret.only_verify_leaf_cert_crl,
+        "the whole chain by default"
+    );
+    let tls = bootstrap.clusters[0].connect.tls.as_ref().expect("TLS");
+    let Some(ValidationSource::Combined { default, .. }) = &tls.common.validation else {
+        panic!("a combined validation");
+    };
+    // Protobuf's merge: the secret's CRL replaces the default's, a `true` flag stays.
+    let merged = default.merged(secret);
+    assert_eq!(
+        merged.crl,
+        Some(DataSource::File("/etc/remora/secret-crl.pem".into()))
+    );
+    assert!(merged.only_verify_leaf_cert_crl);
+    let without_crl = remora_config::tls::Validation {
+        crl: None,
+        ..secret.clone()
+    };
+    assert_eq!(
+        default.merged(&without_crl).crl,
+        Some(DataSource::Inline(b"DEFAULT".to_vec()))
+    );
 }

@@ -1,5 +1,6 @@
-//! Checking the peer's certificate as Envoy does: the chain must lead to a trusted CA; then, if
-//! SAN matchers are set, one of the peer's subject alternative names must match one of them.
+//! Checking the peer's certificate as Envoy does: the chain must lead to a trusted CA, none of
+//! its certificates revoked by the CRLs configured; then, if SAN matchers are set, one of the
+//! peer's subject alternative names must match one of them.
 //! The host name is never checked against the certificate (Envoy only sends SNI), so SPIFFE
 //! certificates, which carry a URI SAN only, pass. The validation in force is read at each
 //! handshake, so a rotated trust bundle applies to the next one.
@@ -7,6 +8,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use remora_config::common::DataSource;
 use remora_config::tls::{SanMatcher, SanType, Validation};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -15,6 +17,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 
 use super::secrets::{LoadedSecret, SecretSlot};
 use super::{PeerCertificate, provider};
+use crate::config::{ConfigError, ConfigResult};
 use crate::stats::SslStats;
 
 /// The handshake-signature checks every verifier here shares: the crypto provider's, as
@@ -57,14 +60,40 @@ macro_rules! handshake_signatures {
     };
 }
 
-/// A validation context read and ready: its CAs and SAN matchers.
+/// A revocation list webpki has read, and when it was issued (the newest of an issuer's is
+/// the one used, as BoringSSL chooses).
+#[derive(Debug, Clone)]
+pub struct Crl {
+    this_update: i64,
+    list: Arc<webpki::CertRevocationList<'static>>,
+}
+
+/// The CAs of `trusted_ca`: the anchors a chain must lead to, and the CRLs the same PEM may
+/// carry (Envoy reads both from it).
+#[derive(Debug)]
+struct Trust {
+    roots: rustls::RootCertStore,
+    /// For each of `roots`: whether it issued itself. With CRLs checked on the whole chain,
+    /// BoringSSL checks the trust anchor too, against a CRL from its issuer: only a
+    /// self-issued anchor can have one.
+    self_issued: Vec<bool>,
+    crls: Vec<Crl>,
+    /// The CA certificates as configured, and where they were read from, for `/certs`.
+    certificates: Vec<CertificateDer<'static>>,
+    source: String,
+}
+
+/// A validation context read and ready: its CAs, CRLs and checks.
 #[derive(Debug)]
 pub struct LoadedValidation {
-    pub roots: Arc<rustls::RootCertStore>,
-    pub san_matchers: Vec<SanMatcher>,
-    /// The CA certificates as configured, and where they were read from, for `/certs`.
-    pub ca_certificates: Vec<CertificateDer<'static>>,
-    pub ca_source: String,
+    trust: Arc<Trust>,
+    /// The CRLs of `crl`; `None` when it is unset (a combined context then takes its
+    /// default's).
+    crl: Option<Vec<Crl>>,
+    /// The checks as configured (for a combined context, merged with its default's).
+    rules: Validation,
+    /// The CRLs in force, `trusted_ca`'s and `crl`'s, newest first.
+    crls: Vec<Arc<webpki::CertRevocationList<'static>>>,
 }
 
 /// Which end of the handshake presented the certificate: its extended key usage, if it has
@@ -75,44 +104,129 @@ enum PeerRole {
     Client,
 }
 
+/// The CRLs of a `crl`: at least one unless it is empty (which Envoy reads as no `crl`).
+fn load_crl(source: &DataSource, path: &str) -> ConfigResult<Vec<Crl>> {
+    let pem = super::read(source, path)?;
+    let crls = read_crls(&pem, path)?;
+    if crls.is_empty() && !pem.iter().all(u8::is_ascii_whitespace) {
+        return Err(ConfigError::new(path, "no CRL found"));
+    }
+    Ok(crls)
+}
+
+/// The CRLs of a PEM (a `crl` or a `trusted_ca`), each checked by webpki.
+fn read_crls(pem: &[u8], path: &str) -> ConfigResult<Vec<Crl>> {
+    let mut crls = Vec::new();
+    for item in rustls_pemfile::read_all(&mut &pem[..]) {
+        let item = item.map_err(|e| ConfigError::new(path, format!("invalid PEM: {e}")))?;
+        let rustls_pemfile::Item::Crl(der) = item else {
+            continue;
+        };
+        let index = crls.len();
+        let invalid = |e: &dyn std::fmt::Display| {
+            ConfigError::new(path, format!("CRL {index} cannot be read: {e}"))
+        };
+        let list = webpki::OwnedCertRevocationList::from_der(&der).map_err(|e| invalid(&e))?;
+        let (_, parsed) = x509_parser::parse_x509_crl(&der).map_err(|e| invalid(&e))?;
+        crls.push(Crl {
+            this_update: parsed.last_update().timestamp(),
+            list: Arc::new(list.into()),
+        });
+    }
+    Ok(crls)
+}
+
+impl Trust {
+    fn load(trusted_ca: &DataSource, path: &str) -> ConfigResult<Trust> {
+        let pem = super::read(trusted_ca, path)?;
+        let certificates = super::certificates(&pem, path)?;
+        let mut roots = rustls::RootCertStore::empty();
+        let mut self_issued = Vec::new();
+        for certificate in &certificates {
+            roots
+                .add(certificate.clone())
+                .map_err(|e| ConfigError::new(path, format!("invalid CA certificate: {e}")))?;
+            let parsed = x509_parser::parse_x509_certificate(certificate).map(|(_, c)| c);
+            self_issued.push(parsed.is_ok_and(|c| c.subject().as_raw() == c.issuer().as_raw()));
+        }
+        Ok(Trust {
+            roots,
+            self_issued,
+            crls: read_crls(&pem, path)?,
+            certificates,
+            source: super::source_name(trusted_ca),
+        })
+    }
+
+    /// Whether `anchor` (one of `roots`) issued itself.
+    fn is_self_issued(&self, anchor: &rustls::pki_types::TrustAnchor<'_>) -> bool {
+        self.roots
+            .roots
+            .iter()
+            .position(|root| std::ptr::eq(root, anchor))
+            .is_some_and(|index| self.self_issued[index])
+    }
+}
+
 impl LoadedValidation {
-    /// Reads the CAs of `validation` (it must have `trusted_ca`).
-    pub fn load(validation: &Validation) -> crate::config::ConfigResult<LoadedValidation> {
+    /// Reads the CAs and CRLs of `validation` (it must have `trusted_ca`).
+    pub fn load(validation: &Validation) -> ConfigResult<LoadedValidation> {
         let path = &validation.path;
         let Some(trusted_ca) = &validation.trusted_ca else {
-            return Err(crate::config::ConfigError::new(
+            return Err(ConfigError::new(
                 path,
                 "trusted_ca is required to check SANs",
             ));
         };
-        let ca_path = format!("{path}.trusted_ca");
-        let ca_certificates = super::certificates(&super::read(trusted_ca, &ca_path)?, &ca_path)?;
-        let mut store = rustls::RootCertStore::empty();
-        for certificate in &ca_certificates {
-            store.add(certificate.clone()).map_err(|e| {
-                crate::config::ConfigError::new(&ca_path, format!("invalid CA certificate: {e}"))
-            })?;
-        }
-        Ok(LoadedValidation {
-            roots: Arc::new(store),
-            san_matchers: validation.san_matchers.clone(),
-            ca_certificates,
-            ca_source: super::source_name(trusted_ca),
-        })
+        let trust = Arc::new(Trust::load(trusted_ca, &format!("{path}.trusted_ca"))?);
+        let crl = match &validation.crl {
+            Some(source) => Some(load_crl(source, &format!("{path}.crl"))?),
+            None => None,
+        };
+        Ok(Self::assemble(trust, crl, validation.clone()))
     }
 
-    /// This validation with more SAN matchers (a combined context's default ones first).
-    fn with_matchers_first(&self, first: &[SanMatcher]) -> LoadedValidation {
-        LoadedValidation {
-            roots: self.roots.clone(),
-            san_matchers: first.iter().chain(&self.san_matchers).cloned().collect(),
-            ca_certificates: self.ca_certificates.clone(),
-            ca_source: self.ca_source.clone(),
+    /// The CRLs of a combined context's default, read once (its SDS secret brings the CA).
+    pub fn load_default_crl(default: &Validation) -> ConfigResult<Option<Vec<Crl>>> {
+        match &default.crl {
+            Some(source) => Ok(Some(load_crl(source, &format!("{}.crl", default.path))?)),
+            None => Ok(None),
         }
+    }
+
+    fn assemble(trust: Arc<Trust>, crl: Option<Vec<Crl>>, rules: Validation) -> LoadedValidation {
+        let mut all: Vec<&Crl> = trust.crls.iter().chain(crl.iter().flatten()).collect();
+        all.sort_by_key(|crl| std::cmp::Reverse(crl.this_update));
+        let crls = all.into_iter().map(|crl| crl.list.clone()).collect();
+        LoadedValidation {
+            trust,
+            crl,
+            rules,
+            crls,
+        }
+    }
+
+    /// A combined context's validation: the secret's (this) over the default's.
+    fn over_default(&self, default: &Validation, default_crl: &Option<Vec<Crl>>) -> Self {
+        Self::assemble(
+            self.trust.clone(),
+            self.crl.clone().or_else(|| default_crl.clone()),
+            default.merged(&self.rules),
+        )
+    }
+
+    /// The CA certificates, and where they were read from, for `/certs`.
+    pub fn ca_certificates(&self) -> (&str, &[CertificateDer<'static>]) {
+        (&self.trust.source, &self.trust.certificates)
+    }
+
+    /// The SAN matchers in force.
+    fn san_matchers(&self) -> &[SanMatcher] {
+        &self.rules.san_matchers
     }
 
     /// Everything Envoy checks of a peer's certificate, in its order, each failure counted
-    /// under Envoy's name: the chain, then the SANs.
+    /// under Envoy's name: the chain (with its CRLs), then the SANs.
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -132,7 +246,9 @@ impl LoadedValidation {
         Ok(())
     }
 
-    /// Whether the chain leads to a trusted CA, through webpki as rustls's own verifiers do.
+    /// Whether the chain leads to a trusted CA, through webpki as rustls's own verifiers do,
+    /// and no certificate of it is revoked. With CRLs, a certificate whose issuer has none
+    /// fails, as in Envoy (BoringSSL's `X509_V_ERR_UNABLE_TO_GET_CRL`).
     fn verify_chain(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -145,15 +261,37 @@ impl LoadedValidation {
             PeerRole::Server => webpki::KeyUsage::server_auth(),
             PeerRole::Client => webpki::KeyUsage::client_auth(),
         };
+        let whole_chain = !self.rules.only_verify_leaf_cert_crl;
+        let crls: Vec<&webpki::CertRevocationList<'_>> =
+            self.crls.iter().map(|crl| &**crl).collect();
+        let revocation = webpki::RevocationOptionsBuilder::new(&crls)
+            .ok()
+            .map(|builder| {
+                builder
+                    .with_depth(if whole_chain {
+                        webpki::RevocationCheckDepth::Chain
+                    } else {
+                        webpki::RevocationCheckDepth::EndEntity
+                    })
+                    .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+                    .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
+                    .build()
+            });
+        let checked_anchor = |path: &webpki::VerifiedPath<'_>| {
+            if revocation.is_some() && whole_chain && !self.trust.is_self_issued(path.anchor()) {
+                return Err(webpki::Error::UnknownRevocationStatus);
+            }
+            Ok(())
+        };
         certificate
             .verify_for_usage(
                 provider().signature_verification_algorithms.all,
-                &self.roots.roots,
+                &self.trust.roots.roots,
                 intermediates,
                 now,
                 usage,
-                None,
-                None,
+                revocation,
+                Some(&checked_anchor),
             )
             .map(|_| ())
             .map_err(pki_error)
@@ -161,13 +299,13 @@ impl LoadedValidation {
 
     /// Whether the peer's SANs satisfy the matchers (no matchers: any certificate).
     fn sans_match(&self, end_entity: &CertificateDer<'_>) -> bool {
-        if self.san_matchers.is_empty() {
+        if self.san_matchers().is_empty() {
             return true;
         }
         let Some(peer) = PeerCertificate::parse(end_entity) else {
             return false;
         };
-        self.san_matchers.iter().any(|matcher| {
+        self.san_matchers().iter().any(|matcher| {
             let sans = match matcher.san_type {
                 SanType::Dns => peer.dns_sans(),
                 SanType::Uri => peer.uri_sans(),
@@ -209,10 +347,11 @@ pub enum ValidationMaterial {
     Fixed(Arc<LoadedValidation>),
     /// An SDS secret.
     Secret(Arc<SecretSlot>),
-    /// An SDS secret with the default context's SAN matchers added; the merge is kept until
-    /// the secret changes.
+    /// An SDS secret merged over the default context (its checks, and its CRLs, read once);
+    /// the merge is kept until the secret changes.
     Combined {
-        default: Vec<SanMatcher>,
+        default: Validation,
+        default_crl: Option<Vec<Crl>>,
         secret: Arc<SecretSlot>,
         merged: ArcSwapOption<(u64, Arc<LoadedValidation>)>,
     },
@@ -236,6 +375,7 @@ impl ValidationMaterial {
             ValidationMaterial::Secret(slot) => validation_of(slot).map(|(_, v)| v),
             ValidationMaterial::Combined {
                 default,
+                default_crl,
                 secret,
                 merged,
             } => {
@@ -245,7 +385,7 @@ impl ValidationMaterial {
                 {
                     return Some(cached.1.clone());
                 }
-                let fresh = Arc::new(dynamic.with_matchers_first(default));
+                let fresh = Arc::new(dynamic.over_default(default, default_crl));
                 merged.store(Some(Arc::new((generation, fresh.clone()))));
                 Some(fresh)
             }
@@ -254,7 +394,7 @@ impl ValidationMaterial {
 
     /// Whether SAN matchers are set now.
     fn has_san_matchers(&self) -> bool {
-        self.current().is_some_and(|v| !v.san_matchers.is_empty())
+        self.current().is_some_and(|v| !v.san_matchers().is_empty())
     }
 }
 
@@ -358,4 +498,192 @@ impl ServerCertVerifier for NoVerification {
     }
 
     handshake_signatures!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa,
+        KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber, date_time_ymd,
+    };
+
+    /// A CA and what it signs.
+    struct Ca {
+        key: KeyPair,
+        certificate: rcgen::Certificate,
+    }
+
+    impl Ca {
+        fn new(name: &str, issuer: Option<&Ca>, serial: u64) -> Ca {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.serial_number = Some(SerialNumber::from(serial));
+            params.distinguished_name.push(DnType::CommonName, name);
+            let certificate = match issuer {
+                Some(issuer) => params.signed_by(&key, &issuer.certificate, &issuer.key),
+                None => params.self_signed(&key),
+            }
+            .unwrap();
+            Ca { key, certificate }
+        }
+
+        fn der(&self) -> CertificateDer<'static> {
+            self.certificate.der().clone()
+        }
+
+        fn leaf(&self, serial: u64) -> CertificateDer<'static> {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["peer.test".to_string()]).unwrap();
+            params.serial_number = Some(SerialNumber::from(serial));
+            params
+                .signed_by(&key, &self.certificate, &self.key)
+                .unwrap()
+                .der()
+                .clone()
+        }
+
+        /// A CRL of this CA revoking `serials`, valid until `next_update` (a year).
+        fn crl(&self, serials: &[u64], next_update: i32) -> String {
+            CertificateRevocationListParams {
+                this_update: date_time_ymd(2020, 1, 1),
+                next_update: date_time_ymd(next_update, 1, 1),
+                crl_number: SerialNumber::from(1),
+                issuing_distribution_point: None,
+                revoked_certs: serials
+                    .iter()
+                    .map(|serial| RevokedCertParams {
+                        serial_number: SerialNumber::from(*serial),
+                        revocation_time: date_time_ymd(2020, 1, 1),
+                        reason_code: None,
+                        invalidity_date: None,
+                    })
+                    .collect(),
+                key_identifier_method: KeyIdMethod::Sha256,
+            }
+            .signed_by(&self.certificate, &self.key)
+            .unwrap()
+            .pem()
+            .unwrap()
+        }
+    }
+
+    fn validation(trusted_ca: String, crl: Option<String>, leaf_only: bool) -> LoadedValidation {
+        LoadedValidation::load(&Validation {
+            trusted_ca: Some(DataSource::Inline(trusted_ca.into_bytes())),
+            crl: crl.map(|pem| DataSource::Inline(pem.into_bytes())),
+            only_verify_leaf_cert_crl: leaf_only,
+            san_matchers: Vec::new(),
+            path: "v".to_string(),
+        })
+        .unwrap()
+    }
+
+    /// Whether `chain` (leaf first) passes, and the failure counted if not.
+    fn verdict(validation: &LoadedValidation, chain: &[CertificateDer<'static>]) -> &'static str {
+        let stats = SslStats::new(&crate::stats::Registry::default(), "t");
+        let result = validation.verify(
+            &chain[0],
+            &chain[1..],
+            UnixTime::now(),
+            PeerRole::Client,
+            &stats,
+        );
+        match result {
+            Ok(()) => "ok",
+            Err(_) if stats.fail_verify_error.get() == 1 => "fail_verify_error",
+            Err(error) => panic!("uncounted: {error}"),
+        }
+    }
+
+    /// The outcomes Envoy 1.40 (BoringSSL) gave for these chains and CRLs, run by hand with
+    /// a root, an intermediate and leaves of each: a CRL is needed from the issuer of every
+    /// certificate checked, the trust anchor included when the whole chain is.
+    #[test]
+    fn crls_check_the_chain_as_envoy_does() {
+        let root = Ca::new("root", None, 1);
+        let intermediate = Ca::new("intermediate", Some(&root), 7);
+        let by_root = [root.leaf(100)];
+        let by_intermediate = [intermediate.leaf(101), intermediate.der()];
+        let revoked = [intermediate.leaf(200), intermediate.der()];
+        let root_pem = root.certificate.pem();
+        let root_crl = root.crl(&[], 2099);
+        let intermediate_crl = intermediate.crl(&[200], 2099);
+        let both = format!("{root_crl}{intermediate_crl}");
+        const OK: &str = "ok";
+        const FAIL: &str = "fail_verify_error";
+        // Verdicts for a leaf of the root, a leaf of the intermediate, and a revoked one.
+        let check = |name: &str, trusted_ca: String, crl: Option<&str>, leaf_only, want| {
+            let validation = validation(trusted_ca, crl.map(str::to_string), leaf_only);
+            let got = [&by_root[..], &by_intermediate, &revoked].map(|c| verdict(&validation, c));
+            assert_eq!(got, want, "{name}");
+        };
+        check("no CRL", root_pem.clone(), None, false, [OK, OK, OK]);
+        check(
+            "root's",
+            root_pem.clone(),
+            Some(&root_crl),
+            false,
+            [OK, FAIL, FAIL],
+        );
+        check(
+            "root's, leaf",
+            root_pem.clone(),
+            Some(&root_crl),
+            true,
+            [OK, FAIL, FAIL],
+        );
+        let intermediates = Some(intermediate_crl.as_str());
+        check(
+            "intermediate's",
+            root_pem.clone(),
+            intermediates,
+            false,
+            [FAIL; 3],
+        );
+        check(
+            "intermediate's, leaf",
+            root_pem.clone(),
+            intermediates,
+            true,
+            [FAIL, OK, FAIL],
+        );
+        check("both", root_pem.clone(), Some(&both), false, [OK, OK, FAIL]);
+        let root_and_crl = format!("{root_pem}{root_crl}");
+        check(
+            "in trusted_ca",
+            root_and_crl.clone(),
+            None,
+            false,
+            [OK, FAIL, FAIL],
+        );
+        check(
+            "one in each",
+            root_and_crl,
+            intermediates,
+            false,
+            [OK, OK, FAIL],
+        );
+
+        // The root revokes the intermediate: only a whole-chain check sees it.
+        let revoking = format!("{}{}", root.crl(&[7], 2099), intermediate.crl(&[], 2099));
+        let whole = validation(root_pem.clone(), Some(revoking.clone()), false);
+        assert_eq!(verdict(&whole, &by_intermediate), FAIL);
+        let leaf_only = validation(root_pem.clone(), Some(revoking), true);
+        assert_eq!(verdict(&leaf_only, &by_intermediate), OK);
+
+        // An expired CRL fails every chain it covers.
+        let expired = validation(root_pem, Some(root.crl(&[], 2021)), false);
+        assert_eq!(verdict(&expired, &by_root), FAIL);
+
+        // A trust anchor that is not self-issued has no CRL from its issuer here: a whole
+        // chain check fails, as BoringSSL's does; a leaf-only one passes.
+        let anchor = intermediate.certificate.pem();
+        let whole = validation(anchor.clone(), Some(both.clone()), false);
+        assert_eq!(verdict(&whole, &by_intermediate), FAIL);
+        let leaf_only = validation(anchor, Some(both), true);
+        assert_eq!(verdict(&leaf_only, &by_intermediate), OK);
+        assert_eq!(verdict(&leaf_only, &revoked), FAIL);
+    }
 }
