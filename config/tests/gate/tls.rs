@@ -34,6 +34,8 @@ fn context(inner: &str) -> String {
 }
 
 const CTX: &str = "transport_socket.typed_config";
+/// A certificate's SHA-256 in hex, as `openssl dgst -sha256` prints it.
+const HASH: &str = "489777d29717a552acfab70b4e27a52782832ac61240741174b273cdf7d0960b";
 const COMMON: &str = "transport_socket.typed_config.common_tls_context";
 
 #[test]
@@ -153,6 +155,41 @@ fn downstream_tls_fields_are_refused_by_path() {
                 ),
                 &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].matcher"),
                 "required",
+            ),
+            (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{trusted_ca: {{filename: ca.pem}}, verify_certificate_hash: [{HASH}, \"{HASH}:\"]}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.verify_certificate_hash[1]"),
+                "must be a hex-encoded SHA-256",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, verify_certificate_spki: [\"3YhT8Y2CYBfl3KnWTdcYZVgobAWofxoTIcP53NXfA8c\"]}}}",
+                ),
+                &format!("{COMMON}.validation_context.verify_certificate_spki[0]"),
+                "must be a base64-encoded SHA-256",
+            ),
+            (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{verify_certificate_hash: [{HASH}], match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: a}}}}]}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names"),
+                "without trusted_ca is insecure and not allowed",
+            ),
+            (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{verify_certificate_hash: [{HASH}], match_subject_alt_names: [{{exact: a}}]}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.match_subject_alt_names"),
+                "without trusted_ca is insecure and not allowed",
+            ),
+            (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{verify_certificate_hash: [{HASH}], crl: {{filename: crl.pem}}}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.crl"),
+                "a CRL without trusted_ca is not allowed",
             ),
             (
                 &context(
@@ -514,4 +551,33 @@ fn crls_reach_the_model_and_merge_in_a_combined_context() {
         default.merged(&without_crl).crl,
         Some(DataSource::Inline(b"DEFAULT".to_vec()))
     );
+}
+
+#[test]
+fn pins_reach_the_model_and_need_no_ca() {
+    let bootstrap = accepted_all(&[
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {validation_context: {verify_certificate_spki: [\"3YhT8Y2CYBfl3KnWTdcYZVgobAWofxoTIcP53NXfA8c=\"], verify_certificate_hash: [\"48:97:77:D2:97:17:A5:52:AC:FA:B7:0B:4E:27:A5:27:82:83:2A:C6:12:40:74:11:74:B2:73:CD:F7:D0:96:0B\"]}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let Some(ValidationSource::Inline(validation)) = &common.validation else {
+        panic!("an inline validation: {:?}", common.validation);
+    };
+    assert_eq!(
+        validation.trusted_ca, None,
+        "pins alone need no CA, as in Envoy"
+    );
+    assert_eq!(validation.certificate_hashes.len(), 1);
+    assert_eq!(validation.certificate_hashes[0][..2], [0x48, 0x97]);
+    assert_eq!(validation.spki_hashes.len(), 1);
+    assert!(validation.has_pins());
 }

@@ -422,6 +422,9 @@ stat_block! {
             fail_verify_error: Counter,
             /// The peer's certificate has no SAN that the matchers accept.
             fail_verify_san: Counter,
+            /// The peer's certificate matches no `verify_certificate_hash` or
+            /// `verify_certificate_spki` pin.
+            fail_verify_cert_hash: Counter,
             /// A client certificate was required and none was presented.
             fail_verify_no_cert: Counter,
             /// Handshakes that completed without a client certificate.

@@ -360,8 +360,7 @@ fn validation_material(
         }
         ValidationSource::Sds(sds) => ValidationMaterial::Secret(secrets.slot(sds)),
         ValidationSource::Combined { default, secret } => ValidationMaterial::Combined {
-            default: default.clone(),
-            default_crl: LoadedValidation::load_default_crl(default)?,
+            default: Box::new(LoadedValidation::read(default)?),
             secret: secrets.slot(secret),
             merged: Default::default(),
         },

@@ -1,6 +1,7 @@
 //! Checking the peer's certificate as Envoy does: the chain must lead to a trusted CA, none of
 //! its certificates revoked by the CRLs configured; then, if SAN matchers are set, one of the
-//! peer's subject alternative names must match one of them.
+//! peer's subject alternative names must match one of them; then, if pins are set, the
+//! certificate or its public key must hash to one of them (pins alone need no trusted CA).
 //! The host name is never checked against the certificate (Envoy only sends SNI), so SPIFFE
 //! certificates, which carry a URI SAN only, pass. The validation in force is read at each
 //! handshake, so a rotated trust bundle applies to the next one.
@@ -63,7 +64,7 @@ macro_rules! handshake_signatures {
 /// A revocation list webpki has read, and when it was issued (the newest of an issuer's is
 /// the one used, as BoringSSL chooses).
 #[derive(Debug, Clone)]
-pub struct Crl {
+struct Crl {
     this_update: i64,
     list: Arc<webpki::CertRevocationList<'static>>,
 }
@@ -86,7 +87,8 @@ struct Trust {
 /// A validation context read and ready: its CAs, CRLs and checks.
 #[derive(Debug)]
 pub struct LoadedValidation {
-    trust: Arc<Trust>,
+    /// `None`: no `trusted_ca`, so the chain is not checked, only pins (as in Envoy).
+    trust: Option<Arc<Trust>>,
     /// The CRLs of `crl`; `None` when it is unset (a combined context then takes its
     /// default's).
     crl: Option<Vec<Crl>>,
@@ -169,16 +171,28 @@ impl Trust {
 }
 
 impl LoadedValidation {
-    /// Reads the CAs and CRLs of `validation` (it must have `trusted_ca`).
+    /// Reads the CAs and CRLs of `validation`, which must not need a CA it lacks.
     pub fn load(validation: &Validation) -> ConfigResult<LoadedValidation> {
-        let path = &validation.path;
-        let Some(trusted_ca) = &validation.trusted_ca else {
+        if let Some((name, reason)) = validation.missing_trusted_ca() {
             return Err(ConfigError::new(
-                path,
-                "trusted_ca is required to check SANs",
+                format!("{}.{name}", validation.path),
+                reason,
             ));
+        }
+        Self::read(validation)
+    }
+
+    /// Reads what `validation` names, whatever it lacks: a combined context's default, whose
+    /// SDS secret may bring the rest.
+    pub fn read(validation: &Validation) -> ConfigResult<LoadedValidation> {
+        let path = &validation.path;
+        let trust = match &validation.trusted_ca {
+            Some(source) => Some(Arc::new(Trust::load(
+                source,
+                &format!("{path}.trusted_ca"),
+            )?)),
+            None => None,
         };
-        let trust = Arc::new(Trust::load(trusted_ca, &format!("{path}.trusted_ca"))?);
         let crl = match &validation.crl {
             Some(source) => Some(load_crl(source, &format!("{path}.crl"))?),
             None => None,
@@ -186,16 +200,13 @@ impl LoadedValidation {
         Ok(Self::assemble(trust, crl, validation.clone()))
     }
 
-    /// The CRLs of a combined context's default, read once (its SDS secret brings the CA).
-    pub fn load_default_crl(default: &Validation) -> ConfigResult<Option<Vec<Crl>>> {
-        match &default.crl {
-            Some(source) => Ok(Some(load_crl(source, &format!("{}.crl", default.path))?)),
-            None => Ok(None),
-        }
-    }
-
-    fn assemble(trust: Arc<Trust>, crl: Option<Vec<Crl>>, rules: Validation) -> LoadedValidation {
-        let mut all: Vec<&Crl> = trust.crls.iter().chain(crl.iter().flatten()).collect();
+    fn assemble(
+        trust: Option<Arc<Trust>>,
+        crl: Option<Vec<Crl>>,
+        rules: Validation,
+    ) -> LoadedValidation {
+        let trust_crls = trust.iter().flat_map(|trust| &trust.crls);
+        let mut all: Vec<&Crl> = trust_crls.chain(crl.iter().flatten()).collect();
         all.sort_by_key(|crl| std::cmp::Reverse(crl.this_update));
         let crls = all.into_iter().map(|crl| crl.list.clone()).collect();
         LoadedValidation {
@@ -206,18 +217,33 @@ impl LoadedValidation {
         }
     }
 
-    /// A combined context's validation: the secret's (this) over the default's.
-    fn over_default(&self, default: &Validation, default_crl: &Option<Vec<Crl>>) -> Self {
-        Self::assemble(
-            self.trust.clone(),
-            self.crl.clone().or_else(|| default_crl.clone()),
-            default.merged(&self.rules),
-        )
+    /// A combined context's validation: the secret's (this) over the default's, as protobuf
+    /// merges them. `None` if the merge needs a CA neither has (Envoy refuses it too).
+    fn over_default(&self, default: &LoadedValidation) -> Option<Self> {
+        let rules = default.rules.merged(&self.rules);
+        let trust = self.trust.clone().or_else(|| default.trust.clone());
+        if trust.is_none()
+            && let Some((name, reason)) = rules.missing_trusted_ca()
+        {
+            tracing::warn!(
+                secret = %self.rules.path,
+                "combined validation context refused: {name}: {reason}"
+            );
+            return None;
+        }
+        Some(Self::assemble(
+            trust,
+            self.crl.clone().or_else(|| default.crl.clone()),
+            rules,
+        ))
     }
 
-    /// The CA certificates, and where they were read from, for `/certs`.
+    /// The CA certificates, and where they were read from, for `/certs` (none without a CA).
     pub fn ca_certificates(&self) -> (&str, &[CertificateDer<'static>]) {
-        (&self.trust.source, &self.trust.certificates)
+        match &self.trust {
+            Some(trust) => (&trust.source, &trust.certificates),
+            None => ("", &[]),
+        }
     }
 
     /// The SAN matchers in force.
@@ -225,8 +251,14 @@ impl LoadedValidation {
         &self.rules.san_matchers
     }
 
+    /// Whether a client must present a certificate: SAN matchers or pins cannot pass without
+    /// one (Envoy's rule).
+    fn demands_certificate(&self) -> bool {
+        !self.rules.san_matchers.is_empty() || self.rules.has_pins()
+    }
+
     /// Everything Envoy checks of a peer's certificate, in its order, each failure counted
-    /// under Envoy's name: the chain (with its CRLs), then the SANs.
+    /// under Envoy's name: the chain (with its CRLs), the SANs, then the pins.
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -235,7 +267,9 @@ impl LoadedValidation {
         role: PeerRole,
         stats: &SslStats,
     ) -> Result<(), rustls::Error> {
-        if let Err(error) = self.verify_chain(end_entity, intermediates, now, role) {
+        if let Some(trust) = &self.trust
+            && let Err(error) = self.verify_chain(trust, end_entity, intermediates, now, role)
+        {
             stats.fail_verify_error.inc();
             return Err(error);
         }
@@ -243,7 +277,39 @@ impl LoadedValidation {
             stats.fail_verify_san.inc();
             return Err(san_mismatch());
         }
+        if !self.pins_match(end_entity) {
+            stats.fail_verify_cert_hash.inc();
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether the peer's certificate matches a pin: the SHA-256 of its DER, or of its
+    /// SubjectPublicKeyInfo (no pins: any certificate).
+    fn pins_match(&self, end_entity: &CertificateDer<'_>) -> bool {
+        let rules = &self.rules;
+        if !rules.has_pins() {
+            return true;
+        }
+        let sha256 = |bytes: &[u8]| ring::digest::digest(&ring::digest::SHA256, bytes);
+        let whole = sha256(end_entity);
+        if rules
+            .certificate_hashes
+            .iter()
+            .any(|hash| hash == whole.as_ref())
+        {
+            return true;
+        }
+        if rules.spki_hashes.is_empty() {
+            return false;
+        }
+        let Ok((_, certificate)) = x509_parser::parse_x509_certificate(end_entity) else {
+            return false;
+        };
+        let spki = sha256(certificate.public_key().raw);
+        rules.spki_hashes.iter().any(|hash| hash == spki.as_ref())
     }
 
     /// Whether the chain leads to a trusted CA, through webpki as rustls's own verifiers do,
@@ -251,6 +317,7 @@ impl LoadedValidation {
     /// fails, as in Envoy (BoringSSL's `X509_V_ERR_UNABLE_TO_GET_CRL`).
     fn verify_chain(
         &self,
+        trust: &Trust,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
@@ -278,7 +345,7 @@ impl LoadedValidation {
                     .build()
             });
         let checked_anchor = |path: &webpki::VerifiedPath<'_>| {
-            if revocation.is_some() && whole_chain && !self.trust.is_self_issued(path.anchor()) {
+            if revocation.is_some() && whole_chain && !trust.is_self_issued(path.anchor()) {
                 return Err(webpki::Error::UnknownRevocationStatus);
             }
             Ok(())
@@ -286,7 +353,7 @@ impl LoadedValidation {
         certificate
             .verify_for_usage(
                 provider().signature_verification_algorithms.all,
-                &self.trust.roots.roots,
+                &trust.roots.roots,
                 intermediates,
                 now,
                 usage,
@@ -350,8 +417,7 @@ pub enum ValidationMaterial {
     /// An SDS secret merged over the default context (its checks, and its CRLs, read once);
     /// the merge is kept until the secret changes.
     Combined {
-        default: Validation,
-        default_crl: Option<Vec<Crl>>,
+        default: Box<LoadedValidation>,
         secret: Arc<SecretSlot>,
         merged: ArcSwapOption<(u64, Arc<LoadedValidation>)>,
     },
@@ -375,7 +441,6 @@ impl ValidationMaterial {
             ValidationMaterial::Secret(slot) => validation_of(slot).map(|(_, v)| v),
             ValidationMaterial::Combined {
                 default,
-                default_crl,
                 secret,
                 merged,
             } => {
@@ -385,16 +450,16 @@ impl ValidationMaterial {
                 {
                     return Some(cached.1.clone());
                 }
-                let fresh = Arc::new(dynamic.over_default(default, default_crl));
+                let fresh = Arc::new(dynamic.over_default(default)?);
                 merged.store(Some(Arc::new((generation, fresh.clone()))));
                 Some(fresh)
             }
         }
     }
 
-    /// Whether SAN matchers are set now.
-    fn has_san_matchers(&self) -> bool {
-        self.current().is_some_and(|v| !v.san_matchers().is_empty())
+    /// Whether a client must present a certificate now.
+    fn demands_certificate(&self) -> bool {
+        self.current().is_some_and(|v| v.demands_certificate())
     }
 }
 
@@ -437,7 +502,7 @@ impl ServerCertVerifier for UpstreamVerifier {
 }
 
 /// Checks a downstream's certificate (Remora terminating TLS). A certificate is required when
-/// `require_client_certificate` is set or SAN matchers are (Envoy's rule).
+/// `require_client_certificate` is set, or SAN matchers or pins are (Envoy's rule).
 #[derive(Debug)]
 pub struct DownstreamVerifier {
     pub material: ValidationMaterial,
@@ -451,7 +516,7 @@ impl ClientCertVerifier for DownstreamVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.require_client_certificate || self.material.has_san_matchers()
+        self.require_client_certificate || self.material.demands_certificate()
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -569,13 +634,24 @@ mod tests {
         }
     }
 
+    /// A validation trusting `trusted_ca` and checking nothing else.
+    fn trusting(trusted_ca: Option<String>) -> Validation {
+        Validation {
+            trusted_ca: trusted_ca.map(|pem| DataSource::Inline(pem.into_bytes())),
+            crl: None,
+            only_verify_leaf_cert_crl: false,
+            san_matchers: Vec::new(),
+            certificate_hashes: Vec::new(),
+            spki_hashes: Vec::new(),
+            path: "v".to_string(),
+        }
+    }
+
     fn validation(trusted_ca: String, crl: Option<String>, leaf_only: bool) -> LoadedValidation {
         LoadedValidation::load(&Validation {
-            trusted_ca: Some(DataSource::Inline(trusted_ca.into_bytes())),
             crl: crl.map(|pem| DataSource::Inline(pem.into_bytes())),
             only_verify_leaf_cert_crl: leaf_only,
-            san_matchers: Vec::new(),
-            path: "v".to_string(),
+            ..trusting(Some(trusted_ca))
         })
         .unwrap()
     }
@@ -590,10 +666,20 @@ mod tests {
             PeerRole::Client,
             &stats,
         );
-        match result {
-            Ok(()) => "ok",
-            Err(_) if stats.fail_verify_error.get() == 1 => "fail_verify_error",
-            Err(error) => panic!("uncounted: {error}"),
+        let counted = [
+            ("fail_verify_error", &stats.fail_verify_error),
+            ("fail_verify_san", &stats.fail_verify_san),
+            ("fail_verify_cert_hash", &stats.fail_verify_cert_hash),
+        ];
+        let counted: Vec<&str> = counted
+            .into_iter()
+            .filter(|(_, counter)| counter.get() > 0)
+            .map(|(name, _)| name)
+            .collect();
+        match (result, counted.as_slice()) {
+            (Ok(()), []) => "ok",
+            (Err(_), [name]) => name,
+            (result, counted) => panic!("{result:?} counted as {counted:?}"),
         }
     }
 
@@ -685,5 +771,56 @@ mod tests {
         let leaf_only = validation(anchor, Some(both), true);
         assert_eq!(verdict(&leaf_only, &by_intermediate), OK);
         assert_eq!(verdict(&leaf_only, &revoked), FAIL);
+    }
+
+    /// Pins as Envoy checks them: the leaf must hash to one pin of either list, after the
+    /// chain and the SANs; without `trusted_ca` only the pins are checked.
+    #[test]
+    fn pins_match_the_certificate_or_its_key() {
+        let root = Ca::new("root", None, 1);
+        let other = Ca::new("other", None, 2);
+        let leaf = [root.leaf(10)];
+        let stranger = [other.leaf(11)];
+        let sha256 = |bytes: &[u8]| -> [u8; 32] {
+            ring::digest::digest(&ring::digest::SHA256, bytes)
+                .as_ref()
+                .try_into()
+                .unwrap()
+        };
+        let certificate_hash = sha256(&leaf[0]);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf[0]).unwrap();
+        let spki_hash = sha256(parsed.public_key().raw);
+        let with = |trusted_ca: Option<String>, hashes: &[[u8; 32]], spkis: &[[u8; 32]]| {
+            LoadedValidation::load(&Validation {
+                certificate_hashes: hashes.to_vec(),
+                spki_hashes: spkis.to_vec(),
+                ..trusting(trusted_ca)
+            })
+            .unwrap()
+        };
+        let ca = Some(root.certificate.pem());
+        let wrong = [0u8; 32];
+        for (name, validation) in [
+            ("hash", with(ca.clone(), &[wrong, certificate_hash], &[])),
+            ("spki", with(ca.clone(), &[], &[spki_hash])),
+            ("either list", with(ca.clone(), &[wrong], &[spki_hash])),
+        ] {
+            assert_eq!(verdict(&validation, &leaf), "ok", "{name}");
+            assert!(validation.demands_certificate(), "{name}");
+        }
+        let mismatch = with(ca.clone(), &[wrong], &[wrong]);
+        assert_eq!(verdict(&mismatch, &leaf), "fail_verify_cert_hash");
+        // The chain is checked first.
+        let pinned = with(ca, &[certificate_hash], &[]);
+        assert_eq!(verdict(&pinned, &stranger), "fail_verify_error");
+
+        // Pins alone: any chain, only the pin decides.
+        let alone = with(None, &[], &[spki_hash]);
+        assert_eq!(verdict(&alone, &leaf), "ok");
+        assert_eq!(verdict(&alone, &stranger), "fail_verify_cert_hash");
+        assert_eq!(alone.ca_certificates().1.len(), 0);
+        // Neither a CA nor pins: refused, as before (Envoy would check nothing).
+        let error = LoadedValidation::load(&trusting(None)).unwrap_err();
+        assert_eq!(error.path, "v.trusted_ca");
     }
 }
