@@ -91,6 +91,12 @@ pub struct Validation {
     /// peer's certificate must match one entry of either.
     pub certificate_hashes: Vec<[u8; 32]>,
     pub spki_hashes: Vec<[u8; 32]>,
+    /// Certificates (and CRLs) are not checked for their validity period (BoringSSL's
+    /// `X509_V_FLAG_NO_CHECK_TIME`).
+    pub allow_expired_certificate: bool,
+    /// At most this many CA certificates above the peer's own, trust anchor included (0 acts
+    /// as 1), as Envoy's BoringSSL counts `SSL_CTX_set_verify_depth`.
+    pub max_verify_depth: Option<u32>,
     pub path: String,
 }
 
@@ -106,14 +112,21 @@ impl Validation {
         if self.trusted_ca.is_some() {
             return None;
         }
+        // Envoy's checks, in its order.
+        if self.crl.is_some() {
+            return Some(("crl", "a CRL without trusted_ca is not allowed"));
+        }
         if !self.san_matchers.is_empty() {
             return Some((
                 "match_typed_subject_alt_names",
                 "SAN-based verification of peer certificates without trusted_ca is insecure and not allowed",
             ));
         }
-        if self.crl.is_some() {
-            return Some(("crl", "a CRL without trusted_ca is not allowed"));
+        if self.allow_expired_certificate {
+            return Some((
+                "allow_expired_certificate",
+                "certificate validity period is always ignored without trusted_ca",
+            ));
         }
         if !self.has_pins() {
             return Some((
@@ -144,6 +157,9 @@ impl Validation {
             certificate_hashes: [&self.certificate_hashes[..], &dynamic.certificate_hashes]
                 .concat(),
             spki_hashes: [&self.spki_hashes[..], &dynamic.spki_hashes].concat(),
+            allow_expired_certificate: self.allow_expired_certificate
+                || dynamic.allow_expired_certificate,
+            max_verify_depth: dynamic.max_verify_depth.or(self.max_verify_depth),
             path: dynamic.path.clone(),
         }
     }
@@ -582,13 +598,14 @@ fn validation(
         only_verify_leaf_cert_crl,
         max_verify_depth,
     } = context;
-    unsupported!(
-        path,
-        watched_directory,
-        allow_expired_certificate,
-        trust_chain_verification,
-        max_verify_depth,
-    );
+    unsupported!(path, watched_directory, trust_chain_verification);
+    let max_verify_depth = match max_verify_depth {
+        // Envoy's proto rule.
+        Some(depth) if *depth > 100 => {
+            return err(field(path, "max_verify_depth"), "must be at most 100");
+        }
+        depth => *depth,
+    };
     let trusted_ca = match trusted_ca {
         Some(ca) => Some(data_source(ca, &field(path, "trusted_ca"))?),
         None => None,
@@ -633,6 +650,8 @@ fn validation(
         san_matchers,
         certificate_hashes,
         spki_hashes,
+        allow_expired_certificate: *allow_expired_certificate,
+        max_verify_depth,
         path: path.to_string(),
     };
     if needs_ca && let Some((name, reason)) = validation.missing_trusted_ca() {

@@ -192,6 +192,27 @@ fn downstream_tls_fields_are_refused_by_path() {
                 "a CRL without trusted_ca is not allowed",
             ),
             (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{verify_certificate_hash: [{HASH}], allow_expired_certificate: true}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.allow_expired_certificate"),
+                "validity period is always ignored without trusted_ca",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, max_verify_depth: 101}}}",
+                ),
+                &format!("{COMMON}.validation_context.max_verify_depth"),
+                "must be at most 100",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, trust_chain_verification: ACCEPT_UNTRUSTED}}}",
+                ),
+                &format!("{COMMON}.validation_context.trust_chain_verification"),
+                UNSUPPORTED,
+            ),
+            (
                 &context(
                     "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, crl: {environment_variable: CRL}}}}",
                 ),
@@ -580,4 +601,43 @@ fn pins_reach_the_model_and_need_no_ca() {
     assert_eq!(validation.certificate_hashes[0][..2], [0x48, 0x97]);
     assert_eq!(validation.spki_hashes.len(), 1);
     assert!(validation.has_pins());
+}
+
+#[test]
+fn validity_and_depth_settings_reach_the_model_and_merge() {
+    let bootstrap = accepted_all(&[
+        (
+            "static_resources",
+            "{secrets: [{name: bundle, validation_context: {trusted_ca: {inline_string: CA}, max_verify_depth: 2}}]}",
+        ),
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {combined_validation_context: {default_validation_context: {allow_expired_certificate: true, max_verify_depth: 5}, validation_context_sds_secret_config: {name: bundle}}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let Some(ValidationSource::Combined { default, .. }) = &common.validation else {
+        panic!("a combined validation: {:?}", common.validation);
+    };
+    assert!(default.allow_expired_certificate);
+    assert_eq!(default.max_verify_depth, Some(5));
+    let SecretKind::Validation(secret) = &bootstrap.secrets[0].kind else {
+        panic!("a validation context");
+    };
+    assert!(!secret.allow_expired_certificate);
+    let merged = default.merged(secret);
+    assert!(merged.allow_expired_certificate, "a true flag stays");
+    assert_eq!(merged.max_verify_depth, Some(2), "the secret's depth wins");
+    let unset = remora_config::tls::Validation {
+        max_verify_depth: None,
+        ..secret.clone()
+    };
+    assert_eq!(default.merged(&unset).max_verify_depth, Some(5));
 }

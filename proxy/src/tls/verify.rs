@@ -313,8 +313,9 @@ impl LoadedValidation {
     }
 
     /// Whether the chain leads to a trusted CA, through webpki as rustls's own verifiers do,
-    /// and no certificate of it is revoked. With CRLs, a certificate whose issuer has none
-    /// fails, as in Envoy (BoringSSL's `X509_V_ERR_UNABLE_TO_GET_CRL`).
+    /// within `max_verify_depth`, and no certificate of it is revoked. With CRLs, a
+    /// certificate whose issuer has none fails, as in Envoy (BoringSSL's
+    /// `X509_V_ERR_UNABLE_TO_GET_CRL`).
     fn verify_chain(
         &self,
         trust: &Trust,
@@ -341,10 +342,21 @@ impl LoadedValidation {
                         webpki::RevocationCheckDepth::EndEntity
                     })
                     .with_status_policy(webpki::UnknownStatusPolicy::Deny)
-                    .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
+                    .with_expiration_policy(if self.rules.allow_expired_certificate {
+                        webpki::ExpirationPolicy::Ignore
+                    } else {
+                        webpki::ExpirationPolicy::Enforce
+                    })
                     .build()
             });
-        let checked_anchor = |path: &webpki::VerifiedPath<'_>| {
+        let max_cas = self
+            .rules
+            .max_verify_depth
+            .map(|depth| depth.max(1) as usize);
+        let checked_path = |path: &webpki::VerifiedPath<'_>| {
+            if max_cas.is_some_and(|max| path.intermediate_certificates().count() + 1 > max) {
+                return Err(webpki::Error::MaximumPathDepthExceeded);
+            }
             if revocation.is_some() && whole_chain && !trust.is_self_issued(path.anchor()) {
                 return Err(webpki::Error::UnknownRevocationStatus);
             }
@@ -355,13 +367,44 @@ impl LoadedValidation {
                 provider().signature_verification_algorithms.all,
                 &trust.roots.roots,
                 intermediates,
-                now,
+                self.check_time(end_entity, intermediates, now),
                 usage,
                 revocation,
-                Some(&checked_anchor),
+                Some(&checked_path),
             )
             .map(|_| ())
             .map_err(pki_error)
+    }
+
+    /// When to check the chain's validity periods: now, or, with `allow_expired_certificate`
+    /// (BoringSSL's `NO_CHECK_TIME`, which webpki lacks), the moment nearest to now when every
+    /// certificate the peer sent is valid. Without such a moment (their periods do not
+    /// overlap), now.
+    fn check_time(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> UnixTime {
+        if !self.rules.allow_expired_certificate {
+            return now;
+        }
+        let mut valid = (i64::MIN, i64::MAX);
+        for der in std::iter::once(end_entity).chain(intermediates) {
+            let Ok((_, certificate)) = x509_parser::parse_x509_certificate(der) else {
+                return now;
+            };
+            let period = certificate.validity();
+            valid.0 = valid.0.max(period.not_before.timestamp());
+            valid.1 = valid.1.min(period.not_after.timestamp());
+        }
+        let seconds = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        match u64::try_from(seconds.clamp(valid.0, valid.1)) {
+            Ok(at) if valid.0 <= valid.1 => {
+                UnixTime::since_unix_epoch(std::time::Duration::from_secs(at))
+            }
+            _ => now,
+        }
     }
 
     /// Whether the peer's SANs satisfy the matchers (no matchers: any certificate).
@@ -599,9 +642,16 @@ mod tests {
         }
 
         fn leaf(&self, serial: u64) -> CertificateDer<'static> {
+            self.leaf_until(serial, 4000)
+        }
+
+        /// A leaf valid from 2020 to the start of `year`.
+        fn leaf_until(&self, serial: u64, year: i32) -> CertificateDer<'static> {
             let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::new(vec!["peer.test".to_string()]).unwrap();
             params.serial_number = Some(SerialNumber::from(serial));
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(year, 1, 1);
             params
                 .signed_by(&key, &self.certificate, &self.key)
                 .unwrap()
@@ -643,6 +693,8 @@ mod tests {
             san_matchers: Vec::new(),
             certificate_hashes: Vec::new(),
             spki_hashes: Vec::new(),
+            allow_expired_certificate: false,
+            max_verify_depth: None,
             path: "v".to_string(),
         }
     }
@@ -822,5 +874,82 @@ mod tests {
         // Neither a CA nor pins: refused, as before (Envoy would check nothing).
         let error = LoadedValidation::load(&trusting(None)).unwrap_err();
         assert_eq!(error.path, "v.trusted_ca");
+    }
+
+    /// `max_verify_depth` as Envoy 1.40 answered it for the same chains: it counts the CA
+    /// certificates above the leaf, trust anchor included, and 0 acts as 1.
+    #[test]
+    fn max_verify_depth_counts_cas_as_envoy_does() {
+        let root = Ca::new("root", None, 1);
+        let first = Ca::new("first", Some(&root), 2);
+        let second = Ca::new("second", Some(&first), 3);
+        let chains = [
+            vec![root.leaf(10)],
+            vec![first.leaf(11), first.der()],
+            vec![second.leaf(12), second.der(), first.der()],
+        ];
+        const OK: &str = "ok";
+        const FAIL: &str = "fail_verify_error";
+        let check = |name: &str, trusted_ca: String, depth: Option<u32>, want: [&str; 3]| {
+            let validation = LoadedValidation::load(&Validation {
+                max_verify_depth: depth,
+                ..trusting(Some(trusted_ca))
+            })
+            .unwrap();
+            let got = [&chains[0], &chains[1], &chains[2]].map(|c| verdict(&validation, c));
+            assert_eq!(got, want, "{name}, depth {depth:?}");
+        };
+        let root_pem = root.certificate.pem();
+        check("root", root_pem.clone(), None, [OK; 3]);
+        check("root", root_pem.clone(), Some(0), [OK, FAIL, FAIL]);
+        check("root", root_pem.clone(), Some(1), [OK, FAIL, FAIL]);
+        check("root", root_pem.clone(), Some(2), [OK, OK, FAIL]);
+        check("root", root_pem.clone(), Some(3), [OK; 3]);
+        // An intermediate as the trust anchor: the path is shorter.
+        let first_pem = first.certificate.pem();
+        check("first", first_pem.clone(), Some(1), [FAIL, OK, FAIL]);
+        check("first", first_pem.clone(), Some(2), [FAIL, OK, OK]);
+        // Both: the shorter path is found.
+        check(
+            "both",
+            format!("{root_pem}{first_pem}"),
+            Some(1),
+            [OK, OK, FAIL],
+        );
+    }
+
+    /// `allow_expired_certificate` as Envoy checks it: no validity period counts, a CRL's
+    /// neither.
+    #[test]
+    fn allow_expired_certificate_skips_validity_periods() {
+        let root = Ca::new("root", None, 1);
+        let expired = [root.leaf_until(10, 2021)];
+        let valid = [root.leaf(11)];
+        let with = |allow: bool, crl: Option<String>| {
+            LoadedValidation::load(&Validation {
+                allow_expired_certificate: allow,
+                crl: crl.map(|pem| DataSource::Inline(pem.into_bytes())),
+                ..trusting(Some(root.certificate.pem()))
+            })
+            .unwrap()
+        };
+        assert_eq!(verdict(&with(false, None), &expired), "fail_verify_error");
+        assert_eq!(verdict(&with(true, None), &expired), "ok");
+        assert_eq!(verdict(&with(true, None), &valid), "ok");
+        let expired_crl = root.crl(&[], 2021);
+        assert_eq!(
+            verdict(&with(false, Some(expired_crl.clone())), &valid),
+            "fail_verify_error"
+        );
+        assert_eq!(
+            verdict(&with(true, Some(expired_crl.clone())), &expired),
+            "ok"
+        );
+        // A revoked certificate stays revoked.
+        let revoking = root.crl(&[10], 2021);
+        assert_eq!(
+            verdict(&with(true, Some(revoking)), &expired),
+            "fail_verify_error"
+        );
     }
 }
