@@ -37,12 +37,16 @@ pub enum SanType {
     Uri,
     Ip,
     Email,
+    /// `otherName` of the matcher's `oid`.
+    OtherName,
 }
 
 /// One `match_typed_subject_alt_names` entry: the peer's SANs of `san_type` are matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SanMatcher {
     pub san_type: SanType,
+    /// For `OtherName`: the type OID, dotted (`1.3.6.1.4.1.311.20.2.3`); else `None`.
+    pub oid: Option<String>,
     pub matcher: StringMatch,
 }
 
@@ -625,6 +629,7 @@ fn validation(
         for san_type in [SanType::Dns, SanType::Uri, SanType::Email, SanType::Ip] {
             san_matchers.push(SanMatcher {
                 san_type,
+                oid: None,
                 matcher: matcher.clone(),
             });
         }
@@ -726,20 +731,50 @@ fn san_matcher(typed: &tls_pb::SubjectAltNameMatcher, path: &str) -> ConfigResul
         Ok(T::Uri) => SanType::Uri,
         Ok(T::IpAddress) => SanType::Ip,
         Ok(T::Email) => SanType::Email,
-        Ok(T::OtherName) => {
-            return err(field(path, "san_type"), "OTHER_NAME is not supported");
-        }
+        Ok(T::OtherName) => SanType::OtherName,
         Ok(T::Unspecified) => return err(field(path, "san_type"), "required"),
         Err(_) => return err(field(path, "san_type"), format!("unknown value {san_type}")),
     };
-    unsupported!(path, oid);
+    // Envoy ignores `oid` for the other types.
+    let oid = match san_type {
+        SanType::OtherName => Some(dotted_oid(oid, &field(path, "oid"))?),
+        _ => None,
+    };
     let Some(matcher) = matcher else {
         return err(field(path, "matcher"), "required");
     };
     Ok(SanMatcher {
         san_type,
+        oid,
         matcher: string_matcher(matcher, &field(path, "matcher"))?,
     })
+}
+
+/// An OTHER_NAME matcher's `oid` in dotted form, written canonically. Envoy also takes
+/// BoringSSL's names for some OIDs (`msUPN`); those are refused here rather than guessed.
+fn dotted_oid(text: &str, path: &str) -> ConfigResult<String> {
+    if text.is_empty() {
+        return err(path, "required for OTHER_NAME");
+    }
+    let arcs: Option<Vec<u64>> = text
+        .split('.')
+        .map(|arc| {
+            (!arc.is_empty() && arc.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| arc.parse().ok())
+                .flatten()
+        })
+        .collect();
+    match arcs {
+        Some(arcs) if arcs.len() >= 2 && arcs[0] <= 2 && (arcs[0] == 2 || arcs[1] < 40) => Ok(arcs
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(".")),
+        _ => err(
+            path,
+            format!("{text:?} is not an OID in dotted form (such as 1.3.6.1.4.1.311.20.2.3)"),
+        ),
+    }
 }
 
 /// The TLS versions `tls_params` allow. Envoy's defaults (TLS_AUTO): at least 1.2 on both

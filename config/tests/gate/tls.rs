@@ -139,8 +139,22 @@ fn downstream_tls_fields_are_refused_by_path() {
                 &context(
                     "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, matcher: {exact: a}}]}}}",
                 ),
-                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].san_type"),
-                "OTHER_NAME is not supported",
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].oid"),
+                "required for OTHER_NAME",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, oid: msUPN, matcher: {exact: a}}]}}}",
+                ),
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].oid"),
+                "not an OID in dotted form",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, oid: \"1..2\", matcher: {exact: a}}]}}}",
+                ),
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].oid"),
+                "not an OID in dotted form",
             ),
             (
                 &context(
@@ -640,4 +654,33 @@ fn validity_and_depth_settings_reach_the_model_and_merge() {
         ..secret.clone()
     };
     assert_eq!(default.merged(&unset).max_verify_depth, Some(5));
+}
+
+#[test]
+fn other_name_matchers_reach_the_model() {
+    let bootstrap = accepted_all(&[
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {validation_context: {trusted_ca: {inline_string: CA}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, oid: \"1.3.6.1.4.1.311.20.2.3\", matcher: {exact: user@example.com}}, {san_type: DNS, oid: \"1.2.3\", matcher: {exact: a.test}}]}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let Some(ValidationSource::Inline(validation)) = &common.validation else {
+        panic!("an inline validation: {:?}", common.validation);
+    };
+    let [upn, dns] = validation.san_matchers.as_slice() else {
+        panic!("two matchers: {:?}", validation.san_matchers);
+    };
+    assert_eq!(upn.san_type, SanType::OtherName);
+    assert_eq!(upn.oid.as_deref(), Some("1.3.6.1.4.1.311.20.2.3"));
+    assert!(upn.matches("user@example.com"));
+    // Envoy ignores `oid` on other SAN types.
+    assert_eq!((dns.san_type, dns.oid.as_deref()), (SanType::Dns, None));
 }

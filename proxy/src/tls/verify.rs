@@ -421,6 +421,13 @@ impl LoadedValidation {
                 SanType::Uri => peer.uri_sans(),
                 SanType::Ip => peer.ip_sans(),
                 SanType::Email => peer.email_sans(),
+                SanType::OtherName => {
+                    return peer
+                        .other_names()
+                        .iter()
+                        .filter(|(oid, _)| matcher.oid.as_ref() == Some(oid))
+                        .any(|(_, value)| matcher.matches(value));
+                }
             };
             sans.iter().any(|san| matcher.matches(san))
         })
@@ -950,6 +957,46 @@ mod tests {
         assert_eq!(
             verdict(&with(true, Some(revoking)), &expired),
             "fail_verify_error"
+        );
+    }
+
+    /// An OTHER_NAME matcher looks only at otherName SANs of its OID; a miss counts as a SAN
+    /// mismatch.
+    #[test]
+    fn other_name_matchers_look_at_their_oid_only() {
+        use remora_config::matcher::StringMatch;
+        let root = Ca::new("root", None, 1);
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::OtherName((
+            vec![1, 3, 6, 1, 4, 1, 311, 20, 2, 3],
+            "user@example.com".into(),
+        ))];
+        let leaf = [params
+            .signed_by(&key, &root.certificate, &root.key)
+            .unwrap()
+            .der()
+            .clone()];
+        let with = |oid: &str, value: &str| {
+            LoadedValidation::load(&Validation {
+                san_matchers: vec![SanMatcher {
+                    san_type: SanType::OtherName,
+                    oid: Some(oid.to_string()),
+                    matcher: StringMatch::Exact(value.to_string(), false),
+                }],
+                ..trusting(Some(root.certificate.pem()))
+            })
+            .unwrap()
+        };
+        let upn = "1.3.6.1.4.1.311.20.2.3";
+        assert_eq!(verdict(&with(upn, "user@example.com"), &leaf), "ok");
+        assert_eq!(
+            verdict(&with(upn, "other@example.com"), &leaf),
+            "fail_verify_san"
+        );
+        assert_eq!(
+            verdict(&with("1.2.3.4", "user@example.com"), &leaf),
+            "fail_verify_san"
         );
     }
 }
