@@ -37,12 +37,16 @@ pub enum SanType {
     Uri,
     Ip,
     Email,
+    /// `otherName` of the matcher's `oid`.
+    OtherName,
 }
 
 /// One `match_typed_subject_alt_names` entry: the peer's SANs of `san_type` are matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SanMatcher {
     pub san_type: SanType,
+    /// For `OtherName`: the type OID, dotted (`1.3.6.1.4.1.311.20.2.3`); else `None`.
+    pub oid: Option<String>,
     pub matcher: StringMatch,
 }
 
@@ -74,29 +78,92 @@ fn dns_wildcard_covers(pattern: &str, name: &str) -> bool {
 /// How the peer's certificate is checked (`CertificateValidationContext`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validation {
-    /// The CA certificates a peer's chain must lead to. Absent only in a combined context's
-    /// default, whose SDS secret brings them.
+    /// The CA certificates a peer's chain must lead to. Absent in a combined context's
+    /// default, whose SDS secret brings them, or when only pins check the peer (its chain is
+    /// then not checked, as in Envoy).
     pub trusted_ca: Option<DataSource>,
+    /// Certificate revocation lists (PEM, one or more). When set, or when `trusted_ca` holds
+    /// CRLs too, every certificate of the peer's chain must be covered by a CRL of its issuer
+    /// and not be listed in it (Envoy's `X509_V_FLAG_CRL_CHECK_ALL`), trust anchor included.
+    pub crl: Option<DataSource>,
+    /// Only the peer's own certificate is checked against the CRLs (`X509_V_FLAG_CRL_CHECK`).
+    pub only_verify_leaf_cert_crl: bool,
     /// Any one matching is enough; none: any certificate from a trusted CA is accepted.
     pub san_matchers: Vec<SanMatcher>,
+    /// Pins: SHA-256 digests of the peer's whole certificate (`verify_certificate_hash`) and
+    /// of its SubjectPublicKeyInfo (`verify_certificate_spki`). If either list is set, the
+    /// peer's certificate must match one entry of either.
+    pub certificate_hashes: Vec<[u8; 32]>,
+    pub spki_hashes: Vec<[u8; 32]>,
+    /// Certificates (and CRLs) are not checked for their validity period (BoringSSL's
+    /// `X509_V_FLAG_NO_CHECK_TIME`).
+    pub allow_expired_certificate: bool,
+    /// At most this many CA certificates above the peer's own, trust anchor included (0 acts
+    /// as 1), as Envoy's BoringSSL counts `SSL_CTX_set_verify_depth`.
+    pub max_verify_depth: Option<u32>,
     pub path: String,
 }
 
 impl Validation {
-    /// The combined context's rule: the SDS secret's fields over the default's (a message
-    /// replaces, a list adds on).
+    /// Whether pins are set: the peer's certificate must match one.
+    pub fn has_pins(&self) -> bool {
+        !self.certificate_hashes.is_empty() || !self.spki_hashes.is_empty()
+    }
+
+    /// Why this validation needs `trusted_ca` it does not have, as Envoy refuses it: the field
+    /// that needs it, and the reason. Pins alone need no CA.
+    pub fn missing_trusted_ca(&self) -> Option<(&'static str, &'static str)> {
+        if self.trusted_ca.is_some() {
+            return None;
+        }
+        // Envoy's checks, in its order.
+        if self.crl.is_some() {
+            return Some(("crl", "a CRL without trusted_ca is not allowed"));
+        }
+        if !self.san_matchers.is_empty() {
+            return Some((
+                "match_typed_subject_alt_names",
+                "SAN-based verification of peer certificates without trusted_ca is insecure and not allowed",
+            ));
+        }
+        if self.allow_expired_certificate {
+            return Some((
+                "allow_expired_certificate",
+                "certificate validity period is always ignored without trusted_ca",
+            ));
+        }
+        if !self.has_pins() {
+            return Some((
+                "trusted_ca",
+                "required (unless verify_certificate_hash or verify_certificate_spki is set)",
+            ));
+        }
+        None
+    }
+
+    /// The combined context's rule, protobuf's merge: the SDS secret's fields over the
+    /// default's (a message replaces, a list adds on, a `true` stays).
     pub fn merged(&self, dynamic: &Validation) -> Validation {
         Validation {
             trusted_ca: dynamic
                 .trusted_ca
                 .clone()
                 .or_else(|| self.trusted_ca.clone()),
+            crl: dynamic.crl.clone().or_else(|| self.crl.clone()),
+            only_verify_leaf_cert_crl: self.only_verify_leaf_cert_crl
+                || dynamic.only_verify_leaf_cert_crl,
             san_matchers: self
                 .san_matchers
                 .iter()
                 .chain(&dynamic.san_matchers)
                 .cloned()
                 .collect(),
+            certificate_hashes: [&self.certificate_hashes[..], &dynamic.certificate_hashes]
+                .concat(),
+            spki_hashes: [&self.spki_hashes[..], &dynamic.spki_hashes].concat(),
+            allow_expired_certificate: self.allow_expired_certificate
+                || dynamic.allow_expired_certificate,
+            max_verify_depth: dynamic.max_verify_depth.or(self.max_verify_depth),
             path: dynamic.path.clone(),
         }
     }
@@ -546,20 +613,20 @@ fn validation(
         only_verify_leaf_cert_crl,
         max_verify_depth,
     } = context;
-    unsupported!(
-        path,
-        watched_directory,
-        verify_certificate_spki,
-        verify_certificate_hash,
-        crl,
-        allow_expired_certificate,
-        trust_chain_verification,
-        only_verify_leaf_cert_crl,
-        max_verify_depth,
-    );
+    unsupported!(path, watched_directory, trust_chain_verification);
+    let max_verify_depth = match max_verify_depth {
+        // Envoy's proto rule.
+        Some(depth) if *depth > 100 => {
+            return err(field(path, "max_verify_depth"), "must be at most 100");
+        }
+        depth => *depth,
+    };
     let trusted_ca = match trusted_ca {
         Some(ca) => Some(data_source(ca, &field(path, "trusted_ca"))?),
-        None if needs_ca => return err(field(path, "trusted_ca"), "required"),
+        None => None,
+    };
+    let crl = match crl {
+        Some(crl) => Some(data_source(crl, &field(path, "crl"))?),
         None => None,
     };
     let mut san_matchers = Vec::new();
@@ -573,15 +640,94 @@ fn validation(
         for san_type in [SanType::Dns, SanType::Uri, SanType::Email, SanType::Ip] {
             san_matchers.push(SanMatcher {
                 san_type,
+                oid: None,
                 matcher: matcher.clone(),
             });
         }
     }
-    Ok(Validation {
+    let mut certificate_hashes = Vec::new();
+    for (index, hash) in verify_certificate_hash.iter().enumerate() {
+        certificate_hashes.push(certificate_hash(
+            hash,
+            &item(path, "verify_certificate_hash", index),
+        )?);
+    }
+    let mut spki_hashes = Vec::new();
+    for (index, hash) in verify_certificate_spki.iter().enumerate() {
+        spki_hashes.push(spki_hash(
+            hash,
+            &item(path, "verify_certificate_spki", index),
+        )?);
+    }
+    let validation = Validation {
         trusted_ca,
+        crl,
+        only_verify_leaf_cert_crl: *only_verify_leaf_cert_crl,
         san_matchers,
+        certificate_hashes,
+        spki_hashes,
+        allow_expired_certificate: *allow_expired_certificate,
+        max_verify_depth,
         path: path.to_string(),
-    })
+    };
+    if needs_ca && let Some((name, reason)) = validation.missing_trusted_ca() {
+        let name = match name {
+            "match_typed_subject_alt_names" if match_typed_subject_alt_names.is_empty() => {
+                "match_subject_alt_names"
+            }
+            name => name,
+        };
+        return err(field(path, name), reason);
+    }
+    Ok(validation)
+}
+
+/// A `verify_certificate_hash` entry: a SHA-256 in hex, as `openssl dgst -sha256` prints it or
+/// as `openssl x509 -fingerprint -sha256` does (95 characters: pairs joined by colons, whose
+/// colons Envoy drops). Either case.
+fn certificate_hash(text: &str, path: &str) -> ConfigResult<[u8; 32]> {
+    const FORMAT: &str = "must be a hex-encoded SHA-256: 64 hex digits, or 32 pairs joined by colons (95 characters)";
+    // Envoy's proto rules first: 64 to 95 characters.
+    if text.len() < 64 || text.len() > 95 {
+        return err(path, FORMAT);
+    }
+    let digits: Vec<u8> = if text.len() == 95 {
+        text.bytes().filter(|&b| b != b':').collect()
+    } else {
+        text.bytes().collect()
+    };
+    let mut hash = [0u8; 32];
+    if digits.len() != 64 {
+        return err(path, FORMAT);
+    }
+    for (byte, pair) in hash.iter_mut().zip(digits.chunks(2)) {
+        let value = std::str::from_utf8(pair)
+            .ok()
+            .filter(|pair| pair.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|pair| u8::from_str_radix(pair, 16).ok());
+        match value {
+            Some(value) => *byte = value,
+            None => return err(path, FORMAT),
+        }
+    }
+    Ok(hash)
+}
+
+/// A `verify_certificate_spki` entry: a SHA-256 in base64 with its padding (44 characters), as
+/// HTTP public key pinning writes it.
+fn spki_hash(text: &str, path: &str) -> ConfigResult<[u8; 32]> {
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(text);
+    match decoded
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+    {
+        Some(hash) if text.len() == 44 => Ok(hash),
+        _ => err(
+            path,
+            "must be a base64-encoded SHA-256 (44 characters, as `openssl enc -base64` prints it)",
+        ),
+    }
 }
 
 fn san_matcher(typed: &tls_pb::SubjectAltNameMatcher, path: &str) -> ConfigResult<SanMatcher> {
@@ -596,20 +742,50 @@ fn san_matcher(typed: &tls_pb::SubjectAltNameMatcher, path: &str) -> ConfigResul
         Ok(T::Uri) => SanType::Uri,
         Ok(T::IpAddress) => SanType::Ip,
         Ok(T::Email) => SanType::Email,
-        Ok(T::OtherName) => {
-            return err(field(path, "san_type"), "OTHER_NAME is not supported");
-        }
+        Ok(T::OtherName) => SanType::OtherName,
         Ok(T::Unspecified) => return err(field(path, "san_type"), "required"),
         Err(_) => return err(field(path, "san_type"), format!("unknown value {san_type}")),
     };
-    unsupported!(path, oid);
+    // Envoy ignores `oid` for the other types.
+    let oid = match san_type {
+        SanType::OtherName => Some(dotted_oid(oid, &field(path, "oid"))?),
+        _ => None,
+    };
     let Some(matcher) = matcher else {
         return err(field(path, "matcher"), "required");
     };
     Ok(SanMatcher {
         san_type,
+        oid,
         matcher: string_matcher(matcher, &field(path, "matcher"))?,
     })
+}
+
+/// An OTHER_NAME matcher's `oid` in dotted form, written canonically. Envoy also takes
+/// BoringSSL's names for some OIDs (`msUPN`); those are refused here rather than guessed.
+fn dotted_oid(text: &str, path: &str) -> ConfigResult<String> {
+    if text.is_empty() {
+        return err(path, "required for OTHER_NAME");
+    }
+    let arcs: Option<Vec<u64>> = text
+        .split('.')
+        .map(|arc| {
+            (!arc.is_empty() && arc.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| arc.parse().ok())
+                .flatten()
+        })
+        .collect();
+    match arcs {
+        Some(arcs) if arcs.len() >= 2 && arcs[0] <= 2 && (arcs[0] == 2 || arcs[1] < 40) => Ok(arcs
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(".")),
+        _ => err(
+            path,
+            format!("{text:?} is not an OID in dotted form (such as 1.3.6.1.4.1.311.20.2.3)"),
+        ),
+    }
 }
 
 /// The TLS versions `tls_params` allow. Envoy's defaults (TLS_AUTO): at least 1.2 on both
@@ -691,5 +867,49 @@ mod tests {
         assert_eq!(error.path, "c.tls_params.tls_minimum_protocol_version");
         let error = get(P::TlSv13, P::TlSv12).unwrap_err();
         assert!(error.to_string().contains("above"), "{error}");
+    }
+
+    #[test]
+    fn pins_read_as_envoy_reads_them() {
+        // `openssl dgst -sha256` and `openssl x509 -fingerprint -sha256` of one certificate.
+        let hex = "489777d29717a552acfab70b4e27a52782832ac61240741174b273cdf7d0960b";
+        let fingerprint = "48:97:77:D2:97:17:A5:52:AC:FA:B7:0B:4E:27:A5:27:82:83:2A:C6:12:40:74:11:74:B2:73:CD:F7:D0:96:0B";
+        let want = certificate_hash(hex, "h").unwrap();
+        assert_eq!(want[..2], [0x48, 0x97]);
+        assert_eq!(certificate_hash(&hex.to_uppercase(), "h").unwrap(), want);
+        assert_eq!(certificate_hash(fingerprint, "h").unwrap(), want);
+        assert_eq!(
+            certificate_hash(&fingerprint.to_lowercase(), "h").unwrap(),
+            want
+        );
+        // What Envoy refuses: too short, a colon where the length is not a fingerprint's,
+        // a stray character.
+        for bad in [
+            &hex[..63],
+            &format!("{}:{}", &hex[..2], &hex[2..]),
+            &fingerprint.replacen(':', "x", 4),
+            &hex.replacen('4', "g", 1),
+            &format!("{hex}00"),
+        ] {
+            let error = certificate_hash(bad, "v.verify_certificate_hash[1]").unwrap_err();
+            assert_eq!(error.path, "v.verify_certificate_hash[1]", "{bad}");
+            assert!(error.to_string().contains("hex-encoded SHA-256"), "{error}");
+        }
+
+        let spki = "3YhT8Y2CYBfl3KnWTdcYZVgobAWofxoTIcP53NXfA8c=";
+        assert_eq!(spki_hash(spki, "s").unwrap()[..2], [0xdd, 0x88]);
+        for bad in [
+            spki.trim_end_matches('='),
+            "3YhT8Y2CYBfl3KnWTdcYZVgobAWofxoTIcP53NXfA8c",
+            "3YhT8Y2CYBfl3KnWTdcYZVgobAWofxoTIcP53NXfA8-=",
+            "AAAA",
+        ] {
+            let error = spki_hash(bad, "v.verify_certificate_spki[0]").unwrap_err();
+            assert_eq!(error.path, "v.verify_certificate_spki[0]", "{bad}");
+            assert!(
+                error.to_string().contains("base64-encoded SHA-256"),
+                "{error}"
+            );
+        }
     }
 }

@@ -6,6 +6,8 @@
 #[path = "common/ads.rs"]
 mod ads;
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,71 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use pki::*;
 use remora_tests::echo::EchoServer;
 use remora_tests::{envoy, free_port, http_get, wait_for};
-
-const TRUST_DOMAIN: &str = "spiffe://mesh.test";
-
-/// A CA and what it signs.
-struct Ca {
-    key: rcgen::KeyPair,
-    certificate: rcgen::Certificate,
-}
-
-/// A leaf certificate and its key, in PEM.
-#[derive(Clone)]
-struct Leaf {
-    certificate: String,
-    key: String,
-    serial: u64,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let certificate = params.self_signed(&key).expect("ca");
-        Ca { key, certificate }
-    }
-
-    fn pem(&self) -> String {
-        self.certificate.pem()
-    }
-
-    /// A workload certificate whose only name is `spiffe://mesh.test/ns/NS/sa/SA`.
-    fn workload(&self, namespace: &str, account: &str, serial: u64) -> Leaf {
-        self.leaf(namespace, account, serial, &[])
-    }
-
-    /// A server certificate for the tests' own TLS client, which checks the host name
-    /// `server.mesh.test` (as a browser would) besides the workload's URI.
-    fn server(&self, serial: u64) -> Leaf {
-        self.leaf("backend", "server", serial, &["server.mesh.test"])
-    }
-
-    fn leaf(&self, namespace: &str, account: &str, serial: u64, dns: &[&str]) -> Leaf {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        let uri = format!("{TRUST_DOMAIN}/ns/{namespace}/sa/{account}");
-        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().expect("uri"))];
-        for name in dns {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::DnsName((*name).try_into().expect("dns")));
-        }
-        params.serial_number = Some(serial.to_be_bytes().to_vec().into());
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        let certificate = params
-            .signed_by(&key, &self.certificate, &self.key)
-            .expect("sign");
-        Leaf {
-            certificate: certificate.pem(),
-            key: key.serialize_pem(),
-            serial,
-        }
-    }
-}
 
 /// The CA's file and two workloads' certificate and key files: `backend/server` (serial 1)
 /// and `frontend/client` (serial 2).
@@ -126,151 +66,6 @@ fn mesh_ca_workload_files(dir: &Path) -> (String, (String, String), (String, Str
         files("backend", "server"),
         files("frontend", "client"),
     )
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write");
-    path.display().to_string()
-}
-
-/// A YAML flow string holding `text` (PEM has newlines).
-fn quoted(text: &str) -> String {
-    serde_json::to_string(text).expect("json string")
-}
-
-fn uri_matcher(kind: &str, value: &str) -> String {
-    format!("{{san_type: URI, matcher: {{{kind}: \"{value}\"}}}}")
-}
-
-/// A listener terminating mTLS: client certificate required, its URI SAN matched.
-fn mtls_listener(name: &str, port: u16, leaf: &(String, String), ca: &str, san: &str) -> String {
-    format!(
-        r#"  - name: {name}
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificates: [{{certificate_chain: {{filename: "{cert}"}}, private_key: {{filename: "{key}"}}}}]
-            validation_context:
-              trusted_ca: {{filename: "{ca}"}}
-              match_typed_subject_alt_names: [{san}]
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {name}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-          route_config:
-            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]
-"#,
-        cert = leaf.0,
-        key = leaf.1,
-    )
-}
-
-/// A cluster originating mTLS with a client certificate, checking the server's URI SAN.
-fn mtls_cluster(
-    name: &str,
-    target: SocketAddr,
-    leaf: &(String, String),
-    ca: &str,
-    san: &str,
-) -> String {
-    static_cluster(name, &[target]).replace(
-        "    type: STATIC\n",
-        &format!(
-            r#"    type: STATIC
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: server.mesh.test
-        common_tls_context:
-          tls_certificates: [{{certificate_chain: {{filename: "{cert}"}}, private_key: {{filename: "{key}"}}}}]
-          validation_context:
-            trusted_ca: {{filename: "{ca}"}}
-            match_typed_subject_alt_names: [{san}]
-"#,
-            cert = leaf.0,
-            key = leaf.1,
-        ),
-    )
-}
-
-/// Either proxy, running one bootstrap.
-enum Running {
-    Remora(Proxy),
-    Envoy(envoy::Envoy, #[allow(dead_code)] tempfile::TempDir),
-}
-
-impl Running {
-    fn admin(&self) -> SocketAddr {
-        match self {
-            Running::Remora(proxy) => proxy.admin,
-            Running::Envoy(envoy, _) => envoy.admin,
-        }
-    }
-
-    fn stat(&self, name: &str) -> Option<u64> {
-        remora_tests::admin_stat(self.admin(), name)
-    }
-
-    /// `/certs`, its contexts in a fixed order (the two proxies list them in their own).
-    /// `days_until_expiration` is checked against the expiration time and left out: a mesh
-    /// certificate lives a whole number of days, so a second's difference between two reads
-    /// moves it by one.
-    fn certs(&self) -> Vec<serde_json::Value> {
-        let (status, _, body) = http_get(self.admin(), "/certs").expect("admin");
-        assert_eq!(status, 200, "{body}");
-        let mut contexts = echo_json(&body)["certificates"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs() as i64;
-        for context in &mut contexts {
-            for list in ["ca_cert", "cert_chain"] {
-                for certificate in context[list].as_array_mut().into_iter().flatten() {
-                    let days: i64 = certificate["days_until_expiration"]
-                        .as_str()
-                        .and_then(|d| d.parse().ok())
-                        .expect("days_until_expiration");
-                    let expires = certificate["expiration_time"].as_str().expect("time");
-                    let expires: jiff::Timestamp = expires.parse().expect("RFC 3339");
-                    let left = (expires.as_second() - now) / 86_400;
-                    assert!((days - left).abs() <= 1, "{days} days, {left} by the clock");
-                    if let Some(fields) = certificate.as_object_mut() {
-                        fields.remove("days_until_expiration");
-                    }
-                }
-            }
-        }
-        contexts.sort_by_key(|c| c.to_string());
-        contexts
-    }
-}
-
-fn run(remora: bool, yaml: &str, admin: SocketAddr) -> Running {
-    if remora {
-        Running::Remora(Proxy::start(yaml, admin, &[]))
-    } else {
-        let (dir, path) = write_config(yaml);
-        envoy::validate(&path).unwrap_or_else(|e| panic!("envoy rejects the bootstrap: {e}"));
-        Running::Envoy(envoy::Envoy::start(&path, admin, &[]), dir)
-    }
-}
-
-fn name(remora: bool) -> &'static str {
-    if remora { "remora" } else { "envoy" }
 }
 
 /// Client sidecar (originates mTLS) → server sidecar (terminates mTLS) → app, with the two

@@ -34,6 +34,8 @@ fn context(inner: &str) -> String {
 }
 
 const CTX: &str = "transport_socket.typed_config";
+/// A certificate's SHA-256 in hex, as `openssl dgst -sha256` prints it.
+const HASH: &str = "489777d29717a552acfab70b4e27a52782832ac61240741174b273cdf7d0960b";
 const COMMON: &str = "transport_socket.typed_config.common_tls_context";
 
 #[test]
@@ -137,8 +139,22 @@ fn downstream_tls_fields_are_refused_by_path() {
                 &context(
                     "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, matcher: {exact: a}}]}}}",
                 ),
-                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].san_type"),
-                "OTHER_NAME is not supported",
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].oid"),
+                "required for OTHER_NAME",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, oid: msUPN, matcher: {exact: a}}]}}}",
+                ),
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].oid"),
+                "not an OID in dotted form",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, oid: \"1..2\", matcher: {exact: a}}]}}}",
+                ),
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names[0].oid"),
+                "not an OID in dotted form",
             ),
             (
                 &context(
@@ -155,11 +171,67 @@ fn downstream_tls_fields_are_refused_by_path() {
                 "required",
             ),
             (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{trusted_ca: {{filename: ca.pem}}, verify_certificate_hash: [{HASH}, \"{HASH}:\"]}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.verify_certificate_hash[1]"),
+                "must be a hex-encoded SHA-256",
+            ),
+            (
                 &context(
-                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, crl: {filename: crl.pem}}}}",
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, verify_certificate_spki: [\"3YhT8Y2CYBfl3KnWTdcYZVgobAWofxoTIcP53NXfA8c\"]}}}",
                 ),
+                &format!("{COMMON}.validation_context.verify_certificate_spki[0]"),
+                "must be a base64-encoded SHA-256",
+            ),
+            (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{verify_certificate_hash: [{HASH}], match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: a}}}}]}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.match_typed_subject_alt_names"),
+                "without trusted_ca is insecure and not allowed",
+            ),
+            (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{verify_certificate_hash: [{HASH}], match_subject_alt_names: [{{exact: a}}]}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.match_subject_alt_names"),
+                "without trusted_ca is insecure and not allowed",
+            ),
+            (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{verify_certificate_hash: [{HASH}], crl: {{filename: crl.pem}}}}}}}}"
+                )),
                 &format!("{COMMON}.validation_context.crl"),
+                "a CRL without trusted_ca is not allowed",
+            ),
+            (
+                &context(&format!(
+                    "{{common_tls_context: {{validation_context: {{verify_certificate_hash: [{HASH}], allow_expired_certificate: true}}}}}}"
+                )),
+                &format!("{COMMON}.validation_context.allow_expired_certificate"),
+                "validity period is always ignored without trusted_ca",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, max_verify_depth: 101}}}",
+                ),
+                &format!("{COMMON}.validation_context.max_verify_depth"),
+                "must be at most 100",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, trust_chain_verification: ACCEPT_UNTRUSTED}}}",
+                ),
+                &format!("{COMMON}.validation_context.trust_chain_verification"),
                 UNSUPPORTED,
+            ),
+            (
+                &context(
+                    "{common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}, crl: {environment_variable: CRL}}}}",
+                ),
+                &format!("{COMMON}.validation_context.crl.environment_variable"),
+                "is not supported",
             ),
             (
                 &context(
@@ -449,4 +521,166 @@ fn an_exact_dns_matcher_is_covered_by_a_wildcard_san() {
     assert!(matcher.matches("*.example.com"));
     assert!(!matcher.matches("*.api.example.com"));
     assert!(!matcher.matches("*.other.com"));
+}
+
+#[test]
+fn crls_reach_the_model_and_merge_in_a_combined_context() {
+    const SECRETS: &str = "static_resources";
+    let bootstrap = accepted_all(&[
+        (
+            SECRETS,
+            "{secrets: [{name: bundle, validation_context: {trusted_ca: {inline_string: CA}, crl: {filename: /etc/remora/secret-crl.pem}}}]}",
+        ),
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {validation_context: {trusted_ca: {inline_string: CA}, crl: {filename: /etc/remora/crl.pem}, only_verify_leaf_cert_crl: true}}}",
+            ),
+        ),
+        (CLUSTER, UPSTREAM),
+        (
+            CLUSTER,
+            &context(
+                "{common_tls_context: {combined_validation_context: {default_validation_context: {crl: {inline_string: DEFAULT}, only_verify_leaf_cert_crl: true}, validation_context_sds_secret_config: {name: bundle}}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let Some(ValidationSource::Inline(validation)) = &common.validation else {
+        panic!("an inline validation: {:?}", common.validation);
+    };
+    assert_eq!(
+        validation.crl,
+        Some(DataSource::File("/etc/remora/crl.pem".into()))
+    );
+    assert!(validation.only_verify_leaf_cert_crl);
+
+    let SecretKind::Validation(secret) = &bootstrap.secrets[0].kind else {
+        panic!("a validation context");
+    };
+    assert!(
+        !secret.only_verify_leaf_cert_crl,
+        "the whole chain by default"
+    );
+    let tls = bootstrap.clusters[0].connect.tls.as_ref().expect("TLS");
+    let Some(ValidationSource::Combined { default, .. }) = &tls.common.validation else {
+        panic!("a combined validation");
+    };
+    // Protobuf's merge: the secret's CRL replaces the default's, a `true` flag stays.
+    let merged = default.merged(secret);
+    assert_eq!(
+        merged.crl,
+        Some(DataSource::File("/etc/remora/secret-crl.pem".into()))
+    );
+    assert!(merged.only_verify_leaf_cert_crl);
+    let without_crl = remora_config::tls::Validation {
+        crl: None,
+        ..secret.clone()
+    };
+    assert_eq!(
+        default.merged(&without_crl).crl,
+        Some(DataSource::Inline(b"DEFAULT".to_vec()))
+    );
+}
+
+#[test]
+fn pins_reach_the_model_and_need_no_ca() {
+    let bootstrap = accepted_all(&[
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {validation_context: {verify_certificate_spki: [\"3YhT8Y2CYBfl3KnWTdcYZVgobAWofxoTIcP53NXfA8c=\"], verify_certificate_hash: [\"48:97:77:D2:97:17:A5:52:AC:FA:B7:0B:4E:27:A5:27:82:83:2A:C6:12:40:74:11:74:B2:73:CD:F7:D0:96:0B\"]}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let Some(ValidationSource::Inline(validation)) = &common.validation else {
+        panic!("an inline validation: {:?}", common.validation);
+    };
+    assert_eq!(
+        validation.trusted_ca, None,
+        "pins alone need no CA, as in Envoy"
+    );
+    assert_eq!(validation.certificate_hashes.len(), 1);
+    assert_eq!(validation.certificate_hashes[0][..2], [0x48, 0x97]);
+    assert_eq!(validation.spki_hashes.len(), 1);
+    assert!(validation.has_pins());
+}
+
+#[test]
+fn validity_and_depth_settings_reach_the_model_and_merge() {
+    let bootstrap = accepted_all(&[
+        (
+            "static_resources",
+            "{secrets: [{name: bundle, validation_context: {trusted_ca: {inline_string: CA}, max_verify_depth: 2}}]}",
+        ),
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {combined_validation_context: {default_validation_context: {allow_expired_certificate: true, max_verify_depth: 5}, validation_context_sds_secret_config: {name: bundle}}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let Some(ValidationSource::Combined { default, .. }) = &common.validation else {
+        panic!("a combined validation: {:?}", common.validation);
+    };
+    assert!(default.allow_expired_certificate);
+    assert_eq!(default.max_verify_depth, Some(5));
+    let SecretKind::Validation(secret) = &bootstrap.secrets[0].kind else {
+        panic!("a validation context");
+    };
+    assert!(!secret.allow_expired_certificate);
+    let merged = default.merged(secret);
+    assert!(merged.allow_expired_certificate, "a true flag stays");
+    assert_eq!(merged.max_verify_depth, Some(2), "the secret's depth wins");
+    let unset = remora_config::tls::Validation {
+        max_verify_depth: None,
+        ..secret.clone()
+    };
+    assert_eq!(default.merged(&unset).max_verify_depth, Some(5));
+}
+
+#[test]
+fn other_name_matchers_reach_the_model() {
+    let bootstrap = accepted_all(&[
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {validation_context: {trusted_ca: {inline_string: CA}, match_typed_subject_alt_names: [{san_type: OTHER_NAME, oid: \"1.3.6.1.4.1.311.20.2.3\", matcher: {exact: user@example.com}}, {san_type: DNS, oid: \"1.2.3\", matcher: {exact: a.test}}]}}}",
+            ),
+        ),
+    ]);
+    let common = &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common;
+    let Some(ValidationSource::Inline(validation)) = &common.validation else {
+        panic!("an inline validation: {:?}", common.validation);
+    };
+    let [upn, dns] = validation.san_matchers.as_slice() else {
+        panic!("two matchers: {:?}", validation.san_matchers);
+    };
+    assert_eq!(upn.san_type, SanType::OtherName);
+    assert_eq!(upn.oid.as_deref(), Some("1.3.6.1.4.1.311.20.2.3"));
+    assert!(upn.matches("user@example.com"));
+    // Envoy ignores `oid` on other SAN types.
+    assert_eq!((dns.san_type, dns.oid.as_deref()), (SanType::Dns, None));
 }

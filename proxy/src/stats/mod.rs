@@ -416,12 +416,15 @@ stat_block! {
         stats {
             /// Handshakes that completed.
             handshake: Counter,
-            /// Handshakes that failed, for any reason.
+            /// Handshakes that failed for a reason other than the peer's certificate.
             connection_error: Counter,
             /// The peer's chain does not lead to a trusted CA (or is expired or malformed).
             fail_verify_error: Counter,
             /// The peer's certificate has no SAN that the matchers accept.
             fail_verify_san: Counter,
+            /// The peer's certificate matches no `verify_certificate_hash` or
+            /// `verify_certificate_spki` pin.
+            fail_verify_cert_hash: Counter,
             /// A client certificate was required and none was presented.
             fail_verify_no_cert: Counter,
             /// Handshakes that completed without a client certificate.
@@ -439,14 +442,17 @@ impl SslStats {
         registry.block(format!("{prefix}.ssl"))
     }
 
-    /// Counts a failed handshake, and why when the reason is one Envoy counts.
+    /// Counts a failed handshake as Envoy does: a missing client certificate as
+    /// `fail_verify_no_cert`; a certificate that failed verification not again (its own
+    /// `fail_verify_*` counted it); anything else as `connection_error`.
     pub fn failed(&self, error: &std::io::Error) {
-        self.connection_error.inc();
         let reason = error
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-        if let Some(rustls::Error::NoCertificatesPresented) = reason {
-            self.fail_verify_no_cert.inc();
+        match reason {
+            Some(rustls::Error::NoCertificatesPresented) => self.fail_verify_no_cert.inc(),
+            Some(rustls::Error::InvalidCertificate(_)) => {}
+            _ => self.connection_error.inc(),
         }
     }
 }

@@ -261,11 +261,10 @@ pub fn context_certificates(common: &CommonTls, secrets: &Secrets) -> ContextCer
         None => None,
     };
     if let Some(loaded) = validation {
-        let source = &loaded.ca_source;
-        shown.ca = loaded
-            .ca_certificates
+        let (source, certificates) = loaded.ca_certificates();
+        shown.ca = certificates
             .iter()
-            .map(|c| (source.clone(), c.clone()))
+            .map(|c| (source.to_string(), c.clone()))
             .collect();
     }
     for certificate in &common.certificates {
@@ -361,7 +360,7 @@ fn validation_material(
         }
         ValidationSource::Sds(sds) => ValidationMaterial::Secret(secrets.slot(sds)),
         ValidationSource::Combined { default, secret } => ValidationMaterial::Combined {
-            default: default.san_matchers.clone(),
+            default: Box::new(LoadedValidation::read(default)?),
             secret: secrets.slot(secret),
             merged: Default::default(),
         },

@@ -27,6 +27,8 @@ struct Facts {
     dns_sans: Vec<String>,
     ip_sans: Vec<String>,
     email_sans: Vec<String>,
+    /// `otherName` SANs: the type's OID (dotted) and the value as a string, as Envoy reads it.
+    other_names: Vec<(String, String)>,
     serial: String,
     not_before: i64,
     not_after: i64,
@@ -83,6 +85,11 @@ impl PeerCertificate {
         &self.facts().email_sans
     }
 
+    /// `otherName` SANs: (type OID in dotted form, value).
+    pub fn other_names(&self) -> &[(String, String)] {
+        &self.facts().other_names
+    }
+
     /// The serial number in lowercase hex, as Envoy prints it.
     pub fn serial(&self) -> &str {
         &self.facts().serial
@@ -116,6 +123,10 @@ impl Facts {
                             peer.ip_sans.push(ip.to_string());
                         }
                     }
+                    GeneralName::OtherName(oid, value) => {
+                        peer.other_names
+                            .push((oid.to_id_string(), other_name_value(value)));
+                    }
                     _ => {}
                 }
             }
@@ -135,6 +146,67 @@ fn serial_hex(raw: &[u8]) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
+}
+
+/// An `otherName` value (`[0] EXPLICIT ANY`) as the string Envoy matches (its
+/// `Utility::generalNameAsString`): a string type's bytes, a number in decimal, a boolean as
+/// `true` or `false`, an OID in dotted form, a BMP or universal string in UTF-8, a set or
+/// sequence as its whole DER; any other type, or a value that does not read, as "".
+fn other_name_value(explicit: &[u8]) -> String {
+    use x509_parser::asn1_rs::{Any, Class, FromDer, Oid, Tag};
+    use x509_parser::num_bigint::BigInt;
+    let Ok((_, wrapper)) = Any::from_der(explicit) else {
+        return String::new();
+    };
+    let Ok((rest, value)) = Any::from_der(wrapper.data) else {
+        return String::new();
+    };
+    let element = &wrapper.data[..wrapper.data.len() - rest.len()];
+    if value.header.class() != Class::Universal {
+        return String::new();
+    }
+    let data = value.data;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let units = |width: usize| -> String {
+        let code = |chunk: &[u8]| {
+            chunk
+                .iter()
+                .fold(0u32, |code, b| (code << 8) | u32::from(*b))
+        };
+        if width == 2 {
+            let units: Vec<u16> = data.chunks(2).map(|c| code(c) as u16).collect();
+            String::from_utf16_lossy(&units)
+        } else {
+            data.chunks(4)
+                .map(|c| char::from_u32(code(c)).unwrap_or(char::REPLACEMENT_CHARACTER))
+                .collect()
+        }
+    };
+    match value.tag() {
+        Tag::Boolean => (if data.first().is_some_and(|b| *b != 0) {
+            "true"
+        } else {
+            "false"
+        })
+        .to_string(),
+        Tag::Integer | Tag::Enumerated => BigInt::from_signed_bytes_be(data).to_string(),
+        Tag::Oid => Oid::new(data.into()).to_id_string(),
+        Tag::BitString => text(data.get(1..).unwrap_or_default()),
+        Tag::OctetString
+        | Tag::PrintableString
+        | Tag::T61String
+        | Tag::Ia5String
+        | Tag::GeneralString
+        | Tag::UtcTime
+        | Tag::GeneralizedTime
+        | Tag::VisibleString
+        | Tag::Utf8String => text(data),
+        Tag::BmpString => units(2),
+        Tag::UniversalString => units(4),
+        // The whole element, tag and length too.
+        Tag::Sequence | Tag::Set => text(element),
+        _ => String::new(),
+    }
 }
 
 fn ip_address(bytes: &[u8]) -> Option<IpAddr> {
@@ -236,5 +308,51 @@ mod tests {
         assert_eq!(lazy.subject(), peer.subject());
         let garbage = PeerCertificate::lazy(CertificateDer::from(b"not a certificate".to_vec()));
         assert!(garbage.uri_sans().is_empty());
+    }
+
+    /// The strings Envoy 1.40 matched OTHER_NAME matchers against, for values of each kind
+    /// (checked by hand against Envoy with certificates carrying them).
+    #[test]
+    fn other_name_values_read_as_envoy_reads_them() {
+        // `[0] EXPLICIT` around one DER element.
+        let explicit = |tag: u8, content: &[u8]| {
+            let mut element = vec![tag, content.len() as u8];
+            element.extend_from_slice(content);
+            let mut wrapped = vec![0xa0, element.len() as u8];
+            wrapped.extend(element);
+            wrapped
+        };
+        let big = 1_234_567_890_123_456_789_012_345u128.to_be_bytes();
+        let big = &big[big.iter().position(|b| *b != 0).unwrap()..];
+        let bmp: Vec<u8> = "héllo".encode_utf16().flat_map(u16::to_be_bytes).collect();
+        let cases: [(u8, &[u8], &str); 8] = [
+            (0x0c, b"user@example.com", "user@example.com"),
+            (0x16, b"hello", "hello"),
+            (0x02, big, "1234567890123456789012345"),
+            (0x02, &[0xff], "-1"),
+            (0x01, &[0xff], "true"),
+            (0x1e, &bmp, "héllo"),
+            (0x30, &[0x0c, 0x03, b'a', b'b', b'c'], "0\x05\x0c\x03abc"),
+            (0x05, &[], ""),
+        ];
+        for (tag, content, want) in cases {
+            assert_eq!(other_name_value(&explicit(tag, content)), want, "tag {tag}");
+        }
+        assert_eq!(other_name_value(b"\xa0"), "", "a value that does not read");
+
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![SanType::OtherName((
+            vec![1, 3, 6, 1, 4, 1, 311, 20, 2, 3],
+            "user@example.com".into(),
+        ))];
+        let certificate = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let peer = PeerCertificate::parse(certificate.der()).unwrap();
+        assert_eq!(
+            peer.other_names(),
+            [(
+                "1.3.6.1.4.1.311.20.2.3".to_string(),
+                "user@example.com".to_string()
+            )]
+        );
     }
 }

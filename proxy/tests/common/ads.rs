@@ -501,7 +501,7 @@ impl AggregatedDiscoveryService for Service {
 }
 
 /// A TLS terminator in front of a plaintext server (the ADS server, for a proxy whose ADS
-/// cluster speaks TLS): it completes each handshake with its certificate, records the server
+/// cluster speaks TLS; or an HTTP/1 app): it completes each handshake with its certificate, records the server
 /// name the client asked for and why failed handshakes failed, and pipes the decrypted bytes to
 /// `backend`. Stops on drop.
 pub struct TlsFront {
@@ -541,7 +541,8 @@ impl TlsFront {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .expect("server certificate");
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // h2 for an ADS client; http/1.1 for Envoy's HTTP/1 pools, which offer it.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tls front");
         listener.set_nonblocking(true).expect("nonblocking");
