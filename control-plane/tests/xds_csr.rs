@@ -492,16 +492,42 @@ async fn the_serving_certificate_is_renewed_without_dropping_streams() {
         .expect("stopped");
 }
 
+/// How an Envoy proves who it is to the control plane.
+enum Credential<'a> {
+    /// A bootstrap token, sent as `authorization: Bearer`.
+    Token(&'a str),
+    /// A client certificate (PEM files) and no token.
+    Certificate(&'a std::path::Path, &'a std::path::Path),
+}
+
 /// Rewrites an Envoy bootstrap from [`envoy_bootstrap`] so its ADS cluster speaks TLS to the
-/// control plane, verified against `bundle` with a SAN matcher on `identity`, and sends `token`.
-fn over_tls(bootstrap: &std::path::Path, bundle: &std::path::Path, identity: &str, token: &str) {
-    let text = std::fs::read_to_string(bootstrap).expect("bootstrap");
-    let text = text.replace(
-        "grpc_services: [{envoy_grpc: {cluster_name: xds_cluster}}]",
-        &format!(
-            "grpc_services: [{{envoy_grpc: {{cluster_name: xds_cluster}}, initial_metadata: [{{key: authorization, value: \"Bearer {token}\"}}]}}]"
-        ),
-    );
+/// control plane, verified against `bundle` with a SAN matcher on `identity`, proving itself
+/// with `credential`.
+fn over_tls(
+    bootstrap: &std::path::Path,
+    bundle: &std::path::Path,
+    identity: &str,
+    credential: Credential<'_>,
+) {
+    let mut text = std::fs::read_to_string(bootstrap).expect("bootstrap");
+    let mut certificates = String::new();
+    match credential {
+        Credential::Token(token) => {
+            text = text.replace(
+                "grpc_services: [{envoy_grpc: {cluster_name: xds_cluster}}]",
+                &format!(
+                    "grpc_services: [{{envoy_grpc: {{cluster_name: xds_cluster}}, initial_metadata: [{{key: authorization, value: \"Bearer {token}\"}}]}}]"
+                ),
+            );
+        }
+        Credential::Certificate(cert, key) => {
+            certificates = format!(
+                "\n          tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]",
+                cert.display(),
+                key.display()
+            );
+        }
+    }
     let transport_socket = format!(
         r#"
     transport_socket:
@@ -510,7 +536,7 @@ fn over_tls(bootstrap: &std::path::Path, bundle: &std::path::Path, identity: &st
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         sni: {CP_DNS_NAME}
         common_tls_context:
-          alpn_protocols: [h2]
+          alpn_protocols: [h2]{certificates}
           validation_context:
             trusted_ca: {{filename: {bundle}}}
             match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{identity}"}}}}]
@@ -554,7 +580,7 @@ fn envoy_verifies_the_control_plane_over_xds_tls() {
     // The control plane's identity: Envoy connects and gets its group's cluster.
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let bootstrap = envoy_bootstrap(dir.path(), "envoy-b", "b", cp.xds, admin, "GRPC");
-    over_tls(&bootstrap, &bundle, CP_IDENTITY, &token);
+    over_tls(&bootstrap, &bundle, CP_IDENTITY, Credential::Token(&token));
     let envoy = Envoy::start(&bootstrap, admin, &[]);
     wait_for(
         "Envoy over TLS to get group b's cluster",
@@ -576,7 +602,7 @@ fn envoy_verifies_the_control_plane_over_xds_tls() {
         &bootstrap,
         &bundle,
         "spiffe://cluster.local/ns/remora-system/sa/someone-else",
-        &token,
+        Credential::Token(&token),
     );
     let wrong = Envoy::start(&bootstrap, admin, &[]);
     wait_for(
@@ -854,38 +880,6 @@ async fn required_client_certificates_refuse_connections_without_one() {
         .expect("stopped");
 }
 
-/// Rewrites an Envoy bootstrap from [`envoy_bootstrap`] so its ADS cluster speaks mTLS to the
-/// control plane: verified against `bundle` as the control plane's identity, presenting the
-/// certificate in `cert` with its key in `key`, and no token.
-fn over_mtls(
-    bootstrap: &std::path::Path,
-    bundle: &std::path::Path,
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) {
-    let text = std::fs::read_to_string(bootstrap).expect("bootstrap");
-    let transport_socket = format!(
-        r#"
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: {CP_DNS_NAME}
-        common_tls_context:
-          alpn_protocols: [h2]
-          tls_certificates: [{{certificate_chain: {{filename: {cert}}}, private_key: {{filename: {key}}}}}]
-          validation_context:
-            trusted_ca: {{filename: {bundle}}}
-            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{CP_IDENTITY}"}}}}]
-"#,
-        bundle = bundle.display(),
-        cert = cert.display(),
-        key = key.display(),
-    );
-    let text = format!("{}{transport_socket}", text.trim_end());
-    std::fs::write(bootstrap, text).expect("write");
-}
-
 #[test]
 fn envoy_with_a_workload_certificate_needs_no_token() {
     if !envoy_or_skip() {
@@ -932,7 +926,12 @@ fn envoy_with_a_workload_certificate_needs_no_token() {
 
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let bootstrap = envoy_bootstrap(dir.path(), "envoy-b", "b", cp.xds, admin, "GRPC");
-    over_mtls(&bootstrap, &bundle, &cert, &key_file);
+    over_tls(
+        &bootstrap,
+        &bundle,
+        CP_IDENTITY,
+        Credential::Certificate(&cert, &key_file),
+    );
     assert!(
         !std::fs::read_to_string(&bootstrap)
             .expect("bootstrap")
