@@ -88,8 +88,12 @@ pub struct Validation {
     pub crl: Option<DataSource>,
     /// Only the peer's own certificate is checked against the CRLs (`X509_V_FLAG_CRL_CHECK`).
     pub only_verify_leaf_cert_crl: bool,
-    /// Any one matching is enough; none: any certificate from a trusted CA is accepted.
+    /// `match_typed_subject_alt_names`. Any one matching is enough; none (and no legacy
+    /// matchers): any certificate from a trusted CA is accepted.
     pub san_matchers: Vec<SanMatcher>,
+    /// The deprecated `match_subject_alt_names`, each expanded to the four SAN types as Envoy
+    /// expands it; in force only when there are no typed matchers (Envoy ignores them then).
+    pub legacy_san_matchers: Vec<SanMatcher>,
     /// Pins: SHA-256 digests of the peer's whole certificate (`verify_certificate_hash`) and
     /// of its SubjectPublicKeyInfo (`verify_certificate_spki`). If either list is set, the
     /// peer's certificate must match one entry of either.
@@ -105,6 +109,15 @@ pub struct Validation {
 }
 
 impl Validation {
+    /// The SAN matchers checked: the typed ones, else the deprecated ones.
+    pub fn san_matchers_in_force(&self) -> &[SanMatcher] {
+        if self.san_matchers.is_empty() {
+            &self.legacy_san_matchers
+        } else {
+            &self.san_matchers
+        }
+    }
+
     /// Whether pins are set: the peer's certificate must match one.
     pub fn has_pins(&self) -> bool {
         !self.certificate_hashes.is_empty() || !self.spki_hashes.is_empty()
@@ -120,7 +133,7 @@ impl Validation {
         if self.crl.is_some() {
             return Some(("crl", "a CRL without trusted_ca is not allowed"));
         }
-        if !self.san_matchers.is_empty() {
+        if !self.san_matchers_in_force().is_empty() {
             return Some((
                 "match_typed_subject_alt_names",
                 "SAN-based verification of peer certificates without trusted_ca is insecure and not allowed",
@@ -152,12 +165,9 @@ impl Validation {
             crl: dynamic.crl.clone().or_else(|| self.crl.clone()),
             only_verify_leaf_cert_crl: self.only_verify_leaf_cert_crl
                 || dynamic.only_verify_leaf_cert_crl,
-            san_matchers: self
-                .san_matchers
-                .iter()
-                .chain(&dynamic.san_matchers)
-                .cloned()
-                .collect(),
+            san_matchers: [&self.san_matchers[..], &dynamic.san_matchers].concat(),
+            legacy_san_matchers: [&self.legacy_san_matchers[..], &dynamic.legacy_san_matchers]
+                .concat(),
             certificate_hashes: [&self.certificate_hashes[..], &dynamic.certificate_hashes]
                 .concat(),
             spki_hashes: [&self.spki_hashes[..], &dynamic.spki_hashes].concat(),
@@ -215,7 +225,7 @@ impl ValidationSource {
     pub fn has_san_matchers(&self) -> bool {
         match self {
             ValidationSource::Inline(v) | ValidationSource::Combined { default: v, .. } => {
-                !v.san_matchers.is_empty()
+                !v.san_matchers_in_force().is_empty()
             }
             ValidationSource::Sds(_) => false,
         }
@@ -635,10 +645,11 @@ fn validation(
         san_matchers.push(san_matcher(typed, &mpath)?);
     }
     // The deprecated form matches any SAN of the four types, as Envoy expands it.
+    let mut legacy_san_matchers = Vec::new();
     for (index, matcher) in match_subject_alt_names.iter().enumerate() {
         let matcher = string_matcher(matcher, &item(path, "match_subject_alt_names", index))?;
         for san_type in [SanType::Dns, SanType::Uri, SanType::Email, SanType::Ip] {
-            san_matchers.push(SanMatcher {
+            legacy_san_matchers.push(SanMatcher {
                 san_type,
                 oid: None,
                 matcher: matcher.clone(),
@@ -664,6 +675,7 @@ fn validation(
         crl,
         only_verify_leaf_cert_crl: *only_verify_leaf_cert_crl,
         san_matchers,
+        legacy_san_matchers,
         certificate_hashes,
         spki_hashes,
         allow_expired_certificate: *allow_expired_certificate,

@@ -162,7 +162,8 @@ const REFUSED: Option<u16> = None;
 /// A proxy terminating mTLS checks client certificates against CRLs and pins: a leaf of the
 /// root and one of an intermediate, each also revoked, are presented to listeners checking
 /// the whole chain (with both CAs' CRLs, and with only the intermediate's), only the leaf, the
-/// key's SPKI, the certificate's hash, and a hash alone without a CA.
+/// key's SPKI, the certificate's hash, a hash alone without a CA, and deprecated SAN matchers
+/// alone and beside typed ones (which put them out of force).
 #[test]
 fn client_certificates_checked_by_crls_and_pins_as_envoy_checks_them() {
     let dir = tempfile::tempdir().expect("dir");
@@ -230,6 +231,22 @@ fn client_certificates_checked_by_crls_and_pins_as_envoy_checks_them() {
             ),
             [OK, REFUSED, REFUSED, REFUSED],
         ),
+        (
+            // The deprecated matchers alone are in force...
+            "legacy_san_matchers",
+            format!(
+                "{{trusted_ca: {{filename: \"{ca}\"}}, match_subject_alt_names: [{{prefix: \"spiffe://\"}}]}}"
+            ),
+            [OK; 4],
+        ),
+        (
+            // ...and out of force beside typed ones, which Envoy checks alone.
+            "typed_san_matchers_over_legacy",
+            format!(
+                "{{trusted_ca: {{filename: \"{ca}\"}}, match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"spiffe://nobody\"}}}}], match_subject_alt_names: [{{prefix: \"spiffe://\"}}]}}"
+            ),
+            [REFUSED; 4],
+        ),
     ];
     let app = EchoServer::start("app", "127.0.0.1");
     let outcome = on_both("CRLs and pins on client certificates", |remora| {
@@ -271,6 +288,8 @@ fn client_certificates_checked_by_crls_and_pins_as_envoy_checks_them() {
         let refused = want.iter().filter(|status| status.is_none()).count() as u64;
         let counter = if name.contains("pin") {
             "fail_verify_cert_hash"
+        } else if name.contains("san") {
+            "fail_verify_san"
         } else {
             "fail_verify_error"
         };

@@ -471,20 +471,27 @@ fn sds_secrets_and_san_matchers_reach_the_model() {
         ("bundle", &SecretSource::Static)
     );
     assert_eq!(default.trusted_ca, None);
-    // One typed matcher, and the legacy one for each of the four SAN types.
-    let types: Vec<SanType> = default.san_matchers.iter().map(|m| m.san_type).collect();
+    // One typed matcher, and the legacy one for each of the four SAN types, which the typed
+    // one puts out of force (as Envoy ignores the deprecated field then).
+    let types = |matchers: &[remora_config::tls::SanMatcher]| -> Vec<SanType> {
+        matchers.iter().map(|m| m.san_type).collect()
+    };
+    assert_eq!(types(&default.san_matchers), [SanType::Uri]);
     assert_eq!(
-        types,
-        [
-            SanType::Uri,
-            SanType::Dns,
-            SanType::Uri,
-            SanType::Email,
-            SanType::Ip
-        ]
+        types(&default.legacy_san_matchers),
+        [SanType::Dns, SanType::Uri, SanType::Email, SanType::Ip]
     );
+    assert_eq!(default.san_matchers_in_force(), &default.san_matchers[..]);
     assert!(default.san_matchers[0].matches("spiffe://td/ns/a/sa/b"));
     assert!(!default.san_matchers[0].matches("spiffe://other/ns/a/sa/b"));
+    let legacy_only = remora_config::tls::Validation {
+        san_matchers: Vec::new(),
+        ..default.clone()
+    };
+    assert_eq!(
+        types(legacy_only.san_matchers_in_force()),
+        [SanType::Dns, SanType::Uri, SanType::Email, SanType::Ip]
+    );
 
     let tls = bootstrap.clusters[0]
         .connect

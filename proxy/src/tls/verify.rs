@@ -248,13 +248,13 @@ impl LoadedValidation {
 
     /// The SAN matchers in force.
     fn san_matchers(&self) -> &[SanMatcher] {
-        &self.rules.san_matchers
+        self.rules.san_matchers_in_force()
     }
 
     /// Whether a client must present a certificate: SAN matchers or pins cannot pass without
     /// one (Envoy's rule).
     fn demands_certificate(&self) -> bool {
-        !self.rules.san_matchers.is_empty() || self.rules.has_pins()
+        !self.rules.san_matchers_in_force().is_empty() || self.rules.has_pins()
     }
 
     /// Everything Envoy checks of a peer's certificate, in its order, each failure counted
@@ -698,6 +698,7 @@ mod tests {
             crl: None,
             only_verify_leaf_cert_crl: false,
             san_matchers: Vec::new(),
+            legacy_san_matchers: Vec::new(),
             certificate_hashes: Vec::new(),
             spki_hashes: Vec::new(),
             allow_expired_certificate: false,
