@@ -234,6 +234,11 @@ async fn serve(
             listeners.drain_all(Duration::ZERO, false, false).await;
         }
     }
+    // The last requests' log lines may still wait for their writer's interval.
+    tokio::task::spawn_blocking(|| {
+        crate::http::access_log::flush_all(Duration::from_secs(2));
+    })
+    .await?;
     Ok(())
 }
 

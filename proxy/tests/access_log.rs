@@ -426,3 +426,44 @@ fn sigusr1_reopens_log_files_for_rotation() {
         .count();
     assert_eq!(writers, 1, "one writer thread per log file");
 }
+
+/// Lines wait in their writer's buffer for a moment (Envoy's file logger flushes on an
+/// interval too); a proxy told to stop writes them before it exits, so no request of its last
+/// moments goes unlogged.
+#[test]
+fn a_stopping_proxy_writes_every_waiting_line() {
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let log = dir.path().join("access.log");
+    let hcm = file_log_with_format(&log, r"%REQ(:PATH)%\n");
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ingress",
+            port,
+            &hcm,
+            &catch_all("echo", "15s"),
+        )],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    let mut proxy = Proxy::start(&yaml, admin, &[]);
+    let sent: Vec<String> = (0..200).map(|i| format!("/request-{i}")).collect();
+    for path in &sent {
+        let (status, _, _) =
+            http_request(loopback(port), "GET", path, &[], "").expect("request through proxy");
+        assert_eq!(status, 200, "{path}");
+    }
+    proxy.process.signal("INT");
+    wait_for("the proxy to exit", Duration::from_secs(15), || {
+        proxy.process.try_wait()
+    });
+    let text = std::fs::read_to_string(&log).expect("the log");
+    // A line is written when its response has ended, so two may swap places.
+    let mut logged: Vec<&str> = text.lines().collect();
+    logged.sort_unstable();
+    let mut sent: Vec<&str> = sent.iter().map(String::as_str).collect();
+    sent.sort_unstable();
+    assert_eq!(logged, sent, "every request logged once");
+}

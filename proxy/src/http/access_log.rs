@@ -5,9 +5,13 @@
 //! ended (so `%DURATION%` and `%BYTES_SENT%` cover the body).
 //!
 //! Formats come parsed from the config (`remora_config::access_log`); this module renders and
-//! writes them. Workers never block on the log: lines go through a bounded queue to one writer thread per
-//! destination; when the queue is full (a stuck stdout), lines are dropped and counted in
-//! `access_log.dropped`, rather than stalling requests.
+//! writes them. Workers never block on the log: lines are appended to one bounded buffer per
+//! destination, which its writer thread writes out [`FLUSH_INTERVAL`] after the first line
+//! waiting, or once [`FLUSH_BYTES`] are, as Envoy's file logger flushes on an interval. A
+//! worker wakes the writer for the first line of a batch and for a full one, never per line
+//! (a wakeup per request had cost more than the rest of the log). When the buffer is full (a stuck stdout), lines are dropped and counted in
+//! `access_log.dropped`, rather than stalling requests. [`flush_all`] writes what is waiting
+//! (at shutdown).
 //!
 //! SIGUSR1 reopens every log file, as Envoy does, so logrotate can move a file away: the line
 //! after the signal goes to a fresh file at the configured path.
@@ -17,9 +21,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, Version};
 use remora_config::access_log::{
@@ -144,36 +147,67 @@ pub fn activate(
         .collect())
 }
 
-/// A destination's queue; its writer thread ends when the last holder drops it.
+/// A destination's buffer; its writer thread writes what is left and ends when the last
+/// holder drops it.
 #[derive(Debug)]
 pub struct Sink {
-    queue: SyncSender<String>,
+    shared: Arc<Shared>,
     dropped: Arc<Stat>,
 }
 
-/// Lines queued per destination before new ones are dropped.
-const QUEUE_LINES: usize = 16 * 1024;
+/// How long a line may wait in its buffer.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Bytes waiting that wake the writer before the interval is up.
+pub const FLUSH_BYTES: usize = 64 * 1024;
+/// Bytes buffered per destination before new lines are dropped.
+const MAX_BUFFERED: usize = 16 * 1024 * 1024;
+
+/// What a destination's workers and writer share.
+#[derive(Debug, Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Wakes the writer: enough bytes, a flush asked for, or the last sink gone.
+    wake: Condvar,
+    /// Wakes [`flush_all`] when a flush it asked for is written.
+    written: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    /// Flushes asked for, and the last one written.
+    asked: u64,
+    done: u64,
+    closed: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Every live destination, by target: one writer each however many logs name it.
+fn sinks() -> MutexGuard<'static, HashMap<Target, Weak<Sink>>> {
+    static SINKS: OnceLock<Mutex<HashMap<Target, Weak<Sink>>>> = OnceLock::new();
+    lock(SINKS.get_or_init(Default::default))
+}
 
 impl Sink {
     fn for_target(target: &Target, dropped: &Arc<Stat>) -> Arc<Sink> {
-        static SINKS: OnceLock<Mutex<HashMap<Target, Weak<Sink>>>> = OnceLock::new();
-        let mut sinks = SINKS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut sinks = sinks();
         if let Some(sink) = sinks.get(target).and_then(Weak::upgrade) {
             return sink;
         }
-        let (queue, lines) = std::sync::mpsc::sync_channel::<String>(QUEUE_LINES);
+        let shared = Arc::new(Shared::default());
         let destination = target.clone();
+        let writer = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("remora-access-log".into())
-            .spawn(move || write_lines(&destination, &lines));
+            .spawn(move || write_lines(&destination, &writer));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start the access log writer");
         }
         let sink = Arc::new(Sink {
-            queue,
+            shared,
             dropped: dropped.clone(),
         });
         sinks.insert(target.clone(), Arc::downgrade(&sink));
@@ -181,10 +215,56 @@ impl Sink {
     }
 
     fn send(&self, line: String) {
-        match self.queue.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        let mut pending = lock(&self.shared.pending);
+        if pending.bytes.len() + line.len() > MAX_BUFFERED {
+            drop(pending);
+            self.dropped.inc();
+            return;
         }
+        // The first line of a batch starts the writer's interval; a full batch ends it early.
+        let before = pending.bytes.len();
+        pending.bytes.extend_from_slice(line.as_bytes());
+        let wake = before == 0 || (before < FLUSH_BYTES && pending.bytes.len() >= FLUSH_BYTES);
+        drop(pending);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Asks the writer to write what is waiting, and waits (at most `timeout`) until it has.
+    fn flush(&self, timeout: Duration) {
+        let mut pending = lock(&self.shared.pending);
+        pending.asked += 1;
+        let asked = pending.asked;
+        self.shared.wake.notify_one();
+        let deadline = Instant::now() + timeout;
+        while pending.done < asked && !pending.closed {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return;
+            };
+            pending = self
+                .shared
+                .written
+                .wait_timeout(pending, left)
+                .unwrap_or_else(|poison| poison.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        lock(&self.shared.pending).closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+/// Writes every destination's waiting lines, each waited for at most `timeout` (at shutdown,
+/// so the last requests' lines are not lost).
+pub fn flush_all(timeout: Duration) {
+    let live: Vec<Arc<Sink>> = sinks().values().filter_map(Weak::upgrade).collect();
+    for sink in live {
+        sink.flush(timeout);
     }
 }
 
@@ -210,7 +290,7 @@ fn open_log(path: &std::path::Path) -> Option<Box<dyn std::io::Write>> {
     }
 }
 
-fn write_lines(target: &Target, lines: &std::sync::mpsc::Receiver<String>) {
+fn write_lines(target: &Target, shared: &Shared) {
     let mut opened = REOPEN_GENERATION.load(Ordering::Relaxed);
     let mut out: Box<dyn std::io::Write> = match target {
         Target::Stdout => Box::new(std::io::stdout()),
@@ -220,25 +300,53 @@ fn write_lines(target: &Target, lines: &std::sync::mpsc::Receiver<String>) {
             None => return,
         },
     };
-    while let Ok(line) = lines.recv() {
-        // Batch what is already queued into one write.
-        let mut batch = line;
-        while let Ok(more) = lines.try_recv() {
-            batch.push_str(&more);
-        }
-        let generation = REOPEN_GENERATION.load(Ordering::Relaxed);
-        if let (Target::File(path), true) = (target, generation != opened) {
-            opened = generation;
-            // A path that cannot be opened now keeps the old file: no line is lost.
-            if let Some(file) = open_log(path) {
-                out = file;
+    // The buffer written last, emptied and handed back so its capacity is reused.
+    let mut spare = Vec::new();
+    loop {
+        let (mut batch, asked, closed) = {
+            let mut pending = lock(&shared.pending);
+            // Idle: asleep until a first line (or a flush, or the end).
+            while pending.bytes.is_empty() && !pending.closed && pending.asked == pending.done {
+                pending = shared
+                    .wake
+                    .wait(pending)
+                    .unwrap_or_else(|poison| poison.into_inner());
+            }
+            let deadline = Instant::now() + FLUSH_INTERVAL;
+            while !pending.closed
+                && pending.asked == pending.done
+                && pending.bytes.len() < FLUSH_BYTES
+            {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                pending = shared
+                    .wake
+                    .wait_timeout(pending, left)
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .0;
+            }
+            let batch = std::mem::replace(&mut pending.bytes, std::mem::take(&mut spare));
+            (batch, pending.asked, pending.closed)
+        };
+        if !batch.is_empty() {
+            let generation = REOPEN_GENERATION.load(Ordering::Relaxed);
+            if let (Target::File(path), true) = (target, generation != opened) {
+                opened = generation;
+                // A path that cannot be opened now keeps the old file: no line is lost.
+                if let Some(file) = open_log(path) {
+                    out = file;
+                }
+            }
+            if let Err(error) = out.write_all(&batch).and_then(|()| out.flush()) {
+                tracing::warn!(%error, "cannot write the access log; its lines are dropped");
             }
         }
-        if out
-            .write_all(batch.as_bytes())
-            .and_then(|()| out.flush())
-            .is_err()
-        {
+        batch.clear();
+        spare = batch;
+        lock(&shared.pending).done = asked;
+        shared.written.notify_all();
+        if closed {
             return;
         }
     }
