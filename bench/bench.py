@@ -52,7 +52,8 @@ LATENCY_SLICE_S = 0.005
 _children: list[subprocess.Popen] = []
 
 # Where sections written by other scripts (bench/lb) begin in RESULTS.md; kept on rewrite.
-OTHER_SECTIONS = ("<!-- bench/lb: begin -->", "<!-- tracing overhead:", "<!-- mtls sidecars:")
+OTHER_SECTIONS = ("<!-- bench/lb: begin -->", "<!-- tracing overhead:", "<!-- mtls sidecars:",
+                  "<!-- features on:")
 
 
 def write_section(out: str, text: str, start: str, end: str) -> None:

@@ -165,21 +165,23 @@ def main(argv: list[str]) -> int:
 
 
 def run_round(commands: dict, upstream_port: int, sink_bin: Path, base_id: int, args,
-              workdir: Path, round_index: int) -> dict:
+              workdir: Path, round_index: int, modes=MODES, render_mode=None) -> dict:
     """Starts every proxy in every mode at once (each with its own OTLP sink), then runs wrk
     on them in turn, one slice each, until each has had its duration: slow drifts of a busy
-    machine fall on every variant alike."""
+    machine fall on every variant alike. `modes` are (name, value) pairs; `render_mode`
+    (workdir, name, ports, value) writes a mode's bootstrap (default: this bench's)."""
+    render_mode = render_mode or render
     variants = {}
     procs = []
     for index, name in enumerate(commands):
-        for mode, percent in MODES:
+        for mode, percent in modes:
             sink_port, sink_stats = b.free_port(), b.free_port()
             procs.append(b.spawn([str(sink_bin), "--listen", f"127.0.0.1:{sink_port}",
                                   "--stats", f"127.0.0.1:{sink_stats}"], cpus=b.LOAD_CPUS,
                                  logfile=workdir / f"sink-{name}-{mode}.log"))
             ports = {"ADMIN_PORT": b.free_port(), "HTTP_PORT": b.free_port(),
                      "UPSTREAM_HTTP_PORT": upstream_port, "SINK_PORT": sink_port}
-            bootstrap = render(workdir, f"{name}-{round_index}", ports, percent)
+            bootstrap = render_mode(workdir, f"{name}-{round_index}", ports, percent)
             cmd = [part.replace("{BOOTSTRAP}", str(bootstrap))
                    .replace("{BASE_ID}", str(base_id + index * 3 + len(variants) % 3))
                    for part in commands[name]]
