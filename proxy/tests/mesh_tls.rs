@@ -84,6 +84,7 @@ fn spiffe_mtls_between_remora_and_envoy_in_both_directions() {
     let mut certs: std::collections::BTreeMap<(&str, &str), Vec<serde_json::Value>> =
         Default::default();
 
+    let mut logged = 0;
     for (client_is_remora, server_is_remora) in [(true, false), (false, true), (true, true)] {
         let pairing = format!("{} → {}", name(client_is_remora), name(server_is_remora));
         // The server sidecar: one listener admitting the frontend namespace, one admitting
@@ -194,6 +195,19 @@ fn spiffe_mtls_between_remora_and_envoy_in_both_directions() {
         assert!(counted(&client_proxy, "cluster.to_server.ssl.handshake") >= 1);
         certs.insert(("client", name(client_is_remora)), client_proxy.certs());
         certs.insert(("server", name(server_is_remora)), server.certs());
+        if server_is_remora {
+            // The server is killed when this pairing ends, and access log lines wait for
+            // their writer's interval: its line must be in before then.
+            logged += 1;
+            wait_for(
+                "this pairing's inbound log line",
+                Duration::from_secs(10),
+                || {
+                    let log = std::fs::read_to_string(&log_path).ok()?;
+                    (log.lines().count() >= logged).then_some(())
+                },
+            );
+        }
     }
     for role in ["client", "server"] {
         let remora = &certs[&(role, "remora")];
