@@ -734,6 +734,26 @@ enum Seen {
     Status(u16, u64),
 }
 
+/// Sends the listener's certificate (`server-cert`, serial `serial`) late and waits until
+/// `addr` serves with it.
+fn late_secret_serves(
+    ads_server: &ads::AdsServer,
+    ca: &Ca,
+    serial: u64,
+    addr: SocketAddr,
+    client: &Arc<rustls::ClientConfig>,
+) {
+    ads_server.set(
+        xds_api::type_urls::SECRET,
+        vec![certificate_secret("server-cert", &ca.server(serial))],
+    );
+    wait_for(
+        "TLS once the late secret is in",
+        Duration::from_secs(20),
+        || (tls_probe(addr, client) == Seen::Status(200, serial)).then_some(()),
+    );
+}
+
 /// One HTTPS request on a new connection to `addr`, trusting `ca`.
 fn tls_probe(addr: SocketAddr, client: &Arc<rustls::ClientConfig>) -> Seen {
     match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
@@ -1018,15 +1038,7 @@ fn static_listeners_wait_for_their_ads_secrets_as_in_envoy() {
         );
         let (status, _, _) = http_get(setup.out, "/").expect("out");
         assert_eq!(status, 200, "{who}");
-        ads_server.set(
-            SECRET,
-            vec![certificate_secret("server-cert", &ca.server(22))],
-        );
-        wait_for(
-            "TLS once the late secret is in",
-            Duration::from_secs(20),
-            || (tls_probe(setup.tls_in, &client) == Seen::Status(200, 22)).then_some(()),
-        );
+        late_secret_serves(&ads_server, &ca, 22, setup.tls_in, &client);
         drop(proxy);
     }
 }
@@ -1101,7 +1113,7 @@ fn as_resource(listener_yaml: &str) -> String {
 /// handshake when it comes.
 #[test]
 fn a_dynamic_listener_waits_for_its_secret_as_long_as_its_initial_fetch_timeout() {
-    use xds_api::type_urls::{CLUSTER, LISTENER, SECRET};
+    use xds_api::type_urls::{CLUSTER, LISTENER};
     let ca = Ca::new();
     let client = tls_client(&ca.pem());
     let app = EchoServer::start("app", "127.0.0.1");
@@ -1134,15 +1146,7 @@ fn a_dynamic_listener_waits_for_its_secret_as_long_as_its_initial_fetch_timeout(
             Seen::HandshakeFailed,
             "{who}"
         );
-        ads_server.set(
-            SECRET,
-            vec![certificate_secret("server-cert", &ca.server(41))],
-        );
-        wait_for(
-            "TLS once the late secret is in",
-            Duration::from_secs(20),
-            || (tls_probe(setup.tls_in, &client) == Seen::Status(200, 41)).then_some(()),
-        );
+        late_secret_serves(&ads_server, &ca, 41, setup.tls_in, &client);
         drop(proxy);
     }
 }
