@@ -113,14 +113,15 @@ fn parse_json_value(value: &prost_types::Value) -> Result<JsonField, String> {
 pub enum Token {
     Text(String),
     StartTime,
-    /// `%REQ(NAME?ALT):MAX%`; `:method`, `:path`, `:authority`, `:scheme` are pseudo-headers.
+    /// `%REQ(NAME?ALT):MAX%`.
     Request {
-        name: String,
-        alt: Option<String>,
+        name: HeaderField,
+        alt: Option<HeaderField>,
         max: Option<usize>,
     },
+    /// `%RESP(NAME):MAX%`.
     Response {
-        name: String,
+        name: HeaderField,
         max: Option<usize>,
     },
     Protocol,
@@ -139,6 +140,44 @@ pub enum Token {
     UpstreamRequestAttemptCount,
     /// `%DOWNSTREAM_PEER_*%`: what the downstream's TLS certificate says (`-` without one).
     DownstreamPeer(PeerField),
+}
+
+/// The header a `%REQ(..)%` or `%RESP(..)%` reads, resolved once when the config is read rather
+/// than for every line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderField {
+    /// The request's `:method`.
+    Method,
+    /// The request's `:path`.
+    Path,
+    /// The request's `:authority` (its `Host` in HTTP/1.1).
+    Authority,
+    Header(http::HeaderName),
+    /// A pseudo-header with no value to log (`:scheme`, any in a response) or a name no header
+    /// can have: always empty.
+    Absent,
+}
+
+impl HeaderField {
+    /// What `%REQ(name)%` reads; `name` in any case.
+    pub fn request(name: &str) -> HeaderField {
+        match name.to_ascii_lowercase().as_str() {
+            ":method" => HeaderField::Method,
+            ":path" => HeaderField::Path,
+            ":authority" => HeaderField::Authority,
+            name => HeaderField::header(name),
+        }
+    }
+
+    /// What `%RESP(name)%` reads; `name` in any case.
+    pub fn response(name: &str) -> HeaderField {
+        HeaderField::header(&name.to_ascii_lowercase())
+    }
+
+    fn header(lowercase: &str) -> HeaderField {
+        http::HeaderName::from_bytes(lowercase.as_bytes())
+            .map_or(HeaderField::Absent, HeaderField::Header)
+    }
 }
 
 /// A fact of the downstream's certificate, for `%DOWNSTREAM_PEER_*%`.
@@ -210,7 +249,7 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
     if let Some(token) = simple {
         return Ok(token);
     }
-    let header_operator = |prefix: &str| -> Option<(String, Option<String>, Option<usize>)> {
+    let header_operator = |prefix: &str| -> Option<(&str, Option<&str>, Option<usize>)> {
         let inner = operator.strip_prefix(prefix)?;
         let (args, max) = match inner.split_once(')') {
             Some((args, "")) => (args, None),
@@ -218,16 +257,23 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
             None => return None,
         };
         let (name, alt) = match args.split_once('?') {
-            Some((name, alt)) => (name, Some(alt.to_ascii_lowercase())),
+            Some((name, alt)) => (name, Some(alt)),
             None => (args, None),
         };
-        Some((name.to_ascii_lowercase(), alt, max))
+        Some((name, alt, max))
     };
     if let Some((name, alt, max)) = header_operator("REQ(") {
-        return Ok(Token::Request { name, alt, max });
+        return Ok(Token::Request {
+            name: HeaderField::request(name),
+            alt: alt.map(HeaderField::request),
+            max,
+        });
     }
     if let Some((name, None, max)) = header_operator("RESP(") {
-        return Ok(Token::Response { name, max });
+        return Ok(Token::Response {
+            name: HeaderField::response(name),
+            max,
+        });
     }
     Err(format!("command operator %{operator}% is not supported"))
 }
@@ -340,17 +386,28 @@ mod tests {
     fn default_format_parses_and_unknown_operators_are_named() {
         let tokens = parse_format(DEFAULT_FORMAT).expect("default format");
         assert!(tokens.contains(&Token::Request {
-            name: "x-envoy-original-path".into(),
-            alt: Some(":path".into()),
+            name: HeaderField::Header(http::HeaderName::from_static("x-envoy-original-path")),
+            alt: Some(HeaderField::Path),
             max: None
         }));
         assert_eq!(
-            parse_format("%REQ(USER-AGENT):10% 100%%").unwrap(),
+            parse_format("%REQ(USER-AGENT):10% %REQ(:Scheme)% %RESP(bad name)% 100%%").unwrap(),
             vec![
                 Token::Request {
-                    name: "user-agent".into(),
+                    name: HeaderField::Header(http::header::USER_AGENT),
                     alt: None,
                     max: Some(10)
+                },
+                Token::Text(" ".into()),
+                Token::Request {
+                    name: HeaderField::Absent,
+                    alt: None,
+                    max: None
+                },
+                Token::Text(" ".into()),
+                Token::Response {
+                    name: HeaderField::Absent,
+                    max: None
                 },
                 Token::Text(" 100".into()),
                 Token::Text("%".into()),

@@ -1,8 +1,9 @@
 //! Access logs on the HCM: the stdout, stderr and file loggers, text and JSON formats, and the
 //! command operators Remora renders.
 
+use http::HeaderName;
 use remora_config::access_log::{
-    DEFAULT_FORMAT, JsonField, LogFormat, Target, Token, parse_format,
+    DEFAULT_FORMAT, HeaderField, JsonField, LogFormat, Target, Token, parse_format,
 };
 
 use crate::hcm::hcm;
@@ -132,8 +133,8 @@ access_log:
                 Token::ResponseCode,
                 Token::Text(" ".into()),
                 Token::Request {
-                    name: ":path".into(),
-                    alt: Some("x-path".into()),
+                    name: HeaderField::Path,
+                    alt: Some(HeaderField::Header(HeaderName::from_static("x-path"))),
                     max: Some(10)
                 },
                 Token::Text("\n".into()),

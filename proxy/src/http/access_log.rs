@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderName, Version};
+use http::{HeaderMap, Version};
 use remora_config::access_log::{
-    AccessLogConfig, JsonField, JsonObject, LogFormat, PeerField, Target, Token,
+    AccessLogConfig, HeaderField, JsonField, JsonObject, LogFormat, PeerField, Target, Token,
 };
 
 use crate::config::{ConfigError, ConfigResult};
@@ -425,12 +425,10 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
         Token::Duration => Value::from(entry.started.elapsed().as_millis() as u64),
         Token::Request { name, alt, max } => text(
             request_value(entry, name)
-                .or_else(|| alt.as_deref().and_then(|alt| request_value(entry, alt))),
+                .or_else(|| alt.as_ref().and_then(|alt| request_value(entry, alt))),
             *max,
         ),
-        Token::Response { name, max } => {
-            text(entry.response.get(name).and_then(|v| v.to_str().ok()), *max)
-        }
+        Token::Response { name, max } => text(response_value(entry, name), *max),
         Token::UpstreamHost => entry
             .upstream_host
             .map_or(Value::Null, |host| Value::String(host.to_string())),
@@ -449,12 +447,11 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
             Token::StartTime => push_time(&mut line, entry.start_time),
             Token::Request { name, alt, max } => {
                 let value = request_value(entry, name)
-                    .or_else(|| alt.as_deref().and_then(|alt| request_value(entry, alt)));
+                    .or_else(|| alt.as_ref().and_then(|alt| request_value(entry, alt)));
                 push_value(&mut line, value, *max, omit_empty);
             }
             Token::Response { name, max } => {
-                let value = entry.response.get(name).and_then(|v| v.to_str().ok());
-                push_value(&mut line, value, *max, omit_empty);
+                push_value(&mut line, response_value(entry, name), *max, omit_empty);
             }
             Token::Protocol => line.push_str(match entry.version {
                 Version::HTTP_10 => "HTTP/1.0",
@@ -519,15 +516,20 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
     line
 }
 
-fn request_value<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
-    match name {
-        ":method" => Some(entry.method.as_str()),
-        ":path" => Some(entry.path.as_str()),
-        ":authority" => Some(entry.authority.as_str()).filter(|a| !a.is_empty()),
-        _ => HeaderName::from_bytes(name.as_bytes())
-            .ok()
-            .and_then(|name| entry.request.get(name))
-            .and_then(|v| v.to_str().ok()),
+fn request_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
+    match field {
+        HeaderField::Method => Some(entry.method.as_str()),
+        HeaderField::Path => Some(entry.path.as_str()),
+        HeaderField::Authority => Some(entry.authority.as_str()).filter(|a| !a.is_empty()),
+        HeaderField::Header(name) => entry.request.get(name).and_then(|v| v.to_str().ok()),
+        HeaderField::Absent => None,
+    }
+}
+
+fn response_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
+    match field {
+        HeaderField::Header(name) => entry.response.get(name).and_then(|v| v.to_str().ok()),
+        _ => None,
     }
 }
 
