@@ -132,8 +132,9 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// `upstream_connection_options.tcp_keepalive`.
     pub tcp_keepalive: Option<TcpKeepalive>,
-    /// TLS origination (`transport_socket` with an UpstreamTlsContext).
-    pub tls: Option<UpstreamTls>,
+    /// TLS origination (`transport_socket` with an UpstreamTlsContext). Boxed: inline it is
+    /// most of a cluster's size, and most clusters of a large config have none.
+    pub tls: Option<Box<UpstreamTls>>,
 }
 
 impl ConnectOptions {
@@ -434,7 +435,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         connect: ConnectOptions {
             connect_timeout,
             tcp_keepalive,
-            tls,
+            tls: tls.map(Box::new),
         },
         protocol,
         thresholds,
