@@ -205,6 +205,13 @@ def wait_ready(proc: subprocess.Popen, admin_port: int, timeout: float) -> str |
     return f"/ready not 200 within {timeout:.0f}s"
 
 
+def probe(admin_port: int) -> None:
+    """One GET /ready, as a kubelet's readiness probe sends it every few seconds: idle RSS is
+    read just after one, so it holds what an idle sidecar keeps resident between probes."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=5) as response:
+        response.read()
+
+
 # ---------------------------------------------------------------- /proc
 
 
@@ -530,6 +537,7 @@ http {{
                 live.append((subject, proc, {}))
             time.sleep(self.args.settle)
             for subject, proc, v in live:
+                probe(subject.ports["ADMIN_PORT"])
                 v["idle_rss"] = status_kb(proc.pid, "VmRSS") / KB_PER_MB
                 v["idle_rss_anon"] = status_kb(proc.pid, "RssAnon") / KB_PER_MB
             for subject, proc, v in live:
@@ -699,6 +707,7 @@ http {{
         try:
             v["ready_1k"] = ready
             time.sleep(self.args.settle)
+            probe(subject.ports["ADMIN_PORT"])
             v["idle_rss_1k"] = status_kb(proc.pid, "VmRSS") / KB_PER_MB
         finally:
             stop(proc)

@@ -121,7 +121,7 @@ impl Lifecycle {
         if went_live {
             self.state_gauge.set(0);
             // Start-up is over: its code need not stay resident.
-            crate::memory::page_out_startup_code();
+            crate::memory::page_out_startup_code_soon();
         }
     }
 

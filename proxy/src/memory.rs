@@ -4,6 +4,8 @@
 //! dropped and glibc is asked to return free pages to the kernel. Start-up also runs much code
 //! that serving never does; once the proxy is live, those pages leave its resident set too.
 
+use std::time::Duration;
+
 /// Drops the cached reflection pool and returns free heap pages to the kernel. Call it at a
 /// quiet moment: glibc locks each arena in turn while it trims.
 pub fn release_config_memory() {
@@ -20,13 +22,33 @@ fn trim_heap() {
     }
 }
 
+/// How long after going live start-up's last steps may still run: signal handlers installed,
+/// each listener's first accept. Each of them touches code far from the rest, and each fault
+/// maps the 64 KiB around it, so paging out before them left about 1 MB of start-up code
+/// resident again.
+const START_UP_TAIL: Duration = Duration::from_millis(500);
+
+/// Pages out start-up's code once its last steps are done ([`page_out_startup_code`]), from a
+/// task on the current runtime; at once when there is none.
+pub fn page_out_startup_code_soon() {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async {
+                tokio::time::sleep(START_UP_TAIL).await;
+                page_out_startup_code();
+            });
+        }
+        Err(_) => page_out_startup_code(),
+    }
+}
+
 /// Takes the pages of the proxy's own code and read-only data out of its resident set, once
 /// start-up is over: reading config runs code (YAML, descriptors, conversion) that serving never
 /// does. The pages stay in the page cache, shared with every proxy started from the same file;
 /// what serving needs comes back on first use, as minor faults.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn page_out_startup_code() {
+fn page_out_startup_code() {
     let (Ok(exe), Ok(maps)) = (
         std::fs::read_link("/proc/self/exe"),
         std::fs::read_to_string("/proc/self/maps"),
@@ -62,7 +84,7 @@ pub fn page_out_startup_code() {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn page_out_startup_code() {}
+fn page_out_startup_code() {}
 
 /// Other allocators (musl, jemalloc, macOS) have no such call or return memory on their own.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
