@@ -108,6 +108,17 @@ def write_section(out: str, text: str, start: str, end: str) -> None:
     log(f"updated {path}")
 
 
+def end_section(lines: list[str], results: dict, modes, end: str) -> str:
+    """A report section's text: `lines`, a note for each subject and mode in `results`
+    (subject → mode → rounds) that had failed responses, then the end marker `end`."""
+    notes = [f"- {n} {m}: {sum(r['failed'] for r in results[n][m])} failed responses"
+             for n in results for m in modes if any(r["failed"] for r in results[n][m])]
+    if notes:
+        lines += ["", *notes]
+    lines += [end, ""]
+    return "\n".join(lines)
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

@@ -149,12 +149,7 @@ def report(results: dict, info: list, argv: list[str], started: float, args) -> 
               "", "Spans received per request at 1%: "
               + ", ".join(f"{n} {med(n, 'on', 'spans') / med(n, 'on', 'requests'):.4f}"
                           for n in results) + "."]
-    notes = [f"- {n} {m}: {sum(r['failed'] for r in results[n][m])} failed responses"
-             for n in results for m, _ in MODES if any(r["failed"] for r in results[n][m])]
-    if notes:
-        lines += ["", *notes]
-    lines += [MARK_END, ""]
-    return "\n".join(lines)
+    return b.end_section(lines, results, [m for m, _ in MODES], MARK_END)
 
 
 if __name__ == "__main__":

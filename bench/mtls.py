@@ -328,12 +328,7 @@ def report(results: dict, info: list, argv: list[str], started: float, args) -> 
     lines.append("Handshakes per request seen by the server sidecar, handshake mode: "
                  + ", ".join(f"{n} {med(n, 'handshake', 'handshakes_per_request'):.2f}"
                              for n in results) + ".")
-    notes = [f"- {n} {m}: {sum(r['failed'] for r in results[n][m])} failed responses"
-             for n in results for m in MODES if any(r["failed"] for r in results[n][m])]
-    if notes:
-        lines += ["", *notes]
-    lines += [MARK_END, ""]
-    return "\n".join(lines)
+    return b.end_section(lines, results, MODES, MARK_END)
 
 
 if __name__ == "__main__":

@@ -255,12 +255,7 @@ def report(results: dict, info: list, argv: list[str], started: float, args) -> 
               + "; ".join(f"{n} {m}: " + ", ".join(f"{t['rps'] / u['rps']:.3f}" for t, u in
                                                     zip(results[n][m], results[n]['untraced']))
                           for n in names for m, _ in MODES[1:]) + "."]
-    notes = [f"- {n} {m}: {sum(r['failed'] for r in results[n][m])} failed responses"
-             for n in names for m, _ in MODES if any(r["failed"] for r in results[n][m])]
-    if notes:
-        lines += ["", *notes]
-    lines += [MARK_END, ""]
-    return "\n".join(lines)
+    return b.end_section(lines, results, [m for m, _ in MODES], MARK_END)
 
 
 if __name__ == "__main__":

@@ -547,32 +547,53 @@ fn over_tls(
     std::fs::write(bootstrap, text).expect("write");
 }
 
-#[test]
-fn envoy_verifies_the_control_plane_over_xds_tls() {
-    if !envoy_or_skip() {
-        return;
-    }
+/// A control plane serving xDS over TLS as [`CP_DNS_NAME`] to token holders (and `extra`),
+/// holding cluster `only-b` for group `b`; started off any async runtime.
+fn group_b_over_tls(extra: &[&str]) -> (ControlPlane, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data").display().to_string();
-    let cp = ControlPlane::start_with(
-        free_port(),
-        free_port(),
-        &[
-            "--data-dir",
-            &data,
-            "--xds-auth",
-            "token",
-            "--xds-tls",
-            "--xds-tls-dns-name",
-            CP_DNS_NAME,
-        ],
-    );
+    let mut args = vec![
+        "--data-dir",
+        &data,
+        "--xds-auth",
+        "token",
+        "--xds-tls",
+        "--xds-tls-dns-name",
+        CP_DNS_NAME,
+    ];
+    args.extend(extra);
+    let cp = ControlPlane::start_with(free_port(), free_port(), &args);
     let (status, body) = cp.call(
         "PUT",
         "/v1/clusters/only-b?group=b",
         "\"@type\": Cluster\nname: only-b\nconnect_timeout: 1s\n",
     );
     assert_eq!(status, 200, "{body}");
+    (cp, dir)
+}
+
+/// Waits for Envoy node `node` to get group b's cluster; the control plane lists it in group b.
+fn wait_for_group_b(cp: &ControlPlane, envoy: &Envoy, node: &str) {
+    wait_for(
+        &format!("{node} to get group b's cluster"),
+        Duration::from_secs(30),
+        || {
+            envoy
+                .admin_get("/clusters")
+                .contains("only-b::")
+                .then_some(())
+        },
+    );
+    let proxy: Value = cp.proxy(node).expect("listed");
+    assert_eq!(proxy["group"], "b");
+}
+
+#[test]
+fn envoy_verifies_the_control_plane_over_xds_tls() {
+    if !envoy_or_skip() {
+        return;
+    }
+    let (cp, dir) = group_b_over_tls(&[]);
     let token = token(&cp, r#"{"group": "b"}"#);
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(&bundle, self::bundle(&cp)).expect("write bundle");
@@ -582,18 +603,7 @@ fn envoy_verifies_the_control_plane_over_xds_tls() {
     let bootstrap = envoy_bootstrap(dir.path(), "envoy-b", "b", cp.xds, admin, "GRPC");
     over_tls(&bootstrap, &bundle, CP_IDENTITY, Credential::Token(&token));
     let envoy = Envoy::start(&bootstrap, admin, &[]);
-    wait_for(
-        "Envoy over TLS to get group b's cluster",
-        Duration::from_secs(30),
-        || {
-            envoy
-                .admin_get("/clusters")
-                .contains("only-b::")
-                .then_some(())
-        },
-    );
-    let proxy: Value = cp.proxy("envoy-b").expect("listed");
-    assert_eq!(proxy["group"], "b");
+    wait_for_group_b(&cp, &envoy, "envoy-b");
 
     // Another identity expected: Envoy refuses the server and gets nothing.
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -885,29 +895,7 @@ fn envoy_with_a_workload_certificate_needs_no_token() {
     if !envoy_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("data").display().to_string();
-    let cp = ControlPlane::start_with(
-        free_port(),
-        free_port(),
-        &[
-            "--data-dir",
-            &data,
-            "--xds-auth",
-            "token",
-            "--xds-tls",
-            "--xds-tls-dns-name",
-            CP_DNS_NAME,
-            "--xds-tls-client-auth",
-            "optional",
-        ],
-    );
-    let (status, body) = cp.call(
-        "PUT",
-        "/v1/clusters/only-b?group=b",
-        "\"@type\": Cluster\nname: only-b\nconnect_timeout: 1s\n",
-    );
-    assert_eq!(status, 200, "{body}");
+    let (cp, dir) = group_b_over_tls(&["--xds-tls-client-auth", "optional"]);
     let bundle_pem = self::bundle(&cp);
     let buyer = token(
         &cp,
@@ -938,16 +926,5 @@ fn envoy_with_a_workload_certificate_needs_no_token() {
             .contains("authorization")
     );
     let envoy = Envoy::start(&bootstrap, admin, &[]);
-    wait_for(
-        "Envoy with its certificate to get group b's cluster",
-        Duration::from_secs(30),
-        || {
-            envoy
-                .admin_get("/clusters")
-                .contains("only-b::")
-                .then_some(())
-        },
-    );
-    let proxy: Value = cp.proxy("envoy-b").expect("listed");
-    assert_eq!(proxy["group"], "b");
+    wait_for_group_b(&cp, &envoy, "envoy-b");
 }

@@ -285,18 +285,7 @@ fn tls_client(ca: &str) -> Arc<rustls::ClientConfig> {
 /// One request on a new TLS connection: the status and the serial of the certificate the
 /// server presented; `None` if the handshake or request failed.
 fn tls_request(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> Option<(u16, u64)> {
-    let name = rustls::pki_types::ServerName::try_from("server.mesh.test").expect("name");
-    let connection = rustls::ClientConnection::new(config.clone(), name).ok()?;
-    let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    socket.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut stream = rustls::StreamOwned::new(connection, socket);
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: server.mesh.test\r\nconnection: close\r\n\r\n")
-        .ok()?;
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let head = String::from_utf8_lossy(&response);
-    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let (status, stream) = tls_get(addr, config.clone())?;
     let serial = stream
         .conn
         .peer_certificates()?
@@ -517,20 +506,10 @@ dynamic_resources:
 static_resources:
   clusters:
 {app}
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]
-"#,
+{xds}"#,
         admin_port = admin.port(),
-        ads_port = ads_server.addr.port(),
         app = static_cluster("app", &[app.addr]).trim_end(),
+        xds = http2_cluster("xds", ads_server.addr),
     );
     let listener_yaml = tls_listener_with_sds(port, "{name: server-cert, sds_config: {ads: {}}}");
     let listener_yaml = as_resource(&listener_yaml);
@@ -837,20 +816,11 @@ impl StaticSds {
         };
         let tls_in = tls_listener_with_sds(tls_port, &sds("server-cert"));
         let (target, tls_cluster) = if tls_cluster {
-            let cluster = static_cluster("to_tls_in", &[loopback(tls_port)]).replace(
-                "    type: STATIC\n",
-                &format!(
-                    r#"    type: STATIC
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: server.mesh.test
-        common_tls_context:
-          validation_context_sds_secret_config: {}
-"#,
-                    sds("mesh-ca")
-                ),
+            let cluster = tls_cluster_validated_by(
+                "to_tls_in",
+                loopback(tls_port),
+                None,
+                &format!("validation_context_sds_secret_config: {}", sds("mesh-ca")),
             );
             ("to_tls_in", cluster)
         } else {
@@ -874,20 +844,10 @@ dynamic_resources:
 {cds_lds}static_resources:
   listeners:
 {tls_in}{out}  clusters:
-{app}{tls_cluster}  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]
-"#,
+{app}{tls_cluster}{xds}"#,
             admin_port = admin.port(),
-            ads_port = ads.port(),
             app = static_cluster("app", &[app]),
+            xds = http2_cluster("xds", ads),
         );
         StaticSds {
             admin,
@@ -945,6 +905,16 @@ dynamic_resources:
     }
 }
 
+/// Which proxies a side-by-side test runs, as `remora` flags: Remora, then Envoy where it is
+/// installed (else `what` is reported skipped).
+fn remora_then_envoy(what: &str) -> &'static [bool] {
+    if envoy::available_or_skip(what) {
+        &[true, false]
+    } else {
+        &[true]
+    }
+}
+
 /// Static listeners whose certificate comes over ADS are part of server initialization, in
 /// Remora as in Envoy: until the secret arrives the server is INITIALIZING (`/ready` 503) and
 /// no static listener listens (connections are refused, not accepted and failed); then both
@@ -957,12 +927,7 @@ fn static_listeners_wait_for_their_ads_secrets_as_in_envoy() {
     let ca = Ca::new();
     let client = tls_client(&ca.pem());
     let app = EchoServer::start("app", "127.0.0.1");
-    let proxies: &[bool] = if envoy::available_or_skip("Envoy's static SDS initialization") {
-        &[true, false]
-    } else {
-        &[true]
-    };
-    for &remora in proxies {
+    for &remora in remora_then_envoy("Envoy's static SDS initialization") {
         let who = name(remora);
         // The secret is withheld, then sent; clusters and listeners come over ADS (none).
         let ads_server = ads::AdsServer::start();
@@ -1117,12 +1082,7 @@ fn a_dynamic_listener_waits_for_its_secret_as_long_as_its_initial_fetch_timeout(
     let ca = Ca::new();
     let client = tls_client(&ca.pem());
     let app = EchoServer::start("app", "127.0.0.1");
-    let proxies: &[bool] = if envoy::available_or_skip("Envoy's SDS initial fetch timeout") {
-        &[true, false]
-    } else {
-        &[true]
-    };
-    for &remora in proxies {
+    for &remora in remora_then_envoy("Envoy's SDS initial fetch timeout") {
         let who = name(remora);
         let ads_server = ads::AdsServer::start();
         let mut setup = StaticSds::new(ads_server.addr, app.addr, "1s", false, true);

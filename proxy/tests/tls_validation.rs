@@ -10,8 +10,7 @@ mod common;
 mod pki;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,18 +95,7 @@ fn mtls_get(addr: SocketAddr, ca: &str, leaf: &Leaf) -> Option<u16> {
         .with_client_auth_cert(chain, key)
         .expect("client certificate");
     config.resumption = rustls::client::Resumption::disabled();
-    let name = rustls::pki_types::ServerName::try_from("server.mesh.test").expect("name");
-    let connection = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
-    let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    socket.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut stream = rustls::StreamOwned::new(connection, socket);
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: server.mesh.test\r\nconnection: close\r\n\r\n")
-        .ok()?;
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let head = String::from_utf8_lossy(&response);
-    head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    tls_get(addr, Arc::new(config)).map(|(status, _)| status)
 }
 
 /// The `ssl.*` counters of `prefix` (`listener.ADDR` or `cluster.NAME`) once `failed`

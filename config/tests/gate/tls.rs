@@ -2,9 +2,11 @@
 //! (`UpstreamTlsContext`). The model keeps where certificates come from; files are read by the
 //! proxy when it builds the listener or cluster.
 
+use remora_config::bootstrap::Bootstrap;
 use remora_config::common::DataSource;
 use remora_config::tls::{
-    CertificateSource, SanType, SecretKind, SecretSource, TlsVersion, ValidationSource,
+    CertificateSource, CommonTls, SanType, SecretKind, SecretSource, TlsVersion, Validation,
+    ValidationSource,
 };
 
 use crate::support::*;
@@ -31,6 +33,23 @@ transport_socket:
 /// The context under a `transport_socket` patched into [`DOWNSTREAM`] or [`UPSTREAM`].
 fn context(inner: &str) -> String {
     format!("transport_socket: {{typed_config: {inner}}}")
+}
+
+/// The TLS context of the bootstrap's first downstream filter chain.
+fn downstream_common(bootstrap: &Bootstrap) -> &CommonTls {
+    &bootstrap.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .expect("downstream TLS")
+        .common
+}
+
+/// `common`'s validation context, which the test wrote inline.
+fn inline_validation(common: &CommonTls) -> &Validation {
+    match &common.validation {
+        Some(ValidationSource::Inline(validation)) => validation,
+        other => panic!("an inline validation: {other:?}"),
+    }
 }
 
 const CTX: &str = "transport_socket.typed_config";
@@ -364,9 +383,7 @@ fn tls_settings_reach_the_model() {
         certificate.path,
         format!("{CHAIN}.{COMMON}.tls_certificates[0]")
     );
-    let Some(ValidationSource::Inline(validation)) = &common.validation else {
-        panic!("an inline validation: {:?}", common.validation);
-    };
+    let validation = inline_validation(common);
     assert_eq!(
         validation.trusted_ca,
         Some(DataSource::Inline(b"CA".to_vec()))
@@ -451,11 +468,7 @@ fn sds_secrets_and_san_matchers_reach_the_model() {
     assert_eq!(validation.san_matchers.len(), 1);
     assert!(validation.san_matchers[0].matches("b.a.svc"));
 
-    let common = &bootstrap.listeners[0].filter_chains[0]
-        .tls
-        .as_ref()
-        .expect("downstream TLS")
-        .common;
+    let common = downstream_common(&bootstrap);
     let CertificateSource::Sds(sds) = &common.certificates[0] else {
         panic!("an SDS certificate");
     };
@@ -515,14 +528,8 @@ fn an_exact_dns_matcher_is_covered_by_a_wildcard_san() {
             ),
         ),
     ]);
-    let common = &bootstrap.listeners[0].filter_chains[0]
-        .tls
-        .as_ref()
-        .unwrap()
-        .common;
-    let Some(ValidationSource::Inline(validation)) = &common.validation else {
-        panic!("inline");
-    };
+    let common = downstream_common(&bootstrap);
+    let validation = inline_validation(common);
     let matcher = &validation.san_matchers[0];
     assert!(matcher.matches("api.example.com"));
     assert!(matcher.matches("*.example.com"));
@@ -553,14 +560,8 @@ fn crls_reach_the_model_and_merge_in_a_combined_context() {
             ),
         ),
     ]);
-    let common = &bootstrap.listeners[0].filter_chains[0]
-        .tls
-        .as_ref()
-        .expect("downstream TLS")
-        .common;
-    let Some(ValidationSource::Inline(validation)) = &common.validation else {
-        panic!("an inline validation: {:?}", common.validation);
-    };
+    let common = downstream_common(&bootstrap);
+    let validation = inline_validation(common);
     assert_eq!(
         validation.crl,
         Some(DataSource::File("/etc/remora/crl.pem".into()))
@@ -606,14 +607,8 @@ fn pins_reach_the_model_and_need_no_ca() {
             ),
         ),
     ]);
-    let common = &bootstrap.listeners[0].filter_chains[0]
-        .tls
-        .as_ref()
-        .expect("downstream TLS")
-        .common;
-    let Some(ValidationSource::Inline(validation)) = &common.validation else {
-        panic!("an inline validation: {:?}", common.validation);
-    };
+    let common = downstream_common(&bootstrap);
+    let validation = inline_validation(common);
     assert_eq!(
         validation.trusted_ca, None,
         "pins alone need no CA, as in Envoy"
@@ -639,11 +634,7 @@ fn validity_and_depth_settings_reach_the_model_and_merge() {
             ),
         ),
     ]);
-    let common = &bootstrap.listeners[0].filter_chains[0]
-        .tls
-        .as_ref()
-        .expect("downstream TLS")
-        .common;
+    let common = downstream_common(&bootstrap);
     let Some(ValidationSource::Combined { default, .. }) = &common.validation else {
         panic!("a combined validation: {:?}", common.validation);
     };
@@ -674,14 +665,8 @@ fn other_name_matchers_reach_the_model() {
             ),
         ),
     ]);
-    let common = &bootstrap.listeners[0].filter_chains[0]
-        .tls
-        .as_ref()
-        .expect("downstream TLS")
-        .common;
-    let Some(ValidationSource::Inline(validation)) = &common.validation else {
-        panic!("an inline validation: {:?}", common.validation);
-    };
+    let common = downstream_common(&bootstrap);
+    let validation = inline_validation(common);
     let [upn, dns] = validation.san_matchers.as_slice() else {
         panic!("two matchers: {:?}", validation.san_matchers);
     };

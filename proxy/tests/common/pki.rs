@@ -3,8 +3,11 @@
 //! with a validation context of the test's choosing, and either proxy running one bootstrap.
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use remora_tests::{envoy, http_get};
 
@@ -218,6 +221,22 @@ pub fn tls_cluster_checking(
     leaf: Option<&(String, String)>,
     validation: &str,
 ) -> String {
+    tls_cluster_validated_by(
+        name,
+        target,
+        leaf,
+        &format!("validation_context: {validation}"),
+    )
+}
+
+/// As [`tls_cluster_checking`], with the validation given as a whole `common_tls_context`
+/// entry (`validation_context: ...`, `validation_context_sds_secret_config: ...`).
+pub fn tls_cluster_validated_by(
+    name: &str,
+    target: SocketAddr,
+    leaf: Option<&(String, String)>,
+    validation_entry: &str,
+) -> String {
     let certificates = match leaf {
         Some((cert, key)) => format!(
             "\n          tls_certificates: [{{certificate_chain: {{filename: \"{cert}\"}}, private_key: {{filename: \"{key}\"}}}}]"
@@ -234,10 +253,35 @@ pub fn tls_cluster_checking(
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         sni: server.mesh.test
         common_tls_context:{certificates}
-          validation_context: {validation}
+          {validation_entry}
 "#
         ),
     )
+}
+
+/// `GET /` on a new TLS connection to `addr` as `server.mesh.test`, read to its end: the status
+/// and the connection, which holds the certificate the server presented; `None` if the
+/// handshake or the request failed.
+pub fn tls_get(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Option<(
+    u16,
+    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+)> {
+    let name = rustls::pki_types::ServerName::try_from("server.mesh.test").expect("name");
+    let connection = rustls::ClientConnection::new(config, name).ok()?;
+    let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    socket.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut stream = rustls::StreamOwned::new(connection, socket);
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: server.mesh.test\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let head = String::from_utf8_lossy(&response);
+    let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some((status, stream))
 }
 
 /// Either proxy, running one bootstrap.
