@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use crate::config::Bootstrap;
-use crate::http::access_log::ActiveLog;
+use crate::http::access_log::AccessLogs;
 use crate::lifecycle::{Lifecycle, State, Stop};
 use crate::listener::ListenerManager;
 use crate::stats::Registry;
@@ -38,7 +38,7 @@ pub struct Context {
     pub concurrency: usize,
     pub drain_time: std::time::Duration,
     /// The admin's own access logs (`access_log_path`, `access_log`).
-    pub logs: Arc<[ActiveLog]>,
+    pub logs: Arc<AccessLogs>,
 }
 
 impl Context {
@@ -95,17 +95,13 @@ async fn logged(
     // peer in `x-forwarded-for`.
     let mut request = request;
     crate::http::headers::append_xff(request.headers_mut(), peer);
-    let mut entry = crate::http::access_log::Entry::new(&request, peer, local);
+    let mut entry = crate::http::access_log::Entry::new(&request, peer, local, &server.logs);
     let response = handle(server.clone(), request).await?;
-    entry.status = response.status().as_u16();
-    entry.response = response.headers().clone();
+    entry.capture_response(response.status().as_u16(), response.headers());
     entry.bytes_sent = http_body::Body::size_hint(response.body())
         .exact()
         .unwrap_or(0);
-    drop(crate::http::access_log::PendingLine {
-        entry,
-        logs: server.logs.clone(),
-    });
+    drop(crate::http::access_log::PendingLine { entry });
     Ok(response)
 }
 

@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, Version};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use remora_config::access_log::{
     AccessLogConfig, HeaderField, JsonField, JsonObject, LogFormat, PeerField, Target, Token,
 };
@@ -32,56 +33,111 @@ use remora_config::access_log::{
 use crate::config::{ConfigError, ConfigResult};
 use crate::stats::Stat;
 
-/// What one request leaves for its access log line.
+/// What one request leaves for its access log line. It keeps only what its logs' formats
+/// read: of the headers, the values of the names they name (see [`AccessLogs`]), not copies of
+/// whole header maps, which had cost a logged request more than rendering its line.
 #[derive(Debug)]
 pub struct Entry {
     pub started: Instant,
     pub start_time: SystemTime,
     pub version: Version,
-    pub request: HeaderMap,
-    pub method: String,
-    pub path: String,
-    pub authority: String,
+    /// The request's `:method`, `:path` and `:authority`, as it arrived.
+    pub method: Method,
+    pub path: Option<PathAndQuery>,
+    pub authority: Option<HeaderValue>,
+    /// A head the codec refused: its method and target as sent, in place of the three above.
+    pub refused: Option<(String, String)>,
+    /// The request headers the formats read, as forwarded once the router has sent it.
+    pub request: Captured,
     pub status: u16,
     pub flags: crate::error::ResponseFlags,
-    pub response: HeaderMap,
+    /// The response headers the formats read.
+    pub response: Captured,
     pub bytes_received: Arc<std::sync::atomic::AtomicU64>,
     pub bytes_sent: u64,
     pub upstream_host: Option<SocketAddr>,
-    pub upstream_cluster: Option<String>,
+    /// The cluster the router chose (its config, whose name the log prints).
+    pub upstream_cluster: Option<Arc<remora_config::cluster::Cluster>>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
     /// `%TRACE_ID%`: the request's trace id, when the connection manager traces.
-    pub trace_id: Option<String>,
+    pub trace_id: Option<TraceId>,
     /// `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`: upstream attempts made (the router counts them).
     pub upstream_request_attempt_count: u32,
     /// `%DOWNSTREAM_PEER_*%`: the downstream's TLS certificate, if it presented one.
     pub peer_certificate: Option<Arc<crate::tls::PeerCertificate>>,
+    logs: Arc<AccessLogs>,
+}
+
+/// A trace id as `%TRACE_ID%` prints it: 32 hex digits, or 16 for a 64-bit id. Kept as a
+/// number and printed only when a format asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceId {
+    pub id: u128,
+    pub wide: bool,
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.wide {
+            true => write!(f, "{:032x}", self.id),
+            false => write!(f, "{:016x}", self.id as u64),
+        }
+    }
+}
+
+/// The values of the headers an entry's logs read, in the order of [`AccessLogs`]' names
+/// (`None`: absent).
+#[derive(Debug, Default)]
+pub struct Captured(Vec<Option<HeaderValue>>);
+
+impl Captured {
+    fn of(names: &[HeaderName], headers: &HeaderMap) -> Self {
+        Captured(
+            names
+                .iter()
+                .map(|name| headers.get(name).cloned())
+                .collect(),
+        )
+    }
+
+    fn get(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
+        let index = names.iter().position(|known| known == name)?;
+        self.0.get(index)?.as_ref()?.to_str().ok()
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 impl Entry {
-    /// The record of a request as it arrived.
-    pub fn new<B>(request: &http::Request<B>, peer: SocketAddr, local: SocketAddr) -> Self {
+    /// The record of a request as it arrived, for `logs`.
+    pub fn new<B>(
+        request: &http::Request<B>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        logs: &Arc<AccessLogs>,
+    ) -> Self {
         Entry {
             started: Instant::now(),
             start_time: SystemTime::now(),
             version: request.version(),
-            request: request.headers().clone(),
-            method: request.method().to_string(),
-            path: request
-                .uri()
-                .path_and_query()
-                .map(|pq| pq.as_str().to_string())
-                .unwrap_or_else(|| "/".into()),
+            method: request.method().clone(),
+            path: request.uri().path_and_query().cloned(),
             authority: request
                 .headers()
                 .get(http::header::HOST)
-                .and_then(|a| a.to_str().ok().map(str::to_string))
-                .or_else(|| request.uri().authority().map(|a| a.to_string()))
-                .unwrap_or_default(),
+                .cloned()
+                .or_else(|| {
+                    let authority = request.uri().authority()?;
+                    HeaderValue::from_str(authority.as_str()).ok()
+                }),
+            refused: None,
+            request: Captured::of(&logs.request_headers, request.headers()),
             status: 0,
             flags: crate::error::ResponseFlags::default(),
-            response: HeaderMap::new(),
+            response: Captured::default(),
             bytes_received: Arc::default(),
             bytes_sent: 0,
             upstream_host: None,
@@ -91,7 +147,26 @@ impl Entry {
             trace_id: None,
             upstream_request_attempt_count: 0,
             peer_certificate: None,
+            logs: logs.clone(),
         }
+    }
+
+    /// Records the request headers as they are now (as forwarded).
+    pub fn capture_request(&mut self, headers: &HeaderMap) {
+        self.request = Captured::of(&self.logs.request_headers, headers);
+    }
+
+    /// Records the response's status and headers.
+    pub fn capture_response(&mut self, status: u16, headers: &HeaderMap) {
+        self.status = status;
+        self.response = Captured::of(&self.logs.response_headers, headers);
+    }
+
+    /// A head the codec refused: logged with its method and target as sent, and no headers.
+    pub fn record_refusal(&mut self, method: &str, target: &str) {
+        self.refused = Some((method.to_owned(), target.to_owned()));
+        self.authority = None;
+        self.request.clear();
     }
 }
 
@@ -99,13 +174,82 @@ impl Entry {
 #[derive(Debug)]
 pub struct PendingLine {
     pub entry: Entry,
-    pub logs: Arc<[ActiveLog]>,
 }
 
 impl Drop for PendingLine {
     fn drop(&mut self) {
-        for log in self.logs.iter() {
-            log.sink.send(render_line(&log.format, &self.entry));
+        for log in self.entry.logs.logs.iter() {
+            log.sink.send(&log.format, &self.entry);
+        }
+    }
+}
+
+/// A connection manager's (or the admin's) access logs, bound to their writers, with the
+/// header names their formats read: all an [`Entry`] keeps of a request's and a response's
+/// headers.
+#[derive(Debug, Default)]
+pub struct AccessLogs {
+    logs: Vec<ActiveLog>,
+    request_headers: Vec<HeaderName>,
+    response_headers: Vec<HeaderName>,
+}
+
+impl AccessLogs {
+    /// No logs: requests record nothing.
+    pub fn none() -> Arc<AccessLogs> {
+        Arc::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.logs.is_empty()
+    }
+}
+
+/// The header names `format` reads, added to `request` and `response` once each.
+fn names_read(format: &LogFormat, request: &mut Vec<HeaderName>, response: &mut Vec<HeaderName>) {
+    fn add(names: &mut Vec<HeaderName>, field: &HeaderField) {
+        if let HeaderField::Header(name) = field
+            && !names.contains(name)
+        {
+            names.push(name.clone());
+        }
+    }
+    fn tokens(tokens: &[Token], request: &mut Vec<HeaderName>, response: &mut Vec<HeaderName>) {
+        for token in tokens {
+            match token {
+                Token::Request { name, alt, .. } => {
+                    add(request, name);
+                    if let Some(alt) = alt {
+                        add(request, alt);
+                    }
+                }
+                Token::Response { name, .. } => add(response, name),
+                _ => {}
+            }
+        }
+    }
+    fn json(field: &JsonField, request: &mut Vec<HeaderName>, response: &mut Vec<HeaderName>) {
+        match field {
+            JsonField::Format(format) => tokens(format, request, response),
+            JsonField::Literal(_) => {}
+            JsonField::Object(object) => {
+                for (_, field) in object {
+                    json(field, request, response);
+                }
+            }
+            JsonField::List(items) => {
+                for item in items {
+                    json(item, request, response);
+                }
+            }
+        }
+    }
+    match format {
+        LogFormat::Text { tokens: format, .. } => tokens(format, request, response),
+        LogFormat::Json { fields, .. } => {
+            for (_, field) in fields {
+                json(field, request, response);
+            }
         }
     }
 }
@@ -123,7 +267,7 @@ pub fn activate(
     configs: &[AccessLogConfig],
     dropped: &Arc<Stat>,
     path: &str,
-) -> ConfigResult<Arc<[ActiveLog]>> {
+) -> ConfigResult<Arc<AccessLogs>> {
     for (index, config) in configs.iter().enumerate() {
         if let Target::File(file) = &config.target {
             std::fs::OpenOptions::new()
@@ -138,13 +282,19 @@ pub fn activate(
                 })?;
         }
     }
-    Ok(configs
-        .iter()
-        .map(|config| ActiveLog {
+    let mut logs = AccessLogs::default();
+    for config in configs {
+        names_read(
+            &config.format,
+            &mut logs.request_headers,
+            &mut logs.response_headers,
+        );
+        logs.logs.push(ActiveLog {
             format: config.format.clone(),
             sink: Sink::for_target(&config.target, dropped),
-        })
-        .collect())
+        });
+    }
+    Ok(Arc::new(logs))
 }
 
 /// A destination's buffer; its writer thread writes what is left and ends when the last
@@ -214,7 +364,20 @@ impl Sink {
         sink
     }
 
-    fn send(&self, line: String) {
+    /// Renders `entry` in `format` and appends the line (rendered into a buffer each thread
+    /// reuses, so a line costs no allocation).
+    fn send(&self, format: &LogFormat, entry: &Entry) {
+        thread_local! {
+            static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            render_line(format, entry, line);
+            self.append(line);
+        });
+    }
+
+    fn append(&self, line: &str) {
         let mut pending = lock(&self.shared.pending);
         if pending.bytes.len() + line.len() > MAX_BUFFERED {
             drop(pending);
@@ -352,14 +515,13 @@ fn write_lines(target: &Target, shared: &Shared) {
     }
 }
 
-fn render_line(format: &LogFormat, entry: &Entry) -> String {
+fn render_line(format: &LogFormat, entry: &Entry, line: &mut String) {
     match format {
-        LogFormat::Text { tokens, omit_empty } => render(tokens, entry, *omit_empty),
+        LogFormat::Text { tokens, omit_empty } => render(tokens, entry, *omit_empty, line),
         LogFormat::Json { fields, omit_empty } => {
-            let mut line =
-                serde_json::Value::Object(json_object(fields, entry, *omit_empty)).to_string();
+            let object = serde_json::Value::Object(json_object(fields, entry, *omit_empty));
+            let _ = write!(line, "{object}");
             line.push('\n');
-            line
         }
     }
 }
@@ -392,7 +554,7 @@ fn json_value(field: &JsonField, entry: &Entry, omit_empty: bool) -> serde_json:
     match field {
         JsonField::Format(tokens) => match tokens.as_slice() {
             [token] => typed_value(token, entry),
-            tokens => serde_json::Value::String(render(tokens, entry, omit_empty)),
+            tokens => serde_json::Value::String(rendered(tokens, entry, omit_empty)),
         },
         JsonField::Literal(value) => value.clone(),
         JsonField::Object(nested) => {
@@ -432,26 +594,37 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
         Token::UpstreamHost => entry
             .upstream_host
             .map_or(Value::Null, |host| Value::String(host.to_string())),
-        Token::UpstreamCluster => text(entry.upstream_cluster.as_deref(), None),
-        Token::TraceId => text(entry.trace_id.as_deref(), None),
+        Token::UpstreamCluster => text(entry.cluster_name(), None),
+        Token::TraceId => entry
+            .trace_id
+            .map_or(Value::Null, |id| Value::String(id.to_string())),
         Token::UpstreamRequestAttemptCount => Value::from(entry.upstream_request_attempt_count),
-        other => Value::String(render(std::slice::from_ref(other), entry, false)),
+        other => Value::String(rendered(std::slice::from_ref(other), entry, false)),
     }
 }
 
-fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
-    let mut line = String::with_capacity(256);
+/// [`render`] into a new string.
+fn rendered(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
+    let mut line = String::new();
+    render(format, entry, omit_empty, &mut line);
+    line
+}
+
+/// Appends `format` for `entry` to `line`. Numbers and addresses are written directly, not
+/// through `fmt` (which had cost as much as the rest of a line).
+fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) {
+    let mut number = itoa::Buffer::new();
     for token in format {
         match token {
             Token::Text(text) => line.push_str(text),
-            Token::StartTime => push_time(&mut line, entry.start_time),
+            Token::StartTime => push_time(line, entry.start_time),
             Token::Request { name, alt, max } => {
                 let value = request_value(entry, name)
                     .or_else(|| alt.as_ref().and_then(|alt| request_value(entry, alt)));
-                push_value(&mut line, value, *max, omit_empty);
+                push_value(line, value, *max, omit_empty);
             }
             Token::Response { name, max } => {
-                push_value(&mut line, response_value(entry, name), *max, omit_empty);
+                push_value(line, response_value(entry, name), *max, omit_empty);
             }
             Token::Protocol => line.push_str(match entry.version {
                 Version::HTTP_10 => "HTTP/1.0",
@@ -459,76 +632,93 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
                 Version::HTTP_2 => "HTTP/2",
                 _ => "-",
             }),
-            Token::ResponseCode => {
-                let _ = write!(line, "{}", entry.status);
-            }
+            Token::ResponseCode => line.push_str(number.format(entry.status)),
             Token::ResponseFlags => match entry.flags.render() {
                 Some(flags) => line.push_str(&flags),
                 None => line.push('-'),
             },
             Token::BytesReceived => {
-                let received = entry
-                    .bytes_received
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                let _ = write!(line, "{received}");
+                let received = entry.bytes_received.load(Ordering::Relaxed);
+                line.push_str(number.format(received));
             }
-            Token::BytesSent => {
-                let _ = write!(line, "{}", entry.bytes_sent);
-            }
+            Token::BytesSent => line.push_str(number.format(entry.bytes_sent)),
             Token::Duration => {
-                let _ = write!(line, "{}", entry.started.elapsed().as_millis());
+                let millis = entry.started.elapsed().as_millis() as u64;
+                line.push_str(number.format(millis));
             }
             Token::UpstreamHost => match entry.upstream_host {
-                Some(host) => {
-                    let _ = write!(line, "{host}");
-                }
+                Some(host) => push_addr(line, host),
                 None if omit_empty => {}
                 None => line.push('-'),
             },
-            Token::UpstreamCluster => push_value(
-                &mut line,
-                entry.upstream_cluster.as_deref(),
-                None,
-                omit_empty,
-            ),
-            Token::DownstreamRemoteAddress => {
-                let _ = write!(line, "{}", entry.peer);
-            }
-            Token::DownstreamLocalAddress => {
-                let _ = write!(line, "{}", entry.local);
-            }
+            Token::UpstreamCluster => push_value(line, entry.cluster_name(), None, omit_empty),
+            Token::DownstreamRemoteAddress => push_addr(line, entry.peer),
+            Token::DownstreamLocalAddress => push_addr(line, entry.local),
             Token::DownstreamPeer(field) => {
-                push_peer(
-                    &mut line,
-                    entry.peer_certificate.as_deref(),
-                    *field,
-                    omit_empty,
-                );
+                push_peer(line, entry.peer_certificate.as_deref(), *field, omit_empty);
             }
-            Token::TraceId => {
-                push_value(&mut line, entry.trace_id.as_deref(), None, omit_empty);
-            }
+            Token::TraceId => match entry.trace_id {
+                Some(id) => {
+                    let _ = write!(line, "{id}");
+                }
+                None => push_value(line, None, None, omit_empty),
+            },
             Token::UpstreamRequestAttemptCount => {
-                let _ = write!(line, "{}", entry.upstream_request_attempt_count);
+                line.push_str(number.format(entry.upstream_request_attempt_count));
             }
         }
     }
-    line
+}
+
+/// `address:port` as `SocketAddr` displays it; an IPv4 address without `fmt`.
+fn push_addr(line: &mut String, addr: SocketAddr) {
+    let SocketAddr::V4(v4) = addr else {
+        let _ = write!(line, "{addr}");
+        return;
+    };
+    let mut number = itoa::Buffer::new();
+    for (index, octet) in v4.ip().octets().into_iter().enumerate() {
+        if index > 0 {
+            line.push('.');
+        }
+        line.push_str(number.format(octet));
+    }
+    line.push(':');
+    line.push_str(number.format(v4.port()));
+}
+
+impl Entry {
+    fn cluster_name(&self) -> Option<&str> {
+        self.upstream_cluster
+            .as_ref()
+            .map(|cluster| cluster.name.as_str())
+    }
 }
 
 fn request_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
+    if let Some((method, target)) = &entry.refused {
+        return match field {
+            HeaderField::Method => Some(method),
+            HeaderField::Path => Some(target),
+            _ => None,
+        };
+    }
     match field {
         HeaderField::Method => Some(entry.method.as_str()),
-        HeaderField::Path => Some(entry.path.as_str()),
-        HeaderField::Authority => Some(entry.authority.as_str()).filter(|a| !a.is_empty()),
-        HeaderField::Header(name) => entry.request.get(name).and_then(|v| v.to_str().ok()),
+        HeaderField::Path => Some(entry.path.as_ref().map_or("/", PathAndQuery::as_str)),
+        HeaderField::Authority => entry
+            .authority
+            .as_ref()
+            .and_then(|a| a.to_str().ok())
+            .filter(|a| !a.is_empty()),
+        HeaderField::Header(name) => entry.request.get(&entry.logs.request_headers, name),
         HeaderField::Absent => None,
     }
 }
 
 fn response_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
     match field {
-        HeaderField::Header(name) => entry.response.get(name).and_then(|v| v.to_str().ok()),
+        HeaderField::Header(name) => entry.response.get(&entry.logs.response_headers, name),
         _ => None,
     }
 }
@@ -587,14 +777,32 @@ fn push_value(line: &mut String, value: Option<&str>, max: Option<usize>, omit_e
 }
 
 /// `2026-11-25T18:40:00.123Z`, Envoy's default `%START_TIME%`.
+/// The date and time to the second are formatted once per second on each thread (lines of
+/// the same second share them); the milliseconds are appended.
 fn push_time(line: &mut String, time: SystemTime) {
-    let millis = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    if let Ok(stamp) = jiff::Timestamp::from_millisecond(millis as i64) {
-        let _ = write!(line, "{stamp:.3}");
+    thread_local! {
+        /// The last second formatted, as `2026-11-25T18:40:00`.
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (second, millis) = (since_epoch.as_secs(), since_epoch.subsec_millis());
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            let Ok(stamp) = jiff::Timestamp::from_second(second as i64) else {
+                return;
+            };
+            text.clear();
+            let _ = write!(text, "{stamp:.0}");
+            text.pop(); // the `Z`, which goes after the milliseconds
+            *cached = second;
+        }
+        line.push_str(text);
+        line.push('.');
+        let digits = [millis / 100, millis / 10 % 10, millis % 10];
+        line.extend(digits.map(|d| char::from(b'0' + d as u8)));
+        line.push('Z');
+    });
 }
 
 #[cfg(test)]
@@ -613,5 +821,38 @@ mod tests {
             SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400),
         );
         assert_eq!(line, "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn lines_of_one_second_share_its_text_and_keep_their_own_milliseconds() {
+        let second = UNIX_EPOCH + Duration::from_secs(1_764_095_400);
+        let at = |millis| second + Duration::from_millis(millis);
+        let mut line = String::new();
+        for (time, expected) in [
+            (at(7), "2025-11-25T18:30:00.007Z"),
+            (at(999), "2025-11-25T18:30:00.999Z"),
+            (at(1_050), "2025-11-25T18:30:01.050Z"),
+            (at(0), "2025-11-25T18:30:00.000Z"),
+        ] {
+            line.clear();
+            push_time(&mut line, time);
+            assert_eq!(line, expected);
+        }
+    }
+
+    #[test]
+    fn addresses_are_written_as_socket_addr_displays_them() {
+        for addr in [
+            "127.0.0.1:80",
+            "10.255.0.9:65535",
+            "0.0.0.0:0",
+            "[::1]:8080",
+            "[2001:db8::8:1]:443",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut line = String::new();
+            push_addr(&mut line, addr);
+            assert_eq!(line, addr.to_string());
+        }
     }
 }

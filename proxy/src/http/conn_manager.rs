@@ -395,6 +395,7 @@ async fn handle(
             &request,
             connection.info.source,
             connection.info.destination,
+            &manager.logs,
         );
         entry
             .peer_certificate
@@ -402,10 +403,7 @@ async fn handle(
         entry
     });
     if let (Some(refusal), Some(entry)) = (&refused, log.as_mut()) {
-        entry.method.clone_from(&refusal.method);
-        entry.path.clone_from(&refusal.target);
-        entry.authority.clear();
-        entry.request.clear();
+        entry.record_refusal(&refusal.method, &refusal.target);
     }
     let (mut parts, body) = request.into_parts();
     // A gRPC request gets local replies the gRPC way.
@@ -483,7 +481,7 @@ async fn handle(
                 stats,
             );
             if let Some(entry) = log.as_mut() {
-                entry.trace_id = Some(active.trace_id_hex());
+                entry.trace_id = Some(active.trace_id());
             }
             trace = Some(active);
         } else if let Some(tracing) = &hcm.tracing {
@@ -620,12 +618,8 @@ async fn handle(
         trace.into_completion()
     });
     let line = log.map(|mut entry| {
-        entry.status = response.status().as_u16();
-        entry.response = response.headers().clone();
-        Box::new(PendingLine {
-            entry,
-            logs: manager.logs.clone(),
-        })
+        entry.capture_response(response.status().as_u16(), response.headers());
+        Box::new(PendingLine { entry })
     });
     // Held until the response body ends (a streamed body keeps the request active, as in
     // Envoy, and its access log line waits for the last byte).

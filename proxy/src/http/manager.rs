@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::header::HeaderValue;
 
 use crate::config::{ConfigResult, HttpConnectionManager, RouteSource, RouteTable};
-use crate::http::access_log::{self, ActiveLog};
+use crate::http::access_log::{self, AccessLogs};
 use crate::http::filter::FilterChain;
 use crate::http::tracing::{Tracer, TracingContext};
 use crate::stats::{HttpStats, Registry};
@@ -21,7 +21,7 @@ pub struct Manager {
     pub stats: Arc<HttpStats>,
     pub filters: FilterChain,
     /// The access logs, bound to their writers (empty: nothing is recorded).
-    pub(super) logs: Arc<[ActiveLog]>,
+    pub(super) logs: Arc<AccessLogs>,
     pub server_header: HeaderValue,
     pub(super) store: Arc<Store>,
     /// The HCM's tracer (`tracing` with a provider).
@@ -44,7 +44,7 @@ impl Manager {
             .as_ref()
             .and_then(|t| Tracer::build(t, egress, tracing_context, registry));
         let logs = if config.access_logs.is_empty() {
-            Arc::from([])
+            AccessLogs::none()
         } else {
             let dropped = registry.counter("access_log.dropped_lines".to_string());
             access_log::activate(&config.access_logs, &dropped, path)?

@@ -440,9 +440,9 @@ pub(super) async fn forward(
         }
         // The access log shows the request as forwarded (generated x-request-id, appended XFF).
         if let Some(entry) = log.as_mut() {
-            entry.request = headers_mut.clone();
+            entry.capture_request(headers_mut);
             entry.upstream_host = Some(host.addr);
-            entry.upstream_cluster = Some(name.to_string());
+            entry.upstream_cluster = Some(cluster.config.clone());
             entry.upstream_request_attempt_count = attempt;
         }
         let outgoing = match (&shared, direct.take()) {

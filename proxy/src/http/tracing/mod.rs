@@ -525,12 +525,11 @@ impl ActiveTrace {
         }
     }
 
-    /// The trace id as `%TRACE_ID%` prints it.
-    pub fn trace_id_hex(&self) -> String {
-        if self.trace_id_128 {
-            format!("{:032x}", self.trace_id)
-        } else {
-            format!("{:016x}", self.trace_id as u64)
+    /// The trace id, for `%TRACE_ID%`.
+    pub fn trace_id(&self) -> crate::http::access_log::TraceId {
+        crate::http::access_log::TraceId {
+            id: self.trace_id,
+            wide: self.trace_id_128,
         }
     }
 
