@@ -115,13 +115,13 @@ impl<'a> Retries<'a> {
         {
             return None;
         }
-        let remaining = request
-            .get(&X_MAX_RETRIES)
+        // The `x-envoy-*` overrides, looked up only in a request that has such headers.
+        let control_header = |name| control.then(|| request.get(name)).flatten();
+        let remaining = control_header(&X_MAX_RETRIES)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(policy.num_retries);
-        let extra_statuses = request
-            .get(&X_RETRIABLE_STATUS_CODES)
+        let extra_statuses = control_header(&X_RETRIABLE_STATUS_CODES)
             .and_then(|v| v.to_str().ok())
             .map(|list| {
                 list.split(',')
@@ -129,8 +129,7 @@ impl<'a> Retries<'a> {
                     .collect()
             })
             .unwrap_or_default();
-        let extra_header_names = request
-            .get(&X_RETRIABLE_HEADER_NAMES)
+        let extra_header_names = control_header(&X_RETRIABLE_HEADER_NAMES)
             .and_then(|v| v.to_str().ok())
             .map(|list| {
                 list.split(',')
