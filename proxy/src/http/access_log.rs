@@ -69,6 +69,13 @@ pub struct Entry {
     logs: Arc<AccessLogs>,
 }
 
+/// A header value as a line shows it: as sent, UTF-8 included (as Envoy writes the bytes);
+/// absent (`-`) only when it is not UTF-8. `from_utf8` also checks ASCII faster than
+/// `HeaderValue::to_str`, which refuses anything but visible ASCII.
+fn header_text(value: &HeaderValue) -> Option<&str> {
+    std::str::from_utf8(value.as_bytes()).ok()
+}
+
 /// A trace id as `%TRACE_ID%` prints it: 32 hex digits, or 16 for a 64-bit id. Kept as a
 /// number and printed only when a format asks for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +110,7 @@ impl Captured {
 
     fn get(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
         let index = names.iter().position(|known| known == name)?;
-        self.0.get(index)?.as_ref()?.to_str().ok()
+        header_text(self.0.get(index)?.as_ref()?)
     }
 
     pub fn clear(&mut self) {
@@ -709,7 +716,7 @@ fn request_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
         HeaderField::Authority => entry
             .authority
             .as_ref()
-            .and_then(|a| a.to_str().ok())
+            .and_then(header_text)
             .filter(|a| !a.is_empty()),
         HeaderField::Header(name) => entry.request.get(&entry.logs.request_headers, name),
         HeaderField::Absent => None,
@@ -838,6 +845,36 @@ mod tests {
             push_time(&mut line, time);
             assert_eq!(line, expected);
         }
+    }
+
+    #[test]
+    fn an_entry_keeps_the_named_headers_first_values_as_sent() {
+        let names = [
+            HeaderName::from_static("user-agent"),
+            HeaderName::from_static("x-name"),
+            HeaderName::from_static("x-absent"),
+        ];
+        let mut headers = HeaderMap::new();
+        headers.append("x-name", HeaderValue::from_static("first"));
+        headers.append("x-name", HeaderValue::from_static("second"));
+        headers.insert(
+            "user-agent",
+            HeaderValue::from_bytes("café/1".as_bytes()).unwrap(),
+        );
+        headers.insert("x-other", HeaderValue::from_static("not kept"));
+        let captured = Captured::of(&names, &headers);
+        assert_eq!(captured.get(&names, &names[0]), Some("café/1"));
+        assert_eq!(captured.get(&names, &names[1]), Some("first"));
+        assert_eq!(captured.get(&names, &names[2]), None);
+        let other = HeaderName::from_static("x-other");
+        assert_eq!(
+            captured.get(&names, &other),
+            None,
+            "not a name the formats read"
+        );
+        headers.insert("user-agent", HeaderValue::from_bytes(b"\xff\xfe").unwrap());
+        let captured = Captured::of(&names, &headers);
+        assert_eq!(captured.get(&names, &names[0]), None, "not UTF-8");
     }
 
     #[test]
