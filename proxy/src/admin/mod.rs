@@ -95,7 +95,11 @@ async fn logged(
     // peer in `x-forwarded-for`.
     let mut request = request;
     crate::http::headers::append_xff(request.headers_mut(), peer);
-    let mut entry = crate::http::access_log::Entry::new(&request, peer, local, &server.logs);
+    let mut entry = crate::http::access_log::Entry::new(
+        &request,
+        (std::time::Instant::now(), peer, local),
+        &server.logs,
+    );
     let response = handle(server.clone(), request).await?;
     entry.capture_response(response.status().as_u16(), response.headers());
     entry.bytes_sent = http_body::Body::size_hint(response.body())

@@ -39,6 +39,9 @@ use crate::stats::Stat;
 #[derive(Debug)]
 pub struct Entry {
     pub started: Instant,
+    /// How long the request took, as `downstream_rq_time` recorded it (else measured when
+    /// the line is written).
+    pub took: Option<Duration>,
     pub start_time: SystemTime,
     pub version: Version,
     /// The request's `:method`, `:path` and `:authority`, as it arrived.
@@ -122,12 +125,12 @@ impl Entry {
     /// The record of a request as it arrived, for `logs`.
     pub fn new<B>(
         request: &http::Request<B>,
-        peer: SocketAddr,
-        local: SocketAddr,
+        (started, peer, local): (Instant, SocketAddr, SocketAddr),
         logs: &Arc<AccessLogs>,
     ) -> Self {
         Entry {
-            started: Instant::now(),
+            started,
+            took: None,
             start_time: SystemTime::now(),
             version: request.version(),
             method: request.method().clone(),
@@ -591,7 +594,7 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
         Token::ResponseCode => Value::from(entry.status),
         Token::BytesReceived => Value::from(entry.bytes_received.load(Ordering::Relaxed)),
         Token::BytesSent => Value::from(entry.bytes_sent),
-        Token::Duration => Value::from(entry.started.elapsed().as_millis() as u64),
+        Token::Duration => Value::from(entry.took().as_millis() as u64),
         Token::Request { name, alt, max } => text(
             request_value(entry, name)
                 .or_else(|| alt.as_ref().and_then(|alt| request_value(entry, alt))),
@@ -650,7 +653,7 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
             }
             Token::BytesSent => line.push_str(number.format(entry.bytes_sent)),
             Token::Duration => {
-                let millis = entry.started.elapsed().as_millis() as u64;
+                let millis = entry.took().as_millis() as u64;
                 line.push_str(number.format(millis));
             }
             Token::UpstreamHost => match entry.upstream_host {
@@ -695,6 +698,10 @@ fn push_addr(line: &mut String, addr: SocketAddr) {
 }
 
 impl Entry {
+    fn took(&self) -> Duration {
+        self.took.unwrap_or_else(|| self.started.elapsed())
+    }
+
     fn cluster_name(&self) -> Option<&str> {
         self.upstream_cluster
             .as_ref()

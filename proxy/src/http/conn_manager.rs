@@ -391,12 +391,12 @@ async fn handle(
     let active = GaugeGuard::new(&stats.downstream_rq_active);
     let in_flight = GaugeGuard::new(&connection.in_flight);
     let mut log = (!manager.logs.is_empty()).then(|| {
-        let mut entry = Entry::new(
-            &request,
+        let at = (
+            started.into_std(),
             connection.info.source,
             connection.info.destination,
-            &manager.logs,
         );
+        let mut entry = Entry::new(&request, at, &manager.logs);
         entry
             .peer_certificate
             .clone_from(&connection.info.peer_certificate);

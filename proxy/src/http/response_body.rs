@@ -148,7 +148,12 @@ pub struct DownstreamSlots {
 
 impl Drop for DownstreamSlots {
     fn drop(&mut self) {
-        self.rq_time.0.record_duration(self.rq_time.1.elapsed());
+        // One clock read for the histogram and the log line (dropped after this).
+        let took = self.rq_time.1.elapsed();
+        self.rq_time.0.record_duration(took);
+        if let Some(log) = self.log.as_mut() {
+            log.entry.took = Some(took);
+        }
         if let Some(completion) = self.completion.take() {
             completion.stream_ended();
         }
