@@ -116,7 +116,7 @@ impl Captured {
         header_text(self.0.get(index)?.as_ref()?)
     }
 
-    pub fn clear(&mut self) {
+    fn clear(&mut self) {
         self.0.clear();
     }
 }
@@ -319,6 +319,8 @@ pub struct Sink {
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Bytes waiting that wake the writer before the interval is up.
 pub const FLUSH_BYTES: usize = 64 * 1024;
+/// The line buffer a thread keeps between lines, at most.
+const MAX_KEPT_LINE: usize = 16 * 1024;
 /// Bytes buffered per destination before new lines are dropped.
 const MAX_BUFFERED: usize = 16 * 1024 * 1024;
 
@@ -384,6 +386,10 @@ impl Sink {
             line.clear();
             render_line(format, entry, line);
             self.append(line);
+            // A rare huge line (a long header value) does not stay reserved for good.
+            if line.capacity() > MAX_KEPT_LINE {
+                *line = String::new();
+            }
         });
     }
 
