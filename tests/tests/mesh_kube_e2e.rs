@@ -398,6 +398,9 @@ struct Load {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<Vec<String>>>,
+    /// When the load began: failures and the test's steps are timed from here, so a failure
+    /// can be placed among the steps.
+    started: Instant,
 }
 
 impl Load {
@@ -405,16 +408,20 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
         let (pod, stopped, counted) = (pod.clone(), stop.clone(), done.clone());
+        let started = Instant::now();
         let thread = std::thread::spawn(move || {
             let mut failures = Vec::new();
             for _ in 0..100_000 {
                 if stopped.load(Ordering::Relaxed) {
                     break;
                 }
+                let sent = started.elapsed();
                 match request_from(&pod, SocketAddr::from((vip, 80)), "GET", "/load", &[]) {
                     Ok((200, _, _)) => {}
-                    Ok((status, head, _)) => failures.push(format!("{status}: {head}")),
-                    Err(error) => failures.push(error.to_string()),
+                    Ok((status, head, _)) => {
+                        failures.push(format!("sent at {sent:.2?}: {status}: {head}"))
+                    }
+                    Err(error) => failures.push(format!("sent at {sent:.2?}: {error}")),
                 }
                 counted.fetch_add(1, Ordering::Relaxed);
             }
@@ -424,7 +431,13 @@ impl Load {
             stop,
             done,
             thread: Some(thread),
+            started,
         }
+    }
+
+    /// Notes a step of the test with its time on the load's clock.
+    fn step(&self, what: &str) {
+        eprintln!("load at {:.2?}: {what}", self.started.elapsed());
     }
 
     fn wait_for_requests(&self, more: u64) {
@@ -565,6 +578,7 @@ fn a_mesh_on_a_real_api_server_carries_traffic_and_follows_pods_and_policies() {
     // Scale up under load: a new pod, listed not ready until its sidecar passes its probe.
     let load = Load::start(&a.net, vip);
     load.wait_for_requests(20);
+    load.step("creating b-3");
     mesh.create_pod("b-3", "b");
     let b3 = mesh.run_pod("b-3", pod_ip(2, 3));
     let ready_at = Instant::now();
@@ -583,6 +597,7 @@ fn a_mesh_on_a_real_api_server_carries_traffic_and_follows_pods_and_policies() {
     // sidecar has stopped sending it new requests, then gone.
     load.wait_for_requests(20);
     let deleted_at = Instant::now();
+    load.step("deleting b-1");
     mesh.cluster
         .kubectl_ok(&["delete", "pod", "b-1", "-n", NAMESPACE, "--wait=false"]);
     let b1_host = format!("{}:8080", b1.net.ip);
@@ -606,6 +621,7 @@ fn a_mesh_on_a_real_api_server_carries_traffic_and_follows_pods_and_policies() {
         _echo: b1_echo,
         sidecar: mut b1_sidecar,
     } = b1;
+    load.step("stopping b-1");
     b1_sidecar.kill();
     drop(b1_echo);
     mesh.cluster.kubectl_ok(&[
@@ -618,12 +634,14 @@ fn a_mesh_on_a_real_api_server_carries_traffic_and_follows_pods_and_policies() {
         "--force",
     ]);
     mesh.node.remove_pod(&b1_net);
+    load.step("b-1's network removed");
     wait_for("b-1 gone at A's sidecar", Duration::from_secs(60), || {
         (!cluster_hosts(&a.net, B_CLUSTER)
             .iter()
             .any(|(host, _)| *host == b1_host))
         .then_some(())
     });
+    load.step("b-1 gone at A's sidecar");
     load.wait_for_requests(50);
     let (done, failures) = load.finish();
     assert!(
