@@ -360,30 +360,51 @@ fn a_body_cut_by_the_route_timeout_is_logged_with_ut() {
     assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
 
-/// A Remora proxy whose one listener forwards to `echo` and logs each request's path to
-/// `log`; the listener's port.
-fn start_path_logger(log: &Path, echo: SocketAddr) -> (Proxy, u16) {
+/// A Remora proxy whose one listener forwards to an echo server and logs each request's path
+/// to `log`, a file in `dir`.
+struct PathLogger {
+    proxy: Proxy,
+    /// The listener's port.
+    port: u16,
+    log: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    _echo: EchoServer,
+}
+
+fn start_path_logger() -> PathLogger {
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("access.log");
     let (admin, admin_yaml) = admin_block();
     let port = free_port();
-    let hcm = file_log_with_format(log, r"%REQ(:PATH)%\n");
+    let hcm = file_log_with_format(&log, r"%REQ(:PATH)%\n");
     // 15 s: Envoy's default route timeout.
     let routes = catch_all("echo", "15s");
     let yaml = bootstrap(
         &admin_yaml,
         &[http_listener("ingress", port, &hcm, &routes)],
-        &[static_cluster("echo", &[echo])],
+        &[static_cluster("echo", &[echo.addr])],
     );
-    (Proxy::start(&yaml, admin, &[]), port)
+    PathLogger {
+        proxy: Proxy::start(&yaml, admin, &[]),
+        port,
+        log,
+        dir,
+        _echo: echo,
+    }
 }
 
 #[test]
 fn sigusr1_reopens_log_files_for_rotation() {
     // logrotate's way, which Envoy supports: move the file away, then SIGUSR1. Lines after the
     // signal go to a fresh file at the configured path; the moved file keeps the earlier ones.
-    let echo = EchoServer::start("echo", "127.0.0.1");
-    let dir = tempfile::tempdir().expect("dir");
-    let log = dir.path().join("access.log");
-    let (mut proxy, port) = start_path_logger(&log, echo.addr);
+    let PathLogger {
+        mut proxy,
+        port,
+        log,
+        dir,
+        _echo,
+    } = start_path_logger();
     let get = |path: &str| {
         let (status, _, _) =
             http_request(loopback(port), "GET", path, &[], "").expect("request through proxy");
@@ -438,10 +459,13 @@ fn sigusr1_reopens_log_files_for_rotation() {
 /// moments goes unlogged.
 #[test]
 fn a_stopping_proxy_writes_every_waiting_line() {
-    let echo = EchoServer::start("echo", "127.0.0.1");
-    let dir = tempfile::tempdir().expect("dir");
-    let log = dir.path().join("access.log");
-    let (mut proxy, port) = start_path_logger(&log, echo.addr);
+    let PathLogger {
+        mut proxy,
+        port,
+        log,
+        dir: _dir,
+        _echo,
+    } = start_path_logger();
     let sent: Vec<String> = (0..200).map(|i| format!("/request-{i}")).collect();
     for path in &sent {
         let (status, _, _) =
