@@ -4,7 +4,8 @@
 //! Its ratios to Envoy show what "close to bare hyper" means on the machine at hand.
 //!
 //! `--admin` answers 200 to every request so the bench script can wait on `/ready` as it does
-//! for Envoy and remora-proxy.
+//! for Envoy and remora-proxy. SIGINT and SIGTERM exit cleanly, so that an instrumented build
+//! writes its profile (`bench/pgo` trains this binary too).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -84,9 +85,24 @@ async fn admin(listener: TcpListener) {
     }
 }
 
+/// Exits through `exit(3)`, which runs the handlers a killed process skips.
+fn exit_on_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        std::process::exit(0);
+    })
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    tokio::spawn(exit_on_signal()?);
     let listener = TcpListener::bind(args.listen).await?;
     tokio::spawn(admin(TcpListener::bind(args.admin).await?));
     let mut connector = HttpConnector::new();
