@@ -64,6 +64,8 @@ def slice_bench_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--slice", type=float, default=2, help="seconds per wrk slice (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="rounds (each figure is the median)")
     p.add_argument("--no-build", action="store_true")
+    p.add_argument("--no-pgo", action="store_true",
+                   help="build with plain `cargo build --release`, not bench/pgo")
     p.add_argument("--nginx", default="nginx")
     p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"),
                    help="RESULTS.md to update ('-' writes no file)")
@@ -71,8 +73,9 @@ def slice_bench_args(p: argparse.ArgumentParser, what: str) -> None:
 
 def start_slice_bench(args, binaries: list[str]) -> tuple[float, str, list, Path]:
     """What a sliced bench does first: stop children on exit or a signal, find Envoy, read
-    the machine, and build the release `binaries` (from remora-proxy and remora-tests) unless
-    `--no-build`. Returns the start time, Envoy's path, the machine facts and the release dir."""
+    the machine, and build the release workspace as bench/run does (profile-guided unless
+    `--no-pgo`) unless `--no-build`; then check that `binaries` are there. Returns the start
+    time, Envoy's path, the machine facts and the release dir."""
     atexit.register(stop_all)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(130))
@@ -83,12 +86,12 @@ def start_slice_bench(args, binaries: list[str]) -> tuple[float, str, list, Path
     info = machine_info(envoy_bin)
     target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release"
     if not args.no_build:
-        packages = ["-p", "remora-proxy"] + (
-            ["-p", "remora-tests"] if any(b != "remora-proxy" for b in binaries) else [])
-        log(f"cargo build --release {' '.join(packages)}")
-        subprocess.run(["cargo", "build", "--release", *packages,
-                        *[arg for b in binaries for arg in ("--bin", b)]],
-                       cwd=REPO, check=True, timeout=3600)
+        if error := cargo_build(target.parent, pgo=not args.no_pgo):
+            raise SystemExit(f"bench: {error}")
+    info.append(("build", build_kind(args)))
+    missing = [name for name in binaries if not (target / name).exists()]
+    if missing:
+        raise SystemExit(f"bench: {', '.join(missing)} not in {target}")
     return started, envoy_bin, info, target
 
 
@@ -744,14 +747,21 @@ def resolve_envoy(explicit: str | None) -> str | None:
     return shutil.which("envoy")
 
 
-def cargo_build(target_dir: Path) -> str | None:
+def cargo_build(target_dir: Path, pgo: bool = True) -> str | None:
     """Builds the release binaries; returns None on success, else a short reason.
 
     The whole workspace, as the README's quick start does: symbol names depend on which
     packages are built together, and proxy/link-order.txt is trained on this build and on
-    the proxy alone (bench/orderfile)."""
+    the proxy alone (bench/orderfile). With `pgo`, as bench/pgo does: profile-guided."""
     if not shutil.which("cargo"):
         return "cargo not found"
+    if pgo:
+        import pgo as guided  # noqa: PLC0415 - pgo imports this module
+        try:
+            guided.build(target_dir)
+        except (subprocess.SubprocessError, RuntimeError, OSError) as error:
+            return f"bench/pgo failed: {str(error)[:150]}"
+        return None
     log(f"cargo build --release --workspace (target {target_dir})")
     env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
     result = subprocess.run(["cargo", "build", "--release", "--workspace"], cwd=REPO, env=env,
@@ -761,6 +771,15 @@ def cargo_build(target_dir: Path) -> str | None:
         errors = [line for line in result.stdout.splitlines() if line.startswith("error")]
         return "build failed: " + (errors[0] if errors else f"exit {result.returncode}")[:150]
     return None
+
+
+def build_kind(args) -> str:
+    """How the measured binaries were built, for the report's machine table."""
+    if args.no_build:
+        return "as found in the target dir (--no-build)"
+    if args.no_pgo:
+        return "cargo build --release (--no-pgo)"
+    return "profile-guided (bench/pgo)"
 
 
 def link_order_coverage(binary: Path) -> str:
@@ -1006,6 +1025,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--upstream", choices=["nginx", "echo"], default="nginx")
     p.add_argument("--nginx", default="nginx", help="nginx binary")
     p.add_argument("--no-build", action="store_true", help="use the binaries already built")
+    p.add_argument("--no-pgo", action="store_true",
+                   help="build with plain `cargo build --release`, not bench/pgo")
     p.add_argument("--no-pin", action="store_true", help="no taskset pinning")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-proxy ceiling run")
     p.add_argument("--no-bare", action="store_true",
@@ -1040,7 +1061,8 @@ def main(argv: list[str]) -> int:
 
     info = machine_info(envoy_bin)  # before any load, so the load average is the machine's own
     target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release"
-    build_error = None if args.no_build else cargo_build(target.parent)
+    build_error = None if args.no_build else cargo_build(target.parent, pgo=not args.no_pgo)
+    info.append(("build", build_kind(args)))
     if not args.calibrate:
         # The binary measured: REMORA_PROXY_BIN when set, as remora_subject runs it.
         measured = Path(os.environ.get("REMORA_PROXY_BIN") or target / "remora-proxy")

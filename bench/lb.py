@@ -403,6 +403,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--latency-rounds", type=int, help="latency rounds (default 3, quick 1)")
     p.add_argument("--delay-ms", type=int, default=20, help="the slow endpoint's delay (20)")
     p.add_argument("--no-build", action="store_true", help="use the binaries already built")
+    p.add_argument("--no-pgo", action="store_true",
+                   help="build with plain `cargo build --release`, not bench/pgo")
     p.add_argument("--no-pin", action="store_true",
                    help="no taskset pinning (the setup a user has)")
     p.add_argument("--out", default=str(b.BENCH_DIR / "RESULTS.md"), help="'-' to write no file")
@@ -426,9 +428,10 @@ def main(argv: list[str]) -> int:
     info = b.machine_info(envoy_bin)
     target = Path(os.environ.get("CARGO_TARGET_DIR") or b.REPO / "target") / "release"
     if not args.no_build and (parts & {"throughput", "latency"}):
-        error = b.cargo_build(target.parent)
+        error = b.cargo_build(target.parent, pgo=not args.no_pgo)
         if error:
             raise SystemExit(error)
+        info.append(("build", b.build_kind(args)))
     base_id = os.getpid() % 1000 * 10 + 5
     commands = {
         "remora": [str(target / "remora-proxy"), "-c", "{BOOTSTRAP}", "--concurrency", "1"],
