@@ -947,6 +947,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         " Every figure below comes from that run; see `bench/README.md` for the method.",
         "",
         *[f"- {k}: {v}" for k, v in info],
+        usual_range(reference_figures(bench, envoy)),
         f"- load average (1/5/15 min) at end: {loadavg()}",
         f"- run time: {time.monotonic() - started:.0f}s",
         f"- envoy command: `{' '.join(envoy.command) if envoy.command else 'n/a'}`",
@@ -1002,6 +1003,64 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         for note in subject.notes:
             lines.append(f"- {subject.name}: {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- the reference's usual range
+
+# Every full run's reference figures, one line each: what this machine usually does, so that a
+# run on a slow or busy host says so (Envoy's req/s once read 6.5k here and 24k on another day).
+HISTORY = BENCH_DIR / "reference-history.tsv"
+HISTORY_FIELDS = ("envoy_h1_rps", "ceiling_rps", "tcp_direct_gbps")
+HISTORY_LABELS = {"envoy_h1_rps": "Envoy's HTTP/1.1 req/s", "ceiling_rps": "the load-side ceiling",
+                  "tcp_direct_gbps": "the direct TCP copy"}
+USUAL_RUNS = 5  # the usual range: the median of the last five recorded runs,
+USUAL_SPREAD = 0.2  # give or take a fifth
+
+
+def reference_figures(bench: Bench, envoy: Subject) -> dict:
+    return {"envoy_h1_rps": envoy.value("h1_rps"), "ceiling_rps": bench.baseline.get("h1_rps"),
+            "tcp_direct_gbps": bench.baseline.get("tcp_gbps")}
+
+
+def read_history() -> list[dict]:
+    if not HISTORY.exists():
+        return []
+    rows = [line.split("\t") for line in HISTORY.read_text().splitlines()
+            if line and not line.startswith("#")]
+    header, rows = rows[0], rows[1:]
+    return [dict(zip(header, row)) for row in rows]
+
+
+def usual_range(figures: dict) -> str:
+    """One line for the report: whether this run's reference figures sit in their usual range."""
+    history = read_history()[-USUAL_RUNS:]
+    if not history:
+        return f"- reference figures: no earlier runs in {HISTORY.name} to compare with"
+    outside = []
+    for key in HISTORY_FIELDS:
+        usual = statistics.median(float(row[key]) for row in history if row.get(key))
+        value = figures.get(key)
+        if value is not None and abs(value / usual - 1) > USUAL_SPREAD:
+            digits = 0 if usual >= 100 else 1
+            outside.append(f"{HISTORY_LABELS[key]} {value:,.{digits}f} against a usual "
+                           f"{usual:,.{digits}f} ({value / usual:.2f}x)")
+    span = f"the median of the last {len(history)} runs in bench/{HISTORY.name}, ±20%"
+    if not outside:
+        return f"- reference figures: within their usual range ({span})"
+    return ("- **reference figures outside their usual range** (" + span + "): "
+            + "; ".join(outside) + ". The host was slower or busier than usual: read the "
+            "ratios, not the absolute figures, and rerun before trusting a ratio near its target")
+
+
+def record_history(figures: dict, info: list[tuple[str, str]]) -> None:
+    facts = dict(info)
+    row = [facts.get("date", ""), facts.get("git commit", ""),
+           *(f"{figures[key]:.1f}" if figures.get(key) else "" for key in HISTORY_FIELDS)]
+    if not HISTORY.exists():
+        HISTORY.write_text("\t".join(("date", "commit", *HISTORY_FIELDS)) + "\n")
+    with HISTORY.open("a") as out:
+        out.write("\t".join(row) + "\n")
+
 
 
 # ---------------------------------------------------------------- main
@@ -1104,6 +1163,7 @@ def main(argv: list[str]) -> int:
                 bench.measure_round(round_index, runnable)
         stop_all()
         text = report(bench, envoy, remora, bare, info, argv, started)
+        figures = reference_figures(bench, envoy)
 
     print(text)
     if args.out != "-":
@@ -1115,6 +1175,8 @@ def main(argv: list[str]) -> int:
         kept = old[min(starts):] if starts else ""
         out.write_text(text + ("\n" + kept if kept else ""))
         log(f"wrote {args.out}")
+        if not args.quick and not args.calibrate and not os.environ.get("REMORA_PROXY_BIN"):
+            record_history(figures, info)
     return 0
 
 
