@@ -1008,7 +1008,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
 # ---------------------------------------------------------------- the reference's usual range
 
 # Every full run's reference figures, one line each: what this machine usually does, so that a
-# run on a slow or busy host says so (Envoy's req/s once read 6.5k here and 24k on another day).
+# run on a slow or busy host says so (Envoy's req/s once read 6.5k here and 30k on another day).
 HISTORY = BENCH_DIR / "reference-history.tsv"
 HISTORY_FIELDS = ("envoy_h1_rps", "ceiling_rps", "tcp_direct_gbps")
 HISTORY_LABELS = {"envoy_h1_rps": "Envoy's HTTP/1.1 req/s", "ceiling_rps": "the load-side ceiling",
@@ -1038,9 +1038,12 @@ def usual_range(figures: dict) -> str:
         return f"- reference figures: no earlier runs in {HISTORY.name} to compare with"
     outside = []
     for key in HISTORY_FIELDS:
-        usual = statistics.median(float(row[key]) for row in history if row.get(key))
+        recorded = [float(row[key]) for row in history if row.get(key)]
         value = figures.get(key)
-        if value is not None and abs(value / usual - 1) > USUAL_SPREAD:
+        if not recorded or value is None:
+            continue
+        usual = statistics.median(recorded)
+        if abs(value / usual - 1) > USUAL_SPREAD:
             digits = 0 if usual >= 100 else 1
             outside.append(f"{HISTORY_LABELS[key]} {value:,.{digits}f} against a usual "
                            f"{usual:,.{digits}f} ({value / usual:.2f}x)")
