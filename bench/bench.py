@@ -1187,7 +1187,7 @@ def bare_subject(target: Path, build_error: str | None, bench: Bench) -> Subject
     """remora-bare-fwd: the issue's calibration reference (one current-thread runtime, pooled
     client, no routing, no stats)."""
     binary = target / "remora-bare-fwd"
-    if not binary.exists():
+    if build_error or not binary.exists():  # never an older build's binary under HEAD's name
         return Subject("bare-fwd", None, reason=build_error or "remora-bare-fwd not built")
     p = bench.ports_for("bare-fwd")
     return Subject("bare-fwd", [str(binary), "--listen", f"127.0.0.1:{p['HTTP_PORT']}",
@@ -1204,7 +1204,7 @@ def remora_subject(args, target: Path, build_error: str | None, bench: Bench,
         return bare_subject(target, build_error, bench)
     override = os.environ.get("REMORA_PROXY_BIN")
     binary = Path(override) if override else target / "remora-proxy"
-    if not override and not binary.exists():
+    if not override and (build_error or not binary.exists()):
         reason = build_error or "no remora-proxy binary built"
         return Subject("remora", None, reason=reason)
     if override and not (shutil.which(override) or binary.exists()):
