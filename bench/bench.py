@@ -129,11 +129,13 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------- processes
 
 
-def spawn(cmd: list[str], *, cpus: str | None, logfile: Path) -> subprocess.Popen:
+def spawn(cmd: list[str], *, cpus: str | None, logfile: Path,
+          env: dict | None = None) -> subprocess.Popen:
     if cpus is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", cpus, *cmd]
     out = open(logfile, "ab")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env)
     _children.append(proc)
     return proc
 
@@ -1063,7 +1065,6 @@ def record_history(figures: dict, info: list[tuple[str, str]]) -> None:
         HISTORY.write_text("\t".join(("date", "commit", *HISTORY_FIELDS)) + "\n")
     with HISTORY.open("a") as out:
         out.write("\t".join(row) + "\n")
-
 
 
 # ---------------------------------------------------------------- main

@@ -81,11 +81,8 @@ def spawn(binary: Path, args: list[str], work: Path, label: str, raw: Path):
     """Starts an instrumented binary; only TRAINED binaries write where the profile is read."""
     keep = binary.name in TRAINED
     profile = (raw if keep else work / "discarded") / f"{label}-%p-%m.profraw"
-    os.environ["LLVM_PROFILE_FILE"] = str(profile)
-    try:
-        return b.spawn([str(binary), *args], cpus=None, logfile=work / f"{label}.log")
-    finally:
-        del os.environ["LLVM_PROFILE_FILE"]
+    return b.spawn([str(binary), *args], cpus=None, logfile=work / f"{label}.log",
+                   env=dict(os.environ, LLVM_PROFILE_FILE=str(profile)))
 
 
 def finish(proc) -> None:
