@@ -260,6 +260,29 @@ def wrk(port: int, seconds: float, connections: int) -> dict:
     return {"requests": requests, "rps": rps, "failed": failed}
 
 
+def sliced_wrk(targets: dict, seconds: float, slice_seconds: float,
+               connections: int = 50) -> dict:
+    """`wrk -t1` at each target in turn, `slice_seconds` at a time, until each has had
+    `seconds`. `targets` maps a key to (listener port, proxy pid). The order rotates by one
+    each pass, so every target takes each place in it in turn (bench/README.md, step 6, has
+    what a fixed order did to a ratio). Returns per key: requests, failed, wall seconds, and
+    CPU seconds of the proxy during its slices."""
+    keys = list(targets)
+    out = {key: {"requests": 0, "failed": 0, "wall": 0.0, "cpu": 0.0} for key in keys}
+    for index in range(max(1, round(seconds / slice_seconds))):
+        shift = index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            port, pid = targets[key]
+            cpu0, t0 = cpu_seconds(pid), time.monotonic()
+            result = wrk(port, slice_seconds, connections)
+            totals = out[key]
+            totals["cpu"] += cpu_seconds(pid) - cpu0
+            totals["wall"] += time.monotonic() - t0
+            totals["requests"] += result["requests"]
+            totals["failed"] += result["failed"]
+    return out
+
+
 def loadgen(binary: Path, ports: list[int], rate: int, connections: int,
             seconds: float, cpus: str | None) -> list[dict]:
     """One summary per port. Several ports take turns in slices of LATENCY_SLICE_S (see
@@ -608,16 +631,18 @@ http {{
             with self.placed_freely([]):
                 for subject, _, _ in live:
                     wrk(subject.ports["HTTP_PORT"], 1, 50)  # warm-up, not measured
-                for subject, proc, v in live:
-                    log(f"{subject.name}: wrk {self.args.duration:g}s, default config, any core")
-                    cpu0 = cpu_seconds(proc.pid)
-                    result = wrk(subject.ports["HTTP_PORT"], self.args.duration, 50)
-                    cpu = cpu_seconds(proc.pid) - cpu0
-                    v["h1_rps_default"] = result["rps"]
-                    if result["requests"]:
-                        v["cpu_per_100k_default"] = cpu / result["requests"] * 100_000
-                    if result["failed"]:
-                        subject.note(f"wrk, default config: {result['failed']} failed/non-2xx")
+                log(f"wrk {self.args.duration:g}s each, default config, any core, in "
+                    f"{self.args.slice:g}s slices")
+                measured = sliced_wrk({subject.name: (subject.ports["HTTP_PORT"], proc.pid)
+                                       for subject, proc, _ in live},
+                                      self.args.duration, self.args.slice)
+                for subject, _, v in live:
+                    totals = measured[subject.name]
+                    if totals["requests"]:
+                        v["h1_rps_default"] = totals["requests"] / totals["wall"]
+                        v["cpu_per_100k_default"] = totals["cpu"] / totals["requests"] * 100_000
+                    if totals["failed"]:
+                        subject.note(f"wrk, default config: {totals['failed']} failed/non-2xx")
         except (RuntimeError, subprocess.TimeoutExpired, AttributeError, OSError) as error:
             for subject, _, _ in live:
                 subject.note(f"default-config run failed: {error}")
@@ -884,14 +909,17 @@ def spread(envoy: Subject, remora: Subject) -> str:
     return f"Per round, {remora.name}/envoy: " + "; ".join(parts) + "."
 
 
-def default_table(envoy: Subject, remora: Subject, bare: Subject | None) -> list[str]:
+def default_table(envoy: Subject, remora: Subject, bare: Subject | None,
+                  args: argparse.Namespace) -> list[str]:
     """The default-config setup: the three side by side, the targets held against bare-fwd."""
     subjects = [envoy, remora, *([bare] if bare is not None and bare.rounds else [])]
     has_bare = len(subjects) == 3
     lines = ["## Headline: the default config, every process on any core", "",
              "The setup a user has: the bench bootstrap without its tuning (request ids "
              "generated, dynamic stats on, default circuit breakers), every process free to "
-             "use both cores, in the same rounds as the tables below.", ""]
+             "use both cores, in the same rounds as the tables below. In each round wrk goes "
+             f"to each proxy in {args.slice:g} s slices, in an order rotating by one each "
+             f"pass, until each has had {args.duration:g} s.", ""]
     head = "| figure | " + " | ".join(s.name for s in subjects) + " | remora/envoy |"
     rule = "|---|" + "---:|" * (len(subjects) + 1)
     if has_bare:
@@ -962,6 +990,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         f"- rounds: {a.repeat}; in each, the proxies run at once and every load step runs for "
         "one and then the other (envoy first, then alternating by round"
         + (", the bare forwarder last" if bare is not None else "")
+        + "; the default-config step in rotating slices, see its table"
         + "); each figure is the median over rounds, each ratio the median of the per-round "
         "ratios",
         f"- wrk {a.duration:g}s; fixed rate {a.rate} req/s over {a.latency_connections} "
@@ -969,7 +998,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         f"{a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
         "",
         # The headline is the setup a user has; the tuned, pinned table goes beside it.
-        *default_table(envoy, remora, bare),
+        *default_table(envoy, remora, bare, bench.args),
         "",
         "## Tuned bootstrap (Envoy's benchmarking FAQ)"
         + ("" if a.no_pin else ", proxy pinned to its core"),
@@ -1075,6 +1104,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="short runs (3s wrk, 3s fixed rate, 20k h2load, 2s iperf3)")
     p.add_argument("--duration", type=float, help="wrk seconds (default 10, quick 3)")
+    p.add_argument("--slice", type=float, default=2.0,
+                   help="seconds per wrk slice in the default-config step (default 2)")
     p.add_argument("--rate", type=int, default=1000, help="fixed-rate req/s (default 1000)")
     p.add_argument("--latency-connections", type=int, default=16)
     p.add_argument("--latency-duration", type=float, help="fixed-rate seconds (default 10, quick 3)")

@@ -165,8 +165,7 @@ def run_round(commands: dict, upstream_port: int, sink_bin: Path, base_id: int, 
             proc = b.spawn(cmd, cpus=None if args.no_pin else b.PROXY_CPUS,
                            logfile=workdir / f"{name}-{mode}-{round_index}.log")
             procs.append(proc)
-            variants[(name, mode)] = {"proc": proc, "ports": ports, "sink_stats": sink_stats,
-                                      "requests": 0, "cpu": 0.0, "wall": 0.0, "failed": 0}
+            variants[(name, mode)] = {"proc": proc, "ports": ports, "sink_stats": sink_stats}
     try:
         for (name, mode), v in variants.items():
             if not b.wait_tcp(v["sink_stats"], 10):
@@ -176,19 +175,10 @@ def run_round(commands: dict, upstream_port: int, sink_bin: Path, base_id: int, 
                 raise RuntimeError(f"{name} {mode}: {failure}")
             b.wrk(v["ports"]["HTTP_PORT"], 1, 50)  # warm-up: connections, pools, exports
             v["spans0"] = spans_received(v["sink_stats"])
-        slices = max(1, round(args.duration / args.slice))
-        order = list(variants)
-        for index in range(slices):
-            # Alternate the order too, so no variant always follows the same one.
-            for key in (order if index % 2 == 0 else order[::-1]):
-                v = variants[key]
-                pid = v["proc"].pid
-                cpu0, t0 = b.cpu_seconds(pid), time.monotonic()
-                result = b.wrk(v["ports"]["HTTP_PORT"], args.slice, 50)
-                v["cpu"] += b.cpu_seconds(pid) - cpu0
-                v["wall"] += time.monotonic() - t0
-                v["requests"] += result["requests"]
-                v["failed"] += result["failed"]
+        measured = b.sliced_wrk({key: (v["ports"]["HTTP_PORT"], v["proc"].pid)
+                                 for key, v in variants.items()}, args.duration, args.slice)
+        for key, totals in measured.items():
+            variants[key].update(totals)
         # Spans still queued arrive within a flush interval (5 s) after the load.
         time.sleep(6)
         out = {}
