@@ -706,9 +706,10 @@ http {{
             summaries = self.fixed_rate(live, cpus=None)
         for (subject, proc, v), before, lat in zip(live, cpu0, summaries):
             cpu = cpu_seconds(proc.pid) - before
-            # Each proxy gets its share of the schedule, warm-up second included.
-            sent = self.args.rate * (self.args.latency_duration * len(live) + 1) / len(live)
-            v["cpu_per_100k_fixed"] = cpu / sent * 100_000
+            # Divided by the replies the proxy served in that time, warm-up included, as
+            # remora-loadgen counted them.
+            if lat.get("completed"):
+                v["cpu_per_100k_fixed"] = cpu / lat["completed"] * 100_000
             v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
 
     def fixed_rate(self, live: list[tuple[Subject, subprocess.Popen, dict]],
@@ -970,6 +971,7 @@ def reference(envoy: Subject, remora: Subject, bare: Subject) -> list[str]:
 def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
            info: list[tuple[str, str]], argv: list[str], started: float) -> str:
     a = bench.args
+    turns = max(1, sum(1 for s in (envoy, remora, bare) if s is not None and s.rounds))
     lines = [
         "# Remora vs Envoy: proxy benchmark results",
         "",
@@ -993,9 +995,12 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         + "; the default-config step in rotating slices, see its table"
         + "); each figure is the median over rounds, each ratio the median of the per-round "
         "ratios",
-        f"- wrk {a.duration:g}s; fixed rate {a.rate} req/s over {a.latency_connections} "
-        f"connections for {a.latency_duration:g}s (remora-loadgen, open loop); h2load "
-        f"{a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
+        f"- wrk {a.duration:g}s; fixed rate: remora-loadgen (open loop) hands a {a.rate} req/s "
+        f"schedule to the {turns} proxies in turn, {LATENCY_SLICE_S * 1000:g} ms each, until "
+        f"each has had {a.latency_duration:g}s, so each sees {a.rate} req/s in bursts within "
+        f"its turns, {a.rate / turns:.0f} req/s on average, over {a.latency_connections} "
+        f"connections of its own, and its CPU per request is divided by the replies counted; "
+        f"h2load {a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
         "",
         # The headline is the setup a user has; the tuned, pinned table goes beside it.
         *default_table(envoy, remora, bare, bench.args),

@@ -11,9 +11,9 @@ cargo build --release -p remora-control-plane --bin remora-cp --bin remora-cp-be
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 sizes=("$@")
 [ ${#sizes[@]} -eq 0 ] && sizes=(100 1000 10000)
+# 100 writes of each kind, so that the p99 (nearest rank) is not simply the slowest write.
+changes="${CHANGES:-100}"
 for n in "${sizes[@]}"; do
-  changes=20
-  [ "$n" -ge 10000 ] && changes=10
   for protocol in ${PROTOCOLS:-sotw delta}; do
     flags=()
     [ "$protocol" = delta ] && flags=(--delta)

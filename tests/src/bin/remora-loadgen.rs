@@ -14,7 +14,11 @@
 //! goes to target *k mod N*, each target with its own connections (so one target's slow reply
 //! never delays another's request). Comparing two proxies this way puts both under the same
 //! stretch of machine noise, down to the slice (5 ms by default: shorter than the host's
-//! stalls); the JSON line then holds one summary per URL.
+//! stalls); the JSON line then holds one summary per URL. Each target then gets `--rate`
+//! during its own slices only: with N targets, rate/N on average.
+//!
+//! `completed` counts every reply read whole, warm-up included: what the target served while
+//! this ran, the divisor for its CPU time.
 
 use std::time::{Duration, Instant};
 
@@ -75,6 +79,7 @@ impl Schedule {
 #[derive(Default)]
 struct Tally {
     latencies_us: Vec<u32>,
+    completed: u64,
     errors: u64,
 }
 
@@ -163,6 +168,7 @@ async fn connection_task(
         };
         let result = one_request(live, &authority, &path).await;
         let elapsed = clock_from.elapsed();
+        tally.completed += u64::from(result.is_ok());
         match result {
             Ok(()) if scheduled >= schedule.record_from => tally
                 .latencies_us
@@ -234,6 +240,7 @@ fn main() -> anyhow::Result<()> {
         for (target, task) in tasks {
             let tally = task.await?;
             tallies[target].errors += tally.errors;
+            tallies[target].completed += tally.completed;
             tallies[target].latencies_us.extend(tally.latencies_us);
         }
         anyhow::Ok(tallies)
@@ -250,6 +257,7 @@ fn main() -> anyhow::Result<()> {
                 "connections": args.connections,
                 "duration_s": args.duration,
                 "recorded": latencies.len(),
+                "completed": tally.completed,
                 "errors": tally.errors,
                 "p50_us": percentile(latencies, 0.50),
                 "p90_us": percentile(latencies, 0.90),
