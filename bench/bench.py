@@ -260,26 +260,30 @@ def wrk(port: int, seconds: float, connections: int) -> dict:
     return {"requests": requests, "rps": rps, "failed": failed}
 
 
-def sliced_wrk(targets: dict, seconds: float, slice_seconds: float,
-               connections: int = 50) -> dict:
-    """`wrk -t1` at each target in turn, `slice_seconds` at a time, until each has had
-    `seconds`. `targets` maps a key to (listener port, proxy pid). The order rotates by one
-    each pass, so every target takes each place in it in turn (bench/README.md, step 6, has
-    what a fixed order did to a ratio). Returns per key: requests, failed, wall seconds, and
-    CPU seconds of the proxy during its slices."""
-    keys = list(targets)
-    out = {key: {"requests": 0, "failed": 0, "wall": 0.0, "cpu": 0.0} for key in keys}
+def slice_order(keys: list, seconds: float, slice_seconds: float):
+    """Yields each key once per pass until each has had `seconds` in slices of
+    `slice_seconds`; the order rotates by one each pass, so every key takes each place in turn
+    (bench/README.md, step 6, has what a fixed order did to a ratio)."""
     for index in range(max(1, round(seconds / slice_seconds))):
         shift = index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            port, pid = targets[key]
-            cpu0, t0 = cpu_seconds(pid), time.monotonic()
-            result = wrk(port, slice_seconds, connections)
-            totals = out[key]
-            totals["cpu"] += cpu_seconds(pid) - cpu0
-            totals["wall"] += time.monotonic() - t0
-            totals["requests"] += result["requests"]
-            totals["failed"] += result["failed"]
+        yield from keys[shift:] + keys[:shift]
+
+
+def sliced_wrk(targets: dict, seconds: float, slice_seconds: float,
+               connections: int = 50) -> dict:
+    """`wrk -t1` at each target in turn (`slice_order`). `targets` maps a key to (listener
+    port, proxy pid). Returns per key: requests, failed, wall seconds, and CPU seconds of the
+    proxy during its slices."""
+    out = {key: {"requests": 0, "failed": 0, "wall": 0.0, "cpu": 0.0} for key in targets}
+    for key in slice_order(list(targets), seconds, slice_seconds):
+        port, pid = targets[key]
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        result = wrk(port, slice_seconds, connections)
+        totals = out[key]
+        totals["cpu"] += cpu_seconds(pid) - cpu0
+        totals["wall"] += time.monotonic() - t0
+        totals["requests"] += result["requests"]
+        totals["failed"] += result["failed"]
     return out
 
 

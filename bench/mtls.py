@@ -247,24 +247,21 @@ def run_round(commands: dict, upstream_port: int, base_id: int, args, workdir: P
         variants = {(name, mode): {"requests": 0, "failed": 0, "cpu": 0.0, "wall": 0.0,
                                    "handshakes": 0}
                     for name in pairs for mode in MODES}
-        slices = max(1, round(args.duration / args.slice))
-        order = list(variants)
-        for index in range(slices):
-            for key in (order if index % 2 == 0 else order[::-1]):
-                name, mode = key
-                pair, v = pairs[name], variants[key]
-                pids = [proc.pid for proc in pair["procs"].values()]
-                admin = pair["ports"]["S_ADMIN"]
-                listener = f"listener.127.0.0.1_{pair['ports']['MTLS_PORT']}.ssl.handshake"
-                handshakes0 = stat(admin, listener)
-                cpu0, t0 = sum(b.cpu_seconds(pid) for pid in pids), time.monotonic()
-                port = pair["ports"]["HTTP_PORT" if mode == "keepalive" else "TCP_PORT"]
-                result = wrk(port, args.slice, mode == "handshake", load_cpus)
-                v["cpu"] += sum(b.cpu_seconds(pid) for pid in pids) - cpu0
-                v["wall"] += time.monotonic() - t0
-                v["requests"] += result["requests"]
-                v["failed"] += result["failed"]
-                v["handshakes"] += stat(admin, listener) - handshakes0
+        for key in b.slice_order(list(variants), args.duration, args.slice):
+            name, mode = key
+            pair, v = pairs[name], variants[key]
+            pids = [proc.pid for proc in pair["procs"].values()]
+            admin = pair["ports"]["S_ADMIN"]
+            listener = f"listener.127.0.0.1_{pair['ports']['MTLS_PORT']}.ssl.handshake"
+            handshakes0 = stat(admin, listener)
+            cpu0, t0 = sum(b.cpu_seconds(pid) for pid in pids), time.monotonic()
+            port = pair["ports"]["HTTP_PORT" if mode == "keepalive" else "TCP_PORT"]
+            result = wrk(port, args.slice, mode == "handshake", load_cpus)
+            v["cpu"] += sum(b.cpu_seconds(pid) for pid in pids) - cpu0
+            v["wall"] += time.monotonic() - t0
+            v["requests"] += result["requests"]
+            v["failed"] += result["failed"]
+            v["handshakes"] += stat(admin, listener) - handshakes0
         return {key: {"rps": v["requests"] / v["wall"],
                       "cpu_per_1k": v["cpu"] / max(v["requests"], 1) * 1000,
                       "handshakes_per_request": v["handshakes"] / max(v["requests"], 1),
