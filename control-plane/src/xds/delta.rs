@@ -15,7 +15,7 @@ use xds_api::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
 };
 
-use crate::registry::{NackRecord, TypeStatus, rfc3339};
+use crate::registry::{NackRecord, TypeStatusView, rfc3339};
 use crate::resource::Kind;
 use crate::snapshot::{Resource, Snapshot, TypeMap};
 use crate::xds::frame::{Frame, grpc_frame};
@@ -260,14 +260,14 @@ impl StreamProtocol for DeltaStream {
         crate::xds::next_in_order(self, snapshot)
     }
 
-    fn status(&self, kind: Kind) -> TypeStatus {
+    fn status_view(&self, kind: Kind) -> TypeStatusView<'_> {
         let state = &self.types[kind.index()];
-        TypeStatus {
-            acked_version: state.acked_version.clone(),
-            pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.clone()),
-            last_nack: state.last_nack.clone(),
+        TypeStatusView {
+            acked_version: state.acked_version.as_deref(),
+            pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.as_str()),
+            last_nack: state.last_nack.as_ref(),
             secret_names: (kind == Kind::Secret && state.requested)
-                .then(|| crate::xds::sotw::secret_names(state.wildcard, &state.names)),
+                .then(|| (state.wildcard, &*state.names)),
         }
     }
 

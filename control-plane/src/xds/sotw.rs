@@ -16,7 +16,7 @@ use tonic::Status;
 use xds_api::envoy::config::core::v3::Node;
 use xds_api::envoy::service::discovery::v3::DiscoveryResponse;
 
-use crate::registry::{NackRecord, TypeStatus, rfc3339};
+use crate::registry::{NackRecord, TypeStatusView, rfc3339};
 use crate::resource::Kind;
 use crate::snapshot::{BodyKey, Resource, Snapshot, TypeMap};
 use crate::xds::frame::Frame;
@@ -275,14 +275,14 @@ impl StreamProtocol for SotwStream {
         crate::xds::next_in_order(self, snapshot)
     }
 
-    fn status(&self, kind: Kind) -> TypeStatus {
+    fn status_view(&self, kind: Kind) -> TypeStatusView<'_> {
         let state = &self.types[kind.index()];
-        TypeStatus {
-            acked_version: state.acked_version.clone(),
-            pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.clone()),
-            last_nack: state.last_nack.clone(),
+        TypeStatusView {
+            acked_version: state.acked_version.as_deref(),
+            pending_nonce: state.pending.as_ref().map(|pending| pending.nonce.as_str()),
+            last_nack: state.last_nack.as_ref(),
             secret_names: (kind == Kind::Secret && state.requested)
-                .then(|| secret_names(state.subscription.wildcard, &state.subscription.names)),
+                .then(|| (state.subscription.wildcard, &*state.subscription.names)),
         }
     }
 
@@ -290,15 +290,6 @@ impl StreamProtocol for SotwStream {
         let state = &self.types[kind.index()];
         state.requested && (state.subscription.wildcard || state.subscription.names.contains(name))
     }
-}
-
-/// The SDS subscription as the registry shows it: `*` for a wildcard, then the names.
-pub(crate) fn secret_names(wildcard: bool, names: &BTreeSet<String>) -> Vec<String> {
-    wildcard
-        .then(|| "*".to_string())
-        .into_iter()
-        .chain(names.iter().cloned())
-        .collect()
 }
 
 impl crate::xds::TypeSchedule for SotwStream {

@@ -17,7 +17,7 @@ use crate::mesh::hub::{MeshHub, MeshSubscription};
 use crate::mesh::names::WORKLOAD_CERT_SECRET;
 use crate::mesh::sidecar::Sidecar;
 use crate::metrics::Metrics;
-use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus};
+use crate::registry::{ProxyRegistry, RegisteredStream, TypeStatus, TypeStatusView};
 use crate::resource::Kind;
 use crate::snapshot::{Snapshot, SnapshotHub};
 use crate::xds::auth::{Caller, Revocation, XdsAuth, authorize};
@@ -55,8 +55,12 @@ pub trait StreamProtocol: Send + 'static {
     fn on_request(&mut self, request: Self::Request) -> Result<Option<Outcome>, Status>;
     /// The next response the stream may send now, if any.
     fn next_response(&mut self, snapshot: &Snapshot) -> Option<Self::Response>;
-    /// The status of `kind` as the registry of connected proxies shows it.
-    fn status(&self, kind: Kind) -> TypeStatus;
+    /// The status of `kind` as the registry of connected proxies shows it, borrowed.
+    fn status_view(&self, kind: Kind) -> TypeStatusView<'_>;
+    /// [`StreamProtocol::status_view`], owned.
+    fn status(&self, kind: Kind) -> TypeStatus {
+        self.status_view(kind).to_status()
+    }
     /// Whether the client subscribes to resource `name` of `kind` now, by name or wildcard.
     fn subscribes_to(&self, kind: Kind, name: &str) -> bool;
 }
@@ -197,8 +201,9 @@ fn update_status<P: StreamProtocol>(
 ) {
     let mut changed = Vec::new();
     for kind in Kind::ALL {
-        let status = protocol.status(kind);
-        if status != reported[kind.index()] {
+        let view = protocol.status_view(kind);
+        if !view.matches(&reported[kind.index()]) {
+            let status = view.to_status();
             reported[kind.index()] = status.clone();
             changed.push((kind, status));
         }
