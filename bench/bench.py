@@ -1087,7 +1087,8 @@ def usual_range(figures: dict) -> str:
             digits = 0 if usual >= 100 else 1
             outside.append(f"{HISTORY_LABELS[key]} {value:,.{digits}f} against a usual "
                            f"{usual:,.{digits}f} ({value / usual:.2f}x)")
-    span = f"the median of the last {len(history)} runs in bench/{HISTORY.name}, ±20%"
+    span = (f"the median of the last {len(history)} runs in bench/{HISTORY.name}, "
+            f"±{USUAL_SPREAD:.0%}")
     if not outside:
         return f"- reference figures: within their usual range ({span})"
     return ("- **reference figures outside their usual range** (" + span + "): "

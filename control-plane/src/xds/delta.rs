@@ -563,8 +563,11 @@ mod tests {
         assert_eq!(stream.on_request(nack).expect("ok"), Some(Outcome::Nack));
         assert!(stream.next_response(&snap).is_none());
         assert_eq!(
-            stream.status(Kind::Listener).last_nack.map(|n| n.version),
-            Some("3".into())
+            stream
+                .status_view(Kind::Listener)
+                .last_nack
+                .map(|n| n.version.as_str()),
+            Some("3")
         );
     }
 

@@ -629,10 +629,7 @@ mod tests {
             .on_request(request(Kind::Listener, &[], &lds.nonce))
             .expect("ok");
         assert!(stream.next_response(&snap).is_none(), "nothing changed");
-        assert_eq!(
-            stream.status(Kind::Listener).acked_version.as_deref(),
-            Some("1")
-        );
+        assert_eq!(stream.status_view(Kind::Listener).acked_version, Some("1"));
     }
 
     #[test]
@@ -663,12 +660,9 @@ mod tests {
                 .next_response(&snapshot(3, &[(Kind::Cluster, "a", "2")]))
                 .is_none()
         );
-        let status = stream.status(Kind::Cluster);
-        assert_eq!(status.acked_version.as_deref(), Some("1"));
-        assert_eq!(
-            status.last_nack.as_ref().map(|n| n.version.as_str()),
-            Some("2")
-        );
+        let status = stream.status_view(Kind::Cluster);
+        assert_eq!(status.acked_version, Some("1"));
+        assert_eq!(status.last_nack.map(|n| n.version.as_str()), Some("2"));
         let fixed = stream
             .next_response(&snapshot(4, &[(Kind::Cluster, "a", "3")]))
             .expect("new version sent");
@@ -690,8 +684,8 @@ mod tests {
             None
         );
         assert_eq!(
-            stream.status(Kind::Cluster).pending_nonce,
-            Some(first.nonce)
+            stream.status_view(Kind::Cluster).pending_nonce,
+            Some(first.nonce.as_str())
         );
     }
 

@@ -57,10 +57,6 @@ pub trait StreamProtocol: Send + 'static {
     fn next_response(&mut self, snapshot: &Snapshot) -> Option<Self::Response>;
     /// The status of `kind` as the registry of connected proxies shows it, borrowed.
     fn status_view(&self, kind: Kind) -> TypeStatusView<'_>;
-    /// [`StreamProtocol::status_view`], owned.
-    fn status(&self, kind: Kind) -> TypeStatus {
-        self.status_view(kind).to_status()
-    }
     /// Whether the client subscribes to resource `name` of `kind` now, by name or wildcard.
     fn subscribes_to(&self, kind: Kind, name: &str) -> bool;
 }
