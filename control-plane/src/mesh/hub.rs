@@ -779,7 +779,7 @@ mod tests {
     };
     use crate::snapshot::Committed;
     use crate::store::ConfigState;
-    use crate::xds::names::SotwRequest;
+    use crate::xds::requests::SotwRequest;
     use crate::xds::sotw::SotwStream;
     use crate::xds::stream::{Outcome, StreamProtocol};
     use xds_api::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};

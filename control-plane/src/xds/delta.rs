@@ -19,7 +19,7 @@ use crate::registry::{NackRecord, TypeStatusView, rfc3339};
 use crate::resource::Kind;
 use crate::snapshot::{Resource, Snapshot, TypeMap};
 use crate::xds::frame::{Frame, grpc_frame};
-use crate::xds::names::intern;
+use crate::xds::requests::intern;
 use crate::xds::stream::{Outcome, StreamProtocol};
 
 struct Pending {
@@ -146,8 +146,8 @@ impl StreamProtocol for DeltaStream {
         grpc_frame(&response)
     }
 
-    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
-        request.node.as_ref()
+    fn take_node(request: &mut DeltaDiscoveryRequest) -> Option<Node> {
+        request.node.take()
     }
 
     fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Result<Option<Outcome>, Status> {

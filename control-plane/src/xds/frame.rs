@@ -124,7 +124,8 @@ impl http_body::Body for ResponseBody {
 /// The decoded requests of one stream, read from its request body.
 pub struct RequestStream<T> {
     body: tonic::body::Body,
-    decode: fn(Bytes) -> Result<T, Status>,
+    /// The stream's decoder: it may remember what earlier requests repeat.
+    decode: Box<dyn FnMut(Bytes) -> Result<T, Status> + Send>,
     max_message: usize,
     /// Data received and not yet decoded: empty between messages.
     chunks: VecDeque<Bytes>,
@@ -136,12 +137,12 @@ impl<T> RequestStream<T> {
     /// ends the stream with an error.
     pub fn new(
         body: tonic::body::Body,
-        decode: fn(Bytes) -> Result<T, Status>,
+        decode: impl FnMut(Bytes) -> Result<T, Status> + Send + 'static,
         max_message: usize,
     ) -> RequestStream<T> {
         RequestStream {
             body,
-            decode,
+            decode: Box::new(decode),
             max_message,
             chunks: VecDeque::new(),
             finished: false,

@@ -1,7 +1,8 @@
 //! The xDS server: ADS and the per-type discovery services, in both state-of-the-world
 //! ([`sotw`]) and incremental ([`delta`]) variants, sharing one stream driver ([`stream`]).
-//! Responses are framed by hand ([`frame`]); SotW request names stay encoded until needed and
-//! equal subscriptions share one name set ([`names`]).
+//! Responses are framed by hand ([`frame`]); each stream's requests are decoded by a decoder
+//! that skips what Envoy repeats: nodes after the first, SotW name lists sent before
+//! ([`requests`]).
 //! Streams report to the [`crate::registry`] of connected proxies. The same port serves
 //! Remora's certificate service ([`certificates`]), and TLS with `--xds-tls` ([`tls`]).
 //!
@@ -17,7 +18,7 @@ pub mod certificates;
 pub mod delta;
 pub mod frame;
 pub mod kube_auth;
-pub mod names;
+pub mod requests;
 pub mod server;
 pub mod sotw;
 pub mod stream;

@@ -11,14 +11,13 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::server::NamedService;
-use xds_api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use xds_api::remora::ca::v1::certificate_service_server::CertificateServiceServer;
 
 use crate::resource::Kind;
 use crate::xds::certificates::CertificateSigner;
 use crate::xds::delta::DeltaStream;
 use crate::xds::frame::{RequestStream, ResponseBody};
-use crate::xds::names::decode_request;
+use crate::xds::requests::{DeltaDecoder, SotwDecoder};
 use crate::xds::sotw::SotwStream;
 use crate::xds::stream::{XdsContext, drive};
 use crate::xds::tls::{XdsTls, connection_of};
@@ -128,13 +127,17 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
             let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
             let body = request.into_body();
             if method.starts_with("Stream") {
-                let requests = RequestStream::new(body, decode_request, MAX_REQUEST_BYTES);
+                let mut decoder = SotwDecoder::default();
+                let decode = move |message| decoder.decode(message);
+                let requests = RequestStream::new(body, decode, MAX_REQUEST_BYTES);
                 let protocol = S::KIND
                     .map(SotwStream::single)
                     .unwrap_or_else(SotwStream::aggregated);
                 tokio::spawn(drive(context, peer, requests, sender, protocol, caller));
             } else if method.starts_with("Delta") {
-                let requests = RequestStream::new(body, decode_delta_request, MAX_REQUEST_BYTES);
+                let mut decoder = DeltaDecoder::default();
+                let decode = move |message| decoder.decode(message);
+                let requests = RequestStream::new(body, decode, MAX_REQUEST_BYTES);
                 let protocol = S::KIND
                     .map(DeltaStream::single)
                     .unwrap_or_else(DeltaStream::aggregated);
@@ -151,13 +154,6 @@ impl<S: ServiceSpec> tower_service::Service<http::Request<tonic::body::Body>>
                 .unwrap_or_else(|_| Status::internal("cannot build the response").into_http()))
         })
     }
-}
-
-/// One encoded `DeltaDiscoveryRequest`.
-fn decode_delta_request(message: bytes::Bytes) -> Result<DeltaDiscoveryRequest, Status> {
-    use prost::Message;
-    DeltaDiscoveryRequest::decode(message)
-        .map_err(|error| Status::invalid_argument(format!("malformed request: {error}")))
 }
 
 impl XdsContext {

@@ -20,7 +20,7 @@ use crate::registry::{NackRecord, TypeStatusView, rfc3339};
 use crate::resource::Kind;
 use crate::snapshot::{BodyKey, Resource, Snapshot, TypeMap};
 use crate::xds::frame::Frame;
-use crate::xds::names::{SotwRequest, intern};
+use crate::xds::requests::{SotwRequest, intern};
 use crate::xds::stream::{Outcome, StreamProtocol};
 
 /// A subset of one type's resources: everything in `source`, or only `names`.
@@ -159,8 +159,8 @@ impl StreamProtocol for SotwStream {
         response.frame()
     }
 
-    fn node(request: &SotwRequest) -> Option<&Node> {
-        request.request.node.as_ref()
+    fn take_node(request: &mut SotwRequest) -> Option<Node> {
+        request.request.node.take()
     }
 
     fn on_request(&mut self, request: SotwRequest) -> Result<Option<Outcome>, Status> {

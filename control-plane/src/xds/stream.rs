@@ -50,7 +50,8 @@ pub trait StreamProtocol: Send + 'static {
 
     /// The gRPC frame that carries `response`.
     fn frame(response: Self::Response) -> Frame;
-    fn node(request: &Self::Request) -> Option<&Node>;
+    /// Takes the node out of `request` (only the first request's counts).
+    fn take_node(request: &mut Self::Request) -> Option<Node>;
     /// Takes in one request; an error ends the stream with that status.
     fn on_request(&mut self, request: Self::Request) -> Result<Option<Outcome>, Status>;
     /// The next response the stream may send now, if any.
@@ -72,11 +73,11 @@ pub async fn drive<P: StreamProtocol>(
     caller: Option<Caller>,
 ) {
     // The node is only guaranteed on the first request.
-    let first = match requests.next().await {
+    let mut first = match requests.next().await {
         Some(Ok(request)) => request,
         _ => return,
     };
-    let mut node = P::node(&first).cloned().unwrap_or_default();
+    let mut node = P::take_node(&mut first).unwrap_or_default();
     let mut sidecar = Sidecar::from_node(&node);
     if let Some(caller) = &caller
         && let Err(status) = authorize(caller, &mut node, sidecar.as_mut())

@@ -114,7 +114,9 @@ impl ControlPlane {
     }
 }
 
-/// Envoy's bootstrap with ADS at `xds` (`GRPC` or `DELTA_GRPC`), admin on `admin`.
+/// Envoy's bootstrap with ADS at `xds` (`GRPC` or `DELTA_GRPC`), admin on `admin`. It leaves
+/// `set_node_on_first_message_only` at Envoy's default, so every request carries the node and
+/// the control plane must skip all but the first.
 pub fn envoy_bootstrap(
     dir: &Path,
     node_id: &str,
@@ -132,7 +134,6 @@ dynamic_resources:
   ads_config:
     api_type: {api_type}
     transport_api_version: V3
-    set_node_on_first_message_only: true
     grpc_services: [{{envoy_grpc: {{cluster_name: xds_cluster}}}}]
   cds_config: {{ads: {{}}, resource_api_version: V3}}
   lds_config: {{ads: {{}}, resource_api_version: V3}}
