@@ -3,6 +3,7 @@
 # 1,000 clusters of 10 endpoints; prints one markdown table per N and protocol.
 # Usage: bench/control-plane.sh [N ...]   (default: 100 1000 10000)
 # PROTOCOLS="sotw delta" (the default) picks state-of-the-world and/or delta clients.
+# FLAGS adds remora-cp-bench flags, e.g. FLAGS=--node-every-request (Envoy's default ADS config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
@@ -19,6 +20,6 @@ for n in "${sizes[@]}"; do
     [ "$protocol" = delta ] && flags=(--delta)
     echo "== N=$n $protocol"
     "$target/release/remora-cp-bench" --clients "$n" --clusters 1000 --endpoints 10 \
-      --changes "$changes" "${flags[@]}"
+      --changes "$changes" "${flags[@]}" ${FLAGS:-}
   done
 done

@@ -3,7 +3,8 @@
 //! own gRPC connection and stream, subscribing and ACKing like Envoy: CDS wildcard, EDS by name,
 //! LDS wildcard, RDS by name; state-of-the-world, or delta with `--delta`) and measures, per API
 //! write, the time until all N clients have ACKed the new version, plus remora-cp's RSS and CPU
-//! and the machine's load average.
+//! and the machine's load average. With `--node-every-request` every request carries an
+//! Envoy-sized node, as Envoy's default ADS config sends.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use xds_api::envoy::config::core::v3::Node;
+use xds_api::envoy::config::core::v3::{Extension, Node};
 use xds_api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use xds_api::type_urls;
 
@@ -42,6 +43,11 @@ struct Args {
     /// Speak incremental (delta) ADS instead of state-of-the-world.
     #[arg(long)]
     delta: bool,
+    /// Send a node the size of Envoy 1.40's (about 60 KB, most of it 516 extensions) on every
+    /// request, as Envoy does unless `set_node_on_first_message_only` is set. Without it only
+    /// each stream's first request carries a node, as Istio configures Envoy.
+    #[arg(long)]
+    node_every_request: bool,
     /// remora-cp binary (default: next to this one).
     #[arg(long)]
     cp_binary: Option<PathBuf>,
@@ -178,17 +184,19 @@ struct ResponseHead {
     nonce: String,
 }
 
-/// A request already encoded. Its repeated name field is encoded once up front and appended:
-/// Envoy repeats its whole EDS list on every SotW ACK, and cloning 1,000 strings per ACK would
-/// load the tool, not the server.
+/// A request already encoded. Its repeated name field (and node, if sent every time) is encoded
+/// once up front and appended: Envoy repeats its whole EDS list on every SotW ACK, and cloning
+/// 1,000 strings per ACK would load the tool, not the server.
 #[derive(Debug, Default, Clone)]
 struct Outgoing(bytes::Bytes);
 
 impl Outgoing {
-    /// `message` followed by `names`, encoded entries of one of its repeated fields.
-    fn new(message: impl prost::Message, names: &bytes::Bytes) -> Outgoing {
+    /// `message` followed by `fields`, each already encoded.
+    fn new(message: impl prost::Message, fields: &[&bytes::Bytes]) -> Outgoing {
         let mut bytes = message.encode_to_vec();
-        bytes.extend_from_slice(names);
+        for field in fields {
+            bytes.extend_from_slice(field);
+        }
         Outgoing(bytes.into())
     }
 }
@@ -232,6 +240,34 @@ struct ClientSetup {
     /// Per type: the names subscribed (EDS: every cluster; RDS: the one route), encoded as the
     /// SotW request's field 3, which is also the delta request's `resource_names_subscribe`.
     names: [bytes::Bytes; 4],
+    node_every_request: bool,
+}
+
+/// A node as large as Envoy 1.40's: its 516 extensions average 33-byte names, 24-byte
+/// categories and about one type URL each.
+fn envoy_sized_node(id: String) -> Node {
+    let extensions = (0..516)
+        .map(|index| Extension {
+            name: format!("envoy.filters.bench.extension_{index:04}"),
+            category: "envoy.filters.bench_category".into(),
+            type_urls: vec![format!("envoy.extensions.bench.v3.Extension{index:04}")],
+            ..Default::default()
+        })
+        .collect();
+    Node {
+        id,
+        cluster: "bench".into(),
+        user_agent_name: "envoy".into(),
+        extensions,
+        ..Default::default()
+    }
+}
+
+/// `node` encoded as field `tag`.
+fn encode_node(tag: u32, node: &Node) -> bytes::Bytes {
+    let mut buf = Vec::new();
+    prost::encoding::message::encode(tag, node, &mut buf);
+    buf.into()
 }
 
 /// One simulated Envoy: subscribes like Envoy does (CDS, then EDS, LDS, RDS, each once the
@@ -242,13 +278,23 @@ async fn client(index: usize, setup: Arc<ClientSetup>) -> anyhow::Result<()> {
         .await?;
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 << 20);
     grpc.ready().await?;
-    let node = Node {
-        id: format!("bench-{index}"),
-        cluster: "bench".into(),
-        ..Default::default()
+    let id = format!("bench-{index}");
+    // With a node on every request it is encoded once and appended like the names.
+    let (node, node_field) = if setup.node_every_request {
+        let tag = if setup.delta { 1 } else { 2 };
+        (None, encode_node(tag, &envoy_sized_node(id)))
+    } else {
+        let node = Node {
+            id,
+            cluster: "bench".into(),
+            ..Default::default()
+        };
+        (Some(node), bytes::Bytes::new())
     };
     let (requests, outgoing) = mpsc::channel::<Outgoing>(8);
-    requests.send(subscribe(&setup, CDS, Some(node))).await?;
+    requests
+        .send(subscribe(&setup, CDS, node, &node_field))
+        .await?;
     let path = if setup.delta {
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
     } else {
@@ -268,21 +314,30 @@ async fn client(index: usize, setup: Arc<ClientSetup>) -> anyhow::Result<()> {
         let Some(kind) = TYPES.iter().position(|url| *url == response.type_url) else {
             continue;
         };
-        requests.send(ack(&setup, kind, &response)).await?;
+        requests
+            .send(ack(&setup, kind, &response, &node_field))
+            .await?;
         if let Ok(version) = response.version.parse::<u64>() {
             setup.acks[index][kind].store(version, Ordering::Release);
         }
         // Envoy's order: clusters, then their endpoints, then listeners, then their routes.
         if kind + 1 < TYPES.len() && !requested[kind + 1] {
             requested[kind + 1] = true;
-            requests.send(subscribe(&setup, kind + 1, None)).await?;
+            requests
+                .send(subscribe(&setup, kind + 1, None, &node_field))
+                .await?;
         }
     }
     Ok(())
 }
 
-/// The first request for type `kind`.
-fn subscribe(setup: &ClientSetup, kind: usize, node: Option<Node>) -> Outgoing {
+/// The first request for type `kind`; `node_field` is an encoded node to append, or empty.
+fn subscribe(
+    setup: &ClientSetup,
+    kind: usize,
+    node: Option<Node>,
+    node_field: &bytes::Bytes,
+) -> Outgoing {
     let type_url = TYPES[kind].to_string();
     let names = &setup.names[kind];
     if setup.delta {
@@ -291,26 +346,31 @@ fn subscribe(setup: &ClientSetup, kind: usize, node: Option<Node>) -> Outgoing {
             type_url,
             ..Default::default()
         };
-        Outgoing::new(request, names)
+        Outgoing::new(request, &[node_field, names])
     } else {
         let request = DiscoveryRequest {
             node,
             type_url,
             ..Default::default()
         };
-        Outgoing::new(request, names)
+        Outgoing::new(request, &[node_field, names])
     }
 }
 
 /// The ACK of `response`: SotW repeats the subscription, delta names only the nonce.
-fn ack(setup: &ClientSetup, kind: usize, response: &ResponseHead) -> Outgoing {
+fn ack(
+    setup: &ClientSetup,
+    kind: usize,
+    response: &ResponseHead,
+    node_field: &bytes::Bytes,
+) -> Outgoing {
     if setup.delta {
         let request = DeltaDiscoveryRequest {
             type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
             ..Default::default()
         };
-        Outgoing::new(request, &bytes::Bytes::new())
+        Outgoing::new(request, &[node_field])
     } else {
         let request = DiscoveryRequest {
             version_info: response.version.clone(),
@@ -318,7 +378,7 @@ fn ack(setup: &ClientSetup, kind: usize, response: &ResponseHead) -> Outgoing {
             response_nonce: response.nonce.clone(),
             ..Default::default()
         };
-        Outgoing::new(request, &setup.names[kind])
+        Outgoing::new(request, &[node_field, &setup.names[kind]])
     }
 }
 
@@ -420,6 +480,7 @@ async fn main() -> anyhow::Result<()> {
             bytes::Bytes::new(),
             encode_names(3, &["bench_route".to_string()]),
         ],
+        node_every_request: args.node_every_request,
     });
     let ramp = Instant::now();
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
@@ -498,7 +559,12 @@ async fn main() -> anyhow::Result<()> {
         "| clients | protocol | clusters x endpoints | change | all ACKed p50 | p90 | p99 | max | cp RSS (MiB) | cp peak RSS (MiB) | cp CPU during changes | ramp-up | load average (1 min) before → after |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let protocol = if args.delta { "delta" } else { "SotW" };
+    let protocol = match (args.delta, args.node_every_request) {
+        (false, false) => "SotW",
+        (true, false) => "delta",
+        (false, true) => "SotW, node on every request",
+        (true, true) => "delta, node on every request",
+    };
     for (label, [p50, p90, p99], max) in results {
         println!(
             "| {} | {protocol} | {} x {} | {label} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {:.0}% of a core | {:.1} s | {load_before} → {load_after} |",
