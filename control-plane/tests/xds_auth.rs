@@ -415,8 +415,12 @@ fn envoy_is_disconnected_when_its_token_is_revoked_and_cannot_reconnect() {
         },
     );
     assert!(refusal.contains(id), "{refusal}");
-    assert_eq!(envoy.stat("control_plane.connected_state"), Some(0));
-    assert!(cp.proxy("envoy-b").is_none());
+    // The control plane logs the refusal before Envoy has read it: until then Envoy still
+    // counts its new stream as connected.
+    wait_for("Envoy to take the refusal", Duration::from_secs(30), || {
+        (envoy.stat("control_plane.connected_state") == Some(0) && cp.proxy("envoy-b").is_none())
+            .then_some(())
+    });
     let log = cp.process.log();
     assert!(
         log.lines()
