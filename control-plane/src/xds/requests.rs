@@ -180,16 +180,16 @@ impl SotwDecoder {
             let end = message.len() - remaining.len();
             if tag == SOTW_NODE {
                 if !skip_node {
+                    // A node given twice is merged, as protobuf merges a repeated message.
+                    let slim = node.get_or_insert_with(SlimNode::default);
                     let mut body = &message[after_key..end];
-                    let mut slim = SlimNode::default();
                     prost::encoding::message::merge(
                         wire_type,
-                        &mut slim,
+                        slim,
                         &mut body,
                         DecodeContext::default(),
                     )
                     .map_err(|error| malformed(format!("node: {error}")))?;
-                    node = Some(slim.0);
                 }
                 continue;
             }
@@ -213,7 +213,7 @@ impl SotwDecoder {
         }
         let mut request = DiscoveryRequest::decode(rest.as_slice())
             .map_err(|error| malformed(error.to_string()))?;
-        request.node = node;
+        request.node = node.map(|SlimNode(node)| node);
         let names = match run {
             _ if !scattered.is_empty() => shared_names(&scattered),
             Some(range) => match recalled {
@@ -329,7 +329,7 @@ impl Message for DeltaRequest {
         match tag {
             DELTA_NODE if self.skip_node => skip_field(wire_type, tag, buf, ctx),
             DELTA_NODE => {
-                let mut slim = SlimNode::default();
+                let mut slim = SlimNode(self.request.node.take().unwrap_or_default());
                 prost::encoding::message::merge(wire_type, &mut slim, buf, ctx)?;
                 self.request.node = Some(slim.0);
                 Ok(())
@@ -731,5 +731,33 @@ mod tests {
         assert_eq!(stream.recent.len(), REMEMBERED_TYPES);
         let latest = format!("type-{}", 3 * REMEMBERED_TYPES - 1);
         assert!(stream.recent.iter().any(|(url, _)| *url == latest));
+    }
+
+    #[test]
+    fn a_node_given_twice_in_the_first_request_is_merged() {
+        let part = |id: &str, cluster: &str| Node {
+            id: id.into(),
+            cluster: cluster.into(),
+            ..Default::default()
+        };
+        let merged = part("n", "g");
+        for node_tag in [SOTW_NODE, DELTA_NODE] {
+            let mut raw = Vec::new();
+            prost::encoding::message::encode(node_tag, &part("n", ""), &mut raw);
+            prost::encoding::message::encode(node_tag, &part("", "g"), &mut raw);
+            let node = if node_tag == SOTW_NODE {
+                SotwDecoder::default()
+                    .decode(raw.into())
+                    .expect("decoded")
+                    .request
+                    .node
+            } else {
+                DeltaDecoder::default()
+                    .decode(raw.into())
+                    .expect("decoded")
+                    .node
+            };
+            assert_eq!(node.as_ref(), Some(&merged), "field {node_tag}");
+        }
     }
 }
