@@ -4,11 +4,12 @@
 //! unless `set_node_on_first_message_only` is set it repeats its node too (about 60 KB in
 //! Envoy 1.40, most of it the list of its extensions), on both protocols. Only a stream's first
 //! node counts, so each stream's decoder ([`SotwDecoder`], [`DeltaDecoder`]) skips the later
-//! ones undecoded, and decodes the first without the lists it never reads ([`SlimNode`]). SotW names stay encoded ([`EncodedNames`]) and lists are told apart by a
-//! hash of their bytes; a list the stream sent before is recognised by comparing bytes, with
-//! neither a walk over its entries nor a new hash. Equal lists, encoded or as sets
-//! ([`intern`]), are shared among streams, which also lets their streams share encoded
-//! responses.
+//! ones undecoded, and decodes the first without the lists it never reads (`SlimNode`).
+//!
+//! SotW names stay encoded ([`EncodedNames`]) and lists are told apart by a hash of their
+//! bytes; a list the stream sent before is recognised by comparing bytes, with neither a walk
+//! over its entries nor a new hash. Equal lists, encoded or as sets ([`intern`]), are shared
+//! among streams, which also lets their streams share encoded responses.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
