@@ -962,10 +962,13 @@ fn peak_ewma_avoids_a_slow_host() {
     let ewma = shares(to, "/ewma", 300);
     let rr = shares(to, "/rr", 300);
     assert_eq!(rr.get("slow"), Some(&100), "round robin: {rr:?}");
-    // Once the slow host has answered once, it loses every comparison with a fast one.
+    // Once the slow host has answered once, it loses every comparison with a fast one, unless
+    // a fast host's answer took longer than 20 ms (a loaded machine): peak EWMA then rightly
+    // prefers the slow host until that peak decays. So a share, not zero: round robin gives it
+    // 100 of 300.
     let slow_share = ewma.get("slow").copied().unwrap_or(0);
     assert!(
-        slow_share <= 3,
+        slow_share <= 15,
         "peak EWMA sent {slow_share} of 300 to the slow host: {ewma:?}"
     );
 }
