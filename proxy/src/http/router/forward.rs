@@ -109,6 +109,17 @@ fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
+/// A copy of a request head for an attempt that may be retried, without its extensions (they
+/// go with the first attempt).
+fn copy_head(head: &http::request::Parts) -> http::request::Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = head.method.clone();
+    copy.uri = head.uri.clone();
+    copy.version = head.version;
+    copy.headers = head.headers.clone();
+    copy
+}
+
 /// A millisecond count from a request header (`x-envoy-upstream-rq-timeout-ms` and friends).
 fn header_ms(headers: &HeaderMap, name: &HeaderName) -> Option<Duration> {
     let ms: u64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
@@ -399,24 +410,18 @@ pub(super) async fn forward(
     let mut parts = Some(parts);
     let mut sent_at;
     let outcome = loop {
-        // This attempt's request: the last one takes the head, earlier ones a copy.
-        let base = parts
-            .as_ref()
+        // Each attempt sends the head itself and, when a retry may follow, keeps a copy for
+        // the next one. Sending the original rather than the copy matters: hyper reads the
+        // response into the header map of the request it sent, and the original's has the
+        // room a recycled map grew to, where a copy's would have to grow (and rehash) again.
+        let mut attempt_parts = parts
+            .take()
             .expect("the head is kept until the last attempt");
-        let mut headers = if retries.is_some() {
-            base.headers.clone()
-        } else {
-            HeaderMap::new()
-        };
-        let version = base.version;
-        let mut attempt_parts = match retries {
-            Some(_) => None,
-            None => parts.take(),
-        };
-        let headers_mut = match attempt_parts.as_mut() {
-            Some(last) => &mut last.headers,
-            None => &mut headers,
-        };
+        if retries.is_some() {
+            parts = Some(copy_head(&attempt_parts));
+        }
+        let version = attempt_parts.version;
+        let headers_mut = &mut attempt_parts.headers;
         if let HostRewrite::Auto = forward.host_rewrite
             && !host.hostname.is_empty()
             && let Ok(value) = HeaderValue::from_str(&host.hostname)
@@ -450,21 +455,7 @@ pub(super) async fn forward(
             (None, Some(body)) => OutgoingBody::Direct(body),
             (None, None) => OutgoingBody::Empty,
         };
-        let request = match attempt_parts {
-            Some(last) => Request::from_parts(last, outgoing),
-            None => {
-                // A copy for an attempt that may be retried: the head stays for the next one.
-                let base = parts
-                    .as_ref()
-                    .expect("the head is kept until the last attempt");
-                let mut request = Request::new(outgoing);
-                *request.method_mut() = base.method.clone();
-                *request.uri_mut() = base.uri.clone();
-                *request.version_mut() = version;
-                *request.headers_mut() = headers;
-                request
-            }
-        };
+        let request = Request::from_parts(attempt_parts, outgoing);
 
         let host_active = HostGauge::new(&host.state, |s| &s.rq_active);
         sent_at = Instant::now();
