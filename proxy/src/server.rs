@@ -4,6 +4,8 @@
 //! This is wiring only: it builds the shared pieces — the stats [`Registry`], the config
 //! [`Store`], the [`ListenerManager`], the [`Lifecycle`] — and hands each part the few it needs.
 
+#[cfg(target_os = "linux")]
+use std::ffi::c_int;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +82,13 @@ pub fn run(
     result
 }
 
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    fn pthread_setcancelstate(state: c_int, old: *mut c_int) -> c_int;
+    fn pthread_setcanceltype(kind: c_int, old: *mut c_int) -> c_int;
+}
+
 /// Lets the calling thread's system calls skip glibc's thread-cancellation bookkeeping.
 ///
 /// In a process with more than one thread, glibc brackets every call that is a cancellation
@@ -87,15 +96,10 @@ pub fn run(
 /// thread to asynchronous cancellation and back, unless it is asynchronous already. Remora never
 /// cancels a thread, so each runtime thread disables cancellation and then marks itself
 /// asynchronous once: the swaps become a load and a branch. They were 1.5% of the worker's
-/// samples under `perf` on the default bootstrap, most of it the `lock cmpxchg` after each call.
+/// samples under `perf` on the default bootstrap (see bench/README.md).
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn skip_cancellation_bookkeeping() {
-    use std::ffi::c_int;
-    unsafe extern "C" {
-        fn pthread_setcancelstate(state: c_int, old: *mut c_int) -> c_int;
-        fn pthread_setcanceltype(kind: c_int, old: *mut c_int) -> c_int;
-    }
     // The same values in glibc and musl.
     const PTHREAD_CANCEL_DISABLE: c_int = 1;
     const PTHREAD_CANCEL_ASYNCHRONOUS: c_int = 1;
@@ -311,12 +315,7 @@ async fn wait_stop(stopped: &mut watch::Receiver<Stop>) -> Stop {
 #[cfg(all(test, target_os = "linux"))]
 #[allow(unsafe_code)]
 mod tests {
-    use std::ffi::c_int;
-
-    unsafe extern "C" {
-        fn pthread_setcancelstate(state: c_int, old: *mut c_int) -> c_int;
-        fn pthread_setcanceltype(kind: c_int, old: *mut c_int) -> c_int;
-    }
+    use super::{c_int, pthread_setcancelstate, pthread_setcanceltype};
 
     /// The thread's (state, type), read by setting them to what they were.
     fn cancellation() -> (c_int, c_int) {
