@@ -631,6 +631,7 @@ async fn handle(
             completion,
             trace,
             rq_time: (stats.downstream_rq_time.clone(), started),
+            ended_at: None,
         },
         body_filters,
     );

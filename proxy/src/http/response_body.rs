@@ -120,7 +120,9 @@ pub struct UpstreamBody {
     filters: Vec<Box<dyn BodyFilter>>,
     /// The cluster's `upstream_rq_time` and when the request went out, recorded at the end.
     rq_time: Option<(Arc<crate::stats::ClusterStats>, Instant)>,
-    ended: bool,
+    /// When the last frame came: the one clock read for the pool's idle time and both
+    /// request-time histograms.
+    ended_at: Option<Instant>,
 }
 
 /// Work that waits for a downstream stream to end (the filter chain's completion phase); a
@@ -144,12 +146,17 @@ pub struct DownstreamSlots {
     pub trace: Option<crate::http::tracing::Completion>,
     /// The connection manager's `downstream_rq_time` and when the request began.
     pub rq_time: (Arc<crate::stats::Histogram>, Instant),
+    /// When the response ended, if the upstream body read the clock then; else it is read here.
+    pub ended_at: Option<Instant>,
 }
 
 impl Drop for DownstreamSlots {
     fn drop(&mut self) {
-        // One clock read for the histogram and the log line (dropped after this).
-        let took = self.rq_time.1.elapsed();
+        // One clock read (at most) for the histogram and the log line (dropped after this).
+        let took = self
+            .ended_at
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(self.rq_time.1);
         self.rq_time.0.record_duration(took);
         if let Some(log) = self.log.as_mut() {
             log.entry.took = Some(took);
@@ -175,7 +182,7 @@ impl UpstreamBody {
             lease,
             filters: Vec::new(),
             rq_time: None,
-            ended: false,
+            ended_at: None,
         }
     }
 
@@ -192,7 +199,11 @@ impl UpstreamBody {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
-                if let Some(timer) = &mut self.timer {
+                // A frame is activity for the idle timeouts, unless it was the last one (as
+                // with most bodies of known length): then nothing is waited for any more.
+                if let Some(timer) = &mut self.timer
+                    && !self.inner.is_end_stream()
+                {
                     timer.touch();
                 }
                 filter_frame(&mut self.filters, &mut frame);
@@ -209,12 +220,13 @@ impl UpstreamBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                self.ended = true;
+                let now = Instant::now();
+                self.ended_at = Some(now);
                 for filter in &mut self.filters {
                     filter.on_end();
                 }
                 if let Some(lease) = self.lease.take() {
-                    lease.release();
+                    lease.release(now.into_std());
                 }
                 Poll::Ready(None)
             }
@@ -238,17 +250,24 @@ impl UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if let Some((cluster, sent)) = &self.rq_time
-            && (self.ended || self.inner.is_end_stream())
-        {
-            cluster.upstream_rq_time.record_duration(sent.elapsed());
+        // A body that was complete from the start (no content) is never polled: it ends now.
+        let ended_at = match self.ended_at {
+            Some(at) => Some(at),
+            None if self.inner.is_end_stream() => Some(Instant::now()),
+            None => None,
+        };
+        if let (Some((cluster, sent)), Some(at)) = (&self.rq_time, ended_at) {
+            cluster
+                .upstream_rq_time
+                .record_duration(at.saturating_duration_since(*sent));
         }
-        // A body that was complete from the start (no content) is never polled; one dropped
-        // part-way leaves its connection mid-response, so that connection closes instead.
-        if let Some(lease) = self.lease.take()
-            && self.inner.is_end_stream()
-        {
-            lease.release();
+        if let Some(downstream) = self.downstream.as_mut() {
+            downstream.ended_at = ended_at;
+        }
+        // One dropped part-way leaves its connection mid-response, so that connection closes
+        // instead of going back to its pool.
+        if let (Some(lease), Some(at)) = (self.lease.take(), ended_at) {
+            lease.release(at.into_std());
         }
     }
 }

@@ -181,10 +181,10 @@ impl WorkerPool {
         None
     }
 
-    fn put_idle(&self, addr: SocketAddr, sender: Http1Sender) {
+    fn put_idle(&self, addr: SocketAddr, sender: Http1Sender, since: Instant) {
         // No entry: every connection to the address has closed, this one included.
         if let Some(host) = self.hosts().get_mut(&addr) {
-            host.idle.push((sender, Instant::now()));
+            host.idle.push((sender, since));
             self.released.notify_waiters();
         }
     }
@@ -506,21 +506,22 @@ impl std::fmt::Debug for Lease {
 impl Lease {
     /// Returns the connection to its pool. hyper marks it ready once it has finished both the
     /// request and the response, which has nearly always happened by the time the response
-    /// body ends; if not (the request body is still going), a task waits for it.
-    pub fn release(self) {
+    /// body ends; if not (the request body is still going), a task waits for it. `now`: the
+    /// caller's clock read, from which the connection counts as idle.
+    pub fn release(self, now: Instant) {
         let Lease {
             mut sender,
             worker,
             addr,
         } = self;
         if sender.is_ready() {
-            worker.put_idle(addr, sender);
+            worker.put_idle(addr, sender, now);
         } else if !sender.is_closed()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(async move {
                 if sender.ready().await.is_ok() {
-                    worker.put_idle(addr, sender);
+                    worker.put_idle(addr, sender, Instant::now());
                 }
             });
         }

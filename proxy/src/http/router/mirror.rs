@@ -85,7 +85,7 @@ pub fn send(mirrors: &[Mirror], snapshot: &Snapshot, copy: Copy<'_>) {
                 // Read to the end so the connection can serve again.
                 let _ = response.into_body().collect().await;
                 if let Some(lease) = lease {
-                    lease.release();
+                    lease.release(std::time::Instant::now());
                 }
                 Ok::<(), crate::upstream::pool::PoolError>(())
             };
