@@ -279,22 +279,22 @@ async fn client(index: usize, setup: Arc<ClientSetup>) -> anyhow::Result<()> {
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 << 20);
     grpc.ready().await?;
     let id = format!("bench-{index}");
-    // With a node on every request it is encoded once and appended like the names.
-    let (node, node_field) = if setup.node_every_request {
-        let tag = if setup.delta { 1 } else { 2 };
-        (None, encode_node(tag, &envoy_sized_node(id)))
+    // The node is encoded once and appended like the names: to the first request only, or
+    // with an Envoy-sized node to every request.
+    let tag = if setup.delta { 1 } else { 2 };
+    let (first_node, node_field) = if setup.node_every_request {
+        let field = encode_node(tag, &envoy_sized_node(id));
+        (field.clone(), field)
     } else {
         let node = Node {
             id,
             cluster: "bench".into(),
             ..Default::default()
         };
-        (Some(node), bytes::Bytes::new())
+        (encode_node(tag, &node), bytes::Bytes::new())
     };
     let (requests, outgoing) = mpsc::channel::<Outgoing>(8);
-    requests
-        .send(subscribe(&setup, CDS, node, &node_field))
-        .await?;
+    requests.send(subscribe(&setup, CDS, &first_node)).await?;
     let path = if setup.delta {
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
     } else {
@@ -324,7 +324,7 @@ async fn client(index: usize, setup: Arc<ClientSetup>) -> anyhow::Result<()> {
         if kind + 1 < TYPES.len() && !requested[kind + 1] {
             requested[kind + 1] = true;
             requests
-                .send(subscribe(&setup, kind + 1, None, &node_field))
+                .send(subscribe(&setup, kind + 1, &node_field))
                 .await?;
         }
     }
@@ -332,24 +332,17 @@ async fn client(index: usize, setup: Arc<ClientSetup>) -> anyhow::Result<()> {
 }
 
 /// The first request for type `kind`; `node_field` is an encoded node to append, or empty.
-fn subscribe(
-    setup: &ClientSetup,
-    kind: usize,
-    node: Option<Node>,
-    node_field: &bytes::Bytes,
-) -> Outgoing {
+fn subscribe(setup: &ClientSetup, kind: usize, node_field: &bytes::Bytes) -> Outgoing {
     let type_url = TYPES[kind].to_string();
     let names = &setup.names[kind];
     if setup.delta {
         let request = DeltaDiscoveryRequest {
-            node,
             type_url,
             ..Default::default()
         };
         Outgoing::new(request, &[node_field, names])
     } else {
         let request = DiscoveryRequest {
-            node,
             type_url,
             ..Default::default()
         };
