@@ -1030,6 +1030,16 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
                 + (f"; fixed-rate p50/p99/p99.9 {b['p50']}/{b['p99']}/{b['p999']} µs"
                    if "p99" in b else "")
                 + ". A proxy's req/s near this figure is capped by the load side, not measured.")
+            # A proxy only adds to the path without it: where the direct percentile is already
+            # near the target's share of Envoy's, the target is out of reach in this run.
+            floors = [f"{label} {b[key] / envoy.value(key):.2f}x"
+                      for key, label in (("p99", "p99"), ("p999", "p99.9"))
+                      if b.get(key) and envoy.value(key)]
+            if floors:
+                lines.append(
+                    "The same latencies with no proxy, as a share of Envoy's: "
+                    + ", ".join(floors) + ". A proxy adds to the direct path, so its "
+                    "ratio to Envoy cannot be expected below these.")
             if b.get("tcp_gbps"):
                 shares = "; ".join(
                     f"{subject.name} {subject.value('tcp_gbps') / b['tcp_gbps']:.2f} of it"
