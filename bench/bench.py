@@ -249,9 +249,13 @@ def status_kb(pid: int, key: str) -> int:
 # ---------------------------------------------------------------- load tools
 
 
-def wrk(port: int, seconds: float, connections: int) -> dict:
-    out = run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", f"http://127.0.0.1:{port}/"],
-              cpus=LOAD_CPUS, timeout=seconds + 30)
+def wrk(port: int, seconds: float, connections: int, close: bool = False,
+        cpus: str | None = LOAD_CPUS) -> dict:
+    """`wrk -t1` for `seconds`; `close` sends `Connection: close` (a new connection per
+    request). Failed counts non-2xx/3xx replies and socket errors."""
+    extra = ["-H", "Connection: close"] if close else []
+    out = run(["wrk", "-t1", f"-c{connections}", *extra, f"-d{seconds:g}s",
+               f"http://127.0.0.1:{port}/"], cpus=cpus, timeout=seconds + 30)
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import string
 import subprocess
@@ -162,17 +161,6 @@ def render(workdir: Path, name: str, ports: dict) -> tuple[Path, Path]:
     return client, server
 
 
-def wrk(port: int, seconds: float, close: bool, cpus: str | None) -> dict:
-    extra = ["-H", "Connection: close"] if close else []
-    out = b.run(["wrk", "-t1", "-c50", *extra, f"-d{seconds:g}s", f"http://127.0.0.1:{port}/"],
-                cpus=cpus, timeout=seconds + 30)
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    failed = (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0)
-    return {"requests": requests, "failed": failed}
-
-
 def stat(admin_port: int, name: str) -> int:
     url = f"http://127.0.0.1:{admin_port}/stats?filter=%5E{name.replace('.', '%5C.')}%24"
     with urllib.request.urlopen(url, timeout=5) as response:
@@ -242,8 +230,8 @@ def run_round(commands: dict, upstream_port: int, base_id: int, args, workdir: P
                 procs[role] = proc
             pairs[name] = {"procs": procs, "ports": ports}
             # Warm-up (pools, caches, page faults); not measured.
-            wrk(ports["HTTP_PORT"], 1, False, load_cpus)
-            wrk(ports["TCP_PORT"], 1, True, load_cpus)
+            b.wrk(ports["HTTP_PORT"], 1, 50, cpus=load_cpus)
+            b.wrk(ports["TCP_PORT"], 1, 50, close=True, cpus=load_cpus)
         variants = {(name, mode): {"requests": 0, "failed": 0, "cpu": 0.0, "wall": 0.0,
                                    "handshakes": 0}
                     for name in pairs for mode in MODES}
@@ -256,7 +244,7 @@ def run_round(commands: dict, upstream_port: int, base_id: int, args, workdir: P
             handshakes0 = stat(admin, listener)
             cpu0, t0 = sum(b.cpu_seconds(pid) for pid in pids), time.monotonic()
             port = pair["ports"]["HTTP_PORT" if mode == "keepalive" else "TCP_PORT"]
-            result = wrk(port, args.slice, mode == "handshake", load_cpus)
+            result = b.wrk(port, args.slice, 50, close=mode == "handshake", cpus=load_cpus)
             v["cpu"] += sum(b.cpu_seconds(pid) for pid in pids) - cpu0
             v["wall"] += time.monotonic() - t0
             v["requests"] += result["requests"]
