@@ -251,11 +251,9 @@ impl UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // A body that was complete from the start (no content) is never polled: it ends now.
-        let ended_at = match self.ended_at {
-            Some(at) => Some(at),
-            None if self.inner.is_end_stream() => Some(Instant::now()),
-            None => None,
-        };
+        let ended_at = self
+            .ended_at
+            .or_else(|| self.inner.is_end_stream().then(Instant::now));
         if let (Some((cluster, sent)), Some(at)) = (&self.rq_time, ended_at) {
             cluster
                 .upstream_rq_time
