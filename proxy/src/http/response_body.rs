@@ -119,7 +119,7 @@ pub struct UpstreamBody {
     /// HTTP filters looking at the body (usually none).
     filters: Vec<Box<dyn BodyFilter>>,
     /// The cluster's `upstream_rq_time` and when the request went out, recorded at the end.
-    rq_time: Option<(Arc<crate::stats::ClusterStats>, Instant)>,
+    rq_time: (Arc<crate::stats::ClusterStats>, Instant),
     /// When the last frame came: the one clock read for the pool's idle time and both
     /// request-time histograms.
     ended_at: Option<Instant>,
@@ -168,11 +168,13 @@ impl Drop for DownstreamSlots {
 }
 
 impl UpstreamBody {
+    /// `rq_time`: the cluster's stats and when the request went out, for `upstream_rq_time`.
     pub fn new(
         inner: Incoming,
         timer: Option<StreamTimer>,
         active: (Held, GaugeGuard, HostGauge),
         lease: Option<Lease>,
+        rq_time: (Arc<crate::stats::ClusterStats>, Instant),
     ) -> Self {
         UpstreamBody {
             inner,
@@ -181,19 +183,9 @@ impl UpstreamBody {
             downstream: None,
             lease,
             filters: Vec::new(),
-            rq_time: None,
+            rq_time,
             ended_at: None,
         }
-    }
-
-    /// Records `upstream_rq_time` (from `sent`) when the body ends.
-    pub fn with_rq_time(
-        mut self,
-        cluster: &Arc<crate::stats::ClusterStats>,
-        sent: Instant,
-    ) -> Self {
-        self.rq_time = Some((cluster.clone(), sent));
-        self
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -254,7 +246,8 @@ impl Drop for UpstreamBody {
         let ended_at = self
             .ended_at
             .or_else(|| self.inner.is_end_stream().then(Instant::now));
-        if let (Some((cluster, sent)), Some(at)) = (&self.rq_time, ended_at) {
+        if let Some(at) = ended_at {
+            let (cluster, sent) = &self.rq_time;
             cluster
                 .upstream_rq_time
                 .record_duration(at.saturating_duration_since(*sent));

@@ -609,10 +609,13 @@ pub(super) async fn forward(
         },
     };
     Ok(response.map(|body| {
-        ResponseBody::Upstream(Box::new(
-            UpstreamBody::new(body, timer, (rq_active.0, rq_active.1, host_active), lease)
-                .with_rq_time(&cluster.stats, sent_at),
-        ))
+        ResponseBody::Upstream(Box::new(UpstreamBody::new(
+            body,
+            timer,
+            (rq_active.0, rq_active.1, host_active),
+            lease,
+            (cluster.stats.clone(), sent_at),
+        )))
     }))
 }
 
