@@ -455,6 +455,9 @@ class Bench:
         self.loadgen_bin: Path | None = None
         self.baseline: dict = {}
         self.upstreams: list[subprocess.Popen] = []
+        # A second bare forwarder process, in the default-config step only: how far apart two
+        # processes of one binary measure in the same slices (see default_table).
+        self.control: Subject | None = None
 
     def ports_for(self, name: str) -> dict:
         """Listener and admin ports for one proxy (the same ones on every call)."""
@@ -629,6 +632,8 @@ http {{
         time with the untuned bootstrap, every process (upstream and load tools too) free to
         use every core, and wrk at each in turn."""
         live: list[tuple[Subject, subprocess.Popen, dict]] = []
+        if self.control is not None and any(s.name == "bare-fwd" for s in order):
+            order += (self.control,)
         try:
             for subject in order:
                 proc, ready = self.start_proxy(subject, "default", free=True)
@@ -919,8 +924,9 @@ def spread(envoy: Subject, remora: Subject) -> str:
 
 
 def default_table(envoy: Subject, remora: Subject, bare: Subject | None,
-                  args: argparse.Namespace) -> list[str]:
-    """The default-config setup: the three side by side, the targets held against bare-fwd."""
+                  args: argparse.Namespace, control: Subject | None = None) -> list[str]:
+    """The default-config setup: the three side by side, the targets held against bare-fwd,
+    and how far a second bare-fwd process measured from the first in the same slices."""
     subjects = [envoy, remora, *([bare] if bare is not None and bare.rounds else [])]
     has_bare = len(subjects) == 3
     lines = ["## Headline: the default config, every process on any core", "",
@@ -950,6 +956,19 @@ def default_table(envoy: Subject, remora: Subject, bare: Subject | None,
                     + (f" ({per_round})" if len(round_ratios(bare, remora, fig.key)) > 1 else "")
                     + f" | {fig.target} | {met} |")
         lines.append(row)
+    if has_bare and control is not None and control.rounds:
+        parts = []
+        for fig in DEFAULT_FIGURES:
+            ratio = paired_ratio(bare, control, fig.key)
+            if ratio is None:
+                continue
+            per_round = ", ".join(f"{r:.2f}x" for r in round_ratios(bare, control, fig.key))
+            parts.append(f"{fig.label.split(' (')[0]} {ratio:.2f}x (rounds {per_round})")
+        if parts:
+            lines += ["", "The same slices held a second process of the bare forwarder, as a "
+                      "control. Against the first it measured " + "; ".join(parts) + ". Two "
+                      "processes of one binary differ by that much here, so a remora/bare-fwd "
+                      "ratio that close to its target does not say which side of it remora is."]
     return lines
 
 
@@ -1011,7 +1030,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         f"h2load {a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
         "",
         # The headline is the setup a user has; the tuned, pinned table goes beside it.
-        *default_table(envoy, remora, bare, bench.args),
+        *default_table(envoy, remora, bare, bench.args, bench.control),
         "",
         "## Tuned bootstrap (Envoy's benchmarking FAQ)"
         + ("" if a.no_pin else ", proxy pinned to its core"),
@@ -1202,6 +1221,9 @@ def main(argv: list[str]) -> int:
         # The calibration reference in the same rounds, so that "close to bare hyper" is
         # measured under the same noise as the ratios to Envoy.
         bare = None if args.calibrate or args.no_bare else bare_subject(target, build_error, bench)
+        if bare is not None and bare.command is not None:
+            bench.control = bare_subject(target, build_error, bench, "bare-fwd-2")
+            bench.prepare(bench.control)
 
         bench.start_upstreams(echo_bin if echo_bin.exists() else None)
         if not args.no_baseline:
@@ -1239,14 +1261,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def bare_subject(target: Path, build_error: str | None, bench: Bench) -> Subject:
+def bare_subject(target: Path, build_error: str | None, bench: Bench,
+                 name: str = "bare-fwd") -> Subject:
     """remora-bare-fwd: the issue's calibration reference (one current-thread runtime, pooled
     client, no routing, no stats)."""
     binary = target / "remora-bare-fwd"
     if build_error or not binary.exists():  # never an older build's binary under HEAD's name
-        return Subject("bare-fwd", None, reason=build_error or "remora-bare-fwd not built")
-    p = bench.ports_for("bare-fwd")
-    return Subject("bare-fwd", [str(binary), "--listen", f"127.0.0.1:{p['HTTP_PORT']}",
+        return Subject(name, None, reason=build_error or "remora-bare-fwd not built")
+    p = bench.ports_for(name)
+    return Subject(name, [str(binary), "--listen", f"127.0.0.1:{p['HTTP_PORT']}",
                                 "--upstream", f"127.0.0.1:{bench.ports['UPSTREAM_HTTP_PORT']}",
                                 "--admin", f"127.0.0.1:{p['ADMIN_PORT']}"],
                    supports_bootstrap=False,
