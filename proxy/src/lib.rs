@@ -20,6 +20,7 @@ pub mod config;
 pub mod drain;
 pub mod error;
 pub mod filter_chain;
+pub mod hex;
 pub mod http;
 pub mod lifecycle;
 pub mod listener;

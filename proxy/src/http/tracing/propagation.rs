@@ -4,6 +4,7 @@
 //! Reading never fails a request: a header that does not parse is as good as absent, and the
 //! tracer starts a new trace. Headers longer than a trace context can be are refused unread.
 
+use crate::hex;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -249,16 +250,6 @@ impl B3 {
     }
 }
 
-/// A fixed-size hex rendering (no allocation on the request path).
-fn hex<const N: usize>(value: u128) -> [u8; N] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; N];
-    for (index, byte) in out.iter_mut().enumerate() {
-        *byte = DIGITS[((value >> (4 * (N - 1 - index))) & 0xf) as usize];
-    }
-    out
-}
-
 fn value(bytes: &[u8]) -> HeaderValue {
     // Hex digits and dashes are always a valid header value.
     HeaderValue::from_bytes(bytes).unwrap_or_else(|_| HeaderValue::from_static("-"))
@@ -268,9 +259,9 @@ fn value(bytes: &[u8]) -> HeaderValue {
 pub fn traceparent(trace_id: u128, span_id: u64, sampled: bool) -> HeaderValue {
     let mut out = [0u8; 55];
     out[0..3].copy_from_slice(b"00-");
-    out[3..35].copy_from_slice(&hex::<32>(trace_id));
+    out[3..35].copy_from_slice(&hex::lower::<32>(trace_id));
     out[35] = b'-';
-    out[36..52].copy_from_slice(&hex::<16>(u128::from(span_id)));
+    out[36..52].copy_from_slice(&hex::lower::<16>(u128::from(span_id)));
     out[52..55].copy_from_slice(if sampled { b"-01" } else { b"-00" });
     value(&out)
 }
@@ -278,14 +269,14 @@ pub fn traceparent(trace_id: u128, span_id: u64, sampled: bool) -> HeaderValue {
 /// A B3 trace id, 16 or 32 hex digits.
 pub fn b3_trace_id(trace_id: u128, wide: bool) -> HeaderValue {
     if wide {
-        value(&hex::<32>(trace_id))
+        value(&hex::lower::<32>(trace_id))
     } else {
-        value(&hex::<16>(trace_id & u128::from(u64::MAX)))
+        value(&hex::lower::<16>(trace_id))
     }
 }
 
 pub fn span_id_value(span_id: u64) -> HeaderValue {
-    value(&hex::<16>(u128::from(span_id)))
+    value(&hex::lower::<16>(u128::from(span_id)))
 }
 
 /// Writes the `x-b3-*` headers (and removes a single `b3`).
@@ -335,16 +326,16 @@ pub fn write_b3_single(
     }
     let mut out = Vec::with_capacity(MAX_B3);
     if wide {
-        out.extend_from_slice(&hex::<32>(trace_id));
+        out.extend_from_slice(&hex::lower::<32>(trace_id));
     } else {
-        out.extend_from_slice(&hex::<16>(trace_id & u128::from(u64::MAX)));
+        out.extend_from_slice(&hex::lower::<16>(trace_id));
     }
     out.push(b'-');
-    out.extend_from_slice(&hex::<16>(u128::from(span_id)));
+    out.extend_from_slice(&hex::lower::<16>(u128::from(span_id)));
     out.extend_from_slice(if sampled { b"-1" } else { b"-0" });
     if let Some(parent) = parent {
         out.push(b'-');
-        out.extend_from_slice(&hex::<16>(u128::from(parent)));
+        out.extend_from_slice(&hex::lower::<16>(u128::from(parent)));
     }
     headers.insert(&B3, value(&out));
 }
