@@ -87,12 +87,24 @@ pub struct TraceId {
     pub wide: bool,
 }
 
+impl TraceId {
+    /// Appends the id's digits to `line` (no formatter: a log line is written per request).
+    pub fn push_to(&self, line: &mut String) {
+        let digits = crate::hex::lower::<32>(self.id);
+        let digits = if self.wide {
+            &digits[..]
+        } else {
+            &digits[16..]
+        };
+        line.extend(digits.iter().map(|&digit| char::from(digit)));
+    }
+}
+
 impl std::fmt::Display for TraceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.wide {
-            true => write!(f, "{:032x}", self.id),
-            false => write!(f, "{:016x}", self.id as u64),
-        }
+        let mut digits = String::with_capacity(32);
+        self.push_to(&mut digits);
+        f.write_str(&digits)
     }
 }
 
@@ -674,9 +686,7 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
                 push_peer(line, entry.peer_certificate.as_deref(), *field, omit_empty);
             }
             Token::TraceId => match entry.trace_id {
-                Some(id) => {
-                    let _ = write!(line, "{id}");
-                }
+                Some(id) => id.push_to(line),
                 None => push_value(line, None, None, omit_empty),
             },
             Token::UpstreamRequestAttemptCount => {
