@@ -123,6 +123,13 @@ impl Captured {
         )
     }
 
+    /// The values of `names` in `headers` in place of the last ones, in the same vector.
+    fn refill(&mut self, names: &[HeaderName], headers: &HeaderMap) {
+        self.0.clear();
+        self.0
+            .extend(names.iter().map(|name| headers.get(name).cloned()));
+    }
+
     fn get(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
         let index = names.iter().position(|known| known == name)?;
         header_text(self.0.get(index)?.as_ref()?)
@@ -175,7 +182,7 @@ impl Entry {
 
     /// Records the request headers as they are now (as forwarded).
     pub fn capture_request(&mut self, headers: &HeaderMap) {
-        self.request = Captured::of(&self.logs.request_headers, headers);
+        self.request.refill(&self.logs.request_headers, headers);
     }
 
     /// Records the response's status and headers.

@@ -270,8 +270,43 @@ fn single_xff_address(headers: &HeaderMap) -> bool {
     matches!((values.next(), values.next()), (Some(value), None) if !value.as_bytes().contains(&b','))
 }
 
+/// A new `x-request-id`. Its bytes sit in a shared owner from the start, so the copies the
+/// access log and a retry's saved head take are reference counts, not allocations (a value
+/// copied from a slice allocates again on its first clone).
 fn request_id() -> HeaderValue {
-    HeaderValue::from_bytes(&crate::uuid::v4()).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(crate::uuid::v4()))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// `0` to `999` as text, three digits each (leading zeros are cut off when used).
+static SMALL_NUMBERS: [[u8; 3]; 1000] = {
+    let mut table = [[0; 3]; 1000];
+    let mut n = 0;
+    while n < 1000 {
+        table[n] = [
+            b'0' + (n / 100) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ];
+        n += 1;
+    }
+    table
+};
+
+/// `n` as a header value (`x-envoy-upstream-service-time`, attempt counts, lengths). Below
+/// 1,000 it points into a static table and allocates nothing; the `http` crate's own
+/// conversion allocates twice (a buffer, then its shared form).
+pub fn number(n: u64) -> HeaderValue {
+    let digits = match SMALL_NUMBERS.get(n as usize) {
+        Some(digits) if n >= 100 => &digits[..],
+        Some(digits) if n >= 10 => &digits[1..],
+        Some(digits) => &digits[2..],
+        None => return HeaderValue::from(n),
+    };
+    match std::str::from_utf8(digits) {
+        Ok(text) => HeaderValue::from_static(text),
+        Err(_) => HeaderValue::from(n),
+    }
 }
 
 /// Drops the headers a request's `Connection` names: they are hop-by-hop too (RFC 9110
@@ -480,6 +515,25 @@ mod tests {
         let mut names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         names
+    }
+
+    #[test]
+    fn numbers_read_as_their_decimal_text() {
+        let edges = [1_000, 1_001, 65_535, u64::from(u32::MAX), u64::MAX];
+        for n in (0..1_100).chain(edges) {
+            assert_eq!(number(n).as_bytes(), n.to_string().as_bytes(), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_request_id_is_a_uuid_and_its_copies_read_the_same() {
+        let id = request_id();
+        let copy = id.clone();
+        drop(id);
+        let text = copy.to_str().expect("ASCII");
+        assert_eq!(text.len(), 36);
+        assert_eq!(&text[14..15], "4", "version 4: {text}");
+        assert_ne!(request_id(), copy);
     }
 
     #[test]

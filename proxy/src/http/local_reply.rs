@@ -112,7 +112,10 @@ impl LocalReply {
         if !self.body.is_empty() {
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        headers.insert(
+            header::CONTENT_LENGTH,
+            crate::http::headers::number(self.body.len() as u64),
+        );
         headers.insert(header::SERVER, server.clone());
         headers.extend(self.headers);
         response

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::{Response, StatusCode};
 use remora_config::filters::PerRouteConfig;
 use remora_config::filters::local_ratelimit::{LocalRateLimit as Config, TokenBucket};
@@ -22,6 +22,7 @@ use remora_config::filters::local_ratelimit::{LocalRateLimit as Config, TokenBuc
 use super::{filter_reply, most_specific, sampled};
 use crate::error::ResponseFlag;
 use crate::http::filter::{Flow, HttpFilter, Stream};
+use crate::http::headers::number;
 use crate::stats::{Registry, Stat};
 
 static LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -240,12 +241,9 @@ impl HttpFilter for LocalRateLimit {
             return;
         };
         let headers = response.headers_mut();
-        headers.append(&LIMIT, HeaderValue::from(bucket.max_tokens as u64));
-        headers.append(
-            &REMAINING,
-            HeaderValue::from(bucket.tokens().max(0.0) as u64),
-        );
-        headers.append(&RESET, HeaderValue::from(bucket.reset_seconds()));
+        headers.append(&LIMIT, number(bucket.max_tokens as u64));
+        headers.append(&REMAINING, number(bucket.tokens().max(0.0) as u64));
+        headers.append(&RESET, number(bucket.reset_seconds()));
     }
 }
 

@@ -292,7 +292,7 @@ pub(super) async fn forward(
     } else if let Some(expected) = expected {
         parts.headers.insert(
             &X_EXPECTED_TIMEOUT,
-            HeaderValue::from(expected.as_millis() as u64),
+            headers::number(expected.as_millis() as u64),
         );
     }
     let table = &route.table;
@@ -429,7 +429,7 @@ pub(super) async fn forward(
             rewrite_host(headers_mut, value);
         }
         if forward.attempt_count_upstream {
-            headers_mut.insert(&X_ATTEMPT_COUNT, HeaderValue::from(attempt));
+            headers_mut.insert(&X_ATTEMPT_COUNT, headers::number(attempt.into()));
         }
         if forward.timeout_retry_header && attempt > 1 {
             headers_mut.insert(
@@ -552,7 +552,7 @@ pub(super) async fn forward(
             if forward.attempt_count_response && reply.from_router {
                 reply
                     .headers
-                    .insert(&X_ATTEMPT_COUNT, HeaderValue::from(attempt));
+                    .insert(&X_ATTEMPT_COUNT, headers::number(attempt.into()));
             }
             return Err(reply);
         }
@@ -576,11 +576,11 @@ pub(super) async fn forward(
     // One clock read for the service time and the idle timeouts, which restart here.
     let now = Instant::now();
     let elapsed = now.saturating_duration_since(started).as_millis() as u64;
-    response_headers.insert(&X_SERVICE_TIME, HeaderValue::from(elapsed));
+    response_headers.insert(&X_SERVICE_TIME, headers::number(elapsed));
     response_headers.insert(header::SERVER, manager.server_header.clone());
     hash_key.set_cookies(response_headers);
     if forward.attempt_count_response {
-        response_headers.insert(&X_ATTEMPT_COUNT, HeaderValue::from(attempt));
+        response_headers.insert(&X_ATTEMPT_COUNT, headers::number(attempt.into()));
     }
     headers::apply_levels(
         [
