@@ -49,6 +49,14 @@ ALL_CPUS = f"0-{(os.cpu_count() or 1) - 1}"
 # host's stalls last milliseconds and landed on one side.
 LATENCY_SLICE_S = 0.005
 
+# The instruction count (Bench.measure_instructions): requests counted under callgrind after
+# a warm-up. callgrind counts what the proxy's own thread executes, not the kernel's work or
+# the machine's mood, so the figure moves by about 1% between runs of one binary where the
+# wrk ratios move by 10-25%: the way to judge a change to the request path.
+INSTRUCTION_REQUESTS = 3000
+INSTRUCTION_WARMUP = 1000
+INSTRUCTION_READY_TIMEOUT = 180.0  # callgrind runs the proxy some 50x slower
+
 _children: list[subprocess.Popen] = []
 
 # Where sections written by other scripts (bench/lb) begin in RESULTS.md; kept on rewrite.
@@ -315,6 +323,14 @@ def h2load(port: int, requests: int, timeout: float) -> dict:
     return {"rps": rps, "requests": int(done.group(1)), "failed": int(done.group(1)) - ok}
 
 
+def h1_requests(port: int, requests: int, timeout: float) -> int:
+    """h2load over HTTP/1.1, 50 connections, `requests` in all: the replies that succeeded."""
+    out = run(["h2load", "--h1", "-c", "50", "-n", str(requests), f"http://127.0.0.1:{port}/"],
+              cpus=None, timeout=timeout)
+    done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+    return int(done.group(1)) if done else 0
+
+
 def iperf3(port: int, seconds: float) -> dict:
     out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J"],
               cpus=LOAD_CPUS, timeout=seconds + 30)
@@ -458,6 +474,9 @@ class Bench:
         # A second bare forwarder process, in the default-config step only: how far apart two
         # processes of one binary measure in the same slices (see default_table).
         self.control: Subject | None = None
+        # Per subject name: instructions and L1 instruction-cache misses per request, or why
+        # not measured (see measure_instructions).
+        self.instructions: dict[str, dict] = {}
 
     def ports_for(self, name: str) -> dict:
         """Listener and admin ports for one proxy (the same ones on every call)."""
@@ -663,6 +682,46 @@ http {{
             for subject, proc, v in live:
                 stop(proc)
                 subject.record(round_index, v)
+
+    def measure_instructions(self, subjects: tuple[Subject, ...]) -> None:
+        """Instructions and L1 instruction-cache misses per request under callgrind, each
+        subject alone with the default config: INSTRUCTION_WARMUP requests not counted, then
+        INSTRUCTION_REQUESTS counted (h2load over HTTP/1.1, 50 connections). Once per run,
+        after the rounds: the count does not depend on the round."""
+        if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+            for subject in subjects:
+                self.instructions[subject.name] = {"reason": "valgrind not installed"}
+            return
+        for subject in subjects:
+            if subject.command is None or subject.reason:
+                continue
+            log(f"{subject.name}: instructions per request under callgrind")
+            out = self.workdir / f"{subject.name}.callgrind"
+            logfile = self.workdir / f"{subject.name}-callgrind.log"
+            cmd = ["valgrind", "--tool=callgrind", "--cache-sim=yes", "--instr-atstart=no",
+                   f"--callgrind-out-file={out}",
+                   *[part.replace("{BOOTSTRAP}", str(subject.bootstraps["default"]))
+                     for part in subject.command]]
+            proc = spawn(cmd, cpus=None, logfile=logfile)
+            try:
+                failure = wait_ready(proc, subject.ports["ADMIN_PORT"], INSTRUCTION_READY_TIMEOUT)
+                if failure:
+                    self.instructions[subject.name] = {"reason": f"under callgrind: {failure}"}
+                    continue
+                port = subject.ports["HTTP_PORT"]
+                h1_requests(port, INSTRUCTION_WARMUP, 600)
+                run(["callgrind_control", "--instr=on", str(proc.pid)], cpus=None, timeout=60)
+                counted = h1_requests(port, INSTRUCTION_REQUESTS, 900)
+                run(["callgrind_control", "--instr=off", str(proc.pid)], cpus=None, timeout=60)
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as error:
+                self.instructions[subject.name] = {"reason": f"under callgrind: {error}"}
+                continue
+            finally:
+                proc.send_signal(signal.SIGINT)  # callgrind writes its profile as the proxy exits
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=120)
+                stop(proc)
+            self.instructions[subject.name] = callgrind_per_request(out, counted)
 
     def step_wrk(self, subject: Subject, pid: int, v: dict) -> None:
         log(f"{subject.name}: wrk {self.args.duration:g}s")
@@ -972,6 +1031,52 @@ def default_table(envoy: Subject, remora: Subject, bare: Subject | None,
     return lines
 
 
+def callgrind_per_request(profile: Path, requests: int) -> dict:
+    """A callgrind profile's totals divided by the requests counted while it counted."""
+    if not requests:
+        return {"reason": "no request succeeded under callgrind"}
+    try:
+        text = profile.read_text(errors="replace")
+    except OSError as error:
+        return {"reason": f"no callgrind profile: {error}"}
+    events = re.search(r"^events: (.+)$", text, re.M)
+    # `totals:` ends the file; a `summary:` line before it may hold only the first event.
+    totals = re.search(r"^totals: (.+)$", text, re.M)
+    if not events or not totals:
+        return {"reason": "the callgrind profile has no totals"}
+    counts = dict(zip(events.group(1).split(), map(int, totals.group(1).split())))
+    if "Ir" not in counts or "I1mr" not in counts:
+        return {"reason": "the callgrind profile lacks Ir or I1mr"}
+    return {"instructions": counts["Ir"] / requests, "i1_misses": counts["I1mr"] / requests,
+            "requests": requests}
+
+
+def instruction_lines(bench: Bench, remora: Subject, bare: Subject | None) -> list[str]:
+    """The headline's deterministic companion: what the proxy's thread executes per request."""
+    figures = bench.instructions
+    if not figures:
+        return []
+    names = [remora.name] + ([bare.name] if bare is not None else [])
+    parts, reasons = [], []
+    for name in names:
+        figure = figures.get(name, {})
+        if "instructions" in figure:
+            parts.append(f"{name} {figure['instructions']:,.0f} instructions and "
+                         f"{figure['i1_misses']:,.0f} L1 instruction-cache misses")
+        else:
+            reasons.append(f"{name}: {figure.get('reason', 'not measured')}")
+    line = (f"Per request under callgrind (default config, {INSTRUCTION_REQUESTS:,} requests "
+            f"counted after {INSTRUCTION_WARMUP:,} not counted; one binary's count repeats "
+            "to about 1%, see bench/README.md): " + "; ".join(parts))
+    ours, theirs = figures.get(remora.name, {}), figures.get(bare.name if bare else "", {})
+    if "instructions" in ours and "instructions" in theirs:
+        line += (f". remora/bare-fwd: {ours['instructions'] / theirs['instructions']:.2f}x the "
+                 f"instructions, {ours['i1_misses'] / theirs['i1_misses']:.2f}x the misses")
+    line += "." + (" Not measured: " + "; ".join(reasons) + "." if reasons else "")
+    return [line if parts else "Per request under callgrind: not measured ("
+            + "; ".join(reasons) + ")."]
+
+
 def reference(envoy: Subject, remora: Subject, bare: Subject) -> list[str]:
     """The bare forwarder measured in the same rounds: what "close to bare hyper" means on
     this host during this run."""
@@ -1032,6 +1137,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         # The headline is the setup a user has; the tuned, pinned table goes beside it.
         *default_table(envoy, remora, bare, bench.args, bench.control),
         "",
+        *[line + "\n" for line in instruction_lines(bench, remora, bare)],
         "## Tuned bootstrap (Envoy's benchmarking FAQ)"
         + ("" if a.no_pin else ", proxy pinned to its core"),
         "",
@@ -1168,6 +1274,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the no-proxy ceiling run")
     p.add_argument("--no-bare", action="store_true",
                    help="leave the bare hyper forwarder out of the rounds")
+    p.add_argument("--no-instructions", action="store_true",
+                   help="skip the instruction count under callgrind (about 20 s)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure remora-bare-fwd (bare hyper forwarder) instead of remora-proxy")
     p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="'-' to write no file")
@@ -1242,6 +1350,10 @@ def main(argv: list[str]) -> int:
             if runnable:
                 log(f"round {round_index + 1}/{args.repeat}")
                 bench.measure_round(round_index, runnable)
+        if not args.no_instructions:  # while the upstream still runs
+            counted = tuple(s for s in (remora, *([bare] if bare else []))
+                            if s.command is not None and not s.reason)
+            bench.measure_instructions(counted)
         stop_all()
         text = report(bench, envoy, remora, bare, info, argv, started)
         figures = reference_figures(bench, envoy)
