@@ -50,12 +50,11 @@ pub struct Entry {
     pub authority: Option<HeaderValue>,
     /// A head the codec refused: its method and target as sent, in place of the three above.
     pub refused: Option<(String, String)>,
-    /// The request headers the formats read, as forwarded once the router has sent it.
-    pub request: Captured,
+    /// The request headers the formats read (as forwarded once the router has sent it), and
+    /// the response headers they read.
+    pub headers: Captured,
     pub status: u16,
     pub flags: crate::error::ResponseFlags,
-    /// The response headers the formats read.
-    pub response: Captured,
     pub bytes_received: Arc<std::sync::atomic::AtomicU64>,
     pub bytes_sent: u64,
     pub upstream_host: Option<SocketAddr>,
@@ -108,36 +107,64 @@ impl std::fmt::Display for TraceId {
     }
 }
 
-/// The values of the headers an entry's logs read, in the order of [`AccessLogs`]' names
-/// (`None`: absent).
+/// The values of the headers an entry's logs read (`None`: absent): the request's, in the order
+/// of [`AccessLogs`]' request names, then the response's, in one vector allocated once.
 #[derive(Debug, Default)]
-pub struct Captured(Vec<Option<HeaderValue>>);
+pub struct Captured {
+    values: Vec<Option<HeaderValue>>,
+    /// How many of `values` are the request's.
+    request_len: usize,
+}
 
 impl Captured {
-    fn of(names: &[HeaderName], headers: &HeaderMap) -> Self {
-        Captured(
-            names
-                .iter()
-                .map(|name| headers.get(name).cloned())
-                .collect(),
-        )
+    /// The request's values, with room for as many of the response's.
+    fn of_request(names: &[HeaderName], headers: &HeaderMap, response_names: usize) -> Self {
+        let mut values = Vec::with_capacity(names.len() + response_names);
+        values.extend(names.iter().map(|name| headers.get(name).cloned()));
+        Captured {
+            values,
+            request_len: names.len(),
+        }
     }
 
-    /// The values of `names` in `headers` in place of the last ones, in the same vector.
-    fn refill(&mut self, names: &[HeaderName], headers: &HeaderMap) {
-        self.0.clear();
-        self.0
+    /// The request's values as `headers` has them now, in place of the last ones.
+    fn set_request(&mut self, names: &[HeaderName], headers: &HeaderMap) {
+        self.values.splice(
+            ..self.request_len,
+            names.iter().map(|name| headers.get(name).cloned()),
+        );
+        self.request_len = names.len();
+    }
+
+    /// The response's values, in place of any earlier ones.
+    fn set_response(&mut self, names: &[HeaderName], headers: &HeaderMap) {
+        self.values.truncate(self.request_len);
+        self.values
             .extend(names.iter().map(|name| headers.get(name).cloned()));
     }
 
-    fn get(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
-        let index = names.iter().position(|known| known == name)?;
-        header_text(self.0.get(index)?.as_ref()?)
+    fn request(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
+        named(&self.values[..self.request_len], names, name)
     }
 
-    fn clear(&mut self) {
-        self.0.clear();
+    fn response(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
+        named(&self.values[self.request_len..], names, name)
     }
+
+    fn clear_request(&mut self) {
+        self.values.drain(..self.request_len);
+        self.request_len = 0;
+    }
+}
+
+/// The value captured for `name`, one of `names`, as text.
+fn named<'a>(
+    values: &'a [Option<HeaderValue>],
+    names: &[HeaderName],
+    name: &HeaderName,
+) -> Option<&'a str> {
+    let index = names.iter().position(|known| known == name)?;
+    header_text(values.get(index)?.as_ref()?)
 }
 
 impl Entry {
@@ -163,10 +190,13 @@ impl Entry {
                     HeaderValue::from_str(authority.as_str()).ok()
                 }),
             refused: None,
-            request: Captured::of(&logs.request_headers, request.headers()),
+            headers: Captured::of_request(
+                &logs.request_headers,
+                request.headers(),
+                logs.response_headers.len(),
+            ),
             status: 0,
             flags: crate::error::ResponseFlags::default(),
-            response: Captured::default(),
             bytes_received: Arc::default(),
             bytes_sent: 0,
             upstream_host: None,
@@ -182,20 +212,22 @@ impl Entry {
 
     /// Records the request headers as they are now (as forwarded).
     pub fn capture_request(&mut self, headers: &HeaderMap) {
-        self.request.refill(&self.logs.request_headers, headers);
+        self.headers
+            .set_request(&self.logs.request_headers, headers);
     }
 
     /// Records the response's status and headers.
     pub fn capture_response(&mut self, status: u16, headers: &HeaderMap) {
         self.status = status;
-        self.response = Captured::of(&self.logs.response_headers, headers);
+        self.headers
+            .set_response(&self.logs.response_headers, headers);
     }
 
     /// A head the codec refused: logged with its method and target as sent, and no headers.
     pub fn record_refusal(&mut self, method: &str, target: &str) {
         self.refused = Some((method.to_owned(), target.to_owned()));
         self.authority = None;
-        self.request.clear();
+        self.headers.clear_request();
     }
 }
 
@@ -748,14 +780,14 @@ fn request_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
             .as_ref()
             .and_then(header_text)
             .filter(|a| !a.is_empty()),
-        HeaderField::Header(name) => entry.request.get(&entry.logs.request_headers, name),
+        HeaderField::Header(name) => entry.headers.request(&entry.logs.request_headers, name),
         HeaderField::Absent => None,
     }
 }
 
 fn response_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
     match field {
-        HeaderField::Header(name) => entry.response.get(&entry.logs.response_headers, name),
+        HeaderField::Header(name) => entry.headers.response(&entry.logs.response_headers, name),
         _ => None,
     }
 }
@@ -892,19 +924,62 @@ mod tests {
             HeaderValue::from_bytes("café/1".as_bytes()).unwrap(),
         );
         headers.insert("x-other", HeaderValue::from_static("not kept"));
-        let captured = Captured::of(&names, &headers);
-        assert_eq!(captured.get(&names, &names[0]), Some("café/1"));
-        assert_eq!(captured.get(&names, &names[1]), Some("first"));
-        assert_eq!(captured.get(&names, &names[2]), None);
+        let captured = Captured::of_request(&names, &headers, 0);
+        assert_eq!(captured.request(&names, &names[0]), Some("café/1"));
+        assert_eq!(captured.request(&names, &names[1]), Some("first"));
+        assert_eq!(captured.request(&names, &names[2]), None);
         let other = HeaderName::from_static("x-other");
         assert_eq!(
-            captured.get(&names, &other),
+            captured.request(&names, &other),
             None,
             "not a name the formats read"
         );
         headers.insert("user-agent", HeaderValue::from_bytes(b"\xff\xfe").unwrap());
-        let captured = Captured::of(&names, &headers);
-        assert_eq!(captured.get(&names, &names[0]), None, "not UTF-8");
+        let captured = Captured::of_request(&names, &headers, 0);
+        assert_eq!(captured.request(&names, &names[0]), None, "not UTF-8");
+    }
+
+    #[test]
+    fn request_and_response_values_are_kept_apart_and_replaced_in_place() {
+        let request_names = [
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("user-agent"),
+        ];
+        let response_names = [HeaderName::from_static("x-envoy-upstream-service-time")];
+        let one = |name: &'static str, value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            headers
+        };
+        let mut captured = Captured::of_request(&request_names, &one("user-agent", "arrived"), 1);
+        assert_eq!(
+            captured.request(&request_names, &request_names[1]),
+            Some("arrived")
+        );
+        // The router captures the request as forwarded, once per attempt.
+        captured.set_request(&request_names, &one("x-request-id", "forwarded"));
+        captured.set_request(&request_names, &one("x-request-id", "retried"));
+        assert_eq!(
+            captured.request(&request_names, &request_names[0]),
+            Some("retried")
+        );
+        assert_eq!(captured.request(&request_names, &request_names[1]), None);
+        captured.set_response(&response_names, &one("x-envoy-upstream-service-time", "7"));
+        assert_eq!(
+            captured.response(&response_names, &response_names[0]),
+            Some("7")
+        );
+        assert_eq!(
+            captured.request(&request_names, &request_names[0]),
+            Some("retried")
+        );
+        // A refused head keeps no request headers, and the response's stay where they were.
+        captured.clear_request();
+        assert_eq!(captured.request(&request_names, &request_names[0]), None);
+        assert_eq!(
+            captured.response(&response_names, &response_names[0]),
+            Some("7")
+        );
     }
 
     #[test]
