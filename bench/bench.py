@@ -684,44 +684,16 @@ http {{
                 subject.record(round_index, v)
 
     def measure_instructions(self, subjects: tuple[Subject, ...]) -> None:
-        """Instructions and L1 instruction-cache misses per request under callgrind, each
-        subject alone with the default config: INSTRUCTION_WARMUP requests not counted, then
-        INSTRUCTION_REQUESTS counted (h2load over HTTP/1.1, 50 connections). Once per run,
-        after the rounds: the count does not depend on the round."""
-        if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
-            for subject in subjects:
-                self.instructions[subject.name] = {"reason": "valgrind not installed"}
-            return
+        """Each subject alone with the default config, counted by count_instructions. Once per
+        run, after the rounds: the count does not depend on the round."""
         for subject in subjects:
             if subject.command is None or subject.reason:
                 continue
             log(f"{subject.name}: instructions per request under callgrind")
-            out = self.workdir / f"{subject.name}.callgrind"
-            logfile = self.workdir / f"{subject.name}-callgrind.log"
-            cmd = ["valgrind", "--tool=callgrind", "--cache-sim=yes", "--instr-atstart=no",
-                   f"--callgrind-out-file={out}",
-                   *[part.replace("{BOOTSTRAP}", str(subject.bootstraps["default"]))
-                     for part in subject.command]]
-            proc = spawn(cmd, cpus=None, logfile=logfile)
-            try:
-                failure = wait_ready(proc, subject.ports["ADMIN_PORT"], INSTRUCTION_READY_TIMEOUT)
-                if failure:
-                    self.instructions[subject.name] = {"reason": f"under callgrind: {failure}"}
-                    continue
-                port = subject.ports["HTTP_PORT"]
-                h1_requests(port, INSTRUCTION_WARMUP, 600)
-                run(["callgrind_control", "--instr=on", str(proc.pid)], cpus=None, timeout=60)
-                counted = h1_requests(port, INSTRUCTION_REQUESTS, 900)
-                run(["callgrind_control", "--instr=off", str(proc.pid)], cpus=None, timeout=60)
-            except (RuntimeError, subprocess.TimeoutExpired, OSError) as error:
-                self.instructions[subject.name] = {"reason": f"under callgrind: {error}"}
-                continue
-            finally:
-                proc.send_signal(signal.SIGINT)  # callgrind writes its profile as the proxy exits
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=120)
-                stop(proc)
-            self.instructions[subject.name] = callgrind_per_request(out, counted)
+            cmd = [part.replace("{BOOTSTRAP}", str(subject.bootstraps["default"]))
+                   for part in subject.command]
+            self.instructions[subject.name] = count_instructions(
+                cmd, subject.ports, self.workdir / f"{subject.name}-callgrind")
 
     def step_wrk(self, subject: Subject, pid: int, v: dict) -> None:
         log(f"{subject.name}: wrk {self.args.duration:g}s")
@@ -1029,6 +1001,35 @@ def default_table(envoy: Subject, remora: Subject, bare: Subject | None,
                       "processes of one binary differ by that much here, so a remora/bare-fwd "
                       "ratio that close to its target does not say which side of it remora is."]
     return lines
+
+
+def count_instructions(cmd: list[str], ports: dict, stem: Path) -> dict:
+    """Instructions and L1 instruction-cache misses per request of the proxy `cmd` starts,
+    under callgrind: INSTRUCTION_WARMUP requests not counted, then INSTRUCTION_REQUESTS counted
+    (h2load over HTTP/1.1, 50 connections), divided by the replies h2load counted. `ports`:
+    its ADMIN_PORT and HTTP_PORT; `stem`: where its profile and log go."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        return {"reason": "valgrind not installed"}
+    profile = stem.with_suffix(".callgrind")
+    proc = spawn(["valgrind", "--tool=callgrind", "--cache-sim=yes", "--instr-atstart=no",
+                  f"--callgrind-out-file={profile}", *cmd],
+                 cpus=None, logfile=stem.with_suffix(".log"))
+    try:
+        failure = wait_ready(proc, ports["ADMIN_PORT"], INSTRUCTION_READY_TIMEOUT)
+        if failure:
+            return {"reason": f"under callgrind: {failure}"}
+        h1_requests(ports["HTTP_PORT"], INSTRUCTION_WARMUP, 600)
+        run(["callgrind_control", "--instr=on", str(proc.pid)], cpus=None, timeout=60)
+        counted = h1_requests(ports["HTTP_PORT"], INSTRUCTION_REQUESTS, 900)
+        run(["callgrind_control", "--instr=off", str(proc.pid)], cpus=None, timeout=60)
+    except (RuntimeError, subprocess.TimeoutExpired, OSError) as error:
+        return {"reason": f"under callgrind: {error}"}
+    finally:
+        proc.send_signal(signal.SIGINT)  # callgrind writes its profile as the proxy exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=120)
+        stop(proc)
+    return callgrind_per_request(profile, counted)
 
 
 def callgrind_per_request(profile: Path, requests: int) -> dict:

@@ -73,6 +73,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pin", action="store_true",
                    help="proxies on CPU 1, wrk, nginx and the OTLP receivers on CPU 0 "
                         "(default: every process free to use every core, as a user runs)")
+    p.add_argument("--no-instructions", action="store_true",
+                   help="skip remora's instruction count under callgrind (about 40 s)")
     args = p.parse_args(argv)
     started, envoy_bin, info, target = b.start_slice_bench(args, ["remora-proxy",
                                                                 "remora-otlp-sink"])
@@ -96,14 +98,58 @@ def main(argv: list[str]) -> int:
                                          round_index, MODES, render)
             for (name, mode), figures in measured.items():
                 results[name][mode].append(figures)
+        counts = {} if args.no_instructions else count_instructions(
+            commands["remora"], upstream.ports["UPSTREAM_HTTP_PORT"],
+            target / "remora-otlp-sink", workdir)
         b.stop_all()
-    text = report(results, info, argv, started, args)
+    text = report(results, info, argv, started, args, counts)
     print(text)
     b.write_section(args.out, text, MARK_START, MARK_END)
     return 0
 
 
-def report(results: dict, info: list, argv: list[str], started: float, args) -> str:
+def count_instructions(command: list[str], upstream_port: int, sink_bin: Path,
+                       workdir: Path) -> dict:
+    """Remora's instructions per request under callgrind, features off and on (see
+    bench.count_instructions): the features' cost, free of the host's noise."""
+    counts = {}
+    for mode, on in MODES:
+        b.log(f"remora, features {mode}: instructions per request under callgrind")
+        sink_port, sink_stats = b.free_port(), b.free_port()
+        sink = b.spawn([str(sink_bin), "--listen", f"127.0.0.1:{sink_port}", "--stats",
+                        f"127.0.0.1:{sink_stats}"], cpus=None,
+                       logfile=workdir / f"sink-callgrind-{mode}.log")
+        ports = {"ADMIN_PORT": b.free_port(), "HTTP_PORT": b.free_port(),
+                 "UPSTREAM_HTTP_PORT": upstream_port, "SINK_PORT": sink_port}
+        bootstrap = render(workdir, "callgrind", ports, on)
+        try:
+            counts[mode] = b.count_instructions(
+                [part.replace("{BOOTSTRAP}", str(bootstrap)) for part in command], ports,
+                workdir / f"remora-callgrind-{mode}")
+        finally:
+            b.stop(sink)
+    return counts
+
+
+def instruction_line(counts: dict) -> list[str]:
+    if not counts:
+        return []
+    off, on = counts.get("off", {}), counts.get("on", {})
+    if "instructions" not in off or "instructions" not in on:
+        reasons = "; ".join(f"features {mode}: {c.get('reason', 'not measured')}"
+                            for mode, c in counts.items() if "instructions" not in c)
+        return ["", f"Remora's instructions per request under callgrind: not measured ({reasons})."]
+    return ["", f"Remora's instructions per request under callgrind ({b.INSTRUCTION_REQUESTS:,} "
+            f"requests counted after {b.INSTRUCTION_WARMUP:,}, each variant alone): features off "
+            f"{off['instructions']:,.0f}, on {on['instructions']:,.0f} "
+            f"({on['instructions'] / off['instructions']:.2f}x); L1 instruction-cache misses "
+            f"{off['i1_misses']:,.0f} and {on['i1_misses']:,.0f}. callgrind counts user-space "
+            "instructions on all of remora's threads; the CPU rows above also hold the "
+            "kernel's share of a request."]
+
+
+def report(results: dict, info: list, argv: list[str], started: float, args,
+           counts: dict | None = None) -> str:
     def med(name: str, mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name][mode])
 
@@ -148,7 +194,8 @@ def report(results: dict, info: list, argv: list[str], started: float, args) -> 
                   for n in results) + ".",
               "", "Spans received per request at 1%: "
               + ", ".join(f"{n} {med(n, 'on', 'spans') / med(n, 'on', 'requests'):.4f}"
-                          for n in results) + "."]
+                          for n in results) + ".",
+              *instruction_line(counts or {})]
     return b.end_section(lines, results, [m for m, _ in MODES], MARK_END)
 
 
