@@ -210,7 +210,9 @@ impl Tracer {
         bytes_received: Option<Arc<AtomicU64>>,
         stats: &crate::stats::HttpStats,
     ) -> ActiveTrace {
-        let reason = request_id::decide(&mut request.headers, self.sampling(route));
+        let carried = propagation::Carried::scan(&request.headers);
+        let reason =
+            request_id::decide(&mut request.headers, self.sampling(route), carried.forcing);
         match reason {
             Reason::Sampling => stats.tracing_random_sampling.inc(),
             Reason::ServiceForced => stats.tracing_service_forced.inc(),
@@ -218,12 +220,10 @@ impl Tracer {
             Reason::NotTraceable => stats.tracing_not_traceable.inc(),
         }
         let headers = &request.headers;
-        let w3c = self
-            .read_w3c
+        let w3c = (self.read_w3c && carried.traceparent)
             .then(|| propagation::read_w3c(headers))
             .flatten();
-        let b3 = self
-            .read_b3
+        let b3 = (self.read_b3 && carried.b3)
             .then(|| propagation::read_b3(headers))
             .flatten();
         let incoming = match self.driver {
@@ -322,7 +322,10 @@ impl Tracer {
             sampled,
             shared,
             trace_id_128,
-            tracestate: propagation::read_tracestate(&request.headers),
+            tracestate: carried
+                .tracestate
+                .then(|| propagation::read_tracestate(&request.headers))
+                .flatten(),
             inject_b3,
             decorator: decorator
                 .filter(|d| d.propagate)
@@ -391,7 +394,8 @@ fn sampling(config: &Tracing, route: Option<&Selected>) -> Sampling {
 /// A connection manager with `tracing` but no provider: Envoy still writes the decision into
 /// `x-request-id` (and makes no span).
 pub fn decide_only(config: &Tracing, request: &mut http::request::Parts, route: Option<&Selected>) {
-    request_id::decide(&mut request.headers, sampling(config, route));
+    let forcing = request_id::Forcing::of(&request.headers);
+    request_id::decide(&mut request.headers, sampling(config, route), forcing);
 }
 
 /// A random non-zero span id.

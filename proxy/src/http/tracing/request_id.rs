@@ -49,11 +49,29 @@ fn reason(mark: u8) -> Reason {
     }
 }
 
+/// Which of the headers that trace a request without the random draw it carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forcing {
+    pub client_trace_id: bool,
+    pub force_trace: bool,
+}
+
+impl Forcing {
+    /// Looked up one by one (the tracer finds them in its one pass over the names instead).
+    pub fn of(headers: &HeaderMap) -> Forcing {
+        Forcing {
+            client_trace_id: headers.contains_key(&X_CLIENT_TRACE_ID),
+            force_trace: headers.contains_key(&X_ENVOY_FORCE_TRACE),
+        }
+    }
+}
+
 /// Decides whether the request is traced and writes the decision into its `x-request-id`,
 /// as Envoy does: a request already marked keeps its mark (another proxy decided); otherwise
 /// `x-client-trace-id`, then `x-envoy-force-trace`, then the random draw; finally the overall
-/// draw can still turn it off. A missing or malformed request id is never traced.
-pub fn decide(headers: &mut HeaderMap, sampling: Sampling) -> Reason {
+/// draw can still turn it off. A missing or malformed request id is never traced. `forcing`
+/// says which of the first two headers the request carries.
+pub fn decide(headers: &mut HeaderMap, sampling: Sampling, forcing: Forcing) -> Reason {
     let Some(value) = headers.get(&X_REQUEST_ID) else {
         return Reason::NotTraceable;
     };
@@ -70,9 +88,9 @@ pub fn decide(headers: &mut HeaderMap, sampling: Sampling) -> Reason {
     };
     let mut mark = id[14];
     if reason(mark) == Reason::NotTraceable {
-        if headers.contains_key(&X_CLIENT_TRACE_ID) && draw < sampling.client {
+        if forcing.client_trace_id && draw < sampling.client {
             mark = CLIENT;
-        } else if headers.contains_key(&X_ENVOY_FORCE_TRACE) {
+        } else if forcing.force_trace {
             mark = FORCED;
         } else if draw < sampling.random {
             mark = SAMPLED;
@@ -116,6 +134,11 @@ mod tests {
         headers
     }
 
+    fn decided(headers: &mut HeaderMap, sampling: Sampling) -> Reason {
+        let forcing = Forcing::of(headers);
+        decide(headers, sampling, forcing)
+    }
+
     fn id(headers: &HeaderMap) -> &str {
         headers.get(&X_REQUEST_ID).unwrap().to_str().unwrap()
     }
@@ -123,35 +146,35 @@ mod tests {
     #[test]
     fn the_decision_is_written_into_the_version_nibble() {
         let mut sampled = with_id("11111111-2222-4333-8444-555555555555", &[]);
-        assert_eq!(decide(&mut sampled, ALL), Reason::Sampling);
+        assert_eq!(decided(&mut sampled, ALL), Reason::Sampling);
         assert_eq!(id(&sampled), "11111111-2222-9333-8444-555555555555");
 
         let mut unsampled = with_id("11111111-2222-4333-8444-555555555555", &[]);
-        assert_eq!(decide(&mut unsampled, NONE), Reason::NotTraceable);
+        assert_eq!(decided(&mut unsampled, NONE), Reason::NotTraceable);
         assert_eq!(id(&unsampled), "11111111-2222-4333-8444-555555555555");
 
         let mut client = with_id(
             "11111111-2222-4333-8444-555555555555",
             &[("x-client-trace-id", "c")],
         );
-        assert_eq!(decide(&mut client, NONE), Reason::ClientForced);
+        assert_eq!(decided(&mut client, NONE), Reason::ClientForced);
         assert_eq!(&id(&client)[14..15], "b");
 
         let mut forced = with_id(
             "11111111-2222-4333-8444-555555555555",
             &[("x-envoy-force-trace", "1")],
         );
-        assert_eq!(decide(&mut forced, NONE), Reason::ServiceForced);
+        assert_eq!(decided(&mut forced, NONE), Reason::ServiceForced);
         assert_eq!(&id(&forced)[14..15], "a");
     }
 
     #[test]
     fn an_upstream_proxys_mark_is_kept_unless_overall_sampling_says_no() {
         let mut marked = with_id("11111111-2222-9333-8444-555555555555", &[]);
-        assert_eq!(decide(&mut marked, NONE), Reason::Sampling);
+        assert_eq!(decided(&mut marked, NONE), Reason::Sampling);
         let mut overall_off = with_id("11111111-2222-9333-8444-555555555555", &[]);
         let off = Sampling { overall: 0, ..ALL };
-        assert_eq!(decide(&mut overall_off, off), Reason::NotTraceable);
+        assert_eq!(decided(&mut overall_off, off), Reason::NotTraceable);
         assert_eq!(&id(&overall_off)[14..15], "4");
     }
 
@@ -160,18 +183,18 @@ mod tests {
         // 0x00000063 = 99 < 100 (1%): sampled; 0x00000064 = 100: not.
         let one_percent = Sampling { random: 100, ..ALL };
         let mut low = with_id("00000063-2222-4333-8444-555555555555", &[]);
-        assert_eq!(decide(&mut low, one_percent), Reason::Sampling);
+        assert_eq!(decided(&mut low, one_percent), Reason::Sampling);
         let mut high = with_id("00000064-2222-4333-8444-555555555555", &[]);
-        assert_eq!(decide(&mut high, one_percent), Reason::NotTraceable);
+        assert_eq!(decided(&mut high, one_percent), Reason::NotTraceable);
     }
 
     #[test]
     fn malformed_request_ids_are_never_traced_nor_changed() {
         for bad in ["not-a-uuid", "zzzzzzzz-2222-4333-8444-555555555555", ""] {
             let mut headers = with_id(bad, &[]);
-            assert_eq!(decide(&mut headers, ALL), Reason::NotTraceable);
+            assert_eq!(decided(&mut headers, ALL), Reason::NotTraceable);
             assert_eq!(id(&headers), bad);
         }
-        assert_eq!(decide(&mut HeaderMap::new(), ALL), Reason::NotTraceable);
+        assert_eq!(decided(&mut HeaderMap::new(), ALL), Reason::NotTraceable);
     }
 }
