@@ -51,7 +51,7 @@ LATENCY_SLICE_S = 0.005
 
 # The instruction count (Bench.measure_instructions): requests counted under callgrind after
 # a warm-up. callgrind counts what the proxy's own thread executes, not the kernel's work or
-# the machine's mood, so the figure moves by about 1% between runs of one binary where the
+# the machine's mood, so the figure moves by 1-2% between runs of one binary where the
 # wrk ratios move by 10-25%: the way to judge a change to the request path.
 INSTRUCTION_REQUESTS = 3000
 INSTRUCTION_WARMUP = 1000
@@ -1068,7 +1068,7 @@ def instruction_lines(bench: Bench, remora: Subject, bare: Subject | None) -> li
             reasons.append(f"{name}: {figure.get('reason', 'not measured')}")
     line = (f"Per request under callgrind (default config, {INSTRUCTION_REQUESTS:,} requests "
             f"counted after {INSTRUCTION_WARMUP:,} not counted; one binary's count repeats "
-            "to about 1%, see bench/README.md): " + "; ".join(parts))
+            "to 1-2%, see bench/README.md): " + "; ".join(parts))
     ours, theirs = figures.get(remora.name, {}), figures.get(bare.name if bare else "", {})
     if "instructions" in ours and "instructions" in theirs:
         line += (f". remora/bare-fwd: {ours['instructions'] / theirs['instructions']:.2f}x the "
