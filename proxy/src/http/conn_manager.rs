@@ -47,6 +47,7 @@ use crate::http::router::{self, RouteRequest};
 use crate::http::selected::Selected;
 use crate::http::stream_timer::SpareSleeps;
 use crate::http::tracing::ActiveTrace;
+use crate::http::tracing::propagation::Carried;
 use crate::stats::{GaugeGuard, Stat};
 use remora_config::route::PseudoHeaders;
 
@@ -472,8 +473,9 @@ async fn handle(
             &parts.headers,
         );
         if let Some(tracer) = &manager.tracer {
+            let carried = Carried::of(&present, &parts.headers, force_trace);
             let active = tracer.start(
-                &mut parts,
+                (&mut parts, carried),
                 route.as_ref(),
                 connection.info.source,
                 connection.scheme,

@@ -236,6 +236,12 @@ pub struct Present {
     pub request_id: bool,
     /// Any `x-envoy-*` header.
     pub envoy: bool,
+    /// The trace context headers the tracer reads (`b3`: that or any `x-b3-*`), and
+    /// `x-client-trace-id`.
+    pub traceparent: bool,
+    pub tracestate: bool,
+    pub b3: bool,
+    pub client_trace_id: bool,
 }
 
 impl Present {
@@ -256,8 +262,16 @@ impl Present {
                 present.forwarded_proto = true;
             } else if *name == X_REQUEST_ID {
                 present.request_id = true;
-            } else if name.as_str().starts_with("x-envoy-") {
-                present.envoy = true;
+            } else {
+                match name.as_str() {
+                    "traceparent" => present.traceparent = true,
+                    "tracestate" => present.tracestate = true,
+                    "b3" | "x-b3-traceid" | "x-b3-spanid" | "x-b3-parentspanid"
+                    | "x-b3-sampled" | "x-b3-flags" => present.b3 = true,
+                    "x-client-trace-id" => present.client_trace_id = true,
+                    other if other.starts_with("x-envoy-") => present.envoy = true,
+                    _ => {}
+                }
             }
         }
         present

@@ -200,17 +200,16 @@ impl Tracer {
 
     /// Starts the request's trace: decides (writing `x-request-id`), reads the incoming
     /// context, and makes the proxy's span context. Never fails: a context that does not parse
-    /// starts a new trace.
+    /// starts a new trace. `carried`: which trace headers `request` may hold.
     pub fn start(
         self: &Arc<Self>,
-        request: &mut http::request::Parts,
+        (request, carried): (&mut http::request::Parts, propagation::Carried),
         route: Option<&Selected>,
         peer: SocketAddr,
         scheme: &'static str,
         bytes_received: Option<Arc<AtomicU64>>,
         stats: &crate::stats::HttpStats,
     ) -> ActiveTrace {
-        let carried = propagation::Carried::scan(&request.headers);
         let reason =
             request_id::decide(&mut request.headers, self.sampling(route), carried.forcing);
         match reason {

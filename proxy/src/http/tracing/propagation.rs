@@ -5,7 +5,8 @@
 //! tracer starts a new trace. Headers longer than a trace context can be are refused unread.
 
 use crate::hex;
-use crate::http::tracing::request_id::Forcing;
+use crate::http::headers::Present;
+use crate::http::tracing::request_id::{Forcing, X_CLIENT_TRACE_ID};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -52,9 +53,10 @@ pub enum B3 {
     DecisionOnly(bool),
 }
 
-/// Which trace headers a request carries, found in one pass over its names. Most requests
-/// carry none, and each lookup of a name outside the standard set hashes it byte by byte:
-/// the nine lookups this pass spares an untraced request had cost it some 600 instructions.
+/// Which trace headers a request carries, as the connection manager's one pass over its names
+/// found them ([`Present`]). Most requests carry none, and each lookup of a name outside the
+/// standard set hashes it byte by byte: the nine lookups this spares an untraced request had
+/// cost it some 600 instructions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Carried {
     pub traceparent: bool,
@@ -65,20 +67,20 @@ pub struct Carried {
 }
 
 impl Carried {
-    pub fn scan(headers: &HeaderMap) -> Carried {
-        let mut carried = Carried::default();
-        for name in headers.keys() {
-            match name.as_str() {
-                "traceparent" => carried.traceparent = true,
-                "tracestate" => carried.tracestate = true,
-                "b3" | "x-b3-traceid" | "x-b3-spanid" | "x-b3-parentspanid" | "x-b3-sampled"
-                | "x-b3-flags" => carried.b3 = true,
-                "x-client-trace-id" => carried.forcing.client_trace_id = true,
-                "x-envoy-force-trace" => carried.forcing.force_trace = true,
-                _ => {}
-            }
+    /// `present`'s flags, whose `true` only says "look": the connection manager may have
+    /// removed a header since its scan. `force_trace`: whether `x-envoy-force-trace` is still
+    /// there, which the connection manager has already looked up.
+    pub fn of(present: &Present, headers: &HeaderMap, force_trace: bool) -> Carried {
+        Carried {
+            traceparent: present.traceparent,
+            tracestate: present.tracestate,
+            b3: present.b3,
+            forcing: Forcing {
+                client_trace_id: present.client_trace_id
+                    && headers.contains_key(&X_CLIENT_TRACE_ID),
+                force_trace,
+            },
         }
-        carried
     }
 }
 
@@ -399,6 +401,10 @@ mod tests {
             "x-client-trace-id",
             "x-envoy-force-trace",
         ];
+        let scan = |headers: &HeaderMap| {
+            let force_trace = headers.contains_key("x-envoy-force-trace");
+            Carried::of(&Present::scan(headers), headers, force_trace)
+        };
         let by_lookup = |headers: &HeaderMap| Carried {
             traceparent: headers.contains_key(&TRACEPARENT),
             tracestate: headers.contains_key(&TRACESTATE),
@@ -406,18 +412,18 @@ mod tests {
             forcing: Forcing::of(headers),
         };
         let plain = map(&[("host", "a"), ("user-agent", "b"), ("x-request-id", "c")]);
-        assert_eq!(Carried::scan(&plain), Carried::default());
+        assert_eq!(scan(&plain), Carried::default());
         for name in names {
             let mut headers = plain.clone();
             headers.append(name, HeaderValue::from_static("1"));
-            assert_eq!(Carried::scan(&headers), by_lookup(&headers), "{name}");
-            assert_ne!(Carried::scan(&headers), Carried::default(), "{name}");
+            assert_eq!(scan(&headers), by_lookup(&headers), "{name}");
+            assert_ne!(scan(&headers), Carried::default(), "{name}");
         }
         let mut all = plain.clone();
         for name in names {
             all.append(name, HeaderValue::from_static("1"));
         }
-        assert_eq!(Carried::scan(&all), by_lookup(&all));
+        assert_eq!(scan(&all), by_lookup(&all));
     }
 
     #[test]
