@@ -203,6 +203,112 @@ fn access_logs_match_envoys_lines() {
     assert_eq!(envoy_custom, custom_lines, "left: envoy, right: remora");
 }
 
+/// A generated request id (a UUID) as `<id>`, so lines from two proxies compare.
+fn ids_masked(line: &str) -> String {
+    line.split(' ')
+        .map(|field| {
+            let uuid = field.len() == 36
+                && field.bytes().enumerate().all(|(i, b)| {
+                    matches!(i, 8 | 13 | 18 | 23) == (b == b'-')
+                        && (b == b'-' || b.is_ascii_hexdigit())
+                });
+            if uuid { "<id>" } else { field }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Envoy's log reads a request's headers when it writes the line, so it shows them as the
+/// connection manager and the router left them: a generated `x-request-id`, the route's added
+/// header, a rewritten path and host. That holds for requests answered without an upstream
+/// too (no route, no cluster, no healthy host, a direct response, a redirect), which differ only
+/// in how far the router got before it answered.
+#[test]
+fn requests_are_logged_as_they_left_also_when_answered_locally() {
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let routes = r#"            - name: all
+              domains: ["*"]
+              request_headers_to_add: [{header: {key: x-added, value: by-route}}]
+              routes:
+              - match: {prefix: "/forwarded"}
+                route: {cluster: echo}
+              - match: {prefix: "/rewritten"}
+                route: {cluster: echo, prefix_rewrite: "/elsewhere", host_rewrite_literal: other.example}
+              - match: {prefix: "/no-cluster"}
+                route: {cluster_header: x-no-such-header}
+              - match: {prefix: "/no-host"}
+                route: {cluster: empty}
+              - match: {prefix: "/direct"}
+                direct_response: {status: 202}
+              - match: {prefix: "/redirect"}
+                redirect: {path_redirect: "/forwarded"}
+"#;
+    let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)% %REQ(X-ENVOY-ORIGINAL-PATH)% %REQ(:AUTHORITY)% %REQ(X-ENVOY-ORIGINAL-HOST)% %REQ(X-REQUEST-ID)% %REQ(X-FORWARDED-PROTO)% %REQ(X-ENVOY-EXPECTED-RQ-TIMEOUT-MS)% %REQ(X-ADDED)%\\n";
+    let paths = [
+        "/forwarded",
+        "/rewritten/x?q=1",
+        "/nowhere",
+        "/no-cluster",
+        "/no-host",
+        "/direct",
+        "/redirect",
+    ];
+    let run = |tag: &str, envoy: bool| -> Vec<String> {
+        let log = dir.path().join(format!("{tag}.log"));
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener(
+                "ingress",
+                port,
+                &file_log_with_format(&log, format),
+                routes,
+            )],
+            &[
+                static_cluster("echo", &[echo.addr]),
+                static_cluster("empty", &[]),
+            ],
+        );
+        let (_config_dir, file) = write_config(&yaml);
+        let _proxy: Box<dyn std::any::Any> = if envoy {
+            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
+        } else {
+            Box::new(Proxy::start_file(&file, admin, &[]))
+        };
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        for path in paths {
+            http_request(loopback(port), "GET", path, &[], "")
+                .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
+        }
+        wait_for("a line per request", Duration::from_secs(15), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (text.lines().count() == paths.len()).then(|| text.lines().map(ids_masked).collect())
+        })
+    };
+
+    let remora = run("remora", false);
+    let host = format!("127.0.0.1:{port}");
+    let expected = [
+        format!("200 - /forwarded - {host} - <id> http 15000 by-route"),
+        format!(
+            "200 - /elsewhere/x?q=1 /rewritten/x?q=1 other.example {host} <id> http 15000 by-route"
+        ),
+        format!("404 NR /nowhere - {host} - <id> http - -"),
+        format!("503 NC /no-cluster - {host} - <id> http - -"),
+        format!("503 UH /no-host - {host} - <id> http 15000 by-route"),
+        format!("202 - /direct - {host} - <id> http - -"),
+        format!("301 - /redirect - {host} - <id> http - -"),
+    ];
+    assert_eq!(remora, expected);
+
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the local reply log test") {
+        return;
+    }
+    assert_eq!(run("envoy", true), remora, "left: envoy, right: remora");
+}
+
 /// Two file loggers with the same `json_format`, the second with `omit_empty_values`, and a
 /// text logger with `omit_empty_values` into `text_log`.
 fn json_access_logs(plain_log: &Path, omitting_log: &Path, text_log: &Path) -> String {

@@ -100,6 +100,9 @@ async fn logged(
         (std::time::Instant::now(), peer, local),
         &server.logs,
     );
+    let (head, body) = request.into_parts();
+    entry.capture_request(&head);
+    let request = Request::from_parts(head, body);
     let response = handle(server.clone(), request).await?;
     entry.capture_response(response.status().as_u16(), response.headers());
     entry.bytes_sent = http_body::Body::size_hint(response.body())

@@ -44,14 +44,15 @@ pub struct Entry {
     pub took: Option<Duration>,
     pub start_time: SystemTime,
     pub version: Version,
-    /// The request's `:method`, `:path` and `:authority`, as it arrived.
+    /// The request's `:method`, `:path` and `:authority`: as it arrived, then as captured with
+    /// its headers.
     pub method: Method,
     pub path: Option<PathAndQuery>,
     pub authority: Option<HeaderValue>,
     /// A head the codec refused: its method and target as sent, in place of the three above.
     pub refused: Option<(String, String)>,
-    /// The request headers the formats read (as forwarded once the router has sent it), and
-    /// the response headers they read.
+    /// The request headers the formats read, as the request was forwarded (or, without an
+    /// upstream, as the connection manager left it), and the response headers they read.
     pub headers: Captured,
     pub status: u16,
     pub flags: crate::error::ResponseFlags,
@@ -114,16 +115,16 @@ pub struct Captured {
     values: Vec<Option<HeaderValue>>,
     /// How many of `values` are the request's.
     request_len: usize,
+    /// Whether the request's have been captured (or, for a refused head, left out) yet.
+    request_captured: bool,
 }
 
 impl Captured {
-    /// The request's values, with room for as many of the response's.
-    fn of_request(names: &[HeaderName], headers: &HeaderMap, response_names: usize) -> Self {
-        let mut values = Vec::with_capacity(names.len() + response_names);
-        values.extend(names.iter().map(|name| headers.get(name).cloned()));
+    /// Nothing captured yet, with room for the request's and the response's values.
+    fn with_room(request_names: usize, response_names: usize) -> Self {
         Captured {
-            values,
-            request_len: names.len(),
+            values: Vec::with_capacity(request_names + response_names),
+            ..Captured::default()
         }
     }
 
@@ -134,6 +135,7 @@ impl Captured {
             names.iter().map(|name| headers.get(name).cloned()),
         );
         self.request_len = names.len();
+        self.request_captured = true;
     }
 
     /// The response's values, in place of any earlier ones.
@@ -154,6 +156,7 @@ impl Captured {
     fn clear_request(&mut self) {
         self.values.drain(..self.request_len);
         self.request_len = 0;
+        self.request_captured = true;
     }
 }
 
@@ -168,7 +171,8 @@ fn named<'a>(
 }
 
 impl Entry {
-    /// The record of a request as it arrived, for `logs`.
+    /// The record of a request as it arrived, for `logs`. Its headers are captured later
+    /// ([`Entry::capture_request`]): Envoy's log reads them as the request left.
     pub fn new<B>(
         request: &http::Request<B>,
         (started, peer, local): (Instant, SocketAddr, SocketAddr),
@@ -190,11 +194,7 @@ impl Entry {
                     HeaderValue::from_str(authority.as_str()).ok()
                 }),
             refused: None,
-            headers: Captured::of_request(
-                &logs.request_headers,
-                request.headers(),
-                logs.response_headers.len(),
-            ),
+            headers: Captured::with_room(logs.request_headers.len(), logs.response_headers.len()),
             status: 0,
             flags: crate::error::ResponseFlags::default(),
             bytes_received: Arc::default(),
@@ -210,10 +210,26 @@ impl Entry {
         }
     }
 
-    /// Records the request headers as they are now (as forwarded).
-    pub fn capture_request(&mut self, headers: &HeaderMap) {
+    /// Records the request as it is now, in place of any earlier capture: its headers, and
+    /// its `:path` and `:authority` (`Host`) as they are sent upstream, rewrites included.
+    /// Envoy's log reads the request's headers when it writes the line, so it shows what
+    /// the connection manager and the router did to them (a generated `x-request-id`, a
+    /// rewritten path), also for a request answered locally.
+    pub fn capture_request(&mut self, head: &http::request::Parts) {
         self.headers
-            .set_request(&self.logs.request_headers, headers);
+            .set_request(&self.logs.request_headers, &head.headers);
+        if let Some(path) = head.uri.path_and_query() {
+            self.path = Some(path.clone());
+        }
+        if let Some(host) = head.headers.get(http::header::HOST) {
+            self.authority = Some(host.clone());
+        }
+    }
+
+    /// Whether [`Entry::capture_request`] has run (or the head was refused, and its headers
+    /// are left out).
+    pub fn request_captured(&self) -> bool {
+        self.headers.request_captured
     }
 
     /// Records the response's status and headers.
@@ -924,7 +940,8 @@ mod tests {
             HeaderValue::from_bytes("café/1".as_bytes()).unwrap(),
         );
         headers.insert("x-other", HeaderValue::from_static("not kept"));
-        let captured = Captured::of_request(&names, &headers, 0);
+        let mut captured = Captured::with_room(names.len(), 0);
+        captured.set_request(&names, &headers);
         assert_eq!(captured.request(&names, &names[0]), Some("café/1"));
         assert_eq!(captured.request(&names, &names[1]), Some("first"));
         assert_eq!(captured.request(&names, &names[2]), None);
@@ -935,7 +952,7 @@ mod tests {
             "not a name the formats read"
         );
         headers.insert("user-agent", HeaderValue::from_bytes(b"\xff\xfe").unwrap());
-        let captured = Captured::of_request(&names, &headers, 0);
+        captured.set_request(&names, &headers);
         assert_eq!(captured.request(&names, &names[0]), None, "not UTF-8");
     }
 
@@ -951,7 +968,11 @@ mod tests {
             headers.insert(name, HeaderValue::from_static(value));
             headers
         };
-        let mut captured = Captured::of_request(&request_names, &one("user-agent", "arrived"), 1);
+        let mut captured = Captured::with_room(request_names.len(), 1);
+        assert!(!captured.request_captured);
+        assert_eq!(captured.request(&request_names, &request_names[1]), None);
+        captured.set_request(&request_names, &one("user-agent", "arrived"));
+        assert!(captured.request_captured);
         assert_eq!(
             captured.request(&request_names, &request_names[1]),
             Some("arrived")

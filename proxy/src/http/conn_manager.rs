@@ -620,6 +620,11 @@ async fn handle(
         trace.into_completion()
     });
     let line = log.map(|mut entry| {
+        // A request the router never forwarded is logged as the connection manager and the
+        // filters left it (the router captures the ones it forwards, and its own replies).
+        if !entry.request_captured() {
+            entry.capture_request(&parts);
+        }
         entry.capture_response(response.status().as_u16(), response.headers());
         Box::new(PendingLine { entry })
     });

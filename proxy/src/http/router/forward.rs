@@ -1,9 +1,10 @@
-//! Forwarding a request upstream: the cluster (named, from a header, or weighted), the circuit
-//! breakers of the route's priority, upgrades, the upstream request (rewrites, `Host`, route
-//! header mutations), mirrors, then attempts: a host from the load balancer, the request sent
-//! under the route, idle and per-try timeouts, and — when the retry policy says so — another
-//! attempt after a back-off. Every attempt is reported to the cluster's outcome hook; the
-//! response of the last one goes back downstream.
+//! Forwarding a request upstream: the cluster (named, from a header, or weighted), upgrades, the
+//! upstream request (rewrites, `Host`, timeouts, route header mutations), then, in Envoy's
+//! order, a host from the load balancer and the circuit breakers of the route's priority,
+//! mirrors, and attempts: the request sent under the route, idle and per-try timeouts, and —
+//! when the retry policy says so — another attempt, to another host, after a back-off. Every
+//! attempt is reported to the cluster's outcome hook; the response of the last one goes back
+//! downstream. A request answered here without an attempt is logged as it was when answered.
 
 use std::borrow::Cow;
 use std::pin::{Pin, pin};
@@ -18,10 +19,10 @@ use rand::Rng;
 use remora_config::route::{ClusterSpec, Forward, HostRewrite};
 use tokio::time::Instant;
 
-use super::RouteRequest;
 use super::hash_key::request_hash_key;
 use super::mirror;
 use super::retry::{NoRetry, Retries, Tried};
+use super::{RouteRequest, unforwarded};
 use crate::body::outgoing::OutgoingBody;
 use crate::body::replay::SharedBody;
 use crate::body::request::{RequestBody, RequestEnd};
@@ -158,43 +159,8 @@ pub(super) async fn forward(
         reply.flag = Some(ResponseFlag::NoClusterFound);
         reply.details = format!("cluster {name:?} not found").into();
         reply.from_router = true;
-        return Err(reply);
+        return Err(unforwarded(log, &parts, reply));
     };
-    let hash_key = request_hash_key(
-        cluster,
-        &forward.hash_policies,
-        &parts,
-        &path_and_query,
-        downstream.destination,
-        client,
-    );
-    let lb_context = LbContext {
-        hash: hash_key.hash,
-        original_dst: Some(downstream.destination),
-        ..LbContext::default()
-    };
-    let Some(first_host) = cluster.choose(&lb_context) else {
-        cluster.stats.upstream_cx_none_healthy.inc();
-        return Err(ProxyError::upstream(
-            ResponseFlag::NoHealthyUpstream,
-            format!("no healthy host in {name}"),
-        )
-        .into_router_reply());
-    };
-    // `max_requests` of the route's priority: the place is held by the response body until it
-    // ends (as Envoy counts it).
-    let limits = cluster.breakers.for_priority(forward.high_priority);
-    let Some(request_place) = limits.try_request() else {
-        cluster.stats.upstream_rq_active_overflow.inc();
-        return Err(
-            ProxyError::upstream(ResponseFlag::UpstreamOverflow, "max_requests reached")
-                .into_router_reply(),
-        );
-    };
-    let rq_active = (
-        request_place,
-        GaugeGuard::cluster(&cluster.stats, |stats| &stats.upstream_rq_active),
-    );
 
     // Upgrade (WebSocket etc.): only those the route, or else the HCM, allows.
     let upgrade = parts
@@ -207,7 +173,7 @@ pub(super) async fn forward(
             if !forward.allows_upgrade(kind, &hcm.upgrades) {
                 let mut reply = LocalReply::new(StatusCode::FORBIDDEN);
                 reply.details = format!("upgrade_failed: {kind} not allowed").into();
-                return Err(reply);
+                return Err(unforwarded(log, &parts, reply));
             }
             true
         }
@@ -226,12 +192,16 @@ pub(super) async fn forward(
             if let Ok(original) = HeaderValue::from_str(path_and_query.as_str()) {
                 parts.headers.insert(&X_ORIGINAL_PATH, original);
             }
-            http::uri::PathAndQuery::try_from(rewritten).map_err(|e| {
-                LocalReply::from(ProxyError::downstream(
-                    ResponseFlag::NoRouteFound,
-                    format!("bad rewritten path: {e}"),
-                ))
-            })?
+            match http::uri::PathAndQuery::try_from(rewritten) {
+                Ok(rewritten) => rewritten,
+                Err(e) => {
+                    let reply = LocalReply::from(ProxyError::downstream(
+                        ResponseFlag::NoRouteFound,
+                        format!("bad rewritten path: {e}"),
+                    ));
+                    return Err(unforwarded(log, &parts, reply));
+                }
+            }
         }
         None => path_and_query.clone(),
     };
@@ -304,6 +274,44 @@ pub(super) async fn forward(
         ],
         table.most_specific_header_mutations_wins,
         &mut parts.headers,
+    );
+
+    // A host, once the request is final, as in Envoy: a hash policy reads its headers as
+    // they will be sent, and a request refused here is logged with them.
+    let hash_key = request_hash_key(
+        cluster,
+        &forward.hash_policies,
+        &parts,
+        &path_and_query,
+        downstream.destination,
+        client,
+    );
+    let lb_context = LbContext {
+        hash: hash_key.hash,
+        original_dst: Some(downstream.destination),
+        ..LbContext::default()
+    };
+    let Some(first_host) = cluster.choose(&lb_context) else {
+        cluster.stats.upstream_cx_none_healthy.inc();
+        let reply = ProxyError::upstream(
+            ResponseFlag::NoHealthyUpstream,
+            format!("no healthy host in {name}"),
+        )
+        .into_router_reply();
+        return Err(unforwarded(log, &parts, reply));
+    };
+    // `max_requests` of the route's priority: the place is held by the response body until it
+    // ends (as Envoy counts it).
+    let limits = cluster.breakers.for_priority(forward.high_priority);
+    let Some(request_place) = limits.try_request() else {
+        cluster.stats.upstream_rq_active_overflow.inc();
+        let reply = ProxyError::upstream(ResponseFlag::UpstreamOverflow, "max_requests reached")
+            .into_router_reply();
+        return Err(unforwarded(log, &parts, reply));
+    };
+    let rq_active = (
+        request_place,
+        GaugeGuard::cluster(&cluster.stats, |stats| &stats.upstream_rq_active),
     );
     // What the body reader counts, for the access log or else the span.
     let bytes_received = log
@@ -445,7 +453,7 @@ pub(super) async fn forward(
         }
         // The access log shows the request as forwarded (generated x-request-id, appended XFF).
         if let Some(entry) = log.as_mut() {
-            entry.capture_request(headers_mut);
+            entry.capture_request(&attempt_parts);
             entry.upstream_host = Some(host.addr);
             entry.upstream_cluster = Some(cluster.config.clone());
             entry.upstream_request_attempt_count = attempt;

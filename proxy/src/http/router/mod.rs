@@ -57,6 +57,19 @@ pub struct RouteRequest<'a> {
     pub sleeps: &'a std::sync::Arc<SpareSleeps>,
 }
 
+/// A reply the router makes instead of forwarding: the access log shows the request as it was
+/// then, as Envoy's does (it reads the request's headers when it writes the line).
+fn unforwarded(
+    log: &mut Option<Entry>,
+    parts: &http::request::Parts,
+    reply: LocalReply,
+) -> LocalReply {
+    if let Some(entry) = log {
+        entry.capture_request(parts);
+    }
+    reply
+}
+
 /// Runs the route's action.
 pub async fn route(request: RouteRequest<'_>) -> Result<Response<ResponseBody>, LocalReply> {
     let selected = request.route;
@@ -70,7 +83,7 @@ pub async fn route(request: RouteRequest<'_>) -> Result<Response<ResponseBody>, 
             }
             reply.from_router = true;
             reply.details = "direct response".into();
-            Err(reply)
+            Err(unforwarded(request.log, &request.parts, reply))
         }
         Action::Redirect(redirect) => {
             let scheme = request.parts.uri.scheme_str().unwrap_or(request.scheme);
@@ -83,7 +96,7 @@ pub async fn route(request: RouteRequest<'_>) -> Result<Response<ResponseBody>, 
             }
             reply.from_router = true;
             reply.details = "redirect".into();
-            Err(reply)
+            Err(unforwarded(request.log, &request.parts, reply))
         }
         Action::Forward(forward) => forward::forward(request, forward).await,
     }
