@@ -131,7 +131,13 @@ pub enum Token {
     BytesSent,
     Duration,
     UpstreamHost,
+    /// `%UPSTREAM_CLUSTER%`, and `%UPSTREAM_CLUSTER_RAW%`: the same name, since a cluster's
+    /// `alt_stat_name` (which only the first shows) is refused.
     UpstreamCluster,
+    /// `%ROUTE_NAME%`: the name of the route matched (`-` without a name or a route).
+    RouteName,
+    /// `%REQUESTED_SERVER_NAME%`: the SNI the downstream's TLS hello asked for.
+    RequestedServerName,
     DownstreamRemoteAddress,
     DownstreamLocalAddress,
     /// The request's trace id (`-` when not traced).
@@ -230,7 +236,9 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "BYTES_SENT" => Some(Token::BytesSent),
         "DURATION" => Some(Token::Duration),
         "UPSTREAM_HOST" => Some(Token::UpstreamHost),
-        "UPSTREAM_CLUSTER" => Some(Token::UpstreamCluster),
+        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Some(Token::UpstreamCluster),
+        "ROUTE_NAME" => Some(Token::RouteName),
+        "REQUESTED_SERVER_NAME" => Some(Token::RequestedServerName),
         "DOWNSTREAM_REMOTE_ADDRESS" => Some(Token::DownstreamRemoteAddress),
         "DOWNSTREAM_LOCAL_ADDRESS" => Some(Token::DownstreamLocalAddress),
         "TRACE_ID" => Some(Token::TraceId),

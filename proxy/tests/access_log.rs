@@ -234,6 +234,7 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
               request_headers_to_add: [{header: {key: x-added, value: by-route}}]
               routes:
               - match: {prefix: "/forwarded"}
+                name: forwarded
                 route: {cluster: echo}
               - match: {prefix: "/rewritten"}
                 route: {cluster: echo, prefix_rewrite: "/elsewhere", host_rewrite_literal: other.example}
@@ -242,11 +243,12 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
               - match: {prefix: "/no-host"}
                 route: {cluster: empty}
               - match: {prefix: "/direct"}
+                name: direct
                 direct_response: {status: 202}
               - match: {prefix: "/redirect"}
                 redirect: {path_redirect: "/forwarded"}
 "#;
-    let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)% %REQ(X-ENVOY-ORIGINAL-PATH)% %REQ(:AUTHORITY)% %REQ(X-ENVOY-ORIGINAL-HOST)% %REQ(X-REQUEST-ID)% %REQ(X-FORWARDED-PROTO)% %REQ(X-ENVOY-EXPECTED-RQ-TIMEOUT-MS)% %REQ(X-ADDED)%\\n";
+    let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)% %REQ(X-ENVOY-ORIGINAL-PATH)% %REQ(:AUTHORITY)% %REQ(X-ENVOY-ORIGINAL-HOST)% %REQ(X-REQUEST-ID)% %REQ(X-FORWARDED-PROTO)% %REQ(X-ENVOY-EXPECTED-RQ-TIMEOUT-MS)% %REQ(X-ADDED)% %ROUTE_NAME% %UPSTREAM_CLUSTER% %UPSTREAM_CLUSTER_RAW% %REQUESTED_SERVER_NAME%\\n";
     let paths = [
         "/forwarded",
         "/rewritten/x?q=1",
@@ -291,15 +293,15 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
     let remora = run("remora", false);
     let host = format!("127.0.0.1:{port}");
     let expected = [
-        format!("200 - /forwarded - {host} - <id> http 15000 by-route"),
+        format!("200 - /forwarded - {host} - <id> http 15000 by-route forwarded echo echo -"),
         format!(
-            "200 - /elsewhere/x?q=1 /rewritten/x?q=1 other.example {host} <id> http 15000 by-route"
+            "200 - /elsewhere/x?q=1 /rewritten/x?q=1 other.example {host} <id> http 15000 by-route - echo echo -"
         ),
-        format!("404 NR /nowhere - {host} - <id> http - -"),
-        format!("503 NC /no-cluster - {host} - <id> http - -"),
-        format!("503 UH /no-host - {host} - <id> http 15000 by-route"),
-        format!("202 - /direct - {host} - <id> http - -"),
-        format!("301 - /redirect - {host} - <id> http - -"),
+        format!("404 NR /nowhere - {host} - <id> http - - - - - -"),
+        format!("503 NC /no-cluster - {host} - <id> http - - - - - -"),
+        format!("503 UH /no-host - {host} - <id> http 15000 by-route - empty empty -"),
+        format!("202 - /direct - {host} - <id> http - - direct - - -"),
+        format!("301 - /redirect - {host} - <id> http - - - - - -"),
     ];
     assert_eq!(remora, expected);
 

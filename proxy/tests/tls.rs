@@ -95,6 +95,16 @@ fn tls_origination_sni_chain_selection_and_termination() {
         tls_chain("backend", "backend.local", &pki.backend, "a"),
         tls_chain("other", "other.local", &pki.other, "b"),
     );
+    // The backend chain logs the server name its client asked for, and the route it took.
+    let log_path = dir.path().join("backend.log");
+    let listener_b = listener_b.replacen(
+        "          use_remote_address: true\n",
+        &format!(
+            "          use_remote_address: true\n          access_log: [{{name: file, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{}\", log_format: {{text_format: \"%REQUESTED_SERVER_NAME% %ROUTE_NAME% %UPSTREAM_CLUSTER_RAW%\\n\"}}}}}}]\n",
+            log_path.display()
+        ),
+        1,
+    );
     let yaml_b = bootstrap(
         &admin_b_yaml,
         &[listener_b],
@@ -143,6 +153,16 @@ fn tls_origination_sni_chain_selection_and_termination() {
     assert_eq!(status, 503);
     assert_eq!(proxy_b.stat("http.backend.downstream_rq_2xx"), 1);
     assert_eq!(proxy_b.stat("http.other.downstream_rq_2xx"), 1);
+    let logged = remora_tests::wait_for(
+        "the backend chain's log line",
+        std::time::Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log_path)
+                .ok()
+                .filter(|log| !log.is_empty())
+        },
+    );
+    assert_eq!(logged, "backend.local - a\n", "an unnamed route logs as -");
 }
 
 /// A WebSocket tunnel through a TLS hop: A's tunnel has a plain client and a TLS upstream, B's

@@ -16,7 +16,8 @@ pub struct ConnectionInfo {
     pub destination: SocketAddr,
     pub source: SocketAddr,
     pub direct_source: SocketAddr,
-    pub server_name: Option<String>,
+    /// The SNI of the downstream's TLS hello (shared: access log entries keep it).
+    pub server_name: Option<Arc<str>>,
     pub transport_protocol: &'static str,
     pub application_protocols: Vec<String>,
     /// The downstream's TLS certificate, once a handshake on this connection verified one.
@@ -166,7 +167,7 @@ mod tests {
             destination: dst.parse().expect("addr"),
             source: src.parse().expect("addr"),
             direct_source: src.parse().expect("addr"),
-            server_name: sni.map(str::to_string),
+            server_name: sni.map(Arc::from),
             transport_protocol: if sni.is_some() { "tls" } else { "raw_buffer" },
             application_protocols: Vec::new(),
             peer_certificate: None,

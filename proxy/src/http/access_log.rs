@@ -69,6 +69,10 @@ pub struct Entry {
     pub upstream_request_attempt_count: u32,
     /// `%DOWNSTREAM_PEER_*%`: the downstream's TLS certificate, if it presented one.
     pub peer_certificate: Option<Arc<crate::tls::PeerCertificate>>,
+    /// `%REQUESTED_SERVER_NAME%`: the SNI the downstream asked for.
+    pub server_name: Option<Arc<str>>,
+    /// `%ROUTE_NAME%`: the route the request matched.
+    pub route: Option<crate::http::selected::Selected>,
     logs: Arc<AccessLogs>,
 }
 
@@ -206,6 +210,8 @@ impl Entry {
             trace_id: None,
             upstream_request_attempt_count: 0,
             peer_certificate: None,
+            server_name: None,
+            route: None,
             logs: logs.clone(),
         }
     }
@@ -678,6 +684,8 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             .upstream_host
             .map_or(Value::Null, |host| Value::String(host.to_string())),
         Token::UpstreamCluster => text(entry.cluster_name(), None),
+        Token::RouteName => text(entry.route_name(), None),
+        Token::RequestedServerName => text(entry.server_name.as_deref(), None),
         Token::TraceId => entry
             .trace_id
             .map_or(Value::Null, |id| Value::String(id.to_string())),
@@ -735,6 +743,10 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
                 None => line.push('-'),
             },
             Token::UpstreamCluster => push_value(line, entry.cluster_name(), None, omit_empty),
+            Token::RouteName => push_value(line, entry.route_name(), None, omit_empty),
+            Token::RequestedServerName => {
+                push_value(line, entry.server_name.as_deref(), None, omit_empty);
+            }
             Token::DownstreamRemoteAddress => push_addr(line, entry.peer),
             Token::DownstreamLocalAddress => push_addr(line, entry.local),
             Token::DownstreamPeer(field) => {
@@ -771,6 +783,13 @@ fn push_addr(line: &mut String, addr: SocketAddr) {
 impl Entry {
     fn took(&self) -> Duration {
         self.took.unwrap_or_else(|| self.started.elapsed())
+    }
+
+    fn route_name(&self) -> Option<&str> {
+        self.route
+            .as_ref()
+            .map(|route| route.route().name.as_str())
+            .filter(|name| !name.is_empty())
     }
 
     fn cluster_name(&self) -> Option<&str> {

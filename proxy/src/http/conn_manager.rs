@@ -401,6 +401,7 @@ async fn handle(
         entry
             .peer_certificate
             .clone_from(&connection.info.peer_certificate);
+        entry.server_name.clone_from(&connection.info.server_name);
         entry
     });
     if let (Some(refusal), Some(entry)) = (&refused, log.as_mut()) {
@@ -472,6 +473,9 @@ async fn handle(
             &pseudo,
             &parts.headers,
         );
+        if let Some(entry) = log.as_mut() {
+            entry.route.clone_from(&route);
+        }
         if let Some(tracer) = &manager.tracer {
             let carried = Carried::of(&present, &parts.headers, force_trace);
             let active = tracer.start(

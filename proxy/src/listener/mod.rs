@@ -595,7 +595,7 @@ async fn serve_connection(
                 if hello.tls {
                     info.transport_protocol = "tls";
                 }
-                info.server_name = hello.server_name;
+                info.server_name = hello.server_name.map(Arc::from);
                 info.application_protocols = hello.alpn;
             }
             None if config.continue_on_listener_filters_timeout => {}
@@ -639,6 +639,10 @@ async fn serve_connection(
             let mut info = info;
             info.transport_protocol = "tls";
             info.tls_terminated = true;
+            // Without a TLS inspector, the handshake is where the SNI is first seen.
+            if info.server_name.is_none() {
+                info.server_name = session.server_name().map(Arc::from);
+            }
             info.peer_certificate = session
                 .peer_certificates()
                 .and_then(|chain| chain.first())

@@ -161,6 +161,10 @@ pub(super) async fn forward(
         reply.from_router = true;
         return Err(unforwarded(log, &parts, reply));
     };
+    // Logged from here on, also when no host can be had (as Envoy logs it).
+    if let Some(entry) = log.as_mut() {
+        entry.upstream_cluster = Some(cluster.config.clone());
+    }
 
     // Upgrade (WebSocket etc.): only those the route, or else the HCM, allows.
     let upgrade = parts
@@ -455,7 +459,6 @@ pub(super) async fn forward(
         if let Some(entry) = log.as_mut() {
             entry.capture_request(&attempt_parts);
             entry.upstream_host = Some(host.addr);
-            entry.upstream_cluster = Some(cluster.config.clone());
             entry.upstream_request_attempt_count = attempt;
         }
         let outgoing = match (&shared, direct.take()) {
