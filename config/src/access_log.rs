@@ -136,6 +136,16 @@ pub enum Token {
     UpstreamCluster,
     /// `%ROUTE_NAME%`: the name of the route matched (`-` without a name or a route).
     RouteName,
+    /// `%RESPONSE_CODE_DETAILS%`: why the response is what it is (`via_upstream`,
+    /// `route_not_found`, ...), spaces written as `_`.
+    ResponseCodeDetails,
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`: what the transport said when the upstream
+    /// connection failed.
+    UpstreamTransportFailureReason,
+    /// `%CONNECTION_TERMINATION_DETAILS%`: why a network filter closed the connection. Never
+    /// set on a request's line here: the network filters that close connections (RBAC) do
+    /// so before the connection manager sees a request.
+    ConnectionTerminationDetails,
     /// `%REQUESTED_SERVER_NAME%`: the SNI the downstream's TLS hello asked for.
     RequestedServerName,
     DownstreamRemoteAddress,
@@ -238,6 +248,9 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "UPSTREAM_HOST" => Some(Token::UpstreamHost),
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Some(Token::UpstreamCluster),
         "ROUTE_NAME" => Some(Token::RouteName),
+        "RESPONSE_CODE_DETAILS" => Some(Token::ResponseCodeDetails),
+        "UPSTREAM_TRANSPORT_FAILURE_REASON" => Some(Token::UpstreamTransportFailureReason),
+        "CONNECTION_TERMINATION_DETAILS" => Some(Token::ConnectionTerminationDetails),
         "REQUESTED_SERVER_NAME" => Some(Token::RequestedServerName),
         "DOWNSTREAM_REMOTE_ADDRESS" => Some(Token::DownstreamRemoteAddress),
         "DOWNSTREAM_LOCAL_ADDRESS" => Some(Token::DownstreamLocalAddress),

@@ -247,8 +247,13 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
                 direct_response: {status: 202}
               - match: {prefix: "/redirect"}
                 redirect: {path_redirect: "/forwarded"}
+              - match: {prefix: "/refused"}
+                route: {cluster: refused}
+              - match: {prefix: "/slow"}
+                route: {cluster: silent, timeout: 0.3s}
 "#;
-    let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)% %REQ(X-ENVOY-ORIGINAL-PATH)% %REQ(:AUTHORITY)% %REQ(X-ENVOY-ORIGINAL-HOST)% %REQ(X-REQUEST-ID)% %REQ(X-FORWARDED-PROTO)% %REQ(X-ENVOY-EXPECTED-RQ-TIMEOUT-MS)% %REQ(X-ADDED)% %ROUTE_NAME% %UPSTREAM_CLUSTER% %UPSTREAM_CLUSTER_RAW% %REQUESTED_SERVER_NAME%\\n";
+    let (_silent, silent) = silent_upstream();
+    let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)% %REQ(X-ENVOY-ORIGINAL-PATH)% %REQ(:AUTHORITY)% %REQ(X-ENVOY-ORIGINAL-HOST)% %REQ(X-REQUEST-ID)% %REQ(X-FORWARDED-PROTO)% %REQ(X-ENVOY-EXPECTED-RQ-TIMEOUT-MS)% %REQ(X-ADDED)% %ROUTE_NAME% %UPSTREAM_CLUSTER% %UPSTREAM_CLUSTER_RAW% %REQUESTED_SERVER_NAME% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% %UPSTREAM_TRANSPORT_FAILURE_REASON%\\n";
     let paths = [
         "/forwarded",
         "/rewritten/x?q=1",
@@ -257,6 +262,8 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
         "/no-host",
         "/direct",
         "/redirect",
+        "/refused",
+        "/slow",
     ];
     let run = |tag: &str, envoy: bool| -> Vec<String> {
         let log = dir.path().join(format!("{tag}.log"));
@@ -271,6 +278,8 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
             &[
                 static_cluster("echo", &[echo.addr]),
                 static_cluster("empty", &[]),
+                static_cluster("refused", &[closed_port()]),
+                static_cluster("silent", &[silent]),
             ],
         );
         let (_config_dir, file) = write_config(&yaml);
@@ -293,15 +302,25 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
     let remora = run("remora", false);
     let host = format!("127.0.0.1:{port}");
     let expected = [
-        format!("200 - /forwarded - {host} - <id> http 15000 by-route forwarded echo echo -"),
         format!(
-            "200 - /elsewhere/x?q=1 /rewritten/x?q=1 other.example {host} <id> http 15000 by-route - echo echo -"
+            "200 - /forwarded - {host} - <id> http 15000 by-route forwarded echo echo - via_upstream - -"
         ),
-        format!("404 NR /nowhere - {host} - <id> http - - - - - -"),
-        format!("503 NC /no-cluster - {host} - <id> http - - - - - -"),
-        format!("503 UH /no-host - {host} - <id> http 15000 by-route - empty empty -"),
-        format!("202 - /direct - {host} - <id> http - - direct - - -"),
-        format!("301 - /redirect - {host} - <id> http - - - - - -"),
+        format!(
+            "200 - /elsewhere/x?q=1 /rewritten/x?q=1 other.example {host} <id> http 15000 by-route - echo echo - via_upstream - -"
+        ),
+        format!("404 NR /nowhere - {host} - <id> http - - - - - - route_not_found - -"),
+        format!("503 NC /no-cluster - {host} - <id> http - - - - - - cluster_not_found - -"),
+        format!(
+            "503 UH /no-host - {host} - <id> http 15000 by-route - empty empty - no_healthy_upstream - -"
+        ),
+        format!("202 - /direct - {host} - <id> http - - direct - - - direct_response - -"),
+        format!("301 - /redirect - {host} - <id> http - - - - - - direct_response - -"),
+        format!(
+            "503 UF /refused - {host} - <id> http 15000 by-route - refused refused - upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_Connection_refused}} - delayed_connect_error:_Connection_refused"
+        ),
+        format!(
+            "504 UT /slow - {host} - <id> http 300 by-route - silent silent - response_timeout - -"
+        ),
     ];
     assert_eq!(remora, expected);
 

@@ -73,6 +73,10 @@ pub struct Entry {
     pub server_name: Option<Arc<str>>,
     /// `%ROUTE_NAME%`: the route the request matched.
     pub route: Option<crate::http::selected::Selected>,
+    /// `%RESPONSE_CODE_DETAILS%`: `via_upstream`, or why the reply was made here.
+    pub details: std::borrow::Cow<'static, str>,
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub transport_failure: Option<Arc<str>>,
     logs: Arc<AccessLogs>,
 }
 
@@ -212,6 +216,8 @@ impl Entry {
             peer_certificate: None,
             server_name: None,
             route: None,
+            details: std::borrow::Cow::Borrowed(""),
+            transport_failure: None,
             logs: logs.clone(),
         }
     }
@@ -685,6 +691,15 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             .map_or(Value::Null, |host| Value::String(host.to_string())),
         Token::UpstreamCluster => text(entry.cluster_name(), None),
         Token::RouteName => text(entry.route_name(), None),
+        Token::ResponseCodeDetails => match entry.details.is_empty() {
+            true => Value::Null,
+            false => Value::String(envoy_details(&entry.details)),
+        },
+        Token::UpstreamTransportFailureReason => entry
+            .transport_failure
+            .as_deref()
+            .map_or(Value::Null, |reason| Value::String(envoy_details(reason))),
+        Token::ConnectionTerminationDetails => Value::Null,
         Token::RequestedServerName => text(entry.server_name.as_deref(), None),
         Token::TraceId => entry
             .trace_id
@@ -744,6 +759,15 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
             },
             Token::UpstreamCluster => push_value(line, entry.cluster_name(), None, omit_empty),
             Token::RouteName => push_value(line, entry.route_name(), None, omit_empty),
+            Token::ResponseCodeDetails => {
+                let details = (!entry.details.is_empty()).then(|| envoy_details(&entry.details));
+                push_value(line, details.as_deref(), None, omit_empty);
+            }
+            Token::UpstreamTransportFailureReason => {
+                let reason = entry.transport_failure.as_deref().map(envoy_details);
+                push_value(line, reason.as_deref(), None, omit_empty);
+            }
+            Token::ConnectionTerminationDetails => push_value(line, None, None, omit_empty),
             Token::RequestedServerName => {
                 push_value(line, entry.server_name.as_deref(), None, omit_empty);
             }
@@ -761,6 +785,14 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
             }
         }
     }
+}
+
+/// Details as Envoy writes them: whitespace as `_`, so a line splits on spaces.
+fn envoy_details(details: &str) -> String {
+    details
+        .chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect()
 }
 
 /// `address:port` as `SocketAddr` displays it; an IPv4 address without `fmt`.

@@ -515,10 +515,13 @@ async fn handle(
         }
         let Some(selected) = route.as_ref() else {
             stats.no_route.inc();
-            return Err(LocalReply::from(crate::error::ProxyError::config(
+            tracing::debug!(%host, %path_and_query, "no route");
+            let mut reply = LocalReply::from(crate::error::ProxyError::config(
                 ResponseFlag::NoRouteFound,
-                format!("no route for {host}{path_and_query}"),
-            )));
+                "no route",
+            ));
+            reply.details = "route_not_found".into();
+            return Err(reply);
         };
         router::route(RouteRequest {
             manager,
@@ -552,9 +555,18 @@ async fn handle(
     .await;
     let mut flags = crate::error::ResponseFlags::default();
     let mut response = match outcome {
-        Ok(response) => response,
+        Ok(response) => {
+            if let Some(entry) = log.as_mut() {
+                entry.details = "via_upstream".into();
+            }
+            response
+        }
         Err(reply) => {
             tracing::debug!(status = %reply.status, details = %reply.details, "local reply");
+            if let Some(entry) = log.as_mut() {
+                entry.details.clone_from(&reply.details);
+                entry.transport_failure.clone_from(&reply.transport_failure);
+            }
             if let Some(flag) = reply.flag {
                 flags.insert(flag);
                 if let Some(entry) = log.as_mut() {

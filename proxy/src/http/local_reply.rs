@@ -23,8 +23,12 @@ pub struct LocalReply {
     pub body: Bytes,
     /// Why, for access logs (`%RESPONSE_FLAGS%`); `None` for an answer that is no failure.
     pub flag: Option<ResponseFlag>,
-    /// Why, in words, for debug logs.
+    /// Why: Envoy's response code details (`route_not_found`, `response_timeout`, ...), for
+    /// `%RESPONSE_CODE_DETAILS%` and debug logs.
     pub details: Cow<'static, str>,
+    /// What the upstream transport said when a connection failed
+    /// (`%UPSTREAM_TRANSPORT_FAILURE_REASON%`).
+    pub transport_failure: Option<std::sync::Arc<str>>,
     /// Extra headers (a redirect's `location`, CORS preflight headers).
     pub headers: HeaderMap,
     /// Made by the router after a route was chosen: the route's response headers apply.
@@ -40,6 +44,7 @@ impl LocalReply {
             body: Bytes::new(),
             flag: None,
             details: Cow::Borrowed(""),
+            transport_failure: None,
             headers: HeaderMap::new(),
             from_router: false,
             grpc_status: None,

@@ -30,6 +30,16 @@ pub enum StreamTimeout {
 }
 
 impl StreamTimeout {
+    /// Envoy's response code details for a request this timeout ended before its response.
+    pub fn details(self) -> &'static str {
+        match self {
+            StreamTimeout::Route => "response_timeout",
+            StreamTimeout::Idle => "stream_idle_timeout",
+            StreamTimeout::PerTryIdle => "upstream_per_try_idle_timeout",
+            StreamTimeout::MaxDuration => "max_duration_timeout",
+        }
+    }
+
     pub fn flag(self) -> ResponseFlag {
         match self {
             StreamTimeout::Route | StreamTimeout::PerTryIdle => {

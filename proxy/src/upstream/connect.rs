@@ -72,6 +72,17 @@ impl Drop for LimitSlot {
 pub struct ConnectError {
     pub addr: SocketAddr,
     pub reason: Arc<str>,
+    /// What the transport said, as Envoy's `%UPSTREAM_TRANSPORT_FAILURE_REASON%` writes it
+    /// (`delayed_connect_error: Connection refused`); none for a timeout.
+    pub transport: Option<Arc<str>>,
+}
+
+/// An error of the system's connect call as Envoy reports it: `strerror`'s text, without
+/// Rust's `(os error N)`.
+fn connect_failure(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    let text = text.split(" (os error").next().unwrap_or_default();
+    format!("delayed_connect_error: {text}")
 }
 
 /// Makes a cluster's connections.
@@ -137,12 +148,13 @@ impl Connector {
         early: Option<&mut EarlyBytes<'_>>,
     ) -> Result<UpstreamIo, ConnectError> {
         let counted = Counted::new(&self.stats, host, slot);
-        let failed = |reason: String| {
+        let failed = |reason: String, transport: Option<String>| {
             self.stats.upstream_cx_connect_fail.inc();
             host.stats.cx_connect_fail.inc();
             ConnectError {
                 addr,
                 reason: reason.into(),
+                transport: transport.map(Arc::from),
             }
         };
         let tcp =
@@ -150,8 +162,10 @@ impl Connector {
                 .await
             {
                 Ok(Ok(tcp)) => tcp,
-                Ok(Err(error)) => return Err(failed(error.to_string())),
-                Err(_) => return Err(failed("connect timeout".into())),
+                Ok(Err(error)) => {
+                    return Err(failed(error.to_string(), Some(connect_failure(&error))));
+                }
+                Err(_) => return Err(failed("connect timeout".into(), None)),
             };
         let stream = match &self.tls {
             None => Stream::Plain(tcp),
@@ -183,11 +197,14 @@ impl Connector {
                     }
                     Ok(Err(error)) => {
                         tls.stats.failed(&error);
-                        return Err(failed(format!("TLS: {error}")));
+                        return Err(failed(
+                            format!("TLS: {error}"),
+                            Some(format!("TLS_error: {error}")),
+                        ));
                     }
                     Err(_) => {
                         tls.stats.connection_error.inc();
-                        return Err(failed("TLS handshake timeout".into()));
+                        return Err(failed("TLS handshake timeout".into(), None));
                     }
                 }
             }

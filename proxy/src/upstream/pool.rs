@@ -69,9 +69,12 @@ pub enum PoolError {
     /// The request would have queued beyond `max_pending_requests` (flag UO).
     #[error("upstream pending request limit reached")]
     Overflow,
-    /// No connection could be made (flag UF).
-    #[error("upstream connect error: {0}")]
-    Connect(Arc<str>),
+    /// No connection could be made (flag UF); with what the transport said, if it failed.
+    #[error("upstream connect error: {reason}")]
+    Connect {
+        reason: Arc<str>,
+        transport: Option<Arc<str>>,
+    },
     /// The connection failed while the request was on it (flag UR, or a downstream timeout).
     #[error("upstream request failed: {0}")]
     Request(Arc<hyper::Error>),
@@ -79,7 +82,10 @@ pub enum PoolError {
 
 impl PoolError {
     fn connect(reason: impl std::fmt::Display) -> Self {
-        PoolError::Connect(reason.to_string().into())
+        PoolError::Connect {
+            reason: reason.to_string().into(),
+            transport: None,
+        }
     }
 }
 
@@ -407,7 +413,10 @@ impl Dialer {
             .connector
             .connect(host.addr, &host.state, limit)
             .await
-            .map_err(|error| PoolError::Connect(error.to_string().into()))?;
+            .map_err(|error| PoolError::Connect {
+                reason: error.to_string().into(),
+                transport: error.transport,
+            })?;
         Ok(PooledIo {
             io: TokioIo::new(io),
             _worker: worker,

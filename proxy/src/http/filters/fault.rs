@@ -189,7 +189,12 @@ fn delay_duration(config: &FaultConfig, headers: &HeaderMap) -> Option<Duration>
 }
 
 fn abort_reply(status: StatusCode, grpc_status: Option<u64>) -> LocalReply {
-    filter_reply(status, ABORT_BODY, ResponseFlag::FaultInjected, grpc_status)
+    filter_reply(
+        status,
+        (ABORT_BODY, "fault_filter_abort"),
+        ResponseFlag::FaultInjected,
+        grpc_status,
+    )
 }
 
 /// The request's conditions: cluster, downstream node, headers.

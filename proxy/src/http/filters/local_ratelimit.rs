@@ -228,7 +228,7 @@ impl HttpFilter for LocalRateLimit {
         let status = StatusCode::from_u16(config.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
         let mut reply = filter_reply(
             status,
-            LIMITED_BODY,
+            (LIMITED_BODY, "local_rate_limited"),
             ResponseFlag::RateLimited,
             config.grpc_resource_exhausted.then_some(8),
         );

@@ -78,18 +78,19 @@ fn sampled(per_million: u32) -> bool {
     }
 }
 
-/// A filter's local reply as Envoy sends it: `body` as text. A gRPC request gets it the gRPC
-/// way (see [`crate::http::local_reply`]), with `grpc_status` if given.
+/// A filter's local reply as Envoy sends it: `body` as text, and Envoy's response code
+/// `details`. A gRPC request gets it the gRPC way (see [`crate::http::local_reply`]), with
+/// `grpc_status` if given.
 fn filter_reply(
     status: StatusCode,
-    body: &'static str,
+    (body, details): (&'static str, &'static str),
     flag: ResponseFlag,
     grpc_status: Option<u64>,
 ) -> LocalReply {
     let mut reply = LocalReply::new(status).with_body(Bytes::from_static(body.as_bytes()));
     reply.grpc_status = grpc_status.and_then(|code| u32::try_from(code).ok());
     reply.flag = Some(flag);
-    reply.details = body.into();
+    reply.details = details.into();
     reply
 }
 

@@ -157,7 +157,8 @@ pub(super) async fn forward(
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let mut reply = LocalReply::new(status);
         reply.flag = Some(ResponseFlag::NoClusterFound);
-        reply.details = format!("cluster {name:?} not found").into();
+        reply.details = "cluster_not_found".into();
+        tracing::debug!(cluster = %name, "cluster not found");
         reply.from_router = true;
         return Err(unforwarded(log, &parts, reply));
     };
@@ -176,7 +177,8 @@ pub(super) async fn forward(
         Some(kind) if parts.version == Version::HTTP_11 => {
             if !forward.allows_upgrade(kind, &hcm.upgrades) {
                 let mut reply = LocalReply::new(StatusCode::FORBIDDEN);
-                reply.details = format!("upgrade_failed: {kind} not allowed").into();
+                reply.details = "upgrade_failed".into();
+                tracing::debug!(%kind, "upgrade not allowed");
                 return Err(unforwarded(log, &parts, reply));
             }
             true
@@ -297,11 +299,7 @@ pub(super) async fn forward(
     };
     let Some(first_host) = cluster.choose(&lb_context) else {
         cluster.stats.upstream_cx_none_healthy.inc();
-        let reply = ProxyError::upstream(
-            ResponseFlag::NoHealthyUpstream,
-            format!("no healthy host in {name}"),
-        )
-        .into_router_reply();
+        let reply = no_healthy_upstream(&name);
         return Err(unforwarded(log, &parts, reply));
     };
     // `max_requests` of the route's priority: the place is held by the response body until it
@@ -309,8 +307,10 @@ pub(super) async fn forward(
     let limits = cluster.breakers.for_priority(forward.high_priority);
     let Some(request_place) = limits.try_request() else {
         cluster.stats.upstream_rq_active_overflow.inc();
-        let reply = ProxyError::upstream(ResponseFlag::UpstreamOverflow, "max_requests reached")
-            .into_router_reply();
+        let mut reply =
+            ProxyError::upstream(ResponseFlag::UpstreamOverflow, "max_requests reached")
+                .into_router_reply();
+        reply.details = "upstream_reset_before_response_started{overflow}".into();
         return Err(unforwarded(log, &parts, reply));
     };
     let rq_active = (
@@ -482,7 +482,10 @@ pub(super) async fn forward(
         }
         // Envoy counts a request upstream once it has a connection: not when it overflowed or
         // its connection could not be made.
-        if !matches!(&sent, Ok(Err(PoolError::Overflow | PoolError::Connect(_)))) {
+        if !matches!(
+            &sent,
+            Ok(Err(PoolError::Overflow | PoolError::Connect { .. }))
+        ) {
             cluster.stats.upstream_rq_total.inc();
             host.stats().rq_total.inc();
         }
@@ -548,11 +551,7 @@ pub(super) async fn forward(
             Some(next) => next,
             None => {
                 cluster.stats.upstream_cx_none_healthy.inc();
-                break Err(ProxyError::upstream(
-                    ResponseFlag::NoHealthyUpstream,
-                    format!("no healthy host in {name}"),
-                )
-                .into_router_reply());
+                break Err(no_healthy_upstream(&name));
             }
         };
         attempt += 1;
@@ -630,6 +629,15 @@ pub(super) async fn forward(
     }))
 }
 
+/// Envoy's 503 when a cluster has no host to take the request (flag UH).
+fn no_healthy_upstream(cluster: &str) -> LocalReply {
+    tracing::debug!(%cluster, "no healthy host");
+    let mut reply = ProxyError::upstream(ResponseFlag::NoHealthyUpstream, "no healthy upstream")
+        .into_router_reply();
+    reply.details = "no_healthy_upstream".into();
+    reply
+}
+
 /// Replaces `Host`, keeping the original in `x-envoy-original-host`, as Envoy does.
 fn rewrite_host(headers: &mut HeaderMap, value: HeaderValue) {
     if let Some(original) = headers.insert(header::HOST, value)
@@ -700,10 +708,12 @@ fn classify(
     timed_out: Option<&AtomicBool>,
     retried: bool,
 ) -> (Considered, Result<Answer, LocalReply>) {
-    let fail = |flag: ResponseFlag, detail: String| {
-        Err(ProxyError::upstream(flag, detail).into_router_reply())
+    let fail = |flag: ResponseFlag, details: &'static str| {
+        let mut reply = ProxyError::upstream(flag, details).into_router_reply();
+        reply.details = details.into();
+        Err(reply)
     };
-    let reset = |flag: ResponseFlag, reason: &str| Err(reset_reply(flag, reason, retried));
+    let reset = |flag: ResponseFlag, reason: &str| Err(reset_reply(flag, reason, retried, None));
     match sent {
         Ok(Ok((response, lease))) => {
             let status = response.status().as_u16();
@@ -724,7 +734,7 @@ fn classify(
                     route: timeout != StreamTimeout::Idle,
                 },
             );
-            (Considered::Never, fail(timeout.flag(), timeout.to_string()))
+            (Considered::Never, fail(timeout.flag(), timeout.details()))
         }
         Err(Expired::PerTry { idle }) => {
             if idle {
@@ -741,7 +751,11 @@ fn classify(
                 }),
                 fail(
                     ResponseFlag::UpstreamRequestTimeout,
-                    "upstream per try timeout".into(),
+                    if idle {
+                        "upstream_per_try_idle_timeout"
+                    } else {
+                        "upstream_per_try_timeout"
+                    },
                 ),
             )
         }
@@ -749,7 +763,7 @@ fn classify(
             Considered::Failure(Tried::Overflow),
             reset(ResponseFlag::UpstreamOverflow, "overflow"),
         ),
-        Ok(Err(PoolError::Connect(reason))) => {
+        Ok(Err(PoolError::Connect { reason, transport })) => {
             cluster.record_outcome(host, Outcome::ConnectFailed { http: true });
             tracing::debug!(%reason, "upstream connect failed");
             let reason = if reason.ends_with("connect timeout") {
@@ -757,9 +771,10 @@ fn classify(
             } else {
                 "remote connection failure"
             };
+            let flag = ResponseFlag::UpstreamConnectionFailure;
             (
                 Considered::Failure(Tried::ConnectFailure),
-                reset(ResponseFlag::UpstreamConnectionFailure, reason),
+                Err(reset_reply(flag, reason, retried, transport)),
             )
         }
         Ok(Err(PoolError::Request(error))) => {
@@ -779,7 +794,7 @@ fn classify(
                 downstream_timeouts.inc();
                 let mut reply =
                     LocalReply::new(StatusCode::REQUEST_TIMEOUT).with_body("request timeout");
-                reply.details = "downstream request timeout".into();
+                reply.details = "request_overall_timeout".into();
                 return (Considered::Never, Err(reply));
             }
             tracing::debug!(%error, "upstream request failed");
@@ -821,7 +836,14 @@ fn duration_timeout_reply() -> LocalReply {
 
 /// Envoy's local reply when an attempt failed before response headers: 503 with the reset
 /// reason (after retries, "retried and the latest reset reason").
-fn reset_reply(flag: ResponseFlag, reason: &str, retried: bool) -> LocalReply {
+/// The details name the reason, and what the transport said when it failed (as Envoy's do:
+/// `{remote_connection_failure|delayed_connect_error: Connection refused}`).
+fn reset_reply(
+    flag: ResponseFlag,
+    reason: &str,
+    retried: bool,
+    transport: Option<Arc<str>>,
+) -> LocalReply {
     let mut reply = LocalReply::new(StatusCode::SERVICE_UNAVAILABLE).with_body(format!(
         "upstream connect error or disconnect/reset before headers. {}reset reason: {reason}",
         if retried {
@@ -831,7 +853,13 @@ fn reset_reply(flag: ResponseFlag, reason: &str, retried: bool) -> LocalReply {
         }
     ));
     reply.flag = Some(flag);
-    reply.details = format!("upstream_reset_before_response_started{{{reason}}}").into();
+    reply.details = match &transport {
+        Some(transport) => {
+            format!("upstream_reset_before_response_started{{{reason}|{transport}}}").into()
+        }
+        None => format!("upstream_reset_before_response_started{{{reason}}}").into(),
+    };
+    reply.transport_failure = transport;
     reply.from_router = true;
     if flag == ResponseFlag::UpstreamOverflow {
         reply.headers.insert(
@@ -1015,7 +1043,10 @@ impl<'s> Clock<'s> {
                 route: timeout != StreamTimeout::Idle,
             },
         );
-        ProxyError::upstream(timeout.flag(), timeout.to_string()).into_router_reply()
+        let mut reply =
+            ProxyError::upstream(timeout.flag(), timeout.to_string()).into_router_reply();
+        reply.details = timeout.details().into();
+        reply
     }
 
     /// The timer for the response body. A response that came before the request ended: its

@@ -82,7 +82,7 @@ pub async fn route(request: RouteRequest<'_>) -> Result<Response<ResponseBody>, 
                 reply = reply.with_body(body.clone());
             }
             reply.from_router = true;
-            reply.details = "direct response".into();
+            reply.details = "direct_response".into();
             Err(unforwarded(request.log, &request.parts, reply))
         }
         Action::Redirect(redirect) => {
@@ -95,7 +95,8 @@ pub async fn route(request: RouteRequest<'_>) -> Result<Response<ResponseBody>, 
                 reply.headers.insert(header::LOCATION, value);
             }
             reply.from_router = true;
-            reply.details = "redirect".into();
+            // Envoy's details for a redirect too.
+            reply.details = "direct_response".into();
             Err(unforwarded(request.log, &request.parts, reply))
         }
         Action::Forward(forward) => forward::forward(request, forward).await,
