@@ -131,6 +131,9 @@ pub enum Token {
     BytesSent,
     Duration,
     UpstreamHost,
+    /// `%UPSTREAM_LOCAL_ADDRESS%`: the local address of the upstream connection the response
+    /// came on.
+    UpstreamLocalAddress,
     /// `%UPSTREAM_CLUSTER%`, and `%UPSTREAM_CLUSTER_RAW%`: the same name, since a cluster's
     /// `alt_stat_name` (which only the first shows) is refused.
     UpstreamCluster,
@@ -246,6 +249,7 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "BYTES_SENT" => Some(Token::BytesSent),
         "DURATION" => Some(Token::Duration),
         "UPSTREAM_HOST" => Some(Token::UpstreamHost),
+        "UPSTREAM_LOCAL_ADDRESS" => Some(Token::UpstreamLocalAddress),
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Some(Token::UpstreamCluster),
         "ROUTE_NAME" => Some(Token::RouteName),
         "RESPONSE_CODE_DETAILS" => Some(Token::ResponseCodeDetails),

@@ -253,7 +253,7 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
                 route: {cluster: silent, timeout: 0.3s}
 "#;
     let (_silent, silent) = silent_upstream();
-    let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)% %REQ(X-ENVOY-ORIGINAL-PATH)% %REQ(:AUTHORITY)% %REQ(X-ENVOY-ORIGINAL-HOST)% %REQ(X-REQUEST-ID)% %REQ(X-FORWARDED-PROTO)% %REQ(X-ENVOY-EXPECTED-RQ-TIMEOUT-MS)% %REQ(X-ADDED)% %ROUTE_NAME% %UPSTREAM_CLUSTER% %UPSTREAM_CLUSTER_RAW% %REQUESTED_SERVER_NAME% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% %UPSTREAM_TRANSPORT_FAILURE_REASON%\\n";
+    let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)% %REQ(X-ENVOY-ORIGINAL-PATH)% %REQ(:AUTHORITY)% %REQ(X-ENVOY-ORIGINAL-HOST)% %REQ(X-REQUEST-ID)% %REQ(X-FORWARDED-PROTO)% %REQ(X-ENVOY-EXPECTED-RQ-TIMEOUT-MS)% %REQ(X-ADDED)% %ROUTE_NAME% %UPSTREAM_CLUSTER% %UPSTREAM_CLUSTER_RAW% %REQUESTED_SERVER_NAME% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% %UPSTREAM_TRANSPORT_FAILURE_REASON% %UPSTREAM_LOCAL_ADDRESS%\\n";
     let paths = [
         "/forwarded",
         "/rewritten/x?q=1",
@@ -295,7 +295,12 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
         }
         wait_for("a line per request", Duration::from_secs(15), || {
             let text = std::fs::read_to_string(&log).ok()?;
-            (text.lines().count() == paths.len()).then(|| text.lines().map(ids_masked).collect())
+            // The upstream connection's local port, last, differs by run.
+            let masked = |line: &str| match ids_masked(line).rsplit_once(' ') {
+                Some((rest, local)) if local.starts_with("127.0.0.1:") => format!("{rest} <local>"),
+                _ => ids_masked(line),
+            };
+            (text.lines().count() == paths.len()).then(|| text.lines().map(masked).collect())
         })
     };
 
@@ -303,23 +308,23 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
     let host = format!("127.0.0.1:{port}");
     let expected = [
         format!(
-            "200 - /forwarded - {host} - <id> http 15000 by-route forwarded echo echo - via_upstream - -"
+            "200 - /forwarded - {host} - <id> http 15000 by-route forwarded echo echo - via_upstream - - <local>"
         ),
         format!(
-            "200 - /elsewhere/x?q=1 /rewritten/x?q=1 other.example {host} <id> http 15000 by-route - echo echo - via_upstream - -"
+            "200 - /elsewhere/x?q=1 /rewritten/x?q=1 other.example {host} <id> http 15000 by-route - echo echo - via_upstream - - <local>"
         ),
-        format!("404 NR /nowhere - {host} - <id> http - - - - - - route_not_found - -"),
-        format!("503 NC /no-cluster - {host} - <id> http - - - - - - cluster_not_found - -"),
+        format!("404 NR /nowhere - {host} - <id> http - - - - - - route_not_found - - -"),
+        format!("503 NC /no-cluster - {host} - <id> http - - - - - - cluster_not_found - - -"),
         format!(
-            "503 UH /no-host - {host} - <id> http 15000 by-route - empty empty - no_healthy_upstream - -"
+            "503 UH /no-host - {host} - <id> http 15000 by-route - empty empty - no_healthy_upstream - - -"
         ),
-        format!("202 - /direct - {host} - <id> http - - direct - - - direct_response - -"),
-        format!("301 - /redirect - {host} - <id> http - - - - - - direct_response - -"),
+        format!("202 - /direct - {host} - <id> http - - direct - - - direct_response - - -"),
+        format!("301 - /redirect - {host} - <id> http - - - - - - direct_response - - -"),
         format!(
-            "503 UF /refused - {host} - <id> http 15000 by-route - refused refused - upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_Connection_refused}} - delayed_connect_error:_Connection_refused"
+            "503 UF /refused - {host} - <id> http 15000 by-route - refused refused - upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_Connection_refused}} - delayed_connect_error:_Connection_refused -"
         ),
         format!(
-            "504 UT /slow - {host} - <id> http 300 by-route - silent silent - response_timeout - -"
+            "504 UT /slow - {host} - <id> http 300 by-route - silent silent - response_timeout - - <local>"
         ),
     ];
     assert_eq!(remora, expected);
@@ -328,6 +333,72 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
         return;
     }
     assert_eq!(run("envoy", true), remora, "left: envoy, right: remora");
+}
+
+/// Istio's default access log format (its mesh config's text format), as YAML escapes it.
+const ISTIO_FORMAT: &str = r#"[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n"#;
+
+/// A bootstrap with Istio's format loads, and its lines are Envoy's once what differs by run is
+/// masked: the time, bytes sent (the echo's body names the proxy's headers), durations, and the
+/// ports of the two connections' client ends.
+#[test]
+fn istios_default_format_is_written_as_envoy_writes_it() {
+    let rig = LogRig::new();
+    let run = |tag: &str, envoy: bool| -> Vec<String> {
+        let log = rig.log_path(&format!("{tag}-istio.log"));
+        rig.serve(&file_log_with_format(&log, ISTIO_FORMAT), envoy, |addr| {
+            for (method, path, body) in [
+                ("GET", "/hello?x=1", ""),
+                ("POST", "/upload", "12345"),
+                ("GET", "/nowhere", ""),
+            ] {
+                http_request(
+                    addr,
+                    method,
+                    path,
+                    &[("user-agent", "tester/1"), ("x-request-id", "rid-1")],
+                    body,
+                )
+                .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
+            }
+            wait_for("3 lines", Duration::from_secs(15), || {
+                let text = std::fs::read_to_string(&log).ok()?;
+                (text.lines().count() == 3).then(|| text.lines().map(str::to_string).collect())
+            })
+        })
+    };
+    let mask = |line: &String| -> String {
+        let mut fields: Vec<String> = line.split(' ').map(str::to_string).collect();
+        assert_eq!(fields.len(), 24, "{line}");
+        // Start time, bytes sent, duration, service time, the upstream connection's local
+        // address, the client's port.
+        for index in [0, 10, 11, 12, 19] {
+            if fields[index] != "-" {
+                fields[index] = "N".into();
+            }
+        }
+        fields[21] = fields[21].split(':').next().unwrap_or_default().to_string();
+        fields.join(" ")
+    };
+    let remora: Vec<String> = run("remora", false).iter().map(mask).collect();
+    let port = rig.port;
+    let echo = rig.echo.addr;
+    assert_eq!(
+        remora[0],
+        format!(
+            "N \"GET /hello?x=1 HTTP/1.1\" 200 - via_upstream - \"-\" 0 N N N \"-\" \"tester/1\" \"rid-1\" \"127.0.0.1:{port}\" \"{echo}\" echo N 127.0.0.1:{port} 127.0.0.1 - -"
+        )
+    );
+    assert!(
+        remora[2].contains(" 404 NR route_not_found - \"-\" 0 "),
+        "{}",
+        remora[2]
+    );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the Istio format test") {
+        return;
+    }
+    let envoy: Vec<String> = run("envoy", true).iter().map(mask).collect();
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
 
 /// Two file loggers with the same `json_format`, the second with `omit_empty_values`, and a

@@ -77,6 +77,8 @@ pub struct Entry {
     pub details: std::borrow::Cow<'static, str>,
     /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
     pub transport_failure: Option<Arc<str>>,
+    /// `%UPSTREAM_LOCAL_ADDRESS%`: the local address of the connection the response came on.
+    pub upstream_local: Option<SocketAddr>,
     logs: Arc<AccessLogs>,
 }
 
@@ -218,6 +220,7 @@ impl Entry {
             route: None,
             details: std::borrow::Cow::Borrowed(""),
             transport_failure: None,
+            upstream_local: None,
             logs: logs.clone(),
         }
     }
@@ -700,6 +703,9 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             .as_deref()
             .map_or(Value::Null, |reason| Value::String(envoy_details(reason))),
         Token::ConnectionTerminationDetails => Value::Null,
+        Token::UpstreamLocalAddress => entry
+            .upstream_local
+            .map_or(Value::Null, |local| Value::String(local.to_string())),
         Token::RequestedServerName => text(entry.server_name.as_deref(), None),
         Token::TraceId => entry
             .trace_id
@@ -768,6 +774,10 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
                 push_value(line, reason.as_deref(), None, omit_empty);
             }
             Token::ConnectionTerminationDetails => push_value(line, None, None, omit_empty),
+            Token::UpstreamLocalAddress => match entry.upstream_local {
+                Some(local) => push_addr(line, local),
+                None => push_value(line, None, None, omit_empty),
+            },
             Token::RequestedServerName => {
                 push_value(line, entry.server_name.as_deref(), None, omit_empty);
             }

@@ -395,6 +395,14 @@ impl crate::tunnel::UpstreamEnd for UpstreamIo {
 }
 
 impl UpstreamIo {
+    /// The local address of the connection's socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.stream {
+            Stream::Plain(tcp) => tcp.local_addr().ok(),
+            Stream::Tls(tls) => tls.get_ref().0.local_addr().ok(),
+        }
+    }
+
     /// The negotiated ALPN protocol, if TLS.
     pub fn alpn(&self) -> Option<&[u8]> {
         match &self.stream {

@@ -89,8 +89,39 @@ impl PoolError {
     }
 }
 
-type Http1Sender = http1::SendRequest<OutgoingBody>;
-type Http2Sender = http2::SendRequest<OutgoingBody>;
+type Http1Sender = Conn<http1::SendRequest<OutgoingBody>>;
+type Http2Sender = Conn<http2::SendRequest<OutgoingBody>>;
+
+/// A connection's request sender, with the local address of its socket: what a request's
+/// `%UPSTREAM_LOCAL_ADDRESS%` shows. It derefs to the sender.
+#[derive(Clone)]
+struct Conn<S> {
+    sender: S,
+    local: Option<SocketAddr>,
+}
+
+impl<S> std::ops::Deref for Conn<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.sender
+    }
+}
+
+impl<S> std::ops::DerefMut for Conn<S> {
+    fn deref_mut(&mut self) -> &mut S {
+        &mut self.sender
+    }
+}
+
+/// Where [`Pools::send`] notes the local address of the connection a request goes out on, once
+/// it has one: a request that then times out or is reset still knows it.
+pub type LocalAddress = std::sync::Mutex<Option<SocketAddr>>;
+
+fn note(slot: Option<&LocalAddress>, local: Option<SocketAddr>) {
+    if let Some(slot) = slot {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = local;
+    }
+}
 type Http2Connect = Shared<BoxFuture<'static, Result<Http2Sender, PoolError>>>;
 
 /// The pending-request breaker (`max_pending_requests`), shared by every worker's pool.
@@ -407,7 +438,11 @@ impl Dialer {
 
     /// Opens a connection in `slot` through the cluster's connector; the worker's count of
     /// it travels with the connection.
-    async fn connect(&self, host: &Host, slot: Slot) -> Result<PooledIo, PoolError> {
+    async fn connect(
+        &self,
+        host: &Host,
+        slot: Slot,
+    ) -> Result<(PooledIo, Option<SocketAddr>), PoolError> {
         let Slot { limit, worker } = slot;
         let io = self
             .connector
@@ -417,10 +452,12 @@ impl Dialer {
                 reason: error.to_string().into(),
                 transport: error.transport,
             })?;
-        Ok(PooledIo {
+        let local = io.local_addr();
+        let io = PooledIo {
             io: TokioIo::new(io),
             _worker: worker,
-        })
+        };
+        Ok((io, local))
     }
 
     /// A new HTTP/1.1 connection, or an idle one handed back while this request was pending.
@@ -434,7 +471,7 @@ impl Dialer {
             Got::Slot(slot) => slot,
             Got::Idle(sender) => return Ok(sender),
         };
-        let io = self.connect(host, slot).await?;
+        let (io, local) = self.connect(host, slot).await?;
         let mut builder = http1::Builder::new();
         // As downstream: an explicit limit costs hyper a filled vector per response.
         if self.max_headers_count != remora_config::common::DEFAULT_MAX_HEADERS_COUNT as usize {
@@ -444,7 +481,7 @@ impl Dialer {
         // Upgrades: a 101 hands the connection to the WebSocket (or other) tunnel.
         tokio::spawn(connection.with_upgrades());
         drop(pending);
-        Ok(sender)
+        Ok(Conn { sender, local })
     }
 
     /// Opens the worker's HTTP/2 connection to the host and records it in the pool.
@@ -462,7 +499,7 @@ impl Dialer {
                     return Err(PoolError::connect("unexpected idle HTTP/1.1 connection"));
                 }
             };
-            let io = self.connect(&host, slot).await?;
+            let (io, local) = self.connect(&host, slot).await?;
             let options = &self.http2;
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
@@ -477,7 +514,7 @@ impl Dialer {
             }
             let (sender, connection) = builder.handshake(io).await.map_err(PoolError::connect)?;
             tokio::spawn(connection);
-            Ok(sender)
+            Ok(Conn { sender, local })
         }
         .await;
         let mut hosts = worker.hosts();
@@ -598,17 +635,19 @@ impl Pools {
 
     /// Sends `request` (origin-form URI, `Host` header set) to the endpoint at `addr` on the
     /// calling worker's pool. An HTTP/1.1 response comes with the [`Lease`] of its connection.
+    /// `local`, if given, gets the connection's local address.
     pub async fn send(
         &self,
         host: &Arc<Host>,
         request: Request<OutgoingBody>,
+        local: Option<&LocalAddress>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let worker = self.workers[worker_index(self.workers.len())]
             .get_or_init(|| WorkerPool::start(self.idle_timeout, &self.dialer.connector.stats));
         match self.protocol {
-            UpstreamProtocol::Http1 => self.send_http1(worker, host, request).await,
+            UpstreamProtocol::Http1 => self.send_http1(worker, host, request, local).await,
             UpstreamProtocol::Http2 => {
-                let response = self.send_http2(worker, host, request).await?;
+                let response = self.send_http2(worker, host, request, local).await?;
                 Ok((response, None))
             }
         }
@@ -619,6 +658,7 @@ impl Pools {
         worker: &Arc<WorkerPool>,
         host: &Host,
         mut request: Request<OutgoingBody>,
+        local: Option<&LocalAddress>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let addr = host.addr;
         loop {
@@ -631,6 +671,7 @@ impl Pools {
                     false,
                 ),
             };
+            note(local, sender.local);
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let lease = Lease {
@@ -655,11 +696,13 @@ impl Pools {
         worker: &Arc<WorkerPool>,
         host: &Arc<Host>,
         mut request: Request<OutgoingBody>,
+        local: Option<&LocalAddress>,
     ) -> Result<Response<Incoming>, PoolError> {
         to_http2_form(&mut request, host.addr);
         let mut retried = false;
         loop {
             let mut sender = self.http2_sender(worker, host).await?;
+            note(local, sender.local);
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(response),
                 Err(mut error) => match error.take_message() {

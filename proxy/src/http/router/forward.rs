@@ -33,7 +33,7 @@ use crate::http::local_reply::LocalReply;
 use crate::http::response_body::{ResponseBody, UpstreamBody};
 use crate::http::stream_timer::{SpareSleeps, StreamTimeout, StreamTimer};
 use crate::stats::{ClusterStats, GaugeGuard, Stat};
-use crate::upstream::pool::{Lease, PoolError};
+use crate::upstream::pool::{Lease, LocalAddress, PoolError};
 use crate::upstream::{Cluster, Host, HostGauge, LbContext, Outcome};
 
 static X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
@@ -469,14 +469,19 @@ pub(super) async fn forward(
         let request = Request::from_parts(attempt_parts, outgoing);
 
         let host_active = HostGauge::new(&host.state, |s| &s.rq_active);
+        // Asked for only by a log, which shows it also for an attempt that timed out.
+        let local = log.as_ref().map(|_| LocalAddress::default());
         sent_at = Instant::now();
         let sent = clock
             .run(
-                pin!(pools.send(&host, request)),
+                pin!(pools.send(&host, request, local.as_ref())),
                 per_try_timeout,
                 per_try_idle,
             )
             .await;
+        if let (Some(entry), Some(local)) = (log.as_mut(), local) {
+            entry.upstream_local = local.into_inner().unwrap_or_else(|p| p.into_inner());
+        }
         if let Ok(Ok(_)) = &sent {
             cluster.record_response_time(&host, sent_at);
         }

@@ -78,7 +78,7 @@ pub fn send(mirrors: &[Mirror], snapshot: &Snapshot, copy: Copy<'_>) {
                 return;
             };
             let sending = async {
-                let (response, lease) = cluster.pools.send(&host, request).await?;
+                let (response, lease) = cluster.pools.send(&host, request, None).await?;
                 cluster.stats.upstream_rq_total.inc();
                 cluster.stats.response(response.status().as_u16());
                 cluster.record_outcome(&host, Outcome::Status(response.status().as_u16()));
