@@ -117,11 +117,13 @@ impl<S> std::ops::DerefMut for Conn<S> {
 /// it has one: a request that then times out or is reset still knows it.
 pub type LocalAddress = std::sync::Mutex<Option<SocketAddr>>;
 
+/// Puts the address of the connection in hand in `slot`, if the caller asked for it.
 fn note(slot: Option<&LocalAddress>, local: Option<SocketAddr>) {
     if let Some(slot) = slot {
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = local;
     }
 }
+
 type Http2Connect = Shared<BoxFuture<'static, Result<Http2Sender, PoolError>>>;
 
 /// The pending-request breaker (`max_pending_requests`), shared by every worker's pool.
