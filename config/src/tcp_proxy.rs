@@ -37,6 +37,8 @@ pub struct TcpProxy {
     /// `None`: disabled (Envoy's 0s); default 1 h.
     pub idle_timeout: Option<Duration>,
     pub max_connect_attempts: u32,
+    /// One line per connection, written when it closes.
+    pub access_logs: Vec<crate::access_log::AccessLogConfig>,
 }
 
 pub fn tcp_proxy(proto: &tcp_pb::TcpProxy, path: &str) -> ConfigResult<TcpProxy> {
@@ -58,7 +60,6 @@ pub fn tcp_proxy(proto: &tcp_pb::TcpProxy, path: &str) -> ConfigResult<TcpProxy>
         metadata_match,
         downstream_idle_timeout,
         upstream_idle_timeout,
-        access_log,
         hash_policy,
         max_downstream_connection_duration,
         max_downstream_connection_duration_jitter_percentage,
@@ -113,5 +114,12 @@ pub fn tcp_proxy(proto: &tcp_pb::TcpProxy, path: &str) -> ConfigResult<TcpProxy>
             Some(Duration::from_secs(3600)),
         )?,
         max_connect_attempts: max_connect_attempts.unwrap_or(1).max(1),
+        access_logs: access_log
+            .iter()
+            .enumerate()
+            .map(|(i, log)| {
+                crate::access_log::access_log(log, &crate::error::item(path, "access_log", i))
+            })
+            .collect::<ConfigResult<_>>()?,
     })
 }

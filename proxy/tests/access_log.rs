@@ -401,6 +401,132 @@ fn istios_default_format_is_written_as_envoy_writes_it() {
     assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
 
+/// A `tcp_proxy` writes a line per connection when it closes, as Envoy's does: no request
+/// (`"- - -"`, code 0), the bytes each way, the upstream, and UF for a refused connect.
+#[test]
+fn tcp_proxy_connections_are_logged_as_envoy_logs_them() {
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let (open, refused) = (free_port(), free_port());
+    let closed = closed_port();
+    let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %PROTOCOL% %REQ(:METHOD)% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_HOST% %UPSTREAM_CLUSTER% %UPSTREAM_LOCAL_ADDRESS% %UPSTREAM_TRANSPORT_FAILURE_REASON% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %ROUTE_NAME% %REQUESTED_SERVER_NAME%\\n";
+    let request = "GET /tcp HTTP/1.1\r\nHost: tcp\r\nConnection: close\r\n\r\n";
+    let run = |tag: &str, envoy: bool| -> (Vec<String>, String, usize) {
+        let (default_log, custom_log) = (
+            dir.path().join(format!("{tag}-default.log")),
+            dir.path().join(format!("{tag}-custom.log")),
+        );
+        let logs = |log: &Path| {
+            format!(
+                "          access_log:\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n              log_format: {{text_format: \"{format}\"}}\n",
+                default_log.display(),
+                log.display()
+            )
+        };
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[
+                tcp_listener("tcp_open", open, "echo", &logs(&custom_log)),
+                tcp_listener("tcp_refused", refused, "refused", &logs(&custom_log)),
+            ],
+            &[
+                static_cluster("echo", &[echo.addr]),
+                static_cluster("refused", &[closed]),
+            ],
+        );
+        let (_config_dir, file) = write_config(&yaml);
+        let _proxy: Box<dyn std::any::Any> = if envoy {
+            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
+        } else {
+            Box::new(Proxy::start_file(&file, admin, &[]))
+        };
+        remora_tests::wait_for_port(loopback(open), Duration::from_secs(20));
+        let answer = {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(loopback(open)).expect("connect");
+            stream.write_all(request.as_bytes()).expect("write");
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).expect("read");
+            answer.len()
+        };
+        {
+            use std::io::Read;
+            let mut stream = std::net::TcpStream::connect(loopback(refused)).expect("connect");
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+        }
+        wait_for("a line per connection", Duration::from_secs(15), || {
+            let custom = std::fs::read_to_string(&custom_log).ok()?;
+            let default = std::fs::read_to_string(&default_log).ok()?;
+            // Three connections: the harness's readiness probe (opened and closed at once,
+            // so how far its upstream connect got is a race), the request, the refused one.
+            (custom.lines().count() == 3 && default.lines().count() == 3).then(|| {
+                // The upstream connection's local port differs by run.
+                let custom = custom
+                    .lines()
+                    .filter(|line| !line.starts_with("0 - - - 0 0 "))
+                    .map(|line| {
+                        line.split(' ')
+                            .enumerate()
+                            .map(|(i, f)| if i == 8 && f != "-" { "<local>" } else { f })
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .collect();
+                // The request's line in the default format, without its time and duration.
+                let received = format!("\" 0 - {} ", request.len());
+                let first = default
+                    .lines()
+                    .find(|line| line.contains(&received))
+                    .unwrap_or_default();
+                let (_, rest) = first.split_once("] ").unwrap_or_default();
+                let fields: Vec<&str> = rest.split(' ').collect();
+                let default = format!("{} {}", fields[..7].join(" "), fields[8..].join(" "));
+                (custom, default, answer)
+            })
+        })
+    };
+    let (remora, remora_default, answered) = run("remora", false);
+    let echo_addr = echo.addr;
+    let (custom_open, custom_refused) = {
+        let mut sorted = remora.clone();
+        sorted.sort_by_key(|line| line.contains("UF"));
+        (sorted[0].clone(), sorted[1].clone())
+    };
+    assert_eq!(
+        custom_open,
+        format!(
+            "0 - - - {} {answered} {echo_addr} echo <local> - 1 - -",
+            request.len()
+        )
+    );
+    assert_eq!(
+        custom_refused,
+        format!(
+            "0 UF,URX - - 0 0 {closed} refused - delayed_connect_error:_Connection_refused 1 - -"
+        )
+    );
+    assert_eq!(
+        remora_default,
+        format!(
+            "\"- - -\" 0 - {} {answered} - \"-\" \"-\" \"-\" \"-\" \"{echo_addr}\"",
+            request.len()
+        )
+    );
+
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the tcp_proxy log test") {
+        return;
+    }
+    let (mut envoy, envoy_default, envoy_answered) = run("envoy", true);
+    let mut remora = remora;
+    envoy.sort();
+    remora.sort();
+    assert_eq!(envoy_answered, answered);
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+    assert_eq!(envoy_default, remora_default, "left: envoy, right: remora");
+}
+
 /// Two file loggers with the same `json_format`, the second with `omit_empty_values`, and a
 /// text logger with `omit_empty_values` into `text_log`.
 fn json_access_logs(plain_log: &Path, omitting_log: &Path, text_log: &Path) -> String {

@@ -381,9 +381,9 @@ fn tcp_proxy_fields_are_refused_by_path() {
                 UNSUPPORTED,
             ),
             (
-                "access_log: [{name: a, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog}}]",
-                "access_log",
-                UNSUPPORTED,
+                "access_log: [{name: a, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog, log_format: {text_format: \"%FILTER_STATE(x)%\"}}}]",
+                "access_log[0].typed_config.log_format",
+                "command operator %FILTER_STATE(x)% is not supported",
             ),
             ("stat_prefix: \"\"", "stat_prefix", "must not be empty"),
             ("cluster: \"\"", "cluster", "must not be empty"),

@@ -51,6 +51,8 @@ pub struct Entry {
     pub authority: Option<HeaderValue>,
     /// A head the codec refused: its method and target as sent, in place of the three above.
     pub refused: Option<(String, String)>,
+    /// A `tcp_proxy` connection's line: no request, so `-` for its fields and the protocol.
+    connection_only: bool,
     /// The request headers the formats read, as the request was forwarded (or, without an
     /// upstream, as the connection manager left it), and the response headers they read.
     pub headers: Captured,
@@ -204,6 +206,7 @@ impl Entry {
                     HeaderValue::from_str(authority.as_str()).ok()
                 }),
             refused: None,
+            connection_only: false,
             headers: Captured::with_room(logs.request_headers.len(), logs.response_headers.len()),
             status: 0,
             flags: crate::error::ResponseFlags::default(),
@@ -223,6 +226,16 @@ impl Entry {
             upstream_local: None,
             logs: logs.clone(),
         }
+    }
+
+    /// The record of a `tcp_proxy` connection, for `logs`: what Envoy's TCP proxy logs, with
+    /// no request (`"- - -"`, response code 0) and its bytes in both directions.
+    pub fn for_connection(at: (Instant, SocketAddr, SocketAddr), logs: &Arc<AccessLogs>) -> Self {
+        let mut entry = Entry::new(&http::Request::new(()), at, logs);
+        entry.connection_only = true;
+        entry.path = None;
+        entry.headers.request_captured = true;
+        entry
     }
 
     /// Records the request as it is now, in place of any earlier capture: its headers, and
@@ -739,6 +752,7 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
                 push_value(line, response_value(entry, name), *max, omit_empty);
             }
             Token::Protocol => line.push_str(match entry.version {
+                _ if entry.connection_only => "-",
                 Version::HTTP_10 => "HTTP/1.0",
                 Version::HTTP_11 => "HTTP/1.1",
                 Version::HTTP_2 => "HTTP/2",
@@ -842,6 +856,9 @@ impl Entry {
 }
 
 fn request_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
+    if entry.connection_only {
+        return None;
+    }
     if let Some((method, target)) = &entry.refused {
         return match field {
             HeaderField::Method => Some(method),

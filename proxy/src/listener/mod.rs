@@ -69,6 +69,7 @@ impl BuiltChain {
                 config: tcp.clone(),
                 stats: Arc::new(TcpStats::new(&context.registry, &tcp.stat_prefix)),
                 store: context.store.clone(),
+                logs: crate::tcp_proxy::access_logs(tcp, &context.registry, &filter_path)?,
             })),
             NetworkFilter::Http(hcm) => ChainRuntime::Http(Manager::build(
                 hcm.clone(),
