@@ -104,6 +104,27 @@ fn masked(default_lines: &str) -> Vec<String> {
         .collect()
 }
 
+/// A proxy under test and its config file, both kept until dropped (the proxy first).
+struct Running {
+    _proxy: Box<dyn std::any::Any>,
+    _config_dir: tempfile::TempDir,
+}
+
+/// Starts remora (or Envoy, with `envoy`) on `yaml` and waits for `port` to listen.
+fn serve_with(yaml: &str, admin: SocketAddr, port: u16, envoy: bool) -> Running {
+    let (config_dir, file) = write_config(yaml);
+    let proxy: Box<dyn std::any::Any> = if envoy {
+        Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
+    } else {
+        Box::new(Proxy::start_file(&file, admin, &[]))
+    };
+    remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+    Running {
+        _proxy: proxy,
+        _config_dir: config_dir,
+    }
+}
+
 /// What the tests comparing lines with Envoy's share: an echo upstream, a directory for the
 /// logs, and one listener routing [`HELLO_AND_UPLOAD`] to the echo, under either proxy.
 struct LogRig {
@@ -143,13 +164,7 @@ impl LogRig {
             )],
             &[static_cluster("echo", &[self.echo.addr])],
         );
-        let (_config_dir, file) = write_config(&yaml);
-        let _proxy: Box<dyn std::any::Any> = if envoy {
-            Box::new(remora_tests::envoy::Envoy::start(&file, self.admin, &[]))
-        } else {
-            Box::new(Proxy::start_file(&file, self.admin, &[]))
-        };
-        remora_tests::wait_for_port(loopback(self.port), Duration::from_secs(20));
+        let _running = serve_with(&yaml, self.admin, self.port, envoy);
         body(loopback(self.port))
     }
 }
@@ -282,13 +297,7 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
                 static_cluster("silent", &[silent]),
             ],
         );
-        let (_config_dir, file) = write_config(&yaml);
-        let _proxy: Box<dyn std::any::Any> = if envoy {
-            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
-        } else {
-            Box::new(Proxy::start_file(&file, admin, &[]))
-        };
-        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        let _running = serve_with(&yaml, admin, port, envoy);
         for path in paths {
             http_request(loopback(port), "GET", path, &[], "")
                 .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
@@ -435,13 +444,7 @@ fn tcp_proxy_connections_are_logged_as_envoy_logs_them() {
                 static_cluster("refused", &[closed]),
             ],
         );
-        let (_config_dir, file) = write_config(&yaml);
-        let _proxy: Box<dyn std::any::Any> = if envoy {
-            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
-        } else {
-            Box::new(Proxy::start_file(&file, admin, &[]))
-        };
-        remora_tests::wait_for_port(loopback(open), Duration::from_secs(20));
+        let _running = serve_with(&yaml, admin, open, envoy);
         let answer = {
             use std::io::{Read, Write};
             let mut stream = std::net::TcpStream::connect(loopback(open)).expect("connect");

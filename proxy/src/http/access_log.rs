@@ -31,7 +31,7 @@ use remora_config::access_log::{
 };
 
 use crate::config::{ConfigError, ConfigResult};
-use crate::stats::Stat;
+use crate::stats::{Registry, Stat};
 
 /// What one request leaves for its access log line. It keeps only what its logs' formats
 /// read: of the headers, the values of the names they name (see [`AccessLogs`]), not copies of
@@ -357,6 +357,20 @@ fn names_read(format: &LogFormat, request: &mut Vec<HeaderName>, response: &mut 
             }
         }
     }
+}
+
+/// A filter's (the connection manager's, a `tcp_proxy`'s) logs bound to their writers, with
+/// their dropped lines counted in `access_log.dropped_lines`; none when it has none.
+pub fn for_filter(
+    configs: &[AccessLogConfig],
+    registry: &Registry,
+    path: &str,
+) -> ConfigResult<Arc<AccessLogs>> {
+    if configs.is_empty() {
+        return Ok(AccessLogs::none());
+    }
+    let dropped = registry.counter("access_log.dropped_lines".to_string());
+    activate(configs, &dropped, path)
 }
 
 /// A configured log bound to its writer.

@@ -43,12 +43,7 @@ impl Manager {
             .tracing
             .as_ref()
             .and_then(|t| Tracer::build(t, egress, tracing_context, registry));
-        let logs = if config.access_logs.is_empty() {
-            AccessLogs::none()
-        } else {
-            let dropped = registry.counter("access_log.dropped_lines".to_string());
-            access_log::activate(&config.access_logs, &dropped, path)?
-        };
+        let logs = access_log::for_filter(&config.access_logs, registry, path)?;
         Ok(Arc::new(Manager {
             stats: Arc::new(HttpStats::new(registry, &config.stat_prefix)),
             filters: crate::http::filters::build(&config.filters, registry, &config.stat_prefix),

@@ -69,7 +69,11 @@ impl BuiltChain {
                 config: tcp.clone(),
                 stats: Arc::new(TcpStats::new(&context.registry, &tcp.stat_prefix)),
                 store: context.store.clone(),
-                logs: crate::tcp_proxy::access_logs(tcp, &context.registry, &filter_path)?,
+                logs: crate::http::access_log::for_filter(
+                    &tcp.access_logs,
+                    &context.registry,
+                    &filter_path,
+                )?,
             })),
             NetworkFilter::Http(hcm) => ChainRuntime::Http(Manager::build(
                 hcm.clone(),

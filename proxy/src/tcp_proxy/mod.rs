@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::{ConfigResult, TcpClusters, TcpProxy};
+use crate::config::{TcpClusters, TcpProxy};
 use crate::drain::{Phase, Watch};
 use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
-use crate::http::access_log::{self, AccessLogs, Entry, PendingLine};
-use crate::stats::Registry;
+use crate::http::access_log::{AccessLogs, Entry, PendingLine};
 use crate::stats::TcpStats;
 use crate::store::Store;
 use crate::tunnel::{self, Activity, Direction, UpstreamEnd};
@@ -29,19 +28,6 @@ pub struct TcpProxyRuntime {
     pub stats: Arc<TcpStats>,
     pub store: Arc<Store>,
     pub logs: Arc<AccessLogs>,
-}
-
-/// The filter's access logs, bound to their writers (none: connections record nothing).
-pub fn access_logs(
-    config: &TcpProxy,
-    registry: &Arc<Registry>,
-    path: &str,
-) -> ConfigResult<Arc<AccessLogs>> {
-    if config.access_logs.is_empty() {
-        return Ok(AccessLogs::none());
-    }
-    let dropped = registry.counter("access_log.dropped_lines".to_string());
-    access_log::activate(&config.access_logs, &dropped, path)
 }
 
 fn pick_cluster(clusters: &TcpClusters) -> &str {
