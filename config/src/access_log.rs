@@ -24,11 +24,190 @@ pub enum Target {
     File(PathBuf),
 }
 
-/// One configured access log: a destination and a parsed format.
+/// One configured access log: a destination, a parsed format, and which requests it writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccessLogConfig {
     pub target: Target,
     pub format: LogFormat,
+    /// `filter`: none writes every request.
+    pub filter: Option<LogFilter>,
+}
+
+/// Which requests (or `tcp_proxy` connections) a log writes: Envoy's `AccessLogFilter`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogFilter {
+    /// The response code (0 when none was sent) against a value.
+    StatusCode(Comparison),
+    /// How long the request took, in whole milliseconds, against a value.
+    Duration(Comparison),
+    /// Not a health check. Only Envoy's `health_check` filter marks requests as health
+    /// checks, and Remora has none, so every request passes.
+    NotHealthCheck,
+    /// Traced because it was forced (`x-envoy-force-trace`, recorded in its request id), which
+    /// is what Envoy's filter checks, not whether the request was sampled.
+    Traceable,
+    /// `numerator` in `denominator` requests, chosen by the request id's first eight hex
+    /// digits where there is one (so that every log and proxy on the path picks the same
+    /// requests), else at random.
+    Runtime {
+        numerator: u64,
+        denominator: u64,
+        independent_randomness: bool,
+    },
+    And(Vec<LogFilter>),
+    Or(Vec<LogFilter>),
+    /// The request's headers (as forwarded) match.
+    Header(crate::matcher::HeaderMatch),
+    /// Any of these response flags (Envoy's short codes) was set; any flag at all when empty.
+    ResponseFlags(Vec<String>),
+}
+
+/// `ComparisonFilter`: a figure compared with a value (its runtime key's default: Remora's
+/// runtime has no keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Comparison {
+    pub op: CompareOp,
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareOp {
+    Eq,
+    Ge,
+    Le,
+    Ne,
+}
+
+impl Comparison {
+    pub fn holds_for(self, figure: u64) -> bool {
+        match self.op {
+            CompareOp::Eq => figure == self.value,
+            CompareOp::Ge => figure >= self.value,
+            CompareOp::Le => figure <= self.value,
+            CompareOp::Ne => figure != self.value,
+        }
+    }
+}
+
+/// Envoy 1.40's response flag codes, the names `response_flag_filter` accepts.
+const RESPONSE_FLAG_CODES: &[&str] = &[
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
+    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
+];
+
+/// An `AccessLogFilter` at `path`.
+pub fn log_filter(proto: &accesslog_pb::AccessLogFilter, path: &str) -> ConfigResult<LogFilter> {
+    use accesslog_pb::access_log_filter::FilterSpecifier as F;
+    let comparison = |c: &Option<accesslog_pb::ComparisonFilter>, path: String| {
+        let cpath = field(&path, "comparison");
+        let Some(accesslog_pb::ComparisonFilter { op, value }) = c else {
+            return err(cpath, "required");
+        };
+        let op = match accesslog_pb::comparison_filter::Op::try_from(*op) {
+            Ok(accesslog_pb::comparison_filter::Op::Eq) => CompareOp::Eq,
+            Ok(accesslog_pb::comparison_filter::Op::Ge) => CompareOp::Ge,
+            Ok(accesslog_pb::comparison_filter::Op::Le) => CompareOp::Le,
+            Ok(accesslog_pb::comparison_filter::Op::Ne) => CompareOp::Ne,
+            Err(_) => return err(field(&cpath, "op"), format!("unknown operator {op}")),
+        };
+        let Some(core_pb::RuntimeUInt32 {
+            default_value,
+            runtime_key: _,
+        }) = value
+        else {
+            return err(field(&cpath, "value"), "required");
+        };
+        Ok(Comparison {
+            op,
+            value: u64::from(*default_value),
+        })
+    };
+    let several = |filters: &[accesslog_pb::AccessLogFilter], path: String| {
+        let fpath = field(&path, "filters");
+        if filters.len() < 2 {
+            return err(fpath, "needs at least two filters");
+        }
+        filters
+            .iter()
+            .enumerate()
+            .map(|(i, filter)| log_filter(filter, &format!("{fpath}[{i}]")))
+            .collect::<ConfigResult<Vec<_>>>()
+    };
+    Ok(match &proto.filter_specifier {
+        Some(F::StatusCodeFilter(f)) => LogFilter::StatusCode(comparison(
+            &f.comparison,
+            field(path, "status_code_filter"),
+        )?),
+        Some(F::DurationFilter(f)) => {
+            LogFilter::Duration(comparison(&f.comparison, field(path, "duration_filter"))?)
+        }
+        Some(F::NotHealthCheckFilter(_)) => LogFilter::NotHealthCheck,
+        Some(F::TraceableFilter(_)) => LogFilter::Traceable,
+        Some(F::RuntimeFilter(f)) => {
+            let accesslog_pb::RuntimeFilter {
+                runtime_key: _,
+                percent_sampled,
+                use_independent_randomness,
+            } = f;
+            let rpath = field(path, "runtime_filter");
+            // Envoy's default: 0%.
+            let (numerator, denominator) = match percent_sampled {
+                None => (0, 100),
+                Some(xds_api::envoy::r#type::v3::FractionalPercent {
+                    numerator,
+                    denominator,
+                }) => {
+                    use xds_api::envoy::r#type::v3::fractional_percent::DenominatorType as D;
+                    let denominator = match D::try_from(*denominator) {
+                        Ok(D::Hundred) => 100,
+                        Ok(D::TenThousand) => 10_000,
+                        Ok(D::Million) => 1_000_000,
+                        Err(_) => {
+                            return err(
+                                field(&field(&rpath, "percent_sampled"), "denominator"),
+                                "unknown value",
+                            );
+                        }
+                    };
+                    (u64::from(*numerator), denominator)
+                }
+            };
+            LogFilter::Runtime {
+                numerator,
+                denominator,
+                independent_randomness: *use_independent_randomness,
+            }
+        }
+        Some(F::AndFilter(f)) => LogFilter::And(several(&f.filters, field(path, "and_filter"))?),
+        Some(F::OrFilter(f)) => LogFilter::Or(several(&f.filters, field(path, "or_filter"))?),
+        Some(F::HeaderFilter(f)) => {
+            let hpath = field(&field(path, "header_filter"), "header");
+            let Some(header) = &f.header else {
+                return err(hpath, "required");
+            };
+            LogFilter::Header(crate::matcher::header_matcher(header, &hpath)?)
+        }
+        Some(F::ResponseFlagFilter(f)) => {
+            let fpath = field(&field(path, "response_flag_filter"), "flags");
+            for (i, flag) in f.flags.iter().enumerate() {
+                if !RESPONSE_FLAG_CODES.contains(&flag.as_str()) {
+                    return err(
+                        format!("{fpath}[{i}]"),
+                        format!("{flag:?} is not one of Envoy's response flags"),
+                    );
+                }
+            }
+            LogFilter::ResponseFlags(f.flags.clone())
+        }
+        None => {
+            return err(
+                path,
+                "no filter this proxy knows: status_code, duration, not_health_check, traceable, \
+                 runtime, and, or, header and response_flag filters are supported (not \
+                 grpc_status, metadata, log_type or extension filters)",
+            );
+        }
+    })
 }
 
 /// A parsed `log_format`.
@@ -312,7 +491,10 @@ pub fn access_log(proto: &accesslog_pb::AccessLog, path: &str) -> ConfigResult<A
         filter,
         config_type,
     } = proto;
-    unsupported!(path, filter);
+    let filter = filter
+        .as_ref()
+        .map(|filter| log_filter(filter, &field(path, "filter")))
+        .transpose()?;
     let Some(ConfigType::TypedConfig(any)) = config_type else {
         return err(field(path, "typed_config"), "required");
     };
@@ -356,7 +538,11 @@ pub fn access_log(proto: &accesslog_pb::AccessLog, path: &str) -> ConfigResult<A
         other => return err(typed, format!("access logger {other} is not supported")),
     };
     let format = log_format(format, &field(&typed, "log_format"))?;
-    Ok(AccessLogConfig { target, format })
+    Ok(AccessLogConfig {
+        target,
+        format,
+        filter,
+    })
 }
 
 /// A `SubstitutionFormatString` (absent: Envoy's default format).

@@ -293,6 +293,7 @@ fn read_admin(proto: &bootstrap_pb::Admin, path: &str) -> ConfigResult<Admin> {
                     .map_err(|e| ConfigError::new(field(path, "access_log_path"), e))?,
                 omit_empty: false,
             },
+            filter: None,
         });
     }
     Ok(Admin {

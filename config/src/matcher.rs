@@ -155,15 +155,16 @@ fn re2_substitution(text: &str) -> String {
 
 // === header matchers ===
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum HeaderCheck {
     String(StringMatch),
     Present(bool),
     Range(i64, i64),
 }
 
-/// One `HeaderMatcher`, as routes, retry policies and the fault filter use it.
-#[derive(Debug, Clone)]
+/// One `HeaderMatcher`, as routes, retry policies, the fault filter and access log filters use
+/// it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct HeaderMatch {
     name: HeaderKey,
     check: HeaderCheck,
@@ -173,7 +174,7 @@ pub struct HeaderMatch {
 
 /// What a header matcher reads: a header, or one of the pseudo-headers Envoy lets routes
 /// match on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum HeaderKey {
     Header(HeaderName),
     Method,

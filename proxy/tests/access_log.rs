@@ -811,3 +811,211 @@ fn a_stopping_proxy_writes_every_waiting_line() {
     sent.sort_unstable();
     assert_eq!(logged, sent, "every request logged once");
 }
+
+/// One file log writing `%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS%` for the requests its
+/// `filter` (YAML, flow style) picks.
+fn filtered_log(path: &Path, filter: &str) -> String {
+    format!(
+        r#"          - name: envoy.access_loggers.file
+            filter: {filter}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format: "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS%\n"}}
+"#,
+        path.display()
+    )
+}
+
+#[test]
+fn filters_pick_the_lines_envoy_picks() {
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    let receiver = remora_tests::otlp::Receiver::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let (_silent, silent) = silent_upstream();
+    let filters: [(&str, &str); 11] = [
+        (
+            "errors",
+            "{status_code_filter: {comparison: {op: GE, value: {default_value: 400, runtime_key: errors}}}}",
+        ),
+        (
+            "not-503",
+            "{status_code_filter: {comparison: {op: NE, value: {default_value: 503, runtime_key: k}}}}",
+        ),
+        ("uh-or-nr", "{response_flag_filter: {flags: [UH, NR]}}"),
+        ("any-flag", "{response_flag_filter: {}}"),
+        (
+            "marked",
+            "{header_filter: {header: {name: x-log, present_match: true}}}",
+        ),
+        (
+            "unmarked",
+            "{header_filter: {header: {name: x-log, present_match: true, invert_match: true}}}",
+        ),
+        (
+            "hello-ok",
+            "{and_filter: {filters: [{status_code_filter: {comparison: {op: EQ, value: {default_value: 200, runtime_key: k}}}}, {header_filter: {header: {name: ':path', string_match: {prefix: /hello}}}}]}}",
+        ),
+        (
+            "missing-or-slow",
+            "{or_filter: {filters: [{status_code_filter: {comparison: {op: EQ, value: {default_value: 404, runtime_key: k}}}}, {duration_filter: {comparison: {op: GE, value: {default_value: 500, runtime_key: k}}}}]}}",
+        ),
+        (
+            "half",
+            "{runtime_filter: {runtime_key: half, percent_sampled: {numerator: 50, denominator: HUNDRED}}}",
+        ),
+        ("forced", "{traceable_filter: {}}"),
+        ("not-health-checks", "{not_health_check_filter: {}}"),
+    ];
+    // The test client is internal, so that its request ids are kept and its forced trace
+    // honoured; nothing is sampled at random.
+    let tracing = r#"          internal_address_config: {cidr_ranges: [{address_prefix: 127.0.0.0, prefix_len: 8}]}
+          use_remote_address: true
+          tracing:
+            random_sampling: {value: 0}
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {envoy_grpc: {cluster_name: otlp}, timeout: 2s}
+                service_name: filters
+"#;
+    // `/slow` times out after a second; the duration filter's 500 ms sits well apart from it
+    // (Envoy's timer can end the request a millisecond early) and from the other requests.
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/hello"}
+                route: {cluster: echo}
+              - match: {prefix: "/status"}
+                route: {cluster: echo}
+              - match: {prefix: "/no-host"}
+                route: {cluster: empty}
+              - match: {prefix: "/slow"}
+                route: {cluster: silent, timeout: 1s}
+"#;
+    // The runtime filter draws from the request id's first eight hex digits, modulo 100.
+    let id = |prefix: &str| format!("{prefix}-0000-4000-8000-000000000000");
+    let requests: [(&str, Vec<(&str, String)>); 7] = [
+        (
+            "/hello/a",
+            vec![("x-request-id", id("00000001")), ("x-log", "1".into())],
+        ),
+        ("/hello/b", vec![("x-request-id", id("00000063"))]),
+        ("/status/503", vec![("x-request-id", id("00000002"))]),
+        ("/nowhere", vec![("x-request-id", id("00000064"))]),
+        (
+            "/no-host",
+            vec![("x-request-id", id("00000031")), ("x-log", "1".into())],
+        ),
+        ("/slow", vec![("x-request-id", id("00000032"))]),
+        (
+            "/hello/forced",
+            vec![
+                ("x-request-id", id("000000c8")),
+                ("x-envoy-force-trace", "1".into()),
+            ],
+        ),
+    ];
+    let run = |tag: &str, envoy: bool| -> Vec<(String, Vec<String>)> {
+        let logs: String = filters
+            .iter()
+            .map(|(name, filter)| {
+                filtered_log(&dir.path().join(format!("{tag}-{name}.log")), filter)
+            })
+            .collect();
+        // The last log takes every request: once its lines are in, so are the others'.
+        let all = dir.path().join(format!("{tag}-all.log"));
+        let hcm = format!(
+            "{tracing}          access_log:\n{logs}{}",
+            filtered_log(&all, "{not_health_check_filter: {}}")
+        );
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener("ingress", port, &hcm, routes)],
+            &[
+                static_cluster("echo", &[echo.addr]),
+                static_cluster("empty", &[]),
+                static_cluster("silent", &[silent]),
+                common::http2_cluster("otlp", receiver.addr),
+            ],
+        );
+        let _running = serve_with(&yaml, admin, port, envoy);
+        for (path, headers) in &requests {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            http_request(loopback(port), "GET", path, &headers, "")
+                .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
+        }
+        wait_for(
+            "every request in the unfiltered log",
+            Duration::from_secs(15),
+            || {
+                let text = std::fs::read_to_string(&all).ok()?;
+                (text.lines().count() == requests.len()).then_some(())
+            },
+        );
+        filters
+            .iter()
+            .map(|(name, _)| {
+                let text = std::fs::read_to_string(dir.path().join(format!("{tag}-{name}.log")))
+                    .unwrap_or_default();
+                (name.to_string(), text.lines().map(str::to_string).collect())
+            })
+            .collect()
+    };
+
+    let remora = run("remora", false);
+    let lines = |lines: &[&str]| {
+        lines
+            .iter()
+            .map(|line| line.to_string())
+            .collect::<Vec<_>>()
+    };
+    let (hello_a, hello_b, upstream_503) =
+        ("/hello/a 200 -", "/hello/b 200 -", "/status/503 503 -");
+    let (nowhere, no_host, slow) = ("/nowhere 404 NR", "/no-host 503 UH", "/slow 504 UT");
+    let forced = "/hello/forced 200 -";
+    let every = [
+        hello_a,
+        hello_b,
+        upstream_503,
+        nowhere,
+        no_host,
+        slow,
+        forced,
+    ];
+    let expected = vec![
+        ("errors", lines(&[upstream_503, nowhere, no_host, slow])),
+        ("not-503", lines(&[hello_a, hello_b, nowhere, slow, forced])),
+        ("uh-or-nr", lines(&[nowhere, no_host])),
+        ("any-flag", lines(&[nowhere, no_host, slow])),
+        ("marked", lines(&[hello_a, no_host])),
+        (
+            "unmarked",
+            lines(&[hello_b, upstream_503, nowhere, slow, forced]),
+        ),
+        ("hello-ok", lines(&[hello_a, hello_b, forced])),
+        ("missing-or-slow", lines(&[nowhere, slow])),
+        (
+            "half",
+            lines(&[hello_a, upstream_503, nowhere, no_host, forced]),
+        ),
+        ("forced", lines(&[forced])),
+        ("not-health-checks", lines(&every)),
+    ];
+    let expected: Vec<(String, Vec<String>)> = expected
+        .into_iter()
+        .map(|(name, lines)| (name.to_string(), lines))
+        .collect();
+    assert_eq!(remora, expected);
+
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the access log filter test") {
+        return;
+    }
+    assert_eq!(run("envoy", true), remora, "left: envoy, right: remora");
+}

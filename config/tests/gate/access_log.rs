@@ -3,7 +3,8 @@
 
 use http::HeaderName;
 use remora_config::access_log::{
-    DEFAULT_FORMAT, HeaderField, JsonField, LogFormat, Target, Token, parse_format,
+    CompareOp, Comparison, DEFAULT_FORMAT, HeaderField, JsonField, LogFilter, LogFormat, Target,
+    Token, parse_format,
 };
 
 use crate::hcm::hcm;
@@ -17,6 +18,13 @@ fn file_log(format: &str) -> String {
 
 const TYPED: &str = "access_log[0].typed_config";
 
+/// A stdout log with `filter` (YAML, flow style).
+fn filtered(filter: &str) -> String {
+    format!(
+        "access_log: [{{name: a, filter: {filter}, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog}}}}]"
+    )
+}
+
 #[test]
 fn access_log_fields_are_refused_by_path() {
     let format = format!("{TYPED}.log_format");
@@ -24,9 +32,41 @@ fn access_log_fields_are_refused_by_path() {
         HCM,
         &[
             (
-                "access_log: [{name: a, filter: {}, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog}}]",
+                &filtered("{}"),
                 "access_log[0].filter",
-                UNSUPPORTED,
+                "no filter this proxy knows",
+            ),
+            (
+                &filtered("{grpc_status_filter: {statuses: [OK]}}"),
+                "access_log[0].filter.grpc_status_filter",
+                "Remora does not support this field",
+            ),
+            (
+                &filtered("{response_flag_filter: {flags: [UH, XX]}}"),
+                "access_log[0].filter.response_flag_filter.flags[1]",
+                "\"XX\" is not one of Envoy's response flags",
+            ),
+            (
+                &filtered("{and_filter: {filters: [{not_health_check_filter: {}}]}}"),
+                "access_log[0].filter.and_filter.filters",
+                "needs at least two filters",
+            ),
+            (
+                &filtered(
+                    "{or_filter: {filters: [{traceable_filter: {}}, {status_code_filter: {}}]}}",
+                ),
+                "access_log[0].filter.or_filter.filters[1].status_code_filter.comparison",
+                "required",
+            ),
+            (
+                &filtered("{duration_filter: {comparison: {op: GE}}}"),
+                "access_log[0].filter.duration_filter.comparison.value",
+                "required",
+            ),
+            (
+                &filtered("{header_filter: {header: {name: \":status\"}}}"),
+                "access_log[0].filter.header_filter.header.name",
+                "only :method, :path, :authority and :scheme can be matched",
             ),
             ("access_log: [{name: a}]", TYPED, "required"),
             (
@@ -104,6 +144,14 @@ fn access_logs_reach_the_model() {
 access_log:
 - name: out
   typed_config: {"@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog}
+  filter:
+    or_filter:
+      filters:
+      - status_code_filter: {comparison: {op: GE, value: {default_value: 500, runtime_key: a}}}
+      - and_filter:
+          filters:
+          - response_flag_filter: {flags: [UH]}
+          - runtime_filter: {runtime_key: b, percent_sampled: {numerator: 5, denominator: TEN_THOUSAND}}
 - name: err
   typed_config:
     "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog
@@ -118,6 +166,24 @@ access_log:
     ));
     let logs = &hcm.access_logs;
     assert_eq!(logs[0].target, Target::Stdout);
+    assert_eq!(
+        logs[0].filter,
+        Some(LogFilter::Or(vec![
+            LogFilter::StatusCode(Comparison {
+                op: CompareOp::Ge,
+                value: 500
+            }),
+            LogFilter::And(vec![
+                LogFilter::ResponseFlags(vec!["UH".into()]),
+                LogFilter::Runtime {
+                    numerator: 5,
+                    denominator: 10_000,
+                    independent_randomness: false
+                },
+            ]),
+        ]))
+    );
+    assert_eq!(logs[1].filter, None);
     assert_eq!(
         logs[0].format,
         LogFormat::Text {

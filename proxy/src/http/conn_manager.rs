@@ -48,6 +48,7 @@ use crate::http::selected::Selected;
 use crate::http::stream_timer::SpareSleeps;
 use crate::http::tracing::ActiveTrace;
 use crate::http::tracing::propagation::Carried;
+use crate::http::tracing::request_id::Reason;
 use crate::stats::{GaugeGuard, Stat};
 use remora_config::route::PseudoHeaders;
 
@@ -488,10 +489,14 @@ async fn handle(
             );
             if let Some(entry) = log.as_mut() {
                 entry.trace_id = Some(active.trace_id());
+                entry.trace_forced = active.reason == Reason::ServiceForced;
             }
             trace = Some(active);
         } else if let Some(tracing) = &hcm.tracing {
-            crate::http::tracing::decide_only(tracing, &mut parts, route.as_ref());
+            let reason = crate::http::tracing::decide_only(tracing, &mut parts, route.as_ref());
+            if let Some(entry) = log.as_mut() {
+                entry.trace_forced = reason == Reason::ServiceForced;
+            }
         }
         // The id goes back as the tracing decision left it (Envoy also answers with the id of
         // a request it was told to trace).

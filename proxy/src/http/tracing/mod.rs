@@ -319,6 +319,7 @@ impl Tracer {
             span_id,
             parent_id,
             sampled,
+            reason,
             shared,
             trace_id_128,
             tracestate: carried
@@ -392,9 +393,13 @@ fn sampling(config: &Tracing, route: Option<&Selected>) -> Sampling {
 
 /// A connection manager with `tracing` but no provider: Envoy still writes the decision into
 /// `x-request-id` (and makes no span).
-pub fn decide_only(config: &Tracing, request: &mut http::request::Parts, route: Option<&Selected>) {
+pub fn decide_only(
+    config: &Tracing,
+    request: &mut http::request::Parts,
+    route: Option<&Selected>,
+) -> Reason {
     let forcing = request_id::Forcing::of(&request.headers);
-    request_id::decide(&mut request.headers, sampling(config, route), forcing);
+    request_id::decide(&mut request.headers, sampling(config, route), forcing)
 }
 
 /// A random non-zero span id.
@@ -410,6 +415,8 @@ pub struct ActiveTrace {
     pub span_id: u64,
     parent_id: Option<u64>,
     pub sampled: bool,
+    /// Why it is traced, or not.
+    pub reason: Reason,
     shared: bool,
     trace_id_128: bool,
     tracestate: Option<HeaderValue>,

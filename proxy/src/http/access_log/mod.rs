@@ -13,6 +13,8 @@
 //! `access_log.dropped`, rather than stalling requests. [`flush_all`] writes what is waiting
 //! (at shutdown).
 //!
+//! A log's `filter` picks the lines it writes ([`filter`]).
+//!
 //! SIGUSR1 reopens every log file, as Envoy does, so logrotate can move a file away: the line
 //! after the signal goes to a fresh file at the configured path.
 
@@ -31,6 +33,9 @@ use remora_config::access_log::{
 };
 
 use crate::config::{ConfigError, ConfigResult};
+use filter::{Filter, HeaderChecks};
+
+mod filter;
 use crate::stats::{Registry, Stat};
 
 /// What one request leaves for its access log line. It keeps only what its logs' formats
@@ -81,6 +86,10 @@ pub struct Entry {
     pub transport_failure: Option<Arc<str>>,
     /// `%UPSTREAM_LOCAL_ADDRESS%`: the local address of the connection the response came on.
     pub upstream_local: Option<SocketAddr>,
+    /// Whether its trace was forced (what `traceable_filter` checks).
+    pub trace_forced: bool,
+    /// The logs' header filters' verdicts on the request as captured.
+    header_checks: Vec<bool>,
     logs: Arc<AccessLogs>,
 }
 
@@ -224,6 +233,8 @@ impl Entry {
             details: std::borrow::Cow::Borrowed(""),
             transport_failure: None,
             upstream_local: None,
+            trace_forced: false,
+            header_checks: logs.header_checks.on_nothing(),
             logs: logs.clone(),
         }
     }
@@ -246,6 +257,9 @@ impl Entry {
     pub fn capture_request(&mut self, head: &http::request::Parts) {
         self.headers
             .set_request(&self.logs.request_headers, &head.headers);
+        if !self.logs.header_checks.is_empty() {
+            self.logs.header_checks.judge(head, &mut self.header_checks);
+        }
         if let Some(path) = head.uri.path_and_query() {
             self.path = Some(path.clone());
         }
@@ -272,6 +286,7 @@ impl Entry {
         self.refused = Some((method.to_owned(), target.to_owned()));
         self.authority = None;
         self.headers.clear_request();
+        self.header_checks = self.logs.header_checks.on_nothing();
     }
 }
 
@@ -284,19 +299,26 @@ pub struct PendingLine {
 impl Drop for PendingLine {
     fn drop(&mut self) {
         for log in self.entry.logs.logs.iter() {
-            log.sink.send(&log.format, &self.entry);
+            if log
+                .filter
+                .as_ref()
+                .is_none_or(|filter| filter.admits(&self.entry))
+            {
+                log.sink.send(&log.format, &self.entry);
+            }
         }
     }
 }
 
 /// A connection manager's (or the admin's) access logs, bound to their writers, with the
-/// header names their formats read: all an [`Entry`] keeps of a request's and a response's
-/// headers.
+/// header names their formats and filters read: all an [`Entry`] keeps of a request's and a
+/// response's headers, besides its header filters' verdicts.
 #[derive(Debug, Default)]
 pub struct AccessLogs {
     logs: Vec<ActiveLog>,
     request_headers: Vec<HeaderName>,
     response_headers: Vec<HeaderName>,
+    header_checks: HeaderChecks,
 }
 
 impl AccessLogs {
@@ -377,6 +399,7 @@ pub fn for_filter(
 #[derive(Debug)]
 pub struct ActiveLog {
     format: LogFormat,
+    filter: Option<Filter>,
     sink: Arc<Sink>,
 }
 
@@ -408,8 +431,21 @@ pub fn activate(
             &mut logs.request_headers,
             &mut logs.response_headers,
         );
+        let filter = config
+            .filter
+            .as_ref()
+            .map(|filter| Filter::build(filter, &mut logs.header_checks));
+        if filter.as_ref().is_some_and(Filter::reads_request_id)
+            && !logs
+                .request_headers
+                .contains(&crate::http::headers::X_REQUEST_ID)
+        {
+            logs.request_headers
+                .push(crate::http::headers::X_REQUEST_ID.clone());
+        }
         logs.logs.push(ActiveLog {
             format: config.format.clone(),
+            filter,
             sink: Sink::for_target(&config.target, dropped),
         });
     }
