@@ -309,6 +309,8 @@ pub enum Token {
     BytesReceived,
     BytesSent,
     Duration,
+    /// `%REQUEST_DURATION%` and the other phases of a request, in milliseconds from its start.
+    Timing(Timing),
     UpstreamHost,
     /// `%UPSTREAM_LOCAL_ADDRESS%`: the local address of the upstream connection the response
     /// came on.
@@ -338,6 +340,21 @@ pub enum Token {
     UpstreamRequestAttemptCount,
     /// `%DOWNSTREAM_PEER_*%`: what the downstream's TLS certificate says (`-` without one).
     DownstreamPeer(PeerField),
+}
+
+/// A phase of a request, as Envoy's duration operators time it (whole milliseconds; `-` when
+/// the request never reached that point, such as the response phases of a local reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// `%REQUEST_DURATION%`: from the start to the request's last byte received.
+    Request,
+    /// `%REQUEST_TX_DURATION%`: from the start to the request's last byte sent upstream.
+    RequestTx,
+    /// `%RESPONSE_DURATION%`: from the start to the upstream response's first byte.
+    Response,
+    /// `%RESPONSE_TX_DURATION%`: from the upstream response's first byte to the last byte
+    /// sent downstream.
+    ResponseTx,
 }
 
 /// The header a `%REQ(..)%` or `%RESP(..)%` reads, resolved once when the config is read rather
@@ -427,6 +444,10 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "BYTES_RECEIVED" => Some(Token::BytesReceived),
         "BYTES_SENT" => Some(Token::BytesSent),
         "DURATION" => Some(Token::Duration),
+        "REQUEST_DURATION" => Some(Token::Timing(Timing::Request)),
+        "REQUEST_TX_DURATION" => Some(Token::Timing(Timing::RequestTx)),
+        "RESPONSE_DURATION" => Some(Token::Timing(Timing::Response)),
+        "RESPONSE_TX_DURATION" => Some(Token::Timing(Timing::ResponseTx)),
         "UPSTREAM_HOST" => Some(Token::UpstreamHost),
         "UPSTREAM_LOCAL_ADDRESS" => Some(Token::UpstreamLocalAddress),
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Some(Token::UpstreamCluster),

@@ -12,13 +12,16 @@ use common::*;
 use remora_tests::echo::EchoServer;
 use remora_tests::{free_port, http_request, wait_for};
 
-/// Routes for what [`exercise`] sends: `/hello` and `/upload` to the echo, the rest 404.
+/// Routes for what the tests send: `/hello`, `/upload` and `/delay` (the echo answers
+/// `/delay/MS` that late) to the echo, the rest 404.
 const HELLO_AND_UPLOAD: &str = r#"            - name: all
               domains: ["*"]
               routes:
               - match: {prefix: "/hello"}
                 route: {cluster: echo}
               - match: {prefix: "/upload"}
+                route: {cluster: echo}
+              - match: {prefix: "/delay"}
                 route: {cluster: echo}
 "#;
 
@@ -1015,6 +1018,86 @@ fn filters_pick_the_lines_envoy_picks() {
     assert_eq!(remora, expected);
 
     if !remora_tests::envoy::available_or_skip("the Envoy half of the access log filter test") {
+        return;
+    }
+    assert_eq!(run("envoy", true), remora, "left: envoy, right: remora");
+}
+
+/// Sends a `POST` whose 5-byte body follows its head by `pause`; returns the response's status
+/// line (empty if the proxy closed the connection first).
+fn post_with_slow_body(addr: SocketAddr, path: &str, pause: Duration) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    std::thread::sleep(pause);
+    // A proxy that answered without the body may have closed the connection already.
+    let _ = stream.write_all(b"hello");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn phase_durations_are_timed_where_envoy_times_them() {
+    let rig = LogRig::new();
+    let format = "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %REQUEST_DURATION% %REQUEST_TX_DURATION% %RESPONSE_DURATION% %RESPONSE_TX_DURATION% %DURATION%\\n";
+    // Times as classes: the pauses are 300 ms, the rest of a request takes far less.
+    let class = |field: &str| match field.parse::<u64>() {
+        Err(_) => field.to_string(),
+        Ok(millis) if millis < 150 => "fast".into(),
+        Ok(millis) if millis >= 300 => "slow".into(),
+        Ok(millis) => format!("{millis} ms, neither fast nor slow"),
+    };
+    let pause = Duration::from_millis(300);
+    let run = |tag: &str, envoy: bool| -> Vec<String> {
+        let log = rig.log_path(&format!("{tag}-phases.log"));
+        rig.serve(&file_log_with_format(&log, format), envoy, |listener| {
+            for path in ["/hello", "/delay/300"] {
+                http_request(listener, "GET", path, &[], "")
+                    .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
+            }
+            let answer = post_with_slow_body(listener, "/upload", pause);
+            assert!(answer.contains(" 200 "), "{tag}: {answer}");
+            http_request(listener, "GET", "/nowhere", &[], "").expect("404");
+            let answer = post_with_slow_body(listener, "/nowhere", pause);
+            assert!(answer.contains(" 404 "), "{tag}: {answer}");
+            wait_for("a line per request", Duration::from_secs(15), || {
+                let text = std::fs::read_to_string(&log).ok()?;
+                (text.lines().count() == 5).then(|| {
+                    text.lines()
+                        .map(|line| {
+                            let fields: Vec<&str> = line.split(' ').collect();
+                            let (request, times) = fields.split_at(3);
+                            let times: Vec<String> = times.iter().map(|t| class(t)).collect();
+                            format!("{} {}", request.join(" "), times.join(" "))
+                        })
+                        .collect()
+                })
+            })
+        })
+    };
+    let remora = run("remora", false);
+    assert_eq!(
+        remora,
+        [
+            "GET /hello 200 fast fast fast fast fast",
+            "GET /delay/300 200 fast fast slow fast slow",
+            "POST /upload 200 slow slow slow fast slow",
+            "GET /nowhere 404 fast - - - fast",
+            "POST /nowhere 404 - - - - fast",
+        ]
+    );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the phase duration test") {
         return;
     }
     assert_eq!(run("envoy", true), remora, "left: envoy, right: remora");

@@ -20,17 +20,25 @@ pub struct RequestTimeout;
 
 /// Signals that a downstream request body has been forwarded in full: Envoy's route timeout
 /// starts then, so a slow upload does not eat into it.
+/// The access log's `%REQUEST_DURATION%` reads when.
 #[derive(Debug, Default)]
 pub struct RequestEnd {
     ended: AtomicBool,
     notify: tokio::sync::Notify,
+    at: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl RequestEnd {
     fn signal(&self) {
         if !self.ended.swap(true, Ordering::AcqRel) {
+            let _ = self.at.set(std::time::Instant::now());
             self.notify.notify_one();
         }
+    }
+
+    /// When the body ended, if it has.
+    pub fn ended_at(&self) -> Option<std::time::Instant> {
+        self.at.get().copied()
     }
 
     /// Resolves once the body has ended.

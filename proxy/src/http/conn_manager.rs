@@ -399,6 +399,7 @@ async fn handle(
             connection.info.destination,
         );
         let mut entry = Entry::new(&request, at, &manager.logs);
+        entry.timings.bodiless = http_body::Body::is_end_stream(request.body());
         entry
             .peer_certificate
             .clone_from(&connection.info.peer_certificate);

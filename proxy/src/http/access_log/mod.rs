@@ -29,7 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use remora_config::access_log::{
-    AccessLogConfig, HeaderField, JsonField, JsonObject, LogFormat, PeerField, Target, Token,
+    AccessLogConfig, HeaderField, JsonField, JsonObject, LogFormat, PeerField, Target, Timing,
+    Token,
 };
 
 use crate::config::{ConfigError, ConfigResult};
@@ -88,6 +89,9 @@ pub struct Entry {
     pub upstream_local: Option<SocketAddr>,
     /// Whether its trace was forced (what `traceable_filter` checks).
     pub trace_forced: bool,
+    /// When its phases ended, for `%REQUEST_DURATION%` and the like (kept only when a format
+    /// reads them: see [`Entry::timed`]).
+    pub timings: Timings,
     /// The logs' header filters' verdicts on the request as captured.
     header_checks: Vec<bool>,
     logs: Arc<AccessLogs>,
@@ -234,6 +238,7 @@ impl Entry {
             transport_failure: None,
             upstream_local: None,
             trace_forced: false,
+            timings: Timings::default(),
             header_checks: logs.header_checks.on_nothing(),
             logs: logs.clone(),
         }
@@ -290,6 +295,19 @@ impl Entry {
     }
 }
 
+/// When a request's phases ended, as the connection manager and the router saw them.
+#[derive(Debug, Default)]
+pub struct Timings {
+    /// The request had no body: it was received in full with its head.
+    pub bodiless: bool,
+    /// The end of its body, as the router's reader saw it.
+    pub body_end: Option<Arc<crate::body::request::RequestEnd>>,
+    /// When its last attempt was handed to the upstream connection.
+    pub sent: Option<Instant>,
+    /// When the upstream response's head came.
+    pub response_started: Option<Instant>,
+}
+
 /// A request's pending log line: written when dropped, i.e. when the response has ended.
 #[derive(Debug)]
 pub struct PendingLine {
@@ -319,6 +337,8 @@ pub struct AccessLogs {
     request_headers: Vec<HeaderName>,
     response_headers: Vec<HeaderName>,
     header_checks: HeaderChecks,
+    /// Whether a format reads the phases' times ([`Timings`]).
+    timed: bool,
 }
 
 impl AccessLogs {
@@ -381,6 +401,25 @@ fn names_read(format: &LogFormat, request: &mut Vec<HeaderName>, response: &mut 
     }
 }
 
+/// Whether `format` has a duration operator of a phase ([`Token::Timing`]).
+fn reads_timings(format: &LogFormat) -> bool {
+    fn json(field: &JsonField) -> bool {
+        match field {
+            JsonField::Format(tokens) => timed(tokens),
+            JsonField::Literal(_) => false,
+            JsonField::Object(object) => object.iter().any(|(_, field)| json(field)),
+            JsonField::List(items) => items.iter().any(json),
+        }
+    }
+    fn timed(tokens: &[Token]) -> bool {
+        tokens.iter().any(|token| matches!(token, Token::Timing(_)))
+    }
+    match format {
+        LogFormat::Text { tokens, .. } => timed(tokens),
+        LogFormat::Json { fields, .. } => fields.iter().any(|(_, field)| json(field)),
+    }
+}
+
 /// A filter's (the connection manager's, a `tcp_proxy`'s) logs bound to their writers, with
 /// their dropped lines counted in `access_log.dropped_lines`; none when it has none.
 pub fn for_filter(
@@ -431,6 +470,7 @@ pub fn activate(
             &mut logs.request_headers,
             &mut logs.response_headers,
         );
+        logs.timed |= reads_timings(&config.format);
         let filter = config
             .filter
             .as_ref()
@@ -774,6 +814,7 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             .trace_id
             .map_or(Value::Null, |id| Value::String(id.to_string())),
         Token::UpstreamRequestAttemptCount => Value::from(entry.upstream_request_attempt_count),
+        Token::Timing(timing) => entry.timing(*timing).map_or(Value::Null, Value::from),
         other => Value::String(rendered(std::slice::from_ref(other), entry, false)),
     }
 }
@@ -857,6 +898,10 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
             Token::UpstreamRequestAttemptCount => {
                 line.push_str(number.format(entry.upstream_request_attempt_count));
             }
+            Token::Timing(timing) => match entry.timing(*timing) {
+                Some(millis) => line.push_str(number.format(millis)),
+                None => push_value(line, None, None, omit_empty),
+            },
         }
     }
 }
@@ -889,6 +934,37 @@ fn push_addr(line: &mut String, addr: SocketAddr) {
 impl Entry {
     fn took(&self) -> Duration {
         self.took.unwrap_or_else(|| self.started.elapsed())
+    }
+
+    /// Whether a format reads [`Entry::timings`], which the router then records.
+    pub fn timed(&self) -> bool {
+        self.logs.timed
+    }
+
+    /// A phase's end in whole milliseconds from the start (the response's last byte, from
+    /// its first, for [`Timing::ResponseTx`]); `None` when the request never got there.
+    fn timing(&self, timing: Timing) -> Option<u64> {
+        let millis = |from: Instant, to: Instant| to.saturating_duration_since(from).as_millis();
+        let timings = &self.timings;
+        if self.connection_only {
+            return None;
+        }
+        let body_end = || timings.body_end.as_ref()?.ended_at();
+        let millis = match timing {
+            Timing::Request if timings.bodiless => 0,
+            Timing::Request => millis(self.started, body_end()?),
+            Timing::RequestTx => {
+                let sent = timings.sent?;
+                let last = match timings.bodiless {
+                    true => sent,
+                    false => body_end()?.max(sent),
+                };
+                millis(self.started, last)
+            }
+            Timing::Response => millis(self.started, timings.response_started?),
+            Timing::ResponseTx => millis(timings.response_started?, self.started + self.took()),
+        };
+        Some(u64::try_from(millis).unwrap_or(u64::MAX))
     }
 
     fn route_name(&self) -> Option<&str> {

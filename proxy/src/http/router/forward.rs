@@ -352,8 +352,12 @@ pub(super) async fn forward(
     // The route and per-try timeouts start once the request has been sent in full, as in
     // Envoy: at once for a request without a body, else when its body ends.
     let has_body = !http_body::Body::is_end_stream(&body);
-    let request_end = (has_body && (route_timeout.is_some() || per_try_timeout.is_some()))
+    let timed = log.as_ref().is_some_and(|entry| entry.timed());
+    let request_end = (has_body && (route_timeout.is_some() || per_try_timeout.is_some() || timed))
         .then(|| Arc::new(RequestEnd::default()));
+    if let Some(entry) = log.as_mut().filter(|_| timed) {
+        entry.timings.body_end.clone_from(&request_end);
+    }
     // Only a body can fail on the client's side.
     let body_failed = has_body.then(|| Arc::new(AtomicBool::new(false)));
     let downstream_body = RequestBody::new(
@@ -472,6 +476,9 @@ pub(super) async fn forward(
         // Asked for only by a log, which shows it also for an attempt that timed out.
         let local = log.as_ref().map(|_| LocalAddress::default());
         sent_at = Instant::now();
+        if let Some(entry) = log.as_mut().filter(|_| timed) {
+            entry.timings.sent = Some(sent_at.into_std());
+        }
         let sent = clock
             .run(
                 pin!(pools.send(&host, request, local.as_ref())),
@@ -590,6 +597,9 @@ pub(super) async fn forward(
     headers::remove_hop_by_hop(response_headers, status == StatusCode::SWITCHING_PROTOCOLS);
     // One clock read for the service time and the idle timeouts, which restart here.
     let now = Instant::now();
+    if let Some(entry) = log.as_mut().filter(|_| timed) {
+        entry.timings.response_started = Some(now.into_std());
+    }
     let elapsed = now.saturating_duration_since(started).as_millis() as u64;
     response_headers.insert(&X_SERVICE_TIME, headers::number(elapsed));
     response_headers.insert(header::SERVER, manager.server_header.clone());
