@@ -303,6 +303,14 @@ pub enum Token {
         name: HeaderField,
         max: Option<usize>,
     },
+    /// `%TRAILER(NAME):MAX%`: a response trailer.
+    Trailer {
+        name: HeaderField,
+        max: Option<usize>,
+    },
+    /// `%GRPC_STATUS(FORMAT)%`: a gRPC request's status, from the response's trailers, else
+    /// its headers, else inferred from the HTTP status; `-` for other requests.
+    GrpcStatus(GrpcStatusFormat),
     Protocol,
     ResponseCode,
     ResponseFlags,
@@ -340,6 +348,17 @@ pub enum Token {
     UpstreamRequestAttemptCount,
     /// `%DOWNSTREAM_PEER_*%`: what the downstream's TLS certificate says (`-` without one).
     DownstreamPeer(PeerField),
+}
+
+/// How `%GRPC_STATUS%` writes a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcStatusFormat {
+    /// `CAMEL_STRING`, the default: `OK`, `Unavailable`.
+    Camel,
+    /// `SNAKE_STRING`: `OK`, `UNAVAILABLE`.
+    Snake,
+    /// `NUMBER`: `14`.
+    Number,
 }
 
 /// A phase of a request, as Envoy's duration operators time it (whole milliseconds; `-` when
@@ -448,6 +467,13 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "REQUEST_TX_DURATION" => Some(Token::Timing(Timing::RequestTx)),
         "RESPONSE_DURATION" => Some(Token::Timing(Timing::Response)),
         "RESPONSE_TX_DURATION" => Some(Token::Timing(Timing::ResponseTx)),
+        "GRPC_STATUS" | "GRPC_STATUS()" | "GRPC_STATUS(CAMEL_STRING)" => {
+            Some(Token::GrpcStatus(GrpcStatusFormat::Camel))
+        }
+        "GRPC_STATUS(SNAKE_STRING)" => Some(Token::GrpcStatus(GrpcStatusFormat::Snake)),
+        "GRPC_STATUS(NUMBER)" | "GRPC_STATUS_NUMBER" => {
+            Some(Token::GrpcStatus(GrpcStatusFormat::Number))
+        }
         "UPSTREAM_HOST" => Some(Token::UpstreamHost),
         "UPSTREAM_LOCAL_ADDRESS" => Some(Token::UpstreamLocalAddress),
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Some(Token::UpstreamCluster),
@@ -496,6 +522,12 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
     }
     if let Some((name, None, max)) = header_operator("RESP(") {
         return Ok(Token::Response {
+            name: HeaderField::response(name),
+            max,
+        });
+    }
+    if let Some((name, None, max)) = header_operator("TRAILER(") {
+        return Ok(Token::Trailer {
             name: HeaderField::response(name),
             max,
         });

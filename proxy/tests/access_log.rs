@@ -1102,3 +1102,87 @@ fn phase_durations_are_timed_where_envoy_times_them() {
     }
     assert_eq!(run("envoy", true), remora, "left: envoy, right: remora");
 }
+
+#[test]
+fn grpc_statuses_and_trailers_are_logged_as_envoy_logs_them() {
+    let echo = EchoServer::start("echo", "127.0.0.1");
+    // A real gRPC server: its Export answers OK in trailers; any other method, Unimplemented
+    // in a head with no body (trailers-only).
+    let grpc = remora_tests::otlp::Receiver::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/opentelemetry."}
+                route: {cluster: grpc}
+              - match: {prefix: "/nope."}
+                route: {cluster: grpc}
+              - match: {prefix: "/empty."}
+                route: {cluster: empty}
+              - match: {prefix: "/plain"}
+                route: {cluster: echo}
+"#;
+    let format = "%REQ(:PATH)% %RESPONSE_CODE% %GRPC_STATUS% %GRPC_STATUS(SNAKE_STRING)% %GRPC_STATUS(NUMBER)% %TRAILER(GRPC-STATUS)% %TRAILER(X-NONE):3%\\n";
+    let export = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+    // An empty message: no compression flag, length 0.
+    let empty_message = "\0\0\0\0\0";
+    let requests: [(&str, &str); 6] = [
+        (export, "application/grpc"),
+        ("/nope.Service/Call", "application/grpc"),
+        ("/empty.Service/Call", "application/grpc+proto"),
+        ("/nowhere.Service/Call", "application/grpc"),
+        ("/nope.Service/Call", "application/grpc-web"),
+        ("/plain", "text/plain"),
+    ];
+    let run = |tag: &str, envoy: bool| -> Vec<String> {
+        let log = dir.path().join(format!("{tag}.log"));
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener(
+                "ingress",
+                port,
+                &file_log_with_format(&log, format),
+                routes,
+            )],
+            &[
+                static_cluster("echo", &[echo.addr]),
+                static_cluster("empty", &[]),
+                common::http2_cluster("grpc", grpc.addr),
+            ],
+        );
+        let _running = serve_with(&yaml, admin, port, envoy);
+        for (path, content_type) in requests {
+            http_request(
+                loopback(port),
+                "POST",
+                path,
+                &[("content-type", content_type), ("te", "trailers")],
+                empty_message,
+            )
+            .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
+        }
+        wait_for("a line per request", Duration::from_secs(15), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (text.lines().count() == requests.len())
+                .then(|| text.lines().map(str::to_string).collect())
+        })
+    };
+    let remora = run("remora", false);
+    assert_eq!(
+        remora,
+        [
+            format!("{export} 200 OK OK 0 0 -"),
+            "/nope.Service/Call 200 Unimplemented UNIMPLEMENTED 12 - -".to_string(),
+            "/empty.Service/Call 200 Unavailable UNAVAILABLE 14 - -".to_string(),
+            "/nowhere.Service/Call 200 Unimplemented UNIMPLEMENTED 12 - -".to_string(),
+            "/nope.Service/Call 200 - - - - -".to_string(),
+            "/plain 200 - - - - -".to_string(),
+        ]
+    );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the gRPC status log test") {
+        return;
+    }
+    assert_eq!(run("envoy", true), remora, "left: envoy, right: remora");
+}

@@ -199,6 +199,11 @@ impl UpstreamBody {
                     timer.touch();
                 }
                 filter_frame(&mut self.filters, &mut frame);
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut())
+                {
+                    log.entry.capture_trailers(trailers);
+                }
                 if let Some(downstream) = self.downstream.as_mut()
                     && let Some(data) = frame.data_ref()
                 {

@@ -18,6 +18,7 @@
 //! SIGUSR1 reopens every log file, as Envoy does, so logrotate can move a file away: the line
 //! after the signal goes to a fresh file at the configured path.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -29,8 +30,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use remora_config::access_log::{
-    AccessLogConfig, HeaderField, JsonField, JsonObject, LogFormat, PeerField, Target, Timing,
-    Token,
+    AccessLogConfig, GrpcStatusFormat, HeaderField, JsonField, JsonObject, LogFormat, PeerField,
+    Target, Timing, Token,
 };
 
 use crate::config::{ConfigError, ConfigResult};
@@ -134,21 +135,24 @@ impl std::fmt::Display for TraceId {
 }
 
 /// The values of the headers an entry's logs read (`None`: absent): the request's, in the order
-/// of [`AccessLogs`]' request names, then the response's, in one vector allocated once.
+/// of [`AccessLogs`]' request names, then the response's, then its trailers', in one vector
+/// allocated once.
 #[derive(Debug, Default)]
 pub struct Captured {
     values: Vec<Option<HeaderValue>>,
     /// How many of `values` are the request's.
     request_len: usize,
+    /// How many, after the request's, are the response head's.
+    response_len: usize,
     /// Whether the request's have been captured (or, for a refused head, left out) yet.
     request_captured: bool,
 }
 
 impl Captured {
     /// Nothing captured yet, with room for the request's and the response's values.
-    fn with_room(request_names: usize, response_names: usize) -> Self {
+    fn with_room(request_names: usize, response_names: usize, trailer_names: usize) -> Self {
         Captured {
-            values: Vec::with_capacity(request_names + response_names),
+            values: Vec::with_capacity(request_names + response_names + trailer_names),
             ..Captured::default()
         }
     }
@@ -163,11 +167,19 @@ impl Captured {
         self.request_captured = true;
     }
 
-    /// The response's values, in place of any earlier ones.
+    /// The response's values, in place of any earlier ones (its trailers' among them).
     fn set_response(&mut self, names: &[HeaderName], headers: &HeaderMap) {
         self.values.truncate(self.request_len);
         self.values
             .extend(names.iter().map(|name| headers.get(name).cloned()));
+        self.response_len = names.len();
+    }
+
+    /// The response trailers' values, which come after its head.
+    fn set_trailers(&mut self, names: &[HeaderName], trailers: &HeaderMap) {
+        self.values.truncate(self.request_len + self.response_len);
+        self.values
+            .extend(names.iter().map(|name| trailers.get(name).cloned()));
     }
 
     fn request(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
@@ -175,7 +187,13 @@ impl Captured {
     }
 
     fn response(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
-        named(&self.values[self.request_len..], names, name)
+        let end = (self.request_len + self.response_len).min(self.values.len());
+        named(&self.values[self.request_len..end], names, name)
+    }
+
+    fn trailer(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
+        let start = (self.request_len + self.response_len).min(self.values.len());
+        named(&self.values[start..], names, name)
     }
 
     fn clear_request(&mut self) {
@@ -220,7 +238,11 @@ impl Entry {
                 }),
             refused: None,
             connection_only: false,
-            headers: Captured::with_room(logs.request_headers.len(), logs.response_headers.len()),
+            headers: Captured::with_room(
+                logs.request_headers.len(),
+                logs.response_headers.len(),
+                logs.trailer_headers.len(),
+            ),
             status: 0,
             flags: crate::error::ResponseFlags::default(),
             bytes_received: Arc::default(),
@@ -286,6 +308,14 @@ impl Entry {
             .set_response(&self.logs.response_headers, headers);
     }
 
+    /// Records the response's trailers (what `%TRAILER(..)%` and `%GRPC_STATUS%` read).
+    pub fn capture_trailers(&mut self, trailers: &HeaderMap) {
+        if !self.logs.trailer_headers.is_empty() {
+            self.headers
+                .set_trailers(&self.logs.trailer_headers, trailers);
+        }
+    }
+
     /// A head the codec refused: logged with its method and target as sent, and no headers.
     pub fn record_refusal(&mut self, method: &str, target: &str) {
         self.refused = Some((method.to_owned(), target.to_owned()));
@@ -336,6 +366,7 @@ pub struct AccessLogs {
     logs: Vec<ActiveLog>,
     request_headers: Vec<HeaderName>,
     response_headers: Vec<HeaderName>,
+    trailer_headers: Vec<HeaderName>,
     header_checks: HeaderChecks,
     /// Whether a format reads the phases' times ([`Timings`]).
     timed: bool,
@@ -352,8 +383,9 @@ impl AccessLogs {
     }
 }
 
-/// The header names `format` reads, added to `request` and `response` once each.
-fn names_read(format: &LogFormat, request: &mut Vec<HeaderName>, response: &mut Vec<HeaderName>) {
+/// The header names `format` reads, added to `logs`' request, response and trailer names once
+/// each.
+fn names_read(format: &LogFormat, logs: &mut AccessLogs) {
     fn add(names: &mut Vec<HeaderName>, field: &HeaderField) {
         if let HeaderField::Header(name) = field
             && !names.contains(name)
@@ -361,45 +393,55 @@ fn names_read(format: &LogFormat, request: &mut Vec<HeaderName>, response: &mut 
             names.push(name.clone());
         }
     }
-    fn tokens(tokens: &[Token], request: &mut Vec<HeaderName>, response: &mut Vec<HeaderName>) {
+    fn tokens(tokens: &[Token], logs: &mut AccessLogs) {
         for token in tokens {
             match token {
                 Token::Request { name, alt, .. } => {
-                    add(request, name);
+                    add(&mut logs.request_headers, name);
                     if let Some(alt) = alt {
-                        add(request, alt);
+                        add(&mut logs.request_headers, alt);
                     }
                 }
-                Token::Response { name, .. } => add(response, name),
+                Token::Response { name, .. } => add(&mut logs.response_headers, name),
+                Token::Trailer { name, .. } => add(&mut logs.trailer_headers, name),
+                Token::GrpcStatus(_) => {
+                    let status = HeaderField::Header(GRPC_STATUS.clone());
+                    add(&mut logs.response_headers, &status);
+                    add(&mut logs.trailer_headers, &status);
+                    let content_type = HeaderField::Header(http::header::CONTENT_TYPE);
+                    add(&mut logs.request_headers, &content_type);
+                }
                 _ => {}
             }
         }
     }
-    fn json(field: &JsonField, request: &mut Vec<HeaderName>, response: &mut Vec<HeaderName>) {
+    fn json(field: &JsonField, logs: &mut AccessLogs) {
         match field {
-            JsonField::Format(format) => tokens(format, request, response),
+            JsonField::Format(format) => tokens(format, logs),
             JsonField::Literal(_) => {}
             JsonField::Object(object) => {
                 for (_, field) in object {
-                    json(field, request, response);
+                    json(field, logs);
                 }
             }
             JsonField::List(items) => {
                 for item in items {
-                    json(item, request, response);
+                    json(item, logs);
                 }
             }
         }
     }
     match format {
-        LogFormat::Text { tokens: format, .. } => tokens(format, request, response),
+        LogFormat::Text { tokens: format, .. } => tokens(format, logs),
         LogFormat::Json { fields, .. } => {
             for (_, field) in fields {
-                json(field, request, response);
+                json(field, logs);
             }
         }
     }
 }
+
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether `format` has a duration operator of a phase ([`Token::Timing`]).
 fn reads_timings(format: &LogFormat) -> bool {
@@ -465,11 +507,7 @@ pub fn activate(
     }
     let mut logs = AccessLogs::default();
     for config in configs {
-        names_read(
-            &config.format,
-            &mut logs.request_headers,
-            &mut logs.response_headers,
-        );
+        names_read(&config.format, &mut logs);
         logs.timed |= reads_timings(&config.format);
         let filter = config
             .filter
@@ -792,6 +830,14 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             *max,
         ),
         Token::Response { name, max } => text(response_value(entry, name), *max),
+        Token::Trailer { name, max } => text(trailer_value(entry, name), *max),
+        Token::GrpcStatus(GrpcStatusFormat::Number) => {
+            entry.grpc_status().map_or(Value::Null, Value::from)
+        }
+        Token::GrpcStatus(format) => match entry.grpc_status() {
+            Some(status) => Value::String(grpc_status_text(status, *format).into_owned()),
+            None => Value::Null,
+        },
         Token::UpstreamHost => entry
             .upstream_host
             .map_or(Value::Null, |host| Value::String(host.to_string())),
@@ -842,6 +888,13 @@ fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) 
             Token::Response { name, max } => {
                 push_value(line, response_value(entry, name), *max, omit_empty);
             }
+            Token::Trailer { name, max } => {
+                push_value(line, trailer_value(entry, name), *max, omit_empty);
+            }
+            Token::GrpcStatus(format) => match entry.grpc_status() {
+                Some(status) => line.push_str(&grpc_status_text(status, *format)),
+                None => push_value(line, None, None, omit_empty),
+            },
             Token::Protocol => line.push_str(match entry.version {
                 _ if entry.connection_only => "-",
                 Version::HTTP_10 => "HTTP/1.0",
@@ -936,6 +989,42 @@ impl Entry {
         self.took.unwrap_or_else(|| self.started.elapsed())
     }
 
+    /// The status of a gRPC request (`application/grpc`, or `application/grpc+` a subtype),
+    /// as Envoy reads it for the log: the trailers' `grpc-status`, else the head's, else the
+    /// HTTP status's gRPC equivalent.
+    fn grpc_status(&self) -> Option<u64> {
+        const GRPC: &str = "application/grpc";
+        let content_type = self
+            .headers
+            .request(&self.logs.request_headers, &http::header::CONTENT_TYPE)?;
+        let grpc = content_type
+            .strip_prefix(GRPC)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('+'));
+        if !grpc || self.connection_only {
+            return None;
+        }
+        let given = self
+            .headers
+            .trailer(&self.logs.trailer_headers, &GRPC_STATUS)
+            .or_else(|| {
+                self.headers
+                    .response(&self.logs.response_headers, &GRPC_STATUS)
+            });
+        match given {
+            // Envoy's "invalid code" is -1 as an unsigned number.
+            Some(text) => Some(text.trim().parse().unwrap_or(u64::MAX)),
+            None if self.status == 0 => None,
+            None => Some(match self.status {
+                400 => 13,
+                401 => 16,
+                403 => 7,
+                404 => 12,
+                429 | 502 | 503 | 504 => 14,
+                _ => 2,
+            }),
+        }
+    }
+
     /// Whether a format reads [`Entry::timings`], which the router then records.
     pub fn timed(&self) -> bool {
         self.logs.timed
@@ -1009,6 +1098,45 @@ fn response_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> 
     match field {
         HeaderField::Header(name) => entry.headers.response(&entry.logs.response_headers, name),
         _ => None,
+    }
+}
+
+fn trailer_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
+    match field {
+        HeaderField::Header(name) => entry.headers.trailer(&entry.logs.trailer_headers, name),
+        _ => None,
+    }
+}
+
+/// A gRPC status as `%GRPC_STATUS(format)%` writes it: Envoy's names (camel case), absl's
+/// (snake case), or the number; a code with no name as its number.
+fn grpc_status_text(status: u64, format: GrpcStatusFormat) -> Cow<'static, str> {
+    const NAMES: [(&str, &str); 17] = [
+        ("OK", "OK"),
+        ("Canceled", "CANCELLED"),
+        ("Unknown", "UNKNOWN"),
+        ("InvalidArgument", "INVALID_ARGUMENT"),
+        ("DeadlineExceeded", "DEADLINE_EXCEEDED"),
+        ("NotFound", "NOT_FOUND"),
+        ("AlreadyExists", "ALREADY_EXISTS"),
+        ("PermissionDenied", "PERMISSION_DENIED"),
+        ("ResourceExhausted", "RESOURCE_EXHAUSTED"),
+        ("FailedPrecondition", "FAILED_PRECONDITION"),
+        ("Aborted", "ABORTED"),
+        ("OutOfRange", "OUT_OF_RANGE"),
+        ("Unimplemented", "UNIMPLEMENTED"),
+        ("Internal", "INTERNAL"),
+        ("Unavailable", "UNAVAILABLE"),
+        ("DataLoss", "DATA_LOSS"),
+        ("Unauthenticated", "UNAUTHENTICATED"),
+    ];
+    let named = usize::try_from(status)
+        .ok()
+        .and_then(|index| NAMES.get(index));
+    match (format, named) {
+        (GrpcStatusFormat::Camel, Some((camel, _))) => Cow::Borrowed(camel),
+        (GrpcStatusFormat::Snake, Some((_, snake))) => Cow::Borrowed(snake),
+        _ => Cow::Owned(status.to_string()),
     }
 }
 
@@ -1144,7 +1272,7 @@ mod tests {
             HeaderValue::from_bytes("café/1".as_bytes()).unwrap(),
         );
         headers.insert("x-other", HeaderValue::from_static("not kept"));
-        let mut captured = Captured::with_room(names.len(), 0);
+        let mut captured = Captured::with_room(names.len(), 0, 0);
         captured.set_request(&names, &headers);
         assert_eq!(captured.request(&names, &names[0]), Some("café/1"));
         assert_eq!(captured.request(&names, &names[1]), Some("first"));
@@ -1172,7 +1300,7 @@ mod tests {
             headers.insert(name, HeaderValue::from_static(value));
             headers
         };
-        let mut captured = Captured::with_room(request_names.len(), 1);
+        let mut captured = Captured::with_room(request_names.len(), 1, 0);
         assert!(!captured.request_captured);
         assert_eq!(captured.request(&request_names, &request_names[1]), None);
         captured.set_request(&request_names, &one("user-agent", "arrived"));
