@@ -19,8 +19,8 @@ use super::filter::{BodyFilter, filter_frame};
 pub struct RequestTimeout;
 
 /// Signals that a downstream request body has been forwarded in full: Envoy's route timeout
-/// starts then, so a slow upload does not eat into it.
-/// The access log's `%REQUEST_DURATION%` reads when.
+/// starts then, so a slow upload does not eat into it. It keeps when, for the access log's
+/// `%REQUEST_DURATION%`.
 #[derive(Debug, Default)]
 pub struct RequestEnd {
     ended: AtomicBool,

@@ -35,10 +35,10 @@ use remora_config::access_log::{
 };
 
 use crate::config::{ConfigError, ConfigResult};
+use crate::stats::{Registry, Stat};
 use filter::{Filter, HeaderChecks};
 
 mod filter;
-use crate::stats::{Registry, Stat};
 
 /// What one request leaves for its access log line. It keeps only what its logs' formats
 /// read: of the headers, the values of the names they name (see [`AccessLogs`]), not copies of
