@@ -129,7 +129,8 @@ fn serve_with(yaml: &str, admin: SocketAddr, port: u16, envoy: bool) -> Running 
 }
 
 /// What the tests comparing lines with Envoy's share: an echo upstream, a directory for the
-/// logs, and one listener routing [`HELLO_AND_UPLOAD`] to the echo, under either proxy.
+/// logs, and one listener (routing [`HELLO_AND_UPLOAD`] to the echo, unless a test gives its
+/// own routes and clusters), under either proxy.
 struct LogRig {
     echo: EchoServer,
     dir: tempfile::TempDir,
@@ -157,19 +158,60 @@ impl LogRig {
     /// Runs `body` against the listener while remora (or Envoy, with `envoy`) serves it with
     /// `log_fields` in the HCM.
     fn serve<T>(&self, log_fields: &str, envoy: bool, body: impl FnOnce(SocketAddr) -> T) -> T {
+        self.serve_routes(log_fields, HELLO_AND_UPLOAD, &[], envoy, body)
+    }
+
+    /// [`LogRig::serve`] with `routes` (virtual hosts) over the echo (`echo`) and `clusters`.
+    fn serve_routes<T>(
+        &self,
+        hcm_fields: &str,
+        routes: &str,
+        clusters: &[String],
+        envoy: bool,
+        body: impl FnOnce(SocketAddr) -> T,
+    ) -> T {
+        let mut all = vec![static_cluster("echo", &[self.echo.addr])];
+        all.extend_from_slice(clusters);
         let yaml = bootstrap(
             &self.admin_yaml,
-            &[http_listener(
-                "ingress",
-                self.port,
-                log_fields,
-                HELLO_AND_UPLOAD,
-            )],
-            &[static_cluster("echo", &[self.echo.addr])],
+            &[http_listener("ingress", self.port, hcm_fields, routes)],
+            &all,
         );
         let _running = serve_with(&yaml, self.admin, self.port, envoy);
         body(loopback(self.port))
     }
+}
+
+/// The lines of each of `logs` once each has its count in `counts`, or as they are after 15 s
+/// (for a test to compare). Each log has its own writer, so one being complete says nothing
+/// of the others.
+fn lines_settled(logs: &[std::path::PathBuf], counts: &[usize]) -> Vec<Vec<String>> {
+    let read = || -> Vec<Vec<String>> {
+        logs.iter()
+            .map(|log| {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                text.lines().map(str::to_string).collect()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let lines = read();
+        if lines.iter().map(Vec::len).eq(counts.iter().copied())
+            || std::time::Instant::now() > deadline
+        {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The lines of `log` once it has `count` (Envoy writes its file logs about once a second).
+fn lines_once(log: &Path, count: usize) -> Vec<String> {
+    wait_for("a line per request", Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(log).ok()?;
+        (text.lines().count() == count).then(|| text.lines().map(str::to_string).collect())
+    })
 }
 
 #[test]
@@ -243,10 +285,7 @@ fn ids_masked(line: &str) -> String {
 /// in how far the router got before it answered.
 #[test]
 fn requests_are_logged_as_they_left_also_when_answered_locally() {
-    let echo = EchoServer::start("echo", "127.0.0.1");
-    let dir = tempfile::tempdir().expect("dir");
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
+    let rig = LogRig::new();
     let routes = r#"            - name: all
               domains: ["*"]
               request_headers_to_add: [{header: {key: x-added, value: by-route}}]
@@ -283,41 +322,31 @@ fn requests_are_logged_as_they_left_also_when_answered_locally() {
         "/refused",
         "/slow",
     ];
+    let clusters = [
+        static_cluster("empty", &[]),
+        static_cluster("refused", &[closed_port()]),
+        static_cluster("silent", &[silent]),
+    ];
     let run = |tag: &str, envoy: bool| -> Vec<String> {
-        let log = dir.path().join(format!("{tag}.log"));
-        let yaml = bootstrap(
-            &admin_yaml,
-            &[http_listener(
-                "ingress",
-                port,
-                &file_log_with_format(&log, format),
-                routes,
-            )],
-            &[
-                static_cluster("echo", &[echo.addr]),
-                static_cluster("empty", &[]),
-                static_cluster("refused", &[closed_port()]),
-                static_cluster("silent", &[silent]),
-            ],
-        );
-        let _running = serve_with(&yaml, admin, port, envoy);
-        for path in paths {
-            http_request(loopback(port), "GET", path, &[], "")
-                .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
-        }
-        wait_for("a line per request", Duration::from_secs(15), || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            // The upstream connection's local port, last, differs by run.
-            let masked = |line: &str| match ids_masked(line).rsplit_once(' ') {
-                Some((rest, local)) if local.starts_with("127.0.0.1:") => format!("{rest} <local>"),
-                _ => ids_masked(line),
-            };
-            (text.lines().count() == paths.len()).then(|| text.lines().map(masked).collect())
-        })
+        let log = rig.log_path(&format!("{tag}.log"));
+        let fields = file_log_with_format(&log, format);
+        let lines = rig.serve_routes(&fields, routes, &clusters, envoy, |listener| {
+            for path in paths {
+                http_request(listener, "GET", path, &[], "")
+                    .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
+            }
+            lines_once(&log, paths.len())
+        });
+        // The upstream connection's local port, last, differs by run.
+        let masked = |line: &String| match ids_masked(line).rsplit_once(' ') {
+            Some((rest, local)) if local.starts_with("127.0.0.1:") => format!("{rest} <local>"),
+            _ => ids_masked(line),
+        };
+        lines.iter().map(masked).collect()
     };
 
     let remora = run("remora", false);
-    let host = format!("127.0.0.1:{port}");
+    let host = format!("127.0.0.1:{}", rig.port);
     let expected = [
         format!(
             "200 - /forwarded - {host} - <id> http 15000 by-route forwarded echo echo - via_upstream - - <local>"
@@ -832,11 +861,8 @@ fn filtered_log(path: &Path, filter: &str) -> String {
 
 #[test]
 fn filters_pick_the_lines_envoy_picks() {
-    let echo = EchoServer::start("echo", "127.0.0.1");
+    let rig = LogRig::new();
     let receiver = remora_tests::otlp::Receiver::start();
-    let dir = tempfile::tempdir().expect("dir");
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
     let (_silent, silent) = silent_upstream();
     let filters: [(&str, &str); 11] = [
         (
@@ -922,57 +948,11 @@ fn filters_pick_the_lines_envoy_picks() {
             ],
         ),
     ];
-    let run = |tag: &str, envoy: bool| -> Vec<(String, Vec<String>)> {
-        let logs: String = filters
-            .iter()
-            .map(|(name, filter)| {
-                filtered_log(&dir.path().join(format!("{tag}-{name}.log")), filter)
-            })
-            .collect();
-        // The last log takes every request: once its lines are in, so are the others'.
-        let all = dir.path().join(format!("{tag}-all.log"));
-        let hcm = format!(
-            "{tracing}          access_log:\n{logs}{}",
-            filtered_log(&all, "{not_health_check_filter: {}}")
-        );
-        let yaml = bootstrap(
-            &admin_yaml,
-            &[http_listener("ingress", port, &hcm, routes)],
-            &[
-                static_cluster("echo", &[echo.addr]),
-                static_cluster("empty", &[]),
-                static_cluster("silent", &[silent]),
-                common::http2_cluster("otlp", receiver.addr),
-            ],
-        );
-        let _running = serve_with(&yaml, admin, port, envoy);
-        for (path, headers) in &requests {
-            let headers: Vec<(&str, &str)> = headers
-                .iter()
-                .map(|(name, value)| (*name, value.as_str()))
-                .collect();
-            http_request(loopback(port), "GET", path, &headers, "")
-                .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
-        }
-        wait_for(
-            "every request in the unfiltered log",
-            Duration::from_secs(15),
-            || {
-                let text = std::fs::read_to_string(&all).ok()?;
-                (text.lines().count() == requests.len()).then_some(())
-            },
-        );
-        filters
-            .iter()
-            .map(|(name, _)| {
-                let text = std::fs::read_to_string(dir.path().join(format!("{tag}-{name}.log")))
-                    .unwrap_or_default();
-                (name.to_string(), text.lines().map(str::to_string).collect())
-            })
-            .collect()
-    };
-
-    let remora = run("remora", false);
+    let clusters = [
+        static_cluster("empty", &[]),
+        static_cluster("silent", &[silent]),
+        common::http2_cluster("otlp", receiver.addr),
+    ];
     let lines = |lines: &[&str]| {
         lines
             .iter()
@@ -1015,6 +995,32 @@ fn filters_pick_the_lines_envoy_picks() {
         .into_iter()
         .map(|(name, lines)| (name.to_string(), lines))
         .collect();
+    // Each log has its own writer: a test reads them once each has the lines it should, or
+    // after 15 s, and then compares.
+    let counts: Vec<usize> = expected.iter().map(|(_, lines)| lines.len()).collect();
+    let run = |tag: &str, envoy: bool| -> Vec<(String, Vec<String>)> {
+        let path = |name: &str| rig.log_path(&format!("{tag}-{name}.log"));
+        let logs: String = filters
+            .iter()
+            .map(|(name, filter)| filtered_log(&path(name), filter))
+            .collect();
+        let hcm = format!("{tracing}          access_log:\n{logs}");
+        rig.serve_routes(&hcm, routes, &clusters, envoy, |listener| {
+            for (path, headers) in &requests {
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(name, value)| (*name, value.as_str()))
+                    .collect();
+                http_request(listener, "GET", path, &headers, "")
+                    .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
+            }
+            let logs: Vec<_> = filters.iter().map(|(name, _)| path(name)).collect();
+            let names = filters.iter().map(|(name, _)| name.to_string());
+            names.zip(lines_settled(&logs, &counts)).collect()
+        })
+    };
+
+    let remora = run("remora", false);
     assert_eq!(remora, expected);
 
     if !remora_tests::envoy::available_or_skip("the Envoy half of the access log filter test") {
@@ -1105,13 +1111,10 @@ fn phase_durations_are_timed_where_envoy_times_them() {
 
 #[test]
 fn grpc_statuses_and_trailers_are_logged_as_envoy_logs_them() {
-    let echo = EchoServer::start("echo", "127.0.0.1");
+    let rig = LogRig::new();
     // A real gRPC server: its Export answers OK in trailers; any other method, Unimplemented
     // in a head with no body (trailers-only).
     let grpc = remora_tests::otlp::Receiver::start();
-    let dir = tempfile::tempdir().expect("dir");
-    let (admin, admin_yaml) = admin_block();
-    let port = free_port();
     let routes = r#"            - name: all
               domains: ["*"]
               routes:
@@ -1136,37 +1139,25 @@ fn grpc_statuses_and_trailers_are_logged_as_envoy_logs_them() {
         ("/nope.Service/Call", "application/grpc-web"),
         ("/plain", "text/plain"),
     ];
+    let clusters = [
+        static_cluster("empty", &[]),
+        common::http2_cluster("grpc", grpc.addr),
+    ];
     let run = |tag: &str, envoy: bool| -> Vec<String> {
-        let log = dir.path().join(format!("{tag}.log"));
-        let yaml = bootstrap(
-            &admin_yaml,
-            &[http_listener(
-                "ingress",
-                port,
-                &file_log_with_format(&log, format),
-                routes,
-            )],
-            &[
-                static_cluster("echo", &[echo.addr]),
-                static_cluster("empty", &[]),
-                common::http2_cluster("grpc", grpc.addr),
-            ],
-        );
-        let _running = serve_with(&yaml, admin, port, envoy);
-        for (path, content_type) in requests {
-            http_request(
-                loopback(port),
-                "POST",
-                path,
-                &[("content-type", content_type), ("te", "trailers")],
-                empty_message,
-            )
-            .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
-        }
-        wait_for("a line per request", Duration::from_secs(15), || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            (text.lines().count() == requests.len())
-                .then(|| text.lines().map(str::to_string).collect())
+        let log = rig.log_path(&format!("{tag}.log"));
+        let fields = file_log_with_format(&log, format);
+        rig.serve_routes(&fields, routes, &clusters, envoy, |listener| {
+            for (path, content_type) in requests {
+                http_request(
+                    listener,
+                    "POST",
+                    path,
+                    &[("content-type", content_type), ("te", "trailers")],
+                    empty_message,
+                )
+                .unwrap_or_else(|e| panic!("{tag} {path}: {e}"));
+            }
+            lines_once(&log, requests.len())
         })
     };
     let remora = run("remora", false);
