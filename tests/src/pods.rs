@@ -289,6 +289,44 @@ pub fn spawn_in_pod(
     ChildGuard::spawn(name, process)
 }
 
+/// Whether a connection from `pod` to `target` as the proxy's uid (1337, which capture never
+/// redirects) is answered within 4 s. It leaves from a fixed port below the ephemeral range:
+/// the unanswered attempt's conntrack entry outlives it (two minutes), and a later connection
+/// of the pod that drew the same source port would match that entry and miss capture too. The
+/// probe is the system's Python (one the uid can run); a probe that does not run panics rather
+/// than passing for a connection that failed.
+pub fn escapes_capture(pod: &PodNet, target: SocketAddr) -> bool {
+    const NOT_ANSWERED: i32 = 3;
+    let script = format!(
+        "import socket, sys\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', 31337))\n\
+         s.settimeout(4)\n\
+         try:\n    s.connect((sys.argv[1], int(sys.argv[2])))\n\
+         except OSError:\n    sys.exit({NOT_ANSWERED})\n"
+    );
+    let mut probe = spawn_in_pod(
+        "escape",
+        pod,
+        &[
+            "/usr/bin/python3".into(),
+            "-c".into(),
+            script,
+            target.ip().to_string(),
+            target.port().to_string(),
+        ],
+        &[],
+        1337,
+        1337,
+    );
+    match probe.wait_timeout(Duration::from_secs(20)) {
+        Some(status) if status.success() => true,
+        Some(status) if status.code() == Some(NOT_ANSWERED) => false,
+        other => panic!("the capture escape probe did not run as it should: {other:?}"),
+    }
+}
+
 /// Runs a command to completion inside `pod` as root (an init container); panics with its
 /// output if it fails.
 pub fn run_in_pod(pod: &PodNet, command: &[String]) -> String {
