@@ -453,16 +453,19 @@ fn tcp_proxy_connections_are_logged_as_envoy_logs_them() {
     let closed = closed_port();
     let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %PROTOCOL% %REQ(:METHOD)% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_HOST% %UPSTREAM_CLUSTER% %UPSTREAM_LOCAL_ADDRESS% %UPSTREAM_TRANSPORT_FAILURE_REASON% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %ROUTE_NAME% %REQUESTED_SERVER_NAME%\\n";
     let request = "GET /tcp HTTP/1.1\r\nHost: tcp\r\nConnection: close\r\n\r\n";
-    let run = |tag: &str, envoy: bool| -> (Vec<String>, String, usize) {
-        let (default_log, custom_log) = (
+    // A third log keeps only the connections whose upstream connect failed.
+    let run = |tag: &str, envoy: bool| -> (Vec<String>, String, usize, String) {
+        let (default_log, custom_log, failed_log) = (
             dir.path().join(format!("{tag}-default.log")),
             dir.path().join(format!("{tag}-custom.log")),
+            dir.path().join(format!("{tag}-failed.log")),
         );
         let logs = |log: &Path| {
             format!(
-                "          access_log:\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n              log_format: {{text_format: \"{format}\"}}\n",
+                "          access_log:\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n              log_format: {{text_format: \"{format}\"}}\n{}",
                 default_log.display(),
-                log.display()
+                log.display(),
+                filtered_log(&failed_log, "{response_flag_filter: {flags: [UF]}}"),
             )
         };
         let yaml = bootstrap(
@@ -494,9 +497,11 @@ fn tcp_proxy_connections_are_logged_as_envoy_logs_them() {
         wait_for("a line per connection", Duration::from_secs(15), || {
             let custom = std::fs::read_to_string(&custom_log).ok()?;
             let default = std::fs::read_to_string(&default_log).ok()?;
+            let failed = std::fs::read_to_string(&failed_log).ok()?;
             // Three connections: the harness's readiness probe (opened and closed at once,
             // so how far its upstream connect got is a race), the request, the refused one.
-            (custom.lines().count() == 3 && default.lines().count() == 3).then(|| {
+            let all_in = custom.lines().count() == 3 && default.lines().count() == 3;
+            (all_in && failed.lines().count() == 1).then(|| {
                 // The upstream connection's local port differs by run.
                 let custom = custom
                     .lines()
@@ -518,11 +523,11 @@ fn tcp_proxy_connections_are_logged_as_envoy_logs_them() {
                 let (_, rest) = first.split_once("] ").unwrap_or_default();
                 let fields: Vec<&str> = rest.split(' ').collect();
                 let default = format!("{} {}", fields[..7].join(" "), fields[8..].join(" "));
-                (custom, default, answer)
+                (custom, default, answer, failed.trim_end().to_string())
             })
         })
     };
-    let (remora, remora_default, answered) = run("remora", false);
+    let (remora, remora_default, answered, remora_failed) = run("remora", false);
     let echo_addr = echo.addr;
     let (custom_open, custom_refused) = {
         let mut sorted = remora.clone();
@@ -543,6 +548,10 @@ fn tcp_proxy_connections_are_logged_as_envoy_logs_them() {
         )
     );
     assert_eq!(
+        remora_failed, "- 0 UF,URX",
+        "the filtered log keeps the refused connection alone"
+    );
+    assert_eq!(
         remora_default,
         format!(
             "\"- - -\" 0 - {} {answered} - \"-\" \"-\" \"-\" \"-\" \"{echo_addr}\"",
@@ -553,10 +562,11 @@ fn tcp_proxy_connections_are_logged_as_envoy_logs_them() {
     if !remora_tests::envoy::available_or_skip("the Envoy half of the tcp_proxy log test") {
         return;
     }
-    let (mut envoy, envoy_default, envoy_answered) = run("envoy", true);
+    let (mut envoy, envoy_default, envoy_answered, envoy_failed) = run("envoy", true);
     let mut remora = remora;
     envoy.sort();
     remora.sort();
+    assert_eq!(envoy_failed, remora_failed, "left: envoy, right: remora");
     assert_eq!(envoy_answered, answered);
     assert_eq!(envoy, remora, "left: envoy, right: remora");
     assert_eq!(envoy_default, remora_default, "left: envoy, right: remora");
