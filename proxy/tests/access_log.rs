@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use remora_tests::echo::EchoServer;
-use remora_tests::{free_port, http_request, wait_for};
+use remora_tests::{free_port, http_request, poll_until, wait_for};
 
 /// Routes for what the tests send: `/hello`, `/upload` and `/delay` (the echo answers
 /// `/delay/MS` that late) to the echo, the rest 404.
@@ -194,16 +194,15 @@ fn lines_settled(logs: &[std::path::PathBuf], counts: &[usize]) -> Vec<Vec<Strin
             })
             .collect()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
+    poll_until(Duration::from_secs(15), || {
         let lines = read();
-        if lines.iter().map(Vec::len).eq(counts.iter().copied())
-            || std::time::Instant::now() > deadline
-        {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        lines
+            .iter()
+            .map(Vec::len)
+            .eq(counts.iter().copied())
+            .then_some(lines)
+    })
+    .unwrap_or_else(read)
 }
 
 /// The lines of `log` once it has `count` (Envoy writes its file logs about once a second).
@@ -1051,6 +1050,7 @@ fn post_with_slow_body(addr: SocketAddr, path: &str, pause: Duration) -> String 
         "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).expect("head");
+    // The pause is what is measured (a slow upload), not a wait for something to happen.
     std::thread::sleep(pause);
     // A proxy that answered without the body may have closed the connection already.
     let _ = stream.write_all(b"hello");

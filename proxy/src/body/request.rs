@@ -19,19 +19,31 @@ use super::filter::{BodyFilter, filter_frame};
 pub struct RequestTimeout;
 
 /// Signals that a downstream request body has been forwarded in full: Envoy's route timeout
-/// starts then, so a slow upload does not eat into it. It keeps when, for the access log's
-/// `%REQUEST_DURATION%`.
+/// starts then, so a slow upload does not eat into it. Made [`RequestEnd::timed`], it also
+/// keeps when, for the access log's `%REQUEST_DURATION%`.
 #[derive(Debug, Default)]
 pub struct RequestEnd {
     ended: AtomicBool,
     notify: tokio::sync::Notify,
+    /// Whether to read the clock at the end (only an access log asks).
+    timed: bool,
     at: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl RequestEnd {
+    /// One that records when the body ended.
+    pub fn timed(timed: bool) -> Self {
+        RequestEnd {
+            timed,
+            ..RequestEnd::default()
+        }
+    }
+
     fn signal(&self) {
         if !self.ended.swap(true, Ordering::AcqRel) {
-            let _ = self.at.set(std::time::Instant::now());
+            if self.timed {
+                let _ = self.at.set(std::time::Instant::now());
+            }
             self.notify.notify_one();
         }
     }

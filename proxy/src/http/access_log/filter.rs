@@ -7,64 +7,36 @@
 //! whole head, and the entry keeps one yes or no per matcher ([`HeaderChecks`]).
 
 use http::HeaderMap;
-use remora_config::access_log::{Comparison, LogFilter};
+use remora_config::access_log::LogFilter;
 use remora_config::matcher::{HeaderMatch, PseudoHeaders};
 
 use super::Entry;
 use crate::http::headers::X_REQUEST_ID;
 
-/// A log's filter, as built from its config: header matchers point into the logs'
-/// [`HeaderChecks`].
+/// A log's filter, as built from its config: the config's tree, with each header matcher
+/// replaced by its place in the logs' [`HeaderChecks`].
 #[derive(Debug)]
 pub(super) enum Filter {
-    StatusCode(Comparison),
-    Duration(Comparison),
-    /// `not_health_check_filter`: nothing here marks a request as a health check.
-    NotHealthCheck,
-    /// `traceable_filter`: the request's trace was forced (`x-envoy-force-trace`).
-    Forced,
-    Runtime {
-        numerator: u64,
-        denominator: u64,
-        independent_randomness: bool,
-    },
+    /// A filter judged on the entry alone (status, duration, flags, trace, runtime).
+    Leaf(LogFilter),
     All(Vec<Filter>),
     Any(Vec<Filter>),
     /// The index of its matcher in [`HeaderChecks`].
     Header(usize),
-    /// Any of these codes; any flag at all when empty.
-    Flags(Vec<String>),
 }
 
 impl Filter {
     /// The filter `config` describes; its header matchers are added to `checks`.
     pub(super) fn build(config: &LogFilter, checks: &mut HeaderChecks) -> Filter {
+        let all = |filters: &[LogFilter], checks: &mut HeaderChecks| -> Vec<Filter> {
+            filters
+                .iter()
+                .map(|filter| Filter::build(filter, checks))
+                .collect()
+        };
         match config {
-            LogFilter::StatusCode(comparison) => Filter::StatusCode(*comparison),
-            LogFilter::Duration(comparison) => Filter::Duration(*comparison),
-            LogFilter::NotHealthCheck => Filter::NotHealthCheck,
-            LogFilter::Traceable => Filter::Forced,
-            LogFilter::Runtime {
-                numerator,
-                denominator,
-                independent_randomness,
-            } => Filter::Runtime {
-                numerator: *numerator,
-                denominator: *denominator,
-                independent_randomness: *independent_randomness,
-            },
-            LogFilter::And(filters) => Filter::All(
-                filters
-                    .iter()
-                    .map(|filter| Filter::build(filter, checks))
-                    .collect(),
-            ),
-            LogFilter::Or(filters) => Filter::Any(
-                filters
-                    .iter()
-                    .map(|filter| Filter::build(filter, checks))
-                    .collect(),
-            ),
+            LogFilter::And(filters) => Filter::All(all(filters, checks)),
+            LogFilter::Or(filters) => Filter::Any(all(filters, checks)),
             LogFilter::Header(matcher) => {
                 checks.matchers.push(matcher.clone());
                 checks
@@ -72,17 +44,17 @@ impl Filter {
                     .push(matcher.matches_request(&PseudoHeaders::default(), &HeaderMap::new()));
                 Filter::Header(checks.matchers.len() - 1)
             }
-            LogFilter::ResponseFlags(codes) => Filter::Flags(codes.clone()),
+            leaf => Filter::Leaf(leaf.clone()),
         }
     }
 
     /// Whether the filter reads the request id (a runtime filter that samples by it).
     pub(super) fn reads_request_id(&self) -> bool {
         match self {
-            Filter::Runtime {
+            Filter::Leaf(LogFilter::Runtime {
                 independent_randomness,
                 ..
-            } => !independent_randomness,
+            }) => !independent_randomness,
             Filter::All(filters) | Filter::Any(filters) => {
                 filters.iter().any(Filter::reads_request_id)
             }
@@ -92,14 +64,24 @@ impl Filter {
 
     /// Whether `entry`'s line is written.
     pub(super) fn admits(&self, entry: &Entry) -> bool {
-        match self {
-            Filter::StatusCode(comparison) => comparison.holds_for(u64::from(entry.status)),
-            Filter::Duration(comparison) => {
+        let leaf = match self {
+            Filter::All(filters) => return filters.iter().all(|filter| filter.admits(entry)),
+            Filter::Any(filters) => return filters.iter().any(|filter| filter.admits(entry)),
+            Filter::Header(index) => {
+                return entry.header_checks.get(*index).copied().unwrap_or(false);
+            }
+            Filter::Leaf(leaf) => leaf,
+        };
+        match leaf {
+            LogFilter::StatusCode(comparison) => comparison.holds_for(u64::from(entry.status)),
+            LogFilter::Duration(comparison) => {
                 comparison.holds_for(entry.took().as_millis().try_into().unwrap_or(u64::MAX))
             }
-            Filter::NotHealthCheck => true,
-            Filter::Forced => entry.trace_forced,
-            Filter::Runtime {
+            // Nothing here marks a request as a health check.
+            LogFilter::NotHealthCheck => true,
+            // Traced because forced (`x-envoy-force-trace`), as Envoy's filter reads it.
+            LogFilter::Traceable => entry.trace_forced,
+            LogFilter::Runtime {
                 numerator,
                 denominator,
                 independent_randomness,
@@ -118,14 +100,13 @@ impl Filter {
                 let draw = by_id.unwrap_or_else(rand::random::<u64>);
                 draw % denominator < *numerator
             }
-            Filter::All(filters) => filters.iter().all(|filter| filter.admits(entry)),
-            Filter::Any(filters) => filters.iter().any(|filter| filter.admits(entry)),
-            Filter::Header(index) => entry.header_checks.get(*index).copied().unwrap_or(false),
-            Filter::Flags(codes) if codes.is_empty() => !entry.flags.is_empty(),
-            Filter::Flags(codes) => entry
+            LogFilter::ResponseFlags(codes) if codes.is_empty() => !entry.flags.is_empty(),
+            LogFilter::ResponseFlags(codes) => entry
                 .flags
                 .iter()
                 .any(|flag| codes.iter().any(|code| code == flag.code())),
+            // Built into the other variants.
+            LogFilter::And(_) | LogFilter::Or(_) | LogFilter::Header(_) => false,
         }
     }
 }

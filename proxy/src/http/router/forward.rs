@@ -354,7 +354,7 @@ pub(super) async fn forward(
     let has_body = !http_body::Body::is_end_stream(&body);
     let timed = log.as_ref().is_some_and(|entry| entry.timed());
     let request_end = (has_body && (route_timeout.is_some() || per_try_timeout.is_some() || timed))
-        .then(|| Arc::new(RequestEnd::default()));
+        .then(|| Arc::new(RequestEnd::timed(timed)));
     if let Some(entry) = log.as_mut().filter(|_| timed) {
         entry.timings.body_end.clone_from(&request_end);
     }
