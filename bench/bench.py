@@ -470,6 +470,8 @@ class Bench:
         self.ports = {name: free_port() for name in ("UPSTREAM_HTTP_PORT", "UPSTREAM_TCP_PORT")}
         self.loadgen_bin: Path | None = None
         self.baseline: dict = {}
+        # round index -> the no-proxy target's summary from that round's free fixed-rate run
+        self.direct_tail: dict[int, dict] = {}
         self.upstreams: list[subprocess.Popen] = []
         # A second bare forwarder process, in the default-config step only: how far apart two
         # processes of one binary measure in the same slices (see default_table).
@@ -618,7 +620,7 @@ http {{
                 if step == "latency":
                     running = [entry for entry in live if entry[0].name not in stopped]
                     try:
-                        self.step_latency(running)
+                        self.step_latency(running, round_index)
                     except (RuntimeError, subprocess.TimeoutExpired, AttributeError, KeyError,
                             OSError) as error:
                         for subject, _, _ in running:
@@ -730,11 +732,15 @@ http {{
             for proc in self.upstreams:
                 set_affinity(proc.pid, LOAD_CPUS)
 
-    def step_latency(self, live: list[tuple[Subject, subprocess.Popen, dict]]) -> None:
+    def step_latency(self, live: list[tuple[Subject, subprocess.Popen, dict]],
+                     round_index: int) -> None:
         """The fixed-rate run, for all proxies at once: remora-loadgen hands the schedule to
         each in turn for LATENCY_SLICE_S, so every stall of the machine longer than that lands
         on all, and each gets `latency_duration` seconds in all. Run twice: pinned apart as
-        the other steps, then with every process free to use every core (see ALL_CPUS)."""
+        the other steps, then with every process free to use every core (see ALL_CPUS). The
+        second run also takes turns at the upstream itself, with no proxy: its tail in the same
+        slices says whether a round's p99.9 measured the proxies or a stall of the host (see
+        set_aside_stalled_tails)."""
         if not self.loadgen_bin or not live:
             return
         procs = [proc for _, proc, _ in live]
@@ -747,7 +753,9 @@ http {{
             f"{self.args.rate}/s for {self.args.latency_duration:g}s each, on any core")
         cpu0 = [cpu_seconds(proc.pid) for proc in procs]
         with self.placed_freely(procs):
-            summaries = self.fixed_rate(live, cpus=None)
+            summaries = self.fixed_rate(live, cpus=None,
+                                        direct_port=self.ports["UPSTREAM_HTTP_PORT"])
+        self.direct_tail[round_index] = summaries.pop()
         for (subject, proc, v), before, lat in zip(live, cpu0, summaries):
             cpu = cpu_seconds(proc.pid) - before
             # Divided by the replies the proxy served in that time, warm-up included, as
@@ -757,10 +765,12 @@ http {{
             v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
 
     def fixed_rate(self, live: list[tuple[Subject, subprocess.Popen, dict]],
-                   cpus: str | None) -> list[dict]:
-        summaries = loadgen(self.loadgen_bin, [s.ports["HTTP_PORT"] for s, _, _ in live],
-                            self.args.rate, self.args.latency_connections,
-                            self.args.latency_duration, cpus=cpus)
+                   cpus: str | None, direct_port: int | None = None) -> list[dict]:
+        """One summary per proxy, in `live`'s order; with `direct_port`, one more at the end
+        for that port, which takes its turns as the proxies do."""
+        ports = [s.ports["HTTP_PORT"] for s, _, _ in live] + ([direct_port] if direct_port else [])
+        summaries = loadgen(self.loadgen_bin, ports, self.args.rate,
+                            self.args.latency_connections, self.args.latency_duration, cpus=cpus)
         for (subject, _, _), lat in zip(live, summaries):
             if lat["errors"]:
                 subject.note(f"fixed-rate run: {lat['errors']} errors")
@@ -1101,10 +1111,60 @@ def reference(envoy: Subject, remora: Subject, bare: Subject) -> list[str]:
     return lines
 
 
+# A round whose no-proxy p99.9 is above this multiple of its median over the rounds had a stall
+# of the host in its turns: its p99.9 row measured the stall, not the proxies.
+STALLED_TAIL = 2.0
+
+
+def set_aside_stalled_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
+    """Take the p99.9 of the rounds where the upstream, reached with no proxy in the same
+    turns, had a tail above STALLED_TAIL times its usual out of the p99.9 row (kept under
+    `p999_stalled`), and say which rounds and why. p99.9 of 10,000 replies (10 s at 1,000/s)
+    is the tenth-worst: one stall of a few milliseconds in a proxy's turns sets it, and the proxies' turns
+    interleave with the no-proxy target's, so a stall shows in both."""
+    tails = {i: s["p999_us"] for i, s in sorted(bench.direct_tail.items()) if s.get("p999_us")}
+    if not tails:
+        return []
+    usual = statistics.median(tails.values())
+    stalled = [i for i, tail in tails.items() if tail > STALLED_TAIL * usual]
+    for subject in subjects:
+        for i in stalled:
+            if "p999" in subject.rounds.get(i, {}):
+                subject.rounds[i]["p999_stalled"] = subject.rounds[i].pop("p999")
+    per_round = ", ".join(f"{bench.direct_tail[i]['p99_us']:,}/{tail:,}"
+                          for i, tail in tails.items())
+    line = (f"No proxy, in the same turns as the proxies (the upstream reached straight, "
+            f"{len(tails)} rounds): p99/p99.9 per round {per_round} µs. ")
+    if stalled:
+        line += (f"Round{'s' if len(stalled) > 1 else ''} "
+                 f"{', '.join(str(i + 1) for i in stalled)} had a no-proxy p99.9 above "
+                 f"{STALLED_TAIL:g}x its median ({usual:,.0f} µs): a stall of the host, so "
+                 f"the p99.9 row leaves {'them' if len(stalled) > 1 else 'it'} out.")
+    else:
+        line += (f"No round's no-proxy p99.9 was above {STALLED_TAIL:g}x its median "
+                 f"({usual:,.0f} µs), so every round counts in the p99.9 row.")
+    return [line]
+
+
+def direct_median(bench: Bench, key: str) -> float | None:
+    """The no-proxy target's median p99 or p99.9 over the rounds counted in that row (its
+    turns beside the proxies'), else the baseline's, measured alone before the rounds."""
+    if key == "p999":
+        usual = [s["p999_us"] for s in bench.direct_tail.values() if s.get("p999_us")]
+        limit = STALLED_TAIL * statistics.median(usual) if usual else 0
+        values = [v for v in usual if v <= limit]
+    else:
+        values = [s[f"{key}_us"] for s in bench.direct_tail.values() if s.get(f"{key}_us")]
+    return statistics.median(values) if values else bench.baseline.get(key)
+
+
 def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
            info: list[tuple[str, str]], argv: list[str], started: float) -> str:
     a = bench.args
     turns = max(1, sum(1 for s in (envoy, remora, bare) if s is not None and s.rounds))
+    # Before any row is read: the p99.9 row leaves out the rounds a stall of the host set.
+    tail_lines = set_aside_stalled_tails(bench, [s for s in (envoy, remora, bare) if s])
+    free_turns = turns + (1 if bench.direct_tail else 0)
     lines = [
         "# Remora vs Envoy: proxy benchmark results",
         "",
@@ -1129,10 +1189,13 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         + "); each figure is the median over rounds, each ratio the median of the per-round "
         "ratios",
         f"- wrk {a.duration:g}s; fixed rate: remora-loadgen (open loop) hands a {a.rate} req/s "
-        f"schedule to the {turns} proxies in turn, {LATENCY_SLICE_S * 1000:g} ms each, until "
-        f"each has had {a.latency_duration:g}s, so each sees {a.rate} req/s in bursts within "
-        f"its turns, {a.rate / turns:.0f} req/s on average, over {a.latency_connections} "
-        f"connections of its own, and its CPU per request is divided by the replies counted; "
+        f"schedule to the {turns} proxies in turn"
+        + (" (and, on any core, to the upstream with no proxy as one more)"
+           if bench.direct_tail else "")
+        + f", {LATENCY_SLICE_S * 1000:g} ms each, until each has had {a.latency_duration:g}s, "
+        f"so each sees {a.rate} req/s in bursts within its turns, {a.rate / free_turns:.0f} "
+        f"req/s on average, over {a.latency_connections} connections of its own, and its CPU "
+        f"per request is divided by the replies counted; "
         f"h2load {a.h2_requests} requests; iperf3 {a.tcp_seconds:g}s",
         "",
         # The headline is the setup a user has; the tuned, pinned table goes beside it.
@@ -1147,6 +1210,8 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
     ]
     if a.repeat > 1:
         lines += [spread(envoy, remora), ""]
+    if tail_lines:
+        lines += [*tail_lines, ""]
     if bare is not None:
         lines += [*reference(envoy, remora, bare), ""]
     if bench.baseline:
@@ -1162,14 +1227,15 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
                 + ". A proxy's req/s near this figure is capped by the load side, not measured.")
             # A proxy only adds to the path without it: where the direct percentile is already
             # near the target's share of Envoy's, the target is out of reach in this run.
-            floors = [f"{label} {b[key] / envoy.value(key):.2f}x"
+            floors = [f"{label} {direct / envoy.value(key):.2f}x"
                       for key, label in (("p99", "p99"), ("p999", "p99.9"))
-                      if b.get(key) and envoy.value(key)]
+                      if (direct := direct_median(bench, key)) and envoy.value(key)]
             if floors:
                 lines.append(
-                    "The same latencies with no proxy, as a share of Envoy's: "
-                    + ", ".join(floors) + ". A proxy adds to the direct path, so its "
-                    "ratio to Envoy cannot be expected below these.")
+                    "The same latencies with no proxy, in the proxies' turns, as a share of "
+                    "Envoy's (medians over the rounds counted): " + ", ".join(floors)
+                    + ". A proxy adds to the direct path, so its ratio to Envoy cannot be "
+                    "expected below these.")
             if b.get("tcp_gbps"):
                 shares = "; ".join(
                     f"{subject.name} {subject.value('tcp_gbps') / b['tcp_gbps']:.2f} of it"
