@@ -1192,7 +1192,8 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         f"schedule to the {turns} proxies in turn"
         + (" (and, on any core, to the upstream with no proxy as one more)"
            if bench.direct_tail else "")
-        + f", {LATENCY_SLICE_S * 1000:g} ms each, until each has had {a.latency_duration:g}s, "
+        + f", {LATENCY_SLICE_S * 1000:g} ms each (in an order shuffled every round of turns), "
+        f"until each has had {a.latency_duration:g}s, "
         f"so each sees {a.rate} req/s in bursts within its turns, {a.rate / free_turns:.0f} "
         f"req/s on average, over {a.latency_connections} connections of its own, and its CPU "
         f"per request is divided by the replies counted; "
