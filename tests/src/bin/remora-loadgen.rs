@@ -16,9 +16,9 @@
 //! stretch of machine noise, down to the slice (5 ms by default: shorter than the host's
 //! stalls); the JSON line then holds one summary per URL. Each target then gets `--rate`
 //! during its own slices only: with N targets, rate/N on average. The order within a round is
-//! shuffled, round by round: in a fixed order, the target whose slice came first, after the
-//! last one's, measured some 4 µs slower at p50 and up to 1.4x at p99 than the same binary in
-//! another place, so each target now takes every place, after every other, alike.
+//! shuffled, round by round: in a fixed order, one binary measured some 7% slower at p50 in
+//! first place, after the last target's slice, than in second (bench/README.md), so each
+//! target now takes every place, after every other, alike.
 //!
 //! `completed` counts every reply read whole, warm-up included: what the target served while
 //! this ran, the divisor for its CPU time.
@@ -332,7 +332,8 @@ mod tests {
                 last = Some(target);
             }
         }
-        // 1,000 expected per place; 1,333 per predecessor (each target follows 3 others).
+        // 1,000 expected per place; about 1,250 per other target before it (the first of a
+        // round follows the last of the one before, which may be itself).
         for (target, counts) in places.iter().enumerate() {
             for &count in counts {
                 assert!(
