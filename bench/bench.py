@@ -472,6 +472,8 @@ class Bench:
         self.baseline: dict = {}
         # round index -> the no-proxy target's summary from that round's free fixed-rate run
         self.direct_tail: dict[int, dict] = {}
+        # the rounds set_aside_stalled_tails found stalled: out of every p99.9 figure
+        self.stalled_rounds: list[int] = []
         self.upstreams: list[subprocess.Popen] = []
         # A second bare forwarder process, in the default-config step only: how far apart two
         # processes of one binary measure in the same slices (see default_table).
@@ -1127,6 +1129,7 @@ def set_aside_stalled_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
         return []
     usual = statistics.median(tails.values())
     stalled = [i for i, tail in tails.items() if tail > STALLED_TAIL * usual]
+    bench.stalled_rounds = stalled
     for subject in subjects:
         for i in stalled:
             if "p999" in subject.rounds.get(i, {}):
@@ -1149,12 +1152,8 @@ def set_aside_stalled_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
 def direct_median(bench: Bench, key: str) -> float | None:
     """The no-proxy target's median p99 or p99.9 over the rounds counted in that row (its
     turns beside the proxies'), else the baseline's, measured alone before the rounds."""
-    if key == "p999":
-        usual = [s["p999_us"] for s in bench.direct_tail.values() if s.get("p999_us")]
-        limit = STALLED_TAIL * statistics.median(usual) if usual else 0
-        values = [v for v in usual if v <= limit]
-    else:
-        values = [s[f"{key}_us"] for s in bench.direct_tail.values() if s.get(f"{key}_us")]
+    values = [s[f"{key}_us"] for i, s in bench.direct_tail.items()
+              if s.get(f"{key}_us") and not (key == "p999" and i in bench.stalled_rounds)]
     return statistics.median(values) if values else bench.baseline.get(key)
 
 
