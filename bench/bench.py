@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import datetime
 import json
+import math
 import os
 import re
 import shutil
@@ -413,6 +414,8 @@ class Subject:
     ports: dict = field(default_factory=dict)  # its own ADMIN_PORT, HTTP_PORT, TCP_PORT
     bootstraps: dict = field(default_factory=dict)  # "small" and "1k": rendered for its ports
     rounds: dict = field(default_factory=dict)  # round index -> that round's figures
+    # figures read from all counted rounds' samples at once (see pool_tails), not per round
+    pooled: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -429,7 +432,9 @@ class Subject:
         return [figures[key] for _, figures in sorted(self.rounds.items()) if key in figures]
 
     def value(self, key: str) -> float | None:
-        """One figure's median over the rounds."""
+        """One figure's pooled value, else its median over the rounds."""
+        if key in self.pooled:
+            return self.pooled[key]
         samples = self.samples(key)
         return statistics.median(samples) if samples else None
 
@@ -443,7 +448,10 @@ def round_ratios(envoy: Subject, remora: Subject, key: str) -> list[float]:
 
 def paired_ratio(envoy: Subject, remora: Subject, key: str) -> float | None:
     """The median of the per-round ratios: each compares two runs made back to back, so a
-    stall of the machine that hit one round moves one ratio, not one side's median."""
+    stall of the machine that hit one round moves one ratio, not one side's median. A figure
+    both pooled over their rounds (see pool_tails) is compared pooled to pooled."""
+    if envoy.pooled.get(key) and key in remora.pooled:
+        return remora.pooled[key] / envoy.pooled[key]
     ratios = round_ratios(envoy, remora, key)
     return statistics.median(ratios) if ratios else None
 
@@ -764,7 +772,8 @@ http {{
             # remora-loadgen counted them.
             if lat.get("completed"):
                 v["cpu_per_100k_fixed"] = cpu / lat["completed"] * 100_000
-            v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"])
+            v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"],
+                     recorded=lat["recorded"], slowest=lat["slowest_us"])
 
     def fixed_rate(self, live: list[tuple[Subject, subprocess.Popen, dict]],
                    cpus: str | None, direct_port: int | None = None) -> list[dict]:
@@ -945,7 +954,8 @@ def table(envoy: Subject, remora: Subject) -> str:
             else:
                 met = "yes" if fig.check(r, ratio) else "**no**"
         arrow = "↑" if fig.better == "higher" else "↓"
-        rows.append(f"| {fig.label} ({fig.unit}, {arrow} better) | {cell(envoy, fig.key, fig.unit)} "
+        label = fig.label + (", all rounds' replies pooled" if fig.key in remora.pooled else "")
+        rows.append(f"| {label} ({fig.unit}, {arrow} better) | {cell(envoy, fig.key, fig.unit)} "
                     f"| {cell(remora, fig.key, fig.unit)} "
                     f"| {'n/a' if ratio is None else f'{ratio:.2f}x'} | {fig.target} | {met} |")
     return "\n".join(rows)
@@ -1149,9 +1159,52 @@ def set_aside_stalled_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
     return [line]
 
 
+def pooled_percentile(parts: list[tuple[int, list[int]]], fraction: float) -> int | None:
+    """The percentile of several runs' latencies taken together, as remora-loadgen reads one
+    run's (the ceil(n * fraction)-th smallest), from each run's count and its slowest
+    hundredth (`slowest_us`, slowest first). None when a run's kept tail is too short to be
+    sure, which at p99.9 needs one run to hold a tenth of the pooled tail's worst."""
+    total = sum(count for count, _ in parts)
+    if not total:
+        return None
+    from_slowest = total - max(1, math.ceil(total * fraction))
+    merged = sorted((x for _, slowest in parts for x in slowest), reverse=True)
+    if from_slowest >= len(merged):
+        return None
+    value = merged[from_slowest]
+    # A run whose kept tail stops above the answer may have left out values between them.
+    if any(len(slowest) < count and slowest and slowest[-1] > value for count, slowest in parts):
+        return None
+    return value
+
+
+def pool_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
+    """Reads each target's p99.9 from the replies of all the rounds its p99.9 row counts at
+    once. One round's 10,000 replies (10 s at 1,000/s) put its p99.9 on the tenth-slowest, so
+    it moves 0.4x-2x from round to round with nothing changed; five rounds pooled put it on
+    the fiftieth. The per-round ratios stay in the spread line."""
+    counted = []
+    for subject in subjects:
+        parts = [(r["recorded"], r["slowest"]) for _, r in sorted(subject.rounds.items())
+                 if "p999" in r and "slowest" in r]
+        if parts and (value := pooled_percentile(parts, 0.999)) is not None:
+            subject.pooled["p999"] = value
+            counted.append(f"{subject.name} {sum(n for n, _ in parts):,} ({len(parts)} rounds)")
+    if not counted:
+        return []
+    return ["The p99.9 row pools each target's replies over the rounds it counts, and reads "
+            "the percentile of them all: " + ", ".join(counted) + " replies."]
+
+
 def direct_median(bench: Bench, key: str) -> float | None:
-    """The no-proxy target's median p99 or p99.9 over the rounds counted in that row (its
-    turns beside the proxies'), else the baseline's, measured alone before the rounds."""
+    """The no-proxy target's p99 or p99.9 over the rounds counted in that row (its turns
+    beside the proxies'; the p99.9 pooled, as the proxies' row is, the p99 the median), else
+    the baseline's, measured alone before the rounds."""
+    if key == "p999":
+        parts = [(s["recorded"], s["slowest_us"]) for i, s in sorted(bench.direct_tail.items())
+                 if i not in bench.stalled_rounds and "slowest_us" in s]
+        if parts and (pooled := pooled_percentile(parts, 0.999)) is not None:
+            return pooled
     values = [s[f"{key}_us"] for i, s in bench.direct_tail.items()
               if s.get(f"{key}_us") and not (key == "p999" and i in bench.stalled_rounds)]
     return statistics.median(values) if values else bench.baseline.get(key)
@@ -1162,7 +1215,9 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
     a = bench.args
     turns = max(1, sum(1 for s in (envoy, remora, bare) if s is not None and s.rounds))
     # Before any row is read: the p99.9 row leaves out the rounds a stall of the host set.
-    tail_lines = set_aside_stalled_tails(bench, [s for s in (envoy, remora, bare) if s])
+    subjects = [s for s in (envoy, remora, bare) if s]
+    tail_lines = set_aside_stalled_tails(bench, subjects)
+    tail_lines += pool_tails(bench, subjects)
     free_turns = turns + (1 if bench.direct_tail else 0)
     lines = [
         "# Remora vs Envoy: proxy benchmark results",
@@ -1186,7 +1241,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         + (", the bare forwarder last" if bare is not None else "")
         + "; the default-config step in rotating slices, see its table"
         + "); each figure is the median over rounds, each ratio the median of the per-round "
-        "ratios",
+        "ratios, but for the p99.9 row, read from all rounds' replies at once",
         f"- wrk {a.duration:g}s; fixed rate: remora-loadgen (open loop) hands a {a.rate} req/s "
         f"schedule to the {turns} proxies in turn"
         + (" (and, on any core, to the upstream with no proxy as one more)"
@@ -1233,7 +1288,8 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
             if floors:
                 lines.append(
                     "The same latencies with no proxy, in the proxies' turns, as a share of "
-                    "Envoy's (medians over the rounds counted): " + ", ".join(floors)
+                    "Envoy's (over the rounds counted: p99 the median, p99.9 pooled as the "
+                    "proxies' row): " + ", ".join(floors)
                     + ". A proxy adds to the direct path, so its ratio to Envoy cannot be "
                     "expected below these.")
             if b.get("tcp_gbps"):

@@ -21,7 +21,9 @@
 //! target now takes every place, after every other, alike.
 //!
 //! `completed` counts every reply read whole, warm-up included: what the target served while
-//! this ran, the divisor for its CPU time.
+//! this ran, the divisor for its CPU time. `slowest_us` holds the slowest hundredth of the
+//! recorded latencies, slowest first: enough for a caller to pool several runs and read their
+//! p99.9 exactly (bench.py's `pooled_percentile`).
 
 use std::time::{Duration, Instant};
 
@@ -217,6 +219,16 @@ fn percentile(sorted: &[u32], fraction: f64) -> u32 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The slowest 1% of `sorted` (at least one value when it is not empty), slowest first.
+fn slowest_hundredth(sorted: &[u32]) -> Vec<u32> {
+    let kept = sorted.len().div_ceil(100);
+    sorted[sorted.len() - kept..]
+        .iter()
+        .rev()
+        .copied()
+        .collect()
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.rate == 0 || args.connections == 0 {
@@ -292,6 +304,7 @@ fn main() -> anyhow::Result<()> {
                 "p99_us": percentile(latencies, 0.99),
                 "p999_us": percentile(latencies, 0.999),
                 "max_us": latencies.last().copied().unwrap_or(0),
+                "slowest_us": slowest_hundredth(latencies),
             })
         })
         .collect();
@@ -350,5 +363,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The kept tail is the slowest hundredth, rounded up, slowest first; nothing from nothing.
+    #[test]
+    fn slowest_hundredth_keeps_the_tail_slowest_first() {
+        let sorted: Vec<u32> = (1..=250).collect();
+        assert_eq!(slowest_hundredth(&sorted), [250, 249, 248]);
+        assert_eq!(slowest_hundredth(&[7]), [7]);
+        assert!(slowest_hundredth(&[]).is_empty());
     }
 }
