@@ -1162,8 +1162,9 @@ def set_aside_stalled_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
 def pooled_percentile(parts: list[tuple[int, list[int]]], fraction: float) -> int | None:
     """The percentile of several runs' latencies taken together, as remora-loadgen reads one
     run's (the ceil(n * fraction)-th smallest), from each run's count and its slowest
-    hundredth (`slowest_us`, slowest first). None when a run's kept tail is too short to be
-    sure, which at p99.9 needs one run to hold a tenth of the pooled tail's worst."""
+    hundredth (`slowest_us`, slowest first). None when a run's kept hundredth may leave out a
+    value the answer depends on; at p99.9 over runs of like size that cannot happen (the
+    pooled tail is a thousandth of all replies, each run keeps a hundredth of its own)."""
     total = sum(count for count, _ in parts)
     if not total:
         return None
@@ -1196,7 +1197,7 @@ def pool_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
             "the percentile of them all: " + ", ".join(counted) + " replies."]
 
 
-def direct_median(bench: Bench, key: str) -> float | None:
+def no_proxy_figure(bench: Bench, key: str) -> float | None:
     """The no-proxy target's p99 or p99.9 over the rounds counted in that row (its turns
     beside the proxies'; the p99.9 pooled, as the proxies' row is, the p99 the median), else
     the baseline's, measured alone before the rounds."""
@@ -1284,7 +1285,7 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
             # near the target's share of Envoy's, the target is out of reach in this run.
             floors = [f"{label} {direct / envoy.value(key):.2f}x"
                       for key, label in (("p99", "p99"), ("p999", "p99.9"))
-                      if (direct := direct_median(bench, key)) and envoy.value(key)]
+                      if (direct := no_proxy_figure(bench, key)) and envoy.value(key)]
             if floors:
                 lines.append(
                     "The same latencies with no proxy, in the proxies' turns, as a share of "
