@@ -773,7 +773,7 @@ http {{
             if lat.get("completed"):
                 v["cpu_per_100k_fixed"] = cpu / lat["completed"] * 100_000
             v.update(p50=lat["p50_us"], p99=lat["p99_us"], p999=lat["p999_us"],
-                     recorded=lat["recorded"], slowest=lat["slowest_us"])
+                     recorded=lat["recorded"], slowest_us=lat["slowest_us"])
 
     def fixed_rate(self, live: list[tuple[Subject, subprocess.Popen, dict]],
                    cpus: str | None, direct_port: int | None = None) -> list[dict]:
@@ -1179,6 +1179,13 @@ def pooled_percentile(parts: list[tuple[int, list[int]]], fraction: float) -> in
     return value
 
 
+def pooled_p999(summaries) -> int | None:
+    """The p99.9 of the replies of several fixed-rate summaries (remora-loadgen's, or a
+    round's figures holding its `recorded` and `slowest_us`) taken together."""
+    parts = [(s["recorded"], s["slowest_us"]) for s in summaries if "slowest_us" in s]
+    return pooled_percentile(parts, 0.999) if parts else None
+
+
 def pool_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
     """Reads each target's p99.9 from the replies of all the rounds its p99.9 row counts at
     once. One round's 10,000 replies (10 s at 1,000/s) put its p99.9 on the tenth-slowest, so
@@ -1186,11 +1193,11 @@ def pool_tails(bench: Bench, subjects: list[Subject]) -> list[str]:
     the fiftieth. The per-round ratios stay in the spread line."""
     counted = []
     for subject in subjects:
-        parts = [(r["recorded"], r["slowest"]) for _, r in sorted(subject.rounds.items())
-                 if "p999" in r and "slowest" in r]
-        if parts and (value := pooled_percentile(parts, 0.999)) is not None:
+        counted_rounds = [r for r in subject.rounds.values() if "p999" in r and "slowest_us" in r]
+        if (value := pooled_p999(counted_rounds)) is not None:
             subject.pooled["p999"] = value
-            counted.append(f"{subject.name} {sum(n for n, _ in parts):,} ({len(parts)} rounds)")
+            counted.append(f"{subject.name} {sum(r['recorded'] for r in counted_rounds):,} "
+                           f"({len(counted_rounds)} rounds)")
     if not counted:
         return []
     return ["The p99.9 row pools each target's replies over the rounds it counts, and reads "
@@ -1201,13 +1208,11 @@ def no_proxy_figure(bench: Bench, key: str) -> float | None:
     """The no-proxy target's p99 or p99.9 over the rounds counted in that row (its turns
     beside the proxies'; the p99.9 pooled, as the proxies' row is, the p99 the median), else
     the baseline's, measured alone before the rounds."""
-    if key == "p999":
-        parts = [(s["recorded"], s["slowest_us"]) for i, s in sorted(bench.direct_tail.items())
-                 if i not in bench.stalled_rounds and "slowest_us" in s]
-        if parts and (pooled := pooled_percentile(parts, 0.999)) is not None:
-            return pooled
-    values = [s[f"{key}_us"] for i, s in bench.direct_tail.items()
-              if s.get(f"{key}_us") and not (key == "p999" and i in bench.stalled_rounds)]
+    counted = [s for i, s in bench.direct_tail.items()
+               if not (key == "p999" and i in bench.stalled_rounds)]
+    if key == "p999" and (pooled := pooled_p999(counted)) is not None:
+        return pooled
+    values = [s[f"{key}_us"] for s in counted if s.get(f"{key}_us")]
     return statistics.median(values) if values else bench.baseline.get(key)
 
 
