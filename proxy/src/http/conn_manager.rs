@@ -648,7 +648,7 @@ async fn handle(
             entry.capture_request(&parts);
         }
         entry.capture_response(response.status().as_u16(), response.headers());
-        Box::new(PendingLine { entry })
+        PendingLine { entry }
     });
     // Held until the response body ends (a streamed body keeps the request active, as in
     // Envoy, and its access log line waits for the last byte).

@@ -138,8 +138,9 @@ pub trait StreamEnd: Send + std::fmt::Debug {
 pub struct DownstreamSlots {
     pub active: GaugeGuard,
     pub in_flight: GaugeGuard,
-    /// The access log line, written when this is dropped (boxed: only logged requests pay).
-    pub log: Option<Box<PendingLine>>,
+    /// The access log line, written when this is dropped (its record is boxed: only logged
+    /// requests pay for it).
+    pub log: Option<PendingLine>,
     /// The filters' completion phase, run when this is dropped.
     pub completion: Option<Box<dyn StreamEnd>>,
     /// A sampled request's spans, finished when this is dropped.

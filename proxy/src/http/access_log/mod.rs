@@ -98,9 +98,10 @@ pub struct Entry {
     logs: Arc<AccessLogs>,
 }
 
-/// A header value as a line shows it: as sent, UTF-8 included (as Envoy writes the bytes);
-/// absent (`-`) only when it is not UTF-8. `from_utf8` also checks ASCII faster than
-/// `HeaderValue::to_str`, which refuses anything but visible ASCII.
+/// A header value as a JSON line shows it: as sent, UTF-8 included; absent (`null`) when it is
+/// not UTF-8, which JSON cannot hold. (A text line writes the bytes as sent, as Envoy does.)
+/// `from_utf8` also checks ASCII faster than `HeaderValue::to_str`, which refuses anything but
+/// visible ASCII.
 fn header_text(value: &HeaderValue) -> Option<&str> {
     std::str::from_utf8(value.as_bytes()).ok()
 }
@@ -115,22 +116,21 @@ pub struct TraceId {
 
 impl TraceId {
     /// Appends the id's digits to `line` (no formatter: a log line is written per request).
-    pub fn push_to(&self, line: &mut String) {
+    pub fn push_to(&self, line: &mut Vec<u8>) {
         let digits = crate::hex::lower::<32>(self.id);
-        let digits = if self.wide {
-            &digits[..]
-        } else {
-            &digits[16..]
-        };
-        line.extend(digits.iter().map(|&digit| char::from(digit)));
+        line.extend_from_slice(self.significant(&digits));
+    }
+
+    /// The digits `%TRACE_ID%` shows of all 32.
+    fn significant<'a>(&self, digits: &'a [u8; 32]) -> &'a [u8] {
+        if self.wide { digits } else { &digits[16..] }
     }
 }
 
 impl std::fmt::Display for TraceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut digits = String::with_capacity(32);
-        self.push_to(&mut digits);
-        f.write_str(&digits)
+        let digits = crate::hex::lower::<32>(self.id);
+        f.write_str(std::str::from_utf8(self.significant(&digits)).unwrap_or_default())
     }
 }
 
@@ -196,6 +196,26 @@ impl Captured {
         named(&self.values[start..], names, name)
     }
 
+    /// The request's value in `slot`, as sent.
+    fn request_slot(&self, slot: usize) -> Option<&[u8]> {
+        let value = self.values[..self.request_len].get(slot)?;
+        value.as_ref().map(HeaderValue::as_bytes)
+    }
+
+    /// The response head's value in `slot`, as sent.
+    fn response_slot(&self, slot: usize) -> Option<&[u8]> {
+        let end = (self.request_len + self.response_len).min(self.values.len());
+        let value = self.values[self.request_len..end].get(slot)?;
+        value.as_ref().map(HeaderValue::as_bytes)
+    }
+
+    /// The response trailers' value in `slot`, as sent.
+    fn trailer_slot(&self, slot: usize) -> Option<&[u8]> {
+        let start = (self.request_len + self.response_len).min(self.values.len());
+        let value = self.values[start..].get(slot)?;
+        value.as_ref().map(HeaderValue::as_bytes)
+    }
+
     fn clear_request(&mut self) {
         self.values.drain(..self.request_len);
         self.request_len = 0;
@@ -209,33 +229,27 @@ fn named<'a>(
     names: &[HeaderName],
     name: &HeaderName,
 ) -> Option<&'a str> {
-    let index = names.iter().position(|known| known == name)?;
-    header_text(values.get(index)?.as_ref()?)
+    header_text(values.get(slot_of(names, name)?)?.as_ref()?)
 }
 
 impl Entry {
-    /// The record of a request as it arrived, for `logs`. Its headers are captured later
-    /// ([`Entry::capture_request`]): Envoy's log reads them as the request left.
+    /// The record of a request as it arrived, for `logs`, boxed: it travels with the request
+    /// and then with its response body, and a pointer moves for less than the record would.
+    /// Its headers, `:path` and `:authority` are captured later ([`Entry::capture_request`]):
+    /// Envoy's log reads them as the request left.
     pub fn new<B>(
         request: &http::Request<B>,
         (started, peer, local): (Instant, SocketAddr, SocketAddr),
         logs: &Arc<AccessLogs>,
-    ) -> Self {
-        Entry {
+    ) -> Box<Self> {
+        Box::new(Entry {
             started,
             took: None,
             start_time: SystemTime::now(),
             version: request.version(),
             method: request.method().clone(),
-            path: request.uri().path_and_query().cloned(),
-            authority: request
-                .headers()
-                .get(http::header::HOST)
-                .cloned()
-                .or_else(|| {
-                    let authority = request.uri().authority()?;
-                    HeaderValue::from_str(authority.as_str()).ok()
-                }),
+            path: None,
+            authority: None,
             refused: None,
             connection_only: false,
             headers: Captured::with_room(
@@ -263,36 +277,40 @@ impl Entry {
             timings: Timings::default(),
             header_checks: logs.header_checks.on_nothing(),
             logs: logs.clone(),
-        }
+        })
     }
 
     /// The record of a `tcp_proxy` connection, for `logs`: what Envoy's TCP proxy logs, with
     /// no request (`"- - -"`, response code 0) and its bytes in both directions.
-    pub fn for_connection(at: (Instant, SocketAddr, SocketAddr), logs: &Arc<AccessLogs>) -> Self {
+    pub fn for_connection(
+        at: (Instant, SocketAddr, SocketAddr),
+        logs: &Arc<AccessLogs>,
+    ) -> Box<Self> {
         let mut entry = Entry::new(&http::Request::new(()), at, logs);
         entry.connection_only = true;
-        entry.path = None;
         entry.headers.request_captured = true;
         entry
     }
 
     /// Records the request as it is now, in place of any earlier capture: its headers, and
-    /// its `:path` and `:authority` (`Host`) as they are sent upstream, rewrites included.
-    /// Envoy's log reads the request's headers when it writes the line, so it shows what
-    /// the connection manager and the router did to them (a generated `x-request-id`, a
-    /// rewritten path), also for a request answered locally.
+    /// its `:path` and `:authority` (`Host`, else the URI's) as they are sent upstream,
+    /// rewrites included. Envoy's log reads the request's headers when it writes the line, so
+    /// it shows what the connection manager and the router did to them (a generated
+    /// `x-request-id`, a rewritten path), also for a request answered locally.
     pub fn capture_request(&mut self, head: &http::request::Parts) {
         self.headers
             .set_request(&self.logs.request_headers, &head.headers);
         if !self.logs.header_checks.is_empty() {
             self.logs.header_checks.judge(head, &mut self.header_checks);
         }
-        if let Some(path) = head.uri.path_and_query() {
-            self.path = Some(path.clone());
-        }
-        if let Some(host) = head.headers.get(http::header::HOST) {
-            self.authority = Some(host.clone());
-        }
+        self.path = head.uri.path_and_query().cloned();
+        self.authority = match head.headers.get(http::header::HOST) {
+            Some(host) => Some(host.clone()),
+            None => head
+                .uri
+                .authority()
+                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok()),
+        };
     }
 
     /// Whether [`Entry::capture_request`] has run (or the head was refused, and its headers
@@ -341,7 +359,7 @@ pub struct Timings {
 /// A request's pending log line: written when dropped, i.e. when the response has ended.
 #[derive(Debug)]
 pub struct PendingLine {
-    pub entry: Entry,
+    pub entry: Box<Entry>,
 }
 
 impl Drop for PendingLine {
@@ -479,9 +497,120 @@ pub fn for_filter(
 /// A configured log bound to its writer.
 #[derive(Debug)]
 pub struct ActiveLog {
-    format: LogFormat,
+    format: Format,
     filter: Option<Filter>,
     sink: Arc<Sink>,
+}
+
+/// A log's format as its lines are rendered: a text format's header operators bound to the
+/// slots of the values an [`Entry`] captures, so that a line finds each value by index rather
+/// than by comparing names; a JSON format as configured.
+#[derive(Debug)]
+enum Format {
+    Text {
+        pieces: Vec<Piece>,
+        omit_empty: bool,
+    },
+    Json {
+        fields: JsonObject,
+        omit_empty: bool,
+    },
+}
+
+/// One operator of a text format.
+#[derive(Debug)]
+enum Piece {
+    /// `%REQ(NAME?ALT):MAX%`.
+    Request {
+        field: Field,
+        alt: Option<Field>,
+        max: Option<usize>,
+    },
+    /// `%RESP(NAME):MAX%`: the slot of its value among the response head's (`None`: never
+    /// one, as for a pseudo-header).
+    Response {
+        slot: Option<usize>,
+        max: Option<usize>,
+    },
+    /// `%TRAILER(NAME):MAX%`: the same among the trailers'.
+    Trailer {
+        slot: Option<usize>,
+        max: Option<usize>,
+    },
+    /// Literal text, copied in place (half a line's pieces are literal).
+    Text(Box<[u8]>),
+    /// An operator that reads no header.
+    Token(Token),
+}
+
+/// Where a request operator's value is kept.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Method,
+    Path,
+    Authority,
+    /// The slot of its value among the request's captured ones.
+    Header(usize),
+    Absent,
+}
+
+impl Field {
+    /// `field` as an entry of `logs` keeps it.
+    fn bind(field: &HeaderField, logs: &AccessLogs) -> Field {
+        match field {
+            HeaderField::Method => Field::Method,
+            HeaderField::Path => Field::Path,
+            HeaderField::Authority => Field::Authority,
+            HeaderField::Header(name) => {
+                slot_of(&logs.request_headers, name).map_or(Field::Absent, Field::Header)
+            }
+            HeaderField::Absent => Field::Absent,
+        }
+    }
+}
+
+impl Format {
+    /// `format` bound to the header names `logs` captures (which must hold all it reads).
+    fn bind(format: &LogFormat, logs: &AccessLogs) -> Format {
+        let slot = |names: &[HeaderName], field: &HeaderField| match field {
+            HeaderField::Header(name) => slot_of(names, name),
+            _ => None,
+        };
+        match format {
+            LogFormat::Text { tokens, omit_empty } => Format::Text {
+                pieces: tokens
+                    .iter()
+                    .map(|token| match token {
+                        Token::Request { name, alt, max } => Piece::Request {
+                            field: Field::bind(name, logs),
+                            alt: alt.as_ref().map(|alt| Field::bind(alt, logs)),
+                            max: *max,
+                        },
+                        Token::Response { name, max } => Piece::Response {
+                            slot: slot(&logs.response_headers, name),
+                            max: *max,
+                        },
+                        Token::Trailer { name, max } => Piece::Trailer {
+                            slot: slot(&logs.trailer_headers, name),
+                            max: *max,
+                        },
+                        Token::Text(text) => Piece::Text(text.as_bytes().into()),
+                        other => Piece::Token(other.clone()),
+                    })
+                    .collect(),
+                omit_empty: *omit_empty,
+            },
+            LogFormat::Json { fields, omit_empty } => Format::Json {
+                fields: fields.clone(),
+                omit_empty: *omit_empty,
+            },
+        }
+    }
+}
+
+/// Where `name` is among `names`.
+fn slot_of(names: &[HeaderName], name: &HeaderName) -> Option<usize> {
+    names.iter().position(|known| known == name)
 }
 
 /// Binds configured logs to writers (one writer thread per destination, shared). A file that
@@ -522,7 +651,7 @@ pub fn activate(
                 .push(crate::http::headers::X_REQUEST_ID.clone());
         }
         logs.logs.push(ActiveLog {
-            format: config.format.clone(),
+            format: Format::bind(&config.format, &logs),
             filter,
             sink: Sink::for_target(&config.target, dropped),
         });
@@ -601,9 +730,9 @@ impl Sink {
 
     /// Renders `entry` in `format` and appends the line (rendered into a buffer each thread
     /// reuses, so a line costs no allocation).
-    fn send(&self, format: &LogFormat, entry: &Entry) {
+    fn send(&self, format: &Format, entry: &Entry) {
         thread_local! {
-            static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         LINE.with_borrow_mut(|line| {
             line.clear();
@@ -611,12 +740,12 @@ impl Sink {
             self.append(line);
             // A rare huge line (a long header value) does not stay reserved for good.
             if line.capacity() > MAX_KEPT_LINE {
-                *line = String::new();
+                *line = Vec::new();
             }
         });
     }
 
-    fn append(&self, line: &str) {
+    fn append(&self, line: &[u8]) {
         let mut pending = lock(&self.shared.pending);
         if pending.bytes.len() + line.len() > MAX_BUFFERED {
             drop(pending);
@@ -625,7 +754,7 @@ impl Sink {
         }
         // The first line of a batch starts the writer's interval; a full batch ends it early.
         let before = pending.bytes.len();
-        pending.bytes.extend_from_slice(line.as_bytes());
+        pending.bytes.extend_from_slice(line);
         let wake = before == 0 || (before < FLUSH_BYTES && pending.bytes.len() >= FLUSH_BYTES);
         drop(pending);
         if wake {
@@ -754,13 +883,14 @@ fn write_lines(target: &Target, shared: &Shared) {
     }
 }
 
-fn render_line(format: &LogFormat, entry: &Entry, line: &mut String) {
+fn render_line(format: &Format, entry: &Entry, line: &mut Vec<u8>) {
     match format {
-        LogFormat::Text { tokens, omit_empty } => render(tokens, entry, *omit_empty, line),
-        LogFormat::Json { fields, omit_empty } => {
+        Format::Text { pieces, omit_empty } => render_text(pieces, entry, *omit_empty, line),
+        Format::Json { fields, omit_empty } => {
             let object = serde_json::Value::Object(json_object(fields, entry, *omit_empty));
-            let _ = write!(line, "{object}");
-            line.push('\n');
+            // Writing to a vector cannot fail.
+            let _ = serde_json::to_writer(&mut *line, &object);
+            line.push(b'\n');
         }
     }
 }
@@ -811,11 +941,13 @@ fn json_value(field: &JsonField, entry: &Entry, omit_empty: bool) -> serde_json:
 fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
     use serde_json::Value;
     let text = |value: Option<&str>, max: Option<usize>| match value {
-        Some(value) => {
-            let mut out = String::new();
-            push_value(&mut out, Some(value), max, false);
-            Value::String(out)
-        }
+        // Cut to `max` bytes; whole if that would split a character.
+        Some(value) => Value::String(
+            value
+                .get(..max.unwrap_or(usize::MAX).min(value.len()))
+                .unwrap_or(value)
+                .to_owned(),
+        ),
         None => Value::Null,
     };
     match token {
@@ -867,95 +999,127 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
 
 /// [`render`] into a new string.
 fn rendered(format: &[Token], entry: &Entry, omit_empty: bool) -> String {
-    let mut line = String::new();
-    render(format, entry, omit_empty, &mut line);
-    line
+    let mut line = Vec::new();
+    for token in format {
+        render(token, entry, omit_empty, &mut line);
+    }
+    // Its header values are the UTF-8 ones ([`request_value`]); the rest is text.
+    String::from_utf8(line)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
 }
 
-/// Appends `format` for `entry` to `line`. Numbers and addresses are written directly, not
-/// through `fmt` (which had cost as much as the rest of a line).
-fn render(format: &[Token], entry: &Entry, omit_empty: bool, line: &mut String) {
-    let mut number = itoa::Buffer::new();
-    for token in format {
-        match token {
-            Token::Text(text) => line.push_str(text),
-            Token::StartTime => push_time(line, entry.start_time),
-            Token::Request { name, alt, max } => {
-                let value = request_value(entry, name)
-                    .or_else(|| alt.as_ref().and_then(|alt| request_value(entry, alt)));
+/// Appends a text format's line for `entry` to `line`. Header values are written as sent,
+/// UTF-8 or not, as Envoy writes them.
+fn render_text(pieces: &[Piece], entry: &Entry, omit_empty: bool, line: &mut Vec<u8>) {
+    for piece in pieces {
+        match piece {
+            Piece::Request { field, alt, max } => {
+                let value = entry
+                    .request_field(*field)
+                    .or_else(|| alt.and_then(|alt| entry.request_field(alt)));
                 push_value(line, value, *max, omit_empty);
             }
-            Token::Response { name, max } => {
-                push_value(line, response_value(entry, name), *max, omit_empty);
+            Piece::Response { slot, max } => {
+                let value = slot.and_then(|slot| entry.headers.response_slot(slot));
+                push_value(line, value, *max, omit_empty);
             }
-            Token::Trailer { name, max } => {
-                push_value(line, trailer_value(entry, name), *max, omit_empty);
+            Piece::Trailer { slot, max } => {
+                let value = slot.and_then(|slot| entry.headers.trailer_slot(slot));
+                push_value(line, value, *max, omit_empty);
             }
-            Token::GrpcStatus(format) => match entry.grpc_status() {
-                Some(status) => line.push_str(&grpc_status_text(status, *format)),
-                None => push_value(line, None, None, omit_empty),
-            },
-            Token::Protocol => line.push_str(match entry.version {
-                _ if entry.connection_only => "-",
-                Version::HTTP_10 => "HTTP/1.0",
-                Version::HTTP_11 => "HTTP/1.1",
-                Version::HTTP_2 => "HTTP/2",
-                _ => "-",
-            }),
-            Token::ResponseCode => line.push_str(number.format(entry.status)),
-            Token::ResponseFlags => match entry.flags.render() {
-                Some(flags) => line.push_str(&flags),
-                None => line.push('-'),
-            },
-            Token::BytesReceived => {
-                let received = entry.bytes_received.load(Ordering::Relaxed);
-                line.push_str(number.format(received));
-            }
-            Token::BytesSent => line.push_str(number.format(entry.bytes_sent)),
-            Token::Duration => {
-                let millis = entry.took().as_millis() as u64;
-                line.push_str(number.format(millis));
-            }
-            Token::UpstreamHost => match entry.upstream_host {
-                Some(host) => push_addr(line, host),
-                None if omit_empty => {}
-                None => line.push('-'),
-            },
-            Token::UpstreamCluster => push_value(line, entry.cluster_name(), None, omit_empty),
-            Token::RouteName => push_value(line, entry.route_name(), None, omit_empty),
-            Token::ResponseCodeDetails => {
-                let details = (!entry.details.is_empty()).then(|| envoy_details(&entry.details));
-                push_value(line, details.as_deref(), None, omit_empty);
-            }
-            Token::UpstreamTransportFailureReason => {
-                let reason = entry.transport_failure.as_deref().map(envoy_details);
-                push_value(line, reason.as_deref(), None, omit_empty);
-            }
-            Token::ConnectionTerminationDetails => push_value(line, None, None, omit_empty),
-            Token::UpstreamLocalAddress => match entry.upstream_local {
-                Some(local) => push_addr(line, local),
-                None => push_value(line, None, None, omit_empty),
-            },
-            Token::RequestedServerName => {
-                push_value(line, entry.server_name.as_deref(), None, omit_empty);
-            }
-            Token::DownstreamRemoteAddress => push_addr(line, entry.peer),
-            Token::DownstreamLocalAddress => push_addr(line, entry.local),
-            Token::DownstreamPeer(field) => {
-                push_peer(line, entry.peer_certificate.as_deref(), *field, omit_empty);
-            }
-            Token::TraceId => match entry.trace_id {
-                Some(id) => id.push_to(line),
-                None => push_value(line, None, None, omit_empty),
-            },
-            Token::UpstreamRequestAttemptCount => {
-                line.push_str(number.format(entry.upstream_request_attempt_count));
-            }
-            Token::Timing(timing) => match entry.timing(*timing) {
-                Some(millis) => line.push_str(number.format(millis)),
-                None => push_value(line, None, None, omit_empty),
-            },
+            Piece::Text(text) => line.extend_from_slice(text),
+            Piece::Token(token) => render(token, entry, omit_empty, line),
         }
+    }
+}
+
+/// A value as its bytes.
+fn text(value: Option<&str>) -> Option<&[u8]> {
+    value.map(str::as_bytes)
+}
+
+/// Appends one operator for `entry` to `line`. Numbers and addresses are written directly,
+/// not through `fmt` (which had cost as much as the rest of a line).
+fn render(token: &Token, entry: &Entry, omit_empty: bool, line: &mut Vec<u8>) {
+    let mut number = itoa::Buffer::new();
+    match token {
+        Token::Text(text) => line.extend_from_slice(text.as_bytes()),
+        Token::StartTime => push_time(line, entry.start_time),
+        Token::Request { name, alt, max } => {
+            let value = request_value(entry, name)
+                .or_else(|| alt.as_ref().and_then(|alt| request_value(entry, alt)));
+            push_value(line, text(value), *max, omit_empty);
+        }
+        Token::Response { name, max } => {
+            push_value(line, text(response_value(entry, name)), *max, omit_empty);
+        }
+        Token::Trailer { name, max } => {
+            push_value(line, text(trailer_value(entry, name)), *max, omit_empty);
+        }
+        Token::GrpcStatus(format) => match entry.grpc_status() {
+            Some(status) => line.extend_from_slice(grpc_status_text(status, *format).as_bytes()),
+            None => push_absent(line, omit_empty),
+        },
+        Token::Protocol => line.extend_from_slice(match entry.version {
+            _ if entry.connection_only => b"-",
+            Version::HTTP_10 => b"HTTP/1.0",
+            Version::HTTP_11 => b"HTTP/1.1",
+            Version::HTTP_2 => b"HTTP/2",
+            _ => b"-",
+        }),
+        Token::ResponseCode => line.extend_from_slice(number.format(entry.status).as_bytes()),
+        Token::ResponseFlags => match entry.flags.render() {
+            Some(flags) => line.extend_from_slice(flags.as_bytes()),
+            None => line.push(b'-'),
+        },
+        Token::BytesReceived => {
+            let received = entry.bytes_received.load(Ordering::Relaxed);
+            line.extend_from_slice(number.format(received).as_bytes());
+        }
+        Token::BytesSent => line.extend_from_slice(number.format(entry.bytes_sent).as_bytes()),
+        Token::Duration => {
+            let millis = entry.took().as_millis() as u64;
+            line.extend_from_slice(number.format(millis).as_bytes());
+        }
+        Token::UpstreamHost => match entry.upstream_host {
+            Some(host) => push_addr(line, host),
+            None => push_absent(line, omit_empty),
+        },
+        Token::UpstreamCluster => push_value(line, text(entry.cluster_name()), None, omit_empty),
+        Token::RouteName => push_value(line, text(entry.route_name()), None, omit_empty),
+        Token::ResponseCodeDetails => {
+            let details = (!entry.details.is_empty()).then(|| envoy_details(&entry.details));
+            push_value(line, text(details.as_deref()), None, omit_empty);
+        }
+        Token::UpstreamTransportFailureReason => {
+            let reason = entry.transport_failure.as_deref().map(envoy_details);
+            push_value(line, text(reason.as_deref()), None, omit_empty);
+        }
+        Token::ConnectionTerminationDetails => push_absent(line, omit_empty),
+        Token::UpstreamLocalAddress => match entry.upstream_local {
+            Some(local) => push_addr(line, local),
+            None => push_absent(line, omit_empty),
+        },
+        Token::RequestedServerName => {
+            push_value(line, text(entry.server_name.as_deref()), None, omit_empty);
+        }
+        Token::DownstreamRemoteAddress => push_addr(line, entry.peer),
+        Token::DownstreamLocalAddress => push_addr(line, entry.local),
+        Token::DownstreamPeer(field) => {
+            push_peer(line, entry.peer_certificate.as_deref(), *field, omit_empty);
+        }
+        Token::TraceId => match entry.trace_id {
+            Some(id) => id.push_to(line),
+            None => push_absent(line, omit_empty),
+        },
+        Token::UpstreamRequestAttemptCount => {
+            let attempts = number.format(entry.upstream_request_attempt_count);
+            line.extend_from_slice(attempts.as_bytes());
+        }
+        Token::Timing(timing) => match entry.timing(*timing) {
+            Some(millis) => line.extend_from_slice(number.format(millis).as_bytes()),
+            None => push_absent(line, omit_empty),
+        },
     }
 }
 
@@ -968,20 +1132,21 @@ fn envoy_details(details: &str) -> String {
 }
 
 /// `address:port` as `SocketAddr` displays it; an IPv4 address without `fmt`.
-fn push_addr(line: &mut String, addr: SocketAddr) {
+fn push_addr(line: &mut Vec<u8>, addr: SocketAddr) {
     let SocketAddr::V4(v4) = addr else {
-        let _ = write!(line, "{addr}");
+        // Writing to a vector cannot fail.
+        let _ = std::io::Write::write_fmt(line, format_args!("{addr}"));
         return;
     };
     let mut number = itoa::Buffer::new();
     for (index, octet) in v4.ip().octets().into_iter().enumerate() {
         if index > 0 {
-            line.push('.');
+            line.push(b'.');
         }
-        line.push_str(number.format(octet));
+        line.extend_from_slice(number.format(octet).as_bytes());
     }
-    line.push(':');
-    line.push_str(number.format(v4.port()));
+    line.push(b':');
+    line.extend_from_slice(number.format(v4.port()).as_bytes());
 }
 
 impl Entry {
@@ -1056,6 +1221,36 @@ impl Entry {
         Some(u64::try_from(millis).unwrap_or(u64::MAX))
     }
 
+    /// A request operator's value, as sent.
+    fn request_field(&self, field: Field) -> Option<&[u8]> {
+        if self.connection_only {
+            return None;
+        }
+        if let Some((method, target)) = &self.refused {
+            return match field {
+                Field::Method => Some(method.as_bytes()),
+                Field::Path => Some(target.as_bytes()),
+                _ => None,
+            };
+        }
+        match field {
+            Field::Method => Some(self.method.as_str().as_bytes()),
+            Field::Path => Some(
+                self.path
+                    .as_ref()
+                    .map_or("/", PathAndQuery::as_str)
+                    .as_bytes(),
+            ),
+            Field::Authority => self
+                .authority
+                .as_ref()
+                .map(HeaderValue::as_bytes)
+                .filter(|authority| !authority.is_empty()),
+            Field::Header(slot) => self.headers.request_slot(slot),
+            Field::Absent => None,
+        }
+    }
+
     fn route_name(&self) -> Option<&str> {
         self.route
             .as_ref()
@@ -1070,28 +1265,10 @@ impl Entry {
     }
 }
 
+/// A request operator's value as text, for a JSON log (which holds only UTF-8).
 fn request_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
-    if entry.connection_only {
-        return None;
-    }
-    if let Some((method, target)) = &entry.refused {
-        return match field {
-            HeaderField::Method => Some(method),
-            HeaderField::Path => Some(target),
-            _ => None,
-        };
-    }
-    match field {
-        HeaderField::Method => Some(entry.method.as_str()),
-        HeaderField::Path => Some(entry.path.as_ref().map_or("/", PathAndQuery::as_str)),
-        HeaderField::Authority => entry
-            .authority
-            .as_ref()
-            .and_then(header_text)
-            .filter(|a| !a.is_empty()),
-        HeaderField::Header(name) => entry.headers.request(&entry.logs.request_headers, name),
-        HeaderField::Absent => None,
-    }
+    let value = entry.request_field(Field::bind(field, &entry.logs))?;
+    std::str::from_utf8(value).ok()
 }
 
 fn response_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
@@ -1140,16 +1317,15 @@ fn grpc_status_text(status: u64, format: GrpcStatusFormat) -> Cow<'static, str> 
     }
 }
 
-/// A value, cut to `max` bytes; `-` when there is none (nothing with `omit_empty`).
 /// A fact of the downstream's certificate; several SANs are joined with `,`, as Envoy does.
 fn push_peer(
-    line: &mut String,
+    line: &mut Vec<u8>,
     peer: Option<&crate::tls::PeerCertificate>,
     field: PeerField,
     omit_empty: bool,
 ) {
     let Some(peer) = peer else {
-        return push_value(line, None, None, omit_empty);
+        return push_absent(line, omit_empty);
     };
     let joined = |values: &[String]| (!values.is_empty()).then(|| values.join(","));
     let time = |seconds: i64| {
@@ -1176,27 +1352,32 @@ fn push_peer(
             }
         }
     };
-    push_value(line, value.as_deref(), None, omit_empty);
+    push_value(line, value.as_deref().map(str::as_bytes), None, omit_empty);
 }
 
-fn push_value(line: &mut String, value: Option<&str>, max: Option<usize>, omit_empty: bool) {
+/// A value, cut to `max` bytes (as Envoy cuts); `-` when there is none (nothing with
+/// `omit_empty`).
+fn push_value(line: &mut Vec<u8>, value: Option<&[u8]>, max: Option<usize>, omit_empty: bool) {
     match value {
         Some(value) => {
-            let value = match max {
-                Some(max) => value.get(..max.min(value.len())).unwrap_or(value),
-                None => value,
-            };
-            line.push_str(value);
+            let end = max.unwrap_or(usize::MAX).min(value.len());
+            line.extend_from_slice(&value[..end]);
         }
-        None if omit_empty => {}
-        None => line.push('-'),
+        None => push_absent(line, omit_empty),
+    }
+}
+
+/// What a line shows for a value that is not there: `-`, or nothing with `omit_empty`.
+fn push_absent(line: &mut Vec<u8>, omit_empty: bool) {
+    if !omit_empty {
+        line.push(b'-');
     }
 }
 
 /// `2026-11-25T18:40:00.123Z`, Envoy's default `%START_TIME%`.
 /// The date and time to the second are formatted once per second on each thread (lines of
 /// the same second share them); the milliseconds are appended.
-fn push_time(line: &mut String, time: SystemTime) {
+fn push_time(line: &mut Vec<u8>, time: SystemTime) {
     thread_local! {
         /// The last second formatted, as `2026-11-25T18:40:00`.
         static SECOND: std::cell::RefCell<(u64, String)> =
@@ -1214,11 +1395,9 @@ fn push_time(line: &mut String, time: SystemTime) {
             text.pop(); // the `Z`, which goes after the milliseconds
             *cached = second;
         }
-        line.push_str(text);
-        line.push('.');
-        let digits = [millis / 100, millis / 10 % 10, millis % 10];
-        line.extend(digits.map(|d| char::from(b'0' + d as u8)));
-        line.push('Z');
+        line.extend_from_slice(text.as_bytes());
+        let digits = [millis / 100, millis / 10 % 10, millis % 10].map(|d| b'0' + d as u8);
+        line.extend_from_slice(&[b'.', digits[0], digits[1], digits[2], b'Z']);
     });
 }
 
@@ -1228,23 +1407,23 @@ mod tests {
 
     #[test]
     fn start_time_is_rendered_as_envoy_does() {
-        let mut line = String::new();
+        let mut line = Vec::new();
         let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_095_400_123);
         push_time(&mut line, time);
-        assert_eq!(line, "2025-11-25T18:30:00.123Z");
+        assert_eq!(line, b"2025-11-25T18:30:00.123Z");
         line.clear();
         push_time(
             &mut line,
             SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400),
         );
-        assert_eq!(line, "2000-02-29T00:00:00.000Z");
+        assert_eq!(line, b"2000-02-29T00:00:00.000Z");
     }
 
     #[test]
     fn lines_of_one_second_share_its_text_and_keep_their_own_milliseconds() {
         let second = UNIX_EPOCH + Duration::from_secs(1_764_095_400);
         let at = |millis| second + Duration::from_millis(millis);
-        let mut line = String::new();
+        let mut line = Vec::new();
         for (time, expected) in [
             (at(7), "2025-11-25T18:30:00.007Z"),
             (at(999), "2025-11-25T18:30:00.999Z"),
@@ -1253,7 +1432,7 @@ mod tests {
         ] {
             line.clear();
             push_time(&mut line, time);
-            assert_eq!(line, expected);
+            assert_eq!(line, expected.as_bytes());
         }
     }
 
@@ -1284,8 +1463,11 @@ mod tests {
             "not a name the formats read"
         );
         headers.insert("user-agent", HeaderValue::from_bytes(b"\xff\xfe").unwrap());
+        headers.remove("x-name");
         captured.set_request(&names, &headers);
         assert_eq!(captured.request(&names, &names[0]), None, "not UTF-8");
+        assert_eq!(captured.request(&names, &names[1]), None, "removed since");
+        assert_eq!(captured.request_slot(0), Some(&b"\xff\xfe"[..]), "as sent");
     }
 
     #[test]
@@ -1335,6 +1517,104 @@ mod tests {
         );
     }
 
+    /// `formats` bound as `activate` binds them (without writers), and an entry of a request
+    /// with `request_headers`, answered 200 with `x-served-by: upstream-1`.
+    fn bound_entry(
+        formats: &[LogFormat],
+        request_headers: &[(&str, &[u8])],
+    ) -> (Vec<Format>, Box<Entry>) {
+        let mut logs = AccessLogs::default();
+        for format in formats {
+            names_read(format, &mut logs);
+        }
+        let bound = formats.iter().map(|f| Format::bind(f, &logs)).collect();
+        let logs = Arc::new(logs);
+        let mut request = http::Request::get("/asked?q=1").body(()).unwrap();
+        for (name, value) in request_headers {
+            request.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut entry = Entry::new(&request, (Instant::now(), addr, addr), &logs);
+        let (head, ()) = request.into_parts();
+        entry.capture_request(&head);
+        let mut response = HeaderMap::new();
+        response.insert("x-served-by", HeaderValue::from_static("upstream-1"));
+        entry.capture_response(200, &response);
+        (bound, entry)
+    }
+
+    fn line_of(format: &Format, entry: &Entry) -> Vec<u8> {
+        let mut line = Vec::new();
+        render_line(format, entry, &mut line);
+        line
+    }
+
+    #[test]
+    fn a_text_line_finds_each_header_by_its_slot_and_writes_it_as_sent() {
+        let text = |format: &str, omit_empty| LogFormat::Text {
+            tokens: remora_config::access_log::parse_format(format).unwrap(),
+            omit_empty,
+        };
+        let formats = [
+            text(
+                "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %REQ(USER-AGENT)% %REQ(X-ABSENT)% \
+                 %RESP(X-SERVED-BY)% %RESP(:STATUS)% %TRAILER(X-DONE)% %REQ(:AUTHORITY)%",
+                false,
+            ),
+            text("[%REQ(X-ABSENT)%][%REQ(X-NAME):3%][%REQ(:METHOD)%]", true),
+        ];
+        let (bound, entry) = bound_entry(
+            &formats,
+            &[
+                ("user-agent", b"caf\xe9/1"),
+                ("x-name", b"abcdef"),
+                ("host", b"example.test"),
+            ],
+        );
+        assert_eq!(
+            line_of(&bound[0], &entry),
+            b"/asked?q=1 caf\xe9/1 - upstream-1 - - example.test".to_vec(),
+            "a header not UTF-8 is written as sent, as Envoy writes it"
+        );
+        assert_eq!(line_of(&bound[1], &entry), b"[][abc][GET]".to_vec());
+        // The alternative is read only when the first name has no value.
+        let (bound, entry) = bound_entry(&formats, &[("x-envoy-original-path", b"/original")]);
+        assert!(line_of(&bound[0], &entry).starts_with(b"/original - - upstream-1"));
+    }
+
+    #[test]
+    fn a_json_line_leaves_out_a_header_that_is_not_utf8() {
+        let mut fields = std::collections::BTreeMap::new();
+        for (key, format) in [
+            ("agent", "%REQ(USER-AGENT)%"),
+            ("mixed", "<%REQ(USER-AGENT)%>"),
+        ] {
+            fields.insert(
+                key.to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(format.into())),
+                },
+            );
+        }
+        let format = LogFormat::Json {
+            fields: remora_config::access_log::parse_json_format(&fields).unwrap(),
+            omit_empty: false,
+        };
+        let (bound, entry) =
+            bound_entry(std::slice::from_ref(&format), &[("user-agent", b"caf\xe9")]);
+        let line: serde_json::Value = serde_json::from_slice(&line_of(&bound[0], &entry)).unwrap();
+        assert_eq!(line, serde_json::json!({"agent": null, "mixed": "<->"}));
+        let (bound, entry) = bound_entry(&[format], &[("user-agent", "café".as_bytes())]);
+        let line: serde_json::Value = serde_json::from_slice(&line_of(&bound[0], &entry)).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"agent": "café", "mixed": "<café>"})
+        );
+    }
+
     #[test]
     fn addresses_are_written_as_socket_addr_displays_them() {
         for addr in [
@@ -1345,9 +1625,9 @@ mod tests {
             "[2001:db8::8:1]:443",
         ] {
             let addr: SocketAddr = addr.parse().unwrap();
-            let mut line = String::new();
+            let mut line = Vec::new();
             push_addr(&mut line, addr);
-            assert_eq!(line, addr.to_string());
+            assert_eq!(line, addr.to_string().as_bytes());
         }
     }
 }

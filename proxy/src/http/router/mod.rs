@@ -42,7 +42,7 @@ pub struct RouteRequest<'a> {
     pub downstream: &'a ConnectionInfo,
     /// `http` or `https`: the downstream connection's scheme.
     pub scheme: &'static str,
-    pub log: &'a mut Option<Entry>,
+    pub log: &'a mut Option<Box<Entry>>,
     /// The request's trace, when the HCM traces: the router stamps the upstream request.
     pub trace: Option<&'a mut crate::http::tracing::ActiveTrace>,
     pub started: Instant,
@@ -60,7 +60,7 @@ pub struct RouteRequest<'a> {
 /// A reply the router makes instead of forwarding: the access log shows the request as it was
 /// then, as Envoy's does (it reads the request's headers when it writes the line).
 fn unforwarded(
-    log: &mut Option<Entry>,
+    log: &mut Option<Box<Entry>>,
     parts: &http::request::Parts,
     reply: LocalReply,
 ) -> LocalReply {
