@@ -5,13 +5,17 @@
 //! ended (so `%DURATION%` and `%BYTES_SENT%` cover the body).
 //!
 //! Formats come parsed from the config (`remora_config::access_log`); this module renders and
-//! writes them. Workers never block on the log: lines are appended to one bounded buffer per
-//! destination, which its writer thread writes out [`FLUSH_INTERVAL`] after the first line
-//! waiting, or once [`FLUSH_BYTES`] are, as Envoy's file logger flushes on an interval. A
-//! worker wakes the writer for the first line of a batch and for a full one, never per line
-//! (a wakeup per request had cost more than the rest of the log). When the buffer is full (a stuck stdout), lines are dropped and counted in
-//! `access_log.dropped`, rather than stalling requests. [`flush_all`] writes what is waiting
-//! (at shutdown).
+//! writes them. A request keeps only the header values its logs' formats name ([`Entry`]),
+//! and a text format is bound to where those values are kept when the config is read
+//! (`Format`), so a line is rendered without looking a name up.
+//!
+//! Workers never block on the log: lines are appended to one bounded buffer per destination,
+//! which its writer thread writes out [`FLUSH_INTERVAL`] after the first line waiting, or once
+//! [`FLUSH_BYTES`] are, as Envoy's file logger flushes on an interval. A worker wakes the
+//! writer for the first line of a batch and for a full one, never per line (a wakeup per
+//! request had cost more than the rest of the log). When the buffer is full (a stuck stdout),
+//! lines are dropped and counted in `access_log.dropped_lines`, rather than stalling requests.
+//! [`flush_all`] writes what is waiting (at shutdown).
 //!
 //! A log's `filter` picks the lines it writes ([`filter`]).
 //!
@@ -1352,7 +1356,7 @@ fn push_peer(
             }
         }
     };
-    push_value(line, value.as_deref().map(str::as_bytes), None, omit_empty);
+    push_value(line, text(value.as_deref()), None, omit_empty);
 }
 
 /// A value, cut to `max` bytes (as Envoy cuts); `-` when there is none (nothing with
