@@ -178,11 +178,19 @@ impl<'a> Retries<'a> {
     }
 
     fn retries_response(&self, status: StatusCode, headers: &HeaderMap) -> bool {
-        let on = self.retry_on;
-        // An upstream Envoy's rate limiting is retried only when asked for by name.
-        if headers.contains_key(&X_RATELIMITED) {
-            return on.contains(RetryOn::ENVOY_RATELIMITED);
+        // An upstream Envoy's rate limiting is retried only when asked for by name. The header
+        // is looked up only when it could change the answer: not on a response that nothing
+        // else would retry either, the usual one (a lookup hashes its long name).
+        let limited = || headers.contains_key(&X_RATELIMITED);
+        if self.retry_on.contains(RetryOn::ENVOY_RATELIMITED) && limited() {
+            return true;
         }
+        self.retries_status(status, headers) && !limited()
+    }
+
+    /// Whether the policy retries a response for its status or headers, rate limiting aside.
+    fn retries_status(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        let on = self.retry_on;
         let code = status.as_u16();
         if on.contains(RetryOn::FIVE_XX) && status.is_server_error() {
             return true;
@@ -354,6 +362,15 @@ mod tests {
             !retries.retries(&status(503, &ratelimited)),
             "asked for by name only"
         );
+        assert!(retries.retries(&status(503, &none)));
+        let named = policy("envoy-ratelimited", 1);
+        let retries = Retries::new(Some(&named), &none, false).expect("enabled");
+        assert!(retries.retries(&status(429, &ratelimited)));
+        assert!(
+            retries.retries(&status(200, &ratelimited)),
+            "whatever the status, as Envoy"
+        );
+        assert!(!retries.retries(&status(429, &none)));
 
         let grpc = policy("unavailable", 1);
         let retries = Retries::new(Some(&grpc), &none, false).expect("enabled");
