@@ -106,8 +106,8 @@ pub struct Entry {
 /// not UTF-8, which JSON cannot hold. (A text line writes the bytes as sent, as Envoy does.)
 /// `from_utf8` also checks ASCII faster than `HeaderValue::to_str`, which refuses anything but
 /// visible ASCII.
-fn header_text(value: &HeaderValue) -> Option<&str> {
-    std::str::from_utf8(value.as_bytes()).ok()
+fn utf8(value: &[u8]) -> Option<&str> {
+    std::str::from_utf8(value).ok()
 }
 
 /// A trace id as `%TRACE_ID%` prints it: 32 hex digits, or 16 for a 64-bit id. Kept as a
@@ -186,38 +186,36 @@ impl Captured {
             .extend(names.iter().map(|name| trailers.get(name).cloned()));
     }
 
+    /// The request's value for `name`, one of `names`, as text (see [`utf8`]).
     fn request(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
-        named(&self.values[..self.request_len], names, name)
+        utf8(self.request_slot(slot_of(names, name)?)?)
     }
 
+    /// The response head's value for `name`, one of `names`, as text.
     fn response(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
-        let end = (self.request_len + self.response_len).min(self.values.len());
-        named(&self.values[self.request_len..end], names, name)
+        utf8(self.response_slot(slot_of(names, name)?)?)
     }
 
+    /// The trailers' value for `name`, one of `names`, as text.
     fn trailer(&self, names: &[HeaderName], name: &HeaderName) -> Option<&str> {
-        let start = (self.request_len + self.response_len).min(self.values.len());
-        named(&self.values[start..], names, name)
+        utf8(self.trailer_slot(slot_of(names, name)?)?)
     }
 
     /// The request's value in `slot`, as sent.
     fn request_slot(&self, slot: usize) -> Option<&[u8]> {
-        let value = self.values[..self.request_len].get(slot)?;
-        value.as_ref().map(HeaderValue::as_bytes)
+        value_in(&self.values[..self.request_len], slot)
     }
 
     /// The response head's value in `slot`, as sent.
     fn response_slot(&self, slot: usize) -> Option<&[u8]> {
         let end = (self.request_len + self.response_len).min(self.values.len());
-        let value = self.values[self.request_len..end].get(slot)?;
-        value.as_ref().map(HeaderValue::as_bytes)
+        value_in(&self.values[self.request_len..end], slot)
     }
 
     /// The response trailers' value in `slot`, as sent.
     fn trailer_slot(&self, slot: usize) -> Option<&[u8]> {
         let start = (self.request_len + self.response_len).min(self.values.len());
-        let value = self.values[start..].get(slot)?;
-        value.as_ref().map(HeaderValue::as_bytes)
+        value_in(&self.values[start..], slot)
     }
 
     fn clear_request(&mut self) {
@@ -227,13 +225,9 @@ impl Captured {
     }
 }
 
-/// The value captured for `name`, one of `names`, as text.
-fn named<'a>(
-    values: &'a [Option<HeaderValue>],
-    names: &[HeaderName],
-    name: &HeaderName,
-) -> Option<&'a str> {
-    header_text(values.get(slot_of(names, name)?)?.as_ref()?)
+/// The value captured in `slot` of `values`, as sent.
+fn value_in(values: &[Option<HeaderValue>], slot: usize) -> Option<&[u8]> {
+    values.get(slot)?.as_ref().map(HeaderValue::as_bytes)
 }
 
 impl Entry {
@@ -1271,8 +1265,7 @@ impl Entry {
 
 /// A request operator's value as text, for a JSON log (which holds only UTF-8).
 fn request_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
-    let value = entry.request_field(Field::bind(field, &entry.logs))?;
-    std::str::from_utf8(value).ok()
+    utf8(entry.request_field(Field::bind(field, &entry.logs))?)
 }
 
 fn response_value<'a>(entry: &'a Entry, field: &HeaderField) -> Option<&'a str> {
