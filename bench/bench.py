@@ -240,12 +240,18 @@ def probe(admin_port: int) -> None:
 # ---------------------------------------------------------------- /proc
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), in seconds."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """utime and stime of the whole process (all threads), in seconds: its own code and the
+    kernel's work on its behalf (system calls, loopback TCP)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    return sum(cpu_split(pid))
 
 
 def status_kb(pid: int, key: str) -> int:
@@ -286,14 +292,17 @@ def sliced_wrk(targets: dict, seconds: float, slice_seconds: float,
                connections: int = 50) -> dict:
     """`wrk -t1` at each target in turn (`slice_order`). `targets` maps a key to (listener
     port, proxy pid). Returns per key: requests, failed, wall seconds, and CPU seconds of the
-    proxy during its slices."""
-    out = {key: {"requests": 0, "failed": 0, "wall": 0.0, "cpu": 0.0} for key in targets}
+    proxy during its slices (`cpu`, and `sys`, the kernel's part of it)."""
+    out = {key: {"requests": 0, "failed": 0, "wall": 0.0, "cpu": 0.0, "sys": 0.0}
+           for key in targets}
     for key in slice_order(list(targets), seconds, slice_seconds):
         port, pid = targets[key]
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        (user0, sys0), t0 = cpu_split(pid), time.monotonic()
         result = wrk(port, slice_seconds, connections)
+        user1, sys1 = cpu_split(pid)
         totals = out[key]
-        totals["cpu"] += cpu_seconds(pid) - cpu0
+        totals["cpu"] += user1 - user0 + sys1 - sys0
+        totals["sys"] += sys1 - sys0
         totals["wall"] += time.monotonic() - t0
         totals["requests"] += result["requests"]
         totals["failed"] += result["failed"]
@@ -360,6 +369,7 @@ FIGURES = [
     Figure("h1_cpu_util", "proxy CPU during wrk (cores busy)", "cores", "lower"),
     Figure("cpu_per_100k", "CPU s per 100k req (wrk, saturated)", "s", "lower",
            "≤ 0.4x", lambda v, r: r <= 0.4),
+    Figure("sys_per_100k", "of which the kernel's (system CPU) (wrk, saturated)", "s", "lower"),
     Figure("cpu_per_100k_fixed", "CPU s per 100k req (fixed rate)", "s", "lower"),
     Figure("p50", "latency p50 at fixed rate", "µs", "lower"),
     Figure("p99", "latency p99 at fixed rate", "µs", "lower", "≤ 0.4x", lambda v, r: r <= 0.4),
@@ -709,12 +719,15 @@ http {{
 
     def step_wrk(self, subject: Subject, pid: int, v: dict) -> None:
         log(f"{subject.name}: wrk {self.args.duration:g}s")
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        (user0, sys0), t0 = cpu_split(pid), time.monotonic()
         result = wrk(subject.ports["HTTP_PORT"], self.args.duration, 50)
-        cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
+        (user1, sys1), wall = cpu_split(pid), time.monotonic() - t0
+        cpu, system = user1 - user0 + sys1 - sys0, sys1 - sys0
         v["h1_rps"] = result["rps"]
         v["h1_cpu_util"] = cpu / wall
-        v["cpu_per_100k"] = cpu / result["requests"] * 100_000 if result["requests"] else None
+        if result["requests"]:
+            v["cpu_per_100k"] = cpu / result["requests"] * 100_000
+            v["sys_per_100k"] = system / result["requests"] * 100_000
         if result["failed"]:
             subject.note(f"wrk: {result['failed']} failed/non-2xx responses")
         ceiling = self.baseline.get("h1_rps")
@@ -1123,6 +1136,29 @@ def reference(envoy: Subject, remora: Subject, bare: Subject) -> list[str]:
     return lines
 
 
+def kernel_floor(envoy: Subject, remora: Subject, bare: Subject | None) -> list[str]:
+    """How much of the saturated CPU-per-request target user space can still move: remora's
+    kernel time per request (its system calls and loopback TCP, which any proxy pays) over
+    Envoy's whole CPU per request, round by round. A target below this floor is out of reach
+    of any change to remora's own code."""
+    rounds = sorted(set(envoy.rounds) & set(remora.rounds))
+    floors = [remora.rounds[i]["sys_per_100k"] / envoy.rounds[i]["cpu_per_100k"] for i in rounds
+              if envoy.rounds[i].get("cpu_per_100k") and "sys_per_100k" in remora.rounds[i]]
+    total, system = remora.value("cpu_per_100k"), remora.value("sys_per_100k")
+    if not floors or not total or system is None:
+        return []
+    line = (f"The kernel's part: {system / total:.0%} of remora's CPU per request (wrk, "
+            f"saturated) is system time, {system:.3f} s per 100k requests; that alone is "
+            f"{statistics.median(floors):.2f}x Envoy's whole CPU per request (rounds "
+            + ", ".join(f"{f:.2f}x" for f in floors) + ").")
+    bare_total, bare_system = (bare.value("cpu_per_100k"), bare.value("sys_per_100k")) \
+        if bare is not None else (None, None)
+    if bare_total and bare_system is not None:
+        line += (f" The bare forwarder's system time is {bare_system:.3f} s per 100k, "
+                 f"{bare_system / bare_total:.0%} of its CPU per request.")
+    return [line + " User space, where remora's code runs, can move only the rest."]
+
+
 # A round whose no-proxy p99.9 is above this multiple of its median over the rounds had a stall
 # of the host in its turns: its p99.9 row measured the stall, not the proxies.
 STALLED_TAIL = 2.0
@@ -1275,6 +1311,8 @@ def report(bench: Bench, envoy: Subject, remora: Subject, bare: Subject | None,
         lines += [*tail_lines, ""]
     if bare is not None:
         lines += [*reference(envoy, remora, bare), ""]
+    if floor := kernel_floor(envoy, remora, bare):
+        lines += [*floor, ""]
     if bench.baseline:
         b = bench.baseline
         if "error" in b:

@@ -148,6 +148,26 @@ def instruction_line(counts: dict) -> list[str]:
             "kernel's share of a request."]
 
 
+def kernel_floor(results: dict) -> list[str]:
+    """What the CPU target leaves to user space: with the features on, remora's kernel time
+    per request (system calls, loopback TCP, the log's writes and the spans' exports) over
+    Envoy's whole CPU per request, round by round, and the user time per request a 0.3x ratio
+    would allow beside what remora's user space used with the features off."""
+    on, off = results["remora"]["on"], results["remora"]["off"]
+    envoy = results["envoy"]["on"]
+    if not all("sys_per_100k" in r for r in on + off):
+        return []
+    floors = [r["sys_per_100k"] / e["cpu_per_100k"] for r, e in zip(on, envoy)]
+    budgets = [0.3 * e["cpu_per_100k"] - r["sys_per_100k"] for r, e in zip(on, envoy)]
+    user_off = statistics.median(r["cpu_per_100k"] - r["sys_per_100k"] for r in off)
+    user_on = statistics.median(r["cpu_per_100k"] - r["sys_per_100k"] for r in on)
+    return ["", "The kernel's part, features on: remora's system time alone is "
+            f"{statistics.median(floors):.2f}x Envoy's whole CPU per request (rounds "
+            + ", ".join(f"{f:.2f}x" for f in floors) + "). A 0.3x ratio would leave remora's "
+            f"user space {statistics.median(budgets):.3f} s per 100k requests with the features "
+            f"on; it used {user_on:.3f} with them and {user_off:.3f} without."]
+
+
 def report(results: dict, info: list, argv: list[str], started: float, args,
            counts: dict | None = None) -> str:
     def med(name: str, mode: str, key: str) -> float:
@@ -177,8 +197,12 @@ def report(results: dict, info: list, argv: list[str], started: float, args,
     rows = [("on", "rps", "req/s, features on", "{:,.0f}", "≥ 3x", lambda r: r >= 3),
             ("on", "cpu_per_100k", "CPU s per 100k req, features on", "{:.3f}", "≤ 0.3x",
              lambda r: r <= 0.3),
+            ("on", "sys_per_100k", "of which the kernel's (system CPU), features on", "{:.3f}",
+             "", None),
             ("off", "rps", "req/s, features off", "{:,.0f}", "", None),
-            ("off", "cpu_per_100k", "CPU s per 100k req, features off", "{:.3f}", "", None)]
+            ("off", "cpu_per_100k", "CPU s per 100k req, features off", "{:.3f}", "", None),
+            ("off", "sys_per_100k", "of which the kernel's (system CPU), features off", "{:.3f}",
+             "", None)]
     for mode, key, label, number, target, check in rows:
         ratios = per_round(("remora", mode), ("envoy", mode), key)
         value = statistics.median(ratios)
@@ -192,6 +216,7 @@ def report(results: dict, info: list, argv: list[str], started: float, args,
                   f"CPU per request "
                   f"{statistics.median(per_round((n, 'on'), (n, 'off'), 'cpu_per_100k')):.3f}x"
                   for n in results) + ".",
+              *kernel_floor(results),
               "", "Spans received per request at 1%: "
               + ", ".join(f"{n} {med(n, 'on', 'spans') / med(n, 'on', 'requests'):.4f}"
                           for n in results) + ".",

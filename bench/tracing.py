@@ -185,6 +185,7 @@ def run_round(commands: dict, upstream_port: int, sink_bin: Path, base_id: int, 
         for key, v in variants.items():
             out[key] = {"rps": v["requests"] / v["wall"],
                         "cpu_per_100k": v["cpu"] / v["requests"] * 100_000,
+                        "sys_per_100k": v["sys"] / v["requests"] * 100_000,
                         "requests": v["requests"], "failed": v["failed"],
                         "spans": spans_received(v["sink_stats"]) - v["spans0"]}
         return out
