@@ -926,7 +926,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for GuardedIo<S> {
         cx: &mut Context<'_>,
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, data)
+        crate::gathered_write::poll_write_gathered(Pin::new(&mut self.inner), cx, data)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -463,7 +463,11 @@ impl AsyncWrite for UpstreamIo {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        let result = with_stream!(this, io => Pin::new(io).poll_write_vectored(cx, bufs));
+        let result = with_stream!(this, io => crate::gathered_write::poll_write_gathered(
+            Pin::new(io),
+            cx,
+            bufs
+        ));
         if let (Poll::Ready(Ok(n)), Some(counted)) = (&result, &this.counted) {
             counted.stats.upstream_cx_tx_bytes_total.add(*n as u64);
         }
