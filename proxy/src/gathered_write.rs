@@ -1,12 +1,12 @@
-//! Short gathered writes sent as one `write(2)`.
+//! Short gathered writes sent with one `send(2)`.
 //!
 //! hyper hands a message's head and its body to the socket as separate slices (its vectored
 //! write strategy, which spares it copying large bodies), and tokio sends those with
-//! `writev(2)`. On loopback TCP the kernel's `writev` path costs about 0.2 µs more per call
-//! than `write` of the same bytes, with one slice or with two (bench/README.md, "The kernel's
-//! part of a request"). A proxy makes two such writes per request, so slices that fit
-//! [`GATHER_LIMIT`] are copied into one buffer and sent with `write`; larger ones keep
-//! `writev`, where the copy would cost more than the call saves.
+//! `writev(2)`. On loopback TCP the kernel's `writev` path costs the sender 0.17–0.27 µs more
+//! per call than a `send` of the same bytes (`bench/send-cost.c`; bench/README.md, "The
+//! kernel's part of a request"). A proxy makes two such writes per request, so slices that fit
+//! [`GATHER_LIMIT`] are copied into one buffer and written with `poll_write`, which tokio sends
+//! with `send`; larger ones keep `writev`, where the copy would cost more than the call saves.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 
 /// The most bytes gathered into one buffer: a head and a short body. Copying this much costs
-/// far less than the 0.2 µs `writev` adds; a larger body goes out by `writev` uncopied.
+/// far less than what `writev` adds; a larger body goes out by `writev` uncopied.
 pub const GATHER_LIMIT: usize = 4096;
 
 /// Writes `bufs` to `io` as [`AsyncWrite::poll_write_vectored`] would, but with one

@@ -6,7 +6,7 @@
 //! chain → [`http::router`] → [`upstream`] (cluster, priority, load balancer, connect path,
 //! pool) → upstream; request [`body`]s travel the same way, below both wings, and [`tunnel`]
 //! moves the bytes of `tcp_proxy` and of upgraded HTTP/1.1 streams. Both HTTP sockets send
-//! short messages through [`gathered_write`], one `write(2)` each.
+//! short messages through [`gathered_write`], one `send(2)` each.
 //! Config arrives through [`config`] (the bootstrap, converted by the `remora-config` crate) and
 //! [`xds`] (ADS); routes and clusters are published as one immutable snapshot in [`store`];
 //! [`admin`] and [`stats`] observe it all; [`server`] wires the parts together, and
