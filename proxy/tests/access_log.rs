@@ -1067,11 +1067,13 @@ fn post_with_slow_body(addr: SocketAddr, path: &str, pause: Duration) -> String 
 fn phase_durations_are_timed_where_envoy_times_them() {
     let rig = LogRig::new();
     let format = "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %REQUEST_DURATION% %REQUEST_TX_DURATION% %RESPONSE_DURATION% %RESPONSE_TX_DURATION% %DURATION%\\n";
-    // Times as classes: the pauses are 300 ms, the rest of a request takes far less.
+    // Times as classes: the pauses are 300 ms, the rest of a request takes far less. A proxy
+    // times a pause from when it read the head, which can lag the client's write by a
+    // scheduling delay on a busy machine, so a 300 ms pause may read a few ms short.
     let class = |field: &str| match field.parse::<u64>() {
         Err(_) => field.to_string(),
         Ok(millis) if millis < 150 => "fast".into(),
-        Ok(millis) if millis >= 300 => "slow".into(),
+        Ok(millis) if millis >= 250 => "slow".into(),
         Ok(millis) => format!("{millis} ms, neither fast nor slow"),
     };
     let pause = Duration::from_millis(300);
