@@ -292,6 +292,8 @@ fn parse_json_value(value: &prost_types::Value) -> Result<JsonField, String> {
 pub enum Token {
     Text(String),
     StartTime,
+    /// `%START_TIME(FORMAT)%`, the format translated for `jiff::fmt::strtime`.
+    StartTimeFormat(String),
     /// `%REQ(NAME?ALT):MAX%`.
     Request {
         name: HeaderField,
@@ -437,7 +439,7 @@ pub fn parse_format(format: &str) -> Result<Vec<Token>, String> {
             tokens.push(Token::Text(rest[..start].to_string()));
         }
         let after = &rest[start + 1..];
-        let Some(end) = after.find('%') else {
+        let Some(end) = operator_end(after) else {
             return Err(format!("unterminated command operator in {format:?}"));
         };
         let operator = &after[..end];
@@ -454,7 +456,75 @@ pub fn parse_format(format: &str) -> Result<Vec<Token>, String> {
     Ok(tokens)
 }
 
+/// Where the `%` that closes the operator `after` starts with is: past its parenthesised
+/// argument, which may hold `%` (`START_TIME(%Y-%m-%d)`), and its `:MAX`, as Envoy's parser
+/// reads it; for anything else, the next `%`.
+fn operator_end(after: &str) -> Option<usize> {
+    let name = after
+        .bytes()
+        .take_while(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_')
+        .count();
+    if name > 0
+        && after[name..].starts_with('(')
+        && let Some(close) = after[name..].find(')')
+    {
+        let past = name + close + 1;
+        let tail = &after[past..];
+        let max = match tail.strip_prefix(':') {
+            Some(digits) => 1 + digits.bytes().take_while(u8::is_ascii_digit).count(),
+            None => 0,
+        };
+        if tail[max..].starts_with('%') {
+            return Some(past + max);
+        }
+    }
+    after.find('%')
+}
+
+/// Envoy's `START_TIME(...)` format (strftime's specifiers, `%f`/`%3f` for the fraction of a
+/// second, `%s` for the Unix time, Abseil's `%Ez` and `%E3S`) as `jiff`'s strftime reads it;
+/// checked by formatting one time, so a specifier neither knows is refused here.
+fn start_time_format(envoy: &str) -> Result<String, String> {
+    let mut format = String::with_capacity(envoy.len() + 4);
+    let mut rest = envoy;
+    while let Some(at) = rest.find('%') {
+        format.push_str(&rest[..at]);
+        let spec = &rest[at + 1..];
+        let digits = spec.bytes().take_while(u8::is_ascii_digit).count();
+        let (translated, used) = if spec.starts_with('%') {
+            ("%%".to_string(), 1)
+        } else if spec.starts_with('f') {
+            ("%9f".to_string(), 1)
+        } else if digits > 0 && spec[digits..].starts_with('f') {
+            (format!("%{}f", &spec[..digits]), digits + 1)
+        } else if spec.starts_with("Ez") {
+            ("%:z".to_string(), 2)
+        } else if spec.starts_with("E*S") {
+            ("%S%.f".to_string(), 3)
+        } else if let [b'E', precision @ b'1'..=b'9', b'S', ..] = spec.as_bytes() {
+            (format!("%S%.{}f", *precision as char), 3)
+        } else {
+            ("%".to_string(), 0)
+        };
+        format.push_str(&translated);
+        rest = &spec[used..];
+    }
+    format.push_str(rest);
+    jiff::fmt::strtime::format(&format, jiff::Timestamp::UNIX_EPOCH)
+        .map(|_| format)
+        .map_err(|error| format!("START_TIME format {envoy:?} is not supported: {error}"))
+}
+
 fn parse_operator(operator: &str) -> Result<Token, String> {
+    if let Some(args) = operator
+        .strip_prefix("START_TIME(")
+        .and_then(|args| args.strip_suffix(')'))
+    {
+        return match args {
+            "" => Ok(Token::StartTime),
+            args => start_time_format(args).map(Token::StartTimeFormat),
+        };
+    }
     let simple = match operator {
         "START_TIME" => Some(Token::StartTime),
         "PROTOCOL" => Some(Token::Protocol),
@@ -513,20 +583,27 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         };
         Some((name, alt, max))
     };
-    if let Some((name, alt, max)) = header_operator("REQ(") {
+    // `REQUEST_HEADER`, `RESPONSE_HEADER` and `RESPONSE_TRAILER` are Envoy's longer names.
+    if let Some((name, alt, max)) =
+        header_operator("REQ(").or_else(|| header_operator("REQUEST_HEADER("))
+    {
         return Ok(Token::Request {
             name: HeaderField::request(name),
             alt: alt.map(HeaderField::request),
             max,
         });
     }
-    if let Some((name, None, max)) = header_operator("RESP(") {
+    if let Some((name, None, max)) =
+        header_operator("RESP(").or_else(|| header_operator("RESPONSE_HEADER("))
+    {
         return Ok(Token::Response {
             name: HeaderField::response(name),
             max,
         });
     }
-    if let Some((name, None, max)) = header_operator("TRAILER(") {
+    if let Some((name, None, max)) =
+        header_operator("TRAILER(").or_else(|| header_operator("RESPONSE_TRAILER("))
+    {
         return Ok(Token::Trailer {
             name: HeaderField::response(name),
             max,
@@ -679,7 +756,41 @@ mod tests {
         );
         let error = parse_format("%FILTER_STATE(x)%").unwrap_err();
         assert!(error.contains("%FILTER_STATE(x)%"), "{error}");
+        let error = parse_format("%FILTER_STATE(a%b)%").unwrap_err();
+        assert!(error.contains("%FILTER_STATE(a%b)%"), "{error}");
         assert!(parse_format("%START_TIME").is_err());
+    }
+
+    #[test]
+    fn start_time_takes_a_format_with_percent_signs_and_header_operators_their_long_names() {
+        assert_eq!(
+            parse_format("[%START_TIME(%Y-%m-%dT%H:%M:%S%z)%] %START_TIME()%").unwrap(),
+            vec![
+                Token::Text("[".into()),
+                Token::StartTimeFormat("%Y-%m-%dT%H:%M:%S%z".into()),
+                Token::Text("] ".into()),
+                Token::StartTime,
+            ]
+        );
+        let format = |envoy: &str| match parse_format(&format!("%START_TIME({envoy})%")) {
+            Ok(tokens) => match &tokens[..] {
+                [Token::StartTimeFormat(format)] => Ok(format.clone()),
+                other => panic!("{other:?}"),
+            },
+            Err(error) => Err(error),
+        };
+        assert_eq!(format("%s.%3f").unwrap(), "%s.%3f");
+        assert_eq!(format("%H:%M:%S.%f").unwrap(), "%H:%M:%S.%9f");
+        assert_eq!(format("%E3S %Ez 100%%").unwrap(), "%S%.3f %:z 100%%");
+        let error = format("%Y %~").unwrap_err();
+        assert!(error.contains("START_TIME format \"%Y %~\""), "{error}");
+
+        let long = parse_format(
+            "%REQUEST_HEADER(X-A?X-B):5% %RESPONSE_HEADER(X-C)% %RESPONSE_TRAILER(X-D)%",
+        )
+        .unwrap();
+        let short = parse_format("%REQ(X-A?X-B):5% %RESP(X-C)% %TRAILER(X-D)%").unwrap();
+        assert_eq!(long, short);
     }
 
     #[test]

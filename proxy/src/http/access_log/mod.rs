@@ -1043,6 +1043,7 @@ fn render(token: &Token, entry: &Entry, omit_empty: bool, line: &mut Vec<u8>) {
     match token {
         Token::Text(text) => line.extend_from_slice(text.as_bytes()),
         Token::StartTime => push_time(line, entry.start_time),
+        Token::StartTimeFormat(format) => push_formatted_time(line, entry.start_time, format),
         Token::Request { name, alt, max } => {
             let value = request_value(entry, name)
                 .or_else(|| alt.as_ref().and_then(|alt| request_value(entry, alt)));
@@ -1398,6 +1399,15 @@ fn push_time(line: &mut Vec<u8>, time: SystemTime) {
     });
 }
 
+/// `time` in UTC by a `START_TIME(FORMAT)` format (checked when the config was read).
+fn push_formatted_time(line: &mut Vec<u8>, time: SystemTime, format: &str) {
+    if let Ok(stamp) = jiff::Timestamp::try_from(time)
+        && let Ok(text) = jiff::fmt::strtime::format(format, stamp)
+    {
+        line.extend_from_slice(text.as_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1414,6 +1424,26 @@ mod tests {
             SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400),
         );
         assert_eq!(line, b"2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn start_time_with_a_format_is_rendered_in_utc() {
+        let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_095_400_123);
+        let format = |envoy: &str| {
+            let tokens = remora_config::access_log::parse_format(envoy).unwrap();
+            let [Token::StartTimeFormat(format)] = &tokens[..] else {
+                panic!("{tokens:?}");
+            };
+            let mut line = Vec::new();
+            push_formatted_time(&mut line, time, format);
+            String::from_utf8(line).unwrap()
+        };
+        assert_eq!(
+            format("%START_TIME(%Y-%m-%dT%H:%M:%S%z)%"),
+            "2025-11-25T18:30:00+0000"
+        );
+        assert_eq!(format("%START_TIME(%s.%3f)%"), "1764095400.123");
+        assert_eq!(format("%START_TIME(%E3S|%f)%"), "00.123|123000000");
     }
 
     #[test]
