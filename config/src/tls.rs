@@ -489,11 +489,29 @@ fn common_tls(
     Ok(CommonTls {
         certificates,
         validation,
-        alpn: alpn_protocols.clone(),
+        alpn: alpn_list(alpn_protocols, &field(path, "alpn_protocols"))?,
         min_version,
         max_version,
         path: path.to_string(),
     })
+}
+
+/// The protocols to offer or accept, in order. Envoy joins the entries with commas and splits
+/// them again, so `["h2,http/1.1"]` means two protocols, as `["h2", "http/1.1"]` does.
+fn alpn_list(entries: &[String], path: &str) -> ConfigResult<Vec<String>> {
+    let mut protocols = Vec::new();
+    for protocol in entries.iter().flat_map(|entry| entry.split(',')) {
+        if protocol.len() > 255 {
+            return err(
+                path,
+                format!("protocol \"{protocol}\" is longer than 255 bytes"),
+            );
+        }
+        if !protocol.is_empty() {
+            protocols.push(protocol.to_string());
+        }
+    }
+    Ok(protocols)
 }
 
 fn tls_certificate(certificate: &tls_pb::TlsCertificate, path: &str) -> ConfigResult<Certificate> {
@@ -879,6 +897,22 @@ mod tests {
         assert_eq!(error.path, "c.tls_params.tls_minimum_protocol_version");
         let error = get(P::TlSv13, P::TlSv12).unwrap_err();
         assert!(error.to_string().contains("above"), "{error}");
+    }
+
+    #[test]
+    fn alpn_entries_joined_by_commas_are_separate_protocols() {
+        let list = |entries: &[&str]| {
+            let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+            alpn_list(&entries, "c.alpn_protocols")
+        };
+        // Envoy's best-practice edge config writes `["h2,http/1.1"]`.
+        assert_eq!(list(&["h2,http/1.1"]).unwrap(), ["h2", "http/1.1"]);
+        assert_eq!(list(&["h2", "http/1.1"]).unwrap(), ["h2", "http/1.1"]);
+        assert_eq!(list(&["h2,", ",http/1.1"]).unwrap(), ["h2", "http/1.1"]);
+        assert!(list(&[]).unwrap().is_empty());
+        let error = list(&["h2", &"x".repeat(256)]).unwrap_err();
+        assert_eq!(error.path, "c.alpn_protocols");
+        assert!(error.to_string().contains("255 bytes"), "{error}");
     }
 
     #[test]
