@@ -169,6 +169,19 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
                     format!("duplicate listener name {:?}", model.name),
                 );
             }
+            // As Envoy: one listener per address (port 0 picks a port for each).
+            if let Some(other) = listeners
+                .iter()
+                .find(|other| other.address == model.address && model.address.port() != 0)
+            {
+                return err(
+                    field(&path, "address"),
+                    format!(
+                        "duplicate address {} as listener {:?}",
+                        model.address, other.name
+                    ),
+                );
+            }
             listeners.push(Arc::new(model));
         }
         for (index, cluster_proto) in cluster_protos.iter().enumerate() {

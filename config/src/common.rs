@@ -309,8 +309,8 @@ pub fn header_mutations(
         };
         let hp = field(&p, "header");
         unsupported!(&hp, raw_value);
-        if key.starts_with(':') {
-            return err(field(&hp, "key"), "pseudo-headers cannot be added");
+        if key.starts_with(':') || key.eq_ignore_ascii_case("host") {
+            return err(field(&hp, "key"), "pseudo-headers and host cannot be added");
         }
         let name = header_name(key, &field(&hp, "key"))?;
         if value.replace("%%", "").contains('%') {

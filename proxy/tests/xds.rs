@@ -1062,6 +1062,60 @@ fn routes_naming_unknown_clusters_are_nacked_as_envoy_does() {
     assert_eq!(envoy.2, remora.2, "left: envoy, right: remora");
 }
 
+/// Under Remora or Envoy: a second listener on the serving listener's address is NACKed while
+/// the first keeps serving; a listener that replaces the first under another name, in one
+/// update, takes the address. Returns the NACK's message.
+fn listeners_sharing_an_address(under: Under) -> String {
+    let a = EchoServer::start("a", "127.0.0.1");
+    let SvcMesh {
+        ads, port, proxy, ..
+    } = start_svc(under, "GRPC", a.addr, "ingress");
+    let addr = loopback(port);
+    wait_for("traffic", Duration::from_secs(20), || {
+        get_upstream(addr, "/x")
+    });
+    ads.set(
+        LISTENER,
+        vec![
+            rds_listener("ingress", port, "ingress", "routes"),
+            inline_routes_listener("second", port, "svc"),
+        ],
+    );
+    let nack = ads.wait_nack("duplicate address");
+    assert!(get_upstream(addr, "/still").is_some());
+    // Renamed in one update: the old one goes first, as Envoy's LDS removes before it adds.
+    ads.set(
+        LISTENER,
+        vec![inline_routes_listener("renamed", port, "svc")],
+    );
+    wait_acked(&ads, LISTENER);
+    wait_for(
+        "the renamed listener serving",
+        Duration::from_secs(10),
+        || get_upstream(addr, "/renamed"),
+    );
+    drop(proxy);
+    nack.error.unwrap_or_default()
+}
+
+#[test]
+fn a_second_listener_on_an_address_is_nacked_as_envoy_does() {
+    let message = listeners_sharing_an_address(Under::Remora);
+    assert!(
+        message.contains("Listener second")
+            && message.contains("duplicate address")
+            && message.contains("\"ingress\""),
+        "{message}"
+    );
+    if envoy::available_or_skip("the Envoy half of duplicate listener addresses") {
+        let message = listeners_sharing_an_address(Under::Envoy);
+        assert!(
+            message.contains("duplicate address"),
+            "Envoy's NACK: {message}"
+        );
+    }
+}
+
 /// A type nobody subscribes to (Envoy knows it: ECDS extension configs) and one nobody knows.
 const UNASKED_TYPES: [&str; 2] = [
     "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",

@@ -101,6 +101,11 @@ fn bootstrap_fields_are_refused_by_path() {
                 "duplicate listener name \"ingress\"",
             ),
             (
+                "static_resources: {listeners: [{}, {name: second, address: {socket_address: {port_value: 10000}}}]}",
+                "static_resources.listeners[1].address",
+                "duplicate address 127.0.0.1:10000 as listener \"ingress\"",
+            ),
+            (
                 "static_resources: {clusters: [{}, {name: echo}]}",
                 "static_resources.clusters[1].name",
                 "duplicate cluster name \"echo\"",

@@ -72,7 +72,7 @@ fn route_configuration_fields_are_refused_by_path() {
             (
                 "response_headers_to_add: [{header: {key: \":status\", value: \"1\"}}]",
                 "response_headers_to_add[0].header.key",
-                "pseudo-headers cannot be added",
+                "pseudo-headers and host cannot be added",
             ),
             (
                 "request_headers_to_add: [{header: {key: x-client, value: \"%DOWNSTREAM_REMOTE_ADDRESS%\"}}]",

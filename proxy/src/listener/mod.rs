@@ -113,6 +113,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot bind: {0}")]
     Bind(#[from] std::io::Error),
+    #[error("duplicate address {address} as existing listener {holder:?}")]
+    DuplicateAddress { address: SocketAddr, holder: String },
 }
 
 /// What listeners need from the rest of the proxy.
@@ -189,6 +191,23 @@ impl ActiveListener {
     }
 }
 
+/// The listener other than `name` among `active` configured on `address`. Two listeners on
+/// one address would split its connections between two configs (the sockets share the port),
+/// so Envoy refuses the second; port 0 gives each listener a port of its own.
+fn holder_of(
+    active: &BTreeMap<String, Arc<ActiveListener>>,
+    address: SocketAddr,
+    name: &str,
+) -> Option<String> {
+    if address.port() == 0 {
+        return None;
+    }
+    active
+        .values()
+        .find(|other| other.config.name != name && other.config.address == address)
+        .map(|other| other.config.name.clone())
+}
+
 fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<Arc<std::net::TcpListener>>> {
     let mut sockets = Vec::with_capacity(count);
     let mut addr = addr;
@@ -252,6 +271,12 @@ impl ListenerManager {
         {
             return Ok(old.local_addr);
         }
+        if let Some(holder) = holder_of(&active, config.address, &config.name) {
+            return Err(StartError::DuplicateAddress {
+                address: config.address,
+                holder,
+            });
+        }
         // Reuse the old sockets when the address is unchanged, so no connection is refused.
         let sockets = match &old {
             Some(old) if old.config.address == config.address => old
@@ -307,6 +332,13 @@ impl ListenerManager {
             self.retire(old);
         }
         Ok(local_addr)
+    }
+
+    /// The active listener other than `name` configured on `address`, if any (see
+    /// [`holder_of`]).
+    pub fn address_holder(&self, address: SocketAddr, name: &str) -> Option<String> {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        holder_of(&active, address, name)
     }
 
     /// Stops a listener and drains its connections.

@@ -161,6 +161,18 @@ impl Applier {
         let mut applied = self.applied.remove(type_url).unwrap_or_default();
         let mut errors = Vec::new();
         let mut changed = Vec::new();
+        // Removals first, as Envoy's LDS does: a listener that replaces a removed one under
+        // another name may then take its address.
+        let removed: Vec<String> = applied
+            .keys()
+            .filter(|name| !desired.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            applied.remove(name);
+            self.clear_error(type_url, name);
+            self.remove(type_url, name);
+        }
         for (name, (_, any)) in &desired {
             let hash = digest(any);
             if applied.get(name) == Some(&hash) {
@@ -185,16 +197,6 @@ impl Applier {
                     errors.push(message);
                 }
             }
-        }
-        let removed: Vec<String> = applied
-            .keys()
-            .filter(|name| !desired.contains_key(*name))
-            .cloned()
-            .collect();
-        for name in &removed {
-            applied.remove(name);
-            self.clear_error(type_url, name);
-            self.remove(type_url, name);
         }
         self.applied.insert(type_url, applied);
         if type_url == SDS {
@@ -413,6 +415,19 @@ impl Applier {
         }
         let listener =
             Arc::new(resource::listener(&any.value, Files::Read).map_err(|e| e.to_string())?);
+        let address = listener.address;
+        let warming_holder = self
+            .warming
+            .listeners()
+            .find(|other| other.name != name && other.address == address && address.port() != 0)
+            .map(|other| other.name.clone());
+        if let Some(holder) =
+            warming_holder.or_else(|| self.context.listeners.address_holder(address, name))
+        {
+            return Err(format!(
+                "duplicate address {address} as existing listener {holder:?}"
+            ));
+        }
         // Route configurations inline in a listener are validated by default, as in Envoy.
         for hcm in listener.connection_managers() {
             if let RouteSource::Inline(table) = &hcm.routes {
