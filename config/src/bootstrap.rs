@@ -114,11 +114,23 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
     } = proto;
     unsupported!(
         "",
-        cluster_manager,
         stats_flush_interval,
         enable_dispatcher_stats,
         header_prefix
     );
+    if let Some(manager) = cluster_manager {
+        let bootstrap_pb::ClusterManager {
+            local_cluster_name,
+            upstream_bind_config,
+            enable_deferred_cluster_creation,
+        } = manager;
+        unsupported!(
+            "cluster_manager",
+            local_cluster_name,
+            upstream_bind_config,
+            enable_deferred_cluster_creation
+        );
+    }
     let node = node
         .as_ref()
         .map(|n| read_node(n, "node"))
@@ -326,6 +338,12 @@ fn read_dynamic(
         cds_config,
         ads_config,
     } = proto;
+    // A file or non-aggregated source is named where it is written, before ADS is asked for.
+    for (name, source) in [("lds_config", lds_config), ("cds_config", cds_config)] {
+        if source.is_some() {
+            config_source(source, &field(path, name))?;
+        }
+    }
     let Some(core_pb::ApiConfigSource {
         api_type,
         transport_api_version,

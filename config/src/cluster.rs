@@ -234,7 +234,6 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         respect_dns_ttl,
         dns_resolvers,
         use_tcp_for_dns_lookups,
-        wait_for_warm_on_init,
         cleanup_interval,
         upstream_bind_config,
         metadata,
@@ -242,6 +241,13 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         close_connections_on_host_health_failure,
         connection_pool_per_downstream_connection,
     );
+    // Envoy's default, which Remora follows: an EDS cluster warms before it counts as ready.
+    if *wait_for_warm_on_init == Some(false) {
+        return err(
+            field(path, "wait_for_warm_on_init"),
+            "only true is supported",
+        );
+    }
     if name.is_empty() {
         return err(field(path, "name"), "must not be empty");
     }
@@ -391,6 +397,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         .unwrap_or(Duration::from_secs(5));
     let tls = transport_socket
         .as_ref()
+        .filter(|socket| !crate::tls::is_raw_buffer(socket))
         .map(|socket| crate::tls::upstream(socket, &field(path, "transport_socket")))
         .transpose()?;
     let tcp_keepalive = match upstream_connection_options {

@@ -298,7 +298,6 @@ pub fn header_mutations(
             append_action,
             keep_empty_value,
         } = option;
-        unsupported!(&p, append);
         let Some(core_pb::HeaderValue {
             key,
             value,
@@ -322,12 +321,21 @@ pub fn header_mutations(
         let value = HeaderValue::from_str(&value.replace("%%", "%"))
             .map_err(|_| ConfigError::new(field(&hp, "value"), "not a valid header value"))?;
         use core_pb::header_value_option::HeaderAppendAction as A;
-        let action = match A::try_from(*append_action) {
-            Ok(A::AppendIfExistsOrAdd) => AppendAction::AppendIfExistsOrAdd,
-            Ok(A::AddIfAbsent) => AppendAction::AddIfAbsent,
-            Ok(A::OverwriteIfExistsOrAdd) => AppendAction::OverwriteIfExistsOrAdd,
-            Ok(A::OverwriteIfExists) => AppendAction::OverwriteIfExists,
-            Err(_) => return err(field(&p, "append_action"), "unknown value"),
+        let action = match (append, A::try_from(*append_action)) {
+            // The deprecated `append`, read as Envoy reads it when `append_action` is unset.
+            (Some(true), Ok(A::AppendIfExistsOrAdd)) => AppendAction::AppendIfExistsOrAdd,
+            (Some(false), Ok(A::AppendIfExistsOrAdd)) => AppendAction::OverwriteIfExistsOrAdd,
+            (Some(_), _) => {
+                return err(
+                    field(&p, "append"),
+                    "set append or append_action, not both (append is deprecated)",
+                );
+            }
+            (None, Ok(A::AppendIfExistsOrAdd)) => AppendAction::AppendIfExistsOrAdd,
+            (None, Ok(A::AddIfAbsent)) => AppendAction::AddIfAbsent,
+            (None, Ok(A::OverwriteIfExistsOrAdd)) => AppendAction::OverwriteIfExistsOrAdd,
+            (None, Ok(A::OverwriteIfExists)) => AppendAction::OverwriteIfExists,
+            (None, Err(_)) => return err(field(&p, "append_action"), "unknown value"),
         };
         out.add.push(HeaderAdd {
             name,
@@ -763,6 +771,37 @@ mod tests {
         assert!(range("0.0.0.0", 0).contains("1.2.3.4".parse().unwrap()));
         assert!(range("::ffff:10.0.0.0", 104).contains("10.9.9.9".parse().unwrap()));
         assert!(!range("::1", 128).contains("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_deprecated_append_flag_is_read_as_its_append_action() {
+        let option = |key: &str, append| core_pb::HeaderValueOption {
+            header: Some(core_pb::HeaderValue {
+                key: key.into(),
+                value: "new".into(),
+                ..Default::default()
+            }),
+            append,
+            ..Default::default()
+        };
+        let mutations = header_mutations(
+            &[
+                option("x-kept", Some(true)),
+                option("x-replaced", Some(false)),
+            ],
+            &[],
+            "r",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+        )
+        .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-kept", HeaderValue::from_static("old"));
+        headers.insert("x-replaced", HeaderValue::from_static("old"));
+        mutations.apply(&mut headers);
+        let values = |name| headers.get_all(name).iter().collect::<Vec<_>>();
+        assert_eq!(values("x-kept"), ["old", "new"]);
+        assert_eq!(values("x-replaced"), ["new"]);
     }
 
     #[test]

@@ -138,14 +138,26 @@ pub fn http_connection_manager(
         forward_client_cert_details,
         proxy_100_continue,
         represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
-        normalize_path,
         merge_slashes,
-        path_with_escaped_slashes_action,
         stream_error_on_invalid_http_message,
         strip_trailing_host_dot,
         append_x_forwarded_port,
         append_local_overload,
     );
+    // Paths pass as they came; a config may say so (Istio writes KEEP_UNCHANGED on every HCM).
+    if *normalize_path == Some(true) {
+        return err(field(path, "normalize_path"), "only false is supported");
+    }
+    use hcm_pb::http_connection_manager::PathWithEscapedSlashesAction as Slashes;
+    if !matches!(
+        Slashes::try_from(*path_with_escaped_slashes_action),
+        Ok(Slashes::ImplementationSpecificDefault | Slashes::KeepUnchanged)
+    ) {
+        return err(
+            field(path, "path_with_escaped_slashes_action"),
+            "only KEEP_UNCHANGED is supported",
+        );
+    }
     if stat_prefix.is_empty() {
         return err(field(path, "stat_prefix"), "must not be empty");
     }

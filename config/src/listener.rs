@@ -346,6 +346,7 @@ fn filter_chain(
     let (rbac, filter) = network_filters(filters, path, files)?;
     let tls = transport_socket
         .as_ref()
+        .filter(|socket| !crate::tls::is_raw_buffer(socket))
         .map(|socket| crate::tls::downstream(socket, &field(path, "transport_socket")))
         .transpose()?;
     Ok(FilterChain {

@@ -74,7 +74,11 @@ pub fn full_regex(pattern: &str, path: &str) -> ConfigResult<Regex> {
 
 /// A `RegexMatcher` (its `regex`, matched whole).
 pub fn regex_matcher(m: &matcher_pb::RegexMatcher, path: &str) -> ConfigResult<Regex> {
-    let matcher_pb::RegexMatcher { regex } = m;
+    // `engine_type` has one choice, RE2, whichever way it is written.
+    let matcher_pb::RegexMatcher {
+        regex,
+        engine_type: _,
+    } = m;
     full_regex(regex, &field(path, "regex"))
 }
 
@@ -114,7 +118,7 @@ pub fn regex_rewrite(
         pattern,
         substitution,
     } = m;
-    let Some(matcher_pb::RegexMatcher { regex }) = pattern else {
+    let Some(matcher_pb::RegexMatcher { regex, .. }) = pattern else {
         return err(field(path, "pattern"), "required");
     };
     let pattern = Regex::new(regex).map_err(|e| {

@@ -296,7 +296,10 @@ fn socket_context<'a>(
     expected: &str,
     path: &str,
 ) -> ConfigResult<&'a prost_types::Any> {
-    let core_pb::TransportSocket { name, config_type } = socket;
+    let core_pb::TransportSocket {
+        name: _,
+        config_type,
+    } = socket;
     match config_type {
         Some(core_pb::transport_socket::ConfigType::TypedConfig(any))
             if any.type_url == expected =>
@@ -307,10 +310,18 @@ fn socket_context<'a>(
             field(path, "typed_config"),
             format!("transport socket {} is not supported", any.type_url),
         ),
-        None if name == "envoy.transport_sockets.raw_buffer" => {
-            err(path, "raw_buffer needs no transport_socket; remove it")
-        }
         None => err(path, "typed_config is required"),
+    }
+}
+
+/// Whether `socket` is the plaintext one (`envoy.transport_sockets.raw_buffer`), written out
+/// where leaving `transport_socket` unset means the same.
+pub fn is_raw_buffer(socket: &core_pb::TransportSocket) -> bool {
+    match &socket.config_type {
+        Some(core_pb::transport_socket::ConfigType::TypedConfig(any)) => {
+            any.type_url == type_urls::RAW_BUFFER
+        }
+        None => socket.name == "envoy.transport_sockets.raw_buffer",
     }
 }
 

@@ -203,16 +203,22 @@ fn has_special_json_form(full_name: &str) -> bool {
     full_name.starts_with("google.protobuf.") && full_name != "google.protobuf.Any"
 }
 
-/// Checks `value` against the message's fields (unknown names are errors) and rewrites the two
+/// Checks `value` against the message's fields (unknown names are errors) and rewrites the
 /// spellings Envoy's parser accepts beyond strict proto3 JSON: an enum name in any letter case
-/// (`round_robin`), and a single value where a list is expected.
+/// (`round_robin`), a single value where a list is expected, a duration or wrapper written as
+/// its fields (`{seconds: 2}`, `{value: 100}`), YAML 1.1's `yes`/`on` for a boolean, and a
+/// number for a string.
 fn check_message(
     descriptor: &MessageDescriptor,
     value: &mut Value,
     path: &mut FieldPath,
 ) -> Result<(), MappingError> {
     let full_name = descriptor.full_name();
-    if has_special_json_form(full_name) || value.is_null() {
+    if has_special_json_form(full_name) {
+        object_form_of_well_known(full_name, value);
+        return Ok(());
+    }
+    if value.is_null() {
         return Ok(());
     }
     let kind = kind_of(value);
@@ -314,7 +320,78 @@ fn check_single(kind: &Kind, value: &mut Value, path: &mut FieldPath) -> Result<
             }
             Ok(())
         }
+        Kind::Bool => {
+            if let Value::String(text) = value
+                && let Some(truth) = yaml_boolean(text)
+            {
+                *value = Value::Bool(truth);
+            }
+            Ok(())
+        }
+        Kind::String => {
+            if let Value::Number(number) = value {
+                *value = Value::String(number.to_string());
+            }
+            Ok(())
+        }
         _ => Ok(()),
+    }
+}
+
+/// The boolean spellings of YAML 1.1, which Envoy's YAML parser reads as booleans.
+fn yaml_boolean(text: &str) -> Option<bool> {
+    match text.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "y" => Some(true),
+        "false" | "no" | "off" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+/// Rewrites a `Duration` written as its fields (`{seconds: 2, nanos: 500000000}`) as `"2.5s"`,
+/// and a wrapper written as `{value: 100}` as `100`: Envoy's parser takes both forms, and
+/// go-control-plane's samples use them. A `BoolValue` or `StringValue` takes the spellings of
+/// its scalar ([`check_single`]). Anything else is left for the decoder to report.
+fn object_form_of_well_known(full_name: &str, value: &mut Value) {
+    let Value::Object(object) = value else {
+        // A wrapper's value takes the spellings its scalar does.
+        match (full_name, &*value) {
+            ("google.protobuf.BoolValue", Value::String(text)) => {
+                if let Some(truth) = yaml_boolean(text) {
+                    *value = Value::Bool(truth);
+                }
+            }
+            ("google.protobuf.StringValue", Value::Number(number)) => {
+                *value = Value::String(number.to_string());
+            }
+            _ => {}
+        }
+        return;
+    };
+    let integer = |value: &Value| match value {
+        Value::Number(number) => number.as_i64(),
+        Value::String(text) => text.parse().ok(),
+        _ => None,
+    };
+    if full_name == "google.protobuf.Duration" {
+        if !object.keys().all(|key| key == "seconds" || key == "nanos") {
+            return;
+        }
+        let seconds = object.get("seconds").map_or(Some(0), integer);
+        let nanos = object.get("nanos").map_or(Some(0), integer);
+        if let (Some(seconds), Some(nanos)) = (seconds, nanos)
+            && (0..1_000_000_000).contains(&nanos)
+            && seconds >= 0
+        {
+            *value = Value::String(format!("{seconds}.{nanos:09}s"));
+        }
+        return;
+    }
+    let is_wrapper = full_name
+        .strip_prefix("google.protobuf.")
+        .is_some_and(|name| name.ends_with("Value") && name != "Value");
+    if is_wrapper && object.len() == 1 && object.contains_key("value") {
+        let inner = object.remove("value").unwrap_or(Value::Null);
+        *value = inner;
     }
 }
 
@@ -328,10 +405,10 @@ fn check_any(
             "an Any needs an \"@type\" naming its message type",
         ));
     };
-    let Some(type_url) = type_url.as_str() else {
+    let Some(type_url) = type_url.as_str().map(str::to_owned) else {
         return Err(MappingError::at(path, "\"@type\" must be a string"));
     };
-    let name = crate::type_urls::message_name(type_url);
+    let name = crate::type_urls::message_name(&type_url);
     let Some(descriptor) = descriptor_pool().get_message_by_name(name) else {
         return Err(MappingError::at(
             path,
@@ -340,6 +417,12 @@ fn check_any(
             ),
         ));
     };
+    // Any host names the type (Envoy reads only what follows the last `/`); the converters
+    // compare type URLs whole, so the one host they know is written here.
+    let canonical = format!("{}{name}", crate::type_urls::PREFIX);
+    if type_url != canonical {
+        object.insert("@type".to_string(), Value::String(canonical));
+    }
     if has_special_json_form(descriptor.full_name()) {
         return Ok(());
     }
@@ -437,6 +520,47 @@ mod tests {
 
         let error = from_yaml_str::<Cluster>("name: a\nlb_policy: round_robbin\n").unwrap_err();
         assert_eq!(error.path, "lb_policy", "{error}");
+
+        // A type URL on another host names the same type.
+        let cluster: Cluster = from_yaml_str(concat!(
+            "name: a\ntransport_socket:\n  name: tls\n  typed_config:\n",
+            "    \"@type\": example.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n",
+            "    sni: a.example\n",
+        ))
+        .unwrap();
+        let any = cluster.transport_socket.unwrap().config_type.unwrap();
+        let crate::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(any) = any;
+        assert_eq!(any.type_url, crate::type_urls::UPSTREAM_TLS_CONTEXT);
+    }
+
+    #[test]
+    fn durations_and_wrappers_written_as_their_fields_and_yaml_spellings_are_read() {
+        let cluster: Cluster = from_yaml_str(concat!(
+            "name: a\nconnect_timeout: {seconds: 2, nanos: 500000000}\n",
+            "per_connection_buffer_limit_bytes: {value: 32768}\n",
+            "respect_dns_ttl: on\nwait_for_warm_on_init: 'yes'\n",
+        ))
+        .unwrap();
+        let timeout = cluster.connect_timeout.unwrap();
+        assert_eq!((timeout.seconds, timeout.nanos), (2, 500_000_000));
+        assert_eq!(cluster.per_connection_buffer_limit_bytes, Some(32768));
+        let back = to_value(&cluster).unwrap();
+        assert_eq!(back["respect_dns_ttl"], true);
+        assert_eq!(cluster.wait_for_warm_on_init, Some(true));
+        let cluster: Cluster =
+            from_yaml_str("name: a\nconnect_timeout: {nanos: 250000000}\nrespect_dns_ttl: 'no'\n")
+                .unwrap();
+        assert_eq!(cluster.connect_timeout.unwrap().nanos, 250_000_000);
+        assert!(!cluster.respect_dns_ttl);
+
+        // A number where a string is expected is read as its text; a wrong shape still fails.
+        let cluster: Cluster = from_yaml_str("name: 1.50\n").unwrap();
+        assert_eq!(cluster.name, "1.5");
+        let error = from_yaml_str::<Cluster>("name: a\nconnect_timeout: {seconds: 1, nanos: -1}\n")
+            .unwrap_err();
+        assert_eq!(error.path, "connect_timeout", "{error}");
+        let error = from_yaml_str::<Cluster>("name: a\nrespect_dns_ttl: maybe\n").unwrap_err();
+        assert_eq!(error.path, "respect_dns_ttl", "{error}");
     }
 
     #[test]

@@ -116,27 +116,6 @@ pub struct Fault {
     pub disable_downstream_cluster_stats: bool,
 }
 
-/// Envoy's runtime keys, by field: Remora's runtime never holds them, so only the default key
-/// (or none) describes what Remora does.
-const RUNTIME_KEYS: [(&str, &str); 7] = [
-    (
-        "delay_percent_runtime",
-        "fault.http.delay.fixed_delay_percent",
-    ),
-    ("abort_percent_runtime", "fault.http.abort.abort_percent"),
-    (
-        "delay_duration_runtime",
-        "fault.http.delay.fixed_duration_ms",
-    ),
-    ("abort_http_status_runtime", "fault.http.abort.http_status"),
-    ("abort_grpc_status_runtime", "fault.http.abort.grpc_status"),
-    ("max_active_faults_runtime", "fault.http.max_active_faults"),
-    (
-        "response_rate_limit_percent_runtime",
-        "fault.http.rate_limit.response_percent",
-    ),
-];
-
 /// The filter's config, or (the same message) a route's.
 pub fn fault(any: &prost_types::Any, path: &str) -> ConfigResult<Fault> {
     let fault_pb::HttpFault {
@@ -147,38 +126,21 @@ pub fn fault(any: &prost_types::Any, path: &str) -> ConfigResult<Fault> {
         downstream_nodes,
         max_active_faults,
         response_rate_limit,
-        delay_percent_runtime,
-        abort_percent_runtime,
-        delay_duration_runtime,
-        abort_http_status_runtime,
-        max_active_faults_runtime,
-        response_rate_limit_percent_runtime,
-        abort_grpc_status_runtime,
+        // Where Envoy's runtime may override a value. Remora's runtime holds no fault keys (no
+        // RTDS, no admin changes, and a bootstrap layer that sets one is refused), so the
+        // configured values apply whatever key is named, as in Envoy when none is set.
+        delay_percent_runtime: _,
+        abort_percent_runtime: _,
+        delay_duration_runtime: _,
+        abort_http_status_runtime: _,
+        max_active_faults_runtime: _,
+        response_rate_limit_percent_runtime: _,
+        abort_grpc_status_runtime: _,
         disable_downstream_cluster_stats,
         filter_metadata,
     } = unpack(any, path)?;
     // Throttling a response body needs a body filter that can wait; Remora's cannot yet.
     unsupported!(path, response_rate_limit, filter_metadata);
-    let keys = [
-        &delay_percent_runtime,
-        &abort_percent_runtime,
-        &delay_duration_runtime,
-        &abort_http_status_runtime,
-        &abort_grpc_status_runtime,
-        &max_active_faults_runtime,
-        &response_rate_limit_percent_runtime,
-    ];
-    for (key, (name, default)) in keys.into_iter().zip(RUNTIME_KEYS) {
-        if !key.is_empty() && key != default {
-            return err(
-                field(path, name),
-                format!(
-                    "only Envoy's default key {default:?} is supported: Remora's runtime holds \
-                     no fault keys, so the configured values apply"
-                ),
-            );
-        }
-    }
     let headers = headers
         .iter()
         .enumerate()
@@ -275,6 +237,7 @@ headers: [{name: x-fault, exact_match: "yes"}]
 downstream_nodes: [n1]
 max_active_faults: 3
 delay_percent_runtime: fault.http.delay.fixed_delay_percent
+abort_percent_runtime: my.own.key
 "#,
         )
         .unwrap();
@@ -320,7 +283,6 @@ delay_percent_runtime: fault.http.delay.fixed_delay_percent
                 "f.response_rate_limit",
             ),
             ("filter_metadata: {a: 1}", "f.filter_metadata"),
-            ("abort_percent_runtime: my.key", "f.abort_percent_runtime"),
             ("delay: {fixed_delay: 0s}", "f.delay.fixed_delay"),
             ("delay: {percentage: {numerator: 1}}", "f.delay"),
             ("abort: {http_status: 600}", "f.abort.http_status"),

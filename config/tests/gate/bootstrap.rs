@@ -51,6 +51,11 @@ fn bootstrap_fields_are_refused_by_path() {
             ),
             ("header_prefix: x-acme", "header_prefix", UNSUPPORTED),
             (
+                "cluster_manager: {local_cluster_name: here}",
+                "cluster_manager.local_cluster_name",
+                UNSUPPORTED,
+            ),
+            (
                 "enable_dispatcher_stats: true",
                 "enable_dispatcher_stats",
                 UNSUPPORTED,
@@ -187,6 +192,31 @@ fn envoys_spellings_are_read_as_envoy_reads_them() {
 }
 
 #[test]
+fn defaults_written_out_are_read_as_left_out() {
+    // What generated configs (Istio's, Envoy Gateway's, go-control-plane's) write explicitly.
+    let written = accepted_all(&[
+        (ROOT, "cluster_manager: {}"),
+        (
+            HCM,
+            "{normalize_path: false, merge_slashes: false, path_with_escaped_slashes_action: KEEP_UNCHANGED}",
+        ),
+        (
+            ROUTE,
+            "match!: {safe_regex: {google_re2: {}, regex: \"/[a-z]+\"}}",
+        ),
+        (
+            CLUSTER,
+            "{wait_for_warm_on_init: true, connect_timeout: {seconds: 2, nanos: 500000000}}",
+        ),
+    ]);
+    assert_eq!(
+        written.clusters[0].connect.connect_timeout,
+        Duration::from_millis(2_500)
+    );
+    assert!(written.listeners[0].filter_chains[0].tls.is_none());
+}
+
+#[test]
 fn admin_settings_reach_the_model() {
     let admin = accepted(
         ROOT,
@@ -292,6 +322,11 @@ fn dynamic_resources_are_ads_over_v3_only() {
                 "dynamic_resources: {ads_config: null}",
                 "dynamic_resources.ads_config",
                 "required: only ADS is supported",
+            ),
+            (
+                "dynamic_resources: {ads_config: null, lds_config!: {path: /etc/lds.yaml}}",
+                "dynamic_resources.lds_config",
+                "only `ads: {}` config sources are supported",
             ),
             (
                 "dynamic_resources: {ads_config: {api_type: REST}}",

@@ -105,7 +105,7 @@ fn cluster_fields_are_refused_by_path() {
             (
                 "wait_for_warm_on_init: false",
                 "wait_for_warm_on_init",
-                UNSUPPORTED,
+                "only true is supported",
             ),
             ("cleanup_interval: 5s", "cleanup_interval", UNSUPPORTED),
             (

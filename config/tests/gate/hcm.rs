@@ -42,7 +42,11 @@ fn hcm_fields_are_refused_by_path() {
                 "delayed_close_timeout",
                 UNSUPPORTED,
             ),
-            ("normalize_path: true", "normalize_path", UNSUPPORTED),
+            (
+                "normalize_path: true",
+                "normalize_path",
+                "only false is supported",
+            ),
             ("merge_slashes: true", "merge_slashes", UNSUPPORTED),
             (
                 "forward_client_cert_details: SANITIZE_SET",
@@ -72,7 +76,7 @@ fn hcm_fields_are_refused_by_path() {
             (
                 "path_with_escaped_slashes_action: REJECT_REQUEST",
                 "path_with_escaped_slashes_action",
-                UNSUPPORTED,
+                "only KEEP_UNCHANGED is supported",
             ),
             (
                 "stream_error_on_invalid_http_message: true",

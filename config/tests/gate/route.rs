@@ -85,9 +85,14 @@ fn route_configuration_fields_are_refused_by_path() {
                 "not a valid header value",
             ),
             (
-                "request_headers_to_add: [{header: {key: x, value: v}, append: true}]",
+                "request_headers_to_add: [{header: {key: x, value: v}, append: true, append_action: ADD_IF_ABSENT}]",
                 "request_headers_to_add[0].append",
-                UNSUPPORTED,
+                "set append or append_action, not both (append is deprecated)",
+            ),
+            (
+                "request_headers_to_add: [{header: {key: Host, value: v}}]",
+                "request_headers_to_add[0].header.key",
+                "pseudo-headers and host cannot be added",
             ),
             (
                 "request_headers_to_add: [{header: {key: x, raw_value: YQ==}}]",

@@ -295,11 +295,6 @@ fn downstream_tls_fields_are_refused_by_path() {
                 UNSUPPORTED,
             ),
             (
-                "transport_socket!: {name: envoy.transport_sockets.raw_buffer}",
-                "transport_socket",
-                "raw_buffer needs no transport_socket; remove it",
-            ),
-            (
                 "transport_socket!: {name: tls}",
                 "transport_socket",
                 "typed_config is required",
@@ -433,6 +428,20 @@ fn tls_settings_reach_the_model() {
         "max_session_keys: 0 turns resumption off"
     );
     assert!(accepted(CLUSTER, "").clusters[0].connect.tls.is_none());
+}
+
+#[test]
+fn the_plaintext_socket_written_out_is_no_tls() {
+    const NAMED: &str = "transport_socket: {name: envoy.transport_sockets.raw_buffer}";
+    const TYPED: &str = "transport_socket: {name: raw, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}}";
+    for socket in [NAMED, TYPED] {
+        let bootstrap = accepted_all(&[(CLUSTER, socket), (CHAIN, socket)]);
+        assert!(bootstrap.clusters[0].connect.tls.is_none(), "{socket}");
+        assert!(
+            bootstrap.listeners[0].filter_chains[0].tls.is_none(),
+            "{socket}"
+        );
+    }
 }
 
 #[test]

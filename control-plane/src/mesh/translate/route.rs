@@ -148,6 +148,7 @@ impl RouteTemplate<'_> {
             name: ":method".to_string(),
             header_match_specifier: Some(HeaderMatchSpecifier::SafeRegexMatch(RegexMatcher {
                 regex: IDEMPOTENT_METHODS.to_string(),
+                ..Default::default()
             })),
             ..Default::default()
         };
