@@ -287,6 +287,57 @@ fn parse_json_value(value: &prost_types::Value) -> Result<JsonField, String> {
     })
 }
 
+/// Which end of which connection an address operator names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `DOWNSTREAM_REMOTE_*`: the trusted client, as Envoy's connection manager settles it
+    /// (the peer, or the address `x-forwarded-for` names, with port 0).
+    DownstreamRemote,
+    /// `DOWNSTREAM_DIRECT_REMOTE_*`: the connection's peer.
+    DownstreamDirectRemote,
+    /// `DOWNSTREAM_LOCAL_*`: the address the connection came in on.
+    DownstreamLocal,
+    /// `UPSTREAM_HOST`, `UPSTREAM_REMOTE_*`: the upstream host the request went to.
+    UpstreamRemote,
+    /// `UPSTREAM_LOCAL_*`: the local end of the upstream connection the response came on.
+    UpstreamLocal,
+}
+
+/// What of an address an operator prints: `ADDRESS` (`ip:port`), `ADDRESS_WITHOUT_PORT` or
+/// `PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressPart {
+    Whole,
+    WithoutPort,
+    Port,
+}
+
+/// `%DOWNSTREAM_REMOTE_ADDRESS%` and its kin: the endpoint and the part, if `operator` is one.
+fn address_operator(operator: &str) -> Option<Token> {
+    if operator == "UPSTREAM_HOST" {
+        return Some(Token::Address(Endpoint::UpstreamRemote, AddressPart::Whole));
+    }
+    let (endpoint, part) = [
+        ("DOWNSTREAM_REMOTE_", Endpoint::DownstreamRemote),
+        (
+            "DOWNSTREAM_DIRECT_REMOTE_",
+            Endpoint::DownstreamDirectRemote,
+        ),
+        ("DOWNSTREAM_LOCAL_", Endpoint::DownstreamLocal),
+        ("UPSTREAM_REMOTE_", Endpoint::UpstreamRemote),
+        ("UPSTREAM_LOCAL_", Endpoint::UpstreamLocal),
+    ]
+    .into_iter()
+    .find_map(|(prefix, endpoint)| Some((endpoint, operator.strip_prefix(prefix)?)))?;
+    let part = match part {
+        "ADDRESS" => AddressPart::Whole,
+        "ADDRESS_WITHOUT_PORT" => AddressPart::WithoutPort,
+        "PORT" => AddressPart::Port,
+        _ => return None,
+    };
+    Some(Token::Address(endpoint, part))
+}
+
 /// A piece of a format: literal text or a command operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Token {
@@ -321,10 +372,8 @@ pub enum Token {
     Duration,
     /// `%REQUEST_DURATION%` and the other phases of a request, in milliseconds from its start.
     Timing(Timing),
-    UpstreamHost,
-    /// `%UPSTREAM_LOCAL_ADDRESS%`: the local address of the upstream connection the response
-    /// came on.
-    UpstreamLocalAddress,
+    /// An address of the downstream or upstream connection, whole or in part.
+    Address(Endpoint, AddressPart),
     /// `%UPSTREAM_CLUSTER%`, and `%UPSTREAM_CLUSTER_RAW%`: the same name, since a cluster's
     /// `alt_stat_name` (which only the first shows) is refused.
     UpstreamCluster,
@@ -342,8 +391,6 @@ pub enum Token {
     ConnectionTerminationDetails,
     /// `%REQUESTED_SERVER_NAME%`: the SNI the downstream's TLS hello asked for.
     RequestedServerName,
-    DownstreamRemoteAddress,
-    DownstreamLocalAddress,
     /// The request's trace id (`-` when not traced).
     TraceId,
     /// How many times the router sent the request upstream (retries included).
@@ -544,16 +591,12 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "GRPC_STATUS(NUMBER)" | "GRPC_STATUS_NUMBER" => {
             Some(Token::GrpcStatus(GrpcStatusFormat::Number))
         }
-        "UPSTREAM_HOST" => Some(Token::UpstreamHost),
-        "UPSTREAM_LOCAL_ADDRESS" => Some(Token::UpstreamLocalAddress),
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Some(Token::UpstreamCluster),
         "ROUTE_NAME" => Some(Token::RouteName),
         "RESPONSE_CODE_DETAILS" => Some(Token::ResponseCodeDetails),
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => Some(Token::UpstreamTransportFailureReason),
         "CONNECTION_TERMINATION_DETAILS" => Some(Token::ConnectionTerminationDetails),
         "REQUESTED_SERVER_NAME" => Some(Token::RequestedServerName),
-        "DOWNSTREAM_REMOTE_ADDRESS" => Some(Token::DownstreamRemoteAddress),
-        "DOWNSTREAM_LOCAL_ADDRESS" => Some(Token::DownstreamLocalAddress),
         "TRACE_ID" => Some(Token::TraceId),
         "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Some(Token::UpstreamRequestAttemptCount),
         "DOWNSTREAM_PEER_URI_SAN" => Some(Token::DownstreamPeer(PeerField::UriSan)),
@@ -565,7 +608,7 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "DOWNSTREAM_PEER_SERIAL" => Some(Token::DownstreamPeer(PeerField::Serial)),
         "DOWNSTREAM_PEER_CERT_V_START" => Some(Token::DownstreamPeer(PeerField::ValidFrom)),
         "DOWNSTREAM_PEER_CERT_V_END" => Some(Token::DownstreamPeer(PeerField::ValidUntil)),
-        _ => None,
+        _ => address_operator(operator),
     };
     if let Some(token) = simple {
         return Ok(token);
@@ -652,15 +695,22 @@ pub fn access_log(proto: &accesslog_pb::AccessLog, path: &str) -> ConfigResult<A
             if file.is_empty() {
                 return err(field(&typed, "path"), "must not be empty");
             }
+            use core_pb::substitution_format_string::Format as SubstitutionFormat;
             use file_pb::file_access_log::AccessLogFormat as F;
             let format = match access_log_format {
                 None => None,
                 Some(F::LogFormat(format)) => Some(format),
-                Some(F::Format(_) | F::JsonFormat(_) | F::TypedJsonFormat(_)) => {
-                    return err(
-                        &typed,
-                        "only log_format is supported (not the deprecated format, json_format, typed_json_format)",
-                    );
+                // The deprecated spellings of a text and a JSON format (Remora's JSON format
+                // keeps value types, as typed_json_format asks).
+                Some(F::Format(text)) => Some(core_pb::SubstitutionFormatString {
+                    format: Some(SubstitutionFormat::TextFormat(text)),
+                    ..Default::default()
+                }),
+                Some(F::JsonFormat(json) | F::TypedJsonFormat(json)) => {
+                    Some(core_pb::SubstitutionFormatString {
+                        format: Some(SubstitutionFormat::JsonFormat(json)),
+                        ..Default::default()
+                    })
                 }
             };
             (Target::File(file.into()), format)
@@ -759,6 +809,27 @@ mod tests {
         let error = parse_format("%FILTER_STATE(a%b)%").unwrap_err();
         assert!(error.contains("%FILTER_STATE(a%b)%"), "{error}");
         assert!(parse_format("%START_TIME").is_err());
+    }
+
+    #[test]
+    fn address_operators_name_an_endpoint_and_a_part() {
+        assert_eq!(
+            parse_format("%UPSTREAM_HOST%%UPSTREAM_REMOTE_ADDRESS%%DOWNSTREAM_DIRECT_REMOTE_PORT%")
+                .unwrap(),
+            vec![
+                Token::Address(Endpoint::UpstreamRemote, AddressPart::Whole),
+                Token::Address(Endpoint::UpstreamRemote, AddressPart::Whole),
+                Token::Address(Endpoint::DownstreamDirectRemote, AddressPart::Port),
+            ]
+        );
+        assert_eq!(
+            parse_format("%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%").unwrap(),
+            vec![Token::Address(
+                Endpoint::DownstreamRemote,
+                AddressPart::WithoutPort
+            )]
+        );
+        assert!(parse_format("%UPSTREAM_LOCAL_ADDRESS_AND_MORE%").is_err());
     }
 
     #[test]

@@ -441,6 +441,63 @@ fn istios_default_format_is_written_as_envoy_writes_it() {
     assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
 
+/// The address operators, whole and in part, with and without `x-forwarded-for`: the
+/// remote address is the client the connection manager settles on (the `x-forwarded-for`
+/// address, port 0, as `use_remote_address` is off), the direct one the peer.
+#[test]
+fn address_operators_read_the_addresses_envoy_reads() {
+    const FORMAT: &str = r"%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_LOCAL_PORT% %DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %UPSTREAM_REMOTE_ADDRESS% %UPSTREAM_REMOTE_PORT% %UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %START_TIME(%Y)%\n";
+    let rig = LogRig::new();
+    let run = |tag: &str, envoy: bool| -> Vec<String> {
+        let log = rig.log_path(&format!("{tag}-addresses.log"));
+        rig.serve(&file_log_with_format(&log, FORMAT), envoy, |addr| {
+            for forwarded in [None, Some("10.1.2.3")] {
+                let headers: Vec<(&str, &str)> = forwarded
+                    .map(|ip| ("x-forwarded-for", ip))
+                    .into_iter()
+                    .collect();
+                http_request(addr, "GET", "/hello", &headers, "")
+                    .unwrap_or_else(|e| panic!("{tag}: {e}"));
+            }
+            lines_once(&log, 2)
+        })
+    };
+    let remora = run("remora", false);
+    let (port, echo) = (rig.port, rig.echo.addr);
+    let year = jiff::Timestamp::now().strftime("%Y").to_string();
+    let peer = |line: &str| line.split(' ').next().unwrap_or_default().to_string();
+    assert_eq!(
+        remora[0],
+        format!(
+            "{} 127.0.0.1 127.0.0.1 {port} 127.0.0.1 {echo} {} 127.0.0.1 {year}",
+            peer(&remora[0]),
+            echo.port()
+        )
+    );
+    assert_eq!(
+        remora[1],
+        format!(
+            "10.1.2.3:0 10.1.2.3 127.0.0.1 {port} 127.0.0.1 {echo} {} 127.0.0.1 {year}",
+            echo.port()
+        )
+    );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the address operators") {
+        return;
+    }
+    // The client's port differs from run to run.
+    let mask = |lines: Vec<String>| -> Vec<String> {
+        lines
+            .iter()
+            .map(|line| line.replacen(&peer(line), "PEER", 1))
+            .collect()
+    };
+    assert_eq!(
+        mask(run("envoy", true)),
+        mask(remora),
+        "left: envoy, right: remora"
+    );
+}
+
 /// A `tcp_proxy` writes a line per connection when it closes, as Envoy's does: no request
 /// (`"- - -"`, code 0), the bytes each way, the upstream, and UF for a refused connect.
 #[test]

@@ -80,16 +80,6 @@ fn access_log_fields_are_refused_by_path() {
                 "access logger type.googleapis.com/envoy.extensions.filters.http.router.v3.Router is not supported",
             ),
             (
-                &file_log(", format: \"%START_TIME%\""),
-                TYPED,
-                "only log_format is supported",
-            ),
-            (
-                &file_log(", json_format: {a: b}"),
-                TYPED,
-                "only log_format is supported",
-            ),
-            (
                 &file_log(", log_format: {text_format: \"%RESPONSE_CODE% %FILTER_STATE(x)%\\n\"}"),
                 &format,
                 "command operator %FILTER_STATE(x)% is not supported",
@@ -132,6 +122,28 @@ fn access_log_fields_are_refused_by_path() {
                 "outer.inner: command operator %NOPE% is not supported",
             ),
         ],
+    );
+}
+
+#[test]
+fn the_deprecated_file_formats_read_as_their_log_format() {
+    let format_of = |fields: &str| {
+        hcm(&accepted(HCM, &file_log(fields))).access_logs[0]
+            .format
+            .clone()
+    };
+    assert_eq!(
+        format_of(", format: \"%RESPONSE_CODE% %PROTOCOL%\\n\""),
+        format_of(", log_format: {text_format: \"%RESPONSE_CODE% %PROTOCOL%\\n\"}")
+    );
+    let json = format_of(", log_format: {json_format: {code: \"%RESPONSE_CODE%\"}}");
+    assert_eq!(
+        format_of(", json_format: {code: \"%RESPONSE_CODE%\"}"),
+        json
+    );
+    assert_eq!(
+        format_of(", typed_json_format: {code: \"%RESPONSE_CODE%\"}"),
+        json
     );
 }
 

@@ -433,6 +433,9 @@ async fn handle(
             upgrading,
         );
         client = origin.client.ip();
+        if let Some(entry) = log.as_mut() {
+            entry.client = Some(origin.client);
+        }
         // Never added here: a request without `x-envoy-*` headers has none to look for.
         let force_trace = present.envoy
             && headers::contains_by_scan(&parts.headers, &headers::X_ENVOY_FORCE_TRACE);

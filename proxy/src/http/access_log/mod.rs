@@ -34,8 +34,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use remora_config::access_log::{
-    AccessLogConfig, GrpcStatusFormat, HeaderField, JsonField, JsonObject, LogFormat, PeerField,
-    Target, Timing, Token,
+    AccessLogConfig, AddressPart, Endpoint, GrpcStatusFormat, HeaderField, JsonField, JsonObject,
+    LogFormat, PeerField, Target, Timing, Token,
 };
 
 use crate::config::{ConfigError, ConfigResult};
@@ -76,6 +76,9 @@ pub struct Entry {
     pub upstream_cluster: Option<Arc<remora_config::cluster::Cluster>>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// `%DOWNSTREAM_REMOTE_ADDRESS%`: the trusted client the connection manager settled on
+    /// (`headers::Origin::client`); until the request's headers are read, the peer.
+    pub client: Option<SocketAddr>,
     /// `%TRACE_ID%`: the request's trace id, when the connection manager traces.
     pub trace_id: Option<TraceId>,
     /// `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`: upstream attempts made (the router counts them).
@@ -263,6 +266,7 @@ impl Entry {
             upstream_cluster: None,
             peer,
             local,
+            client: None,
             trace_id: None,
             upstream_request_attempt_count: 0,
             peer_certificate: None,
@@ -968,9 +972,12 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             Some(status) => Value::String(grpc_status_text(status, *format).into_owned()),
             None => Value::Null,
         },
-        Token::UpstreamHost => entry
-            .upstream_host
-            .map_or(Value::Null, |host| Value::String(host.to_string())),
+        Token::Address(endpoint, part) => match (entry.address(*endpoint), part) {
+            (None, _) => Value::Null,
+            (Some(address), AddressPart::Port) => Value::from(address.port()),
+            (Some(address), AddressPart::WithoutPort) => Value::String(address.ip().to_string()),
+            (Some(address), AddressPart::Whole) => Value::String(address.to_string()),
+        },
         Token::UpstreamCluster => text(entry.cluster_name(), None),
         Token::RouteName => text(entry.route_name(), None),
         Token::ResponseCodeDetails => match entry.details.is_empty() {
@@ -982,9 +989,6 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             .as_deref()
             .map_or(Value::Null, |reason| Value::String(envoy_details(reason))),
         Token::ConnectionTerminationDetails => Value::Null,
-        Token::UpstreamLocalAddress => entry
-            .upstream_local
-            .map_or(Value::Null, |local| Value::String(local.to_string())),
         Token::RequestedServerName => text(entry.server_name.as_deref(), None),
         Token::TraceId => entry
             .trace_id
@@ -1080,8 +1084,8 @@ fn render(token: &Token, entry: &Entry, omit_empty: bool, line: &mut Vec<u8>) {
             let millis = entry.took().as_millis() as u64;
             line.extend_from_slice(number.format(millis).as_bytes());
         }
-        Token::UpstreamHost => match entry.upstream_host {
-            Some(host) => push_addr(line, host),
+        Token::Address(endpoint, part) => match entry.address(*endpoint) {
+            Some(address) => push_address_part(line, address, *part),
             None => push_absent(line, omit_empty),
         },
         Token::UpstreamCluster => push_value(line, text(entry.cluster_name()), None, omit_empty),
@@ -1095,15 +1099,9 @@ fn render(token: &Token, entry: &Entry, omit_empty: bool, line: &mut Vec<u8>) {
             push_value(line, text(reason.as_deref()), None, omit_empty);
         }
         Token::ConnectionTerminationDetails => push_absent(line, omit_empty),
-        Token::UpstreamLocalAddress => match entry.upstream_local {
-            Some(local) => push_addr(line, local),
-            None => push_absent(line, omit_empty),
-        },
         Token::RequestedServerName => {
             push_value(line, text(entry.server_name.as_deref()), None, omit_empty);
         }
-        Token::DownstreamRemoteAddress => push_addr(line, entry.peer),
-        Token::DownstreamLocalAddress => push_addr(line, entry.local),
         Token::DownstreamPeer(field) => {
             push_peer(line, entry.peer_certificate.as_deref(), *field, omit_empty);
         }
@@ -1130,6 +1128,32 @@ fn envoy_details(details: &str) -> String {
         .collect()
 }
 
+/// What of `address` an operator asks for: all of it, its IP or its port.
+fn push_address_part(line: &mut Vec<u8>, address: SocketAddr, part: AddressPart) {
+    match (part, address) {
+        (AddressPart::Whole, _) => push_addr(line, address),
+        (AddressPart::Port, _) => {
+            line.extend_from_slice(itoa::Buffer::new().format(address.port()).as_bytes());
+        }
+        (AddressPart::WithoutPort, SocketAddr::V4(v4)) => push_ipv4(line, *v4.ip()),
+        (AddressPart::WithoutPort, SocketAddr::V6(v6)) => {
+            // Writing to a vector cannot fail.
+            let _ = std::io::Write::write_fmt(line, format_args!("{}", v6.ip()));
+        }
+    }
+}
+
+/// An IPv4 address, dotted, without `fmt`.
+fn push_ipv4(line: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
+    let mut number = itoa::Buffer::new();
+    for (index, octet) in ip.octets().into_iter().enumerate() {
+        if index > 0 {
+            line.push(b'.');
+        }
+        line.extend_from_slice(number.format(octet).as_bytes());
+    }
+}
+
 /// `address:port` as `SocketAddr` displays it; an IPv4 address without `fmt`.
 fn push_addr(line: &mut Vec<u8>, addr: SocketAddr) {
     let SocketAddr::V4(v4) = addr else {
@@ -1137,18 +1161,23 @@ fn push_addr(line: &mut Vec<u8>, addr: SocketAddr) {
         let _ = std::io::Write::write_fmt(line, format_args!("{addr}"));
         return;
     };
-    let mut number = itoa::Buffer::new();
-    for (index, octet) in v4.ip().octets().into_iter().enumerate() {
-        if index > 0 {
-            line.push(b'.');
-        }
-        line.extend_from_slice(number.format(octet).as_bytes());
-    }
+    push_ipv4(line, *v4.ip());
     line.push(b':');
-    line.extend_from_slice(number.format(v4.port()).as_bytes());
+    line.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
 }
 
 impl Entry {
+    /// The address an operator's endpoint names, if the request got that far.
+    fn address(&self, endpoint: Endpoint) -> Option<SocketAddr> {
+        match endpoint {
+            Endpoint::DownstreamRemote => Some(self.client.unwrap_or(self.peer)),
+            Endpoint::DownstreamDirectRemote => Some(self.peer),
+            Endpoint::DownstreamLocal => Some(self.local),
+            Endpoint::UpstreamRemote => self.upstream_host,
+            Endpoint::UpstreamLocal => self.upstream_local,
+        }
+    }
+
     fn took(&self) -> Duration {
         self.took.unwrap_or_else(|| self.started.elapsed())
     }
