@@ -386,9 +386,18 @@ fn object_form_of_well_known(full_name: &str, value: &mut Value) {
         }
         return;
     }
-    let is_wrapper = full_name
-        .strip_prefix("google.protobuf.")
-        .is_some_and(|name| name.ends_with("Value") && name != "Value");
+    const WRAPPERS: [&str; 9] = [
+        "google.protobuf.DoubleValue",
+        "google.protobuf.FloatValue",
+        "google.protobuf.Int64Value",
+        "google.protobuf.UInt64Value",
+        "google.protobuf.Int32Value",
+        "google.protobuf.UInt32Value",
+        "google.protobuf.BoolValue",
+        "google.protobuf.StringValue",
+        "google.protobuf.BytesValue",
+    ];
+    let is_wrapper = WRAPPERS.contains(&full_name);
     if is_wrapper && object.len() == 1 && object.contains_key("value") {
         let inner = object.remove("value").unwrap_or(Value::Null);
         *value = inner;
