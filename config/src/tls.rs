@@ -253,7 +253,154 @@ pub struct CommonTls {
     pub alpn: Vec<String>,
     pub min_version: TlsVersion,
     pub max_version: TlsVersion,
+    /// `tls_params.cipher_suites`: the TLS 1.2 suites to offer, in order of preference; none
+    /// means the defaults. (TLS 1.3's suites are not configured, as in Envoy.)
+    pub cipher_suites: Option<Vec<CipherSuite>>,
+    /// `tls_params.ecdh_curves`: the key exchange groups, in order; none means the defaults.
+    pub curves: Option<Vec<Curve>>,
     pub path: String,
+}
+
+/// A TLS 1.2 cipher suite Remora speaks, by the OpenSSL name Envoy's config uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CipherSuite {
+    EcdheEcdsaAes128GcmSha256,
+    EcdheRsaAes128GcmSha256,
+    EcdheEcdsaAes256GcmSha384,
+    EcdheRsaAes256GcmSha384,
+    EcdheEcdsaChacha20Poly1305,
+    EcdheRsaChacha20Poly1305,
+}
+
+impl CipherSuite {
+    const NAMES: [(&'static str, CipherSuite); 6] = [
+        (
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+            CipherSuite::EcdheEcdsaAes128GcmSha256,
+        ),
+        (
+            "ECDHE-RSA-AES128-GCM-SHA256",
+            CipherSuite::EcdheRsaAes128GcmSha256,
+        ),
+        (
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            CipherSuite::EcdheEcdsaAes256GcmSha384,
+        ),
+        (
+            "ECDHE-RSA-AES256-GCM-SHA384",
+            CipherSuite::EcdheRsaAes256GcmSha384,
+        ),
+        (
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+            CipherSuite::EcdheEcdsaChacha20Poly1305,
+        ),
+        (
+            "ECDHE-RSA-CHACHA20-POLY1305",
+            CipherSuite::EcdheRsaChacha20Poly1305,
+        ),
+    ];
+}
+
+/// TLS 1.2 suites Envoy's BoringSSL knows and rustls does not implement (CBC, RSA key
+/// exchange, PSK, 3DES): a list may name them, as Envoy's older defaults did, and Remora offers
+/// the rest of the list.
+const SUITES_NOT_SPOKEN: [&str; 14] = [
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-AES256-SHA",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-SHA",
+    "AES256-SHA",
+    "DES-CBC3-SHA",
+    "ECDHE-PSK-AES128-CBC-SHA",
+    "ECDHE-PSK-AES256-CBC-SHA",
+    "ECDHE-PSK-CHACHA20-POLY1305",
+    "PSK-AES128-CBC-SHA",
+    "PSK-AES256-CBC-SHA",
+];
+
+/// A key exchange group Remora speaks, by Envoy's name for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Curve {
+    X25519,
+    P256,
+    P384,
+}
+
+/// Groups Envoy knows and Remora's TLS library does not (skipped, as [`SUITES_NOT_SPOKEN`]).
+const CURVES_NOT_SPOKEN: [&str; 3] = ["P-521", "X25519MLKEM768", "X25519Kyber768Draft00"];
+
+/// `cipher_suites`, each entry a name or a BoringSSL group of equal preference
+/// (`[A|B]`, kept in its order here), or none for the defaults.
+fn cipher_suites(names: &[String], path: &str) -> ConfigResult<Option<Vec<CipherSuite>>> {
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let mut suites = Vec::new();
+    for (index, entry) in names.iter().enumerate() {
+        let group = entry
+            .strip_prefix('[')
+            .and_then(|inner| inner.strip_suffix(']'))
+            .unwrap_or(entry);
+        for name in group.split('|') {
+            match CipherSuite::NAMES.iter().find(|(known, _)| *known == name) {
+                Some((_, suite)) if !suites.contains(suite) => suites.push(*suite),
+                Some(_) => {}
+                None if SUITES_NOT_SPOKEN.contains(&name) => {}
+                None => {
+                    return err(
+                        item(path, "cipher_suites", index),
+                        format!("unknown cipher suite {name:?}"),
+                    );
+                }
+            }
+        }
+    }
+    if suites.is_empty() {
+        let spoken: Vec<&str> = CipherSuite::NAMES.iter().map(|(name, _)| *name).collect();
+        return err(
+            field(path, "cipher_suites"),
+            format!(
+                "none of these is a suite Remora speaks ({})",
+                spoken.join(", ")
+            ),
+        );
+    }
+    Ok(Some(suites))
+}
+
+/// `ecdh_curves`, or none for the defaults.
+fn curves(names: &[String], path: &str) -> ConfigResult<Option<Vec<Curve>>> {
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let mut curves = Vec::new();
+    for (index, name) in names.iter().enumerate() {
+        let curve = match name.as_str() {
+            "X25519" => Curve::X25519,
+            "P-256" => Curve::P256,
+            "P-384" => Curve::P384,
+            name if CURVES_NOT_SPOKEN.contains(&name) => continue,
+            _ => {
+                return err(
+                    item(path, "ecdh_curves", index),
+                    format!("unknown curve {name:?}"),
+                );
+            }
+        };
+        if !curves.contains(&curve) {
+            curves.push(curve);
+        }
+    }
+    if curves.is_empty() {
+        return err(
+            field(path, "ecdh_curves"),
+            "none of these is a group Remora speaks (X25519, P-256, P-384)",
+        );
+    }
+    Ok(Some(curves))
 }
 
 impl CommonTls {
@@ -443,6 +590,16 @@ fn common_tls(
         Some(params) => versions(params, &field(path, "tls_params"), side)?,
         None => versions(&Default::default(), "", side)?,
     };
+    let (cipher_suites, curves) = match tls_params {
+        Some(params) => {
+            let ppath = field(path, "tls_params");
+            (
+                cipher_suites(&params.cipher_suites, &ppath)?,
+                curves(&params.ecdh_curves, &ppath)?,
+            )
+        }
+        None => (None, None),
+    };
     if !tls_certificates.is_empty() && !tls_certificate_sds_secret_configs.is_empty() {
         return err(
             field(path, "tls_certificate_sds_secret_configs"),
@@ -503,6 +660,8 @@ fn common_tls(
         alpn: alpn_list(alpn_protocols, &field(path, "alpn_protocols"))?,
         min_version,
         max_version,
+        cipher_suites,
+        curves,
         path: path.to_string(),
     })
 }
@@ -842,10 +1001,10 @@ fn versions(
     let tls_pb::TlsParameters {
         tls_minimum_protocol_version,
         tls_maximum_protocol_version,
-        cipher_suites,
-        ecdh_curves,
+        // Read by `common_tls`.
+        cipher_suites: _,
+        ecdh_curves: _,
     } = params;
-    unsupported!(path, cipher_suites, ecdh_curves);
     let version = |value: i32, name: &str, auto: TlsVersion| -> ConfigResult<TlsVersion> {
         match P::try_from(value) {
             Ok(P::TlsAuto) => Ok(auto),
@@ -924,6 +1083,54 @@ mod tests {
         let error = list(&["h2", &"x".repeat(256)]).unwrap_err();
         assert_eq!(error.path, "c.alpn_protocols");
         assert!(error.to_string().contains("255 bytes"), "{error}");
+    }
+
+    #[test]
+    fn cipher_suites_and_curves_read_as_envoy_names_them() {
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        use CipherSuite::*;
+        // Envoy's default server list: groups of equal preference kept in their order.
+        let envoys_defaults = names(&[
+            "[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CHACHA20-POLY1305]",
+            "[ECDHE-RSA-AES128-GCM-SHA256|ECDHE-RSA-CHACHA20-POLY1305]",
+            "ECDHE-ECDSA-AES128-SHA",
+            "ECDHE-RSA-AES256-GCM-SHA384",
+        ]);
+        assert_eq!(
+            cipher_suites(&envoys_defaults, "p").unwrap(),
+            Some(vec![
+                EcdheEcdsaAes128GcmSha256,
+                EcdheEcdsaChacha20Poly1305,
+                EcdheRsaAes128GcmSha256,
+                EcdheRsaChacha20Poly1305,
+                EcdheRsaAes256GcmSha384,
+            ])
+        );
+        assert_eq!(cipher_suites(&[], "p").unwrap(), None);
+        let error =
+            cipher_suites(&names(&["ECDHE-RSA-AES128-GCM-SHA256", "BOGUS"]), "p").unwrap_err();
+        assert_eq!(error.path, "p.cipher_suites[1]");
+        assert!(error.to_string().contains("\"BOGUS\""), "{error}");
+        let error = cipher_suites(&names(&["AES128-SHA"]), "p").unwrap_err();
+        assert_eq!(error.path, "p.cipher_suites");
+        assert!(
+            error.to_string().contains("ECDHE-RSA-AES128-GCM-SHA256"),
+            "{error}"
+        );
+
+        use Curve::*;
+        assert_eq!(
+            curves(&names(&["P-521", "P-256", "X25519"]), "p").unwrap(),
+            Some(vec![P256, X25519])
+        );
+        assert_eq!(
+            curves(&names(&["p-256"]), "p").unwrap_err().path,
+            "p.ecdh_curves[0]"
+        );
+        assert_eq!(
+            curves(&names(&["P-521"]), "p").unwrap_err().path,
+            "p.ecdh_curves"
+        );
     }
 
     #[test]

@@ -274,3 +274,76 @@ fn tcp_proxy_to_a_tls_cluster_sends_early_bytes_once() {
         },
     );
 }
+
+/// The cipher and key exchange `openssl s_client` (TLS 1.2) agrees on with `port` when it
+/// offers only `cipher` and the groups `curves` (which must hold P-256, the certificate's own
+/// curve, for the client to accept its signature); `None` when the handshake fails.
+fn negotiated(port: u16, cipher: &str, curves: &str) -> Option<(String, String)> {
+    let output = std::process::Command::new("timeout")
+        .args(["10", "openssl", "s_client", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-servername", "backend.local", "-tls1_2", "-cipher", cipher])
+        .args(["-curves", curves])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // `New, TLSv1.2, Cipher is ...` and `Server Temp Key: ...`.
+    let field = |label: &str| {
+        text.lines()
+            .find_map(|line| line.split_once(label).map(|(_, value)| value.trim()))
+            .map(str::to_string)
+    };
+    let cipher = field("Cipher is ").filter(|cipher| cipher != "(NONE)")?;
+    Some((cipher, field("Server Temp Key: ").unwrap_or_default()))
+}
+
+/// `tls_params.cipher_suites` (a BoringSSL group, a suite rustls lacks) and `ecdh_curves`
+/// limit what a TLS 1.2 client can agree on, under Remora as under Envoy.
+#[test]
+fn cipher_suites_and_curves_limit_the_handshake_as_in_envoy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = pki(dir.path());
+    let a = EchoServer::start("a", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let chain = tls_chain("backend", "backend.local", &pki.backend, "a").replace(
+        "          common_tls_context:\n",
+        "          common_tls_context:\n            tls_params:\n              cipher_suites: [\"[ECDHE-ECDSA-CHACHA20-POLY1305|ECDHE-ECDSA-AES256-GCM-SHA384]\", ECDHE-ECDSA-AES128-SHA]\n              ecdh_curves: [P-384, P-521]\n",
+    );
+    let listener = format!(
+        "  - name: tls_in\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    listener_filters:\n    - name: envoy.filters.listener.tls_inspector\n      typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}\n    filter_chains:\n{chain}"
+    );
+    let yaml = bootstrap(&admin_yaml, &[listener], &[static_cluster("a", &[a.addr])]);
+    let outcomes = |port: u16| {
+        [
+            ("ECDHE-ECDSA-CHACHA20-POLY1305", "P-384:P-256"),
+            ("ECDHE-ECDSA-AES256-GCM-SHA384", "P-384:P-256"),
+            ("ECDHE-ECDSA-AES128-GCM-SHA256", "P-384:P-256"),
+            ("ECDHE-ECDSA-CHACHA20-POLY1305", "X25519:P-256"),
+        ]
+        .map(|(cipher, curves)| negotiated(port, cipher, curves))
+    };
+    let remora = {
+        let _proxy = Proxy::start(&yaml, admin, &[]);
+        remora_tests::wait_for_port(loopback(port), std::time::Duration::from_secs(20));
+        outcomes(port)
+    };
+    let agreed = |cipher: &str| Some((cipher.to_string(), "ECDH, secp384r1, 384 bits".into()));
+    assert_eq!(
+        remora,
+        [
+            agreed("ECDHE-ECDSA-CHACHA20-POLY1305"),
+            agreed("ECDHE-ECDSA-AES256-GCM-SHA384"),
+            None,
+            None
+        ]
+    );
+    if !envoy::available_or_skip("the Envoy half of cipher_suites and ecdh_curves") {
+        return;
+    }
+    let (_dir, path) = write_config(&yaml);
+    let _envoy = envoy::Envoy::start(&path, admin, &[]);
+    remora_tests::wait_for_port(loopback(port), std::time::Duration::from_secs(20));
+    assert_eq!(outcomes(port), remora, "left: envoy, right: remora");
+}

@@ -292,7 +292,7 @@ fn downstream_tls_fields_are_refused_by_path() {
             (
                 &context("{common_tls_context: {tls_params: {cipher_suites: [AES128-SHA]}}}"),
                 &format!("{COMMON}.tls_params.cipher_suites"),
-                UNSUPPORTED,
+                "none of these is a suite Remora speaks",
             ),
             (
                 "transport_socket!: {name: tls}",

@@ -57,6 +57,41 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     PROVIDER.clone()
 }
 
+/// [`provider`] narrowed to a context's `cipher_suites` (TLS 1.2's; 1.3's are kept) and
+/// `ecdh_curves`, in their order; the shared one when it names neither.
+fn provider_for(common: &CommonTls) -> Arc<rustls::crypto::CryptoProvider> {
+    use remora_config::tls::{CipherSuite as C, Curve};
+    use rustls::crypto::ring::{cipher_suite as suite, kx_group};
+    let shared = provider();
+    if common.cipher_suites.is_none() && common.curves.is_none() {
+        return shared;
+    }
+    let mut narrowed = (*shared).clone();
+    if let Some(chosen) = &common.cipher_suites {
+        let tls13 = shared.cipher_suites.iter().filter(|s| s.tls13().is_some());
+        let tls12 = chosen.iter().map(|chosen| match chosen {
+            C::EcdheEcdsaAes128GcmSha256 => suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            C::EcdheRsaAes128GcmSha256 => suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            C::EcdheEcdsaAes256GcmSha384 => suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            C::EcdheRsaAes256GcmSha384 => suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            C::EcdheEcdsaChacha20Poly1305 => suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            C::EcdheRsaChacha20Poly1305 => suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        });
+        narrowed.cipher_suites = tls13.copied().chain(tls12).collect();
+    }
+    if let Some(curves) = &common.curves {
+        narrowed.kx_groups = curves
+            .iter()
+            .map(|curve| match curve {
+                Curve::X25519 => kx_group::X25519,
+                Curve::P256 => kx_group::SECP256R1,
+                Curve::P384 => kx_group::SECP384R1,
+            })
+            .collect();
+    }
+    Arc::new(narrowed)
+}
+
 fn read(source: &DataSource, path: &str) -> ConfigResult<Vec<u8>> {
     source.read().map_err(|e| match source {
         DataSource::File(file) => ConfigError::new(
@@ -375,7 +410,7 @@ pub fn server_config(
 ) -> ConfigResult<Arc<rustls::ServerConfig>> {
     let common = &tls.common;
     let cpath = &common.path;
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider_for(common))
         .with_protocol_versions(protocol_versions(common))
         .map_err(|e| ConfigError::new(cpath, e.to_string()))?;
     let builder = match &common.validation {
@@ -409,7 +444,7 @@ pub fn client_config(
 ) -> ConfigResult<ClientTls> {
     let common = &tls.common;
     let cpath = &common.path;
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider_for(common))
         .with_protocol_versions(protocol_versions(common))
         .map_err(|e| ConfigError::new(cpath, e.to_string()))?;
     let builder = match &common.validation {
