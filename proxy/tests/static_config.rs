@@ -240,6 +240,70 @@ fn http2_downstream_and_upstream() {
     assert_eq!(proxy.stat("cluster.echo.upstream_rq_total"), 3);
 }
 
+/// An HTTP/1.1 upstream that answers every request on a connection with `response`, as
+/// written (a misbehaving server: the proxy's own codecs would not write it).
+fn raw_upstream(response: &'static [u8]) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {
+                    if stream.write_all(response).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream's 204 that claims a body (`content-length: 5`) reaches an HTTP/2 client as a
+/// 204 without the length, which the client would take as a protocol error.
+#[test]
+fn a_204_with_a_length_reaches_an_http2_client_without_it() {
+    let upstream =
+        raw_upstream(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\nx-from: up\r\n\r\nhello");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", ALL_ROUTES)],
+        &[static_cluster("echo", &[upstream])],
+    );
+    let _proxy = Proxy::start(&yaml, admin, &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(loopback(port))
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        let request = http::Request::get("http://svc.local/anything")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let response = sender
+            .send_request(request)
+            .await
+            .expect("a response, not a reset");
+        assert_eq!(response.status(), 204);
+        assert_eq!(response.headers()["x-from"], "up");
+        assert!(response.headers().get("content-length").is_none());
+    });
+}
+
 #[test]
 fn http2_upstream_requests_share_one_connect_and_count_as_pending_meanwhile() {
     let echo = EchoServer::start("h2", "127.0.0.1");

@@ -595,6 +595,11 @@ pub(super) async fn forward(
     }
     let response_headers = response.headers_mut();
     headers::remove_hop_by_hop(response_headers, status == StatusCode::SWITCHING_PROTOCOLS);
+    // A 1xx or 204 has no body whatever the upstream's head says, and an HTTP/2 client resets
+    // a stream whose 204 carries a length (hyper drops the length toward HTTP/1.1 only).
+    if status == StatusCode::NO_CONTENT || status.is_informational() {
+        response_headers.remove(header::CONTENT_LENGTH);
+    }
     // One clock read for the service time and the idle timeouts, which restart here.
     let now = Instant::now();
     if let Some(entry) = log.as_mut().filter(|_| timed) {
