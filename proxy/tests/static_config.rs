@@ -520,6 +520,20 @@ fn websocket_upgrade_is_spliced_when_enabled() {
     // Without upgrade_configs the upgrade is refused (403) as Envoy does.
     let (_proxy2, port2) = websocket_proxy(upstream_addr, "");
     assert_eq!(websocket_through(port2, "/chat"), "http/1.1 403 forbidden");
+
+    // To an HTTP/2 cluster it would take an extended CONNECT: refused, not sent as a GET.
+    let (admin, admin_yaml) = admin_block();
+    let port3 = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ws", port3, WEBSOCKET, ALL_ROUTES)],
+        &[http2_cluster("echo", upstream_addr)],
+    );
+    let _proxy3 = Proxy::start(&yaml, admin, &[]);
+    assert_eq!(
+        websocket_through(port3, "/chat"),
+        "http/1.1 501 not implemented"
+    );
 }
 
 /// The tunnel after a 101: bytes sent behind either head arrive first and in order, megabytes

@@ -181,6 +181,17 @@ pub(super) async fn forward(
                 tracing::debug!(%kind, "upgrade not allowed");
                 return Err(unforwarded(log, &parts, reply));
             }
+            // Over HTTP/2 an upgrade is an extended CONNECT (RFC 8441), which Remora does
+            // not send yet: refused with a reason, not forwarded as a plain request whose
+            // tunnel bytes the downstream would then send as garbage.
+            if cluster.pools.protocol() == UpstreamProtocol::Http2 {
+                let mut reply = LocalReply::new(StatusCode::NOT_IMPLEMENTED);
+                reply.body = bytes::Bytes::from_static(
+                    b"upgrade to an HTTP/2 cluster (extended CONNECT) is not supported",
+                );
+                reply.details = "upgrade_failed".into();
+                return Err(unforwarded(log, &parts, reply));
+            }
             true
         }
         _ => false,
