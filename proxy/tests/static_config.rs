@@ -205,16 +205,7 @@ fn http2_downstream_and_upstream() {
         .expect("runtime");
     runtime.block_on(async {
         use http_body_util::BodyExt;
-        let stream = tokio::net::TcpStream::connect(loopback(port))
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let mut sender = h2_connect(loopback(port)).await;
         for i in 0..3 {
             let request = http::Request::get(format!("http://svc.local/h2/{i}"))
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -281,16 +272,7 @@ fn a_204_with_a_length_reaches_an_http2_client_without_it() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(loopback(port))
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let mut sender = h2_connect(loopback(port)).await;
         let request = http::Request::get("http://svc.local/anything")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .expect("request");

@@ -134,14 +134,7 @@ fn route_timeout_cuts_a_stalled_body_after_headers() {
         .expect("runtime");
     runtime.block_on(async {
         use http_body_util::BodyExt;
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let mut sender = h2_connect(addr).await;
         let get = |path: &str| {
             http::Request::get(format!("http://test{path}"))
                 .body(http_body_util::Empty::<bytes::Bytes>::new())

@@ -474,3 +474,19 @@ pub fn tunnel_round_trip(addr: SocketAddr, bulk: usize) -> u64 {
     assert!(echoed == data, "the same bytes in the same order");
     (bulk + "client-first".len()) as u64
 }
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`, its connection task spawned on the
+/// current runtime.
+pub async fn h2_connect(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    sender
+}
