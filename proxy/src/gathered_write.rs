@@ -37,13 +37,24 @@ pub fn poll_write_gathered<W: AsyncWrite + ?Sized>(
     if total > GATHER_LIMIT {
         return io.poll_write_vectored(cx, bufs);
     }
-    let mut gathered = [0u8; GATHER_LIMIT];
-    let mut len = 0;
-    for buf in bufs {
-        gathered[len..len + buf.len()].copy_from_slice(buf);
-        len += buf.len();
-    }
-    io.poll_write(cx, &gathered[..len])
+    GATHERED.with(|gathered| {
+        // Only a write made from inside another's would find it taken; it goes vectored.
+        let Ok(mut gathered) = gathered.try_borrow_mut() else {
+            return io.poll_write_vectored(cx, bufs);
+        };
+        gathered.clear();
+        for buf in bufs {
+            gathered.extend_from_slice(buf);
+        }
+        io.poll_write(cx, &gathered)
+    })
+}
+
+thread_local! {
+    /// The bytes of one gathered write, kept per thread: a fresh array on the stack was
+    /// zeroed on every write (4 KiB, some 3,000 instructions per request under callgrind).
+    static GATHERED: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(GATHER_LIMIT));
 }
 
 #[cfg(test)]
