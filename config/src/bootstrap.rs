@@ -181,11 +181,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
                     format!("duplicate listener name {:?}", model.name),
                 );
             }
-            // As Envoy: one listener per address (port 0 picks a port for each).
-            if let Some(other) = listeners
-                .iter()
-                .find(|other| other.address == model.address && model.address.port() != 0)
-            {
+            if let Some(other) = listeners.iter().find(|other| model.collides_with(other)) {
                 return err(
                     field(&path, "address"),
                     format!(

@@ -40,6 +40,13 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// Whether `other` is another listener on this one's address. Envoy refuses the second of
+    /// two such listeners: their sockets would share the port and split its connections
+    /// between two configs. Port 0 gives each listener a port of its own.
+    pub fn collides_with(&self, other: &Listener) -> bool {
+        self.name != other.name && self.address == other.address && self.address.port() != 0
+    }
+
     /// Every filter chain, the default one last.
     pub fn chains(&self) -> impl Iterator<Item = &Arc<FilterChain>> {
         self.filter_chains

@@ -199,13 +199,9 @@ fn http2_downstream_and_upstream() {
         &[h2_cluster],
     );
     let proxy = Proxy::start(&yaml, admin, &[]);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (runtime, mut sender) = h2_client(loopback(port));
     runtime.block_on(async {
         use http_body_util::BodyExt;
-        let mut sender = h2_connect(loopback(port)).await;
         for i in 0..3 {
             let request = http::Request::get(format!("http://svc.local/h2/{i}"))
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -267,12 +263,8 @@ fn a_204_with_a_length_reaches_an_http2_client_without_it() {
         &[static_cluster("echo", &[upstream])],
     );
     let _proxy = Proxy::start(&yaml, admin, &[]);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (runtime, mut sender) = h2_client(loopback(port));
     runtime.block_on(async {
-        let mut sender = h2_connect(loopback(port)).await;
         let request = http::Request::get("http://svc.local/anything")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .expect("request");

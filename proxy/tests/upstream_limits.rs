@@ -128,13 +128,9 @@ fn route_timeout_cuts_a_stalled_body_after_headers() {
     });
 
     // HTTP/2: the stream is reset, the connection stays usable.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (runtime, mut sender) = h2_client(addr);
     runtime.block_on(async {
         use http_body_util::BodyExt;
-        let mut sender = h2_connect(addr).await;
         let get = |path: &str| {
             http::Request::get(format!("http://test{path}"))
                 .body(http_body_util::Empty::<bytes::Bytes>::new())

@@ -191,20 +191,12 @@ impl ActiveListener {
     }
 }
 
-/// The listener other than `name` among `active` configured on `address`. Two listeners on
-/// one address would split its connections between two configs (the sockets share the port),
-/// so Envoy refuses the second; port 0 gives each listener a port of its own.
-fn holder_of(
-    active: &BTreeMap<String, Arc<ActiveListener>>,
-    address: SocketAddr,
-    name: &str,
-) -> Option<String> {
-    if address.port() == 0 {
-        return None;
-    }
+/// The listener among `active` that `config` would share an address with
+/// ([`Listener::collides_with`]).
+fn holder_of(active: &BTreeMap<String, Arc<ActiveListener>>, config: &Listener) -> Option<String> {
     active
         .values()
-        .find(|other| other.config.name != name && other.config.address == address)
+        .find(|other| config.collides_with(&other.config))
         .map(|other| other.config.name.clone())
 }
 
@@ -271,7 +263,7 @@ impl ListenerManager {
         {
             return Ok(old.local_addr);
         }
-        if let Some(holder) = holder_of(&active, config.address, &config.name) {
+        if let Some(holder) = holder_of(&active, &config) {
             return Err(StartError::DuplicateAddress {
                 address: config.address,
                 holder,
@@ -334,11 +326,10 @@ impl ListenerManager {
         Ok(local_addr)
     }
 
-    /// The active listener other than `name` configured on `address`, if any (see
-    /// [`holder_of`]).
-    pub fn address_holder(&self, address: SocketAddr, name: &str) -> Option<String> {
+    /// The active listener `config` would share an address with, if any.
+    pub fn address_holder(&self, config: &Listener) -> Option<String> {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        holder_of(&active, address, name)
+        holder_of(&active, config)
     }
 
     /// Stops a listener and drains its connections.

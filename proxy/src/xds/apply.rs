@@ -415,17 +415,17 @@ impl Applier {
         }
         let listener =
             Arc::new(resource::listener(&any.value, Files::Read).map_err(|e| e.to_string())?);
-        let address = listener.address;
         let warming_holder = self
             .warming
             .listeners()
-            .find(|other| other.name != name && other.address == address && address.port() != 0)
+            .find(|other| listener.collides_with(other))
             .map(|other| other.name.clone());
         if let Some(holder) =
-            warming_holder.or_else(|| self.context.listeners.address_holder(address, name))
+            warming_holder.or_else(|| self.context.listeners.address_holder(&listener))
         {
             return Err(format!(
-                "duplicate address {address} as existing listener {holder:?}"
+                "duplicate address {} as existing listener {holder:?}",
+                listener.address
             ));
         }
         // Route configurations inline in a listener are validated by default, as in Envoy.

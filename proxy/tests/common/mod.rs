@@ -475,18 +475,28 @@ pub fn tunnel_round_trip(addr: SocketAddr, bulk: usize) -> u64 {
     (bulk + "client-first".len()) as u64
 }
 
-/// An HTTP/2 (prior knowledge) client connection to `addr`, its connection task spawned on the
-/// current runtime.
-pub async fn h2_connect(
+/// A current-thread runtime and an HTTP/2 (prior knowledge) client connection to `addr`,
+/// whose connection task runs whenever the runtime is driven (`block_on`).
+pub fn h2_client(
     addr: SocketAddr,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(connection);
-    sender
+) -> (
+    tokio::runtime::Runtime,
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sender = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        sender
+    });
+    (runtime, sender)
 }
