@@ -34,6 +34,8 @@ pub struct Bootstrap {
     pub secrets: Vec<Secret>,
     pub dynamic: Option<DynamicResources>,
     pub runtime: Runtime,
+    /// `stats_config`: the tags Prometheus shows and the stats that exist.
+    pub stats: Arc<crate::stats::StatsConfig>,
     /// The bootstrap as loaded, for `/config_dump`.
     pub raw: RawConfig,
 }
@@ -107,6 +109,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         dynamic_resources,
         cluster_manager,
         stats_flush_interval,
+        stats_config,
         layered_runtime,
         admin,
         enable_dispatcher_stats,
@@ -223,6 +226,10 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         }
     }
     let runtime = runtime(layered_runtime)?;
+    let stats = match stats_config {
+        Some(proto) => crate::stats::stats_config(proto, "stats_config")?,
+        None => crate::stats::StatsConfig::default(),
+    };
     let dynamic = dynamic_resources
         .as_ref()
         .map(|d| read_dynamic(d, &clusters))
@@ -260,6 +267,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         secrets,
         dynamic,
         runtime,
+        stats: Arc::new(stats),
         raw: RawConfig::of(proto),
     })
 }

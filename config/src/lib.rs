@@ -34,6 +34,7 @@ pub mod rbac;
 pub mod resource;
 pub mod retry;
 pub mod route;
+pub mod stats;
 pub mod tcp_proxy;
 pub mod tls;
 pub mod tracing;

@@ -710,11 +710,11 @@ fn admin_endpoints_and_quitquitquit() {
     http_get(loopback(port), "/x").expect("request");
     let (_, _, prom) = http_get(admin, "/stats/prometheus").expect("prometheus");
     assert!(
-        prom.contains("# TYPE envoy_cluster_echo_upstream_rq_total counter"),
+        prom.contains("# TYPE envoy_cluster_upstream_rq_total counter"),
         "{prom}"
     );
     assert!(
-        prom.contains("envoy_cluster_echo_upstream_rq_total 1"),
+        prom.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"echo\"} 1"),
         "{prom}"
     );
     // Graceful listener drain: the listener stops accepting, the admin keeps answering.

@@ -49,6 +49,25 @@ fn histogram_lines(admin: std::net::SocketAddr) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `/stats/prometheus` as `metric{labels}` → value, and the metric names it has a `# TYPE`
+/// line for (each once: a second line for one metric would be a format error).
+fn prometheus_series(
+    admin: std::net::SocketAddr,
+) -> (std::collections::BTreeMap<String, String>, BTreeSet<String>) {
+    let (_, _, body) = http_get(admin, "/stats/prometheus").expect("prometheus");
+    let mut types = BTreeSet::new();
+    let mut series = std::collections::BTreeMap::new();
+    for line in body.lines() {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            let metric = declared.split(' ').next().unwrap_or_default().to_string();
+            assert!(types.insert(metric), "two TYPE lines: {line}");
+        } else if let Some((key, value)) = line.rsplit_once(' ') {
+            series.insert(key.to_string(), value.to_string());
+        }
+    }
+    (series, types)
+}
+
 /// Every `le` bound Prometheus shows for `metric`.
 fn buckets(admin: std::net::SocketAddr, metric: &str) -> Vec<String> {
     let (_, _, body) = http_get(admin, "/stats/prometheus").expect("prometheus");
@@ -121,10 +140,15 @@ fn latency_histograms_have_envoys_names_buckets_and_formats() {
         Some(10)
     );
     let (_, _, prometheus) = http_get(admin, "/stats/prometheus").unwrap();
-    assert!(prometheus.contains("# TYPE envoy_cluster_app_upstream_rq_time histogram\n"));
-    assert!(prometheus.contains("envoy_cluster_app_upstream_rq_time_bucket{le=\"+Inf\"} 3\n"));
-    assert!(prometheus.contains("envoy_cluster_app_upstream_rq_time_count 3\n"));
-    assert!(prometheus.contains("envoy_cluster_app_upstream_rq_time_sum "));
+    // Envoy's tags: the cluster's name is a label, not part of the metric's name.
+    assert!(prometheus.contains("# TYPE envoy_cluster_upstream_rq_time histogram\n"));
+    assert!(prometheus.contains(
+        "envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=\"app\",le=\"+Inf\"} 3\n"
+    ));
+    assert!(
+        prometheus.contains("envoy_cluster_upstream_rq_time_count{envoy_cluster_name=\"app\"} 3\n")
+    );
+    assert!(prometheus.contains("envoy_cluster_upstream_rq_time_sum{envoy_cluster_name=\"app\"} "));
     // Filters and types apply to histograms as to other stats.
     let (_, _, counters) = http_get(admin, "/stats?type=Counters").unwrap();
     assert!(!counters.contains("upstream_rq_time:"));
@@ -155,12 +179,6 @@ fn histogram_names_and_buckets_match_envoys() {
         traffic(port, admin);
         let names: BTreeSet<String> = histogram_lines(admin).into_iter().map(|(n, _)| n).collect();
         let bounds = buckets(admin, "envoy_cluster_upstream_rq_time");
-        let bounds = if bounds.is_empty() {
-            // Remora names Prometheus metrics without Envoy's tag extraction.
-            buckets(admin, "envoy_cluster_app_upstream_rq_time")
-        } else {
-            bounds
-        };
         seen.push((names, bounds));
     }
     assert_eq!(seen[0].0, seen[1].0, "histogram names (envoy, remora)");
@@ -209,4 +227,142 @@ fn access_log_prints_the_trace_id_and_the_attempt_count() {
             .filter(|text| text.ends_with('\n'))
     });
     assert_eq!(line, format!("{trace_id} 1\n"));
+}
+
+/// The same bootstrap under Envoy and Remora, with a `stats_config` of the kinds Istio writes
+/// (a fixed tag, a pattern with a lookahead, a stats matcher), and the same requests: every
+/// Prometheus series Remora prints for a metric Envoy also prints is in Envoy's output, or (a
+/// stat Envoy makes only when first used, like a response class not seen) carries the same
+/// labels as one that is; and the counts under them agree.
+#[test]
+fn prometheus_series_carry_envoys_tags() {
+    if !remora_tests::envoy::available_or_skip("prometheus_series_carry_envoys_tags") {
+        return;
+    }
+    let app = EchoServer::start("app", "127.0.0.1");
+    let stats_config = r#"stats_config:
+  stats_tags:
+  - {tag_name: mesh, fixed_value: blue}
+  - tag_name: dotted_cluster
+    regex: '^cluster(?=\.).*?\.((.+?\.local)\.)'
+  stats_matcher:
+    exclusion_list:
+      patterns: [{prefix: "cluster.app.circuit_breakers"}]
+"#;
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/dotted"}
+                route: {cluster: app.ns.svc.local}
+              - match: {prefix: "/"}
+                route: {cluster: app}
+"#;
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let (http_port, tcp_port) = (free_port(), free_port());
+        let (admin, admin_yaml) = admin_block();
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[
+                common::http_listener("edge", http_port, "", routes),
+                common::tcp_listener("raw", tcp_port, "app.ns.svc.local", ""),
+            ],
+            &[
+                static_cluster("app", &[app.addr]),
+                static_cluster("app.ns.svc.local", &[app.addr]),
+            ],
+        ) + stats_config;
+        let (_dir, file) = common::write_config(&yaml);
+        let _proxy: Box<dyn std::any::Any> = if envoy {
+            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
+        } else {
+            Box::new(Proxy::start(&yaml, admin, &[]))
+        };
+        wait_for("listener", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(loopback(http_port)).ok()
+        });
+        for path in ["/", "/a", "/dotted"] {
+            let (status, _, _) = http_get(loopback(http_port), path).expect("request");
+            assert_eq!(status, 200);
+        }
+        let rq_2xx = "envoy_http_downstream_rq_xx{envoy_response_code_class=\"2\",mesh=\"blue\",envoy_http_conn_manager_prefix=\"edge\"}";
+        wait_for("requests counted", Duration::from_secs(10), || {
+            (prometheus_series(admin).0.get(rq_2xx).map(String::as_str) == Some("3")).then_some(())
+        });
+        // The two runs' listener ports differ; their labels are compared by role.
+        let (series, types) = prometheus_series(admin);
+        let series: std::collections::BTreeMap<String, String> = series
+            .into_iter()
+            .map(|(key, value)| {
+                let key = key
+                    .replace(&format!("127.0.0.1_{http_port}\""), "127.0.0.1_HTTP\"")
+                    .replace(&format!("127.0.0.1_{tcp_port}\""), "127.0.0.1_TCP\"");
+                (key, value)
+            })
+            .collect();
+        seen.push((series, types));
+    }
+    let ((envoy, envoy_types), (remora, remora_types)) = (&seen[0], &seen[1]);
+    let metric = |key: &str| key.split(['{', ' ']).next().unwrap_or_default().to_string();
+    let label_names = |key: &str| -> Vec<String> {
+        key.split(['{', ','])
+            .skip(1)
+            .filter_map(|label| label.split_once('=').map(|(name, _)| name.to_string()))
+            .collect()
+    };
+    let family_of = |key: &str| {
+        let m = metric(key);
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| m.strip_suffix(s))
+            .filter(|f| remora_types.contains(*f))
+            .map_or(m.clone(), str::to_string)
+    };
+    let shared: Vec<&String> = remora
+        .keys()
+        .filter(|key| envoy_types.contains(&family_of(key)))
+        .collect();
+    let exact = shared
+        .iter()
+        .filter(|key| envoy.contains_key(**key))
+        .count();
+    let unlike: Vec<&&String> = shared
+        .iter()
+        .filter(|key| {
+            !envoy.contains_key(**key)
+                && !envoy
+                    .keys()
+                    .any(|k| metric(k) == metric(key) && label_names(k) == label_names(key))
+        })
+        .collect();
+    assert!(
+        unlike.is_empty(),
+        "series Envoy labels otherwise: {unlike:#?}"
+    );
+    assert!(exact >= 60, "only {exact} series printed alike");
+    // The tags Remora's names depend on, spelt out.
+    for key in [
+        "envoy_cluster_upstream_rq_total{mesh=\"blue\",envoy_cluster_name=\"app\"}",
+        "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",mesh=\"blue\",envoy_cluster_name=\"app\"}",
+        "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",mesh=\"blue\",envoy_cluster_name=\"app\",dotted_cluster=\"app.ns.svc.local\"}",
+        "envoy_cluster_upstream_cx_total{mesh=\"blue\",envoy_cluster_name=\"app\",dotted_cluster=\"app.ns.svc.local\"}",
+        "envoy_listener_downstream_cx_total{mesh=\"blue\",envoy_listener_address=\"127.0.0.1_TCP\"}",
+        "envoy_listener_downstream_cx_total{mesh=\"blue\",envoy_listener_address=\"127.0.0.1_HTTP\"}",
+        "envoy_tcp_downstream_cx_total{mesh=\"blue\",envoy_tcp_prefix=\"raw\"}",
+    ] {
+        assert!(envoy.contains_key(key), "envoy lacks {key}");
+        assert!(remora.contains_key(key), "remora lacks {key}");
+    }
+    for series in [envoy, remora] {
+        assert_eq!(
+            series["envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",mesh=\"blue\",envoy_cluster_name=\"app\"}"],
+            "2"
+        );
+        // Excluded by the stats matcher.
+        assert!(
+            !series
+                .keys()
+                .any(|k| k.contains("circuit_breakers") && k.contains("_name=\"app\"}"))
+        );
+    }
 }

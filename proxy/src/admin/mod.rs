@@ -192,63 +192,66 @@ async fn handle(
             "node": {"id": server.bootstrap.node.id, "cluster": server.bootstrap.node.cluster},
             "command_line_options": {"concurrency": server.concurrency, "drain_time": format!("{}s", server.drain_time.as_secs())},
         })),
-        "/stats" | "/stats/prometheus" => match StatsQuery::parse(query) {
-            Ok(stats) if path == "/stats/prometheus" || stats.format == Some("prometheus") => {
-                let mut body = server.registry.render_prometheus(&stats.select());
-                if stats.histograms {
-                    body.push_str(
-                        &server
-                            .registry
-                            .render_histograms_prometheus(&stats.select_histogram()),
+        "/stats" | "/stats/prometheus" => {
+            match StatsQuery::parse(query, &server.bootstrap.stats.matcher) {
+                Ok(stats) if path == "/stats/prometheus" || stats.format == Some("prometheus") => {
+                    let histograms = stats.select_histogram();
+                    let body = crate::stats::prometheus::render(
+                        &server.registry,
+                        &server.bootstrap.stats.tags,
+                        &stats.select(),
+                        stats
+                            .histograms
+                            .then_some(&histograms as &dyn Fn(&str, bool) -> bool),
                     );
+                    text(StatusCode::OK, body)
                 }
-                text(StatusCode::OK, body)
-            }
-            Ok(stats) if stats.format == Some("json") => {
-                let mut list: Vec<Value> = server
-                    .registry
-                    .snapshot(&stats.select())
-                    .into_iter()
-                    .map(|stat| json!({"name": stat.name, "value": stat.value}))
-                    .collect();
-                if stats.histograms {
-                    let computed: Vec<Value> = server
+                Ok(stats) if stats.format == Some("json") => {
+                    let mut list: Vec<Value> = server
                         .registry
-                        .histogram_snapshots(&stats.select_histogram())
+                        .snapshot(&stats.select())
                         .into_iter()
-                        .map(|(name, snapshot)| {
-                            let values: Vec<Value> = crate::stats::histogram::QUANTILES
-                                .iter()
-                                .map(|q| {
-                                    let value = snapshot.quantile(*q);
-                                    json!({"interval": value, "cumulative": value})
-                                })
-                                .collect();
-                            json!({"name": name, "values": values})
-                        })
+                        .map(|stat| json!({"name": stat.name, "value": stat.value}))
                         .collect();
-                    if !computed.is_empty() {
-                        list.push(json!({"histograms": {
-                            "supported_quantiles": crate::stats::histogram::QUANTILES,
-                            "computed_quantiles": computed,
-                        }}));
-                    }
-                }
-                json_response(&json!({"stats": list}))
-            }
-            Ok(stats) => {
-                let mut body = server.registry.render_text(&stats.select());
-                if stats.histograms {
-                    body.push_str(
-                        &server
+                    if stats.histograms {
+                        let computed: Vec<Value> = server
                             .registry
-                            .render_histograms_text(&stats.select_histogram()),
-                    );
+                            .histogram_snapshots(&stats.select_histogram())
+                            .into_iter()
+                            .map(|(name, snapshot)| {
+                                let values: Vec<Value> = crate::stats::histogram::QUANTILES
+                                    .iter()
+                                    .map(|q| {
+                                        let value = snapshot.quantile(*q);
+                                        json!({"interval": value, "cumulative": value})
+                                    })
+                                    .collect();
+                                json!({"name": name, "values": values})
+                            })
+                            .collect();
+                        if !computed.is_empty() {
+                            list.push(json!({"histograms": {
+                                "supported_quantiles": crate::stats::histogram::QUANTILES,
+                                "computed_quantiles": computed,
+                            }}));
+                        }
+                    }
+                    json_response(&json!({"stats": list}))
                 }
-                text(StatusCode::OK, body)
+                Ok(stats) => {
+                    let mut body = server.registry.render_text(&stats.select());
+                    if stats.histograms {
+                        body.push_str(
+                            &server
+                                .registry
+                                .render_histograms_text(&stats.select_histogram()),
+                        );
+                    }
+                    text(StatusCode::OK, body)
+                }
+                Err(error) => text(StatusCode::BAD_REQUEST, error),
             }
-            Err(error) => text(StatusCode::BAD_REQUEST, error),
-        },
+        }
         "/config_dump" => {
             let resource = query_param(query, "resource").map(percent_decode);
             let mask = query_param(query, "mask").map(percent_decode);
@@ -308,10 +311,15 @@ struct StatsQuery<'a> {
     histograms: bool,
     used_only: bool,
     format: Option<&'a str>,
+    /// The bootstrap's `stats_matcher`: a stat it leaves out is never shown.
+    matcher: &'a remora_config::stats::StatsMatcher,
 }
 
 impl<'a> StatsQuery<'a> {
-    fn parse(query: &'a str) -> Result<Self, String> {
+    fn parse(
+        query: &'a str,
+        matcher: &'a remora_config::stats::StatsMatcher,
+    ) -> Result<Self, String> {
         let filter = match query_param(query, "filter").map(percent_decode) {
             Some(filter) => Some(regex::Regex::new(&filter).map_err(|error| {
                 // The regex crate's message spans lines; its last one names the problem.
@@ -340,13 +348,16 @@ impl<'a> StatsQuery<'a> {
             histograms,
             used_only: has_param(query, "usedonly"),
             format: query_param(query, "format"),
+            matcher,
         })
     }
 
     /// Whether a histogram is shown (by name, and whether it has values).
     fn select_histogram(&self) -> impl Fn(&str, bool) -> bool + '_ {
         move |name, used| {
-            (!self.used_only || used) && self.filter.as_ref().is_none_or(|re| re.is_match(name))
+            (!self.used_only || used)
+                && self.matcher.admits(name)
+                && self.filter.as_ref().is_none_or(|re| re.is_match(name))
         }
     }
 
@@ -355,6 +366,7 @@ impl<'a> StatsQuery<'a> {
         move |stat| {
             self.kinds.is_none_or(|wanted| wanted == Some(stat.kind))
                 && (!self.used_only || stat.used)
+                && self.matcher.admits(&stat.name)
                 && self
                     .filter
                     .as_ref()
@@ -590,7 +602,7 @@ pub mod fuzzing {
     /// A `/stats` query parsed and applied to `stats`, as `/stats` does: the names shown, or
     /// the error answered.
     pub fn stats(query: &str, stats: &[crate::stats::StatValue]) -> Result<Vec<String>, String> {
-        let query = super::StatsQuery::parse(query)?;
+        let query = super::StatsQuery::parse(query, &remora_config::stats::StatsMatcher::All)?;
         let select = query.select();
         Ok(stats
             .iter()

@@ -3,6 +3,7 @@
 //! get-or-create by name, so stats survive config swaps.
 
 pub mod histogram;
+pub mod prometheus;
 
 pub use histogram::Histogram;
 
@@ -227,26 +228,6 @@ impl Registry {
         out
     }
 
-    /// Histograms in Prometheus' exposition: `_bucket` per Envoy bound and `+Inf`, `_sum`,
-    /// `_count`.
-    pub fn render_histograms_prometheus(&self, shown: &dyn Fn(&str, bool) -> bool) -> String {
-        let mut out = String::new();
-        for (name, snapshot) in self.histogram_snapshots(shown) {
-            let metric = prometheus_name(&name);
-            out.push_str(&format!("# TYPE {metric} histogram\n"));
-            let cumulative = snapshot.cumulative();
-            for (index, total) in cumulative.iter().enumerate() {
-                let le = histogram::BOUNDS
-                    .get(index)
-                    .map_or_else(|| "+Inf".to_string(), |b| histogram::format_value(*b));
-                out.push_str(&format!("{metric}_bucket{{le=\"{le}\"}} {total}\n"));
-            }
-            out.push_str(&format!("{metric}_sum {}\n", snapshot.sum));
-            out.push_str(&format!("{metric}_count {}\n", snapshot.count()));
-        }
-        out
-    }
-
     /// A copy of every stat `shown` selects, sorted by name.
     pub fn snapshot(&self, shown: &dyn Fn(&StatValue) -> bool) -> Vec<StatValue> {
         let mut values: Vec<StatValue> = {
@@ -295,23 +276,6 @@ impl Registry {
         }
         out
     }
-
-    /// Prometheus text exposition, with Envoy's `envoy_` prefix and dots as underscores.
-    pub fn render_prometheus(&self, shown: &dyn Fn(&StatValue) -> bool) -> String {
-        let mut out = String::new();
-        for StatValue {
-            name, kind, value, ..
-        } in self.snapshot(shown)
-        {
-            let metric = prometheus_name(&name);
-            let kind = match kind {
-                Kind::Counter => "counter",
-                Kind::Gauge => "gauge",
-            };
-            out.push_str(&format!("# TYPE {metric} {kind}\n{metric} {value}\n"));
-        }
-        out
-    }
 }
 
 /// A registry lock: a panic elsewhere leaves the maps intact, so a poisoned one is used as is.
@@ -319,20 +283,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Envoy's Prometheus name: `envoy_` and the stat name, other characters as `_`.
-fn prometheus_name(name: &str) -> String {
-    format!("envoy_{name}")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 stat_block! {
