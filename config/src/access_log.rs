@@ -374,9 +374,10 @@ pub enum Token {
     Timing(Timing),
     /// An address of the downstream or upstream connection, whole or in part.
     Address(Endpoint, AddressPart),
-    /// `%UPSTREAM_CLUSTER%`, and `%UPSTREAM_CLUSTER_RAW%`: the same name, since a cluster's
-    /// `alt_stat_name` (which only the first shows) is refused.
+    /// `%UPSTREAM_CLUSTER%`: the cluster's `alt_stat_name` if it has one, else its name.
     UpstreamCluster,
+    /// `%UPSTREAM_CLUSTER_RAW%`: the cluster's name.
+    UpstreamClusterRaw,
     /// `%ROUTE_NAME%`: the name of the route matched (`-` without a name or a route).
     RouteName,
     /// `%RESPONSE_CODE_DETAILS%`: why the response is what it is (`via_upstream`,
@@ -591,7 +592,8 @@ fn parse_operator(operator: &str) -> Result<Token, String> {
         "GRPC_STATUS(NUMBER)" | "GRPC_STATUS_NUMBER" => {
             Some(Token::GrpcStatus(GrpcStatusFormat::Number))
         }
-        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Some(Token::UpstreamCluster),
+        "UPSTREAM_CLUSTER" => Some(Token::UpstreamCluster),
+        "UPSTREAM_CLUSTER_RAW" => Some(Token::UpstreamClusterRaw),
         "ROUTE_NAME" => Some(Token::RouteName),
         "RESPONSE_CODE_DETAILS" => Some(Token::ResponseCodeDetails),
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => Some(Token::UpstreamTransportFailureReason),

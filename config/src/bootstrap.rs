@@ -64,8 +64,12 @@ pub struct Node {
 pub struct Runtime {
     /// `envoy.resource_limits.listener.NAME.connection_limit`, by listener name.
     pub listener_connection_limits: HashMap<String, u64>,
-    /// `overload.global_downstream_max_connections`: across all listeners.
+    /// `overload.global_downstream_max_connections`, or the overload manager's
+    /// downstream-connections monitor (which wins): across all listeners.
     pub global_max_connections: Option<u64>,
+    /// The limit is the monitor's, which Envoy applies to listeners only: admin connections
+    /// neither count nor are refused (under the runtime key they are).
+    pub global_limit_skips_admin: bool,
     /// `remora.tracing.propagate_w3c_and_b3` (Remora's own key, which Envoy ignores): every
     /// tracer reads W3C `traceparent` or B3 and writes both.
     pub propagate_w3c_and_b3: bool,
@@ -110,7 +114,10 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         cluster_manager,
         stats_flush_interval,
         stats_config,
+        // Envoy creating some stats on first use saves it memory; the stats are the same.
+        deferred_stat_options: _,
         layered_runtime,
+        overload_manager,
         admin,
         enable_dispatcher_stats,
         header_prefix,
@@ -125,14 +132,11 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         let bootstrap_pb::ClusterManager {
             local_cluster_name,
             upstream_bind_config,
-            enable_deferred_cluster_creation,
+            // When Envoy builds a cluster's per-worker state (at first use): memory, not
+            // behaviour.
+            enable_deferred_cluster_creation: _,
         } = manager;
-        unsupported!(
-            "cluster_manager",
-            local_cluster_name,
-            upstream_bind_config,
-            enable_deferred_cluster_creation
-        );
+        unsupported!("cluster_manager", local_cluster_name, upstream_bind_config);
     }
     let node = node
         .as_ref()
@@ -225,7 +229,10 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
             );
         }
     }
-    let runtime = runtime(layered_runtime)?;
+    let mut runtime = runtime(layered_runtime)?;
+    if let Some(manager) = overload_manager {
+        read_overload_manager(manager, &mut runtime)?;
+    }
     let stats = match stats_config {
         Some(proto) => crate::stats::stats_config(proto, "stats_config")?,
         None => crate::stats::StatsConfig::default(),
@@ -302,11 +309,11 @@ fn read_admin(proto: &bootstrap_pb::Admin, path: &str) -> ConfigResult<Admin> {
     let bootstrap_pb::Admin {
         access_log,
         access_log_path,
-        profile_path,
+        // Where Envoy's `/cpuprofiler` writes; Remora has no such page.
+        profile_path: _,
         address,
         ignore_global_conn_limit,
     } = proto;
-    unsupported!(path, profile_path);
     let mut access_logs = access_log
         .iter()
         .enumerate()
@@ -330,6 +337,72 @@ fn read_admin(proto: &bootstrap_pb::Admin, path: &str) -> ConfigResult<Admin> {
         ignores_global_limit: *ignore_global_conn_limit,
         access_logs,
     })
+}
+
+/// `overload_manager`: of Envoy's monitors, the one of downstream connections across all
+/// listeners, which sets the limit `overload.global_downstream_max_connections` sets (and wins
+/// over that runtime key, as in Envoy). Remora takes no overload actions, so any action, and
+/// any monitor an action could read, is refused.
+fn read_overload_manager(
+    proto: &xds_api::envoy::config::overload::v3::OverloadManager,
+    runtime: &mut Runtime,
+) -> ConfigResult<()> {
+    use xds_api::envoy::config::overload::v3 as overload_pb;
+    use xds_api::envoy::extensions::resource_monitors::downstream_connections::v3::DownstreamConnectionsConfig;
+    let path = "overload_manager";
+    let overload_pb::OverloadManager {
+        // How often monitors are read; Remora counts connections as they open and close.
+        refresh_interval: _,
+        resource_monitors,
+        actions,
+    } = proto;
+    if let Some((index, action)) = actions.iter().enumerate().next() {
+        return err(
+            item(path, "actions", index),
+            format!(
+                "overload action {:?} is not supported: Remora takes no overload actions (it \
+                 reads only the envoy.resource_monitors.global_downstream_max_connections \
+                 monitor)",
+                action.name
+            ),
+        );
+    }
+    for (index, monitor) in resource_monitors.iter().enumerate() {
+        let mpath = item(path, "resource_monitors", index);
+        let overload_pb::ResourceMonitor { name, config_type } = monitor;
+        let Some(overload_pb::resource_monitor::ConfigType::TypedConfig(any)) = config_type else {
+            return err(field(&mpath, "typed_config"), "required");
+        };
+        let expected = format!(
+            "{}{}",
+            xds_api::type_urls::PREFIX,
+            <DownstreamConnectionsConfig as prost::Name>::full_name()
+        );
+        if any.type_url != expected {
+            return err(
+                field(&mpath, "typed_config"),
+                format!(
+                    "resource monitor {name:?} ({}) is not supported: Remora reads only the \
+                     envoy.resource_monitors.global_downstream_max_connections monitor",
+                    any.type_url
+                ),
+            );
+        }
+        let config: DownstreamConnectionsConfig =
+            crate::common::unpack(any, &field(&mpath, "typed_config"))?;
+        let max = u64::try_from(config.max_active_downstream_connections)
+            .ok()
+            .filter(|max| *max > 0);
+        let Some(max) = max else {
+            return err(
+                field(&mpath, "typed_config.max_active_downstream_connections"),
+                "must be greater than 0",
+            );
+        };
+        runtime.global_max_connections = Some(max);
+        runtime.global_limit_skips_admin = true;
+    }
+    Ok(())
 }
 
 fn read_dynamic(

@@ -147,6 +147,9 @@ impl ConnectOptions {
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
+    /// `alt_stat_name`, else the name: what its stats are named under (`cluster.NAME.*`) and
+    /// what `%UPSTREAM_CLUSTER%` prints, as Envoy's observable name.
+    pub stats_name: String,
     pub discovery: DiscoveryType,
     pub load_balancing: LoadBalancing,
     pub load_assignment: LoadAssignment,
@@ -223,7 +226,6 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
     unsupported!(
         path,
         transport_socket_matches,
-        alt_stat_name,
         per_connection_buffer_limit_bytes,
         max_requests_per_connection,
         upstream_http_protocol_options,
@@ -436,6 +438,11 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         .is_some_and(|config| config.ignore_new_hosts_until_first_hc);
     Ok(Cluster {
         name: name.clone(),
+        stats_name: if alt_stat_name.is_empty() {
+            name.clone()
+        } else {
+            alt_stat_name.clone()
+        },
         discovery,
         load_balancing,
         load_assignment,

@@ -23,6 +23,9 @@ use crate::unsupported;
 #[derive(Debug, Clone)]
 pub struct Listener {
     pub name: String,
+    /// `ignore_global_conn_limit`: its connections neither count towards nor are refused by
+    /// the global downstream connection limit.
+    pub ignores_global_limit: bool,
     pub address: SocketAddr,
     pub stat_prefix: String,
     pub filter_chains: Vec<Arc<FilterChain>>,
@@ -148,7 +151,8 @@ pub fn listener(proto: &listener_pb::Listener, path: &str, files: Files) -> Conf
         max_connections_to_accept_per_socket_event,
         bind_to_port,
         ignore_global_conn_limit,
-        bypass_overload_manager,
+        // Remora takes no overload actions, so there is nothing to bypass.
+        bypass_overload_manager: _,
     } = proto;
     unsupported!(
         path,
@@ -164,8 +168,6 @@ pub fn listener(proto: &listener_pb::Listener, path: &str, files: Files) -> Conf
         access_log,
         tcp_backlog_size,
         max_connections_to_accept_per_socket_event,
-        ignore_global_conn_limit,
-        bypass_overload_manager,
     );
     // Remora always binds one SO_REUSEPORT socket per worker, Envoy's default.
     if *enable_reuse_port == Some(false) {
@@ -253,6 +255,7 @@ pub fn listener(proto: &listener_pb::Listener, path: &str, files: Files) -> Conf
     let inbound = direction == core_pb::TrafficDirection::Inbound;
     let outbound = direction == core_pb::TrafficDirection::Outbound;
     Ok(Listener {
+        ignores_global_limit: *ignore_global_conn_limit,
         name: name.clone(),
         address,
         stat_prefix: if stat_prefix.is_empty() {

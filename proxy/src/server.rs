@@ -141,7 +141,8 @@ async fn serve(
         bootstrap
             .admin
             .as_ref()
-            .is_some_and(|a| a.ignores_global_limit),
+            .is_some_and(|a| a.ignores_global_limit)
+            || bootstrap.runtime.global_limit_skips_admin,
     ));
     let listeners = ListenerManager::new(ListenerContext {
         workers,

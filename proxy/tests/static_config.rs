@@ -1295,6 +1295,98 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
     assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
 
+/// The overload manager's downstream-connections monitor sets the global limit (over the
+/// runtime key, as in Envoy) for listeners only: unlike the runtime key's, it leaves admin
+/// connections alone. A listener with `ignore_global_conn_limit` is neither counted nor
+/// refused by it; `bypass_overload_manager` is taken. Same outcome under Envoy.
+#[test]
+fn overload_monitor_limits_connections_except_on_exempt_listeners_as_in_envoy() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let (counted, exempt) = (free_port(), free_port());
+    // A limit of 3 connections to `counted`; the admin session is not counted.
+    let overload = "overload_manager:\n  refresh_interval: 0.25s\n  resource_monitors:\n  - name: envoy.resource_monitors.global_downstream_max_connections\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig\n      max_active_downstream_connections: 3\nlayered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      overload: {global_downstream_max_connections: 100}\n";
+    let exempt_listener = http_listener("exempt", exempt, "", &catch_all("echo", "5s")).replace(
+        "    filter_chains:\n",
+        "    ignore_global_conn_limit: true\n    bypass_overload_manager: true\n    filter_chains:\n",
+    );
+    let yaml = format!(
+        "{}{overload}",
+        bootstrap(
+            &admin_yaml,
+            &[
+                http_listener("counted", counted, "", &catch_all("echo", "5s")),
+                exempt_listener,
+            ],
+            &[static_cluster("echo", &[echo.addr])],
+        )
+    );
+    let (_dir, file) = write_config(&yaml);
+    let overflows = [counted, exempt]
+        .map(|port| format!("listener.127.0.0.1_{port}.downstream_global_cx_overflow"));
+    let run = || {
+        let mut session = AdminSession::open(admin);
+        let idle = |session: &mut AdminSession| {
+            session.stat(&format!(
+                "listener.127.0.0.1_{counted}.downstream_cx_active"
+            )) == Some(0)
+        };
+        // Earlier connections (readiness probes) count until the proxy has seen them close:
+        // settled when three connections are served.
+        wait_for(
+            "earlier connections released",
+            Duration::from_secs(60),
+            || {
+                let probes: Vec<Option<TcpStream>> =
+                    (0..3).map(|_| try_served_connection(counted)).collect();
+                let settled = probes.iter().all(Option::is_some);
+                drop(probes);
+                wait_for("probes closed", Duration::from_secs(30), || {
+                    idle(&mut session).then_some(())
+                });
+                settled.then_some(())
+            },
+        );
+        let before = overflows.clone().map(|name| session.stat(&name));
+        let mut seen = Vec::new();
+        let held = [(); 3].map(|()| served_connection(counted));
+        let mut fourth = TcpStream::connect(loopback(counted)).expect("connect");
+        seen.push(("fourth on counted closed", closed_at_once(&mut fourth)));
+        // Nor is a second admin connection refused.
+        seen.push(("admin served", http_get(admin, "/ready").is_ok()));
+        // The limit is reached, yet the exempt listener serves.
+        let exempt_held: Vec<Option<TcpStream>> =
+            (0..3).map(|_| try_served_connection(exempt)).collect();
+        seen.push(("exempt served", exempt_held.iter().all(Option::is_some)));
+        drop((held, exempt_held));
+        wait_for("all closed", Duration::from_secs(30), || {
+            idle(&mut session).then_some(())
+        });
+        let after = overflows.clone().map(|name| session.stat(&name));
+        let counted: Vec<Option<u64>> = after
+            .iter()
+            .zip(before)
+            .map(|(after, before)| Some(after.as_ref()? - before?))
+            .collect();
+        (seen, counted)
+    };
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        run()
+    };
+    assert!(remora.0.iter().all(|(_, ok)| *ok), "{:?}", remora.0);
+    assert_eq!(remora.1, [Some(1), Some(0)]);
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the overload monitor test") {
+        return;
+    }
+    let envoy = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(counted), Duration::from_secs(20));
+        run()
+    };
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+}
+
 #[test]
 fn cors_shadow_mode_counts_origins_without_enforcing_as_in_envoy() {
     let echo = EchoServer::start("e", "127.0.0.1");

@@ -366,3 +366,68 @@ fn prometheus_series_carry_envoys_tags() {
         );
     }
 }
+
+/// A cluster's `alt_stat_name` names its stats and what `%UPSTREAM_CLUSTER%` prints, while
+/// `%UPSTREAM_CLUSTER_RAW%` prints its name: the same under Envoy and Remora.
+#[test]
+fn alt_stat_name_names_the_stats_and_the_logged_cluster_as_in_envoy() {
+    let app = EchoServer::start("app", "127.0.0.1");
+    let run = |envoy: bool| {
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("access.log");
+        let extra = format!(
+            r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format_source: {{inline_string: "%UPSTREAM_CLUSTER% %UPSTREAM_CLUSTER_RAW%\n"}}}}
+"#,
+            log.display()
+        );
+        let yaml = edge_bootstrap(&admin_yaml, port, app.addr, &extra).replace(
+            "  - name: app\n",
+            "  - name: app\n    alt_stat_name: app_seen;\n",
+        );
+        assert!(yaml.contains("alt_stat_name"), "{yaml}");
+        let (_dir, file) = common::write_config(&yaml);
+        let _proxy: Box<dyn std::any::Any> = if envoy {
+            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
+        } else {
+            Box::new(Proxy::start(&yaml, admin, &[]))
+        };
+        wait_for("listener", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(loopback(port)).ok()
+        });
+        let (status, _, _) = http_get(loopback(port), "/").unwrap();
+        assert_eq!(status, 200);
+        let line = wait_for("the access log line", Duration::from_secs(30), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|text| text.ends_with('\n'))
+        });
+        let (_, _, stats) = http_get(admin, "/stats?filter=upstream_rq_total").unwrap();
+        (line, stats)
+    };
+    let remora = run(false);
+    assert_eq!(remora.0, "app_seen; app\n");
+    assert!(
+        remora
+            .1
+            .contains("cluster.app_seen;.upstream_rq_total: 1\n"),
+        "{}",
+        remora.1
+    );
+    assert!(!remora.1.contains("cluster.app.upstream_rq_total"));
+    if remora_tests::envoy::available_or_skip("the Envoy half of the alt_stat_name test") {
+        let envoy = run(true);
+        assert_eq!(envoy.0, remora.0);
+        assert!(
+            envoy.1.contains("cluster.app_seen;.upstream_rq_total: 1\n"),
+            "{}",
+            envoy.1
+        );
+    }
+}

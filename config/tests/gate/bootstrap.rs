@@ -66,11 +66,6 @@ fn bootstrap_fields_are_refused_by_path() {
                 UNSUPPORTED,
             ),
             (
-                "admin: {profile_path: /tmp/prof}",
-                "admin.profile_path",
-                UNSUPPORTED,
-            ),
-            (
                 "admin: {address: {socket_address: {address: localhost}}}",
                 "admin.address.socket_address.address",
                 "\"localhost\" is not an IP address",
@@ -440,4 +435,45 @@ dynamic_resources:
     .dynamic
     .expect("dynamic");
     assert_eq!(dynamic.stream_timeout, None);
+}
+
+/// The overload manager: the downstream-connections monitor sets the global limit (winning
+/// over the runtime key, and sparing the admin); other monitors and any action are refused by
+/// name. Fields that change only Envoy's memory or its profiler are taken.
+#[test]
+fn overload_manager_reads_the_connection_monitor_and_names_the_rest() {
+    const MONITOR: &str = "{name: envoy.resource_monitors.global_downstream_max_connections, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig, max_active_downstream_connections: 7}}";
+    let bootstrap = accepted_all(&[(
+        ROOT,
+        &format!(
+            "{{overload_manager: {{refresh_interval: 0.25s, resource_monitors: [{MONITOR}]}}, layered_runtime: {{layers: [{{name: s, static_layer: {{overload.global_downstream_max_connections: 100}}}}]}}, deferred_stat_options: {{enable_deferred_creation_stats: true}}, cluster_manager: {{enable_deferred_cluster_creation: true}}, admin: {{profile_path: /tmp/prof, address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}}}}}"
+        ),
+    )]);
+    assert_eq!(bootstrap.runtime.global_max_connections, Some(7));
+    assert!(bootstrap.runtime.global_limit_skips_admin);
+    check_rejections(
+        ROOT,
+        &[
+            (
+                "overload_manager: {actions: [{name: envoy.overload_actions.shrink_heap, triggers: [{name: envoy.resource_monitors.fixed_heap, threshold: {value: 0.95}}]}]}",
+                "overload_manager.actions[0]",
+                "overload action \"envoy.overload_actions.shrink_heap\" is not supported",
+            ),
+            (
+                "overload_manager: {resource_monitors: [{name: envoy.resource_monitors.fixed_heap, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig, max_heap_size_bytes: 1000}}]}",
+                "overload_manager.resource_monitors[0].typed_config",
+                "Remora does not know this message",
+            ),
+            (
+                "overload_manager: {resource_monitors: [{name: mine, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]}",
+                "overload_manager.resource_monitors[0].typed_config",
+                "resource monitor \"mine\"",
+            ),
+            (
+                "overload_manager: {resource_monitors: [{name: envoy.resource_monitors.global_downstream_max_connections, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig}}]}",
+                "overload_manager.resource_monitors[0].typed_config.max_active_downstream_connections",
+                "must be greater than 0",
+            ),
+        ],
+    );
 }

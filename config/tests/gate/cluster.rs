@@ -60,7 +60,6 @@ fn cluster_fields_are_refused_by_path() {
                 "health_checks[0].interval",
                 "is required",
             ),
-            ("alt_stat_name: other", "alt_stat_name", UNSUPPORTED),
             (
                 "per_connection_buffer_limit_bytes: 1024",
                 "per_connection_buffer_limit_bytes",

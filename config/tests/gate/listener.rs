@@ -49,11 +49,6 @@ fn listener_fields_are_refused_by_path() {
             ("api_listener: {}", "api_listener", UNSUPPORTED),
             ("drain_type: MODIFY_ONLY", "drain_type", UNSUPPORTED),
             (
-                "ignore_global_conn_limit: true",
-                "ignore_global_conn_limit",
-                UNSUPPORTED,
-            ),
-            (
                 "access_log: [{name: a, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog}}]",
                 "access_log",
                 UNSUPPORTED,

@@ -530,6 +530,8 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
 pub struct Admitted {
     limits: Arc<ConnectionLimits>,
     listener: Option<Arc<ActiveListener>>,
+    /// Counted in the global limit (not for a listener with `ignore_global_conn_limit`).
+    global: bool,
 }
 
 impl Admitted {
@@ -546,7 +548,8 @@ impl Admitted {
                 })
                 .is_ok()
         }
-        if !within(&limits.open, limits.global_max) {
+        let global = listener.is_none_or(|l| !l.config.ignores_global_limit);
+        if global && !within(&limits.open, limits.global_max) {
             if let Some(listener) = listener {
                 listener.stats.downstream_global_cx_overflow.inc();
             }
@@ -555,20 +558,25 @@ impl Admitted {
         if let Some(listener) = listener
             && !within(&listener.connections, listener.connection_limit)
         {
-            limits.open.fetch_sub(1, Ordering::Relaxed);
+            if global {
+                limits.open.fetch_sub(1, Ordering::Relaxed);
+            }
             listener.stats.downstream_cx_overflow.inc();
             return None;
         }
         Some(Admitted {
             limits: limits.clone(),
             listener: listener.cloned(),
+            global,
         })
     }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        if self.global {
+            self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(listener) = &self.listener {
             listener.connections.fetch_sub(1, Ordering::Relaxed);
         }

@@ -606,8 +606,10 @@ impl Cluster {
         secrets: &Arc<crate::tls::Secrets>,
     ) -> ConfigResult<Arc<Self>> {
         let stats = match previous {
-            Some(previous) => previous.stats.clone(),
-            None => ClusterStats::new(registry, &config.name),
+            Some(previous) if previous.config.stats_name == config.stats_name => {
+                previous.stats.clone()
+            }
+            _ => ClusterStats::new(registry, &config.stats_name),
         };
         let policy = super::lb::policy(&config.load_balancing);
         let settings = balancing_settings(&config);
@@ -625,7 +627,7 @@ impl Cluster {
                     .map(|tls| {
                         let stats = crate::stats::SslStats::new(
                             registry,
-                            &format!("cluster.{}", crate::stats::stat_name(&config.name)),
+                            &format!("cluster.{}", crate::stats::stat_name(&config.stats_name)),
                         );
                         crate::tls::client_config(tls, secrets, stats)
                     })
@@ -658,7 +660,11 @@ impl Cluster {
                 Some((connector.readings(), pools.pending()))
             })
         };
-        breakers.register_gauges(registry, &config.name, [default_readings, high_readings]);
+        breakers.register_gauges(
+            registry,
+            &config.stats_name,
+            [default_readings, high_readings],
+        );
         let members = match previous {
             Some(previous) if same_hosts(&previous.config, &config) => {
                 let members = previous.members.clone();
@@ -671,14 +677,14 @@ impl Cluster {
             Arc::new(Checker {
                 config: Arc::new(crate::config::HealthCheck::clone(check)),
                 cluster_name: config.name.clone(),
-                stats: Arc::new(HealthCheckStats::new(registry, &config.name)),
+                stats: Arc::new(HealthCheckStats::new(registry, &config.stats_name)),
                 cluster_stats: stats.clone(),
                 connector: connector.clone(),
             })
         });
         let outlier_setup = config.outlier_detection.as_ref().map(|od| OutlierSetup {
             config: od.clone(),
-            stats: Arc::new(OutlierStats::new(registry, &config.name)),
+            stats: Arc::new(OutlierStats::new(registry, &config.stats_name)),
         });
         let outlier = config
             .outlier_detection

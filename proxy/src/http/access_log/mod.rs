@@ -978,7 +978,8 @@ fn typed_value(token: &Token, entry: &Entry) -> serde_json::Value {
             (Some(address), AddressPart::WithoutPort) => Value::String(address.ip().to_string()),
             (Some(address), AddressPart::Whole) => Value::String(address.to_string()),
         },
-        Token::UpstreamCluster => text(entry.cluster_name(), None),
+        Token::UpstreamCluster => text(entry.cluster_name(false), None),
+        Token::UpstreamClusterRaw => text(entry.cluster_name(true), None),
         Token::RouteName => text(entry.route_name(), None),
         Token::ResponseCodeDetails => match entry.details.is_empty() {
             true => Value::Null,
@@ -1088,7 +1089,12 @@ fn render(token: &Token, entry: &Entry, omit_empty: bool, line: &mut Vec<u8>) {
             Some(address) => push_address_part(line, address, *part),
             None => push_absent(line, omit_empty),
         },
-        Token::UpstreamCluster => push_value(line, text(entry.cluster_name()), None, omit_empty),
+        Token::UpstreamCluster => {
+            push_value(line, text(entry.cluster_name(false)), None, omit_empty)
+        }
+        Token::UpstreamClusterRaw => {
+            push_value(line, text(entry.cluster_name(true)), None, omit_empty)
+        }
         Token::RouteName => push_value(line, text(entry.route_name()), None, omit_empty),
         Token::ResponseCodeDetails => {
             let details = (!entry.details.is_empty()).then(|| envoy_details(&entry.details));
@@ -1286,10 +1292,12 @@ impl Entry {
             .filter(|name| !name.is_empty())
     }
 
-    fn cluster_name(&self) -> Option<&str> {
-        self.upstream_cluster
-            .as_ref()
-            .map(|cluster| cluster.name.as_str())
+    /// The cluster's name as `%UPSTREAM_CLUSTER%` prints it (its stats name), or `raw`.
+    fn cluster_name(&self, raw: bool) -> Option<&str> {
+        self.upstream_cluster.as_ref().map(|cluster| match raw {
+            true => cluster.name.as_str(),
+            false => cluster.stats_name.as_str(),
+        })
     }
 }
 
