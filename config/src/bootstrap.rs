@@ -36,6 +36,8 @@ pub struct Bootstrap {
     pub runtime: Runtime,
     /// `stats_config`: the tags Prometheus shows and the stats that exist.
     pub stats: Arc<crate::stats::StatsConfig>,
+    /// `application_log_config`: the proxy's own log lines, if not in its default shape.
+    pub app_log: Option<crate::app_log::AppLogFormat>,
     /// The bootstrap as loaded, for `/config_dump`.
     pub raw: RawConfig,
 }
@@ -116,6 +118,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         stats_config,
         // Envoy creating some stats on first use saves it memory; the stats are the same.
         deferred_stat_options: _,
+        application_log_config,
         layered_runtime,
         overload_manager,
         admin,
@@ -275,6 +278,10 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         dynamic,
         runtime,
         stats: Arc::new(stats),
+        app_log: match application_log_config {
+            Some(proto) => crate::app_log::app_log_config(proto, "application_log_config")?,
+            None => None,
+        },
         raw: RawConfig::of(proto),
     })
 }

@@ -15,6 +15,7 @@
 //! xDS resources from the wire and answers a control plane's "would a proxy accept this?".
 
 pub mod access_log;
+pub mod app_log;
 pub mod bootstrap;
 pub mod cluster;
 pub mod common;

@@ -15,6 +15,7 @@
 //! kubelet's probes that the injector rewrote.
 
 pub mod admin;
+pub mod app_log;
 pub mod body;
 pub mod cli;
 pub mod config;

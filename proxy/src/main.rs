@@ -43,6 +43,9 @@ fn main() -> std::process::ExitCode {
             return 1.into();
         }
     };
+    if let Some(format) = &bootstrap.app_log {
+        remora_proxy::app_log::set_format(format.clone());
+    }
     // The app's probes the injector rewrote: checked in both modes, served in `serve`.
     let app_probes = if cli.bootstrap_from_env {
         match remora_proxy::probes::from_env() {
@@ -93,7 +96,11 @@ fn init_logging(level: &str) {
     let (filter, handle) = reload::Layer::new(initial);
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .event_format(remora_proxy::app_log::Lines::default()),
+        )
         .init();
     logging::install(
         level,

@@ -430,3 +430,80 @@ fn admin_access_logs_write_envoys_lines() {
     assert_eq!(envoy.0, envoy.1);
     assert_eq!(masked(&envoy.0), remora, "left: envoy, right: remora");
 }
+
+/// `application_log_config` shapes the proxy's own lines as Envoy's: Istio's text pattern
+/// (tab-separated UTC time with microseconds, level, logger, source, message, thread), and a
+/// JSON object of patterns. Both proxies' lines, from the same bootstrap, fit one shape.
+#[test]
+fn application_log_lines_take_the_bootstrap_format_as_envoys_do() {
+    let echo = EchoServer::start("svc", "127.0.0.1");
+    let istio = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\t(trace|debug|info|warning|error|critical)\tenvoy [a-z_]+ [^ \t]+:\d+\t[^\t]+\tthread=\d+$";
+    let istio = regex::Regex::new(istio).unwrap();
+    let formats = [
+        r#"{text_format: "%Y-%m-%dT%T.%fZ\t%l\tenvoy %n %g:%#\t%v\tthread=%t"}"#,
+        r#"{json_format: {time: "%Y-%m-%dT%T.%eZ", level: "%l", logger: "%n", msg: "%j", pid: "%P", fixed: 5}}"#,
+    ];
+    let lines = |envoy: bool, format: &str| -> Vec<String> {
+        let (admin, admin_yaml) = admin_block();
+        let (inbound, outbound) = (free_port(), free_port());
+        let yaml = bootstrap_yaml(&admin_yaml, inbound, outbound, echo.addr)
+            + &format!("application_log_config:\n  log_format: {format}\n");
+        let (_dir, file) = write_config(&yaml);
+        let log = if envoy {
+            let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+            wait_for("envoy's lines", Duration::from_secs(30), || {
+                let shaped = envoy
+                    .process
+                    .log()
+                    .lines()
+                    .filter(|l| !l.starts_with("[20"))
+                    .count();
+                (shaped >= 3).then_some(())
+            });
+            envoy.process.log()
+        } else {
+            let proxy = Proxy::start(&yaml, admin, &["--log-level", "info"]);
+            wait_for("remora's lines", Duration::from_secs(30), || {
+                (proxy.process.log().lines().count() >= 3).then_some(())
+            });
+            proxy.process.log()
+        };
+        // Envoy writes its first lines, before it has read the bootstrap, in its default shape.
+        log.lines()
+            .filter(|line| !(envoy && line.starts_with("[20")))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut runs = vec![false];
+    if remora_tests::envoy::available_or_skip("the Envoy half of the application log test") {
+        runs.push(true);
+    }
+    for envoy in runs {
+        let who = if envoy { "envoy" } else { "remora" };
+        let text = lines(envoy, formats[0]);
+        assert!(
+            !text.is_empty() && text.iter().all(|l| istio.is_match(l)),
+            "{who}: {text:#?}"
+        );
+        let json = lines(envoy, formats[1]);
+        for line in &json {
+            let value: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{who}: {e}: {line}"));
+            let keys: Vec<&String> = value.as_object().unwrap().keys().collect();
+            assert_eq!(
+                keys,
+                ["fixed", "level", "logger", "msg", "pid", "time"],
+                "{who}"
+            );
+            assert_eq!(value["fixed"], 5, "{who}");
+            assert_eq!(
+                value["pid"].as_str().map(|p| p.parse::<u32>().is_ok()),
+                Some(true)
+            );
+            assert!(
+                value["time"].as_str().unwrap().ends_with('Z'),
+                "{who}: {line}"
+            );
+        }
+    }
+}

@@ -70,6 +70,20 @@ pub fn initial_filter(level: &str) -> String {
     directives(&vec![envoy_level(level).unwrap_or("info"); LOGGERS.len()])
 }
 
+/// The Envoy logger a log target belongs to (`misc` for one no logger lists), for `%n`.
+pub fn logger_of(target: &str) -> &'static str {
+    LOGGERS
+        .iter()
+        .find(|(_, targets)| {
+            targets.iter().any(|prefix| {
+                target
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+            })
+        })
+        .map_or("misc", |(name, _)| name)
+}
+
 /// Whether `name` is one of Envoy's level names (or `warn`).
 pub fn is_level(name: &str) -> bool {
     envoy_level(name).is_some()
