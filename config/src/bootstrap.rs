@@ -38,6 +38,9 @@ pub struct Bootstrap {
     pub stats: Arc<crate::stats::StatsConfig>,
     /// `application_log_config`: the proxy's own log lines, if not in its default shape.
     pub app_log: Option<crate::app_log::AppLogFormat>,
+    /// `cluster_manager.outlier_detection.event_log_path`: where ejections and their ends are
+    /// written, one JSON line each.
+    pub outlier_event_log: Option<std::path::PathBuf>,
     /// The bootstrap as loaded, for `/config_dump`.
     pub raw: RawConfig,
 }
@@ -119,6 +122,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         // Envoy creating some stats on first use saves it memory; the stats are the same.
         deferred_stat_options: _,
         application_log_config,
+        bootstrap_extensions,
         layered_runtime,
         overload_manager,
         admin,
@@ -131,15 +135,23 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         enable_dispatcher_stats,
         header_prefix
     );
+    let mut outlier_event_log = None;
     if let Some(manager) = cluster_manager {
         let bootstrap_pb::ClusterManager {
             local_cluster_name,
+            outlier_detection,
             upstream_bind_config,
             // When Envoy builds a cluster's per-worker state (at first use): memory, not
             // behaviour.
             enable_deferred_cluster_creation: _,
         } = manager;
         unsupported!("cluster_manager", local_cluster_name, upstream_bind_config);
+        if let Some(bootstrap_pb::cluster_manager::OutlierDetection { event_log_path }) =
+            outlier_detection
+            && !event_log_path.is_empty()
+        {
+            outlier_event_log = Some(std::path::PathBuf::from(event_log_path));
+        }
     }
     let node = node
         .as_ref()
@@ -232,6 +244,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
             );
         }
     }
+    read_bootstrap_extensions(bootstrap_extensions)?;
     let mut runtime = runtime(layered_runtime)?;
     if let Some(manager) = overload_manager {
         read_overload_manager(manager, &mut runtime)?;
@@ -278,6 +291,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         dynamic,
         runtime,
         stats: Arc::new(stats),
+        outlier_event_log,
         app_log: match application_log_config {
             Some(proto) => crate::app_log::app_log_config(proto, "application_log_config")?,
             None => None,
@@ -344,6 +358,37 @@ fn read_admin(proto: &bootstrap_pb::Admin, path: &str) -> ConfigResult<Admin> {
         ignores_global_limit: *ignore_global_conn_limit,
         access_logs,
     })
+}
+
+/// `bootstrap_extensions`: Envoy's internal listener extension (Istio's bootstrap names it) is
+/// taken, since it only lets listeners and endpoints use internal addresses, which Remora
+/// refuses where they appear; any other extension is refused by name.
+fn read_bootstrap_extensions(extensions: &[core_pb::TypedExtensionConfig]) -> ConfigResult<()> {
+    use xds_api::envoy::extensions::bootstrap::internal_listener::v3::InternalListener;
+    for (index, extension) in extensions.iter().enumerate() {
+        let path = item("", "bootstrap_extensions", index);
+        let type_url = extension
+            .typed_config
+            .as_ref()
+            .map(|any| any.type_url.as_str())
+            .unwrap_or_default();
+        let internal = format!(
+            "{}{}",
+            xds_api::type_urls::PREFIX,
+            <InternalListener as prost::Name>::full_name()
+        );
+        if type_url != internal {
+            return err(
+                field(&path, "typed_config"),
+                format!(
+                    "bootstrap extension {:?} ({type_url}) is not supported: Remora takes only \
+                     envoy.bootstrap.internal_listener",
+                    extension.name
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `overload_manager`: of Envoy's monitors, the one of downstream connections across all

@@ -46,6 +46,11 @@ fn main() -> std::process::ExitCode {
     if let Some(format) = &bootstrap.app_log {
         remora_proxy::app_log::set_format(format.clone());
     }
+    if cli.mode != Mode::Validate
+        && let Some(path) = &bootstrap.outlier_event_log
+    {
+        remora_proxy::upstream::health::outlier::set_event_log(path);
+    }
     // The app's probes the injector rewrote: checked in both modes, served in `serve`.
     let app_probes = if cli.bootstrap_from_env {
         match remora_proxy::probes::from_env() {

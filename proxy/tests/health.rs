@@ -490,6 +490,40 @@ struct Ejection {
     enforced: u64,
     back_after_base_ejection_time: bool,
     flags_after: String,
+    /// `cluster_manager.outlier_detection.event_log_path`'s lines, the time masked.
+    events: Vec<String>,
+}
+
+/// The outlier event log's lines so far, with `timestamp` masked and the file emptied for the
+/// next run; `secs_since_last_action` is kept only as present or not (it rounds with timing).
+fn take_events(path: &Path, want: usize) -> Vec<String> {
+    let text = wait_for("the outlier event log", DEADLINE, || {
+        std::fs::read_to_string(path)
+            .ok()
+            .filter(|text| text.lines().count() >= want)
+    });
+    std::fs::write(path, "").expect("empty the event log");
+    text.lines()
+        .map(|line| {
+            let mut event: serde_json::Value = serde_json::from_str(line).expect(line);
+            let fields = event.as_object_mut().expect("an object");
+            let stamp = fields.insert("timestamp".into(), "T".into());
+            assert!(stamp.is_some_and(|t| t.as_str().is_some_and(|t| t.ends_with('Z'))));
+            if let Some(secs) = fields.get_mut("secs_since_last_action") {
+                assert!(
+                    secs.as_str().is_some_and(|s| s.parse::<u64>().is_ok()),
+                    "{line}"
+                );
+                *secs = "S".into();
+            }
+            // The line's own field order too, as log readers may split on it.
+            let order: Vec<&str> = line
+                .split("\":")
+                .map(|part| part.rsplit('"').next().unwrap_or_default())
+                .collect();
+            format!("{event} {}", order.join(","))
+        })
+        .collect()
 }
 
 #[test]
@@ -499,7 +533,13 @@ fn consecutive_5xx_ejects_a_host_until_its_ejection_time_is_up_like_envoy() {
     let c = ControlledUpstream::start("c", "/never");
     let od = "    outlier_detection: {consecutive_5xx: 3, interval: 0.2s, base_ejection_time: 2s, \
               max_ejection_percent: 100}\n";
-    let yaml = bootstrap("od", od, &[a.addr, b.addr, c.addr]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let events = dir.path().join("outlier.log");
+    let yaml = bootstrap("od", od, &[a.addr, b.addr, c.addr])
+        + &format!(
+            "cluster_manager: {{outlier_detection: {{event_log_path: {}}}}}\n",
+            events.display()
+        );
     let Some((envoy, remora)) = both(
         "consecutive_5xx_ejects_a_host_until_its_ejection_time_is_up_like_envoy",
         &yaml,
@@ -523,11 +563,13 @@ fn consecutive_5xx_ejects_a_host_until_its_ejection_time_is_up_like_envoy() {
                     .stat("cluster.od.outlier_detection.ejections_enforced_consecutive_5xx"),
                 back_after_base_ejection_time: false,
                 flags_after: String::new(),
+                events: Vec::new(),
             };
             side.wait_flags("od", c.addr, "healthy");
             Ejection {
                 back_after_base_ejection_time: ejected_at.elapsed() >= Duration::from_millis(1500),
                 flags_after: side.flags("od", c.addr),
+                events: take_events(&events, 2),
                 ..observation
             }
         },
@@ -536,6 +578,8 @@ fn consecutive_5xx_ejects_a_host_until_its_ejection_time_is_up_like_envoy() {
     };
     assert_eq!(remora, envoy);
     assert_eq!((envoy.active, envoy.detected, envoy.enforced), (1, 1, 1));
+    assert_eq!(envoy.events.len(), 2, "{:#?}", envoy.events);
+    assert!(envoy.events[0].contains("\"action\":\"EJECT\""));
 }
 
 #[derive(Debug, PartialEq, Eq)]

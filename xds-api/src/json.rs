@@ -418,6 +418,9 @@ fn check_any(
         return Err(MappingError::at(path, "\"@type\" must be a string"));
     };
     let name = crate::type_urls::message_name(&type_url);
+    if TYPED_STRUCTS.contains(&name) {
+        return check_typed_struct(object, path);
+    }
     let Some(descriptor) = descriptor_pool().get_message_by_name(name) else {
         return Err(MappingError::at(
             path,
@@ -436,6 +439,52 @@ fn check_any(
         return Ok(());
     }
     check_fields(&descriptor, object, Some("@type"), path)
+}
+
+/// The two spellings of a `TypedStruct`: a message named by `type_url`, written as the JSON of
+/// its fields in `value` (Istio wraps its extensions so). Envoy reads it as that message.
+const TYPED_STRUCTS: [&str; 2] = ["udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"];
+
+/// Rewrites a `TypedStruct` Any as the Any it stands for, then checks that one.
+fn check_typed_struct(
+    object: &mut serde_json::Map<String, Value>,
+    path: &mut FieldPath,
+) -> Result<(), MappingError> {
+    for key in object.keys() {
+        if !["@type", "type_url", "typeUrl", "value"].contains(&key.as_str()) {
+            path.0.push(Segment::Field(key.clone()));
+            return Err(MappingError::at(
+                path,
+                "a TypedStruct has only `type_url` and `value`",
+            ));
+        }
+    }
+    let type_url = object
+        .get("type_url")
+        .or_else(|| object.get("typeUrl"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let Some(type_url) = type_url else {
+        path.0.push(Segment::Field("type_url".into()));
+        return Err(MappingError::at(
+            path,
+            "required: the type the struct stands for",
+        ));
+    };
+    let mut inner = match object.remove("value") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(inner)) => inner,
+        Some(other) => {
+            path.0.push(Segment::Field("value".into()));
+            return Err(MappingError::at(
+                path,
+                format!("expected an object, found {}", kind_of(&other)),
+            ));
+        }
+    };
+    inner.insert("@type".to_string(), Value::String(type_url));
+    *object = inner;
+    check_any(object, path)
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -540,6 +589,39 @@ mod tests {
         let any = cluster.transport_socket.unwrap().config_type.unwrap();
         let crate::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(any) = any;
         assert_eq!(any.type_url, crate::type_urls::UPSTREAM_TLS_CONTEXT);
+    }
+
+    #[test]
+    fn a_typed_struct_is_read_as_the_message_it_names() {
+        for wrapper in ["udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"] {
+            let cluster: Cluster = from_yaml_str(&format!(
+                "name: a\ntransport_socket:\n  name: tls\n  typed_config:\n    \"@type\": type.googleapis.com/{wrapper}\n    type_url: type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n    value: {{sni: a.example}}\n"
+            ))
+            .unwrap();
+            let any = cluster.transport_socket.unwrap().config_type.unwrap();
+            let crate::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(any) =
+                any;
+            assert_eq!(any.type_url, crate::type_urls::UPSTREAM_TLS_CONTEXT);
+            let tls = encoded_to_value(
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                &any.value,
+            )
+            .unwrap();
+            assert_eq!(tls["sni"], "a.example");
+        }
+        let error = from_yaml_str::<Cluster>(
+            "name: a\ntransport_socket:\n  name: tls\n  typed_config:\n    \"@type\": type.googleapis.com/udpa.type.v1.TypedStruct\n    type_url: type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n    value: {snii: a.example}\n",
+        )
+        .unwrap_err();
+        assert_eq!(error.path, "transport_socket.typed_config.snii", "{error}");
+        let error = from_yaml_str::<Cluster>(
+            "name: a\ntransport_socket:\n  name: tls\n  typed_config:\n    \"@type\": type.googleapis.com/udpa.type.v1.TypedStruct\n    value: {}\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.path, "transport_socket.typed_config.type_url",
+            "{error}"
+        );
     }
 
     #[test]

@@ -477,3 +477,21 @@ fn overload_manager_reads_the_connection_monitor_and_names_the_rest() {
         ],
     );
 }
+
+/// `bootstrap_extensions`: the internal listener extension (as Istio writes it, in a
+/// TypedStruct) is taken; any other is refused by name.
+#[test]
+fn bootstrap_extensions_take_the_internal_listener_and_name_the_rest() {
+    accepted(
+        ROOT,
+        "bootstrap_extensions: [{name: envoy.bootstrap.internal_listener, typed_config: {\"@type\": type.googleapis.com/udpa.type.v1.TypedStruct, type_url: type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener, value: {buffer_size_kb: 64}}}]",
+    );
+    check_rejections(
+        ROOT,
+        &[(
+            "bootstrap_extensions: [{name: mine, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]",
+            "bootstrap_extensions[0].typed_config",
+            "bootstrap extension \"mine\"",
+        )],
+    );
+}

@@ -466,6 +466,7 @@ impl Watched for Members {
                     config: &setup.config,
                     stats: &setup.stats,
                     hosts: &set.hosts,
+                    cluster: &setup.cluster,
                 }
                 .uneject(state);
                 rebuild = true;
@@ -490,6 +491,7 @@ impl Watched for Members {
                     config: &setup.config,
                     stats: &setup.stats,
                     hosts: &set.hosts,
+                    cluster: &setup.cluster,
                 }
                 .on_consecutive(&state, kind)
             }
@@ -520,6 +522,7 @@ impl Watched for Members {
             config: &setup.config,
             stats: &setup.stats,
             hosts: &set.hosts,
+            cluster: &setup.cluster,
         }
         .interval();
         drop(set);
@@ -685,6 +688,7 @@ impl Cluster {
         let outlier_setup = config.outlier_detection.as_ref().map(|od| OutlierSetup {
             config: od.clone(),
             stats: Arc::new(OutlierStats::new(registry, &config.stats_name)),
+            cluster: config.name.as_str().into(),
         });
         let outlier = config
             .outlier_detection

@@ -747,7 +747,14 @@ impl Sink {
         });
     }
 
-    fn append(&self, line: &[u8]) {
+    /// A writer of lines to `path` on the access logs' writer threads (one per destination),
+    /// for other event logs (outlier ejections).
+    pub fn for_path(path: &std::path::Path) -> Arc<Sink> {
+        Sink::for_target(&Target::File(path.to_path_buf()), &Arc::default())
+    }
+
+    /// Queues one whole line (with its newline) for the destination.
+    pub fn append(&self, line: &[u8]) {
         let mut pending = lock(&self.shared.pending);
         if pending.bytes.len() + line.len() > MAX_BUFFERED {
             drop(pending);

@@ -31,6 +31,8 @@ pub enum Event {
 pub struct OutlierSetup {
     pub config: OutlierDetection,
     pub stats: Arc<OutlierStats>,
+    /// The cluster's name, for the event log.
+    pub cluster: Arc<str>,
 }
 
 /// What the health tasks report to: the cluster's members, which own the hosts and rebuild

@@ -6,7 +6,8 @@
 //! hosts whose ejection time is up, then success-rate and failure-percentage ejections over
 //! the interval's counts.
 
-use std::sync::Arc;
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rand::Rng;
@@ -125,6 +126,84 @@ pub struct Detector<'a> {
     pub config: &'a OutlierDetection,
     pub stats: &'a OutlierStats,
     pub hosts: &'a [Arc<Host>],
+    /// The cluster's name, for the event log.
+    pub cluster: &'a str,
+}
+
+/// `cluster_manager.outlier_detection.event_log_path`'s writer, once the bootstrap set it.
+static EVENT_LOG: OnceLock<Arc<crate::http::access_log::Sink>> = OnceLock::new();
+
+/// Writes every cluster's ejections, and their ends, to `path` from now on (Envoy's outlier
+/// event log). Set once, from the bootstrap.
+pub fn set_event_log(path: &std::path::Path) {
+    let _ = EVENT_LOG.set(crate::http::access_log::Sink::for_path(path));
+}
+
+impl EjectionKind {
+    /// The event log's name for it (Envoy's `OutlierEjectionType`).
+    fn event_name(self) -> &'static str {
+        match self {
+            EjectionKind::Consecutive5xx => "CONSECUTIVE_5XX",
+            EjectionKind::ConsecutiveGatewayFailure => "CONSECUTIVE_GATEWAY_FAILURE",
+            EjectionKind::ConsecutiveLocalOriginFailure => "CONSECUTIVE_LOCAL_ORIGIN_FAILURE",
+            EjectionKind::SuccessRate => "SUCCESS_RATE",
+            EjectionKind::LocalOriginSuccessRate => "SUCCESS_RATE_LOCAL_ORIGIN",
+            EjectionKind::FailurePercentage => "FAILURE_PERCENTAGE",
+            EjectionKind::LocalOriginFailurePercentage => "FAILURE_PERCENTAGE_LOCAL_ORIGIN",
+        }
+    }
+}
+
+/// One ejection, or its end, as the event log records it.
+struct EjectionEvent<'a> {
+    kind: EjectionKind,
+    /// Since the host's last ejection or unejection, if any.
+    since_last: Option<Duration>,
+    cluster: &'a str,
+    host: &'a Host,
+    eject: bool,
+    ejections: u32,
+    enforced: bool,
+    /// The ejection's own object (`"eject_consecutive_event":{}`); empty for an unejection.
+    detail: &'a str,
+}
+
+/// The line as Envoy writes it: `OutlierDetectionEvent` in proto JSON, its fields in Envoy's
+/// order.
+fn event_line(event: &EjectionEvent<'_>) -> String {
+    let EjectionEvent {
+        kind,
+        since_last,
+        cluster,
+        host,
+        eject,
+        ejections,
+        enforced,
+        detail,
+    } = *event;
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let mut line = format!(
+        "{{\"type\":\"{}\",\"timestamp\":\"{}.{:03}Z\"",
+        kind.event_name(),
+        now.strftime("%Y-%m-%dT%H:%M:%S"),
+        now.subsec_nanosecond() / 1_000_000
+    );
+    if let Some(since) = since_last {
+        let _ = write!(line, ",\"secs_since_last_action\":\"{}\"", since.as_secs());
+    }
+    let _ = write!(
+        line,
+        ",\"cluster_name\":{},\"upstream_url\":{},\"action\":\"{}\",\"num_ejections\":{ejections},\"enforced\":{enforced}",
+        quote(cluster),
+        quote(&host.addr.to_string()),
+        if eject { "EJECT" } else { "UNEJECT" },
+    );
+    if !detail.is_empty() {
+        let _ = write!(line, ",{detail}");
+    }
+    line.push_str("}\n");
+    line
 }
 
 fn enforced(percent: u32) -> bool {
@@ -181,6 +260,11 @@ impl Detector<'_> {
     /// Envoy's `ejectHost`: within `max_ejection_percent` (or the one host
     /// `always_eject_one_host` allows), and when the kind's `enforcing_*` draw says so.
     fn eject(&self, state: &Arc<HostState>, kind: EjectionKind) -> bool {
+        self.eject_with(state, kind, "\"eject_consecutive_event\":{}")
+    }
+
+    /// [`Self::eject`], with the event log's detail for the kind.
+    fn eject_with(&self, state: &Arc<HostState>, kind: EjectionKind, detail: &str) -> bool {
         let active = self.ejected_count();
         let percent = 100.0 * (active + 1) as f64 / self.hosts.len().max(1) as f64;
         let mut allowed = percent <= f64::from(self.config.max_ejection_percent.min(100));
@@ -198,13 +282,16 @@ impl Detector<'_> {
             self.stats.ejections_total.inc();
         }
         if !enforced(self.enforcing(kind)) {
+            self.log(state, kind, true, false, detail);
             return false;
         }
+        self.log(state, kind, true, true, detail);
         self.stats.ejections_enforced_total.inc();
         self.stats.enforced[kind as usize].inc();
         state.set_flag(HostState::FAILED_OUTLIER_CHECK, true);
         let mut record = state.outlier.record();
         record.ejections += 1;
+        record.last_kind = Some(kind);
         record.last_ejection = Some(Instant::now());
         let jitter_ms = self.config.max_ejection_time_jitter.as_millis() as u64;
         record.jitter = Duration::from_millis(rand::rng().random_range(0..=jitter_ms));
@@ -217,8 +304,52 @@ impl Detector<'_> {
         true
     }
 
+    /// Writes an ejection (before its record is updated, so the count and time are the last
+    /// action's: Envoy counts the new ejection in, hence the `+ 1`) or its end to the event log.
+    fn log(
+        &self,
+        state: &HostState,
+        kind: EjectionKind,
+        eject: bool,
+        enforced: bool,
+        detail: &str,
+    ) {
+        let Some(sink) = EVENT_LOG.get() else {
+            return;
+        };
+        let Some(host) = self
+            .hosts
+            .iter()
+            .find(|h| std::ptr::eq(Arc::as_ptr(&h.state), state))
+        else {
+            return;
+        };
+        let record = *state.outlier.record();
+        let last = record.last_ejection.max(record.last_unejection);
+        let ejections = record.ejections + u32::from(eject && enforced);
+        let line = event_line(&EjectionEvent {
+            kind,
+            since_last: last.map(|at| at.elapsed()),
+            cluster: self.cluster,
+            host,
+            eject,
+            ejections,
+            enforced,
+            detail,
+        });
+        sink.append(line.as_bytes());
+    }
+
     /// Ends an ejection.
     pub fn uneject(&self, state: &HostState) {
+        let kind = state.outlier.record().last_kind;
+        self.log(
+            state,
+            kind.unwrap_or(EjectionKind::Consecutive5xx),
+            false,
+            false,
+            "",
+        );
         state.set_flag(HostState::FAILED_OUTLIER_CHECK, false);
         state.outlier.reset_consecutive();
         state.outlier.record().last_unejection = Some(Instant::now());
@@ -323,7 +454,14 @@ impl Detector<'_> {
                 if *rate < threshold {
                     self.stats.ejections_success_rate.inc();
                     self.stats.detected[kind as usize].inc();
-                    changed |= self.eject(&host.state, kind);
+                    // Envoy's event holds the rates as whole percents.
+                    let detail = format!(
+                        "\"eject_success_rate_event\":{{\"host_success_rate\":{},\"cluster_average_success_rate\":{},\"cluster_success_rate_ejection_threshold\":{}}}",
+                        *rate as u32,
+                        mean as u32,
+                        threshold.max(0.0) as u32
+                    );
+                    changed |= self.eject_with(&host.state, kind, &detail);
                 }
             }
         }
@@ -338,7 +476,11 @@ impl Detector<'_> {
             for (host, rate) in &fp_hosts {
                 if 100.0 - rate >= f64::from(c.failure_percentage_threshold) {
                     self.stats.detected[kind as usize].inc();
-                    changed |= self.eject(&host.state, kind);
+                    let detail = format!(
+                        "\"eject_failure_percentage_event\":{{\"host_success_rate\":{}}}",
+                        *rate as u32
+                    );
+                    changed |= self.eject_with(&host.state, kind, &detail);
                 }
             }
         }
