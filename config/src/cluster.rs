@@ -163,6 +163,9 @@ pub struct Cluster {
     pub per_host_max_connections: Option<u32>,
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
+    /// `common_http_protocol_options.max_requests_per_connection` (or the cluster's deprecated
+    /// field): requests a connection carries before it is closed.
+    pub max_requests_per_connection: Option<u32>,
     /// `common_http_protocol_options.idle_timeout`: an upstream connection unused this long
     /// is closed (Envoy's default 1 h; `None`: never).
     pub idle_timeout: Option<Duration>,
@@ -227,7 +230,6 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         path,
         transport_socket_matches,
         per_connection_buffer_limit_bytes,
-        max_requests_per_connection,
         upstream_http_protocol_options,
         common_http_protocol_options,
         http_protocol_options,
@@ -459,6 +461,10 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         dns_lookup_family,
         idle_timeout: common_options.idle_timeout,
         max_headers_count: common_options.max_headers_count,
+        // The deprecated cluster field, unless the protocol options set it (Envoy's order).
+        max_requests_per_connection: common_options
+            .max_requests_per_connection
+            .or(max_requests_per_connection.filter(|n| *n > 0)),
         http2,
         // Envoy sets the hosts' warm-up flag only when there is a checker to clear it.
         ignore_new_hosts_until_first_hc: ignore_new_hosts_until_first_hc && health_check.is_some(),

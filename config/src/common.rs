@@ -569,6 +569,8 @@ pub struct CommonHttpOptions {
     pub max_headers_count: u32,
     /// The longest a stream may last, response included (`None`: no bound).
     pub max_stream_duration: Option<Duration>,
+    /// Requests a connection carries before it is closed (`None`: no bound).
+    pub max_requests_per_connection: Option<u32>,
 }
 
 impl Default for CommonHttpOptions {
@@ -577,6 +579,7 @@ impl Default for CommonHttpOptions {
             idle_timeout: Some(Duration::from_secs(3600)),
             max_headers_count: DEFAULT_MAX_HEADERS_COUNT,
             max_stream_duration: None,
+            max_requests_per_connection: None,
         }
     }
 }
@@ -599,7 +602,6 @@ pub fn common_http_options(
         max_connection_duration,
         max_response_headers_kb,
         headers_with_underscores_action,
-        max_requests_per_connection,
     );
     Ok(CommonHttpOptions {
         idle_timeout: timeout_or(
@@ -615,6 +617,7 @@ pub fn common_http_options(
             &field(path, "max_stream_duration"),
         )?
         .filter(|d| !d.is_zero()),
+        max_requests_per_connection: max_requests_per_connection.filter(|n| *n > 0),
     })
 }
 

@@ -226,6 +226,12 @@ pub fn http_connection_manager(
         .map(|options| common_http_options(options, &field(path, "common_http_protocol_options")))
         .transpose()?
         .unwrap_or_default();
+    let max_requests_per_connection = common.max_requests_per_connection;
+    crate::unsupported_because!(
+        &field(path, "common_http_protocol_options"),
+        max_requests_per_connection,
+        "is not supported on downstream connections yet (a cluster's is)"
+    );
     let access_logs = access_logs
         .iter()
         .enumerate()

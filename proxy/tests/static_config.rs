@@ -307,6 +307,84 @@ fn http2_upstream_requests_share_one_connect_and_count_as_pending_meanwhile() {
     assert_eq!(proxy.stat("cluster.echo.upstream_rq_pending_active"), 0);
 }
 
+/// `max_requests_per_connection` (in the protocol options, or the cluster's deprecated field)
+/// closes an upstream connection after that many requests, HTTP/1.1 and HTTP/2 alike: five
+/// requests at two per connection open three connections and close two at the bound
+/// (`upstream_cx_max_requests`), under Envoy as under Remora.
+#[test]
+fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let bounded = |cluster: String, deprecated: bool| {
+        if deprecated {
+            cluster.replace(
+                "    type: STATIC\n",
+                "    type: STATIC\n    max_requests_per_connection: 2\n",
+            )
+        } else if cluster.contains("explicit_http_config") {
+            cluster.replace(
+                "        explicit_http_config:",
+                "        common_http_protocol_options: {max_requests_per_connection: 2}\n        explicit_http_config:",
+            )
+        } else {
+            cluster.replace(
+                "    type: STATIC\n",
+                "    type: STATIC\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        common_http_protocol_options: {max_requests_per_connection: 2}\n        explicit_http_config: {http_protocol_options: {}}\n",
+            )
+        }
+    };
+    let cases = [
+        (
+            "http1",
+            bounded(static_cluster("echo", &[echo.addr]), false),
+        ),
+        (
+            "http1, deprecated field",
+            bounded(static_cluster("echo", &[echo.addr]), true),
+        ),
+        ("http2", bounded(http2_cluster("echo", echo.addr), false)),
+    ];
+    for (case, cluster) in cases {
+        assert!(
+            cluster.contains("max_requests_per_connection: 2"),
+            "{cluster}"
+        );
+        let (admin, admin_yaml) = admin_block();
+        let port = free_port();
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener("ingress", port, "", &catch_all("echo", "5s"))],
+            &[cluster],
+        );
+        let (_dir, file) = write_config(&yaml);
+        let run = || {
+            for i in 0..5 {
+                let (status, _, _) = http_get(loopback(port), &format!("/{i}")).expect("request");
+                assert_eq!(status, 200, "{case}");
+            }
+            let stat = |name: &str| {
+                wait_for(name, Duration::from_secs(10), || {
+                    remora_tests::admin_stat(admin, &format!("cluster.echo.{name}"))
+                })
+            };
+            // The connection closed at the fifth request's bound may be counted just after.
+            wait_for("closes counted", Duration::from_secs(10), || {
+                (stat("upstream_cx_max_requests") == 2).then_some(())
+            });
+            (stat("upstream_cx_total"), stat("upstream_cx_max_requests"))
+        };
+        let remora = {
+            let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+            run()
+        };
+        assert_eq!(remora, (3, 2), "{case}");
+        if remora_tests::envoy::available_or_skip("the Envoy half of the max requests test") {
+            let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+            remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+            assert_eq!(run(), remora, "{case}: envoy, remora");
+        }
+    }
+}
+
 #[test]
 fn local_replies_match_envoys_statuses() {
     let (silent, silent_addr) = silent_upstream();

@@ -66,11 +66,6 @@ fn cluster_fields_are_refused_by_path() {
                 UNSUPPORTED,
             ),
             (
-                "max_requests_per_connection: 5",
-                "max_requests_per_connection",
-                UNSUPPORTED,
-            ),
-            (
                 "common_http_protocol_options: {idle_timeout: 1s}",
                 "common_http_protocol_options",
                 UNSUPPORTED,
@@ -487,11 +482,6 @@ fn upstream_protocol_options_are_refused_by_path() {
             (
                 &http_options("upstream_http_protocol_options: {auto_sni: true}"),
                 &format!("{HTTP_OPTIONS}.upstream_http_protocol_options"),
-                UNSUPPORTED,
-            ),
-            (
-                &http_options("common_http_protocol_options: {max_requests_per_connection: 5}"),
-                &format!("{HTTP_OPTIONS}.common_http_protocol_options.max_requests_per_connection"),
                 UNSUPPORTED,
             ),
             (

@@ -249,7 +249,7 @@ fn http_protocol_options_keep_envoys_bounds() {
             (
                 "common_http_protocol_options: {max_requests_per_connection: 5}",
                 "common_http_protocol_options.max_requests_per_connection",
-                "field is not supported",
+                "not supported on downstream connections yet",
             ),
             (
                 "common_http_protocol_options: {headers_with_underscores_action: REJECT_REQUEST}",

@@ -315,6 +315,8 @@ stat_block! {
             upstream_cx_connect_fail: Counter,
             upstream_cx_overflow: Counter,
             upstream_cx_idle_timeout: Counter,
+            /// Connections closed at `max_requests_per_connection`.
+            upstream_cx_max_requests: Counter,
             upstream_cx_tx_bytes_total: Counter,
             upstream_cx_rx_bytes_total: Counter,
             upstream_cx_none_healthy: Counter,

@@ -26,7 +26,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,29 @@ type Http2Sender = Conn<http2::SendRequest<OutgoingBody>>;
 struct Conn<S> {
     sender: S,
     local: Option<SocketAddr>,
+    /// Requests sent on the connection (shared by an HTTP/2 sender's clones), for
+    /// `max_requests_per_connection`.
+    used: Arc<AtomicU32>,
+}
+
+impl<S> Conn<S> {
+    fn new(sender: S, local: Option<SocketAddr>) -> Self {
+        Conn {
+            sender,
+            local,
+            used: Arc::default(),
+        }
+    }
+
+    /// Counts one more request on the connection: whether it may carry it, and whether it
+    /// is the last it may carry.
+    fn count_request(&self, max: Option<u32>) -> (bool, bool) {
+        let n = self.used.fetch_add(1, Ordering::Relaxed) + 1;
+        match max {
+            None => (true, false),
+            Some(max) => (n <= max, n >= max),
+        }
+    }
 }
 
 impl<S> std::ops::Deref for Conn<S> {
@@ -156,6 +179,9 @@ struct WorkerPool {
     hosts: Mutex<HostMap>,
     /// Wakes this worker's pending HTTP/1.1 requests when a connection comes back idle.
     released: Notify,
+    /// `max_requests_per_connection`, and the stats that count connections it closed.
+    max_requests: Option<u32>,
+    stats: Arc<ClusterStats>,
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -168,8 +194,16 @@ impl WorkerPool {
     /// A worker's pool, with a task on the worker that closes HTTP/1.1 connections idle for
     /// longer than the cluster's `idle_timeout` (checked every half of it; `None`: kept until
     /// the upstream closes them) and ends with the pool.
-    fn start(idle_timeout: Option<Duration>, stats: &Arc<ClusterStats>) -> Arc<WorkerPool> {
-        let pool = Arc::new(WorkerPool::default());
+    fn start(
+        idle_timeout: Option<Duration>,
+        max_requests: Option<u32>,
+        stats: &Arc<ClusterStats>,
+    ) -> Arc<WorkerPool> {
+        let pool = Arc::new(WorkerPool {
+            max_requests,
+            stats: stats.clone(),
+            ..WorkerPool::default()
+        });
         if let Some(timeout) = idle_timeout
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -483,7 +517,7 @@ impl Dialer {
         // Upgrades: a 101 hands the connection to the WebSocket (or other) tunnel.
         tokio::spawn(connection.with_upgrades());
         drop(pending);
-        Ok(Conn { sender, local })
+        Ok(Conn::new(sender, local))
     }
 
     /// Opens the worker's HTTP/2 connection to the host and records it in the pool.
@@ -516,7 +550,7 @@ impl Dialer {
             }
             let (sender, connection) = builder.handshake(io).await.map_err(PoolError::connect)?;
             tokio::spawn(connection);
-            Ok(Conn { sender, local })
+            Ok(Conn::new(sender, local))
         }
         .await;
         let mut hosts = worker.hosts();
@@ -562,6 +596,14 @@ impl Lease {
             worker,
             addr,
         } = self;
+        // Its last request: closed (by dropping it) rather than pooled.
+        if worker
+            .max_requests
+            .is_some_and(|max| sender.used.load(Ordering::Relaxed) >= max)
+        {
+            worker.stats.upstream_cx_max_requests.inc();
+            return;
+        }
         if sender.is_ready() {
             worker.put_idle(addr, sender, now);
         } else if !sender.is_closed()
@@ -584,6 +626,7 @@ pub struct Pools {
     dialer: Arc<Dialer>,
     protocol: UpstreamProtocol,
     idle_timeout: Option<Duration>,
+    max_requests: Option<u32>,
 }
 
 /// A removed or replaced cluster closes its idle connections at once (as Envoy drains them);
@@ -619,6 +662,7 @@ impl Pools {
             }),
             protocol: cluster.protocol,
             idle_timeout: cluster.idle_timeout,
+            max_requests: cluster.max_requests_per_connection,
         }
     }
 
@@ -644,8 +688,13 @@ impl Pools {
         request: Request<OutgoingBody>,
         local: Option<&LocalAddress>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
-        let worker = self.workers[worker_index(self.workers.len())]
-            .get_or_init(|| WorkerPool::start(self.idle_timeout, &self.dialer.connector.stats));
+        let worker = self.workers[worker_index(self.workers.len())].get_or_init(|| {
+            WorkerPool::start(
+                self.idle_timeout,
+                self.max_requests,
+                &self.dialer.connector.stats,
+            )
+        });
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_http1(worker, host, request, local).await,
             UpstreamProtocol::Http2 => {
@@ -674,6 +723,8 @@ impl Pools {
                 ),
             };
             note(local, sender.local);
+            // One sender carries one request at a time, so the count cannot pass the bound.
+            sender.count_request(None);
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let lease = Lease {
@@ -720,8 +771,37 @@ impl Pools {
         }
     }
 
-    /// The worker's open HTTP/2 connection to `addr`, or the connect every request waits on.
+    /// The HTTP/2 connection one request goes out on (the worker's, or a new one).
+    /// With `max_requests_per_connection`, a connection that reaches it leaves the pool (its
+    /// streams finish; then it closes) and the next request opens another.
     async fn http2_sender(
+        &self,
+        worker: &Arc<WorkerPool>,
+        host: &Arc<Host>,
+    ) -> Result<Http2Sender, PoolError> {
+        loop {
+            let sender = self.http2_candidate(worker, host).await?;
+            let (may, last) = sender.count_request(self.max_requests);
+            if last {
+                let mut hosts = worker.hosts();
+                if let Some(open) = hosts.get_mut(&host.addr)
+                    && open
+                        .http2
+                        .as_ref()
+                        .is_some_and(|current| Arc::ptr_eq(&current.used, &sender.used))
+                {
+                    open.http2 = None;
+                    worker.stats.upstream_cx_max_requests.inc();
+                }
+            }
+            if may {
+                return Ok(sender);
+            }
+        }
+    }
+
+    /// The worker's open HTTP/2 connection to `addr`, or the connect every request waits on.
+    async fn http2_candidate(
         &self,
         worker: &Arc<WorkerPool>,
         host: &Arc<Host>,
