@@ -75,6 +75,9 @@ pub struct Runtime {
     /// The limit is the monitor's, which Envoy applies to listeners only: admin connections
     /// neither count nor are refused (under the runtime key they are).
     pub global_limit_skips_admin: bool,
+    /// `envoy.reloadable_features.http_reject_path_with_fragment: false`: a request target's
+    /// `#fragment` is cut off instead of the request refused with 400.
+    pub strip_path_fragment: bool,
     /// `remora.tracing.propagate_w3c_and_b3` (Remora's own key, which Envoy ignores): every
     /// tracer reads W3C `traceparent` or B3 and writes both.
     pub propagate_w3c_and_b3: bool,
@@ -623,6 +626,15 @@ fn set_runtime_key(
     value: &prost_types::Value,
     path: &str,
 ) -> ConfigResult<()> {
+    let flag = || -> ConfigResult<bool> {
+        match &value.kind {
+            Some(prost_types::value::Kind::BoolValue(on)) => Ok(*on),
+            Some(prost_types::value::Kind::StringValue(s)) if s == "true" || s == "false" => {
+                Ok(s == "true")
+            }
+            _ => err(field(path, key), "must be true or false"),
+        }
+    };
     let count = || -> ConfigResult<u64> {
         match &value.kind {
             Some(prost_types::value::Kind::NumberValue(n)) if *n >= 0.0 && n.fract() == 0.0 => {
@@ -637,13 +649,27 @@ fn set_runtime_key(
     if key == "overload.global_downstream_max_connections" {
         runtime.global_max_connections = Some(count()?);
     } else if key == crate::tracing::PROPAGATE_BOTH_RUNTIME_KEY {
-        runtime.propagate_w3c_and_b3 = match &value.kind {
-            Some(prost_types::value::Kind::BoolValue(on)) => *on,
-            Some(prost_types::value::Kind::StringValue(s)) if s == "true" || s == "false" => {
-                s == "true"
-            }
-            _ => return err(field(path, key), "must be true or false"),
-        };
+        runtime.propagate_w3c_and_b3 = flag()?;
+    } else if key == "envoy.reloadable_features.http_reject_path_with_fragment" {
+        runtime.strip_path_fragment = !flag()?;
+    } else if key.starts_with("envoy.deprecated_features:")
+        || key == "envoy.reloadable_features.coalesce_lb_rebuilds_on_batch_update"
+        || key == "envoy.reloadable_features.fixed_heap_use_allocated"
+        || key == "re2.max_program_size.warn_level"
+    {
+        // Taken, doing nothing here: permission for a deprecated field (Remora refuses the
+        // field itself if it does not read it), how Envoy batches its balancers' rebuilds, the
+        // measure of its `fixed_heap` monitor (refused), a regex size that only warns.
+    } else if key == "re2.max_program_size.error_level" {
+        // Envoy refuses regexes whose RE2 program is larger. Remora's engine has no such
+        // measure and takes any regex it compiles, which only a bound at or above RE2's
+        // default (100) allows as well.
+        if count()? < 100 {
+            return err(
+                field(path, key),
+                "Remora cannot hold regexes to a bound below RE2's default of 100",
+            );
+        }
     } else if let Some(listener) = key
         .strip_prefix("envoy.resource_limits.listener.")
         .and_then(|rest| rest.strip_suffix(".connection_limit"))
@@ -655,8 +681,10 @@ fn set_runtime_key(
         return err(
             field(path, key),
             "runtime key not supported (Remora acts on overload.global_downstream_max_connections, \
-             envoy.resource_limits.listener.NAME.connection_limit and \
-             remora.tracing.propagate_w3c_and_b3)",
+             envoy.resource_limits.listener.NAME.connection_limit, \
+             envoy.reloadable_features.http_reject_path_with_fragment and \
+             remora.tracing.propagate_w3c_and_b3, and takes envoy.deprecated_features:* and \
+             re2.max_program_size.* and a few flags with no effect here)",
         );
     }
     Ok(())

@@ -43,6 +43,7 @@ fn main() -> std::process::ExitCode {
             return 1.into();
         }
     };
+    remora_proxy::http::codec_guard::strip_fragments(bootstrap.runtime.strip_path_fragment);
     if let Some(format) = &bootstrap.app_log {
         remora_proxy::app_log::set_format(format.clone());
     }

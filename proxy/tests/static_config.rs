@@ -385,6 +385,54 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
     }
 }
 
+/// Istio's runtime: `http_reject_path_with_fragment: false` cuts a target's `#fragment` off
+/// instead of refusing the request (as Envoy then does); the keys it sets beside it that change
+/// nothing here are taken. Without the key, the request is refused with 400, in both proxies.
+#[test]
+fn a_path_fragment_is_cut_or_refused_by_the_runtime_as_in_envoy() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let runtime = "layered_runtime:\n  layers:\n  - name: global config\n    static_layer:\n      envoy.reloadable_features.http_reject_path_with_fragment: false\n      envoy.deprecated_features:envoy.config.listener.v3.Listener.hidden_envoy_deprecated_use_original_dst: true\n      envoy.reloadable_features.coalesce_lb_rebuilds_on_batch_update: false\n      envoy.reloadable_features.fixed_heap_use_allocated: true\n      re2.max_program_size.error_level: 32768\n";
+    for strip in [true, false] {
+        let (admin, admin_yaml) = admin_block();
+        let port = free_port();
+        let mut yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener("ingress", port, "", &catch_all("echo", "5s"))],
+            &[static_cluster("echo", &[echo.addr])],
+        );
+        if strip {
+            yaml.push_str(runtime);
+        }
+        let (_dir, file) = write_config(&yaml);
+        let run = || {
+            let reply = raw_exchange(
+                loopback(port),
+                b"GET /a?q=1#frag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            );
+            let status = reply.get(9..12).unwrap_or_default().to_string();
+            let path = reply
+                .split_once("\r\n\r\n")
+                .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
+                .map(|json| json["path"].clone());
+            (status, path)
+        };
+        let remora = {
+            let _proxy = Proxy::start_file(&file, admin, &[]);
+            run()
+        };
+        if strip {
+            assert_eq!(remora, ("200".into(), Some("/a?q=1".into())));
+        } else {
+            assert_eq!(remora.0, "400");
+        }
+        if remora_tests::envoy::available_or_skip("the Envoy half of the fragment test") {
+            let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+            remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+            assert_eq!(run(), remora, "strip {strip}: envoy, remora");
+        }
+    }
+}
+
 #[test]
 fn local_replies_match_envoys_statuses() {
     let (silent, silent_addr) = silent_upstream();

@@ -244,9 +244,19 @@ fn layered_runtime_accepts_the_keys_remora_acts_on_and_names_others() {
         ROOT,
         &[
             (
-                "layered_runtime: {layers: [{name: s, static_layer: {re2.max_program_size.error_level: 1000}}]}",
-                "layered_runtime.layers[0].static_layer.re2.max_program_size.error_level",
+                "layered_runtime: {layers: [{name: s, static_layer: {envoy.reloadable_features.no_such_flag: true}}]}",
+                "layered_runtime.layers[0].static_layer.envoy.reloadable_features.no_such_flag",
                 "runtime key not supported",
+            ),
+            (
+                "layered_runtime: {layers: [{name: s, static_layer: {re2.max_program_size.error_level: 50}}]}",
+                "layered_runtime.layers[0].static_layer.re2.max_program_size.error_level",
+                "below RE2's default of 100",
+            ),
+            (
+                "layered_runtime: {layers: [{name: s, static_layer: {envoy.reloadable_features.http_reject_path_with_fragment: maybe}}]}",
+                "layered_runtime.layers[0].static_layer.envoy.reloadable_features.http_reject_path_with_fragment",
+                "must be true or false",
             ),
             (
                 "layered_runtime: {layers: [{name: s, static_layer: {overload: {global_downstream_max_connections: -1}}}]}",

@@ -23,6 +23,16 @@ use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// The runtime's `envoy.reloadable_features.http_reject_path_with_fragment: false`: a target's
+/// `#fragment` is cut off (hyper cuts it) instead of the request refused. Process-wide, as
+/// Envoy's runtime is.
+static STRIP_FRAGMENTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets [`STRIP_FRAGMENTS`], from the bootstrap's runtime.
+pub fn strip_fragments(on: bool) {
+    STRIP_FRAGMENTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The connection manager's limits the guard enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
@@ -697,7 +707,7 @@ fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
         );
     }
     // The connection manager refuses a fragment (Envoy's default); hyper would strip it.
-    if target.contains(&b'#') {
+    if target.contains(&b'#') && !STRIP_FRAGMENTS.load(std::sync::atomic::Ordering::Relaxed) {
         return refuse(StatusCode::BAD_REQUEST, "", "path_normalization_failed");
     }
 
