@@ -433,6 +433,197 @@ fn a_path_fragment_is_cut_or_refused_by_the_runtime_as_in_envoy() {
     }
 }
 
+/// The compressor filter as Istio chains it (brotli, zstd, gzip): for each `Accept-Encoding`
+/// the same encoding is picked (or none), with the same `Vary` and framing, the body decodes to
+/// what the upstream sent, and the filters count the same negotiation stats; under Envoy and
+/// Remora from one bootstrap.
+#[test]
+fn compressors_pick_and_encode_as_envoys_do() {
+    use std::io::Read as _;
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let compressor = |name: &str, library: &str, message: &str| {
+        format!(
+            "          - name: envoy.filters.http.compressor.{name}\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor\n              compressor_library:\n                name: stats_{name}\n                typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.compression.{library}.compressor.v3.{message}}}\n"
+        )
+    };
+    let chain = [
+        compressor("brotli", "brotli", "Brotli"),
+        compressor("zstd", "zstd", "Zstd"),
+        compressor("gzip", "gzip", "Gzip"),
+    ]
+    .concat();
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[
+            http_listener("ingress", port, "", &catch_all("echo", "5s")).replace(
+                "          http_filters:\n",
+                &format!("          http_filters:\n{chain}"),
+            ),
+        ],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    assert!(yaml.contains("compressor.zstd"), "{yaml}");
+    let (_dir, file) = write_config(&yaml);
+    let accepts = [
+        "gzip",
+        "br",
+        "zstd",
+        "gzip, br",
+        "br;q=0.5, gzip;q=0.8",
+        "*",
+        "identity",
+        "gzip;q=0",
+        "deflate",
+    ];
+    let run = || {
+        let mut seen = Vec::new();
+        for accept in accepts {
+            let request = format!(
+                "GET /same HTTP/1.1\r\nHost: x\r\nAccept-Encoding: {accept}\r\nConnection: close\r\n\r\n"
+            );
+            // Bytes as they come: a compressed body is not text.
+            let mut stream = TcpStream::connect(loopback(port)).expect("connect");
+            stream.write_all(request.as_bytes()).expect("write");
+            let mut reply = Vec::new();
+            stream.read_to_end(&mut reply).expect("read");
+            let split = reply
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("a head");
+            let head = String::from_utf8_lossy(&reply[..split]).into_owned();
+            let body = &reply[split + 4..];
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default()
+            };
+            let encoding = header("content-encoding");
+            let chunked = header("transfer-encoding") == "chunked";
+            // The body as sent: chunks joined, then decoded by its encoding.
+            let raw = if chunked {
+                let mut out = Vec::new();
+                let mut rest = body;
+                while let Some(at) = rest.windows(2).position(|w| w == b"\r\n") {
+                    let size = usize::from_str_radix(std::str::from_utf8(&rest[..at]).unwrap(), 16)
+                        .unwrap();
+                    if size == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&rest[at + 2..at + 2 + size]);
+                    rest = &rest[at + 4 + size..];
+                }
+                out
+            } else {
+                body.to_vec()
+            };
+            let mut decoded = Vec::new();
+            match encoding.as_str() {
+                "gzip" => {
+                    flate2::read::GzDecoder::new(&raw[..])
+                        .read_to_end(&mut decoded)
+                        .unwrap();
+                }
+                "br" => {
+                    brotli::Decompressor::new(&raw[..], 4096)
+                        .read_to_end(&mut decoded)
+                        .unwrap();
+                }
+                "zstd" => decoded = zstd::decode_all(&raw[..]).unwrap(),
+                _ => decoded = raw,
+            }
+            let json: serde_json::Value = serde_json::from_slice(&decoded)
+                .unwrap_or_else(|e| panic!("{accept}: {e}: {decoded:?}"));
+            assert_eq!(json["path"], "/same", "{accept}");
+            seen.push((
+                accept,
+                encoding,
+                header("vary"),
+                chunked,
+                header("content-length").is_empty(),
+            ));
+        }
+        let stat = |name: &str| {
+            remora_tests::admin_stat(admin, &format!("http.ingress.compressor.{name}"))
+        };
+        let stats = [
+            "stats_gzip.gzip.header_compressor_used",
+            "stats_gzip.gzip.header_compressor_overshadowed",
+            "stats_gzip.gzip.header_not_valid",
+            "stats_brotli.brotli.header_wildcard",
+            "stats_brotli.brotli.header_identity",
+            // Without `response_direction_config`, Envoy's older names.
+            "stats_brotli.brotli.compressed",
+            "stats_zstd.zstd.compressed",
+            "stats_zstd.zstd.not_compressed",
+            "stats_zstd.zstd.request.not_compressed",
+        ]
+        .map(|name| (name, stat(name)));
+        (seen, stats)
+    };
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &[]);
+        run()
+    };
+    let picked: Vec<&str> = remora.0.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(
+        picked,
+        ["gzip", "br", "zstd", "gzip", "gzip", "br", "", "", ""]
+    );
+    if remora_tests::envoy::available_or_skip("the Envoy half of the compressor test") {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        assert_eq!(run(), remora, "envoy, remora");
+    }
+}
+
+/// An HTTP/1.0 upstream's response reaches an HTTP/1.1 client as HTTP/1.1 (Envoy's codec
+/// writes it so), not as HTTP/1.0 with the connection closed after it.
+#[test]
+fn an_http10_upstream_answer_goes_out_as_http11() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in upstream.incoming().flatten() {
+            let mut stream = stream;
+            let _ = read_head(&mut stream);
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+        }
+    });
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ingress", port, "", &catch_all("old", "5s"))],
+        &[static_cluster("old", &[upstream_addr])],
+    );
+    let (_dir, file) = write_config(&yaml);
+    let run = || {
+        let reply = raw_exchange(
+            loopback(port),
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        (
+            reply.lines().next().unwrap_or_default().to_string(),
+            reply.ends_with("hi"),
+        )
+    };
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &[]);
+        run()
+    };
+    assert_eq!(remora, ("HTTP/1.1 200 OK".to_string(), true));
+    if remora_tests::envoy::available_or_skip("the Envoy half of the HTTP/1.0 upstream test") {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+        assert_eq!(run(), remora, "envoy, remora");
+    }
+}
+
 #[test]
 fn local_replies_match_envoys_statuses() {
     let (silent, silent_addr) = silent_upstream();

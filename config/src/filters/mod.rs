@@ -5,6 +5,7 @@
 //! Adding a filter: its config reader in `filters/NAME.rs` with one line in [`catalog`], and
 //! its behaviour in the proxy's `http/filters/NAME.rs` with one line there.
 
+pub mod compressor;
 pub mod cors;
 pub mod fault;
 pub mod local_ratelimit;
@@ -31,6 +32,7 @@ pub struct HttpFilter {
 /// A filter's own config, by kind.
 #[derive(Debug, Clone)]
 pub enum FilterConfig {
+    Compressor(Arc<compressor::Compressor>),
     Cors(cors::CorsFilter),
     Fault(Arc<fault::Fault>),
     LocalRateLimit(Arc<local_ratelimit::LocalRateLimit>),
@@ -76,7 +78,8 @@ impl std::fmt::Debug for Attached {
 pub type PerFilterConfigs = Vec<(String, PerRouteConfig)>;
 
 /// The filter configs Remora reads, for error messages.
-const FILTER_TYPE_URLS: [&str; 5] = [
+const FILTER_TYPE_URLS: [&str; 6] = [
+    compressor::TYPE_URL,
     cors::TYPE_URL,
     fault::TYPE_URL,
     local_ratelimit::TYPE_URL,
@@ -95,6 +98,9 @@ const PER_ROUTE_TYPE_URLS: [&str; 4] = [
 /// The catalog: a filter's config by its type URL; `None` for a type Remora does not know.
 fn catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<FilterConfig>> {
     Some(match any.type_url.as_str() {
+        compressor::TYPE_URL => {
+            compressor::filter(any, path).map(|c| FilterConfig::Compressor(Arc::new(c)))
+        }
         cors::TYPE_URL => cors::filter(any, path).map(FilterConfig::Cors),
         fault::TYPE_URL => fault::fault(any, path).map(|f| FilterConfig::Fault(Arc::new(f))),
         local_ratelimit::TYPE_URL => {

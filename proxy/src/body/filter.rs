@@ -17,6 +17,35 @@ pub trait BodyFilter: Send + std::fmt::Debug {
     }
     /// The body ended.
     fn on_end(&mut self) {}
+    /// Whether the filter changes the body's length (a compressor): the body then has no
+    /// known size and is not over until [`BodyFilter::finish`] has been asked. Response
+    /// bodies only.
+    fn reshapes(&self) -> bool {
+        false
+    }
+    /// What the filter still holds once the data is over, sent before the trailers or the
+    /// end (a compressor's last block).
+    fn finish(&mut self) -> Option<Bytes> {
+        None
+    }
+}
+
+/// Asks each filter for what it still holds, in order: what one gives passes through the
+/// filters after it, as data would.
+pub fn finish_all(filters: &mut [Box<dyn BodyFilter>]) -> Option<Bytes> {
+    let mut tail: Option<Bytes> = None;
+    for filter in filters.iter_mut() {
+        if let Some(data) = tail.as_mut() {
+            filter.on_data(data);
+        }
+        if let Some(more) = filter.finish() {
+            tail = Some(match tail.take() {
+                Some(before) if !before.is_empty() => [before, more].concat().into(),
+                _ => more,
+            });
+        }
+    }
+    tail.filter(|data| !data.is_empty())
 }
 
 /// Shows a data or trailers frame to the body filters, in order.

@@ -638,6 +638,12 @@ async fn handle(
         response = Response::from_parts(head, body);
         completion = Some(manager.filters.completion(state));
     }
+    // An HTTP/1.0 upstream's response goes to an HTTP/1.1 client as HTTP/1.1, as Envoy's
+    // codec writes it: hyper would write the status line and framing of the version it carries
+    // (no chunking, the connection closed after the body).
+    if parts.version == Version::HTTP_11 && response.version() == Version::HTTP_10 {
+        *response.version_mut() = Version::HTTP_11;
+    }
     stats.response(response.status().as_u16());
     let status = response.status().as_u16();
     let trace = trace.and_then(|mut trace| {

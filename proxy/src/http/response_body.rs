@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::BoxError;
-use crate::body::filter::{BodyFilter, filter_frame};
+use crate::body::filter::{BodyFilter, filter_frame, finish_all};
 use crate::http::access_log::PendingLine;
 use crate::http::stream_timer::StreamTimer;
 use crate::stats::GaugeGuard;
@@ -39,6 +39,7 @@ impl ResponseBody {
         match self {
             ResponseBody::Upstream(body) => {
                 body.downstream = Some(slots);
+                body.reshaping = filters.iter().any(|f| f.reshapes());
                 body.filters = filters;
             }
             ResponseBody::Full(data) => {
@@ -46,6 +47,14 @@ impl ResponseBody {
                     if let Some(data) = data.as_mut() {
                         filter.on_data(data);
                     }
+                }
+                if let Some(tail) = finish_all(&mut filters) {
+                    *data = Some(match data.take() {
+                        Some(head) => [head, tail].concat().into(),
+                        None => tail,
+                    });
+                }
+                for filter in &mut filters {
                     filter.on_end();
                 }
                 let sent = data.as_ref().map_or(0, |d| d.len() as u64);
@@ -89,13 +98,16 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream(body) => body.inner.is_end_stream(),
+            ResponseBody::Upstream(body) => {
+                body.inner.is_end_stream() && !body.reshaping && !body.ending
+            }
             ResponseBody::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            ResponseBody::Upstream(body) if body.reshaping => SizeHint::default(),
             ResponseBody::Upstream(body) => body.inner.size_hint(),
             ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
@@ -118,6 +130,13 @@ pub struct UpstreamBody {
     lease: Option<Lease>,
     /// HTTP filters looking at the body (usually none).
     filters: Vec<Box<dyn BodyFilter>>,
+    /// A filter changes the body's length: no size is known, and the filters' last bytes
+    /// ([`finish_all`]) go out before the trailers or the end.
+    reshaping: bool,
+    /// The trailers, held while the filters' last bytes go out first.
+    held_trailers: Option<Frame<Bytes>>,
+    /// The upstream body is over and the filters' last bytes went out: the end comes next.
+    ending: bool,
     /// The cluster's `upstream_rq_time` and when the request went out, recorded at the end.
     rq_time: (Arc<crate::stats::ClusterStats>, Instant),
     /// When the last frame came: the one clock read for the pool's idle time and both
@@ -184,12 +203,64 @@ impl UpstreamBody {
             downstream: None,
             lease,
             filters: Vec::new(),
+            reshaping: false,
+            held_trailers: None,
+            ending: false,
             rq_time,
             ended_at: None,
         }
     }
 
+    /// The filters' last bytes as a data frame, once, when a filter reshapes the body.
+    fn finish_frame(&mut self) -> Option<Frame<Bytes>> {
+        if !self.reshaping {
+            return None;
+        }
+        self.reshaping = false;
+        let mut frame = Frame::data(finish_all(&mut self.filters)?);
+        self.account(&mut frame);
+        Some(frame)
+    }
+
+    /// Counts a frame going downstream: trailers for the log, bytes for the log and the span.
+    fn account(&mut self, frame: &mut Frame<Bytes>) {
+        if let Some(trailers) = frame.trailers_ref()
+            && let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut())
+        {
+            log.entry.capture_trailers(trailers);
+        }
+        if let Some(downstream) = self.downstream.as_mut()
+            && let Some(data) = frame.data_ref()
+        {
+            if let Some(log) = downstream.log.as_mut() {
+                log.entry.bytes_sent += data.len() as u64;
+            }
+            if let Some(trace) = downstream.trace.as_mut() {
+                trace.add_sent(data.len() as u64);
+            }
+        }
+    }
+
+    /// The body is over: the filters' end, the connection back to its pool.
+    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let now = Instant::now();
+        self.ended_at = Some(now);
+        for filter in &mut self.filters {
+            filter.on_end();
+        }
+        if let Some(lease) = self.lease.take() {
+            lease.release(now.into_std());
+        }
+        Poll::Ready(None)
+    }
+
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(trailers) = self.held_trailers.take() {
+            return Poll::Ready(Some(Ok(trailers)));
+        }
+        if self.ending {
+            return self.end();
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 // A frame is activity for the idle timeouts, unless it was the last one (as
@@ -200,34 +271,23 @@ impl UpstreamBody {
                     timer.touch();
                 }
                 filter_frame(&mut self.filters, &mut frame);
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut())
+                if frame.is_trailers()
+                    && let Some(tail) = self.finish_frame()
                 {
-                    log.entry.capture_trailers(trailers);
+                    self.account(&mut frame);
+                    self.held_trailers = Some(frame);
+                    return Poll::Ready(Some(Ok(tail)));
                 }
-                if let Some(downstream) = self.downstream.as_mut()
-                    && let Some(data) = frame.data_ref()
-                {
-                    if let Some(log) = downstream.log.as_mut() {
-                        log.entry.bytes_sent += data.len() as u64;
-                    }
-                    if let Some(trace) = downstream.trace.as_mut() {
-                        trace.add_sent(data.len() as u64);
-                    }
-                }
+                self.account(&mut frame);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(None) => {
-                let now = Instant::now();
-                self.ended_at = Some(now);
-                for filter in &mut self.filters {
-                    filter.on_end();
+            Poll::Ready(None) => match self.finish_frame() {
+                Some(tail) => {
+                    self.ending = true;
+                    Poll::Ready(Some(Ok(tail)))
                 }
-                if let Some(lease) = self.lease.take() {
-                    lease.release(now.into_std());
-                }
-                Poll::Ready(None)
-            }
+                None => self.end(),
+            },
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
             Poll::Pending => match &mut self.timer {
                 Some(timer) => match timer.poll_expired(cx) {

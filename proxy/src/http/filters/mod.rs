@@ -2,6 +2,7 @@
 //! per filter and one line per filter in [`build`]. The router is not here: it is the chain's
 //! terminal stage, in `http::router`.
 
+mod compressor;
 mod cors;
 mod fault;
 mod local_ratelimit;
@@ -23,8 +24,31 @@ use crate::stats::Registry;
 /// register their stats in `registry`; `stat_prefix` is the HCM's.
 pub fn build(specs: &[FilterSpec], registry: &Arc<Registry>, stat_prefix: &str) -> FilterChain {
     let mut filters: Vec<Arc<dyn HttpFilter>> = Vec::new();
+    // The chain's compressors, for each one's share of the Accept-Encoding negotiation.
+    let compressors: Arc<[compressor::ChainEntry]> = specs
+        .iter()
+        .filter_map(|spec| match &spec.config {
+            FilterConfig::Compressor(c) if !c.disabled => {
+                Some((c.library.encoding(), c.choose_first))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut compressor_position = 0;
     for spec in specs {
         match &spec.config {
+            FilterConfig::Compressor(config) => {
+                if !config.disabled {
+                    filters.push(Arc::new(compressor::Compressor::new(
+                        config.clone(),
+                        compressors.clone(),
+                        compressor_position,
+                        registry,
+                        stat_prefix,
+                    )));
+                    compressor_position += 1;
+                }
+            }
             FilterConfig::Cors(_) => filters.push(Arc::new(cors::Cors::new(&spec.name))),
             FilterConfig::Fault(config) => filters.push(Arc::new(fault::Fault::new(
                 &spec.name,
