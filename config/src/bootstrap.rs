@@ -23,6 +23,9 @@ use crate::route::Files;
 use crate::tls::Secret;
 use crate::unsupported;
 
+/// Why a cluster whose endpoint is a unix socket serves nothing but the ADS stream.
+const PIPE_ONLY_ADS: &str = "Remora reaches a pipe only for the ADS stream";
+
 /// The whole bootstrap, validated.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -263,6 +266,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
     // Every cluster a static listener names must exist, unless clusters come from CDS.
     if dynamic.as_ref().is_none_or(|d| d.cds.is_none()) {
         let known = |name: &str| clusters.iter().any(|c| c.name == name);
+        let pipe = |name: &str| clusters.iter().any(|c| c.name == name && c.pipe.is_some());
         for (index, listener) in listeners.iter().enumerate() {
             let path = item("static_resources", "listeners", index);
             for hcm in listener.connection_managers() {
@@ -275,6 +279,12 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
                 if let Some(name) = table.clusters.iter().find(|name| !known(name)) {
                     return err(path, format!("route: unknown cluster {name:?}"));
                 }
+                if let Some(name) = table.clusters.iter().find(|name| pipe(name)) {
+                    return err(
+                        path,
+                        format!("route: cluster {name:?} is a pipe: {PIPE_ONLY_ADS}"),
+                    );
+                }
             }
             if let Some(name) = listener
                 .tcp_clusters()
@@ -282,6 +292,12 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
                 .find(|name| !known(name))
             {
                 return err(path, format!("tcp_proxy names unknown cluster {name:?}"));
+            }
+            if let Some(name) = listener.tcp_clusters().into_iter().find(|name| pipe(name)) {
+                return err(
+                    path,
+                    format!("tcp_proxy: cluster {name:?} is a pipe: {PIPE_ONLY_ADS}"),
+                );
             }
         }
     }

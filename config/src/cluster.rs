@@ -126,6 +126,56 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
+/// The pipe of a cluster whose endpoint is a unix socket: allowed as a STATIC cluster's only
+/// endpoint (what Istio writes), refused anywhere else.
+fn pipe_endpoint(
+    cla: &xds_api::envoy::config::endpoint::v3::ClusterLoadAssignment,
+    discovery: &DiscoveryType,
+    path: &str,
+) -> ConfigResult<Option<std::path::PathBuf>> {
+    use xds_api::envoy::config::core::v3::address::Address as Kind;
+    let addresses: Vec<(usize, usize, Option<&Kind>)> = cla
+        .endpoints
+        .iter()
+        .enumerate()
+        .flat_map(|(i, locality)| {
+            locality.lb_endpoints.iter().enumerate().map(move |(j, lb)| {
+                let address = match &lb.host_identifier {
+                    Some(xds_api::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(
+                        endpoint,
+                    )) => endpoint.address.as_ref().and_then(|a| a.address.as_ref()),
+                    _ => None,
+                };
+                (i, j, address)
+            })
+        })
+        .collect();
+    let Some((i, j, _)) = addresses
+        .iter()
+        .find(|(_, _, address)| matches!(address, Some(Kind::Pipe(_))))
+    else {
+        return Ok(None);
+    };
+    let at = format!("{path}.endpoints[{i}].lb_endpoints[{j}].endpoint.address.pipe");
+    if *discovery != DiscoveryType::Static || addresses.len() != 1 {
+        return err(
+            at,
+            "a pipe must be the only endpoint of a STATIC cluster (Remora reaches pipes only \
+             for the ADS stream)",
+        );
+    }
+    let Some(Kind::Pipe(pipe)) = addresses[0].2 else {
+        return Ok(None);
+    };
+    if pipe.path.is_empty() || pipe.path.starts_with('@') {
+        return err(
+            at,
+            "the path must name a file (abstract sockets are not supported)",
+        );
+    }
+    Ok(Some(std::path::PathBuf::from(&pipe.path)))
+}
+
 /// How connections to a cluster's hosts are made: what the HTTP pools and `tcp_proxy` share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
@@ -147,6 +197,9 @@ impl ConnectOptions {
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
+    /// The unix socket (`pipe`) that is a STATIC cluster's one endpoint, as Istio's clusters to
+    /// its agent are. Remora reaches a pipe only for the ADS stream: the cluster has no hosts.
+    pub pipe: Option<std::path::PathBuf>,
     /// `alt_stat_name`, else the name: what its stats are named under (`cluster.NAME.*`) and
     /// what `%UPSTREAM_CLUSTER%` prints, as Envoy's observable name.
     pub stats_name: String,
@@ -277,7 +330,12 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         discovery,
         DiscoveryType::StrictDns | DiscoveryType::LogicalDns
     );
+    let pipe = match assignment {
+        Some(cla) => pipe_endpoint(cla, &discovery, &field(path, "load_assignment"))?,
+        None => None,
+    };
     let load_assignment = match assignment {
+        Some(_) if pipe.is_some() => LoadAssignment::default(),
         Some(cla) => {
             if matches!(
                 discovery,
@@ -439,6 +497,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         .as_ref()
         .is_some_and(|config| config.ignore_new_hosts_until_first_hc);
     Ok(Cluster {
+        pipe,
         name: name.clone(),
         stats_name: if alt_stat_name.is_empty() {
             name.clone()

@@ -105,7 +105,7 @@ fn route_config(name: &str, cluster: &str, prefix_rewrite: Option<&str>) -> pros
 }
 
 /// Which proxy binary a scenario runs against.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Under {
     Remora,
     Envoy,
@@ -1478,4 +1478,86 @@ fn ads_initial_metadata_reaches_the_server() {
             );
         }
     }
+}
+
+/// A unix socket that forwards each connection to `to` over TCP: the stand-in for Istio's
+/// agent, which serves ADS to its proxy on a pipe.
+fn pipe_relay(to: SocketAddr) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("XDS");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind the pipe");
+    std::thread::spawn(move || {
+        for downstream in listener.incoming().flatten() {
+            let Ok(upstream) = std::net::TcpStream::connect(to) else {
+                continue;
+            };
+            let (mut down_read, mut up_write) = (
+                downstream.try_clone().unwrap(),
+                upstream.try_clone().unwrap(),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut down_read, &mut up_write);
+                let _ = up_write.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut up_read, mut down_write) = (upstream, downstream);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up_read, &mut down_write);
+                let _ = down_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (dir, path)
+}
+
+/// The ADS cluster's endpoint is a pipe, as in Istio's bootstrap (its `xds-grpc` cluster to the
+/// agent's socket): the proxy takes its config over it and serves, as Envoy does; a route to
+/// such a cluster is refused by name.
+#[test]
+fn ads_over_a_pipe_as_istio_writes_it() {
+    let echo = EchoServer::start("a", "127.0.0.1");
+    let mut unders = vec![Under::Remora];
+    if envoy::available_or_skip("the Envoy half of the ADS-over-a-pipe test") {
+        unders.push(Under::Envoy);
+    }
+    for under in unders {
+        let relay = std::sync::Mutex::new(None);
+        let mesh = start_svc_with(under, "GRPC", echo.addr, "ingress", |yaml| {
+            let ads_port = yaml
+                .split("port_value: ")
+                .last()
+                .and_then(|rest| rest.split('}').next())
+                .and_then(|port| port.parse::<u16>().ok())
+                .expect("the ADS port");
+            let (dir, path) = pipe_relay(loopback(ads_port));
+            let edited = yaml.replace(
+                &format!("socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}"),
+                &format!("pipe: {{path: {}}}", path.display()),
+            );
+            assert!(edited.contains("pipe:"), "{edited}");
+            *relay.lock().unwrap() = Some(dir);
+            edited
+        });
+        let served = wait_for(
+            "served through config from the pipe",
+            Duration::from_secs(30),
+            || get_upstream(loopback(mesh.port), "/x"),
+        );
+        assert_eq!(served, ("a".to_string(), "/x".to_string()), "{under:?}");
+    }
+    // A pipe cluster serves the ADS stream only.
+    let (_, admin_yaml) = common::admin_block();
+    let yaml = common::bootstrap(
+        &admin_yaml,
+        &[common::http_listener("ingress", free_port(), "", &common::catch_all("agent", "5s"))],
+        &["  - name: agent\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: agent\n      endpoints: [{lb_endpoints: [{endpoint: {address: {pipe: {path: /tmp/agent.sock}}}}]}]\n".to_string()],
+    );
+    let (_dir, file) = common::write_config(&yaml);
+    let out = Command::new(remora_tests::workspace_binary("remora-proxy"))
+        .args(["--mode", "validate", "-c"])
+        .arg(&file)
+        .output()
+        .expect("validate");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("cluster \"agent\" is a pipe"), "{text}");
 }

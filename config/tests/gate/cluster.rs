@@ -709,3 +709,48 @@ endpoints!:
     assert_eq!(assignment.endpoints[0].hostname, "one.example");
     assert_eq!(HealthStatus::Degraded.name(), "DEGRADED");
 }
+
+/// A pipe as a STATIC cluster's only endpoint (Istio's clusters to its agent) is read as the
+/// cluster's pipe, with no hosts; with other endpoints, on another kind of cluster, or as a
+/// route's target, refused.
+#[test]
+fn a_pipe_is_taken_as_a_static_clusters_only_endpoint() {
+    const PIPE: &str =
+        "{lb_endpoints: [{endpoint: {address: {pipe: {path: ./etc/istio/proxy/XDS}}}}]}";
+    let agent = format!(
+        "static_resources: {{clusters: [{{}}, {{name: agent, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: agent, endpoints: [{PIPE}]}}}}]}}"
+    );
+    let bootstrap = accepted_all(&[(ROOT, &agent)]);
+    let cluster = &bootstrap.clusters[1];
+    assert_eq!(
+        cluster.pipe.as_deref(),
+        Some(std::path::Path::new("./etc/istio/proxy/XDS"))
+    );
+    assert!(cluster.load_assignment.endpoints.is_empty());
+    check_rejections_given(
+        &[(ROOT, &agent)],
+        "static_resources.clusters[1]",
+        &[
+            (
+                &format!(
+                    "load_assignment!: {{cluster_name: agent, endpoints: [{PIPE}, {{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}}}}}]}}]}}"
+                ),
+                "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe",
+                "a pipe must be the only endpoint of a STATIC cluster",
+            ),
+            (
+                "type: STRICT_DNS",
+                "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe",
+                "a pipe must be the only endpoint of a STATIC cluster",
+            ),
+        ],
+    );
+    check_rejections(
+        CLUSTER,
+        &[(
+            &format!("load_assignment!: {{cluster_name: echo, endpoints: [{PIPE}]}}"),
+            "/static_resources.listeners[0]",
+            "route: cluster \"echo\" is a pipe",
+        )],
+    );
+}

@@ -380,7 +380,7 @@ fn http_filter_chains_end_with_the_router() {
             (
                 &format!("http_filters!: [{{name: envoy.filters.http.lua}}, {ROUTER}]"),
                 "http_filters[0]",
-                "http filter \"envoy.filters.http.lua\" is not supported (no typed_config; Remora has envoy.extensions.filters.http.cors.v3.Cors, envoy.extensions.filters.http.fault.v3.HTTPFault, envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, envoy.extensions.filters.http.rbac.v3.RBAC, envoy.extensions.filters.http.router.v3.Router)",
+                "http filter \"envoy.filters.http.lua\" is not supported (no typed_config; Remora has envoy.extensions.filters.http.compressor.v3.Compressor, envoy.extensions.filters.http.cors.v3.Cors, envoy.extensions.filters.http.fault.v3.HTTPFault, envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, envoy.extensions.filters.http.rbac.v3.RBAC, envoy.extensions.filters.http.router.v3.Router)",
             ),
             (
                 &format!("http_filters!: [{ROUTER}, {CORS}]"),
@@ -595,5 +595,50 @@ fn per_filter_configs_are_read_at_every_level() {
             .unwrap()
             .allow_methods,
         "PUT"
+    );
+}
+
+/// The compressor filter: its libraries read, request compression and zstd dictionaries
+/// refused by path.
+#[test]
+fn compressor_filters_read_their_library_and_name_what_they_refuse() {
+    const GZIP: &str = "{\"@type\": type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip, compression_level: BEST_SPEED}";
+    let filter = |extra: &str, library: &str| {
+        format!(
+            "http_filters!: [{{name: c, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor, compressor_library: {{name: lib, typed_config: {library}}}{extra}}}}}, {{name: envoy.filters.http.router, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]"
+        )
+    };
+    accepted(
+        HCM,
+        &filter(
+            ", response_direction_config: {common_config: {min_content_length: 100, content_type: [text/plain]}}",
+            GZIP,
+        ),
+    );
+    check_rejections(
+        HCM,
+        &[
+            (
+                &filter(", request_direction_config: {}", GZIP),
+                "http_filters[0].typed_config.request_direction_config",
+                "request compression is not supported",
+            ),
+            (
+                &filter(
+                    "",
+                    "{\"@type\": type.googleapis.com/envoy.extensions.compression.zstd.compressor.v3.Zstd, dictionary: {inline_string: x}}",
+                ),
+                "http_filters[0].typed_config.compressor_library.typed_config.dictionary",
+                UNSUPPORTED,
+            ),
+            (
+                &filter(
+                    "",
+                    "{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}",
+                ),
+                "http_filters[0].typed_config.compressor_library.typed_config",
+                "compression library",
+            ),
+        ],
     );
 }

@@ -1,6 +1,7 @@
 //! The ADS stream's transport: a connection to a host of the bootstrap's ADS cluster through
 //! that cluster's connect path (so its `transport_socket` TLS applies, and its keepalive and
-//! connect timeout), HTTP/2 for gRPC on top; and the reconnect backoff.
+//! connect timeout), or to the unix socket that is its endpoint (Istio's agent), HTTP/2 for
+//! gRPC on top; and the reconnect backoff.
 
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ pub async fn connect(context: &XdsContext) -> anyhow::Result<tonic::transport::C
         .cluster(name)
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("ADS cluster {name} is not defined"))?;
+    if let Some(path) = &cluster.config.pipe {
+        return connect_pipe(path, cluster.config.connect.connect_timeout).await;
+    }
     tokio::time::timeout(Duration::from_secs(5), cluster.members.initialized())
         .await
         .ok();
@@ -35,7 +39,18 @@ pub async fn connect(context: &XdsContext) -> anyhow::Result<tonic::transport::C
     } else {
         "http"
     };
-    // The connection is made already; the connector hands it to the channel once.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", host.addr))?;
+    channel(io, endpoint).await
+}
+
+/// A gRPC channel over a connection made already: the connector hands it over once.
+async fn channel<IO>(
+    io: IO,
+    endpoint: tonic::transport::Endpoint,
+) -> anyhow::Result<tonic::transport::Channel>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let io = std::sync::Mutex::new(Some(io));
     let connector = tower::service_fn(move |_uri: http::Uri| {
         let io = io.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -44,10 +59,27 @@ pub async fn connect(context: &XdsContext) -> anyhow::Result<tonic::transport::C
                 .ok_or_else(|| std::io::Error::other("the ADS connection was used already"))
         }
     });
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", host.addr))?
+    let endpoint = endpoint
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     Ok(endpoint.connect_with_connector(connector).await?)
+}
+
+/// A plaintext gRPC channel over the unix socket at `path`.
+async fn connect_pipe(
+    path: &std::path::Path,
+    timeout: Duration,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let stream = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {} timed out", path.display()))?
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", path.display()))?;
+    // The authority is only a name here: the socket is made already.
+    channel(
+        stream,
+        tonic::transport::Endpoint::from_static("http://localhost"),
+    )
+    .await
 }
 
 /// The bootstrap's `initial_metadata`, then the token of `--xds-token-file` (read now, so a
