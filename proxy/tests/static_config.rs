@@ -307,6 +307,27 @@ fn http2_upstream_requests_share_one_connect_and_count_as_pending_meanwhile() {
     assert_eq!(proxy.stat("cluster.echo.upstream_rq_pending_active"), 0);
 }
 
+/// The same bootstrap file under Remora (with `remora_args`), then under Envoy when it is
+/// installed (once `port` listens): what `run` saw under each.
+fn remora_then_envoy<T>(
+    file: &std::path::Path,
+    admin: std::net::SocketAddr,
+    port: u16,
+    remora_args: &[&str],
+    run: impl Fn() -> T,
+) -> (T, Option<T>) {
+    let remora = {
+        let _proxy = Proxy::start_file(file, admin, remora_args);
+        run()
+    };
+    if !remora_tests::envoy::available_or_skip("the Envoy half of this test") {
+        return (remora, None);
+    }
+    let _envoy = remora_tests::envoy::Envoy::start(file, admin, &[]);
+    remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
+    (remora, Some(run()))
+}
+
 /// `max_requests_per_connection` (in the protocol options, or the cluster's deprecated field)
 /// closes an upstream connection after that many requests, HTTP/1.1 and HTTP/2 alike: five
 /// requests at two per connection open three connections and close two at the bound
@@ -372,15 +393,10 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
             });
             (stat("upstream_cx_total"), stat("upstream_cx_max_requests"))
         };
-        let remora = {
-            let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
-            run()
-        };
+        let (remora, envoy) = remora_then_envoy(&file, admin, port, &["--concurrency", "1"], run);
         assert_eq!(remora, (3, 2), "{case}");
-        if remora_tests::envoy::available_or_skip("the Envoy half of the max requests test") {
-            let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-            remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
-            assert_eq!(run(), remora, "{case}: envoy, remora");
+        if let Some(envoy) = envoy {
+            assert_eq!(envoy, remora, "{case}: envoy, remora");
         }
     }
 }
@@ -416,19 +432,14 @@ fn a_path_fragment_is_cut_or_refused_by_the_runtime_as_in_envoy() {
                 .map(|json| json["path"].clone());
             (status, path)
         };
-        let remora = {
-            let _proxy = Proxy::start_file(&file, admin, &[]);
-            run()
-        };
+        let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
         if strip {
             assert_eq!(remora, ("200".into(), Some("/a?q=1".into())));
         } else {
             assert_eq!(remora.0, "400");
         }
-        if remora_tests::envoy::available_or_skip("the Envoy half of the fragment test") {
-            let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-            remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
-            assert_eq!(run(), remora, "strip {strip}: envoy, remora");
+        if let Some(envoy) = envoy {
+            assert_eq!(envoy, remora, "strip {strip}: envoy, remora");
         }
     }
 }
@@ -565,19 +576,14 @@ fn compressors_pick_and_encode_as_envoys_do() {
         .map(|name| (name, stat(name)));
         (seen, stats)
     };
-    let remora = {
-        let _proxy = Proxy::start_file(&file, admin, &[]);
-        run()
-    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
     let picked: Vec<&str> = remora.0.iter().map(|s| s.1.as_str()).collect();
     assert_eq!(
         picked,
         ["gzip", "br", "zstd", "gzip", "gzip", "br", "", "", ""]
     );
-    if remora_tests::envoy::available_or_skip("the Envoy half of the compressor test") {
-        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
-        assert_eq!(run(), remora, "envoy, remora");
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "envoy, remora");
     }
 }
 
@@ -612,15 +618,10 @@ fn an_http10_upstream_answer_goes_out_as_http11() {
             reply.ends_with("hi"),
         )
     };
-    let remora = {
-        let _proxy = Proxy::start_file(&file, admin, &[]);
-        run()
-    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
     assert_eq!(remora, ("HTTP/1.1 200 OK".to_string(), true));
-    if remora_tests::envoy::available_or_skip("the Envoy half of the HTTP/1.0 upstream test") {
-        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-        remora_tests::wait_for_port(loopback(port), Duration::from_secs(20));
-        assert_eq!(run(), remora, "envoy, remora");
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "envoy, remora");
     }
 }
 
@@ -1595,21 +1596,12 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
             .collect();
         (seen, counted)
     };
-    let remora = {
-        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
-        run()
-    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, limited, &["--concurrency", "1"], run);
     assert!(remora.0.iter().all(|(_, ok)| *ok), "{:?}", remora.0);
     assert_eq!(remora.1, [Some(1), Some(1)]);
-    if !remora_tests::envoy::available_or_skip("the Envoy half of the connection limit test") {
-        return;
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "left: envoy, right: remora");
     }
-    let envoy = {
-        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-        remora_tests::wait_for_port(loopback(limited), Duration::from_secs(20));
-        run()
-    };
-    assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
 
 /// The overload manager's downstream-connections monitor sets the global limit (over the
@@ -1687,21 +1679,12 @@ fn overload_monitor_limits_connections_except_on_exempt_listeners_as_in_envoy() 
             .collect();
         (seen, counted)
     };
-    let remora = {
-        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
-        run()
-    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, counted, &["--concurrency", "1"], run);
     assert!(remora.0.iter().all(|(_, ok)| *ok), "{:?}", remora.0);
     assert_eq!(remora.1, [Some(1), Some(0)]);
-    if !remora_tests::envoy::available_or_skip("the Envoy half of the overload monitor test") {
-        return;
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "left: envoy, right: remora");
     }
-    let envoy = {
-        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-        remora_tests::wait_for_port(loopback(counted), Duration::from_secs(20));
-        run()
-    };
-    assert_eq!(envoy, remora, "left: envoy, right: remora");
 }
 
 #[test]
