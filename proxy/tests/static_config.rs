@@ -1463,6 +1463,31 @@ fn served_connection(port: u16) -> TcpStream {
     try_served_connection(port).expect("a response on the held connection")
 }
 
+/// Waits until connections from before (readiness probes, admin requests), which count against
+/// the limits until the proxy has seen them close, are gone: `probes` connections to `port` at
+/// once are all served, and once closed the listeners are `idle` again.
+fn settle(
+    session: &mut AdminSession,
+    port: u16,
+    probes: usize,
+    idle: impl Fn(&mut AdminSession) -> bool,
+) {
+    wait_for(
+        "earlier connections released",
+        Duration::from_secs(60),
+        || {
+            let held: Vec<Option<TcpStream>> =
+                (0..probes).map(|_| try_served_connection(port)).collect();
+            let settled = held.iter().all(Option::is_some);
+            drop(held);
+            wait_for("probes closed", Duration::from_secs(30), || {
+                idle(session).then_some(())
+            });
+            settled.then_some(())
+        },
+    );
+}
+
 /// One keep-alive connection to the admin, for reading stats without opening (and leaving
 /// behind) a connection per read: a closed connection counts against
 /// `global_downstream_max_connections` until the proxy has seen the close, which Envoy's
@@ -1550,24 +1575,9 @@ fn runtime_connection_limits_close_extra_connections_as_in_envoy() {
                 session.stat(&format!("listener.127.0.0.1_{port}.downstream_cx_active")) == Some(0)
             })
         };
-        // Connections from before (readiness probes, admin requests) count until the proxy
-        // has seen them close. Settled means three probes beside the session are all served:
-        // nothing else counts. A refused probe counts an overflow, so overflows are measured
-        // from here.
-        wait_for(
-            "earlier connections released",
-            Duration::from_secs(60),
-            || {
-                let probes: Vec<Option<TcpStream>> =
-                    (0..3).map(|_| try_served_connection(other)).collect();
-                let settled = probes.iter().all(Option::is_some);
-                drop(probes);
-                wait_for("probes closed", Duration::from_secs(30), || {
-                    listeners_idle(&mut session).then_some(())
-                });
-                settled.then_some(())
-            },
-        );
+        // Settled means three probes beside the session are all served. A refused probe
+        // counts an overflow, so overflows are measured from here.
+        settle(&mut session, other, 3, listeners_idle);
         let before = overflows.clone().map(|name| session.stat(&name));
         let mut seen = Vec::new();
         // Two connections fill the listener's limit; a third is closed at once.
@@ -1640,22 +1650,7 @@ fn overload_monitor_limits_connections_except_on_exempt_listeners_as_in_envoy() 
                 "listener.127.0.0.1_{counted}.downstream_cx_active"
             )) == Some(0)
         };
-        // Earlier connections (readiness probes) count until the proxy has seen them close:
-        // settled when three connections are served.
-        wait_for(
-            "earlier connections released",
-            Duration::from_secs(60),
-            || {
-                let probes: Vec<Option<TcpStream>> =
-                    (0..3).map(|_| try_served_connection(counted)).collect();
-                let settled = probes.iter().all(Option::is_some);
-                drop(probes);
-                wait_for("probes closed", Duration::from_secs(30), || {
-                    idle(&mut session).then_some(())
-                });
-                settled.then_some(())
-            },
-        );
+        settle(&mut session, counted, 3, idle);
         let before = overflows.clone().map(|name| session.stat(&name));
         let mut seen = Vec::new();
         let held = [(); 3].map(|()| served_connection(counted));

@@ -36,6 +36,21 @@ fn edge_bootstrap(admin_yaml: &str, port: u16, app: std::net::SocketAddr, extra:
     )
 }
 
+/// An HCM's `access_log` (its YAML, indented for [`edge_bootstrap`]'s `extra`): one file logger
+/// writing `format` and a newline to `path`.
+fn file_access_log(path: &std::path::Path, format: &str) -> String {
+    format!(
+        r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format_source: {{inline_string: "{format}\n"}}}}
+"#,
+        path.display()
+    )
+}
+
 /// The histogram lines of `/stats` (name → summary).
 fn histogram_lines(admin: std::net::SocketAddr) -> Vec<(String, String)> {
     let (_, _, body) = http_get(admin, "/stats?type=Histograms").expect("stats");
@@ -196,22 +211,14 @@ fn access_log_prints_the_trace_id_and_the_attempt_count() {
     let (admin, admin_yaml) = admin_block();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let extra = format!(
-        r#"          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {}
-              log_format: {{text_format_source: {{inline_string: "%TRACE_ID% %UPSTREAM_REQUEST_ATTEMPT_COUNT%\n"}}}}
-          tracing:
+    let extra = file_access_log(&log, "%TRACE_ID% %UPSTREAM_REQUEST_ATTEMPT_COUNT%")
+        + r#"          tracing:
             provider:
               name: envoy.tracers.opentelemetry
               typed_config:
                 "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
-                grpc_service: {{envoy_grpc: {{cluster_name: app}}}}
-"#,
-        log.display()
-    );
+                grpc_service: {envoy_grpc: {cluster_name: app}}
+"#;
     let _proxy = Proxy::start(
         &edge_bootstrap(&admin_yaml, port, app.addr, &extra),
         admin,
@@ -377,16 +384,7 @@ fn alt_stat_name_names_the_stats_and_the_logged_cluster_as_in_envoy() {
         let (admin, admin_yaml) = admin_block();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("access.log");
-        let extra = format!(
-            r#"          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {}
-              log_format: {{text_format_source: {{inline_string: "%UPSTREAM_CLUSTER% %UPSTREAM_CLUSTER_RAW%\n"}}}}
-"#,
-            log.display()
-        );
+        let extra = file_access_log(&log, "%UPSTREAM_CLUSTER% %UPSTREAM_CLUSTER_RAW%");
         let yaml = edge_bootstrap(&admin_yaml, port, app.addr, &extra).replace(
             "  - name: app\n",
             "  - name: app\n    alt_stat_name: app_seen;\n",
