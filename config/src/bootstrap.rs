@@ -39,6 +39,9 @@ pub struct Bootstrap {
     pub runtime: Runtime,
     /// `stats_config`: the tags Prometheus shows and the stats that exist.
     pub stats: Arc<crate::stats::StatsConfig>,
+    /// The bootstrap's (deprecated) `tracing.http`: the tracer of connection managers whose
+    /// `tracing` names no provider, as in Envoy.
+    pub tracing_provider: Option<crate::tracing::Provider>,
     /// `application_log_config`: the proxy's own log lines, if not in its default shape.
     pub app_log: Option<crate::app_log::AppLogFormat>,
     /// `cluster_manager.outlier_detection.event_log_path`: where ejections and their ends are
@@ -124,6 +127,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         dynamic_resources,
         cluster_manager,
         stats_flush_interval,
+        tracing,
         stats_config,
         // Envoy creating some stats on first use saves it memory; the stats are the same.
         deferred_stat_options: _,
@@ -311,6 +315,13 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         runtime,
         stats: Arc::new(stats),
         outlier_event_log,
+        tracing_provider: match tracing
+            .as_ref()
+            .and_then(|t: &xds_api::envoy::config::trace::v3::Tracing| t.http.as_ref())
+        {
+            Some(http) => Some(crate::tracing::read_provider(http, "tracing.http")?),
+            None => None,
+        },
         app_log: match application_log_config {
             Some(proto) => crate::app_log::app_log_config(proto, "application_log_config")?,
             None => None,

@@ -225,7 +225,7 @@ pub fn tracing(
     })
 }
 
-fn read_provider(proto: &trace_pb::tracing::Http, path: &str) -> ConfigResult<Provider> {
+pub fn read_provider(proto: &trace_pb::tracing::Http, path: &str) -> ConfigResult<Provider> {
     let trace_pb::tracing::Http { name, config_type } = proto;
     let Some(trace_pb::tracing::http::ConfigType::TypedConfig(any)) = config_type else {
         return err(field(path, "typed_config"), "required");

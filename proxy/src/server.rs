@@ -155,6 +155,7 @@ async fn serve(
             &bootstrap.node,
             bootstrap.runtime.propagate_w3c_and_b3,
             store.clone(),
+            bootstrap.tracing_provider.clone(),
         ),
         secrets: secrets.clone(),
     });

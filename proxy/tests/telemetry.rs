@@ -429,3 +429,61 @@ fn alt_stat_name_names_the_stats_and_the_logged_cluster_as_in_envoy() {
         );
     }
 }
+
+/// The bootstrap's (deprecated) `tracing.http`, as Istio's bootstrap writes it, traces the
+/// connection managers whose `tracing` names no tracer: their requests go upstream with B3
+/// headers, sampled, under Envoy and Remora alike; without it they carry none.
+#[test]
+fn the_bootstrap_tracer_serves_connection_managers_that_name_none() {
+    let app = EchoServer::start("app", "127.0.0.1");
+    let collector = common::closed_port();
+    let bootstrap_tracing = "tracing:\n  http:\n    name: envoy.tracers.zipkin\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig\n      collector_cluster: zipkin\n      collector_endpoint: /api/v2/spans\n      collector_endpoint_version: HTTP_JSON\n";
+    let seen = |envoy: bool, with_tracer: bool| {
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        let yaml = bootstrap(
+            &admin_yaml,
+            &[common::http_listener(
+                "edge",
+                port,
+                "          tracing: {random_sampling: {value: 100}}\n",
+                &catch_all("app", "5s"),
+            )],
+            &[
+                static_cluster("app", &[app.addr]),
+                static_cluster("zipkin", &[collector]),
+            ],
+        ) + if with_tracer { bootstrap_tracing } else { "" };
+        let (_dir, file) = common::write_config(&yaml);
+        let _proxy: Box<dyn std::any::Any> = if envoy {
+            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
+        } else {
+            Box::new(Proxy::start(&yaml, admin, &[]))
+        };
+        wait_for("listener", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(loopback(port)).ok()
+        });
+        let (status, _, body) = http_get(loopback(port), "/").unwrap();
+        assert_eq!(status, 200);
+        let headers = common::echo_json(&body)["headers"].clone();
+        (
+            headers["x-b3-traceid"].as_str().map(str::len),
+            headers["x-b3-sampled"].as_str().map(str::to_string),
+        )
+    };
+    let remora = [seen(false, true), seen(false, false)];
+    // Zipkin's trace ids are 64-bit unless `trace_id_128bit`.
+    assert_eq!(
+        remora[0],
+        (Some(16), Some("1".to_string())),
+        "with the tracer"
+    );
+    assert_eq!(remora[1], (None, None), "without");
+    if remora_tests::envoy::available_or_skip("the Envoy half of the bootstrap tracer test") {
+        assert_eq!(
+            [seen(true, true), seen(true, false)],
+            remora,
+            "envoy, remora"
+        );
+    }
+}

@@ -505,3 +505,25 @@ fn bootstrap_extensions_take_the_internal_listener_and_name_the_rest() {
         )],
     );
 }
+
+/// The bootstrap's deprecated `tracing.http` is read as the default tracer; one Remora does not
+/// have is refused by path.
+#[test]
+fn the_bootstrap_tracer_is_read_or_named() {
+    let bootstrap = accepted(
+        ROOT,
+        "tracing: {http: {name: envoy.tracers.zipkin, typed_config: {\"@type\": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: echo, collector_endpoint: /api/v2/spans, collector_endpoint_version: HTTP_JSON}}}",
+    );
+    assert!(matches!(
+        bootstrap.tracing_provider,
+        Some(remora_config::tracing::Provider::Zipkin(_))
+    ));
+    check_rejections(
+        ROOT,
+        &[(
+            "tracing: {http: {name: envoy.tracers.datadog, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}",
+            "tracing.http.typed_config",
+            "tracer \"envoy.tracers.datadog\"",
+        )],
+    );
+}

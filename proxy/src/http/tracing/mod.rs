@@ -49,6 +49,8 @@ pub struct TracingContext {
     /// `remora.tracing.propagate_w3c_and_b3`.
     pub propagate_both: bool,
     pub store: Arc<crate::store::Store>,
+    /// The bootstrap's `tracing.http`: the tracer of connection managers that name none.
+    pub default_provider: Option<Provider>,
 }
 
 impl TracingContext {
@@ -56,6 +58,7 @@ impl TracingContext {
         node: &remora_config::bootstrap::Node,
         propagate_both: bool,
         store: Arc<crate::store::Store>,
+        default_provider: Option<Provider>,
     ) -> Self {
         TracingContext {
             node_id: node.id.as_str().into(),
@@ -69,6 +72,7 @@ impl TracingContext {
             local_ip: local_ipv4(),
             propagate_both,
             store,
+            default_provider,
         }
     }
 }
@@ -142,7 +146,10 @@ impl Tracer {
         context: &TracingContext,
         registry: &crate::stats::Registry,
     ) -> Option<Arc<Tracer>> {
-        let provider = config.provider.as_ref()?;
+        let provider = config
+            .provider
+            .as_ref()
+            .or(context.default_provider.as_ref())?;
         let (driver, w3c_first) = match provider {
             Provider::OpenTelemetry(otel) => (
                 Driver::OpenTelemetry {
