@@ -86,6 +86,9 @@ enum How {
     Regex {
         regex: Pattern,
         unless: Option<&'static str>,
+        /// Text every name it matches contains: names without it skip the regex (most names,
+        /// for the patterns every name is offered, as Envoy's hints do).
+        needs: Option<&'static str>,
     },
     /// Envoy's dotted patterns: `*` one segment, `$` the segment taken as the value, `**` any
     /// number of segments.
@@ -137,13 +140,22 @@ impl TagProducer {
     /// already taken for the name is not taken again (the first extractor of a name wins).
     pub fn produce(&self, name: &str) -> Tagged {
         let first = name.split('.').next().unwrap_or_default();
+        // Each segment and where it starts, split once for every dotted pattern.
+        let segments: Vec<(usize, &str)> = name
+            .split('.')
+            .scan(0, |at, segment| {
+                let start = *at;
+                *at += segment.len() + 1;
+                Some((start, segment))
+            })
+            .collect();
         let mut tags: Vec<(String, String)> = Vec::new();
         let mut cut = vec![false; name.len()];
         let mut run = |extractor: &Extractor, tags: &mut Vec<(String, String)>| {
             if tags.iter().any(|(tag, _)| *tag == extractor.tag) {
                 return;
             }
-            if let Some((range, value)) = extractor.extract(name) {
+            if let Some((range, value)) = extractor.extract(name, &segments) {
                 cut[range].iter_mut().for_each(|c| *c = true);
                 tags.push((extractor.tag.clone(), value));
             }
@@ -172,22 +184,25 @@ impl TagProducer {
 }
 
 impl Extractor {
-    fn extract(&self, name: &str) -> Option<(std::ops::Range<usize>, String)> {
+    fn extract(
+        &self,
+        name: &str,
+        segments: &[(usize, &str)],
+    ) -> Option<(std::ops::Range<usize>, String)> {
         match &self.how {
-            How::Regex { regex, unless } => {
+            How::Regex {
+                regex,
+                unless,
+                needs,
+            } => {
+                if needs.is_some_and(|text| !name.contains(text)) {
+                    return None;
+                }
                 let (range, value) = regex.find(name)?;
                 (Some(value.as_str()) != *unless).then_some((range, value))
             }
             How::Segments(pattern) => {
-                let segments: Vec<(usize, &str)> = name
-                    .split('.')
-                    .scan(0, |at, segment| {
-                        let start = *at;
-                        *at += segment.len() + 1;
-                        Some((start, segment))
-                    })
-                    .collect();
-                let index = segments_match(pattern, &segments, 0, 0)??;
+                let index = segments_match(pattern, segments, 0, 0)??;
                 let (start, value) = segments[index];
                 // The segment and the dot after it; the last segment takes the dot before it.
                 let range = if start + value.len() < name.len() {
@@ -347,6 +362,19 @@ const DEFAULT_TAGS: &[DefaultTag] = &[
     seg("envoy.dns_filter_prefix", "dns_filter.$.**"),
 ];
 
+/// Text a built-in pattern's matches always contain.
+fn literal_hint(tag: &str) -> Option<&'static str> {
+    Some(match tag {
+        "envoy.response_code" | "envoy.response_code_class" => "_rq_",
+        "envoy.worker_id" => "worker_",
+        "envoy.http_conn_manager_prefix" => ".http.",
+        "envoy.rds_route_config" => ".rds.",
+        t if t.starts_with("envoy.dynamo_") => ".dynamodb",
+        t if t.starts_with("envoy.ssl_") => ".ssl.",
+        _ => return None,
+    })
+}
+
 /// The placeholders the built-in patterns share.
 fn expand(pattern: &str) -> String {
     pattern
@@ -375,6 +403,7 @@ impl DefaultTag {
                             regex::Regex::new(&pattern).expect("built-in tag pattern"),
                         ),
                         unless,
+                        needs: literal_hint(self.name),
                     },
                 }
             }
@@ -453,6 +482,7 @@ pub fn stats_config(proto: &metrics_pb::StatsConfig, path: &str) -> ConfigResult
                     how: How::Regex {
                         regex: Pattern::Backtracking(regex),
                         unless: None,
+                        needs: None,
                     },
                 });
             }
