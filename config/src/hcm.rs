@@ -53,6 +53,9 @@ pub struct HttpConnectionManager {
     pub request_timeout: Option<Duration>,
     pub stream_idle_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_requests_per_connection`: the request that reaches it
+    /// is a connection's last (HTTP/1.1 `connection: close`, HTTP/2 a drain).
+    pub max_requests_per_connection: Option<u32>,
     pub request_headers_timeout: Option<Duration>,
     /// How long a draining HTTP/2 connection still takes new streams before its final GOAWAY.
     pub drain_timeout: Duration,
@@ -226,12 +229,7 @@ pub fn http_connection_manager(
         .map(|options| common_http_options(options, &field(path, "common_http_protocol_options")))
         .transpose()?
         .unwrap_or_default();
-    let max_requests_per_connection = common.max_requests_per_connection;
-    crate::unsupported_because!(
-        &field(path, "common_http_protocol_options"),
-        max_requests_per_connection,
-        "is not supported on downstream connections yet (a cluster's is)"
-    );
+
     let access_logs = access_logs
         .iter()
         .enumerate()
@@ -267,6 +265,7 @@ pub fn http_connection_manager(
             Some(Duration::from_secs(300)),
         )?,
         idle_timeout: common.idle_timeout,
+        max_requests_per_connection: common.max_requests_per_connection,
         request_headers_timeout: timeout_or(
             request_headers_timeout,
             &field(path, "request_headers_timeout"),

@@ -401,6 +401,99 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
     }
 }
 
+/// The HCM's `max_requests_per_connection`: over HTTP/1.1 the request that reaches it gets
+/// `connection: close` and the connection closes after its response; over HTTP/2 the
+/// connection is drained (GOAWAY) and closes; under Envoy as under Remora.
+#[test]
+fn downstream_max_requests_per_connection_ends_connections_as_in_envoy() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ingress",
+            port,
+            "          common_http_protocol_options: {max_requests_per_connection: 2}\n",
+            &catch_all("echo", "5s"),
+        )],
+        &[static_cluster("echo", &[echo.addr])],
+    );
+    let (_dir, file) = write_config(&yaml);
+    let run = || {
+        // HTTP/1.1: three requests on one connection, each after the last response.
+        let mut stream = TcpStream::connect(loopback(port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            if stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .is_err()
+            {
+                answers.push("refused".to_string());
+                break;
+            }
+            let Some(head) = read_head(&mut stream) else {
+                answers.push("closed".to_string());
+                break;
+            };
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; length];
+            stream.read_exact(&mut body).expect("body");
+            answers.push(format!(
+                "{} close={}",
+                &head[9..12],
+                head.contains("connection: close")
+            ));
+        }
+        let reached =
+            remora_tests::admin_stat(admin, "http.ingress.downstream_cx_max_requests_reached");
+        // HTTP/2: two requests, then the connection ends without a third.
+        let (runtime, mut sender) = common::h2_client(loopback(port));
+        let closed = runtime.block_on(async {
+            for _ in 0..2 {
+                let request = http::Request::get(format!("http://127.0.0.1:{port}/"))
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let response = sender.send_request(request).await.expect("h2 request");
+                assert_eq!(response.status(), 200);
+            }
+            // Polled with a deadline: the GOAWAY may come just after the second response.
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !sender.is_closed() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .is_ok()
+        });
+        (answers, reached, closed)
+    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
+    assert_eq!(
+        remora,
+        (
+            vec![
+                "200 close=false".to_string(),
+                "200 close=true".to_string(),
+                "closed".to_string()
+            ],
+            Some(1),
+            true
+        )
+    );
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "envoy, remora");
+    }
+}
+
 /// Istio's runtime: `http_reject_path_with_fragment: false` cuts a target's `#fragment` off
 /// instead of refusing the request (as Envoy then does); the keys it sets beside it that change
 /// nothing here are taken. Without the key, the request is refused with 400, in both proxies.

@@ -247,11 +247,6 @@ fn http_protocol_options_keep_envoys_bounds() {
                 UNSUPPORTED,
             ),
             (
-                "common_http_protocol_options: {max_requests_per_connection: 5}",
-                "common_http_protocol_options.max_requests_per_connection",
-                "not supported on downstream connections yet",
-            ),
-            (
                 "common_http_protocol_options: {headers_with_underscores_action: REJECT_REQUEST}",
                 "common_http_protocol_options.headers_with_underscores_action",
                 UNSUPPORTED,

@@ -63,6 +63,9 @@ struct Connection {
     requests: AtomicU64,
     /// A request arrived over HTTP/2 (the drain grace period applies).
     http2: AtomicBool,
+    /// The request that reached `max_requests_per_connection` arrived over HTTP/2: the
+    /// connection drains (GOAWAY), as Envoy's does.
+    last_request: tokio::sync::Notify,
     /// Requests whose response has not ended (the connection idle timeout waits for none).
     in_flight: Arc<Stat>,
     /// A request head the codec guard refused, waiting for its reply.
@@ -88,6 +91,8 @@ enum ConnectionEvent {
     Phase(Phase),
     IdleTick,
     GraceOver,
+    /// An HTTP/2 request reached `max_requests_per_connection`.
+    LastRequest,
 }
 
 /// Serves one downstream connection until it closes, idles out, or is drained.
@@ -111,6 +116,7 @@ where
         info,
         requests: AtomicU64::new(0),
         http2: AtomicBool::new(false),
+        last_request: tokio::sync::Notify::new(),
         in_flight: Arc::default(),
         refusals: Arc::default(),
         filter_state,
@@ -178,6 +184,8 @@ where
     let idle_tick = tokio::time::sleep(idle_period);
     tokio::pin!(idle_tick);
     let mut drain_probe = watch.probe();
+    let last_request = connection.last_request.notified();
+    tokio::pin!(last_request);
     loop {
         let event = {
             // The drain signal and the idle tick wake this task when they fire, so they are
@@ -202,6 +210,12 @@ where
                 {
                     return Poll::Ready(ConnectionEvent::IdleTick);
                 }
+                if drain_started.is_none()
+                    && hcm.max_requests_per_connection.is_some()
+                    && last_request.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(ConnectionEvent::LastRequest);
+                }
                 armed = true;
                 if drain_started.is_some() && !shut_down && grace.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(ConnectionEvent::GraceOver);
@@ -225,6 +239,14 @@ where
                 let idle_now = seen == last_seen && connection.in_flight.get() == 0;
                 last_seen = seen;
                 idle_now
+            }
+            // No grace, unlike a listener's drain: streams after the last one are refused
+            // at once, as Envoy's GOAWAY refuses them.
+            ConnectionEvent::LastRequest => {
+                drain_started = Some(Instant::now());
+                shut_down = true;
+                conn.as_mut().graceful_shutdown();
+                false
             }
             ConnectionEvent::GraceOver => {
                 shut_down = true;
@@ -381,6 +403,8 @@ async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
     let index = connection.requests.fetch_add(1, Ordering::Relaxed);
+    // As the client sent it: the router may give `parts` the upstream's version.
+    let downstream_version = request.version();
     // A head the codec guard refused reaches here as a stand-in; its refusal is the answer.
     let refused = connection.refusals.take(index);
     if request.version() == Version::HTTP_2 {
@@ -638,10 +662,27 @@ async fn handle(
         response = Response::from_parts(head, body);
         completion = Some(manager.filters.completion(state));
     }
+    // The request that reaches `max_requests_per_connection` is the connection's last: over
+    // HTTP/1.1 the response says so and the connection closes after it, HTTP/2 drains (GOAWAY);
+    // as Envoy does.
+    if let Some(max) = hcm.max_requests_per_connection
+        && index + 1 >= u64::from(max)
+    {
+        if index + 1 == u64::from(max) {
+            stats.downstream_cx_max_requests_reached.inc();
+        }
+        if downstream_version == Version::HTTP_2 {
+            connection.last_request.notify_one();
+        } else {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
     // An HTTP/1.0 upstream's response goes to an HTTP/1.1 client as HTTP/1.1, as Envoy's
     // codec writes it: hyper would write the status line and framing of the version it carries
     // (no chunking, the connection closed after the body).
-    if parts.version == Version::HTTP_11 && response.version() == Version::HTTP_10 {
+    if downstream_version == Version::HTTP_11 && response.version() == Version::HTTP_10 {
         *response.version_mut() = Version::HTTP_11;
     }
     stats.response(response.status().as_u16());

@@ -531,6 +531,8 @@ pub struct HttpStats {
     pub downstream_rq_timeout: Arc<Stat>,
     pub downstream_rq_idle_timeout: Arc<Stat>,
     pub downstream_rq_max_duration_reached: Arc<Stat>,
+    /// Connections closed at `max_requests_per_connection`.
+    pub downstream_cx_max_requests_reached: Arc<Stat>,
     pub no_route: Arc<Stat>,
     pub no_cluster: Arc<Stat>,
     /// The CORS filter's origin checks (`http.PREFIX.cors.origin_valid|origin_invalid`).
@@ -565,6 +567,7 @@ impl HttpStats {
             downstream_rq_timeout: c("downstream_rq_timeout"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
             downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
+            downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
             cors_origin_valid: c("cors.origin_valid"),
