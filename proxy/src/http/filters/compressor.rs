@@ -197,7 +197,9 @@ impl HttpFilter for Compressor {
         let picked = stream.state::<Picked>().is_some();
         let headers = response.headers();
         let status = response.status().as_u16();
+        // A tunnel's bytes (CONNECT) are not a body to compress.
         let has_body = stream.request.method != Method::HEAD
+            && stream.request.method != Method::CONNECT
             && !matches!(status, 100..=199 | 204 | 304)
             && !self.config.uncompressible_response_codes.contains(&status);
         let length = headers
