@@ -50,7 +50,10 @@ fn main() -> std::process::ExitCode {
     if cli.mode != Mode::Validate
         && let Some(path) = &bootstrap.outlier_event_log
     {
-        remora_proxy::upstream::health::outlier::set_event_log(path);
+        let sink = remora_proxy::http::access_log::Sink::for_path(path);
+        remora_proxy::upstream::health::outlier::set_event_log(Box::new(move |line| {
+            sink.append(line)
+        }));
     }
     // The app's probes the injector rewrote: checked in both modes, served in `serve`.
     let app_probes = if cli.bootstrap_from_env {

@@ -130,13 +130,17 @@ pub struct Detector<'a> {
     pub cluster: &'a str,
 }
 
-/// `cluster_manager.outlier_detection.event_log_path`'s writer, once the bootstrap set it.
-static EVENT_LOG: OnceLock<Arc<crate::http::access_log::Sink>> = OnceLock::new();
+/// Takes one whole event line (`main` hands over a writer to the bootstrap's file, so this
+/// layer needs nothing from the HTTP one).
+pub type LineWriter = Box<dyn Fn(&[u8]) + Send + Sync>;
 
-/// Writes every cluster's ejections, and their ends, to `path` from now on (Envoy's outlier
-/// event log). Set once, from the bootstrap.
-pub fn set_event_log(path: &std::path::Path) {
-    let _ = EVENT_LOG.set(crate::http::access_log::Sink::for_path(path));
+/// `cluster_manager.outlier_detection.event_log_path`'s writer, once the bootstrap set it.
+static EVENT_LOG: OnceLock<LineWriter> = OnceLock::new();
+
+/// Writes every cluster's ejections, and their ends, with `write` from now on (Envoy's
+/// outlier event log). Set once, from the bootstrap.
+pub fn set_event_log(write: LineWriter) {
+    let _ = EVENT_LOG.set(write);
 }
 
 impl EjectionKind {
@@ -156,7 +160,8 @@ impl EjectionKind {
 
 /// One ejection, or its end, as the event log records it.
 struct EjectionEvent<'a> {
-    kind: EjectionKind,
+    /// The kind's name in the log (`CONSECUTIVE_5XX`).
+    kind: &'static str,
     /// Since the host's last ejection or unejection, if any.
     since_last: Option<Duration>,
     cluster: &'a str,
@@ -185,7 +190,7 @@ fn event_line(event: &EjectionEvent<'_>) -> String {
     let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
     let mut line = format!(
         "{{\"type\":\"{}\",\"timestamp\":\"{}.{:03}Z\"",
-        kind.event_name(),
+        kind,
         now.strftime("%Y-%m-%dT%H:%M:%S"),
         now.subsec_nanosecond() / 1_000_000
     );
@@ -282,16 +287,16 @@ impl Detector<'_> {
             self.stats.ejections_total.inc();
         }
         if !enforced(self.enforcing(kind)) {
-            self.log(state, kind, true, false, detail);
+            self.log(state, kind.event_name(), true, false, detail);
             return false;
         }
-        self.log(state, kind, true, true, detail);
+        self.log(state, kind.event_name(), true, true, detail);
         self.stats.ejections_enforced_total.inc();
         self.stats.enforced[kind as usize].inc();
         state.set_flag(HostState::FAILED_OUTLIER_CHECK, true);
         let mut record = state.outlier.record();
         record.ejections += 1;
-        record.last_kind = Some(kind);
+        record.last_kind = Some(kind.event_name());
         record.last_ejection = Some(Instant::now());
         let jitter_ms = self.config.max_ejection_time_jitter.as_millis() as u64;
         record.jitter = Duration::from_millis(rand::rng().random_range(0..=jitter_ms));
@@ -309,12 +314,12 @@ impl Detector<'_> {
     fn log(
         &self,
         state: &HostState,
-        kind: EjectionKind,
+        kind: &'static str,
         eject: bool,
         enforced: bool,
         detail: &str,
     ) {
-        let Some(sink) = EVENT_LOG.get() else {
+        let Some(write) = EVENT_LOG.get() else {
             return;
         };
         let Some(host) = self
@@ -337,7 +342,7 @@ impl Detector<'_> {
             enforced,
             detail,
         });
-        sink.append(line.as_bytes());
+        write(line.as_bytes());
     }
 
     /// Ends an ejection.
@@ -345,7 +350,7 @@ impl Detector<'_> {
         let kind = state.outlier.record().last_kind;
         self.log(
             state,
-            kind.unwrap_or(EjectionKind::Consecutive5xx),
+            kind.unwrap_or(EjectionKind::Consecutive5xx.event_name()),
             false,
             false,
             "",

@@ -82,8 +82,8 @@ const NOT_COMPUTED: u64 = 0xbff0_0000_0000_0000;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EjectionRecord {
     pub ejections: u32,
-    /// Why it was last ejected: the event log's `type` when the ejection ends.
-    pub last_kind: Option<crate::upstream::health::outlier::EjectionKind>,
+    /// Why it was last ejected, as the event log names it: its `type` when the ejection ends.
+    pub last_kind: Option<&'static str>,
     pub last_ejection: Option<Instant>,
     pub last_unejection: Option<Instant>,
     /// Multiplies the base ejection time; grows with each ejection, shrinks while healthy.
