@@ -455,9 +455,23 @@ fn downstream_max_requests_per_connection_ends_connections_as_in_envoy() {
         }
         let reached =
             remora_tests::admin_stat(admin, "http.ingress.downstream_cx_max_requests_reached");
-        // HTTP/2: two requests, then the connection ends without a third.
-        let (runtime, mut sender) = common::h2_client(loopback(port));
+        // HTTP/2: two requests, then the proxy ends the connection without a third: the
+        // client's connection task finishes while its sender is still held.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         let closed = runtime.block_on(async {
+            let stream = tokio::net::TcpStream::connect(loopback(port))
+                .await
+                .expect("connect");
+            let (mut sender, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .expect("h2 handshake");
+            let connection = tokio::spawn(connection);
             for _ in 0..2 {
                 let request = http::Request::get(format!("http://127.0.0.1:{port}/"))
                     .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -465,14 +479,11 @@ fn downstream_max_requests_per_connection_ends_connections_as_in_envoy() {
                 let response = sender.send_request(request).await.expect("h2 request");
                 assert_eq!(response.status(), 200);
             }
-            // Polled with a deadline: the GOAWAY may come just after the second response.
-            tokio::time::timeout(Duration::from_secs(10), async {
-                while !sender.is_closed() {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await
-            .is_ok()
+            let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+                .await
+                .is_ok();
+            drop(sender);
+            ended
         });
         (answers, reached, closed)
     };

@@ -36,6 +36,26 @@ fn edge_bootstrap(admin_yaml: &str, port: u16, app: std::net::SocketAddr, extra:
     )
 }
 
+/// Envoy or Remora (`envoy` says which) on the bootstrap `yaml`, once its listener on `port`
+/// takes connections; stopped when dropped.
+fn start_proxy(
+    envoy: bool,
+    yaml: &str,
+    admin: std::net::SocketAddr,
+    port: u16,
+) -> Box<dyn std::any::Any> {
+    let (dir, file) = common::write_config(yaml);
+    let proxy: Box<dyn std::any::Any> = if envoy {
+        Box::new((remora_tests::envoy::Envoy::start(&file, admin, &[]), dir))
+    } else {
+        Box::new(Proxy::start(yaml, admin, &[]))
+    };
+    wait_for("the listener", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(loopback(port)).ok()
+    });
+    proxy
+}
+
 /// An HCM's `access_log` (its YAML, indented for [`edge_bootstrap`]'s `extra`): one file logger
 /// writing `format` and a newline to `path`.
 fn file_access_log(path: &std::path::Path, format: &str) -> String {
@@ -181,16 +201,7 @@ fn histogram_names_and_buckets_match_envoys() {
         let (admin, admin_yaml) = admin_block();
         let yaml = edge_bootstrap(&admin_yaml, port, app.addr, "")
             .replace("    type: STATIC\n", IDLE_CLOSE);
-        let (_dir, file) = common::write_config(&yaml);
-        let _proxy: Box<dyn std::any::Any> = if envoy {
-            let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-            wait_for("envoy listener", Duration::from_secs(30), || {
-                std::net::TcpStream::connect(loopback(port)).ok()
-            });
-            Box::new(envoy)
-        } else {
-            Box::new(Proxy::start(&yaml, admin, &[]))
-        };
+        let _proxy = start_proxy(envoy, &yaml, admin, port);
         traffic(port, admin);
         let names: BTreeSet<String> = histogram_lines(admin).into_iter().map(|(n, _)| n).collect();
         let bounds = buckets(admin, "envoy_cluster_upstream_rq_time");
@@ -279,15 +290,7 @@ fn prometheus_series_carry_envoys_tags() {
                 static_cluster("app.ns.svc.local", &[app.addr]),
             ],
         ) + stats_config;
-        let (_dir, file) = common::write_config(&yaml);
-        let _proxy: Box<dyn std::any::Any> = if envoy {
-            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
-        } else {
-            Box::new(Proxy::start(&yaml, admin, &[]))
-        };
-        wait_for("listener", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(loopback(http_port)).ok()
-        });
+        let _proxy = start_proxy(envoy, &yaml, admin, http_port);
         for path in ["/", "/a", "/dotted"] {
             let (status, _, _) = http_get(loopback(http_port), path).expect("request");
             assert_eq!(status, 200);
@@ -390,15 +393,7 @@ fn alt_stat_name_names_the_stats_and_the_logged_cluster_as_in_envoy() {
             "  - name: app\n    alt_stat_name: app_seen;\n",
         );
         assert!(yaml.contains("alt_stat_name"), "{yaml}");
-        let (_dir, file) = common::write_config(&yaml);
-        let _proxy: Box<dyn std::any::Any> = if envoy {
-            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
-        } else {
-            Box::new(Proxy::start(&yaml, admin, &[]))
-        };
-        wait_for("listener", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(loopback(port)).ok()
-        });
+        let _proxy = start_proxy(envoy, &yaml, admin, port);
         let (status, _, _) = http_get(loopback(port), "/").unwrap();
         assert_eq!(status, 200);
         let line = wait_for("the access log line", Duration::from_secs(30), || {
@@ -454,15 +449,7 @@ fn the_bootstrap_tracer_serves_connection_managers_that_name_none() {
                 static_cluster("zipkin", &[collector]),
             ],
         ) + if with_tracer { bootstrap_tracing } else { "" };
-        let (_dir, file) = common::write_config(&yaml);
-        let _proxy: Box<dyn std::any::Any> = if envoy {
-            Box::new(remora_tests::envoy::Envoy::start(&file, admin, &[]))
-        } else {
-            Box::new(Proxy::start(&yaml, admin, &[]))
-        };
-        wait_for("listener", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(loopback(port)).ok()
-        });
+        let _proxy = start_proxy(envoy, &yaml, admin, port);
         let (status, _, body) = http_get(loopback(port), "/").unwrap();
         assert_eq!(status, 200);
         let headers = common::echo_json(&body)["headers"].clone();

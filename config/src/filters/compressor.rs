@@ -127,11 +127,22 @@ pub fn filter(any: &prost_types::Any, path: &str) -> ConfigResult<Compressor> {
     let lpath = field(path, "compressor_library.typed_config");
     let library = match library.type_url.as_str() {
         GZIP_URL => {
-            // Window bits, memory level, strategy and chunk size tune zlib's speed and ratio,
-            // not what the client gets: taken.
+            // The gzip library here has no window, memory level or strategy to set: refused
+            // rather than taken and not applied.
             let gzip_pb::Gzip {
-                compression_level, ..
+                compression_level,
+                memory_level,
+                compression_strategy,
+                window_bits,
+                chunk_size,
             } = unpack(&library, &lpath)?;
+            unsupported!(
+                &lpath,
+                memory_level,
+                compression_strategy,
+                window_bits,
+                chunk_size
+            );
             Library::Gzip {
                 level: match compression_level {
                     0 => 6,
@@ -143,8 +154,18 @@ pub fn filter(any: &prost_types::Any, path: &str) -> ConfigResult<Compressor> {
             let brotli_pb::Brotli {
                 quality,
                 window_bits,
-                ..
+                encoder_mode,
+                input_block_bits,
+                chunk_size,
+                disable_literal_context_modeling,
             } = unpack(&library, &lpath)?;
+            unsupported!(
+                &lpath,
+                encoder_mode,
+                input_block_bits,
+                chunk_size,
+                disable_literal_context_modeling
+            );
             Library::Brotli {
                 quality: quality.unwrap_or(3).min(11),
                 window_bits: window_bits.unwrap_or(18).clamp(10, 24),
@@ -155,9 +176,10 @@ pub fn filter(any: &prost_types::Any, path: &str) -> ConfigResult<Compressor> {
                 compression_level,
                 enable_checksum,
                 dictionary,
-                ..
+                strategy,
+                chunk_size,
             } = unpack(&library, &lpath)?;
-            unsupported!(&lpath, dictionary);
+            unsupported!(&lpath, dictionary, strategy, chunk_size);
             Library::Zstd {
                 level: compression_level.unwrap_or(3).min(22) as i32,
                 checksum: enable_checksum,

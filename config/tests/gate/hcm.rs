@@ -629,6 +629,22 @@ fn compressor_filters_read_their_library_and_name_what_they_refuse() {
             (
                 &filter(
                     "",
+                    "{\"@type\": type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip, window_bits: 10}",
+                ),
+                "http_filters[0].typed_config.compressor_library.typed_config.window_bits",
+                UNSUPPORTED,
+            ),
+            (
+                &filter(
+                    "",
+                    "{\"@type\": type.googleapis.com/envoy.extensions.compression.brotli.compressor.v3.Brotli, encoder_mode: TEXT}",
+                ),
+                "http_filters[0].typed_config.compressor_library.typed_config.encoder_mode",
+                UNSUPPORTED,
+            ),
+            (
+                &filter(
+                    "",
                     "{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}",
                 ),
                 "http_filters[0].typed_config.compressor_library.typed_config",

@@ -723,8 +723,11 @@ impl Pools {
                 ),
             };
             note(local, sender.local);
-            // One sender carries one request at a time, so the count cannot pass the bound.
-            sender.count_request(None);
+            // One sender carries one request at a time, so the count cannot pass the bound;
+            // without a bound nothing is counted (an atomic add per request saved).
+            if self.max_requests.is_some() {
+                sender.count_request(None);
+            }
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let lease = Lease {
