@@ -26,6 +26,9 @@ use crate::unsupported;
 /// Why a cluster whose endpoint is a unix socket serves nothing but the ADS stream.
 const PIPE_ONLY_ADS: &str = "Remora reaches a pipe only for the ADS stream";
 
+/// Envoy's `stats_flush_interval` when none is set.
+pub const DEFAULT_STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The whole bootstrap, validated.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -39,6 +42,10 @@ pub struct Bootstrap {
     pub runtime: Runtime,
     /// `stats_config`: the tags Prometheus shows and the stats that exist.
     pub stats: Arc<crate::stats::StatsConfig>,
+    /// `stats_sinks`: the collectors stats are pushed to.
+    pub stats_sinks: Vec<crate::stats::StatsdSink>,
+    /// `stats_flush_interval`: how often the sinks get the stats (5 s unless set).
+    pub stats_flush_interval: Duration,
     /// The bootstrap's (deprecated) `tracing.http`: the tracer of connection managers whose
     /// `tracing` names no provider, as in Envoy.
     pub tracing_provider: Option<crate::tracing::Provider>,
@@ -126,6 +133,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         static_resources,
         dynamic_resources,
         cluster_manager,
+        stats_sinks,
         stats_flush_interval,
         tracing,
         stats_config,
@@ -139,12 +147,26 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         enable_dispatcher_stats,
         header_prefix,
     } = proto;
-    unsupported!(
-        "",
-        stats_flush_interval,
-        enable_dispatcher_stats,
-        header_prefix
-    );
+    unsupported!("", enable_dispatcher_stats, header_prefix);
+    let stats_sinks = stats_sinks
+        .iter()
+        .enumerate()
+        .map(|(index, sink)| crate::stats::stats_sink(sink, &item("", "stats_sinks", index)))
+        .collect::<ConfigResult<Vec<_>>>()?;
+    let stats_flush_interval = match stats_flush_interval {
+        None => DEFAULT_STATS_FLUSH_INTERVAL,
+        Some(given) => {
+            let interval = duration(given, "stats_flush_interval")?;
+            // Envoy's bounds.
+            if interval < Duration::from_millis(1) || interval >= Duration::from_secs(300) {
+                return err(
+                    "stats_flush_interval",
+                    format!("{interval:?} is out of range: at least 1ms and under 300s"),
+                );
+            }
+            interval
+        }
+    };
     let mut outlier_event_log = None;
     if let Some(manager) = cluster_manager {
         let bootstrap_pb::ClusterManager {
@@ -314,6 +336,8 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         dynamic,
         runtime,
         stats: Arc::new(stats),
+        stats_sinks,
+        stats_flush_interval,
         outlier_event_log,
         tracing_provider: match tracing
             .as_ref()

@@ -9,6 +9,7 @@
 //! Envoy read these labels, so the extractors and their order follow Envoy 1.40's.
 
 use xds_api::envoy::config::metrics::v3 as metrics_pb;
+use xds_api::type_urls;
 
 use crate::error::{ConfigError, ConfigResult, err, field, item};
 use crate::matcher::{StringMatch, string_matcher};
@@ -529,6 +530,106 @@ pub fn stats_config(proto: &metrics_pb::StatsConfig, path: &str) -> ConfigResult
         Some(Which::ExclusionList(l)) => StatsMatcher::Exclude(list(l, "exclusion_list")?),
     };
     Ok(StatsConfig { tags, matcher })
+}
+
+/// Envoy's name for a sink's stats when no `prefix` is set.
+pub const DEFAULT_SINK_PREFIX: &str = "envoy";
+
+/// One of the bootstrap's `stats_sinks`: a statsd or DogStatsD collector Remora sends to over
+/// UDP, as Envoy's `envoy.stat_sinks.statsd` and `envoy.stat_sinks.dog_statsd` do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsdSink {
+    pub address: std::net::SocketAddr,
+    /// Put before every name, with a dot.
+    pub prefix: String,
+    /// DogStatsD: names after tag extraction, their tags after `|#` (statsd: full names).
+    pub tagged: bool,
+    /// Lines of one flush share a datagram up to this many bytes; `None`: one per datagram.
+    pub max_bytes_per_datagram: Option<usize>,
+}
+
+/// Reads one of `stats_sinks`. Envoy picks a sink by its `typed_config`'s type.
+pub fn stats_sink(proto: &metrics_pb::StatsSink, path: &str) -> ConfigResult<StatsdSink> {
+    use metrics_pb::stats_sink::ConfigType;
+    let metrics_pb::StatsSink { name, config_type } = proto;
+    let Some(ConfigType::TypedConfig(any)) = config_type else {
+        return err(
+            field(path, "typed_config"),
+            format!("required: the settings of sink {name:?}, with their @type"),
+        );
+    };
+    let typed = field(path, "typed_config");
+    let prefix = |prefix: &str| {
+        if prefix.is_empty() {
+            DEFAULT_SINK_PREFIX.to_string()
+        } else {
+            prefix.to_string()
+        }
+    };
+    if any.type_url == format!("{}envoy.config.metrics.v3.StatsdSink", type_urls::PREFIX) {
+        let metrics_pb::StatsdSink {
+            statsd_specifier,
+            prefix: given,
+        } = crate::common::unpack(any, &typed)?;
+        use metrics_pb::statsd_sink::StatsdSpecifier;
+        let address = match statsd_specifier {
+            Some(StatsdSpecifier::Address(address)) => {
+                crate::common::socket_address(&Some(address), &field(&typed, "address"))?
+            }
+            Some(StatsdSpecifier::TcpClusterName(_)) => {
+                return err(
+                    field(&typed, "tcp_cluster_name"),
+                    "Remora sends statsd over UDP only: set `address` instead",
+                );
+            }
+            None => return err(field(&typed, "address"), "required"),
+        };
+        return Ok(StatsdSink {
+            address,
+            prefix: prefix(&given),
+            tagged: false,
+            max_bytes_per_datagram: None,
+        });
+    }
+    if any.type_url == format!("{}envoy.config.metrics.v3.DogStatsdSink", type_urls::PREFIX) {
+        let metrics_pb::DogStatsdSink {
+            dog_statsd_specifier,
+            prefix: given,
+            max_bytes_per_datagram,
+        } = crate::common::unpack(any, &typed)?;
+        use metrics_pb::dog_statsd_sink::DogStatsdSpecifier;
+        let address = match dog_statsd_specifier {
+            Some(DogStatsdSpecifier::Address(address)) => {
+                crate::common::socket_address(&Some(address), &field(&typed, "address"))?
+            }
+            None => return err(field(&typed, "address"), "required"),
+        };
+        let max_bytes_per_datagram = match max_bytes_per_datagram {
+            Some(0) => {
+                return err(
+                    field(&typed, "max_bytes_per_datagram"),
+                    "must be greater than 0",
+                );
+            }
+            Some(bytes) => Some(usize::try_from(bytes).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        return Ok(StatsdSink {
+            address,
+            prefix: prefix(&given),
+            tagged: true,
+            max_bytes_per_datagram,
+        });
+    }
+    err(
+        typed,
+        format!(
+            "stats sink {} is not supported: Remora pushes to statsd \
+             (envoy.config.metrics.v3.StatsdSink) and DogStatsD \
+             (envoy.config.metrics.v3.DogStatsdSink), and serves /stats/prometheus",
+            any.type_url
+        ),
+    )
 }
 
 #[cfg(test)]

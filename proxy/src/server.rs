@@ -123,6 +123,13 @@ async fn serve(
     identity: crate::cli::XdsIdentity,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
+    let sinks = crate::stats::sink::start(
+        &bootstrap.stats_sinks,
+        bootstrap.stats_flush_interval,
+        bootstrap.stats.clone(),
+        &registry,
+    )
+    .context("cannot open a socket for stats_sinks")?;
     let store = Arc::new(Store::default());
     let secrets = crate::tls::Secrets::new(tokio::runtime::Handle::current());
     for secret in &bootstrap.secrets {
@@ -279,6 +286,10 @@ async fn serve(
         crate::http::access_log::flush_all(Duration::from_secs(2));
     })
     .await?;
+    // As Envoy does at exit: the counts since the last interval reach the sinks too.
+    if let Some(sinks) = &sinks {
+        sinks.flush(&registry);
+    }
     Ok(())
 }
 

@@ -474,3 +474,281 @@ fn the_bootstrap_tracer_serves_connection_managers_that_name_none() {
         );
     }
 }
+
+/// A statsd collector on loopback: every line it received, a datagram's lines split apart.
+struct Collector {
+    addr: std::net::SocketAddr,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    datagrams: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Collector {
+    fn start() -> Collector {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a collector");
+        let addr = socket.local_addr().expect("its address");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let datagrams = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (into_lines, into_datagrams) = (lines.clone(), datagrams.clone());
+        // The thread ends with the test process; a blocked receive holds nothing else.
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                into_lines
+                    .lock()
+                    .unwrap()
+                    .extend(text.split('\n').map(str::to_string));
+                into_datagrams.lock().unwrap().push(text);
+            }
+        });
+        Collector {
+            addr,
+            lines,
+            datagrams,
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The sum of the values of the lines `NAME:VALUE|KIND` (a counter's changes add up to its
+    /// count; a timer's lines, `KIND` `ms`, count 1 each). `KIND` may go on with the tags a
+    /// line must have; without them, it matches any.
+    fn total(&self, name: &str, kind: &str) -> u64 {
+        self.lines()
+            .iter()
+            .filter_map(|line| {
+                let (head, rest) = line.split_once(':')?;
+                let (value, tail) = rest.split_once('|')?;
+                (head == name && (tail == kind || tail.starts_with(&format!("{kind}|")))).then(
+                    || {
+                        if kind.starts_with("ms") {
+                            1
+                        } else {
+                            value.parse().unwrap_or(0)
+                        }
+                    },
+                )
+            })
+            .sum()
+    }
+}
+
+/// The bootstrap of [`edge_bootstrap`] with a statsd sink (prefix `mesh`) and a DogStatsD one
+/// (default prefix, lines batched up to 512 bytes), flushed every `interval`.
+fn sink_bootstrap(
+    admin_yaml: &str,
+    port: u16,
+    app: std::net::SocketAddr,
+    statsd: &Collector,
+    dog: &Collector,
+    interval: &str,
+) -> String {
+    edge_bootstrap(admin_yaml, port, app, "")
+        + &format!(
+            r#"stats_flush_interval: {interval}
+stats_sinks:
+- name: envoy.stat_sinks.statsd
+  typed_config:
+    "@type": type.googleapis.com/envoy.config.metrics.v3.StatsdSink
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}
+    prefix: mesh
+- name: envoy.stat_sinks.dog_statsd
+  typed_config:
+    "@type": type.googleapis.com/envoy.config.metrics.v3.DogStatsdSink
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}
+    max_bytes_per_datagram: 512
+"#,
+            statsd.addr.port(),
+            dog.addr.port()
+        )
+}
+
+/// Starts Envoy (`envoy`) or Remora on `yaml` and waits for its listener on `port`; the
+/// process, to signal, and what must live as long as it.
+fn start_signalled(
+    envoy: bool,
+    yaml: &str,
+    admin: std::net::SocketAddr,
+    port: u16,
+) -> (remora_tests::process::ChildGuard, Box<dyn std::any::Any>) {
+    let (dir, file) = common::write_config(yaml);
+    let process = if envoy {
+        remora_tests::envoy::Envoy::start(&file, admin, &[]).process
+    } else {
+        Proxy::start(yaml, admin, &["--drain-time-s", "1"]).process
+    };
+    wait_for("the listener", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(loopback(port)).ok()
+    });
+    (process, Box::new(dir))
+}
+
+/// statsd and DogStatsD collectors get from Remora the lines Envoy sends them for the same
+/// bootstrap and traffic: counters as changes per flush, gauges as values, each histogram value
+/// as a timer line when recorded, under the full name (statsd) or the tag-extracted name with
+/// Envoy's tags (DogStatsD).
+#[test]
+fn stats_sinks_get_the_lines_envoy_sends() {
+    if !remora_tests::envoy::available_or_skip("stats_sinks_get_the_lines_envoy_sends") {
+        return;
+    }
+    let app = EchoServer::start("app", "127.0.0.1");
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let (statsd, dog) = (Collector::start(), Collector::start());
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "0.2s");
+        let (_process, _keep) = start_signalled(envoy, &yaml, admin, port);
+        for _ in 0..3 {
+            let (status, _, _) = http_get(loopback(port), "/").expect("request");
+            assert_eq!(status, 200);
+        }
+        let proxy = if envoy { "envoy" } else { "remora" };
+        let totals = || {
+            [
+                statsd.total("mesh.cluster.app.upstream_rq_total", "c"),
+                statsd.total("mesh.http.edge.downstream_rq_2xx", "c"),
+                statsd.total("mesh.cluster.app.upstream_rq_time", "ms"),
+                statsd.total("mesh.http.edge.downstream_rq_time", "ms"),
+                dog.total("envoy.cluster.upstream_rq_total", "c"),
+                dog.total(
+                    "envoy.http.downstream_rq_time",
+                    "ms|#envoy.http_conn_manager_prefix:edge",
+                ),
+            ]
+        };
+        let arrived = remora_tests::poll_until(Duration::from_secs(20), || {
+            (totals() == [3; 6]).then_some(())
+        });
+        assert!(
+            arrived.is_some(),
+            "{proxy}: counts and timers at the collectors: {:?}, want all 3\n{:#?}",
+            totals(),
+            statsd.lines()
+        );
+        // The same counts at later flushes: changes of zero, not the totals again.
+        let flushes = statsd.total("mesh.cluster.app.membership_total", "g");
+        wait_for("two more flushes", Duration::from_secs(20), || {
+            (statsd.total("mesh.cluster.app.membership_total", "g") >= flushes + 2).then_some(())
+        });
+        assert_eq!(statsd.total("mesh.cluster.app.upstream_rq_total", "c"), 3);
+        let port_name = format!("127.0.0.1_{port}");
+        let normal = |lines: Vec<String>| -> Vec<String> {
+            lines
+                .into_iter()
+                .map(|line| line.replace(&port_name, "127.0.0.1_PORT"))
+                .collect()
+        };
+        let datagrams = dog.datagrams.lock().unwrap().clone();
+        assert!(
+            datagrams
+                .iter()
+                .all(|d| d.len() <= 512 && !d.ends_with('\n')),
+            "{proxy}: a DogStatsD datagram over its bound"
+        );
+        assert!(
+            datagrams.iter().any(|d| d.contains('\n')),
+            "{proxy}: no flushed lines shared a datagram"
+        );
+        seen.push((normal(statsd.lines()), normal(dog.lines())));
+    }
+    let ((envoy_statsd, envoy_dog), (remora_statsd, remora_dog)) = (&seen[0], &seen[1]);
+    // A line without its value: the name, its kind and its tags.
+    let shape = |line: &str| -> Option<String> {
+        let (head, rest) = line.split_once(':')?;
+        let (value, tail) = rest.split_once('|')?;
+        value.parse::<u64>().ok()?;
+        Some(format!("{head}|{tail}"))
+    };
+    for (lines, sink) in [(remora_statsd, "statsd"), (remora_dog, "DogStatsD")] {
+        let unreadable: Vec<&String> = lines.iter().filter(|l| shape(l).is_none()).collect();
+        assert!(unreadable.is_empty(), "{sink}: {unreadable:?}");
+    }
+    for (envoy, remora, sink, least) in [
+        (envoy_statsd, remora_statsd, "statsd", 25),
+        (envoy_dog, remora_dog, "DogStatsD", 25),
+    ] {
+        let envoy: BTreeSet<String> = envoy.iter().filter_map(|l| shape(l)).collect();
+        let remora: BTreeSet<String> = remora.iter().filter_map(|l| shape(l)).collect();
+        // Name and kind as Envoy sends them, for the stats both have: the same tags.
+        let name_kind = |s: &String| s.split("|#").next().unwrap_or_default().to_string();
+        let envoy_names: BTreeSet<String> = envoy.iter().map(name_kind).collect();
+        let shared: Vec<&String> = remora
+            .iter()
+            .filter(|s| envoy_names.contains(&name_kind(s)))
+            .collect();
+        let unlike: Vec<&&String> = shared.iter().filter(|s| !envoy.contains(**s)).collect();
+        assert!(
+            unlike.is_empty(),
+            "{sink}: tagged otherwise than by Envoy: {unlike:#?}"
+        );
+        assert!(
+            shared.len() >= least,
+            "{sink}: only {} lines alike: {shared:#?}",
+            shared.len()
+        );
+    }
+    for line in [
+        "mesh.cluster.app.upstream_rq_total|c",
+        "mesh.cluster.app.membership_total|g",
+        "mesh.cluster.app.upstream_rq_time|ms",
+        "mesh.listener.127.0.0.1_PORT.downstream_cx_total|c",
+    ] {
+        let has = |lines: &Vec<String>| lines.iter().any(|l| shape(l).as_deref() == Some(line));
+        assert!(has(envoy_statsd), "envoy lacks {line}");
+        assert!(has(remora_statsd), "remora lacks {line}");
+    }
+    for line in [
+        "envoy.cluster.upstream_rq_xx|c|#envoy.response_code_class:2,envoy.cluster_name:app",
+        "envoy.cluster.upstream_rq_time|ms|#envoy.cluster_name:app",
+        "envoy.http.downstream_rq_time|ms|#envoy.http_conn_manager_prefix:edge",
+        "envoy.listener.downstream_cx_total|c|#envoy.listener_address:127.0.0.1_PORT",
+    ] {
+        let has = |lines: &Vec<String>| lines.iter().any(|l| shape(l).as_deref() == Some(line));
+        assert!(has(envoy_dog), "envoy lacks {line}");
+        assert!(has(remora_dog), "remora lacks {line}");
+    }
+}
+
+/// Counts made after the last interval's flush still reach the collector: both proxies flush
+/// once more when they stop.
+#[test]
+fn stats_sinks_get_a_last_flush_at_shutdown() {
+    if !remora_tests::envoy::available_or_skip("stats_sinks_get_a_last_flush_at_shutdown") {
+        return;
+    }
+    let app = EchoServer::start("app", "127.0.0.1");
+    for envoy in [true, false] {
+        let (statsd, dog) = (Collector::start(), Collector::start());
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        // No flush by interval while the test runs.
+        let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "120s");
+        let (mut process, _keep) = start_signalled(envoy, &yaml, admin, port);
+        for _ in 0..2 {
+            let (status, _, _) = http_get(loopback(port), "/").expect("request");
+            assert_eq!(status, 200);
+        }
+        let proxy = if envoy { "envoy" } else { "remora" };
+        assert_eq!(
+            statsd.total("mesh.cluster.app.upstream_rq_total", "c"),
+            0,
+            "{proxy} flushed before the interval"
+        );
+        process.signal("TERM");
+        let status = process.wait_timeout(Duration::from_secs(20));
+        assert!(status.is_some(), "{proxy} did not exit on SIGTERM");
+        wait_for(
+            &format!("{proxy}'s last flush"),
+            Duration::from_secs(10),
+            || {
+                (statsd.total("mesh.cluster.app.upstream_rq_total", "c") == 2
+                    && dog.total("envoy.cluster.upstream_rq_total", "c") == 2)
+                    .then_some(())
+            },
+        );
+    }
+}

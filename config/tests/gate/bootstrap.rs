@@ -40,14 +40,76 @@ fn the_base_bootstrap_is_accepted_as_written() {
 }
 
 #[test]
+fn stats_sinks_are_read_with_envoys_defaults() {
+    let bootstrap = accepted(
+        ROOT,
+        "stats_sinks:\n\
+         - name: envoy.stat_sinks.statsd\n  typed_config:\n    '@type': type.googleapis.com/envoy.config.metrics.v3.StatsdSink\n    address: {socket_address: {address: 127.0.0.1, port_value: 8125}}\n\
+         - name: envoy.stat_sinks.dog_statsd\n  typed_config:\n    '@type': type.googleapis.com/envoy.config.metrics.v3.DogStatsdSink\n    address: {socket_address: {address: '::1', port_value: 8126}}\n    prefix: mesh\n    max_bytes_per_datagram: 1400\n",
+    );
+    assert_eq!(bootstrap.stats_flush_interval, Duration::from_secs(5));
+    let sinks: Vec<(String, &str, bool, Option<usize>)> = bootstrap
+        .stats_sinks
+        .iter()
+        .map(|s| {
+            (
+                s.address.to_string(),
+                s.prefix.as_str(),
+                s.tagged,
+                s.max_bytes_per_datagram,
+            )
+        })
+        .collect();
+    assert_eq!(
+        sinks,
+        [
+            ("127.0.0.1:8125".to_string(), "envoy", false, None),
+            ("[::1]:8126".to_string(), "mesh", true, Some(1400)),
+        ]
+    );
+    let bootstrap = accepted(ROOT, "stats_flush_interval: 0.25s");
+    assert_eq!(bootstrap.stats_flush_interval, Duration::from_millis(250));
+}
+
+#[test]
 fn bootstrap_fields_are_refused_by_path() {
     check_rejections(
         ROOT,
         &[
             (
-                "stats_flush_interval: 5s",
+                "stats_flush_interval: 300s",
                 "stats_flush_interval",
-                UNSUPPORTED,
+                "out of range: at least 1ms and under 300s",
+            ),
+            (
+                "stats_sinks: [{name: envoy.stat_sinks.statsd}]",
+                "stats_sinks[0].typed_config",
+                "required: the settings of sink \"envoy.stat_sinks.statsd\"",
+            ),
+            (
+                "stats_sinks: [{typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.StatsdSink, tcp_cluster_name: statsd}}]",
+                "stats_sinks[0].typed_config.tcp_cluster_name",
+                "Remora sends statsd over UDP only",
+            ),
+            (
+                "stats_sinks: [{typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.StatsdSink, address: {socket_address: {address: statsd.local, port_value: 8125}}}}]",
+                "stats_sinks[0].typed_config.address.socket_address.address",
+                "\"statsd.local\" is not an IP address",
+            ),
+            (
+                "stats_sinks: [{typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.DogStatsdSink, address: {socket_address: {address: 127.0.0.1, port_value: 8125}}, max_bytes_per_datagram: 0}}]",
+                "stats_sinks[0].typed_config.max_bytes_per_datagram",
+                "must be greater than 0",
+            ),
+            (
+                "stats_sinks: [{name: envoy.stat_sinks.metrics_service, typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig, grpc_service: {envoy_grpc: {cluster_name: ms}}}}]",
+                "stats_sinks[0].typed_config",
+                "unsupported type \"type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig\"",
+            ),
+            (
+                "stats_sinks: [{typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.DogStatsdSink}}]",
+                "stats_sinks[0].typed_config.address",
+                "required",
             ),
             ("header_prefix: x-acme", "header_prefix", UNSUPPORTED),
             (

@@ -58,16 +58,37 @@ impl Default for Shard {
     }
 }
 
+/// Where a histogram's values also go as they are recorded (a stats sink's timer lines).
+pub type Tap = Box<dyn Fn(u64) + Send + Sync>;
+
 /// One histogram of millisecond values. The shard table is made on the first value: most of a
 /// large config's clusters never record one, and an empty table is 256 bytes each.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Histogram {
     shards: OnceLock<Box<[OnceLock<Box<Shard>>; SHARDS]>>,
+    /// Set once, when a stats sink wants every value.
+    tap: OnceLock<Tap>,
+}
+
+impl std::fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Histogram")
+            .field("snapshot", &self.snapshot())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Histogram {
+    /// Hands every value recorded from now on to `tap` too; a histogram takes one tap.
+    pub fn set_tap(&self, tap: Tap) {
+        let _ = self.tap.set(tap);
+    }
+
     /// Records one value (milliseconds).
     pub fn record(&self, value: u64) {
+        if let Some(tap) = self.tap.get() {
+            tap(value);
+        }
         let shards = self
             .shards
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));

@@ -4,6 +4,7 @@
 
 pub mod histogram;
 pub mod prometheus;
+pub mod sink;
 
 pub use histogram::Histogram;
 
@@ -133,7 +134,12 @@ pub struct Registry {
     /// Gauges computed when shown, from state kept elsewhere (circuit breakers): nothing on the
     /// request path updates them. By prefix; each entry reads the whole set.
     derived: Mutex<BTreeMap<String, ReadGauges>>,
+    /// Makes the tap of each histogram, by its name (see [`Registry::tap_histograms`]).
+    taps: std::sync::OnceLock<MakeTap>,
 }
+
+/// Makes a histogram's [`histogram::Tap`] from its name, or none for a histogram left out.
+pub type MakeTap = Box<dyn Fn(&str) -> Option<histogram::Tap> + Send + Sync>;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -175,6 +181,11 @@ impl Registry {
             return typed;
         }
         let made = Arc::new(T::default());
+        if let Some(make) = self.taps.get() {
+            made.each_histogram(&mut |field, histogram| {
+                tap(make, &format!("{prefix}.{field}"), histogram);
+            });
+        }
         blocks.insert(
             prefix,
             Block {
@@ -186,10 +197,36 @@ impl Registry {
     }
 
     pub fn histogram(&self, name: impl Into<String>) -> Arc<Histogram> {
-        lock(&self.histograms)
-            .entry(name.into())
-            .or_default()
-            .clone()
+        let mut histograms = lock(&self.histograms);
+        let name = name.into();
+        if let Some(histogram) = histograms.get(&name) {
+            return histogram.clone();
+        }
+        let made = Arc::new(Histogram::default());
+        if let Some(make) = self.taps.get() {
+            tap(make, &name, &made);
+        }
+        histograms.insert(name, made.clone());
+        made
+    }
+
+    /// From now on every histogram, those made before and those made later, hands its values
+    /// to the tap `make` gives it by name. Set once; later calls change nothing.
+    pub fn tap_histograms(&self, make: MakeTap) {
+        // Set first, then walked under the maps' locks, which histograms are made under: one
+        // made meanwhile is tapped on creation, and a second tap is refused by the histogram.
+        if self.taps.set(make).is_err() {
+            return;
+        }
+        let Some(make) = self.taps.get() else { return };
+        for (name, histogram) in lock(&self.histograms).iter() {
+            tap(make, name, histogram);
+        }
+        for (prefix, block) in lock(&self.blocks).iter() {
+            block.shown.each_histogram(&mut |field, histogram| {
+                tap(make, &format!("{prefix}.{field}"), histogram);
+            });
+        }
     }
 
     /// Every histogram whose name `shown` selects (with whether it has values), merged.
@@ -275,6 +312,12 @@ impl Registry {
             out.push_str(&format!("{name}: {value}\n"));
         }
         out
+    }
+}
+
+fn tap(make: &MakeTap, name: &str, histogram: &Histogram) {
+    if let Some(tap) = make(name) {
+        histogram.set_tap(tap);
     }
 }
 
