@@ -23,8 +23,8 @@ use crate::route::Files;
 use crate::tls::Secret;
 use crate::unsupported;
 
-/// Why a cluster whose endpoint is a unix socket serves nothing but the ADS stream.
-const PIPE_ONLY_ADS: &str = "Remora reaches a pipe only for the ADS stream";
+/// Why a cluster whose endpoint is a unix socket serves nothing but xDS streams.
+const PIPE_ONLY_ADS: &str = "Remora reaches a pipe only for the ADS and SDS streams";
 
 /// Envoy's `stats_flush_interval` when none is set.
 pub const DEFAULT_STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -264,6 +264,17 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         .flat_map(|l| l.sds_secrets())
         .chain(clusters.iter().flat_map(|c| c.connect.sds_secrets()));
     for sds in named {
+        if let crate::tls::SecretSource::Grpc(grpc) = &sds.source
+            && !clusters.iter().any(|c| c.name == grpc.cluster)
+        {
+            return err(
+                format!(
+                    "{}.sds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name",
+                    sds.path
+                ),
+                format!("unknown static cluster {:?}", grpc.cluster),
+            );
+        }
         if sds.source == crate::tls::SecretSource::Static
             && !secrets.iter().any(|s| s.name == sds.name)
         {

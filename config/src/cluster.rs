@@ -198,7 +198,7 @@ impl ConnectOptions {
 pub struct Cluster {
     pub name: String,
     /// The unix socket (`pipe`) that is a STATIC cluster's one endpoint, as Istio's clusters to
-    /// its agent are. Remora reaches a pipe only for the ADS stream: the cluster has no hosts.
+    /// its agent are. Remora reaches a pipe only for the ADS and SDS streams: the cluster has no hosts.
     pub pipe: Option<std::path::PathBuf>,
     /// `alt_stat_name`, else the name: what its stats are named under (`cluster.NAME.*`) and
     /// what `%UPSTREAM_CLUSTER%` prints, as Envoy's observable name.

@@ -188,6 +188,18 @@ pub enum SecretSource {
     Ads,
     /// A file holding a `DiscoveryResponse` with the secret, reloaded when it changes.
     File(PathBuf),
+    /// An SDS stream of its own (`api_config_source`, `GRPC`) to a cluster: Istio's
+    /// `sds-grpc`, the agent's unix socket.
+    Grpc(GrpcSecretSource),
+}
+
+/// An SDS server reached over gRPC (`StreamSecrets`), one stream per secret, as Envoy opens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrpcSecretSource {
+    /// The `envoy_grpc` cluster.
+    pub cluster: String,
+    /// `set_node_on_first_message_only`.
+    pub node_on_first_message_only: bool,
 }
 
 /// A secret by name and source (`SdsSecretConfig`).
@@ -747,14 +759,90 @@ fn secret_source(
         Some(S::Path(_) | S::PathConfigSource(_)) => {
             return err(path, "the secret file's path is required");
         }
+        Some(S::ApiConfigSource(api)) => {
+            SecretSource::Grpc(grpc_secret_source(api, &field(path, "api_config_source"))?)
+        }
         _ => {
             return err(
                 path,
-                "secrets come from `ads: {}` or a file (`path_config_source`); other sources are not supported",
+                "secrets come from `ads: {}`, a gRPC `api_config_source` or a file (`path_config_source`); other sources are not supported",
             );
         }
     };
     Ok((source, timeout))
+}
+
+/// An SDS `api_config_source`: `GRPC` to one `envoy_grpc` cluster.
+fn grpc_secret_source(
+    proto: &core_pb::ApiConfigSource,
+    path: &str,
+) -> ConfigResult<GrpcSecretSource> {
+    let core_pb::ApiConfigSource {
+        api_type,
+        transport_api_version,
+        cluster_names,
+        grpc_services,
+        refresh_delay,
+        request_timeout,
+        rate_limit_settings,
+        set_node_on_first_message_only,
+        config_validators,
+    } = proto;
+    crate::unsupported!(
+        path,
+        cluster_names,
+        refresh_delay,
+        request_timeout,
+        rate_limit_settings,
+        config_validators
+    );
+    use core_pb::api_config_source::ApiType;
+    if ApiType::try_from(*api_type) != Ok(ApiType::Grpc) {
+        return err(
+            field(path, "api_type"),
+            "Remora streams secrets with GRPC (StreamSecrets) only",
+        );
+    }
+    api_version(
+        *transport_api_version,
+        &field(path, "transport_api_version"),
+    )?;
+    let [service] = grpc_services.as_slice() else {
+        return err(
+            field(path, "grpc_services"),
+            "exactly one grpc service is required",
+        );
+    };
+    let gpath = item(path, "grpc_services", 0);
+    let core_pb::GrpcService {
+        timeout,
+        initial_metadata,
+        target_specifier,
+    } = service;
+    crate::unsupported!(&gpath, timeout, initial_metadata);
+    let Some(core_pb::grpc_service::TargetSpecifier::EnvoyGrpc(core_pb::grpc_service::EnvoyGrpc {
+        cluster_name,
+        authority,
+        max_receive_message_length,
+        skip_envoy_headers,
+    })) = target_specifier
+    else {
+        return err(gpath, "envoy_grpc is required");
+    };
+    let epath = field(&gpath, "envoy_grpc");
+    crate::unsupported!(
+        &epath,
+        authority,
+        max_receive_message_length,
+        skip_envoy_headers
+    );
+    if cluster_name.is_empty() {
+        return err(field(&epath, "cluster_name"), "required");
+    }
+    Ok(GrpcSecretSource {
+        cluster: cluster_name.clone(),
+        node_on_first_message_only: *set_node_on_first_message_only,
+    })
 }
 
 /// A `Secret` resource (static, over ADS or from a file). Session ticket keys and generic

@@ -176,6 +176,12 @@ async fn serve(
         clusters.push((config.name.clone(), cluster));
     }
     store.update(|snapshot| snapshot.clusters.extend(clusters));
+    // Secrets from an SDS source of their own stream from its cluster, now in place.
+    secrets.open_streams_with(crate::xds::sds::opener(
+        store.clone(),
+        bootstrap.node.proto.clone(),
+        &secrets,
+    ));
     let xds_status = Arc::new(crate::xds::Status::default());
     if let Some(admin) = &bootstrap.admin {
         let listener = tokio::net::TcpListener::bind(admin.address)

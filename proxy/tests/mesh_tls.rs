@@ -1,6 +1,6 @@
 //! Mesh mTLS end to end: SPIFFE certificates (a URI SAN and nothing else) checked by SAN
 //! matchers, against real Envoy in both directions; secrets from static resources, from a
-//! watched file and over ADS, rotated under load without a failed request; static listeners
+//! watched file, over ADS and from an SDS stream of their own, rotated under load without a failed request; static listeners
 //! and clusters naming ADS secrets holding initialization until they come, as in Envoy.
 
 #[path = "common/ads.rs"]
@@ -1155,4 +1155,98 @@ fn a_static_listener_waits_for_its_secret_file_to_hold_the_secret() {
     });
     assert_eq!(tls_probe(loopback(port), &client), Seen::Status(200, 51));
     drop(proxy);
+}
+
+/// Istio's sidecar bootstrap: a listener's certificate comes from an SDS source of its own
+/// (`api_config_source` to the `sds-grpc` cluster, whose endpoint is the agent's unix socket),
+/// waited for without a timeout. Under Remora as under Envoy the listener serves once the
+/// secret streams in, serves the next version after its ACK, keeps the last good one after a
+/// NACK, and the node goes only in each stream's first request.
+#[test]
+fn a_secret_streams_from_its_own_sds_cluster_as_istio_writes_it() {
+    use xds_api::type_urls::SECRET;
+    let ca = Ca::new();
+    let app = EchoServer::start("app", "127.0.0.1");
+    for &remora in remora_then_envoy("SDS from a cluster of its own") {
+        let sds_server = ads::AdsServer::start();
+        let (_relay_dir, pipe) = ads::pipe_relay(sds_server.addr);
+        let (admin, admin_yaml) = admin_block();
+        let port = free_port();
+        let sds = r#"{name: default, sds_config: {api_config_source: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: sds-grpc}}], set_node_on_first_message_only: true}, initial_fetch_timeout: 0s, resource_api_version: V3}}"#;
+        let yaml = format!(
+            r#"node: {{id: sidecar~10.0.0.1~app.default~default.svc.cluster.local, cluster: app.default}}
+{admin_yaml}static_resources:
+  listeners:
+{listener}  clusters:
+{app}
+  - name: sds-grpc
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{pipe}"}}}}}}}}]}}]
+"#,
+            listener = tls_listener_with_sds(port, sds),
+            app = static_cluster("app", &[app.addr]).trim_end(),
+            pipe = pipe.display(),
+        );
+        let proxy = if remora { "remora" } else { "envoy" };
+        sds_server.set(SECRET, vec![certificate_secret("default", &ca.server(7))]);
+        let (dir, file) = write_config(&yaml);
+        let _running: Box<dyn std::any::Any> = if remora {
+            Box::new(Proxy::start_file(&file, admin, &[]))
+        } else {
+            Box::new((envoy::Envoy::start(&file, admin, &[]), dir))
+        };
+        let client = tls_client(&ca.pem());
+        let addr = loopback(port);
+        wait_for(
+            &format!("{proxy}: TLS with the streamed certificate"),
+            Duration::from_secs(20),
+            || (tls_request(addr, &client)? == (200, 7)).then_some(()),
+        );
+        sds_server.set(SECRET, vec![certificate_secret("default", &ca.server(8))]);
+        wait_for(
+            &format!("{proxy}: TLS with the next version"),
+            Duration::from_secs(20),
+            || (tls_request(addr, &client)? == (200, 8)).then_some(()),
+        );
+        // A key that is not the certificate's: NACKed, the last good version serves on.
+        let mut mismatched = ca.server(9);
+        mismatched.key = ca.server(10).key;
+        sds_server.set(SECRET, vec![certificate_secret("default", &mismatched)]);
+        let nack = wait_for(
+            &format!("{proxy}: a NACK of the bad version"),
+            Duration::from_secs(20),
+            || {
+                sds_server
+                    .requests()
+                    .into_iter()
+                    .find(|r| r.type_url == SECRET && r.error.is_some())
+            },
+        );
+        if remora {
+            let message = nack.error.unwrap_or_default();
+            assert!(
+                message.contains("Secret default") && message.contains("do not match"),
+                "{message}"
+            );
+        }
+        assert_eq!(tls_request(addr, &client), Some((200, 8)), "{proxy}");
+        let requests = sds_server.requests();
+        assert!(
+            requests
+                .iter()
+                .all(|r| r.type_url == SECRET && r.names == ["default"]),
+            "{proxy}: {requests:#?}"
+        );
+        let mut streams_seen = std::collections::BTreeSet::new();
+        for request in &requests {
+            let first = streams_seen.insert(request.stream);
+            assert_eq!(request.has_node, first, "{proxy}: {request:?}");
+        }
+    }
 }

@@ -1480,35 +1480,6 @@ fn ads_initial_metadata_reaches_the_server() {
     }
 }
 
-/// A unix socket that forwards each connection to `to` over TCP: the stand-in for Istio's
-/// agent, which serves ADS to its proxy on a pipe.
-fn pipe_relay(to: SocketAddr) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().expect("dir");
-    let path = dir.path().join("XDS");
-    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind the pipe");
-    std::thread::spawn(move || {
-        for downstream in listener.incoming().flatten() {
-            let Ok(upstream) = std::net::TcpStream::connect(to) else {
-                continue;
-            };
-            let (mut down_read, mut up_write) = (
-                downstream.try_clone().unwrap(),
-                upstream.try_clone().unwrap(),
-            );
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut down_read, &mut up_write);
-                let _ = up_write.shutdown(std::net::Shutdown::Write);
-            });
-            let (mut up_read, mut down_write) = (upstream, downstream);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut up_read, &mut down_write);
-                let _ = down_write.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    (dir, path)
-}
-
 /// The ADS cluster's endpoint is a pipe, as in Istio's bootstrap (its `xds-grpc` cluster to the
 /// agent's socket): the proxy takes its config over it and serves, as Envoy does; a route to
 /// such a cluster is refused by name.
@@ -1528,7 +1499,7 @@ fn ads_over_a_pipe_as_istio_writes_it() {
                 .and_then(|rest| rest.split('}').next())
                 .and_then(|port| port.parse::<u16>().ok())
                 .expect("the ADS port");
-            let (dir, path) = pipe_relay(loopback(ads_port));
+            let (dir, path) = ads::pipe_relay(loopback(ads_port));
             let edited = yaml.replace(
                 &format!("socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}"),
                 &format!("pipe: {{path: {}}}", path.display()),

@@ -134,8 +134,44 @@ fn downstream_tls_fields_are_refused_by_path() {
                 &context(
                     "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: s, sds_config: {api_config_source: {api_type: GRPC}}}]}}",
                 ),
+                &format!(
+                    "{COMMON}.tls_certificate_sds_secret_configs[0].sds_config.api_config_source.grpc_services"
+                ),
+                "exactly one grpc service is required",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: s, sds_config: {api_config_source: {api_type: DELTA_GRPC, grpc_services: [{envoy_grpc: {cluster_name: echo}}]}}}]}}",
+                ),
+                &format!(
+                    "{COMMON}.tls_certificate_sds_secret_configs[0].sds_config.api_config_source.api_type"
+                ),
+                "GRPC (StreamSecrets) only",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: s, sds_config: {api_config_source: {api_type: GRPC, grpc_services: [{envoy_grpc: {cluster_name: nowhere}}]}}}]}}",
+                ),
+                &format!(
+                    "{COMMON}.tls_certificate_sds_secret_configs[0].sds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name"
+                ),
+                "unknown static cluster \"nowhere\"",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: s, sds_config: {api_config_source: {api_type: GRPC, grpc_services: [{google_grpc: {target_uri: agent, stat_prefix: sds}}]}}}]}}",
+                ),
+                &format!(
+                    "{COMMON}.tls_certificate_sds_secret_configs[0].sds_config.api_config_source.grpc_services[0].google_grpc"
+                ),
+                "unknown field `google_grpc`",
+            ),
+            (
+                &context(
+                    "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: s, sds_config: {path_config_source: {path: /a}, api_config_source: {}}}]}}",
+                ),
                 &format!("{COMMON}.tls_certificate_sds_secret_configs[0].sds_config"),
-                "other sources are not supported",
+                "multiple fields provided for oneof",
             ),
             (
                 &context(
@@ -524,6 +560,31 @@ fn sds_secrets_and_san_matchers_reach_the_model() {
         panic!("an SDS validation");
     };
     assert_eq!(sds.source, SecretSource::File("/etc/remora/ca.yaml".into()));
+}
+
+#[test]
+fn an_sds_source_of_its_own_is_read_as_istio_writes_it() {
+    let bootstrap = accepted_all(&[
+        (CHAIN, DOWNSTREAM),
+        (
+            CHAIN,
+            &context(
+                "{common_tls_context: {tls_certificates!: [], tls_certificate_sds_secret_configs: [{name: default, sds_config: {api_config_source: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: echo}}], set_node_on_first_message_only: true}, initial_fetch_timeout: 0s, resource_api_version: V3}}]}}",
+            ),
+        ),
+    ]);
+    let common = downstream_common(&bootstrap);
+    let CertificateSource::Sds(sds) = &common.certificates[0] else {
+        panic!("an SDS certificate");
+    };
+    assert_eq!(
+        sds.source,
+        SecretSource::Grpc(remora_config::tls::GrpcSecretSource {
+            cluster: "echo".into(),
+            node_on_first_message_only: true,
+        })
+    );
+    assert_eq!(sds.initial_fetch_timeout, std::time::Duration::ZERO);
 }
 
 #[test]

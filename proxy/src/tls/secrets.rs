@@ -1,6 +1,7 @@
 //! Secrets: certificates and validation contexts that TLS contexts name instead of carrying
-//! (SDS). Each (source, name) has one slot; static secrets fill theirs at startup, ADS and
-//! watched files whenever a new version arrives. Handshakes read the slot when they start, so
+//! (SDS). Each (source, name) has one slot; static secrets fill theirs at startup, ADS, watched
+//! files and SDS streams of their own (`api_config_source`, opened by the xDS client's `sds`)
+//! whenever a new version arrives. Handshakes read the slot when they start, so
 //! a rotated secret serves the next handshake and open connections are left alone.
 //!
 //! A secret file (`path_config_source`) holds a `DiscoveryResponse` in YAML or JSON, as
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use remora_config::tls::{SdsSecret, Secret, SecretKind, SecretSource};
+use remora_config::tls::{GrpcSecretSource, SdsSecret, Secret, SecretKind, SecretSource};
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
@@ -75,6 +76,27 @@ pub struct Secrets {
     runtime: tokio::runtime::Handle,
     /// The latest generation stored: what [`Secrets::wait_initial`] wakes on.
     changed: watch::Sender<u64>,
+    /// The SDS streams of secrets from gRPC sources.
+    streams: Mutex<Streams>,
+}
+
+/// Opens the SDS stream of one secret from a gRPC source (see [`Secrets::open_streams_with`]).
+pub type OpenStream = Box<dyn Fn(GrpcSecretSource, String) + Send + Sync>;
+
+/// The gRPC-sourced secrets named so far, and how their streams open.
+#[derive(Default)]
+struct Streams {
+    named: BTreeSet<(GrpcSecretSource, String)>,
+    /// Unset until the clusters the streams reach are in place; named secrets wait.
+    open: Option<OpenStream>,
+}
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("named", &self.named)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A secret that initialization waits for, and what names it (`listener NAME`,
@@ -125,14 +147,41 @@ impl Secrets {
             files: Mutex::default(),
             runtime,
             changed: watch::Sender::new(0),
+            streams: Mutex::default(),
         })
+    }
+
+    /// Opens, through `open`, the SDS stream of every gRPC-sourced secret named so far and of
+    /// each one named later, once per source and name.
+    pub fn open_streams_with(&self, open: OpenStream) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        for (source, name) in &streams.named {
+            open(source.clone(), name.clone());
+        }
+        streams.open = Some(open);
+    }
+
+    /// A receiver that wakes whenever a secret gets a new value.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn stream(&self, source: &GrpcSecretSource, name: &str) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if streams.named.insert((source.clone(), name.to_string()))
+            && let Some(open) = &streams.open
+        {
+            open(source.clone(), name.to_string());
+        }
     }
 
     /// The slot a TLS context's `sds_secret_config` names, made empty if new. A secret file
     /// is read now and watched from now on.
     pub fn slot(self: &Arc<Self>, sds: &SdsSecret) -> Arc<SecretSlot> {
-        if let SecretSource::File(path) = &sds.source {
-            self.watch(path);
+        match &sds.source {
+            SecretSource::File(path) => self.watch(path),
+            SecretSource::Grpc(grpc) => self.stream(grpc, &sds.name),
+            SecretSource::Static | SecretSource::Ads => {}
         }
         self.slot_for(&sds.source, &sds.name)
     }
@@ -315,6 +364,7 @@ fn source_name(source: &SecretSource) -> String {
         SecretSource::Static => "static".into(),
         SecretSource::Ads => "ADS".into(),
         SecretSource::File(path) => format!("file {}", path.display()),
+        SecretSource::Grpc(grpc) => format!("SDS cluster {}", grpc.cluster),
     }
 }
 

@@ -8,7 +8,8 @@
 //! - [`subscriptions`]: which EDS and RDS names the current config needs;
 //! - [`apply`]: converting and putting resources in place, with errors that name the resource
 //!   and field (the NACK); [`warming`]: clusters wait for endpoints and listeners for routes;
-//! - [`status`]: what `/config_dump` shows.
+//! - [`status`]: what `/config_dump` shows;
+//! - [`sds`]: the streams of secrets whose `sds_config` is a gRPC source of their own.
 //!
 //! The stream reconnects with jittered exponential backoff; nothing is removed while
 //! disconnected, so the last good config keeps serving.
@@ -16,6 +17,7 @@
 mod apply;
 mod csr;
 mod delta;
+pub mod sds;
 mod sotw;
 mod status;
 mod subscriptions;
@@ -120,6 +122,7 @@ pub fn start(context: XdsContext) {
         node.user_agent_name = "remora".into();
     }
     let node_once = context.config.node_on_first_message_only;
+    let context_secrets = context.secrets.clone();
     let csr = context
         .identity
         .csr_secret
@@ -139,6 +142,17 @@ pub fn start(context: XdsContext) {
             changed
         }
     };
+    // A secret arriving by another way (a file, an SDS stream of its own) lets what waits
+    // for it go live.
+    let mut secret_changes = context_secrets.changes();
+    let notify = changed.clone();
+    tokio::spawn(async move {
+        while secret_changes.changed().await.is_ok() {
+            if notify.send(Deadline::SecretChanged).is_err() {
+                return;
+            }
+        }
+    });
     if let Some((context, name)) = csr {
         tokio::spawn(csr::keep_signed(context, name, changed));
     }

@@ -1,7 +1,7 @@
-//! The ADS stream's transport: a connection to a host of the bootstrap's ADS cluster through
-//! that cluster's connect path (so its `transport_socket` TLS applies, and its keepalive and
-//! connect timeout), or to the unix socket that is its endpoint (Istio's agent), HTTP/2 for
-//! gRPC on top; and the reconnect backoff.
+//! The xDS streams' transport: a connection to a host of the bootstrap's ADS cluster (or of an
+//! SDS source's cluster) through that cluster's connect path (so its `transport_socket` TLS
+//! applies, and its keepalive and connect timeout), or to the unix socket that is its endpoint
+//! (Istio's agent), HTTP/2 for gRPC on top; and the reconnect backoff.
 
 use std::time::Duration;
 
@@ -9,17 +9,25 @@ use hyper_util::rt::TokioIo;
 use rand::Rng;
 
 use super::XdsContext;
+use crate::store::Store;
 use crate::upstream::LbContext;
 
 /// Opens a gRPC channel to the ADS cluster.
 pub async fn connect(context: &XdsContext) -> anyhow::Result<tonic::transport::Channel> {
-    let name = &context.config.ads_cluster;
-    let cluster = context
-        .store
+    connect_cluster(&context.store, &context.config.ads_cluster, "ADS").await
+}
+
+/// Opens a gRPC channel to cluster `name`, which serves the `role` stream (for messages).
+pub async fn connect_cluster(
+    store: &Store,
+    name: &str,
+    role: &str,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let cluster = store
         .load()
         .cluster(name)
         .cloned()
-        .ok_or_else(|| anyhow::anyhow!("ADS cluster {name} is not defined"))?;
+        .ok_or_else(|| anyhow::anyhow!("{role} cluster {name} is not defined"))?;
     if let Some(path) = &cluster.config.pipe {
         return connect_pipe(path, cluster.config.connect.connect_timeout).await;
     }
@@ -28,7 +36,7 @@ pub async fn connect(context: &XdsContext) -> anyhow::Result<tonic::transport::C
         .ok();
     let host = cluster
         .choose(&LbContext::default())
-        .ok_or_else(|| anyhow::anyhow!("no healthy host in ADS cluster {name}"))?;
+        .ok_or_else(|| anyhow::anyhow!("no healthy host in {role} cluster {name}"))?;
     let slot = cluster.connector.limit.acquire_over();
     let io = cluster
         .connector

@@ -1,7 +1,8 @@
-//! A small ADS server for tests (SotW and delta): holds a versioned set of resources per type,
-//! pushes changes to every stream, records every request (ACKs and NACKs) for assertions. A test
-//! can also cut every open stream, push a hand-made response (say, of a type nobody asked for),
-//! and put a TLS terminator in front of it ([`TlsFront`]).
+//! A small ADS server for tests (SotW and delta, and SDS as a service of its own): holds a
+//! versioned set of resources per type, pushes changes to every stream, records every request
+//! (ACKs and NACKs) for assertions. A test can also cut every open stream, push a hand-made
+//! response (say, of a type nobody asked for), and put a TLS terminator in front of it
+//! ([`TlsFront`]).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +21,9 @@ use xds_api::envoy::service::discovery::v3::aggregated_discovery_service_server:
 };
 use xds_api::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use xds_api::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
 use xds_api::type_urls;
 
@@ -147,7 +151,8 @@ impl AdsServer {
                 // Stopping drops the runtime: open streams are cut, as when a control plane dies.
                 tokio::select! {
                     _ = tonic::transport::Server::builder()
-                        .add_service(AggregatedDiscoveryServiceServer::new(service))
+                        .add_service(AggregatedDiscoveryServiceServer::new(service.clone()))
+                        .add_service(SecretDiscoveryServiceServer::new(service))
                         .serve_with_incoming(incoming) => {}
                     _ = stopped => {}
                 }
@@ -284,6 +289,35 @@ impl Service {
             })
             .collect();
         (store.version.to_string(), selected)
+    }
+}
+
+/// SDS as a service of its own (`StreamSecrets`): the same streams as ADS, asked only for
+/// secrets.
+#[tonic::async_trait]
+impl SecretDiscoveryService for Service {
+    type StreamSecretsStream = SotwStream;
+    type DeltaSecretsStream = DeltaStream;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        self.stream_aggregated_resources(request).await
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        self.delta_aggregated_resources(request).await
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented("streams only"))
     }
 }
 
@@ -619,4 +653,33 @@ impl Drop for TlsFront {
             let _ = thread.join();
         }
     }
+}
+
+/// A unix socket that forwards each connection to `to` over TCP: the stand-in for Istio's
+/// agent, which serves ADS to its proxy on a pipe.
+pub fn pipe_relay(to: SocketAddr) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("XDS");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind the pipe");
+    std::thread::spawn(move || {
+        for downstream in listener.incoming().flatten() {
+            let Ok(upstream) = std::net::TcpStream::connect(to) else {
+                continue;
+            };
+            let (mut down_read, mut up_write) = (
+                downstream.try_clone().unwrap(),
+                upstream.try_clone().unwrap(),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut down_read, &mut up_write);
+                let _ = up_write.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut up_read, mut down_write) = (upstream, downstream);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up_read, &mut down_write);
+                let _ = down_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (dir, path)
 }
