@@ -1,7 +1,8 @@
 //! Mesh mTLS end to end: SPIFFE certificates (a URI SAN and nothing else) checked by SAN
 //! matchers, against real Envoy in both directions; secrets from static resources, from a
-//! watched file, over ADS and from an SDS stream of their own, rotated under load without a failed request; static listeners
-//! and clusters naming ADS secrets holding initialization until they come, as in Envoy.
+//! watched file, over ADS and from an SDS stream of their own, rotated under load without a
+//! failed request; static listeners and clusters naming ADS secrets holding initialization
+//! until they come, as in Envoy.
 
 #[path = "common/ads.rs"]
 mod ads;
