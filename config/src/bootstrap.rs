@@ -714,6 +714,11 @@ fn set_runtime_key(
         runtime.propagate_w3c_and_b3 = flag()?;
     } else if key == "envoy.reloadable_features.http_reject_path_with_fragment" {
         runtime.strip_path_fragment = !flag()?;
+    } else if key == "envoy.reloadable_features.explicit_internal_address_config" {
+        // Envoy 1.40 counts only `internal_address_config`'s ranges as internal with the flag
+        // either way (run here: a loopback client stays external under `false`), as Remora
+        // always does.
+        flag()?;
     } else if key.starts_with("envoy.deprecated_features:")
         || key == "envoy.reloadable_features.coalesce_lb_rebuilds_on_batch_update"
         || key == "envoy.reloadable_features.fixed_heap_use_allocated"

@@ -548,6 +548,60 @@ fn a_path_fragment_is_cut_or_refused_by_the_runtime_as_in_envoy() {
     }
 }
 
+/// Istio's `explicit_internal_address_config` runtime key, either way, leaves a loopback client
+/// external (`x-envoy-external-address`, no `x-envoy-internal`) unless the connection manager's
+/// `internal_address_config` names it: the same under Envoy 1.40 and Remora.
+#[test]
+fn only_internal_address_config_makes_a_client_internal_whatever_the_runtime_says() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    for (flag, ranges) in [
+        (Some(true), ""),
+        (Some(false), ""),
+        (None, ""),
+        (
+            Some(false),
+            "          internal_address_config: {cidr_ranges: [{address_prefix: 127.0.0.1, prefix_len: 32}]}\n",
+        ),
+    ] {
+        let (admin, admin_yaml) = admin_block();
+        let port = free_port();
+        let hcm = format!("          use_remote_address: true\n{ranges}");
+        let mut yaml = bootstrap(
+            &admin_yaml,
+            &[http_listener(
+                "ingress",
+                port,
+                &hcm,
+                &catch_all("echo", "5s"),
+            )],
+            &[static_cluster("echo", &[echo.addr])],
+        );
+        if let Some(flag) = flag {
+            yaml.push_str(&format!("layered_runtime:\n  layers:\n  - name: global config\n    static_layer:\n      envoy.reloadable_features.explicit_internal_address_config: {flag}\n"));
+        }
+        let (_dir, file) = write_config(&yaml);
+        let run = || {
+            let (status, _, body) = http_get(loopback(port), "/").expect("request");
+            let json: serde_json::Value = serde_json::from_str(&body).expect("echo json");
+            let header = |name: &str| json["headers"][name].as_str().map(str::to_string);
+            (
+                status,
+                header("x-envoy-internal"),
+                header("x-envoy-external-address"),
+            )
+        };
+        let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
+        if ranges.is_empty() {
+            assert_eq!(remora, (200, None, Some("127.0.0.1".into())), "{flag:?}");
+        } else {
+            assert_eq!(remora, (200, Some("true".into()), None), "{flag:?}");
+        }
+        if let Some(envoy) = envoy {
+            assert_eq!(envoy, remora, "{flag:?} {ranges}: envoy, remora");
+        }
+    }
+}
+
 /// The compressor filter as Istio chains it (brotli, zstd, gzip): for each `Accept-Encoding`
 /// the same encoding is picked (or none), with the same `Vary` and framing, the body decodes to
 /// what the upstream sent, and the filters count the same negotiation stats; under Envoy and

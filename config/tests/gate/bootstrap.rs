@@ -321,6 +321,11 @@ fn layered_runtime_accepts_the_keys_remora_acts_on_and_names_others() {
                 "must be true or false",
             ),
             (
+                "layered_runtime: {layers: [{name: s, static_layer: {envoy.reloadable_features.explicit_internal_address_config: 2}}]}",
+                "layered_runtime.layers[0].static_layer.envoy.reloadable_features.explicit_internal_address_config",
+                "must be true or false",
+            ),
+            (
                 "layered_runtime: {layers: [{name: s, static_layer: {overload: {global_downstream_max_connections: -1}}}]}",
                 "layered_runtime.layers[0].static_layer.overload.global_downstream_max_connections",
                 "must be a non-negative integer",
