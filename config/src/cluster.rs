@@ -215,6 +215,9 @@ pub struct Cluster {
     /// `per_host_thresholds.max_connections`: connections to any one host.
     pub per_host_max_connections: Option<u32>,
     pub dns_refresh_rate: Duration,
+    /// `respect_dns_ttl`: resolve again when the answer's TTL runs out, not at
+    /// `dns_refresh_rate` (kept for a TTL of zero).
+    pub respect_dns_ttl: bool,
     pub dns_lookup_family: DnsLookupFamily,
     /// `common_http_protocol_options.max_requests_per_connection` (or the cluster's deprecated
     /// field): requests a connection carries before it is closed.
@@ -288,7 +291,6 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         http_protocol_options,
         dns_jitter,
         dns_failure_refresh_rate,
-        respect_dns_ttl,
         dns_resolvers,
         use_tcp_for_dns_lookups,
         cleanup_interval,
@@ -517,6 +519,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
         thresholds_high,
         per_host_max_connections,
         dns_refresh_rate: dns_refresh_rate.max(Duration::from_millis(1)),
+        respect_dns_ttl: *respect_dns_ttl,
         dns_lookup_family,
         idle_timeout: common_options.idle_timeout,
         max_headers_count: common_options.max_headers_count,

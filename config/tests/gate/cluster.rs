@@ -85,7 +85,6 @@ fn cluster_fields_are_refused_by_path() {
                 "dns_failure_refresh_rate",
                 UNSUPPORTED,
             ),
-            ("respect_dns_ttl: true", "respect_dns_ttl", UNSUPPORTED),
             (
                 "dns_resolvers: [{socket_address: {address: 127.0.0.53, port_value: 53}}]",
                 "dns_resolvers",

@@ -837,14 +837,20 @@ impl Cluster {
                 cluster.stats.update_attempt.inc();
                 let mut endpoints = Vec::new();
                 let mut failed = false;
+                let with_ttl = cluster.config.respect_dns_ttl;
+                // The shortest TTL of this round's answers (Envoy takes the smallest too).
+                let mut ttl: Option<std::time::Duration> = None;
                 for endpoint in &cluster.config.load_assignment.endpoints {
                     match &endpoint.address {
                         EndpointAddress::Ip(addr) => endpoints.push((*addr, endpoint.clone())),
                         EndpointAddress::Dns { host, port } => {
-                            match tokio::net::lookup_host((host.as_str(), *port)).await {
-                                Ok(addrs) => {
+                            match super::dns::resolve(host, *port, with_ttl).await {
+                                Ok(answer) => {
+                                    if let Some(answer_ttl) = answer.ttl {
+                                        ttl = Some(ttl.map_or(answer_ttl, |t| t.min(answer_ttl)));
+                                    }
                                     let family = cluster.config.dns_lookup_family;
-                                    let addrs = family.select(addrs.collect());
+                                    let addrs = family.select(answer.addrs);
                                     // LOGICAL_DNS: one host, the answer's first address.
                                     let keep = if logical { 1 } else { addrs.len() };
                                     endpoints.extend(
@@ -871,7 +877,12 @@ impl Cluster {
                         .members
                         .set_endpoints(endpoints, cluster.config.load_assignment.overprovisioning);
                 }
-                let refresh = cluster.config.dns_refresh_rate;
+                // `respect_dns_ttl`: again when the answer expires; a TTL of zero (or a
+                // failed round) keeps the configured rate, as in Envoy.
+                let refresh = match ttl {
+                    Some(ttl) if !failed && !ttl.is_zero() => ttl,
+                    _ => cluster.config.dns_refresh_rate,
+                };
                 drop(cluster);
                 tokio::time::sleep(refresh).await;
             }

@@ -10,6 +10,7 @@
 //! - [`lb`]: load-balancing policies over one priority's usable hosts.
 //! - [`breakers`]: requests and retries in flight per routing priority, and their gauges.
 //! - [`health`]: active health checks and outlier detection, on the main runtime.
+//! - [`dns`]: names of DNS clusters' endpoints resolved, with their TTLs when asked.
 //! - [`connect`]: the one connect path (limits, TCP options, keepalive, TLS, stats).
 //! - [`pool`]: per-worker HTTP/1.1 and HTTP/2 connection pools.
 //! - [`outcome`]: what each attempt came to, reported by the router and `tcp_proxy`.
@@ -18,6 +19,7 @@ pub mod breakers;
 pub mod clock;
 pub mod cluster;
 pub mod connect;
+pub mod dns;
 pub mod health;
 pub mod host;
 pub mod lb;
