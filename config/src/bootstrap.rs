@@ -43,7 +43,7 @@ pub struct Bootstrap {
     /// `stats_config`: the tags Prometheus shows and the stats that exist.
     pub stats: Arc<crate::stats::StatsConfig>,
     /// `stats_sinks`: the collectors stats are pushed to.
-    pub stats_sinks: Vec<crate::stats::StatsdSink>,
+    pub stats_sinks: Vec<crate::stats::StatsSink>,
     /// `stats_flush_interval`: how often the sinks get the stats (5 s unless set).
     pub stats_flush_interval: Duration,
     /// The bootstrap's (deprecated) `tracing.http`: the tracer of connection managers whose
@@ -284,6 +284,17 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
                     "unknown static secret {:?}: add it to static_resources.secrets or set sds_config",
                     sds.name
                 ),
+            );
+        }
+    }
+    // A metrics service's cluster must be a static one, as Envoy checks.
+    for (index, sink) in stats_sinks.iter().enumerate() {
+        if let crate::stats::StatsSink::MetricsService(service) = sink
+            && !clusters.iter().any(|c| c.name == service.cluster)
+        {
+            return err(
+                format!("stats_sinks[{index}].typed_config.grpc_service.envoy_grpc.cluster_name"),
+                format!("unknown static cluster {:?}", service.cluster),
             );
         }
     }

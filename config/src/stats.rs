@@ -548,8 +548,106 @@ pub struct StatsdSink {
     pub max_bytes_per_datagram: Option<usize>,
 }
 
+/// One of the bootstrap's `stats_sinks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatsSink {
+    Statsd(StatsdSink),
+    MetricsService(MetricsServiceSink),
+}
+
+/// `envoy.stat_sinks.metrics_service`: every flush streamed over gRPC (`StreamMetrics`) to a
+/// cluster, as Prometheus metric families.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsServiceSink {
+    /// The `envoy_grpc` cluster.
+    pub cluster: String,
+    /// `report_counters_as_deltas`: a counter's change since the last flush, not its value.
+    pub counters_as_deltas: bool,
+    /// `emit_tags_as_labels`: names after tag extraction, their tags as labels.
+    pub tags_as_labels: bool,
+    /// `histogram_emit_mode`: a summary family, a histogram family, or both, per histogram.
+    pub summaries: bool,
+    pub histograms: bool,
+}
+
 /// Reads one of `stats_sinks`. Envoy picks a sink by its `typed_config`'s type.
-pub fn stats_sink(proto: &metrics_pb::StatsSink, path: &str) -> ConfigResult<StatsdSink> {
+pub fn stats_sink(proto: &metrics_pb::StatsSink, path: &str) -> ConfigResult<StatsSink> {
+    if let Some(metrics_pb::stats_sink::ConfigType::TypedConfig(any)) = &proto.config_type
+        && any.type_url
+            == format!(
+                "{}envoy.config.metrics.v3.MetricsServiceConfig",
+                type_urls::PREFIX
+            )
+    {
+        let typed = field(path, "typed_config");
+        let config: metrics_pb::MetricsServiceConfig = crate::common::unpack(any, &typed)?;
+        return metrics_service_sink(&config, &typed).map(StatsSink::MetricsService);
+    }
+    statsd_sink(proto, path).map(StatsSink::Statsd)
+}
+
+fn metrics_service_sink(
+    proto: &metrics_pb::MetricsServiceConfig,
+    path: &str,
+) -> ConfigResult<MetricsServiceSink> {
+    let metrics_pb::MetricsServiceConfig {
+        grpc_service,
+        report_counters_as_deltas,
+        transport_api_version,
+        emit_tags_as_labels,
+        histogram_emit_mode,
+    } = proto;
+    crate::common::api_version(
+        *transport_api_version,
+        &field(path, "transport_api_version"),
+    )?;
+    let gpath = field(path, "grpc_service");
+    let Some(xds_api::envoy::config::core::v3::GrpcService {
+        timeout,
+        initial_metadata,
+        target_specifier,
+    }) = grpc_service
+    else {
+        return err(gpath, "required");
+    };
+    crate::unsupported!(&gpath, timeout, initial_metadata);
+    use xds_api::envoy::config::core::v3::grpc_service::{EnvoyGrpc, TargetSpecifier};
+    let Some(TargetSpecifier::EnvoyGrpc(EnvoyGrpc {
+        cluster_name,
+        authority,
+        max_receive_message_length,
+        skip_envoy_headers,
+    })) = target_specifier
+    else {
+        return err(gpath, "envoy_grpc is required");
+    };
+    let epath = field(&gpath, "envoy_grpc");
+    crate::unsupported!(
+        &epath,
+        authority,
+        max_receive_message_length,
+        skip_envoy_headers
+    );
+    if cluster_name.is_empty() {
+        return err(field(&epath, "cluster_name"), "required");
+    }
+    use metrics_pb::HistogramEmitMode as Mode;
+    let (summaries, histograms) = match Mode::try_from(*histogram_emit_mode) {
+        Ok(Mode::SummaryAndHistogram) => (true, true),
+        Ok(Mode::Summary) => (true, false),
+        Ok(Mode::Histogram) => (false, true),
+        Err(_) => return err(field(path, "histogram_emit_mode"), "unknown mode"),
+    };
+    Ok(MetricsServiceSink {
+        cluster: cluster_name.clone(),
+        counters_as_deltas: report_counters_as_deltas.unwrap_or(false),
+        tags_as_labels: *emit_tags_as_labels,
+        summaries,
+        histograms,
+    })
+}
+
+fn statsd_sink(proto: &metrics_pb::StatsSink, path: &str) -> ConfigResult<StatsdSink> {
     use metrics_pb::stats_sink::ConfigType;
     let metrics_pb::StatsSink { name, config_type } = proto;
     let Some(ConfigType::TypedConfig(any)) = config_type else {
@@ -625,8 +723,9 @@ pub fn stats_sink(proto: &metrics_pb::StatsSink, path: &str) -> ConfigResult<Sta
         typed,
         format!(
             "stats sink {} is not supported: Remora pushes to statsd \
-             (envoy.config.metrics.v3.StatsdSink) and DogStatsD \
-             (envoy.config.metrics.v3.DogStatsdSink), and serves /stats/prometheus",
+             (envoy.config.metrics.v3.StatsdSink), DogStatsD \
+             (envoy.config.metrics.v3.DogStatsdSink) and a metrics service \
+             (envoy.config.metrics.v3.MetricsServiceConfig), and serves /stats/prometheus",
             any.type_url
         ),
     )

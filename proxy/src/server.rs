@@ -123,13 +123,6 @@ async fn serve(
     identity: crate::cli::XdsIdentity,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
-    let sinks = crate::stats::sink::start(
-        &bootstrap.stats_sinks,
-        bootstrap.stats_flush_interval,
-        bootstrap.stats.clone(),
-        &registry,
-    )
-    .context("cannot open a socket for stats_sinks")?;
     let store = Arc::new(Store::default());
     let secrets = crate::tls::Secrets::new(tokio::runtime::Handle::current());
     for secret in &bootstrap.secrets {
@@ -176,6 +169,21 @@ async fn serve(
         clusters.push((config.name.clone(), cluster));
     }
     store.update(|snapshot| snapshot.clusters.extend(clusters));
+    let channels = store.clone();
+    let sinks = crate::stats::sink::start(
+        &bootstrap.stats_sinks,
+        bootstrap.stats_flush_interval,
+        bootstrap.stats.clone(),
+        &registry,
+        &bootstrap.node.proto,
+        Arc::new(move |cluster: String| {
+            let store = channels.clone();
+            Box::pin(
+                async move { crate::xds::grpc_channel(&store, &cluster, "metrics service").await },
+            )
+        }),
+    )
+    .context("cannot open a socket for stats_sinks")?;
     // Secrets from an SDS source of their own stream from its cluster, now in place.
     secrets.open_streams_with(crate::xds::sds::opener(
         store.clone(),
@@ -294,7 +302,7 @@ async fn serve(
     .await?;
     // As Envoy does at exit: the counts since the last interval reach the sinks too.
     if let Some(sinks) = &sinks {
-        sinks.flush(&registry);
+        sinks.flush();
     }
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! operators (`%TRACE_ID%`, `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`).
 
 mod common;
+#[path = "common/metrics_service.rs"]
+mod metrics_service;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -751,4 +753,218 @@ fn stats_sinks_get_a_last_flush_at_shutdown() {
             },
         );
     }
+}
+
+/// What a metrics service got from one proxy: per flush, its stream and families.
+type Flushes = Vec<(
+    usize,
+    bool,
+    Vec<xds_api::io::prometheus::client::MetricFamily>,
+)>;
+
+fn flushes(server: &metrics_service::MetricsServer) -> Flushes {
+    server
+        .messages()
+        .into_iter()
+        .map(|(stream, message)| (stream, message.identifier.is_some(), message.envoy_metrics))
+        .collect()
+}
+
+/// The value of family `name` of `kind` in one flush (a counter's or gauge's value, a summary's
+/// or histogram's sample count).
+fn family_value(
+    families: &[xds_api::io::prometheus::client::MetricFamily],
+    name: &str,
+    kind: xds_api::io::prometheus::client::MetricType,
+) -> Option<f64> {
+    let family = families
+        .iter()
+        .find(|f| f.name() == name && f.r#type() == kind)?;
+    let metric = family.metric.first()?;
+    metric
+        .counter
+        .map(|c| c.value())
+        .or(metric.gauge.map(|g| g.value()))
+        .or(metric.summary.as_ref().map(|s| s.sample_count() as f64))
+        .or(metric.histogram.as_ref().map(|h| h.sample_count() as f64))
+}
+
+/// The metrics service sink under Envoy and Remora, from one bootstrap with two of them (the
+/// defaults; and tags as labels with counters as deltas): the node in each stream's first
+/// message only; counters, gauges, and per histogram a summary and a histogram family of the
+/// flush's interval (so a later flush without traffic has no samples), with Envoy's quantiles,
+/// bucket bounds and names.
+#[test]
+fn the_metrics_service_gets_the_families_envoy_sends() {
+    use xds_api::io::prometheus::client::MetricType;
+    if !remora_tests::envoy::available_or_skip("the_metrics_service_gets_the_families_envoy_sends")
+    {
+        return;
+    }
+    let app = EchoServer::start("app", "127.0.0.1");
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let (plain, tagged) = (
+            metrics_service::MetricsServer::start(),
+            metrics_service::MetricsServer::start(),
+        );
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        let sink = |cluster: &str, extra: &str| {
+            format!(
+                "- name: envoy.stat_sinks.metrics_service\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig\n    transport_api_version: V3\n    grpc_service: {{envoy_grpc: {{cluster_name: {cluster}}}}}\n{extra}"
+            )
+        };
+        let yaml = format!(
+            "node: {{id: sidecar-1, cluster: mesh}}\n{}stats_flush_interval: 0.3s\nstats_sinks:\n{}{}",
+            bootstrap(
+                &admin_yaml,
+                &[common::http_listener(
+                    "edge",
+                    port,
+                    "",
+                    &catch_all("app", "5s")
+                )],
+                &[
+                    static_cluster("app", &[app.addr]),
+                    common::http2_cluster("plain", plain.addr),
+                    common::http2_cluster("tagged", tagged.addr),
+                ],
+            ),
+            sink("plain", ""),
+            sink(
+                "tagged",
+                "    emit_tags_as_labels: true\n    report_counters_as_deltas: true\n",
+            ),
+        );
+        let _proxy = start_proxy(envoy, &yaml, admin, port);
+        for _ in 0..3 {
+            let (status, _, _) = http_get(loopback(port), "/").expect("request");
+            assert_eq!(status, 200);
+        }
+        let proxy = if envoy { "envoy" } else { "remora" };
+        // Every request counted, and a flush after that without new samples.
+        wait_for(
+            &format!("{proxy}: the requests, then a quiet flush"),
+            Duration::from_secs(20),
+            || {
+                let flushes = flushes(&plain);
+                let counted = flushes.iter().position(|(_, _, f)| {
+                    family_value(f, "cluster.app.upstream_rq_total", MetricType::Counter)
+                        == Some(3.0)
+                        && flushes
+                            .iter()
+                            .map(|(_, _, f)| {
+                                family_value(
+                                    f,
+                                    "cluster.app.upstream_rq_time",
+                                    MetricType::Histogram,
+                                )
+                                .unwrap_or(0.0)
+                            })
+                            .sum::<f64>()
+                            == 3.0
+                })?;
+                (flushes.len() > counted + 1 && flushes_of(&tagged) > counted + 1).then_some(())
+            },
+        );
+        seen.push((flushes(&plain), flushes(&tagged)));
+    }
+    for ((plain, tagged), proxy) in seen.iter().zip(["envoy", "remora"]) {
+        for flushes in [plain, tagged] {
+            let identified: Vec<(usize, bool)> = flushes.iter().map(|(s, i, _)| (*s, *i)).collect();
+            assert!(
+                identified[0] == (1, true) && identified[1..].iter().all(|f| *f == (1, false)),
+                "{proxy}: {identified:?}"
+            );
+        }
+        // Summaries and histograms are of the interval: they add up to the requests, and the
+        // last flush (after the traffic) has none.
+        for kind in [MetricType::Summary, MetricType::Histogram] {
+            let total: f64 = plain
+                .iter()
+                .filter_map(|(_, _, f)| family_value(f, "http.edge.downstream_rq_time", kind))
+                .sum();
+            assert_eq!(total, 3.0, "{proxy}: {kind:?}");
+            let last = &plain.last().unwrap().2;
+            assert_eq!(
+                family_value(last, "http.edge.downstream_rq_time", kind),
+                Some(0.0),
+                "{proxy}"
+            );
+        }
+        // Tags as labels, counters as their changes.
+        let changes: f64 = tagged
+            .iter()
+            .filter_map(|(_, _, families)| {
+                let family = families.iter().find(|f| {
+                    f.name() == "cluster.upstream_rq_total"
+                        && f.metric[0]
+                            .label
+                            .iter()
+                            .any(|l| l.name() == "envoy.cluster_name" && l.value() == "app")
+                })?;
+                family.metric[0].counter.map(|c| c.value())
+            })
+            .sum();
+        assert_eq!(changes, 3.0, "{proxy}");
+    }
+    // The shapes Envoy sends, for the families both proxies send.
+    let shape = |families: &[xds_api::io::prometheus::client::MetricFamily]| {
+        families
+            .iter()
+            .map(|f| {
+                let metric = &f.metric[0];
+                let labels: Vec<String> = metric
+                    .label
+                    .iter()
+                    .map(|l| format!("{}={}", l.name(), l.value()))
+                    .collect();
+                let quantiles: Vec<f64> = metric
+                    .summary
+                    .iter()
+                    .flat_map(|s| s.quantile.iter().map(|q| q.quantile()))
+                    .collect();
+                let bounds: Vec<f64> = metric
+                    .histogram
+                    .iter()
+                    .flat_map(|h| h.bucket.iter().map(|b| b.upper_bound()))
+                    .collect();
+                (
+                    (f.name().to_string(), f.r#type, labels),
+                    format!("{quantiles:?} {bounds:?}"),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    for (pick, least) in [(0usize, 15usize), (1, 15)] {
+        let envoy = shape(
+            &if pick == 0 { &seen[0].0 } else { &seen[0].1 }
+                .last()
+                .unwrap()
+                .2,
+        );
+        let remora = shape(
+            &if pick == 0 { &seen[1].0 } else { &seen[1].1 }
+                .last()
+                .unwrap()
+                .2,
+        );
+        let shared: Vec<_> = remora.keys().filter(|k| envoy.contains_key(*k)).collect();
+        let unlike: Vec<_> = shared
+            .iter()
+            .filter(|k| envoy[**k] != remora[**k])
+            .map(|k| (k, &envoy[*k], &remora[*k]))
+            .collect();
+        assert!(unlike.is_empty(), "sink {pick}: {unlike:#?}");
+        assert!(
+            shared.len() >= least,
+            "sink {pick}: only {} families alike",
+            shared.len()
+        );
+    }
+}
+
+fn flushes_of(server: &metrics_service::MetricsServer) -> usize {
+    server.messages().len()
 }

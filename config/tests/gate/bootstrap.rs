@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use remora_config::access_log::Target;
 use remora_config::bootstrap::AdsFlavor;
+use remora_config::stats::{MetricsServiceSink, StatsSink};
 
 use crate::support::*;
 
@@ -51,13 +52,14 @@ fn stats_sinks_are_read_with_envoys_defaults() {
     let sinks: Vec<(String, &str, bool, Option<usize>)> = bootstrap
         .stats_sinks
         .iter()
-        .map(|s| {
-            (
+        .filter_map(|s| match s {
+            StatsSink::Statsd(s) => Some((
                 s.address.to_string(),
                 s.prefix.as_str(),
                 s.tagged,
                 s.max_bytes_per_datagram,
-            )
+            )),
+            StatsSink::MetricsService(_) => None,
         })
         .collect();
     assert_eq!(
@@ -69,6 +71,21 @@ fn stats_sinks_are_read_with_envoys_defaults() {
     );
     let bootstrap = accepted(ROOT, "stats_flush_interval: 0.25s");
     assert_eq!(bootstrap.stats_flush_interval, Duration::from_millis(250));
+    let bootstrap = accepted(
+        ROOT,
+        "stats_sinks:\n\
+         - name: envoy.stat_sinks.metrics_service\n  typed_config:\n    '@type': type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig\n    transport_api_version: V3\n    grpc_service: {envoy_grpc: {cluster_name: echo}}\n    histogram_emit_mode: HISTOGRAM\n    report_counters_as_deltas: true\n",
+    );
+    assert_eq!(
+        bootstrap.stats_sinks,
+        [StatsSink::MetricsService(MetricsServiceSink {
+            cluster: "echo".into(),
+            counters_as_deltas: true,
+            tags_as_labels: false,
+            summaries: false,
+            histograms: true,
+        })]
+    );
 }
 
 #[test]
@@ -103,8 +120,18 @@ fn bootstrap_fields_are_refused_by_path() {
             ),
             (
                 "stats_sinks: [{name: envoy.stat_sinks.metrics_service, typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig, grpc_service: {envoy_grpc: {cluster_name: ms}}}}]",
+                "stats_sinks[0].typed_config.grpc_service.envoy_grpc.cluster_name",
+                "unknown static cluster \"ms\"",
+            ),
+            (
+                "stats_sinks: [{name: envoy.stat_sinks.metrics_service, typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig}}]",
+                "stats_sinks[0].typed_config.grpc_service",
+                "required",
+            ),
+            (
+                "stats_sinks: [{name: envoy.stat_sinks.hystrix, typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.HystrixSink}}]",
                 "stats_sinks[0].typed_config",
-                "unsupported type \"type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig\"",
+                "unsupported type \"type.googleapis.com/envoy.config.metrics.v3.HystrixSink\"",
             ),
             (
                 "stats_sinks: [{typed_config: {'@type': type.googleapis.com/envoy.config.metrics.v3.DogStatsdSink}}]",

@@ -196,6 +196,26 @@ impl Snapshot {
         Some(max)
     }
 
+    /// What was recorded after `earlier` (a snapshot of the same histogram): Envoy's interval
+    /// statistics. The interval's extremes are not kept: its first and last buckets' bounds
+    /// stand in for them (within the values ever seen).
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        let mut counts = [0; BOUNDS.len() + 1];
+        for ((count, now), before) in counts.iter_mut().zip(&self.counts).zip(&earlier.counts) {
+            *count = now.saturating_sub(*before);
+        }
+        let first = counts.iter().position(|c| *c > 0);
+        let last = counts.iter().rposition(|c| *c > 0);
+        let low = first.map_or(0.0, |i| if i == 0 { 0.0 } else { BOUNDS[i - 1] });
+        let high = last.and_then(|i| BOUNDS.get(i).copied());
+        Snapshot {
+            counts,
+            sum: self.sum.saturating_sub(earlier.sum),
+            min: (low as u64).max(self.min.min(self.max)),
+            max: high.map_or(self.max, |high| (high as u64).min(self.max)),
+        }
+    }
+
     /// Envoy's `/stats` line: `P0(interval,cumulative) .. P100(..)`, or `No recorded values`.
     /// Remora keeps no flush intervals: the interval value is the cumulative one.
     pub fn summary(&self) -> String {

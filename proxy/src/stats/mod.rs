@@ -3,6 +3,7 @@
 //! get-or-create by name, so stats survive config swaps.
 
 pub mod histogram;
+pub mod metrics_service;
 pub mod prometheus;
 pub mod sink;
 

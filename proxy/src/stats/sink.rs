@@ -1,12 +1,12 @@
-//! The bootstrap's `stats_sinks`: statsd and DogStatsD collectors, fed over UDP as Envoy feeds
-//! them. Every `stats_flush_interval`, each used counter goes out as its change since the last
-//! flush (`envoy.NAME:DELTA|c`, a change of zero too) and then each used gauge as its value
-//! (`envoy.NAME:VALUE|g`); each histogram value goes out as it is recorded, as a timer
-//! (`envoy.NAME:MS|ms`). A line is a datagram of its own unless DogStatsD's
-//! `max_bytes_per_datagram` lets one flush's lines share one. DogStatsD lines carry the name left
-//! after tag extraction and the tags after `|#`
-//! (`envoy.cluster.upstream_rq_total:3|c|#envoy.cluster_name:app`). One more flush runs at
-//! shutdown, so the last counts reach the collector.
+//! The bootstrap's `stats_sinks`, flushed together every `stats_flush_interval` and once more
+//! at shutdown (so the last counts arrive): metrics services (see [`super::metrics_service`])
+//! and statsd and DogStatsD collectors, fed over UDP as Envoy feeds them. To those, each used
+//! counter goes out as its change since the last flush (`envoy.NAME:DELTA|c`, a change of zero
+//! too) and then each used gauge as its value (`envoy.NAME:VALUE|g`); each histogram value goes
+//! out as it is recorded, as a timer (`envoy.NAME:MS|ms`). A line is a datagram of its own
+//! unless DogStatsD's `max_bytes_per_datagram` lets one flush's lines share one. DogStatsD
+//! lines carry the name left after tag extraction and the tags after `|#`
+//! (`envoy.cluster.upstream_rq_total:3|c|#envoy.cluster_name:app`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,8 +15,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use remora_config::stats::{StatsConfig, StatsdSink};
+use remora_config::stats::{StatsConfig, StatsSink, StatsdSink};
+use xds_api::envoy::config::core::v3::Node;
 
+use super::metrics_service::{MetricsService, OpenChannel};
 use super::{Kind, Registry, histogram};
 
 /// The sinks of one bootstrap and what they have been sent.
@@ -180,30 +182,80 @@ impl Sink {
     }
 }
 
-/// Opens the bootstrap's sinks, taps every histogram and flushes every `interval` on the
-/// current runtime. The returned [`Sinks`] take the last flush at shutdown.
+/// Opens the bootstrap's sinks, taps every histogram for the statsd ones, and flushes every
+/// `interval` on the current runtime. The returned [`Flusher`] takes the last flush at
+/// shutdown.
 pub fn start(
-    configs: &[StatsdSink],
+    configs: &[StatsSink],
     interval: Duration,
     stats: Arc<StatsConfig>,
     registry: &Arc<Registry>,
-) -> std::io::Result<Option<Arc<Sinks>>> {
+    node: &Node,
+    open: OpenChannel,
+) -> std::io::Result<Option<Arc<Flusher>>> {
     if configs.is_empty() {
         return Ok(None);
     }
-    let sinks = Arc::new(Sinks::open(configs, stats)?);
-    let tapping = sinks.clone();
-    registry.tap_histograms(Box::new(move |name| tapping.tap(name)));
-    let (flushing, registry) = (sinks.clone(), registry.clone());
+    let statsd: Vec<StatsdSink> = configs
+        .iter()
+        .filter_map(|sink| match sink {
+            StatsSink::Statsd(statsd) => Some(statsd.clone()),
+            StatsSink::MetricsService(_) => None,
+        })
+        .collect();
+    let statsd = if statsd.is_empty() {
+        None
+    } else {
+        let sinks = Arc::new(Sinks::open(&statsd, stats.clone())?);
+        let tapping = sinks.clone();
+        registry.tap_histograms(Box::new(move |name| tapping.tap(name)));
+        Some(sinks)
+    };
+    let services = configs
+        .iter()
+        .filter_map(|sink| match sink {
+            StatsSink::MetricsService(config) => Some(MetricsService::new(
+                config.clone(),
+                stats.clone(),
+                node.clone(),
+                open.clone(),
+            )),
+            StatsSink::Statsd(_) => None,
+        })
+        .collect();
+    let flusher = Arc::new(Flusher {
+        statsd,
+        services,
+        registry: registry.clone(),
+    });
+    let flushing = flusher.clone();
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            flushing.flush(&registry);
+            flushing.flush();
         }
     });
-    Ok(Some(sinks))
+    Ok(Some(flusher))
+}
+
+/// Every sink of the bootstrap, flushed together.
+pub struct Flusher {
+    statsd: Option<Arc<Sinks>>,
+    services: Vec<MetricsService>,
+    registry: Arc<Registry>,
+}
+
+impl Flusher {
+    pub fn flush(&self) {
+        if let Some(statsd) = &self.statsd {
+            statsd.flush(&self.registry);
+        }
+        for service in &self.services {
+            service.flush(&self.registry);
+        }
+    }
 }
 
 #[cfg(test)]

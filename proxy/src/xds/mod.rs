@@ -115,6 +115,16 @@ pub fn short(type_url: &str) -> &'static str {
     }
 }
 
+/// A gRPC channel to cluster `name` through the xDS streams' transport (its TLS, or its pipe),
+/// for other gRPC clients of the proxy's own; `role` names the stream in errors.
+pub async fn grpc_channel(
+    store: &Store,
+    name: &str,
+    role: &str,
+) -> anyhow::Result<tonic::transport::Channel> {
+    transport::connect_cluster(store, name, role).await
+}
+
 /// Starts the ADS client on the current (main) runtime.
 pub fn start(context: XdsContext) {
     let mut node = context.node.clone();
