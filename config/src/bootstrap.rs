@@ -135,6 +135,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         cluster_manager,
         stats_sinks,
         stats_flush_interval,
+        stats_eviction_interval,
         tracing,
         stats_config,
         // Envoy creating some stats on first use saves it memory; the stats are the same.
@@ -167,6 +168,23 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
             interval
         }
     };
+    // Envoy evicts only stats its extensions create as evictable (Wasm custom metrics, scopes
+    // with `enable_eviction`); Remora has none, so the interval is checked as Envoy checks it
+    // and evicts nothing, as Envoy evicts none of the stats Remora keeps.
+    if let Some(given) = stats_eviction_interval {
+        let eviction = duration(given, "stats_eviction_interval")?;
+        if eviction < Duration::from_millis(1) {
+            return err("stats_eviction_interval", "must be at least 1ms");
+        }
+        if eviction.as_nanos() % stats_flush_interval.as_nanos() != 0 {
+            return err(
+                "stats_eviction_interval",
+                format!(
+                    "{eviction:?} must be a multiple of stats_flush_interval ({stats_flush_interval:?})"
+                ),
+            );
+        }
+    }
     let mut outlier_event_log = None;
     if let Some(manager) = cluster_manager {
         let bootstrap_pb::ClusterManager {

@@ -19,6 +19,16 @@ use crate::matcher::{StringMatch, string_matcher};
 pub struct StatsConfig {
     pub tags: TagProducer,
     pub matcher: StatsMatcher,
+    /// `histogram_bucket_settings`, in order.
+    pub histogram_buckets: Vec<HistogramBuckets>,
+}
+
+/// One `histogram_bucket_settings` rule: the histograms it takes and their bucket bounds.
+#[derive(Debug, Clone)]
+pub struct HistogramBuckets {
+    pub matcher: StringMatch,
+    /// Upper bounds, ascending.
+    pub bounds: Vec<f64>,
 }
 
 /// `stats_matcher`: which stats exist. Envoy never creates the others; Remora keeps counting
@@ -452,7 +462,35 @@ pub fn stats_config(proto: &metrics_pb::StatsConfig, path: &str) -> ConfigResult
         stats_tags,
         use_all_default_tags,
         stats_matcher,
+        histogram_bucket_settings,
     } = proto;
+    let mut histogram_buckets = Vec::new();
+    for (index, rule) in histogram_bucket_settings.iter().enumerate() {
+        let rpath = item(path, "histogram_bucket_settings", index);
+        let metrics_pb::HistogramBucketSettings { r#match, buckets } = rule;
+        let Some(matcher) = r#match else {
+            return err(field(&rpath, "match"), "required");
+        };
+        let matcher = string_matcher(matcher, &field(&rpath, "match"))?;
+        if buckets.is_empty() {
+            return err(field(&rpath, "buckets"), "at least one bound is required");
+        }
+        if let Some(bad) = buckets
+            .iter()
+            .find(|b| b.is_nan() || **b <= 0.0 || b.is_infinite())
+        {
+            return err(
+                field(&rpath, "buckets"),
+                format!("{bad} is not a positive bound"),
+            );
+        }
+        let mut bounds = buckets.clone();
+        bounds.sort_by(f64::total_cmp);
+        if bounds.windows(2).any(|pair| pair[0] == pair[1]) {
+            return err(field(&rpath, "buckets"), "bounds must be distinct");
+        }
+        histogram_buckets.push(HistogramBuckets { matcher, bounds });
+    }
     let mut tags = if use_all_default_tags.is_none_or(|v| v) {
         TagProducer::default()
     } else {
@@ -529,7 +567,11 @@ pub fn stats_config(proto: &metrics_pb::StatsConfig, path: &str) -> ConfigResult
         Some(Which::InclusionList(l)) => StatsMatcher::Include(list(l, "inclusion_list")?),
         Some(Which::ExclusionList(l)) => StatsMatcher::Exclude(list(l, "exclusion_list")?),
     };
-    Ok(StatsConfig { tags, matcher })
+    Ok(StatsConfig {
+        tags,
+        matcher,
+        histogram_buckets,
+    })
 }
 
 /// Envoy's name for a sink's stats when no `prefix` is set.

@@ -123,6 +123,7 @@ async fn serve(
     identity: crate::cli::XdsIdentity,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
+    registry.set_histogram_buckets(&bootstrap.stats.histogram_buckets);
     let store = Arc::new(Store::default());
     let secrets = crate::tls::Secrets::new(tokio::runtime::Handle::current());
     for secret in &bootstrap.secrets {

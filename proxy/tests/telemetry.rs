@@ -968,3 +968,113 @@ fn the_metrics_service_gets_the_families_envoy_sends() {
 fn flushes_of(server: &metrics_service::MetricsServer) -> usize {
     server.messages().len()
 }
+
+/// `stats_eviction_interval` evicts only stats that extensions create as evictable; the
+/// stats of clusters, listeners and connection managers stay, with their counts, through
+/// several eviction rounds, under Envoy as under Remora.
+#[test]
+fn stats_eviction_leaves_the_proxys_own_stats() {
+    if !remora_tests::envoy::available_or_skip("stats_eviction_leaves_the_proxys_own_stats") {
+        return;
+    }
+    let app = EchoServer::start("app", "127.0.0.1");
+    for envoy in [true, false] {
+        let (statsd, dog) = (Collector::start(), Collector::start());
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "0.2s")
+            + "stats_eviction_interval: 0.4s\n";
+        let _proxy = start_proxy(envoy, &yaml, admin, port);
+        for _ in 0..3 {
+            let (status, _, _) = http_get(loopback(port), "/").expect("request");
+            assert_eq!(status, 200);
+        }
+        let proxy = if envoy { "envoy" } else { "remora" };
+        // Flushes are counted by a gauge every flush carries; six make three eviction rounds.
+        let flushes = || statsd.total("mesh.cluster.app.membership_total", "g");
+        let before = flushes();
+        wait_for(
+            &format!("{proxy}: three eviction rounds"),
+            Duration::from_secs(20),
+            || (flushes() >= before + 6).then_some(()),
+        );
+        for name in [
+            "cluster.app.upstream_rq_total",
+            "http.edge.downstream_rq_2xx",
+        ] {
+            assert_eq!(
+                remora_tests::admin_stat(admin, name),
+                Some(3),
+                "{proxy}: {name}"
+            );
+        }
+        let (_, _, histograms) = http_get(admin, "/stats?filter=upstream_rq_time").expect("stats");
+        assert!(
+            histograms.contains("cluster.app.upstream_rq_time: P0("),
+            "{proxy}: {histograms}"
+        );
+    }
+}
+
+/// `histogram_bucket_settings`: the first rule whose matcher takes a histogram's full name gives
+/// its buckets, sorted (a prefix on `envoy` takes none of the proxy's own names); other
+/// histograms keep the default ones. Prometheus shows the same `le` bounds under both proxies.
+#[test]
+fn histogram_bucket_settings_pick_buckets_as_in_envoy() {
+    if !remora_tests::envoy::available_or_skip("histogram_bucket_settings_pick_buckets_as_in_envoy")
+    {
+        return;
+    }
+    let app = EchoServer::start("app", "127.0.0.1");
+    let settings = "stats_config:
+  histogram_bucket_settings:
+  - match: {exact: cluster.app.upstream_rq_time}
+    buckets: [3, 1, 2]
+  - match: {prefix: envoy}
+    buckets: [7, 8]
+  - match: {suffix: downstream_rq_time}
+    buckets: [4, 400]
+";
+    let metrics = [
+        "envoy_cluster_upstream_rq_time",
+        "envoy_http_downstream_rq_time",
+        "envoy_cluster_upstream_cx_connect_ms",
+    ];
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        // Upstream connections closed when idle, so every histogram gets values.
+        let yaml = edge_bootstrap(&admin_yaml, port, app.addr, "")
+            .replace("    type: STATIC\n", IDLE_CLOSE)
+            + settings;
+        let _proxy = start_proxy(envoy, &yaml, admin, port);
+        traffic(port, admin);
+        let (_, _, body) = http_get(admin, "/stats/prometheus").expect("prometheus");
+        assert!(
+            body.contains(
+                "envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=\"app\",le=\"+Inf\"} 3"
+            ),
+            "{body}"
+        );
+        // The edge connection manager's: Remora keeps no stats of the admin's.
+        seen.push(metrics.map(|metric| {
+            body.lines()
+                .filter(|line| line.starts_with(&format!("{metric}_bucket{{")))
+                .filter(|line| !line.contains("prefix=\"admin\""))
+                .filter_map(|line| {
+                    line.split("le=\"")
+                        .nth(1)?
+                        .split('"')
+                        .next()
+                        .map(str::to_string)
+                })
+                .collect::<Vec<String>>()
+        }));
+    }
+    assert_eq!(seen[0], seen[1], "envoy, remora");
+    let edge = |bounds: &[&str]| -> Vec<String> { bounds.iter().map(|b| b.to_string()).collect() };
+    assert_eq!(seen[1][0], edge(&["1", "2", "3", "+Inf"]));
+    assert_eq!(seen[1][1], edge(&["4", "400", "+Inf"]));
+    assert_eq!(seen[1][2].len(), 20, "the default bounds");
+}

@@ -69,6 +69,11 @@ fn stats_sinks_are_read_with_envoys_defaults() {
             ("[::1]:8126".to_string(), "mesh", true, Some(1400)),
         ]
     );
+    accepted(ROOT, "stats_eviction_interval: 20s");
+    accepted(
+        ROOT,
+        "{stats_flush_interval: 0.25s, stats_eviction_interval: 0.75s}",
+    );
     let bootstrap = accepted(ROOT, "stats_flush_interval: 0.25s");
     assert_eq!(bootstrap.stats_flush_interval, Duration::from_millis(250));
     let bootstrap = accepted(
@@ -97,6 +102,36 @@ fn bootstrap_fields_are_refused_by_path() {
                 "stats_flush_interval: 300s",
                 "stats_flush_interval",
                 "out of range: at least 1ms and under 300s",
+            ),
+            (
+                "{stats_flush_interval: 10s, stats_eviction_interval: 11s}",
+                "stats_eviction_interval",
+                "11s must be a multiple of stats_flush_interval (10s)",
+            ),
+            (
+                "stats_config: {histogram_bucket_settings: [{match: {prefix: cluster}, buckets: [1, 0.5, 1]}]}",
+                "stats_config.histogram_bucket_settings[0].buckets",
+                "bounds must be distinct",
+            ),
+            (
+                "stats_config: {histogram_bucket_settings: [{match: {prefix: cluster}, buckets: [1, -2]}]}",
+                "stats_config.histogram_bucket_settings[0].buckets",
+                "-2 is not a positive bound",
+            ),
+            (
+                "stats_config: {histogram_bucket_settings: [{buckets: [1]}]}",
+                "stats_config.histogram_bucket_settings[0].match",
+                "required",
+            ),
+            (
+                "stats_config: {histogram_bucket_settings: [{match: {prefix: cluster}, buckets: [1], bins: 10}]}",
+                "stats_config.histogram_bucket_settings[0].bins",
+                "unknown field",
+            ),
+            (
+                "stats_eviction_interval: 0s",
+                "stats_eviction_interval",
+                "must be at least 1ms",
             ),
             (
                 "stats_sinks: [{name: envoy.stat_sinks.statsd}]",

@@ -40,17 +40,17 @@ fn shard_index() -> usize {
 #[derive(Debug)]
 struct Shard {
     /// One count per bound, then the overflow bucket.
-    counts: [AtomicU64; BOUNDS.len() + 1],
+    counts: Box<[AtomicU64]>,
     sum: AtomicU64,
     /// The smallest and largest values seen (quantiles 0 and 100 are exact).
     min: AtomicU64,
     max: AtomicU64,
 }
 
-impl Default for Shard {
-    fn default() -> Self {
+impl Shard {
+    fn new(bounds: &[f64]) -> Self {
         Shard {
-            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum: AtomicU64::new(0),
             min: AtomicU64::new(u64::MAX),
             max: AtomicU64::new(0),
@@ -68,6 +68,9 @@ pub struct Histogram {
     shards: OnceLock<Box<[OnceLock<Box<Shard>>; SHARDS]>>,
     /// Set once, when a stats sink wants every value.
     tap: OnceLock<Tap>,
+    /// `histogram_bucket_settings`' bounds for this histogram, set before its first value;
+    /// unset: Envoy's default [`BOUNDS`].
+    bounds: OnceLock<&'static [f64]>,
 }
 
 impl std::fmt::Debug for Histogram {
@@ -79,6 +82,16 @@ impl std::fmt::Debug for Histogram {
 }
 
 impl Histogram {
+    /// Counts into buckets with these upper bounds (sorted), not the default ones; only before
+    /// the first value, and once.
+    pub fn set_bounds(&self, bounds: &'static [f64]) {
+        let _ = self.bounds.set(bounds);
+    }
+
+    fn bounds(&self) -> &'static [f64] {
+        self.bounds.get().copied().unwrap_or(&BOUNDS)
+    }
+
     /// Hands every value recorded from now on to `tap` too; a histogram takes one tap.
     pub fn set_tap(&self, tap: Tap) {
         let _ = self.tap.set(tap);
@@ -92,11 +105,12 @@ impl Histogram {
         let shards = self
             .shards
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-        let shard = shards[shard_index()].get_or_init(Default::default);
+        let bounds = self.bounds();
+        let shard = shards[shard_index()].get_or_init(|| Box::new(Shard::new(bounds)));
         // Most requests take under a millisecond: bucket 0, nothing to add to the sum.
         let bucket = match value {
             0 => 0,
-            _ => BOUNDS.partition_point(|bound| (value as f64) > *bound),
+            _ => bounds.partition_point(|bound| (value as f64) > *bound),
         };
         shard.counts[bucket].fetch_add(1, Ordering::Relaxed);
         if value != 0 {
@@ -119,12 +133,7 @@ impl Histogram {
 
     /// The shards merged.
     pub fn snapshot(&self) -> Snapshot {
-        let mut out = Snapshot {
-            counts: [0; BOUNDS.len() + 1],
-            sum: 0,
-            min: u64::MAX,
-            max: 0,
-        };
+        let mut out = Snapshot::empty(self.bounds());
         let shards = self.shards.get().map_or(&[][..], |shards| &shards[..]);
         for shard in shards.iter().filter_map(OnceLock::get) {
             for (total, count) in out.counts.iter_mut().zip(&shard.counts) {
@@ -141,13 +150,27 @@ impl Histogram {
 /// A histogram's merged counts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
-    pub counts: [u64; BOUNDS.len() + 1],
+    /// One count per bound, then the overflow bucket.
+    pub counts: Vec<u64>,
+    /// The buckets' upper bounds.
+    pub bounds: &'static [f64],
     pub sum: u64,
     pub min: u64,
     pub max: u64,
 }
 
 impl Snapshot {
+    /// No values, in buckets with these bounds.
+    pub fn empty(bounds: &'static [f64]) -> Snapshot {
+        Snapshot {
+            counts: vec![0; bounds.len() + 1],
+            bounds,
+            sum: 0,
+            min: u64::MAX,
+            max: 0,
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
     }
@@ -184,8 +207,12 @@ impl Snapshot {
                 continue;
             }
             if (below + bucket) as f64 >= rank {
-                let low = if index == 0 { 0.0 } else { BOUNDS[index - 1] };
-                let high = BOUNDS.get(index).copied().unwrap_or(max);
+                let low = if index == 0 {
+                    0.0
+                } else {
+                    self.bounds[index - 1]
+                };
+                let high = self.bounds.get(index).copied().unwrap_or(max);
                 let low = low.max(min);
                 let high = high.min(max).max(low);
                 let within = (rank - below as f64) / *bucket as f64;
@@ -200,16 +227,20 @@ impl Snapshot {
     /// statistics. The interval's extremes are not kept: its first and last buckets' bounds
     /// stand in for them (within the values ever seen).
     pub fn since(&self, earlier: &Snapshot) -> Snapshot {
-        let mut counts = [0; BOUNDS.len() + 1];
-        for ((count, now), before) in counts.iter_mut().zip(&self.counts).zip(&earlier.counts) {
-            *count = now.saturating_sub(*before);
-        }
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .zip(earlier.counts.iter().chain(std::iter::repeat(&0)))
+            .map(|(now, before)| now.saturating_sub(*before))
+            .collect();
         let first = counts.iter().position(|c| *c > 0);
         let last = counts.iter().rposition(|c| *c > 0);
-        let low = first.map_or(0.0, |i| if i == 0 { 0.0 } else { BOUNDS[i - 1] });
-        let high = last.and_then(|i| BOUNDS.get(i).copied());
+        let bounds = self.bounds;
+        let low = first.map_or(0.0, |i| if i == 0 { 0.0 } else { bounds[i - 1] });
+        let high = last.and_then(|i| bounds.get(i).copied());
         Snapshot {
             counts,
+            bounds,
             sum: self.sum.saturating_sub(earlier.sum),
             min: (low as u64).max(self.min.min(self.max)),
             max: high.map_or(self.max, |high| (high as u64).min(self.max)),

@@ -149,12 +149,7 @@ impl MetricsService {
         for (name, cumulative) in histograms {
             let interval = match last.histograms.get(&name) {
                 Some(earlier) => cumulative.since(earlier),
-                None => cumulative.since(&Snapshot {
-                    counts: [0; histogram::BOUNDS.len() + 1],
-                    sum: 0,
-                    min: cumulative.min,
-                    max: cumulative.max,
-                }),
+                None => cumulative.since(&Snapshot::empty(cumulative.bounds)),
             };
             let (family_name, labels) = self.name(&name);
             let count = interval.count();
@@ -185,7 +180,8 @@ impl MetricsService {
                 metric.histogram = Some(prom::Histogram {
                     sample_count: Some(count),
                     sample_sum: Some(interval.sum as f64),
-                    bucket: histogram::BOUNDS
+                    bucket: interval
+                        .bounds
                         .iter()
                         .zip(interval.cumulative())
                         .map(|(bound, total)| prom::Bucket {

@@ -13,6 +13,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use remora_config::matcher::StringMatch;
+use remora_config::stats::HistogramBuckets;
+
 /// One counter or gauge.
 #[derive(Debug, Default)]
 pub struct Stat(AtomicU64, Used);
@@ -137,6 +140,8 @@ pub struct Registry {
     derived: Mutex<BTreeMap<String, ReadGauges>>,
     /// Makes the tap of each histogram, by its name (see [`Registry::tap_histograms`]).
     taps: std::sync::OnceLock<MakeTap>,
+    /// `histogram_bucket_settings`: bucket bounds by histogram name, the first match wins.
+    buckets: std::sync::OnceLock<Vec<(StringMatch, &'static [f64])>>,
 }
 
 /// Makes a histogram's [`histogram::Tap`] from its name, or none for a histogram left out.
@@ -182,6 +187,9 @@ impl Registry {
             return typed;
         }
         let made = Arc::new(T::default());
+        made.each_histogram(&mut |field, histogram| {
+            self.set_bounds(&format!("{prefix}.{field}"), histogram);
+        });
         if let Some(make) = self.taps.get() {
             made.each_histogram(&mut |field, histogram| {
                 tap(make, &format!("{prefix}.{field}"), histogram);
@@ -204,11 +212,33 @@ impl Registry {
             return histogram.clone();
         }
         let made = Arc::new(Histogram::default());
+        self.set_bounds(&name, &made);
         if let Some(make) = self.taps.get() {
             tap(make, &name, &made);
         }
         histograms.insert(name, made.clone());
         made
+    }
+
+    /// Histograms made from now on whose name a rule matches count into that rule's buckets
+    /// (the first match wins), as Envoy's `histogram_bucket_settings`. Set once, before the
+    /// first histogram is made; the bounds live as long as the process.
+    pub fn set_histogram_buckets(&self, rules: &[HistogramBuckets]) {
+        let rules = rules
+            .iter()
+            .map(|rule| {
+                let bounds: &'static [f64] = Box::leak(rule.bounds.clone().into_boxed_slice());
+                (rule.matcher.clone(), bounds)
+            })
+            .collect();
+        let _ = self.buckets.set(rules);
+    }
+
+    fn set_bounds(&self, name: &str, histogram: &Histogram) {
+        let rules = self.buckets.get().map_or(&[][..], Vec::as_slice);
+        if let Some((_, bounds)) = rules.iter().find(|(matcher, _)| matcher.matches(name)) {
+            histogram.set_bounds(bounds);
+        }
     }
 
     /// From now on every histogram, those made before and those made later, hands its values

@@ -55,7 +55,8 @@ pub fn render(
         for (labels, snapshot) in series {
             let sep = if labels.is_empty() { "" } else { "," };
             for (index, total) in snapshot.cumulative().iter().enumerate() {
-                let le = histogram::BOUNDS
+                let le = snapshot
+                    .bounds
                     .get(index)
                     .map_or_else(|| "+Inf".to_string(), |b| histogram::format_value(*b));
                 let _ = writeln!(out, "{metric}_bucket{{{labels}{sep}le=\"{le}\"}} {total}");
