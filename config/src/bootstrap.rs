@@ -617,25 +617,10 @@ fn read_dynamic(
         initial_metadata,
         target_specifier,
     } = service;
-    let Some(core_pb::grpc_service::TargetSpecifier::EnvoyGrpc(core_pb::grpc_service::EnvoyGrpc {
-        cluster_name,
-        authority,
-        max_receive_message_length,
-        skip_envoy_headers,
-    })) = target_specifier
-    else {
-        return err(gpath, "envoy_grpc is required");
-    };
-    let epath = field(&gpath, "envoy_grpc");
-    unsupported!(
-        &epath,
-        authority,
-        max_receive_message_length,
-        skip_envoy_headers
-    );
-    if !clusters.iter().any(|c| c.name == *cluster_name) {
+    let cluster_name = crate::common::envoy_grpc_target(target_specifier, &gpath)?;
+    if !clusters.iter().any(|c| c.name == cluster_name) {
         return err(
-            field(&epath, "cluster_name"),
+            format!("{gpath}.envoy_grpc.cluster_name"),
             format!("unknown static cluster {cluster_name:?}"),
         );
     }
@@ -653,7 +638,7 @@ fn read_dynamic(
         .transpose()?;
     Ok(DynamicResources {
         initial_metadata: crate::common::initial_metadata(initial_metadata, &gpath)?,
-        ads_cluster: cluster_name.clone(),
+        ads_cluster: cluster_name,
         flavor,
         node_on_first_message_only: *set_node_on_first_message_only,
         stream_timeout,

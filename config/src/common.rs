@@ -723,6 +723,46 @@ impl Default for ConfigSource {
     }
 }
 
+/// The cluster a `GrpcService`'s `envoy_grpc` target names (`path` is the service's): the
+/// only target Remora dials, through that cluster's own connect path.
+pub fn envoy_grpc_target(
+    target: &Option<core_pb::grpc_service::TargetSpecifier>,
+    path: &str,
+) -> ConfigResult<String> {
+    use core_pb::grpc_service::{EnvoyGrpc, TargetSpecifier};
+    let Some(TargetSpecifier::EnvoyGrpc(EnvoyGrpc {
+        cluster_name,
+        authority,
+        max_receive_message_length,
+        skip_envoy_headers,
+    })) = target
+    else {
+        return err(path, "envoy_grpc is required");
+    };
+    let epath = field(path, "envoy_grpc");
+    unsupported!(
+        &epath,
+        authority,
+        max_receive_message_length,
+        skip_envoy_headers
+    );
+    if cluster_name.is_empty() {
+        return err(field(&epath, "cluster_name"), "required");
+    }
+    Ok(cluster_name.clone())
+}
+
+/// A `GrpcService` that is an `envoy_grpc` target and nothing more: its cluster.
+pub fn envoy_grpc_only(service: &core_pb::GrpcService, path: &str) -> ConfigResult<String> {
+    let core_pb::GrpcService {
+        timeout,
+        initial_metadata,
+        target_specifier,
+    } = service;
+    unsupported!(path, timeout, initial_metadata);
+    envoy_grpc_target(target_specifier, path)
+}
+
 /// `resource_api_version` and `transport_api_version`: Remora speaks v3 (AUTO means v3).
 pub fn api_version(value: i32, path: &str) -> ConfigResult<()> {
     match core_pb::ApiVersion::try_from(value) {

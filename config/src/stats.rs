@@ -643,36 +643,10 @@ fn metrics_service_sink(
         *transport_api_version,
         &field(path, "transport_api_version"),
     )?;
-    let gpath = field(path, "grpc_service");
-    let Some(xds_api::envoy::config::core::v3::GrpcService {
-        timeout,
-        initial_metadata,
-        target_specifier,
-    }) = grpc_service
-    else {
-        return err(gpath, "required");
+    let Some(service) = grpc_service else {
+        return err(field(path, "grpc_service"), "required");
     };
-    crate::unsupported!(&gpath, timeout, initial_metadata);
-    use xds_api::envoy::config::core::v3::grpc_service::{EnvoyGrpc, TargetSpecifier};
-    let Some(TargetSpecifier::EnvoyGrpc(EnvoyGrpc {
-        cluster_name,
-        authority,
-        max_receive_message_length,
-        skip_envoy_headers,
-    })) = target_specifier
-    else {
-        return err(gpath, "envoy_grpc is required");
-    };
-    let epath = field(&gpath, "envoy_grpc");
-    crate::unsupported!(
-        &epath,
-        authority,
-        max_receive_message_length,
-        skip_envoy_headers
-    );
-    if cluster_name.is_empty() {
-        return err(field(&epath, "cluster_name"), "required");
-    }
+    let cluster = crate::common::envoy_grpc_only(service, &field(path, "grpc_service"))?;
     use metrics_pb::HistogramEmitMode as Mode;
     let (summaries, histograms) = match Mode::try_from(*histogram_emit_mode) {
         Ok(Mode::SummaryAndHistogram) => (true, true),
@@ -681,7 +655,7 @@ fn metrics_service_sink(
         Err(_) => return err(field(path, "histogram_emit_mode"), "unknown mode"),
     };
     Ok(MetricsServiceSink {
-        cluster: cluster_name.clone(),
+        cluster,
         counters_as_deltas: report_counters_as_deltas.unwrap_or(false),
         tags_as_labels: *emit_tags_as_labels,
         summaries,

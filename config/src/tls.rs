@@ -813,34 +813,9 @@ fn grpc_secret_source(
             "exactly one grpc service is required",
         );
     };
-    let gpath = item(path, "grpc_services", 0);
-    let core_pb::GrpcService {
-        timeout,
-        initial_metadata,
-        target_specifier,
-    } = service;
-    crate::unsupported!(&gpath, timeout, initial_metadata);
-    let Some(core_pb::grpc_service::TargetSpecifier::EnvoyGrpc(core_pb::grpc_service::EnvoyGrpc {
-        cluster_name,
-        authority,
-        max_receive_message_length,
-        skip_envoy_headers,
-    })) = target_specifier
-    else {
-        return err(gpath, "envoy_grpc is required");
-    };
-    let epath = field(&gpath, "envoy_grpc");
-    crate::unsupported!(
-        &epath,
-        authority,
-        max_receive_message_length,
-        skip_envoy_headers
-    );
-    if cluster_name.is_empty() {
-        return err(field(&epath, "cluster_name"), "required");
-    }
+    let cluster = crate::common::envoy_grpc_only(service, &item(path, "grpc_services", 0))?;
     Ok(GrpcSecretSource {
-        cluster: cluster_name.clone(),
+        cluster,
         node_on_first_message_only: *set_node_on_first_message_only,
     })
 }

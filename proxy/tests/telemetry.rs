@@ -477,6 +477,15 @@ fn the_bootstrap_tracer_serves_connection_managers_that_name_none() {
     }
 }
 
+/// `count` requests to the listener on `port`, each on a connection of its own, all answered
+/// 200.
+fn requests(port: u16, count: usize) {
+    for _ in 0..count {
+        let (status, _, _) = http_get(loopback(port), "/").expect("request");
+        assert_eq!(status, 200);
+    }
+}
+
 /// A statsd collector on loopback: every line it received, a datagram's lines split apart.
 struct Collector {
     addr: std::net::SocketAddr,
@@ -604,10 +613,7 @@ fn stats_sinks_get_the_lines_envoy_sends() {
         let (admin, admin_yaml) = admin_block();
         let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "0.2s");
         let (_process, _keep) = start_signalled(envoy, &yaml, admin, port);
-        for _ in 0..3 {
-            let (status, _, _) = http_get(loopback(port), "/").expect("request");
-            assert_eq!(status, 200);
-        }
+        requests(port, 3);
         let proxy = if envoy { "envoy" } else { "remora" };
         let totals = || {
             [
@@ -730,10 +736,7 @@ fn stats_sinks_get_a_last_flush_at_shutdown() {
         // No flush by interval while the test runs.
         let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "120s");
         let (mut process, _keep) = start_signalled(envoy, &yaml, admin, port);
-        for _ in 0..2 {
-            let (status, _, _) = http_get(loopback(port), "/").expect("request");
-            assert_eq!(status, 200);
-        }
+        requests(port, 2);
         let proxy = if envoy { "envoy" } else { "remora" };
         assert_eq!(
             statsd.total("mesh.cluster.app.upstream_rq_total", "c"),
@@ -838,10 +841,7 @@ fn the_metrics_service_gets_the_families_envoy_sends() {
             ),
         );
         let _proxy = start_proxy(envoy, &yaml, admin, port);
-        for _ in 0..3 {
-            let (status, _, _) = http_get(loopback(port), "/").expect("request");
-            assert_eq!(status, 200);
-        }
+        requests(port, 3);
         let proxy = if envoy { "envoy" } else { "remora" };
         // Every request counted, and a flush after that without new samples.
         wait_for(
@@ -865,7 +865,7 @@ fn the_metrics_service_gets_the_families_envoy_sends() {
                             .sum::<f64>()
                             == 3.0
                 })?;
-                (flushes.len() > counted + 1 && flushes_of(&tagged) > counted + 1).then_some(())
+                (flushes.len() > counted + 1 && tagged.messages().len() > counted + 1).then_some(())
             },
         );
         seen.push((flushes(&plain), flushes(&tagged)));
@@ -965,10 +965,6 @@ fn the_metrics_service_gets_the_families_envoy_sends() {
     }
 }
 
-fn flushes_of(server: &metrics_service::MetricsServer) -> usize {
-    server.messages().len()
-}
-
 /// `stats_eviction_interval` evicts only stats that extensions create as evictable; the
 /// stats of clusters, listeners and connection managers stay, with their counts, through
 /// several eviction rounds, under Envoy as under Remora.
@@ -985,10 +981,7 @@ fn stats_eviction_leaves_the_proxys_own_stats() {
         let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "0.2s")
             + "stats_eviction_interval: 0.4s\n";
         let _proxy = start_proxy(envoy, &yaml, admin, port);
-        for _ in 0..3 {
-            let (status, _, _) = http_get(loopback(port), "/").expect("request");
-            assert_eq!(status, 200);
-        }
+        requests(port, 3);
         let proxy = if envoy { "envoy" } else { "remora" };
         // Flushes are counted by a gauge every flush carries; six make three eviction rounds.
         let flushes = || statsd.total("mesh.cluster.app.membership_total", "g");
