@@ -7,7 +7,7 @@
 //! last part is done.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -55,6 +55,8 @@ pub struct Lifecycle {
     state_gauge: Arc<crate::stats::Stat>,
     /// The [`InitPart`]s not done yet, as bits.
     waiting: AtomicU8,
+    /// `/healthcheck/fail` was posted (and no `/healthcheck/ok` since): health checks fail.
+    health_check_failed: AtomicBool,
 }
 
 impl Lifecycle {
@@ -71,6 +73,7 @@ impl Lifecycle {
             live: registry.gauge("server.live"),
             state_gauge: registry.gauge("server.state"),
             waiting: AtomicU8::new(parts.iter().fold(0, |bits, part| bits | *part as u8)),
+            health_check_failed: AtomicBool::new(false),
         });
         lifecycle.live.set(1);
         lifecycle.state_gauge.set(3);
@@ -125,6 +128,28 @@ impl Lifecycle {
         }
     }
 
+    /// What `/ready` and `/server_info` report: draining while health checks are failed, as
+    /// in Envoy, though nothing else drains.
+    pub fn reported_state(&self) -> State {
+        match self.state() {
+            State::Live if self.health_check_failed() => State::Draining,
+            state => state,
+        }
+    }
+
+    /// Whether `/healthcheck/fail` holds: the health check filter answers 503 and every
+    /// connection closes after its current response, as in Envoy.
+    pub fn health_check_failed(&self) -> bool {
+        self.health_check_failed.load(Ordering::Relaxed)
+    }
+
+    /// `/healthcheck/fail` (`true`) or `/healthcheck/ok` (`false`).
+    pub fn fail_health_checks(&self, failed: bool) {
+        self.health_check_failed.store(failed, Ordering::Relaxed);
+        let draining = self.state() == State::Draining;
+        self.live.set(u64::from(!failed && !draining));
+    }
+
     pub(crate) fn set_draining(&self) {
         self.state.store(State::Draining as u8, Ordering::Release);
         self.live.set(0);
@@ -155,6 +180,22 @@ mod tests {
         lifecycle.init_done(InitPart::Static);
         assert_eq!((lifecycle.state(), state.get()), (State::Live, 0));
         assert_eq!(live.get(), 1);
+    }
+
+    #[test]
+    fn failed_health_checks_report_draining_until_ok() {
+        let registry = Registry::default();
+        let (lifecycle, _) = Lifecycle::new(&registry, &[InitPart::Static]);
+        lifecycle.init_done(InitPart::Static);
+        lifecycle.fail_health_checks(true);
+        assert!(lifecycle.health_check_failed());
+        assert_eq!(lifecycle.reported_state(), State::Draining);
+        assert_eq!(lifecycle.state(), State::Live, "nothing drains");
+        assert_eq!(registry.gauge("server.live").get(), 0);
+        assert_eq!(registry.gauge("server.state").get(), 0);
+        lifecycle.fail_health_checks(false);
+        assert_eq!(lifecycle.reported_state(), State::Live);
+        assert_eq!(registry.gauge("server.live").get(), 1);
     }
 
     #[test]

@@ -159,6 +159,7 @@ async fn serve(
             bootstrap.tracing_provider.clone(),
         ),
         secrets: secrets.clone(),
+        lifecycle: lifecycle.clone(),
     });
     // Static clusters, then admin, then static listeners. The clusters go into the store in
     // one change: a change copies the snapshot, and one per cluster made startup quadratic.

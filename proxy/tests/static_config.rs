@@ -602,6 +602,155 @@ fn only_internal_address_config_makes_a_client_internal_whatever_the_runtime_say
     }
 }
 
+/// The health check filter and `/healthcheck/fail`: a matching request is answered here (200,
+/// naming the node's cluster) or passed on (pass-through); a listed cluster that is missing fails
+/// it; after `/healthcheck/fail` health checks get 503, every response through the filter says
+/// `x-envoy-immediate-health-check-fail`, kept-alive connections close after their response and
+/// `/ready` says DRAINING, until `/healthcheck/ok`. Health checks stay out of an access log
+/// with `not_health_check_filter`, and are counted alike. Envoy and Remora, one bootstrap.
+#[test]
+fn health_checks_are_answered_and_failed_as_in_envoy() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin, admin_yaml) = admin_block();
+    let (port, through_port) = (free_port(), free_port());
+    let log = dir.path().join("access.log");
+    let health_check = |pass_through: bool, path: &str, clusters: &str| {
+        format!(
+            r#"          - name: health{path}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
+              pass_through_mode: {pass_through}
+              headers: [{{name: ":path", string_match: {{exact: {path}}}}}]
+              cluster_min_healthy_percentages: {{{clusters}}}
+"#
+        )
+    };
+    let with_filters = |listener: String, filters: String| {
+        listener.replace(
+            "          http_filters:\n",
+            &format!("          http_filters:\n{filters}"),
+        )
+    };
+    let edge = with_filters(
+        http_listener(
+            "edge",
+            port,
+            &format!(
+                "          access_log:\n          - name: envoy.access_loggers.file\n            filter: {{not_health_check_filter: {{}}}}\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n              log_format: {{text_format_source: {{inline_string: \"%REQ(:PATH)% %RESPONSE_CODE%\\n\"}}}}\n",
+                log.display()
+            ),
+            &catch_all("echo", "5s"),
+        ),
+        health_check(false, "/healthz", "echo: {value: 100}")
+            + &health_check(false, "/deep", "missing: {value: 10}"),
+    );
+    let through = with_filters(
+        http_listener("through", through_port, "", &catch_all("echo", "5s")),
+        health_check(true, "/ping", ""),
+    );
+    let yaml = format!(
+        "node: {{id: n1, cluster: front}}\n{}",
+        bootstrap(
+            &admin_yaml,
+            &[edge, through],
+            &[static_cluster("echo", &[echo.addr])]
+        )
+    );
+    let (_dir, file) = write_config(&yaml);
+    let run = || {
+        // Both proxies append to the one file: each run reads what it added.
+        let start = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+        let mut seen = Vec::new();
+        let ask = |what: &str, addr, path: &str| {
+            let (status, head, body) = http_get(addr, path).expect("request");
+            let head = head.to_ascii_lowercase();
+            let has = |header: &str| head.contains(header);
+            format!(
+                "{what}: {status} cluster={} fail={} body={}",
+                has("x-envoy-upstream-healthchecked-cluster: front"),
+                has("x-envoy-immediate-health-check-fail: true"),
+                if body.is_empty() {
+                    "empty"
+                } else if body.contains("\"upstream\"") {
+                    "upstream"
+                } else {
+                    "other"
+                },
+            )
+        };
+        seen.push(ask("health", loopback(port), "/healthz"));
+        seen.push(ask("deep", loopback(port), "/deep"));
+        seen.push(ask("plain", loopback(port), "/"));
+        seen.push(ask("through", loopback(through_port), "/ping"));
+        let post = |path: &str| http_request(admin, "POST", path, &[], "").expect("admin").0;
+        seen.push(format!("fail: {}", post("/healthcheck/fail")));
+        seen.push(ask("health failed", loopback(port), "/healthz"));
+        seen.push(ask("plain failed", loopback(port), "/"));
+        seen.push(ask("through failed", loopback(through_port), "/ping"));
+        let kept_alive = raw_exchange(loopback(port), b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .to_ascii_lowercase();
+        seen.push(format!(
+            "kept alive: closed={}",
+            kept_alive.contains("connection: close")
+        ));
+        let (ready, _, state) = http_get(admin, "/ready").expect("ready");
+        seen.push(format!("ready: {ready} {}", state.trim()));
+        seen.push(format!("ok: {}", post("/healthcheck/ok")));
+        seen.push(ask("health ok", loopback(port), "/healthz"));
+        let (ready, _, _) = http_get(admin, "/ready").expect("ready");
+        seen.push(format!("ready: {ready}"));
+        seen.push(format!(
+            "GET fail: {}",
+            http_get(admin, "/healthcheck/fail").expect("admin").0
+        ));
+        for name in ["request_total", "ok", "failed", "failed_cluster_not_found"] {
+            seen.push(format!(
+                "{name}: {:?}",
+                remora_tests::admin_stat(admin, &format!("http.edge.health_check.{name}"))
+            ));
+        }
+        let logged = wait_for("the access log", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let added = text.get(start..)?.to_string();
+            (added.lines().count() >= 3).then_some(added)
+        });
+        seen.push(format!(
+            "logged: {}",
+            logged.lines().collect::<Vec<_>>().join(", ")
+        ));
+        seen
+    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
+    assert_eq!(
+        remora,
+        [
+            "health: 200 cluster=true fail=false body=empty",
+            "deep: 503 cluster=true fail=false body=empty",
+            "plain: 200 cluster=false fail=false body=upstream",
+            "through: 200 cluster=true fail=false body=upstream",
+            "fail: 200",
+            "health failed: 503 cluster=true fail=true body=empty",
+            "plain failed: 200 cluster=false fail=true body=upstream",
+            "through failed: 503 cluster=true fail=true body=empty",
+            "kept alive: closed=true",
+            "ready: 503 DRAINING",
+            "ok: 200",
+            "health ok: 200 cluster=true fail=false body=empty",
+            "ready: 200",
+            "GET fail: 405",
+            "request_total: Some(4)",
+            "ok: Some(2)",
+            "failed: Some(2)",
+            "failed_cluster_not_found: Some(1)",
+            "logged: / 200, / 200, /a 200",
+        ]
+    );
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "envoy, remora");
+    }
+}
+
 /// The compressor filter as Istio chains it (brotli, zstd, gzip): for each `Accept-Encoding`
 /// the same encoding is picked (or none), with the same `Vary` and framing, the body decodes to
 /// what the upstream sent, and the filters count the same negotiation stats; under Envoy and

@@ -8,6 +8,7 @@
 pub mod compressor;
 pub mod cors;
 pub mod fault;
+pub mod health_check;
 pub mod local_ratelimit;
 pub mod rbac;
 pub mod router;
@@ -35,6 +36,7 @@ pub enum FilterConfig {
     Compressor(Arc<compressor::Compressor>),
     Cors(cors::CorsFilter),
     Fault(Arc<fault::Fault>),
+    HealthCheck(Arc<health_check::HealthCheck>),
     LocalRateLimit(Arc<local_ratelimit::LocalRateLimit>),
     Rbac(Arc<rbac::HttpRbac>),
     Router(router::Router),
@@ -78,10 +80,11 @@ impl std::fmt::Debug for Attached {
 pub type PerFilterConfigs = Vec<(String, PerRouteConfig)>;
 
 /// The filter configs Remora reads, for error messages.
-const FILTER_TYPE_URLS: [&str; 6] = [
+const FILTER_TYPE_URLS: [&str; 7] = [
     compressor::TYPE_URL,
     cors::TYPE_URL,
     fault::TYPE_URL,
+    health_check::TYPE_URL,
     local_ratelimit::TYPE_URL,
     rbac::TYPE_URL,
     router::TYPE_URL,
@@ -103,6 +106,9 @@ fn catalog(any: &prost_types::Any, path: &str) -> Option<ConfigResult<FilterConf
         }
         cors::TYPE_URL => cors::filter(any, path).map(FilterConfig::Cors),
         fault::TYPE_URL => fault::fault(any, path).map(|f| FilterConfig::Fault(Arc::new(f))),
+        health_check::TYPE_URL => {
+            health_check::filter(any, path).map(|h| FilterConfig::HealthCheck(Arc::new(h)))
+        }
         local_ratelimit::TYPE_URL => {
             local_ratelimit::filter(any, path).map(|l| FilterConfig::LocalRateLimit(Arc::new(l)))
         }

@@ -375,7 +375,28 @@ fn http_filter_chains_end_with_the_router() {
             (
                 &format!("http_filters!: [{{name: envoy.filters.http.lua}}, {ROUTER}]"),
                 "http_filters[0]",
-                "http filter \"envoy.filters.http.lua\" is not supported (no typed_config; Remora has envoy.extensions.filters.http.compressor.v3.Compressor, envoy.extensions.filters.http.cors.v3.Cors, envoy.extensions.filters.http.fault.v3.HTTPFault, envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, envoy.extensions.filters.http.rbac.v3.RBAC, envoy.extensions.filters.http.router.v3.Router)",
+                "http filter \"envoy.filters.http.lua\" is not supported (no typed_config; Remora has envoy.extensions.filters.http.compressor.v3.Compressor, envoy.extensions.filters.http.cors.v3.Cors, envoy.extensions.filters.http.fault.v3.HTTPFault, envoy.extensions.filters.http.health_check.v3.HealthCheck, envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, envoy.extensions.filters.http.rbac.v3.RBAC, envoy.extensions.filters.http.router.v3.Router)",
+            ),
+            (
+                &format!(
+                    "http_filters!: [{{name: hc, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck}}}}, {ROUTER}]"
+                ),
+                "http_filters[0].typed_config.pass_through_mode",
+                "required",
+            ),
+            (
+                &format!(
+                    "http_filters!: [{{name: hc, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck, pass_through_mode: true, cache_time: 1s}}}}, {ROUTER}]"
+                ),
+                "http_filters[0].typed_config.cache_time",
+                UNSUPPORTED,
+            ),
+            (
+                &format!(
+                    "http_filters!: [{{name: hc, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck, pass_through_mode: false, cluster_min_healthy_percentages: {{app: {{value: 120}}}}}}}}, {ROUTER}]"
+                ),
+                "http_filters[0].typed_config.cluster_min_healthy_percentages[\"app\"].value",
+                "120 is not a percentage (0 to 100)",
             ),
             (
                 &format!("http_filters!: [{ROUTER}, {CORS}]"),

@@ -179,7 +179,7 @@ async fn handle(
     let query = request.uri().query().unwrap_or("");
     let post = request.method() == Method::POST;
     let response = match path {
-        "/ready" => match server.lifecycle.state() {
+        "/ready" => match server.lifecycle.reported_state() {
             State::Live => text(StatusCode::OK, "LIVE\n"),
             State::Initializing => text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n"),
             State::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n"),
@@ -187,7 +187,7 @@ async fn handle(
         "/certs" => json_response(&certs::render(&server)),
         "/server_info" => json_response(&json!({
             "version": format!("remora/{}", env!("CARGO_PKG_VERSION")),
-            "state": match server.lifecycle.state() { State::Live => "LIVE", State::Initializing => "INITIALIZING", State::Draining => "DRAINING" },
+            "state": match server.lifecycle.reported_state() { State::Live => "LIVE", State::Initializing => "INITIALIZING", State::Draining => "DRAINING" },
             "uptime_current_epoch": format!("{}s", server.lifecycle.started.elapsed().as_secs()),
             "node": {"id": server.bootstrap.node.id, "cluster": server.bootstrap.node.cluster},
             "command_line_options": {"concurrency": server.concurrency, "drain_time": format!("{}s", server.drain_time.as_secs())},
@@ -289,13 +289,20 @@ async fn handle(
             server.lifecycle.request_stop(Stop::Quit);
             text(StatusCode::OK, "OK\n")
         }
-        "/drain_listeners" | "/quitquitquit" | "/logging" => text(
+        "/healthcheck/fail" | "/healthcheck/ok" if post => {
+            server
+                .lifecycle
+                .fail_health_checks(path == "/healthcheck/fail");
+            text(StatusCode::OK, "OK\n")
+        }
+        "/drain_listeners" | "/quitquitquit" | "/logging" | "/healthcheck/fail"
+        | "/healthcheck/ok" => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("Method {} not allowed, POST required.", request.method()),
         ),
         "/" => text(
             StatusCode::OK,
-            "admin commands: /ready /server_info /stats /stats/prometheus /config_dump /clusters /listeners /logging /drain_listeners /quitquitquit\n",
+            "admin commands: /ready /server_info /stats /stats/prometheus /config_dump /clusters /listeners /logging /drain_listeners /healthcheck/fail /healthcheck/ok /quitquitquit\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "invalid path\n"),
     };

@@ -641,6 +641,7 @@ async fn handle(
     }
     if let Some(entry) = log.as_mut() {
         entry.flags = ordered;
+        entry.health_check = state.is_health_check();
     }
     // The filters' response phase, in reverse order, for every response.
     let mut body_filters = Vec::new();
@@ -665,10 +666,16 @@ async fn handle(
     // The request that reaches `max_requests_per_connection` is the connection's last: over
     // HTTP/1.1 the response says so and the connection closes after it, HTTP/2 drains (GOAWAY);
     // as Envoy does.
-    if let Some(max) = hcm.max_requests_per_connection
-        && index + 1 >= u64::from(max)
-    {
-        if index + 1 == u64::from(max) {
+    // While `/healthcheck/fail` holds, every connection closes after its response too (Envoy
+    // drain-closes them), so a load balancer's connections move away.
+    let last_request = hcm
+        .max_requests_per_connection
+        .is_some_and(|max| index + 1 >= u64::from(max));
+    if last_request || manager.lifecycle.health_check_failed() {
+        if hcm
+            .max_requests_per_connection
+            .is_some_and(|max| index + 1 == u64::from(max))
+        {
             stats.downstream_cx_max_requests_reached.inc();
         }
         if downstream_version == Version::HTTP_2 {

@@ -91,9 +91,17 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
 pub struct FilterState {
     slots: Vec<Option<Box<dyn Any + Send + Sync>>>,
     flags: Vec<ResponseFlag>,
+    /// A filter took the request for the proxy's own health check (access logs'
+    /// `not_health_check_filter` leaves it out).
+    health_check: bool,
 }
 
 impl FilterState {
+    /// Whether a filter took the request for a health check.
+    pub fn is_health_check(&self) -> bool {
+        self.health_check
+    }
+
     /// The response flags filters set on the stream, in order.
     pub fn flags(&self) -> &[ResponseFlag] {
         &self.flags
@@ -175,6 +183,16 @@ impl<'a> Stream<'a> {
     }
 
     /// Marks the stream with a response flag (once) for the access log.
+    /// Marks the request as the proxy's own health check.
+    pub fn mark_health_check(&mut self) {
+        self.state.health_check = true;
+    }
+
+    /// Whether a filter marked the request as a health check.
+    pub fn is_health_check(&self) -> bool {
+        self.state.health_check
+    }
+
     pub fn add_flag(&mut self, flag: ResponseFlag) {
         if !self.state.flags.contains(&flag) {
             self.state.flags.push(flag);

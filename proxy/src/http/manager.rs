@@ -10,6 +10,7 @@ use crate::config::{ConfigResult, HttpConnectionManager, RouteSource, RouteTable
 use crate::http::access_log::{self, AccessLogs};
 use crate::http::filter::FilterChain;
 use crate::http::tracing::{Tracer, TracingContext};
+use crate::lifecycle::Lifecycle;
 use crate::stats::{HttpStats, Registry};
 use crate::store::Store;
 
@@ -26,6 +27,9 @@ pub struct Manager {
     pub(super) store: Arc<Store>,
     /// The HCM's tracer (`tracing` with a provider).
     pub tracer: Option<Arc<Tracer>>,
+    /// The server's state: while `/healthcheck/fail` holds, connections close after their
+    /// response.
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 impl Manager {
@@ -36,6 +40,7 @@ impl Manager {
         registry: &Arc<Registry>,
         store: Arc<Store>,
         tracing: (&TracingContext, bool),
+        lifecycle: &Arc<Lifecycle>,
         path: &str,
     ) -> ConfigResult<Arc<Self>> {
         let (tracing_context, egress) = tracing;
@@ -46,7 +51,17 @@ impl Manager {
         let logs = access_log::for_filter(&config.access_logs, registry, path)?;
         Ok(Arc::new(Manager {
             stats: Arc::new(HttpStats::new(registry, &config.stat_prefix)),
-            filters: crate::http::filters::build(&config.filters, registry, &config.stat_prefix),
+            filters: crate::http::filters::build(
+                &config.filters,
+                &crate::http::filters::Server {
+                    registry,
+                    stat_prefix: &config.stat_prefix,
+                    lifecycle,
+                    local_cluster: &tracing_context.node_cluster,
+                    store: &store,
+                },
+            ),
+            lifecycle: lifecycle.clone(),
             server_header: HeaderValue::from_str(&config.server_name)
                 .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
             logs,

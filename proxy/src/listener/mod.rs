@@ -80,6 +80,7 @@ impl BuiltChain {
                 &context.registry,
                 context.store.clone(),
                 (&context.tracing, egress),
+                &context.lifecycle,
                 &filter_path,
             )?),
         };
@@ -130,6 +131,8 @@ pub struct ListenerContext {
     pub tracing: crate::http::tracing::TracingContext,
     /// SDS secrets that TLS contexts name.
     pub secrets: Arc<crate::tls::Secrets>,
+    /// The server's state, for the health check filter and `/healthcheck/fail`'s drain close.
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 /// Downstream connection limits from the runtime: across all listeners and per listener.

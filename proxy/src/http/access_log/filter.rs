@@ -77,8 +77,8 @@ impl Filter {
             LogFilter::Duration(comparison) => {
                 comparison.holds_for(entry.took().as_millis().try_into().unwrap_or(u64::MAX))
             }
-            // Nothing here marks a request as a health check.
-            LogFilter::NotHealthCheck => true,
+            // The health check filter marks its requests.
+            LogFilter::NotHealthCheck => !entry.health_check,
             // Traced because forced (`x-envoy-force-trace`), as Envoy's filter reads it.
             LogFilter::Traceable => entry.trace_forced,
             LogFilter::Runtime {

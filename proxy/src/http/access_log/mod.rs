@@ -97,6 +97,9 @@ pub struct Entry {
     pub upstream_local: Option<SocketAddr>,
     /// Whether its trace was forced (what `traceable_filter` checks).
     pub trace_forced: bool,
+    /// A filter took it for the proxy's own health check (what `not_health_check_filter`
+    /// leaves out).
+    pub health_check: bool,
     /// When its phases ended, for `%REQUEST_DURATION%` and the like (kept only when a format
     /// reads them: see [`Entry::timed`]).
     pub timings: Timings,
@@ -276,6 +279,7 @@ impl Entry {
             transport_failure: None,
             upstream_local: None,
             trace_forced: false,
+            health_check: false,
             timings: Timings::default(),
             header_checks: logs.header_checks.on_nothing(),
             logs: logs.clone(),

@@ -5,6 +5,7 @@
 mod compressor;
 mod cors;
 mod fault;
+mod health_check;
 mod local_ratelimit;
 mod rbac;
 
@@ -18,11 +19,26 @@ use remora_config::filters::{FilterConfig, HttpFilter as FilterSpec, PerRouteCon
 use crate::error::ResponseFlag;
 use crate::http::filter::{FilterChain, HttpFilter, Stream};
 use crate::http::local_reply::LocalReply;
+use crate::lifecycle::Lifecycle;
 use crate::stats::Registry;
+use crate::store::Store;
 
-/// The runtime filters of an HCM's `http_filters`, in order, without the router. Filters
-/// register their stats in `registry`; `stat_prefix` is the HCM's.
-pub fn build(specs: &[FilterSpec], registry: &Arc<Registry>, stat_prefix: &str) -> FilterChain {
+/// What filters are built with: where they register stats (under the HCM's `stat_prefix`), and
+/// what they may read of the server.
+pub struct Server<'a> {
+    pub registry: &'a Arc<Registry>,
+    pub stat_prefix: &'a str,
+    /// Whether health checks are failed (`/healthcheck/fail`).
+    pub lifecycle: &'a Arc<Lifecycle>,
+    /// The node's cluster, which health check answers name.
+    pub local_cluster: &'a str,
+    /// The clusters in use, for their share of healthy hosts.
+    pub store: &'a Arc<Store>,
+}
+
+/// The runtime filters of an HCM's `http_filters`, in order, without the router.
+pub fn build(specs: &[FilterSpec], server: &Server<'_>) -> FilterChain {
+    let (registry, stat_prefix) = (server.registry, server.stat_prefix);
     let mut filters: Vec<Arc<dyn HttpFilter>> = Vec::new();
     // The chain's compressors, for each one's share of the Accept-Encoding negotiation.
     let compressors: Arc<[compressor::ChainEntry]> = specs
@@ -58,6 +74,9 @@ pub fn build(specs: &[FilterSpec], registry: &Arc<Registry>, stat_prefix: &str) 
             ))),
             FilterConfig::LocalRateLimit(config) => filters.push(Arc::new(
                 local_ratelimit::LocalRateLimit::new(&spec.name, config.clone(), registry.clone()),
+            )),
+            FilterConfig::HealthCheck(config) => filters.push(Arc::new(
+                health_check::HealthCheck::new(config.clone(), server),
             )),
             FilterConfig::Rbac(config) => filters.push(Arc::new(rbac::Rbac::new(
                 &spec.name,
