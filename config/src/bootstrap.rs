@@ -44,8 +44,9 @@ pub struct Bootstrap {
     pub stats: Arc<crate::stats::StatsConfig>,
     /// `stats_sinks`: the collectors stats are pushed to.
     pub stats_sinks: Vec<crate::stats::StatsSink>,
-    /// `stats_flush_interval`: how often the sinks get the stats (5 s unless set).
-    pub stats_flush_interval: Duration,
+    /// `stats_flush_interval`: how often the sinks get the stats (5 s unless set); `None` with
+    /// `stats_flush_on_admin`, when reading admin's stats flushes instead.
+    pub stats_flush_interval: Option<Duration>,
     /// The bootstrap's (deprecated) `tracing.http`: the tracer of connection managers whose
     /// `tracing` names no provider, as in Envoy.
     pub tracing_provider: Option<crate::tracing::Provider>,
@@ -135,6 +136,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         cluster_manager,
         stats_sinks,
         stats_flush_interval,
+        stats_flush,
         stats_eviction_interval,
         tracing,
         stats_config,
@@ -154,6 +156,16 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         .enumerate()
         .map(|(index, sink)| crate::stats::stats_sink(sink, &item("", "stats_sinks", index)))
         .collect::<ConfigResult<Vec<_>>>()?;
+    let flush_on_admin = matches!(
+        stats_flush,
+        Some(bootstrap_pb::bootstrap::StatsFlush::StatsFlushOnAdmin(true))
+    );
+    if flush_on_admin && stats_flush_interval.is_some() {
+        return err(
+            "stats_flush_on_admin",
+            "only one of stats_flush_interval and stats_flush_on_admin may be set",
+        );
+    }
     let stats_flush_interval = match stats_flush_interval {
         None => DEFAULT_STATS_FLUSH_INTERVAL,
         Some(given) => {
@@ -176,7 +188,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         if eviction < Duration::from_millis(1) {
             return err("stats_eviction_interval", "must be at least 1ms");
         }
-        if eviction.as_nanos() % stats_flush_interval.as_nanos() != 0 {
+        if !flush_on_admin && eviction.as_nanos() % stats_flush_interval.as_nanos() != 0 {
             return err(
                 "stats_eviction_interval",
                 format!(
@@ -377,7 +389,7 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
         runtime,
         stats: Arc::new(stats),
         stats_sinks,
-        stats_flush_interval,
+        stats_flush_interval: (!flush_on_admin).then_some(stats_flush_interval),
         outlier_event_log,
         tracing_provider: match tracing
             .as_ref()

@@ -212,6 +212,7 @@ async fn serve(
                 concurrency,
                 drain_time,
                 logs,
+                sinks: sinks.clone(),
             }),
             listener,
         ));
@@ -304,7 +305,7 @@ async fn serve(
     .await?;
     // As Envoy does at exit: the counts since the last interval reach the sinks too.
     if let Some(sinks) = &sinks {
-        sinks.flush();
+        sinks.shutdown();
     }
     Ok(())
 }

@@ -1071,3 +1071,35 @@ fn histogram_bucket_settings_pick_buckets_as_in_envoy() {
     assert_eq!(seen[1][1], edge(&["4", "400", "+Inf"]));
     assert_eq!(seen[1][2].len(), 20, "the default bounds");
 }
+
+/// `stats_flush_on_admin`: no timer flushes the sinks; reading admin's stats does, each time,
+/// under Envoy as under Remora.
+#[test]
+fn stats_flush_on_admin_flushes_when_stats_are_read() {
+    if !remora_tests::envoy::available_or_skip("stats_flush_on_admin_flushes_when_stats_are_read") {
+        return;
+    }
+    let app = EchoServer::start("app", "127.0.0.1");
+    for envoy in [true, false] {
+        let (statsd, dog) = (Collector::start(), Collector::start());
+        let port = free_port();
+        let (admin, admin_yaml) = admin_block();
+        let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "1s")
+            .replace("stats_flush_interval: 1s\n", "stats_flush_on_admin: true\n");
+        let _proxy = start_proxy(envoy, &yaml, admin, port);
+        requests(port, 2);
+        let proxy = if envoy { "envoy" } else { "remora" };
+        let total = || statsd.total("mesh.cluster.app.upstream_rq_total", "c");
+        assert_eq!(total(), 0, "{proxy}: flushed before the stats were read");
+        for (read, path) in [(1, "/stats"), (2, "/stats/prometheus")] {
+            http_get(admin, path).expect("stats");
+            let flushes = || statsd.total("mesh.cluster.app.membership_total", "g");
+            wait_for(
+                &format!("{proxy}: flush {read}, on reading {path}"),
+                Duration::from_secs(10),
+                || (flushes() >= read).then_some(()),
+            );
+            assert_eq!(total(), 2, "{proxy}");
+        }
+    }
+}

@@ -48,7 +48,7 @@ fn stats_sinks_are_read_with_envoys_defaults() {
          - name: envoy.stat_sinks.statsd\n  typed_config:\n    '@type': type.googleapis.com/envoy.config.metrics.v3.StatsdSink\n    address: {socket_address: {address: 127.0.0.1, port_value: 8125}}\n\
          - name: envoy.stat_sinks.dog_statsd\n  typed_config:\n    '@type': type.googleapis.com/envoy.config.metrics.v3.DogStatsdSink\n    address: {socket_address: {address: '::1', port_value: 8126}}\n    prefix: mesh\n    max_bytes_per_datagram: 1400\n",
     );
-    assert_eq!(bootstrap.stats_flush_interval, Duration::from_secs(5));
+    assert_eq!(bootstrap.stats_flush_interval, Some(Duration::from_secs(5)));
     let sinks: Vec<(String, &str, bool, Option<usize>)> = bootstrap
         .stats_sinks
         .iter()
@@ -75,7 +75,12 @@ fn stats_sinks_are_read_with_envoys_defaults() {
         "{stats_flush_interval: 0.25s, stats_eviction_interval: 0.75s}",
     );
     let bootstrap = accepted(ROOT, "stats_flush_interval: 0.25s");
-    assert_eq!(bootstrap.stats_flush_interval, Duration::from_millis(250));
+    assert_eq!(
+        bootstrap.stats_flush_interval,
+        Some(Duration::from_millis(250))
+    );
+    let bootstrap = accepted(ROOT, "stats_flush_on_admin: true");
+    assert_eq!(bootstrap.stats_flush_interval, None);
     let bootstrap = accepted(
         ROOT,
         "stats_sinks:\n\
@@ -127,6 +132,11 @@ fn bootstrap_fields_are_refused_by_path() {
                 "stats_config: {histogram_bucket_settings: [{match: {prefix: cluster}, buckets: [1], bins: 10}]}",
                 "stats_config.histogram_bucket_settings[0].bins",
                 "unknown field",
+            ),
+            (
+                "{stats_flush_interval: 1s, stats_flush_on_admin: true}",
+                "stats_flush_on_admin",
+                "only one of stats_flush_interval and stats_flush_on_admin may be set",
             ),
             (
                 "stats_eviction_interval: 0s",

@@ -39,6 +39,8 @@ pub struct Context {
     pub drain_time: std::time::Duration,
     /// The admin's own access logs (`access_log_path`, `access_log`).
     pub logs: Arc<AccessLogs>,
+    /// The stats sinks, which reading stats flushes under `stats_flush_on_admin`.
+    pub sinks: Option<Arc<crate::stats::sink::Flusher>>,
 }
 
 impl Context {
@@ -193,6 +195,9 @@ async fn handle(
             "command_line_options": {"concurrency": server.concurrency, "drain_time": format!("{}s", server.drain_time.as_secs())},
         })),
         "/stats" | "/stats/prometheus" => {
+            if let Some(sinks) = &server.sinks {
+                sinks.stats_read();
+            }
             match StatsQuery::parse(query, &server.bootstrap.stats.matcher) {
                 Ok(stats) if path == "/stats/prometheus" || stats.format == Some("prometheus") => {
                     let histograms = stats.select_histogram();

@@ -1,5 +1,6 @@
 //! The bootstrap's `stats_sinks`, flushed together every `stats_flush_interval` and once more
-//! at shutdown (so the last counts arrive): metrics services (see [`super::metrics_service`])
+//! at shutdown (so statsd gets the last counts; a metrics service's last message is queued, and
+//! goes only if its stream sends it before the process exits): metrics services (see [`super::metrics_service`])
 //! and statsd and DogStatsD collectors, fed over UDP as Envoy feeds them. To those, each used
 //! counter goes out as its change since the last flush (`envoy.NAME:DELTA|c`, a change of zero
 //! too) and then each used gauge as its value (`envoy.NAME:VALUE|g`); each histogram value goes
@@ -183,11 +184,11 @@ impl Sink {
 }
 
 /// Opens the bootstrap's sinks, taps every histogram for the statsd ones, and flushes every
-/// `interval` on the current runtime. The returned [`Flusher`] takes the last flush at
-/// shutdown.
+/// `interval` on the current runtime (with none, `stats_flush_on_admin`: only when admin's
+/// stats are read). The returned [`Flusher`] takes those flushes and the last at shutdown.
 pub fn start(
     configs: &[StatsSink],
-    interval: Duration,
+    interval: Option<Duration>,
     stats: Arc<StatsConfig>,
     registry: &Arc<Registry>,
     node: &Node,
@@ -227,7 +228,11 @@ pub fn start(
         statsd,
         services,
         registry: registry.clone(),
+        on_admin: interval.is_none(),
     });
+    let Some(interval) = interval else {
+        return Ok(Some(flusher));
+    };
     let flushing = flusher.clone();
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -245,9 +250,36 @@ pub struct Flusher {
     statsd: Option<Arc<Sinks>>,
     services: Vec<MetricsService>,
     registry: Arc<Registry>,
+    /// `stats_flush_on_admin`: flushed when admin's stats are read, and not at shutdown (as
+    /// Envoy, which flushes at exit only on its timer's schedule).
+    on_admin: bool,
+}
+
+impl std::fmt::Debug for Flusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flusher")
+            .field("statsd", &self.statsd.is_some())
+            .field("metrics_services", &self.services.len())
+            .field("on_admin", &self.on_admin)
+            .finish()
+    }
 }
 
 impl Flusher {
+    /// Admin's stats were read: the flush, with `stats_flush_on_admin`.
+    pub fn stats_read(&self) {
+        if self.on_admin {
+            self.flush();
+        }
+    }
+
+    /// The last flush, at shutdown (none with `stats_flush_on_admin`, as in Envoy).
+    pub fn shutdown(&self) {
+        if !self.on_admin {
+            self.flush();
+        }
+    }
+
     pub fn flush(&self) {
         if let Some(statsd) = &self.statsd {
             statsd.flush(&self.registry);
