@@ -740,6 +740,16 @@ fn set_runtime_key(
         runtime.propagate_w3c_and_b3 = flag()?;
     } else if key == "envoy.reloadable_features.http_reject_path_with_fragment" {
         runtime.strip_path_fragment = !flag()?;
+    } else if key == "envoy.restart_features.use_eds_cache_for_ads" {
+        // An updated EDS cluster whose endpoints are not sent again takes the ones last
+        // received, as Envoy does with the flag on (its default): Remora always does.
+        if !flag()? {
+            return err(
+                field(path, key),
+                "Remora always reuses the endpoints last received for an updated EDS cluster; \
+                 it cannot wait for them again",
+            );
+        }
     } else if key == "envoy.reloadable_features.explicit_internal_address_config" {
         // Envoy 1.40 counts only `internal_address_config`'s ranges as internal with the flag
         // either way (run here: a loopback client stays external under `false`), as Remora

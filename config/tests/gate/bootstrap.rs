@@ -393,6 +393,11 @@ fn layered_runtime_accepts_the_keys_remora_acts_on_and_names_others() {
                 "must be true or false",
             ),
             (
+                "layered_runtime: {layers: [{name: s, static_layer: {envoy.restart_features.use_eds_cache_for_ads: false}}]}",
+                "layered_runtime.layers[0].static_layer.envoy.restart_features.use_eds_cache_for_ads",
+                "Remora always reuses the endpoints last received",
+            ),
+            (
                 "layered_runtime: {layers: [{name: s, static_layer: {envoy.reloadable_features.explicit_internal_address_config: 2}}]}",
                 "layered_runtime.layers[0].static_layer.envoy.reloadable_features.explicit_internal_address_config",
                 "must be true or false",
@@ -430,7 +435,7 @@ layered_runtime:
       envoy: {resource_limits: {listener: {ingress: {connection_limit: 2}, tcp: {connection_limit: 9}}}}
       overload.global_downstream_max_connections: "100"
   - name: override
-    static_layer: {envoy.resource_limits.listener.ingress.connection_limit: 5}
+    static_layer: {envoy.resource_limits.listener.ingress.connection_limit: 5, envoy.restart_features.use_eds_cache_for_ads: true}
   - name: admin
     admin_layer: {}
 "#,
