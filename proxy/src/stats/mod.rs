@@ -187,9 +187,12 @@ impl Registry {
             return typed;
         }
         let made = Arc::new(T::default());
-        made.each_histogram(&mut |field, histogram| {
-            self.set_bounds(&format!("{prefix}.{field}"), histogram);
-        });
+        // Names are made only for bucket rules to match: a thousand clusters' blocks need none.
+        if self.buckets.get().is_some_and(|rules| !rules.is_empty()) {
+            made.each_histogram(&mut |field, histogram| {
+                self.set_bounds(&format!("{prefix}.{field}"), histogram);
+            });
+        }
         if let Some(make) = self.taps.get() {
             made.each_histogram(&mut |field, histogram| {
                 tap(make, &format!("{prefix}.{field}"), histogram);

@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, Weak};
 
+use remora_config::tls::GrpcSecretSource;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use xds_api::envoy::config::core::v3::Node;
@@ -20,7 +21,6 @@ use crate::config::SecretSource;
 use crate::store::Store;
 use crate::tls::Secrets;
 use crate::tls::secrets::OpenStream;
-use remora_config::tls::GrpcSecretSource;
 
 /// What [`Secrets::open_streams_with`] takes: each secret's stream runs on the current runtime
 /// for as long as the secrets live.
