@@ -547,19 +547,20 @@ impl Collector {
 }
 
 /// The bootstrap of [`edge_bootstrap`] with a statsd sink (prefix `mesh`) and a DogStatsD one
-/// (default prefix, lines batched up to 512 bytes), flushed every `interval`.
+/// (default prefix, lines batched up to 512 bytes), flushed as the `flush` lines say
+/// (`stats_flush_interval: 1s\n`, say).
 fn sink_bootstrap(
     admin_yaml: &str,
     port: u16,
     app: std::net::SocketAddr,
     statsd: &Collector,
     dog: &Collector,
-    interval: &str,
+    flush: &str,
 ) -> String {
     edge_bootstrap(admin_yaml, port, app, "")
+        + flush
         + &format!(
-            r#"stats_flush_interval: {interval}
-stats_sinks:
+            r#"stats_sinks:
 - name: envoy.stat_sinks.statsd
   typed_config:
     "@type": type.googleapis.com/envoy.config.metrics.v3.StatsdSink
@@ -574,6 +575,36 @@ stats_sinks:
             statsd.addr.port(),
             dog.addr.port()
         )
+}
+
+/// Envoy (`envoy`) or Remora on [`sink_bootstrap`] with its two collectors, after `count`
+/// requests to its listener.
+struct SinkRun {
+    statsd: Collector,
+    dog: Collector,
+    admin: std::net::SocketAddr,
+    port: u16,
+    process: remora_tests::process::ChildGuard,
+    proxy: &'static str,
+    _keep: Box<dyn std::any::Any>,
+}
+
+fn sink_run(envoy: bool, app: std::net::SocketAddr, flush: &str, count: usize) -> SinkRun {
+    let (statsd, dog) = (Collector::start(), Collector::start());
+    let port = free_port();
+    let (admin, admin_yaml) = admin_block();
+    let yaml = sink_bootstrap(&admin_yaml, port, app, &statsd, &dog, flush);
+    let (process, _keep) = start_signalled(envoy, &yaml, admin, port);
+    requests(port, count);
+    SinkRun {
+        statsd,
+        dog,
+        admin,
+        port,
+        process,
+        proxy: if envoy { "envoy" } else { "remora" },
+        _keep,
+    }
 }
 
 /// Starts Envoy (`envoy`) or Remora on `yaml` and waits for its listener on `port`; the
@@ -608,13 +639,13 @@ fn stats_sinks_get_the_lines_envoy_sends() {
     let app = EchoServer::start("app", "127.0.0.1");
     let mut seen = Vec::new();
     for envoy in [true, false] {
-        let (statsd, dog) = (Collector::start(), Collector::start());
-        let port = free_port();
-        let (admin, admin_yaml) = admin_block();
-        let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "0.2s");
-        let (_process, _keep) = start_signalled(envoy, &yaml, admin, port);
-        requests(port, 3);
-        let proxy = if envoy { "envoy" } else { "remora" };
+        let SinkRun {
+            statsd,
+            dog,
+            port,
+            proxy,
+            ..
+        } = &sink_run(envoy, app.addr, "stats_flush_interval: 0.2s\n", 3);
         let totals = || {
             [
                 statsd.total("mesh.cluster.app.upstream_rq_total", "c"),
@@ -730,14 +761,10 @@ fn stats_sinks_get_a_last_flush_at_shutdown() {
     }
     let app = EchoServer::start("app", "127.0.0.1");
     for envoy in [true, false] {
-        let (statsd, dog) = (Collector::start(), Collector::start());
-        let port = free_port();
-        let (admin, admin_yaml) = admin_block();
         // No flush by interval while the test runs.
-        let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "120s");
-        let (mut process, _keep) = start_signalled(envoy, &yaml, admin, port);
-        requests(port, 2);
-        let proxy = if envoy { "envoy" } else { "remora" };
+        let run = &mut sink_run(envoy, app.addr, "stats_flush_interval: 120s\n", 2);
+        let (statsd, dog, proxy) = (&run.statsd, &run.dog, run.proxy);
+        let process = &mut run.process;
         assert_eq!(
             statsd.total("mesh.cluster.app.upstream_rq_total", "c"),
             0,
@@ -975,14 +1002,18 @@ fn stats_eviction_leaves_the_proxys_own_stats() {
     }
     let app = EchoServer::start("app", "127.0.0.1");
     for envoy in [true, false] {
-        let (statsd, dog) = (Collector::start(), Collector::start());
-        let port = free_port();
-        let (admin, admin_yaml) = admin_block();
-        let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "0.2s")
-            + "stats_eviction_interval: 0.4s\n";
-        let _proxy = start_proxy(envoy, &yaml, admin, port);
-        requests(port, 3);
-        let proxy = if envoy { "envoy" } else { "remora" };
+        let SinkRun {
+            statsd,
+            admin,
+            proxy,
+            ..
+        } = &sink_run(
+            envoy,
+            app.addr,
+            "stats_flush_interval: 0.2s\nstats_eviction_interval: 0.4s\n",
+            3,
+        );
+        let admin = *admin;
         // Flushes are counted by a gauge every flush carries; six make three eviction rounds.
         let flushes = || statsd.total("mesh.cluster.app.membership_total", "g");
         let before = flushes();
@@ -1081,14 +1112,13 @@ fn stats_flush_on_admin_flushes_when_stats_are_read() {
     }
     let app = EchoServer::start("app", "127.0.0.1");
     for envoy in [true, false] {
-        let (statsd, dog) = (Collector::start(), Collector::start());
-        let port = free_port();
-        let (admin, admin_yaml) = admin_block();
-        let yaml = sink_bootstrap(&admin_yaml, port, app.addr, &statsd, &dog, "1s")
-            .replace("stats_flush_interval: 1s\n", "stats_flush_on_admin: true\n");
-        let _proxy = start_proxy(envoy, &yaml, admin, port);
-        requests(port, 2);
-        let proxy = if envoy { "envoy" } else { "remora" };
+        let SinkRun {
+            statsd,
+            admin,
+            proxy,
+            ..
+        } = &sink_run(envoy, app.addr, "stats_flush_on_admin: true\n", 2);
+        let admin = *admin;
         let total = || statsd.total("mesh.cluster.app.upstream_rq_total", "c");
         assert_eq!(total(), 0, "{proxy}: flushed before the stats were read");
         for (read, path) in [(1, "/stats"), (2, "/stats/prometheus")] {

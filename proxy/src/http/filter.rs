@@ -25,6 +25,7 @@ use std::sync::{Arc, OnceLock};
 
 use http::Response;
 use remora_config::filters::PerRouteConfig;
+use remora_config::matcher::PseudoHeaders;
 
 use crate::body::filter::BodyFilter;
 use crate::error::ResponseFlag;
@@ -183,6 +184,29 @@ impl<'a> Stream<'a> {
     }
 
     /// Marks the stream with a response flag (once) for the access log.
+    /// The request's pseudo-headers as header matchers read them: `:authority` from Host (or
+    /// the URI), and, as an HTTP/1 request carries no scheme, the connection's.
+    pub fn pseudo_headers(&self) -> PseudoHeaders<'_> {
+        let request = &*self.request;
+        PseudoHeaders {
+            method: request.method.as_str(),
+            path: request.uri.path_and_query().map_or("", |p| p.as_str()),
+            authority: request
+                .headers
+                .get(http::header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .or_else(|| request.uri.authority().map(|a| a.as_str()))
+                .unwrap_or(""),
+            scheme: request
+                .uri
+                .scheme_str()
+                .unwrap_or(match self.downstream.tls_terminated {
+                    true => "https",
+                    false => "http",
+                }),
+        }
+    }
+
     /// Marks the request as the proxy's own health check.
     pub fn mark_health_check(&mut self) {
         self.state.health_check = true;

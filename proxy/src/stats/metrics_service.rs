@@ -52,6 +52,9 @@ pub struct MetricsService {
 struct Last {
     counters: HashMap<String, u64>,
     histograms: HashMap<String, Snapshot>,
+    /// Family names and labels by stat name, with `emit_tags_as_labels`: tag extraction runs
+    /// once per stat, not at every flush.
+    names: HashMap<String, (String, Vec<prom::LabelPair>)>,
 }
 
 impl MetricsService {
@@ -136,7 +139,7 @@ impl MetricsService {
                     Kind::Gauge => (prom::MetricType::Gauge, stat.value as f64),
                 };
                 let mut metric = metric(now_ms);
-                let (name, labels) = self.name(&stat.name);
+                let (name, labels) = self.name(&mut last.names, &stat.name);
                 metric.label = labels;
                 match kind {
                     Kind::Counter => metric.counter = Some(prom::Counter { value: Some(value) }),
@@ -151,7 +154,7 @@ impl MetricsService {
                 Some(earlier) => cumulative.since(earlier),
                 None => cumulative.since(&Snapshot::empty(cumulative.bounds)),
             };
-            let (family_name, labels) = self.name(&name);
+            let (family_name, labels) = self.name(&mut last.names, &name);
             let count = interval.count();
             if self.config.summaries {
                 let mut metric = metric(now_ms);
@@ -197,19 +200,28 @@ impl MetricsService {
         out
     }
 
-    /// A stat's family name and labels: its full name, or its tag-extracted name and tags.
-    fn name(&self, stat: &str) -> (String, Vec<prom::LabelPair>) {
+    /// A stat's family name and labels: its full name, or its tag-extracted name and tags
+    /// (kept in `names` after the first time).
+    fn name(
+        &self,
+        names: &mut HashMap<String, (String, Vec<prom::LabelPair>)>,
+        stat: &str,
+    ) -> (String, Vec<prom::LabelPair>) {
         if !self.config.tags_as_labels {
             return (stat.to_string(), Vec::new());
         }
+        if let Some(known) = names.get(stat) {
+            return known.clone();
+        }
         let Tagged { name, tags } = self.stats.tags.produce(stat);
-        let labels = tags
+        let labels: Vec<prom::LabelPair> = tags
             .into_iter()
             .map(|(name, value)| prom::LabelPair {
                 name: Some(name),
                 value: Some(value),
             })
             .collect();
+        names.insert(stat.to_string(), (name.clone(), labels.clone()));
         (name, labels)
     }
 }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use remora_config::filters::health_check::HealthCheck as Config;
-use remora_config::matcher::PseudoHeaders;
 
 use super::Server;
 use crate::http::filter::{Flow, HttpFilter, Stream};
@@ -75,22 +74,11 @@ impl HealthCheck {
     }
 
     fn matches(&self, stream: &Stream<'_>) -> bool {
-        let request = &*stream.request;
-        let pseudo = PseudoHeaders {
-            method: request.method.as_str(),
-            path: request.uri.path_and_query().map_or("/", |pq| pq.as_str()),
-            authority: request
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or(request.uri.authority().map(|a| a.as_str()))
-                .unwrap_or(""),
-            scheme: request.uri.scheme_str().unwrap_or("http"),
-        };
+        let pseudo = stream.pseudo_headers();
         self.config
             .headers
             .iter()
-            .all(|header| header.matches_request(&pseudo, &request.headers))
+            .all(|header| header.matches_request(&pseudo, &stream.request.headers))
     }
 
     /// Whether the listed clusters are healthy enough; counts the first that is not.

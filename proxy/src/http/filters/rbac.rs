@@ -12,7 +12,6 @@ use std::sync::Arc;
 use http::StatusCode;
 use remora_config::filters::PerRouteConfig;
 use remora_config::filters::rbac::HttpRbac;
-use remora_config::matcher::PseudoHeaders;
 use remora_config::rbac::RequestHead;
 
 use super::most_specific;
@@ -57,28 +56,9 @@ impl HttpFilter for Rbac {
         if config.rules.is_none() && config.shadow_rules.is_none() {
             return Flow::Continue;
         }
-        let request = &*stream.request;
-        let path = request.uri.path_and_query().map_or("", |p| p.as_str());
-        let authority = request
-            .headers
-            .get(http::header::HOST)
-            .and_then(|host| host.to_str().ok())
-            .or_else(|| request.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
         let head = RequestHead {
-            pseudo: PseudoHeaders {
-                method: request.method.as_str(),
-                path,
-                authority,
-                // An HTTP/1 request carries no scheme: the connection's.
-                scheme: request.uri.scheme_str().unwrap_or(
-                    match stream.downstream.tls_terminated {
-                        true => "https",
-                        false => "http",
-                    },
-                ),
-            },
-            headers: &request.headers,
+            pseudo: stream.pseudo_headers(),
+            headers: &stream.request.headers,
         };
         let facts = access_request(stream.downstream, stream.client, Some(head));
         let decision =
