@@ -314,10 +314,16 @@ fn a_collector_that_is_down_fails_no_request_and_its_failures_are_counted() {
     for _ in 0..50 {
         send(loopback(port), "/");
     }
+    // Every batch is tried and its spans counted as sent, whatever becomes of them, as Envoy
+    // counts; the failures show in Remora's own counter.
+    wait_for("every span tried", Duration::from_secs(30), || {
+        (proxy.stat("tracing.opentelemetry.spans_sent") == 50).then_some(())
+    });
     wait_for("failed exports counted", Duration::from_secs(30), || {
         (proxy.stat("tracing.opentelemetry.http_reports_failed") >= 1).then_some(())
     });
-    assert_eq!(proxy.stat("tracing.opentelemetry.spans_sent"), 0);
+    assert_eq!(proxy.stat("tracing.opentelemetry.http_reports_success"), 0);
+    assert_eq!(proxy.stat("tracing.opentelemetry.spans_dropped"), 0);
     assert_eq!(proxy.stat("http.edge.tracing.random_sampling"), 50);
 }
 
@@ -357,5 +363,6 @@ fn a_collector_that_never_answers_costs_a_bounded_queue_and_drops_are_counted() 
     wait_for("dropped spans counted", Duration::from_secs(30), || {
         (proxy.stat("tracing.opentelemetry.spans_dropped") >= 150).then_some(())
     });
-    assert_eq!(proxy.stat("tracing.opentelemetry.spans_sent"), 0);
+    // What was not dropped was tried: at most the queue and the batch in flight.
+    assert!(proxy.stat("tracing.opentelemetry.spans_sent") <= 50);
 }

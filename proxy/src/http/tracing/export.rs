@@ -65,9 +65,12 @@ pub trait Sink: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + '_>>;
 }
 
-/// Counters under Envoy's names: `tracing.opentelemetry.*` or `tracing.zipkin.*`.
+/// Counters under Envoy's names: `tracing.opentelemetry.*` or `tracing.zipkin.*`. Envoy 1.40
+/// has no `http_reports_*` and no Zipkin `spans_dropped`: Remora adds them, so that lost spans
+/// and failed exports show.
 #[derive(Debug)]
 pub struct ExportStats {
+    /// Spans in the batches sent, whether the collector took them or not (as Envoy counts).
     pub spans_sent: Arc<Stat>,
     /// Spans lost to a full queue (Envoy's OpenTelemetry `spans_dropped`).
     pub spans_dropped: Arc<Stat>,
@@ -245,14 +248,12 @@ impl Drain {
                 let full = batch.len() == self.batch;
                 if !batch.is_empty() {
                     let spans = batch.len() as u64;
+                    self.stats.spans_sent.add(spans);
                     if let Some(attempted) = &self.stats.attempted {
                         attempted.inc();
                     }
                     match sink.send(batch).await {
-                        Ok(()) => {
-                            self.stats.accepted.inc();
-                            self.stats.spans_sent.add(spans);
-                        }
+                        Ok(()) => self.stats.accepted.inc(),
                         Err(error) => {
                             match &error {
                                 SendError::Rejected(_) => self.stats.rejected.inc(),
