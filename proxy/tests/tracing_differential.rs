@@ -345,3 +345,192 @@ fn spans_and_propagation_agree_with_envoy_at_zero_sampling() {
 fn spans_and_propagation_agree_with_envoy_at_zero_sampling_with_upstream_spans() {
     compare(0, true);
 }
+
+/// The health check filter's requests are not traced, answered or passed on: no span, the
+/// context sent upstream says "not sampled", and the decision counts as `tracing.health_check`
+/// and `tracing.not_traceable`. Health checks are counted by the filter only when it answers,
+/// and every answer (and a passed-on health check's response) names the node's cluster, empty
+/// here. Remora has every tracer counter Envoy 1.40 has, and `spans_sent` counts the spans
+/// sent. Envoy and Remora, one bootstrap.
+#[test]
+fn health_checks_are_not_traced_and_the_tracer_counts_as_envoy_does() {
+    let test = "health checks and the tracer's counters against Envoy";
+    let with_envoy = remora_tests::envoy::available_or_skip(test);
+    let runs: Vec<(Vec<String>, Vec<String>)> = [false, true]
+        .into_iter()
+        .filter(|&envoy| !envoy || with_envoy)
+        .map(health_check_run)
+        .collect();
+    let (remora, remora_counters) = &runs[0];
+    for counter in ["spans_dropped", "spans_sent", "timer_flushed"] {
+        assert!(remora_counters.iter().any(|c| c == counter), "{counter}");
+    }
+    assert_eq!(
+        *remora,
+        [
+            "/healthz: 200 cluster=Some(\"\") traceparent flags=-",
+            "/ping: 200 cluster=Some(\"\") traceparent flags=00",
+            "/plain: 200 cluster=None traceparent flags=01",
+            "/ping failed: 503 cluster=Some(\"\") traceparent flags=-",
+            "/sentinel: 200 cluster=None traceparent flags=01",
+            "spans: 2 (/plain, /sentinel), spans_sent 2",
+            "http.ingress.tracing.random_sampling: Some(1)",
+            "http.ingress.tracing.health_check: Some(3)",
+            "http.ingress.tracing.not_traceable: Some(3)",
+            "http.ingress.tracing.service_forced: Some(1)",
+            "http.ingress.health_check.request_total: Some(2)",
+            "http.ingress.health_check.ok: Some(1)",
+            "http.ingress.health_check.failed: Some(1)",
+        ],
+        "remora"
+    );
+    if let Some((envoy, envoy_counters)) = runs.get(1) {
+        assert_eq!(envoy, remora, "envoy, remora");
+        let missing: Vec<&String> = envoy_counters
+            .iter()
+            .filter(|c| !remora_counters.contains(c))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "Envoy's tracer counters Remora lacks: {missing:?}"
+        );
+    }
+}
+
+/// One proxy through [`health_checks_are_not_traced_and_the_tracer_counts_as_envoy_does`]: what
+/// each request got back and sent upstream, the spans and the counters; and the names of the
+/// tracer's counters.
+fn health_check_run(envoy: bool) -> (Vec<String>, Vec<String>) {
+    let receiver = Receiver::start();
+    let app = EchoServer::start("app", "127.0.0.1");
+    let port = free_port();
+    let (admin, admin_yaml) = admin_block();
+    let health_check = |path: &str, pass_through: bool| {
+        format!(
+            r#"          - name: health{path}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
+              pass_through_mode: {pass_through}
+              headers: [{{name: ":path", string_match: {{exact: {path}}}}}]
+"#
+        )
+    };
+    let listener = common::http_listener(
+        "ingress",
+        port,
+        &tracing_block(100, false, "otlp"),
+        &common::catch_all("app", "5s"),
+    )
+    .replace(
+        "          http_filters:\n",
+        &format!(
+            "          http_filters:\n{}{}",
+            health_check("/healthz", false),
+            health_check("/ping", true)
+        ),
+    );
+    // No node cluster: the answers name an empty one.
+    let yaml = format!(
+        "node: {{id: hc-node}}\n{}",
+        bootstrap(
+            &admin_yaml,
+            &[listener],
+            &[
+                static_cluster("app", &[app.addr]),
+                http2_cluster("otlp", receiver.addr),
+            ]
+        )
+    );
+    let (_dir, file) = common::write_config(&yaml);
+    let _proxy: Box<dyn std::any::Any> = if envoy {
+        remora_tests::envoy::validate(&file).unwrap_or_else(|e| panic!("envoy rejects: {e}"));
+        let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        wait_for("envoy listener", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(loopback(port)).ok()
+        });
+        Box::new(envoy)
+    } else {
+        Box::new(Proxy::start(&yaml, admin, &[]))
+    };
+    let who = if envoy { "envoy" } else { "remora" };
+    let mut seen = Vec::new();
+    let mut ids = BTreeMap::new();
+    let mut ask = |label: &str, path: &str, headers: &[(&str, &str)]| {
+        let (status, head, body) =
+            http_request(loopback(port), "GET", path, headers, "").expect(label);
+        let cluster = head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("x-envoy-upstream-healthchecked-cluster")
+                .then(|| value.trim().to_string())
+        });
+        let upstream: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let flags = upstream["headers"]["traceparent"]
+            .as_str()
+            .and_then(|t| t.rsplit('-').next())
+            .unwrap_or("-")
+            .to_string();
+        if let Some(id) = upstream["headers"]["x-request-id"].as_str() {
+            ids.insert(id.to_string(), path.to_string());
+        }
+        seen.push(format!(
+            "{label}: {status} cluster={cluster:?} traceparent flags={flags}"
+        ));
+    };
+    let post = |path: &str| {
+        let (status, _, _) = http_request(admin, "POST", path, &[], "").expect("admin");
+        assert_eq!(status, 200, "{who}: POST {path}");
+    };
+    ask("/healthz", "/healthz", &[]);
+    ask("/ping", "/ping", &[]);
+    ask("/plain", "/plain", &[]);
+    post("/healthcheck/fail");
+    ask("/ping failed", "/ping", &[]);
+    post("/healthcheck/ok");
+    ask("/sentinel", "/sentinel", &[("x-envoy-force-trace", "1")]);
+    // Once the last request's span is in, every earlier one is (one exporter, in order).
+    let sentinel = ids
+        .iter()
+        .find_map(|(id, path)| (path == "/sentinel").then(|| id.clone()))
+        .unwrap_or_default();
+    let spans = wait_for("the sentinel's span", Duration::from_secs(30), || {
+        let spans = receiver.spans();
+        spans
+            .iter()
+            .any(|span| span.attributes.get("guid:x-request-id") == Some(&sentinel))
+            .then_some(spans)
+    });
+    let traced: Vec<&str> = spans
+        .iter()
+        .filter_map(|span| ids.get(span.attributes.get("guid:x-request-id")?))
+        .map(String::as_str)
+        .collect();
+    let spans_sent = wait_for("spans_sent", Duration::from_secs(10), || {
+        let sent = remora_tests::admin_stat(admin, "tracing.opentelemetry.spans_sent")?;
+        (sent >= spans.len() as u64).then_some(sent)
+    });
+    seen.push(format!(
+        "spans: {} ({}), spans_sent {spans_sent}",
+        spans.len(),
+        traced.join(", ")
+    ));
+    for name in [
+        "tracing.random_sampling",
+        "tracing.health_check",
+        "tracing.not_traceable",
+        "tracing.service_forced",
+        "health_check.request_total",
+        "health_check.ok",
+        "health_check.failed",
+    ] {
+        let name = format!("http.ingress.{name}");
+        let value = remora_tests::admin_stat(admin, &name);
+        seen.push(format!("{name}: {value:?}"));
+    }
+    let (_, _, stats) = remora_tests::http_get(admin, "/stats").expect("stats");
+    let counters = stats
+        .lines()
+        .filter_map(|line| line.strip_prefix("tracing.opentelemetry."))
+        .filter_map(|line| Some(line.split(':').next()?.to_string()))
+        .collect();
+    (seen, counters)
+}

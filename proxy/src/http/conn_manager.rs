@@ -513,7 +513,6 @@ async fn handle(
                 connection.info.source,
                 connection.scheme,
                 log.as_ref().map(|entry| entry.bytes_received.clone()),
-                stats,
             );
             if let Some(entry) = log.as_mut() {
                 entry.trace_id = Some(active.trace_id());
@@ -532,6 +531,7 @@ async fn handle(
             request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
         }
         let mut body_filters = Vec::new();
+        let mut reply = None;
         if !manager.filters.is_empty() {
             let mut stream = Stream::new(
                 &mut parts,
@@ -541,10 +541,17 @@ async fn handle(
                 &mut state,
                 &connection.filter_state,
             );
-            if let Some(reply) = manager.filters.on_request(&mut stream).await {
-                return Err(reply);
+            reply = manager.filters.on_request(&mut stream).await;
+            if reply.is_none() {
+                body_filters = manager.filters.request_body(&mut stream);
             }
-            body_filters = manager.filters.request_body(&mut stream);
+        }
+        // Settled after the filters: the health check filter marks what is not traced.
+        if let Some(trace) = trace.as_mut() {
+            trace.settle(state.is_health_check(), stats);
+        }
+        if let Some(reply) = reply {
+            return Err(reply);
         }
         let Some(selected) = route.as_ref() else {
             stats.no_route.inc();

@@ -1,10 +1,11 @@
 //! The health check filter (`envoy.filters.http.health_check`): a request whose headers match is
 //! the proxy's own health check. It is answered here (200, empty; 503 while `/healthcheck/fail`
 //! holds or a listed cluster has too few healthy hosts), or passed on in pass-through mode
-//! (503 here while health checks are failed). Answers name the node's cluster in
-//! `x-envoy-upstream-healthchecked-cluster`; while health checks are failed, every response
-//! through the filter carries `x-envoy-immediate-health-check-fail: true`. Health checks are
-//! marked for the access log's `not_health_check_filter` and counted as Envoy counts them
+//! (503 here while health checks are failed). Responses to health checks, answered or passed
+//! on, name the node's cluster in `x-envoy-upstream-healthchecked-cluster`; while health checks
+//! are failed, every response through the filter carries `x-envoy-immediate-health-check-fail:
+//! true`. Health checks are marked: the access log's `not_health_check_filter` leaves them
+//! out, and they are not traced. Those answered here are counted as Envoy counts them
 //! (`http.PREFIX.health_check.*`).
 
 use std::sync::Arc;
@@ -40,8 +41,9 @@ pub struct HealthCheck {
     config: Arc<Config>,
     lifecycle: Arc<Lifecycle>,
     store: Arc<Store>,
-    /// The node's cluster, as the answers name it (none when empty).
-    local_cluster: Option<HeaderValue>,
+    /// The node's cluster, as the answers name it (empty when the node names none, as in
+    /// Envoy).
+    local_cluster: HeaderValue,
     stats: Stats,
 }
 
@@ -60,8 +62,7 @@ impl HealthCheck {
             lifecycle: server.lifecycle.clone(),
             store: server.store.clone(),
             local_cluster: HeaderValue::from_str(server.local_cluster)
-                .ok()
-                .filter(|v| !v.is_empty()),
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
             stats: Stats {
                 request_total: counter("request_total"),
                 ok: counter("ok"),
@@ -116,11 +117,12 @@ impl HttpFilter for HealthCheck {
             return Flow::Continue;
         }
         stream.mark_health_check();
-        self.stats.request_total.inc();
         let failed = self.lifecycle.health_check_failed();
         if self.config.pass_through && !failed {
             return Flow::Continue;
         }
+        // Envoy counts only the health checks it answers itself.
+        self.stats.request_total.inc();
         let healthy = !failed && self.clusters_healthy();
         let (status, details) = if healthy {
             self.stats.ok.inc();
@@ -136,10 +138,8 @@ impl HttpFilter for HealthCheck {
 
     fn on_response(&self, stream: &mut Stream<'_>, response: &mut Response<()>) {
         let headers = response.headers_mut();
-        if stream.is_health_check()
-            && let Some(cluster) = &self.local_cluster
-        {
-            headers.insert(&HEALTHCHECKED_CLUSTER, cluster.clone());
+        if stream.is_health_check() {
+            headers.insert(&HEALTHCHECKED_CLUSTER, self.local_cluster.clone());
         }
         if self.lifecycle.health_check_failed() {
             headers.insert(&IMMEDIATE_FAIL, HeaderValue::from_static("true"));

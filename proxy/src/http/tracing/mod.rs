@@ -207,7 +207,8 @@ impl Tracer {
 
     /// Starts the request's trace: decides (writing `x-request-id`), reads the incoming
     /// context, and makes the proxy's span context. Never fails: a context that does not parse
-    /// starts a new trace. `carried`: which trace headers `request` may hold.
+    /// starts a new trace. `carried`: which trace headers `request` may hold. The decision is
+    /// counted once the request's filters have run ([`ActiveTrace::settle`]).
     pub fn start(
         self: &Arc<Self>,
         (request, carried): (&mut http::request::Parts, propagation::Carried),
@@ -215,16 +216,9 @@ impl Tracer {
         peer: SocketAddr,
         scheme: &'static str,
         bytes_received: Option<Arc<AtomicU64>>,
-        stats: &crate::stats::HttpStats,
     ) -> ActiveTrace {
         let reason =
             request_id::decide(&mut request.headers, self.sampling(route), carried.forcing);
-        match reason {
-            Reason::Sampling => stats.tracing_random_sampling.inc(),
-            Reason::ServiceForced => stats.tracing_service_forced.inc(),
-            Reason::ClientForced => stats.tracing_client_enabled.inc(),
-            Reason::NotTraceable => stats.tracing_not_traceable.inc(),
-        }
         let headers = &request.headers;
         let w3c = (self.read_w3c && carried.traceparent)
             .then(|| propagation::read_w3c(headers))
@@ -438,6 +432,26 @@ impl ActiveTrace {
     /// The body byte counter the span reads `request_size` from, for the request body.
     pub fn bytes_received(&self) -> Option<Arc<AtomicU64>> {
         self.record.as_ref().map(|r| r.bytes_received.clone())
+    }
+
+    /// Settles the decision once the request's filters have run, and counts it under Envoy's
+    /// names. A health check (as the health check filter marked it) is never traced, as in
+    /// Envoy: no span, the context sent on says "not sampled", and it counts as
+    /// `tracing.health_check` and `tracing.not_traceable`.
+    pub fn settle(&mut self, health_check: bool, stats: &crate::stats::HttpStats) {
+        if health_check {
+            self.sampled = false;
+            self.record = None;
+            stats.tracing_health_check.inc();
+            stats.tracing_not_traceable.inc();
+            return;
+        }
+        match self.reason {
+            Reason::Sampling => stats.tracing_random_sampling.inc(),
+            Reason::ServiceForced => stats.tracing_service_forced.inc(),
+            Reason::ClientForced => stats.tracing_client_enabled.inc(),
+            Reason::NotTraceable => stats.tracing_not_traceable.inc(),
+        }
     }
 
     /// Stamps the upstream request: the trace context (of the upstream span when
