@@ -203,11 +203,23 @@ pub fn bootstrap_files(proto: &bootstrap_pb::Bootstrap, files: Files) -> ConfigR
             local_cluster_name,
             outlier_detection,
             upstream_bind_config,
+            load_stats_config,
             // When Envoy builds a cluster's per-worker state (at first use): memory, not
             // behaviour.
             enable_deferred_cluster_creation: _,
         } = manager;
         unsupported!("cluster_manager", local_cluster_name, upstream_bind_config);
+        if let Some(source) = load_stats_config {
+            // Envoy's validate mode takes a source without a service; its server then stops
+            // at start, for this reason.
+            let reason = if source.grpc_services.is_empty() && source.cluster_names.is_empty() {
+                "names no gRPC service: API configs must have either a gRPC service or a \
+                 cluster name defined (Envoy validates this, then stops at start)"
+            } else {
+                "load reporting to a management server (LRS) is not supported"
+            };
+            return err("cluster_manager.load_stats_config", reason);
+        }
         if let Some(bootstrap_pb::cluster_manager::OutlierDetection { event_log_path }) =
             outlier_detection
             && !event_log_path.is_empty()
@@ -754,6 +766,10 @@ fn set_runtime_key(
         // Envoy 1.40 counts only `internal_address_config`'s ranges as internal with the flag
         // either way (run here: a loopback client stays external under `false`), as Remora
         // always does.
+        flag()?;
+    } else if key == "envoy.reloadable_features.google_grpc_disable_tls_13" {
+        // The TLS versions of Envoy's Google gRPC client. Remora has none (a `google_grpc`
+        // service is refused by name), so the flag has nothing to act on.
         flag()?;
     } else if key.starts_with("envoy.deprecated_features:")
         || key == "envoy.reloadable_features.coalesce_lb_rebuilds_on_batch_update"

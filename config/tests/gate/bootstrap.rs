@@ -139,6 +139,16 @@ fn bootstrap_fields_are_refused_by_path() {
                 "only one of stats_flush_interval and stats_flush_on_admin may be set",
             ),
             (
+                "cluster_manager: {load_stats_config: {api_type: GRPC, transport_api_version: V3}}",
+                "cluster_manager.load_stats_config",
+                "names no gRPC service: API configs must have either a gRPC service or a cluster name defined",
+            ),
+            (
+                "cluster_manager: {load_stats_config: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: lrs}}]}}",
+                "cluster_manager.load_stats_config",
+                "load reporting to a management server (LRS) is not supported",
+            ),
+            (
                 "stats_eviction_interval: 0s",
                 "stats_eviction_interval",
                 "must be at least 1ms",
@@ -398,6 +408,11 @@ fn layered_runtime_accepts_the_keys_remora_acts_on_and_names_others() {
                 "Remora always reuses the endpoints last received",
             ),
             (
+                "layered_runtime: {layers: [{name: s, static_layer: {envoy.reloadable_features.google_grpc_disable_tls_13: yes}}]}",
+                "layered_runtime.layers[0].static_layer.envoy.reloadable_features.google_grpc_disable_tls_13",
+                "must be true or false",
+            ),
+            (
                 "layered_runtime: {layers: [{name: s, static_layer: {envoy.reloadable_features.explicit_internal_address_config: 2}}]}",
                 "layered_runtime.layers[0].static_layer.envoy.reloadable_features.explicit_internal_address_config",
                 "must be true or false",
@@ -435,7 +450,7 @@ layered_runtime:
       envoy: {resource_limits: {listener: {ingress: {connection_limit: 2}, tcp: {connection_limit: 9}}}}
       overload.global_downstream_max_connections: "100"
   - name: override
-    static_layer: {envoy.resource_limits.listener.ingress.connection_limit: 5, envoy.restart_features.use_eds_cache_for_ads: true}
+    static_layer: {envoy.resource_limits.listener.ingress.connection_limit: 5, envoy.restart_features.use_eds_cache_for_ads: true, envoy.reloadable_features.google_grpc_disable_tls_13: true}
   - name: admin
     admin_layer: {}
 "#,
