@@ -95,6 +95,9 @@ pub struct Runtime {
     /// `remora.tracing.propagate_w3c_and_b3` (Remora's own key, which Envoy ignores): every
     /// tracer reads W3C `traceparent` or B3 and writes both.
     pub propagate_w3c_and_b3: bool,
+    /// Every layer's name and its keys with their values as text, in order, for `/runtime`
+    /// (an admin layer has none).
+    pub layers: Vec<(String, Vec<(String, String)>)>,
 }
 
 /// Which protocol variant the ADS stream speaks.
@@ -683,22 +686,40 @@ fn runtime(proto: &Option<bootstrap_pb::LayeredRuntime>) -> ConfigResult<Runtime
     for (index, layer) in layers.iter().enumerate() {
         let path = item("layered_runtime", "layers", index);
         let bootstrap_pb::RuntimeLayer {
-            name: _,
+            name,
             layer_specifier,
         } = layer;
+        let mut shown = Vec::new();
         match layer_specifier {
             Some(LayerSpecifier::StaticLayer(values)) => {
                 let mut flat = Vec::new();
                 flatten_struct(values, "", &mut flat);
                 for (key, value) in flat {
                     set_runtime_key(&mut runtime, &key, value, &field(&path, "static_layer"))?;
+                    shown.push((key, runtime_text(value)));
                 }
             }
             Some(LayerSpecifier::AdminLayer(bootstrap_pb::runtime_layer::AdminLayer {})) => {}
             None => return err(path, "a static_layer or an admin_layer is required"),
         }
+        runtime.layers.push((name.clone(), shown));
     }
     Ok(runtime)
+}
+
+/// A runtime value as Envoy's `/runtime` shows it: `true`, `200` (a whole number without its
+/// fraction), `1.5`, or the string.
+fn runtime_text(value: &prost_types::Value) -> String {
+    use prost_types::value::Kind;
+    match &value.kind {
+        Some(Kind::BoolValue(on)) => on.to_string(),
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 1e15 => {
+            format!("{}", *n as i64)
+        }
+        Some(Kind::NumberValue(n)) => n.to_string(),
+        Some(Kind::StringValue(text)) => text.clone(),
+        _ => String::new(),
+    }
 }
 
 /// A Struct as Envoy's runtime sees it: dotted keys to leaf values.

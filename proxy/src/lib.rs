@@ -31,6 +31,7 @@ pub mod memory;
 pub mod network_filters;
 pub mod probes;
 pub mod server;
+pub mod server_stats;
 pub mod stats;
 pub mod store;
 pub mod tcp_proxy;

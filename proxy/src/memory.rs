@@ -3,6 +3,7 @@
 //! that sits between live allocations resident for good, so after those moments the pool is
 //! dropped and glibc is asked to return free pages to the kernel. Start-up also runs much code
 //! that serving never does; once the proxy is live, those pages leave its resident set too.
+//! And what the heap holds, for `/memory` and the `server.memory_*` gauges ([`usage`]).
 
 use std::time::Duration;
 
@@ -89,3 +90,49 @@ fn page_out_startup_code() {}
 /// Other allocators (musl, jemalloc, macOS) have no such call or return memory on their own.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim_heap() {}
+
+/// The heap as `/memory` and `server.memory_*` show it, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// In use by the program (Envoy's `allocated`).
+    pub allocated: u64,
+    /// Taken from the system by the allocator, in use or free (`heap_size`).
+    pub heap_size: u64,
+    /// Free inside the heap (`pageheap_free`).
+    pub free: u64,
+    /// The process's anonymous memory resident in RAM (`total_physical_bytes`): the heap's
+    /// pages that are really there, with the threads' stacks.
+    pub physical: u64,
+}
+
+/// The allocator's figures now. glibc's `mallinfo2` sums every arena; tcmalloc, which
+/// Envoy's names come from, has no glibc equivalent of its page cache or thread caches.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn usage() -> Usage {
+    // SAFETY: mallinfo2 takes no arguments and only reads the allocator's own state.
+    let info = unsafe { libc::mallinfo2() };
+    let mapped = info.hblkhd as u64;
+    Usage {
+        allocated: info.uordblks as u64 + mapped,
+        heap_size: info.arena as u64 + mapped,
+        free: info.fordblks as u64,
+        physical: resident_anonymous().unwrap_or(0),
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn usage() -> Usage {
+    Usage {
+        physical: resident_anonymous().unwrap_or(0),
+        ..Usage::default()
+    }
+}
+
+/// `RssAnon` from `/proc/self/status`, in bytes.
+fn resident_anonymous() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -192,6 +192,12 @@ async fn serve(
         bootstrap.node.proto.clone(),
         &secrets,
     ));
+    let server_stats = crate::server_stats::ServerStats::start(
+        &registry,
+        concurrency,
+        (&lifecycle, &listeners, &store, &secrets),
+        bootstrap.stats_flush_interval,
+    );
     let xds_status = Arc::new(crate::xds::Status::default());
     if let Some(admin) = &bootstrap.admin {
         let listener = tokio::net::TcpListener::bind(admin.address)
@@ -213,6 +219,7 @@ async fn serve(
                 drain_time,
                 logs,
                 sinks: sinks.clone(),
+                server_stats,
             }),
             listener,
         ));

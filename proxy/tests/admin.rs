@@ -507,3 +507,172 @@ fn application_log_lines_take_the_bootstrap_format_as_envoys_do() {
         }
     }
 }
+
+/// What [`server_gauges_runtime_memory_and_help_answer_as_envoys_do`] reads from one proxy.
+#[derive(Debug, PartialEq)]
+struct ServerView {
+    runtime: Value,
+    memory_keys: Vec<String>,
+    /// `server.*` gauges whose value both proxies must share.
+    gauges: Vec<(String, Option<u64>)>,
+    /// `server.total_connections` with one client connection open, then after it closed.
+    connections: (u64, u64),
+}
+
+/// Reads one proxy: `/runtime`, `/memory`'s keys, the `server.*` gauges, and how
+/// `server.total_connections` follows a client connection; also returns `/help`'s lines and
+/// the names of the `server.*` stats.
+fn server_view(admin: SocketAddr, http_port: u16) -> (ServerView, String, Vec<String>) {
+    use std::io::Write;
+    let get = |path: &str| http_get(admin, path).expect("admin request").2;
+    let gauge = |name: &str| remora_tests::admin_stat(admin, name);
+    let mut client = TcpStream::connect(loopback(http_port)).expect("connect");
+    client
+        .write_all(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let open = wait_for("the connection counted", Duration::from_secs(15), || {
+        (gauge("server.total_connections") == Some(1)).then_some(1)
+    });
+    drop(client);
+    let closed = wait_for("the connection gone", Duration::from_secs(15), || {
+        (gauge("server.total_connections") == Some(0)).then_some(0)
+    });
+    let memory: Value = serde_json::from_str(&get("/memory")).expect("memory JSON");
+    let mut memory_keys: Vec<String> = memory
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    memory_keys.sort();
+    let names: Vec<String> = get("/stats")
+        .lines()
+        .filter(|line| line.starts_with("server."))
+        .filter_map(|line| Some(line.split(':').next()?.to_string()))
+        .collect();
+    let view = ServerView {
+        runtime: serde_json::from_str(&get("/runtime")).expect("runtime JSON"),
+        memory_keys,
+        gauges: [
+            "server.concurrency",
+            "server.parent_connections",
+            "server.days_until_first_cert_expiring",
+        ]
+        .iter()
+        .map(|name| (name.to_string(), gauge(name)))
+        .collect(),
+        connections: (open, closed),
+    };
+    (view, get("/help"), names)
+}
+
+/// The server's own gauges (`server.*`), `/runtime`, `/memory` and `/help`, under Envoy and
+/// Remora from one bootstrap: the same runtime layers and values, the same `/memory` keys,
+/// connections counted alike, the first certificate's expiry in days alike, and every command
+/// Remora lists listed by Envoy with the same method.
+#[test]
+fn server_gauges_runtime_memory_and_help_answer_as_envoys_do() {
+    let echo = EchoServer::start("svc", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let (http_port, tls_port) = (free_port(), free_port());
+    // A certificate that expires in 40 days (to the second): the first to expire.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["server.test".to_string()]).expect("p");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after =
+        rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(now + 40 * 86_400 + 3_600);
+    let certificate = params.self_signed(&key).expect("certificate");
+    let tls = format!(
+        r#"      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: {{inline_string: {:?}}}
+              private_key: {{inline_string: {:?}}}
+"#,
+        certificate.pem(),
+        key.serialize_pem()
+    );
+    let yaml = format!(
+        r#"stats_flush_interval: 1s
+layered_runtime:
+  layers:
+  - name: base
+    static_layer: {{re2.max_program_size.error_level: 200, envoy: {{reloadable_features: {{http_reject_path_with_fragment: false}}}}}}
+  - name: over
+    static_layer: {{re2.max_program_size.error_level: "300"}}
+  - name: admin
+    admin_layer: {{}}
+{}"#,
+        bootstrap(
+            &admin_yaml,
+            &[
+                http_listener("plain", http_port, "", &catch_all("svc", "5s")),
+                tcp_listener("secure", tls_port, "svc", &tls),
+            ],
+            &[static_cluster("svc", &[echo.addr])],
+        )
+    );
+    let (_dir, file) = write_config(&yaml);
+    let (remora, remora_help, remora_names) = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        server_view(admin, http_port)
+    };
+    // On its own: the runtime as layered, and the certificate's 40 days.
+    let entry = |key: &str| remora.runtime["entries"][key].clone();
+    assert_eq!(
+        entry("re2.max_program_size.error_level"),
+        serde_json::json!({"final_value": "300", "layer_values": ["200", "300", ""]})
+    );
+    assert_eq!(
+        entry("envoy.reloadable_features.http_reject_path_with_fragment"),
+        serde_json::json!({"final_value": "false", "layer_values": ["false", "", ""]})
+    );
+    assert_eq!(
+        remora.gauges,
+        [
+            ("server.concurrency".to_string(), Some(1)),
+            ("server.parent_connections".to_string(), Some(0)),
+            (
+                "server.days_until_first_cert_expiring".to_string(),
+                Some(40)
+            ),
+        ]
+    );
+    assert_eq!(remora.connections, (1, 0));
+    for line in ["  /runtime: ", "  /memory: ", "  /quitquitquit (POST): "] {
+        assert!(remora_help.contains(line), "{line} in {remora_help}");
+    }
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the server gauges comparison") {
+        return;
+    }
+    let (envoy, envoy_help, envoy_names) = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(http_port), Duration::from_secs(20));
+        server_view(admin, http_port)
+    };
+    assert_eq!(envoy, remora, "left: envoy, right: remora");
+    let commands = |help: &str| -> Vec<String> {
+        help.lines()
+            .filter(|line| line.starts_with("  /"))
+            .filter_map(|line| Some(line.split(": ").next()?.trim().to_string()))
+            .collect()
+    };
+    let envoy_commands = commands(&envoy_help);
+    for command in commands(&remora_help) {
+        assert!(
+            envoy_commands.contains(&command),
+            "{command:?} is not in Envoy's /help: {envoy_commands:?}"
+        );
+    }
+    for name in &remora_names {
+        assert!(
+            envoy_names.contains(name),
+            "{name} is not among Envoy's stats"
+        );
+    }
+}

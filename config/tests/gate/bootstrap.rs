@@ -457,6 +457,44 @@ layered_runtime:
     )
     .runtime;
     assert_eq!(runtime.global_max_connections, Some(100));
+    // What `/runtime` shows: each layer's keys, values as text, in order.
+    let text = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        runtime.layers,
+        [
+            (
+                "base".to_string(),
+                text(&[
+                    (
+                        "envoy.resource_limits.listener.ingress.connection_limit",
+                        "2"
+                    ),
+                    ("envoy.resource_limits.listener.tcp.connection_limit", "9"),
+                    ("overload.global_downstream_max_connections", "100"),
+                ])
+            ),
+            (
+                "override".to_string(),
+                text(&[
+                    (
+                        "envoy.reloadable_features.google_grpc_disable_tls_13",
+                        "true"
+                    ),
+                    (
+                        "envoy.resource_limits.listener.ingress.connection_limit",
+                        "5"
+                    ),
+                    ("envoy.restart_features.use_eds_cache_for_ads", "true"),
+                ])
+            ),
+            ("admin".to_string(), vec![]),
+        ]
+    );
     assert_eq!(runtime.listener_connection_limits["ingress"], 5);
     assert_eq!(runtime.listener_connection_limits["tcp"], 9);
 }

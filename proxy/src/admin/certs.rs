@@ -8,30 +8,8 @@ use super::Context;
 use crate::tls::{ContextCertificates, PeerCertificate};
 
 pub fn render(context: &Context) -> Value {
-    let mut contexts = Vec::new();
-    let mut listeners = context.listeners.list();
-    listeners.sort_by(|a, b| a.config.name.cmp(&b.config.name));
-    for listener in &listeners {
-        for chain in listener.config.chains() {
-            if let Some(tls) = &chain.tls {
-                contexts.push(crate::tls::context_certificates(
-                    &tls.common,
-                    &context.secrets,
-                ));
-            }
-        }
-    }
-    let snapshot = context.store.load();
-    let mut clusters: Vec<_> = snapshot.clusters.values().collect();
-    clusters.sort_by(|a, b| a.name().cmp(b.name()));
-    for cluster in clusters {
-        if let Some(tls) = &cluster.config.connect.tls {
-            contexts.push(crate::tls::context_certificates(
-                &tls.common,
-                &context.secrets,
-            ));
-        }
-    }
+    let contexts =
+        crate::server_stats::tls_contexts(&context.listeners, &context.store, &context.secrets);
     let now = jiff::Timestamp::now().as_second();
     let certificates: Vec<Value> = contexts
         .iter()
@@ -63,7 +41,7 @@ fn details(path: &str, der: &[u8], now: i64) -> Value {
         "path": path,
         "serial_number": certificate.serial(),
         "subject_alt_names": subject_alt_names,
-        "days_until_expiration": ((end - now).max(0) / 86_400).to_string(),
+        "days_until_expiration": crate::server_stats::days_until(end, now).to_string(),
         "valid_from": timestamp(start),
         "expiration_time": timestamp(end),
     })

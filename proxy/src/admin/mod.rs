@@ -1,6 +1,7 @@
 //! The admin endpoint on `admin.address`: readiness, server info, stats (text, JSON and
 //! Prometheus), config dump (with `?resource=` and `?mask=`), clusters, listeners, log levels,
-//! draining and quitting, TLS certificates (`/certs`), each answering as Envoy's does.
+//! draining and quitting, TLS certificates (`/certs`), the heap (`/memory`), the runtime
+//! layers (`/runtime`) and the list of commands (`/help`), each answering as Envoy's does.
 
 mod certs;
 mod clusters;
@@ -41,6 +42,8 @@ pub struct Context {
     pub logs: Arc<AccessLogs>,
     /// The stats sinks, which reading stats flushes under `stats_flush_on_admin`.
     pub sinks: Option<Arc<crate::stats::sink::Flusher>>,
+    /// The `server.*` gauges, refreshed when stats are read.
+    pub server_stats: Arc<crate::server_stats::ServerStats>,
 }
 
 impl Context {
@@ -195,6 +198,7 @@ async fn handle(
             "command_line_options": {"concurrency": server.concurrency, "drain_time": format!("{}s", server.drain_time.as_secs())},
         })),
         "/stats" | "/stats/prometheus" => {
+            server.server_stats.refresh();
             if let Some(sinks) = &server.sinks {
                 sinks.stats_read();
             }
@@ -305,13 +309,195 @@ async fn handle(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("Method {} not allowed, POST required.", request.method()),
         ),
-        "/" => text(
-            StatusCode::OK,
-            "admin commands: /ready /server_info /stats /stats/prometheus /config_dump /clusters /listeners /logging /drain_listeners /healthcheck/fail /healthcheck/ok /quitquitquit\n",
-        ),
+        "/memory" => json_response(&memory_json(crate::memory::usage())),
+        "/runtime" => json_response(&runtime_json(&server.bootstrap.runtime.layers)),
+        "/" | "/help" => text(StatusCode::OK, help_text()),
         _ => text(StatusCode::NOT_FOUND, "invalid path\n"),
     };
     Ok(response)
+}
+
+/// One admin command as `/help` lists it.
+struct Command {
+    path: &'static str,
+    /// It takes POST only.
+    post: bool,
+    what: &'static str,
+    /// Its query parameters and what they do.
+    params: &'static [(&'static str, &'static str)],
+}
+
+/// The admin commands, in `/help`'s order.
+const COMMANDS: &[Command] = &[
+    Command {
+        path: "/",
+        post: false,
+        what: "this list",
+        params: &[],
+    },
+    Command {
+        path: "/certs",
+        post: false,
+        what: "the TLS certificates in use",
+        params: &[],
+    },
+    Command {
+        path: "/clusters",
+        post: false,
+        what: "the clusters, their hosts and their state",
+        params: &[("format", "text or json")],
+    },
+    Command {
+        path: "/config_dump",
+        post: false,
+        what: "the configuration in use, static and from xDS",
+        params: &[
+            ("resource", "one resource type's field, as in Envoy"),
+            ("mask", "a field mask to apply to each resource"),
+        ],
+    },
+    Command {
+        path: "/drain_listeners",
+        post: true,
+        what: "stop the listeners, after draining their connections",
+        params: &[
+            ("graceful", "drain for the drain time first"),
+            ("inboundonly", "only inbound listeners"),
+        ],
+    },
+    Command {
+        path: "/healthcheck/fail",
+        post: true,
+        what: "make the proxy fail its health checks",
+        params: &[],
+    },
+    Command {
+        path: "/healthcheck/ok",
+        post: true,
+        what: "make the proxy pass its health checks again",
+        params: &[],
+    },
+    Command {
+        path: "/help",
+        post: false,
+        what: "this list",
+        params: &[],
+    },
+    Command {
+        path: "/listeners",
+        post: false,
+        what: "the listeners and their addresses",
+        params: &[("format", "text or json")],
+    },
+    Command {
+        path: "/logging",
+        post: true,
+        what: "show or change the log levels",
+        params: &[
+            ("level", "every logger's level"),
+            ("paths", "LOGGER:LEVEL,..."),
+        ],
+    },
+    Command {
+        path: "/memory",
+        post: false,
+        what: "what the heap holds",
+        params: &[],
+    },
+    Command {
+        path: "/quitquitquit",
+        post: true,
+        what: "exit now",
+        params: &[],
+    },
+    Command {
+        path: "/ready",
+        post: false,
+        what: "the server's state: 200 when LIVE, 503 otherwise",
+        params: &[],
+    },
+    Command {
+        path: "/runtime",
+        post: false,
+        what: "the runtime layers and their values",
+        params: &[],
+    },
+    Command {
+        path: "/server_info",
+        post: false,
+        what: "version, state, node and uptime",
+        params: &[],
+    },
+    Command {
+        path: "/stats",
+        post: false,
+        what: "the stats",
+        params: &[
+            ("usedonly", "only stats that were ever written"),
+            ("filter", "a regular expression names must match"),
+            ("format", "json or prometheus"),
+            ("type", "All, Counters, Gauges, Histograms or TextReadouts"),
+        ],
+    },
+    Command {
+        path: "/stats/prometheus",
+        post: false,
+        what: "the stats in Prometheus' text format",
+        params: &[
+            ("usedonly", "only stats that were ever written"),
+            ("filter", "a regular expression names must match"),
+        ],
+    },
+];
+
+/// `/help` (and `/`): one line per command, its parameters indented below, as Envoy lays out
+/// its list.
+fn help_text() -> String {
+    let mut out = String::from("admin commands are:\n");
+    for Command {
+        path,
+        post,
+        what,
+        params,
+    } in COMMANDS
+    {
+        let method = if *post { " (POST)" } else { "" };
+        out.push_str(&format!("  {path}{method}: {what}\n"));
+        for (name, meaning) in *params {
+            out.push_str(&format!("      {name}: {meaning}\n"));
+        }
+    }
+    out
+}
+
+/// `/memory` in Envoy's shape (numbers as strings). Remora runs on glibc's allocator, which has
+/// no page heap or thread caches: those stay 0.
+fn memory_json(usage: crate::memory::Usage) -> Value {
+    json!({
+        "allocated": usage.allocated.to_string(),
+        "heap_size": usage.heap_size.to_string(),
+        "pageheap_unmapped": "0",
+        "pageheap_free": usage.free.to_string(),
+        "total_thread_cache": "0",
+        "total_physical_bytes": usage.physical.to_string(),
+    })
+}
+
+/// `/runtime` in Envoy's shape: the layers' names, and for each key its value in each layer
+/// (empty where a layer does not set it) and the value that holds (the last layer's).
+fn runtime_json(layers: &[(String, Vec<(String, String)>)]) -> Value {
+    let mut entries = serde_json::Map::new();
+    for (index, (_, values)) in layers.iter().enumerate() {
+        for (key, value) in values {
+            let entry = entries.entry(key.clone()).or_insert_with(
+                || json!({"layer_values": vec![""; layers.len()], "final_value": ""}),
+            );
+            entry["layer_values"][index] = json!(value);
+            entry["final_value"] = json!(value);
+        }
+    }
+    let names: Vec<&str> = layers.iter().map(|(name, _)| name.as_str()).collect();
+    json!({"entries": entries, "layers": names})
 }
 
 /// `/stats` query parameters, checked as Envoy checks them.

@@ -380,6 +380,31 @@ impl ListenerManager {
             .collect()
     }
 
+    /// Downstream connections open on every listener, draining ones included (Envoy's
+    /// `server.total_connections`; the admin's are not counted).
+    pub fn open_connections(&self) -> u64 {
+        let count = |listeners: &mut dyn Iterator<Item = &Arc<ActiveListener>>| -> u64 {
+            listeners
+                .map(|l| l.connections.load(Ordering::Relaxed))
+                .sum()
+        };
+        let active = count(
+            &mut self
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values(),
+        );
+        let draining = count(
+            &mut self
+                .draining
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter(),
+        );
+        active + draining
+    }
+
     pub fn draining_count(&self) -> usize {
         self.draining
             .lock()

@@ -1,0 +1,149 @@
+//! The server's own gauges, under Envoy's names: `server.uptime`, `server.concurrency`,
+//! `server.memory_allocated|memory_heap_size|memory_physical_size`,
+//! `server.total_connections`, `server.parent_connections`,
+//! `server.days_until_first_cert_expiring`, and the `server.initialization_time_ms`
+//! histogram. Envoy refreshes them at each stats flush; so does Remora (every
+//! `stats_flush_interval`, 5 s by default, or with `stats_flush_on_admin` at each read), and
+//! also whenever the admin reads the stats, so a scrape never shows figures older than its
+//! own read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::lifecycle::Lifecycle;
+use crate::listener::ListenerManager;
+use crate::stats::{Registry, Stat};
+use crate::store::Store;
+use crate::tls::{ContextCertificates, PeerCertificate, Secrets};
+
+/// `days_until_first_cert_expiring` with no certificate loaded, as Envoy shows it.
+const NO_CERTIFICATE: u64 = u32::MAX as u64;
+
+/// The gauges, and what they are read from.
+#[derive(Debug)]
+pub struct ServerStats {
+    lifecycle: Arc<Lifecycle>,
+    listeners: Arc<ListenerManager>,
+    store: Arc<Store>,
+    secrets: Arc<Secrets>,
+    uptime: Arc<Stat>,
+    memory_allocated: Arc<Stat>,
+    memory_heap_size: Arc<Stat>,
+    memory_physical_size: Arc<Stat>,
+    total_connections: Arc<Stat>,
+    days_until_first_cert_expiring: Arc<Stat>,
+}
+
+impl ServerStats {
+    /// Registers the gauges (filled at once) and, on the current runtime, refreshes them every
+    /// `interval` (with none, only when the admin reads the stats).
+    pub fn start(
+        registry: &Registry,
+        concurrency: usize,
+        (lifecycle, listeners, store, secrets): (
+            &Arc<Lifecycle>,
+            &Arc<ListenerManager>,
+            &Arc<Store>,
+            &Arc<Secrets>,
+        ),
+        interval: Option<Duration>,
+    ) -> Arc<ServerStats> {
+        registry.gauge("server.concurrency").set(concurrency as u64);
+        // Remora has no hot restart: no parent, and never a connection of one.
+        registry.gauge("server.parent_connections").set(0);
+        let stats = Arc::new(ServerStats {
+            lifecycle: lifecycle.clone(),
+            listeners: listeners.clone(),
+            store: store.clone(),
+            secrets: secrets.clone(),
+            uptime: registry.gauge("server.uptime"),
+            memory_allocated: registry.gauge("server.memory_allocated"),
+            memory_heap_size: registry.gauge("server.memory_heap_size"),
+            memory_physical_size: registry.gauge("server.memory_physical_size"),
+            total_connections: registry.gauge("server.total_connections"),
+            days_until_first_cert_expiring: registry.gauge("server.days_until_first_cert_expiring"),
+        });
+        stats.refresh();
+        let Some(interval) = interval else {
+            return stats;
+        };
+        let refreshed = Arc::downgrade(&stats);
+        tokio::spawn(async move {
+            let mut timer = tokio::time::interval(interval);
+            timer.tick().await;
+            loop {
+                timer.tick().await;
+                let Some(stats) = refreshed.upgrade() else {
+                    return;
+                };
+                stats.refresh();
+            }
+        });
+        stats
+    }
+
+    /// Reads every figure again.
+    pub fn refresh(&self) {
+        self.uptime.set(self.lifecycle.started.elapsed().as_secs());
+        let memory = crate::memory::usage();
+        self.memory_allocated.set(memory.allocated);
+        self.memory_heap_size.set(memory.heap_size);
+        self.memory_physical_size.set(memory.physical);
+        self.total_connections
+            .set(self.listeners.open_connections());
+        let now = jiff::Timestamp::now().as_second();
+        let days = tls_contexts(&self.listeners, &self.store, &self.secrets)
+            .iter()
+            .flat_map(|context| context.ca.iter().chain(&context.chain))
+            .filter_map(|(_, der)| PeerCertificate::parse(der))
+            .map(|certificate| days_until(certificate.validity().1, now))
+            .min()
+            .unwrap_or(NO_CERTIFICATE);
+        self.days_until_first_cert_expiring.set(days);
+    }
+}
+
+/// Whole days from `now` until `end` (seconds since the epoch), none once it has passed.
+pub fn days_until(end: i64, now: i64) -> u64 {
+    ((end - now).max(0) / 86_400) as u64
+}
+
+/// Every TLS context's certificates: the TLS-terminating filter chains of the listeners (by
+/// name), then the TLS-originating clusters (by name), as `/certs` lists them.
+pub fn tls_contexts(
+    listeners: &ListenerManager,
+    store: &Store,
+    secrets: &Secrets,
+) -> Vec<ContextCertificates> {
+    let mut contexts = Vec::new();
+    let mut active = listeners.list();
+    active.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+    for listener in &active {
+        for chain in listener.config.chains() {
+            if let Some(tls) = &chain.tls {
+                contexts.push(crate::tls::context_certificates(&tls.common, secrets));
+            }
+        }
+    }
+    let snapshot = store.load();
+    let mut clusters: Vec<_> = snapshot.clusters.values().collect();
+    clusters.sort_by(|a, b| a.name().cmp(b.name()));
+    for cluster in clusters {
+        if let Some(tls) = &cluster.config.connect.tls {
+            contexts.push(crate::tls::context_certificates(&tls.common, secrets));
+        }
+    }
+    contexts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::days_until;
+
+    #[test]
+    fn days_are_whole_and_never_below_zero() {
+        assert_eq!(days_until(10 * 86_400 + 5, 0), 10);
+        assert_eq!(days_until(86_399, 0), 0);
+        assert_eq!(days_until(0, 100), 0);
+    }
+}
