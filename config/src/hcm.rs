@@ -38,6 +38,8 @@ pub struct HttpConnectionManager {
     pub routes: RouteSource,
     /// The HTTP filters in configured order; the router is last.
     pub filters: Vec<HttpFilter>,
+    /// The router's `dynamic_stats` (Envoy's default: on).
+    pub dynamic_stats: bool,
     pub server_name: String,
     pub use_remote_address: bool,
     pub skip_xff_append: bool,
@@ -239,6 +241,10 @@ pub fn http_connection_manager(
         .as_ref()
         .map(|tracing| crate::tracing::tracing(tracing, &field(path, "tracing")))
         .transpose()?;
+    let dynamic_stats = match filters.last().map(|filter| &filter.config) {
+        Some(crate::filters::FilterConfig::Router(router)) => router.dynamic_stats,
+        _ => true,
+    };
     Ok(HttpConnectionManager {
         tracing,
         access_logs,
@@ -246,6 +252,7 @@ pub fn http_connection_manager(
         codec,
         routes,
         filters,
+        dynamic_stats,
         server_name: if server_name.is_empty() {
             "envoy".into()
         } else {

@@ -2294,3 +2294,95 @@ fn priority_load_split_degraded_and_panic_match_envoy() {
     };
     check("envoy", &envoy);
 }
+
+/// The router's dynamic stats (on unless `dynamic_stats: false`): each cluster's
+/// `upstream_rq_completed`, `upstream_rq_<N>xx`, `upstream_rq_<code>` and `upstream_rq_time`,
+/// plain and under `external.` or, for an internal client, `internal.`; none of them with the
+/// stats off. Three listeners, each to its own cluster, under Envoy and Remora.
+#[test]
+fn dynamic_stats_are_charged_as_envoy_charges_them() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let ports = [free_port(), free_port(), free_port()];
+    let internal = "          use_remote_address: true\n          internal_address_config: {cidr_ranges: [{address_prefix: 127.0.0.0, prefix_len: 8}]}\n";
+    let listeners = [
+        http_listener("dyn", ports[0], "", &catch_all("app", "5s")),
+        http_listener("inside", ports[1], internal, &catch_all("app_in", "5s")),
+        http_listener("quiet", ports[2], "", &catch_all("app_quiet", "5s"))
+            .replace("Router}", "Router, dynamic_stats: false}"),
+    ];
+    assert!(listeners[2].contains("dynamic_stats: false"));
+    let yaml = format!(
+        "stats_flush_interval: 1s\n{}",
+        bootstrap(
+            &admin_yaml,
+            &listeners,
+            &[
+                static_cluster("app", &[echo.addr]),
+                static_cluster("app_in", &[echo.addr]),
+                static_cluster("app_quiet", &[echo.addr]),
+            ],
+        )
+    );
+    let (_dir, file) = write_config(&yaml);
+    let run = || {
+        let send = |port: u16, path: &str| http_get(loopback(port), path).expect("request").0;
+        assert_eq!(send(ports[0], "/ok"), 200);
+        assert_eq!(send(ports[0], "/ok"), 200);
+        assert_eq!(send(ports[0], "/status/503"), 503);
+        assert_eq!(send(ports[1], "/status/404"), 404);
+        assert_eq!(send(ports[2], "/ok"), 200);
+        let read = |query: &str| {
+            let (_, _, body) = http_get(admin, query).expect("stats");
+            body.lines()
+                .filter(|line| !line.contains("No recorded values"))
+                .map(|line| match line.split_once(": P0(") {
+                    // A histogram: its name, not its quantiles.
+                    Some((name, _)) => format!("{name}: (histogram)"),
+                    None => line.to_string(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut seen = read(
+            "/stats?usedonly&type=Counters&filter=%5Ecluster%5C.app%5Ba-z_%5D*%5C.(external%5C.%7Cinternal%5C.)%3Fupstream_rq_(completed%7C%5Cd(xx%7C%5Cd%5Cd))%24",
+        );
+        // Envoy shows a histogram's values once a stats flush has merged them (each second
+        // here).
+        seen.extend(wait_for("the histograms", Duration::from_secs(15), || {
+            let histograms = read(
+                "/stats?usedonly&type=Histograms&filter=%5Ecluster%5C.app.*upstream_rq_time%24",
+            );
+            (histograms.len() >= 4).then_some(histograms)
+        }));
+        seen
+    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, ports[0], &[], run);
+    assert_eq!(
+        remora,
+        [
+            "cluster.app.external.upstream_rq_200: 2",
+            "cluster.app.external.upstream_rq_2xx: 2",
+            "cluster.app.external.upstream_rq_503: 1",
+            "cluster.app.external.upstream_rq_5xx: 1",
+            "cluster.app.external.upstream_rq_completed: 3",
+            "cluster.app.upstream_rq_200: 2",
+            "cluster.app.upstream_rq_2xx: 2",
+            "cluster.app.upstream_rq_503: 1",
+            "cluster.app.upstream_rq_5xx: 1",
+            "cluster.app.upstream_rq_completed: 3",
+            "cluster.app_in.internal.upstream_rq_404: 1",
+            "cluster.app_in.internal.upstream_rq_4xx: 1",
+            "cluster.app_in.internal.upstream_rq_completed: 1",
+            "cluster.app_in.upstream_rq_404: 1",
+            "cluster.app_in.upstream_rq_4xx: 1",
+            "cluster.app_in.upstream_rq_completed: 1",
+            "cluster.app.external.upstream_rq_time: (histogram)",
+            "cluster.app.upstream_rq_time: (histogram)",
+            "cluster.app_in.internal.upstream_rq_time: (histogram)",
+            "cluster.app_in.upstream_rq_time: (histogram)",
+        ]
+    );
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "envoy, remora");
+    }
+}

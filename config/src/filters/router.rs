@@ -4,14 +4,27 @@
 use xds_api::envoy::extensions::filters::http::router::v3 as router_pb;
 
 use crate::common::unpack;
-use crate::error::{ConfigResult, err, field};
+use crate::error::ConfigResult;
 use crate::unsupported;
 
 pub const TYPE_URL: &str = xds_api::type_urls::ROUTER;
 
-/// The router's settings (none Remora acts on yet).
-#[derive(Debug, Clone, Default)]
-pub struct Router {}
+/// The router's settings.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// `dynamic_stats` (on unless set false): each cluster's `upstream_rq_completed`,
+    /// `upstream_rq_<N>xx`, `upstream_rq_<code>` and `upstream_rq_time`, plain and under
+    /// `external.` or `internal.`.
+    pub dynamic_stats: bool,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router {
+            dynamic_stats: true,
+        }
+    }
+}
 
 pub fn router(any: &prost_types::Any, path: &str) -> ConfigResult<Router> {
     let router_pb::Router {
@@ -36,12 +49,7 @@ pub fn router(any: &prost_types::Any, path: &str) -> ConfigResult<Router> {
         suppress_grpc_request_failure_code_stats,
         reject_connect_request_early_data,
     );
-    // Remora never emits Envoy's per-request dynamic stats (zone, canary, virtual clusters).
-    if dynamic_stats == Some(true) {
-        return err(
-            field(path, "dynamic_stats"),
-            "only `false` is supported: Remora does not emit dynamic stats",
-        );
-    }
-    Ok(Router {})
+    Ok(Router {
+        dynamic_stats: dynamic_stats.unwrap_or(true),
+    })
 }

@@ -441,11 +441,6 @@ fn http_filter_chains_end_with_the_router() {
                 "http filter \"c\" is not supported (type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy;",
             ),
             (
-                "http_filters: [{typed_config: {dynamic_stats: true}}]",
-                "http_filters[0].typed_config.dynamic_stats",
-                "only `false` is supported",
-            ),
-            (
                 "http_filters: [{typed_config: {suppress_envoy_headers: true}}]",
                 "http_filters[0].typed_config.suppress_envoy_headers",
                 UNSUPPORTED,

@@ -588,6 +588,7 @@ async fn handle(
             host: &host,
             // Hash policies (source IP, generated cookies) hash the trusted client address.
             client: origin.client,
+            internal: origin.internal,
             path_and_query,
         })
         .await

@@ -80,6 +80,8 @@ pub struct Origin {
     pub client: SocketAddr,
     /// `http` or `https`, as `x-forwarded-proto` now says (Envoy's `:scheme` follows it).
     pub forwarded_proto: &'static str,
+    /// The client is internal: the request now carries `x-envoy-internal: true`.
+    pub internal: bool,
 }
 
 /// The address Envoy calls the local address: the first non-loopback IPv4 address of the
@@ -217,6 +219,7 @@ pub fn on_request(
     Origin {
         client,
         forwarded_proto,
+        internal,
     }
 }
 

@@ -15,6 +15,7 @@ use crate::body::filter::{BodyFilter, filter_frame, finish_all};
 use crate::http::access_log::PendingLine;
 use crate::http::stream_timer::StreamTimer;
 use crate::stats::GaugeGuard;
+use crate::stats::responses::ResponseTime;
 use crate::upstream::HostGauge;
 use crate::upstream::breakers::Held;
 use crate::upstream::pool::Lease;
@@ -137,8 +138,9 @@ pub struct UpstreamBody {
     held_trailers: Option<Frame<Bytes>>,
     /// The upstream body is over and the filters' last bytes went out: the end comes next.
     ending: bool,
-    /// The cluster's `upstream_rq_time` and when the request went out, recorded at the end.
-    rq_time: (Arc<crate::stats::ClusterStats>, Instant),
+    /// Where `upstream_rq_time` goes (with the router's dynamic stats) and when the request
+    /// went out, recorded at the end.
+    rq_time: (Option<ResponseTime>, Instant),
     /// When the last frame came: the one clock read for the pool's idle time and both
     /// request-time histograms.
     ended_at: Option<Instant>,
@@ -188,13 +190,14 @@ impl Drop for DownstreamSlots {
 }
 
 impl UpstreamBody {
-    /// `rq_time`: the cluster's stats and when the request went out, for `upstream_rq_time`.
+    /// `rq_time`: where `upstream_rq_time` goes (none without dynamic stats) and when the
+    /// request went out.
     pub fn new(
         inner: Incoming,
         timer: Option<StreamTimer>,
         active: (Held, GaugeGuard, HostGauge),
         lease: Option<Lease>,
-        rq_time: (Arc<crate::stats::ClusterStats>, Instant),
+        rq_time: (Option<ResponseTime>, Instant),
     ) -> Self {
         UpstreamBody {
             inner,
@@ -312,11 +315,8 @@ impl Drop for UpstreamBody {
         let ended_at = self
             .ended_at
             .or_else(|| self.inner.is_end_stream().then(Instant::now));
-        if let Some(at) = ended_at {
-            let (cluster, sent) = &self.rq_time;
-            cluster
-                .upstream_rq_time
-                .record_duration(at.saturating_duration_since(*sent));
+        if let (Some(at), (Some(time), sent)) = (ended_at, &self.rq_time) {
+            time.record(at.saturating_duration_since(*sent));
         }
         if let Some(downstream) = self.downstream.as_mut() {
             downstream.ended_at = ended_at;

@@ -5,6 +5,7 @@
 pub mod histogram;
 pub mod metrics_service;
 pub mod prometheus;
+pub mod responses;
 pub mod sink;
 
 pub use histogram::Histogram;
@@ -426,15 +427,6 @@ impl ClusterStats {
     /// they outlive the cluster's updates and its removal.
     pub fn new(registry: &Registry, cluster: &str) -> Arc<Self> {
         registry.block(format!("cluster.{}", stat_name(cluster)))
-    }
-
-    pub fn response(&self, status: u16) {
-        match status {
-            200..=299 => self.upstream_rq_2xx.inc(),
-            300..=399 => self.upstream_rq_3xx.inc(),
-            400..=499 => self.upstream_rq_4xx.inc(),
-            _ => self.upstream_rq_5xx.inc(),
-        }
     }
 }
 

@@ -541,6 +541,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Cluster {
     pub config: Arc<config::Cluster>,
     pub stats: Arc<ClusterStats>,
+    /// The router's dynamic stats of this cluster's responses, made as they are first used.
+    pub responses: crate::stats::responses::ResponseStats,
     pub members: Arc<Members>,
     pub connector: Arc<Connector>,
     pub pools: Arc<Pools>,
@@ -603,7 +605,7 @@ impl Cluster {
     /// an error names the field at fault.
     pub fn new(
         config: Arc<config::Cluster>,
-        registry: &Registry,
+        registry: &Arc<Registry>,
         workers: usize,
         previous: Option<&Cluster>,
         secrets: &Arc<crate::tls::Secrets>,
@@ -701,6 +703,11 @@ impl Cluster {
             ignore_health_on_removal: config.ignore_health_on_host_removal,
         });
         let cluster = Arc::new(Cluster {
+            responses: crate::stats::responses::ResponseStats::new(
+                registry,
+                &config.stats_name,
+                &stats,
+            ),
             config,
             stats,
             members,

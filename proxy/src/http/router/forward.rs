@@ -145,11 +145,14 @@ pub(super) async fn forward(
         started,
         authority,
         client,
+        internal,
         path_and_query,
         sleeps,
         ..
     } = request;
     let hcm = &manager.config;
+    // The router's dynamic stats, with whether they go under `internal.` or `external.`.
+    let dynamic = hcm.dynamic_stats.then_some(internal);
     let name = cluster_name(forward, &parts);
     let Some(cluster) = snapshot.cluster(&name) else {
         manager.stats.no_cluster.inc();
@@ -514,7 +517,7 @@ pub(super) async fn forward(
         }
         let (considered, result) = classify(
             sent,
-            cluster,
+            (cluster, dynamic),
             &host,
             &manager.stats.downstream_rq_timeout,
             body_failed.as_deref(),
@@ -655,7 +658,10 @@ pub(super) async fn forward(
             timer,
             (rq_active.0, rq_active.1, host_active),
             lease,
-            (cluster.stats.clone(), sent_at),
+            (
+                dynamic.map(|internal| cluster.responses.time(internal)),
+                sent_at,
+            ),
         )))
     }))
 }
@@ -732,7 +738,7 @@ enum Considered {
 /// would end the request with. Counts the outcome for the host.
 fn classify(
     sent: Sent,
-    cluster: &Cluster,
+    (cluster, dynamic): (&Cluster, Option<bool>),
     host: &Host,
     downstream_timeouts: &Stat,
     body_failed: Option<&AtomicBool>,
@@ -748,7 +754,9 @@ fn classify(
     match sent {
         Ok(Ok((response, lease))) => {
             let status = response.status().as_u16();
-            cluster.stats.response(status);
+            if let Some(internal) = dynamic {
+                cluster.responses.count(status, internal);
+            }
             cluster.record_outcome(host, Outcome::Status(status));
             if headers::contains_by_scan(response.headers(), &X_IMMEDIATE_HC_FAIL) {
                 cluster.immediate_health_check_fail(host);

@@ -51,6 +51,10 @@ pub fn send(mirrors: &[Mirror], snapshot: &Snapshot, copy: Copy<'_>) {
             continue;
         };
         let mut headers = copy.headers.clone();
+        // Envoy's shadow requests go through a router of its own, with dynamic stats on.
+        let internal = headers
+            .get(&crate::http::headers::X_ENVOY_INTERNAL)
+            .is_some_and(|v| v == "true");
         if let Some(host) = &mirror.host_rewrite {
             headers.insert(header::HOST, host.clone());
         }
@@ -80,7 +84,9 @@ pub fn send(mirrors: &[Mirror], snapshot: &Snapshot, copy: Copy<'_>) {
             let sending = async {
                 let (response, lease) = cluster.pools.send(&host, request, None).await?;
                 cluster.stats.upstream_rq_total.inc();
-                cluster.stats.response(response.status().as_u16());
+                cluster
+                    .responses
+                    .count(response.status().as_u16(), internal);
                 cluster.record_outcome(&host, Outcome::Status(response.status().as_u16()));
                 // Read to the end so the connection can serve again.
                 let _ = response.into_body().collect().await;

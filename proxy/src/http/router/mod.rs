@@ -52,6 +52,8 @@ pub struct RouteRequest<'a> {
     pub host: &'a str,
     /// The trusted client address: the peer, or what trusted proxies put in `x-forwarded-for`.
     pub client: std::net::SocketAddr,
+    /// The client is internal (`x-envoy-internal`): dynamic stats go under `internal.`.
+    pub internal: bool,
     pub path_and_query: PathAndQuery,
     /// The connection's spare timers, for this request's.
     pub sleeps: &'a std::sync::Arc<SpareSleeps>,
