@@ -125,6 +125,27 @@ fn bootstrap_for(
     )
 }
 
+/// Envoy (validating the bootstrap first) or Remora on `yaml` (written at `file`), once its
+/// listener on `port` takes connections; stopped when dropped.
+fn start(
+    envoy: bool,
+    yaml: &str,
+    file: &std::path::Path,
+    admin: SocketAddr,
+    port: u16,
+) -> Box<dyn std::any::Any> {
+    if envoy {
+        remora_tests::envoy::validate(file).unwrap_or_else(|e| panic!("envoy rejects: {e}"));
+        let envoy = remora_tests::envoy::Envoy::start(file, admin, &[]);
+        wait_for("envoy listener", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(loopback(port)).ok()
+        });
+        Box::new(envoy)
+    } else {
+        Box::new(Proxy::start(yaml, admin, &[]))
+    }
+}
+
 /// What one request left: the headers the app saw, and the spans carrying its request id.
 #[derive(Debug)]
 struct Seen {
@@ -140,16 +161,7 @@ fn run(envoy: bool, random: u32, spawn: bool) -> Option<(Vec<Seen>, Vec<Span>)> 
     let (admin, admin_yaml) = admin_block();
     let yaml = bootstrap_for(&admin_yaml, port, random, spawn, app.addr, receiver.addr);
     let (_dir, file) = common::write_config(&yaml);
-    let _proxy: Box<dyn std::any::Any> = if envoy {
-        remora_tests::envoy::validate(&file).unwrap_or_else(|e| panic!("envoy rejects: {e}"));
-        let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-        wait_for("envoy listener", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(loopback(port)).ok()
-        });
-        Box::new(envoy)
-    } else {
-        Box::new(Proxy::start(&yaml, admin, &[]))
-    };
+    let _proxy = start(envoy, &yaml, &file, admin, port);
     let mut seen = Vec::new();
     for case in cases() {
         let headers: Vec<(&str, &str)> =
@@ -442,16 +454,7 @@ fn health_check_run(envoy: bool) -> (Vec<String>, Vec<String>) {
         )
     );
     let (_dir, file) = common::write_config(&yaml);
-    let _proxy: Box<dyn std::any::Any> = if envoy {
-        remora_tests::envoy::validate(&file).unwrap_or_else(|e| panic!("envoy rejects: {e}"));
-        let envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
-        wait_for("envoy listener", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(loopback(port)).ok()
-        });
-        Box::new(envoy)
-    } else {
-        Box::new(Proxy::start(&yaml, admin, &[]))
-    };
+    let _proxy = start(envoy, &yaml, &file, admin, port);
     let who = if envoy { "envoy" } else { "remora" };
     let mut seen = Vec::new();
     let mut ids = BTreeMap::new();

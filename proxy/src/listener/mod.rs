@@ -383,26 +383,13 @@ impl ListenerManager {
     /// Downstream connections open on every listener, draining ones included (Envoy's
     /// `server.total_connections`; the admin's are not counted).
     pub fn open_connections(&self) -> u64 {
-        let count = |listeners: &mut dyn Iterator<Item = &Arc<ActiveListener>>| -> u64 {
-            listeners
-                .map(|l| l.connections.load(Ordering::Relaxed))
-                .sum()
+        let open = |listener: &Arc<ActiveListener>| listener.connections.load(Ordering::Relaxed);
+        let active: u64 = {
+            let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            active.values().map(open).sum()
         };
-        let active = count(
-            &mut self
-                .active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values(),
-        );
-        let draining = count(
-            &mut self
-                .draining
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter(),
-        );
-        active + draining
+        let draining = self.draining.lock().unwrap_or_else(|p| p.into_inner());
+        active + draining.iter().map(open).sum::<u64>()
     }
 
     pub fn draining_count(&self) -> usize {
