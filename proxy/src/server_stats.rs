@@ -5,10 +5,12 @@
 //! histogram. Envoy refreshes them at each stats flush; so does Remora (every
 //! `stats_flush_interval`, 5 s by default, or with `stats_flush_on_admin` at each read), and
 //! also whenever the admin reads the stats, so a scrape never shows figures older than its
-//! own read.
+//! own read. Once a certificate is found, they are read at most once a minute: the figure
+//! counts days.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::lifecycle::Lifecycle;
 use crate::listener::ListenerManager;
@@ -18,6 +20,11 @@ use crate::tls::{ContextCertificates, PeerCertificate, Secrets};
 
 /// `days_until_first_cert_expiring` with no certificate loaded, as Envoy shows it.
 const NO_CERTIFICATE: u64 = u32::MAX as u64;
+
+/// How long a reading of the certificates' expiry stands. It counts whole days, and walking
+/// every TLS context (a thousand clusters' in a mesh, and the files of inline sources) at
+/// each stats read would cost more than the figure is worth.
+const CERTIFICATES_READ_EVERY: Duration = Duration::from_secs(60);
 
 /// The gauges, and what they are read from.
 #[derive(Debug)]
@@ -32,6 +39,8 @@ pub struct ServerStats {
     memory_physical_size: Arc<Stat>,
     total_connections: Arc<Stat>,
     days_until_first_cert_expiring: Arc<Stat>,
+    /// When the certificates were last read.
+    certificates_read: Mutex<Option<Instant>>,
 }
 
 impl ServerStats {
@@ -62,6 +71,7 @@ impl ServerStats {
             memory_physical_size: registry.gauge("server.memory_physical_size"),
             total_connections: registry.gauge("server.total_connections"),
             days_until_first_cert_expiring: registry.gauge("server.days_until_first_cert_expiring"),
+            certificates_read: Mutex::new(None),
         });
         stats.refresh();
         let Some(interval) = interval else {
@@ -91,15 +101,39 @@ impl ServerStats {
         self.memory_physical_size.set(memory.physical);
         self.total_connections
             .set(self.listeners.open_connections());
-        let now = jiff::Timestamp::now().as_second();
-        let days = tls_contexts(&self.listeners, &self.store, &self.secrets)
+        {
+            let mut read = self
+                .certificates_read
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // Until a certificate is seen (secrets and listeners may come after the first
+            // reading), every refresh looks again.
+            let found = self.days_until_first_cert_expiring.get() != NO_CERTIFICATE;
+            if found && read.is_some_and(|at| at.elapsed() < CERTIFICATES_READ_EVERY) {
+                return;
+            }
+            *read = Some(Instant::now());
+        }
+        self.days_until_first_cert_expiring
+            .set(self.days_until_first_expiry());
+    }
+
+    /// Over every TLS context's certificates, each parsed once however many contexts share it
+    /// (in a mesh, one workload certificate serves every cluster).
+    fn days_until_first_expiry(&self) -> u64 {
+        let contexts = tls_contexts(&self.listeners, &self.store, &self.secrets);
+        let unique: HashSet<&[u8]> = contexts
             .iter()
             .flat_map(|context| context.ca.iter().chain(&context.chain))
-            .filter_map(|(_, der)| PeerCertificate::parse(der))
+            .map(|(_, der)| der.as_ref())
+            .collect();
+        let now = jiff::Timestamp::now().as_second();
+        unique
+            .into_iter()
+            .filter_map(PeerCertificate::parse)
             .map(|certificate| days_until(certificate.validity().1, now))
             .min()
-            .unwrap_or(NO_CERTIFICATE);
-        self.days_until_first_cert_expiring.set(days);
+            .unwrap_or(NO_CERTIFICATE)
     }
 }
 
