@@ -615,24 +615,7 @@ fn health_checks_are_answered_and_failed_as_in_envoy() {
     let (admin, admin_yaml) = admin_block();
     let (port, through_port) = (free_port(), free_port());
     let log = dir.path().join("access.log");
-    let health_check = |pass_through: bool, path: &str, clusters: &str| {
-        format!(
-            r#"          - name: health{path}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
-              pass_through_mode: {pass_through}
-              headers: [{{name: ":path", string_match: {{exact: {path}}}}}]
-              cluster_min_healthy_percentages: {{{clusters}}}
-"#
-        )
-    };
-    let with_filters = |listener: String, filters: String| {
-        listener.replace(
-            "          http_filters:\n",
-            &format!("          http_filters:\n{filters}"),
-        )
-    };
-    let edge = with_filters(
+    let edge = with_http_filters(
         http_listener(
             "edge",
             port,
@@ -642,12 +625,12 @@ fn health_checks_are_answered_and_failed_as_in_envoy() {
             ),
             &catch_all("echo", "5s"),
         ),
-        health_check(false, "/healthz", "echo: {value: 100}")
-            + &health_check(false, "/deep", "missing: {value: 10}"),
+        &(health_check_filter("/healthz", false, "echo: {value: 100}")
+            + &health_check_filter("/deep", false, "missing: {value: 10}")),
     );
-    let through = with_filters(
+    let through = with_http_filters(
         http_listener("through", through_port, "", &catch_all("echo", "5s")),
-        health_check(true, "/ping", ""),
+        &health_check_filter("/ping", true, ""),
     );
     let yaml = format!(
         "node: {{id: n1, cluster: front}}\n{}",
@@ -774,12 +757,10 @@ fn compressors_pick_and_encode_as_envoys_do() {
     let port = free_port();
     let yaml = bootstrap(
         &admin_yaml,
-        &[
-            http_listener("ingress", port, "", &catch_all("echo", "5s")).replace(
-                "          http_filters:\n",
-                &format!("          http_filters:\n{chain}"),
-            ),
-        ],
+        &[with_http_filters(
+            http_listener("ingress", port, "", &catch_all("echo", "5s")),
+            &chain,
+        )],
         &[static_cluster("echo", &[echo.addr])],
     );
     assert!(yaml.contains("compressor.zstd"), "{yaml}");

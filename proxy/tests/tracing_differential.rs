@@ -417,29 +417,15 @@ fn health_check_run(envoy: bool) -> (Vec<String>, Vec<String>) {
     let app = EchoServer::start("app", "127.0.0.1");
     let port = free_port();
     let (admin, admin_yaml) = admin_block();
-    let health_check = |path: &str, pass_through: bool| {
-        format!(
-            r#"          - name: health{path}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
-              pass_through_mode: {pass_through}
-              headers: [{{name: ":path", string_match: {{exact: {path}}}}}]
-"#
-        )
-    };
-    let listener = common::http_listener(
-        "ingress",
-        port,
-        &tracing_block(100, false, "otlp"),
-        &common::catch_all("app", "5s"),
-    )
-    .replace(
-        "          http_filters:\n",
-        &format!(
-            "          http_filters:\n{}{}",
-            health_check("/healthz", false),
-            health_check("/ping", true)
+    let listener = common::with_http_filters(
+        common::http_listener(
+            "ingress",
+            port,
+            &tracing_block(100, false, "otlp"),
+            &common::catch_all("app", "5s"),
         ),
+        &(common::health_check_filter("/healthz", false, "")
+            + &common::health_check_filter("/ping", true, "")),
     );
     // No node cluster: the answers name an empty one.
     let yaml = format!(

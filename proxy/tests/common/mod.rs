@@ -135,6 +135,28 @@ pub fn tcp_listener(name: &str, port: u16, cluster: &str, extra: &str) -> String
     )
 }
 
+/// `listener` (from [`http_listener`]) with `filters` (YAML list items) before its router.
+pub fn with_http_filters(listener: String, filters: &str) -> String {
+    listener.replace(
+        "          http_filters:\n",
+        &format!("          http_filters:\n{filters}"),
+    )
+}
+
+/// A health check filter (for [`with_http_filters`]) taking `:path` `path`, answering or
+/// (`pass_through`) passing it on; `clusters`: its `cluster_min_healthy_percentages` entries.
+pub fn health_check_filter(path: &str, pass_through: bool, clusters: &str) -> String {
+    format!(
+        r#"          - name: health{path}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
+              pass_through_mode: {pass_through}
+              headers: [{{name: ":path", string_match: {{exact: {path}}}}}]
+              cluster_min_healthy_percentages: {{{clusters}}}
+"#
+    )
+}
+
 /// Assembles a bootstrap.
 /// One virtual host whose only route sends everything to `cluster` with route `timeout`.
 pub fn catch_all(cluster: &str, timeout: &str) -> String {

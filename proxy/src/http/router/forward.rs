@@ -403,6 +403,7 @@ pub(super) async fn forward(
                 headers: &parts.headers,
                 body: shared.as_ref(),
                 timeout: route_timeout,
+                internal,
             },
         );
     }

@@ -26,6 +26,8 @@ pub struct Copy<'a> {
     /// The request body, if it has one (shared with the main request).
     pub body: Option<&'a SharedBody>,
     pub timeout: Option<Duration>,
+    /// The client is internal: the copy's dynamic stats go under `internal.`.
+    pub internal: bool,
 }
 
 /// Sends the copies `mirrors` ask for (each by its own share of requests).
@@ -52,9 +54,7 @@ pub fn send(mirrors: &[Mirror], snapshot: &Snapshot, copy: Copy<'_>) {
         };
         let mut headers = copy.headers.clone();
         // Envoy's shadow requests go through a router of its own, with dynamic stats on.
-        let internal = headers
-            .get(&crate::http::headers::X_ENVOY_INTERNAL)
-            .is_some_and(|v| v == "true");
+        let internal = copy.internal;
         if let Some(host) = &mirror.host_rewrite {
             headers.insert(header::HOST, host.clone());
         }
