@@ -12,7 +12,7 @@ use xds_api::envoy::config::metrics::v3 as metrics_pb;
 use xds_api::type_urls;
 
 use crate::error::{ConfigError, ConfigResult, err, field, item};
-use crate::matcher::{StringMatch, string_matcher};
+use crate::matcher::{StringMatch, ascii_perl_classes, string_matcher};
 
 /// The bootstrap's `stats_config`, compiled.
 #[derive(Debug, Clone, Default)]
@@ -404,7 +404,7 @@ impl DefaultTag {
     fn compile(&self) -> Extractor {
         match self.kind {
             DefaultKind::Regex(pattern, unless) => {
-                let pattern = expand(pattern);
+                let pattern = ascii_perl_classes(&expand(pattern));
                 Extractor {
                     tag: self.name.to_string(),
                     prefix: regex_prefix(&pattern),
@@ -512,9 +512,12 @@ pub fn stats_config(proto: &metrics_pb::StatsConfig, path: &str) -> ConfigResult
         match tag_value {
             Some(TagValue::FixedValue(value)) => tags.fixed.push((tag_name.clone(), value.clone())),
             Some(TagValue::Regex(pattern)) if !pattern.is_empty() => {
-                let regex = fancy_regex::Regex::new(pattern).map_err(|error| {
-                    ConfigError::new(field(&spath, "regex"), format!("invalid regex: {error}"))
-                })?;
+                // ECMAScript's `\d` and `\w` are ASCII; an error quotes the pattern as written.
+                let regex = fancy_regex::Regex::new(&ascii_perl_classes(pattern))
+                    .or_else(|_| fancy_regex::Regex::new(pattern))
+                    .map_err(|error| {
+                        ConfigError::new(field(&spath, "regex"), format!("invalid regex: {error}"))
+                    })?;
                 tags.extractors.push(Extractor {
                     tag: tag_name.clone(),
                     prefix: regex_prefix(pattern),
