@@ -231,7 +231,8 @@ pub struct Cluster {
     /// Active health checking (at most one checker, as in Envoy). Boxed: it is nearly a
     /// kilobyte, and most clusters of a large config have none.
     pub health_check: Option<Box<HealthCheck>>,
-    pub outlier_detection: Option<OutlierDetection>,
+    /// Boxed for the same reason (136 bytes).
+    pub outlier_detection: Option<Box<OutlierDetection>>,
     /// `common_lb_config.ignore_new_hosts_until_first_hc`: a new host takes no traffic (and
     /// counts in no availability) until its first health check.
     pub ignore_new_hosts_until_first_hc: bool,
@@ -492,7 +493,7 @@ pub fn cluster(proto: &cluster_pb::Cluster, path: &str) -> ConfigResult<Cluster>
             .map(Box::new);
     let outlier_detection = outlier_detection
         .as_ref()
-        .map(|od| convert_outlier_detection(od, &field(path, "outlier_detection")))
+        .map(|od| convert_outlier_detection(od, &field(path, "outlier_detection")).map(Box::new))
         .transpose()?;
     // The rest of `common_lb_config` is read with the load-balancing policy.
     let ignore_new_hosts_until_first_hc = common_lb_config
@@ -717,10 +718,10 @@ mod tests {
         assert_eq!(c.outlier_detection.expect("outlier").consecutive_5xx, 2);
         assert!(c.ignore_new_hosts_until_first_hc && c.ignore_health_on_host_removal);
         let endpoint = &c.load_assignment.endpoints[0];
-        assert_eq!(endpoint.health_check.port, Some(81));
-        assert_eq!(endpoint.health_check.hostname, "hc.local");
+        assert_eq!(endpoint.health_check().port, Some(81));
+        assert_eq!(endpoint.health_check().hostname, "hc.local");
         let addr: SocketAddr = "127.0.0.1:80".parse().expect("addr");
-        assert_eq!(endpoint.health_check.target(addr).port(), 81);
+        assert_eq!(endpoint.health_check().target(addr).port(), 81);
         // Without a checker, Envoy never marks hosts as waiting for one.
         let c =
             convert("common_lb_config: {ignore_new_hosts_until_first_hc: true}").expect("valid");

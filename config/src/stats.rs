@@ -514,7 +514,7 @@ pub fn stats_config(proto: &metrics_pb::StatsConfig, path: &str) -> ConfigResult
             Some(TagValue::Regex(pattern)) if !pattern.is_empty() => {
                 // ECMAScript's `\d` and `\w` are ASCII; an error quotes the pattern as written.
                 let regex = fancy_regex::Regex::new(&ascii_perl_classes(pattern))
-                    .or_else(|_| fancy_regex::Regex::new(pattern))
+                    .or_else(|_| fancy_regex::Regex::new(pattern).map_err(Box::new))
                     .map_err(|error| {
                         ConfigError::new(field(&spath, "regex"), format!("invalid regex: {error}"))
                     })?;

@@ -35,7 +35,7 @@ fn hosts(count: usize, weighted: bool) -> Vec<Arc<Host>> {
                 priority: 0,
                 locality: Arc::default(),
                 locality_weight: None,
-                health_check: Default::default(),
+                health_check_config: None,
             };
             Arc::new(Host::new(addr, &endpoint, Arc::new(HostState::default())))
         })

@@ -70,9 +70,9 @@ pub enum Kind {
     Gauge,
 }
 
-/// How a set of derived gauges is read: it hands each gauge's name (under the set's prefix) and
-/// value to the callback.
-pub type ReadGauges = Box<dyn Fn(&mut dyn FnMut(&'static str, u64)) + Send + Sync>;
+/// How a set of derived gauges is read: it hands each gauge's group and name (under the set's
+/// prefix: `PREFIX.GROUP.NAME`, or `PREFIX.NAME` for the empty group) and value to the callback.
+pub type ReadGauges = Box<dyn Fn(&mut dyn FnMut(&'static str, &'static str, u64)) + Send + Sync>;
 
 /// A name as it appears inside a stat name: Envoy writes `:` as `_` (so cluster
 /// `b.shop.svc.cluster.local:80` counts under `cluster.b.shop.svc.cluster.local_80.`).
@@ -325,9 +325,13 @@ impl Registry {
             });
         }
         for (prefix, read) in lock(&self.derived).iter() {
-            read(&mut |name, value| {
+            read(&mut |group, name, value| {
                 values.push(StatValue {
-                    name: format!("{prefix}.{name}"),
+                    name: if group.is_empty() {
+                        format!("{prefix}.{name}")
+                    } else {
+                        format!("{prefix}.{group}.{name}")
+                    },
                     kind: Kind::Gauge,
                     value,
                     used: true,

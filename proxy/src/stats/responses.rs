@@ -50,18 +50,19 @@ impl ResponseTime {
 pub struct ResponseStats {
     registry: Arc<Registry>,
     /// `cluster.NAME`.
-    prefix: String,
+    prefix: Box<str>,
     /// The fixed stats of the cluster, whose class counters and `upstream_rq_time` are the
     /// plain set's.
     fixed: Arc<ClusterStats>,
-    scopes: [OnceLock<ScopeStats>; 3],
+    /// Boxed: a set is 130 bytes, and most of a thousand clusters never make one.
+    scopes: [OnceLock<Box<ScopeStats>>; 3],
 }
 
 impl ResponseStats {
     pub fn new(registry: &Arc<Registry>, cluster: &str, fixed: &Arc<ClusterStats>) -> Self {
         ResponseStats {
             registry: registry.clone(),
-            prefix: format!("cluster.{}", stat_name(cluster)),
+            prefix: format!("cluster.{}", stat_name(cluster)).into(),
             fixed: fixed.clone(),
             scopes: Default::default(),
         }
@@ -90,19 +91,21 @@ impl ResponseStats {
     }
 
     fn scope(&self, scope: Scope) -> &ScopeStats {
-        self.scopes[scope as usize].get_or_init(|| ScopeStats {
-            completed: self
-                .registry
-                .counter(self.name(scope, "upstream_rq_completed")),
-            classes: Default::default(),
-            codes: RwLock::default(),
-            time: match scope {
-                Scope::Plain => None,
-                _ => Some(
-                    self.registry
-                        .histogram(self.name(scope, "upstream_rq_time")),
-                ),
-            },
+        self.scopes[scope as usize].get_or_init(|| {
+            Box::new(ScopeStats {
+                completed: self
+                    .registry
+                    .counter(self.name(scope, "upstream_rq_completed")),
+                classes: Default::default(),
+                codes: RwLock::default(),
+                time: match scope {
+                    Scope::Plain => None,
+                    _ => Some(
+                        self.registry
+                            .histogram(self.name(scope, "upstream_rq_time")),
+                    ),
+                },
+            })
         })
     }
 

@@ -124,22 +124,23 @@ impl Breakers {
         cluster: &str,
         connections: [Arc<ConnectionReadings>; 2],
     ) {
-        for (high, name, readings) in [
-            (false, "default", connections[0].clone()),
-            (true, "high", connections[1].clone()),
-        ] {
-            let prefix = format!(
-                "cluster.{}.circuit_breakers.{name}",
-                crate::stats::stat_name(cluster)
-            );
-            let breakers: Weak<Breakers> = Arc::downgrade(self);
-            let thresholds = self.for_priority(high).thresholds;
-            let read = move |gauge: &mut dyn FnMut(&'static str, u64)| {
+        // One set per cluster, both priorities in it: a thousand clusters each hold one name
+        // and one closure.
+        let prefix = format!(
+            "cluster.{}.circuit_breakers",
+            crate::stats::stat_name(cluster)
+        );
+        let breakers: Weak<Breakers> = Arc::downgrade(self);
+        let thresholds = [self.default.thresholds, self.high.thresholds];
+        let read = move |gauge: &mut dyn FnMut(&'static str, &'static str, u64)| {
+            // The request-side gauges read 0 once the breakers are gone.
+            let breakers = breakers.upgrade();
+            for (high, group) in [(false, "default"), (true, "high")] {
+                let thresholds = thresholds[usize::from(high)];
+                let mut gauge = |name, value| gauge(group, name, value);
                 let open = |at_limit: bool| u64::from(at_limit);
-                let readings = readings();
+                let readings = connections[usize::from(high)]();
                 let pending = readings.map_or(0, |(_, (pending, _))| pending);
-                // The request-side gauges read 0 once the breakers are gone.
-                let breakers = breakers.upgrade();
                 let limits = |read: &dyn Fn(&Limits) -> u64| {
                     breakers.as_ref().map_or(0, |b| read(b.for_priority(high)))
                 };
@@ -161,7 +162,7 @@ impl Breakers {
                 );
                 gauge("cx_pool_open", 0);
                 if !thresholds.track_remaining {
-                    return;
+                    continue;
                 }
                 gauge(
                     "remaining_rq",
@@ -189,9 +190,9 @@ impl Breakers {
                 );
                 // `max_connection_pools` is unlimited: Envoy shows the largest counter value.
                 gauge("remaining_cx_pools", u64::MAX);
-            };
-            registry.derived_gauges(prefix, Box::new(read));
-        }
+            }
+        };
+        registry.derived_gauges(prefix, Box::new(read));
     }
 }
 

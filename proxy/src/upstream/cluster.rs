@@ -62,7 +62,8 @@ pub struct Members {
 #[derive(Debug, Default)]
 struct HealthControl {
     checker: Option<Arc<Checker>>,
-    outlier: Option<OutlierSetup>,
+    /// Shared, so an interval's work clones a pointer, and most clusters' members hold 8 bytes.
+    outlier: Option<Arc<OutlierSetup>>,
     ignore_new_hosts: bool,
     ignore_health_on_removal: bool,
     /// One checker session per host address, with where it probes.
@@ -78,7 +79,7 @@ struct HealthControl {
 #[derive(Debug, Default)]
 pub struct HealthSettings {
     pub checker: Option<Arc<Checker>>,
-    pub outlier: Option<OutlierSetup>,
+    pub outlier: Option<Arc<OutlierSetup>>,
     pub ignore_new_hosts: bool,
     pub ignore_health_on_removal: bool,
 }
@@ -305,12 +306,12 @@ impl Members {
         let mut sessions = std::mem::take(&mut control.sessions);
         let mut kept = HashMap::with_capacity(hosts.len());
         for host in hosts {
-            if host.health_check.disabled || kept.contains_key(&host.addr) {
+            if host.health_check().disabled || kept.contains_key(&host.addr) {
                 continue;
             }
             let target = Target {
-                addr: host.health_check.target(host.addr),
-                hostname: host.health_check.hostname.clone(),
+                addr: host.health_check().target(host.addr),
+                hostname: host.health_check().hostname.clone(),
             };
             match sessions.remove(&host.addr) {
                 Some((old, task)) if old == target => {
@@ -413,7 +414,7 @@ impl Members {
                             // A new host under active checks starts failed (and, when asked,
                             // excluded) until its first check, as in Envoy.
                             let state = Arc::new(HostState::default());
-                            if checked && !endpoint.health_check.disabled {
+                            if checked && !endpoint.health_check().disabled {
                                 state.set_flag(HostState::FAILED_ACTIVE_HC, true);
                                 if pending {
                                     state.set_flag(HostState::PENDING_ACTIVE_HC, true);
@@ -687,10 +688,12 @@ impl Cluster {
                 connector: connector.clone(),
             })
         });
-        let outlier_setup = config.outlier_detection.as_ref().map(|od| OutlierSetup {
-            config: od.clone(),
-            stats: Arc::new(OutlierStats::new(registry, &config.stats_name)),
-            cluster: config.name.as_str().into(),
+        let outlier_setup = config.outlier_detection.as_ref().map(|od| {
+            Arc::new(OutlierSetup {
+                config: (**od).clone(),
+                stats: Arc::new(OutlierStats::new(registry, &config.stats_name)),
+                cluster: config.name.as_str().into(),
+            })
         });
         let outlier = config
             .outlier_detection
@@ -930,7 +933,7 @@ mod tests {
                 priority: 0,
                 locality: Arc::default(),
                 locality_weight: None,
-                health_check: Default::default(),
+                health_check_config: None,
             },
         )
     }

@@ -68,8 +68,9 @@ struct Level {
     all: HostList,
     healthy: HostList,
     degraded: HostList,
-    /// Locality weighted balancing (not with consistent hashing).
-    localities: Option<Localities>,
+    /// Locality weighted balancing (not with consistent hashing). Boxed: 200 bytes most
+    /// clusters do not use.
+    localities: Option<Box<Localities>>,
 }
 
 /// A level's healthy and degraded hosts per locality, and the schedules that pick a locality.
@@ -218,7 +219,7 @@ impl PrioritySet {
                 .unwrap_or(0);
             panic.push(usable_percent < u64::from(settings.panic_threshold.min(100)));
             let localities = (settings.locality_weighted && !consistent_hashing)
-                .then(|| Localities::new(&all, policy, overprovisioning));
+                .then(|| Box::new(Localities::new(&all, policy, overprovisioning)));
             levels.push(Level {
                 all: HostList::new(all, policy),
                 healthy: HostList::new(healthy, policy),
@@ -433,7 +434,7 @@ mod tests {
                 priority,
                 locality: Arc::default(),
                 locality_weight: None,
-                health_check: Default::default(),
+                health_check_config: None,
             },
             Arc::default(),
         ))
@@ -613,7 +614,7 @@ mod tests {
                         ..Default::default()
                     }),
                     locality_weight: Some(weight),
-                    health_check: Default::default(),
+                    health_check_config: None,
                 },
                 Arc::default(),
             ))

@@ -29,8 +29,8 @@ pub struct Host {
     /// The locality's `load_balancing_weight` (locality weighted balancing).
     pub locality_weight: Option<u32>,
     pub eds_health: HealthStatus,
-    /// Where and how active health checks reach this host.
-    pub health_check: EndpointHealthCheck,
+    /// The endpoint's `health_check_config`, shared with it (see [`Host::health_check`]).
+    health_check: Option<Arc<EndpointHealthCheck>>,
     pub state: Arc<HostState>,
 }
 
@@ -44,6 +44,13 @@ pub enum Health {
 }
 
 impl Host {
+    /// Where and how active health checks reach this host.
+    pub fn health_check(&self) -> &EndpointHealthCheck {
+        self.health_check
+            .as_deref()
+            .unwrap_or(EndpointHealthCheck::none())
+    }
+
     pub fn new(addr: SocketAddr, endpoint: &LbEndpoint, state: Arc<HostState>) -> Self {
         Host {
             addr,
@@ -53,7 +60,7 @@ impl Host {
             locality: endpoint.locality.clone(),
             locality_weight: endpoint.locality_weight,
             eds_health: endpoint.health,
-            health_check: endpoint.health_check.clone(),
+            health_check: endpoint.health_check_config.clone(),
             state,
         }
     }
@@ -68,7 +75,7 @@ impl Host {
             locality: Arc::default(),
             locality_weight: None,
             eds_health: HealthStatus::Healthy,
-            health_check: EndpointHealthCheck::default(),
+            health_check: None,
             state: Arc::default(),
         }
     }

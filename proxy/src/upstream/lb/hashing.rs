@@ -177,7 +177,7 @@ pub mod tests_support {
                         priority: 0,
                         locality: Arc::default(),
                         locality_weight: None,
-                        health_check: Default::default(),
+                        health_check_config: None,
                     },
                     Arc::default(),
                 ))
