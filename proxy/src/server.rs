@@ -192,13 +192,19 @@ async fn serve(
         bootstrap.node.proto.clone(),
         &secrets,
     ));
+    let xds_status = Arc::new(crate::xds::Status::default());
     let server_stats = crate::server_stats::ServerStats::start(
         &registry,
         concurrency,
-        (&lifecycle, &listeners, &store, &secrets),
+        crate::server_stats::Sources {
+            lifecycle: lifecycle.clone(),
+            listeners: listeners.clone(),
+            store: store.clone(),
+            secrets: secrets.clone(),
+            xds: xds_status.clone(),
+        },
         bootstrap.stats_flush_interval,
     );
-    let xds_status = Arc::new(crate::xds::Status::default());
     if let Some(admin) = &bootstrap.admin {
         let listener = tokio::net::TcpListener::bind(admin.address)
             .await

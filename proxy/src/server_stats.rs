@@ -2,7 +2,9 @@
 //! `server.memory_allocated|memory_heap_size|memory_physical_size`,
 //! `server.total_connections`, `server.parent_connections`,
 //! `server.days_until_first_cert_expiring`, and the `server.initialization_time_ms`
-//! histogram. Envoy refreshes them at each stats flush; so does Remora (every
+//! histogram; and the cluster and listener managers' counts of what is active, warming and
+//! draining (`cluster_manager.active_clusters|warming_clusters`,
+//! `listener_manager.total_listeners_active|warming|draining`). Envoy refreshes them at each stats flush; so does Remora (every
 //! `stats_flush_interval`, 5 s by default, or with `stats_flush_on_admin` at each read), and
 //! also whenever the admin reads the stats, so a scrape never shows figures older than its
 //! own read. Once a certificate is found, they are read at most once a minute: the figure
@@ -26,19 +28,31 @@ const NO_CERTIFICATE: u64 = u32::MAX as u64;
 /// each stats read would cost more than the figure is worth.
 const CERTIFICATES_READ_EVERY: Duration = Duration::from_secs(60);
 
+/// What the gauges are read from.
+#[derive(Debug)]
+pub struct Sources {
+    pub lifecycle: Arc<Lifecycle>,
+    pub listeners: Arc<ListenerManager>,
+    pub store: Arc<Store>,
+    pub secrets: Arc<Secrets>,
+    pub xds: Arc<crate::xds::Status>,
+}
+
 /// The gauges, and what they are read from.
 #[derive(Debug)]
 pub struct ServerStats {
-    lifecycle: Arc<Lifecycle>,
-    listeners: Arc<ListenerManager>,
-    store: Arc<Store>,
-    secrets: Arc<Secrets>,
+    sources: Sources,
     uptime: Arc<Stat>,
     memory_allocated: Arc<Stat>,
     memory_heap_size: Arc<Stat>,
     memory_physical_size: Arc<Stat>,
     total_connections: Arc<Stat>,
     days_until_first_cert_expiring: Arc<Stat>,
+    active_clusters: Arc<Stat>,
+    warming_clusters: Arc<Stat>,
+    listeners_active: Arc<Stat>,
+    listeners_warming: Arc<Stat>,
+    listeners_draining: Arc<Stat>,
     /// When the certificates were last read.
     certificates_read: Mutex<Option<Instant>>,
 }
@@ -49,28 +63,25 @@ impl ServerStats {
     pub fn start(
         registry: &Registry,
         concurrency: usize,
-        (lifecycle, listeners, store, secrets): (
-            &Arc<Lifecycle>,
-            &Arc<ListenerManager>,
-            &Arc<Store>,
-            &Arc<Secrets>,
-        ),
+        sources: Sources,
         interval: Option<Duration>,
     ) -> Arc<ServerStats> {
         registry.gauge("server.concurrency").set(concurrency as u64);
         // Remora has no hot restart: no parent, and never a connection of one.
         registry.gauge("server.parent_connections").set(0);
         let stats = Arc::new(ServerStats {
-            lifecycle: lifecycle.clone(),
-            listeners: listeners.clone(),
-            store: store.clone(),
-            secrets: secrets.clone(),
+            sources,
             uptime: registry.gauge("server.uptime"),
             memory_allocated: registry.gauge("server.memory_allocated"),
             memory_heap_size: registry.gauge("server.memory_heap_size"),
             memory_physical_size: registry.gauge("server.memory_physical_size"),
             total_connections: registry.gauge("server.total_connections"),
             days_until_first_cert_expiring: registry.gauge("server.days_until_first_cert_expiring"),
+            active_clusters: registry.gauge("cluster_manager.active_clusters"),
+            warming_clusters: registry.gauge("cluster_manager.warming_clusters"),
+            listeners_active: registry.gauge("listener_manager.total_listeners_active"),
+            listeners_warming: registry.gauge("listener_manager.total_listeners_warming"),
+            listeners_draining: registry.gauge("listener_manager.total_listeners_draining"),
             certificates_read: Mutex::new(None),
         });
         stats.refresh();
@@ -94,13 +105,23 @@ impl ServerStats {
 
     /// Reads every figure again.
     pub fn refresh(&self) {
-        self.uptime.set(self.lifecycle.started.elapsed().as_secs());
+        self.uptime
+            .set(self.sources.lifecycle.started.elapsed().as_secs());
         let memory = crate::memory::usage();
         self.memory_allocated.set(memory.allocated);
         self.memory_heap_size.set(memory.heap_size);
         self.memory_physical_size.set(memory.physical);
         self.total_connections
-            .set(self.listeners.open_connections());
+            .set(self.sources.listeners.open_connections());
+        self.active_clusters
+            .set(self.sources.store.load().clusters.len() as u64);
+        let xds = self.sources.xds.snapshot();
+        self.warming_clusters.set(xds.warming_clusters.len() as u64);
+        self.listeners_warming.set(xds.warming_listeners as u64);
+        self.listeners_active
+            .set(self.sources.listeners.list().len() as u64);
+        self.listeners_draining
+            .set(self.sources.listeners.draining_count() as u64);
         {
             let mut read = self
                 .certificates_read
@@ -121,7 +142,11 @@ impl ServerStats {
     /// Over every TLS context's certificates, each parsed once however many contexts share it
     /// (in a mesh, one workload certificate serves every cluster).
     fn days_until_first_expiry(&self) -> u64 {
-        let contexts = tls_contexts(&self.listeners, &self.store, &self.secrets);
+        let contexts = tls_contexts(
+            &self.sources.listeners,
+            &self.sources.store,
+            &self.sources.secrets,
+        );
         let unique: HashSet<&[u8]> = contexts
             .iter()
             .flat_map(|context| context.ca.iter().chain(&context.chain))

@@ -1532,3 +1532,198 @@ fn ads_over_a_pipe_as_istio_writes_it() {
     assert!(!out.status.success());
     assert!(text.contains("cluster \"agent\" is a pipe"), "{text}");
 }
+
+/// The xDS stats Envoy keeps and Remora compares with it: each subscription's counters and
+/// version, the stream's state, and the managers' counts.
+fn xds_stats(admin: SocketAddr) -> std::collections::BTreeMap<String, u64> {
+    const SUBSCRIPTIONS: [&str; 4] = [
+        "cluster_manager.cds.",
+        "listener_manager.lds.",
+        "http.ingress.rds.routes.",
+        "cluster.svc.",
+    ];
+    const COUNTERS: [&str; 9] = [
+        "update_attempt",
+        "update_success",
+        "update_rejected",
+        "update_failure",
+        "update_no_rebuild",
+        "init_fetch_timeout",
+        "config_reload",
+        "version",
+        "update_time",
+    ];
+    const OTHERS: [&str; 8] = [
+        "control_plane.connected_state",
+        "control_plane.pending_requests",
+        "control_plane.rate_limit_enforced",
+        "cluster_manager.active_clusters",
+        "cluster_manager.warming_clusters",
+        "listener_manager.total_listeners_active",
+        "listener_manager.total_listeners_warming",
+        "listener_manager.total_listeners_draining",
+    ];
+    let (_, _, text) = http_get(admin, "/stats").expect("/stats");
+    text.lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(": ")?;
+            let kept = OTHERS.contains(&name)
+                || SUBSCRIPTIONS.iter().any(|prefix| {
+                    name.strip_prefix(prefix)
+                        .is_some_and(|stat| COUNTERS.contains(&stat))
+                });
+            Some((name.to_string(), value.parse().ok()?)).filter(|_| kept)
+        })
+        .collect()
+}
+
+/// Waits until the proxy took the server's current version of `types` (every type's, over
+/// state-of-the-world, where each change sends them all), as its version gauges show: the
+/// stats are settled then. `nacked`'s stays at the version before.
+fn settle(
+    ads: &AdsServer,
+    admin: SocketAddr,
+    api_type: &str,
+    types: &[&str],
+    nacked: Option<&str>,
+) {
+    const ALL: [&str; 4] = [
+        CLUSTER,
+        CLUSTER_LOAD_ASSIGNMENT,
+        LISTENER,
+        ROUTE_CONFIGURATION,
+    ];
+    let gauge = |type_url: &str| match type_url {
+        CLUSTER => "cluster_manager.cds.version",
+        LISTENER => "listener_manager.lds.version",
+        CLUSTER_LOAD_ASSIGNMENT => "cluster.svc.version",
+        _ => "http.ingress.rds.routes.version",
+    };
+    let types = if api_type == "GRPC" { &ALL[..] } else { types };
+    let version = xxhash_rust::xxh64::xxh64(ads.version().as_bytes(), 0);
+    wait_for(
+        &format!("version {} of {types:?}", ads.version()),
+        Duration::from_secs(20),
+        || {
+            let stats = xds_stats(admin);
+            types
+                .iter()
+                .filter(|t| Some(**t) != nacked)
+                .all(|t| stats.get(gauge(t)) == Some(&version))
+                .then_some(())
+        },
+    );
+}
+
+/// One run of the stats scenario: the usual mesh, a NACKed cluster, an added cluster, new
+/// endpoints and routes, then a dropped stream and the new one's updates. Returns the stats
+/// after each step, timestamps checked and then left out (they differ between runs).
+fn xds_stats_scenario(
+    under: Under,
+    api_type: &str,
+) -> Vec<std::collections::BTreeMap<String, u64>> {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let a = EchoServer::start("a", "127.0.0.1");
+    let SvcMesh {
+        ads,
+        port,
+        admin,
+        proxy: _proxy,
+    } = start_svc(under, api_type, a.addr, "ingress");
+    let addr = loopback(port);
+    wait_for("traffic", Duration::from_secs(20), || {
+        get_upstream(addr, "/x")
+    });
+    let all = [
+        CLUSTER,
+        CLUSTER_LOAD_ASSIGNMENT,
+        LISTENER,
+        ROUTE_CONFIGURATION,
+    ];
+    settle(&ads, admin, api_type, &all, None);
+    let mut steps = Vec::new();
+    let step = |steps: &mut Vec<_>| {
+        let mut stats = xds_stats(admin);
+        let now = started + 600_000;
+        for (name, value) in stats.iter().filter(|(n, _)| n.ends_with("_time")) {
+            assert!(
+                (started..now).contains(value),
+                "{under:?}: {name} {value} is not a time since the test began"
+            );
+        }
+        stats.retain(|name, _| !name.ends_with("_time"));
+        steps.push(stats);
+    };
+    step(&mut steps);
+    let bad =
+        ads::cluster("name: bad\ntype: STATIC\nconnect_timeout: 1s\nlb_policy: CLUSTER_PROVIDED\n");
+    ads.set(CLUSTER, vec![eds_cluster("svc", "5s"), bad]);
+    ads.wait_nack("bad");
+    settle(&ads, admin, api_type, &[], Some(CLUSTER));
+    step(&mut steps);
+    let second = ads::cluster("name: second\ntype: STATIC\nconnect_timeout: 1s\n");
+    ads.set(CLUSTER, vec![eds_cluster("svc", "5s"), second]);
+    settle(&ads, admin, api_type, &[CLUSTER], None);
+    ads.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        vec![endpoints_for("svc", &[a.addr, loopback(free_port())])],
+    );
+    settle(&ads, admin, api_type, &[CLUSTER_LOAD_ASSIGNMENT], None);
+    ads.set(
+        ROUTE_CONFIGURATION,
+        vec![route_config("routes", "svc", Some("/r"))],
+    );
+    settle(&ads, admin, api_type, &[ROUTE_CONFIGURATION], None);
+    step(&mut steps);
+    // The stream drops: every subscription counts a failure. A new version on the new stream
+    // then shows when it has settled.
+    let streams = ads.streams();
+    ads.disconnect_streams();
+    wait_for("a new stream", Duration::from_secs(30), || {
+        (ads.streams() > streams
+            && xds_stats(admin).get("control_plane.connected_state") == Some(&1))
+        .then_some(())
+    });
+    ads.set(
+        ROUTE_CONFIGURATION,
+        vec![route_config("routes", "svc", Some("/s"))],
+    );
+    settle(&ads, admin, api_type, &[ROUTE_CONFIGURATION], None);
+    step(&mut steps);
+    steps
+}
+
+#[test]
+fn xds_stats_count_updates_nacks_and_failures_as_envoy_does() {
+    for api_type in ["GRPC", "DELTA_GRPC"] {
+        let remora = xds_stats_scenario(Under::Remora, api_type);
+        // Counted by hand from the scenario, so the test means something without Envoy too.
+        let first = &remora[0];
+        assert_eq!(first["cluster_manager.cds.update_attempt"], 2, "{first:?}");
+        assert_eq!(first["cluster_manager.cds.update_success"], 1);
+        assert_eq!(first["control_plane.connected_state"], 1);
+        assert_eq!(
+            first["cluster_manager.cds.version"],
+            xxhash_rust::xxh64::xxh64(b"4", 0),
+            "the version string's xxHash64"
+        );
+        assert_eq!(remora[1]["cluster_manager.cds.update_rejected"], 1);
+        assert_eq!(
+            remora[2]["cluster_manager.active_clusters"], 3,
+            "{:?}",
+            remora[2]
+        );
+        assert!(remora[3]["cluster_manager.cds.update_failure"] >= 1);
+        if !envoy::available_or_skip("xds stats under envoy") {
+            continue;
+        }
+        let envoy = xds_stats_scenario(Under::Envoy, api_type);
+        assert_eq!(envoy.len(), remora.len(), "every step ran under Envoy too");
+        for (step, (remora, envoy)) in remora.iter().zip(&envoy).enumerate() {
+            assert_eq!(remora, envoy, "{api_type}, step {step}: Remora, then Envoy");
+        }
+    }
+}

@@ -411,9 +411,16 @@ stat_block! {
             /// Picks made from all hosts because too few were healthy (panic).
             lb_healthy_panic: Counter,
             /// DNS clusters: resolution rounds, and those whose lookups all succeeded or not.
+            /// EDS clusters: their subscription's updates (`xds::stats`).
             update_attempt: Counter,
             update_success: Counter,
             update_failure: Counter,
+            /// EDS updates that changed nothing, and updates with no assignment (Remora counts
+            /// only responses carrying the cluster's assignment, so the latter stays 0).
+            update_no_rebuild: Counter,
+            update_empty: Counter,
+            /// xxHash64 of the last accepted EDS version.
+            version: Gauge,
         }
         histograms {
             /// Upstream request start to the end of the response (ms).

@@ -62,6 +62,23 @@ pub struct Applier {
     /// Clusters made ready while applying one response, put in the store together: each
     /// store change copies the snapshot, so one per cluster made a large CDS update quadratic.
     ready: Vec<Arc<Cluster>>,
+    /// What the last response did, for the xDS stats.
+    pub outcome: Outcome,
+}
+
+/// What applying one response did, by resource name.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// New or changed, and applied.
+    pub changed: Vec<String>,
+    /// The same as already applied.
+    pub unchanged: Vec<String>,
+    /// Removed from the desired set.
+    pub removed: Vec<String>,
+    /// Did not convert (NACKed).
+    pub failed: Vec<String>,
+    /// Clusters made from this response that get their endpoints over EDS.
+    pub eds_clusters: Vec<Arc<Cluster>>,
 }
 
 fn digest(any: &Any) -> u64 {
@@ -96,11 +113,13 @@ impl Applier {
             endpoints: BTreeMap::new(),
             warming,
             ready: Vec::new(),
+            outcome: Outcome::default(),
         }
     }
 
     /// Merges a received update and applies its type; returns the NACK messages.
     pub fn receive(&mut self, received: &Received) -> Vec<String> {
+        self.outcome = Outcome::default();
         if !received.errors.is_empty() {
             return received.errors.clone();
         }
@@ -176,6 +195,7 @@ impl Applier {
         for (name, (_, any)) in &desired {
             let hash = digest(any);
             if applied.get(name) == Some(&hash) {
+                self.outcome.unchanged.push(name.clone());
                 continue;
             }
             let result = match type_url {
@@ -195,6 +215,7 @@ impl Applier {
                     let message = format!("{} {name}: {message}", short(type_url));
                     self.record_error(type_url, name, &message);
                     errors.push(message);
+                    self.outcome.failed.push(name.clone());
                 }
             }
         }
@@ -210,6 +231,8 @@ impl Applier {
         if !changed.is_empty() || !removed.is_empty() {
             tracing::info!(type_url, changed = ?changed, removed = ?removed, "xDS: applied");
         }
+        self.outcome.changed = changed;
+        self.outcome.removed = removed;
         errors
     }
 
@@ -267,6 +290,7 @@ impl Applier {
                 service_name,
                 source,
             } => {
+                self.outcome.eds_clusters.push(cluster.clone());
                 if let Some(assignment) = self.endpoints.get(service_name) {
                     cluster.set_assignment(assignment);
                 }
@@ -510,7 +534,11 @@ impl Applier {
             .clusters()
             .map(|c| c.config.raw.clone())
             .collect();
-        self.context.status.update(|s| s.warming_clusters = warming);
+        let listeners = self.warming.listeners().count();
+        self.context.status.update(|s| {
+            s.warming_clusters = warming;
+            s.warming_listeners = listeners;
+        });
     }
 
     /// A warming deadline passed: the cluster or listener goes live without what it waited for.
@@ -542,6 +570,7 @@ impl Applier {
                         tracing::warn!(listener = %name, secrets = ?missing, "xDS: routes or secrets did not arrive in time; starting the listener without them (its TLS handshakes fail until the secrets arrive)");
                     }
                     self.start_listener(listener);
+                    self.publish_warming();
                 }
             }
             Deadline::ClusterChecked { name, digest } => {

@@ -19,6 +19,7 @@ mod csr;
 mod delta;
 pub mod sds;
 mod sotw;
+mod stats;
 mod status;
 mod subscriptions;
 mod transport;
@@ -44,7 +45,7 @@ pub use status::{Status, StatusSnapshot};
 
 use self::apply::Applier;
 use self::warming::{Deadline, Warming};
-use crate::config::{AdsFlavor, DynamicResources};
+use crate::config::{AdsFlavor, DiscoveryType, DynamicResources};
 use crate::lifecycle::{InitPart, Lifecycle};
 use crate::listener::ListenerManager;
 use crate::stats::Registry;
@@ -265,6 +266,7 @@ impl Variant for delta::Delta {
 struct Client<V: Variant> {
     protocol: V,
     applier: Applier,
+    stats: stats::XdsStats,
     deadlines: mpsc::UnboundedReceiver<Deadline>,
     /// Wildcard types whose first response (or initial fetch timeout) is in.
     initial_done: BTreeSet<&'static str>,
@@ -278,8 +280,21 @@ type Sink<'a, V> = Option<&'a mpsc::Sender<<V as Variant>::Request>>;
 impl<V: Variant> Client<V> {
     fn new(context: XdsContext, protocol: V) -> Self {
         let (deadline_tx, deadlines) = mpsc::unbounded_channel();
+        let mut stats = stats::XdsStats::new(
+            &context.registry,
+            context.config.flavor == AdsFlavor::Delta,
+            context.config.cds.is_some(),
+            context.config.lds.is_some(),
+        );
+        // Static EDS clusters subscribe now, as those from CDS do when they are made.
+        for cluster in context.store.load().clusters.values() {
+            if matches!(cluster.config.discovery, DiscoveryType::Eds { .. }) {
+                stats.subscribe_endpoints(cluster.name(), cluster.stats.clone());
+            }
+        }
         Client {
             protocol,
+            stats,
             applier: Applier::new(context, Warming::new(deadline_tx)),
             deadlines,
             initial_done: BTreeSet::new(),
@@ -327,6 +342,10 @@ impl<V: Variant> Client<V> {
                 }
             };
             self.context().status.update(|s| s.connected = false);
+            self.stats.set_connected(false);
+            for subscription in self.stats.all() {
+                subscription.failed();
+            }
             if got_response {
                 backoff.reset();
             }
@@ -369,6 +388,7 @@ impl<V: Variant> Client<V> {
         };
         tracing::info!("xDS: ADS stream ({}) established", V::NAME);
         self.context().status.update(|s| s.connected = true);
+        self.stats.set_connected(true);
         let mut got_response = false;
         loop {
             tokio::select! {
@@ -394,6 +414,7 @@ impl<V: Variant> Client<V> {
     /// Applies a response, answers it (ACK or NACK), then updates subscriptions.
     async fn on_received(&mut self, received: Received, sink: Sink<'_, V>) {
         let errors = self.applier.receive(&received);
+        self.count(&received, !errors.is_empty());
         if errors.is_empty() {
             let version = received.version.clone();
             self.context().status.update(|s| {
@@ -414,6 +435,14 @@ impl<V: Variant> Client<V> {
     async fn on_deadline(&mut self, deadline: Deadline, sink: Sink<'_, V>) {
         if let Deadline::InitialFetch(type_url) = deadline {
             if self.initial_done.insert(type_url) {
+                let subscription = if type_url == CDS {
+                    &self.stats.cds
+                } else {
+                    &self.stats.lds
+                };
+                if let Some(subscription) = subscription {
+                    subscription.timed_out();
+                }
                 tracing::warn!(
                     type_url,
                     "xDS: initial fetch timed out; continuing without it"
@@ -426,12 +455,87 @@ impl<V: Variant> Client<V> {
         self.check_ready();
     }
 
+    /// Counts a response in the stats of the subscriptions it concerns: a wildcard type's, or
+    /// those whose resources it carries. A NACK is every one's rejection, as in Envoy.
+    fn count(&mut self, received: &Received, nacked: bool) {
+        let outcome = &self.applier.outcome;
+        let delta = self.stats.delta;
+        let count = |subscription: &stats::Subscription, changed: bool| {
+            if nacked {
+                subscription.rejected(delta);
+            } else {
+                subscription.accepted(&received.version, changed);
+            }
+        };
+        match received.type_url {
+            CDS | LDS => {
+                let changed = !outcome.changed.is_empty() || !outcome.removed.is_empty();
+                let subscription = if received.type_url == CDS {
+                    &self.stats.cds
+                } else {
+                    &self.stats.lds
+                };
+                if let Some(subscription) = subscription {
+                    count(subscription, changed);
+                }
+                if received.type_url == CDS {
+                    for name in &outcome.removed {
+                        self.stats.endpoints.remove(name);
+                    }
+                    for cluster in &outcome.eds_clusters {
+                        self.stats
+                            .subscribe_endpoints(cluster.name(), cluster.stats.clone());
+                    }
+                }
+            }
+            RDS => {
+                for resource in &received.upserts {
+                    if let Some(subscription) = self.stats.routes.get(&resource.name) {
+                        count(subscription, outcome.changed.contains(&resource.name));
+                    }
+                }
+            }
+            EDS => {
+                let snapshot = self.applier.context.store.load();
+                let clusters = snapshot
+                    .clusters
+                    .values()
+                    .chain(self.applier.warming.clusters());
+                for cluster in clusters {
+                    let DiscoveryType::Eds { service_name, .. } = &cluster.config.discovery else {
+                        continue;
+                    };
+                    let Some(subscription) = self.stats.endpoints.get(cluster.name()) else {
+                        continue;
+                    };
+                    if !received.upserts.iter().any(|r| &r.name == service_name) {
+                        continue;
+                    }
+                    let unchanged = outcome.unchanged.contains(service_name);
+                    count(subscription, !unchanged);
+                    if unchanged && !nacked {
+                        cluster.stats.update_no_rebuild.inc();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Tells the server about changed EDS and RDS subscriptions, and forgets what is no longer
     /// wanted.
     async fn resubscribe(&mut self, sink: Sink<'_, V>) {
         let wanted = subscriptions::wanted(&self.applier);
         if wanted == self.subscribed {
             return;
+        }
+        self.stats
+            .routes
+            .retain(|name, _| wanted.routes.contains(name));
+        for name in wanted.routes.difference(&self.subscribed.routes) {
+            if let Some(prefix) = subscriptions::route_stat_prefix(&self.applier, name) {
+                self.stats.subscribe_routes(name, &prefix);
+            }
         }
         for (type_url, names, before) in [
             (EDS, &wanted.endpoints, &self.subscribed.endpoints),

@@ -21,6 +21,8 @@ pub struct StatusSnapshot {
     /// Each active ClusterLoadAssignment as received, for `/config_dump`.
     pub endpoints: BTreeMap<String, RawConfig>,
     pub warming_clusters: Vec<RawConfig>,
+    /// Listeners waiting for their routes or secrets.
+    pub warming_listeners: usize,
     pub connected: bool,
 }
 

@@ -55,3 +55,17 @@ pub fn wanted(applier: &Applier) -> Wanted {
         secrets,
     }
 }
+
+/// The stat prefix of the first connection manager (of an active listener, else a warming one)
+/// that asks for route table `name`: its RDS stats go under `http.PREFIX.rds.NAME`, as the
+/// first one's do in Envoy, which shares one subscription among them.
+pub fn route_stat_prefix(applier: &Applier, name: &str) -> Option<String> {
+    let active = applier.context.listeners.list();
+    active
+        .iter()
+        .map(|l| &*l.config)
+        .chain(applier.warming.listeners().map(|l| &**l))
+        .flat_map(|listener| listener.connection_managers())
+        .find(|hcm| hcm.rds_name() == Some(name))
+        .map(|hcm| hcm.stat_prefix.clone())
+}

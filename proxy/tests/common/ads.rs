@@ -367,11 +367,13 @@ impl AggregatedDiscoveryService for Service {
                         let entry = state.entry(request.type_url.clone()).or_insert_with(|| (Vec::new(), String::new(), String::new()));
                         let names_changed = entry.0 != request.resource_names;
                         entry.0 = request.resource_names.clone();
-                        let is_reply = !request.response_nonce.is_empty() && request.response_nonce == entry.1;
+                        // An answer to an older response is stale, and ignored as the protocol
+                        // asks: answering it would start a resend ping-pong.
+                        let answered = !request.response_nonce.is_empty();
                         if request.error_detail.is_some() && !names_changed {
                             continue; // NACK: do not resend the same version
                         }
-                        if !is_reply || names_changed || request.response_nonce.is_empty() {
+                        if !answered || names_changed {
                             to_send.push(request.type_url.clone());
                         }
                     }
