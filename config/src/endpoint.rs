@@ -227,15 +227,14 @@ pub fn load_assignment(
             } = endpoint;
             let endpoint_path = field(&epath, "endpoint");
             unsupported!(&endpoint_path, additional_addresses);
-            let health_check_config = match health_check_config {
-                Some(config) => Some(endpoint_health_check(
-                    config,
-                    &field(&endpoint_path, "health_check_config"),
-                )?)
+            let health_check_config = health_check_config
+                .as_ref()
+                .map(|config| {
+                    endpoint_health_check(config, &field(&endpoint_path, "health_check_config"))
+                })
+                .transpose()?
                 .filter(|check| check != EndpointHealthCheck::none())
-                .map(Arc::new),
-                None => None,
-            };
+                .map(Arc::new);
             let address = endpoint_address(address, &field(&endpoint_path, "address"))?;
             if matches!(address, EndpointAddress::Dns { .. }) && !allow_dns {
                 return err(

@@ -458,6 +458,8 @@ impl<V: Variant> Client<V> {
     /// Counts a response in the stats of the subscriptions it concerns: a wildcard type's, or
     /// those whose resources it carries. A NACK is every one's rejection, as in Envoy.
     fn count(&mut self, received: &Received, nacked: bool) {
+        // Taken, so that the outcome holds no cluster until the next response.
+        let made = std::mem::take(&mut self.applier.outcome.eds_clusters);
         let outcome = &self.applier.outcome;
         let delta = self.stats.delta;
         let count = |subscription: &stats::Subscription, changed: bool| {
@@ -482,7 +484,7 @@ impl<V: Variant> Client<V> {
                     for name in &outcome.removed {
                         self.stats.endpoints.remove(name);
                     }
-                    for cluster in &outcome.eds_clusters {
+                    for cluster in &made {
                         self.stats
                             .subscribe_endpoints(cluster.name(), cluster.stats.clone());
                     }
