@@ -4,11 +4,11 @@
 //! `server.days_until_first_cert_expiring`, and the `server.initialization_time_ms`
 //! histogram; and the cluster and listener managers' counts of what is active, warming and
 //! draining (`cluster_manager.active_clusters|warming_clusters`,
-//! `listener_manager.total_listeners_active|warming|draining`). Envoy refreshes them at each stats flush; so does Remora (every
-//! `stats_flush_interval`, 5 s by default, or with `stats_flush_on_admin` at each read), and
-//! also whenever the admin reads the stats, so a scrape never shows figures older than its
-//! own read. Once a certificate is found, they are read at most once a minute: the figure
-//! counts days.
+//! `listener_manager.total_listeners_active|warming|draining`). Envoy refreshes them at each
+//! stats flush; so does Remora (every `stats_flush_interval`, 5 s by default, or with
+//! `stats_flush_on_admin` at each read), and also whenever the admin reads the stats, so a
+//! scrape never shows figures older than its own read. Once a certificate is found, the
+//! certificates are read at most once a minute: the figure counts days.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

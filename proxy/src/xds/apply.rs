@@ -75,8 +75,6 @@ pub struct Outcome {
     pub unchanged: Vec<String>,
     /// Removed from the desired set.
     pub removed: Vec<String>,
-    /// Did not convert (NACKed).
-    pub failed: Vec<String>,
     /// Clusters made from this response that get their endpoints over EDS.
     pub eds_clusters: Vec<Arc<Cluster>>,
 }
@@ -215,7 +213,6 @@ impl Applier {
                     let message = format!("{} {name}: {message}", short(type_url));
                     self.record_error(type_url, name, &message);
                     errors.push(message);
-                    self.outcome.failed.push(name.clone());
                 }
             }
         }
