@@ -1727,3 +1727,90 @@ fn xds_stats_count_updates_nacks_and_failures_as_envoy_does() {
         }
     }
 }
+
+/// An EDS cluster and an RDS route table the server never sends, each with a short
+/// `initial_fetch_timeout`: their subscriptions' stats once both timed out.
+fn late_subscriptions(under: Under, api_type: &str) -> std::collections::BTreeMap<String, u64> {
+    let a = EchoServer::start("a", "127.0.0.1");
+    let SvcMesh {
+        ads,
+        port,
+        admin,
+        proxy: _proxy,
+    } = start_svc(under, api_type, a.addr, "ingress");
+    wait_for("traffic", Duration::from_secs(20), || {
+        get_upstream(loopback(port), "/x")
+    });
+    ads.set(
+        CLUSTER,
+        vec![eds_cluster("svc", "5s"), eds_cluster("late", "0.5s")],
+    );
+    let mut late_listener = rds_listener("late", free_port(), "late", "late-routes");
+    let mut proto: xds_api::envoy::config::listener::v3::Listener =
+        prost::Message::decode(late_listener.value.as_slice()).expect("decode");
+    let hcm = &mut proto.filter_chains[0].filters[0];
+    let Some(xds_api::envoy::config::listener::v3::filter::ConfigType::TypedConfig(typed)) =
+        &mut hcm.config_type
+    else {
+        panic!("the listener's connection manager")
+    };
+    let mut manager: xds_api::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager =
+        prost::Message::decode(typed.value.as_slice()).expect("decode the connection manager");
+    use xds_api::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+    let Some(RouteSpecifier::Rds(rds)) = &mut manager.route_specifier else {
+        panic!("RDS")
+    };
+    if let Some(source) = &mut rds.config_source {
+        source.initial_fetch_timeout = Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 500_000_000,
+        });
+    }
+    typed.value = prost::Message::encode_to_vec(&manager);
+    late_listener.value = prost::Message::encode_to_vec(&proto);
+    ads.set(
+        LISTENER,
+        vec![
+            rds_listener("ingress", port, "ingress", "routes"),
+            late_listener,
+        ],
+    );
+    wait_for(
+        "both initial fetch timeouts",
+        Duration::from_secs(20),
+        || {
+            let stats = remora_tests::admin_stat(admin, "cluster.late.init_fetch_timeout").zip(
+                remora_tests::admin_stat(admin, "http.late.rds.late-routes.init_fetch_timeout"),
+            );
+            (stats == Some((1, 1))).then_some(())
+        },
+    );
+    let (_, _, text) = http_get(admin, "/stats").expect("/stats");
+    text.lines()
+        .filter(|line| {
+            line.starts_with("cluster.late.update_") && !line.contains("update_time")
+                || line.starts_with("cluster.late.init_fetch_timeout")
+                || line.starts_with("http.late.rds.late-routes.update_")
+                    && !line.contains("update_time")
+                || line.starts_with("http.late.rds.late-routes.init_fetch_timeout")
+        })
+        .filter_map(|line| {
+            let (name, value) = line.split_once(": ")?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn initial_fetch_timeouts_of_endpoints_and_routes_count_as_envoy_counts_them() {
+    for api_type in ["GRPC", "DELTA_GRPC"] {
+        let remora = late_subscriptions(Under::Remora, api_type);
+        assert_eq!(remora["cluster.late.init_fetch_timeout"], 1, "{remora:?}");
+        assert_eq!(remora["cluster.late.update_success"], 0, "{remora:?}");
+        if !envoy::available_or_skip("initial fetch timeouts under envoy") {
+            continue;
+        }
+        let envoy = late_subscriptions(Under::Envoy, api_type);
+        assert_eq!(remora, envoy, "{api_type}: Remora, then Envoy");
+    }
+}

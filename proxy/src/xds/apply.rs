@@ -539,10 +539,18 @@ impl Applier {
     }
 
     /// A warming deadline passed: the cluster or listener goes live without what it waited for.
-    pub fn expire(&mut self, deadline: &Deadline) {
+    /// Returns the subscriptions whose first response did not come in time: the cluster's
+    /// endpoints (EDS, by cluster name) or the listener's route tables (RDS).
+    pub fn expire(&mut self, deadline: &Deadline) -> Vec<(&'static str, String)> {
+        let mut timed_out = Vec::new();
         match deadline {
             Deadline::Cluster { name, digest } => {
                 if let Some(cluster) = self.warming.expired_cluster(name, *digest) {
+                    if matches!(cluster.config.discovery, DiscoveryType::Eds { .. })
+                        && !cluster.members.is_initialized()
+                    {
+                        timed_out.push((EDS, name.clone()));
+                    }
                     let missing = missing_secrets(
                         &self.context.secrets,
                         cluster.config.connect.sds_secrets(),
@@ -560,6 +568,13 @@ impl Applier {
             }
             Deadline::Listener { name, digest } => {
                 if let Some(listener) = self.warming.expired_listener(name, *digest) {
+                    let routes = self.context.store.load();
+                    timed_out.extend(
+                        route_names(&listener)
+                            .into_iter()
+                            .filter(|route| !routes.routes.contains_key(route))
+                            .map(|route| (RDS, route)),
+                    );
                     let missing = missing_secrets(&self.context.secrets, listener.sds_secrets());
                     if missing.is_empty() {
                         tracing::warn!(listener = %name, "xDS: routes did not arrive in time; starting the listener without them");
@@ -585,5 +600,6 @@ impl Applier {
             }
             Deadline::InitialFetch(_) => {}
         }
+        timed_out
     }
 }

@@ -449,7 +449,16 @@ impl<V: Variant> Client<V> {
                 );
             }
         } else {
-            self.applier.expire(&deadline);
+            for (type_url, name) in self.applier.expire(&deadline) {
+                let subscription = if type_url == EDS {
+                    self.stats.endpoints.get(&name)
+                } else {
+                    self.stats.routes.get(&name)
+                };
+                if let Some(subscription) = subscription {
+                    subscription.timed_out();
+                }
+            }
         }
         self.resubscribe(sink).await;
         self.check_ready();

@@ -182,6 +182,9 @@ impl XdsStats {
     pub fn subscribe_routes(&mut self, name: &str, stat_prefix: &str) {
         if !self.routes.contains_key(name) {
             let prefix = format!("http.{stat_prefix}.rds.{name}");
+            // Envoy's count of responses without the table; Remora counts only responses
+            // that carry it, so this stays 0.
+            self.registry.counter(format!("{prefix}.update_empty"));
             let subscription = Subscription::own(&self.registry, &prefix, true);
             self.routes.insert(name.to_string(), subscription);
         }
