@@ -228,6 +228,19 @@ fn start_svc_with(
     }
 }
 
+/// [`start_svc`] with `upstream` (the echo server named `name`) as the endpoint, once traffic
+/// through the listener reaches it.
+fn start_svc_serving(under: Under, api_type: &str, upstream: &EchoServer, name: &str) -> SvcMesh {
+    let mesh = start_svc(under, api_type, upstream.addr, "ingress");
+    let addr = loopback(mesh.port);
+    wait_for(
+        &format!("traffic to {name}"),
+        Duration::from_secs(20),
+        || get_upstream(addr, "/x").filter(|(u, _)| u == name),
+    );
+    mesh
+}
+
 fn get_upstream(addr: SocketAddr, path: &str) -> Option<(String, String)> {
     let (status, _, body) = http_get(addr, path).ok()?;
     if status != 200 {
@@ -262,11 +275,8 @@ fn basic_flow(under: Under, api_type: &str) {
         port,
         admin,
         proxy: _proxy,
-    } = start_svc(under, api_type, a.addr, "ingress");
+    } = start_svc_serving(under, api_type, &a, "a");
     let addr = loopback(port);
-    wait_for("traffic to a", Duration::from_secs(20), || {
-        get_upstream(addr, "/x").filter(|(u, _)| u == "a")
-    });
 
     ads.set(
         CLUSTER_LOAD_ASSIGNMENT,
@@ -348,11 +358,8 @@ fn nack_names_resource_and_field_and_proxy_keeps_serving() {
             port,
             admin: _,
             proxy,
-        } = start_svc(Under::Remora, api_type, a.addr, "ingress");
+        } = start_svc_serving(Under::Remora, api_type, &a, "a");
         let addr = loopback(port);
-        wait_for("traffic", Duration::from_secs(20), || {
-            get_upstream(addr, "/x")
-        });
 
         let bad = ads::cluster(
             "name: bad\ntype: STATIC\nconnect_timeout: 1s\nlb_policy: CLUSTER_PROVIDED\n",
@@ -1133,11 +1140,8 @@ fn responses_of_unasked_types(under: Under, api_type: &str) -> Vec<ads::Recorded
         port,
         admin: _,
         proxy: _proxy,
-    } = start_svc(under, api_type, a.addr, "ingress");
+    } = start_svc_serving(under, api_type, &a, "a");
     let addr = loopback(port);
-    wait_for("traffic to a", Duration::from_secs(20), || {
-        get_upstream(addr, "/x").filter(|(u, _)| u == "a")
-    });
     for (i, type_url) in UNASKED_TYPES.iter().enumerate() {
         let resource = prost_types::Any {
             type_url: type_url.to_string(),
@@ -1629,14 +1633,10 @@ fn xds_stats_scenario(
     let a = EchoServer::start("a", "127.0.0.1");
     let SvcMesh {
         ads,
-        port,
         admin,
         proxy: _proxy,
-    } = start_svc(under, api_type, a.addr, "ingress");
-    let addr = loopback(port);
-    wait_for("traffic", Duration::from_secs(20), || {
-        get_upstream(addr, "/x")
-    });
+        ..
+    } = start_svc_serving(under, api_type, &a, "a");
     let all = [
         CLUSTER,
         CLUSTER_LOAD_ASSIGNMENT,
@@ -1737,10 +1737,7 @@ fn late_subscriptions(under: Under, api_type: &str) -> std::collections::BTreeMa
         port,
         admin,
         proxy: _proxy,
-    } = start_svc(under, api_type, a.addr, "ingress");
-    wait_for("traffic", Duration::from_secs(20), || {
-        get_upstream(loopback(port), "/x")
-    });
+    } = start_svc_serving(under, api_type, &a, "a");
     ads.set(
         CLUSTER,
         vec![eds_cluster("svc", "5s"), eds_cluster("late", "0.5s")],

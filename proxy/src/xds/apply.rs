@@ -70,9 +70,9 @@ pub struct Applier {
 #[derive(Debug, Default)]
 pub struct Outcome {
     /// New or changed, and applied.
-    pub changed: Vec<String>,
+    pub changed: std::collections::BTreeSet<String>,
     /// The same as already applied.
-    pub unchanged: Vec<String>,
+    pub unchanged: std::collections::BTreeSet<String>,
     /// Removed from the desired set.
     pub removed: Vec<String>,
     /// Clusters made from this response that get their endpoints over EDS.
@@ -193,7 +193,7 @@ impl Applier {
         for (name, (_, any)) in &desired {
             let hash = digest(any);
             if applied.get(name) == Some(&hash) {
-                self.outcome.unchanged.push(name.clone());
+                self.outcome.unchanged.insert(name.clone());
                 continue;
             }
             let result = match type_url {
@@ -228,7 +228,7 @@ impl Applier {
         if !changed.is_empty() || !removed.is_empty() {
             tracing::info!(type_url, changed = ?changed, removed = ?removed, "xDS: applied");
         }
-        self.outcome.changed = changed;
+        self.outcome.changed = changed.into_iter().collect();
         self.outcome.removed = removed;
         errors
     }

@@ -507,6 +507,8 @@ impl<V: Variant> Client<V> {
                 }
             }
             EDS => {
+                let carried: std::collections::HashSet<&str> =
+                    received.upserts.iter().map(|r| r.name.as_str()).collect();
                 let snapshot = self.applier.context.store.load();
                 let clusters = snapshot
                     .clusters
@@ -519,7 +521,7 @@ impl<V: Variant> Client<V> {
                     let Some(subscription) = self.stats.endpoints.get(cluster.name()) else {
                         continue;
                     };
-                    if !received.upserts.iter().any(|r| &r.name == service_name) {
+                    if !carried.contains(service_name.as_str()) {
                         continue;
                     }
                     let unchanged = outcome.unchanged.contains(service_name);
