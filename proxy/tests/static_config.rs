@@ -2276,6 +2276,117 @@ fn priority_load_split_degraded_and_panic_match_envoy() {
     check("envoy", &envoy);
 }
 
+/// The connection manager's counts by protocol, of completed responses and of closed
+/// connections: two HTTP/1.1 requests on one connection (one a 503), two HTTP/2 requests on
+/// another, one request on a third, under Envoy as under Remora.
+#[test]
+fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ing", port, "", &catch_all("app", "5s"))],
+        &[static_cluster("app", &[echo.addr])],
+    );
+    let (_dir, file) = write_config(&yaml);
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-o",
+                "/dev/null",
+            ])
+            .args(["-w", "%{http_code} "])
+            .args(args)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let names = "^http\\.ing\\.downstream_(rq_(total|active|completed|http[12]_total|[1-5]xx)\
+                 |cx_(total|active|destroy|http[12]_(total|active)))$";
+    let query: String = names
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(|b| match b.is_ascii_alphanumeric() || b == b'_' {
+            true => (b as char).to_string(),
+            false => format!("%{b:02X}"),
+        })
+        .collect();
+    let run = || {
+        assert_eq!(curl(&[&url("/ok"), &url("/status/503")]), "200 503 ");
+        // Two streams on one HTTP/2 connection (curl 7.88 fails the second on reuse), closed
+        // when the runtime that drives it is dropped.
+        let (runtime, mut sender) = h2_client(loopback(port));
+        runtime.block_on(async {
+            use http_body_util::BodyExt;
+            for _ in 0..2 {
+                let request = http::Request::get(url("/ok"))
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("request");
+                let response = sender.send_request(request).await.expect("h2 response");
+                assert_eq!(response.status(), 200);
+                response.into_body().collect().await.expect("h2 body");
+            }
+        });
+        assert_eq!(
+            remora_tests::admin_stat(admin, "http.ing.downstream_cx_http2_active"),
+            Some(1),
+            "while the HTTP/2 connection is open"
+        );
+        drop((sender, runtime));
+        assert_eq!(http_get(loopback(port), "/ok").expect("request").0, 200);
+        wait_for("every connection closed", Duration::from_secs(15), || {
+            let (_, _, body) = http_get(admin, &format!("/stats?filter={query}")).ok()?;
+            let mut stats: std::collections::BTreeMap<String, u64> = body
+                .lines()
+                .filter_map(|line| {
+                    let (name, value) = line.split_once(": ")?;
+                    Some((
+                        name.strip_prefix("http.ing.")?.to_string(),
+                        value.parse().ok()?,
+                    ))
+                })
+                .collect();
+            // The harness's readiness probe is a connection too, so the totals are not fixed:
+            // every one of them, and at least the three with requests, has closed.
+            let total = stats.remove("downstream_cx_total")?;
+            let destroyed = stats.remove("downstream_cx_destroy")?;
+            (total >= 3 && destroyed == total && stats.get("downstream_cx_active") == Some(&0))
+                .then_some(stats)
+        })
+    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
+    let expected = [
+        ("downstream_cx_active", 0),
+        ("downstream_cx_http1_active", 0),
+        ("downstream_cx_http1_total", 2),
+        ("downstream_cx_http2_active", 0),
+        ("downstream_cx_http2_total", 1),
+        ("downstream_rq_1xx", 0),
+        ("downstream_rq_2xx", 4),
+        ("downstream_rq_3xx", 0),
+        ("downstream_rq_4xx", 0),
+        ("downstream_rq_5xx", 1),
+        ("downstream_rq_active", 0),
+        ("downstream_rq_completed", 5),
+        ("downstream_rq_http1_total", 3),
+        ("downstream_rq_http2_total", 2),
+        ("downstream_rq_total", 5),
+    ]
+    .map(|(name, value)| (name.to_string(), value))
+    .into();
+    assert_eq!(remora, expected);
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "Envoy, then Remora");
+    }
+}
+
 /// The router's dynamic stats (on unless `dynamic_stats: false`): each cluster's
 /// `upstream_rq_completed`, `upstream_rq_<N>xx`, `upstream_rq_<code>` and `upstream_rq_time`,
 /// plain and under `external.` or, for an internal client, `internal.`; none of them with the

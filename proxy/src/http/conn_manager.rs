@@ -74,6 +74,8 @@ struct Connection {
     filter_state: ConnectionState,
     /// Timers of finished requests, kept for the next ones.
     sleeps: Arc<SpareSleeps>,
+    /// Holds up `downstream_cx_http1_active` or `_http2_active` from the first request on.
+    protocol_active: std::sync::OnceLock<GaugeGuard>,
 }
 
 /// Polls `future` outside tokio's budget: a poll that must leave the task's waker behind
@@ -121,6 +123,7 @@ where
         refusals: Arc::default(),
         filter_state,
         sleeps: Arc::default(),
+        protocol_active: std::sync::OnceLock::new(),
     });
     let rules = Rules {
         max_head_bytes: hcm.max_request_headers_kb as usize * 1024,
@@ -265,6 +268,7 @@ where
             }
         }
     }
+    stats.downstream_cx_destroy.inc();
     stats
         .downstream_cx_length_ms
         .record_duration(opened.elapsed());
@@ -407,13 +411,33 @@ async fn handle(
     let downstream_version = request.version();
     // A head the codec guard refused reaches here as a stand-in; its refusal is the answer.
     let refused = connection.refusals.take(index);
-    if request.version() == Version::HTTP_2 {
+    let http2 = downstream_version == Version::HTTP_2;
+    if http2 {
         connection.http2.store(true, Ordering::Relaxed);
     }
     let manager = &connection.manager;
     let hcm = &manager.config;
     let stats = &manager.stats;
     stats.downstream_rq_total.inc();
+    let (rq_total, cx_total, cx_active) = if http2 {
+        (
+            &stats.downstream_rq_http2_total,
+            &stats.downstream_cx_http2_total,
+            &stats.downstream_cx_http2_active,
+        )
+    } else {
+        (
+            &stats.downstream_rq_http1_total,
+            &stats.downstream_cx_http1_total,
+            &stats.downstream_cx_http1_active,
+        )
+    };
+    rq_total.inc();
+    // The codec is known from the first request (Envoy counts it when it makes the codec).
+    if index == 0 {
+        cx_total.inc();
+        let _ = connection.protocol_active.set(GaugeGuard::new(cx_active));
+    }
     let active = GaugeGuard::new(&stats.downstream_rq_active);
     let in_flight = GaugeGuard::new(&connection.in_flight);
     let mut log = (!manager.logs.is_empty()).then(|| {

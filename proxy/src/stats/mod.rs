@@ -606,8 +606,20 @@ pub struct HttpStats {
     pub downstream_rq_3xx: Arc<Stat>,
     pub downstream_rq_4xx: Arc<Stat>,
     pub downstream_rq_5xx: Arc<Stat>,
+    /// Responses begun, counted with their class (Envoy's `downstream_rq_completed`).
+    pub downstream_rq_completed: Arc<Stat>,
+    /// Requests by the protocol the client spoke (HTTP/1.0 counts as HTTP/1).
+    pub downstream_rq_http1_total: Arc<Stat>,
+    pub downstream_rq_http2_total: Arc<Stat>,
     pub downstream_cx_total: Arc<Stat>,
     pub downstream_cx_active: Arc<Stat>,
+    /// Connections by protocol, counted at their first request.
+    pub downstream_cx_http1_total: Arc<Stat>,
+    pub downstream_cx_http2_total: Arc<Stat>,
+    pub downstream_cx_http1_active: Arc<Stat>,
+    pub downstream_cx_http2_active: Arc<Stat>,
+    /// Connections closed, by either side.
+    pub downstream_cx_destroy: Arc<Stat>,
     pub downstream_rq_timeout: Arc<Stat>,
     pub downstream_rq_idle_timeout: Arc<Stat>,
     pub downstream_rq_max_duration_reached: Arc<Stat>,
@@ -642,8 +654,16 @@ impl HttpStats {
             downstream_rq_3xx: c("downstream_rq_3xx"),
             downstream_rq_4xx: c("downstream_rq_4xx"),
             downstream_rq_5xx: c("downstream_rq_5xx"),
+            downstream_rq_completed: c("downstream_rq_completed"),
+            downstream_rq_http1_total: c("downstream_rq_http1_total"),
+            downstream_rq_http2_total: c("downstream_rq_http2_total"),
             downstream_cx_total: c("downstream_cx_total"),
             downstream_cx_active: g("downstream_cx_active"),
+            downstream_cx_http1_total: c("downstream_cx_http1_total"),
+            downstream_cx_http2_total: c("downstream_cx_http2_total"),
+            downstream_cx_http1_active: g("downstream_cx_http1_active"),
+            downstream_cx_http2_active: g("downstream_cx_http2_active"),
+            downstream_cx_destroy: c("downstream_cx_destroy"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
             downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
@@ -663,7 +683,9 @@ impl HttpStats {
         }
     }
 
+    /// Counts a response as begun, and its class.
     pub fn response(&self, status: u16) {
+        self.downstream_rq_completed.inc();
         match status {
             100..=199 => self.downstream_rq_1xx.inc(),
             200..=299 => self.downstream_rq_2xx.inc(),
