@@ -330,8 +330,9 @@ fn remora_then_envoy<T>(
 
 /// `max_requests_per_connection` (in the protocol options, or the cluster's deprecated field)
 /// closes an upstream connection after that many requests, HTTP/1.1 and HTTP/2 alike: five
-/// requests at two per connection open three connections and close two at the bound
-/// (`upstream_cx_max_requests`), under Envoy as under Remora.
+/// requests at two per connection open three connections of the cluster's protocol
+/// (`upstream_cx_http1_total` or `_http2_total`) and close two at the bound
+/// (`upstream_cx_max_requests`, `upstream_cx_destroy`), under Envoy as under Remora.
 #[test]
 fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
     let echo = EchoServer::start("e", "127.0.0.1");
@@ -389,12 +390,24 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
             };
             // The connection closed at the fifth request's bound may be counted just after.
             wait_for("closes counted", Duration::from_secs(10), || {
-                (stat("upstream_cx_max_requests") == 2).then_some(())
+                (stat("upstream_cx_max_requests") == 2 && stat("upstream_cx_destroy") == 2)
+                    .then_some(())
             });
-            (stat("upstream_cx_total"), stat("upstream_cx_max_requests"))
+            [
+                "upstream_cx_total",
+                "upstream_cx_max_requests",
+                "upstream_cx_destroy",
+                "upstream_cx_http1_total",
+                "upstream_cx_http2_total",
+            ]
+            .map(stat)
         };
         let (remora, envoy) = remora_then_envoy(&file, admin, port, &["--concurrency", "1"], run);
-        assert_eq!(remora, (3, 2), "{case}");
+        let by_protocol = match case {
+            "http2" => [0, 3],
+            _ => [3, 0],
+        };
+        assert_eq!(remora, [3, 2, 2, by_protocol[0], by_protocol[1]], "{case}");
         if let Some(envoy) = envoy {
             assert_eq!(envoy, remora, "{case}: envoy, remora");
         }

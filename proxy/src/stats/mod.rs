@@ -394,6 +394,11 @@ stat_block! {
             upstream_rq_pending_overflow: Counter,
             upstream_cx_total: Counter,
             upstream_cx_active: Gauge,
+            /// Connections ended, failed connects included (Envoy's `upstream_cx_destroy`).
+            upstream_cx_destroy: Counter,
+            /// HTTP connections by protocol, counted when the pool starts one.
+            upstream_cx_http1_total: Counter,
+            upstream_cx_http2_total: Counter,
             upstream_cx_connect_fail: Counter,
             upstream_cx_overflow: Counter,
             upstream_cx_idle_timeout: Counter,

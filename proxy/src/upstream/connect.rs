@@ -321,8 +321,8 @@ pub fn set_keepalive(
 }
 
 /// A connection in the cluster's and its host's `cx_total` and `cx_active` from its first
-/// attempt, holding its connection slot; leaves `cx_active` when dropped, whether the connect
-/// failed, was given up on or the connection closed.
+/// attempt, holding its connection slot; leaves `cx_active` (and counts `upstream_cx_destroy`)
+/// when dropped, whether the connect failed, was given up on or the connection closed.
 #[derive(Debug)]
 struct Counted {
     stats: Arc<ClusterStats>,
@@ -350,6 +350,7 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.stats.upstream_cx_active.dec();
+        self.stats.upstream_cx_destroy.inc();
         self.host.stats.cx_active.dec();
         self.stats
             .upstream_cx_length_ms

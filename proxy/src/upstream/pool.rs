@@ -507,6 +507,7 @@ impl Dialer {
             Got::Slot(slot) => slot,
             Got::Idle(sender) => return Ok(sender),
         };
+        self.connector.stats.upstream_cx_http1_total.inc();
         let (io, local) = self.connect(host, slot).await?;
         let mut builder = http1::Builder::new();
         // As downstream: an explicit limit costs hyper a filled vector per response.
@@ -535,6 +536,7 @@ impl Dialer {
                     return Err(PoolError::connect("unexpected idle HTTP/1.1 connection"));
                 }
             };
+            self.connector.stats.upstream_cx_http2_total.inc();
             let (io, local) = self.connect(&host, slot).await?;
             let options = &self.http2;
             let mut builder = http2::Builder::new(TokioExecutor::new());
