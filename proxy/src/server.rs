@@ -170,6 +170,8 @@ async fn serve(
         cluster.start_background();
         clusters.push((config.name.clone(), cluster));
     }
+    let manager_stats = crate::stats::ManagerStats::new(&registry);
+    manager_stats.cluster_added.add(clusters.len() as u64);
     store.update(|snapshot| snapshot.clusters.extend(clusters));
     let channels = store.clone();
     let sinks = crate::stats::sink::start(
@@ -280,6 +282,7 @@ async fn serve(
         listeners
             .add_or_update(listener.clone())
             .with_context(|| format!("cannot start listener {}", listener.name))?;
+        manager_stats.listener_added.inc();
     }
     lifecycle.init_done(InitPart::Static);
 

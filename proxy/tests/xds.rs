@@ -1557,7 +1557,13 @@ fn xds_stats(admin: SocketAddr) -> std::collections::BTreeMap<String, u64> {
         "version",
         "update_time",
     ];
-    const OTHERS: [&str; 8] = [
+    const OTHERS: [&str; 14] = [
+        "cluster_manager.cluster_added",
+        "cluster_manager.cluster_modified",
+        "cluster_manager.cluster_removed",
+        "listener_manager.listener_added",
+        "listener_manager.listener_modified",
+        "listener_manager.listener_removed",
         "control_plane.connected_state",
         "control_plane.pending_requests",
         "control_plane.rate_limit_enforced",
@@ -1620,7 +1626,7 @@ fn settle(
 }
 
 /// One run of the stats scenario: the usual mesh, a NACKed cluster, an added cluster, new
-/// endpoints and routes, then a dropped stream and the new one's updates. Returns the stats
+/// endpoints and routes, a dropped stream and the new one's updates, then a removed cluster. Returns the stats
 /// after each step, timestamps checked and then left out (they differ between runs).
 fn xds_stats_scenario(
     under: Under,
@@ -1705,6 +1711,10 @@ fn xds_stats_scenario(
     );
     settle(&ads, admin, api_type, &[ROUTE_CONFIGURATION], None);
     step(&mut steps);
+    // A cluster removed.
+    ads.set(CLUSTER, vec![eds_cluster("svc", "5s")]);
+    settle(&ads, admin, api_type, &[CLUSTER], None);
+    step(&mut steps);
     steps
 }
 
@@ -1729,6 +1739,16 @@ fn xds_stats_count_updates_nacks_and_failures_as_envoy_does() {
             remora[2]
         );
         assert!(remora[3]["cluster_manager.cds.update_failure"] >= 1);
+        // The bootstrap's ADS cluster, `svc`, the rejected `bad` (Envoy counts a cluster
+        // before it builds it) and `second`; then `second` removed.
+        let managed = |step: &std::collections::BTreeMap<String, u64>| {
+            ["added", "modified", "removed"]
+                .map(|change| step[&format!("cluster_manager.cluster_{change}")])
+        };
+        assert_eq!(managed(&remora[0]), [2, 0, 0]);
+        assert_eq!(managed(&remora[2]), [4, 0, 0]);
+        assert_eq!(managed(&remora[4]), [4, 0, 1]);
+        assert_eq!(remora[4]["listener_manager.listener_added"], 1);
         if !envoy::available_or_skip("xds stats under envoy") {
             continue;
         }

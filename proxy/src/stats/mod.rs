@@ -601,6 +601,33 @@ impl OutlierStats {
     }
 }
 
+/// `cluster_manager.cluster_added|cluster_modified|cluster_removed` and
+/// `listener_manager.listener_added|listener_modified|listener_removed`: the clusters and
+/// listeners the configuration brought, changed and took away, the bootstrap's included.
+#[derive(Debug)]
+pub struct ManagerStats {
+    pub cluster_added: Arc<Stat>,
+    pub cluster_modified: Arc<Stat>,
+    pub cluster_removed: Arc<Stat>,
+    pub listener_added: Arc<Stat>,
+    pub listener_modified: Arc<Stat>,
+    pub listener_removed: Arc<Stat>,
+}
+
+impl ManagerStats {
+    pub fn new(registry: &Registry) -> Self {
+        let c = |name: &str| registry.counter(name);
+        ManagerStats {
+            cluster_added: c("cluster_manager.cluster_added"),
+            cluster_modified: c("cluster_manager.cluster_modified"),
+            cluster_removed: c("cluster_manager.cluster_removed"),
+            listener_added: c("listener_manager.listener_added"),
+            listener_modified: c("listener_manager.listener_modified"),
+            listener_removed: c("listener_manager.listener_removed"),
+        }
+    }
+}
+
 /// `http.PREFIX.*`
 #[derive(Debug)]
 pub struct HttpStats {

@@ -64,6 +64,8 @@ pub struct Applier {
     ready: Vec<Arc<Cluster>>,
     /// What the last response did, for the xDS stats.
     pub outcome: Outcome,
+    /// Clusters and listeners added, changed and removed.
+    manager_stats: crate::stats::ManagerStats,
 }
 
 /// What applying one response did, by resource name.
@@ -77,6 +79,14 @@ pub struct Outcome {
     pub removed: Vec<String>,
     /// Clusters made from this response that get their endpoints over EDS.
     pub eds_clusters: Vec<Arc<Cluster>>,
+}
+
+/// What an applied update did to one resource.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Added,
+    Modified,
+    Removed,
 }
 
 fn digest(any: &Any) -> u64 {
@@ -105,13 +115,14 @@ pub fn route_names(listener: &Listener) -> Vec<String> {
 impl Applier {
     pub fn new(context: XdsContext, warming: Warming) -> Self {
         Applier {
-            context,
             desired: HashMap::new(),
             applied: HashMap::new(),
             endpoints: BTreeMap::new(),
             warming,
             ready: Vec::new(),
             outcome: Outcome::default(),
+            manager_stats: crate::stats::ManagerStats::new(&context.registry),
+            context,
         }
     }
 
@@ -189,6 +200,7 @@ impl Applier {
             applied.remove(name);
             self.clear_error(type_url, name);
             self.remove(type_url, name);
+            self.manager_stat(type_url, Change::Removed);
         }
         for (name, (_, any)) in &desired {
             let hash = digest(any);
@@ -203,6 +215,18 @@ impl Applier {
                 SDS => self.apply_secret(name, any),
                 _ => self.apply_route(name, any),
             };
+            let change = match applied.contains_key(name) {
+                true => Change::Modified,
+                false => Change::Added,
+            };
+            // Envoy counts a cluster as added or modified before it builds it, so a cluster it
+            // then rejects counts too (a static cluster's name is refused before); a listener
+            // counts once it is in place.
+            if result.is_ok()
+                || type_url == CDS && !self.context.static_clusters.iter().any(|n| n == name)
+            {
+                self.manager_stat(type_url, change);
+            }
             match result {
                 Ok(()) => {
                     applied.insert(name.clone(), hash);
@@ -231,6 +255,21 @@ impl Applier {
         self.outcome.changed = changed.into_iter().collect();
         self.outcome.removed = removed;
         errors
+    }
+
+    /// Counts a cluster's or a listener's change in its manager's stats.
+    fn manager_stat(&self, type_url: &str, change: Change) {
+        let stats = &self.manager_stats;
+        let stat = match (type_url, change) {
+            (CDS, Change::Added) => &stats.cluster_added,
+            (CDS, Change::Modified) => &stats.cluster_modified,
+            (CDS, Change::Removed) => &stats.cluster_removed,
+            (LDS, Change::Added) => &stats.listener_added,
+            (LDS, Change::Modified) => &stats.listener_modified,
+            (LDS, Change::Removed) => &stats.listener_removed,
+            _ => return,
+        };
+        stat.inc();
     }
 
     fn remove(&mut self, type_url: &str, name: &str) {

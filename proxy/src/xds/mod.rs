@@ -480,7 +480,8 @@ impl<V: Variant> Client<V> {
         };
         match received.type_url {
             CDS | LDS => {
-                let changed = !outcome.changed.is_empty() || !outcome.removed.is_empty();
+                // Envoy 1.40 counts no `config_reload` for an update that only removes.
+                let changed = !outcome.changed.is_empty();
                 let subscription = if received.type_url == CDS {
                     &self.stats.cds
                 } else {

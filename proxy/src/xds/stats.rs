@@ -13,8 +13,9 @@
 //! `update_rejected` (a NACK); a stream that fails or closes is an `update_failure` of every
 //! subscription; `version` is the xxHash64 of the version string and `update_time` the time of
 //! the last accepted update (ms since the Unix epoch); `config_reload` counts the accepted
-//! updates that changed something (over delta xDS a NACK counts two attempts, as in Envoy). An
-//! EDS or RDS subscription counts the responses that carry its resource.
+//! updates that added or changed a resource, not those that only removed one (over delta xDS a
+//! NACK counts two attempts, as in Envoy). An EDS or RDS subscription counts the responses
+//! that carry its resource.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
