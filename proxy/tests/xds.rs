@@ -1626,8 +1626,9 @@ fn settle(
 }
 
 /// One run of the stats scenario: the usual mesh, a NACKed cluster, an added cluster, new
-/// endpoints and routes, a dropped stream and the new one's updates, then a removed cluster. Returns the stats
-/// after each step, timestamps checked and then left out (they differ between runs).
+/// endpoints and routes, a dropped stream and the new one's updates, then a removed cluster.
+/// Returns the stats after each step, timestamps checked and then left out (they differ
+/// between runs).
 fn xds_stats_scenario(
     under: Under,
     api_type: &str,
