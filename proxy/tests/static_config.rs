@@ -2289,9 +2289,9 @@ fn priority_load_split_degraded_and_panic_match_envoy() {
     check("envoy", &envoy);
 }
 
-/// The connection manager's counts by protocol, of completed responses and of closed
-/// connections: two HTTP/1.1 requests on one connection (one a 503), two HTTP/2 requests on
-/// another, one request on a third, under Envoy as under Remora.
+/// The connection manager's counts by protocol, of completed responses (also under its
+/// listener) and of closed connections: two HTTP/1.1 requests on one connection (one a 503),
+/// two HTTP/2 requests on another, one request on a third, under Envoy as under Remora.
 #[test]
 fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
     let echo = EchoServer::start("e", "127.0.0.1");
@@ -2321,8 +2321,12 @@ fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let names = "^http\\.ing\\.downstream_(rq_(total|active|completed|http[12]_total|[1-5]xx)\
-                 |cx_(total|active|destroy|http[12]_(total|active)))$";
+    // The connection manager's, and the response counts it keeps again under its listener.
+    let names = format!(
+        "^(listener\\.127\\.0\\.0\\.1_{port}\\.)?http\\.ing\\.downstream_\
+         (rq_(total|active|completed|http[12]_total|[1-5]xx)\
+         |cx_(total|active|destroy|http[12]_(total|active)))$"
+    );
     let query: String = names
         .bytes()
         .filter(|b| !b.is_ascii_whitespace())
@@ -2360,10 +2364,11 @@ fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
                 .lines()
                 .filter_map(|line| {
                     let (name, value) = line.split_once(": ")?;
-                    Some((
-                        name.strip_prefix("http.ing.")?.to_string(),
-                        value.parse().ok()?,
-                    ))
+                    let name = match name.strip_prefix(&format!("listener.127.0.0.1_{port}.")) {
+                        Some(scoped) => format!("listener.{}", scoped.strip_prefix("http.ing.")?),
+                        None => name.strip_prefix("http.ing.")?.to_string(),
+                    };
+                    Some((name, value.parse().ok()?))
                 })
                 .collect();
             // The harness's readiness probe is a connection too, so the totals are not fixed:
@@ -2391,6 +2396,12 @@ fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
         ("downstream_rq_http1_total", 3),
         ("downstream_rq_http2_total", 2),
         ("downstream_rq_total", 5),
+        ("listener.downstream_rq_1xx", 0),
+        ("listener.downstream_rq_2xx", 4),
+        ("listener.downstream_rq_3xx", 0),
+        ("listener.downstream_rq_4xx", 0),
+        ("listener.downstream_rq_5xx", 1),
+        ("listener.downstream_rq_completed", 5),
     ]
     .map(|(name, value)| (name.to_string(), value))
     .into();

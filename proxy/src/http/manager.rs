@@ -34,14 +34,15 @@ pub struct Manager {
 
 impl Manager {
     /// Builds the manager: filters, stats, and access logs (a file is opened now, so a path
-    /// that cannot be written fails the config, not the first request).
+    /// that cannot be written fails the config, not the first request). `path` is where its
+    /// config is, for errors; `listener` is its listener's stats name (`listener.ADDR`'s ADDR).
     pub fn build(
         config: Arc<HttpConnectionManager>,
         registry: &Arc<Registry>,
         store: Arc<Store>,
         tracing: (&TracingContext, bool),
         lifecycle: &Arc<Lifecycle>,
-        path: &str,
+        (path, listener): (&str, &str),
     ) -> ConfigResult<Arc<Self>> {
         let (tracing_context, egress) = tracing;
         let tracer = config
@@ -50,7 +51,7 @@ impl Manager {
             .and_then(|t| Tracer::build(t, egress, tracing_context, registry));
         let logs = access_log::for_filter(&config.access_logs, registry, path)?;
         Ok(Arc::new(Manager {
-            stats: Arc::new(HttpStats::new(registry, &config.stat_prefix)),
+            stats: Arc::new(HttpStats::new(registry, &config.stat_prefix, listener)),
             filters: crate::http::filters::build(
                 &config.filters,
                 &crate::http::filters::Server {

@@ -81,7 +81,7 @@ impl BuiltChain {
                 context.store.clone(),
                 (&context.tracing, egress),
                 &context.lifecycle,
-                &filter_path,
+                (&filter_path, stats_addr),
             )?),
         };
         let tls = chain

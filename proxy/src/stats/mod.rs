@@ -633,13 +633,9 @@ impl ManagerStats {
 pub struct HttpStats {
     pub downstream_rq_total: Arc<Stat>,
     pub downstream_rq_active: Arc<Stat>,
-    pub downstream_rq_1xx: Arc<Stat>,
-    pub downstream_rq_2xx: Arc<Stat>,
-    pub downstream_rq_3xx: Arc<Stat>,
-    pub downstream_rq_4xx: Arc<Stat>,
-    pub downstream_rq_5xx: Arc<Stat>,
-    /// Responses begun, counted with their class (Envoy's `downstream_rq_completed`).
-    pub downstream_rq_completed: Arc<Stat>,
+    /// `downstream_rq_completed` and `downstream_rq_1xx..5xx`, under `http.PREFIX` and again
+    /// under the listener's `listener.ADDR.http.PREFIX`, as Envoy keeps them.
+    responses: [ResponseClasses; 2],
     /// Requests by the protocol the client spoke (HTTP/1.0 counts as HTTP/1).
     pub downstream_rq_http1_total: Arc<Stat>,
     pub downstream_rq_http2_total: Arc<Stat>,
@@ -675,18 +671,18 @@ pub struct HttpStats {
 }
 
 impl HttpStats {
-    pub fn new(registry: &Registry, prefix: &str) -> Self {
+    /// The stats of a connection manager with `prefix` on the listener whose stats are
+    /// `listener.LISTENER.*`.
+    pub fn new(registry: &Registry, prefix: &str, listener: &str) -> Self {
         let c = |n: &str| registry.counter(format!("http.{prefix}.{n}"));
         let g = |n: &str| registry.gauge(format!("http.{prefix}.{n}"));
         HttpStats {
             downstream_rq_total: c("downstream_rq_total"),
             downstream_rq_active: g("downstream_rq_active"),
-            downstream_rq_1xx: c("downstream_rq_1xx"),
-            downstream_rq_2xx: c("downstream_rq_2xx"),
-            downstream_rq_3xx: c("downstream_rq_3xx"),
-            downstream_rq_4xx: c("downstream_rq_4xx"),
-            downstream_rq_5xx: c("downstream_rq_5xx"),
-            downstream_rq_completed: c("downstream_rq_completed"),
+            responses: [
+                ResponseClasses::new(registry, &format!("http.{prefix}")),
+                ResponseClasses::new(registry, &format!("listener.{listener}.http.{prefix}")),
+            ],
             downstream_rq_http1_total: c("downstream_rq_http1_total"),
             downstream_rq_http2_total: c("downstream_rq_http2_total"),
             downstream_cx_total: c("downstream_cx_total"),
@@ -717,14 +713,38 @@ impl HttpStats {
 
     /// Counts a response as begun, and its class.
     pub fn response(&self, status: u16) {
-        self.downstream_rq_completed.inc();
-        match status {
-            100..=199 => self.downstream_rq_1xx.inc(),
-            200..=299 => self.downstream_rq_2xx.inc(),
-            300..=399 => self.downstream_rq_3xx.inc(),
-            400..=499 => self.downstream_rq_4xx.inc(),
-            _ => self.downstream_rq_5xx.inc(),
+        for responses in &self.responses {
+            responses.count(status);
         }
+    }
+}
+
+/// `SCOPE.downstream_rq_completed` and `SCOPE.downstream_rq_1xx..5xx`.
+#[derive(Debug)]
+struct ResponseClasses {
+    completed: Arc<Stat>,
+    /// By the status's first digit, 1 to 5.
+    classes: [Arc<Stat>; 5],
+}
+
+impl ResponseClasses {
+    fn new(registry: &Registry, scope: &str) -> Self {
+        ResponseClasses {
+            completed: registry.counter(format!("{scope}.downstream_rq_completed")),
+            classes: std::array::from_fn(|index| {
+                registry.counter(format!("{scope}.downstream_rq_{}xx", index + 1))
+            }),
+        }
+    }
+
+    fn count(&self, status: u16) {
+        self.completed.inc();
+        // Statuses from 600 up count with the 5xx.
+        let class = match status / 100 {
+            class @ 1..=5 => class as usize,
+            _ => 5,
+        };
+        self.classes[class - 1].inc();
     }
 }
 
