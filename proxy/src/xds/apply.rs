@@ -222,9 +222,7 @@ impl Applier {
             // Envoy counts a cluster as added or modified before it builds it, so a cluster it
             // then rejects counts too (a static cluster's name is refused before); a listener
             // counts once it is in place.
-            if result.is_ok()
-                || type_url == CDS && !self.context.static_clusters.iter().any(|n| n == name)
-            {
+            if result.is_ok() || type_url == CDS && !self.is_static_cluster(name) {
                 self.manager_stat(type_url, change);
             }
             match result {
@@ -255,6 +253,11 @@ impl Applier {
         self.outcome.changed = changed.into_iter().collect();
         self.outcome.removed = removed;
         errors
+    }
+
+    /// The bootstrap has a cluster of that name (CDS may not replace it).
+    fn is_static_cluster(&self, name: &str) -> bool {
+        self.context.static_clusters.iter().any(|n| n == name)
     }
 
     /// Counts a cluster's or a listener's change in its manager's stats.
@@ -300,7 +303,7 @@ impl Applier {
     }
 
     fn apply_cluster(&mut self, name: &str, any: &Any) -> Result<(), String> {
-        if self.context.static_clusters.iter().any(|n| n == name) {
+        if self.is_static_cluster(name) {
             return Err("a static cluster of that name exists".into());
         }
         let config = Arc::new(resource::cluster(&any.value).map_err(|e| e.to_string())?);

@@ -435,12 +435,7 @@ impl<V: Variant> Client<V> {
     async fn on_deadline(&mut self, deadline: Deadline, sink: Sink<'_, V>) {
         if let Deadline::InitialFetch(type_url) = deadline {
             if self.initial_done.insert(type_url) {
-                let subscription = if type_url == CDS {
-                    &self.stats.cds
-                } else {
-                    &self.stats.lds
-                };
-                if let Some(subscription) = subscription {
+                if let Some(subscription) = self.stats.wildcard(type_url) {
                     subscription.timed_out();
                 }
                 tracing::warn!(
@@ -482,12 +477,7 @@ impl<V: Variant> Client<V> {
             CDS | LDS => {
                 // Envoy 1.40 counts no `config_reload` for an update that only removes.
                 let changed = !outcome.changed.is_empty();
-                let subscription = if received.type_url == CDS {
-                    &self.stats.cds
-                } else {
-                    &self.stats.lds
-                };
-                if let Some(subscription) = subscription {
+                if let Some(subscription) = self.stats.wildcard(received.type_url) {
                     count(subscription, changed);
                 }
                 if received.type_url == CDS {

@@ -198,6 +198,14 @@ impl XdsStats {
         self.endpoints.insert(cluster.to_string(), subscription);
     }
 
+    /// The subscription of a wildcard type (CDS or LDS), if the bootstrap asks for it.
+    pub fn wildcard(&self, type_url: &str) -> Option<&Subscription> {
+        match type_url {
+            super::CDS => self.cds.as_ref(),
+            _ => self.lds.as_ref(),
+        }
+    }
+
     /// Every subscription, for a stream that failed.
     pub fn all(&self) -> impl Iterator<Item = &Subscription> {
         self.cds
