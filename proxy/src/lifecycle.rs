@@ -53,6 +53,9 @@ pub struct Lifecycle {
     live: Arc<crate::stats::Stat>,
     /// `server.state` as Envoy numbers it: 0 live, 1 draining, 3 initializing.
     state_gauge: Arc<crate::stats::Stat>,
+    /// `listener_manager.workers_started`: 1 once the server is live, as Envoy's workers start
+    /// serving only then.
+    workers_started: Arc<crate::stats::Stat>,
     /// `server.initialization_time_ms`: from start to live, once.
     initialization_time: Arc<crate::stats::Histogram>,
     /// The [`InitPart`]s not done yet, as bits.
@@ -74,6 +77,7 @@ impl Lifecycle {
             started: Instant::now(),
             live: registry.gauge("server.live"),
             state_gauge: registry.gauge("server.state"),
+            workers_started: registry.gauge("listener_manager.workers_started"),
             initialization_time: registry.histogram("server.initialization_time_ms"),
             waiting: AtomicU8::new(parts.iter().fold(0, |bits, part| bits | *part as u8)),
             health_check_failed: AtomicBool::new(false),
@@ -126,6 +130,7 @@ impl Lifecycle {
             .is_ok();
         if went_live {
             self.state_gauge.set(0);
+            self.workers_started.set(1);
             self.initialization_time
                 .record_duration(self.started.elapsed());
             // Start-up is over: its code need not stay resident.

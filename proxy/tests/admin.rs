@@ -676,3 +676,293 @@ layered_runtime:
         );
     }
 }
+
+/// Whole families of Envoy's stats Remora keeps none of: the admin's own listener and
+/// connection manager, Envoy's internal HTTP client, its codecs' counters, its file flusher,
+/// runtime layers, watchdogs and overload manager.
+const FAMILIES_NOT_KEPT: &[&str] = &[
+    "http.admin.",
+    "listener.admin.",
+    "http.async-client.",
+    "http1.",
+    "http2.",
+    "filesystem.",
+    "runtime.",
+    "workers.",
+    "main_thread.",
+    "thread_local_cluster_manager.",
+    "overload.",
+    "envoy.overload_actions.",
+];
+
+/// Envoy's stats that Remora does not keep yet, by prefix and name under the bootstrap of
+/// [`stat_names_are_envoys`] (`{listener}`: each listener's address). Each stat Remora gains
+/// must leave this list (the test fails until it does), so the list only shrinks, and a stat
+/// Remora loses fails the test too.
+const NOT_KEPT_YET: &[(&str, &[&str])] = &[
+    (
+        "cluster.app.",
+        &[
+            "assignment_stale",
+            "assignment_timeout_received",
+            "assignment_use_cached",
+            "bind_errors",
+            "default.total_match_count",
+            "http1.dropped_headers_with_underscores",
+            "http1.metadata_not_supported_error",
+            "http1.requests_rejected_with_underscores_in_headers",
+            "http1.response_flood",
+            "lb_local_cluster_not_ok",
+            "lb_recalculate_zone_structures",
+            "lb_subsets_active",
+            "lb_subsets_created",
+            "lb_subsets_fallback",
+            "lb_subsets_fallback_panic",
+            "lb_subsets_removed",
+            "lb_subsets_selected",
+            "lb_zone_cluster_too_small",
+            "lb_zone_no_capacity_left",
+            "lb_zone_routing_all_directly",
+            "lb_zone_routing_cross_zone",
+            "lb_zone_routing_sampled",
+            "max_host_weight",
+            "membership_change",
+            "original_dst_host_invalid",
+            "retry_or_shadow_abandoned",
+            "upstream_cx_close_notify",
+            "upstream_cx_connect_attempts_exceeded",
+            "upstream_cx_connect_timeout",
+            "upstream_cx_connect_with_0_rtt",
+            "upstream_cx_destroy_local",
+            "upstream_cx_destroy_local_with_active_rq",
+            "upstream_cx_destroy_remote",
+            "upstream_cx_destroy_remote_with_active_rq",
+            "upstream_cx_destroy_with_active_rq",
+            "upstream_cx_http3_total",
+            "upstream_cx_max_duration_reached",
+            "upstream_cx_pool_overflow",
+            "upstream_cx_preconnect_skipped",
+            "upstream_cx_protocol_error",
+            "upstream_cx_rx_bytes_buffered",
+            "upstream_cx_tx_bytes_buffered",
+            "upstream_flow_control_backed_up_total",
+            "upstream_flow_control_drained_total",
+            "upstream_flow_control_paused_reading_total",
+            "upstream_flow_control_resumed_reading_total",
+            "upstream_http3_broken",
+            "upstream_internal_redirect_failed_total",
+            "upstream_internal_redirect_succeeded_total",
+            "upstream_queue_overloaded",
+            "upstream_rq_0rtt",
+            "upstream_rq_cancelled",
+            "upstream_rq_maintenance_mode",
+            "upstream_rq_max_duration_reached",
+            "upstream_rq_pending_failure_eject",
+            "upstream_rq_per_cx",
+            "upstream_rq_retry_backoff_ratelimited",
+            "upstream_rq_rx_reset",
+            "upstream_rq_rx_reset_no_error",
+            "upstream_rq_tx_reset",
+            "warming_state",
+        ],
+    ),
+    (
+        "cluster_manager.",
+        &[
+            "cluster_updated",
+            "cluster_updated_via_merge",
+            "update_merge_cancelled",
+            "update_out_of_merge_window",
+        ],
+    ),
+    (
+        "http.ing.",
+        &[
+            "downstream_cx_delayed_close_timeout",
+            "downstream_cx_http1_soft_drain",
+            "downstream_cx_max_duration_reached",
+            "downstream_cx_overload_disable_keepalive",
+            "downstream_cx_rx_bytes_buffered",
+            "downstream_cx_tx_bytes_buffered",
+            "downstream_flow_control_paused_reading_total",
+            "downstream_flow_control_resumed_reading_total",
+            "downstream_rq_failed_path_normalization",
+            "downstream_rq_header_timeout",
+            "downstream_rq_non_relative_path",
+            "downstream_rq_overload_close",
+            "downstream_rq_redirected_with_normalized_path",
+            "downstream_rq_rejected_via_ip_detection",
+            "downstream_rq_response_before_rq_complete",
+            "downstream_rq_rx_reset",
+            "downstream_rq_too_large",
+            "downstream_rq_too_many_premature_resets",
+            "downstream_rq_tx_reset",
+            "downstream_rq_ws_on_non_ws_route",
+            "passthrough_internal_redirect_bad_location",
+            "passthrough_internal_redirect_no_route",
+            "passthrough_internal_redirect_predicate",
+            "passthrough_internal_redirect_too_many_redirects",
+            "passthrough_internal_redirect_unsafe_scheme",
+            "rq_overload_local_reply",
+            "rq_reset_after_downstream_response_started",
+            "rs_too_large",
+        ],
+    ),
+    (
+        "listener.{listener}.",
+        &[
+            "connections_accepted_per_socket_event",
+            "downstream_cx_overload_reject",
+            "downstream_cx_transport_socket_connect_timeout",
+            "downstream_listener_filter_error",
+            "downstream_listener_filter_remote_close",
+            "extension_config_missing",
+            "network_extension_config_missing",
+        ],
+    ),
+    (
+        "listener_manager.",
+        &[
+            "listener_create_failure",
+            "listener_in_place_updated",
+            "listener_stopped",
+            "total_filter_chains_draining",
+            "workers_pinned",
+        ],
+    ),
+    (
+        "tcp.tcpin.",
+        &[
+            "downstream_cx_drain_close",
+            "downstream_cx_overload_close",
+            "downstream_cx_rx_bytes_buffered",
+            "downstream_cx_tx_bytes_buffered",
+            "downstream_flow_control_paused_reading_total",
+            "downstream_flow_control_resumed_reading_total",
+            "early_data_received_count_total",
+            "max_downstream_connection_duration",
+            "route_delayed_total",
+            "upstream_flush_active",
+        ],
+    ),
+    (
+        "server.",
+        &[
+            "compilation_settings.fips_mode",
+            "debug_assertion_failures",
+            "dropped_stat_flushes",
+            "dynamic_unknown_fields",
+            "envoy_bug_failures",
+            "envoy_notifications",
+            "hot_restart_epoch",
+            "main_thread.watchdog_mega_miss",
+            "main_thread.watchdog_miss",
+            "seconds_until_first_ocsp_response_expiring",
+            "static_unknown_fields",
+            "stats_recent_lookups",
+            "version",
+            "wip_protos",
+            "worker_0.watchdog_mega_miss",
+            "worker_0.watchdog_miss",
+        ],
+    ),
+];
+
+/// Stats Remora keeps that Envoy does not.
+const REMORA_ONLY: &[&str] = &["access_log.dropped_lines"];
+
+/// Every stat and histogram name `/stats` lists.
+fn stat_names(admin: SocketAddr) -> std::collections::BTreeSet<String> {
+    let body = http_get(admin, "/stats").expect("stats").2;
+    body.lines()
+        .filter_map(|line| line.split_once(": ").map(|(name, _)| name.to_string()))
+        .collect()
+}
+
+/// One bootstrap (an HTTP listener, a TCP proxy, one cluster), the same traffic through both
+/// proxies, then the names `/stats` lists: Remora's are Envoy's, less [`NOT_KEPT_YET`], plus
+/// [`REMORA_ONLY`]. Dashboards and alerts find their series by these names.
+#[test]
+fn stat_names_are_envoys() {
+    let echo = EchoServer::start("app", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let (http, tcp) = (free_port(), free_port());
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[
+            http_listener("ing", http, "", &catch_all("app", "5s")),
+            tcp_listener("tcpin", tcp, "app", ""),
+        ],
+        &[static_cluster("app", &[echo.addr])],
+    );
+    let (_dir, file) = write_config(&yaml);
+    let not_kept: std::collections::BTreeSet<String> = NOT_KEPT_YET
+        .iter()
+        .flat_map(|(prefix, names)| names.iter().map(move |name| format!("{prefix}{name}")))
+        .flat_map(|name| {
+            [http, tcp].map(|port| name.replace("{listener}", &format!("127.0.0.1_{port}")))
+        })
+        .collect();
+    let in_family = |name: &str| FAMILIES_NOT_KEPT.iter().any(|f| name.starts_with(f));
+    let run = || {
+        // HTTP/1.1 (closed by the proxy, as the requests ask), one of them a 503; HTTP/2
+        // (closed by the client).
+        let (status, _, _) = http_get(loopback(http), "/ok").expect("request");
+        assert_eq!(status, 200);
+        let (status, _, _) = http_get(loopback(http), "/status/503").expect("request");
+        assert_eq!(status, 503);
+        let (runtime, mut sender) = h2_client(loopback(http));
+        runtime.block_on(async {
+            use http_body_util::BodyExt;
+            let request = http::Request::get(format!("http://127.0.0.1:{http}/ok"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let response = sender.send_request(request).await.expect("h2 response");
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.expect("h2 body");
+        });
+        drop((sender, runtime));
+        // Through the TCP proxy, bytes both ways.
+        let (status, _, _) = http_get(loopback(tcp), "/ok").expect("tunnelled request");
+        assert_eq!(status, 200);
+        wait_for("every connection closed", Duration::from_secs(15), || {
+            let (_, _, body) = http_get(admin, "/stats?filter=downstream_cx_active").ok()?;
+            body.lines()
+                .all(|line| line.ends_with(": 0") || line.contains("admin"))
+                .then_some(())
+        });
+        stat_names(admin)
+    };
+    let remora = {
+        let _proxy = Proxy::start_file(&file, admin, &["--concurrency", "1"]);
+        run()
+    };
+    let listed_yet_kept: Vec<&String> = remora
+        .iter()
+        .filter(|name| not_kept.contains(*name) || in_family(name))
+        .collect();
+    assert!(
+        listed_yet_kept.is_empty(),
+        "kept now: take these out of NOT_KEPT_YET or FAMILIES_NOT_KEPT: {listed_yet_kept:#?}"
+    );
+    if !remora_tests::envoy::available_or_skip("the Envoy half of the stat names") {
+        return;
+    }
+    let envoy = {
+        let _envoy = remora_tests::envoy::Envoy::start(&file, admin, &[]);
+        remora_tests::wait_for_port(loopback(http), Duration::from_secs(20));
+        run()
+    };
+    let missing: Vec<&String> = envoy
+        .difference(&remora)
+        .filter(|name| !not_kept.contains(*name) && !in_family(name))
+        .collect();
+    let extra: Vec<&String> = remora
+        .difference(&envoy)
+        .filter(|name| !REMORA_ONLY.contains(&name.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "Envoy's, not Remora's: {missing:#?}\nRemora's, not Envoy's: {extra:#?}"
+    );
+}

@@ -2323,9 +2323,10 @@ fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
     };
     // The connection manager's, and the response counts it keeps again under its listener.
     let names = format!(
-        "^(listener\\.127\\.0\\.0\\.1_{port}\\.)?http\\.ing\\.downstream_\
+        "^(listener\\.127\\.0\\.0\\.1_{port}\\.)?http\\.ing\\.(downstream_\
          (rq_(total|active|completed|http[12]_total|[1-5]xx)\
-         |cx_(total|active|destroy|http[12]_(total|active)))$"
+         |cx_(total|active|http[12]_(total|active)|(rx|tx)_bytes_total\
+         |destroy(_local|_remote)?(_active_rq)?))|rq_(total|direct_response))$"
     );
     let query: String = names
         .bytes()
@@ -2375,12 +2376,15 @@ fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
             // every one of them, and at least the three with requests, has closed.
             let total = stats.remove("downstream_cx_total")?;
             let destroyed = stats.remove("downstream_cx_destroy")?;
-            (total >= 3 && destroyed == total && stats.get("downstream_cx_active") == Some(&0))
-                .then_some(stats)
+            let done =
+                total >= 3 && destroyed == total && stats.get("downstream_cx_active") == Some(&0);
+            // Probes connect and close with nothing sent: ended by the client.
+            *stats.get_mut("downstream_cx_destroy_remote")? -= total - 3;
+            done.then_some(stats)
         })
     };
     let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
-    let expected = [
+    let mut expected: std::collections::BTreeMap<String, u64> = [
         ("downstream_cx_active", 0),
         ("downstream_cx_http1_active", 0),
         ("downstream_cx_http1_total", 2),
@@ -2402,10 +2406,135 @@ fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
         ("listener.downstream_rq_4xx", 0),
         ("listener.downstream_rq_5xx", 1),
         ("listener.downstream_rq_completed", 5),
+        ("rq_direct_response", 0),
+        ("rq_total", 5),
     ]
     .map(|(name, value)| (name.to_string(), value))
     .into();
-    assert_eq!(remora, expected);
+    let mut counted = remora.clone();
+    // The bytes depend on the clients' heads: here only that they moved; Envoy's below.
+    for wire in [
+        "downstream_cx_rx_bytes_total",
+        "downstream_cx_tx_bytes_total",
+    ] {
+        assert!(counted.remove(wire) > Some(0), "{wire}");
+    }
+    expected.extend(
+        [
+            // The request asking to close, closed by the proxy; the others, by the client.
+            ("downstream_cx_destroy_local", 1),
+            ("downstream_cx_destroy_remote", 2),
+            ("downstream_cx_destroy_active_rq", 0),
+            ("downstream_cx_destroy_local_active_rq", 0),
+            ("downstream_cx_destroy_remote_active_rq", 0),
+        ]
+        .map(|(name, value)| (name.to_string(), value)),
+    );
+    assert_eq!(counted, expected);
+    if let Some(mut envoy) = envoy {
+        // What the proxy wrote differs in its heads and HTTP/2 frames; what it read does not.
+        let mut remora = remora;
+        for stats in [&mut envoy, &mut remora] {
+            stats.remove("downstream_cx_tx_bytes_total");
+        }
+        assert_eq!(envoy, remora, "Envoy, then Remora");
+    }
+}
+
+/// How connections end, as the connection manager counts it: a client that leaves with its
+/// request in flight, one that sends what no codec reads, one left idle until the connection
+/// idle timeout; and the router's direct responses and redirects. Under Envoy as under Remora.
+#[test]
+fn connection_ends_and_router_answers_count_as_envoys_do() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let routes = r#"            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/direct"}
+                direct_response: {status: 204}
+              - match: {prefix: "/moved"}
+                redirect: {path_redirect: "/ok"}
+              - match: {prefix: "/"}
+                route: {cluster: app, timeout: 5s}
+"#;
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener(
+            "ing",
+            port,
+            // Envoy closes an idle connection after a drain of `drain_timeout`.
+            "          common_http_protocol_options: {idle_timeout: 0.5s}\n          drain_timeout: 0.1s\n",
+            routes,
+        )],
+        &[static_cluster("app", &[echo.addr])],
+    );
+    let (_dir, file) = write_config(&yaml);
+    let stat = |name: &str| remora_tests::admin_stat(admin, &format!("http.ing.{name}"));
+    let run = || {
+        let probes = stat("downstream_cx_total").unwrap_or(0);
+        assert_eq!(http_get(loopback(port), "/direct").expect("request").0, 204);
+        assert_eq!(http_get(loopback(port), "/moved").expect("request").0, 301);
+        // A request the upstream answers in 3 s, left after its head is in (Envoy sees the
+        // client gone only then).
+        let mut leaver = TcpStream::connect(loopback(port)).expect("connect");
+        leaver
+            .write_all(b"GET /delay/3000 HTTP/1.1\r\nhost: a\r\n\r\n")
+            .expect("write");
+        wait_for("the request in flight", Duration::from_secs(10), || {
+            (stat("downstream_rq_active") == Some(1)).then_some(())
+        });
+        drop(leaver);
+        // Not HTTP: refused with a 400, and the connection closed.
+        let (reply, closed) = exchange_until_closed(loopback(port), b"NOT HTTP\r\n\r\n");
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        assert!(closed);
+        // One request, then nothing: the idle timeout closes the connection.
+        let mut idle = TcpStream::connect(loopback(port)).expect("connect");
+        idle.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        idle.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n")
+            .expect("write");
+        let mut seen = Vec::new();
+        idle.read_to_end(&mut seen).expect("closed by the proxy");
+        assert!(seen.starts_with(b"HTTP/1.1 200"));
+        wait_for("every connection closed", Duration::from_secs(15), || {
+            let total = stat("downstream_cx_total")?;
+            (total == probes + 5 && stat("downstream_cx_destroy")? == total).then_some(())
+        });
+        [
+            "downstream_cx_destroy_local",
+            "downstream_cx_destroy_local_active_rq",
+            "downstream_cx_destroy_remote_active_rq",
+            "downstream_cx_destroy_active_rq",
+            "downstream_cx_idle_timeout",
+            "downstream_cx_protocol_error",
+            "rq_total",
+            "rq_direct_response",
+            "rq_redirect",
+            "no_route",
+        ]
+        .map(|name| (name, stat(name).expect(name)))
+    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
+    assert_eq!(
+        remora,
+        [
+            // The direct response, the redirect, the refused head and the idle connection.
+            ("downstream_cx_destroy_local", 4),
+            ("downstream_cx_destroy_local_active_rq", 0),
+            ("downstream_cx_destroy_remote_active_rq", 1),
+            ("downstream_cx_destroy_active_rq", 1),
+            ("downstream_cx_idle_timeout", 1),
+            ("downstream_cx_protocol_error", 1),
+            // The direct response, the redirect, the one left and the idle connection's.
+            ("rq_total", 4),
+            ("rq_direct_response", 2),
+            ("rq_redirect", 0),
+            ("no_route", 0),
+        ]
+    );
     if let Some(envoy) = envoy {
         assert_eq!(envoy, remora, "Envoy, then Remora");
     }

@@ -622,7 +622,8 @@ fn start_signalled(
     let process = if envoy {
         remora_tests::envoy::Envoy::start(&file, admin, &[]).process
     } else {
-        Proxy::start(yaml, admin, &["--drain-time-s", "1"]).process
+        // One worker, as Envoy here: a second would add `worker_1` lines Envoy has not.
+        Proxy::start(yaml, admin, &["--drain-time-s", "1", "--concurrency", "1"]).process
     };
     wait_for("the listener", Duration::from_secs(30), || {
         std::net::TcpStream::connect(loopback(port)).ok()

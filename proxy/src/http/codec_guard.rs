@@ -13,15 +13,21 @@
 //! Bodies pass through untouched; the guard follows their framing (length, chunks) only to find
 //! the next head. Where it cannot follow (an upgrade, an HTTP/2 preface, framing it cannot
 //! read) it steps aside for the rest of the connection and hyper alone judges.
+//!
+//! Every byte read and written passes the guard, so it also keeps the connection's [`Wire`]
+//! counts: bytes each way, and whether the peer ended the connection.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::stats::Stat;
 
 /// The runtime's `envoy.reloadable_features.http_reject_path_with_fragment: false`: a target's
 /// `#fragment` is cut off (hyper cuts it) instead of the request refused. Process-wide, as
@@ -66,6 +72,11 @@ pub struct Refusal {
 pub struct Refusals(OnceLock<(u64, Refusal)>);
 
 impl Refusals {
+    /// Whether a head was refused.
+    pub fn any(&self) -> bool {
+        self.0.get().is_some()
+    }
+
     /// The refusal for the connection's `index`th request, if its head was refused.
     pub fn take(&self, index: u64) -> Option<Refusal> {
         self.0
@@ -762,6 +773,47 @@ fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
 /// An upgrade hands this type back (see `hyper_util`'s `auto::upgrade::downcast`).
 pub type ServedIo<S> = hyper_util::rt::TokioIo<GuardedIo<S>>;
 
+/// What the guard sees of a connection's traffic: bytes each way (the connection manager's
+/// `downstream_cx_rx|tx_bytes_total`), and whether the peer ended the connection, so its end
+/// counts as remote or local.
+#[derive(Debug, Default)]
+pub struct Wire {
+    pub rx_bytes: Arc<Stat>,
+    pub tx_bytes: Arc<Stat>,
+    /// A read saw the peer's end of the stream or an error (a reset).
+    pub peer_ended: AtomicBool,
+    /// Whether requests were in flight when the peer ended it.
+    pub peer_ended_active: AtomicBool,
+    /// The connection's requests in flight.
+    pub in_flight: Arc<Stat>,
+}
+
+impl Wire {
+    /// `room`: the read had room, so nothing read means the stream's end.
+    fn count_read(&self, read: usize, room: bool, result: &io::Result<()>) {
+        match result {
+            Ok(()) if read > 0 => self.rx_bytes.add(read as u64),
+            Ok(()) if !room => {}
+            _ => self.ended_by_peer(),
+        }
+    }
+
+    fn count_written(&self, result: &Poll<io::Result<usize>>) {
+        match result {
+            Poll::Ready(Ok(n)) => self.tx_bytes.add(*n as u64),
+            Poll::Ready(Err(_)) => self.ended_by_peer(),
+            Poll::Pending => {}
+        }
+    }
+
+    fn ended_by_peer(&self) {
+        if !self.peer_ended.swap(true, Ordering::Relaxed) {
+            let active = self.in_flight.get() > 0;
+            self.peer_ended_active.store(active, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A downstream connection read through the guard.
 pub struct GuardedIo<S> {
     inner: S,
@@ -771,12 +823,19 @@ pub struct GuardedIo<S> {
     /// Unjudged bytes: a head still arriving.
     held: BytesMut,
     refusals: Arc<Refusals>,
+    wire: Arc<Wire>,
 }
 
 impl<S> GuardedIo<S> {
-    /// Guards `inner` by `rules`; refusals are left in `refusals`. `aside`: the connection
-    /// speaks HTTP/2 only, and the guard has nothing to judge.
-    pub fn new(inner: S, rules: Rules, refusals: Arc<Refusals>, aside: bool) -> Self {
+    /// Guards `inner` by `rules`; refusals are left in `refusals`, traffic counted in `wire`.
+    /// `aside`: the connection speaks HTTP/2 only, and the guard has nothing to judge.
+    pub fn new(
+        inner: S,
+        rules: Rules,
+        refusals: Arc<Refusals>,
+        wire: Arc<Wire>,
+        aside: bool,
+    ) -> Self {
         GuardedIo {
             inner,
             scanner: Scanner {
@@ -787,6 +846,7 @@ impl<S> GuardedIo<S> {
             ready: BytesMut::new(),
             held: BytesMut::new(),
             refusals,
+            wire,
         }
     }
 
@@ -858,6 +918,17 @@ impl<S> GuardedIo<S> {
     }
 }
 
+impl<S: AsyncRead + Unpin> GuardedIo<S> {
+    /// Reads from the connection into `buf`, counting what came.
+    fn read_inner(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let (before, room) = (buf.filled().len(), buf.remaining() > 0);
+        let result = ready!(Pin::new(&mut self.inner).poll_read(cx, buf));
+        self.wire
+            .count_read(buf.filled().len() - before, room, &result);
+        Poll::Ready(result)
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for GuardedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -875,15 +946,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for GuardedIo<S> {
             match this.scanner.framing {
                 // Nothing after a refused head is read: the reply closes the connection.
                 Framing::Refused => return Poll::Pending,
-                Framing::Aside if this.held.is_empty() => {
-                    return Pin::new(&mut this.inner).poll_read(cx, buf);
-                }
+                Framing::Aside if this.held.is_empty() => return this.read_inner(cx, buf),
                 _ => {}
             }
             if this.held.is_empty() {
                 // The common case: read straight into hyper's buffer and judge it there.
                 let start = buf.filled().len();
-                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                ready!(this.read_inner(cx, buf))?;
                 let filled = buf.filled().len();
                 if filled == start {
                     return Poll::Ready(Ok(()));
@@ -904,7 +973,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for GuardedIo<S> {
                 // behind it.
                 let mut chunk = [0u8; 4096];
                 let mut more = ReadBuf::new(&mut chunk);
-                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut more))?;
+                ready!(this.read_inner(cx, &mut more))?;
                 if more.filled().is_empty() {
                     // The peer stopped mid-head: hyper sees what came, then the end.
                     let held = this.held.split();
@@ -928,7 +997,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for GuardedIo<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
+        let written = Pin::new(&mut self.inner).poll_write(cx, data);
+        self.wire.count_written(&written);
+        written
     }
 
     fn poll_write_vectored(
@@ -936,7 +1007,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for GuardedIo<S> {
         cx: &mut Context<'_>,
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        crate::gathered_write::poll_write_gathered(Pin::new(&mut self.inner), cx, data)
+        let written =
+            crate::gathered_write::poll_write_gathered(Pin::new(&mut self.inner), cx, data);
+        self.wire.count_written(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -995,7 +1069,7 @@ mod tests {
             sizes: sizes.to_vec(),
             turn: 0,
         };
-        let mut guard = GuardedIo::new(pieces, RULES, refusals.clone(), false);
+        let mut guard = GuardedIo::new(pieces, RULES, refusals.clone(), Arc::default(), false);
         let mut out = Vec::new();
         let mut cx = Context::from_waker(std::task::Waker::noop());
         loop {

@@ -38,7 +38,7 @@ use crate::drain::{Phase, Watch};
 use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::{Entry, PendingLine};
-use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules, ServedIo};
+use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules, ServedIo, Wire};
 use crate::http::filter::{ConnectionState, FilterState, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
@@ -89,7 +89,10 @@ fn poll_unconstrained<F: Future + ?Sized>(
 
 /// What ends one wait of a connection's loop.
 enum ConnectionEvent {
-    Ended,
+    /// The connection ended; `protocol_error`: because the client broke the protocol.
+    Ended {
+        protocol_error: bool,
+    },
     Phase(Phase),
     IdleTick,
     GraceOver,
@@ -107,6 +110,17 @@ where
     let opened = Instant::now();
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let _tls_active = info.tls_terminated.then(|| {
+        stats.downstream_cx_ssl_total.inc();
+        GaugeGuard::new(&stats.downstream_cx_ssl_active)
+    });
+    let in_flight = Arc::new(Stat::default());
+    let wire = Arc::new(Wire {
+        rx_bytes: stats.downstream_cx_rx_bytes_total.clone(),
+        tx_bytes: stats.downstream_cx_tx_bytes_total.clone(),
+        in_flight: in_flight.clone(),
+        ..Wire::default()
+    });
     let filter_state = ConnectionState::new(manager.filters.len());
     let connection = Arc::new(Connection {
         scheme: if info.transport_protocol == "tls" {
@@ -119,7 +133,7 @@ where
         requests: AtomicU64::new(0),
         http2: AtomicBool::new(false),
         last_request: tokio::sync::Notify::new(),
-        in_flight: Arc::default(),
+        in_flight,
         refusals: Arc::default(),
         filter_state,
         sleeps: Arc::default(),
@@ -135,6 +149,7 @@ where
         stream,
         rules,
         connection.refusals.clone(),
+        wire.clone(),
         hcm.codec == Codec::Http2,
     );
     let service_connection = connection.clone();
@@ -198,8 +213,9 @@ where
             tokio::pin!(next_phase);
             let mut armed = false;
             std::future::poll_fn(|cx| {
-                if conn.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(ConnectionEvent::Ended);
+                if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                    let protocol_error = result.is_err_and(|error| protocol_error(&*error));
+                    return Poll::Ready(ConnectionEvent::Ended { protocol_error });
                 }
                 if (!armed || drain_probe.moved())
                     && let Poll::Ready(next) = poll_unconstrained(next_phase.as_mut(), cx)
@@ -228,9 +244,17 @@ where
             .await
         };
         let start_drain = match event {
-            ConnectionEvent::Ended => break,
+            ConnectionEvent::Ended { protocol_error } => {
+                if protocol_error {
+                    stats.downstream_cx_protocol_error.inc();
+                }
+                break;
+            }
             ConnectionEvent::Phase(next) => {
                 phase = next;
+                if drain_started.is_none() {
+                    stats.downstream_cx_drain_close.inc();
+                }
                 if phase == Phase::Closed {
                     break;
                 }
@@ -241,6 +265,9 @@ where
                 let seen = connection.requests.load(Ordering::Relaxed);
                 let idle_now = seen == last_seen && connection.in_flight.get() == 0;
                 last_seen = seen;
+                if idle_now && drain_started.is_none() {
+                    stats.downstream_cx_idle_timeout.inc();
+                }
                 idle_now
             }
             // No grace, unlike a listener's drain: streams after the last one are refused
@@ -268,10 +295,61 @@ where
             }
         }
     }
-    stats.downstream_cx_destroy.inc();
+    // A refused head's reply closed the connection: the codec's protocol error, in Envoy.
+    if connection.refusals.any() {
+        stats.downstream_cx_protocol_error.inc();
+    }
+    count_destroy(&stats, &wire);
     stats
         .downstream_cx_length_ms
         .record_duration(opened.elapsed());
+}
+
+/// Counts a connection's end as Envoy does: by the side that closed it (the peer, if a read
+/// saw its end first) and whether requests were still in flight then.
+fn count_destroy(stats: &crate::stats::HttpStats, wire: &Wire) {
+    stats.downstream_cx_destroy.inc();
+    let (side, side_active) = if wire.peer_ended.load(Ordering::Relaxed) {
+        (
+            &stats.downstream_cx_destroy_remote,
+            wire.peer_ended_active
+                .load(Ordering::Relaxed)
+                .then_some(&stats.downstream_cx_destroy_remote_active_rq),
+        )
+    } else {
+        (
+            &stats.downstream_cx_destroy_local,
+            (wire.in_flight.get() > 0).then_some(&stats.downstream_cx_destroy_local_active_rq),
+        )
+    };
+    side.inc();
+    if let Some(side_active) = side_active {
+        side_active.inc();
+        stats.downstream_cx_destroy_active_rq.inc();
+    }
+}
+
+/// Whether a connection's error is the client breaking the protocol (a head hyper cannot
+/// parse, a frame h2 refuses), which Envoy counts as `downstream_cx_protocol_error`.
+fn protocol_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>()
+            && (hyper.is_parse() || hyper.is_parse_too_large())
+        {
+            return true;
+        }
+        if let Some(h2) = error.downcast_ref::<h2::Error>()
+            && h2.is_library()
+            && h2
+                .reason()
+                .is_some_and(|reason| reason != h2::Reason::NO_ERROR)
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// The request's authority as a header value (cheap to clone: it shares the parsed buffer).
@@ -492,6 +570,7 @@ async fn handle(
         }
         let snapshot = manager.store.load();
         let Some(table) = manager.table(&snapshot) else {
+            stats.rq_total.inc();
             stats.no_route.inc();
             let mut reply = LocalReply::from(crate::error::ProxyError::config(
                 ResponseFlag::NoRouteFound,
@@ -577,6 +656,8 @@ async fn handle(
         if let Some(reply) = reply {
             return Err(reply);
         }
+        // The router takes the request: one the filters answered never reaches it.
+        stats.rq_total.inc();
         let Some(selected) = route.as_ref() else {
             stats.no_route.inc();
             tracing::debug!(%host, %path_and_query, "no route");

@@ -30,6 +30,7 @@ use crate::stats::{GaugeGuard, ListenerStats, Registry, SslStats, TcpStats};
 use crate::store::Store;
 use crate::tcp_proxy::TcpProxyRuntime;
 use crate::tls::PeerCertificate;
+use tls_inspector::NoVerdict;
 
 /// A filter chain's runtime, built when its listener starts.
 #[derive(Debug)]
@@ -302,7 +303,11 @@ impl ListenerManager {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let stats = Arc::new(ListenerStats::new(&context.registry, &stats_addr));
+        let stats = Arc::new(ListenerStats::new(
+            &context.registry,
+            &stats_addr,
+            context.workers.len(),
+        ));
         let (stop, _) = watch::channel(false);
         let listener = Arc::new(ActiveListener {
             connection_limit: context.limits.per_listener.get(&config.name).copied(),
@@ -317,8 +322,13 @@ impl ListenerManager {
         });
         for (index, worker) in context.workers.iter().enumerate() {
             let socket = sockets[index % sockets.len()].clone();
-            worker.spawn(accept_loop(self.clone(), listener.clone(), socket));
+            worker.spawn(accept_loop(self.clone(), listener.clone(), socket, index));
         }
+        // Envoy counts a listener's start once on each worker.
+        context
+            .registry
+            .counter("listener_manager.listener_create_success")
+            .add(context.workers.len() as u64);
         active.insert(listener.config.name.clone(), listener.clone());
         self.reindex(&active);
         drop(active);
@@ -443,10 +453,12 @@ impl ListenerManager {
     }
 }
 
+/// Accepts connections on `socket` for worker `worker` (its index, for the worker's stats).
 async fn accept_loop(
     manager: Arc<ListenerManager>,
     listener: Arc<ActiveListener>,
     socket: Arc<std::net::TcpListener>,
+    worker: usize,
 ) {
     let cloned = socket.try_clone();
     drop(socket); // only the registered clone and the listener's list keep the port open
@@ -477,8 +489,8 @@ async fn accept_loop(
                     tokio::spawn(Box::pin(serve_connection(
                         manager.clone(),
                         listener.clone(),
-                        stream,
-                        peer,
+                        (stream, peer),
+                        worker,
                     )));
                 }
                 Err(error) => {
@@ -493,8 +505,8 @@ async fn accept_loop(
         tokio::spawn(Box::pin(serve_connection(
             manager.clone(),
             listener.clone(),
-            stream,
-            peer,
+            (stream, peer),
+            worker,
         )));
     }
 }
@@ -598,11 +610,45 @@ impl Drop for Admitted {
     }
 }
 
+/// A connection counted under its listener (and the worker that took it) while open, and as
+/// destroyed, with its length, once closed.
+struct OpenConnection {
+    stats: Arc<ListenerStats>,
+    opened: std::time::Instant,
+    _active: [GaugeGuard; 2],
+}
+
+impl OpenConnection {
+    fn new(stats: &Arc<ListenerStats>, worker: usize) -> Self {
+        let on_worker = &stats.workers[worker % stats.workers.len()];
+        stats.downstream_cx_total.inc();
+        on_worker.downstream_cx_total.inc();
+        OpenConnection {
+            stats: stats.clone(),
+            opened: std::time::Instant::now(),
+            _active: [
+                GaugeGuard::new(&stats.downstream_cx_active),
+                GaugeGuard::new(&on_worker.downstream_cx_active),
+            ],
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.stats.downstream_cx_destroy.inc();
+        self.stats
+            .downstream_cx_length_ms
+            .record_duration(self.opened.elapsed());
+    }
+}
+
+/// Serves a connection `worker` accepted.
 async fn serve_connection(
     manager: Arc<ListenerManager>,
     listener: Arc<ActiveListener>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    (stream, peer): (TcpStream, SocketAddr),
+    worker: usize,
 ) {
     // Over a connection limit: closed before anything is read, as Envoy does at accept.
     let Some(_admitted) = Admitted::try_new(&manager.context.limits, Some(&listener)) else {
@@ -627,8 +673,7 @@ async fn serve_connection(
         }
     }
     let config = listener.config.clone();
-    listener.stats.downstream_cx_total.inc();
-    let _active = GaugeGuard::new(&listener.stats.downstream_cx_active);
+    let _open = OpenConnection::new(&listener.stats, worker);
     let watch = listener.drain.watch();
     let mut info = ConnectionInfo {
         destination,
@@ -641,16 +686,24 @@ async fn serve_connection(
         tls_terminated: false,
     };
     if config.tls_inspector {
-        match tls_inspector::inspect(&stream, config.listener_filters_timeout).await {
-            Some(hello) => {
+        let inspecting = GaugeGuard::new(&listener.stats.downstream_pre_cx_active);
+        let inspected = tls_inspector::inspect(&stream, config.listener_filters_timeout).await;
+        drop(inspecting);
+        match inspected {
+            Ok(hello) => {
                 if hello.tls {
                     info.transport_protocol = "tls";
                 }
                 info.server_name = hello.server_name.map(Arc::from);
                 info.application_protocols = hello.alpn;
             }
-            None if config.continue_on_listener_filters_timeout => {}
-            None => return,
+            Err(NoVerdict::TimedOut) => {
+                listener.stats.downstream_pre_cx_timeout.inc();
+                if !config.continue_on_listener_filters_timeout {
+                    return;
+                }
+            }
+            Err(NoVerdict::Failed) => return,
         }
     }
     let Some(chain) = filter_chain::select(&config, &info) else {

@@ -140,8 +140,17 @@ fn client_hello(r: &mut Reader<'_>) -> Option<Hello> {
     Some(hello)
 }
 
-/// Peeks until a verdict or the timeout (`None` on timeout or error).
-pub async fn inspect(stream: &TcpStream, timeout: Duration) -> Option<Hello> {
+/// Why the inspector gave no verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoVerdict {
+    /// `listener_filters_timeout` passed first.
+    TimedOut,
+    /// Peeking at the socket failed.
+    Failed,
+}
+
+/// Peeks until a verdict, the timeout, or an error.
+pub async fn inspect(stream: &TcpStream, timeout: Duration) -> Result<Hello, NoVerdict> {
     let work = async {
         let mut buf = vec![0u8; 16 * 1024];
         let mut last = 0;
@@ -162,7 +171,11 @@ pub async fn inspect(stream: &TcpStream, timeout: Duration) -> Option<Hello> {
             }
         }
     };
-    tokio::time::timeout(timeout, work).await.ok().flatten()
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Some(hello)) => Ok(hello),
+        Ok(None) => Err(NoVerdict::Failed),
+        Err(_) => Err(NoVerdict::TimedOut),
+    }
 }
 
 #[cfg(test)]

@@ -95,12 +95,14 @@ pub trait StatBlock: Send + Sync + 'static {
 }
 
 /// Defines a struct of stats and histograms and its [`StatBlock`] from one list, so a field and
-/// the name it is shown under cannot drift apart.
+/// the name it is shown under cannot drift apart. Counters in `counters_shown_once_used` are
+/// listed from their first count on, as Envoy lists the stats it makes on first use.
 macro_rules! stat_block {
     (
         $(#[$meta:meta])*
         pub struct $name:ident {
             stats { $( $(#[$stat_meta:meta])* $stat:ident: $kind:ident, )* }
+            counters_shown_once_used { $( $(#[$lazy_meta:meta])* $lazy:ident, )* }
             histograms { $( $(#[$hist_meta:meta])* $hist:ident, )* }
         }
     ) => {
@@ -108,12 +110,15 @@ macro_rules! stat_block {
         #[derive(Debug, Default)]
         pub struct $name {
             $( $(#[$stat_meta])* pub $stat: Stat, )*
+            $( $(#[$lazy_meta])* pub $lazy: Stat, )*
             $( $(#[$hist_meta])* pub $hist: Histogram, )*
         }
 
         impl StatBlock for $name {
             fn each_stat(&self, each: &mut dyn FnMut(&'static str, Kind, &Stat)) {
                 $( each(stringify!($stat), Kind::$kind, &self.$stat); )*
+                // Envoy makes these at their first count.
+                $( if self.$lazy.used() { each(stringify!($lazy), Kind::Counter, &self.$lazy); } )*
             }
             #[allow(unused_variables)] // a block without histograms
             fn each_histogram(&self, each: &mut dyn FnMut(&'static str, &Histogram)) {
@@ -374,10 +379,6 @@ stat_block! {
             upstream_rq_total: Counter,
             upstream_rq_active: Gauge,
             upstream_rq_active_overflow: Counter,
-            upstream_rq_2xx: Counter,
-            upstream_rq_3xx: Counter,
-            upstream_rq_4xx: Counter,
-            upstream_rq_5xx: Counter,
             upstream_rq_timeout: Counter,
             /// Retries: made, the requests that succeeded after one, refused by the retry breaker,
             /// stopped at the limit, and back-offs waited.
@@ -427,6 +428,13 @@ stat_block! {
             /// xxHash64 of the last accepted EDS version.
             version: Gauge,
         }
+        counters_shown_once_used {
+            /// Responses by class, as the router's dynamic stats count them.
+            upstream_rq_2xx,
+            upstream_rq_3xx,
+            upstream_rq_4xx,
+            upstream_rq_5xx,
+        }
         histograms {
             /// Upstream request start to the end of the response (ms).
             upstream_rq_time,
@@ -469,6 +477,7 @@ stat_block! {
             /// Handshakes that resumed a session.
             session_reused: Counter,
         }
+        counters_shown_once_used {}
         histograms {}
     }
 }
@@ -646,8 +655,37 @@ pub struct HttpStats {
     pub downstream_cx_http2_total: Arc<Stat>,
     pub downstream_cx_http1_active: Arc<Stat>,
     pub downstream_cx_http2_active: Arc<Stat>,
-    /// Connections closed, by either side.
+    /// Connections closed, by either side; by which side; and those closed with requests in
+    /// flight.
     pub downstream_cx_destroy: Arc<Stat>,
+    pub downstream_cx_destroy_local: Arc<Stat>,
+    pub downstream_cx_destroy_remote: Arc<Stat>,
+    pub downstream_cx_destroy_active_rq: Arc<Stat>,
+    pub downstream_cx_destroy_local_active_rq: Arc<Stat>,
+    pub downstream_cx_destroy_remote_active_rq: Arc<Stat>,
+    /// Connections over TLS.
+    pub downstream_cx_ssl_total: Arc<Stat>,
+    pub downstream_cx_ssl_active: Arc<Stat>,
+    /// HTTP/3: Remora serves none, so these stay 0, as Envoy's do without a QUIC listener.
+    pub downstream_cx_http3_total: Arc<Stat>,
+    pub downstream_cx_http3_active: Arc<Stat>,
+    pub downstream_rq_http3_total: Arc<Stat>,
+    /// Bytes read from and written to downstream connections (decrypted, under TLS).
+    pub downstream_cx_rx_bytes_total: Arc<Stat>,
+    pub downstream_cx_tx_bytes_total: Arc<Stat>,
+    /// Connections closed by the connection idle timeout, and by a drain.
+    pub downstream_cx_idle_timeout: Arc<Stat>,
+    pub downstream_cx_drain_close: Arc<Stat>,
+    /// Connections ended by a request the codec refused, or by a protocol error.
+    pub downstream_cx_protocol_error: Arc<Stat>,
+    /// Upgraded streams (WebSocket and the like) that became tunnels, and those open.
+    pub downstream_cx_upgrades_total: Arc<Stat>,
+    pub downstream_cx_upgrades_active: Arc<Stat>,
+    /// The router's: requests it took, and those it answered with a direct response or a
+    /// redirect.
+    pub rq_total: Arc<Stat>,
+    pub rq_direct_response: Arc<Stat>,
+    pub rq_redirect: Arc<Stat>,
     pub downstream_rq_timeout: Arc<Stat>,
     pub downstream_rq_idle_timeout: Arc<Stat>,
     pub downstream_rq_max_duration_reached: Arc<Stat>,
@@ -655,9 +693,6 @@ pub struct HttpStats {
     pub downstream_cx_max_requests_reached: Arc<Stat>,
     pub no_route: Arc<Stat>,
     pub no_cluster: Arc<Stat>,
-    /// The CORS filter's origin checks (`http.PREFIX.cors.origin_valid|origin_invalid`).
-    pub cors_origin_valid: Arc<Stat>,
-    pub cors_origin_invalid: Arc<Stat>,
     /// Request start to the end of the response (ms).
     pub downstream_rq_time: Arc<Histogram>,
     /// Connection lifetime (ms).
@@ -692,14 +727,32 @@ impl HttpStats {
             downstream_cx_http1_active: g("downstream_cx_http1_active"),
             downstream_cx_http2_active: g("downstream_cx_http2_active"),
             downstream_cx_destroy: c("downstream_cx_destroy"),
+            downstream_cx_destroy_local: c("downstream_cx_destroy_local"),
+            downstream_cx_destroy_remote: c("downstream_cx_destroy_remote"),
+            downstream_cx_destroy_active_rq: c("downstream_cx_destroy_active_rq"),
+            downstream_cx_destroy_local_active_rq: c("downstream_cx_destroy_local_active_rq"),
+            downstream_cx_destroy_remote_active_rq: c("downstream_cx_destroy_remote_active_rq"),
+            downstream_cx_ssl_total: c("downstream_cx_ssl_total"),
+            downstream_cx_ssl_active: g("downstream_cx_ssl_active"),
+            downstream_cx_http3_total: c("downstream_cx_http3_total"),
+            downstream_cx_http3_active: g("downstream_cx_http3_active"),
+            downstream_rq_http3_total: c("downstream_rq_http3_total"),
+            downstream_cx_rx_bytes_total: c("downstream_cx_rx_bytes_total"),
+            downstream_cx_tx_bytes_total: c("downstream_cx_tx_bytes_total"),
+            downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
+            downstream_cx_drain_close: c("downstream_cx_drain_close"),
+            downstream_cx_protocol_error: c("downstream_cx_protocol_error"),
+            downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
+            downstream_cx_upgrades_active: g("downstream_cx_upgrades_active"),
+            rq_total: c("rq_total"),
+            rq_direct_response: c("rq_direct_response"),
+            rq_redirect: c("rq_redirect"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
             downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
             downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
-            cors_origin_valid: c("cors.origin_valid"),
-            cors_origin_invalid: c("cors.origin_invalid"),
             downstream_rq_time: registry.histogram(format!("http.{prefix}.downstream_rq_time")),
             downstream_cx_length_ms: registry
                 .histogram(format!("http.{prefix}.downstream_cx_length_ms")),
@@ -753,6 +806,14 @@ impl ResponseClasses {
 pub struct ListenerStats {
     pub downstream_cx_total: Arc<Stat>,
     pub downstream_cx_active: Arc<Stat>,
+    /// Connections closed, and how long they were open (ms).
+    pub downstream_cx_destroy: Arc<Stat>,
+    pub downstream_cx_length_ms: Arc<Histogram>,
+    /// Connections in the listener filters (the TLS inspector), and those it timed out.
+    pub downstream_pre_cx_active: Arc<Stat>,
+    pub downstream_pre_cx_timeout: Arc<Stat>,
+    /// `listener.ADDR.worker_N.*`, by worker.
+    pub workers: Vec<WorkerListenerStats>,
     pub no_filter_chain_match: Arc<Stat>,
     /// Connections closed at once: the listener's `connection_limit` was reached.
     pub downstream_cx_overflow: Arc<Stat>,
@@ -760,13 +821,39 @@ pub struct ListenerStats {
     pub downstream_global_cx_overflow: Arc<Stat>,
 }
 
+/// `listener.ADDR.worker_N.*`: the connections one worker took.
+#[derive(Debug)]
+pub struct WorkerListenerStats {
+    pub downstream_cx_total: Arc<Stat>,
+    pub downstream_cx_active: Arc<Stat>,
+}
+
 impl ListenerStats {
-    pub fn new(registry: &Registry, addr: &str) -> Self {
+    /// The stats of the listener on `addr`, served by `workers` workers.
+    pub fn new(registry: &Registry, addr: &str, workers: usize) -> Self {
         // Envoy's stat names have no ':' (it becomes '_'): `listener.127.0.0.1_15001.…`.
         let addr = addr.replace(':', "_");
         ListenerStats {
             downstream_cx_total: registry.counter(format!("listener.{addr}.downstream_cx_total")),
             downstream_cx_active: registry.gauge(format!("listener.{addr}.downstream_cx_active")),
+            downstream_cx_destroy: registry
+                .counter(format!("listener.{addr}.downstream_cx_destroy")),
+            downstream_cx_length_ms: registry
+                .histogram(format!("listener.{addr}.downstream_cx_length_ms")),
+            downstream_pre_cx_active: registry
+                .gauge(format!("listener.{addr}.downstream_pre_cx_active")),
+            downstream_pre_cx_timeout: registry
+                .counter(format!("listener.{addr}.downstream_pre_cx_timeout")),
+            workers: (0..workers.max(1))
+                .map(|worker| WorkerListenerStats {
+                    downstream_cx_total: registry.counter(format!(
+                        "listener.{addr}.worker_{worker}.downstream_cx_total"
+                    )),
+                    downstream_cx_active: registry.gauge(format!(
+                        "listener.{addr}.worker_{worker}.downstream_cx_active"
+                    )),
+                })
+                .collect(),
             no_filter_chain_match: registry
                 .counter(format!("listener.{addr}.no_filter_chain_match")),
             downstream_cx_overflow: registry

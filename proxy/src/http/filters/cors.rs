@@ -8,6 +8,8 @@
 //! route configuration); only when none is there do the deprecated `cors` fields of the route
 //! action and the virtual host count.
 
+use std::sync::Arc;
+
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use remora_config::filters::PerRouteConfig;
@@ -16,7 +18,7 @@ use remora_config::filters::cors::CorsPolicy;
 use crate::http::filter::{Flow, HttpFilter, Stream};
 use crate::http::local_reply::LocalReply;
 use crate::http::selected::Selected;
-use crate::stats::HttpStats;
+use crate::stats::{Registry, Stat};
 
 static REQUEST_METHOD: HeaderName = HeaderName::from_static("access-control-request-method");
 static REQUEST_HEADERS: HeaderName = HeaderName::from_static("access-control-request-headers");
@@ -35,12 +37,26 @@ static ALLOW_PRIVATE_NETWORK: HeaderName =
 #[derive(Debug)]
 pub struct Cors {
     name: String,
+    stats: CorsStats,
+}
+
+/// `http.PREFIX.cors.origin_valid|origin_invalid`: made with the filter, as in Envoy, so a
+/// connection manager without one lists neither.
+#[derive(Debug)]
+pub struct CorsStats {
+    origin_valid: Arc<Stat>,
+    origin_invalid: Arc<Stat>,
 }
 
 impl Cors {
-    pub fn new(name: &str) -> Self {
+    pub fn new(name: &str, registry: &Registry, stat_prefix: &str) -> Self {
+        let counter = |name: &str| registry.counter(format!("http.{stat_prefix}.cors.{name}"));
         Cors {
             name: name.to_string(),
+            stats: CorsStats {
+                origin_valid: counter("origin_valid"),
+                origin_invalid: counter("origin_invalid"),
+            },
         }
     }
 }
@@ -62,11 +78,7 @@ impl HttpFilter for Cors {
             return Flow::Continue;
         }
         let policies = Policies::of(&self.name, route);
-        match policies.on_request(
-            &stream.request.method,
-            &stream.request.headers,
-            stream.stats,
-        ) {
+        match policies.on_request(&stream.request.method, &stream.request.headers, &self.stats) {
             Decision::Preflight(status, headers) => {
                 let mut reply = LocalReply::new(status);
                 reply.headers = headers;
@@ -145,7 +157,7 @@ impl<'a> Policies<'a> {
 
     /// Decides on a request: answer it here (a preflight), or forward it, remembering the
     /// allowed origin for the response.
-    fn on_request(&self, method: &Method, headers: &HeaderMap, stats: &HttpStats) -> Decision {
+    fn on_request(&self, method: &Method, headers: &HeaderMap, stats: &CorsStats) -> Decision {
         let enabled = self.sampled(|p| p.enabled_per_million);
         if !enabled && !self.sampled(|p| p.shadow_per_million) {
             return Decision::Forward(None);
@@ -155,9 +167,9 @@ impl<'a> Policies<'a> {
         };
         let allowed = self.origin_allowed(origin.to_str().unwrap_or(""));
         if allowed {
-            stats.cors_origin_valid.inc();
+            stats.origin_valid.inc();
         } else {
-            stats.cors_origin_invalid.inc();
+            stats.origin_invalid.inc();
         }
         if !enabled {
             return Decision::Forward(None); // shadow mode: counted, not enforced

@@ -65,7 +65,9 @@ pub fn build(specs: &[FilterSpec], server: &Server<'_>) -> FilterChain {
                     compressor_position += 1;
                 }
             }
-            FilterConfig::Cors(_) => filters.push(Arc::new(cors::Cors::new(&spec.name))),
+            FilterConfig::Cors(_) => {
+                filters.push(Arc::new(cors::Cors::new(&spec.name, registry, stat_prefix)))
+            }
             FilterConfig::Fault(config) => filters.push(Arc::new(fault::Fault::new(
                 &spec.name,
                 config.clone(),

@@ -605,7 +605,7 @@ pub(super) async fn forward(
             downstream_upgrade,
             hyper::upgrade::on(&mut response),
             forward.idle_timeout.unwrap_or(hcm.stream_idle_timeout),
-            manager.stats.downstream_rq_idle_timeout.clone(),
+            manager.stats.clone(),
         );
     }
     let response_headers = response.headers_mut();

@@ -76,8 +76,10 @@ fn unforwarded(
 pub async fn route(request: RouteRequest<'_>) -> Result<Response<ResponseBody>, LocalReply> {
     let selected = request.route;
     let route = selected.route();
+    let stats = &request.manager.stats;
     match &route.action {
         Action::Direct { status, body } => {
+            stats.rq_direct_response.inc();
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             let mut reply = LocalReply::new(status);
             if let Some(body) = body {
@@ -88,6 +90,8 @@ pub async fn route(request: RouteRequest<'_>) -> Result<Response<ResponseBody>, 
             Err(unforwarded(request.log, &request.parts, reply))
         }
         Action::Redirect(redirect) => {
+            // Envoy's router answers a redirect as a direct response, and counts it so.
+            stats.rq_direct_response.inc();
             let scheme = request.parts.uri.scheme_str().unwrap_or(request.scheme);
             let location =
                 redirect.location(route, scheme, request.host, request.path_and_query.as_str());

@@ -14,25 +14,28 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::http::codec_guard::ServedIo;
-use crate::stats::Stat;
+use crate::stats::{GaugeGuard, HttpStats};
 use crate::tunnel::{self, Activity};
 use crate::upstream::pool::UpgradedUpstream;
 
-/// Runs the tunnel in its own task once both sides have switched protocols.
+/// Runs the tunnel in its own task once both sides have switched protocols. It counts in the
+/// connection manager's `stats`: as an upgrade, and as a stream idle timeout if it idles out.
 pub fn spawn(
     downstream: OnUpgrade,
     upstream: OnUpgrade,
     idle_timeout: Option<Duration>,
-    idle_timeouts: Arc<Stat>,
+    stats: Arc<HttpStats>,
 ) {
     tokio::spawn(async move {
         let (Ok(downstream), Ok(upstream)) = tokio::join!(downstream, upstream) else {
             return;
         };
+        stats.downstream_cx_upgrades_total.inc();
+        let _open = GaugeGuard::new(&stats.downstream_cx_upgrades_active);
         let activity = Activity::default();
         let idle = async {
             tunnel::idle(&activity, idle_timeout).await;
-            idle_timeouts.inc();
+            stats.downstream_rq_idle_timeout.inc();
         };
         tokio::select! {
             _ = run(downstream, upstream, &activity) => {}
