@@ -104,7 +104,7 @@ fn exercise(admin: SocketAddr, inbound: u16, outbound: u16) -> Answers {
     let mut clusters_text: Vec<String> = get("/clusters").2.lines().map(str::to_string).collect();
     clusters_text.sort_by_key(|line| line.split("::").next().unwrap_or_default().to_string());
     let used_stats = get(
-        "/stats?usedonly&filter=%5Ecluster%5C.(svc%7Cdown%7Cmixed)%5C.upstream_(cx_total%7Ccx_active%7Crq_total%7Crq_pending_active)%24",
+        "/stats?usedonly&filter=%5Ecluster%5C.(svc%7Cdown%7Cmixed)%5C.upstream_(cx_total%7Ccx_active%7Crq_total%7Crq_pending_active%7Ccx_destroy(_local%7C_remote)%3F%7Ccx_connect_fail)%24",
     )
     .2;
     let mut statuses = Vec::new();
@@ -186,6 +186,17 @@ fn admin_endpoints_answer_as_envoys_do() {
             remora.clusters_text.contains(&line),
             "{line} in {:#?}",
             remora.clusters_text
+        );
+    }
+    // The refused connect: the upstream's end, in the failure and destroy counts.
+    for line in [
+        "cluster.down.upstream_cx_connect_fail: 1",
+        "cluster.down.upstream_cx_destroy_remote: 1",
+    ] {
+        assert!(
+            remora.used_stats.contains(line),
+            "{line} in {}",
+            remora.used_stats
         );
     }
     assert_eq!(remora.statuses[0].1, 400, "{:?}", remora.statuses);
@@ -731,11 +742,8 @@ const NOT_KEPT_YET: &[(&str, &[&str])] = &[
             "retry_or_shadow_abandoned",
             "upstream_cx_close_notify",
             "upstream_cx_connect_attempts_exceeded",
-            "upstream_cx_connect_timeout",
             "upstream_cx_connect_with_0_rtt",
-            "upstream_cx_destroy_local",
             "upstream_cx_destroy_local_with_active_rq",
-            "upstream_cx_destroy_remote",
             "upstream_cx_destroy_remote_with_active_rq",
             "upstream_cx_destroy_with_active_rq",
             "upstream_cx_http3_total",

@@ -397,6 +397,8 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
                 "upstream_cx_total",
                 "upstream_cx_max_requests",
                 "upstream_cx_destroy",
+                "upstream_cx_destroy_local",
+                "upstream_cx_destroy_remote",
                 "upstream_cx_http1_total",
                 "upstream_cx_http2_total",
             ]
@@ -407,7 +409,12 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
             "http2" => [0, 3],
             _ => [3, 0],
         };
-        assert_eq!(remora, [3, 2, 2, by_protocol[0], by_protocol[1]], "{case}");
+        // Both closes are the proxy's.
+        assert_eq!(
+            remora,
+            [3, 2, 2, 2, 0, by_protocol[0], by_protocol[1]],
+            "{case}"
+        );
         if let Some(envoy) = envoy {
             assert_eq!(envoy, remora, "{case}: envoy, remora");
         }

@@ -395,8 +395,13 @@ stat_block! {
             upstream_rq_pending_overflow: Counter,
             upstream_cx_total: Counter,
             upstream_cx_active: Gauge,
-            /// Connections ended, failed connects included (Envoy's `upstream_cx_destroy`).
+            /// Connections ended, failed connects included (Envoy's `upstream_cx_destroy`), and
+            /// by which side: the upstream's (refused, closed, reset) or the proxy's.
             upstream_cx_destroy: Counter,
+            upstream_cx_destroy_local: Counter,
+            upstream_cx_destroy_remote: Counter,
+            /// Connects (TLS handshakes included) that ran out of `connect_timeout`.
+            upstream_cx_connect_timeout: Counter,
             /// HTTP connections by protocol, counted when the pool starts one.
             upstream_cx_http1_total: Counter,
             upstream_cx_http2_total: Counter,

@@ -147,7 +147,7 @@ impl Connector {
         slot: LimitSlot,
         early: Option<&mut EarlyBytes<'_>>,
     ) -> Result<UpstreamIo, ConnectError> {
-        let counted = Counted::new(&self.stats, host, slot);
+        let mut counted = Counted::new(&self.stats, host, slot);
         let failed = |reason: String, transport: Option<String>| {
             self.stats.upstream_cx_connect_fail.inc();
             host.stats.cx_connect_fail.inc();
@@ -163,9 +163,14 @@ impl Connector {
             {
                 Ok(Ok(tcp)) => tcp,
                 Ok(Err(error)) => {
+                    // Refused or unreachable: the far end's answer, as Envoy sees it.
+                    counted.ended_by_peer = true;
                     return Err(failed(error.to_string(), Some(connect_failure(&error))));
                 }
-                Err(_) => return Err(failed("connect timeout".into(), None)),
+                Err(_) => {
+                    self.stats.upstream_cx_connect_timeout.inc();
+                    return Err(failed("connect timeout".into(), None));
+                }
             };
         let stream = match &self.tls {
             None => Stream::Plain(tcp),
@@ -197,6 +202,7 @@ impl Connector {
                     }
                     Ok(Err(error)) => {
                         tls.stats.failed(&error);
+                        counted.ended_by_peer = peer_gone(&error);
                         return Err(failed(
                             format!("TLS: {error}"),
                             Some(format!("TLS_error: {error}")),
@@ -204,6 +210,8 @@ impl Connector {
                     }
                     Err(_) => {
                         tls.stats.connection_error.inc();
+                        // Envoy's connect timeout runs until the handshake is done.
+                        self.stats.upstream_cx_connect_timeout.inc();
                         return Err(failed("TLS handshake timeout".into(), None));
                     }
                 }
@@ -321,8 +329,9 @@ pub fn set_keepalive(
 }
 
 /// A connection in the cluster's and its host's `cx_total` and `cx_active` from its first
-/// attempt, holding its connection slot; leaves `cx_active` (and counts `upstream_cx_destroy`)
-/// when dropped, whether the connect failed, was given up on or the connection closed.
+/// attempt, holding its connection slot; leaves `cx_active` (and counts `upstream_cx_destroy`,
+/// and by which side) when dropped, whether the connect failed, was given up on or the
+/// connection closed.
 #[derive(Debug)]
 struct Counted {
     stats: Arc<ClusterStats>,
@@ -330,6 +339,18 @@ struct Counted {
     _slot: LimitSlot,
     /// For `upstream_cx_length_ms`.
     opened: std::time::Instant,
+    /// The upstream ended it: refused the connect, or closed or reset the connection.
+    ended_by_peer: bool,
+}
+
+/// Whether an I/O error says the peer went away (reset, closed) rather than that this side
+/// failed.
+fn peer_gone(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
 }
 
 impl Counted {
@@ -343,6 +364,7 @@ impl Counted {
             host: host.clone(),
             _slot: slot,
             opened: std::time::Instant::now(),
+            ended_by_peer: false,
         }
     }
 }
@@ -351,6 +373,10 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.stats.upstream_cx_active.dec();
         self.stats.upstream_cx_destroy.inc();
+        match self.ended_by_peer {
+            true => self.stats.upstream_cx_destroy_remote.inc(),
+            false => self.stats.upstream_cx_destroy_local.inc(),
+        }
         self.host.stats.cx_active.dec();
         self.stats
             .upstream_cx_length_ms
@@ -432,15 +458,31 @@ impl AsyncRead for UpstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let before = buf.filled().len();
+        let (before, room) = (buf.filled().len(), buf.remaining() > 0);
         let result = with_stream!(this, io => Pin::new(io).poll_read(cx, buf));
         let read = buf.filled().len() - before;
-        if read > 0
-            && let Some(counted) = &this.counted
-        {
-            counted.stats.upstream_cx_rx_bytes_total.add(read as u64);
+        if let (Poll::Ready(outcome), Some(counted)) = (&result, &mut this.counted) {
+            if read > 0 {
+                counted.stats.upstream_cx_rx_bytes_total.add(read as u64);
+            } else if room || outcome.is_err() {
+                // The stream's end, or a reset.
+                counted.ended_by_peer = true;
+            }
         }
         result
+    }
+}
+
+/// Counts a write's bytes, or that it found the peer gone.
+fn count_written(counted: &mut Option<Counted>, result: &Poll<std::io::Result<usize>>) {
+    match (result, counted) {
+        (Poll::Ready(Ok(n)), Some(counted)) => {
+            counted.stats.upstream_cx_tx_bytes_total.add(*n as u64)
+        }
+        (Poll::Ready(Err(error)), Some(counted)) if peer_gone(error) => {
+            counted.ended_by_peer = true;
+        }
+        _ => {}
     }
 }
 
@@ -452,9 +494,7 @@ impl AsyncWrite for UpstreamIo {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         let result = with_stream!(this, io => Pin::new(io).poll_write(cx, buf));
-        if let (Poll::Ready(Ok(n)), Some(counted)) = (&result, &this.counted) {
-            counted.stats.upstream_cx_tx_bytes_total.add(*n as u64);
-        }
+        count_written(&mut this.counted, &result);
         result
     }
 
@@ -469,9 +509,7 @@ impl AsyncWrite for UpstreamIo {
             cx,
             bufs
         ));
-        if let (Poll::Ready(Ok(n)), Some(counted)) = (&result, &this.counted) {
-            counted.stats.upstream_cx_tx_bytes_total.add(*n as u64);
-        }
+        count_written(&mut this.counted, &result);
         result
     }
 
