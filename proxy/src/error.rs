@@ -27,6 +27,8 @@ pub enum ResponseFlag {
     UpstreamConnectionFailure,
     /// The upstream connection closed under the request.
     UpstreamConnectionTermination,
+    /// The upstream's response broke the protocol (a head its codec could not read).
+    UpstreamProtocolError,
     /// Upstream overflow (circuit breaker).
     UpstreamOverflow,
     /// No route configured.
@@ -60,6 +62,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamRemoteReset => "UR",
             ResponseFlag::UpstreamConnectionFailure => "UF",
             ResponseFlag::UpstreamConnectionTermination => "UC",
+            ResponseFlag::UpstreamProtocolError => "UPE",
             ResponseFlag::UpstreamOverflow => "UO",
             ResponseFlag::NoRouteFound => "NR",
             ResponseFlag::DownstreamConnectionTermination => "DC",
@@ -90,6 +93,10 @@ impl ResponseFlag {
             ResponseFlag::UpstreamConnectionTermination => (
                 503,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            ),
+            ResponseFlag::UpstreamProtocolError => (
+                502,
+                "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
             ),
             ResponseFlag::UpstreamRemoteReset | ResponseFlag::UpstreamRetryLimitExceeded => (
                 503,

@@ -952,6 +952,7 @@ struct Lingering {
     eds_unhealthy: String,
     total_while_lingering: u64,
     gone_once_failing: bool,
+    membership_changes: u64,
 }
 
 fn cla(hosts: &[(SocketAddr, &str)]) -> prost_types::Any {
@@ -1062,6 +1063,8 @@ static_resources:
                 eds_unhealthy: side.flags("svc", c.addr),
                 total_while_lingering,
                 gone_once_failing,
+                // Hosts came (the first set) and went (b); health alone changes no membership.
+                membership_changes: side.stat("cluster.svc.membership_change"),
             }
         },
     ) else {
@@ -1070,4 +1073,5 @@ static_resources:
     assert_eq!(remora, envoy);
     assert_eq!(envoy.total_while_lingering, 3);
     assert!(envoy.gone_once_failing);
+    assert_eq!(remora.membership_changes, 2);
 }

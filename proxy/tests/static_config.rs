@@ -2448,9 +2448,27 @@ fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
     }
 }
 
-/// How connections end, as the connection manager counts it: a client that leaves with its
-/// request in flight, one that sends what no codec reads, one left idle until the connection
-/// idle timeout; and the router's direct responses and redirects. Under Envoy as under Remora.
+/// An upstream that answers each request with a head, three of the hundred body bytes it
+/// promises, and its end of the connection.
+fn cut_upstream() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 4096];
+            if matches!(stream.read(&mut buf), Ok(n) if n > 0) {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc");
+            }
+        }
+    });
+    addr
+}
+
+/// How connections and streams end, as the connection manager counts it: a client that leaves
+/// with its request in flight, a response the upstream stops short, a client that sends what
+/// no codec reads, one left idle until the connection idle timeout; and the router's direct
+/// responses and redirects. Under Envoy as under Remora.
 #[test]
 fn connection_ends_and_router_answers_count_as_envoys_do() {
     let echo = EchoServer::start("e", "127.0.0.1");
@@ -2463,9 +2481,14 @@ fn connection_ends_and_router_answers_count_as_envoys_do() {
                 direct_response: {status: 204}
               - match: {prefix: "/moved"}
                 redirect: {path_redirect: "/ok"}
+              - match: {prefix: "/cut"}
+                route: {cluster: cut, timeout: 5s}
+              - match: {prefix: "/garbage"}
+                route: {cluster: garbage, timeout: 5s}
               - match: {prefix: "/"}
                 route: {cluster: app, timeout: 5s}
 "#;
+    let cut = cut_upstream();
     let yaml = bootstrap(
         &admin_yaml,
         &[http_listener(
@@ -2475,7 +2498,11 @@ fn connection_ends_and_router_answers_count_as_envoys_do() {
             "          common_http_protocol_options: {idle_timeout: 0.5s}\n          drain_timeout: 0.1s\n",
             routes,
         )],
-        &[static_cluster("app", &[echo.addr])],
+        &[
+            static_cluster("app", &[echo.addr]),
+            static_cluster("cut", &[cut]),
+            static_cluster("garbage", &[raw_upstream(b"NOT HTTP AT ALL\r\n\r\n")]),
+        ],
     );
     let (_dir, file) = write_config(&yaml);
     let stat = |name: &str| remora_tests::admin_stat(admin, &format!("http.ing.{name}"));
@@ -2493,6 +2520,21 @@ fn connection_ends_and_router_answers_count_as_envoys_do() {
             (stat("downstream_rq_active") == Some(1)).then_some(())
         });
         drop(leaver);
+        // The upstream's body stops short: the proxy cuts the response it had begun.
+        let (reply, closed) =
+            exchange_until_closed(loopback(port), b"GET /cut HTTP/1.1\r\nhost: a\r\n\r\n");
+        assert!(
+            reply.starts_with("HTTP/1.1 200") && reply.ends_with("abc"),
+            "{reply}"
+        );
+        assert!(closed);
+        // An upstream that does not speak HTTP: the codec's protocol error, a 502.
+        let (status, _, body) = http_get(loopback(port), "/garbage").expect("request");
+        let garbage = (
+            status,
+            body,
+            remora_tests::admin_stat(admin, "cluster.garbage.upstream_cx_protocol_error"),
+        );
         // Not HTTP: refused with a 400, and the connection closed.
         let (reply, closed) = exchange_until_closed(loopback(port), b"NOT HTTP\r\n\r\n");
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
@@ -2508,9 +2550,11 @@ fn connection_ends_and_router_answers_count_as_envoys_do() {
         assert!(seen.starts_with(b"HTTP/1.1 200"));
         wait_for("every connection closed", Duration::from_secs(15), || {
             let total = stat("downstream_cx_total")?;
-            (total == probes + 5 && stat("downstream_cx_destroy")? == total).then_some(())
+            (total == probes + 7 && stat("downstream_cx_destroy")? == total).then_some(())
         });
-        [
+        let counts = [
+            "downstream_rq_rx_reset",
+            "downstream_rq_tx_reset",
             "downstream_cx_destroy_local",
             "downstream_cx_destroy_local_active_rq",
             "downstream_cx_destroy_remote_active_rq",
@@ -2523,20 +2567,39 @@ fn connection_ends_and_router_answers_count_as_envoys_do() {
             "no_route",
         ]
         .map(|name| (name, stat(name).expect(name)))
+        .into_iter()
+        .collect::<Vec<_>>();
+        (counts, garbage)
     };
     let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
     assert_eq!(
-        remora,
+        remora.1,
+        (
+            502,
+            "upstream connect error or disconnect/reset before headers. reset reason: protocol \
+             error"
+                .to_string(),
+            Some(1)
+        )
+    );
+    assert_eq!(
+        remora.0,
         [
-            // The direct response, the redirect, the refused head and the idle connection.
-            ("downstream_cx_destroy_local", 4),
+            // Every reset stream: the client that left, the response cut, the refused head;
+            // and of them, the one the proxy reset.
+            ("downstream_rq_rx_reset", 3),
+            ("downstream_rq_tx_reset", 1),
+            // The direct response, the redirect, the cut response, the 502, the refused head
+            // and the idle connection.
+            ("downstream_cx_destroy_local", 6),
             ("downstream_cx_destroy_local_active_rq", 0),
             ("downstream_cx_destroy_remote_active_rq", 1),
             ("downstream_cx_destroy_active_rq", 1),
             ("downstream_cx_idle_timeout", 1),
             ("downstream_cx_protocol_error", 1),
-            // The direct response, the redirect, the one left and the idle connection's.
-            ("rq_total", 4),
+            // The direct response, the redirect, the one left, the cut one, the 502 and the
+            // idle connection's.
+            ("rq_total", 6),
             ("rq_direct_response", 2),
             ("rq_redirect", 0),
             ("no_route", 0),

@@ -66,15 +66,19 @@ pub struct Refusal {
     pub target: String,
 }
 
+/// The details of the one refusal that is the connection manager's, not the codec's: a
+/// target with a `#fragment`.
+pub const PATH_NORMALIZATION_FAILED: &str = "path_normalization_failed";
+
 /// The one refusal a connection can hold (the guard stops at it), keyed by the 0-based index
 /// of the request it replaces.
 #[derive(Debug, Default)]
 pub struct Refusals(OnceLock<(u64, Refusal)>);
 
 impl Refusals {
-    /// Whether a head was refused.
-    pub fn any(&self) -> bool {
-        self.0.get().is_some()
+    /// The head refused, if any.
+    pub fn refused(&self) -> Option<&Refusal> {
+        self.0.get().map(|(_, refusal)| refusal)
     }
 
     /// The refusal for the connection's `index`th request, if its head was refused.
@@ -719,7 +723,7 @@ fn judge_head(head: &[u8], rules: &Rules) -> Judgement {
     }
     // The connection manager refuses a fragment (Envoy's default); hyper would strip it.
     if target.contains(&b'#') && !STRIP_FRAGMENTS.load(std::sync::atomic::Ordering::Relaxed) {
-        return refuse(StatusCode::BAD_REQUEST, "", "path_normalization_failed");
+        return refuse(StatusCode::BAD_REQUEST, "", PATH_NORMALIZATION_FAILED);
     }
 
     let next = if upgrade || connect {

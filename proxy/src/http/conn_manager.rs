@@ -38,11 +38,13 @@ use crate::drain::{Phase, Watch};
 use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::{Entry, PendingLine};
-use crate::http::codec_guard::{GuardedIo, Refusal, Refusals, Rules, ServedIo, Wire};
+use crate::http::codec_guard::{
+    GuardedIo, PATH_NORMALIZATION_FAILED, Refusal, Refusals, Rules, ServedIo, Wire,
+};
 use crate::http::filter::{ConnectionState, FilterState, Stream};
 use crate::http::headers;
 use crate::http::local_reply::LocalReply;
-use crate::http::response_body::{DownstreamSlots, ResponseBody};
+use crate::http::response_body::{DownstreamSlots, ResponseBody, StreamEnding};
 use crate::http::router::{self, RouteRequest};
 use crate::http::selected::Selected;
 use crate::http::stream_timer::SpareSleeps;
@@ -91,7 +93,7 @@ fn poll_unconstrained<F: Future + ?Sized>(
 enum ConnectionEvent {
     /// The connection ended; `protocol_error`: because the client broke the protocol.
     Ended {
-        protocol_error: bool,
+        protocol_error: Option<ProtocolError>,
     },
     Phase(Phase),
     IdleTick,
@@ -214,7 +216,7 @@ where
             let mut armed = false;
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(result) = conn.as_mut().poll(cx) {
-                    let protocol_error = result.is_err_and(|error| protocol_error(&*error));
+                    let protocol_error = result.err().and_then(|error| protocol_error(&*error));
                     return Poll::Ready(ConnectionEvent::Ended { protocol_error });
                 }
                 if (!armed || drain_probe.moved())
@@ -245,8 +247,13 @@ where
         };
         let start_drain = match event {
             ConnectionEvent::Ended { protocol_error } => {
-                if protocol_error {
+                if let Some(error) = protocol_error {
                     stats.downstream_cx_protocol_error.inc();
+                    // A head hyper could not parse was a stream, reset before it began (an
+                    // HTTP/2 error resets the streams it ends, counted as they go).
+                    if error == ProtocolError::Http1Head {
+                        stats.downstream_rq_rx_reset.inc();
+                    }
                 }
                 break;
             }
@@ -295,9 +302,16 @@ where
             }
         }
     }
-    // A refused head's reply closed the connection: the codec's protocol error, in Envoy.
-    if connection.refusals.any() {
-        stats.downstream_cx_protocol_error.inc();
+    // A refused head's reply closed the connection: in Envoy, the codec's protocol error,
+    // which resets the refused request's stream, or the connection manager's refusal of a
+    // path it cannot normalize.
+    match connection.refusals.refused().map(|refusal| refusal.details) {
+        Some(PATH_NORMALIZATION_FAILED) => stats.downstream_rq_failed_path_normalization.inc(),
+        Some(_) => {
+            stats.downstream_cx_protocol_error.inc();
+            stats.downstream_rq_rx_reset.inc();
+        }
+        None => {}
     }
     count_destroy(&stats, &wire);
     stats
@@ -329,15 +343,24 @@ fn count_destroy(stats: &crate::stats::HttpStats, wire: &Wire) {
     }
 }
 
-/// Whether a connection's error is the client breaking the protocol (a head hyper cannot
-/// parse, a frame h2 refuses), which Envoy counts as `downstream_cx_protocol_error`.
-fn protocol_error(error: &(dyn std::error::Error + 'static)) -> bool {
+/// How a client broke the protocol, ending its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProtocolError {
+    /// A request head hyper could not parse.
+    Http1Head,
+    /// A frame h2 refused.
+    Http2,
+}
+
+/// Whether a connection's error is the client breaking the protocol, which Envoy counts as
+/// `downstream_cx_protocol_error`, and how.
+fn protocol_error(error: &(dyn std::error::Error + 'static)) -> Option<ProtocolError> {
     let mut current = Some(error);
     while let Some(error) = current {
         if let Some(hyper) = error.downcast_ref::<hyper::Error>()
             && (hyper.is_parse() || hyper.is_parse_too_large())
         {
-            return true;
+            return Some(ProtocolError::Http1Head);
         }
         if let Some(h2) = error.downcast_ref::<h2::Error>()
             && h2.is_library()
@@ -345,11 +368,11 @@ fn protocol_error(error: &(dyn std::error::Error + 'static)) -> bool {
                 .reason()
                 .is_some_and(|reason| reason != h2::Reason::NO_ERROR)
         {
-            return true;
+            return Some(ProtocolError::Http2);
         }
         current = error.source();
     }
-    false
+    None
 }
 
 /// The request's authority as a header value (cheap to clone: it shares the parsed buffer).
@@ -518,6 +541,7 @@ async fn handle(
     }
     let active = GaugeGuard::new(&stats.downstream_rq_active);
     let in_flight = GaugeGuard::new(&connection.in_flight);
+    let ending = StreamEnding::new(stats);
     let mut log = (!manager.logs.is_empty()).then(|| {
         let at = (
             started.into_std(),
@@ -826,6 +850,7 @@ async fn handle(
         DownstreamSlots {
             active,
             in_flight,
+            ending,
             log: line,
             completion,
             trace,

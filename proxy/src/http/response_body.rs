@@ -14,8 +14,8 @@ use crate::body::BoxError;
 use crate::body::filter::{BodyFilter, filter_frame, finish_all};
 use crate::http::access_log::PendingLine;
 use crate::http::stream_timer::StreamTimer;
-use crate::stats::GaugeGuard;
 use crate::stats::responses::ResponseTime;
+use crate::stats::{GaugeGuard, HttpStats};
 use crate::upstream::HostGauge;
 use crate::upstream::breakers::Held;
 use crate::upstream::pool::Lease;
@@ -58,6 +58,7 @@ impl ResponseBody {
                 for filter in &mut filters {
                     filter.on_end();
                 }
+                slots.ending.complete();
                 let sent = data.as_ref().map_or(0, |d| d.len() as u64);
                 if let Some(log) = slots.log.as_mut() {
                     log.entry.bytes_sent = sent;
@@ -152,6 +153,54 @@ pub trait StreamEnd: Send + std::fmt::Debug {
     fn stream_ended(self: Box<Self>);
 }
 
+/// A request until its response has gone out whole. Dropped before that, its stream was
+/// reset, which Envoy counts as `downstream_rq_rx_reset` whichever side reset it (the client
+/// closed the connection or reset the stream, or the proxy cut the response), and again as
+/// `downstream_rq_tx_reset` when the proxy cut it: its upstream body failed or timed out.
+#[derive(Debug)]
+pub struct StreamEnding {
+    stats: Arc<HttpStats>,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Open,
+    Complete,
+    Cut,
+}
+
+impl StreamEnding {
+    pub fn new(stats: &Arc<HttpStats>) -> Self {
+        StreamEnding {
+            stats: stats.clone(),
+            outcome: Outcome::Open,
+        }
+    }
+
+    /// The response went out whole.
+    pub fn complete(&mut self) {
+        self.outcome = Outcome::Complete;
+    }
+
+    /// The proxy cut the response: its upstream body failed or a timer ran out.
+    fn cut(&mut self) {
+        self.outcome = Outcome::Cut;
+    }
+}
+
+impl Drop for StreamEnding {
+    fn drop(&mut self) {
+        if self.outcome == Outcome::Complete {
+            return;
+        }
+        self.stats.downstream_rq_rx_reset.inc();
+        if self.outcome == Outcome::Cut {
+            self.stats.downstream_rq_tx_reset.inc();
+        }
+    }
+}
+
 /// What a downstream request holds until its response ends: its place in
 /// `downstream_rq_active` and in the connection's in-flight count (the idle timeout's), its
 /// access log line, and its filters' completion phase.
@@ -159,6 +208,8 @@ pub trait StreamEnd: Send + std::fmt::Debug {
 pub struct DownstreamSlots {
     pub active: GaugeGuard,
     pub in_flight: GaugeGuard,
+    /// Whether the response went out whole, or its stream was reset.
+    pub ending: StreamEnding,
     /// The access log line, written when this is dropped (its record is boxed: only logged
     /// requests pay for it).
     pub log: Option<PendingLine>,
@@ -291,13 +342,21 @@ impl UpstreamBody {
                 }
                 None => self.end(),
             },
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                if let Some(downstream) = self.downstream.as_mut() {
+                    downstream.ending.cut();
+                }
+                Poll::Ready(Some(Err(error.into())))
+            }
             Poll::Pending => match &mut self.timer {
                 Some(timer) => match timer.poll_expired(cx) {
                     Poll::Ready(timeout) => {
                         // The access log shows why the body was cut, as Envoy's does.
-                        if let Some(log) = self.downstream.as_mut().and_then(|d| d.log.as_mut()) {
-                            log.entry.flags.insert(timeout.flag());
+                        if let Some(downstream) = self.downstream.as_mut() {
+                            downstream.ending.cut();
+                            if let Some(log) = downstream.log.as_mut() {
+                                log.entry.flags.insert(timeout.flag());
+                            }
                         }
                         Poll::Ready(Some(Err(Box::new(timeout))))
                     }
@@ -320,6 +379,9 @@ impl Drop for UpstreamBody {
         }
         if let Some(downstream) = self.downstream.as_mut() {
             downstream.ended_at = ended_at;
+            if ended_at.is_some() {
+                downstream.ending.complete();
+            }
         }
         // One dropped part-way leaves its connection mid-response, so that connection closes
         // instead of going back to its pool.

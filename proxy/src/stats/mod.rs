@@ -402,6 +402,8 @@ stat_block! {
             upstream_cx_destroy_remote: Counter,
             /// Connects (TLS handshakes included) that ran out of `connect_timeout`.
             upstream_cx_connect_timeout: Counter,
+            /// Responses whose head the codec could not read.
+            upstream_cx_protocol_error: Counter,
             /// HTTP connections by protocol, counted when the pool starts one.
             upstream_cx_http1_total: Counter,
             upstream_cx_http2_total: Counter,
@@ -413,6 +415,8 @@ stat_block! {
             upstream_cx_tx_bytes_total: Counter,
             upstream_cx_rx_bytes_total: Counter,
             upstream_cx_none_healthy: Counter,
+            /// Host sets that gained or lost a host (the first one included), as Envoy counts.
+            membership_change: Counter,
             membership_total: Gauge,
             membership_healthy: Gauge,
             membership_degraded: Gauge,
@@ -693,6 +697,12 @@ pub struct HttpStats {
     pub rq_redirect: Arc<Stat>,
     pub downstream_rq_timeout: Arc<Stat>,
     pub downstream_rq_idle_timeout: Arc<Stat>,
+    /// Streams reset before their response went out whole, by either side (a refused head
+    /// included), and those the proxy reset.
+    pub downstream_rq_rx_reset: Arc<Stat>,
+    pub downstream_rq_tx_reset: Arc<Stat>,
+    /// Requests refused for a path the connection manager cannot normalize.
+    pub downstream_rq_failed_path_normalization: Arc<Stat>,
     pub downstream_rq_max_duration_reached: Arc<Stat>,
     /// Connections closed at `max_requests_per_connection`.
     pub downstream_cx_max_requests_reached: Arc<Stat>,
@@ -754,6 +764,9 @@ impl HttpStats {
             rq_redirect: c("rq_redirect"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_rx_reset: c("downstream_rq_rx_reset"),
+            downstream_rq_tx_reset: c("downstream_rq_tx_reset"),
+            downstream_rq_failed_path_normalization: c("downstream_rq_failed_path_normalization"),
             downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
             downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             no_route: c("no_route"),

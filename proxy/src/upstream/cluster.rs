@@ -433,6 +433,9 @@ impl Members {
         drop(endpoints);
         let (policy, settings) = lock(&self.policy).clone();
         let set = PrioritySet::new(hosts, policy.as_ref(), settings);
+        if !same_addresses(&self.set.load().hosts, &set.hosts) {
+            self.stats.membership_change.inc();
+        }
         self.stats.membership_total.set(set.hosts.len() as u64);
         self.stats
             .membership_healthy
@@ -446,6 +449,15 @@ impl Members {
         let hosts = set.hosts.clone();
         self.set.store(Arc::new(set));
         self.sync_sessions(&hosts);
+    }
+}
+
+/// Whether two host lists name the same addresses (a rebuild for health alone changes none):
+/// Envoy's `membership_change` counts only hosts added or removed.
+fn same_addresses(before: &[Arc<Host>], after: &[Arc<Host>]) -> bool {
+    before.len() == after.len() && {
+        let before: std::collections::HashSet<SocketAddr> = before.iter().map(|h| h.addr).collect();
+        after.iter().all(|host| before.contains(&host.addr))
     }
 }
 

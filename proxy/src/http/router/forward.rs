@@ -839,14 +839,19 @@ fn classify(
             }
             tracing::debug!(%error, "upstream request failed");
             let refused = refused_stream(&error);
-            // A stream the upstream reset (HTTP/2) is a remote reset; a connection that
-            // closed under the request, a connection termination (flag UC).
+            // A stream the upstream reset (HTTP/2) is a remote reset; a response head that
+            // does not parse, a protocol error (a 502, flag UPE); a connection that closed
+            // under the request, a connection termination (flag UC).
             let (flag, reason) = match stream_reset(&error) {
                 Some(_) if refused => (
                     ResponseFlag::UpstreamRemoteReset,
                     "remote refused stream reset",
                 ),
                 Some(_) => (ResponseFlag::UpstreamRemoteReset, "remote reset"),
+                None if error.is_parse() || error.is_parse_too_large() => {
+                    cluster.stats.upstream_cx_protocol_error.inc();
+                    (ResponseFlag::UpstreamProtocolError, "protocol error")
+                }
                 None => (
                     ResponseFlag::UpstreamConnectionTermination,
                     "connection termination",
@@ -884,7 +889,11 @@ fn reset_reply(
     retried: bool,
     transport: Option<Arc<str>>,
 ) -> LocalReply {
-    let mut reply = LocalReply::new(StatusCode::SERVICE_UNAVAILABLE).with_body(format!(
+    let status = match flag {
+        ResponseFlag::UpstreamProtocolError => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut reply = LocalReply::new(status).with_body(format!(
         "upstream connect error or disconnect/reset before headers. {}reset reason: {reason}",
         if retried {
             "retried and the latest "
