@@ -792,7 +792,6 @@ const NOT_KEPT_YET: &[(&str, &[&str])] = &[
             "downstream_cx_tx_bytes_buffered",
             "downstream_flow_control_paused_reading_total",
             "downstream_flow_control_resumed_reading_total",
-            "downstream_rq_header_timeout",
             "downstream_rq_non_relative_path",
             "downstream_rq_overload_close",
             "downstream_rq_redirected_with_normalized_path",

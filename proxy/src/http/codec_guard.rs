@@ -17,6 +17,7 @@
 //! Every byte read and written passes the guard, so it also keeps the connection's [`Wire`]
 //! counts: bytes each way, and whether the peer ended the connection.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +52,8 @@ pub struct Rules {
     pub allow_chunked_length: bool,
     /// `allow_custom_methods`: any method token is accepted, not only the codec's list.
     pub allow_custom_methods: bool,
+    /// `request_headers_timeout`: how long a head may take from its first byte.
+    pub headers_timeout: Option<std::time::Duration>,
 }
 
 /// A request head Envoy's codec refuses, with the local reply it gets.
@@ -66,9 +69,10 @@ pub struct Refusal {
     pub target: String,
 }
 
-/// The details of the one refusal that is the connection manager's, not the codec's: a
-/// target with a `#fragment`.
+/// The details of the refusals that are the connection manager's, not the codec's: a target
+/// with a `#fragment`, and a head still arriving at `request_headers_timeout`.
 pub const PATH_NORMALIZATION_FAILED: &str = "path_normalization_failed";
+pub const REQUEST_HEADER_TIMEOUT: &str = "request_header_timeout";
 
 /// The one refusal a connection can hold (the guard stops at it), keyed by the 0-based index
 /// of the request it replaces.
@@ -828,6 +832,8 @@ pub struct GuardedIo<S> {
     held: BytesMut,
     refusals: Arc<Refusals>,
     wire: Arc<Wire>,
+    /// When a head still arriving runs out of `request_headers_timeout`.
+    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> GuardedIo<S> {
@@ -851,6 +857,7 @@ impl<S> GuardedIo<S> {
             held: BytesMut::new(),
             refusals,
             wire,
+            head_deadline: None,
         }
     }
 
@@ -974,7 +981,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for GuardedIo<S> {
                 }
             } else {
                 // A head is still arriving (rare: most heads come in one read): read more
-                // behind it.
+                // behind it, until `request_headers_timeout` says no more, as Envoy's 408.
+                if let Some(timeout) = this.scanner.rules.headers_timeout {
+                    let deadline = this
+                        .head_deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        this.head_deadline = None;
+                        this.refuse(Refusal {
+                            status: StatusCode::REQUEST_TIMEOUT,
+                            body: "request header timeout",
+                            details: REQUEST_HEADER_TIMEOUT,
+                            method: String::new(),
+                            target: String::new(),
+                        });
+                        continue;
+                    }
+                }
                 let mut chunk = [0u8; 4096];
                 let mut more = ReadBuf::new(&mut chunk);
                 ready!(this.read_inner(cx, &mut more))?;
@@ -990,6 +1013,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for GuardedIo<S> {
                 }
                 this.held.extend_from_slice(more.filled());
                 this.judge_held();
+                if this.held.is_empty() {
+                    this.head_deadline = None;
+                }
             }
         }
     }
@@ -1061,6 +1087,7 @@ mod tests {
         max_headers: 10,
         allow_chunked_length: false,
         allow_custom_methods: false,
+        headers_timeout: None,
     };
 
     /// What hyper would read through the guard, for `input` arriving in pieces of `sizes`,

@@ -39,7 +39,8 @@ use crate::error::ResponseFlag;
 use crate::filter_chain::ConnectionInfo;
 use crate::http::access_log::{Entry, PendingLine};
 use crate::http::codec_guard::{
-    GuardedIo, PATH_NORMALIZATION_FAILED, Refusal, Refusals, Rules, ServedIo, Wire,
+    GuardedIo, PATH_NORMALIZATION_FAILED, REQUEST_HEADER_TIMEOUT, Refusal, Refusals, Rules,
+    ServedIo, Wire,
 };
 use crate::http::filter::{ConnectionState, FilterState, Stream};
 use crate::http::headers;
@@ -143,6 +144,7 @@ where
     });
     let rules = Rules {
         max_head_bytes: hcm.max_request_headers_kb as usize * 1024,
+        headers_timeout: hcm.request_headers_timeout,
         max_headers: hcm.max_headers_count as usize,
         allow_chunked_length: hcm.http1.allow_chunked_length,
         allow_custom_methods: hcm.http1.allow_custom_methods,
@@ -304,9 +306,13 @@ where
     }
     // A refused head's reply closed the connection: in Envoy, the codec's protocol error,
     // which resets the refused request's stream, or the connection manager's refusal of a
-    // path it cannot normalize.
+    // path it cannot normalize or of a head that took too long (a reset too).
     match connection.refusals.refused().map(|refusal| refusal.details) {
         Some(PATH_NORMALIZATION_FAILED) => stats.downstream_rq_failed_path_normalization.inc(),
+        Some(REQUEST_HEADER_TIMEOUT) => {
+            stats.downstream_rq_header_timeout.inc();
+            stats.downstream_rq_rx_reset.inc();
+        }
         Some(_) => {
             stats.downstream_cx_protocol_error.inc();
             stats.downstream_rq_rx_reset.inc();
@@ -499,7 +505,12 @@ fn codec_reply(status: StatusCode, body: &'static str, details: &'static str) ->
 }
 
 fn refusal_reply(refusal: &Refusal) -> LocalReply {
-    codec_reply(refusal.status, refusal.body, refusal.details)
+    let mut reply = codec_reply(refusal.status, refusal.body, refusal.details);
+    // The connection manager's own timeout, not a protocol error: no flag, as in Envoy.
+    if refusal.details == REQUEST_HEADER_TIMEOUT {
+        reply.flag = None;
+    }
+    reply
 }
 
 async fn handle(

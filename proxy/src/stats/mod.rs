@@ -701,8 +701,10 @@ pub struct HttpStats {
     /// included), and those the proxy reset.
     pub downstream_rq_rx_reset: Arc<Stat>,
     pub downstream_rq_tx_reset: Arc<Stat>,
-    /// Requests refused for a path the connection manager cannot normalize.
+    /// Requests refused for a path the connection manager cannot normalize, and heads
+    /// still arriving at `request_headers_timeout`.
     pub downstream_rq_failed_path_normalization: Arc<Stat>,
+    pub downstream_rq_header_timeout: Arc<Stat>,
     pub downstream_rq_max_duration_reached: Arc<Stat>,
     /// Connections closed at `max_requests_per_connection`.
     pub downstream_cx_max_requests_reached: Arc<Stat>,
@@ -767,6 +769,7 @@ impl HttpStats {
             downstream_rq_rx_reset: c("downstream_rq_rx_reset"),
             downstream_rq_tx_reset: c("downstream_rq_tx_reset"),
             downstream_rq_failed_path_normalization: c("downstream_rq_failed_path_normalization"),
+            downstream_rq_header_timeout: c("downstream_rq_header_timeout"),
             downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
             downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             no_route: c("no_route"),
