@@ -2616,6 +2616,30 @@ fn connection_ends_and_router_answers_count_as_envoys_do() {
             let total = stat("downstream_cx_total")?;
             (total == probes + 7 && stat("downstream_cx_destroy")? == total).then_some(())
         });
+        // Upstream, each connection those requests were on ended: the one left (given up by
+        // the proxy), the one cut (ended by the upstream), the one that broke HTTP (closed by
+        // the proxy), each with its request in flight.
+        let cluster = |name: &str| remora_tests::admin_stat(admin, &format!("cluster.{name}"));
+        wait_for(
+            "the upstream connections closed",
+            Duration::from_secs(10),
+            || {
+                ["app", "cut", "garbage"]
+                    .iter()
+                    .all(|c| cluster(&format!("{c}.upstream_cx_destroy_with_active_rq")) == Some(1))
+                    .then_some(())
+            },
+        );
+        let upstream: Vec<(String, u64)> = ["app", "cut", "garbage"]
+            .iter()
+            .flat_map(|c| {
+                ["local", "remote"].map(|side| {
+                    let name = format!("{c}.upstream_cx_destroy_{side}_with_active_rq");
+                    let value = cluster(&name).expect("stat");
+                    (name, value)
+                })
+            })
+            .collect();
         let counts = [
             "downstream_rq_rx_reset",
             "downstream_rq_tx_reset",
@@ -2633,7 +2657,7 @@ fn connection_ends_and_router_answers_count_as_envoys_do() {
         .map(|name| (name, stat(name).expect(name)))
         .into_iter()
         .collect::<Vec<_>>();
-        (counts, garbage)
+        (counts, garbage, upstream)
     };
     let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
     assert_eq!(
@@ -2645,6 +2669,19 @@ fn connection_ends_and_router_answers_count_as_envoys_do() {
                 .to_string(),
             Some(1)
         )
+    );
+    let side =
+        |c: &str, side: &str, n: u64| (format!("{c}.upstream_cx_destroy_{side}_with_active_rq"), n);
+    assert_eq!(
+        remora.2,
+        [
+            side("app", "local", 1),
+            side("app", "remote", 0),
+            side("cut", "local", 0),
+            side("cut", "remote", 1),
+            side("garbage", "local", 1),
+            side("garbage", "remote", 0),
+        ]
     );
     assert_eq!(
         remora.0,

@@ -400,6 +400,10 @@ stat_block! {
             upstream_cx_destroy: Counter,
             upstream_cx_destroy_local: Counter,
             upstream_cx_destroy_remote: Counter,
+            /// Of those, the ones that ended with a request in flight.
+            upstream_cx_destroy_with_active_rq: Counter,
+            upstream_cx_destroy_local_with_active_rq: Counter,
+            upstream_cx_destroy_remote_with_active_rq: Counter,
             /// Connects (TLS handshakes included) that ran out of `connect_timeout`.
             upstream_cx_connect_timeout: Counter,
             /// Responses whose head the codec could not read.

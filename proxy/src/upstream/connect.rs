@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -341,6 +341,52 @@ struct Counted {
     opened: std::time::Instant,
     /// The upstream ended it: refused the connect, or closed or reset the connection.
     ended_by_peer: bool,
+    /// The requests it carries, to count its end with requests in flight.
+    requests: Arc<InFlight>,
+}
+
+/// The requests a connection carries, from the pool's [`RequestOnConnection`]s: a connection
+/// that ends with one unanswered counts as `upstream_cx_destroy_with_active_rq`, as in Envoy.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// Requests sent and not yet answered in full.
+    active: AtomicU32,
+    /// An HTTP/1.1 request given up before its response ended: its connection closes with it.
+    abandoned: AtomicBool,
+}
+
+/// One request on a connection, from send to the end of its response.
+#[derive(Debug)]
+pub struct RequestOnConnection {
+    on: Arc<InFlight>,
+    /// HTTP/1.1: the connection carries nothing else, and closes if the request is given up.
+    exclusive: bool,
+    answered: bool,
+}
+
+impl RequestOnConnection {
+    pub fn new(on: &Arc<InFlight>, exclusive: bool) -> Self {
+        on.active.fetch_add(1, Ordering::Relaxed);
+        RequestOnConnection {
+            on: on.clone(),
+            exclusive,
+            answered: false,
+        }
+    }
+
+    /// The response ended (or the request never went out on this connection).
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for RequestOnConnection {
+    fn drop(&mut self) {
+        if self.exclusive && !self.answered {
+            self.on.abandoned.store(true, Ordering::Relaxed);
+        }
+        self.on.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Whether an I/O error says the peer went away (reset, closed) rather than that this side
@@ -365,6 +411,7 @@ impl Counted {
             _slot: slot,
             opened: std::time::Instant::now(),
             ended_by_peer: false,
+            requests: Arc::default(),
         }
     }
 }
@@ -373,9 +420,23 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.stats.upstream_cx_active.dec();
         self.stats.upstream_cx_destroy.inc();
-        match self.ended_by_peer {
-            true => self.stats.upstream_cx_destroy_remote.inc(),
-            false => self.stats.upstream_cx_destroy_local.inc(),
+        let with_active_rq = self.requests.active.load(Ordering::Relaxed) > 0
+            || self.requests.abandoned.load(Ordering::Relaxed);
+        let stats = &self.stats;
+        let (side, side_active) = match self.ended_by_peer {
+            true => (
+                &stats.upstream_cx_destroy_remote,
+                &stats.upstream_cx_destroy_remote_with_active_rq,
+            ),
+            false => (
+                &stats.upstream_cx_destroy_local,
+                &stats.upstream_cx_destroy_local_with_active_rq,
+            ),
+        };
+        side.inc();
+        if with_active_rq {
+            side_active.inc();
+            stats.upstream_cx_destroy_with_active_rq.inc();
         }
         self.host.stats.cx_active.dec();
         self.stats
@@ -422,6 +483,13 @@ impl crate::tunnel::UpstreamEnd for UpstreamIo {
 }
 
 impl UpstreamIo {
+    /// The requests the connection carries (none counted for a health check's).
+    pub fn requests(&self) -> Option<Arc<InFlight>> {
+        self.counted
+            .as_ref()
+            .map(|counted| counted.requests.clone())
+    }
+
     /// The local address of the connection's socket.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.stream {

@@ -38,7 +38,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
-use super::connect::{Connector, LimitSlot, UpstreamIo};
+use super::connect::{Connector, InFlight, LimitSlot, RequestOnConnection, UpstreamIo};
 use super::host::{Host, HostStats};
 use crate::body::outgoing::OutgoingBody;
 use crate::config::{Cluster, Http2Options, Thresholds, UpstreamProtocol};
@@ -101,14 +101,17 @@ struct Conn<S> {
     /// Requests sent on the connection (shared by an HTTP/2 sender's clones), for
     /// `max_requests_per_connection`.
     used: Arc<AtomicU32>,
+    /// Requests in flight on it, which its end counts.
+    in_flight: Arc<InFlight>,
 }
 
 impl<S> Conn<S> {
-    fn new(sender: S, local: Option<SocketAddr>) -> Self {
+    fn new(sender: S, local: Option<SocketAddr>, in_flight: Arc<InFlight>) -> Self {
         Conn {
             sender,
             local,
             used: Arc::default(),
+            in_flight,
         }
     }
 
@@ -478,7 +481,7 @@ impl Dialer {
         &self,
         host: &Host,
         slot: Slot,
-    ) -> Result<(PooledIo, Option<SocketAddr>), PoolError> {
+    ) -> Result<(PooledIo, Option<SocketAddr>, Arc<InFlight>), PoolError> {
         let Slot { limit, worker } = slot;
         let io = self
             .connector
@@ -489,11 +492,12 @@ impl Dialer {
                 transport: error.transport,
             })?;
         let local = io.local_addr();
+        let in_flight = io.requests().unwrap_or_default();
         let io = PooledIo {
             io: TokioIo::new(io),
             _worker: worker,
         };
-        Ok((io, local))
+        Ok((io, local, in_flight))
     }
 
     /// A new HTTP/1.1 connection, or an idle one handed back while this request was pending.
@@ -508,7 +512,7 @@ impl Dialer {
             Got::Idle(sender) => return Ok(sender),
         };
         self.connector.stats.upstream_cx_http1_total.inc();
-        let (io, local) = self.connect(host, slot).await?;
+        let (io, local, in_flight) = self.connect(host, slot).await?;
         let mut builder = http1::Builder::new();
         // As downstream: an explicit limit costs hyper a filled vector per response.
         if self.max_headers_count != remora_config::common::DEFAULT_MAX_HEADERS_COUNT as usize {
@@ -518,7 +522,7 @@ impl Dialer {
         // Upgrades: a 101 hands the connection to the WebSocket (or other) tunnel.
         tokio::spawn(connection.with_upgrades());
         drop(pending);
-        Ok(Conn::new(sender, local))
+        Ok(Conn::new(sender, local, in_flight))
     }
 
     /// Opens the worker's HTTP/2 connection to the host and records it in the pool.
@@ -537,7 +541,7 @@ impl Dialer {
                 }
             };
             self.connector.stats.upstream_cx_http2_total.inc();
-            let (io, local) = self.connect(&host, slot).await?;
+            let (io, local, in_flight) = self.connect(&host, slot).await?;
             let options = &self.http2;
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
@@ -552,7 +556,7 @@ impl Dialer {
             }
             let (sender, connection) = builder.handshake(io).await.map_err(PoolError::connect)?;
             tokio::spawn(connection);
-            Ok(Conn::new(sender, local))
+            Ok(Conn::new(sender, local, in_flight))
         }
         .await;
         let mut hosts = worker.hosts();
@@ -573,31 +577,35 @@ impl Dialer {
     }
 }
 
-/// An HTTP/1.1 connection on loan to one request. Give it back with [`Lease::release`] once
-/// the response has been read in full; dropping it instead closes the connection.
+/// A request's place on its connection until its response has been read in full: then give
+/// it back with [`Lease::release`]. An HTTP/1.1 connection is on loan to the request, and
+/// goes back to its pool; dropping the lease instead closes it (and counts the request as
+/// given up on it).
 pub struct Lease {
-    sender: Http1Sender,
-    worker: Arc<WorkerPool>,
-    addr: SocketAddr,
+    /// HTTP/1.1: the connection, its worker's pool and its host's address.
+    http1: Option<(Http1Sender, Arc<WorkerPool>, SocketAddr)>,
+    request: RequestOnConnection,
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("addr", &self.addr).finish()
+        let addr = self.http1.as_ref().map(|(_, _, addr)| addr);
+        f.debug_struct("Lease").field("addr", &addr).finish()
     }
 }
 
 impl Lease {
-    /// Returns the connection to its pool. hyper marks it ready once it has finished both the
-    /// request and the response, which has nearly always happened by the time the response
-    /// body ends; if not (the request body is still going), a task waits for it. `now`: the
-    /// caller's clock read, from which the connection counts as idle.
+    /// The response was read in full. An HTTP/1.1 connection goes back to its pool: hyper
+    /// marks it ready once it has finished both the request and the response, which has
+    /// nearly always happened by the time the response body ends; if not (the request body is
+    /// still going), a task waits for it. `now`: the caller's clock read, from which the
+    /// connection counts as idle.
     pub fn release(self, now: Instant) {
-        let Lease {
-            mut sender,
-            worker,
-            addr,
-        } = self;
+        let Lease { http1, mut request } = self;
+        request.answered();
+        let Some((mut sender, worker, addr)) = http1 else {
+            return;
+        };
         // Its last request: closed (by dropping it) rather than pooled.
         if worker
             .max_requests
@@ -700,8 +708,8 @@ impl Pools {
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_http1(worker, host, request, local).await,
             UpstreamProtocol::Http2 => {
-                let response = self.send_http2(worker, host, request, local).await?;
-                Ok((response, None))
+                let (response, lease) = self.send_http2(worker, host, request, local).await?;
+                Ok((response, Some(lease)))
             }
         }
     }
@@ -730,19 +738,22 @@ impl Pools {
             if self.max_requests.is_some() {
                 sender.count_request(None);
             }
+            let mut on_connection = RequestOnConnection::new(&sender.in_flight, true);
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let lease = Lease {
-                        sender,
-                        worker: worker.clone(),
-                        addr,
+                        http1: Some((sender, worker.clone(), addr)),
+                        request: on_connection,
                     };
                     return Ok((response, Some(lease)));
                 }
                 Err(mut error) => match error.take_message() {
                     // An idle connection the upstream closed before the request went out:
                     // try the next one (each retry uses up an idle connection).
-                    Some(unsent) if reused => request = unsent,
+                    Some(unsent) if reused => {
+                        on_connection.answered();
+                        request = unsent;
+                    }
                     _ => return Err(PoolError::Request(Arc::new(error.into_error()))),
                 },
             }
@@ -755,18 +766,26 @@ impl Pools {
         host: &Arc<Host>,
         mut request: Request<OutgoingBody>,
         local: Option<&LocalAddress>,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<(Response<Incoming>, Lease), PoolError> {
         to_http2_form(&mut request, host.addr);
         let mut retried = false;
         loop {
             let mut sender = self.http2_sender(worker, host).await?;
             note(local, sender.local);
+            let mut on_connection = RequestOnConnection::new(&sender.in_flight, false);
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => {
+                    let lease = Lease {
+                        http1: None,
+                        request: on_connection,
+                    };
+                    return Ok((response, lease));
+                }
                 Err(mut error) => match error.take_message() {
                     // The connection closed (GOAWAY) before the stream opened: once more on
                     // a fresh one.
                     Some(unsent) if !retried => {
+                        on_connection.answered();
                         retried = true;
                         request = unsent;
                     }
