@@ -1012,8 +1012,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for GuardedIo<S> {
                     continue;
                 }
                 this.held.extend_from_slice(more.filled());
+                let heads = this.scanner.heads;
                 this.judge_held();
-                if this.held.is_empty() {
+                // The head came whole: a next one still arriving gets a timeout of its own.
+                if this.scanner.heads != heads || this.held.is_empty() {
                     this.head_deadline = None;
                 }
             }
@@ -1311,5 +1313,48 @@ mod tests {
         assert_eq!(all_cuts(&h2), (h2.clone(), None, 1, false));
         let upgrade: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello get / HTTP/1.1\r\n\r\n";
         assert_eq!(all_cuts(upgrade), (upgrade.to_vec(), None, 1, false));
+    }
+
+    /// `request_headers_timeout` runs from each head's first byte: a head that came whole
+    /// late does not hand its clock to the one behind it.
+    #[tokio::test(start_paused = true)]
+    async fn each_head_gets_its_own_headers_timeout() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(4096);
+        let rules = Rules {
+            headers_timeout: Some(Duration::from_millis(300)),
+            ..RULES
+        };
+        let refusals = Arc::new(Refusals::default());
+        let mut guard = GuardedIo::new(server, rules, refusals.clone(), Arc::default(), false);
+        let mut buf = vec![0u8; 4096];
+        let wait = Duration::from_millis(200);
+        client.write_all(b"GET /ok HTTP/1.1\r\nho").await.unwrap();
+        assert!(
+            tokio::time::timeout(wait, guard.read(&mut buf))
+                .await
+                .is_err()
+        );
+        client
+            .write_all(b"st: a\r\n\r\nGET /b HTTP/1.1\r\nho")
+            .await
+            .unwrap();
+        let n = guard.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n");
+        // The first head's 300 ms have run out; the second's have not.
+        assert!(
+            tokio::time::timeout(wait, guard.read(&mut buf))
+                .await
+                .is_err()
+        );
+        assert!(refusals.refused().is_none());
+        let n = guard.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], STAND_IN);
+        let refused = refusals.refused().map(|r| (r.status, r.details));
+        assert_eq!(
+            refused,
+            Some((StatusCode::REQUEST_TIMEOUT, REQUEST_HEADER_TIMEOUT))
+        );
     }
 }

@@ -532,7 +532,10 @@ impl AsyncRead for UpstreamIo {
         if let (Poll::Ready(outcome), Some(counted)) = (&result, &mut this.counted) {
             if read > 0 {
                 counted.stats.upstream_cx_rx_bytes_total.add(read as u64);
-            } else if room || outcome.is_err() {
+            } else if match outcome {
+                Ok(()) => room,
+                Err(error) => peer_gone(error),
+            } {
                 // The stream's end, or a reset.
                 counted.ended_by_peer = true;
             }
