@@ -2448,6 +2448,61 @@ fn connection_manager_counts_protocols_and_completions_as_envoy_does() {
     }
 }
 
+/// HTTP/2 upstream streams that end before their response: one the upstream resets, one the
+/// proxy resets because its client left. Counted by who reset them, under Envoy as under
+/// Remora.
+#[test]
+fn http2_upstream_stream_resets_count_as_envoys_do() {
+    let echo = EchoServer::start("e", "127.0.0.1");
+    let (admin, admin_yaml) = admin_block();
+    let port = free_port();
+    let yaml = bootstrap(
+        &admin_yaml,
+        &[http_listener("ing", port, "", &catch_all("h2", "5s"))],
+        &[http2_cluster("h2", echo.addr)],
+    );
+    let (_dir, file) = write_config(&yaml);
+    let stat = |name: &str| remora_tests::admin_stat(admin, &format!("cluster.h2.{name}"));
+    let run = || {
+        let (status, _, body) = http_get(loopback(port), "/reset").expect("request");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.ends_with("reset reason: remote reset"), "{body}");
+        // A client that leaves while the upstream takes its time.
+        let mut leaver = TcpStream::connect(loopback(port)).expect("connect");
+        leaver
+            .write_all(b"GET /delay/3000 HTTP/1.1\r\nhost: a\r\n\r\n")
+            .expect("write");
+        wait_for("the request upstream", Duration::from_secs(10), || {
+            (stat("upstream_rq_active")? == 1).then_some(())
+        });
+        drop(leaver);
+        wait_for("the stream reset", Duration::from_secs(10), || {
+            (stat("upstream_rq_active")? == 0).then_some(())
+        });
+        wait_for("the resets counted", Duration::from_secs(10), || {
+            (stat("upstream_rq_tx_reset")? == 1).then_some(())
+        });
+        [
+            "upstream_rq_rx_reset",
+            "upstream_rq_tx_reset",
+            "upstream_rq_pending_failure_eject",
+        ]
+        .map(|name| (name, stat(name).expect(name)))
+    };
+    let (remora, envoy) = remora_then_envoy(&file, admin, port, &[], run);
+    assert_eq!(
+        remora,
+        [
+            ("upstream_rq_rx_reset", 1),
+            ("upstream_rq_tx_reset", 1),
+            ("upstream_rq_pending_failure_eject", 0),
+        ]
+    );
+    if let Some(envoy) = envoy {
+        assert_eq!(envoy, remora, "Envoy, then Remora");
+    }
+}
+
 /// `request_headers_timeout` runs from a head's first byte: a head still arriving then gets
 /// Envoy's 408 and the connection closes, on a new connection as after a kept-alive request;
 /// counted as a header timeout and a reset stream, under Envoy as under Remora.

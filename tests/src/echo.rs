@@ -1,9 +1,9 @@
 //! An upstream for tests and benchmarks: answers every request (HTTP/1.1 or HTTP/2 cleartext)
 //! with a JSON description of what reached it, so a test can assert the routing decision: which
 //! upstream answered, with which method, path, Host and headers. `/status/NNN` answers with
-//! that status, `/delay/MS` after that many milliseconds.
+//! that status, `/delay/MS` after that many milliseconds, and `/reset` not at all: the stream is
+//! reset (HTTP/2 RST_STREAM) or, over HTTP/1.1, the connection closed.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -18,7 +18,11 @@ async fn handle(
     name: String,
     delay: std::time::Duration,
     request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, &'static str> {
+    if request.uri().path() == "/reset" {
+        // hyper resets the stream of a request its service fails.
+        return Err("reset as asked");
+    }
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }

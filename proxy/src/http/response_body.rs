@@ -346,6 +346,9 @@ impl UpstreamBody {
                 if let Some(downstream) = self.downstream.as_mut() {
                     downstream.ending.cut();
                 }
+                if let Some(lease) = self.lease.as_mut() {
+                    lease.failed(&error);
+                }
                 Poll::Ready(Some(Err(error.into())))
             }
             Poll::Pending => match &mut self.timer {

@@ -393,6 +393,11 @@ stat_block! {
             upstream_rq_pending_total: Counter,
             upstream_rq_pending_active: Gauge,
             upstream_rq_pending_overflow: Counter,
+            /// HTTP/2 streams reset by the upstream, by the proxy, and taken down with their
+            /// connection (Envoy's name for the last).
+            upstream_rq_rx_reset: Counter,
+            upstream_rq_tx_reset: Counter,
+            upstream_rq_pending_failure_eject: Counter,
             upstream_cx_total: Counter,
             upstream_cx_active: Gauge,
             /// Connections ended, failed connects included (Envoy's `upstream_cx_destroy`), and

@@ -353,6 +353,8 @@ pub struct InFlight {
     active: AtomicU32,
     /// An HTTP/1.1 request given up before its response ended: its connection closes with it.
     abandoned: AtomicBool,
+    /// Where an HTTP/2 stream's reset counts (none for a connection counted nowhere).
+    stats: Option<Arc<ClusterStats>>,
 }
 
 /// One request on a connection, from send to the end of its response.
@@ -361,7 +363,21 @@ pub struct RequestOnConnection {
     on: Arc<InFlight>,
     /// HTTP/1.1: the connection carries nothing else, and closes if the request is given up.
     exclusive: bool,
-    answered: bool,
+    end: StreamEnd,
+}
+
+/// How a request's stream on its connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    /// Not (yet): dropped so, the proxy gave the stream up and reset it.
+    Open,
+    /// Answered in full, or never sent on this connection, or refused by the upstream
+    /// (`REFUSED_STREAM`, which Envoy counts as no reset).
+    Done,
+    /// The upstream reset the stream.
+    RemoteReset,
+    /// The connection went away under it.
+    ConnectionLost,
 }
 
 impl RequestOnConnection {
@@ -370,20 +386,51 @@ impl RequestOnConnection {
         RequestOnConnection {
             on: on.clone(),
             exclusive,
-            answered: false,
+            end: StreamEnd::Open,
         }
     }
 
     /// The response ended (or the request never went out on this connection).
     pub fn answered(&mut self) {
-        self.answered = true;
+        self.end = StreamEnd::Done;
+    }
+
+    /// The request or its response failed with `error`.
+    pub fn failed(&mut self, error: &hyper::Error) {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        let mut end = StreamEnd::ConnectionLost;
+        while let Some(current) = source {
+            if let Some(h2) = current.downcast_ref::<h2::Error>() {
+                end = match h2.reason() {
+                    Some(h2::Reason::REFUSED_STREAM) => StreamEnd::Done,
+                    Some(_) if h2.is_reset() && h2.is_remote() => StreamEnd::RemoteReset,
+                    _ => StreamEnd::ConnectionLost,
+                };
+                break;
+            }
+            source = current.source();
+        }
+        if self.end == StreamEnd::Open {
+            self.end = end;
+        }
     }
 }
 
 impl Drop for RequestOnConnection {
     fn drop(&mut self) {
-        if self.exclusive && !self.answered {
-            self.on.abandoned.store(true, Ordering::Relaxed);
+        if self.exclusive {
+            if self.end != StreamEnd::Done {
+                self.on.abandoned.store(true, Ordering::Relaxed);
+            }
+        } else if let Some(stats) = &self.on.stats {
+            // Envoy counts an HTTP/2 stream's reset by who reset it; a lost connection as
+            // `upstream_rq_pending_failure_eject`, its name for streams a connection took down.
+            match self.end {
+                StreamEnd::Open => stats.upstream_rq_tx_reset.inc(),
+                StreamEnd::RemoteReset => stats.upstream_rq_rx_reset.inc(),
+                StreamEnd::ConnectionLost => stats.upstream_rq_pending_failure_eject.inc(),
+                StreamEnd::Done => {}
+            }
         }
         self.on.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -411,7 +458,10 @@ impl Counted {
             _slot: slot,
             opened: std::time::Instant::now(),
             ended_by_peer: false,
-            requests: Arc::default(),
+            requests: Arc::new(InFlight {
+                stats: Some(stats.clone()),
+                ..InFlight::default()
+            }),
         }
     }
 }

@@ -595,6 +595,11 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
+    /// The response failed with `error` before its end.
+    pub fn failed(&mut self, error: &hyper::Error) {
+        self.request.failed(error);
+    }
+
     /// The response was read in full. An HTTP/1.1 connection goes back to its pool: hyper
     /// marks it ready once it has finished both the request and the response, which has
     /// nearly always happened by the time the response body ends; if not (the request body is
@@ -789,7 +794,11 @@ impl Pools {
                         retried = true;
                         request = unsent;
                     }
-                    _ => return Err(PoolError::Request(Arc::new(error.into_error()))),
+                    _ => {
+                        let error = error.into_error();
+                        on_connection.failed(&error);
+                        return Err(PoolError::Request(Arc::new(error)));
+                    }
                 },
             }
         }
