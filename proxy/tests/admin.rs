@@ -760,7 +760,6 @@ const NOT_KEPT_YET: &[(&str, &[&str])] = &[
             "upstream_rq_cancelled",
             "upstream_rq_maintenance_mode",
             "upstream_rq_max_duration_reached",
-            "upstream_rq_per_cx",
             "upstream_rq_retry_backoff_ratelimited",
             "upstream_rq_rx_reset_no_error",
             "warming_state",

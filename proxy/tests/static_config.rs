@@ -393,7 +393,7 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
                 (stat("upstream_cx_max_requests") == 2 && stat("upstream_cx_destroy") == 2)
                     .then_some(())
             });
-            [
+            let counts = [
                 "upstream_cx_total",
                 "upstream_cx_max_requests",
                 "upstream_cx_destroy",
@@ -402,7 +402,22 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
                 "upstream_cx_http1_total",
                 "upstream_cx_http2_total",
             ]
-            .map(stat)
+            .map(stat);
+            // Requests per closed connection: the cumulative side of each quantile (Envoy's
+            // once its stats flush has merged them, within 5 s).
+            let per_cx = wait_for("upstream_rq_per_cx", Duration::from_secs(10), || {
+                let (_, _, body) = http_get(
+                    admin,
+                    "/stats?filter=%5Ecluster%5C.echo%5C.upstream_rq_per_cx%24",
+                )
+                .ok()?;
+                let quantiles: Vec<f64> = body
+                    .split_whitespace()
+                    .filter_map(|q| q.split_once(',')?.1.trim_end_matches(')').parse().ok())
+                    .collect();
+                (!quantiles.is_empty()).then_some(quantiles)
+            });
+            (counts, per_cx)
         };
         let (remora, envoy) = remora_then_envoy(&file, admin, port, &["--concurrency", "1"], run);
         let by_protocol = match case {
@@ -411,12 +426,19 @@ fn max_requests_per_connection_closes_upstream_connections_as_in_envoy() {
         };
         // Both closes are the proxy's.
         assert_eq!(
-            remora,
+            remora.0,
             [3, 2, 2, 2, 0, by_protocol[0], by_protocol[1]],
             "{case}"
         );
+        // Two connections closed, each after its two requests: every quantile is 2 (Envoy may
+        // write its bucket's upper edge, 2.05).
+        let all_two = |quantiles: &[f64]| {
+            quantiles.len() == 10 && quantiles.iter().all(|q| (2.0..2.1).contains(q))
+        };
+        assert!(all_two(&remora.1), "{case}: {:?}", remora.1);
         if let Some(envoy) = envoy {
-            assert_eq!(envoy, remora, "{case}: envoy, remora");
+            assert_eq!(envoy.0, remora.0, "{case}: envoy, remora");
+            assert!(all_two(&envoy.1), "{case}: Envoy's {:?}", envoy.1);
         }
     }
 }

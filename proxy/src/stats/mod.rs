@@ -460,6 +460,8 @@ stat_block! {
             upstream_cx_connect_ms,
             /// Connection lifetime (ms).
             upstream_cx_length_ms,
+            /// Requests a connection carried, recorded when it ends.
+            upstream_rq_per_cx,
         }
     }
 }
@@ -1018,9 +1020,10 @@ mod tests {
             [
                 "cluster.b_80.upstream_cx_connect_ms",
                 "cluster.b_80.upstream_cx_length_ms",
+                "cluster.b_80.upstream_rq_per_cx",
                 "cluster.b_80.upstream_rq_time",
             ]
         );
-        assert_eq!(histograms[2].1.count(), 1);
+        assert_eq!(histograms[3].1.count(), 1);
     }
 }

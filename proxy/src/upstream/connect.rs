@@ -349,8 +349,9 @@ struct Counted {
 /// that ends with one unanswered counts as `upstream_cx_destroy_with_active_rq`, as in Envoy.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    /// Requests sent and not yet answered in full.
+    /// Requests sent and not yet answered in full, and all it carried (`upstream_rq_per_cx`).
     active: AtomicU32,
+    carried: AtomicU32,
     /// An HTTP/1.1 request given up before its response ended: its connection closes with it.
     abandoned: AtomicBool,
     /// Where an HTTP/2 stream's reset counts (none for a connection counted nowhere).
@@ -383,6 +384,7 @@ enum StreamEnd {
 impl RequestOnConnection {
     pub fn new(on: &Arc<InFlight>, exclusive: bool) -> Self {
         on.active.fetch_add(1, Ordering::Relaxed);
+        on.carried.fetch_add(1, Ordering::Relaxed);
         RequestOnConnection {
             on: on.clone(),
             exclusive,
@@ -390,9 +392,15 @@ impl RequestOnConnection {
         }
     }
 
-    /// The response ended (or the request never went out on this connection).
+    /// The response ended.
     pub fn answered(&mut self) {
         self.end = StreamEnd::Done;
+    }
+
+    /// The request never went out on this connection (it closed first).
+    pub fn unsent(&mut self) {
+        self.end = StreamEnd::Done;
+        self.on.carried.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The request or its response failed with `error`.
@@ -472,6 +480,11 @@ impl Drop for Counted {
         self.stats.upstream_cx_destroy.inc();
         let with_active_rq = self.requests.active.load(Ordering::Relaxed) > 0
             || self.requests.abandoned.load(Ordering::Relaxed);
+        // Envoy records it for each connection that carried a request.
+        let carried = self.requests.carried.load(Ordering::Relaxed);
+        if carried > 0 {
+            self.stats.upstream_rq_per_cx.record(u64::from(carried));
+        }
         let stats = &self.stats;
         let (side, side_active) = match self.ended_by_peer {
             true => (

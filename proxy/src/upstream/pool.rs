@@ -756,7 +756,7 @@ impl Pools {
                     // An idle connection the upstream closed before the request went out:
                     // try the next one (each retry uses up an idle connection).
                     Some(unsent) if reused => {
-                        on_connection.answered();
+                        on_connection.unsent();
                         request = unsent;
                     }
                     _ => return Err(PoolError::Request(Arc::new(error.into_error()))),
@@ -790,7 +790,7 @@ impl Pools {
                     // The connection closed (GOAWAY) before the stream opened: once more on
                     // a fresh one.
                     Some(unsent) if !retried => {
-                        on_connection.answered();
+                        on_connection.unsent();
                         retried = true;
                         request = unsent;
                     }
