@@ -213,6 +213,21 @@ impl fmt::Display for ProxyError {
 
 impl std::error::Error for ProxyError {}
 
+/// The first error of type `T` in `error`'s chain of sources (`error` itself included): the
+/// `h2::Error` under a `hyper::Error`, say.
+pub fn source_of<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -361,24 +361,13 @@ enum ProtocolError {
 /// Whether a connection's error is the client breaking the protocol, which Envoy counts as
 /// `downstream_cx_protocol_error`, and how.
 fn protocol_error(error: &(dyn std::error::Error + 'static)) -> Option<ProtocolError> {
-    let mut current = Some(error);
-    while let Some(error) = current {
-        if let Some(hyper) = error.downcast_ref::<hyper::Error>()
-            && (hyper.is_parse() || hyper.is_parse_too_large())
-        {
-            return Some(ProtocolError::Http1Head);
-        }
-        if let Some(h2) = error.downcast_ref::<h2::Error>()
-            && h2.is_library()
-            && h2
-                .reason()
-                .is_some_and(|reason| reason != h2::Reason::NO_ERROR)
-        {
-            return Some(ProtocolError::Http2);
-        }
-        current = error.source();
+    use crate::error::source_of;
+    if source_of::<hyper::Error>(error).is_some_and(|e| e.is_parse() || e.is_parse_too_large()) {
+        return Some(ProtocolError::Http1Head);
     }
-    None
+    let h2 = source_of::<h2::Error>(error)?;
+    let refused = h2.is_library() && h2.reason().is_some_and(|r| r != h2::Reason::NO_ERROR);
+    refused.then_some(ProtocolError::Http2)
 }
 
 /// The request's authority as a header value (cheap to clone: it shares the parsed buffer).
@@ -865,7 +854,7 @@ async fn handle(
             log: line,
             completion,
             trace,
-            rq_time: (stats.downstream_rq_time.clone(), started),
+            started,
             ended_at: None,
         },
         body_filters,

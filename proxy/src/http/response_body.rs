@@ -208,7 +208,8 @@ impl Drop for StreamEnding {
 pub struct DownstreamSlots {
     pub active: GaugeGuard,
     pub in_flight: GaugeGuard,
-    /// Whether the response went out whole, or its stream was reset.
+    /// Whether the response went out whole, or its stream was reset; its stats are the
+    /// connection manager's, `downstream_rq_time` among them.
     pub ending: StreamEnding,
     /// The access log line, written when this is dropped (its record is boxed: only logged
     /// requests pay for it).
@@ -217,8 +218,8 @@ pub struct DownstreamSlots {
     pub completion: Option<Box<dyn StreamEnd>>,
     /// A sampled request's spans, finished when this is dropped.
     pub trace: Option<crate::http::tracing::Completion>,
-    /// The connection manager's `downstream_rq_time` and when the request began.
-    pub rq_time: (Arc<crate::stats::Histogram>, Instant),
+    /// When the request began, for the connection manager's `downstream_rq_time`.
+    pub started: Instant,
     /// When the response ended, if the upstream body read the clock then; else it is read here.
     pub ended_at: Option<Instant>,
 }
@@ -229,8 +230,8 @@ impl Drop for DownstreamSlots {
         let took = self
             .ended_at
             .unwrap_or_else(Instant::now)
-            .saturating_duration_since(self.rq_time.1);
-        self.rq_time.0.record_duration(took);
+            .saturating_duration_since(self.started);
+        self.ending.stats.downstream_rq_time.record_duration(took);
         if let Some(log) = self.log.as_mut() {
             log.entry.took = Some(took);
         }

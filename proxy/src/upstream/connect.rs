@@ -405,19 +405,14 @@ impl RequestOnConnection {
 
     /// The request or its response failed with `error`.
     pub fn failed(&mut self, error: &hyper::Error) {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-        let mut end = StreamEnd::ConnectionLost;
-        while let Some(current) = source {
-            if let Some(h2) = current.downcast_ref::<h2::Error>() {
-                end = match h2.reason() {
-                    Some(h2::Reason::REFUSED_STREAM) => StreamEnd::Done,
-                    Some(_) if h2.is_reset() && h2.is_remote() => StreamEnd::RemoteReset,
-                    _ => StreamEnd::ConnectionLost,
-                };
-                break;
-            }
-            source = current.source();
-        }
+        let end = match crate::error::source_of::<h2::Error>(error) {
+            Some(h2) => match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => StreamEnd::Done,
+                Some(_) if h2.is_reset() && h2.is_remote() => StreamEnd::RemoteReset,
+                _ => StreamEnd::ConnectionLost,
+            },
+            None => StreamEnd::ConnectionLost,
+        };
         if self.end == StreamEnd::Open {
             self.end = end;
         }

@@ -921,26 +921,12 @@ fn reset_reply(
 
 /// The HTTP/2 reset reason of a stream the upstream reset, if that is what failed.
 fn stream_reset(error: &hyper::Error) -> Option<h2::Reason> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(h2) = current.downcast_ref::<h2::Error>() {
-            return h2.reason();
-        }
-        source = current.source();
-    }
-    None
+    crate::error::source_of::<h2::Error>(error)?.reason()
 }
 
 /// Whether an HTTP/2 upstream refused the stream (REFUSED_STREAM): it never processed it.
 fn refused_stream(error: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(h2) = current.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = current.source();
-    }
-    false
+    stream_reset(error) == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// Which timer ended a wait.
